@@ -1,0 +1,202 @@
+//! Opening the RocksDB database behind one member, and refusing data dirs that are not ours.
+//!
+//! A member keeps everything (Raft log, vote, state machine) in one RocksDB instance with a
+//! column family per kind of data. One instance means one write-ahead log, so a synced log
+//! append also makes every earlier state-machine write durable.
+//!
+//! A data dir that holds anything but a Baton store, or a store whose files are damaged, is
+//! refused with an error that says so. It is never reset: an operator pointing Baton at the
+//! wrong folder must not lose that folder.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+
+/// Name of the file that marks a folder as a Baton store, and its format.
+pub(crate) const MARKER_FILE: &str = "BATON_STORE";
+const MARKER_CONTENT: &str = "baton-store format 1\n";
+
+pub(crate) const CF_META: &str = "meta";
+pub(crate) const CF_KV: &str = "kv";
+pub(crate) const CF_REV: &str = "rev";
+pub(crate) const CF_LOG: &str = "raft_log";
+pub(crate) const CF_RAFT: &str = "raft_state";
+const ALL_CFS: [&str; 5] = [CF_META, CF_KV, CF_REV, CF_LOG, CF_RAFT];
+
+/// Key in `meta` holding the member id this data dir belongs to.
+pub(crate) const META_MEMBER_ID: &[u8] = b"member_id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("data dir {path} is not a Baton store (no {MARKER_FILE} file, but it is not empty); refusing to use it")]
+    Foreign { path: PathBuf },
+    #[error("data dir {path} holds an unsupported store format {found:?}")]
+    UnsupportedFormat { path: PathBuf, found: String },
+    #[error("data dir {path} belongs to member {found}, not member {expected}")]
+    MemberMismatch {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("store in {path} is damaged or unreadable: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("I/O error on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Opens (or creates, in an empty or missing folder) the database of member `member_id`.
+pub(crate) fn open(dir: &Path, member_id: u64) -> Result<Arc<DB>, DbError> {
+    let io = |source| DbError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(io)?;
+    let marker = dir.join(MARKER_FILE);
+    let fresh = if marker.exists() {
+        let found = fs::read_to_string(&marker).map_err(io)?;
+        if found != MARKER_CONTENT {
+            return Err(DbError::UnsupportedFormat {
+                path: dir.to_path_buf(),
+                found,
+            });
+        }
+        false
+    } else {
+        if fs::read_dir(dir).map_err(io)?.next().is_some() {
+            return Err(DbError::Foreign {
+                path: dir.to_path_buf(),
+            });
+        }
+        true
+    };
+
+    let db_path = dir.join("db");
+    let mut opts = Options::default();
+    // Only a brand-new store may create the database. An existing store whose files vanish
+    // must fail loudly instead of coming back empty.
+    opts.create_if_missing(fresh);
+    opts.create_missing_column_families(fresh);
+    opts.set_paranoid_checks(true);
+    opts.set_max_background_jobs(2);
+    // Raft log appends are synced explicitly (see log_store.rs); nothing else needs a
+    // sync per write.
+    opts.set_use_fsync(false);
+    let cfs = ALL_CFS
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    let db = DB::open_cf_descriptors(&opts, &db_path, cfs).map_err(|source| DbError::Corrupt {
+        path: db_path.clone(),
+        source,
+    })?;
+    let corrupt = |source| DbError::Corrupt {
+        path: db_path.clone(),
+        source,
+    };
+
+    let meta = db
+        .cf_handle(CF_META)
+        .expect("column family created at open");
+    if fresh {
+        db.put_cf(meta, META_MEMBER_ID, member_id.to_be_bytes())
+            .map_err(corrupt)?;
+        db.flush_wal(true).map_err(corrupt)?;
+        // The marker goes last: a crash before this point leaves a folder that is refused
+        // rather than one that looks like a complete store.
+        let mut f = fs::File::create(&marker).map_err(io)?;
+        f.write_all(MARKER_CONTENT.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    } else {
+        let found = db.get_cf(meta, META_MEMBER_ID).map_err(corrupt)?;
+        let found = found.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok());
+        match found {
+            Some(bytes) if u64::from_be_bytes(bytes) == member_id => {}
+            Some(bytes) => {
+                return Err(DbError::MemberMismatch {
+                    path: dir.to_path_buf(),
+                    found: u64::from_be_bytes(bytes),
+                    expected: member_id,
+                })
+            }
+            None => {
+                return Err(DbError::UnsupportedFormat {
+                    path: dir.to_path_buf(),
+                    found: "store without a member id".into(),
+                })
+            }
+        }
+    }
+    Ok(Arc::new(db))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreign_dir_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("precious.txt"), b"data").unwrap();
+        let err = open(dir.path(), 1).unwrap_err();
+        assert!(matches!(err, DbError::Foreign { .. }), "{err}");
+        assert_eq!(fs::read(dir.path().join("precious.txt")).unwrap(), b"data");
+        assert!(!dir.path().join("db").exists());
+    }
+
+    #[test]
+    fn reopen_and_member_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path(), 7).unwrap());
+        drop(open(dir.path(), 7).unwrap());
+        let err = open(dir.path(), 8).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DbError::MemberMismatch {
+                    found: 7,
+                    expected: 8,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn damaged_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path(), 1).unwrap());
+        let db = dir.path().join("db");
+        for entry in fs::read_dir(&db).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("MANIFEST") {
+                fs::write(&path, b"garbage that is not a manifest").unwrap();
+            }
+        }
+        let err = open(dir.path(), 1).unwrap_err();
+        assert!(matches!(err, DbError::Corrupt { .. }), "{err}");
+        // Refused, not reset: the damaged file is still there for an operator to inspect.
+        assert!(db.exists());
+    }
+
+    #[test]
+    fn missing_database_is_not_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path(), 1).unwrap());
+        fs::remove_dir_all(dir.path().join("db")).unwrap();
+        let err = open(dir.path(), 1).unwrap_err();
+        assert!(matches!(err, DbError::Corrupt { .. }), "{err}");
+    }
+}

@@ -1,0 +1,760 @@
+//! The multi-version key-value state machine, stored in RocksDB.
+//!
+//! # Layout
+//! - `kv`: one entry per key per revision that wrote it: `key ++ 0x00 ++ revision (8 bytes,
+//!   big-endian)` to a [`Record`]. A delete writes a tombstone. Because 0x00 sorts first and
+//!   keys may not contain it, all revisions of one key are adjacent and ordered, and a read of
+//!   key `k` at revision `r` is one `seek_for_prev(k ++ 0x00 ++ r)`.
+//! - `rev`: revision (8 bytes, big-endian) to the events committed at it. Watchers that start
+//!   in the past read it; every revision above the compaction floor has an entry, since only
+//!   writes create revisions, so a missing entry can only mean "compacted".
+//! - `meta`: the current revision and the compaction floor.
+//!
+//! # Consistency of reads
+//! Every read is "at a revision": the reader picks the current revision first and ignores
+//! anything newer. A write batch may land while a range is being read, but the range still
+//! sees exactly one revision. Ranges also read through a RocksDB snapshot so that a
+//! concurrent compaction cannot remove entries under them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::db::{CF_KV, CF_META, CF_REV};
+use crate::types::*;
+
+const META_REVISION: &[u8] = b"revision";
+const META_COMPACT: &[u8] = b"compact_revision";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MvccError {
+    #[error("revision {requested} has been compacted; the oldest readable revision is {compact_revision}")]
+    Compacted {
+        requested: Revision,
+        compact_revision: Revision,
+    },
+    #[error("revision {requested} is newer than the store's revision {current}")]
+    FutureRevision {
+        requested: Revision,
+        current: Revision,
+    },
+    #[error("storage engine error")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("undecodable record in the store")]
+    Decode(#[from] postcard::Error),
+}
+
+/// One version of one key, as stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    create_revision: Revision,
+    version: i64,
+    /// None marks a delete.
+    value: Option<Vec<u8>>,
+}
+
+impl Record {
+    fn to_kv(&self, key: &[u8], mod_revision: Revision) -> Option<KeyValue> {
+        self.value.as_ref().map(|value| KeyValue {
+            key: key.to_vec(),
+            value: value.clone(),
+            create_revision: self.create_revision,
+            mod_revision,
+            version: self.version,
+        })
+    }
+}
+
+fn kv_key(key: &[u8], rev: Revision) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 9);
+    k.extend_from_slice(key);
+    k.push(0);
+    k.extend_from_slice(&rev.to_be_bytes());
+    k
+}
+
+fn split_kv_key(raw: &[u8]) -> Option<(&[u8], Revision)> {
+    if raw.len() < 9 || raw[raw.len() - 9] != 0 {
+        return None;
+    }
+    let (key, rest) = raw.split_at(raw.len() - 9);
+    let rev = i64::from_be_bytes(rest[1..].try_into().ok()?);
+    Some((key, rev))
+}
+
+/// The revision-indexed key-value state of one member.
+#[derive(Debug)]
+pub(crate) struct Mvcc {
+    db: Arc<DB>,
+    revision: AtomicI64,
+    compact: AtomicI64,
+}
+
+/// The consistent state that a snapshot carries.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Dump {
+    pub revision: Revision,
+    pub compact_revision: Revision,
+    /// Every row of `meta` but the member id, including the Raft position written with
+    /// the data, so a snapshot is consistent with the log id it claims.
+    pub meta: Vec<(Vec<u8>, Vec<u8>)>,
+    pub kv: Vec<(Vec<u8>, Vec<u8>)>,
+    pub rev: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Mvcc {
+    pub(crate) fn open(db: Arc<DB>) -> Result<Self, MvccError> {
+        let meta = db.cf_handle(CF_META).expect("meta column family");
+        let read = |k| -> Result<Revision, MvccError> {
+            Ok(db
+                .get_cf(meta, k)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map(i64::from_be_bytes)
+                .unwrap_or(0))
+        };
+        let revision = read(META_REVISION)?;
+        let compact = read(META_COMPACT)?;
+        Ok(Self {
+            db,
+            revision: AtomicI64::new(revision),
+            compact: AtomicI64::new(compact),
+        })
+    }
+
+    pub(crate) fn revision(&self) -> Revision {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn compact_revision(&self) -> Revision {
+        self.compact.load(Ordering::Acquire)
+    }
+
+    /// Resolves "0 = latest" and checks the revision is readable.
+    fn read_revision(&self, requested: Revision) -> Result<Revision, MvccError> {
+        let current = self.revision();
+        if requested == 0 {
+            return Ok(current);
+        }
+        if requested > current {
+            return Err(MvccError::FutureRevision { requested, current });
+        }
+        let compact_revision = self.compact_revision();
+        if requested < compact_revision {
+            return Err(MvccError::Compacted {
+                requested,
+                compact_revision,
+            });
+        }
+        Ok(requested)
+    }
+
+    fn latest(&self, key: &[u8], at: Revision) -> Result<Option<(Revision, Record)>, MvccError> {
+        let cf = self.db.cf_handle(CF_KV).expect("kv column family");
+        let mut it = self.db.raw_iterator_cf(cf);
+        it.seek_for_prev(kv_key(key, at));
+        if let (Some(raw), Some(val)) = (it.key(), it.value()) {
+            if let Some((k, rev)) = split_kv_key(raw) {
+                if k == key {
+                    return Ok(Some((rev, postcard::from_bytes(val)?)));
+                }
+            }
+        }
+        it.status()?;
+        Ok(None)
+    }
+
+    /// Reads one key at a revision (0 = latest).
+    pub(crate) fn get(
+        &self,
+        key: &[u8],
+        revision: Revision,
+    ) -> Result<(Option<KeyValue>, Revision), MvccError> {
+        let at = self.read_revision(revision)?;
+        let kv = self
+            .latest(key, at)?
+            .and_then(|(rev, rec)| rec.to_kv(key, rev));
+        Ok((kv, at))
+    }
+
+    /// Reads the keys under a prefix at a revision, one page at a time.
+    pub(crate) fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
+        let at = self.read_revision(req.revision)?;
+        let snap = self.db.snapshot();
+        let cf = self.db.cf_handle(CF_KV).expect("kv column family");
+        let start = match &req.start_after {
+            // Every entry of `after` sorts before `after ++ 0x01`, so seeking there skips it.
+            Some(after) if after.as_slice() >= req.prefix.as_slice() => {
+                let mut s = after.clone();
+                s.push(1);
+                s
+            }
+            _ => req.prefix.clone(),
+        };
+        let mut kvs = Vec::new();
+        let mut more = false;
+        // The newest version at or below `at` of the key being scanned.
+        let mut pending: Option<(Vec<u8>, Revision, Record)> = None;
+        let flush =
+            |pending: &mut Option<(Vec<u8>, Revision, Record)>, kvs: &mut Vec<KeyValue>| -> bool {
+                if let Some((key, rev, rec)) = pending.take() {
+                    if let Some(kv) = rec.to_kv(&key, rev) {
+                        if req.limit > 0 && kvs.len() == req.limit {
+                            return true;
+                        }
+                        kvs.push(kv);
+                    }
+                }
+                false
+            };
+        let iter = snap.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
+        for item in iter {
+            let (raw, val) = item?;
+            if !raw.starts_with(&req.prefix) {
+                break;
+            }
+            let Some((key, rev)) = split_kv_key(&raw) else {
+                continue;
+            };
+            let same_key = pending
+                .as_ref()
+                .is_some_and(|(k, _, _)| k.as_slice() == key);
+            if !same_key && flush(&mut pending, &mut kvs) {
+                more = true;
+                break;
+            }
+            if rev <= at {
+                pending = Some((key.to_vec(), rev, postcard::from_bytes(&val)?));
+            } else if !same_key {
+                // The key's first version is newer than `at`; remember the key only so
+                // that its later versions are recognised as the same key.
+                pending = Some((
+                    key.to_vec(),
+                    rev,
+                    Record {
+                        create_revision: 0,
+                        version: 0,
+                        value: None,
+                    },
+                ));
+            }
+        }
+        if !more && flush(&mut pending, &mut kvs) {
+            more = true;
+        }
+        Ok(RangeResponse {
+            kvs,
+            more,
+            revision: at,
+        })
+    }
+
+    /// Reads committed events from `from` on, at most `max` revisions.
+    pub(crate) fn events_since(
+        &self,
+        from: Revision,
+        max: usize,
+    ) -> Result<Vec<RevisionEvents>, MvccError> {
+        let from = from.max(1);
+        let compact_revision = self.compact_revision();
+        if from < compact_revision {
+            return Err(MvccError::Compacted {
+                requested: from,
+                compact_revision,
+            });
+        }
+        let upto = self.revision();
+        let cf = self.db.cf_handle(CF_REV).expect("rev column family");
+        let start = from.to_be_bytes();
+        let mut out = Vec::new();
+        let mut expected = from;
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (raw, val) = item?;
+            let rev = i64::from_be_bytes(raw.as_ref().try_into().unwrap_or([0; 8]));
+            if rev > upto || out.len() >= max {
+                break;
+            }
+            if rev != expected {
+                // Only compaction removes revisions, so a hole means one raced this read.
+                return Err(MvccError::Compacted {
+                    requested: expected,
+                    compact_revision: self.compact_revision(),
+                });
+            }
+            out.push(RevisionEvents {
+                revision: rev,
+                events: postcard::from_bytes(&val)?,
+            });
+            expected += 1;
+        }
+        if out.is_empty() && from <= upto {
+            return Err(MvccError::Compacted {
+                requested: from,
+                compact_revision: self.compact_revision(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Starts a batch of writes, applied together and made visible at once by [`Self::commit`].
+    pub(crate) fn begin(&self) -> ApplyBatch<'_> {
+        ApplyBatch {
+            mvcc: self,
+            batch: WriteBatch::default(),
+            revision: self.revision(),
+            compact: self.compact_revision(),
+            overlay: HashMap::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Writes the batch (without sync: the Raft log is the durable record) and publishes its
+    /// revision. Returns the events it committed, in revision order.
+    pub(crate) fn commit(&self, mut ab: ApplyBatch<'_>) -> Result<Vec<RevisionEvents>, MvccError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta column family");
+        ab.batch
+            .put_cf(meta, META_REVISION, ab.revision.to_be_bytes());
+        ab.batch
+            .put_cf(meta, META_COMPACT, ab.compact.to_be_bytes());
+        self.db.write(ab.batch)?;
+        self.compact.store(ab.compact, Ordering::Release);
+        self.revision.store(ab.revision, Ordering::Release);
+        Ok(ab.events)
+    }
+
+    /// A consistent copy of the whole state, for a Raft snapshot.
+    pub(crate) fn dump(&self) -> Result<Dump, MvccError> {
+        let snap = self.db.snapshot();
+        let meta = self.db.cf_handle(CF_META).expect("meta column family");
+        let read = |k| -> Result<Revision, MvccError> {
+            Ok(snap
+                .get_cf(meta, k)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map(i64::from_be_bytes)
+                .unwrap_or(0))
+        };
+        let mut dump = Dump {
+            revision: read(META_REVISION)?,
+            compact_revision: read(META_COMPACT)?,
+            meta: Vec::new(),
+            kv: Vec::new(),
+            rev: Vec::new(),
+        };
+        for item in snap.iterator_cf(meta, IteratorMode::Start) {
+            let (k, v) = item?;
+            if k.as_ref() != crate::db::META_MEMBER_ID {
+                dump.meta.push((k.to_vec(), v.to_vec()));
+            }
+        }
+        for (cf, out) in [(CF_KV, &mut dump.kv), (CF_REV, &mut dump.rev)] {
+            let cf = self.db.cf_handle(cf).expect("column family");
+            for item in snap.iterator_cf(cf, IteratorMode::Start) {
+                let (k, v) = item?;
+                out.push((k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(dump)
+    }
+
+    /// Replaces the whole state with a snapshot's, in `batch` (written by the caller together
+    /// with the Raft metadata), and publishes it once written.
+    pub(crate) fn restore_into(&self, dump: &Dump, batch: &mut WriteBatch) {
+        let meta = self.db.cf_handle(CF_META).expect("meta column family");
+        for (name, rows) in [(CF_KV, &dump.kv), (CF_REV, &dump.rev)] {
+            let cf = self.db.cf_handle(name).expect("column family");
+            clear_cf(&self.db, cf, batch);
+            for (k, v) in rows {
+                batch.put_cf(cf, k, v);
+            }
+        }
+        for (k, v) in &dump.meta {
+            batch.put_cf(meta, k, v);
+        }
+        batch.put_cf(meta, META_REVISION, dump.revision.to_be_bytes());
+        batch.put_cf(meta, META_COMPACT, dump.compact_revision.to_be_bytes());
+    }
+
+    /// A row of `meta` as captured in a dump.
+    pub(crate) fn dump_meta<'d>(dump: &'d Dump, key: &[u8]) -> Option<&'d [u8]> {
+        dump.meta
+            .iter()
+            .find(|(k, _)| k.as_slice() == key)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    pub(crate) fn restored(&self, dump: &Dump) {
+        self.compact.store(dump.compact_revision, Ordering::Release);
+        self.revision.store(dump.revision, Ordering::Release);
+    }
+}
+
+/// Deletes every key of a column family within a batch.
+pub(crate) fn clear_cf(db: &DB, cf: &rocksdb::ColumnFamily, batch: &mut WriteBatch) {
+    // Keys of every column family are bounded by the largest key present; a range delete
+    // up to one byte past it covers all of them.
+    let mut it = db.raw_iterator_cf(cf);
+    it.seek_to_first();
+    let Some(first) = it.key().map(<[u8]>::to_vec) else {
+        return;
+    };
+    it.seek_to_last();
+    let mut last = it
+        .key()
+        .map(<[u8]>::to_vec)
+        .unwrap_or_else(|| first.clone());
+    last.push(0);
+    batch.delete_range_cf(cf, first, last);
+}
+
+/// Writes being applied: later transactions of the batch see the earlier ones.
+pub(crate) struct ApplyBatch<'a> {
+    mvcc: &'a Mvcc,
+    batch: WriteBatch,
+    revision: Revision,
+    compact: Revision,
+    /// The newest version of every key written in this batch, not yet in RocksDB.
+    overlay: HashMap<Vec<u8>, (Revision, Record)>,
+    events: Vec<RevisionEvents>,
+}
+
+impl std::fmt::Debug for ApplyBatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApplyBatch")
+            .field("revision", &self.revision)
+            .field("keys", &self.overlay.len())
+            .finish()
+    }
+}
+
+impl ApplyBatch<'_> {
+    /// The underlying RocksDB batch, for the Raft metadata written with it.
+    pub(crate) fn write_batch(&mut self) -> &mut WriteBatch {
+        &mut self.batch
+    }
+
+    fn current(&self, key: &[u8]) -> Result<Option<(Revision, Record)>, MvccError> {
+        if let Some((rev, rec)) = self.overlay.get(key) {
+            return Ok(Some((*rev, rec.clone())));
+        }
+        self.mvcc.latest(key, self.revision)
+    }
+
+    fn current_kv(&self, key: &[u8]) -> Result<Option<KeyValue>, MvccError> {
+        Ok(self
+            .current(key)?
+            .and_then(|(rev, rec)| rec.to_kv(key, rev)))
+    }
+
+    fn holds(&self, c: &Compare) -> Result<bool, MvccError> {
+        let kv = self.current_kv(&c.key)?;
+        let ord = |have: i64, want: i64| have.cmp(&want);
+        let ordering = match &c.target {
+            CompareTarget::ModRevision(r) => ord(kv.as_ref().map_or(0, |kv| kv.mod_revision), *r),
+            CompareTarget::CreateRevision(r) => {
+                ord(kv.as_ref().map_or(0, |kv| kv.create_revision), *r)
+            }
+            CompareTarget::Version(v) => ord(kv.as_ref().map_or(0, |kv| kv.version), *v),
+            CompareTarget::Value(v) => match &kv {
+                // An absent key has no value: every value compare on it fails.
+                None => return Ok(false),
+                Some(kv) => kv.value.as_slice().cmp(v.as_slice()),
+            },
+        };
+        Ok(match c.op {
+            CompareOp::Equal => ordering.is_eq(),
+            CompareOp::NotEqual => ordering.is_ne(),
+            CompareOp::Less => ordering.is_lt(),
+            CompareOp::Greater => ordering.is_gt(),
+        })
+    }
+
+    /// Applies one (validated) transaction at the next revision.
+    pub(crate) fn txn(&mut self, txn: &Txn) -> Result<TxnResponse, MvccError> {
+        let mut succeeded = true;
+        for c in &txn.compares {
+            if !self.holds(c)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
+        let rev = self.revision + 1;
+        let kv_cf = self.mvcc.db.cf_handle(CF_KV).expect("kv column family");
+        let mut events = Vec::new();
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                Op::Get { key } => results.push(OpResult::Get {
+                    kv: self.current_kv(key)?,
+                }),
+                Op::Put { key, value } => {
+                    let prev = self.current_kv(key)?;
+                    let rec = Record {
+                        create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+                        version: prev.as_ref().map_or(1, |p| p.version + 1),
+                        value: Some(value.clone()),
+                    };
+                    self.batch
+                        .put_cf(kv_cf, kv_key(key, rev), postcard::to_stdvec(&rec)?);
+                    let kv = rec.to_kv(key, rev).expect("put record has a value");
+                    self.overlay.insert(key.clone(), (rev, rec));
+                    events.push(Event {
+                        kind: EventKind::Put,
+                        kv,
+                        prev_kv: prev.clone(),
+                    });
+                    results.push(OpResult::Put { prev });
+                }
+                Op::Delete { key } => {
+                    let prev = self.current_kv(key)?;
+                    if prev.is_some() {
+                        let rec = Record {
+                            create_revision: 0,
+                            version: 0,
+                            value: None,
+                        };
+                        self.batch
+                            .put_cf(kv_cf, kv_key(key, rev), postcard::to_stdvec(&rec)?);
+                        self.overlay.insert(key.clone(), (rev, rec));
+                        let kv = KeyValue {
+                            key: key.clone(),
+                            value: Vec::new(),
+                            create_revision: 0,
+                            mod_revision: rev,
+                            version: 0,
+                        };
+                        events.push(Event {
+                            kind: EventKind::Delete,
+                            kv,
+                            prev_kv: prev.clone(),
+                        });
+                    }
+                    results.push(OpResult::Delete { prev });
+                }
+            }
+        }
+        if !events.is_empty() {
+            self.revision = rev;
+            let rev_cf = self.mvcc.db.cf_handle(CF_REV).expect("rev column family");
+            self.batch
+                .put_cf(rev_cf, rev.to_be_bytes(), postcard::to_stdvec(&events)?);
+            self.events.push(RevisionEvents {
+                revision: rev,
+                events,
+            });
+        }
+        Ok(TxnResponse {
+            succeeded,
+            revision: self.revision,
+            results,
+        })
+    }
+
+    /// Drops history below `at`: every key keeps its newest version at or below `at`.
+    pub(crate) fn compact(&mut self, at: Revision) -> Result<Result<(), MvccError>, MvccError> {
+        if at <= self.compact {
+            return Ok(Err(MvccError::Compacted {
+                requested: at,
+                compact_revision: self.compact,
+            }));
+        }
+        if at > self.revision {
+            return Ok(Err(MvccError::FutureRevision {
+                requested: at,
+                current: self.revision,
+            }));
+        }
+        let db = &self.mvcc.db;
+        let kv_cf = db.cf_handle(CF_KV).expect("kv column family");
+        // Versions at or below `at` of the key being scanned, oldest first.
+        let mut group: Vec<(Vec<u8>, bool)> = Vec::new();
+        let mut group_key: Vec<u8> = Vec::new();
+        let finish = |group: &mut Vec<(Vec<u8>, bool)>, batch: &mut WriteBatch| {
+            if let Some((last_raw, last_is_tombstone)) = group.pop() {
+                for (raw, _) in group.drain(..) {
+                    batch.delete_cf(kv_cf, raw);
+                }
+                if last_is_tombstone {
+                    batch.delete_cf(kv_cf, last_raw);
+                }
+            }
+        };
+        for item in db.iterator_cf(kv_cf, IteratorMode::Start) {
+            let (raw, val) = item?;
+            let Some((key, rev)) = split_kv_key(&raw) else {
+                continue;
+            };
+            if key != group_key.as_slice() {
+                finish(&mut group, &mut self.batch);
+                group_key = key.to_vec();
+            }
+            if rev <= at {
+                let rec: Record = postcard::from_bytes(&val)?;
+                group.push((raw.to_vec(), rec.value.is_none()));
+            }
+        }
+        finish(&mut group, &mut self.batch);
+        let rev_cf = db.cf_handle(CF_REV).expect("rev column family");
+        self.batch
+            .delete_range_cf(rev_cf, 0i64.to_be_bytes(), at.to_be_bytes());
+        self.compact = at;
+        Ok(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mvcc() -> (tempfile::TempDir, Mvcc) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(dir.path(), 1).unwrap();
+        (dir, Mvcc::open(db).unwrap())
+    }
+
+    fn apply(m: &Mvcc, txn: Txn) -> TxnResponse {
+        let mut b = m.begin();
+        let r = b.txn(&txn).unwrap();
+        m.commit(b).unwrap();
+        r
+    }
+
+    #[test]
+    fn key_encoding_groups_versions() {
+        let a = kv_key(b"a", 5);
+        let ab = kv_key(b"a/b", 1);
+        assert!(a < ab);
+        assert_eq!(split_kv_key(&a), Some((&b"a"[..], 5)));
+    }
+
+    #[test]
+    fn revisions_versions_and_history() {
+        let (_d, m) = mvcc();
+        let r1 = apply(&m, Txn::new().and_then([Op::put("a", "1")]));
+        assert_eq!(r1.revision, 1);
+        apply(
+            &m,
+            Txn::new().and_then([Op::put("a", "2"), Op::put("b", "x")]),
+        );
+        let (kv, at) = m.get(b"a", 0).unwrap();
+        let kv = kv.unwrap();
+        assert_eq!(
+            (
+                kv.value.as_slice(),
+                kv.create_revision,
+                kv.mod_revision,
+                kv.version
+            ),
+            (&b"2"[..], 1, 2, 2)
+        );
+        assert_eq!(at, 2);
+        assert_eq!(m.get(b"a", 1).unwrap().0.unwrap().value, b"1");
+        assert!(m.get(b"b", 1).unwrap().0.is_none());
+        // A delete that deletes nothing writes nothing and takes no revision.
+        let r = apply(&m, Txn::new().and_then([Op::delete("zzz")]));
+        assert_eq!(r.revision, 2);
+        apply(&m, Txn::new().and_then([Op::delete("a")]));
+        assert!(m.get(b"a", 0).unwrap().0.is_none());
+        assert_eq!(m.get(b"a", 2).unwrap().0.unwrap().value, b"2");
+        // Recreated keys start a new incarnation.
+        apply(&m, Txn::new().and_then([Op::put("a", "3")]));
+        let kv = m.get(b"a", 0).unwrap().0.unwrap();
+        assert_eq!((kv.create_revision, kv.version), (4, 1));
+    }
+
+    #[test]
+    fn range_pages_and_past_revisions() {
+        let (_d, m) = mvcc();
+        for i in 0..10 {
+            apply(
+                &m,
+                Txn::new().and_then([Op::put(format!("p/{i}"), format!("v{i}"))]),
+            );
+        }
+        apply(
+            &m,
+            Txn::new().and_then([Op::put("p", "not under p/"), Op::put("q/1", "x")]),
+        );
+        apply(&m, Txn::new().and_then([Op::delete("p/3")]));
+        let all = m.range(&RangeRequest::prefix("p/")).unwrap();
+        assert_eq!(all.kvs.len(), 9);
+        assert!(!all.more);
+        let old = m
+            .range(&RangeRequest {
+                revision: 5,
+                ..RangeRequest::prefix("p/")
+            })
+            .unwrap();
+        assert_eq!(old.kvs.len(), 5);
+        assert_eq!(old.revision, 5);
+        let mut req = RangeRequest {
+            limit: 4,
+            ..RangeRequest::prefix("p/")
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = m.range(&req).unwrap();
+            seen.extend(
+                page.kvs
+                    .iter()
+                    .map(|kv| String::from_utf8(kv.key.clone()).unwrap()),
+            );
+            if !page.more {
+                break;
+            }
+            req.start_after = Some(page.kvs.last().unwrap().key.clone());
+            req.revision = page.revision;
+        }
+        assert_eq!(seen.len(), 9);
+        assert!(!seen.contains(&"p/3".to_string()));
+    }
+
+    #[test]
+    fn compaction_keeps_the_visible_state() {
+        let (_d, m) = mvcc();
+        for i in 0..5 {
+            apply(&m, Txn::new().and_then([Op::put("k", format!("{i}"))]));
+        }
+        apply(&m, Txn::new().and_then([Op::put("gone", "x")]));
+        apply(&m, Txn::new().and_then([Op::delete("gone")]));
+        let mut b = m.begin();
+        b.compact(6).unwrap().unwrap();
+        m.commit(b).unwrap();
+        assert!(matches!(
+            m.get(b"k", 4),
+            Err(MvccError::Compacted {
+                compact_revision: 6,
+                ..
+            })
+        ));
+        assert_eq!(m.get(b"k", 6).unwrap().0.unwrap().value, b"4");
+        assert!(m.get(b"gone", 0).unwrap().0.is_none());
+        assert!(matches!(
+            m.events_since(3, 10),
+            Err(MvccError::Compacted { .. })
+        ));
+        let evs = m.events_since(6, 10).unwrap();
+        assert_eq!(
+            evs.iter().map(|e| e.revision).collect::<Vec<_>>(),
+            vec![6, 7]
+        );
+        let mut b = m.begin();
+        assert!(matches!(
+            b.compact(6).unwrap(),
+            Err(MvccError::Compacted { .. })
+        ));
+        assert!(matches!(
+            b.compact(100).unwrap(),
+            Err(MvccError::FutureRevision { .. })
+        ));
+    }
+}

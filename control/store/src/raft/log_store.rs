@@ -1,0 +1,232 @@
+//! The Raft log and vote, in RocksDB.
+//!
+//! # Durability
+//! An append is written to RocksDB at once (so it is readable when `append` returns, as
+//! openraft requires) and acknowledged only after a flusher thread has synced the
+//! write-ahead log. The flusher takes every append that queued up while the previous sync
+//! ran and covers them with one sync: group commit, so throughput is not capped at one
+//! fsync per entry. Votes are written with a sync before `save_vote` returns, so a member
+//! can never vote twice in one term after a crash.
+
+use std::ops::RangeBounds;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
+use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
+
+use super::{LogId, NodeId, StorageError, TypeConfig};
+use crate::db::{CF_LOG, CF_RAFT};
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+const KEY_COMMITTED: &[u8] = b"committed";
+
+fn idx(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn log_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+    StorageError::from(openraft::StorageIOError::new(
+        ErrorSubject::Logs,
+        verb,
+        openraft::AnyError::new(&e),
+    ))
+}
+
+/// The log storage handed to openraft; also its own log reader.
+#[derive(Clone, Debug)]
+pub(crate) struct LogStore {
+    db: Arc<DB>,
+    flusher: std_mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl LogStore {
+    pub(crate) fn new(db: Arc<DB>) -> Self {
+        let (tx, rx) = std_mpsc::channel::<LogFlushed<TypeConfig>>();
+        let flush_db = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-sync".into())
+            .spawn(move || {
+                // Ends when openraft drops the last LogStore (member shutdown).
+                while let Ok(first) = rx.recv() {
+                    let mut pending = vec![first];
+                    pending.extend(rx.try_iter());
+                    let res = flush_db.flush_wal(true);
+                    for cb in pending {
+                        let r = res.as_ref().map(|_| ()).map_err(|e| {
+                            std::io::Error::other(format!("syncing the raft log: {e}"))
+                        });
+                        cb.log_io_completed(r);
+                    }
+                }
+            })
+            .expect("spawning the raft log sync thread");
+        Self { db, flusher: tx }
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
+        let raw = self
+            .db
+            .get_cf(self.cf(CF_RAFT), key)
+            .map_err(|e| log_err(ErrorVerb::Read, e))?;
+        raw.map(|v| postcard::from_bytes(&v).map_err(|e| log_err(ErrorVerb::Read, e)))
+            .transpose()
+    }
+
+    fn put_meta_synced<T: serde::Serialize>(&self, key: &[u8], v: &T) -> Result<(), StorageError> {
+        let bytes = postcard::to_stdvec(v).map_err(|e| log_err(ErrorVerb::Write, e))?;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_RAFT), key, bytes);
+        self.db
+            .write_opt(batch, &opts)
+            .map_err(|e| log_err(ErrorVerb::Write, e))
+    }
+
+    fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_LOG));
+        it.seek_to_last();
+        match it.value() {
+            Some(v) => {
+                let entry: Entry<TypeConfig> =
+                    postcard::from_bytes(v).map_err(|e| log_err(ErrorVerb::Read, e))?;
+                Ok(Some(entry.log_id))
+            }
+            None => {
+                it.status().map_err(|e| log_err(ErrorVerb::Read, e))?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_LOG),
+            IteratorMode::From(&idx(start), Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(|e| log_err(ErrorVerb::Read, e))?;
+            let index = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0xff; 8]));
+            if !range.contains(&index) {
+                break;
+            }
+            out.push(postcard::from_bytes(&v).map_err(|e| log_err(ErrorVerb::Read, e))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        let last = self.last_entry_log_id()?.or(last_purged);
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.put_meta_synced(KEY_VOTE, vote).map_err(|e| {
+            StorageError::from(openraft::StorageIOError::new(
+                ErrorSubject::Vote,
+                ErrorVerb::Write,
+                openraft::AnyError::new(&e),
+            ))
+        })
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not synced: losing it only means re-applying from the last applied entry.
+        let bytes = postcard::to_stdvec(&committed).map_err(|e| log_err(ErrorVerb::Write, e))?;
+        self.db
+            .put_cf(self.cf(CF_RAFT), KEY_COMMITTED, bytes)
+            .map_err(|e| log_err(ErrorVerb::Write, e))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let cf = self.cf(CF_LOG);
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            let bytes = postcard::to_stdvec(&entry).map_err(|e| log_err(ErrorVerb::Write, e))?;
+            batch.put_cf(cf, idx(entry.log_id.index), bytes);
+        }
+        self.db
+            .write(batch)
+            .map_err(|e| log_err(ErrorVerb::Write, e))?;
+        self.flusher.send(callback).map_err(|_| {
+            log_err(
+                ErrorVerb::Write,
+                std::io::Error::other("raft log sync thread has stopped"),
+            )
+        })
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Durable before returning: a later append of a different entry at this index must
+        // never be preceded, after a crash, by the stale one.
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_LOG), idx(log_id.index), idx(u64::MAX));
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db
+            .write_opt(batch, &opts)
+            .map_err(|e| log_err(ErrorVerb::Delete, e))
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        let bytes = postcard::to_stdvec(&log_id).map_err(|e| log_err(ErrorVerb::Write, e))?;
+        batch.put_cf(self.cf(CF_RAFT), KEY_LAST_PURGED, bytes);
+        batch.delete_range_cf(self.cf(CF_LOG), idx(0), idx(log_id.index + 1));
+        self.db
+            .write(batch)
+            .map_err(|e| log_err(ErrorVerb::Delete, e))
+    }
+}

@@ -1,0 +1,182 @@
+//! Raft RPC between members: HTTP POSTs of postcard-encoded openraft messages to the
+//! target member's own address (`/raft/append`, `/raft/vote`, `/raft/snapshot`).
+//!
+//! A connection failure is reported as `Unreachable`, so openraft backs off instead of
+//! hammering a dead member; anything else is a `Network` error and is retried.
+
+use std::future::Future;
+use std::time::Duration;
+
+use openraft::error::{
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Snapshot, Vote};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{NodeId, TypeConfig};
+
+/// Makes one [`Network`] per peer; they share the HTTP client's connection pool.
+#[derive(Clone, Debug)]
+pub(crate) struct NetworkFactory {
+    pub(crate) client: reqwest::Client,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Network;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        Network {
+            target,
+            addr: node.addr.clone(),
+            client: self.client.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Network {
+    target: NodeId,
+    addr: String,
+    client: reqwest::Client,
+}
+
+/// Failure of one RPC before the peer's answer could be read.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("cannot reach member at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("request to member at {addr} failed")]
+    Http {
+        addr: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("member at {addr} answered HTTP {status}")]
+    Status { addr: String, status: u16 },
+    #[error("undecodable message")]
+    Codec(#[from] postcard::Error),
+}
+
+impl Network {
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, CallError> {
+        let url = format!("http://{}{}", self.addr, path);
+        let body = postcard::to_stdvec(req)?;
+        let addr = || self.addr.clone();
+        let resp = self
+            .client
+            .post(url)
+            .timeout(timeout)
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(|source| {
+                if source.is_connect() {
+                    CallError::Connect {
+                        addr: addr(),
+                        source,
+                    }
+                } else {
+                    CallError::Http {
+                        addr: addr(),
+                        source,
+                    }
+                }
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(CallError::Status {
+                addr: addr(),
+                status: status.as_u16(),
+            });
+        }
+        let bytes = resp.bytes().await.map_err(|source| CallError::Http {
+            addr: addr(),
+            source,
+        })?;
+        Ok(postcard::from_bytes(&bytes)?)
+    }
+
+    fn rpc_error<E: std::error::Error>(
+        &self,
+        e: CallError,
+    ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+        match e {
+            CallError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+            _ => RPCError::Network(NetworkError::new(&e)),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Network {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let res: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = self
+            .call("/raft/append", &rpc, option.hard_ttl())
+            .await
+            .map_err(|e| self.rpc_error(e))?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let res: Result<VoteResponse<NodeId>, RaftError<NodeId>> = self
+            .call("/raft/vote", &rpc, option.hard_ttl())
+            .await
+            .map_err(|e| self.rpc_error(e))?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let req = (vote, snapshot.meta, *snapshot.snapshot);
+        // A snapshot can be large; give it far longer than a heartbeat-sized TTL, but let
+        // openraft cancel it when replication to this peer stops.
+        let call = self.call::<_, Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>(
+            "/raft/snapshot",
+            &req,
+            Duration::from_secs(120),
+        );
+        let res = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            res = call => res,
+        };
+        match res {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(fatal)) => Err(StreamingError::RemoteError(RemoteError::new(
+                self.target,
+                fatal,
+            ))),
+            Err(e @ CallError::Connect { .. }) => {
+                Err(StreamingError::Unreachable(Unreachable::new(&e)))
+            }
+            Err(e) => Err(StreamingError::Network(NetworkError::new(&e))),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The member's HTTP surface: Raft RPC between members, and the client API that other
+//! processes (and members forwarding to the leader) use.
+//!
+//! Bodies are postcard; every answer is a `Result<T, WireError>` with HTTP 200, so that an
+//! error keeps its exact kind across the wire. Watches stream length-prefixed frames.
+
+use std::collections::BTreeSet;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::{BasicNode, Snapshot, SnapshotMeta, Vote};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{Error, WireError};
+use crate::raft::{NodeId, TypeConfig};
+use crate::store::{Store, FORWARDED_HEADER};
+use crate::types::*;
+
+/// Largest snapshot a member accepts in one request.
+const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
+
+impl Store {
+    /// The routes of this member's HTTP server. Serve them on `advertise_addr`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/raft/append", post(raft_append))
+            .route("/raft/vote", post(raft_vote))
+            .route("/raft/snapshot", post(raft_snapshot))
+            .route("/store/v1/txn", post(txn))
+            .route("/store/v1/get", post(get_key))
+            .route("/store/v1/range", post(range))
+            .route("/store/v1/read-index", post(read_index))
+            .route("/store/v1/compact", post(compact))
+            .route("/store/v1/watch", post(watch))
+            .route("/store/v1/status", get(status))
+            .route("/store/v1/members/learner", post(add_learner))
+            .route("/store/v1/members/voters", post(set_voters))
+            .route("/store/v1/members/remove", post(remove_member))
+            .layer(DefaultBodyLimit::max(MAX_SNAPSHOT_BYTES))
+            .with_state(self.clone())
+    }
+
+    /// Serves [`Store::router`] on a bound listener until the task is dropped.
+    pub fn serve(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+        let router = self.router();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "store HTTP server stopped");
+            }
+        })
+    }
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    postcard::from_bytes(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("undecodable request: {e}")).into_response())
+}
+
+fn encode<T: Serialize>(v: &T) -> Response {
+    match postcard::to_stdvec(v) {
+        Ok(bytes) => ([("content-type", "application/octet-stream")], bytes).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn reply<T: Serialize>(res: Result<T, Error>) -> Response {
+    encode(&res.map_err(|e| WireError::from(&e)))
+}
+
+fn forwarded(headers: &HeaderMap) -> bool {
+    headers.contains_key(FORWARDED_HEADER)
+}
+
+async fn raft_append(State(store): State<Store>, body: Bytes) -> Response {
+    let req: AppendEntriesRequest<TypeConfig> = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    encode(&store.raft().append_entries(req).await)
+}
+
+async fn raft_vote(State(store): State<Store>, body: Bytes) -> Response {
+    let req: VoteRequest<NodeId> = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    encode(&store.raft().vote(req).await)
+}
+
+async fn raft_snapshot(State(store): State<Store>, body: Bytes) -> Response {
+    type Req = (Vote<NodeId>, SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
+    let (vote, meta, data): Req = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let snapshot = Snapshot::<TypeConfig> {
+        meta,
+        snapshot: Box::new(data),
+    };
+    encode(&store.raft().install_full_snapshot(vote, snapshot).await)
+}
+
+async fn txn(State(store): State<Store>, headers: HeaderMap, body: Bytes) -> Response {
+    let req: Txn = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    reply(store.txn_inner(req, forwarded(&headers)).await)
+}
+
+async fn get_key(State(store): State<Store>, body: Bytes) -> Response {
+    let (key, opts): (Vec<u8>, ReadOptions) = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    reply(store.get_with_revision(&key, opts).await)
+}
+
+async fn range(State(store): State<Store>, body: Bytes) -> Response {
+    let req: RangeRequest = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    reply(store.range(req).await)
+}
+
+async fn read_index(State(store): State<Store>) -> Response {
+    reply(store.leader_read_index().await)
+}
+
+async fn compact(State(store): State<Store>, headers: HeaderMap, body: Bytes) -> Response {
+    let rev: Revision = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    reply(store.compact_inner(rev, forwarded(&headers)).await)
+}
+
+async fn status(State(store): State<Store>) -> Response {
+    encode(&store.status())
+}
+
+async fn add_learner(State(store): State<Store>, headers: HeaderMap, body: Bytes) -> Response {
+    let (id, addr): (NodeId, String) = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    reply(store.add_learner_inner(id, addr, forwarded(&headers)).await)
+}
+
+async fn set_voters(State(store): State<Store>, headers: HeaderMap, body: Bytes) -> Response {
+    let voters: BTreeSet<NodeId> = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    reply(
+        store
+            .change_membership_inner(voters, forwarded(&headers))
+            .await,
+    )
+}
+
+async fn remove_member(State(store): State<Store>, body: Bytes) -> Response {
+    let id: NodeId = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    reply(store.remove_member(id).await)
+}
+
+/// Encodes one watch frame: a 4-byte little-endian length, then the postcard message.
+pub(crate) fn frame(msg: &Result<WatchEvent, WireError>) -> Bytes {
+    let body = postcard::to_stdvec(msg).unwrap_or_default();
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Bytes::from(out)
+}
+
+async fn watch(State(store): State<Store>, body: Bytes) -> Response {
+    let (prefix, from): (Vec<u8>, Revision) = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    match store.watch(prefix, from) {
+        Err(e) => {
+            let first = frame(&Err(WireError::from(&e)));
+            Body::from(first).into_response()
+        }
+        Ok(w) => {
+            use futures::StreamExt;
+            let stream = w.map(|item| {
+                let msg = item.map_err(|e| WireError::from(&e));
+                Ok::<_, std::convert::Infallible>(frame(&msg))
+            });
+            Body::from_stream(stream).into_response()
+        }
+    }
+}

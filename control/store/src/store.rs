@@ -1,0 +1,873 @@
+//! [`Store`]: one member of the replicated store, and the API everything else uses.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::error::{error_chain, Error, WireError};
+use crate::mvcc::Mvcc;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::NetworkFactory;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{CompactRejected, NodeId, Raft, Request, Response};
+use crate::types::*;
+use crate::watch::{self, Watch, WatchHub, WatchParams};
+
+/// HTTP header marking a request already forwarded once, so members never forward in loops.
+pub(crate) const FORWARDED_HEADER: &str = "x-baton-forwarded";
+
+/// Automatic compaction, as kine and the Kubernetes API server do it.
+#[derive(Clone, Debug)]
+pub struct AutoCompaction {
+    pub interval: Duration,
+    /// Revisions kept readable below the current one.
+    pub retain: i64,
+}
+
+/// How to run one member.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// This member's id, unique in the cluster and fixed for its data dir.
+    pub id: NodeId,
+    pub data_dir: PathBuf,
+    /// host:port where peers and clients reach this member's HTTP server.
+    pub advertise_addr: String,
+    pub heartbeat: Duration,
+    pub election_timeout: (Duration, Duration),
+    /// Build a snapshot after this many log entries.
+    pub snapshot_after_logs: u64,
+    /// Log entries kept behind a snapshot, for followers that are only a little behind.
+    pub keep_logs: u64,
+    /// Revisions a watcher may fall behind before it is cut off.
+    pub watch_buffer: usize,
+    /// How often an idle watch reports progress.
+    pub progress_interval: Duration,
+    pub auto_compaction: Option<AutoCompaction>,
+    /// Most transactions per Raft entry.
+    pub max_batch: usize,
+}
+
+impl StoreConfig {
+    /// Defaults for a member with the given id, data dir and address.
+    pub fn new(
+        id: NodeId,
+        data_dir: impl Into<PathBuf>,
+        advertise_addr: impl Into<String>,
+    ) -> Self {
+        Self {
+            id,
+            data_dir: data_dir.into(),
+            advertise_addr: advertise_addr.into(),
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(600), Duration::from_millis(1200)),
+            snapshot_after_logs: 20_000,
+            keep_logs: 2_000,
+            watch_buffer: 4096,
+            progress_interval: Duration::from_secs(5),
+            auto_compaction: Some(AutoCompaction {
+                interval: Duration::from_secs(300),
+                retain: 1000,
+            }),
+            max_batch: 1024,
+        }
+    }
+}
+
+/// A transaction waiting to be batched into a Raft entry.
+struct Proposal {
+    txn: Txn,
+    reply: oneshot::Sender<Result<TxnResponse, Proposed>>,
+}
+
+/// Why the local member could not commit a proposal itself.
+enum Proposed {
+    NotLeader(Option<BasicNode>),
+    Failed(Error),
+}
+
+/// One member of the store: the local state machine, its Raft node, and the client API.
+///
+/// Cheap to clone; all clones share the member.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: StoreConfig,
+    raft: Raft,
+    mvcc: Arc<Mvcc>,
+    hub: WatchHub,
+    http: reqwest::Client,
+    proposals: mpsc::Sender<Proposal>,
+    read_barriers: mpsc::Sender<oneshot::Sender<Result<(), Proposed>>>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("id", &self.cfg.id)
+            .field("addr", &self.cfg.advertise_addr)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) a member. A new member is not part of any cluster until
+    /// [`Store::initialize`] bootstraps one or a leader adds it.
+    pub async fn open(cfg: StoreConfig) -> Result<Self, Error> {
+        let span = tracing::info_span!("store_open", id = cfg.id, dir = %cfg.data_dir.display());
+        async move {
+            let db = crate::db::open(&cfg.data_dir, cfg.id)?;
+            let mvcc = Arc::new(Mvcc::open(db.clone())?);
+            let hub = WatchHub::new(cfg.watch_buffer);
+            let sm = StateMachine::open(db.clone(), mvcc.clone(), hub.clone(), &cfg.data_dir)
+                .map_err(|e| Error::Raft(error_chain(&e)))?;
+            let log = LogStore::new(db);
+            let raft_cfg = openraft::Config {
+                cluster_name: "baton".into(),
+                heartbeat_interval: cfg.heartbeat.as_millis() as u64,
+                election_timeout_min: cfg.election_timeout.0.as_millis() as u64,
+                election_timeout_max: cfg.election_timeout.1.as_millis() as u64,
+                snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_after_logs),
+                max_in_snapshot_log_to_keep: cfg.keep_logs,
+                install_snapshot_timeout: 120_000,
+                ..Default::default()
+            }
+            .validate()
+            .map_err(|e| Error::InvalidRequest {
+                reason: format!("raft settings: {e}"),
+            })?;
+            let http = reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(30))
+                .tcp_nodelay(true)
+                .build()
+                .map_err(|source| Error::Transport {
+                    addr: "(client)".into(),
+                    source,
+                })?;
+            let network = NetworkFactory {
+                client: http.clone(),
+            };
+            let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm)
+                .await
+                .map_err(|e| Error::Raft(error_chain(&e)))?;
+            let (ptx, prx) = mpsc::channel(cfg.max_batch * 8);
+            let (rtx, rrx) = mpsc::channel(4096);
+            let inner = Arc::new(Inner {
+                cfg,
+                raft,
+                mvcc,
+                hub,
+                http,
+                proposals: ptx,
+                read_barriers: rtx,
+                tasks: std::sync::Mutex::new(Vec::new()),
+            });
+            let mut tasks = vec![
+                tokio::spawn(batcher(inner.raft.clone(), inner.cfg.max_batch, prx)),
+                tokio::spawn(read_barrier_loop(inner.raft.clone(), rrx)),
+            ];
+            if let Some(ac) = inner.cfg.auto_compaction.clone() {
+                tasks.push(tokio::spawn(auto_compact(Arc::downgrade(&inner), ac)));
+            }
+            *inner.tasks.lock().expect("tasks lock") = tasks;
+            Ok(Store { inner })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Opens the embedded default: a single-member cluster in `data_dir`, bootstrapped on
+    /// first use, and ready for writes when this returns.
+    pub async fn open_embedded(data_dir: impl Into<PathBuf>) -> Result<Self, Error> {
+        let cfg = StoreConfig::new(1, data_dir, "127.0.0.1:0");
+        Self::open_single(cfg).await
+    }
+
+    /// Like [`Store::open_embedded`], with explicit settings.
+    pub async fn open_single(mut cfg: StoreConfig) -> Result<Self, Error> {
+        // A lone member elects itself at once; nothing to wait for.
+        cfg.election_timeout = (Duration::from_millis(150), Duration::from_millis(300));
+        let store = Self::open(cfg).await?;
+        store.initialize().await?;
+        store.wait_for_leader(Duration::from_secs(10)).await?;
+        Ok(store)
+    }
+
+    /// Bootstraps a new cluster with this member as its only voter. Does nothing if the
+    /// member already belongs to a cluster.
+    pub async fn initialize(&self) -> Result<(), Error> {
+        let raft = &self.inner.raft;
+        if raft
+            .is_initialized()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?
+        {
+            return Ok(());
+        }
+        let node = BasicNode::new(&self.inner.cfg.advertise_addr);
+        let members = BTreeMap::from([(self.inner.cfg.id, node)]);
+        raft.initialize(members)
+            .await
+            .map_err(|e| Error::Raft(error_chain(&e)))
+    }
+
+    /// Waits until this member knows a leader (itself or another).
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, Error> {
+        let mut metrics = self.inner.raft.metrics();
+        let wait = async {
+            loop {
+                if let Some(l) = metrics.borrow().current_leader {
+                    return Ok(l);
+                }
+                if metrics.changed().await.is_err() {
+                    return Err(Error::Closed);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| Error::Unavailable {
+                reason: format!("no leader elected within {timeout:?}"),
+            })?
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.cfg.id
+    }
+
+    /// The newest revision applied locally.
+    pub fn local_revision(&self) -> Revision {
+        self.inner.mvcc.revision()
+    }
+
+    /// Runs a transaction. Committed through Raft on a quorum and synced before it returns.
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, Error> {
+        self.txn_inner(txn, false).await
+    }
+
+    pub(crate) async fn txn_inner(&self, txn: Txn, forwarded: bool) -> Result<TxnResponse, Error> {
+        validate_txn(&txn)?;
+        let mut leader_wait = true;
+        loop {
+            let (reply, rx) = oneshot::channel();
+            let proposal = Proposal {
+                txn: txn.clone(),
+                reply,
+            };
+            self.inner
+                .proposals
+                .send(proposal)
+                .await
+                .map_err(|_| Error::Closed)?;
+            match rx.await.map_err(|_| Error::Closed)? {
+                Ok(resp) => return Ok(resp),
+                Err(Proposed::Failed(e)) => return Err(e),
+                Err(Proposed::NotLeader(Some(leader))) if !forwarded => {
+                    return self.forward(&leader.addr, "/store/v1/txn", &txn).await;
+                }
+                Err(Proposed::NotLeader(_)) if leader_wait && !forwarded => {
+                    // An election is under way: wait for it once, then try again.
+                    leader_wait = false;
+                    self.wait_for_leader(self.inner.cfg.election_timeout.1 * 4)
+                        .await?;
+                }
+                Err(Proposed::NotLeader(_)) => {
+                    return Err(Error::Unavailable {
+                        reason: "this member is not the leader".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    async fn forward<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        req: &Req,
+    ) -> Result<Resp, Error> {
+        let body = postcard::to_stdvec(req)?;
+        let resp = self
+            .inner
+            .http
+            .post(format!("http://{addr}{path}"))
+            .header(FORWARDED_HEADER, "1")
+            .timeout(Duration::from_secs(30))
+            .body(body)
+            .send()
+            .await
+            .map_err(|source| Error::Transport {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|source| Error::Transport {
+            addr: addr.to_string(),
+            source,
+        })?;
+        if !status.is_success() {
+            let body = String::from_utf8_lossy(&bytes).into_owned();
+            return Err(Error::Remote {
+                addr: addr.to_string(),
+                status: status.as_u16(),
+                body,
+            });
+        }
+        let res: Result<Resp, WireError> = postcard::from_bytes(&bytes)?;
+        res.map_err(|e| e.into_error(addr))
+    }
+
+    /// Waits until the local state machine reflects every write committed before this call
+    /// (the read index), asking the leader if this member is not it.
+    async fn read_barrier(&self, forwarded: bool) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .read_barriers
+            .send(tx)
+            .await
+            .map_err(|_| Error::Closed)?;
+        match rx.await.map_err(|_| Error::Closed)? {
+            Ok(()) => Ok(()),
+            Err(Proposed::Failed(e)) => Err(e),
+            Err(Proposed::NotLeader(Some(leader))) if !forwarded => {
+                // The leader confirms its read index; waiting for it to be applied here
+                // makes the local read linearizable.
+                let index: u64 = self
+                    .forward(&leader.addr, "/store/v1/read-index", &())
+                    .await?;
+                let wait = self.inner.raft.wait(Some(Duration::from_secs(10)));
+                wait.applied_index_at_least(Some(index), "read index")
+                    .await
+                    .map_err(|e| Error::Unavailable {
+                        reason: e.to_string(),
+                    })?;
+                Ok(())
+            }
+            Err(Proposed::NotLeader(_)) => Err(Error::Unavailable {
+                reason: "no leader to confirm a linearizable read".into(),
+            }),
+        }
+    }
+
+    /// The leader's read index (served to followers).
+    pub(crate) async fn leader_read_index(&self) -> Result<u64, Error> {
+        self.read_barrier(true).await?;
+        Ok(self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index))
+    }
+
+    /// Reads one key. Linearizable unless `opts.serializable`.
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub async fn get(&self, key: &[u8], opts: ReadOptions) -> Result<Option<KeyValue>, Error> {
+        Ok(self.get_with_revision(key, opts).await?.0)
+    }
+
+    /// Reads one key, with the store revision the read was made at.
+    pub async fn get_with_revision(
+        &self,
+        key: &[u8],
+        opts: ReadOptions,
+    ) -> Result<(Option<KeyValue>, Revision), Error> {
+        validate_key(key)?;
+        if !opts.serializable {
+            self.read_barrier(false).await?;
+        }
+        Ok(self.inner.mvcc.get(key, opts.revision)?)
+    }
+
+    /// Reads the keys under a prefix. Linearizable unless `req.serializable`.
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
+        if !req.serializable {
+            self.read_barrier(false).await?;
+        }
+        Ok(self.inner.mvcc.range(&req)?)
+    }
+
+    /// Writes a key unconditionally; returns the new revision.
+    pub async fn put(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<Revision, Error> {
+        let resp = self.txn(Txn::new().and_then([Op::put(key, value)])).await?;
+        Ok(resp.revision)
+    }
+
+    /// Writes a key if the precondition holds, else fails with [`Error::Conflict`].
+    pub async fn put_if(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        pre: Precondition,
+    ) -> Result<Revision, Error> {
+        let key = key.into();
+        let txn = Txn::new()
+            .when([precondition(&key, pre)])
+            .and_then([Op::put(key.clone(), value)])
+            .or_else([Op::get(key.clone())]);
+        let resp = self.txn(txn).await?;
+        conflict_check(&key, &resp)?;
+        Ok(resp.revision)
+    }
+
+    /// Deletes a key; returns what was deleted.
+    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<Option<KeyValue>, Error> {
+        let resp = self.txn(Txn::new().and_then([Op::delete(key)])).await?;
+        Ok(match resp.results.into_iter().next() {
+            Some(OpResult::Delete { prev }) => prev,
+            _ => None,
+        })
+    }
+
+    /// Deletes a key if the precondition holds, else fails with [`Error::Conflict`].
+    pub async fn delete_if(
+        &self,
+        key: impl Into<Vec<u8>>,
+        pre: Precondition,
+    ) -> Result<Option<KeyValue>, Error> {
+        let key = key.into();
+        let txn = Txn::new()
+            .when([precondition(&key, pre)])
+            .and_then([Op::delete(key.clone())])
+            .or_else([Op::get(key.clone())]);
+        let resp = self.txn(txn).await?;
+        conflict_check(&key, &resp)?;
+        Ok(match resp.results.into_iter().next() {
+            Some(OpResult::Delete { prev }) => prev,
+            _ => None,
+        })
+    }
+
+    /// Watches the keys under `prefix` from revision `from` (0 = from now on).
+    ///
+    /// Served by this member's state machine, like etcd's watches.
+    pub fn watch(&self, prefix: impl Into<Vec<u8>>, from: Revision) -> Result<Watch, Error> {
+        let params = WatchParams {
+            prefix: prefix.into(),
+            from,
+            progress_interval: self.inner.cfg.progress_interval,
+            buffer: self.inner.cfg.watch_buffer,
+        };
+        watch::start(self.inner.mvcc.clone(), &self.inner.hub, params)
+    }
+
+    /// Drops history below `revision` on every member.
+    pub async fn compact(&self, revision: Revision) -> Result<Revision, Error> {
+        self.compact_inner(revision, false).await
+    }
+
+    pub(crate) async fn compact_inner(
+        &self,
+        revision: Revision,
+        forwarded: bool,
+    ) -> Result<Revision, Error> {
+        match self
+            .inner
+            .raft
+            .client_write(Request::Compact(revision))
+            .await
+        {
+            Ok(resp) => match resp.data {
+                Response::Compact(Ok(r)) => Ok(r),
+                Response::Compact(Err(CompactRejected::AlreadyCompacted { compact_revision })) => {
+                    Err(Error::Compacted {
+                        requested: revision,
+                        compact_revision,
+                    })
+                }
+                Response::Compact(Err(CompactRejected::FutureRevision { current })) => {
+                    Err(Error::FutureRevision {
+                        requested: revision,
+                        current,
+                    })
+                }
+                other => Err(Error::Raft(format!(
+                    "unexpected response to compaction: {other:?}"
+                ))),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) if !forwarded => {
+                match f.leader_node {
+                    Some(node) => {
+                        self.forward(&node.addr, "/store/v1/compact", &revision)
+                            .await
+                    }
+                    None => Err(Error::Unavailable {
+                        reason: "no leader".into(),
+                    }),
+                }
+            }
+            Err(e) => Err(Error::Unavailable {
+                reason: error_chain(&e),
+            }),
+        }
+    }
+
+    /// Adds a member as a learner and waits until it has caught up.
+    pub async fn add_learner(&self, id: NodeId, addr: &str) -> Result<(), Error> {
+        self.add_learner_inner(id, addr.to_string(), false).await
+    }
+
+    pub(crate) async fn add_learner_inner(
+        &self,
+        id: NodeId,
+        addr: String,
+        forwarded: bool,
+    ) -> Result<(), Error> {
+        match self
+            .inner
+            .raft
+            .add_learner(id, BasicNode::new(&addr), true)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) if !forwarded => {
+                match f.leader_node {
+                    Some(node) => {
+                        self.forward(&node.addr, "/store/v1/members/learner", &(id, addr))
+                            .await
+                    }
+                    None => Err(Error::Unavailable {
+                        reason: "no leader".into(),
+                    }),
+                }
+            }
+            Err(e) => Err(Error::Unavailable {
+                reason: error_chain(&e),
+            }),
+        }
+    }
+
+    /// Makes exactly these members voters (learners not listed are kept as learners, voters
+    /// not listed are removed).
+    pub async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<(), Error> {
+        self.change_membership_inner(voters, false).await
+    }
+
+    pub(crate) async fn change_membership_inner(
+        &self,
+        voters: BTreeSet<NodeId>,
+        forwarded: bool,
+    ) -> Result<(), Error> {
+        match self
+            .inner
+            .raft
+            .change_membership(voters.clone(), false)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) if !forwarded => {
+                match f.leader_node {
+                    Some(node) => {
+                        self.forward(&node.addr, "/store/v1/members/voters", &voters)
+                            .await
+                    }
+                    None => Err(Error::Unavailable {
+                        reason: "no leader".into(),
+                    }),
+                }
+            }
+            Err(e) => Err(Error::Unavailable {
+                reason: error_chain(&e),
+            }),
+        }
+    }
+
+    /// Removes a member entirely (voter or learner).
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), Error> {
+        let status = self.status();
+        let voters: BTreeSet<NodeId> = status
+            .members
+            .iter()
+            .filter(|m| m.voter && m.id != id)
+            .map(|m| m.id)
+            .collect();
+        self.change_membership(voters).await?;
+        // change_membership keeps left-over learners; a second change drops the member.
+        let mut metrics = self.inner.raft.metrics().borrow().clone();
+        let still_learner = metrics.membership_config.nodes().any(|(n, _)| *n == id);
+        if still_learner {
+            let res = self
+                .inner
+                .raft
+                .change_membership(
+                    openraft::ChangeMembers::RemoveNodes(BTreeSet::from([id])),
+                    false,
+                )
+                .await;
+            if let Err(e) = res {
+                metrics = self.inner.raft.metrics().borrow().clone();
+                if metrics.membership_config.nodes().any(|(n, _)| *n == id) {
+                    return Err(Error::Unavailable {
+                        reason: error_chain(&e),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This member's view of the cluster.
+    pub fn status(&self) -> Status {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let members = m
+            .membership_config
+            .nodes()
+            .map(|(id, node)| MemberInfo {
+                id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        Status {
+            id: self.inner.cfg.id,
+            leader: m.current_leader,
+            term: m.current_term,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            revision: self.inner.mvcc.revision(),
+            compact_revision: self.inner.mvcc.compact_revision(),
+            members,
+        }
+    }
+
+    /// Whether this member currently believes it leads.
+    pub fn is_leader(&self) -> bool {
+        self.inner.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Asks Raft to build a snapshot now (tests, operators).
+    pub async fn trigger_snapshot(&self) -> Result<(), Error> {
+        self.inner
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    /// Stops the member: Raft, the batcher and background tasks.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        for t in self.inner.tasks.lock().expect("tasks lock").drain(..) {
+            t.abort();
+        }
+        self.inner
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    pub(crate) fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+}
+
+fn precondition(key: &[u8], pre: Precondition) -> Compare {
+    match pre {
+        Precondition::Absent => Compare::absent(key),
+        Precondition::ModRevision(r) => Compare::mod_revision(key, CompareOp::Equal, r),
+    }
+}
+
+fn conflict_check(key: &[u8], resp: &TxnResponse) -> Result<(), Error> {
+    if resp.succeeded {
+        return Ok(());
+    }
+    let current = match resp.results.first() {
+        Some(OpResult::Get { kv: Some(kv) }) => kv.mod_revision,
+        _ => 0,
+    };
+    Err(Error::Conflict {
+        key: String::from_utf8_lossy(key).into_owned(),
+        current_revision: current,
+        store_revision: resp.revision,
+    })
+}
+
+pub(crate) fn validate_key(key: &[u8]) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::InvalidKey {
+            reason: "empty key".into(),
+        });
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Error::InvalidKey {
+            reason: format!("key of {} bytes exceeds {MAX_KEY_BYTES}", key.len()),
+        });
+    }
+    if key.contains(&0) {
+        return Err(Error::InvalidKey {
+            reason: "keys may not contain a NUL byte".into(),
+        });
+    }
+    Ok(())
+}
+
+fn validate_txn(txn: &Txn) -> Result<(), Error> {
+    for c in &txn.compares {
+        validate_key(&c.key)?;
+    }
+    for branch in [&txn.success, &txn.failure] {
+        let mut written = BTreeSet::new();
+        for op in branch {
+            validate_key(op.key())?;
+            if let Op::Put { value, .. } = op {
+                if value.len() > MAX_VALUE_BYTES {
+                    return Err(Error::ValueTooLarge {
+                        size: value.len(),
+                        limit: MAX_VALUE_BYTES,
+                    });
+                }
+            }
+            if !matches!(op, Op::Get { .. }) && !written.insert(op.key()) {
+                return Err(Error::InvalidRequest {
+                    reason: format!(
+                        "key {:?} is written twice in one transaction",
+                        String::from_utf8_lossy(op.key())
+                    ),
+                });
+            }
+        }
+    }
+    let size = txn.payload_bytes();
+    if size > MAX_TXN_BYTES {
+        return Err(Error::RequestTooLarge {
+            size,
+            limit: MAX_TXN_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// Most Raft entries in flight at once. While they are being committed, new proposals queue
+/// up and go out together in the next entry: group commit, so the fsync rate does not cap
+/// the write rate.
+const MAX_IN_FLIGHT: usize = 4;
+/// Soft cap on one entry's payload.
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+async fn batcher(raft: Raft, max_batch: usize, mut rx: mpsc::Receiver<Proposal>) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else { return };
+        let mut bytes = first.txn.payload_bytes();
+        let mut batch = vec![first];
+        while batch.len() < max_batch && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.txn.payload_bytes();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        let span = tracing::debug_span!("raft_propose", txns = batch.len(), bytes);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let (txns, replies): (Vec<_>, Vec<_>) =
+                    batch.into_iter().map(|p| (p.txn, p.reply)).unzip();
+                let res = raft.client_write(Request::Txns(txns)).await;
+                match res {
+                    Ok(resp) => match resp.data {
+                        Response::Txns(results) if results.len() == replies.len() => {
+                            for (reply, r) in replies.into_iter().zip(results) {
+                                let _ = reply.send(Ok(r));
+                            }
+                        }
+                        other => {
+                            let msg =
+                                format!("state machine answered {other:?} to a transaction batch");
+                            for reply in replies {
+                                let _ = reply.send(Err(Proposed::Failed(Error::Raft(msg.clone()))));
+                            }
+                        }
+                    },
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                        for reply in replies {
+                            let _ = reply.send(Err(Proposed::NotLeader(f.leader_node.clone())));
+                        }
+                    }
+                    Err(e) => {
+                        let reason = error_chain(&e);
+                        for reply in replies {
+                            let _ = reply.send(Err(Proposed::Failed(Error::Unavailable {
+                                reason: reason.clone(),
+                            })));
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Serves read barriers: every reader waiting when a round starts shares that round's
+/// leadership check, so linearizable reads cost one quorum round per batch, not per read.
+async fn read_barrier_loop(
+    raft: Raft,
+    mut rx: mpsc::Receiver<oneshot::Sender<Result<(), Proposed>>>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut waiting = vec![first];
+        waiting.extend(std::iter::from_fn(|| rx.try_recv().ok()));
+        let res = raft.ensure_linearizable().await;
+        for w in waiting {
+            let r = match &res {
+                Ok(_) => Ok(()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    Err(Proposed::NotLeader(f.leader_node.clone()))
+                }
+                Err(e) => Err(Proposed::Failed(Error::Unavailable {
+                    reason: error_chain(e),
+                })),
+            };
+            let _ = w.send(r);
+        }
+    }
+}
+
+async fn auto_compact(inner: std::sync::Weak<Inner>, ac: AutoCompaction) {
+    let mut tick = tokio::time::interval(ac.interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.raft.metrics().borrow().state != ServerState::Leader {
+            continue;
+        }
+        let target = inner.mvcc.revision() - ac.retain;
+        if target <= inner.mvcc.compact_revision() {
+            continue;
+        }
+        match inner.raft.client_write(Request::Compact(target)).await {
+            Ok(_) => tracing::info!(revision = target, "compacted history"),
+            Err(e) => tracing::warn!(error = %e, "automatic compaction failed"),
+        }
+    }
+}
