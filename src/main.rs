@@ -1,1 +1,300 @@
-fn main() {}
+//! `baton`: the one binary of Baton.
+//!
+//! - `baton up`: everything in one process on the embedded single-member store (for now:
+//!   the store, serving its API).
+//! - `baton server`: one member of a replicated control plane.
+//! - `baton store ...`: everyday client verbs against a store.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use baton_store::{RangeRequest, ReadOptions, Store, StoreClient, StoreConfig, WatchEvent};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "baton",
+    version,
+    about = "A WebAssembly-first orchestrator that speaks the Kubernetes API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run Baton on this machine with the embedded single-member store.
+    Up(UpArgs),
+    /// Run one member of a replicated control plane.
+    Server(ServerArgs),
+    /// Talk to a store: status, get, put, list, watch.
+    Store(StoreArgs),
+}
+
+#[derive(Args, Debug)]
+struct UpArgs {
+    /// Where all state lives.
+    #[arg(long, env = "BATON_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the store API.
+    #[arg(long, default_value = "127.0.0.1:2380")]
+    store_listen: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+struct ServerArgs {
+    /// This member's id, unique in the cluster (1, 2, 3, ...).
+    #[arg(long)]
+    id: u64,
+    /// Address to serve Raft and the store API on; peers must reach it.
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Start a new cluster with this member as its only voter (first member only).
+    #[arg(long, conflicts_with = "join")]
+    bootstrap: bool,
+    /// Join the cluster that the member at this address belongs to.
+    #[arg(long)]
+    join: Option<String>,
+    #[command(flatten)]
+    tuning: Tuning,
+}
+
+/// Raft tuning; the defaults suit a LAN.
+#[derive(Args, Debug)]
+struct Tuning {
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
+    /// Lower bound of the randomized election timeout (the upper bound is twice this).
+    #[arg(long, default_value_t = 600)]
+    election_ms: u64,
+    /// Build a snapshot after this many log entries.
+    #[arg(long, default_value_t = 20_000)]
+    snapshot_after_logs: u64,
+    /// Log entries kept behind a snapshot.
+    #[arg(long, default_value_t = 2_000)]
+    keep_logs: u64,
+}
+
+#[derive(Args, Debug)]
+struct StoreArgs {
+    /// Members to talk to, comma-separated host:port.
+    #[arg(long, default_value = "127.0.0.1:2380", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    #[command(subcommand)]
+    verb: StoreVerb,
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreVerb {
+    /// Show a member's view of the cluster.
+    Status,
+    /// Read one key.
+    Get { key: String },
+    /// Write one key.
+    Put { key: String, value: String },
+    /// List the keys under a prefix.
+    List { prefix: String },
+    /// Print changes under a prefix as they happen.
+    Watch {
+        prefix: String,
+        #[arg(long, default_value_t = 0)]
+        from: i64,
+    },
+    /// Drop history below a revision.
+    Compact { revision: i64 },
+    /// Remove a member from the cluster.
+    RemoveMember { id: u64 },
+}
+
+fn default_data_dir() -> PathBuf {
+    // A user without root keeps state in their own home, as k3s's rootless mode does.
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("baton")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up(args) => up(args).await,
+        Command::Server(args) => server(args).await,
+        Command::Store(args) => store_verb(args).await,
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn up(args: UpArgs) -> Result<()> {
+    let dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let listener = tokio::net::TcpListener::bind(args.store_listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.store_listen))?;
+    let addr = listener.local_addr()?.to_string();
+    let cfg = StoreConfig::new(1, dir.join("store"), &addr);
+    let store = Store::open_single(cfg)
+        .await
+        .with_context(|| format!("failed to open the store in {}", dir.display()))?;
+    let http = store.serve(listener);
+    println!("baton is up: store at {addr}, data in {}", dir.display());
+    shutdown_signal().await;
+    http.abort();
+    store
+        .shutdown()
+        .await
+        .context("failed to stop the store cleanly")?;
+    Ok(())
+}
+
+async fn server(args: ServerArgs) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    let addr = listener.local_addr()?.to_string();
+    let mut cfg = StoreConfig::new(args.id, &args.data_dir, &addr);
+    cfg.heartbeat = Duration::from_millis(args.tuning.heartbeat_ms);
+    cfg.election_timeout = (
+        Duration::from_millis(args.tuning.election_ms),
+        Duration::from_millis(args.tuning.election_ms * 2),
+    );
+    cfg.snapshot_after_logs = args.tuning.snapshot_after_logs;
+    cfg.keep_logs = args.tuning.keep_logs;
+    let store = Store::open(cfg)
+        .await
+        .with_context(|| format!("failed to open the store in {}", args.data_dir.display()))?;
+    let http = store.serve(listener);
+    if args.bootstrap {
+        store
+            .initialize()
+            .await
+            .context("failed to bootstrap the cluster")?;
+    }
+    if let Some(seed) = args.join {
+        join(&store, &seed, &addr).await?;
+    }
+    println!("baton server {} listening on {addr}", args.id);
+    shutdown_signal().await;
+    http.abort();
+    store
+        .shutdown()
+        .await
+        .context("failed to stop the store cleanly")?;
+    Ok(())
+}
+
+/// Asks the cluster behind `seed` to add this member as a learner, then as a voter.
+async fn join(store: &Store, seed: &str, addr: &str) -> Result<()> {
+    let client = StoreClient::new([seed.to_string()]).with_timeout(Duration::from_secs(120));
+    let status = client
+        .status()
+        .await
+        .with_context(|| format!("failed to reach {seed}"))?;
+    if status.members.iter().any(|m| m.id == store.id() && m.voter) {
+        return Ok(());
+    }
+    client
+        .add_learner(store.id(), addr)
+        .await
+        .context("the cluster refused to add this member as a learner")?;
+    let status = client.status().await?;
+    let mut voters: BTreeSet<u64> = status
+        .members
+        .iter()
+        .filter(|m| m.voter)
+        .map(|m| m.id)
+        .collect();
+    voters.insert(store.id());
+    client
+        .set_voters(voters)
+        .await
+        .context("the cluster refused to promote this member")?;
+    Ok(())
+}
+
+async fn store_verb(args: StoreArgs) -> Result<()> {
+    let client = StoreClient::new(args.endpoints);
+    match args.verb {
+        StoreVerb::Status => {
+            let s = client.status().await?;
+            println!(
+                "member {} leader {:?} term {} revision {} compacted {}",
+                s.id, s.leader, s.term, s.revision, s.compact_revision
+            );
+            for m in s.members {
+                println!(
+                    "  {} {} {}",
+                    m.id,
+                    m.addr,
+                    if m.voter { "voter" } else { "learner" }
+                );
+            }
+        }
+        StoreVerb::Get { key } => match client.get(key.as_bytes(), ReadOptions::default()).await? {
+            Some(kv) => println!("{}", String::from_utf8_lossy(&kv.value)),
+            None => bail!("key {key:?} not found"),
+        },
+        StoreVerb::Put { key, value } => println!("revision {}", client.put(key, value).await?),
+        StoreVerb::List { prefix } => {
+            let mut req = RangeRequest::prefix(prefix);
+            loop {
+                let page = client.range(&req).await?;
+                for kv in &page.kvs {
+                    println!("{}\t{}", String::from_utf8_lossy(&kv.key), kv.mod_revision);
+                }
+                if !page.more {
+                    break;
+                }
+                req.start_after = page.kvs.last().map(|kv| kv.key.clone());
+                req.revision = page.revision;
+            }
+        }
+        StoreVerb::Watch { prefix, from } => {
+            let mut watch = client.watch(prefix, from).await?;
+            while let Some(item) = watch.next().await {
+                match item? {
+                    WatchEvent::Events(re) => {
+                        for e in re.events {
+                            println!(
+                                "{} {:?} {}",
+                                re.revision,
+                                e.kind,
+                                String::from_utf8_lossy(&e.kv.key)
+                            );
+                        }
+                    }
+                    WatchEvent::Progress(rev) => println!("{rev} progress"),
+                }
+            }
+        }
+        StoreVerb::Compact { revision } => {
+            println!("compacted to {}", client.compact(revision).await?)
+        }
+        StoreVerb::RemoveMember { id } => {
+            client.remove_member(id).await?;
+            println!("removed member {id}");
+        }
+    }
+    Ok(())
+}
