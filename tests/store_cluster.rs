@@ -1,0 +1,175 @@
+//! Three real store members on 127.0.0.1: leader failover, catch-up through a snapshot,
+//! whole-cluster restart, and membership changes.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use baton_store::{RangeRequest, ReadOptions, StoreClient};
+use cluster::{wait_for, Cluster};
+
+async fn count_keys(client: &StoreClient, prefix: &str, serializable: bool) -> Option<usize> {
+    let mut req = RangeRequest {
+        serializable,
+        ..RangeRequest::prefix(prefix)
+    };
+    let mut n = 0;
+    loop {
+        let page = client.range(&req).await.ok()?;
+        n += page.kvs.len();
+        if !page.more {
+            return Some(n);
+        }
+        req.start_after = page.kvs.last().map(|kv| kv.key.clone());
+        req.revision = page.revision;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_elects_a_new_one_and_writes_continue() {
+    let mut c = Cluster::start(3, &["--heartbeat-ms", "50", "--election-ms", "300"]).await;
+    let client = c.client();
+    for i in 0..100 {
+        client.put(format!("a/{i:03}"), "before").await.unwrap();
+    }
+    let old = c.wait_for_leader().await;
+    let old_idx = c.index_of(old);
+    c.kill(old_idx);
+    let new = c.wait_for_leader().await;
+    assert_ne!(new, old, "a new leader among the survivors");
+    for i in 100..200 {
+        client.put(format!("a/{i:03}"), "after").await.unwrap();
+    }
+    assert_eq!(count_keys(&client, "a/", false).await, Some(200));
+
+    // The old leader comes back as a follower and catches up.
+    c.restart(old_idx);
+    let pinned = client.pinned(&c.members[old_idx].addr);
+    wait_for(
+        Duration::from_secs(60),
+        "the old leader to catch up",
+        || async { (count_keys(&pinned, "a/", true).await? == 200).then_some(()) },
+    )
+    .await;
+    // A linearizable read through a follower is forwarded for its read index.
+    let kv = pinned
+        .get(b"a/150", ReadOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kv.value, b"after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_a_purged_log_catches_up_through_a_snapshot() {
+    let tuning = [
+        "--heartbeat-ms",
+        "50",
+        "--election-ms",
+        "300",
+        "--snapshot-after-logs",
+        "40",
+        "--keep-logs",
+        "5",
+    ];
+    let mut c = Cluster::start(3, &tuning).await;
+    let client = c.client();
+    let leader = c.wait_for_leader().await;
+    // Stop a follower, then write far past what the leader keeps in its log.
+    let lagger = (0..3).find(|&i| c.members[i].id != leader).unwrap();
+    c.kill(lagger);
+    for i in 0..300 {
+        client
+            .put(format!("s/{i:03}"), format!("{i}"))
+            .await
+            .unwrap();
+    }
+    let want = client.status().await.unwrap();
+    c.restart(lagger);
+    let pinned = client.pinned(&c.members[lagger].addr);
+    wait_for(
+        Duration::from_secs(60),
+        "the lagging member to catch up",
+        || async {
+            let s = pinned.status().await.ok()?;
+            (s.revision >= want.revision).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(count_keys(&pinned, "s/", true).await, Some(300));
+    let kv = pinned
+        .get(
+            b"s/123",
+            ReadOptions {
+                revision: 0,
+                serializable: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(kv.unwrap().value, b"123");
+    assert!(
+        c.members[lagger].log().contains("installing snapshot"),
+        "the member caught up through a snapshot install:\n{}",
+        c.members[lagger].log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_whole_cluster_keeps_every_acknowledged_write() {
+    let mut c = Cluster::start(3, &["--heartbeat-ms", "50", "--election-ms", "300"]).await;
+    let client = c.client();
+    let mut last = 0;
+    for i in 0..300 {
+        last = client
+            .put(format!("d/{i:03}"), format!("{i}"))
+            .await
+            .unwrap();
+    }
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for i in 0..3 {
+        c.restart(i);
+    }
+    c.wait_for_leader().await;
+    let client = c.client();
+    assert_eq!(count_keys(&client, "d/", false).await, Some(300));
+    let s = client.status().await.unwrap();
+    assert!(
+        s.revision >= last,
+        "revision went backwards: {} < {last}",
+        s.revision
+    );
+    assert!(client.put("d/next", "x").await.unwrap() > last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_promoted_and_removed() {
+    let c = Cluster::start(3, &["--heartbeat-ms", "50", "--election-ms", "300"]).await;
+    let client = c.client();
+    let s = client.status().await.unwrap();
+    let voters: BTreeSet<u64> = s.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    assert_eq!(voters, BTreeSet::from([1, 2, 3]));
+    client.put("m/1", "x").await.unwrap();
+    // Remove the leader itself: the others go on.
+    let leader = c.wait_for_leader().await;
+    client.remove_member(leader).await.unwrap();
+    let survivors: Vec<usize> = (0..3).filter(|&i| c.members[i].id != leader).collect();
+    let pinned = client.pinned(&c.members[survivors[0]].addr);
+    wait_for(
+        Duration::from_secs(30),
+        "a two-member cluster with a new leader",
+        || async {
+            let s = pinned.status().await.ok()?;
+            let ok = s.members.len() == 2 && s.leader.is_some_and(|l| l != leader);
+            ok.then_some(())
+        },
+    )
+    .await;
+    let client = StoreClient::new(survivors.iter().map(|&i| c.members[i].addr.clone()));
+    client.put("m/2", "y").await.unwrap();
+    assert_eq!(count_keys(&client, "m/", false).await, Some(2));
+}

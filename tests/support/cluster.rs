@@ -1,0 +1,201 @@
+//! A cluster of real `baton server` processes on 127.0.0.1, each with its own data dir,
+//! for tests that kill, pause and restart members.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_store::{Status, StoreClient};
+
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// What the member logged to stderr, across all its runs.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+}
+
+pub struct Cluster {
+    pub members: Vec<Member>,
+    tuning: Vec<String>,
+    _tmp: tempfile::TempDir,
+}
+
+/// Waits for `cond` to return Some, polling; panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().unwrap().port()
+}
+
+impl Cluster {
+    /// Starts `n` members: the first bootstraps, the others join it one by one.
+    pub async fn start(n: usize, tuning: &[&str]) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster {
+            members: Vec::new(),
+            tuning: tuning.iter().map(|s| s.to_string()).collect(),
+            _tmp: tmp,
+        };
+        for i in 0..n {
+            let id = i as u64 + 1;
+            let member = Member {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                dir: cluster._tmp.path().join(format!("member-{id}")),
+                child: None,
+            };
+            cluster.members.push(member);
+            let extra = if i == 0 {
+                vec!["--bootstrap".to_string()]
+            } else {
+                vec!["--join".to_string(), cluster.members[0].addr.clone()]
+            };
+            cluster.spawn(i, &extra);
+            let addr = cluster.members[i].addr.clone();
+            let client = StoreClient::new([addr]).with_timeout(Duration::from_secs(2));
+            wait_for(Duration::from_secs(60), "member to become a voter", || {
+                let client = client.clone();
+                async move {
+                    let s = client.status().await.ok()?;
+                    (s.leader.is_some() && s.members.iter().any(|m| m.id == id && m.voter))
+                        .then_some(())
+                }
+            })
+            .await;
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize, extra: &[String]) {
+        let m = &self.members[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(m.dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .arg("server")
+            .args(["--id", &m.id.to_string(), "--listen", &m.addr])
+            .arg("--data-dir")
+            .arg(&m.dir)
+            .args(&self.tuning)
+            .args(extra)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn baton server");
+        self.members[i].child = Some(child);
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.addr.clone()).collect()
+    }
+
+    pub fn client(&self) -> StoreClient {
+        StoreClient::new(self.addrs()).with_timeout(Duration::from_secs(5))
+    }
+
+    pub fn index_of(&self, id: u64) -> usize {
+        self.members
+            .iter()
+            .position(|m| m.id == id)
+            .expect("known member id")
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts a killed member from its data dir.
+    pub fn restart(&mut self, i: usize) {
+        assert!(
+            self.members[i].child.is_none(),
+            "member {i} is still running"
+        );
+        self.spawn(i, &[]);
+    }
+
+    pub fn signal(&self, i: usize, sig: &str) {
+        if let Some(pid) = self.members[i].pid() {
+            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+        }
+    }
+
+    pub async fn status_of(&self, i: usize) -> Option<Status> {
+        let client =
+            StoreClient::new([self.members[i].addr.clone()]).with_timeout(Duration::from_secs(1));
+        client.status().await.ok()
+    }
+
+    /// Waits until every running member agrees on one leader that is running; returns its id.
+    pub async fn wait_for_leader(&self) -> u64 {
+        wait_for(
+            Duration::from_secs(60),
+            "running members to agree on a leader",
+            || async {
+                let mut leader = None;
+                for (i, m) in self.members.iter().enumerate() {
+                    if !m.is_running() {
+                        continue;
+                    }
+                    let l = self.status_of(i).await?.leader?;
+                    if leader.is_some_and(|x| x != l) {
+                        return None;
+                    }
+                    leader = Some(l);
+                }
+                let l = leader?;
+                self.members[self.index_of(l)].is_running().then_some(l)
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            // A paused member would not die from SIGKILL until continued on some kernels.
+            self.signal(i, "-CONT");
+            self.kill(i);
+        }
+    }
+}
