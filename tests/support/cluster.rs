@@ -1,3 +1,4 @@
+#![allow(dead_code)] // shared by several test crates, each using a part
 //! A cluster of real `baton server` processes on 127.0.0.1, each with its own data dir,
 //! for tests that kill, pause and restart members.
 

@@ -108,13 +108,24 @@ impl StoreClient {
         path: &str,
         req: &Req,
     ) -> Result<Resp, Error> {
+        self.call_with(path, req, false).await
+    }
+
+    /// Reads may also move on after an unknown outcome; writes may not, since the first
+    /// attempt may have committed.
+    async fn call_with<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+        read_only: bool,
+    ) -> Result<Resp, Error> {
         let n = self.endpoints.len();
         let mut last = None;
         for attempt in 0..n {
             let i = (self.current.load(Ordering::Relaxed) + attempt) % n;
             let addr = &self.endpoints[i];
             match self.call_once(addr, path, req).await {
-                Err(e) if retry_elsewhere(&e) => last = Some(e),
+                Err(e) if retry_elsewhere(&e, read_only) => last = Some(e),
                 other => {
                     self.current.store(i, Ordering::Relaxed);
                     return other;
@@ -130,12 +141,12 @@ impl StoreClient {
 
     pub async fn get(&self, key: &[u8], opts: ReadOptions) -> Result<Option<KeyValue>, Error> {
         let (kv, _rev): (Option<KeyValue>, Revision) =
-            self.call("/store/v1/get", &(key, opts)).await?;
+            self.call_with("/store/v1/get", &(key, opts), true).await?;
         Ok(kv)
     }
 
     pub async fn range(&self, req: &RangeRequest) -> Result<RangeResponse, Error> {
-        self.call("/store/v1/range", req).await
+        self.call_with("/store/v1/range", req, true).await
     }
 
     pub async fn put(
@@ -264,10 +275,12 @@ impl StoreClient {
     }
 }
 
-fn retry_elsewhere(e: &Error) -> bool {
+/// Whether another member may succeed where this one failed, without risking a write twice.
+fn retry_elsewhere(e: &Error, read_only: bool) -> bool {
     match e {
-        Error::Transport { source, .. } => source.is_connect(),
-        Error::Unavailable { .. } => true,
+        Error::Transport { source, .. } => source.is_connect() || read_only,
+        Error::NoLeader { .. } => true,
+        Error::Unavailable { .. } => read_only,
         _ => false,
     }
 }

@@ -38,7 +38,11 @@ pub enum Error {
     /// A watcher fell so far behind that events would have had to be dropped.
     #[error("watcher fell behind by more than {buffer} revisions and was cancelled; re-list and watch again")]
     SlowWatcher { buffer: usize },
-    /// No leader is known, or the leader cannot reach a quorum: retry later.
+    /// No leader could take the request, so nothing was written: safe to retry.
+    #[error("no leader available, nothing was written: {reason}")]
+    NoLeader { reason: String },
+    /// The leader could not confirm the request in time (it may lose its quorum, or a
+    /// member died mid-request): a write's outcome is unknown.
     #[error("store unavailable: {reason}")]
     Unavailable { reason: String },
     /// The store (or this watch) was shut down.
@@ -93,7 +97,10 @@ impl From<MvccError> for Error {
 impl Error {
     /// Whether retrying the same request (possibly on another member) may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable { .. } | Error::Transport { .. })
+        matches!(
+            self,
+            Error::NoLeader { .. } | Error::Unavailable { .. } | Error::Transport { .. }
+        )
     }
 }
 
@@ -129,6 +136,9 @@ pub(crate) enum WireError {
     },
     SlowWatcher {
         buffer: usize,
+    },
+    NoLeader {
+        reason: String,
     },
     Unavailable {
         reason: String,
@@ -177,6 +187,9 @@ impl From<&Error> for WireError {
                 reason: reason.clone(),
             },
             Error::SlowWatcher { buffer } => WireError::SlowWatcher { buffer: *buffer },
+            Error::NoLeader { reason } => WireError::NoLeader {
+                reason: reason.clone(),
+            },
             Error::Unavailable { reason } => WireError::Unavailable {
                 reason: reason.clone(),
             },
@@ -219,6 +232,7 @@ impl WireError {
             WireError::InvalidKey { reason } => Error::InvalidKey { reason },
             WireError::InvalidRequest { reason } => Error::InvalidRequest { reason },
             WireError::SlowWatcher { buffer } => Error::SlowWatcher { buffer },
+            WireError::NoLeader { reason } => Error::NoLeader { reason },
             WireError::Unavailable { reason } => Error::Unavailable { reason },
             WireError::Closed => Error::Closed,
             WireError::Internal { message } => Error::Remote {

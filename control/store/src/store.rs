@@ -286,7 +286,7 @@ impl Store {
                         .await?;
                 }
                 Err(Proposed::NotLeader(_)) => {
-                    return Err(Error::Unavailable {
+                    return Err(Error::NoLeader {
                         reason: "this member is not the leader".into(),
                     })
                 }
@@ -310,9 +310,18 @@ impl Store {
             .body(body)
             .send()
             .await
-            .map_err(|source| Error::Transport {
-                addr: addr.to_string(),
-                source,
+            .map_err(|source| {
+                if source.is_connect() {
+                    // Nothing reached the leader: a definite failure, unlike a lost answer.
+                    Error::NoLeader {
+                        reason: format!("cannot reach the leader at {addr}: {source}"),
+                    }
+                } else {
+                    Error::Transport {
+                        addr: addr.to_string(),
+                        source,
+                    }
+                }
             })?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|source| Error::Transport {
@@ -357,7 +366,7 @@ impl Store {
                     })?;
                 Ok(())
             }
-            Err(Proposed::NotLeader(_)) => Err(Error::Unavailable {
+            Err(Proposed::NotLeader(_)) => Err(Error::NoLeader {
                 reason: "no leader to confirm a linearizable read".into(),
             }),
         }
@@ -511,7 +520,7 @@ impl Store {
                         self.forward(&node.addr, "/store/v1/compact", &revision)
                             .await
                     }
-                    None => Err(Error::Unavailable {
+                    None => Err(Error::NoLeader {
                         reason: "no leader".into(),
                     }),
                 }
@@ -546,7 +555,7 @@ impl Store {
                         self.forward(&node.addr, "/store/v1/members/learner", &(id, addr))
                             .await
                     }
-                    None => Err(Error::Unavailable {
+                    None => Err(Error::NoLeader {
                         reason: "no leader".into(),
                     }),
                 }
@@ -581,7 +590,7 @@ impl Store {
                         self.forward(&node.addr, "/store/v1/members/voters", &voters)
                             .await
                     }
-                    None => Err(Error::Unavailable {
+                    None => Err(Error::NoLeader {
                         reason: "no leader".into(),
                     }),
                 }
