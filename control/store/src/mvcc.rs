@@ -269,11 +269,10 @@ impl Mvcc {
         let cf = self.db.cf_handle(CF_REV).expect("rev column family");
         let start = from.to_be_bytes();
         let mut out = Vec::new();
-        let mut expected = from;
-        for item in self
+        let iter = self
             .db
-            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
-        {
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
+        for (item, expected) in iter.zip(from..) {
             let (raw, val) = item?;
             let rev = i64::from_be_bytes(raw.as_ref().try_into().unwrap_or([0; 8]));
             if rev > upto || out.len() >= max {
@@ -290,7 +289,6 @@ impl Mvcc {
                 revision: rev,
                 events: postcard::from_bytes(&val)?,
             });
-            expected += 1;
         }
         if out.is_empty() && from <= upto {
             return Err(MvccError::Compacted {

@@ -57,6 +57,8 @@ impl Store {
     }
 }
 
+// The error is the ready HTTP response; boxing it would only add an allocation.
+#[allow(clippy::result_large_err)]
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
     postcard::from_bytes(body)
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("undecodable request: {e}")).into_response())

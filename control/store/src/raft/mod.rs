@@ -1,6 +1,9 @@
 //! Raft glue: the type configuration, log storage, state machine and network that openraft
 //! needs. Everything here is wired together by [`crate::Store`].
 
+// openraft's traits return its own (large) StorageError; helpers here return it as well.
+#![allow(clippy::result_large_err)]
+
 pub(crate) mod log_store;
 pub(crate) mod network;
 pub(crate) mod state_machine;

@@ -1,0 +1,300 @@
+//! Store benchmark: Baton's store against etcd 3.4 (Debian's etcd-server), same machine,
+//! same run, same workload.
+//!
+//! Workload: sync writes of 256-byte values and linearizable reads, at 1, 16 and 128
+//! concurrent clients, for a fixed time per cell, on one member and on three members on
+//! loopback. Both clients talk to the leader. Prints one table with the ratio per row.
+//!
+//! Usage: `store-bench BATON_BINARY` (see scripts/bench-store.sh). `BENCH_SECS` sets the
+//! seconds per cell (default 5).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use baton_store::{ReadOptions, StoreClient};
+use rand::{Rng, SeedableRng};
+
+const VALUE_BYTES: usize = 256;
+const KEYSPACE: u32 = 10_000;
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_until<F, Fut>(what: &str, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f().await {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+enum Target {
+    Baton(StoreClient),
+    Etcd(etcd_client::Client),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Workload {
+    Put,
+    Get,
+}
+
+impl Target {
+    async fn op(&mut self, w: Workload, key: String, value: &[u8]) -> Result<()> {
+        match (self, w) {
+            (Target::Baton(c), Workload::Put) => {
+                c.put(key, value.to_vec()).await?;
+            }
+            (Target::Baton(c), Workload::Get) => {
+                c.get(key.as_bytes(), ReadOptions::default()).await?;
+            }
+            (Target::Etcd(c), Workload::Put) => {
+                c.put(key, value.to_vec(), None).await?;
+            }
+            (Target::Etcd(c), Workload::Get) => {
+                c.get(key, None).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Cell {
+    ops_per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn run_cell(target: &Target, w: Workload, clients: usize, secs: u64) -> Result<Cell> {
+    let value = Arc::new(vec![b'x'; VALUE_BYTES]);
+    // Warm-up: connections, leases on the pools, first pages of RocksDB/bbolt.
+    {
+        let mut t = target.clone();
+        for i in 0..100 {
+            t.op(w, format!("bench/{i}"), &value).await?;
+        }
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut t = target.clone();
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut rng = rand::rngs::StdRng::from_entropy();
+            while Instant::now() < deadline {
+                let key = format!("bench/{}", rng.gen_range(0..KEYSPACE));
+                let t0 = Instant::now();
+                t.op(w, key, &value).await?;
+                lat.push(t0.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    Ok(Cell {
+        ops_per_sec: all.len() as f64 / elapsed,
+        p50: pct(0.50),
+        p99: pct(0.99),
+    })
+}
+
+/// Starts `n` Baton members; returns the processes and a client pinned to the leader.
+async fn start_baton(bin: &Path, dir: &Path, n: usize) -> Result<(Procs, Target)> {
+    let mut procs = Procs(Vec::new());
+    let addrs: Vec<String> = (0..n)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    for (i, addr) in addrs.iter().enumerate() {
+        let mut cmd = Command::new(bin);
+        cmd.args(["server", "--id", &(i + 1).to_string(), "--listen", addr])
+            .arg("--data-dir")
+            .arg(dir.join(format!("baton-{n}-{i}")))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null());
+        if i == 0 {
+            cmd.arg("--bootstrap");
+        } else {
+            cmd.args(["--join", &addrs[0]]);
+        }
+        procs.0.push(cmd.spawn().context("starting baton server")?);
+        let c = StoreClient::new([addr.clone()]).with_timeout(Duration::from_secs(2));
+        let id = i as u64 + 1;
+        wait_until("a baton member to join", || {
+            let c = c.clone();
+            async move {
+                c.status()
+                    .await
+                    .map(|s| s.leader.is_some() && s.members.iter().any(|m| m.id == id && m.voter))
+                    .unwrap_or(false)
+            }
+        })
+        .await?;
+    }
+    let status = StoreClient::new(addrs.clone()).status().await?;
+    let leader = status.leader.context("no leader")?;
+    let addr = status
+        .members
+        .iter()
+        .find(|m| m.id == leader)
+        .context("leader not a member")?
+        .addr
+        .clone();
+    Ok((procs, Target::Baton(StoreClient::new([addr]))))
+}
+
+/// Starts an `n`-member etcd cluster; returns the processes and a client of its leader.
+async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
+    let mut procs = Procs(Vec::new());
+    let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+        .collect();
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        let child = Command::new("etcd")
+            .args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(dir.join(format!("etcd-{n}-{i}")))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args([
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "bench",
+            ])
+            .args(["--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting etcd (install Debian's etcd-server)")?;
+        procs.0.push(child);
+    }
+    let endpoints: Vec<String> = ports
+        .iter()
+        .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+        .collect();
+    wait_until("etcd to elect a leader", || {
+        let endpoints = endpoints.clone();
+        async move {
+            let Ok(mut c) = etcd_client::Client::connect(endpoints, None).await else {
+                return false;
+            };
+            c.put("bench/ready", "1", None).await.is_ok()
+        }
+    })
+    .await?;
+    let mut c = etcd_client::Client::connect(endpoints, None).await?;
+    let leader = c.status().await?.leader();
+    let members = c.member_list().await?;
+    let url = members
+        .members()
+        .iter()
+        .find(|m| m.id() == leader)
+        .and_then(|m| m.client_urls().first().cloned())
+        .context("etcd leader has no client URL")?;
+    let c = etcd_client::Client::connect([url], None).await?;
+    Ok((procs, Target::Etcd(c)))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let bin = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .context("usage: store-bench BATON_BINARY")?,
+    );
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let tmp = tempfile::tempdir()?;
+    println!(
+        "store benchmark: {VALUE_BYTES}-byte values, {secs}s per cell, clients on the same host"
+    );
+    println!(
+        "| members | op | clients | baton ops/s | baton p50 ms | baton p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms | ops ratio | p99 ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for members in [1usize, 3] {
+        let (baton_procs, baton) = start_baton(&bin, tmp.path(), members).await?;
+        let (etcd_procs, etcd) = start_etcd(tmp.path(), members).await?;
+        for w in [Workload::Put, Workload::Get] {
+            for clients in [1usize, 16, 128] {
+                let b = run_cell(&baton, w, clients, secs).await?;
+                let e = run_cell(&etcd, w, clients, secs).await?;
+                let op = match w {
+                    Workload::Put => "put (sync)",
+                    Workload::Get => "get (linearizable)",
+                };
+                println!(
+                    "| {members} | {op} | {clients} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} |",
+                    b.ops_per_sec,
+                    ms(b.p50),
+                    ms(b.p99),
+                    e.ops_per_sec,
+                    ms(e.p50),
+                    ms(e.p99),
+                    b.ops_per_sec / e.ops_per_sec,
+                    b.p99.as_secs_f64() / e.p99.as_secs_f64(),
+                );
+            }
+        }
+        drop(baton_procs);
+        drop(etcd_procs);
+    }
+    println!("ops ratio = baton/etcd throughput (higher is better); p99 ratio = baton/etcd p99 (lower is better)");
+    Ok(())
+}

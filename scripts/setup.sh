@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what Baton's build and tests need on a fresh Debian machine. Idempotent: it
+# installs only what is missing, so a second run does nothing.
+set -euo pipefail
+
+# clang/libclang: bindgen for the RocksDB bindings. librocksdb-dev: the RocksDB we link
+# (see .cargo/config.toml). protobuf-compiler: etcd-client's gRPC code in the benchmarks.
+# etcd-server: the peer the store benchmark runs against.
+PACKAGES=(clang libclang-dev librocksdb-dev protobuf-compiler etcd-server)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+echo "setup: done"
