@@ -22,6 +22,27 @@ const KEYSPACE: u32 = 10_000;
 
 struct Procs(Vec<Child>);
 
+/// CPU time (user + system) a process has used so far, from /proc.
+fn proc_cpu(pid: &str) -> Duration {
+    let tick = 100.0; // USER_HZ on Linux
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    Duration::from_secs_f64((utime + stime) / tick)
+}
+
+impl Procs {
+    /// CPU time used so far by these processes.
+    fn cpu(&self) -> Duration {
+        self.0.iter().map(|c| proc_cpu(&c.id().to_string())).sum()
+    }
+}
+
 impl Drop for Procs {
     fn drop(&mut self) {
         for c in &mut self.0 {
@@ -57,7 +78,7 @@ where
 #[derive(Clone)]
 enum Target {
     Baton(StoreClient),
-    Etcd(etcd_client::Client),
+    Etcd(Box<etcd_client::Client>),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -87,12 +108,22 @@ impl Target {
 }
 
 struct Cell {
+    /// Server CPU per operation, all members together.
+    cpu_per_op: Duration,
+    /// CPU per operation of this process: the client library and the load loop.
+    client_cpu_per_op: Duration,
     ops_per_sec: f64,
     p50: Duration,
     p99: Duration,
 }
 
-async fn run_cell(target: &Target, w: Workload, clients: usize, secs: u64) -> Result<Cell> {
+async fn run_cell(
+    target: &Target,
+    procs: &Procs,
+    w: Workload,
+    clients: usize,
+    secs: u64,
+) -> Result<Cell> {
     let value = Arc::new(vec![b'x'; VALUE_BYTES]);
     // Warm-up: connections, leases on the pools, first pages of RocksDB/bbolt.
     {
@@ -102,6 +133,8 @@ async fn run_cell(target: &Target, w: Workload, clients: usize, secs: u64) -> Re
         }
     }
     let start = Instant::now();
+    let cpu0 = procs.cpu();
+    let client0 = proc_cpu("self");
     let deadline = start + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -124,9 +157,13 @@ async fn run_cell(target: &Target, w: Workload, clients: usize, secs: u64) -> Re
         all.extend(t.await??);
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = procs.cpu().saturating_sub(cpu0);
+    let client_cpu = proc_cpu("self").saturating_sub(client0);
     all.sort();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
     Ok(Cell {
+        cpu_per_op: cpu / all.len().max(1) as u32,
+        client_cpu_per_op: client_cpu / all.len().max(1) as u32,
         ops_per_sec: all.len() as f64 / elapsed,
         p50: pct(0.50),
         p99: pct(0.99),
@@ -144,7 +181,7 @@ async fn start_baton(bin: &Path, dir: &Path, n: usize) -> Result<(Procs, Target)
         cmd.args(["server", "--id", &(i + 1).to_string(), "--listen", addr])
             .arg("--data-dir")
             .arg(dir.join(format!("baton-{n}-{i}")))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "error")
             .stdout(Stdio::null());
         if i == 0 {
             cmd.arg("--bootstrap");
@@ -242,7 +279,7 @@ async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
         .and_then(|m| m.client_urls().first().cloned())
         .context("etcd leader has no client URL")?;
     let c = etcd_client::Client::connect([url], None).await?;
-    Ok((procs, Target::Etcd(c)))
+    Ok((procs, Target::Etcd(Box::new(c))))
 }
 
 fn ms(d: Duration) -> String {
@@ -260,27 +297,33 @@ async fn main() -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
+    // BENCH_FILTER=1/Put/16 runs only the matching cells (for profiling).
+    let filter = std::env::var("BENCH_FILTER").ok();
     let tmp = tempfile::tempdir()?;
     println!(
         "store benchmark: {VALUE_BYTES}-byte values, {secs}s per cell, clients on the same host"
     );
     println!(
-        "| members | op | clients | baton ops/s | baton p50 ms | baton p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms | ops ratio | p99 ratio |"
+        "| members | op | clients | baton ops/s | baton p50 ms | baton p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms | ops ratio | p99 ratio | baton cpu µs/op | etcd cpu µs/op | baton client µs/op | etcd client µs/op |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for members in [1usize, 3] {
         let (baton_procs, baton) = start_baton(&bin, tmp.path(), members).await?;
         let (etcd_procs, etcd) = start_etcd(tmp.path(), members).await?;
         for w in [Workload::Put, Workload::Get] {
             for clients in [1usize, 16, 128] {
-                let b = run_cell(&baton, w, clients, secs).await?;
-                let e = run_cell(&etcd, w, clients, secs).await?;
+                let name = format!("{members}/{w:?}/{clients}");
+                if !filter.as_deref().is_none_or(|f| name.contains(f)) {
+                    continue;
+                }
+                let b = run_cell(&baton, &baton_procs, w, clients, secs).await?;
+                let e = run_cell(&etcd, &etcd_procs, w, clients, secs).await?;
                 let op = match w {
                     Workload::Put => "put (sync)",
                     Workload::Get => "get (linearizable)",
                 };
                 println!(
-                    "| {members} | {op} | {clients} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} |",
+                    "| {members} | {op} | {clients} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
                     b.ops_per_sec,
                     ms(b.p50),
                     ms(b.p99),
@@ -289,6 +332,10 @@ async fn main() -> Result<()> {
                     ms(e.p99),
                     b.ops_per_sec / e.ops_per_sec,
                     b.p99.as_secs_f64() / e.p99.as_secs_f64(),
+                    b.cpu_per_op.as_secs_f64() * 1e6,
+                    e.cpu_per_op.as_secs_f64() * 1e6,
+                    b.client_cpu_per_op.as_secs_f64() * 1e6,
+                    e.client_cpu_per_op.as_secs_f64() * 1e6,
                 );
             }
         }

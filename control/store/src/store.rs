@@ -9,7 +9,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -768,20 +768,17 @@ fn validate_txn(txn: &Txn) -> Result<(), Error> {
     Ok(())
 }
 
-/// Most Raft entries in flight at once. While they are being committed, new proposals queue
-/// up and go out together in the next entry: group commit, so the fsync rate does not cap
-/// the write rate.
-const MAX_IN_FLIGHT: usize = 4;
 /// Soft cap on one entry's payload.
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
+/// Turns queued proposals into Raft entries, one entry in flight at a time. While an entry
+/// is being committed, new proposals queue up and go out together in the next one: group
+/// commit, as etcd's raft loop handles one Ready at a time, so the fsync rate does not cap
+/// the write rate. Measured on two cores at 16 clients: one entry in flight gave 8.3k
+/// writes/s; two, four and eight gave 6.3k, 5.2k and 3.7k (more, smaller entries cost
+/// more per write than they gain in overlap).
 async fn batcher(raft: Raft, max_batch: usize, mut rx: mpsc::Receiver<Proposal>) {
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = rx.recv().await else { return };
+    while let Some(first) = rx.recv().await {
         let mut bytes = first.txn.payload_bytes();
         let mut batch = vec![first];
         while batch.len() < max_batch && bytes < MAX_BATCH_BYTES {
@@ -793,46 +790,40 @@ async fn batcher(raft: Raft, max_batch: usize, mut rx: mpsc::Receiver<Proposal>)
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
         let span = tracing::debug_span!("raft_propose", txns = batch.len(), bytes);
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                let (txns, replies): (Vec<_>, Vec<_>) =
-                    batch.into_iter().map(|p| (p.txn, p.reply)).unzip();
-                let res = raft.client_write(Request::Txns(txns)).await;
-                match res {
-                    Ok(resp) => match resp.data {
-                        Response::Txns(results) if results.len() == replies.len() => {
-                            for (reply, r) in replies.into_iter().zip(results) {
-                                let _ = reply.send(Ok(r));
-                            }
-                        }
-                        other => {
-                            let msg =
-                                format!("state machine answered {other:?} to a transaction batch");
-                            for reply in replies {
-                                let _ = reply.send(Err(Proposed::Failed(Error::Raft(msg.clone()))));
-                            }
-                        }
-                    },
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                        for reply in replies {
-                            let _ = reply.send(Err(Proposed::NotLeader(f.leader_node.clone())));
-                        }
-                    }
-                    Err(e) => {
-                        let reason = error_chain(&e);
-                        for reply in replies {
-                            let _ = reply.send(Err(Proposed::Failed(Error::Unavailable {
-                                reason: reason.clone(),
-                            })));
-                        }
+        let (txns, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.txn, p.reply)).unzip();
+        let res = raft
+            .client_write(Request::Txns(txns))
+            .instrument(span)
+            .await;
+        match res {
+            Ok(resp) => match resp.data {
+                Response::Txns(results) if results.len() == replies.len() => {
+                    for (reply, r) in replies.into_iter().zip(results) {
+                        let _ = reply.send(Ok(r));
                     }
                 }
+                other => {
+                    let msg = format!("state machine answered {other:?} to a transaction batch");
+                    for reply in replies {
+                        let _ = reply.send(Err(Proposed::Failed(Error::Raft(msg.clone()))));
+                    }
+                }
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                for reply in replies {
+                    let _ = reply.send(Err(Proposed::NotLeader(f.leader_node.clone())));
+                }
             }
-            .instrument(span),
-        );
+            Err(e) => {
+                let reason = error_chain(&e);
+                for reply in replies {
+                    let _ = reply.send(Err(Proposed::Failed(Error::Unavailable {
+                        reason: reason.clone(),
+                    })));
+                }
+            }
+        }
     }
 }
 

@@ -21,7 +21,6 @@ use crate::db::{CF_LOG, CF_RAFT};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
-const KEY_COMMITTED: &[u8] = b"committed";
 
 fn idx(index: u64) -> [u8; 8] {
     index.to_be_bytes()
@@ -168,18 +167,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
         self.get_meta(KEY_VOTE)
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not synced: losing it only means re-applying from the last applied entry.
-        let bytes = postcard::to_stdvec(&committed).map_err(|e| log_err(ErrorVerb::Write, e))?;
-        self.db
-            .put_cf(self.cf(CF_RAFT), KEY_COMMITTED, bytes)
-            .map_err(|e| log_err(ErrorVerb::Write, e))
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
     async fn append<I>(

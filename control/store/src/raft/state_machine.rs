@@ -168,7 +168,9 @@ impl StateMachine {
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
         self.applied = applied;
         self.membership = membership;
-        self.mvcc.restored(&dump);
+        self.mvcc
+            .restored(&dump)
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         self.hub.publish(HubMsg::Reset);
         Ok(())
     }
