@@ -53,6 +53,7 @@ struct Record {
     create_revision: Revision,
     version: i64,
     /// None marks a delete.
+    #[serde(with = "serde_bytes")]
     value: Option<Vec<u8>>,
 }
 

@@ -21,7 +21,9 @@ pub const MAX_TXN_BYTES: usize = MAX_VALUE_BYTES + 64 * 1024;
 /// One key at one revision.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Revision of the write that created this incarnation of the key.
     pub create_revision: Revision,
@@ -67,7 +69,7 @@ pub enum CompareTarget {
     /// The key's version; 0 when the key is absent.
     Version(i64),
     /// The key's value; an absent key never compares equal.
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// How a compare relates the key's field to the target.
@@ -82,6 +84,7 @@ pub enum CompareOp {
 /// A guard of a transaction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compare {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub op: CompareOp,
     pub target: CompareTarget,
@@ -119,9 +122,20 @@ impl Compare {
 /// One operation of a transaction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
-    Get { key: Vec<u8> },
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -222,8 +236,10 @@ pub struct TxnResponse {
 /// A read of every key under a prefix.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeRequest {
+    #[serde(with = "serde_bytes")]
     pub prefix: Vec<u8>,
     /// Continue after this key (exclusive): the `next_key` of a previous page.
+    #[serde(with = "serde_bytes")]
     pub start_after: Option<Vec<u8>>,
     /// Maximum number of keys; 0 means no limit.
     pub limit: usize,
