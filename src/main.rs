@@ -1,7 +1,7 @@
 //! `baton`: the one binary of Baton.
 //!
 //! - `baton up`: everything in one process on the embedded single-member store (for now:
-//!   the store, serving its API).
+//!   the store and the Kubernetes API server).
 //! - `baton server`: one member of a replicated control plane.
 //! - `baton store ...`: everyday client verbs against a store.
 
@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use baton_apiserver::{ApiServer, Objects, Pki};
 use baton_store::{RangeRequest, ReadOptions, Store, StoreClient, StoreConfig, WatchEvent};
 use clap::{Args, Parser, Subcommand};
 
@@ -45,9 +46,12 @@ struct UpArgs {
     /// Where all state lives.
     #[arg(long, env = "BATON_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Address of the store API.
-    #[arg(long, default_value = "127.0.0.1:2380")]
-    store_listen: SocketAddr,
+    /// Address of the Kubernetes API (HTTPS).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Also serve the store's own API here (for `baton store`); off by default.
+    #[arg(long)]
+    store_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +70,9 @@ struct ServerArgs {
     /// Join the cluster that the member at this address belongs to.
     #[arg(long)]
     join: Option<String>,
+    /// Serve the Kubernetes API (HTTPS) on this address too.
+    #[arg(long)]
+    api_listen: Option<SocketAddr>,
     #[command(flatten)]
     tuning: Tuning,
 }
@@ -153,9 +160,11 @@ async fn shutdown_signal() {
 }
 
 /// Serves until Ctrl-C or SIGTERM, then stops the store cleanly.
-async fn run_until_signal(store: &Store, http: tokio::task::JoinHandle<()>) -> Result<()> {
+async fn run_until_signal(store: &Store, tasks: Vec<tokio::task::JoinHandle<()>>) -> Result<()> {
     shutdown_signal().await;
-    http.abort();
+    for t in tasks {
+        t.abort();
+    }
     store
         .shutdown()
         .await
@@ -164,17 +173,60 @@ async fn run_until_signal(store: &Store, http: tokio::task::JoinHandle<()>) -> R
 
 async fn up(args: UpArgs) -> Result<()> {
     let dir = args.data_dir.unwrap_or_else(default_data_dir);
-    let listener = tokio::net::TcpListener::bind(args.store_listen)
+    let api_listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("failed to listen on {}", args.store_listen))?;
-    let addr = listener.local_addr()?.to_string();
-    let cfg = StoreConfig::new(1, dir.join("store"), &addr);
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    let api_addr = api_listener.local_addr()?;
+    let cfg = StoreConfig::new(1, dir.join("store"), "127.0.0.1:0");
     let store = Store::open_single(cfg)
         .await
         .with_context(|| format!("failed to open the store in {}", dir.display()))?;
-    let http = store.serve(listener);
-    println!("baton is up: store at {addr}, data in {}", dir.display());
-    run_until_signal(&store, http).await
+    let mut tasks = Vec::new();
+    if let Some(addr) = args.store_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to listen on {addr}"))?;
+        tasks.push(store.serve(l));
+    }
+    let kubeconfig = start_api(&store, &dir, api_listener, api_addr, &mut tasks).await?;
+    println!("baton is up: Kubernetes API at https://{api_addr}");
+    println!("kubeconfig: {}", kubeconfig.display());
+    println!("try: KUBECONFIG={} kubectl get ns", kubeconfig.display());
+    run_until_signal(&store, tasks).await
+}
+
+/// Starts the API server over `store`; returns the admin kubeconfig's path.
+async fn start_api(
+    store: &Store,
+    dir: &std::path::Path,
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<PathBuf> {
+    let pki = Pki::load_or_create(&dir.join("pki"), &[addr.ip().to_string()])
+        .context("failed to set up the cluster's certificates and tokens")?;
+    let api = ApiServer::new(
+        Objects {
+            store: store.clone(),
+        },
+        pki.clone(),
+    );
+    api.bootstrap()
+        .await
+        .context("failed to create the system namespaces")?;
+    tasks.push(
+        api.serve_tls(listener)
+            .context("failed to start the API server")?,
+    );
+    let kubeconfig = dir.join("kubeconfig");
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    pki.write_kubeconfig(&kubeconfig, &format!("https://{host}:{}", addr.port()))
+        .context("failed to write the kubeconfig")?;
+    Ok(kubeconfig)
 }
 
 async fn server(args: ServerArgs) -> Result<()> {
@@ -193,7 +245,7 @@ async fn server(args: ServerArgs) -> Result<()> {
     let store = Store::open(cfg)
         .await
         .with_context(|| format!("failed to open the store in {}", args.data_dir.display()))?;
-    let http = store.serve(listener);
+    let mut tasks = vec![store.serve(listener)];
     if args.bootstrap {
         store
             .initialize()
@@ -203,8 +255,19 @@ async fn server(args: ServerArgs) -> Result<()> {
     if let Some(seed) = args.join {
         join(&store, &seed, &addr).await?;
     }
+    if let Some(api_addr) = args.api_listen {
+        let l = tokio::net::TcpListener::bind(api_addr)
+            .await
+            .with_context(|| format!("failed to listen on {api_addr}"))?;
+        let api_addr = l.local_addr()?;
+        let kubeconfig = start_api(&store, &args.data_dir, l, api_addr, &mut tasks).await?;
+        println!(
+            "Kubernetes API at https://{api_addr}, kubeconfig: {}",
+            kubeconfig.display()
+        );
+    }
     println!("baton server {} listening on {addr}", args.id);
-    run_until_signal(&store, http).await
+    run_until_signal(&store, tasks).await
 }
 
 /// Asks the cluster behind `seed` to add this member as a learner, then as a voter.

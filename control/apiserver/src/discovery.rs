@@ -1,0 +1,257 @@
+//! `/version`, discovery (aggregated v2 and v2beta1, and the legacy per-group documents),
+//! and the OpenAPI v3 documents kubectl reads before `create` and `apply`.
+
+use serde_json::{json, Value};
+
+use crate::resources::{self, Resource};
+
+/// The server minor version: kubectl's dispatcher on this machine runs `kubectl.1.<minor>`.
+pub const MINOR: &str = "33";
+
+pub fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": MINOR,
+        "gitVersion": format!("v1.{MINOR}.0-baton.{}", env!("CARGO_PKG_VERSION")),
+        "gitCommit": "",
+        "gitTreeState": "clean",
+        "buildDate": "2026-01-01T00:00:00Z",
+        "goVersion": "rust",
+        "compiler": "rustc",
+        "platform": "linux/amd64",
+    })
+}
+
+fn subresource_kind(r: &Resource, sub: &str) -> (String, String, String) {
+    match sub {
+        "scale" => ("autoscaling".into(), "v1".into(), "Scale".into()),
+        "binding" => ("".into(), "v1".into(), "Binding".into()),
+        "log" | "exec" => ("".into(), "v1".into(), "".into()),
+        _ => (r.group.into(), r.version.into(), r.kind.into()),
+    }
+}
+
+fn sub_verbs(sub: &str) -> Vec<&'static str> {
+    match sub {
+        "log" => vec!["get"],
+        "exec" => vec!["create", "get"],
+        "binding" => vec!["create"],
+        "finalize" => vec!["update"],
+        _ => vec!["get", "patch", "update"],
+    }
+}
+
+fn aggregated_resource(r: &Resource) -> Value {
+    let subs: Vec<Value> = r
+        .subresources
+        .iter()
+        .map(|s| {
+            let (g, v, k) = subresource_kind(r, s);
+            json!({"subresource": s, "responseKind": {"group": g, "version": v, "kind": k}, "verbs": sub_verbs(s)})
+        })
+        .collect();
+    let mut out = json!({
+        "resource": r.plural,
+        "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
+        "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
+        "singularResource": r.singular,
+        "verbs": r.verbs(),
+    });
+    if !r.short_names.is_empty() {
+        out["shortNames"] = json!(r.short_names);
+    }
+    if !r.categories.is_empty() {
+        out["categories"] = json!(r.categories);
+    }
+    if !subs.is_empty() {
+        out["subresources"] = json!(subs);
+    }
+    out
+}
+
+/// The aggregated discovery document of `/api` (core) or `/apis` (named groups).
+pub fn aggregated(core: bool, api_version: &str) -> Value {
+    let items: Vec<Value> = resources::groups()
+        .into_iter()
+        .filter(|g| g.is_empty() == core)
+        .map(|g| {
+            let version = "v1";
+            let rs: Vec<Value> = resources::in_group_version(g, version)
+                .map(aggregated_resource)
+                .collect();
+            json!({
+                "metadata": {"name": g, "creationTimestamp": null},
+                "versions": [{"version": version, "resources": rs, "freshness": "Current"}],
+            })
+        })
+        .collect();
+    json!({"kind": "APIGroupDiscoveryList", "apiVersion": api_version, "metadata": {}, "items": items})
+}
+
+pub fn api_versions() -> Value {
+    json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]})
+}
+
+fn group_doc(g: &str) -> Value {
+    let gv = json!({"groupVersion": format!("{g}/v1"), "version": "v1"});
+    json!({"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": [gv.clone()], "preferredVersion": gv})
+}
+
+pub fn api_group_list() -> Value {
+    let groups: Vec<Value> = resources::groups()
+        .into_iter()
+        .filter(|g| !g.is_empty())
+        .map(group_doc)
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+pub fn api_group(g: &str) -> Option<Value> {
+    resources::groups()
+        .into_iter()
+        .find(|x| *x == g && !g.is_empty())
+        .map(group_doc)
+}
+
+pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    let mut out = Vec::new();
+    for r in resources::in_group_version(group, version) {
+        let mut entry = json!({
+            "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
+            "kind": r.kind, "verbs": r.verbs(),
+        });
+        if !r.short_names.is_empty() {
+            entry["shortNames"] = json!(r.short_names);
+        }
+        if !r.categories.is_empty() {
+            entry["categories"] = json!(r.categories);
+        }
+        out.push(entry);
+        for s in r.subresources {
+            let (g, v, k) = subresource_kind(r, s);
+            let mut e = json!({"name": format!("{}/{s}", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": k, "verbs": sub_verbs(s)});
+            if g != r.group || v != r.version {
+                e["group"] = json!(g);
+                e["version"] = json!(v);
+            }
+            out.push(e);
+        }
+    }
+    if out.is_empty() {
+        return None;
+    }
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}),
+    )
+}
+
+/// The OpenAPI v3 index: one document per group-version.
+pub fn openapi_index() -> Value {
+    let mut paths = serde_json::Map::new();
+    for g in resources::groups() {
+        let rel = if g.is_empty() {
+            "api/v1".to_string()
+        } else {
+            format!("apis/{g}/v1")
+        };
+        paths.insert(
+            rel.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{rel}?hash={}", doc_hash(g))}),
+        );
+    }
+    json!({"paths": paths})
+}
+
+fn doc_hash(g: &str) -> String {
+    // Content changes only with the binary; its version names the documents for caching.
+    format!(
+        "baton{}{}",
+        env!("CARGO_PKG_VERSION").replace('.', ""),
+        g.len()
+    )
+}
+
+fn schema_name(r: &Resource) -> String {
+    let g = match r.group {
+        "" => "core".to_string(),
+        g => g.split('.').next().unwrap_or(g).to_string(),
+    };
+    format!("io.k8s.api.{g}.{}.{}", r.version, r.kind)
+}
+
+/// The OpenAPI v3 document of one group-version: every path with its operations. PATCH
+/// operations carry `x-kubernetes-group-version-kind` and the `fieldValidation` parameter,
+/// which is what tells kubectl to leave validation to the server.
+pub fn openapi_doc(group: &str, version: &str) -> Option<Value> {
+    let mut paths = serde_json::Map::new();
+    let mut schemas = serde_json::Map::new();
+    let field_validation = json!({"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}});
+    for r in resources::in_group_version(group, version) {
+        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
+        let schema_ref = json!({"$ref": format!("#/components/schemas/{}", schema_name(r))});
+        let content = json!({"application/json": {"schema": schema_ref}});
+        let op = |verb: &str, action: &str| {
+            json!({
+                "operationId": format!("{verb}{}", r.kind),
+                "x-kubernetes-action": action,
+                "x-kubernetes-group-version-kind": gvk,
+                "parameters": [field_validation],
+                "requestBody": {"content": content},
+                "responses": {"200": {"description": "OK", "content": content}},
+            })
+        };
+        let base = r.group_version_path();
+        let (coll, item) = if r.namespaced {
+            (
+                format!("{base}/namespaces/{{namespace}}/{}", r.plural),
+                format!("{base}/namespaces/{{namespace}}/{}/{{name}}", r.plural),
+            )
+        } else {
+            (
+                format!("{base}/{}", r.plural),
+                format!("{base}/{}/{{name}}", r.plural),
+            )
+        };
+        paths.insert(
+            coll,
+            json!({"post": op("create", "post"), "get": op("list", "list")}),
+        );
+        paths.insert(item.clone(), json!({"get": op("read", "get"), "put": op("replace", "put"), "patch": op("patch", "patch"), "delete": op("delete", "delete")}));
+        for s in r
+            .subresources
+            .iter()
+            .filter(|s| matches!(**s, "status" | "scale"))
+        {
+            paths.insert(format!("{item}/{s}"), json!({"get": op("read", "get"), "put": op("replace", "put"), "patch": op("patch", "patch")}));
+        }
+        schemas.insert(
+            schema_name(r),
+            json!({
+                "type": "object",
+                "description": format!("{} is a Kubernetes {} object.", r.kind, r.api_version()),
+                "properties": {
+                    "apiVersion": {"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."},
+                    "kind": {"type": "string", "description": "Kind is a string value representing the REST resource this object represents."},
+                    "metadata": {"type": "object", "description": "Standard object's metadata."},
+                    "spec": {"type": "object", "description": "Specification of the desired behavior."},
+                    "status": {"type": "object", "description": "Most recently observed status. Read-only."},
+                },
+                "x-kubernetes-group-version-kind": [gvk],
+            }),
+        );
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Baton", "version": format!("v1.{MINOR}.0")},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }))
+}

@@ -1,0 +1,387 @@
+//! Objects in the store: JSON values under `/registry/<group>/<plural>/[<ns>/]<name>`, whose
+//! `resourceVersion` is the store revision that last wrote them (never stored, always set
+//! from the key's mod_revision on read, as the Kubernetes etcd3 storage does).
+
+use std::future::Future;
+use std::time::Duration;
+
+use baton_store::{
+    Compare, CompareOp, KeyValue, Op, OpResult, Precondition, RangeRequest, ReadOptions, Revision,
+    Store, Txn,
+};
+use serde_json::Value;
+
+use crate::error::{ApiError, ApiResult};
+use crate::resources::Resource;
+
+/// Reads and writes API objects through the store.
+#[derive(Clone, Debug)]
+pub struct Objects {
+    pub store: Store,
+}
+
+pub(crate) fn set_rv(obj: &mut Value, rev: Revision) {
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("resourceVersion".into(), Value::String(rev.to_string()));
+    }
+}
+
+pub(crate) fn decode(kv: &KeyValue) -> ApiResult<Value> {
+    let mut v: Value = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+    set_rv(&mut v, kv.mod_revision);
+    Ok(v)
+}
+
+pub(crate) fn encode(obj: &Value) -> ApiResult<Vec<u8>> {
+    let mut obj = obj.clone();
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    serde_json::to_vec(&obj).map_err(ApiError::internal)
+}
+
+/// How a read picks its revision (`resourceVersion` and `resourceVersionMatch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadAt {
+    /// Unset: the latest, linearizable.
+    Latest,
+    /// "0": any revision; served from the local member.
+    Any,
+    /// At least this revision.
+    NotOlderThan(Revision),
+    /// Exactly this revision (may be compacted: 410).
+    Exact(Revision),
+}
+
+impl ReadAt {
+    pub fn parse(rv: Option<&str>, rv_match: Option<&str>) -> ApiResult<Self> {
+        let rv = match rv {
+            None | Some("") => None,
+            Some(s) => Some(
+                s.parse::<i64>()
+                    .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {s:?}")))?,
+            ),
+        };
+        match (rv, rv_match) {
+            (None, None | Some("")) => Ok(ReadAt::Latest),
+            (None, Some(m)) => Err(ApiError::bad_request(format!(
+                "resourceVersionMatch {m} is forbidden when resourceVersion is not provided"
+            ))),
+            (Some(0), None | Some("") | Some("NotOlderThan")) => Ok(ReadAt::Any),
+            (Some(0), Some("Exact")) => Err(ApiError::bad_request(
+                "resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\"",
+            )),
+            (Some(n), None | Some("") | Some("NotOlderThan")) => Ok(ReadAt::NotOlderThan(n)),
+            (Some(n), Some("Exact")) => Ok(ReadAt::Exact(n)),
+            (_, Some(m)) => Err(ApiError::bad_request(format!(
+                "unsupported resourceVersionMatch {m:?}"
+            ))),
+        }
+    }
+}
+
+/// The continue token: where the next page starts and the revision all pages read at.
+pub(crate) fn encode_continue(rev: Revision, after: &[u8]) -> String {
+    use base64::Engine;
+    let token =
+        serde_json::json!({"v": "baton/1", "rv": rev, "start": String::from_utf8_lossy(after)});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
+}
+
+pub(crate) fn decode_continue(token: &str) -> ApiResult<(Revision, Vec<u8>)> {
+    use base64::Engine;
+    let bad = || ApiError::bad_request(format!("continue key is not valid: {token:?}"));
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    let rev = v.get("rv").and_then(Value::as_i64).ok_or_else(bad)?;
+    let start = v.get("start").and_then(Value::as_str).ok_or_else(bad)?;
+    Ok((rev, start.as_bytes().to_vec()))
+}
+
+/// One page of a list.
+#[derive(Debug)]
+pub struct Page {
+    pub items: Vec<Value>,
+    pub revision: Revision,
+    pub continue_token: Option<String>,
+}
+
+impl Objects {
+    async fn wait_for_revision(&self, rev: Revision) -> ApiResult<()> {
+        // NotOlderThan a revision this member has not applied yet: wait briefly, as the
+        // watch cache does, then give up with the Kubernetes "too large" answer.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while self.store.local_revision() < rev {
+            if tokio::time::Instant::now() > deadline {
+                return Err(ApiError::Timeout {
+                    message: format!(
+                        "Too large resource version: {rev}, current: {}",
+                        self.store.local_revision()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    fn read_options(at: ReadAt) -> ReadOptions {
+        match at {
+            ReadAt::Latest => ReadOptions {
+                revision: 0,
+                serializable: false,
+            },
+            ReadAt::Any | ReadAt::NotOlderThan(_) => ReadOptions {
+                revision: 0,
+                serializable: true,
+            },
+            ReadAt::Exact(r) => ReadOptions {
+                revision: r,
+                serializable: true,
+            },
+        }
+    }
+
+    /// Reads one object; None if absent.
+    pub async fn get(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        at: ReadAt,
+    ) -> ApiResult<Option<(Value, Revision)>> {
+        if let ReadAt::NotOlderThan(r) = at {
+            self.wait_for_revision(r).await?;
+        }
+        let key = res.key(ns, name);
+        let (kv, _) = self
+            .store
+            .get_with_revision(key.as_bytes(), Self::read_options(at))
+            .await?;
+        kv.map(|kv| Ok((decode(&kv)?, kv.mod_revision))).transpose()
+    }
+
+    pub async fn get_or_404(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> ApiResult<(Value, Revision)> {
+        self.get(res, ns, name, ReadAt::Latest)
+            .await?
+            .ok_or_else(|| not_found(res, name))
+    }
+
+    /// Lists objects, filtered by `keep`, in pages of `limit` (0: all).
+    pub async fn list(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        at: ReadAt,
+        limit: usize,
+        cont: Option<&str>,
+        keep: impl Fn(&Value) -> bool,
+    ) -> ApiResult<Page> {
+        let prefix = res.key_prefix_in(ns);
+        let (mut revision, mut start_after) = match cont {
+            Some(c) => {
+                let (rev, after) = decode_continue(c)?;
+                (rev, Some(after))
+            }
+            None => (0, None),
+        };
+        let mut serializable = false;
+        if cont.is_none() {
+            match at {
+                ReadAt::Latest => {}
+                ReadAt::Any => serializable = true,
+                ReadAt::NotOlderThan(r) => {
+                    self.wait_for_revision(r).await?;
+                    serializable = true;
+                }
+                ReadAt::Exact(r) => {
+                    revision = r;
+                    serializable = true;
+                }
+            }
+        } else {
+            serializable = true;
+        }
+        let mut items = Vec::new();
+        loop {
+            let want = if limit == 0 {
+                0
+            } else {
+                (limit - items.len()).max(1)
+            };
+            let page = self
+                .store
+                .range(RangeRequest {
+                    prefix: prefix.clone().into_bytes(),
+                    start_after: start_after.clone(),
+                    limit: want,
+                    revision,
+                    serializable,
+                })
+                .await?;
+            revision = page.revision;
+            let last = page.kvs.last().map(|kv| kv.key.clone());
+            for kv in &page.kvs {
+                let obj = decode(kv)?;
+                if keep(&obj) {
+                    items.push(obj);
+                }
+            }
+            if !page.more {
+                return Ok(Page {
+                    items,
+                    revision,
+                    continue_token: None,
+                });
+            }
+            start_after = last;
+            if limit > 0 && items.len() >= limit {
+                let token = encode_continue(revision, start_after.as_deref().unwrap_or_default());
+                return Ok(Page {
+                    items,
+                    revision,
+                    continue_token: Some(token),
+                });
+            }
+        }
+    }
+
+    /// Creates an object; 409 AlreadyExists if the key is taken.
+    pub async fn create(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        obj: &Value,
+    ) -> ApiResult<Value> {
+        let key = res.key(ns, name);
+        match self
+            .store
+            .put_if(key, encode(obj)?, Precondition::Absent)
+            .await
+        {
+            Ok(rev) => {
+                let mut out = obj.clone();
+                set_rv(&mut out, rev);
+                Ok(out)
+            }
+            Err(baton_store::Error::Conflict { .. }) => Err(ApiError::AlreadyExists {
+                group: res.group.into(),
+                resource: res.plural.into(),
+                name: name.into(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces an object if it is still at `expected` (its mod revision).
+    pub async fn replace(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        obj: &Value,
+        expected: Revision,
+    ) -> ApiResult<Value> {
+        let key = res.key(ns, name);
+        match self
+            .store
+            .put_if(key, encode(obj)?, Precondition::ModRevision(expected))
+            .await
+        {
+            Ok(rev) => {
+                let mut out = obj.clone();
+                set_rv(&mut out, rev);
+                Ok(out)
+            }
+            Err(baton_store::Error::Conflict {
+                current_revision: 0,
+                ..
+            }) => Err(not_found(res, name)),
+            Err(baton_store::Error::Conflict { .. }) => Err(conflict(res, name)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes an object if it is still at `expected`; returns the deletion revision.
+    pub async fn remove(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        expected: Revision,
+    ) -> ApiResult<Revision> {
+        let key = res.key(ns, name);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected,
+            )])
+            .and_then([Op::delete(key.clone())])
+            .or_else([Op::get(key)]);
+        let resp = self.store.txn(txn).await?;
+        if resp.succeeded {
+            return Ok(resp.revision);
+        }
+        match resp.results.first() {
+            Some(OpResult::Get { kv: Some(_) }) => Err(conflict(res, name)),
+            _ => Err(not_found(res, name)),
+        }
+    }
+
+    /// Read, change, write with a compare on the revision read; retried on a conflict, as
+    /// the Kubernetes storage's GuaranteedUpdate. `change` returns None to write nothing.
+    pub async fn update_with<F, Fut>(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        mut change: F,
+    ) -> ApiResult<Value>
+    where
+        F: FnMut(Value, Revision) -> Fut,
+        Fut: Future<Output = ApiResult<Option<Value>>>,
+    {
+        for _ in 0..16 {
+            let (current, rev) = self.get_or_404(res, ns, name).await?;
+            let Some(next) = change(current.clone(), rev).await? else {
+                return Ok(current);
+            };
+            match self.replace(res, ns, name, &next, rev).await {
+                Err(ApiError::Conflict { .. }) => continue,
+                other => return other,
+            }
+        }
+        Err(conflict(res, name))
+    }
+}
+
+pub(crate) fn not_found(res: &Resource, name: &str) -> ApiError {
+    ApiError::NotFound {
+        group: res.group.into(),
+        resource: res.plural.into(),
+        name: name.into(),
+    }
+}
+
+pub(crate) fn conflict(res: &Resource, name: &str) -> ApiError {
+    let qualified = if res.group.is_empty() {
+        res.plural.to_string()
+    } else {
+        format!("{}.{}", res.plural, res.group)
+    };
+    ApiError::Conflict {
+        group: res.group.into(),
+        resource: res.plural.into(),
+        name: name.into(),
+        message: format!("Operation cannot be fulfilled on {qualified} {name:?}: the object has been modified; please apply your changes to the latest version and try again"),
+    }
+}

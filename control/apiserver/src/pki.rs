@@ -1,0 +1,270 @@
+//! The cluster's certificates and tokens, made at first start and kept in the data dir.
+//!
+//! - `ca.crt`, `ca.key`: the cluster CA (ECDSA P-256), which signs the serving certificate.
+//! - `apiserver.crt`, `apiserver.key`: the serving certificate, for `localhost`,
+//!   `127.0.0.1`, `::1`, the host name and any extra names given.
+//! - `tokens`: one bearer token per line, `TOKEN,USER,GROUP` (the static token file format
+//!   of kube-apiserver): the admin, and the node agents and controllers.
+//! - `kubeconfig`: the admin's kubeconfig, with the CA and the admin token.
+//!
+//! Files holding secrets are written with mode 0600.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine;
+use rand::RngCore;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("I/O error on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("certificate generation failed")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("TLS configuration failed")]
+    Tls(#[from] rustls::Error),
+    #[error("{path} holds no usable {what}")]
+    Malformed { path: PathBuf, what: &'static str },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), PkiError> {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(data).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// Who a token belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
+/// The loaded certificates and tokens.
+#[derive(Clone, Debug)]
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca_pem: String,
+    pub admin_token: String,
+    tokens: Arc<HashMap<String, User>>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn random_token() -> String {
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+impl Pki {
+    /// Loads the PKI from `dir`, creating whatever is missing.
+    pub fn load_or_create(dir: &Path, extra_names: &[String]) -> Result<Self, PkiError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let ca_crt = dir.join("ca.crt");
+        let ca_key = dir.join("ca.key");
+        if !ca_crt.exists() || !ca_key.exists() {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "baton-ca");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+            let cert = params.self_signed(&key)?;
+            write_private(&ca_key, key.serialize_pem().as_bytes())?;
+            fs::write(&ca_crt, cert.pem()).map_err(io(&ca_crt))?;
+        }
+        let ca_pem = fs::read_to_string(&ca_crt).map_err(io(&ca_crt))?;
+        let ca_key_pem = fs::read_to_string(&ca_key).map_err(io(&ca_key))?;
+
+        let crt = dir.join("apiserver.crt");
+        let key = dir.join("apiserver.key");
+        if !crt.exists() || !key.exists() {
+            let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+            let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+            let mut names: Vec<String> = vec![
+                "localhost".into(),
+                "kubernetes".into(),
+                "kubernetes.default".into(),
+                "kubernetes.default.svc".into(),
+            ];
+            if let Ok(h) = fs::read_to_string("/etc/hostname") {
+                let h = h.trim();
+                if !h.is_empty() {
+                    names.push(h.to_string());
+                }
+            }
+            names.extend(extra_names.iter().cloned());
+            let mut params = CertificateParams::new(names)?;
+            for ip in ["127.0.0.1", "::1"] {
+                params
+                    .subject_alt_names
+                    .push(SanType::IpAddress(ip.parse().expect("literal IP")));
+            }
+            for n in extra_names {
+                if let Ok(ip) = n.parse() {
+                    params.subject_alt_names.push(SanType::IpAddress(ip));
+                }
+            }
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "baton-apiserver");
+            params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+            let serving_key = KeyPair::generate()?;
+            let cert = params.signed_by(&serving_key, &issuer)?;
+            write_private(&key, serving_key.serialize_pem().as_bytes())?;
+            fs::write(&crt, cert.pem()).map_err(io(&crt))?;
+        }
+        let cert_pem = fs::read_to_string(&crt).map_err(io(&crt))?;
+        let key_pem = fs::read_to_string(&key).map_err(io(&key))?;
+
+        let tokens_path = dir.join("tokens");
+        if !tokens_path.exists() {
+            let lines = format!(
+                "{},admin,system:masters\n{},system:kube-controller-manager,system:controllers\n{},system:node:local,system:nodes\n",
+                random_token(),
+                random_token(),
+                random_token()
+            );
+            write_private(&tokens_path, lines.as_bytes())?;
+        }
+        let mut tokens = HashMap::new();
+        let mut admin_token = None;
+        for line in fs::read_to_string(&tokens_path)
+            .map_err(io(&tokens_path))?
+            .lines()
+        {
+            let mut parts = line.trim().split(',');
+            let (Some(token), Some(name)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if token.is_empty() {
+                continue;
+            }
+            let groups: Vec<String> = parts.map(String::from).collect();
+            if name == "admin" && admin_token.is_none() {
+                admin_token = Some(token.to_string());
+            }
+            tokens.insert(
+                token.to_string(),
+                User {
+                    name: name.to_string(),
+                    groups,
+                },
+            );
+        }
+        let admin_token = admin_token.ok_or(PkiError::Malformed {
+            path: tokens_path,
+            what: "admin token",
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            ca_pem,
+            admin_token,
+            tokens: Arc::new(tokens),
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// The token of a user (admin, a node, the controllers), if there is one.
+    pub fn token_of(&self, name: &str) -> Option<String> {
+        self.tokens
+            .iter()
+            .find(|(_, u)| u.name == name)
+            .map(|(t, _)| t.clone())
+    }
+
+    pub fn authenticate(&self, token: &str) -> Option<&User> {
+        self.tokens.get(token)
+    }
+
+    /// The rustls server configuration, offering HTTP/2 and HTTP/1.1.
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, PkiError> {
+        let crt_path = self.dir.join("apiserver.crt");
+        let key_path = self.dir.join("apiserver.key");
+        let certs: Vec<_> =
+            rustls::pki_types::pem::PemObject::pem_slice_iter(self.cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|_| PkiError::Malformed {
+                    path: crt_path.clone(),
+                    what: "certificate",
+                })?;
+        let key = <rustls::pki_types::PrivateKeyDer<'_> as rustls::pki_types::pem::PemObject>::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|_| PkiError::Malformed { path: key_path, what: "private key" })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(cfg)
+    }
+
+    /// A kubeconfig for `user` against `server` (an https URL).
+    pub fn kubeconfig(&self, server: &str, user: &str, token: &str) -> String {
+        let ca = base64::engine::general_purpose::STANDARD.encode(self.ca_pem.as_bytes());
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: baton\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: baton\n  context:\n    cluster: baton\n    user: {user}\n    namespace: default\ncurrent-context: baton\n"
+        )
+    }
+
+    /// Writes the admin kubeconfig to `path` (mode 0600).
+    pub fn write_kubeconfig(&self, path: &Path, server: &str) -> Result<(), PkiError> {
+        write_private(
+            path,
+            self.kubeconfig(server, "admin", &self.admin_token)
+                .as_bytes(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_then_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Pki::load_or_create(dir.path(), &[]).unwrap();
+        let b = Pki::load_or_create(dir.path(), &[]).unwrap();
+        assert_eq!(a.ca_pem, b.ca_pem);
+        assert_eq!(a.admin_token, b.admin_token);
+        assert!(a.authenticate(&a.admin_token).is_some());
+        assert!(a.authenticate("nope").is_none());
+        a.server_config().unwrap();
+        let mode = fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.mode() & 0o777, 0o600);
+    }
+}

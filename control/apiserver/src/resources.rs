@@ -1,0 +1,313 @@
+//! The resources this API server serves: names, scope, verbs, subresources, and the
+//! Kubernetes type each one (de)serializes through.
+
+use serde_json::Value;
+
+/// How an object's body is checked against its Kubernetes type.
+pub type TypeCheck = fn(&Value) -> Result<Value, serde_json::Error>;
+
+fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
+    v: &Value,
+) -> Result<Value, serde_json::Error> {
+    let typed: T = serde_json::from_value(v.clone())?;
+    serde_json::to_value(typed)
+}
+
+/// One served resource.
+#[derive(Debug)]
+pub struct Resource {
+    /// "" for the core group.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub namespaced: bool,
+    pub short_names: &'static [&'static str],
+    pub categories: &'static [&'static str],
+    pub subresources: &'static [&'static str],
+    /// Deserializes into the k8s-openapi type and back: the typed view of a body.
+    pub check: TypeCheck,
+}
+
+impl Resource {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    pub fn group_version_path(&self) -> String {
+        if self.group.is_empty() {
+            format!("/api/{}", self.version)
+        } else {
+            format!("/apis/{}/{}", self.group, self.version)
+        }
+    }
+
+    pub fn has_status(&self) -> bool {
+        self.subresources.contains(&"status")
+    }
+
+    /// Store prefix of all objects of this resource.
+    pub fn key_prefix(&self) -> String {
+        let g = if self.group.is_empty() {
+            "core"
+        } else {
+            self.group
+        };
+        format!("/registry/{g}/{}/", self.plural)
+    }
+
+    /// Store prefix of the objects in one namespace (or all, for cluster-scoped ones).
+    pub fn key_prefix_in(&self, namespace: Option<&str>) -> String {
+        match (self.namespaced, namespace) {
+            (true, Some(ns)) => format!("{}{ns}/", self.key_prefix()),
+            _ => self.key_prefix(),
+        }
+    }
+
+    pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
+        match (self.namespaced, namespace) {
+            (true, Some(ns)) => format!("{}{ns}/{name}", self.key_prefix()),
+            _ => format!("{}{name}", self.key_prefix()),
+        }
+    }
+
+    pub fn verbs(&self) -> &'static [&'static str] {
+        &[
+            "create",
+            "delete",
+            "deletecollection",
+            "get",
+            "list",
+            "patch",
+            "update",
+            "watch",
+        ]
+    }
+}
+
+macro_rules! resource {
+    ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $ns:expr, $ty:ty,
+     short = [$($short:expr),*], cat = [$($cat:expr),*], sub = [$($sub:expr),*]) => {
+        Resource {
+            group: $group,
+            version: $version,
+            kind: $kind,
+            plural: $plural,
+            singular: $singular,
+            namespaced: $ns,
+            short_names: &[$($short),*],
+            categories: &[$($cat),*],
+            subresources: &[$($sub),*],
+            check: roundtrip::<$ty>,
+        }
+    };
+}
+
+use k8s_openapi::api::{apps, batch, coordination, core, discovery};
+
+/// Every resource served, in discovery order.
+pub static RESOURCES: &[Resource] = &[
+    resource!(
+        "",
+        "v1",
+        "Namespace",
+        "namespaces",
+        "namespace",
+        false,
+        core::v1::Namespace,
+        short = ["ns"],
+        cat = [],
+        sub = ["status", "finalize"]
+    ),
+    resource!(
+        "",
+        "v1",
+        "Pod",
+        "pods",
+        "pod",
+        true,
+        core::v1::Pod,
+        short = ["po"],
+        cat = ["all"],
+        sub = ["status", "log", "exec", "binding"]
+    ),
+    resource!(
+        "",
+        "v1",
+        "Node",
+        "nodes",
+        "node",
+        false,
+        core::v1::Node,
+        short = ["no"],
+        cat = [],
+        sub = ["status"]
+    ),
+    resource!(
+        "",
+        "v1",
+        "Service",
+        "services",
+        "service",
+        true,
+        core::v1::Service,
+        short = ["svc"],
+        cat = ["all"],
+        sub = ["status"]
+    ),
+    resource!(
+        "",
+        "v1",
+        "Endpoints",
+        "endpoints",
+        "endpoints",
+        true,
+        core::v1::Endpoints,
+        short = ["ep"],
+        cat = [],
+        sub = []
+    ),
+    resource!(
+        "",
+        "v1",
+        "ConfigMap",
+        "configmaps",
+        "configmap",
+        true,
+        core::v1::ConfigMap,
+        short = ["cm"],
+        cat = [],
+        sub = []
+    ),
+    resource!(
+        "",
+        "v1",
+        "Secret",
+        "secrets",
+        "secret",
+        true,
+        core::v1::Secret,
+        short = [],
+        cat = [],
+        sub = []
+    ),
+    resource!(
+        "",
+        "v1",
+        "ServiceAccount",
+        "serviceaccounts",
+        "serviceaccount",
+        true,
+        core::v1::ServiceAccount,
+        short = ["sa"],
+        cat = [],
+        sub = []
+    ),
+    resource!(
+        "",
+        "v1",
+        "Event",
+        "events",
+        "event",
+        true,
+        core::v1::Event,
+        short = ["ev"],
+        cat = [],
+        sub = []
+    ),
+    resource!(
+        "apps",
+        "v1",
+        "Deployment",
+        "deployments",
+        "deployment",
+        true,
+        apps::v1::Deployment,
+        short = ["deploy"],
+        cat = ["all"],
+        sub = ["status", "scale"]
+    ),
+    resource!(
+        "apps",
+        "v1",
+        "ReplicaSet",
+        "replicasets",
+        "replicaset",
+        true,
+        apps::v1::ReplicaSet,
+        short = ["rs"],
+        cat = ["all"],
+        sub = ["status", "scale"]
+    ),
+    resource!(
+        "batch",
+        "v1",
+        "Job",
+        "jobs",
+        "job",
+        true,
+        batch::v1::Job,
+        short = [],
+        cat = ["all"],
+        sub = ["status"]
+    ),
+    resource!(
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+        "endpointslices",
+        "endpointslice",
+        true,
+        discovery::v1::EndpointSlice,
+        short = [],
+        cat = [],
+        sub = []
+    ),
+    resource!(
+        "coordination.k8s.io",
+        "v1",
+        "Lease",
+        "leases",
+        "lease",
+        true,
+        coordination::v1::Lease,
+        short = [],
+        cat = [],
+        sub = []
+    ),
+];
+
+/// The API groups, in discovery order, with their versions.
+pub fn groups() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for r in RESOURCES {
+        if !out.contains(&r.group) {
+            out.push(r.group);
+        }
+    }
+    out
+}
+
+pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+pub fn in_group_version<'a>(
+    group: &'a str,
+    version: &'a str,
+) -> impl Iterator<Item = &'static Resource> + 'a {
+    RESOURCES
+        .iter()
+        .filter(move |r| r.group == group && r.version == version)
+}
+
+pub fn by_kind(kind: &str) -> Option<&'static Resource> {
+    RESOURCES.iter().find(|r| r.kind == kind)
+}

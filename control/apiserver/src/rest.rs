@@ -1,0 +1,1313 @@
+//! The REST handlers: get, list, watch, create, update, patch, delete and deletecollection
+//! on every served resource, and their subresources (status, scale, binding).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use baton_store::{EventKind, WatchEvent};
+use k8s_openapi::chrono::{SecondsFormat, Utc};
+use serde_json::{json, Value};
+use tracing::Instrument;
+
+use crate::defaults;
+use crate::error::{ApiError, ApiResult, FieldError};
+use crate::objects::{self, not_found, Objects, ReadAt};
+use crate::patch::{self, PatchType};
+use crate::resources::{self, Resource};
+use crate::selectors::{FieldSelector, LabelSelector};
+use crate::table;
+use crate::validation;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+pub fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// A parsed resource request.
+#[derive(Debug)]
+pub struct Target {
+    pub res: &'static Resource,
+    pub ns: Option<String>,
+    pub name: Option<String>,
+    pub sub: Option<String>,
+}
+
+/// Maps a URL path onto a resource, namespace, name and subresource.
+pub fn route(path: &str) -> Option<Target> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return None,
+    };
+    let find = |plural: &str| resources::find(group, version, plural);
+    let t = |res, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| {
+        Some(Target {
+            res,
+            ns: ns.map(String::from),
+            name: name.map(String::from),
+            sub: sub.map(String::from),
+        })
+    };
+    match rest {
+        ["namespaces", ns, plural] if find(plural).is_some_and(|r| r.namespaced) => {
+            t(find(plural)?, Some(ns), None, None)
+        }
+        ["namespaces", ns, plural, name] if find(plural).is_some_and(|r| r.namespaced) => {
+            t(find(plural)?, Some(ns), Some(name), None)
+        }
+        ["namespaces", ns, plural, name, sub] if find(plural).is_some_and(|r| r.namespaced) => {
+            t(find(plural)?, Some(ns), Some(name), Some(sub))
+        }
+        [plural] => t(find(plural)?, None, None, None),
+        [plural, name] => t(find(plural)?, None, Some(name), None),
+        [plural, name, sub] => t(find(plural)?, None, Some(name), Some(sub)),
+        _ => None,
+    }
+}
+
+/// Everything a handler needs from the request.
+#[derive(Debug)]
+pub struct Request {
+    pub method: Method,
+    pub target: Target,
+    pub query: HashMap<String, String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Request {
+    fn q(&self, k: &str) -> Option<&str> {
+        self.query.get(k).map(String::as_str)
+    }
+
+    fn flag(&self, k: &str) -> bool {
+        matches!(self.q(k), Some("true") | Some("1"))
+    }
+
+    pub(crate) fn dry_run(&self) -> bool {
+        self.q("dryRun") == Some("All")
+    }
+
+    fn accept(&self) -> &str {
+        self.headers
+            .get("accept")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+    }
+
+    fn wants_table(&self) -> bool {
+        // Accept lists media types in preference order; a Table is wanted if it comes first
+        // among those we serve (protobuf ones are skipped: we answer them with JSON).
+        for part in self.accept().split(',') {
+            let p = part.trim();
+            if p.contains("as=Table") {
+                return true;
+            }
+            if p.starts_with("application/json")
+                || p.starts_with("*/*")
+                || p.starts_with("application/yaml")
+            {
+                return false;
+            }
+        }
+        false
+    }
+
+    fn content_type(&self) -> &str {
+        self.headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+    }
+
+    fn field_validation(&self) -> &str {
+        self.q("fieldValidation").unwrap_or("Warn")
+    }
+}
+
+fn json_response(code: StatusCode, v: &Value, warnings: &[String]) -> Response {
+    let mut resp = (
+        code,
+        [("content-type", "application/json")],
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+        .into_response();
+    for w in warnings {
+        if let Ok(h) = HeaderValue::from_str(&format!("299 - {:?}", w)) {
+            resp.headers_mut().append("warning", h);
+        }
+    }
+    resp
+}
+
+pub(crate) fn object_response(
+    req: &Request,
+    code: StatusCode,
+    obj: &Value,
+    warnings: &[String],
+) -> Response {
+    if req.wants_table() && req.target.sub.is_none() {
+        let full = req.q("includeObject") == Some("Object");
+        let rv = obj
+            .pointer("/metadata/resourceVersion")
+            .cloned()
+            .unwrap_or(json!(""));
+        let t = table::table(
+            req.target.res.kind,
+            std::slice::from_ref(obj),
+            json!({"resourceVersion": rv}),
+            full,
+        );
+        return json_response(code, &t, warnings);
+    }
+    json_response(code, obj, warnings)
+}
+
+/// Runs one resource request.
+pub async fn handle(objects: &Objects, req: Request) -> Response {
+    let span = tracing::debug_span!(
+        "api_request",
+        verb = %req.method,
+        resource = req.target.res.plural,
+        namespace = req.target.ns.as_deref().unwrap_or(""),
+        name = req.target.name.as_deref().unwrap_or(""),
+    );
+    let res = async {
+        let t = &req.target;
+        match (&req.method, t.name.is_some(), t.sub.as_deref()) {
+            (&Method::GET, false, None) if req.flag("watch") => watch(objects, &req).await,
+            (&Method::GET, false, None) => list(objects, &req).await,
+            (&Method::GET, true, None | Some("status")) => get(objects, &req).await,
+            (&Method::GET, true, Some("scale")) => get_scale(objects, &req).await,
+            (&Method::POST, false, None) => create(objects, &req).await,
+            (&Method::POST, true, Some("binding")) if t.res.kind == "Pod" => {
+                bind(objects, &req).await
+            }
+            (&Method::PUT, true, None | Some("status") | Some("finalize")) => {
+                update(objects, &req).await
+            }
+            (&Method::PUT, true, Some("scale")) | (&Method::PATCH, true, Some("scale")) => {
+                update_scale(objects, &req).await
+            }
+            (&Method::PATCH, true, None | Some("status")) => patch(objects, &req).await,
+            (&Method::DELETE, true, None) => delete(objects, &req).await,
+            (&Method::DELETE, false, None) => delete_collection(objects, &req).await,
+            (_, true, Some(sub @ ("log" | "exec"))) if t.res.kind == "Pod" => {
+                Err(ApiError::bad_request(format!(
+                    "pods/{sub} is served by the node agent, and no node agent serves pod {:?} yet",
+                    t.name.as_deref().unwrap_or("")
+                )))
+            }
+            (_, _, Some(sub)) if !t.res.subresources.contains(&sub) => Err(ApiError::NoRoute),
+            (m, _, _) => Err(ApiError::MethodNotAllowed {
+                message: format!("{m} is not supported on this path"),
+            }),
+        }
+    }
+    .instrument(span)
+    .await;
+    res.unwrap_or_else(|e| e.into_response())
+}
+
+fn ns_of(req: &Request) -> Option<&str> {
+    if req.target.res.namespaced {
+        req.target.ns.as_deref()
+    } else {
+        None
+    }
+}
+
+async fn get(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let name = req.target.name.as_deref().unwrap_or_default();
+    let at = ReadAt::parse(req.q("resourceVersion"), None)?;
+    let (obj, _) = objects
+        .get(req.target.res, ns_of(req), name, at)
+        .await?
+        .ok_or_else(|| not_found(req.target.res, name))?;
+    Ok(object_response(req, StatusCode::OK, &obj, &[]))
+}
+
+fn selectors(req: &Request) -> ApiResult<(LabelSelector, FieldSelector)> {
+    let ls = LabelSelector::parse(req.q("labelSelector").unwrap_or(""))?;
+    let fs = FieldSelector::parse(req.q("fieldSelector").unwrap_or(""), req.target.res.kind)?;
+    Ok((ls, fs))
+}
+
+async fn list(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let res = req.target.res;
+    let (ls, fs) = selectors(req)?;
+    let at = ReadAt::parse(req.q("resourceVersion"), req.q("resourceVersionMatch"))?;
+    let limit: usize = req.q("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+    let ns = ns_of(req);
+    let page = objects
+        .list(
+            res,
+            ns,
+            at,
+            limit,
+            req.q("continue").filter(|c| !c.is_empty()),
+            |o| ls.matches(o) && fs.matches(o),
+        )
+        .await?;
+    let mut meta = json!({"resourceVersion": page.revision.to_string()});
+    if let Some(c) = &page.continue_token {
+        meta["continue"] = json!(c);
+    }
+    if req.wants_table() {
+        let full = req.q("includeObject") == Some("Object");
+        return Ok(json_response(
+            StatusCode::OK,
+            &table::table(res.kind, &page.items, meta, full),
+            &[],
+        ));
+    }
+    let list = json!({
+        "kind": format!("{}List", res.kind),
+        "apiVersion": res.api_version(),
+        "metadata": meta,
+        "items": page.items,
+    });
+    Ok(json_response(StatusCode::OK, &list, &[]))
+}
+
+/// Parses and checks a request body against the resource's type and the URL.
+fn decode_body(req: &Request) -> ApiResult<(Value, Vec<String>)> {
+    let ct = req
+        .content_type()
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    if !matches!(
+        ct.as_str(),
+        "application/json" | "" | "application/yaml" | "application/apply-patch+yaml"
+    ) {
+        return Err(ApiError::UnsupportedMediaType {
+            accepted: "application/json, application/yaml".into(),
+        });
+    }
+    if req.body.len() > MAX_BODY_BYTES {
+        return Err(ApiError::TooLarge {
+            size: req.body.len(),
+            limit: MAX_BODY_BYTES,
+        });
+    }
+    let (v, dups) = validation::parse_json_checked(&req.body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding the request body: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    Ok((v, dups))
+}
+
+/// Checks kind and apiVersion, and the typed schema; returns the typed form and warnings.
+pub(crate) fn typecheck(
+    req: &Request,
+    res: &Resource,
+    v: &Value,
+    dups: &[String],
+) -> ApiResult<(Value, Vec<String>)> {
+    let api_version = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or("");
+    if kind.is_empty() || api_version.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "Object 'Kind' is missing in '{}'",
+            String::from_utf8_lossy(&req.body)
+                .chars()
+                .take(200)
+                .collect::<String>()
+        )));
+    }
+    if kind != res.kind || api_version != res.api_version() {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({api_version}) and kind ({kind}) do not match the resource {} ({})",
+            res.plural,
+            res.api_version()
+        )));
+    }
+    let typed =
+        (res.check)(v).map_err(|e| ApiError::bad_request(format!("error decoding {kind}: {e}")))?;
+    let mut problems: Vec<String> = dups
+        .iter()
+        .map(|d| format!("duplicate field {d:?}"))
+        .collect();
+    problems.extend(
+        validation::unknown_fields(v, &typed)
+            .into_iter()
+            .map(|f| format!("unknown field {f:?}")),
+    );
+    match req.field_validation() {
+        "Strict" if !problems.is_empty() => Err(ApiError::bad_request(format!(
+            "strict decoding error: {}",
+            problems.join(", ")
+        ))),
+        "Ignore" => Ok((typed, Vec::new())),
+        "Strict" | "Warn" | "" => Ok((typed, problems)),
+        other => Err(ApiError::bad_request(format!(
+            "fieldValidation must be one of Ignore, Warn or Strict, not {other:?}"
+        ))),
+    }
+}
+
+fn validate(res: &Resource, obj: &Value) -> ApiResult<()> {
+    let mut errs = validation::metadata(obj, res.namespaced, validation::name_rule(res.kind));
+    errs.extend(validation::kind_rules(res.kind, obj));
+    if errs.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::Invalid {
+        group: res.group.into(),
+        kind: res.kind.into(),
+        name: obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .into(),
+        causes: errs,
+    })
+}
+
+async fn check_namespace(objects: &Objects, ns: &str) -> ApiResult<()> {
+    let nsr = resources::by_kind("Namespace").expect("namespaces are served");
+    match objects.get(nsr, None, ns, ReadAt::Latest).await? {
+        None => Err(not_found(nsr, ns)),
+        Some((n, _)) if n.pointer("/metadata/deletionTimestamp").is_some() => {
+            Err(ApiError::Forbidden {
+                message: format!(
+                    "unable to create new content in namespace {ns} because it is being terminated"
+                ),
+            })
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn random_suffix() -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::thread_rng();
+    (0..5)
+        .map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+/// Records a manager's write in managedFields, as an "Update" of the fields it set.
+fn record_manager(
+    obj: &mut Value,
+    manager: Option<&str>,
+    operation: &str,
+    api_version: &str,
+    subresource: Option<&str>,
+) {
+    let Some(manager) = manager.filter(|m| !m.is_empty()) else {
+        return;
+    };
+    let fields = crate::managed::fields_v1(obj);
+    let entry = {
+        let mut e = json!({
+            "manager": manager, "operation": operation, "apiVersion": api_version,
+            "time": now(), "fieldsType": "FieldsV1", "fieldsV1": fields,
+        });
+        if let Some(s) = subresource {
+            e["subresource"] = json!(s);
+        }
+        e
+    };
+    let meta = &mut obj["metadata"];
+    let mut list: Vec<Value> = meta
+        .get("managedFields")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    list.retain(|e| {
+        !(e.get("manager").and_then(Value::as_str) == Some(manager)
+            && e.get("operation").and_then(Value::as_str) == Some(operation))
+    });
+    list.push(entry);
+    meta["managedFields"] = Value::Array(list);
+}
+
+/// Creates an object from a typed body: shared by POST and by server-side apply.
+pub(crate) async fn create_object(
+    objects: &Objects,
+    req: &Request,
+    mut obj: Value,
+    manager_op: &str,
+) -> ApiResult<Value> {
+    let res = req.target.res;
+    let url_ns = ns_of(req).map(String::from);
+    if res.namespaced {
+        let body_ns = obj
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .map(String::from);
+        match (&url_ns, &body_ns) {
+            (Some(u), Some(b)) if u != b && !b.is_empty() => {
+                return Err(ApiError::bad_request(format!("the namespace of the provided object does not match the namespace sent on the request ({b} vs {u})")));
+            }
+            _ => {}
+        }
+        let ns = url_ns.or(body_ns).unwrap_or_else(|| "default".into());
+        obj["metadata"]["namespace"] = json!(ns);
+    } else if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("namespace");
+    }
+    if obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
+        if let Some(prefix) = obj
+            .pointer("/metadata/generateName")
+            .and_then(Value::as_str)
+            .filter(|p| !p.is_empty())
+        {
+            obj["metadata"]["name"] = json!(format!("{prefix}{}", random_suffix()));
+        }
+    }
+    let meta = obj["metadata"]
+        .as_object_mut()
+        .ok_or_else(|| ApiError::bad_request("metadata must be an object"))?;
+    meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+    meta.insert("creationTimestamp".into(), json!(now()));
+    for k in [
+        "resourceVersion",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "selfLink",
+    ] {
+        meta.remove(k);
+    }
+    if obj.get("spec").is_some() {
+        obj["metadata"]["generation"] = json!(1);
+    }
+    validate(res, &obj)?;
+    let ns = obj
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .map(String::from);
+    if let Some(ns) = &ns {
+        check_namespace(objects, ns).await?;
+    }
+    defaults::on_create(res.kind, &mut obj, objects, req.dry_run()).await?;
+    record_manager(
+        &mut obj,
+        req.q("fieldManager"),
+        manager_op,
+        &res.api_version(),
+        None,
+    );
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if req.dry_run() {
+        if objects
+            .get(res, ns.as_deref(), &name, ReadAt::Latest)
+            .await?
+            .is_some()
+        {
+            return Err(ApiError::AlreadyExists {
+                group: res.group.into(),
+                resource: res.plural.into(),
+                name,
+            });
+        }
+        return Ok(obj);
+    }
+    let created = objects.create(res, ns.as_deref(), &name, &obj).await;
+    if created.is_err() && res.kind == "Service" {
+        defaults::release(objects, &obj).await;
+    }
+    created
+}
+
+async fn create(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let res = req.target.res;
+    let (body, dups) = decode_body(req)?;
+    let (obj, warnings) = typecheck(req, res, &body, &dups)?;
+    let created = create_object(objects, req, obj, "Update").await?;
+    Ok(object_response(
+        req,
+        StatusCode::CREATED,
+        &created,
+        &warnings,
+    ))
+}
+
+fn spec_changed(old: &Value, new: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("metadata");
+            m.remove("status");
+        }
+        v
+    };
+    strip(old) != strip(new)
+}
+
+/// Turns a desired object into what is stored over `old`: immutable metadata kept,
+/// status or spec kept depending on the endpoint, generation bumped on spec changes.
+pub(crate) fn prepare_update(
+    res: &Resource,
+    old: &Value,
+    mut new: Value,
+    sub: Option<&str>,
+) -> ApiResult<Value> {
+    let name = old
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if let Some(n) = new.pointer("/metadata/name").and_then(Value::as_str) {
+        if n != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({name})"
+            )));
+        }
+    }
+    if !new.get("metadata").is_some_and(Value::is_object) {
+        new["metadata"] = json!({});
+    }
+    for k in [
+        "name",
+        "namespace",
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+    ] {
+        match old.pointer(&format!("/metadata/{k}")) {
+            Some(v) => new["metadata"][k] = v.clone(),
+            None => {
+                if let Some(m) = new["metadata"].as_object_mut() {
+                    m.remove(k);
+                }
+            }
+        }
+    }
+    match sub {
+        Some("status") => {
+            // Only status changes through /status.
+            let status = new.get("status").cloned();
+            let mut out = old.clone();
+            match status {
+                Some(s) => out["status"] = s,
+                None => {
+                    if let Some(m) = out.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+            return Ok(out);
+        }
+        Some("finalize") => {
+            let mut out = old.clone();
+            out["spec"]["finalizers"] = new
+                .pointer("/spec/finalizers")
+                .cloned()
+                .unwrap_or(json!([]));
+            return Ok(out);
+        }
+        _ => {}
+    }
+    if res.has_status() {
+        match old.get("status") {
+            Some(s) => new["status"] = s.clone(),
+            None => {
+                if let Some(m) = new.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+        }
+    }
+    let gen = old.pointer("/metadata/generation").and_then(Value::as_i64);
+    if let Some(g) = gen {
+        let g = if spec_changed(old, &new) { g + 1 } else { g };
+        new["metadata"]["generation"] = json!(g);
+    }
+    if res.kind == "Secret" {
+        defaults::string_data(&mut new);
+    }
+    if res.kind == "Service" {
+        // Allocated addresses are immutable once set.
+        for k in ["clusterIP", "clusterIPs"] {
+            if let Some(v) = old.pointer(&format!("/spec/{k}")) {
+                new["spec"][k] = v.clone();
+            }
+        }
+    }
+    Ok(new)
+}
+
+/// Stores `new` over `old` (at `rev`), finishing a deletion whose finalizers are gone.
+pub(crate) async fn store_update(
+    objects: &Objects,
+    req: &Request,
+    old: &Value,
+    rev: i64,
+    mut new: Value,
+) -> ApiResult<Value> {
+    let res = req.target.res;
+    let ns = ns_of(req);
+    let name = req.target.name.as_deref().unwrap_or_default();
+    validate(res, &new)?;
+    let unchanged = {
+        let strip = |v: &Value| {
+            let mut v = v.clone();
+            if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("resourceVersion");
+                m.remove("managedFields");
+            }
+            v
+        };
+        strip(old) == strip(&new)
+    };
+    if unchanged {
+        // A no-op update writes nothing and keeps the resourceVersion, as Kubernetes does.
+        return Ok(old.clone());
+    }
+    let op = if matches!(
+        PatchType::from_content_type(req.content_type()),
+        Some(PatchType::Apply)
+    ) {
+        "Apply"
+    } else {
+        "Update"
+    };
+    if op == "Update" {
+        record_manager(
+            &mut new,
+            req.q("fieldManager"),
+            "Update",
+            &res.api_version(),
+            req.target.sub.as_deref(),
+        );
+    }
+    let finalizers_done = new.pointer("/metadata/deletionTimestamp").is_some()
+        && new
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty);
+    if req.dry_run() {
+        return Ok(new);
+    }
+    if finalizers_done {
+        let drev = objects.remove(res, ns, name, rev).await?;
+        if res.kind == "Service" {
+            defaults::release(objects, &new).await;
+        }
+        objects::set_rv(&mut new, drev);
+        return Ok(new);
+    }
+    objects.replace(res, ns, name, &new, rev).await
+}
+
+async fn update(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let res = req.target.res;
+    let name = req.target.name.as_deref().unwrap_or_default();
+    let (body, dups) = decode_body(req)?;
+    let (typed, warnings) = typecheck(req, res, &body, &dups)?;
+    let (old, rev) = objects.get_or_404(res, ns_of(req), name).await?;
+    if let Some(want) = body
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+    {
+        if want != rev.to_string() {
+            return Err(objects::conflict(res, name));
+        }
+    }
+    let new = prepare_update(res, &old, typed, req.target.sub.as_deref())?;
+    let stored = store_update(objects, req, &old, rev, new).await?;
+    Ok(object_response(req, StatusCode::OK, &stored, &warnings))
+}
+
+async fn patch(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let res = req.target.res;
+    let name = req.target.name.as_deref().unwrap_or_default().to_string();
+    let Some(ty) = PatchType::from_content_type(req.content_type()) else {
+        return Err(ApiError::UnsupportedMediaType {
+            accepted: "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json".into(),
+        });
+    };
+    if req.body.len() > MAX_BODY_BYTES {
+        return Err(ApiError::TooLarge {
+            size: req.body.len(),
+            limit: MAX_BODY_BYTES,
+        });
+    }
+    let (patch_body, dups) = validation::parse_json_checked(&req.body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding the patch: {e}")))?;
+    if ty == PatchType::Apply {
+        return crate::managed::apply(objects, req, patch_body, dups).await;
+    }
+    if req.field_validation() == "Strict" && !dups.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "strict decoding error: duplicate field {:?}",
+            dups[0]
+        )));
+    }
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let (old, rev) = objects.get_or_404(res, ns_of(req), &name).await?;
+        let mut target = old.clone();
+        patch::apply_patch(ty, &mut target, &patch_body)?;
+        if let Some(want) = patch_body
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+        {
+            if want != rev.to_string() {
+                return Err(objects::conflict(res, &name));
+            }
+        }
+        let (typed, warnings) = typecheck(req, res, &target, &[])?;
+        let new = prepare_update(res, &old, typed, req.target.sub.as_deref())?;
+        match store_update(objects, req, &old, rev, new).await {
+            Err(ApiError::Conflict { .. }) if attempts < 8 => continue,
+            Err(e) => return Err(e),
+            Ok(stored) => return Ok(object_response(req, StatusCode::OK, &stored, &warnings)),
+        }
+    }
+}
+
+fn scale_of(res: &Resource, obj: &Value) -> Value {
+    let sel = crate::selectors::LabelSelector::from_object(
+        obj.pointer("/spec/selector").unwrap_or(&Value::Null),
+    );
+    let _ = sel;
+    let selector = obj
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
+    let _ = res;
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"), "creationTimestamp": meta.get("creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1)},
+        "status": {"replicas": obj.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0), "selector": selector},
+    })
+}
+
+async fn get_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let res = req.target.res;
+    let name = req.target.name.as_deref().unwrap_or_default();
+    let (obj, _) = objects.get_or_404(res, ns_of(req), name).await?;
+    Ok(json_response(StatusCode::OK, &scale_of(res, &obj), &[]))
+}
+
+async fn update_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let res = req.target.res;
+    let name = req.target.name.as_deref().unwrap_or_default().to_string();
+    let (body, _) = validation::parse_json_checked(&req.body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding the request body: {e}")))?;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let (old, rev) = objects.get_or_404(res, ns_of(req), &name).await?;
+        let mut scale = scale_of(res, &old);
+        if req.method == Method::PATCH {
+            let ty = PatchType::from_content_type(req.content_type()).ok_or_else(|| {
+                ApiError::UnsupportedMediaType {
+                    accepted: "application/merge-patch+json".into(),
+                }
+            })?;
+            patch::apply_patch(ty, &mut scale, &body)?;
+        } else {
+            scale = body.clone();
+            if let Some(want) = body
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+            {
+                if want != rev.to_string() {
+                    return Err(objects::conflict(res, &name));
+                }
+            }
+        }
+        let replicas = scale
+            .pointer("/spec/replicas")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| ApiError::Invalid {
+                group: "autoscaling".into(),
+                kind: "Scale".into(),
+                name: name.clone(),
+                causes: vec![FieldError::required("spec.replicas")],
+            })?;
+        if replicas < 0 {
+            return Err(ApiError::Invalid {
+                group: "autoscaling".into(),
+                kind: "Scale".into(),
+                name: name.clone(),
+                causes: vec![FieldError::invalid(
+                    "spec.replicas",
+                    &replicas.to_string(),
+                    "must be greater than or equal to 0",
+                )],
+            });
+        }
+        let mut new = old.clone();
+        new["spec"]["replicas"] = json!(replicas);
+        if spec_changed(&old, &new) {
+            let g = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            new["metadata"]["generation"] = json!(g + 1);
+        }
+        match store_update(objects, req, &old, rev, new).await {
+            Err(ApiError::Conflict { .. }) if attempts < 8 => continue,
+            Err(e) => return Err(e),
+            Ok(stored) => return Ok(json_response(StatusCode::OK, &scale_of(res, &stored), &[])),
+        }
+    }
+}
+
+/// POST pods/{name}/binding: the scheduler's way of assigning a node.
+async fn bind(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let res = req.target.res;
+    let name = req.target.name.as_deref().unwrap_or_default().to_string();
+    let (body, _) = validation::parse_json_checked(&req.body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding the binding: {e}")))?;
+    let node = body
+        .pointer("/target/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::Invalid {
+            group: String::new(),
+            kind: "Binding".into(),
+            name: name.clone(),
+            causes: vec![FieldError::required("target.name")],
+        })?;
+    let node = node.to_string();
+    objects
+        .update_with(res, ns_of(req), &name, |mut pod, _| {
+            let node = node.clone();
+            let name = name.clone();
+            async move {
+                if let Some(current) = pod.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+                    return Err(ApiError::Conflict {
+                        group: String::new(),
+                        resource: "pods".into(),
+                        name: name.clone(),
+                        message: format!("Operation cannot be fulfilled on pods/binding {name:?}: pod {name} is already assigned to node {current:?}"),
+                    });
+                }
+                pod["spec"]["nodeName"] = json!(node);
+                let cond = json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now()});
+                let conds = pod["status"].as_object_mut().map(|s| s.entry("conditions").or_insert(json!([])));
+                if let Some(Value::Array(list)) = conds {
+                    list.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+                    list.push(cond);
+                }
+                Ok(Some(pod))
+            }
+        })
+        .await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+        &[],
+    ))
+}
+
+#[derive(Debug, Default)]
+struct DeleteOptions {
+    grace: Option<i64>,
+    propagation: Option<String>,
+    uid: Option<String>,
+    rv: Option<String>,
+}
+
+fn delete_options(req: &Request) -> ApiResult<DeleteOptions> {
+    let mut o = DeleteOptions::default();
+    if !req.body.is_empty() {
+        let v: Value = serde_json::from_slice(&req.body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?;
+        o.grace = v.get("gracePeriodSeconds").and_then(Value::as_i64);
+        o.propagation = v
+            .get("propagationPolicy")
+            .and_then(Value::as_str)
+            .map(String::from);
+        if v.get("orphanDependents").and_then(Value::as_bool) == Some(true) {
+            o.propagation = Some("Orphan".into());
+        }
+        o.uid = v
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(String::from);
+        o.rv = v
+            .pointer("/preconditions/resourceVersion")
+            .and_then(Value::as_str)
+            .map(String::from);
+    }
+    if let Some(g) = req.q("gracePeriodSeconds").and_then(|g| g.parse().ok()) {
+        o.grace = Some(g);
+    }
+    if let Some(p) = req.q("propagationPolicy") {
+        o.propagation = Some(p.to_string());
+    }
+    if let Some(p) = &o.propagation {
+        if !matches!(p.as_str(), "Orphan" | "Background" | "Foreground") {
+            return Err(ApiError::bad_request(format!(
+                "propagationPolicy must be Orphan, Background or Foreground, not {p:?}"
+            )));
+        }
+    }
+    Ok(o)
+}
+
+/// Deletes one object: at once, or by marking it when finalizers (or a pod's grace period)
+/// must run first.
+async fn delete_one(
+    objects: &Objects,
+    req: &Request,
+    name: &str,
+    opts: &DeleteOptions,
+) -> ApiResult<Value> {
+    let res = req.target.res;
+    let ns = ns_of(req);
+    for _ in 0..8 {
+        let (obj, rev) = objects.get_or_404(res, ns, name).await?;
+        if let Some(uid) = &opts.uid {
+            let have = obj
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if uid != have {
+                return Err(ApiError::Conflict {
+                    group: res.group.into(),
+                    resource: res.plural.into(),
+                    name: name.into(),
+                    message: format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {have}"),
+                });
+            }
+        }
+        if let Some(want) = &opts.rv {
+            if *want != rev.to_string() {
+                return Err(ApiError::Conflict {
+                    group: res.group.into(),
+                    resource: res.plural.into(),
+                    name: name.into(),
+                    message: format!("Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {rev}"),
+                });
+            }
+        }
+        let mut marked = obj.clone();
+        let mut finalizers: Vec<Value> = obj
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let add = match opts.propagation.as_deref() {
+            Some("Foreground") => Some("foregroundDeletion"),
+            Some("Orphan") => Some("orphan"),
+            _ => None,
+        };
+        if let Some(f) = add {
+            if !finalizers.iter().any(|x| x == f) {
+                finalizers.push(json!(f));
+            }
+        }
+        let graceful_pod = res.kind == "Pod"
+            && obj
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .is_some_and(|n| !n.is_empty())
+            && {
+                let grace = opts
+                    .grace
+                    .or_else(|| {
+                        obj.pointer("/spec/terminationGracePeriodSeconds")
+                            .and_then(Value::as_i64)
+                    })
+                    .unwrap_or(30);
+                grace > 0 && obj.pointer("/metadata/deletionTimestamp").is_none()
+            };
+        let namespace = res.kind == "Namespace";
+        if finalizers.is_empty() && !graceful_pod && !namespace {
+            if req.dry_run() {
+                return Ok(obj);
+            }
+            match objects.remove(res, ns, name, rev).await {
+                Ok(drev) => {
+                    if res.kind == "Service" {
+                        defaults::release(objects, &obj).await;
+                    }
+                    let mut out = obj;
+                    objects::set_rv(&mut out, drev);
+                    return Ok(out);
+                }
+                Err(ApiError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if obj.pointer("/metadata/deletionTimestamp").is_some() && add.is_none() {
+            return Ok(obj);
+        }
+        let grace = if graceful_pod {
+            opts.grace
+                .or_else(|| {
+                    obj.pointer("/spec/terminationGracePeriodSeconds")
+                        .and_then(Value::as_i64)
+                })
+                .unwrap_or(30)
+        } else {
+            0
+        };
+        marked["metadata"]["finalizers"] = Value::Array(finalizers);
+        if marked
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+        {
+            if let Some(m) = marked["metadata"].as_object_mut() {
+                m.remove("finalizers");
+            }
+        }
+        if marked.pointer("/metadata/deletionTimestamp").is_none() {
+            let at = Utc::now() + k8s_openapi::chrono::Duration::seconds(grace);
+            marked["metadata"]["deletionTimestamp"] =
+                json!(at.to_rfc3339_opts(SecondsFormat::Secs, true));
+            marked["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+        }
+        if namespace {
+            marked["status"]["phase"] = json!("Terminating");
+        }
+        if req.dry_run() {
+            return Ok(marked);
+        }
+        match objects.replace(res, ns, name, &marked, rev).await {
+            Err(ApiError::Conflict { .. }) => continue,
+            other => return other,
+        }
+    }
+    Err(objects::conflict(res, name))
+}
+
+async fn delete(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let opts = delete_options(req)?;
+    let name = req.target.name.as_deref().unwrap_or_default();
+    let obj = delete_one(objects, req, name, &opts).await?;
+    let code = if obj.pointer("/metadata/deletionTimestamp").is_some() {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok(object_response(req, code, &obj, &[]))
+}
+
+async fn delete_collection(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let res = req.target.res;
+    let opts = delete_options(req)?;
+    let (ls, fs) = selectors(req)?;
+    let page = objects
+        .list(res, ns_of(req), ReadAt::Latest, 0, None, |o| {
+            ls.matches(o) && fs.matches(o)
+        })
+        .await?;
+    let mut deleted = Vec::new();
+    for obj in page.items {
+        let name = obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        match delete_one(objects, req, &name, &opts).await {
+            Ok(o) => deleted.push(o),
+            Err(ApiError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let list = json!({
+        "kind": format!("{}List", res.kind),
+        "apiVersion": res.api_version(),
+        "metadata": {"resourceVersion": objects.store.local_revision().to_string()},
+        "items": deleted,
+    });
+    Ok(json_response(StatusCode::OK, &list, &[]))
+}
+
+/// One watch event line.
+fn event_line(kind: &str, obj: &Value, req: &Request) -> Bytes {
+    let object = if req.wants_table() && kind != "BOOKMARK" && kind != "ERROR" {
+        let full = req.q("includeObject") == Some("Object");
+        let rv = obj
+            .pointer("/metadata/resourceVersion")
+            .cloned()
+            .unwrap_or(json!(""));
+        table::table(
+            req.target.res.kind,
+            std::slice::from_ref(obj),
+            json!({"resourceVersion": rv}),
+            full,
+        )
+    } else {
+        obj.clone()
+    };
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let res = req.target.res;
+    let (ls, fs) = selectors(req)?;
+    let ns = ns_of(req).map(String::from);
+    let at = ReadAt::parse(req.q("resourceVersion"), None)?;
+    let timeout = req
+        .q("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1800));
+    let bookmarks = req.flag("allowWatchBookmarks");
+    let prefix = res.key_prefix_in(ns.as_deref());
+    // "Start at most recent" and "any" begin with the current state as ADDED events.
+    let (initial, from) = match at {
+        ReadAt::Latest | ReadAt::Any => {
+            let page = objects
+                .list(res, ns.as_deref(), at, 0, None, |o| {
+                    ls.matches(o) && fs.matches(o)
+                })
+                .await?;
+            (page.items, page.revision + 1)
+        }
+        ReadAt::NotOlderThan(r) | ReadAt::Exact(r) => (Vec::new(), r + 1),
+    };
+    let req_view = Request {
+        method: req.method.clone(),
+        target: Target {
+            res,
+            ns: ns.clone(),
+            name: None,
+            sub: None,
+        },
+        query: req.query.clone(),
+        headers: req.headers.clone(),
+        body: Bytes::new(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
+    let mut store_watch = match objects.store.watch(prefix.clone(), from) {
+        Ok(w) => Some(w),
+        Err(baton_store::Error::Compacted {
+            requested,
+            compact_revision,
+        }) => {
+            let status = ApiError::Expired {
+                requested: requested - 1,
+                oldest: compact_revision,
+            }
+            .status();
+            let _ = tx.try_send(Ok(event_line("ERROR", &status, &req_view)));
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let api_version = res.api_version();
+    tokio::spawn(
+        async move {
+            for obj in &initial {
+                if tx.send(Ok(event_line("ADDED", obj, &req_view))).await.is_err() {
+                    return;
+                }
+            }
+            let Some(w) = store_watch.as_mut() else { return };
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            loop {
+                let item = tokio::select! {
+                    _ = &mut deadline => return,
+                    _ = tx.closed() => return,
+                    item = w.next() => item,
+                };
+                let lines: Vec<Bytes> = match item {
+                    None => return,
+                    Some(Err(baton_store::Error::Compacted { requested, compact_revision })) => {
+                        let status = ApiError::Expired { requested, oldest: compact_revision }.status();
+                        let _ = tx.send(Ok(event_line("ERROR", &status, &req_view))).await;
+                        return;
+                    }
+                    Some(Err(e)) => {
+                        let status = ApiError::Internal { message: e.to_string() }.status();
+                        let _ = tx.send(Ok(event_line("ERROR", &status, &req_view))).await;
+                        return;
+                    }
+                    Some(Ok(WatchEvent::Progress(rev))) => {
+                        if !bookmarks {
+                            continue;
+                        }
+                        let mark = json!({"kind": res.kind, "apiVersion": api_version, "metadata": {"resourceVersion": rev.to_string()}});
+                        vec![event_line("BOOKMARK", &mark, &req_view)]
+                    }
+                    Some(Ok(WatchEvent::Events(re))) => {
+                        let mut out = Vec::new();
+                        for ev in &re.events {
+                            let matches = |o: &Value| ls.matches(o) && fs.matches(o);
+                            let prev = ev.prev_kv.as_ref().and_then(|kv| objects::decode(kv).ok());
+                            match ev.kind {
+                                EventKind::Put => {
+                                    let Ok(cur) = objects::decode(&ev.kv) else { continue };
+                                    let now_in = matches(&cur);
+                                    let was_in = prev.as_ref().is_some_and(matches);
+                                    let ty = match (was_in, now_in) {
+                                        (false, true) => "ADDED",
+                                        (true, true) => "MODIFIED",
+                                        (true, false) => "DELETED",
+                                        (false, false) => continue,
+                                    };
+                                    out.push(event_line(ty, &cur, &req_view));
+                                }
+                                EventKind::Delete => {
+                                    let Some(mut last) = prev else { continue };
+                                    if !matches(&last) {
+                                        continue;
+                                    }
+                                    objects::set_rv(&mut last, re.revision);
+                                    out.push(event_line("DELETED", &last, &req_view));
+                                }
+                            }
+                        }
+                        out
+                    }
+                };
+                for line in lines {
+                    if tx.send(Ok(line)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        .instrument(tracing::debug_span!("api_watch", resource = res.plural)),
+    );
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        "cache-control",
+        HeaderValue::from_static("no-cache, private"),
+    );
+    Ok(resp)
+}

@@ -1,0 +1,319 @@
+//! Serving: TLS (rustls, HTTP/2 and HTTP/1.1), bearer-token authentication, and routing of
+//! non-resource paths (version, discovery, OpenAPI, health) and resource paths.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, Request as HttpRequest, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use crate::discovery;
+use crate::error::ApiError;
+use crate::objects::{Objects, ReadAt};
+use crate::pki::Pki;
+use crate::resources;
+use crate::rest::{self, MAX_BODY_BYTES};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("failed to listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("failed to create the system namespaces")]
+    Bootstrap(#[source] ApiError),
+}
+
+/// The API server: the store, the PKI, and the routes.
+#[derive(Clone, Debug)]
+pub struct ApiServer {
+    objects: Objects,
+    pki: Pki,
+}
+
+fn json_ok(v: &Value) -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+fn parse_query(q: Option<&str>) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.insert(percent_decode(k), percent_decode(v));
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Which aggregated discovery version the Accept header asks for, if any.
+fn aggregated_version(accept: &str) -> Option<&'static str> {
+    for part in accept.split(',') {
+        let p = part.trim();
+        if p.contains("as=APIGroupDiscoveryList") {
+            if p.contains("v=v2beta1") {
+                return Some("v2beta1");
+            }
+            if p.contains("v=v2") {
+                return Some("v2");
+            }
+        } else if p.starts_with("application/json") || p.starts_with("*/*") {
+            return None;
+        }
+    }
+    None
+}
+
+fn discovery_response(core: bool, accept: &str) -> Response {
+    match aggregated_version(accept) {
+        Some(v) => {
+            let doc = discovery::aggregated(core, &format!("apidiscovery.k8s.io/{v}"));
+            let ct =
+                format!("application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList");
+            let mut resp = json_ok(&doc);
+            resp.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_str(&ct).expect("valid header"),
+            );
+            resp
+        }
+        None if core => json_ok(&discovery::api_versions()),
+        None => json_ok(&discovery::api_group_list()),
+    }
+}
+
+impl ApiServer {
+    pub fn new(objects: Objects, pki: Pki) -> Self {
+        Self { objects, pki }
+    }
+
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    /// Creates the namespaces every cluster starts with, if they are missing.
+    pub async fn bootstrap(&self) -> Result<(), ServeError> {
+        let nsr = resources::by_kind("Namespace").expect("namespaces are served");
+        for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            if self
+                .objects
+                .get(nsr, None, ns, ReadAt::Latest)
+                .await
+                .map_err(ServeError::Bootstrap)?
+                .is_some()
+            {
+                continue;
+            }
+            let obj = json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": ns, "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": rest::now(),
+                             "labels": {"kubernetes.io/metadata.name": ns}},
+                "spec": {"finalizers": ["kubernetes"]},
+                "status": {"phase": "Active"},
+            });
+            match self.objects.create(nsr, None, ns, &obj).await {
+                Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(ServeError::Bootstrap(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The routes, without TLS (tests and in-process clients use this directly).
+    pub fn router(&self) -> Router {
+        Router::new()
+            .fallback(dispatch)
+            .with_state(Arc::new(self.clone()))
+    }
+
+    /// Serves HTTPS on a bound listener until the task is dropped.
+    pub fn serve_tls(
+        &self,
+        listener: TcpListener,
+    ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::new(self.pki.server_config()?));
+        let router = self.router();
+        Ok(tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let tls = tls.clone();
+                let router = router.clone();
+                tokio::spawn(
+                    async move {
+                        let stream = match tls.accept(tcp).await {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        };
+                        let service = hyper_util::service::TowerToHyperService::new(router);
+                        let builder = auto::Builder::new(TokioExecutor::new());
+                        if let Err(e) = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .await
+                        {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    }
+                    .instrument(tracing::debug_span!("api_conn", %peer)),
+                );
+            }
+        }))
+    }
+}
+
+/// Requests that need no token, as kube-apiserver's system:public-info-viewer allows.
+fn public(path: &str) -> bool {
+    matches!(path, "/version" | "/healthz" | "/readyz" | "/livez")
+}
+
+async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    if !public(&path) {
+        let token = parts
+            .headers
+            .get("authorization")
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim);
+        match token.and_then(|t| api.pki.authenticate(t)) {
+            Some(_user) => {}
+            None => return ApiError::Unauthorized.into_response(),
+        }
+    }
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::TooLarge {
+                size: MAX_BODY_BYTES + 1,
+                limit: MAX_BODY_BYTES,
+            }
+            .into_response()
+        }
+    };
+    let accept = parts
+        .headers
+        .get("accept")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["version"] => return json_ok(&discovery::version()),
+        ["healthz"] | ["readyz"] | ["livez"] => return (StatusCode::OK, "ok").into_response(),
+        ["api"] => return discovery_response(true, &accept),
+        ["apis"] => return discovery_response(false, &accept),
+        ["api", v] => {
+            return discovery::resource_list("", v)
+                .map(|d| json_ok(&d))
+                .unwrap_or_else(|| ApiError::NoRoute.into_response())
+        }
+        ["apis", g] => {
+            return discovery::api_group(g)
+                .map(|d| json_ok(&d))
+                .unwrap_or_else(|| ApiError::NoRoute.into_response())
+        }
+        ["apis", g, v] => {
+            return discovery::resource_list(g, v)
+                .map(|d| json_ok(&d))
+                .unwrap_or_else(|| ApiError::NoRoute.into_response())
+        }
+        ["openapi", "v3"] => return json_ok(&discovery::openapi_index()),
+        ["openapi", "v3", "api", v] => {
+            return discovery::openapi_doc("", v)
+                .map(|d| json_ok(&d))
+                .unwrap_or_else(|| ApiError::NoRoute.into_response())
+        }
+        ["openapi", "v3", "apis", g, v] => {
+            return discovery::openapi_doc(g, v)
+                .map(|d| json_ok(&d))
+                .unwrap_or_else(|| ApiError::NoRoute.into_response())
+        }
+        _ => {}
+    }
+    let Some(target) = rest::route(&path) else {
+        return ApiError::NoRoute.into_response();
+    };
+    let req = rest::Request {
+        method: parts.method,
+        target,
+        query: parse_query(parts.uri.query()),
+        headers: parts.headers,
+        body,
+    };
+    rest::handle(&api.objects, req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        let q = parse_query(Some(
+            "labelSelector=app%3Dweb%2Ctier+in+%28a%29&watch=true&x",
+        ));
+        assert_eq!(q["labelSelector"], "app=web,tier in (a)");
+        assert_eq!(q["watch"], "true");
+        assert_eq!(q["x"], "");
+    }
+
+    #[test]
+    fn accept_picks_discovery_version() {
+        let both = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
+        assert_eq!(aggregated_version(both), Some("v2"));
+        assert_eq!(aggregated_version("application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json"), Some("v2beta1"));
+        assert_eq!(aggregated_version("application/json"), None);
+    }
+}

@@ -1,0 +1,426 @@
+//! Validation of request bodies: syntax (duplicate fields), the schema (unknown fields,
+//! through the k8s-openapi types), and the semantic rules of each kind (names, labels,
+//! selectors, containers), with Kubernetes' messages and field paths.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+use crate::error::FieldError;
+
+/// Parses JSON, recording every field that appears twice in one object.
+pub fn parse_json_checked(body: &[u8]) -> Result<(Value, Vec<String>), serde_json::Error> {
+    let mut dups = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let v = Checked {
+        path: String::new(),
+        dups: &mut dups,
+    }
+    .deserialize(&mut de)?;
+    de.end()?;
+    Ok((v, dups))
+}
+
+struct Checked<'a> {
+    path: String,
+    dups: &'a mut Vec<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for Checked<'_> {
+    type Value = Value;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Checked<'_> {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        loop {
+            let path = format!("{}[{i}]", self.path);
+            match seq.next_element_seed(Checked {
+                path,
+                dups: &mut *self.dups,
+            })? {
+                Some(v) => out.push(v),
+                None => break,
+            }
+            i += 1;
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = if self.path.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.path)
+            };
+            let v = map.next_value_seed(Checked {
+                path: path.clone(),
+                dups: &mut *self.dups,
+            })?;
+            if out.insert(key, v).is_some() {
+                self.dups.push(path);
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// Fields of `input` that the typed round trip dropped: unknown to the schema.
+pub fn unknown_fields(input: &Value, typed: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    walk_unknown(input, typed, "", &mut out);
+    out
+}
+
+fn walk_unknown(input: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+    match (input, typed) {
+        (Value::Object(i), Value::Object(t)) => {
+            for (k, v) in i {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match t.get(k) {
+                    None if !v.is_null() => out.push(p),
+                    Some(tv) => walk_unknown(v, tv, &p, out),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(t)) => {
+            for (n, (iv, tv)) in i.iter().zip(t).enumerate() {
+                walk_unknown(iv, tv, &format!("{path}[{n}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn dns1123_label(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')".into())
+    }
+}
+
+pub fn dns1123_subdomain(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty() && s.len() <= 253 && s.split('.').all(|l| dns1123_label(l).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')".into())
+    }
+}
+
+fn qualified_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A label (or annotation) key: an optional DNS subdomain prefix and a qualified name.
+pub fn label_key(k: &str) -> Result<(), String> {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if let Some(p) = prefix {
+        dns1123_subdomain(p).map_err(|e| format!("prefix part {e}"))?;
+    }
+    if qualified_name(name) {
+        Ok(())
+    } else {
+        Err("name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')".into())
+    }
+}
+
+pub fn label_value(v: &str) -> Result<(), String> {
+    if v.is_empty() || qualified_name(v) {
+        Ok(())
+    } else {
+        Err("a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')".into())
+    }
+}
+
+/// Validates the metadata every object has.
+pub fn metadata(
+    obj: &Value,
+    namespaced: bool,
+    name_rule: fn(&str) -> Result<(), String>,
+) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    let meta = obj.get("metadata").cloned().unwrap_or(Value::Null);
+    match meta.get("name").and_then(Value::as_str) {
+        None | Some("") => errs.push(FieldError::required("metadata.name")),
+        Some(n) => {
+            if let Err(why) = name_rule(n) {
+                errs.push(FieldError::invalid("metadata.name", n, why));
+            }
+        }
+    }
+    if namespaced
+        && meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+    {
+        errs.push(FieldError::required("metadata.namespace"));
+    }
+    if let Some(labels) = meta.get("labels").and_then(Value::as_object) {
+        for (k, v) in labels {
+            if let Err(why) = label_key(k) {
+                errs.push(FieldError::invalid("metadata.labels", k, why));
+            }
+            let v = v.as_str().unwrap_or_default();
+            if let Err(why) = label_value(v) {
+                errs.push(FieldError::invalid(format!("metadata.labels.{k}"), v, why));
+            }
+        }
+    }
+    if let Some(ann) = meta.get("annotations").and_then(Value::as_object) {
+        let mut total = 0;
+        for (k, v) in ann {
+            if let Err(why) = label_key(k) {
+                errs.push(FieldError::invalid("metadata.annotations", k, why));
+            }
+            total += k.len() + v.as_str().map_or(0, str::len);
+        }
+        if total > 256 * 1024 {
+            errs.push(FieldError {
+                field: "metadata.annotations".into(),
+                reason: "FieldValueTooLong",
+                message: format!("Too long: may not be more than 262144 bytes (got {total})"),
+            });
+        }
+    }
+    errs
+}
+
+fn containers(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
+    let list = spec.get("containers").and_then(Value::as_array);
+    match list {
+        None => errs.push(FieldError::required(format!("{path}.containers"))),
+        Some(cs) if cs.is_empty() => errs.push(FieldError::required(format!("{path}.containers"))),
+        Some(cs) => {
+            let mut names = BTreeSet::new();
+            for (i, c) in cs.iter().enumerate() {
+                let p = format!("{path}.containers[{i}]");
+                match c.get("name").and_then(Value::as_str) {
+                    None | Some("") => errs.push(FieldError::required(format!("{p}.name"))),
+                    Some(n) => {
+                        if let Err(why) = dns1123_label(n) {
+                            errs.push(FieldError::invalid(format!("{p}.name"), n, why));
+                        } else if !names.insert(n.to_string()) {
+                            errs.push(FieldError {
+                                field: format!("{p}.name"),
+                                reason: "FieldValueDuplicate",
+                                message: format!("Duplicate value: {n:?}"),
+                            });
+                        }
+                    }
+                }
+                if c.get("image")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+                {
+                    errs.push(FieldError::required(format!("{p}.image")));
+                }
+            }
+        }
+    }
+}
+
+fn selector_matches_template(obj: &Value, errs: &mut Vec<FieldError>) {
+    let Some(sel) = obj.pointer("/spec/selector") else {
+        errs.push(FieldError::required("spec.selector"));
+        return;
+    };
+    let s = crate::selectors::LabelSelector::from_object(sel);
+    if s.is_empty() {
+        errs.push(FieldError::invalid(
+            "spec.selector",
+            "",
+            "empty selector is invalid for deployment",
+        ));
+        return;
+    }
+    let template = obj
+        .pointer("/spec/template")
+        .cloned()
+        .unwrap_or(Value::Null);
+    if !s.matches(&template) {
+        let labels = template
+            .pointer("/metadata/labels")
+            .map(|l| l.to_string())
+            .unwrap_or_default();
+        errs.push(FieldError::invalid(
+            "spec.template.metadata.labels",
+            &labels,
+            "`selector` does not match template `labels`",
+        ));
+    }
+    if let Some(spec) = obj.pointer("/spec/template/spec") {
+        containers(spec, "spec.template.spec", errs);
+    } else {
+        errs.push(FieldError::required("spec.template.spec.containers"));
+    }
+}
+
+/// The semantic rules of each kind, beyond metadata.
+pub fn kind_rules(kind: &str, obj: &Value) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    match kind {
+        "Pod" => match obj.get("spec") {
+            Some(spec) => containers(spec, "spec", &mut errs),
+            None => errs.push(FieldError::required("spec.containers")),
+        },
+        "Deployment" | "ReplicaSet" => {
+            selector_matches_template(obj, &mut errs);
+            if let Some(r) = obj.pointer("/spec/replicas").and_then(Value::as_i64) {
+                if r < 0 {
+                    errs.push(FieldError::invalid(
+                        "spec.replicas",
+                        &r.to_string(),
+                        "must be greater than or equal to 0",
+                    ));
+                }
+            }
+        }
+        "Job" => {
+            if let Some(spec) = obj.pointer("/spec/template/spec") {
+                containers(spec, "spec.template.spec", &mut errs);
+                let policy = spec
+                    .get("restartPolicy")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                if !matches!(policy, "Never" | "OnFailure") {
+                    errs.push(FieldError {
+                        field: "spec.template.spec.restartPolicy".into(),
+                        reason: "FieldValueNotSupported",
+                        message: format!("Unsupported value: {policy:?}: supported values: \"OnFailure\", \"Never\""),
+                    });
+                }
+            } else {
+                errs.push(FieldError::required("spec.template.spec.containers"));
+            }
+        }
+        "Service" => {
+            let ty = obj
+                .pointer("/spec/type")
+                .and_then(Value::as_str)
+                .unwrap_or("ClusterIP");
+            let ports = obj.pointer("/spec/ports").and_then(Value::as_array);
+            if ty != "ExternalName"
+                && obj.pointer("/spec/clusterIP").and_then(Value::as_str) != Some("None")
+                && ports.is_none_or(|p| p.is_empty())
+            {
+                errs.push(FieldError::required("spec.ports"));
+            }
+            for (i, p) in ports.into_iter().flatten().enumerate() {
+                let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
+                if !(1..=65535).contains(&port) {
+                    errs.push(FieldError::invalid(
+                        format!("spec.ports[{i}].port"),
+                        &port.to_string(),
+                        "must be between 1 and 65535, inclusive",
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+    errs
+}
+
+/// The name rule of a kind: most names are DNS subdomains; some must be labels.
+pub fn name_rule(kind: &str) -> fn(&str) -> Result<(), String> {
+    match kind {
+        "Namespace" | "Service" => dns1123_label,
+        _ => dns1123_subdomain,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn duplicates_and_unknown_fields() {
+        let (v, dups) = parse_json_checked(br#"{"a":1,"b":{"c":1,"c":2},"a":3}"#).unwrap();
+        assert_eq!(dups, vec!["b.c".to_string(), "a".to_string()]);
+        assert_eq!(v["a"], 3);
+        let input = json!({"spec": {"x": 1, "y": null, "z": [{"q": 1}]}});
+        let typed = json!({"spec": {"z": [{}]}});
+        assert_eq!(
+            unknown_fields(&input, &typed),
+            vec!["spec.x", "spec.z[0].q"]
+        );
+    }
+
+    #[test]
+    fn names_and_labels() {
+        assert!(dns1123_subdomain("web-1.example").is_ok());
+        assert!(dns1123_subdomain("Web").is_err());
+        assert!(label_key("app.kubernetes.io/name").is_ok());
+        assert!(label_key("-bad").is_err());
+        assert!(label_value("").is_ok());
+        assert!(label_value("has space").is_err());
+        let errs = metadata(
+            &json!({"metadata": {"labels": {"ok": "bad value!"}}}),
+            true,
+            dns1123_subdomain,
+        );
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec!["metadata.name", "metadata.namespace", "metadata.labels.ok"]
+        );
+    }
+}
