@@ -151,6 +151,9 @@ pub async fn on_create(
         "Service" => service(obj, objects, dry_run).await?,
         "Secret" => {
             let m = obj.as_object_mut().expect("objects are JSON objects");
+            if m.get("type").and_then(Value::as_str) == Some("") {
+                m.remove("type");
+            }
             default(m, "type", json!("Opaque"));
             string_data(obj);
         }
@@ -214,7 +217,11 @@ async fn service(obj: &mut Value, objects: &Objects, dry_run: bool) -> ApiResult
     if ty == "NodePort" || ty == "LoadBalancer" {
         if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
             for p in ports.iter_mut().filter_map(Value::as_object_mut) {
-                match p.get("nodePort").and_then(Value::as_i64) {
+                match p
+                    .get("nodePort")
+                    .and_then(Value::as_i64)
+                    .filter(|np| *np != 0)
+                {
                     Some(np) => {
                         if !(30000..=32767).contains(&np) {
                             return Err(invalid_service("spec.ports.nodePort", &np.to_string(), "provided port is not in the valid range. The range of valid ports is 30000-32767"));

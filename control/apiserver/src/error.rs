@@ -65,8 +65,8 @@ pub enum ApiError {
     },
     #[error("too old resource version: {requested} ({oldest})")]
     Expired { requested: i64, oldest: i64 },
-    #[error("the body of the request was in an unknown format - accepted media types include: {accepted}")]
-    UnsupportedMediaType { accepted: String },
+    #[error("the body of the request was in an unknown format ({got:?}) - accepted media types include: {accepted}")]
+    UnsupportedMediaType { got: String, accepted: String },
     #[error("{kind} {name:?} is invalid: {}", summary(causes))]
     Invalid {
         group: String,

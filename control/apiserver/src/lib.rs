@@ -33,6 +33,7 @@ pub mod managed;
 pub mod objects;
 pub mod patch;
 pub mod pki;
+pub mod protobuf;
 pub mod resources;
 pub mod rest;
 pub mod selectors;

@@ -401,6 +401,70 @@ pub async fn apply(
     Err(crate::objects::conflict(res, &name))
 }
 
+/// Records a non-apply write by `manager`: it takes over the fields it changed (all of
+/// them on create), and every other manager loses those fields, as Kubernetes does.
+pub fn record_update(
+    new: &mut Value,
+    old: Option<&Value>,
+    manager: Option<&str>,
+    api_version: &str,
+    sub: Option<&str>,
+) {
+    let Some(manager) = manager.filter(|m| !m.is_empty()) else {
+        return;
+    };
+    let now_paths = leaf_paths(new);
+    let changed: BTreeSet<Path> = match old {
+        None => now_paths.clone(),
+        Some(o) => now_paths
+            .iter()
+            .filter(|p| value_at(o, p) != value_at(new, p))
+            .cloned()
+            .collect(),
+    };
+    let mut list: Vec<Value> = new
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut mine: BTreeSet<Path> = BTreeSet::new();
+    for e in list.iter_mut() {
+        let is_mine = e.get("manager").and_then(Value::as_str) == Some(manager)
+            && e.get("operation").and_then(Value::as_str) == Some("Update")
+            && e.get("subresource").and_then(Value::as_str) == sub;
+        let set = from_fields_v1(e.get("fieldsV1").unwrap_or(&Value::Null));
+        if is_mine {
+            mine = set.intersection(&now_paths).cloned().collect();
+            continue;
+        }
+        let keep: BTreeSet<Path> = set
+            .into_iter()
+            .filter(|p| !changed.contains(p) && now_paths.contains(p))
+            .collect();
+        e["fieldsV1"] = to_fields_v1(&keep);
+    }
+    list.retain(|e| {
+        let is_mine = e.get("manager").and_then(Value::as_str) == Some(manager)
+            && e.get("operation").and_then(Value::as_str) == Some("Update")
+            && e.get("subresource").and_then(Value::as_str) == sub;
+        !is_mine
+            && e.get("fieldsV1")
+                .is_some_and(|f| f.as_object().is_some_and(|m| !m.is_empty()))
+    });
+    mine.extend(changed);
+    if !mine.is_empty() {
+        let mut entry = json!({
+            "manager": manager, "operation": "Update", "apiVersion": api_version, "time": rest::now(),
+            "fieldsType": "FieldsV1", "fieldsV1": to_fields_v1(&mine),
+        });
+        if let Some(s) = sub {
+            entry["subresource"] = json!(s);
+        }
+        list.push(entry);
+    }
+    new["metadata"]["managedFields"] = Value::Array(list);
+}
+
 fn set_entry(obj: &mut Value, manager: &str, op: &str, api_version: &str, paths: &BTreeSet<Path>) {
     let mut list: Vec<Value> = obj
         .pointer("/metadata/managedFields")

@@ -285,12 +285,23 @@ fn decode_body(req: &Request) -> ApiResult<(Value, Vec<String>)> {
         .unwrap_or("")
         .trim()
         .to_string();
+    if ct == crate::protobuf::CONTENT_TYPE {
+        if req.body.len() > MAX_BODY_BYTES {
+            return Err(ApiError::TooLarge {
+                size: req.body.len(),
+                limit: MAX_BODY_BYTES,
+            });
+        }
+        return Ok((crate::protobuf::decode(&req.body)?, Vec::new()));
+    }
     if !matches!(
         ct.as_str(),
         "application/json" | "" | "application/yaml" | "application/apply-patch+yaml"
     ) {
         return Err(ApiError::UnsupportedMediaType {
-            accepted: "application/json, application/yaml".into(),
+            got: ct.clone(),
+            accepted: "application/json, application/yaml, application/vnd.kubernetes.protobuf"
+                .into(),
         });
     }
     if req.body.len() > MAX_BODY_BYTES {
@@ -400,42 +411,6 @@ fn random_suffix() -> String {
         .collect()
 }
 
-/// Records a manager's write in managedFields, as an "Update" of the fields it set.
-fn record_manager(
-    obj: &mut Value,
-    manager: Option<&str>,
-    operation: &str,
-    api_version: &str,
-    subresource: Option<&str>,
-) {
-    let Some(manager) = manager.filter(|m| !m.is_empty()) else {
-        return;
-    };
-    let fields = crate::managed::fields_v1(obj);
-    let entry = {
-        let mut e = json!({
-            "manager": manager, "operation": operation, "apiVersion": api_version,
-            "time": now(), "fieldsType": "FieldsV1", "fieldsV1": fields,
-        });
-        if let Some(s) = subresource {
-            e["subresource"] = json!(s);
-        }
-        e
-    };
-    let meta = &mut obj["metadata"];
-    let mut list: Vec<Value> = meta
-        .get("managedFields")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    list.retain(|e| {
-        !(e.get("manager").and_then(Value::as_str) == Some(manager)
-            && e.get("operation").and_then(Value::as_str) == Some(operation))
-    });
-    list.push(entry);
-    meta["managedFields"] = Value::Array(list);
-}
-
 /// Creates an object from a typed body: shared by POST and by server-side apply.
 pub(crate) async fn create_object(
     objects: &Objects,
@@ -499,13 +474,15 @@ pub(crate) async fn create_object(
         check_namespace(objects, ns).await?;
     }
     defaults::on_create(res.kind, &mut obj, objects, req.dry_run()).await?;
-    record_manager(
-        &mut obj,
-        req.q("fieldManager"),
-        manager_op,
-        &res.api_version(),
-        None,
-    );
+    if manager_op == "Update" {
+        crate::managed::record_update(
+            &mut obj,
+            None,
+            req.q("fieldManager"),
+            &res.api_version(),
+            None,
+        );
+    }
     let name = obj
         .pointer("/metadata/name")
         .and_then(Value::as_str)
@@ -686,10 +663,10 @@ pub(crate) async fn store_update(
         "Update"
     };
     if op == "Update" {
-        record_manager(
+        crate::managed::record_update(
             &mut new,
+            Some(old),
             req.q("fieldManager"),
-            "Update",
             &res.api_version(),
             req.target.sub.as_deref(),
         );
@@ -738,6 +715,7 @@ async fn patch(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let name = req.target.name.as_deref().unwrap_or_default().to_string();
     let Some(ty) = PatchType::from_content_type(req.content_type()) else {
         return Err(ApiError::UnsupportedMediaType {
+            got: req.content_type().to_string(),
             accepted: "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json".into(),
         });
     };
@@ -831,6 +809,7 @@ async fn update_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
         if req.method == Method::PATCH {
             let ty = PatchType::from_content_type(req.content_type()).ok_or_else(|| {
                 ApiError::UnsupportedMediaType {
+                    got: req.content_type().to_string(),
                     accepted: "application/merge-patch+json".into(),
                 }
             })?;
@@ -944,8 +923,15 @@ struct DeleteOptions {
 fn delete_options(req: &Request) -> ApiResult<DeleteOptions> {
     let mut o = DeleteOptions::default();
     if !req.body.is_empty() {
-        let v: Value = serde_json::from_slice(&req.body)
-            .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?;
+        let v: Value = if req
+            .content_type()
+            .starts_with(crate::protobuf::CONTENT_TYPE)
+        {
+            crate::protobuf::decode(&req.body)?
+        } else {
+            serde_json::from_slice(&req.body)
+                .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?
+        };
         o.grace = v.get("gracePeriodSeconds").and_then(Value::as_i64);
         o.propagation = v
             .get("propagationPolicy")

@@ -1,0 +1,654 @@
+//! The real kubectl against `baton up`: the everyday commands, asserted on what kubectl
+//! prints and its exit codes; and bad requests, asserted on the exact Status.
+
+#[path = "support/baton.rs"]
+mod baton;
+
+use std::io::{BufRead, BufReader};
+use std::time::Duration;
+
+use baton::{wait_until, write, Baton};
+use serde_json::{json, Value};
+
+const DEPLOYMENT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: registry.local/http-hello:1.0
+        env:
+        - {name: GREETING, value: hello}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports:
+  - port: 80
+    targetPort: 8080
+"#;
+
+const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: solo
+  labels: {app: solo, tier: back}
+spec:
+  containers:
+  - name: main
+    image: registry.local/hello:1.0
+"#;
+
+#[test]
+fn versions_discovery_and_api_resources_with_each_kubectl() {
+    let b = Baton::start();
+    let v = b.ok(&["version"]);
+    assert!(v.contains("Server Version: v1.33.0-baton"), "{v}");
+    for bin in ["kubectl", "kubectl.1.29", "kubectl.1.33"] {
+        let out = b.ok_with(bin, &["api-resources"], None);
+        for want in [
+            "deployments",
+            "deploy",
+            "apps/v1",
+            "endpointslices",
+            "leases",
+            "pods",
+            "po",
+        ] {
+            assert!(
+                out.contains(want),
+                "{bin} api-resources lacks {want}:\n{out}"
+            );
+        }
+        let ns = b.ok_with(bin, &["get", "ns"], None);
+        for want in ["default", "kube-system", "kube-node-lease", "Active"] {
+            assert!(ns.contains(want), "{bin} get ns lacks {want}:\n{ns}");
+        }
+        let out = b.ok_with(bin, &["apply", "-f", "-"], Some(POD));
+        assert!(out.contains("pod/solo"), "{bin}: {out}");
+        let out = b.ok_with(bin, &["get", "pods"], None);
+        assert!(
+            out.contains("NAME")
+                && out.contains("READY")
+                && out.contains("STATUS")
+                && out.contains("solo"),
+            "{bin}: {out}"
+        );
+    }
+}
+
+#[test]
+fn apply_client_side_and_server_side_then_reapply_changed() {
+    let b = Baton::start();
+    let f = write(b.dir.path(), "web.yaml", DEPLOYMENT);
+    let f = f.to_str().unwrap();
+    let out = b.ok(&["apply", "-f", f]);
+    assert!(
+        out.contains("deployment.apps/web created") && out.contains("service/web created"),
+        "{out}"
+    );
+    assert!(b
+        .ok(&["apply", "-f", f])
+        .contains("deployment.apps/web unchanged"));
+    let changed = DEPLOYMENT
+        .replace("replicas: 2", "replicas: 3")
+        .replace("value: hello", "value: hi");
+    write(b.dir.path(), "web.yaml", &changed);
+    assert!(b
+        .ok(&["apply", "-f", f])
+        .contains("deployment.apps/web configured"));
+    let got = b.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas} {.metadata.generation} {.spec.template.spec.containers[0].env[0].value}"]);
+    assert_eq!(got, "3 2 hi");
+
+    // Server-side apply on top: co-owns the same values, then changes one.
+    let out = b.ok(&["apply", "--server-side", "-f", f]);
+    assert!(out.contains("serverside-applied"), "{out}");
+    b.ok(&["scale", "deploy", "web", "--replicas=5"]);
+    let conflicting = changed.replace("replicas: 3", "replicas: 4");
+    write(b.dir.path(), "web.yaml", &conflicting);
+    let err = b.fails(&["apply", "--server-side", "-f", f], None);
+    assert!(
+        err.contains("conflict") && err.contains(".spec.replicas"),
+        "{err}"
+    );
+    let out = b.ok(&["apply", "--server-side", "--force-conflicts", "-f", f]);
+    assert!(out.contains("serverside-applied"), "{out}");
+    assert_eq!(
+        b.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"]),
+        "4"
+    );
+    // A fresh object through server-side apply is created.
+    let out = b.ok_with("kubectl", &["apply", "--server-side", "-f", "-"], Some(POD));
+    assert!(out.contains("pod/solo serverside-applied"), "{out}");
+    let mf = b.ok(&[
+        "get",
+        "pod",
+        "solo",
+        "--show-managed-fields",
+        "-o",
+        "jsonpath={.metadata.managedFields[0].manager} {.metadata.managedFields[0].operation}",
+    ]);
+    assert_eq!(mf, "kubectl Apply");
+}
+
+#[test]
+fn create_and_get_in_every_format() {
+    let b = Baton::start();
+    assert!(b
+        .ok_with("kubectl", &["create", "-f", "-"], Some(POD))
+        .contains("pod/solo created"));
+    let err = b.fails(&["create", "-f", "-"], Some(POD));
+    assert!(
+        err.contains("AlreadyExists") && err.contains("\"solo\" already exists"),
+        "{err}"
+    );
+    b.ok(&["create", "namespace", "other"]);
+    b.ok(&[
+        "create",
+        "configmap",
+        "cfg",
+        "-n",
+        "other",
+        "--from-literal=a=1",
+    ]);
+    b.ok(&[
+        "create",
+        "deployment",
+        "api",
+        "--image=registry.local/api:2",
+        "--replicas=2",
+    ]);
+
+    let wide = b.ok(&["get", "pods", "-o", "wide"]);
+    for col in ["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP", "NODE"] {
+        assert!(wide.contains(col), "{wide}");
+    }
+    assert!(
+        wide.contains("solo") && wide.contains("0/1") && wide.contains("Pending"),
+        "{wide}"
+    );
+    let y = b.ok(&["get", "pod", "solo", "-o", "yaml"]);
+    assert!(
+        y.contains("kind: Pod") && y.contains("resourceVersion:") && y.contains("uid:"),
+        "{y}"
+    );
+    let j: Value = serde_json::from_str(&b.ok(&["get", "pod", "solo", "-o", "json"])).unwrap();
+    assert_eq!(
+        j["spec"]["containers"][0]["image"],
+        "registry.local/hello:1.0"
+    );
+    assert_eq!(
+        j["spec"]["restartPolicy"], "Always",
+        "defaults are filled in"
+    );
+    let all = b.ok(&["get", "cm,deploy", "-A"]);
+    assert!(
+        all.contains("NAMESPACE")
+            && all.contains("other")
+            && all.contains("cfg")
+            && all.contains("deployment.apps/api"),
+        "{all}"
+    );
+    let labelled = b.ok(&["get", "pods", "-l", "tier=back", "-o", "name"]);
+    assert_eq!(labelled.trim(), "pod/solo");
+    assert_eq!(
+        b.ok(&["get", "pods", "-l", "tier!=back", "-o", "name"])
+            .trim(),
+        ""
+    );
+    let deploys = b.ok(&["get", "deploy"]);
+    for col in ["READY", "UP-TO-DATE", "AVAILABLE", "0/2"] {
+        assert!(deploys.contains(col), "{deploys}");
+    }
+    let err = b.fails(&["get", "pod", "missing"], None);
+    assert!(
+        err.contains("NotFound") && err.contains("pods \"missing\" not found"),
+        "{err}"
+    );
+    // Pages: limit/continue through --chunk-size.
+    for i in 0..7 {
+        b.ok(&["create", "configmap", &format!("page-{i}")]);
+    }
+    let names = b.ok(&["get", "cm", "--chunk-size=2", "-o", "name"]);
+    assert_eq!(
+        names.lines().filter(|l| l.contains("page-")).count(),
+        7,
+        "{names}"
+    );
+}
+
+#[test]
+fn watch_streams_changes() {
+    let b = Baton::start();
+    let mut w = b.spawn(&["get", "pods", "-w", "--output-watch-events"]);
+    let stdout = w.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(POD));
+    b.ok(&["label", "pod", "solo", "seen=yes"]);
+    b.ok(&["delete", "pod", "solo", "--wait=false"]);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("DELETED")) {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("watch output");
+        seen.push(line);
+    }
+    let _ = w.kill();
+    let _ = w.wait();
+    let joined = seen.join("\n");
+    assert!(
+        joined.contains("ADDED") && joined.contains("MODIFIED") && joined.contains("solo"),
+        "{joined}"
+    );
+}
+
+#[test]
+fn label_annotate_patch_and_scale() {
+    let b = Baton::start();
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(DEPLOYMENT));
+    assert!(b
+        .ok(&["label", "deploy", "web", "team=blue"])
+        .contains("labeled"));
+    assert!(b
+        .ok(&["annotate", "deploy", "web", "note=hi"])
+        .contains("annotated"));
+    let err = b.fails(&["label", "deploy", "web", "bad key=x"], None);
+    assert!(!err.is_empty());
+    b.ok(&["patch", "deploy", "web", "-p", r#"{"spec":{"template":{"spec":{"containers":[{"name":"web","image":"registry.local/http-hello:2.0"}]}}}}"#]);
+    b.ok(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"labels":{"merged":"yes"}}}"#,
+    ]);
+    b.ok(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/replicas","value":4}]"#,
+    ]);
+    let got = b.ok(&["get", "deploy", "web", "-o", "jsonpath={.metadata.labels.team} {.metadata.annotations.note} {.metadata.labels.merged} {.spec.replicas} {.spec.template.spec.containers[0].image} {.spec.template.spec.containers[0].env[0].name}"]);
+    assert_eq!(
+        got, "blue hi yes 4 registry.local/http-hello:2.0 GREETING",
+        "the strategic patch merged the container by name"
+    );
+    assert!(b
+        .ok(&["scale", "deploy", "web", "--replicas=1"])
+        .contains("scaled"));
+    assert_eq!(
+        b.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"]),
+        "1"
+    );
+    let err = b.fails(
+        &[
+            "patch",
+            "deploy",
+            "web",
+            "--type=json",
+            "-p",
+            r#"[{"op":"test","path":"/spec/replicas","value":9}]"#,
+        ],
+        None,
+    );
+    assert!(!err.is_empty());
+}
+
+#[test]
+fn describe_wait_and_rollout_status() {
+    let b = Baton::start();
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(DEPLOYMENT));
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(POD));
+    let d = b.ok(&["describe", "pod", "solo"]);
+    assert!(
+        d.contains("Name:") && d.contains("solo") && d.contains("registry.local/hello:1.0"),
+        "{d}"
+    );
+    let d = b.ok(&["describe", "deploy", "web"]);
+    assert!(
+        d.contains("Replicas:") && d.contains("RollingUpdate"),
+        "{d}"
+    );
+
+    // No kubelet yet: the test plays its part and writes the pod's status.
+    let mut waiter = b.spawn(&["wait", "--for=condition=Ready", "pod/solo", "--timeout=30s"]);
+    b.ok(&[
+        "patch",
+        "pod",
+        "solo",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Running","conditions":[{"type":"Ready","status":"True"}]}}"#,
+    ]);
+    let status = waiter.wait().unwrap();
+    assert!(status.success(), "kubectl wait ended with {status}");
+
+    // Rollout status waits for the controller's status; the test writes it.
+    let rollout = b.spawn(&["rollout", "status", "deploy/web", "--timeout=30s"]);
+    let gen = b.ok(&[
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ]);
+    let status = json!({"status": {"observedGeneration": gen.parse::<i64>().unwrap(), "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2, "availableReplicas": 2,
+        "conditions": [{"type": "Available", "status": "True"}, {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]}});
+    b.ok(&[
+        "patch",
+        "deploy",
+        "web",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
+    ]);
+    let out = rollout.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("successfully rolled out"),
+        "{text}"
+    );
+    // Status writes through the main resource are ignored, as in Kubernetes.
+    b.ok(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"replicas":99}}"#,
+    ]);
+    assert_eq!(
+        b.ok(&["get", "deploy", "web", "-o", "jsonpath={.status.replicas}"]),
+        "2"
+    );
+}
+
+#[test]
+fn explain_reads_the_openapi_documents() {
+    let b = Baton::start();
+    let out = b.ok(&["explain", "deployments"]);
+    assert!(
+        out.contains("KIND:") && out.contains("Deployment") && out.contains("apps"),
+        "{out}"
+    );
+}
+
+#[test]
+fn delete_with_finalizers_and_preconditions() {
+    let b = Baton::start();
+    b.ok(&["create", "configmap", "held"]);
+    b.ok(&[
+        "patch",
+        "cm",
+        "held",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
+    ]);
+    let out = b.ok(&["delete", "cm", "held", "--wait=false"]);
+    assert!(out.contains("deleted"), "{out}");
+    let ts = b.ok(&[
+        "get",
+        "cm",
+        "held",
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp}",
+    ]);
+    assert!(
+        !ts.is_empty(),
+        "a finalizer holds the object, marked for deletion"
+    );
+    b.ok(&[
+        "patch",
+        "cm",
+        "held",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    wait_until(Duration::from_secs(10), "the object to go", || {
+        let out = b.run("kubectl", &["get", "cm", "held"], None);
+        (!out.status.success()).then_some(())
+    });
+    b.ok(&["create", "configmap", "plain"]);
+    let out = b.ok(&["delete", "cm", "plain"]);
+    assert!(out.contains("configmap \"plain\" deleted"), "{out}");
+}
+
+#[test]
+fn bad_requests_get_the_right_status() {
+    let b = Baton::start();
+    let t = b.token();
+    let tok = Some(t.as_str());
+    let pods = "/api/v1/namespaces/default/pods";
+    let check = |(code, status): (u16, Value), want_code: u16, want_reason: &str| {
+        assert_eq!(code, want_code, "{status}");
+        assert_eq!(status["kind"], "Status", "{status}");
+        assert_eq!(status["code"], want_code, "{status}");
+        assert_eq!(status["reason"], want_reason, "{status}");
+        status
+    };
+    // Unauthenticated, and a wrong token.
+    check(
+        b.curl("GET", pods, "application/json", None, None),
+        401,
+        "Unauthorized",
+    );
+    check(
+        b.curl("GET", pods, "application/json", None, Some("nope")),
+        401,
+        "Unauthorized",
+    );
+    // Malformed JSON.
+    let s = check(
+        b.curl(
+            "POST",
+            pods,
+            "application/json",
+            Some(b"{\"apiVersion\": \"v1\", "),
+            tok,
+        ),
+        400,
+        "BadRequest",
+    );
+    assert!(
+        s["message"].as_str().unwrap().contains("error decoding"),
+        "{s}"
+    );
+    // An unknown kind (no such resource).
+    check(
+        b.curl(
+            "POST",
+            "/apis/apps/v1/namespaces/default/widgets",
+            "application/json",
+            Some(b"{}"),
+            tok,
+        ),
+        404,
+        "NotFound",
+    );
+    // A body whose apiVersion does not match the resource.
+    let wrong = json!({"apiVersion": "v2", "kind": "Pod", "metadata": {"name": "x"}});
+    let s = check(
+        b.curl(
+            "POST",
+            pods,
+            "application/json",
+            Some(wrong.to_string().as_bytes()),
+            tok,
+        ),
+        400,
+        "BadRequest",
+    );
+    assert!(
+        s["message"].as_str().unwrap().contains("do not match"),
+        "{s}"
+    );
+    // A missing name, and an invalid label: 422 naming the fields.
+    let noname = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {}, "spec": {"containers": [{"name": "a", "image": "i"}]}});
+    let s = check(
+        b.curl(
+            "POST",
+            pods,
+            "application/json",
+            Some(noname.to_string().as_bytes()),
+            tok,
+        ),
+        422,
+        "Invalid",
+    );
+    assert_eq!(s["details"]["causes"][0]["field"], "metadata.name", "{s}");
+    let badlabel = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "labels": {"ok": "not ok!"}}, "spec": {"containers": [{"name": "a", "image": "i"}]}});
+    let s = check(
+        b.curl(
+            "POST",
+            pods,
+            "application/json",
+            Some(badlabel.to_string().as_bytes()),
+            tok,
+        ),
+        422,
+        "Invalid",
+    );
+    assert_eq!(
+        s["details"]["causes"][0]["field"], "metadata.labels.ok",
+        "{s}"
+    );
+    // Unknown and duplicate fields under Strict validation.
+    let unknown = br#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"u"},"spec":{"bogus":1,"containers":[{"name":"a","image":"i"}]}}"#;
+    let s = check(
+        b.curl(
+            "POST",
+            &format!("{pods}?fieldValidation=Strict"),
+            "application/json",
+            Some(unknown),
+            tok,
+        ),
+        400,
+        "BadRequest",
+    );
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field \"spec.bogus\""),
+        "{s}"
+    );
+    let dup = br#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"u","name":"v"},"spec":{"containers":[{"name":"a","image":"i"}]}}"#;
+    let s = check(
+        b.curl(
+            "POST",
+            &format!("{pods}?fieldValidation=Strict"),
+            "application/json",
+            Some(dup),
+            tok,
+        ),
+        400,
+        "BadRequest",
+    );
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate field \"metadata.name\""),
+        "{s}"
+    );
+    // An oversized body.
+    let big = vec![b' '; 3 * 1024 * 1024 + 10];
+    check(
+        b.curl("POST", pods, "application/json", Some(&big), tok),
+        413,
+        "RequestEntityTooLarge",
+    );
+    // An unsupported media type.
+    check(
+        b.curl("POST", pods, "text/plain", Some(b"hello"), tok),
+        415,
+        "UnsupportedMediaType",
+    );
+    // A stale resourceVersion.
+    let good = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "1"}});
+    let (code, created) = b.curl(
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        "application/json",
+        Some(good.to_string().as_bytes()),
+        tok,
+    );
+    assert_eq!(code, 201, "{created}");
+    let mut v1 = created.clone();
+    v1["data"]["a"] = json!("2");
+    let (code, _) = b.curl(
+        "PUT",
+        "/api/v1/namespaces/default/configmaps/c",
+        "application/json",
+        Some(v1.to_string().as_bytes()),
+        tok,
+    );
+    assert_eq!(code, 200);
+    let mut stale = created;
+    stale["data"]["a"] = json!("3");
+    let s = check(
+        b.curl(
+            "PUT",
+            "/api/v1/namespaces/default/configmaps/c",
+            "application/json",
+            Some(stale.to_string().as_bytes()),
+            tok,
+        ),
+        409,
+        "Conflict",
+    );
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap()
+            .contains("the object has been modified"),
+        "{s}"
+    );
+    // Creating in a namespace that does not exist.
+    check(
+        b.curl(
+            "POST",
+            "/api/v1/namespaces/nowhere/configmaps",
+            "application/json",
+            Some(good.to_string().as_bytes()),
+            tok,
+        ),
+        404,
+        "NotFound",
+    );
+    // Malformed YAML never leaves kubectl, and kubectl says why.
+    let err = b.fails(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Pod\nmetadata: [unclosed\n"),
+    );
+    assert!(err.to_lowercase().contains("yaml"), "{err}");
+}

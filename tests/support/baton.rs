@@ -1,0 +1,209 @@
+#![allow(dead_code)] // shared by several test crates, each using a part
+//! A `baton up` process on an ephemeral port, and the real kubectl (and curl) against it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Baton {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub kubeconfig: PathBuf,
+}
+
+/// The folder holding the versioned kubectl binaries (`kubectl.1.29`, ...).
+pub fn kubectl_dir() -> PathBuf {
+    let which = Command::new("sh")
+        .args(["-c", "readlink -f \"$(command -v kubectl)\""])
+        .output()
+        .expect("sh");
+    let path = PathBuf::from(String::from_utf8_lossy(&which.stdout).trim());
+    path.parent().expect("kubectl has a folder").to_path_buf()
+}
+
+impl Baton {
+    pub fn start() -> Baton {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("home")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn baton up");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let mut addr = None;
+        // `baton up` prints its address once it serves; the read ends if it dies instead.
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(rest) = line.split("https://").nth(1) {
+                addr = Some(rest.trim().to_string());
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        let addr = addr.expect("baton up printed its API address");
+        let kubeconfig = dir.path().join("data/kubeconfig");
+        Baton {
+            child,
+            dir,
+            addr,
+            kubeconfig,
+        }
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    /// Runs a kubectl binary (`kubectl`, or `kubectl.1.29` from the versioned folder).
+    pub fn run(&self, bin: &str, args: &[&str], stdin: Option<&str>) -> Output {
+        let program = if bin == "kubectl" {
+            PathBuf::from("kubectl")
+        } else {
+            kubectl_dir().join(bin)
+        };
+        let mut child = Command::new(program)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", self.home())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kubectl");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        } else {
+            drop(child.stdin.take());
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs kubectl and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.ok_with("kubectl", args, None)
+    }
+
+    pub fn ok_with(&self, bin: &str, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run(bin, args, stdin);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "{bin} {args:?} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+            out.status
+        );
+        stdout
+    }
+
+    /// Runs kubectl expecting failure; returns stderr.
+    pub fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run("kubectl", args, stdin);
+        assert!(
+            !out.status.success(),
+            "kubectl {args:?} should have failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// A kubectl process left running (for `-w`), with its stdout piped.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", self.home())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kubectl")
+    }
+
+    pub fn token(&self) -> String {
+        let kc = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        kc.lines()
+            .find_map(|l| l.trim().strip_prefix("token: ").map(String::from))
+            .unwrap()
+    }
+
+    /// A raw request with curl; returns the HTTP status and the JSON body.
+    pub fn curl(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Option<&[u8]>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let ca = self.dir.path().join("data/pki/ca.crt");
+        let body_file = self.dir.path().join("curl-body");
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+            "--cacert",
+        ])
+        .arg(&ca)
+        .args(["-H", &format!("Content-Type: {content_type}")]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        if let Some(b) = body {
+            std::fs::write(&body_file, b).unwrap();
+            cmd.arg("--data-binary")
+                .arg(format!("@{}", body_file.display()));
+        }
+        cmd.arg(format!("https://{}{path}", self.addr));
+        let out = cmd.output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let code: u16 = code.trim().parse().unwrap_or(0);
+        (
+            code,
+            serde_json::from_str(body).unwrap_or(Value::String(body.to_string())),
+        )
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `f` returns Some; panics after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
