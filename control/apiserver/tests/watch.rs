@@ -1,0 +1,273 @@
+//! Watch and read semantics through the router, in process: resume from a
+//! resourceVersion, 410 Expired after compaction, bookmarks, timeoutSeconds.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use baton_apiserver::{ApiServer, Objects, Pki};
+use baton_store::{Store, StoreConfig};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    store: Store,
+    api: ApiServer,
+    token: String,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = StoreConfig::new(1, dir.path().join("store"), "127.0.0.1:0");
+    cfg.progress_interval = Duration::from_millis(200);
+    let store = Store::open_single(cfg).await.unwrap();
+    let pki = Pki::load_or_create(&dir.path().join("pki"), &[]).unwrap();
+    let token = pki.admin_token.clone();
+    let api = ApiServer::new(
+        Objects {
+            store: store.clone(),
+        },
+        pki,
+    );
+    api.bootstrap().await.unwrap();
+    Env {
+        _dir: dir,
+        store,
+        api,
+        token,
+    }
+}
+
+impl Env {
+    async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Body) {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(
+                body.map(|b| Body::from(b.to_string()))
+                    .unwrap_or_else(Body::empty),
+            )
+            .unwrap();
+        let resp = self.api.router().oneshot(req).await.unwrap();
+        (resp.status(), resp.into_body())
+    }
+
+    async fn call_get(&self, uri: &str) -> (StatusCode, Body) {
+        self.call("GET", uri, None).await
+    }
+
+    async fn json(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let (code, body) = self.call(method, uri, body).await;
+        let bytes = axum::body::to_bytes(body, 1 << 24).await.unwrap();
+        (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+}
+
+/// Reads watch lines until `n` events arrived or the stream ended.
+async fn events(body: Body, n: usize) -> Vec<Value> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("a watch event in time");
+        let Some(chunk) = chunk else { break };
+        buf.extend_from_slice(&chunk.unwrap());
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            out.push(serde_json::from_slice(&line).unwrap());
+        }
+    }
+    out
+}
+
+fn cm(name: &str, v: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"v": v}})
+}
+
+const CMS: &str = "/api/v1/namespaces/default/configmaps";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_from_a_resource_version_and_carries_deletes() {
+    let e = env().await;
+    let (code, a) = e.json("POST", CMS, Some(cm("a", "1"))).await;
+    assert_eq!(code, StatusCode::CREATED);
+    let rv = a["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    e.json("POST", CMS, Some(cm("b", "1"))).await;
+    let mut a2 = a.clone();
+    a2["data"]["v"] = json!("2");
+    let (code, _) = e.json("PUT", &format!("{CMS}/a"), Some(a2)).await;
+    assert_eq!(code, StatusCode::OK);
+    e.json("DELETE", &format!("{CMS}/b"), None).await;
+    // Everything after rv, in order.
+    let (code, body) = e
+        .call_get(&format!("{CMS}?watch=true&resourceVersion={rv}"))
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let evs = events(body, 3).await;
+    let kinds: Vec<_> = evs
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                e["object"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("ADDED".into(), "b".into()),
+            ("MODIFIED".into(), "a".into()),
+            ("DELETED".into(), "b".into())
+        ]
+    );
+    // The DELETED event carries the final object, at the deletion's revision.
+    assert_eq!(evs[2]["object"]["data"]["v"], "1");
+    let del_rv: i64 = evs[2]["object"]["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mod_rv: i64 = evs[1]["object"]["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(del_rv > mod_rv);
+    // Resume after the MODIFIED event: only the delete follows.
+    let (_, body) = e
+        .call_get(&format!("{CMS}?watch=true&resourceVersion={mod_rv}"))
+        .await;
+    let evs = events(body, 1).await;
+    assert_eq!(evs[0]["type"], "DELETED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_resource_versions_get_410_expired() {
+    let e = env().await;
+    let (_, a) = e.json("POST", CMS, Some(cm("a", "0"))).await;
+    let old_rv = a["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for i in 1..5 {
+        let (_, cur) = e.json("GET", &format!("{CMS}/a"), None).await;
+        let mut next = cur.clone();
+        next["data"]["v"] = json!(i.to_string());
+        e.json("PUT", &format!("{CMS}/a"), Some(next)).await;
+    }
+    e.store.compact(e.store.local_revision()).await.unwrap();
+    let (code, body) = e
+        .call_get(&format!("{CMS}?watch=true&resourceVersion={old_rv}"))
+        .await;
+    assert_eq!(
+        code,
+        StatusCode::OK,
+        "watch errors arrive in the stream, as kube-apiserver sends them"
+    );
+    let evs = events(body, 1).await;
+    assert_eq!(evs[0]["type"], "ERROR");
+    assert_eq!(evs[0]["object"]["code"], 410);
+    assert_eq!(evs[0]["object"]["reason"], "Expired");
+    let (code, status) = e
+        .json(
+            "GET",
+            &format!("{CMS}?resourceVersion={old_rv}&resourceVersionMatch=Exact"),
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::GONE);
+    assert_eq!(status["reason"], "Expired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookmarks_and_timeouts() {
+    let e = env().await;
+    let (_, list) = e.json("GET", CMS, None).await;
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, body) = e
+        .call_get(&format!(
+            "{CMS}?watch=true&allowWatchBookmarks=true&resourceVersion={rv}"
+        ))
+        .await;
+    let evs = events(body, 1).await;
+    assert_eq!(evs[0]["type"], "BOOKMARK");
+    assert_eq!(evs[0]["object"]["kind"], "ConfigMap");
+    assert!(
+        evs[0]["object"]["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+            >= rv.parse::<i64>().unwrap()
+    );
+    // timeoutSeconds ends the stream by itself.
+    let (_, body) = e
+        .call_get(&format!(
+            "{CMS}?watch=true&timeoutSeconds=1&resourceVersion={rv}"
+        ))
+        .await;
+    let started = std::time::Instant::now();
+    let evs = events(body, 1).await;
+    assert!(evs.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_page_with_continue_and_honour_selectors() {
+    let e = env().await;
+    for i in 0..5 {
+        let mut c = cm(&format!("c{i}"), "x");
+        c["metadata"]["labels"] = json!({"parity": if i % 2 == 0 { "even" } else { "odd" }});
+        e.json("POST", CMS, Some(c)).await;
+    }
+    let (_, page1) = e.json("GET", &format!("{CMS}?limit=2"), None).await;
+    assert_eq!(page1["items"].as_array().unwrap().len(), 2);
+    let cont = page1["metadata"]["continue"].as_str().unwrap().to_string();
+    e.json("POST", CMS, Some(cm("late", "x"))).await;
+    let (_, page2) = e
+        .json("GET", &format!("{CMS}?limit=10&continue={cont}"), None)
+        .await;
+    let names: Vec<_> = page2["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["c2", "c3", "c4"],
+        "later pages read at the first page's revision"
+    );
+    let (_, even) = e
+        .json("GET", &format!("{CMS}?labelSelector=parity%3Deven"), None)
+        .await;
+    assert_eq!(even["items"].as_array().unwrap().len(), 3);
+    let (_, one) = e
+        .json(
+            "GET",
+            &format!("{CMS}?fieldSelector=metadata.name%3Dc1"),
+            None,
+        )
+        .await;
+    assert_eq!(one["items"].as_array().unwrap().len(), 1);
+    let (code, bad) = e
+        .json("GET", &format!("{CMS}?fieldSelector=spec.nope%3D1"), None)
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}");
+}
