@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs Baton: `baton up` on the embedded single-member store, then a small workload
-# through the CLI, then a clean stop and a restart that finds the data again.
+# Runs Baton: `baton up` on the embedded store, then a workload through the real kubectl:
+# a Deployment, a Service and a ConfigMap applied, listed, scaled and deleted; then a clean
+# stop and a restart that finds every object where it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -8,14 +9,15 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 cargo build --release --locked -p baton
 BATON="$CARGO_TARGET_DIR/release/baton"
 DATA="$(mktemp -d)"
-ADDR="127.0.0.1:${BATON_PORT:-2380}"
+LISTEN="127.0.0.1:${BATON_PORT:-6443}"
+export KUBECONFIG="$DATA/kubeconfig"
 trap 'kill "$PID" 2>/dev/null || true; rm -rf "$DATA"' EXIT
 
 start() {
-  "$BATON" up --data-dir "$DATA" --store-listen "$ADDR" &
+  "$BATON" up --data-dir "$DATA" --listen "$LISTEN" &
   PID=$!
   for _ in $(seq 1 100); do
-    if "$BATON" store --endpoints "$ADDR" status >/dev/null 2>&1; then return 0; fi
+    if [ -f "$KUBECONFIG" ] && kubectl get --raw /readyz >/dev/null 2>&1; then return 0; fi
     sleep 0.1
   done
   echo "baton up did not become ready" >&2
@@ -23,11 +25,14 @@ start() {
 }
 
 start
-"$BATON" store --endpoints "$ADDR" status
-for i in 1 2 3; do "$BATON" store --endpoints "$ADDR" put "/demo/key-$i" "value-$i"; done
-"$BATON" store --endpoints "$ADDR" list /demo/
-"$BATON" store --endpoints "$ADDR" get /demo/key-2
+kubectl version
+kubectl get namespaces
+kubectl apply -f examples/hello/deployment.yaml
+kubectl get deployments,services,configmaps -o wide
+kubectl scale deployment hello --replicas=3
+kubectl get deployment hello -o jsonpath='{.spec.replicas}{"\n"}'
 kill -INT "$PID"; wait "$PID" || true
-echo "--- restarted: the data is still there"
+echo "--- restarted: every object is where it was"
 start
-"$BATON" store --endpoints "$ADDR" get /demo/key-3
+kubectl get deployments,services,configmaps
+kubectl delete -f examples/hello/deployment.yaml

@@ -389,7 +389,8 @@ fn validate(res: &Resource, obj: &Value) -> ApiResult<()> {
 
 async fn check_namespace(objects: &Objects, ns: &str) -> ApiResult<()> {
     let nsr = resources::by_kind("Namespace").expect("namespaces are served");
-    match objects.get(nsr, None, ns, ReadAt::Latest).await? {
+    // A local read, as kube-apiserver checks namespaces against its informer cache.
+    match objects.get(nsr, None, ns, ReadAt::Any).await? {
         None => Err(not_found(nsr, ns)),
         Some((n, _)) if n.pointer("/metadata/deletionTimestamp").is_some() => {
             Err(ApiError::Forbidden {

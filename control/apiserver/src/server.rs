@@ -42,7 +42,14 @@ pub enum ServeError {
 pub struct ApiServer {
     objects: Objects,
     pki: Pki,
+    /// Non-watch requests being served, capped like kube-apiserver's
+    /// `--max-requests-inflight`: past the cap a request gets 429 at once instead of
+    /// queueing until everything times out.
+    inflight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Default cap on concurrent non-watch requests (kube-apiserver's default is 400).
+pub const MAX_INFLIGHT: usize = 400;
 
 fn json_ok(v: &Value) -> Response {
     (
@@ -126,7 +133,20 @@ fn discovery_response(core: bool, accept: &str) -> Response {
 
 impl ApiServer {
     pub fn new(objects: Objects, pki: Pki) -> Self {
-        Self { objects, pki }
+        Self::with_max_inflight(objects, pki, MAX_INFLIGHT)
+    }
+
+    pub fn with_max_inflight(objects: Objects, pki: Pki, max: usize) -> Self {
+        Self {
+            objects,
+            pki,
+            inflight: Arc::new(tokio::sync::Semaphore::new(max)),
+        }
+    }
+
+    /// The in-flight limiter (tests saturate it to see the 429).
+    pub fn inflight(&self) -> Arc<tokio::sync::Semaphore> {
+        self.inflight.clone()
     }
 
     pub fn pki(&self) -> &Pki {
@@ -232,6 +252,26 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
             None => return ApiError::Unauthorized.into_response(),
         }
     }
+    let is_watch = parts
+        .uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    let _permit = if is_watch || public(&path) {
+        None
+    } else {
+        match api.inflight.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let mut resp = ApiError::TooManyRequests {
+                    message: "Too many requests, please try again later.".into(),
+                }
+                .into_response();
+                resp.headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("1"));
+                return resp;
+            }
+        }
+    };
     let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {

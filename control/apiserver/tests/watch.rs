@@ -271,3 +271,39 @@ async fn lists_page_with_continue_and_honour_selectors() {
         .await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_gets_429_and_terminating_namespaces_403() {
+    let e = env().await;
+    // Saturate the in-flight limit: the next request is refused at once with 429.
+    let limiter = e.api.inflight();
+    let held = limiter
+        .clone()
+        .acquire_many_owned(baton_apiserver::server::MAX_INFLIGHT as u32)
+        .await
+        .unwrap();
+    let (code, status) = e.json("GET", CMS, None).await;
+    assert_eq!(code, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(status["reason"], "TooManyRequests");
+    drop(held);
+    let (code, _) = e.json("GET", CMS, None).await;
+    assert_eq!(code, StatusCode::OK);
+    // A terminating namespace takes no new objects.
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "leaving"}});
+    assert_eq!(
+        e.json("POST", "/api/v1/namespaces", Some(ns)).await.0,
+        StatusCode::CREATED
+    );
+    let (code, gone) = e.json("DELETE", "/api/v1/namespaces/leaving", None).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{gone}");
+    assert_eq!(gone["status"]["phase"], "Terminating");
+    let (code, status) = e
+        .json(
+            "POST",
+            "/api/v1/namespaces/leaving/configmaps",
+            Some(cm("x", "1")),
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{status}");
+    assert_eq!(status["reason"], "Forbidden");
+}
