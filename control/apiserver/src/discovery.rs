@@ -176,12 +176,55 @@ fn doc_hash(g: &str) -> String {
     )
 }
 
-fn schema_name(r: &Resource) -> String {
-    let g = match r.group {
-        "" => "core".to_string(),
-        g => g.split('.').next().unwrap_or(g).to_string(),
-    };
-    format!("io.k8s.api.{g}.{}.{}", r.version, r.kind)
+/// The OpenAPI schemas of a group-version's types and everything they refer to, from
+/// k8s-openapi, in the shape kube-apiserver publishes: references wrapped in `allOf` (so
+/// that descriptions beside them count) and each kind tagged with its group-version-kind.
+fn component_schemas(
+    group: &str,
+    version: &str,
+) -> (
+    serde_json::Map<String, Value>,
+    Vec<(&'static Resource, String)>,
+) {
+    let mut generator = schemars::generate::SchemaSettings::openapi3().into_generator();
+    let mut names = Vec::new();
+    for r in resources::in_group_version(group, version) {
+        let schema = (r.schema)(&mut generator);
+        let name = schema
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|s| s.rsplit('/').next())
+            .unwrap_or_default()
+            .to_string();
+        names.push((r, name));
+    }
+    let mut defs = generator.take_definitions(true);
+    for v in defs.values_mut() {
+        wrap_refs(v);
+    }
+    for (r, name) in &names {
+        if let Some(s) = defs.get_mut(name) {
+            s["x-kubernetes-group-version-kind"] =
+                json!([{"group": r.group, "version": r.version, "kind": r.kind}]);
+        }
+    }
+    (defs, names)
+}
+
+fn wrap_refs(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            if m.contains_key("$ref") && m.len() > 1 {
+                let r = m.remove("$ref").expect("checked above");
+                m.insert("allOf".into(), json!([{"$ref": r}]));
+            }
+            for child in m.values_mut() {
+                wrap_refs(child);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(wrap_refs),
+        _ => {}
+    }
 }
 
 /// The OpenAPI v3 document of one group-version: every path with its operations. PATCH
@@ -189,11 +232,16 @@ fn schema_name(r: &Resource) -> String {
 /// which is what tells kubectl to leave validation to the server.
 pub fn openapi_doc(group: &str, version: &str) -> Option<Value> {
     let mut paths = serde_json::Map::new();
-    let mut schemas = serde_json::Map::new();
+    let (schemas, names) = component_schemas(group, version);
     let field_validation = json!({"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}});
     for r in resources::in_group_version(group, version) {
         let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let schema_ref = json!({"$ref": format!("#/components/schemas/{}", schema_name(r))});
+        let name = names
+            .iter()
+            .find(|(x, _)| std::ptr::eq(*x, r))
+            .map(|(_, n)| n.clone())
+            .unwrap_or_default();
+        let schema_ref = json!({"$ref": format!("#/components/schemas/{name}")});
         let content = json!({"application/json": {"schema": schema_ref}});
         let op = |verb: &str, action: &str| {
             json!({
@@ -229,21 +277,6 @@ pub fn openapi_doc(group: &str, version: &str) -> Option<Value> {
         {
             paths.insert(format!("{item}/{s}"), json!({"get": op("read", "get"), "put": op("replace", "put"), "patch": op("patch", "patch")}));
         }
-        schemas.insert(
-            schema_name(r),
-            json!({
-                "type": "object",
-                "description": format!("{} is a Kubernetes {} object.", r.kind, r.api_version()),
-                "properties": {
-                    "apiVersion": {"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."},
-                    "kind": {"type": "string", "description": "Kind is a string value representing the REST resource this object represents."},
-                    "metadata": {"type": "object", "description": "Standard object's metadata."},
-                    "spec": {"type": "object", "description": "Specification of the desired behavior."},
-                    "status": {"type": "object", "description": "Most recently observed status. Read-only."},
-                },
-                "x-kubernetes-group-version-kind": [gvk],
-            }),
-        );
     }
     if paths.is_empty() {
         return None;

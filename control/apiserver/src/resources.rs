@@ -6,6 +6,13 @@ use serde_json::Value;
 /// How an object's body is checked against its Kubernetes type.
 pub type TypeCheck = fn(&Value) -> Result<Value, serde_json::Error>;
 
+/// Registers the resource's OpenAPI schema (and its parts) with a generator.
+pub type SchemaOf = fn(&mut schemars::SchemaGenerator) -> schemars::Schema;
+
+fn schema_of<T: schemars::JsonSchema>(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    g.subschema_for::<T>()
+}
+
 fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
     v: &Value,
 ) -> Result<Value, serde_json::Error> {
@@ -28,6 +35,8 @@ pub struct Resource {
     pub subresources: &'static [&'static str],
     /// Deserializes into the k8s-openapi type and back: the typed view of a body.
     pub check: TypeCheck,
+    /// The type's OpenAPI schema, from k8s-openapi (for `kubectl explain`).
+    pub schema: SchemaOf,
 }
 
 impl Resource {
@@ -104,6 +113,7 @@ macro_rules! resource {
             categories: &[$($cat),*],
             subresources: &[$($sub),*],
             check: roundtrip::<$ty>,
+            schema: schema_of::<$ty>,
         }
     };
 }
