@@ -10,5 +10,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 export CARGO_TERM_COLOR=never
 
 cargo fmt --all --check
+cargo fmt --all --check --manifest-path examples-wasm/Cargo.toml
+# The guest components the tests run.
+./scripts/build-guests.sh
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

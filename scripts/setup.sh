@@ -23,4 +23,6 @@ if ((${#missing[@]})); then
 fi
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# Guest components are built for wasm32-wasip2 (scripts/build-guests.sh).
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 echo "setup: done"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Builds the guest components in examples-wasm/ for wasm32-wasip2 (installing the target
+# if needed) and copies them to examples-wasm/dist/NAME.wasm, where tests find them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
+cargo build --release --locked --target wasm32-wasip2 --manifest-path examples-wasm/Cargo.toml
+mkdir -p examples-wasm/dist
+for name in hello http-hello http-frontend tcp-echo tcp-client job hostile; do
+  cp "$CARGO_TARGET_DIR/wasm32-wasip2/release/$name.wasm" "examples-wasm/dist/$name.wasm"
+done
+ls -la examples-wasm/dist

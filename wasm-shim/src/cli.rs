@@ -1,0 +1,179 @@
+//! Running `wasi:cli/run` components to completion.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tracing::Instrument;
+use wasmtime::component::Component;
+use wasmtime_wasi::p2::bindings::Command;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx};
+
+use crate::error::{chain, ShimError};
+use crate::runtime::{ComponentKind, DeadlineExceeded, Runtime};
+use crate::Exit;
+
+/// A host directory the guest sees at `guest_path`; nothing else of the host is visible.
+#[derive(Clone, Debug)]
+pub struct Mount {
+    pub host_path: PathBuf,
+    pub guest_path: String,
+    pub read_only: bool,
+}
+
+/// How to run one CLI component.
+#[derive(Clone, Debug, Default)]
+pub struct CliSpec {
+    /// argv[1..]; argv[0] is the component's name.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<Mount>,
+    /// Linear memory cap; 0 means the runtime's maximum.
+    pub memory_bytes: usize,
+    /// Wall-clock budget; None runs until the guest returns.
+    pub timeout: Option<Duration>,
+    /// Whether the guest may open TCP sockets.
+    pub network: bool,
+    /// Captured stdout/stderr is cut at this many bytes each.
+    pub output_limit: usize,
+}
+
+/// The end of a CLI run, with what it printed.
+#[derive(Debug)]
+pub struct CliOutcome {
+    pub exit: Exit,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+pub(crate) fn wasi_ctx(
+    spec_env: &[(String, String)],
+    args: &[String],
+    mounts: &[Mount],
+    network: bool,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+) -> Result<WasiCtx, ShimError> {
+    let mut b = WasiCtx::builder();
+    b.args(args).envs(spec_env).stdout(stdout).stderr(stderr);
+    for m in mounts {
+        let perms = if m.read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
+        b.preopened_dir(&m.host_path, &m.guest_path, perms)
+            .map_err(|e| {
+                ShimError::Setup(format!(
+                    "mounting {} at {}: {}",
+                    m.host_path.display(),
+                    m.guest_path,
+                    chain(&e)
+                ))
+            })?;
+    }
+    if network {
+        b.inherit_network()
+            .allow_tcp(true)
+            .allow_ip_name_lookup(true);
+    }
+    Ok(b.build())
+}
+
+/// Classifies how a guest stopped.
+pub(crate) fn exit_of(result: wasmtime::Result<()>, oom: bool) -> Exit {
+    match result {
+        Ok(()) => Exit {
+            code: 0,
+            reason: "Completed",
+            message: String::new(),
+        },
+        Err(e) => {
+            if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
+                let reason = if *code == 0 { "Completed" } else { "Error" };
+                return Exit {
+                    code: *code,
+                    reason,
+                    message: String::new(),
+                };
+            }
+            if e.downcast_ref::<DeadlineExceeded>().is_some() {
+                return Exit {
+                    code: 137,
+                    reason: "DeadlineExceeded",
+                    message: chain(&e),
+                };
+            }
+            if oom {
+                return Exit {
+                    code: 137,
+                    reason: "OOMKilled",
+                    message: format!("memory limit reached: {}", chain(&e)),
+                };
+            }
+            Exit {
+                code: 1,
+                reason: "Error",
+                message: chain(&e),
+            }
+        }
+    }
+}
+
+impl Runtime {
+    /// Runs a CLI component to completion.
+    pub async fn run_cli(
+        &self,
+        component: &Component,
+        name: &str,
+        spec: &CliSpec,
+    ) -> Result<CliOutcome, ShimError> {
+        let kind = self.kind(component)?;
+        if kind != ComponentKind::Cli {
+            return Err(ShimError::WrongKind {
+                found: kind.name(),
+                wanted: ComponentKind::Cli.name(),
+            });
+        }
+        let limit = if spec.output_limit == 0 {
+            1 << 20
+        } else {
+            spec.output_limit
+        };
+        let (stdout, stderr) = (MemoryOutputPipe::new(limit), MemoryOutputPipe::new(limit));
+        let mut args = vec![name.to_string()];
+        args.extend(spec.args.iter().cloned());
+        let wasi = wasi_ctx(
+            &spec.env,
+            &args,
+            &spec.mounts,
+            spec.network,
+            stdout.clone(),
+            stderr.clone(),
+        )?;
+        let memory = if spec.memory_bytes == 0 {
+            usize::MAX
+        } else {
+            spec.memory_bytes
+        };
+        let (mut store, oom) = self.store(wasi, memory, spec.timeout);
+        let run = async {
+            let cmd = Command::instantiate_async(&mut store, component, &self.linker).await?;
+            cmd.wasi_cli_run()
+                .call_run(&mut store)
+                .await?
+                .map_err(|()| wasmtime::Error::msg("the program returned an error"))
+        };
+        let result = run
+            .instrument(tracing::debug_span!("wasm_cli", component = name))
+            .await;
+        let exit = exit_of(result, oom.load(Ordering::Relaxed));
+        drop(store);
+        Ok(CliOutcome {
+            exit,
+            stdout: stdout.contents().to_vec(),
+            stderr: stderr.contents().to_vec(),
+        })
+    }
+}

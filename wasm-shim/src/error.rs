@@ -1,0 +1,29 @@
+//! The sandbox's error type.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("{path} is not a valid Wasm component: {reason}")]
+    InvalidComponent { path: PathBuf, reason: String },
+    #[error("component exports neither wasi:cli/run nor wasi:http/incoming-handler (exports: {exports})")]
+    UnknownKind { exports: String },
+    #[error("component is a {found}, not a {wanted}")]
+    WrongKind {
+        found: &'static str,
+        wanted: &'static str,
+    },
+    #[error("failed to set up the sandbox: {0}")]
+    Setup(String),
+    #[error("I/O error on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// wasmtime's errors are anyhow-style; keep their whole chain as text.
+pub(crate) fn chain(e: &wasmtime::Error) -> String {
+    format!("{e:#}")
+}

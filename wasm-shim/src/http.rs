@@ -1,0 +1,195 @@
+//! Serving `wasi:http/incoming-handler` components: a fresh instance per request, from one
+//! pre-instantiated component.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::server::conn::http1;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+use wasmtime::component::Component;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi_http::io::TokioIo;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::WasiHttpView;
+
+use crate::cli::{exit_of, wasi_ctx};
+use crate::error::{chain, ShimError};
+use crate::host::Host;
+use crate::runtime::{ComponentKind, Runtime};
+
+/// How to serve one HTTP component.
+#[derive(Clone, Debug, Default)]
+pub struct HttpSpec {
+    pub env: Vec<(String, String)>,
+    /// Linear memory cap per request instance; 0 means the runtime's maximum.
+    pub memory_bytes: usize,
+    /// Budget of one request; None lets a request run as long as its client waits.
+    pub request_timeout: Option<Duration>,
+}
+
+/// A running HTTP component; stops serving when dropped.
+#[derive(Debug)]
+pub struct HttpServer {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl HttpServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Serving {
+    runtime: Runtime,
+    pre: ProxyPre<Host>,
+    spec: HttpSpec,
+}
+
+fn text(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Full::new(Bytes::from(body))
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync();
+    let mut resp = hyper::Response::new(body);
+    *resp.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    resp
+}
+
+impl Serving {
+    async fn handle(
+        self: Arc<Self>,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, Infallible> {
+        let sink = MemoryOutputPipe::new(64 << 10);
+        let wasi = match wasi_ctx(
+            &self.spec.env,
+            &["http".to_string()],
+            &[],
+            true,
+            sink.clone(),
+            sink,
+        ) {
+            Ok(w) => w,
+            Err(e) => return Ok(text(500, format!("sandbox setup failed: {e}\n"))),
+        };
+        let memory = if self.spec.memory_bytes == 0 {
+            usize::MAX
+        } else {
+            self.spec.memory_bytes
+        };
+        let (mut store, oom) = self.runtime.store(wasi, memory, self.spec.request_timeout);
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let prepared = (|| -> wasmtime::Result<_> {
+            let req = store
+                .data_mut()
+                .http()
+                .new_incoming_request(Scheme::Http, req)?;
+            let out = store.data_mut().http().new_response_outparam(sender)?;
+            Ok((req, out))
+        })();
+        let (req, out) = match prepared {
+            Ok(x) => x,
+            Err(e) => return Ok(text(400, format!("bad request: {}\n", chain(&e)))),
+        };
+        let pre = self.pre.clone();
+        let task = tokio::spawn(
+            async move {
+                let result = async {
+                    let proxy = pre.instantiate_async(&mut store).await?;
+                    proxy
+                        .wasi_http_incoming_handler()
+                        .call_handle(&mut store, req, out)
+                        .await
+                }
+                .await;
+                exit_of(result, oom.load(Ordering::Relaxed))
+            }
+            .instrument(tracing::debug_span!("wasm_http_request")),
+        );
+        match receiver.await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Ok(text(
+                500,
+                format!("the component failed the request: {e:?}\n"),
+            )),
+            Err(_) => {
+                // The guest never answered: it trapped, ran out of memory or time.
+                let exit = task.await.unwrap_or(crate::Exit {
+                    code: 1,
+                    reason: "Error",
+                    message: "request task panicked".into(),
+                });
+                let status = if exit.reason == "DeadlineExceeded" {
+                    504
+                } else {
+                    500
+                };
+                Ok(text(status, format!("{}: {}\n", exit.reason, exit.message)))
+            }
+        }
+    }
+}
+
+impl Runtime {
+    /// Serves an HTTP component on `listener`, an instance per request.
+    pub fn serve_http(
+        &self,
+        component: &Component,
+        spec: HttpSpec,
+        listener: TcpListener,
+    ) -> Result<HttpServer, ShimError> {
+        let kind = self.kind(component)?;
+        if kind != ComponentKind::Http {
+            return Err(ShimError::WrongKind {
+                found: kind.name(),
+                wanted: ComponentKind::Http.name(),
+            });
+        }
+        let instance_pre = self
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| ShimError::Setup(chain(&e)))?;
+        let pre = ProxyPre::new(instance_pre).map_err(|e| ShimError::Setup(chain(&e)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ShimError::Setup(e.to_string()))?;
+        let serving = Arc::new(Serving {
+            runtime: self.clone(),
+            pre,
+            spec,
+        });
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _peer)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let serving = serving.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| serving.clone().handle(req));
+                    let _ = http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(HttpServer { addr, task })
+    }
+}

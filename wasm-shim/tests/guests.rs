@@ -1,0 +1,308 @@
+//! The guests of examples-wasm/ run through the sandbox, with real behaviour asserted.
+//! Build them first with `scripts/build-guests.sh` (the CI script does).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use baton_wasm_shim::{CliSpec, ComponentKind, HttpSpec, Mount, Runtime, RuntimeConfig, ShimError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Every guest in examples-wasm, and the test that uses it: a guest no test uses is an error.
+const GUESTS: &[(&str, &str)] = &[
+    ("hello", "cli_args_env_and_exit"),
+    ("job", "job_writes_its_volume_and_exits_with_its_code"),
+    (
+        "hostile",
+        "hostile_guests_are_contained_with_the_right_reason",
+    ),
+    (
+        "http-hello",
+        "http_component_serves_an_instance_per_request",
+    ),
+    ("http-frontend", "pending: virtual localhost"),
+    ("tcp-echo", "pending: virtual localhost"),
+    ("tcp-client", "pending: virtual localhost"),
+];
+
+fn guest(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples-wasm/dist")
+        .join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-guests.sh",
+        p.display()
+    );
+    p
+}
+
+fn runtime() -> Runtime {
+    Runtime::new(RuntimeConfig {
+        max_instances: 64,
+        ..RuntimeConfig::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn every_guest_is_listed() {
+    let dist = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples-wasm/dist");
+    for entry in
+        std::fs::read_dir(&dist).expect("examples-wasm/dist exists: run scripts/build-guests.sh")
+    {
+        let name = entry
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .trim_end_matches(".wasm")
+            .to_string();
+        assert!(
+            GUESTS.iter().any(|(g, _)| *g == name),
+            "guest {name} is not used by any test"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_args_env_and_exit() {
+    let rt = runtime();
+    let c = rt.load_file(&guest("hello")).unwrap();
+    assert_eq!(rt.kind(&c).unwrap(), ComponentKind::Cli);
+    let spec = CliSpec {
+        args: vec!["one".into(), "two".into()],
+        env: vec![("GREETING".into(), "hi".into())],
+        ..Default::default()
+    };
+    let out = rt.run_cli(&c, "hello", &spec).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        (out.exit.code, out.exit.reason),
+        (0, "Completed"),
+        "{:?}",
+        out.exit
+    );
+    assert!(stdout.contains("args=[\"one\", \"two\"]"), "{stdout}");
+    assert!(stdout.contains("env GREETING=hi"), "{stdout}");
+    // Only what the pod was given: no host environment leaks in.
+    assert!(!stdout.contains("env PATH="), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_writes_its_volume_and_exits_with_its_code() {
+    let rt = runtime();
+    let c = rt.load_file(&guest("job")).unwrap();
+    let vol = tempfile::tempdir().unwrap();
+    let mounts = vec![Mount {
+        host_path: vol.path().to_path_buf(),
+        guest_path: "/data".into(),
+        read_only: false,
+    }];
+    let spec = CliSpec {
+        env: vec![("N".into(), "1000".into())],
+        mounts: mounts.clone(),
+        ..Default::default()
+    };
+    let out = rt.run_cli(&c, "job", &spec).await.unwrap();
+    assert_eq!(out.exit.reason, "Completed");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("primes below 1000: 168"));
+    assert_eq!(
+        std::fs::read_to_string(vol.path().join("result.txt")).unwrap(),
+        "primes below 1000: 168\n"
+    );
+    let spec = CliSpec {
+        env: vec![("N".into(), "10".into()), ("EXIT_CODE".into(), "3".into())],
+        mounts,
+        ..Default::default()
+    };
+    let out = rt.run_cli(&c, "job", &spec).await.unwrap();
+    // wasi:cli 0.2's `exit` carries success or failure; Rust's std maps any non-zero
+    // code to failure, which arrives as 1.
+    assert_eq!((out.exit.code, out.exit.reason), (1, "Error"));
+    // A read-only mount refuses the write; the job reports it and still exits.
+    let ro = vec![Mount {
+        host_path: vol.path().to_path_buf(),
+        guest_path: "/data".into(),
+        read_only: true,
+    }];
+    std::fs::remove_file(vol.path().join("result.txt")).unwrap();
+    let out = rt
+        .run_cli(
+            &c,
+            "job",
+            &CliSpec {
+                mounts: ro,
+                env: vec![("N".into(), "10".into())],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot write"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!vol.path().join("result.txt").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_guests_are_contained_with_the_right_reason() {
+    let rt = runtime();
+    let c = rt.load_file(&guest("hostile")).unwrap();
+    let run = |mode: &str, spec: CliSpec| {
+        let rt = rt.clone();
+        let c = c.clone();
+        let mode = mode.to_string();
+        async move {
+            rt.run_cli(
+                &c,
+                "hostile",
+                &CliSpec {
+                    args: vec![mode],
+                    ..spec
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let out = run("trap", CliSpec::default()).await;
+    assert_eq!(out.exit.reason, "Error");
+    assert!(
+        out.exit.message.contains("unreachable") || out.exit.message.contains("trap"),
+        "{:?}",
+        out.exit
+    );
+    let out = run(
+        "loop",
+        CliSpec {
+            timeout: Some(Duration::from_millis(300)),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(out.exit.reason, "DeadlineExceeded", "{:?}", out.exit);
+    let out = run(
+        "memory",
+        CliSpec {
+            memory_bytes: 32 << 20,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(out.exit.reason, "OOMKilled", "{:?}", out.exit);
+    let vol = tempfile::tempdir().unwrap();
+    let mounts = vec![Mount {
+        host_path: vol.path().to_path_buf(),
+        guest_path: "/data".into(),
+        read_only: false,
+    }];
+    let out = run(
+        "read-host",
+        CliSpec {
+            mounts,
+            ..Default::default()
+        },
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.exit.code, 0,
+        "the guest read host files it was not given:\n{stdout}"
+    );
+    assert!(!stdout.contains("LEAK"), "{stdout}");
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_component_serves_an_instance_per_request() {
+    let rt = runtime();
+    let c = rt.load_file(&guest("http-hello")).unwrap();
+    assert_eq!(rt.kind(&c).unwrap(), ComponentKind::Http);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let spec = HttpSpec {
+        env: vec![
+            ("GREETING".into(), "hi".into()),
+            ("POD_NAME".into(), "web-0".into()),
+        ],
+        ..Default::default()
+    };
+    let server = rt.serve_http(&c, spec, listener).unwrap();
+    let (code, body) = http_get(server.local_addr(), "/abc?x=1").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("hi from web-0 path=/abc?x=1"), "{body}");
+    // A neighbour that spins does not stop the service.
+    let hostile = rt.load_file(&guest("hostile")).unwrap();
+    let rt2 = rt.clone();
+    let spinner = tokio::spawn(async move {
+        let spec = CliSpec {
+            args: vec!["loop".into()],
+            timeout: Some(Duration::from_secs(3)),
+            ..Default::default()
+        };
+        rt2.run_cli(&hostile, "hostile", &spec).await.unwrap()
+    });
+    for i in 0..20 {
+        let (code, body) = http_get(server.local_addr(), &format!("/n{i}")).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(spinner.await.unwrap().exit.reason, "DeadlineExceeded");
+    // The wrong kind is refused with a reason.
+    let err = rt
+        .run_cli(&c, "http-hello", &CliSpec::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ShimError::WrongKind { .. }), "{err}");
+}
+
+#[test]
+fn broken_wasm_is_refused_and_the_cache_survives_a_restart() {
+    let rt = runtime();
+    let err = rt
+        .load_bytes(
+            b"\0asm\x01\0\0\0garbage",
+            std::path::Path::new("broken.wasm"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, ShimError::InvalidComponent { .. }), "{err}");
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = RuntimeConfig {
+        cache_dir: Some(cache.path().to_path_buf()),
+        max_instances: 8,
+        ..RuntimeConfig::default()
+    };
+    let first = Runtime::new(cfg.clone()).unwrap();
+    first.load_file(&guest("hello")).unwrap();
+    let entries = std::fs::read_dir(cache.path()).unwrap().count();
+    assert_eq!(entries, 1, "one compiled entry");
+    drop(first);
+    let second = Runtime::new(cfg).unwrap();
+    let started = std::time::Instant::now();
+    let c = second.load_file(&guest("hello")).unwrap();
+    assert_eq!(second.kind(&c).unwrap(), ComponentKind::Cli);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "loaded from the cache, not recompiled"
+    );
+}
