@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use tracing::Instrument;
 use wasmtime::component::Component;
+use wasmtime_wasi::cli::StdoutStream;
 use wasmtime_wasi::p2::bindings::Command;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx};
+
+use crate::logs::ContainerLog;
 
 use crate::error::{chain, ShimError};
 use crate::runtime::{ComponentKind, DeadlineExceeded, Runtime};
@@ -37,6 +40,8 @@ pub struct CliSpec {
     pub network: bool,
     /// Captured stdout/stderr is cut at this many bytes each.
     pub output_limit: usize,
+    /// Write stdout and stderr to this container log instead of capturing them.
+    pub log: Option<ContainerLog>,
 }
 
 /// The end of a CLI run, with what it printed.
@@ -52,8 +57,8 @@ pub(crate) fn wasi_ctx(
     args: &[String],
     mounts: &[Mount],
     network: bool,
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
+    stdout: impl StdoutStream + 'static,
+    stderr: impl StdoutStream + 'static,
 ) -> Result<WasiCtx, ShimError> {
     let mut b = WasiCtx::builder();
     b.args(args).envs(spec_env).stdout(stdout).stderr(stderr);
@@ -144,14 +149,24 @@ impl Runtime {
         let (stdout, stderr) = (MemoryOutputPipe::new(limit), MemoryOutputPipe::new(limit));
         let mut args = vec![name.to_string()];
         args.extend(spec.args.iter().cloned());
-        let wasi = wasi_ctx(
-            &spec.env,
-            &args,
-            &spec.mounts,
-            spec.network,
-            stdout.clone(),
-            stderr.clone(),
-        )?;
+        let wasi = match &spec.log {
+            Some(log) => wasi_ctx(
+                &spec.env,
+                &args,
+                &spec.mounts,
+                spec.network,
+                log.stdout(),
+                log.stderr(),
+            )?,
+            None => wasi_ctx(
+                &spec.env,
+                &args,
+                &spec.mounts,
+                spec.network,
+                stdout.clone(),
+                stderr.clone(),
+            )?,
+        };
         let memory = if spec.memory_bytes == 0 {
             usize::MAX
         } else {
@@ -170,6 +185,9 @@ impl Runtime {
             .await;
         let exit = exit_of(result, oom.load(Ordering::Relaxed));
         drop(store);
+        if let Some(log) = &spec.log {
+            let _ = log.flush();
+        }
         Ok(CliOutcome {
             exit,
             stdout: stdout.contents().to_vec(),

@@ -22,14 +22,15 @@
 //!
 //! ## What is here and what is not yet
 //! Here: kinds, the engine and cache, CLI runs with args, env and preopened dirs, HTTP
-//! serving, memory and time limits, exit codes and reasons. Not yet: the pod's shared
-//! virtual localhost, log files, socket caps (issue "Wasm runtime").
+//! serving, memory and time limits, exit codes and reasons, container log files ([`logs`]).
+//! Not yet: the pod's shared virtual localhost, socket caps (issue "Wasm runtime").
 
 mod cache;
 mod cli;
 mod error;
 mod host;
 mod http;
+pub mod logs;
 mod runtime;
 
 pub use cli::{CliSpec, Mount};

@@ -306,3 +306,36 @@ fn broken_wasm_is_refused_and_the_cache_survives_a_restart() {
         "loaded from the cache, not recompiled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_output_goes_to_the_container_log() {
+    use baton_wasm_shim::logs::{read_logs, ContainerLog, LogConfig, LogQuery};
+    let rt = runtime();
+    let c = rt.load_file(&guest("hello")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        path: dir.path().join("hello.log"),
+        max_bytes: 1 << 20,
+        max_files: 2,
+    };
+    let log = ContainerLog::open(cfg.clone()).unwrap();
+    let spec = CliSpec {
+        args: vec!["x".into()],
+        log: Some(log),
+        ..Default::default()
+    };
+    let out = rt.run_cli(&c, "hello", &spec).await.unwrap();
+    assert_eq!(out.exit.reason, "Completed");
+    let lines = read_logs(
+        &cfg,
+        &LogQuery {
+            timestamps: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        lines[0].contains("Z hello from a baton pod: args=[\"x\"]"),
+        "{lines:?}"
+    );
+}
