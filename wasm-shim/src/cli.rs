@@ -134,6 +134,17 @@ impl Runtime {
         name: &str,
         spec: &CliSpec,
     ) -> Result<CliOutcome, ShimError> {
+        self.run_cli_with(component, name, spec, crate::pod::PodHooks::default())
+            .await
+    }
+
+    pub(crate) async fn run_cli_with(
+        &self,
+        component: &Component,
+        name: &str,
+        spec: &CliSpec,
+        hooks: crate::pod::PodHooks,
+    ) -> Result<CliOutcome, ShimError> {
         let kind = self.kind(component)?;
         if kind != ComponentKind::Cli {
             return Err(ShimError::WrongKind {
@@ -172,7 +183,7 @@ impl Runtime {
         } else {
             spec.memory_bytes
         };
-        let (mut store, oom) = self.store(wasi, memory, spec.timeout);
+        let (mut store, oom) = self.store(wasi, memory, spec.timeout, hooks);
         let run = async {
             let cmd = Command::instantiate_async(&mut store, component, &self.linker).await?;
             cmd.wasi_cli_run()

@@ -43,6 +43,7 @@ impl ResourceLimiter for Limits {
 }
 
 pub(crate) struct Host {
+    pub hooks: crate::pod::PodHooks,
     pub wasi: WasiCtx,
     pub http: WasiHttpCtx,
     pub table: ResourceTable,
@@ -63,7 +64,7 @@ impl WasiHttpView for Host {
         WasiHttpCtxView {
             ctx: &mut self.http,
             table: &mut self.table,
-            hooks: Default::default(),
+            hooks: &mut self.hooks,
         }
     }
 }

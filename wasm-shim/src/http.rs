@@ -55,6 +55,7 @@ impl Drop for HttpServer {
 }
 
 struct Serving {
+    hooks: crate::pod::PodHooks,
     runtime: Runtime,
     pre: ProxyPre<Host>,
     spec: HttpSpec,
@@ -93,7 +94,9 @@ impl Serving {
         } else {
             self.spec.memory_bytes
         };
-        let (mut store, oom) = self.runtime.store(wasi, memory, self.spec.request_timeout);
+        let (mut store, oom) =
+            self.runtime
+                .store(wasi, memory, self.spec.request_timeout, self.hooks);
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let prepared = (|| -> wasmtime::Result<_> {
             let req = store
@@ -154,6 +157,16 @@ impl Runtime {
         spec: HttpSpec,
         listener: TcpListener,
     ) -> Result<HttpServer, ShimError> {
+        self.serve_http_with(component, spec, listener, crate::pod::PodHooks::default())
+    }
+
+    pub(crate) fn serve_http_with(
+        &self,
+        component: &Component,
+        spec: HttpSpec,
+        listener: TcpListener,
+        hooks: crate::pod::PodHooks,
+    ) -> Result<HttpServer, ShimError> {
         let kind = self.kind(component)?;
         if kind != ComponentKind::Http {
             return Err(ShimError::WrongKind {
@@ -170,6 +183,7 @@ impl Runtime {
             .local_addr()
             .map_err(|e| ShimError::Setup(e.to_string()))?;
         let serving = Arc::new(Serving {
+            hooks,
             runtime: self.clone(),
             pre,
             spec,

@@ -22,8 +22,9 @@
 //!
 //! ## What is here and what is not yet
 //! Here: kinds, the engine and cache, CLI runs with args, env and preopened dirs, HTTP
-//! serving, memory and time limits, exit codes and reasons, container log files ([`logs`]).
-//! Not yet: the pod's shared virtual localhost, socket caps (issue "Wasm runtime").
+//! serving, memory and time limits, exit codes and reasons, container log files ([`logs`]),
+//! pods whose HTTP components share a virtual localhost ([`PodSpec`], see `pod.rs` for the
+//! design). Not yet: the same localhost for wasi:sockets, socket and handle caps.
 
 mod cache;
 mod cli;
@@ -31,11 +32,13 @@ mod error;
 mod host;
 mod http;
 pub mod logs;
+mod pod;
 mod runtime;
 
 pub use cli::{CliSpec, Mount};
 pub use error::ShimError;
 pub use http::{HttpServer, HttpSpec};
+pub use pod::{ContainerSpec, Pod, PodSpec};
 pub use runtime::{ComponentKind, Runtime, RuntimeConfig};
 
 /// How a component run ended, in the terms of a Kubernetes container state.

@@ -180,9 +180,11 @@ impl Runtime {
         wasi: WasiCtx,
         memory_bytes: usize,
         budget: Option<Duration>,
+        hooks: crate::pod::PodHooks,
     ) -> (Store<Host>, Arc<AtomicBool>) {
         let hit_memory = Arc::new(AtomicBool::new(false));
         let host = Host {
+            hooks,
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),

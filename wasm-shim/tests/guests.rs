@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use baton_wasm_shim::{CliSpec, ComponentKind, HttpSpec, Mount, Runtime, RuntimeConfig, ShimError};
+use baton_wasm_shim::{
+    CliSpec, ComponentKind, ContainerSpec, HttpSpec, Mount, PodSpec, Runtime, RuntimeConfig,
+    ShimError,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Every guest in examples-wasm, and the test that uses it: a guest no test uses is an error.
@@ -19,7 +22,10 @@ const GUESTS: &[(&str, &str)] = &[
         "http-hello",
         "http_component_serves_an_instance_per_request",
     ),
-    ("http-frontend", "pending: virtual localhost"),
+    (
+        "http-frontend",
+        "pod_siblings_share_localhost_and_pods_share_a_port",
+    ),
     ("tcp-echo", "pending: virtual localhost"),
     ("tcp-client", "pending: virtual localhost"),
 ];
@@ -338,4 +344,64 @@ async fn cli_output_goes_to_the_container_log() {
         lines[0].contains("Z hello from a baton pod: args=[\"x\"]"),
         "{lines:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_siblings_share_localhost_and_pods_share_a_port() {
+    let rt = runtime();
+    let front = rt.load_file(&guest("http-frontend")).unwrap();
+    let back = rt.load_file(&guest("http-hello")).unwrap();
+    let pod = |n: u8, greeting: &str| PodSpec {
+        name: format!("p{n}"),
+        ip: std::net::IpAddr::from([127, 1, 0, n]),
+        containers: vec![
+            ContainerSpec {
+                name: "frontend".into(),
+                component: front.clone(),
+                port: Some(8080),
+                cli: CliSpec::default(),
+                http: HttpSpec::default(),
+            },
+            ContainerSpec {
+                name: "backend".into(),
+                component: back.clone(),
+                port: Some(8081),
+                cli: CliSpec::default(),
+                http: HttpSpec {
+                    env: vec![
+                        ("GREETING".into(), greeting.into()),
+                        ("POD_NAME".into(), format!("p{n}")),
+                    ],
+                    ..Default::default()
+                },
+            },
+        ],
+    };
+    // Both pods serve ports 8080 and 8081, each on its own address.
+    let a = rt.start_pod(pod(1, "hello-a")).await.unwrap();
+    let b = rt.start_pod(pod(2, "hello-b")).await.unwrap();
+    let (code, body) = http_get(a.http_addr("frontend").unwrap(), "/x").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("frontend got 200 OK from backend: hello-a from p1 path=/x"),
+        "{body}"
+    );
+    let (code, body) = http_get(b.http_addr("frontend").unwrap(), "/y").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("hello-b from p2 path=/y"),
+        "localhost in pod b is pod b: {body}"
+    );
+    // With its backend gone, a frontend does not reach the other pod's.
+    drop(a);
+    let c = rt
+        .start_pod(PodSpec {
+            containers: vec![pod(3, "x").containers.remove(0)],
+            ..pod(3, "x")
+        })
+        .await
+        .unwrap();
+    let (code, body) = http_get(c.http_addr("frontend").unwrap(), "/z").await;
+    assert_eq!(code, 502, "{body}");
+    drop(b);
 }
