@@ -1,7 +1,7 @@
 //! API server benchmark: create, get, list and watch-delivery latency through kube-rs,
 //! against `baton up` on the embedded store, at 1 and 64 concurrent clients.
 //!
-//! Usage: `api-bench BATON_BINARY` (see scripts/bench-api.sh). `BENCH_OPS` sets the
+//! Usage: `api-bench BATON_BINARY` (see `scripts/bench.sh api`). `BENCH_OPS` sets the
 //! operations per client per cell (default 300).
 
 use std::io::{BufRead, BufReader};

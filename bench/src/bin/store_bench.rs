@@ -5,7 +5,7 @@
 //! concurrent clients, for a fixed time per cell, on one member and on three members on
 //! loopback. Both clients talk to the leader. Prints one table with the ratio per row.
 //!
-//! Usage: `store-bench BATON_BINARY` (see scripts/bench-store.sh). `BENCH_SECS` sets the
+//! Usage: `store-bench BATON_BINARY` (see `scripts/bench.sh store`). `BENCH_SECS` sets the
 //! seconds per cell (default 5).
 
 use std::path::{Path, PathBuf};
