@@ -15,6 +15,8 @@ use baton_apiserver::{ApiServer, Objects, Pki};
 use baton_store::{RangeRequest, ReadOptions, Store, StoreClient, StoreConfig, WatchEvent};
 use clap::{Args, Parser, Subcommand};
 
+mod run;
+
 // glibc's malloc showed up as ~12% of the store's write path under load; mimalloc's
 // thread-local free lists make the many small request buffers cheap.
 #[global_allocator]
@@ -39,6 +41,8 @@ enum Command {
     Server(ServerArgs),
     /// Talk to a store: status, get, put, list, watch.
     Store(StoreArgs),
+    /// Run a component (or a pod from a local manifest) here, without a cluster.
+    Run(run::RunArgs),
 }
 
 #[derive(Args, Debug)]
@@ -147,6 +151,10 @@ async fn main() -> Result<()> {
         Command::Up(args) => up(args).await,
         Command::Server(args) => server(args).await,
         Command::Store(args) => store_verb(args).await,
+        Command::Run(args) => {
+            let code = run::run(args).await?;
+            std::process::exit(code)
+        }
     }
 }
 

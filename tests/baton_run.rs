@@ -1,0 +1,99 @@
+//! `baton run`: a component or a local pod manifest, as a user runs them.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn baton() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_baton"))
+}
+
+#[test]
+fn runs_a_cli_component_with_args_env_and_exit_code() {
+    let out = baton()
+        .arg("run")
+        .arg(root().join("examples-wasm/dist/hello.wasm"))
+        .args(["-e", "A=1", "--", "x", "y"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("args=[\"x\", \"y\"]") && stdout.contains("env A=1"),
+        "{stdout}"
+    );
+    let out = baton()
+        .arg("run")
+        .arg(root().join("examples-wasm/dist/job.wasm"))
+        .args(["-e", "N=50", "-e", "EXIT_CODE=2"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failing job fails the command"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("primes below 50: 15"));
+    let out = baton()
+        .arg("run")
+        .arg(root().join("Cargo.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a valid Wasm component"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn runs_a_local_pod_whose_frontend_reaches_its_backend() {
+    let mut child = baton()
+        .args(["run", "-f"])
+        .arg(root().join("examples-wasm/pods/frontend-backend.yaml"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut addr = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line.contains("container frontend serves http://") {
+            addr = line.split("http://").nth(1).map(|a| a.trim().to_string());
+            break;
+        }
+    }
+    let addr = addr.expect("the pod printed its frontend address");
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /hi HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        resp.contains("hello from the backend from http-hello path=/hi"),
+        "{resp}"
+    );
+}
+
+#[test]
+fn runs_a_local_job_pod_to_completion() {
+    let out = baton()
+        .args(["run", "-f"])
+        .arg(root().join("examples-wasm/pods/job.yaml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("primes below 100000: 9592")
+            && stdout.contains("container job exited 0 (Completed)"),
+        "{stdout}"
+    );
+}
