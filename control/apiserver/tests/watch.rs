@@ -41,6 +41,11 @@ async fn env() -> Env {
 }
 
 impl Env {
+    /// Stops the store before the test ends, so no RocksDB work outlives the test.
+    async fn close(self) {
+        self.store.shutdown().await.unwrap();
+    }
+
     async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Body) {
         let req = Request::builder()
             .method(method)
@@ -152,6 +157,7 @@ async fn watch_resumes_from_a_resource_version_and_carries_deletes() {
         .await;
     let evs = events(body, 1).await;
     assert_eq!(evs[0]["type"], "DELETED");
+    e.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,6 +196,7 @@ async fn compacted_resource_versions_get_410_expired() {
         .await;
     assert_eq!(code, StatusCode::GONE);
     assert_eq!(status["reason"], "Expired");
+    e.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,6 +233,7 @@ async fn bookmarks_and_timeouts() {
     let evs = events(body, 1).await;
     assert!(evs.is_empty());
     assert!(started.elapsed() < Duration::from_secs(5));
+    e.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,6 +278,7 @@ async fn lists_page_with_continue_and_honour_selectors() {
         .json("GET", &format!("{CMS}?fieldSelector=spec.nope%3D1"), None)
         .await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}");
+    e.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,4 +315,5 @@ async fn overload_gets_429_and_terminating_namespaces_403() {
         .await;
     assert_eq!(code, StatusCode::FORBIDDEN, "{status}");
     assert_eq!(status["reason"], "Forbidden");
+    e.close().await;
 }

@@ -110,6 +110,7 @@ struct Inner {
     http: reqwest::Client,
     proposals: mpsc::Sender<Proposal>,
     read_barriers: mpsc::Sender<oneshot::Sender<Result<(), Proposed>>>,
+    db: Arc<rocksdb::DB>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -133,7 +134,7 @@ impl Store {
             let hub = WatchHub::new(cfg.watch_buffer);
             let sm = StateMachine::open(db.clone(), mvcc.clone(), hub.clone(), &cfg.data_dir)
                 .map_err(|e| Error::Raft(error_chain(&e)))?;
-            let log = LogStore::new(db);
+            let log = LogStore::new(db.clone());
             let raft_cfg = openraft::Config {
                 cluster_name: "baton".into(),
                 heartbeat_interval: cfg.heartbeat.as_millis() as u64,
@@ -166,6 +167,7 @@ impl Store {
             let (rtx, rrx) = mpsc::channel(4096);
             let inner = Arc::new(Inner {
                 cfg,
+                db,
                 raft,
                 mvcc,
                 hub,
@@ -679,11 +681,16 @@ impl Store {
         for t in self.inner.tasks.lock().expect("tasks lock").drain(..) {
             t.abort();
         }
-        self.inner
+        let res = self
+            .inner
             .raft
             .shutdown()
             .await
-            .map_err(|e| Error::Raft(e.to_string()))
+            .map_err(|e| Error::Raft(e.to_string()));
+        // Stop RocksDB's flushes and compactions now: left running, they can still be
+        // at work when the process exits and its static destructors tear RocksDB down.
+        self.inner.db.cancel_all_background_work(true);
+        res
     }
 
     pub(crate) fn raft(&self) -> &Raft {
