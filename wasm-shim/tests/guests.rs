@@ -26,6 +26,7 @@ const GUESTS: &[(&str, &str)] = &[
         "http-frontend",
         "pod_siblings_share_localhost_and_pods_share_a_port",
     ),
+    ("http-hostile", "a_bad_http_request_fails_alone"),
     ("tcp-echo", "pending: virtual localhost"),
     ("tcp-client", "pending: virtual localhost"),
 ];
@@ -404,4 +405,34 @@ async fn pod_siblings_share_localhost_and_pods_share_a_port() {
     let (code, body) = http_get(c.http_addr("frontend").unwrap(), "/z").await;
     assert_eq!(code, 502, "{body}");
     drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_http_request_fails_alone() {
+    let rt = runtime();
+    let c = rt.load_file(&guest("http-hostile")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let spec = HttpSpec {
+        memory_bytes: 32 << 20,
+        request_timeout: Some(Duration::from_millis(500)),
+        ..Default::default()
+    };
+    let server = rt.serve_http(&c, spec, listener).unwrap();
+    let addr = server.local_addr();
+    for (path, want_code, want_reason) in [
+        ("/loop", 504, "DeadlineExceeded"),
+        ("/memory", 500, "OOMKilled"),
+        ("/trap", 500, "Error"),
+    ] {
+        let (code, body) = http_get(addr, path).await;
+        assert_eq!(code, want_code, "{path}: {body}");
+        assert!(body.starts_with(want_reason), "{path}: {body}");
+        // The next request gets a fresh instance and is served.
+        let (code, body) = http_get(addr, "/").await;
+        // (The body may arrive chunked: "3\r\nok\n\r\n0\r\n\r\n".)
+        assert!(
+            code == 200 && body.contains("ok\n"),
+            "after {path}: {code} {body}"
+        );
+    }
 }
