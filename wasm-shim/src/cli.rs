@@ -178,12 +178,7 @@ impl Runtime {
                 stderr.clone(),
             )?,
         };
-        let memory = if spec.memory_bytes == 0 {
-            usize::MAX
-        } else {
-            spec.memory_bytes
-        };
-        let (mut store, oom) = self.store(wasi, memory, spec.timeout, hooks);
+        let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, hooks);
         let run = async {
             let cmd = Command::instantiate_async(&mut store, component, &self.linker).await?;
             cmd.wasi_cli_run()

@@ -89,14 +89,12 @@ impl Serving {
             Ok(w) => w,
             Err(e) => return Ok(text(500, format!("sandbox setup failed: {e}\n"))),
         };
-        let memory = if self.spec.memory_bytes == 0 {
-            usize::MAX
-        } else {
-            self.spec.memory_bytes
-        };
-        let (mut store, oom) =
-            self.runtime
-                .store(wasi, memory, self.spec.request_timeout, self.hooks);
+        let (mut store, oom) = self.runtime.store(
+            wasi,
+            self.spec.memory_bytes,
+            self.spec.request_timeout,
+            self.hooks,
+        );
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let prepared = (|| -> wasmtime::Result<_> {
             let req = store

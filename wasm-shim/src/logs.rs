@@ -190,6 +190,16 @@ pub struct LogStream {
     stream: usize,
 }
 
+impl LogStream {
+    fn append(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.log
+            .inner
+            .lock()
+            .expect("log lock")
+            .write(self.stream, bytes)
+    }
+}
+
 impl IsTerminal for LogStream {
     fn is_terminal(&self) -> bool {
         false
@@ -210,11 +220,7 @@ impl StdoutStream for LogStream {
 
 impl wasmtime_wasi::p2::OutputStream for LogStream {
     fn write(&mut self, bytes: bytes::Bytes) -> wasmtime_wasi::p2::StreamResult<()> {
-        self.log
-            .inner
-            .lock()
-            .expect("log lock")
-            .write(self.stream, &bytes)
+        self.append(&bytes)
             .map_err(|e| wasmtime_wasi::p2::StreamError::LastOperationFailed(e.into()))
     }
 
@@ -240,12 +246,7 @@ impl AsyncWrite for LogStream {
     ) -> Poll<std::io::Result<usize>> {
         // Appends to a local file are short and bounded; doing them inline keeps the
         // order of stdout and stderr lines exactly as the guest wrote them.
-        let r = self
-            .log
-            .inner
-            .lock()
-            .expect("log lock")
-            .write(self.stream, buf);
+        let r = self.append(buf);
         Poll::Ready(r.map(|()| buf.len()))
     }
 
@@ -278,14 +279,6 @@ fn parse_record(line: &str) -> Option<(&str, &str)> {
     Some((ts, text))
 }
 
-fn since_ok(ts: &str, since: Option<SystemTime>) -> bool {
-    let Some(since) = since else { return true };
-    let d = since
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    ts >= k8s_time(d.as_secs() as i64, d.subsec_nanos()).as_str()
-}
-
 /// Reads the current and rotated files, oldest first, as `kubectl logs` prints them.
 pub fn read_logs(cfg: &LogConfig, q: &LogQuery) -> std::io::Result<Vec<String>> {
     let mut files: Vec<PathBuf> = (1..=cfg.max_files)
@@ -294,6 +287,8 @@ pub fn read_logs(cfg: &LogConfig, q: &LogQuery) -> std::io::Result<Vec<String>> 
         .filter(|p| p.exists())
         .collect();
     files.push(cfg.path.clone());
+    // Formatted once: records compare as strings, since their timestamps have one width.
+    let since = q.since.map(timestamp);
     let mut out = Vec::new();
     for f in files {
         let Ok(file) = File::open(&f) else { continue };
@@ -302,7 +297,7 @@ pub fn read_logs(cfg: &LogConfig, q: &LogQuery) -> std::io::Result<Vec<String>> 
             let Some((ts, text)) = parse_record(&line) else {
                 continue;
             };
-            if !since_ok(ts, q.since) {
+            if since.as_deref().is_some_and(|s| ts < s) {
                 continue;
             }
             out.push(if q.timestamps {

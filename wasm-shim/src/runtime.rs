@@ -174,7 +174,7 @@ impl Runtime {
         }
     }
 
-    /// A store for one instance, with its memory cap and time budget.
+    /// A store for one instance, with its memory cap (0: the runtime maximum) and time budget.
     pub(crate) fn store(
         &self,
         wasi: WasiCtx,
@@ -189,7 +189,11 @@ impl Runtime {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             limits: Limits {
-                memory_bytes: memory_bytes.min(self.cfg.max_memory_bytes),
+                memory_bytes: if memory_bytes == 0 {
+                    self.cfg.max_memory_bytes
+                } else {
+                    memory_bytes.min(self.cfg.max_memory_bytes)
+                },
                 max_tables_elements: 1 << 20,
                 hit_memory: hit_memory.clone(),
             },

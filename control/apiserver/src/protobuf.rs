@@ -272,14 +272,23 @@ fn package_of(api_version: &str) -> Option<&'static str> {
     })
 }
 
+fn type_meta(unknown: &Map<String, Value>, field: &str) -> String {
+    unknown
+        .get("typeMeta")
+        .and_then(|t| t.get(field))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string()
+}
+
 /// Decodes a `application/vnd.kubernetes.protobuf` body into the object's JSON.
 pub fn decode(body: &[u8]) -> ApiResult<Value> {
     let rest = body
         .strip_prefix(MAGIC)
         .ok_or_else(|| bad("missing the k8s protobuf prefix"))?;
     let unknown = message_fields("apimachinery/pkg/runtime/Unknown", rest)?;
-    let api_version = unknown.pointer_str("typeMeta", "apiVersion");
-    let kind = unknown.pointer_str("typeMeta", "kind");
+    let api_version = type_meta(&unknown, "apiVersion");
+    let kind = type_meta(&unknown, "kind");
     let raw_b64 = unknown.get("raw").and_then(Value::as_str).unwrap_or("");
     let raw = base64::engine::general_purpose::STANDARD
         .decode(raw_b64)
@@ -292,20 +301,6 @@ pub fn decode(body: &[u8]) -> ApiResult<Value> {
         m.insert("kind".into(), json!(kind));
     }
     Ok(obj)
-}
-
-trait PointerStr {
-    fn pointer_str(&self, outer: &str, inner: &str) -> String;
-}
-
-impl PointerStr for Map<String, Value> {
-    fn pointer_str(&self, outer: &str, inner: &str) -> String {
-        self.get(outer)
-            .and_then(|o| o.get(inner))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    }
 }
 
 #[cfg(test)]

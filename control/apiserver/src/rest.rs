@@ -761,11 +761,7 @@ async fn patch(objects: &Objects, req: &Request) -> ApiResult<Response> {
     }
 }
 
-fn scale_of(res: &Resource, obj: &Value) -> Value {
-    let sel = crate::selectors::LabelSelector::from_object(
-        obj.pointer("/spec/selector").unwrap_or(&Value::Null),
-    );
-    let _ = sel;
+fn scale_of(obj: &Value) -> Value {
     let selector = obj
         .pointer("/spec/selector/matchLabels")
         .and_then(Value::as_object)
@@ -777,7 +773,6 @@ fn scale_of(res: &Resource, obj: &Value) -> Value {
         })
         .unwrap_or_default();
     let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
-    let _ = res;
     json!({
         "kind": "Scale",
         "apiVersion": "autoscaling/v1",
@@ -794,7 +789,7 @@ async fn get_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let res = req.target.res;
     let name = req.target.name.as_deref().unwrap_or_default();
     let (obj, _) = objects.get_or_404(res, ns_of(req), name).await?;
-    Ok(json_response(StatusCode::OK, &scale_of(res, &obj), &[]))
+    Ok(json_response(StatusCode::OK, &scale_of(&obj), &[]))
 }
 
 async fn update_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
@@ -806,7 +801,7 @@ async fn update_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
     loop {
         attempts += 1;
         let (old, rev) = objects.get_or_404(res, ns_of(req), &name).await?;
-        let mut scale = scale_of(res, &old);
+        let mut scale = scale_of(&old);
         if req.method == Method::PATCH {
             let ty = PatchType::from_content_type(req.content_type()).ok_or_else(|| {
                 ApiError::UnsupportedMediaType {
@@ -860,7 +855,7 @@ async fn update_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
         match store_update(objects, req, &old, rev, new).await {
             Err(ApiError::Conflict { .. }) if attempts < 8 => continue,
             Err(e) => return Err(e),
-            Ok(stored) => return Ok(json_response(StatusCode::OK, &scale_of(res, &stored), &[])),
+            Ok(stored) => return Ok(json_response(StatusCode::OK, &scale_of(&stored), &[])),
         }
     }
 }
@@ -1018,21 +1013,21 @@ async fn delete_one(
                 finalizers.push(json!(f));
             }
         }
+        // A pod on a node gets its grace period: the node agent finishes the deletion.
+        let pod_grace = opts
+            .grace
+            .or_else(|| {
+                obj.pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+            })
+            .unwrap_or(30);
         let graceful_pod = res.kind == "Pod"
             && obj
                 .pointer("/spec/nodeName")
                 .and_then(Value::as_str)
                 .is_some_and(|n| !n.is_empty())
-            && {
-                let grace = opts
-                    .grace
-                    .or_else(|| {
-                        obj.pointer("/spec/terminationGracePeriodSeconds")
-                            .and_then(Value::as_i64)
-                    })
-                    .unwrap_or(30);
-                grace > 0 && obj.pointer("/metadata/deletionTimestamp").is_none()
-            };
+            && pod_grace > 0
+            && obj.pointer("/metadata/deletionTimestamp").is_none();
         let namespace = res.kind == "Namespace";
         if finalizers.is_empty() && !graceful_pod && !namespace {
             if req.dry_run() {
@@ -1054,16 +1049,7 @@ async fn delete_one(
         if obj.pointer("/metadata/deletionTimestamp").is_some() && add.is_none() {
             return Ok(obj);
         }
-        let grace = if graceful_pod {
-            opts.grace
-                .or_else(|| {
-                    obj.pointer("/spec/terminationGracePeriodSeconds")
-                        .and_then(Value::as_i64)
-                })
-                .unwrap_or(30)
-        } else {
-            0
-        };
+        let grace = if graceful_pod { pod_grace } else { 0 };
         marked["metadata"]["finalizers"] = Value::Array(finalizers);
         if marked
             .pointer("/metadata/finalizers")

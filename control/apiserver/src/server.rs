@@ -252,10 +252,8 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
             None => return ApiError::Unauthorized.into_response(),
         }
     }
-    let is_watch = parts
-        .uri
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    let query = parse_query(parts.uri.query());
+    let is_watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let _permit = if is_watch || public(&path) {
         None
     } else {
@@ -328,7 +326,7 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
     let req = rest::Request {
         method: parts.method,
         target,
-        query: parse_query(parts.uri.query()),
+        query,
         headers: parts.headers,
         body,
     };

@@ -71,33 +71,7 @@ impl StoreClient {
         path: &str,
         req: &Req,
     ) -> Result<Resp, Error> {
-        let body = postcard::to_stdvec(req)?;
-        let resp = self
-            .http
-            .post(format!("http://{addr}{path}"))
-            .timeout(self.timeout)
-            .body(body)
-            .send()
-            .await
-            .map_err(|source| Error::Transport {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| Error::Transport {
-            addr: addr.to_string(),
-            source,
-        })?;
-        if !status.is_success() {
-            let body = String::from_utf8_lossy(&bytes).into_owned();
-            return Err(Error::Remote {
-                addr: addr.to_string(),
-                status: status.as_u16(),
-                body,
-            });
-        }
-        let res: Result<Resp, WireError> = postcard::from_bytes(&bytes)?;
-        res.map_err(|e| e.into_error(addr))
+        post(&self.http, addr, path, req, self.timeout, false).await
     }
 
     /// Calls one member after another until one answers with something other than
@@ -273,6 +247,43 @@ impl StoreClient {
         }
         Err(last.expect("at least one endpoint was tried"))
     }
+}
+
+/// One request to one member: a postcard body in, a postcard `Result` out. `forwarded`
+/// marks a member relaying a request to its leader, which must not relay it again.
+pub(crate) async fn post<Req: Serialize, Resp: DeserializeOwned>(
+    http: &reqwest::Client,
+    addr: &str,
+    path: &str,
+    req: &Req,
+    timeout: Duration,
+    forwarded: bool,
+) -> Result<Resp, Error> {
+    let body = postcard::to_stdvec(req)?;
+    let mut request = http
+        .post(format!("http://{addr}{path}"))
+        .timeout(timeout)
+        .body(body);
+    if forwarded {
+        request = request.header(crate::store::FORWARDED_HEADER, "1");
+    }
+    let transport = |source| Error::Transport {
+        addr: addr.to_string(),
+        source,
+    };
+    let resp = request.send().await.map_err(transport)?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(transport)?;
+    if !status.is_success() {
+        let body = String::from_utf8_lossy(&bytes).into_owned();
+        return Err(Error::Remote {
+            addr: addr.to_string(),
+            status: status.as_u16(),
+            body,
+        });
+    }
+    let res: Result<Resp, WireError> = postcard::from_bytes(&bytes)?;
+    res.map_err(|e| e.into_error(addr))
 }
 
 /// Whether another member may succeed where this one failed, without risking a write twice.

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::error::{error_chain, Error, WireError};
+use crate::error::{error_chain, Error};
 use crate::mvcc::Mvcc;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::NetworkFactory;
@@ -302,44 +302,16 @@ impl Store {
         path: &str,
         req: &Req,
     ) -> Result<Resp, Error> {
-        let body = postcard::to_stdvec(req)?;
-        let resp = self
-            .inner
-            .http
-            .post(format!("http://{addr}{path}"))
-            .header(FORWARDED_HEADER, "1")
-            .timeout(Duration::from_secs(30))
-            .body(body)
-            .send()
+        let timeout = Duration::from_secs(30);
+        crate::client::post(&self.inner.http, addr, path, req, timeout, true)
             .await
-            .map_err(|source| {
-                if source.is_connect() {
-                    // Nothing reached the leader: a definite failure, unlike a lost answer.
-                    Error::NoLeader {
-                        reason: format!("cannot reach the leader at {addr}: {source}"),
-                    }
-                } else {
-                    Error::Transport {
-                        addr: addr.to_string(),
-                        source,
-                    }
-                }
-            })?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| Error::Transport {
-            addr: addr.to_string(),
-            source,
-        })?;
-        if !status.is_success() {
-            let body = String::from_utf8_lossy(&bytes).into_owned();
-            return Err(Error::Remote {
-                addr: addr.to_string(),
-                status: status.as_u16(),
-                body,
-            });
-        }
-        let res: Result<Resp, WireError> = postcard::from_bytes(&bytes)?;
-        res.map_err(|e| e.into_error(addr))
+            .map_err(|e| match e {
+                // Nothing reached the leader: a definite failure, unlike a lost answer.
+                Error::Transport { source, .. } if source.is_connect() => Error::NoLeader {
+                    reason: format!("cannot reach the leader at {addr}: {source}"),
+                },
+                other => other,
+            })
     }
 
     /// Waits until the local state machine reflects every write committed before this call
