@@ -193,6 +193,7 @@ async fn run_pod(runtime: &Runtime, file: &Path) -> Result<i32> {
             name: name.clone(),
             ip,
             containers,
+            names: None,
         })
         .await?;
     for c in &spec.containers {

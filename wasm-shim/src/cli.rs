@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::Instrument;
@@ -12,6 +13,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx};
 
 use crate::logs::ContainerLog;
+use crate::net::PodNet;
 
 use crate::error::{chain, ShimError};
 use crate::runtime::{ComponentKind, DeadlineExceeded, Runtime};
@@ -134,7 +136,7 @@ impl Runtime {
         name: &str,
         spec: &CliSpec,
     ) -> Result<CliOutcome, ShimError> {
-        self.run_cli_with(component, name, spec, crate::pod::PodHooks::default())
+        self.run_cli_with(component, name, spec, self.loopback_net())
             .await
     }
 
@@ -143,7 +145,7 @@ impl Runtime {
         component: &Component,
         name: &str,
         spec: &CliSpec,
-        hooks: crate::pod::PodHooks,
+        net: Arc<PodNet>,
     ) -> Result<CliOutcome, ShimError> {
         let kind = self.kind(component)?;
         if kind != ComponentKind::Cli {
@@ -178,7 +180,7 @@ impl Runtime {
                 stderr.clone(),
             )?,
         };
-        let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, hooks);
+        let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, net);
         let run = async {
             let cmd = Command::instantiate_async(&mut store, component, &self.linker).await?;
             cmd.wasi_cli_run()

@@ -43,7 +43,8 @@ impl ResourceLimiter for Limits {
 }
 
 pub(crate) struct Host {
-    pub hooks: crate::pod::PodHooks,
+    pub hooks: crate::net::PodHooks,
+    pub net: crate::net::StoreNet,
     pub wasi: WasiCtx,
     pub http: WasiHttpCtx,
     pub table: ResourceTable,

@@ -55,7 +55,7 @@ impl Drop for HttpServer {
 }
 
 struct Serving {
-    hooks: crate::pod::PodHooks,
+    net: Arc<crate::net::PodNet>,
     runtime: Runtime,
     pre: ProxyPre<Host>,
     spec: HttpSpec,
@@ -93,7 +93,7 @@ impl Serving {
             wasi,
             self.spec.memory_bytes,
             self.spec.request_timeout,
-            self.hooks,
+            self.net.clone(),
         );
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let prepared = (|| -> wasmtime::Result<_> {
@@ -155,7 +155,7 @@ impl Runtime {
         spec: HttpSpec,
         listener: TcpListener,
     ) -> Result<HttpServer, ShimError> {
-        self.serve_http_with(component, spec, listener, crate::pod::PodHooks::default())
+        self.serve_http_with(component, spec, listener, self.loopback_net())
     }
 
     pub(crate) fn serve_http_with(
@@ -163,7 +163,7 @@ impl Runtime {
         component: &Component,
         spec: HttpSpec,
         listener: TcpListener,
-        hooks: crate::pod::PodHooks,
+        net: Arc<crate::net::PodNet>,
     ) -> Result<HttpServer, ShimError> {
         let kind = self.kind(component)?;
         if kind != ComponentKind::Http {
@@ -181,7 +181,7 @@ impl Runtime {
             .local_addr()
             .map_err(|e| ShimError::Setup(e.to_string()))?;
         let serving = Arc::new(Serving {
-            hooks,
+            net,
             runtime: self.clone(),
             pre,
             spec,

@@ -19,12 +19,13 @@
 //! - CPU: the engine's epoch ticks every [`RuntimeConfig::epoch_tick`]; a guest yields to
 //!   the async runtime at every tick (so one spinning guest cannot starve the others), and
 //!   is stopped with `DeadlineExceeded` once its time budget is spent.
+//! - Handles and sockets: see [`NetLimits`]; a pod past its socket cap gets
+//!   `new-socket-limit`, an instance past its handle cap traps alone.
 //!
-//! ## What is here and what is not yet
-//! Here: kinds, the engine and cache, CLI runs with args, env and preopened dirs, HTTP
-//! serving, memory and time limits, exit codes and reasons, container log files ([`logs`]),
-//! pods whose HTTP components share a virtual localhost ([`PodSpec`], see `pod.rs` for the
-//! design). Not yet: the same localhost for wasi:sockets, socket and handle caps.
+//! ## The pod's network
+//! Components of one pod share a virtual localhost, for wasi:http outgoing and for
+//! wasi:sockets TCP: a loopback address per pod, and rewriting of `localhost` to it. How and
+//! why (rather than a network namespace per pod) is in `net.rs`. Only IPv4 is virtualised.
 
 mod cache;
 mod cli;
@@ -32,12 +33,14 @@ mod error;
 mod host;
 mod http;
 pub mod logs;
+mod net;
 mod pod;
 mod runtime;
 
 pub use cli::{CliSpec, Mount};
 pub use error::ShimError;
 pub use http::{HttpServer, HttpSpec};
+pub use net::{NameResolver, NetLimits};
 pub use pod::{ContainerSpec, Pod, PodSpec};
 pub use runtime::{ComponentKind, Runtime, RuntimeConfig};
 

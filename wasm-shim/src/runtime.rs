@@ -1,5 +1,6 @@
 //! The node-wide runtime: one wasmtime `Engine`, its settings, and component loading.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use wasmtime_wasi_http::WasiHttpCtx;
 
 use crate::error::{chain, ShimError};
 use crate::host::{Host, Limits};
+use crate::net::{NetLimits, PodNet, StoreNet};
 
 /// Node settings that size the engine.
 #[derive(Clone, Debug)]
@@ -29,6 +31,8 @@ pub struct RuntimeConfig {
     /// How often the engine's epoch advances: the granularity of CPU deadlines and of
     /// yielding a busy guest to the others.
     pub epoch_tick: Duration,
+    /// Per-pod caps on sockets, outgoing requests and handles.
+    pub net_limits: NetLimits,
 }
 
 impl Default for RuntimeConfig {
@@ -38,6 +42,7 @@ impl Default for RuntimeConfig {
             max_instances: 1000,
             max_memory_bytes: 256 << 20,
             epoch_tick: Duration::from_millis(10),
+            net_limits: NetLimits::default(),
         }
     }
 }
@@ -116,6 +121,7 @@ impl Runtime {
             .map_err(|e| ShimError::Setup(chain(&e)))?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| ShimError::Setup(chain(&e)))?;
+        crate::net::add_to_linker(&mut linker).map_err(|e| ShimError::Setup(chain(&e)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (e2, s2, tick) = (engine.clone(), stop.clone(), cfg.epoch_tick);
         std::thread::Builder::new()
@@ -133,6 +139,11 @@ impl Runtime {
             cfg,
             _ticker: Arc::new(Ticker { stop }),
         })
+    }
+
+    /// The network of a component run on its own: the node's loopback, no name overrides.
+    pub(crate) fn loopback_net(&self) -> Arc<PodNet> {
+        PodNet::new(IpAddr::from([127, 0, 0, 1]), None, self.cfg.net_limits)
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -180,14 +191,18 @@ impl Runtime {
         wasi: WasiCtx,
         memory_bytes: usize,
         budget: Option<Duration>,
-        hooks: crate::pod::PodHooks,
+        net: Arc<PodNet>,
     ) -> (Store<Host>, Arc<AtomicBool>) {
         let hit_memory = Arc::new(AtomicBool::new(false));
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(self.cfg.net_limits.max_handles);
+        let net = StoreNet::new(net);
         let host = Host {
-            hooks,
+            hooks: net.hooks(),
+            net,
             wasi,
             http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
+            table,
             limits: Limits {
                 memory_bytes: if memory_bytes == 0 {
                     self.cfg.max_memory_bytes

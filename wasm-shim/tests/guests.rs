@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use baton_wasm_shim::{
-    CliSpec, ComponentKind, ContainerSpec, HttpSpec, Mount, PodSpec, Runtime, RuntimeConfig,
-    ShimError,
+    CliSpec, ComponentKind, ContainerSpec, HttpSpec, Mount, NetLimits, PodSpec, Runtime,
+    RuntimeConfig, ShimError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -27,8 +27,14 @@ const GUESTS: &[(&str, &str)] = &[
         "pod_siblings_share_localhost_and_pods_share_a_port",
     ),
     ("http-hostile", "a_bad_http_request_fails_alone"),
-    ("tcp-echo", "pending: virtual localhost"),
-    ("tcp-client", "pending: virtual localhost"),
+    (
+        "tcp-echo",
+        "tcp_echo_across_components_and_two_pods_on_one_port",
+    ),
+    (
+        "tcp-client",
+        "tcp_echo_across_components_and_two_pods_on_one_port",
+    ),
 ];
 
 fn guest(name: &str) -> PathBuf {
@@ -377,6 +383,7 @@ async fn pod_siblings_share_localhost_and_pods_share_a_port() {
                 },
             },
         ],
+        names: None,
     };
     // Both pods serve ports 8080 and 8081, each on its own address.
     let a = rt.start_pod(pod(1, "hello-a")).await.unwrap();
@@ -435,4 +442,125 @@ async fn a_bad_http_request_fails_alone() {
             "after {path}: {code} {body}"
         );
     }
+}
+
+fn cli_container(
+    name: &str,
+    component: &wasmtime::component::Component,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> ContainerSpec {
+    ContainerSpec {
+        name: name.into(),
+        component: component.clone(),
+        port: None,
+        cli: CliSpec {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            network: true,
+            ..Default::default()
+        },
+        http: HttpSpec::default(),
+    }
+}
+
+/// Connects to `addr` until it answers, for at most 10 s.
+async fn connect_when_up(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let start = std::time::Instant::now();
+    loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => return s,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => panic!("{addr}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_echo_across_components_and_two_pods_on_one_port() {
+    let rt = runtime();
+    let echo = rt.load_file(&guest("tcp-echo")).unwrap();
+    let client = rt.load_file(&guest("tcp-client")).unwrap();
+    let pod = |n: u8, with_echo: bool, wait_ms: &str| PodSpec {
+        name: format!("tcp{n}"),
+        ip: std::net::IpAddr::from([127, 1, 1, n]),
+        containers: [
+            with_echo.then(|| cli_container("echo", &echo, &[("PORT", "7000")], &[])),
+            Some(cli_container(
+                "client",
+                &client,
+                &[("PORT", "7000"), ("WAIT_MS", wait_ms)],
+                &[],
+            )),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        names: None,
+    };
+    // Two pods, each with an echo server on port 7000 and a client of localhost:7000.
+    let mut a = rt.start_pod(pod(1, true, "10000")).await.unwrap();
+    let mut b = rt.start_pod(pod(2, true, "10000")).await.unwrap();
+    for p in [&mut a, &mut b] {
+        let out = p.wait("client").await.unwrap().unwrap();
+        assert_eq!(out.exit.code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("echo ok from localhost:7000"));
+    }
+    // The node reaches each pod's port at the pod's address.
+    for ip in [[127, 1, 1, 1], [127, 1, 1, 2]] {
+        let mut s = connect_when_up((ip, 7000).into()).await;
+        s.write_all(b"from the node\n").await.unwrap();
+        let mut got = [0u8; 14];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"from the node\n");
+    }
+    // A pod without its own server does not reach another pod's localhost.
+    let mut c = rt.start_pod(pod(3, false, "300")).await.unwrap();
+    let out = c.wait("client").await.unwrap().unwrap();
+    assert_eq!(out.exit.code, 1, "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_hog_is_capped_and_its_neighbour_keeps_serving() {
+    let rt = Runtime::new(RuntimeConfig {
+        max_instances: 64,
+        net_limits: NetLimits {
+            max_sockets: 50,
+            ..NetLimits::default()
+        },
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let hostile = rt.load_file(&guest("hostile")).unwrap();
+    let hello = rt.load_file(&guest("http-hello")).unwrap();
+    let mut pod = rt
+        .start_pod(PodSpec {
+            name: "hog".into(),
+            ip: std::net::IpAddr::from([127, 1, 2, 1]),
+            containers: vec![
+                cli_container("hog", &hostile, &[], &["sockets"]),
+                ContainerSpec {
+                    name: "web".into(),
+                    component: hello,
+                    port: Some(8080),
+                    cli: CliSpec::default(),
+                    http: HttpSpec::default(),
+                },
+            ],
+            names: None,
+        })
+        .await
+        .unwrap();
+    let out = pod.wait("hog").await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("opened 50 sockets"), "{stdout}");
+    assert!(stdout.contains("socket 50 refused"), "{stdout}");
+    // The hog's sockets went back with its instance, and the web container still serves.
+    assert_eq!(pod.open_sockets(), 0);
+    let (code, body) = http_get(pod.http_addr("web").unwrap(), "/").await;
+    assert_eq!(code, 200, "{body}");
 }

@@ -54,7 +54,8 @@ fn main() {
         "sockets" => {
             let mut held = Vec::new();
             for i in 0..10_000 {
-                match std::net::TcpListener::bind(("0.0.0.0", 20_000 + (i % 20_000) as u16)) {
+                // Port 0: the system picks, so only a cap can refuse.
+                match std::net::TcpListener::bind(("0.0.0.0", 0)) {
                     Ok(l) => held.push(l),
                     Err(e) => {
                         println!("socket {i} refused: {e}");
