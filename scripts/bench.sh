@@ -2,10 +2,26 @@
 # Runs one benchmark in release mode and prints its table.
 #   scripts/bench.sh store   Baton's store against etcd 3.4 (BENCH_SECS=N per cell)
 #   scripts/bench.sh api     the API server through kube-rs (BENCH_OPS=N per client)
+#   scripts/bench.sh wasm    the pod sandbox against `wasmtime serve` 48, cold start and
+#                            density (BENCH_SECS=N per cell, BENCH_PODS=N for density);
+#                            installs wasmtime-cli 48.0.8 on first use (a long build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-which="${1:?usage: scripts/bench.sh store|api}"
+which="${1:?usage: scripts/bench.sh store|api|wasm}"
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 cargo build --release --locked -p baton -p baton-bench
-"$CARGO_TARGET_DIR/release/$which-bench" "$CARGO_TARGET_DIR/release/baton"
+case "$which" in
+  wasm)
+    tools="$HOME/.cache/baton/tools"
+    if ! "$tools/bin/wasmtime" --version 2>/dev/null | grep -q '^wasmtime 48\.0\.8'; then
+      cargo install wasmtime-cli --version 48.0.8 --locked --root "$tools"
+    fi
+    ./scripts/build-guests.sh >/dev/null
+    "$CARGO_TARGET_DIR/release/wasm-bench" "$CARGO_TARGET_DIR/release/baton" \
+      "$tools/bin/wasmtime" examples-wasm/dist
+    ;;
+  *)
+    "$CARGO_TARGET_DIR/release/$which-bench" "$CARGO_TARGET_DIR/release/baton"
+    ;;
+esac

@@ -6,38 +6,21 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use baton_bench::{env_or, ms, pct, Procs};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn cm(name: &str, v: &str) -> ConfigMap {
     serde_json::from_value(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"v": v}}))
         .expect("a valid ConfigMap")
-}
-
-fn pct(mut v: Vec<Duration>, p: f64) -> Duration {
-    v.sort();
-    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
 async fn run<F, Fut>(clients: usize, ops: usize, f: F) -> Result<(f64, Vec<Duration>)>
@@ -74,10 +57,7 @@ async fn main() -> Result<()> {
             .nth(1)
             .context("usage: api-bench BATON_BINARY")?,
     );
-    let ops: usize = std::env::var("BENCH_OPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+    let ops: usize = env_or("BENCH_OPS", 300);
     let dir = tempfile::tempdir()?;
     let mut child = Command::new(&bin)
         .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -87,7 +67,7 @@ async fn main() -> Result<()> {
         .spawn()
         .context("starting baton up")?;
     let stdout = child.stdout.take().context("stdout")?;
-    let _proc = Proc(child);
+    let _proc = Procs(vec![child]);
     let mut lines = BufReader::new(stdout).lines();
     for line in lines.by_ref() {
         if line?.contains("https://") {
@@ -105,7 +85,7 @@ async fn main() -> Result<()> {
     println!("|---|---|---|---|---|");
     for clients in [1usize, 64] {
         let api = cms.clone();
-        let (rate, lat) = run(clients, ops, move |c, i| {
+        let (rate, mut lat) = run(clients, ops, move |c, i| {
             let api = api.clone();
             async move {
                 api.create(
@@ -119,11 +99,11 @@ async fn main() -> Result<()> {
         .await?;
         println!(
             "| create | {clients} | {rate:.0} | {} | {} |",
-            ms(pct(lat.clone(), 0.5)),
-            ms(pct(lat, 0.99))
+            ms(pct(&mut lat, 0.5)),
+            ms(pct(&mut lat, 0.99))
         );
         let api = cms.clone();
-        let (rate, lat) = run(clients, ops, move |c, i| {
+        let (rate, mut lat) = run(clients, ops, move |c, i| {
             let api = api.clone();
             async move {
                 api.get(&format!("c{clients}-{c}-{}", (i * 7) % ops))
@@ -134,8 +114,8 @@ async fn main() -> Result<()> {
         .await?;
         println!(
             "| get | {clients} | {rate:.0} | {} | {} |",
-            ms(pct(lat.clone(), 0.5)),
-            ms(pct(lat, 0.99))
+            ms(pct(&mut lat, 0.5)),
+            ms(pct(&mut lat, 0.99))
         );
     }
     // Lists of a namespace with 100 objects.
@@ -147,7 +127,7 @@ async fn main() -> Result<()> {
     }
     for clients in [1usize, 64] {
         let api = listed.clone();
-        let (rate, lat) = run(clients, ops / 4, move |_, _| {
+        let (rate, mut lat) = run(clients, ops / 4, move |_, _| {
             let api = api.clone();
             async move {
                 let l = api.list(&ListParams::default()).await?;
@@ -158,8 +138,8 @@ async fn main() -> Result<()> {
         .await?;
         println!(
             "| list (100 objects) | {clients} | {rate:.0} | {} | {} |",
-            ms(pct(lat.clone(), 0.5)),
-            ms(pct(lat, 0.99))
+            ms(pct(&mut lat, 0.5)),
+            ms(pct(&mut lat, 0.99))
         );
     }
     // Watch delivery: writers stamp the send time; a watcher measures its arrival.
@@ -216,7 +196,7 @@ async fn main() -> Result<()> {
             }
         })
         .await?;
-        let lat = tokio::time::timeout(Duration::from_secs(60), collector).await??;
+        let mut lat = tokio::time::timeout(Duration::from_secs(60), collector).await??;
         anyhow::ensure!(
             lat.len() == total,
             "watch delivered {} of {total} events",
@@ -224,8 +204,8 @@ async fn main() -> Result<()> {
         );
         println!(
             "| watch delivery | {clients} writers | - | {} | {} |",
-            ms(pct(lat.clone(), 0.5)),
-            ms(pct(lat, 0.99))
+            ms(pct(&mut lat, 0.5)),
+            ms(pct(&mut lat, 0.99))
         );
     }
     println!("goal: p99 <= 10 ms for create and get at 64 clients (Kubernetes SLO: 1 s)");

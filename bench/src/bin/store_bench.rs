@@ -9,71 +9,17 @@
 //! seconds per cell (default 5).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use baton_bench::{env_or, free_port, ms, pct, proc_cpu, wait_until, Procs};
 use baton_store::{ReadOptions, StoreClient};
 use rand::{Rng, SeedableRng};
 
 const VALUE_BYTES: usize = 256;
 const KEYSPACE: u32 = 10_000;
-
-struct Procs(Vec<Child>);
-
-/// CPU time (user + system) a process has used so far, from /proc.
-fn proc_cpu(pid: &str) -> Duration {
-    let tick = 100.0; // USER_HZ on Linux
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    Duration::from_secs_f64((utime + stime) / tick)
-}
-
-impl Procs {
-    /// CPU time used so far by these processes.
-    fn cpu(&self) -> Duration {
-        self.0.iter().map(|c| proc_cpu(&c.id().to_string())).sum()
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_until<F, Fut>(what: &str, mut f: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f().await {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
 
 #[derive(Clone)]
 enum Target {
@@ -134,7 +80,7 @@ async fn run_cell(
     }
     let start = Instant::now();
     let cpu0 = procs.cpu();
-    let client0 = proc_cpu("self");
+    let client0 = proc_cpu(std::process::id());
     let deadline = start + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -158,15 +104,13 @@ async fn run_cell(
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = procs.cpu().saturating_sub(cpu0);
-    let client_cpu = proc_cpu("self").saturating_sub(client0);
-    all.sort();
-    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    let client_cpu = proc_cpu(std::process::id()).saturating_sub(client0);
     Ok(Cell {
         cpu_per_op: cpu / all.len().max(1) as u32,
         client_cpu_per_op: client_cpu / all.len().max(1) as u32,
         ops_per_sec: all.len() as f64 / elapsed,
-        p50: pct(0.50),
-        p99: pct(0.99),
+        p50: pct(&mut all, 0.50),
+        p99: pct(&mut all, 0.99),
     })
 }
 
@@ -282,10 +226,6 @@ async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
     Ok((procs, Target::Etcd(Box::new(c))))
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1000.0)
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let bin = PathBuf::from(
@@ -293,10 +233,7 @@ async fn main() -> Result<()> {
             .nth(1)
             .context("usage: store-bench BATON_BINARY")?,
     );
-    let secs: u64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let secs: u64 = env_or("BENCH_SECS", 5);
     // BENCH_FILTER=1/Put/16 runs only the matching cells (for profiling).
     let filter = std::env::var("BENCH_FILTER").ok();
     let tmp = tempfile::tempdir()?;

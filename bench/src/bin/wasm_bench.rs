@@ -1,0 +1,265 @@
+//! Wasm runtime benchmark: the pod sandbox against `wasmtime serve`, cold start, density.
+//!
+//! - **Throughput:** `http-hello` served by `baton run` and by `wasmtime serve` (wasmtime-cli
+//!   48, same file, same flags where they exist), one after the other, under the same load
+//!   generator: keep-alive HTTP/1.1 connections, each sending requests back to back, for a
+//!   fixed time. Prints requests/s, p50, p99, server CPU per request and the ratio.
+//! - **Cold start:** in-process; a component is loaded from the on-disk cache, a pod is
+//!   started with it, and a client waits for its first response. Prints p50/p99 of the load
+//!   and of pod start to first response, over 200 pods.
+//! - **Density:** in-process; 1,000 `http-hello` pods started in one runtime, each on its
+//!   own loopback address. Prints resident memory per pod, idle and after one request each.
+//!
+//! Usage: `wasm-bench BATON_BINARY WASMTIME_BINARY GUEST_DIR` (see `scripts/bench.sh wasm`).
+//! `BENCH_SECS` sets the seconds per throughput cell (default 5).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use baton_bench::{env_or, free_port, ms, pct, rss_kib, wait_until, Procs};
+use baton_wasm_shim::{CliSpec, ContainerSpec, HttpSpec, PodSpec, Runtime, RuntimeConfig};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+/// One keep-alive connection sending `GET /bench` until the deadline.
+async fn client(addr: SocketAddr, deadline: Instant) -> Result<Vec<Duration>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut lat = Vec::new();
+    while Instant::now() < deadline {
+        let req = hyper::Request::get("/bench")
+            .header(hyper::header::HOST, "bench")
+            .body(Empty::<Bytes>::new())?;
+        let t0 = Instant::now();
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        ensure!(status == 200, "status {status}: {body:?}");
+        lat.push(t0.elapsed());
+    }
+    Ok(lat)
+}
+
+/// Runs `clients` connections against `addr` for `secs`: (requests/s, latencies).
+async fn load(addr: SocketAddr, clients: usize, secs: f64) -> Result<(f64, Vec<Duration>)> {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| tokio::spawn(client(addr, deadline)))
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok((all.len() as f64 / start.elapsed().as_secs_f64(), all))
+}
+
+/// Starts a server process and waits until it answers HTTP.
+async fn serve(cmd: &mut Command, addr: SocketAddr) -> Result<Procs> {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let procs = Procs(vec![child]);
+    wait_until("the server to answer", || async move {
+        client(addr, Instant::now()).await.is_ok()
+            && load(addr, 1, 0.05).await.is_ok_and(|(_, l)| !l.is_empty())
+    })
+    .await?;
+    Ok(procs)
+}
+
+struct Row {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_us: f64,
+}
+
+async fn measure(procs: &Procs, addr: SocketAddr, clients: usize, secs: f64) -> Result<Row> {
+    load(addr, clients, 1.0).await?; // warm-up
+    let cpu0 = procs.cpu();
+    let (rate, mut lat) = load(addr, clients, secs).await?;
+    let cpu = procs.cpu().saturating_sub(cpu0);
+    Ok(Row {
+        rate,
+        p50: pct(&mut lat, 0.5),
+        p99: pct(&mut lat, 0.99),
+        cpu_us: cpu.as_secs_f64() * 1e6 / (lat.len().max(1) as f64),
+    })
+}
+
+async fn throughput(baton: &Path, wasmtime: &Path, wasm: &Path, secs: f64) -> Result<()> {
+    let cache = tempfile::tempdir()?;
+    println!("## Throughput: http-hello, keep-alive HTTP/1.1, {secs} s per cell, same machine");
+    println!("| clients | server | req/s | p50 ms | p99 ms | server CPU us/req | ratio (req/s) |");
+    println!("|---|---|---|---|---|---|---|");
+    for clients in [1usize, 16, 64] {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let procs = serve(
+            Command::new(baton)
+                .arg("run")
+                .arg(wasm)
+                .args(["--listen", &addr.to_string(), "-e", "GREETING=hi"])
+                .arg("--cache-dir")
+                .arg(cache.path())
+                .env("RUST_LOG", "error"),
+            addr,
+        )
+        .await?;
+        let b = measure(&procs, addr, clients, secs).await?;
+        drop(procs);
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let procs = serve(
+            Command::new(wasmtime)
+                .args(["serve", "-S", "cli", "--addr", &addr.to_string()])
+                .args(["--env", "GREETING=hi"])
+                .arg(wasm),
+            addr,
+        )
+        .await?;
+        let w = measure(&procs, addr, clients, secs).await?;
+        drop(procs);
+        for (name, r, ratio) in [
+            ("baton", &b, format!("{:.2}x", b.rate / w.rate)),
+            ("wasmtime serve", &w, String::new()),
+        ] {
+            println!(
+                "| {clients} | {name} | {:.0} | {} | {} | {:.0} | {ratio} |",
+                r.rate,
+                ms(r.p50),
+                ms(r.p99),
+                r.cpu_us
+            );
+        }
+    }
+    println!("goal: >= 0.9x the requests/s of `wasmtime serve`");
+    Ok(())
+}
+
+fn web_pod(component: &wasmtime::component::Component, ip: IpAddr) -> PodSpec {
+    PodSpec {
+        name: format!("pod-{ip}"),
+        ip,
+        containers: vec![ContainerSpec {
+            name: "web".into(),
+            component: component.clone(),
+            port: Some(8080),
+            cli: CliSpec::default(),
+            http: HttpSpec {
+                env: vec![("GREETING".into(), "hi".into())],
+                ..Default::default()
+            },
+        }],
+        names: None,
+    }
+}
+
+/// One GET over a fresh connection.
+async fn get_once(addr: SocketAddr) -> Result<()> {
+    let lat = client(addr, Instant::now() + Duration::from_nanos(1)).await?;
+    ensure!(lat.len() == 1, "no response from {addr}");
+    Ok(())
+}
+
+async fn cold_start(wasm: &Path) -> Result<()> {
+    let cache = tempfile::tempdir()?;
+    let rt = Runtime::new(RuntimeConfig {
+        cache_dir: Some(cache.path().to_path_buf()),
+        ..RuntimeConfig::default()
+    })?;
+    rt.load_file(wasm)?; // compiles and fills the cache
+    let (mut loads, mut firsts) = (Vec::new(), Vec::new());
+    for i in 0..200u32 {
+        let t0 = Instant::now();
+        let component = rt.load_file(wasm)?;
+        loads.push(t0.elapsed());
+        let t1 = Instant::now();
+        let ip = IpAddr::from([127, 3, (i / 250) as u8, (i % 250 + 1) as u8]);
+        let pod = rt.start_pod(web_pod(&component, ip)).await?;
+        get_once(pod.http_addr("web").context("web serves")?).await?;
+        firsts.push(t1.elapsed());
+    }
+    println!();
+    println!("## Cold start: 200 pods, component from the on-disk cache");
+    println!("| step | p50 ms | p99 ms |");
+    println!("|---|---|---|");
+    println!(
+        "| load the cached component | {} | {} |",
+        ms(pct(&mut loads, 0.5)),
+        ms(pct(&mut loads, 0.99))
+    );
+    println!(
+        "| pod start to first response | {} | {} |",
+        ms(pct(&mut firsts, 0.5)),
+        ms(pct(&mut firsts, 0.99))
+    );
+    println!("goal: first response <= 1 ms after loading a cached component");
+    Ok(())
+}
+
+async fn density(wasm: &Path, pods: u32) -> Result<()> {
+    let rt = Runtime::new(RuntimeConfig::default())?;
+    let component = rt.load_file(wasm)?;
+    // One request first, so that the runtime's shared, one-time costs (code pages, the
+    // first pool slot) are in the baseline rather than charged to the pods.
+    let warm = rt
+        .start_pod(web_pod(&component, IpAddr::from([127, 4, 255, 1])))
+        .await?;
+    get_once(warm.http_addr("web").context("web serves")?).await?;
+    let me = std::process::id();
+    let base = rss_kib(me);
+    let mut running = Vec::new();
+    for i in 0..pods {
+        let ip = IpAddr::from([127, 4, (i / 250) as u8, (i % 250 + 1) as u8]);
+        running.push(rt.start_pod(web_pod(&component, ip)).await?);
+    }
+    let idle = rss_kib(me);
+    for chunk in running.chunks(16) {
+        let gets: Vec<_> = chunk
+            .iter()
+            .filter_map(|p| p.http_addr("web"))
+            .map(|a| tokio::spawn(get_once(a)))
+            .collect();
+        for g in gets {
+            g.await??;
+        }
+    }
+    let served = rss_kib(me);
+    println!();
+    println!("## Density: {pods} http-hello pods in one process");
+    println!("| state | resident KiB per pod |");
+    println!("|---|---|");
+    println!(
+        "| idle, after start | {:.1} |",
+        idle.saturating_sub(base) as f64 / pods as f64
+    );
+    println!(
+        "| after one request each | {:.1} |",
+        served.saturating_sub(base) as f64 / pods as f64
+    );
+    println!("goal: <= 256 KiB per idle pod beyond the shared compiled code");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1).map(PathBuf::from);
+    let usage = "usage: wasm-bench BATON_BINARY WASMTIME_BINARY GUEST_DIR";
+    let baton = args.next().context(usage)?;
+    let wasmtime = args.next().context(usage)?;
+    let guests = args.next().context(usage)?;
+    let wasm = guests.join("http-hello.wasm");
+    let secs: f64 = env_or("BENCH_SECS", 5.0);
+    throughput(&baton, &wasmtime, &wasm, secs).await?;
+    cold_start(&wasm).await?;
+    density(&wasm, env_or("BENCH_PODS", 1000)).await?;
+    Ok(())
+}
