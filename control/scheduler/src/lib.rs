@@ -1,0 +1,384 @@
+//! # baton-scheduler: placing pods on nodes
+//!
+//! kube-scheduler's job, as an ordinary API client. It watches pods that have no node and
+//! binds each to a node through the `binding` subresource.
+//!
+//! ## How a pod is placed
+//! 1. **Filter** ([`plugins::filter`]): the node is Ready and schedulable, the pod
+//!    tolerates its taints, matches its `nodeSelector` and required node affinity, and the
+//!    node has room (CPU and memory requests against allocatable, and the pod count).
+//! 2. **Score** ([`plugins::score`]): least-allocated plus spreading the replicas of one
+//!    owner across nodes; ties go round-robin.
+//! 3. **Assume and bind**: the pod is counted on the node in the [`cache`] before the
+//!    binding is sent, so concurrent decisions see it; a failed binding takes it back.
+//!
+//! A pod that fits nowhere gets `PodScheduled=False` with reason `Unschedulable` and a
+//! `FailedScheduling` event naming the reasons per node, and is retried when a node is
+//! added or changes in a way that matters to scheduling (and every 30 s).
+//!
+//! ## Shape
+//! The queue of pending pods is a kube-runtime `Controller` over pods with
+//! `spec.nodeName=`; [`reconcile`] places one pod. Two watches keep the [`cache`]: nodes,
+//! and all pods (to count what each node holds).
+
+pub mod cache;
+pub mod plugins;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_kube::events::{EventType, Recorder};
+use baton_kube::pod;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::cache::Cache;
+use crate::plugins::{Demand, Unfit};
+
+/// The scheduler's name; pods naming another in `spec.schedulerName` are left alone.
+pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
+
+/// How often a pod that fits nowhere is tried again, besides on node changes.
+const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(30);
+
+/// Why placing a pod failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding {pod} to {node}: {source}")]
+    Bind {
+        pod: String,
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("updating the status of {pod}: {source}")]
+    Status {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Shared state of the reconciles.
+pub struct Context {
+    client: Client,
+    cache: Arc<Mutex<Cache>>,
+    /// Pods bound by us whose binding the pod watch has not shown yet.
+    bound: Mutex<HashSet<String>>,
+    recorder: Recorder,
+    rotation: AtomicUsize,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a node contributes to scheduling decisions; a change in it retries pending pods.
+fn fingerprint(n: &Node) -> String {
+    let status = n.status.as_ref();
+    json!([
+        n.metadata.labels,
+        n.spec.as_ref().map(|s| (&s.taints, s.unschedulable)),
+        status.map(|s| &s.allocatable),
+        status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| &c.status),
+    ])
+    .to_string()
+}
+
+/// Keeps the cache's nodes; sends a trigger whenever the set of nodes or what scheduling
+/// reads of them changes.
+async fn watch_nodes(
+    client: Client,
+    cache: Arc<Mutex<Cache>>,
+    trigger: futures::channel::mpsc::UnboundedSender<()>,
+) {
+    let mut seen: std::collections::HashMap<String, String> = Default::default();
+    let mut relist: HashSet<String> = HashSet::new();
+    let mut events = watcher(Api::<Node>::all(client), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = events.next().await {
+        let changed = match ev {
+            Ok(Event::Apply(n)) | Ok(Event::InitApply(n)) => {
+                let name = n.name_any();
+                relist.insert(name.clone());
+                let fp = fingerprint(&n);
+                lock(&cache).set_node(Arc::new(n));
+                seen.insert(name, fp.clone()) != Some(fp)
+            }
+            Ok(Event::Delete(n)) => {
+                let name = n.name_any();
+                lock(&cache).remove_node(&name);
+                seen.remove(&name).is_some()
+            }
+            Ok(Event::Init) => {
+                relist.clear();
+                false
+            }
+            Ok(Event::InitDone) => {
+                let gone: Vec<String> = seen
+                    .keys()
+                    .filter(|k| !relist.contains(*k))
+                    .cloned()
+                    .collect();
+                let mut c = lock(&cache);
+                for name in &gone {
+                    c.remove_node(name);
+                    seen.remove(name);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "node watch failed; retrying");
+                false
+            }
+        };
+        if changed {
+            let _ = trigger.unbounded_send(());
+        }
+    }
+}
+
+/// Keeps the cache's count of what each node holds.
+async fn watch_pods(client: Client, ctx: Arc<Context>) {
+    let mut relist: HashSet<String> = HashSet::new();
+    let mut known: HashSet<String> = HashSet::new();
+    let mut events = watcher(Api::<Pod>::all(client), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = events.next().await {
+        match ev {
+            Ok(Event::Apply(p)) | Ok(Event::InitApply(p)) => {
+                let uid = p.uid().unwrap_or_default();
+                if p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
+                    lock(&ctx.bound).remove(&uid);
+                }
+                lock(&ctx.cache).observe_pod(&p);
+                relist.insert(uid.clone());
+                known.insert(uid);
+            }
+            Ok(Event::Delete(p)) => {
+                let uid = p.uid().unwrap_or_default();
+                lock(&ctx.bound).remove(&uid);
+                lock(&ctx.cache).forget_pod(&uid);
+                known.remove(&uid);
+            }
+            Ok(Event::Init) => relist.clear(),
+            Ok(Event::InitDone) => {
+                let mut c = lock(&ctx.cache);
+                known.retain(|uid| {
+                    let keep = relist.contains(uid);
+                    if !keep {
+                        c.forget_pod(uid);
+                    }
+                    keep
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "pod watch failed; retrying"),
+        }
+    }
+}
+
+/// The outcome of one decision.
+enum Decision {
+    Node(String),
+    Nowhere(String),
+}
+
+fn decide(ctx: &Context, p: &Pod) -> Decision {
+    let (cpu_millis, memory) = pod::requests(p);
+    let owner = pod::controller_of(&p.metadata).map(|o| o.uid.clone());
+    let d = Demand {
+        pod: p,
+        cpu_millis,
+        memory,
+        owner,
+    };
+    let mut cache = lock(&ctx.cache);
+    let most_of_owner = d
+        .owner
+        .as_ref()
+        .map(|o| {
+            cache
+                .usage
+                .values()
+                .filter_map(|u| u.by_owner.get(o).copied())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    let mut unfit: Vec<Unfit> = Vec::new();
+    let mut best: Vec<(&str, u64)> = Vec::new();
+    for (name, info) in &cache.nodes {
+        let usage = cache.usage.get(name);
+        match plugins::filter(&d, info, usage) {
+            Err(u) => unfit.push(u),
+            Ok(()) => {
+                let s = plugins::score(&d, info, usage, most_of_owner + 1);
+                match best.first() {
+                    Some((_, top)) if s < *top => {}
+                    Some((_, top)) if s == *top => best.push((name, s)),
+                    _ => best = vec![(name, s)],
+                }
+            }
+        }
+    }
+    if best.is_empty() {
+        return Decision::Nowhere(plugins::unschedulable_message(cache.nodes.len(), &unfit));
+    }
+    // HashMap order is arbitrary but stable; rotate among equals so ties spread.
+    best.sort_unstable_by_key(|(n, _)| *n);
+    let pick = ctx.rotation.fetch_add(1, Ordering::Relaxed) % best.len();
+    let node = best[pick].0.to_string();
+    cache.assume(p, &node);
+    Decision::Node(node)
+}
+
+/// Places one pending pod.
+pub async fn reconcile(p: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let spec = p.spec.as_ref();
+    let mine = spec
+        .and_then(|s| s.scheduler_name.as_deref())
+        .is_none_or(|n| n == DEFAULT_SCHEDULER);
+    let uid = p.uid().unwrap_or_default();
+    if !mine
+        || spec.and_then(|s| s.node_name.as_ref()).is_some()
+        || p.metadata.deletion_timestamp.is_some()
+        || lock(&ctx.bound).contains(&uid)
+    {
+        return Ok(Action::await_change());
+    }
+    let ns = p.namespace().unwrap_or_default();
+    let name = p.name_any();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    match decide(&ctx, &p) {
+        Decision::Node(node) => {
+            let binding = json!({
+                "apiVersion": "v1", "kind": "Binding",
+                "metadata": {"name": name, "namespace": ns, "uid": uid},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node}
+            });
+            let body = serde_json::to_vec(&binding).unwrap_or_default();
+            let res = api
+                .create_subresource::<serde_json::Value>(
+                    "binding",
+                    &name,
+                    &PostParams::default(),
+                    body,
+                )
+                .await;
+            match res {
+                Ok(_) => {
+                    lock(&ctx.bound).insert(uid);
+                    let recorder = ctx.recorder.clone();
+                    let obj = p.object_ref(&());
+                    let msg = format!("Successfully assigned {ns}/{name} to {node}");
+                    tokio::spawn(async move {
+                        recorder
+                            .publish(&obj, EventType::Normal, "Scheduled", &msg)
+                            .await
+                    });
+                    Ok(Action::await_change())
+                }
+                Err(e) => {
+                    lock(&ctx.cache).forget_pod(&uid);
+                    match &e {
+                        // Deleted, or bound by someone else meanwhile: nothing to do.
+                        kube::Error::Api(s) if s.code == 404 || s.code == 409 => {
+                            Ok(Action::await_change())
+                        }
+                        _ => Err(Error::Bind {
+                            pod: format!("{ns}/{name}"),
+                            node,
+                            source: e,
+                        }),
+                    }
+                }
+            }
+        }
+        Decision::Nowhere(message) => {
+            let current = pod::condition(&p, "PodScheduled");
+            let same = current.is_some_and(|c| {
+                c.status == "False" && c.message.as_deref() == Some(message.as_str())
+            });
+            if !same {
+                let patch = json!({"status": {"conditions": [{
+                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                    "message": message, "lastTransitionTime": pod::now(),
+                }]}});
+                api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(patch))
+                    .await
+                    .map_err(|source| Error::Status {
+                        pod: format!("{ns}/{name}"),
+                        source,
+                    })?;
+                ctx.recorder
+                    .publish(
+                        &p.object_ref(&()),
+                        EventType::Warning,
+                        "FailedScheduling",
+                        &message,
+                    )
+                    .await;
+            }
+            Ok(Action::requeue(UNSCHEDULABLE_RETRY))
+        }
+    }
+}
+
+fn error_policy(_p: Arc<Pod>, e: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %e, "scheduling failed; retrying");
+    Action::requeue(Duration::from_secs(1))
+}
+
+/// Runs the scheduler until `shutdown` completes.
+pub async fn run(
+    client: Client,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        cache: Arc::default(),
+        bound: Mutex::default(),
+        recorder: Recorder::new(client.clone(), DEFAULT_SCHEDULER, None),
+        rotation: AtomicUsize::new(0),
+    });
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let nodes = tokio::spawn(watch_nodes(client.clone(), ctx.cache.clone(), tx));
+    let pods = tokio::spawn(watch_pods(client.clone(), ctx.clone()));
+    let pending: Api<Pod> = Api::all(client);
+    let trigger: std::pin::Pin<Box<dyn Stream<Item = ()> + Send + Sync>> = Box::pin(rx);
+    Controller::new(pending, watcher::Config::default().fields("spec.nodeName="))
+        .with_config(controller::Config::default().concurrency(64))
+        .reconcile_all_on(trigger)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "scheduler queue");
+            }
+            futures::future::ready(())
+        })
+        .instrument(tracing::info_span!("scheduler"))
+        .await;
+    nodes.abort();
+    pods.abort();
+}

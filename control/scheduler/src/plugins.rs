@@ -1,0 +1,247 @@
+//! Filters (may the pod go on this node?) and scores (how good a home is it?), the
+//! default plugins of kube-scheduler reduced to what Baton's nodes report.
+
+use std::collections::BTreeMap;
+
+use baton_kube::selector;
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::cache::{NodeInfo, Usage};
+
+/// Why a node cannot take a pod, worded as kube-scheduler words it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Unfit {
+    NotReady,
+    Unschedulable,
+    Selector,
+    Taint(String),
+    Cpu,
+    Memory,
+    Pods,
+}
+
+impl Unfit {
+    fn reason(&self) -> String {
+        match self {
+            Unfit::NotReady => "node(s) were not ready".into(),
+            Unfit::Unschedulable => "node(s) were unschedulable".into(),
+            Unfit::Selector => "node(s) didn't match Pod's node affinity/selector".into(),
+            Unfit::Taint(t) => format!("node(s) had untolerated taint {{{t}}}"),
+            Unfit::Cpu => "Insufficient cpu".into(),
+            Unfit::Memory => "Insufficient memory".into(),
+            Unfit::Pods => "Too many pods".into(),
+        }
+    }
+}
+
+/// `0/3 nodes are available: 1 Insufficient cpu, 2 node(s) were not ready.`
+pub fn unschedulable_message(total: usize, unfit: &[Unfit]) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for u in unfit {
+        *counts.entry(u.reason()).or_default() += 1;
+    }
+    let parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    if parts.is_empty() {
+        return format!("0/{total} nodes are available.");
+    }
+    format!("0/{total} nodes are available: {}.", parts.join(", "))
+}
+
+/// What the filters need to know about the pod, computed once per decision.
+#[derive(Debug)]
+pub struct Demand<'a> {
+    pub pod: &'a Pod,
+    pub cpu_millis: u64,
+    pub memory: u64,
+    pub owner: Option<String>,
+}
+
+fn node_ready(info: &NodeInfo) -> bool {
+    info.node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True")
+}
+
+fn matches_selector_and_affinity(d: &Demand<'_>, info: &NodeInfo) -> bool {
+    let Some(spec) = &d.pod.spec else {
+        return true;
+    };
+    let empty = BTreeMap::new();
+    let labels = info.node.metadata.labels.as_ref().unwrap_or(&empty);
+    let selector_ok = spec
+        .node_selector
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let required = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
+    // Terms are ORed; a node matching any term passes.
+    let affinity_ok = required.is_none_or(|r| {
+        r.node_selector_terms
+            .iter()
+            .any(|t| selector::matches_term(t, &info.node))
+    });
+    selector_ok && affinity_ok
+}
+
+/// Whether the pod may be placed on the node, given what is there already.
+pub fn filter(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>) -> Result<(), Unfit> {
+    let spec = info.node.spec.as_ref();
+    let tolerations = d
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.tolerations.as_deref())
+        .unwrap_or(&[]);
+    for taint in spec.and_then(|s| s.taints.as_deref()).unwrap_or(&[]) {
+        if taint.effect != "PreferNoSchedule" && !selector::tolerates(tolerations, taint) {
+            return Err(Unfit::Taint(format!(
+                "{}: {}",
+                taint.key,
+                taint.value.as_deref().unwrap_or("")
+            )));
+        }
+    }
+    if !node_ready(info) {
+        return Err(Unfit::NotReady);
+    }
+    if spec.and_then(|s| s.unschedulable) == Some(true) {
+        return Err(Unfit::Unschedulable);
+    }
+    if !matches_selector_and_affinity(d, info) {
+        return Err(Unfit::Selector);
+    }
+    let zero = Usage::default();
+    let used = usage.unwrap_or(&zero);
+    if used.pods + 1 > info.pods {
+        return Err(Unfit::Pods);
+    }
+    if d.cpu_millis > 0 && used.cpu_millis + d.cpu_millis > info.cpu_millis {
+        return Err(Unfit::Cpu);
+    }
+    if d.memory > 0 && used.memory + d.memory > info.memory {
+        return Err(Unfit::Memory);
+    }
+    Ok(())
+}
+
+/// Higher is better: least-allocated (0–100) plus spreading the owner's replicas (0–100).
+pub fn score(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>, most_of_owner: u64) -> u64 {
+    let zero = Usage::default();
+    let used = usage.unwrap_or(&zero);
+    let free = |used: u64, want: u64, cap: u64| {
+        if cap == 0 {
+            return 0;
+        }
+        cap.saturating_sub(used + want) * 100 / cap
+    };
+    let least_allocated = (free(used.cpu_millis, d.cpu_millis, info.cpu_millis)
+        + free(used.memory, d.memory, info.memory)
+        + free(used.pods, 1, info.pods))
+        / 3;
+    let spread = match &d.owner {
+        Some(o) if most_of_owner > 0 => {
+            let here = used.by_owner.get(o).copied().unwrap_or(0);
+            (most_of_owner - here.min(most_of_owner)) * 100 / most_of_owner
+        }
+        _ => 100,
+    };
+    least_allocated + spread
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::Arc;
+
+    fn node(name: &str, extra: serde_json::Value) -> NodeInfo {
+        let mut n = json!({
+            "metadata": {"name": name, "labels": {"disk": "ssd"}},
+            "status": {
+                "allocatable": {"cpu": "1", "memory": "1Gi", "pods": "2"},
+                "conditions": [{"type": "Ready", "status": "True"}]
+            }
+        });
+        if let Some(spec) = extra.get("spec") {
+            n["spec"] = spec.clone();
+        }
+        NodeInfo::new(Arc::new(serde_json::from_value(n).unwrap()))
+    }
+
+    fn pod(spec: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "p", "uid": "u1"}, "spec": spec}))
+            .unwrap()
+    }
+
+    #[test]
+    fn filters_say_why() {
+        let p = pod(json!({"containers": [{"name": "c"}], "nodeSelector": {"disk": "hdd"}}));
+        let d = Demand {
+            pod: &p,
+            cpu_millis: 0,
+            memory: 0,
+            owner: None,
+        };
+        assert_eq!(
+            filter(&d, &node("a", json!({})), None),
+            Err(Unfit::Selector)
+        );
+        let p = pod(json!({"containers": [{"name": "c"}]}));
+        let d = Demand {
+            pod: &p,
+            cpu_millis: 1500,
+            memory: 0,
+            owner: None,
+        };
+        assert_eq!(filter(&d, &node("a", json!({})), None), Err(Unfit::Cpu));
+        let tainted = node(
+            "b",
+            json!({"spec": {"taints": [{"key": "k", "value": "v", "effect": "NoSchedule"}]}}),
+        );
+        let d = Demand {
+            pod: &p,
+            cpu_millis: 0,
+            memory: 0,
+            owner: None,
+        };
+        assert_eq!(filter(&d, &tainted, None), Err(Unfit::Taint("k: v".into())));
+        let full = Usage {
+            pods: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            filter(&d, &node("a", json!({})), Some(&full)),
+            Err(Unfit::Pods)
+        );
+        assert_eq!(filter(&d, &node("a", json!({})), None), Ok(()));
+        assert_eq!(
+            unschedulable_message(3, &[Unfit::Cpu, Unfit::Selector, Unfit::Cpu]),
+            "0/3 nodes are available: 2 Insufficient cpu, 1 node(s) didn't match Pod's node affinity/selector."
+        );
+    }
+
+    #[test]
+    fn scores_spread_an_owners_replicas() {
+        let p = pod(json!({"containers": [{"name": "c"}]}));
+        let d = Demand {
+            pod: &p,
+            cpu_millis: 0,
+            memory: 0,
+            owner: Some("rs".into()),
+        };
+        let mut busy = Usage::default();
+        busy.by_owner.insert("rs".into(), 1);
+        let n = node("a", json!({}));
+        assert!(score(&d, &n, None, 1) > score(&d, &n, Some(&busy), 1));
+    }
+}
