@@ -1,0 +1,180 @@
+//! # baton-controllers: the controller manager
+//!
+//! kube-controller-manager's loops, each an ordinary API client in kube-runtime's shape:
+//! a `reconcile(Arc<Object>, Arc<Ctx>) -> Result<Action, Error>` that looks at one object,
+//! moves the world one step toward its spec, writes its status and says when to look
+//! again. Retries live in an error policy, never in a reconciler.
+//!
+//! | controller | module |
+//! |---|---|
+//! | ReplicaSet | [`replicaset`] |
+//! | Deployment | [`deployment`] |
+//! | ServiceAccount (a `default` one per namespace) | [`serviceaccount`] |
+//!
+//! ## Shared informers
+//! Every kind is watched once for the whole manager: one reflector store per kind
+//! ([`Ctx`]), whose watch events are fanned out to the controllers that care (kube-runtime's
+//! shared streams). A ReplicaSet controller that needs its pods reads the pod store instead
+//! of listing.
+
+pub mod deployment;
+pub mod expectations;
+pub mod replicaset;
+pub mod serviceaccount;
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_kube::events::Recorder;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::reflector::{self, store::Writer, ReflectHandle, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tracing::Instrument;
+
+use crate::expectations::Expectations;
+
+/// What every reconcile may read: the client, the shared stores, and bookkeeping.
+pub struct Ctx {
+    pub client: Client,
+    pub pods: Store<Pod>,
+    pub replicasets: Store<ReplicaSet>,
+    pub deployments: Store<Deployment>,
+    pub namespaces: Store<Namespace>,
+    pub expectations: Expectations,
+    pub recorder: Recorder,
+}
+
+impl Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").finish_non_exhaustive()
+    }
+}
+
+/// One kind watched once: its store, and a writer to subscribe controllers to before the
+/// watch is started.
+struct Informer<K: Resource<DynamicType = ()> + Clone + 'static> {
+    store: Store<K>,
+    writer: Writer<K>,
+}
+
+impl<K> Informer<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
+    fn new() -> Self {
+        let (store, writer) = reflector::store_shared(4096);
+        Self { store, writer }
+    }
+
+    fn subscribe(&self) -> ReflectHandle<K> {
+        self.writer
+            .subscribe()
+            .expect("shared stores are subscribable")
+    }
+
+    /// Starts the watch that feeds the store and every subscriber.
+    fn start(self, api: Api<K>) -> tokio::task::JoinHandle<()> {
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect_shared(self.writer);
+        tokio::spawn(async move {
+            stream
+                .for_each(|ev| {
+                    if let Err(e) = ev {
+                        tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying");
+                    }
+                    futures::future::ready(())
+                })
+                .await
+        })
+    }
+}
+
+fn error_policy<K, E: std::fmt::Display>(_obj: Arc<K>, e: &E, _ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(error = %e, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(1))
+}
+
+async fn drain<S, T, E>(name: &'static str, s: S)
+where
+    S: Stream<Item = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    s.for_each(|r| {
+        if let Err(e) = r {
+            tracing::debug!(controller = name, error = %e, "controller queue");
+        }
+        futures::future::ready(())
+    })
+    .instrument(tracing::info_span!("controller", name))
+    .await
+}
+
+/// Runs every controller until `shutdown` completes.
+pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let pods = Informer::<Pod>::new();
+    let replicasets = Informer::<ReplicaSet>::new();
+    let deployments = Informer::<Deployment>::new();
+    let namespaces = Informer::<Namespace>::new();
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        pods: pods.store.clone(),
+        replicasets: replicasets.store.clone(),
+        deployments: deployments.store.clone(),
+        namespaces: namespaces.store.clone(),
+        expectations: Expectations::default(),
+        recorder: Recorder::new(client.clone(), "controller-manager", None),
+    });
+    let cfg = controller::Config::default().concurrency(16);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let rs_controller =
+        Controller::for_shared_stream(replicasets.subscribe(), replicasets.store.clone())
+            .owns_shared_stream(pods.subscribe())
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(replicaset::reconcile, error_policy, ctx.clone());
+    let deploy_controller =
+        Controller::for_shared_stream(deployments.subscribe(), deployments.store.clone())
+            .owns_shared_stream(replicasets.subscribe())
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(deployment::reconcile, error_policy, ctx.clone());
+    let sa_controller =
+        Controller::for_shared_stream(namespaces.subscribe(), namespaces.store.clone())
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(serviceaccount::reconcile, error_policy, ctx.clone());
+    let watches = [
+        pods.start(Api::all(client.clone())),
+        replicasets.start(Api::all(client.clone())),
+        deployments.start(Api::all(client.clone())),
+        namespaces.start(Api::all(client.clone())),
+    ];
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    tokio::join!(
+        drain("replicaset", rs_controller),
+        drain("deployment", deploy_controller),
+        drain("serviceaccount", sa_controller),
+    );
+    for w in watches {
+        w.abort();
+    }
+}

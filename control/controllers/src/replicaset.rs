@@ -1,0 +1,346 @@
+//! The ReplicaSet controller: keeps `spec.replicas` pods of the template running.
+//!
+//! ## Expected flow
+//! Each reconcile counts the active pods the ReplicaSet controls (by controller owner
+//! reference), creates the missing ones or deletes the surplus, and writes the status
+//! (`replicas`, `readyReplicas`, `availableReplicas`, `observedGeneration`).
+//!
+//! ## Guarantees
+//! - No double creation: [`Expectations`](crate::expectations::Expectations) hold back a
+//!   reconcile until the pods it asked for show up in the store (or 30 s pass).
+//! - Surplus pods are deleted worst first: unscheduled, then pending, then not ready,
+//!   then the youngest, as kube-controller-manager ranks them.
+//! - A pod counts as available once it has been Ready for `minReadySeconds`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_kube::events::EventType;
+use baton_kube::pod;
+use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::Ctx;
+
+/// Pods created per reconcile at most; the rest come on the next pass.
+const BURST: usize = 500;
+
+/// Why a ReplicaSet could not be reconciled (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("creating a pod for {rs}: {source}")]
+    CreatePod {
+        rs: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("deleting pod {pod}: {source}")]
+    DeletePod {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("updating the status of {rs}: {source}")]
+    Status {
+        rs: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{0} has no namespace or UID")]
+    Incomplete(String),
+}
+
+const NAME_CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+
+/// `NAME-xxxxx`, as the API server's generateName would make it; made here so that the
+/// expectation can name the pod before it exists.
+pub fn generate_name(base: &str) -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    let suffix: String = (0..5)
+        .map(|_| NAME_CHARS[rng.gen_range(0..NAME_CHARS.len())] as char)
+        .collect();
+    let base = if base.len() > 57 { &base[..57] } else { base };
+    format!("{base}-{suffix}")
+}
+
+/// The pod a ReplicaSet's template describes.
+fn pod_from_template(rs: &ReplicaSet, name: &str) -> Pod {
+    let template = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.clone())
+        .unwrap_or_default();
+    let mut meta = template.metadata.unwrap_or_default();
+    meta.name = Some(name.to_string());
+    meta.namespace = rs.namespace();
+    meta.owner_references = Some(
+        vec![rs.controller_owner_ref(&()).map(|mut o| {
+            o.block_owner_deletion = Some(true);
+            o
+        })]
+        .into_iter()
+        .flatten()
+        .collect(),
+    );
+    Pod {
+        metadata: meta,
+        spec: template.spec,
+        status: None,
+    }
+}
+
+/// Lower sorts first: the pods to delete first when scaling down.
+fn deletion_rank(p: &Pod) -> (u8, u8, u8, i64, std::cmp::Reverse<Option<i64>>) {
+    let assigned = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() as u8;
+    let phase = match pod::phase(p) {
+        "Pending" => 0,
+        "Running" => 2,
+        _ => 1,
+    };
+    let ready = pod::is_ready(p) as u8;
+    let restarts: i64 = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map(|cs| cs.iter().map(|c| c.restart_count as i64).sum())
+        .unwrap_or(0);
+    let created = p
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.timestamp_nanos_opt().unwrap_or_default());
+    (
+        assigned,
+        phase,
+        ready,
+        -restarts,
+        std::cmp::Reverse(created),
+    )
+}
+
+/// Ready for at least `min_ready` (and when it will be, if not yet).
+pub fn available(p: &Pod, min_ready: Duration) -> (bool, Option<Duration>) {
+    if !pod::is_ready(p) {
+        return (false, None);
+    }
+    if min_ready.is_zero() {
+        return (true, None);
+    }
+    let since = pod::condition(p, "Ready")
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| (chrono_now() - t.0).to_std().unwrap_or_default())
+        .unwrap_or_default();
+    if since >= min_ready {
+        (true, None)
+    } else {
+        (false, Some(min_ready - since))
+    }
+}
+
+fn chrono_now() -> k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc> {
+    pod::now().0
+}
+
+pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let (Some(ns), Some(uid)) = (rs.namespace(), rs.uid()) else {
+        return Err(Error::Incomplete(rs.name_any()));
+    };
+    let name = rs.name_any();
+    if rs.metadata.deletion_timestamp.is_some() {
+        ctx.expectations.forget(&uid);
+        return Ok(Action::await_change());
+    }
+    let owned: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.metadata.namespace.as_deref() == Some(ns.as_str())
+                && pod::controller_of(&p.metadata).is_some_and(|o| o.uid == uid)
+        })
+        .collect();
+    let active: Vec<&Arc<Pod>> = owned.iter().filter(|p| pod::is_active(p)).collect();
+    let present = owned.iter().map(|p| {
+        (
+            p.metadata.name.as_deref().unwrap_or(""),
+            p.metadata.uid.as_deref().unwrap_or(""),
+        )
+    });
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let want = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1)
+        .max(0) as usize;
+    if ctx.expectations.satisfied(&uid, present) {
+        if active.len() < want {
+            let n = (want - active.len()).min(BURST);
+            let creates = (0..n).map(|_| {
+                let pod_name = generate_name(&name);
+                ctx.expectations.expect_create(&uid, &pod_name);
+                let pod = pod_from_template(&rs, &pod_name);
+                let api = api.clone();
+                async move { (pod_name, api.create(&PostParams::default(), &pod).await) }
+            });
+            let mut first_err = None;
+            for (pod_name, res) in futures::future::join_all(creates).await {
+                if let Err(e) = res {
+                    ctx.expectations.creation_failed(&uid, &pod_name);
+                    ctx.recorder
+                        .publish(
+                            &rs.object_ref(&()),
+                            EventType::Warning,
+                            "FailedCreate",
+                            &format!("Error creating: {e}"),
+                        )
+                        .await;
+                    first_err.get_or_insert(e);
+                } else {
+                    ctx.recorder
+                        .publish(
+                            &rs.object_ref(&()),
+                            EventType::Normal,
+                            "SuccessfulCreate",
+                            &format!("Created pod: {pod_name}"),
+                        )
+                        .await;
+                }
+            }
+            if let Some(source) = first_err {
+                return Err(Error::CreatePod {
+                    rs: format!("{ns}/{name}"),
+                    source,
+                });
+            }
+        } else if active.len() > want {
+            let mut victims = active.clone();
+            victims.sort_by_key(|p| deletion_rank(p));
+            for p in victims.into_iter().take(active.len() - want) {
+                let pod_name = p.name_any();
+                ctx.expectations
+                    .expect_delete(&uid, p.metadata.uid.as_deref().unwrap_or(""));
+                match api.delete(&pod_name, &DeleteParams::default()).await {
+                    Ok(_) => {
+                        ctx.recorder
+                            .publish(
+                                &rs.object_ref(&()),
+                                EventType::Normal,
+                                "SuccessfulDelete",
+                                &format!("Deleted pod: {pod_name}"),
+                            )
+                            .await
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(source) => {
+                        return Err(Error::DeletePod {
+                            pod: format!("{ns}/{pod_name}"),
+                            source,
+                        })
+                    }
+                }
+            }
+        }
+    }
+    let min_ready = Duration::from_secs(
+        rs.spec
+            .as_ref()
+            .and_then(|s| s.min_ready_seconds)
+            .unwrap_or(0)
+            .max(0) as u64,
+    );
+    let mut next_check: Option<Duration> = None;
+    let mut status = ReplicaSetStatus {
+        replicas: active.len() as i32,
+        observed_generation: rs.metadata.generation,
+        ..Default::default()
+    };
+    let template_labels = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.as_ref())
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    let (mut labeled, mut ready, mut avail) = (0, 0, 0);
+    for p in &active {
+        let labels = p.metadata.labels.clone().unwrap_or_default();
+        if template_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+        {
+            labeled += 1;
+        }
+        if pod::is_ready(p) {
+            ready += 1;
+        }
+        match available(p, min_ready) {
+            (true, _) => avail += 1,
+            (false, Some(wait)) => next_check = Some(next_check.map_or(wait, |n| n.min(wait))),
+            _ => {}
+        }
+    }
+    status.fully_labeled_replicas = Some(labeled);
+    status.ready_replicas = Some(ready);
+    status.available_replicas = Some(avail);
+    let current = rs.status.clone().unwrap_or_default();
+    if current.replicas != status.replicas
+        || current.ready_replicas.unwrap_or(0) != ready
+        || current.available_replicas.unwrap_or(0) != avail
+        || current.fully_labeled_replicas.unwrap_or(0) != labeled
+        || current.observed_generation != status.observed_generation
+    {
+        let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({"status": status});
+        match rs_api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
+            Err(source) => {
+                return Err(Error::Status {
+                    rs: format!("{ns}/{name}"),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(match next_check {
+        Some(d) => Action::requeue(d + Duration::from_millis(50)),
+        None => Action::await_change(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_worst_pods_go_first() {
+        let p = |name: &str, node: Option<&str>, phase: &str, ready: bool| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z"},
+                "spec": {"containers": [], "nodeName": node},
+                "status": {"phase": phase, "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}
+            }))
+            .unwrap()
+        };
+        let mut pods = [
+            p("ready", Some("n"), "Running", true),
+            p("unscheduled", None, "Pending", false),
+            p("notready", Some("n"), "Running", false),
+            p("pending", Some("n"), "Pending", false),
+        ];
+        pods.sort_by_key(deletion_rank);
+        let order: Vec<_> = pods.iter().map(|p| p.name_any()).collect();
+        assert_eq!(order, ["unscheduled", "pending", "notready", "ready"]);
+        assert!(generate_name("web-abc").starts_with("web-abc-"));
+        assert_eq!(generate_name("web").len(), 9);
+    }
+}
