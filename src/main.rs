@@ -1,8 +1,9 @@
 //! `baton`: the one binary of Baton.
 //!
-//! - `baton up`: everything in one process on the embedded single-member store (for now:
-//!   the store and the Kubernetes API server).
+//! - `baton up`: everything in one process on the embedded single-member store: the store,
+//!   the Kubernetes API server, the scheduler, the controllers and a local node.
 //! - `baton server`: one member of a replicated control plane.
+//! - `baton node`: a node agent joining a cluster.
 //! - `baton store ...`: everyday client verbs against a store.
 
 use std::collections::BTreeSet;
@@ -15,6 +16,7 @@ use baton_apiserver::{ApiServer, Objects, Pki};
 use baton_store::{RangeRequest, ReadOptions, Store, StoreClient, StoreConfig, WatchEvent};
 use clap::{Args, Parser, Subcommand};
 
+mod control;
 mod run;
 
 // glibc's malloc showed up as ~12% of the store's write path under load; mimalloc's
@@ -39,6 +41,8 @@ enum Command {
     Up(UpArgs),
     /// Run one member of a replicated control plane.
     Server(ServerArgs),
+    /// Run a node agent that joins the cluster of a kubeconfig.
+    Node(NodeCmdArgs),
     /// Talk to a store: status, get, put, list, watch.
     Store(StoreArgs),
     /// Run a component (or a pod from a local manifest) here, without a cluster.
@@ -56,6 +60,23 @@ struct UpArgs {
     /// Also serve the store's own API here (for `baton store`); off by default.
     #[arg(long)]
     store_listen: Option<SocketAddr>,
+    /// Run only the control plane, without a local node.
+    #[arg(long)]
+    no_node: bool,
+    #[command(flatten)]
+    node: control::NodeArgs,
+}
+
+#[derive(Args, Debug)]
+struct NodeCmdArgs {
+    /// The kubeconfig of the cluster to join.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: PathBuf,
+    /// Where the node keeps pod volumes, logs and compiled components.
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    node: control::NodeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -150,6 +171,7 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Up(args) => up(args).await,
         Command::Server(args) => server(args).await,
+        Command::Node(args) => node(args).await,
         Command::Store(args) => store_verb(args).await,
         Command::Run(args) => {
             let code = run::run(args).await?;
@@ -170,6 +192,11 @@ async fn shutdown_signal() {
 /// Serves until Ctrl-C or SIGTERM, then stops the store cleanly.
 async fn run_until_signal(store: &Store, tasks: Vec<tokio::task::JoinHandle<()>>) -> Result<()> {
     shutdown_signal().await;
+    stop(store, tasks).await
+}
+
+/// Stops the serving tasks, then the store.
+async fn stop(store: &Store, tasks: Vec<tokio::task::JoinHandle<()>>) -> Result<()> {
     for t in tasks {
         t.abort();
     }
@@ -196,21 +223,53 @@ async fn up(args: UpArgs) -> Result<()> {
             .with_context(|| format!("failed to listen on {addr}"))?;
         tasks.push(store.serve(l));
     }
-    let kubeconfig = start_api(&store, &dir, api_listener, api_addr, &mut tasks).await?;
-    println!("baton is up: Kubernetes API at https://{api_addr}");
-    println!("kubeconfig: {}", kubeconfig.display());
-    println!("try: KUBECONFIG={} kubectl get ns", kubeconfig.display());
-    run_until_signal(&store, tasks).await
+    let api = start_api(&store, &dir, api_listener, api_addr, &mut tasks).await?;
+    let mut loops = control::Loops::new();
+    loops.start_control_plane(&api.pki, &api.server).await?;
+    if !args.no_node {
+        let client = control::client_for(&api.pki, &api.server, "system:node:local").await?;
+        loops.start_node(client, args.node.config(dir.join("node")));
+    }
+    println!("baton is up: Kubernetes API at {}", api.server);
+    println!("kubeconfig: {}", api.kubeconfig.display());
+    println!(
+        "try: KUBECONFIG={} kubectl get nodes",
+        api.kubeconfig.display()
+    );
+    shutdown_signal().await;
+    loops.shutdown().await;
+    stop(&store, tasks).await
 }
 
-/// Starts the API server over `store`; returns the admin kubeconfig's path.
+async fn node(args: NodeCmdArgs) -> Result<()> {
+    let yaml = std::fs::read_to_string(&args.kubeconfig)
+        .with_context(|| format!("failed to read {}", args.kubeconfig.display()))?;
+    let client = baton_kube::client::from_yaml(&yaml)
+        .await
+        .context("failed to connect to the cluster")?;
+    let mut loops = control::Loops::new();
+    loops.start_node(client, args.node.config(args.data_dir));
+    println!("baton node {} is running", args.node.name);
+    shutdown_signal().await;
+    loops.shutdown().await;
+    Ok(())
+}
+
+/// A started API server: where it is, its PKI, and the admin kubeconfig.
+struct StartedApi {
+    server: String,
+    pki: Pki,
+    kubeconfig: PathBuf,
+}
+
+/// Starts the API server over `store`.
 async fn start_api(
     store: &Store,
     dir: &std::path::Path,
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> Result<PathBuf> {
+) -> Result<StartedApi> {
     let pki = Pki::load_or_create(&dir.join("pki"), &[addr.ip().to_string()])
         .context("failed to set up the cluster's certificates and tokens")?;
     let api = ApiServer::new(
@@ -232,9 +291,14 @@ async fn start_api(
     } else {
         addr.ip().to_string()
     };
-    pki.write_kubeconfig(&kubeconfig, &format!("https://{host}:{}", addr.port()))
+    let server = format!("https://{host}:{}", addr.port());
+    pki.write_kubeconfig(&kubeconfig, &server)
         .context("failed to write the kubeconfig")?;
-    Ok(kubeconfig)
+    Ok(StartedApi {
+        server,
+        pki,
+        kubeconfig,
+    })
 }
 
 async fn server(args: ServerArgs) -> Result<()> {
@@ -268,10 +332,10 @@ async fn server(args: ServerArgs) -> Result<()> {
             .await
             .with_context(|| format!("failed to listen on {api_addr}"))?;
         let api_addr = l.local_addr()?;
-        let kubeconfig = start_api(&store, &args.data_dir, l, api_addr, &mut tasks).await?;
+        let api = start_api(&store, &args.data_dir, l, api_addr, &mut tasks).await?;
         println!(
             "Kubernetes API at https://{api_addr}, kubeconfig: {}",
-            kubeconfig.display()
+            api.kubeconfig.display()
         );
     }
     println!("baton server {} listening on {addr}", args.id);

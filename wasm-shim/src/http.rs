@@ -33,6 +33,8 @@ pub struct HttpSpec {
     pub memory_bytes: usize,
     /// Budget of one request; None lets a request run as long as its client waits.
     pub request_timeout: Option<Duration>,
+    /// Where the request instances' stdout and stderr go; None discards them.
+    pub log: Option<crate::logs::ContainerLog>,
 }
 
 /// A running HTTP component; stops serving when dropped.
@@ -77,15 +79,15 @@ impl Serving {
         self: Arc<Self>,
         req: hyper::Request<hyper::body::Incoming>,
     ) -> Result<hyper::Response<HyperOutgoingBody>, Infallible> {
-        let sink = MemoryOutputPipe::new(64 << 10);
-        let wasi = match wasi_ctx(
-            &self.spec.env,
-            &["http".to_string()],
-            &[],
-            true,
-            sink.clone(),
-            sink,
-        ) {
+        let args = ["http".to_string()];
+        let wasi = match &self.spec.log {
+            Some(log) => wasi_ctx(&self.spec.env, &args, &[], true, log.stdout(), log.stderr()),
+            None => {
+                let sink = MemoryOutputPipe::new(64 << 10);
+                wasi_ctx(&self.spec.env, &args, &[], true, sink.clone(), sink)
+            }
+        };
+        let wasi = match wasi {
             Ok(w) => w,
             Err(e) => return Ok(text(500, format!("sandbox setup failed: {e}\n"))),
         };

@@ -37,12 +37,14 @@ mod net;
 mod pod;
 mod runtime;
 
-pub use cli::{CliSpec, Mount};
+pub use cli::{CliOutcome, CliSpec, Mount};
 pub use error::ShimError;
 pub use http::{HttpServer, HttpSpec};
 pub use net::{NameResolver, NetLimits};
 pub use pod::{ContainerSpec, Pod, PodSpec};
 pub use runtime::{ComponentKind, Runtime, RuntimeConfig};
+/// A compiled component, loaded by [`Runtime::load_file`]; callers need not depend on wasmtime.
+pub use wasmtime::component::Component;
 
 /// How a component run ended, in the terms of a Kubernetes container state.
 #[derive(Clone, Debug, PartialEq, Eq)]

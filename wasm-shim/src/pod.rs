@@ -81,8 +81,7 @@ impl Pod {
 
     /// Waits for a CLI container to finish.
     pub async fn wait(&mut self, container: &str) -> Option<Result<CliOutcome, ShimError>> {
-        let i = self.processes.iter().position(|(n, _)| n == container)?;
-        let (_, task) = self.processes.remove(i);
+        let task = self.take_process(container)?;
         Some(
             task.await
                 .unwrap_or_else(|e| Err(ShimError::Setup(format!("container task failed: {e}")))),
@@ -98,44 +97,80 @@ impl Drop for Pod {
     }
 }
 
+impl Pod {
+    /// Starts one container in the pod, replacing (and stopping) a running one of the same
+    /// name: HTTP components listen on `podIP:port`, CLI components run as processes
+    /// whose exit [`Pod::take_process`] hands out.
+    pub async fn start_container(
+        &mut self,
+        rt: &Runtime,
+        c: ContainerSpec,
+    ) -> Result<(), ShimError> {
+        self.stop_container(&c.name);
+        match rt.kind(&c.component)? {
+            ComponentKind::Http => {
+                let port = c.port.ok_or_else(|| {
+                    ShimError::Setup(format!("HTTP container {} has no port", c.name))
+                })?;
+                let addr = SocketAddr::new(self.ip, port);
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    ShimError::Setup(format!("container {} cannot listen on {addr}: {e}", c.name))
+                })?;
+                let server =
+                    rt.serve_http_with(&c.component, c.http.clone(), listener, self.net.clone())?;
+                self.servers.push((c.name, server));
+            }
+            ComponentKind::Cli => {
+                let rt = rt.clone();
+                let name = c.name.clone();
+                let net = self.net.clone();
+                let task = tokio::spawn(async move {
+                    rt.run_cli_with(&c.component, &c.name, &c.cli, net).await
+                });
+                self.processes.push((name, task));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops a container now: its HTTP listener closes, its process is aborted.
+    pub fn stop_container(&mut self, name: &str) {
+        self.servers.retain(|(n, _)| n != name);
+        self.processes.retain(|(n, t)| {
+            if n == name {
+                t.abort();
+            }
+            n != name
+        });
+    }
+
+    /// The task of a CLI container, to await its exit; the caller now owns it (and aborts
+    /// it to stop the container).
+    pub fn take_process(
+        &mut self,
+        name: &str,
+    ) -> Option<JoinHandle<Result<CliOutcome, ShimError>>> {
+        let i = self.processes.iter().position(|(n, _)| n == name)?;
+        Some(self.processes.remove(i).1)
+    }
+}
+
 impl Runtime {
-    /// Starts every container of a pod: HTTP components listen on `ip:port`, CLI
-    /// components run as processes.
-    pub async fn start_pod(&self, spec: PodSpec) -> Result<Pod, ShimError> {
-        let net = PodNet::new(spec.ip, spec.names, self.config().net_limits);
-        let mut pod = Pod {
-            ip: spec.ip,
-            net: net.clone(),
+    /// An empty pod: its network, no containers yet.
+    pub fn new_pod(&self, ip: IpAddr, names: Option<NameResolver>) -> Pod {
+        Pod {
+            ip,
+            net: PodNet::new(ip, names, self.config().net_limits),
             servers: Vec::new(),
             processes: Vec::new(),
-        };
+        }
+    }
+
+    /// Starts every container of a pod.
+    pub async fn start_pod(&self, spec: PodSpec) -> Result<Pod, ShimError> {
+        let mut pod = self.new_pod(spec.ip, spec.names);
         for c in spec.containers {
-            match self.kind(&c.component)? {
-                ComponentKind::Http => {
-                    let port = c.port.ok_or_else(|| {
-                        ShimError::Setup(format!("HTTP container {} has no port", c.name))
-                    })?;
-                    let addr = SocketAddr::new(spec.ip, port);
-                    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                        ShimError::Setup(format!(
-                            "container {} cannot listen on {addr}: {e}",
-                            c.name
-                        ))
-                    })?;
-                    let server =
-                        self.serve_http_with(&c.component, c.http.clone(), listener, net.clone())?;
-                    pod.servers.push((c.name, server));
-                }
-                ComponentKind::Cli => {
-                    let rt = self.clone();
-                    let name = c.name.clone();
-                    let net = net.clone();
-                    let task = tokio::spawn(async move {
-                        rt.run_cli_with(&c.component, &c.name, &c.cli, net).await
-                    });
-                    pod.processes.push((name, task));
-                }
-            }
+            pod.start_container(self, c).await?;
         }
         Ok(pod)
     }

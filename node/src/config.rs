@@ -1,0 +1,568 @@
+//! What a pod's containers see besides their component: environment and volumes, with
+//! ConfigMap, Secret and downward-API references resolved, as the kubelet resolves them.
+//!
+//! - env: `value` (with `$(VAR)` expansion of earlier variables), `valueFrom`
+//!   (`configMapKeyRef`, `secretKeyRef`, `fieldRef`, `resourceFieldRef`) and `envFrom`.
+//! - volumes: `emptyDir` (one directory shared by the pod's containers), `configMap`,
+//!   `secret` and `downwardAPI` (files written under the pod's directory and mounted
+//!   read-only, rewritten by [`refresh_volumes`] when the objects change), `hostPath`.
+//!
+//! A reference to a missing object or key fails with the object's name, which the node
+//! agent reports as `CreateContainerConfigError`; `optional: true` references are skipped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use baton_wasm_shim::Mount;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, ObjectFieldSelector, Pod, Secret, Volume};
+use kube::{Api, Client, ResourceExt};
+
+/// Why a container's configuration could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{kind} \"{name}\" not found")]
+    Missing { kind: &'static str, name: String },
+    #[error("couldn't find key {key} in {kind} {namespace}/{name}")]
+    MissingKey {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        key: String,
+    },
+    #[error("reading {kind} {name}: {source}")]
+    Api {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("unsupported field path {0:?}")]
+    FieldPath(String),
+    #[error("volume {volume}: {message}")]
+    Volume { volume: String, message: String },
+    #[error("container {container} mounts volume {volume}, which the pod does not define")]
+    NoSuchVolume { container: String, volume: String },
+    #[error("writing volume {volume}: {source}")]
+    Io {
+        volume: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads ConfigMaps and Secrets of one namespace once per resolution.
+struct Objects {
+    client: Client,
+    namespace: String,
+    configmaps: HashMap<String, Option<ConfigMap>>,
+    secrets: HashMap<String, Option<Secret>>,
+}
+
+impl Objects {
+    async fn configmap(&mut self, name: &str) -> Result<Option<&ConfigMap>, ConfigError> {
+        if !self.configmaps.contains_key(name) {
+            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+            let cm = api.get_opt(name).await.map_err(|source| ConfigError::Api {
+                kind: "configmap",
+                name: name.into(),
+                source,
+            })?;
+            self.configmaps.insert(name.into(), cm);
+        }
+        Ok(self.configmaps[name].as_ref())
+    }
+
+    async fn secret(&mut self, name: &str) -> Result<Option<&Secret>, ConfigError> {
+        if !self.secrets.contains_key(name) {
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+            let s = api.get_opt(name).await.map_err(|source| ConfigError::Api {
+                kind: "secret",
+                name: name.into(),
+                source,
+            })?;
+            self.secrets.insert(name.into(), s);
+        }
+        Ok(self.secrets[name].as_ref())
+    }
+
+    /// The string data of a ConfigMap or Secret, or None if it does not exist.
+    async fn data(
+        &mut self,
+        kind: &'static str,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ConfigError> {
+        Ok(match kind {
+            "configmap" => self.configmap(name).await?.map(|cm| {
+                let mut d: BTreeMap<String, Vec<u8>> = cm
+                    .data
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+                    .collect();
+                for (k, v) in cm.binary_data.iter().flatten() {
+                    d.insert(k.clone(), v.0.clone());
+                }
+                d
+            }),
+            _ => self.secret(name).await?.map(|s| {
+                let mut d: BTreeMap<String, Vec<u8>> = s
+                    .data
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.0.clone()))
+                    .collect();
+                for (k, v) in s.string_data.iter().flatten() {
+                    d.insert(k.clone(), v.clone().into_bytes());
+                }
+                d
+            }),
+        })
+    }
+
+    async fn key(
+        &mut self,
+        kind: &'static str,
+        name: &str,
+        key: &str,
+        optional: bool,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some(data) = self.data(kind, name).await? else {
+            return if optional {
+                Ok(None)
+            } else {
+                Err(ConfigError::Missing {
+                    kind,
+                    name: name.into(),
+                })
+            };
+        };
+        match data.get(key) {
+            Some(v) => Ok(Some(String::from_utf8_lossy(v).into_owned())),
+            None if optional => Ok(None),
+            None => Err(ConfigError::MissingKey {
+                kind: if kind == "configmap" {
+                    "ConfigMap"
+                } else {
+                    "Secret"
+                },
+                namespace: self.namespace.clone(),
+                name: name.into(),
+                key: key.into(),
+            }),
+        }
+    }
+}
+
+/// The pod facts the downward API exposes.
+#[derive(Debug, Clone)]
+pub struct PodFacts {
+    pub pod_ip: String,
+    pub host_ip: String,
+    pub node_name: String,
+}
+
+fn field(pod: &Pod, facts: &PodFacts, f: &ObjectFieldSelector) -> Result<String, ConfigError> {
+    let path = f.field_path.as_str();
+    let labelled = |prefix: &str, map: &BTreeMap<String, String>| {
+        path.strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix("']"))
+            .map(|k| map.get(k).cloned().unwrap_or_default())
+    };
+    Ok(match path {
+        "metadata.name" => pod.name_any(),
+        "metadata.namespace" => pod.namespace().unwrap_or_default(),
+        "metadata.uid" => pod.uid().unwrap_or_default(),
+        "spec.nodeName" => facts.node_name.clone(),
+        "spec.serviceAccountName" => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        "status.podIP" | "status.podIPs" => facts.pod_ip.clone(),
+        "status.hostIP" | "status.hostIPs" => facts.host_ip.clone(),
+        "metadata.labels" => format_map(pod.labels()),
+        "metadata.annotations" => format_map(pod.annotations()),
+        _ => labelled("metadata.labels['", pod.labels())
+            .or_else(|| labelled("metadata.annotations['", pod.annotations()))
+            .ok_or_else(|| ConfigError::FieldPath(path.into()))?,
+    })
+}
+
+fn format_map(m: &BTreeMap<String, String>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k}={v:?}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `$(VAR)` references to variables defined before, as Kubernetes expands them; `$$` is
+/// a literal `$`, and unknown references stay as written.
+fn expand(value: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(a) = after.strip_prefix('$') {
+            out.push('$');
+            rest = a;
+        } else if let Some(inner) = after.strip_prefix('(') {
+            match inner.find(')') {
+                Some(end) => {
+                    let name = &inner[..end];
+                    match env.iter().rev().find(|(k, _)| k == name) {
+                        Some((_, v)) => out.push_str(v),
+                        None => out.push_str(&format!("$({name})")),
+                    }
+                    rest = &inner[end + 1..];
+                }
+                None => {
+                    out.push_str("$(");
+                    rest = inner;
+                }
+            }
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn resource_field(c: &Container, resource: &str) -> String {
+    let r = c.resources.as_ref();
+    let (map, key) = match resource.split_once('.') {
+        Some(("limits", k)) => (r.and_then(|r| r.limits.as_ref()), k),
+        Some(("requests", k)) => (r.and_then(|r| r.requests.as_ref()), k),
+        _ => (None, ""),
+    };
+    let q = map.and_then(|m| m.get(key)).map(|q| q.0.clone());
+    match (key, q) {
+        ("cpu", Some(q)) => baton_kube::quantity::parse(&q)
+            .map(|v| v.ceil().to_string())
+            .unwrap_or(q),
+        (_, Some(q)) => baton_kube::quantity::whole(&q)
+            .map(|v| v.to_string())
+            .unwrap_or(q),
+        _ => "0".into(),
+    }
+}
+
+/// Resolves a container's environment, in Kubernetes' order: `envFrom` first, then `env`.
+async fn container_env(
+    objects: &mut Objects,
+    pod: &Pod,
+    facts: &PodFacts,
+    c: &Container,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
+        env.retain(|(n, _)| *n != k);
+        env.push((k, v));
+    };
+    for from in c.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        let (kind, name, optional) = if let Some(r) = &from.config_map_ref {
+            ("configmap", r.name.clone(), r.optional == Some(true))
+        } else if let Some(r) = &from.secret_ref {
+            ("secret", r.name.clone(), r.optional == Some(true))
+        } else {
+            continue;
+        };
+        match objects.data(kind, &name).await? {
+            Some(data) => {
+                for (k, v) in data {
+                    set(
+                        &mut env,
+                        format!("{prefix}{k}"),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    );
+                }
+            }
+            None if optional => {}
+            None => return Err(ConfigError::Missing { kind, name }),
+        }
+    }
+    for e in c.env.iter().flatten() {
+        let value = if let Some(from) = &e.value_from {
+            let v = if let Some(r) = &from.config_map_key_ref {
+                objects
+                    .key("configmap", &r.name, &r.key, r.optional == Some(true))
+                    .await?
+            } else if let Some(r) = &from.secret_key_ref {
+                objects
+                    .key("secret", &r.name, &r.key, r.optional == Some(true))
+                    .await?
+            } else if let Some(f) = &from.field_ref {
+                Some(field(pod, facts, f)?)
+            } else {
+                from.resource_field_ref
+                    .as_ref()
+                    .map(|r| resource_field(c, &r.resource))
+            };
+            match v {
+                Some(v) => v,
+                None => continue,
+            }
+        } else {
+            expand(e.value.as_deref().unwrap_or(""), &env)
+        };
+        set(&mut env, e.name.clone(), value);
+    }
+    Ok(env)
+}
+
+/// The directory holding a pod's volumes on the node.
+pub fn volumes_dir(pod_dir: &Path) -> PathBuf {
+    pod_dir.join("volumes")
+}
+
+fn write_files(
+    dir: &Path,
+    volume: &str,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> Result<(), ConfigError> {
+    let io = |source| ConfigError::Io {
+        volume: volume.into(),
+        source,
+    };
+    // Written to a fresh directory and swapped in, so a reader never sees half an update.
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io)?;
+    for (name, data) in files {
+        if name.contains("..") || name.starts_with('/') {
+            return Err(ConfigError::Volume {
+                volume: volume.into(),
+                message: format!("path {name:?} leaves the volume"),
+            });
+        }
+        let p = tmp.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::write(&p, data).map_err(io)?;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).map_err(io)
+}
+
+/// Writes the pod's configMap, secret and downwardAPI volumes, and makes its emptyDirs.
+async fn write_volumes(
+    objects: &mut Objects,
+    pod: &Pod,
+    facts: &PodFacts,
+    pod_dir: &Path,
+) -> Result<HashMap<String, (PathBuf, bool)>, ConfigError> {
+    let mut out = HashMap::new();
+    let base = volumes_dir(pod_dir);
+    let volumes: Vec<Volume> = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    for v in &volumes {
+        let dir = base.join(&v.name);
+        let io = |source| ConfigError::Io {
+            volume: v.name.clone(),
+            source,
+        };
+        let read_only = if v.empty_dir.is_some() {
+            std::fs::create_dir_all(&dir).map_err(io)?;
+            false
+        } else if let Some(h) = &v.host_path {
+            out.insert(v.name.clone(), (PathBuf::from(&h.path), false));
+            continue;
+        } else if let Some(files) = projected(objects, pod, facts, v).await? {
+            write_files(&dir, &v.name, &files)?;
+            true
+        } else {
+            continue;
+        };
+        out.insert(v.name.clone(), (dir, read_only));
+    }
+    Ok(out)
+}
+
+/// The files of a configMap, secret or downwardAPI volume; None for an optional object
+/// that does not exist. Other volume types are refused.
+async fn projected(
+    objects: &mut Objects,
+    pod: &Pod,
+    facts: &PodFacts,
+    v: &Volume,
+) -> Result<Option<BTreeMap<String, Vec<u8>>>, ConfigError> {
+    let (kind, name, items, optional) = if let Some(c) = &v.config_map {
+        (
+            "configmap",
+            c.name.clone(),
+            c.items.clone(),
+            c.optional == Some(true),
+        )
+    } else if let Some(s) = &v.secret {
+        (
+            "secret",
+            s.secret_name.clone().unwrap_or_default(),
+            s.items.clone(),
+            s.optional == Some(true),
+        )
+    } else if let Some(d) = &v.downward_api {
+        let mut files = BTreeMap::new();
+        for item in d.items.iter().flatten() {
+            if let Some(f) = &item.field_ref {
+                files.insert(item.path.clone(), field(pod, facts, f)?.into_bytes());
+            }
+        }
+        return Ok(Some(files));
+    } else {
+        return Err(ConfigError::Volume {
+            volume: v.name.clone(),
+            message:
+                "only emptyDir, configMap, secret, downwardAPI and hostPath volumes are supported"
+                    .into(),
+        });
+    };
+    let Some(data) = objects.data(kind, &name).await? else {
+        return if optional {
+            Ok(Some(BTreeMap::new()))
+        } else {
+            Err(ConfigError::Missing { kind, name })
+        };
+    };
+    Ok(Some(match items {
+        None => data,
+        Some(items) => {
+            let mut files = BTreeMap::new();
+            for item in items {
+                match data.get(&item.key) {
+                    Some(d) => {
+                        files.insert(item.path.clone(), d.clone());
+                    }
+                    None if optional => {}
+                    None => {
+                        return Err(ConfigError::MissingKey {
+                            kind: if kind == "configmap" {
+                                "ConfigMap"
+                            } else {
+                                "Secret"
+                            },
+                            namespace: objects.namespace.clone(),
+                            name,
+                            key: item.key,
+                        })
+                    }
+                }
+            }
+            files
+        }
+    }))
+}
+
+/// One container's resolved environment and mounts.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerConfig {
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<Mount>,
+}
+
+/// Resolves every container of the pod (init containers included), writing its volumes
+/// under `pod_dir`.
+pub async fn resolve(
+    client: &Client,
+    pod: &Pod,
+    facts: &PodFacts,
+    pod_dir: &Path,
+) -> Result<HashMap<String, ContainerConfig>, ConfigError> {
+    let mut objects = Objects {
+        client: client.clone(),
+        namespace: pod.namespace().unwrap_or_else(|| "default".into()),
+        configmaps: HashMap::new(),
+        secrets: HashMap::new(),
+    };
+    let volumes = write_volumes(&mut objects, pod, facts, pod_dir).await?;
+    let mut out = HashMap::new();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let containers: Vec<Container> = spec
+        .init_containers
+        .unwrap_or_default()
+        .into_iter()
+        .chain(spec.containers)
+        .collect();
+    for c in &containers {
+        let env = container_env(&mut objects, pod, facts, c).await?;
+        let mut mounts = Vec::new();
+        for m in c.volume_mounts.iter().flatten() {
+            let (dir, ro) = volumes
+                .get(&m.name)
+                .ok_or_else(|| ConfigError::NoSuchVolume {
+                    container: c.name.clone(),
+                    volume: m.name.clone(),
+                })?;
+            let host_path = match &m.sub_path {
+                Some(sp) if !sp.is_empty() && !sp.contains("..") => dir.join(sp),
+                _ => dir.clone(),
+            };
+            mounts.push(Mount {
+                host_path,
+                guest_path: m.mount_path.clone(),
+                read_only: *ro || m.read_only == Some(true),
+            });
+        }
+        out.insert(c.name.clone(), ContainerConfig { env, mounts });
+    }
+    Ok(out)
+}
+
+/// Rewrites the pod's configMap, secret and downwardAPI volumes from the objects as they
+/// are now, as the kubelet's periodic sync does; the components see the new files.
+pub async fn refresh_volumes(
+    client: &Client,
+    pod: &Pod,
+    facts: &PodFacts,
+    pod_dir: &Path,
+) -> Result<(), ConfigError> {
+    let mut objects = Objects {
+        client: client.clone(),
+        namespace: pod.namespace().unwrap_or_else(|| "default".into()),
+        configmaps: HashMap::new(),
+        secrets: HashMap::new(),
+    };
+    write_volumes(&mut objects, pod, facts, pod_dir)
+        .await
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dependent_variables_expand() {
+        let env = vec![("A".to_string(), "x".to_string())];
+        assert_eq!(expand("$(A)-$(B)-$$(A)", &env), "x-$(B)-$(A)");
+        assert_eq!(expand("plain", &env), "plain");
+        assert_eq!(expand("$(A", &env), "$(A");
+    }
+
+    #[test]
+    fn volume_files_are_swapped_in_whole_and_stay_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = dir.path().join("cfg");
+        let files = BTreeMap::from([
+            ("a".to_string(), b"1".to_vec()),
+            ("sub/b".to_string(), b"2".to_vec()),
+        ]);
+        write_files(&v, "cfg", &files).unwrap();
+        assert_eq!(std::fs::read(v.join("sub/b")).unwrap(), b"2");
+        write_files(
+            &v,
+            "cfg",
+            &BTreeMap::from([("a".to_string(), b"3".to_vec())]),
+        )
+        .unwrap();
+        assert!(!v.join("sub/b").exists());
+        let bad = BTreeMap::from([("../escape".to_string(), b"x".to_vec())]);
+        assert!(write_files(&v, "cfg", &bad).is_err());
+    }
+}

@@ -1,0 +1,212 @@
+//! # baton-node: the node agent (Baton's kubelet)
+//!
+//! The node agent is an API client like the rest of the control loops. It:
+//! - registers its Node (capacity, allocatable, addresses, labels) and heartbeats through
+//!   a Lease in `kube-node-lease` ([`register`]);
+//! - watches the pods bound to it (`spec.nodeName=NAME`) and gives each a worker that runs
+//!   it in a Wasm sandbox and reports its status ([`worker`]);
+//! - resolves ConfigMaps, Secrets and the downward API for the sandbox ([`config`]);
+//! - hands each pod a loopback address of its own ([`ipam`]);
+//! - probes containers ([`probe`]).
+//!
+//! Images are paths on the node until registry pulls arrive ([`images`]).
+
+pub mod config;
+pub mod images;
+pub mod ipam;
+pub mod probe;
+pub mod register;
+pub mod worker;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_kube::events::Recorder;
+use baton_wasm_shim::{Runtime, RuntimeConfig, ShimError};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+pub use register::Capacity;
+pub use worker::{Resolvers, Settings};
+
+/// Why the node agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Register(#[from] register::RegisterError),
+    #[error(transparent)]
+    Ipam(#[from] ipam::IpamError),
+    #[error("starting the Wasm runtime: {0}")]
+    Runtime(#[from] ShimError),
+}
+
+/// How a node is set up.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    /// The node's address (its InternalIP and the hostIP of its pods).
+    pub address: String,
+    /// The loopback range pod addresses come from.
+    pub pod_cidr: String,
+    /// Pod volumes, logs and the compiled-component cache live here.
+    pub data_dir: PathBuf,
+    pub capacity: Capacity,
+    pub labels: BTreeMap<String, String>,
+    pub heartbeat: Duration,
+    pub settings: Settings,
+    pub runtime: RuntimeConfig,
+}
+
+impl NodeConfig {
+    /// A node named `name` with its data in `data_dir`, sized from this machine.
+    pub fn new(name: &str, data_dir: PathBuf) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .map_or(8 << 30, |kib| kib * 1024);
+        let runtime = RuntimeConfig {
+            cache_dir: Some(data_dir.join("compiled")),
+            ..RuntimeConfig::default()
+        };
+        Self {
+            name: name.into(),
+            address: "127.0.0.1".into(),
+            pod_cidr: "127.16.0.0/16".into(),
+            capacity: Capacity {
+                cpu_millis: cpus * 1000,
+                memory,
+                // Wasm pods are light: the node's pod count is bounded by the runtime's
+                // instance slots, not by the kubelet's customary 110.
+                pods: runtime.max_instances as u64,
+            },
+            data_dir,
+            labels: BTreeMap::new(),
+            heartbeat: Duration::from_secs(10),
+            settings: Settings::default(),
+            runtime,
+        }
+    }
+}
+
+/// A running pod worker: its task, and where to send the newest version of its pod.
+struct Handle {
+    updates: watch::Sender<Option<Arc<Pod>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the node agent until `shutdown` completes.
+pub async fn run(
+    client: Client,
+    cfg: NodeConfig,
+    resolvers: Option<Resolvers>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let runtime = Runtime::new(cfg.runtime.clone())?;
+    let shared = Arc::new(worker::Shared {
+        client: client.clone(),
+        images: images::Images::new(runtime.clone()),
+        runtime,
+        ipam: Mutex::new(ipam::Ipam::new(&cfg.pod_cidr)?),
+        node_name: cfg.name.clone(),
+        host_ip: cfg.address.clone(),
+        data_dir: cfg.data_dir.clone(),
+        recorder: Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
+        settings: cfg.settings.clone(),
+        resolvers,
+    });
+    register::register(&client, &cfg.name, &cfg.address, &cfg.labels, &cfg.capacity).await?;
+    register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await?;
+    let heartbeat = {
+        let (client, cfg) = (client.clone(), cfg.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(cfg.heartbeat);
+            let mut beats = 0u64;
+            loop {
+                tick.tick().await;
+                if let Err(e) = register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+                beats += 1;
+                // The Node's own status is refreshed now and then; the Lease is the pulse.
+                if beats % 6 == 0 {
+                    if let Err(e) = register::register(
+                        &client,
+                        &cfg.name,
+                        &cfg.address,
+                        &cfg.labels,
+                        &cfg.capacity,
+                    )
+                    .await
+                    {
+                        tracing::warn!(error = %e, "node status update failed");
+                    }
+                }
+            }
+        })
+    };
+    let pods: Api<Pod> = Api::all(client);
+    let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.name));
+    let mut events = watcher(pods, wc).default_backoff().boxed();
+    let mut workers: HashMap<String, Handle> = HashMap::new();
+    let mut relist: HashSet<String> = HashSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let ev = tokio::select! {
+            _ = &mut shutdown => break,
+            ev = events.next() => match ev { Some(ev) => ev, None => break },
+        };
+        workers.retain(|_, h| !h.task.is_finished());
+        match ev {
+            Ok(Event::Apply(p)) | Ok(Event::InitApply(p)) => {
+                let uid = p.uid().unwrap_or_default();
+                relist.insert(uid.clone());
+                let p = Arc::new(p);
+                if let Some(h) = workers.get(&uid) {
+                    let _ = h.updates.send(Some(p));
+                    continue;
+                }
+                // A pod that finished before this agent started stays finished.
+                if baton_kube::pod::is_terminal(&p) && p.metadata.deletion_timestamp.is_none() {
+                    continue;
+                }
+                let (tx, rx) = watch::channel(Some(p.clone()));
+                let span = tracing::info_span!("pod", pod = %format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()));
+                let task = tokio::spawn(worker::run(shared.clone(), rx).instrument(span));
+                workers.insert(uid, Handle { updates: tx, task });
+            }
+            Ok(Event::Delete(p)) => {
+                if let Some(h) = workers.remove(&p.uid().unwrap_or_default()) {
+                    let _ = h.updates.send(None);
+                }
+            }
+            Ok(Event::Init) => relist.clear(),
+            Ok(Event::InitDone) => {
+                workers.retain(|uid, h| {
+                    let keep = relist.contains(uid);
+                    if !keep {
+                        let _ = h.updates.send(None);
+                    }
+                    keep
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "pod watch failed; retrying"),
+        }
+    }
+    heartbeat.abort();
+    for (_, h) in workers.drain() {
+        h.task.abort();
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! The node's presence in the API: its Node object (capacity, allocatable, addresses,
+//! conditions, version info) and its heartbeat, a Lease in `kube-node-lease` renewed every
+//! few seconds, which the node lifecycle controller watches.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+/// Why the node could not register or heartbeat.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("registering node {node}: {source}")]
+    Node {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("renewing the lease of node {node}: {source}")]
+    Lease {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// What the node offers.
+#[derive(Debug, Clone)]
+pub struct Capacity {
+    pub cpu_millis: u64,
+    pub memory: u64,
+    pub pods: u64,
+}
+
+/// The node's status as it reports it; Ready while the agent runs.
+fn status(address: &str, name: &str, cap: &Capacity) -> serde_json::Value {
+    let now = baton_kube::pod::now();
+    let resources = json!({
+        "cpu": format!("{}m", cap.cpu_millis),
+        "memory": format!("{}", cap.memory),
+        "pods": cap.pods.to_string(),
+    });
+    let cond = |t: &str, s: &str, reason: &str, msg: &str| {
+        json!({"type": t, "status": s, "reason": reason, "message": msg,
+               "lastHeartbeatTime": now, "lastTransitionTime": now})
+    };
+    json!({
+        "capacity": resources,
+        "allocatable": resources,
+        "addresses": [{"type": "InternalIP", "address": address}, {"type": "Hostname", "address": name}],
+        "conditions": [
+            cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+            cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+            cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+            cond("Ready", "True", "KubeletReady", "baton node agent is posting ready status"),
+        ],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        "nodeInfo": {
+            "architecture": std::env::consts::ARCH,
+            "operatingSystem": "linux",
+            "osImage": "Baton Wasm node",
+            "kernelVersion": "",
+            "kubeletVersion": "v1.33.0-baton",
+            "kubeProxyVersion": "v1.33.0-baton",
+            "containerRuntimeVersion": "wasmtime://48.0.8",
+            "machineID": name, "systemUUID": name, "bootID": "",
+        },
+    })
+}
+
+/// Creates or updates the Node, and marks it Ready.
+pub async fn register(
+    client: &Client,
+    name: &str,
+    address: &str,
+    labels: &BTreeMap<String, String>,
+    cap: &Capacity,
+) -> Result<(), RegisterError> {
+    let api: Api<Node> = Api::all(client.clone());
+    let err = |source| RegisterError::Node {
+        node: name.into(),
+        source,
+    };
+    let mut all_labels = labels.clone();
+    all_labels.insert("kubernetes.io/hostname".into(), name.into());
+    all_labels.insert("kubernetes.io/os".into(), "linux".into());
+    all_labels.insert("kubernetes.io/arch".into(), std::env::consts::ARCH.into());
+    all_labels.insert("baton.dev/runtime".into(), "wasm".into());
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": all_labels},
+    }))
+    .expect("a valid Node");
+    match api.create(&PostParams::default(), &node).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let patch = json!({"metadata": {"labels": all_labels}});
+            api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .map_err(err)?;
+        }
+        Err(e) => return Err(err(e)),
+    }
+    let patch = json!({"status": status(address, name, cap)});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Renews the node's Lease (creating it the first time).
+pub async fn renew_lease(
+    client: &Client,
+    name: &str,
+    duration: Duration,
+) -> Result<(), RegisterError> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(baton_kube::pod::now().0);
+    let spec = json!({
+        "holderIdentity": name,
+        "leaseDurationSeconds": duration.as_secs(),
+        "renewTime": now,
+    });
+    let err = |source| RegisterError::Lease {
+        node: name.into(),
+        source,
+    };
+    match api
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": spec})),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            let lease: Lease = serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "kube-node-lease",
+                    "ownerReferences": []},
+                "spec": spec,
+            }))
+            .expect("a valid Lease");
+            match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+                Err(e) => Err(err(e)),
+            }
+        }
+        Err(e) => Err(err(e)),
+    }
+}

@@ -1,0 +1,97 @@
+//! Wiring the control loops into the binary: the scheduler and the controller manager
+//! (`baton up`, `baton server --api-listen`), and the node agent (`baton up`, `baton node`).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use baton_apiserver::Pki;
+use baton_node::NodeConfig;
+use clap::Args;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Tells the loops started here to stop, and waits for them.
+pub struct Loops {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Loops {
+    pub fn new() -> Self {
+        Self {
+            stop: watch::channel(false).0,
+            tasks: Vec::new(),
+        }
+    }
+
+    /// A future that completes when [`Loops::shutdown`] is called.
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
+        let mut rx = self.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Runs the scheduler and the controllers with the controller manager's credentials.
+    pub async fn start_control_plane(&mut self, pki: &Pki, server: &str) -> Result<()> {
+        let client = client_for(pki, server, "system:kube-controller-manager").await?;
+        self.tasks.push(tokio::spawn(baton_scheduler::run(
+            client.clone(),
+            self.stopped(),
+        )));
+        self.tasks
+            .push(tokio::spawn(baton_controllers::run(client, self.stopped())));
+        Ok(())
+    }
+
+    /// Runs a node agent with `client`'s credentials.
+    pub fn start_node(&mut self, client: kube::Client, cfg: NodeConfig) {
+        let stopped = self.stopped();
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(e) = baton_node::run(client, cfg, None, stopped).await {
+                tracing::error!(error = %e, "the node agent stopped");
+            }
+        }));
+    }
+
+    /// Stops every loop, waiting a little for them to finish what they are doing.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let all = futures::future::join_all(self.tasks);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), all).await;
+    }
+}
+
+/// A kube client for one of the cluster's users, from the cluster's own PKI.
+pub async fn client_for(pki: &Pki, server: &str, user: &str) -> Result<kube::Client> {
+    let token = pki
+        .token_of(user)
+        .with_context(|| format!("the cluster has no token for {user}"))?;
+    let kubeconfig = pki.kubeconfig(server, user, &token);
+    baton_kube::client::from_yaml(&kubeconfig)
+        .await
+        .with_context(|| format!("failed to build a client for {user}"))
+}
+
+/// Options of a node agent.
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// The node's name.
+    #[arg(long = "node-name", default_value = "local")]
+    pub name: String,
+    /// The node's address: its InternalIP, where NodePorts listen.
+    #[arg(long = "node-address", default_value = "127.0.0.1")]
+    pub address: String,
+    /// The loopback range the node's pods get addresses from.
+    #[arg(long = "pod-cidr", default_value = "127.16.0.0/16")]
+    pub pod_cidr: String,
+}
+
+impl NodeArgs {
+    pub fn config(&self, data_dir: PathBuf) -> NodeConfig {
+        let mut cfg = NodeConfig::new(&self.name, data_dir);
+        cfg.address = self.address.clone();
+        cfg.pod_cidr = self.pod_cidr.clone();
+        cfg
+    }
+}
