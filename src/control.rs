@@ -33,14 +33,15 @@ impl Loops {
     }
 
     /// Runs the scheduler and the controllers with the controller manager's credentials.
-    pub async fn start_control_plane(&mut self, pki: &Pki, server: &str) -> Result<()> {
+    pub async fn start_control_plane(
+        &mut self,
+        pki: &Pki,
+        server: &str,
+        config: baton_controllers::Config,
+    ) -> Result<()> {
         let client = client_for(pki, server, "system:kube-controller-manager").await?;
-        self.tasks.push(tokio::spawn(baton_scheduler::run(
-            client.clone(),
-            self.stopped(),
-        )));
-        self.tasks
-            .push(tokio::spawn(baton_controllers::run(client, self.stopped())));
+        self.tasks.push(tokio::spawn(baton_scheduler::run(client.clone(), self.stopped())));
+        self.tasks.push(tokio::spawn(baton_controllers::run(client, config, self.stopped())));
         Ok(())
     }
 
@@ -48,7 +49,7 @@ impl Loops {
     pub fn start_node(&mut self, client: kube::Client, cfg: NodeConfig) {
         let stopped = self.stopped();
         self.tasks.push(tokio::spawn(async move {
-            if let Err(e) = baton_node::run(client, cfg, None, stopped).await {
+            if let Err(e) = baton_node::run(client, cfg, stopped).await {
                 tracing::error!(error = %e, "the node agent stopped");
             }
         }));
@@ -82,9 +83,10 @@ pub struct NodeArgs {
     /// The node's address: its InternalIP, where NodePorts listen.
     #[arg(long = "node-address", default_value = "127.0.0.1")]
     pub address: String,
-    /// The loopback range the node's pods get addresses from.
-    #[arg(long = "pod-cidr", default_value = "127.16.0.0/16")]
-    pub pod_cidr: String,
+    /// The loopback range the node's pods get addresses from; by default the range the
+    /// control plane assigns the node.
+    #[arg(long = "pod-cidr")]
+    pub pod_cidr: Option<String>,
 }
 
 impl NodeArgs {

@@ -63,6 +63,10 @@ struct UpArgs {
     /// Run only the control plane, without a local node.
     #[arg(long)]
     no_node: bool,
+    /// Seconds a node may miss heartbeats before it is marked unknown and its pods are
+    /// evicted (after their tolerations).
+    #[arg(long, default_value_t = 40)]
+    node_monitor_grace: u64,
     #[command(flatten)]
     node: control::NodeArgs,
 }
@@ -225,7 +229,12 @@ async fn up(args: UpArgs) -> Result<()> {
     }
     let api = start_api(&store, &dir, api_listener, api_addr, &mut tasks).await?;
     let mut loops = control::Loops::new();
-    loops.start_control_plane(&api.pki, &api.server).await?;
+    let controllers = baton_controllers::Config {
+        node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
+    };
+    loops
+        .start_control_plane(&api.pki, &api.server, controllers)
+        .await?;
     if !args.no_node {
         let client = control::client_for(&api.pki, &api.server, "system:node:local").await?;
         loops.start_node(client, args.node.config(dir.join("node")));

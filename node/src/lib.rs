@@ -7,7 +7,8 @@
 //!   it in a Wasm sandbox and reports its status ([`worker`]);
 //! - resolves ConfigMaps, Secrets and the downward API for the sandbox ([`config`]);
 //! - hands each pod a loopback address of its own ([`ipam`]);
-//! - probes containers ([`probe`]).
+//! - probes containers ([`probe`]);
+//! - routes Service traffic and resolves Service names for its pods ([`proxy`]).
 //!
 //! Images are paths on the node until registry pulls arrive ([`images`]).
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod images;
 pub mod ipam;
 pub mod probe;
+pub mod proxy;
 pub mod register;
 pub mod worker;
 
@@ -45,6 +47,8 @@ pub enum NodeError {
     Ipam(#[from] ipam::IpamError),
     #[error("starting the Wasm runtime: {0}")]
     Runtime(#[from] ShimError),
+    #[error("the node address {0:?} is not an IP address")]
+    Address(String),
 }
 
 /// How a node is set up.
@@ -53,8 +57,9 @@ pub struct NodeConfig {
     pub name: String,
     /// The node's address (its InternalIP and the hostIP of its pods).
     pub address: String,
-    /// The loopback range pod addresses come from.
-    pub pod_cidr: String,
+    /// The loopback range pod addresses come from; None takes the range the control
+    /// plane assigns (`spec.podCIDR`).
+    pub pod_cidr: Option<String>,
     /// Pod volumes, logs and the compiled-component cache live here.
     pub data_dir: PathBuf,
     pub capacity: Capacity,
@@ -83,7 +88,7 @@ impl NodeConfig {
         Self {
             name: name.into(),
             address: "127.0.0.1".into(),
-            pod_cidr: "127.16.0.0/16".into(),
+            pod_cidr: None,
             capacity: Capacity {
                 cpu_millis: cpus * 1000,
                 memory,
@@ -110,23 +115,32 @@ struct Handle {
 pub async fn run(
     client: Client,
     cfg: NodeConfig,
-    resolvers: Option<Resolvers>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
+    register::register(&client, &cfg.name, &cfg.address, &cfg.labels, &cfg.capacity).await?;
+    let pod_cidr = match &cfg.pod_cidr {
+        Some(c) => c.clone(),
+        None => register::assigned_pod_cidr(&client, &cfg.name).await?,
+    };
     let runtime = Runtime::new(cfg.runtime.clone())?;
+    let node_ip: std::net::IpAddr = cfg
+        .address
+        .parse()
+        .map_err(|_| NodeError::Address(cfg.address.clone()))?;
+    let (services, proxy) = proxy::Services::start(client.clone(), node_ip);
+    let resolvers: Resolvers = Arc::new(move |ns: &str| services.resolver(ns));
     let shared = Arc::new(worker::Shared {
         client: client.clone(),
         images: images::Images::new(runtime.clone()),
         runtime,
-        ipam: Mutex::new(ipam::Ipam::new(&cfg.pod_cidr)?),
+        ipam: Mutex::new(ipam::Ipam::new(&pod_cidr)?),
         node_name: cfg.name.clone(),
         host_ip: cfg.address.clone(),
         data_dir: cfg.data_dir.clone(),
         recorder: Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
         settings: cfg.settings.clone(),
-        resolvers,
+        resolvers: Some(resolvers),
     });
-    register::register(&client, &cfg.name, &cfg.address, &cfg.labels, &cfg.capacity).await?;
     register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await?;
     let heartbeat = {
         let (client, cfg) = (client.clone(), cfg.clone());
@@ -205,6 +219,7 @@ pub async fn run(
         }
     }
     heartbeat.abort();
+    proxy.abort();
     for (_, h) in workers.drain() {
         h.task.abort();
     }

@@ -153,3 +153,18 @@ pub async fn renew_lease(
         Err(e) => Err(err(e)),
     }
 }
+
+/// Waits until the control plane has given the node a pod range, and returns it.
+pub async fn assigned_pod_cidr(client: &Client, name: &str) -> Result<String, RegisterError> {
+    let api: Api<Node> = Api::all(client.clone());
+    loop {
+        let node = api.get(name).await.map_err(|source| RegisterError::Node {
+            node: name.into(),
+            source,
+        })?;
+        if let Some(c) = node.spec.and_then(|s| s.pod_cidr) {
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

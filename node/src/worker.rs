@@ -858,8 +858,7 @@ impl Worker {
             .unwrap_or(30)
             .max(0) as u64;
         if let Some(sb) = self.sandbox.take() {
-            let names: Vec<String> = self.slots.iter().map(|s| s.spec.name.clone()).collect();
-            drain(sb, &names, Duration::from_secs(grace)).await;
+            sb.shutdown(Duration::from_secs(grace)).await;
         }
         for i in 0..self.slots.len() {
             if let State::Running { .. } = self.slots[i].state {
@@ -920,13 +919,6 @@ impl Worker {
     }
 }
 
-/// Stops a sandbox: HTTP servers finish in-flight requests within `grace`.
-async fn drain(mut sb: baton_wasm_shim::Pod, names: &[String], grace: Duration) {
-    let _ = grace;
-    for n in names {
-        sb.stop_container(n);
-    }
-}
 
 fn qos_class(pod: &Pod) -> &'static str {
     let cs = pod

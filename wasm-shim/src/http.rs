@@ -37,16 +37,28 @@ pub struct HttpSpec {
     pub log: Option<crate::logs::ContainerLog>,
 }
 
-/// A running HTTP component; stops serving when dropped.
+/// A running HTTP component; stops serving when dropped (at once) or shut down (after
+/// finishing its requests).
 #[derive(Debug)]
 pub struct HttpServer {
     addr: SocketAddr,
     task: JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<Duration>>,
 }
 
 impl HttpServer {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Stops taking connections and lets the requests in flight finish, for at most
+    /// `grace`; what is still running then is cut off.
+    pub async fn shutdown(mut self, grace: Duration) {
+        if let Some(stop) = self.stop.take() {
+            if stop.send(grace).is_ok() {
+                let _ = tokio::time::timeout(grace + Duration::from_secs(1), &mut self.task).await;
+            }
+        }
     }
 }
 
@@ -188,22 +200,36 @@ impl Runtime {
             pre,
             spec,
         });
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<Duration>();
         let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _peer)) = listener.accept().await else {
-                    continue;
+            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            let grace = loop {
+                let (tcp, _peer) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                    grace = &mut stopped => break grace.unwrap_or_default(),
                 };
                 let _ = tcp.set_nodelay(true);
                 let serving = serving.clone();
+                let svc = hyper::service::service_fn(move |req| serving.clone().handle(req));
+                let conn = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(tcp), svc);
+                let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| serving.clone().handle(req));
-                    let _ = http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let _ = conn.await;
                 });
-            }
+            };
+            drop(listener);
+            // Idle keep-alive connections close now; busy ones after their response.
+            let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
         });
-        Ok(HttpServer { addr, task })
+        Ok(HttpServer {
+            addr,
+            task,
+            stop: Some(stop),
+        })
     }
 }

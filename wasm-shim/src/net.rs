@@ -144,11 +144,18 @@ impl PodNet {
         }
     }
 
-    /// A connect inside the pod: loopback means the pod's address.
+    /// A connect inside the pod: loopback means the pod's address, and an address the
+    /// resolver maps (a Service's ClusterIP) means where it maps to.
     fn connect_addr(&self, addr: SocketAddr) -> SocketAddr {
         match addr {
             SocketAddr::V4(a) if *a.ip() == Ipv4Addr::LOCALHOST => {
                 SocketAddr::new(self.ip, a.port())
+            }
+            SocketAddr::V4(a) if !a.ip().is_loopback() => {
+                match self.names.as_ref().and_then(|f| f(&a.ip().to_string())) {
+                    Some(ip) => SocketAddr::new(ip, a.port()),
+                    None => addr,
+                }
             }
             other => other,
         }

@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use wasmtime::component::Component;
@@ -133,6 +134,17 @@ impl Pod {
         Ok(())
     }
 
+    /// Stops every container: HTTP servers stop taking connections and finish their
+    /// requests within `grace`; processes are stopped at once (a component has no signal
+    /// to catch, so it gets what SIGTERM's default action gives a process).
+    pub async fn shutdown(mut self, grace: Duration) {
+        for (_, t) in self.processes.drain(..) {
+            t.abort();
+        }
+        let servers: Vec<HttpServer> = self.servers.drain(..).map(|(_, s)| s).collect();
+        futures_join(servers.into_iter().map(|s| s.shutdown(grace))).await;
+    }
+
     /// Stops a container now: its HTTP listener closes, its process is aborted.
     pub fn stop_container(&mut self, name: &str) {
         self.servers.retain(|(n, _)| n != name);
@@ -173,5 +185,15 @@ impl Runtime {
             pod.start_container(self, c).await?;
         }
         Ok(pod)
+    }
+}
+
+/// Awaits all the futures (a small join, to keep this crate free of a futures dependency).
+async fn futures_join<F: std::future::Future<Output = ()> + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) {
+    let tasks: Vec<_> = futs.map(tokio::spawn).collect();
+    for t in tasks {
+        let _ = t.await;
     }
 }

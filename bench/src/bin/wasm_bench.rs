@@ -11,7 +11,8 @@
 //!   own loopback address. Prints resident memory per pod, idle and after one request each.
 //!
 //! Usage: `wasm-bench BATON_BINARY WASMTIME_BINARY GUEST_DIR` (see `scripts/bench.sh wasm`).
-//! `BENCH_SECS` sets the seconds per throughput cell (default 5).
+//! `BENCH_SECS` sets the seconds per throughput cell (default 5); `BENCH_PARTS` picks parts
+//! (`throughput,cold,density`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -25,23 +26,36 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
-/// One keep-alive connection sending `GET /bench` until the deadline.
-async fn client(addr: SocketAddr, deadline: Instant) -> Result<Vec<Duration>> {
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// A connection to `addr`, ready to send requests.
+async fn connect(addr: SocketAddr) -> Result<Sender> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// One `GET /bench`, its body read: how long it took.
+async fn request(sender: &mut Sender) -> Result<Duration> {
+    let req = hyper::Request::get("/bench")
+        .header(hyper::header::HOST, "bench")
+        .body(Empty::<Bytes>::new())?;
+    let t0 = Instant::now();
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    ensure!(status == 200, "status {status}: {body:?}");
+    Ok(t0.elapsed())
+}
+
+/// One keep-alive connection sending requests back to back until the deadline.
+async fn client(addr: SocketAddr, deadline: Instant) -> Result<Vec<Duration>> {
+    let mut sender = connect(addr).await?;
     let mut lat = Vec::new();
     while Instant::now() < deadline {
-        let req = hyper::Request::get("/bench")
-            .header(hyper::header::HOST, "bench")
-            .body(Empty::<Bytes>::new())?;
-        let t0 = Instant::now();
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        ensure!(status == 200, "status {status}: {body:?}");
-        lat.push(t0.elapsed());
+        lat.push(request(&mut sender).await?);
     }
     Ok(lat)
 }
@@ -69,8 +83,7 @@ async fn serve(cmd: &mut Command, addr: SocketAddr) -> Result<Procs> {
         .with_context(|| format!("starting {cmd:?}"))?;
     let procs = Procs(vec![child]);
     wait_until("the server to answer", || async move {
-        client(addr, Instant::now()).await.is_ok()
-            && load(addr, 1, 0.05).await.is_ok_and(|(_, l)| !l.is_empty())
+        get_once(addr).await.is_ok()
     })
     .await?;
     Ok(procs)
@@ -164,9 +177,7 @@ fn web_pod(component: &wasmtime::component::Component, ip: IpAddr) -> PodSpec {
 
 /// One GET over a fresh connection.
 async fn get_once(addr: SocketAddr) -> Result<()> {
-    let lat = client(addr, Instant::now() + Duration::from_nanos(1)).await?;
-    ensure!(lat.len() == 1, "no response from {addr}");
-    Ok(())
+    request(&mut connect(addr).await?).await.map(|_| ())
 }
 
 async fn cold_start(wasm: &Path) -> Result<()> {
@@ -258,8 +269,16 @@ async fn main() -> Result<()> {
     let guests = args.next().context(usage)?;
     let wasm = guests.join("http-hello.wasm");
     let secs: f64 = env_or("BENCH_SECS", 5.0);
-    throughput(&baton, &wasmtime, &wasm, secs).await?;
-    cold_start(&wasm).await?;
-    density(&wasm, env_or("BENCH_PODS", 1000)).await?;
+    // BENCH_PARTS picks parts, e.g. "cold,density"; all by default.
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "throughput,cold,density".into());
+    if parts.contains("throughput") {
+        throughput(&baton, &wasmtime, &wasm, secs).await?;
+    }
+    if parts.contains("cold") {
+        cold_start(&wasm).await?;
+    }
+    if parts.contains("density") {
+        density(&wasm, env_or("BENCH_PODS", 1000)).await?;
+    }
     Ok(())
 }

@@ -9,7 +9,11 @@
 //! |---|---|
 //! | ReplicaSet | [`replicaset`] |
 //! | Deployment | [`deployment`] |
+//! | Job (and TTL after finished) | [`job`] |
+//! | Node lifecycle (pod ranges, heartbeats, taints, evictions) | [`nodelifecycle`] |
+//! | EndpointSlice (a Service's ready pods) | [`endpointslice`] |
 //! | ServiceAccount (a `default` one per namespace) | [`serviceaccount`] |
+//! | garbage collection, namespace deletion | [`gc`] |
 //!
 //! ## Shared informers
 //! Every kind is watched once for the whole manager: one reflector store per kind
@@ -18,7 +22,11 @@
 //! of listing.
 
 pub mod deployment;
+pub mod endpointslice;
 pub mod expectations;
+pub mod gc;
+pub mod job;
+pub mod nodelifecycle;
 pub mod replicaset;
 pub mod serviceaccount;
 
@@ -31,7 +39,10 @@ use std::time::Duration;
 use baton_kube::events::Recorder;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, store::Writer, ReflectHandle, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -48,6 +59,16 @@ pub struct Ctx {
     pub replicasets: Store<ReplicaSet>,
     pub deployments: Store<Deployment>,
     pub namespaces: Store<Namespace>,
+    pub services: Store<Service>,
+    pub endpointslices: Store<EndpointSlice>,
+    pub jobs: Store<Job>,
+    pub nodes: Store<Node>,
+    pub leases: Store<Lease>,
+    /// How long a node may be silent before it is marked unknown and tainted.
+    pub node_grace: Duration,
+    pub cidr_lock: tokio::sync::Mutex<()>,
+    /// Pod ranges handed out and maybe not yet seen in the node store.
+    pub cidrs_given: std::sync::Mutex<std::collections::BTreeSet<u32>>,
     pub expectations: Expectations,
     pub recorder: Recorder,
 }
@@ -119,18 +140,51 @@ where
     .await
 }
 
+/// Settings of the controller manager.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a node may miss heartbeats before it is marked unknown (Kubernetes'
+    /// `--node-monitor-grace-period`).
+    pub node_monitor_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_monitor_grace: Duration::from_secs(40),
+        }
+    }
+}
+
 /// Runs every controller until `shutdown` completes.
-pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let pods = Informer::<Pod>::new();
     let replicasets = Informer::<ReplicaSet>::new();
     let deployments = Informer::<Deployment>::new();
     let namespaces = Informer::<Namespace>::new();
+    let services = Informer::<Service>::new();
+    let endpointslices = Informer::<EndpointSlice>::new();
+    let jobs = Informer::<Job>::new();
+    let nodes = Informer::<Node>::new();
+    let leases = Informer::<Lease>::new();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.store.clone(),
         replicasets: replicasets.store.clone(),
         deployments: deployments.store.clone(),
         namespaces: namespaces.store.clone(),
+        services: services.store.clone(),
+        endpointslices: endpointslices.store.clone(),
+        jobs: jobs.store.clone(),
+        nodes: nodes.store.clone(),
+        leases: leases.store.clone(),
+        node_grace: config.node_monitor_grace,
+        cidr_lock: tokio::sync::Mutex::new(()),
+        cidrs_given: Default::default(),
         expectations: Expectations::default(),
         recorder: Recorder::new(client.clone(), "controller-manager", None),
     });
@@ -159,21 +213,51 @@ pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Syn
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
             .run(serviceaccount::reconcile, error_policy, ctx.clone());
+    let ctx2 = ctx.clone();
+    let eps_controller = Controller::for_shared_stream(services.subscribe(), services.store.clone())
+        .owns_shared_stream(endpointslices.subscribe())
+        .watches_shared_stream(pods.subscribe(), move |p| endpointslice::services_of_pod(&ctx2, &p))
+        .with_config(cfg.clone())
+        .graceful_shutdown_on(stop())
+        .run(endpointslice::reconcile, error_policy, ctx.clone());
+    let job_controller = Controller::for_shared_stream(jobs.subscribe(), jobs.store.clone())
+        .owns_shared_stream(pods.subscribe())
+        .with_config(cfg.clone())
+        .graceful_shutdown_on(stop())
+        .run(job::reconcile, error_policy, ctx.clone());
+    let node_controller = Controller::for_shared_stream(nodes.subscribe(), nodes.store.clone())
+        .watches_shared_stream(leases.subscribe(), |l: Arc<Lease>| {
+            (l.metadata.namespace.as_deref() == Some("kube-node-lease"))
+                .then(|| kube::runtime::reflector::ObjectRef::new(l.metadata.name.as_deref().unwrap_or("")))
+        })
+        .with_config(cfg.clone())
+        .graceful_shutdown_on(stop())
+        .run(nodelifecycle::reconcile, error_policy, ctx.clone());
     let watches = [
         pods.start(Api::all(client.clone())),
         replicasets.start(Api::all(client.clone())),
         deployments.start(Api::all(client.clone())),
         namespaces.start(Api::all(client.clone())),
+        services.start(Api::all(client.clone())),
+        jobs.start(Api::all(client.clone())),
+        nodes.start(Api::all(client.clone())),
+        leases.start(Api::all(client.clone())),
+        endpointslices.start(Api::all(client.clone())),
     ];
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let gc = tokio::spawn(gc::run(ctx.clone()));
     tokio::join!(
         drain("replicaset", rs_controller),
         drain("deployment", deploy_controller),
         drain("serviceaccount", sa_controller),
+        drain("endpointslice", eps_controller),
+        drain("job", job_controller),
+        drain("nodelifecycle", node_controller),
     );
+    gc.abort();
     for w in watches {
         w.abort();
     }

@@ -1,0 +1,153 @@
+//! The EndpointSlice controller: for each Service with a selector, one EndpointSlice
+//! (named after the Service, labelled `kubernetes.io/service-name`) listing the pods it
+//! selects that have an address, with their readiness. Node agents route Service traffic
+//! from these slices.
+//!
+//! Ports: each Service port's `targetPort`, a number or the name of a container port of
+//! the selected pods (looked up in the first pod that has it).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use baton_kube::{pod, selector};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::{json, Value};
+
+use crate::Ctx;
+
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+const MANAGER: &str = "endpointslice-controller.k8s.io";
+
+/// Why a Service's endpoints could not be written (it is retried).
+#[derive(Debug, thiserror::Error)]
+#[error("writing the EndpointSlice of {service}: {source}")]
+pub struct Error {
+    service: String,
+    #[source]
+    source: kube::Error,
+}
+
+fn target_port(p: &IntOrString, pods: &[&Arc<Pod>], port: i32) -> Option<i32> {
+    match p {
+        IntOrString::Int(i) => Some(*i),
+        IntOrString::String(name) => pods.iter().find_map(|pod| {
+            pod.spec.as_ref()?.containers.iter().find_map(|c| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .find(|cp| cp.name.as_deref() == Some(name))
+                    .map(|cp| cp.container_port)
+            })
+        }),
+    }
+    .or(Some(port))
+}
+
+/// The services a pod change may concern: those of its namespace.
+pub fn services_of_pod(ctx: &Ctx, p: &Pod) -> Vec<ObjectRef<Service>> {
+    let ns = p.namespace().unwrap_or_default();
+    ctx.services
+        .state()
+        .iter()
+        .filter(|s| s.namespace().as_deref() == Some(ns.as_str()))
+        .map(|s| ObjectRef::from_obj(s.as_ref()))
+        .collect()
+}
+
+pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let ns = svc.namespace().unwrap_or_default();
+    let name = svc.name_any();
+    let spec = svc.spec.clone().unwrap_or_default();
+    // Without a selector, endpoints are the user's to manage.
+    let Some(sel) = spec.selector.clone().filter(|s| !s.is_empty()) else {
+        return Ok(Action::await_change());
+    };
+    if svc.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let selector = LabelSelector {
+        match_labels: Some(sel),
+        match_expressions: None,
+    };
+    let empty = BTreeMap::new();
+    let mut pods: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns.as_str())
+                && selector::matches(&selector, p.metadata.labels.as_ref().unwrap_or(&empty))
+                && !pod::is_terminal(p)
+                && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
+        })
+        .collect();
+    pods.sort_by_key(|p| p.name_any());
+    let refs: Vec<&Arc<Pod>> = pods.iter().collect();
+    let ports: Vec<Value> = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            let target = p
+                .target_port
+                .as_ref()
+                .and_then(|t| target_port(t, &refs, p.port))
+                .unwrap_or(p.port);
+            json!({"name": p.name.clone().unwrap_or_default(), "port": target,
+                   "protocol": p.protocol.clone().unwrap_or_else(|| "TCP".into())})
+        })
+        .collect();
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .map(|p| {
+            let terminating = p.metadata.deletion_timestamp.is_some();
+            let ready = pod::is_ready(p) && !terminating;
+            json!({
+                "addresses": [p.status.as_ref().and_then(|s| s.pod_ip.clone())],
+                "conditions": {"ready": ready, "serving": pod::is_ready(p), "terminating": terminating},
+                "nodeName": p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                "targetRef": {"kind": "Pod", "namespace": ns, "name": p.name_any(), "uid": p.uid()},
+            })
+        })
+        .collect();
+    let desired = json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {SERVICE_NAME_LABEL: name, MANAGED_BY: MANAGER},
+            "ownerReferences": [svc.controller_owner_ref(&())],
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": ports,
+    });
+    let current = ctx
+        .endpointslices
+        .get(&ObjectRef::new(&name).within(&ns))
+        .map(|s| serde_json::to_value(s.as_ref()).unwrap_or_default());
+    let same = current.as_ref().is_some_and(|c| {
+        c.get("endpoints").cloned().unwrap_or(json!([])) == desired["endpoints"]
+            && c.get("ports").cloned().unwrap_or(json!([])) == desired["ports"]
+    });
+    if !same {
+        let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
+        let pp = PatchParams::apply("endpointslice-controller").force();
+        api.patch(&name, &pp, &Patch::Apply(&desired))
+            .await
+            .map_err(|source| Error {
+                service: format!("{ns}/{name}"),
+                source,
+            })?;
+    }
+    Ok(Action::await_change())
+}

@@ -1,0 +1,328 @@
+//! The garbage collector and the namespace controller.
+//!
+//! ## Garbage collection
+//! Like kube-controller-manager's, this one works on the graph of owner references rather
+//! than on one kind: every second it sweeps the shared stores (pods, ReplicaSets,
+//! Deployments, Jobs, EndpointSlices; owners may also be Services) and
+//! - **background**: deletes an object all of whose owners are gone (a missing owner, or
+//!   one with another UID under the same name);
+//! - **orphan**: for an owner being deleted with the `orphan` finalizer, removes the owner
+//!   reference from its dependents, then the finalizer;
+//! - **foreground**: for an owner being deleted with `foregroundDeletion`, deletes its
+//!   dependents (foreground as well) and removes the finalizer once none is left.
+//!
+//! An owner kind that is not watched here is assumed to exist, so nothing is collected
+//! on a guess.
+//!
+//! ## Namespaces
+//! A namespace being deleted has everything in it deleted, kind by kind; once nothing is
+//! left, it is finalized and disappears.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use crate::Ctx;
+
+/// An object as the collector sees it: its kind and metadata.
+struct Node<'a> {
+    kind: &'static str,
+    meta: &'a ObjectMeta,
+}
+
+/// The API resource of a kind the collector deletes or patches.
+fn api_resource(kind: &str) -> Option<ApiResource> {
+    let (group, version, plural) = match kind {
+        "Pod" => ("", "v1", "pods"),
+        "Service" => ("", "v1", "services"),
+        "ConfigMap" => ("", "v1", "configmaps"),
+        "Secret" => ("", "v1", "secrets"),
+        "ServiceAccount" => ("", "v1", "serviceaccounts"),
+        "Endpoints" => ("", "v1", "endpoints"),
+        "Event" => ("", "v1", "events"),
+        "ReplicaSet" => ("apps", "v1", "replicasets"),
+        "Deployment" => ("apps", "v1", "deployments"),
+        "Job" => ("batch", "v1", "jobs"),
+        "EndpointSlice" => ("discovery.k8s.io", "v1", "endpointslices"),
+        "Lease" => ("coordination.k8s.io", "v1", "leases"),
+        _ => return None,
+    };
+    let api_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version,
+        kind: kind.into(),
+        plural: plural.into(),
+    })
+}
+
+/// The kinds whose stores the collector reads.
+const WATCHED: &[&str] = &["Pod", "ReplicaSet", "Deployment", "Job", "EndpointSlice", "Service"];
+
+/// Namespaced kinds, in the order a namespace is emptied (owners first).
+const NAMESPACED: &[&str] = &[
+    "Deployment",
+    "Job",
+    "ReplicaSet",
+    "Service",
+    "Pod",
+    "EndpointSlice",
+    "Endpoints",
+    "ConfigMap",
+    "Secret",
+    "ServiceAccount",
+    "Lease",
+    "Event",
+];
+
+fn dyn_api(ctx: &Ctx, kind: &str, ns: &str) -> Option<Api<DynamicObject>> {
+    api_resource(kind).map(|ar| Api::namespaced_with(ctx.client.clone(), ns, &ar))
+}
+
+/// The collector's state between sweeps: deletions it asked for recently, so it does not
+/// ask again while the first is in flight.
+#[derive(Default)]
+pub struct Collector {
+    asked: HashMap<String, Instant>,
+}
+
+impl std::fmt::Debug for Collector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collector").finish_non_exhaustive()
+    }
+}
+
+impl Collector {
+    fn once(&mut self, key: String) -> bool {
+        let now = Instant::now();
+        self.asked.retain(|_, t| now.duration_since(*t) < Duration::from_secs(10));
+        match self.asked.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(now);
+                true
+            }
+        }
+    }
+
+    /// One pass over the graph.
+    pub async fn sweep(&mut self, ctx: &Arc<Ctx>) {
+        let pods = ctx.pods.state();
+        let rss = ctx.replicasets.state();
+        let deps = ctx.deployments.state();
+        let jobs = ctx.jobs.state();
+        let slices = ctx.endpointslices.state();
+        let svcs = ctx.services.state();
+        let mut nodes: Vec<Node<'_>> = Vec::new();
+        nodes.extend(pods.iter().map(|o| Node { kind: "Pod", meta: &o.metadata }));
+        nodes.extend(rss.iter().map(|o| Node { kind: "ReplicaSet", meta: &o.metadata }));
+        nodes.extend(deps.iter().map(|o| Node { kind: "Deployment", meta: &o.metadata }));
+        nodes.extend(jobs.iter().map(|o| Node { kind: "Job", meta: &o.metadata }));
+        nodes.extend(slices.iter().map(|o| Node { kind: "EndpointSlice", meta: &o.metadata }));
+        nodes.extend(svcs.iter().map(|o| Node { kind: "Service", meta: &o.metadata }));
+        // (kind, namespace, name) -> uid, for the kinds watched here.
+        let mut uids: HashMap<(&str, &str, &str), &str> = HashMap::new();
+        for n in &nodes {
+            if let (Some(ns), Some(name), Some(uid)) = (&n.meta.namespace, &n.meta.name, &n.meta.uid) {
+                uids.insert((n.kind, ns, name), uid);
+            }
+        }
+        // Owners of a kind not watched here are taken to exist.
+        let exists = |ns: &str, o: &OwnerReference| -> bool {
+            !WATCHED.contains(&o.kind.as_str())
+                || uids.get(&(o.kind.as_str(), ns, o.name.as_str())) == Some(&o.uid.as_str())
+        };
+        let mut actions: Vec<(&'static str, String, String, Action)> = Vec::new();
+        // Dependents per owner UID.
+        let mut dependents: HashMap<&str, Vec<&Node<'_>>> = HashMap::new();
+        for n in &nodes {
+            for o in n.meta.owner_references.iter().flatten() {
+                dependents.entry(o.uid.as_str()).or_default().push(n);
+            }
+        }
+        for n in &nodes {
+            let (Some(ns), Some(name)) = (&n.meta.namespace, &n.meta.name) else {
+                continue;
+            };
+            let owners = n.meta.owner_references.as_deref().unwrap_or(&[]);
+            if !owners.is_empty()
+                && n.meta.deletion_timestamp.is_none()
+                && owners.iter().all(|o| !exists(ns, o))
+            {
+                actions.push((n.kind, ns.clone(), name.clone(), Action::Delete("Background")));
+            }
+            if n.meta.deletion_timestamp.is_none() {
+                continue;
+            }
+            let finalizers = n.meta.finalizers.as_deref().unwrap_or(&[]);
+            let uid = n.meta.uid.as_deref().unwrap_or("");
+            let mine = dependents.get(uid).cloned().unwrap_or_default();
+            if finalizers.iter().any(|f| f == "orphan") {
+                for d in &mine {
+                    if let (Some(dns), Some(dname)) = (&d.meta.namespace, &d.meta.name) {
+                        let keep: Vec<&OwnerReference> = d
+                            .meta
+                            .owner_references
+                            .iter()
+                            .flatten()
+                            .filter(|o| o.uid != uid)
+                            .collect();
+                        actions.push((d.kind, dns.clone(), dname.clone(), Action::SetOwners(json!(keep))));
+                    }
+                }
+                if mine.is_empty() {
+                    actions.push((n.kind, ns.clone(), name.clone(), Action::DropFinalizer("orphan")));
+                }
+            } else if finalizers.iter().any(|f| f == "foregroundDeletion") {
+                for d in &mine {
+                    if let (Some(dns), Some(dname)) = (&d.meta.namespace, &d.meta.name) {
+                        if d.meta.deletion_timestamp.is_none() {
+                            actions.push((d.kind, dns.clone(), dname.clone(), Action::Delete("Foreground")));
+                        }
+                    }
+                }
+                if mine.is_empty() {
+                    actions.push((n.kind, ns.clone(), name.clone(), Action::DropFinalizer("foregroundDeletion")));
+                }
+            }
+        }
+        let finalizers_of: HashMap<(String, String, String), Vec<String>> = nodes
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    (n.kind.to_string(), n.meta.namespace.clone()?, n.meta.name.clone()?),
+                    n.meta.finalizers.clone().unwrap_or_default(),
+                ))
+            })
+            .collect();
+        drop(nodes);
+        for (kind, ns, name, action) in actions {
+            let key = format!("{kind}/{ns}/{name}/{action:?}");
+            if !self.once(key) {
+                continue;
+            }
+            let Some(api) = dyn_api(ctx, kind, &ns) else {
+                continue;
+            };
+            let result = match &action {
+                Action::Delete(policy) => {
+                    let dp = if *policy == "Foreground" { DeleteParams::foreground() } else { DeleteParams::background() };
+                    api.delete(&name, &dp).await.map(|_| ())
+                }
+                Action::SetOwners(owners) => api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"ownerReferences": owners}})))
+                    .await
+                    .map(|_| ()),
+                Action::DropFinalizer(f) => {
+                    let keep: Vec<String> = finalizers_of
+                        .get(&(kind.to_string(), ns.clone(), name.clone()))
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|x| x != f)
+                        .collect();
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": keep}})))
+                        .await
+                        .map(|_| ())
+                }
+            };
+            match result {
+                Ok(()) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404 | 409, .. })) => {}
+                Err(e) => tracing::warn!(%kind, %ns, %name, error = %e, "garbage collection step failed"),
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Action {
+    Delete(&'static str),
+    SetOwners(serde_json::Value),
+    DropFinalizer(&'static str),
+}
+
+/// Empties a terminating namespace and finalizes it once empty. Returns whether it is done.
+pub async fn finish_namespace(ctx: &Ctx, ns: &Namespace) -> bool {
+    let name = ns.name_any();
+    let mut left = 0usize;
+    for kind in NAMESPACED {
+        let Some(api) = dyn_api(ctx, kind, &name) else {
+            continue;
+        };
+        let list = match api.list(&ListParams::default()).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(namespace = %name, %kind, error = %e, "listing a terminating namespace failed");
+                left += 1;
+                continue;
+            }
+        };
+        let live: Vec<&DynamicObject> = list.items.iter().filter(|o| o.metadata.deletion_timestamp.is_none()).collect();
+        left += list.items.len();
+        for o in live {
+            match api.delete(&o.name_any(), &DeleteParams::background()).await {
+                Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
+                Err(e) => tracing::warn!(namespace = %name, %kind, error = %e, "deleting in a terminating namespace failed"),
+            }
+        }
+    }
+    if left > 0 {
+        return false;
+    }
+    let api: Api<Namespace> = Api::all(ctx.client.clone());
+    let mut finalized = ns.clone();
+    if let Some(spec) = finalized.spec.as_mut() {
+        spec.finalizers = Some(Vec::new());
+    }
+    let body = serde_json::to_vec(&finalized).unwrap_or_default();
+    match api
+        .replace_subresource("finalize", &name, &PostParams::default(), body)
+        .await
+    {
+        Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => true,
+        Err(e) => {
+            tracing::warn!(namespace = %name, error = %e, "finalizing a namespace failed");
+            false
+        }
+    }
+}
+
+/// Runs the collector and the namespace cleanup until the task is dropped.
+pub async fn run(ctx: Arc<Ctx>) {
+    // An empty store before its first list would make every object look orphaned.
+    let ready = async {
+        ctx.pods.wait_until_ready().await?;
+        ctx.replicasets.wait_until_ready().await?;
+        ctx.deployments.wait_until_ready().await?;
+        ctx.jobs.wait_until_ready().await?;
+        ctx.endpointslices.wait_until_ready().await?;
+        ctx.services.wait_until_ready().await?;
+        ctx.namespaces.wait_until_ready().await
+    };
+    if ready.await.is_err() {
+        return;
+    }
+    let mut collector = Collector::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        collector.sweep(&ctx).await;
+        for ns in ctx.namespaces.state() {
+            if ns.metadata.deletion_timestamp.is_some() {
+                finish_namespace(&ctx, &ns).await;
+            }
+        }
+    }
+}

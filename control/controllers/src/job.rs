@@ -1,0 +1,276 @@
+//! The Job controller: runs pods until enough succeed, within a failure budget and a time
+//! limit, then cleans up after `ttlSecondsAfterFinished`.
+//!
+//! ## Expected flow
+//! - Up to `parallelism` pods run at once, never more than the completions still missing
+//!   (a Job without `completions` is done when one pod succeeds and none is running).
+//! - Failed pods count against `backoffLimit` (for `restartPolicy: OnFailure`, container
+//!   restarts count too); a failed pod is replaced after a backoff of 10 s, doubling up to
+//!   6 minutes, as kube-controller-manager does.
+//! - The Job ends `Complete` (with `SuccessCriteriaMet`) or `Failed` (with
+//!   `FailureTarget`, reason `BackoffLimitExceeded` or `DeadlineExceeded` after
+//!   `activeDeadlineSeconds`); a failed Job's running pods are deleted.
+//! - A finished Job is deleted `ttlSecondsAfterFinished` after it finished; its pods go
+//!   with it through the garbage collector.
+//! - A suspended Job deletes its running pods and starts none.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_kube::events::EventType;
+use baton_kube::pod;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::replicaset::generate_name;
+use crate::Ctx;
+
+/// Why a Job could not be reconciled (it is retried).
+#[derive(Debug, thiserror::Error)]
+#[error("{action} for job {job}: {source}")]
+pub struct Error {
+    job: String,
+    action: &'static str,
+    #[source]
+    source: kube::Error,
+}
+
+fn seconds_since(t: &Time) -> i64 {
+    (pod::now().0 - t.0).num_seconds()
+}
+
+fn condition_true(job: &Job, type_: &str) -> bool {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == type_ && c.status == "True"))
+}
+
+fn pod_for(job: &Job, name: &str) -> Pod {
+    let template = job.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
+    let mut meta = template.metadata.unwrap_or_default();
+    meta.name = Some(name.into());
+    meta.namespace = job.namespace();
+    meta.owner_references = job.controller_owner_ref(&()).map(|mut o| {
+        o.block_owner_deletion = Some(true);
+        vec![o]
+    });
+    Pod {
+        metadata: meta,
+        spec: template.spec,
+        status: None,
+    }
+}
+
+pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let ns = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let uid = job.uid().unwrap_or_default();
+    let err = |action: &'static str| {
+        let job = format!("{ns}/{name}");
+        move |source| Error { job, action, source }
+    };
+    if job.metadata.deletion_timestamp.is_some() {
+        ctx.expectations.forget(&uid);
+        return Ok(Action::await_change());
+    }
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let spec = job.spec.clone().unwrap_or_default();
+    let status = job.status.clone().unwrap_or_default();
+
+    // Finished: only the TTL is left to honour.
+    let finished_at = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+        .and_then(|c| c.last_transition_time.clone());
+    if let Some(at) = finished_at {
+        if let Some(ttl) = spec.ttl_seconds_after_finished {
+            let left = ttl as i64 - seconds_since(&at);
+            if left <= 0 {
+                match jobs.delete(&name, &DeleteParams::background()).await {
+                    Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
+                    Err(e) => return Err(err("deleting after its TTL")(e)),
+                }
+                return Ok(Action::await_change());
+            }
+            return Ok(Action::requeue(Duration::from_secs(left as u64)));
+        }
+        return Ok(Action::await_change());
+    }
+
+    let owned: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns.as_str())
+                && pod::controller_of(&p.metadata).is_some_and(|o| o.uid == uid)
+        })
+        .collect();
+    let active: Vec<&Arc<Pod>> = owned.iter().filter(|p| pod::is_active(p)).collect();
+    let succeeded = owned.iter().filter(|p| pod::phase(p) == "Succeeded").count() as i32;
+    let failed_pods = owned.iter().filter(|p| pod::phase(p) == "Failed").count() as i32;
+    let restarts: i32 = if spec.template.spec.as_ref().and_then(|s| s.restart_policy.as_deref()) == Some("OnFailure") {
+        owned
+            .iter()
+            .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
+            .map(|c| c.restart_count)
+            .sum()
+    } else {
+        0
+    };
+    let failed = failed_pods + restarts;
+    let ready = active.iter().filter(|p| pod::is_ready(p)).count() as i32;
+    let start_time = status.start_time.clone().unwrap_or_else(pod::now);
+    let completions = spec.completions;
+    let parallelism = spec.parallelism.unwrap_or(1).max(0);
+    let backoff_limit = spec.backoff_limit.unwrap_or(6);
+    let suspended = spec.suspend == Some(true);
+
+    let mut conditions = status.conditions.clone().unwrap_or_default();
+    let mut set = |type_: &str, reason: &str, message: &str| {
+        conditions.retain(|c| c.type_ != type_);
+        conditions.push(serde_json::from_value(json!({
+            "type": type_, "status": "True", "reason": reason, "message": message,
+            "lastProbeTime": pod::now(), "lastTransitionTime": pod::now(),
+        })).expect("a valid JobCondition"));
+    };
+    let deadline_passed = spec
+        .active_deadline_seconds
+        .is_some_and(|d| seconds_since(&start_time) >= d);
+    let complete = match completions {
+        Some(c) => succeeded >= c,
+        None => succeeded >= 1 && active.is_empty(),
+    };
+    let mut outcome: Option<(&str, &str, String)> = None;
+    if complete {
+        set("SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods");
+        set("Complete", "CompletionsReached", "Reached expected number of succeeded pods");
+        outcome = Some(("Normal", "Completed", "Job completed".into()));
+    } else if failed > backoff_limit {
+        let msg = "Job has reached the specified backoff limit";
+        set("FailureTarget", "BackoffLimitExceeded", msg);
+        set("Failed", "BackoffLimitExceeded", msg);
+        outcome = Some(("Warning", "BackoffLimitExceeded", msg.into()));
+    } else if deadline_passed && !suspended {
+        let msg = "Job was active longer than specified deadline";
+        set("FailureTarget", "DeadlineExceeded", msg);
+        set("Failed", "DeadlineExceeded", msg);
+        outcome = Some(("Warning", "DeadlineExceeded", msg.into()));
+    }
+
+    let present = owned.iter().map(|p| {
+        (
+            p.metadata.name.as_deref().unwrap_or(""),
+            p.metadata.uid.as_deref().unwrap_or(""),
+        )
+    });
+    let satisfied = ctx.expectations.satisfied(&uid, present);
+    let mut requeue: Option<Duration> = None;
+    let mut to_delete: Vec<&Arc<Pod>> = Vec::new();
+    if outcome.as_ref().is_some_and(|o| o.0 == "Warning") || suspended {
+        to_delete = active.clone();
+    } else if outcome.is_none() && satisfied {
+        let remaining = match completions {
+            Some(c) => (c - succeeded).max(0),
+            None if succeeded > 0 => 0,
+            None => parallelism,
+        };
+        let want = parallelism.min(remaining) as usize;
+        if active.len() < want {
+            // A failed pod is replaced after a backoff, doubling from 10 s.
+            let last_failure = owned
+                .iter()
+                .filter(|p| pod::phase(p) == "Failed")
+                .filter_map(|p| {
+                    p.status
+                        .as_ref()?
+                        .container_statuses
+                        .iter()
+                        .flatten()
+                        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.clone())
+                        .max_by_key(|t| t.0)
+                })
+                .max_by_key(|t| t.0);
+            let wait = if failed_pods > 0 {
+                let backoff = 10i64 << (failed_pods - 1).min(5);
+                last_failure.map_or(0, |t| (backoff.min(360) - seconds_since(&t)).max(0))
+            } else {
+                0
+            };
+            if wait > 0 {
+                requeue = Some(Duration::from_secs(wait as u64));
+            } else {
+                for _ in active.len()..want {
+                    let pod_name = generate_name(&name);
+                    ctx.expectations.expect_create(&uid, &pod_name);
+                    if let Err(e) = pods_api.create(&PostParams::default(), &pod_for(&job, &pod_name)).await {
+                        ctx.expectations.creation_failed(&uid, &pod_name);
+                        return Err(err("creating a pod")(e));
+                    }
+                    ctx.recorder
+                        .publish(&job.object_ref(&()), EventType::Normal, "SuccessfulCreate", &format!("Created pod: {pod_name}"))
+                        .await;
+                }
+            }
+        } else if active.len() > want {
+            to_delete = active[want..].to_vec();
+        }
+    }
+    for p in to_delete {
+        ctx.expectations.expect_delete(&uid, p.metadata.uid.as_deref().unwrap_or(""));
+        match pods_api.delete(&p.name_any(), &DeleteParams::default()).await {
+            Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
+            Err(e) => return Err(err("deleting a pod")(e)),
+        }
+    }
+    if suspended && !condition_true(&job, "Suspended") {
+        set("Suspended", "JobSuspended", "Job suspended");
+    }
+    let mut new_status = json!({
+        "active": active.len(),
+        "ready": ready,
+        "succeeded": succeeded,
+        "failed": failed_pods,
+        "startTime": start_time,
+        "conditions": conditions,
+    });
+    if complete {
+        new_status["completionTime"] = json!(pod::now());
+    }
+    let current = serde_json::to_value(&status).unwrap_or_default();
+    let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_i64()).unwrap_or(0);
+    let changed = ["active", "ready", "succeeded", "failed"]
+        .iter()
+        .any(|k| num(&current, k) != num(&new_status, k))
+        || current.get("startTime").is_none()
+        || outcome.is_some()
+        || (suspended && !condition_true(&job, "Suspended"));
+    if changed {
+        jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": new_status})))
+            .await
+            .map_err(err("updating its status"))?;
+        if let Some((type_, reason, message)) = outcome {
+            let t = if type_ == "Normal" { EventType::Normal } else { EventType::Warning };
+            ctx.recorder.publish(&job.object_ref(&()), t, reason, &message).await;
+        }
+    }
+    if let Some(d) = spec.active_deadline_seconds {
+        let left = d - seconds_since(&start_time);
+        if left > 0 {
+            requeue = Some(requeue.map_or(Duration::from_secs(left as u64), |r| r.min(Duration::from_secs(left as u64))));
+        }
+    }
+    Ok(match requeue {
+        Some(d) => Action::requeue(d),
+        None => Action::await_change(),
+    })
+}

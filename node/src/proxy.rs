@@ -1,0 +1,314 @@
+//! Service routing and service names for the node's pods: kube-proxy's and CoreDNS's jobs.
+//!
+//! ## Routing
+//! Every Service port gets TCP listeners on the node, which balance connections round-robin
+//! over the ready endpoints of the Service's EndpointSlices (on any node), and copy bytes
+//! both ways. One L4 path serves HTTP and raw TCP alike.
+//! - **ClusterIP**: a ClusterIP `10.96.A.B` is served at the loopback address
+//!   `127.96.A.B` on the Service's port. Pods reach it by name or by ClusterIP: the pod's
+//!   network (wasm-shim) maps both to that address.
+//! - **NodePort**: served on the node's address at the node port, reachable from the host.
+//!
+//! Listeners set `SO_REUSEPORT`, so several node agents on one host (a test cluster) can
+//! all serve the same Service addresses.
+//!
+//! ## Names
+//! [`Services::resolver`] gives a pod's name resolver: `svc` (in the pod's namespace),
+//! `svc.ns`, `svc.ns.svc` and `svc.ns.svc.cluster.local` resolve to the Service's address,
+//! and so does its ClusterIP; other names go to the host's resolver.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use baton_wasm_shim::NameResolver;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+use tokio::task::JoinHandle;
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One Service port as the node serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Port {
+    name: String,
+    port: u16,
+    node_port: Option<u16>,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    local_ip: Option<Ipv4Addr>,
+    ports: Vec<Port>,
+    /// Ready endpoints per port name.
+    endpoints: HashMap<String, Vec<SocketAddr>>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    services: HashMap<(String, String), Entry>,
+    by_cluster_ip: HashMap<Ipv4Addr, Ipv4Addr>,
+}
+
+/// Where the node serves a ClusterIP: `10.96.A.B` at `127.96.A.B`.
+pub fn local_address(cluster_ip: Ipv4Addr) -> Ipv4Addr {
+    let o = cluster_ip.octets();
+    Ipv4Addr::new(127, 96, o[2], o[3])
+}
+
+/// The node's Services: the routing table, its listeners, and the names they answer to.
+#[derive(Clone)]
+pub struct Services {
+    table: Arc<RwLock<Table>>,
+    node_address: IpAddr,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services").finish_non_exhaustive()
+    }
+}
+
+fn resolve(table: &Table, pod_ns: &str, name: &str) -> Option<IpAddr> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if let Ok(ip) = name.parse::<Ipv4Addr>() {
+        return table.by_cluster_ip.get(&ip).map(|l| IpAddr::V4(*l));
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    let (svc, ns) = match parts.as_slice() {
+        [svc] => (*svc, pod_ns),
+        [svc, ns] | [svc, ns, "svc"] | [svc, ns, "svc", "cluster", "local"] => (*svc, *ns),
+        _ => return None,
+    };
+    let e = table.services.get(&(ns.to_string(), svc.to_string()))?;
+    match e.local_ip {
+        Some(ip) => Some(IpAddr::V4(ip)),
+        // Headless: a ready endpoint's own address.
+        None => e
+            .endpoints
+            .values()
+            .flatten()
+            .next()
+            .map(|a| a.ip()),
+    }
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.set_reuseaddr(true)?;
+    sock.set_reuseport(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
+/// Accepts on `listener` and forwards each connection to an endpoint of the port.
+async fn serve(listener: tokio::net::TcpListener, table: Arc<RwLock<Table>>, key: (String, String), port: String) {
+    let next = AtomicUsize::new(0);
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            continue;
+        };
+        let endpoints: Vec<SocketAddr> = table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .services
+            .get(&key)
+            .and_then(|e| e.endpoints.get(&port).cloned())
+            .unwrap_or_default();
+        if endpoints.is_empty() {
+            // No ready endpoint: refuse, as kube-proxy's REJECT rule does.
+            continue;
+        }
+        let start = next.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let _ = inbound.set_nodelay(true);
+            // Try each endpoint once, starting with this connection's turn.
+            for i in 0..endpoints.len() {
+                let target = endpoints[(start + i) % endpoints.len()];
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = outbound.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    return;
+                }
+            }
+        });
+    }
+}
+
+impl Services {
+    /// Starts watching Services and EndpointSlices, and serving them on this node.
+    pub fn start(client: Client, node_address: IpAddr) -> (Self, JoinHandle<()>) {
+        let services = Self {
+            table: Arc::default(),
+            node_address,
+        };
+        let task = tokio::spawn(services.clone().run(client));
+        (services, task)
+    }
+
+    /// The name resolver of pods in namespace `ns`.
+    pub fn resolver(&self, ns: &str) -> NameResolver {
+        let table = self.table.clone();
+        let ns = ns.to_string();
+        Arc::new(move |name: &str| resolve(&table.read().unwrap_or_else(|e| e.into_inner()), &ns, name))
+    }
+
+    async fn run(self, client: Client) {
+        let (svc_store, svc_writer) = reflector::store::<Service>();
+        let (eps_store, eps_writer) = reflector::store::<EndpointSlice>();
+        let svcs = reflector::reflector(
+            svc_writer,
+            watcher(Api::<Service>::all(client.clone()), watcher::Config::default()).default_backoff(),
+        )
+        .map(|_| ());
+        let eps = reflector::reflector(
+            eps_writer,
+            watcher(Api::<EndpointSlice>::all(client), watcher::Config::default()).default_backoff(),
+        )
+        .map(|_| ());
+        let mut changes = futures::stream::select(svcs, eps).boxed();
+        let mut listeners: HashMap<SocketAddr, (String, JoinHandle<()>)> = HashMap::new();
+        while changes.next().await.is_some() {
+            // Coalesce a burst of events into one rebuild.
+            while let Some(Some(())) = futures::FutureExt::now_or_never(changes.next()) {}
+            self.rebuild(&svc_store, &eps_store, &mut listeners);
+        }
+        for (_, (_, t)) in listeners {
+            t.abort();
+        }
+    }
+
+    fn rebuild(
+        &self,
+        svc_store: &Store<Service>,
+        eps_store: &Store<EndpointSlice>,
+        listeners: &mut HashMap<SocketAddr, (String, JoinHandle<()>)>,
+    ) {
+        let mut table = Table::default();
+        for s in svc_store.state() {
+            let (Some(ns), name) = (s.namespace(), s.name_any()) else {
+                continue;
+            };
+            let spec = s.spec.clone().unwrap_or_default();
+            let local_ip = spec
+                .cluster_ip
+                .as_deref()
+                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+                .map(|ip| {
+                    table.by_cluster_ip.insert(ip, local_address(ip));
+                    local_address(ip)
+                });
+            let ports = spec
+                .ports
+                .iter()
+                .flatten()
+                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                .filter_map(|p| {
+                    Some(Port {
+                        name: p.name.clone().unwrap_or_default(),
+                        port: u16::try_from(p.port).ok()?,
+                        node_port: p.node_port.and_then(|n| u16::try_from(n).ok()),
+                    })
+                })
+                .collect();
+            table.services.insert(
+                (ns, name),
+                Entry {
+                    local_ip,
+                    ports,
+                    endpoints: HashMap::new(),
+                },
+            );
+        }
+        for slice in eps_store.state() {
+            let (Some(ns), Some(svc)) = (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL).cloned()) else {
+                continue;
+            };
+            let Some(entry) = table.services.get_mut(&(ns, svc)) else {
+                continue;
+            };
+            for p in slice.ports.iter().flatten() {
+                let (Some(port), name) = (p.port.and_then(|p| u16::try_from(p).ok()), p.name.clone().unwrap_or_default()) else {
+                    continue;
+                };
+                let list = entry.endpoints.entry(name).or_default();
+                for e in &slice.endpoints {
+                    if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                        continue;
+                    }
+                    for a in &e.addresses {
+                        if let Ok(ip) = a.parse::<IpAddr>() {
+                            list.push(SocketAddr::new(ip, port));
+                        }
+                    }
+                }
+            }
+        }
+        // The listeners the table wants: (address, service key, port name).
+        let mut wanted: BTreeMap<SocketAddr, ((String, String), String)> = BTreeMap::new();
+        for (key, e) in &table.services {
+            for p in &e.ports {
+                if let Some(ip) = e.local_ip {
+                    wanted.insert(SocketAddr::new(IpAddr::V4(ip), p.port), (key.clone(), p.name.clone()));
+                }
+                if let Some(np) = p.node_port {
+                    wanted.insert(SocketAddr::new(self.node_address, np), (key.clone(), p.name.clone()));
+                }
+            }
+        }
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
+        listeners.retain(|addr, (id, task)| {
+            let keep = wanted
+                .get(addr)
+                .is_some_and(|(k, p)| *id == format!("{}/{}/{p}", k.0, k.1));
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (addr, (key, port)) in wanted {
+            if listeners.contains_key(&addr) {
+                continue;
+            }
+            match listen(addr) {
+                Ok(l) => {
+                    let id = format!("{}/{}/{port}", key.0, key.1);
+                    let task = tokio::spawn(serve(l, self.table.clone(), key, port));
+                    listeners.insert(addr, (id, task));
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "cannot serve a Service port"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_resolve_in_the_pods_namespace_and_fully_qualified() {
+        let mut t = Table::default();
+        let cip = Ipv4Addr::new(10, 96, 1, 7);
+        t.by_cluster_ip.insert(cip, local_address(cip));
+        t.services.insert(
+            ("shop".into(), "backend".into()),
+            Entry {
+                local_ip: Some(local_address(cip)),
+                ..Default::default()
+            },
+        );
+        let want = Some(IpAddr::from([127, 96, 1, 7]));
+        assert_eq!(resolve(&t, "shop", "backend"), want);
+        assert_eq!(resolve(&t, "other", "backend"), None);
+        assert_eq!(resolve(&t, "other", "backend.shop"), want);
+        assert_eq!(resolve(&t, "other", "backend.shop.svc.cluster.local."), want);
+        assert_eq!(resolve(&t, "other", "10.96.1.7"), want);
+        assert_eq!(resolve(&t, "other", "example.com"), None);
+    }
+}
