@@ -40,8 +40,15 @@ impl Loops {
         config: baton_controllers::Config,
     ) -> Result<()> {
         let client = client_for(pki, server, "system:kube-controller-manager").await?;
-        self.tasks.push(tokio::spawn(baton_scheduler::run(client.clone(), self.stopped())));
-        self.tasks.push(tokio::spawn(baton_controllers::run(client, config, self.stopped())));
+        self.tasks.push(tokio::spawn(baton_scheduler::run(
+            client.clone(),
+            self.stopped(),
+        )));
+        self.tasks.push(tokio::spawn(baton_controllers::run(
+            client,
+            config,
+            self.stopped(),
+        )));
         Ok(())
     }
 

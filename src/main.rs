@@ -63,6 +63,9 @@ struct UpArgs {
     /// Run only the control plane, without a local node.
     #[arg(long)]
     no_node: bool,
+    /// Run no scheduler and no controllers: the store and the API server only.
+    #[arg(long)]
+    no_controllers: bool,
     /// Seconds a node may miss heartbeats before it is marked unknown and its pods are
     /// evicted (after their tolerations).
     #[arg(long, default_value_t = 40)]
@@ -232,9 +235,11 @@ async fn up(args: UpArgs) -> Result<()> {
     let controllers = baton_controllers::Config {
         node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
     };
-    loops
-        .start_control_plane(&api.pki, &api.server, controllers)
-        .await?;
+    if !args.no_controllers {
+        loops
+            .start_control_plane(&api.pki, &api.server, controllers)
+            .await?;
+    }
     if !args.no_node {
         let client = control::client_for(&api.pki, &api.server, "system:node:local").await?;
         loops.start_node(client, args.node.config(dir.join("node")));

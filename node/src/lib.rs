@@ -128,7 +128,10 @@ pub async fn run(
         .parse()
         .map_err(|_| NodeError::Address(cfg.address.clone()))?;
     let (services, proxy) = proxy::Services::start(client.clone(), node_ip);
-    let resolvers: Resolvers = Arc::new(move |ns: &str| services.resolver(ns));
+    let resolvers: Resolvers = {
+        let services = services.clone();
+        Arc::new(move |ns: &str| services.resolver(ns))
+    };
     let shared = Arc::new(worker::Shared {
         client: client.clone(),
         images: images::Images::new(runtime.clone()),
@@ -140,6 +143,7 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
         settings: cfg.settings.clone(),
         resolvers: Some(resolvers),
+        services: Some(services),
     });
     register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await?;
     let heartbeat = {

@@ -17,7 +17,7 @@
 //! `svc.ns`, `svc.ns.svc` and `svc.ns.svc.cluster.local` resolve to the Service's address,
 //! and so does its ClusterIP; other names go to the host's resolver.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -66,6 +66,9 @@ pub fn local_address(cluster_ip: Ipv4Addr) -> Ipv4Addr {
 pub struct Services {
     table: Arc<RwLock<Table>>,
     node_address: IpAddr,
+    /// Pods of this node shutting down: no new connections go to them, even before
+    /// their EndpointSlices say so.
+    draining: Arc<RwLock<HashSet<IpAddr>>>,
 }
 
 impl std::fmt::Debug for Services {
@@ -89,12 +92,7 @@ fn resolve(table: &Table, pod_ns: &str, name: &str) -> Option<IpAddr> {
     match e.local_ip {
         Some(ip) => Some(IpAddr::V4(ip)),
         // Headless: a ready endpoint's own address.
-        None => e
-            .endpoints
-            .values()
-            .flatten()
-            .next()
-            .map(|a| a.ip()),
+        None => e.endpoints.values().flatten().next().map(|a| a.ip()),
     }
 }
 
@@ -107,7 +105,13 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Accepts on `listener` and forwards each connection to an endpoint of the port.
-async fn serve(listener: tokio::net::TcpListener, table: Arc<RwLock<Table>>, key: (String, String), port: String) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    table: Arc<RwLock<Table>>,
+    draining: Arc<RwLock<HashSet<IpAddr>>>,
+    key: (String, String),
+    port: String,
+) {
     let next = AtomicUsize::new(0);
     loop {
         let Ok((mut inbound, _)) = listener.accept().await else {
@@ -120,6 +124,13 @@ async fn serve(listener: tokio::net::TcpListener, table: Arc<RwLock<Table>>, key
             .get(&key)
             .and_then(|e| e.endpoints.get(&port).cloned())
             .unwrap_or_default();
+        let endpoints: Vec<SocketAddr> = {
+            let draining = draining.read().unwrap_or_else(|e| e.into_inner());
+            endpoints
+                .into_iter()
+                .filter(|e| !draining.contains(&e.ip()))
+                .collect()
+        };
         if endpoints.is_empty() {
             // No ready endpoint: refuse, as kube-proxy's REJECT rule does.
             continue;
@@ -146,16 +157,30 @@ impl Services {
         let services = Self {
             table: Arc::default(),
             node_address,
+            draining: Arc::default(),
         };
         let task = tokio::spawn(services.clone().run(client));
         (services, task)
+    }
+
+    /// Stops routing new connections to a pod of this node (it is shutting down), or
+    /// resumes (its address is free again).
+    pub fn set_draining(&self, ip: IpAddr, draining: bool) {
+        let mut d = self.draining.write().unwrap_or_else(|e| e.into_inner());
+        if draining {
+            d.insert(ip);
+        } else {
+            d.remove(&ip);
+        }
     }
 
     /// The name resolver of pods in namespace `ns`.
     pub fn resolver(&self, ns: &str) -> NameResolver {
         let table = self.table.clone();
         let ns = ns.to_string();
-        Arc::new(move |name: &str| resolve(&table.read().unwrap_or_else(|e| e.into_inner()), &ns, name))
+        Arc::new(move |name: &str| {
+            resolve(&table.read().unwrap_or_else(|e| e.into_inner()), &ns, name)
+        })
     }
 
     async fn run(self, client: Client) {
@@ -163,12 +188,20 @@ impl Services {
         let (eps_store, eps_writer) = reflector::store::<EndpointSlice>();
         let svcs = reflector::reflector(
             svc_writer,
-            watcher(Api::<Service>::all(client.clone()), watcher::Config::default()).default_backoff(),
+            watcher(
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
         )
         .map(|_| ());
         let eps = reflector::reflector(
             eps_writer,
-            watcher(Api::<EndpointSlice>::all(client), watcher::Config::default()).default_backoff(),
+            watcher(
+                Api::<EndpointSlice>::all(client),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
         )
         .map(|_| ());
         let mut changes = futures::stream::select(svcs, eps).boxed();
@@ -226,14 +259,20 @@ impl Services {
             );
         }
         for slice in eps_store.state() {
-            let (Some(ns), Some(svc)) = (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL).cloned()) else {
+            let (Some(ns), Some(svc)) = (
+                slice.namespace(),
+                slice.labels().get(SERVICE_NAME_LABEL).cloned(),
+            ) else {
                 continue;
             };
             let Some(entry) = table.services.get_mut(&(ns, svc)) else {
                 continue;
             };
             for p in slice.ports.iter().flatten() {
-                let (Some(port), name) = (p.port.and_then(|p| u16::try_from(p).ok()), p.name.clone().unwrap_or_default()) else {
+                let (Some(port), name) = (
+                    p.port.and_then(|p| u16::try_from(p).ok()),
+                    p.name.clone().unwrap_or_default(),
+                ) else {
                     continue;
                 };
                 let list = entry.endpoints.entry(name).or_default();
@@ -254,10 +293,16 @@ impl Services {
         for (key, e) in &table.services {
             for p in &e.ports {
                 if let Some(ip) = e.local_ip {
-                    wanted.insert(SocketAddr::new(IpAddr::V4(ip), p.port), (key.clone(), p.name.clone()));
+                    wanted.insert(
+                        SocketAddr::new(IpAddr::V4(ip), p.port),
+                        (key.clone(), p.name.clone()),
+                    );
                 }
                 if let Some(np) = p.node_port {
-                    wanted.insert(SocketAddr::new(self.node_address, np), (key.clone(), p.name.clone()));
+                    wanted.insert(
+                        SocketAddr::new(self.node_address, np),
+                        (key.clone(), p.name.clone()),
+                    );
                 }
             }
         }
@@ -278,7 +323,13 @@ impl Services {
             match listen(addr) {
                 Ok(l) => {
                     let id = format!("{}/{}/{port}", key.0, key.1);
-                    let task = tokio::spawn(serve(l, self.table.clone(), key, port));
+                    let task = tokio::spawn(serve(
+                        l,
+                        self.table.clone(),
+                        self.draining.clone(),
+                        key,
+                        port,
+                    ));
                     listeners.insert(addr, (id, task));
                 }
                 Err(e) => tracing::warn!(%addr, error = %e, "cannot serve a Service port"),
@@ -307,7 +358,10 @@ mod tests {
         assert_eq!(resolve(&t, "shop", "backend"), want);
         assert_eq!(resolve(&t, "other", "backend"), None);
         assert_eq!(resolve(&t, "other", "backend.shop"), want);
-        assert_eq!(resolve(&t, "other", "backend.shop.svc.cluster.local."), want);
+        assert_eq!(
+            resolve(&t, "other", "backend.shop.svc.cluster.local."),
+            want
+        );
         assert_eq!(resolve(&t, "other", "10.96.1.7"), want);
         assert_eq!(resolve(&t, "other", "example.com"), None);
     }

@@ -54,6 +54,9 @@ use crate::probe::{self, Prober};
 
 /// How often configMap and secret volumes are re-read.
 const VOLUME_REFRESH: Duration = Duration::from_secs(15);
+/// How long a terminating pod keeps taking connections after leaving the routing, for
+/// its EndpointSlice change to reach every node.
+const ENDPOINT_PROPAGATION: Duration = Duration::from_secs(1);
 /// A container that ran this long starts its restart backoff over.
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
 
@@ -93,6 +96,7 @@ pub struct Shared {
     pub recorder: Recorder,
     pub settings: Settings,
     pub resolvers: Option<Resolvers>,
+    pub services: Option<crate::proxy::Services>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -858,7 +862,17 @@ impl Worker {
             .unwrap_or(30)
             .max(0) as u64;
         if let Some(sb) = self.sandbox.take() {
-            sb.shutdown(Duration::from_secs(grace)).await;
+            // Out of this node's routing at once; still serving for a moment, while the
+            // other nodes learn from the EndpointSlice that the pod is going, so that no
+            // connection already on its way finds the door shut.
+            let ip = self.ip.map(IpAddr::V4);
+            if let (Some(services), Some(ip)) = (&self.shared.services, ip) {
+                services.set_draining(ip, true);
+            }
+            let grace = Duration::from_secs(grace);
+            let linger = ENDPOINT_PROPAGATION.min(grace);
+            tokio::time::sleep(linger).await;
+            sb.shutdown(grace - linger).await;
         }
         for i in 0..self.slots.len() {
             if let State::Running { .. } = self.slots[i].state {
@@ -910,6 +924,9 @@ impl Worker {
 
     fn release_ip(&mut self) {
         if let Some(ip) = self.ip.take() {
+            if let Some(services) = &self.shared.services {
+                services.set_draining(IpAddr::V4(ip), false);
+            }
             self.shared
                 .ipam
                 .lock()
@@ -918,7 +935,6 @@ impl Worker {
         }
     }
 }
-
 
 fn qos_class(pod: &Pod) -> &'static str {
     let cs = pod

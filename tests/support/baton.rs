@@ -26,12 +26,24 @@ pub fn kubectl_dir() -> PathBuf {
 }
 
 impl Baton {
+    /// The store and the API server only: for tests of the API, which write statuses
+    /// themselves and must not race the controllers.
     pub fn start() -> Baton {
+        Self::start_with(&["--no-controllers", "--no-node"])
+    }
+
+    /// The whole system: API server, scheduler, controllers and a local node.
+    pub fn start_cluster() -> Baton {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Baton {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("home")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

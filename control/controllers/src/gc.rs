@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -68,7 +70,14 @@ fn api_resource(kind: &str) -> Option<ApiResource> {
 }
 
 /// The kinds whose stores the collector reads.
-const WATCHED: &[&str] = &["Pod", "ReplicaSet", "Deployment", "Job", "EndpointSlice", "Service"];
+const WATCHED: &[&str] = &[
+    "Pod",
+    "ReplicaSet",
+    "Deployment",
+    "Job",
+    "EndpointSlice",
+    "Service",
+];
 
 /// Namespaced kinds, in the order a namespace is emptied (owners first).
 const NAMESPACED: &[&str] = &[
@@ -106,7 +115,8 @@ impl std::fmt::Debug for Collector {
 impl Collector {
     fn once(&mut self, key: String) -> bool {
         let now = Instant::now();
-        self.asked.retain(|_, t| now.duration_since(*t) < Duration::from_secs(10));
+        self.asked
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(10));
         match self.asked.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(v) => {
@@ -125,16 +135,36 @@ impl Collector {
         let slices = ctx.endpointslices.state();
         let svcs = ctx.services.state();
         let mut nodes: Vec<Node<'_>> = Vec::new();
-        nodes.extend(pods.iter().map(|o| Node { kind: "Pod", meta: &o.metadata }));
-        nodes.extend(rss.iter().map(|o| Node { kind: "ReplicaSet", meta: &o.metadata }));
-        nodes.extend(deps.iter().map(|o| Node { kind: "Deployment", meta: &o.metadata }));
-        nodes.extend(jobs.iter().map(|o| Node { kind: "Job", meta: &o.metadata }));
-        nodes.extend(slices.iter().map(|o| Node { kind: "EndpointSlice", meta: &o.metadata }));
-        nodes.extend(svcs.iter().map(|o| Node { kind: "Service", meta: &o.metadata }));
+        nodes.extend(pods.iter().map(|o| Node {
+            kind: "Pod",
+            meta: &o.metadata,
+        }));
+        nodes.extend(rss.iter().map(|o| Node {
+            kind: "ReplicaSet",
+            meta: &o.metadata,
+        }));
+        nodes.extend(deps.iter().map(|o| Node {
+            kind: "Deployment",
+            meta: &o.metadata,
+        }));
+        nodes.extend(jobs.iter().map(|o| Node {
+            kind: "Job",
+            meta: &o.metadata,
+        }));
+        nodes.extend(slices.iter().map(|o| Node {
+            kind: "EndpointSlice",
+            meta: &o.metadata,
+        }));
+        nodes.extend(svcs.iter().map(|o| Node {
+            kind: "Service",
+            meta: &o.metadata,
+        }));
         // (kind, namespace, name) -> uid, for the kinds watched here.
         let mut uids: HashMap<(&str, &str, &str), &str> = HashMap::new();
         for n in &nodes {
-            if let (Some(ns), Some(name), Some(uid)) = (&n.meta.namespace, &n.meta.name, &n.meta.uid) {
+            if let (Some(ns), Some(name), Some(uid)) =
+                (&n.meta.namespace, &n.meta.name, &n.meta.uid)
+            {
                 uids.insert((n.kind, ns, name), uid);
             }
         }
@@ -160,7 +190,12 @@ impl Collector {
                 && n.meta.deletion_timestamp.is_none()
                 && owners.iter().all(|o| !exists(ns, o))
             {
-                actions.push((n.kind, ns.clone(), name.clone(), Action::Delete("Background")));
+                actions.push((
+                    n.kind,
+                    ns.clone(),
+                    name.clone(),
+                    Action::Delete("Background"),
+                ));
             }
             if n.meta.deletion_timestamp.is_none() {
                 continue;
@@ -178,22 +213,42 @@ impl Collector {
                             .flatten()
                             .filter(|o| o.uid != uid)
                             .collect();
-                        actions.push((d.kind, dns.clone(), dname.clone(), Action::SetOwners(json!(keep))));
+                        actions.push((
+                            d.kind,
+                            dns.clone(),
+                            dname.clone(),
+                            Action::SetOwners(json!(keep)),
+                        ));
                     }
                 }
                 if mine.is_empty() {
-                    actions.push((n.kind, ns.clone(), name.clone(), Action::DropFinalizer("orphan")));
+                    actions.push((
+                        n.kind,
+                        ns.clone(),
+                        name.clone(),
+                        Action::DropFinalizer("orphan"),
+                    ));
                 }
             } else if finalizers.iter().any(|f| f == "foregroundDeletion") {
                 for d in &mine {
                     if let (Some(dns), Some(dname)) = (&d.meta.namespace, &d.meta.name) {
                         if d.meta.deletion_timestamp.is_none() {
-                            actions.push((d.kind, dns.clone(), dname.clone(), Action::Delete("Foreground")));
+                            actions.push((
+                                d.kind,
+                                dns.clone(),
+                                dname.clone(),
+                                Action::Delete("Foreground"),
+                            ));
                         }
                     }
                 }
                 if mine.is_empty() {
-                    actions.push((n.kind, ns.clone(), name.clone(), Action::DropFinalizer("foregroundDeletion")));
+                    actions.push((
+                        n.kind,
+                        ns.clone(),
+                        name.clone(),
+                        Action::DropFinalizer("foregroundDeletion"),
+                    ));
                 }
             }
         }
@@ -201,7 +256,11 @@ impl Collector {
             .iter()
             .filter_map(|n| {
                 Some((
-                    (n.kind.to_string(), n.meta.namespace.clone()?, n.meta.name.clone()?),
+                    (
+                        n.kind.to_string(),
+                        n.meta.namespace.clone()?,
+                        n.meta.name.clone()?,
+                    ),
                     n.meta.finalizers.clone().unwrap_or_default(),
                 ))
             })
@@ -217,11 +276,19 @@ impl Collector {
             };
             let result = match &action {
                 Action::Delete(policy) => {
-                    let dp = if *policy == "Foreground" { DeleteParams::foreground() } else { DeleteParams::background() };
+                    let dp = if *policy == "Foreground" {
+                        DeleteParams::foreground()
+                    } else {
+                        DeleteParams::background()
+                    };
                     api.delete(&name, &dp).await.map(|_| ())
                 }
                 Action::SetOwners(owners) => api
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"ownerReferences": owners}})))
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"ownerReferences": owners}})),
+                    )
                     .await
                     .map(|_| ()),
                 Action::DropFinalizer(f) => {
@@ -232,14 +299,23 @@ impl Collector {
                         .into_iter()
                         .filter(|x| x != f)
                         .collect();
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": keep}})))
-                        .await
-                        .map(|_| ())
+                    api.patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": keep}})),
+                    )
+                    .await
+                    .map(|_| ())
                 }
             };
             match result {
-                Ok(()) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404 | 409, .. })) => {}
-                Err(e) => tracing::warn!(%kind, %ns, %name, error = %e, "garbage collection step failed"),
+                Ok(())
+                | Err(kube::Error::Api(kube::core::ErrorResponse {
+                    code: 404 | 409, ..
+                })) => {}
+                Err(e) => {
+                    tracing::warn!(%kind, %ns, %name, error = %e, "garbage collection step failed")
+                }
             }
         }
     }
@@ -268,12 +344,18 @@ pub async fn finish_namespace(ctx: &Ctx, ns: &Namespace) -> bool {
                 continue;
             }
         };
-        let live: Vec<&DynamicObject> = list.items.iter().filter(|o| o.metadata.deletion_timestamp.is_none()).collect();
+        let live: Vec<&DynamicObject> = list
+            .items
+            .iter()
+            .filter(|o| o.metadata.deletion_timestamp.is_none())
+            .collect();
         left += list.items.len();
         for o in live {
             match api.delete(&o.name_any(), &DeleteParams::background()).await {
                 Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
-                Err(e) => tracing::warn!(namespace = %name, %kind, error = %e, "deleting in a terminating namespace failed"),
+                Err(e) => {
+                    tracing::warn!(namespace = %name, %kind, error = %e, "deleting in a terminating namespace failed")
+                }
             }
         }
     }

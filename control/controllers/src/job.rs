@@ -52,7 +52,11 @@ fn condition_true(job: &Job, type_: &str) -> bool {
 }
 
 fn pod_for(job: &Job, name: &str) -> Pod {
-    let template = job.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
+    let template = job
+        .spec
+        .as_ref()
+        .map(|s| s.template.clone())
+        .unwrap_or_default();
     let mut meta = template.metadata.unwrap_or_default();
     meta.name = Some(name.into());
     meta.namespace = job.namespace();
@@ -73,7 +77,11 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let uid = job.uid().unwrap_or_default();
     let err = |action: &'static str| {
         let job = format!("{ns}/{name}");
-        move |source| Error { job, action, source }
+        move |source| Error {
+            job,
+            action,
+            source,
+        }
     };
     if job.metadata.deletion_timestamp.is_some() {
         ctx.expectations.forget(&uid);
@@ -116,12 +124,25 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         })
         .collect();
     let active: Vec<&Arc<Pod>> = owned.iter().filter(|p| pod::is_active(p)).collect();
-    let succeeded = owned.iter().filter(|p| pod::phase(p) == "Succeeded").count() as i32;
+    let succeeded = owned
+        .iter()
+        .filter(|p| pod::phase(p) == "Succeeded")
+        .count() as i32;
     let failed_pods = owned.iter().filter(|p| pod::phase(p) == "Failed").count() as i32;
-    let restarts: i32 = if spec.template.spec.as_ref().and_then(|s| s.restart_policy.as_deref()) == Some("OnFailure") {
+    let restarts: i32 = if spec
+        .template
+        .spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.as_deref())
+        == Some("OnFailure")
+    {
         owned
             .iter()
-            .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
+            .flat_map(|p| {
+                p.status
+                    .iter()
+                    .flat_map(|s| s.container_statuses.iter().flatten())
+            })
             .map(|c| c.restart_count)
             .sum()
     } else {
@@ -138,10 +159,13 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let mut conditions = status.conditions.clone().unwrap_or_default();
     let mut set = |type_: &str, reason: &str, message: &str| {
         conditions.retain(|c| c.type_ != type_);
-        conditions.push(serde_json::from_value(json!({
-            "type": type_, "status": "True", "reason": reason, "message": message,
-            "lastProbeTime": pod::now(), "lastTransitionTime": pod::now(),
-        })).expect("a valid JobCondition"));
+        conditions.push(
+            serde_json::from_value(json!({
+                "type": type_, "status": "True", "reason": reason, "message": message,
+                "lastProbeTime": pod::now(), "lastTransitionTime": pod::now(),
+            }))
+            .expect("a valid JobCondition"),
+        );
     };
     let deadline_passed = spec
         .active_deadline_seconds
@@ -152,8 +176,16 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     };
     let mut outcome: Option<(&str, &str, String)> = None;
     if complete {
-        set("SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods");
-        set("Complete", "CompletionsReached", "Reached expected number of succeeded pods");
+        set(
+            "SuccessCriteriaMet",
+            "CompletionsReached",
+            "Reached expected number of succeeded pods",
+        );
+        set(
+            "Complete",
+            "CompletionsReached",
+            "Reached expected number of succeeded pods",
+        );
         outcome = Some(("Normal", "Completed", "Job completed".into()));
     } else if failed > backoff_limit {
         let msg = "Job has reached the specified backoff limit";
@@ -174,7 +206,7 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         )
     });
     let satisfied = ctx.expectations.satisfied(&uid, present);
-    let mut requeue: Option<Duration> = None;
+    let mut requeue: Option<Duration> = (!satisfied).then_some(Duration::from_secs(1));
     let mut to_delete: Vec<&Arc<Pod>> = Vec::new();
     if outcome.as_ref().is_some_and(|o| o.0 == "Warning") || suspended {
         to_delete = active.clone();
@@ -212,12 +244,20 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 for _ in active.len()..want {
                     let pod_name = generate_name(&name);
                     ctx.expectations.expect_create(&uid, &pod_name);
-                    if let Err(e) = pods_api.create(&PostParams::default(), &pod_for(&job, &pod_name)).await {
+                    if let Err(e) = pods_api
+                        .create(&PostParams::default(), &pod_for(&job, &pod_name))
+                        .await
+                    {
                         ctx.expectations.creation_failed(&uid, &pod_name);
                         return Err(err("creating a pod")(e));
                     }
                     ctx.recorder
-                        .publish(&job.object_ref(&()), EventType::Normal, "SuccessfulCreate", &format!("Created pod: {pod_name}"))
+                        .publish(
+                            &job.object_ref(&()),
+                            EventType::Normal,
+                            "SuccessfulCreate",
+                            &format!("Created pod: {pod_name}"),
+                        )
                         .await;
                 }
             }
@@ -226,8 +266,12 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         }
     }
     for p in to_delete {
-        ctx.expectations.expect_delete(&uid, p.metadata.uid.as_deref().unwrap_or(""));
-        match pods_api.delete(&p.name_any(), &DeleteParams::default()).await {
+        ctx.expectations
+            .expect_delete(&uid, p.metadata.uid.as_deref().unwrap_or(""));
+        match pods_api
+            .delete(&p.name_any(), &DeleteParams::default())
+            .await
+        {
             Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
             Err(e) => return Err(err("deleting a pod")(e)),
         }
@@ -255,18 +299,30 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         || outcome.is_some()
         || (suspended && !condition_true(&job, "Suspended"));
     if changed {
-        jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": new_status})))
-            .await
-            .map_err(err("updating its status"))?;
+        jobs.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": new_status})),
+        )
+        .await
+        .map_err(err("updating its status"))?;
         if let Some((type_, reason, message)) = outcome {
-            let t = if type_ == "Normal" { EventType::Normal } else { EventType::Warning };
-            ctx.recorder.publish(&job.object_ref(&()), t, reason, &message).await;
+            let t = if type_ == "Normal" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            ctx.recorder
+                .publish(&job.object_ref(&()), t, reason, &message)
+                .await;
         }
     }
     if let Some(d) = spec.active_deadline_seconds {
         let left = d - seconds_since(&start_time);
         if left > 0 {
-            requeue = Some(requeue.map_or(Duration::from_secs(left as u64), |r| r.min(Duration::from_secs(left as u64))));
+            requeue = Some(requeue.map_or(Duration::from_secs(left as u64), |r| {
+                r.min(Duration::from_secs(left as u64))
+            }));
         }
     }
     Ok(match requeue {

@@ -44,7 +44,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::reflector::{self, store::Writer, ReflectHandle, Store};
+use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -79,11 +79,17 @@ impl Debug for Ctx {
     }
 }
 
-/// One kind watched once: its store, and a writer to subscribe controllers to before the
-/// watch is started.
+/// One kind watched once: its store, and a fan-out of every change to the controllers
+/// that subscribe before the watch starts.
+///
+/// kube-runtime's shared streams (`reflect_shared`) pass on applied objects only, so a
+/// ReplicaSet would never hear that its pod is gone; this fan-out passes on deletions too
+/// (the deleted object, whose owner references still say whom it concerns). After every
+/// (re)list, and if a subscriber falls behind, the whole store is passed on again.
 struct Informer<K: Resource<DynamicType = ()> + Clone + 'static> {
     store: Store<K>,
     writer: Writer<K>,
+    tx: tokio::sync::broadcast::Sender<Arc<K>>,
 }
 
 impl<K> Informer<K>
@@ -92,30 +98,61 @@ where
     K::DynamicType: Eq + Hash + Clone + Default,
 {
     fn new() -> Self {
-        let (store, writer) = reflector::store_shared(4096);
-        Self { store, writer }
+        let (store, writer) = reflector::store();
+        let (tx, _) = tokio::sync::broadcast::channel(1 << 16);
+        Self { store, writer, tx }
     }
 
-    fn subscribe(&self) -> ReflectHandle<K> {
-        self.writer
-            .subscribe()
-            .expect("shared stores are subscribable")
+    fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        let rx = self.tx.subscribe();
+        let store = self.store.clone();
+        futures::stream::unfold((rx, store), |(mut rx, store)| async move {
+            use tokio::sync::broadcast::error::RecvError;
+            let batch = match rx.recv().await {
+                Ok(obj) => vec![obj],
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(kind = %K::kind(&()), missed = n, "a controller fell behind; resyncing it");
+                    store.state()
+                }
+                Err(RecvError::Closed) => return None,
+            };
+            Some((futures::stream::iter(batch), (rx, store)))
+        })
+        .flatten()
     }
 
     /// Starts the watch that feeds the store and every subscriber.
     fn start(self, api: Api<K>) -> tokio::task::JoinHandle<()> {
-        let stream = watcher(api, watcher::Config::default())
+        let Self {
+            store,
+            mut writer,
+            tx,
+        } = self;
+        let mut events = watcher(api, watcher::Config::default())
             .default_backoff()
-            .reflect_shared(self.writer);
+            .boxed();
         tokio::spawn(async move {
-            stream
-                .for_each(|ev| {
-                    if let Err(e) = ev {
+            while let Some(ev) = events.next().await {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => {
                         tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying");
+                        continue;
                     }
-                    futures::future::ready(())
-                })
-                .await
+                };
+                writer.apply_watcher_event(&ev);
+                match ev {
+                    watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                        let _ = tx.send(Arc::new(o));
+                    }
+                    watcher::Event::InitDone => {
+                        for o in store.state() {
+                            let _ = tx.send(o);
+                        }
+                    }
+                    watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                }
+            }
         })
     }
 }
@@ -214,12 +251,15 @@ pub async fn run(
             .graceful_shutdown_on(stop())
             .run(serviceaccount::reconcile, error_policy, ctx.clone());
     let ctx2 = ctx.clone();
-    let eps_controller = Controller::for_shared_stream(services.subscribe(), services.store.clone())
-        .owns_shared_stream(endpointslices.subscribe())
-        .watches_shared_stream(pods.subscribe(), move |p| endpointslice::services_of_pod(&ctx2, &p))
-        .with_config(cfg.clone())
-        .graceful_shutdown_on(stop())
-        .run(endpointslice::reconcile, error_policy, ctx.clone());
+    let eps_controller =
+        Controller::for_shared_stream(services.subscribe(), services.store.clone())
+            .owns_shared_stream(endpointslices.subscribe())
+            .watches_shared_stream(pods.subscribe(), move |p| {
+                endpointslice::services_of_pod(&ctx2, &p)
+            })
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(endpointslice::reconcile, error_policy, ctx.clone());
     let job_controller = Controller::for_shared_stream(jobs.subscribe(), jobs.store.clone())
         .owns_shared_stream(pods.subscribe())
         .with_config(cfg.clone())
@@ -227,8 +267,9 @@ pub async fn run(
         .run(job::reconcile, error_policy, ctx.clone());
     let node_controller = Controller::for_shared_stream(nodes.subscribe(), nodes.store.clone())
         .watches_shared_stream(leases.subscribe(), |l: Arc<Lease>| {
-            (l.metadata.namespace.as_deref() == Some("kube-node-lease"))
-                .then(|| kube::runtime::reflector::ObjectRef::new(l.metadata.name.as_deref().unwrap_or("")))
+            (l.metadata.namespace.as_deref() == Some("kube-node-lease")).then(|| {
+                kube::runtime::reflector::ObjectRef::new(l.metadata.name.as_deref().unwrap_or(""))
+            })
         })
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())

@@ -79,9 +79,18 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     let api: Api<Node> = Api::all(ctx.client.clone());
     let err = |action: &'static str| {
         let node = name.clone();
-        move |source| Error { node, action, source }
+        move |source| Error {
+            node,
+            action,
+            source,
+        }
     };
-    if node.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_none() {
+    if node
+        .spec
+        .as_ref()
+        .and_then(|s| s.pod_cidr.as_ref())
+        .is_none()
+    {
         // Serialised by the controller (one reconcile per node at a time) but not across
         // nodes: the lock makes two new nodes pick different blocks.
         let _guard = ctx.cidr_lock.lock().await;
@@ -90,33 +99,65 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
             .state()
             .iter()
             .filter_map(|n| n.spec.as_ref()?.pod_cidr.as_deref().and_then(block_of))
-            .chain(ctx.cidrs_given.lock().unwrap_or_else(|e| e.into_inner()).iter().copied())
+            .chain(
+                ctx.cidrs_given
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .copied(),
+            )
             .collect();
-        if let Some((i, cidr)) = (0..2048).find(|i| !used.contains(i)).and_then(|i| pod_cidr(i).map(|c| (i, c))) {
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}})))
-                .await
-                .map_err(err("assigning a pod range"))?;
-            ctx.cidrs_given.lock().unwrap_or_else(|e| e.into_inner()).insert(i);
+        if let Some((i, cidr)) = (0..2048)
+            .find(|i| !used.contains(i))
+            .and_then(|i| pod_cidr(i).map(|c| (i, c)))
+        {
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}})),
+            )
+            .await
+            .map_err(err("assigning a pod range"))?;
+            ctx.cidrs_given
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(i);
         }
     }
     let grace = ctx.node_grace;
     let silent = lease_age(&ctx, &node).is_none_or(|age| age > grace)
-        && node.metadata.creation_timestamp.as_ref().is_none_or(|t| (pod::now().0 - t.0).to_std().unwrap_or_default() > grace);
-    let taints: Vec<Taint> = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+        && node
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .is_none_or(|t| (pod::now().0 - t.0).to_std().unwrap_or_default() > grace);
+    let taints: Vec<Taint> = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
     let tainted = taints.iter().any(|t| t.key == UNREACHABLE);
     if silent {
         if ready_status(&node) != Some("Unknown") {
             let now = pod::now();
-            let mut conditions = node.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+            let mut conditions = node
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.clone())
+                .unwrap_or_default();
             for c in conditions.iter_mut() {
                 c.status = "Unknown".into();
                 c.reason = Some("NodeStatusUnknown".into());
                 c.message = Some("Kubelet stopped posting node status.".into());
                 c.last_transition_time = Some(now.clone());
             }
-            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": {"conditions": conditions}})))
-                .await
-                .map_err(err("marking it unknown"))?;
+            api.patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"conditions": conditions}})),
+            )
+            .await
+            .map_err(err("marking it unknown"))?;
         }
         if !tainted {
             let mut new = taints.clone();
@@ -128,15 +169,23 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                     value: None,
                 });
             }
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"taints": new}})))
-                .await
-                .map_err(err("tainting it"))?;
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"taints": new}})),
+            )
+            .await
+            .map_err(err("tainting it"))?;
         }
     } else if tainted && ready_status(&node) == Some("True") {
         let kept: Vec<&Taint> = taints.iter().filter(|t| t.key != UNREACHABLE).collect();
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"taints": kept}})))
-            .await
-            .map_err(err("removing its taints"))?;
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"taints": kept}})),
+        )
+        .await
+        .map_err(err("removing its taints"))?;
     }
     // Evictions under NoExecute taints.
     let mut next: Option<Duration> = None;
@@ -149,7 +198,11 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
             {
                 continue;
             }
-            let tolerations = p.spec.as_ref().and_then(|s| s.tolerations.clone()).unwrap_or_default();
+            let tolerations = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.tolerations.clone())
+                .unwrap_or_default();
             let mut evict_in: Option<Duration> = Some(Duration::ZERO);
             for t in &no_execute {
                 let matching: Vec<_> = tolerations
@@ -160,7 +213,10 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                     evict_in = Some(Duration::ZERO);
                     break;
                 }
-                let limit = matching.iter().filter_map(|tol| tol.toleration_seconds).min();
+                let limit = matching
+                    .iter()
+                    .filter_map(|tol| tol.toleration_seconds)
+                    .min();
                 let since = t
                     .time_added
                     .as_ref()
@@ -179,7 +235,8 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                     let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
                         Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
                     match pods.delete(&p.name_any(), &DeleteParams::default()).await {
-                        Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
+                        Ok(_)
+                        | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
                         Err(e) => return Err(err("evicting a pod")(e)),
                     }
                     ctx.recorder
@@ -187,7 +244,11 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                             &kube::Resource::object_ref(p.as_ref(), &()),
                             baton_kube::events::EventType::Normal,
                             "TaintManagerEviction",
-                            &format!("Marking for deletion Pod {}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+                            &format!(
+                                "Marking for deletion Pod {}/{}",
+                                p.namespace().unwrap_or_default(),
+                                p.name_any()
+                            ),
                         )
                         .await;
                 }

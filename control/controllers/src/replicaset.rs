@@ -178,7 +178,8 @@ pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Err
         .and_then(|s| s.replicas)
         .unwrap_or(1)
         .max(0) as usize;
-    if ctx.expectations.satisfied(&uid, present) {
+    let satisfied = ctx.expectations.satisfied(&uid, present);
+    if satisfied {
         if active.len() < want {
             let n = (want - active.len()).min(BURST);
             let creates = (0..n).map(|_| {
@@ -309,6 +310,11 @@ pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Err
                 })
             }
         }
+    }
+    // Unmet expectations are met by watch events; look again soon in case one is lost.
+    if !satisfied {
+        next_check =
+            Some(next_check.map_or(Duration::from_secs(1), |n| n.min(Duration::from_secs(1))));
     }
     Ok(match next_check {
         Some(d) => Action::requeue(d + Duration::from_millis(50)),

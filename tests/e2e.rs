@@ -1,0 +1,495 @@
+//! End to end: `baton up` with its scheduler, controllers and local node, driven by the
+//! real kubectl, running the guests of examples-wasm.
+//!
+//! The tests run one at a time (each holds [`serial`]): every cluster's node serves pods
+//! and Services on the same loopback ranges and node ports.
+
+#[path = "support/baton.rs"]
+mod baton;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use baton::Baton;
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn guest(name: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples-wasm/dist")
+        .join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-guests.sh",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+/// One GET on a fresh connection, as a client in a load loop sends it.
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+    let code = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no HTTP response: {buf:?}"))?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        code,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
+}
+
+/// The payload of a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Waits for `f`; on timeout, prints what the cluster looks like before failing.
+fn wait_for<T>(b: &Baton, secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if std::time::Instant::now() > deadline {
+            let state = b.run(
+                "kubectl",
+                &["get", "deploy,rs,pods,endpointslices", "-o", "wide"],
+                None,
+            );
+            panic!(
+                "timed out waiting for {what}; cluster:\n{}",
+                String::from_utf8_lossy(&state.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn jsonpath(b: &Baton, what: &[&str], path: &str) -> String {
+    let mut args = vec!["get"];
+    args.extend_from_slice(what);
+    let jp = format!("jsonpath={path}");
+    args.extend(["-o", jp.as_str()]);
+    let out = b.run("kubectl", &args, None);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn web(greeting: &str, replicas: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: web}}
+  template:
+    metadata:
+      labels: {{app: web}}
+    spec:
+      containers:
+      - name: hello
+        image: {image}
+        ports:
+        - containerPort: 8080
+        env:
+        - {{name: GREETING, value: "{greeting}"}}
+        - name: POD_NAME
+          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  ports:
+  - port: 80
+    targetPort: 8080
+"#,
+        image = guest("http-hello")
+    )
+}
+
+fn ready_replicas(b: &Baton, deploy: &str) -> String {
+    jsonpath(b, &["deploy", deploy], "{.status.readyReplicas}")
+}
+
+/// The live (not terminating) pods with a label.
+fn live_pods(b: &Baton, selector: &str) -> Vec<String> {
+    let out = jsonpath(
+        b,
+        &["pods", "-l", selector],
+        "{range .items[?(@.metadata.deletionTimestamp)]}{.metadata.name}{\"\\n\"}{end}",
+    );
+    let terminating: BTreeSet<&str> = out.lines().collect();
+    let all = jsonpath(b, &["pods", "-l", selector], "{.items[*].metadata.name}");
+    all.split_whitespace()
+        .filter(|p| !terminating.contains(p))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_deployment_behind_a_nodeport_scales_rolls_without_errors_and_rolls_back() {
+    let _serial = serial();
+    let b = Baton::start_cluster();
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&web("v1", 3)));
+    wait_for(&b, 60, "3 ready replicas", || {
+        (ready_replicas(&b, "web") == "3").then_some(())
+    });
+    let port: u16 = jsonpath(&b, &["svc", "web"], "{.spec.ports[0].nodePort}")
+        .parse()
+        .expect("a node port");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // Every replica answers through the node port.
+    let mut seen = BTreeSet::new();
+    wait_for(&b, 30, "answers from all 3 replicas", || {
+        if let Ok((200, body)) = http_get(addr, "/hi") {
+            assert!(body.starts_with("v1 from web-"), "{body}");
+            seen.insert(body.split_whitespace().nth(2).unwrap_or("").to_string());
+        }
+        (seen.len() == 3).then_some(())
+    });
+
+    // Scale up and down.
+    b.ok(&["scale", "deploy/web", "--replicas=5"]);
+    wait_for(&b, 60, "5 ready replicas", || {
+        (ready_replicas(&b, "web") == "5").then_some(())
+    });
+    b.ok(&["scale", "deploy/web", "--replicas=1"]);
+    wait_for(&b, 60, "1 live pod", || {
+        (live_pods(&b, "app=web").len() == 1 && ready_replicas(&b, "web") == "1").then_some(())
+    });
+    b.ok(&["scale", "deploy/web", "--replicas=3"]);
+    wait_for(&b, 60, "3 ready replicas again", || {
+        (ready_replicas(&b, "web") == "3").then_some(())
+    });
+
+    // A rolling update under load: not one request fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let bodies = Arc::new(Mutex::new(Vec::<String>::new()));
+    let load = {
+        let (stop, failures, bodies) = (stop.clone(), failures.clone(), bodies.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match http_get(addr, "/load") {
+                    Ok((200, body)) => bodies.lock().unwrap().push(body),
+                    other => {
+                        eprintln!("failed request during the rollout: {other:?}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    wait_for(&b, 10, "the load loop to run", || {
+        (bodies.lock().unwrap().len() > 10).then_some(())
+    });
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&web("v2", 3)));
+    b.ok(&["rollout", "status", "deploy/web", "--timeout=120s"]);
+    wait_for(&b, 30, "only v2 answers", || {
+        let b = bodies.lock().unwrap();
+        (b.len() > 20 && b[b.len() - 10..].iter().all(|x| x.starts_with("v2"))).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let n = bodies.lock().unwrap().len();
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "failed requests out of {n}"
+    );
+    assert!(bodies.lock().unwrap().iter().any(|x| x.starts_with("v1")));
+
+    // And back.
+    b.ok(&["rollout", "undo", "deploy/web"]);
+    b.ok(&["rollout", "status", "deploy/web", "--timeout=120s"]);
+    wait_for(&b, 30, "v1 answers again", || {
+        let ok = (0..10)
+            .all(|_| matches!(http_get(addr, "/"), Ok((200, body)) if body.starts_with("v1")));
+        ok.then_some(())
+    });
+    let history = b.ok(&["rollout", "history", "deploy/web"]);
+    assert!(history.contains('2') && history.contains('3'), "{history}");
+}
+
+#[test]
+fn pods_are_replaced_jobs_complete_and_crashes_back_off() {
+    let _serial = serial();
+    let b = Baton::start_cluster();
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&web("hi", 2)));
+    wait_for(&b, 60, "2 ready replicas", || {
+        (ready_replicas(&b, "web") == "2").then_some(())
+    });
+    // A deleted pod is replaced.
+    let before = live_pods(&b, "app=web");
+    b.ok(&["delete", "pod", &before[0], "--wait=true"]);
+    wait_for(&b, 60, "a replacement pod", || {
+        let now = live_pods(&b, "app=web");
+        (now.len() == 2 && !now.contains(&before[0]) && ready_replicas(&b, "web") == "2")
+            .then_some(())
+    });
+    let events = b.ok(&["describe", "pod", &live_pods(&b, "app=web")[0]]);
+    assert!(
+        events.contains("Scheduled") && events.contains("Started"),
+        "{events}"
+    );
+
+    // A Job runs to completion, twice, writing to its volume.
+    let job = format!(
+        r#"apiVersion: batch/v1
+kind: Job
+metadata:
+  name: primes
+spec:
+  completions: 2
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - name: job
+        image: {image}
+        env:
+        - {{name: "N", value: "50000"}}
+        volumeMounts:
+        - {{name: out, mountPath: /data}}
+      volumes:
+      - {{name: out, emptyDir: {{}}}}
+"#,
+        image = guest("job")
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&job));
+    b.ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/primes",
+        "--timeout=60s",
+    ]);
+    assert_eq!(jsonpath(&b, &["job", "primes"], "{.status.succeeded}"), "2");
+
+    // A crashing pod backs off, longer each time.
+    let crasher = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: crasher
+spec:
+  containers:
+  - name: crash
+    image: {image}
+    args: ["trap"]
+"#,
+        image = guest("hostile")
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&crasher));
+    let waiting = |b: &Baton| {
+        jsonpath(
+            b,
+            &["pod", "crasher"],
+            "{.status.containerStatuses[0].state.waiting.message}",
+        )
+    };
+    wait_for(&b, 60, "a 10 s back-off", || {
+        waiting(&b).contains("back-off 10s").then_some(())
+    });
+    wait_for(&b, 60, "a 20 s back-off", || {
+        waiting(&b).contains("back-off 20s").then_some(())
+    });
+    let table = b.ok(&["get", "pod", "crasher"]);
+    assert!(table.contains("CrashLoopBackOff"), "{table}");
+    let restarts: u32 = jsonpath(
+        &b,
+        &["pod", "crasher"],
+        "{.status.containerStatuses[0].restartCount}",
+    )
+    .parse()
+    .unwrap();
+    assert!(restarts >= 2, "{restarts}");
+    let last = jsonpath(
+        &b,
+        &["pod", "crasher"],
+        "{.status.containerStatuses[0].lastState.terminated.reason}",
+    );
+    assert_eq!(last, "Error");
+}
+
+#[test]
+fn components_reach_their_siblings_and_other_services_by_name() {
+    let _serial = serial();
+    let b = Baton::start_cluster();
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: duo
+spec:
+  containers:
+  - name: frontend
+    image: {frontend}
+    ports: [{{containerPort: 8080}}]
+  - name: backend
+    image: {hello}
+    ports: [{{containerPort: 8081}}]
+    env: [{{name: GREETING, value: sibling}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: backend
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {{app: backend}}
+  template:
+    metadata:
+      labels: {{app: backend}}
+    spec:
+      containers:
+      - name: hello
+        image: {hello}
+        ports: [{{containerPort: 8080}}]
+        env: [{{name: GREETING, value: service}}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: backend
+spec:
+  selector: {{app: backend}}
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: caller
+spec:
+  containers:
+  - name: frontend
+    image: {frontend}
+    ports: [{{containerPort: 8080}}]
+    env: [{{name: BACKEND_URL, value: "http://backend"}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: echo
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {{app: echo}}
+  template:
+    metadata:
+      labels: {{app: echo}}
+    spec:
+      containers:
+      - name: echo
+        image: {echo}
+        env: [{{name: PORT, value: "7000"}}]
+        readinessProbe:
+          tcpSocket: {{port: 7000}}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+spec:
+  selector: {{app: echo}}
+  ports: [{{port: 7000}}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: tcp-client
+spec:
+  restartPolicy: OnFailure
+  containers:
+  - name: client
+    image: {client}
+    env:
+    - {{name: TARGET, value: echo.default.svc.cluster.local}}
+    - {{name: PORT, value: "7000"}}
+"#,
+        frontend = guest("http-frontend"),
+        hello = guest("http-hello"),
+        echo = guest("tcp-echo"),
+        client = guest("tcp-client"),
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&manifest));
+    b.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/duo",
+        "pod/caller",
+        "--timeout=60s",
+    ]);
+    let ip = |pod: &str| -> SocketAddr {
+        let ip = jsonpath(&b, &["pod", pod], "{.status.podIP}");
+        format!("{ip}:8080").parse().unwrap()
+    };
+    let (code, body) = http_get(ip("duo"), "/x").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("frontend got 200 OK from backend: sibling from"),
+        "{body}"
+    );
+    wait_for(
+        &b,
+        60,
+        "the backend Service to answer by name",
+        || match http_get(ip("caller"), "/y") {
+            Ok((200, body)) if body.contains("from backend: service from") => Some(()),
+            _ => None,
+        },
+    );
+    // wasi:sockets across pods, by the Service's fully qualified name.
+    b.ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Succeeded",
+        "pod/tcp-client",
+        "--timeout=90s",
+    ]);
+}
