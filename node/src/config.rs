@@ -34,7 +34,7 @@ pub enum ConfigError {
         kind: &'static str,
         name: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("unsupported field path {0:?}")]
     FieldPath(String),
@@ -65,7 +65,7 @@ impl Objects {
             let cm = api.get_opt(name).await.map_err(|source| ConfigError::Api {
                 kind: "configmap",
                 name: name.into(),
-                source,
+                source: Box::new(source),
             })?;
             self.configmaps.insert(name.into(), cm);
         }
@@ -78,7 +78,7 @@ impl Objects {
             let s = api.get_opt(name).await.map_err(|source| ConfigError::Api {
                 kind: "secret",
                 name: name.into(),
-                source,
+                source: Box::new(source),
             })?;
             self.secrets.insert(name.into(), s);
         }
