@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs Baton: `baton up` on the embedded store, then a workload through the real kubectl:
-# a Deployment, a Service and a ConfigMap applied, listed, scaled and deleted; then a clean
-# stop and a restart that finds every object where it was.
+# the http-hello Deployment behind a NodePort Service, answered by its replicas, scaled;
+# then a clean stop and a restart that finds every object where it was, and serves again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 cargo build --release --locked -p baton
+./scripts/build-guests.sh >/dev/null
 BATON="$CARGO_TARGET_DIR/release/baton"
 DATA="$(mktemp -d)"
 LISTEN="127.0.0.1:${BATON_PORT:-6443}"
@@ -24,15 +25,38 @@ start() {
   exit 1
 }
 
+# Until registry pulls land, the example's image is the component built on this machine.
+manifest() {
+  sed "s#image: 127.0.0.1:5000/baton/http-hello:1.0#image: $PWD/examples-wasm/dist/http-hello.wasm#" \
+    examples/hello/deployment.yaml
+}
+
+# Asks the Service through its NodePort until it answers.
+ask() {
+  local port
+  port="$(kubectl get service hello -o jsonpath='{.spec.ports[0].nodePort}')"
+  for _ in $(seq 1 100); do
+    if curl -sf "http://127.0.0.1:$port/from-run-sh"; then return 0; fi
+    sleep 0.1
+  done
+  echo "the hello Service did not answer on node port $port" >&2
+  exit 1
+}
+
 start
 kubectl version
-kubectl get namespaces
-kubectl apply -f examples/hello/deployment.yaml
-kubectl get deployments,services,configmaps -o wide
+kubectl get nodes -o wide
+manifest | kubectl apply -f -
+kubectl rollout status deployment hello --timeout=60s
+kubectl get deployments,replicasets,pods,services,endpointslices -o wide
+ask; ask
 kubectl scale deployment hello --replicas=3
-kubectl get deployment hello -o jsonpath='{.spec.replicas}{"\n"}'
+kubectl rollout status deployment hello --timeout=60s
+kubectl get pods -o wide
 kill -INT "$PID"; wait "$PID" || true
-echo "--- restarted: every object is where it was"
+echo "--- restarted: every object is where it was, and the pods serve again"
 start
 kubectl get deployments,services,configmaps
-kubectl delete -f examples/hello/deployment.yaml
+kubectl rollout status deployment hello --timeout=60s
+ask
+manifest | kubectl delete -f -
