@@ -94,6 +94,10 @@ pub struct NodeArgs {
     /// control plane assigns the node.
     #[arg(long = "pod-cidr")]
     pub pod_cidr: Option<String>,
+    /// Port of the node's HTTPS endpoint (container logs, for the API server); 0 picks a
+    /// free one, which the node publishes in its status.
+    #[arg(long = "kubelet-port", default_value_t = 0)]
+    pub kubelet_port: u16,
 }
 
 impl NodeArgs {
@@ -101,6 +105,7 @@ impl NodeArgs {
         let mut cfg = NodeConfig::new(&self.name, data_dir);
         cfg.address = self.address.clone();
         cfg.pod_cidr = self.pod_cidr.clone();
+        cfg.kubelet_port = self.kubelet_port;
         cfg
     }
 }

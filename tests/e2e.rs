@@ -8,7 +8,7 @@
 mod baton;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -309,6 +309,52 @@ spec:
         "--timeout=60s",
     ]);
     assert_eq!(jsonpath(&b, &["job", "primes"], "{.status.succeeded}"), "2");
+    // Its output, through the API server from the node.
+    let logs = b.ok(&["logs", "job/primes"]);
+    assert!(logs.contains("primes below 50000: 5133"), "{logs}");
+
+    // `kubectl logs -f` streams lines as they are written, and ends with the container.
+    let ticker = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: ticker
+spec:
+  restartPolicy: Never
+  containers:
+  - name: tick
+    image: {image}
+    env:
+    - {{name: TICKS, value: "20"}}
+    - {{name: TICK_MS, value: "150"}}
+"#,
+        image = guest("hello")
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&ticker));
+    wait_for(&b, 60, "the ticker to run", || {
+        (jsonpath(&b, &["pod", "ticker"], "{.status.phase}") == "Running").then_some(())
+    });
+    let mut follow = b.spawn(&["logs", "-f", "ticker"]);
+    let lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    let mut ticks = Vec::new();
+    for line in lines {
+        let line = line.unwrap();
+        if line.starts_with("tick ") {
+            // The first line arrives while the container is still writing the rest.
+            if ticks.is_empty() {
+                assert_ne!(
+                    jsonpath(&b, &["pod", "ticker"], "{.status.phase}"),
+                    "Succeeded"
+                );
+            }
+            ticks.push(line);
+        }
+    }
+    assert!(follow.wait().unwrap().success(), "kubectl logs -f failed");
+    assert_eq!(ticks.len(), 20, "{ticks:?}");
+    let tail = b.ok(&["logs", "ticker", "--tail=2", "--timestamps"]);
+    assert_eq!(tail.lines().count(), 2, "{tail}");
+    assert!(tail.lines().all(|l| l.contains("Z tick ")), "{tail}");
 
     // A crashing pod backs off, longer each time.
     let crasher = format!(
@@ -354,6 +400,11 @@ spec:
         "{.status.containerStatuses[0].lastState.terminated.reason}",
     );
     assert_eq!(last, "Error");
+    let previous = b.ok(&["logs", "crasher", "--previous"]);
+    assert!(
+        previous.contains("hostile guest panics on purpose"),
+        "{previous}"
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! - resolves ConfigMaps, Secrets and the downward API for the sandbox ([`config`]);
 //! - hands each pod a loopback address of its own ([`ipam`]);
 //! - probes containers ([`probe`]);
+//! - serves container logs to the API server over mutually authenticated TLS ([`server`]);
 //! - routes Service traffic and resolves Service names for its pods ([`proxy`]).
 //!
 //! Images are paths on the node until registry pulls arrive ([`images`]).
@@ -18,6 +19,7 @@ pub mod ipam;
 pub mod probe;
 pub mod proxy;
 pub mod register;
+pub mod server;
 pub mod worker;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -49,6 +51,8 @@ pub enum NodeError {
     Runtime(#[from] ShimError),
     #[error("the node address {0:?} is not an IP address")]
     Address(String),
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
 }
 
 /// How a node is set up.
@@ -65,6 +69,8 @@ pub struct NodeConfig {
     pub capacity: Capacity,
     pub labels: BTreeMap<String, String>,
     pub heartbeat: Duration,
+    /// Port of the node's HTTPS endpoint (logs); 0 picks a free one.
+    pub kubelet_port: u16,
     pub settings: Settings,
     pub runtime: RuntimeConfig,
 }
@@ -99,6 +105,7 @@ impl NodeConfig {
             data_dir,
             labels: BTreeMap::new(),
             heartbeat: Duration::from_secs(10),
+            kubelet_port: 10250,
             settings: Settings::default(),
             runtime,
         }
@@ -117,7 +124,33 @@ pub async fn run(
     cfg: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    register::register(&client, &cfg.name, &cfg.address, &cfg.labels, &cfg.capacity).await?;
+    register::register(
+        &client,
+        &cfg.name,
+        &cfg.address,
+        &cfg.labels,
+        &cfg.capacity,
+        0,
+    )
+    .await?;
+    let logs = Arc::new(server::LogIndex::default());
+    let (kubelet_port, kubelet) = server::start(
+        &client,
+        &cfg.name,
+        &cfg.address,
+        cfg.kubelet_port,
+        logs.clone(),
+    )
+    .await?;
+    register::register(
+        &client,
+        &cfg.name,
+        &cfg.address,
+        &cfg.labels,
+        &cfg.capacity,
+        kubelet_port,
+    )
+    .await?;
     let pod_cidr = match &cfg.pod_cidr {
         Some(c) => c.clone(),
         None => register::assigned_pod_cidr(&client, &cfg.name).await?,
@@ -144,6 +177,7 @@ pub async fn run(
         settings: cfg.settings.clone(),
         resolvers: Some(resolvers),
         services: Some(services),
+        logs: logs.clone(),
     });
     register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await?;
     let heartbeat = {
@@ -165,6 +199,7 @@ pub async fn run(
                         &cfg.address,
                         &cfg.labels,
                         &cfg.capacity,
+                        kubelet_port,
                     )
                     .await
                     {
@@ -199,12 +234,20 @@ pub async fn run(
                 if baton_kube::pod::is_terminal(&p) && p.metadata.deletion_timestamp.is_none() {
                     continue;
                 }
+                logs.pods.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                    (p.namespace().unwrap_or_default(), p.name_any()),
+                    shared.pod_dir(&uid).join("logs"),
+                );
                 let (tx, rx) = watch::channel(Some(p.clone()));
                 let span = tracing::info_span!("pod", pod = %format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()));
                 let task = tokio::spawn(worker::run(shared.clone(), rx).instrument(span));
                 workers.insert(uid, Handle { updates: tx, task });
             }
             Ok(Event::Delete(p)) => {
+                logs.pods
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&(p.namespace().unwrap_or_default(), p.name_any()));
                 if let Some(h) = workers.remove(&p.uid().unwrap_or_default()) {
                     let _ = h.updates.send(None);
                 }
@@ -224,6 +267,7 @@ pub async fn run(
     }
     heartbeat.abort();
     proxy.abort();
+    kubelet.abort();
     for (_, h) in workers.drain() {
         h.task.abort();
     }

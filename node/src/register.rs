@@ -37,7 +37,7 @@ pub struct Capacity {
 }
 
 /// The node's status as it reports it; Ready while the agent runs.
-fn status(address: &str, name: &str, cap: &Capacity) -> serde_json::Value {
+fn status(address: &str, name: &str, cap: &Capacity, port: u16) -> serde_json::Value {
     let now = baton_kube::pod::now();
     let resources = json!({
         "cpu": format!("{}m", cap.cpu_millis),
@@ -58,7 +58,7 @@ fn status(address: &str, name: &str, cap: &Capacity) -> serde_json::Value {
             cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
             cond("Ready", "True", "KubeletReady", "baton node agent is posting ready status"),
         ],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
         "nodeInfo": {
             "architecture": std::env::consts::ARCH,
             "operatingSystem": "linux",
@@ -79,6 +79,7 @@ pub async fn register(
     address: &str,
     labels: &BTreeMap<String, String>,
     cap: &Capacity,
+    kubelet_port: u16,
 ) -> Result<(), RegisterError> {
     let api: Api<Node> = Api::all(client.clone());
     let err = |source| RegisterError::Node {
@@ -104,7 +105,7 @@ pub async fn register(
         }
         Err(e) => return Err(err(e)),
     }
-    let patch = json!({"status": status(address, name, cap)});
+    let patch = json!({"status": status(address, name, cap, kubelet_port)});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .map_err(err)?;

@@ -97,6 +97,7 @@ pub struct Shared {
     pub settings: Settings,
     pub resolvers: Option<Resolvers>,
     pub services: Option<crate::proxy::Services>,
+    pub logs: Arc<crate::server::LogIndex>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -461,6 +462,16 @@ impl Worker {
                         (n, r)
                     }));
                 }
+                let log_path = self
+                    .shared
+                    .log_config(&self.uid, &name, self.slots[i].restarts)
+                    .path;
+                self.shared
+                    .logs
+                    .live
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(log_path);
                 let now = Instant::now();
                 let slot = &mut self.slots[i];
                 slot.state = State::Running {
@@ -498,9 +509,7 @@ impl Worker {
 
     /// Records that container `i` stopped, and when (if ever) it restarts.
     fn record_exit(&mut self, i: usize, code: i32, reason: &str, message: &str) {
-        if let Some(log) = self.logs.get(&self.slots[i].spec.name) {
-            let _ = log.flush();
-        }
+        self.log_stopped(i);
         let policy = self.restart_policy().to_string();
         let base = self.shared.settings.backoff_base;
         let max = self.shared.settings.backoff_max;
@@ -560,6 +569,24 @@ impl Worker {
                 ),
             }
         };
+    }
+
+    /// The container's current log is complete: flushed, and no longer followed.
+    fn log_stopped(&self, i: usize) {
+        let name = &self.slots[i].spec.name;
+        if let Some(log) = self.logs.get(name) {
+            let _ = log.flush();
+        }
+        let path = self
+            .shared
+            .log_config(&self.uid, name, self.slots[i].restarts)
+            .path;
+        self.shared
+            .logs
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&path);
     }
 
     async fn restart(&mut self, i: usize) {
@@ -876,6 +903,7 @@ impl Worker {
         }
         for i in 0..self.slots.len() {
             if let State::Running { .. } = self.slots[i].state {
+                self.log_stopped(i);
                 let http = self.slots[i].kind == Some(ComponentKind::Http);
                 let (code, reason) = if http {
                     (0, "Completed")

@@ -30,6 +30,7 @@ pub mod defaults;
 pub mod discovery;
 pub mod error;
 pub mod managed;
+pub mod nodelink;
 pub mod objects;
 pub mod patch;
 pub mod pki;

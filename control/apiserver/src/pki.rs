@@ -71,6 +71,9 @@ pub struct Pki {
     tokens: Arc<HashMap<String, User>>,
     cert_pem: String,
     key_pem: String,
+    ca_key_pem: String,
+    /// The API server's client identity toward node agents (`system:apiserver`).
+    kubelet_client: (String, String),
 }
 
 fn random_token() -> String {
@@ -146,6 +149,27 @@ impl Pki {
         let cert_pem = fs::read_to_string(&crt).map_err(io(&crt))?;
         let key_pem = fs::read_to_string(&key).map_err(io(&key))?;
 
+        let client_crt = dir.join("apiserver-kubelet-client.crt");
+        let client_key = dir.join("apiserver-kubelet-client.key");
+        if !client_crt.exists() || !client_key.exists() {
+            let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+            let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "system:apiserver");
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, &issuer)?;
+            write_private(&client_key, key.serialize_pem().as_bytes())?;
+            fs::write(&client_crt, cert.pem()).map_err(io(&client_crt))?;
+        }
+        let kubelet_client = (
+            fs::read_to_string(&client_crt).map_err(io(&client_crt))?,
+            fs::read_to_string(&client_key).map_err(io(&client_key))?,
+        );
+
         let tokens_path = dir.join("tokens");
         if !tokens_path.exists() {
             let lines = format!(
@@ -192,6 +216,8 @@ impl Pki {
             tokens: Arc::new(tokens),
             cert_pem,
             key_pem,
+            ca_key_pem,
+            kubelet_client,
         })
     }
 
@@ -227,6 +253,56 @@ impl Pki {
             .with_single_cert(certs, key)?;
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(cfg)
+    }
+
+    /// A serving certificate and key for node agent `node` at `ips`, signed by the CA,
+    /// good for server authentication only.
+    pub fn issue_node_certificate(
+        &self,
+        node: &str,
+        ips: &[std::net::IpAddr],
+    ) -> Result<(String, String), PkiError> {
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem)?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&self.ca_pem, ca_key)?;
+        let mut params = CertificateParams::new(vec![node.to_string()])?;
+        for ip in ips {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("system:node:{node}"));
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// The TLS client configuration the API server calls node agents with: it trusts the
+    /// cluster CA and presents the `system:apiserver` client certificate.
+    pub fn kubelet_client_config(&self) -> Result<rustls::ClientConfig, PkiError> {
+        let path = self.dir.join("apiserver-kubelet-client.crt");
+        let malformed = |what| PkiError::Malformed {
+            path: path.clone(),
+            what,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::pem::PemObject::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots
+                .add(c.map_err(|_| malformed("CA certificate"))?)
+                .map_err(|_| malformed("CA certificate"))?;
+        }
+        let certs: Vec<_> =
+            rustls::pki_types::pem::PemObject::pem_slice_iter(self.kubelet_client.0.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|_| malformed("certificate"))?;
+        let key = <rustls::pki_types::PrivateKeyDer<'_> as rustls::pki_types::pem::PemObject>::from_pem_slice(self.kubelet_client.1.as_bytes())
+            .map_err(|_| malformed("private key"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)?)
     }
 
     /// A kubeconfig for `user` against `server` (an https URL).

@@ -198,10 +198,11 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             (&Method::PATCH, true, None | Some("status")) => patch(objects, &req).await,
             (&Method::DELETE, true, None) => delete(objects, &req).await,
             (&Method::DELETE, false, None) => delete_collection(objects, &req).await,
-            (_, true, Some(sub @ ("log" | "exec"))) if t.res.kind == "Pod" => {
+            (_, true, Some(sub @ ("log" | "exec" | "attach" | "portforward")))
+                if t.res.kind == "Pod" =>
+            {
                 Err(ApiError::bad_request(format!(
-                    "pods/{sub} is served by the node agent, and no node agent serves pod {:?} yet",
-                    t.name.as_deref().unwrap_or("")
+                    "pods/{sub} is not supported: Wasm components have no shell or terminal (pods/log is served by GET)"
                 )))
             }
             (_, _, Some(sub)) if !t.res.subresources.contains(&sub) => Err(ApiError::NoRoute),

@@ -240,6 +240,7 @@ fn public(path: &str) -> bool {
 async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
+    let mut user = None;
     if !public(&path) {
         let token = parts
             .headers
@@ -248,7 +249,7 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim);
         match token.and_then(|t| api.pki.authenticate(t)) {
-            Some(_user) => {}
+            Some(u) => user = Some(u.clone()),
             None => return ApiError::Unauthorized.into_response(),
         }
     }
@@ -307,6 +308,12 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
                 .map(|d| json_ok(&d))
                 .unwrap_or_else(|| ApiError::NoRoute.into_response())
         }
+        ["baton", "v1", "nodes", node, "certificate"] if parts.method == http::Method::POST => {
+            return match &user {
+                Some(u) => crate::nodelink::issue_certificate(&api.pki, u, node, &body),
+                None => ApiError::Unauthorized.into_response(),
+            }
+        }
         ["openapi", "v3"] => return json_ok(&discovery::openapi_index()),
         ["openapi", "v3", "api", v] => {
             return discovery::openapi_doc("", v)
@@ -330,6 +337,12 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         headers: parts.headers,
         body,
     };
+    if req.target.res.kind == "Pod"
+        && req.target.sub.as_deref() == Some("log")
+        && req.method == http::Method::GET
+    {
+        return crate::nodelink::pod_logs(&api.objects, &api.pki, req).await;
+    }
     rest::handle(&api.objects, req).await
 }
 

@@ -1,4 +1,6 @@
 //! `hello`: a wasi:cli component. Prints its arguments and environment, then exits 0.
+//! With env `TICKS=N` it then prints `tick 1` … `tick N`, one every `TICK_MS`
+//! milliseconds (default 200), as a service writing a log over time does.
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     println!("hello from a baton pod: args={args:?}");
@@ -6,5 +8,16 @@ fn main() {
     vars.sort();
     for (k, v) in vars {
         println!("env {k}={v}");
+    }
+    let num = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (ticks, every) = (num("TICKS", 0), num("TICK_MS", 200));
+    for i in 1..=ticks {
+        std::thread::sleep(std::time::Duration::from_millis(every));
+        println!("tick {i}");
     }
 }

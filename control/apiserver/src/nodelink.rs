@@ -1,0 +1,217 @@
+//! The API server's link to node agents: node serving certificates, and `pods/log`
+//! proxied to the node that runs the pod.
+//!
+//! The link is authenticated both ways with the cluster CA:
+//! - a node agent asks for its serving certificate at
+//!   `POST /baton/v1/nodes/NAME/certificate` with its own credentials (the user
+//!   `system:node:NAME`, or an administrator); the certificate names the node's addresses
+//!   and is good for server authentication only;
+//! - the API server calls the node with a client certificate of its own
+//!   (`system:apiserver`, client authentication only), which the node checks against the
+//!   CA, and checks the node's certificate against the CA and the node's address.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ApiResult};
+use crate::objects::{not_found, Objects, ReadAt};
+use crate::pki::{Pki, User};
+use crate::resources;
+use crate::rest::Request;
+
+/// Issues a node its serving certificate and key.
+pub fn issue_certificate(pki: &Pki, user: &User, node: &str, body: &[u8]) -> Response {
+    let allowed = user.name == format!("system:node:{node}")
+        || user.groups.iter().any(|g| g == "system:masters")
+        // `baton up`'s local node has the one node identity it was given.
+        || (user.name == "system:node:local" && node == "local");
+    if !allowed {
+        return ApiError::Forbidden {
+            message: format!(
+                "user {:?} cannot get a certificate for node {node:?}",
+                user.name
+            ),
+        }
+        .into_response();
+    }
+    let addresses: Vec<String> = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("addresses").cloned())
+        .and_then(|a| serde_json::from_value(a).ok())
+        .unwrap_or_default();
+    let ips: Vec<IpAddr> = addresses.iter().filter_map(|a| a.parse().ok()).collect();
+    if ips.is_empty() {
+        return ApiError::bad_request(
+            "a node certificate needs at least one IP address in \"addresses\"",
+        )
+        .into_response();
+    }
+    match pki.issue_node_certificate(node, &ips) {
+        Ok((cert, key)) => {
+            let body = json!({"certificate": cert, "key": key, "ca": pki.ca_pem});
+            (
+                StatusCode::OK,
+                [(http::header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response()
+        }
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
+fn q<'a>(req: &'a Request, k: &str) -> Option<&'a str> {
+    req.query.get(k).map(String::as_str)
+}
+
+/// `GET pods/NAME/log`: finds the pod's node and streams the log from it.
+pub async fn pod_logs(objects: &Objects, pki: &Pki, req: Request) -> Response {
+    match proxy_logs(objects, pki, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn proxy_logs(objects: &Objects, pki: &Pki, req: Request) -> ApiResult<Response> {
+    let res = req.target.res;
+    let ns = req.target.ns.clone().unwrap_or_else(|| "default".into());
+    let name = req.target.name.clone().unwrap_or_default();
+    let (pod, _) = objects
+        .get(res, Some(&ns), &name, ReadAt::Latest)
+        .await?
+        .ok_or_else(|| not_found(res, &name))?;
+    let containers: Vec<String> = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .chain(
+            pod.pointer("/spec/initContainers")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten(),
+        )
+        .filter_map(|c| c.get("name").and_then(Value::as_str).map(String::from))
+        .collect();
+    let container = match q(&req, "container") {
+        Some(c) if containers.iter().any(|x| x == c) => c.to_string(),
+        Some(c) => {
+            return Err(ApiError::bad_request(format!(
+                "container {c} is not valid for pod {name}"
+            )))
+        }
+        None if containers.len() == 1 => containers[0].clone(),
+        None => {
+            return Err(ApiError::bad_request(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                containers.join(" ")
+            )))
+        }
+    };
+    let node = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::bad_request(format!("pod {name} does not have a host assigned")))?
+        .to_string();
+    let nodes = resources::by_kind("Node").ok_or_else(|| ApiError::internal("no Node resource"))?;
+    let (node_obj, _) = objects
+        .get(nodes, None, &node, ReadAt::Latest)
+        .await?
+        .ok_or_else(|| not_found(nodes, &node))?;
+    let address: IpAddr = node_obj
+        .pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .find(|x| x.get("type").and_then(Value::as_str) == Some("InternalIP"))
+        })
+        .and_then(|x| x.get("address").and_then(Value::as_str))
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| ApiError::bad_request(format!("node {node} has no InternalIP address")))?;
+    let port = node_obj
+        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ApiError::bad_request(format!("node {node} serves no logs endpoint")))?;
+    let mut query: Vec<String> = Vec::new();
+    for k in [
+        "follow",
+        "tailLines",
+        "sinceSeconds",
+        "sinceTime",
+        "timestamps",
+        "previous",
+        "limitBytes",
+    ] {
+        if let Some(v) = q(&req, k) {
+            query.push(format!("{k}={}", url_encode(v)));
+        }
+    }
+    let path = format!("/containerLogs/{ns}/{name}/{container}?{}", query.join("&"));
+    let unavailable = |e: String| ApiError::Unavailable {
+        message: format!("cannot reach node {node} at {address}:{port}: {e}"),
+    };
+    let tcp = tokio::net::TcpStream::connect((address, port))
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(
+        pki.kubelet_client_config().map_err(ApiError::internal)?,
+    ));
+    let server_name = rustls::pki_types::ServerName::IpAddress(address.into());
+    let stream = tls
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, format!("{address}:{port}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(ApiError::internal)?;
+    let resp = sender
+        .send_request(request)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let status = resp.status();
+    if !status.is_success() {
+        use http_body_util::BodyExt;
+        let text = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        return Err(if status == StatusCode::NOT_FOUND {
+            ApiError::bad_request(text)
+        } else {
+            ApiError::Internal { message: text }
+        });
+    }
+    let mut out = Response::new(Body::new(resp.into_body()));
+    out.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    Ok(out)
+}
+
+fn url_encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -1,0 +1,326 @@
+//! The node agent's own HTTPS endpoint (the kubelet API): container logs for
+//! `kubectl logs`, which the API server proxies here.
+//!
+//! The endpoint is authenticated both ways. Its serving certificate comes from the API
+//! server (`POST /baton/v1/nodes/NAME/certificate`, asked with the node's credentials),
+//! signed by the cluster CA for the node's address; and it only answers callers with a
+//! client certificate signed by the same CA for client authentication, which only the
+//! API server has.
+//!
+//! `GET /containerLogs/NS/POD/CONTAINER` takes the `pods/log` options: `tailLines`,
+//! `sinceSeconds`, `sinceTime`, `timestamps`, `limitBytes`, `previous`, `follow`. A
+//! followed log streams until its container stops.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use baton_wasm_shim::logs::{follow_from, read_logs, LogConfig, LogQuery};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use kube::Client;
+use serde_json::{json, Value};
+
+/// Why the logs endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("asking the API server for the node's certificate: {0}")]
+    Certificate(#[source] kube::Error),
+    #[error("the API server's certificate answer lacks {0}")]
+    Answer(&'static str),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the endpoint knows of the node's pods: where their logs are, and which
+/// containers are running (a followed log ends when its container stops).
+#[derive(Debug, Default)]
+pub struct LogIndex {
+    /// (namespace, pod name) -> the pod's log directory.
+    pub pods: Mutex<HashMap<(String, String), PathBuf>>,
+    /// Log files of running containers.
+    pub live: Mutex<HashSet<PathBuf>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Asks the API server for the node's serving certificate: (certificate, key, CA), PEM.
+async fn certificate(
+    client: &Client,
+    node: &str,
+    address: &str,
+) -> Result<(String, String, String), ServerError> {
+    let body = serde_json::to_vec(&json!({"addresses": [address]})).unwrap_or_default();
+    let req = http::Request::post(format!("/baton/v1/nodes/{node}/certificate"))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let v: Value = client
+        .request(req)
+        .await
+        .map_err(ServerError::Certificate)?;
+    let get = |k: &'static str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .map(String::from)
+            .ok_or(ServerError::Answer(k))
+    };
+    Ok((get("certificate")?, get("key")?, get("ca")?))
+}
+
+fn tls_config(cert: &str, key: &str, ca: &str) -> Result<rustls::ServerConfig, ServerError> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |what: &str| ServerError::Tls(format!("unusable {what}"));
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad("certificate"))?;
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|_| bad("key"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots
+            .add(c.map_err(|_| bad("CA"))?)
+            .map_err(|_| bad("CA"))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| ServerError::Tls(e.to_string()))
+}
+
+/// Starts the endpoint on `address:port` (0: any free port); returns the port.
+pub async fn start(
+    client: &Client,
+    node: &str,
+    address: &str,
+    port: u16,
+    index: Arc<LogIndex>,
+) -> Result<(u16, tokio::task::JoinHandle<()>), ServerError> {
+    let (cert, key, ca) = certificate(client, node, address).await?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&cert, &key, &ca)?));
+    let addr: SocketAddr = format!("{address}:{port}")
+        .parse()
+        .map_err(|_| ServerError::Tls(format!("bad address {address}")))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Listen { addr, source })?;
+    let port = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen { addr, source })?
+        .port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, index) = (acceptor.clone(), index.clone());
+            tokio::spawn(async move {
+                // A caller without the API server's client certificate fails here.
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let index = index.clone();
+                    async move { Ok::<_, Infallible>(handle(index, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    Ok((port, task))
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn text(status: u16, body: String) -> hyper::Response<Body> {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r
+}
+
+/// The log files of one container, oldest run first (`0.log`, `1.log`, …).
+fn runs(dir: &Path) -> Vec<PathBuf> {
+    let mut runs: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            let n: u32 = p
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".log")?
+                .parse()
+                .ok()?;
+            Some((n, p))
+        })
+        .collect();
+    runs.sort();
+    runs.into_iter().map(|(_, p)| p).collect()
+}
+
+async fn handle(
+    index: Arc<LogIndex>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<Body> {
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let ["containerLogs", ns, pod, container] = segs.as_slice() else {
+        return text(404, format!("no such endpoint: {path}"));
+    };
+    let q: HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), percent_decode(v)))
+        .collect();
+    let flag = |k: &str| matches!(q.get(k).map(String::as_str), Some("true" | "1"));
+    let Some(dir) = lock(&index.pods)
+        .get(&(ns.to_string(), pod.to_string()))
+        .cloned()
+    else {
+        return text(404, format!("pod {ns}/{pod} is not on this node"));
+    };
+    let all = runs(&dir.join(container));
+    let file =
+        if flag("previous") {
+            match all.len() {
+                n if n >= 2 => all[n - 2].clone(),
+                _ => return text(
+                    404,
+                    format!(
+                        "previous terminated container \"{container}\" in pod \"{pod}\" not found"
+                    ),
+                ),
+            }
+        } else {
+            match all.last() {
+                Some(f) => f.clone(),
+                None => {
+                    return text(
+                        404,
+                        format!("container \"{container}\" in pod \"{pod}\" is waiting to start"),
+                    )
+                }
+            }
+        };
+    let since = q
+        .get("sinceSeconds")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(|s| SystemTime::now() - Duration::from_secs(s))
+        .or_else(|| {
+            q.get("sinceTime")
+                .and_then(|t| k8s_openapi::chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64))
+        });
+    let cfg = LogConfig {
+        path: file.clone(),
+        max_bytes: u64::MAX,
+        max_files: 1,
+    };
+    let query = LogQuery {
+        tail_lines: q.get("tailLines").and_then(|t| t.parse().ok()),
+        since,
+        timestamps: flag("timestamps"),
+        limit_bytes: q.get("limitBytes").and_then(|t| t.parse().ok()),
+    };
+    let offset = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    let lines = match read_logs(&cfg, &query) {
+        Ok(l) => l,
+        Err(e) => return text(500, format!("reading the log: {e}")),
+    };
+    let mut first = lines.join("\n");
+    if !first.is_empty() {
+        first.push('\n');
+    }
+    if !flag("follow") || flag("previous") {
+        return text(200, first);
+    }
+    // Follow: what is there, then new lines as they come, until the container stops.
+    let timestamps = query.timestamps;
+    let stream = futures::stream::unfold((Some(first), offset), move |(first, mut offset)| {
+        let (index, file) = (index.clone(), file.clone());
+        async move {
+            if let Some(f) = first.filter(|f| !f.is_empty()) {
+                return Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(f))),
+                    (None, offset),
+                ));
+            }
+            let cfg = LogConfig {
+                path: file.clone(),
+                max_bytes: u64::MAX,
+                max_files: 1,
+            };
+            loop {
+                // Read before checking liveness, so lines written just before a stop
+                // are sent before the stream ends.
+                let running = lock(&index.live).contains(&file);
+                match follow_from(&cfg, offset, timestamps) {
+                    Ok((lines, next)) if !lines.is_empty() => {
+                        let mut chunk = lines.join("\n");
+                        chunk.push('\n');
+                        return Some((Ok(Frame::data(Bytes::from(chunk))), (None, next)));
+                    }
+                    Ok((_, next)) => offset = next,
+                    Err(_) => return None,
+                }
+                if !running {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let mut r = hyper::Response::new(StreamBody::new(stream).boxed());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
