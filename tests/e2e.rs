@@ -544,3 +544,92 @@ spec:
         "--timeout=90s",
     ]);
 }
+
+/// (pod, node) of the live pods with a label.
+fn placements(b: &Baton, selector: &str) -> Vec<(String, String)> {
+    let out = jsonpath(
+        b,
+        &["pods", "-l", selector],
+        "{range .items[*]}{.metadata.name} {.spec.nodeName} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+    );
+    out.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (pod, node) = (f.next()?, f.next()?);
+            // A third field is a deletion timestamp: the pod is going.
+            f.next()
+                .is_none()
+                .then(|| (pod.to_string(), node.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_lost_nodes_pods_come_back_on_the_other_node() {
+    let _serial = serial();
+    let b = Baton::start_with(&["--node-monitor-grace", "3"]);
+    let mut n2 = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["node", "--node-name", "n2", "--kubeconfig"])
+        .arg(&b.kubeconfig)
+        .arg("--data-dir")
+        .arg(b.dir.path().join("n2"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("baton node");
+    wait_for(&b, 60, "two Ready nodes", || {
+        let ready = jsonpath(
+            &b,
+            &["nodes"],
+            "{range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+        );
+        (ready.lines().filter(|s| *s == "True").count() == 2).then_some(())
+    });
+    let manifest = format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: spread
+spec:
+  replicas: 4
+  selector:
+    matchLabels: {{app: spread}}
+  template:
+    metadata:
+      labels: {{app: spread}}
+    spec:
+      tolerations:
+      - {{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}}
+      containers:
+      - name: hello
+        image: {image}
+        ports: [{{containerPort: 8080}}]
+"#,
+        image = guest("http-hello")
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&manifest));
+    wait_for(&b, 60, "4 ready replicas on both nodes", || {
+        let p = placements(&b, "app=spread");
+        let on_n2 = p.iter().filter(|(_, n)| n == "n2").count();
+        (ready_replicas(&b, "spread") == "4" && on_n2 > 0 && on_n2 < 4).then_some(())
+    });
+    // The node is lost without a word.
+    n2.kill().unwrap();
+    n2.wait().unwrap();
+    wait_for(&b, 90, "every replica back, on the remaining node", || {
+        let p = placements(&b, "app=spread");
+        let all_local = p.len() == 4 && p.iter().all(|(_, n)| n == "local");
+        (all_local && ready_replicas(&b, "spread") == "4").then_some(())
+    });
+    let ready = jsonpath(
+        &b,
+        &["node", "n2"],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+    );
+    assert_eq!(ready, "Unknown");
+    let taints = jsonpath(&b, &["node", "n2"], "{.spec.taints[*].key}");
+    assert!(
+        taints.contains("node.kubernetes.io/unreachable"),
+        "{taints}"
+    );
+}

@@ -209,28 +209,29 @@ async fn handle(
         return text(404, format!("pod {ns}/{pod} is not on this node"));
     };
     let all = runs(&dir.join(container));
-    let file =
-        if flag("previous") {
-            match all.len() {
-                n if n >= 2 => all[n - 2].clone(),
-                _ => return text(
+    let file = if flag("previous") {
+        match all.len() {
+            n if n >= 2 => all[n - 2].clone(),
+            _ => {
+                return text(
                     404,
                     format!(
                         "previous terminated container \"{container}\" in pod \"{pod}\" not found"
                     ),
-                ),
+                )
             }
-        } else {
-            match all.last() {
-                Some(f) => f.clone(),
-                None => {
-                    return text(
-                        404,
-                        format!("container \"{container}\" in pod \"{pod}\" is waiting to start"),
-                    )
-                }
+        }
+    } else {
+        match all.last() {
+            Some(f) => f.clone(),
+            None => {
+                return text(
+                    404,
+                    format!("container \"{container}\" in pod \"{pod}\" is waiting to start"),
+                )
             }
-        };
+        }
+    };
     let since = q
         .get("sinceSeconds")
         .and_then(|s| s.parse::<u64>().ok())

@@ -64,6 +64,34 @@ pub fn pod_spec(spec: &mut Value) {
     }
 }
 
+/// What Kubernetes' DefaultTolerationSeconds admission adds to every pod: it stays on a
+/// node that went not-ready or unreachable for 300 s before it is evicted, unless it
+/// says otherwise.
+fn default_tolerations(spec: &mut Value) {
+    let Some(m) = spec.as_object_mut() else {
+        return;
+    };
+    let list = m.entry("tolerations").or_insert(json!([]));
+    let Some(list) = list.as_array_mut() else {
+        return;
+    };
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
+        let tolerated = list.iter().any(|t| {
+            let k = t.get("key").and_then(Value::as_str).unwrap_or("");
+            let effect = t.get("effect").and_then(Value::as_str).unwrap_or("");
+            let exists_all =
+                k.is_empty() && t.get("operator").and_then(Value::as_str) == Some("Exists");
+            (k == key || exists_all) && (effect.is_empty() || effect == "NoExecute")
+        });
+        if !tolerated {
+            list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}));
+        }
+    }
+}
+
 fn template(obj: &mut Value) {
     if let Some(spec) = obj.pointer_mut("/spec/template/spec") {
         pod_spec(spec);
@@ -87,6 +115,7 @@ pub async fn on_create(
         "Pod" => {
             if let Some(spec) = obj.get_mut("spec") {
                 pod_spec(spec);
+                default_tolerations(spec);
             }
             obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
         }
