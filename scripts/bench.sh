@@ -5,9 +5,11 @@
 #   scripts/bench.sh wasm    the pod sandbox against `wasmtime serve` 48, cold start and
 #                            density (BENCH_SECS=N per cell, BENCH_PODS=N for density);
 #                            installs wasmtime-cli 48.0.8 on first use (a long build)
+#   scripts/bench.sh cluster pod start latency, scheduler throughput on 1,000 hollow nodes,
+#                            idle memory (BENCH_PARTS=idle,start,sched; BENCH_NODES, BENCH_PODS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-which="${1:?usage: scripts/bench.sh store|api|wasm}"
+which="${1:?usage: scripts/bench.sh store|api|wasm|cluster}"
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 cargo build --release --locked -p baton -p baton-bench
@@ -20,6 +22,10 @@ case "$which" in
     ./scripts/build-guests.sh >/dev/null
     "$CARGO_TARGET_DIR/release/wasm-bench" "$CARGO_TARGET_DIR/release/baton" \
       "$tools/bin/wasmtime" examples-wasm/dist
+    ;;
+  cluster)
+    ./scripts/build-guests.sh >/dev/null
+    "$CARGO_TARGET_DIR/release/cluster-bench" "$CARGO_TARGET_DIR/release/baton" examples-wasm/dist
     ;;
   *)
     "$CARGO_TARGET_DIR/release/$which-bench" "$CARGO_TARGET_DIR/release/baton"

@@ -52,6 +52,43 @@ impl Loops {
         Ok(())
     }
 
+    /// Runs the scheduler and the controllers on whichever member of a replicated control
+    /// plane holds the `kube-system/baton-control-plane` Lease.
+    pub async fn start_elected_control_plane(
+        &mut self,
+        pki: &Pki,
+        server: &str,
+        identity: String,
+        config: baton_controllers::Config,
+    ) -> Result<()> {
+        let client = client_for(pki, server, "system:kube-controller-manager").await?;
+        let election = baton_kube::leader::Election {
+            namespace: "kube-system".into(),
+            name: "baton-control-plane".into(),
+            identity,
+            lease_duration: std::time::Duration::from_secs(15),
+        };
+        let stopped = self.stopped();
+        self.tasks.push(tokio::spawn(baton_kube::leader::run(
+            client.clone(),
+            election,
+            stopped,
+            move |lost| {
+                let (client, config) = (client.clone(), config.clone());
+                async move {
+                    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    };
+                    tokio::join!(
+                        baton_scheduler::run(client.clone(), until(lost.clone())),
+                        baton_controllers::run(client, config, until(lost)),
+                    );
+                }
+            },
+        )));
+        Ok(())
+    }
+
     /// Runs a node agent with `client`'s credentials.
     pub fn start_node(&mut self, client: kube::Client, cfg: NodeConfig) {
         let stopped = self.stopped();

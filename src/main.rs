@@ -351,6 +351,20 @@ async fn server(args: ServerArgs) -> Result<()> {
             "Kubernetes API at https://{api_addr}, kubeconfig: {}",
             api.kubeconfig.display()
         );
+        // Every member with an API server campaigns; the leader runs the control loops.
+        let mut loops = control::Loops::new();
+        loops
+            .start_elected_control_plane(
+                &api.pki,
+                &api.server,
+                format!("baton-server-{}", args.id),
+                baton_controllers::Config::default(),
+            )
+            .await?;
+        println!("baton server {} listening on {addr}", args.id);
+        shutdown_signal().await;
+        loops.shutdown().await;
+        return stop(&store, tasks).await;
     }
     println!("baton server {} listening on {addr}", args.id);
     run_until_signal(&store, tasks).await
