@@ -633,3 +633,165 @@ spec:
         "{taints}"
     );
 }
+
+#[test]
+fn bad_input_is_reported_and_objects_are_collected() {
+    let _serial = serial();
+    let b = Baton::start_cluster();
+    let hello = guest("http-hello");
+    let broken = b.dir.path().join("broken.wasm");
+    std::fs::write(&broken, b"\0asm\x01\0\0\0not a component").unwrap();
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: needs-config
+spec:
+  containers:
+  - name: web
+    image: {hello}
+    env:
+    - name: GREETING
+      valueFrom: {{configMapKeyRef: {{name: settings, key: greeting}}}}
+    volumeMounts: [{{name: cfg, mountPath: /cfg}}]
+  volumes:
+  - {{name: cfg, configMap: {{name: settings}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: broken
+spec:
+  containers:
+  - name: web
+    image: {broken}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: nowhere
+spec:
+  nodeSelector: {{disk: floppy}}
+  containers:
+  - name: web
+    image: {hello}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: unhealthy
+spec:
+  containers:
+  - name: web
+    image: {hello}
+    ports: [{{containerPort: 8080}}]
+    livenessProbe:
+      httpGet: {{path: /, port: 9999}}
+      periodSeconds: 1
+      failureThreshold: 2
+"#,
+        broken = broken.display()
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&manifest));
+    let waiting = |b: &Baton, pod: &str| {
+        jsonpath(
+            b,
+            &["pod", pod],
+            "{.status.containerStatuses[0].state.waiting.reason} {.status.containerStatuses[0].state.waiting.message}",
+        )
+    };
+    // A missing ConfigMap is named, and the pod starts once it exists.
+    wait_for(&b, 60, "CreateContainerConfigError", || {
+        let w = waiting(&b, "needs-config");
+        (w.starts_with("CreateContainerConfigError") && w.contains("settings")).then_some(())
+    });
+    b.ok(&[
+        "create",
+        "configmap",
+        "settings",
+        "--from-literal=greeting=configured",
+    ]);
+    b.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/needs-config",
+        "--timeout=60s",
+    ]);
+    let ip = jsonpath(&b, &["pod", "needs-config"], "{.status.podIP}");
+    let (_, body) = http_get(format!("{ip}:8080").parse().unwrap(), "/").unwrap();
+    assert!(body.starts_with("configured from"), "{body}");
+    // A component that is not one is refused with the reason.
+    wait_for(&b, 60, "the broken image refused", || {
+        let w = waiting(&b, "broken");
+        (w.starts_with("CreateContainerError") && w.contains("not a")).then_some(())
+    });
+    // A pod that fits no node says why.
+    wait_for(&b, 60, "FailedScheduling", || {
+        let d = b.ok(&["describe", "pod", "nowhere"]);
+        d.contains("FailedScheduling").then_some(d)
+    });
+    let msg = jsonpath(&b, &["pod", "nowhere"], "{.status.conditions[0].message}");
+    assert!(
+        msg.contains("didn't match Pod's node affinity/selector"),
+        "{msg}"
+    );
+    // A failing liveness probe restarts the container.
+    wait_for(&b, 60, "a liveness restart", || {
+        let n: u32 = jsonpath(
+            &b,
+            &["pod", "unhealthy"],
+            "{.status.containerStatuses[0].restartCount}",
+        )
+        .parse()
+        .unwrap_or(0);
+        (n >= 1).then_some(())
+    });
+    let events = b.ok(&["describe", "pod", "unhealthy"]);
+    assert!(
+        events.contains("Unhealthy") && events.contains("failed liveness probe"),
+        "{events}"
+    );
+
+    // Cascading deletion: background takes the ReplicaSets and pods, orphan leaves them.
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&web("gc", 2)));
+    wait_for(&b, 60, "2 ready replicas", || {
+        (ready_replicas(&b, "web") == "2").then_some(())
+    });
+    b.ok(&["delete", "deployment", "web", "--cascade=orphan"]);
+    wait_for(&b, 30, "the Deployment gone", || {
+        jsonpath(&b, &["deploy"], "{.items[*].metadata.name}")
+            .is_empty()
+            .then_some(())
+    });
+    let rs = jsonpath(&b, &["rs", "-l", "app=web"], "{.items[*].metadata.name}");
+    assert!(!rs.is_empty(), "the orphaned ReplicaSet must stay");
+    assert_eq!(live_pods(&b, "app=web").len(), 2);
+    b.ok(&["delete", "rs", "-l", "app=web"]);
+    wait_for(&b, 60, "the orphaned ReplicaSet's pods collected", || {
+        live_pods(&b, "app=web").is_empty().then_some(())
+    });
+
+    // A namespace is emptied and removed; every namespace gets its default ServiceAccount.
+    b.ok(&["create", "namespace", "scratch"]);
+    wait_for(&b, 30, "a default ServiceAccount", || {
+        b.run("kubectl", &["get", "sa", "default", "-n", "scratch"], None)
+            .status
+            .success()
+            .then_some(())
+    });
+    b.ok(&[
+        "create",
+        "configmap",
+        "c1",
+        "-n",
+        "scratch",
+        "--from-literal=a=b",
+    ]);
+    b.ok(&["delete", "namespace", "scratch", "--wait=false"]);
+    wait_for(&b, 60, "the namespace gone", || {
+        (!b.run("kubectl", &["get", "namespace", "scratch"], None)
+            .status
+            .success())
+        .then_some(())
+    });
+}
