@@ -5,8 +5,9 @@ set -euo pipefail
 
 # clang/libclang: bindgen for the RocksDB bindings. librocksdb-dev: the RocksDB we link
 # (see .cargo/config.toml). protobuf-compiler: etcd-client's gRPC code in the benchmarks.
-# etcd-server: the peer the store benchmark runs against.
-PACKAGES=(clang libclang-dev librocksdb-dev protobuf-compiler etcd-server)
+# etcd-server: the peer the store benchmark runs against. docker-registry and
+# apache2-utils (htpasswd): the real OCI registry the image tests push to and pull from.
+PACKAGES=(clang libclang-dev librocksdb-dev protobuf-compiler etcd-server docker-registry apache2-utils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -135,14 +135,17 @@ pub struct NodeArgs {
     /// free one, which the node publishes in its status.
     #[arg(long = "kubelet-port", default_value_t = 0)]
     pub kubelet_port: u16,
+    #[command(flatten)]
+    pub registry: crate::oci_cli::RegistryArgs,
 }
 
 impl NodeArgs {
-    pub fn config(&self, data_dir: PathBuf) -> NodeConfig {
-        let mut cfg = NodeConfig::new(&self.name, data_dir);
+    pub fn config(&self, data_dir: PathBuf) -> Result<NodeConfig> {
+        let mut cfg = NodeConfig::new(&self.name, data_dir.clone());
+        cfg.oci = self.registry.oci_config(data_dir.join("images"))?;
         cfg.address = self.address.clone();
         cfg.pod_cidr = self.pod_cidr.clone();
         cfg.kubelet_port = self.kubelet_port;
-        cfg
+        Ok(cfg)
     }
 }

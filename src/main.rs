@@ -17,6 +17,7 @@ use baton_store::{RangeRequest, ReadOptions, Store, StoreClient, StoreConfig, Wa
 use clap::{Args, Parser, Subcommand};
 
 mod control;
+mod oci_cli;
 mod run;
 
 // glibc's malloc showed up as ~12% of the store's write path under load; mimalloc's
@@ -47,6 +48,12 @@ enum Command {
     Store(StoreArgs),
     /// Run a component (or a pod from a local manifest) here, without a cluster.
     Run(run::RunArgs),
+    /// Push a Wasm component to a registry as an OCI artifact; prints its digest.
+    Push(oci_cli::PushArgs),
+    /// Pull a component into the node's image cache.
+    Pull(oci_cli::PullArgs),
+    /// List the node's image cache.
+    Images(oci_cli::ImagesArgs),
 }
 
 #[derive(Args, Debug)]
@@ -180,6 +187,9 @@ async fn main() -> Result<()> {
         Command::Server(args) => server(args).await,
         Command::Node(args) => node(args).await,
         Command::Store(args) => store_verb(args).await,
+        Command::Push(args) => oci_cli::push(args).await,
+        Command::Pull(args) => oci_cli::pull(args, default_data_dir()).await,
+        Command::Images(args) => oci_cli::images(args, default_data_dir()),
         Command::Run(args) => {
             let code = run::run(args).await?;
             std::process::exit(code)
@@ -242,7 +252,7 @@ async fn up(args: UpArgs) -> Result<()> {
     }
     if !args.no_node {
         let client = control::client_for(&api.pki, &api.server, "system:node:local").await?;
-        loops.start_node(client, args.node.config(dir.join("node")));
+        loops.start_node(client, args.node.config(dir.join("node"))?);
     }
     println!("baton is up: Kubernetes API at {}", api.server);
     println!("kubeconfig: {}", api.kubeconfig.display());
@@ -262,7 +272,7 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
         .await
         .context("failed to connect to the cluster")?;
     let mut loops = control::Loops::new();
-    loops.start_node(client, args.node.config(args.data_dir));
+    loops.start_node(client, args.node.config(args.data_dir)?);
     println!("baton node {} is running", args.node.name);
     shutdown_signal().await;
     loops.shutdown().await;

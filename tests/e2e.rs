@@ -757,7 +757,13 @@ spec:
     wait_for(&b, 60, "2 ready replicas", || {
         (ready_replicas(&b, "web") == "2").then_some(())
     });
-    b.ok(&["delete", "deployment", "web", "--cascade=orphan"]);
+    b.ok(&[
+        "delete",
+        "deployment",
+        "web",
+        "--cascade=orphan",
+        "--wait=false",
+    ]);
     wait_for(&b, 30, "the Deployment gone", || {
         jsonpath(&b, &["deploy"], "{.items[*].metadata.name}")
             .is_empty()

@@ -533,6 +533,37 @@ pub async fn refresh_volumes(
         .map(|_| ())
 }
 
+/// Registry credentials for `image` from the pod's `imagePullSecrets`
+/// (`kubernetes.io/dockerconfigjson` Secrets); anonymous if none matches.
+pub async fn pull_auth(client: &Client, pod: &Pod, image: &str) -> baton_oci::Auth {
+    let registry = image.split('/').next().unwrap_or("");
+    let names: Vec<String> = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.image_pull_secrets.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    let api: Api<Secret> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+    for name in names {
+        let Ok(Some(secret)) = api.get_opt(&name).await else {
+            continue;
+        };
+        let data = secret.data.unwrap_or_default();
+        let Some(json) = data
+            .get(".dockerconfigjson")
+            .or_else(|| data.get(".dockercfg"))
+        else {
+            continue;
+        };
+        if let Some(auth) = baton_oci::Auth::from_docker_config(&json.0, registry) {
+            return auth;
+        }
+    }
+    baton_oci::Auth::Anonymous
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

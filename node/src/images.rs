@@ -1,12 +1,13 @@
 //! From a container's `image` to a loaded component.
 //!
-//! Until registry pulls arrive (the OCI issue), an image is a path on the node: an
-//! absolute path to a `.wasm` file, or `file:///path`. Loaded components are kept in
-//! memory by path and modification time, so a hundred replicas load once.
+//! An image is an OCI reference (pulled through [`baton_oci::Registry`] into the node's
+//! content-addressed cache, per `imagePullPolicy` and with `imagePullSecrets`), or a path
+//! on the node: an absolute path to a `.wasm` file, or `file:///path`. Loaded components
+//! are kept in memory by path and modification time, so a hundred replicas load once.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use baton_wasm_shim::Component;
@@ -15,8 +16,8 @@ use baton_wasm_shim::{Runtime, ShimError};
 /// Why an image could not be had; `reason` is the container's waiting reason.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("image {0:?} is not a path on the node (file:///… or /…); pulling from registries is not supported yet")]
-    NotLocal(String),
+    #[error(transparent)]
+    Pull(#[from] baton_oci::OciError),
     #[error("image {path}: {source}")]
     Missing {
         path: PathBuf,
@@ -35,7 +36,9 @@ impl ImageError {
     /// The container waiting reason Kubernetes shows for this failure.
     pub fn reason(&self) -> &'static str {
         match self {
-            ImageError::NotLocal(_) | ImageError::Missing { .. } => "ErrImagePull",
+            ImageError::Pull(baton_oci::OciError::InvalidReference { .. }) => "InvalidImageName",
+            ImageError::Pull(baton_oci::OciError::NeverPull { .. }) => "ErrImageNeverPull",
+            ImageError::Pull(_) | ImageError::Missing { .. } => "ErrImagePull",
             ImageError::Invalid { .. } => "CreateContainerError",
         }
     }
@@ -44,7 +47,29 @@ impl ImageError {
 /// Components by path, loaded once.
 pub struct Images {
     runtime: Runtime,
+    registry: Option<Arc<baton_oci::Registry>>,
     loaded: Mutex<HashMap<PathBuf, (SystemTime, Component)>>,
+    /// Layer digests in use, per pod UID: what the cache's collection must keep.
+    in_use: Mutex<HashMap<String, Vec<String>>>,
+}
+
+/// A loaded component and where it came from.
+#[derive(Clone)]
+pub struct Image {
+    pub component: Component,
+    /// The layer digest of a pulled image (for the container's imageID).
+    pub digest: Option<String>,
+    /// Whether a registry transfer happened.
+    pub pulled: bool,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("digest", &self.digest)
+            .field("pulled", &self.pulled)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Images {
@@ -60,15 +85,85 @@ pub fn local_path(image: &str) -> Option<PathBuf> {
 }
 
 impl Images {
-    pub fn new(runtime: Runtime) -> Self {
+    pub fn new(runtime: Runtime, registry: Option<Arc<baton_oci::Registry>>) -> Self {
         Self {
             runtime,
+            registry,
             loaded: Mutex::default(),
+            in_use: Mutex::default(),
         }
     }
 
+    /// Records that pod `uid` uses a layer, so the cache keeps it.
+    pub fn hold(&self, uid: &str, digest: &str) {
+        let mut m = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(uid.to_string())
+            .or_default()
+            .push(digest.to_string());
+    }
+
+    /// Pod `uid` is gone: its layers may be collected.
+    pub fn release(&self, uid: &str) {
+        self.in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+    }
+
+    /// Trims the image cache to `max_bytes` of layers no pod holds; returns bytes freed.
+    pub fn collect(&self, max_bytes: u64) -> u64 {
+        let Some(registry) = &self.registry else {
+            return 0;
+        };
+        let keep: std::collections::HashSet<String> = self
+            .in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        registry.cache().gc(max_bytes, &keep)
+    }
+
+    pub fn registry(&self) -> Option<&Arc<baton_oci::Registry>> {
+        self.registry.as_ref()
+    }
+
+    /// The component an image names: a node path, or pulled from its registry.
+    pub async fn get(
+        &self,
+        image: &str,
+        auth: &baton_oci::Auth,
+        policy: baton_oci::PullPolicy,
+    ) -> Result<Image, ImageError> {
+        if local_path(image).is_some() {
+            return Ok(Image {
+                component: self.load(image)?,
+                digest: None,
+                pulled: false,
+            });
+        }
+        let registry = self.registry.as_ref().ok_or_else(|| {
+            ImageError::Pull(baton_oci::OciError::Registry {
+                reference: image.into(),
+                message: "this node pulls no images".into(),
+            })
+        })?;
+        let pulled = registry.pull(image, auth, policy, None).await?;
+        Ok(Image {
+            component: self.load(&pulled.path.display().to_string())?,
+            digest: Some(pulled.layer_digest),
+            pulled: !pulled.cached,
+        })
+    }
+
+    /// Loads a component from a node path.
     pub fn load(&self, image: &str) -> Result<Component, ImageError> {
-        let path = local_path(image).ok_or_else(|| ImageError::NotLocal(image.to_string()))?;
+        let path = local_path(image).ok_or_else(|| ImageError::Missing {
+            path: PathBuf::from(image),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an absolute path"),
+        })?;
         let mtime = std::fs::metadata(&path)
             .and_then(|m| m.modified())
             .map_err(|source| ImageError::Missing {

@@ -53,6 +53,8 @@ pub enum NodeError {
     Address(String),
     #[error(transparent)]
     Server(#[from] server::ServerError),
+    #[error("setting up image pulls: {0}")]
+    Oci(#[from] baton_oci::OciError),
 }
 
 /// How a node is set up.
@@ -73,6 +75,10 @@ pub struct NodeConfig {
     pub kubelet_port: u16,
     pub settings: Settings,
     pub runtime: RuntimeConfig,
+    /// Registries, their trust, and the image cache.
+    pub oci: baton_oci::OciConfig,
+    /// The image cache is trimmed to this many bytes of images no pod uses.
+    pub image_cache_max_bytes: u64,
 }
 
 impl NodeConfig {
@@ -102,11 +108,13 @@ impl NodeConfig {
                 // instance slots, not by the kubelet's customary 110.
                 pods: runtime.max_instances as u64,
             },
-            data_dir,
+            data_dir: data_dir.clone(),
             labels: BTreeMap::new(),
             heartbeat: Duration::from_secs(10),
             kubelet_port: 10250,
             settings: Settings::default(),
+            oci: baton_oci::OciConfig::new(data_dir.join("images")),
+            image_cache_max_bytes: 10 << 30,
             runtime,
         }
     }
@@ -156,6 +164,7 @@ pub async fn run(
         None => register::assigned_pod_cidr(&client, &cfg.name).await?,
     };
     let runtime = Runtime::new(cfg.runtime.clone())?;
+    let registry = Arc::new(baton_oci::Registry::new(cfg.oci.clone())?);
     let node_ip: std::net::IpAddr = cfg
         .address
         .parse()
@@ -167,7 +176,7 @@ pub async fn run(
     };
     let shared = Arc::new(worker::Shared {
         client: client.clone(),
-        images: images::Images::new(runtime.clone()),
+        images: images::Images::new(runtime.clone(), Some(registry.clone())),
         runtime,
         ipam: Mutex::new(ipam::Ipam::new(&pod_cidr)?),
         node_name: cfg.name.clone(),
@@ -205,6 +214,20 @@ pub async fn run(
                     {
                         tracing::warn!(error = %e, "node status update failed");
                     }
+                }
+            }
+        })
+    };
+    // The image cache is trimmed now and then to its bound, keeping what pods use.
+    let image_gc = {
+        let (shared, max) = (shared.clone(), cfg.image_cache_max_bytes);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let freed = shared.images.collect(max);
+                if freed > 0 {
+                    tracing::info!(freed, "image cache trimmed");
                 }
             }
         })
@@ -268,6 +291,7 @@ pub async fn run(
     heartbeat.abort();
     proxy.abort();
     kubelet.abort();
+    image_gc.abort();
     for (_, h) in workers.drain() {
         h.task.abort();
     }

@@ -160,6 +160,8 @@ struct Slot {
     backoff: Duration,
     restart_at: Option<Instant>,
     probers: Vec<Prober>,
+    /// The digest of the pulled image, when it came from a registry.
+    image_id: Option<String>,
 }
 
 impl Slot {
@@ -182,6 +184,7 @@ impl Slot {
             backoff: Duration::ZERO,
             restart_at: None,
             probers: Vec::new(),
+            image_id: None,
         }
     }
 
@@ -202,7 +205,7 @@ impl Slot {
         json!({
             "name": self.spec.name,
             "image": self.spec.image.clone().unwrap_or_default(),
-            "imageID": self.spec.image.clone().unwrap_or_default(),
+            "imageID": self.image_id.clone().unwrap_or_else(|| self.spec.image.clone().unwrap_or_default()),
             "containerID": format!("wasm://{uid}/{}", self.spec.name),
             "ready": self.ready,
             "started": running && self.started,
@@ -314,7 +317,28 @@ impl Worker {
                 continue;
             }
             let image = self.slots[i].spec.image.clone().unwrap_or_default();
-            match self.shared.images.load(&image) {
+            let policy = match self.slots[i].spec.image_pull_policy.as_deref() {
+                Some("Always") => baton_oci::PullPolicy::Always,
+                Some("Never") => baton_oci::PullPolicy::Never,
+                _ => baton_oci::PullPolicy::IfNotPresent,
+            };
+            let auth = config::pull_auth(&self.shared.client, &self.pod, &image).await;
+            let started = Instant::now();
+            let got = self.shared.images.get(&image, &auth, policy).await;
+            if let Ok(img) = &got {
+                if img.pulled {
+                    let msg = format!(
+                        "Successfully pulled image \"{image}\" in {:.3}s",
+                        started.elapsed().as_secs_f64()
+                    );
+                    self.event(EventType::Normal, "Pulled", &msg).await;
+                }
+                if let Some(d) = &img.digest {
+                    self.shared.images.hold(&self.uid, d);
+                }
+                self.slots[i].image_id = img.digest.clone();
+            }
+            match got.map(|img| img.component) {
                 Ok(c) => match self.shared.runtime.kind(&c) {
                     Ok(kind) => {
                         self.slots[i].kind = Some(kind);
@@ -948,6 +972,7 @@ impl Worker {
             }
         }
         let _ = std::fs::remove_dir_all(self.shared.pod_dir(&self.uid));
+        self.shared.images.release(&self.uid);
     }
 
     fn release_ip(&mut self) {

@@ -44,7 +44,11 @@ impl Baton {
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
             .args(extra)
-            .env("RUST_LOG", "warn")
+            // BATON_TEST_LOG=baton_controllers=debug shows a cluster's insides.
+            .env(
+                "RUST_LOG",
+                std::env::var("BATON_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -101,7 +105,18 @@ impl Baton {
         } else {
             drop(child.stdin.take());
         }
-        child.wait_with_output().unwrap()
+        // No kubectl call may hang a test: it is killed after two minutes.
+        let pid = child.id();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if done_rx.recv_timeout(Duration::from_secs(120)).is_err() {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = done_tx.send(());
+        let _ = watchdog.join();
+        out
     }
 
     /// Runs kubectl and asserts success; returns stdout.

@@ -271,6 +271,7 @@ impl Collector {
             if !self.once(key) {
                 continue;
             }
+            tracing::debug!(%kind, %ns, %name, ?action, "garbage collection step");
             let Some(api) = dyn_api(ctx, kind, &ns) else {
                 continue;
             };
@@ -380,30 +381,68 @@ pub async fn finish_namespace(ctx: &Ctx, ns: &Namespace) -> bool {
     }
 }
 
+/// Whether every store the collector reads has had its first list: before that, an
+/// empty store would make every object look orphaned.
+fn stores_ready(ctx: &Ctx) -> Result<(), &'static str> {
+    use futures::FutureExt;
+    let ready = |f: Option<Result<(), _>>| matches!(f, Some(Ok(())));
+    let checks: [(&'static str, bool); 7] = [
+        ("pods", ready(ctx.pods.wait_until_ready().now_or_never())),
+        (
+            "replicasets",
+            ready(ctx.replicasets.wait_until_ready().now_or_never()),
+        ),
+        (
+            "deployments",
+            ready(ctx.deployments.wait_until_ready().now_or_never()),
+        ),
+        ("jobs", ready(ctx.jobs.wait_until_ready().now_or_never())),
+        (
+            "endpointslices",
+            ready(ctx.endpointslices.wait_until_ready().now_or_never()),
+        ),
+        (
+            "services",
+            ready(ctx.services.wait_until_ready().now_or_never()),
+        ),
+        (
+            "namespaces",
+            ready(ctx.namespaces.wait_until_ready().now_or_never()),
+        ),
+    ];
+    match checks.iter().find(|(_, ok)| !ok) {
+        Some((kind, _)) => Err(kind),
+        None => Ok(()),
+    }
+}
+
 /// Runs the collector and the namespace cleanup until the task is dropped.
 pub async fn run(ctx: Arc<Ctx>) {
-    // An empty store before its first list would make every object look orphaned.
-    let ready = async {
-        ctx.pods.wait_until_ready().await?;
-        ctx.replicasets.wait_until_ready().await?;
-        ctx.deployments.wait_until_ready().await?;
-        ctx.jobs.wait_until_ready().await?;
-        ctx.endpointslices.wait_until_ready().await?;
-        ctx.services.wait_until_ready().await?;
-        ctx.namespaces.wait_until_ready().await
-    };
-    if ready.await.is_err() {
-        return;
-    }
     let mut collector = Collector::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut warned = false;
     loop {
         tick.tick().await;
-        collector.sweep(&ctx).await;
+        if let Err(kind) = stores_ready(&ctx) {
+            if !warned && started.elapsed() > Duration::from_secs(10) {
+                tracing::warn!(%kind, "garbage collection waits for the first list of {kind}");
+                warned = true;
+            }
+            continue;
+        }
+        // A hung request must not stop collection: each pass is bounded.
+        if tokio::time::timeout(Duration::from_secs(30), collector.sweep(&ctx))
+            .await
+            .is_err()
+        {
+            tracing::warn!("a garbage collection pass took over 30 s; starting over");
+        }
         for ns in ctx.namespaces.state() {
             if ns.metadata.deletion_timestamp.is_some() {
-                finish_namespace(&ctx, &ns).await;
+                let _ = tokio::time::timeout(Duration::from_secs(30), finish_namespace(&ctx, &ns))
+                    .await;
             }
         }
     }
