@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs Baton: `baton up` on the embedded store, then a workload through the real kubectl:
-# the http-hello Deployment behind a NodePort Service, answered by its replicas, scaled;
+# the http-hello component pushed to a local registry, its Deployment pulled from there and
+# put behind a NodePort Service, answered by its replicas, scaled;
 # then a clean stop and a restart that finds every object where it was, and serves again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,10 +13,11 @@ BATON="$CARGO_TARGET_DIR/release/baton"
 DATA="$(mktemp -d)"
 LISTEN="127.0.0.1:${BATON_PORT:-6443}"
 export KUBECONFIG="$DATA/kubeconfig"
+PID=""
 trap 'kill "$PID" 2>/dev/null || true; rm -rf "$DATA"' EXIT
 
 start() {
-  "$BATON" up --data-dir "$DATA" --listen "$LISTEN" &
+  "$BATON" up --data-dir "$DATA" --listen "$LISTEN" --insecure-registry "$REGISTRY" &
   PID=$!
   for _ in $(seq 1 100); do
     if [ -f "$KUBECONFIG" ] && kubectl get --raw /readyz >/dev/null 2>&1; then return 0; fi
@@ -25,10 +27,26 @@ start() {
   exit 1
 }
 
-# Until registry pulls land, the example's image is the component built on this machine.
+# A local registry (Debian's docker-registry) holds the component, as a user's would: the
+# example's image is 127.0.0.1:5000/baton/http-hello:1.0 (another port if 5000 is taken).
+REGISTRY_PORT="${REGISTRY_PORT:-5000}"
+if (exec 3<>"/dev/tcp/127.0.0.1/$REGISTRY_PORT") 2>/dev/null; then
+  REGISTRY_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+fi
+REGISTRY="127.0.0.1:$REGISTRY_PORT"
+printf 'version: 0.1\nlog: {level: error}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: %s}\n' \
+  "$DATA/registry" "$REGISTRY" >"$DATA/registry.yml"
+docker-registry serve "$DATA/registry.yml" &
+REGISTRY_PID=$!
+trap 'kill "$PID" "$REGISTRY_PID" 2>/dev/null || true; rm -rf "$DATA"' EXIT
+for _ in $(seq 1 100); do
+  if curl -sf "http://$REGISTRY/v2/" >/dev/null; then break; fi
+  sleep 0.1
+done
+"$BATON" push examples-wasm/dist/http-hello.wasm "$REGISTRY/baton/http-hello:1.0" --insecure-registry "$REGISTRY"
+
 manifest() {
-  sed "s#image: 127.0.0.1:5000/baton/http-hello:1.0#image: $PWD/examples-wasm/dist/http-hello.wasm#" \
-    examples/hello/deployment.yaml
+  sed "s#image: 127.0.0.1:5000/#image: $REGISTRY/#" examples/hello/deployment.yaml
 }
 
 # Asks the Service through its NodePort until it answers.
