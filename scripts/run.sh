@@ -34,7 +34,7 @@ if (exec 3<>"/dev/tcp/127.0.0.1/$REGISTRY_PORT") 2>/dev/null; then
   REGISTRY_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 fi
 REGISTRY="127.0.0.1:$REGISTRY_PORT"
-printf 'version: 0.1\nlog: {level: error}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: %s}\n' \
+printf 'version: 0.1\nlog: {level: error, accesslog: {disabled: true}}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: %s}\n' \
   "$DATA/registry" "$REGISTRY" >"$DATA/registry.yml"
 docker-registry serve "$DATA/registry.yml" &
 REGISTRY_PID=$!

@@ -10,9 +10,12 @@
 //!   second from the first create to the last binding.
 //! - **Idle memory**: resident memory of `baton up` with its local node and no pods, 10 s
 //!   after it is ready.
+//! - **Images**: a component pushed to Debian's docker-registry; pull time cold and cached;
+//!   pod start on a fresh node, cold (pull, compile, start) and cached; 100 pods of one
+//!   new image, and how many registry transfers they caused.
 //!
 //! Usage: `cluster-bench BATON_BINARY GUEST_DIR` (see `scripts/bench.sh cluster`).
-//! `BENCH_PARTS` picks parts (`idle,start,sched`); `BENCH_NODES` and `BENCH_PODS` size the
+//! `BENCH_PARTS` picks parts (`idle,start,sched,pull`); `BENCH_NODES` and `BENCH_PODS` size the
 //! scheduler run.
 
 use std::collections::HashMap;
@@ -343,13 +346,172 @@ async fn scheduler(bin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Debian's docker-registry on a free loopback port, storing in `dir`.
+fn start_registry(dir: &Path) -> Result<(Procs, String)> {
+    let addr = format!("127.0.0.1:{}", baton_bench::free_port());
+    let cfg = dir.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\nhttp: {{addr: {addr}}}\n",
+            dir.join("registry").display()
+        ),
+    )?;
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting docker-registry")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "docker-registry did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((Procs(vec![child]), addr))
+}
+
+/// Waits for a pod to be Ready; returns how long since `t0`.
+async fn ready_after(pods: &Api<Pod>, name: &str, t0: Instant) -> Result<Duration> {
+    wait_until("a pod to be Ready", || {
+        let pods = pods.clone();
+        let name = name.to_string();
+        async move { pods.get(&name).await.is_ok_and(|p| ready(&p)) }
+    })
+    .await?;
+    Ok(t0.elapsed())
+}
+
+async fn pulls(bin: &Path, guests: &Path) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_registry, addr) = start_registry(dir.path())?;
+    let mut cfg = baton_oci::OciConfig::new(dir.path().join("push-cache"));
+    cfg.insecure_registries = vec![addr.clone()];
+    let pusher = baton_oci::Registry::new(cfg)?;
+    let image = format!("{addr}/bench/http-hello:1");
+    let wasm = std::fs::read(guests.join("http-hello.wasm"))?;
+    pusher
+        .push(
+            &wasm,
+            "http-hello.wasm",
+            &image,
+            &baton_oci::Auth::Anonymous,
+        )
+        .await?;
+    // Pull alone: cold, then from the cache.
+    let mut cfg = baton_oci::OciConfig::new(dir.path().join("pull-cache"));
+    cfg.insecure_registries = vec![addr.clone()];
+    let puller = baton_oci::Registry::new(cfg)?;
+    let t0 = Instant::now();
+    puller
+        .pull(
+            &image,
+            &baton_oci::Auth::Anonymous,
+            baton_oci::PullPolicy::IfNotPresent,
+            None,
+        )
+        .await?;
+    let cold_pull = t0.elapsed();
+    let t0 = Instant::now();
+    puller
+        .pull(
+            &image,
+            &baton_oci::Auth::Anonymous,
+            baton_oci::PullPolicy::IfNotPresent,
+            None,
+        )
+        .await?;
+    let cached_pull = t0.elapsed();
+    // A pod on a fresh node: pull, compile and start; then a second pod of the image.
+    let up = up(bin, &["--insecure-registry", &addr]).await?;
+    wait_node_ready(&up.client).await?;
+    let pods: Api<Pod> = Api::namespaced(up.client.clone(), "default");
+    let t0 = Instant::now();
+    pods.create(&PostParams::default(), &hello_pod("cold", &image, "pull"))
+        .await?;
+    let cold_start = ready_after(&pods, "cold", t0).await?;
+    let t0 = Instant::now();
+    pods.create(&PostParams::default(), &hello_pod("cached", &image, "pull"))
+        .await?;
+    let cached_start = ready_after(&pods, "cached", t0).await?;
+    // 100 pods of an image not yet on the node: one transfer.
+    let hundred = format!("{addr}/bench/frontend:1");
+    pusher
+        .push(
+            &std::fs::read(guests.join("http-frontend.wasm"))?,
+            "http-frontend.wasm",
+            &hundred,
+            &baton_oci::Auth::Anonymous,
+        )
+        .await?;
+    let t0 = Instant::now();
+    futures::stream::iter(0..100)
+        .map(|i| {
+            let pods = pods.clone();
+            let pod = hello_pod(&format!("many-{i}"), &hundred, "many");
+            async move { pods.create(&PostParams::default(), &pod).await.map(|_| ()) }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    wait_until("100 ready pods", || {
+        let pods = pods.clone();
+        async move {
+            pods.list(&kube::api::ListParams::default().labels("bench=many"))
+                .await
+                .is_ok_and(|l| l.items.iter().filter(|p| ready(p)).count() == 100)
+        }
+    })
+    .await?;
+    let hundred_took = t0.elapsed();
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(up.client.clone(), "default");
+    let transfers = events
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("Pulled"))
+        .filter(|e| {
+            e.involved_object
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("many-"))
+        })
+        .count();
+    println!();
+    println!("## Images: pull and start, cold and cached (docker-registry on loopback)");
+    println!("| measure | cold ms | cached ms |");
+    println!("|---|---|---|");
+    println!(
+        "| pull http-hello ({} KiB) | {} | {} |",
+        wasm.len() / 1024,
+        ms(cold_pull),
+        ms(cached_pull)
+    );
+    println!(
+        "| pod create to Ready on a fresh node (pull, compile, start) | {} | {} |",
+        ms(cold_start),
+        ms(cached_start)
+    );
+    println!(
+        "| 100 pods of one new image: all Ready after | {} | |",
+        ms(hundred_took)
+    );
+    println!("| 100 pods of one new image: registry transfers | {transfers} | |");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1).map(PathBuf::from);
     let usage = "usage: cluster-bench BATON_BINARY GUEST_DIR";
     let bin = args.next().context(usage)?;
     let guests = std::fs::canonicalize(args.next().context(usage)?)?;
-    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "idle,start,sched".into());
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "idle,start,sched,pull".into());
     if parts.contains("idle") {
         idle(&bin).await?;
     }
@@ -358,6 +520,9 @@ async fn main() -> Result<()> {
     }
     if parts.contains("sched") {
         scheduler(&bin).await?;
+    }
+    if parts.contains("pull") {
+        pulls(&bin, &guests).await?;
     }
     Ok(())
 }
