@@ -269,3 +269,65 @@ async fn container_images_and_other_artifacts_are_told_apart() {
     assert!(matches!(err, OciError::NotWasm { .. }), "{err}");
     assert_eq!(cached_blobs(cache.path()), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_index_resolves_to_its_wasm_entry() {
+    let server = Server::start(Options::default());
+    let cache = tempfile::tempdir().unwrap();
+    let reg = client(&server, cache.path());
+    let wasm = guest("http-hello");
+    let single = format!("{}/baton/multi:wasm", server.addr);
+    let digest = reg
+        .push(&wasm, "http-hello.wasm", &single, &Auth::Anonymous)
+        .await
+        .unwrap();
+    let oc = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::Http,
+        ..Default::default()
+    });
+    let size = {
+        let r: oci_client::Reference = single.parse().unwrap();
+        let (raw, _) = oc
+            .pull_manifest_raw(
+                &r,
+                &oci_client::secrets::RegistryAuth::Anonymous,
+                &[oci_client::manifest::OCI_IMAGE_MEDIA_TYPE],
+            )
+            .await
+            .unwrap();
+        raw.len()
+    };
+    // An index with a Linux entry first and the Wasm component second.
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE,
+        "manifests": [
+            {"mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE, "digest": digest, "size": size,
+             "platform": {"architecture": "amd64", "os": "linux"}},
+            {"mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE, "digest": digest, "size": size,
+             "platform": {"architecture": "wasm", "os": "wasip2"}}
+        ]
+    });
+    let index_ref: oci_client::Reference =
+        format!("{}/baton/multi:1", server.addr).parse().unwrap();
+    oc.push_manifest_raw(
+        &index_ref,
+        serde_json::to_vec(&index).unwrap(),
+        oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE
+            .parse()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let p = reg
+        .pull(
+            &index_ref.whole(),
+            &Auth::Anonymous,
+            PullPolicy::Always,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.manifest_digest, digest);
+    assert_eq!(std::fs::read(&p.path).unwrap(), wasm);
+}
