@@ -369,12 +369,22 @@ impl Worker {
                         reason: reason.into(),
                         message: msg.clone(),
                     };
-                    self.event(
-                        EventType::Warning,
-                        "Failed",
-                        &format!("Failed to pull image \"{image}\": {msg}"),
-                    )
-                    .await;
+                    // What Kubernetes says: a pull that failed, a back-off between pulls, or
+                    // an image that is there but cannot run.
+                    let (type_, event_reason, text) = match reason {
+                        "ImagePullBackOff" => (
+                            EventType::Normal,
+                            "BackOff",
+                            format!("Back-off pulling image \"{image}\": {msg}"),
+                        ),
+                        "ErrImagePull" | "ErrImageNeverPull" | "InvalidImageName" => (
+                            EventType::Warning,
+                            "Failed",
+                            format!("Failed to pull image \"{image}\": {msg}"),
+                        ),
+                        _ => (EventType::Warning, "Failed", format!("Error: {msg}")),
+                    };
+                    self.event(type_, event_reason, &text).await;
                     return false;
                 }
             }
