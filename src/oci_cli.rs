@@ -107,6 +107,7 @@ pub async fn push(args: PushArgs) -> Result<()> {
             &baton_oci::title_of(&args.file),
             &args.reference,
             &args.registry.auth(),
+            Some(&progress),
         )
         .await
         .with_context(|| format!("failed to push to {}", args.reference))?;

@@ -73,6 +73,7 @@ fn a_deployment_runs_from_a_registry_and_missing_images_back_off() {
     let (ok, digest, err) = baton_cli(&args);
     assert!(ok, "push failed: {err}");
     assert!(digest.trim().starts_with("sha256:"), "{digest}");
+    assert!(err.contains("100.0%"), "push progress is shown: {err}");
     let cache = tempfile::tempdir().unwrap();
     let cache_dir = cache.path().display().to_string();
     let mut args = vec!["pull", &image, "--cache-dir", &cache_dir];

@@ -586,13 +586,15 @@ impl Registry {
         Ok(())
     }
 
-    /// Pushes a component as a CNCF Wasm artifact; returns the manifest digest.
+    /// Pushes a component as a CNCF Wasm artifact; returns the manifest digest. The layer
+    /// goes up in 1 MiB chunks, each reported to `progress`.
     pub async fn push(
         &self,
         wasm: &[u8],
         title: &str,
         image: &str,
         auth: &Auth,
+        progress: Option<Progress<'_>>,
     ) -> Result<String, OciError> {
         let reference = Self::parse(image)?;
         let key = reference.whole();
@@ -604,7 +606,7 @@ impl Registry {
         }
         let layer_digest = cache::sha256(wasm);
         let layer = ImageLayer::new(
-            wasm.to_vec(),
+            Vec::new(),
             WASM_LAYER.into(),
             Some(BTreeMap::from([(
                 "org.opencontainers.image.title".to_string(),
@@ -623,14 +625,57 @@ impl Registry {
         );
         let mut manifest = OciImageManifest::build(std::slice::from_ref(&layer), &config, None);
         manifest.media_type = Some(m::OCI_IMAGE_MEDIA_TYPE.into());
-        let auth = auth.registry_auth();
+        // The manifest was built from an empty placeholder layer; it names the real one.
+        if let Some(l) = manifest.layers.first_mut() {
+            l.digest = layer_digest.clone();
+            l.size = wasm.len() as i64;
+        }
+        let err = |e| reg_error(&key, e);
         let client = self.client()?;
         client
-            .push(&reference, &[layer], config, &auth, Some(manifest))
+            .auth(
+                &reference,
+                &auth.registry_auth(),
+                oci_client::RegistryOperation::Push,
+            )
             .await
-            .map_err(|e| reg_error(&key, e))?;
+            .map_err(err)?;
+        // The layer, streamed, with its progress sent back to this task.
+        let total = wasm.len() as u64;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let chunks: Vec<bytes::Bytes> = wasm
+            .chunks(1 << 20)
+            .map(bytes::Bytes::copy_from_slice)
+            .collect();
+        let mut sent = 0u64;
+        let stream = futures::stream::iter(chunks.into_iter().map(move |c| {
+            sent += c.len() as u64;
+            let _ = tx.send(sent);
+            Ok(c)
+        }));
+        let upload = client.push_blob_stream(&reference, stream, &layer_digest, Some(total));
+        tokio::pin!(upload);
+        let uploaded = loop {
+            tokio::select! {
+                r = &mut upload => break r,
+                Some(done) = rx.recv() => {
+                    if let Some(p) = progress {
+                        p(done, total);
+                    }
+                }
+            }
+        };
+        uploaded.map_err(err)?;
         client
-            .fetch_manifest_digest(&reference, &auth)
+            .push_blob(&reference, config.data.clone(), &manifest.config.digest)
+            .await
+            .map_err(err)?;
+        client
+            .push_manifest(&reference, &manifest.into())
+            .await
+            .map_err(err)?;
+        client
+            .fetch_manifest_digest(&reference, &auth.registry_auth())
             .await
             .map_err(|e| reg_error(&key, e))
     }

@@ -42,7 +42,7 @@ async fn push_then_pull_by_tag_and_digest_once() {
     let wasm = guest("http-hello");
     let image = format!("{}/baton/http-hello:1.0", server.addr);
     let digest = reg
-        .push(&wasm, "http-hello.wasm", &image, &Auth::Anonymous)
+        .push(&wasm, "http-hello.wasm", &image, &Auth::Anonymous, None)
         .await
         .unwrap();
     assert!(digest.starts_with("sha256:"), "{digest}");
@@ -95,11 +95,17 @@ async fn auth_and_tls_registries() {
     };
     // Without credentials, and with wrong ones: refused, with the registry's reason.
     let err = reg
-        .push(&guest("hello"), "hello.wasm", &image, &Auth::Anonymous)
+        .push(
+            &guest("hello"),
+            "hello.wasm",
+            &image,
+            &Auth::Anonymous,
+            None,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, OciError::Unauthorized { .. }), "{err}");
-    reg.push(&guest("hello"), "hello.wasm", &image, &good)
+    reg.push(&guest("hello"), "hello.wasm", &image, &good, None)
         .await
         .unwrap();
     let bad_cache = tempfile::tempdir().unwrap();
@@ -149,7 +155,7 @@ async fn bad_pulls_fail_clearly_and_leave_nothing_behind() {
     assert!(matches!(err, OciError::NotFound { .. }), "{err}");
     // A layer over the size cap is refused before it is fetched.
     let image = format!("{}/baton/job:1", server.addr);
-    reg.push(&wasm, "job.wasm", &image, &Auth::Anonymous)
+    reg.push(&wasm, "job.wasm", &image, &Auth::Anonymous, None)
         .await
         .unwrap();
     let small_cache = tempfile::tempdir().unwrap();
@@ -189,7 +195,13 @@ async fn bad_pulls_fail_clearly_and_leave_nothing_behind() {
     // A manifest whose bytes no longer match the digest the registry names.
     let other = format!("{}/baton/hello:1", server.addr);
     let manifest = reg
-        .push(&guest("hello"), "hello.wasm", &other, &Auth::Anonymous)
+        .push(
+            &guest("hello"),
+            "hello.wasm",
+            &other,
+            &Auth::Anonymous,
+            None,
+        )
         .await
         .unwrap();
     damage(&server.blob_file(&manifest), false);
@@ -278,7 +290,7 @@ async fn an_image_index_resolves_to_its_wasm_entry() {
     let wasm = guest("http-hello");
     let single = format!("{}/baton/multi:wasm", server.addr);
     let digest = reg
-        .push(&wasm, "http-hello.wasm", &single, &Auth::Anonymous)
+        .push(&wasm, "http-hello.wasm", &single, &Auth::Anonymous, None)
         .await
         .unwrap();
     let oc = oci_client::Client::new(oci_client::client::ClientConfig {

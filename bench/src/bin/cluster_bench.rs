@@ -397,6 +397,7 @@ async fn pulls(bin: &Path, guests: &Path) -> Result<()> {
             "http-hello.wasm",
             &image,
             &baton_oci::Auth::Anonymous,
+            None,
         )
         .await?;
     // Pull alone: cold, then from the cache.
@@ -443,6 +444,7 @@ async fn pulls(bin: &Path, guests: &Path) -> Result<()> {
             "http-frontend.wasm",
             &hundred,
             &baton_oci::Auth::Anonymous,
+            None,
         )
         .await?;
     let t0 = Instant::now();
