@@ -1,10 +1,14 @@
 //! Shared pieces of Baton's benchmarks: child processes that are killed when dropped,
-//! percentiles, ports, waiting on a condition, and process resource figures from /proc.
+//! a `baton up` with a client for it, percentiles, ports, waiting on a condition, and
+//! process resource figures from /proc.
 
-use std::process::Child;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 
 /// Child processes killed and reaped when dropped, so a failed benchmark leaves nothing.
 #[derive(Debug)]
@@ -100,4 +104,43 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
+}
+
+/// A running `baton up` on a fresh data dir, and a kube client for it.
+#[allow(missing_debug_implementations)] // kube::Client has no Debug
+pub struct Up {
+    pub procs: Procs,
+    pub client: kube::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts `BIN up` (with `extra` arguments) and connects to it once it serves.
+pub async fn up(bin: &Path, extra: &[&str]) -> Result<Up> {
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(bin)
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(extra)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting baton up")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let procs = Procs(vec![child]);
+    let mut lines = BufReader::new(stdout).lines();
+    // `baton up` prints its address once it serves; the read ends if it dies instead.
+    for line in lines.by_ref() {
+        if line?.contains("https://") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let kc = Kubeconfig::read_from(dir.path().join("kubeconfig"))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    let client = kube::Client::try_from(config)?;
+    Ok(Up {
+        procs,
+        client,
+        _dir: dir,
+    })
 }

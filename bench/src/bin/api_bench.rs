@@ -4,18 +4,15 @@
 //! Usage: `api-bench BATON_BINARY` (see `scripts/bench.sh api`). `BENCH_OPS` sets the
 //! operations per client per cell (default 300).
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use baton_bench::{env_or, ms, pct, Procs};
+use baton_bench::{env_or, ms, pct, up};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 
 fn cm(name: &str, v: &str) -> ConfigMap {
@@ -58,26 +55,8 @@ async fn main() -> Result<()> {
             .context("usage: api-bench BATON_BINARY")?,
     );
     let ops: usize = env_or("BENCH_OPS", 300);
-    let dir = tempfile::tempdir()?;
-    let mut child = Command::new(&bin)
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting baton up")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let _proc = Procs(vec![child]);
-    let mut lines = BufReader::new(stdout).lines();
-    for line in lines.by_ref() {
-        if line?.contains("https://") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    let kc = Kubeconfig::read_from(dir.path().join("kubeconfig"))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    let client = kube::Client::try_from(config)?;
+    let up = up(&bin, &[]).await?;
+    let client = up.client.clone();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
 
     println!("API server benchmark: kube-rs over HTTPS against `baton up` (embedded store), {ops} ops per client per cell");

@@ -19,58 +19,20 @@
 //! scheduler run.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use baton_bench::{env_or, ms, pct, rss_kib, wait_until, Procs};
+use baton_bench::{env_or, ms, pct, rss_kib, up, wait_until, Procs};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-
-/// A running `baton up` and a client for it.
-struct Up {
-    procs: Procs,
-    client: Client,
-    _dir: tempfile::TempDir,
-}
-
-async fn up(bin: &Path, extra: &[&str]) -> Result<Up> {
-    let dir = tempfile::tempdir()?;
-    let mut child = Command::new(bin)
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .args(extra)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting baton up")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let procs = Procs(vec![child]);
-    let mut lines = BufReader::new(stdout).lines();
-    for line in lines.by_ref() {
-        if line?.contains("https://") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    let kc = Kubeconfig::read_from(dir.path().join("kubeconfig"))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    let client = Client::try_from(config)?;
-    Ok(Up {
-        procs,
-        client,
-        _dir: dir,
-    })
-}
 
 fn ready(p: &Pod) -> bool {
     p.status
