@@ -27,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::Ctx;
@@ -36,6 +36,17 @@ use crate::Ctx;
 struct Node<'a> {
     kind: &'static str,
     meta: &'a ObjectMeta,
+}
+
+/// Adds the objects of one store to the graph.
+fn add<'a, K>(nodes: &mut Vec<Node<'a>>, objects: &'a [Arc<K>])
+where
+    K: k8s_openapi::Resource + Resource<DynamicType = ()>,
+{
+    nodes.extend(objects.iter().map(|o| Node {
+        kind: K::KIND,
+        meta: o.meta(),
+    }));
 }
 
 /// The API resource of a kind the collector deletes or patches.
@@ -135,30 +146,12 @@ impl Collector {
         let slices = ctx.endpointslices.state();
         let svcs = ctx.services.state();
         let mut nodes: Vec<Node<'_>> = Vec::new();
-        nodes.extend(pods.iter().map(|o| Node {
-            kind: "Pod",
-            meta: &o.metadata,
-        }));
-        nodes.extend(rss.iter().map(|o| Node {
-            kind: "ReplicaSet",
-            meta: &o.metadata,
-        }));
-        nodes.extend(deps.iter().map(|o| Node {
-            kind: "Deployment",
-            meta: &o.metadata,
-        }));
-        nodes.extend(jobs.iter().map(|o| Node {
-            kind: "Job",
-            meta: &o.metadata,
-        }));
-        nodes.extend(slices.iter().map(|o| Node {
-            kind: "EndpointSlice",
-            meta: &o.metadata,
-        }));
-        nodes.extend(svcs.iter().map(|o| Node {
-            kind: "Service",
-            meta: &o.metadata,
-        }));
+        add(&mut nodes, &pods);
+        add(&mut nodes, &rss);
+        add(&mut nodes, &deps);
+        add(&mut nodes, &jobs);
+        add(&mut nodes, &slices);
+        add(&mut nodes, &svcs);
         // (kind, namespace, name) -> uid, for the kinds watched here.
         let mut uids: HashMap<(&str, &str, &str), &str> = HashMap::new();
         for n in &nodes {

@@ -27,7 +27,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::replicaset::generate_name;
+use crate::replicaset::{generate_name, pod_from_template};
 use crate::Ctx;
 
 /// Why a Job could not be reconciled (it is retried).
@@ -49,26 +49,6 @@ fn condition_true(job: &Job, type_: &str) -> bool {
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == type_ && c.status == "True"))
-}
-
-fn pod_for(job: &Job, name: &str) -> Pod {
-    let template = job
-        .spec
-        .as_ref()
-        .map(|s| s.template.clone())
-        .unwrap_or_default();
-    let mut meta = template.metadata.unwrap_or_default();
-    meta.name = Some(name.into());
-    meta.namespace = job.namespace();
-    meta.owner_references = job.controller_owner_ref(&()).map(|mut o| {
-        o.block_owner_deletion = Some(true);
-        vec![o]
-    });
-    Pod {
-        metadata: meta,
-        spec: template.spec,
-        status: None,
-    }
 }
 
 pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -245,7 +225,10 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                     let pod_name = generate_name(&name);
                     ctx.expectations.expect_create(&uid, &pod_name);
                     if let Err(e) = pods_api
-                        .create(&PostParams::default(), &pod_for(&job, &pod_name))
+                        .create(
+                            &PostParams::default(),
+                            &pod_from_template(job.as_ref(), spec.template.clone(), &pod_name),
+                        )
                         .await
                     {
                         ctx.expectations.creation_failed(&uid, &pod_name);

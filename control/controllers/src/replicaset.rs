@@ -18,7 +18,7 @@ use std::time::Duration;
 use baton_kube::events::EventType;
 use baton_kube::pod;
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -68,25 +68,20 @@ pub fn generate_name(base: &str) -> String {
     format!("{base}-{suffix}")
 }
 
-/// The pod a ReplicaSet's template describes.
-fn pod_from_template(rs: &ReplicaSet, name: &str) -> Pod {
-    let template = rs
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.clone())
-        .unwrap_or_default();
+/// The pod a template describes, named `name` and controlled by `owner` (a ReplicaSet or
+/// a Job), which blocks the owner's foreground deletion until the pod is gone.
+pub fn pod_from_template<K: Resource<DynamicType = ()>>(
+    owner: &K,
+    template: PodTemplateSpec,
+    name: &str,
+) -> Pod {
     let mut meta = template.metadata.unwrap_or_default();
     meta.name = Some(name.to_string());
-    meta.namespace = rs.namespace();
-    meta.owner_references = Some(
-        vec![rs.controller_owner_ref(&()).map(|mut o| {
-            o.block_owner_deletion = Some(true);
-            o
-        })]
-        .into_iter()
-        .flatten()
-        .collect(),
-    );
+    meta.namespace = owner.meta().namespace.clone();
+    meta.owner_references = owner.controller_owner_ref(&()).map(|mut o| {
+        o.block_owner_deletion = Some(true);
+        vec![o]
+    });
     Pod {
         metadata: meta,
         spec: template.spec,
@@ -133,17 +128,13 @@ pub fn available(p: &Pod, min_ready: Duration) -> (bool, Option<Duration>) {
     }
     let since = pod::condition(p, "Ready")
         .and_then(|c| c.last_transition_time.as_ref())
-        .map(|t| (chrono_now() - t.0).to_std().unwrap_or_default())
+        .map(|t| (pod::now().0 - t.0).to_std().unwrap_or_default())
         .unwrap_or_default();
     if since >= min_ready {
         (true, None)
     } else {
         (false, Some(min_ready - since))
     }
-}
-
-fn chrono_now() -> k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc> {
-    pod::now().0
 }
 
 pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -185,7 +176,8 @@ pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Err
             let creates = (0..n).map(|_| {
                 let pod_name = generate_name(&name);
                 ctx.expectations.expect_create(&uid, &pod_name);
-                let pod = pod_from_template(&rs, &pod_name);
+                let template = rs.spec.as_ref().and_then(|s| s.template.clone());
+                let pod = pod_from_template(rs.as_ref(), template.unwrap_or_default(), &pod_name);
                 let api = api.clone();
                 async move { (pod_name, api.create(&PostParams::default(), &pod).await) }
             });
