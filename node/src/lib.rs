@@ -132,15 +132,7 @@ pub async fn run(
     cfg: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    register::register(
-        &client,
-        &cfg.name,
-        &cfg.address,
-        &cfg.labels,
-        &cfg.capacity,
-        0,
-    )
-    .await?;
+    // The logs endpoint first: the Node is registered once, with the port it serves on.
     let logs = Arc::new(server::LogIndex::default());
     let (kubelet_port, kubelet) = server::start(
         &client,

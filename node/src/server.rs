@@ -53,6 +53,18 @@ pub struct LogIndex {
     pub live: Mutex<HashSet<PathBuf>>,
 }
 
+impl LogIndex {
+    /// Marks a container's log file as being written (or no longer).
+    pub fn set_live(&self, path: PathBuf, live: bool) {
+        let mut set = lock(&self.live);
+        if live {
+            set.insert(path);
+        } else {
+            set.remove(&path);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

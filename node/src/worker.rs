@@ -500,12 +500,7 @@ impl Worker {
                     .shared
                     .log_config(&self.uid, &name, self.slots[i].restarts)
                     .path;
-                self.shared
-                    .logs
-                    .live
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(log_path);
+                self.shared.logs.set_live(log_path, true);
                 let now = Instant::now();
                 let slot = &mut self.slots[i];
                 slot.state = State::Running {
@@ -615,12 +610,7 @@ impl Worker {
             .shared
             .log_config(&self.uid, name, self.slots[i].restarts)
             .path;
-        self.shared
-            .logs
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&path);
+        self.shared.logs.set_live(path, false);
     }
 
     async fn restart(&mut self, i: usize) {
