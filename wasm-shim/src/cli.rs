@@ -147,13 +147,7 @@ impl Runtime {
         spec: &CliSpec,
         net: Arc<PodNet>,
     ) -> Result<CliOutcome, ShimError> {
-        let kind = self.kind(component)?;
-        if kind != ComponentKind::Cli {
-            return Err(ShimError::WrongKind {
-                found: kind.name(),
-                wanted: ComponentKind::Cli.name(),
-            });
-        }
+        self.expect_kind(component, ComponentKind::Cli)?;
         let limit = if spec.output_limit == 0 {
             1 << 20
         } else {

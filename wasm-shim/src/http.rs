@@ -179,13 +179,7 @@ impl Runtime {
         listener: TcpListener,
         net: Arc<crate::net::PodNet>,
     ) -> Result<HttpServer, ShimError> {
-        let kind = self.kind(component)?;
-        if kind != ComponentKind::Http {
-            return Err(ShimError::WrongKind {
-                found: kind.name(),
-                wanted: ComponentKind::Http.name(),
-            });
-        }
+        self.expect_kind(component, ComponentKind::Http)?;
         let instance_pre = self
             .linker
             .instantiate_pre(component)

@@ -185,6 +185,22 @@ impl Runtime {
         }
     }
 
+    /// Refuses a component of another kind than the way it is about to be run.
+    pub(crate) fn expect_kind(
+        &self,
+        component: &Component,
+        wanted: ComponentKind,
+    ) -> Result<(), ShimError> {
+        let found = self.kind(component)?;
+        if found != wanted {
+            return Err(ShimError::WrongKind {
+                found: found.name(),
+                wanted: wanted.name(),
+            });
+        }
+        Ok(())
+    }
+
     /// A store for one instance, with its memory cap (0: the runtime maximum) and time budget.
     pub(crate) fn store(
         &self,
