@@ -86,19 +86,7 @@ impl Cache {
         };
         let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
         match node {
-            Some(node) if !pod::is_terminal(p) => {
-                let (cpu_millis, memory) = pod::requests(p);
-                let owner = pod::controller_of(&p.metadata).map(|o| o.uid.clone());
-                self.place(
-                    uid,
-                    Placed {
-                        node,
-                        cpu_millis,
-                        memory,
-                        owner,
-                    },
-                );
-            }
+            Some(node) if !pod::is_terminal(p) => self.assume(p, &node),
             _ => self.forget_pod(&uid),
         }
     }
