@@ -61,13 +61,17 @@ fn runs_a_local_pod_whose_frontend_reaches_its_backend() {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut addr = None;
-    for line in BufReader::new(stdout).lines() {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
         let line = line.unwrap();
         if line.contains("container frontend serves http://") {
             addr = line.split("http://").nth(1).map(|a| a.trim().to_string());
             break;
         }
     }
+    // Keep reading: `baton run` still prints (the backend's address), and a closed pipe
+    // would kill it, and the backend with it, before the request below.
+    std::thread::spawn(move || for _ in lines {});
     let addr = addr.expect("the pod printed its frontend address");
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.write_all(b"GET /hi HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
