@@ -135,6 +135,15 @@ pub struct NodeArgs {
     /// free one, which the node publishes in its status.
     #[arg(long = "kubelet-port", default_value_t = 0)]
     pub kubelet_port: u16,
+    /// Serve images that are paths on this node (`/DIR/x.wasm`, `file:///DIR/x.wasm`)
+    /// from this directory; repeatable. Without it, an image must be an OCI reference:
+    /// a pod spec cannot name the node's files.
+    #[arg(long = "local-images", value_name = "DIR")]
+    pub local_images: Vec<PathBuf>,
+    /// Allow hostPath volumes under this node directory; repeatable. Without it, every
+    /// hostPath volume is refused.
+    #[arg(long = "allow-host-path", value_name = "DIR")]
+    pub allow_host_path: Vec<PathBuf>,
     #[command(flatten)]
     pub registry: crate::oci_cli::RegistryArgs,
 }
@@ -146,6 +155,8 @@ impl NodeArgs {
         cfg.address = self.address.clone();
         cfg.pod_cidr = self.pod_cidr.clone();
         cfg.kubelet_port = self.kubelet_port;
+        cfg.local_images = self.local_images.clone();
+        cfg.settings.allowed_host_paths = self.allow_host_path.clone();
         Ok(cfg)
     }
 }

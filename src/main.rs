@@ -223,8 +223,25 @@ async fn stop(store: &Store, tasks: Vec<tokio::task::JoinHandle<()>>) -> Result<
         .context("failed to stop the store cleanly")
 }
 
+/// Makes `dir` (and its parents) and closes it to everyone but its owner: it holds the
+/// store, whose values include every Secret, and the cluster's keys and tokens. Files
+/// made by this process are private too (umask 077), so a file that a library creates
+/// with its own default mode is not readable by other local users either.
+fn private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("failed to create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("failed to make {} private", dir.display()))
+}
+
 async fn up(args: UpArgs) -> Result<()> {
     let dir = args.data_dir.unwrap_or_else(default_data_dir);
+    private_dir(&dir)?;
     let api_listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
@@ -272,6 +289,7 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
         .await
         .context("failed to connect to the cluster")?;
     let mut loops = control::Loops::new();
+    private_dir(&args.data_dir)?;
     loops.start_node(client, args.node.config(args.data_dir)?);
     println!("baton node {} is running", args.node.name);
     shutdown_signal().await;
@@ -330,6 +348,7 @@ async fn server(args: ServerArgs) -> Result<()> {
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
     let addr = listener.local_addr()?.to_string();
+    private_dir(&args.data_dir)?;
     let mut cfg = StoreConfig::new(args.id, &args.data_dir, &addr);
     cfg.heartbeat = Duration::from_millis(args.tuning.heartbeat_ms);
     cfg.election_timeout = (

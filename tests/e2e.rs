@@ -573,6 +573,8 @@ fn a_lost_nodes_pods_come_back_on_the_other_node() {
         .arg(&b.kubeconfig)
         .arg("--data-dir")
         .arg(b.dir.path().join("n2"))
+        .arg("--local-images")
+        .arg(baton::guests_dir())
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -639,7 +641,7 @@ fn bad_input_is_reported_and_objects_are_collected() {
     let _serial = serial();
     let b = Baton::start_cluster();
     let hello = guest("http-hello");
-    let broken = b.dir.path().join("broken.wasm");
+    let broken = b.dir.path().join("images/broken.wasm");
     std::fs::write(&broken, b"\0asm\x01\0\0\0not a component").unwrap();
     let manifest = format!(
         r#"apiVersion: v1

@@ -120,6 +120,9 @@ pub async fn up(bin: &Path, extra: &[&str]) -> Result<Up> {
     let mut child = Command::new(bin)
         .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
+        // The benchmarks' images are the built guests, named by path.
+        .arg("--local-images")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples-wasm/dist"))
         .args(extra)
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())

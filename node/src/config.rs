@@ -318,6 +318,106 @@ pub fn volumes_dir(pod_dir: &Path) -> PathBuf {
     pod_dir.join("volumes")
 }
 
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A relative path with only normal components: no root, no `..`, no `.` tricks.
+fn plain_relative(p: &str) -> bool {
+    use std::path::Component;
+    !p.is_empty()
+        && !p.contains('\0')
+        && Path::new(p)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+/// The node directory a container sees for `subPath` `sub` of the volume at `root`.
+///
+/// The directory is made if missing, one component at a time, and the result is then
+/// resolved with every symlink followed and checked to be under the volume's own
+/// resolved root: a symlink a guest planted in an emptyDir cannot lead a later mount out.
+fn sub_path(root: &Path, volume: &str, sub: &str) -> Result<PathBuf, ConfigError> {
+    let refuse = |why: &str| ConfigError::Volume {
+        volume: volume.into(),
+        message: format!("subPath {sub:?} {why}"),
+    };
+    if !plain_relative(sub) {
+        return Err(refuse("must be a relative path without '..'"));
+    }
+    let io = |source| ConfigError::Io {
+        volume: volume.into(),
+        source,
+    };
+    let real_root = root.canonicalize().map_err(io)?;
+    let mut at = real_root.clone();
+    for c in Path::new(sub).components() {
+        let std::path::Component::Normal(c) = c else {
+            continue;
+        };
+        let next = at.join(c);
+        match std::fs::symlink_metadata(&next) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&next).map_err(io)?;
+            }
+            Err(e) => return Err(io(e)),
+        }
+        // Following a symlink here is what a mount would do; where it leads is checked.
+        at = next.canonicalize().map_err(io)?;
+        if !at.starts_with(&real_root) {
+            return Err(refuse("leads out of its volume"));
+        }
+    }
+    let meta = std::fs::metadata(&at).map_err(io)?;
+    if !meta.is_dir() {
+        return Err(refuse(
+            "is not a directory (only directories can be mounted)",
+        ));
+    }
+    Ok(at)
+}
+
+/// A hostPath volume's node directory, if the node allows it: resolved (symlinks
+/// followed) and under one of the node's allowed prefixes. With none allowed (the
+/// default), every hostPath volume is refused.
+fn host_path(volume: &str, path: &str, allowed: &[PathBuf]) -> Result<PathBuf, ConfigError> {
+    let refuse = |why: String| ConfigError::Volume {
+        volume: volume.into(),
+        message: why,
+    };
+    if allowed.is_empty() {
+        return Err(refuse(format!(
+            "hostPath {path:?} refused: this node allows no hostPath volumes (see `--allow-host-path`)"
+        )));
+    }
+    if !path.starts_with('/') || path.split('/').any(|e| e == "..") {
+        return Err(refuse(format!(
+            "hostPath {path:?} must be absolute and free of '..'"
+        )));
+    }
+    let real = Path::new(path)
+        .canonicalize()
+        .map_err(|source| ConfigError::Io {
+            volume: volume.into(),
+            source,
+        })?;
+    let ok = allowed
+        .iter()
+        .any(|prefix| prefix.canonicalize().is_ok_and(|p| real.starts_with(p)));
+    if !ok {
+        return Err(refuse(format!(
+            "hostPath {path:?} refused: it is not under a prefix this node allows"
+        )));
+    }
+    Ok(real)
+}
+
 fn write_files(
     dir: &Path,
     volume: &str,
@@ -332,7 +432,7 @@ fn write_files(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io)?;
     for (name, data) in files {
-        if name.contains("..") || name.starts_with('/') {
+        if !plain_relative(name) {
             return Err(ConfigError::Volume {
                 volume: volume.into(),
                 message: format!("path {name:?} leaves the volume"),
@@ -354,6 +454,7 @@ async fn write_volumes(
     pod: &Pod,
     facts: &PodFacts,
     pod_dir: &Path,
+    allowed_host_paths: &[PathBuf],
 ) -> Result<HashMap<String, (PathBuf, bool)>, ConfigError> {
     let mut out = HashMap::new();
     let base = volumes_dir(pod_dir);
@@ -363,6 +464,14 @@ async fn write_volumes(
         .and_then(|s| s.volumes.clone())
         .unwrap_or_default();
     for v in &volumes {
+        // The API server refuses such names; the node checks again rather than trust
+        // whatever the store holds, since the name becomes a path on the node.
+        if !is_dns_label(&v.name) {
+            return Err(ConfigError::Volume {
+                volume: v.name.clone(),
+                message: "a volume name must be a DNS label".into(),
+            });
+        }
         let dir = base.join(&v.name);
         let io = |source| ConfigError::Io {
             volume: v.name.clone(),
@@ -372,7 +481,8 @@ async fn write_volumes(
             std::fs::create_dir_all(&dir).map_err(io)?;
             false
         } else if let Some(h) = &v.host_path {
-            out.insert(v.name.clone(), (PathBuf::from(&h.path), false));
+            let path = host_path(&v.name, &h.path, allowed_host_paths)?;
+            out.insert(v.name.clone(), (path, false));
             continue;
         } else if let Some(files) = projected(objects, pod, facts, v).await? {
             write_files(&dir, &v.name, &files)?;
@@ -473,6 +583,7 @@ pub async fn resolve(
     pod: &Pod,
     facts: &PodFacts,
     pod_dir: &Path,
+    allowed_host_paths: &[PathBuf],
 ) -> Result<HashMap<String, ContainerConfig>, ConfigError> {
     let mut objects = Objects {
         client: client.clone(),
@@ -480,7 +591,7 @@ pub async fn resolve(
         configmaps: HashMap::new(),
         secrets: HashMap::new(),
     };
-    let volumes = write_volumes(&mut objects, pod, facts, pod_dir).await?;
+    let volumes = write_volumes(&mut objects, pod, facts, pod_dir, allowed_host_paths).await?;
     let mut out = HashMap::new();
     let spec = pod.spec.clone().unwrap_or_default();
     let containers: Vec<Container> = spec
@@ -499,10 +610,26 @@ pub async fn resolve(
                     container: c.name.clone(),
                     volume: m.name.clone(),
                 })?;
-            let host_path = match &m.sub_path {
-                Some(sp) if !sp.is_empty() && !sp.contains("..") => dir.join(sp),
-                _ => dir.clone(),
+            // subPathExpr expands the container's variables, as the kubelet does; the
+            // result must stay inside the volume as a plain subPath must.
+            let sub = match (&m.sub_path, &m.sub_path_expr) {
+                (Some(sp), _) if !sp.is_empty() => Some(sp.clone()),
+                (_, Some(e)) if !e.is_empty() => Some(expand(e, &env)),
+                _ => None,
             };
+            let host_path = match sub {
+                Some(sp) => sub_path(dir, &m.name, &sp)?,
+                None => dir.clone(),
+            };
+            if !m.mount_path.starts_with('/') || m.mount_path.split('/').any(|e| e == "..") {
+                return Err(ConfigError::Volume {
+                    volume: m.name.clone(),
+                    message: format!(
+                        "mountPath {:?} must be absolute and free of '..'",
+                        m.mount_path
+                    ),
+                });
+            }
             mounts.push(Mount {
                 host_path,
                 guest_path: m.mount_path.clone(),
@@ -521,6 +648,7 @@ pub async fn refresh_volumes(
     pod: &Pod,
     facts: &PodFacts,
     pod_dir: &Path,
+    allowed_host_paths: &[PathBuf],
 ) -> Result<(), ConfigError> {
     let mut objects = Objects {
         client: client.clone(),
@@ -528,7 +656,7 @@ pub async fn refresh_volumes(
         configmaps: HashMap::new(),
         secrets: HashMap::new(),
     };
-    write_volumes(&mut objects, pod, facts, pod_dir)
+    write_volumes(&mut objects, pod, facts, pod_dir, allowed_host_paths)
         .await
         .map(|_| ())
 }

@@ -4,6 +4,13 @@
 //! content-addressed cache, per `imagePullPolicy` and with `imagePullSecrets`), or a path
 //! on the node: an absolute path to a `.wasm` file, or `file:///path`. Loaded components
 //! are kept in memory by path and modification time, so a hundred replicas load once.
+//!
+//! Paths on the node are a development convenience, and a pod spec is untrusted input:
+//! a path is served only if it resolves (symlinks followed) to a file under one of the
+//! directories the node was told to serve local images from (`--local-images`), and no
+//! such directory is set by default. Loading runs on a blocking thread with a timeout,
+//! reads a regular file only and at most the size cap, and a failure names the file,
+//! never its contents.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +31,8 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("image {image} refused: {why}")]
+    Refused { image: String, why: String },
     #[error("image {image} is not a runnable Wasm component: {source}")]
     Invalid {
         image: String,
@@ -38,16 +47,23 @@ impl ImageError {
         match self {
             ImageError::Pull(baton_oci::OciError::InvalidReference { .. }) => "InvalidImageName",
             ImageError::Pull(baton_oci::OciError::NeverPull { .. }) => "ErrImageNeverPull",
-            ImageError::Pull(_) | ImageError::Missing { .. } => "ErrImagePull",
+            ImageError::Pull(_) | ImageError::Missing { .. } | ImageError::Refused { .. } => {
+                "ErrImagePull"
+            }
             ImageError::Invalid { .. } => "CreateContainerError",
         }
     }
 }
 
+/// How long reading and compiling one component may take.
+const LOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Components by path, loaded once.
 pub struct Images {
     runtime: Runtime,
     registry: Option<Arc<baton_oci::Registry>>,
+    /// Directories node paths may name images in; empty refuses every node path.
+    local_dirs: Vec<PathBuf>,
     loaded: Mutex<HashMap<PathBuf, (SystemTime, Component)>>,
     /// Layer digests in use, per pod UID: what the cache's collection must keep.
     in_use: Mutex<HashMap<String, Vec<String>>>,
@@ -85,10 +101,15 @@ pub fn local_path(image: &str) -> Option<PathBuf> {
 }
 
 impl Images {
-    pub fn new(runtime: Runtime, registry: Option<Arc<baton_oci::Registry>>) -> Self {
+    pub fn new(
+        runtime: Runtime,
+        registry: Option<Arc<baton_oci::Registry>>,
+        local_dirs: Vec<PathBuf>,
+    ) -> Self {
         Self {
             runtime,
             registry,
+            local_dirs,
             loaded: Mutex::default(),
             in_use: Mutex::default(),
         }
@@ -137,9 +158,10 @@ impl Images {
         auth: &baton_oci::Auth,
         policy: baton_oci::PullPolicy,
     ) -> Result<Image, ImageError> {
-        if local_path(image).is_some() {
+        if let Some(path) = local_path(image) {
+            let path = self.local_file(image, &path)?;
             return Ok(Image {
-                component: self.load(image)?,
+                component: self.load(image, path).await?,
                 digest: None,
                 pulled: false,
             });
@@ -152,19 +174,43 @@ impl Images {
         })?;
         let pulled = registry.pull(image, auth, policy, None).await?;
         Ok(Image {
-            component: self.load(&pulled.path.display().to_string())?,
+            component: self.load(image, pulled.path.clone()).await?,
             digest: Some(pulled.layer_digest),
             pulled: !pulled.cached,
         })
     }
 
-    /// Loads a component from a node path.
-    pub fn load(&self, image: &str) -> Result<Component, ImageError> {
-        let path = local_path(image).ok_or_else(|| ImageError::Missing {
-            path: PathBuf::from(image),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an absolute path"),
+    /// The file a node-path image names, if it is one the node serves.
+    fn local_file(&self, image: &str, path: &Path) -> Result<PathBuf, ImageError> {
+        let refused = |why: &str| ImageError::Refused {
+            image: image.into(),
+            why: why.into(),
+        };
+        if self.local_dirs.is_empty() {
+            return Err(refused(
+                "this node serves no images from its own files (see `--local-images`); use an OCI reference",
+            ));
+        }
+        let real = path.canonicalize().map_err(|source| ImageError::Missing {
+            path: path.to_path_buf(),
+            source,
         })?;
-        let mtime = std::fs::metadata(&path)
+        let inside = self
+            .local_dirs
+            .iter()
+            .any(|d| d.canonicalize().is_ok_and(|d| real.starts_with(d)));
+        if !inside {
+            return Err(refused(
+                "it is not in a directory this node serves local images from",
+            ));
+        }
+        Ok(real)
+    }
+
+    /// Loads a component from a node file, off the async workers and within
+    /// [`LOAD_TIMEOUT`]; the same file with the same modification time loads once.
+    async fn load(&self, image: &str, path: PathBuf) -> Result<Component, ImageError> {
+        let mtime = std::fs::symlink_metadata(&path)
             .and_then(|m| m.modified())
             .map_err(|source| ImageError::Missing {
                 path: path.clone(),
@@ -178,13 +224,23 @@ impl Images {
                 }
             }
         }
-        let c = self
-            .runtime
-            .load_file(&path)
-            .map_err(|source| ImageError::Invalid {
-                image: image.to_string(),
-                source,
-            })?;
+        let invalid = |source| ImageError::Invalid {
+            image: image.to_string(),
+            source,
+        };
+        let runtime = self.runtime.clone();
+        let p = path.clone();
+        let task = tokio::task::spawn_blocking(move || runtime.load_file(&p));
+        let c = match tokio::time::timeout(LOAD_TIMEOUT, task).await {
+            Ok(Ok(r)) => r.map_err(invalid)?,
+            Ok(Err(e)) => return Err(invalid(ShimError::Setup(format!("loading failed: {e}")))),
+            Err(_) => {
+                return Err(invalid(ShimError::Setup(format!(
+                    "loading took longer than {}s",
+                    LOAD_TIMEOUT.as_secs()
+                ))))
+            }
+        };
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         loaded.insert(path, (mtime, c.clone()));
         Ok(c)

@@ -79,6 +79,9 @@ pub struct NodeConfig {
     pub oci: baton_oci::OciConfig,
     /// The image cache is trimmed to this many bytes of images no pod uses.
     pub image_cache_max_bytes: u64,
+    /// Directories from which an image may be a node path (`/dir/x.wasm`); empty (the
+    /// default) refuses every image that is a path.
+    pub local_images: Vec<PathBuf>,
 }
 
 impl NodeConfig {
@@ -115,6 +118,7 @@ impl NodeConfig {
             settings: Settings::default(),
             oci: baton_oci::OciConfig::new(data_dir.join("images")),
             image_cache_max_bytes: 10 << 30,
+            local_images: Vec::new(),
             runtime,
         }
     }
@@ -156,6 +160,7 @@ pub async fn run(
         None => register::assigned_pod_cidr(&client, &cfg.name).await?,
     };
     let runtime = Runtime::new(cfg.runtime.clone())?;
+    let _ = logs.sandbox.set(runtime.clone());
     let registry = Arc::new(baton_oci::Registry::new(cfg.oci.clone())?);
     let node_ip: std::net::IpAddr = cfg
         .address
@@ -168,7 +173,11 @@ pub async fn run(
     };
     let shared = Arc::new(worker::Shared {
         client: client.clone(),
-        images: images::Images::new(runtime.clone(), Some(registry.clone())),
+        images: images::Images::new(
+            runtime.clone(),
+            Some(registry.clone()),
+            cfg.local_images.clone(),
+        ),
         runtime,
         ipam: Mutex::new(ipam::Ipam::new(&pod_cidr)?),
         node_name: cfg.name.clone(),

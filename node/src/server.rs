@@ -10,6 +10,11 @@
 //! `GET /containerLogs/NS/POD/CONTAINER` takes the `pods/log` options: `tailLines`,
 //! `sinceSeconds`, `sinceTime`, `timestamps`, `limitBytes`, `previous`, `follow`. A
 //! followed log streams until its container stops.
+//!
+//! `GET /metrics` gives, in the Prometheus text format, what each pod still has alive in
+//! the sandbox (instances, tasks, sockets) and the CPU it used and was throttled; a pod
+//! that was stopped and left nothing behind is absent. The API server proxies it as
+//! `/api/v1/nodes/NAME/proxy/metrics`, as for a kubelet.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -51,6 +56,8 @@ pub struct LogIndex {
     pub pods: Mutex<HashMap<(String, String), PathBuf>>,
     /// Log files of running containers.
     pub live: Mutex<HashSet<PathBuf>>,
+    /// The node's sandbox, once it runs: what `/metrics` reports.
+    pub sandbox: std::sync::OnceLock<baton_wasm_shim::Runtime>,
 }
 
 impl LogIndex {
@@ -175,6 +182,67 @@ fn text(status: u16, body: String) -> hyper::Response<Body> {
     r
 }
 
+/// The sandbox's per-pod figures in the Prometheus text format.
+fn metrics(sandbox: Option<&baton_wasm_shim::Runtime>) -> String {
+    use std::fmt::Write;
+    let pods = sandbox.map(|s| s.usage()).unwrap_or_default();
+    let mut out = String::new();
+    let families: [(&str, &str, &str, fn(&baton_wasm_shim::PodUsage) -> String); 5] = [
+        (
+            "baton_sandbox_instances",
+            "gauge",
+            "Live Wasm instances of the pod.",
+            |u| u.instances.to_string(),
+        ),
+        (
+            "baton_sandbox_tasks",
+            "gauge",
+            "Live guest tasks of the pod.",
+            |u| u.tasks.to_string(),
+        ),
+        (
+            "baton_sandbox_sockets",
+            "gauge",
+            "Open TCP sockets of the pod.",
+            |u| u.sockets.to_string(),
+        ),
+        (
+            "baton_pod_cpu_seconds_total",
+            "counter",
+            "CPU time the pod's guests used.",
+            |u| format!("{:.6}", u.cpu_nanos as f64 / 1e9),
+        ),
+        (
+            "baton_pod_cpu_throttled_periods_total",
+            "counter",
+            "CFS periods in which the pod was throttled.",
+            |u| u.throttled_periods.to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for u in &pods {
+            let mut parts = u.pod.splitn(3, '/');
+            let (ns, pod, uid) = (
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+            );
+            let _ = writeln!(
+                out,
+                "{name}{{namespace=\"{ns}\",pod=\"{pod}\",uid=\"{uid}\"}} {}",
+                value(u)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP baton_sandbox_pods Pods with anything alive in the sandbox.\n# TYPE baton_sandbox_pods gauge\nbaton_sandbox_pods {}",
+        pods.len()
+    );
+    out
+}
+
 /// The log files of one container, oldest run first (`0.log`, `1.log`, …).
 fn runs(dir: &Path) -> Vec<PathBuf> {
     let mut runs: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
@@ -201,6 +269,9 @@ async fn handle(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> hyper::Response<Body> {
     let path = req.uri().path().to_string();
+    if path == "/metrics" {
+        return text(200, metrics(index.sandbox.get()));
+    }
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let ["containerLogs", ns, pod, container] = segs.as_slice() else {
         return text(404, format!("no such endpoint: {path}"));

@@ -57,6 +57,8 @@ const VOLUME_REFRESH: Duration = Duration::from_secs(15);
 /// How long a terminating pod keeps taking connections after leaving the routing, for
 /// its EndpointSlice change to reach every node.
 const ENDPOINT_PROPAGATION: Duration = Duration::from_secs(1);
+/// A pod's status is written at most once per this interval (the newest state wins).
+const STATUS_INTERVAL: Duration = Duration::from_millis(100);
 /// A container that ran this long starts its restart backoff over.
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
 
@@ -68,6 +70,9 @@ pub struct Settings {
     /// Budget of one HTTP request to a component.
     pub request_timeout: Duration,
     pub log_max_bytes: u64,
+    /// Node directories under which hostPath volumes may be mounted; empty (the default)
+    /// refuses every hostPath volume.
+    pub allowed_host_paths: Vec<PathBuf>,
 }
 
 impl Default for Settings {
@@ -77,6 +82,7 @@ impl Default for Settings {
             backoff_max: Duration::from_secs(300),
             request_timeout: Duration::from_secs(60),
             log_max_bytes: 10 << 20,
+            allowed_host_paths: Vec::new(),
         }
     }
 }
@@ -234,6 +240,9 @@ struct Worker {
     prepared: bool,
     start_time: Option<Time>,
     last_status: Value,
+    /// When the status was last written, and whether a newer one waits for its turn.
+    last_report: Option<Instant>,
+    report_pending: bool,
     phase_override: Option<(&'static str, String, String)>,
     next_refresh: Instant,
     prepare_retry: Option<Instant>,
@@ -298,7 +307,15 @@ impl Worker {
             }
         }
         let dir = self.shared.pod_dir(&self.uid);
-        match config::resolve(&self.shared.client, &self.pod, &self.facts(), &dir).await {
+        match config::resolve(
+            &self.shared.client,
+            &self.pod,
+            &self.facts(),
+            &dir,
+            &self.shared.settings.allowed_host_paths,
+        )
+        .await
+        {
             Ok(mut configs) => {
                 for s in &mut self.slots {
                     s.config = configs.remove(&s.spec.name).unwrap_or_default();
@@ -477,7 +494,10 @@ impl Worker {
         let sandbox = self.sandbox.get_or_insert_with(|| {
             let ns = self.pod.namespace().unwrap_or_default();
             let names = self.shared.resolvers.as_ref().map(|r| r(&ns));
-            self.shared.runtime.new_pod(ip, names)
+            let key = format!("{ns}/{}/{}", self.pod.name_any(), self.uid);
+            let sb = self.shared.runtime.new_pod(&key, ip, names);
+            sb.set_cpu_limit(pod_cpu_limit(&self.pod));
+            sb
         });
         if let Some(log) = &spec.cli.log {
             self.logs.insert(name.clone(), log.clone());
@@ -806,12 +826,29 @@ impl Worker {
         status
     }
 
-    /// Sends the status if it differs from the last one sent.
+    /// Sends the status if it differs from the last one sent, at most once per
+    /// [`STATUS_INTERVAL`]: a change within the interval of the last write is held, and
+    /// the newest state is written when the interval ends (the worker wakes for it). A
+    /// pod whose containers exit in a storm costs one write per interval, not one each.
     async fn report(&mut self) {
+        if self
+            .last_report
+            .is_some_and(|t| t.elapsed() < STATUS_INTERVAL)
+        {
+            self.report_pending = self.status() != self.last_status;
+            return;
+        }
+        self.report_now().await;
+    }
+
+    /// Sends the status now if it differs from the last one sent.
+    async fn report_now(&mut self) {
+        self.report_pending = false;
         let status = self.status();
         if status == self.last_status {
             return;
         }
+        self.last_report = Some(Instant::now());
         let patch = json!({"status": status});
         match self
             .api()
@@ -844,6 +881,9 @@ impl Worker {
         }
         if let Some(r) = self.prepare_retry {
             at = at.min(r);
+        }
+        if let (true, Some(t)) = (self.report_pending, self.last_report) {
+            at = at.min(t + STATUS_INTERVAL);
         }
         if self.has_projected_volumes() {
             at = at.min(self.next_refresh);
@@ -956,7 +996,7 @@ impl Worker {
         }
         self.release_ip();
         if !api_gone {
-            self.report().await;
+            self.report_now().await;
             let dp = DeleteParams {
                 grace_period_seconds: Some(0),
                 preconditions: Some(Preconditions {
@@ -987,6 +1027,28 @@ impl Worker {
                 .release(ip);
         }
     }
+}
+
+/// The pod's CPU limit in millicores, as the kubelet sizes a pod's cgroup: the sum of its
+/// containers' limits (or the largest init container's, if more), and no limit if any
+/// container has none.
+pub fn pod_cpu_limit(pod: &Pod) -> Option<u64> {
+    let spec = pod.spec.as_ref()?;
+    let limit = |c: &Container| {
+        c.resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("cpu"))
+            .and_then(|q| quantity::millicores(&q.0).ok())
+    };
+    let mut sum = 0u64;
+    for c in &spec.containers {
+        sum += limit(c)?;
+    }
+    for c in spec.init_containers.iter().flatten() {
+        sum = sum.max(limit(c)?);
+    }
+    Some(sum)
 }
 
 fn qos_class(pod: &Pod) -> &'static str {
@@ -1050,6 +1112,8 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
         initialized: false,
         prepared: false,
         last_status: Value::Null,
+        last_report: None,
+        report_pending: false,
         phase_override: None,
         next_refresh: Instant::now() + VOLUME_REFRESH,
         prepare_retry: None,
@@ -1092,8 +1156,14 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
         if w.has_projected_volumes() && now >= w.next_refresh && w.prepared {
             w.next_refresh = now + VOLUME_REFRESH;
             let dir = w.shared.pod_dir(&w.uid);
-            if let Err(e) =
-                config::refresh_volumes(&w.shared.client, &w.pod, &w.facts(), &dir).await
+            if let Err(e) = config::refresh_volumes(
+                &w.shared.client,
+                &w.pod,
+                &w.facts(),
+                &dir,
+                &w.shared.settings.allowed_host_paths,
+            )
+            .await
             {
                 tracing::debug!(error = %e, "volume refresh failed");
             }

@@ -15,6 +15,11 @@ pub struct Baton {
     pub kubeconfig: PathBuf,
 }
 
+/// The built guest components (`scripts/build-guests.sh`).
+pub fn guests_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples-wasm/dist")
+}
+
 /// The folder holding the versioned kubectl binaries (`kubectl.1.29`, ...).
 pub fn kubectl_dir() -> PathBuf {
     let which = Command::new("sh")
@@ -40,9 +45,15 @@ impl Baton {
     pub fn start_with(extra: &[&str]) -> Baton {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("home")).unwrap();
+        std::fs::create_dir_all(dir.path().join("images")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
+            // Images may be paths only in the built guests and the test's own folder.
+            .arg("--local-images")
+            .arg(guests_dir())
+            .arg("--local-images")
+            .arg(dir.path().join("images"))
             .args(extra)
             // BATON_TEST_LOG=baton_controllers=debug shows a cluster's insides.
             .env(

@@ -35,8 +35,17 @@ pub(crate) fn load(
         path: source.to_path_buf(),
         reason: chain(&e),
     };
+    // Only the binary format: wasmtime would otherwise parse text (WAT), and its parse
+    // errors quote the offending line, which for a file that is not Wasm at all means
+    // echoing the file's contents into an error a pod's reader sees.
+    if !wasm.starts_with(b"\0asm") {
+        return Err(ShimError::InvalidComponent {
+            path: source.to_path_buf(),
+            reason: "not a WebAssembly binary (it does not start with the \\0asm magic)".into(),
+        });
+    }
     let Some(dir) = cache_dir else {
-        return Component::new(engine, wasm).map_err(invalid);
+        return Component::from_binary(engine, wasm).map_err(invalid);
     };
     let path: PathBuf = dir.join(format!("{}.cwasm", key(engine, wasm)));
     if path.exists() {
@@ -49,7 +58,7 @@ pub(crate) fn load(
             }
         }
     }
-    let component = Component::new(engine, wasm).map_err(invalid)?;
+    let component = Component::from_binary(engine, wasm).map_err(invalid)?;
     let io = |source| ShimError::Io {
         path: path.clone(),
         source,

@@ -17,6 +17,7 @@ use crate::net::PodNet;
 
 use crate::error::{chain, ShimError};
 use crate::runtime::{ComponentKind, DeadlineExceeded, Runtime};
+use crate::usage::{AbortOnDrop, Metered};
 use crate::Exit;
 
 /// A host directory the guest sees at `guest_path`; nothing else of the host is visible.
@@ -136,8 +137,19 @@ impl Runtime {
         name: &str,
         spec: &CliSpec,
     ) -> Result<CliOutcome, ShimError> {
-        self.run_cli_with(component, name, spec, self.loopback_net())
+        let net = self.loopback_net();
+        let (rt, component, name, spec) = (
+            self.clone(),
+            component.clone(),
+            name.to_string(),
+            spec.clone(),
+        );
+        let usage = net.usage.clone();
+        let run = async move { rt.run_cli_with(&component, &name, &spec, net).await };
+        let mut task = AbortOnDrop::new(self.spawn_guest(Metered::new(usage, run)));
+        task.join()
             .await
+            .unwrap_or_else(|e| Err(ShimError::Setup(format!("component task failed: {e}"))))
     }
 
     pub(crate) async fn run_cli_with(

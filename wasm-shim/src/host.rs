@@ -9,26 +9,38 @@ use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-/// Caps an instance's memory and remembers whether the cap was hit, so that a trap that
-/// follows can be reported as OOMKilled rather than as a plain error.
+/// Caps an instance's memory, and its pod's memory over all of the pod's instances, and
+/// remembers whether a cap was hit, so that a trap that follows can be reported as
+/// OOMKilled rather than as a plain error.
 #[derive(Debug)]
 pub(crate) struct Limits {
     pub memory_bytes: usize,
     pub max_tables_elements: usize,
     pub hit_memory: Arc<AtomicBool>,
+    /// The pod's account, and how much of it this instance holds.
+    pub usage: Arc<crate::usage::Usage>,
+    pub held: usize,
+}
+
+impl Drop for Limits {
+    fn drop(&mut self) {
+        self.usage.release_memory(self.held);
+    }
 }
 
 impl ResourceLimiter for Limits {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
+        let delta = desired.saturating_sub(current);
+        if desired > self.memory_bytes || !self.usage.grow_memory(delta) {
             self.hit_memory.store(true, Ordering::Relaxed);
             return Ok(false);
         }
+        self.held += delta;
         Ok(true)
     }
 
@@ -49,6 +61,8 @@ pub(crate) struct Host {
     pub http: WasiHttpCtx,
     pub table: ResourceTable,
     pub limits: Limits,
+    /// Counts this instance in its pod's usage until the store is dropped.
+    pub _instance: crate::usage::InstanceGuard,
 }
 
 impl WasiView for Host {

@@ -24,6 +24,7 @@ use crate::cli::{exit_of, wasi_ctx};
 use crate::error::{chain, ShimError};
 use crate::host::Host;
 use crate::runtime::{ComponentKind, Runtime};
+use crate::usage::{AbortOnDrop, Metered};
 
 /// How to serve one HTTP component.
 #[derive(Clone, Debug, Default)]
@@ -86,6 +87,40 @@ fn text(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
     resp
 }
 
+/// A response body that owns the request's instance: dropped before its end (the client
+/// went away), it stops the instance; read to its end, it lets the instance finish.
+struct GuardedBody {
+    inner: HyperOutgoingBody,
+    guard: Option<AbortOnDrop<crate::Exit>>,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = <HyperOutgoingBody as hyper::body::Body>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let out = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = out {
+            // The whole body was sent: the instance may finish its work after it.
+            if let Some(g) = self.guard.take() {
+                g.detach();
+            }
+        }
+        out
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl Serving {
     async fn handle(
         self: Arc<Self>,
@@ -123,7 +158,9 @@ impl Serving {
             Err(e) => return Ok(text(400, format!("bad request: {}\n", chain(&e)))),
         };
         let pre = self.pre.clone();
-        let task = tokio::spawn(
+        let usage = self.net.usage.clone();
+        let task = self.runtime.spawn_guest(Metered::new(
+            usage,
             async move {
                 let result = async {
                     let proxy = pre.instantiate_async(&mut store).await?;
@@ -136,16 +173,26 @@ impl Serving {
                 exit_of(result, oom.load(Ordering::Relaxed))
             }
             .instrument(tracing::debug_span!("wasm_http_request")),
-        );
+        ));
+        // If the client goes away, hyper drops this future, and with it the guard: the
+        // instance stops at its next epoch tick instead of running on for no one.
+        let mut task = AbortOnDrop::new(task);
         match receiver.await {
-            Ok(Ok(resp)) => Ok(resp),
+            // The guest may still be writing the body: it runs while the body is read,
+            // and is stopped if the body is dropped before its end.
+            Ok(Ok(resp)) => Ok(resp.map(|body| {
+                http_body_util::BodyExt::boxed_unsync(GuardedBody {
+                    inner: body,
+                    guard: Some(task),
+                })
+            })),
             Ok(Err(e)) => Ok(text(
                 500,
                 format!("the component failed the request: {e:?}\n"),
             )),
             Err(_) => {
                 // The guest never answered: it trapped, ran out of memory or time.
-                let exit = task.await.unwrap_or(crate::Exit {
+                let exit = task.join().await.unwrap_or(crate::Exit {
                     code: 1,
                     reason: "Error",
                     message: "request task panicked".into(),
@@ -195,14 +242,26 @@ impl Runtime {
             spec,
         });
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<Duration>();
-        let task = tokio::spawn(async move {
+        // The listener moves to the guest threads' reactor, where all of the server runs.
+        let listener = listener
+            .into_std()
+            .map_err(|e| ShimError::Setup(format!("listener: {e}")))?;
+        let usage = serving.net.usage.clone();
+        let task = self.spawn_guest(Metered::new(usage, async move {
+            let Ok(listener) = TcpListener::from_std(listener) else {
+                return;
+            };
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            // The connections belong to the server: when it is dropped, they are too, so
+            // a stopped pod answers nothing more, even on a kept-alive connection.
+            let mut conns = tokio::task::JoinSet::new();
             let grace = loop {
                 let (tcp, _peer) = tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok(a) => a,
                         Err(_) => continue,
                     },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
                     grace = &mut stopped => break grace.unwrap_or_default(),
                 };
                 let _ = tcp.set_nodelay(true);
@@ -212,14 +271,14 @@ impl Runtime {
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(tcp), svc);
                 let conn = graceful.watch(conn);
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     let _ = conn.await;
                 });
             };
             drop(listener);
             // Idle keep-alive connections close now; busy ones after their response.
             let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
-        });
+        }));
         Ok(HttpServer {
             addr,
             task,

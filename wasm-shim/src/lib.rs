@@ -16,9 +16,16 @@
 //! ## Limits
 //! - Memory: a store limiter caps each instance's linear memory; a guest that hits it is
 //!   stopped with reason `OOMKilled` (for HTTP, that request gets a 500).
-//! - CPU: the engine's epoch ticks every [`RuntimeConfig::epoch_tick`]; a guest yields to
-//!   the async runtime at every tick (so one spinning guest cannot starve the others), and
-//!   is stopped with `DeadlineExceeded` once its time budget is spent.
+//! - CPU: guests run on threads of their own ([`RuntimeConfig::guest_threads`]), apart
+//!   from the node's work and at a lower priority. The engine's epoch ticks every
+//!   [`RuntimeConfig::epoch_tick`]; a guest yields at every tick (so one spinning guest
+//!   cannot starve the others), is parked until the period ends once its pod has used its
+//!   CPU quota (`resources.limits.cpu` per [`CPU_PERIOD`], as CFS does; see `usage.rs`),
+//!   and is stopped with `DeadlineExceeded` once its time budget is spent.
+//! - Lifetime: everything a pod runs is a task the pod owns; stopping a container or
+//!   dropping the pod aborts it at the guest's next tick, and an HTTP request whose client
+//!   goes away is stopped the same way. [`Runtime::usage`] counts what each pod still has
+//!   alive (instances, tasks, sockets), so that a test, or an operator, can see zero.
 //! - Handles and sockets: see [`NetLimits`]; a pod past its socket cap gets
 //!   `new-socket-limit`, an instance past its handle cap traps alone.
 //!
@@ -36,13 +43,15 @@ pub mod logs;
 mod net;
 mod pod;
 mod runtime;
+mod usage;
 
 pub use cli::{CliOutcome, CliSpec, Mount};
 pub use error::ShimError;
 pub use http::{HttpServer, HttpSpec};
 pub use net::{NameResolver, NetLimits};
 pub use pod::{ContainerSpec, Pod, PodSpec};
-pub use runtime::{ComponentKind, Runtime, RuntimeConfig};
+pub use runtime::{read_bounded, ComponentKind, Runtime, RuntimeConfig};
+pub use usage::{PodUsage, CPU_PERIOD};
 /// A compiled component, loaded by [`Runtime::load_file`]; callers need not depend on wasmtime.
 pub use wasmtime::component::Component;
 

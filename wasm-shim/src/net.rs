@@ -90,6 +90,9 @@ pub(crate) struct PodNet {
     limits: NetLimits,
     sockets: AtomicUsize,
     outgoing: Arc<tokio::sync::Semaphore>,
+    /// What the pod uses of the node (instances, tasks, CPU); it lives with the pod's
+    /// network because everything that runs for the pod already holds that.
+    pub usage: Arc<crate::usage::Usage>,
 }
 
 impl std::fmt::Debug for PodNet {
@@ -109,6 +112,7 @@ impl PodNet {
             limits,
             sockets: AtomicUsize::new(0),
             outgoing: Arc::new(tokio::sync::Semaphore::new(limits.max_outgoing_requests)),
+            usage: Arc::default(),
         })
     }
 

@@ -13,6 +13,7 @@ use crate::error::ShimError;
 use crate::http::{HttpServer, HttpSpec};
 use crate::net::{NameResolver, PodNet};
 use crate::runtime::{ComponentKind, Runtime};
+use crate::usage::Metered;
 
 /// One container of a pod.
 #[derive(Clone)]
@@ -63,7 +64,16 @@ pub struct Pod {
     pub ip: IpAddr,
     net: Arc<PodNet>,
     servers: Vec<(String, HttpServer)>,
-    processes: Vec<(String, JoinHandle<Result<CliOutcome, ShimError>>)>,
+    processes: Vec<Process>,
+}
+
+/// A CLI container's task. The pod keeps the right to abort it even after handing out
+/// the handle that awaits its exit: the pod, not whoever waits, decides when it stops.
+#[derive(Debug)]
+struct Process {
+    name: String,
+    abort: tokio::task::AbortHandle,
+    task: Option<JoinHandle<Result<CliOutcome, ShimError>>>,
 }
 
 impl Pod {
@@ -80,6 +90,23 @@ impl Pod {
         self.net.open_sockets()
     }
 
+    /// What the pod uses now: live instances, tasks, sockets, CPU time.
+    pub fn usage(&self) -> crate::PodUsage {
+        self.net.usage.snapshot("", self.net.open_sockets())
+    }
+
+    /// Limits the pod's CPU to `millis` millicores, summed over all its instances, per
+    /// [`crate::CPU_PERIOD`]; None lifts the limit.
+    pub fn set_cpu_limit(&self, millis: Option<u64>) {
+        self.net.usage.set_cpu_limit(millis);
+    }
+
+    /// Limits the linear memory of all the pod's instances together (None: no limit
+    /// beyond each instance's own).
+    pub fn set_memory_limit(&self, bytes: Option<usize>) {
+        self.net.usage.set_memory_limit(bytes);
+    }
+
     /// Waits for a CLI container to finish.
     pub async fn wait(&mut self, container: &str) -> Option<Result<CliOutcome, ShimError>> {
         let task = self.take_process(container)?;
@@ -92,8 +119,8 @@ impl Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
-        for (_, t) in &self.processes {
-            t.abort();
+        for p in &self.processes {
+            p.abort.abort();
         }
     }
 }
@@ -122,13 +149,18 @@ impl Pod {
                 self.servers.push((c.name, server));
             }
             ComponentKind::Cli => {
-                let rt = rt.clone();
+                let rt2 = rt.clone();
                 let name = c.name.clone();
                 let net = self.net.clone();
-                let task = tokio::spawn(async move {
-                    rt.run_cli_with(&c.component, &c.name, &c.cli, net).await
+                let usage = net.usage.clone();
+                let task = rt.spawn_guest(Metered::new(usage, async move {
+                    rt2.run_cli_with(&c.component, &c.name, &c.cli, net).await
+                }));
+                self.processes.push(Process {
+                    name,
+                    abort: task.abort_handle(),
+                    task: Some(task),
                 });
-                self.processes.push((name, task));
             }
         }
         Ok(())
@@ -138,8 +170,8 @@ impl Pod {
     /// requests within `grace`; processes are stopped at once (a component has no signal
     /// to catch, so it gets what SIGTERM's default action gives a process).
     pub async fn shutdown(mut self, grace: Duration) {
-        for (_, t) in self.processes.drain(..) {
-            t.abort();
+        for p in self.processes.drain(..) {
+            p.abort.abort();
         }
         let servers: Vec<HttpServer> = self.servers.drain(..).map(|(_, s)| s).collect();
         futures_join(servers.into_iter().map(|s| s.shutdown(grace))).await;
@@ -148,31 +180,37 @@ impl Pod {
     /// Stops a container now: its HTTP listener closes, its process is aborted.
     pub fn stop_container(&mut self, name: &str) {
         self.servers.retain(|(n, _)| n != name);
-        self.processes.retain(|(n, t)| {
-            if n == name {
-                t.abort();
+        self.processes.retain(|p| {
+            if p.name == name {
+                p.abort.abort();
             }
-            n != name
+            p.name != name
         });
     }
 
-    /// The task of a CLI container, to await its exit; the caller now owns it (and aborts
-    /// it to stop the container).
+    /// The task of a CLI container, to await its exit. The pod still stops it (when the
+    /// container is stopped or the pod is dropped); the awaiting side then sees it
+    /// cancelled.
     pub fn take_process(
         &mut self,
         name: &str,
     ) -> Option<JoinHandle<Result<CliOutcome, ShimError>>> {
-        let i = self.processes.iter().position(|(n, _)| n == name)?;
-        Some(self.processes.remove(i).1)
+        self.processes
+            .iter_mut()
+            .find(|p| p.name == name)
+            .and_then(|p| p.task.take())
     }
 }
 
 impl Runtime {
-    /// An empty pod: its network, no containers yet.
-    pub fn new_pod(&self, ip: IpAddr, names: Option<NameResolver>) -> Pod {
+    /// An empty pod: its network, no containers yet. `key` names it in
+    /// [`Runtime::usage`] (the node uses `namespace/name/uid`).
+    pub fn new_pod(&self, key: &str, ip: IpAddr, names: Option<NameResolver>) -> Pod {
+        let net = PodNet::new(ip, names, self.config().net_limits);
+        self.pods.add(key.to_string(), &net);
         Pod {
             ip,
-            net: PodNet::new(ip, names, self.config().net_limits),
+            net,
             servers: Vec::new(),
             processes: Vec::new(),
         }
@@ -180,7 +218,7 @@ impl Runtime {
 
     /// Starts every container of a pod.
     pub async fn start_pod(&self, spec: PodSpec) -> Result<Pod, ShimError> {
-        let mut pod = self.new_pod(spec.ip, spec.names);
+        let mut pod = self.new_pod(&spec.name, spec.ip, spec.names);
         for c in spec.containers {
             pod.start_container(self, c).await?;
         }

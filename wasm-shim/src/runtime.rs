@@ -33,6 +33,14 @@ pub struct RuntimeConfig {
     pub epoch_tick: Duration,
     /// Per-pod caps on sockets, outgoing requests and handles.
     pub net_limits: NetLimits,
+    /// Largest component file [`Runtime::load_file`] reads.
+    pub max_component_bytes: u64,
+    /// Threads that run guests (0: one per CPU). They are separate from the threads of
+    /// the node's own work (API server, store, probes, heartbeats) and run at a lower
+    /// priority (`guest_nice`), so that busy guests cannot starve the node.
+    pub guest_threads: usize,
+    /// The nice value of the guest threads (0 to 19; higher yields more to the node).
+    pub guest_nice: i32,
 }
 
 impl Default for RuntimeConfig {
@@ -43,6 +51,9 @@ impl Default for RuntimeConfig {
             max_memory_bytes: 256 << 20,
             epoch_tick: Duration::from_millis(10),
             net_limits: NetLimits::default(),
+            max_component_bytes: 128 << 20,
+            guest_threads: 0,
+            guest_nice: 10,
         }
     }
 }
@@ -77,6 +88,46 @@ pub struct Runtime {
     pub(crate) linker: Arc<Linker<Host>>,
     cfg: RuntimeConfig,
     _ticker: Arc<Ticker>,
+    guests: Arc<GuestThreads>,
+    pub(crate) pods: Arc<crate::usage::Registry>,
+}
+
+/// The tokio runtime guests run on, apart from the node's own.
+struct GuestThreads {
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for GuestThreads {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which tokio forbids inside another runtime; the
+        // guests' tasks are cancelled either way.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl GuestThreads {
+    fn new(threads: usize, nice: i32) -> std::io::Result<Self> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("wasm-guest")
+            .on_thread_start(move || {
+                // A thread's nice value on Linux is per thread (setpriority on its tid).
+                let tid = rustix::thread::gettid();
+                if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
+                    tracing::warn!(error = %e, "could not lower the guest thread's priority");
+                }
+            })
+            .enable_all()
+            .build()?;
+        Ok(Self { rt: Some(rt) })
+    }
 }
 
 impl std::fmt::Debug for Runtime {
@@ -133,12 +184,33 @@ impl Runtime {
                 }
             })
             .map_err(|e| ShimError::Setup(e.to_string()))?;
+        let guests = GuestThreads::new(cfg.guest_threads, cfg.guest_nice)
+            .map_err(|e| ShimError::Setup(format!("starting the guest threads: {e}")))?;
         Ok(Self {
             engine,
             linker: Arc::new(linker),
             cfg,
             _ticker: Arc::new(Ticker { stop }),
+            guests: Arc::new(guests),
+            pods: Arc::default(),
         })
+    }
+
+    /// Runs a guest task on the guest threads.
+    pub(crate) fn spawn_guest<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.guests.rt {
+            Some(rt) => rt.spawn(fut),
+            None => tokio::spawn(fut),
+        }
+    }
+
+    /// What every pod with anything still alive uses of the node.
+    pub fn usage(&self) -> Vec<crate::usage::PodUsage> {
+        self.pods.snapshot()
     }
 
     /// The network of a component run on its own: the node's loopback, no name overrides.
@@ -151,11 +223,13 @@ impl Runtime {
     }
 
     /// Loads (compiling or from the cache) the component in a file.
+    ///
+    /// This blocks (reading, compiling): async callers run it on a blocking thread. The
+    /// read is bounded by [`RuntimeConfig::max_component_bytes`], and only a regular file
+    /// is read: a FIFO or a device named as an image is refused without being opened for
+    /// a blocking read.
     pub fn load_file(&self, path: &Path) -> Result<Component, ShimError> {
-        let wasm = std::fs::read(path).map_err(|source| ShimError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let wasm = read_bounded(path, self.cfg.max_component_bytes)?;
         crate::cache::load(&self.engine, &wasm, path, self.cfg.cache_dir.as_deref())
     }
 
@@ -212,8 +286,11 @@ impl Runtime {
         let hit_memory = Arc::new(AtomicBool::new(false));
         let mut table = ResourceTable::new();
         table.set_max_capacity(self.cfg.net_limits.max_handles);
+        let usage = net.usage.clone();
+        let instance = usage.instance();
         let net = StoreNet::new(net);
         let host = Host {
+            _instance: instance,
             hooks: net.hooks(),
             net,
             wasi,
@@ -227,17 +304,66 @@ impl Runtime {
                 },
                 max_tables_elements: 1 << 20,
                 hit_memory: hit_memory.clone(),
+                usage: usage.clone(),
+                held: 0,
             },
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limits);
         let deadline = budget.map(|b| Instant::now() + b);
-        store.epoch_deadline_callback(move |_| match deadline {
-            Some(d) if Instant::now() >= d => Err(DeadlineExceeded.into()),
+        store.epoch_deadline_callback(move |_| {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(DeadlineExceeded.into());
+            }
+            // A pod past its CPU quota is parked until its period ends.
+            if let Some(until) = usage.throttled_until() {
+                let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(until));
+                return Ok(UpdateDeadline::YieldCustom(1, Box::pin(sleep)));
+            }
             // Yield at every tick, so a busy guest shares the thread with its neighbours.
-            _ => Ok(UpdateDeadline::Yield(1)),
+            Ok(UpdateDeadline::Yield(1))
         });
         store.set_epoch_deadline(1);
         (store, hit_memory)
     }
+}
+
+/// Reads a regular file of at most `max` bytes. The file is opened non-blocking, so a
+/// FIFO cannot hold the caller until a writer appears, and checked through the open
+/// handle, so it cannot be swapped between the check and the read.
+pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ShimError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| ShimError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(ShimError::InvalidComponent {
+            path: path.to_path_buf(),
+            reason: "not a regular file".into(),
+        });
+    }
+    if meta.len() > max {
+        return Err(ShimError::InvalidComponent {
+            path: path.to_path_buf(),
+            reason: format!("{} bytes, more than the {max}-byte limit", meta.len()),
+        });
+    }
+    let mut wasm = Vec::with_capacity(meta.len() as usize);
+    // The length can change under us; the read is bounded all the same.
+    file.take(max + 1).read_to_end(&mut wasm).map_err(io)?;
+    if wasm.len() as u64 > max {
+        return Err(ShimError::InvalidComponent {
+            path: path.to_path_buf(),
+            reason: format!("more than the {max}-byte limit"),
+        });
+    }
+    Ok(wasm)
 }

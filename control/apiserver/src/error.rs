@@ -219,11 +219,13 @@ impl From<baton_store::Error> for ApiError {
             E::ValueTooLarge { size, limit } | E::RequestTooLarge { size, limit } => {
                 ApiError::TooLarge { size, limit }
             }
-            E::NoLeader { .. } | E::Unavailable { .. } | E::Closed | E::Transport { .. } => {
-                ApiError::Unavailable {
-                    message: e.to_string(),
-                }
-            }
+            E::NoLeader { .. }
+            | E::Unavailable { .. }
+            | E::Closed
+            | E::Transport { .. }
+            | E::NoSpace { .. } => ApiError::Unavailable {
+                message: e.to_string(),
+            },
             other => ApiError::Internal {
                 message: other.to_string(),
             },

@@ -120,6 +120,35 @@ async fn proxy_logs(objects: &Objects, pki: &Pki, req: Request) -> ApiResult<Res
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ApiError::bad_request(format!("pod {name} does not have a host assigned")))?
         .to_string();
+    let mut query: Vec<String> = Vec::new();
+    for k in [
+        "follow",
+        "tailLines",
+        "sinceSeconds",
+        "sinceTime",
+        "timestamps",
+        "previous",
+        "limitBytes",
+    ] {
+        if let Some(v) = q(&req, k) {
+            query.push(format!("{k}={}", url_encode(v)));
+        }
+    }
+    let path = format!("/containerLogs/{ns}/{name}/{container}?{}", query.join("&"));
+    node_get(objects, pki, &node, &path).await
+}
+
+/// `GET nodes/NAME/proxy/PATH`: the node's own endpoint, as kube-apiserver proxies a
+/// kubelet's (`/metrics` here).
+pub async fn node_proxy(objects: &Objects, pki: &Pki, node: &str, path: &str) -> Response {
+    match node_get(objects, pki, node, &format!("/{path}")).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A GET to a node's endpoint over mutually authenticated TLS, its body streamed back.
+async fn node_get(objects: &Objects, pki: &Pki, node: &str, path: &str) -> ApiResult<Response> {
     let nodes = resources::by_kind("Node").ok_or_else(|| ApiError::internal("no Node resource"))?;
     let (node_obj, _) = objects
         .get(nodes, None, &node, ReadAt::Latest)
@@ -141,21 +170,6 @@ async fn proxy_logs(objects: &Objects, pki: &Pki, req: Request) -> ApiResult<Res
         .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p != 0)
         .ok_or_else(|| ApiError::bad_request(format!("node {node} serves no logs endpoint")))?;
-    let mut query: Vec<String> = Vec::new();
-    for k in [
-        "follow",
-        "tailLines",
-        "sinceSeconds",
-        "sinceTime",
-        "timestamps",
-        "previous",
-        "limitBytes",
-    ] {
-        if let Some(v) = q(&req, k) {
-            query.push(format!("{k}={}", url_encode(v)));
-        }
-    }
-    let path = format!("/containerLogs/{ns}/{name}/{container}?{}", query.join("&"));
     let unavailable = |e: String| ApiError::Unavailable {
         message: format!("cannot reach node {node} at {address}:{port}: {e}"),
     };

@@ -237,8 +237,41 @@ fn reorder(list: &mut Vec<Value>, order: &[Value], strategy: ListMerge) {
     *list = ordered;
 }
 
+/// Operations one JSON patch may have, as kube-apiserver bounds them.
+pub const MAX_JSON_PATCH_OPERATIONS: usize = 10_000;
+
+/// The size of a value serialized as JSON, without building the text.
+fn json_size(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
 /// Applies a patch of the given type to `target`.
 pub fn apply_patch(ty: PatchType, target: &mut Value, patch: &Value) -> ApiResult<()> {
+    apply_unchecked(ty, target, patch)?;
+    // No object larger than a request may be: what a patch makes is bounded as a body is.
+    let size = json_size(target);
+    if size > crate::rest::MAX_BODY_BYTES {
+        return Err(ApiError::TooLarge {
+            size,
+            limit: crate::rest::MAX_BODY_BYTES,
+        });
+    }
+    Ok(())
+}
+
+fn apply_unchecked(ty: PatchType, target: &mut Value, patch: &Value) -> ApiResult<()> {
     match ty {
         PatchType::Merge => {
             json_patch::merge(target, patch);
@@ -247,16 +280,45 @@ pub fn apply_patch(ty: PatchType, target: &mut Value, patch: &Value) -> ApiResul
         PatchType::Json => {
             let p: json_patch::Patch = serde_json::from_value(patch.clone())
                 .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
-            json_patch::patch(target, &p).map_err(|e| ApiError::Invalid {
-                group: String::new(),
-                kind: "JSONPatch".into(),
-                name: String::new(),
-                causes: vec![crate::error::FieldError {
-                    field: String::new(),
-                    reason: "FieldValueInvalid",
-                    message: e.to_string(),
-                }],
-            })
+            if p.0.len() > MAX_JSON_PATCH_OPERATIONS {
+                return Err(ApiError::TooLarge {
+                    size: p.0.len(),
+                    limit: MAX_JSON_PATCH_OPERATIONS,
+                });
+            }
+            // `copy` and `add` can double a document per operation: a few hundred bytes of
+            // patch would otherwise build gigabytes before the size check at the end. The
+            // result's size is bounded as it grows: each operation adds at most the size
+            // of the value it puts in (removals are not credited, which only refuses
+            // sooner a patch that moves that much around).
+            let mut size = json_size(target);
+            for op in p.0 {
+                size += match &op {
+                    json_patch::PatchOperation::Add(a) => json_size(&a.value),
+                    json_patch::PatchOperation::Replace(r) => json_size(&r.value),
+                    json_patch::PatchOperation::Copy(c) => {
+                        target.pointer(&c.from.to_string()).map_or(0, json_size)
+                    }
+                    _ => 0,
+                };
+                if size > crate::rest::MAX_BODY_BYTES {
+                    return Err(ApiError::TooLarge {
+                        size,
+                        limit: crate::rest::MAX_BODY_BYTES,
+                    });
+                }
+                json_patch::patch(target, &[op]).map_err(|e| ApiError::Invalid {
+                    group: String::new(),
+                    kind: "JSONPatch".into(),
+                    name: String::new(),
+                    causes: vec![crate::error::FieldError {
+                        field: String::new(),
+                        reason: "FieldValueInvalid",
+                        message: e.to_string(),
+                    }],
+                })?;
+            }
+            Ok(())
         }
         PatchType::Strategic | PatchType::Apply => strategic_merge(target, patch),
     }
@@ -316,6 +378,19 @@ mod tests {
         let mut obj = json!({"a": {"b": 1, "c": 2}});
         strategic_merge(&mut obj, &json!({"a": {"$patch": "replace", "d": 3}})).unwrap();
         assert_eq!(obj, json!({"a": {"d": 3}}));
+    }
+
+    #[test]
+    fn json_patch_amplification_is_refused_as_it_grows() {
+        let mut doc = json!({"metadata": {"name": "x"}, "data": {"a": "x".repeat(1000)}});
+        // Each copy doubles `data`; 18 of them would be a quarter of a gigabyte.
+        let mut ops = Vec::new();
+        for i in 0..18 {
+            ops.push(json!({"op": "copy", "from": "/data", "path": format!("/data/c{i}")}));
+        }
+        let err = apply_patch(PatchType::Json, &mut doc, &Value::Array(ops)).unwrap_err();
+        assert!(matches!(err, ApiError::TooLarge { .. }), "{err:?}");
+        assert!(json_size(&doc) < 4 << 20);
     }
 
     #[test]

@@ -290,7 +290,19 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segs.as_slice() {
         ["version"] => return json_ok(&discovery::version()),
-        ["healthz"] | ["readyz"] | ["livez"] => return (StatusCode::OK, "ok").into_response(),
+        ["healthz"] | ["livez"] => return (StatusCode::OK, "ok").into_response(),
+        // Ready means the store can take writes: a full disk or a lost leader is
+        // reported here, as kube-apiserver's etcd check does.
+        ["readyz"] => {
+            return match api.objects.store.health() {
+                Ok(()) => (StatusCode::OK, "ok").into_response(),
+                Err(e) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("[-]etcd failed: {e}\nreadyz check failed\n"),
+                )
+                    .into_response(),
+            }
+        }
         ["api"] => return discovery_response(true, &accept),
         ["apis"] => return discovery_response(false, &accept),
         ["api", v] => {
@@ -313,6 +325,12 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
                 Some(u) => crate::nodelink::issue_certificate(&api.pki, u, node, &body),
                 None => ApiError::Unauthorized.into_response(),
             }
+        }
+        ["api", "v1", "nodes", node, "proxy", rest @ ..]
+            if parts.method == http::Method::GET && !rest.is_empty() =>
+        {
+            return crate::nodelink::node_proxy(&api.objects, &api.pki, node, &rest.join("/"))
+                .await;
         }
         ["openapi", "v3"] => return json_ok(&discovery::openapi_index()),
         ["openapi", "v3", "api", v] => {

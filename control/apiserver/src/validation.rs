@@ -242,6 +242,157 @@ pub fn metadata(
     errs
 }
 
+/// Containers (init containers included) one pod may have. Each running container holds
+/// one of the node's instance slots and a status entry that the node rewrites on every
+/// change; past a few dozen, a pod's status alone approaches the object size limit and
+/// every container exit rewrites all of it. Kubernetes leaves this to the object size;
+/// Baton refuses early, with a clear field error.
+pub const MAX_CONTAINERS: usize = 64;
+
+/// The pod spec rules: containers, volumes and how containers mount them.
+fn pod_spec(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
+    containers(spec, path, errs);
+    let inits = spec
+        .get("initContainers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let apps = spec
+        .get("containers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    if inits + apps > MAX_CONTAINERS {
+        errs.push(FieldError {
+            field: format!("{path}.containers"),
+            reason: "FieldValueTooMany",
+            message: format!(
+                "Too many: {}: must have at most {MAX_CONTAINERS} items (containers and initContainers together)",
+                inits + apps
+            ),
+        });
+    }
+    let mut volumes = BTreeSet::new();
+    for (i, v) in spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let p = format!("{path}.volumes[{i}]");
+        match v.get("name").and_then(Value::as_str) {
+            None | Some("") => errs.push(FieldError::required(format!("{p}.name"))),
+            Some(n) => {
+                if let Err(why) = dns1123_label(n) {
+                    errs.push(FieldError::invalid(format!("{p}.name"), n, why));
+                } else if !volumes.insert(n.to_string()) {
+                    errs.push(FieldError {
+                        field: format!("{p}.name"),
+                        reason: "FieldValueDuplicate",
+                        message: format!("Duplicate value: {n:?}"),
+                    });
+                }
+            }
+        }
+        if let Some(h) = v.get("hostPath") {
+            let hp = h.get("path").and_then(Value::as_str).unwrap_or("");
+            if hp.is_empty() {
+                errs.push(FieldError::required(format!("{p}.hostPath.path")));
+            } else if has_dot_dot(hp) {
+                errs.push(FieldError::invalid(
+                    format!("{p}.hostPath.path"),
+                    hp,
+                    "must not contain '..'",
+                ));
+            }
+        }
+    }
+    for (list, kind) in [
+        ("initContainers", "initContainers"),
+        ("containers", "containers"),
+    ] {
+        for (i, c) in spec
+            .get(list)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            for (j, m) in c
+                .get("volumeMounts")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                volume_mount(
+                    m,
+                    &format!("{path}.{kind}[{i}].volumeMounts[{j}]"),
+                    &volumes,
+                    errs,
+                );
+            }
+        }
+    }
+}
+
+/// Whether a path has a `..` element (which could lead out of where it is joined).
+fn has_dot_dot(p: &str) -> bool {
+    p.split(['/', '\\']).any(|e| e == "..")
+}
+
+fn volume_mount(m: &Value, p: &str, volumes: &BTreeSet<String>, errs: &mut Vec<FieldError>) {
+    match m.get("name").and_then(Value::as_str) {
+        None | Some("") => errs.push(FieldError::required(format!("{p}.name"))),
+        Some(n) if !volumes.contains(n) => errs.push(FieldError {
+            field: format!("{p}.name"),
+            reason: "FieldValueNotFound",
+            message: format!("Not found: {n:?}"),
+        }),
+        Some(_) => {}
+    }
+    match m.get("mountPath").and_then(Value::as_str) {
+        None | Some("") => errs.push(FieldError::required(format!("{p}.mountPath"))),
+        Some(mp) if !mp.starts_with('/') => errs.push(FieldError::invalid(
+            format!("{p}.mountPath"),
+            mp,
+            "must be an absolute path",
+        )),
+        Some(mp) if has_dot_dot(mp) || mp.contains('\0') => errs.push(FieldError::invalid(
+            format!("{p}.mountPath"),
+            mp,
+            "must not contain '..'",
+        )),
+        Some(_) => {}
+    }
+    let sub = m.get("subPath").and_then(Value::as_str).unwrap_or("");
+    let expr = m.get("subPathExpr").and_then(Value::as_str).unwrap_or("");
+    if !sub.is_empty() && !expr.is_empty() {
+        errs.push(FieldError::invalid(
+            format!("{p}.subPathExpr"),
+            expr,
+            "subPathExpr and subPath are mutually exclusive",
+        ));
+    }
+    for (field, v) in [("subPath", sub), ("subPathExpr", expr)] {
+        if v.is_empty() {
+            continue;
+        }
+        if v.starts_with('/') {
+            errs.push(FieldError::invalid(
+                format!("{p}.{field}"),
+                v,
+                "must be a relative path",
+            ));
+        } else if has_dot_dot(v) || v.contains('\0') {
+            errs.push(FieldError::invalid(
+                format!("{p}.{field}"),
+                v,
+                "must not contain '..'",
+            ));
+        }
+    }
+}
+
 fn containers(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
     let list = spec.get("containers").and_then(Value::as_array);
     match list {
@@ -306,7 +457,7 @@ fn selector_matches_template(obj: &Value, errs: &mut Vec<FieldError>) {
         ));
     }
     if let Some(spec) = obj.pointer("/spec/template/spec") {
-        containers(spec, "spec.template.spec", errs);
+        pod_spec(spec, "spec.template.spec", errs);
     } else {
         errs.push(FieldError::required("spec.template.spec.containers"));
     }
@@ -317,7 +468,7 @@ pub fn kind_rules(kind: &str, obj: &Value) -> Vec<FieldError> {
     let mut errs = Vec::new();
     match kind {
         "Pod" => match obj.get("spec") {
-            Some(spec) => containers(spec, "spec", &mut errs),
+            Some(spec) => pod_spec(spec, "spec", &mut errs),
             None => errs.push(FieldError::required("spec.containers")),
         },
         "Deployment" | "ReplicaSet" => {
@@ -334,7 +485,7 @@ pub fn kind_rules(kind: &str, obj: &Value) -> Vec<FieldError> {
         }
         "Job" => {
             if let Some(spec) = obj.pointer("/spec/template/spec") {
-                containers(spec, "spec.template.spec", &mut errs);
+                pod_spec(spec, "spec.template.spec", &mut errs);
                 let policy = spec
                     .get("restartPolicy")
                     .and_then(Value::as_str)

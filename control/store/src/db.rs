@@ -88,6 +88,11 @@ pub(crate) fn open(dir: &Path, member_id: u64) -> Result<Arc<DB>, DbError> {
     opts.create_if_missing(fresh);
     opts.create_missing_column_families(fresh);
     opts.set_paranoid_checks(true);
+    // A damaged write-ahead log must stop the store, not shorten it: the default
+    // (point-in-time recovery) replays up to the first bad record and silently drops
+    // every committed write after it. With absolute consistency the open fails and names
+    // the damage; `baton store repair` or rejoining from peers recovers (see the README).
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::AbsoluteConsistency);
     opts.set_max_background_jobs(2);
     // Writers waiting for the group-commit leader block instead of spinning: on a
     // two-core machine a spinning writer steals the core the leader needs.

@@ -45,6 +45,14 @@ pub enum Error {
     /// member died mid-request): a write's outcome is unknown.
     #[error("store unavailable: {reason}")]
     Unavailable { reason: String },
+    /// The disk under the store is (nearly) full: the write was refused before it could
+    /// reach the log, so nothing was written, and writes resume once space is freed.
+    #[error("the disk holding the store in {path} is full ({free} bytes free, {reserve} kept in reserve): writes are refused until space is freed; nothing was written")]
+    NoSpace {
+        path: std::path::PathBuf,
+        free: u64,
+        reserve: u64,
+    },
     /// The store (or this watch) was shut down.
     #[error("store is shut down")]
     Closed,

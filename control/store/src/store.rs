@@ -54,6 +54,9 @@ pub struct StoreConfig {
     pub auto_compaction: Option<AutoCompaction>,
     /// Most transactions per Raft entry.
     pub max_batch: usize,
+    /// Writes are refused while the disk has less free space than this (or than a
+    /// twentieth of the disk, if smaller); see [`Store::check_disk`].
+    pub disk_reserve_bytes: u64,
 }
 
 impl StoreConfig {
@@ -78,6 +81,7 @@ impl StoreConfig {
                 retain: 1000,
             }),
             max_batch: 1024,
+            disk_reserve_bytes: 256 << 20,
         }
     }
 }
@@ -263,6 +267,7 @@ impl Store {
 
     pub(crate) async fn txn_inner(&self, txn: Txn, forwarded: bool) -> Result<TxnResponse, Error> {
         validate_txn(&txn)?;
+        self.check_disk()?;
         let mut leader_wait = true;
         loop {
             let (reply, rx) = oneshot::channel();
@@ -631,6 +636,46 @@ impl Store {
             compact_revision: self.inner.mvcc.compact_revision(),
             members,
         }
+    }
+
+    /// Refuses writes while the store's disk is below its reserve. RocksDB that meets a
+    /// full disk mid-write stops taking writes for good (a background error only a
+    /// reopen clears), and Raft stops with it; keeping a reserve, as etcd's space quota
+    /// does, means the disk never fills under the store, and writes resume by themselves
+    /// once space returns.
+    pub fn check_disk(&self) -> Result<(), Error> {
+        let dir = &self.inner.cfg.data_dir;
+        let Ok(st) = rustix::fs::statvfs(dir) else {
+            return Ok(());
+        };
+        let block = st.f_frsize.max(1);
+        let free = st.f_bavail.saturating_mul(block);
+        let total = st.f_blocks.saturating_mul(block);
+        let reserve = (total / 20).min(self.inner.cfg.disk_reserve_bytes);
+        if free < reserve {
+            return Err(Error::NoSpace {
+                path: dir.clone(),
+                free,
+                reserve,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether this member can serve: its disk has room and a leader is known. What
+    /// `/readyz` reports.
+    pub fn health(&self) -> Result<(), Error> {
+        self.check_disk()?;
+        let m = self.inner.raft.metrics().borrow().clone();
+        if let Err(e) = &m.running_state {
+            return Err(Error::Raft(e.to_string()));
+        }
+        if m.current_leader.is_none() {
+            return Err(Error::NoLeader {
+                reason: "no leader is known".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Whether this member currently believes it leads.

@@ -1,0 +1,330 @@
+//! What one pod uses of the node, and the CPU quota that bounds it.
+//!
+//! Every instance (a wasmtime store) and every guest task of a pod is counted here while
+//! it lives, so that "nothing outlives its pod" is a number one can read: after a pod is
+//! stopped its instances, tasks and sockets are zero (see [`PodUsage`]).
+//!
+//! ## CPU
+//! Guest CPU time is measured as the time spent inside the polls of the pod's guest
+//! futures ([`Metered`]): a guest runs only while its future is polled, and it yields at
+//! every epoch tick, so the poll time is the CPU the pod took from the runtime's threads,
+//! host calls included.
+//!
+//! `resources.limits.cpu` becomes a quota per [`CPU_PERIOD`], as CFS bandwidth control
+//! enforces it for containers: `limit × period` of CPU time per period, summed over all
+//! the pod's instances. At each epoch tick a running guest checks its pod's account; a
+//! pod past its quota is parked until the period ends (the store yields with a sleep),
+//! which is what CFS throttling does to a cgroup.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// The CFS period: quotas are enforced per 100 ms, as the kernel's default.
+pub const CPU_PERIOD: Duration = Duration::from_millis(100);
+
+/// A snapshot of one pod's use of the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodUsage {
+    /// The pod's key as the node named it (`namespace/name/uid`).
+    pub pod: String,
+    /// Live wasmtime stores: running CLI components and in-flight HTTP requests.
+    pub instances: usize,
+    /// Live guest tasks (a CLI process, a request, an HTTP server).
+    pub tasks: usize,
+    /// Open TCP sockets.
+    pub sockets: usize,
+    /// CPU time the pod's guests have used, in nanoseconds.
+    pub cpu_nanos: u64,
+    /// Periods in which the pod hit its CPU quota and was parked.
+    pub throttled_periods: u64,
+    /// Linear memory its live instances hold, in bytes.
+    pub memory_bytes: usize,
+}
+
+/// The account of one pod, shared by its instances and tasks.
+#[derive(Debug, Default)]
+pub(crate) struct Usage {
+    instances: AtomicUsize,
+    tasks: AtomicUsize,
+    cpu_nanos: AtomicU64,
+    throttled: AtomicU64,
+    quota: Mutex<Quota>,
+    memory: AtomicUsize,
+    /// The pod's memory limit over all its instances; 0 is none.
+    memory_limit: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Quota {
+    /// CPU time allowed per period; None is unlimited.
+    per_period: Option<Duration>,
+    /// The period `used` counts for.
+    period: u64,
+    used: Duration,
+    /// Whether this period has been counted as throttled already.
+    throttled: bool,
+}
+
+/// Periods are numbered from one process-wide origin, so that every pod's periods line up.
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+fn period_of(t: Instant) -> u64 {
+    (t.saturating_duration_since(origin()).as_nanos() / CPU_PERIOD.as_nanos()) as u64
+}
+
+fn period_end(period: u64) -> Instant {
+    origin() + Duration::from_nanos(CPU_PERIOD.as_nanos() as u64 * (period + 1))
+}
+
+impl Usage {
+    /// Sets the pod's CPU limit in millicores (None: unlimited).
+    pub fn set_cpu_limit(&self, millis: Option<u64>) {
+        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+        q.per_period = millis.map(|m| CPU_PERIOD * (m as u32) / 1000);
+    }
+
+    /// Limits the linear memory of all the pod's instances together (None: no limit).
+    pub fn set_memory_limit(&self, bytes: Option<usize>) {
+        self.memory_limit
+            .store(bytes.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Takes `delta` more bytes of memory for an instance, if the pod's limit allows.
+    pub fn grow_memory(&self, delta: usize) -> bool {
+        let limit = self.memory_limit.load(Ordering::Relaxed);
+        let mut cur = self.memory.load(Ordering::Relaxed);
+        loop {
+            if limit != 0 && cur.saturating_add(delta) > limit {
+                return false;
+            }
+            match self.memory.compare_exchange_weak(
+                cur,
+                cur + delta,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Gives back memory an instance held.
+    pub fn release_memory(&self, bytes: usize) {
+        self.memory.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Adds `d` of CPU time, spent now.
+    pub fn charge(&self, d: Duration) {
+        self.cpu_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+        if q.per_period.is_none() {
+            return;
+        }
+        let p = period_of(Instant::now());
+        if p != q.period {
+            // Time spent beyond the quota in a period is not carried over: CFS refills
+            // the quota at each period, and so the debt of one long poll is forgiven.
+            q.period = p;
+            q.used = Duration::ZERO;
+            q.throttled = false;
+        }
+        q.used += d;
+    }
+
+    /// If the pod has used its quota for this period: when the period ends.
+    pub fn throttled_until(&self) -> Option<Instant> {
+        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+        let per = q.per_period?;
+        let now = Instant::now();
+        let p = period_of(now);
+        if p != q.period || q.used < per {
+            return None;
+        }
+        if !q.throttled {
+            q.throttled = true;
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(period_end(p))
+    }
+
+    pub fn instance(self: &Arc<Self>) -> InstanceGuard {
+        self.instances.fetch_add(1, Ordering::Relaxed);
+        InstanceGuard(self.clone())
+    }
+
+    pub fn snapshot(&self, pod: &str, sockets: usize) -> PodUsage {
+        PodUsage {
+            pod: pod.to_string(),
+            instances: self.instances.load(Ordering::Relaxed),
+            tasks: self.tasks.load(Ordering::Relaxed),
+            sockets,
+            cpu_nanos: self.cpu_nanos.load(Ordering::Relaxed),
+            throttled_periods: self.throttled.load(Ordering::Relaxed),
+            memory_bytes: self.memory.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Counts one live instance of a pod; held by the instance's store.
+#[derive(Debug)]
+pub(crate) struct InstanceGuard(Arc<Usage>);
+
+impl Drop for InstanceGuard {
+    fn drop(&mut self) {
+        self.0.instances.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A guest future that is counted as one of its pod's tasks while it exists, and whose
+/// polls are charged to the pod as CPU time.
+pub(crate) struct Metered<F> {
+    inner: Pin<Box<F>>,
+    usage: Arc<Usage>,
+}
+
+impl<F> Metered<F> {
+    pub fn new(usage: Arc<Usage>, inner: F) -> Self {
+        usage.tasks.fetch_add(1, Ordering::Relaxed);
+        Self {
+            inner: Box::pin(inner),
+            usage,
+        }
+    }
+}
+
+impl<F> Drop for Metered<F> {
+    fn drop(&mut self) {
+        self.usage.tasks.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<F: Future> Future for Metered<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let t = Instant::now();
+        let out = self.inner.as_mut().poll(cx);
+        self.usage.charge(t.elapsed());
+        out
+    }
+}
+
+/// Every pod the runtime has made, by key, while anything of it lives.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    pods: Mutex<Vec<(String, Weak<crate::net::PodNet>)>>,
+}
+
+impl Registry {
+    pub fn add(&self, key: String, pod: &Arc<crate::net::PodNet>) {
+        let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        pods.retain(|(_, w)| w.strong_count() > 0);
+        pods.push((key, Arc::downgrade(pod)));
+    }
+
+    /// The usage of every pod of which anything is still alive: a pod that was stopped
+    /// and left nothing behind is not listed.
+    pub fn snapshot(&self) -> Vec<PodUsage> {
+        let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        pods.retain(|(_, w)| w.strong_count() > 0);
+        pods.iter()
+            .filter_map(|(k, w)| w.upgrade().map(|p| p.usage.snapshot(k, p.open_sockets())))
+            .collect()
+    }
+}
+
+/// Aborts a task when dropped: what a pod owns stops when the pod lets go of it.
+#[derive(Debug)]
+pub(crate) struct AbortOnDrop<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T> AbortOnDrop<T> {
+    pub fn new(task: tokio::task::JoinHandle<T>) -> Self {
+        Self(Some(task))
+    }
+
+    /// Lets the task run to its end on its own.
+    pub fn detach(mut self) {
+        self.0.take();
+    }
+
+    /// Waits for the task's end.
+    pub async fn join(&mut self) -> Result<T, tokio::task::JoinError> {
+        match self.0.as_mut() {
+            Some(t) => t.await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_throttles_within_a_period_and_refills_at_the_next() {
+        let u = Usage::default();
+        u.set_cpu_limit(Some(100)); // 10 ms per 100 ms period
+        assert!(u.throttled_until().is_none());
+        u.charge(Duration::from_millis(4));
+        assert!(u.throttled_until().is_none());
+        u.charge(Duration::from_millis(7));
+        let until = u.throttled_until();
+        // The charge may have straddled a period boundary; if so, the next one throttles.
+        if until.is_none() {
+            u.charge(Duration::from_millis(11));
+        }
+        let until = u.throttled_until().expect("over quota");
+        assert!(until > Instant::now());
+        assert!(until <= Instant::now() + CPU_PERIOD);
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        assert!(u.throttled_until().is_none(), "a new period starts fresh");
+        assert!(u.snapshot("p", 0).throttled_periods >= 1);
+    }
+
+    #[test]
+    fn memory_is_limited_over_all_instances() {
+        let u = Usage::default();
+        u.set_memory_limit(Some(100));
+        assert!(u.grow_memory(60));
+        assert!(
+            !u.grow_memory(60),
+            "two instances together are over the limit"
+        );
+        u.release_memory(60);
+        assert!(u.grow_memory(60));
+        assert_eq!(u.snapshot("p", 0).memory_bytes, 60);
+    }
+
+    #[test]
+    fn unlimited_pods_are_never_throttled() {
+        let u = Usage::default();
+        u.charge(Duration::from_secs(5));
+        assert!(u.throttled_until().is_none());
+        assert_eq!(u.snapshot("p", 0).cpu_nanos, 5_000_000_000);
+    }
+
+    #[test]
+    fn period_end_is_after_now_and_within_a_period() {
+        let now = Instant::now();
+        let end = period_end(period_of(now));
+        assert!(end > now, "{end:?} {now:?}");
+        assert!(end <= now + CPU_PERIOD);
+    }
+}
