@@ -144,6 +144,10 @@ pub struct NodeArgs {
     /// hostPath volume is refused.
     #[arg(long = "allow-host-path", value_name = "DIR")]
     pub allow_host_path: Vec<PathBuf>,
+    /// The memory limit of a container that sets none (bytes, or a quantity such as
+    /// 64Mi): charged against the node's memory, and enforced.
+    #[arg(long = "default-memory-limit", default_value = "64Mi")]
+    pub default_memory_limit: String,
     #[command(flatten)]
     pub registry: crate::oci_cli::RegistryArgs,
 }
@@ -157,6 +161,8 @@ impl NodeArgs {
         cfg.kubelet_port = self.kubelet_port;
         cfg.local_images = self.local_images.clone();
         cfg.settings.allowed_host_paths = self.allow_host_path.clone();
+        cfg.default_memory_limit = baton_kube::quantity::whole(&self.default_memory_limit)
+            .map_err(|e| anyhow::anyhow!("--default-memory-limit: {e}"))?;
         Ok(cfg)
     }
 }

@@ -161,6 +161,13 @@ enum StoreVerb {
     Compact { revision: i64 },
     /// Remove a member from the cluster.
     RemoveMember { id: u64 },
+    /// Recover a stopped member whose write-ahead log is damaged, offline: keep what
+    /// precedes the damage, drop the rest. The data dir is the one `baton up` or
+    /// `baton server` was given. In a cluster, prefer rejoining from the peers.
+    Repair {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 fn default_data_dir() -> PathBuf {
@@ -429,8 +436,24 @@ async fn join(store: &Store, seed: &str, addr: &str) -> Result<()> {
 }
 
 async fn store_verb(args: StoreArgs) -> Result<()> {
+    if let StoreVerb::Repair { data_dir } = &args.verb {
+        // `baton up` keeps its store in DIR/store; `baton server`, in DIR itself.
+        let dir = if data_dir.join("store").is_dir() {
+            data_dir.join("store")
+        } else {
+            data_dir.clone()
+        };
+        let done = baton_store::repair(&dir)
+            .with_context(|| format!("failed to repair the store in {}", dir.display()))?;
+        println!(
+            "repaired {}: kept what preceded the damage; writes after it are lost",
+            done.path.display()
+        );
+        return Ok(());
+    }
     let client = StoreClient::new(args.endpoints);
     match args.verb {
+        StoreVerb::Repair { .. } => unreachable!("handled above"),
         StoreVerb::Status => {
             let s = client.status().await?;
             println!(

@@ -147,3 +147,67 @@ pub async fn up(bin: &Path, extra: &[&str]) -> Result<Up> {
         _dir: dir,
     })
 }
+
+/// An HTTP/1.1 load generator: keep-alive connections sending requests back to back.
+pub mod http {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{ensure, Result};
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+
+    type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+    /// A connection to `addr`, ready to send requests.
+    pub async fn connect(addr: SocketAddr) -> Result<Sender> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    /// One `GET /bench`, its body read: how long it took.
+    pub async fn request(sender: &mut Sender) -> Result<Duration> {
+        let req = hyper::Request::get("/bench")
+            .header(hyper::header::HOST, "bench")
+            .body(Empty::<Bytes>::new())?;
+        let t0 = Instant::now();
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        ensure!(status == 200, "status {status}: {body:?}");
+        Ok(t0.elapsed())
+    }
+
+    /// One request on a fresh connection.
+    pub async fn get_once(addr: SocketAddr) -> Result<()> {
+        request(&mut connect(addr).await?).await.map(|_| ())
+    }
+
+    /// One keep-alive connection sending requests back to back until the deadline.
+    pub async fn client(addr: SocketAddr, deadline: Instant) -> Result<Vec<Duration>> {
+        let mut sender = connect(addr).await?;
+        let mut lat = Vec::new();
+        while Instant::now() < deadline {
+            lat.push(request(&mut sender).await?);
+        }
+        Ok(lat)
+    }
+
+    /// Runs `clients` connections against `addr` for `secs`: (requests/s, latencies).
+    pub async fn load(addr: SocketAddr, clients: usize, secs: f64) -> Result<(f64, Vec<Duration>)> {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(secs);
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| tokio::spawn(client(addr, deadline)))
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        Ok((all.len() as f64 / start.elapsed().as_secs_f64(), all))
+    }
+}

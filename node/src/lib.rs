@@ -13,6 +13,7 @@
 //!
 //! Images are paths on the node until registry pulls arrive ([`images`]).
 
+pub mod budget;
 pub mod config;
 pub mod images;
 pub mod ipam;
@@ -82,6 +83,9 @@ pub struct NodeConfig {
     /// Directories from which an image may be a node path (`/dir/x.wasm`); empty (the
     /// default) refuses every image that is a path.
     pub local_images: Vec<PathBuf>,
+    /// The memory limit of a container that sets none: what it is charged against the
+    /// node's allocatable memory, and what its instances may hold together.
+    pub default_memory_limit: u64,
 }
 
 impl NodeConfig {
@@ -119,6 +123,7 @@ impl NodeConfig {
             oci: baton_oci::OciConfig::new(data_dir.join("images")),
             image_cache_max_bytes: 10 << 30,
             local_images: Vec::new(),
+            default_memory_limit: 64 << 20,
             runtime,
         }
     }
@@ -188,6 +193,7 @@ pub async fn run(
         resolvers: Some(resolvers),
         services: Some(services),
         logs: logs.clone(),
+        memory: budget::MemoryBudget::new(cfg.capacity.memory, cfg.default_memory_limit),
     });
     register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await?;
     let heartbeat = {

@@ -182,12 +182,20 @@ fn text(status: u16, body: String) -> hyper::Response<Body> {
     r
 }
 
+/// A metric family: name, type, help, and its value for one pod.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&baton_wasm_shim::PodUsage) -> String,
+);
+
 /// The sandbox's per-pod figures in the Prometheus text format.
 fn metrics(sandbox: Option<&baton_wasm_shim::Runtime>) -> String {
     use std::fmt::Write;
     let pods = sandbox.map(|s| s.usage()).unwrap_or_default();
     let mut out = String::new();
-    let families: [(&str, &str, &str, fn(&baton_wasm_shim::PodUsage) -> String); 5] = [
+    let families: [Family; 6] = [
         (
             "baton_sandbox_instances",
             "gauge",
@@ -217,6 +225,12 @@ fn metrics(sandbox: Option<&baton_wasm_shim::Runtime>) -> String {
             "counter",
             "CFS periods in which the pod was throttled.",
             |u| u.throttled_periods.to_string(),
+        ),
+        (
+            "baton_pod_memory_bytes",
+            "gauge",
+            "Linear memory the pod's live instances hold.",
+            |u| u.memory_bytes.to_string(),
         ),
     ];
     for (name, kind, help, value) in families {

@@ -104,6 +104,8 @@ pub struct Shared {
     pub resolvers: Option<Resolvers>,
     pub services: Option<crate::proxy::Services>,
     pub logs: Arc<crate::server::LogIndex>,
+    /// What the node has promised its pods' memory.
+    pub memory: crate::budget::MemoryBudget,
 }
 
 impl std::fmt::Debug for Shared {
@@ -425,14 +427,7 @@ impl Worker {
         let s = &self.slots[i];
         let c = &s.spec;
         let component = s.component.clone().ok_or("component not loaded")?;
-        let limit = |k: &str| {
-            c.resources
-                .as_ref()
-                .and_then(|r| r.limits.as_ref())
-                .and_then(|l| l.get(k))
-                .and_then(|q| quantity::whole(&q.0).ok())
-        };
-        let memory_bytes = limit("memory").unwrap_or(0) as usize;
+        let memory_bytes = self.shared.memory.container_limit(c) as usize;
         let log = ContainerLog::open(self.shared.log_config(&self.uid, &c.name, s.restarts))
             .map_err(|e| format!("opening the container log: {e}"))?;
         let port = c
@@ -497,6 +492,8 @@ impl Worker {
             let key = format!("{ns}/{}/{}", self.pod.name_any(), self.uid);
             let sb = self.shared.runtime.new_pod(&key, ip, names);
             sb.set_cpu_limit(pod_cpu_limit(&self.pod));
+            // The pod's instances together hold at most what it was admitted with.
+            sb.set_memory_limit(Some(self.shared.memory.charge_of(&self.pod) as usize));
             sb
         });
         if let Some(log) = &spec.cli.log {
@@ -1013,6 +1010,7 @@ impl Worker {
         }
         let _ = std::fs::remove_dir_all(self.shared.pod_dir(&self.uid));
         self.shared.images.release(&self.uid);
+        self.shared.memory.release(&self.uid);
     }
 
     fn release_ip(&mut self) {
@@ -1123,9 +1121,19 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
         w.terminate(false).await;
         return;
     }
+    // Admission, as the kubelet's: a pod whose memory does not fit is rejected for good.
+    let charge = w.shared.memory.charge_of(&w.pod);
+    if let Err(e) = w.shared.memory.admit(&w.uid, charge) {
+        w.phase_override = Some(("Failed", "OutOfmemory".into(), e.to_string()));
+        w.event(EventType::Warning, "OutOfmemory", &e.to_string())
+            .await;
+    }
     loop {
         // Move the pod forward as far as it can go now.
-        if !w.prepared && w.prepare_retry.is_none_or(|t| Instant::now() >= t) {
+        if !w.prepared
+            && w.phase_override.is_none()
+            && w.prepare_retry.is_none_or(|t| Instant::now() >= t)
+        {
             w.prepared = w.prepare().await;
             if !w.prepared {
                 w.prepare_retry = Some(Instant::now() + w.prepare_backoff);
@@ -1174,6 +1182,7 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
                 drop(sb);
             }
             w.release_ip();
+            w.shared.memory.release(&w.uid);
         }
         w.report().await;
         let wake = tokio::time::Instant::from_std(w.next_wake());

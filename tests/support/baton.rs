@@ -1,7 +1,8 @@
 #![allow(dead_code)] // shared by several test crates, each using a part
 //! A `baton up` process on an ephemeral port, and the real kubectl (and curl) against it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -43,7 +44,11 @@ impl Baton {
     }
 
     pub fn start_with(extra: &[&str]) -> Baton {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra)
+    }
+
+    /// `baton up` on the data dir `DIR/data` of a dir that may hold one already.
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Baton {
         std::fs::create_dir_all(dir.path().join("home")).unwrap();
         std::fs::create_dir_all(dir.path().join("images")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
@@ -84,6 +89,19 @@ impl Baton {
             addr,
             kubeconfig,
         }
+    }
+
+    /// The `baton up` process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills `baton up` at once (as a crash would) and hands back its dir.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
     }
 
     fn home(&self) -> PathBuf {
@@ -244,4 +262,83 @@ pub fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, content).unwrap();
     p
+}
+
+/// One GET on a fresh connection, as a client in a load loop sends it.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+    let code = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no HTTP response: {buf:?}"))?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        code,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
+}
+
+/// The payload of a chunked HTTP/1.1 body.
+pub fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Waits for `f`; on timeout, prints what the cluster looks like before failing.
+pub fn wait_for<T>(b: &Baton, secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if std::time::Instant::now() > deadline {
+            let state = b.run(
+                "kubectl",
+                &["get", "deploy,rs,pods,endpointslices", "-o", "wide"],
+                None,
+            );
+            panic!(
+                "timed out waiting for {what}; cluster:\n{}",
+                String::from_utf8_lossy(&state.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn jsonpath(b: &Baton, what: &[&str], path: &str) -> String {
+    let mut args = vec!["get"];
+    args.extend_from_slice(what);
+    let jp = format!("jsonpath={path}");
+    args.extend(["-o", jp.as_str()]);
+    let out = b.run("kubectl", &args, None);
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -28,8 +28,10 @@ pub struct RuntimeConfig {
     /// Largest linear memory any instance may have; pods ask for less with
     /// `resources.limits.memory`.
     pub max_memory_bytes: usize,
-    /// How often the engine's epoch advances: the granularity of CPU deadlines and of
-    /// yielding a busy guest to the others.
+    /// How often the engine's epoch advances: the granularity of CPU deadlines, of CPU
+    /// quotas and of yielding a busy guest to the others. 1 ms keeps a neighbour's wait
+    /// behind a spinning guest to about a millisecond; the tick itself is one atomic
+    /// increment, and a yield costs a few microseconds.
     pub epoch_tick: Duration,
     /// Per-pod caps on sockets, outgoing requests and handles.
     pub net_limits: NetLimits,
@@ -49,7 +51,7 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             max_instances: 1000,
             max_memory_bytes: 256 << 20,
-            epoch_tick: Duration::from_millis(10),
+            epoch_tick: Duration::from_millis(1),
             net_limits: NetLimits::default(),
             max_component_bytes: 128 << 20,
             guest_threads: 0,
@@ -117,6 +119,10 @@ impl GuestThreads {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("wasm-guest")
+            // A worker looks for I/O every `event_interval` task polls. Spinning guests
+            // make each poll last a whole epoch tick, so tokio's default (61) would leave
+            // a neighbour's new connection unnoticed for tens of milliseconds.
+            .event_interval(3)
             .on_thread_start(move || {
                 // A thread's nice value on Linux is per thread (setpriority on its tid).
                 let tid = rustix::thread::gettid();

@@ -14,9 +14,15 @@
 //!   pod start on a fresh node, cold (pull, compile, start) and cached; 100 pods of one
 //!   new image, and how many registry transfers they caused.
 //!
+//! - **Isolation**: a neighbour `http-hello` pod under a closed-loop client (one
+//!   keep-alive connection, requests back to back), alone and then beside pods that spin
+//!   at their CPU limit (`hostile loop`, 4 × 250m, half the node), in the same run; and
+//!   the API server's latency (a GET every 20 ms) throughout. Prints p50/p99 of both and
+//!   the neighbour's p99 ratio. Goal: within 2x of alone, API p99 under 50 ms.
+//!
 //! Usage: `cluster-bench BATON_BINARY GUEST_DIR` (see `scripts/bench.sh cluster`).
-//! `BENCH_PARTS` picks parts (`idle,start,sched,pull`); `BENCH_NODES` and `BENCH_PODS` size the
-//! scheduler run.
+//! `BENCH_PARTS` picks parts (`idle,start,sched,pull,isolation`); `BENCH_NODES` and
+//! `BENCH_PODS` size the scheduler run; `BENCH_SECS` the isolation cells.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -475,7 +481,8 @@ async fn main() -> Result<()> {
     let usage = "usage: cluster-bench BATON_BINARY GUEST_DIR";
     let bin = args.next().context(usage)?;
     let guests = std::fs::canonicalize(args.next().context(usage)?)?;
-    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "idle,start,sched,pull".into());
+    let parts =
+        std::env::var("BENCH_PARTS").unwrap_or_else(|_| "idle,start,sched,pull,isolation".into());
     if parts.contains("idle") {
         idle(&bin).await?;
     }
@@ -488,5 +495,114 @@ async fn main() -> Result<()> {
     if parts.contains("pull") {
         pulls(&bin, &guests).await?;
     }
+    if parts.contains("isolation") {
+        isolation(&bin, &guests).await?;
+    }
+    Ok(())
+}
+
+/// A pod from JSON, created and waited for until Running; its IP.
+async fn run_pod(pods: &Api<Pod>, pod: serde_json::Value) -> Result<String> {
+    let pod: Pod = serde_json::from_value(pod)?;
+    let name = pod.name_any();
+    pods.create(&PostParams::default(), &pod).await?;
+    wait_until("a pod to be Running", || {
+        let (pods, name) = (pods.clone(), name.clone());
+        async move {
+            pods.get(&name).await.is_ok_and(|p| {
+                p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+        }
+    })
+    .await?;
+    let p = pods.get(&name).await?;
+    p.status
+        .and_then(|s| s.pod_ip)
+        .context("a running pod has an IP")
+}
+
+/// The neighbour's latencies under a closed-loop client for `secs`, and the API server's
+/// (a GET of a Namespace every 20 ms) meanwhile.
+async fn neighbour_and_api(
+    client: &Client,
+    addr: std::net::SocketAddr,
+    secs: f64,
+) -> Result<(f64, Vec<Duration>, Vec<Duration>)> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let api = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+            let mut lat = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                let t = Instant::now();
+                if ns.get("default").await.is_ok() {
+                    lat.push(t.elapsed());
+                }
+            }
+            lat
+        })
+    };
+    let (rps, lat) = baton_bench::http::load(addr, 1, secs).await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok((rps, lat, api.await?))
+}
+
+async fn isolation(bin: &Path, guests: &Path) -> Result<()> {
+    let secs: f64 = env_or("BENCH_SECS", 10.0);
+    let up = up(bin, &[]).await?;
+    wait_node_ready(&up.client).await?;
+    let pods: Api<Pod> = Api::namespaced(up.client.clone(), "default");
+    let hello = guests.join("http-hello.wasm").display().to_string();
+    let hostile = guests.join("hostile.wasm").display().to_string();
+    let ip = run_pod(
+        &pods,
+        json!({"metadata": {"name": "neighbour"}, "spec": {"containers": [{
+            "name": "web", "image": hello, "ports": [{"containerPort": 8080}]}]}}),
+    )
+    .await?;
+    let addr: std::net::SocketAddr = format!("{ip}:8080").parse()?;
+    // Warm up: the component compiled, the connection paths hot.
+    baton_bench::http::load(addr, 1, 1.0).await?;
+    let (alone_rps, mut alone, mut alone_api) = neighbour_and_api(&up.client, addr, secs).await?;
+    let spinners = 4;
+    for i in 0..spinners {
+        run_pod(
+            &pods,
+            json!({"metadata": {"name": format!("spin-{i}")}, "spec": {"containers": [{
+                "name": "spin", "image": hostile, "args": ["loop"],
+                "resources": {"limits": {"cpu": "250m"}}}]}}),
+        )
+        .await?;
+    }
+    let cpu0 = up.procs.cpu();
+    let t0 = Instant::now();
+    let (busy_rps, mut busy, mut busy_api) = neighbour_and_api(&up.client, addr, secs).await?;
+    let cores = (up.procs.cpu() - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    println!();
+    println!(
+        "Isolation: a neighbour `http-hello` (1 closed-loop client, {secs} s per cell) beside {spinners} pods spinning at their 250m CPU limit"
+    );
+    println!("| case | neighbour req/s | neighbour p50 ms | neighbour p99 ms | API p50 ms | API p99 ms |");
+    println!("|---|---|---|---|---|---|");
+    for (case, rps, lat, api) in [
+        ("alone", alone_rps, &mut alone, &mut alone_api),
+        ("beside spinners", busy_rps, &mut busy, &mut busy_api),
+    ] {
+        println!(
+            "| {case} | {rps:.0} | {} | {} | {} | {} |",
+            ms(pct(lat, 0.5)),
+            ms(pct(lat, 0.99)),
+            ms(pct(api, 0.5)),
+            ms(pct(api, 0.99)),
+        );
+    }
+    let ratio = pct(&mut busy, 0.99).as_secs_f64() / pct(&mut alone, 0.99).as_secs_f64();
+    println!(
+        "neighbour p99 beside spinners / alone: {ratio:.2}x (goal <= 2x); baton up used {cores:.2} cores with the spinners (limit 1.00 for them)"
+    );
+    println!("goal: API p99 < 50 ms throughout");
     Ok(())
 }

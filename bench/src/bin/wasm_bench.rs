@@ -19,60 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
+use baton_bench::http::{get_once, load};
 use baton_bench::{env_or, free_port, ms, pct, rss_kib, wait_until, Procs};
 use baton_wasm_shim::{CliSpec, ContainerSpec, HttpSpec, PodSpec, Runtime, RuntimeConfig};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
-
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
-
-/// A connection to `addr`, ready to send requests.
-async fn connect(addr: SocketAddr) -> Result<Sender> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
-/// One `GET /bench`, its body read: how long it took.
-async fn request(sender: &mut Sender) -> Result<Duration> {
-    let req = hyper::Request::get("/bench")
-        .header(hyper::header::HOST, "bench")
-        .body(Empty::<Bytes>::new())?;
-    let t0 = Instant::now();
-    let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    ensure!(status == 200, "status {status}: {body:?}");
-    Ok(t0.elapsed())
-}
-
-/// One keep-alive connection sending requests back to back until the deadline.
-async fn client(addr: SocketAddr, deadline: Instant) -> Result<Vec<Duration>> {
-    let mut sender = connect(addr).await?;
-    let mut lat = Vec::new();
-    while Instant::now() < deadline {
-        lat.push(request(&mut sender).await?);
-    }
-    Ok(lat)
-}
-
-/// Runs `clients` connections against `addr` for `secs`: (requests/s, latencies).
-async fn load(addr: SocketAddr, clients: usize, secs: f64) -> Result<(f64, Vec<Duration>)> {
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(secs);
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| tokio::spawn(client(addr, deadline)))
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    Ok((all.len() as f64 / start.elapsed().as_secs_f64(), all))
-}
 
 /// Starts a server process and waits until it answers HTTP.
 async fn serve(cmd: &mut Command, addr: SocketAddr) -> Result<Procs> {
@@ -176,10 +126,6 @@ fn web_pod(component: &wasmtime::component::Component, ip: IpAddr) -> PodSpec {
 }
 
 /// One GET over a fresh connection.
-async fn get_once(addr: SocketAddr) -> Result<()> {
-    request(&mut connect(addr).await?).await.map(|_| ())
-}
-
 async fn cold_start(wasm: &Path) -> Result<()> {
     let cache = tempfile::tempdir()?;
     let rt = Runtime::new(RuntimeConfig {

@@ -151,9 +151,9 @@ pub async fn node_proxy(objects: &Objects, pki: &Pki, node: &str, path: &str) ->
 async fn node_get(objects: &Objects, pki: &Pki, node: &str, path: &str) -> ApiResult<Response> {
     let nodes = resources::by_kind("Node").ok_or_else(|| ApiError::internal("no Node resource"))?;
     let (node_obj, _) = objects
-        .get(nodes, None, &node, ReadAt::Latest)
+        .get(nodes, None, node, ReadAt::Latest)
         .await?
-        .ok_or_else(|| not_found(nodes, &node))?;
+        .ok_or_else(|| not_found(nodes, node))?;
     let address: IpAddr = node_obj
         .pointer("/status/addresses")
         .and_then(Value::as_array)

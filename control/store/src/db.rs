@@ -41,7 +41,7 @@ pub enum DbError {
         found: u64,
         expected: u64,
     },
-    #[error("store in {path} is damaged or unreadable: {source}")]
+    #[error("store in {path} is damaged or unreadable: {source}. Nothing was changed. To recover: in a cluster, remove this member's data dir and let it rejoin from its peers; alone, `baton store repair --data-dir DIR` keeps what precedes the damage and drops the rest")]
     Corrupt {
         path: PathBuf,
         #[source]
@@ -149,6 +149,44 @@ pub(crate) fn open(dir: &Path, member_id: u64) -> Result<Arc<DB>, DbError> {
         }
     }
     Ok(Arc::new(db))
+}
+
+/// What [`repair`] did.
+#[derive(Debug)]
+pub struct Repaired {
+    /// The database folder repaired.
+    pub path: PathBuf,
+}
+
+/// Opens a damaged store with point-in-time recovery: its write-ahead log is replayed up
+/// to the first damaged record and the rest is dropped, then everything recovered is
+/// flushed so that the damaged log is no longer needed. Writes after the damage are lost;
+/// this is the explicit, offline step the normal open refuses to take by itself.
+pub fn repair(dir: &Path) -> Result<Repaired, DbError> {
+    let db_path = dir.join("db");
+    if !dir.join(MARKER_FILE).exists() {
+        return Err(DbError::Foreign {
+            path: dir.to_path_buf(),
+        });
+    }
+    let mut opts = Options::default();
+    opts.set_paranoid_checks(true);
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+    let cfs = ALL_CFS
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    let corrupt = |source| DbError::Corrupt {
+        path: db_path.clone(),
+        source,
+    };
+    let db = DB::open_cf_descriptors(&opts, &db_path, cfs).map_err(corrupt)?;
+    for name in ALL_CFS {
+        if let Some(cf) = db.cf_handle(name) {
+            db.flush_cf(cf).map_err(corrupt)?;
+        }
+    }
+    db.flush_wal(true).map_err(corrupt)?;
+    Ok(Repaired { path: db_path })
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ pub mod types;
 mod watch;
 
 pub use client::StoreClient;
-pub use db::DbError;
+pub use db::{repair, DbError, Repaired};
 pub use error::Error;
 pub use mvcc::MvccError;
 pub use raft::NodeId;
