@@ -148,6 +148,11 @@ pub struct NodeArgs {
     /// 64Mi): charged against the node's memory, and enforced.
     #[arg(long = "default-memory-limit", default_value = "64Mi")]
     pub default_memory_limit: String,
+    /// Below this much available memory on the machine, the node is under memory
+    /// pressure and evicts pods (BestEffort first), as the kubelet's
+    /// `--eviction-hard=memory.available<100Mi`.
+    #[arg(long = "eviction-hard-memory", default_value = "100Mi")]
+    pub eviction_hard_memory: String,
     #[command(flatten)]
     pub registry: crate::oci_cli::RegistryArgs,
 }
@@ -163,6 +168,8 @@ impl NodeArgs {
         cfg.settings.allowed_host_paths = self.allow_host_path.clone();
         cfg.default_memory_limit = baton_kube::quantity::whole(&self.default_memory_limit)
             .map_err(|e| anyhow::anyhow!("--default-memory-limit: {e}"))?;
+        cfg.eviction_hard_memory = baton_kube::quantity::whole(&self.eviction_hard_memory)
+            .map_err(|e| anyhow::anyhow!("--eviction-hard-memory: {e}"))?;
         Ok(cfg)
     }
 }

@@ -540,6 +540,61 @@ fn a_pod_that_does_not_fit_in_memory_is_rejected_by_the_node() {
 }
 
 #[test]
+fn under_memory_pressure_the_node_says_so_refuses_best_effort_pods_and_evicts() {
+    let _serial = serial();
+    // A threshold no machine meets: the node is under memory pressure from the start.
+    let b = Baton::start_with(&["--eviction-hard-memory", "1000Ti"]);
+    wait_for(&b, 30, "MemoryPressure on the node", || {
+        let c = jsonpath(
+            &b,
+            &["node", "local"],
+            "{.status.conditions[?(@.type==\"MemoryPressure\")].status}",
+        );
+        (c == "True").then_some(())
+    });
+    let hello = guest("http-hello");
+    let manifest = format!(
+        "{}---
+{}",
+        pod("best-effort", &format!("  containers: [{{name: c, image: {hello}}}]\n")),
+        pod(
+            "guaranteed",
+            &format!(
+                "  containers: [{{name: c, image: {hello}, resources: {{limits: {{cpu: 100m, memory: 32Mi}}}}}}]\n"
+            )
+        )
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&manifest));
+    let status = |pod: &str| {
+        jsonpath(
+            &b,
+            &["pod", pod],
+            "{.status.phase} {.status.reason}: {.status.message}",
+        )
+    };
+    let refused = wait_for(&b, 30, "the BestEffort pod refused", || {
+        let s = status("best-effort");
+        s.starts_with("Failed").then_some(s)
+    });
+    assert!(
+        refused.contains("Evicted") && refused.contains("MemoryPressure"),
+        "{refused}"
+    );
+    // The admitted pod is evicted in its turn, and left Failed for its controller.
+    let evicted = wait_for(&b, 30, "the Guaranteed pod evicted", || {
+        let s = status("guaranteed");
+        s.starts_with("Failed").then_some(s)
+    });
+    assert!(
+        evicted.contains("Evicted") && evicted.contains("low on resource: memory"),
+        "{evicted}"
+    );
+    wait_for(&b, 10, "the evicted pod's instances gone", || {
+        pod_metrics(&b, "guaranteed").is_empty().then_some(())
+    });
+}
+
+#[test]
 fn patches_cannot_amplify_memory() {
     let _serial = serial();
     let b = Baton::start();

@@ -28,7 +28,17 @@ pub struct MemoryBudget {
     allocatable: u64,
     /// What a container without `limits.memory` is charged (and limited to).
     pub default_limit: u64,
-    charged: Mutex<HashMap<String, u64>>,
+    charged: Mutex<HashMap<String, Admitted>>,
+}
+
+/// What the node knows of an admitted pod, for eviction's ranking.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub charge: u64,
+    /// `Guaranteed`, `Burstable` or `BestEffort`.
+    pub qos: &'static str,
+    /// The pod's memory requests together.
+    pub request: u64,
 }
 
 impl MemoryBudget {
@@ -73,20 +83,50 @@ impl MemoryBudget {
 
     /// Admits pod `uid` with `bytes`, if they fit; admitting a pod twice charges it once.
     pub fn admit(&self, uid: &str, bytes: u64) -> Result<(), OutOfMemory> {
+        self.admit_as(
+            uid,
+            Admitted {
+                charge: bytes,
+                qos: "BestEffort",
+                request: 0,
+            },
+        )
+    }
+
+    /// Admits a pod with what eviction needs to know of it.
+    pub fn admit_as(&self, uid: &str, pod: Admitted) -> Result<(), OutOfMemory> {
         let mut charged = self.charged.lock().unwrap_or_else(|e| e.into_inner());
         if charged.contains_key(uid) {
             return Ok(());
         }
-        let used: u64 = charged.values().sum();
-        if used.saturating_add(bytes) > self.allocatable {
+        let used: u64 = charged.values().map(|a| a.charge).sum();
+        if used.saturating_add(pod.charge) > self.allocatable {
             return Err(OutOfMemory {
-                requested: bytes,
+                requested: pod.charge,
                 used,
                 capacity: self.allocatable,
             });
         }
-        charged.insert(uid.to_string(), bytes);
+        charged.insert(uid.to_string(), pod);
         Ok(())
+    }
+
+    /// The admitted pods, by UID.
+    pub fn admitted(&self) -> HashMap<String, Admitted> {
+        self.charged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A pod's memory requests together.
+    pub fn request_of(pod: &Pod) -> u64 {
+        pod.spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .filter_map(|c| c.resources.as_ref()?.requests.as_ref()?.get("memory"))
+            .filter_map(|q| baton_kube::quantity::whole(&q.0).ok())
+            .sum()
     }
 
     /// Pod `uid` is gone: its charge is free again.
@@ -103,6 +143,7 @@ impl MemoryBudget {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
+            .map(|a| a.charge)
             .sum()
     }
 }

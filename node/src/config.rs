@@ -705,6 +705,36 @@ mod tests {
     }
 
     #[test]
+    fn sub_paths_stay_inside_their_volume_even_through_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = dir.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        // What a guest could plant in an emptyDir: a link out, and one that stays in.
+        std::os::unix::fs::symlink(&outside, vol.join("out")).unwrap();
+        std::os::unix::fs::symlink("../vol/a", vol.join("in")).unwrap();
+        let made = sub_path(&vol, "v", "a/b").unwrap();
+        assert!(made.ends_with("vol/a/b") && made.is_dir());
+        assert!(sub_path(&vol, "v", "in/b").unwrap().ends_with("vol/a/b"));
+        for bad in ["out", "out/x", "/etc", "../outside", "a/../../outside", ""] {
+            assert!(sub_path(&vol, "v", bad).is_err(), "{bad:?} was allowed");
+        }
+        assert!(!outside.join("x").exists(), "nothing was made outside");
+        assert!(
+            host_path("h", "/etc", &[]).is_err(),
+            "hostPath is denied by default"
+        );
+        assert!(host_path("h", "/etc", &[dir.path().to_path_buf()]).is_err());
+        assert!(host_path(
+            "h",
+            &outside.display().to_string(),
+            &[dir.path().to_path_buf()]
+        )
+        .is_ok());
+    }
+
+    #[test]
     fn volume_files_are_swapped_in_whole_and_stay_inside() {
         let dir = tempfile::tempdir().unwrap();
         let v = dir.path().join("cfg");

@@ -15,6 +15,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod eviction;
 pub mod images;
 pub mod ipam;
 pub mod probe;
@@ -86,6 +87,9 @@ pub struct NodeConfig {
     /// The memory limit of a container that sets none: what it is charged against the
     /// node's allocatable memory, and what its instances may hold together.
     pub default_memory_limit: u64,
+    /// Below this much available memory the node is under memory pressure and evicts
+    /// (the kubelet's `memory.available` hard threshold).
+    pub eviction_hard_memory: u64,
 }
 
 impl NodeConfig {
@@ -124,6 +128,7 @@ impl NodeConfig {
             image_cache_max_bytes: 10 << 30,
             local_images: Vec::new(),
             default_memory_limit: 64 << 20,
+            eviction_hard_memory: 100 << 20,
             runtime,
         }
     }
@@ -158,6 +163,7 @@ pub async fn run(
         &cfg.labels,
         &cfg.capacity,
         kubelet_port,
+        false,
     )
     .await?;
     let pod_cidr = match &cfg.pod_cidr {
@@ -193,33 +199,59 @@ pub async fn run(
         resolvers: Some(resolvers),
         services: Some(services),
         logs: logs.clone(),
-        memory: budget::MemoryBudget::new(cfg.capacity.memory, cfg.default_memory_limit),
+        memory: Arc::new(budget::MemoryBudget::new(
+            cfg.capacity.memory,
+            cfg.default_memory_limit,
+        )),
+        evictions: Arc::default(),
     });
+    let eviction = tokio::spawn(eviction::run(
+        shared.evictions.clone(),
+        shared.memory.clone(),
+        shared.runtime.clone(),
+        cfg.eviction_hard_memory,
+    ));
     register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await?;
     let heartbeat = {
         let (client, cfg) = (client.clone(), cfg.clone());
+        let evictions = shared.evictions.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(cfg.heartbeat);
+            let mut pressure_tick = tokio::time::interval(eviction::INTERVAL);
             let mut beats = 0u64;
+            let mut reported_pressure = false;
             loop {
-                tick.tick().await;
-                if let Err(e) = register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await {
-                    tracing::warn!(error = %e, "heartbeat failed");
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await {
+                            tracing::warn!(error = %e, "heartbeat failed");
+                        }
+                        beats += 1;
+                    }
+                    // A change of memory pressure is reported at once, not at the next
+                    // status refresh.
+                    _ = pressure_tick.tick() => {
+                        if evictions.under_pressure() == reported_pressure {
+                            continue;
+                        }
+                    }
                 }
-                beats += 1;
                 // The Node's own status is refreshed now and then; the Lease is the pulse.
-                if beats % 6 == 0 {
-                    if let Err(e) = register::register(
+                let pressure = evictions.under_pressure();
+                if beats % 6 == 0 || pressure != reported_pressure {
+                    match register::register(
                         &client,
                         &cfg.name,
                         &cfg.address,
                         &cfg.labels,
                         &cfg.capacity,
                         kubelet_port,
+                        pressure,
                     )
                     .await
                     {
-                        tracing::warn!(error = %e, "node status update failed");
+                        Ok(()) => reported_pressure = pressure,
+                        Err(e) => tracing::warn!(error = %e, "node status update failed"),
                     }
                 }
             }
@@ -296,6 +328,7 @@ pub async fn run(
         }
     }
     heartbeat.abort();
+    eviction.abort();
     proxy.abort();
     kubelet.abort();
     image_gc.abort();

@@ -37,7 +37,13 @@ pub struct Capacity {
 }
 
 /// The node's status as it reports it; Ready while the agent runs.
-fn status(address: &str, name: &str, cap: &Capacity, port: u16) -> serde_json::Value {
+fn status(
+    address: &str,
+    name: &str,
+    cap: &Capacity,
+    port: u16,
+    memory_pressure: bool,
+) -> serde_json::Value {
     let now = baton_kube::pod::now();
     let resources = json!({
         "cpu": format!("{}m", cap.cpu_millis),
@@ -53,7 +59,11 @@ fn status(address: &str, name: &str, cap: &Capacity, port: u16) -> serde_json::V
         "allocatable": resources,
         "addresses": [{"type": "InternalIP", "address": address}, {"type": "Hostname", "address": name}],
         "conditions": [
-            cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+            if memory_pressure {
+                cond("MemoryPressure", "True", "KubeletHasInsufficientMemory", "kubelet has insufficient memory available")
+            } else {
+                cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available")
+            },
             cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
             cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
             cond("Ready", "True", "KubeletReady", "baton node agent is posting ready status"),
@@ -80,6 +90,7 @@ pub async fn register(
     labels: &BTreeMap<String, String>,
     cap: &Capacity,
     kubelet_port: u16,
+    memory_pressure: bool,
 ) -> Result<(), RegisterError> {
     let api: Api<Node> = Api::all(client.clone());
     let err = |source| RegisterError::Node {
@@ -105,7 +116,7 @@ pub async fn register(
         }
         Err(e) => return Err(err(e)),
     }
-    let patch = json!({"status": status(address, name, cap, kubelet_port)});
+    let patch = json!({"status": status(address, name, cap, kubelet_port, memory_pressure)});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .map_err(err)?;

@@ -105,7 +105,9 @@ pub struct Shared {
     pub services: Option<crate::proxy::Services>,
     pub logs: Arc<crate::server::LogIndex>,
     /// What the node has promised its pods' memory.
-    pub memory: crate::budget::MemoryBudget,
+    pub memory: Arc<crate::budget::MemoryBudget>,
+    /// Memory pressure, and the evictions it orders.
+    pub evictions: Arc<crate::eviction::Evictions>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -1013,6 +1015,26 @@ impl Worker {
         self.shared.memory.release(&self.uid);
     }
 
+    /// Stops the pod for memory pressure: its containers end now, and it stays in the API
+    /// as Failed/Evicted for its controller to replace, as a kubelet eviction leaves it.
+    async fn evict(&mut self, message: String) {
+        self.sandbox.take();
+        for i in 0..self.slots.len() {
+            if matches!(self.slots[i].state, State::Running { .. }) {
+                self.record_exit(i, 137, "Error", "evicted");
+            }
+            let slot = &mut self.slots[i];
+            slot.restart_at = None;
+            slot.ready = false;
+            // An evicted container does not come back: it shows how it ended.
+            if let (State::Waiting { .. }, Some(t)) = (&slot.state, &slot.last) {
+                slot.state = State::Terminated(t.clone());
+            }
+        }
+        self.phase_override = Some(("Failed", "Evicted".into(), message.clone()));
+        self.event(EventType::Warning, "Evicted", &message).await;
+    }
+
     fn release_ip(&mut self) {
         if let Some(ip) = self.ip.take() {
             if let Some(services) = &self.shared.services {
@@ -1121,9 +1143,18 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
         w.terminate(false).await;
         return;
     }
-    // Admission, as the kubelet's: a pod whose memory does not fit is rejected for good.
-    let charge = w.shared.memory.charge_of(&w.pod);
-    if let Err(e) = w.shared.memory.admit(&w.uid, charge) {
+    // Admission, as the kubelet's: a pod whose memory does not fit is rejected for good,
+    // and so is a BestEffort pod while the node is under memory pressure.
+    let admitted = crate::budget::Admitted {
+        charge: w.shared.memory.charge_of(&w.pod),
+        qos: qos_class(&w.pod),
+        request: crate::budget::MemoryBudget::request_of(&w.pod),
+    };
+    if admitted.qos == "BestEffort" && w.shared.evictions.under_pressure() {
+        let msg = "Pod was rejected: The node had condition: [MemoryPressure]. ".to_string();
+        w.phase_override = Some(("Failed", "Evicted".into(), msg.clone()));
+        w.event(EventType::Warning, "Evicted", &msg).await;
+    } else if let Err(e) = w.shared.memory.admit_as(&w.uid, admitted) {
         w.phase_override = Some(("Failed", "OutOfmemory".into(), e.to_string()));
         w.event(EventType::Warning, "OutOfmemory", &e.to_string())
             .await;
@@ -1176,6 +1207,9 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
                 tracing::debug!(error = %e, "volume refresh failed");
             }
         }
+        if let Some(message) = w.shared.evictions.take(&w.uid) {
+            w.evict(message).await;
+        }
         let (_, finished) = w.phase();
         if finished {
             if let Some(sb) = w.sandbox.take() {
@@ -1207,6 +1241,7 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
             Some((name, r)) = w.exits.next(), if !w.exits.is_empty() => {
                 w.on_exit(&name, r);
             }
+            _ = w.shared.evictions.wake.notified() => {}
             _ = tokio::time::sleep_until(wake) => {}
         }
     }

@@ -322,6 +322,7 @@ mod tests {
 
     #[test]
     fn period_end_is_after_now_and_within_a_period() {
+        let _ = origin();
         let now = Instant::now();
         let end = period_end(period_of(now));
         assert!(end > now, "{end:?} {now:?}");
