@@ -443,6 +443,53 @@ fn cpu_limits_hold_and_a_deleted_spinning_pod_leaves_nothing() {
 }
 
 #[test]
+fn unlimited_pods_share_contended_cpu_by_their_requests() {
+    let _serial = serial();
+    let b = Baton::start_cluster();
+    let hostile = guest("http-hostile");
+    let web = |name: &str, cpu: &str| {
+        pod(
+            name,
+            &format!(
+                "  containers: [{{name: c, image: {hostile}, ports: [{{containerPort: 8080}}], resources: {{requests: {{cpu: {cpu}}}}}}}]\n"
+            ),
+        )
+    };
+    b.ok_with(
+        "kubectl",
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "{}---\n{}",
+            web("heavy", "1000m"),
+            web("light", "250m")
+        )),
+    );
+    // Four endless requests to each: both pods want every guest thread.
+    let mut loops = Vec::new();
+    for name in ["heavy", "light"] {
+        let addr: SocketAddr = format!("{}:8080", pod_ip(&b, name)).parse().unwrap();
+        for _ in 0..4 {
+            let mut s = TcpStream::connect(addr).unwrap();
+            write!(s, "GET /loop HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+            loops.push(s);
+        }
+    }
+    let cpu = |name: &str| pod_metric(&b, name, "baton_pod_cpu_seconds_total").unwrap_or(0.0);
+    // Let the shares settle, then measure.
+    std::thread::sleep(Duration::from_secs(2));
+    let (h0, l0) = (cpu("heavy"), cpu("light"));
+    std::thread::sleep(Duration::from_secs(4));
+    let (h, l) = (cpu("heavy") - h0, cpu("light") - l0);
+    eprintln!("over 4 s: heavy (1000m) {h:.2} s, light (250m) {l:.2} s of CPU");
+    assert!(l > 0.05, "the light pod was starved: {l:.2} s");
+    assert!(
+        h / l > 2.5,
+        "shares are not by request: {h:.2} s vs {l:.2} s"
+    );
+    drop(loops);
+}
+
+#[test]
 fn a_deleted_tcp_server_stops_answering_and_a_restarted_one_gets_its_port_back() {
     let _serial = serial();
     let b = Baton::start_cluster();

@@ -494,6 +494,7 @@ impl Worker {
             let key = format!("{ns}/{}/{}", self.pod.name_any(), self.uid);
             let sb = self.shared.runtime.new_pod(&key, ip, names);
             sb.set_cpu_limit(pod_cpu_limit(&self.pod));
+            sb.set_cpu_weight(pod_cpu_request(&self.pod));
             // The pod's instances together hold at most what it was admitted with.
             sb.set_memory_limit(Some(self.shared.memory.charge_of(&self.pod) as usize));
             sb
@@ -1069,6 +1070,16 @@ pub fn pod_cpu_limit(pod: &Pod) -> Option<u64> {
         sum = sum.max(limit(c)?);
     }
     Some(sum)
+}
+
+/// The pod's CPU requests together, in millicores: its weight among unlimited pods.
+pub fn pod_cpu_request(pod: &Pod) -> u64 {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .filter_map(|c| c.resources.as_ref()?.requests.as_ref()?.get("cpu"))
+        .filter_map(|q| quantity::millicores(&q.0).ok())
+        .sum()
 }
 
 fn qos_class(pod: &Pod) -> &'static str {

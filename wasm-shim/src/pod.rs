@@ -101,6 +101,11 @@ impl Pod {
         self.net.usage.set_cpu_limit(millis);
     }
 
+    /// The pod's weight among pods without a CPU limit: its CPU request in millicores.
+    pub fn set_cpu_weight(&self, request_millis: u64) {
+        self.net.usage.set_cpu_weight(request_millis);
+    }
+
     /// Limits the linear memory of all the pod's instances together (None: no limit
     /// beyond each instance's own).
     pub fn set_memory_limit(&self, bytes: Option<usize>) {

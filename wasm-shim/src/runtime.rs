@@ -97,6 +97,7 @@ pub struct Runtime {
 /// The tokio runtime guests run on, apart from the node's own.
 struct GuestThreads {
     rt: Option<tokio::runtime::Runtime>,
+    threads: usize,
 }
 
 impl Drop for GuestThreads {
@@ -132,7 +133,10 @@ impl GuestThreads {
             })
             .enable_all()
             .build()?;
-        Ok(Self { rt: Some(rt) })
+        Ok(Self {
+            rt: Some(rt),
+            threads,
+        })
     }
 }
 
@@ -179,26 +183,33 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| ShimError::Setup(chain(&e)))?;
         crate::net::add_to_linker(&mut linker).map_err(|e| ShimError::Setup(chain(&e)))?;
+        let guests = GuestThreads::new(cfg.guest_threads, cfg.guest_nice)
+            .map_err(|e| ShimError::Setup(format!("starting the guest threads: {e}")))?;
+        let pods: Arc<crate::usage::Registry> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (e2, s2, tick) = (engine.clone(), stop.clone(), cfg.epoch_tick);
+        let (e2, s2, tick, pods2) = (engine.clone(), stop.clone(), cfg.epoch_tick, pods.clone());
+        let capacity = crate::usage::CPU_PERIOD * guests.threads as u32;
         std::thread::Builder::new()
             .name("wasm-epoch".into())
             .spawn(move || {
+                let mut next_rebalance = Instant::now() + crate::usage::CPU_PERIOD;
                 while !s2.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(tick);
                     e2.increment_epoch();
+                    if Instant::now() >= next_rebalance {
+                        next_rebalance += crate::usage::CPU_PERIOD;
+                        pods2.rebalance(capacity);
+                    }
                 }
             })
             .map_err(|e| ShimError::Setup(e.to_string()))?;
-        let guests = GuestThreads::new(cfg.guest_threads, cfg.guest_nice)
-            .map_err(|e| ShimError::Setup(format!("starting the guest threads: {e}")))?;
         Ok(Self {
             engine,
             linker: Arc::new(linker),
             cfg,
             _ticker: Arc::new(Ticker { stop }),
             guests: Arc::new(guests),
-            pods: Arc::default(),
+            pods,
         })
     }
 

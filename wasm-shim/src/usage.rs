@@ -15,6 +15,13 @@
 //! the pod's instances. At each epoch tick a running guest checks its pod's account; a
 //! pod past its quota is parked until the period ends (the store yields with a sleep),
 //! which is what CFS throttling does to a cgroup.
+//!
+//! Pods without a limit share what the limited ones leave by their CPU requests, as
+//! cgroup CPU weights do: each period the runtime looks at what every pod used
+//! ([`Registry::rebalance`]). While the guests together want more than the guest threads
+//! give, each unlimited pod is held for the next period to its weighted max-min fair
+//! share (a pod using less than its share keeps what it uses, and the rest is divided
+//! among the others by weight); when there is room, nobody is held.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -62,6 +69,12 @@ pub(crate) struct Usage {
 struct Quota {
     /// CPU time allowed per period; None is unlimited.
     per_period: Option<Duration>,
+    /// For a pod without a limit: its fair share while the node is contended.
+    share: Option<Duration>,
+    /// The pod's weight among unlimited pods (its CPU request in millicores).
+    weight: u64,
+    /// CPU used since the last rebalance.
+    recent: Duration,
     /// The period `used` counts for.
     period: u64,
     used: Duration,
@@ -88,6 +101,13 @@ impl Usage {
     pub fn set_cpu_limit(&self, millis: Option<u64>) {
         let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
         q.per_period = millis.map(|m| CPU_PERIOD * (m as u32) / 1000);
+    }
+
+    /// Sets the pod's weight among pods without a CPU limit: its CPU request in
+    /// millicores (a pod without one weighs 2, as a BestEffort cgroup does).
+    pub fn set_cpu_weight(&self, request_millis: u64) {
+        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+        q.weight = request_millis.max(2);
     }
 
     /// Limits the linear memory of all the pod's instances together (None: no limit).
@@ -126,7 +146,8 @@ impl Usage {
         self.cpu_nanos
             .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
         let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
-        if q.per_period.is_none() {
+        q.recent += d;
+        if q.per_period.is_none() && q.share.is_none() {
             return;
         }
         let p = period_of(Instant::now());
@@ -143,7 +164,7 @@ impl Usage {
     /// If the pod has used its quota for this period: when the period ends.
     pub fn throttled_until(&self) -> Option<Instant> {
         let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
-        let per = q.per_period?;
+        let per = q.per_period.or(q.share)?;
         let now = Instant::now();
         let p = period_of(now);
         if p != q.period || q.used < per {
@@ -231,6 +252,33 @@ impl Registry {
         pods.push((key, Arc::downgrade(pod)));
     }
 
+    /// Divides the guest threads' time among the pods without a CPU limit for the next
+    /// period, by weight, if the last period was contended (see the module docs).
+    /// `capacity` is the guest threads' CPU time per period.
+    pub fn rebalance(&self, capacity: Duration) {
+        let pods: Vec<Arc<crate::net::PodNet>> = {
+            let pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+            pods.iter().filter_map(|(_, w)| w.upgrade()).collect()
+        };
+        // (pod, used last period, weight) of the unlimited pods; what the limited used.
+        let mut free = Vec::new();
+        let mut limited = Duration::ZERO;
+        for p in &pods {
+            let mut q = p.usage.quota.lock().unwrap_or_else(|e| e.into_inner());
+            let used = std::mem::take(&mut q.recent);
+            if q.per_period.is_some() {
+                limited += used;
+            } else {
+                free.push((p.usage.clone(), used, q.weight.max(2), q.share));
+            }
+        }
+        let wanted: Duration = limited + free.iter().map(|(_, u, ..)| *u).sum::<Duration>();
+        let contended = wanted >= capacity * 9 / 10;
+        for (u, share) in fair_shares(capacity.saturating_sub(limited), &free, contended) {
+            u.quota.lock().unwrap_or_else(|e| e.into_inner()).share = share;
+        }
+    }
+
     /// The usage of every pod of which anything is still alive: a pod that was stopped
     /// and left nothing behind is not listed.
     pub fn snapshot(&self) -> Vec<PodUsage> {
@@ -240,6 +288,51 @@ impl Registry {
             .filter_map(|(k, w)| w.upgrade().map(|p| p.usage.snapshot(k, p.open_sockets())))
             .collect()
     }
+}
+
+/// Weighted max-min fair shares of `room` among pods, from what each used last period
+/// and the share it was held to (if any). Demand is estimated from use: a pod held to
+/// its share and using all of it may want any amount; any other pod is taken to want a
+/// quarter more than it used, so that a pod crowded by others grows period by period
+/// until the shares settle. A pod wanting less than its share is not held; the others
+/// divide what is left by weight. Without contention, nobody is held.
+fn fair_shares<P: Clone>(
+    room: Duration,
+    pods: &[(P, Duration, u64, Option<Duration>)],
+    contended: bool,
+) -> Vec<(P, Option<Duration>)> {
+    if !contended {
+        return pods.iter().map(|(p, ..)| (p.clone(), None)).collect();
+    }
+    let demand: Vec<u128> = pods
+        .iter()
+        .map(|(_, used, _, held)| match held {
+            Some(q) if *used >= *q * 19 / 20 => u128::MAX / (1 << 20),
+            _ => (used.as_nanos() * 5 / 4) + 1_000_000,
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..pods.len()).collect();
+    // Smallest demand per weight first (d_a / w_a < d_b / w_b, without division): those
+    // are the ones that may fit under their share.
+    order.sort_by(|&a, &b| (demand[a] * pods[b].2 as u128).cmp(&(demand[b] * pods[a].2 as u128)));
+    let mut left = room.as_nanos();
+    let mut weight: u128 = pods.iter().map(|(_, _, w, _)| *w as u128).sum();
+    let mut out = Vec::with_capacity(pods.len());
+    for i in order {
+        let (p, _, w, _) = &pods[i];
+        let share = left * *w as u128 / weight.max(1);
+        if demand[i] < share {
+            out.push((p.clone(), None));
+            left -= demand[i];
+        } else {
+            // At least a tick's worth, so a held pod still makes progress.
+            let q = Duration::from_nanos(share as u64).max(Duration::from_millis(1));
+            out.push((p.clone(), Some(q)));
+            left -= share;
+        }
+        weight -= *w as u128;
+    }
+    out
 }
 
 /// Aborts a task when dropped: what a pod owns stops when the pod lets go of it.
@@ -310,6 +403,51 @@ mod tests {
         u.release_memory(60);
         assert!(u.grow_memory(60));
         assert_eq!(u.snapshot("p", 0).memory_bytes, 60);
+    }
+
+    #[test]
+    fn contended_unlimited_pods_converge_to_shares_by_weight() {
+        let ms = Duration::from_millis;
+        // Two spinners weighing 1000m and 250m and a light pod using 5 ms, on 200 ms of
+        // guest time per period. A held spinner uses its share; the unheld ones split
+        // what is left equally (as the runtime's queue would).
+        let mut held: [Option<Duration>; 2] = [None, None];
+        let mut used = [ms(0); 2];
+        for _ in 0..30 {
+            let mut left = ms(195);
+            for i in 0..2 {
+                if let Some(q) = held[i] {
+                    used[i] = q.min(left);
+                    left -= used[i];
+                }
+            }
+            let unheld = held.iter().filter(|h| h.is_none()).count() as u32;
+            for i in 0..2 {
+                if held[i].is_none() {
+                    used[i] = left / unheld;
+                }
+            }
+            let pods = [
+                (0, used[0], 1000, held[0]),
+                (1, used[1], 250, held[1]),
+                (2, ms(5), 250, None),
+            ];
+            let shares = fair_shares(ms(200), &pods, true);
+            for (p, s) in shares {
+                match p {
+                    2 => assert_eq!(s, None, "the light pod is never held"),
+                    i => held[i] = s,
+                }
+            }
+        }
+        let heavy = used[0].as_secs_f64() * 1000.0;
+        let small = used[1].as_secs_f64() * 1000.0;
+        assert!(
+            (heavy - 156.0).abs() < 3.0 && (small - 39.0).abs() < 3.0,
+            "{heavy} {small}"
+        );
+        let free = fair_shares(ms(200), &[(0, ms(50), 2, None)], false);
+        assert_eq!(free[0].1, None, "no contention, no hold");
     }
 
     #[test]
