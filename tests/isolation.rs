@@ -600,14 +600,16 @@ fn under_memory_pressure_the_node_says_so_refuses_best_effort_pods_and_evicts() 
         (c == "True").then_some(())
     });
     let hello = guest("http-hello");
+    // A running process holds memory (an idle HTTP pod holds none: its instances live
+    // only while a request runs, and evicting it would free nothing).
+    let echo = guest("tcp-echo");
     let manifest = format!(
-        "{}---
-{}",
+        "{}---\n{}",
         pod("best-effort", &format!("  containers: [{{name: c, image: {hello}}}]\n")),
         pod(
             "guaranteed",
             &format!(
-                "  containers: [{{name: c, image: {hello}, resources: {{limits: {{cpu: 100m, memory: 32Mi}}}}}}]\n"
+                "  containers: [{{name: c, image: {echo}, resources: {{limits: {{cpu: 100m, memory: 32Mi}}}}}}]\n"
             )
         )
     );

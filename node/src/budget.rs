@@ -119,14 +119,10 @@ impl MemoryBudget {
             .clone()
     }
 
-    /// A pod's memory requests together.
+    /// A pod's memory request, as the scheduler counts it (a limit without a request
+    /// is the request).
     pub fn request_of(pod: &Pod) -> u64 {
-        pod.spec
-            .iter()
-            .flat_map(|s| s.containers.iter())
-            .filter_map(|c| c.resources.as_ref()?.requests.as_ref()?.get("memory"))
-            .filter_map(|q| baton_kube::quantity::whole(&q.0).ok())
-            .sum()
+        baton_kube::pod::requests(pod).1
     }
 
     /// Pod `uid` is gone: its charge is free again.

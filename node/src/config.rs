@@ -630,6 +630,12 @@ pub async fn resolve(
                     ),
                 });
             }
+            // Mounts are kept resolved, so that [`recheck_mounts`] can tell, at every
+            // start, that no component of the path was swapped for a symlink since.
+            let host_path = host_path.canonicalize().map_err(|source| ConfigError::Io {
+                volume: m.name.clone(),
+                source,
+            })?;
             mounts.push(Mount {
                 host_path,
                 guest_path: m.mount_path.clone(),
@@ -639,6 +645,25 @@ pub async fn resolve(
         out.insert(c.name.clone(), ContainerConfig { env, mounts });
     }
     Ok(out)
+}
+
+/// Checks, just before a container (re)starts, that each of its mounts still resolves to
+/// the directory that was checked: a sibling container that shares a volume could
+/// otherwise replace a checked subPath by a symlink between a check and a restart.
+pub fn recheck_mounts(mounts: &[Mount]) -> Result<(), ConfigError> {
+    for m in mounts {
+        let now = m.host_path.canonicalize().ok();
+        if now.as_deref() != Some(m.host_path.as_path()) {
+            return Err(ConfigError::Volume {
+                volume: m.guest_path.clone(),
+                message: format!(
+                    "the directory mounted at {} changed since it was checked (a symlink?)",
+                    m.guest_path
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Rewrites the pod's configMap, secret and downwardAPI volumes from the objects as they

@@ -5,9 +5,10 @@
 //! `memory.available<100Mi`) the node is under memory pressure: it reports the Node's
 //! `MemoryPressure` condition True, refuses new BestEffort pods, and evicts one pod per
 //! round, ranked as the kubelet ranks them:
-//! 1. BestEffort pods, then Burstable pods using more than they requested, by how much
-//!    more; then the rest, Guaranteed last;
-//! 2. within a rank, the pod using the most memory first.
+//! 1. pods using more memory than they requested (every BestEffort pod that uses any),
+//!    by how much more; then the other Burstable pods; Guaranteed pods last;
+//! 2. within a rank, the pod using the most memory first; a pod using none is never
+//!    evicted, since that frees nothing.
 //!
 //! An evicted pod is stopped and left in the API as `Failed` with reason `Evicted`, so its
 //! controller replaces it, exactly as on Kubernetes.
@@ -26,13 +27,24 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 pub const SETTLE: Duration = Duration::from_secs(5);
 
 /// The node's memory-pressure state and the evictions it has ordered.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Evictions {
     pressure: AtomicBool,
     /// Pods to evict, by UID, with the message their status will carry.
     ordered: Mutex<HashMap<String, String>>,
-    /// Wakes the workers, each of which looks for its own UID.
-    pub wake: tokio::sync::Notify,
+    /// Bumped at every order: each worker watches it (a watch never loses a change, even
+    /// one made while the worker was busy) and then looks for its own UID.
+    wake: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Evictions {
+    fn default() -> Self {
+        Self {
+            pressure: AtomicBool::new(false),
+            ordered: Mutex::default(),
+            wake: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl Evictions {
@@ -50,7 +62,20 @@ impl Evictions {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(uid.to_string(), message);
-        self.wake.notify_waiters();
+        self.wake.send_modify(|n| *n += 1);
+    }
+
+    /// What a worker watches to learn that an eviction was ordered.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.wake.subscribe()
+    }
+
+    /// Whether pod `uid`'s eviction was ordered and not yet carried out.
+    pub fn pending(&self, uid: &str) -> bool {
+        self.ordered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(uid)
     }
 
     /// The eviction ordered for pod `uid`, if any (taken: it is acted on once).
@@ -74,16 +99,18 @@ pub fn memory_available() -> Option<u64> {
 /// The pod to evict first: `pods` are the admitted pods by UID, `usage` their memory in
 /// use by UID.
 pub fn victim(pods: &HashMap<String, Admitted>, usage: &HashMap<String, u64>) -> Option<String> {
+    // The kubelet's order: pods using more than they requested first (a BestEffort pod
+    // requests nothing), Guaranteed ones last, and by how far over their request.
     let rank = |a: &Admitted, used: u64| -> (u8, i128) {
         let over = used as i128 - a.request as i128;
         match a.qos {
-            "BestEffort" => (0, used as i128),
-            "Burstable" if over > 0 => (1, over),
-            "Burstable" => (2, used as i128),
-            _ => (3, used as i128),
+            _ if over > 0 && a.qos != "Guaranteed" => (0, over),
+            "Guaranteed" => (2, used as i128),
+            _ => (1, used as i128),
         }
     };
     pods.iter()
+        .filter(|(uid, _)| usage.get(*uid).is_some_and(|u| *u > 0))
         .map(|(uid, a)| {
             let used = usage.get(uid).copied().unwrap_or(0);
             let (class, amount) = rank(a, used);
@@ -124,14 +151,17 @@ pub async fn run(
                 Some((uid, u.memory_bytes as u64))
             })
             .collect();
-        let Some(uid) = victim(&budget.admitted(), &usage) else {
+        // A pod whose eviction is under way is not picked again; its worker gives its
+        // charge back when it has stopped it.
+        let mut candidates = budget.admitted();
+        candidates.retain(|uid, _| !evictions.pending(uid));
+        let Some(uid) = victim(&candidates, &usage) else {
             continue;
         };
         let message = format!(
             "The node was low on resource: memory. Threshold quantity: {threshold}, available: {available}. "
         );
         tracing::warn!(pod = %uid, "evicting a pod under memory pressure");
-        budget.release(&uid);
         evictions.order(&uid, message);
         settle_until = tokio::time::Instant::now() + SETTLE;
     }
@@ -163,13 +193,19 @@ mod tests {
             ("be".to_string(), 1),
         ]);
         assert_eq!(victim(&pods, &usage).as_deref(), Some("b-over"));
+        // A BestEffort pod over its (zero) request ranks with the others over theirs, by
+        // how much: 1 byte over is evicted after 10 over.
         pods.insert("be".into(), pod("BestEffort", 0));
+        assert_eq!(victim(&pods, &usage).as_deref(), Some("b-over"));
+        pods.remove("b-over");
         assert_eq!(victim(&pods, &usage).as_deref(), Some("be"));
         pods.remove("be");
-        pods.remove("b-over");
         assert_eq!(victim(&pods, &usage).as_deref(), Some("b-under"));
         pods.remove("b-under");
         assert_eq!(victim(&pods, &usage).as_deref(), Some("g"));
+        // A pod using nothing frees nothing.
+        let idle = HashMap::from([("g".to_string(), 0)]);
+        assert_eq!(victim(&pods, &idle), None);
         assert_eq!(victim(&HashMap::new(), &usage), None);
     }
 }

@@ -106,6 +106,8 @@ impl NodeConfig {
             .map_or(8 << 30, |kib| kib * 1024);
         let runtime = RuntimeConfig {
             cache_dir: Some(data_dir.join("compiled")),
+            // The node's own work (and in `baton up`, the control plane's) goes first.
+            guest_nice: 10,
             ..RuntimeConfig::default()
         };
         Self {

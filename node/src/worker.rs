@@ -247,6 +247,7 @@ struct Worker {
     /// When the status was last written, and whether a newer one waits for its turn.
     last_report: Option<Instant>,
     report_pending: bool,
+    report_backoff: Duration,
     phase_override: Option<(&'static str, String, String)>,
     next_refresh: Instant,
     prepare_retry: Option<Instant>,
@@ -473,16 +474,22 @@ impl Worker {
 
     /// Starts container `i` in the sandbox.
     async fn start(&mut self, i: usize) {
-        let spec = match self.container_spec(i) {
-            Ok(s) => s,
-            Err(msg) => {
-                self.slots[i].state = State::Waiting {
-                    reason: "CreateContainerError".into(),
-                    message: msg,
-                };
-                return;
-            }
-        };
+        let spec =
+            match self
+                .container_spec(i)
+                .and_then(|s| match config::recheck_mounts(&s.cli.mounts) {
+                    Ok(()) => Ok(s),
+                    Err(e) => Err(e.to_string()),
+                }) {
+                Ok(s) => s,
+                Err(msg) => {
+                    self.slots[i].state = State::Waiting {
+                        reason: "CreateContainerError".into(),
+                        message: msg,
+                    };
+                    return;
+                }
+            };
         let name = spec.name.clone();
         let ip = self
             .ip
@@ -833,12 +840,18 @@ impl Worker {
     async fn report(&mut self) {
         if self
             .last_report
-            .is_some_and(|t| t.elapsed() < STATUS_INTERVAL)
+            .is_some_and(|t| t.elapsed() < self.report_interval())
         {
             self.report_pending = self.status() != self.last_status;
             return;
         }
         self.report_now().await;
+    }
+
+    /// How long after the last write the next may go: the interval, or longer after
+    /// failed writes (doubling to 10 s), so an unreachable API is not hammered.
+    fn report_interval(&self) -> Duration {
+        STATUS_INTERVAL.max(self.report_backoff)
     }
 
     /// Sends the status now if it differs from the last one sent.
@@ -862,9 +875,16 @@ impl Worker {
             Ok(p) => {
                 self.last_status = status;
                 self.pod = Arc::new(p);
+                self.report_backoff = Duration::ZERO;
             }
             Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => tracing::warn!(error = %e, "status update failed; will retry"),
+            Err(e) => {
+                self.report_backoff = (self.report_backoff * 2)
+                    .max(STATUS_INTERVAL * 2)
+                    .min(Duration::from_secs(10));
+                self.report_pending = true;
+                tracing::warn!(error = %e, "status update failed; will retry");
+            }
         }
     }
 
@@ -883,7 +903,7 @@ impl Worker {
             at = at.min(r);
         }
         if let (true, Some(t)) = (self.report_pending, self.last_report) {
-            at = at.min(t + STATUS_INTERVAL);
+            at = at.min(t + self.report_interval());
         }
         if self.has_projected_volumes() {
             at = at.min(self.next_refresh);
@@ -1145,6 +1165,7 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
         last_status: Value::Null,
         last_report: None,
         report_pending: false,
+        report_backoff: Duration::ZERO,
         phase_override: None,
         next_refresh: Instant::now() + VOLUME_REFRESH,
         prepare_retry: None,
@@ -1154,6 +1175,7 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
         w.terminate(false).await;
         return;
     }
+    let mut evictions = w.shared.evictions.subscribe();
     // Admission, as the kubelet's: a pod whose memory does not fit is rejected for good,
     // and so is a BestEffort pod while the node is under memory pressure.
     let admitted = crate::budget::Admitted {
@@ -1252,7 +1274,7 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
             Some((name, r)) = w.exits.next(), if !w.exits.is_empty() => {
                 w.on_exit(&name, r);
             }
-            _ = w.shared.evictions.wake.notified() => {}
+            _ = evictions.changed() => {}
             _ = tokio::time::sleep_until(wake) => {}
         }
     }

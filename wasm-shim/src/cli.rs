@@ -186,7 +186,8 @@ impl Runtime {
                 stderr.clone(),
             )?,
         };
-        let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, net);
+        // A process is stopped by aborting its task; no kill flag is needed.
+        let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, net, None);
         let run = async {
             let cmd = Command::instantiate_async(&mut store, component, &self.linker).await?;
             cmd.wasi_cli_run()

@@ -45,6 +45,7 @@ pub struct HttpServer {
     addr: SocketAddr,
     task: JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<Duration>>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl HttpServer {
@@ -66,10 +67,15 @@ impl HttpServer {
 impl Drop for HttpServer {
     fn drop(&mut self) {
         self.task.abort();
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 struct Serving {
+    /// Set when the server stops: every request instance still running (one whose
+    /// response was already sent included) ends at its next tick.
+    stopped: Arc<std::sync::atomic::AtomicBool>,
     net: Arc<crate::net::PodNet>,
     runtime: Runtime,
     pre: ProxyPre<Host>,
@@ -143,6 +149,7 @@ impl Serving {
             self.spec.memory_bytes,
             self.spec.request_timeout,
             self.net.clone(),
+            Some(self.stopped.clone()),
         );
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let prepared = (|| -> wasmtime::Result<_> {
@@ -235,7 +242,9 @@ impl Runtime {
         let addr = listener
             .local_addr()
             .map_err(|e| ShimError::Setup(e.to_string()))?;
+        let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let serving = Arc::new(Serving {
+            stopped: killed.clone(),
             net,
             runtime: self.clone(),
             pre,
@@ -243,14 +252,15 @@ impl Runtime {
         });
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<Duration>();
         // The listener moves to the guest threads' reactor, where all of the server runs.
-        let listener = listener
-            .into_std()
-            .map_err(|e| ShimError::Setup(format!("listener: {e}")))?;
+        let listener = {
+            let _guests = self.enter_guests();
+            listener
+                .into_std()
+                .and_then(TcpListener::from_std)
+                .map_err(|e| ShimError::Setup(format!("listener on {addr}: {e}")))?
+        };
         let usage = serving.net.usage.clone();
         let task = self.spawn_guest(Metered::new(usage, async move {
-            let Ok(listener) = TcpListener::from_std(listener) else {
-                return;
-            };
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             // The connections belong to the server: when it is dropped, they are too, so
             // a stopped pod answers nothing more, even on a kept-alive connection.
@@ -283,6 +293,7 @@ impl Runtime {
             addr,
             task,
             stop: Some(stop),
+            stopped: killed,
         })
     }
 }

@@ -38,10 +38,12 @@ pub struct RuntimeConfig {
     /// Largest component file [`Runtime::load_file`] reads.
     pub max_component_bytes: u64,
     /// Threads that run guests (0: one per CPU). They are separate from the threads of
-    /// the node's own work (API server, store, probes, heartbeats) and run at a lower
-    /// priority (`guest_nice`), so that busy guests cannot starve the node.
+    /// the process's own work, so that busy guests cannot starve it.
     pub guest_threads: usize,
-    /// The nice value of the guest threads (0 to 19; higher yields more to the node).
+    /// The nice value of the guest threads (0 to 19). 0 by default, for a process that
+    /// only runs guests (`baton run`); a node that shares its process with the API server,
+    /// the store, probes and heartbeats runs its guests at 10, so that its own work goes
+    /// first.
     pub guest_nice: i32,
 }
 
@@ -55,7 +57,7 @@ impl Default for RuntimeConfig {
             net_limits: NetLimits::default(),
             max_component_bytes: 128 << 20,
             guest_threads: 0,
-            guest_nice: 10,
+            guest_nice: 0,
         }
     }
 }
@@ -82,6 +84,11 @@ impl ComponentKind {
 #[derive(Debug, thiserror::Error)]
 #[error("deadline exceeded: the guest ran past its time budget")]
 pub(crate) struct DeadlineExceeded;
+
+/// Why the store stopped a guest whose container was stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("killed: its container was stopped")]
+pub(crate) struct Killed;
 
 /// The node's Wasm runtime. Cheap to clone.
 #[derive(Clone)]
@@ -197,7 +204,9 @@ impl Runtime {
                     std::thread::sleep(tick);
                     e2.increment_epoch();
                     if Instant::now() >= next_rebalance {
-                        next_rebalance += crate::usage::CPU_PERIOD;
+                        // From now, not from when it was due: after a stall, one rebalance
+                        // on a full period of use, not a burst of them on none.
+                        next_rebalance = Instant::now() + crate::usage::CPU_PERIOD;
                         pods2.rebalance(capacity);
                     }
                 }
@@ -223,6 +232,11 @@ impl Runtime {
             Some(rt) => rt.spawn(fut),
             None => tokio::spawn(fut),
         }
+    }
+
+    /// Enters the guest threads' runtime, so that I/O objects made now register there.
+    pub(crate) fn enter_guests(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
+        self.guests.rt.as_ref().map(|rt| rt.enter())
     }
 
     /// What every pod with anything still alive uses of the node.
@@ -299,6 +313,7 @@ impl Runtime {
         memory_bytes: usize,
         budget: Option<Duration>,
         net: Arc<PodNet>,
+        killed: Option<Arc<AtomicBool>>,
     ) -> (Store<Host>, Arc<AtomicBool>) {
         let hit_memory = Arc::new(AtomicBool::new(false));
         let mut table = ResourceTable::new();
@@ -331,6 +346,13 @@ impl Runtime {
         store.epoch_deadline_callback(move |_| {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(DeadlineExceeded.into());
+            }
+            // Its container was stopped: whatever task the instance runs in, it ends now.
+            if killed
+                .as_ref()
+                .is_some_and(|k| k.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                return Err(Killed.into());
             }
             // A pod past its CPU quota is parked until its period ends.
             if let Some(until) = usage.throttled_until() {

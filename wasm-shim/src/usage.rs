@@ -59,6 +59,11 @@ pub(crate) struct Usage {
     tasks: AtomicUsize,
     cpu_nanos: AtomicU64,
     throttled: AtomicU64,
+    /// CPU used since the last rebalance, in nanoseconds.
+    recent: AtomicU64,
+    /// Whether the pod is held to a quota or a share now: the hot paths of a pod that is
+    /// not (most of them) touch only atomics.
+    held: std::sync::atomic::AtomicBool,
     quota: Mutex<Quota>,
     memory: AtomicUsize,
     /// The pod's memory limit over all its instances; 0 is none.
@@ -73,8 +78,7 @@ struct Quota {
     share: Option<Duration>,
     /// The pod's weight among unlimited pods (its CPU request in millicores).
     weight: u64,
-    /// CPU used since the last rebalance.
-    recent: Duration,
+
     /// The period `used` counts for.
     period: u64,
     used: Duration,
@@ -100,14 +104,22 @@ impl Usage {
     /// Sets the pod's CPU limit in millicores (None: unlimited).
     pub fn set_cpu_limit(&self, millis: Option<u64>) {
         let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
-        q.per_period = millis.map(|m| CPU_PERIOD * (m as u32) / 1000);
+        // A zero limit means no quota, as the kubelet reads `limits.cpu: 0`.
+        q.per_period = millis
+            .filter(|m| *m > 0)
+            .map(|m| Duration::from_nanos(m.saturating_mul(CPU_PERIOD.as_nanos() as u64 / 1000)));
+        self.held.store(
+            q.per_period.is_some() || q.share.is_some(),
+            Ordering::Relaxed,
+        );
     }
 
     /// Sets the pod's weight among pods without a CPU limit: its CPU request in
     /// millicores (a pod without one weighs 2, as a BestEffort cgroup does).
     pub fn set_cpu_weight(&self, request_millis: u64) {
         let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
-        q.weight = request_millis.max(2);
+        // Bounded so that weighted sums and products cannot overflow.
+        q.weight = request_millis.clamp(2, 1 << 32);
     }
 
     /// Limits the linear memory of all the pod's instances together (None: no limit).
@@ -145,11 +157,12 @@ impl Usage {
     pub fn charge(&self, d: Duration) {
         self.cpu_nanos
             .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
-        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
-        q.recent += d;
-        if q.per_period.is_none() && q.share.is_none() {
+        self.recent
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        if !self.held.load(Ordering::Relaxed) {
             return;
         }
+        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
         let p = period_of(Instant::now());
         if p != q.period {
             // Time spent beyond the quota in a period is not carried over: CFS refills
@@ -163,6 +176,9 @@ impl Usage {
 
     /// If the pod has used its quota for this period: when the period ends.
     pub fn throttled_until(&self) -> Option<Instant> {
+        if !self.held.load(Ordering::Relaxed) {
+            return None;
+        }
         let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
         let per = q.per_period.or(q.share)?;
         let now = Instant::now();
@@ -264,8 +280,8 @@ impl Registry {
         let mut free = Vec::new();
         let mut limited = Duration::ZERO;
         for p in &pods {
-            let mut q = p.usage.quota.lock().unwrap_or_else(|e| e.into_inner());
-            let used = std::mem::take(&mut q.recent);
+            let q = p.usage.quota.lock().unwrap_or_else(|e| e.into_inner());
+            let used = Duration::from_nanos(p.usage.recent.swap(0, Ordering::Relaxed));
             if q.per_period.is_some() {
                 limited += used;
             } else {
@@ -275,7 +291,12 @@ impl Registry {
         let wanted: Duration = limited + free.iter().map(|(_, u, ..)| *u).sum::<Duration>();
         let contended = wanted >= capacity * 9 / 10;
         for (u, share) in fair_shares(capacity.saturating_sub(limited), &free, contended) {
-            u.quota.lock().unwrap_or_else(|e| e.into_inner()).share = share;
+            let mut q = u.quota.lock().unwrap_or_else(|e| e.into_inner());
+            q.share = share;
+            u.held.store(
+                q.per_period.is_some() || q.share.is_some(),
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -307,7 +328,7 @@ fn fair_shares<P: Clone>(
     let demand: Vec<u128> = pods
         .iter()
         .map(|(_, used, _, held)| match held {
-            Some(q) if *used >= *q * 19 / 20 => u128::MAX / (1 << 20),
+            Some(q) if *used >= *q * 19 / 20 => u64::MAX as u128,
             _ => (used.as_nanos() * 5 / 4) + 1_000_000,
         })
         .collect();

@@ -59,8 +59,12 @@ pub fn requests(pod: &Pod) -> (u64, u64) {
     };
     let of = |c: &k8s_openapi::api::core::v1::Container| {
         let r = c.resources.as_ref().and_then(|r| r.requests.as_ref());
+        let l = c.resources.as_ref().and_then(|r| r.limits.as_ref());
+        // A limit without a request is also the request, as Kubernetes defaults it; so
+        // the scheduler places the pod by what the node will charge it.
         let get = |k: &str, f: fn(&str) -> Result<u64, quantity::QuantityError>| {
             r.and_then(|r| r.get(k))
+                .or_else(|| l.and_then(|l| l.get(k)))
                 .and_then(|q| f(&q.0).ok())
                 .unwrap_or(0)
         };

@@ -267,7 +267,16 @@ impl Store {
 
     pub(crate) async fn txn_inner(&self, txn: Txn, forwarded: bool) -> Result<TxnResponse, Error> {
         validate_txn(&txn)?;
-        self.check_disk()?;
+        // Only what adds data is refused on a full disk: reads and deletes go on, so an
+        // operator can free space through the API, as etcd allows under its space alarm.
+        let writes = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .any(|op| matches!(op, Op::Put { .. }));
+        if writes {
+            self.check_disk()?;
+        }
         let mut leader_wait = true;
         loop {
             let (reply, rx) = oneshot::channel();
