@@ -29,9 +29,10 @@ pub struct RuntimeConfig {
     /// `resources.limits.memory`.
     pub max_memory_bytes: usize,
     /// How often the engine's epoch advances: the granularity of CPU deadlines, of CPU
-    /// quotas and of yielding a busy guest to the others. 1 ms keeps a neighbour's wait
-    /// behind a spinning guest to about a millisecond; the tick itself is one atomic
-    /// increment, and a yield costs a few microseconds.
+    /// quotas and of yielding a busy guest to the others. 250 µs keeps a neighbour's wait
+    /// behind spinning guests to a fraction of a millisecond; the tick is one atomic
+    /// increment, a yield a few microseconds, and a guest yields only after running a
+    /// whole tick in one go.
     pub epoch_tick: Duration,
     /// Per-pod caps on sockets, outgoing requests and handles.
     pub net_limits: NetLimits,
@@ -53,7 +54,7 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             max_instances: 1000,
             max_memory_bytes: 256 << 20,
-            epoch_tick: Duration::from_millis(1),
+            epoch_tick: Duration::from_micros(250),
             net_limits: NetLimits::default(),
             max_component_bytes: 128 << 20,
             guest_threads: 0,
@@ -84,6 +85,10 @@ impl ComponentKind {
 #[derive(Debug, thiserror::Error)]
 #[error("deadline exceeded: the guest ran past its time budget")]
 pub(crate) struct DeadlineExceeded;
+
+/// How long a guest task may run before it yields at every epoch tick: long enough for a
+/// request or a component's start, short against a neighbour's patience.
+const FRESH: Duration = Duration::from_millis(2);
 
 /// Why the store stopped a guest whose container was stopped.
 #[derive(Debug, thiserror::Error)]
@@ -127,10 +132,6 @@ impl GuestThreads {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("wasm-guest")
-            // A worker looks for I/O every `event_interval` task polls. Spinning guests
-            // make each poll last a whole epoch tick, so tokio's default (61) would leave
-            // a neighbour's new connection unnoticed for tens of milliseconds.
-            .event_interval(3)
             .on_thread_start(move || {
                 // A thread's nice value on Linux is per thread (setpriority on its tid).
                 let tid = rustix::thread::gettid();
@@ -343,6 +344,7 @@ impl Runtime {
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limits);
         let deadline = budget.map(|b| Instant::now() + b);
+        let tick = self.cfg.epoch_tick;
         store.epoch_deadline_callback(move |_| {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(DeadlineExceeded.into());
@@ -359,8 +361,23 @@ impl Runtime {
                 let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(until));
                 return Ok(UpdateDeadline::YieldCustom(1, Box::pin(sleep)));
             }
-            // Yield at every tick, so a busy guest shares the thread with its neighbours.
-            Ok(UpdateDeadline::Yield(1))
+            // Yield once a guest has run a tick, so a busy guest shares the thread with its
+            // neighbours; one that has just been scheduled runs on.
+            // A task's first few milliseconds run without yielding (a request or a start
+            // is over before then); after that it yields at every tick it runs through.
+            if let Some((poll, total)) = crate::usage::running_for() {
+                if total < FRESH || poll < tick {
+                    return Ok(UpdateDeadline::Continue(1));
+                }
+            }
+            // tokio's own yield, not a self-wake: the task is deferred until the worker's
+            // queue is drained, and a worker that drains its queue looks for I/O first.
+            // With spinning guests on every worker, a self-wake would leave new
+            // connections unnoticed until tokio's periodic I/O check (61 polls of a tick).
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
         });
         store.set_epoch_deadline(1);
         (store, hit_memory)

@@ -226,6 +226,8 @@ impl Drop for InstanceGuard {
 pub(crate) struct Metered<F> {
     inner: Pin<Box<F>>,
     usage: Arc<Usage>,
+    /// Time this task has spent in its polls.
+    ran: Duration,
 }
 
 impl<F> Metered<F> {
@@ -234,6 +236,7 @@ impl<F> Metered<F> {
         Self {
             inner: Box::pin(inner),
             usage,
+            ran: Duration::ZERO,
         }
     }
 }
@@ -244,13 +247,34 @@ impl<F> Drop for Metered<F> {
     }
 }
 
+thread_local! {
+    /// When the guest poll running on this thread began, and how long its task had run
+    /// before this poll.
+    static POLL: std::cell::Cell<Option<(Instant, Duration)>> = const { std::cell::Cell::new(None) };
+}
+
+/// How long the guest poll running on this thread has lasted, and how long its task has
+/// run in all: what the epoch callback asks before yielding. A task that has run little
+/// so far (a request, a process starting) runs on; one that has run a while (a spinner)
+/// yields at every tick, so that the short ones do not wait behind it.
+pub(crate) fn running_for() -> Option<(Duration, Duration)> {
+    POLL.with(|s| s.get()).map(|(t, before)| {
+        let now = t.elapsed();
+        (now, before + now)
+    })
+}
+
 impl<F: Future> Future for Metered<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let t = Instant::now();
+        let outer = POLL.with(|s| s.replace(Some((t, self.ran))));
         let out = self.inner.as_mut().poll(cx);
-        self.usage.charge(t.elapsed());
+        POLL.with(|s| s.set(outer));
+        let d = t.elapsed();
+        self.ran += d;
+        self.usage.charge(d);
         out
     }
 }
