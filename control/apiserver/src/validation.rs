@@ -279,20 +279,7 @@ fn pod_spec(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
         .enumerate()
     {
         let p = format!("{path}.volumes[{i}]");
-        match v.get("name").and_then(Value::as_str) {
-            None | Some("") => errs.push(FieldError::required(format!("{p}.name"))),
-            Some(n) => {
-                if let Err(why) = dns1123_label(n) {
-                    errs.push(FieldError::invalid(format!("{p}.name"), n, why));
-                } else if !volumes.insert(n.to_string()) {
-                    errs.push(FieldError {
-                        field: format!("{p}.name"),
-                        reason: "FieldValueDuplicate",
-                        message: format!("Duplicate value: {n:?}"),
-                    });
-                }
-            }
-        }
+        unique_label(v, &p, &mut volumes, errs);
         if let Some(h) = v.get("hostPath") {
             let hp = h.get("path").and_then(Value::as_str).unwrap_or("");
             if hp.is_empty() {
@@ -330,6 +317,24 @@ fn pod_spec(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
                     &volumes,
                     errs,
                 );
+            }
+        }
+    }
+}
+
+/// `item.name` (at field path `p`) must be a DNS label not yet in `seen`.
+fn unique_label(item: &Value, p: &str, seen: &mut BTreeSet<String>, errs: &mut Vec<FieldError>) {
+    match item.get("name").and_then(Value::as_str) {
+        None | Some("") => errs.push(FieldError::required(format!("{p}.name"))),
+        Some(n) => {
+            if let Err(why) = dns1123_label(n) {
+                errs.push(FieldError::invalid(format!("{p}.name"), n, why));
+            } else if !seen.insert(n.to_string()) {
+                errs.push(FieldError {
+                    field: format!("{p}.name"),
+                    reason: "FieldValueDuplicate",
+                    message: format!("Duplicate value: {n:?}"),
+                });
             }
         }
     }
@@ -402,20 +407,7 @@ fn containers(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
             let mut names = BTreeSet::new();
             for (i, c) in cs.iter().enumerate() {
                 let p = format!("{path}.containers[{i}]");
-                match c.get("name").and_then(Value::as_str) {
-                    None | Some("") => errs.push(FieldError::required(format!("{p}.name"))),
-                    Some(n) => {
-                        if let Err(why) = dns1123_label(n) {
-                            errs.push(FieldError::invalid(format!("{p}.name"), n, why));
-                        } else if !names.insert(n.to_string()) {
-                            errs.push(FieldError {
-                                field: format!("{p}.name"),
-                                reason: "FieldValueDuplicate",
-                                message: format!("Duplicate value: {n:?}"),
-                            });
-                        }
-                    }
-                }
+                unique_label(c, &p, &mut names, errs);
                 if c.get("image")
                     .and_then(Value::as_str)
                     .is_none_or(str::is_empty)
@@ -553,6 +545,48 @@ mod tests {
             unknown_fields(&input, &typed),
             vec!["spec.x", "spec.z[0].q"]
         );
+    }
+
+    #[test]
+    fn pod_volumes_and_mounts_cannot_name_paths() {
+        let pod = |volumes: Value, mounts: Value| {
+            json!({"spec": {"volumes": volumes,
+                "containers": [{"name": "c", "image": "x", "volumeMounts": mounts}]}})
+        };
+        let fields = |o: Value| -> Vec<String> {
+            kind_rules("Pod", &o).into_iter().map(|e| e.field).collect()
+        };
+        let ok = pod(
+            json!([{"name": "data", "emptyDir": {}}]),
+            json!([{"name": "data", "mountPath": "/data", "subPath": "a/b"}]),
+        );
+        assert!(fields(ok).is_empty());
+        let bad = pod(
+            json!([{"name": "../etc", "emptyDir": {}}, {"name": "h", "hostPath": {"path": "/x/../etc"}}]),
+            json!([
+                {"name": "h", "mountPath": "rel"},
+                {"name": "h", "mountPath": "/a/../b", "subPath": "/etc"},
+                {"name": "h", "mountPath": "/c", "subPathExpr": "$(X)/../.."},
+                {"name": "nope", "mountPath": "/d"},
+            ]),
+        );
+        assert_eq!(
+            fields(bad),
+            [
+                "spec.volumes[0].name",
+                "spec.volumes[1].hostPath.path",
+                "spec.containers[0].volumeMounts[0].mountPath",
+                "spec.containers[0].volumeMounts[1].mountPath",
+                "spec.containers[0].volumeMounts[1].subPath",
+                "spec.containers[0].volumeMounts[2].subPathExpr",
+                "spec.containers[0].volumeMounts[3].name",
+            ]
+        );
+        let many: Vec<Value> = (0..=MAX_CONTAINERS)
+            .map(|i| json!({"name": format!("c{i}"), "image": "x"}))
+            .collect();
+        let too_many = json!({"spec": {"containers": many}});
+        assert_eq!(fields(too_many), ["spec.containers"]);
     }
 
     #[test]
