@@ -435,25 +435,27 @@ async fn join(store: &Store, seed: &str, addr: &str) -> Result<()> {
     Ok(())
 }
 
+/// `baton store repair`: offline, on a stopped member's data dir.
+fn repair_store(data_dir: &std::path::Path) -> Result<()> {
+    // `baton up` keeps its store in DIR/store; `baton server`, in DIR itself.
+    let dir = if data_dir.join("store").is_dir() {
+        data_dir.join("store")
+    } else {
+        data_dir.to_path_buf()
+    };
+    let done = baton_store::repair(&dir)
+        .with_context(|| format!("failed to repair the store in {}", dir.display()))?;
+    println!(
+        "repaired {}: kept what preceded the damage; writes after it are lost",
+        done.path.display()
+    );
+    Ok(())
+}
+
 async fn store_verb(args: StoreArgs) -> Result<()> {
-    if let StoreVerb::Repair { data_dir } = &args.verb {
-        // `baton up` keeps its store in DIR/store; `baton server`, in DIR itself.
-        let dir = if data_dir.join("store").is_dir() {
-            data_dir.join("store")
-        } else {
-            data_dir.clone()
-        };
-        let done = baton_store::repair(&dir)
-            .with_context(|| format!("failed to repair the store in {}", dir.display()))?;
-        println!(
-            "repaired {}: kept what preceded the damage; writes after it are lost",
-            done.path.display()
-        );
-        return Ok(());
-    }
     let client = StoreClient::new(args.endpoints);
     match args.verb {
-        StoreVerb::Repair { .. } => unreachable!("handled above"),
+        StoreVerb::Repair { data_dir } => repair_store(&data_dir)?,
         StoreVerb::Status => {
             let s = client.status().await?;
             println!(

@@ -81,18 +81,6 @@ impl MemoryBudget {
         apps.max(inits)
     }
 
-    /// Admits pod `uid` with `bytes`, if they fit; admitting a pod twice charges it once.
-    pub fn admit(&self, uid: &str, bytes: u64) -> Result<(), OutOfMemory> {
-        self.admit_as(
-            uid,
-            Admitted {
-                charge: bytes,
-                qos: "BestEffort",
-                request: 0,
-            },
-        )
-    }
-
     /// Admits a pod with what eviction needs to know of it.
     pub fn admit_as(&self, uid: &str, pod: Admitted) -> Result<(), OutOfMemory> {
         let mut charged = self.charged.lock().unwrap_or_else(|e| e.into_inner());
@@ -119,28 +107,12 @@ impl MemoryBudget {
             .clone()
     }
 
-    /// A pod's memory request, as the scheduler counts it (a limit without a request
-    /// is the request).
-    pub fn request_of(pod: &Pod) -> u64 {
-        baton_kube::pod::requests(pod).1
-    }
-
     /// Pod `uid` is gone: its charge is free again.
     pub fn release(&self, uid: &str) {
         self.charged
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(uid);
-    }
-
-    /// What the admitted pods are charged together.
-    pub fn used(&self) -> u64 {
-        self.charged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|a| a.charge)
-            .sum()
     }
 }
 
@@ -169,15 +141,21 @@ mod tests {
     fn pods_are_charged_their_limits_or_the_default_and_bounded_by_allocatable() {
         let b = MemoryBudget::new(300 << 20, 64 << 20);
         assert_eq!(b.charge_of(&pod(&[Some("100Mi"), None])), 164 << 20);
-        b.admit("a", 164 << 20).unwrap();
-        b.admit("a", 164 << 20).unwrap();
-        assert_eq!(b.used(), 164 << 20);
-        let err = b.admit("b", 200 << 20).unwrap_err();
+        let charged = |charge| Admitted {
+            charge,
+            qos: "Burstable",
+            request: 0,
+        };
+        b.admit_as("a", charged(164 << 20)).unwrap();
+        b.admit_as("a", charged(164 << 20)).unwrap();
+        let used: u64 = b.admitted().values().map(|a| a.charge).sum();
+        assert_eq!(used, 164 << 20);
+        let err = b.admit_as("b", charged(200 << 20)).unwrap_err();
         assert_eq!(err.used, 164 << 20);
         assert!(err
             .to_string()
             .contains("Node didn't have enough resource: memory"));
         b.release("a");
-        b.admit("b", 200 << 20).unwrap();
+        b.admit_as("b", charged(200 << 20)).unwrap();
     }
 }

@@ -337,6 +337,11 @@ fn plain_relative(p: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
+/// An absolute path without a `..` element.
+fn plain_absolute(p: &str) -> bool {
+    p.starts_with('/') && !p.split('/').any(|e| e == "..")
+}
+
 /// The node directory a container sees for `subPath` `sub` of the volume at `root`.
 ///
 /// The directory is made if missing, one component at a time, and the result is then
@@ -396,7 +401,7 @@ fn host_path(volume: &str, path: &str, allowed: &[PathBuf]) -> Result<PathBuf, C
             "hostPath {path:?} refused: this node allows no hostPath volumes (see `--allow-host-path`)"
         )));
     }
-    if !path.starts_with('/') || path.split('/').any(|e| e == "..") {
+    if !plain_absolute(path) {
         return Err(refuse(format!(
             "hostPath {path:?} must be absolute and free of '..'"
         )));
@@ -621,7 +626,7 @@ pub async fn resolve(
                 Some(sp) => sub_path(dir, &m.name, &sp)?,
                 None => dir.clone(),
             };
-            if !m.mount_path.starts_with('/') || m.mount_path.split('/').any(|e| e == "..") {
+            if !plain_absolute(&m.mount_path) {
                 return Err(ConfigError::Volume {
                     volume: m.name.clone(),
                     message: format!(

@@ -474,22 +474,21 @@ impl Worker {
 
     /// Starts container `i` in the sandbox.
     async fn start(&mut self, i: usize) {
-        let spec =
-            match self
-                .container_spec(i)
-                .and_then(|s| match config::recheck_mounts(&s.cli.mounts) {
-                    Ok(()) => Ok(s),
-                    Err(e) => Err(e.to_string()),
-                }) {
-                Ok(s) => s,
-                Err(msg) => {
-                    self.slots[i].state = State::Waiting {
-                        reason: "CreateContainerError".into(),
-                        message: msg,
-                    };
-                    return;
-                }
-            };
+        let spec = self.container_spec(i).and_then(|s| {
+            config::recheck_mounts(&s.cli.mounts)
+                .map(|()| s)
+                .map_err(|e| e.to_string())
+        });
+        let spec = match spec {
+            Ok(s) => s,
+            Err(msg) => {
+                self.slots[i].state = State::Waiting {
+                    reason: "CreateContainerError".into(),
+                    message: msg,
+                };
+                return;
+            }
+        };
         let name = spec.name.clone();
         let ip = self
             .ip
@@ -501,7 +500,8 @@ impl Worker {
             let key = format!("{ns}/{}/{}", self.pod.name_any(), self.uid);
             let sb = self.shared.runtime.new_pod(&key, ip, names);
             sb.set_cpu_limit(pod_cpu_limit(&self.pod));
-            sb.set_cpu_weight(pod_cpu_request(&self.pod));
+            // Its weight among unlimited pods: its CPU request, as the scheduler counts it.
+            sb.set_cpu_weight(podx::requests(&self.pod).0);
             // The pod's instances together hold at most what it was admitted with.
             sb.set_memory_limit(Some(self.shared.memory.charge_of(&self.pod) as usize));
             sb
@@ -1092,16 +1092,6 @@ pub fn pod_cpu_limit(pod: &Pod) -> Option<u64> {
     Some(sum)
 }
 
-/// The pod's CPU requests together, in millicores: its weight among unlimited pods.
-pub fn pod_cpu_request(pod: &Pod) -> u64 {
-    pod.spec
-        .iter()
-        .flat_map(|s| s.containers.iter())
-        .filter_map(|c| c.resources.as_ref()?.requests.as_ref()?.get("cpu"))
-        .filter_map(|q| quantity::millicores(&q.0).ok())
-        .sum()
-}
-
 fn qos_class(pod: &Pod) -> &'static str {
     let cs = pod
         .spec
@@ -1181,7 +1171,7 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
     let admitted = crate::budget::Admitted {
         charge: w.shared.memory.charge_of(&w.pod),
         qos: qos_class(&w.pod),
-        request: crate::budget::MemoryBudget::request_of(&w.pod),
+        request: podx::requests(&w.pod).1,
     };
     if admitted.qos == "BestEffort" && w.shared.evictions.under_pressure() {
         let msg = "Pod was rejected: The node had condition: [MemoryPressure]. ".to_string();

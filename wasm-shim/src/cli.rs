@@ -17,7 +17,7 @@ use crate::net::PodNet;
 
 use crate::error::{chain, ShimError};
 use crate::runtime::{ComponentKind, DeadlineExceeded, Runtime};
-use crate::usage::{AbortOnDrop, Metered};
+use crate::usage::AbortOnDrop;
 use crate::Exit;
 
 /// A host directory the guest sees at `guest_path`; nothing else of the host is visible.
@@ -146,7 +146,7 @@ impl Runtime {
         );
         let usage = net.usage.clone();
         let run = async move { rt.run_cli_with(&component, &name, &spec, net).await };
-        let mut task = AbortOnDrop::new(self.spawn_guest(Metered::new(usage, run)));
+        let mut task = AbortOnDrop::new(self.spawn_guest(&usage, run));
         task.join()
             .await
             .unwrap_or_else(|e| Err(ShimError::Setup(format!("component task failed: {e}"))))

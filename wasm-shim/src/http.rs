@@ -24,7 +24,7 @@ use crate::cli::{exit_of, wasi_ctx};
 use crate::error::{chain, ShimError};
 use crate::host::Host;
 use crate::runtime::{ComponentKind, Runtime};
-use crate::usage::{AbortOnDrop, Metered};
+use crate::usage::AbortOnDrop;
 
 /// How to serve one HTTP component.
 #[derive(Clone, Debug, Default)]
@@ -165,9 +165,8 @@ impl Serving {
             Err(e) => return Ok(text(400, format!("bad request: {}\n", chain(&e)))),
         };
         let pre = self.pre.clone();
-        let usage = self.net.usage.clone();
-        let task = self.runtime.spawn_guest(Metered::new(
-            usage,
+        let task = self.runtime.spawn_guest(
+            &self.net.usage,
             async move {
                 let result = async {
                     let proxy = pre.instantiate_async(&mut store).await?;
@@ -180,7 +179,7 @@ impl Serving {
                 exit_of(result, oom.load(Ordering::Relaxed))
             }
             .instrument(tracing::debug_span!("wasm_http_request")),
-        ));
+        );
         // If the client goes away, hyper drops this future, and with it the guard: the
         // instance stops at its next epoch tick instead of running on for no one.
         let mut task = AbortOnDrop::new(task);
@@ -260,7 +259,7 @@ impl Runtime {
                 .map_err(|e| ShimError::Setup(format!("listener on {addr}: {e}")))?
         };
         let usage = serving.net.usage.clone();
-        let task = self.spawn_guest(Metered::new(usage, async move {
+        let task = self.spawn_guest(&usage, async move {
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             // The connections belong to the server: when it is dropped, they are too, so
             // a stopped pod answers nothing more, even on a kept-alive connection.
@@ -288,7 +287,7 @@ impl Runtime {
             drop(listener);
             // Idle keep-alive connections close now; busy ones after their response.
             let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
-        }));
+        });
         Ok(HttpServer {
             addr,
             task,

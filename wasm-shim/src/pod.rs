@@ -13,7 +13,6 @@ use crate::error::ShimError;
 use crate::http::{HttpServer, HttpSpec};
 use crate::net::{NameResolver, PodNet};
 use crate::runtime::{ComponentKind, Runtime};
-use crate::usage::Metered;
 
 /// One container of a pod.
 #[derive(Clone)]
@@ -90,11 +89,6 @@ impl Pod {
         self.net.open_sockets()
     }
 
-    /// What the pod uses now: live instances, tasks, sockets, CPU time.
-    pub fn usage(&self) -> crate::PodUsage {
-        self.net.usage.snapshot("", self.net.open_sockets())
-    }
-
     /// Limits the pod's CPU to `millis` millicores, summed over all its instances, per
     /// [`crate::CPU_PERIOD`]; None lifts the limit.
     pub fn set_cpu_limit(&self, millis: Option<u64>) {
@@ -158,9 +152,9 @@ impl Pod {
                 let name = c.name.clone();
                 let net = self.net.clone();
                 let usage = net.usage.clone();
-                let task = rt.spawn_guest(Metered::new(usage, async move {
+                let task = rt.spawn_guest(&usage, async move {
                     rt2.run_cli_with(&c.component, &c.name, &c.cli, net).await
-                }));
+                });
                 self.processes.push(Process {
                     name,
                     abort: task.abort_handle(),

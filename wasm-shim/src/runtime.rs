@@ -223,15 +223,21 @@ impl Runtime {
         })
     }
 
-    /// Runs a guest task on the guest threads.
-    pub(crate) fn spawn_guest<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
+    /// Runs a task of the pod whose account is `usage` on the guest threads: counted as
+    /// one of its tasks while it lives, and its polls charged to it as CPU time.
+    pub(crate) fn spawn_guest<F>(
+        &self,
+        usage: &Arc<crate::usage::Usage>,
+        fut: F,
+    ) -> tokio::task::JoinHandle<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        let task = crate::usage::Metered::new(usage.clone(), fut);
         match &self.guests.rt {
-            Some(rt) => rt.spawn(fut),
-            None => tokio::spawn(fut),
+            Some(rt) => rt.spawn(task),
+            None => tokio::spawn(task),
         }
     }
 
@@ -361,8 +367,6 @@ impl Runtime {
                 let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(until));
                 return Ok(UpdateDeadline::YieldCustom(1, Box::pin(sleep)));
             }
-            // Yield once a guest has run a tick, so a busy guest shares the thread with its
-            // neighbours; one that has just been scheduled runs on.
             // A task's first few milliseconds run without yielding (a request or a start
             // is over before then); after that it yields at every tick it runs through.
             if let Some((poll, total)) = crate::usage::running_for() {

@@ -101,23 +101,32 @@ fn period_end(period: u64) -> Instant {
 }
 
 impl Usage {
-    /// Sets the pod's CPU limit in millicores (None: unlimited).
-    pub fn set_cpu_limit(&self, millis: Option<u64>) {
-        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
-        // A zero limit means no quota, as the kubelet reads `limits.cpu: 0`.
-        q.per_period = millis
-            .filter(|m| *m > 0)
-            .map(|m| Duration::from_nanos(m.saturating_mul(CPU_PERIOD.as_nanos() as u64 / 1000)));
+    fn quota(&self) -> std::sync::MutexGuard<'_, Quota> {
+        self.quota.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps the lock-free `held` flag in step with the quota it summarises.
+    fn mark_held(&self, q: &Quota) {
         self.held.store(
             q.per_period.is_some() || q.share.is_some(),
             Ordering::Relaxed,
         );
     }
 
+    /// Sets the pod's CPU limit in millicores (None: unlimited).
+    pub fn set_cpu_limit(&self, millis: Option<u64>) {
+        let mut q = self.quota();
+        // A zero limit means no quota, as the kubelet reads `limits.cpu: 0`.
+        q.per_period = millis
+            .filter(|m| *m > 0)
+            .map(|m| Duration::from_nanos(m.saturating_mul(CPU_PERIOD.as_nanos() as u64 / 1000)));
+        self.mark_held(&q);
+    }
+
     /// Sets the pod's weight among pods without a CPU limit: its CPU request in
     /// millicores (a pod without one weighs 2, as a BestEffort cgroup does).
     pub fn set_cpu_weight(&self, request_millis: u64) {
-        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = self.quota();
         // Bounded so that weighted sums and products cannot overflow.
         q.weight = request_millis.clamp(2, 1 << 32);
     }
@@ -162,7 +171,7 @@ impl Usage {
         if !self.held.load(Ordering::Relaxed) {
             return;
         }
-        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = self.quota();
         let p = period_of(Instant::now());
         if p != q.period {
             // Time spent beyond the quota in a period is not carried over: CFS refills
@@ -179,7 +188,7 @@ impl Usage {
         if !self.held.load(Ordering::Relaxed) {
             return None;
         }
-        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = self.quota();
         let per = q.per_period.or(q.share)?;
         let now = Instant::now();
         let p = period_of(now);
@@ -304,7 +313,7 @@ impl Registry {
         let mut free = Vec::new();
         let mut limited = Duration::ZERO;
         for p in &pods {
-            let q = p.usage.quota.lock().unwrap_or_else(|e| e.into_inner());
+            let q = p.usage.quota();
             let used = Duration::from_nanos(p.usage.recent.swap(0, Ordering::Relaxed));
             if q.per_period.is_some() {
                 limited += used;
@@ -315,12 +324,9 @@ impl Registry {
         let wanted: Duration = limited + free.iter().map(|(_, u, ..)| *u).sum::<Duration>();
         let contended = wanted >= capacity * 9 / 10;
         for (u, share) in fair_shares(capacity.saturating_sub(limited), &free, contended) {
-            let mut q = u.quota.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = u.quota();
             q.share = share;
-            u.held.store(
-                q.per_period.is_some() || q.share.is_some(),
-                Ordering::Relaxed,
-            );
+            u.mark_held(&q);
         }
     }
 

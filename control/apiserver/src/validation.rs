@@ -252,32 +252,18 @@ pub const MAX_CONTAINERS: usize = 64;
 /// The pod spec rules: containers, volumes and how containers mount them.
 fn pod_spec(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
     containers(spec, path, errs);
-    let inits = spec
-        .get("initContainers")
-        .and_then(Value::as_array)
-        .map_or(0, Vec::len);
-    let apps = spec
-        .get("containers")
-        .and_then(Value::as_array)
-        .map_or(0, Vec::len);
-    if inits + apps > MAX_CONTAINERS {
+    let count = items(spec, "initContainers").count() + items(spec, "containers").count();
+    if count > MAX_CONTAINERS {
         errs.push(FieldError {
             field: format!("{path}.containers"),
             reason: "FieldValueTooMany",
             message: format!(
-                "Too many: {}: must have at most {MAX_CONTAINERS} items (containers and initContainers together)",
-                inits + apps
+                "Too many: {count}: must have at most {MAX_CONTAINERS} items (containers and initContainers together)"
             ),
         });
     }
     let mut volumes = BTreeSet::new();
-    for (i, v) in spec
-        .get("volumes")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
+    for (i, v) in items(spec, "volumes").enumerate() {
         let p = format!("{path}.volumes[{i}]");
         unique_label(v, &p, &mut volumes, errs);
         if let Some(h) = v.get("hostPath") {
@@ -293,33 +279,19 @@ fn pod_spec(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
             }
         }
     }
-    for (list, kind) in [
-        ("initContainers", "initContainers"),
-        ("containers", "containers"),
-    ] {
-        for (i, c) in spec
-            .get(list)
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
-            for (j, m) in c
-                .get("volumeMounts")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .enumerate()
-            {
-                volume_mount(
-                    m,
-                    &format!("{path}.{kind}[{i}].volumeMounts[{j}]"),
-                    &volumes,
-                    errs,
-                );
+    for list in ["initContainers", "containers"] {
+        for (i, c) in items(spec, list).enumerate() {
+            for (j, m) in items(c, "volumeMounts").enumerate() {
+                let p = format!("{path}.{list}[{i}].volumeMounts[{j}]");
+                volume_mount(m, &p, &volumes, errs);
             }
         }
     }
+}
+
+/// The items of the array at `obj.key`, none if it is missing or not an array.
+fn items<'a>(obj: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+    obj.get(key).and_then(Value::as_array).into_iter().flatten()
 }
 
 /// `item.name` (at field path `p`) must be a DNS label not yet in `seen`.

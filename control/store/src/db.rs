@@ -103,12 +103,11 @@ pub(crate) fn open(dir: &Path, member_id: u64) -> Result<Arc<DB>, DbError> {
     // Raft log appends are synced explicitly (see log_store.rs); nothing else needs a
     // sync per write.
     opts.set_use_fsync(false);
-    let cfs = ALL_CFS
-        .iter()
-        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
-    let db = DB::open_cf_descriptors(&opts, &db_path, cfs).map_err(|source| DbError::Corrupt {
-        path: db_path.clone(),
-        source,
+    let db = DB::open_cf_descriptors(&opts, &db_path, column_families()).map_err(|source| {
+        DbError::Corrupt {
+            path: db_path.clone(),
+            source,
+        }
     })?;
     let corrupt = |source| DbError::Corrupt {
         path: db_path.clone(),
@@ -151,6 +150,13 @@ pub(crate) fn open(dir: &Path, member_id: u64) -> Result<Arc<DB>, DbError> {
     Ok(Arc::new(db))
 }
 
+/// Every column family of the store, as `open` and `repair` open them.
+fn column_families() -> impl Iterator<Item = ColumnFamilyDescriptor> {
+    ALL_CFS
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()))
+}
+
 /// What [`repair`] did.
 #[derive(Debug)]
 pub struct Repaired {
@@ -172,14 +178,11 @@ pub fn repair(dir: &Path) -> Result<Repaired, DbError> {
     let mut opts = Options::default();
     opts.set_paranoid_checks(true);
     opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
-    let cfs = ALL_CFS
-        .iter()
-        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
     let corrupt = |source| DbError::Corrupt {
         path: db_path.clone(),
         source,
     };
-    let db = DB::open_cf_descriptors(&opts, &db_path, cfs).map_err(corrupt)?;
+    let db = DB::open_cf_descriptors(&opts, &db_path, column_families()).map_err(corrupt)?;
     for name in ALL_CFS {
         if let Some(cf) = db.cf_handle(name) {
             db.flush_cf(cf).map_err(corrupt)?;
