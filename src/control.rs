@@ -62,12 +62,8 @@ impl Loops {
         config: baton_controllers::Config,
     ) -> Result<()> {
         let client = client_for(pki, server, "system:kube-controller-manager").await?;
-        let election = baton_kube::leader::Election {
-            namespace: "kube-system".into(),
-            name: "baton-control-plane".into(),
-            identity,
-            lease_duration: std::time::Duration::from_secs(15),
-        };
+        let election =
+            baton_kube::leader::Election::new("kube-system", "baton-control-plane", &identity);
         let stopped = self.stopped();
         self.tasks.push(tokio::spawn(baton_kube::leader::run(
             client.clone(),

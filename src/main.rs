@@ -179,28 +179,51 @@ fn default_data_dir() -> PathBuf {
         .join("baton")
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour for a terminal only: a log file or a pipe gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Up(args) => up(args).await,
-        Command::Server(args) => server(args).await,
-        Command::Node(args) => node(args).await,
-        Command::Store(args) => store_verb(args).await,
-        Command::Push(args) => oci_cli::push(args).await,
-        Command::Pull(args) => oci_cli::pull(args, default_data_dir()).await,
-        Command::Images(args) => oci_cli::images(args, default_data_dir()),
-        Command::Run(args) => {
-            let code = run::run(args).await?;
-            std::process::exit(code)
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
         }
+    };
+    let result = rt.block_on(run_command(cli));
+    // Every task, and with them the store, is dropped before the process exits: RocksDB's
+    // threads must not be running when the C++ runtime tears down.
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    match result {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            // The cause chain, one line, never a backtrace: these are users' errors.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a subcommand; returns the process's exit code.
+async fn run_command(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Up(args) => up(args).await.map(|()| 0),
+        Command::Server(args) => server(args).await.map(|()| 0),
+        Command::Node(args) => node(args).await.map(|()| 0),
+        Command::Store(args) => store_verb(args).await.map(|()| 0),
+        Command::Push(args) => oci_cli::push(args).await.map(|()| 0),
+        Command::Pull(args) => oci_cli::pull(args, default_data_dir()).await.map(|()| 0),
+        Command::Images(args) => oci_cli::images(args, default_data_dir()).map(|()| 0),
+        // A component's own exit code, as `wasmtime run` passes it on.
+        Command::Run(args) => Ok(run::run(args).await?.clamp(0, 255) as u8),
     }
 }
 

@@ -587,12 +587,58 @@ fn bad_requests_get_the_right_status() {
         413,
         "RequestEntityTooLarge",
     );
-    // An unsupported media type.
+    // An unsupported media type, and CBOR apply, which is not served.
     check(
         b.curl("POST", pods, "text/plain", Some(b"hello"), tok),
         415,
         "UnsupportedMediaType",
     );
+    check(
+        b.curl(
+            "PATCH",
+            "/api/v1/namespaces/default/configmaps/y?fieldManager=t",
+            "application/apply-patch+cbor",
+            Some(b"\xa0"),
+            tok,
+        ),
+        415,
+        "UnsupportedMediaType",
+    );
+    // A YAML body is read as YAML; a malformed one is a 400 that says where.
+    let yaml = b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: y\ndata:\n  a: '1'\n";
+    let (code, made) = b.curl(
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        "application/yaml",
+        Some(yaml),
+        tok,
+    );
+    assert_eq!((code, &made["data"]["a"]), (201, &json!("1")), "{made}");
+    let apply = b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: y\ndata:\n  a: '2'\n";
+    let (code, applied) = b.curl(
+        "PATCH",
+        "/api/v1/namespaces/default/configmaps/y?fieldManager=t&force=true",
+        "application/apply-patch+yaml",
+        Some(apply),
+        tok,
+    );
+    assert_eq!(
+        (code, &applied["data"]["a"]),
+        (200, &json!("2")),
+        "{applied}"
+    );
+    let s = check(
+        b.curl(
+            "POST",
+            "/api/v1/namespaces/default/configmaps",
+            "application/yaml",
+            Some(b"metadata: [name: x\n"),
+            tok,
+        ),
+        400,
+        "BadRequest",
+    );
+    assert!(s["message"].as_str().unwrap().contains("yaml"), "{s}");
     // A stale resourceVersion.
     let good = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "1"}});
     let (code, created) = b.curl(

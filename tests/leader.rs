@@ -24,10 +24,10 @@ async fn one_leader_at_a_time_and_a_successor_when_it_stops() {
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         stops.push((id, stop_tx));
         let e = Election {
-            namespace: "kube-system".into(),
-            name: "test-election".into(),
-            identity: id.into(),
             lease_duration: Duration::from_secs(2),
+            renew_deadline: Duration::from_millis(1500),
+            retry_period: Duration::from_millis(300),
+            ..Election::new("kube-system", "test-election", id)
         };
         let (leading, most, leaders) = (leading.clone(), most.clone(), leaders.clone());
         let client = client.clone();

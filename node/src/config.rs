@@ -238,14 +238,12 @@ fn resource_field(c: &Container, resource: &str) -> String {
         _ => (None, ""),
     };
     let q = map.and_then(|m| m.get(key)).map(|q| q.0.clone());
-    match (key, q) {
-        ("cpu", Some(q)) => baton_kube::quantity::parse(&q)
-            .map(|v| v.ceil().to_string())
-            .unwrap_or(q),
-        (_, Some(q)) => baton_kube::quantity::whole(&q)
+    // Whole units rounded up, cores for CPU, as the downward API's default divisor of 1.
+    match q {
+        Some(q) => baton_kube::quantity::whole(&q)
             .map(|v| v.to_string())
             .unwrap_or(q),
-        _ => "0".into(),
+        None => "0".into(),
     }
 }
 

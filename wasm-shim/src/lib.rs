@@ -17,7 +17,8 @@
 //! - Memory: a store limiter caps each instance's linear memory; a guest that hits it is
 //!   stopped with reason `OOMKilled` (for HTTP, that request gets a 500).
 //! - CPU: guests run on threads of their own ([`RuntimeConfig::guest_threads`]), apart
-//!   from the node's work and at a lower priority. The engine's epoch ticks every
+//!   from the node's work and at a lower priority, and guests that keep the CPU busy on a
+//!   tier lower still, so that short requests preempt them (`tiers.rs`). The engine's epoch ticks every
 //!   [`RuntimeConfig::epoch_tick`]; a guest yields at every tick (so one spinning guest
 //!   cannot starve the others), is parked until the period ends once its pod has used its
 //!   CPU quota (`resources.limits.cpu` per [`CPU_PERIOD`], as CFS does; see `usage.rs`),
@@ -43,6 +44,7 @@ pub mod logs;
 mod net;
 mod pod;
 mod runtime;
+mod tiers;
 mod usage;
 
 pub use cli::{CliOutcome, CliSpec, Mount};

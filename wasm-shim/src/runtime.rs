@@ -38,13 +38,14 @@ pub struct RuntimeConfig {
     pub net_limits: NetLimits,
     /// Largest component file [`Runtime::load_file`] reads.
     pub max_component_bytes: u64,
-    /// Threads that run guests (0: one per CPU). They are separate from the threads of
-    /// the process's own work, so that busy guests cannot starve it.
+    /// Threads that run guests, per tier (0: one per CPU). They are separate from the
+    /// threads of the process's own work, so that busy guests cannot starve it; guests
+    /// that keep the CPU busy run on a second, lower-priority tier (see `tiers.rs`).
     pub guest_threads: usize,
     /// The nice value of the guest threads (0 to 19). 0 by default, for a process that
     /// only runs guests (`baton run`); a node that shares its process with the API server,
     /// the store, probes and heartbeats runs its guests at 10, so that its own work goes
-    /// first.
+    /// first. The long-running tier is 9 levels lower still (at most 19).
     pub guest_nice: i32,
 }
 
@@ -102,50 +103,8 @@ pub struct Runtime {
     pub(crate) linker: Arc<Linker<Host>>,
     cfg: RuntimeConfig,
     _ticker: Arc<Ticker>,
-    guests: Arc<GuestThreads>,
+    guests: Arc<crate::tiers::GuestThreads>,
     pub(crate) pods: Arc<crate::usage::Registry>,
-}
-
-/// The tokio runtime guests run on, apart from the node's own.
-struct GuestThreads {
-    rt: Option<tokio::runtime::Runtime>,
-    threads: usize,
-}
-
-impl Drop for GuestThreads {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks, which tokio forbids inside another runtime; the
-        // guests' tasks are cancelled either way.
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl GuestThreads {
-    fn new(threads: usize, nice: i32) -> std::io::Result<Self> {
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("wasm-guest")
-            .on_thread_start(move || {
-                // A thread's nice value on Linux is per thread (setpriority on its tid).
-                let tid = rustix::thread::gettid();
-                if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
-                    tracing::warn!(error = %e, "could not lower the guest thread's priority");
-                }
-            })
-            .enable_all()
-            .build()?;
-        Ok(Self {
-            rt: Some(rt),
-            threads,
-        })
-    }
 }
 
 impl std::fmt::Debug for Runtime {
@@ -191,7 +150,7 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| ShimError::Setup(chain(&e)))?;
         crate::net::add_to_linker(&mut linker).map_err(|e| ShimError::Setup(chain(&e)))?;
-        let guests = GuestThreads::new(cfg.guest_threads, cfg.guest_nice)
+        let guests = crate::tiers::GuestThreads::new(cfg.guest_threads, cfg.guest_nice)
             .map_err(|e| ShimError::Setup(format!("starting the guest threads: {e}")))?;
         let pods: Arc<crate::usage::Registry> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -234,16 +193,13 @@ impl Runtime {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let task = crate::usage::Metered::new(usage.clone(), fut);
-        match &self.guests.rt {
-            Some(rt) => rt.spawn(task),
-            None => tokio::spawn(task),
-        }
+        self.guests
+            .spawn(crate::usage::Metered::new(usage.clone(), fut))
     }
 
     /// Enters the guest threads' runtime, so that I/O objects made now register there.
     pub(crate) fn enter_guests(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
-        self.guests.rt.as_ref().map(|rt| rt.enter())
+        self.guests.enter()
     }
 
     /// What every pod with anything still alive uses of the node.
@@ -364,6 +320,7 @@ impl Runtime {
             }
             // A pod past its CPU quota is parked until its period ends.
             if let Some(until) = usage.throttled_until() {
+                crate::usage::mark_preempted();
                 let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(until));
                 return Ok(UpdateDeadline::YieldCustom(1, Box::pin(sleep)));
             }
@@ -374,6 +331,7 @@ impl Runtime {
                     return Ok(UpdateDeadline::Continue(1));
                 }
             }
+            crate::usage::mark_preempted();
             // tokio's own yield, not a self-wake: the task is deferred until the worker's
             // queue is drained, and a worker that drains its queue looks for I/O first.
             // With spinning guests on every worker, a self-wake would leave new

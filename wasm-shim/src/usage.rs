@@ -237,6 +237,8 @@ pub(crate) struct Metered<F> {
     usage: Arc<Usage>,
     /// Time this task has spent in its polls.
     ran: Duration,
+    /// Whether its last poll ended because the epoch callback preempted it.
+    preempted: bool,
 }
 
 impl<F> Metered<F> {
@@ -246,7 +248,14 @@ impl<F> Metered<F> {
             inner: Box::pin(inner),
             usage,
             ran: Duration::ZERO,
+            preempted: false,
         }
+    }
+
+    /// Whether the last poll ended because the runtime preempted the guest (it ran
+    /// through a tick, or its pod was over quota) rather than because it waited.
+    pub fn preempted(&self) -> bool {
+        self.preempted
     }
 }
 
@@ -260,6 +269,13 @@ thread_local! {
     /// When the guest poll running on this thread began, and how long its task had run
     /// before this poll.
     static POLL: std::cell::Cell<Option<(Instant, Duration)>> = const { std::cell::Cell::new(None) };
+    /// Set by the epoch callback when it preempts the guest poll running on this thread.
+    static PREEMPTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Records that the guest poll running on this thread is being preempted.
+pub(crate) fn mark_preempted() {
+    PREEMPTED.with(|p| p.set(true));
 }
 
 /// How long the guest poll running on this thread has lasted, and how long its task has
@@ -279,7 +295,9 @@ impl<F: Future> Future for Metered<F> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let t = Instant::now();
         let outer = POLL.with(|s| s.replace(Some((t, self.ran))));
+        let outer_preempted = PREEMPTED.with(|p| p.replace(false));
         let out = self.inner.as_mut().poll(cx);
+        self.preempted = PREEMPTED.with(|p| p.replace(outer_preempted));
         POLL.with(|s| s.set(outer));
         let d = t.elapsed();
         self.ran += d;

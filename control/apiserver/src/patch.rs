@@ -26,9 +26,8 @@ impl PatchType {
             "application/json-patch+json" => Some(PatchType::Json),
             "application/merge-patch+json" => Some(PatchType::Merge),
             "application/strategic-merge-patch+json" => Some(PatchType::Strategic),
-            "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
-                Some(PatchType::Apply)
-            }
+            // apply-patch+cbor is not served: it falls through to 415.
+            "application/apply-patch+yaml" => Some(PatchType::Apply),
             _ => None,
         }
     }

@@ -295,23 +295,29 @@ fn decode_body(req: &Request) -> ApiResult<(Value, Vec<String>)> {
         }
         return Ok((crate::protobuf::decode(&req.body)?, Vec::new()));
     }
-    if !matches!(
-        ct.as_str(),
-        "application/json" | "" | "application/yaml" | "application/apply-patch+yaml"
-    ) {
-        return Err(ApiError::UnsupportedMediaType {
-            got: ct.clone(),
-            accepted: "application/json, application/yaml, application/vnd.kubernetes.protobuf"
-                .into(),
-        });
-    }
+    let yaml = match ct.as_str() {
+        "application/json" | "" => false,
+        "application/yaml" => true,
+        _ => {
+            return Err(ApiError::UnsupportedMediaType {
+                got: ct.clone(),
+                accepted: "application/json, application/yaml, application/vnd.kubernetes.protobuf"
+                    .into(),
+            })
+        }
+    };
     if req.body.len() > MAX_BODY_BYTES {
         return Err(ApiError::TooLarge {
             size: req.body.len(),
             limit: MAX_BODY_BYTES,
         });
     }
-    let (v, dups) = validation::parse_json_checked(&req.body)
+    let parsed = if yaml {
+        validation::parse_yaml_checked(&req.body)
+    } else {
+        validation::parse_json_checked(&req.body).map_err(Into::into)
+    };
+    let (v, dups) = parsed
         .map_err(|e| ApiError::bad_request(format!("error decoding the request body: {e}")))?;
     if !v.is_object() {
         return Err(ApiError::bad_request(
@@ -727,8 +733,14 @@ async fn patch(objects: &Objects, req: &Request) -> ApiResult<Response> {
             limit: MAX_BODY_BYTES,
         });
     }
-    let (patch_body, dups) = validation::parse_json_checked(&req.body)
-        .map_err(|e| ApiError::bad_request(format!("error decoding the patch: {e}")))?;
+    // Apply patches are YAML (kubectl sends JSON, which is YAML); the others are JSON.
+    let parsed = if ty == PatchType::Apply {
+        validation::parse_yaml_checked(&req.body)
+    } else {
+        validation::parse_json_checked(&req.body).map_err(Into::into)
+    };
+    let (patch_body, dups) =
+        parsed.map_err(|e| ApiError::bad_request(format!("error decoding the patch: {e}")))?;
     if ty == PatchType::Apply {
         return crate::managed::apply(objects, req, patch_body, dups).await;
     }

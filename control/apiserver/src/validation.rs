@@ -23,6 +23,28 @@ pub fn parse_json_checked(body: &[u8]) -> Result<(Value, Vec<String>), serde_jso
     Ok((v, dups))
 }
 
+/// Why a body could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("yaml: {0}")]
+    Yaml(#[source] serde_yaml::Error),
+}
+
+/// Parses a YAML body (`application/yaml`, `application/apply-patch+yaml`), as
+/// kube-apiserver converts YAML to JSON before decoding. JSON is YAML, and most clients
+/// (kubectl among them) send JSON under these types: it is read as JSON first, so that
+/// its duplicate fields are found as for any JSON body. One document only; aliases are
+/// expanded under serde_yaml's repetition limit, and the body itself is bounded before.
+pub fn parse_yaml_checked(body: &[u8]) -> Result<(Value, Vec<String>), DecodeError> {
+    if let Ok(parsed) = parse_json_checked(body) {
+        return Ok(parsed);
+    }
+    let v: Value = serde_yaml::from_slice(body).map_err(DecodeError::Yaml)?;
+    Ok((v, Vec::new()))
+}
+
 struct Checked<'a> {
     path: String,
     dups: &'a mut Vec<String>,
@@ -559,6 +581,41 @@ mod tests {
             .collect();
         let too_many = json!({"spec": {"containers": many}});
         assert_eq!(fields(too_many), ["spec.containers"]);
+    }
+
+    #[test]
+    fn yaml_bodies_are_yaml() {
+        let (v, _) = parse_yaml_checked(
+            b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\ndata:\n  a: \"1\"\n",
+        )
+        .unwrap();
+        assert_eq!(v["metadata"]["name"], "x");
+        assert_eq!(v["data"]["a"], "1");
+        let (_, dups) = parse_yaml_checked(br#"{"a":1,"a":2}"#).unwrap();
+        assert_eq!(
+            dups,
+            ["a"],
+            "JSON under a YAML type keeps its duplicate check"
+        );
+        assert!(matches!(
+            parse_yaml_checked(b"a: [1, 2\n"),
+            Err(DecodeError::Yaml(_))
+        ));
+        assert!(
+            parse_yaml_checked(b"a: 1\n---\nb: 2\n").is_err(),
+            "one document"
+        );
+        // An alias bomb is refused, not expanded.
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 0..9 {
+            let prev = if i == 0 {
+                "a".to_string()
+            } else {
+                format!("l{}", i - 1)
+            };
+            bomb.push_str(&format!("l{i}: &l{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+        }
+        assert!(parse_yaml_checked(bomb.as_bytes()).is_err());
     }
 
     #[test]
