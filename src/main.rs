@@ -2,11 +2,15 @@
 //!
 //! - `baton up`: everything in one process on the embedded single-member store: the store,
 //!   the Kubernetes API server, the scheduler, the controllers and a local node.
-//! - `baton server`: one member of a replicated control plane.
+//! - `baton server`: one member of a replicated control plane (the store, and with
+//!   `--api-listen` the API server and, on the elected leader, the control loops).
 //! - `baton node`: a node agent joining a cluster.
-//! - `baton store ...`: everyday client verbs against a store.
+//! - `baton store ...`: everyday client verbs against a store, and an offline repair.
+//! - `baton push`: a Wasm component to a registry, as an OCI artifact.
+//! - `baton pull`: a component into the node's image cache.
+//! - `baton images`: the node's image cache.
+//! - `baton run`: one component, or one pod from a local manifest, without a cluster.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -430,32 +434,43 @@ async fn server(args: ServerArgs) -> Result<()> {
 }
 
 /// Asks the cluster behind `seed` to add this member as a learner, then as a voter.
+/// Joins the cluster `seed` belongs to, as a voter. Members may start in any order or
+/// at the same moment: the seed may not be up yet, or another membership change may be
+/// under way, so this retries until this member is a voter, and says why it waits.
 async fn join(store: &Store, seed: &str, addr: &str) -> Result<()> {
-    let client = StoreClient::new([seed.to_string()]).with_timeout(Duration::from_secs(120));
-    let status = client
-        .status()
-        .await
-        .with_context(|| format!("failed to reach {seed}"))?;
-    if status.members.iter().any(|m| m.id == store.id() && m.voter) {
-        return Ok(());
+    let client = StoreClient::new([seed.to_string()]).with_timeout(Duration::from_secs(30));
+    let mut delay = Duration::from_millis(200);
+    let mut said = String::new();
+    loop {
+        let why = match join_step(&client, store.id(), addr).await {
+            Ok(true) => {
+                tracing::info!(seed, "joined the cluster as a voter");
+                return Ok(());
+            }
+            // A step was taken; look again soon (the seed may see it a moment later).
+            Ok(false) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => format!("{:#}", anyhow::Error::from(e)),
+        };
+        if why != said {
+            tracing::info!(seed, reason = %why, "waiting to join the cluster; retrying");
+            said = why;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
-    client
-        .add_learner(store.id(), addr)
-        .await
-        .context("the cluster refused to add this member as a learner")?;
+}
+
+/// One step towards being a voter: Ok(true) once this member is one.
+async fn join_step(client: &StoreClient, id: u64, addr: &str) -> Result<bool, baton_store::Error> {
     let status = client.status().await?;
-    let mut voters: BTreeSet<u64> = status
-        .members
-        .iter()
-        .filter(|m| m.voter)
-        .map(|m| m.id)
-        .collect();
-    voters.insert(store.id());
-    client
-        .set_voters(voters)
-        .await
-        .context("the cluster refused to promote this member")?;
-    Ok(())
+    match status.members.iter().find(|m| m.id == id) {
+        Some(m) if m.voter => Ok(true),
+        Some(_) => client.add_voter(id).await.map(|()| false),
+        None => client.add_learner(id, addr).await.map(|()| false),
+    }
 }
 
 /// `baton store repair`: offline, on a stopped member's data dir.

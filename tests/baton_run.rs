@@ -52,6 +52,29 @@ fn runs_a_cli_component_with_args_env_and_exit_code() {
 }
 
 #[test]
+fn a_user_error_shows_its_causes_without_a_backtrace_or_colour() {
+    let missing = root().join("no-such-dir/app.wasm");
+    let out = baton()
+        .arg("run")
+        .arg(&missing)
+        .env("RUST_BACKTRACE", "full")
+        .env("RUST_LIB_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(
+        stderr.contains("No such file"),
+        "the cause is shown: {stderr}"
+    );
+    assert!(!stderr.to_lowercase().contains("backtrace"), "{stderr}");
+    // Output to a pipe carries no ANSI escapes, logs included.
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+}
+
+#[test]
 fn runs_a_local_pod_whose_frontend_reaches_its_backend() {
     let mut child = baton()
         .args(["run", "-f"])

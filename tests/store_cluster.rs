@@ -173,3 +173,19 @@ async fn members_are_added_promoted_and_removed() {
     client.put("m/2", "y").await.unwrap();
     assert_eq!(count_keys(&client, "m/", false).await, Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_in_any_order_and_at_the_same_moment() {
+    let c = Cluster::start_at_once(3, &["--heartbeat-ms", "50", "--election-ms", "300"]).await;
+    for (i, m) in c.members.iter().enumerate() {
+        assert!(m.is_running(), "member {i} exited: {}", m.log());
+    }
+    // The joiners that started before their seed said why they waited.
+    let waited = c.members[1..]
+        .iter()
+        .any(|m| m.log().contains("waiting to join the cluster"));
+    assert!(waited, "{}", c.members[1].log());
+    let client = c.client();
+    client.put("j/1", "x").await.unwrap();
+    assert_eq!(count_keys(&client, "j/", false).await, Some(1));
+}

@@ -29,7 +29,7 @@ pub enum ConfigError {
         name: String,
         key: String,
     },
-    #[error("reading {kind} {name}: {source}")]
+    #[error("reading {kind} {name}")]
     Api {
         kind: &'static str,
         name: String,
@@ -42,7 +42,7 @@ pub enum ConfigError {
     Volume { volume: String, message: String },
     #[error("container {container} mounts volume {volume}, which the pod does not define")]
     NoSuchVolume { container: String, volume: String },
-    #[error("writing volume {volume}: {source}")]
+    #[error("writing volume {volume}")]
     Io {
         volume: String,
         #[source]

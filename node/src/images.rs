@@ -25,7 +25,9 @@ use baton_wasm_shim::{Runtime, ShimError};
 pub enum ImageError {
     #[error(transparent)]
     Pull(#[from] baton_oci::OciError),
-    #[error("image {path}: {source}")]
+    #[error("{image}: this node pulls no images")]
+    NoRegistry { image: String },
+    #[error("image {path}")]
     Missing {
         path: PathBuf,
         #[source]
@@ -33,7 +35,7 @@ pub enum ImageError {
     },
     #[error("image {image} refused: {why}")]
     Refused { image: String, why: String },
-    #[error("image {image} is not a runnable Wasm component: {source}")]
+    #[error("image {image} is not a runnable Wasm component")]
     Invalid {
         image: String,
         #[source]
@@ -47,9 +49,10 @@ impl ImageError {
         match self {
             ImageError::Pull(baton_oci::OciError::InvalidReference { .. }) => "InvalidImageName",
             ImageError::Pull(baton_oci::OciError::NeverPull { .. }) => "ErrImageNeverPull",
-            ImageError::Pull(_) | ImageError::Missing { .. } | ImageError::Refused { .. } => {
-                "ErrImagePull"
-            }
+            ImageError::Pull(_)
+            | ImageError::Missing { .. }
+            | ImageError::Refused { .. }
+            | ImageError::NoRegistry { .. } => "ErrImagePull",
             ImageError::Invalid { .. } => "CreateContainerError",
         }
     }
@@ -166,12 +169,12 @@ impl Images {
                 pulled: false,
             });
         }
-        let registry = self.registry.as_ref().ok_or_else(|| {
-            ImageError::Pull(baton_oci::OciError::Registry {
-                reference: image.into(),
-                message: "this node pulls no images".into(),
-            })
-        })?;
+        let registry = self
+            .registry
+            .as_ref()
+            .ok_or_else(|| ImageError::NoRegistry {
+                image: image.into(),
+            })?;
         let pulled = registry.pull(image, auth, policy, None).await?;
         Ok(Image {
             component: self.load(image, pulled.path.clone()).await?,

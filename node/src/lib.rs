@@ -11,7 +11,11 @@
 //! - serves container logs to the API server over mutually authenticated TLS ([`server`]);
 //! - routes Service traffic and resolves Service names for its pods ([`proxy`]).
 //!
-//! Images are paths on the node until registry pulls arrive ([`images`]).
+//! Images ([`images`]) are OCI references, pulled from their registries through
+//! `baton_oci` into the node's content-addressed cache, per `imagePullPolicy` and with the
+//! pod's `imagePullSecrets`. A path on the node (`/DIR/x.wasm` or `file:///DIR/x.wasm`)
+//! is served only from a directory the node was given with `--local-images`, and there is
+//! none by default.
 
 pub mod budget;
 pub mod config;
@@ -49,13 +53,13 @@ pub enum NodeError {
     Register(#[from] register::RegisterError),
     #[error(transparent)]
     Ipam(#[from] ipam::IpamError),
-    #[error("starting the Wasm runtime: {0}")]
+    #[error("starting the Wasm runtime")]
     Runtime(#[from] ShimError),
     #[error("the node address {0:?} is not an IP address")]
     Address(String),
     #[error(transparent)]
     Server(#[from] server::ServerError),
-    #[error("setting up image pulls: {0}")]
+    #[error("setting up image pulls")]
     Oci(#[from] baton_oci::OciError),
 }
 

@@ -85,7 +85,7 @@ impl Prober {
             Err(err) => {
                 self.successes = 0;
                 self.failures += 1;
-                self.last_message = err.to_string();
+                self.last_message = baton_kube::error::chain(&err);
                 let need = self.probe.failure_threshold.unwrap_or(3).max(1);
                 if self.failures >= need {
                     self.passing = Some(false);
@@ -106,25 +106,25 @@ impl Prober {
 pub enum ProbeError {
     #[error("probe names port {0:?}, which the container does not declare")]
     NoPort(String),
-    #[error("dial tcp {addr}: {source}")]
+    #[error("dial tcp {addr}")]
     Connect {
         addr: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("Get \"{url}\": TLS handshake: {source}")]
+    #[error("Get \"{url}\": TLS handshake")]
     Tls {
         url: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("Get \"{url}\": {source}")]
+    #[error("Get \"{url}\"")]
     Http {
         url: String,
         #[source]
         source: hyper::Error,
     },
-    #[error("invalid probe request for \"{url}\": {source}")]
+    #[error("invalid probe request for \"{url}\"")]
     Request {
         url: String,
         #[source]

@@ -14,13 +14,13 @@ use serde_json::json;
 /// Why the node could not register or heartbeat.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
-    #[error("registering node {node}: {source}")]
+    #[error("registering node {node}")]
     Node {
         node: String,
         #[source]
         source: kube::Error,
     },
-    #[error("renewing the lease of node {node}: {source}")]
+    #[error("renewing the lease of node {node}")]
     Lease {
         node: String,
         #[source]

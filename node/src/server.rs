@@ -34,13 +34,29 @@ use serde_json::{json, Value};
 /// Why the logs endpoint could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("asking the API server for the node's certificate: {0}")]
+    #[error("asking the API server for the node's certificate")]
     Certificate(#[source] kube::Error),
     #[error("the API server's certificate answer lacks {0}")]
     Answer(&'static str),
-    #[error("TLS setup: {0}")]
-    Tls(String),
-    #[error("listening on {addr}: {source}")]
+    #[error("building the certificate request")]
+    Request(#[source] http::Error),
+    #[error("the API server's {what} is not valid PEM")]
+    Pem {
+        what: &'static str,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("TLS setup")]
+    Tls(#[source] rustls::Error),
+    #[error("the node address {address:?} is not an IP address")]
+    Address {
+        address: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("TLS setup: the client CA")]
+    ClientCa(#[source] rustls::server::VerifierBuilderError),
+    #[error("listening on {addr}")]
     Listen {
         addr: SocketAddr,
         #[source]
@@ -86,7 +102,7 @@ async fn certificate(
     let req = http::Request::post(format!("/baton/v1/nodes/{node}/certificate"))
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(body)
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
+        .map_err(ServerError::Request)?;
     let v: Value = client
         .request(req)
         .await
@@ -102,17 +118,15 @@ async fn certificate(
 
 fn tls_config(cert: &str, key: &str, ca: &str) -> Result<rustls::ServerConfig, ServerError> {
     use rustls::pki_types::pem::PemObject;
-    let bad = |what: &str| ServerError::Tls(format!("unusable {what}"));
+    let pem = |what: &'static str| move |source| ServerError::Pem { what, source };
     let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|_| bad("certificate"))?;
+        .map_err(pem("certificate"))?;
     let key =
-        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|_| bad("key"))?;
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(pem("key"))?;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots
-            .add(c.map_err(|_| bad("CA"))?)
-            .map_err(|_| bad("CA"))?;
+        roots.add(c.map_err(pem("CA"))?).map_err(ServerError::Tls)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -120,13 +134,13 @@ fn tls_config(cert: &str, key: &str, ca: &str) -> Result<rustls::ServerConfig, S
         provider.clone(),
     )
     .build()
-    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    .map_err(ServerError::ClientCa)?;
     rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .map_err(ServerError::Tls)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| ServerError::Tls(e.to_string()))
+        .map_err(ServerError::Tls)
 }
 
 /// Starts the endpoint on `address:port` (0: any free port); returns the port.
@@ -139,9 +153,13 @@ pub async fn start(
 ) -> Result<(u16, tokio::task::JoinHandle<()>), ServerError> {
     let (cert, key, ca) = certificate(client, node, address).await?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&cert, &key, &ca)?));
-    let addr: SocketAddr = format!("{address}:{port}")
-        .parse()
-        .map_err(|_| ServerError::Tls(format!("bad address {address}")))?;
+    let addr: SocketAddr =
+        format!("{address}:{port}")
+            .parse()
+            .map_err(|source| ServerError::Address {
+                address: address.to_string(),
+                source,
+            })?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Listen { addr, source })?;
@@ -290,14 +308,10 @@ async fn handle(
     let ["containerLogs", ns, pod, container] = segs.as_slice() else {
         return text(404, format!("no such endpoint: {path}"));
     };
-    let q: HashMap<String, String> = req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), percent_decode(v)))
-        .collect();
+    let q: HashMap<String, String> =
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
     let flag = |k: &str| matches!(q.get(k).map(String::as_str), Some("true" | "1"));
     let Some(dir) = lock(&index.pods)
         .get(&(ns.to_string(), pod.to_string()))
@@ -403,22 +417,4 @@ async fn handle(
         hyper::header::HeaderValue::from_static("text/plain"),
     );
     r
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -31,6 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use baton_kube::error::chain;
 use baton_kube::events::{EventType, Recorder};
 use baton_kube::{pod as podx, quantity};
 use baton_wasm_shim::logs::{ContainerLog, LogConfig};
@@ -304,8 +305,8 @@ impl Worker {
             match got {
                 Ok(ip) => self.ip = Some(ip),
                 Err(e) => {
-                    self.fail_waiting("ContainerCreating", &e.to_string());
-                    self.event(EventType::Warning, "FailedCreatePodSandBox", &e.to_string())
+                    self.fail_waiting("ContainerCreating", &chain(&e));
+                    self.event(EventType::Warning, "FailedCreatePodSandBox", &chain(&e))
                         .await;
                     return false;
                 }
@@ -327,7 +328,7 @@ impl Worker {
                 }
             }
             Err(e) => {
-                let msg = e.to_string();
+                let msg = chain(&e);
                 self.fail_waiting("CreateContainerConfigError", &msg);
                 self.event(EventType::Warning, "Failed", &format!("Error: {msg}"))
                     .await;
@@ -367,7 +368,7 @@ impl Worker {
                         self.slots[i].component = Some(c);
                     }
                     Err(e) => {
-                        let msg = format!("image {image}: {e}");
+                        let msg = format!("image {image}: {}", chain(&e));
                         self.slots[i].state = State::Waiting {
                             reason: "CreateContainerError".into(),
                             message: msg.clone(),
@@ -386,7 +387,7 @@ impl Worker {
                         }
                         _ => e.reason(),
                     };
-                    let msg = e.to_string();
+                    let msg = chain(&e);
                     self.slots[i].state = State::Waiting {
                         reason: reason.into(),
                         message: msg.clone(),
@@ -477,7 +478,7 @@ impl Worker {
         let spec = self.container_spec(i).and_then(|s| {
             config::recheck_mounts(&s.cli.mounts)
                 .map(|()| s)
-                .map_err(|e| e.to_string())
+                .map_err(|e| chain(&e))
         });
         let spec = match spec {
             Ok(s) => s,
@@ -551,7 +552,7 @@ impl Worker {
                 .await;
             }
             Err(e) => {
-                let msg = e.to_string();
+                let msg = chain(&e);
                 let (reason, code) = match e {
                     ShimError::Setup(_) => ("StartError", 128),
                     _ => ("CreateContainerError", 128),

@@ -54,8 +54,26 @@ pub enum OciError {
     Unauthorized { reference: String, message: String },
     #[error("{reference}: not found: {message}")]
     NotFound { reference: String, message: String },
+    /// The registry refused, in its own words.
     #[error("{reference}: registry error: {message}")]
     Registry { reference: String, message: String },
+    /// The client failed before the registry could say anything (connection, TLS,
+    /// protocol).
+    #[error("{reference}: pull failed")]
+    Client {
+        reference: String,
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    #[error("{reference}: downloading {digest}")]
+    Download {
+        reference: String,
+        digest: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setting up the registry client")]
+    ClientSetup(#[source] oci_client::errors::OciDistributionError),
     #[error("digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: String, actual: String },
     #[error("{digest}: truncated: expected {expected} bytes, got {got}")]
@@ -244,9 +262,9 @@ fn reg_error(reference: &str, e: OciDistributionError) -> OciError {
             expected: reference,
             actual: d.to_string(),
         },
-        other => OciError::Registry {
+        other => OciError::Client {
             reference,
-            message: other.to_string(),
+            source: other,
         },
     }
 }
@@ -323,10 +341,7 @@ impl Registry {
                 .collect(),
             ..Default::default()
         };
-        Client::try_from(client_cfg).map_err(|e| OciError::Registry {
-            reference: String::new(),
-            message: format!("client setup: {e}"),
-        })
+        Client::try_from(client_cfg).map_err(OciError::ClientSetup)
     }
 
     pub fn cache(&self) -> &Cache {
@@ -520,11 +535,17 @@ impl Registry {
                 Ok(c) => c,
                 // oci-client checks the digest at the end of the stream itself; ours below
                 // says the same with both digests, so only other errors stop here.
-                Err(e) if e.to_string().to_lowercase().contains("digest") => break,
+                Err(e)
+                    if e.get_ref()
+                        .is_some_and(|inner| inner.is::<oci_client::errors::DigestError>()) =>
+                {
+                    break
+                }
                 Err(e) => {
-                    return Err(cleanup(OciError::Registry {
+                    return Err(cleanup(OciError::Download {
                         reference: key.clone(),
-                        message: format!("downloading {}: {e}", layer.digest),
+                        digest: layer.digest.clone(),
+                        source: e,
                     }))
                 }
             };

@@ -132,7 +132,22 @@ async fn auth_and_tls_registries() {
         .pull(&image, &good, PullPolicy::Always, None)
         .await
         .unwrap_err();
-    assert!(matches!(err, OciError::Registry { .. }), "{err}");
+    assert!(matches!(err, OciError::Client { .. }), "{err}");
+    // The cause is kept, typed: the chain says why.
+    let chain = error_chain(&err);
+    assert!(chain.to_lowercase().contains("certificate"), "{chain}");
+}
+
+/// The error and its sources on one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,7 +199,7 @@ async fn bad_pulls_fail_clearly_and_leave_nothing_behind() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, OciError::Truncated { .. } | OciError::Registry { .. }),
+        matches!(err, OciError::Truncated { .. } | OciError::Download { .. }),
         "{err}"
     );
     assert_eq!(cached_blobs(cache.path()), 0);

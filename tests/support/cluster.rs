@@ -100,6 +100,49 @@ impl Cluster {
         cluster
     }
 
+    /// Starts `n` members at the same moment, the joiners before the member they join.
+    pub async fn start_at_once(n: usize, tuning: &[&str]) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster {
+            members: Vec::new(),
+            tuning: tuning.iter().map(|s| s.to_string()).collect(),
+            _tmp: tmp,
+        };
+        for i in 0..n {
+            let id = i as u64 + 1;
+            cluster.members.push(Member {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                dir: cluster._tmp.path().join(format!("member-{id}")),
+                child: None,
+            });
+        }
+        let seed = cluster.members[0].addr.clone();
+        for i in (0..n).rev() {
+            let extra = if i == 0 {
+                vec!["--bootstrap".to_string()]
+            } else {
+                vec!["--join".to_string(), seed.clone()]
+            };
+            cluster.spawn(i, &extra);
+        }
+        let client = cluster.client().with_timeout(Duration::from_secs(2));
+        wait_for(
+            Duration::from_secs(90),
+            "every member to become a voter",
+            || {
+                let client = client.clone();
+                async move {
+                    let s = client.status().await.ok()?;
+                    let voters = s.members.iter().filter(|m| m.voter).count();
+                    (s.leader.is_some() && voters == n).then_some(())
+                }
+            },
+        )
+        .await;
+        cluster
+    }
+
     fn spawn(&mut self, i: usize, extra: &[String]) {
         let m = &self.members[i];
         let log = std::fs::OpenOptions::new()

@@ -1,7 +1,13 @@
 //! The on-disk cache of compiled components, so a node restart does not recompile.
 //!
 //! A compiled component is valid only for the engine configuration that compiled it, so
-//! the key is the component's content digest and the engine's compatibility hash.
+//! the key is a SHA-256 of the component's bytes and of the engine's compatibility hash:
+//! stable across builds of Baton, unlike std's `DefaultHasher`, and changed by any
+//! wasmtime upgrade or setting that would make old code unusable.
+//!
+//! Entries are written to a temporary file and renamed into place, so a reader never sees
+//! half a file, and the cache is kept under [`MAX_CACHE_BYTES`] by dropping the entries
+//! least recently used (a hit touches its entry's modification time).
 
 // Loading precompiled code is unsafe in wasmtime: the bytes are trusted to be what this
 // engine produced. Only this module does it, and only for files it wrote itself.
@@ -9,6 +15,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
@@ -16,12 +23,52 @@ use wasmtime::Engine;
 
 use crate::error::{chain, ShimError};
 
+/// The compiled code of all components together is kept under this size.
+pub const MAX_CACHE_BYTES: u64 = 2 << 30;
+
+/// Feeds what `Hash` writes into a SHA-256.
+struct ShaHasher(Sha256);
+
+impl Hasher for ShaHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        unreachable!("the digest is taken with finalize")
+    }
+}
+
 fn key(engine: &Engine, wasm: &[u8]) -> String {
-    let digest = Sha256::digest(wasm);
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = ShaHasher(Sha256::new());
+    h.0.update(Sha256::digest(wasm));
     engine.precompile_compatibility_hash().hash(&mut h);
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{hex}-{:016x}", h.finish())
+    h.0.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Drops the least recently used entries until the cache is under `max` bytes.
+fn evict(dir: &Path, max: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    files.sort();
+    for (_, len, path) in files {
+        if total <= max {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+        }
+    }
 }
 
 /// Compiles a component, or loads the compiled form from `cache_dir`.
@@ -52,7 +99,13 @@ pub(crate) fn load(
         // SAFETY: the file was written by `serialize` below, for an engine with this
         // compatibility hash (it is in the name), and lives in our private cache dir.
         match unsafe { Component::deserialize_file(engine, &path) } {
-            Ok(c) => return Ok(c),
+            Ok(c) => {
+                // Recently used: the last to be evicted.
+                if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+                    let _ = f.set_modified(SystemTime::now());
+                }
+                return Ok(c);
+            }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %chain(&e), "discarding an unreadable cache entry")
             }
@@ -67,8 +120,47 @@ pub(crate) fn load(
     let bytes = component
         .serialize()
         .map_err(|e| ShimError::Setup(chain(&e)))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    std::io::Write::write_all(&mut tmp, &bytes).map_err(io)?;
+    tmp.persist(&path).map_err(|e| io(e.error))?;
+    evict(dir, MAX_CACHE_BYTES);
     Ok(component)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_least_recently_used_entries_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now() - std::time::Duration::from_secs(100);
+        for (i, name) in ["old", "mid", "new"].iter().enumerate() {
+            let p = dir.path().join(format!("{name}.cwasm"));
+            std::fs::write(&p, [0u8; 10]).unwrap();
+            let f = std::fs::File::options().write(true).open(&p).unwrap();
+            f.set_modified(t0 + std::time::Duration::from_secs(i as u64 * 10))
+                .unwrap();
+        }
+        std::fs::write(dir.path().join("other.txt"), [0u8; 100]).unwrap();
+        evict(dir.path(), 20);
+        let left: std::collections::BTreeSet<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            left,
+            ["mid.cwasm", "new.cwasm", "other.txt"]
+                .map(String::from)
+                .into()
+        );
+    }
+
+    #[test]
+    fn the_key_is_stable_and_depends_on_the_bytes() {
+        let engine = Engine::default();
+        assert_eq!(key(&engine, b"a"), key(&engine, b"a"));
+        assert_ne!(key(&engine, b"a"), key(&engine, b"b"));
+        assert_eq!(key(&engine, b"a").len(), 64);
+    }
 }

@@ -17,8 +17,9 @@
 //! ## Why address rewriting, not a network namespace per pod
 //! A namespace per pod gives real isolation of ports, but creating one costs 0.78 ms of
 //! `unshare(CLONE_NEWNET)` alone on our 2-core test machine (5.5 ms with `ip netns add` and
-//! bringing up its loopback), which is the whole cold-start budget, and needs root; and a socket must be opened from a thread that
-//! has entered the namespace, which does not fit an async runtime whose tasks hop threads.
+//! bringing up its loopback), which is the whole cold-start budget, and needs root; and a
+//! socket must be opened from a thread that has entered the namespace, which does not fit
+//! an async runtime whose tasks hop threads.
 //! Rewriting costs nothing per socket, needs no privilege, and keeps pod start in the
 //! microseconds that edge density asks for. Its limit: only IPv4 is virtualised (an IPv6
 //! `::1` bind is the node's), which the crate docs state.
@@ -26,6 +27,14 @@
 //! HTTP goes over loopback TCP rather than being routed in-process through wasmtime's body
 //! types because it is one code path for siblings, the node and Services, at a cost of
 //! one loopback connection per request.
+//!
+//! # Names
+//! A pod may be given a [`NameResolver`]; the node agent gives each pod one for its
+//! namespace, which maps a Service's names (`svc`, `svc.ns`, `svc.ns.svc`,
+//! `svc.ns.svc.cluster.local`) and its ClusterIP to the address where the node serves
+//! that Service. The pod consults it on the same paths out: the host of a wasi:http
+//! request, a wasi:sockets name lookup, and a wasi:sockets `connect` to an address the
+//! resolver maps (a ClusterIP). A name it does not map goes to the host's resolver.
 //!
 //! # Caps
 //! Per pod: live TCP sockets (created, connected or accepted) are capped at
@@ -59,7 +68,8 @@ use crate::host::Host;
 /// The wasi:sockets version wasmtime-wasi 48 registers; guests importing any 0.2.x match it.
 const SOCKETS: &str = "0.2.12";
 
-/// Resolves a name a component looks up (a Service name, later) to an address.
+/// Resolves a name a component looks up (a Service, `name.namespace`, or the cluster
+/// domain forms) to the address it means in the pod's network.
 pub type NameResolver = Arc<dyn Fn(&str) -> Option<IpAddr> + Send + Sync>;
 
 /// Caps on what one pod may hold open.

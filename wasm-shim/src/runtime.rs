@@ -136,6 +136,9 @@ impl Runtime {
         pool.total_core_instances(cfg.max_instances * 4);
         pool.total_memories(cfg.max_instances * 2);
         pool.total_tables(cfg.max_instances * 4);
+        // Every instance runs on an async fiber stack of its own; the pool's default of
+        // 1,000 stacks would cap the node there, whatever max_instances says.
+        pool.total_stacks(cfg.max_instances);
         pool.max_memory_size(cfg.max_memory_bytes);
         // Freed slots keep their pages resident up to this size, so reusing a slot for the
         // next request costs no page faults.

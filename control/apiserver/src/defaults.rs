@@ -231,11 +231,13 @@ async fn service(obj: &mut Value, objects: &Objects, dry_run: bool) -> ApiResult
     if ty != "ExternalName" && !headless {
         let ip = match spec.get("clusterIP").and_then(Value::as_str) {
             Some(ip) if !ip.is_empty() => {
-                reserve(objects, "serviceips", ip, dry_run)
-                    .await
-                    .map_err(|_| {
-                        invalid_service("spec.clusterIP", ip, "provided IP is already allocated")
-                    })?;
+                if !reserve(objects, "serviceips", ip, dry_run).await? {
+                    return Err(invalid_service(
+                        "spec.clusterIP",
+                        ip,
+                        "provided IP is already allocated",
+                    ));
+                }
                 ip.to_string()
             }
             _ => allocate_ip(objects, dry_run).await?,
@@ -255,15 +257,13 @@ async fn service(obj: &mut Value, objects: &Objects, dry_run: bool) -> ApiResult
                         if !(30000..=32767).contains(&np) {
                             return Err(invalid_service("spec.ports.nodePort", &np.to_string(), "provided port is not in the valid range. The range of valid ports is 30000-32767"));
                         }
-                        reserve(objects, "servicenodeports", &np.to_string(), dry_run)
-                            .await
-                            .map_err(|_| {
-                                invalid_service(
-                                    "spec.ports.nodePort",
-                                    &np.to_string(),
-                                    "provided port is already allocated",
-                                )
-                            })?;
+                        if !reserve(objects, "servicenodeports", &np.to_string(), dry_run).await? {
+                            return Err(invalid_service(
+                                "spec.ports.nodePort",
+                                &np.to_string(),
+                                "provided port is already allocated",
+                            ));
+                        }
                     }
                     None => {
                         let np = allocate_node_port(objects, dry_run).await?;
@@ -288,23 +288,26 @@ fn invalid_service(field: &str, value: &str, why: &str) -> ApiError {
 }
 
 /// Claims one value of a range (an IP or port) with a create-if-absent in the store, so
-/// that two API servers can never hand out the same one.
-async fn reserve(objects: &Objects, range: &str, value: &str, dry_run: bool) -> Result<(), ()> {
+/// that two API servers can never hand out the same one. Ok(false): someone has it. A
+/// store that cannot answer is an error of its own, not a taken value.
+async fn reserve(objects: &Objects, range: &str, value: &str, dry_run: bool) -> ApiResult<bool> {
     let key = format!("/registry/ranges/{range}/{value}");
     if dry_run {
         let got = objects
             .store
             .get(key.as_bytes(), Default::default())
-            .await
-            .map_err(|_| ())?;
-        return if got.is_some() { Err(()) } else { Ok(()) };
+            .await?;
+        return Ok(got.is_none());
     }
-    objects
+    match objects
         .store
         .put_if(key, "1", baton_store::Precondition::Absent)
         .await
-        .map(|_| ())
-        .map_err(|_| ())
+    {
+        Ok(_) => Ok(true),
+        Err(baton_store::Error::Conflict { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Gives an allocated IP or port back.
@@ -335,28 +338,23 @@ async fn allocate_ip(objects: &Objects, dry_run: bool) -> ApiResult<String> {
     for _ in 0..64 {
         let n: u32 = rand::thread_rng().gen_range(2..65534);
         let ip = format!("10.96.{}.{}", n >> 8, n & 0xff);
-        if reserve(objects, "serviceips", &ip, dry_run).await.is_ok() {
+        if reserve(objects, "serviceips", &ip, dry_run).await? {
             return Ok(ip);
         }
     }
     Err(ApiError::Internal {
-        message: "failed to allocate a service IP: the range is full or the store is unavailable"
-            .into(),
+        message: "failed to allocate a service IP: 64 random picks were all taken; the range is nearly full".into(),
     })
 }
 
 async fn allocate_node_port(objects: &Objects, dry_run: bool) -> ApiResult<i64> {
     for _ in 0..64 {
         let port: i64 = rand::thread_rng().gen_range(30000..=32767);
-        if reserve(objects, "servicenodeports", &port.to_string(), dry_run)
-            .await
-            .is_ok()
-        {
+        if reserve(objects, "servicenodeports", &port.to_string(), dry_run).await? {
             return Ok(port);
         }
     }
     Err(ApiError::Internal {
-        message: "failed to allocate a node port: the range is full or the store is unavailable"
-            .into(),
+        message: "failed to allocate a node port: 64 random picks were all taken; the range is nearly full".into(),
     })
 }

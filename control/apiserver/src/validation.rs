@@ -28,7 +28,7 @@ pub fn parse_json_checked(body: &[u8]) -> Result<(Value, Vec<String>), serde_jso
 pub enum DecodeError {
     #[error(transparent)]
     Json(#[from] serde_json::Error),
-    #[error("yaml: {0}")]
+    #[error("yaml")]
     Yaml(#[source] serde_yaml::Error),
 }
 

@@ -43,7 +43,7 @@ pub const HASH_LABEL: &str = "pod-template-hash";
 /// Why a Deployment could not be reconciled (it is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{action} for deployment {deployment}: {source}")]
+    #[error("{action} for deployment {deployment}")]
     Api {
         deployment: String,
         action: &'static str,

@@ -28,7 +28,7 @@ const MANAGER: &str = "endpointslice-controller.k8s.io";
 
 /// Why a Service's endpoints could not be written (it is retried).
 #[derive(Debug, thiserror::Error)]
-#[error("writing the EndpointSlice of {service}: {source}")]
+#[error("writing the EndpointSlice of {service}")]
 pub struct Error {
     service: String,
     #[source]

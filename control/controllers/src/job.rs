@@ -32,7 +32,7 @@ use crate::Ctx;
 
 /// Why a Job could not be reconciled (it is retried).
 #[derive(Debug, thiserror::Error)]
-#[error("{action} for job {job}: {source}")]
+#[error("{action} for job {job}")]
 pub struct Error {
     job: String,
     action: &'static str,

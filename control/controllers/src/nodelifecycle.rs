@@ -33,7 +33,7 @@ pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 
 /// Why a node could not be reconciled (it is retried).
 #[derive(Debug, thiserror::Error)]
-#[error("{action} for node {node}: {source}")]
+#[error("{action} for node {node}")]
 pub struct Error {
     node: String,
     action: &'static str,

@@ -32,19 +32,19 @@ const BURST: usize = 500;
 /// Why a ReplicaSet could not be reconciled (it is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("creating a pod for {rs}: {source}")]
+    #[error("creating a pod for {rs}")]
     CreatePod {
         rs: String,
         #[source]
         source: kube::Error,
     },
-    #[error("deleting pod {pod}: {source}")]
+    #[error("deleting pod {pod}")]
     DeletePod {
         pod: String,
         #[source]
         source: kube::Error,
     },
-    #[error("updating the status of {rs}: {source}")]
+    #[error("updating the status of {rs}")]
     Status {
         rs: String,
         #[source]

@@ -11,7 +11,7 @@ use crate::Ctx;
 
 /// Why the default ServiceAccount could not be made (it is retried).
 #[derive(Debug, thiserror::Error)]
-#[error("creating the default ServiceAccount in {namespace}: {source}")]
+#[error("creating the default ServiceAccount in {namespace}")]
 pub struct Error {
     namespace: String,
     #[source]

@@ -7,9 +7,9 @@ use kube::Client;
 /// Why a client could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("invalid kubeconfig: {0}")]
+    #[error("invalid kubeconfig")]
     Kubeconfig(#[source] kube::config::KubeconfigError),
-    #[error("cannot build a client: {0}")]
+    #[error("cannot build a client")]
     Client(#[source] kube::Error),
 }
 

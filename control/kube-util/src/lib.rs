@@ -1,18 +1,23 @@
 //! # baton-kube: what every API client of Baton needs beyond kube-rs
 //!
 //! The scheduler, the controllers and the node agent are ordinary Kubernetes API clients
-//! (kube-rs against Baton's API server). They share a few pieces that kube-rs does not
-//! give:
+//! (kube-rs against Baton's API server). They share a few pieces built on kube-rs and
+//! `k8s-openapi`:
 //! - [`quantity`]: resource quantities (`100m`, `128Mi`) as numbers;
-//! - [`selector`]: label selectors, node selector terms, taints and tolerations;
+//! - [`selector`]: the placement rules kube-rs has no evaluator for (node selector terms
+//!   with `Gt`/`Lt` and `matchFields`, taints and tolerations), and label selectors
+//!   matched and printed straight from `k8s-openapi`'s `LabelSelector`, where kube-core's
+//!   `Selector` needs a fallible conversion first;
 //! - [`pod`]: pod state questions (ready? terminal? whose?) and condition updates;
 //! - [`events`]: a recorder of core/v1 Events, which `kubectl describe` reads;
 //! - [`client`]: a kube `Client` from an in-memory kubeconfig;
-//! - [`leader`]: leader election on a Lease, for several control-plane members.
+//! - [`leader`]: leader election on a Lease, for several control-plane members;
+//! - [`error`]: an error shown with its causes, each once.
 //!
 //! Nothing here talks to wasmtime or the store.
 
 pub mod client;
+pub mod error;
 pub mod events;
 pub mod leader;
 pub mod pod;

@@ -53,14 +53,14 @@ const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(30);
 /// Why placing a pod failed (it is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("binding {pod} to {node}: {source}")]
+    #[error("binding {pod} to {node}")]
     Bind {
         pod: String,
         node: String,
         #[source]
         source: kube::Error,
     },
-    #[error("updating the status of {pod}: {source}")]
+    #[error("updating the status of {pod}")]
     Status {
         pod: String,
         #[source]

@@ -147,6 +147,11 @@ impl StoreClient {
         self.call("/store/v1/members/voters", &voters).await
     }
 
+    /// Makes a learner a voter, leaving the other members as they are.
+    pub async fn add_voter(&self, id: u64) -> Result<(), Error> {
+        self.call("/store/v1/members/voter", &id).await
+    }
+
     pub async fn remove_member(&self, id: u64) -> Result<(), Error> {
         self.call("/store/v1/members/remove", &id).await
     }

@@ -41,7 +41,7 @@ pub enum DbError {
         found: u64,
         expected: u64,
     },
-    #[error("store in {path} is damaged or unreadable: {source}. Nothing was changed. To recover: in a cluster, remove this member's data dir and let it rejoin from its peers; alone, `baton store repair --data-dir DIR` keeps what precedes the damage and drops the rest")]
+    #[error("store in {path} is damaged or unreadable. Nothing was changed. To recover: in a cluster, remove this member's data dir and let it rejoin from its peers; alone, `baton store repair --data-dir DIR` keeps what precedes the damage and drops the rest")]
     Corrupt {
         path: PathBuf,
         #[source]

@@ -60,15 +60,22 @@ pub enum Error {
     Db(#[from] DbError),
     #[error("storage engine error")]
     Storage(#[source] MvccError),
-    #[error("raft error: {0}")]
-    Raft(String),
+    #[error("raft: {context}")]
+    Raft {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The state machine answered a request with a response of another kind: a bug.
+    #[error("raft: {0}")]
+    Unexpected(String),
     #[error("request to {addr} failed")]
     Transport {
         addr: String,
         #[source]
         source: reqwest::Error,
     },
-    #[error("malformed message: {0}")]
+    #[error("malformed message")]
     Codec(#[from] postcard::Error),
     #[error("member {addr} answered with HTTP {status}: {body}")]
     Remote {
@@ -253,6 +260,15 @@ impl WireError {
 }
 
 /// An error and its causes on one line, for messages that cross the wire.
+impl Error {
+    /// Wraps an openraft error, keeping it as the typed source.
+    pub(crate) fn raft(
+        context: &'static str,
+    ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Self {
+        move |source| Error::Raft { context, source }
+    }
+}
+
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

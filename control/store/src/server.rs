@@ -41,6 +41,7 @@ impl Store {
             .route("/store/v1/status", get(status))
             .route("/store/v1/members/learner", post(add_learner))
             .route("/store/v1/members/voters", post(set_voters))
+            .route("/store/v1/members/voter", post(add_voter))
             .route("/store/v1/members/remove", post(remove_member))
             .layer(DefaultBodyLimit::max(MAX_SNAPSHOT_BYTES))
             .with_state(self.clone())
@@ -166,6 +167,14 @@ async fn set_voters(State(store): State<Store>, headers: HeaderMap, body: Bytes)
             .change_membership_inner(voters, forwarded(&headers))
             .await,
     )
+}
+
+async fn add_voter(State(store): State<Store>, headers: HeaderMap, body: Bytes) -> Response {
+    let id: NodeId = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    reply(store.add_voter_inner(id, forwarded(&headers)).await)
 }
 
 async fn remove_member(State(store): State<Store>, body: Bytes) -> Response {

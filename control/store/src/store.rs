@@ -137,7 +137,7 @@ impl Store {
             let mvcc = Arc::new(Mvcc::open(db.clone())?);
             let hub = WatchHub::new(cfg.watch_buffer);
             let sm = StateMachine::open(db.clone(), mvcc.clone(), hub.clone(), &cfg.data_dir)
-                .map_err(|e| Error::Raft(error_chain(&e)))?;
+                .map_err(|e| Error::raft("opening the state machine")(e.into()))?;
             let log = LogStore::new(db.clone());
             let raft_cfg = openraft::Config {
                 cluster_name: "baton".into(),
@@ -166,7 +166,7 @@ impl Store {
             };
             let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm)
                 .await
-                .map_err(|e| Error::Raft(error_chain(&e)))?;
+                .map_err(|e| Error::raft("starting raft")(e.into()))?;
             let (ptx, prx) = mpsc::channel(cfg.max_batch * 8);
             let (rtx, rrx) = mpsc::channel(4096);
             let inner = Arc::new(Inner {
@@ -218,7 +218,7 @@ impl Store {
         if raft
             .is_initialized()
             .await
-            .map_err(|e| Error::Raft(e.to_string()))?
+            .map_err(|e| Error::raft("reading the membership")(e.into()))?
         {
             return Ok(());
         }
@@ -226,7 +226,7 @@ impl Store {
         let members = BTreeMap::from([(self.inner.cfg.id, node)]);
         raft.initialize(members)
             .await
-            .map_err(|e| Error::Raft(error_chain(&e)))
+            .map_err(|e| Error::raft("initializing the cluster")(e.into()))
     }
 
     /// Waits until this member knows a leader (itself or another).
@@ -498,7 +498,7 @@ impl Store {
                         current,
                     })
                 }
-                other => Err(Error::Raft(format!(
+                other => Err(Error::Unexpected(format!(
                     "unexpected response to compaction: {other:?}"
                 ))),
             },
@@ -530,28 +530,13 @@ impl Store {
         addr: String,
         forwarded: bool,
     ) -> Result<(), Error> {
-        match self
+        let res = self
             .inner
             .raft
             .add_learner(id, BasicNode::new(&addr), true)
+            .await;
+        self.on_leader(res, forwarded, "/store/v1/members/learner", &(id, addr))
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) if !forwarded => {
-                match f.leader_node {
-                    Some(node) => {
-                        self.forward(&node.addr, "/store/v1/members/learner", &(id, addr))
-                            .await
-                    }
-                    None => Err(Error::NoLeader {
-                        reason: "no leader".into(),
-                    }),
-                }
-            }
-            Err(e) => Err(Error::Unavailable {
-                reason: error_chain(&e),
-            }),
-        }
     }
 
     /// Makes exactly these members voters (learners not listed are kept as learners, voters
@@ -565,19 +550,42 @@ impl Store {
         voters: BTreeSet<NodeId>,
         forwarded: bool,
     ) -> Result<(), Error> {
-        match self
+        let res = self
             .inner
             .raft
             .change_membership(voters.clone(), false)
+            .await;
+        self.on_leader(res, forwarded, "/store/v1/members/voters", &voters)
             .await
-        {
+    }
+
+    /// Makes a learner a voter, leaving every other member as it is: unlike
+    /// [`Store::change_membership`], two members joining at once cannot undo each other.
+    pub async fn add_voter(&self, id: NodeId) -> Result<(), Error> {
+        self.add_voter_inner(id, false).await
+    }
+
+    pub(crate) async fn add_voter_inner(&self, id: NodeId, forwarded: bool) -> Result<(), Error> {
+        let add = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+        let res = self.inner.raft.change_membership(add, false).await;
+        self.on_leader(res, forwarded, "/store/v1/members/voter", &id)
+            .await
+    }
+
+    /// The outcome of a membership change made here: sent on to the leader if this member
+    /// is not it (once; a forwarded request is not forwarded again).
+    async fn on_leader<T, Req: Serialize>(
+        &self,
+        res: Result<T, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>,
+        forwarded: bool,
+        path: &str,
+        req: &Req,
+    ) -> Result<(), Error> {
+        match res {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) if !forwarded => {
                 match f.leader_node {
-                    Some(node) => {
-                        self.forward(&node.addr, "/store/v1/members/voters", &voters)
-                            .await
-                    }
+                    Some(node) => self.forward(&node.addr, path, req).await,
                     None => Err(Error::NoLeader {
                         reason: "no leader".into(),
                     }),
@@ -677,7 +685,7 @@ impl Store {
         self.check_disk()?;
         let m = self.inner.raft.metrics().borrow().clone();
         if let Err(e) = &m.running_state {
-            return Err(Error::Raft(e.to_string()));
+            return Err(Error::raft("raft stopped")(Box::new(e.clone())));
         }
         if m.current_leader.is_none() {
             return Err(Error::NoLeader {
@@ -699,7 +707,7 @@ impl Store {
             .trigger()
             .snapshot()
             .await
-            .map_err(|e| Error::Raft(e.to_string()))
+            .map_err(|e| Error::raft("triggering a snapshot")(e.into()))
     }
 
     /// Stops the member: Raft, the batcher and background tasks.
@@ -712,7 +720,7 @@ impl Store {
             .raft
             .shutdown()
             .await
-            .map_err(|e| Error::Raft(e.to_string()));
+            .map_err(|e| Error::raft("shutting down")(e.into()));
         // Stop RocksDB's flushes and compactions now: left running, they can still be
         // at work when the process exits and its static destructors tear RocksDB down.
         self.inner.db.cancel_all_background_work(true);
@@ -839,7 +847,7 @@ async fn batcher(raft: Raft, max_batch: usize, mut rx: mpsc::Receiver<Proposal>)
                 other => {
                     let msg = format!("state machine answered {other:?} to a transaction batch");
                     for reply in replies {
-                        let _ = reply.send(Err(Proposed::Failed(Error::Raft(msg.clone()))));
+                        let _ = reply.send(Err(Proposed::Failed(Error::Unexpected(msg.clone()))));
                     }
                 }
             },
