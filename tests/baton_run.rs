@@ -83,12 +83,18 @@ fn runs_a_local_pod_whose_frontend_reaches_its_backend() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    // Both containers serving: the frontend answers by asking the backend, and a pod's
+    // containers start in no particular order.
     let mut addr = None;
+    let mut backend = false;
     let mut lines = BufReader::new(stdout).lines();
     for line in lines.by_ref() {
         let line = line.unwrap();
         if line.contains("container frontend serves http://") {
             addr = line.split("http://").nth(1).map(|a| a.trim().to_string());
+        }
+        backend |= line.contains("container backend serves http://");
+        if addr.is_some() && backend {
             break;
         }
     }
