@@ -2,6 +2,7 @@
 //! (`baton up`, `baton server --api-listen`), and the node agent (`baton up`, `baton node`).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use baton_apiserver::Pki;
@@ -149,6 +150,12 @@ pub struct NodeArgs {
     /// `--eviction-hard=memory.available<100Mi`.
     #[arg(long = "eviction-hard-memory", default_value = "100Mi")]
     pub eviction_hard_memory: String,
+    /// Seconds the node's Lease is valid for, as the kubelet's `nodeLeaseDurationSeconds`;
+    /// the node renews it every quarter of that. The control plane's
+    /// `--node-monitor-grace` should be at least this long, or a live node looks lost
+    /// between two renewals.
+    #[arg(long = "node-lease-duration", default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
+    pub node_lease_duration: u64,
     #[command(flatten)]
     pub registry: crate::oci_cli::RegistryArgs,
 }
@@ -160,6 +167,7 @@ impl NodeArgs {
         cfg.address = self.address.clone();
         cfg.pod_cidr = self.pod_cidr.clone();
         cfg.kubelet_port = self.kubelet_port;
+        cfg.heartbeat = Duration::from_secs(self.node_lease_duration) / 4;
         cfg.local_images = self.local_images.clone();
         cfg.settings.allowed_host_paths = self.allow_host_path.clone();
         cfg.default_memory_limit = baton_kube::quantity::whole(&self.default_memory_limit)

@@ -303,7 +303,13 @@ async fn up(args: UpArgs) -> Result<()> {
     }
     if !args.no_node {
         let client = control::client_for(&api.pki, &api.server, "system:node:local").await?;
-        loops.start_node(client, args.node.config(dir.join("node"))?);
+        let mut node = args.node.config(dir.join("node"))?;
+        // The node renews its Lease four times within the grace its own control plane
+        // gives it, so that a live node never looks lost between two renewals.
+        node.heartbeat = node
+            .heartbeat
+            .min(Duration::from_secs(args.node_monitor_grace) / 4);
+        loops.start_node(client, node);
     }
     println!("baton is up: Kubernetes API at {}", api.server);
     println!("kubeconfig: {}", api.kubeconfig.display());

@@ -489,7 +489,15 @@ fn a_lost_nodes_pods_come_back_on_the_other_node() {
     let _serial = serial();
     let b = Baton::start_with(&["--node-monitor-grace", "3"]);
     let mut n2 = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["node", "--node-name", "n2", "--kubeconfig"])
+        // A Lease shorter than the control plane's 3 s grace, renewed every 0.5 s.
+        .args([
+            "node",
+            "--node-name",
+            "n2",
+            "--node-lease-duration",
+            "2",
+            "--kubeconfig",
+        ])
         .arg(&b.kubeconfig)
         .arg("--data-dir")
         .arg(b.dir.path().join("n2"))
