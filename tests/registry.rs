@@ -10,7 +10,6 @@ mod registry;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use baton::Baton;
 use registry::{Options, Registry};
@@ -37,17 +36,7 @@ fn baton_cli(args: &[&str]) -> (bool, String, String) {
 }
 
 fn wait_for(b: &Baton, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        if Instant::now() > deadline {
-            let state = b.run("kubectl", &["get", "pods", "-o", "wide"], None);
-            panic!(
-                "timed out waiting for {what}:\n{}",
-                String::from_utf8_lossy(&state.stdout)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    baton::wait_for(b, secs, what, || f().then_some(()));
 }
 
 #[test]

@@ -5,9 +5,9 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 /// Child processes killed and reaped when dropped, so a failed benchmark leaves nothing.
@@ -68,19 +68,17 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// Polls `f` every 20 ms until it is true, for at most 60 s.
+/// Polls `f` until it is true, for at most 60 s.
 pub async fn wait_until<F, Fut>(what: &str, mut f: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f().await {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let cond = || {
+        let fut = f();
+        async move { fut.await.then_some(()) }
+    };
+    baton_testkit::wait_until_async(Duration::from_secs(60), what, cond).await?;
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -247,15 +247,8 @@ impl Drop for Baton {
 }
 
 /// Waits until `f` returns Some; panics after `timeout`.
-pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+pub fn wait_until<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    baton_testkit::wait_until(timeout, what, f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
@@ -313,25 +306,15 @@ pub fn dechunk(mut body: &str) -> String {
 }
 
 /// Waits for `f`; on timeout, prints what the cluster looks like before failing.
-pub fn wait_for<T>(b: &Baton, secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if std::time::Instant::now() > deadline {
-            let state = b.run(
-                "kubectl",
-                &["get", "deploy,rs,pods,endpointslices", "-o", "wide"],
-                None,
-            );
-            panic!(
-                "timed out waiting for {what}; cluster:\n{}",
-                String::from_utf8_lossy(&state.stdout)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+pub fn wait_for<T>(b: &Baton, secs: u64, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    baton_testkit::wait_until(Duration::from_secs(secs), what, f).unwrap_or_else(|e| {
+        let state = b.run(
+            "kubectl",
+            &["get", "deploy,rs,pods,endpointslices", "-o", "wide"],
+            None,
+        );
+        panic!("{e}; cluster:\n{}", String::from_utf8_lossy(&state.stdout))
+    })
 }
 
 pub fn jsonpath(b: &Baton, what: &[&str], path: &str) -> String {

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use baton_store::{Status, StoreClient};
 
@@ -38,22 +38,14 @@ pub struct Cluster {
 }
 
 /// Waits for `cond` to return Some, polling; panics with `what` after `timeout`.
-pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut cond: F) -> T
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, cond: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = cond().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    baton_testkit::wait_until_async(timeout, what, cond)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn free_port() -> u16 {
