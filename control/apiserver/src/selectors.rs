@@ -1,24 +1,17 @@
 //! Label and field selectors, as `kubectl -l` and `--field-selector` send them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
+use kube_core::{Expression, Selector, SelectorExt};
 use serde_json::Value;
 
 use crate::error::ApiError;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum LabelReq {
-    Eq(String, String),
-    NotEq(String, String),
-    In(String, BTreeSet<String>),
-    NotIn(String, BTreeSet<String>),
-    Exists(String),
-    NotExists(String),
-}
-
-/// A parsed label selector; the empty selector matches everything.
+/// A parsed label selector; the empty selector matches everything. Matching is
+/// kube-core's [`Selector`]; what kube does not have, and this adds, is reading the
+/// query-string form (`a=b,c in (x,y),!d`) with kube-apiserver's errors.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LabelSelector(Vec<LabelReq>);
+pub struct LabelSelector(Selector);
 
 /// Splits at commas that are not inside parentheses.
 fn split_top(s: &str) -> Vec<&str> {
@@ -65,94 +58,71 @@ impl LabelSelector {
                     .filter(|v| !v.is_empty())
                     .collect())
             };
-            if let Some(key) = part.strip_prefix('!') {
-                reqs.push(LabelReq::NotExists(key.trim().to_string()));
+            let req = if let Some(key) = part.strip_prefix('!') {
+                Expression::DoesNotExist(key.trim().to_string())
             } else if let Some((k, v)) = part.split_once("!=") {
-                reqs.push(LabelReq::NotEq(k.trim().into(), v.trim().into()));
+                Expression::NotEqual(k.trim().into(), v.trim().into())
             } else if let Some((k, v)) = part.split_once("==") {
-                reqs.push(LabelReq::Eq(k.trim().into(), v.trim().into()));
+                Expression::Equal(k.trim().into(), v.trim().into())
             } else if let Some((k, v)) = part.split_once('=') {
-                reqs.push(LabelReq::Eq(k.trim().into(), v.trim().into()));
+                Expression::Equal(k.trim().into(), v.trim().into())
             } else if let Some((k, rest)) = part.split_once(" notin ") {
-                reqs.push(LabelReq::NotIn(k.trim().into(), set(rest)?));
+                Expression::NotIn(k.trim().into(), set(rest)?)
             } else if let Some((k, rest)) = part.split_once(" in ") {
-                reqs.push(LabelReq::In(k.trim().into(), set(rest)?));
+                Expression::In(k.trim().into(), set(rest)?)
             } else if part.contains(' ') || part.contains('(') {
                 return Err(bad("unknown operator"));
             } else {
-                reqs.push(LabelReq::Exists(part.to_string()));
-            }
-        }
-        for r in &reqs {
-            let key = match r {
-                LabelReq::Eq(k, _)
-                | LabelReq::NotEq(k, _)
-                | LabelReq::In(k, _)
-                | LabelReq::NotIn(k, _)
-                | LabelReq::Exists(k)
-                | LabelReq::NotExists(k) => k,
+                Expression::Exists(part.to_string())
+            };
+            let key = match &req {
+                Expression::Equal(k, _)
+                | Expression::NotEqual(k, _)
+                | Expression::In(k, _)
+                | Expression::NotIn(k, _)
+                | Expression::Exists(k)
+                | Expression::DoesNotExist(k) => k,
             };
             if let Err(why) = crate::validation::label_key(key) {
                 return Err(bad(&why));
             }
+            reqs.push(req);
         }
-        Ok(Self(reqs))
+        Ok(Self(reqs.into_iter().collect()))
     }
 
-    /// From a `LabelSelector` object (Deployment/ReplicaSet/Service selectors).
+    /// From a `LabelSelector` object (Deployment/ReplicaSet/Service selectors). One that
+    /// cannot be read (an unknown operator, `In` without values) selects nothing.
     pub fn from_object(sel: &Value) -> Self {
-        let mut reqs = Vec::new();
-        if let Some(m) = sel.get("matchLabels").and_then(Value::as_object) {
-            for (k, v) in m {
-                reqs.push(LabelReq::Eq(
-                    k.clone(),
-                    v.as_str().unwrap_or_default().to_string(),
-                ));
-            }
+        let parsed = serde_json::from_value::<
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+        >(sel.clone());
+        match parsed.ok().map(Selector::try_from) {
+            Some(Ok(s)) => Self(s),
+            // Nothing has this label twice with two values: no object matches.
+            _ => Self(Selector::from_iter([
+                Expression::Exists(String::new()),
+                Expression::DoesNotExist(String::new()),
+            ])),
         }
-        if let Some(exprs) = sel.get("matchExpressions").and_then(Value::as_array) {
-            for e in exprs {
-                let key = e
-                    .get("key")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string();
-                let values: BTreeSet<String> = e
-                    .get("values")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|v| v.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                match e.get("operator").and_then(Value::as_str) {
-                    Some("In") => reqs.push(LabelReq::In(key, values)),
-                    Some("NotIn") => reqs.push(LabelReq::NotIn(key, values)),
-                    Some("Exists") => reqs.push(LabelReq::Exists(key)),
-                    Some("DoesNotExist") => reqs.push(LabelReq::NotExists(key)),
-                    _ => {}
-                }
-            }
-        }
-        Self(reqs)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.selects_all()
     }
 
     pub fn matches(&self, obj: &Value) -> bool {
-        let labels = obj.pointer("/metadata/labels").and_then(Value::as_object);
-        let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
-        self.0.iter().all(|r| match r {
-            LabelReq::Eq(k, v) => get(k) == Some(v.as_str()),
-            LabelReq::NotEq(k, v) => get(k) != Some(v.as_str()),
-            LabelReq::In(k, vs) => get(k).is_some_and(|x| vs.contains(x)),
-            LabelReq::NotIn(k, vs) => get(k).is_none_or(|x| !vs.contains(x)),
-            LabelReq::Exists(k) => get(k).is_some(),
-            LabelReq::NotExists(k) => get(k).is_none(),
-        })
+        if self.0.selects_all() {
+            return true;
+        }
+        let labels: BTreeMap<String, String> = obj
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect();
+        self.0.matches(&labels)
     }
 }
 

@@ -9,12 +9,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use baton_kube::{pod, selector};
+use baton_kube::pod;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Patch, PatchParams};
+use kube::core::SelectorExt;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -73,10 +73,7 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error
     if svc.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let selector = LabelSelector {
-        match_labels: Some(sel),
-        match_expressions: None,
-    };
+    let selector: kube::core::Selector = sel.into_iter().collect();
     let empty = BTreeMap::new();
     let mut pods: Vec<Arc<Pod>> = ctx
         .pods
@@ -84,7 +81,7 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error
         .into_iter()
         .filter(|p| {
             p.namespace().as_deref() == Some(ns.as_str())
-                && selector::matches(&selector, p.metadata.labels.as_ref().unwrap_or(&empty))
+                && selector.matches(p.metadata.labels.as_ref().unwrap_or(&empty))
                 && !pod::is_terminal(p)
                 && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
         })

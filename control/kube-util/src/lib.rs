@@ -3,11 +3,10 @@
 //! The scheduler, the controllers and the node agent are ordinary Kubernetes API clients
 //! (kube-rs against Baton's API server). They share a few pieces built on kube-rs and
 //! `k8s-openapi`:
-//! - [`quantity`]: resource quantities (`100m`, `128Mi`) as numbers;
+//! - [`quantity`]: resource quantities (`100m`, `128Mi`) as exact numbers;
 //! - [`selector`]: the placement rules kube-rs has no evaluator for (node selector terms
-//!   with `Gt`/`Lt` and `matchFields`, taints and tolerations), and label selectors
-//!   matched and printed straight from `k8s-openapi`'s `LabelSelector`, where kube-core's
-//!   `Selector` needs a fallible conversion first;
+//!   with `Gt`/`Lt` and `matchFields`, taints and tolerations); label selectors are
+//!   kube-core's `Selector`;
 //! - [`pod`]: pod state questions (ready? terminal? whose?) and condition updates;
 //! - [`events`]: a recorder of core/v1 Events, which `kubectl describe` reads;
 //! - [`client`]: a kube `Client` from an in-memory kubeconfig;

@@ -1,12 +1,12 @@
-//! Label selectors, node selector terms, taints and tolerations, evaluated as Kubernetes
-//! evaluates them.
+//! Node selector terms, taints and tolerations, evaluated as Kubernetes evaluates them.
+//! Label selectors are kube-core's `Selector`; node affinity adds what it lacks: `Gt` and
+//! `Lt`, and `matchFields`.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Node, NodeSelectorRequirement, NodeSelectorTerm, Taint, Toleration,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
 type Labels = BTreeMap<String, String>;
 
@@ -30,48 +30,6 @@ fn requirement(key: &str, op: &str, values: &[String], labels: &Labels) -> bool 
         }
         _ => false,
     }
-}
-
-/// Whether `labels` match a label selector. An empty selector matches everything.
-pub fn matches(sel: &LabelSelector, labels: &Labels) -> bool {
-    let by_labels = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    by_labels
-        && sel
-            .match_expressions
-            .iter()
-            .flatten()
-            .all(|e: &LabelSelectorRequirement| {
-                requirement(
-                    &e.key,
-                    &e.operator,
-                    e.values.as_deref().unwrap_or(&[]),
-                    labels,
-                )
-            })
-}
-
-/// A label selector in the query-string form the API takes (`a=b,c in (x,y)`).
-pub fn to_query(sel: &LabelSelector) -> String {
-    let mut parts: Vec<String> = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    for e in sel.match_expressions.iter().flatten() {
-        let values = e.values.as_deref().unwrap_or(&[]).join(",");
-        parts.push(match e.operator.as_str() {
-            "In" => format!("{} in ({values})", e.key),
-            "NotIn" => format!("{} notin ({values})", e.key),
-            "Exists" => e.key.clone(),
-            _ => format!("!{}", e.key),
-        });
-    }
-    parts.join(",")
 }
 
 /// Whether a node matches one node selector term (all its requirements).
@@ -126,31 +84,6 @@ pub fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn label_selectors() {
-        let sel: LabelSelector = serde_json::from_value(json!({
-            "matchLabels": {"app": "web"},
-            "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]},
-                                 {"key": "canary", "operator": "DoesNotExist"}]
-        }))
-        .unwrap();
-        assert!(matches(&sel, &labels(&[("app", "web"), ("tier", "a")])));
-        assert!(!matches(&sel, &labels(&[("app", "web"), ("tier", "c")])));
-        assert!(!matches(
-            &sel,
-            &labels(&[("app", "web"), ("tier", "a"), ("canary", "1")])
-        ));
-        assert!(matches(&LabelSelector::default(), &labels(&[])));
-        assert_eq!(to_query(&sel), "app=web,tier in (a,b),!canary");
-    }
 
     #[test]
     fn node_terms_and_tolerations() {
