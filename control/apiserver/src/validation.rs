@@ -2,7 +2,7 @@
 //! through the k8s-openapi types), and the semantic rules of each kind (names, labels,
 //! selectors, containers), with Kubernetes' messages and field paths.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
@@ -307,6 +307,62 @@ fn pod_spec(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
                 let p = format!("{path}.{list}[{i}].volumeMounts[{j}]");
                 volume_mount(m, &p, &volumes, errs);
             }
+            resources(c, &format!("{path}.{list}[{i}].resources"), errs);
+        }
+    }
+}
+
+/// A container's requests and limits: quantities Kubernetes can read, none negative, and
+/// no request above its limit.
+fn resources(c: &Value, p: &str, errs: &mut Vec<FieldError>) {
+    use baton_kube::quantity::{nanos, QuantityError};
+    let Some(r) = c.get("resources") else {
+        return;
+    };
+    let read = |which: &str, errs: &mut Vec<FieldError>| {
+        let mut out = BTreeMap::new();
+        let map = r
+            .get(which)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten();
+        for (name, q) in map {
+            let field = format!("{p}.{which}[{name}]");
+            let text = q
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| q.to_string());
+            match nanos(&text) {
+                Ok(v) => {
+                    out.insert(name.clone(), v);
+                }
+                Err(QuantityError::Negative(_)) => errs.push(FieldError::invalid(
+                    field,
+                    &text,
+                    "must be greater than or equal to 0",
+                )),
+                Err(e) => errs.push(FieldError::invalid(
+                    field,
+                    &text,
+                    format!("{e}; quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"),
+                )),
+            }
+        }
+        out
+    };
+    let limits = read("limits", errs);
+    let requests = read("requests", errs);
+    for (name, req) in &requests {
+        if limits.get(name).is_some_and(|lim| req > lim) {
+            let text = r
+                .pointer(&format!("/requests/{name}"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            errs.push(FieldError::invalid(
+                format!("{p}.requests[{name}]"),
+                text,
+                format!("must be less than or equal to {name} limit"),
+            ));
         }
     }
 }
@@ -581,6 +637,26 @@ mod tests {
             .collect();
         let too_many = json!({"spec": {"containers": many}});
         assert_eq!(fields(too_many), ["spec.containers"]);
+        let res = |r: Value| json!({"spec": {"containers": [{"name": "a", "image": "x", "resources": r}]}});
+        assert!(fields(res(
+            json!({"limits": {"cpu": "500m", "memory": "1.5Gi"}, "requests": {"cpu": "0.25"}})
+        ))
+        .is_empty());
+        assert_eq!(
+            fields(res(
+                json!({"limits": {"cpu": "12x", "memory": "-1"}, "requests": {"cpu": "2", "memory": "1Ki"}})
+            )),
+            [
+                "spec.containers[0].resources.limits[cpu]",
+                "spec.containers[0].resources.limits[memory]",
+            ]
+        );
+        assert_eq!(
+            fields(res(
+                json!({"limits": {"cpu": "1"}, "requests": {"cpu": "1001m"}})
+            )),
+            ["spec.containers[0].resources.requests[cpu]"]
+        );
     }
 
     #[test]
