@@ -269,6 +269,17 @@ fn reg_error(reference: &str, e: OciDistributionError) -> OciError {
     }
 }
 
+/// Which layer of an image manifest (its JSON, as a registry serves it) is the component:
+/// its digest, or why there is none. The manifest is untrusted input.
+pub fn component_layer(reference: &str, manifest_json: &[u8]) -> Result<String, OciError> {
+    let manifest: OciImageManifest =
+        serde_json::from_slice(manifest_json).map_err(|e| OciError::Manifest {
+            reference: reference.into(),
+            reason: e.to_string(),
+        })?;
+    wasm_layer(reference, &manifest).map(|d| d.digest)
+}
+
 /// Which layer of an image manifest is the component, or why there is none.
 fn wasm_layer(reference: &str, manifest: &OciImageManifest) -> Result<OciDescriptor, OciError> {
     let is_wasm = |d: &OciDescriptor| {
