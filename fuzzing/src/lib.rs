@@ -17,8 +17,11 @@ use baton_apiserver::selectors::{FieldSelector, LabelSelector};
 use baton_apiserver::validation;
 use serde_json::Value;
 
+/// A target's body: any bytes in, nothing out, never a panic.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus directory and of its cargo-fuzz binary.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("body", body),
     ("patch", patch),
     ("selectors", selectors),
