@@ -183,7 +183,7 @@ fn default_data_dir() -> PathBuf {
         .join("baton")
 }
 
-fn main() -> std::process::ExitCode {
+fn main() {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -199,21 +199,36 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            exit_now(1);
         }
     };
     let result = rt.block_on(run_command(cli));
     // Every task, and with them the store, is dropped before the process exits: RocksDB's
     // threads must not be running when the C++ runtime tears down.
     rt.shutdown_timeout(std::time::Duration::from_secs(10));
-    match result {
-        Ok(code) => std::process::ExitCode::from(code),
+    let code = match result {
+        Ok(code) => code,
         Err(e) => {
             // The cause chain, one line, never a backtrace: these are users' errors.
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            1
         }
-    }
+    };
+    exit_now(code)
+}
+
+/// Leaves the process without running C++ static destructors. RocksDB's destroy its
+/// global thread pools and mutexes while its background threads may still be parked on
+/// them, which aborts ("pthread lock: Invalid argument", "terminate called without an
+/// active exception") after the store was closed cleanly. Everything of ours is flushed
+/// and closed by now: the store was shut down, and the runtime with every task is gone.
+#[allow(unsafe_code)]
+fn exit_now(code: u8) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit only ends the process; no Rust state is used after it.
+    unsafe { libc::_exit(i32::from(code)) }
 }
 
 /// Runs a subcommand; returns the process's exit code.
@@ -244,6 +259,16 @@ async fn shutdown_signal() {
 async fn run_until_signal(store: &Store, tasks: Vec<tokio::task::JoinHandle<()>>) -> Result<()> {
     shutdown_signal().await;
     stop(store, tasks).await
+}
+
+/// Passes on `result`; on an error, shuts the store down first.
+async fn close_on_error(store: &Store, result: Result<()>) -> Result<()> {
+    if result.is_err() {
+        if let Err(e) = store.shutdown().await {
+            tracing::warn!(error = %format!("{e:#}"), "stopping the store after an error");
+        }
+    }
+    result
 }
 
 /// Stops the serving tasks, then the store.
@@ -284,42 +309,48 @@ async fn up(args: UpArgs) -> Result<()> {
     let store = Store::open_single(cfg)
         .await
         .with_context(|| format!("failed to open the store in {}", dir.display()))?;
-    let mut tasks = Vec::new();
-    if let Some(addr) = args.store_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("failed to listen on {addr}"))?;
-        tasks.push(store.serve(l));
+    // From here on the store is open: an error closes it before the process exits, as a
+    // signal would, so that no RocksDB thread is at work while the process tears down.
+    let result: Result<()> = async {
+        let mut tasks = Vec::new();
+        if let Some(addr) = args.store_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to listen on {addr}"))?;
+            tasks.push(store.serve(l));
+        }
+        let api = start_api(&store, &dir, api_listener, api_addr, &mut tasks).await?;
+        let mut loops = control::Loops::new();
+        let controllers = baton_controllers::Config {
+            node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
+        };
+        if !args.no_controllers {
+            loops
+                .start_control_plane(&api.pki, &api.server, controllers)
+                .await?;
+        }
+        if !args.no_node {
+            let client = control::client_for(&api.pki, &api.server, "system:node:local").await?;
+            let mut node = args.node.config(dir.join("node"))?;
+            // The node renews its Lease four times within the grace its own control plane
+            // gives it, so that a live node never looks lost between two renewals.
+            node.heartbeat = node
+                .heartbeat
+                .min(Duration::from_secs(args.node_monitor_grace) / 4);
+            loops.start_node(client, node);
+        }
+        println!("baton is up: Kubernetes API at {}", api.server);
+        println!("kubeconfig: {}", api.kubeconfig.display());
+        println!(
+            "try: KUBECONFIG={} kubectl get nodes",
+            api.kubeconfig.display()
+        );
+        shutdown_signal().await;
+        loops.shutdown().await;
+        stop(&store, tasks).await
     }
-    let api = start_api(&store, &dir, api_listener, api_addr, &mut tasks).await?;
-    let mut loops = control::Loops::new();
-    let controllers = baton_controllers::Config {
-        node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
-    };
-    if !args.no_controllers {
-        loops
-            .start_control_plane(&api.pki, &api.server, controllers)
-            .await?;
-    }
-    if !args.no_node {
-        let client = control::client_for(&api.pki, &api.server, "system:node:local").await?;
-        let mut node = args.node.config(dir.join("node"))?;
-        // The node renews its Lease four times within the grace its own control plane
-        // gives it, so that a live node never looks lost between two renewals.
-        node.heartbeat = node
-            .heartbeat
-            .min(Duration::from_secs(args.node_monitor_grace) / 4);
-        loops.start_node(client, node);
-    }
-    println!("baton is up: Kubernetes API at {}", api.server);
-    println!("kubeconfig: {}", api.kubeconfig.display());
-    println!(
-        "try: KUBECONFIG={} kubectl get nodes",
-        api.kubeconfig.display()
-    );
-    shutdown_signal().await;
-    loops.shutdown().await;
-    stop(&store, tasks).await
+    .await;
+    close_on_error(&store, result).await
 }
 
 async fn node(args: NodeCmdArgs) -> Result<()> {
@@ -400,43 +431,49 @@ async fn server(args: ServerArgs) -> Result<()> {
     let store = Store::open(cfg)
         .await
         .with_context(|| format!("failed to open the store in {}", args.data_dir.display()))?;
-    let mut tasks = vec![store.serve(listener)];
-    if args.bootstrap {
-        store
-            .initialize()
-            .await
-            .context("failed to bootstrap the cluster")?;
-    }
-    if let Some(seed) = args.join {
-        join(&store, &seed, &addr).await?;
-    }
-    if let Some(api_addr) = args.api_listen {
-        let l = tokio::net::TcpListener::bind(api_addr)
-            .await
-            .with_context(|| format!("failed to listen on {api_addr}"))?;
-        let api_addr = l.local_addr()?;
-        let api = start_api(&store, &args.data_dir, l, api_addr, &mut tasks).await?;
-        println!(
-            "Kubernetes API at https://{api_addr}, kubeconfig: {}",
-            api.kubeconfig.display()
-        );
-        // Every member with an API server campaigns; the leader runs the control loops.
-        let mut loops = control::Loops::new();
-        loops
-            .start_elected_control_plane(
-                &api.pki,
-                &api.server,
-                format!("baton-server-{}", args.id),
-                baton_controllers::Config::default(),
-            )
-            .await?;
+    // From here on the store is open: an error closes it before the process exits, as a
+    // signal would, so that no RocksDB thread is at work while the process tears down.
+    let result: Result<()> = async {
+        let mut tasks = vec![store.serve(listener)];
+        if args.bootstrap {
+            store
+                .initialize()
+                .await
+                .context("failed to bootstrap the cluster")?;
+        }
+        if let Some(seed) = args.join {
+            join(&store, &seed, &addr).await?;
+        }
+        if let Some(api_addr) = args.api_listen {
+            let l = tokio::net::TcpListener::bind(api_addr)
+                .await
+                .with_context(|| format!("failed to listen on {api_addr}"))?;
+            let api_addr = l.local_addr()?;
+            let api = start_api(&store, &args.data_dir, l, api_addr, &mut tasks).await?;
+            println!(
+                "Kubernetes API at https://{api_addr}, kubeconfig: {}",
+                api.kubeconfig.display()
+            );
+            // Every member with an API server campaigns; the leader runs the control loops.
+            let mut loops = control::Loops::new();
+            loops
+                .start_elected_control_plane(
+                    &api.pki,
+                    &api.server,
+                    format!("baton-server-{}", args.id),
+                    baton_controllers::Config::default(),
+                )
+                .await?;
+            println!("baton server {} listening on {addr}", args.id);
+            shutdown_signal().await;
+            loops.shutdown().await;
+            return stop(&store, tasks).await;
+        }
         println!("baton server {} listening on {addr}", args.id);
-        shutdown_signal().await;
-        loops.shutdown().await;
-        return stop(&store, tasks).await;
+        run_until_signal(&store, tasks).await
     }
-    println!("baton server {} listening on {addr}", args.id);
-    run_until_signal(&store, tasks).await
+    .await;
+    close_on_error(&store, result).await
 }
 
 /// Asks the cluster behind `seed` to add this member as a learner, then as a voter.

@@ -130,3 +130,30 @@ fn runs_a_local_job_pod_to_completion() {
         "{stdout}"
     );
 }
+
+/// A server that fails after its store is open (here: its API port is taken) exits with
+/// its error, after closing the store, never with an abort from RocksDB's threads.
+#[test]
+fn a_server_that_fails_after_opening_its_store_exits_cleanly() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let api = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = baton()
+        .args([
+            "server",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--bootstrap",
+        ])
+        .args(["--api-listen", &api, "--data-dir"])
+        .arg(dir.path().join("member"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exited by a signal? {stderr}");
+    assert!(stderr.contains("error: failed to listen on"), "{stderr}");
+    assert!(!stderr.contains("terminate called"), "{stderr}");
+}
