@@ -54,29 +54,40 @@ fn free_port() -> u16 {
 }
 
 impl Cluster {
-    /// Starts `n` members: the first bootstraps, the others join it one by one.
-    pub async fn start(n: usize, tuning: &[&str]) -> Cluster {
+    /// `n` members, none started yet, each with its address and data dir.
+    fn members(n: usize, tuning: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
-        let mut cluster = Cluster {
-            members: Vec::new(),
-            tuning: tuning.iter().map(|s| s.to_string()).collect(),
-            _tmp: tmp,
-        };
-        for i in 0..n {
-            let id = i as u64 + 1;
-            let member = Member {
+        let members = (1..=n as u64)
+            .map(|id| Member {
                 id,
                 addr: format!("127.0.0.1:{}", free_port()),
-                dir: cluster._tmp.path().join(format!("member-{id}")),
+                dir: tmp.path().join(format!("member-{id}")),
                 child: None,
-            };
-            cluster.members.push(member);
-            let extra = if i == 0 {
-                vec!["--bootstrap".to_string()]
-            } else {
-                vec!["--join".to_string(), cluster.members[0].addr.clone()]
-            };
-            cluster.spawn(i, &extra);
+            })
+            .collect();
+        Cluster {
+            members,
+            tuning: tuning.iter().map(|s| s.to_string()).collect(),
+            _tmp: tmp,
+        }
+    }
+
+    /// The first member bootstraps; the others join it.
+    fn start_member(&mut self, i: usize) {
+        let extra = if i == 0 {
+            vec!["--bootstrap".to_string()]
+        } else {
+            vec!["--join".to_string(), self.members[0].addr.clone()]
+        };
+        self.spawn(i, &extra);
+    }
+
+    /// Starts `n` members: the first bootstraps, the others join it one by one.
+    pub async fn start(n: usize, tuning: &[&str]) -> Cluster {
+        let mut cluster = Cluster::members(n, tuning);
+        for i in 0..n {
+            let id = cluster.members[i].id;
+            cluster.start_member(i);
             let addr = cluster.members[i].addr.clone();
             let client = StoreClient::new([addr]).with_timeout(Duration::from_secs(2));
             wait_for(Duration::from_secs(60), "member to become a voter", || {
@@ -94,29 +105,9 @@ impl Cluster {
 
     /// Starts `n` members at the same moment, the joiners before the member they join.
     pub async fn start_at_once(n: usize, tuning: &[&str]) -> Cluster {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut cluster = Cluster {
-            members: Vec::new(),
-            tuning: tuning.iter().map(|s| s.to_string()).collect(),
-            _tmp: tmp,
-        };
-        for i in 0..n {
-            let id = i as u64 + 1;
-            cluster.members.push(Member {
-                id,
-                addr: format!("127.0.0.1:{}", free_port()),
-                dir: cluster._tmp.path().join(format!("member-{id}")),
-                child: None,
-            });
-        }
-        let seed = cluster.members[0].addr.clone();
+        let mut cluster = Cluster::members(n, tuning);
         for i in (0..n).rev() {
-            let extra = if i == 0 {
-                vec!["--bootstrap".to_string()]
-            } else {
-                vec!["--join".to_string(), seed.clone()]
-            };
-            cluster.spawn(i, &extra);
+            cluster.start_member(i);
         }
         let client = cluster.client().with_timeout(Duration::from_secs(2));
         wait_for(
