@@ -93,6 +93,81 @@ fn text(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
     resp
 }
 
+/// How much of a request body the server still reads, and for how long, after the guest
+/// answered without reading all of it. A client may still be sending the body when the
+/// answer comes (wasi:http clients send the head first and the body after); if the
+/// server closed at once, that client would see its connection reset instead of the
+/// answer. Go's net/http reads on in the same way, up to 256 KiB.
+const DRAIN_BYTES: usize = 256 << 10;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// A request body that, dropped before its end, reads the rest (bounded by
+/// [`DRAIN_BYTES`] and [`DRAIN_TIME`]) so that hyper keeps the connection. The read needs
+/// the connection, which belongs to the server: when the pod stops, it ends with it.
+struct DrainOnDrop(Option<hyper::body::Incoming>);
+
+impl hyper::body::Body for DrainOnDrop {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.0.as_mut() {
+            Some(body) => std::pin::Pin::new(body).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+    }
+}
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        let Some(body) = self.0.take() else {
+            return;
+        };
+        if hyper::body::Body::is_end_stream(&body) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // Past either bound the body is dropped, and hyper closes the connection.
+        rt.spawn(tokio::time::timeout(DRAIN_TIME, drain(body, DRAIN_BYTES)));
+    }
+}
+
+/// Reads a body to its end and discards it, giving up after `limit` bytes or at the first
+/// error.
+pub(crate) async fn drain<B>(mut body: B, limit: usize)
+where
+    B: hyper::body::Body + Unpin,
+{
+    use bytes::Buf;
+    use http_body_util::BodyExt;
+    let mut left = limit;
+    loop {
+        match body.frame().await {
+            None | Some(Err(_)) => return,
+            Some(Ok(frame)) => {
+                let n = frame.data_ref().map_or(0, |d| d.remaining());
+                match left.checked_sub(n) {
+                    Some(l) => left = l,
+                    None => return,
+                }
+            }
+        }
+    }
+}
+
 /// A response body that owns the request's instance: dropped before its end (the client
 /// went away), it stops the instance; read to its end, it lets the instance finish.
 struct GuardedBody {
@@ -156,7 +231,7 @@ impl Serving {
             let req = store
                 .data_mut()
                 .http()
-                .new_incoming_request(Scheme::Http, req)?;
+                .new_incoming_request(Scheme::Http, req.map(|b| DrainOnDrop(Some(b))))?;
             let out = store.data_mut().http().new_response_outparam(sender)?;
             Ok((req, out))
         })();

@@ -258,6 +258,7 @@ impl WasiHttpHooks for PodHooks {
         if let Some(uri) = rewrite_uri(request.uri(), &self.net) {
             *request.uri_mut() = uri;
         }
+        let request = hold_unsent_body(request);
         drop(fut);
         let permit = self.net.outgoing.clone().try_acquire_owned();
         Box::new(async move {
@@ -273,6 +274,38 @@ impl WasiHttpHooks for PodHooks {
             Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
         })
     }
+}
+
+/// The most of an unsent request body [`hold_unsent_body`] reads and discards.
+const UNSENT_BODY_BYTES: usize = 64 << 10;
+
+/// hyper sends a GET, HEAD or CONNECT request that declares no length without a body, and
+/// drops the body at once. A wasi:http guest writes its body (empty, for these methods)
+/// after `handle` has handed the request over, so it raced hyper: when hyper had written
+/// the head first, the guest's write failed as if the connection had been reset, though
+/// the request went out and its answer was coming. Such a body is kept here instead and
+/// read until the guest finishes it (or drops it with its instance), so that the guest's
+/// writes succeed and it sees the answer. What it might write is not sent, as before.
+fn hold_unsent_body(request: http::Request<WasiBody>) -> http::Request<WasiBody> {
+    use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+    use http::Method;
+    let bodiless = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::CONNECT
+    ) && !request.headers().contains_key(CONTENT_LENGTH)
+        && !request.headers().contains_key(TRANSFER_ENCODING);
+    if !bodiless || hyper::body::Body::is_end_stream(request.body()) {
+        return request;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return request;
+    };
+    let (parts, body) = request.into_parts();
+    rt.spawn(crate::http::drain(body, UNSENT_BODY_BYTES));
+    let empty = http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    http::Request::from_parts(parts, empty)
 }
 
 fn socket_error(host: &mut Host, e: SocketError) -> wasmtime::Result<ErrorCode> {
@@ -436,6 +469,46 @@ mod tests {
         assert_eq!(net.connect_addr(other), other);
         assert_eq!(net.resolve("localhost"), Some(pod.ip()));
         assert_eq!(net.resolve("example.com"), None);
+    }
+
+    /// A GET's body that hyper does not send stays writable until the guest finishes it,
+    /// even after the answer came (the guest writes it after handing the request over).
+    #[tokio::test]
+    async fn a_get_body_written_after_the_answer_does_not_fail() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A sibling in the pod, listening on the pod's address.
+        let server = tokio::net::TcpListener::bind("127.1.0.7:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+        });
+        use bytes::Bytes;
+        let (mut body_tx, body) = http_body_util::Channel::<Bytes, HttpError>::new(1);
+        let request = http::Request::get(format!("http://localhost:{port}/"))
+            .body(body.boxed_unsync())
+            .unwrap();
+        let mut hooks = StoreNet::new(net()).hooks();
+        let sent = hooks.send_request(request, None, Box::new(async { Ok(()) }));
+        let (response, io) = Box::into_pin(sent).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&text[..], b"ok");
+        // The guest gets to its (empty) body only now.
+        body_tx
+            .send_data(Bytes::new())
+            .await
+            .expect("the body is still open");
+        drop(body_tx);
+        Box::into_pin(io).await.unwrap();
     }
 
     #[test]

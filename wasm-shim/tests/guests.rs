@@ -353,6 +353,76 @@ async fn cli_output_goes_to_the_container_log() {
     );
 }
 
+/// A client that sends the head first and the body after (as every wasi:http client
+/// does) may get the answer before it has sent the body's end. The server reads the rest
+/// of the body instead of closing: the client keeps its connection and can send the
+/// body's end and a second request on it. (Closed at once, the client saw a reset where
+/// a guest's `localhost` call raced its backend.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_body_ends_keeps_the_connection() {
+    use http_body_util::{BodyExt, Channel, Empty};
+    let rt = runtime();
+    let c = rt.load_file(&guest("http-hello")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = rt.serve_http(&c, HttpSpec::default(), listener).unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, BoxBody>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    type BoxBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+    let (mut body_tx, body) = Channel::<bytes::Bytes>::new(1);
+    let req = |path: &str, body: BoxBody| {
+        hyper::Request::post(path)
+            .header("host", "test")
+            .body(body)
+            .unwrap()
+    };
+    let resp = send
+        .send_request(req("/first", body.boxed()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&text).contains("path=/first"),
+        "{text:?}"
+    );
+    // The guest has answered; the request body is still open. Now it ends.
+    let step = Duration::from_secs(10);
+    tokio::time::timeout(step, body_tx.send_data(bytes::Bytes::from_static(b"late")))
+        .await
+        .expect("body sent in time")
+        .unwrap();
+    drop(body_tx);
+    tokio::time::timeout(step, send.ready())
+        .await
+        .expect("ready in time")
+        .expect("the connection was kept");
+    let resp = tokio::time::timeout(
+        step,
+        send.send_request(req("/second", Empty::new().boxed())),
+    )
+    .await
+    .expect("second answer in time")
+    .expect("a second request on the same connection");
+    assert_eq!(resp.status(), 200);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&text).contains("path=/second"),
+        "{text:?}"
+    );
+    drop(send);
+    tokio::time::timeout(step, conn)
+        .await
+        .expect("closed in time")
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_siblings_share_localhost_and_pods_share_a_port() {
     let rt = runtime();
@@ -418,19 +488,28 @@ async fn pod_siblings_share_localhost_and_pods_share_a_port() {
 async fn a_bad_http_request_fails_alone() {
     let rt = runtime();
     let c = rt.load_file(&guest("http-hostile")).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let spec = HttpSpec {
-        memory_bytes: 32 << 20,
-        request_timeout: Some(Duration::from_millis(500)),
-        ..Default::default()
+    // Only the endless loop has a deadline: on a busy machine, filling 32 MiB could
+    // take longer than a deadline short enough for the test.
+    let serve = |request_timeout| {
+        let (rt, c) = (rt.clone(), c.clone());
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let spec = HttpSpec {
+                memory_bytes: 32 << 20,
+                request_timeout,
+                ..Default::default()
+            };
+            rt.serve_http(&c, spec, listener).unwrap()
+        }
     };
-    let server = rt.serve_http(&c, spec, listener).unwrap();
-    let addr = server.local_addr();
-    for (path, want_code, want_reason) in [
-        ("/loop", 504, "DeadlineExceeded"),
-        ("/memory", 500, "OOMKilled"),
-        ("/trap", 500, "Error"),
+    let timed = serve(Some(Duration::from_millis(500))).await;
+    let untimed = serve(None).await;
+    for (server, path, want_code, want_reason) in [
+        (&timed, "/loop", 504, "DeadlineExceeded"),
+        (&untimed, "/memory", 500, "OOMKilled"),
+        (&untimed, "/trap", 500, "Error"),
     ] {
+        let addr = server.local_addr();
         let (code, body) = http_get(addr, path).await;
         assert_eq!(code, want_code, "{path}: {body}");
         assert!(body.starts_with(want_reason), "{path}: {body}");
