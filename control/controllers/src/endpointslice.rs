@@ -148,3 +148,179 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error
     }
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::World;
+
+    const SLICE: &str = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/web";
+
+    fn web() -> Value {
+        json!({
+            "metadata": {"name": "web", "namespace": "default", "uid": "svc-uid"},
+            "spec": {"selector": {"app": "web"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http"},
+                               {"name": "admin", "port": 9000, "targetPort": 9001}]}
+        })
+    }
+
+    fn pod(name: &str, ns: &str, app: &str, ip: Option<&str>, phase: &str, ready: bool) -> Value {
+        json!({
+            "metadata": {"name": name, "namespace": ns, "uid": format!("{name}-uid"),
+                         "labels": {"app": app}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i",
+                     "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"phase": phase, "podIP": ip,
+                       "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}
+        })
+    }
+
+    #[tokio::test]
+    async fn a_service_lists_the_pods_it_selects_with_their_readiness() {
+        let mut w = World::new();
+        let svc = w.service(web());
+        w.pod(pod(
+            "web-1",
+            "default",
+            "web",
+            Some("10.0.0.1"),
+            "Running",
+            true,
+        ));
+        w.pod(pod(
+            "web-2",
+            "default",
+            "web",
+            Some("10.0.0.2"),
+            "Running",
+            false,
+        ));
+        // Not listed: no address yet, finished, another namespace, other labels.
+        w.pod(pod("web-3", "default", "web", None, "Pending", false));
+        w.pod(pod(
+            "web-4",
+            "default",
+            "web",
+            Some("10.0.0.4"),
+            "Succeeded",
+            false,
+        ));
+        w.pod(pod(
+            "web-5",
+            "other",
+            "web",
+            Some("10.0.0.5"),
+            "Running",
+            true,
+        ));
+        w.pod(pod(
+            "db-1",
+            "default",
+            "db",
+            Some("10.0.0.6"),
+            "Running",
+            true,
+        ));
+        // Going away: still serving, no longer ready.
+        let mut leaving = pod("web-7", "default", "web", Some("10.0.0.7"), "Running", true);
+        leaving["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        w.pod(leaving);
+
+        reconcile(svc, w.ctx.clone()).await.unwrap();
+
+        assert_eq!(w.api.writes(), [format!("PATCH {SLICE}")]);
+        let call = &w.api.calls()[0];
+        assert!(call.query.contains("fieldManager=endpointslice-controller"));
+        assert!(call.query.contains("force=true"));
+        let slice = &call.body;
+        assert_eq!(slice["metadata"]["labels"][SERVICE_NAME_LABEL], "web");
+        assert_eq!(slice["metadata"]["ownerReferences"][0]["uid"], "svc-uid");
+        // A named target port is looked up in the pods; a number is kept.
+        assert_eq!(
+            slice["ports"],
+            json!([{"name": "http", "port": 8080, "protocol": "TCP"},
+                   {"name": "admin", "port": 9001, "protocol": "TCP"}])
+        );
+        let seen: Vec<(String, bool, bool, bool)> = slice["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let c = &e["conditions"];
+                (
+                    e["addresses"][0].as_str().unwrap().to_string(),
+                    c["ready"].as_bool().unwrap(),
+                    c["serving"].as_bool().unwrap(),
+                    c["terminating"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("10.0.0.1".into(), true, true, false),
+                ("10.0.0.2".into(), false, false, false),
+                ("10.0.0.7".into(), false, true, true),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slice_that_is_already_right_is_not_written_again() {
+        let mut w = World::new();
+        let svc = w.service(web());
+        w.pod(pod(
+            "web-1",
+            "default",
+            "web",
+            Some("10.0.0.1"),
+            "Running",
+            true,
+        ));
+        reconcile(svc.clone(), w.ctx.clone()).await.unwrap();
+        let written = w.api.calls()[0].body.clone();
+        w.endpointslice(written);
+        w.api.clear();
+        reconcile(svc.clone(), w.ctx.clone()).await.unwrap();
+        assert!(w.api.writes().is_empty(), "{:?}", w.api.writes());
+        // A pod turning unready changes the slice again.
+        w.pod(pod(
+            "web-1",
+            "default",
+            "web",
+            Some("10.0.0.1"),
+            "Running",
+            false,
+        ));
+        reconcile(svc, w.ctx.clone()).await.unwrap();
+        assert_eq!(w.api.writes(), [format!("PATCH {SLICE}")]);
+    }
+
+    #[tokio::test]
+    async fn services_without_a_selector_or_going_away_are_left_alone() {
+        let mut w = World::new();
+        let mut manual = web();
+        manual["spec"]["selector"] = json!(null);
+        reconcile(w.service(manual), w.ctx.clone()).await.unwrap();
+        let mut going = web();
+        going["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        reconcile(w.service(going), w.ctx.clone()).await.unwrap();
+        assert!(w.api.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_names_the_service_and_keeps_the_cause() {
+        let mut w = World::new();
+        w.api.fail("PATCH", "/endpointslices/web", 500);
+        let err = reconcile(w.service(web()), w.ctx.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "writing the EndpointSlice of default/web");
+        let source = std::error::Error::source(&err).expect("a cause");
+        assert!(
+            matches!(source.downcast_ref::<kube::Error>(), Some(kube::Error::Api(s)) if s.code == 500),
+            "{source:?}"
+        );
+    }
+}

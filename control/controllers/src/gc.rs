@@ -440,3 +440,164 @@ pub async fn run(ctx: Arc<Ctx>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::World;
+    use serde_json::Value;
+
+    const PODS: &str = "/api/v1/namespaces/default/pods";
+    const RSS: &str = "/apis/apps/v1/namespaces/default/replicasets";
+    const DEPLOYS: &str = "/apis/apps/v1/namespaces/default/deployments";
+
+    fn owner(kind: &str, name: &str, uid: &str) -> Value {
+        let api_version = if kind == "ConfigMap" { "v1" } else { "apps/v1" };
+        json!({"apiVersion": api_version, "kind": kind, "name": name, "uid": uid, "controller": true})
+    }
+
+    fn meta(name: &str, uid: &str, owners: Vec<Value>) -> Value {
+        json!({"name": name, "namespace": "default", "uid": uid, "ownerReferences": owners})
+    }
+
+    fn pod(name: &str, owners: Vec<Value>) -> Value {
+        json!({"metadata": meta(name, &format!("{name}-uid"), owners),
+               "spec": {"containers": []}})
+    }
+
+    fn rs(name: &str, uid: &str, owners: Vec<Value>) -> Value {
+        json!({"metadata": meta(name, uid, owners),
+               "spec": {"selector": {}, "template": {}}})
+    }
+
+    fn deleting_deployment(finalizers: &[&str]) -> Value {
+        json!({"metadata": {"name": "web", "namespace": "default", "uid": "dep-uid",
+                            "deletionTimestamp": "2026-01-01T00:00:00Z",
+                            "finalizers": finalizers},
+               "spec": {"selector": {}, "template": {}}})
+    }
+
+    #[tokio::test]
+    async fn objects_whose_owners_are_all_gone_are_collected_once() {
+        let mut w = World::new();
+        w.replicaset(rs("web-1", "rs-1", vec![]));
+        w.pod(pod("kept", vec![owner("ReplicaSet", "web-1", "rs-1")]));
+        // The same name with another UID is another owner: this one is gone.
+        w.pod(pod("stale", vec![owner("ReplicaSet", "web-1", "old-uid")]));
+        w.pod(pod("orphaned", vec![owner("ReplicaSet", "web-0", "rs-0")]));
+        // One owner left is enough.
+        w.pod(pod(
+            "shared",
+            vec![
+                owner("ReplicaSet", "web-0", "rs-0"),
+                owner("ReplicaSet", "web-1", "rs-1"),
+            ],
+        ));
+        // An owner of a kind not watched here is taken to exist.
+        w.pod(pod("configured", vec![owner("ConfigMap", "cfg", "cm-1")]));
+        let mut going = pod("going", vec![owner("ReplicaSet", "web-0", "rs-0")]);
+        going["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        w.pod(going);
+
+        let mut gc = Collector::default();
+        gc.sweep(&w.ctx).await;
+        let mut writes = w.api.writes();
+        writes.sort();
+        assert_eq!(
+            writes,
+            [
+                format!("DELETE {PODS}/orphaned"),
+                format!("DELETE {PODS}/stale")
+            ]
+        );
+        assert!(w
+            .api
+            .calls()
+            .iter()
+            .all(|c| c.body["propagationPolicy"] == "Background"));
+        // A deletion in flight is not asked for again.
+        w.api.clear();
+        gc.sweep(&w.ctx).await;
+        assert!(w.api.writes().is_empty(), "{:?}", w.api.writes());
+    }
+
+    #[tokio::test]
+    async fn an_orphaning_delete_frees_the_dependents_then_drops_its_finalizer() {
+        let mut w = World::new();
+        w.deployment(deleting_deployment(&["orphan", "example.com/keep"]));
+        let dependent = rs(
+            "web-1",
+            "rs-1",
+            vec![
+                owner("Deployment", "web", "dep-uid"),
+                owner("ConfigMap", "cfg", "cm-1"),
+            ],
+        );
+        w.replicaset(dependent);
+        let mut gc = Collector::default();
+        gc.sweep(&w.ctx).await;
+        assert_eq!(w.api.writes(), [format!("PATCH {RSS}/web-1")]);
+        let owners = &w.api.calls()[0].body["metadata"]["ownerReferences"];
+        assert_eq!(owners.as_array().unwrap().len(), 1);
+        assert_eq!(owners[0]["uid"], "cm-1");
+        // Once no dependent names it, the finalizer goes and the others stay.
+        w.replicaset(rs("web-1", "rs-1", vec![owner("ConfigMap", "cfg", "cm-1")]));
+        w.api.clear();
+        gc.sweep(&w.ctx).await;
+        assert_eq!(w.api.writes(), [format!("PATCH {DEPLOYS}/web")]);
+        assert_eq!(
+            w.api.calls()[0].body["metadata"]["finalizers"],
+            json!(["example.com/keep"])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_foreground_delete_removes_the_dependents_first() {
+        let mut w = World::new();
+        w.deployment(deleting_deployment(&["foregroundDeletion"]));
+        let dependent = rs("web-1", "rs-1", vec![owner("Deployment", "web", "dep-uid")]);
+        w.replicaset(dependent.clone());
+        let mut gc = Collector::default();
+        gc.sweep(&w.ctx).await;
+        assert_eq!(w.api.writes(), [format!("DELETE {RSS}/web-1")]);
+        assert_eq!(w.api.calls()[0].body["propagationPolicy"], "Foreground");
+        w.replicaset_gone(dependent);
+        w.api.clear();
+        gc.sweep(&w.ctx).await;
+        assert_eq!(w.api.writes(), [format!("PATCH {DEPLOYS}/web")]);
+        assert_eq!(w.api.calls()[0].body["metadata"]["finalizers"], json!([]));
+    }
+
+    #[tokio::test]
+    async fn a_terminating_namespace_is_emptied_then_finalized() {
+        let w = World::new();
+        let ns: Namespace = serde_json::from_value(json!({
+            "metadata": {"name": "gone", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"finalizers": ["kubernetes"]}
+        }))
+        .unwrap();
+        let mut leaving = pod("p", vec![]);
+        leaving["metadata"]["namespace"] = json!("gone");
+        w.api.list("/api/v1/namespaces/gone/pods", vec![leaving]);
+        assert!(!finish_namespace(&w.ctx, &ns).await);
+        assert_eq!(w.api.writes(), ["DELETE /api/v1/namespaces/gone/pods/p"]);
+        // Every kind was looked at, owners first.
+        let listed: Vec<String> = w
+            .api
+            .calls()
+            .into_iter()
+            .filter(|c| c.method == "GET")
+            .map(|c| c.path)
+            .collect();
+        assert_eq!(listed.len(), NAMESPACED.len());
+        assert_eq!(listed[0], "/apis/apps/v1/namespaces/gone/deployments");
+
+        let w = World::new();
+        assert!(finish_namespace(&w.ctx, &ns).await);
+        assert_eq!(w.api.writes(), ["PUT /api/v1/namespaces/gone/finalize"]);
+        assert_eq!(
+            w.api.calls().last().unwrap().body["spec"]["finalizers"],
+            json!([])
+        );
+    }
+}

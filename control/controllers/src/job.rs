@@ -313,3 +313,204 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         None => Action::await_change(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::World;
+
+    const PODS: &str = "/api/v1/namespaces/default/pods";
+    const JOB: &str = "/apis/batch/v1/namespaces/default/jobs/work";
+
+    fn job(spec: serde_json::Value, status: serde_json::Value) -> serde_json::Value {
+        let mut spec = spec;
+        spec["template"] = json!({"spec": {"restartPolicy": "Never",
+                                  "containers": [{"name": "c", "image": "i"}]}});
+        json!({"metadata": {"name": "work", "namespace": "default", "uid": "job-uid"},
+               "spec": spec, "status": status})
+    }
+
+    /// A pod of the Job; `finished` is how many seconds ago it ended, for a finished one.
+    fn pod(name: &str, phase: &str, finished: Option<i64>) -> serde_json::Value {
+        let at = finished.map(|s| pod::now().0 - chrono_secs(s));
+        json!({
+            "metadata": {"name": name, "namespace": "default", "uid": format!("{name}-uid"),
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "work",
+                                     "uid": "job-uid", "controller": true}]},
+            "spec": {"containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": phase, "containerStatuses": [{
+                "name": "c", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": match at {
+                    Some(t) => json!({"terminated": {"exitCode": 1, "finishedAt": Time(t)}}),
+                    None => json!({"running": {}}),
+                }}]}
+        })
+    }
+
+    /// Times are kept to the second, so a wait computed from one may be a second shorter.
+    fn requeued_within(action: &Action, lo: u64, hi: u64) -> bool {
+        (lo..=hi).any(|s| *action == Action::requeue(Duration::from_secs(s)))
+    }
+
+    fn chrono_secs(s: i64) -> k8s_openapi::chrono::Duration {
+        k8s_openapi::chrono::Duration::seconds(s)
+    }
+
+    fn status_patch(w: &World) -> serde_json::Value {
+        w.api
+            .calls()
+            .into_iter()
+            .find(|c| c.method == "PATCH" && c.path == format!("{JOB}/status"))
+            .expect("a status update")
+            .body["status"]
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn a_job_runs_up_to_parallelism_pods_and_no_more_until_they_are_seen() {
+        let mut w = World::new();
+        let j = w.job(job(json!({"completions": 5, "parallelism": 2}), json!({})));
+        reconcile(j.clone(), w.ctx.clone()).await.unwrap();
+        assert_eq!(
+            w.api.writes(),
+            [
+                format!("POST {PODS}"),
+                format!("POST {PODS}"),
+                format!("PATCH {JOB}/status")
+            ]
+        );
+        let created = &w.api.calls()[0].body;
+        assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], "job-uid");
+        assert_eq!(
+            created["metadata"]["ownerReferences"][0]["controller"],
+            true
+        );
+        assert!(status_patch(&w)["startTime"].is_string());
+        // The new pods are not in the store yet: a second pass must not create more.
+        w.api.clear();
+        let action = reconcile(j, w.ctx.clone()).await.unwrap();
+        assert!(
+            !w.api.writes().iter().any(|c| c.starts_with("POST")),
+            "{:?}",
+            w.api.writes()
+        );
+        assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+    }
+
+    #[tokio::test]
+    async fn a_failed_pod_is_replaced_only_after_its_backoff() {
+        let mut w = World::new();
+        let j = w.job(job(json!({"completions": 1}), json!({})));
+        w.pod(pod("work-a", "Failed", Some(4)));
+        let action = reconcile(j.clone(), w.ctx.clone()).await.unwrap();
+        assert!(!w.api.writes().iter().any(|c| c.starts_with("POST")));
+        assert!(requeued_within(&action, 5, 6), "{action:?}");
+        assert_eq!(status_patch(&w)["failed"], 1);
+        // Two failures: 20 s from the last.
+        w.pod(pod("work-b", "Failed", Some(5)));
+        let action = reconcile(j.clone(), w.ctx.clone()).await.unwrap();
+        assert!(requeued_within(&action, 15, 16), "{action:?}");
+        // Once the backoff has passed, a replacement starts.
+        let mut w = World::new();
+        let j = w.job(job(json!({"completions": 1}), json!({})));
+        w.pod(pod("work-a", "Failed", Some(11)));
+        reconcile(j, w.ctx.clone()).await.unwrap();
+        assert_eq!(w.api.writes()[0], format!("POST {PODS}"));
+    }
+
+    #[tokio::test]
+    async fn past_its_backoff_limit_a_job_fails_and_its_running_pods_go() {
+        let mut w = World::new();
+        let j = w.job(job(json!({"completions": 3, "backoffLimit": 1}), json!({})));
+        w.pod(pod("work-a", "Failed", Some(100)));
+        w.pod(pod("work-b", "Failed", Some(50)));
+        w.pod(pod("work-c", "Running", None));
+        reconcile(j, w.ctx.clone()).await.unwrap();
+        assert_eq!(
+            w.api.writes(),
+            [
+                format!("DELETE {PODS}/work-c"),
+                format!("PATCH {JOB}/status")
+            ]
+        );
+        let status = status_patch(&w);
+        let failed = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Failed")
+            .expect("a Failed condition");
+        assert_eq!(failed["reason"], "BackoffLimitExceeded");
+        assert_eq!(w.api.events(), ["Warning BackoffLimitExceeded"]);
+    }
+
+    #[tokio::test]
+    async fn enough_successes_complete_the_job() {
+        let mut w = World::new();
+        let j = w.job(job(json!({"completions": 2, "parallelism": 2}), json!({})));
+        w.pod(pod("work-a", "Succeeded", Some(3)));
+        w.pod(pod("work-b", "Succeeded", Some(2)));
+        reconcile(j, w.ctx.clone()).await.unwrap();
+        assert_eq!(w.api.writes(), [format!("PATCH {JOB}/status")]);
+        let status = status_patch(&w);
+        assert_eq!(status["succeeded"], 2);
+        assert!(status["completionTime"].is_string());
+        let types: Vec<_> = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(types, ["SuccessCriteriaMet", "Complete"]);
+        assert_eq!(w.api.events(), ["Normal Completed"]);
+    }
+
+    #[tokio::test]
+    async fn a_finished_job_is_deleted_once_its_ttl_has_passed() {
+        let finished = |ago: i64| {
+            json!({"conditions": [{"type": "Complete", "status": "True",
+                   "lastTransitionTime": Time(pod::now().0 - chrono_secs(ago))}]})
+        };
+        let mut w = World::new();
+        let j = w.job(job(json!({"ttlSecondsAfterFinished": 100}), finished(40)));
+        let action = reconcile(j, w.ctx.clone()).await.unwrap();
+        assert!(w.api.calls().is_empty());
+        assert!(requeued_within(&action, 59, 60), "{action:?}");
+        let j = w.job(job(json!({"ttlSecondsAfterFinished": 100}), finished(100)));
+        reconcile(j, w.ctx.clone()).await.unwrap();
+        assert_eq!(w.api.writes(), [format!("DELETE {JOB}")]);
+        assert!(w.api.calls()[0].body["propagationPolicy"] == "Background");
+    }
+
+    #[tokio::test]
+    async fn a_suspended_job_stops_its_pods_and_says_so() {
+        let mut w = World::new();
+        let j = w.job(job(json!({"completions": 2, "suspend": true}), json!({})));
+        w.pod(pod("work-a", "Running", None));
+        reconcile(j, w.ctx.clone()).await.unwrap();
+        assert_eq!(
+            w.api.writes(),
+            [
+                format!("DELETE {PODS}/work-a"),
+                format!("PATCH {JOB}/status")
+            ]
+        );
+        let status = status_patch(&w);
+        assert!(status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Suspended" && c["reason"] == "JobSuspended"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_pod_creation_is_an_error_and_is_not_expected() {
+        let mut w = World::new();
+        w.api.fail("POST", "/pods", 500);
+        let j = w.job(job(json!({"completions": 1}), json!({})));
+        let err = reconcile(j.clone(), w.ctx.clone()).await.unwrap_err();
+        assert_eq!(err.to_string(), "creating a pod for job default/work");
+        // The creation is not awaited: the retry creates the pod again.
+        assert!(w.ctx.expectations.satisfied("job-uid", std::iter::empty()));
+    }
+}

@@ -24,6 +24,8 @@
 pub mod deployment;
 pub mod endpointslice;
 pub mod expectations;
+#[cfg(test)]
+mod fake;
 pub mod gc;
 pub mod job;
 pub mod nodelifecycle;
