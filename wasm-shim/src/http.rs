@@ -101,10 +101,32 @@ fn text(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
 const DRAIN_BYTES: usize = 256 << 10;
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
-/// A request body that, dropped before its end, reads the rest (bounded by
-/// [`DRAIN_BYTES`] and [`DRAIN_TIME`]) so that hyper keeps the connection. The read needs
-/// the connection, which belongs to the server: when the pod stops, it ends with it.
-struct DrainOnDrop(Option<hyper::body::Incoming>);
+/// A request body that, dropped before its end, reads the rest (within [`DRAIN_BYTES`]
+/// and [`DRAIN_TIME`]) so that hyper keeps the connection. The read goes through the
+/// connection, so a pod that is dropped ends it at once; a graceful stop waits for it, as
+/// for any request in flight, at most [`DRAIN_TIME`]. (hyper cannot tell that a chunked
+/// body has ended before its last read, so such a body gets the task even when the guest
+/// read it all; the task then ends at its first poll.)
+struct DrainOnDrop {
+    body: Option<hyper::body::Incoming>,
+    /// A client that sent `Expect: 100-continue` waits to be told to send its body: reading
+    /// it would tell it so, after the guest turned it away. Such a body is not drained:
+    /// hyper closes the connection instead.
+    drain: bool,
+}
+
+impl DrainOnDrop {
+    fn wrap(req: hyper::Request<hyper::body::Incoming>) -> hyper::Request<Self> {
+        let expects = req
+            .headers()
+            .get(hyper::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        req.map(|body| Self {
+            body: Some(body),
+            drain: !expects,
+        })
+    }
+}
 
 impl hyper::body::Body for DrainOnDrop {
     type Data = Bytes;
@@ -114,58 +136,61 @@ impl hyper::body::Body for DrainOnDrop {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        match self.0.as_mut() {
+        match self.body.as_mut() {
             Some(body) => std::pin::Pin::new(body).poll_frame(cx),
             None => std::task::Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.as_ref().is_none_or(|b| b.is_end_stream())
+        self.body.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.0.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+        self.body
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_default()
     }
 }
 
 impl Drop for DrainOnDrop {
     fn drop(&mut self) {
-        let Some(body) = self.0.take() else {
+        let Some(body) = self.body.take() else {
             return;
         };
-        if hyper::body::Body::is_end_stream(&body) {
+        if !self.drain || hyper::body::Body::is_end_stream(&body) {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        // Past either bound the body is dropped, and hyper closes the connection.
-        rt.spawn(tokio::time::timeout(DRAIN_TIME, drain(body, DRAIN_BYTES)));
+        // Past a bound the body is dropped, and hyper closes the connection.
+        rt.spawn(drain(body, DRAIN_BYTES, DRAIN_TIME));
     }
 }
 
-/// Reads a body to its end and discards it, giving up after `limit` bytes or at the first
-/// error.
-pub(crate) async fn drain<B>(mut body: B, limit: usize)
+/// Reads a body to its end and discards it. Gives up at the first error, after `limit`
+/// bytes, after `limit / 1024` frames (so that empty writes cannot keep it busy), or
+/// after `time`.
+pub(crate) async fn drain<B>(mut body: B, limit: usize, time: Duration)
 where
     B: hyper::body::Body + Unpin,
 {
     use bytes::Buf;
     use http_body_util::BodyExt;
-    let mut left = limit;
-    loop {
-        match body.frame().await {
-            None | Some(Err(_)) => return,
-            Some(Ok(frame)) => {
-                let n = frame.data_ref().map_or(0, |d| d.remaining());
-                match left.checked_sub(n) {
-                    Some(l) => left = l,
-                    None => return,
-                }
+    let read = async {
+        let mut bytes = limit;
+        let mut frames = limit / 1024;
+        while let Some(Ok(frame)) = body.frame().await {
+            let n = frame.data_ref().map_or(0, |d| d.remaining());
+            match (bytes.checked_sub(n), frames.checked_sub(1)) {
+                (Some(b), Some(f)) => (bytes, frames) = (b, f),
+                _ => return,
             }
         }
-    }
+    };
+    let _ = tokio::time::timeout(time, read).await;
 }
 
 /// A response body that owns the request's instance: dropped before its end (the client
@@ -231,7 +256,7 @@ impl Serving {
             let req = store
                 .data_mut()
                 .http()
-                .new_incoming_request(Scheme::Http, req.map(|b| DrainOnDrop(Some(b))))?;
+                .new_incoming_request(Scheme::Http, DrainOnDrop::wrap(req))?;
             let out = store.data_mut().http().new_response_outparam(sender)?;
             Ok((req, out))
         })();

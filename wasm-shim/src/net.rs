@@ -276,8 +276,10 @@ impl WasiHttpHooks for PodHooks {
     }
 }
 
-/// The most of an unsent request body [`hold_unsent_body`] reads and discards.
+/// The most of an unsent request body [`hold_unsent_body`] reads and discards, and for
+/// how long: a guest writes such a body, empty, right after handing the request over.
 const UNSENT_BODY_BYTES: usize = 64 << 10;
+const UNSENT_BODY_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// hyper sends a GET, HEAD or CONNECT request that declares no length without a body, and
 /// drops the body at once. A wasi:http guest writes its body (empty, for these methods)
@@ -301,7 +303,11 @@ fn hold_unsent_body(request: http::Request<WasiBody>) -> http::Request<WasiBody>
         return request;
     };
     let (parts, body) = request.into_parts();
-    rt.spawn(crate::http::drain(body, UNSENT_BODY_BYTES));
+    rt.spawn(crate::http::drain(
+        body,
+        UNSENT_BODY_BYTES,
+        UNSENT_BODY_TIME,
+    ));
     let empty = http_body_util::Empty::new()
         .map_err(|never| match never {})
         .boxed_unsync();
@@ -485,6 +491,9 @@ mod tests {
             let mut got = Vec::new();
             while !got.windows(4).any(|w| w == b"\r\n\r\n") {
                 let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
                 got.extend_from_slice(&buf[..n]);
             }
             s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")

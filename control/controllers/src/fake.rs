@@ -79,8 +79,8 @@ impl FakeApi {
         self.state.lock().unwrap().calls.clone()
     }
 
-    /// The writes so far as "METHOD path", leaving out events (which the recorder writes
-    /// on its own schedule).
+    /// The writes so far as "METHOD path", leaving out events, which tests look at
+    /// through [`FakeApi::events`].
     pub fn writes(&self) -> Vec<String> {
         self.calls()
             .into_iter()
@@ -89,7 +89,8 @@ impl FakeApi {
             .collect()
     }
 
-    /// The events posted so far, as "type reason".
+    /// The events created so far, as "type reason" (a repeat of one is a PATCH of its
+    /// count, not listed here).
     pub fn events(&self) -> Vec<String> {
         self.calls()
             .into_iter()
