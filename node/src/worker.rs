@@ -724,7 +724,7 @@ impl Worker {
             if let Some(msg) = kill {
                 self.event(EventType::Normal, "Killing", &msg).await;
                 if let Some(sb) = &mut self.sandbox {
-                    sb.stop_container(&spec.name);
+                    sb.stop_container(&spec.name).await;
                 }
                 self.record_exit(i, 137, "Error", &msg);
             }
@@ -1040,7 +1040,9 @@ impl Worker {
     /// Stops the pod for memory pressure: its containers end now, and it stays in the API
     /// as Failed/Evicted for its controller to replace, as a kubelet eviction leaves it.
     async fn evict(&mut self, message: String) {
-        self.sandbox.take();
+        if let Some(sb) = self.sandbox.take() {
+            sb.shutdown(Duration::ZERO).await;
+        }
         for i in 0..self.slots.len() {
             if matches!(self.slots[i].state, State::Running { .. }) {
                 self.record_exit(i, 137, "Error", "evicted");
@@ -1236,8 +1238,9 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
         }
         let (_, finished) = w.phase();
         if finished {
+            // Everything the pod ran is gone before its address can go to another pod.
             if let Some(sb) = w.sandbox.take() {
-                drop(sb);
+                sb.shutdown(Duration::ZERO).await;
             }
             w.release_ip();
             w.shared.memory.release(&w.uid);

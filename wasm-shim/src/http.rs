@@ -46,6 +46,8 @@ pub struct HttpServer {
     task: JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<Duration>>,
     stopped: Arc<std::sync::atomic::AtomicBool>,
+    /// Fires when the server's future, listener and connections included, is dropped.
+    gone: Option<crate::pod::Gone>,
 }
 
 impl HttpServer {
@@ -54,12 +56,18 @@ impl HttpServer {
     }
 
     /// Stops taking connections and lets the requests in flight finish, for at most
-    /// `grace`; what is still running then is cut off.
+    /// `grace`; what is still running then is cut off. Returns once the listener and the
+    /// connections are closed, so that the port can be bound again at once (a restart, or
+    /// another pod given the same address).
     pub async fn shutdown(mut self, grace: Duration) {
         if let Some(stop) = self.stop.take() {
             if stop.send(grace).is_ok() {
                 let _ = tokio::time::timeout(grace + Duration::from_secs(1), &mut self.task).await;
             }
+        }
+        self.task.abort();
+        if let Some(gone) = self.gone.take() {
+            gone.wait().await;
         }
     }
 }
@@ -359,7 +367,9 @@ impl Runtime {
                 .map_err(|e| ShimError::Setup(format!("listener on {addr}: {e}")))?
         };
         let usage = serving.net.usage.clone();
+        let (guard, gone) = crate::pod::Gone::new();
         let task = self.spawn_guest(&usage, async move {
+            let _guard = guard;
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             // The connections belong to the server: when it is dropped, they are too, so
             // a stopped pod answers nothing more, even on a kept-alive connection.
@@ -393,6 +403,7 @@ impl Runtime {
             task,
             stop: Some(stop),
             stopped: killed,
+            gone: Some(gone),
         })
     }
 }

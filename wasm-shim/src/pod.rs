@@ -73,6 +73,45 @@ struct Process {
     name: String,
     abort: tokio::task::AbortHandle,
     task: Option<JoinHandle<Result<CliOutcome, ShimError>>>,
+    gone: Gone,
+}
+
+impl Process {
+    /// Aborts the process and waits until its future, with the sockets it holds, is gone.
+    async fn stop(self) {
+        self.abort.abort();
+        self.gone.wait().await;
+    }
+}
+
+/// How long a stop waits for a task's future to be dropped after aborting it: an abort
+/// takes effect at the task's next poll, which a guest thread gives within an epoch
+/// tick, unless the node is badly overloaded.
+const GONE_WAIT: Duration = Duration::from_secs(10);
+
+/// Tells when a task's future has been dropped, whether it finished or was aborted, and
+/// with it every socket and listener it held. Aborting a tokio task only schedules its
+/// drop, and a guest task may be on the long tier's threads; a stop that must free the
+/// pod's ports waits for this.
+#[derive(Debug)]
+pub(crate) struct Gone(tokio::sync::oneshot::Receiver<()>);
+
+/// Held by the task's future; its drop is the signal.
+pub(crate) struct GoneGuard {
+    _signal: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Gone {
+    pub fn new() -> (GoneGuard, Gone) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (GoneGuard { _signal: tx }, Gone(rx))
+    }
+
+    pub async fn wait(self) {
+        if tokio::time::timeout(GONE_WAIT, self.0).await.is_err() {
+            tracing::warn!("a stopped container's task is still not gone after {GONE_WAIT:?}");
+        }
+    }
 }
 
 impl Pod {
@@ -133,7 +172,7 @@ impl Pod {
         rt: &Runtime,
         c: ContainerSpec,
     ) -> Result<(), ShimError> {
-        self.stop_container(&c.name);
+        self.stop_container(&c.name).await;
         match rt.kind(&c.component)? {
             ComponentKind::Http => {
                 let port = c.port.ok_or_else(|| {
@@ -152,13 +191,16 @@ impl Pod {
                 let name = c.name.clone();
                 let net = self.net.clone();
                 let usage = net.usage.clone();
+                let (guard, gone) = Gone::new();
                 let task = rt.spawn_guest(&usage, async move {
+                    let _guard = guard;
                     rt2.run_cli_with(&c.component, &c.name, &c.cli, net).await
                 });
                 self.processes.push(Process {
                     name,
                     abort: task.abort_handle(),
                     task: Some(task),
+                    gone,
                 });
             }
         }
@@ -167,24 +209,35 @@ impl Pod {
 
     /// Stops every container: HTTP servers stop taking connections and finish their
     /// requests within `grace`; processes are stopped at once (a component has no signal
-    /// to catch, so it gets what SIGTERM's default action gives a process).
+    /// to catch, so it gets what SIGTERM's default action gives a process). Returns once
+    /// everything the pod ran is gone, so that its address can be given to another pod.
     pub async fn shutdown(mut self, grace: Duration) {
-        for p in self.processes.drain(..) {
+        let processes: Vec<Process> = self.processes.drain(..).collect();
+        for p in &processes {
             p.abort.abort();
         }
         let servers: Vec<HttpServer> = self.servers.drain(..).map(|(_, s)| s).collect();
         futures_join(servers.into_iter().map(|s| s.shutdown(grace))).await;
+        for p in processes {
+            p.stop().await;
+        }
     }
 
-    /// Stops a container now: its HTTP listener closes, its process is aborted.
-    pub fn stop_container(&mut self, name: &str) {
-        self.servers.retain(|(n, _)| n != name);
-        self.processes.retain(|p| {
-            if p.name == name {
-                p.abort.abort();
-            }
-            p.name != name
-        });
+    /// Stops a container now: its HTTP listener closes, its process is aborted. Returns
+    /// once they are gone, so that a restart can bind the same ports.
+    pub async fn stop_container(&mut self, name: &str) {
+        let (servers, keep): (Vec<_>, Vec<_>) =
+            self.servers.drain(..).partition(|(n, _)| n == name);
+        self.servers = keep;
+        let (processes, keep): (Vec<_>, Vec<_>) =
+            self.processes.drain(..).partition(|p| p.name == name);
+        self.processes = keep;
+        for (_, server) in servers {
+            server.shutdown(Duration::ZERO).await;
+        }
+        for p in processes {
+            p.stop().await;
+        }
     }
 
     /// The task of a CLI container, to await its exit. The pod still stops it (when the

@@ -670,3 +670,37 @@ async fn a_socket_hog_is_capped_and_its_neighbour_keeps_serving() {
     let (code, body) = http_get(pod.http_addr("web").unwrap(), "/").await;
     assert_eq!(code, 200, "{body}");
 }
+
+/// A stopped container's ports are free when the stop returns, and a stopped pod's
+/// address is free when its shutdown returns: a restart binds the same port at once, and
+/// another pod given the same address binds its ports (a listener that outlived its stop
+/// failed them with "address in use", into CrashLoopBackOff).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_containers_ports_are_free_when_the_stop_returns() {
+    let rt = runtime();
+    let hello = rt.load_file(&guest("http-hello")).unwrap();
+    let echo = rt.load_file(&guest("tcp-echo")).unwrap();
+    let ip = std::net::IpAddr::from([127, 1, 3, 1]);
+    let web = ContainerSpec {
+        name: "web".into(),
+        component: hello.clone(),
+        port: Some(8080),
+        cli: CliSpec::default(),
+        http: HttpSpec::default(),
+    };
+    let mut pod = rt.new_pod("restarts", ip, None);
+    for _ in 0..50 {
+        pod.start_container(&rt, web.clone())
+            .await
+            .expect("the restarted container binds its port");
+    }
+    pod.start_container(&rt, cli_container("echo", &echo, &[("PORT", "7000")], &[]))
+        .await
+        .unwrap();
+    drop(connect_when_up((ip, 7000).into()).await);
+    pod.shutdown(Duration::ZERO).await;
+    // The address goes to another pod, which binds the same ports.
+    for port in [8080, 7000] {
+        std::net::TcpListener::bind((ip, port)).expect("the port is free after shutdown");
+    }
+}
