@@ -550,8 +550,13 @@ fn a_deleted_tcp_server_stops_answering_and_a_restarted_one_gets_its_port_back()
         !reasons.contains("AddrInUse") && !reasons.contains("address in use"),
         "{reasons}"
     );
-    let log = b.ok(&["logs", "echo2"]);
-    assert!(log.contains("tcp-echo listening"), "{log}");
+    // The instance now running may not have written its first line yet.
+    wait_for(&b, 60, "the restarted instance to listen", || {
+        let out = b.run("kubectl", &["logs", "echo2"], None);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("tcp-echo listening")
+            .then_some(())
+    });
     assert!(pod_metric(&b, "echo2", "baton_sandbox_instances").unwrap() <= 1.0);
 }
 
