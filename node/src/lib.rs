@@ -20,12 +20,15 @@
 pub mod budget;
 pub mod config;
 pub mod eviction;
+pub mod fake;
 pub mod images;
 pub mod ipam;
 pub mod probe;
 pub mod proxy;
 pub mod register;
+pub mod sandbox;
 pub mod server;
+pub mod status;
 pub mod worker;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -188,21 +191,26 @@ pub async fn run(
         let services = services.clone();
         Arc::new(move |ns: &str| services.resolver(ns))
     };
+    let images = Arc::new(images::Images::new(
+        runtime.clone(),
+        Some(registry.clone()),
+        cfg.local_images.clone(),
+    ));
+    let sandboxes = sandbox::WasmSandboxes {
+        runtime: runtime.clone(),
+        images: images.clone(),
+        resolvers: Some(resolvers),
+        request_timeout: cfg.settings.request_timeout,
+    };
     let shared = Arc::new(worker::Shared {
         client: client.clone(),
-        images: images::Images::new(
-            runtime.clone(),
-            Some(registry.clone()),
-            cfg.local_images.clone(),
-        ),
-        runtime,
+        sandboxes,
         ipam: Mutex::new(ipam::Ipam::new(&pod_cidr)?),
         node_name: cfg.name.clone(),
         host_ip: cfg.address.clone(),
         data_dir: cfg.data_dir.clone(),
         recorder: Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
         settings: cfg.settings.clone(),
-        resolvers: Some(resolvers),
         services: Some(services),
         logs: logs.clone(),
         memory: Arc::new(budget::MemoryBudget::new(
@@ -214,7 +222,7 @@ pub async fn run(
     let eviction = tokio::spawn(eviction::run(
         shared.evictions.clone(),
         shared.memory.clone(),
-        shared.runtime.clone(),
+        runtime.clone(),
         cfg.eviction_hard_memory,
     ));
     register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await?;
@@ -265,12 +273,12 @@ pub async fn run(
     };
     // The image cache is trimmed now and then to its bound, keeping what pods use.
     let image_gc = {
-        let (shared, max) = (shared.clone(), cfg.image_cache_max_bytes);
+        let max = cfg.image_cache_max_bytes;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
-                let freed = shared.images.collect(max);
+                let freed = images.collect(max);
                 if freed > 0 {
                     tracing::info!(freed, "image cache trimmed");
                 }

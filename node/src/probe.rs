@@ -2,9 +2,12 @@
 //! `tcpSocket`. (`exec` and `grpc` have no meaning for a Wasm component and fail with a
 //! message saying so.)
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -64,12 +67,21 @@ impl Prober {
         self.next
     }
 
-    /// Runs the probe once; returns the verdict if it changed.
-    pub async fn run(&mut self, ip: IpAddr, c: &Container) -> Option<bool> {
+    /// The probe this prober runs.
+    pub fn probe(&self) -> &Probe {
+        &self.probe
+    }
+
+    /// Awaits one attempt (within the probe's timeout) and counts its result; returns the
+    /// verdict if it changed. The next attempt is due one period from now.
+    pub async fn run(
+        &mut self,
+        attempt: impl Future<Output = Result<(), ProbeError>>,
+    ) -> Option<bool> {
         let period = self.probe.period_seconds.unwrap_or(10).max(1) as u64;
         self.next = Instant::now() + Duration::from_secs(period);
         let timeout = Duration::from_secs(self.probe.timeout_seconds.unwrap_or(1).max(1) as u64);
-        let result = tokio::time::timeout(timeout, check(&self.probe, ip, c))
+        let result = tokio::time::timeout(timeout, attempt)
             .await
             .unwrap_or(Err(ProbeError::TimedOut(timeout.as_secs())));
         let before = self.passing;
@@ -93,11 +105,6 @@ impl Prober {
             }
         }
         (self.passing != before).then_some(self.passing).flatten()
-    }
-
-    /// After a failed liveness probe restarts the container, counting starts over.
-    pub fn reset(&mut self, started: Instant) {
-        *self = Prober::new(self.kind, self.probe.clone(), started);
     }
 }
 
@@ -147,7 +154,7 @@ fn port_or_err(p: &IntOrString, c: &Container) -> Result<u16, ProbeError> {
     })
 }
 
-async fn check(p: &Probe, ip: IpAddr, c: &Container) -> Result<(), ProbeError> {
+pub async fn check(p: &Probe, ip: IpAddr, c: &Container) -> Result<(), ProbeError> {
     if let Some(h) = &p.http_get {
         return http_get(h, ip, port_or_err(&h.port, c)?).await;
     }
@@ -504,9 +511,10 @@ mod tests {
             failure_threshold: Some(1),
             ..Default::default()
         };
-        let mut p = Prober::new(Kind::Liveness, probe, Instant::now());
+        let mut p = Prober::new(Kind::Liveness, probe.clone(), Instant::now());
         let t0 = Instant::now();
-        assert_eq!(p.run(LOCAL, &Container::default()).await, Some(false));
+        let c = Container::default();
+        assert_eq!(p.run(check(&probe, LOCAL, &c)).await, Some(false));
         assert_eq!(p.last_message, "timed out after 1s");
         assert!(t0.elapsed() < Duration::from_secs(3));
     }
@@ -521,8 +529,9 @@ mod tests {
             failure_threshold: Some(1),
             ..Default::default()
         };
-        let mut p = Prober::new(Kind::Readiness, probe, Instant::now());
-        assert_eq!(p.run(LOCAL, &Container::default()).await, Some(false));
+        let mut p = Prober::new(Kind::Readiness, probe.clone(), Instant::now());
+        let c = Container::default();
+        assert_eq!(p.run(check(&probe, LOCAL, &c)).await, Some(false));
         assert!(p.last_message.contains("\"http\""), "{}", p.last_message);
     }
 }

@@ -1,57 +1,53 @@
 //! One pod's life on the node, from bound to gone.
 //!
-//! Each pod bound to the node gets a worker task that owns its sandbox. The worker walks
-//! the pod through explicit steps (the Krustlet lesson: keep the states, keep the generics
-//! shallow):
+//! Each pod bound to the node gets a worker task. The worker owns the pod's [`Sandbox`]
+//! and walks the pod through the stages of [`Stage`], one way only (the Krustlet lesson:
+//! keep the states explicit, keep the generics shallow):
 //!
-//! 1. **Prepare**: an address from the node's range, the ConfigMap/Secret/downward-API
-//!    references resolved (`CreateContainerConfigError` naming the missing object
-//!    otherwise, retried), the components loaded (`ErrImagePull`, then `ImagePullBackOff`).
-//! 2. **Init**: init containers run one after another to completion.
-//! 3. **Run**: every container starts in one sandbox. The worker then waits on exits,
-//!    probes, restarts and updates of the pod object:
-//!    - an exited container restarts per `restartPolicy`, the first time at once, then
-//!      after 10 s, 20 s, 40 s… capped at 5 minutes (`CrashLoopBackOff` meanwhile); a
-//!      container that ran 10 minutes starts its backoff over;
-//!    - a failed liveness probe restarts the container; readiness decides `ready`;
-//!      liveness and readiness wait for the startup probe;
-//!    - configMap and secret volumes are rewritten as their objects change.
-//! 4. **Terminate**, when the pod is deleted: HTTP components stop taking connections
-//!    and finish their requests within the grace period; CLI components are stopped at
-//!    once (a Wasm component has no SIGTERM to handle, so it gets the default action).
-//!    The worker then reports the final status and completes the deletion.
+//! ```text
+//!   Preparing ──► Initializing ──► Running ──► Finished
+//!       │               │             │           │
+//!       └───────────────┴─────────────┴───────────┴──► terminate (the pod was deleted)
+//! ```
+//!
+//! What a container does and what the API shows for it are pure ([`crate::status`]): the
+//! restart policy and backoff, the phase and conditions, the `PodStatus`. This module is
+//! the effects: the sandbox, the API, the node's address pool and memory budget, events.
+//! It is generic over the sandbox, so its unit tests run pods on
+//! [`crate::fake::FakeSandboxes`] with a paused clock.
 //!
 //! After every step that changes what the API should show, the worker patches the pod's
-//! status: phase, conditions, container states with exit codes and reasons, restart
-//! counts, podIP and hostIP.
+//! status, at most once per [`STATUS_INTERVAL`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use baton_kube::error::chain;
 use baton_kube::events::{EventType, Recorder};
-use baton_kube::{pod as podx, quantity};
+use baton_kube::pod as podx;
 use baton_wasm_shim::logs::{ContainerLog, LogConfig};
-use baton_wasm_shim::{
-    CliOutcome, CliSpec, Component, ComponentKind, ContainerSpec, HttpSpec, NameResolver, Runtime,
-    ShimError,
-};
+use baton_wasm_shim::Exit;
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Container, Pod};
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::config::{self, ContainerConfig, PodFacts};
-use crate::images::Images;
 use crate::ipam::Ipam;
-use crate::probe::{self, Prober};
+use crate::probe;
+use crate::sandbox::{ContainerRun, Sandbox, SandboxConfig, Sandboxes};
+use crate::status::{self, End, Slot};
+
+pub use crate::sandbox::Resolvers;
 
 /// How often configMap and secret volumes are re-read.
 const VOLUME_REFRESH: Duration = Duration::from_secs(15);
@@ -59,9 +55,10 @@ const VOLUME_REFRESH: Duration = Duration::from_secs(15);
 /// its EndpointSlice change to reach every node.
 const ENDPOINT_PROPAGATION: Duration = Duration::from_secs(1);
 /// A pod's status is written at most once per this interval (the newest state wins).
-const STATUS_INTERVAL: Duration = Duration::from_millis(100);
-/// A container that ran this long starts its restart backoff over.
-const BACKOFF_RESET: Duration = Duration::from_secs(600);
+pub const STATUS_INTERVAL: Duration = Duration::from_millis(100);
+/// The first wait before preparing a pod again after a failure; it doubles up to the
+/// backoff cap.
+const PREPARE_RETRY: Duration = Duration::from_secs(1);
 
 /// Node settings a worker reads.
 #[derive(Debug, Clone)]
@@ -88,21 +85,17 @@ impl Default for Settings {
     }
 }
 
-/// Gives the name resolver of pods in a namespace (Service names), if the node has one.
-pub type Resolvers = Arc<dyn Fn(&str) -> NameResolver + Send + Sync>;
-
 /// What all the node's workers share.
-pub struct Shared {
+pub struct Shared<S> {
     pub client: Client,
-    pub runtime: Runtime,
-    pub images: Images,
+    /// Makes each pod's sandbox.
+    pub sandboxes: S,
     pub ipam: Mutex<Ipam>,
     pub node_name: String,
     pub host_ip: String,
     pub data_dir: PathBuf,
     pub recorder: Recorder,
     pub settings: Settings,
-    pub resolvers: Option<Resolvers>,
     pub services: Option<crate::proxy::Services>,
     pub logs: Arc<crate::server::LogIndex>,
     /// What the node has promised its pods' memory.
@@ -111,7 +104,7 @@ pub struct Shared {
     pub evictions: Arc<crate::eviction::Evictions>,
 }
 
-impl std::fmt::Debug for Shared {
+impl<S> std::fmt::Debug for Shared<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
             .field("node", &self.node_name)
@@ -119,7 +112,7 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-impl Shared {
+impl<S> Shared<S> {
     /// Where a pod's volumes and logs live on the node.
     pub fn pod_dir(&self, uid: &str) -> PathBuf {
         self.data_dir.join("pods").join(uid)
@@ -139,123 +132,116 @@ impl Shared {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Terminated {
-    exit_code: i32,
-    reason: String,
-    message: String,
-    started_at: Option<Time>,
-    finished_at: Time,
+/// Where a pod is in its life. It only moves forward; a deletion ends it from any stage.
+#[derive(Debug, Clone, PartialEq)]
+enum Stage {
+    /// Getting what the containers need: an address, a sandbox, their configuration
+    /// (ConfigMaps, Secrets, the downward API) and their images. A failure shows on the
+    /// containers (`CreateContainerConfigError`, `ErrImagePull`, `ImagePullBackOff`…) and
+    /// is tried again at `retry_at`, the wait doubling up to the backoff cap.
+    Preparing { retry_at: Instant, wait: Duration },
+    /// Init container `index` runs, or waits for its restart; the next starts once it
+    /// has succeeded. With `restartPolicy: Never`, its failure fails the pod.
+    Initializing { index: usize },
+    /// The app containers run. An exit restarts a container per `restartPolicy` (at
+    /// once, then after a backoff: `CrashLoopBackOff`); a failed liveness or startup
+    /// probe restarts it; readiness decides `ready`. When every app container has ended
+    /// for good, the pod is finished.
+    Running,
+    /// Nothing runs or will run again: the containers ended for good, or the node ended
+    /// the pod itself (`end` says why: refused at admission, evicted, an init container
+    /// failed). The sandbox is gone and the address back in the pool; the pod waits to be
+    /// deleted.
+    Finished { end: Option<End>, initialized: bool },
 }
 
-#[derive(Debug, Clone)]
-enum State {
-    Waiting { reason: String, message: String },
-    Running { started_at: Time },
-    Terminated(Terminated),
+/// Why a container could not be set up to start.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error("the image of container {0} is not loaded")]
+    NotLoaded(String),
+    #[error("opening the container log {path}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
 }
 
-/// One container as the worker tracks it.
-struct Slot {
-    spec: Container,
-    init: bool,
-    component: Option<Component>,
-    kind: Option<ComponentKind>,
-    config: ContainerConfig,
-    state: State,
-    last: Option<Terminated>,
-    restarts: i32,
-    ready: bool,
-    started: bool,
-    started_instant: Option<Instant>,
+/// A process's exit, with the run it ends (its restart count when started), so that the
+/// exit of a run that was already stopped and replaced is not taken for the new one's.
+type ExitOf = BoxFuture<'static, (usize, i32, Exit)>;
+
+type ImageOf<S> = <<S as Sandboxes>::Sandbox as Sandbox>::Image;
+
+/// A pod and everything the worker holds for it.
+struct Worker<S: Sandboxes> {
+    shared: Arc<Shared<S>>,
+    pod: Arc<Pod>,
+    uid: String,
+    stage: Stage,
+    ip: Option<Ipv4Addr>,
+    sandbox: Option<S::Sandbox>,
+    slots: Vec<Slot>,
+    /// Per slot: its image once pulled, and its resolved configuration.
+    images: Vec<Option<ImageOf<S>>>,
+    configs: Vec<ContainerConfig>,
+    exits: FuturesUnordered<ExitOf>,
+    logs: HashMap<String, ContainerLog>,
+    start_time: Option<Time>,
+    reporter: Reporter,
+    next_refresh: Instant,
+}
+
+/// What was last written of the status, and when.
+#[derive(Debug, Default)]
+struct Reporter {
+    last: Option<PodStatus>,
+    at: Option<Instant>,
+    /// A newer status waits for the interval to end.
+    pending: bool,
+    /// Grows after failed writes, so that an unreachable API is not hammered.
     backoff: Duration,
-    restart_at: Option<Instant>,
-    probers: Vec<Prober>,
-    /// The digest of the pulled image, when it came from a registry.
-    image_id: Option<String>,
 }
 
-impl Slot {
-    fn new(spec: Container, init: bool) -> Self {
+impl Reporter {
+    /// How long after the last write the next may go: the interval, or longer after
+    /// failed writes (doubling to 10 s).
+    fn interval(&self) -> Duration {
+        STATUS_INTERVAL.max(self.backoff)
+    }
+}
+
+impl<S: Sandboxes> Worker<S> {
+    fn new(shared: Arc<Shared<S>>, pod: Arc<Pod>) -> Self {
+        let slots = Slot::for_pod(&pod);
         Self {
-            spec,
-            init,
-            component: None,
-            kind: None,
-            config: ContainerConfig::default(),
-            state: State::Waiting {
-                reason: "ContainerCreating".into(),
-                message: String::new(),
+            start_time: pod
+                .status
+                .as_ref()
+                .and_then(|s| s.start_time.clone())
+                .or_else(|| Some(podx::now())),
+            uid: pod.uid().unwrap_or_default(),
+            stage: Stage::Preparing {
+                retry_at: Instant::now(),
+                wait: PREPARE_RETRY,
             },
-            last: None,
-            restarts: 0,
-            ready: false,
-            started: false,
-            started_instant: None,
-            backoff: Duration::ZERO,
-            restart_at: None,
-            probers: Vec::new(),
-            image_id: None,
+            ip: None,
+            sandbox: None,
+            images: slots.iter().map(|_| None).collect(),
+            configs: slots.iter().map(|_| ContainerConfig::default()).collect(),
+            slots,
+            exits: FuturesUnordered::new(),
+            logs: HashMap::new(),
+            reporter: Reporter::default(),
+            next_refresh: Instant::now() + VOLUME_REFRESH,
+            shared,
+            pod,
         }
     }
 
-    fn status(&self, uid: &str) -> Value {
-        let state = |s: &State| match s {
-            State::Waiting { reason, message } => {
-                json!({"waiting": {"reason": reason, "message": (!message.is_empty()).then_some(message)}})
-            }
-            State::Running { started_at } => json!({"running": {"startedAt": started_at}}),
-            State::Terminated(t) => json!({"terminated": {
-                "exitCode": t.exit_code, "reason": t.reason,
-                "message": (!t.message.is_empty()).then_some(&t.message),
-                "startedAt": t.started_at, "finishedAt": t.finished_at,
-                "containerID": format!("wasm://{uid}/{}", self.spec.name),
-            }}),
-        };
-        let running = matches!(self.state, State::Running { .. });
-        json!({
-            "name": self.spec.name,
-            "image": self.spec.image.clone().unwrap_or_default(),
-            "imageID": self.image_id.clone().unwrap_or_else(|| self.spec.image.clone().unwrap_or_default()),
-            "containerID": format!("wasm://{uid}/{}", self.spec.name),
-            "ready": self.ready,
-            "started": running && self.started,
-            "restartCount": self.restarts,
-            "state": state(&self.state),
-            "lastState": self.last.clone().map(|t| state(&State::Terminated(t))).unwrap_or(json!({})),
-        })
-    }
-}
-
-type Exit = (String, Result<CliOutcome, String>);
-/// Sync as well as Send, because the worker is borrowed across awaits.
-type ExitFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Exit> + Send + Sync>>;
-
-/// A pod and everything the worker holds for it.
-struct Worker {
-    shared: Arc<Shared>,
-    pod: Arc<Pod>,
-    uid: String,
-    ip: Option<Ipv4Addr>,
-    sandbox: Option<baton_wasm_shim::Pod>,
-    slots: Vec<Slot>,
-    exits: FuturesUnordered<ExitFuture>,
-    logs: HashMap<String, ContainerLog>,
-    initialized: bool,
-    prepared: bool,
-    start_time: Option<Time>,
-    last_status: Value,
-    /// When the status was last written, and whether a newer one waits for its turn.
-    last_report: Option<Instant>,
-    report_pending: bool,
-    report_backoff: Duration,
-    phase_override: Option<(&'static str, String, String)>,
-    next_refresh: Instant,
-    prepare_retry: Option<Instant>,
-    prepare_backoff: Duration,
-}
-
-impl Worker {
     fn api(&self) -> Api<Pod> {
         Api::namespaced(
             self.shared.client.clone(),
@@ -263,12 +249,12 @@ impl Worker {
         )
     }
 
-    fn restart_policy(&self) -> &str {
+    fn restart_policy(&self) -> String {
         self.pod
             .spec
             .as_ref()
-            .and_then(|s| s.restart_policy.as_deref())
-            .unwrap_or("Always")
+            .and_then(|s| s.restart_policy.clone())
+            .unwrap_or_else(|| "Always".into())
     }
 
     fn facts(&self) -> PodFacts {
@@ -279,161 +265,284 @@ impl Worker {
         }
     }
 
-    async fn event(&self, type_: EventType, reason: &str, message: &str) {
-        self.shared
-            .recorder
-            .publish(&self.pod.object_ref(&()), type_, reason, message)
-            .await;
+    /// Publishes an event about the pod. The future owns what it needs, so the worker is
+    /// not borrowed while it is sent.
+    fn event(
+        &self,
+        type_: EventType,
+        reason: &'static str,
+        message: String,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let shared = self.shared.clone();
+        let object = self.pod.object_ref(&());
+        async move {
+            shared
+                .recorder
+                .publish(&object, type_, reason, &message)
+                .await
+        }
     }
 
-    /// Resolves configuration and loads components; on failure the containers wait with
-    /// the reason, and the worker tries again later.
-    async fn prepare(&mut self) -> bool {
-        if self.ip.is_none() {
-            let want = self
-                .pod
-                .status
-                .as_ref()
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse().ok());
-            let got = self
-                .shared
-                .ipam
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .allocate(want);
-            match got {
-                Ok(ip) => self.ip = Some(ip),
-                Err(e) => {
-                    self.fail_waiting("ContainerCreating", &chain(&e));
-                    self.event(EventType::Warning, "FailedCreatePodSandBox", &chain(&e))
-                        .await;
-                    return false;
+    fn initialized(&self) -> bool {
+        match &self.stage {
+            Stage::Running => true,
+            Stage::Finished { initialized, .. } => *initialized,
+            _ => false,
+        }
+    }
+
+    /// Moves the pod as far forward as it can go now.
+    async fn advance(&mut self) {
+        loop {
+            let now = Instant::now();
+            match self.stage.clone() {
+                Stage::Preparing { retry_at, wait } => {
+                    if now < retry_at {
+                        return;
+                    }
+                    if self.prepare().await {
+                        self.stage = Stage::Initializing { index: 0 };
+                    } else {
+                        self.stage = Stage::Preparing {
+                            retry_at: Instant::now() + wait,
+                            wait: (wait * 2).min(self.shared.settings.backoff_max),
+                        };
+                        return;
+                    }
                 }
+                Stage::Initializing { index } => {
+                    if !self.step_init(index, now).await {
+                        return;
+                    }
+                }
+                Stage::Running => {
+                    for i in 0..self.slots.len() {
+                        if !self.slots[i].init && self.slots[i].restart_at.is_some_and(|t| now >= t)
+                        {
+                            self.slots[i].restarting();
+                            self.start(i).await;
+                        }
+                    }
+                    self.run_probes().await;
+                    if status::phase(&self.slots, true, None).1 {
+                        self.finish(None).await;
+                    }
+                    return;
+                }
+                Stage::Finished { .. } => return,
             }
         }
+    }
+
+    /// One step of init container `index`; true if the stage changed and the pod may go
+    /// further now.
+    async fn step_init(&mut self, index: usize, now: Instant) -> bool {
+        let Some(slot) = self.slots.get(index).filter(|s| s.init) else {
+            // Every init container has succeeded: the app containers start together.
+            self.stage = Stage::Running;
+            for i in 0..self.slots.len() {
+                let s = &self.slots[i];
+                if !s.init && !s.is_running() && s.restart_at.is_none() {
+                    self.start(i).await;
+                }
+            }
+            return true;
+        };
+        if slot.succeeded() {
+            self.stage = Stage::Initializing { index: index + 1 };
+            return true;
+        }
+        if slot.is_running() {
+            return false;
+        }
+        if slot.is_done() {
+            let name = slot.spec.name.clone();
+            self.finish(Some(End {
+                reason: "InitFailed".into(),
+                message: format!("init container {name} failed"),
+            }))
+            .await;
+            return false;
+        }
+        match slot.restart_at {
+            Some(at) if now < at => return false,
+            Some(_) => self.slots[index].restarting(),
+            None => {}
+        }
+        self.start(index).await;
+        self.report().await;
+        // Started, or failed to start and waiting: look again.
+        true
+    }
+
+    /// Gets the pod an address, a sandbox, its configuration and its images; on failure
+    /// the containers wait with the reason, and the worker tries again later.
+    async fn prepare(&mut self) -> bool {
+        let Some(ip) = self.address().await else {
+            return false;
+        };
+        if self.sandbox.is_none() {
+            let ns = self.pod.namespace().unwrap_or_default();
+            let config = SandboxConfig {
+                key: format!("{ns}/{}/{}", self.pod.name_any(), self.uid),
+                namespace: ns,
+                ip,
+                cpu_limit: status::pod_cpu_limit(&self.pod),
+                // Its weight among unlimited pods: its CPU request, as the scheduler
+                // counts it.
+                cpu_weight: podx::requests(&self.pod).0,
+                // The pod's containers together hold at most what it was admitted with.
+                memory_limit: self.shared.memory.charge_of(&self.pod) as usize,
+            };
+            self.sandbox = Some(self.shared.sandboxes.create(config));
+        }
         let dir = self.shared.pod_dir(&self.uid);
-        match config::resolve(
+        let resolved = config::resolve(
             &self.shared.client,
             &self.pod,
             &self.facts(),
             &dir,
             &self.shared.settings.allowed_host_paths,
         )
-        .await
-        {
+        .await;
+        match resolved {
             Ok(mut configs) => {
-                for s in &mut self.slots {
-                    s.config = configs.remove(&s.spec.name).unwrap_or_default();
+                for (i, s) in self.slots.iter().enumerate() {
+                    self.configs[i] = configs.remove(&s.spec.name).unwrap_or_default();
                 }
             }
             Err(e) => {
                 let msg = chain(&e);
-                self.fail_waiting("CreateContainerConfigError", &msg);
-                self.event(EventType::Warning, "Failed", &format!("Error: {msg}"))
+                self.wait_all("CreateContainerConfigError", &msg);
+                self.event(EventType::Warning, "Failed", format!("Error: {msg}"))
                     .await;
                 return false;
             }
         }
         for i in 0..self.slots.len() {
-            if self.slots[i].component.is_some() {
-                continue;
-            }
-            let image = self.slots[i].spec.image.clone().unwrap_or_default();
-            let policy = match self.slots[i].spec.image_pull_policy.as_deref() {
-                Some("Always") => baton_oci::PullPolicy::Always,
-                Some("Never") => baton_oci::PullPolicy::Never,
-                _ => baton_oci::PullPolicy::IfNotPresent,
-            };
-            let auth = config::pull_auth(&self.shared.client, &self.pod, &image).await;
-            let started = Instant::now();
-            let got = self.shared.images.get(&image, &auth, policy).await;
-            if let Ok(img) = &got {
-                if img.pulled {
-                    let msg = format!(
-                        "Successfully pulled image \"{image}\" in {:.3}s",
-                        started.elapsed().as_secs_f64()
-                    );
-                    self.event(EventType::Normal, "Pulled", &msg).await;
-                }
-                if let Some(d) = &img.digest {
-                    self.shared.images.hold(&self.uid, d);
-                }
-                self.slots[i].image_id = img.digest.clone();
-            }
-            match got.map(|img| img.component) {
-                Ok(c) => match self.shared.runtime.kind(&c) {
-                    Ok(kind) => {
-                        self.slots[i].kind = Some(kind);
-                        self.slots[i].component = Some(c);
-                    }
-                    Err(e) => {
-                        let msg = format!("image {image}: {}", chain(&e));
-                        self.slots[i].state = State::Waiting {
-                            reason: "CreateContainerError".into(),
-                            message: msg.clone(),
-                        };
-                        self.event(EventType::Warning, "Failed", &msg).await;
-                        return false;
-                    }
-                },
-                Err(e) => {
-                    // The first failure says ErrImagePull; repeated ones, ImagePullBackOff.
-                    let reason = match &self.slots[i].state {
-                        State::Waiting { reason, .. }
-                            if reason == "ErrImagePull" || reason == "ImagePullBackOff" =>
-                        {
-                            "ImagePullBackOff"
-                        }
-                        _ => e.reason(),
-                    };
-                    let msg = chain(&e);
-                    self.slots[i].state = State::Waiting {
-                        reason: reason.into(),
-                        message: msg.clone(),
-                    };
-                    // What Kubernetes says: a pull that failed, a back-off between pulls, or
-                    // an image that is there but cannot run.
-                    let (type_, event_reason, text) = match reason {
-                        "ImagePullBackOff" => (
-                            EventType::Normal,
-                            "BackOff",
-                            format!("Back-off pulling image \"{image}\": {msg}"),
-                        ),
-                        "ErrImagePull" | "ErrImageNeverPull" | "InvalidImageName" => (
-                            EventType::Warning,
-                            "Failed",
-                            format!("Failed to pull image \"{image}\": {msg}"),
-                        ),
-                        _ => (EventType::Warning, "Failed", format!("Error: {msg}")),
-                    };
-                    self.event(type_, event_reason, &text).await;
-                    return false;
-                }
+            if self.images[i].is_none() && !self.pull(i).await {
+                return false;
             }
         }
         true
     }
 
-    /// Every container not yet started waits with `reason`.
-    fn fail_waiting(&mut self, reason: &str, message: &str) {
-        for s in &mut self.slots {
-            if matches!(s.state, State::Waiting { .. }) {
-                s.state = State::Waiting {
-                    reason: reason.into(),
-                    message: message.into(),
-                };
+    /// The pod's address: the one it had (a restarted node agent keeps it) if free.
+    async fn address(&mut self) -> Option<Ipv4Addr> {
+        if self.ip.is_some() {
+            return self.ip;
+        }
+        let want = self
+            .pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
+        let got = self
+            .shared
+            .ipam
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allocate(want);
+        match got {
+            Ok(ip) => {
+                self.ip = Some(ip);
+                Some(ip)
+            }
+            Err(e) => {
+                let msg = chain(&e);
+                self.wait_all("ContainerCreating", &msg);
+                self.event(EventType::Warning, "FailedCreatePodSandBox", msg)
+                    .await;
+                None
             }
         }
     }
 
-    fn container_spec(&self, i: usize) -> Result<ContainerSpec, String> {
+    /// Pulls container `i`'s image into the sandbox.
+    async fn pull(&mut self, i: usize) -> bool {
+        let image = self.slots[i].spec.image.clone().unwrap_or_default();
+        let policy = match self.slots[i].spec.image_pull_policy.as_deref() {
+            Some("Always") => baton_oci::PullPolicy::Always,
+            Some("Never") => baton_oci::PullPolicy::Never,
+            _ => baton_oci::PullPolicy::IfNotPresent,
+        };
+        let auth = config::pull_auth(&self.shared.client, &self.pod, &image).await;
+        let Some(sandbox) = self.sandbox.as_mut() else {
+            return false;
+        };
+        let started = Instant::now();
+        match sandbox.pull(&image, &auth, policy).await {
+            Ok(pulled) => {
+                if pulled.pulled {
+                    let msg = format!(
+                        "Successfully pulled image \"{image}\" in {:.3}s",
+                        started.elapsed().as_secs_f64()
+                    );
+                    self.event(EventType::Normal, "Pulled", msg).await;
+                }
+                let slot = &mut self.slots[i];
+                slot.image_id = pulled.digest;
+                slot.lifetime = Some(pulled.lifetime);
+                self.images[i] = Some(pulled.image);
+                true
+            }
+            Err(e) => {
+                // The first failure says ErrImagePull; repeated ones, ImagePullBackOff.
+                let reason = match &self.slots[i].state {
+                    status::State::Waiting { reason, .. }
+                        if reason == "ErrImagePull" || reason == "ImagePullBackOff" =>
+                    {
+                        "ImagePullBackOff"
+                    }
+                    _ => e.reason(),
+                };
+                let msg = chain(&e);
+                self.slots[i].set_waiting(reason, &msg);
+                // What Kubernetes says: a pull that failed, a back-off between pulls, or
+                // an image that is there but cannot run.
+                let (type_, event_reason, text) = match reason {
+                    "ImagePullBackOff" => (
+                        EventType::Normal,
+                        "BackOff",
+                        format!("Back-off pulling image \"{image}\": {msg}"),
+                    ),
+                    "ErrImagePull" | "ErrImageNeverPull" | "InvalidImageName" => (
+                        EventType::Warning,
+                        "Failed",
+                        format!("Failed to pull image \"{image}\": {msg}"),
+                    ),
+                    _ => (EventType::Warning, "Failed", format!("Error: {msg}")),
+                };
+                self.event(type_, event_reason, text).await;
+                false
+            }
+        }
+    }
+
+    /// Every container not yet started waits with `reason`.
+    fn wait_all(&mut self, reason: &str, message: &str) {
+        for s in &mut self.slots {
+            if matches!(s.state, status::State::Waiting { .. }) {
+                s.set_waiting(reason, message);
+            }
+        }
+    }
+
+    /// This run of container `i`, as the sandbox takes it.
+    fn container_run(&self, i: usize) -> Result<ContainerRun<ImageOf<S>>, SetupError> {
         let s = &self.slots[i];
         let c = &s.spec;
-        let component = s.component.clone().ok_or("component not loaded")?;
-        let memory_bytes = self.shared.memory.container_limit(c) as usize;
-        let log = ContainerLog::open(self.shared.log_config(&self.uid, &c.name, s.restarts))
-            .map_err(|e| format!("opening the container log: {e}"))?;
+        let image = self.images[i]
+            .clone()
+            .ok_or_else(|| SetupError::NotLoaded(c.name.clone()))?;
+        let config = &self.configs[i];
+        // A volume's files may have been swapped since they were resolved.
+        config::recheck_mounts(&config.mounts)?;
+        let log_config = self.shared.log_config(&self.uid, &c.name, s.restarts);
+        let path = log_config.path.clone();
+        let log =
+            ContainerLog::open(log_config).map_err(|source| SetupError::Log { path, source })?;
         let port = c
             .ports
             .iter()
@@ -441,191 +550,93 @@ impl Worker {
             .next()
             .and_then(|p| u16::try_from(p.container_port).ok())
             .or(Some(8080));
-        // The component's entry point is fixed (wasi:cli/run); `command` and `args` are
+        // A component's entry point is fixed (wasi:cli/run); `command` and `args` are
         // both its arguments.
-        let args: Vec<String> = c
+        let args = c
             .command
             .iter()
             .flatten()
             .chain(c.args.iter().flatten())
             .cloned()
             .collect();
-        Ok(ContainerSpec {
+        Ok(ContainerRun {
             name: c.name.clone(),
-            component,
+            image,
             port,
-            cli: CliSpec {
-                args,
-                env: s.config.env.clone(),
-                mounts: s.config.mounts.clone(),
-                memory_bytes,
-                timeout: None,
-                network: true,
-                output_limit: 0,
-                log: Some(log.clone()),
-            },
-            http: HttpSpec {
-                env: s.config.env.clone(),
-                memory_bytes,
-                request_timeout: Some(self.shared.settings.request_timeout),
-                log: Some(log),
-            },
+            args,
+            env: config.env.clone(),
+            mounts: config.mounts.clone(),
+            memory_bytes: self.shared.memory.container_limit(c) as usize,
+            log,
         })
     }
 
     /// Starts container `i` in the sandbox.
     async fn start(&mut self, i: usize) {
-        let spec = self.container_spec(i).and_then(|s| {
-            config::recheck_mounts(&s.cli.mounts)
-                .map(|()| s)
-                .map_err(|e| chain(&e))
-        });
-        let spec = match spec {
-            Ok(s) => s,
-            Err(msg) => {
-                self.slots[i].state = State::Waiting {
-                    reason: "CreateContainerError".into(),
-                    message: msg,
-                };
+        let run = match self.container_run(i) {
+            Ok(run) => run,
+            Err(e) => {
+                let msg = chain(&e);
+                self.exited(i, 128, "CreateContainerError", &msg);
+                self.event(EventType::Warning, "Failed", format!("Error: {msg}"))
+                    .await;
                 return;
             }
         };
-        let name = spec.name.clone();
-        let ip = self
-            .ip
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let sandbox = self.sandbox.get_or_insert_with(|| {
-            let ns = self.pod.namespace().unwrap_or_default();
-            let names = self.shared.resolvers.as_ref().map(|r| r(&ns));
-            let key = format!("{ns}/{}/{}", self.pod.name_any(), self.uid);
-            let sb = self.shared.runtime.new_pod(&key, ip, names);
-            sb.set_cpu_limit(pod_cpu_limit(&self.pod));
-            // Its weight among unlimited pods: its CPU request, as the scheduler counts it.
-            sb.set_cpu_weight(podx::requests(&self.pod).0);
-            // The pod's instances together hold at most what it was admitted with.
-            sb.set_memory_limit(Some(self.shared.memory.charge_of(&self.pod) as usize));
-            sb
-        });
-        if let Some(log) = &spec.cli.log {
-            self.logs.insert(name.clone(), log.clone());
-        }
-        match sandbox.start_container(&self.shared.runtime, spec).await {
-            Ok(()) => {
-                if let Some(task) = sandbox.take_process(&name) {
-                    let n = name.clone();
-                    self.exits.push(Box::pin(async move {
-                        let r = match task.await {
-                            Ok(Ok(out)) => Ok(out),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(e) if e.is_cancelled() => Err("stopped".to_string()),
-                            Err(e) => Err(format!("container task failed: {e}")),
-                        };
-                        (n, r)
-                    }));
+        let name = run.name.clone();
+        self.logs.insert(name.clone(), run.log.clone());
+        let Some(sandbox) = self.sandbox.as_mut() else {
+            return;
+        };
+        match sandbox.start(run).await {
+            Ok(started) => {
+                let run_of = self.slots[i].restarts;
+                if let Some(exit) = started.exit {
+                    self.exits.push(exit.map(move |e| (i, run_of, e)).boxed());
                 }
-                let log_path = self
-                    .shared
-                    .log_config(&self.uid, &name, self.slots[i].restarts)
-                    .path;
+                let log_path = self.shared.log_config(&self.uid, &name, run_of).path;
                 self.shared.logs.set_live(log_path, true);
-                let now = Instant::now();
-                let slot = &mut self.slots[i];
-                slot.state = State::Running {
-                    started_at: podx::now(),
-                };
-                slot.started_instant = Some(now);
-                slot.probers = if slot.init {
-                    Vec::new()
-                } else {
-                    probe::for_container(&slot.spec, now)
-                };
-                let has = |k| slot.probers.iter().any(|p| p.kind == k);
-                slot.started = !has(probe::Kind::Startup);
-                slot.ready = slot.started && !has(probe::Kind::Readiness);
-                let image = slot.spec.image.clone().unwrap_or_default();
+                self.slots[i].mark_started(Instant::now());
+                let image = self.slots[i].spec.image.clone().unwrap_or_default();
                 self.event(
                     EventType::Normal,
                     "Started",
-                    &format!("Started container {name} ({image})"),
+                    format!("Started container {name} ({image})"),
                 )
                 .await;
             }
             Err(e) => {
                 let msg = chain(&e);
-                let (reason, code) = match e {
-                    ShimError::Setup(_) => ("StartError", 128),
-                    _ => ("CreateContainerError", 128),
-                };
-                self.record_exit(i, code, reason, &msg);
-                self.event(EventType::Warning, "Failed", &format!("Error: {msg}"))
+                self.exited(i, 128, e.reason(), &msg);
+                self.event(EventType::Warning, "Failed", format!("Error: {msg}"))
                     .await;
             }
         }
     }
 
     /// Records that container `i` stopped, and when (if ever) it restarts.
-    fn record_exit(&mut self, i: usize, code: i32, reason: &str, message: &str) {
+    fn exited(&mut self, i: usize, code: i32, reason: &str, message: &str) {
         self.log_stopped(i);
-        let policy = self.restart_policy().to_string();
-        let base = self.shared.settings.backoff_base;
-        let max = self.shared.settings.backoff_max;
-        let slot = &mut self.slots[i];
-        let started_at = match &slot.state {
-            State::Running { started_at } => Some(started_at.clone()),
-            _ => None,
-        };
-        let ran = slot
-            .started_instant
-            .map(|t| t.elapsed())
-            .unwrap_or_default();
-        let t = Terminated {
-            exit_code: code,
-            reason: reason.into(),
-            message: message.into(),
-            started_at,
-            finished_at: podx::now(),
-        };
-        slot.ready = false;
-        slot.started = false;
-        slot.probers.clear();
-        let restart = match policy.as_str() {
-            "Never" => false,
-            "OnFailure" => code != 0,
-            _ => !slot.init || code != 0,
-        };
-        if !restart {
-            slot.state = State::Terminated(t);
-            slot.restart_at = None;
-            return;
-        }
-        if ran >= BACKOFF_RESET {
-            slot.backoff = Duration::ZERO;
-        }
-        // The first restart is immediate; then 10 s, 20 s, 40 s… up to the cap.
-        let wait = slot.backoff;
-        slot.backoff = if wait.is_zero() {
-            base
-        } else {
-            (wait * 2).min(max)
-        };
-        slot.last = Some(t.clone());
-        slot.restart_at = Some(Instant::now() + wait);
-        slot.state = if wait.is_zero() {
-            State::Terminated(t)
-        } else {
-            State::Waiting {
-                reason: "CrashLoopBackOff".into(),
-                message: format!(
-                    "back-off {}s restarting failed container={} pod={}_{}({})",
-                    wait.as_secs(),
-                    slot.spec.name,
-                    self.pod.name_any(),
-                    self.pod.namespace().unwrap_or_default(),
-                    self.uid
-                ),
-            }
-        };
+        let policy = self.restart_policy();
+        let backoff = (
+            self.shared.settings.backoff_base,
+            self.shared.settings.backoff_max,
+        );
+        let pod = format!(
+            "{}_{}({})",
+            self.pod.name_any(),
+            self.pod.namespace().unwrap_or_default(),
+            self.uid
+        );
+        self.slots[i].exited(
+            code,
+            reason,
+            message,
+            &policy,
+            backoff,
+            Instant::now(),
+            &pod,
+        );
     }
 
     /// The container's current log is complete: flushed, and no longer followed.
@@ -641,197 +652,94 @@ impl Worker {
         self.shared.logs.set_live(path, false);
     }
 
-    async fn restart(&mut self, i: usize) {
-        let slot = &mut self.slots[i];
-        slot.restart_at = None;
-        if let State::Terminated(t) = &slot.state {
-            slot.last = Some(t.clone());
-        }
-        slot.restarts += 1;
-        self.start(i).await;
-    }
-
-    fn on_exit(&mut self, name: &str, result: Result<CliOutcome, String>) {
-        let Some(i) = self.slots.iter().position(|s| s.spec.name == name) else {
-            return;
-        };
-        if !matches!(self.slots[i].state, State::Running { .. }) {
+    /// A process ended by itself.
+    fn on_exit(&mut self, i: usize, run: i32, exit: Exit) {
+        let slot = &self.slots[i];
+        if slot.restarts != run || !slot.is_running() {
             return;
         }
-        match result {
-            Ok(out) => self.record_exit(i, out.exit.code, out.exit.reason, &out.exit.message),
-            Err(msg) => self.record_exit(i, 128, "Error", &msg),
-        }
+        self.exited(i, exit.code, exit.reason, &exit.message);
     }
 
+    /// Runs the probes that are due, and restarts a container whose liveness or startup
+    /// probe failed.
     async fn run_probes(&mut self) {
-        let Some(ip) = self.ip.map(IpAddr::V4) else {
-            return;
-        };
         let now = Instant::now();
         for i in 0..self.slots.len() {
-            if !matches!(self.slots[i].state, State::Running { .. }) {
+            if !self.slots[i].is_running() {
                 continue;
             }
-            let mut kill: Option<String> = None;
+            let Some(sandbox) = &self.sandbox else {
+                return;
+            };
             let spec = self.slots[i].spec.clone();
-            let started = self.slots[i].started;
-            let mut events: Vec<String> = Vec::new();
-            for p in &mut self.slots[i].probers {
-                if !p.due(now) || (p.kind != probe::Kind::Startup && !started) {
+            let mut kill: Option<String> = None;
+            let mut unhealthy: Vec<String> = Vec::new();
+            for p in self.slots[i].active_probers() {
+                if !p.due(now) {
                     continue;
                 }
-                if p.kind == probe::Kind::Startup && started {
-                    continue;
-                }
-                let changed = p.run(ip, &spec).await;
+                let attempt = sandbox.probe(&spec, p.probe());
+                let changed = p.run(attempt).await;
                 if p.passing == Some(false) || changed == Some(false) {
-                    events.push(format!("{:?} probe failed: {}", p.kind, p.last_message));
+                    unhealthy.push(format!("{:?} probe failed: {}", p.kind, p.last_message));
                 }
-                match (p.kind, changed) {
-                    (probe::Kind::Startup, Some(true)) => {}
-                    (probe::Kind::Startup, Some(false)) | (probe::Kind::Liveness, Some(false)) => {
-                        kill = Some(format!(
-                            "Container {} failed {} probe, will be restarted",
-                            spec.name,
-                            if p.kind == probe::Kind::Startup {
-                                "startup"
-                            } else {
-                                "liveness"
-                            }
-                        ));
-                    }
-                    _ => {}
+                let which = match p.kind {
+                    probe::Kind::Startup => "startup",
+                    probe::Kind::Liveness => "liveness",
+                    probe::Kind::Readiness => continue,
+                };
+                if changed == Some(false) {
+                    kill = Some(format!(
+                        "Container {} failed {which} probe, will be restarted",
+                        spec.name
+                    ));
                 }
             }
-            let slot = &mut self.slots[i];
-            if !slot.started
-                && slot
-                    .probers
-                    .iter()
-                    .any(|p| p.kind == probe::Kind::Startup && p.passing == Some(true))
-            {
-                slot.started = true;
+            self.slots[i].update_from_probes();
+            for message in unhealthy {
+                self.event(EventType::Warning, "Unhealthy", message).await;
             }
-            let readiness = slot
-                .probers
-                .iter()
-                .find(|p| p.kind == probe::Kind::Readiness);
-            slot.ready = slot.started && readiness.is_none_or(|p| p.passing == Some(true));
-            for e in events {
-                self.event(EventType::Warning, "Unhealthy", &e).await;
-            }
-            if let Some(msg) = kill {
-                self.event(EventType::Normal, "Killing", &msg).await;
-                if let Some(sb) = &mut self.sandbox {
-                    sb.stop_container(&spec.name).await;
+            if let Some(message) = kill {
+                self.event(EventType::Normal, "Killing", message.clone())
+                    .await;
+                if let Some(sandbox) = &mut self.sandbox {
+                    sandbox.stop(&spec.name).await;
                 }
-                self.record_exit(i, 137, "Error", &msg);
+                self.exited(i, 137, "Error", &message);
             }
         }
     }
 
-    fn phase(&self) -> (&'static str, bool) {
-        if let Some((phase, _, _)) = &self.phase_override {
-            return (phase, true);
+    /// The pod will run nothing again: everything it ran is gone before its address can
+    /// go to another pod.
+    async fn finish(&mut self, end: Option<End>) {
+        if let Some(sandbox) = self.sandbox.take() {
+            sandbox.shutdown(Duration::ZERO).await;
         }
-        let apps: Vec<&Slot> = self.slots.iter().filter(|s| !s.init).collect();
-        let done = |s: &&Slot| matches!(s.state, State::Terminated(_)) && s.restart_at.is_none();
-        if !apps.is_empty() && apps.iter().all(done) {
-            let ok = apps
-                .iter()
-                .all(|s| matches!(&s.state, State::Terminated(t) if t.exit_code == 0));
-            return (if ok { "Succeeded" } else { "Failed" }, true);
-        }
-        let any_ran = apps.iter().any(|s| {
-            !matches!(s.state, State::Waiting { .. }) || s.restarts > 0 || s.last.is_some()
-        });
-        (
-            if any_ran && self.initialized {
-                "Running"
-            } else {
-                "Pending"
-            },
-            false,
-        )
+        self.release_ip();
+        self.shared.memory.release(&self.uid);
+        self.stage = Stage::Finished {
+            initialized: self.initialized(),
+            end,
+        };
     }
 
-    fn status(&self) -> Value {
-        let (phase, _) = self.phase();
-        let apps: Vec<&Slot> = self.slots.iter().filter(|s| !s.init).collect();
-        let all_ready = !apps.is_empty() && apps.iter().all(|s| s.ready) && phase == "Running";
-        let mut conditions = self
-            .pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.clone())
-            .unwrap_or_default();
-        podx::set_condition(&mut conditions, "PodScheduled", true, None, None);
-        podx::set_condition(&mut conditions, "Initialized", self.initialized, None, None);
-        let not_ready: Vec<&str> = apps
-            .iter()
-            .filter(|s| !s.ready)
-            .map(|s| s.spec.name.as_str())
-            .collect();
-        let (reason, message) = if all_ready || phase == "Succeeded" {
-            (None, None)
-        } else if phase == "Failed" {
-            (Some("PodFailed"), None)
-        } else {
-            (
-                Some("ContainersNotReady"),
-                Some(format!(
-                    "containers with unready status: [{}]",
-                    not_ready.join(" ")
-                )),
-            )
+    fn status(&self) -> PodStatus {
+        let end = match &self.stage {
+            Stage::Finished { end, .. } => end.as_ref(),
+            _ => None,
         };
-        let reason = if phase == "Succeeded" {
-            Some("PodCompleted")
-        } else {
-            reason
-        };
-        podx::set_condition(
-            &mut conditions,
-            "ContainersReady",
-            all_ready,
-            reason,
-            message.as_deref(),
-        );
-        podx::set_condition(
-            &mut conditions,
-            "Ready",
-            all_ready,
-            reason,
-            message.as_deref(),
-        );
-        let statuses: Vec<Value> = apps.iter().map(|s| s.status(&self.uid)).collect();
-        let inits: Vec<Value> = self
-            .slots
-            .iter()
-            .filter(|s| s.init)
-            .map(|s| s.status(&self.uid))
-            .collect();
-        let ip = self.ip.map(|i| i.to_string());
-        let mut status = json!({
-            "phase": phase,
-            "conditions": conditions,
-            "hostIP": self.shared.host_ip,
-            "hostIPs": [{"ip": self.shared.host_ip}],
-            "podIP": ip,
-            "podIPs": ip.as_ref().map(|i| vec![json!({"ip": i})]).unwrap_or_default(),
-            "startTime": self.start_time,
-            "containerStatuses": statuses,
-            "qosClass": qos_class(&self.pod),
-        });
-        if !inits.is_empty() {
-            status["initContainerStatuses"] = json!(inits);
-        }
-        if let Some((_, reason, message)) = &self.phase_override {
-            status["reason"] = json!(reason);
-            status["message"] = json!(message);
-        }
-        status
+        status::pod_status(&status::View {
+            pod: &self.pod,
+            uid: &self.uid,
+            slots: &self.slots,
+            initialized: self.initialized(),
+            end,
+            host_ip: &self.shared.host_ip,
+            pod_ip: self.ip,
+            start_time: self.start_time.clone(),
+        })
     }
 
     /// Sends the status if it differs from the last one sent, at most once per
@@ -839,51 +747,47 @@ impl Worker {
     /// the newest state is written when the interval ends (the worker wakes for it). A
     /// pod whose containers exit in a storm costs one write per interval, not one each.
     async fn report(&mut self) {
-        if self
-            .last_report
-            .is_some_and(|t| t.elapsed() < self.report_interval())
-        {
-            self.report_pending = self.status() != self.last_status;
+        let r = &self.reporter;
+        if r.at.is_some_and(|t| t.elapsed() < r.interval()) {
+            self.reporter.pending = self.reporter.last.as_ref() != Some(&self.status());
             return;
         }
         self.report_now().await;
     }
 
-    /// How long after the last write the next may go: the interval, or longer after
-    /// failed writes (doubling to 10 s), so an unreachable API is not hammered.
-    fn report_interval(&self) -> Duration {
-        STATUS_INTERVAL.max(self.report_backoff)
-    }
-
     /// Sends the status now if it differs from the last one sent.
     async fn report_now(&mut self) {
-        self.report_pending = false;
+        self.reporter.pending = false;
         let status = self.status();
-        if status == self.last_status {
+        if self.reporter.last.as_ref() == Some(&status) {
             return;
         }
-        self.last_report = Some(Instant::now());
-        let patch = json!({"status": status});
-        match self
+        self.reporter.at = Some(Instant::now());
+        let patch = json!({ "status": status });
+        let written = self
             .api()
             .patch_status(
                 &self.pod.name_any(),
                 &PatchParams::default(),
                 &Patch::Merge(patch),
             )
-            .await
-        {
-            Ok(p) => {
-                self.last_status = status;
-                self.pod = Arc::new(p);
-                self.report_backoff = Duration::ZERO;
+            .await;
+        match written {
+            Ok(_) => {
+                // The node owns the pod's status: what it wrote is the status now (the
+                // conditions keep their transition times from it).
+                let mut pod = (*self.pod).clone();
+                pod.status = Some(status.clone());
+                self.pod = Arc::new(pod);
+                self.reporter.last = Some(status);
+                self.reporter.backoff = Duration::ZERO;
             }
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => {
-                self.report_backoff = (self.report_backoff * 2)
+                self.reporter.backoff = (self.reporter.backoff * 2)
                     .max(STATUS_INTERVAL * 2)
                     .min(Duration::from_secs(10));
-                self.report_pending = true;
+                self.reporter.pending = true;
                 tracing::warn!(error = %e, "status update failed; will retry");
             }
         }
@@ -892,19 +796,18 @@ impl Worker {
     /// When the worker must next wake without an event.
     fn next_wake(&self) -> Instant {
         let mut at = Instant::now() + Duration::from_secs(60);
+        if let Stage::Preparing { retry_at, .. } = &self.stage {
+            at = at.min(*retry_at);
+        }
         for s in &self.slots {
-            if let Some(r) = s.restart_at {
-                at = at.min(r);
-            }
-            for p in &s.probers {
-                at = at.min(p.next_at());
+            // Only probes that run count: a liveness probe waiting for its startup probe,
+            // or a startup probe that has passed, would wake the worker for nothing.
+            for t in [s.restart_at, s.next_probe_at()].into_iter().flatten() {
+                at = at.min(t);
             }
         }
-        if let Some(r) = self.prepare_retry {
-            at = at.min(r);
-        }
-        if let (true, Some(t)) = (self.report_pending, self.last_report) {
-            at = at.min(t + self.report_interval());
+        if let (true, Some(t)) = (self.reporter.pending, self.reporter.at) {
+            at = at.min(t + self.reporter.interval());
         }
         if self.has_projected_volumes() {
             at = at.min(self.next_refresh);
@@ -923,46 +826,26 @@ impl Worker {
             })
     }
 
-    /// Runs init containers in order; true once all have succeeded.
-    async fn run_inits(&mut self) -> bool {
-        for i in 0..self.slots.len() {
-            if !self.slots[i].init {
-                continue;
-            }
-            if matches!(&self.slots[i].state, State::Terminated(t) if t.exit_code == 0) {
-                continue;
-            }
-            if let Some(at) = self.slots[i].restart_at {
-                if Instant::now() < at {
-                    return false;
-                }
-                self.restart(i).await;
-            } else if matches!(self.slots[i].state, State::Waiting { .. }) {
-                self.start(i).await;
-            }
-            self.report().await;
-            // Wait for this one to finish before the next starts.
-            while matches!(self.slots[i].state, State::Running { .. }) {
-                match self.exits.next().await {
-                    Some((name, r)) => self.on_exit(&name, r),
-                    None => break,
-                }
-            }
-            if let State::Terminated(t) = &self.slots[i].state {
-                if t.exit_code != 0 && self.restart_policy() == "Never" {
-                    self.phase_override = Some((
-                        "Failed",
-                        "InitFailed".into(),
-                        format!("init container {} failed", self.slots[i].spec.name),
-                    ));
-                    return false;
-                }
-            }
-            if !matches!(&self.slots[i].state, State::Terminated(t) if t.exit_code == 0) {
-                return false;
-            }
+    /// Rewrites configMap and secret volumes from their objects, now and then.
+    async fn refresh_volumes(&mut self) {
+        let now = Instant::now();
+        let live = matches!(self.stage, Stage::Initializing { .. } | Stage::Running);
+        if !live || !self.has_projected_volumes() || now < self.next_refresh {
+            return;
         }
-        true
+        self.next_refresh = now + VOLUME_REFRESH;
+        let dir = self.shared.pod_dir(&self.uid);
+        let refreshed = config::refresh_volumes(
+            &self.shared.client,
+            &self.pod,
+            &self.facts(),
+            &dir,
+            &self.shared.settings.allowed_host_paths,
+        )
+        .await;
+        if let Err(e) = refreshed {
+            tracing::debug!(error = %e, "volume refresh failed");
+        }
     }
 
     /// Stops everything and completes the pod's deletion.
@@ -973,44 +856,23 @@ impl Worker {
             .deletion_grace_period_seconds
             .unwrap_or(30)
             .max(0) as u64;
-        if let Some(sb) = self.sandbox.take() {
+        if let Some(sandbox) = self.sandbox.take() {
             // Out of this node's routing at once; still serving for a moment, while the
             // other nodes learn from the EndpointSlice that the pod is going, so that no
             // connection already on its way finds the door shut.
-            let ip = self.ip.map(IpAddr::V4);
-            if let (Some(services), Some(ip)) = (&self.shared.services, ip) {
-                services.set_draining(ip, true);
+            if let (Some(services), Some(ip)) = (&self.shared.services, self.ip) {
+                services.set_draining(IpAddr::V4(ip), true);
             }
             let grace = Duration::from_secs(grace);
             let linger = ENDPOINT_PROPAGATION.min(grace);
             tokio::time::sleep(linger).await;
-            sb.shutdown(grace - linger).await;
+            sandbox.shutdown(grace - linger).await;
         }
         for i in 0..self.slots.len() {
-            if let State::Running { .. } = self.slots[i].state {
+            if self.slots[i].is_running() {
                 self.log_stopped(i);
-                let http = self.slots[i].kind == Some(ComponentKind::Http);
-                let (code, reason) = if http {
-                    (0, "Completed")
-                } else {
-                    (143, "Error")
-                };
-                self.slots[i].restart_at = None;
-                let slot = &mut self.slots[i];
-                slot.ready = false;
-                let started_at = match &slot.state {
-                    State::Running { started_at } => Some(started_at.clone()),
-                    _ => None,
-                };
-                slot.state = State::Terminated(Terminated {
-                    exit_code: code,
-                    reason: reason.into(),
-                    message: String::new(),
-                    started_at,
-                    finished_at: podx::now(),
-                });
             }
-            self.slots[i].restart_at = None;
+            self.slots[i].stopped_with_pod();
         }
         for log in self.logs.values() {
             let _ = log.flush();
@@ -1033,30 +895,56 @@ impl Worker {
             }
         }
         let _ = std::fs::remove_dir_all(self.shared.pod_dir(&self.uid));
-        self.shared.images.release(&self.uid);
         self.shared.memory.release(&self.uid);
     }
 
     /// Stops the pod for memory pressure: its containers end now, and it stays in the API
     /// as Failed/Evicted for its controller to replace, as a kubelet eviction leaves it.
     async fn evict(&mut self, message: String) {
-        if let Some(sb) = self.sandbox.take() {
-            sb.shutdown(Duration::ZERO).await;
+        if let Some(sandbox) = self.sandbox.take() {
+            sandbox.shutdown(Duration::ZERO).await;
         }
         for i in 0..self.slots.len() {
-            if matches!(self.slots[i].state, State::Running { .. }) {
-                self.record_exit(i, 137, "Error", "evicted");
+            if self.slots[i].is_running() {
+                self.exited(i, 137, "Error", "evicted");
             }
-            let slot = &mut self.slots[i];
-            slot.restart_at = None;
-            slot.ready = false;
-            // An evicted container does not come back: it shows how it ended.
-            if let (State::Waiting { .. }, Some(t)) = (&slot.state, &slot.last) {
-                slot.state = State::Terminated(t.clone());
-            }
+            self.slots[i].evicted();
         }
-        self.phase_override = Some(("Failed", "Evicted".into(), message.clone()));
-        self.event(EventType::Warning, "Evicted", &message).await;
+        self.event(EventType::Warning, "Evicted", message.clone())
+            .await;
+        self.finish(Some(End {
+            reason: "Evicted".into(),
+            message,
+        }))
+        .await;
+    }
+
+    /// Admission, as the kubelet's: a pod whose memory does not fit is refused for good,
+    /// and so is a BestEffort pod while the node is under memory pressure.
+    async fn admit(&mut self) {
+        let admitted = crate::budget::Admitted {
+            charge: self.shared.memory.charge_of(&self.pod),
+            qos: status::qos_class(&self.pod),
+            request: podx::requests(&self.pod).1,
+        };
+        let refused = if admitted.qos == "BestEffort" && self.shared.evictions.under_pressure() {
+            let message = "Pod was rejected: The node had condition: [MemoryPressure]. ";
+            Some(("Evicted", message.to_string()))
+        } else {
+            match self.shared.memory.admit_as(&self.uid, admitted) {
+                Ok(()) => None,
+                Err(e) => Some(("OutOfmemory", e.to_string())),
+            }
+        };
+        if let Some((reason, message)) = refused {
+            self.event(EventType::Warning, reason, message.clone())
+                .await;
+            self.finish(Some(End {
+                reason: reason.into(),
+                message,
+            }))
+            .await;
+        }
     }
 
     fn release_ip(&mut self) {
@@ -1073,180 +961,30 @@ impl Worker {
     }
 }
 
-/// The pod's CPU limit in millicores, as the kubelet sizes a pod's cgroup: the sum of its
-/// containers' limits (or the largest init container's, if more), and no limit if any
-/// container has none.
-pub fn pod_cpu_limit(pod: &Pod) -> Option<u64> {
-    let spec = pod.spec.as_ref()?;
-    let limit = |c: &Container| {
-        c.resources
-            .as_ref()
-            .and_then(|r| r.limits.as_ref())
-            .and_then(|l| l.get("cpu"))
-            .and_then(|q| quantity::millicores(&q.0).ok())
-    };
-    let mut sum = 0u64;
-    for c in &spec.containers {
-        sum += limit(c)?;
-    }
-    for c in spec.init_containers.iter().flatten() {
-        sum = sum.max(limit(c)?);
-    }
-    Some(sum)
-}
-
-fn qos_class(pod: &Pod) -> &'static str {
-    let cs = pod
-        .spec
-        .as_ref()
-        .map(|s| s.containers.as_slice())
-        .unwrap_or(&[]);
-    let has = |f: fn(&k8s_openapi::api::core::v1::ResourceRequirements) -> bool| {
-        cs.iter().any(|c| c.resources.as_ref().is_some_and(f))
-    };
-    let guaranteed = !cs.is_empty()
-        && cs.iter().all(|c| {
-            let r = c.resources.as_ref();
-            let l = r.and_then(|r| r.limits.as_ref());
-            l.is_some_and(|l| l.contains_key("cpu") && l.contains_key("memory"))
-                && r.and_then(|r| r.requests.as_ref())
-                    .is_none_or(|q| q.iter().all(|(k, v)| l.and_then(|l| l.get(k)) == Some(v)))
-        });
-    if guaranteed {
-        "Guaranteed"
-    } else if has(|r| {
-        r.limits.as_ref().is_some_and(|l| !l.is_empty())
-            || r.requests.as_ref().is_some_and(|q| !q.is_empty())
-    }) {
-        "Burstable"
-    } else {
-        "BestEffort"
-    }
-}
-
 /// Runs one pod until it is deleted. `updates` carries the newest object; None (or a
 /// closed channel) means the API no longer has it.
-pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Pod>>>) {
+pub async fn run<S: Sandboxes>(
+    shared: Arc<Shared<S>>,
+    mut updates: watch::Receiver<Option<Arc<Pod>>>,
+) {
     let Some(pod) = updates.borrow_and_update().clone() else {
         return;
     };
-    let uid = pod.uid().unwrap_or_default();
-    let spec = pod.spec.clone().unwrap_or_default();
-    let slots = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .map(|c| Slot::new(c.clone(), true))
-        .chain(spec.containers.iter().map(|c| Slot::new(c.clone(), false)))
-        .collect();
-    let mut w = Worker {
-        shared,
-        start_time: pod
-            .status
-            .as_ref()
-            .and_then(|s| s.start_time.clone())
-            .or_else(|| Some(podx::now())),
-        pod,
-        uid,
-        ip: None,
-        sandbox: None,
-        slots,
-        exits: FuturesUnordered::new(),
-        logs: HashMap::new(),
-        initialized: false,
-        prepared: false,
-        last_status: Value::Null,
-        last_report: None,
-        report_pending: false,
-        report_backoff: Duration::ZERO,
-        phase_override: None,
-        next_refresh: Instant::now() + VOLUME_REFRESH,
-        prepare_retry: None,
-        prepare_backoff: Duration::from_secs(1),
-    };
+    let mut w = Worker::new(shared, pod);
     if w.pod.metadata.deletion_timestamp.is_some() {
         w.terminate(false).await;
         return;
     }
     let mut evictions = w.shared.evictions.subscribe();
-    // Admission, as the kubelet's: a pod whose memory does not fit is rejected for good,
-    // and so is a BestEffort pod while the node is under memory pressure.
-    let admitted = crate::budget::Admitted {
-        charge: w.shared.memory.charge_of(&w.pod),
-        qos: qos_class(&w.pod),
-        request: podx::requests(&w.pod).1,
-    };
-    if admitted.qos == "BestEffort" && w.shared.evictions.under_pressure() {
-        let msg = "Pod was rejected: The node had condition: [MemoryPressure]. ".to_string();
-        w.phase_override = Some(("Failed", "Evicted".into(), msg.clone()));
-        w.event(EventType::Warning, "Evicted", &msg).await;
-    } else if let Err(e) = w.shared.memory.admit_as(&w.uid, admitted) {
-        w.phase_override = Some(("Failed", "OutOfmemory".into(), e.to_string()));
-        w.event(EventType::Warning, "OutOfmemory", &e.to_string())
-            .await;
-    }
+    w.admit().await;
     loop {
-        // Move the pod forward as far as it can go now.
-        if !w.prepared
-            && w.phase_override.is_none()
-            && w.prepare_retry.is_none_or(|t| Instant::now() >= t)
-        {
-            w.prepared = w.prepare().await;
-            if !w.prepared {
-                w.prepare_retry = Some(Instant::now() + w.prepare_backoff);
-                w.prepare_backoff = (w.prepare_backoff * 2).min(w.shared.settings.backoff_max);
-            } else {
-                w.prepare_retry = None;
-            }
-        }
-        if w.prepared && !w.initialized && w.phase_override.is_none() {
-            w.initialized = w.run_inits().await;
-            if w.initialized {
-                for i in 0..w.slots.len() {
-                    if !w.slots[i].init && matches!(w.slots[i].state, State::Waiting { .. }) {
-                        w.start(i).await;
-                    }
-                }
-            }
-        }
-        let now = Instant::now();
-        if w.initialized {
-            for i in 0..w.slots.len() {
-                if !w.slots[i].init && w.slots[i].restart_at.is_some_and(|t| now >= t) {
-                    w.restart(i).await;
-                }
-            }
-            w.run_probes().await;
-        }
-        if w.has_projected_volumes() && now >= w.next_refresh && w.prepared {
-            w.next_refresh = now + VOLUME_REFRESH;
-            let dir = w.shared.pod_dir(&w.uid);
-            if let Err(e) = config::refresh_volumes(
-                &w.shared.client,
-                &w.pod,
-                &w.facts(),
-                &dir,
-                &w.shared.settings.allowed_host_paths,
-            )
-            .await
-            {
-                tracing::debug!(error = %e, "volume refresh failed");
-            }
-        }
         if let Some(message) = w.shared.evictions.take(&w.uid) {
             w.evict(message).await;
         }
-        let (_, finished) = w.phase();
-        if finished {
-            // Everything the pod ran is gone before its address can go to another pod.
-            if let Some(sb) = w.sandbox.take() {
-                sb.shutdown(Duration::ZERO).await;
-            }
-            w.release_ip();
-            w.shared.memory.release(&w.uid);
-        }
+        w.advance().await;
+        w.refresh_volumes().await;
         w.report().await;
-        let wake = tokio::time::Instant::from_std(w.next_wake());
+        let wake = w.next_wake();
         tokio::select! {
             changed = updates.changed() => {
                 let latest = if changed.is_ok() { updates.borrow_and_update().clone() } else { None };
@@ -1265,11 +1003,509 @@ pub async fn run(shared: Arc<Shared>, mut updates: watch::Receiver<Option<Arc<Po
                     }
                 }
             }
-            Some((name, r)) = w.exits.next(), if !w.exits.is_empty() => {
-                w.on_exit(&name, r);
+            Some((i, run, exit)) = w.exits.next(), if !w.exits.is_empty() => {
+                w.on_exit(i, run, exit);
             }
             _ = evictions.changed() => {}
             _ = tokio::time::sleep_until(wake) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The worker on scripted sandboxes and a fake API, with a paused clock: minutes of
+    //! restarts and backoff pass in milliseconds, and every wait is on a condition.
+
+    use std::time::Duration;
+
+    use baton_testkit::fake_api::FakeApi;
+    use serde_json::{json, Value};
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::fake::{FakeSandboxes, Script};
+
+    struct Node {
+        api: FakeApi,
+        fake: FakeSandboxes,
+        shared: Arc<Shared<FakeSandboxes>>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A pod's worker under test.
+    struct Running {
+        updates: watch::Sender<Option<Arc<Pod>>>,
+        task: JoinHandle<()>,
+        pod: Pod,
+    }
+
+    fn node() -> Node {
+        let api = FakeApi::default();
+        let fake = FakeSandboxes::default();
+        fake.image("serve", Script::Serve).image("run", Script::Run);
+        let dir = tempfile::tempdir().unwrap();
+        let client = api.client();
+        let shared = Arc::new(Shared {
+            recorder: Recorder::new(client.clone(), "kubelet", Some("n1")),
+            client,
+            sandboxes: fake.clone(),
+            ipam: Mutex::new(Ipam::new("127.1.0.0/28").unwrap()),
+            node_name: "n1".into(),
+            host_ip: "10.0.0.1".into(),
+            data_dir: dir.path().to_path_buf(),
+            settings: Settings::default(),
+            services: None,
+            logs: Arc::default(),
+            memory: Arc::new(crate::budget::MemoryBudget::new(8 << 30, 64 << 20)),
+            evictions: Arc::default(),
+        });
+        Node {
+            api,
+            fake,
+            shared,
+            _dir: dir,
+        }
+    }
+
+    fn pod(spec: Value) -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "default", "uid": "u1"},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    impl Node {
+        fn run(&self, pod: Pod) -> Running {
+            let (updates, rx) = watch::channel(Some(Arc::new(pod.clone())));
+            let task = tokio::spawn(run(self.shared.clone(), rx));
+            Running { updates, task, pod }
+        }
+
+        /// The last status written.
+        fn status(&self) -> Value {
+            self.api
+                .calls()
+                .into_iter()
+                .rev()
+                .find(|c| c.method == "PATCH" && c.path.ends_with("/pods/p/status"))
+                .map(|c| c.body["status"].clone())
+                .unwrap_or(Value::Null)
+        }
+
+        /// Waits (on the paused clock) until the written status passes `f`.
+        async fn until(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            loop {
+                let s = self.status();
+                if f(&s) {
+                    return s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "never saw {what}; last status: {s:#}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        fn addresses_free(&self) -> usize {
+            let mut ipam = self.shared.ipam.lock().unwrap();
+            let mut n = 0;
+            let mut got = Vec::new();
+            while let Ok(ip) = ipam.allocate(None) {
+                got.push(ip);
+                n += 1;
+            }
+            for ip in got {
+                ipam.release(ip);
+            }
+            n
+        }
+    }
+
+    fn container<'a>(status: &'a Value, name: &str) -> &'a Value {
+        ["containerStatuses", "initContainerStatuses"]
+            .iter()
+            .filter_map(|k| status[*k].as_array())
+            .flatten()
+            .find(|c| c["name"] == name)
+            .unwrap_or(&Value::Null)
+    }
+
+    fn condition(status: &Value, type_: &str) -> String {
+        status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .map(|c| c["status"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_runs_and_its_pod_becomes_ready() {
+        let n = node();
+        let _p = n.run(pod(
+            json!({"containers": [{"name": "web", "image": "serve"}]}),
+        ));
+        let s = n
+            .until("Running and Ready", |s| {
+                s["phase"] == "Running" && condition(s, "Ready") == "True"
+            })
+            .await;
+        assert!(container(&s, "web")["state"]["running"]["startedAt"].is_string());
+        assert_eq!(container(&s, "web")["imageID"], "sha256:serve");
+        assert_eq!(s["podIP"], "127.1.0.2");
+        assert_eq!(s["qosClass"], "BestEffort");
+        assert_eq!(condition(&s, "Initialized"), "True");
+        assert_eq!(n.fake.running(), ["web"]);
+        assert!(n.api.events().contains(&"Normal Started".to_string()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crashing_process_restarts_at_once_then_after_10s_and_20s() {
+        let n = node();
+        let crash = Script::Exit {
+            after: Duration::from_secs(1),
+            code: 1,
+        };
+        n.fake.image("crash", crash);
+        let t0 = Instant::now();
+        let _p = n.run(pod(
+            json!({"containers": [{"name": "c", "image": "crash"}]}),
+        ));
+        let mut started_at = Vec::new();
+        while started_at.len() < 4 {
+            let k = n.fake.starts("c");
+            if k > started_at.len() {
+                started_at.push((Instant::now() - t0).as_secs());
+            }
+            assert!(t0.elapsed() < Duration::from_secs(600), "{started_at:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Runs of 1 s each: restarted at once, then after 10 s, then after 20 s.
+        assert_eq!(started_at, [0, 1, 12, 33]);
+        let s = n
+            .until("CrashLoopBackOff", |s| {
+                container(s, "c")["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+            })
+            .await;
+        let c = container(&s, "c");
+        assert_eq!(c["restartCount"], 3);
+        assert_eq!(c["lastState"]["terminated"]["exitCode"], 1);
+        let msg = c["state"]["waiting"]["message"].as_str().unwrap();
+        assert!(
+            msg.starts_with("back-off 40s restarting failed container=c pod=p_default(u1)"),
+            "{msg}"
+        );
+        assert_eq!(s["phase"], "Running");
+        assert_eq!(condition(&s, "Ready"), "False");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_whose_processes_succeed_finishes_and_gives_everything_back() {
+        let n = node();
+        let free = n.addresses_free();
+        n.fake.image(
+            "job",
+            Script::Exit {
+                after: Duration::from_secs(5),
+                code: 0,
+            },
+        );
+        let p = n.run(pod(json!({"restartPolicy": "OnFailure",
+            "containers": [{"name": "a", "image": "job"}, {"name": "b", "image": "job"}]})));
+        let s = n.until("Succeeded", |s| s["phase"] == "Succeeded").await;
+        assert_eq!(
+            container(&s, "a")["state"]["terminated"]["reason"],
+            "Completed"
+        );
+        assert_eq!(condition(&s, "Ready"), "False");
+        assert_eq!(n.fake.live(), 0, "the sandbox is gone");
+        assert_eq!(n.addresses_free(), free, "the address is back in the pool");
+        assert!(!p.task.is_finished(), "a finished pod waits to be deleted");
+        assert_eq!(n.fake.starts("a"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn init_containers_run_one_after_another_before_the_app() {
+        let n = node();
+        let init = Script::Exit {
+            after: Duration::from_secs(2),
+            code: 0,
+        };
+        n.fake.image("init", init);
+        let _p = n.run(pod(json!({
+            "initContainers": [{"name": "i1", "image": "init"}, {"name": "i2", "image": "init"}],
+            "containers": [{"name": "web", "image": "serve"}],
+        })));
+        let s = n
+            .until("Pending while i1 runs", |s| {
+                container(s, "i1")["state"]["running"].is_object()
+            })
+            .await;
+        assert_eq!(s["phase"], "Pending");
+        assert_eq!(condition(&s, "Initialized"), "False");
+        assert_eq!((n.fake.starts("i2"), n.fake.starts("web")), (0, 0));
+        n.until("i2 running", |s| {
+            container(s, "i2")["state"]["running"].is_object()
+        })
+        .await;
+        assert_eq!(
+            n.fake.starts("web"),
+            0,
+            "the app waits for every init container"
+        );
+        let s = n.until("Ready", |s| condition(s, "Ready") == "True").await;
+        assert_eq!(condition(&s, "Initialized"), "True");
+        for i in ["i1", "i2"] {
+            assert_eq!(
+                container(&s, i)["state"]["terminated"]["reason"],
+                "Completed"
+            );
+        }
+        assert_eq!((n.fake.starts("i1"), n.fake.starts("i2")), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_init_container_fails_a_pod_that_never_restarts() {
+        let n = node();
+        n.fake.image(
+            "bad-init",
+            Script::Exit {
+                after: Duration::from_secs(1),
+                code: 2,
+            },
+        );
+        let _p = n.run(pod(json!({"restartPolicy": "Never",
+            "initContainers": [{"name": "i", "image": "bad-init"}],
+            "containers": [{"name": "web", "image": "serve"}]})));
+        let s = n.until("Failed", |s| s["phase"] == "Failed").await;
+        assert_eq!(s["reason"], "InitFailed");
+        assert_eq!(container(&s, "i")["state"]["terminated"]["exitCode"], 2);
+        assert_eq!(n.fake.starts("web"), 0);
+        assert_eq!(n.fake.live(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_init_container_is_retried_with_backoff_under_always() {
+        let n = node();
+        n.fake.image(
+            "bad-init",
+            Script::Exit {
+                after: Duration::from_secs(1),
+                code: 2,
+            },
+        );
+        let _p = n.run(pod(json!({
+            "initContainers": [{"name": "i", "image": "bad-init"}],
+            "containers": [{"name": "web", "image": "serve"}]})));
+        let s = n
+            .until("init in CrashLoopBackOff", |s| {
+                container(s, "i")["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+            })
+            .await;
+        assert_eq!(s["phase"], "Pending");
+        assert!(n.fake.starts("i") >= 2);
+        assert_eq!(n.fake.starts("web"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_liveness_probe_restarts_the_container_and_only_that_run() {
+        let n = node();
+        let _p = n.run(pod(json!({"containers": [{"name": "c", "image": "run",
+            "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1, "failureThreshold": 2}}]})));
+        n.until("Running", |s| s["phase"] == "Running").await;
+        n.fake.fail_probes("c", true);
+        let s = n
+            .until("a restart", |s| container(s, "c")["restartCount"] == 1)
+            .await;
+        n.fake.fail_probes("c", false);
+        let last = &container(&s, "c")["lastState"]["terminated"];
+        assert_eq!(last["exitCode"], 137);
+        assert!(
+            last["message"]
+                .as_str()
+                .unwrap()
+                .contains("failed liveness probe"),
+            "{last}"
+        );
+        let events = n.api.events();
+        assert!(
+            events.contains(&"Warning Unhealthy".to_string()),
+            "{events:?}"
+        );
+        assert!(events.contains(&"Normal Killing".to_string()), "{events:?}");
+        // The killed run's exit (143, from the stop) arrives after its restart, and must not
+        // be taken for the new run's.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let s = n.status();
+        assert_eq!(container(&s, "c")["restartCount"], 1, "{s:#}");
+        assert!(container(&s, "c")["state"]["running"].is_object(), "{s:#}");
+        assert_eq!(n.fake.starts("c"), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_decides_ready_and_startup_holds_back_liveness() {
+        let n = node();
+        let _p = n.run(pod(json!({"containers": [{"name": "c", "image": "serve",
+            "startupProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1, "failureThreshold": 30},
+            "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1, "failureThreshold": 1},
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1, "failureThreshold": 1}}]})));
+        let s = n.until("Ready", |s| condition(s, "Ready") == "True").await;
+        assert_eq!(container(&s, "c")["started"], true);
+        // A failing probe now fails readiness and liveness: not ready, and restarted.
+        n.fake.fail_probes("c", true);
+        let s = n
+            .until("not ready", |s| condition(s, "Ready") == "False")
+            .await;
+        assert_eq!(container(&s, "c")["ready"], false);
+        n.until("a restart", |s| container(s, "c")["restartCount"] == 1)
+            .await;
+        // While the startup probe fails, liveness waits: no more restarts, however long.
+        let restarts = n.fake.starts("c");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(n.fake.starts("c"), restarts);
+        assert_eq!(container(&n.status(), "c")["started"], false);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_image_that_cannot_be_pulled_backs_off() {
+        let n = node();
+        let _p = n.run(pod(
+            json!({"containers": [{"name": "c", "image": "missing"}]}),
+        ));
+        let s = n
+            .until("ErrImagePull", |s| {
+                container(s, "c")["state"]["waiting"]["reason"] == "ErrImagePull"
+            })
+            .await;
+        let msg = container(&s, "c")["state"]["waiting"]["message"].clone();
+        assert!(msg.as_str().unwrap().contains("no such image"), "{msg}");
+        n.until("ImagePullBackOff", |s| {
+            container(s, "c")["state"]["waiting"]["reason"] == "ImagePullBackOff"
+        })
+        .await;
+        // Retries double from 1 s: about 6 pulls in the first minute, not one per wake.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let pulls = n.fake.pulls("missing");
+        assert!((4..=8).contains(&pulls), "{pulls} pulls");
+        assert_eq!(n.fake.image("missing", Script::Serve).starts("c"), 0);
+        n.until("running once the image is there", |s| {
+            s["phase"] == "Running"
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_container_that_cannot_start_waits_and_retries() {
+        let n = node();
+        n.fake.image("broken", Script::FailStart);
+        let _p = n.run(pod(
+            json!({"containers": [{"name": "c", "image": "broken"}]}),
+        ));
+        let s = n
+            .until("CrashLoopBackOff", |s| {
+                container(s, "c")["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+            })
+            .await;
+        assert_eq!(
+            container(&s, "c")["lastState"]["terminated"]["reason"],
+            "StartError"
+        );
+        // As the kubelet counts it: a container waiting after a run is stopped, not
+        // pending, and under `Always` the pod is Running.
+        assert_eq!(s["phase"], "Running");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deleted_pod_stops_and_its_deletion_is_completed() {
+        let n = node();
+        let free = n.addresses_free();
+        let p = n.run(pod(json!({"containers": [
+            {"name": "web", "image": "serve"}, {"name": "worker", "image": "run"}]})));
+        n.until("Running", |s| s["phase"] == "Running").await;
+        let mut deleting = p.pod.clone();
+        deleting.metadata.deletion_timestamp = Some(podx::now());
+        deleting.metadata.deletion_grace_period_seconds = Some(5);
+        p.updates.send(Some(Arc::new(deleting))).unwrap();
+        p.task.await.unwrap();
+        let s = n.status();
+        assert_eq!(container(&s, "web")["state"]["terminated"]["exitCode"], 0);
+        assert_eq!(
+            container(&s, "worker")["state"]["terminated"]["exitCode"],
+            143
+        );
+        assert_eq!(n.fake.live(), 0);
+        assert!(n.fake.running().is_empty());
+        assert_eq!(n.addresses_free(), free);
+        assert!(n
+            .api
+            .writes()
+            .contains(&"DELETE /api/v1/namespaces/default/pods/p".to_string()));
+        assert!(!n.shared.pod_dir("u1").exists());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_gone_from_the_api_while_it_prepares_stops_too() {
+        let n = node();
+        let p = n.run(pod(
+            json!({"containers": [{"name": "c", "image": "missing"}]}),
+        ));
+        n.until("ErrImagePull", |s| {
+            container(s, "c")["state"]["waiting"]["reason"] == "ErrImagePull"
+        })
+        .await;
+        p.updates.send(None).unwrap();
+        p.task.await.unwrap();
+        assert_eq!(n.fake.live(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_evicted_pod_fails_and_stays_down() {
+        let n = node();
+        let _p = n.run(pod(json!({"containers": [{"name": "c", "image": "run"}]})));
+        n.until("Running", |s| s["phase"] == "Running").await;
+        n.shared
+            .evictions
+            .order("u1", "The node was low on resource: memory.".into());
+        let s = n.until("Failed", |s| s["phase"] == "Failed").await;
+        assert_eq!(s["reason"], "Evicted");
+        assert_eq!(container(&s, "c")["state"]["terminated"]["exitCode"], 137);
+        assert_eq!(n.fake.live(), 0);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(n.fake.starts("c"), 1, "an evicted pod does not come back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_that_does_not_fit_is_refused() {
+        let n = node();
+        let _p = n.run(pod(json!({"containers": [{"name": "c", "image": "serve",
+            "resources": {"limits": {"memory": "16Gi"}}}]})));
+        let s = n.until("Failed", |s| s["phase"] == "Failed").await;
+        assert_eq!(s["reason"], "OutOfmemory");
+        assert_eq!(n.fake.starts("c"), 0);
+        assert_eq!(n.fake.live(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_the_api_refuses_is_written_again_later() {
+        let n = node();
+        n.api.fail("PATCH", "/pods/p/status", 500);
+        let _p = n.run(pod(
+            json!({"containers": [{"name": "c", "image": "serve"}]}),
+        ));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let tries = n
+            .api
+            .calls()
+            .iter()
+            .filter(|c| c.method == "PATCH" && c.path.ends_with("/status"))
+            .count();
+        // Backing off to one write per 10 s: a handful of tries, not one per wake.
+        assert!((3..=12).contains(&tries), "{tries} writes in 30 s");
     }
 }

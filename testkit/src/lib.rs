@@ -1,10 +1,15 @@
-//! # baton-testkit: waiting on a condition, with a deadline
+//! # baton-testkit: waiting on a condition with a deadline, and a fake API server
+//!
+//! [`fake_api::FakeApi`] is an in-memory API server behind a [`kube::Client`], for unit
+//! tests of controllers and of the node agent.
 //!
 //! Tests and benchmarks never sleep for a fixed time to let something happen: they poll a
 //! condition until it holds, and fail with what they were waiting for once a deadline
 //! passes. [`wait_until`] does it on a plain thread (tests that drive `kubectl` or child
 //! processes), [`wait_until_async`] inside a tokio runtime. Polling starts at 10 ms and
 //! backs off to 100 ms, so a quick condition is seen quickly and a slow one costs little.
+
+pub mod fake_api;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -1,0 +1,285 @@
+//! Sandboxes whose containers are scripted, not run.
+//!
+//! A [`FakeSandboxes`] knows a few images by name. A server image serves until it is
+//! stopped; a process image exits with a set code after a set time, or when the test
+//! says so. Probes pass unless the test fails them. Everything goes by tokio's clock, so
+//! with a paused clock a test walks a pod through minutes of restarts in milliseconds.
+//! The same fake lets a hollow node carry thousands of pods without running any.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_wasm_shim::Exit;
+use k8s_openapi::api::core::v1::{Container, Probe};
+use tokio::sync::oneshot;
+
+use crate::images::ImageError;
+use crate::probe::ProbeError;
+use crate::sandbox::{
+    ContainerRun, ExitFuture, Lifetime, Pulled, Sandbox, SandboxConfig, Sandboxes, StartError,
+    Started,
+};
+
+/// What an image does when started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Script {
+    /// Serves until stopped.
+    Serve,
+    /// Runs until the test ends it with [`FakeSandboxes::exit`].
+    Run,
+    /// Exits with `code` after `after`.
+    Exit { after: Duration, code: i32 },
+    /// Fails to start.
+    FailStart,
+}
+
+/// A running container: which run it is, and for a process the way to end it.
+type Run = (u64, Option<oneshot::Sender<Exit>>);
+
+#[derive(Default)]
+struct State {
+    images: HashMap<String, Script>,
+    /// Containers (by name) whose probes fail.
+    failing_probes: Vec<String>,
+    /// Running containers, by (sandbox key, name): which run it is, and the way to end
+    /// a process.
+    running: HashMap<(String, String), Run>,
+    runs: u64,
+    /// Every start, as (sandbox key, container name).
+    starts: Vec<(String, String)>,
+    /// Sandboxes created and not yet shut down or dropped.
+    live: usize,
+    /// Every pull, by image reference.
+    pulls: Vec<String>,
+}
+
+/// Scripted sandboxes; clones share their state.
+#[derive(Clone, Default)]
+pub struct FakeSandboxes {
+    state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for FakeSandboxes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeSandboxes").finish_non_exhaustive()
+    }
+}
+
+impl FakeSandboxes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes `reference` an image that behaves as `script`. Other references fail to pull.
+    pub fn image(&self, reference: &str, script: Script) -> &Self {
+        self.lock().images.insert(reference.into(), script);
+        self
+    }
+
+    /// Makes the probes of containers named `container` fail (or pass again).
+    pub fn fail_probes(&self, container: &str, fail: bool) {
+        let mut s = self.lock();
+        s.failing_probes.retain(|c| c != container);
+        if fail {
+            s.failing_probes.push(container.into());
+        }
+    }
+
+    /// Ends every running process named `container` with `code`. Returns how many ended.
+    pub fn exit(&self, container: &str, code: i32) -> usize {
+        let mut s = self.lock();
+        let mut ended = 0;
+        for ((_, name), (_, tx)) in s.running.iter_mut() {
+            if name == container {
+                if let Some(tx) = tx.take() {
+                    let reason = if code == 0 { "Completed" } else { "Error" };
+                    ended += usize::from(tx.send(exit(code, reason)).is_ok());
+                }
+            }
+        }
+        ended
+    }
+
+    /// How many times containers named `container` were started.
+    pub fn starts(&self, container: &str) -> usize {
+        self.lock()
+            .starts
+            .iter()
+            .filter(|(_, n)| n == container)
+            .count()
+    }
+
+    /// The names of the containers running now, sorted.
+    pub fn running(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.lock().running.keys().map(|(_, n)| n.clone()).collect();
+        names.sort();
+        names
+    }
+
+    /// Sandboxes that exist now.
+    pub fn live(&self) -> usize {
+        self.lock().live
+    }
+
+    /// How many times `reference` was pulled.
+    pub fn pulls(&self, reference: &str) -> usize {
+        self.lock().pulls.iter().filter(|p| *p == reference).count()
+    }
+}
+
+fn exit(code: i32, reason: &'static str) -> Exit {
+    Exit {
+        code,
+        reason,
+        message: String::new(),
+    }
+}
+
+impl Sandboxes for FakeSandboxes {
+    type Sandbox = FakeSandbox;
+
+    fn create(&self, config: SandboxConfig) -> FakeSandbox {
+        self.lock().live += 1;
+        FakeSandbox {
+            fake: self.clone(),
+            key: config.key,
+        }
+    }
+}
+
+/// One pod's scripted containers.
+#[derive(Debug)]
+pub struct FakeSandbox {
+    fake: FakeSandboxes,
+    key: String,
+}
+
+impl Drop for FakeSandbox {
+    fn drop(&mut self) {
+        let mut s = self.fake.lock();
+        s.live -= 1;
+        s.running.retain(|(k, _), _| *k != self.key);
+    }
+}
+
+impl FakeSandbox {
+    fn stop_now(&mut self, name: &str) {
+        let mut s = self.fake.lock();
+        if let Some((_, Some(tx))) = s.running.remove(&(self.key.clone(), name.to_string())) {
+            let _ = tx.send(exit(143, "Error"));
+        }
+    }
+}
+
+impl Sandbox for FakeSandbox {
+    type Image = Script;
+
+    async fn pull(
+        &mut self,
+        image: &str,
+        _auth: &baton_oci::Auth,
+        _policy: baton_oci::PullPolicy,
+    ) -> Result<Pulled<Script>, ImageError> {
+        let mut s = self.fake.lock();
+        s.pulls.push(image.into());
+        let script = *s.images.get(image).ok_or_else(|| ImageError::Refused {
+            image: image.into(),
+            why: "the fake runtime has no such image".into(),
+        })?;
+        Ok(Pulled {
+            image: script,
+            lifetime: match script {
+                Script::Serve => Lifetime::Server,
+                _ => Lifetime::Process,
+            },
+            digest: Some(format!("sha256:{image}")),
+            pulled: true,
+        })
+    }
+
+    async fn start(&mut self, run: ContainerRun<Script>) -> Result<Started, StartError> {
+        self.stop_now(&run.name);
+        let key = (self.key.clone(), run.name.clone());
+        let mut s = self.fake.lock();
+        s.starts.push(key.clone());
+        s.runs += 1;
+        let run_id = s.runs;
+        let exit: Option<ExitFuture> = match run.image {
+            Script::FailStart => {
+                return Err(StartError::Setup(
+                    format!("container {} cannot start (scripted)", run.name).into(),
+                ))
+            }
+            Script::Serve => {
+                s.running.insert(key, (run_id, None));
+                None
+            }
+            Script::Run | Script::Exit { .. } => {
+                let (tx, rx) = oneshot::channel();
+                s.running.insert(key.clone(), (run_id, Some(tx)));
+                let after = match run.image {
+                    Script::Exit { after, code } => Some((after, code)),
+                    _ => None,
+                };
+                let fake = self.fake.clone();
+                Some(Box::pin(async move {
+                    let timer = async {
+                        match after {
+                            Some((after, code)) => {
+                                tokio::time::sleep(after).await;
+                                code
+                            }
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let ended = tokio::select! {
+                        r = rx => r.unwrap_or_else(|_| exit(137, "Error")),
+                        code = timer => exit(code, if code == 0 { "Completed" } else { "Error" }),
+                    };
+                    // This run is over; a later run of the same name is not.
+                    let mut s = fake.lock();
+                    if s.running.get(&key).is_some_and(|(id, _)| *id == run_id) {
+                        s.running.remove(&key);
+                    }
+                    ended
+                }))
+            }
+        };
+        Ok(Started { exit })
+    }
+
+    async fn stop(&mut self, name: &str) {
+        self.stop_now(name);
+    }
+
+    fn probe(
+        &self,
+        container: &Container,
+        _probe: &Probe,
+    ) -> impl Future<Output = Result<(), ProbeError>> + Send + 'static {
+        let fail = self.fake.lock().failing_probes.contains(&container.name);
+        async move {
+            if fail {
+                Err(ProbeError::Status(500))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    async fn shutdown(mut self, _grace: Duration) {
+        let names: Vec<String> = self
+            .fake
+            .lock()
+            .running
+            .keys()
+            .filter(|(k, _)| *k == self.key)
+            .map(|(_, n)| n.clone())
+            .collect();
+        for n in names {
+            self.stop_now(&n);
+        }
+    }
+}

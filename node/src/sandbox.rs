@@ -1,0 +1,354 @@
+//! The seam between a pod's worker and what runs its containers.
+//!
+//! The worker ([`crate::worker`]) decides *when* a container starts, restarts, is
+//! probed or stopped. A [`Sandbox`] decides *how*: it holds one pod's network and
+//! resources, gets images, starts containers from them, probes them and stops them. The
+//! node makes one sandbox per pod through its [`Sandboxes`], much as the kubelet asks a
+//! CRI runtime for a pod sandbox and then for containers in it.
+//!
+//! Three implementations are meant to sit behind it:
+//! - [`WasmSandboxes`], the node's own: components in wasmtime, through
+//!   [`baton_wasm_shim`];
+//! - a runc sandbox for OCI containers (a later issue), whose containers share the
+//!   pod's network namespace;
+//! - [`crate::fake::FakeSandboxes`], whose containers are scripted: the worker's unit
+//!   tests run on it with a paused clock, and a hollow node can run thousands of pods on
+//!   it without running anything.
+//!
+//! The worker is generic over the implementation (one level deep: `Worker<S>`), so a
+//! sandbox's futures need not be boxed.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_wasm_shim::logs::ContainerLog;
+use baton_wasm_shim::{
+    CliSpec, Component, ComponentKind, ContainerSpec, Exit, HttpSpec, Mount, NameResolver, Runtime,
+    ShimError,
+};
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{Container, Probe};
+
+use crate::images::{ImageError, Images};
+use crate::probe::ProbeError;
+
+/// What the node knows of a pod when it makes its sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// `namespace/name/uid`: names the pod in the runtime's usage figures.
+    pub key: String,
+    pub namespace: String,
+    /// The pod's address; `localhost` inside the pod is this address.
+    pub ip: Ipv4Addr,
+    /// The pod's CPU limit in millicores, None for no limit.
+    pub cpu_limit: Option<u64>,
+    /// Its CPU request in millicores: its share among pods without a limit.
+    pub cpu_weight: u64,
+    /// What the pod's containers may hold together.
+    pub memory_limit: usize,
+}
+
+/// How a container lives, which decides how its end is reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifetime {
+    /// Serves until it is stopped (an HTTP component); a graceful stop completes it.
+    Server,
+    /// Runs until it exits (a CLI component, a process); a stop ends it with an error.
+    Process,
+}
+
+/// An image, ready to start containers from.
+#[derive(Debug, Clone)]
+pub struct Pulled<I> {
+    pub image: I,
+    pub lifetime: Lifetime,
+    /// The content digest (the container's `imageID`), for an image from a registry.
+    pub digest: Option<String>,
+    /// Whether it was transferred now rather than found on the node.
+    pub pulled: bool,
+}
+
+/// One run of a container.
+pub struct ContainerRun<I> {
+    pub name: String,
+    pub image: I,
+    /// The port it serves, for a server.
+    pub port: Option<u16>,
+    /// `command` followed by `args`.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<Mount>,
+    /// Its memory limit in bytes.
+    pub memory_bytes: usize,
+    /// Where its output goes (this run's log file).
+    pub log: ContainerLog,
+}
+
+impl<I> std::fmt::Debug for ContainerRun<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerRun")
+            .field("name", &self.name)
+            .field("port", &self.port)
+            .field("args", &self.args)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a process ends: resolves once it has exited, or with the exit a stop gives it.
+pub type ExitFuture = BoxFuture<'static, Exit>;
+
+/// A started container.
+pub struct Started {
+    /// For a process: its exit. A server has none; it runs until stopped.
+    pub exit: Option<ExitFuture>,
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started")
+            .field("process", &self.exit.is_some())
+            .finish()
+    }
+}
+
+/// Why a container did not start; each variant is a waiting reason Kubernetes shows.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Its environment could not be set up (a port taken, a mount gone): `StartError`.
+    #[error(transparent)]
+    Setup(Box<dyn std::error::Error + Send + Sync>),
+    /// It could not be made from its image: `CreateContainerError`.
+    #[error(transparent)]
+    Create(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StartError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StartError::Setup(_) => "StartError",
+            StartError::Create(_) => "CreateContainerError",
+        }
+    }
+}
+
+/// One pod's containers, and everything they share.
+pub trait Sandbox: Send + Sync + 'static {
+    /// What a container starts from.
+    type Image: Clone + Send + Sync + 'static;
+
+    /// Gets an image for this pod. The image stays on the node while the sandbox lives.
+    fn pull(
+        &mut self,
+        image: &str,
+        auth: &baton_oci::Auth,
+        policy: baton_oci::PullPolicy,
+    ) -> impl Future<Output = Result<Pulled<Self::Image>, ImageError>> + Send;
+
+    /// Starts a container, replacing a running one of the same name.
+    fn start(
+        &mut self,
+        run: ContainerRun<Self::Image>,
+    ) -> impl Future<Output = Result<Started, StartError>> + Send;
+
+    /// Stops a container now. Returns once it is gone, its ports free for its restart.
+    fn stop(&mut self, name: &str) -> impl Future<Output = ()> + Send;
+
+    /// Runs one attempt of a container's probe, without a deadline (the caller keeps
+    /// the probe's timeout).
+    fn probe(
+        &self,
+        container: &Container,
+        probe: &Probe,
+    ) -> impl Future<Output = Result<(), ProbeError>> + Send + 'static;
+
+    /// Stops everything: servers finish their requests within `grace`, processes end at
+    /// once. Returns once nothing of the pod runs, so its address may go to another pod.
+    fn shutdown(self, grace: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// Makes a node's sandboxes.
+pub trait Sandboxes: Send + Sync + 'static {
+    type Sandbox: Sandbox;
+    fn create(&self, config: SandboxConfig) -> Self::Sandbox;
+}
+
+/// Gives the name resolver of pods in a namespace (Service names), if the node has one.
+pub type Resolvers = Arc<dyn Fn(&str) -> NameResolver + Send + Sync>;
+
+/// Wasm components in wasmtime, through [`baton_wasm_shim`].
+#[derive(Clone)]
+pub struct WasmSandboxes {
+    pub runtime: Runtime,
+    pub images: Arc<Images>,
+    pub resolvers: Option<Resolvers>,
+    /// Budget of one HTTP request to a component.
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for WasmSandboxes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmSandboxes").finish_non_exhaustive()
+    }
+}
+
+impl Sandboxes for WasmSandboxes {
+    type Sandbox = WasmSandbox;
+
+    fn create(&self, config: SandboxConfig) -> WasmSandbox {
+        let names = self.resolvers.as_ref().map(|r| r(&config.namespace));
+        let pod = self
+            .runtime
+            .new_pod(&config.key, IpAddr::V4(config.ip), names);
+        pod.set_cpu_limit(config.cpu_limit);
+        pod.set_cpu_weight(config.cpu_weight);
+        pod.set_memory_limit(Some(config.memory_limit));
+        WasmSandbox {
+            runtime: self.runtime.clone(),
+            images: self.images.clone(),
+            key: config.key,
+            ip: IpAddr::V4(config.ip),
+            request_timeout: self.request_timeout,
+            pod: Some(pod),
+        }
+    }
+}
+
+/// One pod's components, sharing its address as their localhost.
+pub struct WasmSandbox {
+    runtime: Runtime,
+    images: Arc<Images>,
+    key: String,
+    ip: IpAddr,
+    request_timeout: Duration,
+    /// Taken by the shutdown.
+    pod: Option<baton_wasm_shim::Pod>,
+}
+
+impl std::fmt::Debug for WasmSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmSandbox")
+            .field("key", &self.key)
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for WasmSandbox {
+    fn drop(&mut self) {
+        self.images.release(&self.key);
+    }
+}
+
+impl Sandbox for WasmSandbox {
+    type Image = Component;
+
+    async fn pull(
+        &mut self,
+        image: &str,
+        auth: &baton_oci::Auth,
+        policy: baton_oci::PullPolicy,
+    ) -> Result<Pulled<Component>, ImageError> {
+        let got = self.images.get(image, auth, policy).await?;
+        if let Some(d) = &got.digest {
+            self.images.hold(&self.key, d);
+        }
+        let lifetime = match self.runtime.kind(&got.component) {
+            Ok(ComponentKind::Http) => Lifetime::Server,
+            Ok(ComponentKind::Cli) => Lifetime::Process,
+            Err(source) => {
+                return Err(ImageError::Invalid {
+                    image: image.into(),
+                    source,
+                })
+            }
+        };
+        Ok(Pulled {
+            image: got.component,
+            lifetime,
+            digest: got.digest,
+            pulled: got.pulled,
+        })
+    }
+
+    async fn start(&mut self, run: ContainerRun<Component>) -> Result<Started, StartError> {
+        let pod = self
+            .pod
+            .as_mut()
+            .ok_or_else(|| StartError::Setup("the pod's sandbox is shut down".into()))?;
+        let name = run.name.clone();
+        let spec = ContainerSpec {
+            name: run.name,
+            component: run.image,
+            port: run.port,
+            cli: CliSpec {
+                args: run.args,
+                env: run.env.clone(),
+                mounts: run.mounts,
+                memory_bytes: run.memory_bytes,
+                timeout: None,
+                network: true,
+                output_limit: 0,
+                log: Some(run.log.clone()),
+            },
+            http: HttpSpec {
+                env: run.env,
+                memory_bytes: run.memory_bytes,
+                request_timeout: Some(self.request_timeout),
+                log: Some(run.log),
+            },
+        };
+        pod.start_container(&self.runtime, spec)
+            .await
+            .map_err(|e| match e {
+                ShimError::Setup(_) => StartError::Setup(Box::new(e)),
+                e => StartError::Create(Box::new(e)),
+            })?;
+        let exit = pod.take_process(&name).map(|task| -> ExitFuture {
+            Box::pin(async move {
+                match task.await {
+                    Ok(Ok(out)) => out.exit,
+                    Ok(Err(e)) => Exit {
+                        code: 128,
+                        reason: "Error",
+                        message: baton_kube::error::chain(&e),
+                    },
+                    // A stopped process ends as SIGTERM's default action ends one.
+                    Err(e) if e.is_cancelled() => Exit {
+                        code: 143,
+                        reason: "Error",
+                        message: String::new(),
+                    },
+                    Err(e) => Exit {
+                        code: 128,
+                        reason: "Error",
+                        message: format!("container task failed: {e}"),
+                    },
+                }
+            })
+        });
+        Ok(Started { exit })
+    }
+
+    async fn stop(&mut self, name: &str) {
+        if let Some(pod) = &mut self.pod {
+            pod.stop_container(name).await;
+        }
+    }
+
+    fn probe(
+        &self,
+        container: &Container,
+        probe: &Probe,
+    ) -> impl Future<Output = Result<(), ProbeError>> + Send + 'static {
+        let (ip, container, probe) = (self.ip, container.clone(), probe.clone());
+        async move { crate::probe::check(&probe, ip, &container).await }
+    }
+
+    async fn shutdown(mut self, grace: Duration) {
+        if let Some(pod) = self.pod.take() {
+            pod.shutdown(grace).await;
+        }
+    }
+}
