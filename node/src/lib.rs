@@ -3,8 +3,11 @@
 //! The node agent is an API client like the rest of the control loops. It:
 //! - registers its Node (capacity, allocatable, addresses, labels) and heartbeats through
 //!   a Lease in `kube-node-lease` ([`register`]);
-//! - watches the pods bound to it (`spec.nodeName=NAME`) and gives each a worker that runs
-//!   it in a Wasm sandbox and reports its status ([`worker`]);
+//! - watches the pods bound to it (`spec.nodeName=NAME`) and gives each a worker that walks
+//!   it through its stages and reports its status ([`worker`], with the pure part in
+//!   [`status`]);
+//! - runs the containers through the [`sandbox::Sandbox`] seam: Wasm components in
+//!   wasmtime ([`sandbox::WasmSandboxes`]), or scripted ones for tests ([`fake`]);
 //! - resolves ConfigMaps, Secrets and the downward API for the sandbox ([`config`]);
 //! - hands each pod a loopback address of its own ([`ipam`]);
 //! - probes containers ([`probe`]);

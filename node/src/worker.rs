@@ -135,8 +135,8 @@ impl<S> Shared<S> {
 /// Where a pod is in its life. It only moves forward; a deletion ends it from any stage.
 #[derive(Debug, Clone, PartialEq)]
 enum Stage {
-    /// Getting what the containers need: an address, a sandbox, their configuration
-    /// (ConfigMaps, Secrets, the downward API) and their images. A failure shows on the
+    /// Getting what the containers need: an address, their configuration (ConfigMaps,
+    /// Secrets, the downward API), a sandbox and their images. A failure shows on the
     /// containers (`CreateContainerConfigError`, `ErrImagePull`, `ImagePullBackOff`…) and
     /// is tried again at `retry_at`, the wait doubling up to the backoff cap.
     Preparing { retry_at: Instant, wait: Duration },
@@ -375,27 +375,12 @@ impl<S: Sandboxes> Worker<S> {
         true
     }
 
-    /// Gets the pod an address, a sandbox, its configuration and its images; on failure
+    /// Gets the pod an address, its configuration, a sandbox and its images; on failure
     /// the containers wait with the reason, and the worker tries again later.
     async fn prepare(&mut self) -> bool {
         let Some(ip) = self.address().await else {
             return false;
         };
-        if self.sandbox.is_none() {
-            let ns = self.pod.namespace().unwrap_or_default();
-            let config = SandboxConfig {
-                key: format!("{ns}/{}/{}", self.pod.name_any(), self.uid),
-                namespace: ns,
-                ip,
-                cpu_limit: status::pod_cpu_limit(&self.pod),
-                // Its weight among unlimited pods: its CPU request, as the scheduler
-                // counts it.
-                cpu_weight: podx::requests(&self.pod).0,
-                // The pod's containers together hold at most what it was admitted with.
-                memory_limit: self.shared.memory.charge_of(&self.pod) as usize,
-            };
-            self.sandbox = Some(self.shared.sandboxes.create(config));
-        }
         let dir = self.shared.pod_dir(&self.uid);
         let resolved = config::resolve(
             &self.shared.client,
@@ -418,6 +403,23 @@ impl<S: Sandboxes> Worker<S> {
                     .await;
                 return false;
             }
+        }
+        // The sandbox only once its configuration is known to be whole: a pod refused
+        // for its spec runs nothing.
+        if self.sandbox.is_none() {
+            let ns = self.pod.namespace().unwrap_or_default();
+            let config = SandboxConfig {
+                key: format!("{ns}/{}/{}", self.pod.name_any(), self.uid),
+                namespace: ns,
+                ip,
+                cpu_limit: status::pod_cpu_limit(&self.pod),
+                // Its weight among unlimited pods: its CPU request, as the scheduler
+                // counts it.
+                cpu_weight: podx::requests(&self.pod).0,
+                // The pod's containers together hold at most what it was admitted with.
+                memory_limit: self.shared.memory.charge_of(&self.pod) as usize,
+            };
+            self.sandbox = Some(self.shared.sandboxes.create(config));
         }
         for i in 0..self.slots.len() {
             if self.images[i].is_none() && !self.pull(i).await {
@@ -1398,6 +1400,23 @@ mod tests {
             s["phase"] == "Running"
         })
         .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_whose_configuration_is_missing_waits_without_a_sandbox() {
+        let n = node();
+        n.api.fail("GET", "/configmaps/cfg", 404);
+        let _p = n.run(pod(json!({"containers": [{"name": "c", "image": "serve",
+            "env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "k"}}}]}]})));
+        let s = n
+            .until("CreateContainerConfigError", |s| {
+                container(s, "c")["state"]["waiting"]["reason"] == "CreateContainerConfigError"
+            })
+            .await;
+        let msg = container(&s, "c")["state"]["waiting"]["message"].to_string();
+        assert!(msg.contains("cfg"), "{msg}");
+        assert_eq!(n.fake.live(), 0, "a pod refused for its spec runs nothing");
+        assert_eq!(n.fake.pulls("serve"), 0);
     }
 
     #[tokio::test(start_paused = true)]
