@@ -103,8 +103,17 @@ struct ServerArgs {
     #[arg(long)]
     id: u64,
     /// Address to serve Raft and the store API on; peers must reach it.
+    #[arg(
+        long,
+        required_unless_present = "listen_fd",
+        conflicts_with = "listen_fd"
+    )]
+    listen: Option<SocketAddr>,
+    /// Serve on a listening TCP socket inherited as this file descriptor instead (socket
+    /// activation: systemd passes 3), so that the address is bound before the process
+    /// starts and kept across its restarts.
     #[arg(long)]
-    listen: SocketAddr,
+    listen_fd: Option<i32>,
     #[arg(long)]
     data_dir: PathBuf,
     /// Start a new cluster with this member as its only voter (first member only).
@@ -415,9 +424,13 @@ async fn start_api(
 }
 
 async fn server(args: ServerArgs) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    let listener = match (args.listen_fd, args.listen) {
+        (Some(fd), _) => inherited_listener(fd)?,
+        (None, Some(listen)) => tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("failed to listen on {listen}"))?,
+        (None, None) => bail!("--listen or --listen-fd is required"),
+    };
     let addr = listener.local_addr()?.to_string();
     private_dir(&args.data_dir)?;
     let mut cfg = StoreConfig::new(args.id, &args.data_dir, &addr);
@@ -474,6 +487,31 @@ async fn server(args: ServerArgs) -> Result<()> {
     }
     .await;
     close_on_error(&store, result).await
+}
+
+/// The listening socket a parent passed as file descriptor `fd`.
+#[allow(unsafe_code)]
+fn inherited_listener(fd: i32) -> Result<tokio::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    // Only descriptors a parent can have passed: 0-2 are stdio, and a negative one is
+    // no descriptor at all.
+    if fd < 3 {
+        bail!("--listen-fd {fd}: not a descriptor a listening socket can be passed as");
+    }
+    // SAFETY: nothing else in this process owns `fd`: the parent passed it, and the
+    // process opened nothing before parsing its arguments but the runtime's own
+    // descriptors. If `fd` is not a socket after all (it was not passed, and the runtime
+    // happens to use that number), it is never closed: ManuallyDrop forgets it.
+    let std = std::mem::ManuallyDrop::new(unsafe { std::net::TcpListener::from_raw_fd(fd) });
+    let listening =
+        std.local_addr().is_ok() && std.take_error().map(|e| e.is_none()).unwrap_or(false);
+    if !listening {
+        bail!("--listen-fd {fd}: no listening TCP socket was passed as descriptor {fd}");
+    }
+    let std = std::mem::ManuallyDrop::into_inner(std);
+    std.set_nonblocking(true)
+        .context("failed to set up the inherited socket")?;
+    Ok(tokio::net::TcpListener::from_std(std)?)
 }
 
 /// Asks the cluster behind `seed` to add this member as a learner, then as a voter.

@@ -157,3 +157,32 @@ fn a_server_that_fails_after_opening_its_store_exits_cleanly() {
     assert!(stderr.contains("error: failed to listen on"), "{stderr}");
     assert!(!stderr.contains("terminate called"), "{stderr}");
 }
+
+/// `--listen-fd` takes only a listening socket a parent passed; anything else is a clear
+/// error before the store is touched.
+#[test]
+fn a_server_given_no_socket_to_inherit_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    for (fd, says) in [
+        ("9", "no listening TCP socket was passed as descriptor 9"),
+        ("1", "not a descriptor a listening socket can be passed as"),
+    ] {
+        let out = baton()
+            .args([
+                "server",
+                "--id",
+                "1",
+                "--listen-fd",
+                fd,
+                "--bootstrap",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("member"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(!dir.path().join("member").exists(), "{stderr}");
+    }
+}

@@ -60,14 +60,6 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 /// Polls `f` until it is true, for at most 60 s.
 pub async fn wait_until<F, Fut>(what: &str, mut f: F) -> Result<()>
 where

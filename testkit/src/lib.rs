@@ -1,7 +1,8 @@
 //! # baton-testkit: waiting on a condition with a deadline, and a fake API server
 //!
 //! [`fake_api::FakeApi`] is an in-memory API server behind a [`kube::Client`], for unit
-//! tests of controllers and of the node agent.
+//! tests of controllers and of the node agent. [`process`] starts servers under test
+//! without guessing free ports.
 //!
 //! Tests and benchmarks never sleep for a fixed time to let something happen: they poll a
 //! condition until it holds, and fail with what they were waiting for once a deadline
@@ -10,6 +11,7 @@
 //! backs off to 100 ms, so a quick condition is seen quickly and a slow one costs little.
 
 pub mod fake_api;
+pub mod process;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

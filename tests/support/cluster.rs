@@ -14,6 +14,10 @@ pub struct Member {
     pub addr: String,
     pub dir: PathBuf,
     child: Option<Child>,
+    /// The member's socket, bound by the test on port 0 so that its address is known
+    /// before any member starts, and passed to its first run. A restart binds the same
+    /// address again, as a restarted server does.
+    listener: Option<std::net::TcpListener>,
 }
 
 impl Member {
@@ -48,21 +52,21 @@ where
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().unwrap().port()
-}
-
 impl Cluster {
     /// `n` members, none started yet, each with its address and data dir.
     fn members(n: usize, tuning: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let members = (1..=n as u64)
-            .map(|id| Member {
-                id,
-                addr: format!("127.0.0.1:{}", free_port()),
-                dir: tmp.path().join(format!("member-{id}")),
-                child: None,
+            .map(|id| {
+                let listener =
+                    std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+                Member {
+                    id,
+                    addr: listener.local_addr().unwrap().to_string(),
+                    dir: tmp.path().join(format!("member-{id}")),
+                    child: None,
+                    listener: Some(listener),
+                }
             })
             .collect();
         Cluster {
@@ -133,9 +137,25 @@ impl Cluster {
             .append(true)
             .open(m.dir.with_extension("log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .arg("server")
-            .args(["--id", &m.id.to_string(), "--listen", &m.addr])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+        cmd.arg("server").args(["--id", &m.id.to_string()]);
+        // The test's copy of the socket closes once the child has its own: a member
+        // that is killed refuses connections, as a dead server does.
+        let passed = self.members[i].listener.take();
+        match &passed {
+            Some(l) => {
+                baton_testkit::process::pass_listener(&mut cmd, l);
+                cmd.args([
+                    "--listen-fd",
+                    &baton_testkit::process::LISTEN_FD.to_string(),
+                ]);
+            }
+            None => {
+                cmd.args(["--listen", &self.members[i].addr]);
+            }
+        }
+        let m = &self.members[i];
+        let child = cmd
             .arg("--data-dir")
             .arg(&m.dir)
             .args(&self.tuning)

@@ -314,30 +314,30 @@ async fn scheduler(bin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Debian's docker-registry on a free loopback port, storing in `dir`.
+/// Debian's docker-registry on a loopback port of its choosing, storing in `dir`.
 fn start_registry(dir: &Path) -> Result<(Procs, String)> {
-    let addr = format!("127.0.0.1:{}", baton_bench::free_port());
     let cfg = dir.join("registry.yml");
+    // Port 0: the registry binds one and logs it ("listening on ADDR", at info).
     std::fs::write(
         &cfg,
         format!(
-            "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\nhttp: {{addr: {addr}}}\n",
+            "version: 0.1\nlog: {{level: info}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\nhttp: {{addr: \"127.0.0.1:0\"}}\n",
             dir.join("registry").display()
         ),
     )?;
-    let child = Command::new("docker-registry")
+    let mut child = Command::new("docker-registry")
         .arg("serve")
         .arg(&cfg)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .context("starting docker-registry")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "docker-registry did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok((Procs(vec![child]), addr))
+    let log = child.stderr.take().context("the registry's log")?;
+    let procs = Procs(vec![child]);
+    let addr =
+        baton_testkit::process::announced_addr(log, "listening on ", Duration::from_secs(30))
+            .context("docker-registry did not start")?;
+    Ok((procs, addr.to_string()))
 }
 
 /// Waits for a pod to be Ready; returns how long since `t0`.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use baton_bench::{env_or, free_port, ms, pct, proc_cpu, wait_until, Procs};
+use baton_bench::{env_or, ms, pct, proc_cpu, wait_until, Procs};
 use baton_store::{ReadOptions, StoreClient};
 use rand::{Rng, SeedableRng};
 
@@ -117,12 +117,23 @@ async fn run_cell(
 /// Starts `n` Baton members; returns the processes and a client pinned to the leader.
 async fn start_baton(bin: &Path, dir: &Path, n: usize) -> Result<(Procs, Target)> {
     let mut procs = Procs(Vec::new());
-    let addrs: Vec<String> = (0..n)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
+    // Each member's socket is bound here and passed to it, so that every address is
+    // known before the members that join it start.
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let addrs = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .collect::<std::io::Result<Vec<_>>>()?;
     for (i, addr) in addrs.iter().enumerate() {
         let mut cmd = Command::new(bin);
-        cmd.args(["server", "--id", &(i + 1).to_string(), "--listen", addr])
+        baton_testkit::process::pass_listener(&mut cmd, &listeners[i]);
+        cmd.args(["server", "--id", &(i + 1).to_string()])
+            .args([
+                "--listen-fd",
+                &baton_testkit::process::LISTEN_FD.to_string(),
+            ])
             .arg("--data-dir")
             .arg(dir.join(format!("baton-{n}-{i}")))
             .env("RUST_LOG", "error")
@@ -158,10 +169,21 @@ async fn start_baton(bin: &Path, dir: &Path, n: usize) -> Result<(Procs, Target)
     Ok((procs, Target::Baton(StoreClient::new([addr]))))
 }
 
+/// A loopback port that was free a moment ago.
+fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// Starts an `n`-member etcd cluster; returns the processes and a client of its leader.
 async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
     let mut procs = Procs(Vec::new());
-    let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+    // etcd's members name each other's peer URLs before any starts, and etcd cannot
+    // inherit sockets: its ports are picked here, the one place a port is picked before
+    // its server binds it.
+    let ports: Vec<(u16, u16)> = (0..n).map(|_| (unused_port(), unused_port())).collect();
     let initial: Vec<String> = ports
         .iter()
         .enumerate()

@@ -21,22 +21,40 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use baton_bench::http::{get_once, load};
-use baton_bench::{env_or, free_port, ms, pct, rss_kib, wait_until, Procs};
+use baton_bench::{env_or, ms, pct, rss_kib, wait_until, Procs};
+use baton_testkit::process::announced_addr;
 use baton_wasm_shim::{CliSpec, ContainerSpec, HttpSpec, PodSpec, Runtime, RuntimeConfig};
 
-/// Starts a server process and waits until it answers HTTP.
-async fn serve(cmd: &mut Command, addr: SocketAddr) -> Result<Procs> {
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+/// Which of a server's output streams says where it listens, and how.
+enum Announces {
+    Stdout(&'static str),
+    Stderr(&'static str),
+}
+
+/// Starts a server process on port 0, reads the address it announces and waits until it
+/// answers HTTP there.
+async fn serve(cmd: &mut Command, announces: Announces) -> Result<(Procs, SocketAddr)> {
+    let (out, err) = match announces {
+        Announces::Stdout(_) => (Stdio::piped(), Stdio::null()),
+        Announces::Stderr(_) => (Stdio::null(), Stdio::piped()),
+    };
+    let mut child = cmd
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .with_context(|| format!("starting {cmd:?}"))?;
+    let wait = Duration::from_secs(60);
+    let addr = match announces {
+        Announces::Stdout(m) => announced_addr(child.stdout.take().context("stdout")?, m, wait),
+        Announces::Stderr(m) => announced_addr(child.stderr.take().context("stderr")?, m, wait),
+    };
     let procs = Procs(vec![child]);
+    let addr = addr.with_context(|| format!("{cmd:?} did not say where it listens"))?;
     wait_until("the server to answer", || async move {
         get_once(addr).await.is_ok()
     })
     .await?;
-    Ok(procs)
+    Ok((procs, addr))
 }
 
 struct Row {
@@ -65,27 +83,25 @@ async fn throughput(baton: &Path, wasmtime: &Path, wasm: &Path, secs: f64) -> Re
     println!("| clients | server | req/s | p50 ms | p99 ms | server CPU us/req | ratio (req/s) |");
     println!("|---|---|---|---|---|---|---|");
     for clients in [1usize, 16, 64] {
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let procs = serve(
+        let (procs, addr) = serve(
             Command::new(baton)
                 .arg("run")
                 .arg(wasm)
-                .args(["--listen", &addr.to_string(), "-e", "GREETING=hi"])
+                .args(["--listen", "127.0.0.1:0", "-e", "GREETING=hi"])
                 .arg("--cache-dir")
                 .arg(cache.path())
                 .env("RUST_LOG", "error"),
-            addr,
+            Announces::Stdout(" on http://"),
         )
         .await?;
         let b = measure(&procs, addr, clients, secs).await?;
         drop(procs);
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let procs = serve(
+        let (procs, addr) = serve(
             Command::new(wasmtime)
-                .args(["serve", "-S", "cli", "--addr", &addr.to_string()])
+                .args(["serve", "-S", "cli", "--addr", "127.0.0.1:0"])
                 .args(["--env", "GREETING=hi"])
                 .arg(wasm),
-            addr,
+            Announces::Stderr(" on http://"),
         )
         .await?;
         let w = measure(&procs, addr, clients, secs).await?;

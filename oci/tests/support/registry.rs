@@ -2,10 +2,9 @@
 //! A real OCI registry (Debian's `docker-registry`, distribution 2.8) on 127.0.0.1, plain,
 //! with htpasswd auth, or with TLS from a generated CA.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Registry {
     child: Child,
@@ -30,21 +29,12 @@ pub struct Options {
     pub tls: bool,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Registry {
     pub fn start(opts: Options) -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
+        // Port 0: the registry binds one and logs it ("listening on ADDR", at info).
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n",
             dir.path().join("data").display()
         );
         let mut ca_pem = None;
@@ -71,18 +61,18 @@ impl Registry {
             ));
         }
         std::fs::write(dir.path().join("config.yml"), config).unwrap();
-        let child = Command::new("docker-registry")
+        let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(dir.path().join("config.yml"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("docker-registry (Debian package docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "the registry did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = child.stderr.take().unwrap();
+        let addr =
+            baton_testkit::process::announced_addr(log, "listening on ", Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("the registry did not start: {e}"))
+                .to_string();
         Registry {
             child,
             dir,
