@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    baton_testkit::crate_dir(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn baton() -> Command {

@@ -10,7 +10,6 @@ mod baton;
 use std::collections::BTreeSet;
 use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -22,7 +21,7 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn guest(name: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let p = baton_testkit::crate_dir(env!("CARGO_MANIFEST_DIR"))
         .join("examples-wasm/dist")
         .join(format!("{name}.wasm"));
     assert!(

@@ -8,14 +8,13 @@ mod baton;
 #[path = "../oci/tests/support/registry.rs"]
 mod registry;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use baton::Baton;
 use registry::{Options, Registry};
 
 fn guest(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    baton_testkit::crate_dir(env!("CARGO_MANIFEST_DIR"))
         .join("examples-wasm/dist")
         .join(format!("{name}.wasm"))
         .display()

@@ -112,7 +112,7 @@ pub async fn up(bin: &Path, extra: &[&str]) -> Result<Up> {
         .arg(dir.path())
         // The benchmarks' images are the built guests, named by path.
         .arg("--local-images")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples-wasm/dist"))
+        .arg(baton_testkit::crate_dir(env!("CARGO_MANIFEST_DIR")).join("../examples-wasm/dist"))
         .args(extra)
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())

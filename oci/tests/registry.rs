@@ -5,13 +5,11 @@
 #[path = "support/registry.rs"]
 mod registry;
 
-use std::path::PathBuf;
-
 use baton_oci::{Auth, OciConfig, OciError, PullPolicy, Registry};
 use registry::{damage, Options, Registry as Server};
 
 fn guest(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let p = baton_testkit::crate_dir(env!("CARGO_MANIFEST_DIR"))
         .join("../examples-wasm/dist")
         .join(format!("{name}.wasm"));
     std::fs::read(&p)
@@ -134,20 +132,8 @@ async fn auth_and_tls_registries() {
         .unwrap_err();
     assert!(matches!(err, OciError::Client { .. }), "{err}");
     // The cause is kept, typed: the chain says why.
-    let chain = error_chain(&err);
+    let chain = baton_error_chain::chain(&err);
     assert!(chain.to_lowercase().contains("certificate"), "{chain}");
-}
-
-/// The error and its sources on one line.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(c) = next {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        next = c.source();
-    }
-    s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

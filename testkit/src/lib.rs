@@ -13,6 +13,15 @@
 pub mod fake_api;
 pub mod process;
 
+/// The directory of the crate whose test or bench is running. Cargo says it at run time;
+/// `compiled` (the caller's `env!("CARGO_MANIFEST_DIR")`) is only the fallback, since it
+/// may name another checkout when several share one target directory.
+pub fn crate_dir(compiled: &str) -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| compiled.into())
+}
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 

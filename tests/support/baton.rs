@@ -18,7 +18,7 @@ pub struct Baton {
 
 /// The built guest components (`scripts/build-guests.sh`).
 pub fn guests_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples-wasm/dist")
+    baton_testkit::crate_dir(env!("CARGO_MANIFEST_DIR")).join("examples-wasm/dist")
 }
 
 /// The folder holding the versioned kubectl binaries (`kubectl.1.29`, ...).

@@ -23,7 +23,7 @@ pub enum ShimError {
     },
 }
 
-/// wasmtime's errors are anyhow-style; keep their whole chain as text.
+/// wasmtime's errors are anyhow-style; keep their whole chain as text, each cause once.
 pub(crate) fn chain(e: &wasmtime::Error) -> String {
-    format!("{e:#}")
+    baton_error_chain::chain(e.as_ref())
 }

@@ -367,9 +367,7 @@ impl Runtime {
                 .map_err(|e| ShimError::Setup(format!("listener on {addr}: {e}")))?
         };
         let usage = serving.net.usage.clone();
-        let (guard, gone) = crate::pod::Gone::new();
-        let task = self.spawn_guest(&usage, async move {
-            let _guard = guard;
+        let (task, gone) = self.spawn_guest_tracked(&usage, async move {
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             // The connections belong to the server: when it is dropped, they are too, so
             // a stopped pod answers nothing more, even on a kept-alive connection.

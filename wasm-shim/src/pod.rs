@@ -191,9 +191,7 @@ impl Pod {
                 let name = c.name.clone();
                 let net = self.net.clone();
                 let usage = net.usage.clone();
-                let (guard, gone) = Gone::new();
-                let task = rt.spawn_guest(&usage, async move {
-                    let _guard = guard;
+                let (task, gone) = rt.spawn_guest_tracked(&usage, async move {
                     rt2.run_cli_with(&c.component, &c.name, &c.cli, net).await
                 });
                 self.processes.push(Process {
@@ -212,15 +210,17 @@ impl Pod {
     /// to catch, so it gets what SIGTERM's default action gives a process). Returns once
     /// everything the pod ran is gone, so that its address can be given to another pod.
     pub async fn shutdown(mut self, grace: Duration) {
-        let processes: Vec<Process> = self.processes.drain(..).collect();
-        for p in &processes {
-            p.abort.abort();
-        }
-        let servers: Vec<HttpServer> = self.servers.drain(..).map(|(_, s)| s).collect();
-        futures_join(servers.into_iter().map(|s| s.shutdown(grace))).await;
-        for p in processes {
-            p.stop().await;
-        }
+        type Stop = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+        // The processes end now, while the servers finish their requests.
+        let processes = self
+            .processes
+            .drain(..)
+            .map(|p| -> Stop { Box::pin(p.stop()) });
+        let servers = self
+            .servers
+            .drain(..)
+            .map(|(_, s)| -> Stop { Box::pin(s.shutdown(grace)) });
+        futures_join(processes.chain(servers)).await;
     }
 
     /// Stops a container now: its HTTP listener closes, its process is aborted. Returns

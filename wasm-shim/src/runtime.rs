@@ -200,6 +200,26 @@ impl Runtime {
             .spawn(crate::usage::Metered::new(usage.clone(), fut))
     }
 
+    /// [`Runtime::spawn_guest`], also telling when the task's future has been dropped
+    /// (finished or aborted), and with it every socket and listener it held: what a stop
+    /// that must free the pod's ports waits for.
+    pub(crate) fn spawn_guest_tracked<F>(
+        &self,
+        usage: &Arc<crate::usage::Usage>,
+        fut: F,
+    ) -> (tokio::task::JoinHandle<F::Output>, crate::pod::Gone)
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let (guard, gone) = crate::pod::Gone::new();
+        let task = self.spawn_guest(usage, async move {
+            let _guard = guard;
+            fut.await
+        });
+        (task, gone)
+    }
+
     /// Enters the guest threads' runtime, so that I/O objects made now register there.
     pub(crate) fn enter_guests(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
         self.guests.enter()

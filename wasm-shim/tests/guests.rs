@@ -38,7 +38,7 @@ const GUESTS: &[(&str, &str)] = &[
 ];
 
 fn guest(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let p = baton_testkit::crate_dir(env!("CARGO_MANIFEST_DIR"))
         .join("../examples-wasm/dist")
         .join(format!("{name}.wasm"));
     assert!(
@@ -59,7 +59,7 @@ fn runtime() -> Runtime {
 
 #[test]
 fn every_guest_is_listed() {
-    let dist = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples-wasm/dist");
+    let dist = baton_testkit::crate_dir(env!("CARGO_MANIFEST_DIR")).join("../examples-wasm/dist");
     for entry in
         std::fs::read_dir(&dist).expect("examples-wasm/dist exists: run scripts/build-guests.sh")
     {

@@ -210,11 +210,11 @@ impl From<&Error> for WireError {
             },
             // A transport failure between members means the leader is unreachable from here.
             Error::Transport { .. } => WireError::Unavailable {
-                reason: error_chain(e),
+                reason: baton_error_chain::chain(e),
             },
             Error::Closed => WireError::Closed,
             other => WireError::Internal {
-                message: error_chain(other),
+                message: baton_error_chain::chain(other),
             },
         }
     }
@@ -267,15 +267,4 @@ impl Error {
     ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Self {
         move |source| Error::Raft { context, source }
     }
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::error::{error_chain, Error};
+use crate::error::Error;
 use crate::mvcc::Mvcc;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::NetworkFactory;
@@ -514,7 +514,7 @@ impl Store {
                 }
             }
             Err(e) => Err(Error::Unavailable {
-                reason: error_chain(&e),
+                reason: baton_error_chain::chain(&e),
             }),
         }
     }
@@ -592,7 +592,7 @@ impl Store {
                 }
             }
             Err(e) => Err(Error::Unavailable {
-                reason: error_chain(&e),
+                reason: baton_error_chain::chain(&e),
             }),
         }
     }
@@ -623,7 +623,7 @@ impl Store {
                 metrics = self.inner.raft.metrics().borrow().clone();
                 if metrics.membership_config.nodes().any(|(n, _)| *n == id) {
                     return Err(Error::Unavailable {
-                        reason: error_chain(&e),
+                        reason: baton_error_chain::chain(&e),
                     });
                 }
             }
@@ -857,7 +857,7 @@ async fn batcher(raft: Raft, max_batch: usize, mut rx: mpsc::Receiver<Proposal>)
                 }
             }
             Err(e) => {
-                let reason = error_chain(&e);
+                let reason = baton_error_chain::chain(&e);
                 for reply in replies {
                     let _ = reply.send(Err(Proposed::Failed(Error::Unavailable {
                         reason: reason.clone(),
@@ -885,7 +885,7 @@ async fn read_barrier_loop(
                     Err(Proposed::NotLeader(f.leader_node.clone()))
                 }
                 Err(e) => Err(Proposed::Failed(Error::Unavailable {
-                    reason: error_chain(e),
+                    reason: baton_error_chain::chain(e),
                 })),
             };
             let _ = w.send(r);
