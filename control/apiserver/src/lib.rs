@@ -11,7 +11,9 @@
 //! 2. [`rest`]: the URL becomes a resource, namespace, name and subresource, and the verb
 //!    picks a handler. Bodies are checked against the `k8s-openapi` type of the resource
 //!    (unknown and duplicate fields are rejected, warned about or ignored, per
-//!    `fieldValidation`), then by the kind's own rules ([`validation`]).
+//!    `fieldValidation`), then by the kind's own rules. Everything a kind does differently
+//!    (defaults, validation, allocations, updates, deletion, printing) is its
+//!    [`strategy`]; the handlers never ask which kind they serve.
 //! 3. [`objects`]: objects are JSON in the store under `/registry/<group>/<plural>/...`.
 //!    An object's `resourceVersion` is the store revision that last wrote it; a list's is
 //!    the revision it was read at. Every update is a compare-and-swap on that revision, so
@@ -24,7 +26,7 @@
 //! of the served types), and server-side apply with managed fields ([`managed`]).
 //!
 //! Printing ([`table`]): `Accept: ...;as=Table` gets a `meta.k8s.io/v1` Table with the
-//! columns `kubectl get` shows.
+//! columns `kubectl get` shows, from each strategy's column list.
 
 pub mod defaults;
 pub mod discovery;
@@ -39,6 +41,7 @@ pub mod resources;
 pub mod rest;
 pub mod selectors;
 pub mod server;
+pub mod strategy;
 pub mod table;
 pub mod validation;
 

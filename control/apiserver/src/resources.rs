@@ -3,6 +3,8 @@
 
 use serde_json::Value;
 
+use crate::strategy::{self, Strategy};
+
 /// How an object's body is checked against its Kubernetes type.
 pub type TypeCheck = fn(&Value) -> Result<Value, serde_json::Error>;
 
@@ -37,6 +39,8 @@ pub struct Resource {
     pub check: TypeCheck,
     /// The type's OpenAPI schema, from k8s-openapi (for `kubectl explain`).
     pub schema: SchemaOf,
+    /// What the kind does differently from a plain object.
+    pub strategy: &'static dyn Strategy,
 }
 
 impl Resource {
@@ -101,7 +105,8 @@ impl Resource {
 
 macro_rules! resource {
     ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $ns:expr, $ty:ty,
-     short = [$($short:expr),*], cat = [$($cat:expr),*], sub = [$($sub:expr),*]) => {
+     short = [$($short:expr),*], cat = [$($cat:expr),*], sub = [$($sub:expr),*],
+     strategy = $strategy:expr) => {
         Resource {
             group: $group,
             version: $version,
@@ -114,6 +119,7 @@ macro_rules! resource {
             subresources: &[$($sub),*],
             check: roundtrip::<$ty>,
             schema: schema_of::<$ty>,
+            strategy: &$strategy,
         }
     };
 }
@@ -132,7 +138,8 @@ pub static RESOURCES: &[Resource] = &[
         core::v1::Namespace,
         short = ["ns"],
         cat = [],
-        sub = ["status", "finalize"]
+        sub = ["status", "finalize"],
+        strategy = strategy::Namespaces
     ),
     resource!(
         "",
@@ -144,7 +151,8 @@ pub static RESOURCES: &[Resource] = &[
         core::v1::Pod,
         short = ["po"],
         cat = ["all"],
-        sub = ["status", "log", "exec", "binding"]
+        sub = ["status", "log", "exec", "binding"],
+        strategy = strategy::Pods
     ),
     resource!(
         "",
@@ -156,7 +164,8 @@ pub static RESOURCES: &[Resource] = &[
         core::v1::Node,
         short = ["no"],
         cat = [],
-        sub = ["status"]
+        sub = ["status"],
+        strategy = strategy::Nodes
     ),
     resource!(
         "",
@@ -168,7 +177,8 @@ pub static RESOURCES: &[Resource] = &[
         core::v1::Service,
         short = ["svc"],
         cat = ["all"],
-        sub = ["status"]
+        sub = ["status"],
+        strategy = strategy::Services
     ),
     resource!(
         "",
@@ -180,7 +190,8 @@ pub static RESOURCES: &[Resource] = &[
         core::v1::Endpoints,
         short = ["ep"],
         cat = [],
-        sub = []
+        sub = [],
+        strategy = strategy::Endpoints
     ),
     resource!(
         "",
@@ -192,7 +203,8 @@ pub static RESOURCES: &[Resource] = &[
         core::v1::ConfigMap,
         short = ["cm"],
         cat = [],
-        sub = []
+        sub = [],
+        strategy = strategy::ConfigMaps
     ),
     resource!(
         "",
@@ -204,7 +216,8 @@ pub static RESOURCES: &[Resource] = &[
         core::v1::Secret,
         short = [],
         cat = [],
-        sub = []
+        sub = [],
+        strategy = strategy::Secrets
     ),
     resource!(
         "",
@@ -216,7 +229,8 @@ pub static RESOURCES: &[Resource] = &[
         core::v1::ServiceAccount,
         short = ["sa"],
         cat = [],
-        sub = []
+        sub = [],
+        strategy = strategy::ServiceAccounts
     ),
     resource!(
         "",
@@ -228,7 +242,8 @@ pub static RESOURCES: &[Resource] = &[
         core::v1::Event,
         short = ["ev"],
         cat = [],
-        sub = []
+        sub = [],
+        strategy = strategy::Events
     ),
     resource!(
         "apps",
@@ -240,7 +255,8 @@ pub static RESOURCES: &[Resource] = &[
         apps::v1::Deployment,
         short = ["deploy"],
         cat = ["all"],
-        sub = ["status", "scale"]
+        sub = ["status", "scale"],
+        strategy = strategy::Deployments
     ),
     resource!(
         "apps",
@@ -252,7 +268,8 @@ pub static RESOURCES: &[Resource] = &[
         apps::v1::ReplicaSet,
         short = ["rs"],
         cat = ["all"],
-        sub = ["status", "scale"]
+        sub = ["status", "scale"],
+        strategy = strategy::ReplicaSets
     ),
     resource!(
         "batch",
@@ -264,7 +281,8 @@ pub static RESOURCES: &[Resource] = &[
         batch::v1::Job,
         short = [],
         cat = ["all"],
-        sub = ["status"]
+        sub = ["status"],
+        strategy = strategy::Jobs
     ),
     resource!(
         "discovery.k8s.io",
@@ -276,7 +294,8 @@ pub static RESOURCES: &[Resource] = &[
         discovery::v1::EndpointSlice,
         short = [],
         cat = [],
-        sub = []
+        sub = [],
+        strategy = strategy::EndpointSlices
     ),
     resource!(
         "coordination.k8s.io",
@@ -288,7 +307,8 @@ pub static RESOURCES: &[Resource] = &[
         coordination::v1::Lease,
         short = [],
         cat = [],
-        sub = []
+        sub = [],
+        strategy = strategy::Leases
     ),
 ];
 

@@ -12,12 +12,12 @@ use k8s_openapi::chrono::{SecondsFormat, Utc};
 use serde_json::{json, Value};
 use tracing::Instrument;
 
-use crate::defaults;
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::objects::{self, not_found, Objects, ReadAt};
 use crate::patch::{self, PatchType};
 use crate::resources::{self, Resource};
 use crate::selectors::{FieldSelector, LabelSelector};
+use crate::strategy::Deletion;
 use crate::table;
 use crate::validation;
 
@@ -159,7 +159,7 @@ pub(crate) fn object_response(
             .cloned()
             .unwrap_or(json!(""));
         let t = table::table(
-            req.target.res.kind,
+            req.target.res,
             std::slice::from_ref(obj),
             json!({"resourceVersion": rv}),
             full,
@@ -186,7 +186,7 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             (&Method::GET, true, None | Some("status")) => get(objects, &req).await,
             (&Method::GET, true, Some("scale")) => get_scale(objects, &req).await,
             (&Method::POST, false, None) => create(objects, &req).await,
-            (&Method::POST, true, Some("binding")) if t.res.kind == "Pod" => {
+            (&Method::POST, true, Some("binding")) if t.res.subresources.contains(&"binding") => {
                 bind(objects, &req).await
             }
             (&Method::PUT, true, None | Some("status") | Some("finalize")) => {
@@ -199,7 +199,7 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             (&Method::DELETE, true, None) => delete(objects, &req).await,
             (&Method::DELETE, false, None) => delete_collection(objects, &req).await,
             (_, true, Some(sub @ ("log" | "exec" | "attach" | "portforward")))
-                if t.res.kind == "Pod" =>
+                if t.res.subresources.contains(&"exec") =>
             {
                 Err(ApiError::bad_request(format!(
                     "pods/{sub} is not supported: Wasm components have no shell or terminal (pods/log is served by GET)"
@@ -236,7 +236,7 @@ async fn get(objects: &Objects, req: &Request) -> ApiResult<Response> {
 
 fn selectors(req: &Request) -> ApiResult<(LabelSelector, FieldSelector)> {
     let ls = LabelSelector::parse(req.q("labelSelector").unwrap_or(""))?;
-    let fs = FieldSelector::parse(req.q("fieldSelector").unwrap_or(""), req.target.res.kind)?;
+    let fs = FieldSelector::parse(req.q("fieldSelector").unwrap_or(""), req.target.res)?;
     Ok((ls, fs))
 }
 
@@ -264,7 +264,7 @@ async fn list(objects: &Objects, req: &Request) -> ApiResult<Response> {
         let full = req.q("includeObject") == Some("Object");
         return Ok(json_response(
             StatusCode::OK,
-            &table::table(res.kind, &page.items, meta, full),
+            &table::table(res, &page.items, meta, full),
             &[],
         ));
     }
@@ -377,8 +377,8 @@ pub(crate) fn typecheck(
 }
 
 fn validate(res: &Resource, obj: &Value) -> ApiResult<()> {
-    let mut errs = validation::metadata(obj, res.namespaced, validation::name_rule(res.kind));
-    errs.extend(validation::kind_rules(res.kind, obj));
+    let mut errs = validation::metadata(obj, res.namespaced, res.strategy.name_rule());
+    res.strategy.validate(obj, &mut errs);
     if errs.is_empty() {
         return Ok(());
     }
@@ -481,7 +481,10 @@ pub(crate) async fn create_object(
     if let Some(ns) = &ns {
         check_namespace(objects, ns).await?;
     }
-    defaults::on_create(res.kind, &mut obj, objects, req.dry_run()).await?;
+    res.strategy.prepare_create(&mut obj);
+    res.strategy
+        .allocate(objects, &mut obj, req.dry_run())
+        .await?;
     if manager_op == "Update" {
         crate::managed::record_update(
             &mut obj,
@@ -511,8 +514,8 @@ pub(crate) async fn create_object(
         return Ok(obj);
     }
     let created = objects.create(res, ns.as_deref(), &name, &obj).await;
-    if created.is_err() && res.kind == "Service" {
-        defaults::release(objects, &obj).await;
+    if created.is_err() {
+        res.strategy.release(objects, &obj).await;
     }
     created
 }
@@ -621,17 +624,7 @@ pub(crate) fn prepare_update(
         let g = if spec_changed(old, &new) { g + 1 } else { g };
         new["metadata"]["generation"] = json!(g);
     }
-    if res.kind == "Secret" {
-        defaults::string_data(&mut new);
-    }
-    if res.kind == "Service" {
-        // Allocated addresses are immutable once set.
-        for k in ["clusterIP", "clusterIPs"] {
-            if let Some(v) = old.pointer(&format!("/spec/{k}")) {
-                new["spec"][k] = v.clone();
-            }
-        }
-    }
+    res.strategy.prepare_update(old, &mut new);
     Ok(new)
 }
 
@@ -689,9 +682,7 @@ pub(crate) async fn store_update(
     }
     if finalizers_done {
         let drev = objects.remove(res, ns, name, rev).await?;
-        if res.kind == "Service" {
-            defaults::release(objects, &new).await;
-        }
+        res.strategy.release(objects, &new).await;
         objects::set_rv(&mut new, drev);
         return Ok(new);
     }
@@ -1026,31 +1017,14 @@ async fn delete_one(
                 finalizers.push(json!(f));
             }
         }
-        // A pod on a node gets its grace period: the node agent finishes the deletion.
-        let pod_grace = opts
-            .grace
-            .or_else(|| {
-                obj.pointer("/spec/terminationGracePeriodSeconds")
-                    .and_then(Value::as_i64)
-            })
-            .unwrap_or(30);
-        let graceful_pod = res.kind == "Pod"
-            && obj
-                .pointer("/spec/nodeName")
-                .and_then(Value::as_str)
-                .is_some_and(|n| !n.is_empty())
-            && pod_grace > 0
-            && obj.pointer("/metadata/deletionTimestamp").is_none();
-        let namespace = res.kind == "Namespace";
-        if finalizers.is_empty() && !graceful_pod && !namespace {
+        let deletion = res.strategy.deletion(&obj, opts.grace);
+        if finalizers.is_empty() && deletion == Deletion::Immediate {
             if req.dry_run() {
                 return Ok(obj);
             }
             match objects.remove(res, ns, name, rev).await {
                 Ok(drev) => {
-                    if res.kind == "Service" {
-                        defaults::release(objects, &obj).await;
-                    }
+                    res.strategy.release(objects, &obj).await;
                     let mut out = obj;
                     objects::set_rv(&mut out, drev);
                     return Ok(out);
@@ -1062,7 +1036,10 @@ async fn delete_one(
         if obj.pointer("/metadata/deletionTimestamp").is_some() && add.is_none() {
             return Ok(obj);
         }
-        let grace = if graceful_pod { pod_grace } else { 0 };
+        let grace = match deletion {
+            Deletion::Graceful(grace) => grace,
+            Deletion::Immediate | Deletion::Terminating => 0,
+        };
         marked["metadata"]["finalizers"] = Value::Array(finalizers);
         if marked
             .pointer("/metadata/finalizers")
@@ -1079,7 +1056,7 @@ async fn delete_one(
                 json!(at.to_rfc3339_opts(SecondsFormat::Secs, true));
             marked["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
         }
-        if namespace {
+        if deletion == Deletion::Terminating {
             marked["status"]["phase"] = json!("Terminating");
         }
         if req.dry_run() {
@@ -1145,7 +1122,7 @@ fn event_line(kind: &str, obj: &Value, req: &Request) -> Bytes {
             .cloned()
             .unwrap_or(json!(""));
         table::table(
-            req.target.res.kind,
+            req.target.res,
             std::slice::from_ref(obj),
             json!({"resourceVersion": rv}),
             full,

@@ -6,6 +6,7 @@ use kube_core::{Expression, Selector, SelectorExt};
 use serde_json::Value;
 
 use crate::error::ApiError;
+use crate::resources::Resource;
 
 /// A parsed label selector; the empty selector matches everything. Matching is
 /// kube-core's [`Selector`]; what kube does not have, and this adds, is reading the
@@ -131,7 +132,7 @@ impl LabelSelector {
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
 impl FieldSelector {
-    pub fn parse(s: &str, kind: &str) -> Result<Self, ApiError> {
+    pub fn parse(s: &str, res: &Resource) -> Result<Self, ApiError> {
         let mut reqs = Vec::new();
         for part in s.split(',') {
             let part = part.trim();
@@ -150,7 +151,9 @@ impl FieldSelector {
                 )));
             };
             let field = field.trim();
-            if !Self::supported(kind, field) {
+            let supported = matches!(field, "metadata.name" | "metadata.namespace")
+                || res.strategy.field_selectable(field);
+            if !supported {
                 return Err(ApiError::bad_request(format!(
                     "field label not supported: {field}"
                 )));
@@ -158,30 +161,6 @@ impl FieldSelector {
             reqs.push((field.to_string(), eq, value.trim().to_string()));
         }
         Ok(Self(reqs))
-    }
-
-    fn supported(kind: &str, field: &str) -> bool {
-        matches!(field, "metadata.name" | "metadata.namespace")
-            || match kind {
-                "Pod" => matches!(
-                    field,
-                    "spec.nodeName"
-                        | "status.phase"
-                        | "spec.restartPolicy"
-                        | "spec.schedulerName"
-                        | "spec.serviceAccountName"
-                        | "status.podIP"
-                ),
-                "Event" => {
-                    field.starts_with("involvedObject.")
-                        || matches!(field, "reason" | "type" | "source" | "reportingComponent")
-                }
-                "Node" => field == "spec.unschedulable",
-                "Secret" => field == "type",
-                "Namespace" => field == "status.phase",
-                "Job" => field == "status.successful",
-                _ => false,
-            }
     }
 
     /// The field selector pins one name: lists can read one key instead of a range.
@@ -214,6 +193,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn pods() -> &'static Resource {
+        crate::resources::by_kind("Pod").unwrap()
+    }
+
     #[test]
     fn label_selectors() {
         let obj = json!({"metadata": {"labels": {"app": "web", "tier": "front"}}});
@@ -241,14 +224,14 @@ mod tests {
     #[test]
     fn field_selectors() {
         let pod = json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}});
-        let sel = FieldSelector::parse("spec.nodeName=n1,status.phase!=Failed", "Pod").unwrap();
+        let sel = FieldSelector::parse("spec.nodeName=n1,status.phase!=Failed", pods()).unwrap();
         assert!(sel.matches(&pod));
-        assert!(!FieldSelector::parse("spec.nodeName=", "Pod")
+        assert!(!FieldSelector::parse("spec.nodeName=", pods())
             .unwrap()
             .matches(&pod));
-        assert!(FieldSelector::parse("spec.foo=x", "Pod").is_err());
+        assert!(FieldSelector::parse("spec.foo=x", pods()).is_err());
         assert_eq!(
-            FieldSelector::parse("metadata.name=p", "Pod")
+            FieldSelector::parse("metadata.name=p", pods())
                 .unwrap()
                 .exact_name(),
             Some("p")

@@ -326,7 +326,7 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         headers: parts.headers,
         body,
     };
-    if req.target.res.kind == "Pod"
+    if req.target.res.subresources.contains(&"log")
         && req.target.sub.as_deref() == Some("log")
         && req.method == http::Method::GET
     {

@@ -154,7 +154,7 @@ fn walk_unknown(input: &Value, typed: &Value, path: &str, out: &mut Vec<String>)
     }
 }
 
-fn dns1123_label(s: &str) -> Result<(), String> {
+pub fn dns1123_label(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -272,7 +272,7 @@ pub fn metadata(
 pub const MAX_CONTAINERS: usize = 64;
 
 /// The pod spec rules: containers, volumes and how containers mount them.
-fn pod_spec(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
+pub(crate) fn pod_spec(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
     containers(spec, path, errs);
     let count = items(spec, "initContainers").count() + items(spec, "containers").count();
     if count > MAX_CONTAINERS {
@@ -469,7 +469,7 @@ fn containers(spec: &Value, path: &str, errs: &mut Vec<FieldError>) {
     }
 }
 
-fn selector_matches_template(obj: &Value, errs: &mut Vec<FieldError>) {
+pub(crate) fn selector_matches_template(obj: &Value, errs: &mut Vec<FieldError>) {
     let Some(sel) = obj.pointer("/spec/selector") else {
         errs.push(FieldError::required("spec.selector"));
         return;
@@ -505,80 +505,6 @@ fn selector_matches_template(obj: &Value, errs: &mut Vec<FieldError>) {
     }
 }
 
-/// The semantic rules of each kind, beyond metadata.
-pub fn kind_rules(kind: &str, obj: &Value) -> Vec<FieldError> {
-    let mut errs = Vec::new();
-    match kind {
-        "Pod" => match obj.get("spec") {
-            Some(spec) => pod_spec(spec, "spec", &mut errs),
-            None => errs.push(FieldError::required("spec.containers")),
-        },
-        "Deployment" | "ReplicaSet" => {
-            selector_matches_template(obj, &mut errs);
-            if let Some(r) = obj.pointer("/spec/replicas").and_then(Value::as_i64) {
-                if r < 0 {
-                    errs.push(FieldError::invalid(
-                        "spec.replicas",
-                        &r.to_string(),
-                        "must be greater than or equal to 0",
-                    ));
-                }
-            }
-        }
-        "Job" => {
-            if let Some(spec) = obj.pointer("/spec/template/spec") {
-                pod_spec(spec, "spec.template.spec", &mut errs);
-                let policy = spec
-                    .get("restartPolicy")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                if !matches!(policy, "Never" | "OnFailure") {
-                    errs.push(FieldError {
-                        field: "spec.template.spec.restartPolicy".into(),
-                        reason: "FieldValueNotSupported",
-                        message: format!("Unsupported value: {policy:?}: supported values: \"OnFailure\", \"Never\""),
-                    });
-                }
-            } else {
-                errs.push(FieldError::required("spec.template.spec.containers"));
-            }
-        }
-        "Service" => {
-            let ty = obj
-                .pointer("/spec/type")
-                .and_then(Value::as_str)
-                .unwrap_or("ClusterIP");
-            let ports = obj.pointer("/spec/ports").and_then(Value::as_array);
-            if ty != "ExternalName"
-                && obj.pointer("/spec/clusterIP").and_then(Value::as_str) != Some("None")
-                && ports.is_none_or(|p| p.is_empty())
-            {
-                errs.push(FieldError::required("spec.ports"));
-            }
-            for (i, p) in ports.into_iter().flatten().enumerate() {
-                let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
-                if !(1..=65535).contains(&port) {
-                    errs.push(FieldError::invalid(
-                        format!("spec.ports[{i}].port"),
-                        &port.to_string(),
-                        "must be between 1 and 65535, inclusive",
-                    ));
-                }
-            }
-        }
-        _ => {}
-    }
-    errs
-}
-
-/// The name rule of a kind: most names are DNS subdomains; some must be labels.
-pub fn name_rule(kind: &str) -> fn(&str) -> Result<(), String> {
-    match kind {
-        "Namespace" | "Service" => dns1123_label,
-        _ => dns1123_subdomain,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,7 +530,12 @@ mod tests {
                 "containers": [{"name": "c", "image": "x", "volumeMounts": mounts}]}})
         };
         let fields = |o: Value| -> Vec<String> {
-            kind_rules("Pod", &o).into_iter().map(|e| e.field).collect()
+            let mut errs = Vec::new();
+            match o.get("spec") {
+                Some(spec) => pod_spec(spec, "spec", &mut errs),
+                None => errs.push(FieldError::required("spec.containers")),
+            }
+            errs.into_iter().map(|e| e.field).collect()
         };
         let ok = pod(
             json!([{"name": "data", "emptyDir": {}}]),

@@ -1,0 +1,168 @@
+//! What each kind does differently from a plain object: the registry's strategies.
+//!
+//! kube-apiserver gives every resource a strategy (defaults, validation, what an update
+//! may change, how a deletion proceeds, how it prints). Baton does the same. The REST
+//! handlers in [`crate::rest`] do what every resource does, and ask the resource's
+//! [`Strategy`] wherever kinds differ; no handler asks which kind it serves. A resource is
+//! an entry in [`crate::resources`] with its strategy; a kind that behaves like a plain
+//! object uses [`Plain`].
+
+mod core;
+mod pod;
+mod service;
+mod workloads;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde_json::{json, Value};
+
+use crate::error::{ApiResult, FieldError};
+use crate::objects::Objects;
+use crate::table;
+use crate::validation;
+
+pub use self::core::{
+    ConfigMaps, EndpointSlices, Endpoints, Events, Leases, Namespaces, Nodes, Secrets,
+    ServiceAccounts,
+};
+pub use pod::Pods;
+pub use service::Services;
+pub use workloads::{Deployments, Jobs, ReplicaSets};
+
+/// A hook's future: it may read and write the store.
+pub type Hook<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The rule a kind's names follow.
+pub type NameRule = fn(&str) -> Result<(), String>;
+
+/// One printer column and how its cell is made, kept together so they cannot drift apart.
+#[derive(Debug)]
+pub struct Column {
+    pub name: &'static str,
+    /// `string`, `integer`, `date`…
+    pub type_: &'static str,
+    /// 0: always shown; 1: shown with `-o wide`.
+    pub priority: i32,
+    pub cell: fn(&Value) -> Value,
+}
+
+impl Column {
+    pub const fn new(
+        name: &'static str,
+        type_: &'static str,
+        priority: i32,
+        cell: fn(&Value) -> Value,
+    ) -> Self {
+        Self {
+            name,
+            type_,
+            priority,
+            cell,
+        }
+    }
+
+    /// Its definition in a Table.
+    pub fn definition(&self) -> Value {
+        let format = if self.name == "Name" { "name" } else { "" };
+        json!({"name": self.name, "type": self.type_, "format": format, "description": "", "priority": self.priority})
+    }
+}
+
+/// The object's name cell.
+pub fn name(o: &Value) -> Value {
+    json!(table::s(o, "/metadata/name"))
+}
+
+/// The object's age cell.
+pub fn age(o: &Value) -> Value {
+    table::age(o)
+}
+
+/// What a kind without columns of its own prints.
+pub static NAME_AGE: &[Column] = &[
+    Column::new("Name", "string", 0, name),
+    Column::new("Age", "string", 0, age),
+];
+
+/// How a deletion proceeds once no finalizer holds the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deletion {
+    /// Removed now.
+    Immediate,
+    /// Marked with a deletion timestamp this many seconds ahead; whoever runs the object
+    /// (a pod's node) finishes the deletion.
+    Graceful(i64),
+    /// Marked and shown as terminating while a controller empties it (a namespace).
+    Terminating,
+}
+
+/// What a kind does differently. Every method's default is what a plain object does.
+pub trait Strategy: Send + Sync + std::fmt::Debug {
+    /// The rule `metadata.name` follows.
+    fn name_rule(&self) -> NameRule {
+        validation::dns1123_subdomain
+    }
+
+    /// Fields besides `metadata.name` and `metadata.namespace` a field selector may name.
+    fn field_selectable(&self, _field: &str) -> bool {
+        false
+    }
+
+    /// The kind's own rules, beyond metadata.
+    fn validate(&self, _obj: &Value, _errs: &mut Vec<FieldError>) {}
+
+    /// Defaults and initial status of a new object, after it was validated.
+    fn prepare_create(&self, _obj: &mut Value) {}
+
+    /// What a new object takes from shared pools (a Service's address and node ports).
+    /// With `dry_run`, nothing is taken, but an unavailable value is still refused.
+    fn allocate<'a>(
+        &'a self,
+        _objects: &'a Objects,
+        _obj: &'a mut Value,
+        _dry_run: bool,
+    ) -> Hook<'a, ApiResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Gives back what [`Strategy::allocate`] took: the object is gone, or its create failed.
+    fn release<'a>(&'a self, _objects: &'a Objects, _obj: &'a Value) -> Hook<'a, ()> {
+        Box::pin(async {})
+    }
+
+    /// Keeps what an update may not change, and normalizes what every write normalizes.
+    fn prepare_update(&self, _old: &Value, _new: &mut Value) {}
+
+    /// How the deletion of `obj` proceeds; `grace` is what the request asked for.
+    fn deletion(&self, _obj: &Value, _grace: Option<i64>) -> Deletion {
+        Deletion::Immediate
+    }
+
+    /// The columns `kubectl get` shows.
+    fn columns(&self) -> &'static [Column] {
+        NAME_AGE
+    }
+}
+
+/// A kind with no behaviour of its own.
+#[derive(Debug)]
+pub struct Plain;
+
+impl Strategy for Plain {}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_resource_prints_its_name_first_but_events() {
+        for r in crate::resources::RESOURCES {
+            let first = r.strategy.columns()[0].name;
+            let want = if r.kind == "Event" {
+                "Last Seen"
+            } else {
+                "Name"
+            };
+            assert_eq!(first, want, "{}", r.kind);
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Pods: defaults and initial status, their spec's rules, graceful deletion through their
+//! node, and `kubectl get pods`' columns.
+
+use serde_json::{json, Value};
+
+use super::{age, name, Column, Deletion, Strategy};
+use crate::defaults;
+use crate::error::FieldError;
+use crate::table::{i, none_if_empty, pod_status, s};
+use crate::validation;
+
+#[derive(Debug)]
+pub struct Pods;
+
+fn container_statuses(o: &Value) -> &[Value] {
+    o.pointer("/status/containerStatuses")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+fn ready(o: &Value) -> Value {
+    let total = o
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let ready = container_statuses(o)
+        .iter()
+        .filter(|c| c.get("ready").and_then(Value::as_bool) == Some(true))
+        .count();
+    json!(format!("{ready}/{total}"))
+}
+
+fn restarts(o: &Value) -> Value {
+    let n: i64 = container_statuses(o)
+        .iter()
+        .map(|c| i(c, "/restartCount"))
+        .sum();
+    json!(n.to_string())
+}
+
+static COLUMNS: &[Column] = &[
+    Column::new("Name", "string", 0, name),
+    Column::new("Ready", "string", 0, ready),
+    Column::new("Status", "string", 0, |o| json!(pod_status(o))),
+    Column::new("Restarts", "string", 0, restarts),
+    Column::new("Age", "string", 0, age),
+    Column::new("IP", "string", 1, |o| {
+        json!(none_if_empty(s(o, "/status/podIP").to_string()))
+    }),
+    Column::new("Node", "string", 1, |o| {
+        json!(none_if_empty(s(o, "/spec/nodeName").to_string()))
+    }),
+    Column::new("Nominated Node", "string", 1, |_| json!("<none>")),
+    Column::new("Readiness Gates", "string", 1, |_| json!("<none>")),
+];
+
+impl Strategy for Pods {
+    fn field_selectable(&self, field: &str) -> bool {
+        matches!(
+            field,
+            "spec.nodeName"
+                | "status.phase"
+                | "spec.restartPolicy"
+                | "spec.schedulerName"
+                | "spec.serviceAccountName"
+                | "status.podIP"
+        )
+    }
+
+    fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
+        match obj.get("spec") {
+            Some(spec) => validation::pod_spec(spec, "spec", errs),
+            None => errs.push(FieldError::required("spec.containers")),
+        }
+    }
+
+    fn prepare_create(&self, obj: &mut Value) {
+        if let Some(spec) = obj.get_mut("spec") {
+            defaults::pod_spec(spec);
+            defaults::default_tolerations(spec);
+        }
+        obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+    }
+
+    /// A pod on a node gets its grace period, and its node finishes the deletion once
+    /// the containers have stopped; a pod no node runs goes at once.
+    fn deletion(&self, obj: &Value, grace: Option<i64>) -> Deletion {
+        let grace = grace
+            .or_else(|| {
+                obj.pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+            })
+            .unwrap_or(30);
+        let on_a_node = obj
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
+        let marked = obj.pointer("/metadata/deletionTimestamp").is_some();
+        if on_a_node && grace > 0 && !marked {
+            Deletion::Graceful(grace)
+        } else {
+            Deletion::Immediate
+        }
+    }
+
+    fn columns(&self) -> &'static [Column] {
+        COLUMNS
+    }
+}
