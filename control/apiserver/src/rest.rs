@@ -328,23 +328,31 @@ fn decode_body(req: &Request) -> ApiResult<(Value, Vec<String>)> {
 }
 
 /// Checks kind and apiVersion, and the typed schema; returns the typed form and warnings.
+/// A body that leaves out `kind` or `apiVersion` gets them from the URL, as
+/// kube-apiserver's decoder defaults them (some clients send bare objects).
 pub(crate) fn typecheck(
     req: &Request,
     res: &Resource,
     v: &Value,
     dups: &[String],
 ) -> ApiResult<(Value, Vec<String>)> {
+    let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("");
+    let filled;
+    let v = if field("kind").is_empty() || field("apiVersion").is_empty() {
+        let mut c = v.clone();
+        if field("kind").is_empty() {
+            c["kind"] = json!(res.kind);
+        }
+        if field("apiVersion").is_empty() {
+            c["apiVersion"] = json!(res.api_version());
+        }
+        filled = c;
+        &filled
+    } else {
+        v
+    };
     let api_version = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let kind = v.get("kind").and_then(Value::as_str).unwrap_or("");
-    if kind.is_empty() || api_version.is_empty() {
-        return Err(ApiError::bad_request(format!(
-            "Object 'Kind' is missing in '{}'",
-            String::from_utf8_lossy(&req.body)
-                .chars()
-                .take(200)
-                .collect::<String>()
-        )));
-    }
     if kind != res.kind || api_version != res.api_version() {
         return Err(ApiError::bad_request(format!(
             "the API version in the data ({api_version}) and kind ({kind}) do not match the resource {} ({})",

@@ -1,76 +1,15 @@
 //! Watch and read semantics through the router, in process: resume from a
 //! resourceVersion, 410 Expired after compaction, bookmarks, timeoutSeconds.
 
+mod support;
+
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use baton_apiserver::{ApiServer, Objects, Pki};
-use baton_store::{Store, StoreConfig};
+use axum::http::StatusCode;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tower::ServiceExt;
-
-struct Env {
-    _dir: tempfile::TempDir,
-    store: Store,
-    api: ApiServer,
-    token: String,
-}
-
-async fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = StoreConfig::new(1, dir.path().join("store"), "127.0.0.1:0");
-    cfg.progress_interval = Duration::from_millis(200);
-    let store = Store::open_single(cfg).await.unwrap();
-    let pki = Pki::load_or_create(&dir.path().join("pki"), &[]).unwrap();
-    let token = pki.admin_token.clone();
-    let api = ApiServer::new(
-        Objects {
-            store: store.clone(),
-        },
-        pki,
-    );
-    api.bootstrap().await.unwrap();
-    Env {
-        _dir: dir,
-        store,
-        api,
-        token,
-    }
-}
-
-impl Env {
-    /// Stops the store before the test ends, so no RocksDB work outlives the test.
-    async fn close(self) {
-        self.store.shutdown().await.unwrap();
-    }
-
-    async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Body) {
-        let req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("authorization", format!("Bearer {}", self.token))
-            .header("content-type", "application/json")
-            .body(
-                body.map(|b| Body::from(b.to_string()))
-                    .unwrap_or_else(Body::empty),
-            )
-            .unwrap();
-        let resp = self.api.router().oneshot(req).await.unwrap();
-        (resp.status(), resp.into_body())
-    }
-
-    async fn call_get(&self, uri: &str) -> (StatusCode, Body) {
-        self.call("GET", uri, None).await
-    }
-
-    async fn json(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let (code, body) = self.call(method, uri, body).await;
-        let bytes = axum::body::to_bytes(body, 1 << 24).await.unwrap();
-        (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
-}
+use support::env;
 
 /// Reads watch lines until `n` events arrived or the stream ended.
 async fn events(body: Body, n: usize) -> Vec<Value> {

@@ -1,0 +1,185 @@
+//! What differs by kind, through the router in process: each resource's strategy at work
+//! (defaults, allocations, updates, deletion, printing, field selectors), and bodies
+//! that leave their kind to the URL.
+
+mod support;
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use support::env;
+
+const SVCS: &str = "/api/v1/namespaces/default/services";
+
+fn svc(name: &str, ip: Option<&str>) -> Value {
+    let mut s = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+        "spec": {"type": "NodePort", "ports": [{"port": 80}]}});
+    if let Some(ip) = ip {
+        s["spec"]["clusterIP"] = json!(ip);
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_without_kind_or_api_version_takes_them_from_the_url() {
+    let e = env().await;
+    let (code, got) = e
+        .json(
+            "POST",
+            "/api/v1/namespaces/default/configmaps",
+            Some(json!({"metadata": {"name": "bare"}, "data": {"a": "1"}})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{got}");
+    assert_eq!(
+        (got["kind"].as_str(), got["apiVersion"].as_str()),
+        (Some("ConfigMap"), Some("v1"))
+    );
+    let (code, got) = e
+        .json(
+            "POST",
+            "/apis/apps/v1/namespaces/default/deployments",
+            Some(json!({"kind": "ConfigMap", "metadata": {"name": "wrong"}})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{got}");
+    assert!(
+        got["message"].as_str().unwrap().contains("do not match"),
+        "{got}"
+    );
+    e.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_services_address_is_its_own_until_it_is_deleted() {
+    let e = env().await;
+    let (code, a) = e.json("POST", SVCS, Some(svc("a", None))).await;
+    assert_eq!(code, StatusCode::CREATED, "{a}");
+    let ip = a["spec"]["clusterIP"].as_str().unwrap().to_string();
+    assert!(ip.starts_with("10.96."), "{ip}");
+    let node_port = a["spec"]["ports"][0]["nodePort"].as_i64().unwrap();
+    assert!((30000..=32767).contains(&node_port));
+    // Taken: another Service cannot have it, and an update cannot change it.
+    let (code, b) = e.json("POST", SVCS, Some(svc("b", Some(&ip)))).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    let mut changed = a.clone();
+    changed["spec"]["clusterIP"] = json!("10.96.9.9");
+    let (code, updated) = e.json("PUT", &format!("{SVCS}/a"), Some(changed)).await;
+    assert_eq!(code, StatusCode::OK, "{updated}");
+    assert_eq!(updated["spec"]["clusterIP"], ip.as_str());
+    // Given back with the Service.
+    let (code, _) = e.json("DELETE", &format!("{SVCS}/a"), None).await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, b) = e.json("POST", SVCS, Some(svc("b", Some(&ip)))).await;
+    assert_eq!(code, StatusCode::CREATED, "{b}");
+    e.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_fold_string_data_on_every_write() {
+    let e = env().await;
+    let uri = "/api/v1/namespaces/default/secrets";
+    let (code, s) = e
+        .json(
+            "POST",
+            uri,
+            Some(
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+                "stringData": {"a": "x"}}),
+            ),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{s}");
+    assert_eq!(s["data"]["a"], "eA==");
+    assert_eq!(s["type"], "Opaque");
+    assert!(s.get("stringData").is_none());
+    let mut upd = s.clone();
+    upd["stringData"] = json!({"b": "y"});
+    let (code, s) = e.json("PUT", &format!("{uri}/s"), Some(upd)).await;
+    assert_eq!(code, StatusCode::OK, "{s}");
+    assert_eq!(
+        (s["data"]["a"].as_str(), s["data"]["b"].as_str()),
+        (Some("eA=="), Some("eQ=="))
+    );
+    e.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletions_proceed_as_their_kind_says() {
+    let e = env().await;
+    let pods = "/api/v1/namespaces/default/pods";
+    let pod = |name: &str, node: Option<&str>| {
+        let mut p = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"containers": [{"name": "c", "image": "x"}]}});
+        if let Some(n) = node {
+            p["spec"]["nodeName"] = json!(n);
+        }
+        p
+    };
+    // A pod no node runs goes at once; a pod on a node waits for its node.
+    let (code, _) = e.json("POST", pods, Some(pod("free", None))).await;
+    assert_eq!(code, StatusCode::CREATED);
+    let (code, _) = e.json("DELETE", &format!("{pods}/free"), None).await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, _) = e.json("POST", pods, Some(pod("bound", Some("n1")))).await;
+    assert_eq!(code, StatusCode::CREATED);
+    let (code, marked) = e.json("DELETE", &format!("{pods}/bound"), None).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{marked}");
+    assert_eq!(marked["metadata"]["deletionGracePeriodSeconds"], 30);
+    // A namespace shows Terminating while it is emptied.
+    let (code, _) = e
+        .json(
+            "POST",
+            "/api/v1/namespaces",
+            Some(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "gone"}})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED);
+    let (code, ns) = e.json("DELETE", "/api/v1/namespaces/gone", None).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{ns}");
+    assert_eq!(ns["status"]["phase"], "Terminating");
+    e.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_kind_prints_its_columns_and_selects_its_fields() {
+    let e = env().await;
+    let (code, table) = e
+        .json_with(
+            "GET",
+            "/api/v1/namespaces",
+            "application/json;as=Table;v=v1;g=meta.k8s.io",
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{table}");
+    let names: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Name", "Status", "Age"]);
+    let row = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cells"][0] == "default")
+        .unwrap();
+    assert_eq!(row["cells"][1], "Active");
+    let (code, _) = e
+        .json("GET", "/api/v1/pods?fieldSelector=spec.nodeName%3Dn1", None)
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, err) = e
+        .json(
+            "GET",
+            "/api/v1/configmaps?fieldSelector=spec.nodeName%3Dn1",
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{err}");
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("field label not supported"));
+    e.close().await;
+}

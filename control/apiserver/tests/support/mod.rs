@@ -1,0 +1,100 @@
+//! An API server over a single-member store, driven through its router in process.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use baton_apiserver::{ApiServer, Objects, Pki};
+use baton_store::{Store, StoreConfig};
+use serde_json::Value;
+use tower::ServiceExt;
+
+pub struct Env {
+    _dir: tempfile::TempDir,
+    pub store: Store,
+    pub api: ApiServer,
+    pub token: String,
+}
+
+pub async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = StoreConfig::new(1, dir.path().join("store"), "127.0.0.1:0");
+    cfg.progress_interval = Duration::from_millis(200);
+    let store = Store::open_single(cfg).await.unwrap();
+    let pki = Pki::load_or_create(&dir.path().join("pki"), &[]).unwrap();
+    let token = pki.admin_token.clone();
+    let api = ApiServer::new(
+        Objects {
+            store: store.clone(),
+        },
+        pki,
+    );
+    api.bootstrap().await.unwrap();
+    Env {
+        _dir: dir,
+        store,
+        api,
+        token,
+    }
+}
+
+#[allow(dead_code)] // each test crate uses a part
+impl Env {
+    /// Stops the store before the test ends, so no RocksDB work outlives the test.
+    pub async fn close(self) {
+        self.store.shutdown().await.unwrap();
+    }
+
+    pub async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Body) {
+        self.call_accepting(method, uri, body, "application/json")
+            .await
+    }
+
+    pub async fn call_accepting(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+        accept: &str,
+    ) -> (StatusCode, Body) {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .header("accept", accept)
+            .body(
+                body.map(|b| Body::from(b.to_string()))
+                    .unwrap_or_else(Body::empty),
+            )
+            .unwrap();
+        let resp = self.api.router().oneshot(req).await.unwrap();
+        (resp.status(), resp.into_body())
+    }
+
+    pub async fn call_get(&self, uri: &str) -> (StatusCode, Body) {
+        self.call("GET", uri, None).await
+    }
+
+    pub async fn json(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.json_with_body(method, uri, body, "application/json")
+            .await
+    }
+
+    /// A bodiless request with an `Accept` header, its answer as JSON.
+    pub async fn json_with(&self, method: &str, uri: &str, accept: &str) -> (StatusCode, Value) {
+        self.json_with_body(method, uri, None, accept).await
+    }
+
+    async fn json_with_body(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+        accept: &str,
+    ) -> (StatusCode, Value) {
+        let (code, body) = self.call_accepting(method, uri, body, accept).await;
+        let bytes = axum::body::to_bytes(body, 1 << 24).await.unwrap();
+        (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+}
