@@ -70,7 +70,7 @@ fn status(
         ],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
         "nodeInfo": {
-            "architecture": std::env::consts::ARCH,
+            "architecture": go_arch(),
             "operatingSystem": "linux",
             "osImage": "Baton Wasm node",
             "kernelVersion": "",
@@ -80,6 +80,22 @@ fn status(
             "machineID": name, "systemUUID": name, "bootID": "",
         },
     })
+}
+
+/// This machine's architecture as Go (and so every chart's `nodeSelector`) names it:
+/// `amd64`, not Rust's `x86_64`.
+pub fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
+        "powerpc64" => "ppc64",
+        "loongarch64" => "loong64",
+        "mips64" if cfg!(target_endian = "little") => "mips64le",
+        // riscv64, s390x, arm and mips are spelled alike.
+        other => other,
+    }
 }
 
 /// Creates or updates the Node, and marks it Ready.
@@ -100,7 +116,7 @@ pub async fn register(
     let mut all_labels = labels.clone();
     all_labels.insert("kubernetes.io/hostname".into(), name.into());
     all_labels.insert("kubernetes.io/os".into(), "linux".into());
-    all_labels.insert("kubernetes.io/arch".into(), std::env::consts::ARCH.into());
+    all_labels.insert("kubernetes.io/arch".into(), go_arch().into());
     all_labels.insert("baton.dev/runtime".into(), "wasm".into());
     let node: Node = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": all_labels},
@@ -178,5 +194,17 @@ pub async fn assigned_pod_cidr(client: &Client, name: &str) -> Result<String, Re
             return Ok(c);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_architecture_has_gos_name() {
+        let arch = super::go_arch();
+        assert!(!["x86_64", "aarch64"].contains(&arch), "{arch}");
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(arch, "amd64");
+        }
     }
 }

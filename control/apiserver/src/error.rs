@@ -74,6 +74,8 @@ pub enum ApiError {
         name: String,
         causes: Vec<FieldError>,
     },
+    #[error("only the following media types are accepted: application/json, application/yaml, application/vnd.kubernetes.protobuf (as an object, a Table or PartialObjectMetadata); not {accept:?}")]
+    NotAcceptable { accept: String },
     #[error("the request is too large: {size} bytes exceeds {limit}")]
     TooLarge { size: usize, limit: usize },
     #[error("{message}")]
@@ -122,6 +124,7 @@ impl ApiError {
             ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Expired { .. } => StatusCode::GONE,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::NotAcceptable { .. } => StatusCode::NOT_ACCEPTABLE,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -142,6 +145,7 @@ impl ApiError {
             ApiError::Conflict { .. } => "Conflict",
             ApiError::Expired { .. } => "Expired",
             ApiError::UnsupportedMediaType { .. } => "UnsupportedMediaType",
+            ApiError::NotAcceptable { .. } => "NotAcceptable",
             ApiError::Invalid { .. } => "Invalid",
             ApiError::TooLarge { .. } => "RequestEntityTooLarge",
             ApiError::TooManyRequests { .. } => "TooManyRequests",
@@ -163,7 +167,9 @@ impl ApiError {
             "reason": self.reason(),
             "code": self.code().as_u16(),
         });
-        let details = match self {
+        // Every Status has details, as kube-apiserver's do: clients read them without
+        // checking (`kubectl debug` reads `details.name` of a 404).
+        status["details"] = match self {
             ApiError::NotFound {
                 group,
                 resource,
@@ -179,25 +185,30 @@ impl ApiError {
                 resource,
                 name,
                 ..
-            } => Some(json!({"name": name, "group": group, "kind": resource})),
+            } => json!({"name": name, "group": group, "kind": resource}),
             ApiError::Invalid {
                 group,
                 kind,
                 name,
                 causes,
-            } => Some(json!({
+            } => json!({
                 "name": name,
                 "group": group,
                 "kind": kind,
                 "causes": causes.iter().map(|c| json!({
                     "reason": c.reason, "message": c.message, "field": c.field,
                 })).collect::<Vec<_>>(),
-            })),
-            _ => None,
+            }),
+            ApiError::TooManyRequests { .. }
+            | ApiError::Timeout { .. }
+            | ApiError::Unavailable { .. } => {
+                json!({"retryAfterSeconds": 1})
+            }
+            ApiError::Internal { message } => {
+                json!({"causes": [{"message": message}]})
+            }
+            _ => json!({}),
         };
-        if let Some(d) = details {
-            status["details"] = d;
-        }
         status
     }
 }
@@ -242,3 +253,34 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_has_details() {
+        let errors = [
+            ApiError::NoRoute,
+            ApiError::bad_request("x"),
+            ApiError::Unauthorized,
+            ApiError::Forbidden {
+                message: "no".into(),
+            },
+            ApiError::internal("boom"),
+            ApiError::TooManyRequests {
+                message: "busy".into(),
+            },
+        ];
+        for e in errors {
+            let s = e.status();
+            assert!(s["details"].is_object(), "{e}: {s}");
+        }
+        let s = ApiError::NoRoute.status();
+        assert_eq!(s["details"], json!({}));
+        assert_eq!(
+            ApiError::internal("boom").status()["details"]["causes"][0]["message"],
+            "boom"
+        );
+    }
+}

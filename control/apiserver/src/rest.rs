@@ -28,6 +28,16 @@ pub fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+/// How objects are rendered in an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rendering {
+    Object,
+    /// A `meta.k8s.io/v1` Table, as `kubectl get` asks.
+    Table,
+    /// `PartialObjectMetadata` (and `...List`): metadata only, as metadata informers ask.
+    Metadata,
+}
+
 /// A parsed resource request.
 #[derive(Debug)]
 pub struct Target {
@@ -101,22 +111,47 @@ impl Request {
             .unwrap_or("application/json")
     }
 
-    fn wants_table(&self) -> bool {
-        // Accept lists media types in preference order; a Table is wanted if it comes first
-        // among those we serve (protobuf ones are skipped: we answer them with JSON).
+    /// How the client wants objects rendered. Accept lists media types in preference
+    /// order; the first one served wins (protobuf ones are answered with JSON). None if
+    /// nothing listed can be served: 406.
+    pub(crate) fn rendering(&self) -> Option<Rendering> {
         for part in self.accept().split(',') {
             let p = part.trim();
-            if p.contains("as=Table") {
-                return true;
+            let media = p.split(';').next().unwrap_or("").trim();
+            let as_ = p
+                .split(';')
+                .filter_map(|kv| kv.trim().strip_prefix("as="))
+                .next();
+            let served = matches!(
+                media,
+                "application/json"
+                    | "application/yaml"
+                    | "application/vnd.kubernetes.protobuf"
+                    | "application/*"
+                    | "*/*"
+                    | ""
+            );
+            if !served {
+                continue;
             }
-            if p.starts_with("application/json")
-                || p.starts_with("*/*")
-                || p.starts_with("application/yaml")
-            {
-                return false;
+            match as_ {
+                None => return Some(Rendering::Object),
+                Some("Table") => return Some(Rendering::Table),
+                Some("PartialObjectMetadata" | "PartialObjectMetadataList") => {
+                    return Some(Rendering::Metadata)
+                }
+                Some(_) => continue,
             }
         }
-        false
+        None
+    }
+
+    fn wants_table(&self) -> bool {
+        self.rendering() == Some(Rendering::Table)
+    }
+
+    fn wants_metadata(&self) -> bool {
+        self.rendering() == Some(Rendering::Metadata)
     }
 
     fn content_type(&self) -> &str {
@@ -152,6 +187,9 @@ pub(crate) fn object_response(
     obj: &Value,
     warnings: &[String],
 ) -> Response {
+    if req.wants_metadata() && req.target.sub.is_none() {
+        return json_response(code, &table::partial_metadata(obj), warnings);
+    }
     if req.wants_table() && req.target.sub.is_none() {
         let full = req.q("includeObject") == Some("Object");
         let rv = obj
@@ -180,6 +218,11 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
     );
     let res = async {
         let t = &req.target;
+        if req.rendering().is_none() {
+            return Err(ApiError::NotAcceptable {
+                accept: req.accept().to_string(),
+            });
+        }
         match (&req.method, t.name.is_some(), t.sub.as_deref()) {
             (&Method::GET, false, None) if req.flag("watch") => watch(objects, &req).await,
             (&Method::GET, false, None) => list(objects, &req).await,
@@ -259,6 +302,15 @@ async fn list(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let mut meta = json!({"resourceVersion": page.revision.to_string()});
     if let Some(c) = &page.continue_token {
         meta["continue"] = json!(c);
+    }
+    if req.wants_metadata() {
+        let list = json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": meta,
+            "items": page.items.iter().map(table::partial_metadata).collect::<Vec<_>>(),
+        });
+        return Ok(json_response(StatusCode::OK, &list, &[]));
     }
     if req.wants_table() {
         let full = req.q("includeObject") == Some("Object");
@@ -1123,7 +1175,9 @@ async fn delete_collection(objects: &Objects, req: &Request) -> ApiResult<Respon
 
 /// One watch event line.
 fn event_line(kind: &str, obj: &Value, req: &Request) -> Bytes {
-    let object = if req.wants_table() && kind != "BOOKMARK" && kind != "ERROR" {
+    let object = if req.wants_metadata() && kind != "BOOKMARK" && kind != "ERROR" {
+        table::partial_metadata(obj)
+    } else if req.wants_table() && kind != "BOOKMARK" && kind != "ERROR" {
         let full = req.q("includeObject") == Some("Object");
         let rv = obj
             .pointer("/metadata/resourceVersion")

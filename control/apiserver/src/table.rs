@@ -147,16 +147,21 @@ pub(crate) fn selector_string(sel: Option<&Value>) -> String {
     none_if_empty(parts.join(","))
 }
 
-/// A row's object: the object's metadata as PartialObjectMetadata, or the full object.
-pub fn row_object(o: &Value, full: bool) -> Value {
-    if full {
-        return o.clone();
-    }
+/// An object's metadata alone, as a `meta.k8s.io/v1` PartialObjectMetadata.
+pub fn partial_metadata(o: &Value) -> Value {
     json!({
         "kind": "PartialObjectMetadata",
         "apiVersion": "meta.k8s.io/v1",
         "metadata": o.get("metadata").cloned().unwrap_or(json!({})),
     })
+}
+
+/// A row's object: the object's metadata as PartialObjectMetadata, or the full object.
+pub fn row_object(o: &Value, full: bool) -> Value {
+    if full {
+        return o.clone();
+    }
+    partial_metadata(o)
 }
 
 /// A Table of objects of one resource, with the columns its strategy prints.

@@ -256,3 +256,36 @@ async fn overload_gets_429_and_terminating_namespaces_403() {
     assert_eq!(status["reason"], "Forbidden");
     e.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_only_reads_and_formats_that_cannot_be_served() {
+    let e = env().await;
+    let (code, _) = e.json("POST", CMS, Some(cm("a", "1"))).await;
+    assert_eq!(code, StatusCode::CREATED);
+    let meta = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json";
+    let (code, list) = e.json_with("GET", CMS, meta).await;
+    assert_eq!(code, StatusCode::OK, "{list}");
+    assert_eq!(list["kind"], "PartialObjectMetadataList");
+    assert_eq!(list["apiVersion"], "meta.k8s.io/v1");
+    assert!(list["metadata"]["resourceVersion"].is_string());
+    assert_eq!(list["items"][0]["kind"], "PartialObjectMetadata");
+    assert_eq!(list["items"][0]["metadata"]["name"], "a");
+    assert!(list["items"][0].get("data").is_none(), "{list}");
+    let one = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+    let (code, got) = e.json_with("GET", &format!("{CMS}/a"), one).await;
+    assert_eq!(code, StatusCode::OK, "{got}");
+    assert_eq!(got["kind"], "PartialObjectMetadata");
+    assert!(got.get("data").is_none());
+    // Nothing servable: 406. Something servable further down the list: served.
+    let (code, err) = e.json_with("GET", CMS, "application/xml").await;
+    assert_eq!(code, StatusCode::NOT_ACCEPTABLE, "{err}");
+    assert_eq!(err["reason"], "NotAcceptable");
+    let (code, err) = e.json_with("GET", CMS, "application/json;as=Graph").await;
+    assert_eq!(code, StatusCode::NOT_ACCEPTABLE, "{err}");
+    let (code, list) = e
+        .json_with("GET", CMS, "application/xml, application/json")
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(list["kind"], "ConfigMapList");
+    e.close().await;
+}
