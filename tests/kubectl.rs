@@ -698,3 +698,160 @@ fn bad_requests_get_the_right_status() {
     );
     assert!(err.to_lowercase().contains("yaml"), "{err}");
 }
+
+const CHART: &str = r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: app}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: reader}
+rules:
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: app-reads}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: reader}
+subjects:
+- {kind: ServiceAccount, name: app, namespace: default}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: app-nodes}
+rules:
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: app-nodes}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: app-nodes}
+subjects:
+- {kind: ServiceAccount, name: app, namespace: default}
+---
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: baton}
+spec: {controller: baton.dev/ingress}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: web}
+spec:
+  ingressClassName: baton
+  rules:
+  - host: web.example
+    http:
+      paths:
+      - path: /
+        pathType: Prefix
+        backend: {service: {name: web, port: {number: 80}}}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: web}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  minReplicas: 1
+  maxReplicas: 5
+  metrics:
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 80}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress]
+---
+apiVersion: scheduling.k8s.io/v1
+kind: PriorityClass
+metadata: {name: batch-low}
+value: 1000
+description: background work
+"#;
+
+/// The kinds charts render besides workloads are served: applied, shown with their
+/// columns, reapplied unchanged, and checked where Kubernetes checks them.
+#[test]
+fn chart_kinds_apply_print_and_reapply_unchanged() {
+    let b = Baton::start();
+    let f = write(b.dir.path(), "chart.yaml", CHART);
+    let f = f.to_str().unwrap();
+    let out = b.ok(&["apply", "-f", f]);
+    for want in [
+        "serviceaccount/app created",
+        "role.rbac.authorization.k8s.io/reader created",
+        "rolebinding.rbac.authorization.k8s.io/app-reads created",
+        "clusterrole.rbac.authorization.k8s.io/app-nodes created",
+        "clusterrolebinding.rbac.authorization.k8s.io/app-nodes created",
+        "ingressclass.networking.k8s.io/baton created",
+        "ingress.networking.k8s.io/web created",
+        "horizontalpodautoscaler.autoscaling/web created",
+        "networkpolicy.networking.k8s.io/web created",
+        "priorityclass.scheduling.k8s.io/batch-low created",
+    ] {
+        assert!(out.contains(want), "lacks {want:?}:\n{out}");
+    }
+    let again = b.ok(&["apply", "-f", f]);
+    assert_eq!(again.matches("unchanged").count(), 10, "{again}");
+    let out = b.ok(&["get", "rolebinding", "app-reads", "-o", "wide"]);
+    assert!(
+        out.contains("Role/reader") && out.contains("default/app"),
+        "{out}"
+    );
+    let out = b.ok(&["get", "ingress", "web"]);
+    assert!(
+        out.contains("baton") && out.contains("web.example") && out.contains("80"),
+        "{out}"
+    );
+    let out = b.ok(&["get", "hpa", "web"]);
+    assert!(
+        out.contains("Deployment/web") && out.contains("cpu: <unknown>/80%"),
+        "{out}"
+    );
+    let out = b.ok(&["get", "netpol"]);
+    assert!(out.contains("app=web"), "{out}");
+    let out = b.ok(&["get", "all"]);
+    assert!(
+        out.contains("horizontalpodautoscaler.autoscaling/web"),
+        "{out}"
+    );
+    let out = b.ok(&["api-resources", "--api-group=rbac.authorization.k8s.io"]);
+    for want in [
+        "roles",
+        "rolebindings",
+        "clusterroles",
+        "clusterrolebindings",
+    ] {
+        assert!(out.contains(want), "{out}");
+    }
+    // A binding's role cannot change, and a cluster binding names only ClusterRoles.
+    let err = b.fails(
+        &[
+            "patch",
+            "rolebinding",
+            "app-reads",
+            "--type=merge",
+            "-p",
+            r#"{"roleRef":{"name":"other"}}"#,
+        ],
+        None,
+    );
+    assert!(err.contains("cannot change roleRef"), "{err}");
+    let bad = r#"{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"bad"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"Role","name":"reader"}}"#;
+    let err = b.fails(&["apply", "-f", "-"], Some(bad));
+    assert!(
+        err.contains("roleRef.kind") && err.contains("ClusterRole"),
+        "{err}"
+    );
+    let bad_hpa = r#"{"apiVersion":"autoscaling/v2","kind":"HorizontalPodAutoscaler","metadata":{"name":"bad"},"spec":{"scaleTargetRef":{"kind":"Deployment","name":"web"},"minReplicas":3,"maxReplicas":2}}"#;
+    let err = b.fails(&["apply", "-f", "-"], Some(bad_hpa));
+    assert!(err.contains("spec.maxReplicas"), "{err}");
+}

@@ -75,13 +75,18 @@ pub fn aggregated(core: bool, api_version: &str) -> Value {
         .into_iter()
         .filter(|g| g.is_empty() == core)
         .map(|g| {
-            let version = "v1";
-            let rs: Vec<Value> = resources::in_group_version(g, version)
-                .map(aggregated_resource)
+            let versions: Vec<Value> = resources::versions_of(g)
+                .into_iter()
+                .map(|version| {
+                    let rs: Vec<Value> = resources::in_group_version(g, version)
+                        .map(aggregated_resource)
+                        .collect();
+                    json!({"version": version, "resources": rs, "freshness": "Current"})
+                })
                 .collect();
             json!({
                 "metadata": {"name": g, "creationTimestamp": null},
-                "versions": [{"version": version, "resources": rs, "freshness": "Current"}],
+                "versions": versions,
             })
         })
         .collect();
@@ -93,8 +98,12 @@ pub fn api_versions() -> Value {
 }
 
 fn group_doc(g: &str) -> Value {
-    let gv = json!({"groupVersion": format!("{g}/v1"), "version": "v1"});
-    json!({"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": [gv.clone()], "preferredVersion": gv})
+    let versions: Vec<Value> = resources::versions_of(g)
+        .into_iter()
+        .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+        .collect();
+    let preferred = versions.first().cloned().unwrap_or(Value::Null);
+    json!({"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": versions, "preferredVersion": preferred})
 }
 
 pub fn api_group_list() -> Value {
@@ -154,25 +163,25 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
 pub fn openapi_index() -> Value {
     let mut paths = serde_json::Map::new();
     for g in resources::groups() {
-        let rel = if g.is_empty() {
-            "api/v1".to_string()
-        } else {
-            format!("apis/{g}/v1")
-        };
-        paths.insert(
-            rel.clone(),
-            json!({"serverRelativeURL": format!("/openapi/v3/{rel}?hash={}", doc_hash(g))}),
-        );
+        for v in resources::versions_of(g) {
+            let rel = if g.is_empty() {
+                format!("api/{v}")
+            } else {
+                format!("apis/{g}/{v}")
+            };
+            let url = format!("/openapi/v3/{rel}?hash={}", doc_hash(&rel));
+            paths.insert(rel, json!({ "serverRelativeURL": url }));
+        }
     }
     json!({"paths": paths})
 }
 
-fn doc_hash(g: &str) -> String {
+fn doc_hash(path: &str) -> String {
     // Content changes only with the binary; its version names the documents for caching.
     format!(
         "baton{}{}",
         env!("CARGO_PKG_VERSION").replace('.', ""),
-        g.len()
+        path.len()
     )
 }
 

@@ -124,7 +124,10 @@ macro_rules! resource {
     };
 }
 
-use k8s_openapi::api::{apps, batch, coordination, core, discovery};
+use k8s_openapi::api::{
+    apps, autoscaling, batch, certificates, coordination, core, discovery, networking, rbac,
+    scheduling,
+};
 
 /// Every resource served, in discovery order.
 pub static RESOURCES: &[Resource] = &[
@@ -310,6 +313,162 @@ pub static RESOURCES: &[Resource] = &[
         sub = [],
         strategy = strategy::Leases
     ),
+    resource!(
+        "",
+        "v1",
+        "PodTemplate",
+        "podtemplates",
+        "podtemplate",
+        true,
+        core::v1::PodTemplate,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::PodTemplates
+    ),
+    resource!(
+        "apps",
+        "v1",
+        "ControllerRevision",
+        "controllerrevisions",
+        "controllerrevision",
+        true,
+        apps::v1::ControllerRevision,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::ControllerRevisions
+    ),
+    resource!(
+        "autoscaling",
+        "v2",
+        "HorizontalPodAutoscaler",
+        "horizontalpodautoscalers",
+        "horizontalpodautoscaler",
+        true,
+        autoscaling::v2::HorizontalPodAutoscaler,
+        short = ["hpa"],
+        cat = ["all"],
+        sub = ["status"],
+        strategy = strategy::HorizontalPodAutoscalers
+    ),
+    resource!(
+        "networking.k8s.io",
+        "v1",
+        "Ingress",
+        "ingresses",
+        "ingress",
+        true,
+        networking::v1::Ingress,
+        short = ["ing"],
+        cat = [],
+        sub = ["status"],
+        strategy = strategy::Ingresses
+    ),
+    resource!(
+        "networking.k8s.io",
+        "v1",
+        "IngressClass",
+        "ingressclasses",
+        "ingressclass",
+        false,
+        networking::v1::IngressClass,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::IngressClasses
+    ),
+    resource!(
+        "networking.k8s.io",
+        "v1",
+        "NetworkPolicy",
+        "networkpolicies",
+        "networkpolicy",
+        true,
+        networking::v1::NetworkPolicy,
+        short = ["netpol"],
+        cat = [],
+        sub = [],
+        strategy = strategy::NetworkPolicies
+    ),
+    resource!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "Role",
+        "roles",
+        "role",
+        true,
+        rbac::v1::Role,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::Roles
+    ),
+    resource!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "RoleBinding",
+        "rolebindings",
+        "rolebinding",
+        true,
+        rbac::v1::RoleBinding,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::RoleBindings { cluster: false }
+    ),
+    resource!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRole",
+        "clusterroles",
+        "clusterrole",
+        false,
+        rbac::v1::ClusterRole,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::Roles
+    ),
+    resource!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRoleBinding",
+        "clusterrolebindings",
+        "clusterrolebinding",
+        false,
+        rbac::v1::ClusterRoleBinding,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::RoleBindings { cluster: true }
+    ),
+    resource!(
+        "scheduling.k8s.io",
+        "v1",
+        "PriorityClass",
+        "priorityclasses",
+        "priorityclass",
+        false,
+        scheduling::v1::PriorityClass,
+        short = ["pc"],
+        cat = [],
+        sub = [],
+        strategy = strategy::PriorityClasses
+    ),
+    resource!(
+        "certificates.k8s.io",
+        "v1",
+        "CertificateSigningRequest",
+        "certificatesigningrequests",
+        "certificatesigningrequest",
+        false,
+        certificates::v1::CertificateSigningRequest,
+        short = ["csr"],
+        cat = [],
+        sub = ["status"],
+        strategy = strategy::CertificateSigningRequests
+    ),
 ];
 
 /// The API groups, in discovery order, with their versions.
@@ -318,6 +477,17 @@ pub fn groups() -> Vec<&'static str> {
     for r in RESOURCES {
         if !out.contains(&r.group) {
             out.push(r.group);
+        }
+    }
+    out
+}
+
+/// The versions a group serves, the preferred one first.
+pub fn versions_of(group: &str) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for r in RESOURCES.iter().filter(|r| r.group == group) {
+        if !out.contains(&r.version) {
+            out.push(r.version);
         }
     }
     out

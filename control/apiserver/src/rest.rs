@@ -436,9 +436,13 @@ pub(crate) fn typecheck(
     }
 }
 
-fn validate(res: &Resource, obj: &Value) -> ApiResult<()> {
+/// Checks an object against its kind's rules; `old` is what an update replaces.
+fn validate(res: &Resource, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
     let mut errs = validation::metadata(obj, res.namespaced, res.strategy.name_rule());
     res.strategy.validate(obj, &mut errs);
+    if let Some(old) = old {
+        res.strategy.validate_update(old, obj, &mut errs);
+    }
     if errs.is_empty() {
         return Ok(());
     }
@@ -533,7 +537,7 @@ pub(crate) async fn create_object(
     if obj.get("spec").is_some() {
         obj["metadata"]["generation"] = json!(1);
     }
-    validate(res, &obj)?;
+    validate(res, &obj, None)?;
     let ns = obj
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
@@ -699,7 +703,7 @@ pub(crate) async fn store_update(
     let res = req.target.res;
     let ns = ns_of(req);
     let name = req.target.name.as_deref().unwrap_or_default();
-    validate(res, &new)?;
+    validate(res, &new, Some(old))?;
     let unchanged = {
         let strip = |v: &Value| {
             let mut v = v.clone();

@@ -8,7 +8,10 @@
 //! object uses [`Plain`].
 
 mod core;
+mod networking;
+mod platform;
 mod pod;
+mod rbac;
 mod service;
 mod workloads;
 
@@ -26,7 +29,13 @@ pub use self::core::{
     ConfigMaps, EndpointSlices, Endpoints, Events, Leases, Namespaces, Nodes, Secrets,
     ServiceAccounts,
 };
+pub use networking::{IngressClasses, Ingresses, NetworkPolicies};
+pub use platform::{
+    CertificateSigningRequests, ControllerRevisions, HorizontalPodAutoscalers, PodTemplates,
+    PriorityClasses,
+};
 pub use pod::Pods;
+pub use rbac::{RoleBindings, Roles};
 pub use service::Services;
 pub use workloads::{Deployments, Jobs, ReplicaSets};
 
@@ -111,6 +120,9 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
 
     /// The kind's own rules, beyond metadata.
     fn validate(&self, _obj: &Value, _errs: &mut Vec<FieldError>) {}
+
+    /// Rules on what an update may change (fields that are immutable once set).
+    fn validate_update(&self, _old: &Value, _new: &Value, _errs: &mut Vec<FieldError>) {}
 
     /// Defaults and initial status of a new object, after it was validated.
     fn prepare_create(&self, _obj: &mut Value) {}
