@@ -11,8 +11,9 @@ use baton_store::{
 };
 use serde_json::Value;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, FieldError};
 use crate::resources::Resource;
+use crate::strategy::Claim;
 
 /// Reads and writes API objects through the store.
 #[derive(Clone, Debug)]
@@ -253,31 +254,58 @@ impl Objects {
         }
     }
 
-    /// Creates an object; 409 AlreadyExists if the key is taken.
+    /// Creates an object, with the range values it claims, in one transaction: 409
+    /// AlreadyExists if the object's key is taken; if a claimed value was taken meanwhile,
+    /// 422 for a value the object asked for, or a Conflict for a picked one (pick again).
     pub async fn create(
         &self,
         res: &Resource,
         ns: Option<&str>,
         name: &str,
         obj: &Value,
+        claims: &[Claim],
     ) -> ApiResult<Value> {
         let key = res.key(ns, name);
-        match self
-            .store
-            .put_if(key, encode(obj)?, Precondition::Absent)
-            .await
-        {
-            Ok(rev) => {
-                let mut out = obj.clone();
-                set_rv(&mut out, rev);
-                Ok(out)
-            }
-            Err(baton_store::Error::Conflict { .. }) => Err(ApiError::AlreadyExists {
+        let txn = Txn::new()
+            .when(
+                std::iter::once(Compare::absent(key.clone()))
+                    .chain(claims.iter().map(|c| Compare::absent(c.key.clone()))),
+            )
+            .and_then(
+                std::iter::once(Op::put(key.clone(), encode(obj)?))
+                    .chain(claims.iter().map(|c| Op::put(c.key.clone(), key.clone()))),
+            )
+            .or_else(
+                std::iter::once(Op::get(key.clone()))
+                    .chain(claims.iter().map(|c| Op::get(c.key.clone()))),
+            );
+        let resp = self.store.txn(txn).await?;
+        if resp.succeeded {
+            let mut out = obj.clone();
+            set_rv(&mut out, resp.revision);
+            return Ok(out);
+        }
+        let present = |r: Option<&OpResult>| matches!(r, Some(OpResult::Get { kv: Some(_) }));
+        if present(resp.results.first()) {
+            return Err(ApiError::AlreadyExists {
                 group: res.group.into(),
                 resource: res.plural.into(),
                 name: name.into(),
+            });
+        }
+        let taken = claims
+            .iter()
+            .zip(resp.results.iter().skip(1))
+            .find(|(_, r)| present(Some(r)))
+            .map(|(c, _)| c);
+        match taken {
+            Some(c) if c.requested => Err(ApiError::Invalid {
+                group: res.group.into(),
+                kind: res.kind.into(),
+                name: name.into(),
+                causes: vec![FieldError::invalid(c.field, &c.value, c.taken)],
             }),
-            Err(e) => Err(e.into()),
+            _ => Err(conflict(res, name)),
         }
     }
 
@@ -310,13 +338,15 @@ impl Objects {
         }
     }
 
-    /// Deletes an object if it is still at `expected`; returns the deletion revision.
+    /// Deletes an object if it is still at `expected`, with the range values it holds
+    /// (`held`), in one transaction; returns the deletion revision.
     pub async fn remove(
         &self,
         res: &Resource,
         ns: Option<&str>,
         name: &str,
         expected: Revision,
+        held: &[String],
     ) -> ApiResult<Revision> {
         let key = res.key(ns, name);
         let txn = Txn::new()
@@ -325,7 +355,10 @@ impl Objects {
                 CompareOp::Equal,
                 expected,
             )])
-            .and_then([Op::delete(key.clone())])
+            .and_then(
+                std::iter::once(Op::delete(key.clone()))
+                    .chain(held.iter().map(|k| Op::delete(k.clone()))),
+            )
             .or_else([Op::get(key)]);
         let resp = self.store.txn(txn).await?;
         if resp.succeeded {

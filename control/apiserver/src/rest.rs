@@ -546,9 +546,6 @@ pub(crate) async fn create_object(
         check_namespace(objects, ns).await?;
     }
     res.strategy.prepare_create(&mut obj);
-    res.strategy
-        .allocate(objects, &mut obj, req.dry_run())
-        .await?;
     if manager_op == "Update" {
         crate::managed::record_update(
             &mut obj,
@@ -563,25 +560,34 @@ pub(crate) async fn create_object(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    if req.dry_run() {
-        if objects
-            .get(res, ns.as_deref(), &name, ReadAt::Latest)
-            .await?
-            .is_some()
-        {
-            return Err(ApiError::AlreadyExists {
-                group: res.group.into(),
-                resource: res.plural.into(),
-                name,
-            });
+    // Values picked from a shared range may be taken by a concurrent create before this
+    // one writes: the create's transaction refuses, and another pick is made.
+    for _ in 0..8 {
+        let mut candidate = obj.clone();
+        let claims = res.strategy.claims(objects, &mut candidate).await?;
+        if req.dry_run() {
+            if objects
+                .get(res, ns.as_deref(), &name, ReadAt::Latest)
+                .await?
+                .is_some()
+            {
+                return Err(ApiError::AlreadyExists {
+                    group: res.group.into(),
+                    resource: res.plural.into(),
+                    name,
+                });
+            }
+            return Ok(candidate);
         }
-        return Ok(obj);
+        match objects
+            .create(res, ns.as_deref(), &name, &candidate, &claims)
+            .await
+        {
+            Err(ApiError::Conflict { .. }) => continue,
+            other => return other,
+        }
     }
-    let created = objects.create(res, ns.as_deref(), &name, &obj).await;
-    if created.is_err() {
-        res.strategy.release(objects, &obj).await;
-    }
-    created
+    Err(objects::conflict(res, &name))
 }
 
 async fn create(objects: &Objects, req: &Request) -> ApiResult<Response> {
@@ -745,8 +751,9 @@ pub(crate) async fn store_update(
         return Ok(new);
     }
     if finalizers_done {
-        let drev = objects.remove(res, ns, name, rev).await?;
-        res.strategy.release(objects, &new).await;
+        let drev = objects
+            .remove(res, ns, name, rev, &res.strategy.held(old))
+            .await?;
         objects::set_rv(&mut new, drev);
         return Ok(new);
     }
@@ -1086,9 +1093,11 @@ async fn delete_one(
             if req.dry_run() {
                 return Ok(obj);
             }
-            match objects.remove(res, ns, name, rev).await {
+            match objects
+                .remove(res, ns, name, rev, &res.strategy.held(&obj))
+                .await
+            {
                 Ok(drev) => {
-                    res.strategy.release(objects, &obj).await;
                     let mut out = obj;
                     objects::set_rv(&mut out, drev);
                     return Ok(out);

@@ -144,7 +144,7 @@ impl ApiServer {
                 "spec": {"finalizers": ["kubernetes"]},
                 "status": {"phase": "Active"},
             });
-            match self.objects.create(nsr, None, ns, &obj).await {
+            match self.objects.create(nsr, None, ns, &obj, &[]).await {
                 Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
                 Err(e) => return Err(ServeError::Bootstrap(e)),
             }

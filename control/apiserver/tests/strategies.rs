@@ -183,3 +183,35 @@ async fn each_kind_prints_its_columns_and_selects_its_fields() {
         .contains("field label not supported"));
     e.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_create_holds_nothing_and_concurrent_creates_never_share_a_value() {
+    let e = env().await;
+    let (code, a) = e.json("POST", SVCS, Some(svc("a", None))).await;
+    assert_eq!(code, StatusCode::CREATED, "{a}");
+    // The same name again, asking for an address: refused, and the address stays free.
+    let wanted = "10.96.200.7";
+    let (code, again) = e.json("POST", SVCS, Some(svc("a", Some(wanted)))).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{again}");
+    let key = format!("/registry/ranges/serviceips/{wanted}");
+    let held = e
+        .store
+        .get(key.as_bytes(), Default::default())
+        .await
+        .unwrap();
+    assert!(held.is_none(), "a refused create holds {wanted}");
+    // Many at once: every address and node port is one Service's.
+    let creates = (0..24).map(|i| e.json("POST", SVCS, Some(svc(&format!("s{i}"), None))));
+    let made = futures::future::join_all(creates).await;
+    let mut ips = std::collections::BTreeSet::new();
+    let mut ports = std::collections::BTreeSet::new();
+    for (code, s) in &made {
+        assert_eq!(*code, StatusCode::CREATED, "{s}");
+        assert!(ips.insert(s["spec"]["clusterIP"].to_string()), "{s}");
+        assert!(
+            ports.insert(s["spec"]["ports"][0]["nodePort"].to_string()),
+            "{s}"
+        );
+    }
+    e.close().await;
+}

@@ -94,6 +94,20 @@ pub static NAME_AGE: &[Column] = &[
     Column::new("Age", "string", 0, age),
 ];
 
+/// A value from a shared range that a new object takes, as a store key that must not
+/// exist yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub key: String,
+    /// Where the value is in the object, and the value, for the error if it is taken.
+    pub field: &'static str,
+    pub value: String,
+    /// The object asked for this value; otherwise it was picked, and another pick may do.
+    pub requested: bool,
+    /// Why a requested value cannot be had: `provided IP is already allocated`.
+    pub taken: &'static str,
+}
+
 /// How a deletion proceeds once no finalizer holds the object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deletion {
@@ -127,20 +141,21 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     /// Defaults and initial status of a new object, after it was validated.
     fn prepare_create(&self, _obj: &mut Value) {}
 
-    /// What a new object takes from shared pools (a Service's address and node ports).
-    /// With `dry_run`, nothing is taken, but an unavailable value is still refused.
-    fn allocate<'a>(
+    /// What a new object takes from shared ranges (a Service's address and node ports):
+    /// it picks values that look free, writes them into the object, and returns them as
+    /// claims, which the create writes in the same store transaction as the object. So
+    /// a value is never held without its object, even if the server dies in between.
+    fn claims<'a>(
         &'a self,
         _objects: &'a Objects,
         _obj: &'a mut Value,
-        _dry_run: bool,
-    ) -> Hook<'a, ApiResult<()>> {
-        Box::pin(async { Ok(()) })
+    ) -> Hook<'a, ApiResult<Vec<Claim>>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
 
-    /// Gives back what [`Strategy::allocate`] took: the object is gone, or its create failed.
-    fn release<'a>(&'a self, _objects: &'a Objects, _obj: &'a Value) -> Hook<'a, ()> {
-        Box::pin(async {})
+    /// The claim keys an object holds: deleted in the same transaction as the object.
+    fn held(&self, _obj: &Value) -> Vec<String> {
+        Vec::new()
     }
 
     /// Keeps what an update may not change, and normalizes what every write normalizes.

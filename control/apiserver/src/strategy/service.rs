@@ -1,14 +1,14 @@
 //! Services: defaults, a cluster IP and node ports from their ranges, the rules of their
 //! ports, and `kubectl get services`' columns.
 //!
-//! An address or port is claimed with a create-if-absent key in the store
-//! (`/registry/ranges/...`), so two API servers can never hand out the same one; it goes
-//! back when the Service is deleted or its create fails.
+//! An address or port is a key in the store (`/registry/ranges/...`), created in the same
+//! transaction as the Service and deleted in the same transaction as its deletion: two
+//! API servers can never hand out the same one, and none is held without its Service.
 
 use rand::Rng;
 use serde_json::{json, Value};
 
-use super::{age, name, Column, Hook, NameRule, Strategy};
+use super::{age, name, Claim, Column, Hook, NameRule, Strategy};
 use crate::defaults::{default, obj_mut};
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::objects::Objects;
@@ -93,17 +93,16 @@ impl Strategy for Services {
         }
     }
 
-    fn allocate<'a>(
+    fn claims<'a>(
         &'a self,
         objects: &'a Objects,
         obj: &'a mut Value,
-        dry_run: bool,
-    ) -> Hook<'a, ApiResult<()>> {
-        Box::pin(allocate(obj, objects, dry_run))
+    ) -> Hook<'a, ApiResult<Vec<Claim>>> {
+        Box::pin(claims(obj, objects))
     }
 
-    fn release<'a>(&'a self, objects: &'a Objects, obj: &'a Value) -> Hook<'a, ()> {
-        Box::pin(release(objects, obj))
+    fn held(&self, obj: &Value) -> Vec<String> {
+        held(obj)
     }
 
     /// Allocated addresses are immutable once set.
@@ -120,7 +119,24 @@ impl Strategy for Services {
     }
 }
 
-async fn allocate(obj: &mut Value, objects: &Objects, dry_run: bool) -> ApiResult<()> {
+const IPS: &str = "/registry/ranges/serviceips/";
+const NODE_PORTS: &str = "/registry/ranges/servicenodeports/";
+const IP_TAKEN: &str = "provided IP is already allocated";
+const PORT_TAKEN: &str = "provided port is already allocated";
+
+/// Whether a value of a range is free now (a claim may still lose it to a concurrent
+/// create: the create's transaction decides).
+async fn free(objects: &Objects, key: &str) -> ApiResult<bool> {
+    Ok(objects
+        .store
+        .get(key.as_bytes(), Default::default())
+        .await?
+        .is_none())
+}
+
+/// Defaults, then a cluster IP and node ports: the ones asked for if free, otherwise
+/// random free ones.
+async fn claims(obj: &mut Value, objects: &Objects) -> ApiResult<Vec<Claim>> {
     let spec = obj_mut(obj, "spec");
     default(spec, "type", json!("ClusterIP"));
     default(spec, "sessionAffinity", json!("None"));
@@ -140,55 +156,68 @@ async fn allocate(obj: &mut Value, objects: &Objects, dry_run: bool) -> ApiResul
             }
         }
     }
+    let mut claims = Vec::new();
     let headless = spec.get("clusterIP").and_then(Value::as_str) == Some("None");
     if ty != "ExternalName" && !headless {
-        let ip = match spec.get("clusterIP").and_then(Value::as_str) {
+        let (ip, requested) = match spec.get("clusterIP").and_then(Value::as_str) {
             Some(ip) if !ip.is_empty() => {
-                if !reserve(objects, "serviceips", ip, dry_run).await? {
-                    return Err(invalid_service(
-                        "spec.clusterIP",
-                        ip,
-                        "provided IP is already allocated",
-                    ));
+                if !free(objects, &format!("{IPS}{ip}")).await? {
+                    return Err(invalid_service("spec.clusterIP", ip, IP_TAKEN));
                 }
-                ip.to_string()
+                (ip.to_string(), true)
             }
-            _ => allocate_ip(objects, dry_run).await?,
+            _ => (pick_ip(objects).await?, false),
         };
         spec.insert("clusterIP".into(), json!(ip));
         spec.insert("clusterIPs".into(), json!([ip]));
+        claims.push(Claim {
+            key: format!("{IPS}{ip}"),
+            field: "spec.clusterIP",
+            value: ip,
+            requested,
+            taken: IP_TAKEN,
+        });
     }
     if ty == "NodePort" || ty == "LoadBalancer" {
         if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
             for p in ports.iter_mut().filter_map(Value::as_object_mut) {
-                match p
+                let asked = p
                     .get("nodePort")
                     .and_then(Value::as_i64)
-                    .filter(|np| *np != 0)
-                {
+                    .filter(|np| *np != 0);
+                let (np, requested) = match asked {
                     Some(np) => {
                         if !(30000..=32767).contains(&np) {
                             return Err(invalid_service("spec.ports.nodePort", &np.to_string(), "provided port is not in the valid range. The range of valid ports is 30000-32767"));
                         }
-                        if !reserve(objects, "servicenodeports", &np.to_string(), dry_run).await? {
+                        let taken_by_sibling = claims.iter().any(|c: &Claim| {
+                            c.value == np.to_string() && c.field == "spec.ports.nodePort"
+                        });
+                        if taken_by_sibling || !free(objects, &format!("{NODE_PORTS}{np}")).await? {
                             return Err(invalid_service(
                                 "spec.ports.nodePort",
                                 &np.to_string(),
-                                "provided port is already allocated",
+                                PORT_TAKEN,
                             ));
                         }
+                        (np, true)
                     }
-                    None => {
-                        let np = allocate_node_port(objects, dry_run).await?;
-                        p.insert("nodePort".into(), json!(np));
-                    }
-                }
+                    None => (pick_node_port(objects, &claims).await?, false),
+                };
+                p.insert("nodePort".into(), json!(np));
+                claims.push(Claim {
+                    key: format!("{NODE_PORTS}{np}"),
+                    field: "spec.ports.nodePort",
+                    value: np.to_string(),
+                    requested,
+                    taken: PORT_TAKEN,
+                });
             }
         }
         default(spec, "externalTrafficPolicy", json!("Cluster"));
     }
     obj["status"] = json!({"loadBalancer": {}});
-    Ok(())
+    Ok(claims)
 }
 
 fn invalid_service(field: &str, value: &str, why: &str) -> ApiError {
@@ -200,35 +229,12 @@ fn invalid_service(field: &str, value: &str, why: &str) -> ApiError {
     }
 }
 
-/// Claims one value of a range (an IP or port) with a create-if-absent in the store, so
-/// that two API servers can never hand out the same one. Ok(false): someone has it. A
-/// store that cannot answer is an error of its own, not a taken value.
-async fn reserve(objects: &Objects, range: &str, value: &str, dry_run: bool) -> ApiResult<bool> {
-    let key = format!("/registry/ranges/{range}/{value}");
-    if dry_run {
-        let got = objects
-            .store
-            .get(key.as_bytes(), Default::default())
-            .await?;
-        return Ok(got.is_none());
-    }
-    match objects
-        .store
-        .put_if(key, "1", baton_store::Precondition::Absent)
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(baton_store::Error::Conflict { .. }) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Gives an allocated IP or port back.
-async fn release(objects: &Objects, svc: &Value) {
+/// The range keys a Service holds.
+fn held(svc: &Value) -> Vec<String> {
     let mut keys = Vec::new();
     if let Some(ip) = svc.pointer("/spec/clusterIP").and_then(Value::as_str) {
         if ip != "None" && !ip.is_empty() {
-            keys.push(format!("/registry/ranges/serviceips/{ip}"));
+            keys.push(format!("{IPS}{ip}"));
         }
     }
     for p in svc
@@ -238,20 +244,18 @@ async fn release(objects: &Objects, svc: &Value) {
         .flatten()
     {
         if let Some(np) = p.get("nodePort").and_then(Value::as_i64) {
-            keys.push(format!("/registry/ranges/servicenodeports/{np}"));
+            keys.push(format!("{NODE_PORTS}{np}"));
         }
     }
-    for k in keys {
-        let _ = objects.store.delete(k).await;
-    }
+    keys
 }
 
-async fn allocate_ip(objects: &Objects, dry_run: bool) -> ApiResult<String> {
+async fn pick_ip(objects: &Objects) -> ApiResult<String> {
     // 10.96.0.0/16, skipping .0 and 10.96.0.1 (the `kubernetes` service's by convention).
     for _ in 0..64 {
         let n: u32 = rand::thread_rng().gen_range(2..65534);
         let ip = format!("10.96.{}.{}", n >> 8, n & 0xff);
-        if reserve(objects, "serviceips", &ip, dry_run).await? {
+        if free(objects, &format!("{IPS}{ip}")).await? {
             return Ok(ip);
         }
     }
@@ -260,10 +264,13 @@ async fn allocate_ip(objects: &Objects, dry_run: bool) -> ApiResult<String> {
     })
 }
 
-async fn allocate_node_port(objects: &Objects, dry_run: bool) -> ApiResult<i64> {
+async fn pick_node_port(objects: &Objects, picked: &[Claim]) -> ApiResult<i64> {
     for _ in 0..64 {
         let port: i64 = rand::thread_rng().gen_range(30000..=32767);
-        if reserve(objects, "servicenodeports", &port.to_string(), dry_run).await? {
+        let mine = picked
+            .iter()
+            .any(|c| c.key == format!("{NODE_PORTS}{port}"));
+        if !mine && free(objects, &format!("{NODE_PORTS}{port}")).await? {
             return Ok(port);
         }
     }
