@@ -271,46 +271,46 @@ pub async fn apply(
     let (typed, warnings) = rest::typecheck(req, res, &body, &dups)?;
     let applied = leaf_paths(&body);
     let api_version = res.api_version();
-    for attempt in 0..8 {
-        let current = objects
-            .get(
-                res,
-                req.target.ns.as_deref().filter(|_| res.namespaced),
-                &name,
-                ReadAt::Latest,
-            )
-            .await?;
-        let Some((current, rev)) = current else {
-            let mut obj = typed.clone();
-            obj["metadata"]["name"] = json!(name);
-            let mut created = rest::create_object(objects, req, obj, "Apply").await?;
-            // The creating apply owns exactly what it applied.
-            set_entry(&mut created, &manager, "Apply", &api_version, &applied);
-            let created = if req.dry_run() {
-                created
-            } else {
-                let rev = created
-                    .pointer("/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-                    .and_then(|r| r.parse().ok())
-                    .unwrap_or(0);
-                objects
-                    .replace(
-                        res,
-                        req.target.ns.as_deref().filter(|_| res.namespaced),
-                        &name,
-                        &created,
-                        rev,
-                    )
-                    .await?
-            };
-            return Ok(rest::object_response(
-                req,
-                StatusCode::CREATED,
-                &created,
-                &warnings,
-            ));
+    let existing = objects
+        .get(
+            res,
+            req.target.ns.as_deref().filter(|_| res.namespaced),
+            &name,
+            ReadAt::Latest,
+        )
+        .await?;
+    if existing.is_none() {
+        let mut obj = typed.clone();
+        obj["metadata"]["name"] = json!(name);
+        let mut created = rest::create_object(objects, req, obj, "Apply").await?;
+        // The creating apply owns exactly what it applied.
+        set_entry(&mut created, &manager, "Apply", &api_version, &applied);
+        let created = if req.dry_run() {
+            created
+        } else {
+            let rev = created
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0);
+            objects
+                .replace(
+                    res,
+                    req.target.ns.as_deref().filter(|_| res.namespaced),
+                    &name,
+                    &created,
+                    rev,
+                )
+                .await?
         };
+        return Ok(rest::object_response(
+            req,
+            StatusCode::CREATED,
+            &created,
+            &warnings,
+        ));
+    }
+    let stored = rest::guaranteed_update(objects, req, &name, |current, _rev| {
         let mut entries: Vec<Value> = current
             .pointer("/metadata/managedFields")
             .and_then(Value::as_array)
@@ -332,7 +332,7 @@ pub async fn apply(
             }
             let mut keep = set.clone();
             for p in set.intersection(&applied) {
-                if value_at(&current, p) != value_at(&body, p) {
+                if value_at(current, p) != value_at(&body, p) {
                     if force {
                         keep.remove(p);
                     } else {
@@ -383,22 +383,17 @@ pub async fn apply(
         merged["metadata"]["managedFields"] = Value::Array(entries);
         set_entry(&mut merged, &manager, "Apply", &api_version, &applied);
         let (typed_merged, _) = rest::typecheck(req, res, &merged, &[])?;
-        let mut new = rest::prepare_update(res, &current, typed_merged, req.target.sub.as_deref())?;
+        let mut new = rest::prepare_update(res, current, typed_merged, req.target.sub.as_deref())?;
         new["metadata"]["managedFields"] = merged["metadata"]["managedFields"].clone();
-        match rest::store_update(objects, req, &current, rev, new).await {
-            Err(ApiError::Conflict { .. }) if attempt < 7 => continue,
-            Err(e) => return Err(e),
-            Ok(stored) => {
-                return Ok(rest::object_response(
-                    req,
-                    StatusCode::OK,
-                    &stored,
-                    &warnings,
-                ))
-            }
-        }
-    }
-    Err(crate::objects::conflict(res, &name))
+        Ok(rest::Change::Write(new))
+    })
+    .await?;
+    Ok(rest::object_response(
+        req,
+        StatusCode::OK,
+        &stored,
+        &warnings,
+    ))
 }
 
 /// Records a non-apply write by `manager`: it takes over the fields it changed (all of

@@ -2,7 +2,6 @@
 //! `resourceVersion` is the store revision that last wrote them (never stored, always set
 //! from the key's mod_revision on read, as the Kubernetes etcd3 storage does).
 
-use std::future::Future;
 use std::time::Duration;
 
 use baton_store::{
@@ -368,32 +367,6 @@ impl Objects {
             Some(OpResult::Get { kv: Some(_) }) => Err(conflict(res, name)),
             _ => Err(not_found(res, name)),
         }
-    }
-
-    /// Read, change, write with a compare on the revision read; retried on a conflict, as
-    /// the Kubernetes storage's GuaranteedUpdate. `change` returns None to write nothing.
-    pub async fn update_with<F, Fut>(
-        &self,
-        res: &Resource,
-        ns: Option<&str>,
-        name: &str,
-        mut change: F,
-    ) -> ApiResult<Value>
-    where
-        F: FnMut(Value, Revision) -> Fut,
-        Fut: Future<Output = ApiResult<Option<Value>>>,
-    {
-        for _ in 0..16 {
-            let (current, rev) = self.get_or_404(res, ns, name).await?;
-            let Some(next) = change(current.clone(), rev).await? else {
-                return Ok(current);
-            };
-            match self.replace(res, ns, name, &next, rev).await {
-                Err(ApiError::Conflict { .. }) => continue,
-                other => return other,
-            }
-        }
-        Err(conflict(res, name))
     }
 }
 

@@ -760,23 +760,85 @@ pub(crate) async fn store_update(
     objects.replace(res, ns, name, &new, rev).await
 }
 
+/// What one attempt at changing an existing object decided.
+pub(crate) enum Change {
+    /// Store this over the object read.
+    Write(Value),
+    /// Delete the object now (with what it holds from shared ranges).
+    Remove,
+    /// Store this as is: what the server itself sets, a deletion mark or a binding, is
+    /// not a client's update (no validation, no managed fields, no finalizer completion).
+    Store(Value),
+    /// Nothing to write: the answer is the object as read.
+    Keep,
+}
+
+/// How often a change is tried again when the object changed under it.
+const UPDATE_ATTEMPTS: usize = 8;
+
+/// The one compare-and-swap loop of every change to an existing object (update, patch,
+/// scale, apply, delete), as the Kubernetes storage's GuaranteedUpdate: read the object,
+/// let `decide` say what to do with it, and write only if the object is still at the
+/// revision read; if it is not, start over from a fresh read. An error from `decide` ends
+/// the loop: a failed precondition or a bad patch does not get better by retrying.
+/// Returns what was stored (or removed, or kept).
+pub(crate) async fn guaranteed_update(
+    objects: &Objects,
+    req: &Request,
+    name: &str,
+    mut decide: impl FnMut(&Value, i64) -> ApiResult<Change>,
+) -> ApiResult<Value> {
+    let res = req.target.res;
+    let ns = ns_of(req);
+    for _ in 0..UPDATE_ATTEMPTS {
+        let (old, rev) = objects.get_or_404(res, ns, name).await?;
+        let written = match decide(&old, rev)? {
+            Change::Keep => return Ok(old),
+            Change::Write(new) => store_update(objects, req, &old, rev, new).await,
+            Change::Store(new) if req.dry_run() => return Ok(new),
+            Change::Store(new) => objects.replace(res, ns, name, &new, rev).await,
+            Change::Remove if req.dry_run() => return Ok(old),
+            Change::Remove => objects
+                .remove(res, ns, name, rev, &res.strategy.held(&old))
+                .await
+                .map(|drev| {
+                    let mut out = old.clone();
+                    objects::set_rv(&mut out, drev);
+                    out
+                }),
+        };
+        match written {
+            // Only the write's own compare fails with a conflict here.
+            Err(ApiError::Conflict { .. }) => continue,
+            other => return other,
+        }
+    }
+    Err(objects::conflict(res, name))
+}
+
+/// The `resourceVersion` a body asks to update from, if any: a mismatch is a conflict.
+fn check_resource_version(body: &Value, rev: i64, res: &Resource, name: &str) -> ApiResult<()> {
+    match body
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+    {
+        Some(want) if want != rev.to_string() => Err(objects::conflict(res, name)),
+        _ => Ok(()),
+    }
+}
+
 async fn update(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let res = req.target.res;
     let name = req.target.name.as_deref().unwrap_or_default();
     let (body, dups) = decode_body(req)?;
     let (typed, warnings) = typecheck(req, res, &body, &dups)?;
-    let (old, rev) = objects.get_or_404(res, ns_of(req), name).await?;
-    if let Some(want) = body
-        .pointer("/metadata/resourceVersion")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-    {
-        if want != rev.to_string() {
-            return Err(objects::conflict(res, name));
-        }
-    }
-    let new = prepare_update(res, &old, typed, req.target.sub.as_deref())?;
-    let stored = store_update(objects, req, &old, rev, new).await?;
+    let stored = guaranteed_update(objects, req, name, |old, rev| {
+        check_resource_version(&body, rev, res, name)?;
+        let new = prepare_update(res, old, typed.clone(), req.target.sub.as_deref())?;
+        Ok(Change::Write(new))
+    })
+    .await?;
     Ok(object_response(req, StatusCode::OK, &stored, &warnings))
 }
 
@@ -812,28 +874,22 @@ async fn patch(objects: &Objects, req: &Request) -> ApiResult<Response> {
             dups[0]
         )));
     }
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let (old, rev) = objects.get_or_404(res, ns_of(req), &name).await?;
+    let mut warnings = Vec::new();
+    let stored = guaranteed_update(objects, req, &name, |old, rev| {
         let mut target = old.clone();
         patch::apply_patch(ty, &mut target, &patch_body)?;
-        if let Some(want) = patch_body
-            .pointer("/metadata/resourceVersion")
-            .and_then(Value::as_str)
-        {
-            if want != rev.to_string() {
-                return Err(objects::conflict(res, &name));
-            }
-        }
-        let (typed, warnings) = typecheck(req, res, &target, &[])?;
-        let new = prepare_update(res, &old, typed, req.target.sub.as_deref())?;
-        match store_update(objects, req, &old, rev, new).await {
-            Err(ApiError::Conflict { .. }) if attempts < 8 => continue,
-            Err(e) => return Err(e),
-            Ok(stored) => return Ok(object_response(req, StatusCode::OK, &stored, &warnings)),
-        }
-    }
+        check_resource_version(&patch_body, rev, res, &name)?;
+        let (typed, w) = typecheck(req, res, &target, &[])?;
+        warnings = w;
+        Ok(Change::Write(prepare_update(
+            res,
+            old,
+            typed,
+            req.target.sub.as_deref(),
+        )?))
+    })
+    .await?;
+    Ok(object_response(req, StatusCode::OK, &stored, &warnings))
 }
 
 fn scale_of(obj: &Value) -> Value {
@@ -872,11 +928,8 @@ async fn update_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let name = req.target.name.as_deref().unwrap_or_default().to_string();
     let (body, _) = validation::parse_json_checked(&req.body)
         .map_err(|e| ApiError::bad_request(format!("error decoding the request body: {e}")))?;
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let (old, rev) = objects.get_or_404(res, ns_of(req), &name).await?;
-        let mut scale = scale_of(&old);
+    let stored = guaranteed_update(objects, req, &name, |old, rev| {
+        let mut scale = scale_of(old);
         if req.method == Method::PATCH {
             let ty = PatchType::from_content_type(req.content_type()).ok_or_else(|| {
                 ApiError::UnsupportedMediaType {
@@ -887,57 +940,42 @@ async fn update_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
             patch::apply_patch(ty, &mut scale, &body)?;
         } else {
             scale = body.clone();
-            if let Some(want) = body
-                .pointer("/metadata/resourceVersion")
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-            {
-                if want != rev.to_string() {
-                    return Err(objects::conflict(res, &name));
-                }
-            }
+            check_resource_version(&body, rev, res, &name)?;
         }
+        let invalid = |cause| ApiError::Invalid {
+            group: "autoscaling".into(),
+            kind: "Scale".into(),
+            name: name.clone(),
+            causes: vec![cause],
+        };
         let replicas = scale
             .pointer("/spec/replicas")
             .and_then(Value::as_i64)
-            .ok_or_else(|| ApiError::Invalid {
-                group: "autoscaling".into(),
-                kind: "Scale".into(),
-                name: name.clone(),
-                causes: vec![FieldError::required("spec.replicas")],
-            })?;
+            .ok_or_else(|| invalid(FieldError::required("spec.replicas")))?;
         if replicas < 0 {
-            return Err(ApiError::Invalid {
-                group: "autoscaling".into(),
-                kind: "Scale".into(),
-                name: name.clone(),
-                causes: vec![FieldError::invalid(
-                    "spec.replicas",
-                    &replicas.to_string(),
-                    "must be greater than or equal to 0",
-                )],
-            });
+            return Err(invalid(FieldError::invalid(
+                "spec.replicas",
+                &replicas.to_string(),
+                "must be greater than or equal to 0",
+            )));
         }
         let mut new = old.clone();
         new["spec"]["replicas"] = json!(replicas);
-        if spec_changed(&old, &new) {
+        if spec_changed(old, &new) {
             let g = old
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
                 .unwrap_or(0);
             new["metadata"]["generation"] = json!(g + 1);
         }
-        match store_update(objects, req, &old, rev, new).await {
-            Err(ApiError::Conflict { .. }) if attempts < 8 => continue,
-            Err(e) => return Err(e),
-            Ok(stored) => return Ok(json_response(StatusCode::OK, &scale_of(&stored), &[])),
-        }
-    }
+        Ok(Change::Write(new))
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, &scale_of(&stored), &[]))
 }
 
 /// POST pods/{name}/binding: the scheduler's way of assigning a node.
 async fn bind(objects: &Objects, req: &Request) -> ApiResult<Response> {
-    let res = req.target.res;
     let name = req.target.name.as_deref().unwrap_or_default().to_string();
     let (body, _) = validation::parse_json_checked(&req.body)
         .map_err(|e| ApiError::bad_request(format!("error decoding the binding: {e}")))?;
@@ -952,30 +990,32 @@ async fn bind(objects: &Objects, req: &Request) -> ApiResult<Response> {
             causes: vec![FieldError::required("target.name")],
         })?;
     let node = node.to_string();
-    objects
-        .update_with(res, ns_of(req), &name, |mut pod, _| {
-            let node = node.clone();
-            let name = name.clone();
-            async move {
-                if let Some(current) = pod.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
-                    return Err(ApiError::Conflict {
-                        group: String::new(),
-                        resource: "pods".into(),
-                        name: name.clone(),
-                        message: format!("Operation cannot be fulfilled on pods/binding {name:?}: pod {name} is already assigned to node {current:?}"),
-                    });
-                }
-                pod["spec"]["nodeName"] = json!(node);
-                let cond = json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now()});
-                let conds = pod["status"].as_object_mut().map(|s| s.entry("conditions").or_insert(json!([])));
-                if let Some(Value::Array(list)) = conds {
-                    list.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
-                    list.push(cond);
-                }
-                Ok(Some(pod))
-            }
-        })
-        .await?;
+    guaranteed_update(objects, req, &name, |pod, _| {
+        if let Some(current) = pod
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+        {
+            return Err(ApiError::Conflict {
+                group: String::new(),
+                resource: "pods".into(),
+                name: name.clone(),
+                message: format!("Operation cannot be fulfilled on pods/binding {name:?}: pod {name} is already assigned to node {current:?}"),
+            });
+        }
+        let mut pod = pod.clone();
+        pod["spec"]["nodeName"] = json!(node);
+        let cond = json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now()});
+        let conds = pod["status"]
+            .as_object_mut()
+            .map(|s| s.entry("conditions").or_insert(json!([])));
+        if let Some(Value::Array(list)) = conds {
+            list.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+            list.push(cond);
+        }
+        Ok(Change::Store(pod))
+    })
+    .await?;
     Ok(json_response(
         StatusCode::CREATED,
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
@@ -1045,9 +1085,7 @@ async fn delete_one(
     opts: &DeleteOptions,
 ) -> ApiResult<Value> {
     let res = req.target.res;
-    let ns = ns_of(req);
-    for _ in 0..8 {
-        let (obj, rev) = objects.get_or_404(res, ns, name).await?;
+    guaranteed_update(objects, req, name, |obj, rev| {
         if let Some(uid) = &opts.uid {
             let have = obj
                 .pointer("/metadata/uid")
@@ -1072,7 +1110,6 @@ async fn delete_one(
                 });
             }
         }
-        let mut marked = obj.clone();
         let mut finalizers: Vec<Value> = obj
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
@@ -1088,40 +1125,24 @@ async fn delete_one(
                 finalizers.push(json!(f));
             }
         }
-        let deletion = res.strategy.deletion(&obj, opts.grace);
+        let deletion = res.strategy.deletion(obj, opts.grace);
         if finalizers.is_empty() && deletion == Deletion::Immediate {
-            if req.dry_run() {
-                return Ok(obj);
-            }
-            match objects
-                .remove(res, ns, name, rev, &res.strategy.held(&obj))
-                .await
-            {
-                Ok(drev) => {
-                    let mut out = obj;
-                    objects::set_rv(&mut out, drev);
-                    return Ok(out);
-                }
-                Err(ApiError::Conflict { .. }) => continue,
-                Err(e) => return Err(e),
-            }
+            return Ok(Change::Remove);
         }
         if obj.pointer("/metadata/deletionTimestamp").is_some() && add.is_none() {
-            return Ok(obj);
+            return Ok(Change::Keep);
         }
         let grace = match deletion {
             Deletion::Graceful(grace) => grace,
             Deletion::Immediate | Deletion::Terminating => 0,
         };
-        marked["metadata"]["finalizers"] = Value::Array(finalizers);
-        if marked
-            .pointer("/metadata/finalizers")
-            .and_then(Value::as_array)
-            .is_some_and(Vec::is_empty)
-        {
+        let mut marked = obj.clone();
+        if finalizers.is_empty() {
             if let Some(m) = marked["metadata"].as_object_mut() {
                 m.remove("finalizers");
             }
+        } else {
+            marked["metadata"]["finalizers"] = Value::Array(finalizers);
         }
         if marked.pointer("/metadata/deletionTimestamp").is_none() {
             let at = Utc::now() + k8s_openapi::chrono::Duration::seconds(grace);
@@ -1132,15 +1153,9 @@ async fn delete_one(
         if deletion == Deletion::Terminating {
             marked["status"]["phase"] = json!("Terminating");
         }
-        if req.dry_run() {
-            return Ok(marked);
-        }
-        match objects.replace(res, ns, name, &marked, rev).await {
-            Err(ApiError::Conflict { .. }) => continue,
-            other => return other,
-        }
-    }
-    Err(objects::conflict(res, name))
+        Ok(Change::Store(marked))
+    })
+    .await
 }
 
 async fn delete(objects: &Objects, req: &Request) -> ApiResult<Response> {

@@ -1,6 +1,7 @@
 //! What differs by kind, through the router in process: each resource's strategy at work
-//! (defaults, allocations, updates, deletion, printing, field selectors), and bodies
-//! that leave their kind to the URL.
+//! (defaults, allocations, updates, deletion, printing, field selectors), bodies that
+//! leave their kind to the URL, and the one compare-and-swap loop every change goes
+//! through.
 
 mod support;
 
@@ -213,5 +214,39 @@ async fn a_failed_create_holds_nothing_and_concurrent_creates_never_share_a_valu
             "{s}"
         );
     }
+    e.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_patches_all_land_and_preconditions_are_not_retried() {
+    let e = env().await;
+    let uri = "/api/v1/namespaces/default/configmaps";
+    let (code, cm) = e
+        .json(
+            "POST",
+            uri,
+            Some(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{cm}");
+    // Sixteen writers at once: each read-modify-write that loses the race starts over.
+    let one = format!("{uri}/c");
+    let patches = (0..16).map(|i| {
+        let body = json!({"metadata": {"labels": {format!("l{i}"): "x"}}});
+        e.json_patch(&one, body)
+    });
+    for (code, got) in futures::future::join_all(patches).await {
+        assert_eq!(code, StatusCode::OK, "{got}");
+    }
+    let (_, got) = e.json("GET", &format!("{uri}/c"), None).await;
+    assert_eq!(
+        got["metadata"]["labels"].as_object().unwrap().len(),
+        16,
+        "{got}"
+    );
+    // A stale resourceVersion is a conflict at once, not after retries.
+    let stale = json!({"metadata": {"resourceVersion": "1", "labels": {"z": "z"}}});
+    let (code, err) = e.json_patch(&format!("{uri}/c"), stale).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{err}");
     e.close().await;
 }

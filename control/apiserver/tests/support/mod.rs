@@ -72,6 +72,23 @@ impl Env {
         (resp.status(), resp.into_body())
     }
 
+    /// A JSON merge patch, its answer as JSON.
+    pub async fn json_patch(&self, uri: &str, patch: Value) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method("PATCH")
+            .uri(uri)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/merge-patch+json")
+            .body(Body::from(patch.to_string()))
+            .unwrap();
+        let resp = self.api.router().oneshot(req).await.unwrap();
+        let code = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24)
+            .await
+            .unwrap();
+        (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
     pub async fn call_get(&self, uri: &str) -> (StatusCode, Body) {
         self.call("GET", uri, None).await
     }
