@@ -773,8 +773,10 @@ pub(crate) enum Change {
     Keep,
 }
 
-/// How often a change is tried again when the object changed under it.
-const UPDATE_ATTEMPTS: usize = 8;
+/// How long a change keeps starting over when the object changes under it. Every lost
+/// race is another writer's win, so the loop always makes progress; like
+/// GuaranteedUpdate, it has no attempt limit of its own, only the request's time.
+const UPDATE_BUDGET: Duration = Duration::from_secs(30);
 
 /// The one compare-and-swap loop of every change to an existing object (update, patch,
 /// scale, apply, delete), as the Kubernetes storage's GuaranteedUpdate: read the object,
@@ -790,7 +792,8 @@ pub(crate) async fn guaranteed_update(
 ) -> ApiResult<Value> {
     let res = req.target.res;
     let ns = ns_of(req);
-    for _ in 0..UPDATE_ATTEMPTS {
+    let deadline = tokio::time::Instant::now() + UPDATE_BUDGET;
+    while tokio::time::Instant::now() < deadline {
         let (old, rev) = objects.get_or_404(res, ns, name).await?;
         let written = match decide(&old, rev)? {
             Change::Keep => return Ok(old),
