@@ -781,9 +781,12 @@ description: background work
 /// columns, reapplied unchanged, and checked where Kubernetes checks them.
 #[test]
 fn chart_kinds_apply_print_and_reapply_unchanged() {
-    let b = Baton::start();
+    // The controllers empty a deleted namespace; no node is needed.
+    let b = Baton::start_with(&["--no-node"]);
     let f = write(b.dir.path(), "chart.yaml", CHART);
     let f = f.to_str().unwrap();
+    b.ok(&["create", "namespace", "chart"]);
+    b.ok(&["config", "set-context", "--current", "--namespace=chart"]);
     let out = b.ok(&["apply", "-f", f]);
     for want in [
         "serviceaccount/app created",
@@ -854,4 +857,19 @@ fn chart_kinds_apply_print_and_reapply_unchanged() {
     let bad_hpa = r#"{"apiVersion":"autoscaling/v2","kind":"HorizontalPodAutoscaler","metadata":{"name":"bad"},"spec":{"scaleTargetRef":{"kind":"Deployment","name":"web"},"minReplicas":3,"maxReplicas":2}}"#;
     let err = b.fails(&["apply", "-f", "-"], Some(bad_hpa));
     assert!(err.contains("spec.maxReplicas"), "{err}");
+    // Deleting the namespace deletes every kind in it before the namespace goes.
+    b.ok(&["delete", "namespace", "chart", "--timeout=60s"]);
+    let left = b.ok(&[
+        "get",
+        "sa,roles,rolebindings,ingresses,hpa,netpol",
+        "-n",
+        "chart",
+        "-o",
+        "name",
+    ]);
+    let left: Vec<&str> = left
+        .lines()
+        .filter(|l| !l.starts_with("serviceaccount/default"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

@@ -64,6 +64,13 @@ fn api_resource(kind: &str) -> Option<ApiResource> {
         "Job" => ("batch", "v1", "jobs"),
         "EndpointSlice" => ("discovery.k8s.io", "v1", "endpointslices"),
         "Lease" => ("coordination.k8s.io", "v1", "leases"),
+        "PodTemplate" => ("", "v1", "podtemplates"),
+        "ControllerRevision" => ("apps", "v1", "controllerrevisions"),
+        "HorizontalPodAutoscaler" => ("autoscaling", "v2", "horizontalpodautoscalers"),
+        "Ingress" => ("networking.k8s.io", "v1", "ingresses"),
+        "NetworkPolicy" => ("networking.k8s.io", "v1", "networkpolicies"),
+        "Role" => ("rbac.authorization.k8s.io", "v1", "roles"),
+        "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings"),
         _ => return None,
     };
     let api_version = if group.is_empty() {
@@ -103,6 +110,13 @@ const NAMESPACED: &[&str] = &[
     "Secret",
     "ServiceAccount",
     "Lease",
+    "HorizontalPodAutoscaler",
+    "Ingress",
+    "NetworkPolicy",
+    "PodTemplate",
+    "ControllerRevision",
+    "RoleBinding",
+    "Role",
     "Event",
 ];
 
