@@ -730,3 +730,47 @@ spec:
         .then_some(())
     });
 }
+
+/// Old clients and charts still create ReplicationControllers: served, run as a
+/// ReplicaSet is, scaled, and their pods collected with them.
+#[test]
+fn a_replication_controller_runs_scales_and_takes_its_pods_along() {
+    let _serial = serial();
+    let b = Baton::start_cluster();
+    let rc = format!(
+        r#"apiVersion: v1
+kind: ReplicationController
+metadata:
+  name: old
+spec:
+  replicas: 2
+  template:
+    metadata:
+      labels: {{app: old}}
+    spec:
+      containers:
+      - name: web
+        image: {image}
+"#,
+        image = guest("http-hello")
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&rc));
+    // The selector defaults to the template's labels.
+    assert_eq!(jsonpath(&b, &["rc", "old"], "{.spec.selector.app}"), "old");
+    wait_for(&b, 60, "2 ready replicas", || {
+        (jsonpath(&b, &["rc", "old"], "{.status.readyReplicas}") == "2").then_some(())
+    });
+    let table = b.ok(&["get", "rc", "old"]);
+    assert!(
+        table.contains("DESIRED") && table.contains("old"),
+        "{table}"
+    );
+    b.ok(&["scale", "rc", "old", "--replicas=3"]);
+    wait_for(&b, 60, "3 live pods", || {
+        (live_pods(&b, "app=old").len() == 3).then_some(())
+    });
+    b.ok(&["delete", "rc", "old"]);
+    wait_for(&b, 60, "its pods collected", || {
+        live_pods(&b, "app=old").is_empty().then_some(())
+    });
+}

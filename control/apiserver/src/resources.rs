@@ -316,6 +316,19 @@ pub static RESOURCES: &[Resource] = &[
     resource!(
         "",
         "v1",
+        "ReplicationController",
+        "replicationcontrollers",
+        "replicationcontroller",
+        true,
+        core::v1::ReplicationController,
+        short = ["rc"],
+        cat = ["all"],
+        sub = ["status", "scale"],
+        strategy = strategy::ReplicationControllers
+    ),
+    resource!(
+        "",
+        "v1",
         "PodTemplate",
         "podtemplates",
         "podtemplate",

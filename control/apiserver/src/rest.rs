@@ -537,6 +537,9 @@ pub(crate) async fn create_object(
     if obj.get("spec").is_some() {
         obj["metadata"]["generation"] = json!(1);
     }
+    // Defaults first, then the rules, as kube-apiserver runs them: a default (a
+    // ReplicationController's selector) may be what makes an object valid.
+    res.strategy.prepare_create(&mut obj);
     validate(res, &obj, None)?;
     let ns = obj
         .pointer("/metadata/namespace")
@@ -545,7 +548,6 @@ pub(crate) async fn create_object(
     if let Some(ns) = &ns {
         check_namespace(objects, ns).await?;
     }
-    res.strategy.prepare_create(&mut obj);
     if manager_op == "Update" {
         crate::managed::record_update(
             &mut obj,
@@ -896,8 +898,14 @@ async fn patch(objects: &Objects, req: &Request) -> ApiResult<Response> {
 }
 
 fn scale_of(obj: &Value) -> Value {
-    let selector = obj
-        .pointer("/spec/selector/matchLabels")
+    // A label selector's matchLabels, or a ReplicationController's plain map.
+    let selector = match obj.pointer("/spec/selector") {
+        Some(s) if s.get("matchLabels").is_some() || s.get("matchExpressions").is_some() => {
+            s.get("matchLabels")
+        }
+        plain => plain,
+    };
+    let selector = selector
         .and_then(Value::as_object)
         .map(|m| {
             m.iter()

@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ReplicationController, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::watcher;
@@ -50,6 +50,7 @@ impl World {
             client: client.clone(),
             pods: pods_s,
             replicasets: rs_s,
+            replicationcontrollers: store::<ReplicationController>().0,
             deployments: deps_s,
             namespaces: store::<Namespace>().0,
             services: services_s,

@@ -3,7 +3,8 @@
 //! ## Garbage collection
 //! Like kube-controller-manager's, this one works on the graph of owner references rather
 //! than on one kind: every second it sweeps the shared stores (pods, ReplicaSets,
-//! Deployments, Jobs, EndpointSlices; owners may also be Services) and
+//! ReplicationControllers, Deployments, Jobs, EndpointSlices; owners may also be
+//! Services) and
 //! - **background**: deletes an object all of whose owners are gone (a missing owner, or
 //!   one with another UID under the same name);
 //! - **orphan**: for an owner being deleted with the `orphan` finalizer, removes the owner
@@ -60,6 +61,7 @@ fn api_resource(kind: &str) -> Option<ApiResource> {
         "Endpoints" => ("", "v1", "endpoints"),
         "Event" => ("", "v1", "events"),
         "ReplicaSet" => ("apps", "v1", "replicasets"),
+        "ReplicationController" => ("", "v1", "replicationcontrollers"),
         "Deployment" => ("apps", "v1", "deployments"),
         "Job" => ("batch", "v1", "jobs"),
         "EndpointSlice" => ("discovery.k8s.io", "v1", "endpointslices"),
@@ -91,6 +93,7 @@ fn api_resource(kind: &str) -> Option<ApiResource> {
 const WATCHED: &[&str] = &[
     "Pod",
     "ReplicaSet",
+    "ReplicationController",
     "Deployment",
     "Job",
     "EndpointSlice",
@@ -102,6 +105,7 @@ const NAMESPACED: &[&str] = &[
     "Deployment",
     "Job",
     "ReplicaSet",
+    "ReplicationController",
     "Service",
     "Pod",
     "EndpointSlice",
@@ -155,6 +159,7 @@ impl Collector {
     pub async fn sweep(&mut self, ctx: &Arc<Ctx>) {
         let pods = ctx.pods.state();
         let rss = ctx.replicasets.state();
+        let rcs = ctx.replicationcontrollers.state();
         let deps = ctx.deployments.state();
         let jobs = ctx.jobs.state();
         let slices = ctx.endpointslices.state();
@@ -162,6 +167,7 @@ impl Collector {
         let mut nodes: Vec<Node<'_>> = Vec::new();
         add(&mut nodes, &pods);
         add(&mut nodes, &rss);
+        add(&mut nodes, &rcs);
         add(&mut nodes, &deps);
         add(&mut nodes, &jobs);
         add(&mut nodes, &slices);

@@ -7,7 +7,7 @@
 //!
 //! | controller | module |
 //! |---|---|
-//! | ReplicaSet | [`replicaset`] |
+//! | ReplicaSet, ReplicationController | [`replicaset`] |
 //! | Deployment | [`deployment`] |
 //! | Job (and TTL after finished) | [`job`] |
 //! | Node lifecycle (pod ranges, heartbeats, taints, evictions) | [`nodelifecycle`] |
@@ -43,7 +43,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ReplicationController, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, store::Writer, Store};
@@ -59,6 +59,7 @@ pub struct Ctx {
     pub client: Client,
     pub pods: Store<Pod>,
     pub replicasets: Store<ReplicaSet>,
+    pub replicationcontrollers: Store<ReplicationController>,
     pub deployments: Store<Deployment>,
     pub namespaces: Store<Namespace>,
     pub services: Store<Service>,
@@ -203,6 +204,7 @@ pub async fn run(
 ) {
     let pods = Informer::<Pod>::new();
     let replicasets = Informer::<ReplicaSet>::new();
+    let replicationcontrollers = Informer::<ReplicationController>::new();
     let deployments = Informer::<Deployment>::new();
     let namespaces = Informer::<Namespace>::new();
     let services = Informer::<Service>::new();
@@ -214,6 +216,7 @@ pub async fn run(
         client: client.clone(),
         pods: pods.store.clone(),
         replicasets: replicasets.store.clone(),
+        replicationcontrollers: replicationcontrollers.store.clone(),
         deployments: deployments.store.clone(),
         namespaces: namespaces.store.clone(),
         services: services.store.clone(),
@@ -241,6 +244,18 @@ pub async fn run(
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
             .run(replicaset::reconcile, error_policy, ctx.clone());
+    let rc_controller = Controller::for_shared_stream(
+        replicationcontrollers.subscribe(),
+        replicationcontrollers.store.clone(),
+    )
+    .owns_shared_stream(pods.subscribe())
+    .with_config(cfg.clone())
+    .graceful_shutdown_on(stop())
+    .run(
+        replicaset::reconcile_replication_controller,
+        error_policy,
+        ctx.clone(),
+    );
     let deploy_controller =
         Controller::for_shared_stream(deployments.subscribe(), deployments.store.clone())
             .owns_shared_stream(replicasets.subscribe())
@@ -279,6 +294,7 @@ pub async fn run(
     let watches = [
         pods.start(Api::all(client.clone())),
         replicasets.start(Api::all(client.clone())),
+        replicationcontrollers.start(Api::all(client.clone())),
         deployments.start(Api::all(client.clone())),
         namespaces.start(Api::all(client.clone())),
         services.start(Api::all(client.clone())),
@@ -294,6 +310,7 @@ pub async fn run(
     let gc = tokio::spawn(gc::run(ctx.clone()));
     tokio::join!(
         drain("replicaset", rs_controller),
+        drain("replicationcontroller", rc_controller),
         drain("deployment", deploy_controller),
         drain("serviceaccount", sa_controller),
         drain("endpointslice", eps_controller),

@@ -1,4 +1,6 @@
-//! The ReplicaSet controller: keeps `spec.replicas` pods of the template running.
+//! The ReplicaSet controller: keeps `spec.replicas` pods of the template running. It also
+//! runs ReplicationControllers, the ReplicaSet's older form (a plain map as selector), as
+//! kube-controller-manager does: both become a [`Set`] and go through one reconcile.
 //!
 //! ## Expected flow
 //! Each reconcile counts the active pods the ReplicaSet controls (by controller owner
@@ -17,8 +19,13 @@ use std::time::Duration;
 
 use baton_kube::events::EventType;
 use baton_kube::pod;
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    ObjectReference, Pod, PodTemplateSpec, ReplicationController, ReplicationControllerStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -75,10 +82,24 @@ pub fn pod_from_template<K: Resource<DynamicType = ()>>(
     template: PodTemplateSpec,
     name: &str,
 ) -> Pod {
+    pod_owned_by(
+        owner.controller_owner_ref(&()),
+        owner.meta().namespace.clone(),
+        template,
+        name,
+    )
+}
+
+fn pod_owned_by(
+    owner: Option<OwnerReference>,
+    namespace: Option<String>,
+    template: PodTemplateSpec,
+    name: &str,
+) -> Pod {
     let mut meta = template.metadata.unwrap_or_default();
     meta.name = Some(name.to_string());
-    meta.namespace = owner.meta().namespace.clone();
-    meta.owner_references = owner.controller_owner_ref(&()).map(|mut o| {
+    meta.namespace = namespace;
+    meta.owner_references = owner.map(|mut o| {
         o.block_owner_deletion = Some(true);
         vec![o]
     });
@@ -86,6 +107,91 @@ pub fn pod_from_template<K: Resource<DynamicType = ()>>(
         metadata: meta,
         spec: template.spec,
         status: None,
+    }
+}
+
+/// Which kind a [`Set`] is, for writing its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetKind {
+    ReplicaSet,
+    ReplicationController,
+}
+
+/// What the controller keeps running, whichever kind it came as.
+#[derive(Debug)]
+pub struct Set {
+    kind: SetKind,
+    namespace: String,
+    name: String,
+    uid: String,
+    deleting: bool,
+    replicas: usize,
+    min_ready: Duration,
+    template: Option<PodTemplateSpec>,
+    generation: Option<i64>,
+    owner: Option<OwnerReference>,
+    object: ObjectReference,
+    status: ReplicaSetStatus,
+}
+
+fn min_ready(seconds: Option<i32>) -> Duration {
+    Duration::from_secs(seconds.unwrap_or(0).max(0) as u64)
+}
+
+impl Set {
+    /// None if it has no namespace or UID yet.
+    fn of_replicaset(rs: &ReplicaSet) -> Option<Self> {
+        let (namespace, uid) = (rs.namespace()?, rs.uid()?);
+        let spec = rs.spec.as_ref();
+        Some(Set {
+            kind: SetKind::ReplicaSet,
+            namespace,
+            uid,
+            name: rs.name_any(),
+            deleting: rs.metadata.deletion_timestamp.is_some(),
+            replicas: spec.and_then(|s| s.replicas).unwrap_or(1).max(0) as usize,
+            min_ready: min_ready(spec.and_then(|s| s.min_ready_seconds)),
+            template: spec.and_then(|s| s.template.clone()),
+            generation: rs.metadata.generation,
+            owner: rs.controller_owner_ref(&()),
+            object: rs.object_ref(&()),
+            status: rs.status.clone().unwrap_or_default(),
+        })
+    }
+
+    fn of_replication_controller(rc: &ReplicationController) -> Option<Self> {
+        let (namespace, uid) = (rc.namespace()?, rc.uid()?);
+        let spec = rc.spec.as_ref();
+        let status = rc.status.clone().unwrap_or_default();
+        Some(Set {
+            kind: SetKind::ReplicationController,
+            namespace,
+            uid,
+            name: rc.name_any(),
+            deleting: rc.metadata.deletion_timestamp.is_some(),
+            replicas: spec.and_then(|s| s.replicas).unwrap_or(1).max(0) as usize,
+            min_ready: min_ready(spec.and_then(|s| s.min_ready_seconds)),
+            template: spec.and_then(|s| s.template.clone()),
+            generation: rc.metadata.generation,
+            owner: rc.controller_owner_ref(&()),
+            object: rc.object_ref(&()),
+            status: ReplicaSetStatus {
+                replicas: status.replicas,
+                ready_replicas: status.ready_replicas,
+                available_replicas: status.available_replicas,
+                fully_labeled_replicas: status.fully_labeled_replicas,
+                observed_generation: status.observed_generation,
+                ..Default::default()
+            },
+        })
+    }
+
+    fn template_labels(&self) -> BTreeMap<String, String> {
+        self.template
+            .as_ref()
+            .and_then(|t| t.metadata.as_ref())
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -138,11 +244,22 @@ pub fn available(p: &Pod, min_ready: Duration) -> (bool, Option<Duration>) {
 }
 
 pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let (Some(ns), Some(uid)) = (rs.namespace(), rs.uid()) else {
-        return Err(Error::Incomplete(rs.name_any()));
-    };
-    let name = rs.name_any();
-    if rs.metadata.deletion_timestamp.is_some() {
+    let set = Set::of_replicaset(&rs).ok_or_else(|| Error::Incomplete(rs.name_any()))?;
+    reconcile_set(set, ctx).await
+}
+
+pub async fn reconcile_replication_controller(
+    rc: Arc<ReplicationController>,
+    ctx: Arc<Ctx>,
+) -> Result<Action, Error> {
+    let set =
+        Set::of_replication_controller(&rc).ok_or_else(|| Error::Incomplete(rc.name_any()))?;
+    reconcile_set(set, ctx).await
+}
+
+async fn reconcile_set(set: Set, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let (ns, uid, name) = (set.namespace.clone(), set.uid.clone(), set.name.clone());
+    if set.deleting {
         ctx.expectations.forget(&uid);
         return Ok(Action::await_change());
     }
@@ -163,12 +280,7 @@ pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Err
         )
     });
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let want = rs
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(1)
-        .max(0) as usize;
+    let want = set.replicas;
     let satisfied = ctx.expectations.satisfied(&uid, present);
     if satisfied {
         if active.len() < want {
@@ -176,8 +288,12 @@ pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Err
             let creates = (0..n).map(|_| {
                 let pod_name = generate_name(&name);
                 ctx.expectations.expect_create(&uid, &pod_name);
-                let template = rs.spec.as_ref().and_then(|s| s.template.clone());
-                let pod = pod_from_template(rs.as_ref(), template.unwrap_or_default(), &pod_name);
+                let pod = pod_owned_by(
+                    set.owner.clone(),
+                    Some(ns.clone()),
+                    set.template.clone().unwrap_or_default(),
+                    &pod_name,
+                );
                 let api = api.clone();
                 async move { (pod_name, api.create(&PostParams::default(), &pod).await) }
             });
@@ -187,7 +303,7 @@ pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Err
                     ctx.expectations.creation_failed(&uid, &pod_name);
                     ctx.recorder
                         .publish(
-                            &rs.object_ref(&()),
+                            &set.object,
                             EventType::Warning,
                             "FailedCreate",
                             &format!("Error creating: {e}"),
@@ -197,7 +313,7 @@ pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Err
                 } else {
                     ctx.recorder
                         .publish(
-                            &rs.object_ref(&()),
+                            &set.object,
                             EventType::Normal,
                             "SuccessfulCreate",
                             &format!("Created pod: {pod_name}"),
@@ -222,7 +338,7 @@ pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Err
                     Ok(_) => {
                         ctx.recorder
                             .publish(
-                                &rs.object_ref(&()),
+                                &set.object,
                                 EventType::Normal,
                                 "SuccessfulDelete",
                                 &format!("Deleted pod: {pod_name}"),
@@ -240,26 +356,14 @@ pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Err
             }
         }
     }
-    let min_ready = Duration::from_secs(
-        rs.spec
-            .as_ref()
-            .and_then(|s| s.min_ready_seconds)
-            .unwrap_or(0)
-            .max(0) as u64,
-    );
+    let min_ready = set.min_ready;
     let mut next_check: Option<Duration> = None;
     let mut status = ReplicaSetStatus {
         replicas: active.len() as i32,
-        observed_generation: rs.metadata.generation,
+        observed_generation: set.generation,
         ..Default::default()
     };
-    let template_labels = rs
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.as_ref())
-        .and_then(|t| t.metadata.as_ref())
-        .and_then(|m| m.labels.clone())
-        .unwrap_or_default();
+    let template_labels = set.template_labels();
     let (mut labeled, mut ready, mut avail) = (0, 0, 0);
     for p in &active {
         let labels = p.metadata.labels.clone().unwrap_or_default();
@@ -281,19 +385,39 @@ pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Err
     status.fully_labeled_replicas = Some(labeled);
     status.ready_replicas = Some(ready);
     status.available_replicas = Some(avail);
-    let current = rs.status.clone().unwrap_or_default();
+    let current = &set.status;
     if current.replicas != status.replicas
         || current.ready_replicas.unwrap_or(0) != ready
         || current.available_replicas.unwrap_or(0) != avail
         || current.fully_labeled_replicas.unwrap_or(0) != labeled
         || current.observed_generation != status.observed_generation
     {
-        let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({"status": status});
-        match rs_api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-        {
+        let written = match set.kind {
+            SetKind::ReplicaSet => {
+                let patch = Patch::Merge(json!({ "status": status }));
+                Api::<ReplicaSet>::namespaced(ctx.client.clone(), &ns)
+                    .patch_status(&name, &PatchParams::default(), &patch)
+                    .await
+                    .map(|_| ())
+            }
+            SetKind::ReplicationController => {
+                // The same fields, under the older kind's own status type.
+                let rc_status = ReplicationControllerStatus {
+                    replicas: status.replicas,
+                    ready_replicas: status.ready_replicas,
+                    available_replicas: status.available_replicas,
+                    fully_labeled_replicas: status.fully_labeled_replicas,
+                    observed_generation: status.observed_generation,
+                    ..Default::default()
+                };
+                let patch = Patch::Merge(json!({ "status": rc_status }));
+                Api::<ReplicationController>::namespaced(ctx.client.clone(), &ns)
+                    .patch_status(&name, &PatchParams::default(), &patch)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        match written {
             Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
             Err(source) => {
                 return Err(Error::Status {
@@ -317,7 +441,52 @@ pub async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Err
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fake::World;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn a_replication_controller_runs_its_pods_as_a_replica_set_would() {
+        let w = World::new();
+        let rc: ReplicationController = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "ReplicationController",
+            "metadata": {"name": "old", "namespace": "default", "uid": "rc-uid", "generation": 1},
+            "spec": {"replicas": 2, "selector": {"app": "old"},
+                     "template": {"metadata": {"labels": {"app": "old"}},
+                                  "spec": {"containers": [{"name": "c", "image": "i"}]}}},
+        }))
+        .unwrap();
+        reconcile_replication_controller(Arc::new(rc), w.ctx.clone())
+            .await
+            .unwrap();
+        let creates: Vec<_> = w
+            .api
+            .calls()
+            .into_iter()
+            .filter(|c| c.method == "POST" && c.path == "/api/v1/namespaces/default/pods")
+            .collect();
+        assert_eq!(creates.len(), 2);
+        let owner = &creates[0].body["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "ReplicationController");
+        assert_eq!(owner["apiVersion"], "v1");
+        assert_eq!(owner["uid"], "rc-uid");
+        assert_eq!(owner["controller"], true);
+        assert_eq!(creates[0].body["metadata"]["labels"]["app"], "old");
+        // Its status goes to its own kind.
+        let status = w
+            .api
+            .calls()
+            .into_iter()
+            .find(|c| {
+                c.method == "PATCH"
+                    && c.path == "/api/v1/namespaces/default/replicationcontrollers/old/status"
+            })
+            .expect("a status update");
+        assert_eq!(status.body["status"]["observedGeneration"], 1);
+        assert_eq!(
+            w.api.events(),
+            ["Normal SuccessfulCreate", "Normal SuccessfulCreate"]
+        );
+    }
 
     #[test]
     fn the_worst_pods_go_first() {

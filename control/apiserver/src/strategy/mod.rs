@@ -37,7 +37,7 @@ pub use platform::{
 pub use pod::Pods;
 pub use rbac::{RoleBindings, Roles};
 pub use service::Services;
-pub use workloads::{Deployments, Jobs, ReplicaSets};
+pub use workloads::{Deployments, Jobs, ReplicaSets, ReplicationControllers};
 
 /// A hook's future: it may read and write the store.
 pub type Hook<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -138,7 +138,7 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     /// Rules on what an update may change (fields that are immutable once set).
     fn validate_update(&self, _old: &Value, _new: &Value, _errs: &mut Vec<FieldError>) {}
 
-    /// Defaults and initial status of a new object, after it was validated.
+    /// Defaults and initial status of a new object, before it is validated.
     fn prepare_create(&self, _obj: &mut Value) {}
 
     /// What a new object takes from shared ranges (a Service's address and node ports):

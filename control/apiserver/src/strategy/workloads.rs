@@ -16,6 +16,10 @@ pub struct Deployments;
 pub struct ReplicaSets;
 #[derive(Debug)]
 pub struct Jobs;
+/// The ReplicaSet's older form, which old clients and charts still create: its selector
+/// is a plain map of labels.
+#[derive(Debug)]
+pub struct ReplicationControllers;
 
 fn replicas(o: &Value) -> i64 {
     o.pointer("/spec/replicas")
@@ -237,5 +241,82 @@ impl Strategy for Jobs {
 
     fn columns(&self) -> &'static [Column] {
         JOB_COLUMNS
+    }
+}
+
+fn rc_selector(o: &Value) -> Value {
+    json!(selector_string(o.pointer("/spec/selector")))
+}
+
+static RC_COLUMNS: &[Column] = &[
+    Column::new("Name", "string", 0, name),
+    Column::new("Desired", "integer", 0, |o| json!(replicas(o))),
+    Column::new("Current", "integer", 0, |o| json!(i(o, "/status/replicas"))),
+    Column::new("Ready", "integer", 0, |o| {
+        json!(i(o, "/status/readyReplicas"))
+    }),
+    Column::new("Age", "string", 0, age),
+    Column::new("Containers", "string", 1, containers),
+    Column::new("Images", "string", 1, images),
+    Column::new("Selector", "string", 1, rc_selector),
+];
+
+impl Strategy for ReplicationControllers {
+    fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
+        let selector = obj.pointer("/spec/selector").and_then(Value::as_object);
+        let labels = obj
+            .pointer("/spec/template/metadata/labels")
+            .and_then(Value::as_object);
+        match selector {
+            None => errs.push(FieldError::required("spec.selector")),
+            Some(sel) if sel.is_empty() => errs.push(FieldError::required("spec.selector")),
+            Some(sel) => {
+                let selected = sel
+                    .iter()
+                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+                if !selected {
+                    errs.push(FieldError::invalid(
+                        "spec.template.metadata.labels",
+                        &labels
+                            .map(|l| Value::Object(l.clone()).to_string())
+                            .unwrap_or_default(),
+                        "`selector` does not match template `labels`",
+                    ));
+                }
+            }
+        }
+        if let Some(r) = obj.pointer("/spec/replicas").and_then(Value::as_i64) {
+            if r < 0 {
+                errs.push(FieldError::invalid(
+                    "spec.replicas",
+                    &r.to_string(),
+                    "must be greater than or equal to 0",
+                ));
+            }
+        }
+        match obj.pointer("/spec/template/spec") {
+            Some(spec) => validation::pod_spec(spec, "spec.template.spec", errs),
+            None => errs.push(FieldError::required("spec.template")),
+        }
+    }
+
+    /// As Kubernetes defaults it: one replica, and a selector of the template's labels
+    /// when none is given (or labels from the selector when the template has none).
+    fn prepare_create(&self, obj: &mut Value) {
+        let labels = obj.pointer("/spec/template/metadata/labels").cloned();
+        let spec = obj_mut(obj, "spec");
+        default(spec, "replicas", json!(1));
+        let empty = |v: Option<&Value>| v.and_then(Value::as_object).is_none_or(|m| m.is_empty());
+        if empty(spec.get("selector")) {
+            if let Some(l) = labels.filter(|l| !empty(Some(l))) {
+                spec.insert("selector".into(), l);
+            }
+        }
+        template(obj);
+        obj["status"] = json!({"replicas": 0});
+    }
+
+    fn columns(&self) -> &'static [Column] {
+        RC_COLUMNS
     }
 }
