@@ -94,8 +94,7 @@ impl FakeSandboxes {
         for ((_, name), (_, tx)) in s.running.iter_mut() {
             if name == container {
                 if let Some(tx) = tx.take() {
-                    let reason = if code == 0 { "Completed" } else { "Error" };
-                    ended += usize::from(tx.send(exit(code, reason)).is_ok());
+                    ended += usize::from(tx.send(exit(code)).is_ok());
                 }
             }
         }
@@ -129,10 +128,11 @@ impl FakeSandboxes {
     }
 }
 
-fn exit(code: i32, reason: &'static str) -> Exit {
+/// An exit as a process reports it: `Completed` for 0, `Error` otherwise.
+fn exit(code: i32) -> Exit {
     Exit {
         code,
-        reason,
+        reason: if code == 0 { "Completed" } else { "Error" },
         message: String::new(),
     }
 }
@@ -168,7 +168,7 @@ impl FakeSandbox {
     fn stop_now(&mut self, name: &str) {
         let mut s = self.fake.lock();
         if let Some((_, Some(tx))) = s.running.remove(&(self.key.clone(), name.to_string())) {
-            let _ = tx.send(exit(143, "Error"));
+            let _ = tx.send(exit(143));
         }
     }
 }
@@ -235,8 +235,8 @@ impl Sandbox for FakeSandbox {
                         }
                     };
                     let ended = tokio::select! {
-                        r = rx => r.unwrap_or_else(|_| exit(137, "Error")),
-                        code = timer => exit(code, if code == 0 { "Completed" } else { "Error" }),
+                        r = rx => r.unwrap_or_else(|_| exit(137)),
+                        code = timer => exit(code),
                     };
                     // This run is over; a later run of the same name is not.
                     let mut s = fake.lock();

@@ -16,6 +16,12 @@ use tokio::time::Instant;
 use crate::probe::{self, Prober};
 use crate::sandbox::Lifetime;
 
+/// Whether a probe runs now, given whether the container has started: the startup probe
+/// only before, the others only after.
+fn runs_now(p: &Prober, started: bool) -> bool {
+    (p.kind == probe::Kind::Startup) != started
+}
+
 /// A container that stopped.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Terminated {
@@ -299,14 +305,14 @@ impl Slot {
         let started = self.started;
         self.probers
             .iter_mut()
-            .filter(move |p| (p.kind == probe::Kind::Startup) != started)
+            .filter(move |p| runs_now(p, started))
     }
 
     /// When the next active probe is due.
     pub fn next_probe_at(&self) -> Option<Instant> {
         self.probers
             .iter()
-            .filter(|p| (p.kind == probe::Kind::Startup) != self.started)
+            .filter(|p| runs_now(p, self.started))
             .map(|p| p.next_at())
             .min()
     }

@@ -1,6 +1,7 @@
 //! The REST handlers: get, list, watch, create, update, patch, delete and deletecollection
 //! on every served resource, and their subresources (status, scale, binding).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -146,14 +147,6 @@ impl Request {
         None
     }
 
-    fn wants_table(&self) -> bool {
-        self.rendering() == Some(Rendering::Table)
-    }
-
-    fn wants_metadata(&self) -> bool {
-        self.rendering() == Some(Rendering::Metadata)
-    }
-
     fn content_type(&self) -> &str {
         self.headers
             .get("content-type")
@@ -181,30 +174,39 @@ fn json_response(code: StatusCode, v: &Value, warnings: &[String]) -> Response {
     resp
 }
 
+/// One object as the client asked to see it: itself, its metadata, or a Table row.
+fn render_one<'a>(req: &Request, rendering: Rendering, obj: &'a Value) -> Cow<'a, Value> {
+    match rendering {
+        Rendering::Object => Cow::Borrowed(obj),
+        Rendering::Metadata => Cow::Owned(table::partial_metadata(obj)),
+        Rendering::Table => {
+            let full = req.q("includeObject") == Some("Object");
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .cloned()
+                .unwrap_or(json!(""));
+            Cow::Owned(table::table(
+                req.target.res,
+                std::slice::from_ref(obj),
+                json!({"resourceVersion": rv}),
+                full,
+            ))
+        }
+    }
+}
+
 pub(crate) fn object_response(
     req: &Request,
     code: StatusCode,
     obj: &Value,
     warnings: &[String],
 ) -> Response {
-    if req.wants_metadata() && req.target.sub.is_none() {
-        return json_response(code, &table::partial_metadata(obj), warnings);
-    }
-    if req.wants_table() && req.target.sub.is_none() {
-        let full = req.q("includeObject") == Some("Object");
-        let rv = obj
-            .pointer("/metadata/resourceVersion")
-            .cloned()
-            .unwrap_or(json!(""));
-        let t = table::table(
-            req.target.res,
-            std::slice::from_ref(obj),
-            json!({"resourceVersion": rv}),
-            full,
-        );
-        return json_response(code, &t, warnings);
-    }
-    json_response(code, obj, warnings)
+    // A subresource (a Scale, a status) is always itself.
+    let rendering = match req.target.sub {
+        None => req.rendering().unwrap_or(Rendering::Object),
+        Some(_) => Rendering::Object,
+    };
+    json_response(code, &render_one(req, rendering, obj), warnings)
 }
 
 /// Runs one resource request.
@@ -303,29 +305,24 @@ async fn list(objects: &Objects, req: &Request) -> ApiResult<Response> {
     if let Some(c) = &page.continue_token {
         meta["continue"] = json!(c);
     }
-    if req.wants_metadata() {
-        let list = json!({
+    let list = match req.rendering().unwrap_or(Rendering::Object) {
+        Rendering::Metadata => json!({
             "kind": "PartialObjectMetadataList",
             "apiVersion": "meta.k8s.io/v1",
             "metadata": meta,
             "items": page.items.iter().map(table::partial_metadata).collect::<Vec<_>>(),
-        });
-        return Ok(json_response(StatusCode::OK, &list, &[]));
-    }
-    if req.wants_table() {
-        let full = req.q("includeObject") == Some("Object");
-        return Ok(json_response(
-            StatusCode::OK,
-            &table::table(res, &page.items, meta, full),
-            &[],
-        ));
-    }
-    let list = json!({
-        "kind": format!("{}List", res.kind),
-        "apiVersion": res.api_version(),
-        "metadata": meta,
-        "items": page.items,
-    });
+        }),
+        Rendering::Table => {
+            let full = req.q("includeObject") == Some("Object");
+            table::table(res, &page.items, meta, full)
+        }
+        Rendering::Object => json!({
+            "kind": format!("{}List", res.kind),
+            "apiVersion": res.api_version(),
+            "metadata": meta,
+            "items": page.items,
+        }),
+    };
     Ok(json_response(StatusCode::OK, &list, &[]))
 }
 
@@ -1212,25 +1209,14 @@ async fn delete_collection(objects: &Objects, req: &Request) -> ApiResult<Respon
     Ok(json_response(StatusCode::OK, &list, &[]))
 }
 
-/// One watch event line.
-fn event_line(kind: &str, obj: &Value, req: &Request) -> Bytes {
-    let object = if req.wants_metadata() && kind != "BOOKMARK" && kind != "ERROR" {
-        table::partial_metadata(obj)
-    } else if req.wants_table() && kind != "BOOKMARK" && kind != "ERROR" {
-        let full = req.q("includeObject") == Some("Object");
-        let rv = obj
-            .pointer("/metadata/resourceVersion")
-            .cloned()
-            .unwrap_or(json!(""));
-        table::table(
-            req.target.res,
-            std::slice::from_ref(obj),
-            json!({"resourceVersion": rv}),
-            full,
-        )
-    } else {
-        obj.clone()
+/// One watch event line; `rendering` is the request's, read once for the whole watch.
+fn event_line(kind: &str, obj: &Value, req: &Request, rendering: Rendering) -> Bytes {
+    // Bookmarks and errors are never rendered: they are not objects of the resource.
+    let rendering = match kind {
+        "BOOKMARK" | "ERROR" => Rendering::Object,
+        _ => rendering,
     };
+    let object = render_one(req, rendering, obj);
     let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
@@ -1238,6 +1224,7 @@ fn event_line(kind: &str, obj: &Value, req: &Request) -> Bytes {
 
 async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let res = req.target.res;
+    let rendering = req.rendering().unwrap_or(Rendering::Object);
     let (ls, fs) = selectors(req)?;
     let ns = ns_of(req).map(String::from);
     let at = ReadAt::parse(req.q("resourceVersion"), None)?;
@@ -1284,7 +1271,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
                 oldest: compact_revision,
             }
             .status();
-            let _ = tx.try_send(Ok(event_line("ERROR", &status, &req_view)));
+            let _ = tx.try_send(Ok(event_line("ERROR", &status, &req_view, rendering)));
             None
         }
         Err(e) => return Err(e.into()),
@@ -1293,7 +1280,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
     tokio::spawn(
         async move {
             for obj in &initial {
-                if tx.send(Ok(event_line("ADDED", obj, &req_view))).await.is_err() {
+                if tx.send(Ok(event_line("ADDED", obj, &req_view, rendering))).await.is_err() {
                     return;
                 }
             }
@@ -1310,12 +1297,12 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
                     None => return,
                     Some(Err(baton_store::Error::Compacted { requested, compact_revision })) => {
                         let status = ApiError::Expired { requested, oldest: compact_revision }.status();
-                        let _ = tx.send(Ok(event_line("ERROR", &status, &req_view))).await;
+                        let _ = tx.send(Ok(event_line("ERROR", &status, &req_view, rendering))).await;
                         return;
                     }
                     Some(Err(e)) => {
                         let status = ApiError::Internal { message: e.to_string() }.status();
-                        let _ = tx.send(Ok(event_line("ERROR", &status, &req_view))).await;
+                        let _ = tx.send(Ok(event_line("ERROR", &status, &req_view, rendering))).await;
                         return;
                     }
                     Some(Ok(WatchEvent::Progress(rev))) => {
@@ -1323,7 +1310,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
                             continue;
                         }
                         let mark = json!({"kind": res.kind, "apiVersion": api_version, "metadata": {"resourceVersion": rev.to_string()}});
-                        vec![event_line("BOOKMARK", &mark, &req_view)]
+                        vec![event_line("BOOKMARK", &mark, &req_view, rendering)]
                     }
                     Some(Ok(WatchEvent::Events(re))) => {
                         let mut out = Vec::new();
@@ -1341,7 +1328,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
                                         (true, false) => "DELETED",
                                         (false, false) => continue,
                                     };
-                                    out.push(event_line(ty, &cur, &req_view));
+                                    out.push(event_line(ty, &cur, &req_view, rendering));
                                 }
                                 EventKind::Delete => {
                                     let Some(mut last) = prev else { continue };
@@ -1349,7 +1336,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
                                         continue;
                                     }
                                     objects::set_rv(&mut last, re.revision);
-                                    out.push(event_line("DELETED", &last, &req_view));
+                                    out.push(event_line("DELETED", &last, &req_view, rendering));
                                 }
                             }
                         }

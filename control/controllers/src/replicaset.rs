@@ -22,9 +22,7 @@ use baton_kube::pod;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
-use k8s_openapi::api::core::v1::{
-    ObjectReference, Pod, PodTemplateSpec, ReplicationController, ReplicationControllerStatus,
-};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, PodTemplateSpec, ReplicationController};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -139,51 +137,68 @@ fn min_ready(seconds: Option<i32>) -> Duration {
 }
 
 impl Set {
-    /// None if it has no namespace or UID yet.
-    fn of_replicaset(rs: &ReplicaSet) -> Option<Self> {
-        let (namespace, uid) = (rs.namespace()?, rs.uid()?);
-        let spec = rs.spec.as_ref();
+    /// What either kind says, from its metadata and the parts of its spec and status both
+    /// have. None if it has no namespace or UID yet.
+    fn new<K: Resource<DynamicType = ()>>(
+        obj: &K,
+        kind: SetKind,
+        (replicas, min_ready_seconds, template): (
+            Option<i32>,
+            Option<i32>,
+            Option<&PodTemplateSpec>,
+        ),
+        status: ReplicaSetStatus,
+    ) -> Option<Self> {
+        let meta = obj.meta();
         Some(Set {
-            kind: SetKind::ReplicaSet,
-            namespace,
-            uid,
-            name: rs.name_any(),
-            deleting: rs.metadata.deletion_timestamp.is_some(),
-            replicas: spec.and_then(|s| s.replicas).unwrap_or(1).max(0) as usize,
-            min_ready: min_ready(spec.and_then(|s| s.min_ready_seconds)),
-            template: spec.and_then(|s| s.template.clone()),
-            generation: rs.metadata.generation,
-            owner: rs.controller_owner_ref(&()),
-            object: rs.object_ref(&()),
-            status: rs.status.clone().unwrap_or_default(),
+            kind,
+            namespace: meta.namespace.clone()?,
+            uid: meta.uid.clone()?,
+            name: obj.name_any(),
+            deleting: meta.deletion_timestamp.is_some(),
+            replicas: replicas.unwrap_or(1).max(0) as usize,
+            min_ready: min_ready(min_ready_seconds),
+            template: template.cloned(),
+            generation: meta.generation,
+            owner: obj.controller_owner_ref(&()),
+            object: obj.object_ref(&()),
+            status,
         })
     }
 
+    fn of_replicaset(rs: &ReplicaSet) -> Option<Self> {
+        let spec = rs.spec.as_ref();
+        let parts = (
+            spec.and_then(|s| s.replicas),
+            spec.and_then(|s| s.min_ready_seconds),
+            spec.and_then(|s| s.template.as_ref()),
+        );
+        Set::new(
+            rs,
+            SetKind::ReplicaSet,
+            parts,
+            rs.status.clone().unwrap_or_default(),
+        )
+    }
+
     fn of_replication_controller(rc: &ReplicationController) -> Option<Self> {
-        let (namespace, uid) = (rc.namespace()?, rc.uid()?);
         let spec = rc.spec.as_ref();
+        let parts = (
+            spec.and_then(|s| s.replicas),
+            spec.and_then(|s| s.min_ready_seconds),
+            spec.and_then(|s| s.template.as_ref()),
+        );
         let status = rc.status.clone().unwrap_or_default();
-        Some(Set {
-            kind: SetKind::ReplicationController,
-            namespace,
-            uid,
-            name: rc.name_any(),
-            deleting: rc.metadata.deletion_timestamp.is_some(),
-            replicas: spec.and_then(|s| s.replicas).unwrap_or(1).max(0) as usize,
-            min_ready: min_ready(spec.and_then(|s| s.min_ready_seconds)),
-            template: spec.and_then(|s| s.template.clone()),
-            generation: rc.metadata.generation,
-            owner: rc.controller_owner_ref(&()),
-            object: rc.object_ref(&()),
-            status: ReplicaSetStatus {
-                replicas: status.replicas,
-                ready_replicas: status.ready_replicas,
-                available_replicas: status.available_replicas,
-                fully_labeled_replicas: status.fully_labeled_replicas,
-                observed_generation: status.observed_generation,
-                ..Default::default()
-            },
-        })
+        // The fields both kinds' statuses have, under the same names.
+        let status = ReplicaSetStatus {
+            replicas: status.replicas,
+            ready_replicas: status.ready_replicas,
+            available_replicas: status.available_replicas,
+            fully_labeled_replicas: status.fully_labeled_replicas,
+            observed_generation: status.observed_generation,
+            ..Default::default()
+        };
+        Set::new(rc, SetKind::ReplicationController, parts, status)
     }
 
     fn template_labels(&self) -> BTreeMap<String, String> {
@@ -392,27 +407,17 @@ async fn reconcile_set(set: Set, ctx: Arc<Ctx>) -> Result<Action, Error> {
         || current.fully_labeled_replicas.unwrap_or(0) != labeled
         || current.observed_generation != status.observed_generation
     {
+        // Both kinds' statuses have these fields under the same names: one patch serves.
+        let patch = Patch::Merge(json!({ "status": status }));
+        let params = PatchParams::default();
         let written = match set.kind {
-            SetKind::ReplicaSet => {
-                let patch = Patch::Merge(json!({ "status": status }));
-                Api::<ReplicaSet>::namespaced(ctx.client.clone(), &ns)
-                    .patch_status(&name, &PatchParams::default(), &patch)
-                    .await
-                    .map(|_| ())
-            }
+            SetKind::ReplicaSet => Api::<ReplicaSet>::namespaced(ctx.client.clone(), &ns)
+                .patch_status(&name, &params, &patch)
+                .await
+                .map(|_| ()),
             SetKind::ReplicationController => {
-                // The same fields, under the older kind's own status type.
-                let rc_status = ReplicationControllerStatus {
-                    replicas: status.replicas,
-                    ready_replicas: status.ready_replicas,
-                    available_replicas: status.available_replicas,
-                    fully_labeled_replicas: status.fully_labeled_replicas,
-                    observed_generation: status.observed_generation,
-                    ..Default::default()
-                };
-                let patch = Patch::Merge(json!({ "status": rc_status }));
                 Api::<ReplicationController>::namespaced(ctx.client.clone(), &ns)
-                    .patch_status(&name, &PatchParams::default(), &patch)
+                    .patch_status(&name, &params, &patch)
                     .await
                     .map(|_| ())
             }

@@ -47,6 +47,10 @@ fn selector(o: &Value) -> Value {
 /// fewer than no replicas.
 fn replicated(obj: &Value, errs: &mut Vec<FieldError>) {
     validation::selector_matches_template(obj, errs);
+    non_negative_replicas(obj, errs);
+}
+
+fn non_negative_replicas(obj: &Value, errs: &mut Vec<FieldError>) {
     if let Some(r) = obj.pointer("/spec/replicas").and_then(Value::as_i64) {
         if r < 0 {
             errs.push(FieldError::invalid(
@@ -244,23 +248,6 @@ impl Strategy for Jobs {
     }
 }
 
-fn rc_selector(o: &Value) -> Value {
-    json!(selector_string(o.pointer("/spec/selector")))
-}
-
-static RC_COLUMNS: &[Column] = &[
-    Column::new("Name", "string", 0, name),
-    Column::new("Desired", "integer", 0, |o| json!(replicas(o))),
-    Column::new("Current", "integer", 0, |o| json!(i(o, "/status/replicas"))),
-    Column::new("Ready", "integer", 0, |o| {
-        json!(i(o, "/status/readyReplicas"))
-    }),
-    Column::new("Age", "string", 0, age),
-    Column::new("Containers", "string", 1, containers),
-    Column::new("Images", "string", 1, images),
-    Column::new("Selector", "string", 1, rc_selector),
-];
-
 impl Strategy for ReplicationControllers {
     fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
         let selector = obj.pointer("/spec/selector").and_then(Value::as_object);
@@ -285,15 +272,7 @@ impl Strategy for ReplicationControllers {
                 }
             }
         }
-        if let Some(r) = obj.pointer("/spec/replicas").and_then(Value::as_i64) {
-            if r < 0 {
-                errs.push(FieldError::invalid(
-                    "spec.replicas",
-                    &r.to_string(),
-                    "must be greater than or equal to 0",
-                ));
-            }
-        }
+        non_negative_replicas(obj, errs);
         match obj.pointer("/spec/template/spec") {
             Some(spec) => validation::pod_spec(spec, "spec.template.spec", errs),
             None => errs.push(FieldError::required("spec.template")),
@@ -301,7 +280,7 @@ impl Strategy for ReplicationControllers {
     }
 
     /// As Kubernetes defaults it: one replica, and a selector of the template's labels
-    /// when none is given (or labels from the selector when the template has none).
+    /// when none is given.
     fn prepare_create(&self, obj: &mut Value) {
         let labels = obj.pointer("/spec/template/metadata/labels").cloned();
         let spec = obj_mut(obj, "spec");
@@ -316,7 +295,8 @@ impl Strategy for ReplicationControllers {
         obj["status"] = json!({"replicas": 0});
     }
 
+    /// A ReplicaSet's columns: the Selector cell reads a plain map as well.
     fn columns(&self) -> &'static [Column] {
-        RC_COLUMNS
+        REPLICASET_COLUMNS
     }
 }
