@@ -394,12 +394,7 @@ async fn start_api(
 ) -> Result<StartedApi> {
     let pki = Pki::load_or_create(&dir.join("pki"), &[addr.ip().to_string()])
         .context("failed to set up the cluster's certificates and tokens")?;
-    let api = ApiServer::new(
-        Objects {
-            store: store.clone(),
-        },
-        pki.clone(),
-    );
+    let api = ApiServer::new(Objects::new(store.clone()), pki.clone());
     api.bootstrap()
         .await
         .context("failed to create the system namespaces")?;

@@ -7,7 +7,7 @@ mod baton;
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
-use baton::{wait_until, write, Baton};
+use baton::{jsonpath, wait_until, write, Baton};
 use serde_json::{json, Value};
 
 const DEPLOYMENT: &str = r#"
@@ -872,4 +872,142 @@ fn chart_kinds_apply_print_and_reapply_unchanged() {
         .filter(|l| !l.starts_with("serviceaccount/default"))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+const WIDGET_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget, shortNames: [wd], categories: [all]}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources:
+      status: {}
+      scale: {specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas}
+    additionalPrinterColumns:
+    - {name: Size, type: string, jsonPath: .spec.size}
+    - {name: Replicas, type: integer, jsonPath: .spec.replicas}
+    - {name: Color, type: string, jsonPath: .spec.color, priority: 1}
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            description: What the widget should be.
+            required: [size]
+            x-kubernetes-validations:
+            - rule: self.replicas <= self.maxReplicas
+              messageExpression: "'replicas ' + string(self.replicas) + ' exceeds ' + string(self.maxReplicas)"
+            properties:
+              size: {type: string, enum: [small, large], description: How big the widget is.}
+              replicas: {type: integer, minimum: 0, default: 1}
+              maxReplicas: {type: integer, default: 10}
+              color: {type: string, pattern: '^[a-z]+$'}
+          status:
+            type: object
+            properties:
+              replicas: {type: integer}
+"#;
+
+#[test]
+fn custom_resources_with_kubectl() {
+    let b = Baton::start();
+    let f = write(b.dir.path(), "crd.yaml", WIDGET_CRD);
+    b.ok(&["apply", "-f", f.to_str().unwrap()]);
+    b.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/widgets.example.com",
+        "--timeout=30s",
+    ]);
+    let out = b.ok(&["get", "crd"]);
+    assert!(out.contains("widgets.example.com"), "{out}");
+    // kubectl caches discovery: the new kind is found by a fresh lookup.
+    let out = b.ok(&["api-resources", "--api-group=example.com"]);
+    assert!(
+        out.contains("widgets") && out.contains("wd") && out.contains("Widget"),
+        "{out}"
+    );
+    let w = r#"{"apiVersion":"example.com/v1","kind":"Widget","metadata":{"name":"a"},"spec":{"size":"small","color":"red"}}"#;
+    let out = b.ok_with("kubectl", &["apply", "-f", "-"], Some(w));
+    assert!(out.contains("widget.example.com/a created"), "{out}");
+    let again = b.ok_with("kubectl", &["apply", "-f", "-"], Some(w));
+    assert!(again.contains("unchanged"), "{again}");
+
+    let out = b.ok(&["get", "wd", "-o", "wide"]);
+    let header = out.lines().next().unwrap();
+    for col in ["NAME", "SIZE", "REPLICAS", "COLOR"] {
+        assert!(header.contains(col), "{out}");
+    }
+    assert!(out.contains("small") && out.contains("red"), "{out}");
+    let out = b.ok(&["get", "widgets"]);
+    assert!(
+        !out.contains("COLOR"),
+        "priority 1 is only for -o wide: {out}"
+    );
+    let out = b.ok(&["get", "all"]);
+    assert!(out.contains("widget.example.com/a"), "{out}");
+
+    let out = b.ok(&["explain", "widget.spec.size"]);
+    assert!(out.contains("How big the widget is"), "{out}");
+
+    b.ok(&["scale", "widget", "a", "--replicas=3"]);
+    assert_eq!(jsonpath(&b, &["widget", "a"], "{.spec.replicas}"), "3");
+    b.ok(&[
+        "patch",
+        "widget",
+        "a",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"color":"green"}}"#,
+    ]);
+    assert_eq!(jsonpath(&b, &["widget", "a"], "{.spec.color}"), "green");
+
+    let editor = write(
+        b.dir.path(),
+        "editor.sh",
+        "#!/bin/sh\nsed -i 's/color: green/color: blue/' \"$1\"\n",
+    );
+    std::fs::set_permissions(&editor, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = b.run_env(
+        "kubectl",
+        &["edit", "widget", "a"],
+        None,
+        &[("KUBE_EDITOR", editor.to_str().unwrap())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(jsonpath(&b, &["widget", "a"], "{.spec.color}"), "blue");
+
+    // An invalid object: 422 naming each bad field, and the rule's own message.
+    let bad = r#"{"apiVersion":"example.com/v1","kind":"Widget","metadata":{"name":"bad"},"spec":{"size":"huge","color":"Red","replicas":20,"maxReplicas":5}}"#;
+    let err = b.fails(&["apply", "-f", "-"], Some(bad));
+    for want in ["spec.size", "spec.color", "replicas 20 exceeds 5"] {
+        assert!(err.contains(want), "{want:?} missing from {err}");
+    }
+    let err = b.fails(&["get", "widget", "bad"], None);
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
+
+    b.ok(&["delete", "crd", "widgets.example.com", "--timeout=60s"]);
+    // Either kubectl's cached discovery still names the kind and the server has no such
+    // resource any more, or fresh discovery no longer lists it.
+    let err = b.fails(&["get", "widgets.example.com"], None);
+    assert!(
+        err.contains("the server doesn't have a resource type")
+            || err.contains("the server could not find the requested resource"),
+        "{err}"
+    );
 }

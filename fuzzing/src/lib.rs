@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use baton_apiserver::patch::{apply_patch, PatchType};
-use baton_apiserver::resources::RESOURCES;
+use baton_apiserver::resources::BUILTIN;
 use baton_apiserver::selectors::{FieldSelector, LabelSelector};
 use baton_apiserver::validation;
 use serde_json::Value;
@@ -45,12 +45,12 @@ pub fn body(data: &[u8]) {
     let Some(v) = parsed else {
         return;
     };
-    for r in RESOURCES {
+    for r in BUILTIN.iter() {
         let mut errs = Vec::new();
         r.strategy.validate(&v, &mut errs);
         let _ = validation::metadata(&v, r.namespaced, r.strategy.name_rule());
         // What passes the type check is given the kind's defaults, as a create does.
-        if let Ok(mut typed) = (r.check)(&v) {
+        if let Ok((mut typed, _)) = r.decode(&v) {
             if typed.is_object() {
                 r.strategy.prepare_create(&mut typed);
             }
@@ -83,7 +83,7 @@ pub fn selectors(data: &[u8]) {
     if let Ok(sel) = LabelSelector::parse(s) {
         let _ = sel.matches(&serde_json::json!({"metadata": {"labels": {"app": "web"}}}));
     }
-    for r in RESOURCES {
+    for r in BUILTIN.iter() {
         let _ = FieldSelector::parse(s, r);
     }
 }

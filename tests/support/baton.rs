@@ -110,6 +110,17 @@ impl Baton {
 
     /// Runs a kubectl binary (`kubectl`, or `kubectl.1.29` from the versioned folder).
     pub fn run(&self, bin: &str, args: &[&str], stdin: Option<&str>) -> Output {
+        self.run_env(bin, args, stdin, &[])
+    }
+
+    /// [`Baton::run`] with more environment (`KUBE_EDITOR` for `kubectl edit`).
+    pub fn run_env(
+        &self,
+        bin: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Output {
         let program = if bin == "kubectl" {
             PathBuf::from("kubectl")
         } else {
@@ -117,6 +128,7 @@ impl Baton {
         };
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .env("KUBECONFIG", &self.kubeconfig)
             .env("HOME", self.home())
             .stdin(Stdio::piped())

@@ -3,7 +3,9 @@
 
 use serde_json::{json, Value};
 
-use crate::resources::{self, Resource};
+use std::sync::Arc;
+
+use crate::resources::{Body, Resource, Served};
 
 /// The server minor version: kubectl's dispatcher on this machine runs `kubectl.1.<minor>`.
 pub const MINOR: &str = "33";
@@ -27,7 +29,7 @@ fn subresource_kind(r: &Resource, sub: &str) -> (String, String, String) {
         "scale" => ("autoscaling".into(), "v1".into(), "Scale".into()),
         "binding" => ("".into(), "v1".into(), "Binding".into()),
         "log" | "exec" => ("".into(), "v1".into(), "".into()),
-        _ => (r.group.into(), r.version.into(), r.kind.into()),
+        _ => (r.group.clone(), r.version.clone(), r.kind.clone()),
     }
 }
 
@@ -70,16 +72,19 @@ fn aggregated_resource(r: &Resource) -> Value {
 }
 
 /// The aggregated discovery document of `/api` (core) or `/apis` (named groups).
-pub fn aggregated(core: bool, api_version: &str) -> Value {
-    let items: Vec<Value> = resources::groups()
+pub fn aggregated(served: &Served, core: bool, api_version: &str) -> Value {
+    let items: Vec<Value> = served
+        .groups()
         .into_iter()
         .filter(|g| g.is_empty() == core)
         .map(|g| {
-            let versions: Vec<Value> = resources::versions_of(g)
+            let versions: Vec<Value> = served
+                .versions_of(g)
                 .into_iter()
                 .map(|version| {
-                    let rs: Vec<Value> = resources::in_group_version(g, version)
-                        .map(aggregated_resource)
+                    let rs: Vec<Value> = served
+                        .in_group_version(g, version)
+                        .map(|r| aggregated_resource(r))
                         .collect();
                     json!({"version": version, "resources": rs, "freshness": "Current"})
                 })
@@ -97,8 +102,9 @@ pub fn api_versions() -> Value {
     json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]})
 }
 
-fn group_doc(g: &str) -> Value {
-    let versions: Vec<Value> = resources::versions_of(g)
+fn group_doc(served: &Served, g: &str) -> Value {
+    let versions: Vec<Value> = served
+        .versions_of(g)
         .into_iter()
         .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
         .collect();
@@ -106,25 +112,27 @@ fn group_doc(g: &str) -> Value {
     json!({"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": versions, "preferredVersion": preferred})
 }
 
-pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = resources::groups()
+pub fn api_group_list(served: &Served) -> Value {
+    let groups: Vec<Value> = served
+        .groups()
         .into_iter()
         .filter(|g| !g.is_empty())
-        .map(group_doc)
+        .map(|g| group_doc(served, g))
         .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
-pub fn api_group(g: &str) -> Option<Value> {
-    resources::groups()
+pub fn api_group(served: &Served, g: &str) -> Option<Value> {
+    served
+        .groups()
         .into_iter()
         .find(|x| *x == g && !g.is_empty())
-        .map(group_doc)
+        .map(|g| group_doc(served, g))
 }
 
-pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+pub fn resource_list(served: &Served, group: &str, version: &str) -> Option<Value> {
     let mut out = Vec::new();
-    for r in resources::in_group_version(group, version) {
+    for r in served.in_group_version(group, version) {
         let mut entry = json!({
             "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
             "kind": r.kind, "verbs": r.verbs(),
@@ -136,7 +144,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             entry["categories"] = json!(r.categories);
         }
         out.push(entry);
-        for s in r.subresources {
+        for s in &r.subresources {
             let (g, v, k) = subresource_kind(r, s);
             let mut e = json!({"name": format!("{}/{s}", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": k, "verbs": sub_verbs(s)});
             if g != r.group || v != r.version {
@@ -160,54 +168,74 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
 }
 
 /// The OpenAPI v3 index: one document per group-version.
-pub fn openapi_index() -> Value {
+pub fn openapi_index(served: &Served) -> Value {
     let mut paths = serde_json::Map::new();
-    for g in resources::groups() {
-        for v in resources::versions_of(g) {
+    for g in served.groups() {
+        for v in served.versions_of(g) {
             let rel = if g.is_empty() {
                 format!("api/{v}")
             } else {
                 format!("apis/{g}/{v}")
             };
-            let url = format!("/openapi/v3/{rel}?hash={}", doc_hash(&rel));
+            let url = format!("/openapi/v3/{rel}?hash={}", doc_hash(served, g, v));
             paths.insert(rel, json!({ "serverRelativeURL": url }));
         }
     }
     json!({"paths": paths})
 }
 
-fn doc_hash(path: &str) -> String {
-    // Content changes only with the binary; its version names the documents for caching.
-    format!(
-        "baton{}{}",
-        env!("CARGO_PKG_VERSION").replace('.', ""),
-        path.len()
-    )
+/// Names a document's content for clients' caches: kubectl keeps OpenAPI documents by
+/// this hash, so it must change whenever the document does. Built-in documents change
+/// only with the binary; a custom one with its CRDs.
+fn doc_hash(served: &Served, group: &str, version: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    env!("CARGO_PKG_VERSION").hash(&mut h);
+    group.hash(&mut h);
+    version.hash(&mut h);
+    for r in served.in_group_version(group, version) {
+        r.plural.hash(&mut h);
+        r.definition_id.hash(&mut h);
+    }
+    format!("{:016X}", h.finish())
 }
 
-/// The OpenAPI schemas of a group-version's types and everything they refer to, from
-/// k8s-openapi, in the shape kube-apiserver publishes: references wrapped in `allOf` (so
-/// that descriptions beside them count) and each kind tagged with its group-version-kind.
+/// OpenAPI component schemas by name.
+type Schemas = serde_json::Map<String, Value>;
+
+/// The OpenAPI schemas of a group-version's types and everything they refer to, in the
+/// shape kube-apiserver publishes: references wrapped in `allOf` (so that descriptions
+/// beside them count) and each kind tagged with its group-version-kind. Built-in types
+/// come from k8s-openapi; a custom kind's is its CRD schema, with `apiVersion`, `kind`
+/// and an ObjectMeta `metadata` added, as kube-apiserver publishes it.
 fn component_schemas(
+    served: &Served,
     group: &str,
     version: &str,
-) -> (
-    serde_json::Map<String, Value>,
-    Vec<(&'static Resource, String)>,
-) {
+) -> (Schemas, Vec<(Arc<Resource>, String)>) {
     let mut generator = schemars::generate::SchemaSettings::openapi3().into_generator();
     let mut names = Vec::new();
-    for r in resources::in_group_version(group, version) {
-        let schema = (r.schema)(&mut generator);
-        let name = schema
-            .get("$ref")
-            .and_then(Value::as_str)
-            .and_then(|s| s.rsplit('/').next())
-            .unwrap_or_default()
-            .to_string();
-        names.push((r, name));
+    let mut custom = Vec::new();
+    for r in served.in_group_version(group, version) {
+        let name = match &r.body {
+            Body::Typed { schema, .. } => schema(&mut generator)
+                .get("$ref")
+                .and_then(Value::as_str)
+                .and_then(|s| s.rsplit('/').next())
+                .unwrap_or_default()
+                .to_string(),
+            Body::Schema(schema) => {
+                let meta = generator
+                    .subschema_for::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>();
+                let name = custom_schema_name(r);
+                custom.push((name.clone(), custom_schema(schema, meta.as_value())));
+                name
+            }
+        };
+        names.push((r.clone(), name));
     }
     let mut defs = generator.take_definitions(true);
+    defs.extend(custom);
     for v in defs.values_mut() {
         wrap_refs(v);
     }
@@ -218,6 +246,33 @@ fn component_schemas(
         }
     }
     (defs, names)
+}
+
+/// `com.example.v1.Widget` for `example.com/v1` Widget: the group reversed, as
+/// kube-apiserver names CRD definitions.
+fn custom_schema_name(r: &Resource) -> String {
+    let group: Vec<&str> = r.group.split('.').rev().collect();
+    format!("{}.{}.{}", group.join("."), r.version, r.kind)
+}
+
+fn custom_schema(schema: &Value, meta_ref: &Value) -> Value {
+    let mut s = schema.clone();
+    if !s.get("properties").is_some_and(Value::is_object) {
+        s["properties"] = json!({});
+    }
+    let props = &mut s["properties"];
+    props["apiVersion"] = json!({"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."});
+    props["kind"] = json!({"type": "string", "description": "Kind is a string value representing the REST resource this object represents."});
+    let mut meta = json!({"description": "Standard object's metadata.", "allOf": [meta_ref]});
+    if let Some(m) = props.get("metadata").and_then(Value::as_object) {
+        for (k, v) in m {
+            if k != "type" {
+                meta[k] = v.clone();
+            }
+        }
+    }
+    props["metadata"] = meta;
+    s
 }
 
 fn wrap_refs(v: &mut Value) {
@@ -239,15 +294,15 @@ fn wrap_refs(v: &mut Value) {
 /// The OpenAPI v3 document of one group-version: every path with its operations. PATCH
 /// operations carry `x-kubernetes-group-version-kind` and the `fieldValidation` parameter,
 /// which is what tells kubectl to leave validation to the server.
-pub fn openapi_doc(group: &str, version: &str) -> Option<Value> {
+pub fn openapi_doc(served: &Served, group: &str, version: &str) -> Option<Value> {
     let mut paths = serde_json::Map::new();
-    let (schemas, names) = component_schemas(group, version);
+    let (schemas, names) = component_schemas(served, group, version);
     let field_validation = json!({"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}});
-    for r in resources::in_group_version(group, version) {
+    for r in served.in_group_version(group, version) {
         let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
         let name = names
             .iter()
-            .find(|(x, _)| std::ptr::eq(*x, r))
+            .find(|(x, _)| Arc::ptr_eq(x, r))
             .map(|(_, n)| n.clone())
             .unwrap_or_default();
         let schema_ref = json!({"$ref": format!("#/components/schemas/{name}")});
@@ -282,7 +337,7 @@ pub fn openapi_doc(group: &str, version: &str) -> Option<Value> {
         for s in r
             .subresources
             .iter()
-            .filter(|s| matches!(**s, "status" | "scale"))
+            .filter(|s| matches!(s.as_str(), "status" | "scale"))
         {
             paths.insert(format!("{item}/{s}"), json!({"get": op("read", "get"), "put": op("replace", "put"), "patch": op("patch", "patch")}));
         }

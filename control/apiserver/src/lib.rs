@@ -28,9 +28,11 @@
 //! Printing ([`table`]): `Accept: ...;as=Table` gets a `meta.k8s.io/v1` Table with the
 //! columns `kubectl get` shows, from each strategy's column list.
 
+pub mod crd;
 pub mod defaults;
 pub mod discovery;
 pub mod error;
+pub mod jsonpath;
 pub mod managed;
 pub mod nodelink;
 pub mod objects;

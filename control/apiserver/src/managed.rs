@@ -242,7 +242,7 @@ pub async fn apply(
     body: Value,
     dups: Vec<String>,
 ) -> ApiResult<Response> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let name = req.target.name.clone().unwrap_or_default();
     let manager = req
         .query
@@ -250,8 +250,8 @@ pub async fn apply(
         .cloned()
         .filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::Invalid {
-            group: res.group.into(),
-            kind: res.kind.into(),
+            group: res.group.clone(),
+            kind: res.kind.clone(),
             name: name.clone(),
             causes: vec![FieldError::required("fieldManager")],
         })?;
@@ -348,8 +348,8 @@ pub async fn apply(
                 .map(|(m, f)| format!("- {m}: {f}"))
                 .collect();
             return Err(ApiError::Conflict {
-                group: res.group.into(),
-                resource: res.plural.into(),
+                group: res.group.clone(),
+                resource: res.plural.clone(),
                 name: name.clone(),
                 message: format!(
                     "Apply failed with {} conflict{}: conflict with {}\nPlease review the fields above--they currently have other managers. Use force to take ownership.\n{}",

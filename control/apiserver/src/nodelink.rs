@@ -79,7 +79,7 @@ pub async fn pod_logs(objects: &Objects, pki: &Pki, req: Request) -> Response {
 }
 
 async fn proxy_logs(objects: &Objects, pki: &Pki, req: Request) -> ApiResult<Response> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let ns = req.target.ns.clone().unwrap_or_else(|| "default".into());
     let name = req.target.name.clone().unwrap_or_default();
     let (pod, _) = objects
@@ -149,7 +149,7 @@ pub async fn node_proxy(objects: &Objects, pki: &Pki, node: &str, path: &str) ->
 
 /// A GET to a node's endpoint over mutually authenticated TLS, its body streamed back.
 async fn node_get(objects: &Objects, pki: &Pki, node: &str, path: &str) -> ApiResult<Response> {
-    let nodes = resources::by_kind("Node").ok_or_else(|| ApiError::internal("no Node resource"))?;
+    let nodes = resources::builtin("Node");
     let (node_obj, _) = objects
         .get(nodes, None, node, ReadAt::Latest)
         .await?

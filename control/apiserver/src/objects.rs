@@ -11,13 +11,25 @@ use baton_store::{
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult, FieldError};
-use crate::resources::Resource;
+use crate::resources::{Registry, Resource};
 use crate::strategy::Claim;
 
 /// Reads and writes API objects through the store.
 #[derive(Clone, Debug)]
 pub struct Objects {
     pub store: Store,
+    /// What is served: the built-in resources and those CRDs define.
+    pub registry: Registry,
+}
+
+impl Objects {
+    /// Objects in `store`, serving the built-in resources until CRDs add more.
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            registry: Registry::new(),
+        }
+    }
 }
 
 pub(crate) fn set_rv(obj: &mut Value, rev: Revision) {
@@ -32,10 +44,23 @@ pub(crate) fn decode(kv: &KeyValue) -> ApiResult<Value> {
     Ok(v)
 }
 
-pub(crate) fn encode(obj: &Value) -> ApiResult<Vec<u8>> {
+/// An object read through `res`: stored as the resource's storage version, it is shown
+/// as the version asked (CRD versions convert with `None`: only `apiVersion` changes).
+pub(crate) fn decode_as(kv: &KeyValue, res: &Resource) -> ApiResult<Value> {
+    let mut v = decode(kv)?;
+    if res.version != res.storage_version {
+        v["apiVersion"] = Value::String(res.api_version());
+    }
+    Ok(v)
+}
+
+pub(crate) fn encode(obj: &Value, res: &Resource) -> ApiResult<Vec<u8>> {
     let mut obj = obj.clone();
     if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("resourceVersion");
+    }
+    if res.version != res.storage_version {
+        obj["apiVersion"] = Value::String(res.stored_api_version());
     }
     serde_json::to_vec(&obj).map_err(ApiError::internal)
 }
@@ -160,7 +185,8 @@ impl Objects {
             .store
             .get_with_revision(key.as_bytes(), Self::read_options(at))
             .await?;
-        kv.map(|kv| Ok((decode(&kv)?, kv.mod_revision))).transpose()
+        kv.map(|kv| Ok((decode_as(&kv, res)?, kv.mod_revision)))
+            .transpose()
     }
 
     pub async fn get_or_404(
@@ -229,7 +255,7 @@ impl Objects {
             revision = page.revision;
             let last = page.kvs.last().map(|kv| kv.key.clone());
             for kv in &page.kvs {
-                let obj = decode(kv)?;
+                let obj = decode_as(kv, res)?;
                 if keep(&obj) {
                     items.push(obj);
                 }
@@ -271,7 +297,7 @@ impl Objects {
                     .chain(claims.iter().map(|c| Compare::absent(c.key.clone()))),
             )
             .and_then(
-                std::iter::once(Op::put(key.clone(), encode(obj)?))
+                std::iter::once(Op::put(key.clone(), encode(obj, res)?))
                     .chain(claims.iter().map(|c| Op::put(c.key.clone(), key.clone()))),
             )
             .or_else(
@@ -287,8 +313,8 @@ impl Objects {
         let present = |r: Option<&OpResult>| matches!(r, Some(OpResult::Get { kv: Some(_) }));
         if present(resp.results.first()) {
             return Err(ApiError::AlreadyExists {
-                group: res.group.into(),
-                resource: res.plural.into(),
+                group: res.group.clone(),
+                resource: res.plural.clone(),
                 name: name.into(),
             });
         }
@@ -299,8 +325,8 @@ impl Objects {
             .map(|(c, _)| c);
         match taken {
             Some(c) if c.requested => Err(ApiError::Invalid {
-                group: res.group.into(),
-                kind: res.kind.into(),
+                group: res.group.clone(),
+                kind: res.kind.clone(),
                 name: name.into(),
                 causes: vec![FieldError::invalid(c.field, &c.value, c.taken)],
             }),
@@ -320,7 +346,7 @@ impl Objects {
         let key = res.key(ns, name);
         match self
             .store
-            .put_if(key, encode(obj)?, Precondition::ModRevision(expected))
+            .put_if(key, encode(obj, res)?, Precondition::ModRevision(expected))
             .await
         {
             Ok(rev) => {
@@ -372,21 +398,17 @@ impl Objects {
 
 pub(crate) fn not_found(res: &Resource, name: &str) -> ApiError {
     ApiError::NotFound {
-        group: res.group.into(),
-        resource: res.plural.into(),
+        group: res.group.clone(),
+        resource: res.plural.clone(),
         name: name.into(),
     }
 }
 
 pub(crate) fn conflict(res: &Resource, name: &str) -> ApiError {
-    let qualified = if res.group.is_empty() {
-        res.plural.to_string()
-    } else {
-        format!("{}.{}", res.plural, res.group)
-    };
+    let qualified = res.qualified();
     ApiError::Conflict {
-        group: res.group.into(),
-        resource: res.plural.into(),
+        group: res.group.clone(),
+        resource: res.plural.clone(),
         name: name.into(),
         message: format!("Operation cannot be fulfilled on {qualified} {name:?}: the object has been modified; please apply your changes to the latest version and try again"),
     }

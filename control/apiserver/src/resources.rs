@@ -1,6 +1,8 @@
 //! The resources this API server serves: names, scope, verbs, subresources, and the
 //! Kubernetes type each one (de)serializes through.
 
+use std::sync::{Arc, LazyLock, RwLock};
+
 use serde_json::Value;
 
 use crate::strategy::{self, Strategy};
@@ -22,34 +24,51 @@ fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
     serde_json::to_value(typed)
 }
 
-/// One served resource.
+/// What a resource's bodies are made of.
+#[derive(Clone)]
+pub enum Body {
+    /// A built-in kind: its k8s-openapi type.
+    Typed { check: TypeCheck, schema: SchemaOf },
+    /// A custom kind: the structural schema of its CRD version (`openAPIV3Schema`).
+    Schema(Arc<Value>),
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Typed { .. } => f.write_str("Typed"),
+            Body::Schema(_) => f.write_str("Schema"),
+        }
+    }
+}
+
+/// One served resource: a plural name in one group-version.
 #[derive(Debug)]
 pub struct Resource {
     /// "" for the core group.
-    pub group: &'static str,
-    pub version: &'static str,
-    pub kind: &'static str,
-    pub plural: &'static str,
-    pub singular: &'static str,
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    pub plural: String,
+    pub singular: String,
     pub namespaced: bool,
-    pub short_names: &'static [&'static str],
-    pub categories: &'static [&'static str],
-    pub subresources: &'static [&'static str],
-    /// Deserializes into the k8s-openapi type and back: the typed view of a body.
-    pub check: TypeCheck,
-    /// The type's OpenAPI schema, from k8s-openapi (for `kubectl explain`).
-    pub schema: SchemaOf,
+    pub short_names: Vec<String>,
+    pub categories: Vec<String>,
+    pub subresources: Vec<String>,
+    /// The version objects are stored as (the CRD's storage version); every version of a
+    /// resource shares its store keys, and reads present objects as the version asked.
+    pub storage_version: String,
+    /// The uid and generation of the CRD that defined it ("" for built-ins): it names
+    /// the OpenAPI document's content for clients' caches.
+    pub definition_id: String,
+    pub body: Body,
     /// What the kind does differently from a plain object.
-    pub strategy: &'static dyn Strategy,
+    pub strategy: Arc<dyn Strategy>,
 }
 
 impl Resource {
     pub fn api_version(&self) -> String {
-        if self.group.is_empty() {
-            self.version.to_string()
-        } else {
-            format!("{}/{}", self.group, self.version)
-        }
+        gv(&self.group, &self.version)
     }
 
     pub fn group_version_path(&self) -> String {
@@ -60,8 +79,21 @@ impl Resource {
         }
     }
 
+    pub fn has_sub(&self, sub: &str) -> bool {
+        self.subresources.iter().any(|s| s == sub)
+    }
+
     pub fn has_status(&self) -> bool {
-        self.subresources.contains(&"status")
+        self.has_sub("status")
+    }
+
+    /// `plural.group`, or `plural` in the core group: how errors name the resource.
+    pub fn qualified(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.clone()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
     }
 
     /// Store prefix of all objects of this resource.
@@ -69,7 +101,7 @@ impl Resource {
         let g = if self.group.is_empty() {
             "core"
         } else {
-            self.group
+            &self.group
         };
         format!("/registry/{g}/{}/", self.plural)
     }
@@ -101,26 +133,58 @@ impl Resource {
             "watch",
         ]
     }
+
+    /// The apiVersion objects are stored with.
+    pub fn stored_api_version(&self) -> String {
+        gv(&self.group, &self.storage_version)
+    }
+
+    /// Checks a body against the resource's type and returns its typed form, with the
+    /// fields the type does not know (which it dropped).
+    pub fn decode(&self, v: &Value) -> Result<(Value, Vec<String>), String> {
+        match &self.body {
+            Body::Typed { check, .. } => {
+                let typed = check(v).map_err(|e| e.to_string())?;
+                let unknown = crate::validation::unknown_fields(v, &typed);
+                Ok((typed, unknown))
+            }
+            Body::Schema(schema) => {
+                let mut out = v.clone();
+                let unknown = crate::crd::schema::prune(schema, &mut out);
+                crate::crd::schema::apply_defaults(schema, &mut out);
+                Ok((out, unknown))
+            }
+        }
+    }
+}
+
+fn gv(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    }
 }
 
 macro_rules! resource {
     ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $ns:expr, $ty:ty,
      short = [$($short:expr),*], cat = [$($cat:expr),*], sub = [$($sub:expr),*],
      strategy = $strategy:expr) => {
-        Resource {
-            group: $group,
-            version: $version,
-            kind: $kind,
-            plural: $plural,
-            singular: $singular,
+        Arc::new(Resource {
+            group: $group.into(),
+            version: $version.into(),
+            kind: $kind.into(),
+            plural: $plural.into(),
+            singular: $singular.into(),
             namespaced: $ns,
-            short_names: &[$($short),*],
-            categories: &[$($cat),*],
-            subresources: &[$($sub),*],
-            check: roundtrip::<$ty>,
-            schema: schema_of::<$ty>,
-            strategy: &$strategy,
-        }
+            short_names: vec![$($short.into()),*],
+            categories: vec![$($cat.into()),*],
+            subresources: vec![$($sub.into()),*],
+            storage_version: $version.into(),
+            definition_id: String::new(),
+            body: Body::Typed { check: roundtrip::<$ty>, schema: schema_of::<$ty> },
+            strategy: Arc::new($strategy),
+        })
     };
 }
 
@@ -129,8 +193,9 @@ use k8s_openapi::api::{
     scheduling,
 };
 
-/// Every resource served, in discovery order.
-pub static RESOURCES: &[Resource] = &[
+/// The built-in resources, in discovery order.
+pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
+    vec![
     resource!(
         "",
         "v1",
@@ -482,45 +547,155 @@ pub static RESOURCES: &[Resource] = &[
         sub = ["status"],
         strategy = strategy::CertificateSigningRequests
     ),
-];
+    resource!(
+        "apiextensions.k8s.io",
+        "v1",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+        "customresourcedefinition",
+        false,
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+        short = ["crd", "crds"],
+        cat = ["api-extensions"],
+        sub = ["status"],
+        strategy = crate::crd::Definitions
+    ),
+]
+});
 
-/// The API groups, in discovery order, with their versions.
-pub fn groups() -> Vec<&'static str> {
-    let mut out: Vec<&'static str> = Vec::new();
-    for r in RESOURCES {
-        if !out.contains(&r.group) {
-            out.push(r.group);
+/// A built-in resource by kind.
+pub fn builtin(kind: &str) -> &'static Arc<Resource> {
+    BUILTIN
+        .iter()
+        .find(|r| r.kind == kind)
+        .unwrap_or_else(|| panic!("{kind} is a built-in kind"))
+}
+
+/// What is served at one moment: the built-in resources, then the custom ones.
+#[derive(Clone, Debug)]
+pub struct Served(Arc<Vec<Arc<Resource>>>);
+
+impl Served {
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Resource>> {
+        self.0.iter()
+    }
+
+    /// The API groups, in discovery order.
+    pub fn groups(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for r in self.all() {
+            if !out.contains(&r.group.as_str()) {
+                out.push(&r.group);
+            }
+        }
+        out
+    }
+
+    /// The versions a group serves, the preferred one first (Kubernetes' version
+    /// priority: GA before beta before alpha, higher numbers first).
+    pub fn versions_of(&self, group: &str) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for r in self.all().filter(|r| r.group == group) {
+            if !out.contains(&r.version.as_str()) {
+                out.push(&r.version);
+            }
+        }
+        out.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
+        out
+    }
+
+    pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<&Arc<Resource>> {
+        self.all()
+            .find(|r| r.group == group && r.version == version && r.plural == plural)
+    }
+
+    pub fn in_group_version<'a>(
+        &'a self,
+        group: &'a str,
+        version: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Resource>> + 'a {
+        self.all()
+            .filter(move |r| r.group == group && r.version == version)
+    }
+}
+
+/// Orders versions as Kubernetes does: `v2` > `v1` > `v1beta2` > `v1beta1` > `v1alpha1`
+/// > anything else (which sorts by name, after them).
+fn version_priority(v: &str) -> (u8, u64, u64, std::cmp::Reverse<String>) {
+    let parse = |s: &str| -> Option<(u64, u8, u64)> {
+        let rest = s.strip_prefix('v')?;
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let major: u64 = rest[..digits].parse().ok()?;
+        match &rest[digits..] {
+            "" => Some((major, 3, 0)),
+            tail => {
+                let (level, n) = if let Some(n) = tail.strip_prefix("beta") {
+                    (2, n)
+                } else {
+                    (1, tail.strip_prefix("alpha")?)
+                };
+                Some((major, level, n.parse().ok()?))
+            }
+        }
+    };
+    match parse(v) {
+        Some((major, level, minor)) => (level, major, minor, std::cmp::Reverse(String::new())),
+        None => (0, 0, 0, std::cmp::Reverse(v.to_string())),
+    }
+}
+
+/// The resources served, which grow and shrink as CustomResourceDefinitions come and go.
+/// Readers take a [`Served`] snapshot: one request sees one consistent table.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    current: Arc<RwLock<Served>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    /// The built-in resources only.
+    pub fn new() -> Self {
+        Self {
+            current: Arc::new(RwLock::new(Served(Arc::new(BUILTIN.clone())))),
         }
     }
-    out
-}
 
-/// The versions a group serves, the preferred one first.
-pub fn versions_of(group: &str) -> Vec<&'static str> {
-    let mut out: Vec<&'static str> = Vec::new();
-    for r in RESOURCES.iter().filter(|r| r.group == group) {
-        if !out.contains(&r.version) {
-            out.push(r.version);
-        }
+    pub fn snapshot(&self) -> Served {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
-    out
+
+    /// Serves the built-in resources and these custom ones, from now on.
+    pub fn set_custom(&self, custom: Vec<Arc<Resource>>) {
+        let mut all = BUILTIN.clone();
+        all.extend(custom);
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Served(Arc::new(all));
+    }
 }
 
-pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
-    RESOURCES
-        .iter()
-        .find(|r| r.group == group && r.version == version && r.plural == plural)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-pub fn in_group_version<'a>(
-    group: &'a str,
-    version: &'a str,
-) -> impl Iterator<Item = &'static Resource> + 'a {
-    RESOURCES
-        .iter()
-        .filter(move |r| r.group == group && r.version == version)
-}
-
-pub fn by_kind(kind: &str) -> Option<&'static Resource> {
-    RESOURCES.iter().find(|r| r.kind == kind)
+    #[test]
+    fn versions_sort_as_kubernetes_prefers_them() {
+        let mut vs = vec!["v1alpha1", "foo", "v1beta1", "v2", "v1", "v1beta2", "v10"];
+        vs.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
+        assert_eq!(
+            vs,
+            ["v10", "v2", "v1", "v1beta2", "v1beta1", "v1alpha1", "foo"]
+        );
+    }
 }

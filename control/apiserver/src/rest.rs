@@ -16,9 +16,11 @@ use tracing::Instrument;
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::objects::{self, not_found, Objects, ReadAt};
 use crate::patch::{self, PatchType};
-use crate::resources::{self, Resource};
+use std::sync::Arc;
+
+use crate::resources::{self, Resource, Served};
 use crate::selectors::{FieldSelector, LabelSelector};
-use crate::strategy::Deletion;
+use crate::strategy::{Deletion, SelectorAt};
 use crate::table;
 use crate::validation;
 
@@ -42,22 +44,22 @@ pub(crate) enum Rendering {
 /// A parsed resource request.
 #[derive(Debug)]
 pub struct Target {
-    pub res: &'static Resource,
+    pub res: Arc<Resource>,
     pub ns: Option<String>,
     pub name: Option<String>,
     pub sub: Option<String>,
 }
 
 /// Maps a URL path onto a resource, namespace, name and subresource.
-pub fn route(path: &str) -> Option<Target> {
+pub fn route(served: &Served, path: &str) -> Option<Target> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segs.as_slice() {
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
         _ => return None,
     };
-    let find = |plural: &str| resources::find(group, version, plural);
-    let t = |res, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| {
+    let find = |plural: &str| served.find(group, version, plural).cloned();
+    let t = |res: Arc<Resource>, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| {
         Some(Target {
             res,
             ns: ns.map(String::from),
@@ -186,7 +188,7 @@ fn render_one<'a>(req: &Request, rendering: Rendering, obj: &'a Value) -> Cow<'a
                 .cloned()
                 .unwrap_or(json!(""));
             Cow::Owned(table::table(
-                req.target.res,
+                &req.target.res,
                 std::slice::from_ref(obj),
                 json!({"resourceVersion": rv}),
                 full,
@@ -214,7 +216,7 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
     let span = tracing::debug_span!(
         "api_request",
         verb = %req.method,
-        resource = req.target.res.plural,
+        resource = %req.target.res.plural,
         namespace = req.target.ns.as_deref().unwrap_or(""),
         name = req.target.name.as_deref().unwrap_or(""),
     );
@@ -231,7 +233,7 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             (&Method::GET, true, None | Some("status")) => get(objects, &req).await,
             (&Method::GET, true, Some("scale")) => get_scale(objects, &req).await,
             (&Method::POST, false, None) => create(objects, &req).await,
-            (&Method::POST, true, Some("binding")) if t.res.subresources.contains(&"binding") => {
+            (&Method::POST, true, Some("binding")) if t.res.has_sub("binding") => {
                 bind(objects, &req).await
             }
             (&Method::PUT, true, None | Some("status") | Some("finalize")) => {
@@ -244,13 +246,13 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             (&Method::DELETE, true, None) => delete(objects, &req).await,
             (&Method::DELETE, false, None) => delete_collection(objects, &req).await,
             (_, true, Some(sub @ ("log" | "exec" | "attach" | "portforward")))
-                if t.res.subresources.contains(&"exec") =>
+                if t.res.has_sub("exec") =>
             {
                 Err(ApiError::bad_request(format!(
                     "pods/{sub} is not supported: Wasm components have no shell or terminal (pods/log is served by GET)"
                 )))
             }
-            (_, _, Some(sub)) if !t.res.subresources.contains(&sub) => Err(ApiError::NoRoute),
+            (_, _, Some(sub)) if !t.res.has_sub(sub) => Err(ApiError::NoRoute),
             (m, _, _) => Err(ApiError::MethodNotAllowed {
                 message: format!("{m} is not supported on this path"),
             }),
@@ -273,20 +275,20 @@ async fn get(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let name = req.target.name.as_deref().unwrap_or_default();
     let at = ReadAt::parse(req.q("resourceVersion"), None)?;
     let (obj, _) = objects
-        .get(req.target.res, ns_of(req), name, at)
+        .get(&req.target.res, ns_of(req), name, at)
         .await?
-        .ok_or_else(|| not_found(req.target.res, name))?;
+        .ok_or_else(|| not_found(&req.target.res, name))?;
     Ok(object_response(req, StatusCode::OK, &obj, &[]))
 }
 
 fn selectors(req: &Request) -> ApiResult<(LabelSelector, FieldSelector)> {
     let ls = LabelSelector::parse(req.q("labelSelector").unwrap_or(""))?;
-    let fs = FieldSelector::parse(req.q("fieldSelector").unwrap_or(""), req.target.res)?;
+    let fs = FieldSelector::parse(req.q("fieldSelector").unwrap_or(""), &req.target.res)?;
     Ok((ls, fs))
 }
 
 async fn list(objects: &Objects, req: &Request) -> ApiResult<Response> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let (ls, fs) = selectors(req)?;
     let at = ReadAt::parse(req.q("resourceVersion"), req.q("resourceVersionMatch"))?;
     let limit: usize = req.q("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
@@ -409,17 +411,14 @@ pub(crate) fn typecheck(
             res.api_version()
         )));
     }
-    let typed =
-        (res.check)(v).map_err(|e| ApiError::bad_request(format!("error decoding {kind}: {e}")))?;
+    let (typed, unknown) = res
+        .decode(v)
+        .map_err(|e| ApiError::bad_request(format!("error decoding {kind}: {e}")))?;
     let mut problems: Vec<String> = dups
         .iter()
         .map(|d| format!("duplicate field {d:?}"))
         .collect();
-    problems.extend(
-        validation::unknown_fields(v, &typed)
-            .into_iter()
-            .map(|f| format!("unknown field {f:?}")),
-    );
+    problems.extend(unknown.into_iter().map(|f| format!("unknown field {f:?}")));
     match req.field_validation() {
         "Strict" if !problems.is_empty() => Err(ApiError::bad_request(format!(
             "strict decoding error: {}",
@@ -436,16 +435,13 @@ pub(crate) fn typecheck(
 /// Checks an object against its kind's rules; `old` is what an update replaces.
 fn validate(res: &Resource, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
     let mut errs = validation::metadata(obj, res.namespaced, res.strategy.name_rule());
-    res.strategy.validate(obj, &mut errs);
-    if let Some(old) = old {
-        res.strategy.validate_update(old, obj, &mut errs);
-    }
+    res.strategy.validate_write(obj, old, &mut errs);
     if errs.is_empty() {
         return Ok(());
     }
     Err(ApiError::Invalid {
-        group: res.group.into(),
-        kind: res.kind.into(),
+        group: res.group.clone(),
+        kind: res.kind.clone(),
         name: obj
             .pointer("/metadata/name")
             .and_then(Value::as_str)
@@ -456,7 +452,7 @@ fn validate(res: &Resource, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
 }
 
 async fn check_namespace(objects: &Objects, ns: &str) -> ApiResult<()> {
-    let nsr = resources::by_kind("Namespace").expect("namespaces are served");
+    let nsr = resources::builtin("Namespace");
     // A local read, as kube-apiserver checks namespaces against its informer cache.
     match objects.get(nsr, None, ns, ReadAt::Any).await? {
         None => Err(not_found(nsr, ns)),
@@ -487,7 +483,7 @@ pub(crate) async fn create_object(
     mut obj: Value,
     manager_op: &str,
 ) -> ApiResult<Value> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let url_ns = ns_of(req).map(String::from);
     if res.namespaced {
         let body_ns = obj
@@ -534,6 +530,7 @@ pub(crate) async fn create_object(
     if obj.get("spec").is_some() {
         obj["metadata"]["generation"] = json!(1);
     }
+    res.strategy.admit_create(&obj)?;
     // Defaults first, then the rules, as kube-apiserver runs them: a default (a
     // ReplicationController's selector) may be what makes an object valid.
     res.strategy.prepare_create(&mut obj);
@@ -571,8 +568,8 @@ pub(crate) async fn create_object(
                 .is_some()
             {
                 return Err(ApiError::AlreadyExists {
-                    group: res.group.into(),
-                    resource: res.plural.into(),
+                    group: res.group.clone(),
+                    resource: res.plural.clone(),
                     name,
                 });
             }
@@ -590,7 +587,7 @@ pub(crate) async fn create_object(
 }
 
 async fn create(objects: &Objects, req: &Request) -> ApiResult<Response> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let (body, dups) = decode_body(req)?;
     let (obj, warnings) = typecheck(req, res, &body, &dups)?;
     let created = create_object(objects, req, obj, "Update").await?;
@@ -705,7 +702,7 @@ pub(crate) async fn store_update(
     rev: i64,
     mut new: Value,
 ) -> ApiResult<Value> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let ns = ns_of(req);
     let name = req.target.name.as_deref().unwrap_or_default();
     validate(res, &new, Some(old))?;
@@ -789,7 +786,7 @@ pub(crate) async fn guaranteed_update(
     name: &str,
     mut decide: impl FnMut(&Value, i64) -> ApiResult<Change>,
 ) -> ApiResult<Value> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let ns = ns_of(req);
     let deadline = tokio::time::Instant::now() + UPDATE_BUDGET;
     while tokio::time::Instant::now() < deadline {
@@ -831,7 +828,7 @@ fn check_resource_version(body: &Value, rev: i64, res: &Resource, name: &str) ->
 }
 
 async fn update(objects: &Objects, req: &Request) -> ApiResult<Response> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let name = req.target.name.as_deref().unwrap_or_default();
     let (body, dups) = decode_body(req)?;
     let (typed, warnings) = typecheck(req, res, &body, &dups)?;
@@ -845,12 +842,18 @@ async fn update(objects: &Objects, req: &Request) -> ApiResult<Response> {
 }
 
 async fn patch(objects: &Objects, req: &Request) -> ApiResult<Response> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let name = req.target.name.as_deref().unwrap_or_default().to_string();
-    let Some(ty) = PatchType::from_content_type(req.content_type()) else {
+    let ty = PatchType::from_content_type(req.content_type())
+        .filter(|ty| *ty != PatchType::Strategic || res.strategy.strategic_merge());
+    let Some(ty) = ty else {
+        let mut accepted = "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml".to_string();
+        if res.strategy.strategic_merge() {
+            accepted.push_str(", application/strategic-merge-patch+json");
+        }
         return Err(ApiError::UnsupportedMediaType {
             got: req.content_type().to_string(),
-            accepted: "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json".into(),
+            accepted,
         });
     };
     if req.body.len() > MAX_BODY_BYTES {
@@ -894,23 +897,36 @@ async fn patch(objects: &Objects, req: &Request) -> ApiResult<Response> {
     Ok(object_response(req, StatusCode::OK, &stored, &warnings))
 }
 
-fn scale_of(obj: &Value) -> Value {
-    // A label selector's matchLabels, or a ReplicationController's plain map.
-    let selector = match obj.pointer("/spec/selector") {
-        Some(s) if s.get("matchLabels").is_some() || s.get("matchExpressions").is_some() => {
-            s.get("matchLabels")
+fn scale_of(res: &Resource, obj: &Value) -> Value {
+    let paths = res.strategy.scale_paths();
+    let selector = match &paths.selector {
+        SelectorAt::Spec => {
+            // A label selector's matchLabels, or a ReplicationController's plain map.
+            let selector = match obj.pointer("/spec/selector") {
+                Some(s)
+                    if s.get("matchLabels").is_some() || s.get("matchExpressions").is_some() =>
+                {
+                    s.get("matchLabels")
+                }
+                plain => plain,
+            };
+            selector
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default()
         }
-        plain => plain,
+        SelectorAt::String(ptr) => obj
+            .pointer(ptr)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        SelectorAt::None => String::new(),
     };
-    let selector = selector
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default();
     let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
     json!({
         "kind": "Scale",
@@ -919,25 +935,25 @@ fn scale_of(obj: &Value) -> Value {
             "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid"),
             "resourceVersion": meta.get("resourceVersion"), "creationTimestamp": meta.get("creationTimestamp"),
         },
-        "spec": {"replicas": obj.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1)},
-        "status": {"replicas": obj.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0), "selector": selector},
+        "spec": {"replicas": obj.pointer(&paths.spec_replicas).and_then(Value::as_i64).unwrap_or(1)},
+        "status": {"replicas": obj.pointer(&paths.status_replicas).and_then(Value::as_i64).unwrap_or(0), "selector": selector},
     })
 }
 
 async fn get_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let name = req.target.name.as_deref().unwrap_or_default();
     let (obj, _) = objects.get_or_404(res, ns_of(req), name).await?;
-    Ok(json_response(StatusCode::OK, &scale_of(&obj), &[]))
+    Ok(json_response(StatusCode::OK, &scale_of(res, &obj), &[]))
 }
 
 async fn update_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let name = req.target.name.as_deref().unwrap_or_default().to_string();
     let (body, _) = validation::parse_json_checked(&req.body)
         .map_err(|e| ApiError::bad_request(format!("error decoding the request body: {e}")))?;
     let stored = guaranteed_update(objects, req, &name, |old, rev| {
-        let mut scale = scale_of(old);
+        let mut scale = scale_of(res, old);
         if req.method == Method::PATCH {
             let ty = PatchType::from_content_type(req.content_type()).ok_or_else(|| {
                 ApiError::UnsupportedMediaType {
@@ -968,7 +984,11 @@ async fn update_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
             )));
         }
         let mut new = old.clone();
-        new["spec"]["replicas"] = json!(replicas);
+        set_pointer(
+            &mut new,
+            &res.strategy.scale_paths().spec_replicas,
+            json!(replicas),
+        );
         if spec_changed(old, &new) {
             let g = old
                 .pointer("/metadata/generation")
@@ -979,7 +999,23 @@ async fn update_scale(objects: &Objects, req: &Request) -> ApiResult<Response> {
         Ok(Change::Write(new))
     })
     .await?;
-    Ok(json_response(StatusCode::OK, &scale_of(&stored), &[]))
+    Ok(json_response(StatusCode::OK, &scale_of(res, &stored), &[]))
+}
+
+/// Writes `v` at a JSON pointer, making the objects on the way.
+fn set_pointer(obj: &mut Value, ptr: &str, v: Value) {
+    let mut cur = obj;
+    for seg in ptr.trim_start_matches('/').split('/') {
+        if !cur.is_object() {
+            *cur = json!({});
+        }
+        cur = cur
+            .as_object_mut()
+            .expect("made an object above")
+            .entry(seg.to_string())
+            .or_insert(Value::Null);
+    }
+    *cur = v;
 }
 
 /// POST pods/{name}/binding: the scheduler's way of assigning a node.
@@ -1092,7 +1128,7 @@ async fn delete_one(
     name: &str,
     opts: &DeleteOptions,
 ) -> ApiResult<Value> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     guaranteed_update(objects, req, name, |obj, rev| {
         if let Some(uid) = &opts.uid {
             let have = obj
@@ -1101,8 +1137,8 @@ async fn delete_one(
                 .unwrap_or("");
             if uid != have {
                 return Err(ApiError::Conflict {
-                    group: res.group.into(),
-                    resource: res.plural.into(),
+                    group: res.group.clone(),
+                    resource: res.plural.clone(),
                     name: name.into(),
                     message: format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {have}"),
                 });
@@ -1111,8 +1147,8 @@ async fn delete_one(
         if let Some(want) = &opts.rv {
             if *want != rev.to_string() {
                 return Err(ApiError::Conflict {
-                    group: res.group.into(),
-                    resource: res.plural.into(),
+                    group: res.group.clone(),
+                    resource: res.plural.clone(),
                     name: name.into(),
                     message: format!("Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {rev}"),
                 });
@@ -1179,7 +1215,7 @@ async fn delete(objects: &Objects, req: &Request) -> ApiResult<Response> {
 }
 
 async fn delete_collection(objects: &Objects, req: &Request) -> ApiResult<Response> {
-    let res = req.target.res;
+    let res = &*req.target.res;
     let opts = delete_options(req)?;
     let (ls, fs) = selectors(req)?;
     let page = objects
@@ -1223,7 +1259,7 @@ fn event_line(kind: &str, obj: &Value, req: &Request, rendering: Rendering) -> B
 }
 
 async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
-    let res = req.target.res;
+    let res = req.target.res.clone();
     let rendering = req.rendering().unwrap_or(Rendering::Object);
     let (ls, fs) = selectors(req)?;
     let ns = ns_of(req).map(String::from);
@@ -1239,7 +1275,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let (initial, from) = match at {
         ReadAt::Latest | ReadAt::Any => {
             let page = objects
-                .list(res, ns.as_deref(), at, 0, None, |o| {
+                .list(&res, ns.as_deref(), at, 0, None, |o| {
                     ls.matches(o) && fs.matches(o)
                 })
                 .await?;
@@ -1250,7 +1286,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let req_view = Request {
         method: req.method.clone(),
         target: Target {
-            res,
+            res: res.clone(),
             ns: ns.clone(),
             name: None,
             sub: None,
@@ -1277,6 +1313,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
         Err(e) => return Err(e.into()),
     };
     let api_version = res.api_version();
+    let span = tracing::debug_span!("api_watch", resource = %res.plural);
     tokio::spawn(
         async move {
             for obj in &initial {
@@ -1316,10 +1353,10 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
                         let mut out = Vec::new();
                         for ev in &re.events {
                             let matches = |o: &Value| ls.matches(o) && fs.matches(o);
-                            let prev = ev.prev_kv.as_ref().and_then(|kv| objects::decode(kv).ok());
+                            let prev = ev.prev_kv.as_ref().and_then(|kv| objects::decode_as(kv, &res).ok());
                             match ev.kind {
                                 EventKind::Put => {
-                                    let Ok(cur) = objects::decode(&ev.kv) else { continue };
+                                    let Ok(cur) = objects::decode_as(&ev.kv, &res) else { continue };
                                     let now_in = matches(&cur);
                                     let was_in = prev.as_ref().is_some_and(matches);
                                     let ty = match (was_in, now_in) {
@@ -1350,7 +1387,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
                 }
             }
         }
-        .instrument(tracing::debug_span!("api_watch", resource = res.plural)),
+        .instrument(span),
     );
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     let mut resp = Response::new(Body::from_stream(stream));

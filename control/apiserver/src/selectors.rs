@@ -194,7 +194,7 @@ mod tests {
     use serde_json::json;
 
     fn pods() -> &'static Resource {
-        crate::resources::by_kind("Pod").unwrap()
+        crate::resources::builtin("Pod")
     }
 
     #[test]

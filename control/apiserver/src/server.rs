@@ -20,7 +20,7 @@ use crate::discovery;
 use crate::error::ApiError;
 use crate::objects::{Objects, ReadAt};
 use crate::pki::Pki;
-use crate::resources;
+use crate::resources::{self, Served};
 use crate::rest::{self, MAX_BODY_BYTES};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +33,7 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
-    #[error("failed to create the system namespaces")]
+    #[error("failed to bootstrap the API server (its system namespaces and stored CustomResourceDefinitions)")]
     Bootstrap(#[source] ApiError),
 }
 
@@ -84,10 +84,10 @@ fn aggregated_version(accept: &str) -> Option<&'static str> {
     None
 }
 
-fn discovery_response(core: bool, accept: &str) -> Response {
+fn discovery_response(served: &Served, core: bool, accept: &str) -> Response {
     match aggregated_version(accept) {
         Some(v) => {
-            let doc = discovery::aggregated(core, &format!("apidiscovery.k8s.io/{v}"));
+            let doc = discovery::aggregated(served, core, &format!("apidiscovery.k8s.io/{v}"));
             let ct =
                 format!("application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList");
             let mut resp = json_ok(&doc);
@@ -98,7 +98,7 @@ fn discovery_response(core: bool, accept: &str) -> Response {
             resp
         }
         None if core => json_ok(&discovery::api_versions()),
-        None => json_ok(&discovery::api_group_list()),
+        None => json_ok(&discovery::api_group_list(served)),
     }
 }
 
@@ -124,9 +124,10 @@ impl ApiServer {
         &self.pki
     }
 
-    /// Creates the namespaces every cluster starts with, if they are missing.
+    /// Creates the namespaces every cluster starts with, if they are missing, and starts
+    /// serving the stored CustomResourceDefinitions.
     pub async fn bootstrap(&self) -> Result<(), ServeError> {
-        let nsr = resources::by_kind("Namespace").expect("namespaces are served");
+        let nsr = resources::builtin("Namespace");
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             if self
                 .objects
@@ -149,6 +150,16 @@ impl ApiServer {
                 Err(e) => return Err(ServeError::Bootstrap(e)),
             }
         }
+        self.serve_custom_resources().await
+    }
+
+    /// Serves the stored CustomResourceDefinitions, and starts the loop that keeps
+    /// serving them as they change (it ends when the store closes).
+    pub async fn serve_custom_resources(&self) -> Result<(), ServeError> {
+        crate::crd::controller::serve_stored(&self.objects)
+            .await
+            .map_err(ServeError::Bootstrap)?;
+        tokio::spawn(crate::crd::controller::run(self.objects.clone()));
         Ok(())
     }
 
@@ -259,6 +270,8 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         .unwrap_or("")
         .to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // One snapshot per request: a CRD coming or going mid-request changes nothing here.
+    let served = api.objects.registry.snapshot();
     match segs.as_slice() {
         ["version"] => return json_ok(&discovery::version()),
         ["healthz"] | ["livez"] => return (StatusCode::OK, "ok").into_response(),
@@ -274,20 +287,20 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
                     .into_response(),
             }
         }
-        ["api"] => return discovery_response(true, &accept),
-        ["apis"] => return discovery_response(false, &accept),
+        ["api"] => return discovery_response(&served, true, &accept),
+        ["apis"] => return discovery_response(&served, false, &accept),
         ["api", v] => {
-            return discovery::resource_list("", v)
+            return discovery::resource_list(&served, "", v)
                 .map(|d| json_ok(&d))
                 .unwrap_or_else(|| ApiError::NoRoute.into_response())
         }
         ["apis", g] => {
-            return discovery::api_group(g)
+            return discovery::api_group(&served, g)
                 .map(|d| json_ok(&d))
                 .unwrap_or_else(|| ApiError::NoRoute.into_response())
         }
         ["apis", g, v] => {
-            return discovery::resource_list(g, v)
+            return discovery::resource_list(&served, g, v)
                 .map(|d| json_ok(&d))
                 .unwrap_or_else(|| ApiError::NoRoute.into_response())
         }
@@ -303,20 +316,20 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
             return crate::nodelink::node_proxy(&api.objects, &api.pki, node, &rest.join("/"))
                 .await;
         }
-        ["openapi", "v3"] => return json_ok(&discovery::openapi_index()),
+        ["openapi", "v3"] => return json_ok(&discovery::openapi_index(&served)),
         ["openapi", "v3", "api", v] => {
-            return discovery::openapi_doc("", v)
+            return discovery::openapi_doc(&served, "", v)
                 .map(|d| json_ok(&d))
                 .unwrap_or_else(|| ApiError::NoRoute.into_response())
         }
         ["openapi", "v3", "apis", g, v] => {
-            return discovery::openapi_doc(g, v)
+            return discovery::openapi_doc(&served, g, v)
                 .map(|d| json_ok(&d))
                 .unwrap_or_else(|| ApiError::NoRoute.into_response())
         }
         _ => {}
     }
-    let Some(target) = rest::route(&path) else {
+    let Some(target) = rest::route(&served, &path) else {
         return ApiError::NoRoute.into_response();
     };
     let req = rest::Request {
@@ -326,7 +339,7 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         headers: parts.headers,
         body,
     };
-    if req.target.res.subresources.contains(&"log")
+    if req.target.res.has_sub("log")
         && req.target.sub.as_deref() == Some("log")
         && req.method == http::Method::GET
     {

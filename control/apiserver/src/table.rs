@@ -170,7 +170,7 @@ pub fn table(res: &Resource, objects: &[Value], list_meta: Value, full: bool) ->
     let rows: Vec<Value> = objects
         .iter()
         .map(|o| {
-            let cells: Vec<Value> = columns.iter().map(|c| (c.cell)(o)).collect();
+            let cells: Vec<Value> = columns.iter().map(|c| c.cell(o)).collect();
             json!({"cells": cells, "object": row_object(o, full)})
         })
         .collect();

@@ -12,12 +12,15 @@
 //! - **foreground**: for an owner being deleted with `foregroundDeletion`, deletes its
 //!   dependents (foreground as well) and removes the finalizer once none is left.
 //!
-//! An owner kind that is not watched here is assumed to exist, so nothing is collected
-//! on a guess.
+//! An owner of a kind not watched here (a custom resource, say) is looked up directly,
+//! as kube's collector verifies an absent owner with a live read before deleting; an
+//! owner whose kind the server does not serve (its CRD is gone and discovery no longer
+//! knows it) is taken to exist, so nothing is collected on a guess.
 //!
 //! ## Namespaces
-//! A namespace being deleted has everything in it deleted, kind by kind; once nothing is
-//! left, it is finalized and disappears.
+//! A namespace being deleted has everything in it deleted, every namespaced kind that
+//! discovery lists (custom resources too); once nothing is left, it is finalized and
+//! disappears.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -128,11 +131,21 @@ fn dyn_api(ctx: &Ctx, kind: &str, ns: &str) -> Option<Api<DynamicObject>> {
     api_resource(kind).map(|ar| Api::namespaced_with(ctx.client.clone(), ns, &ar))
 }
 
+/// An owner reference, as the collector looks it up: apiVersion, kind, namespace, name.
+type OwnerKey = (String, String, String, String);
+
+/// How long a live read of an owner is trusted. Short, so that a deleted custom owner's
+/// dependents go within seconds; long enough that a sweep a second does not read every
+/// custom owner every second.
+const OWNER_TTL: Duration = Duration::from_secs(3);
+
 /// The collector's state between sweeps: deletions it asked for recently, so it does not
-/// ask again while the first is in flight.
+/// ask again while the first is in flight, and owners of unwatched kinds it read.
 #[derive(Default)]
 pub struct Collector {
     asked: HashMap<String, Instant>,
+    /// The uid found (None: not found), and when.
+    owners: HashMap<OwnerKey, (Option<String>, Instant)>,
 }
 
 impl std::fmt::Debug for Collector {
@@ -155,8 +168,96 @@ impl Collector {
         }
     }
 
+    /// Reads owners of kinds not watched here; what is found is kept for [`OWNER_TTL`].
+    async fn look_up_owners(&mut self, ctx: &Ctx, wanted: Vec<OwnerKey>) {
+        let now = Instant::now();
+        self.owners
+            .retain(|_, (_, at)| now.duration_since(*at) < OWNER_TTL);
+        for key in wanted {
+            if self.owners.contains_key(&key) {
+                continue;
+            }
+            let (api_version, kind, ns, name) = &key;
+            let (group, version) = match api_version.split_once('/') {
+                Some((g, v)) => (g, v),
+                None => ("", api_version.as_str()),
+            };
+            let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
+            let found = match kube::discovery::oneshot::pinned_kind(&ctx.client, &gvk).await {
+                Ok((ar, caps)) => {
+                    let api: Api<DynamicObject> = match caps.scope {
+                        kube::discovery::Scope::Namespaced => {
+                            Api::namespaced_with(ctx.client.clone(), ns, &ar)
+                        }
+                        kube::discovery::Scope::Cluster => Api::all_with(ctx.client.clone(), &ar),
+                    };
+                    match api.get_opt(name).await {
+                        Ok(o) => o.map(|o| o.metadata.uid.unwrap_or_default()),
+                        Err(e) => {
+                            tracing::debug!(%kind, %name, error = %e, "owner lookup failed");
+                            continue;
+                        }
+                    }
+                }
+                // Not served (or discovery failed): taken to exist, never collected on a guess.
+                Err(_) => continue,
+            };
+            self.owners.insert(key, (found, now));
+        }
+    }
+
     /// One pass over the graph.
     pub async fn sweep(&mut self, ctx: &Arc<Ctx>) {
+        let unwatched: Vec<OwnerKey> = {
+            let mut out = Vec::new();
+            let mut note = |ns: Option<&String>, refs: Option<&Vec<OwnerReference>>| {
+                for o in refs.into_iter().flatten() {
+                    if !WATCHED.contains(&o.kind.as_str()) {
+                        let key = (
+                            o.api_version.clone(),
+                            o.kind.clone(),
+                            ns.cloned().unwrap_or_default(),
+                            o.name.clone(),
+                        );
+                        if !out.contains(&key) {
+                            out.push(key);
+                        }
+                    }
+                }
+            };
+            for p in ctx.pods.state() {
+                note(
+                    p.metadata.namespace.as_ref(),
+                    p.metadata.owner_references.as_ref(),
+                );
+            }
+            for d in ctx.deployments.state() {
+                note(
+                    d.metadata.namespace.as_ref(),
+                    d.metadata.owner_references.as_ref(),
+                );
+            }
+            for r in ctx.replicasets.state() {
+                note(
+                    r.metadata.namespace.as_ref(),
+                    r.metadata.owner_references.as_ref(),
+                );
+            }
+            for j in ctx.jobs.state() {
+                note(
+                    j.metadata.namespace.as_ref(),
+                    j.metadata.owner_references.as_ref(),
+                );
+            }
+            for s in ctx.services.state() {
+                note(
+                    s.metadata.namespace.as_ref(),
+                    s.metadata.owner_references.as_ref(),
+                );
+            }
+            out
+        };
+        self.look_up_owners(ctx, unwatched).await;
         let pods = ctx.pods.state();
         let rss = ctx.replicasets.state();
         let rcs = ctx.replicationcontrollers.state();
@@ -181,10 +282,23 @@ impl Collector {
                 uids.insert((n.kind, ns, name), uid);
             }
         }
-        // Owners of a kind not watched here are taken to exist.
+        // An owner of a kind not watched here exists unless a live read found it gone (or
+        // replaced by another object of the same name); one not read is taken to exist.
+        let looked_up = &self.owners;
         let exists = |ns: &str, o: &OwnerReference| -> bool {
-            !WATCHED.contains(&o.kind.as_str())
-                || uids.get(&(o.kind.as_str(), ns, o.name.as_str())) == Some(&o.uid.as_str())
+            if WATCHED.contains(&o.kind.as_str()) {
+                return uids.get(&(o.kind.as_str(), ns, o.name.as_str())) == Some(&o.uid.as_str());
+            }
+            let key = (
+                o.api_version.clone(),
+                o.kind.clone(),
+                ns.to_string(),
+                o.name.clone(),
+            );
+            match looked_up.get(&key) {
+                Some((found, _)) => found.as_deref() == Some(o.uid.as_str()),
+                None => true,
+            }
         };
         let mut actions: Vec<(&'static str, String, String, Action)> = Vec::new();
         // Dependents per owner UID.
@@ -342,14 +456,45 @@ enum Action {
     DropFinalizer(&'static str),
 }
 
+/// The namespaced resources a namespace is emptied of: the kinds known here first
+/// (owners before what they own), then every other namespaced resource discovery lists
+/// that can be listed and deleted, custom resources included.
+async fn namespaced_resources(ctx: &Ctx) -> Vec<ApiResource> {
+    let mut out: Vec<ApiResource> = NAMESPACED.iter().filter_map(|k| api_resource(k)).collect();
+    match kube::discovery::Discovery::new(ctx.client.clone())
+        .run()
+        .await
+    {
+        Ok(discovery) => {
+            for group in discovery.groups() {
+                for (ar, caps) in group.recommended_resources() {
+                    let usable = caps.scope == kube::discovery::Scope::Namespaced
+                        && caps.supports_operation(kube::discovery::verbs::LIST)
+                        && caps.supports_operation(kube::discovery::verbs::DELETE);
+                    if usable
+                        && !out
+                            .iter()
+                            .any(|k| k.group == ar.group && k.plural == ar.plural)
+                    {
+                        out.push(ar);
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "discovery failed; emptying the namespace of the built-in kinds only")
+        }
+    }
+    out
+}
+
 /// Empties a terminating namespace and finalizes it once empty. Returns whether it is done.
 pub async fn finish_namespace(ctx: &Ctx, ns: &Namespace) -> bool {
     let name = ns.name_any();
     let mut left = 0usize;
-    for kind in NAMESPACED {
-        let Some(api) = dyn_api(ctx, kind, &name) else {
-            continue;
-        };
+    for ar in namespaced_resources(ctx).await {
+        let kind = ar.kind.clone();
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &name, &ar);
         let list = match api.list(&ListParams::default()).await {
             Ok(l) => l,
             Err(e) => {

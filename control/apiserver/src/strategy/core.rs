@@ -63,7 +63,7 @@ impl Strategy for Namespaces {
         Deletion::Terminating
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         NAMESPACE_COLUMNS
     }
 }
@@ -124,7 +124,7 @@ impl Strategy for Nodes {
         field == "spec.unschedulable"
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         NODE_COLUMNS
     }
 }
@@ -138,7 +138,7 @@ static CONFIGMAP_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for ConfigMaps {
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         CONFIGMAP_COLUMNS
     }
 }
@@ -171,7 +171,7 @@ impl Strategy for Secrets {
         defaults::string_data(new);
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         SECRET_COLUMNS
     }
 }
@@ -188,7 +188,7 @@ static SERVICEACCOUNT_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for ServiceAccounts {
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         SERVICEACCOUNT_COLUMNS
     }
 }
@@ -229,7 +229,7 @@ static ENDPOINTS_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for Endpoints {
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         ENDPOINTS_COLUMNS
     }
 }
@@ -267,7 +267,7 @@ static ENDPOINTSLICE_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for EndpointSlices {
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         ENDPOINTSLICE_COLUMNS
     }
 }
@@ -303,7 +303,7 @@ impl Strategy for Events {
             || matches!(field, "reason" | "type" | "source" | "reportingComponent")
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         EVENT_COLUMNS
     }
 }
@@ -317,7 +317,7 @@ static LEASE_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for Leases {
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         LEASE_COLUMNS
     }
 }

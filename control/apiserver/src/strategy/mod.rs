@@ -15,6 +15,7 @@ mod rbac;
 mod service;
 mod workloads;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -45,15 +46,27 @@ pub type Hook<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// The rule a kind's names follow.
 pub type NameRule = fn(&str) -> Result<(), String>;
 
+/// How a column's cell is made from an object.
+#[derive(Debug, Clone)]
+pub enum Cell {
+    /// A built-in kind's code.
+    Fn(fn(&Value) -> Value),
+    /// A CRD's `additionalPrinterColumns[].jsonPath`.
+    Path(crate::jsonpath::JsonPath),
+}
+
 /// One printer column and how its cell is made, kept together so they cannot drift apart.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Column {
-    pub name: &'static str,
+    pub name: Cow<'static, str>,
     /// `string`, `integer`, `date`…
-    pub type_: &'static str,
+    pub type_: Cow<'static, str>,
+    /// `name` for the Name column; a CRD column's own format otherwise.
+    pub format: Cow<'static, str>,
+    pub description: Cow<'static, str>,
     /// 0: always shown; 1: shown with `-o wide`.
     pub priority: i32,
-    pub cell: fn(&Value) -> Value,
+    pub cell: Cell,
 }
 
 impl Column {
@@ -64,17 +77,31 @@ impl Column {
         cell: fn(&Value) -> Value,
     ) -> Self {
         Self {
-            name,
-            type_,
+            name: Cow::Borrowed(name),
+            type_: Cow::Borrowed(type_),
+            format: Cow::Borrowed(""),
+            description: Cow::Borrowed(""),
             priority,
-            cell,
+            cell: Cell::Fn(cell),
         }
     }
 
     /// Its definition in a Table.
     pub fn definition(&self) -> Value {
-        let format = if self.name == "Name" { "name" } else { "" };
-        json!({"name": self.name, "type": self.type_, "format": format, "description": "", "priority": self.priority})
+        let format = if self.name == "Name" {
+            "name"
+        } else {
+            &self.format
+        };
+        json!({"name": self.name, "type": self.type_, "format": format, "description": self.description, "priority": self.priority})
+    }
+
+    /// Its cell for one object.
+    pub fn cell(&self, obj: &Value) -> Value {
+        match &self.cell {
+            Cell::Fn(f) => f(obj),
+            Cell::Path(p) => p.cell(obj, &self.type_),
+        }
     }
 }
 
@@ -108,6 +135,34 @@ pub struct Claim {
     pub taken: &'static str,
 }
 
+/// Where a kind keeps what its scale subresource reads and writes (JSON pointers).
+#[derive(Debug, Clone)]
+pub struct ScalePaths {
+    pub spec_replicas: Cow<'static, str>,
+    pub status_replicas: Cow<'static, str>,
+    pub selector: SelectorAt,
+}
+
+/// Where a kind keeps the selector its Scale reports.
+#[derive(Debug, Clone)]
+pub enum SelectorAt {
+    /// `spec.selector`: a label selector, or a ReplicationController's plain map.
+    Spec,
+    /// A label selector already written as a string (a CRD's `labelSelectorPath`).
+    String(String),
+    None,
+}
+
+impl Default for ScalePaths {
+    fn default() -> Self {
+        Self {
+            spec_replicas: Cow::Borrowed("/spec/replicas"),
+            status_replicas: Cow::Borrowed("/status/replicas"),
+            selector: SelectorAt::Spec,
+        }
+    }
+}
+
 /// How a deletion proceeds once no finalizer holds the object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deletion {
@@ -138,6 +193,22 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     /// Rules on what an update may change (fields that are immutable once set).
     fn validate_update(&self, _old: &Value, _new: &Value, _errs: &mut Vec<FieldError>) {}
 
+    /// Everything a write is checked against: the kind's rules, and on update (`old`) the
+    /// update rules. A kind whose rules themselves depend on the old object (a CRD's
+    /// transition rules, ratcheting) takes over the whole check here.
+    fn validate_write(&self, obj: &Value, old: Option<&Value>, errs: &mut Vec<FieldError>) {
+        self.validate(obj, errs);
+        if let Some(old) = old {
+            self.validate_update(old, obj, errs);
+        }
+    }
+
+    /// Whether a new object may be created at all (a kind whose CRD is being deleted may
+    /// not); the answer's error is the request's.
+    fn admit_create(&self, _obj: &Value) -> ApiResult<()> {
+        Ok(())
+    }
+
     /// Defaults and initial status of a new object, before it is validated.
     fn prepare_create(&self, _obj: &mut Value) {}
 
@@ -166,8 +237,20 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
         Deletion::Immediate
     }
 
+    /// Where the scale subresource reads and writes replicas and the selector.
+    fn scale_paths(&self) -> ScalePaths {
+        ScalePaths::default()
+    }
+
+    /// Whether strategic merge patches apply: they need the merge keys of a built-in
+    /// type, so custom resources refuse them with 415, as kube-apiserver does (kubectl
+    /// then sends a merge patch).
+    fn strategic_merge(&self) -> bool {
+        true
+    }
+
     /// The columns `kubectl get` shows.
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         NAME_AGE
     }
 }
@@ -182,8 +265,8 @@ impl Strategy for Plain {}
 mod tests {
     #[test]
     fn every_resource_prints_its_name_first_but_events() {
-        for r in crate::resources::RESOURCES {
-            let first = r.strategy.columns()[0].name;
+        for r in crate::resources::BUILTIN.iter() {
+            let first = &r.strategy.columns()[0].name;
             let want = if r.kind == "Event" {
                 "Last Seen"
             } else {

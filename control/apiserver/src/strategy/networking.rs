@@ -62,7 +62,7 @@ static INGRESS_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for Ingresses {
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         INGRESS_COLUMNS
     }
 }
@@ -83,7 +83,7 @@ static INGRESSCLASS_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for IngressClasses {
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         INGRESSCLASS_COLUMNS
     }
 }
@@ -97,7 +97,7 @@ static NETWORKPOLICY_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for NetworkPolicies {
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         NETWORKPOLICY_COLUMNS
     }
 }

@@ -101,7 +101,7 @@ impl Strategy for HorizontalPodAutoscalers {
         }
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         HPA_COLUMNS
     }
 }
@@ -147,7 +147,7 @@ impl Strategy for PriorityClasses {
         }
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         PRIORITYCLASS_COLUMNS
     }
 }
@@ -166,7 +166,7 @@ static PODTEMPLATE_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for PodTemplates {
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         PODTEMPLATE_COLUMNS
     }
 }
@@ -197,7 +197,7 @@ static CONTROLLERREVISION_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for ControllerRevisions {
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         CONTROLLERREVISION_COLUMNS
     }
 }
@@ -249,7 +249,7 @@ impl Strategy for CertificateSigningRequests {
         }
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         CSR_COLUMNS
     }
 }

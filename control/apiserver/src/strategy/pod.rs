@@ -104,7 +104,7 @@ impl Strategy for Pods {
         }
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         COLUMNS
     }
 }

@@ -25,7 +25,7 @@ static ROLE_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for Roles {
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         ROLE_COLUMNS
     }
 }
@@ -117,7 +117,7 @@ impl Strategy for RoleBindings {
         }
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         BINDING_COLUMNS
     }
 }

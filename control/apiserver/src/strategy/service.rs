@@ -114,7 +114,7 @@ impl Strategy for Services {
         }
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         COLUMNS
     }
 }

@@ -98,7 +98,7 @@ impl Strategy for Deployments {
         obj["status"] = json!({});
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         DEPLOYMENT_COLUMNS
     }
 }
@@ -127,7 +127,7 @@ impl Strategy for ReplicaSets {
         obj["status"] = json!({});
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         REPLICASET_COLUMNS
     }
 }
@@ -243,7 +243,7 @@ impl Strategy for Jobs {
         obj["status"] = json!({});
     }
 
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         JOB_COLUMNS
     }
 }
@@ -296,7 +296,7 @@ impl Strategy for ReplicationControllers {
     }
 
     /// A ReplicaSet's columns: the Selector cell reads a plain map as well.
-    fn columns(&self) -> &'static [Column] {
+    fn columns(&self) -> &[Column] {
         REPLICASET_COLUMNS
     }
 }

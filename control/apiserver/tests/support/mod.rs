@@ -23,12 +23,7 @@ pub async fn env() -> Env {
     let store = Store::open_single(cfg).await.unwrap();
     let pki = Pki::load_or_create(&dir.path().join("pki"), &[]).unwrap();
     let token = pki.admin_token.clone();
-    let api = ApiServer::new(
-        Objects {
-            store: store.clone(),
-        },
-        pki,
-    );
+    let api = ApiServer::new(Objects::new(store.clone()), pki);
     api.bootstrap().await.unwrap();
     Env {
         _dir: dir,
@@ -74,11 +69,22 @@ impl Env {
 
     /// A JSON merge patch, its answer as JSON.
     pub async fn json_patch(&self, uri: &str, patch: Value) -> (StatusCode, Value) {
+        self.patch_as(uri, "application/merge-patch+json", patch)
+            .await
+    }
+
+    /// A patch of the given media type, its answer as JSON.
+    pub async fn patch_as(
+        &self,
+        uri: &str,
+        content_type: &str,
+        patch: Value,
+    ) -> (StatusCode, Value) {
         let req = Request::builder()
             .method("PATCH")
             .uri(uri)
             .header("authorization", format!("Bearer {}", self.token))
-            .header("content-type", "application/merge-patch+json")
+            .header("content-type", content_type)
             .body(Body::from(patch.to_string()))
             .unwrap();
         let resp = self.api.router().oneshot(req).await.unwrap();
