@@ -8,7 +8,6 @@ mod baton;
 mod operator;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use baton::{http_get, jsonpath, wait_for, Baton};
 use kube::api::{Api, PostParams};

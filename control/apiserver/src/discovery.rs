@@ -278,7 +278,8 @@ fn custom_schema(schema: &Value, meta_ref: &Value) -> Value {
 fn wrap_refs(v: &mut Value) {
     match v {
         Value::Object(m) => {
-            if m.contains_key("$ref") && m.len() > 1 {
+            // Only a reference: a schema of JSON schemas has a *property* named `$ref`.
+            if m.get("$ref").is_some_and(Value::is_string) && m.len() > 1 {
                 let r = m.remove("$ref").expect("checked above");
                 m.insert("allOf".into(), json!([{"$ref": r}]));
             }

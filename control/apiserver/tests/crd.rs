@@ -187,6 +187,18 @@ async fn a_new_crd_is_served_in_discovery_and_openapi_within_a_second() {
         .as_str()
         .unwrap()
         .ends_with("ObjectMeta"));
+    // The CRD's own schema has a property named `$ref`: a property, not a reference
+    // (kubectl cannot read the document otherwise, and validates on the client).
+    let (_, doc) = e
+        .json("GET", "/openapi/v3/apis/apiextensions.k8s.io/v1", None)
+        .await;
+    let props = &doc["components"]["schemas"]
+        ["io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.JSONSchemaProps"]["properties"];
+    assert_eq!(props["$ref"]["type"], "string", "{props}");
+    assert!(
+        props.get("allOf").is_some_and(|a| a["type"] == "array"),
+        "{props}"
+    );
     e.close().await;
 }
 
