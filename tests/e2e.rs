@@ -774,3 +774,53 @@ spec:
         live_pods(&b, "app=old").is_empty().then_some(())
     });
 }
+
+#[test]
+fn kubectl_drain_stops_at_a_disruption_budget_and_goes_on_when_it_allows() {
+    let _serial = serial();
+    let b = Baton::start_cluster();
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&web("v1", 2)));
+    let pdb = r#"{"apiVersion":"policy/v1","kind":"PodDisruptionBudget","metadata":{"name":"web"},"spec":{"minAvailable":2,"selector":{"matchLabels":{"app":"web"}}}}"#;
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(pdb));
+    wait_for(&b, 60, "2 healthy pods under the budget", || {
+        (jsonpath(&b, &["pdb", "web"], "{.status.currentHealthy}") == "2").then_some(())
+    });
+    let out = b.ok(&["get", "pdb", "web"]);
+    assert!(
+        out.contains("MIN AVAILABLE") && out.contains("ALLOWED DISRUPTIONS"),
+        "{out}"
+    );
+    let node = b.ok(&["get", "nodes", "-o", "jsonpath={.items[0].metadata.name}"]);
+    // The budget allows no disruption: drain cordons, then keeps being refused.
+    let out = b.run("kubectl", &["drain", &node, "--timeout=6s"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "drain should have stopped");
+    assert!(err.contains("disruption budget"), "{err}");
+    assert_eq!(live_pods(&b, "app=web").len(), 2, "nothing was evicted");
+    let unschedulable = jsonpath(&b, &["node", &node], "{.spec.unschedulable}");
+    assert_eq!(unschedulable, "true");
+
+    // Once the budget allows both to go, the drain completes.
+    b.ok(&[
+        "patch",
+        "pdb",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"minAvailable":null,"maxUnavailable":2}}"#,
+    ]);
+    wait_for(&b, 30, "the budget to allow 2 disruptions", || {
+        (jsonpath(&b, &["pdb", "web"], "{.status.disruptionsAllowed}") == "2").then_some(())
+    });
+    let out = b.ok(&["drain", &node, "--timeout=60s"]);
+    assert!(
+        out.contains("evicting pod") || out.contains("evicted"),
+        "{out}"
+    );
+    assert!(out.contains("drained"), "{out}");
+    // Their replacements wait for a schedulable node, and run once it is back.
+    b.ok(&["uncordon", &node]);
+    wait_for(&b, 60, "2 ready replicas again", || {
+        (ready_replicas(&b, "web") == "2").then_some(())
+    });
+}

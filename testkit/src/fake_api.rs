@@ -73,10 +73,18 @@ impl FakeApi {
     /// The writes so far as "METHOD path", leaving out events, which tests look at
     /// through [`FakeApi::events`].
     pub fn writes(&self) -> Vec<String> {
+        self.write_calls()
+            .into_iter()
+            .map(|c| format!("{} {}", c.method, c.path))
+            .collect()
+    }
+
+    /// The writes so far with their bodies, leaving out reads (lists, discovery) and
+    /// events.
+    pub fn write_calls(&self) -> Vec<Call> {
         self.calls()
             .into_iter()
             .filter(|c| c.method != "GET" && !c.path.contains("/events"))
-            .map(|c| format!("{} {}", c.method, c.path))
             .collect()
     }
 

@@ -28,6 +28,7 @@ fn subresource_kind(r: &Resource, sub: &str) -> (String, String, String) {
     match sub {
         "scale" => ("autoscaling".into(), "v1".into(), "Scale".into()),
         "binding" => ("".into(), "v1".into(), "Binding".into()),
+        "eviction" => ("policy".into(), "v1".into(), "Eviction".into()),
         "log" | "exec" => ("".into(), "v1".into(), "".into()),
         _ => (r.group.clone(), r.version.clone(), r.kind.clone()),
     }
@@ -37,7 +38,7 @@ fn sub_verbs(sub: &str) -> Vec<&'static str> {
     match sub {
         "log" => vec!["get"],
         "exec" => vec!["create", "get"],
-        "binding" => vec!["create"],
+        "binding" | "eviction" => vec!["create"],
         "finalize" => vec!["update"],
         _ => vec!["get", "patch", "update"],
     }

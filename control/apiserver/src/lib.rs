@@ -32,6 +32,7 @@ pub mod crd;
 pub mod defaults;
 pub mod discovery;
 pub mod error;
+pub mod eviction;
 pub mod jsonpath;
 pub mod managed;
 pub mod nodelink;

@@ -219,7 +219,7 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         core::v1::Pod,
         short = ["po"],
         cat = ["all"],
-        sub = ["status", "log", "exec", "binding"],
+        sub = ["status", "log", "exec", "binding", "eviction"],
         strategy = strategy::Pods
     ),
     resource!(
@@ -546,6 +546,19 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         cat = [],
         sub = ["status"],
         strategy = strategy::CertificateSigningRequests
+    ),
+    resource!(
+        "policy",
+        "v1",
+        "PodDisruptionBudget",
+        "poddisruptionbudgets",
+        "poddisruptionbudget",
+        true,
+        k8s_openapi::api::policy::v1::PodDisruptionBudget,
+        short = ["pdb"],
+        cat = [],
+        sub = ["status"],
+        strategy = strategy::PodDisruptionBudgets
     ),
     resource!(
         "apiextensions.k8s.io",

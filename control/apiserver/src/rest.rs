@@ -95,7 +95,7 @@ pub struct Request {
 }
 
 impl Request {
-    fn q(&self, k: &str) -> Option<&str> {
+    pub(crate) fn q(&self, k: &str) -> Option<&str> {
         self.query.get(k).map(String::as_str)
     }
 
@@ -161,7 +161,7 @@ impl Request {
     }
 }
 
-fn json_response(code: StatusCode, v: &Value, warnings: &[String]) -> Response {
+pub(crate) fn json_response(code: StatusCode, v: &Value, warnings: &[String]) -> Response {
     let mut resp = (
         code,
         [("content-type", "application/json")],
@@ -235,6 +235,9 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             (&Method::POST, false, None) => create(objects, &req).await,
             (&Method::POST, true, Some("binding")) if t.res.has_sub("binding") => {
                 bind(objects, &req).await
+            }
+            (&Method::POST, true, Some("eviction")) if t.res.has_sub("eviction") => {
+                crate::eviction::evict(objects, &req).await
             }
             (&Method::PUT, true, None | Some("status") | Some("finalize")) => {
                 update(objects, &req).await
@@ -1068,7 +1071,7 @@ async fn bind(objects: &Objects, req: &Request) -> ApiResult<Response> {
 }
 
 #[derive(Debug, Default)]
-struct DeleteOptions {
+pub(crate) struct DeleteOptions {
     grace: Option<i64>,
     propagation: Option<String>,
     uid: Option<String>,
@@ -1076,17 +1079,27 @@ struct DeleteOptions {
 }
 
 fn delete_options(req: &Request) -> ApiResult<DeleteOptions> {
-    let mut o = DeleteOptions::default();
-    if !req.body.is_empty() {
-        let v: Value = if req
-            .content_type()
-            .starts_with(crate::protobuf::CONTENT_TYPE)
-        {
-            crate::protobuf::decode(&req.body)?
-        } else {
+    let body = if req.body.is_empty() {
+        None
+    } else if req
+        .content_type()
+        .starts_with(crate::protobuf::CONTENT_TYPE)
+    {
+        Some(crate::protobuf::decode(&req.body)?)
+    } else {
+        Some(
             serde_json::from_slice(&req.body)
-                .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?
-        };
+                .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?,
+        )
+    };
+    delete_options_from(req, body.as_ref())
+}
+
+/// DeleteOptions from a body (a DELETE's, or an Eviction's `deleteOptions`), with the
+/// query's parameters over it.
+pub(crate) fn delete_options_from(req: &Request, v: Option<&Value>) -> ApiResult<DeleteOptions> {
+    let mut o = DeleteOptions::default();
+    if let Some(v) = v {
         o.grace = v.get("gracePeriodSeconds").and_then(Value::as_i64);
         o.propagation = v
             .get("propagationPolicy")
@@ -1122,7 +1135,7 @@ fn delete_options(req: &Request) -> ApiResult<DeleteOptions> {
 
 /// Deletes one object: at once, or by marking it when finalizers (or a pod's grace period)
 /// must run first.
-async fn delete_one(
+pub(crate) async fn delete_one(
     objects: &Objects,
     req: &Request,
     name: &str,

@@ -58,6 +58,7 @@ impl World {
             jobs: jobs_s,
             nodes: store::<Node>().0,
             leases: store::<Lease>().0,
+            pdbs: store::<k8s_openapi::api::policy::v1::PodDisruptionBudget>().0,
             node_grace: Duration::from_secs(40),
             cidr_lock: Default::default(),
             cidrs_given: Default::default(),

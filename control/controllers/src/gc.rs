@@ -74,6 +74,7 @@ fn api_resource(kind: &str) -> Option<ApiResource> {
         "HorizontalPodAutoscaler" => ("autoscaling", "v2", "horizontalpodautoscalers"),
         "Ingress" => ("networking.k8s.io", "v1", "ingresses"),
         "NetworkPolicy" => ("networking.k8s.io", "v1", "networkpolicies"),
+        "PodDisruptionBudget" => ("policy", "v1", "poddisruptionbudgets"),
         "Role" => ("rbac.authorization.k8s.io", "v1", "roles"),
         "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings"),
         _ => return None,
@@ -120,6 +121,7 @@ const NAMESPACED: &[&str] = &[
     "HorizontalPodAutoscaler",
     "Ingress",
     "NetworkPolicy",
+    "PodDisruptionBudget",
     "PodTemplate",
     "ControllerRevision",
     "RoleBinding",
@@ -677,7 +679,7 @@ mod tests {
         );
         assert!(w
             .api
-            .calls()
+            .write_calls()
             .iter()
             .all(|c| c.body["propagationPolicy"] == "Background"));
         // A deletion in flight is not asked for again.
@@ -702,7 +704,7 @@ mod tests {
         let mut gc = Collector::default();
         gc.sweep(&w.ctx).await;
         assert_eq!(w.api.writes(), [format!("PATCH {RSS}/web-1")]);
-        let owners = &w.api.calls()[0].body["metadata"]["ownerReferences"];
+        let owners = &w.api.write_calls()[0].body["metadata"]["ownerReferences"];
         assert_eq!(owners.as_array().unwrap().len(), 1);
         assert_eq!(owners[0]["uid"], "cm-1");
         // Once no dependent names it, the finalizer goes and the others stay.
@@ -711,7 +713,7 @@ mod tests {
         gc.sweep(&w.ctx).await;
         assert_eq!(w.api.writes(), [format!("PATCH {DEPLOYS}/web")]);
         assert_eq!(
-            w.api.calls()[0].body["metadata"]["finalizers"],
+            w.api.write_calls()[0].body["metadata"]["finalizers"],
             json!(["example.com/keep"])
         );
     }
@@ -725,12 +727,18 @@ mod tests {
         let mut gc = Collector::default();
         gc.sweep(&w.ctx).await;
         assert_eq!(w.api.writes(), [format!("DELETE {RSS}/web-1")]);
-        assert_eq!(w.api.calls()[0].body["propagationPolicy"], "Foreground");
+        assert_eq!(
+            w.api.write_calls()[0].body["propagationPolicy"],
+            "Foreground"
+        );
         w.replicaset_gone(dependent);
         w.api.clear();
         gc.sweep(&w.ctx).await;
         assert_eq!(w.api.writes(), [format!("PATCH {DEPLOYS}/web")]);
-        assert_eq!(w.api.calls()[0].body["metadata"]["finalizers"], json!([]));
+        assert_eq!(
+            w.api.write_calls()[0].body["metadata"]["finalizers"],
+            json!([])
+        );
     }
 
     #[tokio::test]
@@ -751,7 +759,7 @@ mod tests {
             .api
             .calls()
             .into_iter()
-            .filter(|c| c.method == "GET")
+            .filter(|c| c.method == "GET" && c.path.contains("/namespaces/gone/"))
             .map(|c| c.path)
             .collect();
         assert_eq!(listed.len(), NAMESPACED.len());

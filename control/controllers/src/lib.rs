@@ -13,6 +13,7 @@
 //! | Node lifecycle (pod ranges, heartbeats, taints, evictions) | [`nodelifecycle`] |
 //! | EndpointSlice (a Service's ready pods) | [`endpointslice`] |
 //! | ServiceAccount (a `default` one per namespace) | [`serviceaccount`] |
+//! | PodDisruptionBudget status (what evictions ask) | [`disruption`] |
 //! | garbage collection, namespace deletion | [`gc`] |
 //!
 //! ## Shared informers
@@ -22,6 +23,7 @@
 //! of listing.
 
 pub mod deployment;
+pub mod disruption;
 pub mod endpointslice;
 pub mod expectations;
 #[cfg(test)]
@@ -45,6 +47,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ReplicationController, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -67,6 +70,7 @@ pub struct Ctx {
     pub jobs: Store<Job>,
     pub nodes: Store<Node>,
     pub leases: Store<Lease>,
+    pub pdbs: Store<PodDisruptionBudget>,
     /// How long a node may be silent before it is marked unknown and tainted.
     pub node_grace: Duration,
     pub cidr_lock: tokio::sync::Mutex<()>,
@@ -212,6 +216,7 @@ pub async fn run(
     let jobs = Informer::<Job>::new();
     let nodes = Informer::<Node>::new();
     let leases = Informer::<Lease>::new();
+    let pdbs = Informer::<PodDisruptionBudget>::new();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.store.clone(),
@@ -224,6 +229,7 @@ pub async fn run(
         jobs: jobs.store.clone(),
         nodes: nodes.store.clone(),
         leases: leases.store.clone(),
+        pdbs: pdbs.store.clone(),
         node_grace: config.node_monitor_grace,
         cidr_lock: tokio::sync::Mutex::new(()),
         cidrs_given: Default::default(),
@@ -291,6 +297,14 @@ pub async fn run(
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())
         .run(nodelifecycle::reconcile, error_policy, ctx.clone());
+    let ctx3 = ctx.clone();
+    let pdb_controller = Controller::for_shared_stream(pdbs.subscribe(), pdbs.store.clone())
+        .watches_shared_stream(pods.subscribe(), move |p| {
+            disruption::budgets_of_pod(&ctx3, &p)
+        })
+        .with_config(cfg.clone())
+        .graceful_shutdown_on(stop())
+        .run(disruption::reconcile, error_policy, ctx.clone());
     let watches = [
         pods.start(Api::all(client.clone())),
         replicasets.start(Api::all(client.clone())),
@@ -302,6 +316,7 @@ pub async fn run(
         nodes.start(Api::all(client.clone())),
         leases.start(Api::all(client.clone())),
         endpointslices.start(Api::all(client.clone())),
+        pdbs.start(Api::all(client.clone())),
     ];
     tokio::spawn(async move {
         shutdown.await;
@@ -316,6 +331,7 @@ pub async fn run(
         drain("endpointslice", eps_controller),
         drain("job", job_controller),
         drain("nodelifecycle", node_controller),
+        drain("disruption", pdb_controller),
     );
     gc.abort();
     for w in watches {

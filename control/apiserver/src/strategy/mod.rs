@@ -32,8 +32,8 @@ pub use self::core::{
 };
 pub use networking::{IngressClasses, Ingresses, NetworkPolicies};
 pub use platform::{
-    CertificateSigningRequests, ControllerRevisions, HorizontalPodAutoscalers, PodTemplates,
-    PriorityClasses,
+    CertificateSigningRequests, ControllerRevisions, HorizontalPodAutoscalers,
+    PodDisruptionBudgets, PodTemplates, PriorityClasses,
 };
 pub use pod::Pods;
 pub use rbac::{RoleBindings, Roles};

@@ -253,3 +253,92 @@ impl Strategy for CertificateSigningRequests {
         CSR_COLUMNS
     }
 }
+
+#[derive(Debug)]
+pub struct PodDisruptionBudgets;
+
+/// A budget's `minAvailable`/`maxUnavailable` as kubectl prints it: the number or the
+/// percentage, `N/A` when unset.
+fn int_or_percent(o: &Value, ptr: &str) -> Value {
+    match o.pointer(ptr) {
+        Some(Value::Number(n)) => json!(n.to_string()),
+        Some(Value::String(p)) => json!(p),
+        _ => json!("N/A"),
+    }
+}
+
+static PDB_COLUMNS: &[Column] = &[
+    Column::new("Name", "string", 0, name),
+    Column::new("Min Available", "string", 0, |o| {
+        int_or_percent(o, "/spec/minAvailable")
+    }),
+    Column::new("Max Unavailable", "string", 0, |o| {
+        int_or_percent(o, "/spec/maxUnavailable")
+    }),
+    Column::new("Allowed Disruptions", "integer", 0, |o| {
+        json!(i(o, "/status/disruptionsAllowed"))
+    }),
+    Column::new("Age", "string", 0, age),
+];
+
+/// Checks an int-or-percent field: a non-negative number, or a percentage up to 100%.
+fn check_int_or_percent(o: &Value, ptr: &str, field: &str, errs: &mut Vec<FieldError>) {
+    match o.pointer(ptr) {
+        None | Some(Value::Null) => {}
+        Some(Value::Number(n)) if n.as_i64().is_some_and(|n| n >= 0) => {}
+        Some(Value::Number(n)) => errs.push(FieldError::invalid(
+            field,
+            &n.to_string(),
+            "must be greater than or equal to 0",
+        )),
+        Some(Value::String(p)) => {
+            let ok = p
+                .strip_suffix('%')
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n <= 100);
+            if !ok {
+                errs.push(FieldError::invalid(
+                    field,
+                    p,
+                    "must be an integer or a percentage between 0% and 100%",
+                ));
+            }
+        }
+        Some(_) => errs.push(FieldError::invalid(
+            field,
+            "",
+            "must be an integer or a percentage",
+        )),
+    }
+}
+
+impl Strategy for PodDisruptionBudgets {
+    fn validate(&self, o: &Value, errs: &mut Vec<FieldError>) {
+        check_int_or_percent(o, "/spec/minAvailable", "spec.minAvailable", errs);
+        check_int_or_percent(o, "/spec/maxUnavailable", "spec.maxUnavailable", errs);
+        if o.pointer("/spec/minAvailable")
+            .is_some_and(|v| !v.is_null())
+            && o.pointer("/spec/maxUnavailable")
+                .is_some_and(|v| !v.is_null())
+        {
+            errs.push(FieldError {
+                field: "spec".into(),
+                reason: "FieldValueInvalid",
+                message:
+                    "Invalid value: \"object\": minAvailable and maxUnavailable cannot be both set"
+                        .into(),
+            });
+        }
+    }
+
+    fn prepare_create(&self, o: &mut Value) {
+        o["status"] = json!({
+            "disruptionsAllowed": 0, "currentHealthy": 0, "desiredHealthy": 0,
+            "expectedPods": 0, "observedGeneration": 0,
+        });
+    }
+
+    fn columns(&self) -> &[Column] {
+        PDB_COLUMNS
+    }
+}
