@@ -332,6 +332,7 @@ async fn up(args: UpArgs) -> Result<()> {
         let mut loops = control::Loops::new();
         let controllers = baton_controllers::Config {
             node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
+            ..Default::default()
         };
         if !args.no_controllers {
             loops

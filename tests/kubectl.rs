@@ -775,6 +775,112 @@ kind: PriorityClass
 metadata: {name: batch-low}
 value: 1000
 description: background work
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: web-config}
+data: {greeting: hello}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      serviceAccountName: app
+      containers:
+      - name: web
+        image: registry.local/http-hello:1.0
+        envFrom: [{configMapRef: {name: web-config}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata: {name: web}
+spec:
+  minAvailable: 1
+  selector: {matchLabels: {app: web}}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: report}
+spec:
+  schedule: "0 3 * * *"
+  timeZone: Europe/Paris
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: OnFailure
+          containers:
+          - name: report
+            image: registry.local/hello:1.0
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  selector: {matchLabels: {app: agent}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec:
+      containers: [{name: agent, image: registry.local/hello:1.0}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  serviceName: db
+  replicas: 0
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      containers: [{name: db, image: registry.local/hello:1.0}]
+---
+apiVersion: v1
+kind: ResourceQuota
+metadata: {name: compute}
+spec:
+  hard: {pods: "20", requests.cpu: "4", requests.memory: 8Gi}
+---
+apiVersion: v1
+kind: LimitRange
+metadata: {name: defaults}
+spec:
+  limits:
+  - type: Container
+    defaultRequest: {cpu: 100m, memory: 64Mi}
+    default: {cpu: 500m, memory: 256Mi}
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: fast}
+provisioner: baton.dev/local
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: data}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+"#;
+
+/// A chart rendered into a kustomization, as `kubectl apply -k` reads it.
+const KUSTOMIZATION: &str = r#"
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [chart.yaml]
+commonLabels: {app.kubernetes.io/part-of: chart}
 "#;
 
 /// The kinds charts render besides workloads are served: applied, shown with their
@@ -783,11 +889,14 @@ description: background work
 fn chart_kinds_apply_print_and_reapply_unchanged() {
     // The controllers empty a deleted namespace; no node is needed.
     let b = Baton::start_with(&["--no-node"]);
-    let f = write(b.dir.path(), "chart.yaml", CHART);
-    let f = f.to_str().unwrap();
+    let chart = b.dir.path().join("chart");
+    std::fs::create_dir(&chart).unwrap();
+    write(&chart, "chart.yaml", CHART);
+    write(&chart, "kustomization.yaml", KUSTOMIZATION);
+    let f = chart.to_str().unwrap();
     b.ok(&["create", "namespace", "chart"]);
     b.ok(&["config", "set-context", "--current", "--namespace=chart"]);
-    let out = b.ok(&["apply", "-f", f]);
+    let out = b.ok(&["apply", "-k", f]);
     for want in [
         "serviceaccount/app created",
         "role.rbac.authorization.k8s.io/reader created",
@@ -799,11 +908,45 @@ fn chart_kinds_apply_print_and_reapply_unchanged() {
         "horizontalpodautoscaler.autoscaling/web created",
         "networkpolicy.networking.k8s.io/web created",
         "priorityclass.scheduling.k8s.io/batch-low created",
+        "configmap/web-config created",
+        "deployment.apps/web created",
+        "service/web created",
+        "poddisruptionbudget.policy/web created",
+        "cronjob.batch/report created",
+        "daemonset.apps/agent created",
+        "statefulset.apps/db created",
+        "resourcequota/compute created",
+        "limitrange/defaults created",
+        "storageclass.storage.k8s.io/fast created",
+        "persistentvolumeclaim/data created",
     ] {
         assert!(out.contains(want), "lacks {want:?}:\n{out}");
     }
-    let again = b.ok(&["apply", "-f", f]);
-    assert_eq!(again.matches("unchanged").count(), 10, "{again}");
+    let again = b.ok(&["apply", "-k", f]);
+    assert_eq!(again.matches("unchanged").count(), 21, "{again}");
+    let out = b.ok(&["get", "cronjob", "report"]);
+    assert!(
+        out.contains("0 3 * * *") && out.contains("Europe/Paris") && out.contains("False"),
+        "{out}"
+    );
+    let out = b.ok(&["get", "pdb", "web"]);
+    assert!(
+        out.contains("MIN AVAILABLE") && out.contains("web"),
+        "{out}"
+    );
+    let out = b.ok(&["get", "sc"]);
+    assert!(
+        out.contains("baton.dev/local") && out.contains("Delete"),
+        "{out}"
+    );
+    let out = b.ok(&["get", "pvc", "data"]);
+    assert!(out.contains("Pending"), "{out}");
+    let bad_cron = r#"{"apiVersion":"batch/v1","kind":"CronJob","metadata":{"name":"bad"},"spec":{"schedule":"61 * * *","timeZone":"Mars/Olympus","jobTemplate":{"spec":{"template":{"spec":{"restartPolicy":"Never","containers":[{"name":"c","image":"i"}]}}}}}}"#;
+    let err = b.fails(&["apply", "-f", "-"], Some(bad_cron));
+    assert!(
+        err.contains("spec.schedule") && err.contains("spec.timeZone"),
+        "{err}"
+    );
     let out = b.ok(&["get", "rolebinding", "app-reads", "-o", "wide"]);
     assert!(
         out.contains("Role/reader") && out.contains("default/app"),
@@ -861,7 +1004,7 @@ fn chart_kinds_apply_print_and_reapply_unchanged() {
     b.ok(&["delete", "namespace", "chart", "--timeout=60s"]);
     let left = b.ok(&[
         "get",
-        "sa,roles,rolebindings,ingresses,hpa,netpol",
+        "sa,roles,rolebindings,ingresses,hpa,netpol,cm,deploy,svc,pdb,cronjobs,ds,sts,quota,limits,pvc",
         "-n",
         "chart",
         "-o",

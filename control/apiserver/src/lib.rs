@@ -14,6 +14,8 @@
 //!    `fieldValidation`), then by the kind's own rules. Everything a kind does differently
 //!    (defaults, validation, allocations, updates, deletion, printing) is its
 //!    [`strategy`]; the handlers never ask which kind they serve.
+//!    Before a create is stored, [`admission`] applies the namespace's LimitRanges and
+//!    charges its ResourceQuotas.
 //! 3. [`objects`]: objects are JSON in the store under `/registry/<group>/<plural>/...`.
 //!    An object's `resourceVersion` is the store revision that last wrote it; a list's is
 //!    the revision it was read at. Every update is a compare-and-swap on that revision, so
@@ -28,6 +30,7 @@
 //! Printing ([`table`]): `Accept: ...;as=Table` gets a `meta.k8s.io/v1` Table with the
 //! columns `kubectl get` shows, from each strategy's column list.
 
+pub mod admission;
 pub mod crd;
 pub mod defaults;
 pub mod discovery;

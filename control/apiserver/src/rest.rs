@@ -537,13 +537,17 @@ pub(crate) async fn create_object(
     // Defaults first, then the rules, as kube-apiserver runs them: a default (a
     // ReplicationController's selector) may be what makes an object valid.
     res.strategy.prepare_create(&mut obj);
-    validate(res, &obj, None)?;
     let ns = obj
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
         .map(String::from);
     if let Some(ns) = &ns {
         check_namespace(objects, ns).await?;
+        crate::admission::limit_ranges(objects, res, ns, &mut obj).await?;
+    }
+    validate(res, &obj, None)?;
+    if let Some(ns) = &ns {
+        crate::admission::charge_quota(objects, res, ns, &obj, req.dry_run()).await?;
     }
     if manager_op == "Update" {
         crate::managed::record_update(

@@ -27,6 +27,7 @@ pub struct World {
     jobs: Writer<Job>,
     replicasets: Writer<ReplicaSet>,
     deployments: Writer<Deployment>,
+    nodes: Writer<Node>,
 }
 
 fn store<K>() -> (Store<K>, Writer<K>)
@@ -46,6 +47,7 @@ impl World {
         let (jobs_s, jobs) = store::<Job>();
         let (rs_s, replicasets) = store::<ReplicaSet>();
         let (deps_s, deployments) = store::<Deployment>();
+        let (nodes_s, nodes) = store::<Node>();
         let ctx = Arc::new(Ctx {
             client: client.clone(),
             pods: pods_s,
@@ -56,7 +58,9 @@ impl World {
             services: services_s,
             endpointslices: slices_s,
             jobs: jobs_s,
-            nodes: store::<Node>().0,
+            cronjobs: store::<k8s_openapi::api::batch::v1::CronJob>().0,
+            daemonsets: store::<k8s_openapi::api::apps::v1::DaemonSet>().0,
+            nodes: nodes_s,
             leases: store::<Lease>().0,
             pdbs: store::<k8s_openapi::api::policy::v1::PodDisruptionBudget>().0,
             node_grace: Duration::from_secs(40),
@@ -64,6 +68,7 @@ impl World {
             cidrs_given: Default::default(),
             expectations: Default::default(),
             recorder: baton_kube::events::Recorder::new(client, "test", None),
+            clock: crate::clock::Clock::system(),
         });
         Self {
             api,
@@ -74,6 +79,7 @@ impl World {
             jobs,
             replicasets,
             deployments,
+            nodes,
         }
     }
 
@@ -86,6 +92,9 @@ impl World {
     pub fn endpointslice(&mut self, v: Value) -> Arc<EndpointSlice> {
         apply(&mut self.endpointslices, v)
     }
+    pub fn node(&mut self, v: Value) -> Arc<Node> {
+        apply(&mut self.nodes, v)
+    }
     pub fn job(&mut self, v: Value) -> Arc<Job> {
         apply(&mut self.jobs, v)
     }
@@ -94,6 +103,12 @@ impl World {
     }
     pub fn deployment(&mut self, v: Value) -> Arc<Deployment> {
         apply(&mut self.deployments, v)
+    }
+    /// Runs the controllers on `clock` from now on.
+    pub fn set_clock(&mut self, clock: crate::clock::Clock) {
+        Arc::get_mut(&mut self.ctx)
+            .expect("the clock is set before the context is shared")
+            .clock = clock;
     }
     /// Takes a ReplicaSet out of the store, as a watch event of its deletion would.
     pub fn replicaset_gone(&mut self, v: Value) {

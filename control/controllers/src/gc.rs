@@ -75,6 +75,12 @@ fn api_resource(kind: &str) -> Option<ApiResource> {
         "Ingress" => ("networking.k8s.io", "v1", "ingresses"),
         "NetworkPolicy" => ("networking.k8s.io", "v1", "networkpolicies"),
         "PodDisruptionBudget" => ("policy", "v1", "poddisruptionbudgets"),
+        "CronJob" => ("batch", "v1", "cronjobs"),
+        "DaemonSet" => ("apps", "v1", "daemonsets"),
+        "StatefulSet" => ("apps", "v1", "statefulsets"),
+        "PersistentVolumeClaim" => ("", "v1", "persistentvolumeclaims"),
+        "ResourceQuota" => ("", "v1", "resourcequotas"),
+        "LimitRange" => ("", "v1", "limitranges"),
         "Role" => ("rbac.authorization.k8s.io", "v1", "roles"),
         "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings"),
         _ => return None,
@@ -106,6 +112,9 @@ const WATCHED: &[&str] = &[
 
 /// Namespaced kinds, in the order a namespace is emptied (owners first).
 const NAMESPACED: &[&str] = &[
+    "CronJob",
+    "DaemonSet",
+    "StatefulSet",
     "Deployment",
     "Job",
     "ReplicaSet",
@@ -122,6 +131,9 @@ const NAMESPACED: &[&str] = &[
     "Ingress",
     "NetworkPolicy",
     "PodDisruptionBudget",
+    "PersistentVolumeClaim",
+    "ResourceQuota",
+    "LimitRange",
     "PodTemplate",
     "ControllerRevision",
     "RoleBinding",
@@ -763,7 +775,7 @@ mod tests {
             .map(|c| c.path)
             .collect();
         assert_eq!(listed.len(), NAMESPACED.len());
-        assert_eq!(listed[0], "/apis/apps/v1/namespaces/gone/deployments");
+        assert_eq!(listed[0], "/apis/batch/v1/namespaces/gone/cronjobs");
 
         let w = World::new();
         assert!(finish_namespace(&w.ctx, &ns).await);

@@ -10,6 +10,8 @@
 //! | ReplicaSet, ReplicationController | [`replicaset`] |
 //! | Deployment | [`deployment`] |
 //! | Job (and TTL after finished) | [`job`] |
+//! | DaemonSet (a pod per eligible node, rolling update) | [`daemonset`] |
+//! | CronJob (Jobs on a schedule, on a settable [`clock`]) | [`cronjob`] |
 //! | Node lifecycle (pod ranges, heartbeats, taints, evictions) | [`nodelifecycle`] |
 //! | EndpointSlice (a Service's ready pods) | [`endpointslice`] |
 //! | ServiceAccount (a `default` one per namespace) | [`serviceaccount`] |
@@ -22,6 +24,9 @@
 //! shared streams). A ReplicaSet controller that needs its pods reads the pod store instead
 //! of listing.
 
+pub mod clock;
+pub mod cronjob;
+pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpointslice;
@@ -42,8 +47,8 @@ use std::time::Duration;
 
 use baton_kube::events::Recorder;
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ReplicationController, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -68,6 +73,8 @@ pub struct Ctx {
     pub services: Store<Service>,
     pub endpointslices: Store<EndpointSlice>,
     pub jobs: Store<Job>,
+    pub cronjobs: Store<CronJob>,
+    pub daemonsets: Store<DaemonSet>,
     pub nodes: Store<Node>,
     pub leases: Store<Lease>,
     pub pdbs: Store<PodDisruptionBudget>,
@@ -78,6 +85,8 @@ pub struct Ctx {
     pub cidrs_given: std::sync::Mutex<std::collections::BTreeSet<u32>>,
     pub expectations: Expectations,
     pub recorder: Recorder,
+    /// The time schedules are read against.
+    pub clock: clock::Clock,
 }
 
 impl Debug for Ctx {
@@ -190,12 +199,15 @@ pub struct Config {
     /// How long a node may miss heartbeats before it is marked unknown (Kubernetes'
     /// `--node-monitor-grace-period`).
     pub node_monitor_grace: Duration,
+    /// The time CronJobs are scheduled by: the system's, unless a test sets one.
+    pub clock: clock::Clock,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             node_monitor_grace: Duration::from_secs(40),
+            clock: clock::Clock::system(),
         }
     }
 }
@@ -214,6 +226,8 @@ pub async fn run(
     let services = Informer::<Service>::new();
     let endpointslices = Informer::<EndpointSlice>::new();
     let jobs = Informer::<Job>::new();
+    let cronjobs = Informer::<CronJob>::new();
+    let daemonsets = Informer::<DaemonSet>::new();
     let nodes = Informer::<Node>::new();
     let leases = Informer::<Lease>::new();
     let pdbs = Informer::<PodDisruptionBudget>::new();
@@ -227,6 +241,8 @@ pub async fn run(
         services: services.store.clone(),
         endpointslices: endpointslices.store.clone(),
         jobs: jobs.store.clone(),
+        cronjobs: cronjobs.store.clone(),
+        daemonsets: daemonsets.store.clone(),
         nodes: nodes.store.clone(),
         leases: leases.store.clone(),
         pdbs: pdbs.store.clone(),
@@ -235,6 +251,7 @@ pub async fn run(
         cidrs_given: Default::default(),
         expectations: Expectations::default(),
         recorder: Recorder::new(client.clone(), "controller-manager", None),
+        clock: config.clock.clone(),
     });
     let cfg = controller::Config::default().concurrency(16);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -288,6 +305,22 @@ pub async fn run(
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())
         .run(job::reconcile, error_policy, ctx.clone());
+    let cronjob_controller =
+        Controller::for_shared_stream(cronjobs.subscribe(), cronjobs.store.clone())
+            .watches_shared_stream(jobs.subscribe(), |j| cronjob::cronjob_of_job(&j))
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(cronjob::reconcile, error_policy, ctx.clone());
+    let ctx4 = ctx.clone();
+    let daemonset_controller =
+        Controller::for_shared_stream(daemonsets.subscribe(), daemonsets.store.clone())
+            .owns_shared_stream(pods.subscribe())
+            .watches_shared_stream(nodes.subscribe(), move |_n: Arc<Node>| {
+                daemonset::all_daemonsets(&ctx4)
+            })
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(daemonset::reconcile, error_policy, ctx.clone());
     let node_controller = Controller::for_shared_stream(nodes.subscribe(), nodes.store.clone())
         .watches_shared_stream(leases.subscribe(), |l: Arc<Lease>| {
             (l.metadata.namespace.as_deref() == Some("kube-node-lease")).then(|| {
@@ -313,6 +346,8 @@ pub async fn run(
         namespaces.start(Api::all(client.clone())),
         services.start(Api::all(client.clone())),
         jobs.start(Api::all(client.clone())),
+        cronjobs.start(Api::all(client.clone())),
+        daemonsets.start(Api::all(client.clone())),
         nodes.start(Api::all(client.clone())),
         leases.start(Api::all(client.clone())),
         endpointslices.start(Api::all(client.clone())),
@@ -330,6 +365,8 @@ pub async fn run(
         drain("serviceaccount", sa_controller),
         drain("endpointslice", eps_controller),
         drain("job", job_controller),
+        drain("cronjob", cronjob_controller),
+        drain("daemonset", daemonset_controller),
         drain("nodelifecycle", node_controller),
         drain("disruption", pdb_controller),
     );

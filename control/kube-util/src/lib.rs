@@ -7,6 +7,7 @@
 //! - [`selector`]: the placement rules kube-rs has no evaluator for (node selector terms
 //!   with `Gt`/`Lt` and `matchFields`, taints and tolerations); label selectors are
 //!   kube-core's `Selector`;
+//! - [`cron`]: CronJob schedules, parsed once for the API server and the controller;
 //! - [`pod`]: pod state questions (ready? terminal? whose?) and condition updates;
 //! - [`events`]: a recorder of core/v1 Events, which `kubectl describe` reads;
 //! - [`client`]: a kube `Client` from an in-memory kubeconfig;
@@ -16,9 +17,11 @@
 //! Nothing here talks to wasmtime or the store.
 
 pub mod client;
+pub mod cron;
 pub mod error;
 pub mod events;
 pub mod leader;
 pub mod pod;
 pub mod quantity;
+pub mod quota;
 pub mod selector;

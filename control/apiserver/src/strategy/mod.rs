@@ -11,8 +11,11 @@ mod core;
 mod networking;
 mod platform;
 mod pod;
+mod quota;
 mod rbac;
 mod service;
+mod sets;
+pub(crate) mod storage;
 mod workloads;
 
 use std::borrow::Cow;
@@ -36,8 +39,11 @@ pub use platform::{
     PodDisruptionBudgets, PodTemplates, PriorityClasses,
 };
 pub use pod::Pods;
+pub use quota::{LimitRanges, ResourceQuotas};
 pub use rbac::{RoleBindings, Roles};
 pub use service::Services;
+pub use sets::{CronJobs, DaemonSets, StatefulSets};
+pub use storage::{PersistentVolumeClaims, PersistentVolumes, StorageClasses};
 pub use workloads::{Deployments, Jobs, ReplicaSets, ReplicationControllers};
 
 /// A hook's future: it may read and write the store.

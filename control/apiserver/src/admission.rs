@@ -1,0 +1,374 @@
+//! Admission that reads other objects before a create: LimitRanges and ResourceQuotas.
+//!
+//! kube-apiserver runs these as admission plugins, after defaults and before the object
+//! is stored, and so does Baton:
+//! - **LimitRanger** (mutating, before validation): a container without requests or
+//!   limits gets its namespace's `defaultRequest` and `default`; then each container (or
+//!   the pod, or a claim) is held to the ranges' `min`, `max` and `maxLimitRequestRatio`.
+//! - **ResourceQuota** (last): what the new object uses ([`baton_kube::quota::usage`]) is
+//!   added to each matching quota's `status.used` with a compare-and-swap, and the create
+//!   is refused with 403 if that would pass `spec.hard`. Two API servers charging at once
+//!   conflict on the quota and one of them counts again, so a quota is never overrun. The
+//!   quota controller recounts `used` from the objects, giving back what deleted (or
+//!   never created) objects were charged.
+
+use std::collections::BTreeMap;
+
+use baton_kube::quantity::nanos;
+use baton_kube::quota;
+use serde_json::{json, Map, Value};
+
+use crate::error::{ApiError, ApiResult};
+use crate::objects::{Objects, ReadAt};
+use crate::resources::{self, Resource};
+
+fn s<'a>(v: &'a Value, ptr: &str) -> &'a str {
+    v.pointer(ptr).and_then(Value::as_str).unwrap_or("")
+}
+
+fn q(v: Option<&Value>) -> Option<u128> {
+    match v? {
+        Value::String(s) => nanos(s).ok(),
+        Value::Number(n) => n.as_u64().map(|n| n as u128 * 1_000_000_000),
+        _ => None,
+    }
+}
+
+fn forbidden(res: &Resource, name: &str, why: String) -> ApiError {
+    ApiError::Forbidden {
+        message: format!("{} {name:?} is forbidden: {why}", res.qualified()),
+    }
+}
+
+/// What LimitRanges apply to: a pod's containers and the pod, or a claim.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Limited {
+    Pod,
+    Claim,
+}
+
+fn limited(res: &Resource) -> Option<Limited> {
+    match (res.group.as_str(), res.plural.as_str()) {
+        ("", "pods") => Some(Limited::Pod),
+        ("", "persistentvolumeclaims") => Some(Limited::Claim),
+        _ => None,
+    }
+}
+
+/// Applies the namespace's LimitRanges to a new pod or claim: defaults, then bounds.
+pub(crate) async fn limit_ranges(
+    objects: &Objects,
+    res: &Resource,
+    ns: &str,
+    obj: &mut Value,
+) -> ApiResult<()> {
+    let Some(what) = limited(res) else {
+        return Ok(());
+    };
+    let ranges = objects
+        .list(
+            resources::builtin("LimitRange"),
+            Some(ns),
+            ReadAt::Any,
+            0,
+            None,
+            |_| true,
+        )
+        .await?
+        .items;
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let items: Vec<&Value> = ranges
+        .iter()
+        .filter_map(|r| r.pointer("/spec/limits").and_then(Value::as_array))
+        .flatten()
+        .collect();
+    let mut problems = Vec::new();
+    match what {
+        Limited::Pod => {
+            for item in items.iter().filter(|i| s(i, "/type") == "Container") {
+                for list in ["initContainers", "containers"] {
+                    let Some(cs) = obj
+                        .pointer_mut(&format!("/spec/{list}"))
+                        .and_then(Value::as_array_mut)
+                    else {
+                        continue;
+                    };
+                    for c in cs {
+                        default_container(c, item);
+                        bounds(c, item, "Container", &mut problems);
+                    }
+                }
+            }
+            for item in items.iter().filter(|i| s(i, "/type") == "Pod") {
+                let mut sum = json!({"resources": {"requests": {}, "limits": {}}});
+                for kind in ["requests", "limits"] {
+                    let mut totals: BTreeMap<String, u128> = BTreeMap::new();
+                    for c in obj
+                        .pointer("/spec/containers")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        for (r, v) in c
+                            .pointer(&format!("/resources/{kind}"))
+                            .and_then(Value::as_object)
+                            .into_iter()
+                            .flatten()
+                        {
+                            *totals.entry(r.clone()).or_default() += q(Some(v)).unwrap_or(0);
+                        }
+                    }
+                    for (r, n) in totals {
+                        sum["resources"][kind][&r] = json!(quota::format(&r, n));
+                    }
+                }
+                bounds(&sum, item, "Pod", &mut problems);
+            }
+        }
+        Limited::Claim => {
+            for item in items
+                .iter()
+                .filter(|i| s(i, "/type") == "PersistentVolumeClaim")
+            {
+                let claim = json!({"resources": obj.pointer("/spec/resources").cloned().unwrap_or(json!({}))});
+                bounds(&claim, item, "PersistentVolumeClaim", &mut problems);
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(forbidden(
+            res,
+            s(obj, "/metadata/name"),
+            format!("[{}]", problems.join(", ")),
+        ))
+    }
+}
+
+/// A container's missing limits and requests from a range's defaults. A request left
+/// unset takes the limit, as Kubernetes defaults it.
+fn default_container(c: &mut Value, item: &Value) {
+    let Some(c) = c.as_object_mut() else { return };
+    let resources = c.entry("resources").or_insert(json!({}));
+    for (from, to) in [("default", "limits"), ("defaultRequest", "requests")] {
+        let Some(defaults) = item.get(from).and_then(Value::as_object) else {
+            continue;
+        };
+        let Some(r) = resources.as_object_mut() else {
+            return;
+        };
+        let target = r.entry(to).or_insert(json!({}));
+        let Some(target) = target.as_object_mut() else {
+            continue;
+        };
+        for (k, v) in defaults {
+            target.entry(k.clone()).or_insert(v.clone());
+        }
+    }
+    let limits: Map<String, Value> = resources
+        .get("limits")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    if let Some(r) = resources.as_object_mut() {
+        let requests = r.entry("requests").or_insert(json!({}));
+        if let Some(requests) = requests.as_object_mut() {
+            for (k, v) in limits {
+                requests.entry(k).or_insert(v);
+            }
+        }
+    }
+    for key in ["limits", "requests"] {
+        if resources
+            .get(key)
+            .and_then(Value::as_object)
+            .is_some_and(Map::is_empty)
+        {
+            if let Some(r) = resources.as_object_mut() {
+                r.remove(key);
+            }
+        }
+    }
+}
+
+/// Checks one container, pod or claim (`{resources: {requests, limits}}`) against a
+/// range item, in kube-apiserver's words.
+fn bounds(target: &Value, item: &Value, what: &str, problems: &mut Vec<String>) {
+    let get = |kind: &str, r: &str| q(target.pointer(&format!("/resources/{kind}/{r}")));
+    let bound = |key: &str| {
+        item.get(key)
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default()
+    };
+    for (r, min) in bound("min") {
+        let min_n = q(Some(&min)).unwrap_or(0);
+        match get("requests", &r) {
+            None => problems.push(format!(
+                "minimum {r} usage per {what} is {}, but no request is specified",
+                show(&min)
+            )),
+            Some(n) if n < min_n => problems.push(format!(
+                "minimum {r} usage per {what} is {}, but request is {}",
+                show(&min),
+                quota::format(&r, n)
+            )),
+            Some(_) => {}
+        }
+    }
+    for (r, max) in bound("max") {
+        let max_n = q(Some(&max)).unwrap_or(0);
+        // A claim is bounded by its request; everything else by its limit.
+        let kind = if what == "PersistentVolumeClaim" {
+            "requests"
+        } else {
+            "limits"
+        };
+        match get(kind, &r) {
+            None => problems.push(format!(
+                "maximum {r} usage per {what} is {}, but no limit is specified",
+                show(&max)
+            )),
+            Some(n) if n > max_n => problems.push(format!(
+                "maximum {r} usage per {what} is {}, but {} is {}",
+                show(&max),
+                if kind == "requests" {
+                    "request"
+                } else {
+                    "limit"
+                },
+                quota::format(&r, n)
+            )),
+            Some(_) => {}
+        }
+    }
+    for (r, ratio) in bound("maxLimitRequestRatio") {
+        let (Some(limit), Some(request), Some(max)) =
+            (get("limits", &r), get("requests", &r), q(Some(&ratio)))
+        else {
+            continue;
+        };
+        if request > 0 && limit * 1_000_000_000 > max * request {
+            problems.push(format!(
+                "{r} max limit to request ratio per {what} is {}, but provided ratio is {:.6}",
+                show(&ratio),
+                limit as f64 / request as f64
+            ));
+        }
+    }
+}
+
+fn show(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
+/// Charges a new object to its namespace's ResourceQuotas, or refuses it.
+pub(crate) async fn charge_quota(
+    objects: &Objects,
+    res: &Resource,
+    ns: &str,
+    obj: &Value,
+    dry_run: bool,
+) -> ApiResult<()> {
+    let usage = quota::usage(&res.group, &res.plural, obj);
+    if usage.is_empty() {
+        return Ok(());
+    }
+    let quotas_res = resources::builtin("ResourceQuota");
+    let name = s(obj, "/metadata/name");
+    // Each quota on its own: a conflict (another charge meanwhile) reads it again.
+    let names: Vec<String> = objects
+        .list(quotas_res, Some(ns), ReadAt::Latest, 0, None, |_| true)
+        .await?
+        .items
+        .iter()
+        .map(|q| s(q, "/metadata/name").to_string())
+        .collect();
+    for qname in names {
+        for _attempt in 0..32 {
+            let Some((quota_obj, _)) = objects
+                .get(quotas_res, Some(ns), &qname, ReadAt::Latest)
+                .await?
+            else {
+                break;
+            };
+            let hard = quota_obj
+                .pointer("/spec/hard")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            let mut charged = false;
+            let mut next = quota_obj.clone();
+            for (key, limit) in &hard {
+                let missing = quota::missing(obj, key);
+                if res.group.is_empty() && res.plural == "pods" && !missing.is_empty() {
+                    return Err(forbidden(
+                        res,
+                        name,
+                        format!(
+                            "failed quota: {qname}: must specify {key} for: {}",
+                            missing.join(",")
+                        ),
+                    ));
+                }
+                let Some(add) = usage.get(key) else { continue };
+                let used = match q(quota_obj.pointer(&format!("/status/used/{}", escape(key)))) {
+                    Some(u) => u,
+                    None => recount(objects, res, ns, key).await?,
+                };
+                let limit_n = q(Some(limit)).unwrap_or(0);
+                if used + add > limit_n {
+                    return Err(forbidden(
+                        res,
+                        name,
+                        format!(
+                            "exceeded quota: {qname}, requested: {key}={}, used: {key}={}, limited: {key}={}",
+                            quota::format(key, *add),
+                            quota::format(key, used),
+                            show(limit)
+                        ),
+                    ));
+                }
+                next["status"]["used"][key] = json!(quota::format(key, used + add));
+                charged = true;
+            }
+            if !charged || dry_run {
+                break;
+            }
+            next["status"]["hard"] = Value::Object(hard.clone());
+            let rev: i64 = s(&quota_obj, "/metadata/resourceVersion")
+                .parse()
+                .unwrap_or(0);
+            match objects
+                .replace(quotas_res, Some(ns), &qname, &next, rev)
+                .await
+            {
+                Ok(_) => break,
+                Err(ApiError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A JSON pointer segment for a quota key (`count/pods` has a slash).
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// What the objects of `res` in `ns` use of `key` now: for a quota whose status has not
+/// been counted yet.
+async fn recount(objects: &Objects, res: &Resource, ns: &str, key: &str) -> ApiResult<u128> {
+    let all = objects
+        .list(res, Some(ns), ReadAt::Latest, 0, None, |_| true)
+        .await?
+        .items;
+    Ok(all
+        .iter()
+        .filter_map(|o| quota::usage(&res.group, &res.plural, o).get(key).copied())
+        .sum())
+}
