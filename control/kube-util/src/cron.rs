@@ -46,6 +46,11 @@ fn expand_macro(s: &str) -> Option<&'static str> {
     })
 }
 
+/// The IANA time zone `name` (`Europe/Paris`).
+pub fn zone_named(name: &str) -> Result<Tz, CronError> {
+    Tz::from_str(name).map_err(|_| CronError::Zone(name.to_string()))
+}
+
 impl Schedule {
     /// Parses `schedule` in `zone` (an IANA name; UTC when `None`).
     pub fn parse(schedule: &str, zone: Option<&str>) -> Result<Self, CronError> {
@@ -63,7 +68,7 @@ impl Schedule {
         }
         let zone = match zone {
             None | Some("") => Tz::UTC,
-            Some(z) => Tz::from_str(z).map_err(|_| CronError::Zone(z.to_string()))?,
+            Some(z) => zone_named(z)?,
         };
         let cron = croner::Cron::from_str(fields).map_err(CronError::Syntax)?;
         Ok(Self { cron, zone })

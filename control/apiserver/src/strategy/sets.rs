@@ -322,19 +322,17 @@ impl Strategy for CronJobs {
             ));
         }
         let schedule = s(obj, "/spec/schedule");
-        let zone = obj.pointer("/spec/timeZone").and_then(Value::as_str);
+        let mut zone = obj.pointer("/spec/timeZone").and_then(Value::as_str);
+        if let Some(z) = zone.filter(|z| !z.is_empty()) {
+            if baton_kube::cron::zone_named(z).is_err() {
+                errs.push(FieldError::invalid("spec.timeZone", z, "unknown time zone"));
+                zone = None;
+            }
+        }
         if schedule.is_empty() {
             errs.push(FieldError::required("spec.schedule"));
-        } else {
-            match baton_kube::cron::Schedule::parse(schedule, zone) {
-                Ok(_) => {}
-                Err(baton_kube::cron::CronError::Zone(z)) => errs.push(FieldError::invalid(
-                    "spec.timeZone",
-                    &z,
-                    "unknown time zone",
-                )),
-                Err(e) => errs.push(FieldError::invalid("spec.schedule", schedule, e)),
-            }
+        } else if let Err(e) = baton_kube::cron::Schedule::parse(schedule, zone) {
+            errs.push(FieldError::invalid("spec.schedule", schedule, e));
         }
         one_of(
             obj,
