@@ -995,6 +995,26 @@ fn chart_kinds_apply_print_and_reapply_unchanged() {
     ] {
         assert!(out.contains(want), "{out}");
     }
+    // The quota counts the Deployment's pod with the LimitRange's default requests, and
+    // gives it back once the Deployment is gone.
+    b.ok(&[
+        "wait",
+        "--for=jsonpath={.status.used.pods}=1",
+        "resourcequota/compute",
+        "--timeout=60s",
+    ]);
+    let out = b.ok(&["get", "quota", "compute"]);
+    assert!(
+        out.contains("pods: 1/20") && out.contains("requests.cpu: 100m/4"),
+        "{out}"
+    );
+    b.ok(&["delete", "deployment", "web"]);
+    b.ok(&[
+        "wait",
+        "--for=jsonpath={.status.used.pods}=0",
+        "resourcequota/compute",
+        "--timeout=60s",
+    ]);
     // A binding's role cannot change, and a cluster binding names only ClusterRoles.
     let err = b.fails(
         &[

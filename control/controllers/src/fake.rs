@@ -63,6 +63,7 @@ impl World {
             nodes: nodes_s,
             leases: store::<Lease>().0,
             pdbs: store::<k8s_openapi::api::policy::v1::PodDisruptionBudget>().0,
+            quotas: store::<k8s_openapi::api::core::v1::ResourceQuota>().0,
             node_grace: Duration::from_secs(40),
             cidr_lock: Default::default(),
             cidrs_given: Default::default(),

@@ -15,6 +15,7 @@
 //! | Node lifecycle (pod ranges, heartbeats, taints, evictions) | [`nodelifecycle`] |
 //! | EndpointSlice (a Service's ready pods) | [`endpointslice`] |
 //! | ServiceAccount (a `default` one per namespace) | [`serviceaccount`] |
+//! | ResourceQuota status (what a namespace uses, recounted) | [`resourcequota`] |
 //! | PodDisruptionBudget status (what evictions ask) | [`disruption`] |
 //! | garbage collection, namespace deletion | [`gc`] |
 //!
@@ -37,6 +38,7 @@ pub mod gc;
 pub mod job;
 pub mod nodelifecycle;
 pub mod replicaset;
+pub mod resourcequota;
 pub mod serviceaccount;
 
 use std::fmt::Debug;
@@ -50,7 +52,9 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ReplicationController, Service};
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, Pod, ReplicationController, ResourceQuota, Service,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::{self, Action, Controller};
@@ -78,6 +82,7 @@ pub struct Ctx {
     pub nodes: Store<Node>,
     pub leases: Store<Lease>,
     pub pdbs: Store<PodDisruptionBudget>,
+    pub quotas: Store<ResourceQuota>,
     /// How long a node may be silent before it is marked unknown and tainted.
     pub node_grace: Duration,
     pub cidr_lock: tokio::sync::Mutex<()>,
@@ -231,6 +236,7 @@ pub async fn run(
     let nodes = Informer::<Node>::new();
     let leases = Informer::<Lease>::new();
     let pdbs = Informer::<PodDisruptionBudget>::new();
+    let quotas = Informer::<ResourceQuota>::new();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.store.clone(),
@@ -246,6 +252,7 @@ pub async fn run(
         nodes: nodes.store.clone(),
         leases: leases.store.clone(),
         pdbs: pdbs.store.clone(),
+        quotas: quotas.store.clone(),
         node_grace: config.node_monitor_grace,
         cidr_lock: tokio::sync::Mutex::new(()),
         cidrs_given: Default::default(),
@@ -338,6 +345,14 @@ pub async fn run(
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())
         .run(disruption::reconcile, error_policy, ctx.clone());
+    let ctx5 = ctx.clone();
+    let quota_controller = Controller::for_shared_stream(quotas.subscribe(), quotas.store.clone())
+        .watches_shared_stream(pods.subscribe(), move |p| {
+            resourcequota::quotas_of_pod(&ctx5, &p)
+        })
+        .with_config(cfg.clone())
+        .graceful_shutdown_on(stop())
+        .run(resourcequota::reconcile, error_policy, ctx.clone());
     let watches = [
         pods.start(Api::all(client.clone())),
         replicasets.start(Api::all(client.clone())),
@@ -352,6 +367,7 @@ pub async fn run(
         leases.start(Api::all(client.clone())),
         endpointslices.start(Api::all(client.clone())),
         pdbs.start(Api::all(client.clone())),
+        quotas.start(Api::all(client.clone())),
     ];
     tokio::spawn(async move {
         shutdown.await;
@@ -369,6 +385,7 @@ pub async fn run(
         drain("daemonset", daemonset_controller),
         drain("nodelifecycle", node_controller),
         drain("disruption", pdb_controller),
+        drain("resourcequota", quota_controller),
     );
     gc.abort();
     for w in watches {
