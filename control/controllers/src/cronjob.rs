@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use baton_kube::cron::Schedule;
 use baton_kube::events::EventType;
-use k8s_openapi::api::batch::v1::{CronJob, Job, JobSpec};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::chrono::{DateTime, SecondsFormat, Utc};
@@ -100,7 +100,7 @@ fn job_for(cj: &CronJob, scheduled: DateTime<Utc>, zone: &str) -> Job {
             owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
-        spec: Some(template.spec.unwrap_or_else(JobSpec::default)),
+        spec: Some(template.spec.unwrap_or_default()),
         status: None,
     }
 }
