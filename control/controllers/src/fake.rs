@@ -60,6 +60,7 @@ impl World {
             jobs: jobs_s,
             cronjobs: store::<k8s_openapi::api::batch::v1::CronJob>().0,
             daemonsets: store::<k8s_openapi::api::apps::v1::DaemonSet>().0,
+            statefulsets: store::<k8s_openapi::api::apps::v1::StatefulSet>().0,
             nodes: nodes_s,
             leases: store::<Lease>().0,
             pdbs: store::<k8s_openapi::api::policy::v1::PodDisruptionBudget>().0,

@@ -11,6 +11,7 @@
 //! | Deployment | [`deployment`] |
 //! | Job (and TTL after finished) | [`job`] |
 //! | DaemonSet (a pod per eligible node, rolling update) | [`daemonset`] |
+//! | StatefulSet (ordered replicas with stable names and claims) | [`statefulset`] |
 //! | CronJob (Jobs on a schedule, on a settable [`clock`]) | [`cronjob`] |
 //! | Node lifecycle (pod ranges, heartbeats, taints, evictions) | [`nodelifecycle`] |
 //! | EndpointSlice (a Service's ready pods) | [`endpointslice`] |
@@ -40,6 +41,7 @@ pub mod nodelifecycle;
 pub mod replicaset;
 pub mod resourcequota;
 pub mod serviceaccount;
+pub mod statefulset;
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -49,7 +51,7 @@ use std::time::Duration;
 
 use baton_kube::events::Recorder;
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
@@ -79,6 +81,7 @@ pub struct Ctx {
     pub jobs: Store<Job>,
     pub cronjobs: Store<CronJob>,
     pub daemonsets: Store<DaemonSet>,
+    pub statefulsets: Store<StatefulSet>,
     pub nodes: Store<Node>,
     pub leases: Store<Lease>,
     pub pdbs: Store<PodDisruptionBudget>,
@@ -233,6 +236,7 @@ pub async fn run(
     let jobs = Informer::<Job>::new();
     let cronjobs = Informer::<CronJob>::new();
     let daemonsets = Informer::<DaemonSet>::new();
+    let statefulsets = Informer::<StatefulSet>::new();
     let nodes = Informer::<Node>::new();
     let leases = Informer::<Lease>::new();
     let pdbs = Informer::<PodDisruptionBudget>::new();
@@ -249,6 +253,7 @@ pub async fn run(
         jobs: jobs.store.clone(),
         cronjobs: cronjobs.store.clone(),
         daemonsets: daemonsets.store.clone(),
+        statefulsets: statefulsets.store.clone(),
         nodes: nodes.store.clone(),
         leases: leases.store.clone(),
         pdbs: pdbs.store.clone(),
@@ -328,6 +333,12 @@ pub async fn run(
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
             .run(daemonset::reconcile, error_policy, ctx.clone());
+    let statefulset_controller =
+        Controller::for_shared_stream(statefulsets.subscribe(), statefulsets.store.clone())
+            .owns_shared_stream(pods.subscribe())
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(statefulset::reconcile, error_policy, ctx.clone());
     let node_controller = Controller::for_shared_stream(nodes.subscribe(), nodes.store.clone())
         .watches_shared_stream(leases.subscribe(), |l: Arc<Lease>| {
             (l.metadata.namespace.as_deref() == Some("kube-node-lease")).then(|| {
@@ -363,6 +374,7 @@ pub async fn run(
         jobs.start(Api::all(client.clone())),
         cronjobs.start(Api::all(client.clone())),
         daemonsets.start(Api::all(client.clone())),
+        statefulsets.start(Api::all(client.clone())),
         nodes.start(Api::all(client.clone())),
         leases.start(Api::all(client.clone())),
         endpointslices.start(Api::all(client.clone())),
@@ -383,6 +395,7 @@ pub async fn run(
         drain("job", job_controller),
         drain("cronjob", cronjob_controller),
         drain("daemonset", daemonset_controller),
+        drain("statefulset", statefulset_controller),
         drain("nodelifecycle", node_controller),
         drain("disruption", pdb_controller),
         drain("resourcequota", quota_controller),
