@@ -824,3 +824,188 @@ fn kubectl_drain_stops_at_a_disruption_budget_and_goes_on_when_it_allows() {
         (ready_replicas(&b, "web") == "2").then_some(())
     });
 }
+
+/// Kills a second node agent when the test ends, however it ends.
+struct NodeProcess(std::process::Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn second_node(b: &Baton, name: &str) -> NodeProcess {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["node", "--node-name", name, "--kubeconfig"])
+        .arg(&b.kubeconfig)
+        .arg("--data-dir")
+        .arg(b.dir.path().join(name))
+        .arg("--local-images")
+        .arg(baton::guests_dir())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("baton node");
+    NodeProcess(child)
+}
+
+#[test]
+fn a_daemonset_lands_on_both_nodes_and_follows_their_labels() {
+    let _serial = serial();
+    let b = Baton::start_cluster();
+    let _n2 = second_node(&b, "n2");
+    wait_for(&b, 60, "two Ready nodes", || {
+        let ready = jsonpath(
+            &b,
+            &["nodes"],
+            "{range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+        );
+        (ready.lines().filter(|s| *s == "True").count() == 2).then_some(())
+    });
+    let manifest = format!(
+        r#"apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: agent
+spec:
+  selector:
+    matchLabels: {{app: agent}}
+  template:
+    metadata:
+      labels: {{app: agent}}
+    spec:
+      containers:
+      - name: agent
+        image: {image}
+        env:
+        - {{name: TICKS, value: "100000"}}
+        - {{name: TICK_MS, value: "1000"}}
+"#,
+        image = guest("hello")
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&manifest));
+    wait_for(&b, 90, "an agent running on each node", || {
+        let mut nodes: Vec<String> = placements(&b, "app=agent")
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        nodes.sort();
+        let ready = jsonpath(&b, &["ds", "agent"], "{.status.numberReady}");
+        (nodes == ["local", "n2"] && ready == "2").then_some(())
+    });
+    let out = b.ok(&["get", "ds", "agent"]);
+    assert!(out.contains("DESIRED") && out.contains("agent"), "{out}");
+
+    // A node selector that only n2 matches: the other agent goes.
+    b.ok(&["label", "node", "n2", "role=edge"]);
+    b.ok(&[
+        "patch",
+        "ds",
+        "agent",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"nodeSelector":{"role":"edge"}}}}}"#,
+    ]);
+    wait_for(&b, 90, "one agent, on n2", || {
+        let p = placements(&b, "app=agent");
+        let desired = jsonpath(&b, &["ds", "agent"], "{.status.desiredNumberScheduled}");
+        (p.len() == 1 && p[0].1 == "n2" && desired == "1").then_some(())
+    });
+}
+
+#[test]
+fn a_statefulset_scales_in_order_and_keeps_its_volume_across_a_pod_deletion() {
+    let _serial = serial();
+    let b = Baton::start_cluster();
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: db
+spec:
+  clusterIP: None
+  selector: {{app: db}}
+  ports: [{{port: 80}}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: db
+spec:
+  serviceName: db
+  replicas: 2
+  selector:
+    matchLabels: {{app: db}}
+  template:
+    metadata:
+      labels: {{app: db}}
+    spec:
+      containers:
+      - name: db
+        image: {image}
+        env:
+        - {{name: TICKS, value: "100000"}}
+        - {{name: TICK_MS, value: "1000"}}
+        - {{name: STATE_FILE, value: /data/state}}
+        - name: STATE
+          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
+        volumeMounts:
+        - {{name: data, mountPath: /data}}
+  volumeClaimTemplates:
+  - metadata: {{name: data}}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {{requests: {{storage: 1Gi}}}}
+"#,
+        image = guest("hello")
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&manifest));
+    wait_for(&b, 120, "two ready replicas", || {
+        (jsonpath(&b, &["sts", "db"], "{.status.readyReplicas}") == "2").then_some(())
+    });
+    // In order: db-1 was made only once db-0 was ready.
+    let ready_at = jsonpath(
+        &b,
+        &["pod", "db-0"],
+        "{.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}",
+    );
+    let made_at = jsonpath(&b, &["pod", "db-1"], "{.metadata.creationTimestamp}");
+    assert!(
+        made_at >= ready_at,
+        "db-1 made at {made_at}, db-0 ready at {ready_at}"
+    );
+    let claims = b.ok(&["get", "pvc"]);
+    assert!(
+        claims.contains("data-db-0") && claims.contains("data-db-1") && claims.contains("Bound"),
+        "{claims}"
+    );
+    assert!(
+        b.ok(&["logs", "db-0"]).contains("state written: db-0"),
+        "db-0 did not write its state"
+    );
+
+    // A deleted replica comes back under its name, and finds what it wrote.
+    let uid = jsonpath(&b, &["pod", "db-0"], "{.metadata.uid}");
+    b.ok(&["delete", "pod", "db-0"]);
+    wait_for(&b, 90, "db-0 back and ready", || {
+        let now = jsonpath(&b, &["pod", "db-0"], "{.metadata.uid}");
+        let ready = jsonpath(
+            &b,
+            &["pod", "db-0"],
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        );
+        (!now.is_empty() && now != uid && ready == "True").then_some(())
+    });
+    let logs = b.ok(&["logs", "db-0"]);
+    assert!(logs.contains("state found: db-0"), "{logs}");
+
+    // Scaling down removes the highest replica; its claim stays for a later scale-up.
+    b.ok(&["scale", "sts", "db", "--replicas=1"]);
+    wait_for(&b, 90, "db-1 gone", || {
+        let pods = live_pods(&b, "app=db");
+        (pods == ["db-0"]).then_some(())
+    });
+    let claims = b.ok(&["get", "pvc", "data-db-1"]);
+    assert!(claims.contains("Bound"), "{claims}");
+}

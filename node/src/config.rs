@@ -5,7 +5,9 @@
 //!   (`configMapKeyRef`, `secretKeyRef`, `fieldRef`, `resourceFieldRef`) and `envFrom`.
 //! - volumes: `emptyDir` (one directory shared by the pod's containers), `configMap`,
 //!   `secret` and `downwardAPI` (files written under the pod's directory and mounted
-//!   read-only, rewritten by [`refresh_volumes`] when the objects change), `hostPath`.
+//!   read-only, rewritten by [`refresh_volumes`] when the objects change), `hostPath`,
+//!   and `persistentVolumeClaim` (the bound volume: a locally provisioned one lives in
+//!   the node's local volume directory, see [`LOCAL_VOLUME_PREFIX`]).
 //!
 //! A reference to a missing object or key fails with the object's name, which the node
 //! agent reports as `CreateContainerConfigError`; `optional: true` references are skipped.
@@ -14,7 +16,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use baton_wasm_shim::Mount;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, ObjectFieldSelector, Pod, Secret, Volume};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ObjectFieldSelector, PersistentVolume, PersistentVolumeClaim, Pod,
+    Secret, Volume,
+};
 use kube::{Api, Client, ResourceExt};
 
 /// Why a container's configuration could not be resolved.
@@ -50,6 +55,20 @@ pub enum ConfigError {
     },
 }
 
+/// Where a pod's volumes may lead on the node.
+#[derive(Debug, Clone, Copy)]
+pub struct HostDirs<'a> {
+    /// Prefixes hostPath volumes (and PersistentVolumes with a node path) may name;
+    /// none refuses them all.
+    pub allowed: &'a [PathBuf],
+    /// Where locally provisioned PersistentVolumes keep their data.
+    pub local_volumes: &'a Path,
+}
+
+/// The path prefix of locally provisioned PersistentVolumes: `/baton-local/<volume>` is
+/// `<volume>` in the node's local volume directory, wherever that is on each node.
+pub const LOCAL_VOLUME_PREFIX: &str = "/baton-local/";
+
 /// Reads ConfigMaps and Secrets of one namespace once per resolution.
 struct Objects {
     client: Client,
@@ -70,6 +89,93 @@ impl Objects {
             self.configmaps.insert(name.into(), cm);
         }
         Ok(self.configmaps[name].as_ref())
+    }
+
+    /// The node directory of the volume bound to claim `claim`: its data in the node's
+    /// local volume directory for a locally provisioned volume, or an allowed node path.
+    async fn claimed_dir(
+        &self,
+        volume: &str,
+        claim: &str,
+        dirs: HostDirs<'_>,
+    ) -> Result<PathBuf, ConfigError> {
+        let refuse = |message: String| ConfigError::Volume {
+            volume: volume.into(),
+            message,
+        };
+        let api_err = |kind: &'static str, name: &str| {
+            let name = name.to_string();
+            move |source| ConfigError::Api {
+                kind,
+                name,
+                source: Box::new(source),
+            }
+        };
+        let claims: Api<PersistentVolumeClaim> =
+            Api::namespaced(self.client.clone(), &self.namespace);
+        let pvc = claims
+            .get_opt(claim)
+            .await
+            .map_err(api_err("persistentvolumeclaim", claim))?
+            .ok_or_else(|| ConfigError::Missing {
+                kind: "persistentvolumeclaim",
+                name: claim.into(),
+            })?;
+        let bound = pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+        let pv_name = pvc
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_name.clone())
+            .filter(|n| bound && !n.is_empty())
+            .ok_or_else(|| refuse(format!("persistentvolumeclaim {claim:?} is not bound yet")))?;
+        let pvs: Api<PersistentVolume> = Api::all(self.client.clone());
+        let pv = pvs
+            .get_opt(&pv_name)
+            .await
+            .map_err(api_err("persistentvolume", &pv_name))?
+            .ok_or_else(|| ConfigError::Missing {
+                kind: "persistentvolume",
+                name: pv_name.clone(),
+            })?;
+        let spec = pv.spec.unwrap_or_default();
+        let path = spec
+            .local
+            .map(|l| l.path)
+            .or(spec.host_path.map(|h| h.path))
+            .ok_or_else(|| {
+                refuse(format!(
+                    "persistentvolume {pv_name:?} has no local or hostPath source this node can mount"
+                ))
+            })?;
+        let Some(rest) = path.strip_prefix(LOCAL_VOLUME_PREFIX) else {
+            return host_path(volume, &path, dirs.allowed);
+        };
+        // One plain name: the volume's own directory, never a path out of the root.
+        if rest.is_empty() || !plain_relative(rest) || rest.contains('/') {
+            return Err(refuse(format!(
+                "local volume path {path:?} must name one directory"
+            )));
+        }
+        let io = |source| ConfigError::Io {
+            volume: volume.into(),
+            source,
+        };
+        std::fs::create_dir_all(dirs.local_volumes).map_err(io)?;
+        let root = dirs.local_volumes.canonicalize().map_err(io)?;
+        let dir = root.join(rest);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(refuse(format!("{path:?} is not a directory"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&dir).map_err(io)?;
+            }
+            Err(e) => return Err(io(e)),
+        }
+        let real = dir.canonicalize().map_err(io)?;
+        if !real.starts_with(&root) {
+            return Err(refuse(format!("{path:?} leads out of the node's volumes")));
+        }
+        Ok(real)
     }
 
     async fn secret(&mut self, name: &str) -> Result<Option<&Secret>, ConfigError> {
@@ -457,7 +563,7 @@ async fn write_volumes(
     pod: &Pod,
     facts: &PodFacts,
     pod_dir: &Path,
-    allowed_host_paths: &[PathBuf],
+    dirs: HostDirs<'_>,
 ) -> Result<HashMap<String, (PathBuf, bool)>, ConfigError> {
     let mut out = HashMap::new();
     let base = volumes_dir(pod_dir);
@@ -484,8 +590,12 @@ async fn write_volumes(
             std::fs::create_dir_all(&dir).map_err(io)?;
             false
         } else if let Some(h) = &v.host_path {
-            let path = host_path(&v.name, &h.path, allowed_host_paths)?;
+            let path = host_path(&v.name, &h.path, dirs.allowed)?;
             out.insert(v.name.clone(), (path, false));
+            continue;
+        } else if let Some(c) = &v.persistent_volume_claim {
+            let path = objects.claimed_dir(&v.name, &c.claim_name, dirs).await?;
+            out.insert(v.name.clone(), (path, c.read_only == Some(true)));
             continue;
         } else if let Some(files) = projected(objects, pod, facts, v).await? {
             write_files(&dir, &v.name, &files)?;
@@ -532,7 +642,7 @@ async fn projected(
         return Err(ConfigError::Volume {
             volume: v.name.clone(),
             message:
-                "only emptyDir, configMap, secret, downwardAPI and hostPath volumes are supported"
+                "only emptyDir, configMap, secret, downwardAPI, hostPath and persistentVolumeClaim volumes are supported"
                     .into(),
         });
     };
@@ -586,7 +696,7 @@ pub async fn resolve(
     pod: &Pod,
     facts: &PodFacts,
     pod_dir: &Path,
-    allowed_host_paths: &[PathBuf],
+    dirs: HostDirs<'_>,
 ) -> Result<HashMap<String, ContainerConfig>, ConfigError> {
     let mut objects = Objects {
         client: client.clone(),
@@ -594,7 +704,7 @@ pub async fn resolve(
         configmaps: HashMap::new(),
         secrets: HashMap::new(),
     };
-    let volumes = write_volumes(&mut objects, pod, facts, pod_dir, allowed_host_paths).await?;
+    let volumes = write_volumes(&mut objects, pod, facts, pod_dir, dirs).await?;
     let mut out = HashMap::new();
     let spec = pod.spec.clone().unwrap_or_default();
     let containers: Vec<Container> = spec
@@ -676,7 +786,7 @@ pub async fn refresh_volumes(
     pod: &Pod,
     facts: &PodFacts,
     pod_dir: &Path,
-    allowed_host_paths: &[PathBuf],
+    dirs: HostDirs<'_>,
 ) -> Result<(), ConfigError> {
     let mut objects = Objects {
         client: client.clone(),
@@ -684,7 +794,7 @@ pub async fn refresh_volumes(
         configmaps: HashMap::new(),
         secrets: HashMap::new(),
     };
-    write_volumes(&mut objects, pod, facts, pod_dir, allowed_host_paths)
+    write_volumes(&mut objects, pod, facts, pod_dir, dirs)
         .await
         .map(|_| ())
 }

@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -116,6 +116,19 @@ impl<S> Shared<S> {
     /// Where a pod's volumes and logs live on the node.
     pub fn pod_dir(&self, uid: &str) -> PathBuf {
         self.data_dir.join("pods").join(uid)
+    }
+
+    /// Where locally provisioned PersistentVolumes keep their data on this node.
+    pub fn local_volumes(&self) -> PathBuf {
+        self.data_dir.join("local-volumes")
+    }
+
+    /// Where this node lets a pod's volumes lead.
+    pub fn host_dirs<'a>(&'a self, local_volumes: &'a Path) -> config::HostDirs<'a> {
+        config::HostDirs {
+            allowed: &self.settings.allowed_host_paths,
+            local_volumes,
+        }
     }
 
     /// A container's log file for one run (`0.log`, `1.log`… by restart count).
@@ -382,12 +395,13 @@ impl<S: Sandboxes> Worker<S> {
             return false;
         };
         let dir = self.shared.pod_dir(&self.uid);
+        let local = self.shared.local_volumes();
         let resolved = config::resolve(
             &self.shared.client,
             &self.pod,
             &self.facts(),
             &dir,
-            &self.shared.settings.allowed_host_paths,
+            self.shared.host_dirs(&local),
         )
         .await;
         match resolved {
@@ -837,12 +851,13 @@ impl<S: Sandboxes> Worker<S> {
         }
         self.next_refresh = now + VOLUME_REFRESH;
         let dir = self.shared.pod_dir(&self.uid);
+        let local = self.shared.local_volumes();
         let refreshed = config::refresh_volumes(
             &self.shared.client,
             &self.pod,
             &self.facts(),
             &dir,
-            &self.shared.settings.allowed_host_paths,
+            self.shared.host_dirs(&local),
         )
         .await;
         if let Err(e) = refreshed {

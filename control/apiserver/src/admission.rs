@@ -265,6 +265,47 @@ fn show(v: &Value) -> String {
     v.as_str().map_or_else(|| v.to_string(), str::to_string)
 }
 
+/// Gives a new claim that names no class the default StorageClass (the one annotated
+/// `storageclass.kubernetes.io/is-default-class: "true"`; the newest if several), as
+/// kube-apiserver's DefaultStorageClass plugin does. A claim with `storageClassName: ""`
+/// asks for no class and keeps it.
+pub(crate) async fn default_storage_class(
+    objects: &Objects,
+    res: &Resource,
+    obj: &mut Value,
+) -> ApiResult<()> {
+    if limited(res) != Some(Limited::Claim)
+        || obj
+            .pointer("/spec/storageClassName")
+            .is_some_and(|c| !c.is_null())
+    {
+        return Ok(());
+    }
+    let classes = objects
+        .list(
+            resources::builtin("StorageClass"),
+            None,
+            ReadAt::Any,
+            0,
+            None,
+            |c| {
+                c.pointer("/metadata/annotations")
+                    .and_then(|a| a.get(crate::strategy::storage::DEFAULT_CLASS))
+                    .and_then(Value::as_str)
+                    == Some("true")
+            },
+        )
+        .await?
+        .items;
+    let newest = classes
+        .iter()
+        .max_by_key(|c| s(c, "/metadata/creationTimestamp").to_string());
+    if let (Some(c), Some(spec)) = (newest, obj.get_mut("spec").and_then(Value::as_object_mut)) {
+        spec.insert("storageClassName".into(), json!(s(c, "/metadata/name")));
+    }
+    Ok(())
+}
+
 /// Charges a new object to its namespace's ResourceQuotas, or refuses it.
 pub(crate) async fn charge_quota(
     objects: &Objects,

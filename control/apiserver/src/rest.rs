@@ -544,6 +544,7 @@ pub(crate) async fn create_object(
     if let Some(ns) = &ns {
         check_namespace(objects, ns).await?;
         crate::admission::limit_ranges(objects, res, ns, &mut obj).await?;
+        crate::admission::default_storage_class(objects, res, &mut obj).await?;
     }
     validate(res, &obj, None)?;
     if let Some(ns) = &ns {

@@ -128,6 +128,7 @@ impl ApiServer {
     /// serving the stored CustomResourceDefinitions.
     pub async fn bootstrap(&self) -> Result<(), ServeError> {
         let nsr = resources::builtin("Namespace");
+        let mut fresh = false;
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             if self
                 .objects
@@ -138,6 +139,7 @@ impl ApiServer {
             {
                 continue;
             }
+            fresh |= ns == "default";
             let obj = json!({
                 "apiVersion": "v1", "kind": "Namespace",
                 "metadata": {"name": ns, "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": rest::now(),
@@ -150,7 +152,31 @@ impl ApiServer {
                 Err(e) => return Err(ServeError::Bootstrap(e)),
             }
         }
+        if fresh {
+            self.default_storage_class().await?;
+        }
         self.serve_custom_resources().await
+    }
+
+    /// The `local` StorageClass a new cluster starts with, as k3s starts with
+    /// `local-path`: claims that name no class get it, and the controller manager's local
+    /// provisioner makes their volumes on the node their first pod goes to. Made once;
+    /// an administrator who deletes it keeps it deleted.
+    async fn default_storage_class(&self) -> Result<(), ServeError> {
+        let scr = resources::builtin("StorageClass");
+        let obj = json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": "local", "uid": uuid::Uuid::new_v4().to_string(),
+                         "creationTimestamp": rest::now(),
+                         "annotations": {crate::strategy::storage::DEFAULT_CLASS: "true"}},
+            "provisioner": "baton.dev/local",
+            "reclaimPolicy": "Delete",
+            "volumeBindingMode": "WaitForFirstConsumer",
+        });
+        match self.objects.create(scr, None, "local", &obj, &[]).await {
+            Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(ServeError::Bootstrap(e)),
+        }
     }
 
     /// Serves the stored CustomResourceDefinitions, and starts the loop that keeps

@@ -28,6 +28,8 @@ pub struct World {
     replicasets: Writer<ReplicaSet>,
     deployments: Writer<Deployment>,
     nodes: Writer<Node>,
+    pvs: Writer<k8s_openapi::api::core::v1::PersistentVolume>,
+    classes: Writer<k8s_openapi::api::storage::v1::StorageClass>,
 }
 
 fn store<K>() -> (Store<K>, Writer<K>)
@@ -48,6 +50,8 @@ impl World {
         let (rs_s, replicasets) = store::<ReplicaSet>();
         let (deps_s, deployments) = store::<Deployment>();
         let (nodes_s, nodes) = store::<Node>();
+        let (pvs_s, pvs) = store::<k8s_openapi::api::core::v1::PersistentVolume>();
+        let (classes_s, classes) = store::<k8s_openapi::api::storage::v1::StorageClass>();
         let ctx = Arc::new(Ctx {
             client: client.clone(),
             pods: pods_s,
@@ -61,6 +65,9 @@ impl World {
             cronjobs: store::<k8s_openapi::api::batch::v1::CronJob>().0,
             daemonsets: store::<k8s_openapi::api::apps::v1::DaemonSet>().0,
             statefulsets: store::<k8s_openapi::api::apps::v1::StatefulSet>().0,
+            pvcs: store::<k8s_openapi::api::core::v1::PersistentVolumeClaim>().0,
+            pvs: pvs_s,
+            storageclasses: classes_s,
             nodes: nodes_s,
             leases: store::<Lease>().0,
             pdbs: store::<k8s_openapi::api::policy::v1::PodDisruptionBudget>().0,
@@ -82,6 +89,8 @@ impl World {
             replicasets,
             deployments,
             nodes,
+            pvs,
+            classes,
         }
     }
 
@@ -96,6 +105,12 @@ impl World {
     }
     pub fn node(&mut self, v: Value) -> Arc<Node> {
         apply(&mut self.nodes, v)
+    }
+    pub fn volume(&mut self, v: Value) -> Arc<k8s_openapi::api::core::v1::PersistentVolume> {
+        apply(&mut self.pvs, v)
+    }
+    pub fn storageclass(&mut self, v: Value) -> Arc<k8s_openapi::api::storage::v1::StorageClass> {
+        apply(&mut self.classes, v)
     }
     pub fn job(&mut self, v: Value) -> Arc<Job> {
         apply(&mut self.jobs, v)

@@ -12,6 +12,7 @@
 //! | Job (and TTL after finished) | [`job`] |
 //! | DaemonSet (a pod per eligible node, rolling update) | [`daemonset`] |
 //! | StatefulSet (ordered replicas with stable names and claims) | [`statefulset`] |
+//! | PersistentVolume binding, the local provisioner | [`volume`] |
 //! | CronJob (Jobs on a schedule, on a settable [`clock`]) | [`cronjob`] |
 //! | Node lifecycle (pod ranges, heartbeats, taints, evictions) | [`nodelifecycle`] |
 //! | EndpointSlice (a Service's ready pods) | [`endpointslice`] |
@@ -42,6 +43,7 @@ pub mod replicaset;
 pub mod resourcequota;
 pub mod serviceaccount;
 pub mod statefulset;
+pub mod volume;
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -55,10 +57,12 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet}
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
-    Namespace, Node, Pod, ReplicationController, ResourceQuota, Service,
+    Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, ReplicationController,
+    ResourceQuota, Service,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -82,6 +86,9 @@ pub struct Ctx {
     pub cronjobs: Store<CronJob>,
     pub daemonsets: Store<DaemonSet>,
     pub statefulsets: Store<StatefulSet>,
+    pub pvcs: Store<PersistentVolumeClaim>,
+    pub pvs: Store<PersistentVolume>,
+    pub storageclasses: Store<StorageClass>,
     pub nodes: Store<Node>,
     pub leases: Store<Lease>,
     pub pdbs: Store<PodDisruptionBudget>,
@@ -237,6 +244,9 @@ pub async fn run(
     let cronjobs = Informer::<CronJob>::new();
     let daemonsets = Informer::<DaemonSet>::new();
     let statefulsets = Informer::<StatefulSet>::new();
+    let pvcs = Informer::<PersistentVolumeClaim>::new();
+    let pvs = Informer::<PersistentVolume>::new();
+    let storageclasses = Informer::<StorageClass>::new();
     let nodes = Informer::<Node>::new();
     let leases = Informer::<Lease>::new();
     let pdbs = Informer::<PodDisruptionBudget>::new();
@@ -254,6 +264,9 @@ pub async fn run(
         cronjobs: cronjobs.store.clone(),
         daemonsets: daemonsets.store.clone(),
         statefulsets: statefulsets.store.clone(),
+        pvcs: pvcs.store.clone(),
+        pvs: pvs.store.clone(),
+        storageclasses: storageclasses.store.clone(),
         nodes: nodes.store.clone(),
         leases: leases.store.clone(),
         pdbs: pdbs.store.clone(),
@@ -339,6 +352,16 @@ pub async fn run(
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
             .run(statefulset::reconcile, error_policy, ctx.clone());
+    let claim_controller = Controller::for_shared_stream(pvcs.subscribe(), pvcs.store.clone())
+        .watches_shared_stream(pvs.subscribe(), |v| volume::claim_of_volume(&v))
+        .with_config(cfg.clone())
+        .graceful_shutdown_on(stop())
+        .run(volume::reconcile_claim, error_policy, ctx.clone());
+    let volume_controller = Controller::for_shared_stream(pvs.subscribe(), pvs.store.clone())
+        .watches_shared_stream(pvcs.subscribe(), |c| volume::volume_of_claim(&c))
+        .with_config(cfg.clone())
+        .graceful_shutdown_on(stop())
+        .run(volume::reconcile_volume, error_policy, ctx.clone());
     let node_controller = Controller::for_shared_stream(nodes.subscribe(), nodes.store.clone())
         .watches_shared_stream(leases.subscribe(), |l: Arc<Lease>| {
             (l.metadata.namespace.as_deref() == Some("kube-node-lease")).then(|| {
@@ -375,6 +398,9 @@ pub async fn run(
         cronjobs.start(Api::all(client.clone())),
         daemonsets.start(Api::all(client.clone())),
         statefulsets.start(Api::all(client.clone())),
+        pvcs.start(Api::all(client.clone())),
+        pvs.start(Api::all(client.clone())),
+        storageclasses.start(Api::all(client.clone())),
         nodes.start(Api::all(client.clone())),
         leases.start(Api::all(client.clone())),
         endpointslices.start(Api::all(client.clone())),
@@ -396,6 +422,8 @@ pub async fn run(
         drain("cronjob", cronjob_controller),
         drain("daemonset", daemonset_controller),
         drain("statefulset", statefulset_controller),
+        drain("persistentvolumeclaim", claim_controller),
+        drain("persistentvolume", volume_controller),
         drain("nodelifecycle", node_controller),
         drain("disruption", pdb_controller),
         drain("resourcequota", quota_controller),

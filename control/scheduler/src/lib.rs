@@ -6,7 +6,9 @@
 //! ## How a pod is placed
 //! 1. **Filter** ([`plugins::filter`]): the node is Ready and schedulable, the pod
 //!    tolerates its taints, matches its `nodeSelector` and required node affinity, and the
-//!    node has room (CPU and memory requests against allocatable, and the pod count).
+//!    node has room (CPU and memory requests against allocatable, and the pod count);
+//!    the pod's claims are read first ([`volumes`]): a bound volume pinned to a node
+//!    keeps the pod there, and a claim waiting for its first pod is told the node picked.
 //! 2. **Score** ([`plugins::score`]): least-allocated plus spreading the replicas of one
 //!    owner across nodes; ties go round-robin.
 //! 3. **Assume and bind**: the pod is counted on the node in the [`cache`] before the
@@ -23,6 +25,7 @@
 
 pub mod cache;
 pub mod plugins;
+pub mod volumes;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,7 +35,7 @@ use std::time::Duration;
 use baton_kube::events::{EventType, Recorder};
 use baton_kube::pod;
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, NodeSelector, Pod};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::watcher::{self, watcher, Event};
@@ -57,6 +60,12 @@ pub enum Error {
     Bind {
         pod: String,
         node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("reading or writing the claims of {pod}")]
+    Claims {
+        pod: String,
         #[source]
         source: kube::Error,
     },
@@ -203,7 +212,7 @@ enum Decision {
     Nowhere(String),
 }
 
-fn decide(ctx: &Context, p: &Pod) -> Decision {
+fn decide(ctx: &Context, p: &Pod, volume_terms: &[NodeSelector]) -> Decision {
     let (cpu_millis, memory) = pod::requests(p);
     let owner = pod::controller_of(&p.metadata).map(|o| o.uid.clone());
     let d = Demand {
@@ -211,6 +220,7 @@ fn decide(ctx: &Context, p: &Pod) -> Decision {
         cpu_millis,
         memory,
         owner,
+        volume_terms,
     };
     let mut cache = lock(&ctx.cache);
     let most_of_owner = d
@@ -269,8 +279,26 @@ pub async fn reconcile(p: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> 
     let ns = p.namespace().unwrap_or_default();
     let name = p.name_any();
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    match decide(&ctx, &p) {
+    let claims = volumes::claims(&ctx.client, &p)
+        .await
+        .map_err(|source| Error::Claims {
+            pod: format!("{ns}/{name}"),
+            source,
+        })?;
+    let decision = match &claims {
+        Ok(c) => decide(&ctx, &p, &c.node_terms),
+        Err(message) => Decision::Nowhere(message.clone()),
+    };
+    match decision {
         Decision::Node(node) => {
+            let waiting = claims.map(|c| c.waiting).unwrap_or_default();
+            if let Err(source) = volumes::select_node(&ctx.client, &ns, &waiting, &node).await {
+                lock(&ctx.cache).forget_pod(&uid);
+                return Err(Error::Claims {
+                    pod: format!("{ns}/{name}"),
+                    source,
+                });
+            }
             let binding = json!({
                 "apiVersion": "v1", "kind": "Binding",
                 "metadata": {"name": name, "namespace": ns, "uid": uid},

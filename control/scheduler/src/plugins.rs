@@ -14,6 +14,7 @@ pub enum Unfit {
     NotReady,
     Unschedulable,
     Selector,
+    VolumeNodeAffinity,
     Taint(String),
     Cpu,
     Memory,
@@ -26,6 +27,7 @@ impl Unfit {
             Unfit::NotReady => "node(s) were not ready".into(),
             Unfit::Unschedulable => "node(s) were unschedulable".into(),
             Unfit::Selector => "node(s) didn't match Pod's node affinity/selector".into(),
+            Unfit::VolumeNodeAffinity => "node(s) had volume node affinity conflict".into(),
             Unfit::Taint(t) => format!("node(s) had untolerated taint {{{t}}}"),
             Unfit::Cpu => "Insufficient cpu".into(),
             Unfit::Memory => "Insufficient memory".into(),
@@ -54,6 +56,8 @@ pub struct Demand<'a> {
     pub cpu_millis: u64,
     pub memory: u64,
     pub owner: Option<String>,
+    /// Where the pod's volumes are (each must match the node).
+    pub volume_terms: &'a [k8s_openapi::api::core::v1::NodeSelector],
 }
 
 fn node_ready(info: &NodeInfo) -> bool {
@@ -116,6 +120,14 @@ pub fn filter(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>) -> Result<
     }
     if spec.and_then(|s| s.unschedulable) == Some(true) {
         return Err(Unfit::Unschedulable);
+    }
+    let volumes_here = d.volume_terms.iter().all(|sel| {
+        sel.node_selector_terms
+            .iter()
+            .any(|t| selector::matches_term(t, &info.node))
+    });
+    if !volumes_here {
+        return Err(Unfit::VolumeNodeAffinity);
     }
     if !matches_selector_and_affinity(d, info) {
         return Err(Unfit::Selector);
@@ -191,6 +203,7 @@ mod tests {
             cpu_millis: 0,
             memory: 0,
             owner: None,
+            volume_terms: &[],
         };
         assert_eq!(
             filter(&d, &node("a", json!({})), None),
@@ -202,6 +215,7 @@ mod tests {
             cpu_millis: 1500,
             memory: 0,
             owner: None,
+            volume_terms: &[],
         };
         assert_eq!(filter(&d, &node("a", json!({})), None), Err(Unfit::Cpu));
         let tainted = node(
@@ -213,6 +227,7 @@ mod tests {
             cpu_millis: 0,
             memory: 0,
             owner: None,
+            volume_terms: &[],
         };
         assert_eq!(filter(&d, &tainted, None), Err(Unfit::Taint("k: v".into())));
         let full = Usage {
@@ -238,6 +253,7 @@ mod tests {
             cpu_millis: 0,
             memory: 0,
             owner: Some("rs".into()),
+            volume_terms: &[],
         };
         let mut busy = Usage::default();
         busy.by_owner.insert("rs".into(), 1);

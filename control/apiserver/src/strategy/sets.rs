@@ -171,9 +171,34 @@ const STATEFULSET_MUTABLE: &[&str] = &[
     "minReadySeconds",
 ];
 
+/// The StatefulSet with each claim template as a volume of its pod template, as its
+/// pods will have them: what the pod template's mounts are checked against.
+fn with_claim_volumes(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    let names: Vec<Value> = obj
+        .pointer("/spec/volumeClaimTemplates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|t| json!(s(t, "/metadata/name")))
+        .collect();
+    if let Some(spec) = o
+        .pointer_mut("/spec/template/spec")
+        .and_then(Value::as_object_mut)
+    {
+        let volumes = spec.entry("volumes").or_insert(json!([]));
+        if let Some(vs) = volumes.as_array_mut() {
+            for n in names {
+                vs.push(json!({"name": n, "persistentVolumeClaim": {"claimName": n}}));
+            }
+        }
+    }
+    o
+}
+
 impl Strategy for StatefulSets {
     fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
-        validation::selector_matches_template(obj, errs);
+        validation::selector_matches_template(&with_claim_volumes(obj), errs);
         restarts_always(obj, errs);
         non_negative(obj, "/spec/replicas", "spec.replicas", errs);
         non_negative(obj, "/spec/minReadySeconds", "spec.minReadySeconds", errs);
