@@ -952,13 +952,16 @@ spec:
           valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
         volumeMounts:
         - {{name: data, mountPath: /data}}
+      - name: echo
+        image: {echo}
   volumeClaimTemplates:
   - metadata: {{name: data}}
     spec:
       accessModes: [ReadWriteOnce]
       resources: {{requests: {{storage: 1Gi}}}}
 "#,
-        image = guest("hello")
+        image = guest("hello"),
+        echo = guest("tcp-echo"),
     );
     b.ok_with("kubectl", &["apply", "-f", "-"], Some(&manifest));
     wait_for(&b, 120, "two ready replicas", || {
@@ -999,6 +1002,31 @@ spec:
     });
     let logs = b.ok(&["logs", "db-0"]);
     assert!(logs.contains("state found: db-0"), "{logs}");
+
+    // Each replica has a name of its own under the headless Service.
+    let client = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: db-client
+spec:
+  restartPolicy: Never
+  containers:
+  - name: client
+    image: {client}
+    env:
+    - {{name: TARGET, value: db-1.db.default.svc.cluster.local}}
+    - {{name: PORT, value: "7000"}}
+"#,
+        client = guest("tcp-client")
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&client));
+    b.ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Succeeded",
+        "pod/db-client",
+        "--timeout=60s",
+    ]);
 
     // Scaling down removes the highest replica; its claim stays for a later scale-up.
     b.ok(&["scale", "sts", "db", "--replicas=1"]);

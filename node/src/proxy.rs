@@ -15,7 +15,9 @@
 //! ## Names
 //! [`Services::resolver`] gives a pod's name resolver: `svc` (in the pod's namespace),
 //! `svc.ns`, `svc.ns.svc` and `svc.ns.svc.cluster.local` resolve to the Service's address,
-//! and so does its ClusterIP; other names go to the host's resolver.
+//! and so does its ClusterIP; a headless Service's names resolve to a ready pod's address,
+//! and `pod.svc…` (a pod whose hostname is `pod` and subdomain `svc`, as a StatefulSet's
+//! are) to that pod's. Other names go to the host's resolver.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -47,6 +49,10 @@ struct Entry {
     ports: Vec<Port>,
     /// Ready endpoints per port name.
     endpoints: HashMap<String, Vec<SocketAddr>>,
+    /// Ready endpoint addresses, whatever the ports (a headless Service may have none).
+    addresses: Vec<IpAddr>,
+    /// Ready endpoints that have a hostname under the Service (a StatefulSet's pods).
+    hostnames: HashMap<String, IpAddr>,
 }
 
 #[derive(Debug, Default)]
@@ -83,17 +89,30 @@ fn resolve(table: &Table, pod_ns: &str, name: &str) -> Option<IpAddr> {
         return table.by_cluster_ip.get(&ip).map(|l| IpAddr::V4(*l));
     }
     let parts: Vec<&str> = name.split('.').collect();
-    let (svc, ns) = match parts.as_slice() {
-        [svc] => (*svc, pod_ns),
-        [svc, ns] | [svc, ns, "svc"] | [svc, ns, "svc", "cluster", "local"] => (*svc, *ns),
+    let service = match parts.as_slice() {
+        [svc] => Some((*svc, pod_ns)),
+        [svc, ns] | [svc, ns, "svc"] | [svc, ns, "svc", "cluster", "local"] => Some((*svc, *ns)),
+        _ => None,
+    };
+    if let Some(e) =
+        service.and_then(|(svc, ns)| table.services.get(&(ns.to_string(), svc.to_string())))
+    {
+        return match e.local_ip {
+            Some(ip) => Some(IpAddr::V4(ip)),
+            // Headless: a ready endpoint's own address.
+            None => e.addresses.first().copied(),
+        };
+    }
+    // `<host>.<svc>[.<ns>[.svc[.cluster.local]]]`: one pod under a Service.
+    let (host, svc, ns) = match parts.as_slice() {
+        [host, svc] => (*host, *svc, pod_ns),
+        [host, svc, ns] | [host, svc, ns, "svc"] | [host, svc, ns, "svc", "cluster", "local"] => {
+            (*host, *svc, *ns)
+        }
         _ => return None,
     };
     let e = table.services.get(&(ns.to_string(), svc.to_string()))?;
-    match e.local_ip {
-        Some(ip) => Some(IpAddr::V4(ip)),
-        // Headless: a ready endpoint's own address.
-        None => e.endpoints.values().flatten().next().map(|a| a.ip()),
-    }
+    e.hostnames.get(host).copied()
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -255,6 +274,8 @@ impl Services {
                     local_ip,
                     ports,
                     endpoints: HashMap::new(),
+                    addresses: Vec::new(),
+                    hostnames: HashMap::new(),
                 },
             );
         }
@@ -268,6 +289,18 @@ impl Services {
             let Some(entry) = table.services.get_mut(&(ns, svc)) else {
                 continue;
             };
+            for e in &slice.endpoints {
+                if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    continue;
+                }
+                let Some(ip) = e.addresses.iter().find_map(|a| a.parse::<IpAddr>().ok()) else {
+                    continue;
+                };
+                entry.addresses.push(ip);
+                if let Some(h) = &e.hostname {
+                    entry.hostnames.insert(h.to_ascii_lowercase(), ip);
+                }
+            }
             for p in slice.ports.iter().flatten() {
                 let (Some(port), name) = (
                     p.port.and_then(|p| u16::try_from(p).ok()),
@@ -364,5 +397,29 @@ mod tests {
         );
         assert_eq!(resolve(&t, "other", "10.96.1.7"), want);
         assert_eq!(resolve(&t, "other", "example.com"), None);
+    }
+
+    #[test]
+    fn a_headless_services_pods_resolve_by_hostname() {
+        let mut t = Table::default();
+        let db0 = IpAddr::from([127, 128, 0, 5]);
+        let db1 = IpAddr::from([127, 128, 0, 6]);
+        t.services.insert(
+            ("shop".into(), "db".into()),
+            Entry {
+                addresses: vec![db0, db1],
+                hostnames: HashMap::from([("db-0".into(), db0), ("db-1".into(), db1)]),
+                ..Default::default()
+            },
+        );
+        assert_eq!(resolve(&t, "shop", "db"), Some(db0));
+        assert_eq!(resolve(&t, "shop", "db-1.db"), Some(db1));
+        assert_eq!(resolve(&t, "other", "db-1.db.shop"), Some(db1));
+        assert_eq!(
+            resolve(&t, "other", "DB-0.db.shop.svc.cluster.local."),
+            Some(db0)
+        );
+        assert_eq!(resolve(&t, "shop", "db-2.db"), None);
+        assert_eq!(resolve(&t, "shop", "db-0.web"), None);
     }
 }

@@ -107,12 +107,24 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error
         .map(|p| {
             let terminating = p.metadata.deletion_timestamp.is_some();
             let ready = pod::is_ready(p) && !terminating;
-            json!({
+            let mut e = json!({
                 "addresses": [p.status.as_ref().and_then(|s| s.pod_ip.clone())],
                 "conditions": {"ready": ready, "serving": pod::is_ready(p), "terminating": terminating},
                 "nodeName": p.spec.as_ref().and_then(|s| s.node_name.clone()),
                 "targetRef": {"kind": "Pod", "namespace": ns, "name": p.name_any(), "uid": p.uid()},
-            })
+            });
+            // A pod whose subdomain is this Service is named under it
+            // (`<hostname>.<service>.<ns>.svc.cluster.local`), as a StatefulSet's are.
+            let spec = p.spec.as_ref();
+            if let (Some(host), Some(sub)) = (
+                spec.and_then(|s| s.hostname.as_deref()),
+                spec.and_then(|s| s.subdomain.as_deref()),
+            ) {
+                if sub == name {
+                    e["hostname"] = json!(host);
+                }
+            }
+            e
         })
         .collect();
     let desired = json!({
