@@ -1036,4 +1036,26 @@ spec:
     });
     let claims = b.ok(&["get", "pvc", "data-db-1"]);
     assert!(claims.contains("Bound"), "{claims}");
+
+    // A claim in use is kept until its pod is gone; then its volume and data go.
+    let in_use_pv = jsonpath(&b, &["pvc", "data-db-0"], "{.spec.volumeName}");
+    b.ok(&["delete", "pvc", "data-db-0", "--wait=false"]);
+    let kept = jsonpath(&b, &["pvc", "data-db-0"], "{.metadata.finalizers}");
+    assert!(kept.contains("kubernetes.io/pvc-protection"), "{kept}");
+    let pv = jsonpath(&b, &["pvc", "data-db-1"], "{.spec.volumeName}");
+    let data = b.dir.path().join("data/node/local-volumes").join(&pv);
+    assert!(
+        data.join("state").exists(),
+        "{} has no state",
+        data.display()
+    );
+    b.ok(&["delete", "pvc", "data-db-1"]);
+    wait_for(&b, 90, "the released volume and its data gone", || {
+        let left = b.ok(&["get", "pv", "-o", "name"]);
+        (!left.contains(&pv) && !data.exists()).then_some(())
+    });
+    assert!(
+        b.ok(&["get", "pv", "-o", "name"]).contains(&in_use_pv),
+        "the volume of a claim in use went"
+    );
 }

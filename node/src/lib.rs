@@ -8,7 +8,9 @@
 //!   [`status`]);
 //! - runs the containers through the [`sandbox::Sandbox`] seam: Wasm components in
 //!   wasmtime ([`sandbox::WasmSandboxes`]), or scripted ones for tests ([`fake`]);
-//! - resolves ConfigMaps, Secrets and the downward API for the sandbox ([`config`]);
+//! - resolves ConfigMaps, Secrets, the downward API and claimed volumes for the sandbox
+//!   ([`config`]), and removes local volumes' data once their volume is gone
+//!   ([`volumes`]);
 //! - hands each pod a loopback address of its own ([`ipam`]);
 //! - probes containers ([`probe`]);
 //! - serves container logs to the API server over mutually authenticated TLS ([`server`]);
@@ -32,6 +34,7 @@ pub mod register;
 pub mod sandbox;
 pub mod server;
 pub mod status;
+pub mod volumes;
 pub mod worker;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -151,6 +154,9 @@ struct Handle {
     updates: watch::Sender<Option<Arc<Pod>>>,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// How often the data of deleted local volumes is looked for.
+const VOLUME_SWEEP: Duration = Duration::from_secs(30);
 
 /// Runs the node agent until `shutdown` completes.
 pub async fn run(
@@ -288,6 +294,20 @@ pub async fn run(
             }
         })
     };
+    // Local volumes' data goes some time after their PersistentVolume.
+    let volume_gc = {
+        let client = client.clone();
+        let dir = shared.local_volumes();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(VOLUME_SWEEP);
+            loop {
+                tick.tick().await;
+                if let Err(e) = volumes::sweep(&client, &dir).await {
+                    tracing::warn!(error = %e, "local volume sweep failed");
+                }
+            }
+        })
+    };
     let pods: Api<Pod> = Api::all(client);
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.name));
     let mut events = watcher(pods, wc).default_backoff().boxed();
@@ -349,6 +369,7 @@ pub async fn run(
     proxy.abort();
     kubelet.abort();
     image_gc.abort();
+    volume_gc.abort();
     for (_, h) in workers.drain() {
         h.task.abort();
     }

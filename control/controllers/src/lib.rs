@@ -354,6 +354,7 @@ pub async fn run(
             .run(statefulset::reconcile, error_policy, ctx.clone());
     let claim_controller = Controller::for_shared_stream(pvcs.subscribe(), pvcs.store.clone())
         .watches_shared_stream(pvs.subscribe(), |v| volume::claim_of_volume(&v))
+        .watches_shared_stream(pods.subscribe(), |p| volume::claims_of_pod(&p))
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())
         .run(volume::reconcile_claim, error_policy, ctx.clone());

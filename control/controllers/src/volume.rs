@@ -14,6 +14,8 @@
 //!   node: with `WaitForFirstConsumer` (the `local` class), the node the scheduler picked
 //!   for the claim's first pod (`volume.kubernetes.io/selected-node`); with `Immediate`,
 //!   the first Ready node.
+//! - A claim being deleted keeps its `kubernetes.io/pvc-protection` finalizer while a pod
+//!   that has not finished uses it, so its volume is never taken from a running pod.
 //! - A bound volume whose claim is gone is deleted under the `Delete` reclaim policy (its
 //!   directory stays on the node until the node cleans it), or marked `Released` under
 //!   `Retain`.
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_kube::events::EventType;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -36,6 +38,8 @@ use crate::Ctx;
 pub const LOCAL_PROVISIONER: &str = "baton.dev/local";
 /// Where the scheduler writes the node a waiting claim's first pod goes to.
 pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+/// The finalizer that keeps a claim while pods use it (the API server adds it).
+pub const CLAIM_PROTECTION: &str = "kubernetes.io/pvc-protection";
 /// The path prefix nodes read as their own local volume directory.
 pub const LOCAL_PREFIX: &str = "/baton-local/";
 
@@ -104,14 +108,39 @@ pub async fn reconcile_claim(
             source,
         }
     };
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     if claim.metadata.deletion_timestamp.is_some() {
+        let protected = claim
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == CLAIM_PROTECTION);
+        if protected && !in_use(&ctx, &ns, &name) {
+            let rest: Vec<&String> = claim
+                .metadata
+                .finalizers
+                .iter()
+                .flatten()
+                .filter(|f| *f != CLAIM_PROTECTION)
+                .collect();
+            let patch = json!({"metadata": {"finalizers": rest,
+                "resourceVersion": claim.metadata.resource_version}});
+            match claims
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                Err(e) => return Err(err("lifting its protection")(e)),
+            }
+        }
         return Ok(Action::await_change());
     }
     let phase = claim.status.as_ref().and_then(|s| s.phase.as_deref());
     if phase == Some("Bound") {
         return Ok(Action::await_change());
     }
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let uid = claim.uid().unwrap_or_default();
     let named = claim
@@ -348,6 +377,33 @@ pub async fn reconcile_volume(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Resul
     Ok(Action::await_change())
 }
 
+/// Whether a pod that has not finished uses claim `name` of `ns`.
+fn in_use(ctx: &Ctx, ns: &str, name: &str) -> bool {
+    ctx.pods.state().iter().any(|p| {
+        p.metadata.namespace.as_deref() == Some(ns)
+            && !baton_kube::pod::is_terminal(p)
+            && claims_of(p).any(|c| c == name)
+    })
+}
+
+fn claims_of(p: &Pod) -> impl Iterator<Item = &str> {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.persistent_volume_claim.as_ref())
+        .map(|c| c.claim_name.as_str())
+}
+
+/// The claims a pod uses: a pod that goes may free a claim being deleted.
+pub fn claims_of_pod(p: &Pod) -> Vec<ObjectRef<PersistentVolumeClaim>> {
+    let ns = p.metadata.namespace.clone().unwrap_or_default();
+    claims_of(p)
+        .map(|c| ObjectRef::new(c).within(&ns))
+        .collect()
+}
+
 /// The volume of a claim that changed (a deleted claim releases its volume).
 pub fn volume_of_claim(c: &PersistentVolumeClaim) -> Option<ObjectRef<PersistentVolume>> {
     let name = c.spec.as_ref()?.volume_name.clone()?;
@@ -432,5 +488,33 @@ mod tests {
         assert_eq!(writes[0], "PATCH /api/v1/persistentvolumes/small");
         assert!(writes
             .contains(&"PATCH /api/v1/namespaces/default/persistentvolumeclaims/data".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_claim_in_use_keeps_its_protection_until_its_pod_is_done() {
+        let mut w = World::new();
+        let deleting = claim(json!({"deletionTimestamp": "2026-12-03T00:00:00Z",
+                                    "finalizers": [CLAIM_PROTECTION, "example.com/keep"]}));
+        let mut user = json!({"metadata": {"name": "db-0", "namespace": "default", "uid": "p"},
+            "spec": {"containers": [{"name": "c"}],
+                     "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]},
+            "status": {"phase": "Running"}});
+        w.pod(user.clone());
+        reconcile_claim(Arc::new(deleting.clone()), w.ctx.clone())
+            .await
+            .unwrap();
+        assert!(w.api.writes().is_empty(), "{:?}", w.api.writes());
+
+        user["status"]["phase"] = json!("Succeeded");
+        w.pod(user);
+        reconcile_claim(Arc::new(deleting), w.ctx.clone())
+            .await
+            .unwrap();
+        let calls = w.api.write_calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            calls[0].body["metadata"]["finalizers"],
+            json!(["example.com/keep"])
+        );
     }
 }

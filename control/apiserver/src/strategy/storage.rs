@@ -15,6 +15,9 @@ pub struct PersistentVolumes;
 #[derive(Debug)]
 pub struct PersistentVolumeClaims;
 
+/// The finalizer that keeps a claim while pods use it.
+pub const CLAIM_PROTECTION: &str = "kubernetes.io/pvc-protection";
+
 /// The annotation that makes a StorageClass the one claims without a class get.
 pub const DEFAULT_CLASS: &str = "storageclass.kubernetes.io/is-default-class";
 
@@ -326,8 +329,18 @@ impl Strategy for PersistentVolumeClaims {
         }
     }
 
+    /// Defaults, and the protection finalizer kube-apiserver's
+    /// StorageObjectInUseProtection adds: the claim outlives the pods that use it (the
+    /// volume controller lifts it once none does).
     fn prepare_create(&self, o: &mut Value) {
         default_claim(o);
+        let meta = obj_mut(o, "metadata");
+        let finalizers = meta.entry("finalizers").or_insert(json!([]));
+        if let Some(f) = finalizers.as_array_mut() {
+            if !f.iter().any(|x| x == CLAIM_PROTECTION) {
+                f.push(json!(CLAIM_PROTECTION));
+            }
+        }
         o["status"] = json!({"phase": "Pending"});
     }
 
