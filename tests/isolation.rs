@@ -204,6 +204,47 @@ fn pod_specs_cannot_name_node_paths() {
         w.starts_with("CreateContainerConfigError").then_some(w)
     });
     assert!(why.contains("allows no hostPath volumes"), "{why}");
+    // So is a node path reached through a claim: a PersistentVolume naming /etc, or a
+    // local volume path that is not one directory of the node's own.
+    let err = b.fails(
+        &["apply", "-f", "-"],
+        Some(r#"{"apiVersion":"v1","kind":"PersistentVolume","metadata":{"name":"up"},"spec":{"capacity":{"storage":"1Gi"},"accessModes":["ReadWriteOnce"],"local":{"path":"/baton-local/../../etc"}}}"#),
+    );
+    assert!(err.contains("spec.local.path"), "{err}");
+    for (name, source) in [
+        ("etc", r#"{"hostPath":{"path":"/etc"}}"#),
+        ("deep", r#"{"local":{"path":"/baton-local/a/b"}}"#),
+    ] {
+        let pv = format!(
+            r#"{{"apiVersion":"v1","kind":"PersistentVolume","metadata":{{"name":"{name}"}},"spec":{{"capacity":{{"storage":"1Gi"}},"accessModes":["ReadWriteOnce"],"storageClassName":"","claimRef":{{"namespace":"default","name":"{name}"}},{}}}}}"#,
+            &source[1..source.len() - 1]
+        );
+        b.ok_with("kubectl", &["apply", "-f", "-"], Some(&pv));
+        let pvc = format!(
+            r#"{{"apiVersion":"v1","kind":"PersistentVolumeClaim","metadata":{{"name":"{name}"}},"spec":{{"storageClassName":"","volumeName":"{name}","accessModes":["ReadWriteOnce"],"resources":{{"requests":{{"storage":"1Gi"}}}}}}}}"#
+        );
+        b.ok_with("kubectl", &["apply", "-f", "-"], Some(&pvc));
+        b.ok_with(
+            "kubectl",
+            &["apply", "-f", "-"],
+            Some(&pod(
+                &format!("claim-{name}"),
+                &format!(
+                    "  containers: [{{name: c, image: {hello}, volumeMounts: [{{name: v, mountPath: /v}}]}}]\n  volumes: [{{name: v, persistentVolumeClaim: {{claimName: {name}}}}}]\n"
+                ),
+            )),
+        );
+    }
+    let why = wait_for(&b, 60, "a claimed /etc refused", || {
+        let w = waiting(&b, "claim-etc");
+        w.starts_with("CreateContainerConfigError").then_some(w)
+    });
+    assert!(why.contains("allows no hostPath volumes"), "{why}");
+    let why = wait_for(&b, 60, "a deep local path refused", || {
+        let w = waiting(&b, "claim-deep");
+        w.starts_with("CreateContainerConfigError").then_some(w)
+    });
+    assert!(why.contains("must name one directory"), "{why}");
     assert!(metrics(&b).contains("baton_sandbox_pods 0"));
 }
 
