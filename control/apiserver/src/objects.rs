@@ -44,11 +44,13 @@ pub(crate) fn decode(kv: &KeyValue) -> ApiResult<Value> {
     Ok(v)
 }
 
-/// An object read through `res`: stored as the resource's storage version, it is shown
-/// as the version asked (CRD versions convert with `None`: only `apiVersion` changes).
+/// An object read through `res`: stored as the resource's storage version (and group), it
+/// is shown as the version asked (CRD versions convert with `None`: only `apiVersion`
+/// changes; events.k8s.io Events rename their fields).
 pub(crate) fn decode_as(kv: &KeyValue, res: &Resource) -> ApiResult<Value> {
     let mut v = decode(kv)?;
-    if res.version != res.storage_version {
+    if res.converts() {
+        res.strategy.from_storage(&mut v);
         v["apiVersion"] = Value::String(res.api_version());
     }
     Ok(v)
@@ -59,7 +61,8 @@ pub(crate) fn encode(obj: &Value, res: &Resource) -> ApiResult<Vec<u8>> {
     if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("resourceVersion");
     }
-    if res.version != res.storage_version {
+    if res.converts() {
+        res.strategy.to_storage(&mut obj);
         obj["apiVersion"] = Value::String(res.stored_api_version());
     }
     serde_json::to_vec(&obj).map_err(ApiError::internal)

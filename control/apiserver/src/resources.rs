@@ -58,6 +58,10 @@ pub struct Resource {
     /// The version objects are stored as (the CRD's storage version); every version of a
     /// resource shares its store keys, and reads present objects as the version asked.
     pub storage_version: String,
+    /// The group objects are stored under and as: the resource's own, but for a resource
+    /// that is another group's objects in another form (events.k8s.io Events are core
+    /// Events); its strategy converts between the forms.
+    pub storage_group: String,
     /// The uid and generation of the CRD that defined it ("" for built-ins): it names
     /// the OpenAPI document's content for clients' caches.
     pub definition_id: String,
@@ -98,10 +102,10 @@ impl Resource {
 
     /// Store prefix of all objects of this resource.
     pub fn key_prefix(&self) -> String {
-        let g = if self.group.is_empty() {
+        let g = if self.storage_group.is_empty() {
             "core"
         } else {
-            &self.group
+            &self.storage_group
         };
         format!("/registry/{g}/{}/", self.plural)
     }
@@ -136,7 +140,12 @@ impl Resource {
 
     /// The apiVersion objects are stored with.
     pub fn stored_api_version(&self) -> String {
-        gv(&self.group, &self.storage_version)
+        gv(&self.storage_group, &self.storage_version)
+    }
+
+    /// Whether objects are stored in another form than this resource shows.
+    pub fn converts(&self) -> bool {
+        self.version != self.storage_version || self.group != self.storage_group
     }
 
     /// Checks a body against the resource's type and returns its typed form, with the
@@ -170,6 +179,13 @@ macro_rules! resource {
     ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $ns:expr, $ty:ty,
      short = [$($short:expr),*], cat = [$($cat:expr),*], sub = [$($sub:expr),*],
      strategy = $strategy:expr) => {
+        resource!($group, $version, $kind, $plural, $singular, $ns, $ty,
+            short = [$($short),*], cat = [$($cat),*], sub = [$($sub),*],
+            strategy = $strategy, stored_in = ($group, $version))
+    };
+    ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $ns:expr, $ty:ty,
+     short = [$($short:expr),*], cat = [$($cat:expr),*], sub = [$($sub:expr),*],
+     strategy = $strategy:expr, stored_in = ($sgroup:expr, $sversion:expr)) => {
         Arc::new(Resource {
             group: $group.into(),
             version: $version.into(),
@@ -180,7 +196,8 @@ macro_rules! resource {
             short_names: vec![$($short.into()),*],
             categories: vec![$($cat.into()),*],
             subresources: vec![$($sub.into()),*],
-            storage_version: $version.into(),
+            storage_version: $sversion.into(),
+            storage_group: $sgroup.into(),
             definition_id: String::new(),
             body: Body::Typed { check: roundtrip::<$ty>, schema: schema_of::<$ty> },
             strategy: Arc::new($strategy),
@@ -312,6 +329,20 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         cat = [],
         sub = [],
         strategy = strategy::Events
+    ),
+    resource!(
+        "events.k8s.io",
+        "v1",
+        "Event",
+        "events",
+        "event",
+        true,
+        k8s_openapi::api::events::v1::Event,
+        short = ["ev"],
+        cat = [],
+        sub = [],
+        strategy = strategy::EventsV1,
+        stored_in = ("", "v1")
     ),
     resource!(
         "apps",

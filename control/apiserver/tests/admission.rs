@@ -81,6 +81,7 @@ async fn limit_ranges_default_containers_and_hold_them_to_bounds() {
     )
     .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{got}");
+    e.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,4 +150,9 @@ async fn a_quota_is_charged_per_create_and_never_overrun() {
     assert_eq!(code, StatusCode::CREATED);
     let (_, q) = e.json("GET", &format!("{QUOTAS}/q"), None).await;
     assert!(q["status"]["used"].get("count/configmaps").is_none(), "{q}");
+    std::sync::Arc::try_unwrap(e)
+        .ok()
+        .expect("the tasks are done")
+        .close()
+        .await;
 }

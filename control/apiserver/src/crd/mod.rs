@@ -555,6 +555,7 @@ pub fn resources_of(crd: &Value, terminating: bool) -> Result<Vec<Arc<Resource>>
             categories: strings(names.get("categories")),
             subresources,
             storage_version: storage.clone(),
+            storage_group: group.clone(),
             definition_id: definition_id.clone(),
             body: Body::Schema(schema.clone()),
             strategy: Arc::new(CustomObjects {

@@ -8,6 +8,7 @@
 //! object uses [`Plain`].
 
 mod core;
+mod events;
 mod networking;
 mod platform;
 mod pod;
@@ -33,6 +34,7 @@ pub use self::core::{
     ConfigMaps, EndpointSlices, Endpoints, Events, Leases, Namespaces, Nodes, Secrets,
     ServiceAccounts,
 };
+pub use events::EventsV1;
 pub use networking::{IngressClasses, Ingresses, NetworkPolicies};
 pub use platform::{
     CertificateSigningRequests, ControllerRevisions, HorizontalPodAutoscalers,
@@ -254,6 +256,14 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     fn strategic_merge(&self) -> bool {
         true
     }
+
+    /// Rewrites an object read from the store into this resource's form, for a resource
+    /// that serves another group's stored objects (events.k8s.io/v1 Events are core/v1
+    /// Events).
+    fn from_storage(&self, _obj: &mut Value) {}
+
+    /// Rewrites an object of this resource into the form it is stored in.
+    fn to_storage(&self, _obj: &mut Value) {}
 
     /// The columns `kubectl get` shows.
     fn columns(&self) -> &[Column] {
