@@ -50,7 +50,7 @@ pub(crate) fn decode(kv: &KeyValue) -> ApiResult<Value> {
 pub(crate) fn decode_as(kv: &KeyValue, res: &Resource) -> ApiResult<Value> {
     let mut v = decode(kv)?;
     if res.converts() {
-        res.strategy.from_storage(&mut v);
+        res.strategy.stored_to_served(&mut v);
         v["apiVersion"] = Value::String(res.api_version());
     }
     Ok(v)
@@ -62,7 +62,7 @@ pub(crate) fn encode(obj: &Value, res: &Resource) -> ApiResult<Vec<u8>> {
         meta.remove("resourceVersion");
     }
     if res.converts() {
-        res.strategy.to_storage(&mut obj);
+        res.strategy.served_to_stored(&mut obj);
         obj["apiVersion"] = Value::String(res.stored_api_version());
     }
     serde_json::to_vec(&obj).map_err(ApiError::internal)

@@ -104,11 +104,11 @@ impl Strategy for EventsV1 {
         }
     }
 
-    fn from_storage(&self, obj: &mut Value) {
+    fn stored_to_served(&self, obj: &mut Value) {
         rename(obj, true);
     }
 
-    fn to_storage(&self, obj: &mut Value) {
+    fn served_to_stored(&self, obj: &mut Value) {
         rename(obj, false);
     }
 
@@ -126,13 +126,13 @@ mod tests {
         let core = json!({"involvedObject": {"kind": "Pod", "name": "p"}, "message": "hi",
                           "reason": "Started", "count": 3, "source": {"component": "kubelet"}});
         let mut v = core.clone();
-        EventsV1.from_storage(&mut v);
+        EventsV1.stored_to_served(&mut v);
         assert_eq!(v["regarding"]["name"], "p");
         assert_eq!(v["note"], "hi");
         assert_eq!(v["deprecatedCount"], 3);
         assert_eq!(v["deprecatedSource"]["component"], "kubelet");
         assert!(v.get("message").is_none());
-        EventsV1.to_storage(&mut v);
+        EventsV1.served_to_stored(&mut v);
         assert_eq!(v, core);
     }
 }

@@ -260,10 +260,10 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     /// Rewrites an object read from the store into this resource's form, for a resource
     /// that serves another group's stored objects (events.k8s.io/v1 Events are core/v1
     /// Events).
-    fn from_storage(&self, _obj: &mut Value) {}
+    fn stored_to_served(&self, _obj: &mut Value) {}
 
     /// Rewrites an object of this resource into the form it is stored in.
-    fn to_storage(&self, _obj: &mut Value) {}
+    fn served_to_stored(&self, _obj: &mut Value) {}
 
     /// The columns `kubectl get` shows.
     fn columns(&self) -> &[Column] {
