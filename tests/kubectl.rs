@@ -398,6 +398,21 @@ fn explain_reads_the_openapi_documents() {
         out.contains("KIND:") && out.contains("Deployment") && out.contains("apps"),
         "{out}"
     );
+    // The Swagger 2.0 document, which kubectl reads as protobuf.
+    let out = b.ok(&[
+        "explain",
+        "deployments.spec.strategy",
+        "--output=plaintext-openapiv2",
+    ]);
+    assert!(
+        out.contains("DeploymentStrategy") && out.contains("rollingUpdate"),
+        "{out}"
+    );
+    let out = b.ok(&["explain", "statefulsets", "--output=plaintext-openapiv2"]);
+    assert!(out.contains("StatefulSet"), "{out}");
+    let raw: Value = serde_json::from_str(&b.ok(&["get", "--raw", "/openapi/v2"])).unwrap();
+    assert_eq!(raw["swagger"], "2.0");
+    assert!(raw["definitions"]["io.k8s.api.batch.v1.CronJob"].is_object());
 }
 
 #[test]

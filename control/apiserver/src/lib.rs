@@ -40,6 +40,7 @@ pub mod jsonpath;
 pub mod managed;
 pub mod nodelink;
 pub mod objects;
+pub mod openapi_v2;
 pub mod patch;
 pub mod pki;
 pub mod protobuf;

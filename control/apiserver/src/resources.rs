@@ -724,6 +724,12 @@ pub fn builtin(kind: &str) -> &'static Arc<Resource> {
 pub struct Served(Arc<Vec<Arc<Resource>>>);
 
 impl Served {
+    /// Whether this is the very snapshot `other` is (nothing was served or withdrawn
+    /// between them).
+    pub fn same(&self, other: &Served) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     pub fn all(&self) -> impl Iterator<Item = &Arc<Resource>> {
         self.0.iter()
     }

@@ -342,6 +342,24 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
             return crate::nodelink::node_proxy(&api.objects, &api.pki, node, &rest.join("/"))
                 .await;
         }
+        ["openapi", "v2"] => {
+            let doc = crate::openapi_v2::cached(&served);
+            let accept = parts
+                .headers
+                .get(http::header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .unwrap_or("");
+            return if accept.contains("protobuf") {
+                (
+                    StatusCode::OK,
+                    [("content-type", crate::openapi_v2::PROTOBUF)],
+                    doc.1.clone(),
+                )
+                    .into_response()
+            } else {
+                json_ok(&doc.0)
+            };
+        }
         ["openapi", "v3"] => return json_ok(&discovery::openapi_index(&served)),
         ["openapi", "v3", "api", v] => {
             return discovery::openapi_doc(&served, "", v)
