@@ -487,33 +487,9 @@ fn placements(b: &Baton, selector: &str) -> Vec<(String, String)> {
 fn a_lost_nodes_pods_come_back_on_the_other_node() {
     let _serial = serial();
     let b = Baton::start_with(&["--node-monitor-grace", "3"]);
-    let mut n2 = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
-        // A Lease shorter than the control plane's 3 s grace, renewed every 0.5 s.
-        .args([
-            "node",
-            "--node-name",
-            "n2",
-            "--node-lease-duration",
-            "2",
-            "--kubeconfig",
-        ])
-        .arg(&b.kubeconfig)
-        .arg("--data-dir")
-        .arg(b.dir.path().join("n2"))
-        .arg("--local-images")
-        .arg(baton::guests_dir())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("baton node");
-    wait_for(&b, 60, "two Ready nodes", || {
-        let ready = jsonpath(
-            &b,
-            &["nodes"],
-            "{range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-        );
-        (ready.lines().filter(|s| *s == "True").count() == 2).then_some(())
-    });
+    // A Lease shorter than the control plane's 3 s grace, renewed every 0.5 s.
+    let mut n2 = second_node(&b, "n2", &["--node-lease-duration", "2"]);
+    two_ready_nodes(&b);
     let manifest = format!(
         r#"apiVersion: apps/v1
 kind: Deployment
@@ -543,8 +519,8 @@ spec:
         (ready_replicas(&b, "spread") == "4" && on_n2 > 0 && on_n2 < 4).then_some(())
     });
     // The node is lost without a word.
-    n2.kill().unwrap();
-    n2.wait().unwrap();
+    n2.0.kill().unwrap();
+    n2.0.wait().unwrap();
     wait_for(&b, 90, "every replica back, on the remaining node", || {
         let p = placements(&b, "app=spread");
         let all_local = p.len() == 4 && p.iter().all(|(_, n)| n == "local");
@@ -835,9 +811,22 @@ impl Drop for NodeProcess {
     }
 }
 
-fn second_node(b: &Baton, name: &str) -> NodeProcess {
+fn two_ready_nodes(b: &Baton) {
+    wait_for(b, 60, "two Ready nodes", || {
+        let ready = jsonpath(
+            b,
+            &["nodes"],
+            "{range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+        );
+        (ready.lines().filter(|s| *s == "True").count() == 2).then_some(())
+    });
+}
+
+fn second_node(b: &Baton, name: &str, extra: &[&str]) -> NodeProcess {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["node", "--node-name", name, "--kubeconfig"])
+        .args(["node", "--node-name", name])
+        .args(extra)
+        .arg("--kubeconfig")
         .arg(&b.kubeconfig)
         .arg("--data-dir")
         .arg(b.dir.path().join(name))
@@ -854,15 +843,8 @@ fn second_node(b: &Baton, name: &str) -> NodeProcess {
 fn a_daemonset_lands_on_both_nodes_and_follows_their_labels() {
     let _serial = serial();
     let b = Baton::start_cluster();
-    let _n2 = second_node(&b, "n2");
-    wait_for(&b, 60, "two Ready nodes", || {
-        let ready = jsonpath(
-            &b,
-            &["nodes"],
-            "{range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-        );
-        (ready.lines().filter(|s| *s == "True").count() == 2).then_some(())
-    });
+    let _n2 = second_node(&b, "n2", &[]);
+    two_ready_nodes(&b);
     let manifest = format!(
         r#"apiVersion: apps/v1
 kind: DaemonSet

@@ -5,6 +5,7 @@
 //! - **LimitRanger** (mutating, before validation): a container without requests or
 //!   limits gets its namespace's `defaultRequest` and `default`; then each container (or
 //!   the pod, or a claim) is held to the ranges' `min`, `max` and `maxLimitRequestRatio`.
+//! - **DefaultStorageClass** (mutating): a claim that names no class gets the default one.
 //! - **ResourceQuota** (last): what the new object uses ([`baton_kube::quota::usage`]) is
 //!   added to each matching quota's `status.used` with a compare-and-swap, and the create
 //!   is refused with 403 if that would pass `spec.hard`. Two API servers charging at once
@@ -320,9 +321,11 @@ pub(crate) async fn charge_quota(
     }
     let quotas_res = resources::builtin("ResourceQuota");
     let name = s(obj, "/metadata/name");
-    // Each quota on its own: a conflict (another charge meanwhile) reads it again.
+    // Which quotas there are, from the local store: most namespaces have none, and a
+    // create there costs no linearizable read. Each quota is then read at the latest
+    // revision and charged with a compare-and-swap; a conflict reads it again.
     let names: Vec<String> = objects
-        .list(quotas_res, Some(ns), ReadAt::Latest, 0, None, |_| true)
+        .list(quotas_res, Some(ns), ReadAt::Any, 0, None, |_| true)
         .await?
         .items
         .iter()

@@ -28,7 +28,7 @@ use k8s_openapi::api::core::v1::{
     PodSpec, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -213,15 +213,7 @@ pub async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Erro
     let hash = template_hash(&spec.template);
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
 
-    let owned: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            p.namespace().as_deref() == Some(ns.as_str())
-                && pod::controller_of(&p.metadata).is_some_and(|o| o.uid == uid)
-        })
-        .collect();
+    let owned = crate::owned_pods(&ctx, &ns, &uid);
     let mut by_node: BTreeMap<String, Vec<Arc<Pod>>> = BTreeMap::new();
     for p in &owned {
         if let Some(n) = node_of(p) {
@@ -404,26 +396,12 @@ pub async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Erro
         "updatedNumberScheduled": updated,
         "observedGeneration": ds.metadata.generation,
     });
-    let old = serde_json::to_value(&ds.status).unwrap_or_default();
-    let changed = status
-        .as_object()
-        .into_iter()
-        .flatten()
-        .any(|(k, v)| old.get(k).unwrap_or(&json!(0)) != v);
-    if changed {
-        let dss: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ns);
-        match dss
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "status": status })),
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
-            Err(e) => return Err(err("writing status")(e)),
-        }
+    let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ns);
+    if !crate::write_status(&api, &name, &ds.status, status)
+        .await
+        .map_err(err("writing status"))?
+    {
+        return Ok(Action::await_change());
     }
     // Readiness is watched through the pods; this is a safety net.
     Ok(Action::requeue(Duration::from_secs(300)))

@@ -94,15 +94,7 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
 
-    let owned: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            p.namespace().as_deref() == Some(ns.as_str())
-                && pod::controller_of(&p.metadata).is_some_and(|o| o.uid == uid)
-        })
-        .collect();
+    let owned = crate::owned_pods(&ctx, &ns, &uid);
     let active: Vec<&Arc<Pod>> = owned.iter().filter(|p| pod::is_active(p)).collect();
     let succeeded = owned
         .iter()

@@ -188,6 +188,54 @@ where
     }
 }
 
+/// The pods of namespace `ns` whose controller is the object with `uid`.
+pub(crate) fn owned_pods(ctx: &Ctx, ns: &str, uid: &str) -> Vec<Arc<Pod>> {
+    ctx.pods
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.metadata.namespace.as_deref() == Some(ns)
+                && baton_kube::pod::controller_of(&p.metadata).is_some_and(|o| o.uid == uid)
+        })
+        .collect()
+}
+
+/// Writes `status` to the status subresource of `name` as a merge patch, unless every
+/// field already has that value (an absent count is 0). `Ok(false)`: the object is gone.
+pub(crate) async fn write_status<K>(
+    api: &Api<K>,
+    name: &str,
+    current: &impl serde::Serialize,
+    status: serde_json::Value,
+) -> Result<bool, kube::Error>
+where
+    K: Clone + DeserializeOwned + Debug,
+{
+    let old = serde_json::to_value(current).unwrap_or_default();
+    let zero = serde_json::json!(0);
+    let changed = status
+        .as_object()
+        .into_iter()
+        .flatten()
+        .any(|(k, v)| old.get(k).unwrap_or(&zero) != v);
+    if !changed {
+        return Ok(true);
+    }
+    let patch = serde_json::json!({ "status": status });
+    match api
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn error_policy<K, E: std::fmt::Display>(_obj: Arc<K>, e: &E, _ctx: Arc<Ctx>) -> Action {
     tracing::warn!(error = %e, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(1))

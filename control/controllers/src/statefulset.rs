@@ -28,7 +28,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, Volume,
 };
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -155,15 +155,7 @@ pub async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action, E
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
 
-    let owned: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            p.namespace().as_deref() == Some(ns.as_str())
-                && pod::controller_of(&p.metadata).is_some_and(|o| o.uid == uid)
-        })
-        .collect();
+    let owned = crate::owned_pods(&ctx, &ns, &uid);
     let mut by_ordinal: BTreeMap<i32, Arc<Pod>> = BTreeMap::new();
     let mut strays = Vec::new();
     for p in &owned {
@@ -362,26 +354,12 @@ pub async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action, E
         "updateRevision": hash,
         "observedGeneration": set.metadata.generation,
     });
-    let old = serde_json::to_value(&set.status).unwrap_or_default();
-    let changed = status
-        .as_object()
-        .into_iter()
-        .flatten()
-        .any(|(k, v)| old.get(k).unwrap_or(&json!(0)) != v);
-    if changed {
-        let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
-        match sets
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "status": status })),
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
-            Err(e) => return Err(err("writing status")(e)),
-        }
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    if !crate::write_status(&api, &name, &set.status, status)
+        .await
+        .map_err(err("writing status"))?
+    {
+        return Ok(Action::await_change());
     }
     Ok(Action::requeue(Duration::from_secs(300)))
 }

@@ -2,6 +2,7 @@
 
 use serde_json::{json, Value};
 
+use super::workloads::{containers, images, selector};
 use super::{age, name, Column, Strategy};
 use crate::defaults::{default, obj_mut, pod_spec as default_pod_spec, template};
 use crate::error::FieldError;
@@ -14,22 +15,6 @@ pub struct DaemonSets;
 pub struct StatefulSets;
 #[derive(Debug)]
 pub struct CronJobs;
-
-fn containers(o: &Value) -> Value {
-    json!(container_field(o, "/spec/template/spec/containers", "name"))
-}
-
-fn images(o: &Value) -> Value {
-    json!(container_field(
-        o,
-        "/spec/template/spec/containers",
-        "image"
-    ))
-}
-
-fn selector(o: &Value) -> Value {
-    json!(selector_string(o.pointer("/spec/selector")))
-}
 
 /// A template's pods must restart: a set replaces a pod, it does not finish.
 fn restarts_always(obj: &Value, errs: &mut Vec<FieldError>) {

@@ -27,11 +27,11 @@ fn replicas(o: &Value) -> i64 {
         .unwrap_or(1)
 }
 
-fn containers(o: &Value) -> Value {
+pub(super) fn containers(o: &Value) -> Value {
     json!(container_field(o, "/spec/template/spec/containers", "name"))
 }
 
-fn images(o: &Value) -> Value {
+pub(super) fn images(o: &Value) -> Value {
     json!(container_field(
         o,
         "/spec/template/spec/containers",
@@ -39,7 +39,7 @@ fn images(o: &Value) -> Value {
     ))
 }
 
-fn selector(o: &Value) -> Value {
+pub(super) fn selector(o: &Value) -> Value {
     json!(selector_string(o.pointer("/spec/selector")))
 }
 
@@ -50,7 +50,7 @@ fn replicated(obj: &Value, errs: &mut Vec<FieldError>) {
     non_negative_replicas(obj, errs);
 }
 
-fn non_negative_replicas(obj: &Value, errs: &mut Vec<FieldError>) {
+pub(super) fn non_negative_replicas(obj: &Value, errs: &mut Vec<FieldError>) {
     if let Some(r) = obj.pointer("/spec/replicas").and_then(Value::as_i64) {
         if r < 0 {
             errs.push(FieldError::invalid(
