@@ -180,11 +180,21 @@ async fn members_join_in_any_order_and_at_the_same_moment() {
     for (i, m) in c.members.iter().enumerate() {
         assert!(m.is_running(), "member {i} exited: {}", m.log());
     }
-    // The joiners that started before their seed said why they waited.
-    let waited = c.members[1..]
-        .iter()
-        .any(|m| m.log().contains("waiting to join the cluster"));
-    assert!(waited, "{}", c.members[1].log());
+    // Each joiner got in as a voter, whether or not its seed was up when it asked (when it
+    // was not, or another change was under way, it logged why it waited; which of them
+    // had to wait is a race, so it is not asserted).
+    for m in &c.members[1..] {
+        wait_for(
+            Duration::from_secs(30),
+            "a joiner to say it joined",
+            || async {
+                m.log()
+                    .contains("joined the cluster as a voter")
+                    .then_some(())
+            },
+        )
+        .await;
+    }
     let client = c.client();
     client.put("j/1", "x").await.unwrap();
     assert_eq!(count_keys(&client, "j/", false).await, Some(1));
