@@ -7,7 +7,7 @@
 //!   `secret` and `downwardAPI` (files written under the pod's directory and mounted
 //!   read-only, rewritten by [`refresh_volumes`] when the objects change), `hostPath`,
 //!   and `persistentVolumeClaim` (the bound volume: a locally provisioned one lives in
-//!   the node's local volume directory, see [`LOCAL_VOLUME_PREFIX`]).
+//!   the node's local volume directory, see `baton_kube::storage::LOCAL_VOLUME_PREFIX`).
 //!
 //! A reference to a missing object or key fails with the object's name, which the node
 //! agent reports as `CreateContainerConfigError`; `optional: true` references are skipped.
@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use baton_kube::storage::LOCAL_VOLUME_PREFIX;
 use baton_wasm_shim::Mount;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, ObjectFieldSelector, PersistentVolume, PersistentVolumeClaim, Pod,
@@ -64,10 +65,6 @@ pub struct HostDirs<'a> {
     /// Where locally provisioned PersistentVolumes keep their data.
     pub local_volumes: &'a Path,
 }
-
-/// The path prefix of locally provisioned PersistentVolumes: `/baton-local/<volume>` is
-/// `<volume>` in the node's local volume directory, wherever that is on each node.
-pub const LOCAL_VOLUME_PREFIX: &str = "/baton-local/";
 
 /// Reads ConfigMaps and Secrets of one namespace once per resolution.
 struct Objects {

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
-use crate::config::LOCAL_VOLUME_PREFIX;
+use baton_kube::storage::LOCAL_VOLUME_PREFIX;
 
 /// Why a sweep did not run.
 #[derive(Debug, thiserror::Error)]

@@ -291,7 +291,7 @@ pub(crate) async fn default_storage_class(
             None,
             |c| {
                 c.pointer("/metadata/annotations")
-                    .and_then(|a| a.get(crate::strategy::storage::DEFAULT_CLASS))
+                    .and_then(|a| a.get(baton_kube::storage::DEFAULT_CLASS))
                     .and_then(Value::as_str)
                     == Some("true")
             },

@@ -168,8 +168,8 @@ impl ApiServer {
             "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
             "metadata": {"name": "local", "uid": uuid::Uuid::new_v4().to_string(),
                          "creationTimestamp": rest::now(),
-                         "annotations": {crate::strategy::storage::DEFAULT_CLASS: "true"}},
-            "provisioner": "baton.dev/local",
+                         "annotations": {baton_kube::storage::DEFAULT_CLASS: "true"}},
+            "provisioner": baton_kube::storage::LOCAL_PROVISIONER,
             "reclaimPolicy": "Delete",
             "volumeBindingMode": "WaitForFirstConsumer",
         });

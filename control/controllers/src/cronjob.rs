@@ -109,6 +109,26 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+/// Deletes one of the CronJob's Jobs (its pods with it), and says so in an event.
+async fn delete_job(
+    ctx: &Ctx,
+    cj: &CronJob,
+    jobs: &Api<Job>,
+    name: &str,
+) -> Result<(), kube::Error> {
+    if crate::delete_if_present(jobs, name, &DeleteParams::background()).await? {
+        ctx.recorder
+            .publish(
+                &cj.object_ref(&()),
+                EventType::Normal,
+                "SuccessfulDelete",
+                &format!("Deleted job {name}"),
+            )
+            .await;
+    }
+    Ok(())
+}
+
 pub async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let ns = cj.namespace().unwrap_or_default();
     let name = cj.name_any();
@@ -163,23 +183,9 @@ pub async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Ctx>) -> Result<Action, Error>
             .collect();
         let extra = done.len().saturating_sub(limit.max(0) as usize);
         for j in done.into_iter().take(extra) {
-            match jobs_api
-                .delete(&j.name_any(), &DeleteParams::background())
+            delete_job(&ctx, &cj, &jobs_api, &j.name_any())
                 .await
-            {
-                Ok(_) => {
-                    ctx.recorder
-                        .publish(
-                            &cj.object_ref(&()),
-                            EventType::Normal,
-                            "SuccessfulDelete",
-                            &format!("Deleted job {}", j.name_any()),
-                        )
-                        .await
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(err("deleting an old job")(e)),
-            }
+                .map_err(err("deleting an old job"))?;
         }
     }
 
@@ -225,20 +231,9 @@ pub async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Ctx>) -> Result<Action, Error>
                     if policy == "Replace" {
                         for a in std::mem::take(&mut active) {
                             let job = a.name.clone().unwrap_or_default();
-                            match jobs_api.delete(&job, &DeleteParams::background()).await {
-                                Ok(_) => {
-                                    ctx.recorder
-                                        .publish(
-                                            &cj.object_ref(&()),
-                                            EventType::Normal,
-                                            "SuccessfulDelete",
-                                            &format!("Deleted job {job}"),
-                                        )
-                                        .await
-                                }
-                                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                                Err(e) => return Err(err("replacing a running job")(e)),
-                            }
+                            delete_job(&ctx, &cj, &jobs_api, &job)
+                                .await
+                                .map_err(err("replacing a running job"))?;
                         }
                     }
                     true

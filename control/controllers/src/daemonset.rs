@@ -355,22 +355,19 @@ pub async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Erro
         for (p, why) in &deletes {
             let pod_uid = p.uid().unwrap_or_default();
             ctx.expectations.expect_delete(&uid, &pod_uid);
-            match pods_api
-                .delete(&p.name_any(), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {
-                    ctx.recorder
-                        .publish(
-                            &ds.object_ref(&()),
-                            EventType::Normal,
-                            "SuccessfulDelete",
-                            &format!("Deleted pod: {} ({why})", p.name_any()),
-                        )
-                        .await
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(err("deleting a pod")(e)),
+            let deleted =
+                crate::delete_if_present(&pods_api, &p.name_any(), &DeleteParams::default())
+                    .await
+                    .map_err(err("deleting a pod"))?;
+            if deleted {
+                ctx.recorder
+                    .publish(
+                        &ds.object_ref(&()),
+                        EventType::Normal,
+                        "SuccessfulDelete",
+                        &format!("Deleted pod: {} ({why})", p.name_any()),
+                    )
+                    .await
             }
         }
     }

@@ -200,6 +200,23 @@ pub(crate) fn owned_pods(ctx: &Ctx, ns: &str, uid: &str) -> Vec<Arc<Pod>> {
         .collect()
 }
 
+/// Deletes `name` through `api`; `Ok(false)` when it was already gone, which is what the
+/// deletion wanted.
+pub(crate) async fn delete_if_present<K>(
+    api: &Api<K>,
+    name: &str,
+    params: &kube::api::DeleteParams,
+) -> Result<bool, kube::Error>
+where
+    K: Clone + DeserializeOwned + Debug,
+{
+    match api.delete(name, params).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes `status` to the status subresource of `name` as a merge patch, unless every
 /// field already has that value (an absent count is 0). `Ok(false)`: the object is gone.
 pub(crate) async fn write_status<K>(

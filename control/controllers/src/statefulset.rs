@@ -183,31 +183,17 @@ pub async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action, E
                 .await
         }
     };
+    // Deletes a replica's pod, and says so when it went.
     let delete = |p: Arc<Pod>| {
         let api = pods_api.clone();
         let ctx = ctx.clone();
         let uid = uid.clone();
+        let publish = &publish;
+        let name = &name;
         async move {
             ctx.expectations
                 .expect_delete(&uid, p.metadata.uid.as_deref().unwrap_or(""));
-            match api.delete(&p.name_any(), &DeleteParams::default()).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
-                Err(e) => Err(e),
-            }
-        }
-    };
-
-    if satisfied {
-        // Failed replicas go first; they come back under their names on a later pass.
-        for p in by_ordinal
-            .values()
-            .filter(|p| pod::phase(p) == "Failed" && p.metadata.deletion_timestamp.is_none())
-        {
-            if delete(p.clone())
-                .await
-                .map_err(err("deleting a failed pod"))?
-            {
+            if crate::delete_if_present(&api, &p.name_any(), &DeleteParams::default()).await? {
                 publish(
                     "SuccessfulDelete",
                     format!(
@@ -217,6 +203,19 @@ pub async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action, E
                 )
                 .await;
             }
+            Ok::<(), kube::Error>(())
+        }
+    };
+
+    if satisfied {
+        // Failed replicas go first; they come back under their names on a later pass.
+        for p in by_ordinal
+            .values()
+            .filter(|p| pod::phase(p) == "Failed" && p.metadata.deletion_timestamp.is_none())
+        {
+            delete(p.clone())
+                .await
+                .map_err(err("deleting a failed pod"))?;
         }
         // Creation, in order.
         for i in wanted.clone() {
@@ -284,25 +283,9 @@ pub async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action, E
         if parallel {
             for p in extra {
                 delete(p.clone()).await.map_err(err("scaling down"))?;
-                publish(
-                    "SuccessfulDelete",
-                    format!(
-                        "delete Pod {} in StatefulSet {name} successful",
-                        p.name_any()
-                    ),
-                )
-                .await;
             }
         } else if let Some(p) = extra.first().filter(|_| all_ready && !terminating) {
             delete(p.clone()).await.map_err(err("scaling down"))?;
-            publish(
-                "SuccessfulDelete",
-                format!(
-                    "delete Pod {} in StatefulSet {name} successful",
-                    p.name_any()
-                ),
-            )
-            .await;
         }
         // Rolling update: one old replica at a time, highest first, above the partition.
         let strategy = spec.update_strategy.clone().unwrap_or_default();
@@ -322,14 +305,6 @@ pub async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action, E
                 .find(|p| revision(p) != Some(hash.as_str()));
             if let Some(p) = old.filter(|_| all_present_ready && !terminating) {
                 delete(p.clone()).await.map_err(err("updating a pod"))?;
-                publish(
-                    "SuccessfulDelete",
-                    format!(
-                        "delete Pod {} in StatefulSet {name} successful",
-                        p.name_any()
-                    ),
-                )
-                .await;
             }
         }
     }

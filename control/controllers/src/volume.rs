@@ -32,16 +32,11 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::Ctx;
+use baton_kube::storage::{
+    CLAIM_PROTECTION, LOCAL_PROVISIONER, LOCAL_VOLUME_PREFIX, SELECTED_NODE,
+};
 
-/// The built-in provisioner's name.
-pub const LOCAL_PROVISIONER: &str = "baton.dev/local";
-/// Where the scheduler writes the node a waiting claim's first pod goes to.
-pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
-/// The finalizer that keeps a claim while pods use it (the API server adds it).
-pub const CLAIM_PROTECTION: &str = "kubernetes.io/pvc-protection";
-/// The path prefix nodes read as their own local volume directory.
-pub const LOCAL_PREFIX: &str = "/baton-local/";
+use crate::Ctx;
 
 /// Why a claim or a volume could not be reconciled (it is retried).
 #[derive(Debug, thiserror::Error)]
@@ -242,7 +237,7 @@ pub async fn reconcile_claim(
                 "persistentVolumeReclaimPolicy": class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
                 "storageClassName": class_name,
                 "volumeMode": "Filesystem",
-                "local": {"path": format!("{LOCAL_PREFIX}{pv_name}")},
+                "local": {"path": format!("{LOCAL_VOLUME_PREFIX}{pv_name}")},
                 "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                              "namespace": ns, "name": name, "uid": uid},
                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
@@ -358,11 +353,11 @@ pub async fn reconcile_volume(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Resul
         return Ok(Action::await_change());
     }
     match spec.persistent_volume_reclaim_policy.as_deref() {
-        Some("Delete") => match pvs.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(err("deleting a released volume")(e)),
-        },
+        Some("Delete") => {
+            crate::delete_if_present(&pvs, &name, &DeleteParams::background())
+                .await
+                .map_err(err("deleting a released volume"))?;
+        }
         _ if phase.as_deref() != Some("Released") => {
             pvs.patch_status(
                 &name,

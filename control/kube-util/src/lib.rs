@@ -9,6 +9,8 @@
 //!   kube-core's `Selector`;
 //! - [`cron`]: CronJob schedules, parsed once for the API server and the controller;
 //! - [`pod`]: pod state questions (ready? terminal? whose?) and condition updates;
+//! - [`storage`]: the names the volume pieces (API server, scheduler, provisioner,
+//!   node) agree on;
 //! - [`events`]: a recorder of core/v1 Events, which `kubectl describe` reads;
 //! - [`client`]: a kube `Client` from an in-memory kubeconfig;
 //! - [`leader`]: leader election on a Lease, for several control-plane members;
@@ -25,3 +27,4 @@ pub mod pod;
 pub mod quantity;
 pub mod quota;
 pub mod selector;
+pub mod storage;

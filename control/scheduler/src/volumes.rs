@@ -9,6 +9,7 @@
 //! - A pending claim of an `Immediate` class, a missing claim, or one being deleted keeps
 //!   the pod unschedulable, with kube-scheduler's message.
 
+use baton_kube::storage::SELECTED_NODE;
 use k8s_openapi::api::core::v1::{
     NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolume,
     PersistentVolumeClaim, Pod,
@@ -17,9 +18,6 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-
-/// Where the scheduler writes the node it picked for a waiting claim.
-pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 
 /// What a pod's claims ask of its node.
 #[derive(Debug, Default)]

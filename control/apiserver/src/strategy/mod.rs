@@ -16,7 +16,7 @@ mod quota;
 mod rbac;
 mod service;
 mod sets;
-pub(crate) mod storage;
+mod storage;
 mod workloads;
 
 use std::borrow::Cow;

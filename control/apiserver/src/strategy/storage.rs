@@ -3,6 +3,8 @@
 
 use serde_json::{json, Value};
 
+use baton_kube::storage::{CLAIM_PROTECTION, DEFAULT_CLASS};
+
 use super::{age, name, Column, Strategy};
 use crate::defaults::{default, obj_mut};
 use crate::error::FieldError;
@@ -14,12 +16,6 @@ pub struct StorageClasses;
 pub struct PersistentVolumes;
 #[derive(Debug)]
 pub struct PersistentVolumeClaims;
-
-/// The finalizer that keeps a claim while pods use it.
-pub const CLAIM_PROTECTION: &str = "kubernetes.io/pvc-protection";
-
-/// The annotation that makes a StorageClass the one claims without a class get.
-pub const DEFAULT_CLASS: &str = "storageclass.kubernetes.io/is-default-class";
 
 const ACCESS_MODES: &[&str] = &[
     "ReadWriteOnce",
