@@ -123,6 +123,7 @@ async fn sync(objects: &Objects, crds: &Resource, items: &[Value], cache: &mut C
     let mut served = Vec::new();
     let mut any_terminating = false;
     let mut live = Vec::new();
+    let mut outcomes = Vec::new();
     for crd in ordered {
         let terminating = crd.pointer("/metadata/deletionTimestamp").is_some();
         any_terminating |= terminating;
@@ -160,17 +161,22 @@ async fn sync(objects: &Objects, crds: &Resource, items: &[Value], cache: &mut C
                 Ok(())
             }
         };
+        outcomes.push((crd, outcome, terminating, built.as_ref().ok().cloned()));
+    }
+    cache.retain(|k, _| live.contains(k));
+    // Served before any status says so: a client that waits for `Established` may send
+    // its first object at once, and must not be told the resource does not exist.
+    objects.registry.set_custom(served);
+    for (crd, outcome, terminating, built) in outcomes {
         if let Err(e) = write_status(objects, crds, crd, &outcome, terminating).await {
             tracing::debug!(error = %e, crd = s(crd, "/metadata/name"), "status not written");
         }
         if terminating {
-            if let Err(e) = cleanup(objects, crds, crd, built.as_ref().ok()).await {
+            if let Err(e) = cleanup(objects, crds, crd, built.as_ref()).await {
                 tracing::warn!(error = %e, crd = s(crd, "/metadata/name"), "cleanup failed");
             }
         }
     }
-    cache.retain(|k, _| live.contains(k));
-    objects.registry.set_custom(served);
     any_terminating
 }
 
