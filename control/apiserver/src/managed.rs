@@ -282,27 +282,11 @@ pub async fn apply(
     if existing.is_none() {
         let mut obj = typed.clone();
         obj["metadata"]["name"] = json!(name);
-        let mut created = rest::create_object(objects, req, obj, "Apply").await?;
-        // The creating apply owns exactly what it applied.
-        set_entry(&mut created, &manager, "Apply", &api_version, &applied);
-        let created = if req.dry_run() {
-            created
-        } else {
-            let rev = created
-                .pointer("/metadata/resourceVersion")
-                .and_then(Value::as_str)
-                .and_then(|r| r.parse().ok())
-                .unwrap_or(0);
-            objects
-                .replace(
-                    res,
-                    req.target.ns.as_deref().filter(|_| res.namespaced),
-                    &name,
-                    &created,
-                    rev,
-                )
-                .await?
-        };
+        // The creating apply owns exactly what it applied, recorded in the create itself:
+        // a second write would race whatever writes the new object first (a controller
+        // writing its status) and fail with a conflict the client never caused.
+        set_entry(&mut obj, &manager, "Apply", &api_version, &applied);
+        let created = rest::create_object(objects, req, obj, "Apply").await?;
         return Ok(rest::object_response(
             req,
             StatusCode::CREATED,
