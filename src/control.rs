@@ -33,7 +33,7 @@ impl Loops {
         }
     }
 
-    /// Runs the scheduler and the controllers with the controller manager's credentials.
+    /// Runs the scheduler and the controllers, each with its own credentials.
     pub async fn start_control_plane(
         &mut self,
         pki: &Pki,
@@ -41,8 +41,9 @@ impl Loops {
         config: baton_controllers::Config,
     ) -> Result<()> {
         let client = client_for(pki, server, "system:kube-controller-manager").await?;
+        let scheduler = client_for(pki, server, "system:kube-scheduler").await?;
         self.tasks.push(tokio::spawn(baton_scheduler::run(
-            client.clone(),
+            scheduler,
             self.stopped(),
         )));
         self.tasks.push(tokio::spawn(baton_controllers::run(
@@ -63,6 +64,7 @@ impl Loops {
         config: baton_controllers::Config,
     ) -> Result<()> {
         let client = client_for(pki, server, "system:kube-controller-manager").await?;
+        let scheduler = client_for(pki, server, "system:kube-scheduler").await?;
         let election =
             baton_kube::leader::Election::new("kube-system", "baton-control-plane", &identity);
         let stopped = self.stopped();
@@ -71,13 +73,14 @@ impl Loops {
             election,
             stopped,
             move |lost| {
-                let (client, config) = (client.clone(), config.clone());
+                let (client, scheduler, config) =
+                    (client.clone(), scheduler.clone(), config.clone());
                 async move {
                     let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
                         let _ = rx.wait_for(|s| *s).await;
                     };
                     tokio::join!(
-                        baton_scheduler::run(client.clone(), until(lost.clone())),
+                        baton_scheduler::run(scheduler, until(lost.clone())),
                         baton_controllers::run(client, config, until(lost)),
                     );
                 }

@@ -1,7 +1,10 @@
-//! Admission that reads other objects before a create: LimitRanges and ResourceQuotas.
+//! Admission that reads other objects before a create: LimitRanges and ResourceQuotas;
+//! and NodeRestriction, which holds a node to its own name.
 //!
 //! kube-apiserver runs these as admission plugins, after defaults and before the object
 //! is stored, and so does Baton:
+//! - **NodeRestriction**: a node agent may create only its own Node and its own Lease
+//!   (the Node authorizer cannot tell, as a create names its object in the body).
 //! - **LimitRanger** (mutating, before validation): a container without requests or
 //!   limits gets its namespace's `defaultRequest` and `default`; then each container (or
 //!   the pod, or a claim) is held to the ranges' `min`, `max` and `maxLimitRequestRatio`.
@@ -39,6 +42,33 @@ fn forbidden(res: &Resource, name: &str, why: String) -> ApiError {
     ApiError::Forbidden {
         message: format!("{} {name:?} is forbidden: {why}", res.qualified()),
     }
+}
+
+/// NodeRestriction on creates: a node creates only the Node and Lease named after it.
+pub(crate) fn node_restriction(
+    user: &baton_auth::UserInfo,
+    res: &Resource,
+    obj: &Value,
+) -> ApiResult<()> {
+    let Some(node) = user.as_node() else {
+        return Ok(());
+    };
+    let own = matches!(
+        (res.group.as_str(), res.plural.as_str()),
+        ("", "nodes") | ("coordination.k8s.io", "leases")
+    );
+    let name = s(obj, "/metadata/name");
+    if own && name != node {
+        return Err(forbidden(
+            res,
+            name,
+            format!(
+                "node {node:?} is not allowed to create a {} named {name:?}",
+                res.kind
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// What LimitRanges apply to: a pod's containers and the pod, or a claim.

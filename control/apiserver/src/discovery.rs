@@ -29,6 +29,11 @@ fn subresource_kind(r: &Resource, sub: &str) -> (String, String, String) {
         "scale" => ("autoscaling".into(), "v1".into(), "Scale".into()),
         "binding" => ("".into(), "v1".into(), "Binding".into()),
         "eviction" => ("policy".into(), "v1".into(), "Eviction".into()),
+        "token" => (
+            "authentication.k8s.io".into(),
+            "v1".into(),
+            "TokenRequest".into(),
+        ),
         "log" | "exec" => ("".into(), "v1".into(), "".into()),
         _ => (r.group.clone(), r.version.clone(), r.kind.clone()),
     }
@@ -38,7 +43,7 @@ fn sub_verbs(sub: &str) -> Vec<&'static str> {
     match sub {
         "log" => vec!["get"],
         "exec" => vec!["create", "get"],
-        "binding" | "eviction" => vec!["create"],
+        "binding" | "eviction" | "token" => vec!["create"],
         "finalize" => vec!["update"],
         _ => vec!["get", "patch", "update"],
     }

@@ -30,6 +30,7 @@
 //! Printing ([`table`]): `Accept: ...;as=Table` gets a `meta.k8s.io/v1` Table with the
 //! columns `kubectl get` shows, from each strategy's column list.
 
+pub mod access;
 pub mod admission;
 pub mod crd;
 pub mod defaults;

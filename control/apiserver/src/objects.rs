@@ -20,6 +20,8 @@ pub struct Objects {
     pub store: Store,
     /// What is served: the built-in resources and those CRDs define.
     pub registry: Registry,
+    /// Who may do what, for the checks made inside requests (escalation, reviews).
+    pub access: crate::access::Access,
 }
 
 impl Objects {
@@ -28,6 +30,7 @@ impl Objects {
         Self {
             store,
             registry: Registry::new(),
+            access: crate::access::Access::default(),
         }
     }
 }

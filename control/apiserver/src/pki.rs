@@ -3,8 +3,11 @@
 //! - `ca.crt`, `ca.key`: the cluster CA (ECDSA P-256), which signs the serving certificate.
 //! - `apiserver.crt`, `apiserver.key`: the serving certificate, for `localhost`,
 //!   `127.0.0.1`, `::1`, the host name and any extra names given.
-//! - `tokens`: one bearer token per line, `TOKEN,USER,GROUP` (the static token file format
-//!   of kube-apiserver): the admin, and the node agents and controllers.
+//! - `tokens`: one bearer token per line, `TOKEN,USER[,GROUP...]` (the static token file
+//!   format of kube-apiserver): the admin (`system:masters`), the scheduler, the
+//!   controller manager and the local node agent. A component missing from an older file
+//!   is added to it.
+//! - `service-account.key`: the ECDSA P-256 key ServiceAccount tokens are signed with.
 //! - `kubeconfig`: the admin's kubeconfig, with the CA and the admin token.
 //!
 //! Files holding secrets are written with mode 0600.
@@ -43,7 +46,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     }
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<(), PkiError> {
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<(), PkiError> {
     let mut f = fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -56,12 +59,16 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), PkiError> {
 }
 
 /// Who a token belongs to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct User {
-    pub name: String,
-    pub groups: Vec<String>,
-}
+pub type User = baton_auth::UserInfo;
 
+/// The users a new token file has: each component's own identity (groups after the
+/// name), as kube-apiserver's components each have theirs.
+const COMPONENTS: &[&str] = &[
+    "admin,system:masters",
+    "system:kube-controller-manager",
+    "system:kube-scheduler",
+    "system:node:local,system:nodes",
+];
 /// The loaded certificates and tokens.
 #[derive(Clone, Debug)]
 pub struct Pki {
@@ -69,6 +76,7 @@ pub struct Pki {
     pub ca_pem: String,
     pub admin_token: String,
     tokens: Arc<HashMap<String, User>>,
+    signer: Arc<crate::access::tokens::Signer>,
     cert_pem: String,
     key_pem: String,
     ca_key_pem: String,
@@ -171,13 +179,19 @@ impl Pki {
         );
 
         let tokens_path = dir.join("tokens");
-        if !tokens_path.exists() {
-            let lines = format!(
-                "{},admin,system:masters\n{},system:kube-controller-manager,system:controllers\n{},system:node:local,system:nodes\n",
-                random_token(),
-                random_token(),
-                random_token()
-            );
+        let existing = fs::read_to_string(&tokens_path).unwrap_or_default();
+        let mut lines = existing.clone();
+        for c in COMPONENTS {
+            let user = c.split(',').next().unwrap_or_default();
+            let known = existing.lines().any(|l| l.split(',').nth(1) == Some(user));
+            if !known {
+                if !lines.is_empty() && !lines.ends_with('\n') {
+                    lines.push('\n');
+                }
+                lines.push_str(&format!("{},{c}\n", random_token()));
+            }
+        }
+        if lines != existing {
             write_private(&tokens_path, lines.as_bytes())?;
         }
         let mut tokens = HashMap::new();
@@ -202,6 +216,7 @@ impl Pki {
                 User {
                     name: name.to_string(),
                     groups,
+                    ..User::default()
                 },
             );
         }
@@ -209,8 +224,12 @@ impl Pki {
             path: tokens_path,
             what: "admin token",
         })?;
+        let signer = Arc::new(crate::access::tokens::Signer::load_or_create(
+            &dir.join("service-account.key"),
+        )?);
         Ok(Self {
             dir: dir.to_path_buf(),
+            signer,
             ca_pem,
             admin_token,
             tokens: Arc::new(tokens),
@@ -233,6 +252,55 @@ impl Pki {
         self.tokens.get(token)
     }
 
+    /// The key ServiceAccount tokens are signed with.
+    pub fn service_account_signer(&self) -> Arc<crate::access::tokens::Signer> {
+        self.signer.clone()
+    }
+
+    /// A client certificate and key for `user` in `groups`, signed by the cluster CA and
+    /// valid for `days`: what `baton kubeconfig` gives a teammate.
+    pub fn issue_client_certificate(
+        &self,
+        user: &str,
+        groups: &[String],
+        days: u32,
+    ) -> Result<(String, String), PkiError> {
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem)?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&self.ca_pem, ca_key)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, user);
+        for g in groups {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, g.as_str());
+        }
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let now = std::time::SystemTime::now();
+        params.not_before = now.into();
+        params.not_after = (now + std::time::Duration::from_secs(u64::from(days) * 86_400)).into();
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A kubeconfig for `user` with a client certificate instead of a token.
+    pub fn kubeconfig_with_certificate(
+        &self,
+        server: &str,
+        user: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        namespace: &str,
+    ) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: baton\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: {user}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: baton\n  context:\n    cluster: baton\n    user: {user}\n    namespace: {namespace}\ncurrent-context: baton\n",
+            b64(&self.ca_pem),
+            b64(cert_pem),
+            b64(key_pem)
+        )
+    }
+
     /// The rustls server configuration, offering HTTP/2 and HTTP/1.1.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, PkiError> {
         let crt_path = self.dir.join("apiserver.crt");
@@ -247,9 +315,26 @@ impl Pki {
         let key = <rustls::pki_types::PrivateKeyDer<'_> as rustls::pki_types::pem::PemObject>::from_pem_slice(self.key_pem.as_bytes())
             .map_err(|_| PkiError::Malformed { path: key_path, what: "private key" })?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::pem::PemObject::pem_slice_iter(self.ca_pem.as_bytes()) {
+            let c = c.map_err(|_| PkiError::Malformed {
+                path: self.dir.join("ca.crt"),
+                what: "CA certificate",
+            })?;
+            roots.add(c)?;
+        }
+        // A client certificate is optional (tokens are the other way in), but one that is
+        // presented must chain to the cluster CA and be meant for client authentication.
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)?;
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(cfg)

@@ -126,16 +126,7 @@ impl Resource {
     }
 
     pub fn verbs(&self) -> &'static [&'static str] {
-        &[
-            "create",
-            "delete",
-            "deletecollection",
-            "get",
-            "list",
-            "patch",
-            "update",
-            "watch",
-        ]
+        self.strategy.verbs()
     }
 
     /// The apiVersion objects are stored with.
@@ -206,8 +197,8 @@ macro_rules! resource {
 }
 
 use k8s_openapi::api::{
-    apps, autoscaling, batch, certificates, coordination, core, discovery, networking, rbac,
-    scheduling,
+    apps, authentication, authorization, autoscaling, batch, certificates, coordination, core,
+    discovery, networking, rbac, scheduling,
 };
 
 /// The built-in resources, in discovery order.
@@ -314,7 +305,7 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         core::v1::ServiceAccount,
         short = ["sa"],
         cat = [],
-        sub = [],
+        sub = ["token"],
         strategy = strategy::ServiceAccounts
     ),
     resource!(
@@ -551,6 +542,84 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         cat = [],
         sub = [],
         strategy = strategy::RoleBindings { cluster: true }
+    ),
+    resource!(
+        "authorization.k8s.io",
+        "v1",
+        "SelfSubjectAccessReview",
+        "selfsubjectaccessreviews",
+        "selfsubjectaccessreview",
+        false,
+        authorization::v1::SelfSubjectAccessReview,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::SelfSubjectAccessReviews
+    ),
+    resource!(
+        "authorization.k8s.io",
+        "v1",
+        "SelfSubjectRulesReview",
+        "selfsubjectrulesreviews",
+        "selfsubjectrulesreview",
+        false,
+        authorization::v1::SelfSubjectRulesReview,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::SelfSubjectRulesReviews
+    ),
+    resource!(
+        "authorization.k8s.io",
+        "v1",
+        "SubjectAccessReview",
+        "subjectaccessreviews",
+        "subjectaccessreview",
+        false,
+        authorization::v1::SubjectAccessReview,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::SubjectAccessReviews
+    ),
+    resource!(
+        "authorization.k8s.io",
+        "v1",
+        "LocalSubjectAccessReview",
+        "localsubjectaccessreviews",
+        "localsubjectaccessreview",
+        true,
+        authorization::v1::LocalSubjectAccessReview,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::SubjectAccessReviews
+    ),
+    resource!(
+        "authentication.k8s.io",
+        "v1",
+        "SelfSubjectReview",
+        "selfsubjectreviews",
+        "selfsubjectreview",
+        false,
+        authentication::v1::SelfSubjectReview,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::SelfSubjectReviews
+    ),
+    resource!(
+        "authentication.k8s.io",
+        "v1",
+        "TokenReview",
+        "tokenreviews",
+        "tokenreview",
+        false,
+        authentication::v1::TokenReview,
+        short = [],
+        cat = [],
+        sub = [],
+        strategy = strategy::TokenReviews
     ),
     resource!(
         "scheduling.k8s.io",

@@ -92,6 +92,8 @@ pub struct Request {
     pub query: HashMap<String, String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Who asks, after impersonation: the escalation check and the reviews need it.
+    pub user: baton_auth::UserInfo,
 }
 
 impl Request {
@@ -227,6 +229,24 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
                 accept: req.accept().to_string(),
             });
         }
+        if t.sub.is_none() {
+            let verb = match (&req.method, t.name.is_some()) {
+                (&Method::GET, true) => "get",
+                (&Method::GET, false) if req.flag("watch") => "watch",
+                (&Method::GET, false) => "list",
+                (&Method::POST, _) => "create",
+                (&Method::PUT, _) => "update",
+                (&Method::PATCH, _) => "patch",
+                (&Method::DELETE, true) => "delete",
+                (&Method::DELETE, false) => "deletecollection",
+                _ => "",
+            };
+            if !t.res.strategy.verbs().contains(&verb) {
+                return Err(ApiError::MethodNotAllowed {
+                    message: format!("{verb} is not supported on {}", t.res.qualified()),
+                });
+            }
+        }
         match (&req.method, t.name.is_some(), t.sub.as_deref()) {
             (&Method::GET, false, None) if req.flag("watch") => watch(objects, &req).await,
             (&Method::GET, false, None) => list(objects, &req).await,
@@ -238,6 +258,9 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             }
             (&Method::POST, true, Some("eviction")) if t.res.has_sub("eviction") => {
                 crate::eviction::evict(objects, &req).await
+            }
+            (&Method::POST, true, Some("token")) if t.res.has_sub("token") => {
+                token_request(objects, &req).await
             }
             (&Method::PUT, true, None | Some("status") | Some("finalize")) => {
                 update(objects, &req).await
@@ -547,6 +570,8 @@ pub(crate) async fn create_object(
         crate::admission::default_storage_class(objects, res, &mut obj).await?;
     }
     validate(res, &obj, None)?;
+    crate::admission::node_restriction(&req.user, res, &obj)?;
+    res.strategy.admit(objects, &req.user, &obj, None).await?;
     if let Some(ns) = &ns {
         crate::admission::charge_quota(objects, res, ns, &obj, req.dry_run()).await?;
     }
@@ -594,10 +619,32 @@ pub(crate) async fn create_object(
     Err(objects::conflict(res, &name))
 }
 
+/// `POST serviceaccounts/NAME/token`: a TokenRequest, answered with a signed token.
+async fn token_request(objects: &Objects, req: &Request) -> ApiResult<Response> {
+    let (body, _) = decode_body(req)?;
+    let ns = req.target.ns.as_deref().unwrap_or("default");
+    let name = req.target.name.as_deref().unwrap_or_default();
+    let answer = crate::access::tokens::request(objects, ns, name, &body).await?;
+    Ok(json_response(StatusCode::CREATED, &answer, &[]))
+}
+
 async fn create(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let res = &*req.target.res;
     let (body, dups) = decode_body(req)?;
     let (obj, warnings) = typecheck(req, res, &body, &dups)?;
+    // A question (an access or token review) is answered, not stored.
+    if let Some(answer) = res
+        .strategy
+        .answer(objects, &req.user, ns_of(req), obj.clone())
+    {
+        let answered = answer.await?;
+        return Ok(object_response(
+            req,
+            StatusCode::CREATED,
+            &answered,
+            &warnings,
+        ));
+    }
     let created = create_object(objects, req, obj, "Update").await?;
     Ok(object_response(
         req,
@@ -714,6 +761,9 @@ pub(crate) async fn store_update(
     let ns = ns_of(req);
     let name = req.target.name.as_deref().unwrap_or_default();
     validate(res, &new, Some(old))?;
+    res.strategy
+        .admit(objects, &req.user, &new, Some(old))
+        .await?;
     let unchanged = {
         let strip = |v: &Value| {
             let mut v = v.clone();
@@ -1312,6 +1362,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
         query: req.query.clone(),
         headers: req.headers.clone(),
         body: Bytes::new(),
+        user: req.user.clone(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
     let mut store_watch = match objects.store.watch(prefix.clone(), from) {

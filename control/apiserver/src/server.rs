@@ -1,4 +1,5 @@
-//! Serving: TLS (rustls, HTTP/2 and HTTP/1.1), bearer-token authentication, and routing of
+//! Serving: TLS (rustls, HTTP/2 and HTTP/1.1), authentication (tokens and client
+//! certificates), impersonation and authorization ([`crate::access`]), and routing of
 //! non-resource paths (version, discovery, OpenAPI, health) and resource paths.
 
 use std::collections::HashMap;
@@ -16,6 +17,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+use baton_auth::{Attributes, UserInfo};
+
+use crate::access::authn;
 use crate::discovery;
 use crate::error::ApiError;
 use crate::objects::{Objects, ReadAt};
@@ -107,7 +111,8 @@ impl ApiServer {
         Self::with_max_inflight(objects, pki, MAX_INFLIGHT)
     }
 
-    pub fn with_max_inflight(objects: Objects, pki: Pki, max: usize) -> Self {
+    pub fn with_max_inflight(mut objects: Objects, pki: Pki, max: usize) -> Self {
+        objects.access = objects.access.clone().with_pki(pki.clone());
         Self {
             objects,
             pki,
@@ -155,6 +160,18 @@ impl ApiServer {
         if fresh {
             self.default_storage_class().await?;
         }
+        crate::access::bootstrap::reconcile(&self.objects)
+            .await
+            .map_err(ServeError::Bootstrap)?;
+        // Every role and binding is read before the first request is served, so that no
+        // request is refused for a grant that exists.
+        let rev = self
+            .objects
+            .access
+            .load(&self.objects)
+            .await
+            .map_err(ServeError::Bootstrap)?;
+        tokio::spawn(self.objects.access.clone().run(self.objects.clone(), rev));
         self.serve_custom_resources().await
     }
 
@@ -224,6 +241,24 @@ impl ApiServer {
                                 return;
                             }
                         };
+                        // The client certificate, verified against the CA by the handshake,
+                        // names the user of every request on the connection.
+                        let cert = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| crate::access::authn::user_of_certificate(c))
+                            .map(crate::access::authn::ClientCertUser);
+                        let router = tower::ServiceExt::map_request(
+                            router,
+                            move |mut req: http::Request<hyper::body::Incoming>| {
+                                if let Some(c) = &cert {
+                                    req.extensions_mut().insert(c.clone());
+                                }
+                                req
+                            },
+                        );
                         let service = hyper_util::service::TowerToHyperService::new(router);
                         let builder = auto::Builder::new(TokioExecutor::new());
                         if let Err(e) = builder
@@ -240,25 +275,61 @@ impl ApiServer {
     }
 }
 
-/// Requests that need no token, as kube-apiserver's system:public-info-viewer allows.
+/// Requests that need no credentials: what kube-apiserver's system:public-info-viewer
+/// allows, and the OIDC documents that let others verify ServiceAccount tokens.
 fn public(path: &str) -> bool {
-    matches!(path, "/version" | "/healthz" | "/readyz" | "/livez")
+    matches!(
+        path,
+        "/version"
+            | "/healthz"
+            | "/readyz"
+            | "/livez"
+            | "/.well-known/openid-configuration"
+            | "/openid/v1/jwks"
+    )
+}
+
+/// The node certificate endpoint decides itself who may ask (a node for itself).
+fn checks_its_own_access(path: &str) -> bool {
+    path.starts_with("/baton/v1/nodes/") && path.ends_with("/certificate")
+}
+
+/// Who the request is and whether it may do what it asks: the user it acts as, or the
+/// 401 or 403 to answer.
+async fn admit(
+    api: &ApiServer,
+    parts: &http::request::Parts,
+    path: &str,
+) -> Result<UserInfo, Response> {
+    let cert = parts.extensions.get::<authn::ClientCertUser>();
+    let user = match authn::authenticate(&api.objects, &parts.headers, cert).await {
+        Ok(Some(u)) => u,
+        Ok(None) => return Err(ApiError::Unauthorized.into_response()),
+        Err(e) => return Err(e.into_response()),
+    };
+    let user = authn::impersonate(&api.objects.access, &api.objects, user, &parts.headers)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    if !checks_its_own_access(path) {
+        let attrs =
+            Attributes::from_request(user.clone(), parts.method.as_str(), path, parts.uri.query());
+        api.objects
+            .access
+            .require(&api.objects, &attrs)
+            .await
+            .map_err(IntoResponse::into_response)?;
+    }
+    Ok(user)
 }
 
 async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
-    let mut user = None;
+    let mut user = UserInfo::new(baton_auth::ANONYMOUS, &["system:unauthenticated"]);
     if !public(&path) {
-        let token = parts
-            .headers
-            .get("authorization")
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim);
-        match token.and_then(|t| api.pki.authenticate(t)) {
-            Some(u) => user = Some(u.clone()),
-            None => return ApiError::Unauthorized.into_response(),
+        match admit(&api, &parts, &path).await {
+            Ok(u) => user = u,
+            Err(resp) => return resp,
         }
     }
     let query = parse_query(parts.uri.query());
@@ -300,6 +371,15 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
     let served = api.objects.registry.snapshot();
     match segs.as_slice() {
         ["version"] => return json_ok(&discovery::version()),
+        [".well-known", "openid-configuration"] => {
+            return json_ok(&crate::access::tokens::openid_configuration())
+        }
+        ["openid", "v1", "jwks"] => {
+            return match api.objects.access.signer() {
+                Ok(s) => json_ok(&s.jwks()),
+                Err(e) => e.into_response(),
+            }
+        }
         ["healthz"] | ["livez"] => return (StatusCode::OK, "ok").into_response(),
         // Ready means the store can take writes: a full disk or a lost leader is
         // reported here, as kube-apiserver's etcd check does.
@@ -331,10 +411,7 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
                 .unwrap_or_else(|| ApiError::NoRoute.into_response())
         }
         ["baton", "v1", "nodes", node, "certificate"] if parts.method == http::Method::POST => {
-            return match &user {
-                Some(u) => crate::nodelink::issue_certificate(&api.pki, u, node, &body),
-                None => ApiError::Unauthorized.into_response(),
-            }
+            return crate::nodelink::issue_certificate(&api.pki, &user, node, &body)
         }
         ["api", "v1", "nodes", node, "proxy", rest @ ..]
             if parts.method == http::Method::GET && !rest.is_empty() =>
@@ -382,6 +459,7 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         query,
         headers: parts.headers,
         body,
+        user,
     };
     if req.target.res.has_sub("log")
         && req.target.sub.as_deref() == Some("log")

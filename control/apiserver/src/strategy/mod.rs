@@ -14,6 +14,7 @@ mod platform;
 mod pod;
 mod quota;
 mod rbac;
+mod reviews;
 mod service;
 mod sets;
 mod storage;
@@ -23,6 +24,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 
+use baton_auth::UserInfo;
 use serde_json::{json, Value};
 
 use crate::error::{ApiResult, FieldError};
@@ -43,6 +45,10 @@ pub use platform::{
 pub use pod::Pods;
 pub use quota::{LimitRanges, ResourceQuotas};
 pub use rbac::{RoleBindings, Roles};
+pub use reviews::{
+    SelfSubjectAccessReviews, SelfSubjectReviews, SelfSubjectRulesReviews, SubjectAccessReviews,
+    TokenReviews,
+};
 pub use service::Services;
 pub use sets::{CronJobs, DaemonSets, StatefulSets};
 pub use storage::{PersistentVolumeClaims, PersistentVolumes, StorageClasses};
@@ -183,8 +189,49 @@ pub enum Deletion {
     Terminating,
 }
 
+/// Every verb a stored kind serves.
+pub const ALL_VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+
 /// What a kind does differently. Every method's default is what a plain object does.
 pub trait Strategy: Send + Sync + std::fmt::Debug {
+    /// The verbs the kind serves (discovery lists them; others get 405).
+    fn verbs(&self) -> &'static [&'static str] {
+        ALL_VERBS
+    }
+
+    /// For a kind that is a question rather than an object (the access and token
+    /// reviews): the answer to a create by `user`, which is never stored.
+    fn answer<'a>(
+        &'a self,
+        _objects: &'a Objects,
+        _user: &'a UserInfo,
+        _namespace: Option<&'a str>,
+        _body: Value,
+    ) -> Option<Hook<'a, ApiResult<Value>>> {
+        None
+    }
+
+    /// Checks of a write that depend on who writes (the RBAC escalation check), after
+    /// validation; `old` is the stored object on update.
+    fn admit<'a>(
+        &'a self,
+        _objects: &'a Objects,
+        _user: &'a UserInfo,
+        _obj: &'a Value,
+        _old: Option<&'a Value>,
+    ) -> Hook<'a, ApiResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// The rule `metadata.name` follows.
     fn name_rule(&self) -> NameRule {
         validation::dns1123_subdomain

@@ -1,10 +1,14 @@
-//! rbac.authorization.k8s.io/v1: Roles, ClusterRoles and their bindings. Stored and
-//! validated here; enforcing them is the authorizer's job.
+//! rbac.authorization.k8s.io/v1: Roles, ClusterRoles and their bindings. Stored,
+//! validated and held to the escalation check here; enforcing them is the authorizer's
+//! job ([`crate::access`]).
 
+use baton_auth::UserInfo;
 use serde_json::{json, Value};
 
-use super::{age, name, Column, Strategy};
-use crate::error::FieldError;
+use super::{age, name, Column, Hook, Strategy};
+use crate::access::escalation;
+use crate::error::{ApiResult, FieldError};
+use crate::objects::Objects;
 use crate::table::{none_if_empty, s};
 
 #[derive(Debug)]
@@ -27,6 +31,17 @@ static ROLE_COLUMNS: &[Column] = &[
 impl Strategy for Roles {
     fn columns(&self) -> &[Column] {
         ROLE_COLUMNS
+    }
+
+    fn admit<'a>(
+        &'a self,
+        objects: &'a Objects,
+        user: &'a UserInfo,
+        obj: &'a Value,
+        old: Option<&'a Value>,
+    ) -> Hook<'a, ApiResult<()>> {
+        let ns = s(obj, "/metadata/namespace");
+        Box::pin(escalation::role(objects, user, ns, obj, old))
     }
 }
 
@@ -64,6 +79,21 @@ static BINDING_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for RoleBindings {
+    fn admit<'a>(
+        &'a self,
+        objects: &'a Objects,
+        user: &'a UserInfo,
+        obj: &'a Value,
+        old: Option<&'a Value>,
+    ) -> Hook<'a, ApiResult<()>> {
+        let ns = if self.cluster {
+            ""
+        } else {
+            s(obj, "/metadata/namespace")
+        };
+        Box::pin(escalation::binding(objects, user, ns, obj, old))
+    }
+
     fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
         let kind = s(obj, "/roleRef/kind");
         let allowed: &[&str] = if self.cluster {

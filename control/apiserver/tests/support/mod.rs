@@ -16,8 +16,22 @@ pub struct Env {
     pub token: String,
 }
 
+#[allow(dead_code)] // each test crate uses a part
 pub async fn env() -> Env {
+    env_with_tokens("").await
+}
+
+/// An API server whose token file also has `lines` (`TOKEN,USER[,GROUP...]`).
+pub async fn env_with_tokens(lines: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
+    if !lines.is_empty() {
+        std::fs::create_dir_all(dir.path().join("pki")).unwrap();
+        std::fs::write(
+            dir.path().join("pki/tokens"),
+            format!("admin-token,admin,system:masters\n{lines}"),
+        )
+        .unwrap();
+    }
     let mut cfg = StoreConfig::new(1, dir.path().join("store"), "127.0.0.1:0");
     cfg.progress_interval = Duration::from_millis(200);
     let store = Store::open_single(cfg).await.unwrap();
@@ -52,10 +66,28 @@ impl Env {
         body: Option<Value>,
         accept: &str,
     ) -> (StatusCode, Body) {
-        let req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("authorization", format!("Bearer {}", self.token))
+        self.call_with(&self.token, &[], method, uri, body, accept)
+            .await
+    }
+
+    /// A request with `token` (none if empty) and extra headers.
+    pub async fn call_with(
+        &self,
+        token: &str,
+        headers: &[(&str, &str)],
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+        accept: &str,
+    ) -> (StatusCode, Body) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if !token.is_empty() {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
             .header("content-type", "application/json")
             .header("accept", accept)
             .body(
@@ -92,6 +124,21 @@ impl Env {
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24)
             .await
             .unwrap();
+        (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// A JSON request as the user of `token`, its answer as JSON.
+    pub async fn json_as(
+        &self,
+        token: &str,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let (code, body) = self
+            .call_with(token, &[], method, uri, body, "application/json")
+            .await;
+        let bytes = axum::body::to_bytes(body, 1 << 24).await.unwrap();
         (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 

@@ -1,0 +1,386 @@
+//! Access control: who a request is ([`authn`]), whether it may do what it asks (this
+//! module), and the access reviews that let clients ask the same question
+//! ([`reviews`]).
+//!
+//! Authorization runs after authentication and before any handler, as kube-apiserver's
+//! chain `Node,RBAC` with the superuser group in front:
+//! 1. `system:masters` may do anything;
+//! 2. a node agent goes to the Node authorizer ([`baton_auth::node`]), which may allow or
+//!    refuse outright; what it has no opinion on goes on to RBAC;
+//! 3. RBAC ([`baton_auth::rbac`]) over every Role, ClusterRole and binding, which a loop
+//!    keeps current from the store (list, then watch; a lost watch lists again). Each API
+//!    server of an HA control plane keeps its own, from the shared store.
+//!
+//! Writes of roles and bindings then pass the escalation check ([`escalation`]), and
+//! writes by nodes NodeRestriction admission.
+
+pub mod authn;
+pub mod bootstrap;
+pub mod escalation;
+pub mod reviews;
+pub mod tokens;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use baton_auth::rbac::{Kind, Policy};
+use baton_auth::{node, Attributes, Decision, UserInfo};
+use baton_store::{EventKind, RangeRequest, Revision, WatchEvent};
+use serde_json::Value;
+
+use crate::error::{ApiError, ApiResult};
+use crate::objects::{self, Objects, ReadAt};
+use crate::pki::Pki;
+use crate::resources;
+
+/// Store prefix of the four RBAC kinds.
+const RBAC_PREFIX: &str = "/registry/rbac.authorization.k8s.io/";
+
+/// The authorizer: the RBAC policy as last read from the store, and the key that signs
+/// ServiceAccount tokens.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    policy: Arc<RwLock<Policy>>,
+    pki: Option<Pki>,
+}
+
+impl Access {
+    /// Authenticates with `pki`'s static tokens, and signs and checks ServiceAccount
+    /// tokens with its key.
+    pub fn with_pki(mut self, pki: Pki) -> Self {
+        self.pki = Some(pki);
+        self
+    }
+
+    pub fn pki(&self) -> Option<&Pki> {
+        self.pki.as_ref()
+    }
+
+    /// The token signer; an API server built without a PKI has none.
+    pub fn signer(&self) -> ApiResult<Arc<tokens::Signer>> {
+        self.pki
+            .as_ref()
+            .map(Pki::service_account_signer)
+            .ok_or_else(|| ApiError::internal("this API server has no service account key"))
+    }
+
+    /// Runs `f` over the current policy.
+    pub fn with_policy<T>(&self, f: impl FnOnce(&Policy) -> T) -> T {
+        f(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn replace(&self, p: Policy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = p;
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Policy)) {
+        f(&mut self.policy.write().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Reads every role and binding, once; returns the revision read at.
+    pub async fn load(&self, objects: &Objects) -> ApiResult<Revision> {
+        let mut policy = Policy::default();
+        let mut start_after = None;
+        loop {
+            let page = objects
+                .store
+                .range(RangeRequest {
+                    prefix: RBAC_PREFIX.as_bytes().to_vec(),
+                    start_after: start_after.take(),
+                    limit: 1000,
+                    revision: 0,
+                    serializable: false,
+                })
+                .await?;
+            for kv in &page.kvs {
+                if let Some((kind, _, _)) = parse_key(&kv.key) {
+                    policy.apply(kind, &objects::decode(kv)?);
+                }
+            }
+            if !page.more {
+                self.replace(policy);
+                return Ok(page.revision);
+            }
+            start_after = page.kvs.last().map(|kv| kv.key.clone());
+        }
+    }
+
+    /// Keeps the policy current until the store closes.
+    pub async fn run(self, objects: Objects, mut from: Revision) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.follow(&objects, from).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "following RBAC objects failed; reading them again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    match self.load(&objects).await {
+                        Ok(rev) => {
+                            from = rev;
+                            backoff = Duration::from_millis(100);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reading RBAC objects failed"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies changes after `from` as they come; Ok when the store closes.
+    async fn follow(&self, objects: &Objects, from: Revision) -> ApiResult<()> {
+        let mut watch = match objects.store.watch(RBAC_PREFIX, from + 1) {
+            Ok(w) => w,
+            Err(baton_store::Error::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        while let Some(ev) = watch.next().await {
+            match ev {
+                Ok(WatchEvent::Events(revs)) => {
+                    for e in revs.events {
+                        let Some((kind, ns, name)) = parse_key(&e.kv.key) else {
+                            continue;
+                        };
+                        match e.kind {
+                            EventKind::Put => {
+                                let obj = objects::decode(&e.kv)?;
+                                self.update(|p| p.apply(kind, &obj));
+                            }
+                            EventKind::Delete => self.update(|p| p.remove(kind, &ns, &name)),
+                        }
+                    }
+                }
+                Ok(WatchEvent::Progress(_)) => {}
+                Err(baton_store::Error::Closed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The chain's answer for one request.
+    pub async fn authorize(&self, objects: &Objects, a: &Attributes) -> Decision {
+        if a.user.is_superuser() {
+            return Decision::Allow("superuser".into());
+        }
+        if let Some(node) = a.user.as_node() {
+            let decided = match node::check(a, node) {
+                node::Check::Decided(d) => d,
+                node::Check::PodOnNode { namespace, name } => {
+                    match pod_node(objects, &namespace, &name).await {
+                        Some(n) if n == node => Decision::Allow("node authorizer: its pod".into()),
+                        _ => Decision::Deny(format!(
+                            "node {node:?} may not change pod \"{namespace}/{name}\", which is not bound to it"
+                        )),
+                    }
+                }
+                node::Check::UsedByPodOnNode {
+                    resource,
+                    namespace,
+                    name,
+                } => match used_by_pod_on(objects, node, &resource, &namespace, &name).await {
+                    true => Decision::Allow("node authorizer: used by its pod".into()),
+                    false => Decision::Deny(format!(
+                        "no relationship found between node {node:?} and this object"
+                    )),
+                },
+            };
+            if decided != Decision::NoOpinion {
+                return decided;
+            }
+        }
+        self.with_policy(|p| p.authorize(a))
+    }
+
+    /// Authorizes, or gives the 403 a client would get.
+    pub async fn require(&self, objects: &Objects, a: &Attributes) -> ApiResult<()> {
+        match self.authorize(objects, a).await {
+            Decision::Allow(_) => Ok(()),
+            Decision::NoOpinion => Err(forbidden(a, "")),
+            Decision::Deny(why) => Err(forbidden(a, &why)),
+        }
+    }
+}
+
+/// The 403 of a refused request, worded and detailed as kube-apiserver's.
+pub fn forbidden(a: &Attributes, reason: &str) -> ApiError {
+    ApiError::Forbidden {
+        message: a.forbidden_message(reason),
+    }
+}
+
+/// Attributes for a check the server makes on a user's behalf (impersonate, bind,
+/// escalate), rather than for the request itself.
+pub fn attributes(
+    user: &UserInfo,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: &str,
+    name: &str,
+) -> Attributes {
+    Attributes {
+        user: user.clone(),
+        verb: verb.into(),
+        resource_request: true,
+        namespace: namespace.into(),
+        api_group: group.into(),
+        resource: resource.into(),
+        name: name.into(),
+        ..Attributes::default()
+    }
+}
+
+/// `(kind, namespace, name)` of an RBAC store key.
+fn parse_key(key: &[u8]) -> Option<(Kind, String, String)> {
+    let rest = std::str::from_utf8(key).ok()?.strip_prefix(RBAC_PREFIX)?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [plural, ns, name] => Some((Kind::of_plural(plural)?, ns.to_string(), name.to_string())),
+        [plural, name] => Some((Kind::of_plural(plural)?, String::new(), name.to_string())),
+        _ => None,
+    }
+}
+
+/// The node a pod is bound to, if the pod exists.
+async fn pod_node(objects: &Objects, ns: &str, name: &str) -> Option<String> {
+    let pods = resources::builtin("Pod");
+    let (pod, _) = objects
+        .get(pods, Some(ns), name, ReadAt::Latest)
+        .await
+        .ok()??;
+    pod.pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .map(String::from)
+}
+
+/// Whether a pod bound to `node` in `ns` uses the object: a Secret or ConfigMap through
+/// a volume (projected ones included), an environment variable or an image pull secret;
+/// a claim through a volume; a ServiceAccount as its account.
+async fn used_by_pod_on(
+    objects: &Objects,
+    node: &str,
+    resource: &str,
+    ns: &str,
+    name: &str,
+) -> bool {
+    let pods = resources::builtin("Pod");
+    let Ok(page) = objects
+        .list(pods, Some(ns), ReadAt::Latest, 0, None, |p| {
+            p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node)
+        })
+        .await
+    else {
+        return false;
+    };
+    page.items.iter().any(|pod| pod_uses(pod, resource, name))
+}
+
+/// Whether one pod's spec names the object.
+pub(crate) fn pod_uses(pod: &Value, resource: &str, name: &str) -> bool {
+    let spec = &pod["spec"];
+    let is = |v: &Value, ptr: &str| v.pointer(ptr).and_then(Value::as_str) == Some(name);
+    let each = |v: &Value, ptr: &str| -> Vec<Value> {
+        v.pointer(ptr)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let volumes = each(spec, "/volumes");
+    let containers: Vec<Value> = ["/containers", "/initContainers", "/ephemeralContainers"]
+        .iter()
+        .flat_map(|p| each(spec, p))
+        .collect();
+    match resource {
+        "secrets" => {
+            each(spec, "/imagePullSecrets")
+                .iter()
+                .any(|s| is(s, "/name"))
+                || volumes.iter().any(|v| {
+                    is(v, "/secret/secretName")
+                        || each(v, "/projected/sources")
+                            .iter()
+                            .any(|s| is(s, "/secret/name"))
+                })
+                || containers.iter().any(|c| {
+                    each(c, "/env")
+                        .iter()
+                        .any(|e| is(e, "/valueFrom/secretKeyRef/name"))
+                        || each(c, "/envFrom").iter().any(|e| is(e, "/secretRef/name"))
+                })
+        }
+        "configmaps" => {
+            volumes.iter().any(|v| {
+                is(v, "/configMap/name")
+                    || each(v, "/projected/sources")
+                        .iter()
+                        .any(|s| is(s, "/configMap/name"))
+            }) || containers.iter().any(|c| {
+                each(c, "/env")
+                    .iter()
+                    .any(|e| is(e, "/valueFrom/configMapKeyRef/name"))
+                    || each(c, "/envFrom")
+                        .iter()
+                        .any(|e| is(e, "/configMapRef/name"))
+            })
+        }
+        "persistentvolumeclaims" => volumes
+            .iter()
+            .any(|v| is(v, "/persistentVolumeClaim/claimName")),
+        "serviceaccounts" => {
+            spec.get("serviceAccountName")
+                .and_then(Value::as_str)
+                .unwrap_or("default")
+                == name
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn keys_name_kind_namespace_and_name() {
+        let k = |s: &str| parse_key(s.as_bytes());
+        assert_eq!(
+            k("/registry/rbac.authorization.k8s.io/rolebindings/ns/b"),
+            Some((Kind::RoleBinding, "ns".into(), "b".into()))
+        );
+        assert_eq!(
+            k("/registry/rbac.authorization.k8s.io/clusterroles/view"),
+            Some((Kind::ClusterRole, "".into(), "view".into()))
+        );
+        assert_eq!(k("/registry/rbac.authorization.k8s.io/other/x"), None);
+    }
+
+    #[test]
+    fn a_pod_uses_what_its_spec_names() {
+        let pod = json!({"spec": {
+            "volumes": [
+                {"name": "a", "secret": {"secretName": "vol-secret"}},
+                {"name": "b", "projected": {"sources": [{"configMap": {"name": "proj-cm"}}]}},
+                {"name": "c", "persistentVolumeClaim": {"claimName": "data"}}
+            ],
+            "imagePullSecrets": [{"name": "pull"}],
+            "containers": [{"name": "x", "env": [{"name": "E", "valueFrom": {"secretKeyRef": {"name": "env-secret", "key": "k"}}}],
+                            "envFrom": [{"configMapRef": {"name": "env-cm"}}]}]
+        }});
+        for (r, n) in [
+            ("secrets", "vol-secret"),
+            ("secrets", "pull"),
+            ("secrets", "env-secret"),
+            ("configmaps", "proj-cm"),
+            ("configmaps", "env-cm"),
+            ("persistentvolumeclaims", "data"),
+            ("serviceaccounts", "default"),
+        ] {
+            assert!(pod_uses(&pod, r, n), "{r}/{n}");
+        }
+        assert!(!pod_uses(&pod, "secrets", "other"));
+        assert!(!pod_uses(&pod, "configmaps", "vol-secret"));
+    }
+}
