@@ -18,6 +18,7 @@ import glob
 PACKAGES = [
     "api/core/v1", "api/apps/v1", "api/batch/v1", "api/discovery/v1",
     "api/coordination/v1", "api/autoscaling/v1", "api/policy/v1",
+    "api/rbac/v1", "api/authentication/v1", "api/authorization/v1",
     "apimachinery/pkg/apis/meta/v1", "apimachinery/pkg/runtime",
     "apimachinery/pkg/util/intstr", "apimachinery/pkg/api/resource",
 ]
@@ -38,6 +39,7 @@ ACRONYMS = {
     "datasetUuid": "datasetUUID", "targetPortal": "targetPortal", "iqn": "iqn",
     "chapAuthDiscovery": "chapAuthDiscovery", "chapAuthSession": "chapAuthSession",
     "seLinuxOptions": "seLinuxOptions", "appArmorProfile": "appArmorProfile",
+    "nonResourceUrls": "nonResourceURLs", "nonResourceUrLs": "nonResourceURLs", "uId": "uid",
 }
 
 

@@ -267,6 +267,9 @@ fn package_of(api_version: &str) -> Option<&'static str> {
         "coordination.k8s.io/v1" => "api/coordination/v1",
         "autoscaling/v1" => "api/autoscaling/v1",
         "policy/v1" => "api/policy/v1",
+        "rbac.authorization.k8s.io/v1" => "api/rbac/v1",
+        "authentication.k8s.io/v1" => "api/authentication/v1",
+        "authorization.k8s.io/v1" => "api/authorization/v1",
         "meta.k8s.io/v1" => "apimachinery/pkg/apis/meta/v1",
         _ => return None,
     })
