@@ -10,6 +10,8 @@
 //! - `baton pull`: a component into the node's image cache.
 //! - `baton images`: the node's image cache.
 //! - `baton run`: one component, or one pod from a local manifest, without a cluster.
+//! - `baton kubeconfig`: a kubeconfig for a teammate, with a client certificate the
+//!   cluster CA signed (the user is its CN, the groups its O).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +60,31 @@ enum Command {
     Pull(oci_cli::PullArgs),
     /// List the node's image cache.
     Images(oci_cli::ImagesArgs),
+    /// Print a kubeconfig for a user, with a client certificate the cluster CA signs
+    /// (run where the cluster's data dir is; grant it access with a RoleBinding).
+    Kubeconfig(KubeconfigArgs),
+}
+
+#[derive(Args, Debug)]
+struct KubeconfigArgs {
+    /// The cluster's data dir (its `pki` and admin `kubeconfig`).
+    #[arg(long, env = "BATON_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The user's name (the certificate's CN).
+    #[arg(long)]
+    user: String,
+    /// A group the user is in (the certificate's O); repeatable.
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// The namespace the kubeconfig's context starts in.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    days: u32,
+    /// The API server's URL; by default the one in the data dir's admin kubeconfig.
+    #[arg(long)]
+    server: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -250,9 +277,46 @@ async fn run_command(cli: Cli) -> Result<u8> {
         Command::Push(args) => oci_cli::push(args).await.map(|()| 0),
         Command::Pull(args) => oci_cli::pull(args, default_data_dir()).await.map(|()| 0),
         Command::Images(args) => oci_cli::images(args, default_data_dir()).map(|()| 0),
+        Command::Kubeconfig(args) => kubeconfig(args).map(|()| 0),
         // A component's own exit code, as `wasmtime run` passes it on.
         Command::Run(args) => Ok(run::run(args).await?.clamp(0, 255) as u8),
     }
+}
+
+/// `baton kubeconfig`: prints a kubeconfig with a fresh client certificate.
+fn kubeconfig(args: KubeconfigArgs) -> Result<()> {
+    let dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let pki_dir = dir.join("pki");
+    if !pki_dir.join("ca.key").exists() {
+        bail!(
+            "{} holds no cluster CA: give the data dir of a cluster (--data-dir)",
+            pki_dir.display()
+        );
+    }
+    let pki = Pki::load_or_create(&pki_dir, &[]).context("failed to load the cluster's PKI")?;
+    let server = match args.server {
+        Some(s) => s,
+        None => {
+            let admin = std::fs::read_to_string(dir.join("kubeconfig")).with_context(|| {
+                format!(
+                    "no kubeconfig in {} to read the server from; give --server",
+                    dir.display()
+                )
+            })?;
+            admin
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("server: ").map(String::from))
+                .context("the admin kubeconfig names no server; give --server")?
+        }
+    };
+    let (cert, key) = pki
+        .issue_client_certificate(&args.user, &args.groups, args.days)
+        .context("failed to issue the client certificate")?;
+    print!(
+        "{}",
+        pki.kubeconfig_with_certificate(&server, &args.user, &cert, &key, &args.namespace)
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,263 @@
+//! Access control with the real kubectl against `baton up`: a teammate's kubeconfig from
+//! `baton kubeconfig`, granted `view` in one namespace, sees what Kubernetes would let
+//! them see and `kubectl auth can-i` agrees; the escalation check refuses a Role beyond
+//! its creator; `kubectl create token` gives a ServiceAccount token that works.
+
+#[path = "support/baton.rs"]
+mod baton;
+
+use baton::{write, Baton};
+
+/// A teammate's kubeconfig, made as the README tells.
+fn teammate(b: &Baton, user: &str, ns: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args([
+            "kubeconfig",
+            "--user",
+            user,
+            "--namespace",
+            ns,
+            "--data-dir",
+        ])
+        .arg(b.dir.path().join("data"))
+        .output()
+        .expect("baton kubeconfig");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = write(
+        b.dir.path(),
+        &format!("{user}.kubeconfig"),
+        &String::from_utf8_lossy(&out.stdout),
+    );
+    format!("--kubeconfig={}", path.display())
+}
+
+/// `kubectl auth can-i` as `kc` (or the admin acting `--as`): yes or no.
+fn can_i(b: &Baton, args: &[&str]) -> bool {
+    let mut all = vec!["auth", "can-i"];
+    all.extend_from_slice(args);
+    let out = b.run("kubectl", &all, None);
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match said.as_str() {
+        "yes" => true,
+        "no" => false,
+        _ => panic!(
+            "kubectl {all:?}: {said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+#[test]
+fn a_teammate_with_view_in_one_namespace_sees_what_kubernetes_would_show() {
+    let b = Baton::start();
+    b.ok(&["create", "namespace", "team-a"]);
+    b.ok(&["create", "namespace", "team-b"]);
+    b.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s",
+        "--from-literal=k=v",
+        "-n",
+        "team-a",
+    ]);
+    b.ok(&[
+        "create",
+        "configmap",
+        "c",
+        "--from-literal=k=v",
+        "-n",
+        "team-a",
+    ]);
+    let alice = teammate(&b, "alice", "team-a");
+    // Authenticated by the certificate, but granted nothing yet.
+    let who = b.ok(&[&alice, "auth", "whoami"]);
+    assert!(
+        who.contains("alice") && who.contains("system:authenticated"),
+        "{who}"
+    );
+    let err = b.fails(&[&alice, "get", "configmaps"], None);
+    assert!(err.contains(r#"User "alice" cannot list resource "configmaps" in API group "" in the namespace "team-a""#), "{err}");
+
+    b.ok(&[
+        "create",
+        "rolebinding",
+        "alice-view",
+        "--clusterrole=view",
+        "--user=alice",
+        "-n",
+        "team-a",
+    ]);
+    baton::wait_until(
+        std::time::Duration::from_secs(10),
+        "the binding to take effect",
+        || {
+            b.run("kubectl", &[&alice, "get", "configmaps"], None)
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    let cms = b.ok(&[&alice, "get", "configmaps", "-o", "name"]);
+    assert!(cms.contains("configmap/c"), "{cms}");
+    b.ok(&[&alice, "get", "pods,deployments,services"]);
+    let err = b.fails(&[&alice, "get", "secrets"], None);
+    assert!(err.contains(r#"secrets is forbidden: User "alice" cannot list resource "secrets" in API group "" in the namespace "team-a""#), "{err}");
+    let err = b.fails(&[&alice, "get", "secret", "s"], None);
+    assert!(err.contains(r#"secrets "s" is forbidden"#), "{err}");
+    let err = b.fails(&[&alice, "get", "pods", "-n", "team-b"], None);
+    assert!(err.contains(r#"in the namespace "team-b""#), "{err}");
+    let err = b.fails(&[&alice, "get", "nodes"], None);
+    assert!(err.contains("at the cluster scope"), "{err}");
+    let err = b.fails(&[&alice, "delete", "configmap", "c"], None);
+    assert!(err.contains("cannot delete resource"), "{err}");
+
+    // can-i agrees in every case, asked by alice and by the admin acting as her.
+    for (args, want) in [
+        (vec!["list", "pods"], true),
+        (vec!["get", "configmaps/c"], true),
+        (vec!["watch", "deployments.apps"], true),
+        (vec!["list", "secrets"], false),
+        (vec!["get", "secrets/s"], false),
+        (vec!["delete", "configmaps/c"], false),
+        (vec!["list", "pods", "-n", "team-b"], false),
+        (vec!["list", "nodes"], false),
+    ] {
+        let mut as_alice = vec![alice.as_str()];
+        as_alice.extend(args.iter().copied());
+        assert_eq!(can_i(&b, &as_alice), want, "alice: can-i {args:?}");
+        let mut impersonated = args.clone();
+        impersonated.extend(["--as", "alice"]);
+        if !impersonated.contains(&"-n") {
+            impersonated.extend(["-n", "team-a"]);
+        }
+        assert_eq!(can_i(&b, &impersonated), want, "--as alice: can-i {args:?}");
+    }
+    let list = b.ok(&[&alice, "auth", "can-i", "--list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("pods ") && l.contains("list")),
+        "{list}"
+    );
+    assert!(!list.lines().any(|l| l.starts_with("secrets ")), "{list}");
+    // Impersonation needs its own grant.
+    let err = b.fails(&[&alice, "get", "pods", "--as", "admin"], None);
+    assert!(
+        err.contains(r#"cannot impersonate resource "users""#),
+        "{err}"
+    );
+}
+
+#[test]
+fn roles_beyond_their_creator_are_refused_and_tokens_work() {
+    let b = Baton::start();
+    b.ok(&["create", "namespace", "team-a"]);
+    let bob = teammate(&b, "bob", "team-a");
+    b.ok(&[
+        "create",
+        "rolebinding",
+        "bob-admin",
+        "--clusterrole=admin",
+        "--user=bob",
+        "-n",
+        "team-a",
+    ]);
+    baton::wait_until(
+        std::time::Duration::from_secs(10),
+        "the binding to take effect",
+        || {
+            b.run("kubectl", &[&bob, "get", "roles"], None)
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    // admin in the namespace may hand out what it holds there...
+    b.ok(&[
+        &bob,
+        "create",
+        "role",
+        "pod-reader",
+        "--verb=get,list",
+        "--resource=pods",
+    ]);
+    b.ok(&[
+        &bob,
+        "create",
+        "rolebinding",
+        "carol-reads",
+        "--role=pod-reader",
+        "--user=carol",
+    ]);
+    // ...but not what it does not.
+    let err = b.fails(
+        &[
+            &bob,
+            "create",
+            "role",
+            "node-reader",
+            "--verb=get",
+            "--resource=nodes",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("is attempting to grant RBAC permissions not currently held"),
+        "{err}"
+    );
+    let err = b.fails(
+        &[
+            &bob,
+            "create",
+            "rolebinding",
+            "carol-root",
+            "--clusterrole=cluster-admin",
+            "--user=carol",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("is attempting to grant RBAC permissions not currently held"),
+        "{err}"
+    );
+    assert!(
+        b.run(
+            "kubectl",
+            &["get", "role", "node-reader", "-n", "team-a"],
+            None
+        )
+        .status
+        .code()
+            != Some(0)
+    );
+    // kubectl auth reconcile creates what is missing, as the admin.
+    let reconciled = b.ok_with("kubectl", &["auth", "reconcile", "-f", "-"], Some(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: cm-reader, namespace: team-a}\nrules: [{apiGroups: [\"\"], resources: [configmaps], verbs: [get]}]\n",
+    ));
+    assert!(
+        reconciled.contains("role.rbac.authorization.k8s.io/cm-reader reconciled"),
+        "{reconciled}"
+    );
+
+    // A ServiceAccount token from kubectl create token acts as the account.
+    b.ok(&["create", "serviceaccount", "robot", "-n", "team-a"]);
+    let token = b.ok(&["create", "token", "robot", "-n", "team-a", "--duration=15m"]);
+    let token = token.trim();
+    let who = b.ok(&["--token", token, "auth", "whoami"]);
+    assert!(who.contains("system:serviceaccount:team-a:robot"), "{who}");
+    let err = b.fails(&["--token", token, "get", "pods", "-n", "team-a"], None);
+    assert!(
+        err.contains(r#"User "system:serviceaccount:team-a:robot" cannot list"#),
+        "{err}"
+    );
+    b.ok(&["delete", "serviceaccount", "robot", "-n", "team-a"]);
+    let err = b.fails(&["--token", token, "auth", "whoami"], None);
+    assert!(
+        err.contains("Unauthorized") || err.contains("must be logged in"),
+        "{err}"
+    );
+}
