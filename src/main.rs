@@ -108,6 +108,11 @@ struct UpArgs {
     /// evicted (after their tolerations).
     #[arg(long, default_value_t = 40)]
     node_monitor_grace: u64,
+    /// An EncryptionConfiguration file (kube-apiserver's format) for what is encrypted
+    /// at rest; by default `DATA/pki/encryption-config.yaml`, made at first start to
+    /// encrypt Secrets with AES-GCM under a random key.
+    #[arg(long)]
+    encryption_provider_config: Option<PathBuf>,
     #[command(flatten)]
     node: control::NodeArgs,
 }
@@ -152,6 +157,11 @@ struct ServerArgs {
     /// Serve the Kubernetes API (HTTPS) on this address too.
     #[arg(long)]
     api_listen: Option<SocketAddr>,
+    /// An EncryptionConfiguration file for what is encrypted at rest. Every member must
+    /// be given the same file (copy it), or members cannot read each other's writes;
+    /// without it, nothing is encrypted.
+    #[arg(long)]
+    encryption_provider_config: Option<PathBuf>,
     #[command(flatten)]
     tuning: Tuning,
 }
@@ -392,7 +402,12 @@ async fn up(args: UpArgs) -> Result<()> {
                 .with_context(|| format!("failed to listen on {addr}"))?;
             tasks.push(store.serve(l));
         }
-        let api = start_api(&store, &dir, api_listener, api_addr, &mut tasks).await?;
+        // A file given must exist; the default one is made at first start.
+        let encryption = Some(match &args.encryption_provider_config {
+            Some(p) => (p.clone(), false),
+            None => (dir.join("pki").join("encryption-config.yaml"), true),
+        });
+        let api = start_api(&store, &dir, api_listener, api_addr, encryption, &mut tasks).await?;
         let mut loops = control::Loops::new();
         let controllers = baton_controllers::Config {
             node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
@@ -455,11 +470,27 @@ async fn start_api(
     dir: &std::path::Path,
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
+    encryption: Option<(PathBuf, bool)>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<StartedApi> {
     let pki = Pki::load_or_create(&dir.join("pki"), &[addr.ip().to_string()])
         .context("failed to set up the cluster's certificates and tokens")?;
-    let api = ApiServer::new(Objects::new(store.clone()), pki.clone());
+    let mut objects = Objects::new(store.clone());
+    if let Some((path, create)) = encryption {
+        let e = if create {
+            baton_apiserver::encryption::Encryption::load_or_create(&path)
+        } else {
+            baton_apiserver::encryption::Encryption::load(&path)
+        }
+        .with_context(|| {
+            format!(
+                "failed to load the encryption configuration {}",
+                path.display()
+            )
+        })?;
+        objects = objects.with_encryption(e);
+    }
+    let api = ApiServer::new(objects, pki.clone());
     api.bootstrap()
         .await
         .context("failed to create the system namespaces")?;
@@ -522,7 +553,18 @@ async fn server(args: ServerArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("failed to listen on {api_addr}"))?;
             let api_addr = l.local_addr()?;
-            let api = start_api(&store, &args.data_dir, l, api_addr, &mut tasks).await?;
+            if args.encryption_provider_config.is_none() {
+                tracing::warn!("no --encryption-provider-config: Secrets are stored unencrypted");
+            }
+            let api = start_api(
+                &store,
+                &args.data_dir,
+                l,
+                api_addr,
+                args.encryption_provider_config.clone().map(|p| (p, false)),
+                &mut tasks,
+            )
+            .await?;
             println!(
                 "Kubernetes API at https://{api_addr}, kubeconfig: {}",
                 api.kubeconfig.display()

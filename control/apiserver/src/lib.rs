@@ -35,6 +35,7 @@ pub mod admission;
 pub mod crd;
 pub mod defaults;
 pub mod discovery;
+pub mod encryption;
 pub mod error;
 pub mod eviction;
 pub mod jsonpath;

@@ -22,6 +22,8 @@ pub struct Objects {
     pub registry: Registry,
     /// Who may do what, for the checks made inside requests (escalation, reviews).
     pub access: crate::access::Access,
+    /// What is encrypted at rest, and with which keys (none: everything is plaintext).
+    pub encryption: Option<std::sync::Arc<crate::encryption::Encryption>>,
 }
 
 impl Objects {
@@ -31,6 +33,56 @@ impl Objects {
             store,
             registry: Registry::new(),
             access: crate::access::Access::default(),
+            encryption: None,
+        }
+    }
+
+    /// Encrypts what `encryption` names before it is stored, and decrypts on read.
+    pub fn with_encryption(mut self, encryption: crate::encryption::Encryption) -> Self {
+        self.encryption = Some(std::sync::Arc::new(encryption));
+        self
+    }
+
+    /// An object as stored at `kv`, decrypted if it was encrypted.
+    pub(crate) fn decode(&self, kv: &KeyValue) -> ApiResult<Value> {
+        let plain = match &self.encryption {
+            Some(e) => e.open(&kv.key, &kv.value),
+            None => crate::encryption::open_plain(&kv.key, &kv.value),
+        }
+        .map_err(ApiError::internal)?;
+        let mut v: Value = serde_json::from_slice(&plain).map_err(ApiError::internal)?;
+        set_rv(&mut v, kv.mod_revision);
+        Ok(v)
+    }
+
+    /// An object read through `res`: stored as the resource's storage version (and
+    /// group), it is shown as the version asked (CRD versions convert with `None`: only
+    /// `apiVersion` changes; events.k8s.io Events rename their fields).
+    pub(crate) fn decode_as(&self, kv: &KeyValue, res: &Resource) -> ApiResult<Value> {
+        let mut v = self.decode(kv)?;
+        if res.converts() {
+            res.strategy.stored_to_served(&mut v);
+            v["apiVersion"] = Value::String(res.api_version());
+        }
+        Ok(v)
+    }
+
+    /// What is stored for `obj` at `key`: its storage form, encrypted if configured.
+    pub(crate) fn encode(&self, obj: &Value, res: &Resource, key: &str) -> ApiResult<Vec<u8>> {
+        let mut obj = obj.clone();
+        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("resourceVersion");
+        }
+        if res.converts() {
+            res.strategy.served_to_stored(&mut obj);
+            obj["apiVersion"] = Value::String(res.stored_api_version());
+        }
+        let plain = serde_json::to_vec(&obj).map_err(ApiError::internal)?;
+        match &self.encryption {
+            Some(e) => e
+                .seal(&res.qualified(), key.as_bytes(), plain)
+                .map_err(ApiError::internal),
+            None => Ok(plain),
         }
     }
 }
@@ -39,36 +91,6 @@ pub(crate) fn set_rv(obj: &mut Value, rev: Revision) {
     if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert("resourceVersion".into(), Value::String(rev.to_string()));
     }
-}
-
-pub(crate) fn decode(kv: &KeyValue) -> ApiResult<Value> {
-    let mut v: Value = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
-    set_rv(&mut v, kv.mod_revision);
-    Ok(v)
-}
-
-/// An object read through `res`: stored as the resource's storage version (and group), it
-/// is shown as the version asked (CRD versions convert with `None`: only `apiVersion`
-/// changes; events.k8s.io Events rename their fields).
-pub(crate) fn decode_as(kv: &KeyValue, res: &Resource) -> ApiResult<Value> {
-    let mut v = decode(kv)?;
-    if res.converts() {
-        res.strategy.stored_to_served(&mut v);
-        v["apiVersion"] = Value::String(res.api_version());
-    }
-    Ok(v)
-}
-
-pub(crate) fn encode(obj: &Value, res: &Resource) -> ApiResult<Vec<u8>> {
-    let mut obj = obj.clone();
-    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("resourceVersion");
-    }
-    if res.converts() {
-        res.strategy.served_to_stored(&mut obj);
-        obj["apiVersion"] = Value::String(res.stored_api_version());
-    }
-    serde_json::to_vec(&obj).map_err(ApiError::internal)
 }
 
 /// How a read picks its revision (`resourceVersion` and `resourceVersionMatch`).
@@ -191,7 +213,7 @@ impl Objects {
             .store
             .get_with_revision(key.as_bytes(), Self::read_options(at))
             .await?;
-        kv.map(|kv| Ok((decode_as(&kv, res)?, kv.mod_revision)))
+        kv.map(|kv| Ok((self.decode_as(&kv, res)?, kv.mod_revision)))
             .transpose()
     }
 
@@ -261,7 +283,7 @@ impl Objects {
             revision = page.revision;
             let last = page.kvs.last().map(|kv| kv.key.clone());
             for kv in &page.kvs {
-                let obj = decode_as(kv, res)?;
+                let obj = self.decode_as(kv, res)?;
                 if keep(&obj) {
                     items.push(obj);
                 }
@@ -303,7 +325,7 @@ impl Objects {
                     .chain(claims.iter().map(|c| Compare::absent(c.key.clone()))),
             )
             .and_then(
-                std::iter::once(Op::put(key.clone(), encode(obj, res)?))
+                std::iter::once(Op::put(key.clone(), self.encode(obj, res, &key)?))
                     .chain(claims.iter().map(|c| Op::put(c.key.clone(), key.clone()))),
             )
             .or_else(
@@ -350,9 +372,10 @@ impl Objects {
         expected: Revision,
     ) -> ApiResult<Value> {
         let key = res.key(ns, name);
+        let value = self.encode(obj, res, &key)?;
         match self
             .store
-            .put_if(key, encode(obj, res)?, Precondition::ModRevision(expected))
+            .put_if(key, value, Precondition::ModRevision(expected))
             .await
         {
             Ok(rev) => {

@@ -1383,6 +1383,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
     };
     let api_version = res.api_version();
     let span = tracing::debug_span!("api_watch", resource = %res.plural);
+    let objects = objects.clone();
     tokio::spawn(
         async move {
             for obj in &initial {
@@ -1422,10 +1423,10 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
                         let mut out = Vec::new();
                         for ev in &re.events {
                             let matches = |o: &Value| ls.matches(o) && fs.matches(o);
-                            let prev = ev.prev_kv.as_ref().and_then(|kv| objects::decode_as(kv, &res).ok());
+                            let prev = ev.prev_kv.as_ref().and_then(|kv| objects.decode_as(kv, &res).ok());
                             match ev.kind {
                                 EventKind::Put => {
-                                    let Ok(cur) = objects::decode_as(&ev.kv, &res) else { continue };
+                                    let Ok(cur) = objects.decode_as(&ev.kv, &res) else { continue };
                                     let now_in = matches(&cur);
                                     let was_in = prev.as_ref().is_some_and(matches);
                                     let ty = match (was_in, now_in) {

@@ -29,7 +29,7 @@ use baton_store::{EventKind, RangeRequest, Revision, WatchEvent};
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
-use crate::objects::{self, Objects, ReadAt};
+use crate::objects::{Objects, ReadAt};
 use crate::pki::Pki;
 use crate::resources;
 
@@ -94,7 +94,7 @@ impl Access {
                 .await?;
             for kv in &page.kvs {
                 if let Some((kind, _, _)) = parse_key(&kv.key) {
-                    policy.apply(kind, &objects::decode(kv)?);
+                    policy.apply(kind, &objects.decode(kv)?);
                 }
             }
             if !page.more {
@@ -143,7 +143,7 @@ impl Access {
                         };
                         match e.kind {
                             EventKind::Put => {
-                                let obj = objects::decode(&e.kv)?;
+                                let obj = objects.decode(&e.kv)?;
                                 self.update(|p| p.apply(kind, &obj));
                             }
                             EventKind::Delete => self.update(|p| p.remove(kind, &ns, &name)),

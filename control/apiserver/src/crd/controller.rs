@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use super::{resources_of, CLEANUP_FINALIZER};
 use crate::error::{ApiError, ApiResult};
-use crate::objects::{self, Objects, ReadAt};
+use crate::objects::{Objects, ReadAt};
 use crate::resources::{self, Resource, BUILTIN};
 use crate::table::s;
 
@@ -289,7 +289,7 @@ async fn cleanup(
             .await?;
         if !page.kvs.is_empty() {
             for kv in &page.kvs {
-                let obj = objects::decode(kv)?;
+                let obj = objects.decode(kv)?;
                 delete_object(objects, res, &obj, kv.mod_revision).await?;
             }
             return Ok(());

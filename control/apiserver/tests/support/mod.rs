@@ -23,6 +23,16 @@ pub async fn env() -> Env {
 
 /// An API server whose token file also has `lines` (`TOKEN,USER[,GROUP...]`).
 pub async fn env_with_tokens(lines: &str) -> Env {
+    env_with(lines, None).await
+}
+
+/// An API server that encrypts at rest as the EncryptionConfiguration `encryption` says.
+#[allow(dead_code)]
+pub async fn env_encrypted(encryption: &str) -> Env {
+    env_with("", Some(encryption)).await
+}
+
+async fn env_with(lines: &str, encryption: Option<&str>) -> Env {
     let dir = tempfile::tempdir().unwrap();
     if !lines.is_empty() {
         std::fs::create_dir_all(dir.path().join("pki")).unwrap();
@@ -37,7 +47,14 @@ pub async fn env_with_tokens(lines: &str) -> Env {
     let store = Store::open_single(cfg).await.unwrap();
     let pki = Pki::load_or_create(&dir.path().join("pki"), &[]).unwrap();
     let token = pki.admin_token.clone();
-    let api = ApiServer::new(Objects::new(store.clone()), pki);
+    let mut objects = Objects::new(store.clone());
+    if let Some(config) = encryption {
+        let path = dir.path().join("encryption.yaml");
+        std::fs::write(&path, config).unwrap();
+        objects =
+            objects.with_encryption(baton_apiserver::encryption::Encryption::load(&path).unwrap());
+    }
+    let api = ApiServer::new(objects, pki);
     api.bootstrap().await.unwrap();
     Env {
         _dir: dir,
@@ -49,6 +66,11 @@ pub async fn env_with_tokens(lines: &str) -> Env {
 
 #[allow(dead_code)] // each test crate uses a part
 impl Env {
+    /// The test's own directory (the store is in `store`).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     /// Stops the store before the test ends, so no RocksDB work outlives the test.
     pub async fn close(self) {
         self.store.shutdown().await.unwrap();
