@@ -237,7 +237,7 @@ pub fn rule_allows(rule: &PolicyRule, a: &Attributes) -> bool {
         return false;
     }
     let names = opt(&rule.resource_names);
-    names.is_empty() || names.iter().any(|n| *n == a.name)
+    names.is_empty() || names.contains(&a.name)
 }
 
 /// Whether `owner`'s rules grant everything `requested` grants; if not, the parts of

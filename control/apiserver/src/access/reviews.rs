@@ -7,8 +7,6 @@
 //! - SelfSubjectReview (`kubectl auth whoami`): who am I?
 //! - TokenReview: whom does this token authenticate?
 
-use std::collections::BTreeMap;
-
 use baton_auth::{Attributes, Decision, UserInfo};
 use serde_json::{json, Value};
 
@@ -112,7 +110,7 @@ pub async fn access(objects: &Objects, namespace: Option<&str>, body: Value) -> 
                     .map(|(k, v)| (k.clone(), strings(Some(v))))
                     .collect()
             })
-            .unwrap_or_else(BTreeMap::new),
+            .unwrap_or_default(),
     };
     if user.name.is_empty() && user.groups.is_empty() {
         return Err(invalid(
