@@ -261,3 +261,53 @@ fn roles_beyond_their_creator_are_refused_and_tokens_work() {
         "{err}"
     );
 }
+
+#[test]
+fn a_labelled_clusterrole_extends_the_roles_that_aggregate_it() {
+    let b = Baton::start_cluster();
+    b.ok(&["create", "namespace", "team-a"]);
+    let alice = teammate(&b, "alice", "team-a");
+    b.ok(&[
+        "create",
+        "rolebinding",
+        "alice-view",
+        "--clusterrole=view",
+        "--user=alice",
+        "-n",
+        "team-a",
+    ]);
+    assert!(!can_i(&b, &[&alice, "list", "persistentvolumes"]));
+    assert!(!can_i(&b, &[&alice, "list", "secrets"]));
+    // What a CRD's installer does: a role labelled to be part of view.
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: secret-peeker\n  labels: {rbac.authorization.k8s.io/aggregate-to-view: \"true\"}\nrules: [{apiGroups: [\"\"], resources: [secrets], verbs: [list]}]\n",
+    ));
+    baton::wait_until(
+        std::time::Duration::from_secs(30),
+        "view to gather the new rule",
+        || can_i(&b, &[&alice, "list", "secrets"]).then_some(()),
+    );
+    let view = b.ok(&[
+        "get",
+        "clusterrole",
+        "view",
+        "-o",
+        "jsonpath={.rules[*].resources}",
+    ]);
+    assert!(view.contains("secrets"), "{view}");
+    // edit and admin aggregate view's sources too.
+    let admin = b.ok(&[
+        "get",
+        "clusterrole",
+        "admin",
+        "-o",
+        "jsonpath={.rules[*].resources}",
+    ]);
+    assert!(admin.contains("secrets"), "{admin}");
+    b.ok(&["delete", "clusterrole", "secret-peeker"]);
+    baton::wait_until(
+        std::time::Duration::from_secs(30),
+        "view to drop the rule",
+        || (!can_i(&b, &[&alice, "list", "secrets"])).then_some(()),
+    );
+}

@@ -72,6 +72,7 @@ impl World {
             leases: store::<Lease>().0,
             pdbs: store::<k8s_openapi::api::policy::v1::PodDisruptionBudget>().0,
             quotas: store::<k8s_openapi::api::core::v1::ResourceQuota>().0,
+            clusterroles: store::<k8s_openapi::api::rbac::v1::ClusterRole>().0,
             node_grace: Duration::from_secs(40),
             cidr_lock: Default::default(),
             cidrs_given: Default::default(),

@@ -19,6 +19,7 @@
 //! | ServiceAccount (a `default` one per namespace) | [`serviceaccount`] |
 //! | ResourceQuota status (what a namespace uses, recounted) | [`resourcequota`] |
 //! | PodDisruptionBudget status (what evictions ask) | [`disruption`] |
+//! | ClusterRole aggregation (`aggregationRule`) | [`aggregation`] |
 //! | garbage collection, namespace deletion | [`gc`] |
 //!
 //! ## Shared informers
@@ -27,6 +28,7 @@
 //! shared streams). A ReplicaSet controller that needs its pods reads the pod store instead
 //! of listing.
 
+pub mod aggregation;
 pub mod clock;
 pub mod cronjob;
 pub mod daemonset;
@@ -62,6 +64,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, store::Writer, Store};
@@ -93,6 +96,7 @@ pub struct Ctx {
     pub leases: Store<Lease>,
     pub pdbs: Store<PodDisruptionBudget>,
     pub quotas: Store<ResourceQuota>,
+    pub clusterroles: Store<ClusterRole>,
     /// How long a node may be silent before it is marked unknown and tainted.
     pub node_grace: Duration,
     pub cidr_lock: tokio::sync::Mutex<()>,
@@ -316,6 +320,7 @@ pub async fn run(
     let leases = Informer::<Lease>::new();
     let pdbs = Informer::<PodDisruptionBudget>::new();
     let quotas = Informer::<ResourceQuota>::new();
+    let clusterroles = Informer::<ClusterRole>::new();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.store.clone(),
@@ -336,6 +341,7 @@ pub async fn run(
         leases: leases.store.clone(),
         pdbs: pdbs.store.clone(),
         quotas: quotas.store.clone(),
+        clusterroles: clusterroles.store.clone(),
         node_grace: config.node_monitor_grace,
         cidr_lock: tokio::sync::Mutex::new(()),
         cidrs_given: Default::default(),
@@ -453,8 +459,18 @@ pub async fn run(
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())
         .run(resourcequota::reconcile, error_policy, ctx.clone());
+    let ctx6 = ctx.clone();
+    let aggregation_controller =
+        Controller::for_shared_stream(clusterroles.subscribe(), clusterroles.store.clone())
+            .watches_shared_stream(clusterroles.subscribe(), move |_r: Arc<ClusterRole>| {
+                aggregation::aggregating(&ctx6)
+            })
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(aggregation::reconcile, error_policy, ctx.clone());
     let watches = [
         pods.start(Api::all(client.clone())),
+        clusterroles.start(Api::all(client.clone())),
         replicasets.start(Api::all(client.clone())),
         replicationcontrollers.start(Api::all(client.clone())),
         deployments.start(Api::all(client.clone())),
@@ -493,6 +509,7 @@ pub async fn run(
         drain("nodelifecycle", node_controller),
         drain("disruption", pdb_controller),
         drain("resourcequota", quota_controller),
+        drain("clusterrole-aggregation", aggregation_controller),
     );
     gc.abort();
     for w in watches {
