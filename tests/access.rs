@@ -311,3 +311,66 @@ fn a_labelled_clusterrole_extends_the_roles_that_aggregate_it() {
         || (!can_i(&b, &[&alice, "list", "secrets"])).then_some(()),
     );
 }
+
+#[test]
+fn a_validating_admission_policy_denies_a_deployment_without_a_label() {
+    let b = Baton::start();
+    b.ok_with(
+        "kubectl",
+        &["apply", "-f", "-"],
+        Some(
+            r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: require-team}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [apps]
+      apiVersions: [v1]
+      operations: [CREATE, UPDATE]
+      resources: [deployments]
+  validations:
+  - expression: "has(object.metadata.labels) && 'team' in object.metadata.labels"
+    message: every Deployment needs a team label
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: require-team}
+spec:
+  policyName: require-team
+  validationActions: [Deny]
+"#,
+        ),
+    );
+    let listed = b.ok(&["get", "validatingadmissionpolicies"]);
+    assert!(listed.contains("require-team"), "{listed}");
+    let err = baton::wait_until(
+        std::time::Duration::from_secs(10),
+        "the policy to take effect",
+        || {
+            let out = b.run(
+                "kubectl",
+                &[
+                    "create",
+                    "deployment",
+                    "web",
+                    "--image=registry.local/app:1",
+                ],
+                None,
+            );
+            if out.status.success() {
+                b.ok(&["delete", "deployment", "web"]);
+                return None;
+            }
+            Some(String::from_utf8_lossy(&out.stderr).into_owned())
+        },
+    );
+    assert!(
+        err.contains("ValidatingAdmissionPolicy 'require-team' with binding 'require-team' denied request: every Deployment needs a team label"),
+        "{err}"
+    );
+    let labelled = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, labels: {team: a}}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: c, image: registry.local/app:1}]}\n";
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(labelled));
+}

@@ -32,6 +32,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod cache;
 pub mod crd;
 pub mod defaults;
 pub mod discovery;
@@ -45,6 +46,7 @@ pub mod objects;
 pub mod openapi_v2;
 pub mod patch;
 pub mod pki;
+pub mod policy;
 pub mod protobuf;
 pub mod resources;
 pub mod rest;

@@ -24,6 +24,8 @@ pub struct Objects {
     pub access: crate::access::Access,
     /// What is encrypted at rest, and with which keys (none: everything is plaintext).
     pub encryption: Option<std::sync::Arc<crate::encryption::Encryption>>,
+    /// The admission policies and their bindings, compiled.
+    pub policies: crate::cache::Cache<crate::policy::Policies>,
 }
 
 impl Objects {
@@ -34,6 +36,7 @@ impl Objects {
             registry: Registry::new(),
             access: crate::access::Access::default(),
             encryption: None,
+            policies: crate::cache::Cache::new(crate::policy::PREFIX),
         }
     }
 

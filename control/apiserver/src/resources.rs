@@ -197,8 +197,8 @@ macro_rules! resource {
 }
 
 use k8s_openapi::api::{
-    apps, authentication, authorization, autoscaling, batch, certificates, coordination, core,
-    discovery, networking, rbac, scheduling,
+    admissionregistration, apps, authentication, authorization, autoscaling, batch, certificates,
+    coordination, core, discovery, networking, rbac, scheduling,
 };
 
 /// The built-in resources, in discovery order.
@@ -542,6 +542,32 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         cat = [],
         sub = [],
         strategy = strategy::RoleBindings { cluster: true }
+    ),
+    resource!(
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingAdmissionPolicy",
+        "validatingadmissionpolicies",
+        "validatingadmissionpolicy",
+        false,
+        admissionregistration::v1::ValidatingAdmissionPolicy,
+        short = [],
+        cat = ["api-extensions"],
+        sub = ["status"],
+        strategy = strategy::ValidatingAdmissionPolicies
+    ),
+    resource!(
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingAdmissionPolicyBinding",
+        "validatingadmissionpolicybindings",
+        "validatingadmissionpolicybinding",
+        false,
+        admissionregistration::v1::ValidatingAdmissionPolicyBinding,
+        short = [],
+        cat = ["api-extensions"],
+        sub = [],
+        strategy = strategy::ValidatingAdmissionPolicyBindings
     ),
     resource!(
         "authorization.k8s.io",

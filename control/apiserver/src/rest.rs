@@ -572,6 +572,25 @@ pub(crate) async fn create_object(
     validate(res, &obj, None)?;
     crate::admission::node_restriction(&req.user, res, &obj)?;
     res.strategy.admit(objects, &req.user, &obj, None).await?;
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    crate::policy::validate(
+        objects,
+        &crate::policy::Attempt {
+            res,
+            operation: "CREATE",
+            namespace: ns.as_deref(),
+            name: &name,
+            object: &obj,
+            old: None,
+            user: &req.user,
+            dry_run: req.dry_run(),
+        },
+    )
+    .await?;
     if let Some(ns) = &ns {
         crate::admission::charge_quota(objects, res, ns, &obj, req.dry_run()).await?;
     }
@@ -584,11 +603,6 @@ pub(crate) async fn create_object(
             None,
         );
     }
-    let name = obj
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
     // Values picked from a shared range may be taken by a concurrent create before this
     // one writes: the create's transaction refuses, and another pick is made.
     for _ in 0..8 {
@@ -764,6 +778,20 @@ pub(crate) async fn store_update(
     res.strategy
         .admit(objects, &req.user, &new, Some(old))
         .await?;
+    crate::policy::validate(
+        objects,
+        &crate::policy::Attempt {
+            res,
+            operation: "UPDATE",
+            namespace: ns,
+            name,
+            object: &new,
+            old: Some(old),
+            user: &req.user,
+            dry_run: req.dry_run(),
+        },
+    )
+    .await?;
     let unchanged = {
         let strip = |v: &Value| {
             let mut v = v.clone();

@@ -165,13 +165,18 @@ impl ApiServer {
             .map_err(ServeError::Bootstrap)?;
         // Every role and binding is read before the first request is served, so that no
         // request is refused for a grant that exists.
-        let rev = self
-            .objects
-            .access
+        let rbac = &self.objects.access.rbac;
+        let rev = rbac
             .load(&self.objects)
             .await
             .map_err(ServeError::Bootstrap)?;
-        tokio::spawn(self.objects.access.clone().run(self.objects.clone(), rev));
+        tokio::spawn(rbac.clone().run(self.objects.clone(), rev));
+        let policies = &self.objects.policies;
+        let rev = policies
+            .load(&self.objects)
+            .await
+            .map_err(ServeError::Bootstrap)?;
+        tokio::spawn(policies.clone().run(self.objects.clone(), rev));
         self.serve_custom_resources().await
     }
 

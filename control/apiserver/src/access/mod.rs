@@ -8,8 +8,8 @@
 //! 2. a node agent goes to the Node authorizer ([`baton_auth::node`]), which may allow or
 //!    refuse outright; what it has no opinion on goes on to RBAC;
 //! 3. RBAC ([`baton_auth::rbac`]) over every Role, ClusterRole and binding, which a loop
-//!    keeps current from the store (list, then watch; a lost watch lists again). Each API
-//!    server of an HA control plane keeps its own, from the shared store.
+//!    keeps current from the store ([`crate::cache`]). Each API server of an HA control
+//!    plane keeps its own, from the shared store.
 //!
 //! Writes of roles and bindings then pass the escalation check ([`escalation`]), and
 //! writes by nodes NodeRestriction admission.
@@ -20,14 +20,13 @@ pub mod escalation;
 pub mod reviews;
 pub mod tokens;
 
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 use baton_auth::rbac::{Kind, Policy};
 use baton_auth::{node, Attributes, Decision, UserInfo};
-use baton_store::{EventKind, RangeRequest, Revision, WatchEvent};
 use serde_json::Value;
 
+use crate::cache::{Cache, Index};
 use crate::error::{ApiError, ApiResult};
 use crate::objects::{Objects, ReadAt};
 use crate::pki::Pki;
@@ -36,12 +35,38 @@ use crate::resources;
 /// Store prefix of the four RBAC kinds.
 const RBAC_PREFIX: &str = "/registry/rbac.authorization.k8s.io/";
 
+/// The RBAC policy, as a [`Cache`] index of the RBAC store prefix.
+#[derive(Debug, Default)]
+pub struct RbacIndex(Policy);
+
+impl Index for RbacIndex {
+    fn apply(&mut self, key: &str, obj: Option<Value>) {
+        let Some((kind, ns, name)) = parse_key(key.as_bytes()) else {
+            return;
+        };
+        match obj {
+            Some(o) => self.0.apply(kind, &o),
+            None => self.0.remove(kind, &ns, &name),
+        }
+    }
+}
+
 /// The authorizer: the RBAC policy as last read from the store, and the key that signs
 /// ServiceAccount tokens.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Access {
-    policy: Arc<RwLock<Policy>>,
+    /// Every role and binding, kept current by [`Cache::run`].
+    pub rbac: Cache<RbacIndex>,
     pki: Option<Pki>,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Self {
+            rbac: Cache::new(RBAC_PREFIX),
+            pki: None,
+        }
+    }
 }
 
 impl Access {
@@ -66,96 +91,7 @@ impl Access {
 
     /// Runs `f` over the current policy.
     pub fn with_policy<T>(&self, f: impl FnOnce(&Policy) -> T) -> T {
-        f(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    fn replace(&self, p: Policy) {
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = p;
-    }
-
-    fn update(&self, f: impl FnOnce(&mut Policy)) {
-        f(&mut self.policy.write().unwrap_or_else(|p| p.into_inner()));
-    }
-
-    /// Reads every role and binding, once; returns the revision read at.
-    pub async fn load(&self, objects: &Objects) -> ApiResult<Revision> {
-        let mut policy = Policy::default();
-        let mut start_after = None;
-        loop {
-            let page = objects
-                .store
-                .range(RangeRequest {
-                    prefix: RBAC_PREFIX.as_bytes().to_vec(),
-                    start_after: start_after.take(),
-                    limit: 1000,
-                    revision: 0,
-                    serializable: false,
-                })
-                .await?;
-            for kv in &page.kvs {
-                if let Some((kind, _, _)) = parse_key(&kv.key) {
-                    policy.apply(kind, &objects.decode(kv)?);
-                }
-            }
-            if !page.more {
-                self.replace(policy);
-                return Ok(page.revision);
-            }
-            start_after = page.kvs.last().map(|kv| kv.key.clone());
-        }
-    }
-
-    /// Keeps the policy current until the store closes.
-    pub async fn run(self, objects: Objects, mut from: Revision) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.follow(&objects, from).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "following RBAC objects failed; reading them again");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    match self.load(&objects).await {
-                        Ok(rev) => {
-                            from = rev;
-                            backoff = Duration::from_millis(100);
-                        }
-                        Err(e) => tracing::warn!(error = %e, "reading RBAC objects failed"),
-                    }
-                }
-            }
-        }
-    }
-
-    /// Applies changes after `from` as they come; Ok when the store closes.
-    async fn follow(&self, objects: &Objects, from: Revision) -> ApiResult<()> {
-        let mut watch = match objects.store.watch(RBAC_PREFIX, from + 1) {
-            Ok(w) => w,
-            Err(baton_store::Error::Closed) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        while let Some(ev) = watch.next().await {
-            match ev {
-                Ok(WatchEvent::Events(revs)) => {
-                    for e in revs.events {
-                        let Some((kind, ns, name)) = parse_key(&e.kv.key) else {
-                            continue;
-                        };
-                        match e.kind {
-                            EventKind::Put => {
-                                let obj = objects.decode(&e.kv)?;
-                                self.update(|p| p.apply(kind, &obj));
-                            }
-                            EventKind::Delete => self.update(|p| p.remove(kind, &ns, &name)),
-                        }
-                    }
-                }
-                Ok(WatchEvent::Progress(_)) => {}
-                Err(baton_store::Error::Closed) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
+        self.rbac.read(|i| f(&i.0))
     }
 
     /// The chain's answer for one request.
@@ -168,7 +104,12 @@ impl Access {
                 node::Check::Decided(d) => d,
                 node::Check::PodOnNode { namespace, name } => {
                     match pod_node(objects, &namespace, &name).await {
-                        Some(n) if n == node => Decision::Allow("node authorizer: its pod".into()),
+                        Some(Some(n)) if n == node => {
+                            Decision::Allow("node authorizer: its pod".into())
+                        }
+                        // Gone already: the request goes on to its 404 (a node may
+                        // read every pod, so this tells it nothing new).
+                        None => Decision::Allow("node authorizer: no such pod".into()),
                         _ => Decision::Deny(format!(
                             "node {node:?} may not change pod \"{namespace}/{name}\", which is not bound to it"
                         )),
@@ -242,16 +183,19 @@ fn parse_key(key: &[u8]) -> Option<(Kind, String, String)> {
     }
 }
 
-/// The node a pod is bound to, if the pod exists.
-async fn pod_node(objects: &Objects, ns: &str, name: &str) -> Option<String> {
+/// The node a pod is bound to: None if the pod does not exist, Some(None) if it is
+/// unbound (or cannot be read).
+async fn pod_node(objects: &Objects, ns: &str, name: &str) -> Option<Option<String>> {
     let pods = resources::builtin("Pod");
-    let (pod, _) = objects
-        .get(pods, Some(ns), name, ReadAt::Latest)
-        .await
-        .ok()??;
-    pod.pointer("/spec/nodeName")
-        .and_then(Value::as_str)
-        .map(String::from)
+    match objects.get(pods, Some(ns), name, ReadAt::Latest).await {
+        Ok(None) => None,
+        Ok(Some((pod, _))) => Some(
+            pod.pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .map(String::from),
+        ),
+        Err(_) => Some(None),
+    }
 }
 
 /// Whether a pod bound to `node` in `ns` uses the object: a Secret or ConfigMap through

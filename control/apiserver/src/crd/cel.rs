@@ -58,6 +58,8 @@ const REASONS: [&str; 4] = [
 /// Names a rule may use besides its comprehension variables: the two bindings and the type
 /// names CEL predeclares.
 const KNOWN: &str = "self oldSelf int uint double bool string bytes list map null_type type";
+/// The type names CEL predeclares, which any expression may use.
+const TYPE_NAMES: &str = "int uint double bool string bytes list map null_type type";
 /// Function namespaces (`math.greatest(...)`): the target of such a call is not a variable.
 const NAMESPACES: [&str; 3] = ["optional", "math", "strings"];
 /// CEL's reserved words, which kube spells `__word__` as property names.
@@ -344,6 +346,12 @@ fn env() -> &'static Arc<Env> {
 /// Parses and instruments `source`; returns it and whether it uses `oldSelf`, or the detail
 /// of kube's error. (Without a type checker, a rule that is not a bool fails when it runs.)
 fn compile(source: &str) -> Result<(Compiled, bool), String> {
+    let known: Vec<&str> = KNOWN.split(' ').collect();
+    compile_with(source, &known)
+}
+
+/// [`compile`], with `known` the names the expression may use.
+fn compile_with(source: &str, known: &[&str]) -> Result<(Compiled, bool), String> {
     let failed = |e| format!("compilation failed: {e}");
     let program = env().compile(source).map_err(failed)?;
     let mut expr = program.expression().clone();
@@ -352,7 +360,7 @@ fn compile(source: &str) -> Result<(Compiled, bool), String> {
     let unknown = walk
         .free
         .iter()
-        .find(|(_, n)| !KNOWN.split(' ').any(|k| k == n));
+        .find(|(_, n)| !known.iter().any(|k| k == n));
     if let Some((id, name)) = unknown {
         let at = program.source_info().offset_for(*id);
         let at = at.map_or(0, |(start, _)| start as usize);
@@ -844,6 +852,70 @@ impl Node {
                 _ => FieldError::invalid(at, ty, detail),
             });
         }
+    }
+}
+
+/// A CEL expression outside a schema (an admission policy's), over named JSON values,
+/// run under the same meter as schema rules.
+#[derive(Debug)]
+pub struct Expression {
+    compiled: Compiled,
+}
+
+impl Expression {
+    /// Parses `source`, which may use the names in `variables` (and CEL's type names).
+    pub fn compile(source: &str, variables: &[&str]) -> Result<Self, String> {
+        let mut known: Vec<&str> = TYPE_NAMES.split(' ').collect();
+        known.extend_from_slice(variables);
+        compile_with(source, &known).map(|(compiled, _)| Self { compiled })
+    }
+
+    /// Evaluates with `variables` bound; the value as JSON, or why it failed.
+    pub fn eval(&self, variables: &[(&str, &Value)]) -> Result<Value, String> {
+        let mut ctx = Context::with_env(Arc::clone(env()));
+        for (name, value) in variables {
+            let v = Box::<dyn Val>::try_from(to_cel(value, None));
+            ctx.add_variable_as_val(*name, v.unwrap_or_else(|_| Box::new(CelNull)));
+        }
+        let mut run = Run {
+            errs: Vec::new(),
+            budget: PER_CALL_LIMIT,
+            deadline: Instant::now() + PER_CALL_TIME,
+            stopped: false,
+        };
+        match run.eval(&self.compiled, &ctx) {
+            Ok(Ok(v)) => Ok(from_cel(&v)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(CANCELLED.to_string()),
+        }
+    }
+}
+
+/// A CEL value as JSON (what policies' variables and messages hold).
+fn from_cel(v: &Cel) -> Value {
+    match v {
+        Cel::Null => Value::Null,
+        Cel::Bool(b) => Value::Bool(*b),
+        Cel::Int(i) => Value::from(*i),
+        Cel::UInt(u) => Value::from(*u),
+        Cel::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        Cel::String(s) => Value::String(s.to_string()),
+        Cel::List(l) => Value::Array(l.iter().map(from_cel).collect()),
+        Cel::Map(m) => Value::Object(
+            m.map
+                .iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Key::String(s) => s.to_string(),
+                        Key::Int(i) => i.to_string(),
+                        Key::Uint(u) => u.to_string(),
+                        Key::Bool(b) => b.to_string(),
+                    };
+                    (key, from_cel(v))
+                })
+                .collect(),
+        ),
+        other => Value::String(format!("{other:?}")),
     }
 }
 

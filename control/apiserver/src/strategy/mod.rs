@@ -7,6 +7,7 @@
 //! an entry in [`crate::resources`] with its strategy; a kind that behaves like a plain
 //! object uses [`Plain`].
 
+mod admission;
 mod core;
 mod events;
 mod networking;
@@ -36,6 +37,7 @@ pub use self::core::{
     ConfigMaps, EndpointSlices, Endpoints, Events, Leases, Namespaces, Nodes, Secrets,
     ServiceAccounts,
 };
+pub use admission::{ValidatingAdmissionPolicies, ValidatingAdmissionPolicyBindings};
 pub use events::EventsV1;
 pub use networking::{IngressClasses, Ingresses, NetworkPolicies};
 pub use platform::{
