@@ -104,6 +104,13 @@ pub struct Up {
     _dir: tempfile::TempDir,
 }
 
+impl Up {
+    /// The data dir `baton up` runs on.
+    pub fn data_dir(&self) -> &Path {
+        self._dir.path()
+    }
+}
+
 /// Starts `BIN up` (with `extra` arguments) and connects to it once it serves.
 pub async fn up(bin: &Path, extra: &[&str]) -> Result<Up> {
     let dir = tempfile::tempdir()?;

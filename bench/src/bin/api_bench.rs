@@ -188,7 +188,116 @@ async fn main() -> Result<()> {
         );
     }
     println!("goal: p99 <= 10 ms for create and get at 64 clients (Kubernetes SLO: 1 s)");
-    custom_resources(&client, ops).await
+    custom_resources(&client, ops).await?;
+    rbac(&bin, &up, ops).await
+}
+
+/// Create and get at 64 clients as a user whom RBAC must find among 50 Roles and 200
+/// RoleBindings, beside the same run as a superuser (whom RBAC never asks).
+async fn rbac(bin: &std::path::Path, up: &baton_bench::Up, ops: usize) -> Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let admin = up.client.clone();
+    for ns in ["rbac-admin", "rbac-user"] {
+        let n: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
+        Api::<Namespace>::all(admin.clone())
+            .create(&PostParams::default(), &n)
+            .await?;
+    }
+    let roles: Api<Role> = Api::namespaced(admin.clone(), "rbac-user");
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), "rbac-user");
+    for r in 0..50 {
+        let role: Role = serde_json::from_value(json!({
+            "metadata": {"name": format!("role-{r:02}")},
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["get", "list"]},
+                {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["configmaps"], "verbs": if r == 49 { json!(["create", "get"]) } else { json!(["list"]) }},
+            ]
+        }))?;
+        roles.create(&PostParams::default(), &role).await?;
+    }
+    // 199 bindings for other users, and the bench user's last, so every request scans them.
+    for b in 0..200 {
+        let (user, role) = if b == 199 {
+            ("bench-user".to_string(), 49)
+        } else {
+            (format!("user-{b}"), b % 50)
+        };
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": format!("binding-{b:03}")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": format!("role-{role:02}")},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+        }))?;
+        bindings.create(&PostParams::default(), &binding).await?;
+    }
+    let out = std::process::Command::new(bin)
+        .args(["kubeconfig", "--user", "bench-user", "--data-dir"])
+        .arg(up.data_dir())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "baton kubeconfig failed");
+    let kc = kube::config::Kubeconfig::from_yaml(&String::from_utf8_lossy(&out.stdout))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    let user = kube::Client::try_from(config)?;
+    // The grant reaches the server's policy through its watch.
+    let probe: Api<ConfigMap> = Api::namespaced(user.clone(), "rbac-user");
+    let t0 = Instant::now();
+    while probe
+        .create(&PostParams::default(), &cm("probe", "x"))
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the bench user was never allowed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!();
+    println!("Authorization: 64 clients, 50 Roles and 200 RoleBindings in the namespace; a superuser beside a user RBAC must find");
+    println!("| op | superuser p50 ms | superuser p99 ms | RBAC user p50 ms | RBAC user p99 ms | p99 ratio |");
+    println!("|---|---|---|---|---|---|");
+    let clients = 64usize;
+    let mut results = Vec::new();
+    for (client, ns) in [(admin.clone(), "rbac-admin"), (user.clone(), "rbac-user")] {
+        let api: Api<ConfigMap> = Api::namespaced(client, ns);
+        let a = api.clone();
+        let (_, create) = run(clients, ops, move |c, i| {
+            let api = a.clone();
+            async move {
+                api.create(&PostParams::default(), &cm(&format!("r-{c}-{i}"), "x"))
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let (_, get) = run(clients, ops, move |c, i| {
+            let api = api.clone();
+            async move {
+                api.get(&format!("r-{c}-{}", (i * 7) % ops)).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        results.push((create, get));
+    }
+    let (mut admin_r, mut user_r) = (results.remove(0), results.remove(0));
+    for (op, a, u) in [
+        ("create", &mut admin_r.0, &mut user_r.0),
+        ("get", &mut admin_r.1, &mut user_r.1),
+    ] {
+        let (a99, u99) = (pct(a, 0.99), pct(u, 0.99));
+        println!(
+            "| {op} | {} | {} | {} | {} | {:.2}x |",
+            ms(pct(a, 0.5)),
+            ms(a99),
+            ms(pct(u, 0.5)),
+            ms(u99),
+            u99.as_secs_f64() / a99.as_secs_f64().max(1e-9)
+        );
+    }
+    println!("goal: authorization adds under 10% (p99 ratio < 1.10x)");
+    Ok(())
 }
 
 /// A CRD's objects beside ConfigMaps of the same size: the schema's pruning, defaulting,
