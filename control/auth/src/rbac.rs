@@ -10,7 +10,7 @@
 //! [`covers`] is the escalation check: whoever writes a role or a binding must already
 //! hold every permission it grants (unless allowed to `escalate` or `bind`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::rbac::v1::{PolicyRule, RoleRef, Subject};
 use serde_json::Value;
@@ -45,13 +45,98 @@ struct Binding {
     subjects: Vec<Subject>,
 }
 
+/// The bindings of one scope (a namespace, or "" for the ClusterRoleBindings), and who
+/// they name, so that a request looks up its user's few keys instead of scanning them.
+#[derive(Debug, Clone, Default)]
+struct Scope {
+    bindings: BTreeMap<String, Binding>,
+    users: HashMap<String, BTreeSet<String>>,
+    groups: HashMap<String, BTreeSet<String>>,
+    /// By `namespace/name`.
+    service_accounts: HashMap<String, BTreeSet<String>>,
+}
+
+impl Scope {
+    fn keys<'a>(
+        subjects: &'a [Subject],
+        scope: &'a str,
+    ) -> impl Iterator<Item = (SubjectKind, String)> + 'a {
+        subjects.iter().filter_map(move |s| match s.kind.as_str() {
+            "User" => Some((SubjectKind::User, s.name.clone())),
+            "Group" => Some((SubjectKind::Group, s.name.clone())),
+            "ServiceAccount" => {
+                let ns = s
+                    .namespace
+                    .as_deref()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or(scope);
+                Some((SubjectKind::ServiceAccount, format!("{ns}/{}", s.name)))
+            }
+            _ => None,
+        })
+    }
+
+    fn index(&mut self, kind: SubjectKind) -> &mut HashMap<String, BTreeSet<String>> {
+        match kind {
+            SubjectKind::User => &mut self.users,
+            SubjectKind::Group => &mut self.groups,
+            SubjectKind::ServiceAccount => &mut self.service_accounts,
+        }
+    }
+
+    fn insert(&mut self, scope: &str, name: String, b: Binding) {
+        self.remove(scope, &name);
+        for (kind, key) in Scope::keys(&b.subjects, scope) {
+            self.index(kind)
+                .entry(key)
+                .or_default()
+                .insert(name.clone());
+        }
+        self.bindings.insert(name, b);
+    }
+
+    fn remove(&mut self, scope: &str, name: &str) {
+        let Some(old) = self.bindings.remove(name) else {
+            return;
+        };
+        for (kind, key) in Scope::keys(&old.subjects, scope) {
+            let index = self.index(kind);
+            if let Some(set) = index.get_mut(&key) {
+                set.remove(name);
+                if set.is_empty() {
+                    index.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The names of the bindings that name `user`, in name order.
+    fn naming<'a>(&'a self, user: &UserInfo) -> BTreeSet<&'a str> {
+        let mut sets: Vec<&'a BTreeSet<String>> = Vec::new();
+        sets.extend(self.users.get(&user.name));
+        sets.extend(user.groups.iter().filter_map(|g| self.groups.get(g)));
+        if let Some((ns, name)) = user.as_service_account() {
+            sets.extend(self.service_accounts.get(&format!("{ns}/{name}")));
+        }
+        sets.into_iter().flatten().map(String::as_str).collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SubjectKind {
+    User,
+    Group,
+    ServiceAccount,
+}
+
 /// Every role and binding of the cluster, ready to answer "may this user do this".
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
-    roles: HashMap<(String, String), Vec<PolicyRule>>,
+    /// Roles by namespace, then name.
+    roles: HashMap<String, HashMap<String, Vec<PolicyRule>>>,
     cluster_roles: HashMap<String, Vec<PolicyRule>>,
-    bindings: HashMap<String, BTreeMap<String, Binding>>,
-    cluster_bindings: BTreeMap<String, Binding>,
+    /// Bindings by namespace; "" holds the ClusterRoleBindings.
+    scopes: HashMap<String, Scope>,
 }
 
 fn str_at<'a>(v: &'a Value, p: &str) -> &'a str {
@@ -64,6 +149,15 @@ fn rules_of(obj: &Value) -> Vec<PolicyRule> {
         .unwrap_or_default()
 }
 
+/// The scope of a binding kind: its namespace, or "" for a ClusterRoleBinding.
+fn scope_of(kind: Kind, ns: &str) -> &str {
+    if kind == Kind::ClusterRoleBinding {
+        ""
+    } else {
+        ns
+    }
+}
+
 impl Policy {
     /// Adds or replaces one stored object (as the API stores it).
     pub fn apply(&mut self, kind: Kind, obj: &Value) {
@@ -71,7 +165,10 @@ impl Policy {
         let name = str_at(obj, "/metadata/name").to_string();
         match kind {
             Kind::Role => {
-                self.roles.insert((ns, name), rules_of(obj));
+                self.roles
+                    .entry(ns)
+                    .or_default()
+                    .insert(name, rules_of(obj));
             }
             Kind::ClusterRole => {
                 self.cluster_roles.insert(name, rules_of(obj));
@@ -88,12 +185,12 @@ impl Policy {
                     .get("subjects")
                     .and_then(|s| serde_json::from_value(s.clone()).ok())
                     .unwrap_or_default();
-                let b = Binding { role_ref, subjects };
-                if kind == Kind::RoleBinding {
-                    self.bindings.entry(ns).or_default().insert(name, b);
-                } else {
-                    self.cluster_bindings.insert(name, b);
-                }
+                let scope = scope_of(kind, &ns).to_string();
+                self.scopes.entry(scope.clone()).or_default().insert(
+                    &scope,
+                    name,
+                    Binding { role_ref, subjects },
+                );
             }
         }
     }
@@ -102,21 +199,24 @@ impl Policy {
     pub fn remove(&mut self, kind: Kind, ns: &str, name: &str) {
         match kind {
             Kind::Role => {
-                self.roles.remove(&(ns.to_string(), name.to_string()));
+                if let Some(m) = self.roles.get_mut(ns) {
+                    m.remove(name);
+                    if m.is_empty() {
+                        self.roles.remove(ns);
+                    }
+                }
             }
             Kind::ClusterRole => {
                 self.cluster_roles.remove(name);
             }
-            Kind::RoleBinding => {
-                if let Some(m) = self.bindings.get_mut(ns) {
-                    m.remove(name);
-                    if m.is_empty() {
-                        self.bindings.remove(ns);
+            Kind::RoleBinding | Kind::ClusterRoleBinding => {
+                let scope = scope_of(kind, ns);
+                if let Some(sc) = self.scopes.get_mut(scope) {
+                    sc.remove(scope, name);
+                    if sc.bindings.is_empty() {
+                        self.scopes.remove(scope);
                     }
                 }
-            }
-            Kind::ClusterRoleBinding => {
-                self.cluster_bindings.remove(name);
             }
         }
     }
@@ -127,48 +227,54 @@ impl Policy {
         match role_ref.kind.as_str() {
             "Role" if !ns.is_empty() => self
                 .roles
-                .get(&(ns.to_string(), role_ref.name.clone()))
+                .get(ns)
+                .and_then(|m| m.get(&role_ref.name))
                 .map(Vec::as_slice),
             "ClusterRole" => self.cluster_roles.get(&role_ref.name).map(Vec::as_slice),
             _ => None,
         }
     }
 
-    /// The bindings that apply in `ns` and name `user`: every ClusterRoleBinding, then
-    /// the namespace's RoleBindings, each with what it is called in a reason.
+    /// The bindings that apply in `ns` and name `user`: the ClusterRoleBindings, then
+    /// the namespace's RoleBindings, each with its scope and name.
     fn applying<'a>(
         &'a self,
         user: &'a UserInfo,
         ns: &'a str,
-    ) -> impl Iterator<Item = (String, &'a Binding, &'a str, &'a Subject)> + 'a {
-        let cluster = self
-            .cluster_bindings
-            .iter()
-            .map(|(n, b)| (format!("ClusterRoleBinding {n:?}"), b, ""));
-        let local = (!ns.is_empty())
-            .then(|| self.bindings.get(ns))
-            .flatten()
-            .into_iter()
-            .flatten()
-            .map(move |(n, b)| (format!("RoleBinding \"{n}/{ns}\""), b, ns));
-        cluster.chain(local).filter_map(move |(what, b, bns)| {
-            b.subjects
-                .iter()
-                .find(|s| applies_to(s, user, bns))
-                .map(|s| (what, b, bns, s))
-        })
+    ) -> impl Iterator<Item = (&'a str, &'a str, &'a Binding)> + 'a {
+        let local = (!ns.is_empty()).then_some(ns);
+        std::iter::once("")
+            .chain(local)
+            .filter_map(move |scope| Some((scope, self.scopes.get(scope)?)))
+            .flat_map(move |(scope, sc)| {
+                sc.naming(user)
+                    .into_iter()
+                    .filter_map(move |name| Some((scope, name, sc.bindings.get(name)?)))
+                    .collect::<Vec<_>>()
+            })
     }
 
     /// RBAC's answer: Allow with the binding that allowed it, or NoOpinion.
     pub fn authorize(&self, a: &Attributes) -> Decision {
-        for (what, b, bns, subject) in self.applying(&a.user, &a.namespace) {
-            let Some(rules) = self.role_rules(&b.role_ref, bns) else {
+        for (scope, name, b) in self.applying(&a.user, &a.namespace) {
+            let Some(rules) = self.role_rules(&b.role_ref, scope) else {
                 continue;
             };
             if rules.iter().any(|r| rule_allows(r, a)) {
+                let what = if scope.is_empty() {
+                    format!("ClusterRoleBinding {name:?}")
+                } else {
+                    format!("RoleBinding \"{name}/{scope}\"")
+                };
+                let subject = b
+                    .subjects
+                    .iter()
+                    .find(|s| applies_to(s, &a.user, scope))
+                    .map(|s| format!("{} {:?}", s.kind, s.name))
+                    .unwrap_or_default();
                 return Decision::Allow(format!(
-                    "RBAC: allowed by {what} of {} {:?} to {} {:?}",
-                    b.role_ref.kind, b.role_ref.name, subject.kind, subject.name
+                    "RBAC: allowed by {what} of {} {:?} to {subject}",
+                    b.role_ref.kind, b.role_ref.name
                 ));
             }
         }
@@ -179,8 +285,8 @@ impl Policy {
     /// order, as SelfSubjectRulesReview reports and the escalation check compares.
     pub fn rules_for(&self, user: &UserInfo, ns: &str) -> Vec<PolicyRule> {
         let mut out = Vec::new();
-        for (_, b, bns, _) in self.applying(user, ns) {
-            if let Some(rules) = self.role_rules(&b.role_ref, bns) {
+        for (scope, _, b) in self.applying(user, ns) {
+            if let Some(rules) = self.role_rules(&b.role_ref, scope) {
                 out.extend(rules.iter().cloned());
             }
         }
@@ -227,10 +333,9 @@ pub fn rule_allows(rule: &PolicyRule, a: &Attributes) -> bool {
     if !has(opt(&rule.api_groups), &a.api_group) {
         return false;
     }
-    let combined = a.combined_resource();
     let resource_ok = opt(&rule.resources).iter().any(|r| {
         r == "*"
-            || *r == combined
+            || names_combined(r, a)
             || (!a.subresource.is_empty() && r.strip_prefix("*/") == Some(a.subresource.as_str()))
     });
     if !resource_ok {
@@ -238,6 +343,17 @@ pub fn rule_allows(rule: &PolicyRule, a: &Attributes) -> bool {
     }
     let names = opt(&rule.resource_names);
     names.is_empty() || names.contains(&a.name)
+}
+
+/// Whether a rule's resource is the request's `resource[/subresource]`, without building
+/// that string on every check.
+fn names_combined(r: &str, a: &Attributes) -> bool {
+    if a.subresource.is_empty() {
+        return r == a.resource;
+    }
+    r.strip_prefix(a.resource.as_str())
+        .and_then(|rest| rest.strip_prefix('/'))
+        == Some(a.subresource.as_str())
 }
 
 /// Whether `owner`'s rules grant everything `requested` grants; if not, the parts of
@@ -470,6 +586,25 @@ mod tests {
         assert!(p.authorize(&req(&sa, "GET", "/healthz")).allowed());
         assert!(!p.authorize(&req(&sa, "GET", "/apis")).allowed());
         assert!(!p.authorize(&req(&sa, "POST", "/api")).allowed());
+    }
+
+    #[test]
+    fn a_binding_replaced_with_other_subjects_stops_naming_the_old_ones() {
+        let mut p = policy();
+        let alice = UserInfo::new("alice", &[]);
+        let bob = UserInfo::new("bob", &[]);
+        p.apply(
+            Kind::RoleBinding,
+            &json!({"metadata": {"name": "alice-view", "namespace": "a"},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+                    "subjects": [{"kind": "User", "name": "bob"}]}),
+        );
+        assert!(!p
+            .authorize(&req(&alice, "GET", "/api/v1/namespaces/a/pods"))
+            .allowed());
+        assert!(p
+            .authorize(&req(&bob, "GET", "/api/v1/namespaces/a/pods"))
+            .allowed());
     }
 
     #[test]
