@@ -445,9 +445,19 @@ async fn up(args: UpArgs) -> Result<()> {
 async fn node(args: NodeCmdArgs) -> Result<()> {
     let yaml = std::fs::read_to_string(&args.kubeconfig)
         .with_context(|| format!("failed to read {}", args.kubeconfig.display()))?;
-    let client = baton_kube::client::from_yaml(&yaml)
+    let joined = baton_kube::client::from_yaml(&yaml)
         .await
         .context("failed to connect to the cluster")?;
+    // Whatever the kubeconfig's user, the node goes on as system:node:NAME, under the
+    // Node authorizer: it asks for its own client certificate first.
+    let client = node_identity(&joined, &yaml, &args.node.name)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to get the client certificate of node {}",
+                args.node.name
+            )
+        })?;
     let mut loops = control::Loops::new();
     private_dir(&args.data_dir)?;
     loops.start_node(client, args.node.config(args.data_dir)?);
@@ -455,6 +465,21 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
     shutdown_signal().await;
     loops.shutdown().await;
     Ok(())
+}
+
+/// A client acting as node `name`, from a client certificate the cluster issues to the
+/// user of `joined`.
+async fn node_identity(joined: &kube::Client, yaml: &str, name: &str) -> Result<kube::Client> {
+    let body = serde_json::to_vec(&serde_json::json!({"usage": "client"}))?;
+    let req = http::Request::post(format!("/baton/v1/nodes/{name}/certificate"))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)?;
+    let v: serde_json::Value = joined.request(req).await?;
+    let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
+    let (Some(cert), Some(key)) = (get("certificate"), get("key")) else {
+        bail!("the API server's answer has no certificate and key");
+    };
+    Ok(baton_kube::client::with_client_certificate(yaml, &cert, &key).await?)
 }
 
 /// A started API server: where it is, its PKI, and the admin kubeconfig.

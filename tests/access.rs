@@ -374,3 +374,93 @@ spec:
     let labelled = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, labels: {team: a}}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: c, image: registry.local/app:1}]}\n";
     b.ok_with("kubectl", &["apply", "-f", "-"], Some(labelled));
 }
+
+/// A kubeconfig for node `name`, with the client certificate the API server issues a
+/// joining node (what `baton node` does before it starts).
+fn node_kubeconfig(b: &Baton, name: &str) -> String {
+    let body = write(b.dir.path(), "usage.json", r#"{"usage": "client"}"#);
+    let answer = b.ok(&[
+        "create",
+        "--raw",
+        &format!("/baton/v1/nodes/{name}/certificate"),
+        "-f",
+        &body.display().to_string(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
+    let admin = std::fs::read_to_string(&b.kubeconfig).unwrap();
+    let server = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .unwrap()
+        .to_string();
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let kc = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: baton\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: node\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: baton\n  context: {{cluster: baton, user: node}}\ncurrent-context: baton\n",
+        b64(v["ca"].as_str().unwrap()),
+        b64(v["certificate"].as_str().unwrap()),
+        b64(v["key"].as_str().unwrap())
+    );
+    let path = write(b.dir.path(), &format!("{name}.kubeconfig"), &kc);
+    format!("--kubeconfig={}", path.display())
+}
+
+#[test]
+fn a_node_identity_reads_only_its_pods_secrets_and_writes_only_itself() {
+    let b = Baton::start();
+    let n9 = node_kubeconfig(&b, "n9");
+    let who = b.ok(&[&n9, "auth", "whoami"]);
+    assert!(
+        who.contains("system:node:n9") && who.contains("system:nodes"),
+        "{who}"
+    );
+    // A pod of another node, and its Secret.
+    b.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "theirs",
+        "--from-literal=k=v",
+    ]);
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: other}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  nodeName: other\n  containers: [{name: c, image: registry.local/app:1, envFrom: [{secretRef: {name: theirs}}]}]\n",
+    ));
+    let err = b.fails(&[&n9, "get", "secret", "theirs"], None);
+    assert!(
+        err.contains(r#"User "system:node:n9" cannot get resource "secrets""#),
+        "{err}"
+    );
+    assert!(err.contains("no relationship found between node"), "{err}");
+    let err = b.fails(&[&n9, "delete", "node", "other"], None);
+    assert!(err.contains("cannot delete resource \"nodes\""), "{err}");
+    // It may register itself, and read what every node reads.
+    b.ok_with(
+        "kubectl",
+        &[&n9, "create", "-f", "-"],
+        Some("apiVersion: v1\nkind: Node\nmetadata: {name: n9}\n"),
+    );
+    let err = b.fails(
+        &[&n9, "create", "-f", "-"],
+        Some("apiVersion: v1\nkind: Node\nmetadata: {name: n10}\n"),
+    );
+    assert!(err.contains("not allowed to create a Node named"), "{err}");
+    b.ok(&[&n9, "get", "pods", "-A"]);
+    // And it may not ask for another node's certificate.
+    let err = b.fails(
+        &[
+            &n9,
+            "create",
+            "--raw",
+            "/baton/v1/nodes/other/certificate",
+            "-f",
+            &write(b.dir.path(), "u.json", r#"{"usage": "client"}"#)
+                .display()
+                .to_string(),
+        ],
+        None,
+    );
+    assert!(
+        err.contains("Forbidden") || err.contains("forbidden"),
+        "{err}"
+    );
+}

@@ -5,7 +5,10 @@
 //! - a node agent asks for its serving certificate at
 //!   `POST /baton/v1/nodes/NAME/certificate` with its own credentials (the user
 //!   `system:node:NAME`, or an administrator); the certificate names the node's addresses
-//!   and is good for server authentication only;
+//!   and is good for server authentication only. With `"usage": "client"` it asks for
+//!   its client certificate instead (`system:node:NAME` in `system:nodes`), which it then
+//!   calls the API with, so that every node acts as itself under the Node authorizer
+//!   whatever credentials it joined with;
 //! - the API server calls the node with a client certificate of its own
 //!   (`system:apiserver`, client authentication only), which the node checks against the
 //!   CA, and checks the node's certificate against the CA and the node's address.
@@ -40,9 +43,22 @@ pub fn issue_certificate(pki: &Pki, user: &User, node: &str, body: &[u8]) -> Res
         }
         .into_response();
     }
-    let addresses: Vec<String> = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("addresses").cloned())
+    let asked: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    if asked.get("usage").and_then(Value::as_str) == Some("client") {
+        let groups = [baton_auth::NODES.to_string()];
+        return match pki.issue_client_certificate(&format!("system:node:{node}"), &groups, 365) {
+            Ok((cert, key)) => (
+                StatusCode::OK,
+                [(http::header::CONTENT_TYPE, "application/json")],
+                json!({"certificate": cert, "key": key, "ca": pki.ca_pem}).to_string(),
+            )
+                .into_response(),
+            Err(e) => ApiError::internal(e).into_response(),
+        };
+    }
+    let addresses: Vec<String> = asked
+        .get("addresses")
+        .cloned()
         .and_then(|a| serde_json::from_value(a).ok())
         .unwrap_or_default();
     let ips: Vec<IpAddr> = addresses.iter().filter_map(|a| a.parse().ok()).collect();

@@ -21,3 +21,40 @@ pub async fn from_yaml(yaml: &str) -> Result<Client, ClientError> {
         .map_err(ClientError::Kubeconfig)?;
     Client::try_from(config).map_err(ClientError::Client)
 }
+
+/// A client from kubeconfig YAML whose current user is replaced by a client
+/// certificate and key (PEM): how a node agent, let in by whatever credentials it was
+/// given, goes on as itself.
+pub async fn with_client_certificate(
+    yaml: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Client, ClientError> {
+    use base64::Engine;
+    let mut kc = Kubeconfig::from_yaml(yaml).map_err(ClientError::Kubeconfig)?;
+    let current = kc.current_context.clone().unwrap_or_default();
+    let user = kc
+        .contexts
+        .iter()
+        .find(|c| c.name == current)
+        .and_then(|c| c.context.as_ref())
+        .and_then(|c| c.user.clone())
+        .unwrap_or_default();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    let auth = kube::config::AuthInfo {
+        client_certificate_data: Some(b64(cert_pem)),
+        client_key_data: Some(b64(key_pem).into()),
+        ..Default::default()
+    };
+    match kc.auth_infos.iter_mut().find(|a| a.name == user) {
+        Some(named) => named.auth_info = Some(auth),
+        None => kc.auth_infos.push(kube::config::NamedAuthInfo {
+            name: user,
+            auth_info: Some(auth),
+        }),
+    }
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(ClientError::Kubeconfig)?;
+    Client::try_from(config).map_err(ClientError::Client)
+}
