@@ -10,12 +10,18 @@ const DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 #[wstd::http_server]
 async fn main(_req: Request<Body>) -> Result<Response<Body>, Error> {
-    let read = |f: &str| std::fs::read_to_string(format!("{DIR}/{f}")).map(|s| s.trim().to_string());
+    let read =
+        |f: &str| std::fs::read_to_string(format!("{DIR}/{f}")).map(|s| s.trim().to_string());
     let (token, ns) = match (read("token"), read("namespace")) {
         (Ok(t), Ok(n)) => (t, n),
         (t, n) => {
             return Ok(Response::new(
-                format!("no service account files: token {:?}, namespace {:?}\n", t.err(), n.err()).into(),
+                format!(
+                    "no service account files: token {:?}, namespace {:?}\n",
+                    t.err(),
+                    n.err()
+                )
+                .into(),
             ))
         }
     };
