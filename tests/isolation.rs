@@ -752,7 +752,13 @@ fn a_damaged_write_ahead_log_is_refused_not_truncated() {
     let data = dir.path().join("data");
     let wal = newest_wal(&data);
     let mut bytes = std::fs::read(&wal).unwrap();
-    let at = bytes.len() / 2;
+    // Damage the log inside the record of the second ConfigMap: what precedes it (the
+    // cluster's own objects, and c0) must survive the repair.
+    let needle = b"configmaps/default/c1";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the log holds the second ConfigMap's write");
     bytes[at] ^= 0x5a;
     std::fs::write(&wal, &bytes).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))

@@ -638,7 +638,8 @@ async fn token_request(objects: &Objects, req: &Request) -> ApiResult<Response> 
     let (body, _) = decode_body(req)?;
     let ns = req.target.ns.as_deref().unwrap_or("default");
     let name = req.target.name.as_deref().unwrap_or_default();
-    let answer = crate::access::tokens::request(objects, ns, name, &body).await?;
+    let node = req.user.as_node();
+    let answer = crate::access::tokens::request(objects, ns, name, &body, node).await?;
     Ok(json_response(StatusCode::CREATED, &answer, &[]))
 }
 

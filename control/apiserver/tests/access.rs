@@ -479,6 +479,32 @@ async fn a_node_reads_only_what_its_pods_use_and_writes_only_itself() {
     assert_eq!(code, StatusCode::FORBIDDEN, "a node registers only itself");
     let (code, _) = e.json_as(n1, "GET", "/api/v1/pods", None).await;
     assert_eq!(code, StatusCode::OK);
+    // Tokens: only bound to its own pods.
+    let token = |pod: Option<&str>| {
+        let mut spec = json!({});
+        if let Some(p) = pod {
+            spec["boundObjectRef"] = json!({"kind": "Pod", "apiVersion": "v1", "name": p});
+        }
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
+    };
+    let uri = "/api/v1/namespaces/default/serviceaccounts/default/token";
+    ok(
+        &e,
+        "POST",
+        "/api/v1/namespaces/default/serviceaccounts",
+        json!({"metadata": {"name": "default"}}),
+    )
+    .await;
+    let (code, got) = e
+        .json_as(n1, "POST", uri, Some(token(Some("pod-n1"))))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{got}");
+    let (code, _) = e
+        .json_as(n1, "POST", uri, Some(token(Some("pod-n2"))))
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
+    let (code, _) = e.json_as(n1, "POST", uri, Some(token(None))).await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
     e.close().await;
 }
 

@@ -148,7 +148,17 @@ fn s<'a>(v: &'a Value, p: &str) -> &'a str {
 
 /// Answers a TokenRequest for ServiceAccount `ns/name`: the request echoed with its
 /// defaults and a `status` holding the token.
-pub async fn request(objects: &Objects, ns: &str, name: &str, body: &Value) -> ApiResult<Value> {
+///
+/// A node (`node`) may ask only for tokens bound to a pod bound to it, as
+/// NodeRestriction holds it: a node taken over cannot mint free-standing tokens for the
+/// accounts its pods run as.
+pub async fn request(
+    objects: &Objects,
+    ns: &str,
+    name: &str,
+    body: &Value,
+    node: Option<&str>,
+) -> ApiResult<Value> {
     let signer = objects.access.signer()?;
     let sas = resources::builtin("ServiceAccount");
     let (sa, _) = objects.get_or_404(sas, Some(ns), name).await?;
@@ -185,7 +195,13 @@ pub async fn request(objects: &Objects, ns: &str, name: &str, body: &Value) -> A
         "namespace": ns,
         "serviceaccount": {"name": name, "uid": s(&sa, "/metadata/uid")},
     });
-    if let Some(bound) = spec.get("boundObjectRef").filter(|b| !b.is_null()) {
+    let bound = spec.get("boundObjectRef").filter(|b| !b.is_null());
+    if let (Some(node), None) = (node, bound) {
+        return Err(ApiError::Forbidden {
+            message: format!("node {node:?} can only get tokens bound to one of its pods"),
+        });
+    }
+    if let Some(bound) = bound {
         let kind = s(bound, "/kind");
         let bname = s(bound, "/name");
         if kind != "Pod" {
@@ -195,6 +211,13 @@ pub async fn request(objects: &Objects, ns: &str, name: &str, body: &Value) -> A
         }
         let pods = resources::builtin("Pod");
         let (pod, _) = objects.get_or_404(pods, Some(ns), bname).await?;
+        if let Some(node) = node {
+            if s(&pod, "/spec/nodeName") != node {
+                return Err(ApiError::Forbidden {
+                    message: format!("node {node:?} can only get tokens for pods bound to it; pod {bname:?} is not"),
+                });
+            }
+        }
         let uid = s(&pod, "/metadata/uid");
         let want_uid = s(bound, "/uid");
         if !want_uid.is_empty() && want_uid != uid {
