@@ -29,6 +29,8 @@ use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde_json::Value;
 
+use crate::table::s;
+
 const PREFIX: &[u8] = b"k8s:enc:";
 
 #[derive(Debug, thiserror::Error)]
@@ -86,10 +88,6 @@ struct Rule {
 pub struct Encryption {
     rules: Vec<Rule>,
     rng: SystemRandom,
-}
-
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or("")
 }
 
 impl Encryption {

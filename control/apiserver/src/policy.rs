@@ -28,6 +28,7 @@ use crate::crd::cel::Expression;
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::objects::{Objects, ReadAt};
 use crate::resources::{self, Resource};
+use crate::table::{s, strings};
 
 /// Store prefix of the admissionregistration.k8s.io kinds.
 pub const PREFIX: &str = "/registry/admissionregistration.k8s.io/";
@@ -41,20 +42,6 @@ pub const VARIABLES: &[&str] = &[
     "namespaceObject",
     "variables",
 ];
-
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or("")
-}
-
-fn strings(v: Option<&Value>) -> Vec<String> {
-    v.and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 type Compiled = Result<Expression, String>;
 

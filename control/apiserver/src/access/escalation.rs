@@ -18,12 +18,9 @@ use serde_json::Value;
 use super::attributes;
 use crate::error::{ApiError, ApiResult};
 use crate::objects::Objects;
+use crate::table::s;
 
 const GROUP: &str = "rbac.authorization.k8s.io";
-
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or("")
-}
 
 fn rules(obj: &Value) -> Vec<PolicyRule> {
     obj.get("rules")

@@ -12,10 +12,7 @@ use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::objects::Objects;
-
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or("")
-}
+use crate::table::{s, strings};
 
 fn invalid(field: &str, message: &str) -> ApiError {
     ApiError::Invalid {
@@ -28,16 +25,6 @@ fn invalid(field: &str, message: &str) -> ApiError {
             message: message.into(),
         }],
     }
-}
-
-fn strings(v: Option<&Value>) -> Vec<String> {
-    v.and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The attributes a review's spec asks about, for `user`.

@@ -24,6 +24,7 @@ use sha2::Digest;
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::objects::{Objects, ReadAt};
 use crate::resources;
+use crate::table::{s, strings};
 
 /// The issuer every token names, and the audience of tokens that name none: the
 /// in-cluster address of the API, as Kubernetes' default.
@@ -142,10 +143,6 @@ fn rfc3339(secs: i64) -> String {
         .unwrap_or_default()
 }
 
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or("")
-}
-
 /// Answers a TokenRequest for ServiceAccount `ns/name`: the request echoed with its
 /// defaults and a `status` holding the token.
 ///
@@ -180,16 +177,10 @@ pub async fn request(
         Some(s) => s.min(MAX_SECONDS),
     };
     spec["expirationSeconds"] = json!(seconds);
-    let audiences: Vec<String> = spec
-        .get("audiences")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .filter(|a: &Vec<String>| !a.is_empty())
-        .unwrap_or_else(|| vec![ISSUER.to_string()]);
+    let mut audiences = strings(spec.get("audiences"));
+    if audiences.is_empty() {
+        audiences.push(ISSUER.to_string());
+    }
     spec["audiences"] = json!(audiences);
     let mut k8s = json!({
         "namespace": ns,
@@ -278,15 +269,7 @@ pub async fn check(
     if now + 60 < nbf {
         return Err("token is not valid yet".into());
     }
-    let token_aud: Vec<String> = claims
-        .get("aud")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let token_aud = strings(claims.get("aud"));
     let wanted: Vec<String> = if audiences.is_empty() {
         vec![ISSUER.to_string()]
     } else {

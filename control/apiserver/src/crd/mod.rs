@@ -26,7 +26,7 @@ use crate::error::{ApiError, ApiResult, FieldError};
 use crate::jsonpath::JsonPath;
 use crate::resources::{Body, Resource};
 use crate::strategy::{name, Cell, Column, ScalePaths, SelectorAt, Strategy, NAME_AGE};
-use crate::table::s;
+use crate::table::{s, strings};
 use crate::validation;
 
 /// The finalizer under which a deleted CRD's objects are deleted.
@@ -139,14 +139,6 @@ fn check_names(names: &Value, errs: &mut Vec<FieldError>) {
             errs.push(invalid(format!("{path}.categories[{i}]"), &json!(cat), e));
         }
     }
-}
-
-fn strings(v: Option<&Value>) -> Vec<String> {
-    v.and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x.as_str().map(String::from))
-        .collect()
 }
 
 fn check_version(v: &Value, path: &str, errs: &mut Vec<FieldError>) {
