@@ -38,8 +38,9 @@ impl Loops {
         &mut self,
         pki: &Pki,
         server: &str,
-        config: baton_controllers::Config,
+        mut config: baton_controllers::Config,
     ) -> Result<()> {
+        config.root_ca.get_or_insert_with(|| pki.ca_pem.clone());
         let client = client_for(pki, server, "system:kube-controller-manager").await?;
         let scheduler = client_for(pki, server, "system:kube-scheduler").await?;
         self.tasks.push(tokio::spawn(baton_scheduler::run(
@@ -61,8 +62,9 @@ impl Loops {
         pki: &Pki,
         server: &str,
         identity: String,
-        config: baton_controllers::Config,
+        mut config: baton_controllers::Config,
     ) -> Result<()> {
+        config.root_ca.get_or_insert_with(|| pki.ca_pem.clone());
         let client = client_for(pki, server, "system:kube-controller-manager").await?;
         let scheduler = client_for(pki, server, "system:kube-scheduler").await?;
         let election =

@@ -421,6 +421,9 @@ async fn up(args: UpArgs) -> Result<()> {
         if !args.no_node {
             let client = control::client_for(&api.pki, &api.server, "system:node:local").await?;
             let mut node = args.node.config(dir.join("node"))?;
+            node.runtime
+                .extra_ca_pem
+                .push(api.pki.ca_pem.clone().into_bytes());
             // The node renews its Lease four times within the grace its own control plane
             // gives it, so that a live node never looks lost between two renewals.
             node.heartbeat = node
@@ -460,7 +463,12 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
         })?;
     let mut loops = control::Loops::new();
     private_dir(&args.data_dir)?;
-    loops.start_node(client, args.node.config(args.data_dir)?);
+    let mut node = args.node.config(args.data_dir)?;
+    // Components verify the API server (the `kubernetes` Service) as the node does.
+    node.runtime.extra_ca_pem = baton_kube::client::cluster_ca_pem(&yaml)
+        .await
+        .context("failed to read the cluster CA from the kubeconfig")?;
+    loops.start_node(client, node);
     println!("baton node {} is running", args.node.name);
     shutdown_signal().await;
     loops.shutdown().await;
@@ -523,6 +531,7 @@ async fn start_api(
         api.serve_tls(listener)
             .context("failed to start the API server")?,
     );
+    tasks.push(api.publish_endpoint(addr));
     let kubeconfig = dir.join("kubeconfig");
     let host = if addr.ip().is_unspecified() {
         "127.0.0.1".to_string()

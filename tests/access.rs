@@ -6,7 +6,9 @@
 #[path = "support/baton.rs"]
 mod baton;
 
-use baton::{write, Baton};
+use std::time::Duration;
+
+use baton::{guests_dir, http_get, jsonpath, write, Baton};
 
 /// A teammate's kubeconfig, made as the README tells.
 fn teammate(b: &Baton, user: &str, ns: &str) -> String {
@@ -463,4 +465,116 @@ fn a_node_identity_reads_only_its_pods_secrets_and_writes_only_itself() {
         err.contains("Forbidden") || err.contains("forbidden"),
         "{err}"
     );
+}
+
+/// The ServiceAccount token the node wrote into pod `pod`'s projected volume.
+fn projected_token(b: &Baton, ns: &str, pod: &str) -> String {
+    let uid = jsonpath(b, &["pod", pod, "-n", ns], "{.metadata.uid}");
+    let volumes = b.dir.path().join(format!("data/node/pods/{uid}/volumes"));
+    let dir = std::fs::read_dir(&volumes)
+        .unwrap_or_else(|e| panic!("{}: {e}", volumes.display()))
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("kube-api-access-")
+        })
+        .expect("the pod's kube-api-access volume");
+    std::fs::read_to_string(dir.path().join("token")).expect("the token file")
+}
+
+#[test]
+fn a_wasm_guest_lists_pods_through_the_kubernetes_service_with_its_projected_token() {
+    let b = Baton::start_cluster();
+    let lister = guests_dir().join("kube-lister.wasm");
+    let pod = |ns: &str, name: &str, automount: bool| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  automountServiceAccountToken: {automount}\n  containers:\n  - {{name: app, image: {}, ports: [{{containerPort: 8080}}]}}\n",
+            lister.display()
+        )
+    };
+    let manifest = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: apps}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: others}}\n---\n\
+apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: pod-reader, namespace: apps}}\nrules:\n- {{apiGroups: [\"\"], resources: [pods], verbs: [get, list]}}\n---\n\
+apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: default-reads-pods, namespace: apps}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: pod-reader}}\nsubjects:\n- {{kind: ServiceAccount, name: default, namespace: apps}}\n---\n{}---\n{}---\n{}",
+        pod("apps", "lister", true),
+        pod("others", "unbound", true),
+        pod("apps", "opted-out", false),
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&manifest));
+    for (ns, p) in [
+        ("apps", "lister"),
+        ("others", "unbound"),
+        ("apps", "opted-out"),
+    ] {
+        b.ok(&[
+            "wait",
+            "--for=condition=Ready",
+            &format!("pod/{p}"),
+            "-n",
+            ns,
+            "--timeout=90s",
+        ]);
+    }
+    // The ServiceAccount plugin mounted the token, the CA and the namespace.
+    let mounts = jsonpath(
+        &b,
+        &["pod", "lister", "-n", "apps"],
+        "{.spec.volumes[0].name} {.spec.containers[0].volumeMounts[0].mountPath}",
+    );
+    assert!(
+        mounts.starts_with("kube-api-access-")
+            && mounts.ends_with(" /var/run/secrets/kubernetes.io/serviceaccount"),
+        "{mounts}"
+    );
+    let ca = jsonpath(
+        &b,
+        &["configmap", "kube-root-ca.crt", "-n", "others"],
+        "{.data.ca\\.crt}",
+    );
+    assert!(ca.contains("BEGIN CERTIFICATE"), "{ca}");
+    let ask = |ns: &str, name: &str| {
+        let ip = jsonpath(&b, &["pod", name, "-n", ns], "{.status.podIP}");
+        http_get(format!("{ip}:8080").parse().unwrap(), "/").map(|(_, body)| body)
+    };
+    // The guest calls https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT as the
+    // pod's ServiceAccount, verifying the API server with the projected CA.
+    let mut last = String::new();
+    let seen = baton_testkit::wait_until(Duration::from_secs(30), "the guest lists pods", || {
+        last = format!("{:?}", ask("apps", "lister"));
+        ask("apps", "lister")
+            .ok()
+            .filter(|s| s.starts_with("status 200"))
+    })
+    .unwrap_or_else(|e| panic!("{e}; the guest said {last}"));
+    assert!(
+        seen.contains("lister") && seen.contains("opted-out"),
+        "{seen}"
+    );
+    // Another namespace's ServiceAccount was granted nothing: the API says 403.
+    let denied = ask("others", "unbound").unwrap();
+    assert!(denied.starts_with("status 403"), "{denied}");
+    // A pod that opted out has no token to send.
+    let none = ask("apps", "opted-out").unwrap();
+    assert!(none.starts_with("no service account files"), "{none}");
+
+    // The token is bound to its pod: it works while the pod lives, and not after.
+    let token = projected_token(&b, "apps", "lister");
+    let (code, _) = b.curl(
+        "GET",
+        "/api/v1/namespaces/apps/pods",
+        "application/json",
+        None,
+        Some(token.trim()),
+    );
+    assert_eq!(code, 200);
+    b.ok(&["delete", "pod", "lister", "-n", "apps", "--wait=true"]);
+    let (code, body) = b.curl(
+        "GET",
+        "/api/v1/namespaces/apps/pods",
+        "application/json",
+        None,
+        Some(token.trim()),
+    );
+    assert_eq!(code, 401, "{body}");
 }

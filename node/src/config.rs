@@ -4,10 +4,15 @@
 //! - env: `value` (with `$(VAR)` expansion of earlier variables), `valueFrom`
 //!   (`configMapKeyRef`, `secretKeyRef`, `fieldRef`, `resourceFieldRef`) and `envFrom`.
 //! - volumes: `emptyDir` (one directory shared by the pod's containers), `configMap`,
-//!   `secret` and `downwardAPI` (files written under the pod's directory and mounted
-//!   read-only, rewritten by [`refresh_volumes`] when the objects change), `hostPath`,
+//!   `secret`, `downwardAPI` and `projected` (files written under the pod's directory and
+//!   mounted read-only, rewritten by [`refresh_volumes`] when the objects change),
+//!   `hostPath`,
 //!   and `persistentVolumeClaim` (the bound volume: a locally provisioned one lives in
 //!   the node's local volume directory, see `baton_kube::storage::LOCAL_VOLUME_PREFIX`).
+//!
+//! A projected `serviceAccountToken` is asked of the API server (TokenRequest, bound to
+//! the pod, so that it dies with it) and asked again once 80% of its life has passed, as
+//! the kubelet does; until then the token in the volume is kept.
 //!
 //! A reference to a missing object or key fails with the object's name, which the node
 //! agent reports as `CreateContainerConfigError`; `optional: true` references are skipped.
@@ -17,9 +22,10 @@ use std::path::{Path, PathBuf};
 
 use baton_kube::storage::LOCAL_VOLUME_PREFIX;
 use baton_wasm_shim::Mount;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ObjectFieldSelector, PersistentVolume, PersistentVolumeClaim, Pod,
-    Secret, Volume,
+    ConfigMap, Container, DownwardAPIVolumeFile, KeyToPath, ObjectFieldSelector, PersistentVolume,
+    PersistentVolumeClaim, Pod, Secret, ServiceAccount, ServiceAccountTokenProjection, Volume,
 };
 use kube::{Api, Client, ResourceExt};
 
@@ -38,6 +44,13 @@ pub enum ConfigError {
     #[error("reading {kind} {name}")]
     Api {
         kind: &'static str,
+        name: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("requesting a token of ServiceAccount {namespace}/{name}")]
+    Token {
+        namespace: String,
         name: String,
         #[source]
         source: Box<kube::Error>,
@@ -74,7 +87,75 @@ struct Objects {
     secrets: HashMap<String, Option<Secret>>,
 }
 
+/// The part of a token's life after which the node asks for a new one (the kubelet's).
+const TOKEN_REFRESH_AT: f64 = 0.8;
+
+/// When a JWT was issued and when it expires (seconds since the epoch), read from its
+/// claims without checking its signature: the node only decides whether to renew it.
+fn token_times(token: &[u8]) -> Option<(i64, i64)> {
+    use base64::Engine;
+    let payload = std::str::from_utf8(token).ok()?.trim().split('.').nth(1)?;
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&claims).ok()?;
+    Some((claims.get("iat")?.as_i64()?, claims.get("exp")?.as_i64()?))
+}
+
+/// Whether a token issued at `iat`, expiring at `exp`, is still good to keep at `now`.
+fn fresh(iat: i64, exp: i64, now: i64) -> bool {
+    let renew_at = iat as f64 + (exp - iat) as f64 * TOKEN_REFRESH_AT;
+    (now as f64) < renew_at && now < exp
+}
+
 impl Objects {
+    /// The pod's ServiceAccount token for a projected volume: `current` if it is still
+    /// fresh, else a new one bound to the pod.
+    async fn token(
+        &mut self,
+        pod: &Pod,
+        source: &ServiceAccountTokenProjection,
+        current: Option<&[u8]>,
+    ) -> Result<Vec<u8>, ConfigError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if let Some(t) = current.filter(|t| token_times(t).is_some_and(|(i, e)| fresh(i, e, now))) {
+            return Ok(t.to_vec());
+        }
+        let sa = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: source.audience.iter().cloned().collect(),
+                expiration_seconds: Some(source.expiration_seconds.unwrap_or(3600)),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: pod.metadata.uid.clone(),
+                }),
+            },
+            ..Default::default()
+        };
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.namespace);
+        let issued = api
+            .create_token_request(&sa, &Default::default(), &request)
+            .await
+            .map_err(|source| ConfigError::Token {
+                namespace: self.namespace.clone(),
+                name: sa.clone(),
+                source: Box::new(source),
+            })?;
+        Ok(issued
+            .status
+            .map(|s| s.token.into_bytes())
+            .unwrap_or_default())
+    }
+
     async fn configmap(&mut self, name: &str) -> Result<Option<&ConfigMap>, ConfigError> {
         if !self.configmaps.contains_key(name) {
             let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
@@ -533,25 +614,66 @@ fn write_files(
         volume: volume.into(),
         source,
     };
-    // Written to a fresh directory and swapped in, so a reader never sees half an update.
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io)?;
-    for (name, data) in files {
-        if !plain_relative(name) {
+    for name in files.keys() {
+        // `..data` and the versions beside it are the writer's own names.
+        if !plain_relative(name) || name.starts_with("..") {
             return Err(ConfigError::Volume {
                 volume: volume.into(),
                 message: format!("path {name:?} leaves the volume"),
             });
         }
+    }
+    // The volume's directory stays (a component holds it open, as a preopen); each
+    // version is written whole beside it, then `..data` is switched to it in one rename,
+    // and every top-level name is a link through `..data`: a reader sees the old files
+    // or the new ones, never half of each, and long-running components see updates.
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let version = format!("..{stamp}");
+    let tmp = dir.join(&version);
+    std::fs::create_dir(&tmp).map_err(io)?;
+    for (name, data) in files {
         let p = tmp.join(name);
         if let Some(parent) = p.parent() {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
         std::fs::write(&p, data).map_err(io)?;
     }
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&tmp, dir).map_err(io)
+    let link = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&version, &link).map_err(io)?;
+    std::fs::rename(&link, dir.join("..data")).map_err(io)?;
+    let top: std::collections::BTreeSet<String> = files
+        .keys()
+        .filter_map(|n| n.split('/').next().map(String::from))
+        .collect();
+    for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "..data" || name == version {
+            continue;
+        }
+        let stale = if name.starts_with("..") {
+            true
+        } else {
+            !top.contains(&name)
+        };
+        if stale {
+            let p = entry.path();
+            let _ = match entry.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+                _ => std::fs::remove_file(&p),
+            };
+        }
+    }
+    for name in top {
+        let p = dir.join(&name);
+        if std::fs::symlink_metadata(&p).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(&name), &p).map_err(io)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the pod's configMap, secret and downwardAPI volumes, and makes its emptyDirs.
@@ -594,7 +716,7 @@ async fn write_volumes(
             let path = objects.claimed_dir(&v.name, &c.claim_name, dirs).await?;
             out.insert(v.name.clone(), (path, c.read_only == Some(true)));
             continue;
-        } else if let Some(files) = projected(objects, pod, facts, v).await? {
+        } else if let Some(files) = projected(objects, pod, facts, v, &dir).await? {
             write_files(&dir, &v.name, &files)?;
             true
         } else {
@@ -605,78 +727,149 @@ async fn write_volumes(
     Ok(out)
 }
 
-/// The files of a configMap, secret or downwardAPI volume; None for an optional object
-/// that does not exist. Other volume types are refused.
+/// The files of a configMap, secret, downwardAPI or projected volume; None for a volume
+/// of another type that is not written here. `dir` is where the volume's files are now
+/// (a token there that is still fresh is kept). Other volume types are refused.
 async fn projected(
     objects: &mut Objects,
     pod: &Pod,
     facts: &PodFacts,
     v: &Volume,
+    dir: &Path,
 ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ConfigError> {
-    let (kind, name, items, optional) = if let Some(c) = &v.config_map {
-        (
-            "configmap",
-            c.name.clone(),
-            c.items.clone(),
-            c.optional == Some(true),
-        )
-    } else if let Some(s) = &v.secret {
-        (
-            "secret",
-            s.secret_name.clone().unwrap_or_default(),
-            s.items.clone(),
-            s.optional == Some(true),
-        )
-    } else if let Some(d) = &v.downward_api {
-        let mut files = BTreeMap::new();
-        for item in d.items.iter().flatten() {
-            if let Some(f) = &item.field_ref {
-                files.insert(item.path.clone(), field(pod, facts, f)?.into_bytes());
-            }
-        }
-        return Ok(Some(files));
-    } else {
+    if let Some(c) = &v.config_map {
+        let optional = c.optional == Some(true);
+        return object_files(objects, "configmap", &c.name, c.items.as_deref(), optional)
+            .await
+            .map(Some);
+    }
+    if let Some(s) = &v.secret {
+        let name = s.secret_name.clone().unwrap_or_default();
+        let optional = s.optional == Some(true);
+        return object_files(objects, "secret", &name, s.items.as_deref(), optional)
+            .await
+            .map(Some);
+    }
+    if let Some(d) = &v.downward_api {
+        return downward_files(pod, facts, d.items.as_deref()).map(Some);
+    }
+    let Some(p) = &v.projected else {
         return Err(ConfigError::Volume {
             volume: v.name.clone(),
             message:
-                "only emptyDir, configMap, secret, downwardAPI, hostPath and persistentVolumeClaim volumes are supported"
+                "only emptyDir, configMap, secret, downwardAPI, projected, hostPath and persistentVolumeClaim volumes are supported"
                     .into(),
         });
     };
-    let Some(data) = objects.data(kind, &name).await? else {
-        return if optional {
-            Ok(Some(BTreeMap::new()))
+    let mut files = BTreeMap::new();
+    for source in p.sources.iter().flatten() {
+        let part = if let Some(c) = &source.config_map {
+            let optional = c.optional == Some(true);
+            object_files(objects, "configmap", &c.name, c.items.as_deref(), optional).await?
+        } else if let Some(s) = &source.secret {
+            let optional = s.optional == Some(true);
+            object_files(objects, "secret", &s.name, s.items.as_deref(), optional).await?
+        } else if let Some(d) = &source.downward_api {
+            downward_files(pod, facts, d.items.as_deref())?
+        } else if let Some(t) = &source.service_account_token {
+            let current = std::fs::read(dir.join(&t.path)).ok();
+            let token = objects.token(pod, t, current.as_deref()).await?;
+            BTreeMap::from([(t.path.clone(), token)])
         } else {
-            Err(ConfigError::Missing { kind, name })
+            return Err(ConfigError::Volume {
+                volume: v.name.clone(),
+                message: "a projected volume's sources may be configMap, secret, downwardAPI and serviceAccountToken".into(),
+            });
+        };
+        files.extend(part);
+    }
+    Ok(Some(files))
+}
+
+/// The files of a ConfigMap or Secret (`kind`), all its keys or the `items` named.
+async fn object_files(
+    objects: &mut Objects,
+    kind: &'static str,
+    name: &str,
+    items: Option<&[KeyToPath]>,
+    optional: bool,
+) -> Result<BTreeMap<String, Vec<u8>>, ConfigError> {
+    let Some(data) = objects.data(kind, name).await? else {
+        return if optional {
+            Ok(BTreeMap::new())
+        } else {
+            Err(ConfigError::Missing {
+                kind,
+                name: name.into(),
+            })
         };
     };
-    Ok(Some(match items {
-        None => data,
-        Some(items) => {
-            let mut files = BTreeMap::new();
-            for item in items {
-                match data.get(&item.key) {
-                    Some(d) => {
-                        files.insert(item.path.clone(), d.clone());
-                    }
-                    None if optional => {}
-                    None => {
-                        return Err(ConfigError::MissingKey {
-                            kind: if kind == "configmap" {
-                                "ConfigMap"
-                            } else {
-                                "Secret"
-                            },
-                            namespace: objects.namespace.clone(),
-                            name,
-                            key: item.key,
-                        })
-                    }
-                }
+    let Some(items) = items else {
+        return Ok(data);
+    };
+    let mut files = BTreeMap::new();
+    for item in items {
+        match data.get(&item.key) {
+            Some(d) => {
+                files.insert(item.path.clone(), d.clone());
             }
-            files
+            None if optional => {}
+            None => {
+                return Err(ConfigError::MissingKey {
+                    kind: if kind == "configmap" {
+                        "ConfigMap"
+                    } else {
+                        "Secret"
+                    },
+                    namespace: objects.namespace.clone(),
+                    name: name.into(),
+                    key: item.key.clone(),
+                })
+            }
         }
-    }))
+    }
+    Ok(files)
+}
+
+/// The files of downwardAPI items: the pod's fields.
+fn downward_files(
+    pod: &Pod,
+    facts: &PodFacts,
+    items: Option<&[DownwardAPIVolumeFile]>,
+) -> Result<BTreeMap<String, Vec<u8>>, ConfigError> {
+    let mut files = BTreeMap::new();
+    for item in items.into_iter().flatten() {
+        if let Some(f) = &item.field_ref {
+            files.insert(item.path.clone(), field(pod, facts, f)?.into_bytes());
+        }
+    }
+    Ok(files)
+}
+
+/// The variables the kubelet gives every container for the `kubernetes` Service at
+/// `ip:port`, ahead of the container's own (which win: a name it sets is not added).
+pub fn api_server_env(env: &mut Vec<(String, String)>, ip: std::net::Ipv4Addr, port: u16) {
+    let addr = format!("tcp://{ip}:{port}");
+    let vars = [
+        ("KUBERNETES_SERVICE_HOST", ip.to_string()),
+        ("KUBERNETES_SERVICE_PORT", port.to_string()),
+        ("KUBERNETES_SERVICE_PORT_HTTPS", port.to_string()),
+        ("KUBERNETES_PORT", addr.clone()),
+        (&format!("KUBERNETES_PORT_{port}_TCP"), addr),
+        (&format!("KUBERNETES_PORT_{port}_TCP_PROTO"), "tcp".into()),
+        (
+            &format!("KUBERNETES_PORT_{port}_TCP_PORT"),
+            port.to_string(),
+        ),
+        (&format!("KUBERNETES_PORT_{port}_TCP_ADDR"), ip.to_string()),
+    ];
+    let mut added: Vec<(String, String)> = vars
+        .into_iter()
+        .filter(|(k, _)| !env.iter().any(|(e, _)| e == k))
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    added.append(env);
+    *env = added;
 }
 
 /// One container's resolved environment and mounts.
@@ -832,6 +1025,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_token_is_kept_until_four_fifths_of_its_life() {
+        use base64::Engine;
+        let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let jwt = format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"ES256"}"#),
+            b64(r#"{"iat":1000,"exp":4600,"sub":"x"}"#)
+        );
+        assert_eq!(token_times(jwt.as_bytes()), Some((1000, 4600)));
+        assert!(fresh(1000, 4600, 1000));
+        assert!(fresh(1000, 4600, 3879));
+        assert!(!fresh(1000, 4600, 3880));
+        assert!(!fresh(1000, 900, 950), "an expired token is never kept");
+        // Whatever cannot be read is asked for again.
+        assert_eq!(token_times(b"not a jwt"), None);
+        assert_eq!(token_times(b"a.!!!.c"), None);
+    }
+
+    #[test]
+    fn the_api_server_variables_come_first_and_give_way_to_the_containers_own() {
+        let mut env = vec![
+            ("KUBERNETES_SERVICE_PORT".to_string(), "8443".to_string()),
+            ("APP".to_string(), "1".to_string()),
+        ];
+        api_server_env(&mut env, std::net::Ipv4Addr::new(10, 96, 0, 1), 443);
+        let get = |k: &str| {
+            env.iter()
+                .filter(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get("KUBERNETES_SERVICE_HOST"), ["10.96.0.1"]);
+        assert_eq!(get("KUBERNETES_SERVICE_PORT"), ["8443"]);
+        assert_eq!(get("KUBERNETES_PORT_443_TCP"), ["tcp://10.96.0.1:443"]);
+        assert_eq!(env.last().unwrap().0, "APP");
+    }
+
+    #[test]
     fn dependent_variables_expand() {
         let env = vec![("A".to_string(), "x".to_string())];
         assert_eq!(expand("$(A)-$(B)-$$(A)", &env), "x-$(B)-$(A)");
@@ -886,7 +1117,30 @@ mod tests {
         )
         .unwrap();
         assert!(!v.join("sub/b").exists());
-        let bad = BTreeMap::from([("../escape".to_string(), b"x".to_vec())]);
-        assert!(write_files(&v, "cfg", &bad).is_err());
+        assert_eq!(std::fs::read(v.join("a")).unwrap(), b"3");
+        // One version is left, behind `..data`, beside the links.
+        let names: std::collections::BTreeSet<String> = std::fs::read_dir(&v)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with("..1"))
+            .collect();
+        assert_eq!(names, ["..data", "a"].map(String::from).into());
+        // A directory held open (a component's preopen) sees the new files.
+        let held = std::fs::File::open(&v).unwrap();
+        write_files(
+            &v,
+            "cfg",
+            &BTreeMap::from([("a".to_string(), b"4".to_vec())]),
+        )
+        .unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&held);
+        assert_eq!(
+            std::fs::read(format!("/proc/self/fd/{fd}/a")).unwrap(),
+            b"4"
+        );
+        for bad in ["../escape", "..data", "..x/y"] {
+            let bad = BTreeMap::from([(bad.to_string(), b"x".to_vec())]);
+            assert!(write_files(&v, "cfg", &bad).is_err());
+        }
     }
 }

@@ -45,6 +45,7 @@ struct Port {
 
 #[derive(Debug, Default)]
 struct Entry {
+    cluster_ip: Option<Ipv4Addr>,
     local_ip: Option<Ipv4Addr>,
     ports: Vec<Port>,
     /// Ready endpoints per port name.
@@ -193,6 +194,21 @@ impl Services {
         }
     }
 
+    /// The `kubernetes` Service's ClusterIP and HTTPS port, which pods are told in
+    /// `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT`.
+    pub fn api_server(&self) -> Option<(Ipv4Addr, u16)> {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let e = table
+            .services
+            .get(&("default".to_string(), "kubernetes".to_string()))?;
+        let port = e
+            .ports
+            .iter()
+            .find(|p| p.name == "https")
+            .or(e.ports.first())?;
+        Some((e.cluster_ip?, port.port))
+    }
+
     /// The name resolver of pods in namespace `ns`.
     pub fn resolver(&self, ns: &str) -> NameResolver {
         let table = self.table.clone();
@@ -271,6 +287,10 @@ impl Services {
             table.services.insert(
                 (ns, name),
                 Entry {
+                    cluster_ip: spec
+                        .cluster_ip
+                        .as_deref()
+                        .and_then(|ip| ip.parse::<Ipv4Addr>().ok()),
                     local_ip,
                     ports,
                     endpoints: HashMap::new(),

@@ -285,7 +285,7 @@ impl Sandbox for WasmSandbox {
             cli: CliSpec {
                 args: run.args,
                 env: run.env.clone(),
-                mounts: run.mounts,
+                mounts: run.mounts.clone(),
                 memory_bytes: run.memory_bytes,
                 timeout: None,
                 network: true,
@@ -294,6 +294,7 @@ impl Sandbox for WasmSandbox {
             },
             http: HttpSpec {
                 env: run.env,
+                mounts: run.mounts,
                 memory_bytes: run.memory_bytes,
                 request_timeout: Some(self.request_timeout),
                 log: Some(run.log),

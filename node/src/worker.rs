@@ -406,8 +406,13 @@ impl<S: Sandboxes> Worker<S> {
         .await;
         match resolved {
             Ok(mut configs) => {
+                let api = self.shared.services.as_ref().and_then(|s| s.api_server());
                 for (i, s) in self.slots.iter().enumerate() {
-                    self.configs[i] = configs.remove(&s.spec.name).unwrap_or_default();
+                    let mut config = configs.remove(&s.spec.name).unwrap_or_default();
+                    if let Some((ip, port)) = api {
+                        config::api_server_env(&mut config.env, ip, port);
+                    }
+                    self.configs[i] = config;
                 }
             }
             Err(e) => {
@@ -838,11 +843,12 @@ impl<S: Sandboxes> Worker<S> {
             .and_then(|s| s.volumes.as_ref())
             .is_some_and(|v| {
                 v.iter()
-                    .any(|v| v.config_map.is_some() || v.secret.is_some())
+                    .any(|v| v.config_map.is_some() || v.secret.is_some() || v.projected.is_some())
             })
     }
 
-    /// Rewrites configMap and secret volumes from their objects, now and then.
+    /// Rewrites configMap, secret and projected volumes from their objects (and renews
+    /// tokens near their end), now and then.
     async fn refresh_volumes(&mut self) {
         let now = Instant::now();
         let live = matches!(self.stage, Stage::Initializing { .. } | Stage::Running);

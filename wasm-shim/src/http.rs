@@ -30,6 +30,9 @@ use crate::usage::AbortOnDrop;
 #[derive(Clone, Debug, Default)]
 pub struct HttpSpec {
     pub env: Vec<(String, String)>,
+    /// Node directories each request instance sees (opened afresh per request, so that a
+    /// volume's update is seen by the next request).
+    pub mounts: Vec<crate::cli::Mount>,
     /// Linear memory cap per request instance; 0 means the runtime's maximum.
     pub memory_bytes: usize,
     /// Budget of one request; None lets a request run as long as its client waits.
@@ -242,10 +245,24 @@ impl Serving {
     ) -> Result<hyper::Response<HyperOutgoingBody>, Infallible> {
         let args = ["http".to_string()];
         let wasi = match &self.spec.log {
-            Some(log) => wasi_ctx(&self.spec.env, &args, &[], true, log.stdout(), log.stderr()),
+            Some(log) => wasi_ctx(
+                &self.spec.env,
+                &args,
+                &self.spec.mounts,
+                true,
+                log.stdout(),
+                log.stderr(),
+            ),
             None => {
                 let sink = MemoryOutputPipe::new(64 << 10);
-                wasi_ctx(&self.spec.env, &args, &[], true, sink.clone(), sink)
+                wasi_ctx(
+                    &self.spec.env,
+                    &args,
+                    &self.spec.mounts,
+                    true,
+                    sink.clone(),
+                    sink,
+                )
             }
         };
         let wasi = match wasi {

@@ -40,6 +40,7 @@ mod cli;
 mod error;
 mod host;
 mod http;
+mod https;
 pub mod logs;
 mod net;
 mod pod;

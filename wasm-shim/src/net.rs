@@ -100,6 +100,8 @@ pub(crate) struct PodNet {
     limits: NetLimits,
     sockets: AtomicUsize,
     outgoing: Arc<tokio::sync::Semaphore>,
+    /// The client of its components' outgoing HTTPS.
+    tls: Arc<rustls::ClientConfig>,
     /// What the pod uses of the node (instances, tasks, CPU); it lives with the pod's
     /// network because everything that runs for the pod already holds that.
     pub usage: Arc<crate::usage::Usage>,
@@ -115,11 +117,17 @@ impl std::fmt::Debug for PodNet {
 }
 
 impl PodNet {
-    pub fn new(ip: IpAddr, names: Option<NameResolver>, limits: NetLimits) -> Arc<Self> {
+    pub fn new(
+        ip: IpAddr,
+        names: Option<NameResolver>,
+        limits: NetLimits,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             ip,
             names,
             limits,
+            tls,
             sockets: AtomicUsize::new(0),
             outgoing: Arc::new(tokio::sync::Semaphore::new(limits.max_outgoing_requests)),
             usage: Arc::default(),
@@ -243,7 +251,7 @@ pub(crate) fn rewrite_uri(uri: &http::Uri, net: &PodNet) -> Option<http::Uri> {
     http::Uri::from_parts(parts).ok()
 }
 
-type IoFuture = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
+use crate::https::IoFuture;
 
 impl WasiHttpHooks for PodHooks {
     fn send_request(
@@ -255,6 +263,11 @@ impl WasiHttpHooks for PodHooks {
         dyn Future<Output = wasmtime_wasi_http::Result<(http::Response<WasiBody>, IoFuture)>>
             + Send,
     > {
+        // HTTPS verifies the name the guest asked for, wherever the request is sent.
+        let tls = (request.uri().scheme() == Some(&http::uri::Scheme::HTTPS)).then(|| {
+            let host = request.uri().host().unwrap_or_default();
+            (crate::https::server_name(host), self.net.tls.clone())
+        });
         if let Some(uri) = rewrite_uri(request.uri(), &self.net) {
             *request.uri_mut() = uri;
         }
@@ -265,13 +278,19 @@ impl WasiHttpHooks for PodHooks {
             // The permit lives as long as the connection's I/O, so the cap counts
             // connections in use, not just requests being sent.
             let permit = permit.map_err(|_| HttpError::ConnectionLimitReached)?;
-            let (res, io) = default_send_request(request, options).await?;
+            let (res, io): (_, IoFuture) = match tls {
+                Some((name, tls)) => crate::https::send(request, options, name?, tls).await?,
+                None => {
+                    let (res, io) = default_send_request(request, options).await?;
+                    (res.map(BodyExt::boxed_unsync), Box::new(io))
+                }
+            };
             let io = async move {
-                let r = io.await;
+                let r = Box::into_pin(io).await;
                 drop(permit);
                 r
             };
-            Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
+            Ok((res, Box::new(io) as IoFuture))
         })
     }
 }
@@ -437,6 +456,7 @@ mod tests {
             IpAddr::from([127, 1, 0, 7]),
             Some(names),
             NetLimits::default(),
+            crate::https::client_config(&[]).unwrap(),
         )
     }
 
@@ -529,6 +549,7 @@ mod tests {
                 max_sockets: 2,
                 ..NetLimits::default()
             },
+            crate::https::client_config(&[]).unwrap(),
         );
         assert!(net.admit_socket() && net.admit_socket());
         assert!(!net.admit_socket());

@@ -258,7 +258,7 @@ impl Runtime {
     /// An empty pod: its network, no containers yet. `key` names it in
     /// [`Runtime::usage`] (the node uses `namespace/name/uid`).
     pub fn new_pod(&self, key: &str, ip: IpAddr, names: Option<NameResolver>) -> Pod {
-        let net = PodNet::new(ip, names, self.config().net_limits);
+        let net = PodNet::new(ip, names, self.config().net_limits, self.tls.clone());
         self.pods.add(key.to_string(), &net);
         Pod {
             ip,

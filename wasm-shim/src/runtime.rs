@@ -47,6 +47,9 @@ pub struct RuntimeConfig {
     /// the store, probes and heartbeats runs its guests at 10, so that its own work goes
     /// first. The long-running tier is 9 levels lower still (at most 19).
     pub guest_nice: i32,
+    /// CA certificates (PEM) that components' outgoing HTTPS trusts beside the public web
+    /// roots: a node gives the cluster CA, so that components can verify the API server.
+    pub extra_ca_pem: Vec<Vec<u8>>,
 }
 
 impl Default for RuntimeConfig {
@@ -60,6 +63,7 @@ impl Default for RuntimeConfig {
             max_component_bytes: 128 << 20,
             guest_threads: 0,
             guest_nice: 0,
+            extra_ca_pem: Vec::new(),
         }
     }
 }
@@ -105,6 +109,8 @@ pub struct Runtime {
     _ticker: Arc<Ticker>,
     guests: Arc<crate::tiers::GuestThreads>,
     pub(crate) pods: Arc<crate::usage::Registry>,
+    /// The TLS client of components' outgoing HTTPS ([`crate::https`]).
+    pub(crate) tls: Arc<rustls::ClientConfig>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -156,6 +162,7 @@ impl Runtime {
         let guests = crate::tiers::GuestThreads::new(cfg.guest_threads, cfg.guest_nice)
             .map_err(|e| ShimError::Setup(format!("starting the guest threads: {e}")))?;
         let pods: Arc<crate::usage::Registry> = Arc::default();
+        let tls = crate::https::client_config(&cfg.extra_ca_pem)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (e2, s2, tick, pods2) = (engine.clone(), stop.clone(), cfg.epoch_tick, pods.clone());
         let capacity = crate::usage::CPU_PERIOD * guests.threads as u32;
@@ -182,6 +189,7 @@ impl Runtime {
             _ticker: Arc::new(Ticker { stop }),
             guests: Arc::new(guests),
             pods,
+            tls,
         })
     }
 
@@ -232,7 +240,12 @@ impl Runtime {
 
     /// The network of a component run on its own: the node's loopback, no name overrides.
     pub(crate) fn loopback_net(&self) -> Arc<PodNet> {
-        PodNet::new(IpAddr::from([127, 0, 0, 1]), None, self.cfg.net_limits)
+        PodNet::new(
+            IpAddr::from([127, 0, 0, 1]),
+            None,
+            self.cfg.net_limits,
+            self.tls.clone(),
+        )
     }
 
     pub fn config(&self) -> &RuntimeConfig {

@@ -35,6 +35,11 @@ const GUESTS: &[(&str, &str)] = &[
         "tcp-client",
         "tcp_echo_across_components_and_two_pods_on_one_port",
     ),
+    // An in-cluster API client: it needs an API server, so the root crate tests it.
+    (
+        "kube-lister",
+        "tests/access.rs a_wasm_guest_lists_pods_through_the_kubernetes_service_with_its_projected_token",
+    ),
 ];
 
 fn guest(name: &str) -> PathBuf {

@@ -8,6 +8,14 @@
 //! - **LimitRanger** (mutating, before validation): a container without requests or
 //!   limits gets its namespace's `defaultRequest` and `default`; then each container (or
 //!   the pod, or a claim) is held to the ranges' `min`, `max` and `maxLimitRequestRatio`.
+//! - **ServiceAccount** (mutating, pods): a pod that may have its ServiceAccount's token
+//!   (`automountServiceAccountToken`, on the pod, else on the ServiceAccount, true unless
+//!   one says false) gets the projected volume `kube-api-access-*`: a token bound to the
+//!   pod (1 h, refreshed by the node), the cluster CA from the `kube-root-ca.crt`
+//!   ConfigMap, and the namespace, mounted read-only at [`SERVICE_ACCOUNT_DIR`] in every
+//!   container that mounts nothing there. Unlike kube-apiserver, a ServiceAccount that
+//!   does not exist yet does not refuse the pod: it only means no opt-out to read, and a
+//!   namespace's `default` ServiceAccount is made a moment after the namespace.
 //! - **DefaultStorageClass** (mutating): a claim that names no class gets the default one.
 //! - **ResourceQuota** (last): what the new object uses ([`baton_kube::quota::usage`]) is
 //!   added to each matching quota's `status.used` with a compare-and-swap, and the create
@@ -67,6 +75,91 @@ pub(crate) fn node_restriction(
                 res.kind
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Where a pod's containers find their ServiceAccount's token, the CA and the namespace.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The ServiceAccount plugin: mounts the pod's token, CA and namespace (see the module
+/// docs).
+pub(crate) async fn service_account(objects: &Objects, pod: &mut Value) -> ApiResult<()> {
+    let ns = s(pod, "/metadata/namespace").to_string();
+    let sa_name = s(pod, "/spec/serviceAccountName").to_string();
+    let mount = match pod
+        .pointer("/spec/automountServiceAccountToken")
+        .and_then(Value::as_bool)
+    {
+        Some(m) => m,
+        None => {
+            let sa = objects
+                .get(
+                    resources::builtin("ServiceAccount"),
+                    Some(&ns),
+                    &sa_name,
+                    ReadAt::Latest,
+                )
+                .await?;
+            sa.and_then(|(sa, _)| sa.get("automountServiceAccountToken")?.as_bool())
+                .unwrap_or(true)
+        }
+    };
+    let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
+        return Ok(());
+    };
+    let mounts_there = |c: &Value| {
+        c.get("volumeMounts")
+            .and_then(Value::as_array)
+            .is_some_and(|m| {
+                m.iter().any(|m| {
+                    m.get("mountPath")
+                        .and_then(Value::as_str)
+                        .is_some_and(|p| p.trim_end_matches('/') == SERVICE_ACCOUNT_DIR)
+                })
+            })
+    };
+    let containers = ["initContainers", "containers"];
+    let needy = containers.iter().any(|k| {
+        spec.get(*k)
+            .and_then(Value::as_array)
+            .is_some_and(|cs| cs.iter().any(|c| !mounts_there(c)))
+    });
+    if !mount || !needy {
+        return Ok(());
+    }
+    let volume = format!("kube-api-access-{}", crate::rest::random_suffix());
+    let volumes = spec.entry("volumes").or_insert(json!([]));
+    if let Some(list) = volumes.as_array_mut() {
+        list.push(json!({
+            "name": volume,
+            "projected": {"defaultMode": 420, "sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace",
+                    "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+            ]},
+        }));
+    }
+    for k in containers {
+        for c in spec
+            .get_mut(k)
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if mounts_there(c) {
+                continue;
+            }
+            if let Some(m) = c.as_object_mut() {
+                let list = m.entry("volumeMounts").or_insert(json!([]));
+                if let Some(list) = list.as_array_mut() {
+                    list.push(
+                        json!({"name": volume, "readOnly": true, "mountPath": SERVICE_ACCOUNT_DIR}),
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

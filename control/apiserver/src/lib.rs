@@ -40,6 +40,7 @@ pub mod encryption;
 pub mod error;
 pub mod eviction;
 pub mod jsonpath;
+pub mod kubernetes_service;
 pub mod managed;
 pub mod nodelink;
 pub mod objects;

@@ -126,6 +126,7 @@ impl Pki {
                 "kubernetes".into(),
                 "kubernetes.default".into(),
                 "kubernetes.default.svc".into(),
+                "kubernetes.default.svc.cluster.local".into(),
             ];
             if let Ok(h) = fs::read_to_string("/etc/hostname") {
                 let h = h.trim();
@@ -135,7 +136,8 @@ impl Pki {
             }
             names.extend(extra_names.iter().cloned());
             let mut params = CertificateParams::new(names)?;
-            for ip in ["127.0.0.1", "::1"] {
+            // 10.96.0.1: the `kubernetes` Service, which components reach it by.
+            for ip in ["127.0.0.1", "::1", crate::kubernetes_service::CLUSTER_IP] {
                 params
                     .subject_alt_names
                     .push(SanType::IpAddress(ip.parse().expect("literal IP")));

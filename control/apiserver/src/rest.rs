@@ -493,7 +493,7 @@ async fn check_namespace(objects: &Objects, ns: &str) -> ApiResult<()> {
     }
 }
 
-fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut rng = rand::thread_rng();
@@ -566,6 +566,7 @@ pub(crate) async fn create_object(
         .map(String::from);
     if let Some(ns) = &ns {
         check_namespace(objects, ns).await?;
+        res.strategy.mutate(objects, &mut obj).await?;
         crate::admission::limit_ranges(objects, res, ns, &mut obj).await?;
         crate::admission::default_storage_class(objects, res, &mut obj).await?;
     }

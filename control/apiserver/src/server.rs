@@ -211,6 +211,15 @@ impl ApiServer {
         Ok(())
     }
 
+    /// Keeps the `kubernetes` Service in `default` pointing at this server, reached at
+    /// `endpoint` ([`crate::kubernetes_service`]), until the task is dropped.
+    pub fn publish_endpoint(&self, endpoint: SocketAddr) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(crate::kubernetes_service::run(
+            self.objects.clone(),
+            endpoint,
+        ))
+    }
+
     /// The routes, without TLS (tests and in-process clients use this directly).
     pub fn router(&self) -> Router {
         Router::new()

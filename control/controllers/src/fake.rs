@@ -17,6 +17,9 @@ pub use baton_testkit::fake_api::FakeApi;
 
 use crate::Ctx;
 
+/// The cluster CA the context publishes (`rootca`).
+pub const FAKE_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
 /// The stores a test fills, and the context that reads them.
 pub struct World {
     pub api: FakeApi,
@@ -79,6 +82,7 @@ impl World {
             expectations: Default::default(),
             recorder: baton_kube::events::Recorder::new(client, "test", None),
             clock: crate::clock::Clock::system(),
+            root_ca: Some(FAKE_CA.into()),
         });
         Self {
             api,

@@ -43,6 +43,7 @@ pub mod job;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod resourcequota;
+pub mod rootca;
 pub mod serviceaccount;
 pub mod statefulset;
 pub mod volume;
@@ -59,8 +60,8 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet}
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
-    Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, ReplicationController,
-    ResourceQuota, Service,
+    ConfigMap, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod,
+    ReplicationController, ResourceQuota, Service,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -106,6 +107,8 @@ pub struct Ctx {
     pub recorder: Recorder,
     /// The time schedules are read against.
     pub clock: clock::Clock,
+    /// The cluster CA (PEM) that [`rootca`] publishes in every namespace.
+    pub root_ca: Option<String>,
 }
 
 impl Debug for Ctx {
@@ -285,6 +288,9 @@ pub struct Config {
     pub node_monitor_grace: Duration,
     /// The time CronJobs are scheduled by: the system's, unless a test sets one.
     pub clock: clock::Clock,
+    /// The cluster CA (PEM) published as `kube-root-ca.crt` in every namespace; None
+    /// publishes nothing.
+    pub root_ca: Option<String>,
 }
 
 impl Default for Config {
@@ -292,6 +298,7 @@ impl Default for Config {
         Self {
             node_monitor_grace: Duration::from_secs(40),
             clock: clock::Clock::system(),
+            root_ca: None,
         }
     }
 }
@@ -348,6 +355,7 @@ pub async fn run(
         expectations: Expectations::default(),
         recorder: Recorder::new(client.clone(), "controller-manager", None),
         clock: config.clock.clone(),
+        root_ca: config.root_ca.clone(),
     });
     let cfg = controller::Config::default().concurrency(16);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -386,6 +394,20 @@ pub async fn run(
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
             .run(serviceaccount::reconcile, error_policy, ctx.clone());
+    let rootca_controller =
+        Controller::for_shared_stream(namespaces.subscribe(), namespaces.store.clone())
+            .watches(
+                Api::<ConfigMap>::all(client.clone()),
+                watcher::Config::default().fields(&format!("metadata.name={}", rootca::NAME)),
+                |cm: ConfigMap| {
+                    cm.metadata
+                        .namespace
+                        .map(|ns| kube::runtime::reflector::ObjectRef::new(&ns))
+                },
+            )
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(rootca::reconcile, error_policy, ctx.clone());
     let ctx2 = ctx.clone();
     let eps_controller =
         Controller::for_shared_stream(services.subscribe(), services.store.clone())
@@ -499,6 +521,7 @@ pub async fn run(
         drain("replicationcontroller", rc_controller),
         drain("deployment", deploy_controller),
         drain("serviceaccount", sa_controller),
+        drain("root-ca-cert-publisher", rootca_controller),
         drain("endpointslice", eps_controller),
         drain("job", job_controller),
         drain("cronjob", cronjob_controller),

@@ -58,3 +58,28 @@ pub async fn with_client_certificate(
         .map_err(ClientError::Kubeconfig)?;
     Client::try_from(config).map_err(ClientError::Client)
 }
+
+/// The CA certificates (PEM) a kubeconfig trusts for its current cluster's API server:
+/// what a node hands its pods so that their components can verify the API server too.
+pub async fn cluster_ca_pem(yaml: &str) -> Result<Vec<Vec<u8>>, ClientError> {
+    use base64::Engine;
+    let kc = Kubeconfig::from_yaml(yaml).map_err(ClientError::Kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(ClientError::Kubeconfig)?;
+    Ok(config
+        .root_cert
+        .unwrap_or_default()
+        .iter()
+        .map(|der| {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+            let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+            for line in b64.as_bytes().chunks(64) {
+                pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+                pem.push('\n');
+            }
+            pem.push_str("-----END CERTIFICATE-----\n");
+            pem.into_bytes()
+        })
+        .collect())
+}

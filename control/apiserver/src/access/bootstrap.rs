@@ -234,6 +234,7 @@ fn controller_manager_rules() -> Vec<Value> {
             &[
                 "pods",
                 "events",
+                "configmaps",
                 "endpoints",
                 "persistentvolumes",
                 "persistentvolumeclaims",

@@ -16,7 +16,7 @@ mod pod;
 mod quota;
 mod rbac;
 mod reviews;
-mod service;
+pub(crate) mod service;
 mod sets;
 mod storage;
 mod workloads;
@@ -220,6 +220,12 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
         _body: Value,
     ) -> Option<Hook<'a, ApiResult<Value>>> {
         None
+    }
+
+    /// Mutating admission of a new object that reads other objects (the ServiceAccount
+    /// plugin on pods), after defaults and before validation.
+    fn mutate<'a>(&'a self, _objects: &'a Objects, _obj: &'a mut Value) -> Hook<'a, ApiResult<()>> {
+        Box::pin(async { Ok(()) })
     }
 
     /// Checks of a write that depend on who writes (the RBAC escalation check), after

@@ -75,6 +75,14 @@ impl Strategy for Pods {
         }
     }
 
+    fn mutate<'a>(
+        &'a self,
+        objects: &'a crate::objects::Objects,
+        obj: &'a mut Value,
+    ) -> super::Hook<'a, crate::error::ApiResult<()>> {
+        Box::pin(crate::admission::service_account(objects, obj))
+    }
+
     fn prepare_create(&self, obj: &mut Value) {
         if let Some(spec) = obj.get_mut("spec") {
             defaults::pod_spec(spec);

@@ -119,7 +119,7 @@ impl Strategy for Services {
     }
 }
 
-const IPS: &str = "/registry/ranges/serviceips/";
+pub(crate) const IPS: &str = "/registry/ranges/serviceips/";
 const NODE_PORTS: &str = "/registry/ranges/servicenodeports/";
 const IP_TAKEN: &str = "provided IP is already allocated";
 const PORT_TAKEN: &str = "provided port is already allocated";
