@@ -578,3 +578,246 @@ apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: d
     );
     assert_eq!(code, 401, "{body}");
 }
+
+/// Runs openssl in `dir`; panics with its words if it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, and a serving certificate it signed for `dns`: (ca.crt, tls.crt, tls.key) paths.
+fn serving_certificate(dir: &std::path::Path, dns: &str) -> [std::path::PathBuf; 3] {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=webhook-ca",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    let subj = format!("/CN={dns}");
+    csr.extend(["-keyout", "tls.key", "-out", "tls.csr", "-subj", &subj]);
+    openssl(dir, &csr);
+    write(dir, "san.ext", &format!("subjectAltName=DNS:{dns}\n"));
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "tls.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    ["ca.crt", "tls.crt", "tls.key"].map(|f| dir.join(f))
+}
+
+#[test]
+fn a_mutating_webhook_served_by_a_wasm_component_labels_what_is_created() {
+    use base64::Engine;
+    let b = Baton::start_cluster();
+    let certs = b.dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let [ca, crt, key] = serving_certificate(&certs, "labeller.webhooks.svc");
+    b.ok(&["create", "namespace", "webhooks"]);
+    b.ok(&[
+        "create",
+        "secret",
+        "tls",
+        "labeller-tls",
+        "-n",
+        "webhooks",
+        &format!("--cert={}", crt.display()),
+        &format!("--key={}", key.display()),
+    ]);
+    // The component serves HTTPS with the Secret's certificate: the node terminates TLS.
+    let server = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: labeller
+  namespace: webhooks
+  labels: {{app: labeller}}
+  annotations: {{baton.dev/tls-volume: certs}}
+spec:
+  volumes: [{{name: certs, secret: {{secretName: labeller-tls}}}}]
+  containers:
+  - name: webhook
+    image: {}
+    ports: [{{containerPort: 8443}}]
+    env: [{{name: LABEL_KEY, value: example.com/mutated-by}}, {{name: LABEL_VALUE, value: wasm}}]
+    volumeMounts: [{{name: certs, mountPath: /certs, readOnly: true}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: labeller, namespace: webhooks}}
+spec:
+  selector: {{app: labeller}}
+  ports: [{{port: 443, targetPort: 8443}}]
+"#,
+        guests_dir().join("admission-labeller.wasm").display()
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&server));
+    b.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/labeller",
+        "-n",
+        "webhooks",
+        "--timeout=90s",
+    ]);
+    let bundle = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&ca).unwrap());
+    // A webhook nobody answers: the handshake never finishes.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("https://127.0.0.1:{}/", silent.local_addr().unwrap().port());
+    let hooks = format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: labeller}}
+webhooks:
+- name: labeller.baton.test
+  clientConfig:
+    service: {{namespace: webhooks, name: labeller, path: /mutate}}
+    caBundle: {bundle}
+  rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [configmaps]}}]
+  namespaceSelector: {{matchLabels: {{webhook: "on"}}}}
+  sideEffects: None
+  admissionReviewVersions: [v1]
+  timeoutSeconds: 10
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: silent}}
+webhooks:
+- name: ignored.silent.baton.test
+  clientConfig: {{url: "{silent_url}", caBundle: {bundle}}}
+  rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [configmaps]}}]
+  namespaceSelector: {{matchLabels: {{slow: ignore}}}}
+  failurePolicy: Ignore
+  sideEffects: None
+  admissionReviewVersions: [v1]
+  timeoutSeconds: 1
+- name: failing.silent.baton.test
+  clientConfig: {{url: "{silent_url}", caBundle: {bundle}}}
+  rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [configmaps]}}]
+  namespaceSelector: {{matchLabels: {{slow: fail}}}}
+  failurePolicy: Fail
+  sideEffects: None
+  admissionReviewVersions: [v1]
+  timeoutSeconds: 1
+"#
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&hooks));
+    let listed = b.ok(&[
+        "get",
+        "mutatingwebhookconfigurations,validatingwebhookconfigurations",
+    ]);
+    assert!(
+        listed.contains("labeller") && listed.contains("silent"),
+        "{listed}"
+    );
+    for (ns, label) in [
+        ("labelled", "webhook=on"),
+        ("plain", "webhook=off"),
+        ("slow-ignore", "slow=ignore"),
+        ("slow-fail", "slow=fail"),
+    ] {
+        b.ok(&["create", "namespace", ns]);
+        b.ok(&["label", "namespace", ns, label]);
+    }
+    // The component's patch labels what it is sent; the namespaceSelector picks what.
+    b.ok(&[
+        "create",
+        "configmap",
+        "c",
+        "-n",
+        "labelled",
+        "--from-literal=k=v",
+    ]);
+    let label = |ns: &str| {
+        jsonpath(
+            &b,
+            &["configmap", "c", "-n", ns],
+            "{.metadata.labels.example\\.com/mutated-by}",
+        )
+    };
+    assert_eq!(label("labelled"), "wasm");
+    b.ok(&[
+        "create",
+        "configmap",
+        "c",
+        "-n",
+        "plain",
+        "--from-literal=k=v",
+    ]);
+    assert_eq!(label("plain"), "");
+    // Its refusal comes back in kube's words.
+    let refused = b.fails(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: r, namespace: labelled, labels: {reject: \"true\"}}\n"),
+    );
+    assert!(
+        refused.contains(r#"admission webhook "labeller.baton.test" denied the request: the object asked to be rejected"#),
+        "{refused}"
+    );
+    // A webhook that times out is passed over with failurePolicy Ignore...
+    b.ok(&[
+        "create",
+        "configmap",
+        "c",
+        "-n",
+        "slow-ignore",
+        "--from-literal=k=v",
+    ]);
+    // ...and refuses the write with Fail.
+    let failed = b.fails(
+        &[
+            "create",
+            "configmap",
+            "c",
+            "-n",
+            "slow-fail",
+            "--from-literal=k=v",
+        ],
+        None,
+    );
+    assert!(
+        failed.contains(r#"failed calling webhook "failing.silent.baton.test""#)
+            && failed.contains("deadline exceeded"),
+        "{failed}"
+    );
+    b.fails(&["get", "configmap", "c", "-n", "slow-fail"], None);
+    drop(silent);
+}

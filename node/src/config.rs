@@ -846,6 +846,56 @@ fn downward_files(
     Ok(files)
 }
 
+/// The pod annotation naming the volume whose `tls.crt` and `tls.key` (a
+/// `kubernetes.io/tls` Secret's keys) its HTTP components serve HTTPS with.
+pub const TLS_VOLUME_ANNOTATION: &str = "baton.dev/tls-volume";
+
+/// The TLS server configuration of a pod's HTTP components, from the volume its
+/// [`TLS_VOLUME_ANNOTATION`] names (written under `pod_dir` already); None without one.
+pub fn serving_tls(
+    pod: &Pod,
+    pod_dir: &Path,
+) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Some(volume) = pod.annotations().get(TLS_VOLUME_ANNOTATION) else {
+        return Ok(None);
+    };
+    let refuse = |message: String| ConfigError::Volume {
+        volume: volume.clone(),
+        message,
+    };
+    if !is_dns_label(volume) {
+        return Err(refuse(format!(
+            "{TLS_VOLUME_ANNOTATION} must name a volume"
+        )));
+    }
+    let dir = volumes_dir(pod_dir).join(volume);
+    // Read through the volume's own links only, and never more than a certificate needs.
+    let read = |name: &str| -> Result<Vec<u8>, ConfigError> {
+        use std::io::Read;
+        let mut data = Vec::new();
+        std::fs::File::open(dir.join(name))
+            .and_then(|f| f.take(1 << 20).read_to_end(&mut data))
+            .map_err(|e| refuse(format!("reading {name} for {TLS_VOLUME_ANNOTATION}: {e}")))?;
+        Ok(data)
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read("tls.crt")?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| refuse(format!("tls.crt: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(&read("tls.key")?)
+        .map_err(|e| refuse(format!("tls.key: {e}")))?;
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| refuse(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| refuse(format!("tls.crt and tls.key: {e}")))?;
+    Ok(Some(std::sync::Arc::new(config)))
+}
+
 /// The variables the kubelet gives every container for the `kubernetes` Service at
 /// `ip:port`, ahead of the container's own (which win: a name it sets is not added).
 pub fn api_server_env(env: &mut Vec<(String, String)>, ip: std::net::Ipv4Addr, port: u16) {

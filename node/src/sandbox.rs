@@ -84,6 +84,8 @@ pub struct ContainerRun<I> {
     pub memory_bytes: usize,
     /// Where its output goes (this run's log file).
     pub log: ContainerLog,
+    /// For a server: serve HTTPS with this (the pod's `baton.dev/tls-volume`).
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl<I> std::fmt::Debug for ContainerRun<I> {
@@ -295,6 +297,7 @@ impl Sandbox for WasmSandbox {
             http: HttpSpec {
                 env: run.env,
                 mounts: run.mounts,
+                tls: run.tls,
                 memory_bytes: run.memory_bytes,
                 request_timeout: Some(self.request_timeout),
                 log: Some(run.log),

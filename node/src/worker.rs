@@ -589,6 +589,7 @@ impl<S: Sandboxes> Worker<S> {
             mounts: config.mounts.clone(),
             memory_bytes: self.shared.memory.container_limit(c) as usize,
             log,
+            tls: config::serving_tls(&self.pod, &self.shared.pod_dir(&self.uid))?,
         })
     }
 

@@ -26,6 +26,9 @@ use crate::host::Host;
 use crate::runtime::{ComponentKind, Runtime};
 use crate::usage::AbortOnDrop;
 
+/// How long a client of an HTTPS component has to finish its TLS handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
 /// How to serve one HTTP component.
 #[derive(Clone, Debug, Default)]
 pub struct HttpSpec {
@@ -33,6 +36,10 @@ pub struct HttpSpec {
     /// Node directories each request instance sees (opened afresh per request, so that a
     /// volume's update is seen by the next request).
     pub mounts: Vec<crate::cli::Mount>,
+    /// Serve HTTPS with this certificate instead of plain HTTP: a component cannot
+    /// terminate TLS itself, so the sandbox does it for it (an admission webhook, which
+    /// the API server calls only over HTTPS, is the case in point).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Linear memory cap per request instance; 0 means the runtime's maximum.
     pub memory_bytes: usize,
     /// Budget of one request; None lets a request run as long as its client waits.
@@ -278,10 +285,14 @@ impl Serving {
         );
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let prepared = (|| -> wasmtime::Result<_> {
-            let req = store
-                .data_mut()
-                .http()
-                .new_incoming_request(Scheme::Http, DrainOnDrop::wrap(req))?;
+            let req = store.data_mut().http().new_incoming_request(
+                if self.spec.tls.is_some() {
+                    Scheme::Https
+                } else {
+                    Scheme::Http
+                },
+                DrainOnDrop::wrap(req),
+            )?;
             let out = store.data_mut().http().new_response_outparam(sender)?;
             Ok((req, out))
         })();
@@ -384,6 +395,11 @@ impl Runtime {
                 .map_err(|e| ShimError::Setup(format!("listener on {addr}: {e}")))?
         };
         let usage = serving.net.usage.clone();
+        let tls = serving
+            .spec
+            .tls
+            .clone()
+            .map(tokio_rustls::TlsAcceptor::from);
         let (task, gone) = self.spawn_guest_tracked(&usage, async move {
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             // The connections belong to the server: when it is dropped, they are too, so
@@ -401,12 +417,27 @@ impl Runtime {
                 let _ = tcp.set_nodelay(true);
                 let serving = serving.clone();
                 let svc = hyper::service::service_fn(move |req| serving.clone().handle(req));
-                let conn = http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(tcp), svc);
-                let conn = graceful.watch(conn);
+                let Some(tls) = &tls else {
+                    let conn = http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(tcp), svc);
+                    let conn = graceful.watch(conn);
+                    conns.spawn(async move {
+                        let _ = conn.await;
+                    });
+                    continue;
+                };
+                let (tls, watcher) = (tls.clone(), graceful.watcher());
                 conns.spawn(async move {
-                    let _ = conn.await;
+                    // A client that never finishes its handshake is let go.
+                    let Ok(Ok(stream)) = tokio::time::timeout(TLS_HANDSHAKE, tls.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let conn = http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn).await;
                 });
             };
             drop(listener);

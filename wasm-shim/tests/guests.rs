@@ -40,6 +40,11 @@ const GUESTS: &[(&str, &str)] = &[
         "kube-lister",
         "tests/access.rs a_wasm_guest_lists_pods_through_the_kubernetes_service_with_its_projected_token",
     ),
+    // A mutating admission webhook: the API server calls it, so the root crate tests it.
+    (
+        "admission-labeller",
+        "tests/access.rs a_mutating_webhook_served_by_a_wasm_component_labels_what_is_created",
+    ),
 ];
 
 fn guest(name: &str) -> PathBuf {

@@ -56,6 +56,7 @@ pub mod server;
 pub mod strategy;
 pub mod table;
 pub mod validation;
+pub mod webhook;
 
 pub use error::{ApiError, FieldError};
 pub use objects::Objects;

@@ -112,10 +112,15 @@ impl Policy {
 }
 
 /// Every policy and binding, as last seen in the store.
+///
+/// The webhook configurations live under the same store prefix and are kept here too,
+/// for [`crate::webhook`].
 #[derive(Debug, Default)]
 pub struct Policies {
     policies: BTreeMap<String, Arc<Policy>>,
     bindings: BTreeMap<String, Arc<Value>>,
+    mutating_webhooks: BTreeMap<String, Arc<Value>>,
+    validating_webhooks: BTreeMap<String, Arc<Value>>,
 }
 
 impl Index for Policies {
@@ -139,12 +144,34 @@ impl Index for Policies {
             ("validatingadmissionpolicybindings", None) => {
                 self.bindings.remove(name);
             }
+            ("mutatingwebhookconfigurations", o) => {
+                set(&mut self.mutating_webhooks, name, o);
+            }
+            ("validatingwebhookconfigurations", o) => {
+                set(&mut self.validating_webhooks, name, o);
+            }
             _ => {}
         }
     }
 }
 
+fn set(map: &mut BTreeMap<String, Arc<Value>>, name: &str, obj: Option<Value>) {
+    match obj {
+        Some(o) => map.insert(name.into(), Arc::new(o)),
+        None => map.remove(name),
+    };
+}
+
 impl Policies {
+    /// The webhook configurations of `phase`, in the order of their names.
+    pub fn webhooks(&self, phase: crate::webhook::Phase) -> Vec<Arc<Value>> {
+        let map = match phase {
+            crate::webhook::Phase::Mutating => &self.mutating_webhooks,
+            crate::webhook::Phase::Validating => &self.validating_webhooks,
+        };
+        map.values().cloned().collect()
+    }
+
     /// Each binding with the policy it names.
     fn bound(&self) -> Vec<(Arc<Policy>, Arc<Value>)> {
         self.bindings
@@ -191,21 +218,34 @@ pub fn compile_errors(obj: &Value) -> Vec<FieldError> {
 }
 
 /// One write, as admission sees it.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Attempt<'a> {
     pub res: &'a Resource,
     /// `CREATE` or `UPDATE`.
     pub operation: &'static str,
     pub namespace: Option<&'a str>,
     pub name: &'a str,
+    /// The subresource written (`status`, `scale`), if any.
+    pub subresource: Option<&'a str>,
     pub object: &'a Value,
     pub old: Option<&'a Value>,
     pub user: &'a UserInfo,
     pub dry_run: bool,
 }
 
-/// Whether a rule list (`resourceRules`) names the attempt.
-fn rules_match(rules: Option<&Value>, a: &Attempt<'_>) -> bool {
+/// Whether a rule's `resources` name the attempt's resource and subresource, in kube's
+/// forms: `pods`, `pods/status`, `pods/*` (pods and every subresource of them),
+/// `*/status`, `*` (every resource, no subresource) and `*/*` (everything).
+fn resources_match(listed: &[String], plural: &str, sub: Option<&str>) -> bool {
+    let sub = sub.unwrap_or("");
+    listed.iter().any(|r| {
+        let (res, rsub) = r.split_once('/').unwrap_or((r, ""));
+        (res == "*" || res == plural) && (rsub == "*" || rsub == sub)
+    })
+}
+
+/// Whether a rule list (`resourceRules`, a webhook's `rules`) names the attempt.
+pub(crate) fn rules_match(rules: Option<&Value>, a: &Attempt<'_>) -> bool {
     rules
         .and_then(Value::as_array)
         .into_iter()
@@ -223,15 +263,14 @@ fn rules_match(rules: Option<&Value>, a: &Attempt<'_>) -> bool {
             let names = strings(r.get("resourceNames"));
             has("apiGroups", &a.res.group)
                 && has("apiVersions", &a.res.version)
-                && (has("resources", &a.res.plural)
-                    || has("resources", &format!("{}/*", a.res.plural)))
+                && resources_match(&strings(r.get("resources")), &a.res.plural, a.subresource)
                 && has("operations", a.operation)
                 && scope_ok
                 && (names.is_empty() || names.iter().any(|n| n == a.name))
         })
 }
 
-fn selector_matches(sel: Option<&Value>, labels: Option<&Value>) -> bool {
+pub(crate) fn selector_matches(sel: Option<&Value>, labels: Option<&Value>) -> bool {
     let Some(sel) = sel.filter(|s| !s.is_null()) else {
         return true;
     };
@@ -276,7 +315,7 @@ fn constraints_match(c: Option<&Value>, a: &Attempt<'_>, ns_obj: Option<&Value>)
 }
 
 /// The `request` variable.
-fn request(a: &Attempt<'_>) -> Value {
+pub(crate) fn request(a: &Attempt<'_>) -> Value {
     json!({
         "kind": {"group": a.res.group, "version": a.res.version, "kind": a.res.kind},
         "resource": {"group": a.res.group, "version": a.res.version, "resource": a.res.plural},
@@ -512,4 +551,31 @@ async fn check(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resources_match;
+
+    #[test]
+    fn resource_rules_read_subresources_as_kube_does() {
+        let m = |listed: &[&str], plural: &str, sub: Option<&str>| {
+            let listed: Vec<String> = listed.iter().map(|s| s.to_string()).collect();
+            resources_match(&listed, plural, sub)
+        };
+        assert!(m(&["pods"], "pods", None));
+        assert!(
+            !m(&["pods"], "pods", Some("status")),
+            "a status write is not a pod write"
+        );
+        assert!(m(&["pods/status"], "pods", Some("status")));
+        assert!(m(&["pods/*"], "pods", Some("status")));
+        assert!(m(&["pods/*"], "pods", None));
+        assert!(m(&["*/status"], "deployments", Some("status")));
+        assert!(!m(&["*/status"], "deployments", None));
+        assert!(m(&["*"], "configmaps", None));
+        assert!(!m(&["*"], "pods", Some("status")));
+        assert!(m(&["*/*"], "pods", Some("eviction")));
+        assert!(!m(&["services"], "pods", None));
+    }
 }

@@ -570,6 +570,32 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         strategy = strategy::ValidatingAdmissionPolicyBindings
     ),
     resource!(
+        "admissionregistration.k8s.io",
+        "v1",
+        "MutatingWebhookConfiguration",
+        "mutatingwebhookconfigurations",
+        "mutatingwebhookconfiguration",
+        false,
+        admissionregistration::v1::MutatingWebhookConfiguration,
+        short = [],
+        cat = ["api-extensions"],
+        sub = [],
+        strategy = strategy::WebhookConfigurations
+    ),
+    resource!(
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingWebhookConfiguration",
+        "validatingwebhookconfigurations",
+        "validatingwebhookconfiguration",
+        false,
+        admissionregistration::v1::ValidatingWebhookConfiguration,
+        short = [],
+        cat = ["api-extensions"],
+        sub = [],
+        strategy = strategy::WebhookConfigurations
+    ),
+    resource!(
         "authorization.k8s.io",
         "v1",
         "SelfSubjectAccessReview",

@@ -570,28 +570,33 @@ pub(crate) async fn create_object(
         crate::admission::limit_ranges(objects, res, ns, &mut obj).await?;
         crate::admission::default_storage_class(objects, res, &mut obj).await?;
     }
-    validate(res, &obj, None)?;
-    crate::admission::node_restriction(&req.user, res, &obj)?;
-    res.strategy.admit(objects, &req.user, &obj, None).await?;
     let name = obj
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    crate::policy::validate(
-        objects,
-        &crate::policy::Attempt {
-            res,
-            operation: "CREATE",
-            namespace: ns.as_deref(),
-            name: &name,
-            object: &obj,
-            old: None,
-            user: &req.user,
-            dry_run: req.dry_run(),
-        },
-    )
-    .await?;
+    let attempt = crate::policy::Attempt {
+        res,
+        operation: "CREATE",
+        namespace: ns.as_deref(),
+        name: &name,
+        subresource: req.target.sub.as_deref(),
+        // Mutation reads the object it is given; the policies below see the result.
+        object: &Value::Null,
+        old: None,
+        user: &req.user,
+        dry_run: req.dry_run(),
+    };
+    crate::webhook::mutate(objects, &attempt, &mut obj).await?;
+    validate(res, &obj, None)?;
+    crate::admission::node_restriction(&req.user, res, &obj)?;
+    res.strategy.admit(objects, &req.user, &obj, None).await?;
+    let attempt = crate::policy::Attempt {
+        object: &obj,
+        ..attempt
+    };
+    crate::policy::validate(objects, &attempt).await?;
+    crate::webhook::validate(objects, &attempt).await?;
     if let Some(ns) = &ns {
         crate::admission::charge_quota(objects, res, ns, &obj, req.dry_run()).await?;
     }
@@ -776,24 +781,29 @@ pub(crate) async fn store_update(
     let res = &*req.target.res;
     let ns = ns_of(req);
     let name = req.target.name.as_deref().unwrap_or_default();
+    let attempt = crate::policy::Attempt {
+        res,
+        operation: "UPDATE",
+        namespace: ns,
+        name,
+        subresource: req.target.sub.as_deref(),
+        // Mutation reads the object it is given; the policies below see the result.
+        object: &Value::Null,
+        old: Some(old),
+        user: &req.user,
+        dry_run: req.dry_run(),
+    };
+    crate::webhook::mutate(objects, &attempt, &mut new).await?;
     validate(res, &new, Some(old))?;
     res.strategy
         .admit(objects, &req.user, &new, Some(old))
         .await?;
-    crate::policy::validate(
-        objects,
-        &crate::policy::Attempt {
-            res,
-            operation: "UPDATE",
-            namespace: ns,
-            name,
-            object: &new,
-            old: Some(old),
-            user: &req.user,
-            dry_run: req.dry_run(),
-        },
-    )
-    .await?;
+    let attempt = crate::policy::Attempt {
+        object: &new,
+        ..attempt
+    };
+    crate::policy::validate(objects, &attempt).await?;
+    crate::webhook::validate(objects, &attempt).await?;
     let unchanged = {
         let strip = |v: &Value| {
             let mut v = v.clone();

@@ -37,7 +37,9 @@ pub use self::core::{
     ConfigMaps, EndpointSlices, Endpoints, Events, Leases, Namespaces, Nodes, Secrets,
     ServiceAccounts,
 };
-pub use admission::{ValidatingAdmissionPolicies, ValidatingAdmissionPolicyBindings};
+pub use admission::{
+    ValidatingAdmissionPolicies, ValidatingAdmissionPolicyBindings, WebhookConfigurations,
+};
 pub use events::EventsV1;
 pub use networking::{IngressClasses, Ingresses, NetworkPolicies};
 pub use platform::{
