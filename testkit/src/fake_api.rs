@@ -142,10 +142,14 @@ fn answer(state: &mut State, call: Call) -> (u16, Value) {
         .iter()
         .find(|(m, s, _)| *m == call.method && call.path.ends_with(s.as_str()))
     {
-        return (
-            *code,
-            status(*code, "InternalError", "injected by the test"),
-        );
+        // The reason clients branch on (kube's `get_opt` reads NotFound from it).
+        let reason = match code {
+            404 => "NotFound",
+            409 => "Conflict",
+            403 => "Forbidden",
+            _ => "InternalError",
+        };
+        return (*code, status(*code, reason, "injected by the test"));
     }
     let name = call.path.rsplit('/').next().unwrap_or_default().to_string();
     match call.method.as_str() {
