@@ -821,3 +821,111 @@ webhooks:
     b.fails(&["get", "configmap", "c", "-n", "slow-fail"], None);
     drop(silent);
 }
+
+#[test]
+fn pod_security_levels_refuse_and_warn_as_kubernetes_does() {
+    let b = Baton::start();
+    b.ok(&["create", "namespace", "tenant"]);
+    b.ok(&[
+        "label",
+        "namespace",
+        "tenant",
+        "pod-security.kubernetes.io/enforce=baseline",
+        "pod-security.kubernetes.io/warn=restricted",
+    ]);
+    let apply = |manifest: &str| b.run("kubectl", &["apply", "-f", "-"], Some(manifest));
+    // What reaches the node breaks baseline: refused, in kube's words.
+    let out = apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: nosy, namespace: tenant}\nspec:\n  volumes: [{name: etc, hostPath: {path: /etc}}]\n  containers: [{name: app, image: registry.local/app:1}]\n",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(r#"pods "nosy" is forbidden: violates PodSecurity "baseline:latest": hostPath volumes (volume "etc")"#),
+        "{err}"
+    );
+    // A plain pod meets baseline and is created, with restricted's warning.
+    let out = apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: plain, namespace: tenant}\nspec:\n  containers: [{name: app, image: registry.local/app:1}]\n",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(r#"Warning: would violate PodSecurity "restricted:latest": allowPrivilegeEscalation != false"#),
+        "{err}"
+    );
+    // A Deployment's template is never refused, but warned of at the enforced level.
+    let out = apply(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: host, namespace: tenant}\nspec:\n  selector: {matchLabels: {app: host}}\n  template:\n    metadata: {labels: {app: host}}\n    spec:\n      hostNetwork: true\n      containers: [{name: app, image: registry.local/app:1}]\n",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(r#"would violate PodSecurity "restricted:latest""#)
+            && err.contains("host namespaces (hostNetwork=true)"),
+        "{err}"
+    );
+    // A namespace without labels is privileged: no check, no warning.
+    let out = b.run(
+        "kubectl",
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Pod\nmetadata: {name: free, namespace: default}\nspec:\n  hostNetwork: true\n  containers: [{name: app, image: registry.local/app:1}]\n"),
+    );
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("PodSecurity"));
+}
+
+#[test]
+fn a_policy_with_the_warn_action_warns_the_client_and_lets_the_write_through() {
+    let b = Baton::start();
+    b.ok_with(
+        "kubectl",
+        &["apply", "-f", "-"],
+        Some(
+            r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: small-configmaps}
+spec:
+  matchConstraints:
+    resourceRules:
+    - {apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [configmaps]}
+  validations:
+  - expression: "!has(object.data) || size(object.data) < 2"
+    message: keep ConfigMaps small
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: small-configmaps}
+spec:
+  policyName: small-configmaps
+  validationActions: [Warn]
+"#,
+        ),
+    );
+    let err = baton::wait_until(
+        std::time::Duration::from_secs(10),
+        "the policy to take effect",
+        || {
+            let name = format!("c{}", rand::random::<u32>());
+            let out = b.run(
+                "kubectl",
+                &[
+                    "create",
+                    "configmap",
+                    &name,
+                    "--from-literal=a=1",
+                    "--from-literal=b=2",
+                ],
+                None,
+            );
+            assert!(out.status.success(), "Warn never refuses");
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            err.contains("Warning").then_some(err)
+        },
+    );
+    assert!(
+        err.contains("Validation failed for ValidatingAdmissionPolicy 'small-configmaps' with binding 'small-configmaps': keep ConfigMaps small"),
+        "{err}"
+    );
+}

@@ -47,6 +47,7 @@ pub mod objects;
 pub mod openapi_v2;
 pub mod patch;
 pub mod pki;
+pub mod podsecurity;
 pub mod policy;
 pub mod protobuf;
 pub mod resources;

@@ -14,8 +14,8 @@
 //! server keeps from the store ([`crate::cache`]). A write that no binding concerns costs
 //! one read of that index.
 //!
-//! Not yet: the `authorizer` variable; Warn results are logged, not returned to the
-//! client as warnings; DELETE and CONNECT operations are not evaluated.
+//! Warn results go back to the client as `Warning` headers, as kube-apiserver sends them.
+//! Not yet: the `authorizer` variable; DELETE and CONNECT operations are not evaluated.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -231,6 +231,18 @@ pub struct Attempt<'a> {
     pub old: Option<&'a Value>,
     pub user: &'a UserInfo,
     pub dry_run: bool,
+    /// Where admission's warnings for the client go (`Warning` headers).
+    pub warnings: &'a crate::rest::Warnings,
+}
+
+impl Attempt<'_> {
+    /// Adds a warning for the client.
+    pub fn warn(&self, message: String) {
+        self.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(message);
+    }
 }
 
 /// Whether a rule's `resources` name the attempt's resource and subresource, in kube's
@@ -538,7 +550,10 @@ async fn check(
                 }
             };
             if warn {
-                tracing::warn!(policy = %policy.name, binding = bname, %message, "admission policy warning");
+                a.warn(format!(
+                    "Validation failed for ValidatingAdmissionPolicy '{}' with binding '{bname}': {message}",
+                    policy.name
+                ));
             }
             if deny {
                 return Err(denial(

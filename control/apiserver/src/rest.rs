@@ -94,7 +94,12 @@ pub struct Request {
     pub body: Bytes,
     /// Who asks, after impersonation: the escalation check and the reviews need it.
     pub user: baton_auth::UserInfo,
+    /// What admission warns the client of, sent as `Warning` headers with the answer.
+    pub warnings: std::sync::Arc<Warnings>,
 }
+
+/// Warnings gathered while a request is served.
+pub type Warnings = std::sync::Mutex<Vec<String>>;
 
 impl Request {
     pub(crate) fn q(&self, k: &str) -> Option<&str> {
@@ -210,7 +215,14 @@ pub(crate) fn object_response(
         None => req.rendering().unwrap_or(Rendering::Object),
         Some(_) => Rendering::Object,
     };
-    json_response(code, &render_one(req, rendering, obj), warnings)
+    let mut all = warnings.to_vec();
+    all.extend(
+        req.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..),
+    );
+    json_response(code, &render_one(req, rendering, obj), &all)
 }
 
 /// Runs one resource request.
@@ -586,6 +598,7 @@ pub(crate) async fn create_object(
         old: None,
         user: &req.user,
         dry_run: req.dry_run(),
+        warnings: &req.warnings,
     };
     crate::webhook::mutate(objects, &attempt, &mut obj).await?;
     validate(res, &obj, None)?;
@@ -595,6 +608,7 @@ pub(crate) async fn create_object(
         object: &obj,
         ..attempt
     };
+    crate::podsecurity::admit(objects, &attempt).await?;
     crate::policy::validate(objects, &attempt).await?;
     crate::webhook::validate(objects, &attempt).await?;
     if let Some(ns) = &ns {
@@ -792,6 +806,7 @@ pub(crate) async fn store_update(
         old: Some(old),
         user: &req.user,
         dry_run: req.dry_run(),
+        warnings: &req.warnings,
     };
     crate::webhook::mutate(objects, &attempt, &mut new).await?;
     validate(res, &new, Some(old))?;
@@ -802,6 +817,7 @@ pub(crate) async fn store_update(
         object: &new,
         ..attempt
     };
+    crate::podsecurity::admit(objects, &attempt).await?;
     crate::policy::validate(objects, &attempt).await?;
     crate::webhook::validate(objects, &attempt).await?;
     let unchanged = {
@@ -1403,6 +1419,7 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
         headers: req.headers.clone(),
         body: Bytes::new(),
         user: req.user.clone(),
+        warnings: req.warnings.clone(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
     let mut store_watch = match objects.store.watch(prefix.clone(), from) {

@@ -474,6 +474,7 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         headers: parts.headers,
         body,
         user,
+        warnings: Default::default(),
     };
     if req.target.res.has_sub("log")
         && req.target.sub.as_deref() == Some("log")

@@ -205,6 +205,15 @@ pub const ALL_VERBS: &[&str] = &[
     "watch",
 ];
 
+/// Where a kind holds a pod spec (see [`Strategy::pod_spec`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodSpecAt {
+    /// A pod: its `spec`.
+    Pod,
+    /// A workload: the pod template's spec at this JSON pointer.
+    Template(&'static str),
+}
+
 /// What a kind does differently. Every method's default is what a plain object does.
 pub trait Strategy: Send + Sync + std::fmt::Debug {
     /// The verbs the kind serves (discovery lists them; others get 405).
@@ -228,6 +237,12 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     /// plugin on pods), after defaults and before validation.
     fn mutate<'a>(&'a self, _objects: &'a Objects, _obj: &'a mut Value) -> Hook<'a, ApiResult<()>> {
         Box::pin(async { Ok(()) })
+    }
+
+    /// Where the kind holds a pod spec, for PodSecurity admission: a pod's own (checked
+    /// and refused) or a workload's template (warned about only).
+    fn pod_spec(&self) -> Option<PodSpecAt> {
+        None
     }
 
     /// Checks of a write that depend on who writes (the RBAC escalation check), after

@@ -166,6 +166,10 @@ static PODTEMPLATE_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for PodTemplates {
+    fn pod_spec(&self) -> Option<super::PodSpecAt> {
+        Some(super::PodSpecAt::Template("/template/spec"))
+    }
+
     fn columns(&self) -> &[Column] {
         PODTEMPLATE_COLUMNS
     }

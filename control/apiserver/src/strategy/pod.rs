@@ -83,6 +83,10 @@ impl Strategy for Pods {
         Box::pin(crate::admission::service_account(objects, obj))
     }
 
+    fn pod_spec(&self) -> Option<super::PodSpecAt> {
+        Some(super::PodSpecAt::Pod)
+    }
+
     fn prepare_create(&self, obj: &mut Value) {
         if let Some(spec) = obj.get_mut("spec") {
             defaults::pod_spec(spec);

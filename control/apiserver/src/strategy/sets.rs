@@ -95,6 +95,10 @@ static DAEMONSET_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for DaemonSets {
+    fn pod_spec(&self) -> Option<super::PodSpecAt> {
+        Some(super::PodSpecAt::Template("/spec/template/spec"))
+    }
+
     fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
         validation::selector_matches_template(obj, errs);
         restarts_always(obj, errs);
@@ -182,6 +186,10 @@ fn with_claim_volumes(obj: &Value) -> Value {
 }
 
 impl Strategy for StatefulSets {
+    fn pod_spec(&self) -> Option<super::PodSpecAt> {
+        Some(super::PodSpecAt::Template("/spec/template/spec"))
+    }
+
     fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
         validation::selector_matches_template(&with_claim_volumes(obj), errs);
         restarts_always(obj, errs);
@@ -322,6 +330,12 @@ static CRONJOB_COLUMNS: &[Column] = &[
 const CRONJOB_NAME_MAX: usize = 52;
 
 impl Strategy for CronJobs {
+    fn pod_spec(&self) -> Option<super::PodSpecAt> {
+        Some(super::PodSpecAt::Template(
+            "/spec/jobTemplate/spec/template/spec",
+        ))
+    }
+
     fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
         let name = s(obj, "/metadata/name");
         if name.len() > CRONJOB_NAME_MAX {

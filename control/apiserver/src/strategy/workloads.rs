@@ -80,6 +80,10 @@ static DEPLOYMENT_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for Deployments {
+    fn pod_spec(&self) -> Option<super::PodSpecAt> {
+        Some(super::PodSpecAt::Template("/spec/template/spec"))
+    }
+
     fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
         replicated(obj, errs);
     }
@@ -117,6 +121,10 @@ static REPLICASET_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for ReplicaSets {
+    fn pod_spec(&self) -> Option<super::PodSpecAt> {
+        Some(super::PodSpecAt::Template("/spec/template/spec"))
+    }
+
     fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
         replicated(obj, errs);
     }
@@ -185,6 +193,10 @@ static JOB_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for Jobs {
+    fn pod_spec(&self) -> Option<super::PodSpecAt> {
+        Some(super::PodSpecAt::Template("/spec/template/spec"))
+    }
+
     fn field_selectable(&self, field: &str) -> bool {
         field == "status.successful"
     }
@@ -249,6 +261,10 @@ impl Strategy for Jobs {
 }
 
 impl Strategy for ReplicationControllers {
+    fn pod_spec(&self) -> Option<super::PodSpecAt> {
+        Some(super::PodSpecAt::Template("/spec/template/spec"))
+    }
+
     fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
         let selector = obj.pointer("/spec/selector").and_then(Value::as_object);
         let labels = obj
