@@ -121,6 +121,8 @@ pub struct Policies {
     bindings: BTreeMap<String, Arc<Value>>,
     mutating_webhooks: BTreeMap<String, Arc<Value>>,
     validating_webhooks: BTreeMap<String, Arc<Value>>,
+    mutating: BTreeMap<String, Arc<crate::mutating_policy::MutatingPolicy>>,
+    mutating_bindings: BTreeMap<String, Arc<Value>>,
 }
 
 impl Index for Policies {
@@ -143,6 +145,16 @@ impl Index for Policies {
             }
             ("validatingadmissionpolicybindings", None) => {
                 self.bindings.remove(name);
+            }
+            ("mutatingadmissionpolicies", Some(o)) => {
+                let p = crate::mutating_policy::MutatingPolicy::new(&o);
+                self.mutating.insert(name.into(), Arc::new(p));
+            }
+            ("mutatingadmissionpolicies", None) => {
+                self.mutating.remove(name);
+            }
+            ("mutatingadmissionpolicybindings", o) => {
+                set(&mut self.mutating_bindings, name, o);
             }
             ("mutatingwebhookconfigurations", o) => {
                 set(&mut self.mutating_webhooks, name, o);
@@ -170,6 +182,18 @@ impl Policies {
             crate::webhook::Phase::Validating => &self.validating_webhooks,
         };
         map.values().cloned().collect()
+    }
+
+    /// Each MutatingAdmissionPolicyBinding with the policy it names, in the bindings'
+    /// order.
+    pub fn mutating_bound(&self) -> Vec<(Arc<crate::mutating_policy::MutatingPolicy>, Arc<Value>)> {
+        self.mutating_bindings
+            .values()
+            .filter_map(|b| {
+                let p = self.mutating.get(s(b, "/spec/policyName"))?;
+                Some((p.clone(), b.clone()))
+            })
+            .collect()
     }
 
     /// Each binding with the policy it names.
@@ -303,7 +327,11 @@ pub(crate) fn selector_matches(sel: Option<&Value>, labels: Option<&Value>) -> b
 
 /// Whether `constraints` (a policy's `matchConstraints` or a binding's `matchResources`)
 /// take the attempt, given its namespace object.
-fn constraints_match(c: Option<&Value>, a: &Attempt<'_>, ns_obj: Option<&Value>) -> bool {
+pub(crate) fn constraints_match(
+    c: Option<&Value>,
+    a: &Attempt<'_>,
+    ns_obj: Option<&Value>,
+) -> bool {
     let Some(c) = c.filter(|c| !c.is_null()) else {
         return true;
     };
@@ -338,13 +366,14 @@ pub(crate) fn request(a: &Attempt<'_>) -> Value {
 }
 
 /// The parameter objects of a binding: None if the policy takes none.
-async fn params(
+pub(crate) async fn params(
     objects: &Objects,
-    policy: &Policy,
+    spec: &Value,
+    who: &str,
     binding: &Value,
     a: &Attempt<'_>,
 ) -> ApiResult<Option<Vec<Value>>> {
-    let Some(kind) = policy.spec.get("paramKind").filter(|k| !k.is_null()) else {
+    let Some(kind) = spec.get("paramKind").filter(|k| !k.is_null()) else {
         return Ok(None);
     };
     let served = objects.registry.snapshot();
@@ -355,10 +384,7 @@ async fn params(
         .cloned();
     let Some(res) = found else {
         return Err(ApiError::Forbidden {
-            message: format!(
-                "ValidatingAdmissionPolicy '{}': paramKind {api_version}/{kind} is not served",
-                policy.name
-            ),
+            message: format!("{who}: paramKind {api_version}/{kind} is not served"),
         });
     };
     let r = binding
@@ -468,7 +494,8 @@ async fn check(
             Ok(())
         }
     };
-    let params = match params(objects, policy, binding, a).await? {
+    let who = format!("ValidatingAdmissionPolicy '{}'", policy.name);
+    let params = match params(objects, &policy.spec, &who, binding, a).await? {
         None => vec![Value::Null],
         Some(p) if !p.is_empty() => p,
         Some(_) => {

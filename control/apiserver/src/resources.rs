@@ -571,6 +571,32 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
     ),
     resource!(
         "admissionregistration.k8s.io",
+        "v1alpha1",
+        "MutatingAdmissionPolicy",
+        "mutatingadmissionpolicies",
+        "mutatingadmissionpolicy",
+        false,
+        admissionregistration::v1alpha1::MutatingAdmissionPolicy,
+        short = [],
+        cat = ["api-extensions"],
+        sub = [],
+        strategy = strategy::MutatingAdmissionPolicies
+    ),
+    resource!(
+        "admissionregistration.k8s.io",
+        "v1alpha1",
+        "MutatingAdmissionPolicyBinding",
+        "mutatingadmissionpolicybindings",
+        "mutatingadmissionpolicybinding",
+        false,
+        admissionregistration::v1alpha1::MutatingAdmissionPolicyBinding,
+        short = [],
+        cat = ["api-extensions"],
+        sub = [],
+        strategy = strategy::MutatingAdmissionPolicyBindings
+    ),
+    resource!(
+        "admissionregistration.k8s.io",
         "v1",
         "MutatingWebhookConfiguration",
         "mutatingwebhookconfigurations",

@@ -600,6 +600,7 @@ pub(crate) async fn create_object(
         dry_run: req.dry_run(),
         warnings: &req.warnings,
     };
+    crate::mutating_policy::mutate(objects, &attempt, &mut obj).await?;
     crate::webhook::mutate(objects, &attempt, &mut obj).await?;
     validate(res, &obj, None)?;
     crate::admission::node_restriction(&req.user, res, &obj)?;
@@ -808,6 +809,7 @@ pub(crate) async fn store_update(
         dry_run: req.dry_run(),
         warnings: &req.warnings,
     };
+    crate::mutating_policy::mutate(objects, &attempt, &mut new).await?;
     crate::webhook::mutate(objects, &attempt, &mut new).await?;
     validate(res, &new, Some(old))?;
     res.strategy

@@ -317,3 +317,149 @@ async fn namespace_selectors_and_bad_policies() {
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
     e.close().await;
 }
+
+const MUTATING: &str = "/apis/admissionregistration.k8s.io/v1alpha1/mutatingadmissionpolicies";
+const MUTATING_BINDINGS: &str =
+    "/apis/admissionregistration.k8s.io/v1alpha1/mutatingadmissionpolicybindings";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutating_policies_label_and_patch_what_they_match() {
+    let e = env().await;
+    // The team comes from a parameter; the replicas are patched by JSONPatch.
+    let (code, got) = e
+        .json(
+            "POST",
+            "/api/v1/namespaces/default/configmaps",
+            Some(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": {"name": "owner"}, "data": {"team": "blue"}})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{got}");
+    let (code, got) = e
+        .json(
+            "POST",
+            MUTATING,
+            Some(json!({"apiVersion": "admissionregistration.k8s.io/v1alpha1",
+                "kind": "MutatingAdmissionPolicy", "metadata": {"name": "stamp"},
+                "spec": {
+                    "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
+                    "matchConstraints": deployments_rule(),
+                    "matchConditions": [{"name": "not-opted-out",
+                        "expression": "!has(object.metadata.labels) || !('no-stamp' in object.metadata.labels)"}],
+                    "mutations": [
+                        {"patchType": "ApplyConfiguration", "applyConfiguration": {"expression":
+                            "Object{metadata: Object.metadata{labels: {\"team\": params.data.team}}}"}},
+                        {"patchType": "JSONPatch", "jsonPatch": {"expression":
+                            "[JSONPatch{op: \"replace\", path: \"/spec/replicas\", value: object.spec.replicas * 2}]"}}
+                    ]}})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{got}");
+    let (code, got) = e
+        .json(
+            "POST",
+            MUTATING_BINDINGS,
+            Some(
+                json!({"apiVersion": "admissionregistration.k8s.io/v1alpha1",
+                "kind": "MutatingAdmissionPolicyBinding", "metadata": {"name": "stamp"},
+                "spec": {"policyName": "stamp",
+                         "paramRef": {"name": "owner", "namespace": "default",
+                                      "parameterNotFoundAction": "Deny"}}}),
+            ),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{got}");
+    // The policy takes effect through the server's watch: wait for the label.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let made = loop {
+        let (code, got) = e
+            .json(
+                "POST",
+                DEPLOYMENTS,
+                Some(deployment("web", json!({"app": "web"}), 2)),
+            )
+            .await;
+        assert_eq!(code, StatusCode::CREATED, "{got}");
+        if got.pointer("/metadata/labels/team").is_some() {
+            break got;
+        }
+        e.json("DELETE", &format!("{DEPLOYMENTS}/web"), None).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never mutated: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        made["metadata"]["labels"],
+        json!({"app": "web", "team": "blue"})
+    );
+    assert_eq!(made["spec"]["replicas"], 4);
+    // The matchCondition leaves an opted-out Deployment alone.
+    let (code, got) = e
+        .json(
+            "POST",
+            DEPLOYMENTS,
+            Some(deployment("free", json!({"no-stamp": "1"}), 1)),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{got}");
+    assert_eq!(got["metadata"]["labels"], json!({"no-stamp": "1"}));
+    assert_eq!(got["spec"]["replicas"], 1);
+    // A mutation that cannot apply refuses the write (failurePolicy Fail).
+    let (code, got) = e
+        .json(
+            "POST",
+            MUTATING,
+            Some(
+                json!({"apiVersion": "admissionregistration.k8s.io/v1alpha1",
+                "kind": "MutatingAdmissionPolicy", "metadata": {"name": "broken"},
+                "spec": {"matchConstraints": deployments_rule(),
+                    "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression":
+                        "[JSONPatch{op: \"remove\", path: \"/spec/nothing/here\"}]"}}]}}),
+            ),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{got}");
+    let (code, got) = e
+        .json(
+            "POST",
+            MUTATING_BINDINGS,
+            Some(
+                json!({"apiVersion": "admissionregistration.k8s.io/v1alpha1",
+                "kind": "MutatingAdmissionPolicyBinding", "metadata": {"name": "broken"},
+                "spec": {"policyName": "broken"}}),
+            ),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{got}");
+    let got = until(
+        &e,
+        DEPLOYMENTS,
+        deployment("late", json!({"no-stamp": "1"}), 1),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    assert!(
+        got["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("MutatingAdmissionPolicy 'broken' with binding 'broken' failed"),
+        "{got}"
+    );
+    // An expression that does not compile is refused when the policy is written.
+    let (code, got) = e
+        .json(
+            "POST",
+            MUTATING,
+            Some(
+                json!({"apiVersion": "admissionregistration.k8s.io/v1alpha1",
+                "kind": "MutatingAdmissionPolicy", "metadata": {"name": "bad"},
+                "spec": {"matchConstraints": deployments_rule(),
+                    "mutations": [{"patchType": "ApplyConfiguration",
+                                   "applyConfiguration": {"expression": "Object{"}}]}}),
+            ),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{got}");
+}

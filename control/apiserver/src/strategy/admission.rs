@@ -233,3 +233,43 @@ impl Strategy for WebhookConfigurations {
         WEBHOOK_COLUMNS
     }
 }
+
+/// MutatingAdmissionPolicies (v1alpha1) and their bindings: stored and checked here;
+/// [`crate::mutating_policy`] runs them.
+#[derive(Debug)]
+pub struct MutatingAdmissionPolicies;
+#[derive(Debug)]
+pub struct MutatingAdmissionPolicyBindings;
+
+static MUTATING_COLUMNS: &[Column] = &[
+    Column::new("Name", "string", 0, name),
+    Column::new("Mutations", "integer", 0, |o| {
+        json!(o
+            .pointer("/spec/mutations")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len))
+    }),
+    Column::new("Age", "string", 0, age),
+];
+
+impl Strategy for MutatingAdmissionPolicies {
+    fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
+        errs.extend(crate::mutating_policy::policy_errors(obj));
+    }
+
+    fn columns(&self) -> &[Column] {
+        MUTATING_COLUMNS
+    }
+}
+
+impl Strategy for MutatingAdmissionPolicyBindings {
+    fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
+        if s(obj, "/spec/policyName").is_empty() {
+            errs.push(FieldError::required("spec.policyName"));
+        }
+    }
+
+    fn columns(&self) -> &[Column] {
+        BINDING_COLUMNS
+    }
+}

@@ -38,7 +38,8 @@ pub use self::core::{
     ServiceAccounts,
 };
 pub use admission::{
-    ValidatingAdmissionPolicies, ValidatingAdmissionPolicyBindings, WebhookConfigurations,
+    MutatingAdmissionPolicies, MutatingAdmissionPolicyBindings, ValidatingAdmissionPolicies,
+    ValidatingAdmissionPolicyBindings, WebhookConfigurations,
 };
 pub use events::EventsV1;
 pub use networking::{IngressClasses, Ingresses, NetworkPolicies};
