@@ -831,10 +831,19 @@ impl<S: Sandboxes> Worker<S> {
         if let (true, Some(t)) = (self.reporter.pending, self.reporter.at) {
             at = at.min(t + self.reporter.interval());
         }
-        if self.has_projected_volumes() {
+        // Only a live pod's volumes are refreshed: a pod still preparing, or finished,
+        // would otherwise wake the worker at once, again and again.
+        if self.refreshes_volumes() {
             at = at.min(self.next_refresh);
         }
         at
+    }
+
+    /// Whether the pod's volumes are refreshed now and then: it is live, and has some
+    /// that come from objects.
+    fn refreshes_volumes(&self) -> bool {
+        matches!(self.stage, Stage::Initializing { .. } | Stage::Running)
+            && self.has_projected_volumes()
     }
 
     fn has_projected_volumes(&self) -> bool {
@@ -852,8 +861,7 @@ impl<S: Sandboxes> Worker<S> {
     /// tokens near their end), now and then.
     async fn refresh_volumes(&mut self) {
         let now = Instant::now();
-        let live = matches!(self.stage, Stage::Initializing { .. } | Stage::Running);
-        if !live || !self.has_projected_volumes() || now < self.next_refresh {
+        if !self.refreshes_volumes() || now < self.next_refresh {
             return;
         }
         self.next_refresh = now + VOLUME_REFRESH;
