@@ -27,11 +27,9 @@ use serde_json::{json, Value};
 use crate::crd::cel::Expression;
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::objects::{Objects, ReadAt};
-use crate::policy::{self, Attempt, VARIABLES};
+use crate::policy::{self, eval, Attempt, Compiled, VARIABLES};
 use crate::resources;
 use crate::table::s;
-
-type Compiled = Result<Expression, String>;
 
 /// The names whose struct literals become maps: kube's two mutation types.
 const LITERAL_TYPES: [&str; 2] = ["Object", "JSONPatch"];
@@ -145,14 +143,6 @@ pub struct MutatingPolicy {
 impl MutatingPolicy {
     pub fn new(obj: &Value) -> Self {
         let spec = obj.get("spec").cloned().unwrap_or(json!({}));
-        let pairs = |field: &str| -> Vec<(String, Compiled)> {
-            spec.get(field)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|c| (s(c, "/name").to_string(), compile(s(c, "/expression"))))
-                .collect()
-        };
         let mutations = spec
             .get("mutations")
             .and_then(Value::as_array)
@@ -166,8 +156,8 @@ impl MutatingPolicy {
         Self {
             name: s(obj, "/metadata/name").to_string(),
             fail: s(&spec, "/failurePolicy") != "Ignore",
-            conditions: pairs("matchConditions"),
-            variables: pairs("variables"),
+            conditions: policy::named_expressions(&spec, "matchConditions", compile),
+            variables: policy::named_expressions(&spec, "variables", compile),
             mutations,
             spec,
         }
@@ -222,13 +212,6 @@ pub fn policy_errors(obj: &Value) -> Vec<FieldError> {
         }
     }
     errs
-}
-
-fn eval(expr: &Compiled, vars: &[(&str, &Value)]) -> Result<Value, String> {
-    match expr {
-        Ok(e) => e.eval(vars),
-        Err(e) => Err(e.clone()),
-    }
 }
 
 /// Runs every bound mutating policy that matches the write on `obj`, in the order of
@@ -366,16 +349,8 @@ async fn apply(
         if let Err(why) = applied {
             return failed(why);
         }
-        for field in [
-            "/metadata/name",
-            "/metadata/namespace",
-            "/metadata/uid",
-            "/kind",
-            "/apiVersion",
-        ] {
-            if next.pointer(field) != obj.pointer(field) {
-                return failed(format!("mutation {i} changes {field}"));
-            }
+        if let Some(field) = policy::identity_changed(obj, &next) {
+            return failed(format!("mutation {i} changes {field}"));
         }
         *obj = next;
     }

@@ -43,7 +43,7 @@ pub const VARIABLES: &[&str] = &[
     "variables",
 ];
 
-type Compiled = Result<Expression, String>;
+pub(crate) type Compiled = Result<Expression, String>;
 
 #[derive(Debug)]
 struct Validation {
@@ -69,17 +69,41 @@ fn compile(src: &str) -> Compiled {
     Expression::compile(src, VARIABLES)
 }
 
+/// The `(name, expression)` lists of a policy spec (`matchConditions`, `variables`),
+/// compiled with `compile`.
+pub(crate) fn named_expressions(
+    spec: &Value,
+    field: &str,
+    compile: fn(&str) -> Compiled,
+) -> Vec<(String, Compiled)> {
+    spec.get(field)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|c| (s(c, "/name").to_string(), compile(s(c, "/expression"))))
+        .collect()
+}
+
+/// The identity fields an admission mutation may not change.
+const IDENTITY: [&str; 5] = [
+    "/metadata/name",
+    "/metadata/namespace",
+    "/metadata/uid",
+    "/kind",
+    "/apiVersion",
+];
+
+/// The first identity field (name, namespace, uid, kind, apiVersion) a mutation changed
+/// from `before` to `after`, if any.
+pub(crate) fn identity_changed(before: &Value, after: &Value) -> Option<&'static str> {
+    IDENTITY
+        .into_iter()
+        .find(|f| before.pointer(f) != after.pointer(f))
+}
+
 impl Policy {
     fn new(obj: &Value) -> Self {
         let spec = obj.get("spec").cloned().unwrap_or(json!({}));
-        let pairs = |field: &str| -> Vec<(String, Compiled)> {
-            spec.get(field)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|c| (s(c, "/name").to_string(), compile(s(c, "/expression"))))
-                .collect()
-        };
         let validations = spec
             .get("validations")
             .and_then(Value::as_array)
@@ -103,8 +127,8 @@ impl Policy {
         Self {
             name: s(obj, "/metadata/name").to_string(),
             fail: s(&spec, "/failurePolicy") != "Ignore",
-            conditions: pairs("matchConditions"),
-            variables: pairs("variables"),
+            conditions: named_expressions(&spec, "matchConditions", compile),
+            variables: named_expressions(&spec, "variables", compile),
             validations,
             spec,
         }
@@ -421,7 +445,7 @@ pub(crate) async fn params(
 }
 
 /// What one expression gave.
-fn eval(expr: &Compiled, vars: &[(&str, &Value)]) -> Result<Value, String> {
+pub(crate) fn eval(expr: &Compiled, vars: &[(&str, &Value)]) -> Result<Value, String> {
     match expr {
         Ok(e) => e.eval(vars),
         Err(e) => Err(e.clone()),

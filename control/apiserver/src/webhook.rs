@@ -111,16 +111,8 @@ pub async fn mutate(objects: &Objects, a: &Attempt<'_>, obj: &mut Value) -> ApiR
         let mut patched = obj.clone();
         json_patch::patch(&mut patched, &ops)
             .map_err(|e| invalid(format!("the patch does not apply: {e}")))?;
-        for field in [
-            "/metadata/name",
-            "/metadata/namespace",
-            "/metadata/uid",
-            "/kind",
-            "/apiVersion",
-        ] {
-            if patched.pointer(field) != obj.pointer(field) {
-                return Err(invalid(format!("the patch changes {field}")));
-            }
+        if let Some(field) = policy::identity_changed(obj, &patched) {
+            return Err(invalid(format!("the patch changes {field}")));
         }
         *obj = patched;
     }
