@@ -21,6 +21,7 @@ use crate::sandbox::{
     ContainerRun, ExitFuture, Lifetime, Pulled, Sandbox, SandboxConfig, Sandboxes, StartError,
     Started,
 };
+use crate::streams::{ExecError, PodStreams};
 
 /// What an image does when started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +54,8 @@ struct State {
     live: usize,
     /// Every pull, by image reference.
     pulls: Vec<String>,
+    /// Exec'd commands still running.
+    execs: usize,
 }
 
 /// Scripted sandboxes; clones share their state.
@@ -68,6 +71,20 @@ impl std::fmt::Debug for FakeSandboxes {
 }
 
 impl FakeSandboxes {
+    /// Streams of a pod in which every container name runs: for testing the protocols
+    /// without a worker.
+    pub fn any_streams(&self) -> Arc<dyn PodStreams> {
+        Arc::new(FakeStreams {
+            fake: self.clone(),
+            key: None,
+        })
+    }
+
+    /// Exec'd commands that are still running, in all sandboxes.
+    pub fn execs(&self) -> usize {
+        self.lock().execs
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -269,6 +286,13 @@ impl Sandbox for FakeSandbox {
         }
     }
 
+    fn streams(&self) -> Arc<dyn PodStreams> {
+        Arc::new(FakeStreams {
+            fake: self.fake.clone(),
+            key: Some(self.key.clone()),
+        })
+    }
+
     async fn shutdown(mut self, _grace: Duration) {
         let names: Vec<String> = self
             .fake
@@ -281,5 +305,80 @@ impl Sandbox for FakeSandbox {
         for n in names {
             self.stop_now(&n);
         }
+    }
+}
+
+/// Exec into a scripted container runs a scripted command:
+/// - `echo ARGS…` prints its arguments;
+/// - `cat` copies stdin to stdout until end-of-file;
+/// - `exit N` ends with code N, after writing `bye` to stderr;
+/// - `sleep` runs until stopped.
+struct FakeStreams {
+    fake: FakeSandboxes,
+    /// The sandbox whose running containers it reaches; None reaches any name.
+    key: Option<String>,
+}
+
+/// Counts a fake exec while its future lives.
+struct ExecGuard(FakeSandboxes);
+
+impl Drop for ExecGuard {
+    fn drop(&mut self) {
+        self.0.lock().execs -= 1;
+    }
+}
+
+impl PodStreams for FakeStreams {
+    fn exec(
+        &self,
+        container: &str,
+        argv: Vec<String>,
+        io: baton_wasm_shim::ExecIo,
+    ) -> Result<ExitFuture, ExecError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = self.fake.lock();
+        if self
+            .key
+            .as_ref()
+            .is_some_and(|k| !s.running.contains_key(&(k.clone(), container.to_string())))
+        {
+            return Err(ExecError::NotRunning(container.into()));
+        }
+        if argv.is_empty() {
+            return Err(ExecError::NoCommand);
+        }
+        s.execs += 1;
+        let guard = ExecGuard(self.fake.clone());
+        Ok(Box::pin(async move {
+            let _guard = guard;
+            let baton_wasm_shim::ExecIo {
+                stdin,
+                mut stdout,
+                mut stderr,
+            } = io;
+            let code = match argv[0].as_str() {
+                "echo" => {
+                    let line = format!("{}\n", argv[1..].join(" "));
+                    let _ = stdout.write_all(line.as_bytes()).await;
+                    0
+                }
+                "cat" => {
+                    if let Some(mut stdin) = stdin {
+                        let mut buf = Vec::new();
+                        let _ = stdin.read_to_end(&mut buf).await;
+                        let _ = stdout.write_all(&buf).await;
+                    }
+                    0
+                }
+                "exit" => {
+                    let _ = stderr.write_all(b"bye\n").await;
+                    argv.get(1).and_then(|c| c.parse().ok()).unwrap_or(1)
+                }
+                "sleep" => std::future::pending().await,
+                _ => 127,
+            };
+            let _ = stdout.shutdown().await;
+            exit(code)
+        }))
     }
 }

@@ -34,6 +34,7 @@ pub mod register;
 pub mod sandbox;
 pub mod server;
 pub mod status;
+pub mod streams;
 pub mod volumes;
 pub mod worker;
 

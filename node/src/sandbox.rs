@@ -25,14 +25,15 @@ use std::time::Duration;
 
 use baton_wasm_shim::logs::ContainerLog;
 use baton_wasm_shim::{
-    CliSpec, Component, ComponentKind, ContainerSpec, Exit, HttpSpec, Mount, NameResolver, Runtime,
-    ShimError,
+    CliSpec, Component, ComponentKind, ContainerSpec, ExecIo, ExecSpec, Exit, HttpSpec, Mount,
+    NameResolver, PodHandle, Runtime, ShimError,
 };
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Container, Probe};
 
 use crate::images::{ImageError, Images};
 use crate::probe::ProbeError;
+use crate::streams::{ExecError, PodStreams};
 
 /// What the node knows of a pod when it makes its sandbox.
 #[derive(Debug, Clone)]
@@ -168,6 +169,9 @@ pub trait Sandbox: Send + Sync + 'static {
     /// Stops everything: servers finish their requests within `grace`, processes end at
     /// once. Returns once nothing of the pod runs, so its address may go to another pod.
     fn shutdown(self, grace: Duration) -> impl Future<Output = ()> + Send;
+
+    /// What `kubectl exec` reaches the pod's containers through, while the pod runs.
+    fn streams(&self) -> Arc<dyn PodStreams>;
 }
 
 /// Makes a node's sandboxes.
@@ -212,6 +216,10 @@ impl Sandboxes for WasmSandboxes {
             key: config.key,
             ip: IpAddr::V4(config.ip),
             request_timeout: self.request_timeout,
+            streams: Arc::new(WasmStreams {
+                pod: pod.handle(),
+                containers: Default::default(),
+            }),
             pod: Some(pod),
         }
     }
@@ -224,8 +232,65 @@ pub struct WasmSandbox {
     key: String,
     ip: IpAddr,
     request_timeout: Duration,
+    streams: Arc<WasmStreams>,
     /// Taken by the shutdown.
     pod: Option<baton_wasm_shim::Pod>,
+}
+
+/// `kubectl exec` into a Wasm pod: a new instance of the container's component, as a
+/// command, with what the container runs with (its env, mounts and memory limit).
+struct WasmStreams {
+    pod: PodHandle,
+    /// The running containers, by name.
+    containers: std::sync::Mutex<std::collections::HashMap<String, ExecTarget>>,
+}
+
+#[derive(Clone)]
+struct ExecTarget {
+    component: Component,
+    env: Vec<(String, String)>,
+    mounts: Vec<Mount>,
+    memory_bytes: usize,
+}
+
+impl WasmStreams {
+    fn containers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, ExecTarget>> {
+        self.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl PodStreams for WasmStreams {
+    fn exec(
+        &self,
+        container: &str,
+        argv: Vec<String>,
+        io: ExecIo,
+    ) -> Result<ExitFuture, ExecError> {
+        if argv.is_empty() {
+            return Err(ExecError::NoCommand);
+        }
+        let target = self
+            .containers()
+            .get(container)
+            .cloned()
+            .ok_or_else(|| ExecError::NotRunning(container.to_string()))?;
+        let spec = ExecSpec {
+            argv,
+            env: target.env,
+            mounts: target.mounts,
+            memory_bytes: target.memory_bytes,
+        };
+        let mut run = self
+            .pod
+            .exec(&target.component, spec, io)
+            .map_err(|source| ExecError::Start {
+                container: container.to_string(),
+                source,
+            })?;
+        Ok(Box::pin(async move { run.wait().await }))
+    }
 }
 
 impl std::fmt::Debug for WasmSandbox {
@@ -280,6 +345,12 @@ impl Sandbox for WasmSandbox {
             .as_mut()
             .ok_or_else(|| StartError::Setup("the pod's sandbox is shut down".into()))?;
         let name = run.name.clone();
+        let target = ExecTarget {
+            component: run.image.clone(),
+            env: run.env.clone(),
+            mounts: run.mounts.clone(),
+            memory_bytes: run.memory_bytes,
+        };
         let spec = ContainerSpec {
             name: run.name,
             component: run.image,
@@ -309,6 +380,7 @@ impl Sandbox for WasmSandbox {
                 ShimError::Setup(_) => StartError::Setup(Box::new(e)),
                 e => StartError::Create(Box::new(e)),
             })?;
+        self.streams.containers().insert(name.clone(), target);
         let exit = pod.take_process(&name).map(|task| -> ExitFuture {
             Box::pin(async move {
                 match task.await {
@@ -336,6 +408,7 @@ impl Sandbox for WasmSandbox {
     }
 
     async fn stop(&mut self, name: &str) {
+        self.streams.containers().remove(name);
         if let Some(pod) = &mut self.pod {
             pod.stop_container(name).await;
         }
@@ -351,8 +424,13 @@ impl Sandbox for WasmSandbox {
     }
 
     async fn shutdown(mut self, grace: Duration) {
+        self.streams.containers().clear();
         if let Some(pod) = self.pod.take() {
             pod.shutdown(grace).await;
         }
+    }
+
+    fn streams(&self) -> Arc<dyn PodStreams> {
+        self.streams.clone()
     }
 }

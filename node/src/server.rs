@@ -29,6 +29,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
 use kube::Client;
+
+use crate::streams::PodStreams;
 use serde_json::{json, Value};
 
 /// Why the logs endpoint could not start.
@@ -66,7 +68,7 @@ pub enum ServerError {
 
 /// What the endpoint knows of the node's pods: where their logs are, and which
 /// containers are running (a followed log ends when its container stops).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct LogIndex {
     /// (namespace, pod name) -> the pod's log directory.
     pub pods: Mutex<HashMap<(String, String), PathBuf>>,
@@ -74,6 +76,14 @@ pub struct LogIndex {
     pub live: Mutex<HashSet<PathBuf>>,
     /// The node's sandbox, once it runs: what `/metrics` reports.
     pub sandbox: std::sync::OnceLock<baton_wasm_shim::Runtime>,
+    /// (namespace, pod name) -> the pod's uid and its streams, while its sandbox runs.
+    streams: Mutex<HashMap<(String, String), (String, Arc<dyn PodStreams>)>>,
+}
+
+impl std::fmt::Debug for LogIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogIndex").finish_non_exhaustive()
+    }
 }
 
 impl LogIndex {
@@ -85,6 +95,28 @@ impl LogIndex {
         } else {
             set.remove(&path);
         }
+    }
+}
+
+impl LogIndex {
+    /// Makes a pod's sandbox reachable by `exec`.
+    pub fn add_streams(&self, ns: &str, pod: &str, uid: &str, streams: Arc<dyn PodStreams>) {
+        lock(&self.streams).insert((ns.into(), pod.into()), (uid.into(), streams));
+    }
+
+    /// Forgets a pod's sandbox; a newer pod of the same name keeps its own.
+    pub fn remove_streams(&self, ns: &str, pod: &str, uid: &str) {
+        let mut m = lock(&self.streams);
+        let key = (ns.to_string(), pod.to_string());
+        if m.get(&key).is_some_and(|(u, _)| u == uid) {
+            m.remove(&key);
+        }
+    }
+
+    fn streams(&self, ns: &str, pod: &str) -> Option<Arc<dyn PodStreams>> {
+        lock(&self.streams)
+            .get(&(ns.to_string(), pod.to_string()))
+            .map(|(_, s)| s.clone())
     }
 }
 
@@ -184,6 +216,7 @@ pub async fn start(
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), svc)
+                    .with_upgrades()
                     .await;
             });
         }
@@ -305,6 +338,9 @@ async fn handle(
         return text(200, metrics(index.sandbox.get()));
     }
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let ["exec", ns, pod, container] = segs.as_slice() {
+        return exec(&index, ns, pod, container, req);
+    }
     let ["containerLogs", ns, pod, container] = segs.as_slice() else {
         return text(404, format!("no such endpoint: {path}"));
     };
@@ -416,5 +452,58 @@ async fn handle(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain"),
     );
+    r
+}
+
+/// `/exec/NS/POD/CONTAINER?command=…`: upgrades to a channel WebSocket and runs the
+/// command in the container (see `streams.rs`).
+fn exec(
+    index: &LogIndex,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    mut req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<Body> {
+    let Some(streams) = index.streams(ns, pod) else {
+        return text(404, format!("pod {ns}/{pod} is not running on this node"));
+    };
+    let header = |h: http::header::HeaderName| {
+        req.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    if !header(http::header::UPGRADE).eq_ignore_ascii_case("websocket") {
+        return text(
+            400,
+            "exec needs a WebSocket upgrade with the v5.channel.k8s.io or v4.channel.k8s.io \
+             subprotocol: use kubectl 1.30 or newer (SPDY is not served)"
+                .into(),
+        );
+    }
+    let Some(protocol) = crate::streams::negotiate(&header(http::header::SEC_WEBSOCKET_PROTOCOL))
+    else {
+        return text(
+            400,
+            format!(
+                "none of the offered WebSocket subprotocols is served; this node speaks {}",
+                crate::streams::PROTOCOLS.join(", ")
+            ),
+        );
+    };
+    let key = header(http::header::SEC_WEBSOCKET_KEY);
+    let opts = crate::streams::ExecOptions::from_query(req.uri().query().unwrap_or(""));
+    let Some(upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return text(500, "the connection cannot be upgraded".into());
+    };
+    crate::streams::spawn_exec_session(upgrade, protocol, streams, container.to_string(), opts);
+    let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    for (k, v) in crate::streams::accept_headers(key.as_bytes(), protocol) {
+        if let Ok(v) = http::HeaderValue::from_str(&v) {
+            r.headers_mut().insert(k, v);
+        }
+    }
     r
 }

@@ -438,7 +438,14 @@ impl<S: Sandboxes> Worker<S> {
                 // The pod's containers together hold at most what it was admitted with.
                 memory_limit: self.shared.memory.charge_of(&self.pod) as usize,
             };
-            self.sandbox = Some(self.shared.sandboxes.create(config));
+            let sandbox = self.shared.sandboxes.create(config);
+            self.shared.logs.add_streams(
+                &self.pod.namespace().unwrap_or_default(),
+                &self.pod.name_any(),
+                &self.uid,
+                sandbox.streams(),
+            );
+            self.sandbox = Some(sandbox);
         }
         for i in 0..self.slots.len() {
             if self.images[i].is_none() && !self.pull(i).await {
@@ -733,10 +740,20 @@ impl<S: Sandboxes> Worker<S> {
         }
     }
 
+    /// Takes the sandbox to stop it: from now on no stream reaches the pod.
+    fn take_sandbox(&mut self) -> Option<S::Sandbox> {
+        self.shared.logs.remove_streams(
+            &self.pod.namespace().unwrap_or_default(),
+            &self.pod.name_any(),
+            &self.uid,
+        );
+        self.sandbox.take()
+    }
+
     /// The pod will run nothing again: everything it ran is gone before its address can
     /// go to another pod.
     async fn finish(&mut self, end: Option<End>) {
-        if let Some(sandbox) = self.sandbox.take() {
+        if let Some(sandbox) = self.take_sandbox() {
             sandbox.shutdown(Duration::ZERO).await;
         }
         self.release_ip();
@@ -888,7 +905,7 @@ impl<S: Sandboxes> Worker<S> {
             .deletion_grace_period_seconds
             .unwrap_or(30)
             .max(0) as u64;
-        if let Some(sandbox) = self.sandbox.take() {
+        if let Some(sandbox) = self.take_sandbox() {
             // Out of this node's routing at once; still serving for a moment, while the
             // other nodes learn from the EndpointSlice that the pod is going, so that no
             // connection already on its way finds the door shut.
@@ -933,7 +950,7 @@ impl<S: Sandboxes> Worker<S> {
     /// Stops the pod for memory pressure: its containers end now, and it stays in the API
     /// as Failed/Evicted for its controller to replace, as a kubelet eviction leaves it.
     async fn evict(&mut self, message: String) {
-        if let Some(sandbox) = self.sandbox.take() {
+        if let Some(sandbox) = self.take_sandbox() {
             sandbox.shutdown(Duration::ZERO).await;
         }
         for i in 0..self.slots.len() {

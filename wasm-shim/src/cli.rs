@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use tracing::Instrument;
 use wasmtime::component::Component;
-use wasmtime_wasi::cli::StdoutStream;
 use wasmtime_wasi::p2::bindings::Command;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder};
 
 use crate::logs::ContainerLog;
 use crate::net::PodNet;
@@ -55,16 +54,15 @@ pub struct CliOutcome {
     pub stderr: Vec<u8>,
 }
 
+/// A guest's WASI context without its stdio, which each caller gives.
 pub(crate) fn wasi_ctx(
     spec_env: &[(String, String)],
     args: &[String],
     mounts: &[Mount],
     network: bool,
-    stdout: impl StdoutStream + 'static,
-    stderr: impl StdoutStream + 'static,
-) -> Result<WasiCtx, ShimError> {
+) -> Result<WasiCtxBuilder, ShimError> {
     let mut b = WasiCtx::builder();
-    b.args(args).envs(spec_env).stdout(stdout).stderr(stderr);
+    b.args(args).envs(spec_env);
     for m in mounts {
         let perms = if m.read_only {
             FsPerms::ReadOnly
@@ -86,7 +84,7 @@ pub(crate) fn wasi_ctx(
             .allow_tcp(true)
             .allow_ip_name_lookup(true);
     }
-    Ok(b.build())
+    Ok(b)
 }
 
 /// Classifies how a guest stopped.
@@ -168,24 +166,12 @@ impl Runtime {
         let (stdout, stderr) = (MemoryOutputPipe::new(limit), MemoryOutputPipe::new(limit));
         let mut args = vec![name.to_string()];
         args.extend(spec.args.iter().cloned());
-        let wasi = match &spec.log {
-            Some(log) => wasi_ctx(
-                &spec.env,
-                &args,
-                &spec.mounts,
-                spec.network,
-                log.stdout(),
-                log.stderr(),
-            )?,
-            None => wasi_ctx(
-                &spec.env,
-                &args,
-                &spec.mounts,
-                spec.network,
-                stdout.clone(),
-                stderr.clone(),
-            )?,
+        let mut wasi = wasi_ctx(&spec.env, &args, &spec.mounts, spec.network)?;
+        match &spec.log {
+            Some(log) => wasi.stdout(log.stdout()).stderr(log.stderr()),
+            None => wasi.stdout(stdout.clone()).stderr(stderr.clone()),
         };
+        let wasi = wasi.build();
         // A process is stopped by aborting its task; no kill flag is needed.
         let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, net, None);
         let run = async {

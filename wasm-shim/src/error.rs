@@ -13,6 +13,8 @@ pub enum ShimError {
         found: &'static str,
         wanted: &'static str,
     },
+    #[error("the component exports no wasi:cli/run, so it cannot run a command (it is a wasi:http proxy); to look inside the pod, use `kubectl debug -it POD --image=TOOLBOX --target=CONTAINER` with a command component such as Baton's toolbox")]
+    NotACommand,
     #[error("failed to set up the sandbox: {0}")]
     Setup(String),
     #[error("I/O error on {path}")]

@@ -251,31 +251,18 @@ impl Serving {
         req: hyper::Request<hyper::body::Incoming>,
     ) -> Result<hyper::Response<HyperOutgoingBody>, Infallible> {
         let args = ["http".to_string()];
-        let wasi = match &self.spec.log {
-            Some(log) => wasi_ctx(
-                &self.spec.env,
-                &args,
-                &self.spec.mounts,
-                true,
-                log.stdout(),
-                log.stderr(),
-            ),
-            None => {
-                let sink = MemoryOutputPipe::new(64 << 10);
-                wasi_ctx(
-                    &self.spec.env,
-                    &args,
-                    &self.spec.mounts,
-                    true,
-                    sink.clone(),
-                    sink,
-                )
-            }
-        };
-        let wasi = match wasi {
+        let mut wasi = match wasi_ctx(&self.spec.env, &args, &self.spec.mounts, true) {
             Ok(w) => w,
             Err(e) => return Ok(text(500, format!("sandbox setup failed: {e}\n"))),
         };
+        match &self.spec.log {
+            Some(log) => wasi.stdout(log.stdout()).stderr(log.stderr()),
+            None => {
+                let sink = MemoryOutputPipe::new(64 << 10);
+                wasi.stdout(sink.clone()).stderr(sink)
+            }
+        };
+        let wasi = wasi.build();
         let (mut store, oom) = self.runtime.store(
             wasi,
             self.spec.memory_bytes,

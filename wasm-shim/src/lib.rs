@@ -38,6 +38,7 @@
 mod cache;
 mod cli;
 mod error;
+mod exec;
 mod host;
 mod http;
 mod https;
@@ -50,6 +51,7 @@ mod usage;
 
 pub use cli::{CliOutcome, CliSpec, Mount};
 pub use error::ShimError;
+pub use exec::{ExecIo, ExecSpec, Execution, PodHandle};
 pub use http::{HttpServer, HttpSpec};
 pub use net::{NameResolver, NetLimits};
 pub use pod::{ContainerSpec, Pod, PodSpec};

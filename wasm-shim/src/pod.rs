@@ -10,6 +10,7 @@ use wasmtime::component::Component;
 
 use crate::cli::{CliOutcome, CliSpec};
 use crate::error::ShimError;
+use crate::exec::{Executions, PodHandle};
 use crate::http::{HttpServer, HttpSpec};
 use crate::net::{NameResolver, PodNet};
 use crate::runtime::{ComponentKind, Runtime};
@@ -64,6 +65,8 @@ pub struct Pod {
     net: Arc<PodNet>,
     servers: Vec<(String, HttpServer)>,
     processes: Vec<Process>,
+    execs: Arc<Executions>,
+    rt: Runtime,
 }
 
 /// A CLI container's task. The pod keeps the right to abort it even after handing out
@@ -87,7 +90,7 @@ impl Process {
 /// How long a stop waits for a task's future to be dropped after aborting it: an abort
 /// takes effect at the task's next poll, which a guest thread gives within an epoch
 /// tick, unless the node is badly overloaded.
-const GONE_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const GONE_WAIT: Duration = Duration::from_secs(10);
 
 /// Tells when a task's future has been dropped, whether it finished or was aborted, and
 /// with it every socket and listener it held. Aborting a tokio task only schedules its
@@ -160,6 +163,7 @@ impl Drop for Pod {
         for p in &self.processes {
             p.abort.abort();
         }
+        self.execs.abort_all();
     }
 }
 
@@ -221,6 +225,17 @@ impl Pod {
             .drain(..)
             .map(|(_, s)| -> Stop { Box::pin(s.shutdown(grace)) });
         futures_join(processes.chain(servers)).await;
+        self.execs.close().await;
+    }
+
+    /// A handle that starts executions in the pod (`kubectl exec`) while its owner keeps
+    /// the pod; the pod's shutdown stops them.
+    pub fn handle(&self) -> PodHandle {
+        PodHandle {
+            rt: self.rt.clone(),
+            net: self.net.clone(),
+            execs: self.execs.clone(),
+        }
     }
 
     /// Stops a container now: its HTTP listener closes, its process is aborted. Returns
@@ -265,6 +280,8 @@ impl Runtime {
             net,
             servers: Vec::new(),
             processes: Vec::new(),
+            execs: Arc::new(Executions::new()),
+            rt: self.clone(),
         }
     }
 

@@ -106,6 +106,15 @@ impl Attributes {
         if a.name.is_empty() && a.verb == "delete" {
             a.verb = "deletecollection".to_string();
         }
+        // A WebSocket upgrade is a GET, but it opens a stream that runs commands or
+        // reaches the pod's ports: kube-apiserver (1.31+) asks for `create`, as it does
+        // for the SPDY POST, so that read-only roles cannot exec.
+        if a.verb == "get"
+            && a.resource == "pods"
+            && matches!(a.subresource.as_str(), "exec" | "attach" | "portforward")
+        {
+            a.verb = "create".to_string();
+        }
         a
     }
 
@@ -200,6 +209,11 @@ mod tests {
         let a = attrs("GET", "/api/v1/namespaces/ns/pods/web/log", "");
         assert_eq!(a.combined_resource(), "pods/log");
         assert_eq!(a.verb, "get");
+        // Streams opened by a WebSocket GET are creations, as the SPDY POST is.
+        for sub in ["exec", "attach", "portforward"] {
+            let a = attrs("GET", &format!("/api/v1/namespaces/ns/pods/web/{sub}"), "");
+            assert_eq!((a.verb.as_str(), a.subresource.as_str()), ("create", sub));
+        }
         let a = attrs("DELETE", "/apis/apps/v1/namespaces/ns/deployments", "");
         assert_eq!(
             (a.verb.as_str(), a.api_group.as_str()),

@@ -1,0 +1,483 @@
+//! kubectl's streams into a pod: `exec`, served here over WebSocket with the
+//! `v5.channel.k8s.io` (and `v4`) subprotocol that kubectl 1.30+ speaks.
+//!
+//! What a stream reaches is the sandbox's business: a sandbox hands the node a
+//! [`PodStreams`] for its pod, and this module only carries bytes and exit codes. For
+//! Wasm pods, `exec` starts a new instance of the container's component as a command in
+//! the pod (see `baton_wasm_shim::PodHandle::exec`).
+//!
+//! ## The channel protocol
+//! Every WebSocket binary message starts with a channel byte: 0 stdin, 1 stdout, 2 stderr,
+//! 3 the error channel (one `Status`, written when the command ends), 4 terminal resize.
+//! `v5` adds 255: the client closes one of its channels, which is how `kubectl exec -i`
+//! tells the command that stdin ended.
+//!
+//! ## Lifetime
+//! The command lives as long as its client: a client that closes, drops its connection
+//! or stops answering pings (no frame for [`IDLE`]) ends the stream, and with it the
+//! instance. The node never waits on a client to free what the pod holds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_wasm_shim::{ExecIo, Exit};
+use futures::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::sandbox::ExitFuture;
+
+/// A pod's streams, as its sandbox provides them.
+pub trait PodStreams: Send + Sync + 'static {
+    /// Starts `argv` in `container` with the given stdio. The returned future ends with
+    /// the command; dropping it stops the command.
+    fn exec(&self, container: &str, argv: Vec<String>, io: ExecIo)
+        -> Result<ExitFuture, ExecError>;
+}
+
+/// Why a command could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("container {0:?} is not running")]
+    NotRunning(String),
+    #[error("no command given: `kubectl exec POD -- COMMAND [ARGS...]`")]
+    NoCommand,
+    #[error("starting the command in container {container:?}")]
+    Start {
+        container: String,
+        #[source]
+        source: baton_wasm_shim::ShimError,
+    },
+}
+
+impl ExecError {
+    /// The reason a client sees; a component that cannot run commands is the caller's
+    /// mistake, not the node's.
+    fn status(&self) -> (u16, &'static str) {
+        match self {
+            ExecError::Start {
+                source: baton_wasm_shim::ShimError::NotACommand,
+                ..
+            }
+            | ExecError::NoCommand => (400, "BadRequest"),
+            ExecError::NotRunning(_) => (404, "NotFound"),
+            ExecError::Start { .. } => (500, "InternalError"),
+        }
+    }
+}
+
+/// The channel subprotocols served, most preferred first.
+pub const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+
+const STDIN: u8 = 0;
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+const ERROR: u8 = 3;
+const RESIZE: u8 = 4;
+/// v5: the client closes one of its channels.
+const CLOSE: u8 = 255;
+
+/// How often the node pings a quiet client.
+const PING: Duration = Duration::from_secs(20);
+/// A client that sends nothing, not even a pong, for this long is gone.
+pub const IDLE: Duration = Duration::from_secs(60);
+/// How long after the command ends its output may take to drain to the client.
+const DRAIN: Duration = Duration::from_secs(10);
+/// Bytes buffered between the client and the command's stdin, and read per message
+/// from its stdout and stderr.
+const CHUNK: usize = 32 << 10;
+
+/// The largest message taken from a client: stdin arrives in chunks far smaller.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20))
+}
+
+/// Picks the subprotocol from the client's `Sec-WebSocket-Protocol` list.
+pub fn negotiate(offered: &str) -> Option<&'static str> {
+    let offered: Vec<&str> = offered.split(',').map(str::trim).collect();
+    PROTOCOLS.into_iter().find(|p| offered.contains(p))
+}
+
+/// What the client asked for in the exec query.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    pub argv: Vec<String>,
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+impl ExecOptions {
+    /// Reads kubectl's query: `command` repeated, and the stdio flags.
+    pub fn from_query(query: &str) -> Self {
+        let mut o = ExecOptions::default();
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            let on = matches!(&*v, "true" | "1");
+            match &*k {
+                "command" => o.argv.push(v.into_owned()),
+                "stdin" => o.stdin = on,
+                "stdout" => o.stdout = on,
+                "stderr" => o.stderr = on,
+                "tty" => o.tty = on,
+                _ => {}
+            }
+        }
+        o
+    }
+}
+
+/// The `Status` written on the error channel when a command ends.
+pub fn exit_status(exit: &Exit, argv: &[String]) -> Value {
+    if exit.code == 0 {
+        return json!({"metadata": {}, "status": "Success"});
+    }
+    json!({
+        "metadata": {},
+        "status": "Failure",
+        "message": format!(
+            "command terminated with non-zero exit code: error executing command {argv:?}, exit code {}{}",
+            exit.code,
+            if exit.message.is_empty() { String::new() } else { format!(": {}", exit.message) },
+        ),
+        "reason": "NonZeroExitCode",
+        "details": {"causes": [{"reason": "ExitCode", "message": exit.code.to_string()}]},
+    })
+}
+
+fn error_status(e: &ExecError) -> Value {
+    let (code, reason) = e.status();
+    json!({
+        "metadata": {},
+        "status": "Failure",
+        "message": baton_kube::error::chain(e),
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn frame(channel: u8, data: &[u8]) -> Message {
+    let mut m = Vec::with_capacity(data.len() + 1);
+    m.push(channel);
+    m.extend_from_slice(data);
+    Message::Binary(m.into())
+}
+
+/// Copies one of the command's outputs to the client, a chunk per message.
+async fn pump(mut from: impl AsyncRead + Unpin, channel: u8, out: mpsc::Sender<Message>) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if out.send(frame(channel, &buf[..n])).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Serves one exec session on an upgraded connection: starts the command, carries its
+/// stdio, reports its end on the error channel and closes.
+pub async fn serve_exec<S>(
+    io: S,
+    protocol: &'static str,
+    streams: Arc<dyn PodStreams>,
+    container: String,
+    opts: ExecOptions,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
+    let (mut sink, mut incoming) = ws.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(16);
+    // One writer: the pumps, the pings and the final status all go through it.
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            if sink.send(m).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let (stdin_w, stdin_r) = if opts.stdin {
+        let (r, w) = tokio::io::duplex(CHUNK);
+        (Some(w), Some(r))
+    } else {
+        (None, None)
+    };
+    let (stdout_r, stdout_w) = tokio::io::duplex(CHUNK);
+    let (stderr_r, stderr_w) = tokio::io::duplex(CHUNK);
+    let stdio = ExecIo {
+        stdin: stdin_r.map(|r| Box::new(r) as _),
+        stdout: Box::new(stdout_w),
+        stderr: Box::new(stderr_w),
+    };
+    let argv = opts.argv.clone();
+    let mut exit = match streams.exec(&container, opts.argv, stdio) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::info!(error = %baton_kube::error::chain(&e), "exec refused");
+            let _ = out_tx
+                .send(frame(ERROR, error_status(&e).to_string().as_bytes()))
+                .await;
+            drop(out_tx);
+            let _ = writer.await;
+            return;
+        }
+    };
+    // With a terminal there is one output stream, as a terminal has.
+    let err_channel = if opts.tty { STDOUT } else { STDERR };
+    let pumps = [
+        tokio::spawn(pump(stdout_r, STDOUT, out_tx.clone())),
+        tokio::spawn(pump(stderr_r, err_channel, out_tx.clone())),
+    ];
+    let mut stdin = stdin_w;
+    let mut ping = tokio::time::interval(PING);
+    ping.tick().await;
+    let idle = tokio::time::sleep(IDLE);
+    tokio::pin!(idle);
+    let ended = loop {
+        tokio::select! {
+            e = &mut exit => break Some(e),
+            m = incoming.next() => {
+                idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+                match m {
+                    Some(Ok(Message::Binary(b))) => match (b.first(), b.get(1)) {
+                        (Some(&STDIN), _) => {
+                            if let Some(w) = stdin.as_mut() {
+                                if w.write_all(&b[1..]).await.is_err() {
+                                    stdin = None;
+                                }
+                            }
+                        }
+                        (Some(&CLOSE), Some(&STDIN)) if protocol.starts_with("v5") => {
+                            // End of input: the command reads end-of-file.
+                            if let Some(mut w) = stdin.take() {
+                                let _ = w.shutdown().await;
+                            }
+                        }
+                        // Components have no terminal to size.
+                        (Some(&RESIZE), _) | (Some(&CLOSE), _) => {}
+                        _ => {}
+                    },
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+                    Some(Ok(_)) => {}
+                }
+            }
+            _ = ping.tick() => {
+                if out_tx.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    break None;
+                }
+            }
+            _ = &mut idle => break None,
+        }
+    };
+    drop(stdin);
+    match ended {
+        Some(code) => {
+            // The instance is gone and with it the writing ends of its outputs: the
+            // pumps reach end-of-file once the client has taken what is left.
+            for p in pumps {
+                let _ = tokio::time::timeout(DRAIN, p).await;
+            }
+            let status = exit_status(&code, &argv);
+            let _ = out_tx
+                .send(frame(ERROR, status.to_string().as_bytes()))
+                .await;
+            drop(out_tx);
+            let _ = tokio::time::timeout(DRAIN, writer).await;
+        }
+        None => {
+            // The client is gone: stop the command now.
+            drop(exit);
+            for p in pumps {
+                p.abort();
+            }
+            writer.abort();
+        }
+    }
+}
+
+/// Completes a WebSocket upgrade on a hyper request: the 101 answer's headers, given
+/// the client's key and the chosen subprotocol.
+pub fn accept_headers(key: &[u8], protocol: &str) -> [(http::HeaderName, String); 4] {
+    [
+        (http::header::UPGRADE, "websocket".to_string()),
+        (http::header::CONNECTION, "Upgrade".to_string()),
+        (
+            http::header::SEC_WEBSOCKET_ACCEPT,
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key),
+        ),
+        (http::header::SEC_WEBSOCKET_PROTOCOL, protocol.to_string()),
+    ]
+}
+
+/// Runs a session once hyper hands over the upgraded connection.
+pub fn spawn_exec_session(
+    upgrade: hyper::upgrade::OnUpgrade,
+    protocol: &'static str,
+    streams: Arc<dyn PodStreams>,
+    container: String,
+    opts: ExecOptions,
+) {
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                serve_exec(TokioIo::new(upgraded), protocol, streams, container, opts).await
+            }
+            Err(e) => tracing::info!(error = %e, "exec upgrade failed"),
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeSandboxes;
+
+    type Client = WebSocketStream<tokio::io::DuplexStream>;
+
+    /// A session on an in-memory connection, and the client's end of it.
+    async fn session(fake: &FakeSandboxes, protocol: &'static str, query: &str) -> Client {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let opts = ExecOptions::from_query(query);
+        tokio::spawn(serve_exec(
+            server,
+            protocol,
+            fake.any_streams(),
+            "c".into(),
+            opts,
+        ));
+        WebSocketStream::from_raw_socket(client, Role::Client, None).await
+    }
+
+    /// Everything the client receives until the server closes: per channel.
+    async fn collect(ws: &mut Client) -> [Vec<u8>; 4] {
+        let mut got: [Vec<u8>; 4] = Default::default();
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Binary(b) = m {
+                got[b[0] as usize].extend_from_slice(&b[1..]);
+            }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn output_and_success_status() {
+        let fake = FakeSandboxes::default();
+        let mut ws = session(
+            &fake,
+            PROTOCOLS[0],
+            "command=echo&command=hi&command=there&stdout=true&stderr=true",
+        )
+        .await;
+        let got = collect(&mut ws).await;
+        assert_eq!(got[STDOUT as usize], b"hi there\n");
+        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
+        assert_eq!(status["status"], "Success");
+    }
+
+    #[tokio::test]
+    async fn exit_code_is_passed_through() {
+        let fake = FakeSandboxes::default();
+        let mut ws = session(
+            &fake,
+            PROTOCOLS[1],
+            "command=exit&command=3&stdout=true&stderr=true",
+        )
+        .await;
+        let got = collect(&mut ws).await;
+        assert_eq!(got[STDERR as usize], b"bye\n");
+        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
+        assert_eq!(status["reason"], "NonZeroExitCode");
+        assert_eq!(status["details"]["causes"][0]["message"], "3");
+    }
+
+    #[tokio::test]
+    async fn stdin_reaches_the_command_and_v5_close_ends_it() {
+        let fake = FakeSandboxes::default();
+        let mut ws = session(
+            &fake,
+            PROTOCOLS[0],
+            "command=cat&stdin=true&stdout=true&stderr=true",
+        )
+        .await;
+        ws.send(frame(STDIN, b"hello ")).await.unwrap();
+        ws.send(frame(STDIN, b"world")).await.unwrap();
+        ws.send(Message::Binary(vec![CLOSE, STDIN].into()))
+            .await
+            .unwrap();
+        let got = collect(&mut ws).await;
+        assert_eq!(got[STDOUT as usize], b"hello world");
+        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
+        assert_eq!(status["status"], "Success");
+    }
+
+    #[tokio::test]
+    async fn an_empty_command_is_refused_on_the_error_channel() {
+        let fake = FakeSandboxes::default();
+        let mut ws = session(&fake, PROTOCOLS[0], "stdout=true").await;
+        let got = collect(&mut ws).await;
+        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
+        assert_eq!(status["status"], "Failure");
+        assert_eq!(status["code"], 400);
+        assert!(status["message"].as_str().unwrap().contains("no command"));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_stops_the_command() {
+        let fake = FakeSandboxes::default();
+        let ws = session(&fake, PROTOCOLS[0], "command=sleep&stdout=true").await;
+        wait_for(|| fake.execs() == 1).await;
+        drop(ws);
+        wait_for(|| fake.execs() == 0).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_dropped_after_the_idle_limit() {
+        let fake = FakeSandboxes::default();
+        // The client never reads: it answers no ping.
+        let (client, server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(serve_exec(
+            server,
+            PROTOCOLS[0],
+            fake.any_streams(),
+            "c".into(),
+            ExecOptions::from_query("command=sleep"),
+        ));
+        wait_for(|| fake.execs() == 1).await;
+        tokio::time::sleep(IDLE + Duration::from_secs(1)).await;
+        wait_for(|| fake.execs() == 0).await;
+        drop(client);
+    }
+
+    #[test]
+    fn negotiation_prefers_v5_and_refuses_the_rest() {
+        assert_eq!(
+            negotiate("v4.channel.k8s.io, v5.channel.k8s.io"),
+            Some("v5.channel.k8s.io")
+        );
+        assert_eq!(negotiate("v4.channel.k8s.io"), Some("v4.channel.k8s.io"));
+        assert_eq!(negotiate("channel.k8s.io,base64.channel.k8s.io"), None);
+    }
+
+    async fn wait_for(cond: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not reached");
+    }
+}

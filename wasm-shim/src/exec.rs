@@ -1,0 +1,239 @@
+//! Running a new instance of a container's component inside a running pod: what
+//! `kubectl exec` and `kubectl debug` mean for components, which have no shell and no
+//! process to join.
+//!
+//! The instance is a `wasi:cli` command with the caller's argv and stdio. It lives in the
+//! pod, as a process does in a container's namespaces: it shares the pod's localhost and
+//! Service names, sees the volumes and environment it is given, and counts against the
+//! pod's CPU quota, memory limit and socket caps. It belongs to the pod twice over: the
+//! [`Execution`] that the caller holds stops it when dropped (a client that goes away
+//! frees it), and the pod's shutdown stops every execution still running.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::{AbortHandle, JoinHandle};
+use tracing::Instrument;
+use wasmtime::component::Component;
+use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
+use wasmtime_wasi::p2::bindings::Command;
+
+use crate::cli::{exit_of, wasi_ctx, Mount};
+use crate::error::ShimError;
+use crate::net::PodNet;
+use crate::runtime::Runtime;
+use crate::Exit;
+
+/// What to run.
+#[derive(Clone, Debug, Default)]
+pub struct ExecSpec {
+    /// The whole argv, the command's name first, as `kubectl exec POD -- ARGS` gives it.
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<Mount>,
+    /// Linear memory cap; 0 means the runtime's maximum.
+    pub memory_bytes: usize,
+}
+
+/// The instance's stdio. Without stdin the guest reads end-of-file at once.
+pub struct ExecIo {
+    pub stdin: Option<Box<dyn AsyncRead + Send + Sync + Unpin>>,
+    pub stdout: Box<dyn AsyncWrite + Send + Sync + Unpin>,
+    pub stderr: Box<dyn AsyncWrite + Send + Sync + Unpin>,
+}
+
+impl std::fmt::Debug for ExecIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecIo")
+            .field("stdin", &self.stdin.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How much of a guest's output is taken before its write waits for the reader: enough
+/// for a line or a small file, small enough that a stalled client holds the guest back
+/// rather than the node's memory.
+const STDOUT_BUDGET: usize = 64 << 10;
+
+/// A running execution. Dropping it stops the instance at the guest's next tick.
+#[derive(Debug)]
+pub struct Execution {
+    task: JoinHandle<Exit>,
+}
+
+impl Execution {
+    /// Waits for the instance to end. A pod that stops first ends it as a stop ends a
+    /// process (143).
+    pub async fn wait(&mut self) -> Exit {
+        match (&mut self.task).await {
+            Ok(exit) => exit,
+            Err(e) if e.is_cancelled() => Exit {
+                code: 143,
+                reason: "Error",
+                message: "the pod is stopping".into(),
+            },
+            Err(e) => Exit {
+                code: 128,
+                reason: "Error",
+                message: format!("exec task failed: {e}"),
+            },
+        }
+    }
+}
+
+impl Drop for Execution {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The executions running in one pod; closed when the pod stops.
+#[derive(Debug)]
+pub(crate) struct Executions {
+    /// None once the pod is stopping: nothing new may start.
+    running: Mutex<Option<HashMap<u64, AbortHandle>>>,
+    next: AtomicU64,
+    /// Execution futures not yet dropped, finished or aborted.
+    live: AtomicUsize,
+    gone: tokio::sync::Notify,
+}
+
+/// Held by an execution's future: its drop is the end of everything the instance held.
+struct Live {
+    id: u64,
+    set: Arc<Executions>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if let Some(m) = self.set.lock().as_mut() {
+            m.remove(&self.id);
+        }
+        self.set.live.fetch_sub(1, Ordering::AcqRel);
+        self.set.gone.notify_waiters();
+    }
+}
+
+impl Executions {
+    pub(crate) fn new() -> Self {
+        Self {
+            running: Mutex::new(Some(HashMap::new())),
+            next: AtomicU64::new(0),
+            live: AtomicUsize::new(0),
+            gone: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<HashMap<u64, AbortHandle>>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops every execution and refuses new ones; returns once all their futures, with
+    /// the sockets they hold, are gone.
+    pub(crate) async fn close(&self) {
+        self.abort_all();
+        loop {
+            let gone = self.gone.notified();
+            if self.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout(crate::pod::GONE_WAIT, gone)
+                .await
+                .is_err()
+            {
+                tracing::warn!("an exec instance is still not gone after its pod stopped");
+                return;
+            }
+        }
+    }
+
+    /// Stops every execution now and refuses new ones, without waiting.
+    pub(crate) fn abort_all(&self) {
+        if let Some(m) = self.lock().take() {
+            for a in m.values() {
+                a.abort();
+            }
+        }
+    }
+}
+
+/// A pod's handle for starting executions in it: cheap to clone, and usable while the
+/// pod's owner runs and stops its containers.
+#[derive(Clone)]
+pub struct PodHandle {
+    pub(crate) rt: Runtime,
+    pub(crate) net: Arc<PodNet>,
+    pub(crate) execs: Arc<Executions>,
+}
+
+impl std::fmt::Debug for PodHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodHandle")
+            .field("ip", &self.net.ip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PodHandle {
+    /// The pod's address: what `localhost` means inside it.
+    pub fn ip(&self) -> IpAddr {
+        self.net.ip
+    }
+
+    /// Executions running in the pod now.
+    pub fn executions(&self) -> usize {
+        self.execs.live.load(Ordering::Acquire)
+    }
+
+    /// Starts `component` as a command in the pod. A component without a `wasi:cli/run`
+    /// export (a wasi:http proxy) cannot be run so: [`ShimError::NotACommand`].
+    pub fn exec(
+        &self,
+        component: &Component,
+        spec: ExecSpec,
+        io: ExecIo,
+    ) -> Result<Execution, ShimError> {
+        if !self.rt.runs_as_command(component) {
+            return Err(ShimError::NotACommand);
+        }
+        let mut wasi = wasi_ctx(&spec.env, &spec.argv, &spec.mounts, true)?;
+        wasi.stdout(AsyncStdoutStream::new(STDOUT_BUDGET, io.stdout))
+            .stderr(AsyncStdoutStream::new(STDOUT_BUDGET, io.stderr));
+        if let Some(stdin) = io.stdin {
+            wasi.stdin(AsyncStdinStream::new(stdin));
+        }
+        let wasi = wasi.build();
+        let mut running = self.execs.lock();
+        let Some(map) = running.as_mut() else {
+            return Err(ShimError::Setup("the pod is stopping".into()));
+        };
+        let id = self.execs.next.fetch_add(1, Ordering::Relaxed);
+        self.execs.live.fetch_add(1, Ordering::AcqRel);
+        let live = Live {
+            id,
+            set: self.execs.clone(),
+        };
+        let (rt, net, component) = (self.rt.clone(), self.net.clone(), component.clone());
+        let name = spec.argv.first().cloned().unwrap_or_default();
+        let run = async move {
+            let _live = live;
+            let (mut store, oom) = rt.store(wasi, spec.memory_bytes, None, net, None);
+            let result = async {
+                let cmd = Command::instantiate_async(&mut store, &component, &rt.linker).await?;
+                cmd.wasi_cli_run()
+                    .call_run(&mut store)
+                    .await?
+                    .map_err(|()| wasmtime::Error::msg("the program returned an error"))
+            }
+            .await;
+            exit_of(result, oom.load(Ordering::Relaxed))
+        }
+        .instrument(tracing::debug_span!("wasm_exec", command = %name));
+        let task = self.rt.spawn_guest(&self.net.usage, run);
+        map.insert(id, task.abort_handle());
+        Ok(Execution { task })
+    }
+}
