@@ -13,7 +13,7 @@ pub enum ShimError {
         found: &'static str,
         wanted: &'static str,
     },
-    #[error("the component exports no wasi:cli/run, so it cannot run a command (it is a wasi:http proxy); to look inside the pod, use `kubectl debug -it POD --image=TOOLBOX --target=CONTAINER` with a command component such as Baton's toolbox")]
+    #[error("the component is a wasi:http proxy, not a command (wasi:cli/run), so it cannot run one; to look inside the pod, use `kubectl debug -it POD --image=TOOLBOX --target=CONTAINER` with a command component such as Baton's toolbox")]
     NotACommand,
     #[error("failed to set up the sandbox: {0}")]
     Setup(String),

@@ -24,7 +24,7 @@ use wasmtime_wasi::p2::bindings::Command;
 use crate::cli::{exit_of, wasi_ctx, Mount};
 use crate::error::ShimError;
 use crate::net::PodNet;
-use crate::runtime::Runtime;
+use crate::runtime::{ComponentKind, Runtime};
 use crate::Exit;
 
 /// What to run.
@@ -196,7 +196,9 @@ impl PodHandle {
         spec: ExecSpec,
         io: ExecIo,
     ) -> Result<Execution, ShimError> {
-        if !self.rt.runs_as_command(component) {
+        // An HTTP component is not a command even if it exports `wasi:cli/run` too
+        // (toolchains add one that only panics).
+        if self.rt.kind(component)? != ComponentKind::Cli {
             return Err(ShimError::NotACommand);
         }
         let mut wasi = wasi_ctx(&spec.env, &spec.argv, &spec.mounts, true)?;

@@ -290,15 +290,6 @@ impl Runtime {
     }
 
     /// Refuses a component of another kind than the way it is about to be run.
-    /// Whether a component can run as a command (it exports `wasi:cli/run`), whatever
-    /// else it exports.
-    pub fn runs_as_command(&self, component: &Component) -> bool {
-        component
-            .component_type()
-            .exports(&self.engine)
-            .any(|(name, _)| name.starts_with("wasi:cli/run@0.2"))
-    }
-
     pub(crate) fn expect_kind(
         &self,
         component: &Component,

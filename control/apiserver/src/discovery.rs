@@ -34,7 +34,10 @@ fn subresource_kind(r: &Resource, sub: &str) -> (String, String, String) {
             "v1".into(),
             "TokenRequest".into(),
         ),
-        "log" | "exec" => ("".into(), "v1".into(), "".into()),
+        "log" => ("".into(), "v1".into(), "".into()),
+        "exec" => ("".into(), "v1".into(), "PodExecOptions".into()),
+        "attach" => ("".into(), "v1".into(), "PodAttachOptions".into()),
+        "portforward" => ("".into(), "v1".into(), "PodPortForwardOptions".into()),
         _ => (r.group.clone(), r.version.clone(), r.kind.clone()),
     }
 }
@@ -42,7 +45,7 @@ fn subresource_kind(r: &Resource, sub: &str) -> (String, String, String) {
 fn sub_verbs(sub: &str) -> Vec<&'static str> {
     match sub {
         "log" => vec!["get"],
-        "exec" => vec!["create", "get"],
+        "exec" | "attach" | "portforward" => vec!["create", "get"],
         "binding" | "eviction" | "token" => vec!["create"],
         "finalize" => vec!["update"],
         _ => vec!["get", "patch", "update"],

@@ -102,40 +102,8 @@ async fn proxy_logs(objects: &Objects, pki: &Pki, req: Request) -> ApiResult<Res
         .get(res, Some(&ns), &name, ReadAt::Latest)
         .await?
         .ok_or_else(|| not_found(res, &name))?;
-    let containers: Vec<String> = pod
-        .pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .chain(
-            pod.pointer("/spec/initContainers")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten(),
-        )
-        .filter_map(|c| c.get("name").and_then(Value::as_str).map(String::from))
-        .collect();
-    let container = match q(&req, "container") {
-        Some(c) if containers.iter().any(|x| x == c) => c.to_string(),
-        Some(c) => {
-            return Err(ApiError::bad_request(format!(
-                "container {c} is not valid for pod {name}"
-            )))
-        }
-        None if containers.len() == 1 => containers[0].clone(),
-        None => {
-            return Err(ApiError::bad_request(format!(
-                "a container name must be specified for pod {name}, choose one of: [{}]",
-                containers.join(" ")
-            )))
-        }
-    };
-    let node = pod
-        .pointer("/spec/nodeName")
-        .and_then(Value::as_str)
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| ApiError::bad_request(format!("pod {name} does not have a host assigned")))?
-        .to_string();
+    let container = pick_container(&pod, &name, q(&req, "container"))?;
+    let node = node_of(&pod, &name)?;
     let mut query: Vec<String> = Vec::new();
     for k in [
         "follow",
@@ -154,6 +122,43 @@ async fn proxy_logs(objects: &Objects, pki: &Pki, req: Request) -> ApiResult<Res
     node_get(objects, pki, &node, &path).await
 }
 
+/// The container a pod subresource names, or the pod's only one.
+fn pick_container(pod: &Value, name: &str, asked: Option<&str>) -> ApiResult<String> {
+    let containers: Vec<String> = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .chain(
+            pod.pointer("/spec/initContainers")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten(),
+        )
+        .filter_map(|c| c.get("name").and_then(Value::as_str).map(String::from))
+        .collect();
+    match asked {
+        Some(c) if containers.iter().any(|x| x == c) => Ok(c.to_string()),
+        Some(c) => Err(ApiError::bad_request(format!(
+            "container {c} is not valid for pod {name}"
+        ))),
+        None if containers.len() == 1 => Ok(containers[0].clone()),
+        None => Err(ApiError::bad_request(format!(
+            "a container name must be specified for pod {name}, choose one of: [{}]",
+            containers.join(" ")
+        ))),
+    }
+}
+
+/// The node a pod is bound to.
+fn node_of(pod: &Value, name: &str) -> ApiResult<String> {
+    pod.pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(String::from)
+        .ok_or_else(|| ApiError::bad_request(format!("pod {name} does not have a host assigned")))
+}
+
 /// `GET nodes/NAME/proxy/PATH`: the node's own endpoint, as kube-apiserver proxies a
 /// kubelet's (`/metrics` here).
 pub async fn node_proxy(objects: &Objects, pki: &Pki, node: &str, path: &str) -> Response {
@@ -163,8 +168,16 @@ pub async fn node_proxy(objects: &Objects, pki: &Pki, node: &str, path: &str) ->
     }
 }
 
-/// A GET to a node's endpoint over mutually authenticated TLS, its body streamed back.
-async fn node_get(objects: &Objects, pki: &Pki, node: &str, path: &str) -> ApiResult<Response> {
+/// An HTTP/1.1 connection to a node's endpoint over mutually authenticated TLS, and the
+/// `Host` to name it with. The connection may be upgraded (exec, port-forward).
+async fn node_connection(
+    objects: &Objects,
+    pki: &Pki,
+    node: &str,
+) -> ApiResult<(
+    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    String,
+)> {
     let nodes = resources::builtin("Node");
     let (node_obj, _) = objects
         .get(nodes, None, node, ReadAt::Latest)
@@ -200,18 +213,26 @@ async fn node_get(objects: &Objects, pki: &Pki, node: &str, path: &str) -> ApiRe
         .connect(server_name, tcp)
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    tokio::spawn(conn);
+    tokio::spawn(conn.with_upgrades());
+    Ok((sender, format!("{address}:{port}")))
+}
+
+/// A GET to a node's endpoint over mutually authenticated TLS, its body streamed back.
+async fn node_get(objects: &Objects, pki: &Pki, node: &str, path: &str) -> ApiResult<Response> {
+    let (mut sender, host) = node_connection(objects, pki, node).await?;
     let request = http::Request::get(path)
-        .header(http::header::HOST, format!("{address}:{port}"))
+        .header(http::header::HOST, host)
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(ApiError::internal)?;
     let resp = sender
         .send_request(request)
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| ApiError::Unavailable {
+            message: format!("node {node}: {e}"),
+        })?;
     let status = resp.status();
     if !status.is_success() {
         use http_body_util::BodyExt;
@@ -244,4 +265,145 @@ fn url_encode(v: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// Headers of a stream upgrade that pass between the client and the node, both ways.
+const UPGRADE_HEADERS: [&str; 8] = [
+    "connection",
+    "upgrade",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-accept",
+    "x-stream-protocol-version",
+    "sec-websocket-extensions",
+];
+
+/// `pods/NAME/exec`, `attach` and `portforward`: checks the request against the pod, then
+/// passes the connection upgrade to the pod's node and, once both sides have switched
+/// protocols, splices the two connections. The node speaks the stream protocols; the API
+/// server only authenticates, authorizes and finds the node, as kube-apiserver's
+/// upgrade-aware proxy does.
+pub async fn pod_stream(
+    objects: &Objects,
+    pki: &Pki,
+    req: Request,
+    raw_query: Option<String>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response {
+    match proxy_stream(objects, pki, req, raw_query, upgrade).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn proxy_stream(
+    objects: &Objects,
+    pki: &Pki,
+    req: Request,
+    raw_query: Option<String>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> ApiResult<Response> {
+    let res = &*req.target.res;
+    let sub = req.target.sub.clone().unwrap_or_default();
+    let ns = req.target.ns.clone().unwrap_or_else(|| "default".into());
+    let name = req.target.name.clone().unwrap_or_default();
+    let (pod, _) = objects
+        .get(res, Some(&ns), &name, ReadAt::Latest)
+        .await?
+        .ok_or_else(|| not_found(res, &name))?;
+    let phase = pod
+        .pointer("/status/phase")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if matches!(phase, "Succeeded" | "Failed") {
+        return Err(ApiError::bad_request(format!(
+            "cannot {sub} into a container in a completed pod; current phase is {phase}"
+        )));
+    }
+    let node = node_of(&pod, &name)?;
+    let path = match sub.as_str() {
+        "portforward" => format!("/portForward/{ns}/{name}"),
+        s => {
+            let container = pick_container(&pod, &name, q(&req, "container"))?;
+            format!("/{s}/{ns}/{name}/{container}")
+        }
+    };
+    let is_upgrade = req
+        .headers
+        .get(http::header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"));
+    let upgrade = upgrade.filter(|_| is_upgrade).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "pods/{sub} needs a connection upgrade to a streaming protocol (WebSocket)"
+        ))
+    })?;
+    let uri = match raw_query.filter(|q| !q.is_empty()) {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let (mut sender, host) = node_connection(objects, pki, &node).await?;
+    let mut ask = http::Request::builder()
+        .method(req.method.clone())
+        .uri(uri)
+        .header(http::header::HOST, host);
+    for h in UPGRADE_HEADERS {
+        for v in req.headers.get_all(h) {
+            ask = ask.header(h, v);
+        }
+    }
+    let ask = ask
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(ApiError::internal)?;
+    let mut resp = sender
+        .send_request(ask)
+        .await
+        .map_err(|e| ApiError::Unavailable {
+            message: format!("node {node}: {e}"),
+        })?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        use http_body_util::BodyExt;
+        let status = resp.status();
+        let text = http_body_util::Limited::new(resp.into_body(), 64 << 10)
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        return Err(if status.is_client_error() {
+            ApiError::bad_request(text)
+        } else {
+            ApiError::Internal { message: text }
+        });
+    }
+    let mut out = Response::new(Body::empty());
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    for h in UPGRADE_HEADERS {
+        for v in resp.headers().get_all(h) {
+            out.headers_mut().append(h, v.clone());
+        }
+    }
+    let node_side = hyper::upgrade::on(&mut resp);
+    let span =
+        tracing::info_span!("pod_stream", sub = %sub, pod = %format!("{ns}/{name}"), node = %node);
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let (client, node) = match tokio::join!(upgrade, node_side) {
+                (Ok(c), Ok(n)) => (c, n),
+                (c, n) => {
+                    tracing::info!(
+                        client = c.is_ok(),
+                        node = n.is_ok(),
+                        "stream upgrade failed"
+                    );
+                    return;
+                }
+            };
+            let (mut client, mut node) = (TokioIo::new(client), TokioIo::new(node));
+            // Either side closing ends both: the node then stops what the stream ran.
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut node).await;
+        },
+        span,
+    ));
+    Ok(out)
 }

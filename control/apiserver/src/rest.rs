@@ -283,13 +283,9 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             (&Method::PATCH, true, None | Some("status")) => patch(objects, &req).await,
             (&Method::DELETE, true, None) => delete(objects, &req).await,
             (&Method::DELETE, false, None) => delete_collection(objects, &req).await,
-            (_, true, Some(sub @ ("log" | "exec" | "attach" | "portforward")))
-                if t.res.has_sub("exec") =>
-            {
-                Err(ApiError::bad_request(format!(
-                    "pods/{sub} is not supported: Wasm components have no shell or terminal (pods/log is served by GET)"
-                )))
-            }
+            (_, true, Some("log")) if t.res.has_sub("log") => Err(ApiError::MethodNotAllowed {
+                message: "pods/log is served by GET".into(),
+            }),
             (_, _, Some(sub)) if !t.res.has_sub(sub) => Err(ApiError::NoRoute),
             (m, _, _) => Err(ApiError::MethodNotAllowed {
                 message: format!("{m} is not supported on this path"),

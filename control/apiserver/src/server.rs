@@ -337,8 +337,10 @@ async fn admit(
 }
 
 async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> Response {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
+    // exec, attach and port-forward hand the connection over to the node.
+    let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let mut user = UserInfo::new(baton_auth::ANONYMOUS, &["system:unauthenticated"]);
     if !public(&path) {
         match admit(&api, &parts, &path).await {
@@ -347,8 +349,13 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         }
     }
     let query = parse_query(parts.uri.query());
+    let parts_query = parts.uri.query().map(String::from);
     let is_watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
-    let _permit = if is_watch || public(&path) {
+    // Long-running requests do not hold a slot, as kube-apiserver's long-running check.
+    let streaming = ["/exec", "/attach", "/portforward"]
+        .iter()
+        .any(|s| path.ends_with(s));
+    let _permit = if is_watch || streaming || public(&path) {
         None
     } else {
         match api.inflight.clone().try_acquire_owned() {
@@ -481,6 +488,15 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         && req.method == http::Method::GET
     {
         return crate::nodelink::pod_logs(&api.objects, &api.pki, req).await;
+    }
+    if req.target.res.has_sub("exec")
+        && matches!(
+            req.target.sub.as_deref(),
+            Some("exec" | "attach" | "portforward")
+        )
+    {
+        let raw_query = parts_query.clone();
+        return crate::nodelink::pod_stream(&api.objects, &api.pki, req, raw_query, upgrade).await;
     }
     rest::handle(&api.objects, req).await
 }
