@@ -33,6 +33,7 @@ pub mod proxy;
 pub mod register;
 pub mod sandbox;
 pub mod server;
+pub mod stats;
 pub mod status;
 pub mod streams;
 pub mod volumes;
@@ -191,6 +192,8 @@ pub async fn run(
     };
     let runtime = Runtime::new(cfg.runtime.clone())?;
     let _ = logs.sandbox.set(runtime.clone());
+    // Aborted with the agent: the readings are for the pods it runs.
+    let sampler = AbortOnDrop(logs.stats.clone().run(runtime.clone()));
     let registry = Arc::new(baton_oci::Registry::new(cfg.oci.clone())?);
     let node_ip: std::net::IpAddr = cfg
         .address
@@ -369,10 +372,20 @@ pub async fn run(
     eviction.abort();
     proxy.abort();
     kubelet.abort();
+    drop(sampler);
     image_gc.abort();
     volume_gc.abort();
     for (_, h) in workers.drain() {
         h.task.abort();
     }
     Ok(())
+}
+
+/// Aborts a background task when the agent stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

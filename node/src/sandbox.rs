@@ -277,6 +277,7 @@ impl PodStreams for WasmStreams {
             .cloned()
             .ok_or_else(|| ExecError::NotRunning(container.to_string()))?;
         let spec = ExecSpec {
+            container: container.to_string(),
             argv,
             env: target.env,
             mounts: target.mounts,

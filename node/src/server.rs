@@ -76,6 +76,8 @@ pub struct LogIndex {
     pub live: Mutex<HashSet<PathBuf>>,
     /// The node's sandbox, once it runs: what `/metrics` reports.
     pub sandbox: std::sync::OnceLock<baton_wasm_shim::Runtime>,
+    /// CPU readings for `/stats/summary`.
+    pub stats: Arc<crate::stats::Stats>,
     /// (namespace, pod name) -> the pod's uid and its streams, while its sandbox runs.
     streams: Mutex<HashMap<(String, String), (String, Arc<dyn PodStreams>)>>,
 }
@@ -199,20 +201,21 @@ pub async fn start(
         .local_addr()
         .map_err(|source| ServerError::Listen { addr, source })?
         .port();
+    let node: Arc<str> = Arc::from(node);
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
-            let (acceptor, index) = (acceptor.clone(), index.clone());
+            let (acceptor, index, node) = (acceptor.clone(), index.clone(), node.clone());
             tokio::spawn(async move {
                 // A caller without the API server's client certificate fails here.
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let svc = hyper::service::service_fn(move |req| {
-                    let index = index.clone();
-                    async move { Ok::<_, Infallible>(handle(index, req).await) }
+                    let (index, node) = (index.clone(), node.clone());
+                    async move { Ok::<_, Infallible>(handle(index, &node, req).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), svc)
@@ -331,11 +334,21 @@ fn runs(dir: &Path) -> Vec<PathBuf> {
 
 async fn handle(
     index: Arc<LogIndex>,
+    node: &str,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> hyper::Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/metrics" {
         return text(200, metrics(index.sandbox.get()));
+    }
+    if path == "/stats/summary" {
+        let usage = index.sandbox.get().map(|s| s.usage()).unwrap_or_default();
+        let mut r = text(200, index.stats.summary(node, &usage).to_string());
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        return r;
     }
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     if let ["exec", ns, pod, container] = segs.as_slice() {

@@ -143,8 +143,9 @@ impl Runtime {
             spec.clone(),
         );
         let usage = net.usage.clone();
+        let tally = usage.tally(&name);
         let run = async move { rt.run_cli_with(&component, &name, &spec, net).await };
-        let mut task = AbortOnDrop::new(self.spawn_guest(&usage, run));
+        let mut task = AbortOnDrop::new(self.spawn_guest(&usage, Some(tally), run));
         task.join()
             .await
             .unwrap_or_else(|e| Err(ShimError::Setup(format!("component task failed: {e}"))))
@@ -173,7 +174,15 @@ impl Runtime {
         };
         let wasi = wasi.build();
         // A process is stopped by aborting its task; no kill flag is needed.
-        let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, net, None);
+        let tally = net.usage.tally(name);
+        let (mut store, oom) = self.store(
+            wasi,
+            spec.memory_bytes,
+            spec.timeout,
+            net,
+            None,
+            Some(tally),
+        );
         let run = async {
             let cmd = Command::instantiate_async(&mut store, component, &self.linker).await?;
             cmd.wasi_cli_run()

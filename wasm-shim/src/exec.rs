@@ -30,6 +30,8 @@ use crate::Exit;
 /// What to run.
 #[derive(Clone, Debug, Default)]
 pub struct ExecSpec {
+    /// The container it runs in: what it uses is counted as that container's.
+    pub container: String,
     /// The whole argv, the command's name first, as `kubectl exec POD -- ARGS` gives it.
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -219,10 +221,13 @@ impl PodHandle {
             set: self.execs.clone(),
         };
         let (rt, net, component) = (self.rt.clone(), self.net.clone(), component.clone());
+        let tally = self.net.usage.tally(&spec.container);
+        let store_tally = tally.clone();
         let name = spec.argv.first().cloned().unwrap_or_default();
         let run = async move {
             let _live = live;
-            let (mut store, oom) = rt.store(wasi, spec.memory_bytes, None, net, None);
+            let (mut store, oom) =
+                rt.store(wasi, spec.memory_bytes, None, net, None, Some(store_tally));
             let result = async {
                 let cmd = Command::instantiate_async(&mut store, &component, &rt.linker).await?;
                 cmd.wasi_cli_run()
@@ -234,7 +239,7 @@ impl PodHandle {
             exit_of(result, oom.load(Ordering::Relaxed))
         }
         .instrument(tracing::debug_span!("wasm_exec", command = %name));
-        let task = self.rt.spawn_guest(&self.net.usage, run);
+        let task = self.rt.spawn_guest(&self.net.usage, Some(tally), run);
         map.insert(id, task.abort_handle());
         Ok(Execution { task })
     }

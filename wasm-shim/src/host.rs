@@ -20,11 +20,16 @@ pub(crate) struct Limits {
     /// The pod's account, and how much of it this instance holds.
     pub usage: Arc<crate::usage::Usage>,
     pub held: usize,
+    /// The container the instance runs for, whose share this memory is too.
+    pub tally: Option<Arc<crate::usage::Tally>>,
 }
 
 impl Drop for Limits {
     fn drop(&mut self) {
         self.usage.release_memory(self.held);
+        if let Some(t) = &self.tally {
+            t.release_memory(self.held);
+        }
     }
 }
 
@@ -41,6 +46,9 @@ impl ResourceLimiter for Limits {
             return Ok(false);
         }
         self.held += delta;
+        if let Some(t) = &self.tally {
+            t.grow_memory(delta);
+        }
         Ok(true)
     }
 

@@ -98,6 +98,8 @@ struct Serving {
     runtime: Runtime,
     pre: ProxyPre<Host>,
     spec: HttpSpec,
+    /// The container it serves for: its requests are counted there.
+    tally: Option<Arc<crate::usage::Tally>>,
 }
 
 fn text(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
@@ -269,6 +271,7 @@ impl Serving {
             self.spec.request_timeout,
             self.net.clone(),
             Some(self.stopped.clone()),
+            self.tally.clone(),
         );
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let prepared = (|| -> wasmtime::Result<_> {
@@ -290,6 +293,7 @@ impl Serving {
         let pre = self.pre.clone();
         let task = self.runtime.spawn_guest(
             &self.net.usage,
+            self.tally.clone(),
             async move {
                 let result = async {
                     let proxy = pre.instantiate_async(&mut store).await?;
@@ -345,7 +349,7 @@ impl Runtime {
         spec: HttpSpec,
         listener: TcpListener,
     ) -> Result<HttpServer, ShimError> {
-        self.serve_http_with(component, spec, listener, self.loopback_net())
+        self.serve_http_with(component, spec, listener, self.loopback_net(), None)
     }
 
     pub(crate) fn serve_http_with(
@@ -354,6 +358,7 @@ impl Runtime {
         spec: HttpSpec,
         listener: TcpListener,
         net: Arc<crate::net::PodNet>,
+        tally: Option<Arc<crate::usage::Tally>>,
     ) -> Result<HttpServer, ShimError> {
         self.expect_kind(component, ComponentKind::Http)?;
         let instance_pre = self
@@ -371,6 +376,7 @@ impl Runtime {
             runtime: self.clone(),
             pre,
             spec,
+            tally,
         });
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<Duration>();
         // The listener moves to the guest threads' reactor, where all of the server runs.
@@ -387,7 +393,7 @@ impl Runtime {
             .tls
             .clone()
             .map(tokio_rustls::TlsAcceptor::from);
-        let (task, gone) = self.spawn_guest_tracked(&usage, async move {
+        let (task, gone) = self.spawn_guest_tracked(&usage, serving.tally.clone(), async move {
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             // The connections belong to the server: when it is dropped, they are too, so
             // a stopped pod answers nothing more, even on a kept-alive connection.

@@ -56,7 +56,7 @@ pub use http::{HttpServer, HttpSpec};
 pub use net::{NameResolver, NetLimits};
 pub use pod::{ContainerSpec, Pod, PodSpec};
 pub use runtime::{read_bounded, ComponentKind, Runtime, RuntimeConfig};
-pub use usage::{PodUsage, CPU_PERIOD};
+pub use usage::{ContainerUsage, PodUsage, CPU_PERIOD};
 /// A compiled component, loaded by [`Runtime::load_file`]; callers need not depend on wasmtime.
 pub use wasmtime::component::Component;
 

@@ -186,8 +186,14 @@ impl Pod {
                 let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                     ShimError::Setup(format!("container {} cannot listen on {addr}: {e}", c.name))
                 })?;
-                let server =
-                    rt.serve_http_with(&c.component, c.http.clone(), listener, self.net.clone())?;
+                let tally = self.net.usage.tally(&c.name);
+                let server = rt.serve_http_with(
+                    &c.component,
+                    c.http.clone(),
+                    listener,
+                    self.net.clone(),
+                    Some(tally),
+                )?;
                 self.servers.push((c.name, server));
             }
             ComponentKind::Cli => {
@@ -195,7 +201,8 @@ impl Pod {
                 let name = c.name.clone();
                 let net = self.net.clone();
                 let usage = net.usage.clone();
-                let (task, gone) = rt.spawn_guest_tracked(&usage, async move {
+                let tally = usage.tally(&c.name);
+                let (task, gone) = rt.spawn_guest_tracked(&usage, Some(tally), async move {
                     rt2.run_cli_with(&c.component, &c.name, &c.cli, net).await
                 });
                 self.processes.push(Process {

@@ -198,6 +198,7 @@ impl Runtime {
     pub(crate) fn spawn_guest<F>(
         &self,
         usage: &Arc<crate::usage::Usage>,
+        tally: Option<Arc<crate::usage::Tally>>,
         fut: F,
     ) -> tokio::task::JoinHandle<F::Output>
     where
@@ -205,7 +206,7 @@ impl Runtime {
         F::Output: Send + 'static,
     {
         self.guests
-            .spawn(crate::usage::Metered::new(usage.clone(), fut))
+            .spawn(crate::usage::Metered::new(usage.clone(), fut).for_container(tally))
     }
 
     /// [`Runtime::spawn_guest`], also telling when the task's future has been dropped
@@ -214,6 +215,7 @@ impl Runtime {
     pub(crate) fn spawn_guest_tracked<F>(
         &self,
         usage: &Arc<crate::usage::Usage>,
+        tally: Option<Arc<crate::usage::Tally>>,
         fut: F,
     ) -> (tokio::task::JoinHandle<F::Output>, crate::pod::Gone)
     where
@@ -221,7 +223,7 @@ impl Runtime {
         F::Output: Send + 'static,
     {
         let (guard, gone) = crate::pod::Gone::new();
-        let task = self.spawn_guest(usage, async move {
+        let task = self.spawn_guest(usage, tally, async move {
             let _guard = guard;
             fut.await
         });
@@ -313,6 +315,7 @@ impl Runtime {
         budget: Option<Duration>,
         net: Arc<PodNet>,
         killed: Option<Arc<AtomicBool>>,
+        tally: Option<Arc<crate::usage::Tally>>,
     ) -> (Store<Host>, Arc<AtomicBool>) {
         let hit_memory = Arc::new(AtomicBool::new(false));
         let mut table = ResourceTable::new();
@@ -337,6 +340,7 @@ impl Runtime {
                 hit_memory: hit_memory.clone(),
                 usage: usage.clone(),
                 held: 0,
+                tally,
             },
         };
         let mut store = Store::new(&self.engine, host);

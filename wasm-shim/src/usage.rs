@@ -50,6 +50,36 @@ pub struct PodUsage {
     pub throttled_periods: u64,
     /// Linear memory its live instances hold, in bytes.
     pub memory_bytes: usize,
+    /// The same figures per container, by name: what the container's instances (its
+    /// process, its requests, commands exec'd into it) used and hold.
+    pub containers: Vec<ContainerUsage>,
+}
+
+/// What one container of a pod used and holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContainerUsage {
+    pub name: String,
+    /// CPU time its guests have used since the pod started, in nanoseconds.
+    pub cpu_nanos: u64,
+    /// Linear memory its live instances hold, in bytes.
+    pub memory_bytes: usize,
+}
+
+/// One container's share of its pod's account.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    cpu_nanos: AtomicU64,
+    memory: AtomicUsize,
+}
+
+impl Tally {
+    pub fn grow_memory(&self, delta: usize) {
+        self.memory.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub fn release_memory(&self, bytes: usize) {
+        self.memory.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 /// The account of one pod, shared by its instances and tasks.
@@ -68,6 +98,8 @@ pub(crate) struct Usage {
     memory: AtomicUsize,
     /// The pod's memory limit over all its instances; 0 is none.
     memory_limit: AtomicUsize,
+    /// Each container's share, by name.
+    containers: Mutex<Vec<(String, Arc<Tally>)>>,
 }
 
 #[derive(Debug, Default)]
@@ -202,6 +234,17 @@ impl Usage {
         Some(period_end(p))
     }
 
+    /// The account of one of the pod's containers.
+    pub fn tally(&self, container: &str) -> Arc<Tally> {
+        let mut all = self.containers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, t)) = all.iter().find(|(n, _)| n == container) {
+            return t.clone();
+        }
+        let t = Arc::new(Tally::default());
+        all.push((container.to_string(), t.clone()));
+        t
+    }
+
     pub fn instance(self: &Arc<Self>) -> InstanceGuard {
         self.instances.fetch_add(1, Ordering::Relaxed);
         InstanceGuard(self.clone())
@@ -216,6 +259,17 @@ impl Usage {
             cpu_nanos: self.cpu_nanos.load(Ordering::Relaxed),
             throttled_periods: self.throttled.load(Ordering::Relaxed),
             memory_bytes: self.memory.load(Ordering::Relaxed),
+            containers: self
+                .containers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(name, t)| ContainerUsage {
+                    name: name.clone(),
+                    cpu_nanos: t.cpu_nanos.load(Ordering::Relaxed),
+                    memory_bytes: t.memory.load(Ordering::Relaxed),
+                })
+                .collect(),
         }
     }
 }
@@ -235,6 +289,8 @@ impl Drop for InstanceGuard {
 pub(crate) struct Metered<F> {
     inner: Pin<Box<F>>,
     usage: Arc<Usage>,
+    /// The container it runs for, if any: its polls are charged there too.
+    tally: Option<Arc<Tally>>,
     /// Time this task has spent in its polls.
     ran: Duration,
     /// Whether its last poll ended because the epoch callback preempted it.
@@ -247,9 +303,16 @@ impl<F> Metered<F> {
         Self {
             inner: Box::pin(inner),
             usage,
+            tally: None,
             ran: Duration::ZERO,
             preempted: false,
         }
+    }
+
+    /// Charges the task's CPU to a container of its pod as well.
+    pub fn for_container(mut self, tally: Option<Arc<Tally>>) -> Self {
+        self.tally = tally;
+        self
     }
 
     /// Whether the last poll ended because the runtime preempted the guest (it ran
@@ -302,6 +365,10 @@ impl<F: Future> Future for Metered<F> {
         let d = t.elapsed();
         self.ran += d;
         self.usage.charge(d);
+        if let Some(t) = &self.tally {
+            t.cpu_nanos
+                .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        }
         out
     }
 }

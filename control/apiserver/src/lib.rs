@@ -42,6 +42,7 @@ pub mod eviction;
 pub mod jsonpath;
 pub mod kubernetes_service;
 pub mod managed;
+pub mod metrics;
 pub mod mutating_policy;
 pub mod nodelink;
 pub mod objects;

@@ -14,7 +14,6 @@
 //!   CA, and checks the node's certificate against the CA and the node's address.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -87,14 +86,14 @@ fn q<'a>(req: &'a Request, k: &str) -> Option<&'a str> {
 }
 
 /// `GET pods/NAME/log`: finds the pod's node and streams the log from it.
-pub async fn pod_logs(objects: &Objects, pki: &Pki, req: Request) -> Response {
-    match proxy_logs(objects, pki, req).await {
+pub async fn pod_logs(objects: &Objects, req: Request) -> Response {
+    match proxy_logs(objects, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn proxy_logs(objects: &Objects, pki: &Pki, req: Request) -> ApiResult<Response> {
+async fn proxy_logs(objects: &Objects, req: Request) -> ApiResult<Response> {
     let res = &*req.target.res;
     let ns = req.target.ns.clone().unwrap_or_else(|| "default".into());
     let name = req.target.name.clone().unwrap_or_default();
@@ -119,7 +118,7 @@ async fn proxy_logs(objects: &Objects, pki: &Pki, req: Request) -> ApiResult<Res
         }
     }
     let path = format!("/containerLogs/{ns}/{name}/{container}?{}", query.join("&"));
-    node_get(objects, pki, &node, &path).await
+    node_get(objects, &node, &path).await
 }
 
 /// The container a pod subresource names, or the pod's only one.
@@ -161,8 +160,8 @@ fn node_of(pod: &Value, name: &str) -> ApiResult<String> {
 
 /// `GET nodes/NAME/proxy/PATH`: the node's own endpoint, as kube-apiserver proxies a
 /// kubelet's (`/metrics` here).
-pub async fn node_proxy(objects: &Objects, pki: &Pki, node: &str, path: &str) -> Response {
-    match node_get(objects, pki, node, &format!("/{path}")).await {
+pub async fn node_proxy(objects: &Objects, node: &str, path: &str) -> Response {
+    match node_get(objects, node, &format!("/{path}")).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -172,7 +171,6 @@ pub async fn node_proxy(objects: &Objects, pki: &Pki, node: &str, path: &str) ->
 /// `Host` to name it with. The connection may be upgraded (exec, port-forward).
 async fn node_connection(
     objects: &Objects,
-    pki: &Pki,
     node: &str,
 ) -> ApiResult<(
     hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
@@ -205,9 +203,11 @@ async fn node_connection(
     let tcp = tokio::net::TcpStream::connect((address, port))
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(
-        pki.kubelet_client_config().map_err(ApiError::internal)?,
-    ));
+    let tls = tokio_rustls::TlsConnector::from(objects.kubelet_tls.clone().ok_or_else(|| {
+        ApiError::Internal {
+            message: "the API server has no client credentials for node agents".into(),
+        }
+    })?);
     let server_name = rustls::pki_types::ServerName::IpAddress(address.into());
     let stream = tls
         .connect(server_name, tcp)
@@ -220,9 +220,25 @@ async fn node_connection(
     Ok((sender, format!("{address}:{port}")))
 }
 
+/// A node endpoint's JSON answer (its Summary, for metrics).
+pub async fn node_json(objects: &Objects, node: &str, path: &str) -> ApiResult<Value> {
+    use http_body_util::BodyExt;
+    let resp = node_get(objects, node, path).await?;
+    let body = http_body_util::Limited::new(resp.into_body(), 16 << 20)
+        .collect()
+        .await
+        .map_err(|e| ApiError::Unavailable {
+            message: format!("node {node}: {e}"),
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| ApiError::Internal {
+        message: format!("node {node} answered {path} with malformed JSON: {e}"),
+    })
+}
+
 /// A GET to a node's endpoint over mutually authenticated TLS, its body streamed back.
-async fn node_get(objects: &Objects, pki: &Pki, node: &str, path: &str) -> ApiResult<Response> {
-    let (mut sender, host) = node_connection(objects, pki, node).await?;
+async fn node_get(objects: &Objects, node: &str, path: &str) -> ApiResult<Response> {
+    let (mut sender, host) = node_connection(objects, node).await?;
     let request = http::Request::get(path)
         .header(http::header::HOST, host)
         .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -286,12 +302,11 @@ const UPGRADE_HEADERS: [&str; 8] = [
 /// upgrade-aware proxy does.
 pub async fn pod_stream(
     objects: &Objects,
-    pki: &Pki,
     req: Request,
     raw_query: Option<String>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response {
-    match proxy_stream(objects, pki, req, raw_query, upgrade).await {
+    match proxy_stream(objects, req, raw_query, upgrade).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -299,7 +314,6 @@ pub async fn pod_stream(
 
 async fn proxy_stream(
     objects: &Objects,
-    pki: &Pki,
     req: Request,
     raw_query: Option<String>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -343,7 +357,7 @@ async fn proxy_stream(
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    let (mut sender, host) = node_connection(objects, pki, &node).await?;
+    let (mut sender, host) = node_connection(objects, &node).await?;
     let mut ask = http::Request::builder()
         .method(req.method.clone())
         .uri(uri)

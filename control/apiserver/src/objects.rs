@@ -26,6 +26,9 @@ pub struct Objects {
     pub encryption: Option<std::sync::Arc<crate::encryption::Encryption>>,
     /// The admission policies and their bindings, compiled.
     pub policies: crate::cache::Cache<crate::policy::Policies>,
+    /// How the API server calls node agents (logs, exec, metrics): the cluster CA and
+    /// its `system:apiserver` client certificate. None until the PKI is known.
+    pub kubelet_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Objects {
@@ -37,6 +40,7 @@ impl Objects {
             access: crate::access::Access::default(),
             encryption: None,
             policies: crate::cache::Cache::new(crate::policy::PREFIX),
+            kubelet_tls: None,
         }
     }
 

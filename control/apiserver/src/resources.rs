@@ -855,8 +855,39 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         sub = ["status"],
         strategy = crate::crd::Definitions
     ),
+    measured("NodeMetrics", "nodes", "nodemetrics", false, strategy::NodeMetricses),
+    measured("PodMetrics", "pods", "podmetrics", true, strategy::PodMetricses),
 ]
 });
+
+/// A metrics.k8s.io kind: measured by the nodes, never stored (see [`crate::metrics`]).
+fn measured(
+    kind: &str,
+    plural: &str,
+    singular: &str,
+    namespaced: bool,
+    strategy: impl Strategy + 'static,
+) -> Arc<Resource> {
+    Arc::new(Resource {
+        group: "metrics.k8s.io".into(),
+        version: "v1beta1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+        singular: singular.into(),
+        namespaced,
+        short_names: vec![],
+        categories: vec![],
+        subresources: vec![],
+        storage_version: "v1beta1".into(),
+        storage_group: "metrics.k8s.io".into(),
+        definition_id: String::new(),
+        body: Body::Schema(Arc::new(serde_json::json!({
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": true,
+        }))),
+        strategy: Arc::new(strategy),
+    })
+}
 
 /// A built-in resource by kind.
 pub fn builtin(kind: &str) -> &'static Arc<Resource> {

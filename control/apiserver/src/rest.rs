@@ -307,6 +307,20 @@ fn ns_of(req: &Request) -> Option<&str> {
 
 async fn get(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let name = req.target.name.as_deref().unwrap_or_default();
+    let everything = LabelSelector::default();
+    if let Some(measured) =
+        req.target
+            .res
+            .strategy
+            .measure(objects, ns_of(req), Some(name), &everything)
+    {
+        let obj = measured
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| not_found(&req.target.res, name))?;
+        return Ok(object_response(req, StatusCode::OK, &obj, &[]));
+    }
     let at = ReadAt::parse(req.q("resourceVersion"), None)?;
     let (obj, _) = objects
         .get(&req.target.res, ns_of(req), name, at)
@@ -327,16 +341,25 @@ async fn list(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let at = ReadAt::parse(req.q("resourceVersion"), req.q("resourceVersionMatch"))?;
     let limit: usize = req.q("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
     let ns = ns_of(req);
-    let page = objects
-        .list(
-            res,
-            ns,
-            at,
-            limit,
-            req.q("continue").filter(|c| !c.is_empty()),
-            |o| ls.matches(o) && fs.matches(o),
-        )
-        .await?;
+    let page = match res.strategy.measure(objects, ns, None, &ls) {
+        Some(measured) => crate::objects::Page {
+            items: measured.await?,
+            revision: Default::default(),
+            continue_token: None,
+        },
+        None => {
+            objects
+                .list(
+                    res,
+                    ns,
+                    at,
+                    limit,
+                    req.q("continue").filter(|c| !c.is_empty()),
+                    |o| ls.matches(o) && fs.matches(o),
+                )
+                .await?
+        }
+    };
     let mut meta = json!({"resourceVersion": page.revision.to_string()});
     if let Some(c) = &page.continue_token {
         meta["continue"] = json!(c);

@@ -113,6 +113,12 @@ impl ApiServer {
 
     pub fn with_max_inflight(mut objects: Objects, pki: Pki, max: usize) -> Self {
         objects.access = objects.access.clone().with_pki(pki.clone());
+        match pki.kubelet_client_config() {
+            Ok(c) => objects.kubelet_tls = Some(Arc::new(c)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no client credentials for node agents: logs, exec and metrics will fail")
+            }
+        }
         Self {
             objects,
             pki,
@@ -437,8 +443,7 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         ["api", "v1", "nodes", node, "proxy", rest @ ..]
             if parts.method == http::Method::GET && !rest.is_empty() =>
         {
-            return crate::nodelink::node_proxy(&api.objects, &api.pki, node, &rest.join("/"))
-                .await;
+            return crate::nodelink::node_proxy(&api.objects, node, &rest.join("/")).await;
         }
         ["openapi", "v2"] => {
             let doc = crate::openapi_v2::cached(&served);
@@ -487,7 +492,7 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         && req.target.sub.as_deref() == Some("log")
         && req.method == http::Method::GET
     {
-        return crate::nodelink::pod_logs(&api.objects, &api.pki, req).await;
+        return crate::nodelink::pod_logs(&api.objects, req).await;
     }
     if req.target.res.has_sub("exec")
         && matches!(
@@ -496,7 +501,7 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         )
     {
         let raw_query = parts_query.clone();
-        return crate::nodelink::pod_stream(&api.objects, &api.pki, req, raw_query, upgrade).await;
+        return crate::nodelink::pod_stream(&api.objects, req, raw_query, upgrade).await;
     }
     rest::handle(&api.objects, req).await
 }

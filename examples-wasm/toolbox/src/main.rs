@@ -2,7 +2,8 @@
 //! what `kubectl exec` and `kubectl debug` run in pods whose own components have no shell.
 //!
 //! One binary, many commands, picked by argv[0] as busybox does (`kubectl exec POD -- ls
-//! /data`), or given after `toolbox` (`toolbox ls /data`). `sh` reads command lines from
+//! /data`), or given after another name (`toolbox ls /data`; a container's argv[0] is its
+//! name): a name alone, that is no command, starts `sh`. `sh` reads command lines from
 //! stdin (or `sh -c "LINE; LINE"`), one command per line or per `;`, words split on
 //! blanks with '…' and "…" quoting. Commands:
 //!
@@ -23,10 +24,17 @@ fn main() {
     let mut args: Vec<String> = std::env::args().collect();
     let name = args
         .first()
-        .map(|a| a.rsplit('/').next().unwrap_or(a).trim_end_matches(".wasm").to_string())
+        .map(|a| {
+            a.rsplit('/')
+                .next()
+                .unwrap_or(a)
+                .trim_end_matches(".wasm")
+                .to_string()
+        })
         .unwrap_or_default();
-    // Called by a command's name (exec), or by another (the container's, `toolbox`):
-    // then the command follows.
+    // Called by a command's name (exec), or by another (`toolbox`, or the container's
+    // name, which Baton gives a container as argv[0]): then the command follows, and
+    // without one it is a shell.
     if COMMANDS.contains(&name.as_str()) {
         args[0] = name;
     } else if !args.is_empty() {
@@ -87,7 +95,10 @@ fn run(args: &[String]) -> i32 {
             Ok(())
         }
         "spin" => {
-            let secs: f64 = rest.first().and_then(|s| s.parse().ok()).unwrap_or(f64::MAX);
+            let secs: f64 = rest
+                .first()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(f64::MAX);
             let start = std::time::Instant::now();
             let mut x = 0u64;
             while start.elapsed().as_secs_f64() < secs {
@@ -217,7 +228,12 @@ fn ls(args: &[String]) -> Result<(), String> {
         let mut names: Vec<(String, std::fs::Metadata)> = std::fs::read_dir(p)
             .map_err(|e| format!("{p}: {e}"))?
             .filter_map(|e| e.ok())
-            .filter_map(|e| Some((e.file_name().to_string_lossy().into_owned(), e.metadata().ok()?)))
+            .filter_map(|e| {
+                Some((
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().ok()?,
+                ))
+            })
             .collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
         for (n, m) in names {
@@ -238,7 +254,10 @@ fn entry(name: &str, meta: &std::fs::Metadata, long: bool) -> String {
 }
 
 fn get(args: &[String]) -> Result<(), String> {
-    let url = args.iter().find(|a| !a.starts_with('-')).ok_or("usage: get URL")?;
+    let url = args
+        .iter()
+        .find(|a| !a.starts_with('-'))
+        .ok_or("usage: get URL")?;
     let url = if url.contains("://") {
         url.clone()
     } else {
@@ -255,7 +274,9 @@ fn get(args: &[String]) -> Result<(), String> {
         let status = resp.status();
         let mut body = resp.into_body();
         let bytes = body.contents().await.map_err(|e| e.to_string())?;
-        std::io::stdout().write_all(bytes).map_err(|e| e.to_string())?;
+        std::io::stdout()
+            .write_all(bytes)
+            .map_err(|e| e.to_string())?;
         if status.as_u16() >= 400 {
             return Err(format!("{url}: HTTP {status}"));
         }
@@ -268,16 +289,20 @@ fn tcp(args: &[String]) -> Result<(), String> {
         [h, p, ..] => (h.clone(), p.parse::<u16>().map_err(|e| e.to_string())?),
         _ => return Err("usage: tcp HOST PORT".into()),
     };
-    let mut stream =
-        std::net::TcpStream::connect((host.as_str(), port)).map_err(|e| format!("{host}:{port}: {e}"))?;
+    let mut stream = std::net::TcpStream::connect((host.as_str(), port))
+        .map_err(|e| format!("{host}:{port}: {e}"))?;
     eprintln!("connected to {host}:{port}");
     let mut input = Vec::new();
-    std::io::stdin().read_to_end(&mut input).map_err(|e| e.to_string())?;
+    std::io::stdin()
+        .read_to_end(&mut input)
+        .map_err(|e| e.to_string())?;
     stream.write_all(&input).map_err(|e| e.to_string())?;
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut back = Vec::new();
     stream.read_to_end(&mut back).map_err(|e| e.to_string())?;
-    std::io::stdout().write_all(&back).map_err(|e| e.to_string())
+    std::io::stdout()
+        .write_all(&back)
+        .map_err(|e| e.to_string())
 }
 
 fn lookup(args: &[String]) -> Result<(), String> {

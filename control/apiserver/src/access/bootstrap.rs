@@ -34,6 +34,12 @@ const WRITE: &[&str] = &["create", "delete", "deletecollection", "patch", "updat
 
 fn view_rules() -> Vec<Value> {
     vec![
+        // What system:aggregated-metrics-reader adds to view, edit and admin.
+        rule(
+            &["metrics.k8s.io"],
+            &["pods", "nodes"],
+            &["get", "list", "watch"],
+        ),
         rule(
             &[""],
             &[

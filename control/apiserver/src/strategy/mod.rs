@@ -10,6 +10,7 @@
 mod admission;
 mod core;
 mod events;
+mod metrics;
 mod networking;
 mod platform;
 mod pod;
@@ -30,6 +31,7 @@ use serde_json::{json, Value};
 
 use crate::error::{ApiResult, FieldError};
 use crate::objects::Objects;
+use crate::selectors::LabelSelector;
 use crate::table;
 use crate::validation;
 
@@ -42,6 +44,7 @@ pub use admission::{
     ValidatingAdmissionPolicyBindings, WebhookConfigurations,
 };
 pub use events::EventsV1;
+pub use metrics::{NodeMetricses, PodMetricses};
 pub use networking::{IngressClasses, Ingresses, NetworkPolicies};
 pub use platform::{
     CertificateSigningRequests, ControllerRevisions, HorizontalPodAutoscalers,
@@ -231,6 +234,19 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
         _namespace: Option<&'a str>,
         _body: Value,
     ) -> Option<Hook<'a, ApiResult<Value>>> {
+        None
+    }
+
+    /// For a kind that is measured rather than stored (metrics.k8s.io): what a get
+    /// (`name`: one item, or NotFound) or a list finds, read from where it is measured.
+    /// Such a kind has nothing in the store.
+    fn measure<'a>(
+        &'a self,
+        _objects: &'a Objects,
+        _namespace: Option<&'a str>,
+        _name: Option<&'a str>,
+        _labels: &'a LabelSelector,
+    ) -> Option<Hook<'a, ApiResult<Vec<Value>>>> {
         None
     }
 

@@ -1,0 +1,255 @@
+//! `metrics.k8s.io/v1beta1`, served by the API server itself: what `kubectl top` and the
+//! HorizontalPodAutoscaler read, without a metrics-server add-on.
+//!
+//! Nothing here is stored. A get or list asks the nodes concerned for their Summary
+//! (`/stats/summary`, over the mutually authenticated node link) and answers with what
+//! they measured: CPU as a rate over the node's last sampling window, memory as held now.
+//! A node that cannot be reached is left out, as metrics-server leaves out a node it
+//! cannot scrape; a pod with no figures yet is absent, and a get of it is a 404.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ApiResult};
+use crate::objects::{Objects, ReadAt};
+use crate::resources;
+use crate::selectors::LabelSelector;
+
+/// How long a node may take to answer before it is left out.
+const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+
+const API_VERSION: &str = "metrics.k8s.io/v1beta1";
+
+/// A node's Summary, or None if it could not be had in time.
+async fn summary(objects: &Objects, node: &str) -> Option<Value> {
+    let asked = crate::nodelink::node_json(objects, node, "/stats/summary");
+    match tokio::time::timeout(NODE_TIMEOUT, asked).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            tracing::info!(node, error = %e, "no metrics from node");
+            None
+        }
+        Err(_) => {
+            tracing::info!(node, "no metrics from node: timed out");
+            None
+        }
+    }
+}
+
+async fn summaries(objects: &Objects, nodes: Vec<String>) -> HashMap<String, Value> {
+    let asked = nodes.into_iter().map(|n| async move {
+        let s = summary(objects, &n).await;
+        (n, s)
+    });
+    futures::future::join_all(asked)
+        .await
+        .into_iter()
+        .filter_map(|(n, s)| Some((n, s?)))
+        .collect()
+}
+
+fn cpu(nanocores: u64) -> String {
+    format!("{nanocores}n")
+}
+
+fn memory(bytes: u64) -> String {
+    format!("{}Ki", bytes.div_ceil(1024))
+}
+
+fn window(summary: &Value) -> String {
+    let secs = summary.get("window").and_then(Value::as_f64).unwrap_or(0.0);
+    format!("{}ms", (secs * 1000.0).round() as u64)
+}
+
+fn timestamp(summary: &Value) -> Value {
+    summary
+        .pointer("/node/cpu/time")
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn labels(obj: &Value) -> Value {
+    obj.pointer("/metadata/labels")
+        .cloned()
+        .unwrap_or_else(|| json!({}))
+}
+
+fn not_found(res: &str, name: &str) -> ApiError {
+    ApiError::NotFound {
+        group: "metrics.k8s.io".into(),
+        resource: res.into(),
+        name: name.into(),
+    }
+}
+
+/// `nodes`: each node's CPU and memory, from its own Summary.
+pub async fn node_metrics(
+    objects: &Objects,
+    name: Option<&str>,
+    selector: &LabelSelector,
+) -> ApiResult<Vec<Value>> {
+    let res = resources::builtin("Node");
+    let nodes: Vec<Value> = match name {
+        Some(n) => objects
+            .get(res, None, n, ReadAt::Latest)
+            .await?
+            .map(|(o, _)| o)
+            .into_iter()
+            .collect(),
+        None => {
+            objects
+                .list(res, None, ReadAt::Latest, 0, None, |o| selector.matches(o))
+                .await?
+                .items
+        }
+    };
+    let names: Vec<String> = nodes
+        .iter()
+        .filter_map(|n| n.pointer("/metadata/name")?.as_str().map(String::from))
+        .collect();
+    let got = summaries(objects, names).await;
+    let mut items = Vec::new();
+    for n in &nodes {
+        let Some(node) = n.pointer("/metadata/name").and_then(Value::as_str) else {
+            continue;
+        };
+        let Some(s) = got.get(node) else { continue };
+        let (Some(c), Some(m)) = (
+            s.pointer("/node/cpu/usageNanoCores")
+                .and_then(Value::as_u64),
+            s.pointer("/node/memory/workingSetBytes")
+                .and_then(Value::as_u64),
+        ) else {
+            continue;
+        };
+        items.push(json!({
+            "kind": "NodeMetrics",
+            "apiVersion": API_VERSION,
+            "metadata": {"name": node, "labels": labels(n), "creationTimestamp": timestamp(s)},
+            "timestamp": timestamp(s),
+            "window": window(s),
+            "usage": {"cpu": cpu(c), "memory": memory(m)},
+        }));
+    }
+    match name {
+        Some(n) if items.is_empty() => Err(not_found("nodes", n)),
+        _ => Ok(items),
+    }
+}
+
+/// `pods`: each running pod's containers, from the Summary of the pod's node.
+pub async fn pod_metrics(
+    objects: &Objects,
+    namespace: Option<&str>,
+    name: Option<&str>,
+    selector: &LabelSelector,
+) -> ApiResult<Vec<Value>> {
+    let res = resources::builtin("Pod");
+    let pods: Vec<Value> = match name {
+        Some(n) => objects
+            .get(res, namespace, n, ReadAt::Latest)
+            .await?
+            .map(|(o, _)| o)
+            .into_iter()
+            .collect(),
+        None => {
+            objects
+                .list(res, namespace, ReadAt::Latest, 0, None, |o| {
+                    selector.matches(o)
+                })
+                .await?
+                .items
+        }
+    };
+    let on_node = |p: &Value| -> Option<String> {
+        p.pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .map(String::from)
+    };
+    let mut nodes: Vec<String> = pods.iter().filter_map(on_node).collect();
+    nodes.sort();
+    nodes.dedup();
+    let got = summaries(objects, nodes).await;
+    let mut items = Vec::new();
+    for p in &pods {
+        let (Some(node), Some(ns), Some(pod), uid) = (
+            on_node(p),
+            p.pointer("/metadata/namespace").and_then(Value::as_str),
+            p.pointer("/metadata/name").and_then(Value::as_str),
+            p.pointer("/metadata/uid").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let Some(s) = got.get(&node) else { continue };
+        let Some(measured) = s
+            .get("pods")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|m| {
+                m.pointer("/podRef/namespace").and_then(Value::as_str) == Some(ns)
+                    && m.pointer("/podRef/name").and_then(Value::as_str) == Some(pod)
+                    && (uid.is_none() || m.pointer("/podRef/uid").and_then(Value::as_str) == uid)
+            })
+        else {
+            continue;
+        };
+        // Only the pod's own containers, each with both figures, as metrics-server
+        // reports a pod only once every container has them.
+        let mut containers = Vec::new();
+        let mut complete = true;
+        for c in measured
+            .get("containers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let (Some(name), Some(cpu_n), Some(mem)) = (
+                c.get("name").and_then(Value::as_str),
+                c.pointer("/cpu/usageNanoCores").and_then(Value::as_u64),
+                c.pointer("/memory/workingSetBytes").and_then(Value::as_u64),
+            ) else {
+                complete = false;
+                continue;
+            };
+            containers
+                .push(json!({"name": name, "usage": {"cpu": cpu(cpu_n), "memory": memory(mem)}}));
+        }
+        if !complete || containers.is_empty() {
+            continue;
+        }
+        items.push(json!({
+            "kind": "PodMetrics",
+            "apiVersion": API_VERSION,
+            "metadata": {
+                "name": pod,
+                "namespace": ns,
+                "labels": labels(p),
+                "creationTimestamp": timestamp(s),
+            },
+            "timestamp": timestamp(s),
+            "window": window(s),
+            "containers": containers,
+        }));
+    }
+    match name {
+        Some(n) if items.is_empty() => Err(not_found("pods", n)),
+        _ => Ok(items),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_are_what_metrics_server_writes() {
+        assert_eq!(cpu(1_234_567), "1234567n");
+        assert_eq!(memory(1 << 20), "1024Ki");
+        assert_eq!(memory(1), "1Ki");
+        assert_eq!(window(&json!({"window": 5.0021})), "5002ms");
+    }
+}

@@ -1,0 +1,55 @@
+//! NodeMetrics and PodMetrics (metrics.k8s.io): kinds that are measured, not stored. A get
+//! or list is answered by [`crate::metrics`] from what the nodes measure, so they serve
+//! only `get` and `list`.
+
+use serde_json::Value;
+
+use super::{Hook, Strategy};
+use crate::error::ApiResult;
+use crate::objects::Objects;
+use crate::selectors::LabelSelector;
+
+const READ: &[&str] = &["get", "list"];
+
+/// NodeMetrics: a node's CPU and memory.
+#[derive(Debug)]
+pub struct NodeMetricses;
+/// PodMetrics: the CPU and memory of a pod's containers.
+#[derive(Debug)]
+pub struct PodMetricses;
+
+impl Strategy for NodeMetricses {
+    fn verbs(&self) -> &'static [&'static str] {
+        READ
+    }
+
+    fn measure<'a>(
+        &'a self,
+        objects: &'a Objects,
+        _namespace: Option<&'a str>,
+        name: Option<&'a str>,
+        labels: &'a LabelSelector,
+    ) -> Option<Hook<'a, ApiResult<Vec<Value>>>> {
+        Some(Box::pin(crate::metrics::node_metrics(
+            objects, name, labels,
+        )))
+    }
+}
+
+impl Strategy for PodMetricses {
+    fn verbs(&self) -> &'static [&'static str] {
+        READ
+    }
+
+    fn measure<'a>(
+        &'a self,
+        objects: &'a Objects,
+        namespace: Option<&'a str>,
+        name: Option<&'a str>,
+        labels: &'a LabelSelector,
+    ) -> Option<Hook<'a, ApiResult<Vec<Value>>>> {
+        Some(Box::pin(crate::metrics::pod_metrics(
+            objects, namespace, name, labels,
+        )))
+    }
+}

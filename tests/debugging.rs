@@ -1,0 +1,207 @@
+//! Debugging Wasm pods with the real kubectl against `baton up`: `kubectl exec` runs a
+//! new instance of a container's component as a command (stdout, exit code, stdin), is
+//! refused clearly for an HTTP-only component, a missing container and a kubectl too old
+//! for WebSocket streams; a client that goes away leaves nothing running; `kubectl top`
+//! sees a spinning pod's CPU and a memory hog's memory.
+
+#[path = "support/baton.rs"]
+mod baton;
+
+use baton::{guests_dir, kubectl_dir, wait_for, Baton};
+
+/// A pod of the toolbox (waiting, as a container to exec into) and an HTTP component.
+fn debug_pod(b: &Baton) {
+    let toolbox = guests_dir().join("toolbox.wasm");
+    let web = guests_dir().join("http-hello.wasm");
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: tb}}\nspec:\n  containers:\n  - {{name: main, image: {}, args: [sleep], env: [{{name: GREETING, value: hello}}]}}\n  - {{name: web, image: {}, ports: [{{containerPort: 8080}}]}}\n",
+        toolbox.display(),
+        web.display()
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&yaml));
+    b.ok(&["wait", "--for=condition=Ready", "pod/tb", "--timeout=120s"]);
+}
+
+/// The node's count of a pod's live instances, from its metrics.
+fn instances(b: &Baton, pod: &str) -> Option<u64> {
+    let text = b.ok(&["get", "--raw", "/api/v1/nodes/local/proxy/metrics"]);
+    text.lines()
+        .filter(|l| l.starts_with("baton_sandbox_instances{"))
+        .find(|l| l.contains(&format!("pod=\"{pod}\"")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn exec_runs_a_command_in_the_pod_and_passes_its_output_input_and_exit_code() {
+    let b = Baton::start_cluster();
+    debug_pod(&b);
+
+    // stdout, with the container's environment.
+    let out = b.ok(&["exec", "tb", "-c", "main", "--", "echo", "hi", "there"]);
+    assert_eq!(out, "hi there\n");
+    let env = b.ok(&["exec", "tb", "-c", "main", "--", "env"]);
+    assert!(env.contains("GREETING=hello"), "{env}");
+
+    // The exit code comes back as kubectl's own (wasi:cli 0.2 reports failure as 1).
+    let failed = b.run(
+        "kubectl",
+        &["exec", "tb", "-c", "main", "--", "false"],
+        None,
+    );
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    let missing = b.run(
+        "kubectl",
+        &[
+            "exec",
+            "tb",
+            "-c",
+            "main",
+            "--",
+            "sh",
+            "-c",
+            "no-such-command",
+        ],
+        None,
+    );
+    assert_ne!(missing.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("command not found"),
+        "{missing:?}"
+    );
+
+    // stdin, ended by kubectl's close of the stream.
+    let echoed = b.ok_with(
+        "kubectl",
+        &["exec", "-i", "tb", "-c", "main", "--", "cat"],
+        Some("piped through the pod\n"),
+    );
+    assert_eq!(echoed, "piped through the pod\n");
+
+    // The pod's localhost reaches its sibling.
+    let sibling = b.ok(&["exec", "tb", "-c", "main", "--", "get", "localhost:8080/x"]);
+    assert!(sibling.contains("hello from http-hello"), "{sibling}");
+
+    // An HTTP-only component cannot run a command: the error says what to do instead.
+    let err = b.fails(&["exec", "tb", "-c", "web", "--", "ls"], None);
+    assert!(
+        err.contains("wasi:http proxy") && err.contains("kubectl debug"),
+        "{err}"
+    );
+
+    // A container that is not in the pod.
+    let err = b.fails(&["exec", "tb", "-c", "nope", "--", "ls"], None);
+    assert!(err.contains("container nope is not valid"), "{err}");
+
+    // A kubectl that only speaks SPDY is told which kubectl it needs.
+    let oldest = kubectl_dir().join("kubectl.1.27");
+    if oldest.exists() {
+        let out = b.run(
+            "kubectl.1.27",
+            &["exec", "tb", "-c", "main", "--", "echo", "x"],
+            None,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("kubectl 1.30 or newer"), "{err}");
+    }
+}
+
+#[test]
+fn a_client_that_goes_away_leaves_no_instance_behind() {
+    let b = Baton::start_cluster();
+    debug_pod(&b);
+    let before = wait_for(&b, 30, "the pod's instances counted", || {
+        instances(&b, "tb")
+    });
+    let mut client = b.spawn(&["exec", "tb", "-c", "main", "--", "sleep"]);
+    wait_for(&b, 30, "the exec'd instance running", || {
+        (instances(&b, "tb")? == before + 1).then_some(())
+    });
+    // kubectl killed outright: no close frame, just a dropped connection.
+    client.kill().unwrap();
+    let _ = client.wait();
+    wait_for(&b, 30, "the exec'd instance gone", || {
+        (instances(&b, "tb")? == before).then_some(())
+    });
+}
+
+#[test]
+fn top_shows_a_spinning_pod_busier_and_a_memory_hog_bigger_than_an_idle_pod() {
+    let b = Baton::start_cluster();
+    let toolbox = guests_dir().join("toolbox.wasm");
+    // Each may hold 128 MiB: the hog needs more than a pod without limits is given.
+    let pod = |name: &str, args: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers:\n  - {{name: main, image: {}, args: {args}, resources: {{limits: {{memory: 128Mi}}}}}}\n---\n",
+            toolbox.display()
+        )
+    };
+    let yaml = pod("idle", "[sleep]") + &pod("spinner", "[spin]") + &pod("hog", "[hog, '64']");
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&yaml));
+    b.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/idle",
+        "pod/spinner",
+        "pod/hog",
+        "--timeout=120s",
+    ]);
+    // (cpu in millicores, memory in MiB) per pod, once every pod has figures.
+    let figures = |out: &str| -> Option<Vec<(String, u64, u64)>> {
+        let rows: Vec<(String, u64, u64)> = out
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let cpu = f.get(1)?.strip_suffix('m')?.parse().ok()?;
+                let mem = f.get(2)?.strip_suffix("Mi")?.parse().ok()?;
+                Some((f[0].to_string(), cpu, mem))
+            })
+            .collect();
+        (rows.len() == 3).then_some(rows)
+    };
+    let rows = wait_for(&b, 60, "kubectl top to show all three pods", || {
+        let out = b.run("kubectl", &["top", "pods"], None);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let rows = figures(&text)?;
+        let get = |n: &str| rows.iter().find(|r| r.0 == n).cloned();
+        let (idle, spinner, hog) = (get("idle")?, get("spinner")?, get("hog")?);
+        // The spinner has a window in which it ran, the hog has taken its memory.
+        (spinner.1 > 100 && hog.2 >= 64).then_some((idle, spinner, hog))
+    });
+    let (idle, spinner, hog) = rows;
+    assert!(spinner.1 > idle.1 + 100, "{spinner:?} vs {idle:?}");
+    assert!(hog.2 >= idle.2 + 60, "{hog:?} vs {idle:?}");
+
+    // The node's own figures, with percentages of what it can allocate.
+    let nodes = b.ok(&["top", "nodes"]);
+    assert!(
+        nodes
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("local ")),
+        "{nodes}"
+    );
+
+    // The API answers as metrics-server would: a get of one pod, a 404 for another.
+    let one = b.ok(&[
+        "get",
+        "--raw",
+        "/apis/metrics.k8s.io/v1beta1/namespaces/default/pods/hog",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(v["kind"], "PodMetrics");
+    assert_eq!(v["containers"][0]["name"], "main");
+    let err = b.fails(
+        &[
+            "get",
+            "--raw",
+            "/apis/metrics.k8s.io/v1beta1/namespaces/default/pods/nothing",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
+}
