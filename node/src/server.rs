@@ -79,8 +79,11 @@ pub struct LogIndex {
     /// CPU readings for `/stats/summary`.
     pub stats: Arc<crate::stats::Stats>,
     /// (namespace, pod name) -> the pod's uid and its streams, while its sandbox runs.
-    streams: Mutex<HashMap<(String, String), (String, Arc<dyn PodStreams>)>>,
+    streams: Mutex<HashMap<(String, String), PodEntry>>,
 }
+
+/// A running pod's uid and its streams.
+type PodEntry = (String, Arc<dyn PodStreams>);
 
 impl std::fmt::Debug for LogIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
