@@ -7,14 +7,18 @@
 #[path = "support/baton.rs"]
 mod baton;
 
-use baton::{guests_dir, kubectl_dir, wait_for, Baton};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use baton::{guests_dir, http_get, kubectl_dir, wait_for, Baton};
 
 /// A pod of the toolbox (waiting, as a container to exec into) and an HTTP component.
 fn debug_pod(b: &Baton) {
     let toolbox = guests_dir().join("toolbox.wasm");
     let web = guests_dir().join("http-hello.wasm");
     let yaml = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: tb}}\nspec:\n  containers:\n  - {{name: main, image: {}, args: [sleep], env: [{{name: GREETING, value: hello}}]}}\n  - {{name: web, image: {}, ports: [{{containerPort: 8080}}]}}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: tb, labels: {{app: tb}}}}\nspec:\n  containers:\n  - {{name: main, image: {}, args: [sleep], env: [{{name: GREETING, value: hello}}]}}\n  - {{name: web, image: {}, ports: [{{containerPort: 8080}}]}}\n",
         toolbox.display(),
         web.display()
     );
@@ -202,6 +206,141 @@ fn top_shows_a_spinning_pod_busier_and_a_memory_hog_bigger_than_an_idle_pod() {
     );
     assert!(
         err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
+}
+
+/// `kubectl port-forward TARGET :PORT` (a local port of its choosing), and the local
+/// address it printed.
+fn port_forward(b: &Baton, bin: &str, target: &str, port: &str) -> (Child, SocketAddr) {
+    let program = if bin == "kubectl" {
+        std::path::PathBuf::from("kubectl")
+    } else {
+        kubectl_dir().join(bin)
+    };
+    let mut child = Command::new(program)
+        .args(["port-forward", target, &format!(":{port}")])
+        .env("KUBECONFIG", &b.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kubectl port-forward");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("Forwarding from 127.0.0.1:")?
+                .split(' ')
+                .next()?
+                .parse::<u16>()
+                .ok()
+        })
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+        .expect("kubectl printed the local address");
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+/// Sends `n` requests at once; returns how many got the component's answer.
+fn concurrent_gets(addr: SocketAddr, n: usize) -> usize {
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            std::thread::spawn(move || {
+                http_get(addr, &format!("/req-{i}")).is_ok_and(|(code, body)| {
+                    code == 200 && body.contains(&format!("path=/req-{i}"))
+                })
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().unwrap_or(false))
+        .filter(|ok| *ok)
+        .count()
+}
+
+/// Stops kubectl as Ctrl-C does; returns whether it exited cleanly.
+fn interrupt(mut child: Child) -> bool {
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The node's count of a pod's open sockets.
+fn sockets(b: &Baton, pod: &str) -> Option<u64> {
+    let text = b.ok(&["get", "--raw", "/api/v1/nodes/local/proxy/metrics"]);
+    text.lines()
+        .filter(|l| l.starts_with("baton_sandbox_sockets{"))
+        .find(|l| l.contains(&format!("pod=\"{pod}\"")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn port_forward_carries_concurrent_requests_to_a_pod_and_a_service_and_stops_cleanly() {
+    let b = Baton::start_cluster();
+    debug_pod(&b);
+    b.ok_with(
+        "kubectl",
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Service\nmetadata: {name: tb}\nspec:\n  selector: {app: tb}\n  ports: [{port: 80, targetPort: 8080}]\n"),
+    );
+    let baseline = wait_for(&b, 30, "the pod's sockets counted", || sockets(&b, "tb"));
+
+    // kubectl 1.31+ tunnels SPDY through a WebSocket.
+    let (pf, addr) = port_forward(&b, "kubectl", "pod/tb", "8080");
+    assert_eq!(concurrent_gets(addr, 100), 100, "through pod/tb");
+    assert!(interrupt(pf), "port-forward ends cleanly on Ctrl-C");
+
+    // A Service: kubectl picks one of its pods and maps the Service port.
+    let (pf, addr) = port_forward(&b, "kubectl", "svc/tb", "80");
+    assert_eq!(concurrent_gets(addr, 100), 100, "through svc/tb");
+    assert!(interrupt(pf));
+
+    // The oldest kubectl upgrades the connection to SPDY itself.
+    if kubectl_dir().join("kubectl.1.27").exists() {
+        let (pf, addr) = port_forward(&b, "kubectl.1.27", "pod/tb", "8080");
+        assert_eq!(concurrent_gets(addr, 20), 20, "through kubectl 1.27");
+        assert!(interrupt(pf));
+    }
+
+    // Nothing the sessions opened in the pod is left.
+    wait_for(&b, 30, "the forwarded connections closed", || {
+        (sockets(&b, "tb")? <= baseline).then_some(())
+    });
+}
+
+#[test]
+fn port_forward_to_a_port_nothing_listens_on_reports_the_error() {
+    let b = Baton::start_cluster();
+    debug_pod(&b);
+    let (mut pf, addr) = port_forward(&b, "kubectl", "pod/tb", "9999");
+    let _ = http_get(addr, "/");
+    // As with a kubelet, the error stream carries the reason, and kubectl gives up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = pf.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "kubectl still up");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut pf.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("error forwarding port 9999 to pod tb") && err.contains("refused"),
         "{err}"
     );
 }

@@ -319,6 +319,13 @@ struct FakeStreams {
     key: Option<String>,
 }
 
+/// Connects to the port on 127.0.0.1: a test's listener plays the pod.
+fn fake_connect(
+    port: u16,
+) -> futures::future::BoxFuture<'static, std::io::Result<tokio::net::TcpStream>> {
+    Box::pin(tokio::net::TcpStream::connect(("127.0.0.1", port)))
+}
+
 /// Counts a fake exec while its future lives.
 struct ExecGuard(FakeSandboxes);
 
@@ -329,6 +336,13 @@ impl Drop for ExecGuard {
 }
 
 impl PodStreams for FakeStreams {
+    fn connect(
+        &self,
+        port: u16,
+    ) -> futures::future::BoxFuture<'static, std::io::Result<tokio::net::TcpStream>> {
+        fake_connect(port)
+    }
+
     fn exec(
         &self,
         container: &str,

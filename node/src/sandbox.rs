@@ -292,6 +292,12 @@ impl PodStreams for WasmStreams {
             })?;
         Ok(Box::pin(async move { run.wait().await }))
     }
+
+    fn connect(&self, port: u16) -> BoxFuture<'static, std::io::Result<tokio::net::TcpStream>> {
+        // The pod's address is on the node: its listeners are the node's sockets.
+        let ip = self.pod.ip();
+        Box::pin(tokio::net::TcpStream::connect((ip, port)))
+    }
 }
 
 impl std::fmt::Debug for WasmSandbox {

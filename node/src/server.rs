@@ -118,10 +118,10 @@ impl LogIndex {
         }
     }
 
-    fn streams(&self, ns: &str, pod: &str) -> Option<Arc<dyn PodStreams>> {
+    fn streams(&self, ns: &str, pod: &str) -> Option<PodEntry> {
         lock(&self.streams)
             .get(&(ns.to_string(), pod.to_string()))
-            .map(|(_, s)| s.clone())
+            .cloned()
     }
 }
 
@@ -357,6 +357,9 @@ async fn handle(
     if let ["exec", ns, pod, container] = segs.as_slice() {
         return exec(&index, ns, pod, container, req);
     }
+    if let ["portForward", ns, pod] = segs.as_slice() {
+        return port_forward(&index, ns, pod, req);
+    }
     let ["containerLogs", ns, pod, container] = segs.as_slice() else {
         return text(404, format!("no such endpoint: {path}"));
     };
@@ -480,7 +483,7 @@ fn exec(
     container: &str,
     mut req: hyper::Request<hyper::body::Incoming>,
 ) -> hyper::Response<Body> {
-    let Some(streams) = index.streams(ns, pod) else {
+    let Some((_, streams)) = index.streams(ns, pod) else {
         return text(404, format!("pod {ns}/{pod} is not running on this node"));
     };
     let header = |h: http::header::HeaderName| {
@@ -517,6 +520,91 @@ fn exec(
     let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed());
     *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
     for (k, v) in crate::streams::accept_headers(key.as_bytes(), protocol) {
+        if let Ok(v) = http::HeaderValue::from_str(&v) {
+            r.headers_mut().insert(k, v);
+        }
+    }
+    r
+}
+
+/// `/portForward/NS/POD`: a SPDY port-forward session, tunnelled through a WebSocket
+/// (`SPDY/3.1+portforward.k8s.io`, kubectl 1.31+) or on the connection upgraded to SPDY.
+fn port_forward(
+    index: &LogIndex,
+    ns: &str,
+    pod: &str,
+    mut req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<Body> {
+    use crate::portforward::{Target, PROTOCOL, TUNNEL_PROTOCOL};
+    let Some((uid, streams)) = index.streams(ns, pod) else {
+        return text(404, format!("pod {ns}/{pod} is not running on this node"));
+    };
+    let values = |h: &str| -> Vec<String> {
+        req.headers()
+            .get_all(h)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_string())
+            .collect()
+    };
+    let upgrade = values("upgrade").join(",").to_ascii_lowercase();
+    let websocket = upgrade.contains("websocket");
+    let mut answer: Vec<(http::HeaderName, String)> = Vec::new();
+    if websocket {
+        if !values("sec-websocket-protocol")
+            .iter()
+            .any(|p| p == TUNNEL_PROTOCOL)
+        {
+            return text(
+                400,
+                format!(
+                    "port-forward over WebSocket is served with the {TUNNEL_PROTOCOL} subprotocol (kubectl 1.31 or newer)"
+                ),
+            );
+        }
+        let key = values("sec-websocket-key").join("");
+        answer.extend(crate::streams::accept_headers(
+            key.as_bytes(),
+            TUNNEL_PROTOCOL,
+        ));
+    } else if upgrade.contains("spdy/3.1") {
+        if !values("x-stream-protocol-version")
+            .iter()
+            .any(|p| p == PROTOCOL)
+        {
+            let mut r = text(403, format!("port-forward speaks {PROTOCOL} only"));
+            r.headers_mut().insert(
+                "x-accepted-stream-protocol-versions",
+                http::HeaderValue::from_static(PROTOCOL),
+            );
+            return r;
+        }
+        answer.extend([
+            (http::header::CONNECTION, "Upgrade".to_string()),
+            (http::header::UPGRADE, "SPDY/3.1".to_string()),
+            (
+                http::HeaderName::from_static("x-stream-protocol-version"),
+                PROTOCOL.to_string(),
+            ),
+        ]);
+    } else {
+        return text(
+            400,
+            "port-forward needs a connection upgrade to WebSocket or SPDY/3.1".into(),
+        );
+    }
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return text(500, "the connection cannot be upgraded".into());
+    };
+    let target = Target {
+        pod: pod.to_string(),
+        uid,
+    };
+    crate::streams::spawn_port_forward(on_upgrade, websocket, streams, target);
+    let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    for (k, v) in answer {
         if let Ok(v) = http::HeaderValue::from_str(&v) {
             r.headers_mut().insert(k, v);
         }

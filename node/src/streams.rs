@@ -32,6 +32,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::sandbox::ExitFuture;
+use futures::future::BoxFuture;
 
 /// A pod's streams, as its sandbox provides them.
 pub trait PodStreams: Send + Sync + 'static {
@@ -39,6 +40,10 @@ pub trait PodStreams: Send + Sync + 'static {
     /// the command; dropping it stops the command.
     fn exec(&self, container: &str, argv: Vec<String>, io: ExecIo)
         -> Result<ExitFuture, ExecError>;
+
+    /// Opens a TCP connection to one of the pod's ports, as a process in the pod's
+    /// network would (`kubectl port-forward`).
+    fn connect(&self, port: u16) -> BoxFuture<'static, std::io::Result<tokio::net::TcpStream>>;
 }
 
 /// Why a command could not start.
@@ -489,4 +494,76 @@ mod tests {
         }
         panic!("condition not reached");
     }
+}
+
+/// Turns a WebSocket into the byte stream it carries (binary messages, in order, as one
+/// stream; what is written goes out as binary messages): the port-forward tunnel carries
+/// SPDY this way, with frames split across messages as the client wrote them. The stream
+/// ends when the WebSocket does; dropping it closes the WebSocket normally.
+pub fn ws_bytes<S>(ws: WebSocketStream<S>) -> tokio::io::DuplexStream
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (app, bridge) = tokio::io::duplex(4 * CHUNK);
+    tokio::spawn(async move {
+        let (mut sink, mut incoming) = ws.split();
+        let (mut from_app, mut to_app) = tokio::io::split(bridge);
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            tokio::select! {
+                m = incoming.next() => match m {
+                    Some(Ok(Message::Binary(b))) => {
+                        if to_app.write_all(&b).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+                n = from_app.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => {
+                        let _ = sink
+                            .send(Message::Close(Some(CloseFrame {
+                                code: CloseCode::Normal,
+                                reason: "".into(),
+                            })))
+                            .await;
+                        break;
+                    }
+                    Ok(n) => {
+                        if sink.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+    });
+    app
+}
+
+/// Runs a port-forward session once hyper hands over the upgraded connection: tunnelled
+/// through a WebSocket, or SPDY on the connection itself.
+pub fn spawn_port_forward(
+    upgrade: hyper::upgrade::OnUpgrade,
+    websocket: bool,
+    streams: Arc<dyn PodStreams>,
+    target: crate::portforward::Target,
+) {
+    tokio::spawn(async move {
+        let upgraded = match upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                tracing::info!(error = %e, "port-forward upgrade failed");
+                return;
+            }
+        };
+        if websocket {
+            let ws =
+                WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(ws_config())).await;
+            crate::portforward::serve(ws_bytes(ws), streams, target).await;
+        } else {
+            crate::portforward::serve(upgraded, streams, target).await;
+        }
+    });
 }
