@@ -1,8 +1,10 @@
 //! Debugging Wasm pods with the real kubectl against `baton up`: `kubectl exec` runs a
-//! new instance of a container's component as a command (stdout, exit code, stdin), is
-//! refused clearly for an HTTP-only component, a missing container and a kubectl too old
-//! for WebSocket streams; a client that goes away leaves nothing running; `kubectl top`
-//! sees a spinning pod's CPU and a memory hog's memory.
+//! new instance of a container's component as a command (stdout, exit code, stdin; over
+//! WebSocket with kubectl 1.33 and over SPDY with the oldest kubectl), is refused clearly
+//! for an HTTP-only component and a missing container; a client that goes away leaves
+//! nothing running; `kubectl port-forward` carries concurrent requests to a pod and a
+//! Service and reports a port nothing listens on; `kubectl top` sees a spinning pod's CPU
+//! and a memory hog's memory.
 
 #[path = "support/baton.rs"]
 mod baton;
@@ -96,17 +98,33 @@ fn exec_runs_a_command_in_the_pod_and_passes_its_output_input_and_exit_code() {
     let err = b.fails(&["exec", "tb", "-c", "nope", "--", "ls"], None);
     assert!(err.contains("container nope is not valid"), "{err}");
 
-    // A kubectl that only speaks SPDY is told which kubectl it needs.
-    let oldest = kubectl_dir().join("kubectl.1.27");
-    if oldest.exists() {
-        let out = b.run(
+    // The oldest kubectl upgrades the connection to SPDY: the same answers.
+    if kubectl_dir().join("kubectl.1.27").exists() {
+        let out = b.ok_with(
             "kubectl.1.27",
-            &["exec", "tb", "-c", "main", "--", "echo", "x"],
+            &["exec", "tb", "-c", "main", "--", "echo", "old", "kubectl"],
             None,
         );
-        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out, "old kubectl\n");
+        let failed = b.run(
+            "kubectl.1.27",
+            &["exec", "tb", "-c", "main", "--", "false"],
+            None,
+        );
+        assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+        let echoed = b.ok_with(
+            "kubectl.1.27",
+            &["exec", "-i", "tb", "-c", "main", "--", "cat"],
+            Some("through SPDY\n"),
+        );
+        assert_eq!(echoed, "through SPDY\n");
+        let out = b.run(
+            "kubectl.1.27",
+            &["exec", "tb", "-c", "web", "--", "ls"],
+            None,
+        );
         assert!(!out.status.success());
-        assert!(err.contains("kubectl 1.30 or newer"), "{err}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("kubectl debug"));
     }
 }
 

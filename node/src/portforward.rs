@@ -57,17 +57,9 @@ pub async fn serve<S>(io: S, streams: Arc<dyn PodStreams>, target: Target)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (r, mut w) = tokio::io::split(io);
+    let (r, w) = tokio::io::split(io);
     let mut reader = Reader::new(r);
-    let (out, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = out_rx.recv().await {
-            if w.write_all(&frame).await.is_err() || w.flush().await.is_err() {
-                return;
-            }
-        }
-        let _ = w.shutdown().await;
-    });
+    let (out, writer) = spdy::spawn_writer(w);
     let mut replies = Writer::default();
     let mut pairs: HashMap<String, Pair> = HashMap::new();
     // Data stream id -> where its bytes go (to the forwarder that owns the connection).

@@ -493,11 +493,15 @@ fn exec(
             .unwrap_or("")
             .to_string()
     };
-    if !header(http::header::UPGRADE).eq_ignore_ascii_case("websocket") {
+    let upgrade = header(http::header::UPGRADE).to_ascii_lowercase();
+    if upgrade.contains("spdy/3.1") {
+        return exec_spdy(streams, container, req);
+    }
+    if upgrade != "websocket" {
         return text(
             400,
-            "exec needs a WebSocket upgrade with the v5.channel.k8s.io or v4.channel.k8s.io \
-             subprotocol: use kubectl 1.30 or newer (SPDY is not served)"
+            "exec needs a connection upgrade: WebSocket with the v5.channel.k8s.io or \
+             v4.channel.k8s.io subprotocol, or SPDY/3.1"
                 .into(),
         );
     }
@@ -609,5 +613,59 @@ fn port_forward(
             r.headers_mut().insert(k, v);
         }
     }
+    r
+}
+
+/// An exec on a connection upgraded to SPDY/3.1 (kubectl before 1.30, and the fallback).
+fn exec_spdy(
+    streams: Arc<dyn PodStreams>,
+    container: &str,
+    mut req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<Body> {
+    let offered: Vec<String> = req
+        .headers()
+        .get_all("x-stream-protocol-version")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_string())
+        .collect();
+    let Some(protocol) = crate::streams::SPDY_PROTOCOLS
+        .iter()
+        .find(|p| offered.iter().any(|o| o == *p))
+    else {
+        let mut r = text(
+            403,
+            format!(
+                "none of the offered stream protocols {offered:?} is served; this node speaks {}",
+                crate::streams::SPDY_PROTOCOLS.join(", ")
+            ),
+        );
+        r.headers_mut().insert(
+            "x-accepted-stream-protocol-versions",
+            http::HeaderValue::from_static("v4.channel.k8s.io, v5.channel.k8s.io"),
+        );
+        return r;
+    };
+    let opts = crate::streams::ExecOptions::from_query(req.uri().query().unwrap_or(""));
+    let Some(upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return text(500, "the connection cannot be upgraded".into());
+    };
+    crate::streams::spawn_exec_spdy_session(upgrade, streams, container.to_string(), opts);
+    let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("Upgrade"),
+    );
+    h.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("SPDY/3.1"),
+    );
+    h.insert(
+        "x-stream-protocol-version",
+        http::HeaderValue::from_static(protocol),
+    );
     r
 }

@@ -374,6 +374,30 @@ impl Writer {
     }
 }
 
+/// Writes frames to a connection from one task; the sender feeds it, and its end (all
+/// senders dropped) closes the connection's writing side.
+pub fn spawn_writer<W>(
+    mut w: W,
+) -> (
+    tokio::sync::mpsc::Sender<Vec<u8>>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncWriteExt;
+    let (out, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let task = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if w.write_all(&frame).await.is_err() || w.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    (out, task)
+}
+
 fn adler32(data: &[u8]) -> u32 {
     let (mut a, mut b) = (1u32, 0u32);
     for &x in data {

@@ -567,3 +567,185 @@ pub fn spawn_port_forward(
         }
     });
 }
+
+/// The stream protocols served on a SPDY exec upgrade (older kubectl): over SPDY, v5
+/// behaves as v4, whose error stream carries a `Status`.
+pub const SPDY_PROTOCOLS: [&str; 2] = ["v4.channel.k8s.io", "v5.channel.k8s.io"];
+
+/// Serves one exec session on a connection upgraded to SPDY/3.1, as kubectl before 1.30
+/// opens it: one stream per stdio channel (`streamtype` error, stdin, stdout, stderr,
+/// resize), all opened before the command starts.
+pub async fn serve_exec_spdy<S>(
+    io: S,
+    streams: Arc<dyn PodStreams>,
+    container: String,
+    opts: ExecOptions,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    use crate::spdy::{Frame, Reader, Writer};
+    let (r, w) = tokio::io::split(io);
+    let mut reader = Reader::new(r);
+    let (out, writer) = crate::spdy::spawn_writer(w);
+    let mut replies = Writer::default();
+    let expected = 1
+        + usize::from(opts.stdin)
+        + usize::from(opts.stdout)
+        + usize::from(opts.stderr && !opts.tty)
+        + usize::from(opts.tty);
+    let mut ids: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    let opened = tokio::time::timeout(Duration::from_secs(30), async {
+        while ids.len() < expected {
+            match reader.next().await {
+                Ok(Some(Frame::SynStream { id, headers, .. })) => {
+                    let kind = headers
+                        .iter()
+                        .find(|(k, _)| k == "streamtype")
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default();
+                    if out.send(replies.syn_reply(id)).await.is_err() {
+                        return false;
+                    }
+                    ids.insert(kind, id);
+                }
+                Ok(Some(Frame::Ping(id))) if crate::spdy::is_client_ping(id) => {
+                    let _ = out.send(Writer::ping(id)).await;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return false,
+            }
+        }
+        true
+    })
+    .await;
+    let Some(&error_id) = ids.get("error").filter(|_| matches!(opened, Ok(true))) else {
+        return;
+    };
+    let stream_of = |k: &str| ids.get(k).copied();
+    let (stdin_r, mut stdin_w) = match stream_of("stdin") {
+        Some(_) => {
+            let (r, w) = tokio::io::duplex(CHUNK);
+            (Some(r), Some(w))
+        }
+        None => (None, None),
+    };
+    let (stdout_r, stdout_w) = tokio::io::duplex(CHUNK);
+    let (stderr_r, stderr_w) = tokio::io::duplex(CHUNK);
+    let stdio = ExecIo {
+        stdin: stdin_r.map(|r| Box::new(r) as _),
+        stdout: Box::new(stdout_w),
+        stderr: Box::new(stderr_w),
+    };
+    let argv = opts.argv.clone();
+    let finish = |status: Value, outputs: Vec<u32>| {
+        let out = out.clone();
+        async move {
+            let _ = out
+                .send(Writer::data(error_id, status.to_string().as_bytes(), true))
+                .await;
+            for id in outputs {
+                let _ = out.send(Writer::data(id, b"", true)).await;
+            }
+            let _ = out.send(Writer::goaway(0)).await;
+        }
+    };
+    let outputs: Vec<u32> = [stream_of("stdout"), stream_of("stderr")]
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut exit = match streams.exec(&container, opts.argv, stdio) {
+        Ok(f) => f,
+        Err(e) => {
+            finish(error_status(&e), outputs).await;
+            drop(out);
+            let _ = writer.await;
+            return;
+        }
+    };
+    let pump_to = |from: tokio::io::DuplexStream, id: Option<u32>| {
+        let out = out.clone();
+        tokio::spawn(async move {
+            let mut from = from;
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        // A channel the client did not open is read and dropped.
+                        if let Some(id) = id {
+                            if out.send(Writer::data(id, &buf[..n], false)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let pumps = [
+        pump_to(stdout_r, stream_of("stdout")),
+        pump_to(
+            stderr_r,
+            stream_of("stderr").or(stream_of("stdout").filter(|_| opts.tty)),
+        ),
+    ];
+    let stdin_id = stream_of("stdin");
+    let ended = loop {
+        tokio::select! {
+            e = &mut exit => break Some(e),
+            f = tokio::time::timeout(IDLE, reader.next()) => match f {
+                Ok(Ok(Some(Frame::Data { id, data, fin }))) if Some(id) == stdin_id => {
+                    if let Some(w) = stdin_w.as_mut() {
+                        if !data.is_empty() && w.write_all(&data).await.is_err() {
+                            stdin_w = None;
+                        }
+                    }
+                    if fin {
+                        if let Some(mut w) = stdin_w.take() {
+                            let _ = w.shutdown().await;
+                        }
+                    }
+                }
+                Ok(Ok(Some(Frame::Ping(id)))) if crate::spdy::is_client_ping(id) => {
+                    let _ = out.send(Writer::ping(id)).await;
+                }
+                Ok(Ok(Some(Frame::GoAway))) | Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break None,
+                Ok(Ok(Some(Frame::RstStream { id, .. }))) if id == error_id => break None,
+                Ok(Ok(Some(_))) => {}
+            },
+        }
+    };
+    drop(stdin_w);
+    match ended {
+        Some(code) => {
+            for p in pumps {
+                let _ = tokio::time::timeout(DRAIN, p).await;
+            }
+            finish(exit_status(&code, &argv), outputs).await;
+            drop(out);
+            let _ = tokio::time::timeout(DRAIN, writer).await;
+        }
+        None => {
+            drop(exit);
+            for p in pumps {
+                p.abort();
+            }
+            writer.abort();
+        }
+    }
+}
+
+/// Runs a SPDY exec session once hyper hands over the upgraded connection.
+pub fn spawn_exec_spdy_session(
+    upgrade: hyper::upgrade::OnUpgrade,
+    streams: Arc<dyn PodStreams>,
+    container: String,
+    opts: ExecOptions,
+) {
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => serve_exec_spdy(TokioIo::new(upgraded), streams, container, opts).await,
+            Err(e) => tracing::info!(error = %e, "exec upgrade failed"),
+        }
+    });
+}
