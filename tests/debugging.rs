@@ -20,7 +20,7 @@ fn debug_pod(b: &Baton) {
     let toolbox = guests_dir().join("toolbox.wasm");
     let web = guests_dir().join("http-hello.wasm");
     let yaml = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: tb, labels: {{app: tb}}}}\nspec:\n  containers:\n  - {{name: main, image: {}, args: [sleep], env: [{{name: GREETING, value: hello}}]}}\n  - {{name: web, image: {}, ports: [{{containerPort: 8080}}]}}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: tb, labels: {{app: tb}}}}\nspec:\n  containers:\n  - {{name: main, image: {}, args: [sleep], env: [{{name: GREETING, value: hello}}], volumeMounts: [{{name: data, mountPath: /data}}]}}\n  - {{name: web, image: {}, ports: [{{containerPort: 8080}}]}}\n  volumes: [{{name: data, emptyDir: {{}}}}]\n",
         toolbox.display(),
         web.display()
     );
@@ -361,4 +361,39 @@ fn port_forward_to_a_port_nothing_listens_on_reports_the_error() {
         err.contains("error forwarding port 9999 to pod tb") && err.contains("refused"),
         "{err}"
     );
+}
+
+#[test]
+fn cp_round_trips_a_file_through_a_pods_volume() {
+    let b = Baton::start_cluster();
+    debug_pod(&b);
+    // 10 MiB that no compression or truncation would keep intact by chance.
+    let mut data = vec![0u8; 10 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let local = b.dir.path().join("big.bin");
+    std::fs::write(&local, &data).unwrap();
+    let local = local.display().to_string();
+    b.ok(&["cp", &local, "tb:/data/big.bin", "-c", "main"]);
+    let listed = b.ok(&["exec", "tb", "-c", "main", "--", "ls", "-l", "/data"]);
+    assert!(
+        listed.contains(&format!("{} big.bin", 10 << 20)),
+        "{listed}"
+    );
+    let back = b.dir.path().join("back.bin");
+    b.ok(&[
+        "cp",
+        "tb:/data/big.bin",
+        &back.display().to_string(),
+        "-c",
+        "main",
+    ]);
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "the copy came back different");
 }

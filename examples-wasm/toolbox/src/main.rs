@@ -13,6 +13,9 @@
 //!   status ≥ 400;
 //! - `tcp HOST PORT`: connects, sends stdin, prints what comes back;
 //! - `lookup NAME`: the addresses a name resolves to;
+//! - `tar cf - PATH…` writes an archive to stdout; `tar xf - [-C DIR]` unpacks stdin (the
+//!   two commands `kubectl cp` runs; `m`, `v` and `--no-same-*` are accepted and ignored);
+//! - `test -d|-f|-e PATH`;
 //! - `sleep [SECONDS]` (forever without one): a container that waits to be exec'd into;
 //! - `spin [SECONDS]`: keeps a CPU busy; `hog MIB`: holds that much memory, then sleeps.
 //!
@@ -50,7 +53,7 @@ fn main() {
 
 const COMMANDS: &[&str] = &[
     "sh", "echo", "cat", "ls", "env", "pwd", "true", "false", "exit", "get", "curl", "tcp", "nc",
-    "lookup", "nslookup", "sleep", "spin", "hog",
+    "lookup", "nslookup", "sleep", "spin", "hog", "tar", "test",
 ];
 
 /// Runs one command; returns its status.
@@ -82,6 +85,22 @@ fn run(args: &[String]) -> i32 {
             std::process::exit(rest.first().and_then(|c| c.parse().ok()).unwrap_or(0));
         }
         "get" | "curl" => get(rest),
+        "tar" => tar(rest),
+        "test" => {
+            let ok = match rest {
+                [flag, path] => {
+                    let m = std::fs::metadata(path);
+                    match flag.as_str() {
+                        "-d" => m.is_ok_and(|m| m.is_dir()),
+                        "-f" => m.is_ok_and(|m| m.is_file()),
+                        "-e" => m.is_ok(),
+                        _ => false,
+                    }
+                }
+                _ => false,
+            };
+            return if ok { 0 } else { 1 };
+        }
         "tcp" | "nc" => tcp(rest),
         "lookup" | "nslookup" => lookup(rest),
         "sleep" => {
@@ -312,6 +331,139 @@ fn lookup(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("{name}: {e}"))?;
     for a in addrs {
         println!("{}", a.ip());
+    }
+    Ok(())
+}
+
+/// `tar cf - PATH…` or `tar xf - [-C DIR]`, with the option forms kubectl uses (`-xmf`,
+/// `cf`, `--no-same-owner`…).
+fn tar(args: &[String]) -> Result<(), String> {
+    let mut create = false;
+    let mut extract = false;
+    let mut dir: Option<String> = None;
+    let mut paths = Vec::new();
+    let mut it = args.iter().peekable();
+    let mut first = true;
+    while let Some(a) = it.next() {
+        if a == "-C" {
+            dir = it.next().cloned();
+        } else if a.starts_with("--") {
+            // --no-same-permissions, --no-same-owner: nothing to do without owners.
+        } else if a == "-" {
+            // The archive is stdin or stdout.
+        } else if a.starts_with('-') || first {
+            let flags = a.trim_start_matches('-');
+            if flags.chars().all(|c| "cxmfvzpo".contains(c)) {
+                create |= flags.contains('c');
+                extract |= flags.contains('x');
+            } else {
+                paths.push(a.clone());
+            }
+        } else {
+            paths.push(a.clone());
+        }
+        first = false;
+    }
+    if create == extract {
+        return Err("usage: tar cf - PATH... | tar xf - [-C DIR]".into());
+    }
+    if extract {
+        let base = std::path::PathBuf::from(dir.unwrap_or_else(|| ".".into()));
+        return untar(std::io::stdin(), &base);
+    }
+    let mut builder = tar::Builder::new(std::io::stdout());
+    for p in &paths {
+        // Names inside the archive are relative, as GNU tar writes them.
+        add(
+            &mut builder,
+            std::path::Path::new(p),
+            p.trim_start_matches('/'),
+        )?;
+    }
+    builder.finish().map_err(|e| e.to_string())
+}
+
+/// Adds a file or a directory tree. Headers are written by hand: the tar crate reads
+/// platform metadata (owners, modes) that WASI does not have.
+fn add(
+    b: &mut tar::Builder<std::io::Stdout>,
+    path: &std::path::Path,
+    name: &str,
+) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let meta = std::fs::symlink_metadata(path).map_err(err)?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let mut h = tar::Header::new_gnu();
+    h.set_mtime(mtime);
+    if meta.is_dir() {
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, name, std::io::empty()).map_err(err)?;
+        let mut entries: Vec<_> = std::fs::read_dir(path)
+            .map_err(err)?
+            .filter_map(|e| e.ok())
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let child = format!(
+                "{}/{}",
+                name.trim_end_matches('/'),
+                e.file_name().to_string_lossy()
+            );
+            add(b, &e.path(), &child)?;
+        }
+    } else if meta.is_file() {
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(meta.len());
+        let f = std::fs::File::open(path).map_err(err)?;
+        b.append_data(&mut h, name, f).map_err(err)?;
+    }
+    // Anything else (a symlink, a FIFO) is left out: a copy follows no links.
+    Ok(())
+}
+
+/// Unpacks regular files and directories under `base`; refuses names that would lead
+/// out of it, and skips links and devices.
+fn untar(input: impl Read, base: &std::path::Path) -> Result<(), String> {
+    let mut archive = tar::Archive::new(input);
+    for entry in archive.entries().map_err(|e| e.to_string())? {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        let name = entry.path().map_err(|e| e.to_string())?.into_owned();
+        if name.components().any(|c| {
+            !matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        }) {
+            return Err(format!(
+                "{}: leads out of {}",
+                name.display(),
+                base.display()
+            ));
+        }
+        let dest = base.join(&name);
+        match entry.header().entry_type() {
+            tar::EntryType::Directory => {
+                std::fs::create_dir_all(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| format!("{}: {e}", parent.display()))?;
+                }
+                let mut f =
+                    std::fs::File::create(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+                std::io::copy(&mut entry, &mut f)
+                    .map_err(|e| format!("{}: {e}", dest.display()))?;
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
