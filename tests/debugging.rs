@@ -8,12 +8,15 @@
 
 #[path = "support/baton.rs"]
 mod baton;
+#[path = "../oci/tests/support/registry.rs"]
+mod registry;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
-use baton::{guests_dir, http_get, kubectl_dir, wait_for, Baton};
+use baton::{guests_dir, http_get, jsonpath, kubectl_dir, wait_for, Baton};
+use registry::{Options, Registry};
 
 /// A pod of the toolbox (waiting, as a container to exec into) and an HTTP component.
 fn debug_pod(b: &Baton) {
@@ -396,4 +399,129 @@ fn cp_round_trips_a_file_through_a_pods_volume() {
     let got = std::fs::read(&back).unwrap();
     assert_eq!(got.len(), data.len());
     assert!(got == data, "the copy came back different");
+}
+
+/// Pushes a file to the registry with `baton push`.
+fn push(reg: &Registry, file: &std::path::Path, image: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .arg("push")
+        .arg(file)
+        .args([image, "--insecure-registry", &reg.addr])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("baton push");
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn debug_adds_a_toolbox_that_reaches_the_sibling_and_sees_the_volume() {
+    let reg = Registry::start(Options::default());
+    let toolbox = format!("{}/baton/toolbox:1", reg.addr);
+    push(&reg, &guests_dir().join("toolbox.wasm"), &toolbox);
+    // A Wasm module that is not a component.
+    let core = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(core.path(), b"\0asm\x01\0\0\0").unwrap();
+    let not_component = format!("{}/baton/core:1", reg.addr);
+    push(&reg, core.path(), &not_component);
+
+    let b = Baton::start_with(&["--insecure-registry", &reg.addr]);
+    debug_pod(&b);
+    let note = b.dir.path().join("note.txt");
+    std::fs::write(&note, "left in the volume\n").unwrap();
+    b.ok(&[
+        "cp",
+        &note.display().to_string(),
+        "tb:/data/note.txt",
+        "-c",
+        "main",
+    ]);
+
+    // An ephemeral toolbox next to `main`: the pod's localhost, the target's volume.
+    let out = b.ok_with(
+        "kubectl",
+        &[
+            "debug",
+            "-i",
+            "tb",
+            &format!("--image={toolbox}"),
+            "--target=main",
+        ],
+        Some("get localhost:8080/from-debug\ncat /data/note.txt\nexit\n"),
+    );
+    assert!(
+        out.contains("hello from http-hello path=/from-debug"),
+        "{out}"
+    );
+    assert!(out.contains("left in the volume"), "{out}");
+    let state = jsonpath(
+        &b,
+        &["pod", "tb"],
+        "{.status.ephemeralContainerStatuses[0].state.terminated.reason}",
+    );
+    assert_eq!(state, "Completed");
+
+    // An image that is not a component waits with the reason, as kubectl shows it.
+    b.ok(&["debug", "tb", &format!("--image={not_component}")]);
+    wait_for(
+        &b,
+        60,
+        "the bad debug container to wait with a reason",
+        || {
+            let reason = jsonpath(
+                &b,
+                &["pod", "tb"],
+                "{.status.ephemeralContainerStatuses[1].state.waiting.reason}",
+            );
+            let message = jsonpath(
+                &b,
+                &["pod", "tb"],
+                "{.status.ephemeralContainerStatuses[1].state.waiting.message}",
+            );
+            (reason == "CreateContainerError" && message.contains("not a runnable Wasm component"))
+                .then_some(())
+        },
+    );
+    // The pod itself is untouched.
+    let out = b.ok(&["exec", "tb", "-c", "main", "--", "echo", "still", "here"]);
+    assert_eq!(out, "still here\n");
+
+    // Ephemeral containers are only added: a changed one is refused.
+    let err = b.fails(
+        &[
+            "patch",
+            "pod",
+            "tb",
+            "--subresource=ephemeralcontainers",
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/ephemeralContainers/0/image","value":"x/y:2"}]"#,
+        ],
+        None,
+    );
+    assert!(err.contains("may not be changed"), "{err}");
+}
+
+#[test]
+fn attach_connects_to_a_running_process_with_stdin() {
+    let b = Baton::start_cluster();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: shell}}\nspec:\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {}, args: [sh], stdin: true}}\n",
+        guests_dir().join("toolbox.wasm").display()
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&yaml));
+    b.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/shell",
+        "--timeout=120s",
+    ]);
+    let out = b.ok_with(
+        "kubectl",
+        &["attach", "shell", "-c", "main", "-i"],
+        Some("echo attached and typed\nexit\n"),
+    );
+    assert!(out.contains("attached and typed"), "{out}");
+    wait_for(&b, 30, "the shell to end", || {
+        (jsonpath(&b, &["pod", "shell"], "{.status.phase}") == "Succeeded").then_some(())
+    });
 }

@@ -336,6 +336,15 @@ impl Drop for ExecGuard {
 }
 
 impl PodStreams for FakeStreams {
+    /// Attaching runs `cat`: what the client sends comes back.
+    fn attach(
+        &self,
+        container: &str,
+        io: baton_wasm_shim::ExecIo,
+    ) -> Result<ExitFuture, ExecError> {
+        self.exec(container, vec!["cat".into()], io)
+    }
+
     fn connect(
         &self,
         port: u16,

@@ -87,6 +87,10 @@ pub struct ContainerRun<I> {
     pub log: ContainerLog,
     /// For a server: serve HTTPS with this (the pod's `baton.dev/tls-volume`).
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// It has a standard input that `kubectl attach` writes to (`stdin: true`).
+    pub stdin: bool,
+    /// Its standard input ends when the first attached client ends its own.
+    pub stdin_once: bool,
 }
 
 impl<I> std::fmt::Debug for ContainerRun<I> {
@@ -251,6 +255,13 @@ struct ExecTarget {
     env: Vec<(String, String)>,
     mounts: Vec<Mount>,
     memory_bytes: usize,
+    /// What the running container writes, for `kubectl attach`.
+    log: ContainerLog,
+    /// The writing end of its standard input, if it has one; None inside once closed.
+    stdin: Option<Arc<tokio::sync::Mutex<Option<tokio::io::DuplexStream>>>>,
+    stdin_once: bool,
+    /// Becomes true when the container's process ends.
+    ended: tokio::sync::watch::Receiver<bool>,
 }
 
 impl WasmStreams {
@@ -291,6 +302,76 @@ impl PodStreams for WasmStreams {
                 source,
             })?;
         Ok(Box::pin(async move { run.wait().await }))
+    }
+
+    fn attach(&self, container: &str, io: ExecIo) -> Result<ExitFuture, ExecError> {
+        let target = self
+            .containers()
+            .get(container)
+            .cloned()
+            .ok_or_else(|| ExecError::NotRunning(container.to_string()))?;
+        let mut ended = target.ended.clone();
+        if *ended.borrow() {
+            return Err(ExecError::NotRunning(container.to_string()));
+        }
+        let mut output = target.log.subscribe();
+        Ok(Box::pin(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let ExecIo {
+                stdin,
+                mut stdout,
+                mut stderr,
+            } = io;
+            let input = async {
+                if let (Some(mut from), Some(to)) = (stdin, target.stdin.clone()) {
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        let n = from.read(&mut buf).await.unwrap_or(0);
+                        let mut pipe = to.lock().await;
+                        if n == 0 {
+                            // The client's input ended: so does the container's, once.
+                            if target.stdin_once {
+                                *pipe = None;
+                            }
+                            break;
+                        }
+                        let Some(p) = pipe.as_mut() else { break };
+                        if p.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                std::future::pending::<()>().await
+            };
+            let output = async {
+                loop {
+                    match output.recv().await {
+                        Ok((0, b)) => {
+                            if stdout.write_all(&b).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok((_, b)) => {
+                            if stderr.write_all(&b).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            };
+            tokio::select! {
+                _ = ended.wait_for(|e| *e) => {}
+                _ = output => {}
+                _ = input => {}
+            }
+            Exit {
+                code: 0,
+                reason: "Completed",
+                message: String::new(),
+            }
+        }))
     }
 
     fn connect(&self, port: u16) -> BoxFuture<'static, std::io::Result<tokio::net::TcpStream>> {
@@ -352,17 +433,32 @@ impl Sandbox for WasmSandbox {
             .as_mut()
             .ok_or_else(|| StartError::Setup("the pod's sandbox is shut down".into()))?;
         let name = run.name.clone();
+        let (stdin_pipe, stdin_writer) = if run.stdin {
+            let (w, r) = tokio::io::duplex(64 << 10);
+            (
+                Some(baton_wasm_shim::StdinPipe::new(r)),
+                Some(Arc::new(tokio::sync::Mutex::new(Some(w)))),
+            )
+        } else {
+            (None, None)
+        };
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
         let target = ExecTarget {
             component: run.image.clone(),
             env: run.env.clone(),
             mounts: run.mounts.clone(),
             memory_bytes: run.memory_bytes,
+            log: run.log.clone(),
+            stdin: stdin_writer,
+            stdin_once: run.stdin_once,
+            ended,
         };
         let spec = ContainerSpec {
             name: run.name,
             component: run.image,
             port: run.port,
             cli: CliSpec {
+                stdin: stdin_pipe,
                 args: run.args,
                 env: run.env.clone(),
                 mounts: run.mounts.clone(),
@@ -390,6 +486,8 @@ impl Sandbox for WasmSandbox {
         self.streams.containers().insert(name.clone(), target);
         let exit = pod.take_process(&name).map(|task| -> ExitFuture {
             Box::pin(async move {
+                // Attached clients end with the process.
+                let _ended = ended_tx;
                 match task.await {
                     Ok(Ok(out)) => out.exit,
                     Ok(Err(e)) => Exit {

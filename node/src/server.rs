@@ -354,8 +354,8 @@ async fn handle(
         return r;
     }
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if let ["exec", ns, pod, container] = segs.as_slice() {
-        return exec(&index, ns, pod, container, req);
+    if let [verb @ ("exec" | "attach"), ns, pod, container] = segs.as_slice() {
+        return exec(&index, *verb == "attach", ns, pod, container, req);
     }
     if let ["portForward", ns, pod] = segs.as_slice() {
         return port_forward(&index, ns, pod, req);
@@ -478,6 +478,7 @@ async fn handle(
 /// command in the container (see `streams.rs`).
 fn exec(
     index: &LogIndex,
+    attach: bool,
     ns: &str,
     pod: &str,
     container: &str,
@@ -495,7 +496,7 @@ fn exec(
     };
     let upgrade = header(http::header::UPGRADE).to_ascii_lowercase();
     if upgrade.contains("spdy/3.1") {
-        return exec_spdy(streams, container, req);
+        return exec_spdy(streams, attach, container, req);
     }
     if upgrade != "websocket" {
         return text(
@@ -516,7 +517,8 @@ fn exec(
         );
     };
     let key = header(http::header::SEC_WEBSOCKET_KEY);
-    let opts = crate::streams::ExecOptions::from_query(req.uri().query().unwrap_or(""));
+    let mut opts = crate::streams::ExecOptions::from_query(req.uri().query().unwrap_or(""));
+    opts.attach = attach;
     let Some(upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return text(500, "the connection cannot be upgraded".into());
     };
@@ -619,6 +621,7 @@ fn port_forward(
 /// An exec on a connection upgraded to SPDY/3.1 (kubectl before 1.30, and the fallback).
 fn exec_spdy(
     streams: Arc<dyn PodStreams>,
+    attach: bool,
     container: &str,
     mut req: hyper::Request<hyper::body::Incoming>,
 ) -> hyper::Response<Body> {
@@ -647,7 +650,8 @@ fn exec_spdy(
         );
         return r;
     };
-    let opts = crate::streams::ExecOptions::from_query(req.uri().query().unwrap_or(""));
+    let mut opts = crate::streams::ExecOptions::from_query(req.uri().query().unwrap_or(""));
+    opts.attach = attach;
     let Some(upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return text(500, "the connection cannot be upgraded".into());
     };

@@ -139,6 +139,12 @@ pub struct Slot {
     pub probers: Vec<Prober>,
     /// The digest of its image, when it came from a registry.
     pub image_id: Option<String>,
+    /// An ephemeral container (`kubectl debug`): runs once, is never restarted, and
+    /// counts for neither the pod's phase nor its readiness.
+    pub ephemeral: bool,
+    /// For an ephemeral container: the container it debugs, whose view (volumes,
+    /// environment) it shares.
+    pub target: Option<String>,
 }
 
 impl Slot {
@@ -157,7 +163,23 @@ impl Slot {
             restart_at: None,
             probers: Vec::new(),
             image_id: None,
+            ephemeral: false,
+            target: None,
         }
+    }
+
+    /// An ephemeral container, added to a running pod.
+    pub fn ephemeral(spec: Container, target: Option<String>) -> Self {
+        Self {
+            ephemeral: true,
+            target,
+            ..Self::new(spec, false)
+        }
+    }
+
+    /// An app container: neither init nor ephemeral.
+    pub fn is_app(&self) -> bool {
+        !self.init && !self.ephemeral
     }
 
     /// Every slot of a pod: init containers first, in order.
@@ -368,7 +390,7 @@ pub fn phase(slots: &[Slot], initialized: bool, end: Option<&End>) -> (&'static 
     if end.is_some() {
         return ("Failed", true);
     }
-    let apps: Vec<&Slot> = slots.iter().filter(|s| !s.init).collect();
+    let apps: Vec<&Slot> = slots.iter().filter(|s| s.is_app()).collect();
     if !apps.is_empty() && apps.iter().all(|s| s.is_done()) {
         let ok = apps.iter().all(|s| s.succeeded());
         return (if ok { "Succeeded" } else { "Failed" }, true);
@@ -400,7 +422,7 @@ pub struct View<'a> {
 /// The pod's status, as the kubelet reports it.
 pub fn pod_status(v: &View<'_>) -> PodStatus {
     let (phase, _) = phase(v.slots, v.initialized, v.end);
-    let apps: Vec<&Slot> = v.slots.iter().filter(|s| !s.init).collect();
+    let apps: Vec<&Slot> = v.slots.iter().filter(|s| s.is_app()).collect();
     let all_ready = !apps.is_empty() && apps.iter().all(|s| s.ready) && phase == "Running";
     let mut conditions = v
         .pod
@@ -442,8 +464,15 @@ pub fn pod_status(v: &View<'_>) -> PodStatus {
         .filter(|s| s.init)
         .map(|s| s.to_api(v.uid))
         .collect();
+    let ephemeral: Vec<ContainerStatus> = v
+        .slots
+        .iter()
+        .filter(|s| s.ephemeral)
+        .map(|s| s.to_api(v.uid))
+        .collect();
     let ip = v.pod_ip.map(|i| i.to_string());
     PodStatus {
+        ephemeral_container_statuses: (!ephemeral.is_empty()).then_some(ephemeral),
         phase: Some(phase.into()),
         conditions: Some(conditions),
         host_ip: Some(v.host_ip.into()),

@@ -41,6 +41,11 @@ pub trait PodStreams: Send + Sync + 'static {
     fn exec(&self, container: &str, argv: Vec<String>, io: ExecIo)
         -> Result<ExitFuture, ExecError>;
 
+    /// Connects to a running container's standard streams (`kubectl attach`): what it
+    /// writes from now on, and its standard input if it has one. The future ends when
+    /// the container's process does; dropping it detaches.
+    fn attach(&self, container: &str, io: ExecIo) -> Result<ExitFuture, ExecError>;
+
     /// Opens a TCP connection to one of the pod's ports, as a process in the pod's
     /// network would (`kubectl port-forward`).
     fn connect(&self, port: u16) -> BoxFuture<'static, std::io::Result<tokio::net::TcpStream>>;
@@ -114,6 +119,8 @@ pub fn negotiate(offered: &str) -> Option<&'static str> {
 /// What the client asked for in the exec query.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecOptions {
+    /// Attach to the container's process rather than start a command.
+    pub attach: bool,
     pub argv: Vec<String>,
     pub stdin: bool,
     pub stdout: bool,
@@ -237,7 +244,12 @@ pub async fn serve_exec<S>(
         stderr: Box::new(stderr_w),
     };
     let argv = opts.argv.clone();
-    let mut exit = match streams.exec(&container, opts.argv, stdio) {
+    let started = if opts.attach {
+        streams.attach(&container, stdio)
+    } else {
+        streams.exec(&container, opts.argv, stdio)
+    };
+    let mut exit = match started {
         Ok(f) => f,
         Err(e) => {
             tracing::info!(error = %baton_kube::error::chain(&e), "exec refused");
@@ -653,7 +665,12 @@ pub async fn serve_exec_spdy<S>(
         .into_iter()
         .flatten()
         .collect();
-    let mut exit = match streams.exec(&container, opts.argv, stdio) {
+    let started = if opts.attach {
+        streams.attach(&container, stdio)
+    } else {
+        streams.exec(&container, opts.argv, stdio)
+    };
+    let mut exit = match started {
         Ok(f) => f,
         Err(e) => {
             finish(error_status(&e), outputs).await;

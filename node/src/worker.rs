@@ -330,12 +330,14 @@ impl<S: Sandboxes> Worker<S> {
                 }
                 Stage::Running => {
                     for i in 0..self.slots.len() {
-                        if !self.slots[i].init && self.slots[i].restart_at.is_some_and(|t| now >= t)
+                        if self.slots[i].is_app()
+                            && self.slots[i].restart_at.is_some_and(|t| now >= t)
                         {
                             self.slots[i].restarting();
                             self.start(i).await;
                         }
                     }
+                    self.start_ephemeral(now).await;
                     self.run_probes().await;
                     if status::phase(&self.slots, true, None).1 {
                         self.finish(None).await;
@@ -355,7 +357,7 @@ impl<S: Sandboxes> Worker<S> {
             self.stage = Stage::Running;
             for i in 0..self.slots.len() {
                 let s = &self.slots[i];
-                if !s.init && !s.is_running() && s.restart_at.is_none() {
+                if s.is_app() && !s.is_running() && s.restart_at.is_none() {
                     self.start(i).await;
                 }
             }
@@ -597,6 +599,8 @@ impl<S: Sandboxes> Worker<S> {
             memory_bytes: self.shared.memory.container_limit(c) as usize,
             log,
             tls: config::serving_tls(&self.pod, &self.shared.pod_dir(&self.uid))?,
+            stdin: c.stdin.unwrap_or(false),
+            stdin_once: c.stdin_once.unwrap_or(false),
         })
     }
 
@@ -643,10 +647,76 @@ impl<S: Sandboxes> Worker<S> {
         }
     }
 
+    /// Adds the ephemeral containers the pod's spec gained (`kubectl debug`); the
+    /// running stage starts them.
+    fn add_ephemeral(&mut self) {
+        let Some(spec) = self.pod.spec.as_ref() else {
+            return;
+        };
+        for e in spec.ephemeral_containers.iter().flatten() {
+            if self.slots.iter().any(|s| s.spec.name == e.name) {
+                continue;
+            }
+            // The same fields as a container's, bar the target.
+            let mut v = serde_json::to_value(e).unwrap_or_default();
+            if let Some(m) = v.as_object_mut() {
+                m.remove("targetContainerName");
+            }
+            let Ok(container) = serde_json::from_value(v) else {
+                continue;
+            };
+            self.slots
+                .push(Slot::ephemeral(container, e.target_container_name.clone()));
+            self.images.push(None);
+            self.configs.push(ContainerConfig::default());
+        }
+    }
+
+    /// Starts the ephemeral containers that have not run yet. An ephemeral container
+    /// sees what its target sees (volumes, environment); its image is pulled again after
+    /// a backoff if it failed; once it ran, it is not started again.
+    async fn start_ephemeral(&mut self, now: Instant) {
+        for i in 0..self.slots.len() {
+            let s = &self.slots[i];
+            let fresh = matches!(s.state, status::State::Waiting { .. }) && s.last.is_none();
+            if !s.ephemeral || !fresh || s.restart_at.is_some_and(|t| now < t) {
+                continue;
+            }
+            let target = s.target.as_ref().and_then(|t| {
+                self.slots
+                    .iter()
+                    .position(|x| &x.spec.name == t && !x.ephemeral)
+            });
+            let mut config = target.map(|t| self.configs[t].clone()).unwrap_or_default();
+            if target.is_none() {
+                if let Some((ip, port)) = self.shared.services.as_ref().and_then(|s| s.api_server())
+                {
+                    config::api_server_env(&mut config.env, ip, port);
+                }
+            }
+            self.configs[i] = config;
+            if self.images[i].is_none() && !self.pull(i).await {
+                let (base, max) = (
+                    self.shared.settings.backoff_base,
+                    self.shared.settings.backoff_max,
+                );
+                let wait = self.slots[i].backoff.wait(Duration::ZERO, base, max);
+                self.slots[i].restart_at = Some(now + wait.max(base));
+                continue;
+            }
+            self.slots[i].restart_at = None;
+            self.start(i).await;
+        }
+    }
+
     /// Records that container `i` stopped, and when (if ever) it restarts.
     fn exited(&mut self, i: usize, code: i32, reason: &str, message: &str) {
         self.log_stopped(i);
-        let policy = self.restart_policy();
+        let policy = if self.slots[i].ephemeral {
+            "Never".to_string()
+        } else {
+            self.restart_policy()
+        };
         let backoff = (
             self.shared.settings.backoff_base,
             self.shared.settings.backoff_max,
@@ -1045,6 +1115,7 @@ pub async fn run<S: Sandboxes>(
                     Some(p) => {
                         let deleting = p.metadata.deletion_timestamp.is_some();
                         w.pod = p;
+                        w.add_ephemeral();
                         if deleting {
                             w.terminate(false).await;
                             return;

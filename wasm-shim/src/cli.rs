@@ -27,9 +27,34 @@ pub struct Mount {
     pub read_only: bool,
 }
 
+/// A process's standard input, handed to the process once while the node keeps the
+/// writing end (`kubectl attach`). Without one, a process reads end-of-file.
+#[derive(Clone, Default)]
+pub struct StdinPipe(
+    Arc<std::sync::Mutex<Option<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>>>>,
+);
+
+impl StdinPipe {
+    pub fn new(reader: impl tokio::io::AsyncRead + Send + Sync + Unpin + 'static) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(Box::new(reader)))))
+    }
+
+    fn take(&self) -> Option<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for StdinPipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StdinPipe")
+    }
+}
+
 /// How to run one CLI component.
 #[derive(Clone, Debug, Default)]
 pub struct CliSpec {
+    /// Its standard input, if it has one (`stdin: true`).
+    pub stdin: Option<StdinPipe>,
     /// argv[1..]; argv[0] is the component's name.
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -172,6 +197,9 @@ impl Runtime {
             Some(log) => wasi.stdout(log.stdout()).stderr(log.stderr()),
             None => wasi.stdout(stdout.clone()).stderr(stderr.clone()),
         };
+        if let Some(stdin) = spec.stdin.as_ref().and_then(StdinPipe::take) {
+            wasi.stdin(wasmtime_wasi::cli::AsyncStdinStream::new(stdin));
+        }
         let wasi = wasi.build();
         // A process is stopped by aborting its task; no kill flag is needed.
         let tally = net.usage.tally(name);

@@ -49,7 +49,7 @@ mod runtime;
 mod tiers;
 mod usage;
 
-pub use cli::{CliOutcome, CliSpec, Mount};
+pub use cli::{CliOutcome, CliSpec, Mount, StdinPipe};
 pub use error::ShimError;
 pub use exec::{ExecIo, ExecSpec, Execution, PodHandle};
 pub use http::{HttpServer, HttpSpec};

@@ -31,6 +31,8 @@ struct LogFile {
     size: u64,
     /// Bytes of a line not yet ended, per stream (0 = stdout, 1 = stderr).
     partial: [Vec<u8>; 2],
+    /// What is written, as it is written, for whoever is attached (`kubectl attach`).
+    tap: Option<tokio::sync::broadcast::Sender<(u8, bytes::Bytes)>>,
 }
 
 fn timestamp(t: SystemTime) -> String {
@@ -76,6 +78,7 @@ impl LogFile {
             file,
             size,
             partial: [Vec::new(), Vec::new()],
+            tap: None,
         })
     }
 
@@ -115,6 +118,11 @@ impl LogFile {
     /// Writes the complete lines of `buf`; keeps an unfinished tail for later. A partial
     /// line longer than 16 KiB is written as a `P` record, as CRI runtimes do.
     fn write(&mut self, stream: usize, buf: &[u8]) -> std::io::Result<()> {
+        if let Some(tap) = &self.tap {
+            if tap.receiver_count() > 0 {
+                let _ = tap.send((stream as u8, bytes::Bytes::copy_from_slice(buf)));
+            }
+        }
         let mut pending = std::mem::take(&mut self.partial[stream]);
         pending.extend_from_slice(buf);
         let mut start = 0;
@@ -175,6 +183,17 @@ impl ContainerLog {
             log: self.clone(),
             stream: 1,
         }
+    }
+
+    /// What the container writes from now on, stream (0 stdout, 1 stderr) and bytes as
+    /// written. A reader that falls more than a few hundred writes behind loses some
+    /// (it is told so); the log file keeps everything.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<(u8, bytes::Bytes)> {
+        let mut inner = self.inner.lock().expect("log lock");
+        inner
+            .tap
+            .get_or_insert_with(|| tokio::sync::broadcast::channel(256).0)
+            .subscribe()
     }
 
     /// Writes out unfinished lines (when the container stops).

@@ -24,6 +24,14 @@ impl FieldError {
         }
     }
 
+    pub fn forbidden(field: impl Into<String>, why: impl std::fmt::Display) -> Self {
+        Self {
+            field: field.into(),
+            reason: "FieldValueForbidden",
+            message: format!("Forbidden: {why}"),
+        }
+    }
+
     pub fn invalid(field: impl Into<String>, value: &str, why: impl std::fmt::Display) -> Self {
         Self {
             field: field.into(),

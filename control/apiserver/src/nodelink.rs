@@ -129,10 +129,14 @@ fn pick_container(pod: &Value, name: &str, asked: Option<&str>) -> ApiResult<Str
         .into_iter()
         .flatten()
         .chain(
-            pod.pointer("/spec/initContainers")
-                .and_then(Value::as_array)
+            ["/spec/initContainers", "/spec/ephemeralContainers"]
                 .into_iter()
-                .flatten(),
+                .flat_map(|p| {
+                    pod.pointer(p)
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                }),
         )
         .filter_map(|c| c.get("name").and_then(Value::as_str).map(String::from))
         .collect();

@@ -227,7 +227,16 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         core::v1::Pod,
         short = ["po"],
         cat = ["all"],
-        sub = ["status", "log", "exec", "attach", "portforward", "binding", "eviction"],
+        sub = [
+            "status",
+            "log",
+            "exec",
+            "attach",
+            "portforward",
+            "ephemeralcontainers",
+            "binding",
+            "eviction"
+        ],
         strategy = strategy::Pods
     ),
     resource!(

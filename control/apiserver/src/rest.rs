@@ -263,6 +263,11 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             (&Method::GET, false, None) if req.flag("watch") => watch(objects, &req).await,
             (&Method::GET, false, None) => list(objects, &req).await,
             (&Method::GET, true, None | Some("status")) => get(objects, &req).await,
+            (&Method::GET, true, Some("ephemeralcontainers"))
+                if t.res.has_sub("ephemeralcontainers") =>
+            {
+                get(objects, &req).await
+            }
             (&Method::GET, true, Some("scale")) => get_scale(objects, &req).await,
             (&Method::POST, false, None) => create(objects, &req).await,
             (&Method::POST, true, Some("binding")) if t.res.has_sub("binding") => {
@@ -276,6 +281,16 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             }
             (&Method::PUT, true, None | Some("status") | Some("finalize")) => {
                 update(objects, &req).await
+            }
+            (&Method::PUT, true, Some("ephemeralcontainers"))
+                if t.res.has_sub("ephemeralcontainers") =>
+            {
+                update(objects, &req).await
+            }
+            (&Method::PATCH, true, Some("ephemeralcontainers"))
+                if t.res.has_sub("ephemeralcontainers") =>
+            {
+                patch(objects, &req).await
             }
             (&Method::PUT, true, Some("scale")) | (&Method::PATCH, true, Some("scale")) => {
                 update_scale(objects, &req).await
@@ -709,6 +724,81 @@ async fn create(objects: &Objects, req: &Request) -> ApiResult<Response> {
     ))
 }
 
+/// What is wrong with a pod's new list of ephemeral containers: those it had must stay
+/// as they were, names are unique among all the pod's containers, and an ephemeral
+/// container has an image and none of what only a long-lived container may have.
+fn ephemeral_changes(old: &Value, new: &Value) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    let field = "spec.ephemeralContainers";
+    let list = |v: Option<&Value>| v.and_then(Value::as_array).cloned().unwrap_or_default();
+    let before = list(old.pointer("/spec/ephemeralContainers"));
+    let after = list(Some(new));
+    let name_of = |c: &Value| {
+        c.get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    for c in &before {
+        let n = name_of(c);
+        match after.iter().find(|x| name_of(x) == n) {
+            None => errs.push(FieldError::forbidden(
+                field,
+                format!("existing ephemeral containers {n:?} may not be removed"),
+            )),
+            Some(x) if x != c => errs.push(FieldError::forbidden(
+                field,
+                format!("existing ephemeral containers {n:?} may not be changed"),
+            )),
+            Some(_) => {}
+        }
+    }
+    let mut names: Vec<String> = ["/spec/containers", "/spec/initContainers"]
+        .iter()
+        .flat_map(|p| list(old.pointer(p)))
+        .map(|c| name_of(&c))
+        .collect();
+    for (i, c) in after.iter().enumerate() {
+        let n = name_of(c);
+        let at = format!("{field}[{i}]");
+        if n.is_empty() {
+            errs.push(FieldError::required(format!("{at}.name")));
+        } else if names.contains(&n) {
+            errs.push(FieldError {
+                field: format!("{at}.name"),
+                reason: "FieldValueDuplicate",
+                message: format!("Duplicate value: {n:?}"),
+            });
+        }
+        names.push(n);
+        if c.get("image")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .is_empty()
+        {
+            errs.push(FieldError::required(format!("{at}.image")));
+        }
+        for f in [
+            "ports",
+            "livenessProbe",
+            "readinessProbe",
+            "startupProbe",
+            "lifecycle",
+            "resources",
+        ] {
+            if c.get(f)
+                .is_some_and(|v| !v.is_null() && v != &json!({}) && v != &json!([]))
+            {
+                errs.push(FieldError::forbidden(
+                    format!("{at}.{f}"),
+                    "cannot be set for an Ephemeral Container",
+                ));
+            }
+        }
+    }
+    errs
+}
+
 fn spec_changed(old: &Value, new: &Value) -> bool {
     let strip = |v: &Value| {
         let mut v = v.clone();
@@ -773,6 +863,25 @@ pub(crate) fn prepare_update(
                     }
                 }
             }
+            return Ok(out);
+        }
+        Some("ephemeralcontainers") => {
+            // Only ephemeral containers change here, and only by being added.
+            let added = new
+                .pointer("/spec/ephemeralContainers")
+                .cloned()
+                .unwrap_or(json!([]));
+            let causes = ephemeral_changes(old, &added);
+            if !causes.is_empty() {
+                return Err(ApiError::Invalid {
+                    group: res.group.clone(),
+                    kind: res.kind.clone(),
+                    name: name.to_string(),
+                    causes,
+                });
+            }
+            let mut out = old.clone();
+            out["spec"]["ephemeralContainers"] = added;
             return Ok(out);
         }
         Some("finalize") => {
