@@ -1286,6 +1286,38 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_ephemeral_container_runs_once_beside_the_app_and_leaves_the_phase_alone() {
+        let n = node();
+        let spec = json!({"containers": [{"name": "web", "image": "serve"}]});
+        let p = n.run(pod(spec.clone()));
+        n.until("Running", |s| s["phase"] == "Running").await;
+        // kubectl debug adds one to the running pod.
+        let mut with_debugger = spec;
+        with_debugger["ephemeralContainers"] =
+            json!([{"name": "debugger", "image": "run", "targetContainerName": "web"}]);
+        let mut updated = pod(with_debugger);
+        updated.status = p.pod.status.clone();
+        p.updates.send(Some(Arc::new(updated))).unwrap();
+        let eph = |s: &Value| s["ephemeralContainerStatuses"][0].clone();
+        n.until("the debugger running", |s| eph(s)["state"]["running"].is_object())
+            .await;
+        assert!(container(&n.status(), "debugger").is_null(), "not an app container");
+        // It ends, and stays ended: no restart, and the pod runs on.
+        n.fake.exit("debugger", 1);
+        let s = n
+            .until("the debugger terminated", |s| {
+                eph(s)["state"]["terminated"]["exitCode"] == 1
+            })
+            .await;
+        assert_eq!(s["phase"], "Running");
+        assert_eq!(eph(&s)["restartCount"], 0);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let s = n.status();
+        assert!(eph(&s)["state"]["terminated"].is_object(), "{s:#}");
+        assert_eq!(n.fake.starts("debugger"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_crashing_process_restarts_at_once_then_after_10s_and_20s() {
         let n = node();
         let crash = Script::Exit {

@@ -1656,3 +1656,52 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
     );
     Ok(resp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_with(ephemeral: Value) -> Value {
+        json!({"spec": {
+            "containers": [{"name": "app", "image": "a"}],
+            "ephemeralContainers": ephemeral,
+        }})
+    }
+
+    #[test]
+    fn ephemeral_containers_are_only_ever_added() {
+        let debugger = json!({"name": "debugger", "image": "toolbox"});
+        let old = pod_with(json!([debugger]));
+        // Adding one is fine.
+        let added = json!([debugger, {"name": "second", "image": "toolbox"}]);
+        assert!(ephemeral_changes(&old, &added).is_empty());
+        // Removing, changing, reusing a name, leaving out the image, or giving what only
+        // long-lived containers have are not.
+        let fields = |new: Value| -> Vec<String> {
+            ephemeral_changes(&old, &new)
+                .into_iter()
+                .map(|e| format!("{} {}", e.field, e.reason))
+                .collect()
+        };
+        assert_eq!(
+            fields(json!([])),
+            ["spec.ephemeralContainers FieldValueForbidden"]
+        );
+        assert_eq!(
+            fields(json!([{"name": "debugger", "image": "other"}])),
+            ["spec.ephemeralContainers FieldValueForbidden"]
+        );
+        assert_eq!(
+            fields(json!([debugger, {"name": "app", "image": "t"}])),
+            ["spec.ephemeralContainers[1].name FieldValueDuplicate"]
+        );
+        assert_eq!(
+            fields(json!([debugger, {"name": "x"}])),
+            ["spec.ephemeralContainers[1].image FieldValueRequired"]
+        );
+        assert_eq!(
+            fields(json!([debugger, {"name": "x", "image": "t", "ports": [{"containerPort": 80}]}])),
+            ["spec.ephemeralContainers[1].ports FieldValueForbidden"]
+        );
+    }
+}
