@@ -7,9 +7,11 @@
 #                            installs wasmtime-cli 48.0.8 on first use (a long build)
 #   scripts/bench.sh cluster pod start latency, scheduler throughput on 1,000 hollow nodes,
 #                            idle memory (BENCH_PARTS=idle,start,sched; BENCH_NODES, BENCH_PODS)
+#   scripts/bench.sh debug   `kubectl exec -- true` round trip and port-forward throughput
+#                            against a direct connection (BENCH_OPS runs, BENCH_MIB MiB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-which="${1:?usage: scripts/bench.sh store|api|wasm|cluster}"
+which="${1:?usage: scripts/bench.sh store|api|wasm|cluster|debug}"
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 cargo build --release --locked -p baton -p baton-bench
@@ -23,9 +25,13 @@ case "$which" in
     "$CARGO_TARGET_DIR/release/wasm-bench" "$CARGO_TARGET_DIR/release/baton" \
       "$tools/bin/wasmtime" examples-wasm/dist
     ;;
-  cluster)
+  cluster|debug)
     ./scripts/build-guests.sh >/dev/null
-    "$CARGO_TARGET_DIR/release/cluster-bench" "$CARGO_TARGET_DIR/release/baton" examples-wasm/dist
+    if [ "$which" = cluster ]; then
+      "$CARGO_TARGET_DIR/release/cluster-bench" "$CARGO_TARGET_DIR/release/baton" examples-wasm/dist
+    else
+      "$CARGO_TARGET_DIR/release/debug-bench" "$CARGO_TARGET_DIR/release/baton"
+    fi
     ;;
   *)
     "$CARGO_TARGET_DIR/release/$which-bench" "$CARGO_TARGET_DIR/release/baton"

@@ -464,12 +464,18 @@ pub fn pod_status(v: &View<'_>) -> PodStatus {
         .filter(|s| s.init)
         .map(|s| s.to_api(v.uid))
         .collect();
-    let ephemeral: Vec<ContainerStatus> = v
+    // As the kubelet reports them: never ready, no `started`, sorted by name.
+    let mut ephemeral: Vec<ContainerStatus> = v
         .slots
         .iter()
         .filter(|s| s.ephemeral)
-        .map(|s| s.to_api(v.uid))
+        .map(|s| ContainerStatus {
+            ready: false,
+            started: None,
+            ..s.to_api(v.uid)
+        })
         .collect();
+    ephemeral.sort_by(|a, b| a.name.cmp(&b.name));
     let ip = v.pod_ip.map(|i| i.to_string());
     PodStatus {
         ephemeral_container_statuses: (!ephemeral.is_empty()).then_some(ephemeral),

@@ -366,148 +366,6 @@ pub fn spawn_exec_session(
     });
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::fake::FakeSandboxes;
-
-    type Client = WebSocketStream<tokio::io::DuplexStream>;
-
-    /// A session on an in-memory connection, and the client's end of it.
-    async fn session(fake: &FakeSandboxes, protocol: &'static str, query: &str) -> Client {
-        let (client, server) = tokio::io::duplex(1 << 16);
-        let opts = ExecOptions::from_query(query);
-        tokio::spawn(serve_exec(
-            server,
-            protocol,
-            fake.any_streams(),
-            "c".into(),
-            opts,
-        ));
-        WebSocketStream::from_raw_socket(client, Role::Client, None).await
-    }
-
-    /// Everything the client receives until the server closes: per channel.
-    async fn collect(ws: &mut Client) -> [Vec<u8>; 4] {
-        let mut got: [Vec<u8>; 4] = Default::default();
-        while let Some(Ok(m)) = ws.next().await {
-            if let Message::Binary(b) = m {
-                got[b[0] as usize].extend_from_slice(&b[1..]);
-            }
-        }
-        got
-    }
-
-    #[tokio::test]
-    async fn output_and_success_status() {
-        let fake = FakeSandboxes::default();
-        let mut ws = session(
-            &fake,
-            PROTOCOLS[0],
-            "command=echo&command=hi&command=there&stdout=true&stderr=true",
-        )
-        .await;
-        let got = collect(&mut ws).await;
-        assert_eq!(got[STDOUT as usize], b"hi there\n");
-        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
-        assert_eq!(status["status"], "Success");
-    }
-
-    #[tokio::test]
-    async fn exit_code_is_passed_through() {
-        let fake = FakeSandboxes::default();
-        let mut ws = session(
-            &fake,
-            PROTOCOLS[1],
-            "command=exit&command=3&stdout=true&stderr=true",
-        )
-        .await;
-        let got = collect(&mut ws).await;
-        assert_eq!(got[STDERR as usize], b"bye\n");
-        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
-        assert_eq!(status["reason"], "NonZeroExitCode");
-        assert_eq!(status["details"]["causes"][0]["message"], "3");
-    }
-
-    #[tokio::test]
-    async fn stdin_reaches_the_command_and_v5_close_ends_it() {
-        let fake = FakeSandboxes::default();
-        let mut ws = session(
-            &fake,
-            PROTOCOLS[0],
-            "command=cat&stdin=true&stdout=true&stderr=true",
-        )
-        .await;
-        ws.send(frame(STDIN, b"hello ")).await.unwrap();
-        ws.send(frame(STDIN, b"world")).await.unwrap();
-        ws.send(Message::Binary(vec![CLOSE, STDIN].into()))
-            .await
-            .unwrap();
-        let got = collect(&mut ws).await;
-        assert_eq!(got[STDOUT as usize], b"hello world");
-        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
-        assert_eq!(status["status"], "Success");
-    }
-
-    #[tokio::test]
-    async fn an_empty_command_is_refused_on_the_error_channel() {
-        let fake = FakeSandboxes::default();
-        let mut ws = session(&fake, PROTOCOLS[0], "stdout=true").await;
-        let got = collect(&mut ws).await;
-        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
-        assert_eq!(status["status"], "Failure");
-        assert_eq!(status["code"], 400);
-        assert!(status["message"].as_str().unwrap().contains("no command"));
-    }
-
-    #[tokio::test]
-    async fn a_client_that_goes_away_stops_the_command() {
-        let fake = FakeSandboxes::default();
-        let ws = session(&fake, PROTOCOLS[0], "command=sleep&stdout=true").await;
-        wait_for(|| fake.execs() == 1).await;
-        drop(ws);
-        wait_for(|| fake.execs() == 0).await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_silent_client_is_dropped_after_the_idle_limit() {
-        let fake = FakeSandboxes::default();
-        // The client never reads: it answers no ping.
-        let (client, server) = tokio::io::duplex(1 << 16);
-        tokio::spawn(serve_exec(
-            server,
-            PROTOCOLS[0],
-            fake.any_streams(),
-            "c".into(),
-            ExecOptions::from_query("command=sleep"),
-        ));
-        wait_for(|| fake.execs() == 1).await;
-        tokio::time::sleep(IDLE + Duration::from_secs(1)).await;
-        wait_for(|| fake.execs() == 0).await;
-        drop(client);
-    }
-
-    #[test]
-    fn negotiation_prefers_v5_and_refuses_the_rest() {
-        assert_eq!(
-            negotiate("v4.channel.k8s.io, v5.channel.k8s.io"),
-            Some("v5.channel.k8s.io")
-        );
-        assert_eq!(negotiate("v4.channel.k8s.io"), Some("v4.channel.k8s.io"));
-        assert_eq!(negotiate("channel.k8s.io,base64.channel.k8s.io"), None);
-    }
-
-    async fn wait_for(cond: impl Fn() -> bool) {
-        for _ in 0..1000 {
-            if cond() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("condition not reached");
-    }
-}
-
 /// Turns a WebSocket into the byte stream it carries (binary messages, in order, as one
 /// stream; what is written goes out as binary messages): the port-forward tunnel carries
 /// SPDY this way, with frames split across messages as the client wrote them. The stream
@@ -765,4 +623,146 @@ pub fn spawn_exec_spdy_session(
             Err(e) => tracing::info!(error = %e, "exec upgrade failed"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeSandboxes;
+
+    type Client = WebSocketStream<tokio::io::DuplexStream>;
+
+    /// A session on an in-memory connection, and the client's end of it.
+    async fn session(fake: &FakeSandboxes, protocol: &'static str, query: &str) -> Client {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let opts = ExecOptions::from_query(query);
+        tokio::spawn(serve_exec(
+            server,
+            protocol,
+            fake.any_streams(),
+            "c".into(),
+            opts,
+        ));
+        WebSocketStream::from_raw_socket(client, Role::Client, None).await
+    }
+
+    /// Everything the client receives until the server closes: per channel.
+    async fn collect(ws: &mut Client) -> [Vec<u8>; 4] {
+        let mut got: [Vec<u8>; 4] = Default::default();
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Binary(b) = m {
+                got[b[0] as usize].extend_from_slice(&b[1..]);
+            }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn output_and_success_status() {
+        let fake = FakeSandboxes::default();
+        let mut ws = session(
+            &fake,
+            PROTOCOLS[0],
+            "command=echo&command=hi&command=there&stdout=true&stderr=true",
+        )
+        .await;
+        let got = collect(&mut ws).await;
+        assert_eq!(got[STDOUT as usize], b"hi there\n");
+        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
+        assert_eq!(status["status"], "Success");
+    }
+
+    #[tokio::test]
+    async fn exit_code_is_passed_through() {
+        let fake = FakeSandboxes::default();
+        let mut ws = session(
+            &fake,
+            PROTOCOLS[1],
+            "command=exit&command=3&stdout=true&stderr=true",
+        )
+        .await;
+        let got = collect(&mut ws).await;
+        assert_eq!(got[STDERR as usize], b"bye\n");
+        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
+        assert_eq!(status["reason"], "NonZeroExitCode");
+        assert_eq!(status["details"]["causes"][0]["message"], "3");
+    }
+
+    #[tokio::test]
+    async fn stdin_reaches_the_command_and_v5_close_ends_it() {
+        let fake = FakeSandboxes::default();
+        let mut ws = session(
+            &fake,
+            PROTOCOLS[0],
+            "command=cat&stdin=true&stdout=true&stderr=true",
+        )
+        .await;
+        ws.send(frame(STDIN, b"hello ")).await.unwrap();
+        ws.send(frame(STDIN, b"world")).await.unwrap();
+        ws.send(Message::Binary(vec![CLOSE, STDIN].into()))
+            .await
+            .unwrap();
+        let got = collect(&mut ws).await;
+        assert_eq!(got[STDOUT as usize], b"hello world");
+        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
+        assert_eq!(status["status"], "Success");
+    }
+
+    #[tokio::test]
+    async fn an_empty_command_is_refused_on_the_error_channel() {
+        let fake = FakeSandboxes::default();
+        let mut ws = session(&fake, PROTOCOLS[0], "stdout=true").await;
+        let got = collect(&mut ws).await;
+        let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
+        assert_eq!(status["status"], "Failure");
+        assert_eq!(status["code"], 400);
+        assert!(status["message"].as_str().unwrap().contains("no command"));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_stops_the_command() {
+        let fake = FakeSandboxes::default();
+        let ws = session(&fake, PROTOCOLS[0], "command=sleep&stdout=true").await;
+        wait_for(|| fake.execs() == 1).await;
+        drop(ws);
+        wait_for(|| fake.execs() == 0).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_dropped_after_the_idle_limit() {
+        let fake = FakeSandboxes::default();
+        // The client never reads: it answers no ping.
+        let (client, server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(serve_exec(
+            server,
+            PROTOCOLS[0],
+            fake.any_streams(),
+            "c".into(),
+            ExecOptions::from_query("command=sleep"),
+        ));
+        wait_for(|| fake.execs() == 1).await;
+        tokio::time::sleep(IDLE + Duration::from_secs(1)).await;
+        wait_for(|| fake.execs() == 0).await;
+        drop(client);
+    }
+
+    #[test]
+    fn negotiation_prefers_v5_and_refuses_the_rest() {
+        assert_eq!(
+            negotiate("v4.channel.k8s.io, v5.channel.k8s.io"),
+            Some("v5.channel.k8s.io")
+        );
+        assert_eq!(negotiate("v4.channel.k8s.io"), Some("v4.channel.k8s.io"));
+        assert_eq!(negotiate("channel.k8s.io,base64.channel.k8s.io"), None);
+    }
+
+    async fn wait_for(cond: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not reached");
+    }
 }

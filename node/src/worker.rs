@@ -1299,9 +1299,14 @@ mod tests {
         updated.status = p.pod.status.clone();
         p.updates.send(Some(Arc::new(updated))).unwrap();
         let eph = |s: &Value| s["ephemeralContainerStatuses"][0].clone();
-        n.until("the debugger running", |s| eph(s)["state"]["running"].is_object())
-            .await;
-        assert!(container(&n.status(), "debugger").is_null(), "not an app container");
+        n.until("the debugger running", |s| {
+            eph(s)["state"]["running"].is_object()
+        })
+        .await;
+        assert!(
+            container(&n.status(), "debugger").is_null(),
+            "not an app container"
+        );
         // It ends, and stays ended: no restart, and the pod runs on.
         n.fake.exit("debugger", 1);
         let s = n

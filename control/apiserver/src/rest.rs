@@ -778,6 +778,19 @@ fn ephemeral_changes(old: &Value, new: &Value) -> Vec<FieldError> {
         {
             errs.push(FieldError::required(format!("{at}.image")));
         }
+        if let Some(t) = c.get("targetContainerName").and_then(Value::as_str) {
+            let known = ["/spec/containers", "/spec/initContainers"]
+                .iter()
+                .flat_map(|p| list(old.pointer(p)))
+                .any(|x| name_of(&x) == t);
+            if !known {
+                errs.push(FieldError {
+                    field: format!("{at}.targetContainerName"),
+                    reason: "FieldValueNotFound",
+                    message: format!("Not found: {t:?}"),
+                });
+            }
+        }
         for f in [
             "ports",
             "livenessProbe",
@@ -1700,8 +1713,14 @@ mod tests {
             ["spec.ephemeralContainers[1].image FieldValueRequired"]
         );
         assert_eq!(
-            fields(json!([debugger, {"name": "x", "image": "t", "ports": [{"containerPort": 80}]}])),
+            fields(
+                json!([debugger, {"name": "x", "image": "t", "ports": [{"containerPort": 80}]}])
+            ),
             ["spec.ephemeralContainers[1].ports FieldValueForbidden"]
+        );
+        assert_eq!(
+            fields(json!([debugger, {"name": "x", "image": "t", "targetContainerName": "nope"}])),
+            ["spec.ephemeralContainers[1].targetContainerName FieldValueNotFound"]
         );
     }
 }
