@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Baton: `baton up` on the embedded store, then a workload through the real kubectl:
 # the http-hello component pushed to a local registry, its Deployment pulled from there and
-# put behind a NodePort Service, answered by its replicas, scaled;
+# put behind a NodePort Service, answered by its replicas, debugged (exec, debug with the
+# toolbox, port-forward, top), scaled;
 # then a clean stop and a restart that finds every object where it was, and serves again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,8 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 "$BATON" push examples-wasm/dist/http-hello.wasm "$REGISTRY/baton/http-hello:1.0" --insecure-registry "$REGISTRY"
+# The debug toolbox, for `kubectl debug` (a small shell as a wasi:cli component).
+"$BATON" push examples-wasm/dist/toolbox.wasm "$REGISTRY/baton/toolbox:1" --insecure-registry "$REGISTRY"
 
 manifest() {
   sed "s#image: 127.0.0.1:5000/#image: $REGISTRY/#" examples/hello/deployment.yaml
@@ -68,6 +71,32 @@ manifest | kubectl apply -f -
 kubectl rollout status deployment hello --timeout=60s
 kubectl get deployments,replicasets,pods,services,endpointslices -o wide
 ask; ask
+# Debugging a Wasm pod with the usual verbs.
+debug_session() {
+  local pod port pf
+  pod="$(kubectl get pods -l app=hello -o jsonpath='{.items[0].metadata.name}')"
+  echo "--- kubectl exec into an HTTP-only component says what to do instead"
+  kubectl exec "$pod" -- ls || true
+  echo "--- kubectl debug: a toolbox beside it, on the pod's localhost"
+  printf 'get localhost:8080/from-debug\nenv\nexit\n' |
+    kubectl debug -i "$pod" --image="$REGISTRY/baton/toolbox:1" --target=hello
+  echo "--- kubectl port-forward"
+  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  kubectl port-forward "pod/$pod" "$port:8080" &
+  pf=$!
+  for _ in $(seq 1 100); do
+    if curl -sf "http://127.0.0.1:$port/through-port-forward"; then break; fi
+    sleep 0.1
+  done
+  kill -INT "$pf"; wait "$pf" || true
+  echo "--- kubectl top (the node measures; no add-on)"
+  for _ in $(seq 1 100); do
+    if kubectl top pods 2>/dev/null; then break; fi
+    sleep 0.2
+  done
+  kubectl top nodes
+}
+debug_session
 kubectl scale deployment hello --replicas=3
 kubectl rollout status deployment hello --timeout=60s
 kubectl get pods -o wide
