@@ -14,7 +14,10 @@ cd "$(dirname "$0")/.."
 which="${1:?usage: scripts/bench.sh store|api|wasm|cluster|debug}"
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
-cargo build --release --locked -p baton -p baton-bench
+# Two builds, so that `baton` is the same binary `scripts/run.sh` builds (one build of
+# both would unify their dependencies' features and make another).
+cargo build --release --locked -p baton
+cargo build --release --locked -p baton-bench
 case "$which" in
   wasm)
     tools="$HOME/.cache/baton/tools"

@@ -29,8 +29,9 @@ use crate::streams::PodStreams;
 const IDLE: Duration = Duration::from_secs(60);
 /// How long a connection to the pod may take.
 const CONNECT: Duration = Duration::from_secs(10);
-/// Bytes read from the pod per data frame, as kubectl writes them.
-const CHUNK: usize = 32 << 10;
+/// Bytes read from the pod per data frame: twice what kubectl writes in one, so that a
+/// bulk transfer takes half the frames.
+const CHUNK: usize = 64 << 10;
 
 /// The WebSocket subprotocol of the tunnel.
 pub const TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";

@@ -389,7 +389,16 @@ where
     let (out, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
     let task = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
-            if w.write_all(&frame).await.is_err() || w.flush().await.is_err() {
+            if w.write_all(&frame).await.is_err() {
+                return;
+            }
+            // Frames already queued go out in the same flush.
+            while let Ok(more) = rx.try_recv() {
+                if w.write_all(&more).await.is_err() {
+                    return;
+                }
+            }
+            if w.flush().await.is_err() {
                 return;
             }
         }

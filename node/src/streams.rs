@@ -374,11 +374,12 @@ pub fn ws_bytes<S>(ws: WebSocketStream<S>) -> tokio::io::DuplexStream
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (app, bridge) = tokio::io::duplex(4 * CHUNK);
+    let (app, bridge) = tokio::io::duplex(8 * CHUNK);
     tokio::spawn(async move {
         let (mut sink, mut incoming) = ws.split();
         let (mut from_app, mut to_app) = tokio::io::split(bridge);
-        let mut buf = vec![0u8; CHUNK];
+        // A message per read: as large as a port-forward data frame and its header.
+        let mut buf = vec![0u8; 2 * CHUNK + 64];
         loop {
             tokio::select! {
                 m = incoming.next() => match m {

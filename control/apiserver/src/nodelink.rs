@@ -419,7 +419,15 @@ async fn proxy_stream(
             };
             let (mut client, mut node) = (TokioIo::new(client), TokioIo::new(node));
             // Either side closing ends both: the node then stops what the stream ran.
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut node).await;
+            // Buffers the size of kubectl's frames (32 KiB) and more, so that a bulk
+            // transfer is not cut into 8 KiB TLS records.
+            let _ = tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut node,
+                64 << 10,
+                64 << 10,
+            )
+            .await;
         },
         span,
     ));
