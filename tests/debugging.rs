@@ -456,7 +456,9 @@ fn debug_adds_a_toolbox_that_reaches_the_sibling_and_sees_the_volume() {
     let state = jsonpath(
         &b,
         &["pod", "tb"],
-        "{.status.ephemeralContainerStatuses[0].state.terminated.reason}",
+        &format!(
+            "{{.status.ephemeralContainerStatuses[?(@.image==\"{toolbox}\")].state.terminated.reason}}"
+        ),
     );
     assert_eq!(state, "Completed");
 
@@ -467,16 +469,12 @@ fn debug_adds_a_toolbox_that_reaches_the_sibling_and_sees_the_volume() {
         60,
         "the bad debug container to wait with a reason",
         || {
-            let reason = jsonpath(
-                &b,
-                &["pod", "tb"],
-                "{.status.ephemeralContainerStatuses[1].state.waiting.reason}",
+            // Statuses are sorted by name, as the kubelet writes them: found by image.
+            let of_bad = format!(
+                "{{.status.ephemeralContainerStatuses[?(@.image==\"{not_component}\")].state.waiting"
             );
-            let message = jsonpath(
-                &b,
-                &["pod", "tb"],
-                "{.status.ephemeralContainerStatuses[1].state.waiting.message}",
-            );
+            let reason = jsonpath(&b, &["pod", "tb"], &format!("{of_bad}.reason}}"));
+            let message = jsonpath(&b, &["pod", "tb"], &format!("{of_bad}.message}}"));
             (reason == "CreateContainerError" && message.contains("not a runnable Wasm component"))
                 .then_some(())
         },
@@ -484,6 +482,12 @@ fn debug_adds_a_toolbox_that_reaches_the_sibling_and_sees_the_volume() {
     // The pod itself is untouched.
     let out = b.ok(&["exec", "tb", "-c", "main", "--", "echo", "still", "here"]);
     assert_eq!(out, "still here\n");
+    let restarts = jsonpath(
+        &b,
+        &["pod", "tb"],
+        "{.status.containerStatuses[*].restartCount}",
+    );
+    assert_eq!(restarts, "0 0", "the app containers never restarted");
 
     // Ephemeral containers are only added: a changed one is refused.
     let err = b.fails(
