@@ -18,6 +18,17 @@ use std::process::{Child, Command, Stdio};
 use baton::{guests_dir, http_get, jsonpath, kubectl_dir, wait_for, Baton};
 use registry::{Options, Registry};
 
+/// `baton up` with pods on a loopback range of its own: tests run side by side, and two
+/// clusters' first pods must not both be `127.128.0.2:8080`.
+fn cluster(extra: &[&str]) -> Baton {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let cidr = format!("127.{}.0.0/24", 150 + n);
+    let mut args = vec!["--pod-cidr", cidr.as_str()];
+    args.extend_from_slice(extra);
+    Baton::start_with(&args)
+}
+
 /// A pod of the toolbox (waiting, as a container to exec into) and an HTTP component.
 fn debug_pod(b: &Baton) {
     let toolbox = guests_dir().join("toolbox.wasm");
@@ -42,7 +53,7 @@ fn instances(b: &Baton, pod: &str) -> Option<u64> {
 
 #[test]
 fn exec_runs_a_command_in_the_pod_and_passes_its_output_input_and_exit_code() {
-    let b = Baton::start_cluster();
+    let b = cluster(&[]);
     debug_pod(&b);
 
     // stdout, with the container's environment.
@@ -133,7 +144,7 @@ fn exec_runs_a_command_in_the_pod_and_passes_its_output_input_and_exit_code() {
 
 #[test]
 fn a_client_that_goes_away_leaves_no_instance_behind() {
-    let b = Baton::start_cluster();
+    let b = cluster(&[]);
     debug_pod(&b);
     let before = wait_for(&b, 30, "the pod's instances counted", || {
         instances(&b, "tb")
@@ -152,7 +163,7 @@ fn a_client_that_goes_away_leaves_no_instance_behind() {
 
 #[test]
 fn top_shows_a_spinning_pod_busier_and_a_memory_hog_bigger_than_an_idle_pod() {
-    let b = Baton::start_cluster();
+    let b = cluster(&[]);
     let toolbox = guests_dir().join("toolbox.wasm");
     // Each may hold 128 MiB: the hog needs more than a pod without limits is given.
     let pod = |name: &str, args: &str| {
@@ -310,7 +321,7 @@ fn sockets(b: &Baton, pod: &str) -> Option<u64> {
 
 #[test]
 fn port_forward_carries_concurrent_requests_to_a_pod_and_a_service_and_stops_cleanly() {
-    let b = Baton::start_cluster();
+    let b = cluster(&[]);
     debug_pod(&b);
     b.ok_with(
         "kubectl",
@@ -344,7 +355,7 @@ fn port_forward_carries_concurrent_requests_to_a_pod_and_a_service_and_stops_cle
 
 #[test]
 fn port_forward_to_a_port_nothing_listens_on_reports_the_error() {
-    let b = Baton::start_cluster();
+    let b = cluster(&[]);
     debug_pod(&b);
     let (mut pf, addr) = port_forward(&b, "kubectl", "pod/tb", "9999");
     let _ = http_get(addr, "/");
@@ -368,7 +379,7 @@ fn port_forward_to_a_port_nothing_listens_on_reports_the_error() {
 
 #[test]
 fn cp_round_trips_a_file_through_a_pods_volume() {
-    let b = Baton::start_cluster();
+    let b = cluster(&[]);
     debug_pod(&b);
     // 10 MiB that no compression or truncation would keep intact by chance.
     let mut data = vec![0u8; 10 << 20];
@@ -424,7 +435,7 @@ fn debug_adds_a_toolbox_that_reaches_the_sibling_and_sees_the_volume() {
     let not_component = format!("{}/baton/core:1", reg.addr);
     push(&reg, core.path(), &not_component);
 
-    let b = Baton::start_with(&["--insecure-registry", &reg.addr]);
+    let b = cluster(&["--insecure-registry", &reg.addr]);
     debug_pod(&b);
     let note = b.dir.path().join("note.txt");
     std::fs::write(&note, "left in the volume\n").unwrap();
@@ -487,7 +498,17 @@ fn debug_adds_a_toolbox_that_reaches_the_sibling_and_sees_the_volume() {
         &["pod", "tb"],
         "{.status.containerStatuses[*].restartCount}",
     );
-    assert_eq!(restarts, "0 0", "the app containers never restarted");
+    if restarts != "0 0" {
+        let status = b.ok(&[
+            "get",
+            "pod",
+            "tb",
+            "-o",
+            "jsonpath={.status.containerStatuses}",
+        ]);
+        let events = b.ok(&["get", "events"]);
+        panic!("the app containers restarted: {status}\n{events}");
+    }
 
     // Ephemeral containers are only added: a changed one is refused.
     let err = b.fails(
@@ -507,7 +528,7 @@ fn debug_adds_a_toolbox_that_reaches_the_sibling_and_sees_the_volume() {
 
 #[test]
 fn attach_connects_to_a_running_process_with_stdin() {
-    let b = Baton::start_cluster();
+    let b = cluster(&[]);
     let yaml = format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: shell}}\nspec:\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {}, args: [sh], stdin: true}}\n",
         guests_dir().join("toolbox.wasm").display()
