@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use baton_wasm_shim::{
-    CliSpec, ComponentKind, ContainerSpec, HttpSpec, Mount, NetLimits, PodSpec, Runtime,
-    RuntimeConfig, ShimError,
+    CliSpec, ComponentKind, ContainerSpec, ExecIo, ExecSpec, HttpSpec, Mount, NetLimits, PodSpec,
+    Runtime, RuntimeConfig, ShimError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -21,6 +21,10 @@ const GUESTS: &[(&str, &str)] = &[
     (
         "http-hello",
         "http_component_serves_an_instance_per_request",
+    ),
+    (
+        "toolbox",
+        "exec_runs_a_command_in_a_running_pod_with_its_stdio",
     ),
     (
         "http-frontend",
@@ -713,4 +717,117 @@ async fn a_stopped_containers_ports_are_free_when_the_stop_returns() {
     for port in [8080, 7000] {
         std::net::TcpListener::bind((ip, port)).expect("the port is free after shutdown");
     }
+}
+
+/// What an exec'd command printed and how it ended, given its stdin.
+async fn exec(
+    pod: &baton_wasm_shim::PodHandle,
+    component: &baton_wasm_shim::Component,
+    argv: &[&str],
+    stdin: Option<&[u8]>,
+) -> (String, i32) {
+    let (mut out_r, out_w) = tokio::io::duplex(1 << 16);
+    let (_, err_w) = tokio::io::duplex(1 << 16);
+    let stdin = stdin.map(|b| {
+        let (r, mut w) = tokio::io::duplex(1 << 16);
+        let b = b.to_vec();
+        tokio::spawn(async move {
+            w.write_all(&b).await.unwrap();
+        });
+        Box::new(r) as Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>
+    });
+    let mut run = pod
+        .exec(
+            component,
+            ExecSpec {
+                container: "main".into(),
+                argv: argv.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            },
+            ExecIo {
+                stdin,
+                stdout: Box::new(out_w),
+                stderr: Box::new(err_w),
+            },
+        )
+        .unwrap();
+    let exit = run.wait().await;
+    let mut out = String::new();
+    out_r.read_to_string(&mut out).await.unwrap();
+    (out, exit.code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_a_command_in_a_running_pod_with_its_stdio() {
+    let rt = runtime();
+    let toolbox = rt.load_file(&guest("toolbox")).unwrap();
+    let web = rt.load_file(&guest("http-hello")).unwrap();
+    let pod = rt
+        .start_pod(PodSpec {
+            name: "debugged".into(),
+            ip: std::net::IpAddr::from([127, 1, 4, 1]),
+            containers: vec![ContainerSpec {
+                name: "web".into(),
+                component: web.clone(),
+                port: Some(8080),
+                cli: CliSpec::default(),
+                http: HttpSpec::default(),
+            }],
+            names: None,
+        })
+        .await
+        .unwrap();
+    let handle = pod.handle();
+    // The command shares the pod's localhost: it reaches the sibling.
+    let (out, code) = exec(
+        &handle,
+        &toolbox,
+        &["get", "localhost:8080/from-exec"],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("path=/from-exec"), "{out}");
+    // stdin in, stdout out, and a failing command's code.
+    let (out, code) = exec(&handle, &toolbox, &["cat"], Some(b"through stdin")).await;
+    assert_eq!((out.as_str(), code), ("through stdin", 0));
+    let (_, code) = exec(&handle, &toolbox, &["false"], None).await;
+    assert_eq!(code, 1);
+    // An HTTP component runs no command.
+    let (_, w) = tokio::io::duplex(16);
+    let (_, e) = tokio::io::duplex(16);
+    let refused = handle.exec(
+        &web,
+        ExecSpec {
+            argv: vec!["ls".into()],
+            ..Default::default()
+        },
+        ExecIo {
+            stdin: None,
+            stdout: Box::new(w),
+            stderr: Box::new(e),
+        },
+    );
+    assert!(matches!(refused, Err(ShimError::NotACommand)));
+    // A command still running when the pod stops is stopped with it.
+    let (_, w) = tokio::io::duplex(16);
+    let (_, e) = tokio::io::duplex(16);
+    let mut sleeper = handle
+        .exec(
+            &toolbox,
+            ExecSpec {
+                argv: vec!["sleep".into()],
+                ..Default::default()
+            },
+            ExecIo {
+                stdin: None,
+                stdout: Box::new(w),
+                stderr: Box::new(e),
+            },
+        )
+        .unwrap();
+    assert_eq!(handle.executions(), 1);
+    pod.shutdown(Duration::ZERO).await;
+    assert_eq!(sleeper.wait().await.code, 143);
+    assert_eq!(handle.executions(), 0);
 }
