@@ -197,10 +197,10 @@ pub async fn pod_metrics(
         else {
             continue;
         };
-        // Only the pod's own containers, each with both figures, as metrics-server
-        // reports a pod only once every container has them.
+        // The containers with both figures: one first seen in the node's latest reading
+        // (just started, or an ephemeral one) has no CPU rate yet and is left out rather
+        // than hiding its whole pod.
         let mut containers = Vec::new();
-        let mut complete = true;
         for c in measured
             .get("containers")
             .and_then(Value::as_array)
@@ -212,13 +212,12 @@ pub async fn pod_metrics(
                 c.pointer("/cpu/usageNanoCores").and_then(Value::as_u64),
                 c.pointer("/memory/workingSetBytes").and_then(Value::as_u64),
             ) else {
-                complete = false;
                 continue;
             };
             containers
                 .push(json!({"name": name, "usage": {"cpu": cpu(cpu_n), "memory": memory(mem)}}));
         }
-        if !complete || containers.is_empty() {
+        if containers.is_empty() {
             continue;
         }
         items.push(json!({
