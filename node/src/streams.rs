@@ -183,15 +183,22 @@ fn frame(channel: u8, data: &[u8]) -> Message {
     Message::Binary(m.into())
 }
 
-/// Copies one of the command's outputs to the client, a chunk per message.
-async fn pump(mut from: impl AsyncRead + Unpin, channel: u8, out: mpsc::Sender<Message>) {
+/// Copies one of the command's outputs to the client, a chunk per message (`frame` makes
+/// it; None drops the chunk, for a channel the client did not open).
+async fn pump<T>(
+    mut from: impl AsyncRead + Unpin,
+    out: mpsc::Sender<T>,
+    frame: impl Fn(&[u8]) -> Option<T>,
+) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if out.send(frame(channel, &buf[..n])).await.is_err() {
-                    return;
+                if let Some(m) = frame(&buf[..n]) {
+                    if out.send(m).await.is_err() {
+                        return;
+                    }
                 }
             }
         }
@@ -264,8 +271,10 @@ pub async fn serve_exec<S>(
     // With a terminal there is one output stream, as a terminal has.
     let err_channel = if opts.tty { STDOUT } else { STDERR };
     let pumps = [
-        tokio::spawn(pump(stdout_r, STDOUT, out_tx.clone())),
-        tokio::spawn(pump(stderr_r, err_channel, out_tx.clone())),
+        tokio::spawn(pump(stdout_r, out_tx.clone(), |b| Some(frame(STDOUT, b)))),
+        tokio::spawn(pump(stderr_r, out_tx.clone(), move |b| {
+            Some(frame(err_channel, b))
+        })),
     ];
     let mut stdin = stdin_w;
     let mut ping = tokio::time::interval(PING);
@@ -538,25 +547,11 @@ pub async fn serve_exec_spdy<S>(
             return;
         }
     };
+    // A channel the client did not open is read and dropped.
     let pump_to = |from: tokio::io::DuplexStream, id: Option<u32>| {
-        let out = out.clone();
-        tokio::spawn(async move {
-            let mut from = from;
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                match from.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        // A channel the client did not open is read and dropped.
-                        if let Some(id) = id {
-                            if out.send(Writer::data(id, &buf[..n], false)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
-        })
+        tokio::spawn(pump(from, out.clone(), move |b| {
+            id.map(|id| Writer::data(id, b, false))
+        }))
     };
     let pumps = [
         pump_to(stdout_r, stream_of("stdout")),
