@@ -246,23 +246,7 @@ mod tests {
 
     impl Client {
         async fn syn(&mut self, id: u32, headers: &[(&str, &str)]) {
-            let mut raw = (headers.len() as u32).to_be_bytes().to_vec();
-            for (k, v) in headers {
-                raw.extend_from_slice(&(k.len() as u32).to_be_bytes());
-                raw.extend_from_slice(k.as_bytes());
-                raw.extend_from_slice(&(v.len() as u32).to_be_bytes());
-                raw.extend_from_slice(v.as_bytes());
-            }
-            let mut block = Vec::with_capacity(raw.len() + 64);
-            self.z
-                .compress_vec(&raw, &mut block, flate2::FlushCompress::Sync)
-                .unwrap();
-            let mut p = id.to_be_bytes().to_vec();
-            p.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-            p.extend(block);
-            let mut f = vec![0x80, 3, 0, 1, 0];
-            f.extend_from_slice(&(p.len() as u32).to_be_bytes()[1..]);
-            f.extend(p);
+            let f = crate::spdy::client_syn(&mut self.z, id, headers);
             self.io.write_all(&f).await.unwrap();
         }
 

@@ -422,6 +422,26 @@ pub fn is_client_ping(id: u32) -> bool {
     id % 2 == 1
 }
 
+/// A client's SYN_STREAM, compressed as spdystream does: zlib with the dictionary, one
+/// stream across frames, a sync flush after each block (for tests of the server).
+#[cfg(test)]
+pub(crate) fn client_syn(z: &mut flate2::Compress, id: u32, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut raw = (headers.len() as u32).to_be_bytes().to_vec();
+    for (k, v) in headers {
+        raw.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        raw.extend_from_slice(k.as_bytes());
+        raw.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        raw.extend_from_slice(v.as_bytes());
+    }
+    let mut block = Vec::with_capacity(raw.len() + 64);
+    z.compress_vec(&raw, &mut block, flate2::FlushCompress::Sync)
+        .unwrap();
+    let mut p = id.to_be_bytes().to_vec();
+    p.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    p.extend(block);
+    Writer::control(SYN_STREAM, 0, &p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,25 +450,6 @@ mod tests {
     fn the_dictionary_is_the_one_kubectl_names() {
         assert_eq!(DICTIONARY.len(), 1423);
         assert_eq!(adler32(&DICTIONARY), 0xE3C6_A7C2);
-    }
-
-    /// A client's SYN_STREAM, compressed as spdystream does: zlib with the dictionary,
-    /// one stream across frames, a sync flush after each block.
-    fn client_syn(z: &mut flate2::Compress, id: u32, headers: &[(&str, &str)]) -> Vec<u8> {
-        let mut raw = (headers.len() as u32).to_be_bytes().to_vec();
-        for (k, v) in headers {
-            raw.extend_from_slice(&(k.len() as u32).to_be_bytes());
-            raw.extend_from_slice(k.as_bytes());
-            raw.extend_from_slice(&(v.len() as u32).to_be_bytes());
-            raw.extend_from_slice(v.as_bytes());
-        }
-        let mut block = Vec::with_capacity(raw.len() + 64);
-        z.compress_vec(&raw, &mut block, flate2::FlushCompress::Sync)
-            .unwrap();
-        let mut p = id.to_be_bytes().to_vec();
-        p.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-        p.extend(block);
-        Writer::control(SYN_STREAM, 0, &p)
     }
 
     #[tokio::test]
