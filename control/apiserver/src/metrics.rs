@@ -84,6 +84,33 @@ fn not_found(res: &str, name: &str) -> ApiError {
     }
 }
 
+/// The objects a get (`name`) or list of metrics is about: the one named, or those the
+/// selector picks.
+async fn measured_objects(
+    objects: &Objects,
+    res: &crate::resources::Resource,
+    namespace: Option<&str>,
+    name: Option<&str>,
+    selector: &LabelSelector,
+) -> ApiResult<Vec<Value>> {
+    Ok(match name {
+        Some(n) => objects
+            .get(res, namespace, n, ReadAt::Latest)
+            .await?
+            .map(|(o, _)| o)
+            .into_iter()
+            .collect(),
+        None => {
+            objects
+                .list(res, namespace, ReadAt::Latest, 0, None, |o| {
+                    selector.matches(o)
+                })
+                .await?
+                .items
+        }
+    })
+}
+
 /// `nodes`: each node's CPU and memory, from its own Summary.
 pub async fn node_metrics(
     objects: &Objects,
@@ -91,20 +118,7 @@ pub async fn node_metrics(
     selector: &LabelSelector,
 ) -> ApiResult<Vec<Value>> {
     let res = resources::builtin("Node");
-    let nodes: Vec<Value> = match name {
-        Some(n) => objects
-            .get(res, None, n, ReadAt::Latest)
-            .await?
-            .map(|(o, _)| o)
-            .into_iter()
-            .collect(),
-        None => {
-            objects
-                .list(res, None, ReadAt::Latest, 0, None, |o| selector.matches(o))
-                .await?
-                .items
-        }
-    };
+    let nodes = measured_objects(objects, res, None, name, selector).await?;
     let names: Vec<String> = nodes
         .iter()
         .filter_map(|n| n.pointer("/metadata/name")?.as_str().map(String::from))
@@ -147,22 +161,7 @@ pub async fn pod_metrics(
     selector: &LabelSelector,
 ) -> ApiResult<Vec<Value>> {
     let res = resources::builtin("Pod");
-    let pods: Vec<Value> = match name {
-        Some(n) => objects
-            .get(res, namespace, n, ReadAt::Latest)
-            .await?
-            .map(|(o, _)| o)
-            .into_iter()
-            .collect(),
-        None => {
-            objects
-                .list(res, namespace, ReadAt::Latest, 0, None, |o| {
-                    selector.matches(o)
-                })
-                .await?
-                .items
-        }
-    };
+    let pods = measured_objects(objects, res, namespace, name, selector).await?;
     let on_node = |p: &Value| -> Option<String> {
         p.pointer("/spec/nodeName")
             .and_then(Value::as_str)
