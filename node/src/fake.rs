@@ -312,7 +312,8 @@ impl Sandbox for FakeSandbox {
 /// - `echo ARGS…` prints its arguments;
 /// - `cat` copies stdin to stdout until end-of-file;
 /// - `exit N` ends with code N, after writing `bye` to stderr;
-/// - `sleep` runs until stopped.
+/// - `sleep` runs until stopped;
+/// - `tty` prints its terminal's size (`COLUMNSxROWS`), or fails without one.
 struct FakeStreams {
     fake: FakeSandboxes,
     /// The sandbox whose running containers it reaches; None reaches any name.
@@ -378,8 +379,17 @@ impl PodStreams for FakeStreams {
                 stdin,
                 mut stdout,
                 mut stderr,
+                terminal,
             } = io;
             let code = match argv[0].as_str() {
+                "tty" => match terminal {
+                    Some(t) => {
+                        let line = format!("{}x{}\n", t.columns, t.rows);
+                        let _ = stdout.write_all(line.as_bytes()).await;
+                        0
+                    }
+                    None => 1,
+                },
                 "echo" => {
                     let line = format!("{}\n", argv[1..].join(" "));
                     let _ = stdout.write_all(line.as_bytes()).await;

@@ -317,10 +317,12 @@ impl PodStreams for WasmStreams {
         let mut output = target.log.subscribe();
         Ok(Box::pin(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            // The container's process was started without a terminal; it stays without.
             let ExecIo {
                 stdin,
                 mut stdout,
                 mut stderr,
+                terminal: _,
             } = io;
             let input = async {
                 if let (Some(mut from), Some(to)) = (stdin, target.stdin.clone()) {

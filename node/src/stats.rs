@@ -164,7 +164,9 @@ impl Stats {
                 Some(json!({
                     "podRef": {"name": name, "namespace": ns, "uid": uid},
                     "containers": containers,
-                    "memory": {"time": time, "workingSetBytes": p.memory_bytes},
+                    // Its containers' linear memory and host-side state together; the
+                    // pod's own figure (what its limit holds) counts linear memory only.
+                    "memory": {"time": time, "workingSetBytes": p.containers.iter().map(|c| c.memory_bytes).sum::<usize>().max(p.memory_bytes)},
                 }))
             })
             .collect();

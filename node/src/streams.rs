@@ -20,7 +20,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_wasm_shim::{ExecIo, Exit};
+use baton_wasm_shim::{ExecIo, Exit, Terminal};
 use futures::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
@@ -205,6 +205,44 @@ async fn pump<T>(
     }
 }
 
+/// The size a terminal is given when the client does not say.
+const DEFAULT_TERMINAL: Terminal = Terminal {
+    columns: 80,
+    rows: 24,
+};
+
+/// How long a session with a terminal waits for the client's first resize message.
+const SIZE_WAIT: Duration = Duration::from_secs(1);
+
+/// Reads the client's first terminal size (`{"Width":W,"Height":H}` on the resize
+/// channel), keeping in `early` whatever came before it. A client that sends none within
+/// [`SIZE_WAIT`] gets [`DEFAULT_TERMINAL`].
+async fn first_size<St>(incoming: &mut St, early: &mut Vec<Message>) -> Terminal
+where
+    St: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + SIZE_WAIT;
+    // Bounded: a client that streams stdin first cannot make the node hold it all.
+    while early.len() < 64 {
+        match tokio::time::timeout_at(deadline, incoming.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) if b.first() == Some(&RESIZE) => {
+                let size: Value = serde_json::from_slice(&b[1..]).unwrap_or_default();
+                let dim = |k: &str| size[k].as_u64().filter(|&n| n > 0 && n <= 10_000);
+                return match (dim("Width"), dim("Height")) {
+                    (Some(w), Some(h)) => Terminal {
+                        columns: w as u16,
+                        rows: h as u16,
+                    },
+                    _ => DEFAULT_TERMINAL,
+                };
+            }
+            Ok(Some(Ok(m))) => early.push(m),
+            Ok(Some(Err(_))) | Ok(None) | Err(_) => break,
+        }
+    }
+    DEFAULT_TERMINAL
+}
+
 /// Serves one exec session on an upgraded connection: starts the command, carries its
 /// stdio, reports its end on the error channel and closes.
 pub async fn serve_exec<S>(
@@ -245,10 +283,19 @@ pub async fn serve_exec<S>(
     };
     let (stdout_r, stdout_w) = tokio::io::duplex(CHUNK);
     let (stderr_r, stderr_w) = tokio::io::duplex(CHUNK);
+    // With a terminal, kubectl sends its size first thing; the command starts with it.
+    // What arrives before it is kept for the command.
+    let mut early = Vec::new();
+    let terminal = match opts.tty && !opts.attach {
+        true => Some(first_size(&mut incoming, &mut early).await),
+        false => None,
+    };
+    let mut incoming = futures::stream::iter(early.into_iter().map(Ok)).chain(incoming);
     let stdio = ExecIo {
         stdin: stdin_r.map(|r| Box::new(r) as _),
         stdout: Box::new(stdout_w),
         stderr: Box::new(stderr_w),
+        terminal,
     };
     let argv = opts.argv.clone();
     let started = if opts.attach {
@@ -301,7 +348,8 @@ pub async fn serve_exec<S>(
                                 let _ = w.shutdown().await;
                             }
                         }
-                        // Components have no terminal to size.
+                        // WASI 0.2 has no way to tell a running guest its terminal's
+                        // new size (see `first_size`).
                         (Some(&RESIZE), _) | (Some(&CLOSE), _) => {}
                         _ => {}
                     },
@@ -511,10 +559,13 @@ pub async fn serve_exec_spdy<S>(
     };
     let (stdout_r, stdout_w) = tokio::io::duplex(CHUNK);
     let (stderr_r, stderr_w) = tokio::io::duplex(CHUNK);
+    // The size would come on the resize stream, which is read only once the command
+    // runs: a terminal's usual size stands in.
     let stdio = ExecIo {
         stdin: stdin_r.map(|r| Box::new(r) as _),
         stdout: Box::new(stdout_w),
         stderr: Box::new(stderr_w),
+        terminal: opts.tty.then_some(DEFAULT_TERMINAL),
     };
     let argv = opts.argv.clone();
     let finish = |status: Value, outputs: Vec<u32>| {
@@ -666,6 +717,42 @@ mod tests {
         assert_eq!(got[STDOUT as usize], b"hi there\n");
         let status: Value = serde_json::from_slice(&got[ERROR as usize]).unwrap();
         assert_eq!(status["status"], "Success");
+    }
+
+    #[tokio::test]
+    async fn a_terminal_starts_with_the_clients_size_and_keeps_early_input() {
+        let fake = FakeSandboxes::default();
+        let mut ws = session(&fake, PROTOCOLS[0], "command=tty&stdout=true&tty=true").await;
+        ws.send(frame(RESIZE, br#"{"Width":132,"Height":43}"#))
+            .await
+            .unwrap();
+        assert_eq!(collect(&mut ws).await[STDOUT as usize], b"132x43\n");
+
+        // Input sent before the size is kept for the command.
+        let mut ws = session(
+            &fake,
+            PROTOCOLS[0],
+            "command=cat&stdin=true&stdout=true&tty=true",
+        )
+        .await;
+        ws.send(frame(STDIN, b"early ")).await.unwrap();
+        ws.send(frame(RESIZE, br#"{"Width":100,"Height":30}"#))
+            .await
+            .unwrap();
+        ws.send(frame(STDIN, b"late")).await.unwrap();
+        ws.send(Message::Binary(vec![CLOSE, STDIN].into()))
+            .await
+            .unwrap();
+        assert_eq!(collect(&mut ws).await[STDOUT as usize], b"early late");
+
+        // Without a size, and without a terminal.
+        let mut ws = session(&fake, PROTOCOLS[0], "command=tty&stdout=true&tty=true").await;
+        ws.send(frame(RESIZE, b"{}")).await.unwrap();
+        assert_eq!(collect(&mut ws).await[STDOUT as usize], b"80x24\n");
+        let mut ws = session(&fake, PROTOCOLS[0], "command=tty&stdout=true").await;
+        let status: Value =
+            serde_json::from_slice(&collect(&mut ws).await[ERROR as usize]).unwrap();
+        assert_eq!(status["reason"], "NonZeroExitCode");
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use crate::net::PodNet;
 
 use crate::error::{chain, ShimError};
 use crate::runtime::{ComponentKind, DeadlineExceeded, Runtime};
-use crate::usage::AbortOnDrop;
+use crate::usage::{AbortOnDrop, Task, TaskCommand, TaskKind};
 use crate::Exit;
 
 /// A host directory the guest sees at `guest_path`; nothing else of the host is visible.
@@ -168,9 +168,15 @@ impl Runtime {
             spec.clone(),
         );
         let usage = net.usage.clone();
-        let tally = usage.tally(&name);
-        let run = async move { rt.run_cli_with(&component, &name, &spec, net).await };
-        let mut task = AbortOnDrop::new(self.spawn_guest(&usage, Some(tally), run));
+        let mut argv = vec![name.clone()];
+        argv.extend(spec.args.iter().cloned());
+        let task = usage.task(&name, TaskKind::Process, TaskCommand::Argv(argv));
+        let store_task = task.clone();
+        let run = async move {
+            rt.run_cli_with(&component, &name, &spec, net, Some(store_task))
+                .await
+        };
+        let mut task = AbortOnDrop::new(self.spawn_guest(&usage, Some(task), run));
         task.join()
             .await
             .unwrap_or_else(|e| Err(ShimError::Setup(format!("component task failed: {e}"))))
@@ -182,6 +188,7 @@ impl Runtime {
         name: &str,
         spec: &CliSpec,
         net: Arc<PodNet>,
+        task: Option<Arc<Task>>,
     ) -> Result<CliOutcome, ShimError> {
         self.expect_kind(component, ComponentKind::Cli)?;
         let limit = if spec.output_limit == 0 {
@@ -202,15 +209,7 @@ impl Runtime {
         }
         let wasi = wasi.build();
         // A process is stopped by aborting its task; no kill flag is needed.
-        let tally = net.usage.tally(name);
-        let (mut store, oom) = self.store(
-            wasi,
-            spec.memory_bytes,
-            spec.timeout,
-            net,
-            None,
-            Some(tally),
-        );
+        let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, net, None, task);
         let run = async {
             let cmd = Command::instantiate_async(&mut store, component, &self.linker).await?;
             cmd.wasi_cli_run()

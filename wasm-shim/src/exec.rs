@@ -8,6 +8,11 @@
 //! pod's CPU quota, memory limit and socket caps. It belongs to the pod twice over: the
 //! [`Execution`] that the caller holds stops it when dropped (a client that goes away
 //! frees it), and the pod's shutdown stops every execution still running.
+//!
+//! With a terminal (`kubectl exec -t`) the guest's stdio reports itself as one
+//! (wasi:cli's `terminal-stdin`/`-stdout`), and its size at the start is given as
+//! `COLUMNS` and `LINES`, as a shell would export them: WASI 0.2 has no call for a
+//! terminal's size, so a later resize does not reach the guest.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,13 +23,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::Instrument;
 use wasmtime::component::Component;
-use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
+use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream, StdinStream, StdoutStream};
 use wasmtime_wasi::p2::bindings::Command;
 
 use crate::cli::{exit_of, wasi_ctx, Mount};
 use crate::error::ShimError;
 use crate::net::PodNet;
 use crate::runtime::{ComponentKind, Runtime};
+use crate::usage::{TaskCommand, TaskKind};
 use crate::Exit;
 
 /// What to run.
@@ -45,6 +51,44 @@ pub struct ExecIo {
     pub stdin: Option<Box<dyn AsyncRead + Send + Sync + Unpin>>,
     pub stdout: Box<dyn AsyncWrite + Send + Sync + Unpin>,
     pub stderr: Box<dyn AsyncWrite + Send + Sync + Unpin>,
+    /// Whether the stdio is a terminal, and its size.
+    pub terminal: Option<Terminal>,
+}
+
+/// A terminal's size in characters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Terminal {
+    pub columns: u16,
+    pub rows: u16,
+}
+
+/// One of the guest's stdio streams, reported to it as a terminal.
+struct OnTerminal<S>(S);
+
+impl<S> wasmtime_wasi::cli::IsTerminal for OnTerminal<S> {
+    fn is_terminal(&self) -> bool {
+        true
+    }
+}
+
+impl<S: StdinStream> StdinStream for OnTerminal<S> {
+    fn async_stream(&self) -> Box<dyn AsyncRead + Send + Sync> {
+        self.0.async_stream()
+    }
+
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::InputStream> {
+        self.0.p2_stream()
+    }
+}
+
+impl<S: StdoutStream> StdoutStream for OnTerminal<S> {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        self.0.async_stream()
+    }
+
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        self.0.p2_stream()
+    }
 }
 
 impl std::fmt::Debug for ExecIo {
@@ -203,11 +247,34 @@ impl PodHandle {
         if self.rt.kind(component)? != ComponentKind::Cli {
             return Err(ShimError::NotACommand);
         }
-        let mut wasi = wasi_ctx(&spec.env, &spec.argv, &spec.mounts, true)?;
-        wasi.stdout(AsyncStdoutStream::new(STDOUT_BUDGET, io.stdout))
-            .stderr(AsyncStdoutStream::new(STDOUT_BUDGET, io.stderr));
-        if let Some(stdin) = io.stdin {
-            wasi.stdin(AsyncStdinStream::new(stdin));
+        let mut env = spec.env.clone();
+        if let Some(t) = io.terminal {
+            for (k, v) in [
+                ("TERM", "xterm".to_string()),
+                ("COLUMNS", t.columns.to_string()),
+                ("LINES", t.rows.to_string()),
+            ] {
+                if !env.iter().any(|(n, _)| n == k) {
+                    env.push((k.to_string(), v));
+                }
+            }
+        }
+        let mut wasi = wasi_ctx(&env, &spec.argv, &spec.mounts, true)?;
+        let (stdout, stderr) = (
+            AsyncStdoutStream::new(STDOUT_BUDGET, io.stdout),
+            AsyncStdoutStream::new(STDOUT_BUDGET, io.stderr),
+        );
+        let stdin = io.stdin.map(AsyncStdinStream::new);
+        if io.terminal.is_some() {
+            wasi.stdout(OnTerminal(stdout)).stderr(OnTerminal(stderr));
+            if let Some(stdin) = stdin {
+                wasi.stdin(OnTerminal(stdin));
+            }
+        } else {
+            wasi.stdout(stdout).stderr(stderr);
+            if let Some(stdin) = stdin {
+                wasi.stdin(stdin);
+            }
         }
         let wasi = wasi.build();
         let mut running = self.execs.lock();
@@ -221,13 +288,17 @@ impl PodHandle {
             set: self.execs.clone(),
         };
         let (rt, net, component) = (self.rt.clone(), self.net.clone(), component.clone());
-        let tally = self.net.usage.tally(&spec.container);
-        let store_tally = tally.clone();
         let name = spec.argv.first().cloned().unwrap_or_default();
+        let task = self.net.usage.task(
+            &spec.container,
+            TaskKind::Exec,
+            TaskCommand::Argv(spec.argv.clone()),
+        );
+        let store_task = task.clone();
         let run = async move {
             let _live = live;
             let (mut store, oom) =
-                rt.store(wasi, spec.memory_bytes, None, net, None, Some(store_tally));
+                rt.store(wasi, spec.memory_bytes, None, net, None, Some(store_task));
             let result = async {
                 let cmd = Command::instantiate_async(&mut store, &component, &rt.linker).await?;
                 cmd.wasi_cli_run()
@@ -239,7 +310,7 @@ impl PodHandle {
             exit_of(result, oom.load(Ordering::Relaxed))
         }
         .instrument(tracing::debug_span!("wasm_exec", command = %name));
-        let task = self.rt.spawn_guest(&self.net.usage, Some(tally), run);
+        let task = self.rt.spawn_guest(&self.net.usage, Some(task), run);
         map.insert(id, task.abort_handle());
         Ok(Execution { task })
     }

@@ -20,15 +20,38 @@ pub(crate) struct Limits {
     /// The pod's account, and how much of it this instance holds.
     pub usage: Arc<crate::usage::Usage>,
     pub held: usize,
-    /// The container the instance runs for, whose share this memory is too.
-    pub tally: Option<Arc<crate::usage::Tally>>,
+    /// The task the instance runs for, whose share (and its container's) this memory is
+    /// too, with the host-side state counted in `host_held`.
+    pub task: Option<Arc<crate::usage::Task>>,
+    pub host_held: usize,
+}
+
+/// What the host holds for every instance beside its linear memory and tables: the store's
+/// state as laid out. A lower bound: what that state points to on the heap (resource
+/// table entries, stream buffers) grows with use, bounded by other caps (handles, output
+/// budgets), and is not counted.
+pub(crate) const HOST_STATE_BYTES: usize = std::mem::size_of::<Host>();
+
+/// A table element is a pointer to a function, held by the host.
+const TABLE_ELEMENT_BYTES: usize = std::mem::size_of::<usize>();
+
+impl Limits {
+    /// Starts counting the task's host-side state.
+    pub fn for_task(mut self, task: Option<Arc<crate::usage::Task>>) -> Self {
+        if let Some(t) = &task {
+            t.grow_memory(HOST_STATE_BYTES);
+            self.host_held = HOST_STATE_BYTES;
+        }
+        self.task = task;
+        self
+    }
 }
 
 impl Drop for Limits {
     fn drop(&mut self) {
         self.usage.release_memory(self.held);
-        if let Some(t) = &self.tally {
-            t.release_memory(self.held);
+        if let Some(t) = &self.task {
+            t.release_memory(self.held + self.host_held);
         }
     }
 }
@@ -46,7 +69,7 @@ impl ResourceLimiter for Limits {
             return Ok(false);
         }
         self.held += delta;
-        if let Some(t) = &self.tally {
+        if let Some(t) = &self.task {
             t.grow_memory(delta);
         }
         Ok(true)
@@ -54,11 +77,19 @@ impl ResourceLimiter for Limits {
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= self.max_tables_elements)
+        if desired > self.max_tables_elements {
+            return Ok(false);
+        }
+        if let Some(t) = &self.task {
+            let bytes = desired.saturating_sub(current) * TABLE_ELEMENT_BYTES;
+            t.grow_memory(bytes);
+            self.host_held += bytes;
+        }
+        Ok(true)
     }
 }
 

@@ -24,7 +24,7 @@ use crate::cli::{exit_of, wasi_ctx};
 use crate::error::{chain, ShimError};
 use crate::host::Host;
 use crate::runtime::{ComponentKind, Runtime};
-use crate::usage::AbortOnDrop;
+use crate::usage::{AbortOnDrop, TaskCommand, TaskKind};
 
 /// How long a client of an HTTPS component has to finish its TLS handshake.
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
@@ -98,8 +98,8 @@ struct Serving {
     runtime: Runtime,
     pre: ProxyPre<Host>,
     spec: HttpSpec,
-    /// The container it serves for: its requests are counted there.
-    tally: Option<Arc<crate::usage::Tally>>,
+    /// The container it serves for: its requests are counted there, as tasks of their own.
+    container: Option<String>,
 }
 
 fn text(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
@@ -265,13 +265,20 @@ impl Serving {
             }
         };
         let wasi = wasi.build();
+        let task = self.container.as_ref().map(|c| {
+            self.net.usage.task(
+                c,
+                TaskKind::Request,
+                TaskCommand::Request(req.method().clone(), req.uri().clone()),
+            )
+        });
         let (mut store, oom) = self.runtime.store(
             wasi,
             self.spec.memory_bytes,
             self.spec.request_timeout,
             self.net.clone(),
             Some(self.stopped.clone()),
-            self.tally.clone(),
+            task.clone(),
         );
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let prepared = (|| -> wasmtime::Result<_> {
@@ -293,7 +300,7 @@ impl Serving {
         let pre = self.pre.clone();
         let task = self.runtime.spawn_guest(
             &self.net.usage,
-            self.tally.clone(),
+            task,
             async move {
                 let result = async {
                     let proxy = pre.instantiate_async(&mut store).await?;
@@ -358,7 +365,7 @@ impl Runtime {
         spec: HttpSpec,
         listener: TcpListener,
         net: Arc<crate::net::PodNet>,
-        tally: Option<Arc<crate::usage::Tally>>,
+        container: Option<&str>,
     ) -> Result<HttpServer, ShimError> {
         self.expect_kind(component, ComponentKind::Http)?;
         let instance_pre = self
@@ -376,7 +383,7 @@ impl Runtime {
             runtime: self.clone(),
             pre,
             spec,
-            tally,
+            container: container.map(str::to_string),
         });
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<Duration>();
         // The listener moves to the guest threads' reactor, where all of the server runs.
@@ -393,7 +400,9 @@ impl Runtime {
             .tls
             .clone()
             .map(tokio_rustls::TlsAcceptor::from);
-        let (task, gone) = self.spawn_guest_tracked(&usage, serving.tally.clone(), async move {
+        let server_task =
+            container.map(|c| usage.task(c, TaskKind::Server, TaskCommand::Listen(addr.port())));
+        let (task, gone) = self.spawn_guest_tracked(&usage, server_task, async move {
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             // The connections belong to the server: when it is dropped, they are too, so
             // a stopped pod answers nothing more, even on a kept-alive connection.

@@ -45,18 +45,19 @@ mod https;
 pub mod logs;
 mod net;
 mod pod;
+mod procs;
 mod runtime;
 mod tiers;
 mod usage;
 
 pub use cli::{CliOutcome, CliSpec, Mount, StdinPipe};
 pub use error::ShimError;
-pub use exec::{ExecIo, ExecSpec, Execution, PodHandle};
+pub use exec::{ExecIo, ExecSpec, Execution, PodHandle, Terminal};
 pub use http::{HttpServer, HttpSpec};
 pub use net::{NameResolver, NetLimits};
 pub use pod::{ContainerSpec, Pod, PodSpec};
 pub use runtime::{read_bounded, ComponentKind, Runtime, RuntimeConfig};
-pub use usage::{ContainerUsage, PodUsage, CPU_PERIOD};
+pub use usage::{ContainerUsage, PodUsage, TaskInfo, TaskKind, CPU_PERIOD};
 /// A compiled component, loaded by [`Runtime::load_file`]; callers need not depend on wasmtime.
 pub use wasmtime::component::Component;
 

@@ -14,6 +14,7 @@ use crate::exec::{Executions, PodHandle};
 use crate::http::{HttpServer, HttpSpec};
 use crate::net::{NameResolver, PodNet};
 use crate::runtime::{ComponentKind, Runtime};
+use crate::usage::{TaskCommand, TaskKind};
 
 /// One container of a pod.
 #[derive(Clone)]
@@ -186,13 +187,12 @@ impl Pod {
                 let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                     ShimError::Setup(format!("container {} cannot listen on {addr}: {e}", c.name))
                 })?;
-                let tally = self.net.usage.tally(&c.name);
                 let server = rt.serve_http_with(
                     &c.component,
                     c.http.clone(),
                     listener,
                     self.net.clone(),
-                    Some(tally),
+                    Some(&c.name),
                 )?;
                 self.servers.push((c.name, server));
             }
@@ -201,9 +201,13 @@ impl Pod {
                 let name = c.name.clone();
                 let net = self.net.clone();
                 let usage = net.usage.clone();
-                let tally = usage.tally(&c.name);
-                let (task, gone) = rt.spawn_guest_tracked(&usage, Some(tally), async move {
-                    rt2.run_cli_with(&c.component, &c.name, &c.cli, net).await
+                let mut argv = vec![c.name.clone()];
+                argv.extend(c.cli.args.iter().cloned());
+                let task = usage.task(&c.name, TaskKind::Process, TaskCommand::Argv(argv));
+                let store_task = task.clone();
+                let (task, gone) = rt.spawn_guest_tracked(&usage, Some(task), async move {
+                    rt2.run_cli_with(&c.component, &c.name, &c.cli, net, Some(store_task))
+                        .await
                 });
                 self.processes.push(Process {
                     name,

@@ -152,13 +152,15 @@ impl Runtime {
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| ShimError::Setup(chain(&e)))?;
         let mut linker = Linker::new(&engine);
-        // Includes wasi:cli's `exit-with-code`, for components that report any exit code;
-        // Rust's std on wasip2 only reports success (0) or failure (1).
+        // Includes wasi:cli's `exit-with-code` (stable since WASI 0.2.12), for components
+        // that report any exit code; Rust's std on wasip2 only reports success (0) or
+        // failure (1).
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| ShimError::Setup(chain(&e)))?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| ShimError::Setup(chain(&e)))?;
         crate::net::add_to_linker(&mut linker).map_err(|e| ShimError::Setup(chain(&e)))?;
+        crate::procs::add_to_linker(&mut linker).map_err(|e| ShimError::Setup(chain(&e)))?;
         let guests = crate::tiers::GuestThreads::new(cfg.guest_threads, cfg.guest_nice)
             .map_err(|e| ShimError::Setup(format!("starting the guest threads: {e}")))?;
         let pods: Arc<crate::usage::Registry> = Arc::default();
@@ -198,7 +200,7 @@ impl Runtime {
     pub(crate) fn spawn_guest<F>(
         &self,
         usage: &Arc<crate::usage::Usage>,
-        tally: Option<Arc<crate::usage::Tally>>,
+        task: Option<Arc<crate::usage::Task>>,
         fut: F,
     ) -> tokio::task::JoinHandle<F::Output>
     where
@@ -206,7 +208,7 @@ impl Runtime {
         F::Output: Send + 'static,
     {
         self.guests
-            .spawn(crate::usage::Metered::new(usage.clone(), fut).for_container(tally))
+            .spawn(crate::usage::Metered::new(usage.clone(), fut).for_task(task))
     }
 
     /// [`Runtime::spawn_guest`], also telling when the task's future has been dropped
@@ -215,7 +217,7 @@ impl Runtime {
     pub(crate) fn spawn_guest_tracked<F>(
         &self,
         usage: &Arc<crate::usage::Usage>,
-        tally: Option<Arc<crate::usage::Tally>>,
+        task: Option<Arc<crate::usage::Task>>,
         fut: F,
     ) -> (tokio::task::JoinHandle<F::Output>, crate::pod::Gone)
     where
@@ -223,7 +225,7 @@ impl Runtime {
         F::Output: Send + 'static,
     {
         let (guard, gone) = crate::pod::Gone::new();
-        let task = self.spawn_guest(usage, tally, async move {
+        let task = self.spawn_guest(usage, task, async move {
             let _guard = guard;
             fut.await
         });
@@ -315,7 +317,7 @@ impl Runtime {
         budget: Option<Duration>,
         net: Arc<PodNet>,
         killed: Option<Arc<AtomicBool>>,
-        tally: Option<Arc<crate::usage::Tally>>,
+        task: Option<Arc<crate::usage::Task>>,
     ) -> (Store<Host>, Arc<AtomicBool>) {
         let hit_memory = Arc::new(AtomicBool::new(false));
         let mut table = ResourceTable::new();
@@ -340,8 +342,10 @@ impl Runtime {
                 hit_memory: hit_memory.clone(),
                 usage: usage.clone(),
                 held: 0,
-                tally,
-            },
+                task: None,
+                host_held: 0,
+            }
+            .for_task(task),
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limits);

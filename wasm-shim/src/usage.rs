@@ -61,24 +61,128 @@ pub struct ContainerUsage {
     pub name: String,
     /// CPU time its guests have used since the pod started, in nanoseconds.
     pub cpu_nanos: u64,
-    /// Linear memory its live instances hold, in bytes.
+    /// What its live instances hold, in bytes: linear memory, tables, and each store's own
+    /// state on the host (see `host::HOST_STATE_BYTES`).
     pub memory_bytes: usize,
 }
 
 /// One container's share of its pod's account.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Tally {
+    name: String,
     cpu_nanos: AtomicU64,
     memory: AtomicUsize,
 }
 
-impl Tally {
+/// What a guest task is, for `ps`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskKind {
+    /// A CLI container's process.
+    Process,
+    /// An HTTP container's server, which accepts connections and starts requests.
+    Server,
+    /// One HTTP request, in an instance of its own.
+    Request,
+    /// A command started by `kubectl exec`.
+    Exec,
+}
+
+impl TaskKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Process => "process",
+            TaskKind::Server => "server",
+            TaskKind::Request => "request",
+            TaskKind::Exec => "exec",
+        }
+    }
+}
+
+/// One guest task of a pod, what a process is to `ps`: its CPU (charged by [`Metered`])
+/// and memory (charged by the store's limiter) count for it, for its container and for
+/// its pod. It leaves the pod's table when the last holder (the task and its store)
+/// drops it, so `ps` never shows what has ended.
+#[derive(Debug)]
+pub(crate) struct Task {
+    pid: u32,
+    kind: TaskKind,
+    /// Built on demand, so that a request pays for a string only if someone looks.
+    command: TaskCommand,
+    started: Instant,
+    cpu_nanos: AtomicU64,
+    memory: AtomicUsize,
+    tally: Arc<Tally>,
+    pod: Weak<Usage>,
+}
+
+#[derive(Debug)]
+pub(crate) enum TaskCommand {
+    Argv(Vec<String>),
+    Request(http::Method, http::Uri),
+    Listen(u16),
+}
+
+impl std::fmt::Display for TaskCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskCommand::Argv(argv) => f.write_str(&argv.join(" ")),
+            TaskCommand::Request(m, uri) => write!(f, "{m} {uri}"),
+            TaskCommand::Listen(port) => write!(f, "listen :{port}"),
+        }
+    }
+}
+
+/// One row of `ps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub pid: u32,
+    pub container: String,
+    pub kind: TaskKind,
+    pub command: String,
+    pub age: Duration,
+    pub cpu_nanos: u64,
+    pub memory_bytes: usize,
+}
+
+impl Task {
     pub fn grow_memory(&self, delta: usize) {
         self.memory.fetch_add(delta, Ordering::Relaxed);
+        self.tally.memory.fetch_add(delta, Ordering::Relaxed);
     }
 
     pub fn release_memory(&self, bytes: usize) {
         self.memory.fetch_sub(bytes, Ordering::Relaxed);
+        self.tally.memory.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn charge(&self, d: Duration) {
+        let ns = d.as_nanos() as u64;
+        self.cpu_nanos.fetch_add(ns, Ordering::Relaxed);
+        self.tally.cpu_nanos.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    fn info(&self) -> TaskInfo {
+        TaskInfo {
+            pid: self.pid,
+            container: self.tally.name.clone(),
+            kind: self.kind,
+            command: self.command.to_string(),
+            age: self.started.elapsed(),
+            cpu_nanos: self.cpu_nanos.load(Ordering::Relaxed),
+            memory_bytes: self.memory.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        if let Some(pod) = self.pod.upgrade() {
+            pod.table
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .live
+                .remove(&self.pid);
+        }
     }
 }
 
@@ -100,6 +204,14 @@ pub(crate) struct Usage {
     memory_limit: AtomicUsize,
     /// Each container's share, by name.
     containers: Mutex<Vec<(String, Arc<Tally>)>>,
+    /// The pod's live tasks by pid, for `ps` (see [`Task`]).
+    table: Mutex<TaskTable>,
+}
+
+#[derive(Debug, Default)]
+struct TaskTable {
+    next_pid: u32,
+    live: std::collections::HashMap<u32, Weak<Task>>,
 }
 
 #[derive(Debug, Default)]
@@ -240,9 +352,48 @@ impl Usage {
         if let Some((_, t)) = all.iter().find(|(n, _)| n == container) {
             return t.clone();
         }
-        let t = Arc::new(Tally::default());
+        let t = Arc::new(Tally {
+            name: container.to_string(),
+            cpu_nanos: AtomicU64::new(0),
+            memory: AtomicUsize::new(0),
+        });
         all.push((container.to_string(), t.clone()));
         t
+    }
+
+    /// Registers a task of `container`, listed by [`Usage::tasks`] until it is dropped.
+    pub fn task(
+        self: &Arc<Self>,
+        container: &str,
+        kind: TaskKind,
+        command: TaskCommand,
+    ) -> Arc<Task> {
+        let tally = self.tally(container);
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table.next_pid += 1;
+        let task = Arc::new(Task {
+            pid: table.next_pid,
+            kind,
+            command,
+            started: Instant::now(),
+            cpu_nanos: AtomicU64::new(0),
+            memory: AtomicUsize::new(0),
+            tally,
+            pod: Arc::downgrade(self),
+        });
+        table.live.insert(task.pid, Arc::downgrade(&task));
+        task
+    }
+
+    /// The pod's live tasks, by pid.
+    pub fn tasks(&self) -> Vec<TaskInfo> {
+        let live: Vec<Arc<Task>> = {
+            let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            table.live.values().filter_map(Weak::upgrade).collect()
+        };
+        let mut out: Vec<TaskInfo> = live.iter().map(|t| t.info()).collect();
+        out.sort_by_key(|t| t.pid);
+        out
     }
 
     pub fn instance(self: &Arc<Self>) -> InstanceGuard {
@@ -289,8 +440,8 @@ impl Drop for InstanceGuard {
 pub(crate) struct Metered<F> {
     inner: Pin<Box<F>>,
     usage: Arc<Usage>,
-    /// The container it runs for, if any: its polls are charged there too.
-    tally: Option<Arc<Tally>>,
+    /// The task it runs, if any: its polls are charged there (and to its container) too.
+    task: Option<Arc<Task>>,
     /// Time this task has spent in its polls.
     ran: Duration,
     /// Whether its last poll ended because the epoch callback preempted it.
@@ -303,15 +454,15 @@ impl<F> Metered<F> {
         Self {
             inner: Box::pin(inner),
             usage,
-            tally: None,
+            task: None,
             ran: Duration::ZERO,
             preempted: false,
         }
     }
 
-    /// Charges the task's CPU to a container of its pod as well.
-    pub fn for_container(mut self, tally: Option<Arc<Tally>>) -> Self {
-        self.tally = tally;
+    /// Charges the future's CPU to one of its pod's tasks as well.
+    pub fn for_task(mut self, task: Option<Arc<Task>>) -> Self {
+        self.task = task;
         self
     }
 
@@ -365,9 +516,8 @@ impl<F: Future> Future for Metered<F> {
         let d = t.elapsed();
         self.ran += d;
         self.usage.charge(d);
-        if let Some(t) = &self.tally {
-            t.cpu_nanos
-                .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        if let Some(t) = &self.task {
+            t.charge(d);
         }
         out
     }

@@ -726,8 +726,20 @@ async fn exec(
     argv: &[&str],
     stdin: Option<&[u8]>,
 ) -> (String, i32) {
+    exec_on(pod, component, argv, stdin, None).await
+}
+
+/// [`exec`], with or without a terminal.
+async fn exec_on(
+    pod: &baton_wasm_shim::PodHandle,
+    component: &baton_wasm_shim::Component,
+    argv: &[&str],
+    stdin: Option<&[u8]>,
+    terminal: Option<baton_wasm_shim::Terminal>,
+) -> (String, i32) {
     let (mut out_r, out_w) = tokio::io::duplex(1 << 16);
-    let (_, err_w) = tokio::io::duplex(1 << 16);
+    // Kept open: a guest whose stderr is gone fails to print its error, and panics.
+    let (_err_r, err_w) = tokio::io::duplex(1 << 16);
     let stdin = stdin.map(|b| {
         let (r, mut w) = tokio::io::duplex(1 << 16);
         let b = b.to_vec();
@@ -748,6 +760,7 @@ async fn exec(
                 stdin,
                 stdout: Box::new(out_w),
                 stderr: Box::new(err_w),
+                terminal,
             },
         )
         .unwrap();
@@ -806,6 +819,7 @@ async fn exec_runs_a_command_in_a_running_pod_with_its_stdio() {
             stdin: None,
             stdout: Box::new(w),
             stderr: Box::new(e),
+            terminal: None,
         },
     );
     assert!(matches!(refused, Err(ShimError::NotACommand)));
@@ -823,6 +837,7 @@ async fn exec_runs_a_command_in_a_running_pod_with_its_stdio() {
                 stdin: None,
                 stdout: Box::new(w),
                 stderr: Box::new(e),
+                terminal: None,
             },
         )
         .unwrap();
@@ -830,4 +845,95 @@ async fn exec_runs_a_command_in_a_running_pod_with_its_stdio() {
     pod.shutdown(Duration::ZERO).await;
     assert_eq!(sleeper.wait().await.code, 143);
     assert_eq!(handle.executions(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ps_lists_the_pods_tasks_and_exit_codes_and_terminals_pass_through() {
+    let rt = runtime();
+    let toolbox = rt.load_file(&guest("toolbox")).unwrap();
+    let web = rt.load_file(&guest("http-hello")).unwrap();
+    let pod = rt
+        .start_pod(PodSpec {
+            name: "listed".into(),
+            ip: std::net::IpAddr::from([127, 1, 4, 2]),
+            containers: vec![
+                ContainerSpec {
+                    name: "web".into(),
+                    component: web,
+                    port: Some(8080),
+                    cli: CliSpec::default(),
+                    http: HttpSpec::default(),
+                },
+                ContainerSpec {
+                    name: "hogger".into(),
+                    component: toolbox.clone(),
+                    port: None,
+                    cli: CliSpec {
+                        args: vec!["hog".into(), "8".into()],
+                        ..Default::default()
+                    },
+                    http: HttpSpec::default(),
+                },
+            ],
+            names: None,
+        })
+        .await
+        .unwrap();
+    let handle = pod.handle();
+    // The hog's row shows the memory it holds once it has taken it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let table = loop {
+        let (out, code) = exec(&handle, &toolbox, &["ps"], None).await;
+        assert_eq!(code, 0, "{out}");
+        let hog = out.lines().find(|l| l.contains("hogger hog 8")).map(|l| {
+            let mib = l.split_whitespace().nth(5).unwrap();
+            mib.trim_end_matches("MiB").parse::<f64>().unwrap()
+        });
+        if hog.is_some_and(|m| m >= 8.0) {
+            break out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no hog at 8 MiB in:\n{out}"
+        );
+        tokio::task::yield_now().await;
+    };
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let kinds: Vec<(&str, &str)> = rows.iter().map(|r| (r[1], r[2])).collect();
+    assert!(kinds.contains(&("web", "server")), "{table}");
+    assert!(kinds.contains(&("hogger", "process")), "{table}");
+    assert!(
+        kinds.contains(&("main", "exec")),
+        "ps sees itself:\n{table}"
+    );
+    let pids: Vec<u32> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
+    assert!(pids.windows(2).all(|w| w[0] < w[1]), "{table}");
+    // An exec'd command that ended is gone from the next listing.
+    let (out, _) = exec(&handle, &toolbox, &["ps"], None).await;
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" exec ")).count(),
+        1,
+        "only the running ps:\n{out}"
+    );
+    // Any exit code reaches the caller, from a command and from the shell.
+    let (_, code) = exec(&handle, &toolbox, &["exit", "3"], None).await;
+    assert_eq!(code, 3);
+    let (_, code) = exec(&handle, &toolbox, &["sh", "-c", "echo hi; exit 42"], None).await;
+    assert_eq!(code, 42);
+    let (_, code) = exec(&handle, &toolbox, &["sh", "-c", "no-such-command"], None).await;
+    assert_eq!(code, 127);
+    // A terminal is seen as one, with its size.
+    let size = baton_wasm_shim::Terminal {
+        columns: 100,
+        rows: 30,
+    };
+    let (out, code) = exec_on(&handle, &toolbox, &["tty"], None, Some(size)).await;
+    assert_eq!((out.as_str(), code), ("terminal 100x30\n", 0));
+    let (out, code) = exec(&handle, &toolbox, &["tty"], None).await;
+    assert_eq!((out.as_str(), code), ("not a tty\n", 1));
+    pod.shutdown(Duration::ZERO).await;
 }

@@ -9,19 +9,31 @@
 //!
 //! - `echo ARGS…`, `cat [FILE…]` (stdin without files), `ls [-l] [PATH…]`, `env`,
 //!   `pwd`, `true`, `false`, `exit [N]`;
+//! - `ps`: the pod's live tasks (each container's process or server, requests in flight,
+//!   exec'd commands) with their CPU time and memory, from Baton's `baton:pod/processes`
+//!   host interface (`wasm-shim/wit/pod.wit`);
 //! - `get URL` (alias `curl`): an HTTP GET over wasi:http; prints the body, fails on
 //!   status ≥ 400;
 //! - `tcp HOST PORT`: connects, sends stdin, prints what comes back;
 //! - `lookup NAME`: the addresses a name resolves to;
 //! - `tar cf - PATH…` writes an archive to stdout; `tar xf - [-C DIR]` unpacks stdin (the
 //!   two commands `kubectl cp` runs; `m`, `v` and `--no-same-*` are accepted and ignored);
-//! - `test -d|-f|-e PATH`;
+//! - `test -d|-f|-e PATH`; `tty`: whether stdout is a terminal, and its size (from
+//!   `COLUMNS` and `LINES`, which Baton sets for `kubectl exec -t`);
 //! - `sleep [SECONDS]` (forever without one): a container that waits to be exec'd into;
 //! - `spin [SECONDS]`: keeps a CPU busy; `hog MIB`: holds that much memory, then sleeps.
 //!
-//! Exit status is the last command's: 0 on success, 1 on failure.
+//! Exit status is the last command's: 0 on success, 1 on failure, 127 for an unknown
+//! command, or N from `exit N`, reported through wasi:cli's `exit-with-code`.
 use std::io::{Read, Write};
 use std::net::ToSocketAddrs;
+
+wit_bindgen::generate!({
+    path: "../../wasm-shim/wit",
+    world: "baton:pod/host",
+});
+
+use baton::pod::processes;
 
 fn main() {
     let mut args: Vec<String> = std::env::args().collect();
@@ -46,14 +58,26 @@ fn main() {
     if args.is_empty() {
         args.push("sh".into());
     }
-    let code = run(&args);
+    exit(run(&args));
+}
+
+/// Ends the program with `code`. Rust's std reports only success or failure on wasip2, so
+/// any other code goes through `exit-with-code`.
+fn exit(code: i32) -> ! {
     let _ = std::io::stdout().flush();
-    std::process::exit(code);
+    let _ = std::io::stderr().flush();
+    match code {
+        0 => std::process::exit(0),
+        c => {
+            wasip2::cli::exit::exit_with_code(c.clamp(1, 255) as u8);
+            std::process::exit(1)
+        }
+    }
 }
 
 const COMMANDS: &[&str] = &[
     "sh", "echo", "cat", "ls", "env", "pwd", "true", "false", "exit", "get", "curl", "tcp", "nc",
-    "lookup", "nslookup", "sleep", "spin", "hog", "tar", "test",
+    "lookup", "nslookup", "sleep", "spin", "hog", "tar", "test", "ps", "tty",
 ];
 
 /// Runs one command; returns its status.
@@ -80,9 +104,19 @@ fn run(args: &[String]) -> i32 {
             .map_err(|e| e.to_string()),
         "true" => Ok(()),
         "false" => return 1,
-        "exit" => {
-            let _ = std::io::stdout().flush();
-            std::process::exit(rest.first().and_then(|c| c.parse().ok()).unwrap_or(0));
+        "exit" => exit(rest.first().and_then(|c| c.parse().ok()).unwrap_or(0)),
+        "ps" => {
+            ps();
+            Ok(())
+        }
+        "tty" => {
+            if wasip2::cli::terminal_stdout::get_terminal_stdout().is_none() {
+                println!("not a tty");
+                return 1;
+            }
+            let var = |k| std::env::var(k).unwrap_or_else(|_| "?".into());
+            println!("terminal {}x{}", var("COLUMNS"), var("LINES"));
+            Ok(())
         }
         "get" | "curl" => get(rest),
         "tar" => tar(rest),
@@ -466,4 +500,34 @@ fn untar(input: impl Read, base: &std::path::Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `ps`: one line per live task of the pod.
+fn ps() {
+    println!(
+        "{:>5} {:<16} {:<8} {:>8} {:>9} {:>10}  COMMAND",
+        "PID", "CONTAINER", "KIND", "AGE", "CPU", "MEMORY"
+    );
+    for p in processes::list_processes() {
+        println!(
+            "{:>5} {:<16} {:<8} {:>8} {:>9} {:>10}  {}",
+            p.pid,
+            p.container,
+            p.kind,
+            duration(p.age_ms),
+            format!("{:.3}s", p.cpu_ns as f64 / 1e9),
+            format!("{:.1}MiB", p.memory_bytes as f64 / (1 << 20) as f64),
+            p.command
+        );
+    }
+}
+
+/// `12s`, `3m04s`, `2h05m`: an age as ps prints it, short.
+fn duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
 }
