@@ -62,13 +62,28 @@ fn exec_runs_a_command_in_the_pod_and_passes_its_output_input_and_exit_code() {
     let env = b.ok(&["exec", "tb", "-c", "main", "--", "env"]);
     assert!(env.contains("GREETING=hello"), "{env}");
 
-    // The exit code comes back as kubectl's own (wasi:cli 0.2 reports failure as 1).
+    // The exit code comes back as kubectl's own, whatever it is (wasi:cli exit-with-code).
     let failed = b.run(
         "kubectl",
         &["exec", "tb", "-c", "main", "--", "false"],
         None,
     );
     assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    let failed = b.run(
+        "kubectl",
+        &[
+            "exec",
+            "tb",
+            "-c",
+            "main",
+            "--",
+            "sh",
+            "-c",
+            "echo bye; exit 42",
+        ],
+        None,
+    );
+    assert_eq!(failed.status.code(), Some(42), "{failed:?}");
     let missing = b.run(
         "kubectl",
         &[
@@ -83,11 +98,27 @@ fn exec_runs_a_command_in_the_pod_and_passes_its_output_input_and_exit_code() {
         ],
         None,
     );
-    assert_ne!(missing.status.code(), Some(0));
+    assert_eq!(missing.status.code(), Some(127), "{missing:?}");
     assert!(
         String::from_utf8_lossy(&missing.stderr).contains("command not found"),
         "{missing:?}"
     );
+
+    // With a terminal (kubectl needs one of its own: `script` gives it a pty), the command
+    // sees one, of the size kubectl reports.
+    let tty = Command::new("script")
+        .args([
+            "-qec",
+            "stty cols 132 rows 43; kubectl exec -it tb -c main -- tty",
+            "/dev/null",
+        ])
+        .env("KUBECONFIG", &b.kubeconfig)
+        .env("HOME", b.home())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(shown.contains("terminal 132x43"), "{tty:?}");
 
     // stdin, ended by kubectl's close of the stream.
     let echoed = b.ok_with(
@@ -457,8 +488,16 @@ fn debug_adds_a_toolbox_that_reaches_the_sibling_and_sees_the_volume() {
             &format!("--image={toolbox}"),
             "--target=main",
         ],
-        Some("get localhost:8080/from-debug\ncat /data/note.txt\nexit\n"),
+        Some("get localhost:8080/from-debug\ncat /data/note.txt\nps\nexit\n"),
     );
+    // ps lists the pod's tasks: the target's process and the sibling's server among them.
+    let row = |command: &str| -> Vec<String> {
+        let line = out.lines().find(|l| l.ends_with(command));
+        let line = line.unwrap_or_else(|| panic!("no {command:?} in ps:\n{out}"));
+        line.split_whitespace().map(str::to_string).collect()
+    };
+    assert_eq!(row("main sleep")[1..3], ["main", "process"], "{out}");
+    assert_eq!(row("listen :8080")[1..3], ["web", "server"], "{out}");
     assert!(
         out.contains("hello from http-hello path=/from-debug"),
         "{out}"

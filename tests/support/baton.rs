@@ -104,7 +104,7 @@ impl Baton {
         std::mem::replace(&mut self.dir, dir)
     }
 
-    fn home(&self) -> PathBuf {
+    pub fn home(&self) -> PathBuf {
         self.dir.path().join("home")
     }
 
