@@ -7,7 +7,8 @@ set -euo pipefail
 # (see .cargo/config.toml). protobuf-compiler: etcd-client's gRPC code in the benchmarks.
 # etcd-server: the peer the store benchmark runs against. docker-registry and
 # apache2-utils (htpasswd): the real OCI registry the image tests push to and pull from.
-PACKAGES=(clang libclang-dev librocksdb-dev protobuf-compiler etcd-server docker-registry apache2-utils)
+# runc and busybox-static: OCI containers, and the tiny Linux image their tests pack.
+PACKAGES=(clang libclang-dev librocksdb-dev protobuf-compiler etcd-server docker-registry apache2-utils runc busybox-static)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

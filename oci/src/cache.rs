@@ -1,8 +1,10 @@
 //! The node's content-addressed store of pulled artifacts.
 //!
 //! ```text
-//! CACHE/blobs/sha256/HEX       verified content (manifests and Wasm layers)
+//! CACHE/blobs/sha256/HEX       verified content (manifests, configs and layers)
 //! CACHE/refs/ESCAPED-REFERENCE  "MANIFEST-DIGEST LAYER-DIGEST" for a tag or digest pulled
+//!                               (a Linux image's config digest stands for its layer)
+//! CACHE/rootfs/HEX              a Linux image's unpacked root filesystem, by manifest
 //! CACHE/tmp/                    downloads in progress; emptied at open
 //! ```
 //!
@@ -64,6 +66,11 @@ impl Cache {
         Ok(Self {
             root: root.to_path_buf(),
         })
+    }
+
+    /// The cache's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Where a blob lives once verified.

@@ -12,8 +12,11 @@
 //!   `application/vnd.wasm.content.layer.v1+wasm`, or a layer titled `*.wasm`).
 //! - An image index: the entry for `wasi`/`wasm` is taken.
 //!
-//! A Linux container image (tar layers, an OCI or Docker image config) is recognised and
-//! refused with [`OciError::LinuxImage`], until Baton runs OCI containers.
+//! ## Linux container images
+//! An image with tar layers and an OCI or Docker image config is a Linux container image.
+//! [`Registry::pull`] (for callers that run only components) refuses one with
+//! [`OciError::LinuxImage`] before downloading it; [`Registry::pull_image`] pulls it for the
+//! node's platform, and [`Registry::rootfs`] unpacks it (see [`linux`]).
 //!
 //! ## Guarantees
 //! - Manifests and layers are checked against their digests and sizes before they enter
@@ -22,6 +25,7 @@
 //! - Concurrent pulls of one image download it once.
 
 pub mod cache;
+pub mod linux;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -39,6 +43,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 pub use cache::{Cache, Entry};
+pub use linux::{LinuxImage, LinuxLayer};
 
 /// The CNCF Wasm artifact's config media type.
 pub const WASM_CONFIG_V0: &str = "application/vnd.wasm.config.v0+json";
@@ -90,8 +95,20 @@ pub enum OciError {
     },
     #[error("{reference} is not a Wasm component: {reason}")]
     NotWasm { reference: String, reason: String },
-    #[error("{reference} is a Linux container image; this node runs Wasm components (OCI containers are not supported yet)")]
+    #[error("{reference} is a Linux container image; this node runs Wasm components only")]
     LinuxImage { reference: String },
+    #[error("{reference} has no image for this node's platform {node} (found: {found})")]
+    WrongPlatform {
+        reference: String,
+        node: String,
+        found: String,
+    },
+    #[error("{reference}: unpacking its layers")]
+    Unpack {
+        reference: String,
+        #[source]
+        source: baton_rootfs::RootfsError,
+    },
     #[error("{reference}: bad manifest: {reason}")]
     Manifest { reference: String, reason: String },
     #[error("{reference} is not on this node and its pull policy is Never")]
@@ -178,6 +195,10 @@ pub struct OciConfig {
     pub extra_ca_pem: Vec<Vec<u8>>,
     /// Largest Wasm layer accepted.
     pub max_layer_bytes: u64,
+    /// Largest Linux image accepted, its layers' compressed sizes summed.
+    pub max_image_bytes: u64,
+    /// Largest root filesystem a Linux image may unpack to.
+    pub max_unpacked_bytes: u64,
 }
 
 impl OciConfig {
@@ -187,6 +208,8 @@ impl OciConfig {
             insecure_registries: Vec::new(),
             extra_ca_pem: Vec::new(),
             max_layer_bytes: 256 << 20,
+            max_image_bytes: linux::DEFAULT_MAX_IMAGE_BYTES,
+            max_unpacked_bytes: 2 * linux::DEFAULT_MAX_IMAGE_BYTES,
         }
     }
 }
@@ -200,6 +223,13 @@ pub struct Pulled {
     pub size: u64,
     /// Whether it was already on the node.
     pub cached: bool,
+}
+
+/// What a pull found: a component, or a Linux container image.
+#[derive(Clone, Debug)]
+pub enum Image {
+    Wasm(Pulled),
+    Linux(Box<LinuxImage>),
 }
 
 /// Progress of a transfer: (bytes so far, total bytes).
@@ -368,7 +398,8 @@ impl Registry {
             })
     }
 
-    /// Pulls an image (or finds it in the cache, per `policy`).
+    /// Pulls a component (or finds it in the cache, per `policy`). A Linux container
+    /// image is refused before its layers are downloaded.
     pub async fn pull(
         &self,
         image: &str,
@@ -376,6 +407,33 @@ impl Registry {
         policy: PullPolicy,
         progress: Option<Progress<'_>>,
     ) -> Result<Pulled, OciError> {
+        match self.fetch(image, auth, policy, progress, false).await? {
+            Image::Wasm(p) => Ok(p),
+            Image::Linux(_) => Err(OciError::LinuxImage {
+                reference: image.into(),
+            }),
+        }
+    }
+
+    /// Pulls a component or a Linux container image for the node's platform.
+    pub async fn pull_image(
+        &self,
+        image: &str,
+        auth: &Auth,
+        policy: PullPolicy,
+        progress: Option<Progress<'_>>,
+    ) -> Result<Image, OciError> {
+        self.fetch(image, auth, policy, progress, true).await
+    }
+
+    async fn fetch(
+        &self,
+        image: &str,
+        auth: &Auth,
+        policy: PullPolicy,
+        progress: Option<Progress<'_>>,
+        linux: bool,
+    ) -> Result<Image, OciError> {
         let reference = Self::parse(image)?;
         let key = reference.whole();
         let lock = {
@@ -383,10 +441,9 @@ impl Registry {
             map.entry(key.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
-        let cached = self.cache.get_ref(&key);
         if policy != PullPolicy::Always {
-            if let Some((manifest, layer)) = cached {
-                return self.pulled(manifest, layer, true);
+            if let Some(found) = self.cached_image(&key, linux)? {
+                return Ok(found);
             }
             if policy == PullPolicy::Never {
                 return Err(OciError::NeverPull { reference: key });
@@ -418,40 +475,10 @@ impl Registry {
             reference: key.clone(),
             reason: e.to_string(),
         })?;
-        // An index: the Wasm entry, or a refusal if it only holds Linux images.
+        // An index: its Wasm entry, or the Linux one for this node.
         if doc.get("manifests").is_some() {
             let entries = doc["manifests"].as_array().cloned().unwrap_or_default();
-            let pick = entries.iter().find(|e| {
-                let os = e
-                    .pointer("/platform/os")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                let arch = e
-                    .pointer("/platform/architecture")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                os.starts_with("wasi") || arch == "wasm"
-            });
-            let Some(entry) = pick else {
-                return Err(
-                    if entries
-                        .iter()
-                        .any(|e| e.pointer("/platform/os").and_then(Value::as_str) == Some("linux"))
-                    {
-                        OciError::LinuxImage { reference: key }
-                    } else {
-                        OciError::NotWasm {
-                            reference: key,
-                            reason: "the image index has no wasi/wasm entry".into(),
-                        }
-                    },
-                );
-            };
-            let child = entry
-                .get("digest")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
+            let child = linux::pick_from_index(&key, &entries, linux)?;
             let child_ref = reference.clone_with_digest(child.clone());
             let (bytes, _) = client
                 .pull_manifest_raw(&child_ref, &auth, &accepted)
@@ -482,7 +509,18 @@ impl Registry {
                 reference: key.clone(),
                 reason: e.to_string(),
             })?;
-        let layer = wasm_layer(&key, &manifest)?;
+        let layer = match wasm_layer(&key, &manifest) {
+            Ok(layer) => layer,
+            Err(OciError::LinuxImage { .. }) if linux => {
+                let image = self
+                    .fetch_linux(&client, &reference, &digest, &manifest, progress)
+                    .await?;
+                self.cache.put_blob(&digest, &raw)?;
+                self.cache.set_ref(&key, &digest, &image.config_digest)?;
+                return Ok(Image::Linux(Box::new(image)));
+            }
+            Err(e) => return Err(e),
+        };
         let size = u64::try_from(layer.size).unwrap_or(0);
         if size > self.cfg.max_layer_bytes {
             return Err(OciError::TooLarge {
@@ -493,11 +531,192 @@ impl Registry {
         }
         let was_cached = self.cache.has_blob(&layer.digest);
         if !was_cached {
-            self.download(&client, &reference, &layer, progress).await?;
+            self.download(
+                &client,
+                &reference,
+                &layer,
+                self.cfg.max_layer_bytes,
+                true,
+                progress,
+            )
+            .await?;
         }
         self.cache.put_blob(&digest, &raw)?;
         self.cache.set_ref(&key, &digest, &layer.digest)?;
         self.pulled(digest, layer.digest, was_cached)
+            .map(Image::Wasm)
+    }
+
+    /// What the cache holds for a reference, if all of it is there.
+    fn cached_image(&self, key: &str, linux: bool) -> Result<Option<Image>, OciError> {
+        let Some((manifest_digest, second)) = self.cache.get_ref(key) else {
+            return Ok(None);
+        };
+        let manifest: Option<OciImageManifest> = self
+            .cache
+            .blob_path(&manifest_digest)
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|raw| serde_json::from_slice(&raw).ok());
+        // References written before Linux images were pulled name a Wasm layer second,
+        // and may predate the manifest being kept: those are components.
+        let is_config = manifest.as_ref().is_some_and(|m| {
+            m.config.digest == second && !m.layers.iter().any(|l| l.digest == second)
+        });
+        if !is_config {
+            return self
+                .pulled(manifest_digest, second, true)
+                .map(|p| Some(Image::Wasm(p)));
+        }
+        if !linux {
+            return Err(OciError::LinuxImage {
+                reference: key.into(),
+            });
+        }
+        let Some(manifest) = manifest else {
+            return Ok(None);
+        };
+        let config = match self.cached_config(key, &second)? {
+            Some(c) => c,
+            None => return Ok(None),
+        };
+        let layers = match self.linux_layers(key, &manifest) {
+            Ok(l) if l.iter().all(|l| l.path.exists()) => l,
+            _ => return Ok(None),
+        };
+        Ok(Some(Image::Linux(Box::new(LinuxImage {
+            manifest_digest,
+            config_digest: second,
+            config,
+            layers,
+            cached: true,
+        }))))
+    }
+
+    fn cached_config(
+        &self,
+        key: &str,
+        digest: &str,
+    ) -> Result<Option<oci_spec::image::ImageConfiguration>, OciError> {
+        let Some(raw) = self
+            .cache
+            .blob_path(digest)
+            .and_then(|p| std::fs::read(p).ok())
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&raw)
+            .map(Some)
+            .map_err(|e| OciError::Manifest {
+                reference: key.into(),
+                reason: format!("image config: {e}"),
+            })
+    }
+
+    /// A Linux image's layers as cache paths, each with its compression.
+    fn linux_layers(
+        &self,
+        key: &str,
+        manifest: &OciImageManifest,
+    ) -> Result<Vec<LinuxLayer>, OciError> {
+        manifest
+            .layers
+            .iter()
+            .map(|l| {
+                let compression = baton_rootfs::Compression::of_media_type(&l.media_type)
+                    .ok_or_else(|| OciError::Manifest {
+                        reference: key.into(),
+                        reason: format!(
+                            "layer {} has an unsupported media type {:?}",
+                            l.digest, l.media_type
+                        ),
+                    })?;
+                let path = self
+                    .cache
+                    .blob_path(&l.digest)
+                    .ok_or_else(|| OciError::Manifest {
+                        reference: key.into(),
+                        reason: format!("layer digest {:?} is not sha256", l.digest),
+                    })?;
+                Ok(LinuxLayer {
+                    digest: l.digest.clone(),
+                    compression,
+                    path,
+                })
+            })
+            .collect()
+    }
+
+    /// Downloads a Linux image's config and layers, checking its platform and sizes first.
+    async fn fetch_linux(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        manifest_digest: &str,
+        manifest: &OciImageManifest,
+        progress: Option<Progress<'_>>,
+    ) -> Result<LinuxImage, OciError> {
+        let key = reference.whole();
+        let layers = self.linux_layers(&key, manifest)?;
+        let total: u64 = manifest
+            .layers
+            .iter()
+            .map(|l| u64::try_from(l.size).unwrap_or(u64::MAX))
+            .fold(0, u64::saturating_add);
+        if total > self.cfg.max_image_bytes {
+            return Err(OciError::TooLarge {
+                digest: manifest_digest.into(),
+                size: total,
+                limit: self.cfg.max_image_bytes,
+            });
+        }
+        let config_desc = &manifest.config;
+        if u64::try_from(config_desc.size).unwrap_or(u64::MAX) > linux::MAX_CONFIG_BYTES {
+            return Err(OciError::TooLarge {
+                digest: config_desc.digest.clone(),
+                size: u64::try_from(config_desc.size).unwrap_or(u64::MAX),
+                limit: linux::MAX_CONFIG_BYTES,
+            });
+        }
+        if !self.cache.has_blob(&config_desc.digest) {
+            self.download(
+                client,
+                reference,
+                config_desc,
+                linux::MAX_CONFIG_BYTES,
+                false,
+                None,
+            )
+            .await?;
+        }
+        let config = self
+            .cached_config(&key, &config_desc.digest)?
+            .ok_or_else(|| OciError::Manifest {
+                reference: key.clone(),
+                reason: "its image config vanished from the cache".into(),
+            })?;
+        linux::check_platform(&key, &config)?;
+        let mut cached = true;
+        for (desc, layer) in manifest.layers.iter().zip(&layers) {
+            if !layer.path.exists() {
+                cached = false;
+                self.download(
+                    client,
+                    reference,
+                    desc,
+                    self.cfg.max_image_bytes,
+                    false,
+                    progress,
+                )
+                .await?;
+            }
+        }
+        Ok(LinuxImage {
+            manifest_digest: manifest_digest.into(),
+            config_digest: config_desc.digest.clone(),
+            config,
+            layers,
+            cached,
+        })
     }
 
     fn pulled(&self, manifest: String, layer: String, cached: bool) -> Result<Pulled, OciError> {
@@ -518,12 +737,15 @@ impl Registry {
         })
     }
 
-    /// Streams a layer into the cache, checking size, digest and that it is Wasm.
+    /// Streams a blob into the cache, checking its size (against the manifest's and
+    /// `max`), its digest and, for a component, that it is Wasm.
     async fn download(
         &self,
         client: &Client,
         reference: &Reference,
         layer: &OciDescriptor,
+        max: u64,
+        wasm: bool,
         progress: Option<Progress<'_>>,
     ) -> Result<(), OciError> {
         let expected = u64::try_from(layer.size).unwrap_or(0);
@@ -561,11 +783,11 @@ impl Registry {
                 }
             };
             got += chunk.len() as u64;
-            if got > expected || got > self.cfg.max_layer_bytes {
+            if got > expected || got > max {
                 return Err(cleanup(OciError::TooLarge {
                     digest: layer.digest.clone(),
                     size: got,
-                    limit: expected.min(self.cfg.max_layer_bytes),
+                    limit: expected.min(max),
                 }));
             }
             if head.len() < 8 {
@@ -599,7 +821,7 @@ impl Registry {
                 actual,
             }));
         }
-        if !head.starts_with(b"\0asm") {
+        if wasm && !head.starts_with(b"\0asm") {
             return Err(cleanup(OciError::NotWasm {
                 reference: key,
                 reason: format!(
