@@ -35,6 +35,8 @@ pub enum ImageError {
     },
     #[error("image {image} refused: {why}")]
     Refused { image: String, why: String },
+    #[error("image {image} is a Linux container image, and this node has no runc to run it (install runc)")]
+    NoRuntime { image: String },
     #[error("image {image} is not a runnable Wasm component")]
     Invalid {
         image: String,
@@ -53,7 +55,7 @@ impl ImageError {
             | ImageError::Missing { .. }
             | ImageError::Refused { .. }
             | ImageError::NoRegistry { .. } => "ErrImagePull",
-            ImageError::Invalid { .. } => "CreateContainerError",
+            ImageError::Invalid { .. } | ImageError::NoRuntime { .. } => "CreateContainerError",
         }
     }
 }
@@ -89,6 +91,17 @@ impl std::fmt::Debug for Image {
             .field("pulled", &self.pulled)
             .finish_non_exhaustive()
     }
+}
+
+/// A component, or a Linux container image ready to run.
+#[derive(Debug)]
+pub enum AnyImage {
+    Wasm(Image),
+    Linux {
+        image: Arc<crate::linux::LinuxImage>,
+        /// Whether a registry transfer happened.
+        pulled: bool,
+    },
 }
 
 impl std::fmt::Debug for Images {
@@ -181,6 +194,48 @@ impl Images {
             digest: Some(pulled.layer_digest),
             pulled: !pulled.cached,
         })
+    }
+
+    /// What an image names, component or Linux container image (pulled, verified and
+    /// unpacked). For nodes that run OCI containers; [`Images::get`] takes components only.
+    pub async fn get_any(
+        &self,
+        image: &str,
+        auth: &baton_oci::Auth,
+        policy: baton_oci::PullPolicy,
+    ) -> Result<AnyImage, ImageError> {
+        if local_path(image).is_some() {
+            return self.get(image, auth, policy).await.map(AnyImage::Wasm);
+        }
+        let registry = self
+            .registry
+            .as_ref()
+            .ok_or_else(|| ImageError::NoRegistry {
+                image: image.into(),
+            })?;
+        match registry.pull_image(image, auth, policy, None).await? {
+            baton_oci::Image::Wasm(pulled) => Ok(AnyImage::Wasm(Image {
+                component: self.load(image, pulled.path.clone()).await?,
+                digest: Some(pulled.layer_digest),
+                pulled: !pulled.cached,
+            })),
+            baton_oci::Image::Linux(linux) => {
+                let (reg, img) = (registry.clone(), linux.clone());
+                let rootfs = tokio::task::spawn_blocking(move || reg.rootfs(&img))
+                    .await
+                    .map_err(|e| ImageError::Refused {
+                        image: image.into(),
+                        why: format!("unpacking stopped: {e}"),
+                    })??;
+                Ok(AnyImage::Linux {
+                    pulled: !linux.cached,
+                    image: Arc::new(crate::linux::LinuxImage {
+                        image: linux,
+                        rootfs,
+                    }),
+                })
+            }
+        }
     }
 
     /// The file a node-path image names, if it is one the node serves.

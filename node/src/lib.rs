@@ -28,6 +28,8 @@ pub mod eviction;
 pub mod fake;
 pub mod images;
 pub mod ipam;
+pub mod linux;
+pub mod netns;
 pub mod portforward;
 pub mod probe;
 pub mod proxy;
@@ -211,12 +213,28 @@ pub async fn run(
         Some(registry.clone()),
         cfg.local_images.clone(),
     ));
-    let sandboxes = sandbox::WasmSandboxes {
+    let wasm = sandbox::WasmSandboxes {
         runtime: runtime.clone(),
         images: images.clone(),
         resolvers: Some(resolvers),
         request_timeout: cfg.settings.request_timeout,
     };
+    // OCI containers run where runc is installed; elsewhere Linux images are refused with
+    // the reason.
+    let linux = match baton_runc::Runc::new(None, cfg.data_dir.join("runc")) {
+        Ok(runc) => {
+            tracing::info!(runc = %runc.binary().display(), "OCI containers run with runc");
+            Some(Arc::new(linux::LinuxRuntime {
+                runc,
+                dir: cfg.data_dir.join("containers"),
+            }))
+        }
+        Err(e) => {
+            tracing::info!(reason = %e, "this node runs Wasm components only");
+            None
+        }
+    };
+    let sandboxes = sandbox::PodSandboxes { wasm, linux };
     let shared = Arc::new(worker::Shared {
         client: client.clone(),
         sandboxes,

@@ -155,13 +155,40 @@ fn port_or_err(p: &IntOrString, c: &Container) -> Result<u16, ProbeError> {
 }
 
 pub async fn check(p: &Probe, ip: IpAddr, c: &Container) -> Result<(), ProbeError> {
+    check_via(p, ip, c, &from_the_node).await
+}
+
+/// A connection from the node's own network.
+fn from_the_node(
+    host: String,
+    port: u16,
+) -> futures::future::BoxFuture<'static, std::io::Result<tokio::net::TcpStream>> {
+    Box::pin(async move { tokio::net::TcpStream::connect((host.as_str(), port)).await })
+}
+
+/// Opens the TCP connections a probe makes: from the node's network, or from inside a
+/// pod's network namespace.
+pub type Dial<'a> = &'a (dyn Fn(
+    String,
+    u16,
+) -> futures::future::BoxFuture<'static, std::io::Result<tokio::net::TcpStream>>
+         + Send
+         + Sync);
+
+/// [`check`], with connections opened by `dial`.
+pub async fn check_via(
+    p: &Probe,
+    ip: IpAddr,
+    c: &Container,
+    dial: Dial<'_>,
+) -> Result<(), ProbeError> {
     if let Some(h) = &p.http_get {
-        return http_get(h, ip, port_or_err(&h.port, c)?).await;
+        return http_get_via(h, ip, port_or_err(&h.port, c)?, dial).await;
     }
     if let Some(t) = &p.tcp_socket {
         let port = port_or_err(&t.port, c)?;
         let host = t.host.clone().unwrap_or_else(|| ip.to_string());
-        return tokio::net::TcpStream::connect((host.as_str(), port))
+        return dial(host.clone(), port)
             .await
             .map(|_| ())
             .map_err(|source| ProbeError::Connect {
@@ -172,11 +199,21 @@ pub async fn check(p: &Probe, ip: IpAddr, c: &Container) -> Result<(), ProbeErro
     Err(ProbeError::Unsupported)
 }
 
+#[cfg(test)]
+async fn http_get(h: &HTTPGetAction, ip: IpAddr, port: u16) -> Result<(), ProbeError> {
+    http_get_via(h, ip, port, &from_the_node).await
+}
+
 /// An `httpGet` probe, as the kubelet makes it: to the pod's IP (or `host`), with its
 /// `httpHeaders` (which may replace Host and User-Agent), over TLS without verifying the
 /// certificate when the scheme is HTTPS; any status from 200 to 399 passes. Only the
 /// response head is read: the body, however large or slow, does not matter.
-async fn http_get(h: &HTTPGetAction, ip: IpAddr, port: u16) -> Result<(), ProbeError> {
+async fn http_get_via(
+    h: &HTTPGetAction,
+    ip: IpAddr,
+    port: u16,
+    dial: Dial<'_>,
+) -> Result<(), ProbeError> {
     let host = h.host.clone().unwrap_or_else(|| ip.to_string());
     let https = h
         .scheme
@@ -213,7 +250,7 @@ async fn http_get(h: &HTTPGetAction, ip: IpAddr, port: u16) -> Result<(), ProbeE
             url: url.clone(),
             source,
         })?;
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+    let tcp = dial(host.clone(), port)
         .await
         .map_err(|source| ProbeError::Connect {
             addr: authority.clone(),

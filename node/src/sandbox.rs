@@ -49,6 +49,11 @@ pub struct SandboxConfig {
     pub cpu_weight: u64,
     /// What the pod's containers may hold together.
     pub memory_limit: usize,
+    /// The pod's name: its containers' hostname.
+    pub name: String,
+    /// `terminationGracePeriodSeconds`: how long a stopped process has after SIGTERM.
+    pub grace: Duration,
+    pub security: Option<k8s_openapi::api::core::v1::PodSecurityContext>,
 }
 
 /// How a container lives, which decides how its end is reported.
@@ -91,6 +96,29 @@ pub struct ContainerRun<I> {
     pub stdin: bool,
     /// Its standard input ends when the first attached client ends its own.
     pub stdin_once: bool,
+    /// The container as the pod declares it, for what a sandbox reads beyond the above
+    /// (an OCI container's working directory and security context).
+    pub spec: Container,
+}
+
+impl<I> ContainerRun<I> {
+    /// The same run, from another form of its image.
+    pub fn with_image<J>(self, image: J) -> ContainerRun<J> {
+        ContainerRun {
+            name: self.name,
+            image,
+            port: self.port,
+            args: self.args,
+            env: self.env,
+            mounts: self.mounts,
+            memory_bytes: self.memory_bytes,
+            log: self.log,
+            tls: self.tls,
+            stdin: self.stdin,
+            stdin_once: self.stdin_once,
+            spec: self.spec,
+        }
+    }
 }
 
 impl<I> std::fmt::Debug for ContainerRun<I> {
@@ -398,16 +426,13 @@ impl Drop for WasmSandbox {
     }
 }
 
-impl Sandbox for WasmSandbox {
-    type Image = Component;
-
-    async fn pull(
+impl WasmSandbox {
+    /// Takes a component got for this pod: holds its layer, and learns its lifetime.
+    fn accept(
         &mut self,
         image: &str,
-        auth: &baton_oci::Auth,
-        policy: baton_oci::PullPolicy,
+        got: crate::images::Image,
     ) -> Result<Pulled<Component>, ImageError> {
-        let got = self.images.get(image, auth, policy).await?;
         if let Some(d) = &got.digest {
             self.images.hold(&self.key, d);
         }
@@ -427,6 +452,20 @@ impl Sandbox for WasmSandbox {
             digest: got.digest,
             pulled: got.pulled,
         })
+    }
+}
+
+impl Sandbox for WasmSandbox {
+    type Image = Component;
+
+    async fn pull(
+        &mut self,
+        image: &str,
+        auth: &baton_oci::Auth,
+        policy: baton_oci::PullPolicy,
+    ) -> Result<Pulled<Component>, ImageError> {
+        let got = self.images.get(image, auth, policy).await?;
+        self.accept(image, got)
     }
 
     async fn start(&mut self, run: ContainerRun<Component>) -> Result<Started, StartError> {
@@ -539,5 +578,226 @@ impl Sandbox for WasmSandbox {
 
     fn streams(&self) -> Arc<dyn PodStreams> {
         self.streams.clone()
+    }
+}
+
+/// The node's pods: their components in a [`WasmSandbox`] each, and, on a node that runs
+/// OCI containers (runc was found), their Linux containers in a
+/// [`crate::linux::LinuxPod`]. Which one runs a container is decided by what its image
+/// turns out to be.
+#[derive(Clone, Debug)]
+pub struct PodSandboxes {
+    pub wasm: WasmSandboxes,
+    pub linux: Option<Arc<crate::linux::LinuxRuntime>>,
+}
+
+/// A container's image in a pod of both kinds.
+#[derive(Clone, Debug)]
+pub enum PodImage {
+    Wasm(Component),
+    Linux(Arc<crate::linux::LinuxImage>),
+}
+
+/// One pod of components and Linux containers.
+#[derive(Debug)]
+pub struct PodSandbox {
+    wasm: WasmSandbox,
+    linux: Option<crate::linux::LinuxPod>,
+    ip: IpAddr,
+    streams: Arc<PodStreamsOfBoth>,
+}
+
+impl Sandboxes for PodSandboxes {
+    type Sandbox = PodSandbox;
+
+    fn create(&self, config: SandboxConfig) -> PodSandbox {
+        let uid = config.key.rsplit('/').next().unwrap_or("").to_string();
+        let linux = self.linux.as_ref().map(|rt| {
+            crate::linux::LinuxPod::new(
+                rt.clone(),
+                crate::linux::PodLinux {
+                    uid,
+                    name: config.name.clone(),
+                    ip: config.ip,
+                    grace: config.grace,
+                    security: config.security.clone(),
+                },
+            )
+        });
+        let ip = IpAddr::V4(config.ip);
+        let wasm = self.wasm.create(config);
+        let streams = Arc::new(PodStreamsOfBoth {
+            wasm: wasm.streams(),
+            linux: linux.as_ref().map(|l| l.streams()),
+        });
+        PodSandbox {
+            wasm,
+            linux,
+            ip,
+            streams,
+        }
+    }
+}
+
+impl Sandbox for PodSandbox {
+    type Image = PodImage;
+
+    async fn pull(
+        &mut self,
+        image: &str,
+        auth: &baton_oci::Auth,
+        policy: baton_oci::PullPolicy,
+    ) -> Result<Pulled<PodImage>, ImageError> {
+        let images = self.wasm.images.clone();
+        if self.linux.is_none() {
+            let got = match images.get(image, auth, policy).await {
+                Err(ImageError::Pull(baton_oci::OciError::LinuxImage { .. })) => {
+                    return Err(ImageError::NoRuntime {
+                        image: image.into(),
+                    })
+                }
+                got => got?,
+            };
+            return self.wasm.accept(image, got).map(|p| Pulled {
+                image: PodImage::Wasm(p.image),
+                lifetime: p.lifetime,
+                digest: p.digest,
+                pulled: p.pulled,
+            });
+        }
+        match images.get_any(image, auth, policy).await? {
+            crate::images::AnyImage::Wasm(got) => {
+                let p = self.wasm.accept(image, got)?;
+                Ok(Pulled {
+                    image: PodImage::Wasm(p.image),
+                    lifetime: p.lifetime,
+                    digest: p.digest,
+                    pulled: p.pulled,
+                })
+            }
+            crate::images::AnyImage::Linux {
+                image: linux,
+                pulled,
+            } => {
+                for d in linux.image.digests() {
+                    images.hold(&self.wasm.key, &d);
+                }
+                Ok(Pulled {
+                    digest: Some(linux.image.manifest_digest.clone()),
+                    image: PodImage::Linux(linux),
+                    lifetime: Lifetime::Process,
+                    pulled,
+                })
+            }
+        }
+    }
+
+    async fn start(&mut self, run: ContainerRun<PodImage>) -> Result<Started, StartError> {
+        match run.image.clone() {
+            PodImage::Wasm(c) => self.wasm.start(run.with_image(c)).await,
+            PodImage::Linux(l) => {
+                let linux = self.linux.as_mut().ok_or_else(|| {
+                    StartError::Create(
+                        "this node runs no OCI containers (runc was not found)".into(),
+                    )
+                })?;
+                let spec = run.spec.clone();
+                let exit = linux.start(run.with_image(l), &spec).await?;
+                Ok(Started { exit: Some(exit) })
+            }
+        }
+    }
+
+    async fn stop(&mut self, name: &str) {
+        match &mut self.linux {
+            Some(linux) if linux.has(name) => linux.stop(name).await,
+            _ => self.wasm.stop(name).await,
+        }
+    }
+
+    fn probe(
+        &self,
+        container: &Container,
+        probe: &Probe,
+    ) -> impl Future<Output = Result<(), ProbeError>> + Send + 'static {
+        let (ip, container, probe) = (self.ip, container.clone(), probe.clone());
+        let linux = self.streams.linux_for(&container.name).cloned();
+        async move {
+            match linux {
+                // Inside the pod's namespace, where its containers listen.
+                Some(streams) => {
+                    let dial = move |_host: String, port: u16| streams.connect(port);
+                    crate::probe::check_via(&probe, ip, &container, &dial).await
+                }
+                None => crate::probe::check(&probe, ip, &container).await,
+            }
+        }
+    }
+
+    async fn shutdown(self, grace: Duration) {
+        let linux = async {
+            if let Some(l) = self.linux {
+                l.shutdown(grace).await;
+            }
+        };
+        tokio::join!(self.wasm.shutdown(grace), linux);
+    }
+
+    fn streams(&self) -> Arc<dyn PodStreams> {
+        self.streams.clone()
+    }
+}
+
+/// The streams of a pod of both kinds: a command goes to the half that runs its
+/// container; a port is tried in the pod's namespace first, then among its components.
+struct PodStreamsOfBoth {
+    wasm: Arc<dyn PodStreams>,
+    linux: Option<crate::linux::LinuxStreams>,
+}
+
+impl PodStreamsOfBoth {
+    fn linux_for(&self, container: &str) -> Option<&crate::linux::LinuxStreams> {
+        self.linux.as_ref().filter(|l| l.has(container))
+    }
+}
+
+impl std::fmt::Debug for PodStreamsOfBoth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodStreamsOfBoth").finish_non_exhaustive()
+    }
+}
+
+impl PodStreams for PodStreamsOfBoth {
+    fn exec(
+        &self,
+        container: &str,
+        argv: Vec<String>,
+        io: ExecIo,
+    ) -> Result<ExitFuture, ExecError> {
+        match self.linux_for(container) {
+            Some(l) => l.exec(container, argv, io),
+            None => self.wasm.exec(container, argv, io),
+        }
+    }
+
+    fn attach(&self, container: &str, io: ExecIo) -> Result<ExitFuture, ExecError> {
+        match self.linux_for(container) {
+            Some(l) => l.attach(container, io),
+            None => self.wasm.attach(container, io),
+        }
+    }
+
+    fn connect(&self, port: u16) -> BoxFuture<'static, std::io::Result<tokio::net::TcpStream>> {
+        let wasm = self.wasm.connect(port);
+        let Some(linux) = self.linux.as_ref().filter(|l| l.has_netns()) else {
+            return wasm;
+        };
+        let linux = linux.connect(port);
+        Box::pin(async move {
+            match linux.await {
+                Ok(s) => Ok(s),
+                Err(_) => wasm.await,
+            }
+        })
     }
 }

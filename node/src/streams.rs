@@ -64,6 +64,14 @@ pub enum ExecError {
         #[source]
         source: baton_wasm_shim::ShimError,
     },
+    #[error("starting the command in container {container:?}")]
+    Runc {
+        container: String,
+        #[source]
+        source: baton_runc::RuncError,
+    },
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl ExecError {
@@ -75,9 +83,10 @@ impl ExecError {
                 source: baton_wasm_shim::ShimError::NotACommand,
                 ..
             }
-            | ExecError::NoCommand => (400, "BadRequest"),
+            | ExecError::NoCommand
+            | ExecError::Unsupported(_) => (400, "BadRequest"),
             ExecError::NotRunning(_) => (404, "NotFound"),
-            ExecError::Start { .. } => (500, "InternalError"),
+            ExecError::Start { .. } | ExecError::Runc { .. } => (500, "InternalError"),
         }
     }
 }

@@ -439,6 +439,20 @@ impl<S: Sandboxes> Worker<S> {
                 cpu_weight: podx::requests(&self.pod).0,
                 // The pod's containers together hold at most what it was admitted with.
                 memory_limit: self.shared.memory.charge_of(&self.pod) as usize,
+                name: self.pod.name_any(),
+                grace: Duration::from_secs(
+                    self.pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.termination_grace_period_seconds)
+                        .unwrap_or(30)
+                        .max(0) as u64,
+                ),
+                security: self
+                    .pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.security_context.clone()),
             };
             let sandbox = self.shared.sandboxes.create(config);
             self.shared.logs.add_streams(
@@ -601,6 +615,7 @@ impl<S: Sandboxes> Worker<S> {
             tls: config::serving_tls(&self.pod, &self.shared.pod_dir(&self.uid))?,
             stdin: c.stdin.unwrap_or(false),
             stdin_once: c.stdin_once.unwrap_or(false),
+            spec: c.clone(),
         })
     }
 

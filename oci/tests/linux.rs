@@ -2,144 +2,21 @@
 //! node's platform from a manifest or an index, verified, cached and unpacked once; and
 //! refused, with the reason, when they are for another platform, corrupt or hostile.
 
+#[path = "support/images.rs"]
+mod images;
 #[path = "support/registry.rs"]
 mod registry;
 
 use baton_oci::linux::node_platform;
 use baton_oci::{Auth, Image, OciConfig, OciError, PullPolicy, Registry};
+use images::{busybox_layer, config, gzip, raw_tar, GZIP, ZSTD};
 use registry::{Options, Registry as Server};
-use serde_json::json;
-use sha2::Digest;
-
-fn sha(data: &[u8]) -> String {
-    format!("sha256:{:x}", sha2::Sha256::digest(data))
-}
-
-/// A gzip'd tar layer of busybox with `sh` linked to it, as a tiny Linux image has.
-fn busybox_layer() -> Vec<u8> {
-    let mut tar = tar::Builder::new(Vec::new());
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is installed");
-    let mut h = tar::Header::new_gnu();
-    h.set_size(busybox.len() as u64);
-    h.set_mode(0o755);
-    h.set_entry_type(tar::EntryType::Regular);
-    tar.append_data(&mut h, "bin/busybox", &busybox[..])
-        .unwrap();
-    let mut l = tar::Header::new_gnu();
-    l.set_entry_type(tar::EntryType::Symlink);
-    l.set_size(0);
-    tar.append_link(&mut l, "bin/sh", "busybox").unwrap();
-    gzip(&tar.into_inner().unwrap())
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(data).unwrap();
-    gz.finish().unwrap()
-}
-
-/// A tar of one file whose name is written raw (the tar crate refuses `..` itself).
-fn raw_tar(name: &str, data: &[u8]) -> Vec<u8> {
-    let mut h = tar::Header::new_gnu();
-    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-    h.set_size(data.len() as u64);
-    h.set_mode(0o644);
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_cksum();
-    let mut tar = tar::Builder::new(Vec::new());
-    tar.append(&h, data).unwrap();
-    tar.into_inner().unwrap()
-}
-
-fn config(arch: &str, layers: usize) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "architecture": arch,
-        "os": "linux",
-        "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": vec!["sha256:0"; layers]},
-    }))
-    .unwrap()
-}
-
-/// Pushes an image manifest (and its blobs) as written here; returns its digest.
-async fn push(server: &Server, name: &str, layers: &[(Vec<u8>, &str)], config: Vec<u8>) -> String {
-    let oc = oci_client::Client::new(oci_client::client::ClientConfig {
-        protocol: oci_client::client::ClientProtocol::Http,
-        ..Default::default()
-    });
-    let r: oci_client::Reference = format!("{}/{name}", server.addr).parse().unwrap();
-    oc.auth(
-        &r,
-        &oci_client::secrets::RegistryAuth::Anonymous,
-        oci_client::RegistryOperation::Push,
-    )
-    .await
-    .unwrap();
-    for (data, _) in layers {
-        oc.push_blob(&r, data.clone(), &sha(data)).await.unwrap();
-    }
-    oc.push_blob(&r, config.clone(), &sha(&config))
-        .await
-        .unwrap();
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&config), "size": config.len()},
-        "layers": layers.iter().map(|(d, t)| json!({"mediaType": t, "digest": sha(d), "size": d.len()})).collect::<Vec<_>>(),
-    });
-    let body = serde_json::to_vec(&manifest).unwrap();
-    oc.push_manifest_raw(
-        &r,
-        body.clone(),
-        http::HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"),
-    )
-    .await
-    .unwrap();
-    sha(&body)
-}
-
-/// Pushes an index over manifests already pushed, each with its platform.
-async fn push_index(server: &Server, name: &str, entries: &[(&str, &str)]) {
-    let oc = oci_client::Client::new(oci_client::client::ClientConfig {
-        protocol: oci_client::client::ClientProtocol::Http,
-        ..Default::default()
-    });
-    let r: oci_client::Reference = format!("{}/{name}", server.addr).parse().unwrap();
-    oc.auth(
-        &r,
-        &oci_client::secrets::RegistryAuth::Anonymous,
-        oci_client::RegistryOperation::Push,
-    )
-    .await
-    .unwrap();
-    let index = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": entries.iter().map(|(digest, arch)| json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": digest,
-            "size": 1,
-            "platform": {"os": "linux", "architecture": arch},
-        })).collect::<Vec<_>>(),
-    });
-    oc.push_manifest_raw(
-        &r,
-        serde_json::to_vec(&index).unwrap(),
-        http::HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
-    )
-    .await
-    .unwrap();
-}
 
 fn client(server: &Server, cache: &std::path::Path) -> Registry {
     let mut cfg = OciConfig::new(cache.to_path_buf());
     cfg.insecure_registries = vec![server.addr.clone()];
     Registry::new(cfg).unwrap()
 }
-
-const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_linux_image_is_pulled_for_the_node_cached_and_unpacked() {
@@ -148,16 +25,16 @@ async fn a_linux_image_is_pulled_for_the_node_cached_and_unpacked() {
     let reg = client(&server, cache.path());
     let (_, arch) = node_platform();
     let motd = zstd::encode_all(&raw_tar("etc/motd", b"hello from a layer")[..], 3).unwrap();
-    let digest = push(
-        &server,
+    let digest = images::push(
+        &server.addr,
         "library/busybox:1",
         &[(busybox_layer(), GZIP), (motd, ZSTD)],
         config(arch, 2),
     )
     .await;
     // An index whose other platform comes first: the node's is picked.
-    push_index(
-        &server,
+    images::push_index(
+        &server.addr,
         "library/busybox:multi",
         &[(&digest, "s390x"), (&digest, arch)],
     )
@@ -214,15 +91,15 @@ async fn other_platforms_corrupt_and_hostile_layers_are_refused() {
     let other = if arch == "arm64" { "amd64" } else { "arm64" };
 
     // A single manifest for another architecture, and an index without the node's.
-    let digest = push(
-        &server,
+    let digest = images::push(
+        &server.addr,
         "x/other:1",
         &[(busybox_layer(), GZIP)],
         config(other, 1),
     )
     .await;
-    push_index(
-        &server,
+    images::push_index(
+        &server.addr,
         "x/other:multi",
         &[(&digest, other), (&digest, "s390x")],
     )
@@ -247,7 +124,13 @@ async fn other_platforms_corrupt_and_hostile_layers_are_refused() {
 
     // A layer that is not gzip: its digest is right, its content is not a tar.
     let garbage = b"this is not a gzip stream at all".to_vec();
-    push(&server, "x/corrupt:1", &[(garbage, GZIP)], config(arch, 1)).await;
+    images::push(
+        &server.addr,
+        "x/corrupt:1",
+        &[(garbage, GZIP)],
+        config(arch, 1),
+    )
+    .await;
     let Image::Linux(img) = reg
         .pull_image(
             &format!("{}/x/corrupt:1", server.addr),
@@ -265,7 +148,13 @@ async fn other_platforms_corrupt_and_hostile_layers_are_refused() {
 
     // A layer that writes `../` out of its root filesystem: refused, and nothing written.
     let hostile = gzip(&raw_tar("../../escaped", b"pwned"));
-    push(&server, "x/hostile:1", &[(hostile, GZIP)], config(arch, 1)).await;
+    images::push(
+        &server.addr,
+        "x/hostile:1",
+        &[(hostile, GZIP)],
+        config(arch, 1),
+    )
+    .await;
     let Image::Linux(img) = reg
         .pull_image(
             &format!("{}/x/hostile:1", server.addr),

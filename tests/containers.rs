@@ -1,0 +1,211 @@
+//! OCI containers with real runc against `baton up`, from a Linux image (Debian's
+//! busybox-static packed by the test) in a real registry: output in `kubectl logs`, exit
+//! codes and OOM kills in the pod's status, `kubectl exec`, TERM then KILL at the grace
+//! period, a component beside a container in one pod, and nothing left behind (runc
+//! containers, network namespaces) once pods are deleted.
+
+#[path = "support/baton.rs"]
+mod baton;
+#[path = "../oci/tests/support/images.rs"]
+mod images;
+#[path = "../oci/tests/support/registry.rs"]
+mod registry;
+
+use baton::{guests_dir, jsonpath, wait_for, Baton};
+use registry::{Options, Registry};
+
+/// `baton up` with a loopback range of its own and the test registry trusted.
+fn cluster(reg: &Registry) -> Baton {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let cidr = format!("127.{}.0.0/24", 170 + n);
+    Baton::start_with(&["--pod-cidr", &cidr, "--insecure-registry", &reg.addr])
+}
+
+/// A registry holding `baton/busybox:1`.
+fn registry_with_busybox() -> (Registry, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let reg = Registry::start(Options::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(images::push(
+        &reg.addr,
+        "baton/busybox:1",
+        &[(images::busybox_layer(), images::GZIP)],
+        images::config(images::node_arch(), 1),
+    ));
+    let image = format!("{}/baton/busybox:1", reg.addr);
+    (reg, image)
+}
+
+/// runc containers still known under the cluster's state directory.
+fn runc_containers(b: &Baton) -> Vec<String> {
+    let root = b.dir.path().join("data/node/runc");
+    let out = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(&root)
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn netns_of(b: &Baton, pod: &str) -> bool {
+    let uid = jsonpath(b, &["pod", pod], "{.metadata.uid}");
+    std::path::Path::new("/run/netns")
+        .join(format!("baton-{uid}"))
+        .exists()
+}
+
+fn apply(b: &Baton, yaml: &str) {
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(yaml));
+}
+
+#[test]
+fn a_container_runs_logs_execs_and_reports_its_end() {
+    let (reg, image) = registry_with_busybox();
+    let b = cluster(&reg);
+    apply(
+        &b,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: box}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'echo hello from runc $FROM_IMAGE $GREETING; hostname; exec sleep 1000']\n    env: [{{name: GREETING, value: hi}}]\n"
+        ),
+    );
+    b.ok(&["wait", "--for=condition=Ready", "pod/box", "--timeout=120s"]);
+    let logs = wait_for(&b, 30, "the container's output in its log", || {
+        let l = b.ok(&["logs", "box"]);
+        (l.lines().count() >= 2).then_some(l)
+    });
+    assert!(logs.contains("hello from runc yes hi"), "{logs}");
+    assert!(
+        logs.contains("box"),
+        "the pod's name is its hostname: {logs}"
+    );
+    assert!(netns_of(&b, "box"), "the pod has a network namespace");
+
+    // kubectl exec runs in the container, with its exit code.
+    let out = b.ok(&["exec", "box", "--", "sh", "-c", "echo in the box; id -u"]);
+    assert_eq!(out, "in the box\n0\n");
+    let failed = b.run(
+        "kubectl",
+        &["exec", "box", "--", "sh", "-c", "exit 3"],
+        None,
+    );
+    assert_eq!(failed.status.code(), Some(3), "{failed:?}");
+
+    // A pod of a process that exits: its code and reason.
+    apply(
+        &b,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: job}}\nspec:\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'echo done; exit 7']}}\n"
+        ),
+    );
+    let code = wait_for(&b, 60, "the job's container to end", || {
+        let c = jsonpath(
+            &b,
+            &["pod", "job"],
+            "{.status.containerStatuses[0].state.terminated.exitCode}",
+        );
+        (!c.is_empty()).then_some(c)
+    });
+    assert_eq!(code, "7");
+    let reason = jsonpath(
+        &b,
+        &["pod", "job"],
+        "{.status.containerStatuses[0].state.terminated.reason}",
+    );
+    assert_eq!(reason, "Error");
+
+    // Over its memory limit: OOMKilled.
+    apply(
+        &b,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: hog}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n    command: [dd, if=/dev/zero, of=/dev/null, bs=64M, count=1]\n    resources: {{limits: {{memory: 16Mi}}}}\n"
+        ),
+    );
+    let reason = wait_for(&b, 60, "the hog to be OOM-killed", || {
+        let r = jsonpath(
+            &b,
+            &["pod", "hog"],
+            "{.status.containerStatuses[0].state.terminated.reason}",
+        );
+        (!r.is_empty()).then_some(r)
+    });
+    assert_eq!(reason, "OOMKilled");
+
+    // A command the image does not have.
+    apply(
+        &b,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: missing}}\nspec:\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {image}, command: [/no/such/binary]}}\n"
+        ),
+    );
+    let message = wait_for(&b, 60, "the missing command to be reported", || {
+        let m = jsonpath(
+            &b,
+            &["pod", "missing"],
+            "{.status.containerStatuses[0].state.terminated.message}",
+        );
+        (!m.is_empty()).then_some(m)
+    });
+    assert!(message.contains("/no/such/binary"), "{message}");
+
+    // Deleting the pods stops their containers (sleep ignores TERM as PID 1: it is
+    // killed at the 2 s grace period) and leaves nothing behind.
+    let started = std::time::Instant::now();
+    b.ok(&[
+        "delete",
+        "pod",
+        "box",
+        "job",
+        "hog",
+        "missing",
+        "--wait=true",
+    ]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "deletion took {:?}",
+        started.elapsed()
+    );
+    wait_for(&b, 30, "no runc container left", || {
+        runc_containers(&b).is_empty().then_some(())
+    });
+}
+
+#[test]
+fn a_component_and_a_container_run_in_one_pod() {
+    let (reg, image) = registry_with_busybox();
+    let b = cluster(&reg);
+    let web = guests_dir().join("http-hello.wasm");
+    apply(
+        &b,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: mixed}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: web, image: {}, ports: [{{containerPort: 8080}}]}}\n  - name: side\n    image: {image}\n    command: [httpd, -f, -p, '9090', -h, /tmp]\n    readinessProbe: {{tcpSocket: {{port: 9090}}, periodSeconds: 1}}\n",
+            web.display()
+        ),
+    );
+    b.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/mixed",
+        "--timeout=120s",
+    ]);
+    // The container's port is reached in the pod's namespace: its readiness probe did.
+    let ready = jsonpath(
+        &b,
+        &["pod", "mixed"],
+        "{.status.containerStatuses[?(@.name==\"side\")].ready}",
+    );
+    assert_eq!(ready, "true");
+    let uid = jsonpath(&b, &["pod", "mixed"], "{.metadata.uid}");
+    b.ok(&["delete", "pod", "mixed", "--wait=true"]);
+    wait_for(&b, 30, "the pod's namespace and containers to go", || {
+        let gone = !std::path::Path::new("/run/netns")
+            .join(format!("baton-{uid}"))
+            .exists()
+            && runc_containers(&b).is_empty();
+        gone.then_some(())
+    });
+}
