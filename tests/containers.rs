@@ -175,15 +175,17 @@ fn a_container_runs_logs_execs_and_reports_its_end() {
 }
 
 #[test]
-fn a_component_and_a_container_run_in_one_pod() {
+fn a_component_and_a_container_share_the_pods_localhost_both_ways() {
     let (reg, image) = registry_with_busybox();
     let b = cluster(&reg);
     let web = guests_dir().join("http-hello.wasm");
+    let toolbox = guests_dir().join("toolbox.wasm");
     apply(
         &b,
         &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: mixed}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: web, image: {}, ports: [{{containerPort: 8080}}]}}\n  - name: side\n    image: {image}\n    command: [httpd, -f, -p, '9090', -h, /tmp]\n    readinessProbe: {{tcpSocket: {{port: 9090}}, periodSeconds: 1}}\n",
-            web.display()
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: mixed}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: web, image: {}, ports: [{{containerPort: 8080}}]}}\n  - {{name: tools, image: {}, args: [sleep]}}\n  - name: side\n    image: {image}\n    command: [sh, -c, 'echo from-the-container > /tmp/index.html; exec httpd -f -p 9090 -h /tmp']\n    ports: [{{containerPort: 9090}}]\n    readinessProbe: {{tcpSocket: {{port: 9090}}, periodSeconds: 1}}\n",
+            web.display(),
+            toolbox.display()
         ),
     );
     b.ok(&[
@@ -192,13 +194,32 @@ fn a_component_and_a_container_run_in_one_pod() {
         "pod/mixed",
         "--timeout=120s",
     ]);
-    // The container's port is reached in the pod's namespace: its readiness probe did.
-    let ready = jsonpath(
-        &b,
-        &["pod", "mixed"],
-        "{.status.containerStatuses[?(@.name==\"side\")].ready}",
+    // The container calls the component at localhost.
+    let got = b.ok(&[
+        "exec",
+        "mixed",
+        "-c",
+        "side",
+        "--",
+        "wget",
+        "-qO-",
+        "http://localhost:8080/from-container",
+    ]);
+    assert!(
+        got.contains("hello from http-hello path=/from-container"),
+        "{got}"
     );
-    assert_eq!(ready, "true");
+    // A component calls the container at localhost.
+    let got = b.ok(&[
+        "exec",
+        "mixed",
+        "-c",
+        "tools",
+        "--",
+        "get",
+        "localhost:9090/index.html",
+    ]);
+    assert_eq!(got, "from-the-container\n");
     let uid = jsonpath(&b, &["pod", "mixed"], "{.metadata.uid}");
     b.ok(&["delete", "pod", "mixed", "--wait=true"]);
     wait_for(&b, 30, "the pod's namespace and containers to go", || {

@@ -31,6 +31,7 @@ pub mod ipam;
 pub mod linux;
 pub mod netns;
 pub mod portforward;
+pub mod ports;
 pub mod probe;
 pub mod proxy;
 pub mod register;

@@ -12,10 +12,11 @@
 //! `OOMKilled` when the cgroup counted an OOM kill) and removes the container and its
 //! view; so the worker may stop a container while nothing polls its exit.
 //!
-//! Not yet: the pod's Wasm components still listen on the node's loopback rather than in
-//! the namespace, so a component and a container of one pod do not share `localhost`; and
-//! the namespace has no route out (no veth or bridge yet), so containers reach neither
-//! Services nor the outside.
+//! A component and a container of one pod share `localhost` for the ports the pod
+//! declares, both ways, through [`crate::ports`]. Containers see the pod's `/etc/hosts`.
+//!
+//! Not yet: the namespace has no way out (no veth or bridge), so containers reach neither
+//! Services nor the outside, and no DNS server answers them.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -159,7 +160,8 @@ impl LinuxPod {
         }
     }
 
-    async fn netns(&mut self) -> Result<Arc<NetNs>, StartError> {
+    /// The pod's namespace, made on first use.
+    pub async fn netns(&mut self) -> Result<Arc<NetNs>, StartError> {
         if let Some(ns) = self.netns.get() {
             return Ok(ns.clone());
         }
@@ -298,6 +300,12 @@ impl LinuxPod {
                 return Err(e);
             }
         };
+        let mut config = config;
+        config.mounts.push(BindMount {
+            source: self.hosts_file()?,
+            destination: PathBuf::from("/etc/hosts"),
+            readonly: false,
+        });
         let bundle = dir.join("bundle");
         if let Err(e) = config.write_bundle(&bundle) {
             let _ = view.remove();
@@ -389,6 +397,23 @@ impl LinuxPod {
         Ok(Box::pin(wait_exit(ended)))
     }
 
+    /// The pod's `/etc/hosts`, as the kubelet writes it: `localhost`, and the pod's name
+    /// at its address. Written once per pod; every container mounts it.
+    fn hosts_file(&self) -> Result<PathBuf, StartError> {
+        let dir = self.rt.dir.join(format!("pod-{}", self.pod.uid));
+        let path = dir.join("hosts");
+        if !path.exists() {
+            let text = format!(
+                "# Kubernetes-managed hosts file (written by Baton).\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{}\n",
+                self.pod.ip, self.pod.name
+            );
+            std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::write(&path, text))
+                .map_err(setup)?;
+        }
+        Ok(path)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -414,6 +439,7 @@ impl LinuxPod {
         if let Some(ns) = self.netns.get() {
             ns.delete().await;
         }
+        let _ = std::fs::remove_dir_all(self.rt.dir.join(format!("pod-{}", self.pod.uid)));
     }
 
     pub fn streams(&self) -> LinuxStreams {

@@ -93,28 +93,27 @@ impl NetNs {
         self.ip
     }
 
-    /// Opens a TCP connection from inside the namespace. The socket is made on a thread
-    /// of its own that enters the namespace and then ends, so no pooled thread is ever
-    /// left in a pod's namespace.
+    /// Opens a TCP connection from inside the namespace.
     pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-        let path = self.path.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("netns-connect".into())
-            .spawn(move || {
-                let made = (|| -> std::io::Result<std::net::TcpStream> {
-                    let target = std::fs::File::open(&path)?;
-                    rustix::thread::move_into_link_name_space(
-                        target.as_fd(),
-                        Some(rustix::thread::LinkNameSpaceType::Network),
-                    )?;
-                    std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-                })();
-                let _ = tx.send(made);
-            })?;
-        let std = rx.await.map_err(std::io::Error::other)??;
-        std.set_nonblocking(true)?;
+        let std = in_namespace(self.path.clone(), move || {
+            let s = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .await?;
         tokio::net::TcpStream::from_std(std)
+    }
+
+    /// A listener inside the namespace.
+    pub async fn listen(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+        let path = self.path.clone();
+        let std = in_namespace(path, move || {
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .await?;
+        tokio::net::TcpListener::from_std(std)
     }
 
     /// Removes the namespace; what still has it open (nothing, once the pod's containers
@@ -124,4 +123,28 @@ impl NetNs {
             tracing::warn!(error = %e, "removing a pod's network namespace");
         }
     }
+}
+
+/// Runs `make` on a thread of its own that has entered the namespace at `path`, and ends
+/// after: a socket belongs to the namespace it was made in for its whole life, and no
+/// pooled thread is ever left in a pod's namespace.
+async fn in_namespace<T: Send + 'static>(
+    path: PathBuf,
+    make: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("netns".into())
+        .spawn(move || {
+            let made = (|| {
+                let target = std::fs::File::open(&path)?;
+                rustix::thread::move_into_link_name_space(
+                    target.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+                make()
+            })();
+            let _ = tx.send(made);
+        })?;
+    rx.await.map_err(std::io::Error::other)?
 }

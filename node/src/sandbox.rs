@@ -605,6 +605,8 @@ pub struct PodSandbox {
     linux: Option<crate::linux::LinuxPod>,
     ip: IpAddr,
     streams: Arc<PodStreamsOfBoth>,
+    /// The pod's declared ports, joined between its two halves.
+    ports: crate::ports::PodPorts,
 }
 
 impl Sandboxes for PodSandboxes {
@@ -624,7 +626,7 @@ impl Sandboxes for PodSandboxes {
                 },
             )
         });
-        let ip = IpAddr::V4(config.ip);
+        let (ip, config_ip) = (IpAddr::V4(config.ip), config.ip);
         let wasm = self.wasm.create(config);
         let streams = Arc::new(PodStreamsOfBoth {
             wasm: wasm.streams(),
@@ -635,6 +637,7 @@ impl Sandboxes for PodSandboxes {
             linux,
             ip,
             streams,
+            ports: crate::ports::PodPorts::new(config_ip),
         }
     }
 }
@@ -693,14 +696,41 @@ impl Sandbox for PodSandbox {
     }
 
     async fn start(&mut self, run: ContainerRun<PodImage>) -> Result<Started, StartError> {
+        let declared: Vec<u16> = run
+            .spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| u16::try_from(p.container_port).ok())
+            .collect();
         match run.image.clone() {
-            PodImage::Wasm(c) => self.wasm.start(run.with_image(c)).await,
+            PodImage::Wasm(c) => {
+                let serves = match self.wasm.runtime.kind(&c) {
+                    Ok(ComponentKind::Http) => run.port,
+                    _ => None,
+                };
+                let started = self.wasm.start(run.with_image(c)).await?;
+                if self.linux.is_some() {
+                    for port in declared.into_iter().chain(serves) {
+                        self.ports.component(port).await;
+                    }
+                }
+                Ok(started)
+            }
             PodImage::Linux(l) => {
                 let linux = self.linux.as_mut().ok_or_else(|| {
                     StartError::Create(
                         "this node runs no OCI containers (runc was not found)".into(),
                     )
                 })?;
+                // The joins exist before the container runs: it may call a component
+                // at once.
+                let ns = linux.netns().await?;
+                self.ports.namespace(ns).await;
+                for port in declared {
+                    self.ports.container(port).await;
+                }
                 let spec = run.spec.clone();
                 let exit = linux.start(run.with_image(l), &spec).await?;
                 Ok(Started { exit: Some(exit) })
@@ -735,6 +765,7 @@ impl Sandbox for PodSandbox {
     }
 
     async fn shutdown(self, grace: Duration) {
+        drop(self.ports);
         let linux = async {
             if let Some(l) = self.linux {
                 l.shutdown(grace).await;
