@@ -51,7 +51,7 @@ impl PodPorts {
         }
         self.wasm.push(port);
         if let Some(ns) = self.netns.clone() {
-            self.into_namespace(&ns, port).await;
+            self.join_into_namespace(&ns, port).await;
         }
     }
 
@@ -62,11 +62,11 @@ impl PodPorts {
         }
         self.netns = Some(ns.clone());
         for port in self.wasm.clone() {
-            self.into_namespace(&ns, port).await;
+            self.join_into_namespace(&ns, port).await;
         }
     }
 
-    async fn into_namespace(&mut self, ns: &NetNs, port: u16) {
+    async fn join_into_namespace(&mut self, ns: &NetNs, port: u16) {
         match ns.listen(SocketAddr::from(([0, 0, 0, 0], port))).await {
             Ok(listener) => {
                 let to = SocketAddr::from((self.ip, port));
