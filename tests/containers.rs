@@ -230,3 +230,116 @@ fn a_component_and_a_container_share_the_pods_localhost_both_ways() {
         gone.then_some(())
     });
 }
+
+#[test]
+fn init_containers_ports_and_bad_images_across_both_kinds() {
+    let (reg, image) = registry_with_busybox();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // A Linux image for another architecture, and one whose layer is not a tar.
+    let other = if images::node_arch() == "arm64" {
+        "amd64"
+    } else {
+        "arm64"
+    };
+    rt.block_on(images::push(
+        &reg.addr,
+        "baton/other-arch:1",
+        &[(images::busybox_layer(), images::GZIP)],
+        images::config(other, 1),
+    ));
+    rt.block_on(images::push(
+        &reg.addr,
+        "baton/corrupt:1",
+        &[(b"not a gzip stream".to_vec(), images::GZIP)],
+        images::config(images::node_arch(), 1),
+    ));
+    let b = cluster(&reg);
+    let toolbox = guests_dir().join("toolbox.wasm");
+
+    // A Linux init container writes to an emptyDir before the component starts; the
+    // component reads it.
+    apply(
+        &b,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: ordered}}\nspec:\n  initContainers:\n  - {{name: prepare, image: {image}, command: [sh, -c, 'echo written by init > /work/ready'], volumeMounts: [{{name: work, mountPath: /work}}]}}\n  containers:\n  - {{name: app, image: {}, args: [sleep], volumeMounts: [{{name: work, mountPath: /work}}]}}\n  volumes: [{{name: work, emptyDir: {{}}}}]\n",
+            toolbox.display()
+        ),
+    );
+    b.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/ordered",
+        "--timeout=120s",
+    ]);
+    let got = b.ok(&["exec", "ordered", "-c", "app", "--", "cat", "/work/ready"]);
+    assert_eq!(got, "written by init\n");
+
+    // Two container pods on one node both listen on port 80.
+    for name in ["web-a", "web-b"] {
+        apply(
+            &b,
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'echo {name} > /tmp/index.html; exec httpd -f -p 80 -h /tmp']\n    ports: [{{containerPort: 80}}]\n    readinessProbe: {{httpGet: {{port: 80, path: /index.html}}, periodSeconds: 1}}\n"
+            ),
+        );
+    }
+    for name in ["web-a", "web-b"] {
+        b.ok(&[
+            "wait",
+            "--for=condition=Ready",
+            &format!("pod/{name}"),
+            "--timeout=120s",
+        ]);
+        let got = b.ok(&[
+            "exec",
+            name,
+            "--",
+            "wget",
+            "-qO-",
+            "http://localhost/index.html",
+        ]);
+        assert_eq!(got, format!("{name}\n"));
+    }
+
+    // Bad images: the pod waits with the reason and the registry's or unpacker's words.
+    for (pod, img, reason, words) in [
+        (
+            "arch",
+            format!("{}/baton/other-arch:1", reg.addr),
+            "ErrImagePull",
+            "platform",
+        ),
+        (
+            "corrupt",
+            format!("{}/baton/corrupt:1", reg.addr),
+            "ErrImagePull",
+            "unpacking",
+        ),
+    ] {
+        apply(
+            &b,
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}}}\nspec:\n  containers:\n  - {{name: main, image: {img}}}\n"
+            ),
+        );
+        let (got, message) = wait_for(&b, 60, "the bad image's reason", || {
+            let r = jsonpath(
+                &b,
+                &["pod", pod],
+                "{.status.containerStatuses[0].state.waiting.reason}",
+            );
+            let m = jsonpath(
+                &b,
+                &["pod", pod],
+                "{.status.containerStatuses[0].state.waiting.message}",
+            );
+            (r == reason || r == "ImagePullBackOff").then_some((r, m))
+        });
+        assert!(got == reason || got == "ImagePullBackOff", "{pod}: {got}");
+        assert!(message.contains(words), "{pod}: {message}");
+    }
+    b.ok(&["delete", "pod", "--all", "--wait=true"]);
+    wait_for(&b, 30, "no runc container left", || {
+        runc_containers(&b).is_empty().then_some(())
+    });
+}
