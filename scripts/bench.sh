@@ -11,7 +11,7 @@
 #                            against a direct connection (BENCH_OPS runs, BENCH_MIB MiB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-which="${1:?usage: scripts/bench.sh store|api|wasm|cluster|debug}"
+which="${1:?usage: scripts/bench.sh store|api|wasm|cluster|debug|container}"
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 # Two builds, so that `baton` is the same binary `scripts/run.sh` builds (one build of
@@ -28,12 +28,12 @@ case "$which" in
     "$CARGO_TARGET_DIR/release/wasm-bench" "$CARGO_TARGET_DIR/release/baton" \
       "$tools/bin/wasmtime" examples-wasm/dist
     ;;
-  cluster|debug)
+  cluster|debug|container)
     ./scripts/build-guests.sh >/dev/null
     if [ "$which" = cluster ]; then
       "$CARGO_TARGET_DIR/release/cluster-bench" "$CARGO_TARGET_DIR/release/baton" examples-wasm/dist
     else
-      "$CARGO_TARGET_DIR/release/debug-bench" "$CARGO_TARGET_DIR/release/baton"
+      "$CARGO_TARGET_DIR/release/$which-bench" "$CARGO_TARGET_DIR/release/baton"
     fi
     ;;
   *)
