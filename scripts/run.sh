@@ -2,7 +2,8 @@
 # Runs Baton: `baton up` on the embedded store, then a workload through the real kubectl:
 # the http-hello component pushed to a local registry, its Deployment pulled from there and
 # put behind a NodePort Service, answered by its replicas, debugged (exec, debug with the
-# toolbox, port-forward, top), scaled;
+# toolbox, port-forward, top), scaled; a pod of a component and an OCI container (runc)
+# sharing localhost;
 # then a clean stop and a restart that finds every object where it was, and serves again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,8 @@ done
 "$BATON" push examples-wasm/dist/http-hello.wasm "$REGISTRY/baton/http-hello:1.0" --insecure-registry "$REGISTRY"
 # The debug toolbox, for `kubectl debug` (a small shell as a wasi:cli component).
 "$BATON" push examples-wasm/dist/toolbox.wasm "$REGISTRY/baton/toolbox:1" --insecure-registry "$REGISTRY"
+# A tiny Linux image, for an OCI container beside a component.
+./scripts/push-busybox.sh "$REGISTRY" baton/busybox:1
 
 manifest() {
   sed "s#image: 127.0.0.1:5000/#image: $REGISTRY/#" examples/hello/deployment.yaml
@@ -97,6 +100,24 @@ debug_session() {
   kubectl top nodes
 }
 debug_session
+# A component and an OCI container in one pod, on one localhost.
+mixed_pod() {
+  sed "s#image: 127.0.0.1:5000/#image: $REGISTRY/#" examples/mixed/pod.yaml | kubectl apply -f -
+  kubectl wait --for=condition=Ready pod/mixed --timeout=120s
+  echo "--- the container calls the component at localhost:8080"
+  for _ in $(seq 1 100); do
+    if kubectl logs mixed -c side 2>/dev/null | grep 'hello from http-hello' >/dev/null; then break; fi
+    sleep 0.2
+  done
+  kubectl logs mixed -c side --tail=2
+  echo "--- a sibling component calls the container at localhost:9090, with kubectl debug"
+  printf 'get localhost:9090/index.html\nexit\n' |
+    kubectl debug -i mixed --image="$REGISTRY/baton/toolbox:1" --target=web
+  echo "--- kubectl exec into the container runs in it (runc exec)"
+  kubectl exec mixed -c side -- sh -c 'hostname; id'
+  kubectl delete pod mixed --wait=true
+}
+mixed_pod
 kubectl scale deployment hello --replicas=3
 kubectl rollout status deployment hello --timeout=60s
 kubectl get pods -o wide
