@@ -70,7 +70,7 @@ fn a_container_runs_logs_execs_and_reports_its_end() {
     apply(
         &b,
         &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: box}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'echo hello from runc $FROM_IMAGE $GREETING; hostname; exec sleep 1000']\n    env: [{{name: GREETING, value: hi}}]\n"
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: box}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'echo hello from runc $FROM_IMAGE $GREETING; hostname; touch /tmp/up; exec sleep 1000']\n    env: [{{name: GREETING, value: hi}}]\n    readinessProbe: {{exec: {{command: [cat, /tmp/up]}}, periodSeconds: 1}}\n"
         ),
     );
     b.ok(&["wait", "--for=condition=Ready", "pod/box", "--timeout=120s"]);

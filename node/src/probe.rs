@@ -1,6 +1,6 @@
 //! Liveness, readiness and startup probes against a pod's address: `httpGet` and
 //! `tcpSocket`. (`exec` and `grpc` have no meaning for a Wasm component and fail with a
-//! message saying so.)
+//! message saying so; an OCI container's `exec` probe is run by its sandbox.)
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -143,6 +143,10 @@ pub enum ProbeError {
     TimedOut(u64),
     #[error("only httpGet and tcpSocket probes are supported for Wasm components")]
     Unsupported,
+    #[error("command failed: {0}")]
+    Exec(String),
+    #[error("command exited with code {0}")]
+    ExitCode(i32),
 }
 
 fn port_or_err(p: &IntOrString, c: &Container) -> Result<u16, ProbeError> {

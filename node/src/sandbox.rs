@@ -754,6 +754,28 @@ impl Sandbox for PodSandbox {
         let linux = self.streams.linux_for(&container.name).cloned();
         async move {
             match linux {
+                // A command, run in the container as `kubectl exec` runs one.
+                Some(streams) if probe.exec.is_some() => {
+                    let argv = probe
+                        .exec
+                        .as_ref()
+                        .and_then(|e| e.command.clone())
+                        .unwrap_or_default();
+                    let io = ExecIo {
+                        stdin: None,
+                        stdout: Box::new(tokio::io::sink()),
+                        stderr: Box::new(tokio::io::sink()),
+                        terminal: None,
+                    };
+                    let exit = streams
+                        .exec(&container.name, argv, io)
+                        .map_err(|e| ProbeError::Exec(baton_kube::error::chain(&e)))?
+                        .await;
+                    match exit.code {
+                        0 => Ok(()),
+                        code => Err(ProbeError::ExitCode(code)),
+                    }
+                }
                 // Inside the pod's namespace, where its containers listen.
                 Some(streams) => {
                     let dial = move |_host: String, port: u16| streams.connect(port);
