@@ -14,12 +14,28 @@ mod registry;
 use baton::{guests_dir, jsonpath, wait_for, Baton};
 use registry::{Options, Registry};
 
-/// `baton up` with a loopback range of its own and the test registry trusted.
-fn cluster(reg: &Registry) -> Baton {
+/// `baton up` flags for a loopback range of its own and the test registry trusted.
+fn flags(reg: &Registry) -> Vec<String> {
     static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let cidr = format!("127.{}.0.0/24", 170 + n);
-    Baton::start_with(&["--pod-cidr", &cidr, "--insecure-registry", &reg.addr])
+    ["--pod-cidr", &cidr, "--insecure-registry", &reg.addr]
+        .map(String::from)
+        .to_vec()
+}
+
+fn cluster(reg: &Registry) -> Baton {
+    let f = flags(reg);
+    Baton::start_with(&f.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Processes whose command line names `text`.
+fn processes_naming(text: &str) -> usize {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", text])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
 /// A registry holding `baton/busybox:1`.
@@ -342,4 +358,41 @@ fn init_containers_ports_and_bad_images_across_both_kinds() {
     wait_for(&b, 30, "no runc container left", || {
         runc_containers(&b).is_empty().then_some(())
     });
+}
+
+#[test]
+fn containers_do_not_outlive_the_node() {
+    let (reg, image) = registry_with_busybox();
+    let f = flags(&reg);
+    let args: Vec<&str> = f.iter().map(String::as_str).collect();
+    let b = Baton::start_in(tempfile::tempdir().unwrap(), &args);
+    apply(
+        &b,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: box}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '100000']}}\n"
+        ),
+    );
+    b.ok(&["wait", "--for=condition=Ready", "pod/box", "--timeout=120s"]);
+    let uid = jsonpath(&b, &["pod", "box"], "{.metadata.uid}");
+    let root = b.dir.path().join("data/node/runc").display().to_string();
+    // Killed at once: nothing could remove its container.
+    let dir = b.crash();
+    assert_eq!(
+        processes_naming(&root),
+        1,
+        "the container's runc outlived a crash"
+    );
+    // The next start removes what the crash left, and the pod runs again.
+    let b = Baton::start_in(dir, &args);
+    wait_for(&b, 60, "the pod to run again in one container", || {
+        let ready = jsonpath(&b, &["pod", "box"], "{.status.containerStatuses[0].ready}");
+        (ready == "true" && runc_containers(&b).len() == 1 && processes_naming(&root) == 1)
+            .then_some(())
+    });
+    // A node that is stopped (SIGTERM) stops its containers and removes the namespaces.
+    drop(b);
+    assert_eq!(processes_naming(&root), 0, "a container outlived its node");
+    assert!(!std::path::Path::new("/run/netns")
+        .join(format!("baton-{uid}"))
+        .exists());
 }

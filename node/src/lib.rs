@@ -225,10 +225,12 @@ pub async fn run(
     let linux = match baton_runc::Runc::new(None, cfg.data_dir.join("runc")) {
         Ok(runc) => {
             tracing::info!(runc = %runc.binary().display(), "OCI containers run with runc");
-            Some(Arc::new(linux::LinuxRuntime {
+            let rt = linux::LinuxRuntime {
                 runc,
                 dir: cfg.data_dir.join("containers"),
-            }))
+            };
+            rt.remove_leftovers().await;
+            Some(Arc::new(rt))
         }
         Err(e) => {
             tracing::info!(reason = %e, "this node runs Wasm components only");

@@ -50,6 +50,29 @@ pub struct LinuxRuntime {
     pub dir: PathBuf,
 }
 
+impl LinuxRuntime {
+    /// Removes what an earlier run of the node left when it was killed: its runc
+    /// containers, their views, and its pods' namespaces. Pods' workers start them anew,
+    /// as they do a pod's components after a restart.
+    pub async fn remove_leftovers(&self) {
+        for id in self.runc.list().await.unwrap_or_default() {
+            tracing::info!(container = %id, "removing a container left by an earlier run");
+            if let Err(e) = self.runc.delete(&id).await {
+                tracing::warn!(container = %id, error = %e, "removing a left container");
+            }
+        }
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name == "netns" {
+                continue;
+            }
+            let _ = baton_rootfs::remove_view(&e.path().join("view"));
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+        crate::netns::remove_leftovers(&self.dir.join("netns"));
+    }
+}
+
 /// What a pod's Linux containers share.
 #[derive(Debug, Clone)]
 pub struct PodLinux {
@@ -165,8 +188,9 @@ impl LinuxPod {
         if let Some(ns) = self.netns.get() {
             return Ok(ns.clone());
         }
+        let records = self.rt.dir.join("netns");
         let ns = Arc::new(
-            NetNs::create(&self.pod.uid, self.pod.ip)
+            NetNs::create(&self.pod.uid, self.pod.ip, &records)
                 .await
                 .map_err(setup)?,
         );

@@ -25,12 +25,17 @@ pub enum NetNsError {
     Spawn(#[source] std::io::Error),
 }
 
-/// One pod's network namespace; [`NetNs::delete`] removes it.
+/// One pod's network namespace; [`NetNs::delete`] removes it, and so does its drop (the
+/// node's own stop included). Each is recorded as a file in the node's `netns/` folder
+/// while it exists, so that a node killed before it could remove them removes them at its
+/// next start ([`remove_leftovers`]).
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
     path: PathBuf,
     ip: Ipv4Addr,
+    record: PathBuf,
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 async fn ip(args: &[&str]) -> Result<(), NetNsError> {
@@ -53,16 +58,22 @@ async fn ip(args: &[&str]) -> Result<(), NetNsError> {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl NetNs {
-    /// Makes the namespace `baton-<id>` with its loopback up and `ip` on it. One left
-    /// by an earlier run of the node under the same name is replaced.
-    pub async fn create(id: &str, ip_addr: Ipv4Addr) -> Result<Self, NetNsError> {
+    /// Makes the namespace `baton-<id>` with its loopback up and `ip` on it, recorded in
+    /// `records`. One left by an earlier run of the node under the same name is replaced.
+    pub async fn create(id: &str, ip_addr: Ipv4Addr, records: &Path) -> Result<Self, NetNsError> {
         let name = format!("baton-{id}");
         let _ = ip(&["netns", "delete", &name]).await;
+        let record = records.join(&name);
+        std::fs::create_dir_all(records)
+            .and_then(|_| std::fs::write(&record, b""))
+            .map_err(NetNsError::Spawn)?;
         ip(&["netns", "add", &name]).await?;
         let ns = NetNs {
             path: Path::new("/run/netns").join(&name),
             name,
             ip: ip_addr,
+            record,
+            deleted: Default::default(),
         };
         let set_up = async {
             ip(&["-n", &ns.name, "link", "set", "lo", "up"]).await?;
@@ -119,9 +130,45 @@ impl NetNs {
     /// Removes the namespace; what still has it open (nothing, once the pod's containers
     /// are gone) keeps it alive until it closes.
     pub async fn delete(&self) {
+        if self.deleted.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
         if let Err(e) = ip(&["netns", "delete", &self.name]).await {
             tracing::warn!(error = %e, "removing a pod's network namespace");
         }
+        let _ = std::fs::remove_file(&self.record);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if self.deleted.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        // Synchronous: a drop cannot await, and it may run as the node's runtime stops.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_file(&self.record);
+    }
+}
+
+/// Removes the namespaces recorded in `records` by an earlier run of the node that did not
+/// remove them (it was killed): their pods' containers are gone, and the pods' workers
+/// make new ones.
+pub fn remove_leftovers(records: &Path) {
+    for e in std::fs::read_dir(records).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("baton-") {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "delete", &name])
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_file(e.path());
     }
 }
 

@@ -252,7 +252,21 @@ impl Baton {
 }
 
 impl Drop for Baton {
+    /// SIGTERM first, so that the node removes what outlives the process otherwise (OCI
+    /// containers, network namespaces); SIGKILL if it has not stopped in 10 s.
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
