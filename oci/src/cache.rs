@@ -230,6 +230,22 @@ impl Cache {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        // An unpacked root filesystem goes with its image's manifest: while a pod uses the
+        // image, the node keeps the manifest (and so the tree its containers' views stand
+        // on).
+        for e in std::fs::read_dir(self.root.join("rootfs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') || self.has_blob(&format!("sha256:{name}")) {
+                continue;
+            }
+            if std::fs::remove_dir_all(e.path()).is_ok() {
+                tracing::info!(image = %name, "removed an unpacked image whose manifest is gone");
+            }
+        }
         freed
     }
 }
@@ -258,5 +274,22 @@ mod tests {
         assert_eq!(cache.gc(0, &HashSet::new()), data.len() as u64);
         assert!(cache.get_ref("r.io/a:1").is_none());
         assert!(cache.list().is_empty());
+    }
+
+    #[test]
+    fn an_unpacked_image_goes_with_its_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let manifest = br#"{"schemaVersion":2}"#;
+        let d = sha256(manifest);
+        cache.put_blob(&d, manifest).unwrap();
+        let rootfs = dir.path().join("rootfs").join(&d[7..]);
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        // In use: kept.
+        cache.gc(0, &HashSet::from([d.clone()]));
+        assert!(rootfs.exists());
+        // Unused: the manifest goes, and the tree with it.
+        cache.gc(0, &HashSet::new());
+        assert!(!rootfs.exists());
     }
 }
