@@ -22,8 +22,22 @@ impl Procs {
 }
 
 impl Drop for Procs {
+    /// SIGTERM first, so that a `baton up` removes what would outlive its process (OCI
+    /// containers, network namespaces); SIGKILL for what has not stopped in 10 s.
     fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         for c in &mut self.0 {
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
