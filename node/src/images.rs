@@ -182,13 +182,28 @@ impl Images {
                 pulled: false,
             });
         }
-        let registry = self
-            .registry
+        let pulled = self
+            .registry_for(image)?
+            .pull(image, auth, policy, None)
+            .await?;
+        self.pulled_component(image, pulled).await
+    }
+
+    /// The node's registry client, or why an image cannot be pulled.
+    fn registry_for(&self, image: &str) -> Result<&Arc<baton_oci::Registry>, ImageError> {
+        self.registry
             .as_ref()
             .ok_or_else(|| ImageError::NoRegistry {
                 image: image.into(),
-            })?;
-        let pulled = registry.pull(image, auth, policy, None).await?;
+            })
+    }
+
+    /// A pulled component, loaded.
+    async fn pulled_component(
+        &self,
+        image: &str,
+        pulled: baton_oci::Pulled,
+    ) -> Result<Image, ImageError> {
         Ok(Image {
             component: self.load(image, pulled.path.clone()).await?,
             digest: Some(pulled.layer_digest),
@@ -207,18 +222,12 @@ impl Images {
         if local_path(image).is_some() {
             return self.get(image, auth, policy).await.map(AnyImage::Wasm);
         }
-        let registry = self
-            .registry
-            .as_ref()
-            .ok_or_else(|| ImageError::NoRegistry {
-                image: image.into(),
-            })?;
+        let registry = self.registry_for(image)?;
         match registry.pull_image(image, auth, policy, None).await? {
-            baton_oci::Image::Wasm(pulled) => Ok(AnyImage::Wasm(Image {
-                component: self.load(image, pulled.path.clone()).await?,
-                digest: Some(pulled.layer_digest),
-                pulled: !pulled.cached,
-            })),
+            baton_oci::Image::Wasm(pulled) => self
+                .pulled_component(image, pulled)
+                .await
+                .map(AnyImage::Wasm),
             baton_oci::Image::Linux(linux) => {
                 let (reg, img) = (registry.clone(), linux.clone());
                 let rootfs = tokio::task::spawn_blocking(move || reg.rootfs(&img))

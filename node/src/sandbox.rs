@@ -652,23 +652,19 @@ impl Sandbox for PodSandbox {
         policy: baton_oci::PullPolicy,
     ) -> Result<Pulled<PodImage>, ImageError> {
         let images = self.wasm.images.clone();
-        if self.linux.is_none() {
-            let got = match images.get(image, auth, policy).await {
+        let got = if self.linux.is_some() {
+            images.get_any(image, auth, policy).await?
+        } else {
+            match images.get(image, auth, policy).await {
                 Err(ImageError::Pull(baton_oci::OciError::LinuxImage { .. })) => {
                     return Err(ImageError::NoRuntime {
                         image: image.into(),
                     })
                 }
-                got => got?,
-            };
-            return self.wasm.accept(image, got).map(|p| Pulled {
-                image: PodImage::Wasm(p.image),
-                lifetime: p.lifetime,
-                digest: p.digest,
-                pulled: p.pulled,
-            });
-        }
-        match images.get_any(image, auth, policy).await? {
+                got => crate::images::AnyImage::Wasm(got?),
+            }
+        };
+        match got {
             crate::images::AnyImage::Wasm(got) => {
                 let p = self.wasm.accept(image, got)?;
                 Ok(Pulled {

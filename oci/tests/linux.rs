@@ -18,6 +18,18 @@ fn client(server: &Server, cache: &std::path::Path) -> Registry {
     Registry::new(cfg).unwrap()
 }
 
+/// Pulls `image`, which must be a Linux image.
+async fn pull_linux(reg: &Registry, image: &str) -> Box<baton_oci::LinuxImage> {
+    match reg
+        .pull_image(image, &Auth::Anonymous, PullPolicy::Always, None)
+        .await
+        .unwrap()
+    {
+        Image::Linux(img) => img,
+        Image::Wasm(_) => panic!("{image} is not a Linux image"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_linux_image_is_pulled_for_the_node_cached_and_unpacked() {
     let server = Server::start(Options::default());
@@ -131,18 +143,7 @@ async fn other_platforms_corrupt_and_hostile_layers_are_refused() {
         config(arch, 1),
     )
     .await;
-    let Image::Linux(img) = reg
-        .pull_image(
-            &format!("{}/x/corrupt:1", server.addr),
-            &Auth::Anonymous,
-            PullPolicy::Always,
-            None,
-        )
-        .await
-        .unwrap()
-    else {
-        panic!("not a Linux image")
-    };
+    let img = pull_linux(&reg, &format!("{}/x/corrupt:1", server.addr)).await;
     let err = reg.rootfs(&img).unwrap_err();
     assert!(matches!(err, OciError::Unpack { .. }), "{err}");
 
@@ -155,18 +156,7 @@ async fn other_platforms_corrupt_and_hostile_layers_are_refused() {
         config(arch, 1),
     )
     .await;
-    let Image::Linux(img) = reg
-        .pull_image(
-            &format!("{}/x/hostile:1", server.addr),
-            &Auth::Anonymous,
-            PullPolicy::Always,
-            None,
-        )
-        .await
-        .unwrap()
-    else {
-        panic!("not a Linux image")
-    };
+    let img = pull_linux(&reg, &format!("{}/x/hostile:1", server.addr)).await;
     let err = reg.rootfs(&img).unwrap_err();
     let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
     assert!(chain.contains("names a parent directory"), "{chain}");

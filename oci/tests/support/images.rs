@@ -74,11 +74,21 @@ pub fn config(arch: &str, layers: usize) -> Vec<u8> {
     .unwrap()
 }
 
-fn client() -> oci_client::Client {
-    oci_client::Client::new(oci_client::client::ClientConfig {
+/// A plain-HTTP client, authorized to push to `REGISTRY/NAME`, and that reference.
+async fn pusher(registry: &str, name: &str) -> (oci_client::Client, oci_client::Reference) {
+    let oc = oci_client::Client::new(oci_client::client::ClientConfig {
         protocol: oci_client::client::ClientProtocol::Http,
         ..Default::default()
-    })
+    });
+    let r: oci_client::Reference = format!("{registry}/{name}").parse().unwrap();
+    oc.auth(
+        &r,
+        &oci_client::secrets::RegistryAuth::Anonymous,
+        oci_client::RegistryOperation::Push,
+    )
+    .await
+    .unwrap();
+    (oc, r)
 }
 
 /// Pushes an image manifest (and its blobs) as written here to `REGISTRY/NAME`; returns
@@ -89,15 +99,7 @@ pub async fn push(
     layers: &[(Vec<u8>, &str)],
     config: Vec<u8>,
 ) -> String {
-    let oc = client();
-    let r: oci_client::Reference = format!("{registry}/{name}").parse().unwrap();
-    oc.auth(
-        &r,
-        &oci_client::secrets::RegistryAuth::Anonymous,
-        oci_client::RegistryOperation::Push,
-    )
-    .await
-    .unwrap();
+    let (oc, r) = pusher(registry, name).await;
     for (data, _) in layers {
         oc.push_blob(&r, data.clone(), &sha(data)).await.unwrap();
     }
@@ -123,15 +125,7 @@ pub async fn push(
 
 /// Pushes an index over manifests already pushed, each with its architecture.
 pub async fn push_index(registry: &str, name: &str, entries: &[(&str, &str)]) {
-    let oc = client();
-    let r: oci_client::Reference = format!("{registry}/{name}").parse().unwrap();
-    oc.auth(
-        &r,
-        &oci_client::secrets::RegistryAuth::Anonymous,
-        oci_client::RegistryOperation::Push,
-    )
-    .await
-    .unwrap();
+    let (oc, r) = pusher(registry, name).await;
     let index = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
