@@ -29,13 +29,20 @@ fn cluster(reg: &Registry) -> Baton {
     Baton::start_with(&f.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-/// Processes whose command line names `text`.
-fn processes_naming(text: &str) -> usize {
+/// The processes whose command line names `text`.
+fn pids_naming(text: &str) -> Vec<String> {
     let out = std::process::Command::new("pgrep")
         .args(["-f", text])
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn processes_naming(text: &str) -> usize {
+    pids_naming(text).len()
 }
 
 /// A registry holding `baton/busybox:1`.
@@ -196,46 +203,92 @@ fn a_component_and_a_container_share_the_pods_localhost_both_ways() {
     let b = cluster(&reg);
     let web = guests_dir().join("http-hello.wasm");
     let toolbox = guests_dir().join("toolbox.wasm");
+    // The container's port is not declared: inside the pod every port is shared.
     apply(
         &b,
         &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: mixed}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: web, image: {}, ports: [{{containerPort: 8080}}]}}\n  - {{name: tools, image: {}, args: [sleep]}}\n  - name: side\n    image: {image}\n    command: [sh, -c, 'echo from-the-container > /tmp/index.html; exec httpd -f -p 9090 -h /tmp']\n    ports: [{{containerPort: 9090}}]\n    readinessProbe: {{tcpSocket: {{port: 9090}}, periodSeconds: 1}}\n",
-            web.display(),
-            toolbox.display()
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: mixed, labels: {{app: mixed}}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: web, image: {web}, ports: [{{containerPort: 8080}}]}}\n  - {{name: tools, image: {tools}, args: [sleep]}}\n  - name: side\n    image: {image}\n    command: [sh, -c, 'echo from-the-container > /tmp/index.html; exec httpd -f -p 9090 -h /tmp']\n    readinessProbe: {{tcpSocket: {{port: 9090}}, periodSeconds: 1}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: hello, labels: {{app: hello}}}}\nspec:\n  containers:\n  - {{name: web, image: {web}, ports: [{{containerPort: 8080}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: hello}}\nspec:\n  selector: {{app: hello}}\n  ports: [{{port: 80, targetPort: 8080}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: side}}\nspec:\n  selector: {{app: mixed}}\n  ports: [{{port: 9090, targetPort: 9090}}]\n",
+            web = web.display(),
+            tools = toolbox.display()
         ),
     );
-    b.ok(&[
-        "wait",
-        "--for=condition=Ready",
-        "pod/mixed",
-        "--timeout=120s",
-    ]);
+    for pod in ["pod/mixed", "pod/hello"] {
+        b.ok(&["wait", "--for=condition=Ready", pod, "--timeout=120s"]);
+    }
+    // The pod is reached at its routed address, behind the node's bridge.
+    let ip = jsonpath(&b, &["pod", "mixed"], "{.status.podIP}");
+    assert!(ip.starts_with("10."), "a routed pod address: {ip}");
+    let exec = |container: &str, args: &[&str]| {
+        let mut all = vec!["exec", "mixed", "-c", container, "--"];
+        all.extend_from_slice(args);
+        b.ok(&all)
+    };
     // The container calls the component at localhost.
-    let got = b.ok(&[
-        "exec",
-        "mixed",
-        "-c",
+    let got = exec(
         "side",
-        "--",
-        "wget",
-        "-qO-",
-        "http://localhost:8080/from-container",
-    ]);
+        &["wget", "-qO-", "http://localhost:8080/from-container"],
+    );
     assert!(
         got.contains("hello from http-hello path=/from-container"),
         "{got}"
     );
-    // A component calls the container at localhost.
-    let got = b.ok(&[
-        "exec",
-        "mixed",
-        "-c",
-        "tools",
-        "--",
-        "get",
-        "localhost:9090/index.html",
-    ]);
+    // A component calls the container at localhost, on a port nobody declared.
+    let got = exec("tools", &["get", "localhost:9090/index.html"]);
     assert_eq!(got, "from-the-container\n");
+    // The container sees its address on eth0, and resolves a Service by its short name
+    // through the node's DNS responder, and reaches it at its ClusterIP.
+    let got = exec("side", &["ip", "-4", "addr", "show", "eth0"]);
+    assert!(got.contains(&format!("inet {ip}/")), "{got}");
+    let got = exec(
+        "side",
+        &["wget", "-qO-", "http://hello/through-the-service"],
+    );
+    assert!(
+        got.contains("hello from http-hello path=/through-the-service"),
+        "{got}"
+    );
+    let cluster_ip = jsonpath(&b, &["service", "hello"], "{.spec.clusterIP}");
+    let got = exec("side", &["nslookup", "hello.default.svc.cluster.local"]);
+    assert!(got.contains(&cluster_ip), "{got}");
+    let failed = b.run(
+        "kubectl",
+        &[
+            "exec",
+            "mixed",
+            "-c",
+            "side",
+            "--",
+            "nslookup",
+            "nope.default.svc.cluster.local",
+        ],
+        None,
+    );
+    assert!(
+        !failed.status.success(),
+        "an unknown name is not found: {failed:?}"
+    );
+    // A component of the pod reaches a Service from inside the namespace too: here the
+    // pod's own container, through the node and back.
+    let got = wait_for(&b, 30, "the side Service to have its endpoint", || {
+        let out = b.run(
+            "kubectl",
+            &[
+                "exec",
+                "mixed",
+                "-c",
+                "tools",
+                "--",
+                "get",
+                "side:9090/index.html",
+            ],
+            None,
+        );
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    });
+    assert_eq!(got, "from-the-container\n");
+
     let uid = jsonpath(&b, &["pod", "mixed"], "{.metadata.uid}");
     b.ok(&["delete", "pod", "mixed", "--wait=true"]);
     wait_for(&b, 30, "the pod's namespace and containers to go", || {
@@ -374,25 +427,52 @@ fn containers_do_not_outlive_the_node() {
     );
     b.ok(&["wait", "--for=condition=Ready", "pod/box", "--timeout=120s"]);
     let uid = jsonpath(&b, &["pod", "box"], "{.metadata.uid}");
-    let root = b.dir.path().join("data/node/runc").display().to_string();
+    // What names the container's foreground runc (not a passing `runc delete`): a
+    // pattern for pgrep.
+    let root = format!(
+        "{} .* run --keep",
+        b.dir.path().join("data/node/runc").display()
+    );
     // Killed at once: nothing could remove its container.
     let dir = b.crash();
-    assert_eq!(
-        processes_naming(&root),
-        1,
-        "the container's runc outlived a crash"
-    );
-    // The next start removes what the crash left, and the pod runs again.
+    let before = pids_naming(&root);
+    assert_eq!(before.len(), 1, "the container's runc outlived a crash");
+    // The next start removes what the crash left, and the pod runs again, in a new
+    // container.
     let b = Baton::start_in(dir, &args);
-    wait_for(&b, 60, "the pod to run again in one container", || {
+    wait_for(&b, 60, "the pod to run again in one new container", || {
         let ready = jsonpath(&b, &["pod", "box"], "{.status.containerStatuses[0].ready}");
-        (ready == "true" && runc_containers(&b).len() == 1 && processes_naming(&root) == 1)
+        let now = pids_naming(&root);
+        (ready == "true" && runc_containers(&b).len() == 1 && now.len() == 1 && now != before)
             .then_some(())
     });
-    // A node that is stopped (SIGTERM) stops its containers and removes the namespaces.
+    // The pod is on the node's bridge, through a veth of its own.
+    let ip: std::net::Ipv4Addr = jsonpath(&b, &["pod", "box"], "{.status.podIP}")
+        .parse()
+        .unwrap();
+    let veth = format!("/sys/class/net/bv{:08x}", u32::from(ip));
+    let bridge = std::fs::read_link(format!("{veth}/master")).unwrap_or_else(|e| {
+        let links = std::process::Command::new("sh")
+            .args(["-c", "ip -br link; ls /run/netns"])
+            .output()
+            .unwrap();
+        panic!(
+            "{veth} is on no bridge ({e}); links:\n{}",
+            String::from_utf8_lossy(&links.stdout)
+        )
+    });
+    let bridge = std::path::Path::new("/sys/class/net").join(bridge.file_name().unwrap());
+    assert!(bridge.exists(), "{}", bridge.display());
+    // A node that is stopped (SIGTERM) stops its containers and removes the namespaces,
+    // their veths and its bridge.
     drop(b);
     assert_eq!(processes_naming(&root), 0, "a container outlived its node");
     assert!(!std::path::Path::new("/run/netns")
         .join(format!("baton-{uid}"))
         .exists());
+    assert!(
+        !std::path::Path::new(&veth).exists(),
+        "{veth} outlived its pod"
+    );
+    assert!(!bridge.exists(), "{} outlived its node", bridge.display());
 }

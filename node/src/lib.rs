@@ -24,6 +24,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod dns;
 pub mod eviction;
 pub mod fake;
 pub mod images;
@@ -31,7 +32,6 @@ pub mod ipam;
 pub mod linux;
 pub mod netns;
 pub mod portforward;
-pub mod ports;
 pub mod probe;
 pub mod proxy;
 pub mod register;
@@ -204,7 +204,34 @@ pub async fn run(
         .address
         .parse()
         .map_err(|_| NodeError::Address(cfg.address.clone()))?;
-    let (services, proxy) = proxy::Services::start(client.clone(), node_ip);
+    // OCI containers run where runc is installed and the node can make their network;
+    // elsewhere Linux images are refused with the reason.
+    let linux = linux_runtime(&cfg, &pod_cidr).await;
+    let (services, proxy) = proxy::Services::start(client.clone(), node_ip, linux.is_some());
+    // Answers the container pods' names, on the bridge; aborted with the agent.
+    let _dns = match &linux {
+        Some(rt) => {
+            let addr = std::net::SocketAddr::from((rt.bridge.gateway(), 53));
+            match dns::serve(
+                addr,
+                services.routed_resolver(""),
+                rt.cluster_domain.clone(),
+            )
+            .await
+            {
+                Ok(task) => Some(AbortOnDrop(task)),
+                Err(e) => {
+                    tracing::warn!(error = %baton_kube::error::chain(&e), "container pods get no cluster names");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let routed_resolvers: Resolvers = {
+        let services = services.clone();
+        Arc::new(move |ns: &str| services.routed_resolver(ns))
+    };
     let resolvers: Resolvers = {
         let services = services.clone();
         Arc::new(move |ns: &str| services.resolver(ns))
@@ -220,24 +247,11 @@ pub async fn run(
         resolvers: Some(resolvers),
         request_timeout: cfg.settings.request_timeout,
     };
-    // OCI containers run where runc is installed; elsewhere Linux images are refused with
-    // the reason.
-    let linux = match baton_runc::Runc::new(None, cfg.data_dir.join("runc")) {
-        Ok(runc) => {
-            tracing::info!(runc = %runc.binary().display(), "OCI containers run with runc");
-            let rt = linux::LinuxRuntime {
-                runc,
-                dir: cfg.data_dir.join("containers"),
-            };
-            rt.remove_leftovers().await;
-            Some(Arc::new(rt))
-        }
-        Err(e) => {
-            tracing::info!(reason = %e, "this node runs Wasm components only");
-            None
-        }
+    let sandboxes = sandbox::PodSandboxes {
+        wasm,
+        linux,
+        routed_resolvers: Some(routed_resolvers),
     };
-    let sandboxes = sandbox::PodSandboxes { wasm, linux };
     let shared = Arc::new(worker::Shared {
         client: client.clone(),
         sandboxes,
@@ -405,6 +419,46 @@ pub async fn run(
 }
 
 /// Aborts a background task when the agent stops.
+/// The node's container runtime: where runc is installed and the pods' bridge could be
+/// made; None, with the reason logged, elsewhere.
+async fn linux_runtime(cfg: &NodeConfig, pod_cidr: &str) -> Option<Arc<linux::LinuxRuntime>> {
+    let runc = match baton_runc::Runc::new(None, cfg.data_dir.join("runc")) {
+        Ok(runc) => runc,
+        Err(e) => {
+            tracing::info!(reason = %e, "this node runs Wasm components only");
+            return None;
+        }
+    };
+    let bridge = match netns::Bridge::for_range(pod_cidr) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(reason = %e, "this node runs Wasm components only");
+            return None;
+        }
+    };
+    if let Err(e) = bridge.up().await {
+        tracing::warn!(
+            reason = %baton_kube::error::chain(&e),
+            "this node runs Wasm components only: its pods' bridge cannot be made"
+        );
+        return None;
+    }
+    tracing::info!(
+        runc = %runc.binary().display(),
+        bridge = bridge.name(),
+        gateway = %bridge.gateway(),
+        "OCI containers run with runc"
+    );
+    let rt = linux::LinuxRuntime {
+        runc,
+        dir: cfg.data_dir.join("containers"),
+        bridge,
+        cluster_domain: "cluster.local".into(),
+    };
+    rt.remove_leftovers().await;
+    Some(Arc::new(rt))
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {

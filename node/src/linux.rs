@@ -12,11 +12,12 @@
 //! `OOMKilled` when the cgroup counted an OOM kill) and removes the container and its
 //! view; so the worker may stop a container while nothing polls its exit.
 //!
-//! A component and a container of one pod share `localhost` for the ports the pod
-//! declares, both ways, through [`crate::ports`]. Containers see the pod's `/etc/hosts`.
-//!
-//! Not yet: the namespace has no way out (no veth or bridge), so containers reach neither
-//! Services nor the outside, and no DNS server answers them.
+//! The namespace is linked to the node's bridge and holds the pod's routed address
+//! ([`crate::netns`]); the pod's components make their sockets in it too, so `localhost`
+//! means one thing to all of a pod's containers. Containers see the pod's `/etc/hosts`,
+//! and an `/etc/resolv.conf` that names the node's DNS responder on the bridge
+//! ([`crate::dns`]), with the search path of the pod's namespace, as the kubelet writes
+//! for `dnsPolicy: ClusterFirst`.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -48,6 +49,10 @@ pub struct LinuxRuntime {
     pub runc: Runc,
     /// Where containers' bundles and views live (`NODE-DATA/containers`).
     pub dir: PathBuf,
+    /// What the pods' namespaces are linked to; it is up before the first pod starts.
+    pub bridge: crate::netns::Bridge,
+    /// The cluster's DNS domain (`cluster.local`), for the pods' search path.
+    pub cluster_domain: String,
 }
 
 impl LinuxRuntime {
@@ -78,7 +83,12 @@ impl LinuxRuntime {
 pub struct PodLinux {
     pub uid: String,
     pub name: String,
+    /// Its Kubernetes namespace, for the DNS search path.
+    pub namespace: String,
+    /// Its routed address (see [`crate::netns::Bridge::routed`]).
     pub ip: Ipv4Addr,
+    /// Its `dnsPolicy` and `dnsConfig`.
+    pub dns: crate::dns::PodDns,
     pub grace: Duration,
     pub security: Option<PodSecurityContext>,
 }
@@ -183,6 +193,11 @@ impl LinuxPod {
         }
     }
 
+    /// The pod's routed address, which its namespace holds.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.pod.ip
+    }
+
     /// The pod's namespace, made on first use.
     pub async fn netns(&mut self) -> Result<Arc<NetNs>, StartError> {
         if let Some(ns) = self.netns.get() {
@@ -190,7 +205,7 @@ impl LinuxPod {
         }
         let records = self.rt.dir.join("netns");
         let ns = Arc::new(
-            NetNs::create(&self.pod.uid, self.pod.ip, &records)
+            NetNs::create(&self.pod.uid, self.pod.ip, &self.rt.bridge, &records)
                 .await
                 .map_err(setup)?,
         );
@@ -325,9 +340,15 @@ impl LinuxPod {
             }
         };
         let mut config = config;
+        let (hosts, resolv) = self.pod_files()?;
         config.mounts.push(BindMount {
-            source: self.hosts_file()?,
+            source: hosts,
             destination: PathBuf::from("/etc/hosts"),
+            readonly: false,
+        });
+        config.mounts.push(BindMount {
+            source: resolv,
+            destination: PathBuf::from("/etc/resolv.conf"),
             readonly: false,
         });
         let bundle = dir.join("bundle");
@@ -421,21 +442,29 @@ impl LinuxPod {
         Ok(Box::pin(wait_exit(ended)))
     }
 
-    /// The pod's `/etc/hosts`, as the kubelet writes it: `localhost`, and the pod's name
-    /// at its address. Written once per pod; every container mounts it.
-    fn hosts_file(&self) -> Result<PathBuf, StartError> {
+    /// The pod's `/etc/hosts` and `/etc/resolv.conf`, as the kubelet writes them:
+    /// `localhost` and the pod's name at its address; the name servers and search path of
+    /// its DNS policy. Written once per pod; every container mounts them.
+    fn pod_files(&self) -> Result<(PathBuf, PathBuf), StartError> {
         let dir = self.rt.dir.join(format!("pod-{}", self.pod.uid));
-        let path = dir.join("hosts");
-        if !path.exists() {
-            let text = format!(
+        let (hosts, resolv) = (dir.join("hosts"), dir.join("resolv.conf"));
+        if !hosts.exists() || !resolv.exists() {
+            let hosts_text = format!(
                 "# Kubernetes-managed hosts file (written by Baton).\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{}\n",
                 self.pod.ip, self.pod.name
             );
+            let resolv_text = crate::dns::resolv_conf(
+                &self.pod.dns,
+                self.rt.bridge.gateway(),
+                &self.pod.namespace,
+                &self.rt.cluster_domain,
+            );
             std::fs::create_dir_all(&dir)
-                .and_then(|_| std::fs::write(&path, text))
+                .and_then(|_| std::fs::write(&hosts, hosts_text))
+                .and_then(|_| std::fs::write(&resolv, resolv_text))
                 .map_err(setup)?;
         }
-        Ok(path)
+        Ok((hosts, resolv))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {

@@ -6,7 +6,9 @@
 //! both ways. One L4 path serves HTTP and raw TCP alike.
 //! - **ClusterIP**: a ClusterIP `10.96.A.B` is served at the loopback address
 //!   `127.96.A.B` on the Service's port. Pods reach it by name or by ClusterIP: the pod's
-//!   network (wasm-shim) maps both to that address.
+//!   network (wasm-shim) maps both to that address. On a node that runs OCI containers it
+//!   is served at the ClusterIP itself too, which the node's local route for the Service
+//!   range makes the node's own: a container pod reaches it through the bridge.
 //! - **NodePort**: served on the node's address at the node port, reachable from the host.
 //!
 //! Listeners set `SO_REUSEPORT`, so several node agents on one host (a test cluster) can
@@ -76,6 +78,8 @@ pub struct Services {
     /// Pods of this node shutting down: no new connections go to them, even before
     /// their EndpointSlices say so.
     draining: Arc<RwLock<HashSet<IpAddr>>>,
+    /// Whether Services are served at their ClusterIPs too.
+    cluster_ips: bool,
 }
 
 impl std::fmt::Debug for Services {
@@ -84,10 +88,13 @@ impl std::fmt::Debug for Services {
     }
 }
 
-fn resolve(table: &Table, pod_ns: &str, name: &str) -> Option<IpAddr> {
+/// What `name` means to a pod in `pod_ns`. A `routed` pod (one with a network namespace
+/// of its own) reaches a Service at its ClusterIP; the others at its loopback address.
+fn resolve(table: &Table, pod_ns: &str, name: &str, routed: bool) -> Option<IpAddr> {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     if let Ok(ip) = name.parse::<Ipv4Addr>() {
-        return table.by_cluster_ip.get(&ip).map(|l| IpAddr::V4(*l));
+        let local = table.by_cluster_ip.get(&ip);
+        return local.map(|l| IpAddr::V4(if routed { ip } else { *l }));
     }
     let parts: Vec<&str> = name.split('.').collect();
     let service = match parts.as_slice() {
@@ -98,7 +105,8 @@ fn resolve(table: &Table, pod_ns: &str, name: &str) -> Option<IpAddr> {
     if let Some(e) =
         service.and_then(|(svc, ns)| table.services.get(&(ns.to_string(), svc.to_string())))
     {
-        return match e.local_ip {
+        let ip = if routed { e.cluster_ip } else { e.local_ip };
+        return match ip {
             Some(ip) => Some(IpAddr::V4(ip)),
             // Headless: a ready endpoint's own address.
             None => e.addresses.first().copied(),
@@ -173,11 +181,19 @@ async fn serve(
 
 impl Services {
     /// Starts watching Services and EndpointSlices, and serving them on this node.
-    pub fn start(client: Client, node_address: IpAddr) -> (Self, JoinHandle<()>) {
+    /// Starts routing. With `cluster_ips`, each Service is also served at its ClusterIP
+    /// itself, for the pods behind the node's bridge: the node has a local route for the
+    /// Service range then ([`crate::netns::Bridge::up`]).
+    pub fn start(
+        client: Client,
+        node_address: IpAddr,
+        cluster_ips: bool,
+    ) -> (Self, JoinHandle<()>) {
         let services = Self {
             table: Arc::default(),
             node_address,
             draining: Arc::default(),
+            cluster_ips,
         };
         let task = tokio::spawn(services.clone().run(client));
         (services, task)
@@ -214,7 +230,28 @@ impl Services {
         let table = self.table.clone();
         let ns = ns.to_string();
         Arc::new(move |name: &str| {
-            resolve(&table.read().unwrap_or_else(|e| e.into_inner()), &ns, name)
+            resolve(
+                &table.read().unwrap_or_else(|e| e.into_inner()),
+                &ns,
+                name,
+                false,
+            )
+        })
+    }
+
+    /// The name resolver of pods in namespace `ns` that have a network namespace of their
+    /// own (they run OCI containers), and of the node's DNS responder: Services at their
+    /// ClusterIPs, which the node serves to such pods ([`Services::start`]).
+    pub fn routed_resolver(&self, ns: &str) -> NameResolver {
+        let table = self.table.clone();
+        let ns = ns.to_string();
+        Arc::new(move |name: &str| {
+            resolve(
+                &table.read().unwrap_or_else(|e| e.into_inner()),
+                &ns,
+                name,
+                true,
+            )
         })
     }
 
@@ -345,7 +382,8 @@ impl Services {
         let mut wanted: BTreeMap<SocketAddr, ((String, String), String)> = BTreeMap::new();
         for (key, e) in &table.services {
             for p in &e.ports {
-                if let Some(ip) = e.local_ip {
+                let cluster_ip = e.cluster_ip.filter(|_| self.cluster_ips);
+                for ip in e.local_ip.into_iter().chain(cluster_ip) {
                     wanted.insert(
                         SocketAddr::new(IpAddr::V4(ip), p.port),
                         (key.clone(), p.name.clone()),
@@ -403,20 +441,26 @@ mod tests {
         t.services.insert(
             ("shop".into(), "backend".into()),
             Entry {
+                cluster_ip: Some(cip),
                 local_ip: Some(local_address(cip)),
                 ..Default::default()
             },
         );
+        // A pod behind the bridge reaches the Service at its ClusterIP.
+        let routed = Some(IpAddr::V4(cip));
+        assert_eq!(resolve(&t, "shop", "backend", true), routed);
+        assert_eq!(resolve(&t, "other", "10.96.1.7", true), routed);
+        assert_eq!(resolve(&t, "other", "10.96.1.8", true), None);
         let want = Some(IpAddr::from([127, 96, 1, 7]));
-        assert_eq!(resolve(&t, "shop", "backend"), want);
-        assert_eq!(resolve(&t, "other", "backend"), None);
-        assert_eq!(resolve(&t, "other", "backend.shop"), want);
+        assert_eq!(resolve(&t, "shop", "backend", false), want);
+        assert_eq!(resolve(&t, "other", "backend", false), None);
+        assert_eq!(resolve(&t, "other", "backend.shop", false), want);
         assert_eq!(
-            resolve(&t, "other", "backend.shop.svc.cluster.local."),
+            resolve(&t, "other", "backend.shop.svc.cluster.local.", false),
             want
         );
-        assert_eq!(resolve(&t, "other", "10.96.1.7"), want);
-        assert_eq!(resolve(&t, "other", "example.com"), None);
+        assert_eq!(resolve(&t, "other", "10.96.1.7", false), want);
+        assert_eq!(resolve(&t, "other", "example.com", false), None);
     }
 
     #[test]
@@ -432,14 +476,14 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(resolve(&t, "shop", "db"), Some(db0));
-        assert_eq!(resolve(&t, "shop", "db-1.db"), Some(db1));
-        assert_eq!(resolve(&t, "other", "db-1.db.shop"), Some(db1));
+        assert_eq!(resolve(&t, "shop", "db", false), Some(db0));
+        assert_eq!(resolve(&t, "shop", "db-1.db", false), Some(db1));
+        assert_eq!(resolve(&t, "other", "db-1.db.shop", false), Some(db1));
         assert_eq!(
-            resolve(&t, "other", "DB-0.db.shop.svc.cluster.local."),
+            resolve(&t, "other", "DB-0.db.shop.svc.cluster.local.", false),
             Some(db0)
         );
-        assert_eq!(resolve(&t, "shop", "db-2.db"), None);
-        assert_eq!(resolve(&t, "shop", "db-0.web"), None);
+        assert_eq!(resolve(&t, "shop", "db-2.db", false), None);
+        assert_eq!(resolve(&t, "shop", "db-0.web", false), None);
     }
 }

@@ -54,6 +54,8 @@ pub struct SandboxConfig {
     /// `terminationGracePeriodSeconds`: how long a stopped process has after SIGTERM.
     pub grace: Duration,
     pub security: Option<k8s_openapi::api::core::v1::PodSecurityContext>,
+    /// Its `dnsPolicy` and `dnsConfig`, for what its OCI containers resolve with.
+    pub dns: crate::dns::PodDns,
 }
 
 /// How a container lives, which decides how its end is reported.
@@ -204,6 +206,13 @@ pub trait Sandbox: Send + Sync + 'static {
 
     /// What `kubectl exec` reaches the pod's containers through, while the pod runs.
     fn streams(&self) -> Arc<dyn PodStreams>;
+
+    /// The address the pod is reached at, when the sandbox gave it one of its own in
+    /// place of the loopback address it was created with (a pod that runs OCI containers
+    /// has a routed one). Known once every image is pulled.
+    fn address(&self) -> Option<Ipv4Addr> {
+        None
+    }
 }
 
 /// Makes a node's sandboxes.
@@ -455,6 +464,20 @@ impl WasmSandbox {
     }
 }
 
+impl WasmSandbox {
+    /// Moves the pod's components into the network namespace `ns` (see
+    /// [`baton_wasm_shim::Pod::join_network_namespace`]).
+    pub fn join_network_namespace(
+        &self,
+        ns: Arc<baton_wasm_shim::NetworkNamespace>,
+        names: Option<NameResolver>,
+    ) {
+        if let Some(pod) = &self.pod {
+            pod.join_network_namespace(ns, names);
+        }
+    }
+}
+
 impl Sandbox for WasmSandbox {
     type Image = Component;
 
@@ -585,10 +608,20 @@ impl Sandbox for WasmSandbox {
 /// OCI containers (runc was found), their Linux containers in a
 /// [`crate::linux::LinuxPod`]. Which one runs a container is decided by what its image
 /// turns out to be.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PodSandboxes {
     pub wasm: WasmSandboxes,
     pub linux: Option<Arc<crate::linux::LinuxRuntime>>,
+    /// The name resolvers of pods with a network namespace (Services at ClusterIPs).
+    pub routed_resolvers: Option<Resolvers>,
+}
+
+impl std::fmt::Debug for PodSandboxes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodSandboxes")
+            .field("linux", &self.linux)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A container's image in a pod of both kinds.
@@ -599,14 +632,28 @@ pub enum PodImage {
 }
 
 /// One pod of components and Linux containers.
-#[derive(Debug)]
 pub struct PodSandbox {
     wasm: WasmSandbox,
     linux: Option<crate::linux::LinuxPod>,
-    ip: IpAddr,
+    /// The loopback address it was created with.
+    ip: Ipv4Addr,
+    /// Its routed address, once an image turned out to be a Linux one: the pod then has
+    /// a network namespace, which its components join before the first of them starts.
+    routed: Option<Ipv4Addr>,
+    /// What its components resolve names with, inside the namespace.
+    routed_names: Option<NameResolver>,
+    joined: bool,
     streams: Arc<PodStreamsOfBoth>,
-    /// The pod's declared ports, joined between its two halves.
-    ports: crate::ports::PodPorts,
+}
+
+impl std::fmt::Debug for PodSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodSandbox")
+            .field("ip", &self.ip)
+            .field("routed", &self.routed)
+            .field("linux", &self.linux)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Sandboxes for PodSandboxes {
@@ -620,13 +667,20 @@ impl Sandboxes for PodSandboxes {
                 crate::linux::PodLinux {
                     uid,
                     name: config.name.clone(),
-                    ip: config.ip,
+                    namespace: config.namespace.clone(),
+                    ip: rt.bridge.routed(config.ip),
+                    dns: config.dns.clone(),
                     grace: config.grace,
                     security: config.security.clone(),
                 },
             )
         });
-        let (ip, config_ip) = (IpAddr::V4(config.ip), config.ip);
+        let routed_names = self
+            .routed_resolvers
+            .as_ref()
+            .filter(|_| linux.is_some())
+            .map(|r| r(&config.namespace));
+        let ip = config.ip;
         let wasm = self.wasm.create(config);
         let streams = Arc::new(PodStreamsOfBoth {
             wasm: wasm.streams(),
@@ -636,8 +690,10 @@ impl Sandboxes for PodSandboxes {
             wasm,
             linux,
             ip,
+            routed: None,
+            routed_names,
+            joined: false,
             streams,
-            ports: crate::ports::PodPorts::new(config_ip),
         }
     }
 }
@@ -678,6 +734,9 @@ impl Sandbox for PodSandbox {
                 image: linux,
                 pulled,
             } => {
+                if let Some(l) = &self.linux {
+                    self.routed = Some(l.ip());
+                }
                 for d in linux.image.digests() {
                     images.hold(&self.wasm.key, &d);
                 }
@@ -692,41 +751,22 @@ impl Sandbox for PodSandbox {
     }
 
     async fn start(&mut self, run: ContainerRun<PodImage>) -> Result<Started, StartError> {
-        let declared: Vec<u16> = run
-            .spec
-            .ports
-            .iter()
-            .flatten()
-            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-            .filter_map(|p| u16::try_from(p.container_port).ok())
-            .collect();
+        // A pod with a Linux container has its namespace before anything of it runs, so
+        // that its components' sockets are made in there from the first one on.
+        if let (Some(linux), Some(_), false) = (self.linux.as_mut(), self.routed, self.joined) {
+            let ns = linux.netns().await?;
+            self.wasm
+                .join_network_namespace(ns.namespace().clone(), self.routed_names.clone());
+            self.joined = true;
+        }
         match run.image.clone() {
-            PodImage::Wasm(c) => {
-                let serves = match self.wasm.runtime.kind(&c) {
-                    Ok(ComponentKind::Http) => run.port,
-                    _ => None,
-                };
-                let started = self.wasm.start(run.with_image(c)).await?;
-                if self.linux.is_some() {
-                    for port in declared.into_iter().chain(serves) {
-                        self.ports.component(port).await;
-                    }
-                }
-                Ok(started)
-            }
+            PodImage::Wasm(c) => self.wasm.start(run.with_image(c)).await,
             PodImage::Linux(l) => {
                 let linux = self.linux.as_mut().ok_or_else(|| {
                     StartError::Create(
                         "this node runs no OCI containers (runc was not found)".into(),
                     )
                 })?;
-                // The joins exist before the container runs: it may call a component
-                // at once.
-                let ns = linux.netns().await?;
-                self.ports.namespace(ns).await;
-                for port in declared {
-                    self.ports.container(port).await;
-                }
                 let spec = run.spec.clone();
                 let exit = linux.start(run.with_image(l), &spec).await?;
                 Ok(Started { exit: Some(exit) })
@@ -746,7 +786,8 @@ impl Sandbox for PodSandbox {
         container: &Container,
         probe: &Probe,
     ) -> impl Future<Output = Result<(), ProbeError>> + Send + 'static {
-        let (ip, container, probe) = (self.ip, container.clone(), probe.clone());
+        let ip = IpAddr::V4(self.routed.unwrap_or(self.ip));
+        let (container, probe) = (container.clone(), probe.clone());
         let linux = self.streams.linux_for(&container.name).cloned();
         async move {
             match linux {
@@ -772,18 +813,13 @@ impl Sandbox for PodSandbox {
                         code => Err(ProbeError::ExitCode(code)),
                     }
                 }
-                // Inside the pod's namespace, where its containers listen.
-                Some(streams) => {
-                    let dial = move |_host: String, port: u16| streams.connect(port);
-                    crate::probe::check_via(&probe, ip, &container, &dial).await
-                }
-                None => crate::probe::check(&probe, ip, &container).await,
+                // At the pod's address: the node reaches a pod behind the bridge too.
+                _ => crate::probe::check(&probe, ip, &container).await,
             }
         }
     }
 
     async fn shutdown(self, grace: Duration) {
-        drop(self.ports);
         let linux = async {
             if let Some(l) = self.linux {
                 l.shutdown(grace).await;
@@ -794,6 +830,10 @@ impl Sandbox for PodSandbox {
 
     fn streams(&self) -> Arc<dyn PodStreams> {
         self.streams.clone()
+    }
+
+    fn address(&self) -> Option<Ipv4Addr> {
+        self.routed
     }
 }
 

@@ -195,7 +195,11 @@ struct Worker<S: Sandboxes> {
     pod: Arc<Pod>,
     uid: String,
     stage: Stage,
+    /// The loopback address the node gave the pod.
     ip: Option<Ipv4Addr>,
+    /// The address its sandbox gave it instead, if any (a pod that runs OCI containers
+    /// is reached at a routed one).
+    routed: Option<Ipv4Addr>,
     sandbox: Option<S::Sandbox>,
     slots: Vec<Slot>,
     /// Per slot: its image once pulled, and its resolved configuration.
@@ -242,6 +246,7 @@ impl<S: Sandboxes> Worker<S> {
                 wait: PREPARE_RETRY,
             },
             ip: None,
+            routed: None,
             sandbox: None,
             images: slots.iter().map(|_| None).collect(),
             configs: slots.iter().map(|_| ContainerConfig::default()).collect(),
@@ -272,7 +277,7 @@ impl<S: Sandboxes> Worker<S> {
 
     fn facts(&self) -> PodFacts {
         PodFacts {
-            pod_ip: self.ip.map(|i| i.to_string()).unwrap_or_default(),
+            pod_ip: self.pod_ip().map(|i| i.to_string()).unwrap_or_default(),
             host_ip: self.shared.host_ip.clone(),
             node_name: self.shared.node_name.clone(),
         }
@@ -396,6 +401,31 @@ impl<S: Sandboxes> Worker<S> {
         let Some(ip) = self.address().await else {
             return false;
         };
+        if !self.resolve_configs().await {
+            return false;
+        }
+        // The sandbox only once its configuration is known to be whole: a pod refused
+        // for its spec runs nothing.
+        if self.sandbox.is_none() {
+            self.create_sandbox(ip);
+        }
+        for i in 0..self.slots.len() {
+            if self.images[i].is_none() && !self.pull(i).await {
+                return false;
+            }
+        }
+        // Its images decided where the pod is reached; the downward API's `status.podIP`
+        // then says so too.
+        let routed = self.sandbox.as_ref().and_then(|s| s.address());
+        if routed != self.routed {
+            self.routed = routed;
+            return self.resolve_configs().await;
+        }
+        true
+    }
+
+    /// Resolves what each container runs with (env, volumes), or reports why not.
+    async fn resolve_configs(&mut self) -> bool {
         let dir = self.shared.pod_dir(&self.uid);
         let local = self.shared.local_volumes();
         let resolved = config::resolve(
@@ -425,50 +455,49 @@ impl<S: Sandboxes> Worker<S> {
                 return false;
             }
         }
-        // The sandbox only once its configuration is known to be whole: a pod refused
-        // for its spec runs nothing.
-        if self.sandbox.is_none() {
-            let ns = self.pod.namespace().unwrap_or_default();
-            let config = SandboxConfig {
-                key: format!("{ns}/{}/{}", self.pod.name_any(), self.uid),
-                namespace: ns,
-                ip,
-                cpu_limit: status::pod_cpu_limit(&self.pod),
-                // Its weight among unlimited pods: its CPU request, as the scheduler
-                // counts it.
-                cpu_weight: podx::requests(&self.pod).0,
-                // The pod's containers together hold at most what it was admitted with.
-                memory_limit: self.shared.memory.charge_of(&self.pod) as usize,
-                name: self.pod.name_any(),
-                grace: Duration::from_secs(
-                    self.pod
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.termination_grace_period_seconds)
-                        .unwrap_or(30)
-                        .max(0) as u64,
-                ),
-                security: self
-                    .pod
+        true
+    }
+
+    /// Makes the pod's sandbox, at its loopback address `ip`.
+    fn create_sandbox(&mut self, ip: Ipv4Addr) {
+        let ns = self.pod.namespace().unwrap_or_default();
+        let config = SandboxConfig {
+            key: format!("{ns}/{}/{}", self.pod.name_any(), self.uid),
+            namespace: ns,
+            ip,
+            cpu_limit: status::pod_cpu_limit(&self.pod),
+            // Its weight among unlimited pods: its CPU request, as the scheduler
+            // counts it.
+            cpu_weight: podx::requests(&self.pod).0,
+            // The pod's containers together hold at most what it was admitted with.
+            memory_limit: self.shared.memory.charge_of(&self.pod) as usize,
+            name: self.pod.name_any(),
+            grace: Duration::from_secs(
+                self.pod
                     .spec
                     .as_ref()
-                    .and_then(|s| s.security_context.clone()),
-            };
-            let sandbox = self.shared.sandboxes.create(config);
-            self.shared.logs.add_streams(
-                &self.pod.namespace().unwrap_or_default(),
-                &self.pod.name_any(),
-                &self.uid,
-                sandbox.streams(),
-            );
-            self.sandbox = Some(sandbox);
-        }
-        for i in 0..self.slots.len() {
-            if self.images[i].is_none() && !self.pull(i).await {
-                return false;
-            }
-        }
-        true
+                    .and_then(|s| s.termination_grace_period_seconds)
+                    .unwrap_or(30)
+                    .max(0) as u64,
+            ),
+            security: self
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.security_context.clone()),
+            dns: crate::dns::PodDns {
+                policy: self.pod.spec.as_ref().and_then(|s| s.dns_policy.clone()),
+                config: self.pod.spec.as_ref().and_then(|s| s.dns_config.clone()),
+            },
+        };
+        let sandbox = self.shared.sandboxes.create(config);
+        self.shared.logs.add_streams(
+            &self.pod.namespace().unwrap_or_default(),
+            &self.pod.name_any(),
+            &self.uid,
+            sandbox.streams(),
+        );
+        self.sandbox = Some(sandbox);
     }
 
     /// The pod's address: the one it had (a restarted node agent keeps it) if free.
@@ -861,7 +890,7 @@ impl<S: Sandboxes> Worker<S> {
             initialized: self.initialized(),
             end,
             host_ip: &self.shared.host_ip,
-            pod_ip: self.ip,
+            pod_ip: self.pod_ip(),
             start_time: self.start_time.clone(),
         })
     }
@@ -994,7 +1023,7 @@ impl<S: Sandboxes> Worker<S> {
             // Out of this node's routing at once; still serving for a moment, while the
             // other nodes learn from the EndpointSlice that the pod is going, so that no
             // connection already on its way finds the door shut.
-            if let (Some(services), Some(ip)) = (&self.shared.services, self.ip) {
+            if let (Some(services), Some(ip)) = (&self.shared.services, self.pod_ip()) {
                 services.set_draining(IpAddr::V4(ip), true);
             }
             let grace = Duration::from_secs(grace);
@@ -1081,11 +1110,17 @@ impl<S: Sandboxes> Worker<S> {
         }
     }
 
+    /// The address the pod is reached at.
+    fn pod_ip(&self) -> Option<Ipv4Addr> {
+        self.routed.or(self.ip)
+    }
+
     fn release_ip(&mut self) {
+        if let (Some(services), Some(ip)) = (&self.shared.services, self.pod_ip()) {
+            services.set_draining(IpAddr::V4(ip), false);
+        }
+        self.routed = None;
         if let Some(ip) = self.ip.take() {
-            if let Some(services) = &self.shared.services {
-                services.set_draining(IpAddr::V4(ip), false);
-            }
             self.shared
                 .ipam
                 .lock()

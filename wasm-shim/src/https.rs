@@ -9,7 +9,8 @@
 //! [`send`] instead: TCP to the rewritten address, TLS (rustls, ring) with the public
 //! roots plus the node's extra CAs ([`crate::RuntimeConfig::extra_ca_pem`]) and the
 //! server name the guest used (SNI and verification), then HTTP/1.1 with the guest's
-//! timeouts. Plain HTTP still goes through the default sender.
+//! timeouts. Plain HTTP goes through the default sender, except from a pod with a network
+//! namespace of its own, whose connections [`send`] makes inside it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -72,12 +73,37 @@ pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>, HttpError> 
     ServerName::try_from(host.to_string()).map_err(HttpError::InvalidDnsNameError)
 }
 
-/// Sends `request` over TLS to its URI's authority, verifying `name`.
+/// Opens a TCP connection to `host:port`, from inside `netns` if given.
+async fn connect(
+    host: &str,
+    port: u16,
+    netns: Option<&crate::netns::NetworkNamespace>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let Some(ns) = netns else {
+        return tokio::net::TcpStream::connect((host, port)).await;
+    };
+    // Names are looked up with the node's resolver (the pod's own names were rewritten
+    // to addresses already); the socket is made in the pod's namespace.
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        match ns.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address")
+    }))
+}
+
+/// Sends `request` to its URI's authority: over TLS verifying the name given with `tls`,
+/// else in plain HTTP/1.1; from inside `netns` if given.
 pub(crate) async fn send(
     mut request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
-    name: ServerName<'static>,
-    tls: Arc<rustls::ClientConfig>,
+    tls: Option<(ServerName<'static>, Arc<rustls::ClientConfig>)>,
+    netns: Option<Arc<crate::netns::NetworkNamespace>>,
 ) -> Result<(http::Response<WasiBody>, IoFuture), HttpError> {
     let opt = |f: fn(&RequestOptions) -> Option<Duration>| {
         options.as_ref().and_then(f).unwrap_or(DEFAULT_TIMEOUT)
@@ -91,23 +117,28 @@ pub(crate) async fn send(
         .uri()
         .authority()
         .ok_or(HttpError::HttpRequestUriInvalid)?;
-    let addr = format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(443)
+    let default_port = if tls.is_some() { 443 } else { 80 };
+    let (host, port) = (
+        authority.host().to_string(),
+        authority.port_u16().unwrap_or(default_port),
     );
-    let tcp = tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(&addr))
+    let tcp = tokio::time::timeout(connect_timeout, connect(&host, port, netns.as_deref()))
         .await
         .map_err(|_| HttpError::ConnectionTimeout)?
         .map_err(HttpError::Connect)?;
     let _ = tcp.set_nodelay(true);
-    let stream = tokio::time::timeout(
-        connect_timeout,
-        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
-    )
-    .await
-    .map_err(|_| HttpError::ConnectionTimeout)?
-    .map_err(HttpError::Tls)?;
+    let stream: Box<dyn Io> = match tls {
+        Some((name, tls)) => Box::new(
+            tokio::time::timeout(
+                connect_timeout,
+                tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+            )
+            .await
+            .map_err(|_| HttpError::ConnectionTimeout)?
+            .map_err(HttpError::Tls)?,
+        ),
+        None => Box::new(tcp),
+    };
     let (mut sender, conn) = tokio::time::timeout(
         connect_timeout,
         hyper::client::conn::http1::handshake(TokioIo::new(stream)),
@@ -167,6 +198,10 @@ pub(crate) async fn send(
     });
     Ok((response, Box::new(io)))
 }
+
+/// A connection to send a request over: plain TCP, or TLS on it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// A response body that fails when the server pauses longer than the guest allows
 /// between two frames.

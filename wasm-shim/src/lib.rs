@@ -34,6 +34,8 @@
 //! Components of one pod share a virtual localhost, for wasi:http outgoing and for
 //! wasi:sockets TCP: a loopback address per pod, and rewriting of `localhost` to it. How and
 //! why (rather than a network namespace per pod) is in `net.rs`. Only IPv4 is virtualised.
+//! A pod that also runs OCI containers has a network namespace, and its components make
+//! their sockets inside it ([`Pod::join_network_namespace`], `netns.rs`).
 
 mod cache;
 mod cli;
@@ -44,6 +46,7 @@ mod http;
 mod https;
 pub mod logs;
 mod net;
+mod netns;
 mod pod;
 mod procs;
 mod runtime;
@@ -55,6 +58,7 @@ pub use error::ShimError;
 pub use exec::{ExecIo, ExecSpec, Execution, PodHandle, Terminal};
 pub use http::{HttpServer, HttpSpec};
 pub use net::{NameResolver, NetLimits};
+pub use netns::NetworkNamespace;
 pub use pod::{ContainerSpec, Pod, PodSpec};
 pub use runtime::{read_bounded, ComponentKind, Runtime, RuntimeConfig};
 pub use usage::{ContainerUsage, PodUsage, TaskInfo, TaskKind, CPU_PERIOD};

@@ -57,6 +57,8 @@ use wasmtime_wasi::p2::bindings::sockets::network::{
 };
 use wasmtime_wasi::p2::bindings::sockets::tcp::{HostTcpSocket, TcpSocket};
 use wasmtime_wasi::p2::bindings::sockets::tcp_create_socket::Host as _;
+use wasmtime_wasi::p2::bindings::sockets::udp::UdpSocket;
+use wasmtime_wasi::p2::bindings::sockets::udp_create_socket::Host as _;
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, SocketError};
 use wasmtime_wasi::sockets::WasiSocketsView;
 use wasmtime_wasi_http::{
@@ -105,6 +107,19 @@ pub(crate) struct PodNet {
     /// What the pod uses of the node (instances, tasks, CPU); it lives with the pod's
     /// network because everything that runs for the pod already holds that.
     pub usage: Arc<crate::usage::Usage>,
+    /// Set once, before the pod's first component starts, for a pod that runs OCI
+    /// containers too: see [`Routed`].
+    routed: std::sync::OnceLock<Routed>,
+}
+
+/// The network of a pod with a network namespace of its own (one that runs OCI
+/// containers beside its components). Its components' sockets are made inside that
+/// namespace, where `localhost` is the namespace's own loopback, shared with the
+/// containers, and nothing is rewritten; names map to addresses reachable from inside
+/// (a Service's ClusterIP, which the node serves on its side of the pod's link).
+pub(crate) struct Routed {
+    pub ns: Arc<crate::netns::NetworkNamespace>,
+    names: Option<NameResolver>,
 }
 
 impl std::fmt::Debug for PodNet {
@@ -131,7 +146,31 @@ impl PodNet {
             sockets: AtomicUsize::new(0),
             outgoing: Arc::new(tokio::sync::Semaphore::new(limits.max_outgoing_requests)),
             usage: Arc::default(),
+            routed: Default::default(),
         })
+    }
+
+    /// Moves the pod into `ns`: the sockets its components make from now on are made
+    /// there, and `names` replaces its resolver. Call before its first component starts:
+    /// a socket made earlier stays where it was made. Only the first call counts.
+    pub fn route(&self, ns: Arc<crate::netns::NetworkNamespace>, names: Option<NameResolver>) {
+        let _ = self.routed.set(Routed { ns, names });
+    }
+
+    /// The pod's network namespace, if it has one.
+    pub fn netns(&self) -> Option<&Arc<crate::netns::NetworkNamespace>> {
+        self.routed.get().map(|r| &r.ns)
+    }
+
+    /// Makes a socket with `make`, inside the pod's namespace if it has one.
+    fn make_socket<T>(&self, make: impl FnOnce() -> T) -> Result<T, ErrorCode> {
+        match self.netns() {
+            Some(ns) => ns.enter(make).map_err(|e| {
+                tracing::warn!(error = %e, "entering a pod's network namespace");
+                ErrorCode::Unknown
+            }),
+            None => Ok(make()),
+        }
     }
 
     /// Sockets open in the pod now.
@@ -148,6 +187,13 @@ impl PodNet {
 
     /// The address a name means inside this pod, if it is not left to the host resolver.
     fn resolve(&self, host: &str) -> Option<IpAddr> {
+        if let Some(r) = self.routed.get() {
+            // `localhost` is the namespace's own, as the host resolver says.
+            if self.is_local(host) {
+                return None;
+            }
+            return r.names.as_ref().and_then(|f| f(host.trim_end_matches('.')));
+        }
         if self.is_local(host) {
             return Some(self.ip);
         }
@@ -158,6 +204,9 @@ impl PodNet {
 
     /// A bind inside the pod: the wildcard and loopback mean the pod's address.
     fn bind_addr(&self, addr: SocketAddr) -> SocketAddr {
+        if self.routed.get().is_some() {
+            return addr;
+        }
         match addr {
             SocketAddr::V4(a) if a.ip().is_unspecified() || a.ip().is_loopback() => {
                 SocketAddr::new(self.ip, a.port())
@@ -169,6 +218,9 @@ impl PodNet {
     /// A connect inside the pod: loopback means the pod's address, and an address the
     /// resolver maps (a Service's ClusterIP) means where it maps to.
     fn connect_addr(&self, addr: SocketAddr) -> SocketAddr {
+        if self.routed.get().is_some() {
+            return addr;
+        }
         match addr {
             SocketAddr::V4(a) if *a.ip() == Ipv4Addr::LOCALHOST => {
                 SocketAddr::new(self.ip, a.port())
@@ -274,13 +326,22 @@ impl WasiHttpHooks for PodHooks {
         let request = hold_unsent_body(request);
         drop(fut);
         let permit = self.net.outgoing.clone().try_acquire_owned();
+        let netns = self.net.netns().cloned();
         Box::new(async move {
             // The permit lives as long as the connection's I/O, so the cap counts
             // connections in use, not just requests being sent.
             let permit = permit.map_err(|_| HttpError::ConnectionLimitReached)?;
-            let (res, io): (_, IoFuture) = match tls {
-                Some((name, tls)) => crate::https::send(request, options, name?, tls).await?,
-                None => {
+            let tls = match tls {
+                Some((name, tls)) => Some((name?, tls)),
+                None => None,
+            };
+            let (res, io): (_, IoFuture) = match (tls, netns) {
+                // The default sender connects from the node's namespace; these connect
+                // from wherever the pod's sockets are made.
+                (tls @ Some(_), netns) | (tls @ None, netns @ Some(_)) => {
+                    crate::https::send(request, options, tls, netns).await?
+                }
+                (None, None) => {
                     let (res, io) = default_send_request(request, options).await?;
                     (res.map(BodyExt::boxed_unsync), Box::new(io))
                 }
@@ -411,7 +472,15 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
             if !host.net.pod.admit_socket() {
                 return Ok((Err(ErrorCode::NewSocketLimit),));
             }
-            match host.sockets().create_tcp_socket(family) {
+            let pod = host.net.pod.clone();
+            let made = match pod.make_socket(|| host.sockets().create_tcp_socket(family)) {
+                Ok(made) => made,
+                Err(code) => {
+                    pod.release_sockets(1);
+                    return Ok((Err(code),));
+                }
+            };
+            match made {
                 Ok(socket) => {
                     host.net.live.insert(socket.rep());
                     Ok((Ok(socket),))
@@ -421,6 +490,34 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
                     Ok((Err(socket_error(host, e)?),))
                 }
             }
+        },
+    )?;
+    let mut udp = linker.instance(&format!("wasi:sockets/udp-create-socket@{SOCKETS}"))?;
+    udp.func_wrap_async(
+        "create-udp-socket",
+        |mut store, (family,): (IpAddressFamily,)| {
+            Box::new(async move {
+                let host = store.data_mut();
+                let ns = host.net.pod.netns().cloned();
+                let made = {
+                    let mut view = host.sockets();
+                    let mut fut = std::pin::pin!(view.create_udp_socket(family));
+                    // The socket is made on the future's first poll; only that poll runs
+                    // inside the pod's namespace.
+                    let mut first = ns;
+                    std::future::poll_fn(|cx| match first.take() {
+                        Some(ns) => ns
+                            .enter(|| fut.as_mut().poll(cx))
+                            .unwrap_or(std::task::Poll::Ready(Err(ErrorCode::Unknown.into()))),
+                        None => fut.as_mut().poll(cx),
+                    })
+                    .await
+                };
+                match made {
+                    Ok(socket) => Ok((Ok::<Resource<UdpSocket>, _>(socket),)),
+                    Err(e) => Ok((Err(socket_error(host, e)?),)),
+                }
+            })
         },
     )?;
     let mut lookup = linker.instance(&format!("wasi:sockets/ip-name-lookup@{SOCKETS}"))?;

@@ -183,10 +183,25 @@ impl Pod {
                 let port = c.port.ok_or_else(|| {
                     ShimError::Setup(format!("HTTP container {} has no port", c.name))
                 })?;
-                let addr = SocketAddr::new(self.ip, port);
-                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                    ShimError::Setup(format!("container {} cannot listen on {addr}: {e}", c.name))
-                })?;
+                let listener = match self.net.netns() {
+                    // Every address inside, as a container's server would listen.
+                    Some(ns) => ns.listen(port).map_err(|e| {
+                        ShimError::Setup(format!(
+                            "container {} cannot listen on port {port} in the pod's network \
+                             namespace: {e}",
+                            c.name
+                        ))
+                    })?,
+                    None => {
+                        let addr = SocketAddr::new(self.ip, port);
+                        tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                            ShimError::Setup(format!(
+                                "container {} cannot listen on {addr}: {e}",
+                                c.name
+                            ))
+                        })?
+                    }
+                };
                 let server = rt.serve_http_with(
                     &c.component,
                     c.http.clone(),
@@ -237,6 +252,17 @@ impl Pod {
             .map(|(_, s)| -> Stop { Box::pin(s.shutdown(grace)) });
         futures_join(processes.chain(servers)).await;
         self.execs.close().await;
+    }
+
+    /// Gives the pod the network namespace `ns` (its OCI containers'), with `names` as
+    /// its resolver there: the components started from now on make their sockets inside
+    /// it, and `localhost` is the namespace's. Call before the first component starts.
+    pub fn join_network_namespace(
+        &self,
+        ns: Arc<crate::netns::NetworkNamespace>,
+        names: Option<NameResolver>,
+    ) {
+        self.net.route(ns, names);
     }
 
     /// A handle that starts executions in the pod (`kubectl exec`) while its owner keeps
