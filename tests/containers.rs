@@ -50,11 +50,12 @@ fn registry_with_busybox() -> (Registry, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let reg = Registry::start(Options::default());
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let layers = [(images::busybox_layer(), images::GZIP)];
     rt.block_on(images::push(
         &reg.addr,
         "baton/busybox:1",
-        &[(images::busybox_layer(), images::GZIP)],
-        images::config(images::node_arch(), 1),
+        &layers,
+        images::config(images::node_arch(), &layers),
     ));
     let image = format!("{}/baton/busybox:1", reg.addr);
     (reg, image)
@@ -117,6 +118,24 @@ fn a_container_runs_logs_execs_and_reports_its_end() {
         None,
     );
     assert_eq!(failed.status.code(), Some(3), "{failed:?}");
+    // `-it` gives the command a terminal of kubectl's size (kubectl needs one of its own:
+    // `script` gives it a pty), and still its exit code.
+    let tty = std::process::Command::new("script")
+        .args([
+            "-qec",
+            // runc sizes the terminal just after the command starts.
+            "stty cols 100 rows 30; kubectl exec -it box -- sh -c 'tty; while [ \"$(stty size)\" = \"0 0\" ]; do :; done; stty size; exit 4'",
+            "/dev/null",
+        ])
+        .env("KUBECONFIG", &b.kubeconfig)
+        .env("HOME", b.home())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(shown.contains("/dev/pts/"), "{tty:?}");
+    assert!(shown.contains("30 100"), "{tty:?}");
+    assert_eq!(tty.status.code(), Some(4), "{tty:?}");
 
     // A pod of a process that exits: its code and reason.
     apply(
@@ -310,17 +329,19 @@ fn init_containers_ports_and_bad_images_across_both_kinds() {
     } else {
         "arm64"
     };
+    let layers = [(images::busybox_layer(), images::GZIP)];
     rt.block_on(images::push(
         &reg.addr,
         "baton/other-arch:1",
-        &[(images::busybox_layer(), images::GZIP)],
-        images::config(other, 1),
+        &layers,
+        images::config(other, &layers),
     ));
+    let corrupt = [(b"not a gzip stream".to_vec(), images::GZIP)];
     rt.block_on(images::push(
         &reg.addr,
         "baton/corrupt:1",
-        &[(b"not a gzip stream".to_vec(), images::GZIP)],
-        images::config(images::node_arch(), 1),
+        &corrupt,
+        images::config(images::node_arch(), &corrupt),
     ));
     let b = cluster(&reg);
     let toolbox = guests_dir().join("toolbox.wasm");

@@ -436,7 +436,7 @@ async fn linux_runtime(cfg: &NodeConfig, pod_cidr: &str) -> Option<Arc<linux::Li
             return None;
         }
     };
-    if let Err(e) = bridge.up().await {
+    if let Err(e) = bridge.up(&cfg.data_dir.join("bridges")).await {
         tracing::warn!(
             reason = %baton_kube::error::chain(&e),
             "this node runs Wasm components only: its pods' bridge cannot be made"

@@ -538,6 +538,75 @@ async fn stop(runc: &Runc, r: Running, grace: Duration) {
     let _ = tokio::time::timeout(KILL_WAIT, ended.wait_for(Option::is_some)).await;
 }
 
+/// How long a terminal's last output may take to arrive once its command has ended.
+const TERMINAL_DRAIN: Duration = Duration::from_secs(1);
+
+/// `kubectl exec -t`: the command on a terminal runc makes, whose master carries its
+/// input and output (stderr included, as on any terminal).
+async fn exec_on_terminal(
+    runc: Runc,
+    id: String,
+    process: ExecProcess,
+    size: baton_wasm_shim::Terminal,
+    io: ExecIo,
+) -> Exit {
+    let (mut child, master) = match runc.exec_terminal(&id, &process, size.columns, size.rows) {
+        Ok(got) => got,
+        Err(e) => {
+            return Exit {
+                code: 126,
+                reason: "Error",
+                message: baton_kube::error::chain(&e),
+            }
+        }
+    };
+    let (mut from_terminal, mut to_terminal) = tokio::io::split(tokio::fs::File::from_std(master));
+    let ExecIo {
+        stdin, mut stdout, ..
+    } = io;
+    let input = async {
+        if let Some(mut from) = stdin {
+            let _ = tokio::io::copy(&mut from, &mut to_terminal).await;
+        }
+    };
+    // Ends when the command's side of the terminal closes (reads fail with EIO).
+    let output = async {
+        let _ = tokio::io::copy(&mut from_terminal, &mut stdout).await;
+    };
+    let status = async {
+        let mut output = std::pin::pin!(output);
+        let mut drained = false;
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break s,
+                _ = &mut output, if !drained => drained = true,
+            }
+        };
+        // What the command wrote last; a process it left behind may hold the terminal
+        // open, so the session ends with the command, not with that process.
+        if !drained {
+            let _ = tokio::time::timeout(TERMINAL_DRAIN, &mut output).await;
+        }
+        status
+    };
+    let status = tokio::select! {
+        s = status => s,
+        _ = async { input.await; std::future::pending::<()>().await } => unreachable!(),
+    };
+    let code = status
+        .ok()
+        .and_then(|s| {
+            use std::os::unix::process::ExitStatusExt;
+            s.code().or_else(|| s.signal().map(|n| 128 + n))
+        })
+        .unwrap_or(255);
+    Exit {
+        code,
+        reason: if code == 0 { "Completed" } else { "Error" },
+        message: String::new(),
+    }
+}
+
 /// `kubectl exec` and `port-forward` into a pod's containers.
 #[derive(Clone, Debug)]
 pub struct LinuxStreams {
@@ -581,6 +650,15 @@ impl PodStreams for LinuxStreams {
             args: argv,
             ..r.exec
         };
+        if let Some(t) = io.terminal {
+            return Ok(Box::pin(exec_on_terminal(
+                self.runc.clone(),
+                r.id,
+                process,
+                t,
+                io,
+            )));
+        }
         let stdin = if io.stdin.is_some() {
             Stdio::piped()
         } else {

@@ -102,8 +102,9 @@ pub struct Bridge {
     /// The bridge's own address: the pods' gateway and the node's address to them.
     gateway: Ipv4Addr,
     prefix: u8,
-    /// Whether [`Bridge::up`] made it (or took it over), so that the drop removes it.
-    made: std::sync::atomic::AtomicBool,
+    /// Set by [`Bridge::up`] when the bridge is this node's (it made it, now or in a run
+    /// that was killed): the record of that, which the drop removes with the bridge.
+    made: std::sync::OnceLock<PathBuf>,
 }
 
 /// `127.A.B.C` as `10.A.B.C`.
@@ -137,13 +138,22 @@ impl Bridge {
         })
     }
 
-    /// Makes the bridge (or takes over one an earlier run left), with its address, and
-    /// the local route that makes the node answer for every ClusterIP it is sent.
-    pub async fn up(&self) -> Result<(), NetNsError> {
+    /// Makes the bridge (or uses the one that exists), with its address, and the local
+    /// route that makes the node answer for every ClusterIP it is sent. `records` keeps a
+    /// file per bridge the node made, so that a run after a kill knows its own.
+    pub async fn up(&self, records: &Path) -> Result<(), NetNsError> {
+        let record = records.join(&self.name);
+        // One that exists already and is not recorded is another node agent's on this
+        // host (a test cluster of the same pod range): it is used, and left to it.
         if !Path::new("/sys/class/net").join(&self.name).exists() {
+            std::fs::create_dir_all(records)
+                .and_then(|_| std::fs::write(&record, b""))
+                .map_err(NetNsError::Spawn)?;
             ip(&["link", "add", &self.name, "type", "bridge"], None).await?;
         }
-        self.made.store(true, std::sync::atomic::Ordering::Release);
+        if record.exists() {
+            let _ = self.made.set(record);
+        }
         let addr = format!("{}/{}", self.gateway, self.prefix);
         ip(&["addr", "replace", &addr, "dev", &self.name], None).await?;
         ip(&["link", "set", &self.name, "up"], None).await?;
@@ -171,11 +181,12 @@ impl Bridge {
 
 impl Drop for Bridge {
     fn drop(&mut self) {
-        if !self.made.load(std::sync::atomic::Ordering::Acquire) {
+        let Some(record) = self.made.get() else {
             return;
-        }
+        };
         // The Service route stays: another node agent on this host may still use it.
         ip_now(&["link", "delete", &self.name]);
+        let _ = std::fs::remove_file(record);
     }
 }
 

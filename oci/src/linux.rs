@@ -160,20 +160,36 @@ impl Registry {
         if dest.is_dir() {
             return Ok(dest);
         }
+        // Each layer must unpack to the content its config names.
+        let diff_ids = image.config.rootfs().diff_ids();
+        if diff_ids.len() != image.layers.len() {
+            return Err(OciError::Unpack {
+                reference: image.manifest_digest.clone(),
+                source: baton_rootfs::RootfsError::DiffId {
+                    layer: diff_ids.len().min(image.layers.len()),
+                    expected: format!("{} layers (rootfs.diff_ids)", diff_ids.len()),
+                    found: format!("{} layers in the manifest", image.layers.len()),
+                },
+            });
+        }
         let mut readers = Vec::with_capacity(image.layers.len());
-        for l in &image.layers {
+        for (l, diff_id) in image.layers.iter().zip(diff_ids) {
             let f = std::fs::File::open(&l.path).map_err(|source| OciError::Io {
                 path: l.path.clone(),
                 source,
             })?;
-            readers.push((std::io::BufReader::new(f), l.compression));
+            readers.push((
+                std::io::BufReader::new(f),
+                l.compression,
+                Some(diff_id.clone()),
+            ));
         }
         let limits = baton_rootfs::Limits {
             max_bytes: self.cfg.max_unpacked_bytes,
             ..Default::default()
         };
         let started = std::time::Instant::now();
-        match baton_rootfs::unpack_image(&dest, readers, limits) {
+        match baton_rootfs::unpack_image_verified(&dest, readers, limits) {
             Ok(stats) => {
                 tracing::info!(
                     image = %image.manifest_digest,

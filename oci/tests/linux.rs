@@ -37,11 +37,12 @@ async fn a_linux_image_is_pulled_for_the_node_cached_and_unpacked() {
     let reg = client(&server, cache.path());
     let (_, arch) = node_platform();
     let motd = zstd::encode_all(&raw_tar("etc/motd", b"hello from a layer")[..], 3).unwrap();
+    let layers = [(busybox_layer(), GZIP), (motd, ZSTD)];
     let digest = images::push(
         &server.addr,
         "library/busybox:1",
-        &[(busybox_layer(), GZIP), (motd, ZSTD)],
-        config(arch, 2),
+        &layers,
+        config(arch, &layers),
     )
     .await;
     // An index whose other platform comes first: the node's is picked.
@@ -103,13 +104,8 @@ async fn other_platforms_corrupt_and_hostile_layers_are_refused() {
     let other = if arch == "arm64" { "amd64" } else { "arm64" };
 
     // A single manifest for another architecture, and an index without the node's.
-    let digest = images::push(
-        &server.addr,
-        "x/other:1",
-        &[(busybox_layer(), GZIP)],
-        config(other, 1),
-    )
-    .await;
+    let layers = [(busybox_layer(), GZIP)];
+    let digest = images::push(&server.addr, "x/other:1", &layers, config(other, &layers)).await;
     images::push_index(
         &server.addr,
         "x/other:multi",
@@ -135,25 +131,54 @@ async fn other_platforms_corrupt_and_hostile_layers_are_refused() {
     }
 
     // A layer that is not gzip: its digest is right, its content is not a tar.
-    let garbage = b"this is not a gzip stream at all".to_vec();
+    let garbage = [(b"this is not a gzip stream at all".to_vec(), GZIP)];
     images::push(
         &server.addr,
         "x/corrupt:1",
-        &[(garbage, GZIP)],
-        config(arch, 1),
+        &garbage,
+        config(arch, &garbage),
     )
     .await;
     let img = pull_linux(&reg, &format!("{}/x/corrupt:1", server.addr)).await;
     let err = reg.rootfs(&img).unwrap_err();
     assert!(matches!(err, OciError::Unpack { .. }), "{err}");
 
+    // A layer whose content is not the one its config names (its blob digest is right):
+    // refused with both digests.
+    let layers = [(busybox_layer(), GZIP)];
+    let wrong = images::sha(b"some other tar");
+    images::push(
+        &server.addr,
+        "x/swapped:1",
+        &layers,
+        images::config_with_diff_ids(arch, std::slice::from_ref(&wrong)),
+    )
+    .await;
+    let img = pull_linux(&reg, &format!("{}/x/swapped:1", server.addr)).await;
+    let err = reg.rootfs(&img).unwrap_err();
+    let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(
+        chain.contains(&wrong) && chain.contains("unpacks to sha256:"),
+        "{chain}"
+    );
+    // And a config with fewer diff_ids than the manifest has layers.
+    images::push(
+        &server.addr,
+        "x/short:1",
+        &layers,
+        images::config_with_diff_ids(arch, &[]),
+    )
+    .await;
+    let img = pull_linux(&reg, &format!("{}/x/short:1", server.addr)).await;
+    assert!(reg.rootfs(&img).is_err());
+
     // A layer that writes `../` out of its root filesystem: refused, and nothing written.
-    let hostile = gzip(&raw_tar("../../escaped", b"pwned"));
+    let hostile = [(gzip(&raw_tar("../../escaped", b"pwned")), GZIP)];
     images::push(
         &server.addr,
         "x/hostile:1",
-        &[(hostile, GZIP)],
-        config(arch, 1),
+        &hostile,
+        config(arch, &hostile),
     )
     .await;
     let img = pull_linux(&reg, &format!("{}/x/hostile:1", server.addr)).await;

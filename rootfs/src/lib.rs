@@ -110,6 +110,13 @@ pub enum RootfsError {
     /// The tar or its compression is broken (a truncated or corrupt layer).
     #[error("the layer is not a readable tar archive")]
     Corrupt(#[source] io::Error),
+    /// The layer's uncompressed content is not the one the image's config names.
+    #[error("layer {layer} unpacks to {found}, but the image config says {expected}")]
+    DiffId {
+        layer: usize,
+        expected: String,
+        found: String,
+    },
     #[error("unpacking {entry:?}")]
     Entry {
         entry: PathBuf,
@@ -132,6 +139,17 @@ pub fn unpack_image<R: Read>(
     layers: impl IntoIterator<Item = (R, Compression)>,
     limits: Limits,
 ) -> Result<Stats, RootfsError> {
+    unpack_image_verified(dest, layers.into_iter().map(|(r, c)| (r, c, None)), limits)
+}
+
+/// [`unpack_image`], checking each layer whose expected `diff_id` is given (the digest
+/// of its uncompressed tar, `sha256:HEX`, from the image config's `rootfs.diff_ids`): a
+/// layer that unpacks to anything else fails the whole image.
+pub fn unpack_image_verified<R: Read>(
+    dest: &Path,
+    layers: impl IntoIterator<Item = (R, Compression, Option<String>)>,
+    limits: Limits,
+) -> Result<Stats, RootfsError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| RootfsError::Io { path, source }
@@ -142,8 +160,17 @@ pub fn unpack_image<R: Read>(
     let result = (|| {
         let root = open_root(&tmp).map_err(io_err(&tmp))?;
         let mut total = Stats::default();
-        for (reader, compression) in layers {
-            apply(&root, reader, compression, limits, &mut total)?;
+        for (n, (reader, compression, diff_id)) in layers.into_iter().enumerate() {
+            let found = apply(&root, reader, compression, limits, &mut total)?;
+            if let Some(expected) = diff_id {
+                if !expected.eq_ignore_ascii_case(&found) {
+                    return Err(RootfsError::DiffId {
+                        layer: n,
+                        expected,
+                        found,
+                    });
+                }
+            }
         }
         Ok(total)
     })();
@@ -198,17 +225,37 @@ fn open_root(root: &Path) -> io::Result<OwnedFd> {
     )?)
 }
 
+/// What a layer's uncompressed stream is read through: its digest, its diff_id.
+struct Hashing<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Applies one layer, and returns the digest of its uncompressed tar (`sha256:HEX`).
 fn apply(
     root: &OwnedFd,
     layer: impl Read,
     compression: Compression,
     limits: Limits,
     stats: &mut Stats,
-) -> Result<(), RootfsError> {
+) -> Result<String, RootfsError> {
     let reader: Box<dyn Read> = match compression {
         Compression::None => Box::new(layer),
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(layer)),
         Compression::Zstd => Box::new(zstd::Decoder::new(layer).map_err(RootfsError::Corrupt)?),
+    };
+    let reader = Hashing {
+        inner: reader,
+        hasher: Default::default(),
     };
     let mut archive = tar::Archive::new(reader);
     let mut layer = Layer {
@@ -273,7 +320,20 @@ fn apply(
                 source,
             })?;
     }
-    Ok(())
+    // The diff_id covers the whole stream, with the padding after the tar's end; that is
+    // read too, within the size limit (a compressed run of zeros could be endless).
+    let mut rest = archive.into_inner();
+    let trailer = io::copy(&mut (&mut rest).take(limits.max_bytes + 1), &mut io::sink())
+        .map_err(RootfsError::Corrupt)?;
+    if trailer > limits.max_bytes {
+        return Err(RootfsError::TooLarge {
+            limit: limits.max_bytes,
+        });
+    }
+    use sha2::Digest;
+    let digest = rest.hasher.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("sha256:{hex}"))
 }
 
 /// An entry's path relative to the root, without `.` and leading `/`; None for the root

@@ -366,3 +366,47 @@ fn compressed_layers_stack_and_corrupt_ones_are_refused() {
     );
     assert_eq!(Compression::of_media_type("application/wasm"), None);
 }
+
+#[test]
+fn a_layer_must_unpack_to_its_diff_id() {
+    use sha2::Digest;
+    let s = scene();
+    let tar = Tar::default().file("etc/motd", b"hi").bytes();
+    let right = format!("sha256:{:x}", sha2::Sha256::digest(&tar));
+    let gz = {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        gz.finish().unwrap()
+    };
+    // The digest is the uncompressed tar's, whatever the compression.
+    unpack_image_verified(
+        &s.root.join("good"),
+        [(
+            &gz[..],
+            Compression::Gzip,
+            Some(right.to_uppercase().replace("SHA256", "sha256")),
+        )],
+        Limits::default(),
+    )
+    .unwrap();
+    let wrong = format!("sha256:{:x}", sha2::Sha256::digest(b"another"));
+    let err = unpack_image_verified(
+        &s.root.join("bad"),
+        [(&tar[..], Compression::None, Some(wrong.clone()))],
+        Limits::default(),
+    )
+    .unwrap_err();
+    match err {
+        RootfsError::DiffId {
+            layer,
+            expected,
+            found,
+        } => assert_eq!((layer, expected, found), (0, wrong, right)),
+        other => panic!("{other}"),
+    }
+    assert!(
+        !s.root.join("bad").exists(),
+        "nothing is left of a refused image"
+    );
+}

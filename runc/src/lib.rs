@@ -44,6 +44,8 @@ pub enum RuncError {
     Spec(#[source] oci_spec::OciSpecError),
     #[error("starting runc")]
     Spawn(#[source] std::io::Error),
+    #[error("making a terminal for runc exec")]
+    Console(#[source] std::io::Error),
     /// runc ran and refused, in its own words.
     #[error("runc {command} {id}: {message}")]
     Runc {

@@ -205,6 +205,68 @@ impl Runc {
         if process.args.is_empty() {
             return Err(RuncError::Invalid("exec without a command".into()));
         }
+        let mut c = self.exec_command(process);
+        c.arg(id)
+            .args(&process.args)
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(RuncError::Spawn)
+    }
+
+    /// `runc exec --tty` of `process` on a terminal of `columns` x `rows`, which this
+    /// makes and returns the master of, with the process. runc in the foreground wants a
+    /// terminal of its own to relay (it refuses to hand its console over unless it
+    /// detaches, and then its exit code is lost): it gets this terminal's other side as
+    /// its stdio, relays it to the one it makes in the container, and passes the size
+    /// on. Reading the master gives the process's output; writing it, its input.
+    pub fn exec_terminal(
+        &self,
+        id: &str,
+        process: &ExecProcess,
+        columns: u16,
+        rows: u16,
+    ) -> Result<(Child, std::fs::File), RuncError> {
+        use rustix::pty::{grantpt, ioctl_tiocgptpeer, openpt, unlockpt, OpenptFlags};
+        if process.args.is_empty() {
+            return Err(RuncError::Invalid("exec without a command".into()));
+        }
+        let console = |e: rustix::io::Errno| RuncError::Console(e.into());
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+            .map_err(console)?;
+        grantpt(&master).map_err(console)?;
+        unlockpt(&master).map_err(console)?;
+        let size = rustix::termios::Winsize {
+            ws_row: rows,
+            ws_col: columns,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(&master, size).map_err(console)?;
+        let side = ioctl_tiocgptpeer(
+            &master,
+            OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC,
+        )
+        .map_err(console)?;
+        let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(RuncError::Console);
+        let (stdin, stdout) = (dup(&side)?, dup(&side)?);
+        let child = self
+            .exec_command(process)
+            .arg("--tty")
+            .arg(id)
+            .args(&process.args)
+            .stdin(Stdio::from(stdin))
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(side))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(RuncError::Spawn)?;
+        Ok((child, std::fs::File::from(master)))
+    }
+
+    fn exec_command(&self, process: &ExecProcess) -> Command {
         let mut c = self.command();
         c.args([
             "exec",
@@ -217,14 +279,7 @@ impl Runc {
         for e in &process.env {
             c.args(["--env", e]);
         }
-        c.arg(id)
-            .args(&process.args)
-            .stdin(stdin)
-            .stdout(stdout)
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(RuncError::Spawn)
+        c
     }
 
     /// Whether the kernel's OOM killer killed a process of the cgroup at `cgroups_path`

@@ -15,7 +15,7 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(root.join("bin")).unwrap();
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
     for applet in [
-        "sh", "echo", "cat", "sleep", "dd", "id", "grep", "unshare", "touch", "true", "ls",
+        "sh", "echo", "cat", "sleep", "dd", "id", "grep", "unshare", "touch", "true", "ls", "stty",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
@@ -231,6 +231,38 @@ async fn exec_runs_in_the_container_with_its_exit_code() {
         .unwrap();
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "box\n");
+    // On a terminal of the size asked for, which carries its output.
+    let p = ExecProcess {
+        args: ["sh", "-c", "stty size; exit 5"].map(String::from).to_vec(),
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    };
+    let (mut child, master) = lab.runc.exec_terminal(&cfg.id, &p, 100, 30).unwrap();
+    let mut master = tokio::fs::File::from_std(master);
+    let mut shown = Vec::new();
+    // The command's side closes with it: the read then fails (EIO), not blocks.
+    let _ = within(master.read_to_end(&mut shown)).await;
+    assert_eq!(within(child.wait()).await.unwrap().code(), Some(5));
+    assert!(
+        String::from_utf8_lossy(&shown).contains("30 100"),
+        "{:?}",
+        String::from_utf8_lossy(&shown)
+    );
+    // A command that is not there: runc's words, on the terminal.
+    let p = ExecProcess {
+        args: vec!["no-such-command".into()],
+        ..Default::default()
+    };
+    let (mut child, master) = lab.runc.exec_terminal(&cfg.id, &p, 80, 24).unwrap();
+    let mut master = tokio::fs::File::from_std(master);
+    let mut shown = Vec::new();
+    let _ = within(master.read_to_end(&mut shown)).await;
+    assert_ne!(within(child.wait()).await.unwrap().code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&shown).contains("no-such-command"),
+        "{:?}",
+        String::from_utf8_lossy(&shown)
+    );
     // A dropped container is removed with its processes.
     drop(c);
     assert_eq!(lab.runc.state(&cfg.id).await.unwrap(), None);

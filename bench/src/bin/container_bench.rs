@@ -138,11 +138,12 @@ async fn main() -> Result<()> {
     let reqs: usize = env_or("BENCH_REQS", 2000);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let reg = registry::Registry::start(registry::Options::default());
+    let layers = [(images::busybox_layer(), images::GZIP)];
     images::push(
         &reg.addr,
         "baton/busybox:1",
-        &[(images::busybox_layer(), images::GZIP)],
-        images::config(images::node_arch(), 1),
+        &layers,
+        images::config(images::node_arch(), &layers),
     )
     .await;
     let busybox = format!("{}/baton/busybox:1", reg.addr);

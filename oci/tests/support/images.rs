@@ -15,7 +15,7 @@ pub fn sha(data: &[u8]) -> String {
 /// The applets the busybox image links, as a tiny Linux image would.
 pub const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "dd", "id", "ls", "nc", "httpd", "wget", "hostname", "true",
-    "grep", "touch", "env", "ip", "nslookup",
+    "grep", "touch", "env", "ip", "nslookup", "tty", "stty",
 ];
 
 /// A gzip'd tar layer of busybox with its applets linked to it.
@@ -63,13 +63,37 @@ pub fn raw_tar(name: &str, data: &[u8]) -> Vec<u8> {
     tar.into_inner().unwrap()
 }
 
-/// An image config for `linux/ARCH` with `Cmd: [sh]`.
-pub fn config(arch: &str, layers: usize) -> Vec<u8> {
+/// An image config for `linux/ARCH` with `Cmd: [sh]`, naming the uncompressed digest of
+/// each of `layers` (a layer that does not decompress gets its raw digest).
+pub fn config(arch: &str, layers: &[(Vec<u8>, &str)]) -> Vec<u8> {
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|(data, media)| {
+            let plain = match *media {
+                GZIP => {
+                    use std::io::Read;
+                    let mut out = Vec::new();
+                    flate2::read::GzDecoder::new(&data[..])
+                        .read_to_end(&mut out)
+                        .map(|_| out)
+                        .ok()
+                }
+                ZSTD => zstd::decode_all(&data[..]).ok(),
+                _ => None,
+            };
+            sha(plain.as_deref().unwrap_or(data))
+        })
+        .collect();
+    config_with_diff_ids(arch, &diff_ids)
+}
+
+/// An image config for `linux/ARCH` with `Cmd: [sh]` that names `diff_ids`.
+pub fn config_with_diff_ids(arch: &str, diff_ids: &[String]) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "architecture": arch,
         "os": "linux",
         "config": {"Cmd": ["sh"], "Env": ["PATH=/bin", "FROM_IMAGE=yes"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": vec!["sha256:0"; layers]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }))
     .unwrap()
 }
