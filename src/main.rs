@@ -63,6 +63,10 @@ enum Command {
     /// Print a kubeconfig for a user, with a client certificate the cluster CA signs
     /// (run where the cluster's data dir is; grant it access with a RoleBinding).
     Kubeconfig(KubeconfigArgs),
+    /// Hold a pod's shared PID namespace as its PID 1 (the node runs it for a pod with
+    /// `shareProcessNamespace`): reap what is left to it, end on SIGTERM.
+    #[command(hide = true)]
+    Pause,
 }
 
 #[derive(Args, Debug)]
@@ -288,8 +292,31 @@ async fn run_command(cli: Cli) -> Result<u8> {
         Command::Pull(args) => oci_cli::pull(args, default_data_dir()).await.map(|()| 0),
         Command::Images(args) => oci_cli::images(args, default_data_dir()).map(|()| 0),
         Command::Kubeconfig(args) => kubeconfig(args).map(|()| 0),
+        Command::Pause => pause().await.map(|()| 0),
         // A component's own exit code, as `wasmtime run` passes it on.
         Command::Run(args) => Ok(run::run(args).await?.clamp(0, 255) as u8),
+    }
+}
+
+/// `baton pause`: the PID 1 of a pod's shared PID namespace, as Kubernetes' pause
+/// container is. The processes of the pod's containers that lose their parent are
+/// reparented to it, and it reaps them; PID 1 ignores the signals it does not handle, so
+/// only SIGTERM and SIGINT end it (or SIGKILL, which ends the namespace).
+async fn pause() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut children = signal(SignalKind::child())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        // Every child that has ended; None once none has, an error once there are none.
+        while let Ok(Some(_)) = rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG)
+        {
+        }
+        tokio::select! {
+            _ = children.recv() => {}
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        }
     }
 }
 

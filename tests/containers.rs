@@ -137,6 +137,27 @@ fn a_container_runs_logs_execs_and_reports_its_end() {
     assert!(shown.contains("30 100"), "{tty:?}");
     assert_eq!(tty.status.code(), Some(4), "{tty:?}");
 
+    // shareProcessNamespace: a container sees its sibling's processes, under a PID 1 of
+    // the pod's; apart, each sees its own.
+    for (name, share) in [("shared", true), ("apart", false)] {
+        apply(
+            &b,
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  shareProcessNamespace: {share}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: a, image: {image}, command: [sleep, '1001']}}\n  - {{name: b, image: {image}, command: [sleep, '1002']}}\n"
+            ),
+        );
+        b.ok(&[
+            "wait",
+            "--for=condition=Ready",
+            &format!("pod/{name}"),
+            "--timeout=120s",
+        ]);
+        let ps = b.ok(&["exec", name, "-c", "b", "--", "ps"]);
+        assert!(ps.contains("sleep 1002"), "{ps}");
+        assert_eq!(ps.contains("sleep 1001"), share, "{name}: {ps}");
+        assert_eq!(ps.contains("pause"), share, "{name}: {ps}");
+    }
+
     // A pod of a process that exits: its code and reason.
     apply(
         &b,
@@ -204,6 +225,8 @@ fn a_container_runs_logs_execs_and_reports_its_end() {
         "job",
         "hog",
         "missing",
+        "shared",
+        "apart",
         "--wait=true",
     ]);
     assert!(

@@ -11,9 +11,10 @@
 //! - any other name is passed to the node's own name server (the first `nameserver` of
 //!   its `/etc/resolv.conf`) and its answer handed back; with none, SERVFAIL.
 //!
-//! Messages are parsed and written with `hickory-proto`. Every read is bounded: one UDP
-//! datagram, at most [`MAX_IN_FLIGHT`] questions at once, and [`UPSTREAM_TIMEOUT`] for
-//! the upstream's answer.
+//! Only the bridge's own subnet is answered: the responder is no open resolver for
+//! whoever else can route to the node. Messages are parsed and written with
+//! `hickory-proto`. Every read is bounded: one UDP datagram, at most [`MAX_IN_FLIGHT`]
+//! questions waiting on the upstream at once, and [`UPSTREAM_TIMEOUT`] for its answer.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -50,12 +51,16 @@ pub enum DnsError {
     },
 }
 
-/// The host's name servers, from its `/etc/resolv.conf`.
+/// The host's resolver configuration: systemd-resolved's list of the real upstream
+/// servers where it runs, else `/etc/resolv.conf`.
 fn host_resolv_conf() -> String {
     use std::io::Read;
     let mut text = String::new();
-    if let Ok(f) = std::fs::File::open("/etc/resolv.conf") {
-        let _ = f.take(RESOLV_CONF_MAX).read_to_string(&mut text);
+    for path in ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"] {
+        if let Ok(f) = std::fs::File::open(path) {
+            let _ = f.take(RESOLV_CONF_MAX).read_to_string(&mut text);
+            return text;
+        }
     }
     text
 }
@@ -70,7 +75,10 @@ fn host_nameserver(text: &str) -> Option<SocketAddr> {
 
 /// The pod's `/etc/resolv.conf`, as the kubelet writes it for its DNS policy:
 /// `ClusterFirst` (the default) names `nameserver` with the search path of the pod's
-/// namespace and `ndots:5`; `Default` copies the node's; `None` has only what
+/// namespace and `ndots:5`; `Default` copies the node's (from systemd-resolved's file
+/// where there is one, as the kubelet does), but a loopback name server there is the
+/// node's own and means nothing inside the pod, so it is left out, and with none left the
+/// pod asks `nameserver` (which passes non-cluster names on); `None` has only what
 /// `dnsConfig` gives, which the others are extended with.
 pub fn resolv_conf(dns: &PodDns, nameserver: Ipv4Addr, namespace: &str, domain: &str) -> String {
     let (mut servers, mut searches, mut options): (Vec<String>, Vec<String>, Vec<String>) =
@@ -84,7 +92,14 @@ pub fn resolv_conf(dns: &PodDns, nameserver: Ipv4Addr, namespace: &str, domain: 
                         .flat_map(|rest| rest.split_whitespace().map(String::from))
                         .collect()
                 };
-                (words("nameserver"), words("search"), words("options"))
+                let mut servers: Vec<String> = words("nameserver")
+                    .into_iter()
+                    .filter(|s| s.parse::<IpAddr>().is_ok_and(|ip| !ip.is_loopback()))
+                    .collect();
+                if servers.is_empty() {
+                    servers.push(nameserver.to_string());
+                }
+                (servers, words("search"), words("options"))
             }
             _ => (
                 vec![nameserver.to_string()],
@@ -236,11 +251,12 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
 }
 
 /// Serves DNS on `addr` (UDP) until dropped, answering cluster names under `domain` from
-/// `names`.
+/// `names`, to the askers `clients` admits.
 pub async fn serve(
     addr: SocketAddr,
     names: NameResolver,
     domain: String,
+    clients: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
 ) -> Result<tokio::task::JoinHandle<()>, DnsError> {
     let sock = bind(addr).map_err(|source| DnsError::Bind { addr, source })?;
     let upstream = host_nameserver(&host_resolv_conf()).filter(|u| u.ip() != addr.ip());
@@ -257,6 +273,9 @@ pub async fn serve(
                     continue;
                 }
             };
+            if !clients(from.ip()) {
+                continue;
+            }
             let query = buf[..n].to_vec();
             match answer(&query, &names, &domain) {
                 Answer::Reply(r) => {

@@ -212,13 +212,13 @@ pub async fn run(
     let _dns = match &linux {
         Some(rt) => {
             let addr = std::net::SocketAddr::from((rt.bridge.gateway(), 53));
-            match dns::serve(
-                addr,
-                services.routed_resolver(""),
-                rt.cluster_domain.clone(),
-            )
-            .await
-            {
+            let bridge = rt.clone();
+            let clients = Arc::new(move |ip: std::net::IpAddr| match ip {
+                std::net::IpAddr::V4(v4) => bridge.bridge.holds(v4),
+                std::net::IpAddr::V6(_) => false,
+            });
+            let names = services.routed_resolver("");
+            match dns::serve(addr, names, rt.cluster_domain.clone(), clients).await {
                 Ok(task) => Some(AbortOnDrop(task)),
                 Err(e) => {
                     tracing::warn!(error = %baton_kube::error::chain(&e), "container pods get no cluster names");

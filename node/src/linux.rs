@@ -89,8 +89,82 @@ pub struct PodLinux {
     pub ip: Ipv4Addr,
     /// Its `dnsPolicy` and `dnsConfig`.
     pub dns: crate::dns::PodDns,
+    /// `shareProcessNamespace`: one PID namespace for all its containers.
+    pub share_process_namespace: bool,
     pub grace: Duration,
     pub security: Option<PodSecurityContext>,
+}
+
+/// A pod's shared PID namespace (`shareProcessNamespace`), held by `baton pause` as its
+/// PID 1, as Kubernetes' pause container holds one: a container's exit, or its restart,
+/// leaves the namespace and the others in it alone. It is made with util-linux:
+/// `unshare --pid --fork` makes the namespace and its first process, and `--kill-child`
+/// with `setpriv --pdeathsig KILL` ends it if the node agent dies (which ends every
+/// process in it), so that nothing of the pod outlives a killed node.
+#[derive(Debug)]
+struct SharedPids {
+    holder: tokio::process::Child,
+    /// `/proc/PID/ns/pid` of the pause process, which containers join.
+    path: PathBuf,
+}
+
+/// How long the pause process may take to appear.
+const PAUSE_WAIT: Duration = Duration::from_secs(5);
+
+impl SharedPids {
+    async fn start() -> Result<Self, StartError> {
+        let exe = std::env::current_exe().map_err(setup)?;
+        let mut holder = tokio::process::Command::new("setpriv")
+            .args([
+                "--pdeathsig",
+                "KILL",
+                "unshare",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--",
+            ])
+            .arg(&exe)
+            .arg("pause")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                create(format!(
+                    "shareProcessNamespace: starting setpriv and unshare (util-linux): {e}"
+                ))
+            })?;
+        let pid = holder
+            .id()
+            .ok_or_else(|| create("the PID namespace's holder ended".into()))?;
+        // unshare forks the pause process into the namespace: the path is its.
+        let children = format!("/proc/{pid}/task/{pid}/children");
+        let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
+        loop {
+            let first = std::fs::read_to_string(&children)
+                .ok()
+                .and_then(|t| t.split_whitespace().next().map(str::to_string));
+            if let Some(child) = first {
+                return Ok(Self {
+                    holder,
+                    path: PathBuf::from(format!("/proc/{child}/ns/pid")),
+                });
+            }
+            if let Ok(Some(status)) = holder.try_wait() {
+                return Err(create(format!(
+                    "shareProcessNamespace: the PID namespace's holder ended ({status})"
+                )));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(create(
+                    "shareProcessNamespace: the pause process did not start".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
 }
 
 /// A running container, for stops and `kubectl exec`.
@@ -110,6 +184,8 @@ pub struct LinuxPod {
     /// Made at the first container's start; shared with the pod's streams.
     netns: Arc<std::sync::OnceLock<Arc<NetNs>>>,
     running: Arc<Mutex<HashMap<String, Running>>>,
+    /// The holder of its shared PID namespace, made at the first container's start.
+    pids: Option<SharedPids>,
     /// Numbers container runs, so that a restart never reuses a runc ID still being
     /// removed.
     runs: u64,
@@ -189,6 +265,7 @@ impl LinuxPod {
             pod,
             netns: Arc::default(),
             running: Arc::default(),
+            pids: None,
             runs: 0,
         }
     }
@@ -214,6 +291,23 @@ impl LinuxPod {
         Ok(ns)
     }
 
+    /// The pod's shared PID namespace, if it asks for one (made on first use, and again
+    /// if its holder was killed, which ends every process in it).
+    async fn shared_pids(&mut self) -> Result<Option<PathBuf>, StartError> {
+        if !self.pod.share_process_namespace {
+            return Ok(None);
+        }
+        if let Some(p) = &mut self.pids {
+            if matches!(p.holder.try_wait(), Ok(None)) {
+                return Ok(Some(p.path.clone()));
+            }
+        }
+        let pids = SharedPids::start().await?;
+        let path = pids.path.clone();
+        self.pids = Some(pids);
+        Ok(Some(path))
+    }
+
     /// The runc configuration of one container run.
     fn config(
         &self,
@@ -222,6 +316,7 @@ impl LinuxPod {
         spec: &Container,
         rootfs: PathBuf,
         netns: &NetNs,
+        pids: Option<PathBuf>,
     ) -> Result<ContainerConfig, StartError> {
         let image_config = run.image.image.config.config().clone().unwrap_or_default();
         let entrypoint = image_config.entrypoint().clone().unwrap_or_default();
@@ -300,7 +395,7 @@ impl LinuxPod {
                 })
                 .collect(),
             network_namespace: Some(netns.path().to_path_buf()),
-            pid_namespace: None,
+            pid_namespace: pids,
             memory_limit: Some(run.memory_bytes as u64).filter(|&b| b > 0),
             cpu_limit_millis: millis(resources.and_then(|r| r.limits.as_ref()?.get("cpu"))),
             cpu_request_millis: millis(resources.and_then(|r| r.requests.as_ref()?.get("cpu")))
@@ -323,6 +418,7 @@ impl LinuxPod {
         spec: &Container,
     ) -> Result<ExitFuture, StartError> {
         let netns = self.netns().await?;
+        let pids = self.shared_pids().await?;
         self.runs += 1;
         let id = format!("{}-{}-{}", self.pod.uid, run.name, self.runs);
         let dir = self.rt.dir.join(&id);
@@ -332,7 +428,7 @@ impl LinuxPod {
                 .await
                 .map_err(setup)?
                 .map_err(setup)?;
-        let config = match self.config(&id, &run, spec, view.root.clone(), &netns) {
+        let config = match self.config(&id, &run, spec, view.root.clone(), &netns, pids) {
             Ok(c) => c,
             Err(e) => {
                 let _ = view.remove();
@@ -489,6 +585,9 @@ impl LinuxPod {
         let all: Vec<Running> = self.lock().drain().map(|(_, r)| r).collect();
         let runc = self.rt.runc.clone();
         futures::future::join_all(all.into_iter().map(|r| stop(&runc, r, grace))).await;
+        if let Some(mut p) = self.pids {
+            let _ = p.holder.kill().await;
+        }
         if let Some(ns) = self.netns.get() {
             ns.delete().await;
         }
@@ -560,18 +659,81 @@ async fn exec_on_terminal(
             }
         }
     };
-    let (mut from_terminal, mut to_terminal) = tokio::io::split(tokio::fs::File::from_std(master));
+    // Each direction on a thread of its own, blocking: a read that waits for output must
+    // not hold input back (tokio's file does one operation at a time), and the reader
+    // sees the end as EIO once the command's side closes.
+    let reader = match master.try_clone() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = child.kill().await;
+            return Exit {
+                code: 126,
+                reason: "Error",
+                message: format!("the terminal of runc exec: {e}"),
+            };
+        }
+    };
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let (in_tx, in_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+    let spawned = std::thread::Builder::new()
+        .name("exec-tty-out".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut from = reader;
+            let mut buf = vec![0u8; 16 << 10];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                if out_tx.blocking_send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        })
+        .and_then(|_| {
+            std::thread::Builder::new()
+                .name("exec-tty-in".into())
+                .spawn(move || {
+                    use std::io::Write;
+                    let mut to = master;
+                    while let Ok(chunk) = in_rx.recv() {
+                        if to.write_all(&chunk).is_err() {
+                            break;
+                        }
+                    }
+                })
+        });
+    if let Err(e) = spawned {
+        let _ = child.kill().await;
+        return Exit {
+            code: 126,
+            reason: "Error",
+            message: format!("the terminal of runc exec: {e}"),
+        };
+    }
     let ExecIo {
         stdin, mut stdout, ..
     } = io;
-    let input = async {
+    let input = async move {
+        use tokio::io::AsyncReadExt;
         if let Some(mut from) = stdin {
-            let _ = tokio::io::copy(&mut from, &mut to_terminal).await;
+            let mut buf = vec![0u8; 16 << 10];
+            while let Ok(n @ 1..) = from.read(&mut buf).await {
+                let in_tx = in_tx.clone();
+                let chunk = buf[..n].to_vec();
+                // The writer thread blocks on a full terminal; so does this send.
+                let sent = tokio::task::spawn_blocking(move || in_tx.send(chunk)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    break;
+                }
+            }
         }
     };
-    // Ends when the command's side of the terminal closes (reads fail with EIO).
     let output = async {
-        let _ = tokio::io::copy(&mut from_terminal, &mut stdout).await;
+        use tokio::io::AsyncWriteExt;
+        while let Some(chunk) = out_rx.recv().await {
+            if stdout.write_all(&chunk).await.is_err() || stdout.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = stdout.flush().await;
     };
     let status = async {
         let mut output = std::pin::pin!(output);
@@ -730,7 +892,9 @@ impl PodStreams for LinuxStreams {
         Box::pin(async move {
             let ns =
                 netns.ok_or_else(|| std::io::Error::other("the pod has no network namespace"))?;
-            ns.connect(SocketAddr::from((ns.ip(), port))).await
+            // As the kubelet does: the pod's localhost, where a server bound to
+            // 127.0.0.1 only is reached too.
+            ns.connect(SocketAddr::from(([127, 0, 0, 1], port))).await
         })
     }
 }

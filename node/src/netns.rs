@@ -19,8 +19,8 @@
 //! The node reaches a pod at that address through the bridge (probes, the Service proxy,
 //! port-forward), and the pod reaches the node at the bridge's address: its DNS responder
 //! (`dns.rs`) and, through a local route for the Service range, every ClusterIP
-//! ([`Bridge::up`]). Traffic beyond the node is not forwarded: that needs NAT rules, which
-//! the node does not manage.
+//! ([`Bridge::up`]). Traffic beyond the node is not forwarded (the bridge's forwarding is
+//! off): that needs NAT rules, which the node does not manage.
 //!
 //! Everything is made with iproute2 (`ip`), in two batches per pod.
 
@@ -113,6 +113,13 @@ fn twin(ip: Ipv4Addr) -> Ipv4Addr {
     Ipv4Addr::new(10, o[1], o[2], o[3])
 }
 
+/// The loopback address whose routed twin is `ip` (`10.A.B.C` as `127.A.B.C`), for a pod
+/// that reported its routed address and comes back to a restarted node agent.
+pub fn loopback_of(ip: Ipv4Addr) -> Ipv4Addr {
+    let o = ip.octets();
+    Ipv4Addr::new(127, o[1], o[2], o[3])
+}
+
 impl Bridge {
     /// The bridge for the pod range `pod_cidr` (a loopback range), not yet made.
     pub fn for_range(pod_cidr: &str) -> Result<Self, NetNsError> {
@@ -149,7 +156,10 @@ impl Bridge {
             std::fs::create_dir_all(records)
                 .and_then(|_| std::fs::write(&record, b""))
                 .map_err(NetNsError::Spawn)?;
-            ip(&["link", "add", &self.name, "type", "bridge"], None).await?;
+            if let Err(e) = ip(&["link", "add", &self.name, "type", "bridge"], None).await {
+                let _ = std::fs::remove_file(&record);
+                return Err(e);
+            }
         }
         if record.exists() {
             let _ = self.made.set(record);
@@ -157,6 +167,10 @@ impl Bridge {
         let addr = format!("{}/{}", self.gateway, self.prefix);
         ip(&["addr", "replace", &addr, "dev", &self.name], None).await?;
         ip(&["link", "set", &self.name, "up"], None).await?;
+        // The node does not route its pods' traffic on to other networks (it has no NAT
+        // for them), even where the host forwards for others (Docker's hosts do).
+        let forwarding = format!("/proc/sys/net/ipv4/conf/{}/forwarding", self.name);
+        std::fs::write(&forwarding, b"0").map_err(NetNsError::Spawn)?;
         ip(
             &["route", "replace", "local", SERVICE_RANGE, "dev", "lo"],
             None,
@@ -172,6 +186,12 @@ impl Bridge {
     /// The node's address on the bridge: the pods' gateway and name server.
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
+    }
+
+    /// Whether `ip` is on the bridge's subnet (one of its pods, or the node).
+    pub fn holds(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX << (32 - u32::from(self.prefix));
+        u32::from(ip) & mask == u32::from(self.gateway) & mask
     }
 
     pub fn name(&self) -> &str {
@@ -340,6 +360,13 @@ mod tests {
             b.routed(Ipv4Addr::new(127, 171, 0, 5)),
             Ipv4Addr::new(10, 171, 0, 5)
         );
+        assert_eq!(
+            loopback_of(Ipv4Addr::new(10, 171, 0, 5)),
+            Ipv4Addr::new(127, 171, 0, 5)
+        );
+        assert!(b.holds(Ipv4Addr::new(10, 171, 0, 200)));
+        assert!(!b.holds(Ipv4Addr::new(10, 171, 1, 2)));
+        assert!(!b.holds(Ipv4Addr::new(192, 0, 2, 1)));
         let b = Bridge::for_range("127.128.16.0/20").unwrap();
         assert_eq!(b.gateway(), Ipv4Addr::new(10, 128, 16, 1));
         for bad in ["127.96.0.0/24", "127.0.0.0/8", "10.0.0.0/24", "nonsense"] {

@@ -108,8 +108,13 @@ fn resolve(table: &Table, pod_ns: &str, name: &str, routed: bool) -> Option<IpAd
         let ip = if routed { e.cluster_ip } else { e.local_ip };
         return match ip {
             Some(ip) => Some(IpAddr::V4(ip)),
-            // Headless: a ready endpoint's own address.
-            None => e.addresses.first().copied(),
+            // Headless: a ready endpoint's own address; one a pod behind the bridge can
+            // reach (a pod of components only has a loopback one).
+            None => e
+                .addresses
+                .iter()
+                .find(|a| !routed || !a.is_loopback())
+                .copied(),
         };
     }
     // `<host>.<svc>[.<ns>[.svc[.cluster.local]]]`: one pod under a Service.

@@ -56,6 +56,9 @@ pub struct SandboxConfig {
     pub security: Option<k8s_openapi::api::core::v1::PodSecurityContext>,
     /// Its `dnsPolicy` and `dnsConfig`, for what its OCI containers resolve with.
     pub dns: crate::dns::PodDns,
+    /// `shareProcessNamespace`: its OCI containers share one PID namespace. (A pod's
+    /// components always see all of the pod's tasks, through `baton:pod/processes`.)
+    pub share_process_namespace: bool,
 }
 
 /// How a container lives, which decides how its end is reported.
@@ -643,6 +646,8 @@ pub struct PodSandbox {
     /// What its components resolve names with, inside the namespace.
     routed_names: Option<NameResolver>,
     joined: bool,
+    /// Whether a container has started: a pod's network is settled by then.
+    started: bool,
     streams: Arc<PodStreamsOfBoth>,
 }
 
@@ -670,6 +675,7 @@ impl Sandboxes for PodSandboxes {
                     namespace: config.namespace.clone(),
                     ip: rt.bridge.routed(config.ip),
                     dns: config.dns.clone(),
+                    share_process_namespace: config.share_process_namespace,
                     grace: config.grace,
                     security: config.security.clone(),
                 },
@@ -693,6 +699,7 @@ impl Sandboxes for PodSandboxes {
             routed: None,
             routed_names,
             joined: false,
+            started: false,
             streams,
         }
     }
@@ -734,6 +741,18 @@ impl Sandbox for PodSandbox {
                 image: linux,
                 pulled,
             } => {
+                // A pod's components that run already keep their network: a Linux
+                // container cannot join them later (`kubectl debug` with a Linux image
+                // on a pod of components).
+                if self.started && self.routed.is_none() {
+                    return Err(ImageError::Refused {
+                        image: image.into(),
+                        why: "a Linux container image cannot join a running pod of Wasm \
+                              components (its network has no namespace); debug it with a \
+                              component image"
+                            .into(),
+                    });
+                }
                 if let Some(l) = &self.linux {
                     self.routed = Some(l.ip());
                 }
@@ -753,6 +772,7 @@ impl Sandbox for PodSandbox {
     async fn start(&mut self, run: ContainerRun<PodImage>) -> Result<Started, StartError> {
         // A pod with a Linux container has its namespace before anything of it runs, so
         // that its components' sockets are made in there from the first one on.
+        self.started = true;
         if let (Some(linux), Some(_), false) = (self.linux.as_mut(), self.routed, self.joined) {
             let ns = linux.netns().await?;
             self.wasm
@@ -838,7 +858,8 @@ impl Sandbox for PodSandbox {
 }
 
 /// The streams of a pod of both kinds: a command goes to the half that runs its
-/// container; a port is tried in the pod's namespace first, then among its components.
+/// container; a port is reached in the pod's namespace if it has one, else among its
+/// components.
 struct PodStreamsOfBoth {
     wasm: Arc<dyn PodStreams>,
     linux: Option<crate::linux::LinuxStreams>,
@@ -877,16 +898,10 @@ impl PodStreams for PodStreamsOfBoth {
     }
 
     fn connect(&self, port: u16) -> BoxFuture<'static, std::io::Result<tokio::net::TcpStream>> {
-        let wasm = self.wasm.connect(port);
-        let Some(linux) = self.linux.as_ref().filter(|l| l.has_netns()) else {
-            return wasm;
-        };
-        let linux = linux.connect(port);
-        Box::pin(async move {
-            match linux.await {
-                Ok(s) => Ok(s),
-                Err(_) => wasm.await,
-            }
-        })
+        match self.linux.as_ref().filter(|l| l.has_netns()) {
+            // Everything of a pod with a namespace listens in there: its error is the one.
+            Some(linux) => linux.connect(port),
+            None => self.wasm.connect(port),
+        }
     }
 }

@@ -489,6 +489,12 @@ impl<S: Sandboxes> Worker<S> {
                 policy: self.pod.spec.as_ref().and_then(|s| s.dns_policy.clone()),
                 config: self.pod.spec.as_ref().and_then(|s| s.dns_config.clone()),
             },
+            share_process_namespace: self
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.share_process_namespace)
+                .unwrap_or(false),
         };
         let sandbox = self.shared.sandboxes.create(config);
         self.shared.logs.add_streams(
@@ -510,7 +516,13 @@ impl<S: Sandboxes> Worker<S> {
             .status
             .as_ref()
             .and_then(|s| s.pod_ip.as_deref())
-            .and_then(|ip| ip.parse().ok());
+            .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+            // A pod with a namespace reported its routed address; its loopback twin is
+            // what the address manager gives out.
+            .map(|ip| match ip.octets()[0] {
+                10 => crate::netns::loopback_of(ip),
+                _ => ip,
+            });
         let got = self
             .shared
             .ipam

@@ -163,6 +163,13 @@ pub fn unpack_image_verified<R: Read>(
         for (n, (reader, compression, diff_id)) in layers.into_iter().enumerate() {
             let found = apply(&root, reader, compression, limits, &mut total)?;
             if let Some(expected) = diff_id {
+                if !expected.starts_with("sha256:") {
+                    return Err(RootfsError::DiffId {
+                        layer: n,
+                        expected: format!("{expected} (only sha256 diff_ids are checked)"),
+                        found,
+                    });
+                }
                 if !expected.eq_ignore_ascii_case(&found) {
                     return Err(RootfsError::DiffId {
                         layer: n,
@@ -323,9 +330,10 @@ fn apply(
     // The diff_id covers the whole stream, with the padding after the tar's end; that is
     // read too, within the size limit (a compressed run of zeros could be endless).
     let mut rest = archive.into_inner();
-    let trailer = io::copy(&mut (&mut rest).take(limits.max_bytes + 1), &mut io::sink())
+    let budget = limits.max_bytes.saturating_sub(stats.bytes);
+    let trailer = io::copy(&mut (&mut rest).take(budget + 1), &mut io::sink())
         .map_err(RootfsError::Corrupt)?;
-    if trailer > limits.max_bytes {
+    if trailer > budget {
         return Err(RootfsError::TooLarge {
             limit: limits.max_bytes,
         });

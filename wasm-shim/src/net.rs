@@ -37,7 +37,7 @@
 //! resolver maps (a ClusterIP). A name it does not map goes to the host's resolver.
 //!
 //! # Caps
-//! Per pod: live TCP sockets (created, connected or accepted) are capped at
+//! Per pod: live sockets (TCP created, connected or accepted, and UDP) are capped at
 //! [`NetLimits::max_sockets`] and the guest gets `new-socket-limit` past it; concurrent
 //! outgoing HTTP requests are capped at [`NetLimits::max_outgoing_requests`]. Per instance,
 //! the resource table (every open handle: files, streams, sockets, requests) is capped by
@@ -498,6 +498,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         |mut store, (family,): (IpAddressFamily,)| {
             Box::new(async move {
                 let host = store.data_mut();
+                if !host.net.pod.admit_socket() {
+                    return Ok((Err(ErrorCode::NewSocketLimit),));
+                }
                 let ns = host.net.pod.netns().cloned();
                 let made = {
                     let mut view = host.sockets();
@@ -514,10 +517,31 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
                     .await
                 };
                 match made {
-                    Ok(socket) => Ok((Ok::<Resource<UdpSocket>, _>(socket),)),
-                    Err(e) => Ok((Err(socket_error(host, e)?),)),
+                    Ok(socket) => {
+                        host.net.live.insert(socket.rep());
+                        Ok((Ok::<Resource<UdpSocket>, _>(socket),))
+                    }
+                    Err(e) => {
+                        host.net.pod.release_sockets(1);
+                        Ok((Err(socket_error(host, e)?),))
+                    }
                 }
             })
+        },
+    )?;
+    let mut udp_res = linker.instance(&format!("wasi:sockets/udp@{SOCKETS}"))?;
+    udp_res.resource(
+        "udp-socket",
+        ResourceType::host::<UdpSocket>(),
+        |mut store, rep| {
+            let host = store.data_mut();
+            if host.net.live.remove(&rep) {
+                host.net.pod.release_sockets(1);
+            }
+            wasmtime_wasi::p2::bindings::sockets::udp::HostUdpSocket::drop(
+                &mut host.sockets(),
+                Resource::new_own(rep),
+            )
         },
     )?;
     let mut lookup = linker.instance(&format!("wasi:sockets/ip-name-lookup@{SOCKETS}"))?;

@@ -15,7 +15,7 @@ pub fn sha(data: &[u8]) -> String {
 /// The applets the busybox image links, as a tiny Linux image would.
 pub const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "dd", "id", "ls", "nc", "httpd", "wget", "hostname", "true",
-    "grep", "touch", "env", "ip", "nslookup", "tty", "stty",
+    "grep", "touch", "env", "ip", "nslookup", "tty", "stty", "ps",
 ];
 
 /// A gzip'd tar layer of busybox with its applets linked to it.
