@@ -83,6 +83,18 @@ fn netns_of(b: &Baton, pod: &str) -> bool {
         .exists()
 }
 
+/// A plain HTTP/1.0 GET from the test, on the node, to `addr`: its whole answer.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(tcp, "GET {path} HTTP/1.0\r\nHost: pod\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = tcp.read_to_string(&mut out);
+    out
+}
+
 fn apply(b: &Baton, yaml: &str) {
     b.ok_with("kubectl", &["apply", "-f", "-"], Some(yaml));
 }
@@ -124,7 +136,7 @@ fn a_container_runs_logs_execs_and_reports_its_end() {
         .args([
             "-qec",
             // runc sizes the terminal just after the command starts.
-            "stty cols 100 rows 30; kubectl exec -it box -- sh -c 'tty; while [ \"$(stty size)\" = \"0 0\" ]; do :; done; stty size; exit 4'",
+            "stty cols 100 rows 30; kubectl exec -it box -- sh -c 'tty; i=0; while [ \"$(stty size 2>/dev/null)\" != \"30 100\" ] && [ $i -lt 1000 ]; do i=$((i+1)); done; stty size; exit 4'",
             "/dev/null",
         ])
         .env("KUBECONFIG", &b.kubeconfig)
@@ -181,22 +193,34 @@ fn a_container_runs_logs_execs_and_reports_its_end() {
     );
     assert_eq!(reason, "Error");
 
-    // Over its memory limit: OOMKilled.
+    // Over its memory limit: OOMKilled, and restarted; its Wasm sibling keeps serving.
+    let web = guests_dir().join("http-hello.wasm");
     apply(
         &b,
         &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: hog}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n    command: [dd, if=/dev/zero, of=/dev/null, bs=64M, count=1]\n    resources: {{limits: {{memory: 16Mi}}}}\n"
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: hog}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: web, image: {}, ports: [{{containerPort: 8080}}]}}\n  - name: main\n    image: {image}\n    command: [dd, if=/dev/zero, of=/dev/null, bs=64M, count=1]\n    resources: {{limits: {{memory: 16Mi}}}}\n",
+            web.display()
         ),
     );
-    let reason = wait_for(&b, 60, "the hog to be OOM-killed", || {
-        let r = jsonpath(
+    let main = |field: &str| {
+        jsonpath(
             &b,
             &["pod", "hog"],
-            "{.status.containerStatuses[0].state.terminated.reason}",
-        );
-        (!r.is_empty()).then_some(r)
+            &format!("{{.status.containerStatuses[?(@.name==\"main\")].{field}}}"),
+        )
+    };
+    let reason = wait_for(&b, 60, "the hog to be OOM-killed and restarted", || {
+        let restarts: u32 = main("restartCount").parse().unwrap_or(0);
+        let r = main("lastState.terminated.reason");
+        (restarts >= 1 && !r.is_empty()).then_some(r)
     });
     assert_eq!(reason, "OOMKilled");
+    let ip = jsonpath(&b, &["pod", "hog"], "{.status.podIP}");
+    let got = http_get(&format!("{ip}:8080"), "/after-the-oom");
+    assert!(
+        got.contains("hello from http-hello path=/after-the-oom"),
+        "{got}"
+    );
 
     // A command the image does not have.
     apply(
