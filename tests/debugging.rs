@@ -511,6 +511,25 @@ fn debug_adds_a_toolbox_that_reaches_the_sibling_and_sees_the_volume() {
         ),
     );
     assert_eq!(state, "Completed");
+    // Only the subresource changes them: an update of the whole pod that drops them is
+    // refused.
+    let refused = b.run(
+        "kubectl",
+        &[
+            "patch",
+            "pod",
+            "tb",
+            "--type=json",
+            "-p",
+            r#"[{"op": "remove", "path": "/spec/ephemeralContainers"}]"#,
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("ephemeral"),
+        "{refused:?}"
+    );
 
     // An image that is not a component waits with the reason, as kubectl shows it.
     b.ok(&["debug", "tb", &format!("--image={not_component}")]);

@@ -724,6 +724,25 @@ async fn create(objects: &Objects, req: &Request) -> ApiResult<Response> {
     ))
 }
 
+/// Why an update of a whole pod may not be stored: it changes its ephemeral containers,
+/// which only the `ephemeralcontainers` subresource adds (`kubectl debug`), as
+/// kube-apiserver refuses such an update.
+fn ephemeral_kept(old: &Value, new: &Value) -> Option<FieldError> {
+    let list = |v: &Value| {
+        v.pointer("/spec/ephemeralContainers")
+            .filter(|l| !l.is_null())
+            .cloned()
+            .unwrap_or(json!([]))
+    };
+    (list(old) != list(new)).then(|| {
+        FieldError::forbidden(
+            "spec.ephemeralContainers",
+            "pod updates may not change ephemeral containers; add one with the \
+             ephemeralcontainers subresource (kubectl debug)",
+        )
+    })
+}
+
 /// What is wrong with a pod's new list of ephemeral containers: those it had must stay
 /// as they were, names are unique among all the pod's containers, and an ephemeral
 /// container has an image and none of what only a long-lived container may have.
@@ -904,6 +923,17 @@ pub(crate) fn prepare_update(
                 .cloned()
                 .unwrap_or(json!([]));
             return Ok(out);
+        }
+        // Where a kind has the subresource, ephemeral containers change through it only.
+        _ if res.has_sub("ephemeralcontainers") => {
+            if let Some(cause) = ephemeral_kept(old, &new) {
+                return Err(ApiError::Invalid {
+                    group: res.group.clone(),
+                    kind: res.kind.clone(),
+                    name: name.to_string(),
+                    causes: vec![cause],
+                });
+            }
         }
         _ => {}
     }
@@ -1679,6 +1709,26 @@ mod tests {
             "containers": [{"name": "app", "image": "a"}],
             "ephemeralContainers": ephemeral,
         }})
+    }
+
+    #[test]
+    fn a_whole_pod_update_keeps_its_ephemeral_containers() {
+        let debugger = json!({"name": "debugger", "image": "toolbox"});
+        let old = pod_with(json!([debugger]));
+        assert!(ephemeral_kept(&old, &old).is_none());
+        // An empty list and none at all are the same.
+        assert!(ephemeral_kept(&pod_with(json!([])), &json!({"spec": {}})).is_none());
+        for new in [
+            pod_with(json!([])),
+            json!({"spec": {}}),
+            pod_with(json!([debugger, debugger])),
+        ] {
+            let e = ephemeral_kept(&old, &new).expect("refused");
+            assert_eq!(
+                (e.field.as_str(), e.reason),
+                ("spec.ephemeralContainers", "FieldValueForbidden")
+            );
+        }
     }
 
     #[test]
