@@ -14,6 +14,13 @@ pub enum IpamError {
     Range(String),
 }
 
+/// `A.B.C.D/N` as its address and prefix length, N at most 32.
+pub fn parse_range(cidr: &str) -> Option<(Ipv4Addr, u8)> {
+    let (ip, bits) = cidr.split_once('/')?;
+    let bits: u8 = bits.parse().ok()?;
+    Some((ip.parse().ok()?, bits)).filter(|_| bits <= 32)
+}
+
 /// Hands out and takes back the addresses of one range.
 #[derive(Debug)]
 pub struct Ipam {
@@ -27,12 +34,11 @@ pub struct Ipam {
 impl Ipam {
     pub fn new(cidr: &str) -> Result<Self, IpamError> {
         let err = || IpamError::Range(cidr.to_string());
-        let (ip, bits) = cidr.split_once('/').ok_or_else(err)?;
-        let ip: Ipv4Addr = ip.parse().map_err(|_| err())?;
-        let bits: u32 = bits.parse().map_err(|_| err())?;
+        let (ip, bits) = parse_range(cidr).ok_or_else(err)?;
         if !ip.is_loopback() || !(8..=30).contains(&bits) {
             return Err(err());
         }
+        let bits = u32::from(bits);
         let mask = u32::MAX << (32 - bits);
         let base = u32::from(ip) & mask;
         // Skip the network address and .1 (the address a node binds as itself).

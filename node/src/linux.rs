@@ -640,8 +640,9 @@ async fn stop(runc: &Runc, r: Running, grace: Duration) {
 /// How long a terminal's last output may take to arrive once its command has ended.
 const TERMINAL_DRAIN: Duration = Duration::from_secs(1);
 
-/// `kubectl exec -t`: the command on a terminal runc makes, whose master carries its
-/// input and output (stderr included, as on any terminal).
+/// `kubectl exec -t`: the command on a terminal the node makes for runc
+/// ([`Runc::exec_terminal`]), whose master carries its input and output (stderr
+/// included, as on any terminal).
 async fn exec_on_terminal(
     runc: Runc,
     id: String,
@@ -651,62 +652,41 @@ async fn exec_on_terminal(
 ) -> Exit {
     let (mut child, master) = match runc.exec_terminal(&id, &process, size.columns, size.rows) {
         Ok(got) => got,
-        Err(e) => {
-            return Exit {
-                code: 126,
-                reason: "Error",
-                message: baton_kube::error::chain(&e),
-            }
-        }
+        Err(e) => return not_started(baton_kube::error::chain(&e)),
     };
     // Each direction on a thread of its own, blocking: a read that waits for output must
     // not hold input back (tokio's file does one operation at a time), and the reader
     // sees the end as EIO once the command's side closes.
-    let reader = match master.try_clone() {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = child.kill().await;
-            return Exit {
-                code: 126,
-                reason: "Error",
-                message: format!("the terminal of runc exec: {e}"),
-            };
-        }
-    };
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
     let (in_tx, in_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
-    let spawned = std::thread::Builder::new()
-        .name("exec-tty-out".into())
-        .spawn(move || {
-            use std::io::Read;
-            let mut from = reader;
-            let mut buf = vec![0u8; 16 << 10];
-            while let Ok(n @ 1..) = from.read(&mut buf) {
-                if out_tx.blocking_send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        })
-        .and_then(|_| {
-            std::thread::Builder::new()
-                .name("exec-tty-in".into())
-                .spawn(move || {
-                    use std::io::Write;
-                    let mut to = master;
-                    while let Ok(chunk) = in_rx.recv() {
-                        if to.write_all(&chunk).is_err() {
-                            break;
-                        }
+    let relays = master.try_clone().and_then(|reader| {
+        std::thread::Builder::new()
+            .name("exec-tty-out".into())
+            .spawn(move || {
+                use std::io::Read;
+                let mut from = reader;
+                let mut buf = vec![0u8; 16 << 10];
+                while let Ok(n @ 1..) = from.read(&mut buf) {
+                    if out_tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        break;
                     }
-                })
-        });
-    if let Err(e) = spawned {
+                }
+            })?;
+        std::thread::Builder::new()
+            .name("exec-tty-in".into())
+            .spawn(move || {
+                use std::io::Write;
+                let mut to = master;
+                while let Ok(chunk) = in_rx.recv() {
+                    if to.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            })
+    });
+    if let Err(e) = relays {
         let _ = child.kill().await;
-        return Exit {
-            code: 126,
-            reason: "Error",
-            message: format!("the terminal of runc exec: {e}"),
-        };
+        return not_started(format!("the terminal of runc exec: {e}"));
     }
     let ExecIo {
         stdin, mut stdout, ..
@@ -755,17 +735,26 @@ async fn exec_on_terminal(
         s = status => s,
         _ = async { input.await; std::future::pending::<()>().await } => unreachable!(),
     };
-    let code = status
-        .ok()
-        .and_then(|s| {
-            use std::os::unix::process::ExitStatusExt;
-            s.code().or_else(|| s.signal().map(|n| 128 + n))
-        })
-        .unwrap_or(255);
+    command_exit(status)
+}
+
+/// A command's end as `kubectl exec` reports it: its code, or 128 + its signal; 255 if
+/// it could not be waited for.
+fn command_exit(status: std::io::Result<std::process::ExitStatus>) -> Exit {
+    let code = status.map_or(255, baton_runc::exit_code);
     Exit {
         code,
         reason: if code == 0 { "Completed" } else { "Error" },
         message: String::new(),
+    }
+}
+
+/// An exec whose command never started, with why (126, as a shell says it).
+fn not_started(message: String) -> Exit {
+    Exit {
+        code: 126,
+        reason: "Error",
+        message,
     }
 }
 
@@ -866,18 +855,7 @@ impl PodStreams for LinuxStreams {
                 s = status => s,
                 _ = async { input.await; std::future::pending::<()>().await } => unreachable!(),
             };
-            let code = status
-                .ok()
-                .and_then(|s| {
-                    use std::os::unix::process::ExitStatusExt;
-                    s.code().or_else(|| s.signal().map(|n| 128 + n))
-                })
-                .unwrap_or(255);
-            Exit {
-                code,
-                reason: if code == 0 { "Completed" } else { "Error" },
-                message: String::new(),
-            }
+            command_exit(status)
         }))
     }
 

@@ -124,9 +124,7 @@ impl Bridge {
     /// The bridge for the pod range `pod_cidr` (a loopback range), not yet made.
     pub fn for_range(pod_cidr: &str) -> Result<Self, NetNsError> {
         let err = || NetNsError::Range(pod_cidr.to_string());
-        let (base, bits) = pod_cidr.split_once('/').ok_or_else(err)?;
-        let base: Ipv4Addr = base.parse().map_err(|_| err())?;
-        let prefix: u8 = bits.parse().map_err(|_| err())?;
+        let (base, prefix) = crate::ipam::parse_range(pod_cidr).ok_or_else(err)?;
         // The twin of a /8../15 would overlap the Service range (10.96/16).
         if !base.is_loopback() || !(16..=30).contains(&prefix) {
             return Err(err());

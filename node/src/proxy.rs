@@ -232,22 +232,17 @@ impl Services {
 
     /// The name resolver of pods in namespace `ns`.
     pub fn resolver(&self, ns: &str) -> NameResolver {
-        let table = self.table.clone();
-        let ns = ns.to_string();
-        Arc::new(move |name: &str| {
-            resolve(
-                &table.read().unwrap_or_else(|e| e.into_inner()),
-                &ns,
-                name,
-                false,
-            )
-        })
+        self.resolver_of(ns, false)
     }
 
     /// The name resolver of pods in namespace `ns` that have a network namespace of their
     /// own (they run OCI containers), and of the node's DNS responder: Services at their
     /// ClusterIPs, which the node serves to such pods ([`Services::start`]).
     pub fn routed_resolver(&self, ns: &str) -> NameResolver {
+        self.resolver_of(ns, true)
+    }
+
+    fn resolver_of(&self, ns: &str, routed: bool) -> NameResolver {
         let table = self.table.clone();
         let ns = ns.to_string();
         Arc::new(move |name: &str| {
@@ -255,7 +250,7 @@ impl Services {
                 &table.read().unwrap_or_else(|e| e.into_inner()),
                 &ns,
                 name,
-                true,
+                routed,
             )
         })
     }

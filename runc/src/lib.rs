@@ -23,7 +23,7 @@ mod runner;
 pub mod seccomp;
 mod spec;
 
-pub use runner::{Container, ExecProcess, Runc};
+pub use runner::{exit_code, Container, ExecProcess, Runc};
 pub use spec::{BindMount, ContainerConfig, SeccompProfile};
 
 /// Everything this crate can fail with.

@@ -38,7 +38,7 @@ pub struct ExecProcess {
 }
 
 /// An exit status as a container reports it: the code, or 128 + the signal that ended it.
-fn code_of(status: std::process::ExitStatus) -> i32 {
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status
         .code()
@@ -313,7 +313,7 @@ impl Container {
     /// the container never ran (a bad spec, a command that is not in the image).
     pub async fn wait(&mut self) -> (i32, Option<String>) {
         let code = match self.child.wait().await {
-            Ok(status) => code_of(status),
+            Ok(status) => exit_code(status),
             Err(_) => 255,
         };
         (code, runc_error(&self.log))
