@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use baton_apiserver::{ApiServer, Objects, Pki};
+use baton_kube::local_nodes::LocalNodes;
 use baton_store::{RangeRequest, ReadOptions, Store, StoreClient, StoreConfig, WatchEvent};
 use clap::{Args, Parser, Subcommand};
 
@@ -434,7 +435,18 @@ async fn up(args: UpArgs) -> Result<()> {
             Some(p) => (p.clone(), false),
             None => (dir.join("pki").join("encryption-config.yaml"), true),
         });
-        let api = start_api(&store, &dir, api_listener, api_addr, encryption, &mut tasks).await?;
+        // The node agent below answers the API server in-process, without TLS.
+        let local_nodes = LocalNodes::default();
+        let api = start_api(
+            &store,
+            &dir,
+            api_listener,
+            api_addr,
+            encryption,
+            local_nodes.clone(),
+            &mut tasks,
+        )
+        .await?;
         let mut loops = control::Loops::new();
         let controllers = baton_controllers::Config {
             node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
@@ -448,6 +460,7 @@ async fn up(args: UpArgs) -> Result<()> {
         if !args.no_node {
             let client = control::client_for(&api.pki, &api.server, "system:node:local").await?;
             let mut node = args.node.config(dir.join("node"))?;
+            node.local_link = Some(local_nodes);
             node.runtime
                 .extra_ca_pem
                 .push(api.pki.ca_pem.clone().into_bytes());
@@ -531,11 +544,13 @@ async fn start_api(
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     encryption: Option<(PathBuf, bool)>,
+    local_nodes: LocalNodes,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<StartedApi> {
     let pki = Pki::load_or_create(&dir.join("pki"), &[addr.ip().to_string()])
         .context("failed to set up the cluster's certificates and tokens")?;
     let mut objects = Objects::new(store.clone());
+    objects.local_nodes = local_nodes;
     if let Some((path, create)) = encryption {
         let e = if create {
             baton_apiserver::encryption::Encryption::load_or_create(&path)
@@ -623,6 +638,7 @@ async fn server(args: ServerArgs) -> Result<()> {
                 l,
                 api_addr,
                 args.encryption_provider_config.clone().map(|p| (p, false)),
+                LocalNodes::default(),
                 &mut tasks,
             )
             .await?;

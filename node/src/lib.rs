@@ -110,6 +110,9 @@ pub struct NodeConfig {
     /// Below this much available memory the node is under memory pressure and evicts
     /// (the kubelet's `memory.available` hard threshold).
     pub eviction_hard_memory: u64,
+    /// When the API server runs in this process (`baton up`): where the node offers it a
+    /// link to its endpoint that needs no TLS.
+    pub local_link: Option<baton_kube::local_nodes::LocalNodes>,
 }
 
 impl NodeConfig {
@@ -151,6 +154,7 @@ impl NodeConfig {
             local_images: Vec::new(),
             default_memory_limit: 64 << 20,
             eviction_hard_memory: 100 << 20,
+            local_link: None,
             runtime,
         }
     }
@@ -181,6 +185,10 @@ pub async fn run(
         logs.clone(),
     )
     .await?;
+    let _local = cfg
+        .local_link
+        .as_ref()
+        .map(|l| l.register(&cfg.name, server::local_dialer(logs.clone(), &cfg.name)));
     register::register(
         &client,
         &cfg.name,

@@ -1,17 +1,20 @@
-//! `kubectl port-forward`: TCP to a pod's ports, over SPDY (see `spdy.rs`), either
-//! tunnelled through a WebSocket (kubectl 1.31+) or on a connection upgraded to SPDY
-//! (older kubectl, and the fallback).
+//! `kubectl port-forward` and the clients' port-forwards: TCP to a pod's ports.
 //!
-//! For every local connection kubectl opens two streams with the same `requestid` and
-//! `port`: an error stream and a data stream. The node connects to the pod's port
-//! (through the sandbox's [`PodStreams::connect`]) and copies bytes both ways. When the
-//! pod's side ends, the node ends the error stream and then the data stream; when the
-//! connection fails, it writes why on the error stream first, as the kubelet does (and
-//! kubectl, as it does with a kubelet, reports it and gives up its session).
+//! A session takes one of three forms, as the client asks:
+//! - SPDY (see `spdy.rs`) tunnelled through a WebSocket (kubectl 1.31+), or on a
+//!   connection upgraded to SPDY (older kubectl, and the fallback). For every local
+//!   connection kubectl opens two streams with the same `requestid` and `port`: an error
+//!   stream and a data stream. The node connects to the pod's port (through the sandbox's
+//!   [`PodStreams::connect`]) and copies bytes both ways. When the pod's side ends, the
+//!   node ends the error stream and then the data stream; when the connection fails, it
+//!   writes why on the error stream first, as the kubelet does (and kubectl, as it does
+//!   with a kubelet, reports it and gives up its session).
+//! - WebSocket channels ([`serve_channels`]: kube-rs, the Python and JavaScript clients):
+//!   the ports are in the query, one connection each, made when the session starts.
 //!
 //! Everything a session holds (its connections to the pod, its tasks) is dropped when the
-//! client goes away: at the end of the connection, at GOAWAY, or after [`IDLE`] without a
-//! frame (kubectl pings every 5 to 10 seconds).
+//! client goes away: at the end of the connection, at GOAWAY or a close, or after [`IDLE`]
+//! without a frame (kubectl pings every 5 to 10 seconds).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -132,8 +135,7 @@ where
                         streams.clone(),
                         target.clone(),
                         port,
-                        error,
-                        data,
+                        Ends::Spdy { error, data },
                         rx,
                         out.clone(),
                     ));
@@ -174,13 +176,63 @@ where
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
 
-/// One forwarded connection: the pod's port, bridged to the data stream.
+/// How a forwarded connection's bytes and ends are framed for the client.
+#[derive(Debug, Clone, Copy)]
+enum Ends {
+    /// A SPDY session: a data stream and an error stream per connection, each ended with
+    /// a FIN.
+    Spdy { error: u32, data: u32 },
+    /// A channel session (WebSocket, v4 channels): a data channel and the error channel
+    /// after it. A channel is never ended; the session ends with its last connection.
+    Channels { data: u8 },
+}
+
+impl Ends {
+    fn data(self, bytes: &[u8]) -> Vec<u8> {
+        match self {
+            Ends::Spdy { data, .. } => Writer::data(data, bytes, false),
+            Ends::Channels { data } => channel_message(data, bytes),
+        }
+    }
+
+    /// What tells the client that the connection failed, with why.
+    fn failed(self, why: &str) -> Vec<Vec<u8>> {
+        match self {
+            Ends::Spdy { error, data } => vec![
+                Writer::data(error, why.as_bytes(), true),
+                Writer::data(data, b"", true),
+            ],
+            Ends::Channels { data } => vec![channel_message(data + 1, why.as_bytes())],
+        }
+    }
+
+    /// What tells the client that the pod closed the connection.
+    fn closed(self) -> Vec<Vec<u8>> {
+        match self {
+            Ends::Spdy { error, data } => vec![
+                Writer::data(error, b"", true),
+                Writer::data(data, b"", true),
+            ],
+            Ends::Channels { .. } => Vec::new(),
+        }
+    }
+}
+
+/// A channel message as it goes out in binary: the channel's number, then the bytes.
+fn channel_message(channel: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(bytes.len() + 1);
+    m.push(channel);
+    m.extend_from_slice(bytes);
+    m
+}
+
+/// One forwarded connection: the pod's port, bridged to the client's data stream or
+/// channel.
 async fn forward(
     streams: Arc<dyn PodStreams>,
     target: Target,
     port: u16,
-    error: u32,
-    data: u32,
+    ends: Ends,
     mut from_client: mpsc::Receiver<Bytes>,
     out: mpsc::Sender<Vec<u8>>,
 ) {
@@ -199,8 +251,9 @@ async fn forward(
                 target.pod, target.uid
             );
             tracing::info!("{msg}");
-            let _ = out.send(Writer::data(error, msg.as_bytes(), true)).await;
-            let _ = out.send(Writer::data(data, b"", true)).await;
+            for m in ends.failed(&msg) {
+                let _ = out.send(m).await;
+            }
             return;
         }
     };
@@ -218,19 +271,174 @@ async fn forward(
         match pod_r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if out
-                    .send(Writer::data(data, &buf[..n], false))
-                    .await
-                    .is_err()
-                {
+                if out.send(ends.data(&buf[..n])).await.is_err() {
                     break;
                 }
             }
         }
     }
     up.abort();
-    let _ = out.send(Writer::data(error, b"", true)).await;
-    let _ = out.send(Writer::data(data, b"", true)).await;
+    for m in ends.closed() {
+        let _ = out.send(m).await;
+    }
+}
+
+/// The WebSocket subprotocols of the channel port-forward that kube-rs and the Python
+/// and JavaScript clients speak, and whether each carries base64 text.
+pub const CHANNEL_PROTOCOLS: [(&str, bool); 4] = [
+    ("v4.channel.k8s.io", false),
+    ("v4.base64.channel.k8s.io", true),
+    ("channel.k8s.io", false),
+    ("base64.channel.k8s.io", true),
+];
+
+/// The ports of a channel session, from its query (`ports=80,443`, or `ports` repeated),
+/// in order: the first is channels 0 and 1, the next 2 and 3, and so on.
+pub fn query_ports(query: &str) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k != "ports" {
+            continue;
+        }
+        for p in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match p.parse::<u16>() {
+                Ok(n) if n != 0 => ports.push(n),
+                _ => return Err(format!("unable to parse \"{p}\" as a port")),
+            }
+        }
+    }
+    if ports.is_empty() {
+        return Err("query parameter \"ports\" is required".into());
+    }
+    // Two channels a port, numbered in one byte.
+    if ports.len() > 128 {
+        return Err(format!("at most 128 ports, not {}", ports.len()));
+    }
+    Ok(ports)
+}
+
+/// Serves one channel session (the WebSocket port-forward before the SPDY tunnel): one
+/// connection to each port in `ports`, made at once. Channel 2i carries port i's bytes
+/// both ways and 2i+1 its error; each channel's first message from the node is its port
+/// (two bytes, little-endian). The session ends when the client goes, or when every
+/// connection has ended, as the kubelet's does.
+pub async fn serve_channels<S>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    ports: Vec<u16>,
+    base64: bool,
+    streams: Arc<dyn PodStreams>,
+    target: Target,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let encode = move |m: Vec<u8>| -> Message {
+        if base64 {
+            use base64::Engine;
+            let mut text = String::with_capacity(m.len() * 4 / 3 + 4);
+            text.push(char::from(b'0' + m[0]));
+            base64::engine::general_purpose::STANDARD.encode_string(&m[1..], &mut text);
+            Message::Text(text.into())
+        } else {
+            Message::Binary(m.into())
+        }
+    };
+    let (mut sink, mut incoming) = ws.split();
+    let (out, mut queued) = mpsc::channel::<Vec<u8>>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = queued.recv().await {
+            if sink.feed(encode(m)).await.is_err() {
+                return;
+            }
+            while let Ok(more) = queued.try_recv() {
+                if sink.feed(encode(more)).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let mut inbound = Vec::with_capacity(ports.len());
+    let mut forwarders = JoinSet::new();
+    for (i, port) in ports.iter().copied().enumerate() {
+        let data = (2 * i) as u8;
+        for ch in [data, data + 1] {
+            let _ = out.send(channel_message(ch, &port.to_le_bytes())).await;
+        }
+        let (tx, rx) = mpsc::channel(16);
+        inbound.push(Some(tx));
+        forwarders.spawn(forward(
+            streams.clone(),
+            target.clone(),
+            port,
+            Ends::Channels { data },
+            rx,
+            out.clone(),
+        ));
+    }
+    loop {
+        tokio::select! {
+            m = tokio::time::timeout(IDLE, incoming.next()) => {
+                let m = match m {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Err(e))) => {
+                        tracing::info!(error = %e, "port-forward session ended");
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        tracing::info!("port-forward client idle for {IDLE:?}: closing");
+                        break;
+                    }
+                };
+                let (channel, bytes) = match m {
+                    Message::Binary(mut b) if !b.is_empty() => {
+                        let rest = b.split_off(1);
+                        (b[0], rest)
+                    }
+                    Message::Text(t) if base64 && !t.is_empty() => {
+                        use base64::Engine;
+                        let t = t.as_str();
+                        let Some(ch) = t.as_bytes()[0].checked_sub(b'0') else {
+                            continue;
+                        };
+                        match base64::engine::general_purpose::STANDARD.decode(&t[1..]) {
+                            Ok(b) => (ch, Bytes::from(b)),
+                            Err(_) => continue,
+                        }
+                    }
+                    Message::Close(_) => break,
+                    _ => continue,
+                };
+                // Only a data channel (even) carries bytes to the pod.
+                let port = usize::from(channel / 2);
+                if channel % 2 != 0 || bytes.is_empty() {
+                    continue;
+                }
+                if let Some(slot) = inbound.get_mut(port) {
+                    if let Some(tx) = slot {
+                        if tx.send(bytes).await.is_err() {
+                            *slot = None;
+                        }
+                    }
+                }
+            }
+            done = forwarders.join_next() => {
+                if done.is_none() {
+                    // Every connection has ended: so does the session.
+                    break;
+                }
+            }
+        }
+    }
+    forwarders.abort_all();
+    while forwarders.join_next().await.is_some() {}
+    drop(out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
 
 #[cfg(test)]
@@ -328,6 +536,129 @@ mod tests {
         // Pings from the client are answered.
         c.send(Writer::ping(5)).await;
         assert_eq!(c.frame().await.0, Some(6));
+    }
+
+    #[test]
+    fn ports_come_from_the_query_in_order() {
+        assert_eq!(query_ports("&ports=80%2C1234"), Ok(vec![80, 1234]));
+        assert_eq!(query_ports("ports=80&ports=81"), Ok(vec![80, 81]));
+        assert!(query_ports("")
+            .unwrap_err()
+            .contains("\"ports\" is required"));
+        assert!(query_ports("ports=0").is_err());
+        assert!(query_ports("ports=http").unwrap_err().contains("\"http\""));
+        let many = (1..=129)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(query_ports(&format!("ports={many}")).is_err());
+    }
+
+    /// A channel session's client end, and the session's task.
+    async fn channel_session(
+        ports: Vec<u16>,
+        base64: bool,
+    ) -> (
+        tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let fake = FakeSandboxes::default();
+        let task = tokio::spawn(async move {
+            let ws =
+                tokio_tungstenite::WebSocketStream::from_raw_socket(server, Role::Server, None)
+                    .await;
+            let target = Target {
+                pod: "p".into(),
+                uid: "u".into(),
+            };
+            serve_channels(ws, ports, base64, fake.any_streams(), target).await;
+        });
+        let ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        (ws, task)
+    }
+
+    async fn next_message(
+        ws: &mut tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>,
+    ) -> tokio_tungstenite::tungstenite::Message {
+        use futures::StreamExt;
+        tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a message in time")
+            .expect("the session is open")
+            .expect("a well-formed message")
+    }
+
+    #[tokio::test]
+    async fn channels_announce_their_ports_then_carry_bytes_both_ways() {
+        use futures::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&buf).await.unwrap();
+        });
+        let (mut ws, task) = channel_session(vec![port], false).await;
+        let p = port.to_le_bytes();
+        for ch in [0u8, 1] {
+            let m = next_message(&mut ws).await;
+            assert_eq!(
+                m,
+                Message::Binary(vec![ch, p[0], p[1]].into()),
+                "channel {ch}"
+            );
+        }
+        ws.send(Message::Binary(b"\x00hello".to_vec().into()))
+            .await
+            .unwrap();
+        let m = next_message(&mut ws).await;
+        assert_eq!(m, Message::Binary(b"\x00hello".to_vec().into()));
+        // The pod closed its only connection: the session closes.
+        assert!(next_message(&mut ws).await.is_close());
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the session ends")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_channel_to_a_closed_port_reports_on_its_error_channel_in_base64() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (mut ws, task) = channel_session(vec![port], true).await;
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let p = port.to_le_bytes();
+        assert_eq!(
+            next_message(&mut ws).await.into_text().unwrap(),
+            format!("0{}", b64(&p))
+        );
+        assert_eq!(
+            next_message(&mut ws).await.into_text().unwrap(),
+            format!("1{}", b64(&p))
+        );
+        let err = next_message(&mut ws).await.into_text().unwrap();
+        let why = base64::engine::general_purpose::STANDARD
+            .decode(&err.as_str()[1..])
+            .unwrap();
+        let why = String::from_utf8(why).unwrap();
+        assert!(err.starts_with('1'), "{err}");
+        assert!(
+            why.starts_with(&format!("error forwarding port {port} to pod p, uid u:")),
+            "{why}"
+        );
+        assert!(next_message(&mut ws).await.is_close());
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the session ends")
+            .unwrap();
     }
 
     #[tokio::test]

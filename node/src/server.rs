@@ -216,18 +216,41 @@ pub async fn start(
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let svc = hyper::service::service_fn(move |req| {
-                    let (index, node) = (index.clone(), node.clone());
-                    async move { Ok::<_, Infallible>(handle(index, &node, req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .with_upgrades()
-                    .await;
+                serve_connection(tls, index, node).await;
             });
         }
     });
     Ok((port, task))
+}
+
+/// Serves the endpoint's requests on one connection from the API server.
+async fn serve_connection<S>(io: S, index: Arc<LogIndex>, node: Arc<str>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let (index, node) = (index.clone(), node.clone());
+        async move { Ok::<_, Infallible>(handle(index, &node, req).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
+        .await;
+}
+
+/// The endpoint for an API server in this process: each call makes a connection, serves
+/// its far end, and returns the near one. It needs no TLS: only this process can call it
+/// (see [`baton_kube::local_nodes`]).
+pub fn local_dialer(
+    index: Arc<LogIndex>,
+    node: &str,
+) -> impl Fn() -> tokio::io::DuplexStream + Send + Sync + 'static {
+    let node: Arc<str> = Arc::from(node);
+    move || {
+        let (near, far) = tokio::io::duplex(baton_kube::local_nodes::LINK_BUFFER);
+        tokio::spawn(serve_connection(far, index.clone(), node.clone()));
+        near
+    }
 }
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -533,15 +556,18 @@ fn exec(
     r
 }
 
-/// `/portForward/NS/POD`: a SPDY port-forward session, tunnelled through a WebSocket
-/// (`SPDY/3.1+portforward.k8s.io`, kubectl 1.31+) or on the connection upgraded to SPDY.
+/// `/portForward/NS/POD`: a port-forward session, in whichever of the three forms the
+/// client asks for: SPDY tunnelled through a WebSocket (`SPDY/3.1+portforward.k8s.io`,
+/// kubectl 1.31+), SPDY on the upgraded connection (older kubectl), or WebSocket channels
+/// (`v4.channel.k8s.io` and its base64 twin: kube-rs, the Python and JavaScript clients).
 fn port_forward(
     index: &LogIndex,
     ns: &str,
     pod: &str,
     mut req: hyper::Request<hyper::body::Incoming>,
 ) -> hyper::Response<Body> {
-    use crate::portforward::{Target, PROTOCOL, TUNNEL_PROTOCOL};
+    use crate::portforward::{Target, CHANNEL_PROTOCOLS, PROTOCOL, TUNNEL_PROTOCOL};
+    use crate::streams::ForwardSession;
     let Some((uid, streams)) = index.streams(ns, pod) else {
         return text(404, format!("pod {ns}/{pod} is not running on this node"));
     };
@@ -552,28 +578,40 @@ fn port_forward(
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
             .collect()
     };
     let upgrade = values("upgrade").join(",").to_ascii_lowercase();
-    let websocket = upgrade.contains("websocket");
     let mut answer: Vec<(http::HeaderName, String)> = Vec::new();
-    if websocket {
-        if !values("sec-websocket-protocol")
+    let session = if upgrade.contains("websocket") {
+        let offered = values("sec-websocket-protocol");
+        let key = values("sec-websocket-key").join("");
+        let channels = CHANNEL_PROTOCOLS
             .iter()
-            .any(|p| p == TUNNEL_PROTOCOL)
-        {
+            .find(|(p, _)| offered.iter().any(|o| o == p));
+        if offered.iter().any(|p| p == TUNNEL_PROTOCOL) {
+            answer.extend(crate::streams::accept_headers(
+                key.as_bytes(),
+                TUNNEL_PROTOCOL,
+            ));
+            ForwardSession::Tunnel
+        } else if channels.is_some() || offered.is_empty() {
+            let ports = match crate::portforward::query_ports(req.uri().query().unwrap_or("")) {
+                Ok(p) => p,
+                Err(e) => return text(400, e),
+            };
+            let (protocol, base64) = channels.copied().unwrap_or(("", false));
+            answer.extend(crate::streams::accept_headers(key.as_bytes(), protocol));
+            ForwardSession::Channels { ports, base64 }
+        } else {
             return text(
                 400,
                 format!(
-                    "port-forward over WebSocket is served with the {TUNNEL_PROTOCOL} subprotocol (kubectl 1.31 or newer)"
+                    "port-forward over WebSocket is served with the {TUNNEL_PROTOCOL} subprotocol (kubectl 1.31 or newer) or v4.channel.k8s.io; offered: {}",
+                    offered.join(", ")
                 ),
             );
         }
-        let key = values("sec-websocket-key").join("");
-        answer.extend(crate::streams::accept_headers(
-            key.as_bytes(),
-            TUNNEL_PROTOCOL,
-        ));
     } else if upgrade.contains("spdy/3.1") {
         if !values("x-stream-protocol-version")
             .iter()
@@ -594,12 +632,13 @@ fn port_forward(
                 PROTOCOL.to_string(),
             ),
         ]);
+        ForwardSession::Spdy
     } else {
         return text(
             400,
             "port-forward needs a connection upgrade to WebSocket or SPDY/3.1".into(),
         );
-    }
+    };
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return text(500, "the connection cannot be upgraded".into());
     };
@@ -607,10 +646,14 @@ fn port_forward(
         pod: pod.to_string(),
         uid,
     };
-    crate::streams::spawn_port_forward(on_upgrade, websocket, streams, target);
+    crate::streams::spawn_port_forward(on_upgrade, session, streams, target);
     let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed());
     *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
     for (k, v) in answer {
+        // No subprotocol asked, none named.
+        if k == http::header::SEC_WEBSOCKET_PROTOCOL && v.is_empty() {
+            continue;
+        }
         if let Ok(v) = http::HeaderValue::from_str(&v) {
             r.headers_mut().insert(k, v);
         }

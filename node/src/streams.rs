@@ -479,11 +479,21 @@ where
     app
 }
 
-/// Runs a port-forward session once hyper hands over the upgraded connection: tunnelled
-/// through a WebSocket, or SPDY on the connection itself.
+/// The three forms of a port-forward session (see `portforward.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardSession {
+    /// SPDY carried in the binary messages of a WebSocket.
+    Tunnel,
+    /// SPDY on the upgraded connection itself.
+    Spdy,
+    /// WebSocket channels, a pair per port, binary or base64 text.
+    Channels { ports: Vec<u16>, base64: bool },
+}
+
+/// Runs a port-forward session once hyper hands over the upgraded connection.
 pub fn spawn_port_forward(
     upgrade: hyper::upgrade::OnUpgrade,
-    websocket: bool,
+    session: ForwardSession,
     streams: Arc<dyn PodStreams>,
     target: crate::portforward::Target,
 ) {
@@ -495,12 +505,17 @@ pub fn spawn_port_forward(
                 return;
             }
         };
-        if websocket {
-            let ws =
-                WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(ws_config())).await;
-            crate::portforward::serve(ws_bytes(ws), streams, target).await;
-        } else {
-            crate::portforward::serve(upgraded, streams, target).await;
+        let websocket = |io| WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config()));
+        match session {
+            ForwardSession::Tunnel => {
+                let ws = websocket(upgraded).await;
+                crate::portforward::serve(ws_bytes(ws), streams, target).await;
+            }
+            ForwardSession::Spdy => crate::portforward::serve(upgraded, streams, target).await,
+            ForwardSession::Channels { ports, base64 } => {
+                let ws = websocket(upgraded).await;
+                crate::portforward::serve_channels(ws, ports, base64, streams, target).await;
+            }
         }
     });
 }

@@ -171,15 +171,21 @@ pub async fn node_proxy(objects: &Objects, node: &str, path: &str) -> Response {
     }
 }
 
-/// An HTTP/1.1 connection to a node's endpoint over mutually authenticated TLS, and the
-/// `Host` to name it with. The connection may be upgraded (exec, port-forward).
-async fn node_connection(
-    objects: &Objects,
-    node: &str,
-) -> ApiResult<(
-    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
-    String,
-)> {
+type NodeSender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// An HTTP/1.1 connection to a node's endpoint, and the `Host` to name it with: in this
+/// process if the node agent runs here, otherwise over mutually authenticated TLS. The
+/// connection may be upgraded (exec, port-forward).
+async fn node_connection(objects: &Objects, node: &str) -> ApiResult<(NodeSender, String)> {
+    if let Some(link) = objects.local_nodes.dial(node) {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(link))
+            .await
+            .map_err(|e| ApiError::Unavailable {
+                message: format!("node {node} (in this process): {e}"),
+            })?;
+        tokio::spawn(conn.with_upgrades());
+        return Ok((sender, node.to_string()));
+    }
     let nodes = resources::builtin("Node");
     let (node_obj, _) = objects
         .get(nodes, None, node, ReadAt::Latest)

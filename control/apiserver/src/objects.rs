@@ -29,6 +29,8 @@ pub struct Objects {
     /// How the API server calls node agents (logs, exec, metrics): the cluster CA and
     /// its `system:apiserver` client certificate. None until the PKI is known.
     pub kubelet_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Node agents in this process, reached without TLS (`baton up`).
+    pub local_nodes: baton_kube::local_nodes::LocalNodes,
 }
 
 impl Objects {
@@ -41,6 +43,7 @@ impl Objects {
             encryption: None,
             policies: crate::cache::Cache::new(crate::policy::PREFIX),
             kubelet_tls: None,
+            local_nodes: Default::default(),
         }
     }
 

@@ -14,6 +14,7 @@
 //! - [`events`]: a recorder of core/v1 Events, which `kubectl describe` reads;
 //! - [`client`]: a kube `Client` from an in-memory kubeconfig;
 //! - [`leader`]: leader election on a Lease, for several control-plane members;
+//! - [`local_nodes`]: links from the API server to node agents in its own process;
 //! - [`error`]: an error shown with its causes, each once.
 //!
 //! Nothing here talks to wasmtime or the store.
@@ -23,6 +24,7 @@ pub mod cron;
 pub mod error;
 pub mod events;
 pub mod leader;
+pub mod local_nodes;
 pub mod pod;
 pub mod quantity;
 pub mod quota;
