@@ -894,6 +894,25 @@ spec:
         let desired = jsonpath(&b, &["ds", "agent"], "{.status.desiredNumberScheduled}");
         (p.len() == 1 && p[0].1 == "n2" && desired == "1").then_some(())
     });
+
+    // The API server reaches n2's endpoint over the node link's mutual TLS (its own node
+    // it calls in-process): the agent's logs and an exec come back from there.
+    let pod = placements(&b, "app=agent")[0].0.clone();
+    wait_for(&b, 60, "the agent's logs from n2", || {
+        let out = b.ok(&["logs", &pod]);
+        out.contains("hello from a baton pod").then_some(())
+    });
+    // The agent's command ticks on: the exec is read until its first line, then stopped.
+    let mut exec = b.spawn(&["exec", &pod, "--", "hello", "from-exec"]);
+    let first = std::io::BufRead::lines(std::io::BufReader::new(exec.stdout.take().unwrap()))
+        .next()
+        .and_then(Result::ok);
+    let _ = exec.kill();
+    let _ = exec.wait();
+    assert_eq!(
+        first.as_deref(),
+        Some(r#"hello from a baton pod: args=["from-exec"]"#)
+    );
 }
 
 #[test]

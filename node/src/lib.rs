@@ -188,7 +188,7 @@ pub async fn run(
     let _local = cfg
         .local_link
         .as_ref()
-        .map(|l| l.register(&cfg.name, server::local_dialer(logs.clone(), &cfg.name)));
+        .map(|l| l.register(&cfg.name, server::local_service(logs.clone(), &cfg.name)));
     register::register(
         &client,
         &cfg.name,

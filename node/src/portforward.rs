@@ -62,8 +62,22 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (r, w) = tokio::io::split(io);
-    let mut reader = Reader::new(r);
     let (out, writer) = spdy::spawn_writer(w);
+    serve_frames(r, out, writer, streams, target).await;
+}
+
+/// Serves one port-forward session whose SPDY frames come from `r` and go to `out`,
+/// which `writer` drains; `writer` is waited for at the end.
+pub async fn serve_frames<R>(
+    r: R,
+    out: mpsc::Sender<Vec<u8>>,
+    writer: tokio::task::JoinHandle<()>,
+    streams: Arc<dyn PodStreams>,
+    target: Target,
+) where
+    R: AsyncRead + Unpin,
+{
+    let mut reader = Reader::new(r);
     let mut replies = Writer::default();
     let mut pairs: HashMap<String, Pair> = HashMap::new();
     // Data stream id -> where its bytes go (to the forwarder that owns the connection).

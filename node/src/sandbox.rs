@@ -387,24 +387,32 @@ impl PodStreams for WasmStreams {
             };
             let output = async {
                 loop {
-                    match output.recv().await {
-                        Ok((0, b)) => {
-                            if stdout.write_all(&b).await.is_err() {
-                                return;
+                    let next = tokio::select! {
+                        biased;
+                        m = output.recv() => m,
+                        _ = ended.wait_for(|e| *e) => {
+                            // What the process wrote before it ended still goes out.
+                            match output.try_recv() {
+                                Ok(m) => Ok(m),
+                                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+                                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n))
+                                }
+                                Err(_) => return,
                             }
                         }
-                        Ok((_, b)) => {
-                            if stderr.write_all(&b).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    };
+                    let written = match next {
+                        Ok((0, b)) => stdout.write_all(&b).await,
+                        Ok((_, b)) => stderr.write_all(&b).await,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Ok(()),
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    };
+                    if written.is_err() {
+                        return;
                     }
                 }
             };
             tokio::select! {
-                _ = ended.wait_for(|e| *e) => {}
                 _ = output => {}
                 _ = input => {}
             }

@@ -238,18 +238,16 @@ where
         .await;
 }
 
-/// The endpoint for an API server in this process: each call makes a connection, serves
-/// its far end, and returns the near one. It needs no TLS: only this process can call it
-/// (see [`baton_kube::local_nodes`]).
-pub fn local_dialer(
+/// The endpoint for an API server in this process, as a function: no connection and no
+/// TLS, since only this process can call it (see [`baton_kube::local_nodes`]).
+pub fn local_service(
     index: Arc<LogIndex>,
     node: &str,
-) -> impl Fn() -> tokio::io::DuplexStream + Send + Sync + 'static {
+) -> impl Fn(http::Request<()>) -> baton_kube::local_nodes::NodeFuture + Send + Sync + 'static {
     let node: Arc<str> = Arc::from(node);
-    move || {
-        let (near, far) = tokio::io::duplex(baton_kube::local_nodes::LINK_BUFFER);
-        tokio::spawn(serve_connection(far, index.clone(), node.clone()));
-        near
+    move |req| {
+        let (index, node) = (index.clone(), node.clone());
+        Box::pin(async move { handle(index, &node, req).await })
     }
 }
 
@@ -358,10 +356,10 @@ fn runs(dir: &Path) -> Vec<PathBuf> {
     runs.into_iter().map(|(_, p)| p).collect()
 }
 
-async fn handle(
+async fn handle<B>(
     index: Arc<LogIndex>,
     node: &str,
-    req: hyper::Request<hyper::body::Incoming>,
+    req: http::Request<B>,
 ) -> hyper::Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/metrics" {
@@ -499,13 +497,13 @@ async fn handle(
 
 /// `/exec/NS/POD/CONTAINER?command=…`: upgrades to a channel WebSocket and runs the
 /// command in the container (see `streams.rs`).
-fn exec(
+fn exec<B>(
     index: &LogIndex,
     attach: bool,
     ns: &str,
     pod: &str,
     container: &str,
-    mut req: hyper::Request<hyper::body::Incoming>,
+    mut req: http::Request<B>,
 ) -> hyper::Response<Body> {
     let Some((_, streams)) = index.streams(ns, pod) else {
         return text(404, format!("pod {ns}/{pod} is not running on this node"));
@@ -560,11 +558,11 @@ fn exec(
 /// client asks for: SPDY tunnelled through a WebSocket (`SPDY/3.1+portforward.k8s.io`,
 /// kubectl 1.31+), SPDY on the upgraded connection (older kubectl), or WebSocket channels
 /// (`v4.channel.k8s.io` and its base64 twin: kube-rs, the Python and JavaScript clients).
-fn port_forward(
+fn port_forward<B>(
     index: &LogIndex,
     ns: &str,
     pod: &str,
-    mut req: hyper::Request<hyper::body::Incoming>,
+    mut req: http::Request<B>,
 ) -> hyper::Response<Body> {
     use crate::portforward::{Target, CHANNEL_PROTOCOLS, PROTOCOL, TUNNEL_PROTOCOL};
     use crate::streams::ForwardSession;
@@ -662,11 +660,11 @@ fn port_forward(
 }
 
 /// An exec on a connection upgraded to SPDY/3.1 (kubectl before 1.30, and the fallback).
-fn exec_spdy(
+fn exec_spdy<B>(
     streams: Arc<dyn PodStreams>,
     attach: bool,
     container: &str,
-    mut req: hyper::Request<hyper::body::Incoming>,
+    mut req: http::Request<B>,
 ) -> hyper::Response<Body> {
     let offered: Vec<String> = req
         .headers()

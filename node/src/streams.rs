@@ -432,51 +432,54 @@ pub fn spawn_exec_session(
     });
 }
 
-/// Turns a WebSocket into the byte stream it carries (binary messages, in order, as one
-/// stream; what is written goes out as binary messages): the port-forward tunnel carries
-/// SPDY this way, with frames split across messages as the client wrote them. The stream
-/// ends when the WebSocket does; dropping it closes the WebSocket normally.
-pub fn ws_bytes<S>(ws: WebSocketStream<S>) -> tokio::io::DuplexStream
-where
+/// Serves a SPDY port-forward session tunnelled through a WebSocket: the binary messages
+/// carry the client's frames, split wherever the client wrote them, and each frame the
+/// node writes goes out as a message of its own. Reading the messages in place and
+/// writing frames straight into messages keeps a bulk transfer from being copied through
+/// a pipe between the two.
+async fn serve_tunnel<S>(
+    ws: WebSocketStream<S>,
+    streams: Arc<dyn PodStreams>,
+    target: crate::portforward::Target,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (app, bridge) = tokio::io::duplex(8 * CHUNK);
-    tokio::spawn(async move {
-        let (mut sink, mut incoming) = ws.split();
-        let (mut from_app, mut to_app) = tokio::io::split(bridge);
-        // A message per read: as large as a port-forward data frame and its header.
-        let mut buf = vec![0u8; 2 * CHUNK + 64];
-        loop {
-            tokio::select! {
-                m = incoming.next() => match m {
-                    Some(Ok(Message::Binary(b))) => {
-                        if to_app.write_all(&b).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                    Some(Ok(_)) => {}
-                },
-                n = from_app.read(&mut buf) => match n {
-                    Ok(0) | Err(_) => {
-                        let _ = sink
-                            .send(Message::Close(Some(CloseFrame {
-                                code: CloseCode::Normal,
-                                reason: "".into(),
-                            })))
-                            .await;
-                        break;
-                    }
-                    Ok(n) => {
-                        if sink.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
-                            break;
-                        }
-                    }
-                },
+    use futures::future::ready;
+    let (mut sink, incoming) = ws.split();
+    let frames = incoming
+        .take_while(|m| ready(!matches!(m, Ok(Message::Close(_)))))
+        .filter_map(|m| {
+            ready(match m {
+                Ok(Message::Binary(b)) => Some(Ok(b)),
+                Ok(_) => None,
+                Err(e) => Some(Err(std::io::Error::other(e))),
+            })
+        });
+    let reader = tokio_util::io::StreamReader::new(Box::pin(frames));
+    let (out, mut queued) = mpsc::channel::<Vec<u8>>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = queued.recv().await {
+            if sink.feed(Message::Binary(frame.into())).await.is_err() {
+                return;
+            }
+            // Frames already queued go out in the same flush.
+            while let Ok(more) = queued.try_recv() {
+                if sink.feed(Message::Binary(more.into())).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
             }
         }
+        let _ = sink
+            .send(Message::Close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            })))
+            .await;
     });
-    app
+    crate::portforward::serve_frames(reader, out, writer, streams, target).await;
 }
 
 /// The three forms of a port-forward session (see `portforward.rs`).
@@ -508,8 +511,7 @@ pub fn spawn_port_forward(
         let websocket = |io| WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config()));
         match session {
             ForwardSession::Tunnel => {
-                let ws = websocket(upgraded).await;
-                crate::portforward::serve(ws_bytes(ws), streams, target).await;
+                serve_tunnel(websocket(upgraded).await, streams, target).await;
             }
             ForwardSession::Spdy => crate::portforward::serve(upgraded, streams, target).await,
             ForwardSession::Channels { ports, base64 } => {

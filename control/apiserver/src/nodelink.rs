@@ -173,19 +173,9 @@ pub async fn node_proxy(objects: &Objects, node: &str, path: &str) -> Response {
 
 type NodeSender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
 
-/// An HTTP/1.1 connection to a node's endpoint, and the `Host` to name it with: in this
-/// process if the node agent runs here, otherwise over mutually authenticated TLS. The
-/// connection may be upgraded (exec, port-forward).
+/// An HTTP/1.1 connection to a node's endpoint over mutually authenticated TLS, and the
+/// `Host` to name it with. The connection may be upgraded (exec, port-forward).
 async fn node_connection(objects: &Objects, node: &str) -> ApiResult<(NodeSender, String)> {
-    if let Some(link) = objects.local_nodes.dial(node) {
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(link))
-            .await
-            .map_err(|e| ApiError::Unavailable {
-                message: format!("node {node} (in this process): {e}"),
-            })?;
-        tokio::spawn(conn.with_upgrades());
-        return Ok((sender, node.to_string()));
-    }
     let nodes = resources::builtin("Node");
     let (node_obj, _) = objects
         .get(nodes, None, node, ReadAt::Latest)
@@ -246,19 +236,42 @@ pub async fn node_json(objects: &Objects, node: &str, path: &str) -> ApiResult<V
     })
 }
 
-/// A GET to a node's endpoint over mutually authenticated TLS, its body streamed back.
-async fn node_get(objects: &Objects, node: &str, path: &str) -> ApiResult<Response> {
+/// A request to a node's endpoint, answered by the node agent in this process if it runs
+/// here, otherwise sent over mutually authenticated TLS. The answer's body is streamed.
+/// Without a node agent here, an upgrade the request carries (the client's
+/// `OnUpgrade`) is not passed on: the caller splices the two connections.
+async fn node_call(
+    objects: &Objects,
+    node: &str,
+    mut ask: http::request::Builder,
+    upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
+) -> ApiResult<Response> {
+    if let Some(serve) = objects.local_nodes.service(node) {
+        let mut req = ask.body(()).map_err(ApiError::internal)?;
+        if let Some(u) = upgrade.take() {
+            req.extensions_mut().insert(u);
+        }
+        let (parts, body) = serve(req).await.into_parts();
+        return Ok(Response::from_parts(parts, Body::new(body)));
+    }
     let (mut sender, host) = node_connection(objects, node).await?;
-    let request = http::Request::get(path)
-        .header(http::header::HOST, host)
+    ask = ask.header(http::header::HOST, host);
+    let req = ask
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(ApiError::internal)?;
-    let resp = sender
-        .send_request(request)
+    let (parts, body) = sender
+        .send_request(req)
         .await
         .map_err(|e| ApiError::Unavailable {
             message: format!("node {node}: {e}"),
-        })?;
+        })?
+        .into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// A GET to a node's endpoint, its body streamed back.
+async fn node_get(objects: &Objects, node: &str, path: &str) -> ApiResult<Response> {
+    let resp = node_call(objects, node, http::Request::get(path), &mut None).await?;
     let status = resp.status();
     if !status.is_success() {
         use http_body_util::BodyExt;
@@ -367,25 +380,16 @@ async fn proxy_stream(
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    let (mut sender, host) = node_connection(objects, &node).await?;
-    let mut ask = http::Request::builder()
-        .method(req.method.clone())
-        .uri(uri)
-        .header(http::header::HOST, host);
+    let mut ask = http::Request::builder().method(req.method.clone()).uri(uri);
     for h in UPGRADE_HEADERS {
         for v in req.headers.get_all(h) {
             ask = ask.header(h, v);
         }
     }
-    let ask = ask
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(ApiError::internal)?;
-    let mut resp = sender
-        .send_request(ask)
-        .await
-        .map_err(|e| ApiError::Unavailable {
-            message: format!("node {node}: {e}"),
-        })?;
+    // In this process, the node takes the client's connection itself; otherwise the
+    // upgrade stays here, for the splice.
+    let mut upgrade = Some(upgrade);
+    let mut resp = node_call(objects, &node, ask, &mut upgrade).await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         use http_body_util::BodyExt;
         let status = resp.status();
@@ -407,6 +411,9 @@ async fn proxy_stream(
             out.headers_mut().append(h, v.clone());
         }
     }
+    let Some(upgrade) = upgrade else {
+        return Ok(out);
+    };
     let node_side = hyper::upgrade::on(&mut resp);
     let span =
         tracing::info_span!("pod_stream", sub = %sub, pod = %format!("{ns}/{name}"), node = %node);

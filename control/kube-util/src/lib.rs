@@ -14,7 +14,7 @@
 //! - [`events`]: a recorder of core/v1 Events, which `kubectl describe` reads;
 //! - [`client`]: a kube `Client` from an in-memory kubeconfig;
 //! - [`leader`]: leader election on a Lease, for several control-plane members;
-//! - [`local_nodes`]: links from the API server to node agents in its own process;
+//! - [`local_nodes`]: calls from the API server to node agents in its own process;
 //! - [`error`]: an error shown with its causes, each once.
 //!
 //! Nothing here talks to wasmtime or the store.

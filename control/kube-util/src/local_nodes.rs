@@ -1,28 +1,39 @@
-//! In-process links from the API server to the node agents that run in its own process.
+//! In-process calls from the API server to the node agents that run in its own process.
 //!
 //! `baton up` runs the API server and a node agent as one process. The API server reaches
 //! a node's endpoint (logs, exec, attach, port-forward, stats) over mutually authenticated
 //! TLS, which is what a remote node needs; for its own node that would only encrypt bytes
-//! to itself, twice in each direction, and cross the kernel twice. A node agent in the
-//! same process registers a dialer here instead, and the API server asks it first.
+//! to itself, twice in each direction, and copy them across the kernel and a splice. A
+//! node agent in the same process registers its endpoint here instead, and the API server
+//! calls it as a function: a request in, a response out. A request that upgrades the
+//! connection (exec, port-forward) carries the client's [`hyper::upgrade::OnUpgrade`] in
+//! its extensions, so that the node's session runs on the client's own connection.
 //!
-//! Only code in the process can register, so a dialed link carries the same trust as the
-//! mutually authenticated one: the caller is the API server.
+//! Only code in the process can register, so a call carries the same trust as the
+//! mutually authenticated link: the caller is the API server.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 
-use tokio::io::DuplexStream;
+/// The body of a node's answer.
+pub type NodeBody = http_body_util::combinators::BoxBody<bytes::Bytes, Infallible>;
+/// A node's answer.
+pub type NodeResponse = http::Response<NodeBody>;
+/// A node's answer, to come.
+pub type NodeFuture = Pin<Box<dyn Future<Output = NodeResponse> + Send>>;
 
-/// Bytes buffered each way on a link: a bulk transfer moves in large writes.
-pub const LINK_BUFFER: usize = 256 << 10;
+/// A node's endpoint as a function.
+pub type NodeService = Arc<dyn Fn(http::Request<()>) -> NodeFuture + Send + Sync>;
 
-type Dialer = Arc<dyn Fn() -> DuplexStream + Send + Sync>;
+type Table = Mutex<HashMap<String, NodeService>>;
 
 /// Node agents of this process, by node name. Clones share the table.
 #[derive(Clone, Default)]
 pub struct LocalNodes {
-    dialers: Arc<Mutex<HashMap<String, Dialer>>>,
+    services: Arc<Table>,
 }
 
 impl std::fmt::Debug for LocalNodes {
@@ -36,7 +47,7 @@ impl std::fmt::Debug for LocalNodes {
 #[must_use = "the node leaves the table when this is dropped"]
 pub struct Registration {
     node: String,
-    dialers: Weak<Mutex<HashMap<String, Dialer>>>,
+    services: Weak<Table>,
 }
 
 impl std::fmt::Debug for Registration {
@@ -49,8 +60,8 @@ impl std::fmt::Debug for Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Some(d) = self.dialers.upgrade() {
-            d.lock()
+        if let Some(t) = self.services.upgrade() {
+            t.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&self.node);
         }
@@ -58,56 +69,49 @@ impl Drop for Registration {
 }
 
 impl LocalNodes {
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Dialer>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeService>> {
         // The table holds no invariant a panicking holder could break.
-        self.dialers.lock().unwrap_or_else(|e| e.into_inner())
+        self.services.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Serves `node` in this process: `dial` returns the caller's end of a new connection
-    /// to the node's endpoint, and serves the other end.
+    /// Serves `node`'s endpoint in this process with `serve`.
     pub fn register(
         &self,
         node: &str,
-        dial: impl Fn() -> DuplexStream + Send + Sync + 'static,
+        serve: impl Fn(http::Request<()>) -> NodeFuture + Send + Sync + 'static,
     ) -> Registration {
-        self.table().insert(node.to_string(), Arc::new(dial));
+        self.table().insert(node.to_string(), Arc::new(serve));
         Registration {
             node: node.to_string(),
-            dialers: Arc::downgrade(&self.dialers),
+            services: Arc::downgrade(&self.services),
         }
     }
 
-    /// A new connection to `node`'s endpoint, if that node runs in this process.
-    pub fn dial(&self, node: &str) -> Option<DuplexStream> {
-        let dial = self.table().get(node).cloned()?;
-        Some(dial())
+    /// `node`'s endpoint, if that node runs in this process.
+    pub fn service(&self, node: &str) -> Option<NodeService> {
+        self.table().get(node).cloned()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use http_body_util::{BodyExt, Full};
 
     #[tokio::test]
-    async fn a_registered_node_is_dialed_until_its_registration_is_dropped() {
+    async fn a_registered_node_is_called_until_its_registration_is_dropped() {
         let nodes = LocalNodes::default();
-        assert!(nodes.dial("n1").is_none());
-        let reg = nodes.register("n1", || {
-            let (ours, theirs) = tokio::io::duplex(LINK_BUFFER);
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(theirs);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-            ours
+        assert!(nodes.service("n1").is_none());
+        let reg = nodes.register("n1", |req| {
+            let path = req.uri().path().to_string();
+            Box::pin(async move { http::Response::new(Full::from(path).boxed()) })
         });
-        let mut link = nodes.clone().dial("n1").expect("registered");
-        link.write_all(b"ping").await.unwrap();
-        let mut buf = [0u8; 4];
-        link.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"ping");
-        assert!(nodes.dial("n2").is_none(), "only the registered name");
+        let serve = nodes.clone().service("n1").expect("registered");
+        let resp = serve(http::Request::get("/stats/summary").body(()).unwrap()).await;
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"/stats/summary");
+        assert!(nodes.service("n2").is_none(), "only the registered name");
         drop(reg);
-        assert!(nodes.dial("n1").is_none());
+        assert!(nodes.service("n1").is_none());
     }
 }
