@@ -1,6 +1,6 @@
 //! A second real client: kube-rs (the Rust client the controllers will use) against
-//! `baton up`: list, watch with resume, patch, server-side apply, and kube-runtime's
-//! watcher.
+//! `baton up`: list, watch with resume, patch, server-side apply, kube-runtime's
+//! watcher, and kube-rs's own port-forward (WebSocket channels, not kubectl's tunnel).
 
 #[path = "support/baton.rs"]
 mod baton;
@@ -159,4 +159,83 @@ async fn kube_rs_lists_watches_with_resume_patches_and_applies() {
         }
     }
     assert!(seen.contains(&"a".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_rs_port_forwards_to_a_pod_and_reports_a_port_nothing_listens_on() {
+    use k8s_openapi::api::core::v1::Pod;
+    use tokio::io::AsyncWriteExt;
+    let b = Baton::start_with(&["--pod-cidr", "127.149.0.0/24"]);
+    let client = client(&b).await;
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
+        "spec": {"containers": [{
+            "name": "web",
+            "image": baton::guests_dir().join("http-hello.wasm"),
+            "ports": [{"containerPort": 8080}],
+        }]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        kube::runtime::wait::await_condition(
+            pods.clone(),
+            "web",
+            kube::runtime::conditions::is_pod_running(),
+        ),
+    )
+    .await
+    .expect("the pod runs in time")
+    .unwrap();
+
+    // Two ports in one session: one serves, nothing listens on the other.
+    let mut pf = pods.portforward("web", &[8080, 9999]).await.unwrap();
+    let refused = pf.take_error(9999).unwrap();
+    let mut web = pf.take_stream(8080).unwrap();
+    // The component may still be binding its port when the pod reads Running.
+    web.write_all(b"GET /kube-rs HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(30),
+        read_until(&mut web, "path=/kube-rs"),
+    )
+    .await
+    .expect("the answer in time");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("path=/kube-rs"),
+        "{answer}"
+    );
+    let why = tokio::time::timeout(Duration::from_secs(30), refused)
+        .await
+        .expect("the error in time")
+        .expect("an error for the closed port");
+    assert!(
+        why.contains("error forwarding port 9999 to pod web"),
+        "{why}"
+    );
+    // The client ends the session while its connection to the pod is still open.
+    drop(web);
+    tokio::time::timeout(Duration::from_secs(30), pf.join())
+        .await
+        .expect("the session ends")
+        .unwrap();
+}
+
+/// Reads off a connection that stays open until what was read holds `want`.
+async fn read_until(io: &mut (impl tokio::io::AsyncRead + Unpin), want: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if text.contains(want) {
+            return text;
+        }
+        let n = io.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the connection ended early: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
 }
