@@ -40,6 +40,35 @@ ACRONYMS = {
     "chapAuthDiscovery": "chapAuthDiscovery", "chapAuthSession": "chapAuthSession",
     "seLinuxOptions": "seLinuxOptions", "appArmorProfile": "appArmorProfile",
     "nonResourceUrls": "nonResourceURLs", "nonResourceUrLs": "nonResourceURLs", "uId": "uid",
+    "targetCpuUtilizationPercentage": "targetCPUUtilizationPercentage",
+    "currentCpuUtilizationPercentage": "currentCPUUtilizationPercentage",
+    "targetWwNs": "targetWWNs",
+    "podCidRs": "podCIDRs",
+    "scaleIo": "scaleIO",
+    "setHostnameAsFqdn": "setHostnameAsFQDN",
+    "resourceId": "resourceID",
+    "downwardApi": "downwardAPI",
+    "serverAddressByClientCidRs": "serverAddressByClientCIDRs",
+    "clientCidr": "clientCIDR",
+    "insecureSkipTlsVerifyBackend": "insecureSkipTLSVerifyBackend",
+}
+
+
+# Fields that Go embeds in their struct (`json:",inline"`): protobuf gives them a field of
+# their own, JSON spreads their fields into the enclosing object.
+INLINE = {
+    ("api/core/v1/ConfigMapEnvSource", "localObjectReference"),
+    ("api/core/v1/ConfigMapKeySelector", "localObjectReference"),
+    ("api/core/v1/ConfigMapProjection", "localObjectReference"),
+    ("api/core/v1/ConfigMapVolumeSource", "localObjectReference"),
+    ("api/core/v1/SecretEnvSource", "localObjectReference"),
+    ("api/core/v1/SecretKeySelector", "localObjectReference"),
+    ("api/core/v1/SecretProjection", "localObjectReference"),
+    ("api/core/v1/EphemeralContainer", "ephemeralContainerCommon"),
+    ("api/core/v1/PersistentVolumeSpec", "persistentVolumeSource"),
+    ("api/core/v1/Probe", "handler"),
+    ("api/core/v1/Volume", "volumeSource"),
+    ("apimachinery/pkg/runtime/Unknown", "typeMeta"),
 }
 
 
@@ -113,6 +142,8 @@ def parse_file(path, module, out):
                 field["message"] = resolve(module, inner_type(decl))
             else:
                 field["kind"] = kind
+            if (module + "/" + name, field["json"]) in INLINE:
+                field["inline"] = True
             fields.append(field)
         out[module + "/" + name] = fields
 

@@ -33,6 +33,10 @@ struct Field {
     #[serde(default)]
     message: Option<String>,
     repeated: bool,
+    /// Go embeds the message in its struct (`json:",inline"`): its fields are the
+    /// enclosing object's in JSON.
+    #[serde(default)]
+    inline: bool,
 }
 
 fn schema() -> &'static HashMap<String, Vec<Field>> {
@@ -236,7 +240,13 @@ fn message_fields(name: &str, buf: &[u8]) -> ApiResult<Map<String, Value>> {
                 } else {
                     vec![scalar(kind, &mut r, wire)?]
                 };
-                if f.repeated {
+                if f.inline {
+                    for v in values {
+                        if let Value::Object(fields) = v {
+                            out.extend(fields);
+                        }
+                    }
+                } else if f.repeated {
                     let arr = out.entry(f.json.clone()).or_insert_with(|| json!([]));
                     if let Some(a) = arr.as_array_mut() {
                         a.extend(values);
@@ -276,9 +286,9 @@ fn package_of(api_version: &str) -> Option<&'static str> {
 }
 
 fn type_meta(unknown: &Map<String, Value>, field: &str) -> String {
+    // TypeMeta is inline: its fields are the Unknown's own.
     unknown
-        .get("typeMeta")
-        .and_then(|t| t.get(field))
+        .get(field)
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string()
@@ -358,5 +368,53 @@ mod tests {
         );
         assert!(decode(b"nope").is_err());
         assert!(decode(&body[..body.len() - 3]).is_err());
+    }
+
+    /// `kubectl debug --copy-to` sends a whole pod: Go's embedded structs (a volume's
+    /// source, a probe's handler, a reference's name) are fields of their own in protobuf
+    /// and spread into their object in JSON.
+    #[test]
+    fn embedded_structs_spread_into_their_object() {
+        let mut cm_ref = Vec::new();
+        field(1, b"settings", &mut cm_ref); // LocalObjectReference.name
+        let mut cm_source = Vec::new();
+        field(1, &cm_ref, &mut cm_source); // ConfigMapVolumeSource.localObjectReference
+        let mut source = Vec::new();
+        field(19, &cm_source, &mut source); // VolumeSource.configMap
+        let mut volume = Vec::new();
+        field(1, b"config", &mut volume);
+        field(2, &source, &mut volume); // Volume.volumeSource
+        let mut get = Vec::new();
+        field(1, b"/ready", &mut get); // HTTPGetAction.path
+        let mut handler = Vec::new();
+        field(2, &get, &mut handler); // ProbeHandler.httpGet
+        let mut probe = Vec::new();
+        field(1, &handler, &mut probe); // Probe.handler
+        let mut container = Vec::new();
+        field(1, b"web", &mut container);
+        field(11, &probe, &mut container); // Container.readinessProbe
+        // A name with an acronym: VolumeSource.downwardAPI, empty.
+        let mut downward = Vec::new();
+        field(16, b"", &mut downward);
+        let mut info = Vec::new();
+        field(1, b"info", &mut info);
+        field(2, &downward, &mut info);
+        let mut spec = Vec::new();
+        field(1, &volume, &mut spec);
+        field(1, &info, &mut spec);
+        field(2, &container, &mut spec);
+        let mut pod = Vec::new();
+        field(2, &spec, &mut pod);
+        let v = message("api/core/v1/Pod", &pod).unwrap();
+        assert_eq!(
+            v,
+            json!({"spec": {
+                "volumes": [
+                    {"name": "config", "configMap": {"name": "settings"}},
+                    {"name": "info", "downwardAPI": {}},
+                ],
+                "containers": [{"name": "web", "readinessProbe": {"httpGet": {"path": "/ready"}}}],
+            }})
+        );
     }
 }
