@@ -3,8 +3,9 @@
 //! WebSocket with kubectl 1.33 and over SPDY with the oldest kubectl), is refused clearly
 //! for an HTTP-only component and a missing container; a client that goes away leaves
 //! nothing running; `kubectl port-forward` carries concurrent requests to a pod and a
-//! Service and reports a port nothing listens on; `kubectl top` sees a spinning pod's CPU
-//! and a memory hog's memory.
+//! Service and reports a port nothing listens on; `kubectl debug` adds a toolbox to a pod,
+//! to a copy of it (`--copy-to`) and to the node (its root mounted, where the node allows
+//! it); `kubectl top` sees a spinning pod's CPU and a memory hog's memory.
 
 #[path = "support/baton.rs"]
 mod baton;
@@ -582,6 +583,89 @@ fn debug_adds_a_toolbox_that_reaches_the_sibling_and_sees_the_volume() {
         None,
     );
     assert!(err.contains("may not be changed"), "{err}");
+
+    // Debugging the node mounts its root; a node that allows no host paths refuses it,
+    // saying why.
+    let out = b.ok(&[
+        "debug",
+        "node/local",
+        &format!("--image={toolbox}"),
+        "--profile=general",
+    ]);
+    let pod = out
+        .split_whitespace()
+        .find(|w| w.starts_with("node-debugger-local-"))
+        .unwrap_or_else(|| panic!("no debugging pod named in {out:?}"))
+        .to_string();
+    wait_for(&b, 60, "the node debugger to wait with a reason", || {
+        let waiting = "{.status.containerStatuses[0].state.waiting";
+        let reason = jsonpath(&b, &["pod", &pod], &format!("{waiting}.reason}}"));
+        let message = jsonpath(&b, &["pod", &pod], &format!("{waiting}.message}}"));
+        (reason == "CreateContainerConfigError"
+            && message.contains("hostPath \"/\" refused")
+            && message.contains("--allow-host-path"))
+        .then_some(())
+    });
+}
+
+#[test]
+fn debug_copies_a_pod_with_a_toolbox_and_debugs_a_node_that_allows_it() {
+    let reg = Registry::start(Options::default());
+    let toolbox = format!("{}/baton/toolbox:1", reg.addr);
+    push(&reg, &guests_dir().join("toolbox.wasm"), &toolbox);
+    // The node's operator lets pods mount the node's root, as node debugging does.
+    let b = cluster(&["--insecure-registry", &reg.addr, "--allow-host-path", "/"]);
+    debug_pod(&b);
+
+    // A copy of the pod with the toolbox beside its containers; the pod stays as it was.
+    let out = b.ok_with(
+        "kubectl",
+        &[
+            "debug",
+            "tb",
+            "-i",
+            "--copy-to=tb-copy",
+            &format!("--image={toolbox}"),
+            "--share-processes",
+            "--profile=general",
+            "--container=toolbox",
+            "--",
+            "sh",
+        ],
+        Some("get localhost:8080/in-the-copy\nps\nexit\n"),
+    );
+    assert!(
+        out.contains("hello from http-hello path=/in-the-copy"),
+        "{out}"
+    );
+    for row in ["main sleep", "listen :8080", "toolbox sh"] {
+        assert!(
+            out.lines().any(|l| l.ends_with(row)),
+            "no {row:?} in:\n{out}"
+        );
+    }
+    let containers = jsonpath(&b, &["pod", "tb-copy"], "{.spec.containers[*].name}");
+    assert_eq!(containers, "main web toolbox");
+    let containers = jsonpath(&b, &["pod", "tb"], "{.spec.containers[*].name}");
+    assert_eq!(containers, "main web");
+
+    // The node: its root is at /host in a pod bound to it.
+    let marker = b.dir.path().join("node-file.txt");
+    std::fs::write(&marker, "on the node itself\n").unwrap();
+    let out = b.ok_with(
+        "kubectl",
+        &[
+            "debug",
+            "node/local",
+            "-i",
+            &format!("--image={toolbox}"),
+            "--profile=general",
+            "--",
+            "sh",
+        ],
+        Some(&format!("cat /host{}\nexit\n", marker.display())),
+    );
+    assert!(out.contains("on the node itself"), "{out}");
 }
 
 #[test]

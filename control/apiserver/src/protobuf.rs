@@ -393,7 +393,7 @@ mod tests {
         let mut container = Vec::new();
         field(1, b"web", &mut container);
         field(11, &probe, &mut container); // Container.readinessProbe
-        // A name with an acronym: VolumeSource.downwardAPI, empty.
+                                           // A name with an acronym: VolumeSource.downwardAPI, empty.
         let mut downward = Vec::new();
         field(16, b"", &mut downward);
         let mut info = Vec::new();
