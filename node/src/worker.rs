@@ -532,6 +532,15 @@ impl<S: Sandboxes> Worker<S> {
         match got {
             Ok(ip) => {
                 self.ip = Some(ip);
+                if let Some(asked) = self.host_namespaces() {
+                    // Said once, where `kubectl describe` shows it, rather than ignored
+                    // without a word.
+                    let msg = format!(
+                        "{asked} asked: this pod keeps its own address {ip}, process table and IPC; a Baton node does not share its own with a pod"
+                    );
+                    self.event(EventType::Warning, "HostNamespacesNotShared", msg)
+                        .await;
+                }
                 Some(ip)
             }
             Err(e) => {
@@ -542,6 +551,22 @@ impl<S: Sandboxes> Worker<S> {
                 None
             }
         }
+    }
+
+    /// The node's namespaces the pod asks to share (`hostNetwork`, `hostPID`, `hostIPC`),
+    /// named as in the spec; None if it asks for none.
+    fn host_namespaces(&self) -> Option<String> {
+        let spec = self.pod.spec.as_ref()?;
+        let asked: Vec<&str> = [
+            ("hostNetwork", spec.host_network),
+            ("hostPID", spec.host_pid),
+            ("hostIPC", spec.host_ipc),
+        ]
+        .into_iter()
+        .filter(|(_, on)| *on == Some(true))
+        .map(|(name, _)| name)
+        .collect();
+        (!asked.is_empty()).then(|| asked.join(", "))
     }
 
     /// Pulls container `i`'s image into the sandbox.
@@ -1565,6 +1590,30 @@ mod tests {
         assert_eq!(container(&s, "c")["restartCount"], 1, "{s:#}");
         assert!(container(&s, "c")["state"]["running"].is_object(), "{s:#}");
         assert_eq!(n.fake.starts("c"), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn host_namespaces_asked_for_are_named_in_a_warning() {
+        let n = node();
+        let _p = n.run(pod(json!({"hostNetwork": true, "hostPID": true,
+            "containers": [{"name": "c", "image": "serve"}]})));
+        n.until("Running", |s| s["phase"] == "Running").await;
+        let events = n.api.events();
+        assert!(
+            events.contains(&"Warning HostNamespacesNotShared".to_string()),
+            "{events:?}"
+        );
+        // A pod that asks for none is not warned.
+        let n = node();
+        let _p = n.run(pod(
+            json!({"containers": [{"name": "c", "image": "serve"}]}),
+        ));
+        n.until("Running", |s| s["phase"] == "Running").await;
+        let events = n.api.events();
+        assert!(
+            !events.iter().any(|e| e.contains("HostNamespaces")),
+            "{events:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
