@@ -193,13 +193,14 @@ async fn main() -> Result<()> {
     // Warm both paths once: the component compiled, kubectl's caches filled.
     kubectl(&kubeconfig, &["exec", "tb", "-c", "main", "--", "true"])?;
     kubectl(&kubeconfig, &["get", "pod", "tb"])?;
-    let (mut exec, mut get) = (Vec::new(), Vec::new());
+    let (mut exec, mut get, mut bare) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ops {
         exec.push(kubectl(
             &kubeconfig,
             &["exec", "tb", "-c", "main", "--", "true"],
         )?);
         get.push(kubectl(&kubeconfig, &["get", "pod", "tb"])?);
+        bare.push(kubectl(&kubeconfig, &["version", "--client"])?);
     }
     let t = target(&kubeconfig)?;
     ws_exec(&t).await?;
@@ -218,6 +219,11 @@ async fn main() -> Result<()> {
         "| `kubectl get pod tb` (kubectl's own start and one request) | {} | {} |",
         ms(pct(&mut get, 0.5)),
         ms(pct(&mut get, 0.99))
+    );
+    println!(
+        "| `kubectl version --client` (kubectl's process alone, no request) | {} | {} |",
+        ms(pct(&mut bare, 0.5)),
+        ms(pct(&mut bare, 0.99))
     );
     println!(
         "| exec `true` over WebSocket v5 without kubectl (TLS, upgrade, command, status) | {} | {} |",
