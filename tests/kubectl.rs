@@ -1206,3 +1206,37 @@ fn custom_resources_with_kubectl() {
         "{err}"
     );
 }
+
+#[test]
+fn metrics_count_requests_under_kube_apiservers_names_and_are_authorized() {
+    let b = Baton::start();
+    let lists = |b: &Baton| -> u64 {
+        let text = b.ok(&["get", "--raw", "/metrics"]);
+        let series = r#"apiserver_request_total{verb="LIST",group="",version="v1",resource="configmaps",subresource="",scope="namespace",component="apiserver",dry_run="",code="200"}"#;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    let before = lists(&b);
+    for _ in 0..5 {
+        b.ok(&["get", "configmaps"]);
+    }
+    assert_eq!(
+        lists(&b) - before,
+        5,
+        "the counter moves by the requests sent"
+    );
+    let text = b.ok(&["get", "--raw", "/metrics"]);
+    for name in [
+        "apiserver_request_duration_seconds_bucket{",
+        "apiserver_current_inflight_requests{",
+    ] {
+        assert!(text.contains(name), "no {name} in:\n{text}");
+    }
+    // Reading them is a right, as `get` on the /metrics non-resource URL.
+    let err = b.fails(&["get", "--raw", "/metrics", "--as=nobody"], None);
+    assert!(
+        err.contains("forbidden") || err.contains("Forbidden"),
+        "{err}"
+    );
+}

@@ -58,6 +58,7 @@ pub mod selectors;
 pub mod server;
 pub mod strategy;
 pub mod table;
+pub mod telemetry;
 pub mod validation;
 pub mod webhook;
 

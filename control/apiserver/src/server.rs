@@ -50,6 +50,8 @@ pub struct ApiServer {
     /// `--max-requests-inflight`: past the cap a request gets 429 at once instead of
     /// queueing until everything times out.
     inflight: Arc<tokio::sync::Semaphore>,
+    /// What `/metrics` serves.
+    metrics: Arc<crate::telemetry::ApiMetrics>,
 }
 
 /// Default cap on concurrent non-watch requests (kube-apiserver's default is 400).
@@ -123,6 +125,7 @@ impl ApiServer {
             objects,
             pki,
             inflight: Arc::new(tokio::sync::Semaphore::new(max)),
+            metrics: Arc::default(),
         }
     }
 
@@ -342,7 +345,27 @@ async fn admit(
     Ok(user)
 }
 
+/// Serves one request, counted and timed in the API server's metrics.
 async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> Response {
+    let started = std::time::Instant::now();
+    let labels = crate::telemetry::labels(
+        &api.objects.registry.snapshot(),
+        req.method(),
+        req.uri().path(),
+        &parse_query(req.uri().query()),
+        req.headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    );
+    let _in_flight = api.metrics.in_flight(req.method());
+    let resp = serve(&api, req).await;
+    api.metrics
+        .observe(labels, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>) -> Response {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     // exec, attach and port-forward hand the connection over to the node.
@@ -408,6 +431,17 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
             }
         }
         ["healthz"] | ["livez"] => return (StatusCode::OK, "ok").into_response(),
+        ["metrics"] if parts.method == http::Method::GET => {
+            return (
+                StatusCode::OK,
+                [(
+                    "content-type",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                api.metrics.encode(),
+            )
+                .into_response()
+        }
         // Ready means the store can take writes: a full disk or a lost leader is
         // reported here, as kube-apiserver's etcd check does.
         ["readyz"] => {

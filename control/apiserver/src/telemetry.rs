@@ -1,0 +1,314 @@
+//! The API server's own Prometheus metrics, served at `/metrics`.
+//!
+//! Names and labels are kube-apiserver's, so that the dashboards and alerts written for it
+//! read Baton's: `apiserver_request_total` and `apiserver_request_duration_seconds` by
+//! verb, group, version, resource, subresource and scope (and code, for the counter), and
+//! `apiserver_current_inflight_requests` by request kind. The verb is kube-apiserver's
+//! cleaned one: `LIST` for a GET of a collection, `WATCH` for a watch, `DELETECOLLECTION`,
+//! `APPLY` for a server-side apply, `CONNECT` for exec, attach and port-forward.
+//!
+//! Reading `/metrics` is authorized as any non-resource URL is (`get` on `/metrics`).
+
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::resources::Served;
+
+/// kube-apiserver's buckets for `apiserver_request_duration_seconds`.
+const DURATION_BUCKETS: [f64; 37] = [
+    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0,
+    10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.07, 0.08, 0.09,
+    0.15, 0.25, 0.3, 0.35, 0.45,
+];
+
+/// What a request was, in kube-apiserver's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub verb: String,
+    pub group: String,
+    pub version: String,
+    pub resource: String,
+    pub subresource: String,
+    pub scope: String,
+    pub component: String,
+    pub dry_run: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    verb: String,
+    group: String,
+    version: String,
+    resource: String,
+    subresource: String,
+    scope: String,
+    component: String,
+    dry_run: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    request_kind: String,
+}
+
+fn duration_histogram() -> Histogram {
+    let mut buckets = DURATION_BUCKETS;
+    buckets.sort_by(f64::total_cmp);
+    Histogram::new(buckets)
+}
+
+/// The API server's metrics and the registry that encodes them.
+pub struct ApiMetrics {
+    registry: Registry,
+    requests: Family<CodeLabels, Counter>,
+    durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    inflight: Family<KindLabels, Gauge<i64, AtomicI64>>,
+}
+
+impl std::fmt::Debug for ApiMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "apiserver_request",
+            "Counter of apiserver requests broken out for each verb, dry run value, group, version, resource, scope, component, and HTTP response code.",
+            requests.clone(),
+        );
+        let durations: Family<RequestLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(duration_histogram);
+        registry.register(
+            "apiserver_request_duration_seconds",
+            "Response latency distribution in seconds for each verb, dry run value, group, version, resource, subresource, scope and component.",
+            durations.clone(),
+        );
+        let inflight = Family::<KindLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "apiserver_current_inflight_requests",
+            "Maximal number of currently used inflight request limit of this apiserver per request kind in last second.",
+            inflight.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            durations,
+            inflight,
+        }
+    }
+}
+
+/// A request counted in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight {
+    gauge: Gauge<i64, AtomicI64>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl ApiMetrics {
+    /// Counts a request in flight, by kind (`readOnly` or `mutating`), until the guard
+    /// is dropped.
+    pub fn in_flight(&self, method: &http::Method) -> InFlight {
+        let kind = match *method {
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS => "readOnly",
+            _ => "mutating",
+        };
+        let gauge = self
+            .inflight
+            .get_or_create(&KindLabels {
+                request_kind: kind.into(),
+            })
+            .clone();
+        gauge.inc();
+        InFlight { gauge }
+    }
+
+    /// Records one answered request.
+    pub fn observe(&self, labels: RequestLabels, code: u16, took: Duration) {
+        self.durations
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        let RequestLabels {
+            verb,
+            group,
+            version,
+            resource,
+            subresource,
+            scope,
+            component,
+            dry_run,
+        } = labels;
+        self.requests
+            .get_or_create(&CodeLabels {
+                verb,
+                group,
+                version,
+                resource,
+                subresource,
+                scope,
+                component,
+                dry_run,
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
+    /// The metrics in the text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The labels of a request to `path`, as kube-apiserver's request info would give them.
+pub fn labels(
+    served: &Served,
+    method: &http::Method,
+    path: &str,
+    query: &std::collections::HashMap<String, String>,
+    content_type: &str,
+) -> RequestLabels {
+    let target = crate::rest::route(served, path);
+    let flag = |k: &str| matches!(query.get(k).map(String::as_str), Some("true" | "1"));
+    let sub = target
+        .as_ref()
+        .and_then(|t| t.sub.clone())
+        .unwrap_or_default();
+    let named = target.as_ref().is_some_and(|t| t.name.is_some());
+    let verb = match (method.as_str(), target.is_some()) {
+        _ if matches!(sub.as_str(), "exec" | "attach" | "portforward" | "proxy") => "CONNECT",
+        ("GET", true) if flag("watch") => "WATCH",
+        ("GET", true) if !named => "LIST",
+        ("DELETE", true) if !named => "DELETECOLLECTION",
+        ("PATCH", true) if content_type.starts_with("application/apply-patch") => "APPLY",
+        (m, _) => m,
+    };
+    let (group, version, resource, scope) = match &target {
+        Some(t) => (
+            t.res.group.clone(),
+            t.res.version.clone(),
+            t.res.plural.clone(),
+            if named {
+                "resource"
+            } else if t.ns.is_some() {
+                "namespace"
+            } else {
+                "cluster"
+            },
+        ),
+        None => (String::new(), String::new(), String::new(), ""),
+    };
+    RequestLabels {
+        verb: verb.to_string(),
+        group,
+        version,
+        resource,
+        subresource: sub,
+        scope: scope.to_string(),
+        component: "apiserver".into(),
+        dry_run: query.get("dryRun").cloned().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn of(method: http::Method, path: &str, query: &[(&str, &str)], ct: &str) -> RequestLabels {
+        let served = crate::resources::Registry::new().snapshot();
+        let q: HashMap<String, String> = query
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        labels(&served, &method, path, &q, ct)
+    }
+
+    #[test]
+    fn verbs_and_scopes_are_kube_apiservers() {
+        use http::Method;
+        let l = of(Method::GET, "/api/v1/namespaces/default/pods", &[], "");
+        assert_eq!(
+            (l.verb.as_str(), l.resource.as_str(), l.scope.as_str()),
+            ("LIST", "pods", "namespace")
+        );
+        let l = of(Method::GET, "/api/v1/pods", &[("watch", "true")], "");
+        assert_eq!((l.verb.as_str(), l.scope.as_str()), ("WATCH", "cluster"));
+        let l = of(
+            Method::GET,
+            "/apis/apps/v1/namespaces/d/deployments/web",
+            &[],
+            "",
+        );
+        assert_eq!(
+            (l.verb.as_str(), l.group.as_str(), l.scope.as_str()),
+            ("GET", "apps", "resource")
+        );
+        let l = of(
+            Method::PATCH,
+            "/api/v1/namespaces/d/configmaps/c",
+            &[],
+            "application/apply-patch+yaml",
+        );
+        assert_eq!(l.verb, "APPLY");
+        let l = of(Method::DELETE, "/api/v1/namespaces/d/configmaps", &[], "");
+        assert_eq!(l.verb, "DELETECOLLECTION");
+        let l = of(Method::POST, "/api/v1/namespaces/d/pods/p/exec", &[], "");
+        assert_eq!(
+            (l.verb.as_str(), l.subresource.as_str()),
+            ("CONNECT", "exec")
+        );
+        let l = of(Method::GET, "/version", &[], "");
+        assert_eq!((l.verb.as_str(), l.resource.as_str()), ("GET", ""));
+    }
+
+    #[test]
+    fn requests_are_counted_and_timed_with_their_code() {
+        let m = ApiMetrics::default();
+        let l = of(
+            http::Method::GET,
+            "/api/v1/namespaces/default/pods",
+            &[],
+            "",
+        );
+        m.observe(l.clone(), 200, Duration::from_millis(3));
+        m.observe(l.clone(), 200, Duration::from_millis(4));
+        m.observe(l, 403, Duration::from_millis(1));
+        {
+            let _a = m.in_flight(&http::Method::POST);
+            assert!(m
+                .encode()
+                .contains(r#"apiserver_current_inflight_requests{request_kind="mutating"} 1"#));
+        }
+        let text = m.encode();
+        assert!(
+            text.contains(r#"apiserver_request_total{verb="LIST",group="",version="v1",resource="pods",subresource="",scope="namespace",component="apiserver",dry_run="",code="200"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"code="403"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"apiserver_request_duration_seconds_count{verb="LIST",group="",version="v1",resource="pods",subresource="",scope="namespace",component="apiserver",dry_run=""} 3"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"apiserver_current_inflight_requests{request_kind="mutating"} 0"#));
+    }
+}
