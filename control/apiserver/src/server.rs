@@ -372,7 +372,7 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>) -> Response {
     let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let mut user = UserInfo::new(baton_auth::ANONYMOUS, &["system:unauthenticated"]);
     if !public(&path) {
-        match admit(&api, &parts, &path).await {
+        match admit(api, &parts, &path).await {
             Ok(u) => user = u,
             Err(resp) => return resp,
         }
