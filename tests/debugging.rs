@@ -272,6 +272,23 @@ fn top_shows_a_spinning_pod_busier_and_a_memory_hog_bigger_than_an_idle_pod() {
         err.contains("NotFound") || err.contains("not found"),
         "{err}"
     );
+
+    // The node's /metrics carries the same figures under cAdvisor's names.
+    let text = b.ok(&["get", "--raw", "/api/v1/nodes/local/proxy/metrics"]);
+    let sample = |name: &str, pod: &str| -> f64 {
+        let series = format!("{name}{{container=\"main\",namespace=\"default\",pod=\"{pod}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(sample("container_cpu_usage_seconds_total", "spinner") > 0.1);
+    assert!(sample("container_memory_working_set_bytes", "hog") >= (64u64 << 20) as f64);
+    assert!(
+        text.lines().any(|l| l == "kubelet_running_pods 3"),
+        "{text}"
+    );
 }
 
 /// `kubectl port-forward TARGET :PORT` (a local port of its choosing), and the local

@@ -268,11 +268,62 @@ type Family = (
     fn(&baton_wasm_shim::PodUsage) -> String,
 );
 
-/// The sandbox's per-pod figures in the Prometheus text format.
-fn metrics(sandbox: Option<&baton_wasm_shim::Runtime>) -> String {
+/// The node's figures in the Prometheus text format: the kubelet's and cAdvisor's names
+/// where Kubernetes has one (running pods and containers, each container's CPU and
+/// memory), and the sandbox's own per pod under `baton_`.
+fn metrics(index: &LogIndex) -> String {
+    let pods = index.sandbox.get().map(|s| s.usage()).unwrap_or_default();
+    let running_pods = lock(&index.streams).len();
+    let running_containers = lock(&index.live).len();
+    metrics_text(&pods, running_pods, running_containers)
+}
+
+fn metrics_text(
+    pods: &[baton_wasm_shim::PodUsage],
+    running_pods: usize,
+    running_containers: usize,
+) -> String {
     use std::fmt::Write;
-    let pods = sandbox.map(|s| s.usage()).unwrap_or_default();
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP kubelet_running_pods Number of pods that have a running pod sandbox\n# TYPE kubelet_running_pods gauge\nkubelet_running_pods {running_pods}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP kubelet_running_containers Number of containers currently running\n# TYPE kubelet_running_containers gauge\nkubelet_running_containers{{container_state=\"running\"}} {running_containers}"
+    );
+    // cAdvisor's per-container series: CPU in guest code, memory the instances hold.
+    let containers = || {
+        pods.iter().flat_map(|u| {
+            let mut parts = u.pod.splitn(3, '/');
+            let (ns, pod) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            u.containers.iter().map(move |c| (ns, pod, c))
+        })
+    };
+    let _ = writeln!(
+        out,
+        "# HELP container_cpu_usage_seconds_total Cumulative cpu time consumed in seconds.\n# TYPE container_cpu_usage_seconds_total counter"
+    );
+    for (ns, pod, c) in containers() {
+        let _ = writeln!(
+            out,
+            "container_cpu_usage_seconds_total{{container=\"{}\",namespace=\"{ns}\",pod=\"{pod}\"}} {:.6}",
+            c.name,
+            c.cpu_nanos as f64 / 1e9
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP container_memory_working_set_bytes Current working set in bytes.\n# TYPE container_memory_working_set_bytes gauge"
+    );
+    for (ns, pod, c) in containers() {
+        let _ = writeln!(
+            out,
+            "container_memory_working_set_bytes{{container=\"{}\",namespace=\"{ns}\",pod=\"{pod}\"}} {}",
+            c.name, c.memory_bytes
+        );
+    }
     let families: [Family; 6] = [
         (
             "baton_sandbox_instances",
@@ -313,7 +364,7 @@ fn metrics(sandbox: Option<&baton_wasm_shim::Runtime>) -> String {
     ];
     for (name, kind, help, value) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for u in &pods {
+        for u in pods {
             let mut parts = u.pod.splitn(3, '/');
             let (ns, pod, uid) = (
                 parts.next().unwrap_or(""),
@@ -363,7 +414,7 @@ async fn handle<B>(
 ) -> hyper::Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/metrics" {
-        return text(200, metrics(index.sandbox.get()));
+        return text(200, metrics(&index));
     }
     if path == "/stats/summary" {
         let usage = index.sandbox.get().map(|s| s.usage()).unwrap_or_default();
@@ -713,4 +764,41 @@ fn exec_spdy<B>(
         http::HeaderValue::from_static(protocol),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_wasm_shim::{ContainerUsage, PodUsage};
+
+    #[test]
+    fn metrics_carry_the_kubelets_and_cadvisors_names() {
+        let pods = [PodUsage {
+            pod: "shop/web-1/u1".into(),
+            instances: 2,
+            cpu_nanos: 1_500_000_000,
+            memory_bytes: 3 << 20,
+            containers: vec![ContainerUsage {
+                name: "app".into(),
+                cpu_nanos: 1_500_000_000,
+                memory_bytes: 3 << 20,
+            }],
+            ..Default::default()
+        }];
+        let text = metrics_text(&pods, 1, 2);
+        for line in [
+            "kubelet_running_pods 1",
+            r#"kubelet_running_containers{container_state="running"} 2"#,
+            r#"container_cpu_usage_seconds_total{container="app",namespace="shop",pod="web-1"} 1.500000"#,
+            r#"container_memory_working_set_bytes{container="app",namespace="shop",pod="web-1"} 3145728"#,
+            r#"baton_sandbox_instances{namespace="shop",pod="web-1",uid="u1"} 2"#,
+            "baton_sandbox_pods 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        // Each family is declared once, before its samples.
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+        assert_eq!(types, helps);
+    }
 }
