@@ -1230,6 +1230,9 @@ fn metrics_count_requests_under_kube_apiservers_names_and_are_authorized() {
     for name in [
         "apiserver_request_duration_seconds_bucket{",
         "apiserver_current_inflight_requests{",
+        "etcd_server_has_leader 1",
+        "etcd_server_leader_changes_seen_total 1",
+        "etcd_mvcc_db_total_size_in_bytes ",
     ] {
         assert!(text.contains(name), "no {name} in:\n{text}");
     }

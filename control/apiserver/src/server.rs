@@ -438,7 +438,7 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>) -> Response {
                     "content-type",
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )],
-                api.metrics.encode(),
+                api.metrics.encode(&api.objects.store.metrics()),
             )
                 .into_response()
         }

@@ -7,6 +7,10 @@
 //! cleaned one: `LIST` for a GET of a collection, `WATCH` for a watch, `DELETECOLLECTION`,
 //! `APPLY` for a server-side apply, `CONNECT` for exec, attach and port-forward.
 //!
+//! The embedded store's figures are served beside them, under etcd's names where etcd has
+//! one (`etcd_server_has_leader`, `etcd_server_leader_changes_seen_total`,
+//! `etcd_mvcc_db_total_size_in_bytes`, ...), read from the store when scraped.
+//!
 //! Reading `/metrics` is authorized as any non-resource URL is (`get` on `/metrics`).
 
 use std::sync::atomic::AtomicI64;
@@ -65,12 +69,106 @@ fn duration_histogram() -> Histogram {
     Histogram::new(buckets)
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MemberLabels {
+    member: String,
+}
+
+/// The embedded store's series, under etcd's names where etcd has one; set from the
+/// store's figures when scraped.
+#[derive(Default)]
+struct StoreSeries {
+    has_leader: Gauge,
+    is_leader: Gauge,
+    leader_changes: Counter,
+    term: Gauge,
+    applied: Counter,
+    revision: Gauge,
+    compact_revision: Gauge,
+    db_bytes: Gauge,
+    lag: Family<MemberLabels, Gauge>,
+}
+
+impl StoreSeries {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "etcd_server_has_leader",
+            "Whether or not a leader exists. 1 is existence, 0 is not.",
+            self.has_leader.clone(),
+        );
+        r.register(
+            "etcd_server_is_leader",
+            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+            self.is_leader.clone(),
+        );
+        r.register(
+            "etcd_server_leader_changes_seen",
+            "The number of leader changes seen.",
+            self.leader_changes.clone(),
+        );
+        r.register(
+            "baton_store_raft_term",
+            "The Raft term this member is in.",
+            self.term.clone(),
+        );
+        r.register(
+            "etcd_server_proposals_applied",
+            "The total number of consensus proposals applied.",
+            self.applied.clone(),
+        );
+        r.register(
+            "etcd_debugging_mvcc_current_revision",
+            "The current revision of store.",
+            self.revision.clone(),
+        );
+        r.register(
+            "etcd_debugging_mvcc_compact_revision",
+            "The revision of the last compaction in store.",
+            self.compact_revision.clone(),
+        );
+        r.register(
+            "etcd_mvcc_db_total_size_in_bytes",
+            "Total size of the underlying database physically allocated in bytes.",
+            self.db_bytes.clone(),
+        );
+        r.register(
+            "baton_store_replication_lag_entries",
+            "On the leader: log entries each member has yet to match.",
+            self.lag.clone(),
+        );
+    }
+
+    fn set(&self, m: &baton_store::StoreMetrics) {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.has_leader.set(i64::from(m.has_leader));
+        self.is_leader.set(i64::from(m.is_leader));
+        // Counters follow the store's own totals.
+        self.leader_changes
+            .inc_by(m.leader_changes.saturating_sub(self.leader_changes.get()));
+        self.applied
+            .inc_by(m.applied_index.saturating_sub(self.applied.get()));
+        self.term.set(n(m.term));
+        self.revision.set(m.revision);
+        self.compact_revision.set(m.compact_revision);
+        self.db_bytes.set(n(m.db_bytes));
+        self.lag.clear();
+        for (member, lag) in &m.replication_lag {
+            self.lag
+                .get_or_create(&MemberLabels {
+                    member: member.to_string(),
+                })
+                .set(n(*lag));
+        }
+    }
+}
+
 /// The API server's metrics and the registry that encodes them.
 pub struct ApiMetrics {
     registry: Registry,
     requests: Family<CodeLabels, Counter>,
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
     inflight: Family<KindLabels, Gauge<i64, AtomicI64>>,
+    store: StoreSeries,
 }
 
 impl std::fmt::Debug for ApiMetrics {
@@ -101,11 +199,14 @@ impl Default for ApiMetrics {
             "Maximal number of currently used inflight request limit of this apiserver per request kind in last second.",
             inflight.clone(),
         );
+        let store = StoreSeries::default();
+        store.register(&mut registry);
         Self {
             registry,
             requests,
             durations,
             inflight,
+            store,
         }
     }
 }
@@ -170,8 +271,10 @@ impl ApiMetrics {
             .inc();
     }
 
-    /// The metrics in the text exposition format.
-    pub fn encode(&self) -> String {
+    /// The metrics in the text exposition format, with the store's figures as they are
+    /// now.
+    pub fn encode(&self, store: &baton_store::StoreMetrics) -> String {
+        self.store.set(store);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -296,10 +399,10 @@ mod tests {
         {
             let _a = m.in_flight(&http::Method::POST);
             assert!(m
-                .encode()
+                .encode(&Default::default())
                 .contains(r#"apiserver_current_inflight_requests{request_kind="mutating"} 1"#));
         }
-        let text = m.encode();
+        let text = m.encode(&Default::default());
         assert!(
             text.contains(r#"apiserver_request_total{verb="LIST",group="",version="v1",resource="pods",subresource="",scope="namespace",component="apiserver",dry_run="",code="200"} 2"#),
             "{text}"
@@ -310,5 +413,44 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"apiserver_current_inflight_requests{request_kind="mutating"} 0"#));
+    }
+
+    #[test]
+    fn store_figures_are_served_under_etcds_names() {
+        let m = ApiMetrics::default();
+        let mut figures = baton_store::StoreMetrics {
+            has_leader: true,
+            is_leader: true,
+            term: 3,
+            leader_changes: 2,
+            applied_index: 40,
+            revision: 17,
+            compact_revision: 5,
+            db_bytes: 4096,
+            replication_lag: vec![(2, 0), (3, 12)],
+        };
+        let text = m.encode(&figures);
+        for line in [
+            "etcd_server_has_leader 1",
+            "etcd_server_is_leader 1",
+            "etcd_server_leader_changes_seen_total 2",
+            "baton_store_raft_term 3",
+            "etcd_server_proposals_applied_total 40",
+            "etcd_debugging_mvcc_current_revision 17",
+            "etcd_debugging_mvcc_compact_revision 5",
+            "etcd_mvcc_db_total_size_in_bytes 4096",
+            r#"baton_store_replication_lag_entries{member="3"} 12"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        // The counters follow the store's totals; a member gone from the leader's view
+        // is gone from the series.
+        figures.applied_index = 45;
+        figures.replication_lag = vec![(2, 1)];
+        let text = m.encode(&figures);
+        assert!(text
+            .lines()
+            .any(|l| l == "etcd_server_proposals_applied_total 45"));
+        assert!(!text.contains(r#"member="3""#), "{text}");
     }
 }

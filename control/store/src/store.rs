@@ -116,6 +116,8 @@ struct Inner {
     read_barriers: mpsc::Sender<oneshot::Sender<Result<(), Proposed>>>,
     db: Arc<rocksdb::DB>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Leader changes this member has seen, for its metrics.
+    leader_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -179,10 +181,15 @@ impl Store {
                 proposals: ptx,
                 read_barriers: rtx,
                 tasks: std::sync::Mutex::new(Vec::new()),
+                leader_changes: Arc::default(),
             });
             let mut tasks = vec![
                 tokio::spawn(batcher(inner.raft.clone(), inner.cfg.max_batch, prx)),
                 tokio::spawn(read_barrier_loop(inner.raft.clone(), rrx)),
+                tokio::spawn(count_leader_changes(
+                    inner.raft.metrics(),
+                    inner.leader_changes.clone(),
+                )),
             ];
             if let Some(ac) = inner.cfg.auto_compaction.clone() {
                 tasks.push(tokio::spawn(auto_compact(Arc::downgrade(&inner), ac)));
@@ -695,6 +702,43 @@ impl Store {
         Ok(())
     }
 
+    /// This member's figures for its metrics: leadership, term, revisions, applied
+    /// entries, the database's size, and (on the leader) how far each member's
+    /// replication is behind the log.
+    pub fn metrics(&self) -> StoreMetrics {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let replication_lag = m
+            .replication
+            .iter()
+            .flatten()
+            .map(|(id, matched)| (*id, last.saturating_sub(matched.map_or(0, |l| l.index))))
+            .collect();
+        let property = |name: &str| {
+            self.inner
+                .db
+                .property_int_value(name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        StoreMetrics {
+            has_leader: m.current_leader.is_some(),
+            is_leader: m.state == ServerState::Leader,
+            term: m.current_term,
+            leader_changes: self
+                .inner
+                .leader_changes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            revision: self.inner.mvcc.revision(),
+            compact_revision: self.inner.mvcc.compact_revision(),
+            db_bytes: property("rocksdb.total-sst-files-size")
+                + property("rocksdb.cur-size-all-mem-tables"),
+            replication_lag,
+        }
+    }
+
     /// Whether this member currently believes it leads.
     pub fn is_leader(&self) -> bool {
         self.inner.raft.metrics().borrow().state == ServerState::Leader
@@ -909,6 +953,25 @@ async fn auto_compact(inner: std::sync::Weak<Inner>, ac: AutoCompaction) {
         match inner.raft.client_write(Request::Compact(target)).await {
             Ok(_) => tracing::info!(revision = target, "compacted history"),
             Err(e) => tracing::warn!(error = %e, "automatic compaction failed"),
+        }
+    }
+}
+
+/// Counts the changes of leader this member sees (the first leader included), as etcd's
+/// `etcd_server_leader_changes_seen_total`.
+async fn count_leader_changes(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+    seen: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut leader = None;
+    loop {
+        let now = metrics.borrow_and_update().current_leader;
+        if now.is_some() && now != leader {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        leader = now;
+        if metrics.changed().await.is_err() {
+            return;
         }
     }
 }

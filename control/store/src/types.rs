@@ -304,6 +304,24 @@ pub struct MemberInfo {
     pub voter: bool,
 }
 
+/// One member's figures, for its metrics (see `Store::metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreMetrics {
+    pub has_leader: bool,
+    pub is_leader: bool,
+    pub term: u64,
+    /// Leader changes seen since the member started.
+    pub leader_changes: u64,
+    /// Last log index applied to the local state machine.
+    pub applied_index: u64,
+    pub revision: Revision,
+    pub compact_revision: Revision,
+    /// RocksDB's files and memtables.
+    pub db_bytes: u64,
+    /// On the leader: each member's id and how many log entries it has yet to match.
+    pub replication_lag: Vec<(u64, u64)>,
+}
+
 /// The state of one member, as it sees itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {

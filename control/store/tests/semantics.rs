@@ -434,3 +434,28 @@ async fn data_and_revision_survive_restart() {
     assert!(s.put("p/after", "x").await.unwrap() > rev);
     s.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_leadership_revisions_and_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), |_| {}).await;
+    let before = s.metrics();
+    assert!(before.has_leader && before.is_leader, "{before:?}");
+    // Its own election, counted as the member sees it (a task follows Raft's metrics).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.metrics().leader_changes != 1 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", s.metrics());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(before.term >= 1);
+    let rev = s.put("k/x", "a value").await.unwrap();
+    let after = s.metrics();
+    assert_eq!(after.revision, rev);
+    assert!(after.applied_index > before.applied_index, "{after:?}");
+    assert!(after.db_bytes > 0, "{after:?}");
+    // A lone member has no one to replicate to but itself.
+    assert!(
+        after.replication_lag.iter().all(|(_, lag)| *lag == 0),
+        "{after:?}"
+    );
+}
