@@ -285,10 +285,12 @@ fn top_shows_a_spinning_pod_busier_and_a_memory_hog_bigger_than_an_idle_pod() {
     };
     assert!(sample("container_cpu_usage_seconds_total", "spinner") > 0.1);
     assert!(sample("container_memory_working_set_bytes", "hog") >= (64u64 << 20) as f64);
-    assert!(
-        text.lines().any(|l| l == "kubelet_running_pods 3"),
-        "{text}"
-    );
+    for line in [
+        "kubelet_running_pods 3",
+        "kubelet_pod_start_duration_seconds_count 3",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
 }
 
 /// `kubectl port-forward TARGET :PORT` (a local port of its choosing), and the local

@@ -80,6 +80,53 @@ pub struct LogIndex {
     pub stats: Arc<crate::stats::Stats>,
     /// (namespace, pod name) -> the pod's uid and its streams, while its sandbox runs.
     streams: Mutex<HashMap<(String, String), PodEntry>>,
+    /// How long pods took from the node first seeing them to all their containers
+    /// started, as the kubelet's `kubelet_pod_start_duration_seconds`.
+    pub pod_starts: PodStarts,
+}
+
+/// The kubelet's pod start histogram, with buckets below its first (0.5 s) for starts
+/// that take milliseconds.
+pub struct PodStarts {
+    registry: prometheus_client::registry::Registry,
+    seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for PodStarts {
+    fn default() -> Self {
+        let buckets = [
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0,
+            20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0, 1200.0,
+            1800.0, 2700.0, 3600.0,
+        ];
+        let seconds = prometheus_client::metrics::histogram::Histogram::new(buckets);
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register(
+            "kubelet_pod_start_duration_seconds",
+            "Duration in seconds from kubelet seeing a pod for the first time to the pod starting to run",
+            seconds.clone(),
+        );
+        Self { registry, seconds }
+    }
+}
+
+impl std::fmt::Debug for PodStarts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodStarts").finish_non_exhaustive()
+    }
+}
+
+impl PodStarts {
+    pub fn observe(&self, took: std::time::Duration) {
+        self.seconds.observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
 }
 
 /// A running pod's uid and its streams.
@@ -275,7 +322,9 @@ fn metrics(index: &LogIndex) -> String {
     let pods = index.sandbox.get().map(|s| s.usage()).unwrap_or_default();
     let running_pods = lock(&index.streams).len();
     let running_containers = lock(&index.live).len();
-    metrics_text(&pods, running_pods, running_containers)
+    let mut text = metrics_text(&pods, running_pods, running_containers);
+    text.push_str(&index.pod_starts.encode());
+    text
 }
 
 fn metrics_text(
@@ -795,6 +844,16 @@ mod tests {
             "baton_sandbox_pods 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        let starts = PodStarts::default();
+        starts.observe(std::time::Duration::from_millis(7));
+        let text2 = starts.encode();
+        for line in [
+            r#"kubelet_pod_start_duration_seconds_bucket{le="0.005"} 0"#,
+            r#"kubelet_pod_start_duration_seconds_bucket{le="0.01"} 1"#,
+            "kubelet_pod_start_duration_seconds_count 1",
+        ] {
+            assert!(text2.lines().any(|l| l == line), "no {line:?} in:\n{text2}");
         }
         // Each family is declared once, before its samples.
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();

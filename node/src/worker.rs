@@ -210,6 +210,10 @@ struct Worker<S: Sandboxes> {
     start_time: Option<Time>,
     reporter: Reporter,
     next_refresh: Instant,
+    /// When this node first saw the pod (the worker began), and whether its start has
+    /// been counted in `kubelet_pod_start_duration_seconds`.
+    seen: Instant,
+    start_recorded: bool,
 }
 
 /// What was last written of the status, and when.
@@ -255,6 +259,8 @@ impl<S: Sandboxes> Worker<S> {
             logs: HashMap::new(),
             reporter: Reporter::default(),
             next_refresh: Instant::now() + VOLUME_REFRESH,
+            seen: Instant::now(),
+            start_recorded: false,
             shared,
             pod,
         }
@@ -685,6 +691,17 @@ impl<S: Sandboxes> Worker<S> {
         })
     }
 
+    /// Once every app container has started for the first time: how long the pod took
+    /// from the node seeing it.
+    fn record_start(&mut self) {
+        let apps = self.slots.iter().filter(|s| !s.init && !s.ephemeral);
+        if self.start_recorded || !apps.clone().all(|s| s.started_instant.is_some()) {
+            return;
+        }
+        self.start_recorded = true;
+        self.shared.logs.pod_starts.observe(self.seen.elapsed());
+    }
+
     /// Starts container `i` in the sandbox.
     async fn start(&mut self, i: usize) {
         let run = match self.container_run(i) {
@@ -711,6 +728,7 @@ impl<S: Sandboxes> Worker<S> {
                 let log_path = self.shared.log_config(&self.uid, &name, run_of).path;
                 self.shared.logs.set_live(log_path, true);
                 self.slots[i].mark_started(Instant::now());
+                self.record_start();
                 let image = self.slots[i].spec.image.clone().unwrap_or_default();
                 self.event(
                     EventType::Normal,
@@ -1590,6 +1608,20 @@ mod tests {
         assert_eq!(container(&s, "c")["restartCount"], 1, "{s:#}");
         assert!(container(&s, "c")["state"]["running"].is_object(), "{s:#}");
         assert_eq!(n.fake.starts("c"), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pods_start_is_timed_once_when_every_app_container_has_started() {
+        let n = node();
+        let _p = n.run(pod(json!({"containers": [
+            {"name": "a", "image": "serve"}, {"name": "b", "image": "serve"}]})));
+        n.until("Running", |s| s["phase"] == "Running").await;
+        let text = n.shared.logs.pod_starts.encode();
+        assert!(
+            text.lines()
+                .any(|l| l == "kubelet_pod_start_duration_seconds_count 1"),
+            "{text}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
