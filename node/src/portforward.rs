@@ -345,7 +345,7 @@ pub async fn serve_channels<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    use futures::{SinkExt, StreamExt};
+    use futures::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     let encode = move |m: Vec<u8>| -> Message {
         if base64 {
@@ -358,24 +358,8 @@ pub async fn serve_channels<S>(
             Message::Binary(m.into())
         }
     };
-    let (mut sink, mut incoming) = ws.split();
-    let (out, mut queued) = mpsc::channel::<Vec<u8>>(64);
-    let writer = tokio::spawn(async move {
-        while let Some(m) = queued.recv().await {
-            if sink.feed(encode(m)).await.is_err() {
-                return;
-            }
-            while let Ok(more) = queued.try_recv() {
-                if sink.feed(encode(more)).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let (sink, mut incoming) = ws.split();
+    let (out, writer) = crate::streams::spawn_message_writer(sink, encode);
     let mut inbound = Vec::with_capacity(ports.len());
     let mut forwarders = JoinSet::new();
     for (i, port) in ports.iter().copied().enumerate() {

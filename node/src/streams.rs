@@ -273,14 +273,7 @@ pub async fn serve_exec<S>(
                 return;
             }
         }
-        // A normal close is the clients' end-of-stream; a close without a code is an
-        // error to them.
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "".into(),
-            })))
-            .await;
+        let _ = sink.send(normal_close()).await;
         let _ = sink.close().await;
     });
 
@@ -432,6 +425,47 @@ pub fn spawn_exec_session(
     });
 }
 
+/// The close a session ends with: normal, which clients take for the end of the stream
+/// (a close without a code is an error to them).
+fn normal_close() -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }))
+}
+
+/// A task that writes what is queued on the returned sender to `sink` as messages
+/// (`encode` makes each), several to a flush when they queue up, and closes normally
+/// once every sender is gone.
+pub(crate) fn spawn_message_writer<S>(
+    mut sink: futures::stream::SplitSink<WebSocketStream<S>, Message>,
+    encode: impl Fn(Vec<u8>) -> Message + Send + 'static,
+) -> (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<()>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (out, mut queued) = mpsc::channel::<Vec<u8>>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = queued.recv().await {
+            if sink.feed(encode(m)).await.is_err() {
+                return;
+            }
+            while let Ok(more) = queued.try_recv() {
+                if sink.feed(encode(more)).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.send(normal_close()).await;
+        // And the connection below ends cleanly (TLS's close_notify included).
+        let _ = sink.close().await;
+    });
+    (out, writer)
+}
+
 /// Serves a SPDY port-forward session tunnelled through a WebSocket: the binary messages
 /// carry the client's frames, split wherever the client wrote them, and each frame the
 /// node writes goes out as a message of its own. Reading the messages in place and
@@ -445,7 +479,7 @@ async fn serve_tunnel<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     use futures::future::ready;
-    let (mut sink, incoming) = ws.split();
+    let (sink, incoming) = ws.split();
     let frames = incoming
         .take_while(|m| ready(!matches!(m, Ok(Message::Close(_)))))
         .filter_map(|m| {
@@ -456,29 +490,7 @@ async fn serve_tunnel<S>(
             })
         });
     let reader = tokio_util::io::StreamReader::new(Box::pin(frames));
-    let (out, mut queued) = mpsc::channel::<Vec<u8>>(64);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = queued.recv().await {
-            if sink.feed(Message::Binary(frame.into())).await.is_err() {
-                return;
-            }
-            // Frames already queued go out in the same flush.
-            while let Ok(more) = queued.try_recv() {
-                if sink.feed(Message::Binary(more.into())).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "".into(),
-            })))
-            .await;
-    });
+    let (out, writer) = spawn_message_writer(sink, |frame| Message::Binary(frame.into()));
     crate::portforward::serve_frames(reader, out, writer, streams, target).await;
 }
 
