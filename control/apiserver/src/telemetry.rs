@@ -91,46 +91,56 @@ struct StoreSeries {
 
 impl StoreSeries {
     fn register(&self, r: &mut Registry) {
-        r.register(
-            "etcd_server_has_leader",
-            "Whether or not a leader exists. 1 is existence, 0 is not.",
-            self.has_leader.clone(),
-        );
-        r.register(
-            "etcd_server_is_leader",
-            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
-            self.is_leader.clone(),
-        );
-        r.register(
-            "etcd_server_leader_changes_seen",
-            "The number of leader changes seen.",
-            self.leader_changes.clone(),
-        );
-        r.register(
-            "baton_store_raft_term",
-            "The Raft term this member is in.",
-            self.term.clone(),
-        );
-        r.register(
-            "etcd_server_proposals_applied",
-            "The total number of consensus proposals applied.",
-            self.applied.clone(),
-        );
-        r.register(
-            "etcd_debugging_mvcc_current_revision",
-            "The current revision of store.",
-            self.revision.clone(),
-        );
-        r.register(
-            "etcd_debugging_mvcc_compact_revision",
-            "The revision of the last compaction in store.",
-            self.compact_revision.clone(),
-        );
-        r.register(
-            "etcd_mvcc_db_total_size_in_bytes",
-            "Total size of the underlying database physically allocated in bytes.",
-            self.db_bytes.clone(),
-        );
+        let gauges = [
+            (
+                "etcd_server_has_leader",
+                "Whether or not a leader exists. 1 is existence, 0 is not.",
+                &self.has_leader,
+            ),
+            (
+                "etcd_server_is_leader",
+                "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+                &self.is_leader,
+            ),
+            (
+                "baton_store_raft_term",
+                "The Raft term this member is in.",
+                &self.term,
+            ),
+            (
+                "etcd_debugging_mvcc_current_revision",
+                "The current revision of store.",
+                &self.revision,
+            ),
+            (
+                "etcd_debugging_mvcc_compact_revision",
+                "The revision of the last compaction in store.",
+                &self.compact_revision,
+            ),
+            (
+                "etcd_mvcc_db_total_size_in_bytes",
+                "Total size of the underlying database physically allocated in bytes.",
+                &self.db_bytes,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            r.register(name, help, gauge.clone());
+        }
+        let counters = [
+            (
+                "etcd_server_leader_changes_seen",
+                "The number of leader changes seen.",
+                &self.leader_changes,
+            ),
+            (
+                "etcd_server_proposals_applied",
+                "The total number of consensus proposals applied.",
+                &self.applied,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            r.register(name, help, counter.clone());
+        }
         r.register(
             "baton_store_replication_lag_entries",
             "On the leader: log entries each member has yet to match.",
