@@ -359,7 +359,7 @@ pub async fn serve_channels<S>(
         }
     };
     let (sink, mut incoming) = ws.split();
-    let (out, writer) = crate::streams::spawn_message_writer(sink, encode);
+    let (out, writer) = crate::streams::spawn_message_writer(sink, 64, encode);
     let mut inbound = Vec::with_capacity(ports.len());
     let mut forwarders = JoinSet::new();
     for (i, port) in ports.iter().copied().enumerate() {
@@ -417,12 +417,11 @@ pub async fn serve_channels<S>(
                 if channel % 2 != 0 || bytes.is_empty() {
                     continue;
                 }
-                if let Some(slot) = inbound.get_mut(port) {
-                    if let Some(tx) = slot {
-                        if tx.send(bytes).await.is_err() {
-                            *slot = None;
-                        }
-                    }
+                let Some(Some(tx)) = inbound.get(port) else {
+                    continue;
+                };
+                if tx.send(bytes).await.is_err() {
+                    inbound[port] = None;
                 }
             }
             done = forwarders.join_next() => {
@@ -552,6 +551,12 @@ mod tests {
         assert!(query_ports(&format!("ports={many}")).is_err());
     }
 
+    /// A port that was free a moment ago: nothing listens there now.
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
     /// A channel session's client end, and the session's task.
     async fn channel_session(
         ports: Vec<u16>,
@@ -626,10 +631,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_channel_to_a_closed_port_reports_on_its_error_channel_in_base64() {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = closed_port();
         let (mut ws, task) = channel_session(vec![port], true).await;
         use base64::Engine;
         let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
@@ -661,11 +663,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_port_nothing_listens_on_is_reported_on_the_error_stream() {
-        // A port that was free a moment ago: nothing listens there now.
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port().to_string()
-        };
+        let port = closed_port().to_string();
         let mut c = session();
         c.syn(
             1,

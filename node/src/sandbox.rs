@@ -387,19 +387,12 @@ impl PodStreams for WasmStreams {
             };
             let output = async {
                 loop {
+                    // Output first: what the process wrote before it ended is queued
+                    // before its end, and still goes out.
                     let next = tokio::select! {
                         biased;
                         m = output.recv() => m,
-                        _ = ended.wait_for(|e| *e) => {
-                            // What the process wrote before it ended still goes out.
-                            match output.try_recv() {
-                                Ok(m) => Ok(m),
-                                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
-                                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n))
-                                }
-                                Err(_) => return,
-                            }
-                        }
+                        _ = ended.wait_for(|e| *e) => return,
                     };
                     let written = match next {
                         Ok((0, b)) => stdout.write_all(&b).await,

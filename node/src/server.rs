@@ -345,8 +345,7 @@ fn metrics_text(
     // cAdvisor's per-container series: CPU in guest code, memory the instances hold.
     let containers = || {
         pods.iter().flat_map(|u| {
-            let mut parts = u.pod.splitn(3, '/');
-            let (ns, pod) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (ns, pod, _) = crate::stats::pod_key(&u.pod).unwrap_or_default();
             u.containers.iter().map(move |c| (ns, pod, c))
         })
     };
@@ -414,12 +413,7 @@ fn metrics_text(
     for (name, kind, help, value) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for u in pods {
-            let mut parts = u.pod.splitn(3, '/');
-            let (ns, pod, uid) = (
-                parts.next().unwrap_or(""),
-                parts.next().unwrap_or(""),
-                parts.next().unwrap_or(""),
-            );
+            let (ns, pod, uid) = crate::stats::pod_key(&u.pod).unwrap_or_default();
             let _ = writeln!(
                 out,
                 "{name}{{namespace=\"{ns}\",pod=\"{pod}\",uid=\"{uid}\"}} {}",
@@ -748,10 +742,6 @@ fn port_forward<B>(
     let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed());
     *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
     for (k, v) in answer {
-        // No subprotocol asked, none named.
-        if k == http::header::SEC_WEBSOCKET_PROTOCOL && v.is_empty() {
-            continue;
-        }
         if let Ok(v) = http::HeaderValue::from_str(&v) {
             r.headers_mut().insert(k, v);
         }

@@ -137,8 +137,7 @@ impl Stats {
             .iter()
             .filter(|p| !p.containers.is_empty())
             .filter_map(|p| {
-                let mut key = p.pod.splitn(3, '/');
-                let (ns, name, uid) = (key.next()?, key.next()?, key.next().unwrap_or(""));
+                let (ns, name, uid) = pod_key(&p.pod)?;
                 let containers: Vec<Value> = p
                     .containers
                     .iter()
@@ -179,6 +178,12 @@ impl Stats {
             "window": window,
         })
     }
+}
+
+/// A sandbox pod key (`namespace/name/uid`) as its parts; the uid may be missing.
+pub(crate) fn pod_key(key: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = key.splitn(3, '/');
+    Some((parts.next()?, parts.next()?, parts.next().unwrap_or("")))
 }
 
 #[cfg(test)]

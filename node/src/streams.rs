@@ -264,18 +264,9 @@ pub async fn serve_exec<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
-    let (mut sink, mut incoming) = ws.split();
-    let (out_tx, mut out_rx) = mpsc::channel::<Message>(16);
+    let (sink, mut incoming) = ws.split();
     // One writer: the pumps, the pings and the final status all go through it.
-    let writer = tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
-            if sink.send(m).await.is_err() {
-                return;
-            }
-        }
-        let _ = sink.send(normal_close()).await;
-        let _ = sink.close().await;
-    });
+    let (out_tx, writer) = spawn_message_writer(sink, 16, |m: Message| m);
 
     let (stdin_w, stdin_r) = if opts.stdin {
         let (r, w) = tokio::io::duplex(CHUNK);
@@ -394,17 +385,21 @@ pub async fn serve_exec<S>(
 }
 
 /// Completes a WebSocket upgrade on a hyper request: the 101 answer's headers, given
-/// the client's key and the chosen subprotocol.
-pub fn accept_headers(key: &[u8], protocol: &str) -> [(http::HeaderName, String); 4] {
-    [
+/// the client's key and the chosen subprotocol ("" when the client asked for none, and
+/// then none is named).
+pub fn accept_headers(key: &[u8], protocol: &str) -> Vec<(http::HeaderName, String)> {
+    let mut headers = vec![
         (http::header::UPGRADE, "websocket".to_string()),
         (http::header::CONNECTION, "Upgrade".to_string()),
         (
             http::header::SEC_WEBSOCKET_ACCEPT,
             tokio_tungstenite::tungstenite::handshake::derive_accept_key(key),
         ),
-        (http::header::SEC_WEBSOCKET_PROTOCOL, protocol.to_string()),
-    ]
+    ];
+    if !protocol.is_empty() {
+        headers.push((http::header::SEC_WEBSOCKET_PROTOCOL, protocol.to_string()));
+    }
+    headers
 }
 
 /// Runs a session once hyper hands over the upgraded connection.
@@ -434,17 +429,19 @@ fn normal_close() -> Message {
     }))
 }
 
-/// A task that writes what is queued on the returned sender to `sink` as messages
-/// (`encode` makes each), several to a flush when they queue up, and closes normally
-/// once every sender is gone.
-pub(crate) fn spawn_message_writer<S>(
+/// A task that writes what is queued on the returned sender (at most `queue` waiting) to
+/// `sink` as messages (`encode` makes each), several to a flush when they queue up, and
+/// closes normally once every sender is gone.
+pub(crate) fn spawn_message_writer<S, T>(
     mut sink: futures::stream::SplitSink<WebSocketStream<S>, Message>,
-    encode: impl Fn(Vec<u8>) -> Message + Send + 'static,
-) -> (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<()>)
+    queue: usize,
+    encode: impl Fn(T) -> Message + Send + 'static,
+) -> (mpsc::Sender<T>, tokio::task::JoinHandle<()>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: Send + 'static,
 {
-    let (out, mut queued) = mpsc::channel::<Vec<u8>>(64);
+    let (out, mut queued) = mpsc::channel::<T>(queue);
     let writer = tokio::spawn(async move {
         while let Some(m) = queued.recv().await {
             if sink.feed(encode(m)).await.is_err() {
@@ -490,7 +487,8 @@ async fn serve_tunnel<S>(
             })
         });
     let reader = tokio_util::io::StreamReader::new(Box::pin(frames));
-    let (out, writer) = spawn_message_writer(sink, |frame| Message::Binary(frame.into()));
+    let (out, writer) =
+        spawn_message_writer(sink, 64, |frame: Vec<u8>| Message::Binary(frame.into()));
     crate::portforward::serve_frames(reader, out, writer, streams, target).await;
 }
 

@@ -694,8 +694,12 @@ impl<S: Sandboxes> Worker<S> {
     /// Once every app container has started for the first time: how long the pod took
     /// from the node seeing it.
     fn record_start(&mut self) {
-        let apps = self.slots.iter().filter(|s| !s.init && !s.ephemeral);
-        if self.start_recorded || !apps.clone().all(|s| s.started_instant.is_some()) {
+        let all_started = self
+            .slots
+            .iter()
+            .filter(|s| !s.init && !s.ephemeral)
+            .all(|s| s.started_instant.is_some());
+        if self.start_recorded || !all_started {
             return;
         }
         self.start_recorded = true;

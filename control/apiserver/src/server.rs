@@ -345,27 +345,46 @@ async fn admit(
     Ok(user)
 }
 
+/// What a request asks for, read once: the metrics label it and the handler serves it.
+struct Asked {
+    /// One snapshot per request: a CRD coming or going mid-request changes nothing here.
+    served: Served,
+    query: HashMap<String, String>,
+    /// The resource the path names, if it names one.
+    target: Option<rest::Target>,
+}
+
 /// Serves one request, counted and timed in the API server's metrics.
 async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> Response {
     let started = std::time::Instant::now();
+    let served = api.objects.registry.snapshot();
+    let asked = Asked {
+        query: parse_query(req.uri().query()),
+        target: rest::route(&served, req.uri().path()),
+        served,
+    };
     let labels = crate::telemetry::labels(
-        &api.objects.registry.snapshot(),
+        asked.target.as_ref(),
         req.method(),
-        req.uri().path(),
-        &parse_query(req.uri().query()),
+        &asked.query,
         req.headers()
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or(""),
     );
     let _in_flight = api.metrics.in_flight(req.method());
-    let resp = serve(&api, req).await;
+    let resp = serve(&api, req, asked).await;
     api.metrics
         .observe(labels, resp.status().as_u16(), started.elapsed());
     resp
 }
 
-async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>) -> Response {
+async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Response {
+    let Asked {
+        served,
+        query,
+        target,
+    } = asked;
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     // exec, attach and port-forward hand the connection over to the node.
@@ -377,7 +396,6 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>) -> Response {
             Err(resp) => return resp,
         }
     }
-    let query = parse_query(parts.uri.query());
     let parts_query = parts.uri.query().map(String::from);
     let is_watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     // Long-running requests do not hold a slot, as kube-apiserver's long-running check.
@@ -417,8 +435,6 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>) -> Response {
         .unwrap_or("")
         .to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    // One snapshot per request: a CRD coming or going mid-request changes nothing here.
-    let served = api.objects.registry.snapshot();
     match segs.as_slice() {
         ["version"] => return json_ok(&discovery::version()),
         [".well-known", "openid-configuration"] => {
@@ -510,7 +526,7 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>) -> Response {
         }
         _ => {}
     }
-    let Some(target) = rest::route(&served, &path) else {
+    let Some(target) = target else {
         return ApiError::NoRoute.into_response();
     };
     let req = rest::Request {

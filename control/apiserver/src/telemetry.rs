@@ -23,8 +23,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::resources::Served;
-
 /// kube-apiserver's buckets for `apiserver_request_duration_seconds`.
 const DURATION_BUCKETS: [f64; 37] = [
     0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0,
@@ -150,16 +148,17 @@ impl StoreSeries {
 
     fn set(&self, m: &baton_store::StoreMetrics) {
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        self.has_leader.set(i64::from(m.has_leader));
-        self.is_leader.set(i64::from(m.is_leader));
+        let s = &m.status;
+        self.has_leader.set(i64::from(s.leader.is_some()));
+        self.is_leader.set(i64::from(s.leader == Some(s.id)));
         // Counters follow the store's own totals.
         self.leader_changes
             .inc_by(m.leader_changes.saturating_sub(self.leader_changes.get()));
         self.applied
-            .inc_by(m.applied_index.saturating_sub(self.applied.get()));
-        self.term.set(n(m.term));
-        self.revision.set(m.revision);
-        self.compact_revision.set(m.compact_revision);
+            .inc_by(s.applied_index.saturating_sub(self.applied.get()));
+        self.term.set(n(s.term));
+        self.revision.set(s.revision);
+        self.compact_revision.set(s.compact_revision);
         self.db_bytes.set(n(m.db_bytes));
         self.lag.clear();
         for (member, lag) in &m.replication_lag {
@@ -292,21 +291,17 @@ impl ApiMetrics {
     }
 }
 
-/// The labels of a request to `path`, as kube-apiserver's request info would give them.
+/// The labels of a request for `target` (None: a path that names no resource), as
+/// kube-apiserver's request info would give them.
 pub fn labels(
-    served: &Served,
+    target: Option<&crate::rest::Target>,
     method: &http::Method,
-    path: &str,
     query: &std::collections::HashMap<String, String>,
     content_type: &str,
 ) -> RequestLabels {
-    let target = crate::rest::route(served, path);
     let flag = |k: &str| matches!(query.get(k).map(String::as_str), Some("true" | "1"));
-    let sub = target
-        .as_ref()
-        .and_then(|t| t.sub.clone())
-        .unwrap_or_default();
-    let named = target.as_ref().is_some_and(|t| t.name.is_some());
+    let sub = target.and_then(|t| t.sub.clone()).unwrap_or_default();
+    let named = target.is_some_and(|t| t.name.is_some());
     let verb = match (method.as_str(), target.is_some()) {
         _ if matches!(sub.as_str(), "exec" | "attach" | "portforward" | "proxy") => "CONNECT",
         ("GET", true) if flag("watch") => "WATCH",
@@ -315,7 +310,7 @@ pub fn labels(
         ("PATCH", true) if content_type.starts_with("application/apply-patch") => "APPLY",
         (m, _) => m,
     };
-    let (group, version, resource, scope) = match &target {
+    let (group, version, resource, scope) = match target {
         Some(t) => (
             t.res.group.clone(),
             t.res.version.clone(),
@@ -353,7 +348,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        labels(&served, &method, path, &q, ct)
+        labels(crate::rest::route(&served, path).as_ref(), &method, &q, ct)
     }
 
     #[test]
@@ -429,13 +424,16 @@ mod tests {
     fn store_figures_are_served_under_etcds_names() {
         let m = ApiMetrics::default();
         let mut figures = baton_store::StoreMetrics {
-            has_leader: true,
-            is_leader: true,
-            term: 3,
+            status: baton_store::Status {
+                id: 1,
+                leader: Some(1),
+                term: 3,
+                applied_index: 40,
+                revision: 17,
+                compact_revision: 5,
+                members: Vec::new(),
+            },
             leader_changes: 2,
-            applied_index: 40,
-            revision: 17,
-            compact_revision: 5,
             db_bytes: 4096,
             replication_lag: vec![(2, 0), (3, 12)],
         };
@@ -455,7 +453,7 @@ mod tests {
         }
         // The counters follow the store's totals; a member gone from the leader's view
         // is gone from the series.
-        figures.applied_index = 45;
+        figures.status.applied_index = 45;
         figures.replication_lag = vec![(2, 1)];
         let text = m.encode(&figures);
         assert!(text

@@ -706,14 +706,17 @@ impl Store {
     /// entries, the database's size, and (on the leader) how far each member's
     /// replication is behind the log.
     pub fn metrics(&self) -> StoreMetrics {
-        let m = self.inner.raft.metrics().borrow().clone();
-        let last = m.last_log_index.unwrap_or(0);
-        let replication_lag = m
-            .replication
-            .iter()
-            .flatten()
-            .map(|(id, matched)| (*id, last.saturating_sub(matched.map_or(0, |l| l.index))))
-            .collect();
+        let status = self.status();
+        let replication_lag = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow();
+            let last = m.last_log_index.unwrap_or(0);
+            m.replication
+                .iter()
+                .flatten()
+                .map(|(id, matched)| (*id, last.saturating_sub(matched.map_or(0, |l| l.index))))
+                .collect()
+        };
         let property = |name: &str| {
             self.inner
                 .db
@@ -723,16 +726,11 @@ impl Store {
                 .unwrap_or(0)
         };
         StoreMetrics {
-            has_leader: m.current_leader.is_some(),
-            is_leader: m.state == ServerState::Leader,
-            term: m.current_term,
+            status,
             leader_changes: self
                 .inner
                 .leader_changes
                 .load(std::sync::atomic::Ordering::Relaxed),
-            applied_index: m.last_applied.map_or(0, |l| l.index),
-            revision: self.inner.mvcc.revision(),
-            compact_revision: self.inner.mvcc.compact_revision(),
             db_bytes: property("rocksdb.total-sst-files-size")
                 + property("rocksdb.cur-size-all-mem-tables"),
             replication_lag,

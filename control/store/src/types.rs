@@ -304,18 +304,13 @@ pub struct MemberInfo {
     pub voter: bool,
 }
 
-/// One member's figures, for its metrics (see `Store::metrics`).
+/// One member's figures, for its metrics (see `Store::metrics`): its status, and what
+/// only the metrics ask for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreMetrics {
-    pub has_leader: bool,
-    pub is_leader: bool,
-    pub term: u64,
+    pub status: Status,
     /// Leader changes seen since the member started.
     pub leader_changes: u64,
-    /// Last log index applied to the local state machine.
-    pub applied_index: u64,
-    pub revision: Revision,
-    pub compact_revision: Revision,
     /// RocksDB's files and memtables.
     pub db_bytes: u64,
     /// On the leader: each member's id and how many log entries it has yet to match.
@@ -323,7 +318,7 @@ pub struct StoreMetrics {
 }
 
 /// The state of one member, as it sees itself.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub id: u64,
     pub leader: Option<u64>,
