@@ -59,6 +59,7 @@ pub mod server;
 pub mod strategy;
 pub mod table;
 pub mod telemetry;
+pub mod ui;
 pub mod validation;
 pub mod webhook;
 

@@ -389,6 +389,9 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
     let path = parts.uri.path().to_string();
     // exec, attach and port-forward hand the connection over to the node.
     let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    if crate::ui::is_ui(&path) && parts.method == http::Method::GET {
+        return crate::ui::serve(&path);
+    }
     let mut user = UserInfo::new(baton_auth::ANONYMOUS, &["system:unauthenticated"]);
     if !public(&path) {
         match admit(api, &parts, &path).await {
