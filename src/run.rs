@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// Where compiled components are cached.
     #[arg(long, env = "BATON_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Do not time requests and instance starts (the counts are kept): what the metrics
+    /// benchmark compares against.
+    #[arg(long)]
+    no_metrics: bool,
     /// Arguments for the component.
     #[arg(last = true)]
     args: Vec<String>,
@@ -78,6 +82,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: args.cache_dir.clone(),
         max_instances: 256,
+        metrics: !args.no_metrics,
         ..RuntimeConfig::default()
     })?;
     if let Some(file) = &args.file {

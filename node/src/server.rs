@@ -320,11 +320,145 @@ type Family = (
 /// memory), and the sandbox's own per pod under `baton_`.
 fn metrics(index: &LogIndex) -> String {
     let pods = index.sandbox.get().map(|s| s.usage()).unwrap_or_default();
+    let runtime = index.sandbox.get().map(|s| s.stats()).unwrap_or_default();
     let running_pods = lock(&index.streams).len();
     let running_containers = lock(&index.live).len();
     let mut text = metrics_text(&pods, running_pods, running_containers);
+    text.push_str(&wasm_metrics_text(&pods, &runtime));
     text.push_str(&index.pod_starts.encode());
     text
+}
+
+/// Writes one histogram's series (`_bucket`, `_sum`, `_count`) with `labels` on each.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    latency: &baton_wasm_shim::stats::Latency,
+) {
+    use std::fmt::Write;
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (le, n) in latency.cumulative() {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {n}");
+    }
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(
+        out,
+        "{name}_sum{braces} {:.9}\n{name}_count{braces} {}",
+        latency.sum_nanos as f64 / 1e9,
+        latency.count()
+    );
+}
+
+/// The sandbox's Wasm-specific figures: what each container runs, its HTTP requests and
+/// their latency, its guests' abnormal exits; and the node's component loads and
+/// instance starts (the cold start every request and process pays).
+fn wasm_metrics_text(
+    pods: &[baton_wasm_shim::PodUsage],
+    runtime: &baton_wasm_shim::stats::RuntimeUsage,
+) -> String {
+    use baton_wasm_shim::ComponentKind;
+    use std::fmt::Write;
+    let mut out = String::new();
+    let containers: Vec<(String, &baton_wasm_shim::ContainerUsage)> = pods
+        .iter()
+        .flat_map(|u| {
+            let (ns, pod, uid) = crate::stats::pod_key(&u.pod).unwrap_or_default();
+            u.containers.iter().map(move |c| {
+                (
+                    format!(
+                        "namespace=\"{ns}\",pod=\"{pod}\",uid=\"{uid}\",container=\"{}\"",
+                        c.name
+                    ),
+                    c,
+                )
+            })
+        })
+        .collect();
+    let http = |c: &baton_wasm_shim::ContainerUsage| {
+        c.component
+            .as_ref()
+            .is_some_and(|i| i.kind == ComponentKind::Http)
+    };
+    let _ = writeln!(
+        out,
+        "# HELP baton_component_info The component a container runs: its kind and exports.\n# TYPE baton_component_info gauge"
+    );
+    for (labels, c) in &containers {
+        if let Some(info) = &c.component {
+            let kind = match info.kind {
+                ComponentKind::Http => "http",
+                ComponentKind::Cli => "cli",
+            };
+            let _ = writeln!(
+                out,
+                "baton_component_info{{{labels},kind=\"{kind}\",exports=\"{}\"}} 1",
+                info.exports.join(",")
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP baton_http_requests_total HTTP requests a container answered, by status class.\n# TYPE baton_http_requests_total counter"
+    );
+    for (labels, c) in &containers {
+        for (i, n) in c.http.by_class.iter().enumerate() {
+            // An HTTP container always has its 2xx series, so a rate starts from zero.
+            if *n > 0 || (i == 1 && http(c)) {
+                let _ = writeln!(
+                    out,
+                    "baton_http_requests_total{{{labels},code=\"{}xx\"}} {n}",
+                    i + 1
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP baton_http_request_duration_seconds Time from a request's arrival to its response's head.\n# TYPE baton_http_request_duration_seconds histogram"
+    );
+    for (labels, c) in &containers {
+        if http(c) {
+            histogram(
+                &mut out,
+                "baton_http_request_duration_seconds",
+                labels,
+                &c.http.latency,
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP baton_guest_exits_total Guests that stopped other than by completing: traps and failing exits (Error), limit kills (OOMKilled, DeadlineExceeded).\n# TYPE baton_guest_exits_total counter"
+    );
+    for (labels, c) in &containers {
+        for (reason, n) in &c.exits {
+            let _ = writeln!(
+                out,
+                "baton_guest_exits_total{{{labels},reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP baton_component_loads_total Components loaded, from the compiled cache or compiled.\n# TYPE baton_component_loads_total counter\nbaton_component_loads_total{{source=\"cache\"}} {}\nbaton_component_loads_total{{source=\"compiled\"}} {}",
+        runtime.cache_hits, runtime.compiled
+    );
+    let _ = writeln!(
+        out,
+        "# HELP baton_cold_start_duration_seconds Time from a request's arrival (or a process's start) to its fresh instance being ready.\n# TYPE baton_cold_start_duration_seconds histogram"
+    );
+    histogram(
+        &mut out,
+        "baton_cold_start_duration_seconds",
+        "",
+        &runtime.cold_starts,
+    );
+    out
 }
 
 fn metrics_text(
@@ -811,6 +945,70 @@ mod tests {
     use baton_wasm_shim::{ContainerUsage, PodUsage};
 
     #[test]
+    fn wasm_metrics_name_the_component_its_requests_and_its_exits() {
+        use baton_wasm_shim::stats::{HttpUsage, Latency, RuntimeUsage};
+        let mut latency = Latency {
+            counts: vec![0; 15],
+            sum_nanos: 900_000,
+        };
+        latency.counts[2] = 3;
+        let pods = [PodUsage {
+            pod: "shop/web-1/u1".into(),
+            containers: vec![
+                ContainerUsage {
+                    name: "app".into(),
+                    component: Some(baton_wasm_shim::ComponentInfo {
+                        kind: baton_wasm_shim::ComponentKind::Http,
+                        exports: vec!["wasi:http/incoming-handler@0.2.6".to_string()].into(),
+                    }),
+                    http: HttpUsage {
+                        by_class: [0, 2, 0, 0, 1],
+                        latency: latency.clone(),
+                    },
+                    exits: vec![("OOMKilled", 1)],
+                    ..Default::default()
+                },
+                ContainerUsage {
+                    name: "job".into(),
+                    component: Some(baton_wasm_shim::ComponentInfo {
+                        kind: baton_wasm_shim::ComponentKind::Cli,
+                        exports: vec!["wasi:cli/run@0.2.6".to_string()].into(),
+                    }),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }];
+        let runtime = RuntimeUsage {
+            cache_hits: 4,
+            compiled: 1,
+            cold_starts: latency,
+        };
+        let text = wasm_metrics_text(&pods, &runtime);
+        let app = r#"namespace="shop",pod="web-1",uid="u1",container="app""#;
+        for line in [
+            format!(r#"baton_component_info{{{app},kind="http",exports="wasi:http/incoming-handler@0.2.6"}} 1"#),
+            r#"baton_component_info{namespace="shop",pod="web-1",uid="u1",container="job",kind="cli",exports="wasi:cli/run@0.2.6"} 1"#.to_string(),
+            format!(r#"baton_http_requests_total{{{app},code="2xx"}} 2"#),
+            format!(r#"baton_http_requests_total{{{app},code="5xx"}} 1"#),
+            format!(r#"baton_http_request_duration_seconds_bucket{{{app},le="0.0005"}} 3"#),
+            format!(r#"baton_http_request_duration_seconds_bucket{{{app},le="+Inf"}} 3"#),
+            format!(r#"baton_http_request_duration_seconds_count{{{app}}} 3"#),
+            format!(r#"baton_guest_exits_total{{{app},reason="OOMKilled"}} 1"#),
+            r#"baton_component_loads_total{source="cache"} 4"#.to_string(),
+            r#"baton_cold_start_duration_seconds_bucket{le="0.00025"} 0"#.to_string(),
+            "baton_cold_start_duration_seconds_count 3".to_string(),
+            "baton_cold_start_duration_seconds_sum 0.000900000".to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        // A CLI container has no request series.
+        assert!(!text.contains(r#"container="job",code"#), "{text}");
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        assert_eq!(types, 6);
+    }
+
+    #[test]
     fn metrics_carry_the_kubelets_and_cadvisors_names() {
         let pods = [PodUsage {
             pod: "shop/web-1/u1".into(),
@@ -821,6 +1019,7 @@ mod tests {
                 name: "app".into(),
                 cpu_nanos: 1_500_000_000,
                 memory_bytes: 3 << 20,
+                ..Default::default()
             }],
             ..Default::default()
         }];

@@ -199,6 +199,7 @@ mod tests {
                 name: "app".into(),
                 cpu_nanos: cpu,
                 memory_bytes: memory,
+                ..Default::default()
             }],
             ..Default::default()
         }

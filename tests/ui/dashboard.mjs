@@ -125,6 +125,23 @@ await check('scale it to 3 from the UI and see 3 pods', async () => {
   if (pods.length !== 3) throw new Error(`ready rows ${pods}`);
 });
 
+await check("a Wasm pod's page shows its component and counts its requests", async () => {
+  const pod = (await readyRows(admin))[0];
+  await admin.click(`a:text-is("${pod}")`);
+  await admin.waitForSelector('#wasm .component-kind');
+  const kind = await admin.textContent('#wasm .component-kind');
+  if (kind !== 'http') throw new Error(`component kind ${kind}`);
+  const ip = kubectl('get', 'pod', pod, '-o', 'jsonpath={.status.podIP}');
+  for (let i = 0; i < 5; i++) {
+    const resp = await fetch(`http://${ip}:8080/from-dashboard-test`);
+    if (!resp.ok) throw new Error(`pod answered ${resp.status}`);
+  }
+  await admin.waitForFunction(() => Number(document.getElementById('http-requests')?.textContent) >= 5);
+  await shot(admin, 'wasm-pod');
+  await admin.goBack();
+  await admin.waitForSelector('[data-action="edit"]');
+});
+
 await check('edit the YAML (server-side apply), confirmed', async () => {
   await admin.click('[data-action="edit"]');
   await admin.waitForSelector('#yaml-editor');
@@ -163,6 +180,9 @@ await check("open a pod's logs and see a new line appear", async () => {
   const first = await last();
   await admin.waitForFunction((n) => [...document.getElementById('logs').textContent.matchAll(/tick (\d+)/g)].some((m) => Number(m[1]) > n), first);
   await admin.waitForSelector('#pod-status.ok');
+  await admin.waitForSelector('#wasm .component-kind');
+  const kind = await admin.textContent('#wasm .component-kind');
+  if (kind !== 'cli') throw new Error(`component kind ${kind}`);
   await shot(admin, 'pod-logs');
 });
 

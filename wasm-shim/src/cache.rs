@@ -71,13 +71,14 @@ fn evict(dir: &Path, max: u64) {
     }
 }
 
-/// Compiles a component, or loads the compiled form from `cache_dir`.
+/// Compiles a component, or loads the compiled form from `cache_dir`; says which (true:
+/// from the cache).
 pub(crate) fn load(
     engine: &Engine,
     wasm: &[u8],
     source: &Path,
     cache_dir: Option<&Path>,
-) -> Result<Component, ShimError> {
+) -> Result<(Component, bool), ShimError> {
     let invalid = |e: wasmtime::Error| ShimError::InvalidComponent {
         path: source.to_path_buf(),
         reason: chain(&e),
@@ -92,7 +93,9 @@ pub(crate) fn load(
         });
     }
     let Some(dir) = cache_dir else {
-        return Component::from_binary(engine, wasm).map_err(invalid);
+        return Component::from_binary(engine, wasm)
+            .map(|c| (c, false))
+            .map_err(invalid);
     };
     let path: PathBuf = dir.join(format!("{}.cwasm", key(engine, wasm)));
     if path.exists() {
@@ -104,7 +107,7 @@ pub(crate) fn load(
                 if let Ok(f) = std::fs::File::options().write(true).open(&path) {
                     let _ = f.set_modified(SystemTime::now());
                 }
-                return Ok(c);
+                return Ok((c, true));
             }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %chain(&e), "discarding an unreadable cache entry")
@@ -124,7 +127,7 @@ pub(crate) fn load(
     std::io::Write::write_all(&mut tmp, &bytes).map_err(io)?;
     tmp.persist(&path).map_err(|e| io(e.error))?;
     evict(dir, MAX_CACHE_BYTES);
-    Ok(component)
+    Ok((component, false))
 }
 
 #[cfg(test)]

@@ -191,6 +191,8 @@ impl Runtime {
         task: Option<Arc<Task>>,
     ) -> Result<CliOutcome, ShimError> {
         self.expect_kind(component, ComponentKind::Cli)?;
+        let started = self.clock();
+        let tally = task.as_ref().map(|t| t.tally().clone());
         let limit = if spec.output_limit == 0 {
             1 << 20
         } else {
@@ -212,6 +214,9 @@ impl Runtime {
         let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, net, None, task);
         let run = async {
             let cmd = Command::instantiate_async(&mut store, component, &self.linker).await?;
+            if let Some(t) = started {
+                self.stats.instance_started(t.elapsed());
+            }
             cmd.wasi_cli_run()
                 .call_run(&mut store)
                 .await?
@@ -221,6 +226,9 @@ impl Runtime {
             .instrument(tracing::debug_span!("wasm_cli", component = name))
             .await;
         let exit = exit_of(result, oom.load(Ordering::Relaxed));
+        if let Some(t) = &tally {
+            t.exits.record(exit.reason);
+        }
         drop(store);
         if let Some(log) = &spec.log {
             let _ = log.flush();

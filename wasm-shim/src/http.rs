@@ -100,6 +100,9 @@ struct Serving {
     spec: HttpSpec,
     /// The container it serves for: its requests are counted there, as tasks of their own.
     container: Option<String>,
+    /// That container's account, where its requests and failures are counted (one of
+    /// its own for a component served alone).
+    tally: Arc<crate::usage::Tally>,
 }
 
 fn text(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
@@ -248,14 +251,31 @@ impl hyper::body::Body for GuardedBody {
 }
 
 impl Serving {
+    /// Serves one request, counted (and timed, to its response's head) in the container's
+    /// metrics.
     async fn handle(
         self: Arc<Self>,
         req: hyper::Request<hyper::body::Incoming>,
     ) -> Result<hyper::Response<HyperOutgoingBody>, Infallible> {
+        let started = self.runtime.clock();
+        let resp = self.respond(req, started).await;
+        self.tally
+            .http
+            .answered(resp.status().as_u16(), started.map(|t| t.elapsed()));
+        Ok(resp)
+    }
+
+    /// `started`: when the request arrived, if requests are timed; its instance's start
+    /// is counted from then (the cold start the request paid).
+    async fn respond(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        started: Option<std::time::Instant>,
+    ) -> hyper::Response<HyperOutgoingBody> {
         let args = ["http".to_string()];
         let mut wasi = match wasi_ctx(&self.spec.env, &args, &self.spec.mounts, true) {
             Ok(w) => w,
-            Err(e) => return Ok(text(500, format!("sandbox setup failed: {e}\n"))),
+            Err(e) => return text(500, format!("sandbox setup failed: {e}\n")),
         };
         match &self.spec.log {
             Some(log) => wasi.stdout(log.stdout()).stderr(log.stderr()),
@@ -295,15 +315,19 @@ impl Serving {
         })();
         let (req, out) = match prepared {
             Ok(x) => x,
-            Err(e) => return Ok(text(400, format!("bad request: {}\n", chain(&e)))),
+            Err(e) => return text(400, format!("bad request: {}\n", chain(&e))),
         };
         let pre = self.pre.clone();
+        let stats = self.runtime.stats.clone();
         let task = self.runtime.spawn_guest(
             &self.net.usage,
             task,
             async move {
                 let result = async {
                     let proxy = pre.instantiate_async(&mut store).await?;
+                    if let Some(t) = started {
+                        stats.instance_started(t.elapsed());
+                    }
                     proxy
                         .wasi_http_incoming_handler()
                         .call_handle(&mut store, req, out)
@@ -320,16 +344,13 @@ impl Serving {
         match receiver.await {
             // The guest may still be writing the body: it runs while the body is read,
             // and is stopped if the body is dropped before its end.
-            Ok(Ok(resp)) => Ok(resp.map(|body| {
+            Ok(Ok(resp)) => resp.map(|body| {
                 http_body_util::BodyExt::boxed_unsync(GuardedBody {
                     inner: body,
                     guard: Some(task),
                 })
-            })),
-            Ok(Err(e)) => Ok(text(
-                500,
-                format!("the component failed the request: {e:?}\n"),
-            )),
+            }),
+            Ok(Err(e)) => text(500, format!("the component failed the request: {e:?}\n")),
             Err(_) => {
                 // The guest never answered: it trapped, ran out of memory or time.
                 let exit = task.join().await.unwrap_or(crate::Exit {
@@ -337,12 +358,13 @@ impl Serving {
                     reason: "Error",
                     message: "request task panicked".into(),
                 });
+                self.tally.exits.record(exit.reason);
                 let status = if exit.reason == "DeadlineExceeded" {
                     504
                 } else {
                     500
                 };
-                Ok(text(status, format!("{}: {}\n", exit.reason, exit.message)))
+                text(status, format!("{}: {}\n", exit.reason, exit.message))
             }
         }
     }
@@ -377,12 +399,17 @@ impl Runtime {
             .local_addr()
             .map_err(|e| ShimError::Setup(e.to_string()))?;
         let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tally = match container {
+            Some(c) => net.usage.tally(c),
+            None => crate::usage::Tally::detached(""),
+        };
         let serving = Arc::new(Serving {
             stopped: killed.clone(),
             net,
             runtime: self.clone(),
             pre,
             spec,
+            tally,
             container: container.map(str::to_string),
         });
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<Duration>();

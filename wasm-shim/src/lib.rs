@@ -50,6 +50,7 @@ mod netns;
 mod pod;
 mod procs;
 mod runtime;
+pub mod stats;
 mod tiers;
 mod usage;
 
@@ -61,7 +62,7 @@ pub use net::{NameResolver, NetLimits};
 pub use netns::NetworkNamespace;
 pub use pod::{ContainerSpec, Pod, PodSpec};
 pub use runtime::{read_bounded, ComponentKind, Runtime, RuntimeConfig};
-pub use usage::{ContainerUsage, PodUsage, TaskInfo, TaskKind, CPU_PERIOD};
+pub use usage::{ComponentInfo, ContainerUsage, PodUsage, TaskInfo, TaskKind, CPU_PERIOD};
 /// A compiled component, loaded by [`Runtime::load_file`]; callers need not depend on wasmtime.
 pub use wasmtime::component::Component;
 

@@ -178,7 +178,10 @@ impl Pod {
         c: ContainerSpec,
     ) -> Result<(), ShimError> {
         self.stop_container(&c.name).await;
-        match rt.kind(&c.component)? {
+        let info = rt.describe(&c.component)?;
+        let kind = info.kind;
+        self.net.usage.tally(&c.name).describe(info);
+        match kind {
             ComponentKind::Http => {
                 let port = c.port.ok_or_else(|| {
                     ShimError::Setup(format!("HTTP container {} has no port", c.name))

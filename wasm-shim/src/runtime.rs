@@ -50,6 +50,9 @@ pub struct RuntimeConfig {
     /// CA certificates (PEM) that components' outgoing HTTPS trusts beside the public web
     /// roots: a node gives the cluster CA, so that components can verify the API server.
     pub extra_ca_pem: Vec<Vec<u8>>,
+    /// Whether requests and instance starts are timed for the metrics (`stats.rs`). On by
+    /// default; counts of requests, exits and loads are kept either way.
+    pub metrics: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -64,6 +67,7 @@ impl Default for RuntimeConfig {
             guest_threads: 0,
             guest_nice: 0,
             extra_ca_pem: Vec::new(),
+            metrics: true,
         }
     }
 }
@@ -111,6 +115,7 @@ pub struct Runtime {
     pub(crate) pods: Arc<crate::usage::Registry>,
     /// The TLS client of components' outgoing HTTPS ([`crate::https`]).
     pub(crate) tls: Arc<rustls::ClientConfig>,
+    pub(crate) stats: Arc<crate::stats::RuntimeStats>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -192,6 +197,7 @@ impl Runtime {
             guests: Arc::new(guests),
             pods,
             tls,
+            stats: Arc::default(),
         })
     }
 
@@ -242,6 +248,16 @@ impl Runtime {
         self.pods.snapshot()
     }
 
+    /// The runtime's node-wide counts: component loads, instance starts.
+    pub fn stats(&self) -> crate::stats::RuntimeUsage {
+        self.stats.snapshot()
+    }
+
+    /// The time now, if requests are timed.
+    pub(crate) fn clock(&self) -> Option<Instant> {
+        self.cfg.metrics.then(Instant::now)
+    }
+
     /// The network of a component run on its own: the node's loopback, no name overrides.
     pub(crate) fn loopback_net(&self) -> Arc<PodNet> {
         PodNet::new(
@@ -264,33 +280,48 @@ impl Runtime {
     /// a blocking read.
     pub fn load_file(&self, path: &Path) -> Result<Component, ShimError> {
         let wasm = read_bounded(path, self.cfg.max_component_bytes)?;
-        crate::cache::load(&self.engine, &wasm, path, self.cfg.cache_dir.as_deref())
+        self.load_bytes(&wasm, path)
     }
 
     /// Loads a component from bytes (`source` names it in errors).
     pub fn load_bytes(&self, wasm: &[u8], source: &Path) -> Result<Component, ShimError> {
-        crate::cache::load(&self.engine, wasm, source, self.cfg.cache_dir.as_deref())
+        let (component, from_cache) =
+            crate::cache::load(&self.engine, wasm, source, self.cfg.cache_dir.as_deref())?;
+        self.stats.loaded(from_cache);
+        Ok(component)
     }
 
     /// What a component is, from its exports.
     pub fn kind(&self, component: &Component) -> Result<ComponentKind, ShimError> {
+        self.describe(component).map(|info| info.kind)
+    }
+
+    /// What a component is and every interface it exports.
+    pub fn describe(
+        &self,
+        component: &Component,
+    ) -> Result<crate::usage::ComponentInfo, ShimError> {
         let ty = component.component_type();
         let exports: Vec<String> = ty
             .exports(&self.engine)
             .map(|(name, _)| name.to_string())
             .collect();
-        if exports
+        let kind = if exports
             .iter()
             .any(|e| e.starts_with("wasi:http/incoming-handler@0.2"))
         {
-            Ok(ComponentKind::Http)
+            ComponentKind::Http
         } else if exports.iter().any(|e| e.starts_with("wasi:cli/run@0.2")) {
-            Ok(ComponentKind::Cli)
+            ComponentKind::Cli
         } else {
-            Err(ShimError::UnknownKind {
+            return Err(ShimError::UnknownKind {
                 exports: exports.join(", "),
-            })
-        }
+            });
+        };
+        Ok(crate::usage::ComponentInfo {
+            kind,
+            exports: exports.into(),
+        })
     }
 
     /// Refuses a component of another kind than the way it is about to be run.

@@ -64,14 +64,45 @@ pub struct ContainerUsage {
     /// What its live instances hold, in bytes: linear memory, tables, and each store's own
     /// state on the host (see `host::HOST_STATE_BYTES`).
     pub memory_bytes: usize,
+    /// The component it runs, once started.
+    pub component: Option<ComponentInfo>,
+    /// Its HTTP requests (zero for a CLI component).
+    pub http: crate::stats::HttpUsage,
+    /// Its guests that stopped other than by completing, by reason.
+    pub exits: Vec<(&'static str, u64)>,
+}
+
+/// What a container's component is: its kind and the interfaces it exports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ComponentInfo {
+    pub kind: crate::ComponentKind,
+    pub exports: Arc<[String]>,
 }
 
 /// One container's share of its pod's account.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Tally {
     name: String,
     cpu_nanos: AtomicU64,
     memory: AtomicUsize,
+    component: Mutex<Option<ComponentInfo>>,
+    pub(crate) http: crate::stats::HttpStats,
+    pub(crate) exits: crate::stats::Exits,
+}
+
+impl Tally {
+    /// A container's account that belongs to no pod: what `baton run` serves.
+    pub fn detached(name: &str) -> Arc<Tally> {
+        Arc::new(Tally {
+            name: name.to_string(),
+            ..Tally::default()
+        })
+    }
+
+    /// Records what the container runs (again when it restarts).
+    pub fn describe(&self, info: ComponentInfo) {
+        *self.component.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
 }
 
 /// What a guest task is, for `ps`.
@@ -145,6 +176,11 @@ pub struct TaskInfo {
 }
 
 impl Task {
+    /// The account of the task's container.
+    pub(crate) fn tally(&self) -> &Arc<Tally> {
+        &self.tally
+    }
+
     pub fn grow_memory(&self, delta: usize) {
         self.memory.fetch_add(delta, Ordering::Relaxed);
         self.tally.memory.fetch_add(delta, Ordering::Relaxed);
@@ -352,11 +388,7 @@ impl Usage {
         if let Some((_, t)) = all.iter().find(|(n, _)| n == container) {
             return t.clone();
         }
-        let t = Arc::new(Tally {
-            name: container.to_string(),
-            cpu_nanos: AtomicU64::new(0),
-            memory: AtomicUsize::new(0),
-        });
+        let t = Tally::detached(container);
         all.push((container.to_string(), t.clone()));
         t
     }
@@ -419,6 +451,13 @@ impl Usage {
                     name: name.clone(),
                     cpu_nanos: t.cpu_nanos.load(Ordering::Relaxed),
                     memory_bytes: t.memory.load(Ordering::Relaxed),
+                    component: t
+                        .component
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone(),
+                    http: t.http.snapshot(),
+                    exits: t.exits.snapshot(),
                 })
                 .collect(),
         }

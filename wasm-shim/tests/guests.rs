@@ -323,11 +323,13 @@ fn broken_wasm_is_refused_and_the_cache_survives_a_restart() {
     first.load_file(&guest("hello")).unwrap();
     let entries = std::fs::read_dir(cache.path()).unwrap().count();
     assert_eq!(entries, 1, "one compiled entry");
+    assert_eq!((first.stats().compiled, first.stats().cache_hits), (1, 0));
     drop(first);
     let second = Runtime::new(cfg).unwrap();
     let started = std::time::Instant::now();
     let c = second.load_file(&guest("hello")).unwrap();
     assert_eq!(second.kind(&c).unwrap(), ComponentKind::Cli);
+    assert_eq!((second.stats().compiled, second.stats().cache_hits), (0, 1));
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "loaded from the cache, not recompiled"
@@ -510,6 +512,21 @@ async fn pod_siblings_share_localhost_and_pods_share_a_port() {
         body.contains("hello-b from p2 path=/y"),
         "localhost in pod b is pod b: {body}"
     );
+    // Each container's requests were counted where it runs, with what it is.
+    let usage = rt.usage();
+    let p2 = usage.iter().find(|u| u.pod == "p2").expect("p2's usage");
+    for c in &p2.containers {
+        let info = c.component.as_ref().expect("described at start");
+        assert_eq!(info.kind, ComponentKind::Http, "{}", c.name);
+        assert!(info
+            .exports
+            .iter()
+            .any(|e| e.starts_with("wasi:http/incoming-handler@0.2")));
+        assert_eq!(c.http.by_class, [0, 1, 0, 0, 0], "{}", c.name);
+        assert_eq!(c.http.latency.count(), 1, "{}", c.name);
+    }
+    // Four requests in all, each in an instance started for it.
+    assert_eq!(rt.stats().cold_starts.count(), 4);
     // With its backend gone, a frontend does not reach the other pod's.
     drop(a);
     let c = rt

@@ -3,7 +3,8 @@
 //! - **Throughput:** `http-hello` served by `baton run` and by `wasmtime serve` (wasmtime-cli
 //!   48, same file, same flags where they exist), one after the other, under the same load
 //!   generator: keep-alive HTTP/1.1 connections, each sending requests back to back, for a
-//!   fixed time. Prints requests/s, p50, p99, server CPU per request and the ratio.
+//!   fixed time. Prints requests/s, p50, p99, server CPU per request and the ratio; and
+//!   Baton once more with `--no-metrics`, for what its request metrics cost.
 //! - **Cold start:** in-process; a component is loaded from the on-disk cache, a pod is
 //!   started with it, and a client waits for its first response. Prints p50/p99 of the load
 //!   and of pod start to first response, over 200 pods.
@@ -82,20 +83,29 @@ async fn throughput(baton: &Path, wasmtime: &Path, wasm: &Path, secs: f64) -> Re
     println!("## Throughput: http-hello, keep-alive HTTP/1.1, {secs} s per cell, same machine");
     println!("| clients | server | req/s | p50 ms | p99 ms | server CPU us/req | ratio (req/s) |");
     println!("|---|---|---|---|---|---|---|");
+    let mut costs = Vec::new();
     for clients in [1usize, 16, 64] {
-        let (procs, addr) = serve(
-            Command::new(baton)
-                .arg("run")
-                .arg(wasm)
-                .args(["--listen", "127.0.0.1:0", "-e", "GREETING=hi"])
-                .arg("--cache-dir")
-                .arg(cache.path())
-                .env("RUST_LOG", "error"),
-            Announces::Stdout(" on http://"),
-        )
-        .await?;
-        let b = measure(&procs, addr, clients, secs).await?;
-        drop(procs);
+        // Baton with its request metrics (the default), then without them.
+        let mut runs = Vec::new();
+        for extra in [&[][..], &["--no-metrics"][..]] {
+            let (procs, addr) = serve(
+                Command::new(baton)
+                    .arg("run")
+                    .arg(wasm)
+                    .args(["--listen", "127.0.0.1:0", "-e", "GREETING=hi"])
+                    .args(extra)
+                    .arg("--cache-dir")
+                    .arg(cache.path())
+                    .env("RUST_LOG", "error"),
+                Announces::Stdout(" on http://"),
+            )
+            .await?;
+            runs.push(measure(&procs, addr, clients, secs).await?);
+            drop(procs);
+        }
+        let off = runs.pop().expect("two runs");
+        let b = runs.pop().expect("two runs");
+        costs.push((clients, 1.0 - b.rate / off.rate));
         let (procs, addr) = serve(
             Command::new(wasmtime)
                 .args(["serve", "-S", "cli", "--addr", "127.0.0.1:0"])
@@ -108,6 +118,11 @@ async fn throughput(baton: &Path, wasmtime: &Path, wasm: &Path, secs: f64) -> Re
         drop(procs);
         for (name, r, ratio) in [
             ("baton", &b, format!("{:.2}x", b.rate / w.rate)),
+            (
+                "baton --no-metrics",
+                &off,
+                format!("{:.2}x", off.rate / w.rate),
+            ),
             ("wasmtime serve", &w, String::new()),
         ] {
             println!(
@@ -120,6 +135,14 @@ async fn throughput(baton: &Path, wasmtime: &Path, wasm: &Path, secs: f64) -> Re
         }
     }
     println!("goal: >= 0.9x the requests/s of `wasmtime serve`");
+    let costs: Vec<String> = costs
+        .iter()
+        .map(|(c, cost)| format!("{:+.1}% at {c}", cost * 100.0))
+        .collect();
+    println!(
+        "cost of the request metrics (1 - req/s with them / without): {}; goal: under 3%",
+        costs.join(", ")
+    );
     Ok(())
 }
 

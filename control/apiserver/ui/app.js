@@ -630,7 +630,7 @@ function podPanels(pod, signal) {
   });
   let last;
   if (pod.spec.nodeName) {
-    every(5000, signal, async () => {
+    every(2000, signal, async () => {
       let text;
       try {
         text = await api(`/api/v1/nodes/${enc(pod.spec.nodeName)}/proxy/metrics`, { signal, accept: 'text/plain' });
@@ -650,7 +650,8 @@ function podPanels(pod, signal) {
           h('tbody', {}, info.map((i) => h('tr', { 'data-container': i.labels.container }, h('td', {}, i.labels.container),
             h('td', { class: 'component-kind' }, i.labels.kind), h('td', {}, i.labels.exports.split(',').map((e) => h('span', { class: 'pill' }, e)))))))
           : h('p', { class: 'muted' }, 'No Wasm component is running in this pod.'),
-        kv([['Instances alive', String(one('baton_sandbox_instances')[0]?.value ?? 0)], ['HTTP requests', String(requests)]]));
+        kv([['Instances alive', h('span', { id: 'instances' }, String(one('baton_sandbox_instances')[0]?.value ?? 0))],
+          ['HTTP requests', h('span', { id: 'http-requests' }, String(requests))]]));
     });
   }
   return h('div', {},
