@@ -288,9 +288,40 @@ fn top_shows_a_spinning_pod_busier_and_a_memory_hog_bigger_than_an_idle_pod() {
     for line in [
         "kubelet_running_pods 3",
         "kubelet_pod_start_duration_seconds_count 3",
+        // One fresh instance per process started.
+        "baton_cold_start_duration_seconds_count 3",
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
     }
+    let info = r#",container="main",kind="cli",exports="#;
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("baton_component_info{") && l.contains(info))
+            .count(),
+        3,
+        "{text}"
+    );
+
+    // The API server's /metrics carries the scheduler's and the controllers' too.
+    let text = b.ok(&["get", "--raw", "/metrics"]);
+    for line in [
+        r#"scheduler_schedule_attempts_total{result="scheduled",profile="default-scheduler"} 3"#,
+        r#"scheduler_pending_pods{queue="active"} 0"#,
+        r#"scheduler_pending_pods{queue="unschedulable"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+    for prefix in [
+        r#"scheduler_scheduling_attempt_duration_seconds_count{result="scheduled",profile="default-scheduler"} "#,
+        r#"workqueue_work_duration_seconds_count{name="serviceaccount"} "#,
+        r#"controller_runtime_reconcile_total{controller="serviceaccount",result="success"} "#,
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(prefix)),
+            "no {prefix:?} in:\n{text}"
+        );
+    }
+    assert_eq!(text.matches("# EOF").count(), 1, "one end: {text}");
 }
 
 /// `kubectl port-forward TARGET :PORT` (a local port of its choosing), and the local

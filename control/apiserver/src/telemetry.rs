@@ -285,8 +285,11 @@ impl ApiMetrics {
     pub fn encode(&self, store: &baton_store::StoreMetrics) -> String {
         self.store.set(store);
         let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        // Writing into a String cannot fail. The process's control loops (scheduler,
+        // controllers) follow the API server's own families.
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        baton_kube::telemetry::encode_into(&mut out);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
     }
 }

@@ -55,6 +55,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_kube::events::Recorder;
+use baton_kube::telemetry::timed;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
@@ -370,7 +371,11 @@ pub async fn run(
             .owns_shared_stream(pods.subscribe())
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
-            .run(replicaset::reconcile, error_policy, ctx.clone());
+            .run(
+                timed("replicaset", replicaset::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
     let rc_controller = Controller::for_shared_stream(
         replicationcontrollers.subscribe(),
         replicationcontrollers.store.clone(),
@@ -379,7 +384,10 @@ pub async fn run(
     .with_config(cfg.clone())
     .graceful_shutdown_on(stop())
     .run(
-        replicaset::reconcile_replication_controller,
+        timed(
+            "replicationcontroller",
+            replicaset::reconcile_replication_controller,
+        ),
         error_policy,
         ctx.clone(),
     );
@@ -388,12 +396,20 @@ pub async fn run(
             .owns_shared_stream(replicasets.subscribe())
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
-            .run(deployment::reconcile, error_policy, ctx.clone());
+            .run(
+                timed("deployment", deployment::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
     let sa_controller =
         Controller::for_shared_stream(namespaces.subscribe(), namespaces.store.clone())
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
-            .run(serviceaccount::reconcile, error_policy, ctx.clone());
+            .run(
+                timed("serviceaccount", serviceaccount::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
     let rootca_controller =
         Controller::for_shared_stream(namespaces.subscribe(), namespaces.store.clone())
             .watches(
@@ -407,7 +423,11 @@ pub async fn run(
             )
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
-            .run(rootca::reconcile, error_policy, ctx.clone());
+            .run(
+                timed("root-ca-cert-publisher", rootca::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
     let ctx2 = ctx.clone();
     let eps_controller =
         Controller::for_shared_stream(services.subscribe(), services.store.clone())
@@ -417,18 +437,26 @@ pub async fn run(
             })
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
-            .run(endpointslice::reconcile, error_policy, ctx.clone());
+            .run(
+                timed("endpointslice", endpointslice::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
     let job_controller = Controller::for_shared_stream(jobs.subscribe(), jobs.store.clone())
         .owns_shared_stream(pods.subscribe())
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())
-        .run(job::reconcile, error_policy, ctx.clone());
+        .run(timed("job", job::reconcile), error_policy, ctx.clone());
     let cronjob_controller =
         Controller::for_shared_stream(cronjobs.subscribe(), cronjobs.store.clone())
             .watches_shared_stream(jobs.subscribe(), |j| cronjob::cronjob_of_job(&j))
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
-            .run(cronjob::reconcile, error_policy, ctx.clone());
+            .run(
+                timed("cronjob", cronjob::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
     let ctx4 = ctx.clone();
     let daemonset_controller =
         Controller::for_shared_stream(daemonsets.subscribe(), daemonsets.store.clone())
@@ -438,24 +466,40 @@ pub async fn run(
             })
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
-            .run(daemonset::reconcile, error_policy, ctx.clone());
+            .run(
+                timed("daemonset", daemonset::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
     let statefulset_controller =
         Controller::for_shared_stream(statefulsets.subscribe(), statefulsets.store.clone())
             .owns_shared_stream(pods.subscribe())
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
-            .run(statefulset::reconcile, error_policy, ctx.clone());
+            .run(
+                timed("statefulset", statefulset::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
     let claim_controller = Controller::for_shared_stream(pvcs.subscribe(), pvcs.store.clone())
         .watches_shared_stream(pvs.subscribe(), |v| volume::claim_of_volume(&v))
         .watches_shared_stream(pods.subscribe(), |p| volume::claims_of_pod(&p))
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())
-        .run(volume::reconcile_claim, error_policy, ctx.clone());
+        .run(
+            timed("persistentvolumeclaim", volume::reconcile_claim),
+            error_policy,
+            ctx.clone(),
+        );
     let volume_controller = Controller::for_shared_stream(pvs.subscribe(), pvs.store.clone())
         .watches_shared_stream(pvcs.subscribe(), |c| volume::volume_of_claim(&c))
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())
-        .run(volume::reconcile_volume, error_policy, ctx.clone());
+        .run(
+            timed("persistentvolume", volume::reconcile_volume),
+            error_policy,
+            ctx.clone(),
+        );
     let node_controller = Controller::for_shared_stream(nodes.subscribe(), nodes.store.clone())
         .watches_shared_stream(leases.subscribe(), |l: Arc<Lease>| {
             (l.metadata.namespace.as_deref() == Some("kube-node-lease")).then(|| {
@@ -464,7 +508,11 @@ pub async fn run(
         })
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())
-        .run(nodelifecycle::reconcile, error_policy, ctx.clone());
+        .run(
+            timed("nodelifecycle", nodelifecycle::reconcile),
+            error_policy,
+            ctx.clone(),
+        );
     let ctx3 = ctx.clone();
     let pdb_controller = Controller::for_shared_stream(pdbs.subscribe(), pdbs.store.clone())
         .watches_shared_stream(pods.subscribe(), move |p| {
@@ -472,7 +520,11 @@ pub async fn run(
         })
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())
-        .run(disruption::reconcile, error_policy, ctx.clone());
+        .run(
+            timed("disruption", disruption::reconcile),
+            error_policy,
+            ctx.clone(),
+        );
     let ctx5 = ctx.clone();
     let quota_controller = Controller::for_shared_stream(quotas.subscribe(), quotas.store.clone())
         .watches_shared_stream(pods.subscribe(), move |p| {
@@ -480,7 +532,11 @@ pub async fn run(
         })
         .with_config(cfg.clone())
         .graceful_shutdown_on(stop())
-        .run(resourcequota::reconcile, error_policy, ctx.clone());
+        .run(
+            timed("resourcequota", resourcequota::reconcile),
+            error_policy,
+            ctx.clone(),
+        );
     let ctx6 = ctx.clone();
     let aggregation_controller =
         Controller::for_shared_stream(clusterroles.subscribe(), clusterroles.store.clone())
@@ -489,7 +545,11 @@ pub async fn run(
             })
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
-            .run(aggregation::reconcile, error_policy, ctx.clone());
+            .run(
+                timed("clusterrole-aggregation", aggregation::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
     let watches = [
         pods.start(Api::all(client.clone())),
         clusterroles.start(Api::all(client.clone())),

@@ -15,6 +15,8 @@
 //! - [`client`]: a kube `Client` from an in-memory kubeconfig;
 //! - [`leader`]: leader election on a Lease, for several control-plane members;
 //! - [`local_nodes`]: calls from the API server to node agents in its own process;
+//! - [`telemetry`]: the control loops' metrics (work queues, the scheduler), in one
+//!   registry per process that the API server's `/metrics` serves;
 //! - [`error`]: an error shown with its causes, each once.
 //!
 //! Nothing here talks to wasmtime or the store.
@@ -30,3 +32,4 @@ pub mod quantity;
 pub mod quota;
 pub mod selector;
 pub mod storage;
+pub mod telemetry;

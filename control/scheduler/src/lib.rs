@@ -24,6 +24,7 @@
 //! and all pods (to count what each node holds).
 
 pub mod cache;
+pub mod metrics;
 pub mod plugins;
 pub mod volumes;
 
@@ -276,24 +277,50 @@ pub async fn reconcile(p: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> 
     {
         return Ok(Action::await_change());
     }
+    let started = std::time::Instant::now();
+    let out = place(&p, &ctx, &uid).await;
+    let result = match &out {
+        Ok(Placed::Bound) => metrics::Attempt::Scheduled,
+        Ok(Placed::Nowhere) => metrics::Attempt::Unschedulable,
+        Ok(Placed::Gone) => return Ok(Action::await_change()),
+        Err(_) => metrics::Attempt::Error,
+    };
+    metrics::attempt(result, started.elapsed());
+    out.map(|placed| match placed {
+        Placed::Nowhere => Action::requeue(UNSCHEDULABLE_RETRY),
+        Placed::Bound | Placed::Gone => Action::await_change(),
+    })
+}
+
+/// How placing a pod ended, when nothing failed.
+enum Placed {
+    Bound,
+    /// No node fits; the pod says why.
+    Nowhere,
+    /// Deleted, or bound by someone else meanwhile.
+    Gone,
+}
+
+/// One attempt to place `p`: decide, then bind (or report that no node fits).
+async fn place(p: &Pod, ctx: &Context, uid: &str) -> Result<Placed, Error> {
     let ns = p.namespace().unwrap_or_default();
     let name = p.name_any();
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let claims = volumes::claims(&ctx.client, &p)
+    let claims = volumes::claims(&ctx.client, p)
         .await
         .map_err(|source| Error::Claims {
             pod: format!("{ns}/{name}"),
             source,
         })?;
     let decision = match &claims {
-        Ok(c) => decide(&ctx, &p, &c.node_terms),
+        Ok(c) => decide(ctx, p, &c.node_terms),
         Err(message) => Decision::Nowhere(message.clone()),
     };
     match decision {
         Decision::Node(node) => {
             let waiting = claims.map(|c| c.waiting).unwrap_or_default();
             if let Err(source) = volumes::select_node(&ctx.client, &ns, &waiting, &node).await {
-                lock(&ctx.cache).forget_pod(&uid);
+                lock(&ctx.cache).forget_pod(uid);
                 return Err(Error::Claims {
                     pod: format!("{ns}/{name}"),
                     source,
@@ -315,7 +342,7 @@ pub async fn reconcile(p: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> 
                 .await;
             match res {
                 Ok(_) => {
-                    lock(&ctx.bound).insert(uid);
+                    lock(&ctx.bound).insert(uid.to_string());
                     let recorder = ctx.recorder.clone();
                     let obj = p.object_ref(&());
                     let msg = format!("Successfully assigned {ns}/{name} to {node}");
@@ -324,15 +351,13 @@ pub async fn reconcile(p: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> 
                             .publish(&obj, EventType::Normal, "Scheduled", &msg)
                             .await
                     });
-                    Ok(Action::await_change())
+                    Ok(Placed::Bound)
                 }
                 Err(e) => {
-                    lock(&ctx.cache).forget_pod(&uid);
+                    lock(&ctx.cache).forget_pod(uid);
                     match &e {
                         // Deleted, or bound by someone else meanwhile: nothing to do.
-                        kube::Error::Api(s) if s.code == 404 || s.code == 409 => {
-                            Ok(Action::await_change())
-                        }
+                        kube::Error::Api(s) if s.code == 404 || s.code == 409 => Ok(Placed::Gone),
                         _ => Err(Error::Bind {
                             pod: format!("{ns}/{name}"),
                             node,
@@ -343,7 +368,7 @@ pub async fn reconcile(p: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> 
             }
         }
         Decision::Nowhere(message) => {
-            let current = pod::condition(&p, "PodScheduled");
+            let current = pod::condition(p, "PodScheduled");
             let same = current.is_some_and(|c| {
                 c.status == "False" && c.message.as_deref() == Some(message.as_str())
             });
@@ -367,7 +392,7 @@ pub async fn reconcile(p: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> 
                     )
                     .await;
             }
-            Ok(Action::requeue(UNSCHEDULABLE_RETRY))
+            Ok(Placed::Nowhere)
         }
     }
 }
@@ -394,7 +419,9 @@ pub async fn run(
     let pods = tokio::spawn(watch_pods(client.clone(), ctx.clone()));
     let pending: Api<Pod> = Api::all(client);
     let trigger: std::pin::Pin<Box<dyn Stream<Item = ()> + Send + Sync>> = Box::pin(rx);
-    Controller::new(pending, watcher::Config::default().fields("spec.nodeName="))
+    let controller = Controller::new(pending, watcher::Config::default().fields("spec.nodeName="));
+    metrics::track_pending(controller.store());
+    controller
         .with_config(controller::Config::default().concurrency(64))
         .reconcile_all_on(trigger)
         .graceful_shutdown_on(shutdown)
