@@ -9,9 +9,11 @@
 #                            idle memory (BENCH_PARTS=idle,start,sched; BENCH_NODES, BENCH_PODS)
 #   scripts/bench.sh debug   `kubectl exec -- true` round trip and port-forward throughput
 #                            against a direct connection (BENCH_OPS runs, BENCH_MIB MiB)
+#   scripts/bench.sh ui      the dashboard's time to interactive with 1,000 running pods
+#                            in headless Chromium (BENCH_PODS, BENCH_RUNS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-which="${1:?usage: scripts/bench.sh store|api|wasm|cluster|debug|container}"
+which="${1:?usage: scripts/bench.sh store|api|wasm|cluster|debug|container|ui}"
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 # Two builds, so that `baton` is the same binary `scripts/run.sh` builds (one build of
@@ -28,7 +30,7 @@ case "$which" in
     "$CARGO_TARGET_DIR/release/wasm-bench" "$CARGO_TARGET_DIR/release/baton" \
       "$tools/bin/wasmtime" examples-wasm/dist
     ;;
-  cluster|debug|container)
+  cluster|debug|container|ui)
     ./scripts/build-guests.sh >/dev/null
     if [ "$which" = cluster ]; then
       "$CARGO_TARGET_DIR/release/cluster-bench" "$CARGO_TARGET_DIR/release/baton" examples-wasm/dist
