@@ -1233,8 +1233,24 @@ fn metrics_count_requests_under_kube_apiservers_names_and_are_authorized() {
         "etcd_server_has_leader 1",
         "etcd_server_leader_changes_seen_total 1",
         "etcd_mvcc_db_total_size_in_bytes ",
+        "baton_store_apply_lag_entries ",
     ] {
         assert!(text.contains(name), "no {name} in:\n{text}");
+    }
+    // Writes went through the Raft log: its syncs, the batches and the proposals timed.
+    for name in [
+        "etcd_disk_wal_fsync_duration_seconds_count",
+        "etcd_disk_backend_commit_duration_seconds_count",
+        "baton_store_proposal_duration_seconds_count",
+    ] {
+        let count: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(count > 0, "{name} {count}");
     }
     // Reading them is a right, as `get` on the /metrics non-resource URL.
     let err = b.fails(&["get", "--raw", "/metrics", "--as=nobody"], None);

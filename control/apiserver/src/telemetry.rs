@@ -14,6 +14,7 @@
 //! Reading `/metrics` is authorized as any non-resource URL is (`get` on `/metrics`).
 
 use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -85,6 +86,45 @@ struct StoreSeries {
     compact_revision: Gauge,
     db_bytes: Gauge,
     lag: Family<MemberLabels, Gauge>,
+    apply_lag: Gauge,
+    latencies: Arc<StoreLatencies>,
+}
+
+/// The store's latency histograms, encoded as they are at the scrape (the store observes
+/// into them; they are handed over with its figures).
+#[derive(Debug, Default)]
+struct StoreLatencies(std::sync::Mutex<Option<baton_store::Latencies>>);
+
+impl prometheus_client::collector::Collector for StoreLatencies {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let Some(l) = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        for (name, help, h) in [
+            (
+                "etcd_disk_wal_fsync_duration_seconds",
+                "The latency distributions of fsync called by WAL.",
+                &l.wal_fsync,
+            ),
+            (
+                "etcd_disk_backend_commit_duration_seconds",
+                "The latency distributions of commit called by backend.",
+                &l.backend_commit,
+            ),
+            (
+                "baton_store_proposal_duration_seconds",
+                "From a batch of transactions proposed to its commit and apply.",
+                &l.proposal,
+            ),
+        ] {
+            h.encode(encoder.encode_descriptor(name, help, None, h.metric_type())?)?;
+        }
+        Ok(())
+    }
 }
 
 impl StoreSeries {
@@ -144,6 +184,12 @@ impl StoreSeries {
             "On the leader: log entries each member has yet to match.",
             self.lag.clone(),
         );
+        r.register(
+            "baton_store_apply_lag_entries",
+            "Log entries this member holds and has not applied yet.",
+            self.apply_lag.clone(),
+        );
+        r.register_collector(Box::new(self.latencies.clone()));
     }
 
     fn set(&self, m: &baton_store::StoreMetrics) {
@@ -160,6 +206,8 @@ impl StoreSeries {
         self.revision.set(s.revision);
         self.compact_revision.set(s.compact_revision);
         self.db_bytes.set(n(m.db_bytes));
+        self.apply_lag.set(n(m.apply_lag));
+        *self.latencies.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(m.latencies.clone());
         self.lag.clear();
         for (member, lag) in &m.replication_lag {
             self.lag
@@ -439,7 +487,10 @@ mod tests {
             leader_changes: 2,
             db_bytes: 4096,
             replication_lag: vec![(2, 0), (3, 12)],
+            apply_lag: 1,
+            latencies: baton_store::Latencies::default(),
         };
+        figures.latencies.wal_fsync.observe(0.0015);
         let text = m.encode(&figures);
         for line in [
             "etcd_server_has_leader 1",
@@ -451,6 +502,11 @@ mod tests {
             "etcd_debugging_mvcc_compact_revision 5",
             "etcd_mvcc_db_total_size_in_bytes 4096",
             r#"baton_store_replication_lag_entries{member="3"} 12"#,
+            "baton_store_apply_lag_entries 1",
+            r#"etcd_disk_wal_fsync_duration_seconds_bucket{le="0.002"} 1"#,
+            "etcd_disk_wal_fsync_duration_seconds_count 1",
+            "etcd_disk_backend_commit_duration_seconds_count 0",
+            "baton_store_proposal_duration_seconds_count 0",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
         }

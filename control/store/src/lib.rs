@@ -47,6 +47,7 @@
 mod client;
 mod db;
 mod error;
+mod latency;
 mod mvcc;
 mod raft;
 mod server;
@@ -57,6 +58,7 @@ mod watch;
 pub use client::StoreClient;
 pub use db::{repair, DbError, Repaired};
 pub use error::Error;
+pub use latency::Latencies;
 pub use mvcc::MvccError;
 pub use raft::NodeId;
 pub use store::{AutoCompaction, Store, StoreConfig};

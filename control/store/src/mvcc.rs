@@ -96,6 +96,8 @@ pub(crate) struct Mvcc {
     /// apply path finds a key's current version with a hash lookup and a point read
     /// instead of a RocksDB iterator seek. Only the (single) applier uses it.
     index: Mutex<HashMap<Vec<u8>, Revision>>,
+    /// How long writing an applied batch takes.
+    commit_latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// The consistent state that a snapshot carries.
@@ -127,6 +129,7 @@ impl Mvcc {
             revision: AtomicI64::new(revision),
             compact: AtomicI64::new(compact),
             index: Mutex::new(HashMap::new()),
+            commit_latency: crate::Latencies::default().backend_commit,
         };
         mvcc.rebuild_index()?;
         Ok(mvcc)
@@ -348,6 +351,15 @@ impl Mvcc {
         }
     }
 
+    /// Observes batch writes into `h` (the store's shared histogram).
+    pub(crate) fn with_commit_latency(
+        mut self,
+        h: prometheus_client::metrics::histogram::Histogram,
+    ) -> Self {
+        self.commit_latency = h;
+        self
+    }
+
     /// Writes the batch (without sync: the Raft log is the durable record) and publishes its
     /// revision. Returns the events it committed, in revision order.
     pub(crate) fn commit(&self, mut ab: ApplyBatch<'_>) -> Result<Vec<RevisionEvents>, MvccError> {
@@ -356,7 +368,7 @@ impl Mvcc {
             .put_cf(meta, META_REVISION, ab.revision.to_be_bytes());
         ab.batch
             .put_cf(meta, META_COMPACT, ab.compact.to_be_bytes());
-        self.db.write(ab.batch)?;
+        crate::latency::timed(&self.commit_latency, || self.db.write(ab.batch))?;
         for (key, (rev, rec)) in ab.overlay {
             if rec.value.is_some() {
                 ab.index.insert(key, rev);

@@ -306,7 +306,7 @@ pub struct MemberInfo {
 
 /// One member's figures, for its metrics (see `Store::metrics`): its status, and what
 /// only the metrics ask for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct StoreMetrics {
     pub status: Status,
     /// Leader changes seen since the member started.
@@ -315,6 +315,10 @@ pub struct StoreMetrics {
     pub db_bytes: u64,
     /// On the leader: each member's id and how many log entries it has yet to match.
     pub replication_lag: Vec<(u64, u64)>,
+    /// Log entries this member holds but has not applied yet.
+    pub apply_lag: u64,
+    /// Log syncs, batch writes and proposals, timed.
+    pub latencies: crate::Latencies,
 }
 
 /// The state of one member, as it sees itself.

@@ -42,7 +42,11 @@ pub(crate) struct LogStore {
 }
 
 impl LogStore {
-    pub(crate) fn new(db: Arc<DB>) -> Self {
+    /// `fsync`: where the time of each sync of the log is observed.
+    pub(crate) fn new(
+        db: Arc<DB>,
+        fsync: prometheus_client::metrics::histogram::Histogram,
+    ) -> Self {
         let (tx, rx) = std_mpsc::channel::<LogFlushed<TypeConfig>>();
         let flush_db = db.clone();
         std::thread::Builder::new()
@@ -52,7 +56,7 @@ impl LogStore {
                 while let Ok(first) = rx.recv() {
                     let mut pending = vec![first];
                     pending.extend(rx.try_iter());
-                    let res = flush_db.flush_wal(true);
+                    let res = crate::latency::timed(&fsync, || flush_db.flush_wal(true));
                     for cb in pending {
                         let r = res.as_ref().map(|_| ()).map_err(|e| {
                             std::io::Error::other(format!("syncing the raft log: {e}"))
