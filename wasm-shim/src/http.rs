@@ -300,6 +300,7 @@ impl Serving {
             Some(self.stopped.clone()),
             task.clone(),
         );
+        store.data_mut().hooks.trace = crate::net::TraceContext::of(req.headers());
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let prepared = (|| -> wasmtime::Result<_> {
             let req = store.data_mut().http().new_incoming_request(

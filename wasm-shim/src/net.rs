@@ -268,6 +268,7 @@ impl StoreNet {
     pub fn hooks(&self) -> PodHooks {
         PodHooks {
             net: self.pod.clone(),
+            trace: None,
         }
     }
 }
@@ -282,6 +283,39 @@ impl Drop for StoreNet {
 #[derive(Clone, Debug)]
 pub(crate) struct PodHooks {
     net: Arc<PodNet>,
+    /// The W3C trace context (`traceparent`, and `tracestate` if any) of the request
+    /// this instance serves: its outgoing requests carry it on, so that a trace
+    /// continues through a component that knows nothing of tracing.
+    pub(crate) trace: Option<TraceContext>,
+}
+
+/// A request's W3C trace context headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TraceContext {
+    parent: http::HeaderValue,
+    state: Option<http::HeaderValue>,
+}
+
+impl TraceContext {
+    /// The trace context of a request, if it has a `traceparent`.
+    pub(crate) fn of(headers: &http::HeaderMap) -> Option<TraceContext> {
+        Some(TraceContext {
+            parent: headers.get("traceparent")?.clone(),
+            state: headers.get("tracestate").cloned(),
+        })
+    }
+
+    /// Adds the context to an outgoing request that has none of its own: a component
+    /// that traces itself sets its own `traceparent`, and that one wins.
+    fn pass_to(&self, headers: &mut http::HeaderMap) {
+        if headers.contains_key("traceparent") {
+            return;
+        }
+        headers.insert("traceparent", self.parent.clone());
+        if let Some(state) = &self.state {
+            headers.insert("tracestate", state.clone());
+        }
+    }
 }
 
 /// Points a request for `localhost:P` (or a resolved name) at the address it means in the
@@ -322,6 +356,9 @@ impl WasiHttpHooks for PodHooks {
         });
         if let Some(uri) = rewrite_uri(request.uri(), &self.net) {
             *request.uri_mut() = uri;
+        }
+        if let Some(trace) = &self.trace {
+            trace.pass_to(request.headers_mut());
         }
         let request = hold_unsent_body(request);
         drop(fut);
@@ -603,6 +640,26 @@ mod tests {
         );
         let u: http::Uri = "http://example.com:8081/".parse().unwrap();
         assert!(rewrite_uri(&u, &net).is_none());
+    }
+
+    #[test]
+    fn a_trace_context_is_passed_on_unless_the_request_has_its_own() {
+        let mut incoming = http::HeaderMap::new();
+        assert_eq!(TraceContext::of(&incoming), None);
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        incoming.insert("traceparent", parent.parse().unwrap());
+        incoming.insert("tracestate", "vendor=x".parse().unwrap());
+        let trace = TraceContext::of(&incoming).unwrap();
+        let mut out = http::HeaderMap::new();
+        trace.pass_to(&mut out);
+        assert_eq!(out["traceparent"], parent);
+        assert_eq!(out["tracestate"], "vendor=x");
+        let own = "00-11111111111111111111111111111111-2222222222222222-01";
+        let mut out = http::HeaderMap::new();
+        out.insert("traceparent", own.parse().unwrap());
+        trace.pass_to(&mut out);
+        assert_eq!(out["traceparent"], own);
+        assert!(!out.contains_key("tracestate"));
     }
 
     #[test]

@@ -303,6 +303,76 @@ async fn http_component_serves_an_instance_per_request() {
     assert!(matches!(err, ShimError::WrongKind { .. }), "{err}");
 }
 
+/// A `traceparent` on a request to a component rides on the component's own outgoing
+/// requests, so that a trace continues through a component that knows nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_trace_context_reaches_the_components_outgoing_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The backend: records each request's head and answers "ok".
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let (heads_tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = backend.accept().await.unwrap();
+            let tx = heads_tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send(String::from_utf8_lossy(&got).to_lowercase());
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let rt = runtime();
+    let c = rt.load_file(&guest("http-frontend")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let spec = HttpSpec {
+        env: vec![("BACKEND_URL".into(), format!("http://{backend_addr}"))],
+        ..Default::default()
+    };
+    let server = rt.serve_http(&c, spec, listener).unwrap();
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for traced in [true, false] {
+        let mut s = tokio::net::TcpStream::connect(server.local_addr())
+            .await
+            .unwrap();
+        let extra = if traced {
+            format!("traceparent: {parent}\r\ntracestate: vendor=x\r\n")
+        } else {
+            String::new()
+        };
+        s.write_all(
+            format!("GET /t HTTP/1.1\r\nhost: x\r\n{extra}connection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.contains("frontend got 200 OK from backend: ok"),
+            "{answer}"
+        );
+        let head = heads.recv().await.unwrap();
+        assert_eq!(
+            head.contains(&format!("traceparent: {parent}")),
+            traced,
+            "{head}"
+        );
+        assert_eq!(head.contains("tracestate: vendor=x"), traced, "{head}");
+    }
+}
+
 #[test]
 fn broken_wasm_is_refused_and_the_cache_survives_a_restart() {
     let rt = runtime();
