@@ -1252,6 +1252,36 @@ fn metrics_count_requests_under_kube_apiservers_names_and_are_authorized() {
             .unwrap();
         assert!(count > 0, "{name} {count}");
     }
+    // Objects stored, per resource, as kube-apiserver names them.
+    let namespaces: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"apiserver_storage_objects{resource="namespaces"} "#))
+        .unwrap_or_else(|| panic!("no namespaces count in:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(
+        namespaces >= 4,
+        "default, kube-system, kube-public, kube-node-lease"
+    );
+    // A watch is counted while it lasts.
+    let watches = |b: &Baton| -> u64 {
+        let text = b.ok(&["get", "--raw", "/metrics"]);
+        let series = r#"apiserver_longrunning_requests{verb="WATCH",group="",version="v1",resource="configmaps",subresource="",scope="namespace",component="apiserver"} "#;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    let mut watch = b.spawn(&["get", "configmaps", "--watch"]);
+    wait_until(Duration::from_secs(30), "the watch counted", || {
+        (watches(&b) == 1).then_some(())
+    });
+    let _ = watch.kill();
+    let _ = watch.wait();
+    wait_until(
+        Duration::from_secs(30),
+        "the watch no longer counted",
+        || (watches(&b) == 0).then_some(()),
+    );
     // Reading them is a right, as `get` on the /metrics non-resource URL.
     let err = b.fails(&["get", "--raw", "/metrics", "--as=nobody"], None);
     assert!(

@@ -373,10 +373,20 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
             .unwrap_or(""),
     );
     let _in_flight = api.metrics.in_flight(req.method());
+    let long_running = api.metrics.long_running(&labels);
     let resp = serve(&api, req, asked).await;
     api.metrics
         .observe(labels, resp.status().as_u16(), started.elapsed());
-    resp
+    match long_running {
+        // A watch goes on after this returns, for as long as its body is read.
+        Some(guard) => resp.map(|body| {
+            Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
+                let _held = &guard;
+                frame
+            }))
+        }),
+        None => resp,
+    }
 }
 
 async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Response {
@@ -451,6 +461,8 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
         }
         ["healthz"] | ["livez"] => return (StatusCode::OK, "ok").into_response(),
         ["metrics"] if parts.method == http::Method::GET => {
+            api.metrics
+                .set_storage_objects(&crate::telemetry::storage_objects(&api.objects, &served));
             return (
                 StatusCode::OK,
                 [(
@@ -459,7 +471,7 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
                 )],
                 api.metrics.encode(&api.objects.store.metrics()),
             )
-                .into_response()
+                .into_response();
         }
         // Ready means the store can take writes: a full disk or a lost leader is
         // reported here, as kube-apiserver's etcd check does.

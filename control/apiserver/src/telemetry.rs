@@ -44,6 +44,23 @@ pub struct RequestLabels {
     pub dry_run: String,
 }
 
+/// A long-running request's labels, as kube-apiserver's `apiserver_longrunning_requests`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LongRunningLabels {
+    verb: String,
+    group: String,
+    version: String,
+    resource: String,
+    subresource: String,
+    scope: String,
+    component: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     verb: String,
@@ -225,6 +242,8 @@ pub struct ApiMetrics {
     requests: Family<CodeLabels, Counter>,
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
     inflight: Family<KindLabels, Gauge<i64, AtomicI64>>,
+    long_running: Family<LongRunningLabels, Gauge<i64, AtomicI64>>,
+    objects: Family<ResourceLabels, Gauge>,
     store: StoreSeries,
 }
 
@@ -256,6 +275,18 @@ impl Default for ApiMetrics {
             "Maximal number of currently used inflight request limit of this apiserver per request kind in last second.",
             inflight.clone(),
         );
+        let long_running = Family::<LongRunningLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "apiserver_longrunning_requests",
+            "Gauge of all active long-running apiserver requests broken out by verb, group, version, resource, scope and component. Not all requests are tracked this way.",
+            long_running.clone(),
+        );
+        let objects = Family::<ResourceLabels, Gauge>::default();
+        registry.register(
+            "apiserver_storage_objects",
+            "Number of stored objects at the time of last check split by kind.",
+            objects.clone(),
+        );
         let store = StoreSeries::default();
         store.register(&mut registry);
         Self {
@@ -263,6 +294,8 @@ impl Default for ApiMetrics {
             requests,
             durations,
             inflight,
+            long_running,
+            objects,
             store,
         }
     }
@@ -296,6 +329,40 @@ impl ApiMetrics {
             .clone();
         gauge.inc();
         InFlight { gauge }
+    }
+
+    /// Counts a watch, or a stream to a node (exec, attach, port-forward, proxy), while
+    /// it lasts: until the guard, held by the response's body, is dropped.
+    pub fn long_running(&self, l: &RequestLabels) -> Option<InFlight> {
+        if l.verb != "WATCH" && l.verb != "CONNECT" {
+            return None;
+        }
+        let gauge = self
+            .long_running
+            .get_or_create(&LongRunningLabels {
+                verb: l.verb.clone(),
+                group: l.group.clone(),
+                version: l.version.clone(),
+                resource: l.resource.clone(),
+                subresource: l.subresource.clone(),
+                scope: l.scope.clone(),
+                component: l.component.clone(),
+            })
+            .clone();
+        gauge.inc();
+        Some(InFlight { gauge })
+    }
+
+    /// Sets how many objects the store holds per resource (`deployments.apps`).
+    pub fn set_storage_objects(&self, counts: &[(String, u64)]) {
+        self.objects.clear();
+        for (resource, n) in counts {
+            self.objects
+                .get_or_create(&ResourceLabels {
+                    resource: resource.clone(),
+                })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
     }
 
     /// Records one answered request.
@@ -340,6 +407,26 @@ impl ApiMetrics {
         let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
     }
+}
+
+/// How many objects the store holds of each served resource, named as kube-apiserver
+/// names them (`pods`, `deployments.apps`); versions of one resource share their objects
+/// and are counted once. Counted from the store's key index, without reading a value.
+pub fn storage_objects(
+    objects: &crate::objects::Objects,
+    served: &crate::resources::Served,
+) -> Vec<(String, u64)> {
+    let mut names = Vec::new();
+    let mut prefixes: Vec<Vec<u8>> = Vec::new();
+    for r in served.all() {
+        let prefix = r.key_prefix().into_bytes();
+        if !prefixes.contains(&prefix) {
+            names.push(r.qualified());
+            prefixes.push(prefix);
+        }
+    }
+    let counts = objects.store.count_prefixes(&prefixes);
+    names.into_iter().zip(counts).collect()
 }
 
 /// The labels of a request for `target` (None: a path that names no resource), as

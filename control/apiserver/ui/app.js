@@ -591,6 +591,8 @@ function eventsOf(o, signal) {
   }, signal);
 }
 
+const MAX_LOG_LINES = 5000;
+
 function logsPanel(pod, signal) {
   const names = pod.spec.containers.map((c) => c.name);
   const pre = h('pre', { class: 'logs', id: 'logs' });
@@ -603,12 +605,27 @@ function logsPanel(pod, signal) {
     pre.textContent = '';
     const q = new URLSearchParams({ follow: 'true', tailLines: '500', container });
     const path = `${objectPath(KINDS.pods, pod.metadata.namespace, pod.metadata.name)}/log?${q}`;
-    const lines = [];
-    streamLines(path, inner.signal, (line) => {
-      lines.push(line);
-      if (lines.length > 5000) lines.splice(0, lines.length - 5000);
-      pre.textContent = lines.join('\n');
+    // Lines arrive one by one; they are drawn once a frame, a text node per batch, and
+    // the oldest batches go once more than MAX_LOG_LINES are shown.
+    let pending = [];
+    const batches = [];
+    let shown = 0;
+    const flush = () => {
+      if (!pending.length) return;
+      const node = document.createTextNode(pending.join(''));
+      batches.push(pending.length);
+      shown += pending.length;
+      pending = [];
+      pre.append(node);
+      while (shown > MAX_LOG_LINES && batches.length > 1) {
+        shown -= batches.shift();
+        pre.firstChild.remove();
+      }
       pre.scrollTop = pre.scrollHeight;
+    };
+    streamLines(path, inner.signal, (line) => {
+      if (!pending.length) requestAnimationFrame(flush);
+      pending.push(line + '\n');
     }).catch((e) => { if (!inner.signal.aborted) showError(err, e); });
   };
   const select = h('select', { 'aria-label': 'Container', onchange: (e) => follow(e.target.value) }, names.map((n) => h('option', { value: n }, n)));

@@ -351,6 +351,18 @@ impl Mvcc {
         }
     }
 
+    /// How many live keys start with each of `prefixes`, in one pass over the key index.
+    pub(crate) fn count_prefixes(&self, prefixes: &[Vec<u8>]) -> Vec<u64> {
+        let index = self.index.lock().expect("key index lock");
+        let mut counts = vec![0; prefixes.len()];
+        for key in index.keys() {
+            if let Some(i) = prefixes.iter().position(|p| key.starts_with(p)) {
+                counts[i] += 1;
+            }
+        }
+        counts
+    }
+
     /// Observes batch writes into `h` (the store's shared histogram).
     pub(crate) fn with_commit_latency(
         mut self,

@@ -712,6 +712,12 @@ impl Store {
         Ok(())
     }
 
+    /// How many live keys this member holds under each of `prefixes` (a local read,
+    /// for metrics: it may lag the leader).
+    pub fn count_prefixes(&self, prefixes: &[Vec<u8>]) -> Vec<u64> {
+        self.inner.mvcc.count_prefixes(prefixes)
+    }
+
     /// This member's figures for its metrics: leadership, term, revisions, applied
     /// entries, the database's size, and (on the leader) how far each member's
     /// replication is behind the log.
