@@ -132,6 +132,33 @@ fn token_for(b: &Baton, name: &str, role: &str) -> String {
         .to_string()
 }
 
+/// `baton kubeconfig` for `user`: its client certificate and key, written as PEM files.
+fn certificate_for(b: &Baton, user: &str) -> (PathBuf, PathBuf) {
+    use base64::Engine;
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["kubeconfig", "--user", user, "--data-dir"])
+        .arg(b.dir.path().join("data"))
+        .output()
+        .expect("run baton kubeconfig");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| -> Vec<u8> {
+        let b64 = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+            .trim();
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap()
+    };
+    let cert = b.dir.path().join(format!("{user}.crt"));
+    let key = b.dir.path().join(format!("{user}.key"));
+    std::fs::write(&cert, field("client-certificate-data:")).unwrap();
+    std::fs::write(&key, field("client-key-data:")).unwrap();
+    (cert, key)
+}
+
 #[test]
 fn dashboard_in_headless_chromium() {
     assert!(
@@ -141,6 +168,15 @@ fn dashboard_in_headless_chromium() {
     let b = Baton::start_with(&["--pod-cidr", "127.170.0.0/24"]);
     let admin = token_for(&b, "dash-admin", "cluster-admin");
     let viewer = token_for(&b, "dash-viewer", "view");
+    // A user known only by a client certificate the cluster CA signed, bound to `view`.
+    let (cert, key) = certificate_for(&b, "dash-cert");
+    b.ok(&[
+        "create",
+        "clusterrolebinding",
+        "dash-cert",
+        "--clusterrole=view",
+        "--user=dash-cert",
+    ]);
 
     // The README's example, its image the locally built component.
     let example = std::fs::read_to_string(
@@ -180,8 +216,31 @@ fn dashboard_in_headless_chromium() {
     println!("{stdout}");
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the browser steps failed:\n{stdout}");
-    // Every step ran and passed, and left its screenshot.
     assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 10);
+
+    // The client certificate: Playwright presents it through a proxy on loopback, so
+    // Node runs in the namespace too, beside its Chromium.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.ns, "node"])
+        .arg(ui_dir().join("dashboard.mjs"))
+        .current_dir(ui_dir())
+        .env("ONLY", "client-certificate")
+        .env("BATON_URL", &net.url)
+        .env("HOME", b.home())
+        .env("ARTIFACTS", &artifacts)
+        .env("CLIENT_CERT", cert)
+        .env("CLIENT_KEY", key)
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the certificate step failed:\n{stdout}"
+    );
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 1);
+    // Every step left its screenshot.
     let shots = std::fs::read_dir(&artifacts).unwrap().count();
     assert!(shots >= 7, "{shots} screenshots in {}", artifacts.display());
 }
