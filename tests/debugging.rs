@@ -290,6 +290,8 @@ fn top_shows_a_spinning_pod_busier_and_a_memory_hog_bigger_than_an_idle_pod() {
         "kubelet_pod_start_duration_seconds_count 3",
         // One fresh instance per process started.
         "baton_cold_start_duration_seconds_count 3",
+        // Three pods of one component started together: it is compiled once.
+        r#"baton_component_loads_total{source="compiled"} 1"#,
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
     }

@@ -70,6 +70,9 @@ pub struct Images {
     /// Directories node paths may name images in; empty refuses every node path.
     local_dirs: Vec<PathBuf>,
     loaded: Mutex<HashMap<PathBuf, (SystemTime, Component)>>,
+    /// One load at a time per file: the pods of a Deployment that start together wait
+    /// for the first one's compile instead of each compiling the same component.
+    loading: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// Layer digests in use, per pod UID: what the cache's collection must keep.
     in_use: Mutex<HashMap<String, Vec<String>>>,
 }
@@ -127,6 +130,7 @@ impl Images {
             registry,
             local_dirs,
             loaded: Mutex::default(),
+            loading: Mutex::default(),
             in_use: Mutex::default(),
         }
     }
@@ -283,6 +287,14 @@ impl Images {
                 path: path.clone(),
                 source,
             })?;
+        let gate = self
+            .loading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(path.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = gate.lock().await;
         {
             let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((t, c)) = loaded.get(&path) {
