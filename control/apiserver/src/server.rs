@@ -312,6 +312,35 @@ fn public(path: &str) -> bool {
     )
 }
 
+/// Why a request is a browser's request from another site, if it is one.
+///
+/// The dashboard lets users import their client certificate into the browser, which then
+/// presents it on any page's requests to this server: another site could open an exec
+/// WebSocket or send a simple POST as that user. Browsers say where a request comes from
+/// (`Sec-Fetch-Site`, `Origin`); such a request from elsewhere is refused. Clients that
+/// are not browsers (kubectl, client libraries) send neither header and are unaffected.
+fn cross_site(parts: &http::request::Parts) -> Option<String> {
+    let site = parts
+        .headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok());
+    if let Some(site @ ("cross-site" | "same-site")) = site {
+        return Some(format!("Sec-Fetch-Site: {site}"));
+    }
+    let origin = parts.headers.get(http::header::ORIGIN)?;
+    let host = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+    let same = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .is_some_and(|(_, o)| Some(o) == host);
+    (!same).then(|| format!("Origin: {}", String::from_utf8_lossy(origin.as_bytes())))
+}
+
 /// The node certificate endpoint decides itself who may ask (a node for itself).
 fn checks_its_own_access(path: &str) -> bool {
     path.starts_with("/baton/v1/nodes/") && path.ends_with("/certificate")
@@ -404,6 +433,14 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
     }
     let mut user = UserInfo::new(baton_auth::ANONYMOUS, &["system:unauthenticated"]);
     if !public(&path) {
+        if let Some(why) = cross_site(&parts) {
+            return ApiError::Forbidden {
+                message: format!(
+                    "a browser's request from another site is refused ({why}): the dashboard's client certificate must not serve other pages"
+                ),
+            }
+            .into_response();
+        }
         match admit(api, &parts, &path).await {
             Ok(u) => user = u,
             Err(resp) => return resp,
@@ -461,15 +498,15 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
         }
         ["healthz"] | ["livez"] => return (StatusCode::OK, "ok").into_response(),
         ["metrics"] if parts.method == http::Method::GET => {
-            api.metrics
-                .set_storage_objects(&crate::telemetry::storage_objects(&api.objects, &served));
+            let objects = crate::telemetry::storage_objects(&api.objects, &served);
             return (
                 StatusCode::OK,
                 [(
                     "content-type",
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )],
-                api.metrics.encode(&api.objects.store.metrics()),
+                api.metrics
+                    .encode_with_objects(&api.objects.store.metrics(), Some(&objects)),
             )
                 .into_response();
         }
@@ -574,6 +611,36 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_browsers_request_from_another_site_is_told_apart() {
+        let parts = |headers: &[(&str, &str)]| {
+            let mut req = http::Request::get("/api/v1/pods").header("host", "127.0.0.1:6443");
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            req.body(()).unwrap().into_parts().0
+        };
+        // kubectl and client libraries send neither header; the dashboard is same-origin.
+        assert_eq!(cross_site(&parts(&[])), None);
+        assert_eq!(
+            cross_site(&parts(&[
+                ("origin", "https://127.0.0.1:6443"),
+                ("sec-fetch-site", "same-origin")
+            ])),
+            None
+        );
+        assert_eq!(cross_site(&parts(&[("sec-fetch-site", "none")])), None);
+        for headers in [
+            &[("origin", "https://evil.example")][..],
+            &[("origin", "null")][..],
+            &[("origin", "https://127.0.0.1:6444")][..],
+            &[("sec-fetch-site", "cross-site")][..],
+            &[("sec-fetch-site", "same-site")][..],
+        ] {
+            assert!(cross_site(&parts(headers)).is_some(), "{headers:?}");
+        }
+    }
 
     #[test]
     fn query_decoding() {

@@ -245,6 +245,7 @@ pub struct ApiMetrics {
     long_running: Family<LongRunningLabels, Gauge<i64, AtomicI64>>,
     objects: Family<ResourceLabels, Gauge>,
     store: StoreSeries,
+    scrape: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for ApiMetrics {
@@ -297,6 +298,7 @@ impl Default for ApiMetrics {
             long_running,
             objects,
             store,
+            scrape: std::sync::Mutex::new(()),
         }
     }
 }
@@ -331,10 +333,11 @@ impl ApiMetrics {
         InFlight { gauge }
     }
 
-    /// Counts a watch, or a stream to a node (exec, attach, port-forward, proxy), while
-    /// it lasts: until the guard, held by the response's body, is dropped.
+    /// Counts a watch while it lasts: until the guard, held by the response's body, is
+    /// dropped. Streams to nodes (exec, attach, port-forward) are not counted: their
+    /// response ends with its 101 while the stream goes on elsewhere.
     pub fn long_running(&self, l: &RequestLabels) -> Option<InFlight> {
-        if l.verb != "WATCH" && l.verb != "CONNECT" {
+        if l.verb != "WATCH" {
             return None;
         }
         let gauge = self
@@ -354,7 +357,7 @@ impl ApiMetrics {
     }
 
     /// Sets how many objects the store holds per resource (`deployments.apps`).
-    pub fn set_storage_objects(&self, counts: &[(String, u64)]) {
+    fn set_storage_objects(&self, counts: &[(String, u64)]) {
         self.objects.clear();
         for (resource, n) in counts {
             self.objects
@@ -398,6 +401,21 @@ impl ApiMetrics {
     /// The metrics in the text exposition format, with the store's figures as they are
     /// now.
     pub fn encode(&self, store: &baton_store::StoreMetrics) -> String {
+        self.encode_with_objects(store, None)
+    }
+
+    /// [`ApiMetrics::encode`], with the stored objects per resource when counted. One
+    /// scrape at a time: setting the figures clears series that another scrape would
+    /// otherwise encode half-written.
+    pub fn encode_with_objects(
+        &self,
+        store: &baton_store::StoreMetrics,
+        objects: Option<&[(String, u64)]>,
+    ) -> String {
+        let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(counts) = objects {
+            self.set_storage_objects(counts);
+        }
         self.store.set(store);
         let mut out = String::new();
         // Writing into a String cannot fail. The process's control loops (scheduler,

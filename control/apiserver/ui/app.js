@@ -85,6 +85,7 @@ const sleep = (ms, signal) => new Promise((resolve) => {
 // expires (410) starts over with a fresh list, as client-go's reflector does.
 async function watchList(path, signal, onChange, onError) {
   const sep = path.includes('?') ? '&' : '?';
+  let failures = 0;
   while (!signal.aborted) {
     let items;
     let rv;
@@ -100,6 +101,7 @@ async function watchList(path, signal, onChange, onError) {
       await sleep(2000, signal);
       continue;
     }
+    const began = Date.now();
     try {
       let expired = false;
       await streamLines(`${path}${sep}watch=1&allowWatchBookmarks=true&resourceVersion=${rv}`, signal, (line) => {
@@ -111,9 +113,20 @@ async function watchList(path, signal, onChange, onError) {
         if (ev.type === 'DELETED') items.delete(uid); else items.set(uid, ev.object);
         onChange(items);
       });
+      // A watch the server ends at once is a failure too: relisting in a tight loop
+      // would only load it more.
+      if (Date.now() - began < 1000) {
+        failures += 1;
+        await sleep(Math.min(30_000, 500 * 2 ** failures), signal);
+      } else {
+        failures = 0;
+      }
     } catch (e) {
       if (signal.aborted) return;
-      await sleep(1000, signal);
+      // Not allowed to watch: say so once, as for the list, rather than retry forever.
+      if (e.status === 403 || e.status === 404) { onError?.(e); return; }
+      failures += 1;
+      await sleep(Math.min(30_000, 500 * 2 ** failures), signal);
     }
   }
 }
@@ -152,10 +165,10 @@ async function resource(group, version, plural) {
   return r;
 }
 
-const base = (r) => (r.group ? `/apis/${r.group}/${r.version}` : `/api/${r.version}`);
 const enc = encodeURIComponent;
+const base = (r) => (r.group ? `/apis/${enc(r.group)}/${enc(r.version)}` : `/api/${enc(r.version)}`);
 function collectionPath(r, ns) {
-  return base(r) + (r.namespaced && ns ? `/namespaces/${enc(ns)}` : '') + `/${r.plural}`;
+  return base(r) + (r.namespaced && ns ? `/namespaces/${enc(ns)}` : '') + `/${enc(r.plural)}`;
 }
 function objectPath(r, ns, name) {
   return collectionPath(r, ns) + `/${enc(name)}`;
@@ -555,7 +568,9 @@ async function objectActions(r, o, signal, onChanged) {
 async function editYaml(r, path, out, onChanged) {
   try {
     const o = await api(path);
-    for (const k of ['managedFields', 'resourceVersion', 'uid', 'creationTimestamp', 'generation']) delete o.metadata[k];
+    // resourceVersion stays: a change made by someone else since this was read makes the
+    // apply fail with a conflict instead of being overwritten.
+    for (const k of ['managedFields', 'uid', 'creationTimestamp', 'generation']) delete o.metadata[k];
     delete o.status;
     const area = h('textarea', { class: 'yaml', spellcheck: 'false', id: 'yaml-editor' }, toYaml(o));
     const err = h('div');
@@ -599,6 +614,7 @@ function logsPanel(pod, signal) {
   const err = h('div');
   let inner = new AbortController();
   const follow = (container) => {
+    if (signal.aborted) return;
     inner.abort();
     inner = new AbortController();
     signal.addEventListener('abort', () => inner.abort(), { once: true });
@@ -610,8 +626,9 @@ function logsPanel(pod, signal) {
     let pending = [];
     const batches = [];
     let shown = 0;
+    const mine = inner.signal;
     const flush = () => {
-      if (!pending.length) return;
+      if (mine.aborted || !pending.length) return;
       const node = document.createTextNode(pending.join(''));
       batches.push(pending.length);
       shown += pending.length;
@@ -684,7 +701,9 @@ async function objectPage(r, ns, name, signal) {
   let o;
   try { o = await api(path, { signal }); } catch (e) { showError(head, e); return; }
   o.kind = o.kind || r.kind;
-  head.replaceChildren(await objectActions(r, o, signal, () => {}));
+  const actions = await objectActions(r, o, signal, () => {});
+  if (signal.aborted) return;
+  head.replaceChildren(actions);
   const status = h('div', { class: 'card', id: 'status' });
   const conditions = h('div');
   const drawStatus = (x) => {
@@ -738,12 +757,23 @@ async function route() {
   pageAbort = new AbortController();
   accessCache = new Map();
   const signal = pageAbort.signal;
-  const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
+  let parts;
+  try {
+    parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
+  } catch {
+    parts = [];
+  }
   if (!session.signedIn || parts[0] === 'login') { loginPage(); return; }
   if (!$nav.childElementCount) drawChrome();
   switch (parts[0]) {
     case 'list':
     case 'obj': {
+      // Names as the API writes them, nothing that could climb out of the path.
+      const name = /^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$/;
+      if (![parts[2], parts[3]].every((p) => name.test(p || '')) || !(parts[1] === 'core' || name.test(parts[1] || ''))) {
+        $main.replaceChildren(h('div', { class: 'error', role: 'alert' }, 'No such page.'));
+        return;
+      }
       const r = await resource(parts[1] === 'core' ? '' : parts[1], parts[2], parts[3]);
       if (signal.aborted) return;
       if (parts[0] === 'list') listPage(r, signal);

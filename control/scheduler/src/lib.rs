@@ -420,7 +420,7 @@ pub async fn run(
     let pending: Api<Pod> = Api::all(client);
     let trigger: std::pin::Pin<Box<dyn Stream<Item = ()> + Send + Sync>> = Box::pin(rx);
     let controller = Controller::new(pending, watcher::Config::default().fields("spec.nodeName="));
-    metrics::track_pending(controller.store());
+    let tracked = metrics::track_pending(controller.store());
     controller
         .with_config(controller::Config::default().concurrency(64))
         .reconcile_all_on(trigger)
@@ -434,6 +434,7 @@ pub async fn run(
         })
         .instrument(tracing::info_span!("scheduler"))
         .await;
+    metrics::untrack_pending(tracked);
     nodes.abort();
     pods.abort();
 }

@@ -51,8 +51,12 @@ struct Metrics {
     durations: Family<AttemptLabels, Histogram>,
 }
 
-/// The pending pods of the scheduler running in this process, for the scrape.
-static PENDING: LazyLock<Mutex<Option<Store<Pod>>>> = LazyLock::new(Mutex::default);
+/// The pending pods of the scheduler running in this process, for the scrape, with the
+/// number its [`track_pending`] gave it.
+static PENDING: LazyLock<Mutex<Option<Tracked>>> = LazyLock::new(Mutex::default);
+
+/// A scheduler's pending pods, and the number [`track_pending`] gave them.
+type Tracked = (u64, Store<Pod>);
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let m = Metrics {
@@ -91,10 +95,22 @@ pub fn attempt(result: Attempt, took: Duration) {
 }
 
 /// Makes `pending` (the scheduler's cache of pods without a node) the one the scrape
-/// reads.
-pub fn track_pending(pending: Store<Pod>) {
+/// reads, until [`untrack_pending`] with the number returned.
+pub fn track_pending(pending: Store<Pod>) -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     LazyLock::force(&METRICS);
-    *PENDING.lock().unwrap_or_else(|e| e.into_inner()) = Some(pending);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    *PENDING.lock().unwrap_or_else(|e| e.into_inner()) = Some((n, pending));
+    n
+}
+
+/// Stops reading the pending pods of a scheduler that stopped (a member that lost its
+/// lease must not report a frozen queue), unless a newer one took its place.
+pub fn untrack_pending(n: u64) {
+    let mut pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    if pending.as_ref().is_some_and(|(m, _)| *m == n) {
+        *pending = None;
+    }
 }
 
 /// Which of kube-scheduler's queues a pending pod would be in.
@@ -121,7 +137,7 @@ impl prometheus_client::collector::Collector for PendingPods {
         for queue in ["active", "unschedulable", "gated"] {
             let _ = family.get_or_create(&QueueLabels { queue });
         }
-        if let Some(store) = &*PENDING.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some((_, store)) = &*PENDING.lock().unwrap_or_else(|e| e.into_inner()) {
             for pod in store.state() {
                 let ours = pod.spec.as_ref().is_none_or(|s| {
                     s.scheduler_name.as_deref().unwrap_or(DEFAULT_SCHEDULER) == DEFAULT_SCHEDULER

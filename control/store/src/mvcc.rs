@@ -352,12 +352,34 @@ impl Mvcc {
     }
 
     /// How many live keys start with each of `prefixes`, in one pass over the key index.
+    /// The prefixes end with `/` at the same depth (`/registry/GROUP/RESOURCE/`), so a
+    /// key is matched by one lookup of its own prefix of that depth.
     pub(crate) fn count_prefixes(&self, prefixes: &[Vec<u8>]) -> Vec<u64> {
-        let index = self.index.lock().expect("key index lock");
+        let slashes = |p: &[u8]| p.iter().filter(|b| **b == b'/').count();
         let mut counts = vec![0; prefixes.len()];
+        let mut at: HashMap<&[u8], usize> = HashMap::new();
+        let mut depths: Vec<usize> = Vec::new();
+        for (i, p) in prefixes.iter().enumerate() {
+            at.insert(p.as_slice(), i);
+            let d = slashes(p);
+            if !depths.contains(&d) {
+                depths.push(d);
+            }
+        }
+        let index = self.index.lock().expect("key index lock");
         for key in index.keys() {
-            if let Some(i) = prefixes.iter().position(|p| key.starts_with(p)) {
-                counts[i] += 1;
+            for depth in &depths {
+                // The key up to and with its `depth`-th slash.
+                let end = key
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| **b == b'/')
+                    .nth(depth - 1)
+                    .map(|(i, _)| i + 1);
+                if let Some(i) = end.and_then(|e| at.get(&key[..e])) {
+                    counts[*i] += 1;
+                    break;
+                }
             }
         }
         counts
