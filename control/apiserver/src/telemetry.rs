@@ -34,6 +34,15 @@ const DURATION_BUCKETS: [f64; 37] = [
 /// What a request was, in kube-apiserver's labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub endpoint: Endpoint,
+    pub dry_run: String,
+}
+
+/// What a request asks of which resource: the labels every request metric has, and all
+/// that `apiserver_longrunning_requests` has.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Endpoint {
     pub verb: String,
     pub group: String,
     pub version: String,
@@ -41,19 +50,6 @@ pub struct RequestLabels {
     pub subresource: String,
     pub scope: String,
     pub component: String,
-    pub dry_run: String,
-}
-
-/// A long-running request's labels, as kube-apiserver's `apiserver_longrunning_requests`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct LongRunningLabels {
-    verb: String,
-    group: String,
-    version: String,
-    resource: String,
-    subresource: String,
-    scope: String,
-    component: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -63,14 +59,8 @@ struct ResourceLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
-    verb: String,
-    group: String,
-    version: String,
-    resource: String,
-    subresource: String,
-    scope: String,
-    component: String,
-    dry_run: String,
+    #[prometheus(flatten)]
+    request: RequestLabels,
     code: String,
 }
 
@@ -242,7 +232,7 @@ pub struct ApiMetrics {
     requests: Family<CodeLabels, Counter>,
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
     inflight: Family<KindLabels, Gauge<i64, AtomicI64>>,
-    long_running: Family<LongRunningLabels, Gauge<i64, AtomicI64>>,
+    long_running: Family<Endpoint, Gauge<i64, AtomicI64>>,
     objects: Family<ResourceLabels, Gauge>,
     store: StoreSeries,
     scrape: std::sync::Mutex<()>,
@@ -276,7 +266,7 @@ impl Default for ApiMetrics {
             "Maximal number of currently used inflight request limit of this apiserver per request kind in last second.",
             inflight.clone(),
         );
-        let long_running = Family::<LongRunningLabels, Gauge<i64, AtomicI64>>::default();
+        let long_running = Family::<Endpoint, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "apiserver_longrunning_requests",
             "Gauge of all active long-running apiserver requests broken out by verb, group, version, resource, scope and component. Not all requests are tracked this way.",
@@ -337,21 +327,10 @@ impl ApiMetrics {
     /// dropped. Streams to nodes (exec, attach, port-forward) are not counted: their
     /// response ends with its 101 while the stream goes on elsewhere.
     pub fn long_running(&self, l: &RequestLabels) -> Option<InFlight> {
-        if l.verb != "WATCH" {
+        if l.endpoint.verb != "WATCH" {
             return None;
         }
-        let gauge = self
-            .long_running
-            .get_or_create(&LongRunningLabels {
-                verb: l.verb.clone(),
-                group: l.group.clone(),
-                version: l.version.clone(),
-                resource: l.resource.clone(),
-                subresource: l.subresource.clone(),
-                scope: l.scope.clone(),
-                component: l.component.clone(),
-            })
-            .clone();
+        let gauge = self.long_running.get_or_create(&l.endpoint).clone();
         gauge.inc();
         Some(InFlight { gauge })
     }
@@ -373,26 +352,9 @@ impl ApiMetrics {
         self.durations
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
-        let RequestLabels {
-            verb,
-            group,
-            version,
-            resource,
-            subresource,
-            scope,
-            component,
-            dry_run,
-        } = labels;
         self.requests
             .get_or_create(&CodeLabels {
-                verb,
-                group,
-                version,
-                resource,
-                subresource,
-                scope,
-                component,
-                dry_run,
+                request: labels,
                 code: code.to_string(),
             })
             .inc();
@@ -482,13 +444,15 @@ pub fn labels(
         None => (String::new(), String::new(), String::new(), ""),
     };
     RequestLabels {
-        verb: verb.to_string(),
-        group,
-        version,
-        resource,
-        subresource: sub,
-        scope: scope.to_string(),
-        component: "apiserver".into(),
+        endpoint: Endpoint {
+            verb: verb.to_string(),
+            group,
+            version,
+            resource,
+            subresource: sub,
+            scope: scope.to_string(),
+            component: "apiserver".into(),
+        },
         dry_run: query.get("dryRun").cloned().unwrap_or_default(),
     }
 }
@@ -512,11 +476,18 @@ mod tests {
         use http::Method;
         let l = of(Method::GET, "/api/v1/namespaces/default/pods", &[], "");
         assert_eq!(
-            (l.verb.as_str(), l.resource.as_str(), l.scope.as_str()),
+            (
+                l.endpoint.verb.as_str(),
+                l.endpoint.resource.as_str(),
+                l.endpoint.scope.as_str()
+            ),
             ("LIST", "pods", "namespace")
         );
         let l = of(Method::GET, "/api/v1/pods", &[("watch", "true")], "");
-        assert_eq!((l.verb.as_str(), l.scope.as_str()), ("WATCH", "cluster"));
+        assert_eq!(
+            (l.endpoint.verb.as_str(), l.endpoint.scope.as_str()),
+            ("WATCH", "cluster")
+        );
         let l = of(
             Method::GET,
             "/apis/apps/v1/namespaces/d/deployments/web",
@@ -524,7 +495,11 @@ mod tests {
             "",
         );
         assert_eq!(
-            (l.verb.as_str(), l.group.as_str(), l.scope.as_str()),
+            (
+                l.endpoint.verb.as_str(),
+                l.endpoint.group.as_str(),
+                l.endpoint.scope.as_str()
+            ),
             ("GET", "apps", "resource")
         );
         let l = of(
@@ -533,16 +508,19 @@ mod tests {
             &[],
             "application/apply-patch+yaml",
         );
-        assert_eq!(l.verb, "APPLY");
+        assert_eq!(l.endpoint.verb, "APPLY");
         let l = of(Method::DELETE, "/api/v1/namespaces/d/configmaps", &[], "");
-        assert_eq!(l.verb, "DELETECOLLECTION");
+        assert_eq!(l.endpoint.verb, "DELETECOLLECTION");
         let l = of(Method::POST, "/api/v1/namespaces/d/pods/p/exec", &[], "");
         assert_eq!(
-            (l.verb.as_str(), l.subresource.as_str()),
+            (l.endpoint.verb.as_str(), l.endpoint.subresource.as_str()),
             ("CONNECT", "exec")
         );
         let l = of(Method::GET, "/version", &[], "");
-        assert_eq!((l.verb.as_str(), l.resource.as_str()), ("GET", ""));
+        assert_eq!(
+            (l.endpoint.verb.as_str(), l.endpoint.resource.as_str()),
+            ("GET", "")
+        );
     }
 
     #[test]
