@@ -315,6 +315,14 @@ type Family = (
     fn(&baton_wasm_shim::PodUsage) -> String,
 );
 
+/// A per-container family (cAdvisor's): name, type, help, and its value for one container.
+type ContainerFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&baton_wasm_shim::ContainerUsage) -> String,
+);
+
 /// The node's figures in the Prometheus text format: the kubelet's and cAdvisor's names
 /// where Kubernetes has one (running pods and containers, each container's CPU and
 /// memory), and the sandbox's own per pod under `baton_`.
@@ -483,28 +491,30 @@ fn metrics_text(
             u.containers.iter().map(move |c| (ns, pod, c))
         })
     };
-    let _ = writeln!(
-        out,
-        "# HELP container_cpu_usage_seconds_total Cumulative cpu time consumed in seconds.\n# TYPE container_cpu_usage_seconds_total counter"
-    );
-    for (ns, pod, c) in containers() {
-        let _ = writeln!(
-            out,
-            "container_cpu_usage_seconds_total{{container=\"{}\",namespace=\"{ns}\",pod=\"{pod}\"}} {:.6}",
-            c.name,
-            c.cpu_nanos as f64 / 1e9
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP container_memory_working_set_bytes Current working set in bytes.\n# TYPE container_memory_working_set_bytes gauge"
-    );
-    for (ns, pod, c) in containers() {
-        let _ = writeln!(
-            out,
-            "container_memory_working_set_bytes{{container=\"{}\",namespace=\"{ns}\",pod=\"{pod}\"}} {}",
-            c.name, c.memory_bytes
-        );
+    let per_container: [ContainerFamily; 2] = [
+        (
+            "container_cpu_usage_seconds_total",
+            "counter",
+            "Cumulative cpu time consumed in seconds.",
+            |c| format!("{:.6}", c.cpu_nanos as f64 / 1e9),
+        ),
+        (
+            "container_memory_working_set_bytes",
+            "gauge",
+            "Current working set in bytes.",
+            |c| c.memory_bytes.to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in per_container {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (ns, pod, c) in containers() {
+            let _ = writeln!(
+                out,
+                "{name}{{container=\"{}\",namespace=\"{ns}\",pod=\"{pod}\"}} {}",
+                c.name,
+                value(c)
+            );
+        }
     }
     let families: [Family; 6] = [
         (

@@ -505,8 +505,7 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
                     "content-type",
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )],
-                api.metrics
-                    .encode_with_objects(&api.objects.store.metrics(), Some(&objects)),
+                api.metrics.encode(&api.objects.store.metrics(), &objects),
             )
                 .into_response();
         }

@@ -360,24 +360,13 @@ impl ApiMetrics {
             .inc();
     }
 
-    /// The metrics in the text exposition format, with the store's figures as they are
-    /// now.
-    pub fn encode(&self, store: &baton_store::StoreMetrics) -> String {
-        self.encode_with_objects(store, None)
-    }
-
-    /// [`ApiMetrics::encode`], with the stored objects per resource when counted. One
-    /// scrape at a time: setting the figures clears series that another scrape would
-    /// otherwise encode half-written.
-    pub fn encode_with_objects(
-        &self,
-        store: &baton_store::StoreMetrics,
-        objects: Option<&[(String, u64)]>,
-    ) -> String {
+    /// The metrics in the text exposition format, with the store's figures and its
+    /// objects per resource ([`storage_objects`]) as they are now. One scrape at a time:
+    /// setting the figures clears series that another scrape would otherwise encode
+    /// half-written.
+    pub fn encode(&self, store: &baton_store::StoreMetrics, objects: &[(String, u64)]) -> String {
         let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(counts) = objects {
-            self.set_storage_objects(counts);
-        }
+        self.set_storage_objects(objects);
         self.store.set(store);
         let mut out = String::new();
         // Writing into a String cannot fail. The process's control loops (scheduler,
@@ -538,10 +527,10 @@ mod tests {
         {
             let _a = m.in_flight(&http::Method::POST);
             assert!(m
-                .encode(&Default::default())
+                .encode(&Default::default(), &[])
                 .contains(r#"apiserver_current_inflight_requests{request_kind="mutating"} 1"#));
         }
-        let text = m.encode(&Default::default());
+        let text = m.encode(&Default::default(), &[]);
         assert!(
             text.contains(r#"apiserver_request_total{verb="LIST",group="",version="v1",resource="pods",subresource="",scope="namespace",component="apiserver",dry_run="",code="200"} 2"#),
             "{text}"
@@ -574,7 +563,7 @@ mod tests {
             latencies: baton_store::Latencies::default(),
         };
         figures.latencies.wal_fsync.observe(0.0015);
-        let text = m.encode(&figures);
+        let text = m.encode(&figures, &[]);
         for line in [
             "etcd_server_has_leader 1",
             "etcd_server_is_leader 1",
@@ -597,7 +586,7 @@ mod tests {
         // is gone from the series.
         figures.status.applied_index = 45;
         figures.replication_lag = vec![(2, 1)];
-        let text = m.encode(&figures);
+        let text = m.encode(&figures, &[]);
         assert!(text
             .lines()
             .any(|l| l == "etcd_server_proposals_applied_total 45"));
