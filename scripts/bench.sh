@@ -5,6 +5,8 @@
 #   scripts/bench.sh wasm    the pod sandbox against `wasmtime serve` 48, cold start and
 #                            density (BENCH_SECS=N per cell, BENCH_PODS=N for density);
 #                            installs wasmtime-cli 48.0.8 on first use (a long build)
+#   scripts/bench.sh ingress http-hello through a node's Ingress, beside its NodePort and
+#                            `wasmtime serve` (BENCH_SECS=N per cell)
 #   scripts/bench.sh cluster pod start latency, scheduler throughput on 1,000 hollow nodes,
 #                            idle memory (BENCH_PARTS=idle,start,sched; BENCH_NODES, BENCH_PODS)
 #   scripts/bench.sh debug   `kubectl exec -- true` round trip and port-forward throughput
@@ -13,7 +15,7 @@
 #                            in headless Chromium (BENCH_PODS, BENCH_RUNS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-which="${1:?usage: scripts/bench.sh store|api|wasm|cluster|debug|container|ui}"
+which="${1:?usage: scripts/bench.sh store|api|wasm|ingress|cluster|debug|container|ui}"
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 # Two builds, so that `baton` is the same binary `scripts/run.sh` builds (one build of
@@ -21,13 +23,13 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 cargo build --release --locked -p baton
 cargo build --release --locked -p baton-bench
 case "$which" in
-  wasm)
+  wasm|ingress)
     tools="$HOME/.cache/baton/tools"
     if ! "$tools/bin/wasmtime" --version 2>/dev/null | grep -q '^wasmtime 48\.0\.8'; then
       cargo install wasmtime-cli --version 48.0.8 --locked --root "$tools"
     fi
     ./scripts/build-guests.sh >/dev/null
-    "$CARGO_TARGET_DIR/release/wasm-bench" "$CARGO_TARGET_DIR/release/baton" \
+    "$CARGO_TARGET_DIR/release/$which-bench" "$CARGO_TARGET_DIR/release/baton" \
       "$tools/bin/wasmtime" examples-wasm/dist
     ;;
   cluster|debug|container|ui)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs Baton: `baton up` on the embedded store, then a workload through the real kubectl:
 # the http-hello component pushed to a local registry, its Deployment pulled from there and
-# put behind a NodePort Service, answered by its replicas, debugged (exec, debug with the
+# put behind a NodePort Service and an Ingress, answered by its replicas, debugged (exec, debug with the
 # toolbox, port-forward, top), scaled; a pod of a component and an OCI container (runc)
 # sharing localhost;
 # then a clean stop and a restart that finds every object where it was, and serves again.
@@ -18,8 +18,19 @@ export KUBECONFIG="$DATA/kubeconfig"
 PID=""
 trap 'kill "$PID" 2>/dev/null || true; rm -rf "$DATA"' EXIT
 
+# The node serves Ingresses on port 80 (443 for TLS), or on free ports if those are taken.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+port_or_free() {
+  if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then free_port; else echo "$1"; fi
+}
+INGRESS_PORT="$(port_or_free 80)"
+INGRESS_TLS_PORT="$(port_or_free 443)"
+
 start() {
-  "$BATON" up --data-dir "$DATA" --listen "$LISTEN" --insecure-registry "$REGISTRY" &
+  "$BATON" up --data-dir "$DATA" --listen "$LISTEN" --insecure-registry "$REGISTRY" \
+    --ingress-http-port "$INGRESS_PORT" --ingress-https-port "$INGRESS_TLS_PORT" &
   PID=$!
   for _ in $(seq 1 100); do
     if [ -f "$KUBECONFIG" ] && kubectl get --raw /readyz >/dev/null 2>&1; then return 0; fi
@@ -67,13 +78,28 @@ ask() {
   exit 1
 }
 
+# The same Service by host name, through the node's Ingress.
+ask_ingress() {
+  for _ in $(seq 1 100); do
+    if curl -sf -H 'Host: hello.localhost' "http://127.0.0.1:$INGRESS_PORT/through-ingress"; then
+      kubectl get ingress hello
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "the hello Ingress did not answer on port $INGRESS_PORT" >&2
+  exit 1
+}
+
 start
 kubectl version
 kubectl get nodes -o wide
 manifest | kubectl apply -f -
+kubectl apply -f examples/hello/ingress.yaml
 kubectl rollout status deployment hello --timeout=60s
 kubectl get deployments,replicasets,pods,services,endpointslices -o wide
 ask; ask
+ask_ingress
 # Debugging a Wasm pod with the usual verbs.
 debug_session() {
   local pod port pf
@@ -127,4 +153,5 @@ start
 kubectl get deployments,services,configmaps
 kubectl rollout status deployment hello --timeout=60s
 ask
+ask_ingress
 manifest | kubectl delete -f -

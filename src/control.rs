@@ -161,6 +161,17 @@ pub struct NodeArgs {
     /// between two renewals.
     #[arg(long = "node-lease-duration", default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
     pub node_lease_duration: u64,
+    /// Port the node serves Ingresses on over HTTP, at its address; 0 picks a free one
+    /// (published in the Node's `baton.dev/ingress-http-port` annotation).
+    #[arg(long = "ingress-http-port", default_value_t = 80)]
+    pub ingress_http_port: u16,
+    /// Port the node serves Ingresses on over HTTPS; 0 picks a free one
+    /// (`baton.dev/ingress-https-port`).
+    #[arg(long = "ingress-https-port", default_value_t = 443)]
+    pub ingress_https_port: u16,
+    /// Serve no Ingresses on this node (as k3s's `--disable traefik`).
+    #[arg(long = "disable-ingress")]
+    pub disable_ingress: bool,
     #[command(flatten)]
     pub registry: crate::oci_cli::RegistryArgs,
 }
@@ -174,6 +185,13 @@ impl NodeArgs {
         cfg.kubelet_port = self.kubelet_port;
         cfg.heartbeat = Duration::from_secs(self.node_lease_duration) / 4;
         cfg.local_images = self.local_images.clone();
+        if !self.disable_ingress {
+            let ip: std::net::IpAddr = self.address.parse().map_err(|_| {
+                anyhow::anyhow!("--node-address {:?} is not an IP address", self.address)
+            })?;
+            cfg.ingress_http = Some(std::net::SocketAddr::new(ip, self.ingress_http_port));
+            cfg.ingress_https = Some(std::net::SocketAddr::new(ip, self.ingress_https_port));
+        }
         cfg.settings.allowed_host_paths = self.allow_host_path.clone();
         cfg.default_memory_limit = baton_kube::quantity::whole(&self.default_memory_limit)
             .map_err(|e| anyhow::anyhow!("--default-memory-limit: {e}"))?;

@@ -25,6 +25,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod control;
 mod oci_cli;
+mod otel;
 mod run;
 
 // glibc's malloc showed up as ~12% of the store's write path under load; mimalloc's
@@ -41,6 +42,23 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Export traces to this OpenTelemetry collector over OTLP/HTTP (protobuf), e.g.
+    /// `http://127.0.0.1:4318` (`/v1/traces` is added).
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+}
+
+impl Command {
+    /// The OpenTelemetry `service.name` this command's traces carry.
+    fn service_name(&self) -> &'static str {
+        match self {
+            Command::Up(_) => "baton",
+            Command::Server(_) => "baton-server",
+            Command::Node(_) => "baton-node",
+            Command::Run(_) => "baton-run",
+            _ => "baton-cli",
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -113,6 +131,9 @@ struct UpArgs {
     /// evicted (after their tolerations).
     #[arg(long, default_value_t = 40)]
     node_monitor_grace: u64,
+    /// Seconds between two runs of each HorizontalPodAutoscaler.
+    #[arg(long = "horizontal-pod-autoscaler-sync-period", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    hpa_sync_period: u64,
     /// An EncryptionConfiguration file (kube-apiserver's format) for what is encrypted
     /// at rest; by default `DATA/pki/encryption-config.yaml`, made at first start to
     /// encrypt Secrets with AES-GCM under a random key.
@@ -235,17 +256,14 @@ fn default_data_dir() -> PathBuf {
 }
 
 fn main() {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour for a terminal only: a log file or a pipe gets plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
+    let telemetry = match otel::init(cli.otlp_endpoint.as_deref(), cli.command.service_name()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit_now(1);
+        }
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -257,6 +275,7 @@ fn main() {
     // Every task, and with them the store, is dropped before the process exits: RocksDB's
     // threads must not be running when the C++ runtime tears down.
     rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    telemetry.shutdown();
     let code = match result {
         Ok(code) => code,
         Err(e) => {
@@ -450,6 +469,7 @@ async fn up(args: UpArgs) -> Result<()> {
         let mut loops = control::Loops::new();
         let controllers = baton_controllers::Config {
             node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
+            hpa_sync: Duration::from_secs(args.hpa_sync_period),
             ..Default::default()
         };
         if !args.no_controllers {

@@ -316,6 +316,8 @@ fn top_shows_a_spinning_pod_busier_and_a_memory_hog_bigger_than_an_idle_pod() {
     for prefix in [
         r#"scheduler_scheduling_attempt_duration_seconds_count{result="scheduled",profile="default-scheduler"} "#,
         r#"workqueue_work_duration_seconds_count{name="serviceaccount"} "#,
+        r#"workqueue_queue_duration_seconds_count{name="serviceaccount"} "#,
+        r#"workqueue_depth{name="replicaset"} "#,
         r#"controller_runtime_reconcile_total{controller="serviceaccount",result="success"} "#,
     ] {
         assert!(
@@ -323,6 +325,17 @@ fn top_shows_a_spinning_pod_busier_and_a_memory_hog_bigger_than_an_idle_pod() {
             "no {prefix:?} in:\n{text}"
         );
     }
+    // Every namespace went through the ServiceAccount controller's queue at least once.
+    let adds: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"workqueue_adds_total{name="serviceaccount"} "#))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no serviceaccount adds in:\n{text}"));
+    let namespaces = b.ok(&["get", "namespaces", "-o", "name"]).lines().count();
+    assert!(
+        adds >= namespaces as f64,
+        "{adds} adds for {namespaces} namespaces"
+    );
     assert_eq!(text.matches("# EOF").count(), 1, "one end: {text}");
 }
 

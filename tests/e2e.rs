@@ -537,6 +537,18 @@ spec:
         taints.contains("node.kubernetes.io/unreachable"),
         "{taints}"
     );
+    // The node's story as `kubectl describe` tells it: the kubelet's start (its events
+    // name the node by name), the controller's registration and loss (by uid).
+    let described = b.ok(&["describe", "node", "n2"]);
+    for line in [
+        "Starting kubelet.",
+        "Node n2 status is now: NodeHasSufficientMemory",
+        "Node n2 status is now: NodeReady",
+        "Registered Node n2 in Controller",
+        "Node n2 status is now: NodeNotReady",
+    ] {
+        assert!(described.contains(line), "no {line:?} in:\n{described}");
+    }
 }
 
 #[test]

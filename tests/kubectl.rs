@@ -751,14 +751,14 @@ subjects:
 ---
 apiVersion: networking.k8s.io/v1
 kind: IngressClass
-metadata: {name: baton}
-spec: {controller: baton.dev/ingress}
+metadata: {name: chart-nginx}
+spec: {controller: k8s.io/ingress-nginx}
 ---
 apiVersion: networking.k8s.io/v1
 kind: Ingress
 metadata: {name: web}
 spec:
-  ingressClassName: baton
+  ingressClassName: chart-nginx
   rules:
   - host: web.example
     http:
@@ -918,7 +918,7 @@ fn chart_kinds_apply_print_and_reapply_unchanged() {
         "rolebinding.rbac.authorization.k8s.io/app-reads created",
         "clusterrole.rbac.authorization.k8s.io/app-nodes created",
         "clusterrolebinding.rbac.authorization.k8s.io/app-nodes created",
-        "ingressclass.networking.k8s.io/baton created",
+        "ingressclass.networking.k8s.io/chart-nginx created",
         "ingress.networking.k8s.io/web created",
         "horizontalpodautoscaler.autoscaling/web created",
         "networkpolicy.networking.k8s.io/web created",
@@ -986,7 +986,7 @@ fn chart_kinds_apply_print_and_reapply_unchanged() {
     );
     let out = b.ok(&["get", "ingress", "web"]);
     assert!(
-        out.contains("baton") && out.contains("web.example") && out.contains("80"),
+        out.contains("chart-nginx") && out.contains("web.example") && out.contains("80"),
         "{out}"
     );
     let out = b.ok(&["get", "hpa", "web"]);

@@ -161,6 +161,36 @@ pub async fn up(bin: &Path, extra: &[&str]) -> Result<Up> {
 
 /// An HTTP/1.1 load generator: keep-alive connections sending requests back to back.
 pub mod http {
+    /// One cell of a throughput table.
+    #[derive(Debug)]
+    pub struct Row {
+        pub rate: f64,
+        pub p50: Duration,
+        pub p99: Duration,
+        /// Server CPU per request, in microseconds.
+        pub cpu_us: f64,
+    }
+
+    /// A second of warm-up, then `clients` connections against `addr` for `secs`, with the
+    /// CPU the server processes `procs` spent meanwhile.
+    pub async fn measure(
+        procs: &crate::Procs,
+        addr: SocketAddr,
+        clients: usize,
+        secs: f64,
+    ) -> Result<Row> {
+        load(addr, clients, 1.0).await?;
+        let cpu0 = procs.cpu();
+        let (rate, mut lat) = load(addr, clients, secs).await?;
+        let cpu = procs.cpu().saturating_sub(cpu0);
+        Ok(Row {
+            rate,
+            p50: crate::pct(&mut lat, 0.5),
+            p99: crate::pct(&mut lat, 0.99),
+            cpu_us: cpu.as_secs_f64() * 1e6 / (lat.len().max(1) as f64),
+        })
+    }
+
     use std::net::SocketAddr;
     use std::time::{Duration, Instant};
 

@@ -193,6 +193,10 @@ impl FakeSandbox {
 impl Sandbox for FakeSandbox {
     type Image = Script;
 
+    fn image_present(&self, image: &str) -> bool {
+        self.fake.lock().pulls.iter().any(|p| p == image)
+    }
+
     async fn pull(
         &mut self,
         image: &str,
@@ -200,6 +204,7 @@ impl Sandbox for FakeSandbox {
         _policy: baton_oci::PullPolicy,
     ) -> Result<Pulled<Script>, ImageError> {
         let mut s = self.fake.lock();
+        let present = s.pulls.iter().any(|p| p == image);
         s.pulls.push(image.into());
         let script = *s.images.get(image).ok_or_else(|| ImageError::Refused {
             image: image.into(),
@@ -212,7 +217,7 @@ impl Sandbox for FakeSandbox {
                 _ => Lifetime::Process,
             },
             digest: Some(format!("sha256:{image}")),
-            pulled: true,
+            pulled: !present,
         })
     }
 

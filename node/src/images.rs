@@ -171,6 +171,11 @@ impl Images {
         self.registry.as_ref()
     }
 
+    /// Whether an image is on the node already: a node path, or in the pull cache.
+    pub fn present(&self, image: &str) -> bool {
+        local_path(image).is_some() || self.registry.as_ref().is_some_and(|r| r.has(image))
+    }
+
     /// The component an image names: a node path, or pulled from its registry.
     pub async fn get(
         &self,

@@ -28,6 +28,7 @@ pub mod dns;
 pub mod eviction;
 pub mod fake;
 pub mod images;
+pub mod ingress;
 pub mod ipam;
 pub mod linux;
 pub mod netns;
@@ -49,7 +50,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_kube::events::Recorder;
+use baton_kube::events::{EventQueue, Recorder};
 use baton_wasm_shim::{Runtime, RuntimeConfig, ShimError};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -113,6 +114,10 @@ pub struct NodeConfig {
     /// When the API server runs in this process (`baton up`): where the node offers it a
     /// link to its endpoint that needs no TLS.
     pub local_link: Option<baton_kube::local_nodes::LocalNodes>,
+    /// Where the node serves Ingresses over HTTP and HTTPS ([`ingress`]); None serves
+    /// none. Port 0 picks a free port, which the node publishes on its Node.
+    pub ingress_http: Option<std::net::SocketAddr>,
+    pub ingress_https: Option<std::net::SocketAddr>,
 }
 
 impl NodeConfig {
@@ -155,6 +160,8 @@ impl NodeConfig {
             default_memory_limit: 64 << 20,
             eviction_hard_memory: 100 << 20,
             local_link: None,
+            ingress_http: None,
+            ingress_https: None,
             runtime,
         }
     }
@@ -199,6 +206,11 @@ pub async fn run(
         false,
     )
     .await?;
+    let events = EventQueue::spawn(
+        Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
+        1024,
+    );
+    register::tell_started(&events, &cfg.name);
     let pod_cidr = match &cfg.pod_cidr {
         Some(c) => c.clone(),
         None => register::assigned_pod_cidr(&client, &cfg.name).await?,
@@ -216,6 +228,31 @@ pub async fn run(
     // elsewhere Linux images are refused with the reason.
     let linux = linux_runtime(&cfg, &pod_cidr).await;
     let (services, proxy) = proxy::Services::start(client.clone(), node_ip, linux.is_some());
+    // Serves Ingresses until the agent ends.
+    let _ingress = if cfg.ingress_http.is_some() || cfg.ingress_https.is_some() {
+        let server = ingress::start(
+            client.clone(),
+            services.clone(),
+            Some(runtime.clone()),
+            cfg.ingress_http,
+            cfg.ingress_https,
+        );
+        tracing::info!(http = ?server.http, https = ?server.https, "serving Ingresses");
+        let port = |a: Option<std::net::SocketAddr>| a.map(|a| a.port());
+        if let Err(e) = register::publish_ingress_ports(
+            &client,
+            &cfg.name,
+            port(server.http),
+            port(server.https),
+        )
+        .await
+        {
+            tracing::warn!(error = %baton_kube::error::chain(&e), "cannot publish the Ingress ports");
+        }
+        Some(server)
+    } else {
+        None
+    };
     // Answers the container pods' names, on the bridge; aborted with the agent.
     let _dns = match &linux {
         Some(rt) => {
@@ -267,7 +304,7 @@ pub async fn run(
         node_name: cfg.name.clone(),
         host_ip: cfg.address.clone(),
         data_dir: cfg.data_dir.clone(),
-        recorder: Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
+        events: events.clone(),
         settings: cfg.settings.clone(),
         services: Some(services),
         logs: logs.clone(),
@@ -287,6 +324,7 @@ pub async fn run(
     let heartbeat = {
         let (client, cfg) = (client.clone(), cfg.clone());
         let evictions = shared.evictions.clone();
+        let events = events.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(cfg.heartbeat);
             let mut pressure_tick = tokio::time::interval(eviction::INTERVAL);
@@ -322,7 +360,17 @@ pub async fn run(
                     )
                     .await
                     {
-                        Ok(()) => reported_pressure = pressure,
+                        Ok(()) => {
+                            if pressure != reported_pressure {
+                                let status = if pressure {
+                                    "NodeHasInsufficientMemory"
+                                } else {
+                                    "NodeHasSufficientMemory"
+                                };
+                                register::tell_status(&events, &cfg.name, status);
+                            }
+                            reported_pressure = pressure;
+                        }
                         Err(e) => tracing::warn!(error = %e, "node status update failed"),
                     }
                 }

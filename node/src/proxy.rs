@@ -129,8 +129,13 @@ fn resolve(table: &Table, pod_ns: &str, name: &str, routed: bool) -> Option<IpAd
     e.hostnames.get(host).copied()
 }
 
-fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let sock = tokio::net::TcpSocket::new_v4()?;
+/// A listener that several node agents on one host (a test cluster) can all hold:
+/// Services' and Ingresses' ports alike.
+pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }?;
     sock.set_reuseaddr(true)?;
     sock.set_reuseport(true)?;
     sock.bind(addr)?;
@@ -228,6 +233,35 @@ impl Services {
             .find(|p| p.name == "https")
             .or(e.ports.first())?;
         Some((e.cluster_ip?, port.port))
+    }
+
+    /// The ready endpoints of a Service port (by number or name), less the pods of this
+    /// node shutting down: where an Ingress sends a request. None if there is no such
+    /// Service or port.
+    pub fn endpoints(
+        &self,
+        ns: &str,
+        name: &str,
+        port: &crate::ingress::ServicePort,
+    ) -> Option<Vec<SocketAddr>> {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let e = table.services.get(&(ns.to_string(), name.to_string()))?;
+        let p = e.ports.iter().find(|p| match port {
+            crate::ingress::ServicePort::Number(n) => p.port == *n,
+            crate::ingress::ServicePort::Name(n) => p.name == *n,
+        })?;
+        let draining = self.draining.read().unwrap_or_else(|e| e.into_inner());
+        Some(
+            e.endpoints
+                .get(&p.name)
+                .map(|list| {
+                    list.iter()
+                        .filter(|a| !draining.contains(&a.ip()))
+                        .copied()
+                        .collect()
+                })
+                .unwrap_or_default(),
+        )
     }
 
     /// The name resolver of pods in namespace `ns`.

@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use baton_kube::events::{EventQueue, EventType};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -96,6 +97,73 @@ pub fn go_arch() -> &'static str {
         // riscv64, s390x, arm and mips are spelled alike.
         other => other,
     }
+}
+
+/// The Node as the kubelet names it in its events: its name as its uid, which
+/// `kubectl describe node` looks for beside the Node's own uid.
+fn node_ref(name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(name.into()),
+        uid: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+/// What the kubelet tells of its node when it starts: started, each condition's state,
+/// Ready.
+pub fn tell_started(events: &EventQueue, name: &str) {
+    events.post(
+        node_ref(name),
+        EventType::Normal,
+        "Starting",
+        "Starting kubelet.".into(),
+    );
+    for status in [
+        "NodeHasSufficientMemory",
+        "NodeHasNoDiskPressure",
+        "NodeHasSufficientPID",
+        "NodeReady",
+    ] {
+        tell_status(events, name, status);
+    }
+}
+
+/// A change of the node's status, as the kubelet words it (`NodeHasInsufficientMemory`).
+pub fn tell_status(events: &EventQueue, name: &str, status: &'static str) {
+    events.post(
+        node_ref(name),
+        EventType::Normal,
+        status,
+        format!("Node {name} status is now: {status}"),
+    );
+}
+
+/// The Node annotations naming the ports the node serves Ingresses on.
+pub const INGRESS_HTTP_PORT: &str = "baton.dev/ingress-http-port";
+pub const INGRESS_HTTPS_PORT: &str = "baton.dev/ingress-https-port";
+
+/// Writes the ports the node serves Ingresses on into its Node's annotations, so that a
+/// port picked by the system (0 asked) can be found.
+pub async fn publish_ingress_ports(
+    client: &Client,
+    name: &str,
+    http: Option<u16>,
+    https: Option<u16>,
+) -> Result<(), RegisterError> {
+    let api: Api<Node> = Api::all(client.clone());
+    let patch = json!({"metadata": {"annotations": {
+        INGRESS_HTTP_PORT: http.map(|p| p.to_string()),
+        INGRESS_HTTPS_PORT: https.map(|p| p.to_string()),
+    }}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(|source| RegisterError::Node {
+            node: name.into(),
+            source,
+        })?;
+    Ok(())
 }
 
 /// Creates or updates the Node, and marks it Ready.

@@ -178,6 +178,10 @@ pub trait Sandbox: Send + Sync + 'static {
     /// What a container starts from.
     type Image: Clone + Send + Sync + 'static;
 
+    /// Whether `image` is on the node already, so that a pull that may use it will not
+    /// transfer it (the kubelet's `Pulling` event is for transfers only).
+    fn image_present(&self, image: &str) -> bool;
+
     /// Gets an image for this pod. The image stays on the node while the sandbox lives.
     fn pull(
         &mut self,
@@ -485,6 +489,10 @@ impl WasmSandbox {
 impl Sandbox for WasmSandbox {
     type Image = Component;
 
+    fn image_present(&self, image: &str) -> bool {
+        self.images.present(image)
+    }
+
     async fn pull(
         &mut self,
         image: &str,
@@ -708,6 +716,10 @@ impl Sandboxes for PodSandboxes {
 
 impl Sandbox for PodSandbox {
     type Image = PodImage;
+
+    fn image_present(&self, image: &str) -> bool {
+        self.wasm.images.present(image)
+    }
 
     async fn pull(
         &mut self,

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton_kube::error::chain;
-use baton_kube::events::{EventType, Recorder};
+use baton_kube::events::{EventQueue, EventType};
 use baton_kube::pod as podx;
 use baton_wasm_shim::logs::{ContainerLog, LogConfig};
 use baton_wasm_shim::Exit;
@@ -40,6 +40,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config::{self, ContainerConfig, PodFacts};
 use crate::ipam::Ipam;
@@ -94,7 +95,7 @@ pub struct Shared<S> {
     pub node_name: String,
     pub host_ip: String,
     pub data_dir: PathBuf,
-    pub recorder: Recorder,
+    pub events: EventQueue,
     pub settings: Settings,
     pub services: Option<crate::proxy::Services>,
     pub logs: Arc<crate::server::LogIndex>,
@@ -214,6 +215,9 @@ struct Worker<S: Sandboxes> {
     /// been counted in `kubelet_pod_start_duration_seconds`.
     seen: Instant,
     start_recorded: bool,
+    /// The span of the pod's start, in the trace of its binding, until the API has been
+    /// told it is Ready (or finished): the node's part of one change's trace.
+    starting: Option<tracing::Span>,
 }
 
 /// What was last written of the status, and when.
@@ -261,6 +265,7 @@ impl<S: Sandboxes> Worker<S> {
             next_refresh: Instant::now() + VOLUME_REFRESH,
             seen: Instant::now(),
             start_recorded: false,
+            starting: Some(start_span(&pod)),
             shared,
             pod,
         }
@@ -289,22 +294,23 @@ impl<S: Sandboxes> Worker<S> {
         }
     }
 
-    /// Publishes an event about the pod. The future owns what it needs, so the worker is
-    /// not borrowed while it is sent.
-    fn event(
-        &self,
-        type_: EventType,
-        reason: &'static str,
-        message: String,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let shared = self.shared.clone();
-        let object = self.pod.object_ref(&());
-        async move {
-            shared
-                .recorder
-                .publish(&object, type_, reason, &message)
-                .await
-        }
+    /// Records an event about the pod; it is sent in the background.
+    fn event(&self, type_: EventType, reason: &'static str, message: String) {
+        self.shared
+            .events
+            .post(self.pod.object_ref(&()), type_, reason, message);
+    }
+
+    /// Whether the API has been told the pod is Ready, or finished: its start is over.
+    fn start_reported(&self) -> bool {
+        !self.reporter.pending
+            && self.reporter.last.as_ref().is_some_and(|s| {
+                matches!(s.phase.as_deref(), Some("Succeeded" | "Failed"))
+                    || s.conditions
+                        .iter()
+                        .flatten()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
     }
 
     fn initialized(&self) -> bool {
@@ -456,8 +462,7 @@ impl<S: Sandboxes> Worker<S> {
             Err(e) => {
                 let msg = chain(&e);
                 self.wait_all("CreateContainerConfigError", &msg);
-                self.event(EventType::Warning, "Failed", format!("Error: {msg}"))
-                    .await;
+                self.event(EventType::Warning, "Failed", format!("Error: {msg}"));
                 return false;
             }
         }
@@ -544,16 +549,14 @@ impl<S: Sandboxes> Worker<S> {
                     let msg = format!(
                         "{asked} asked: this pod keeps its own address {ip}, process table and IPC; a Baton node does not share its own with a pod"
                     );
-                    self.event(EventType::Warning, "HostNamespacesNotShared", msg)
-                        .await;
+                    self.event(EventType::Warning, "HostNamespacesNotShared", msg);
                 }
                 Some(ip)
             }
             Err(e) => {
                 let msg = chain(&e);
                 self.wait_all("ContainerCreating", &msg);
-                self.event(EventType::Warning, "FailedCreatePodSandBox", msg)
-                    .await;
+                self.event(EventType::Warning, "FailedCreatePodSandBox", msg);
                 None
             }
         }
@@ -584,19 +587,37 @@ impl<S: Sandboxes> Worker<S> {
             _ => baton_oci::PullPolicy::IfNotPresent,
         };
         let auth = config::pull_auth(&self.shared.client, &self.pod, &image).await;
+        let Some(sandbox) = self.sandbox.as_ref() else {
+            return false;
+        };
+        // As the kubelet tells it: `Pulling` before a transfer, `Pulled` after it, or that
+        // the image was found on the node.
+        let transfers = policy == baton_oci::PullPolicy::Always
+            || (policy == baton_oci::PullPolicy::IfNotPresent && !sandbox.image_present(&image));
+        if transfers {
+            self.event(
+                EventType::Normal,
+                "Pulling",
+                format!("Pulling image \"{image}\""),
+            );
+        }
         let Some(sandbox) = self.sandbox.as_mut() else {
             return false;
         };
         let started = Instant::now();
-        match sandbox.pull(&image, &auth, policy).await {
+        let span =
+            tracing::info_span!(target: baton_kube::trace::TARGET, "pull_image", image = %image);
+        match sandbox.pull(&image, &auth, policy).instrument(span).await {
             Ok(pulled) => {
-                if pulled.pulled {
-                    let msg = format!(
+                let msg = if pulled.pulled {
+                    format!(
                         "Successfully pulled image \"{image}\" in {:.3}s",
                         started.elapsed().as_secs_f64()
-                    );
-                    self.event(EventType::Normal, "Pulled", msg).await;
-                }
+                    )
+                } else {
+                    format!("Container image \"{image}\" already present on machine")
+                };
+                self.event(EventType::Normal, "Pulled", msg);
                 let slot = &mut self.slots[i];
                 slot.image_id = pulled.digest;
                 slot.lifetime = Some(pulled.lifetime);
@@ -630,7 +651,7 @@ impl<S: Sandboxes> Worker<S> {
                     ),
                     _ => (EventType::Warning, "Failed", format!("Error: {msg}")),
                 };
-                self.event(type_, event_reason, text).await;
+                self.event(type_, event_reason, text);
                 false
             }
         }
@@ -713,8 +734,7 @@ impl<S: Sandboxes> Worker<S> {
             Err(e) => {
                 let msg = chain(&e);
                 self.exited(i, 128, "CreateContainerError", &msg);
-                self.event(EventType::Warning, "Failed", format!("Error: {msg}"))
-                    .await;
+                self.event(EventType::Warning, "Failed", format!("Error: {msg}"));
                 return;
             }
         };
@@ -723,7 +743,8 @@ impl<S: Sandboxes> Worker<S> {
         let Some(sandbox) = self.sandbox.as_mut() else {
             return;
         };
-        match sandbox.start(run).await {
+        let span = tracing::info_span!(target: baton_kube::trace::TARGET, "start_container", container = %name);
+        match sandbox.start(run).instrument(span).await {
             Ok(started) => {
                 let run_of = self.slots[i].restarts;
                 if let Some(exit) = started.exit {
@@ -734,18 +755,23 @@ impl<S: Sandboxes> Worker<S> {
                 self.slots[i].mark_started(Instant::now());
                 self.record_start();
                 let image = self.slots[i].spec.image.clone().unwrap_or_default();
+                // The sandbox creates and starts in one step; both are told, in
+                // Kubernetes' words, for `kubectl describe` and alerts that look for them.
+                self.event(
+                    EventType::Normal,
+                    "Created",
+                    format!("Created container: {name}"),
+                );
                 self.event(
                     EventType::Normal,
                     "Started",
                     format!("Started container {name} ({image})"),
-                )
-                .await;
+                );
             }
             Err(e) => {
                 let msg = chain(&e);
                 self.exited(i, 128, e.reason(), &msg);
-                self.event(EventType::Warning, "Failed", format!("Error: {msg}"))
-                    .await;
+                self.event(EventType::Warning, "Failed", format!("Error: {msg}"));
             }
         }
     }
@@ -839,6 +865,16 @@ impl<S: Sandboxes> Worker<S> {
             Instant::now(),
             &pod,
         );
+        // Each back-off before a restart, as the kubelet tells a crash loop.
+        if matches!(&self.slots[i].state, status::State::Waiting { reason, .. } if reason == "CrashLoopBackOff")
+        {
+            let name = self.slots[i].spec.name.clone();
+            self.event(
+                EventType::Warning,
+                "BackOff",
+                format!("Back-off restarting failed container {name} in pod {pod}"),
+            );
+        }
     }
 
     /// The container's current log is complete: flushed, and no longer followed.
@@ -900,11 +936,10 @@ impl<S: Sandboxes> Worker<S> {
             }
             self.slots[i].update_from_probes();
             for message in unhealthy {
-                self.event(EventType::Warning, "Unhealthy", message).await;
+                self.event(EventType::Warning, "Unhealthy", message);
             }
             if let Some(message) = kill {
-                self.event(EventType::Normal, "Killing", message.clone())
-                    .await;
+                self.event(EventType::Normal, "Killing", message.clone());
                 if let Some(sandbox) = &mut self.sandbox {
                     sandbox.stop(&spec.name).await;
                 }
@@ -1132,8 +1167,7 @@ impl<S: Sandboxes> Worker<S> {
             }
             self.slots[i].evicted();
         }
-        self.event(EventType::Warning, "Evicted", message.clone())
-            .await;
+        self.event(EventType::Warning, "Evicted", message.clone());
         self.finish(Some(End {
             reason: "Evicted".into(),
             message,
@@ -1159,8 +1193,7 @@ impl<S: Sandboxes> Worker<S> {
             }
         };
         if let Some((reason, message)) = refused {
-            self.event(EventType::Warning, reason, message.clone())
-                .await;
+            self.event(EventType::Warning, reason, message.clone());
             self.finish(Some(End {
                 reason: reason.into(),
                 message,
@@ -1191,6 +1224,18 @@ impl<S: Sandboxes> Worker<S> {
 
 /// Runs one pod until it is deleted. `updates` carries the newest object; None (or a
 /// closed channel) means the API no longer has it.
+/// The span of a pod's start on this node, continuing the trace of the write that bound it.
+fn start_span(pod: &Pod) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: baton_kube::trace::TARGET,
+        "start_pod",
+        namespace = pod.metadata.namespace.as_deref().unwrap_or(""),
+        name = pod.metadata.name.as_deref().unwrap_or(""),
+    );
+    baton_kube::trace::follow(&span, &pod.metadata);
+    span
+}
+
 pub async fn run<S: Sandboxes>(
     shared: Arc<Shared<S>>,
     mut updates: watch::Receiver<Option<Arc<Pod>>>,
@@ -1204,14 +1249,23 @@ pub async fn run<S: Sandboxes>(
         return;
     }
     let mut evictions = w.shared.evictions.subscribe();
-    w.admit().await;
+    let span = w.starting.clone().unwrap_or_else(tracing::Span::none);
+    w.admit().instrument(span).await;
     loop {
-        if let Some(message) = w.shared.evictions.take(&w.uid) {
-            w.evict(message).await;
+        let span = w.starting.clone().unwrap_or_else(tracing::Span::none);
+        async {
+            if let Some(message) = w.shared.evictions.take(&w.uid) {
+                w.evict(message).await;
+            }
+            w.advance().await;
+            w.refresh_volumes().await;
+            w.report().await;
         }
-        w.advance().await;
-        w.refresh_volumes().await;
-        w.report().await;
+        .instrument(span)
+        .await;
+        if w.starting.is_some() && w.start_reported() {
+            w.starting = None;
+        }
         let wake = w.next_wake();
         tokio::select! {
             changed = updates.changed() => {
@@ -1276,7 +1330,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let client = api.client();
         let shared = Arc::new(Shared {
-            recorder: Recorder::new(client.clone(), "kubelet", Some("n1")),
+            events: EventQueue::spawn(
+                baton_kube::events::Recorder::new(client.clone(), "kubelet", Some("n1")),
+                256,
+            ),
             client,
             sandboxes: fake.clone(),
             ipam: Mutex::new(Ipam::new("127.1.0.0/28").unwrap()),
@@ -1394,6 +1451,66 @@ mod tests {
         assert!(n.api.events().contains(&"Normal Started".to_string()));
     }
 
+    /// The kubelet's events so far, as "reason: message", once there are `n` of them.
+    async fn events_of(api: &FakeApi, n: usize) -> Vec<String> {
+        let seen = || -> Vec<String> {
+            api.calls()
+                .into_iter()
+                .filter(|c| c.method == "POST" && c.path.contains("/events"))
+                .map(|c| {
+                    let text = |k: &str| c.body[k].as_str().unwrap_or("").to_string();
+                    format!("{}: {}", text("reason"), text("message"))
+                })
+                .collect()
+        };
+        for _ in 0..1000 {
+            if seen().len() >= n {
+                return seen();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {n} events: {:?}", seen());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_start_is_told_pulling_pulled_created_started_and_a_present_image_is_not_pulled() {
+        let n = node();
+        let first = n.run(pod(
+            json!({"containers": [{"name": "web", "image": "serve"}]}),
+        ));
+        let told = events_of(&n.api, 4).await;
+        assert_eq!(told[0], "Pulling: Pulling image \"serve\"", "{told:?}");
+        assert!(
+            told[1].starts_with("Pulled: Successfully pulled image"),
+            "{told:?}"
+        );
+        assert_eq!(
+            told[2..4],
+            [
+                "Created: Created container: web",
+                "Started: Started container web (serve)"
+            ],
+            "{told:?}"
+        );
+        // Another pod of the same image finds it on the node.
+        let mut second = pod(json!({"containers": [{"name": "api", "image": "serve"}]}));
+        second.metadata.name = Some("q".into());
+        second.metadata.uid = Some("u2".into());
+        let _second = n.run(second);
+        let told = events_of(&n.api, 7).await;
+        assert_eq!(
+            told[4..7],
+            [
+                "Pulled: Container image \"serve\" already present on machine",
+                "Created: Created container: api",
+                "Started: Started container api (serve)",
+            ],
+            "{told:?}"
+        );
+        assert_eq!(n.fake.pulls("serve"), 2);
+        drop(first);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_ephemeral_container_runs_once_beside_the_app_and_leaves_the_phase_alone() {
         let n = node();
@@ -1469,6 +1586,17 @@ mod tests {
         );
         assert_eq!(s["phase"], "Running");
         assert_eq!(condition(&s, "Ready"), "False");
+        // Each back-off was told (the first restart was at once), aggregated as repeats.
+        let want = "BackOff: Back-off restarting failed container c in pod p_default(u1)";
+        let mut told = Vec::new();
+        for _ in 0..1000 {
+            told = events_of(&n.api, 0).await;
+            if told.iter().any(|e| e == want) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(told.iter().any(|e| e == want), "{told:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -398,6 +398,12 @@ impl Registry {
             })
     }
 
+    /// Whether the cache holds an image by this reference: what a pull with
+    /// `IfNotPresent` would find without asking the registry.
+    pub fn has(&self, image: &str) -> bool {
+        Self::parse(image).is_ok_and(|r| self.cache.get_ref(&r.whole()).is_some())
+    }
+
     /// Pulls a component (or finds it in the cache, per `policy`). A Linux container
     /// image is refused before its layers are downloaded.
     pub async fn pull(

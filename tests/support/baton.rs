@@ -21,6 +21,17 @@ pub fn guests_dir() -> PathBuf {
     baton_testkit::crate_dir(env!("CARGO_MANIFEST_DIR")).join("examples-wasm/dist")
 }
 
+/// A built guest component's path, as a pod's image names it.
+pub fn guest(name: &str) -> String {
+    let p = guests_dir().join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-guests.sh",
+        p.display()
+    );
+    p.display().to_string()
+}
+
 /// The folder holding the versioned kubectl binaries (`kubectl.1.29`, ...).
 pub fn kubectl_dir() -> PathBuf {
     let which = Command::new("sh")

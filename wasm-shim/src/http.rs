@@ -53,6 +53,8 @@ pub struct HttpSpec {
 #[derive(Debug)]
 pub struct HttpServer {
     addr: SocketAddr,
+    /// Its entry among the runtime's local servers, removed with it.
+    _local: Option<Registration>,
     task: JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<Duration>>,
     stopped: Arc<std::sync::atomic::AtomicBool>,
@@ -371,7 +373,104 @@ impl Serving {
     }
 }
 
+/// The plain-HTTP components served on one runtime, by the address they listen on: what
+/// a node's Ingress calls in process, skipping a socket and an HTTP encoding each way.
+#[derive(Debug, Default)]
+pub(crate) struct LocalServers {
+    by_addr: std::sync::RwLock<std::collections::HashMap<SocketAddr, std::sync::Weak<Serving>>>,
+}
+
+impl LocalServers {
+    fn register(self: &Arc<Self>, addr: SocketAddr, serving: &Arc<Serving>) -> Registration {
+        self.by_addr
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, Arc::downgrade(serving));
+        Registration {
+            servers: self.clone(),
+            addr,
+            serving: Arc::downgrade(serving),
+        }
+    }
+}
+
+/// A server's entry in [`LocalServers`]; dropped with the server, it leaves.
+#[derive(Debug)]
+struct Registration {
+    servers: Arc<LocalServers>,
+    addr: SocketAddr,
+    serving: std::sync::Weak<Serving>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut map = self
+            .servers
+            .by_addr
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        // Only its own: another server may have the address by now.
+        if map.get(&self.addr).is_some_and(|w| w.ptr_eq(&self.serving)) {
+            map.remove(&self.addr);
+        }
+    }
+}
+
+/// An HTTP component of this runtime, called in process ([`Runtime::local_http`]).
+#[derive(Clone)]
+pub struct LocalHttp {
+    serving: Arc<Serving>,
+    runtime: Runtime,
+}
+
+impl std::fmt::Debug for LocalHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalHttp").finish_non_exhaustive()
+    }
+}
+
+impl LocalHttp {
+    /// Serves one request as the component's own server would (an instance of its own,
+    /// on the guest threads, charged to its pod, counted in its metrics): the request in
+    /// origin form with its `Host` header, as a server receives it.
+    pub async fn call(
+        self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<HyperOutgoingBody> {
+        let usage = self.serving.net.usage.clone();
+        let serving = self.serving.clone();
+        // A caller that gives up (its client went away, its deadline passed) stops the
+        // instance, as a closed connection does.
+        let mut task =
+            AbortOnDrop::new(self.runtime.spawn_guest(&usage, None, serving.handle(req)));
+        match task.join().await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(never)) => match never {},
+            Err(_) => text(503, "the component stopped\n".into()),
+        }
+    }
+}
+
 impl Runtime {
+    /// The plain-HTTP component this runtime serves at `addr`, if any, to be called
+    /// without a connection: the same requests, instances and limits as over its socket.
+    pub fn local_http(&self, addr: SocketAddr) -> Option<LocalHttp> {
+        let serving = self
+            .local_http
+            .by_addr
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)?
+            .upgrade()?;
+        if serving.stopped.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(LocalHttp {
+            serving,
+            runtime: self.clone(),
+        })
+    }
+
     /// Serves an HTTP component on `listener`, an instance per request.
     pub fn serve_http(
         &self,
@@ -413,6 +512,12 @@ impl Runtime {
             tally,
             container: container.map(str::to_string),
         });
+        // A plain-HTTP server can also be called in process ([`Runtime::local_http`]).
+        let local = serving
+            .spec
+            .tls
+            .is_none()
+            .then(|| self.local_http.register(addr, &serving));
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<Duration>();
         // The listener moves to the guest threads' reactor, where all of the server runs.
         let listener = {
@@ -476,6 +581,7 @@ impl Runtime {
         });
         Ok(HttpServer {
             addr,
+            _local: local,
             task,
             stop: Some(stop),
             stopped: killed,

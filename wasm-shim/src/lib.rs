@@ -57,7 +57,7 @@ mod usage;
 pub use cli::{CliOutcome, CliSpec, Mount, StdinPipe};
 pub use error::ShimError;
 pub use exec::{ExecIo, ExecSpec, Execution, PodHandle, Terminal};
-pub use http::{HttpServer, HttpSpec};
+pub use http::{HttpServer, HttpSpec, LocalHttp};
 pub use net::{NameResolver, NetLimits};
 pub use netns::NetworkNamespace;
 pub use pod::{ContainerSpec, Pod, PodSpec};

@@ -116,6 +116,8 @@ pub struct Runtime {
     /// The TLS client of components' outgoing HTTPS ([`crate::https`]).
     pub(crate) tls: Arc<rustls::ClientConfig>,
     pub(crate) stats: Arc<crate::stats::RuntimeStats>,
+    /// The plain-HTTP components served on this runtime, by address.
+    pub(crate) local_http: Arc<crate::http::LocalServers>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -198,6 +200,7 @@ impl Runtime {
             pods,
             tls,
             stats: Arc::default(),
+            local_http: Arc::default(),
         })
     }
 

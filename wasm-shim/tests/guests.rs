@@ -1024,3 +1024,54 @@ async fn ps_lists_the_pods_tasks_and_exit_codes_and_terminals_pass_through() {
     assert_eq!((out.as_str(), code), ("not a tty\n", 1));
     pod.shutdown(Duration::ZERO).await;
 }
+
+/// A served component can be called in process, as a node's Ingress does: the same
+/// answer as over its socket; nothing is found at other addresses, or once it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_component_answers_in_process_until_it_stops() {
+    use http_body_util::{BodyExt, Empty};
+    let rt = runtime();
+    let c = rt.load_file(&guest("http-hello")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = rt.serve_http(&c, HttpSpec::default(), listener).unwrap();
+    let addr = server.local_addr();
+    assert!(rt.local_http(([127, 0, 0, 1], 1).into()).is_none());
+    // A front server handing each request to the component in process.
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    let rt2 = rt.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = front.accept().await.unwrap();
+        let svc = hyper::service::service_fn(move |req| {
+            let local = rt2.local_http(addr).expect("served in process");
+            async move { Ok::<_, std::convert::Infallible>(local.call(req).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+            .await;
+    });
+    let tcp = tokio::net::TcpStream::connect(front_addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            hyper::Request::get("/inside?x=1")
+                .header("host", "test")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&text).contains("path=/inside?x=1"),
+        "{text:?}"
+    );
+    server.shutdown(Duration::from_secs(1)).await;
+    assert!(rt.local_http(addr).is_none(), "gone with its server");
+}

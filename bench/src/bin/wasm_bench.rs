@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use baton_bench::http::{get_once, load};
+use baton_bench::http::{get_once, measure};
 use baton_bench::{env_or, ms, pct, rss_kib, wait_until, Procs};
 use baton_testkit::process::announced_addr;
 use baton_wasm_shim::{CliSpec, ContainerSpec, HttpSpec, PodSpec, Runtime, RuntimeConfig};
@@ -56,26 +56,6 @@ async fn serve(cmd: &mut Command, announces: Announces) -> Result<(Procs, Socket
     })
     .await?;
     Ok((procs, addr))
-}
-
-struct Row {
-    rate: f64,
-    p50: Duration,
-    p99: Duration,
-    cpu_us: f64,
-}
-
-async fn measure(procs: &Procs, addr: SocketAddr, clients: usize, secs: f64) -> Result<Row> {
-    load(addr, clients, 1.0).await?; // warm-up
-    let cpu0 = procs.cpu();
-    let (rate, mut lat) = load(addr, clients, secs).await?;
-    let cpu = procs.cpu().saturating_sub(cpu0);
-    Ok(Row {
-        rate,
-        p50: pct(&mut lat, 0.5),
-        p99: pct(&mut lat, 0.99),
-        cpu_us: cpu.as_secs_f64() * 1e6 / (lat.len().max(1) as f64),
-    })
 }
 
 async fn throughput(baton: &Path, wasmtime: &Path, wasm: &Path, secs: f64) -> Result<()> {

@@ -9,6 +9,7 @@ use baton_store::{
     Store, Txn,
 };
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::resources::{Registry, Resource};
@@ -342,7 +343,11 @@ impl Objects {
                 std::iter::once(Op::get(key.clone()))
                     .chain(claims.iter().map(|c| Op::get(c.key.clone()))),
             );
-        let resp = self.store.txn(txn).await?;
+        let resp = self
+            .store
+            .txn(txn)
+            .instrument(commit_span("create", &key))
+            .await?;
         if resp.succeeded {
             let mut out = obj.clone();
             set_rv(&mut out, resp.revision);
@@ -383,9 +388,11 @@ impl Objects {
     ) -> ApiResult<Value> {
         let key = res.key(ns, name);
         let value = self.encode(obj, res, &key)?;
+        let span = commit_span("update", &key);
         match self
             .store
             .put_if(key, value, Precondition::ModRevision(expected))
+            .instrument(span)
             .await
         {
             Ok(rev) => {
@@ -423,8 +430,12 @@ impl Objects {
                 std::iter::once(Op::delete(key.clone()))
                     .chain(held.iter().map(|k| Op::delete(k.clone()))),
             )
-            .or_else([Op::get(key)]);
-        let resp = self.store.txn(txn).await?;
+            .or_else([Op::get(key.clone())]);
+        let resp = self
+            .store
+            .txn(txn)
+            .instrument(commit_span("delete", &key))
+            .await?;
         if resp.succeeded {
             return Ok(resp.revision);
         }
@@ -433,6 +444,12 @@ impl Objects {
             _ => Err(not_found(res, name)),
         }
     }
+}
+
+/// The span of one write's round through the store: proposed, replicated by Raft to a
+/// quorum, applied. In a trace it shows how much of a request the commit was.
+fn commit_span(op: &'static str, key: &str) -> tracing::Span {
+    tracing::info_span!(target: baton_kube::trace::TARGET, "store_commit", op, key)
 }
 
 pub(crate) fn not_found(res: &Resource, name: &str) -> ApiError {

@@ -462,6 +462,20 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         strategy = strategy::HorizontalPodAutoscalers
     ),
     resource!(
+        "autoscaling",
+        "v1",
+        "HorizontalPodAutoscaler",
+        "horizontalpodautoscalers",
+        "horizontalpodautoscaler",
+        true,
+        autoscaling::v1::HorizontalPodAutoscaler,
+        short = ["hpa"],
+        cat = [],
+        sub = ["status"],
+        strategy = strategy::HorizontalPodAutoscalersV1,
+        stored_in = ("autoscaling", "v2")
+    ),
+    resource!(
         "networking.k8s.io",
         "v1",
         "Ingress",

@@ -227,13 +227,30 @@ pub(crate) fn object_response(
 
 /// Runs one resource request.
 pub async fn handle(objects: &Objects, req: Request) -> Response {
-    let span = tracing::debug_span!(
-        "api_request",
-        verb = %req.method,
-        resource = %req.target.res.plural,
-        namespace = req.target.ns.as_deref().unwrap_or(""),
-        name = req.target.name.as_deref().unwrap_or(""),
-    );
+    // Every request but a watch is one unit of work in a trace, a child of the caller's
+    // (a controller, the scheduler, a node: their clients send `traceparent`). A watch
+    // lives for minutes and belongs to no one change.
+    let span = if req.method == Method::GET && req.flag("watch") {
+        tracing::debug_span!(
+            "api_request",
+            verb = %req.method,
+            resource = %req.target.res.plural,
+            namespace = req.target.ns.as_deref().unwrap_or(""),
+        )
+    } else {
+        tracing::info_span!(
+            target: baton_kube::trace::TARGET,
+            "api_request",
+            otel.kind = "server",
+            verb = %req.method,
+            resource = %req.target.res.plural,
+            subresource = req.target.sub.as_deref().unwrap_or(""),
+            namespace = req.target.ns.as_deref().unwrap_or(""),
+            name = req.target.name.as_deref().unwrap_or(""),
+            user = %req.user.name,
+        )
+    };
+    baton_kube::trace::set_parent_from_headers(&span, &req.headers);
     let res = async {
         let t = &req.target;
         if req.rendering().is_none() {
@@ -658,6 +675,7 @@ pub(crate) async fn create_object(
             None,
         );
     }
+    stamp_trace(req, &mut obj);
     // Values picked from a shared range may be taken by a concurrent create before this
     // one writes: the create's transaction refuses, and another pick is made.
     for _ in 0..8 {
@@ -1016,6 +1034,7 @@ pub(crate) async fn store_update(
     } else {
         "Update"
     };
+    stamp_trace(req, &mut new);
     if op == "Update" {
         crate::managed::record_update(
             &mut new,
@@ -1041,6 +1060,32 @@ pub(crate) async fn store_update(
         return Ok(new);
     }
     objects.replace(res, ns, name, &new, rev).await
+}
+
+/// Records the current trace context on an object whose desired state this request sets
+/// (itself, its scale, its binding; not its status), so that whoever acts on the change
+/// after a watch continues the same trace ([`baton_kube::trace`]). Nothing is written when
+/// no trace is exported.
+fn stamp_trace(req: &Request, obj: &mut Value) {
+    if !matches!(
+        req.target.sub.as_deref(),
+        None | Some("scale") | Some("binding")
+    ) {
+        return;
+    }
+    let Some(tp) = baton_kube::trace::current_traceparent() else {
+        return;
+    };
+    let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+    if !annotations.is_object() {
+        *annotations = json!({});
+    }
+    if let Some(a) = annotations.as_object_mut() {
+        a.insert(baton_kube::trace::ANNOTATION.into(), Value::String(tp));
+    }
 }
 
 /// What one attempt at changing an existing object decided.
@@ -1336,6 +1381,7 @@ async fn bind(objects: &Objects, req: &Request) -> ApiResult<Response> {
         }
         let mut pod = pod.clone();
         pod["spec"]["nodeName"] = json!(node);
+        stamp_trace(req, &mut pod);
         let cond = json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now()});
         let conds = pod["status"]
             .as_object_mut()

@@ -168,6 +168,7 @@ impl ApiServer {
         }
         if fresh {
             self.default_storage_class().await?;
+            self.default_ingress_class().await?;
         }
         crate::access::bootstrap::reconcile(&self.objects)
             .await
@@ -205,6 +206,25 @@ impl ApiServer {
             "volumeBindingMode": "WaitForFirstConsumer",
         });
         match self.objects.create(scr, None, "local", &obj, &[]).await {
+            Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(ServeError::Bootstrap(e)),
+        }
+    }
+
+    /// The `baton` IngressClass a new cluster starts with, marked default, as k3s starts
+    /// with Traefik's: Ingresses that name no class are served by every node. Made once;
+    /// an administrator who deletes it keeps it deleted.
+    async fn default_ingress_class(&self) -> Result<(), ServeError> {
+        let icr = resources::builtin("IngressClass");
+        let name = baton_kube::ingress::CLASS;
+        let obj = json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+            "metadata": {"name": name, "uid": uuid::Uuid::new_v4().to_string(),
+                         "creationTimestamp": rest::now(),
+                         "annotations": {baton_kube::ingress::DEFAULT_CLASS_ANNOTATION: "true"}},
+            "spec": {"controller": baton_kube::ingress::CONTROLLER},
+        });
+        match self.objects.create(icr, None, name, &obj, &[]).await {
             Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
             Err(e) => Err(ServeError::Bootstrap(e)),
         }

@@ -188,12 +188,12 @@ impl StoreSeries {
         }
         r.register(
             "baton_store_replication_lag_entries",
-            "On the leader: log entries each member has yet to match.",
+            "On the leader: log entries each member has yet to match",
             self.lag.clone(),
         );
         r.register(
             "baton_store_apply_lag_entries",
-            "Log entries this member holds and has not applied yet.",
+            "Log entries this member holds and has not applied yet",
             self.apply_lag.clone(),
         );
         r.register_collector(Box::new(self.latencies.clone()));
@@ -250,32 +250,32 @@ impl Default for ApiMetrics {
         let requests = Family::<CodeLabels, Counter>::default();
         registry.register(
             "apiserver_request",
-            "Counter of apiserver requests broken out for each verb, dry run value, group, version, resource, scope, component, and HTTP response code.",
+            "Counter of apiserver requests broken out for each verb, dry run value, group, version, resource, scope, component, and HTTP response code",
             requests.clone(),
         );
         let durations: Family<RequestLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(duration_histogram);
         registry.register(
             "apiserver_request_duration_seconds",
-            "Response latency distribution in seconds for each verb, dry run value, group, version, resource, subresource, scope and component.",
+            "Response latency distribution in seconds for each verb, dry run value, group, version, resource, subresource, scope and component",
             durations.clone(),
         );
         let inflight = Family::<KindLabels, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "apiserver_current_inflight_requests",
-            "Maximal number of currently used inflight request limit of this apiserver per request kind in last second.",
+            "Maximal number of currently used inflight request limit of this apiserver per request kind in last second",
             inflight.clone(),
         );
         let long_running = Family::<Endpoint, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "apiserver_longrunning_requests",
-            "Gauge of all active long-running apiserver requests broken out by verb, group, version, resource, scope and component. Not all requests are tracked this way.",
+            "Gauge of all active long-running apiserver requests broken out by verb, group, version, resource, scope and component. Not all requests are tracked this way",
             long_running.clone(),
         );
         let objects = Family::<ResourceLabels, Gauge>::default();
         registry.register(
             "apiserver_storage_objects",
-            "Number of stored objects at the time of last check split by kind.",
+            "Number of stored objects at the time of last check split by kind",
             objects.clone(),
         );
         let store = StoreSeries::default();

@@ -1,9 +1,9 @@
 //! The Node authorizer: what a node agent (`system:node:NAME` in `system:nodes`) may do.
 //!
 //! A node may read what every node needs (Services and EndpointSlices to route, all
-//! pods to find its own, Nodes, PersistentVolumes to sweep its local volumes), but the
-//! Secrets, ConfigMaps and PersistentVolumeClaims of a namespace only when a pod bound to
-//! it uses them, and it may write only its own Node, its own Lease and the status of its
+//! pods to find its own, Nodes, PersistentVolumes to sweep its local volumes, Ingresses
+//! to serve them), but the Secrets, ConfigMaps and PersistentVolumeClaims of a namespace
+//! only when a pod bound to it uses them (or, for a Secret, an Ingress's TLS names it), and it may write only its own Node, its own Lease and the status of its
 //! own pods. That way a node taken over reveals and spoils only what it runs.
 //!
 //! A create names its object in the body, not the path: NodeRestriction admission holds a
@@ -24,7 +24,8 @@ pub enum Check {
         name: String,
     },
     /// Allowed if a pod bound to the node uses the object (a Secret, ConfigMap or
-    /// PersistentVolumeClaim, named by `resource`).
+    /// PersistentVolumeClaim, named by `resource`), or, for a Secret, if an Ingress of
+    /// Baton's class names it for TLS: every node serves every such Ingress.
     UsedByPodOnNode {
         resource: String,
         namespace: String,
@@ -112,6 +113,9 @@ pub fn check(a: &Attributes, node: &str) -> Check {
             allow("a node reports events")
         }
         ("storage.k8s.io", "storageclasses", "") if read => allow("storage classes are readable"),
+        ("networking.k8s.io", "ingresses" | "ingressclasses", "") if read => {
+            allow("a node serves Ingresses")
+        }
         _ => Check::Decided(Decision::NoOpinion),
     }
 }
@@ -122,8 +126,12 @@ mod tests {
     use crate::UserInfo;
 
     fn c(method: &str, path: &str) -> Check {
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
         let u = UserInfo::new("system:node:n1", &[crate::NODES]);
-        check(&Attributes::from_request(u, method, path, None), "n1")
+        check(&Attributes::from_request(u, method, path, query), "n1")
     }
 
     #[test]
@@ -160,6 +168,22 @@ mod tests {
             c("PATCH", "/api/v1/namespaces/a/pods/p/status"),
             Check::PodOnNode { .. }
         ));
+        // Every node serves the Ingresses: it reads them, and writes none.
+        assert!(matches!(
+            c("GET", "/apis/networking.k8s.io/v1/ingresses?watch=true"),
+            Check::Decided(Decision::Allow(_))
+        ));
+        assert!(matches!(
+            c("GET", "/apis/networking.k8s.io/v1/ingressclasses"),
+            Check::Decided(Decision::Allow(_))
+        ));
+        assert_eq!(
+            c(
+                "PATCH",
+                "/apis/networking.k8s.io/v1/namespaces/a/ingresses/i"
+            ),
+            Check::Decided(Decision::NoOpinion)
+        );
         assert!(matches!(
             c(
                 "PUT",

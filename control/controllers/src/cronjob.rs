@@ -165,6 +165,19 @@ pub async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Ctx>) -> Result<Action, Error>
         .filter(|j| finished(j).is_none() && j.metadata.deletion_timestamp.is_none())
         .map(|j| job_ref(j))
         .collect();
+    // Jobs the status still lists as active that have finished: told once, when the
+    // status that drops them is written.
+    let saw: Vec<(String, &'static str)> = status
+        .active
+        .iter()
+        .flatten()
+        .filter_map(|r| {
+            let j = owned
+                .iter()
+                .find(|j| r.name.as_deref() == j.metadata.name.as_deref())?;
+            finished(j).map(|outcome| (j.name_any(), outcome))
+        })
+        .collect();
     let last_success = owned
         .iter()
         .filter(|j| finished(j) == Some("Complete"))
@@ -297,7 +310,18 @@ pub async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Ctx>) -> Result<Action, Error>
             )
             .await
         {
-            Ok(_) => {}
+            Ok(_) => {
+                for (job, outcome) in saw {
+                    ctx.recorder
+                        .publish(
+                            &cj.object_ref(&()),
+                            EventType::Normal,
+                            "SawCompletedJob",
+                            &format!("Saw completed job: {job}, condition: {outcome}"),
+                        )
+                        .await;
+                }
+            }
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
             Err(e) => return Err(err("writing status")(e)),
         }
@@ -506,6 +530,27 @@ mod tests {
         let calls = w.api.write_calls();
         let status = &calls.last().unwrap().body["status"];
         assert_eq!(status["lastSuccessfulTime"], "2026-12-03T10:03:00Z");
+    }
+
+    #[tokio::test]
+    async fn a_job_the_status_lists_as_active_is_seen_completed_once() {
+        let mut w = world_at("2026-12-03T10:01:30Z");
+        w.job(job("tick-1", "2026-12-03T10:01:00Z", Some("Complete")));
+        let cj = cronjob(json!({"status": {
+            "lastScheduleTime": "2026-12-03T10:01:00Z",
+            "active": [{"kind": "Job", "name": "tick-1", "namespace": "default"}]}}));
+        reconcile(Arc::new(cj), w.ctx.clone()).await.unwrap();
+        assert_eq!(w.api.events(), ["Normal SawCompletedJob"]);
+        let calls = w.api.calls();
+        let event = calls.iter().find(|c| c.path.contains("/events")).unwrap();
+        assert_eq!(
+            event.body["message"],
+            "Saw completed job: tick-1, condition: Complete"
+        );
+        // The status no longer lists it: nothing more to tell.
+        let cj = cronjob(json!({"status": {"lastScheduleTime": "2026-12-03T10:01:00Z"}}));
+        reconcile(Arc::new(cj), w.ctx.clone()).await.unwrap();
+        assert_eq!(w.api.events().len(), 1);
     }
 
     #[tokio::test]

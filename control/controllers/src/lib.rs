@@ -16,6 +16,8 @@
 //! | CronJob (Jobs on a schedule, on a settable [`clock`]) | [`cronjob`] |
 //! | Node lifecycle (pod ranges, heartbeats, taints, evictions) | [`nodelifecycle`] |
 //! | EndpointSlice (a Service's ready pods) | [`endpointslice`] |
+//! | Ingress status (the serving nodes' addresses) | [`ingress`] |
+//! | HorizontalPodAutoscaler (replicas from CPU and memory) | [`hpa`] |
 //! | ServiceAccount (a `default` one per namespace) | [`serviceaccount`] |
 //! | ResourceQuota status (what a namespace uses, recounted) | [`resourcequota`] |
 //! | PodDisruptionBudget status (what evictions ask) | [`disruption`] |
@@ -39,6 +41,8 @@ pub mod expectations;
 #[cfg(test)]
 mod fake;
 pub mod gc;
+pub mod hpa;
+pub mod ingress;
 pub mod job;
 pub mod nodelifecycle;
 pub mod replicaset;
@@ -55,9 +59,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_kube::events::Recorder;
-use baton_kube::telemetry::timed;
+use baton_kube::telemetry::WorkQueue;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
@@ -65,6 +70,7 @@ use k8s_openapi::api::core::v1::{
     ReplicationController, ResourceQuota, Service,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::storage::v1::StorageClass;
@@ -99,6 +105,15 @@ pub struct Ctx {
     pub pdbs: Store<PodDisruptionBudget>,
     pub quotas: Store<ResourceQuota>,
     pub clusterroles: Store<ClusterRole>,
+    pub ingresses: Store<Ingress>,
+    pub ingressclasses: Store<IngressClass>,
+    /// The node addresses Ingress statuses were last written with.
+    pub ingress_addresses: std::sync::Mutex<Vec<String>>,
+    pub hpas: Store<HorizontalPodAutoscaler>,
+    /// Each autoscaler's recommendations and scale events, for its behavior.
+    pub hpa_history: std::sync::Mutex<std::collections::HashMap<String, hpa::behavior::History>>,
+    /// How often each autoscaler runs (`--horizontal-pod-autoscaler-sync-period`).
+    pub hpa_sync: Duration,
     /// How long a node may be silent before it is marked unknown and tainted.
     pub node_grace: Duration,
     pub cidr_lock: tokio::sync::Mutex<()>,
@@ -266,12 +281,15 @@ fn error_policy<K, E: std::fmt::Display>(_obj: Arc<K>, e: &E, _ctx: Arc<Ctx>) ->
     Action::requeue(Duration::from_secs(1))
 }
 
-async fn drain<S, T, E>(name: &'static str, s: S)
+async fn drain<S, T, E1, E2>(queue: &WorkQueue, s: S)
 where
-    S: Stream<Item = Result<T, E>>,
-    E: std::fmt::Display,
+    S: Stream<Item = Result<T, controller::Error<E1, E2>>>,
+    E1: std::error::Error + 'static,
+    E2: std::error::Error + 'static,
 {
+    let name = queue.name();
     s.for_each(|r| {
+        queue.observe(&r);
         if let Err(e) = r {
             tracing::debug!(controller = name, error = %e, "controller queue");
         }
@@ -292,6 +310,9 @@ pub struct Config {
     /// The cluster CA (PEM) published as `kube-root-ca.crt` in every namespace; None
     /// publishes nothing.
     pub root_ca: Option<String>,
+    /// How often each HorizontalPodAutoscaler runs (kube-controller-manager's
+    /// `--horizontal-pod-autoscaler-sync-period`, 15 s).
+    pub hpa_sync: Duration,
 }
 
 impl Default for Config {
@@ -300,6 +321,7 @@ impl Default for Config {
             node_monitor_grace: Duration::from_secs(40),
             clock: clock::Clock::system(),
             root_ca: None,
+            hpa_sync: Duration::from_secs(15),
         }
     }
 }
@@ -329,6 +351,9 @@ pub async fn run(
     let pdbs = Informer::<PodDisruptionBudget>::new();
     let quotas = Informer::<ResourceQuota>::new();
     let clusterroles = Informer::<ClusterRole>::new();
+    let ingresses = Informer::<Ingress>::new();
+    let ingressclasses = Informer::<IngressClass>::new();
+    let hpas = Informer::<HorizontalPodAutoscaler>::new();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.store.clone(),
@@ -350,6 +375,12 @@ pub async fn run(
         pdbs: pdbs.store.clone(),
         quotas: quotas.store.clone(),
         clusterroles: clusterroles.store.clone(),
+        ingresses: ingresses.store.clone(),
+        ingressclasses: ingressclasses.store.clone(),
+        ingress_addresses: Default::default(),
+        hpas: hpas.store.clone(),
+        hpa_history: Default::default(),
+        hpa_sync: config.hpa_sync,
         node_grace: config.node_monitor_grace,
         cidr_lock: tokio::sync::Mutex::new(()),
         cidrs_given: Default::default(),
@@ -366,191 +397,286 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let rs_controller =
-        Controller::for_shared_stream(replicasets.subscribe(), replicasets.store.clone())
-            .owns_shared_stream(pods.subscribe())
-            .with_config(cfg.clone())
-            .graceful_shutdown_on(stop())
-            .run(
-                timed("replicaset", replicaset::reconcile),
-                error_policy,
-                ctx.clone(),
-            );
-    let rc_controller = Controller::for_shared_stream(
-        replicationcontrollers.subscribe(),
-        replicationcontrollers.store.clone(),
+    let rs_queue = WorkQueue::new("replicaset");
+    let rs_controller = Controller::for_shared_stream(
+        rs_queue.own(replicasets.subscribe()),
+        replicasets.store.clone(),
     )
-    .owns_shared_stream(pods.subscribe())
+    .owns_shared_stream(rs_queue.owned::<ReplicaSet, _, _>(pods.subscribe()))
     .with_config(cfg.clone())
     .graceful_shutdown_on(stop())
     .run(
-        timed(
-            "replicationcontroller",
-            replicaset::reconcile_replication_controller,
-        ),
+        rs_queue.reconciler(replicaset::reconcile),
         error_policy,
         ctx.clone(),
     );
-    let deploy_controller =
-        Controller::for_shared_stream(deployments.subscribe(), deployments.store.clone())
-            .owns_shared_stream(replicasets.subscribe())
-            .with_config(cfg.clone())
-            .graceful_shutdown_on(stop())
-            .run(
-                timed("deployment", deployment::reconcile),
-                error_policy,
-                ctx.clone(),
-            );
-    let sa_controller =
-        Controller::for_shared_stream(namespaces.subscribe(), namespaces.store.clone())
-            .with_config(cfg.clone())
-            .graceful_shutdown_on(stop())
-            .run(
-                timed("serviceaccount", serviceaccount::reconcile),
-                error_policy,
-                ctx.clone(),
-            );
-    let rootca_controller =
-        Controller::for_shared_stream(namespaces.subscribe(), namespaces.store.clone())
-            .watches(
-                Api::<ConfigMap>::all(client.clone()),
-                watcher::Config::default().fields(&format!("metadata.name={}", rootca::NAME)),
-                |cm: ConfigMap| {
-                    cm.metadata
-                        .namespace
-                        .map(|ns| kube::runtime::reflector::ObjectRef::new(&ns))
-                },
+    let rc_queue = WorkQueue::new("replicationcontroller");
+    let rc_controller = Controller::for_shared_stream(
+        rc_queue.own(replicationcontrollers.subscribe()),
+        replicationcontrollers.store.clone(),
+    )
+    .owns_shared_stream(rc_queue.owned::<ReplicationController, _, _>(pods.subscribe()))
+    .with_config(cfg.clone())
+    .graceful_shutdown_on(stop())
+    .run(
+        rc_queue.reconciler(replicaset::reconcile_replication_controller),
+        error_policy,
+        ctx.clone(),
+    );
+    let deploy_queue = WorkQueue::new("deployment");
+    let deploy_controller = Controller::for_shared_stream(
+        deploy_queue.own(deployments.subscribe()),
+        deployments.store.clone(),
+    )
+    .owns_shared_stream(deploy_queue.owned::<Deployment, _, _>(replicasets.subscribe()))
+    .with_config(cfg.clone())
+    .graceful_shutdown_on(stop())
+    .run(
+        deploy_queue.reconciler(deployment::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
+    let sa_queue = WorkQueue::new("serviceaccount");
+    let sa_controller = Controller::for_shared_stream(
+        sa_queue.own(namespaces.subscribe()),
+        namespaces.store.clone(),
+    )
+    .with_config(cfg.clone())
+    .graceful_shutdown_on(stop())
+    .run(
+        sa_queue.reconciler(serviceaccount::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
+    let rootca_queue = WorkQueue::new("root-ca-cert-publisher");
+    let rootca_controller = Controller::for_shared_stream(
+        rootca_queue.own(namespaces.subscribe()),
+        namespaces.store.clone(),
+    )
+    .watches(
+        Api::<ConfigMap>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", rootca::NAME)),
+        rootca_queue.mapped_values(|cm: ConfigMap| {
+            cm.metadata
+                .namespace
+                .map(|ns| kube::runtime::reflector::ObjectRef::new(&ns))
+        }),
+    )
+    .with_config(cfg.clone())
+    .graceful_shutdown_on(stop())
+    .run(
+        rootca_queue.reconciler(rootca::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
+    let ctx2 = ctx.clone();
+    let eps_queue = WorkQueue::new("endpointslice");
+    let eps_controller =
+        Controller::for_shared_stream(eps_queue.own(services.subscribe()), services.store.clone())
+            .owns_shared_stream(eps_queue.owned::<Service, _, _>(endpointslices.subscribe()))
+            .watches_shared_stream(
+                pods.subscribe(),
+                eps_queue.mapped(move |p| endpointslice::services_of_pod(&ctx2, &p)),
             )
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
             .run(
-                timed("root-ca-cert-publisher", rootca::reconcile),
+                eps_queue.reconciler(endpointslice::reconcile),
                 error_policy,
                 ctx.clone(),
             );
-    let ctx2 = ctx.clone();
-    let eps_controller =
-        Controller::for_shared_stream(services.subscribe(), services.store.clone())
-            .owns_shared_stream(endpointslices.subscribe())
-            .watches_shared_stream(pods.subscribe(), move |p| {
-                endpointslice::services_of_pod(&ctx2, &p)
-            })
+    let job_queue = WorkQueue::new("job");
+    let job_controller =
+        Controller::for_shared_stream(job_queue.own(jobs.subscribe()), jobs.store.clone())
+            .owns_shared_stream(job_queue.owned::<Job, _, _>(pods.subscribe()))
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
             .run(
-                timed("endpointslice", endpointslice::reconcile),
+                job_queue.reconciler(job::reconcile),
                 error_policy,
                 ctx.clone(),
             );
-    let job_controller = Controller::for_shared_stream(jobs.subscribe(), jobs.store.clone())
-        .owns_shared_stream(pods.subscribe())
-        .with_config(cfg.clone())
-        .graceful_shutdown_on(stop())
-        .run(timed("job", job::reconcile), error_policy, ctx.clone());
-    let cronjob_controller =
-        Controller::for_shared_stream(cronjobs.subscribe(), cronjobs.store.clone())
-            .watches_shared_stream(jobs.subscribe(), |j| cronjob::cronjob_of_job(&j))
-            .with_config(cfg.clone())
-            .graceful_shutdown_on(stop())
-            .run(
-                timed("cronjob", cronjob::reconcile),
-                error_policy,
-                ctx.clone(),
-            );
+    let cronjob_queue = WorkQueue::new("cronjob");
+    let cronjob_controller = Controller::for_shared_stream(
+        cronjob_queue.own(cronjobs.subscribe()),
+        cronjobs.store.clone(),
+    )
+    .watches_shared_stream(
+        jobs.subscribe(),
+        cronjob_queue.mapped(|j| cronjob::cronjob_of_job(&j)),
+    )
+    .with_config(cfg.clone())
+    .graceful_shutdown_on(stop())
+    .run(
+        cronjob_queue.reconciler(cronjob::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
     let ctx4 = ctx.clone();
-    let daemonset_controller =
-        Controller::for_shared_stream(daemonsets.subscribe(), daemonsets.store.clone())
-            .owns_shared_stream(pods.subscribe())
-            .watches_shared_stream(nodes.subscribe(), move |_n: Arc<Node>| {
-                daemonset::all_daemonsets(&ctx4)
-            })
+    let daemonset_queue = WorkQueue::new("daemonset");
+    let daemonset_controller = Controller::for_shared_stream(
+        daemonset_queue.own(daemonsets.subscribe()),
+        daemonsets.store.clone(),
+    )
+    .owns_shared_stream(daemonset_queue.owned::<DaemonSet, _, _>(pods.subscribe()))
+    .watches_shared_stream(
+        nodes.subscribe(),
+        daemonset_queue.mapped(move |_n: Arc<Node>| daemonset::all_daemonsets(&ctx4)),
+    )
+    .with_config(cfg.clone())
+    .graceful_shutdown_on(stop())
+    .run(
+        daemonset_queue.reconciler(daemonset::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
+    let statefulset_queue = WorkQueue::new("statefulset");
+    let statefulset_controller = Controller::for_shared_stream(
+        statefulset_queue.own(statefulsets.subscribe()),
+        statefulsets.store.clone(),
+    )
+    .owns_shared_stream(statefulset_queue.owned::<StatefulSet, _, _>(pods.subscribe()))
+    .with_config(cfg.clone())
+    .graceful_shutdown_on(stop())
+    .run(
+        statefulset_queue.reconciler(statefulset::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
+    let claim_queue = WorkQueue::new("persistentvolumeclaim");
+    let claim_controller =
+        Controller::for_shared_stream(claim_queue.own(pvcs.subscribe()), pvcs.store.clone())
+            .watches_shared_stream(
+                pvs.subscribe(),
+                claim_queue.mapped(|v| volume::claim_of_volume(&v)),
+            )
+            .watches_shared_stream(
+                pods.subscribe(),
+                claim_queue.mapped(|p| volume::claims_of_pod(&p)),
+            )
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
             .run(
-                timed("daemonset", daemonset::reconcile),
+                claim_queue.reconciler(volume::reconcile_claim),
                 error_policy,
                 ctx.clone(),
             );
-    let statefulset_controller =
-        Controller::for_shared_stream(statefulsets.subscribe(), statefulsets.store.clone())
-            .owns_shared_stream(pods.subscribe())
+    let volume_queue = WorkQueue::new("persistentvolume");
+    let volume_controller =
+        Controller::for_shared_stream(volume_queue.own(pvs.subscribe()), pvs.store.clone())
+            .watches_shared_stream(
+                pvcs.subscribe(),
+                volume_queue.mapped(|c| volume::volume_of_claim(&c)),
+            )
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
             .run(
-                timed("statefulset", statefulset::reconcile),
+                volume_queue.reconciler(volume::reconcile_volume),
                 error_policy,
                 ctx.clone(),
             );
-    let claim_controller = Controller::for_shared_stream(pvcs.subscribe(), pvcs.store.clone())
-        .watches_shared_stream(pvs.subscribe(), |v| volume::claim_of_volume(&v))
-        .watches_shared_stream(pods.subscribe(), |p| volume::claims_of_pod(&p))
-        .with_config(cfg.clone())
-        .graceful_shutdown_on(stop())
-        .run(
-            timed("persistentvolumeclaim", volume::reconcile_claim),
-            error_policy,
-            ctx.clone(),
-        );
-    let volume_controller = Controller::for_shared_stream(pvs.subscribe(), pvs.store.clone())
-        .watches_shared_stream(pvcs.subscribe(), |c| volume::volume_of_claim(&c))
-        .with_config(cfg.clone())
-        .graceful_shutdown_on(stop())
-        .run(
-            timed("persistentvolume", volume::reconcile_volume),
-            error_policy,
-            ctx.clone(),
-        );
-    let node_controller = Controller::for_shared_stream(nodes.subscribe(), nodes.store.clone())
-        .watches_shared_stream(leases.subscribe(), |l: Arc<Lease>| {
-            (l.metadata.namespace.as_deref() == Some("kube-node-lease")).then(|| {
-                kube::runtime::reflector::ObjectRef::new(l.metadata.name.as_deref().unwrap_or(""))
-            })
-        })
-        .with_config(cfg.clone())
-        .graceful_shutdown_on(stop())
-        .run(
-            timed("nodelifecycle", nodelifecycle::reconcile),
-            error_policy,
-            ctx.clone(),
-        );
+    let node_queue = WorkQueue::new("nodelifecycle");
+    let node_controller =
+        Controller::for_shared_stream(node_queue.own(nodes.subscribe()), nodes.store.clone())
+            .watches_shared_stream(
+                leases.subscribe(),
+                node_queue.mapped(|l: Arc<Lease>| {
+                    (l.metadata.namespace.as_deref() == Some("kube-node-lease")).then(|| {
+                        kube::runtime::reflector::ObjectRef::new(
+                            l.metadata.name.as_deref().unwrap_or(""),
+                        )
+                    })
+                }),
+            )
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(
+                node_queue.reconciler(nodelifecycle::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
     let ctx3 = ctx.clone();
-    let pdb_controller = Controller::for_shared_stream(pdbs.subscribe(), pdbs.store.clone())
-        .watches_shared_stream(pods.subscribe(), move |p| {
-            disruption::budgets_of_pod(&ctx3, &p)
-        })
-        .with_config(cfg.clone())
-        .graceful_shutdown_on(stop())
-        .run(
-            timed("disruption", disruption::reconcile),
-            error_policy,
-            ctx.clone(),
-        );
-    let ctx5 = ctx.clone();
-    let quota_controller = Controller::for_shared_stream(quotas.subscribe(), quotas.store.clone())
-        .watches_shared_stream(pods.subscribe(), move |p| {
-            resourcequota::quotas_of_pod(&ctx5, &p)
-        })
-        .with_config(cfg.clone())
-        .graceful_shutdown_on(stop())
-        .run(
-            timed("resourcequota", resourcequota::reconcile),
-            error_policy,
-            ctx.clone(),
-        );
-    let ctx6 = ctx.clone();
-    let aggregation_controller =
-        Controller::for_shared_stream(clusterroles.subscribe(), clusterroles.store.clone())
-            .watches_shared_stream(clusterroles.subscribe(), move |_r: Arc<ClusterRole>| {
-                aggregation::aggregating(&ctx6)
-            })
+    let pdb_queue = WorkQueue::new("disruption");
+    let pdb_controller =
+        Controller::for_shared_stream(pdb_queue.own(pdbs.subscribe()), pdbs.store.clone())
+            .watches_shared_stream(
+                pods.subscribe(),
+                pdb_queue.mapped(move |p| disruption::budgets_of_pod(&ctx3, &p)),
+            )
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())
             .run(
-                timed("clusterrole-aggregation", aggregation::reconcile),
+                pdb_queue.reconciler(disruption::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
+    let ctx5 = ctx.clone();
+    let quota_queue = WorkQueue::new("resourcequota");
+    let quota_controller =
+        Controller::for_shared_stream(quota_queue.own(quotas.subscribe()), quotas.store.clone())
+            .watches_shared_stream(
+                pods.subscribe(),
+                quota_queue.mapped(move |p| resourcequota::quotas_of_pod(&ctx5, &p)),
+            )
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(
+                quota_queue.reconciler(resourcequota::reconcile),
+                error_policy,
+                ctx.clone(),
+            );
+    let ctx6 = ctx.clone();
+    let aggregation_queue = WorkQueue::new("clusterrole-aggregation");
+    let aggregation_controller = Controller::for_shared_stream(
+        aggregation_queue.own(clusterroles.subscribe()),
+        clusterroles.store.clone(),
+    )
+    .watches_shared_stream(
+        clusterroles.subscribe(),
+        aggregation_queue.mapped(move |_r: Arc<ClusterRole>| aggregation::aggregating(&ctx6)),
+    )
+    .with_config(cfg.clone())
+    .graceful_shutdown_on(stop())
+    .run(
+        aggregation_queue.reconciler(aggregation::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
+    let (ctx7, ctx8) = (ctx.clone(), ctx.clone());
+    let ingress_queue = WorkQueue::new("ingress");
+    let ingress_controller = Controller::for_shared_stream(
+        ingress_queue.own(ingresses.subscribe()),
+        ingresses.store.clone(),
+    )
+    .watches_shared_stream(
+        nodes.subscribe(),
+        ingress_queue.mapped(move |_n: Arc<Node>| ingress::on_node_change(&ctx7)),
+    )
+    .watches_shared_stream(
+        ingressclasses.subscribe(),
+        ingress_queue.mapped(move |_c: Arc<IngressClass>| ingress::all_ingresses(&ctx8)),
+    )
+    .with_config(cfg.clone())
+    .graceful_shutdown_on(stop())
+    .run(
+        ingress_queue.reconciler(ingress::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
+    let hpa_queue = WorkQueue::new("horizontalpodautoscaler");
+    let hpa_controller =
+        Controller::for_shared_stream(hpa_queue.own(hpas.subscribe()), hpas.store.clone())
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(
+                hpa_queue.reconciler(hpa::reconcile),
                 error_policy,
                 ctx.clone(),
             );
     let watches = [
+        hpas.start(Api::all(client.clone())),
+        ingresses.start(Api::all(client.clone())),
+        ingressclasses.start(Api::all(client.clone())),
         pods.start(Api::all(client.clone())),
         clusterroles.start(Api::all(client.clone())),
         replicasets.start(Api::all(client.clone())),
@@ -577,22 +703,24 @@ pub async fn run(
     });
     let gc = tokio::spawn(gc::run(ctx.clone()));
     tokio::join!(
-        drain("replicaset", rs_controller),
-        drain("replicationcontroller", rc_controller),
-        drain("deployment", deploy_controller),
-        drain("serviceaccount", sa_controller),
-        drain("root-ca-cert-publisher", rootca_controller),
-        drain("endpointslice", eps_controller),
-        drain("job", job_controller),
-        drain("cronjob", cronjob_controller),
-        drain("daemonset", daemonset_controller),
-        drain("statefulset", statefulset_controller),
-        drain("persistentvolumeclaim", claim_controller),
-        drain("persistentvolume", volume_controller),
-        drain("nodelifecycle", node_controller),
-        drain("disruption", pdb_controller),
-        drain("resourcequota", quota_controller),
-        drain("clusterrole-aggregation", aggregation_controller),
+        drain(&rs_queue, rs_controller),
+        drain(&rc_queue, rc_controller),
+        drain(&deploy_queue, deploy_controller),
+        drain(&sa_queue, sa_controller),
+        drain(&rootca_queue, rootca_controller),
+        drain(&eps_queue, eps_controller),
+        drain(&job_queue, job_controller),
+        drain(&cronjob_queue, cronjob_controller),
+        drain(&daemonset_queue, daemonset_controller),
+        drain(&statefulset_queue, statefulset_controller),
+        drain(&claim_queue, claim_controller),
+        drain(&volume_queue, volume_controller),
+        drain(&node_queue, node_controller),
+        drain(&pdb_queue, pdb_controller),
+        drain(&quota_queue, quota_controller),
+        drain(&aggregation_queue, aggregation_controller),
+        drain(&ingress_queue, ingress_controller),
+        drain(&hpa_queue, hpa_controller),
     );
     gc.abort();
     for w in watches {

@@ -122,6 +122,14 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(i);
+            ctx.recorder
+                .publish(
+                    &kube::Resource::object_ref(node.as_ref(), &()),
+                    baton_kube::events::EventType::Normal,
+                    "RegisteredNode",
+                    &format!("Node {name} event: Registered Node {name} in Controller"),
+                )
+                .await;
         }
     }
     let grace = ctx.node_grace;
@@ -158,6 +166,14 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
             )
             .await
             .map_err(err("marking it unknown"))?;
+            ctx.recorder
+                .publish(
+                    &kube::Resource::object_ref(node.as_ref(), &()),
+                    baton_kube::events::EventType::Normal,
+                    "NodeNotReady",
+                    &format!("Node {name} status is now: NodeNotReady"),
+                )
+                .await;
         }
         if !tainted {
             let mut new = taints.clone();

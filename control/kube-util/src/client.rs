@@ -1,5 +1,6 @@
 //! kube `Client`s from kubeconfigs held in memory, as `baton up` hands them to the
-//! components it runs in one process.
+//! components it runs in one process. Every client sends its caller's trace context
+//! ([`crate::trace`]).
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
@@ -19,7 +20,7 @@ pub async fn from_yaml(yaml: &str) -> Result<Client, ClientError> {
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .map_err(ClientError::Kubeconfig)?;
-    Client::try_from(config).map_err(ClientError::Client)
+    traced(config)
 }
 
 /// A client from kubeconfig YAML whose current user is replaced by a client
@@ -56,7 +57,15 @@ pub async fn with_client_certificate(
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .map_err(ClientError::Kubeconfig)?;
-    Client::try_from(config).map_err(ClientError::Client)
+    traced(config)
+}
+
+/// A client that sends the calling span's `traceparent` with each request.
+pub fn traced(config: kube::Config) -> Result<Client, ClientError> {
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .map_err(ClientError::Client)?
+        .with_layer(&crate::trace::layer::<kube::client::Body>())
+        .build())
 }
 
 /// The CA certificates (PEM) a kubeconfig trusts for its current cluster's API server:

@@ -125,3 +125,55 @@ impl Recorder {
         }
     }
 }
+
+/// Events sent, in order, by a task of their own, so that recording never makes the work
+/// it describes wait for the API: a pod's start does not pay a round trip per `Pulling`,
+/// `Created` or `Started`. A full queue drops what does not fit, as the kubelet's event
+/// broadcaster does; an event is a report, not state.
+#[derive(Clone, Debug)]
+pub struct EventQueue {
+    tx: tokio::sync::mpsc::Sender<Queued>,
+}
+
+#[derive(Debug)]
+struct Queued {
+    object: ObjectReference,
+    type_: EventType,
+    reason: &'static str,
+    message: String,
+}
+
+impl EventQueue {
+    /// Starts the task that sends `recorder`'s events; it ends when the last clone of the
+    /// queue is dropped. Must be called on a Tokio runtime.
+    pub fn spawn(recorder: Recorder, capacity: usize) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Queued>(capacity.max(1));
+        tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                recorder
+                    .publish(&e.object, e.type_, e.reason, &e.message)
+                    .await;
+            }
+        });
+        Self { tx }
+    }
+
+    /// Queues an event about `object`.
+    pub fn post(
+        &self,
+        object: ObjectReference,
+        type_: EventType,
+        reason: &'static str,
+        message: String,
+    ) {
+        let queued = Queued {
+            object,
+            type_,
+            reason,
+            message,
+        };
+        if let Err(e) = self.tx.try_send(queued) {
+            tracing::debug!(error = %e, "event dropped");
+        }
+    }
+}

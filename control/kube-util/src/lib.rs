@@ -12,11 +12,14 @@
 //! - [`storage`]: the names the volume pieces (API server, scheduler, provisioner,
 //!   node) agree on;
 //! - [`events`]: a recorder of core/v1 Events, which `kubectl describe` reads;
+//! - [`ingress`]: which Ingresses are Baton's (IngressClass `baton`);
 //! - [`client`]: a kube `Client` from an in-memory kubeconfig;
 //! - [`leader`]: leader election on a Lease, for several control-plane members;
 //! - [`local_nodes`]: calls from the API server to node agents in its own process;
 //! - [`telemetry`]: the control loops' metrics (work queues, the scheduler), in one
 //!   registry per process that the API server's `/metrics` serves;
+//! - [`trace`]: trace context across HTTP requests and, through an annotation, across
+//!   watches, so that one change is one trace from kubectl to the node;
 //! - [`error`]: an error shown with its causes, each once.
 //!
 //! Nothing here talks to wasmtime or the store.
@@ -25,6 +28,7 @@ pub mod client;
 pub mod cron;
 pub mod error;
 pub mod events;
+pub mod ingress;
 pub mod leader;
 pub mod local_nodes;
 pub mod pod;
@@ -33,3 +37,4 @@ pub mod quota;
 pub mod selector;
 pub mod storage;
 pub mod telemetry;
+pub mod trace;

@@ -278,7 +278,15 @@ pub async fn reconcile(p: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> 
         return Ok(Action::await_change());
     }
     let started = std::time::Instant::now();
-    let out = place(&p, &ctx, &uid).await;
+    // One scheduling attempt, in the trace of the write that made the pod.
+    let span = tracing::info_span!(
+        target: baton_kube::trace::TARGET,
+        "schedule",
+        namespace = p.metadata.namespace.as_deref().unwrap_or(""),
+        name = p.metadata.name.as_deref().unwrap_or(""),
+    );
+    baton_kube::trace::follow(&span, &p.metadata);
+    let out = place(&p, &ctx, &uid).instrument(span).await;
     let result = match &out {
         Ok(Placed::Bound) => metrics::Attempt::Scheduled,
         Ok(Placed::Nowhere) => metrics::Attempt::Unschedulable,

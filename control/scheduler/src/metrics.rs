@@ -68,7 +68,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     baton_kube::telemetry::register(|r| {
         r.register(
             "scheduler_schedule_attempts",
-            "Number of attempts to schedule pods, by the result.",
+            "Number of attempts to schedule pods, by the result",
             m.attempts.clone(),
         );
         r.register(

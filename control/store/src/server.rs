@@ -22,28 +22,37 @@ use crate::raft::{NodeId, TypeConfig};
 use crate::store::{Store, FORWARDED_HEADER};
 use crate::types::*;
 
-/// Largest snapshot a member accepts in one request.
+/// Largest snapshot a member accepts in one request, and the largest batch of log
+/// entries (each entry a batch of transactions).
 const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
+/// Largest transaction request: one whole transaction, with room for its encoding.
+const MAX_TXN_REQUEST_BYTES: usize = MAX_TXN_BYTES + 64 * 1024;
+/// Largest request of the other routes, which carry keys and numbers only.
+const MAX_SMALL_REQUEST_BYTES: usize = 64 * 1024;
 
 impl Store {
     /// The routes of this member's HTTP server. Serve them on `advertise_addr`.
     pub fn router(&self) -> Router {
+        // Every body is bounded by what its route can carry: a client cannot make a
+        // member buffer a gigabyte to ask for one key.
+        let bulk = DefaultBodyLimit::max(MAX_SNAPSHOT_BYTES);
+        let txn_limit = DefaultBodyLimit::max(MAX_TXN_REQUEST_BYTES);
+        let small = DefaultBodyLimit::max(MAX_SMALL_REQUEST_BYTES);
         Router::new()
-            .route("/raft/append", post(raft_append))
-            .route("/raft/vote", post(raft_vote))
-            .route("/raft/snapshot", post(raft_snapshot))
-            .route("/store/v1/txn", post(txn))
-            .route("/store/v1/get", post(get_key))
-            .route("/store/v1/range", post(range))
-            .route("/store/v1/read-index", post(read_index))
-            .route("/store/v1/compact", post(compact))
-            .route("/store/v1/watch", post(watch))
+            .route("/raft/append", post(raft_append).layer(bulk))
+            .route("/raft/vote", post(raft_vote).layer(small))
+            .route("/raft/snapshot", post(raft_snapshot).layer(bulk))
+            .route("/store/v1/txn", post(txn).layer(txn_limit))
+            .route("/store/v1/get", post(get_key).layer(small))
+            .route("/store/v1/range", post(range).layer(small))
+            .route("/store/v1/read-index", post(read_index).layer(small))
+            .route("/store/v1/compact", post(compact).layer(small))
+            .route("/store/v1/watch", post(watch).layer(small))
             .route("/store/v1/status", get(status))
-            .route("/store/v1/members/learner", post(add_learner))
-            .route("/store/v1/members/voters", post(set_voters))
-            .route("/store/v1/members/voter", post(add_voter))
-            .route("/store/v1/members/remove", post(remove_member))
-            .layer(DefaultBodyLimit::max(MAX_SNAPSHOT_BYTES))
+            .route("/store/v1/members/learner", post(add_learner).layer(small))
+            .route("/store/v1/members/voters", post(set_voters).layer(small))
+            .route("/store/v1/members/voter", post(add_voter).layer(small))
+            .route("/store/v1/members/remove", post(remove_member).layer(small))
             .with_state(self.clone())
     }
 

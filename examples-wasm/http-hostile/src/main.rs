@@ -1,6 +1,7 @@
 //! `http-hostile`: a wasi:http component that misbehaves on some paths, so tests can check
 //! that a bad request fails alone: `/loop` spins forever, `/memory` allocates until it is
-//! stopped, `/trap` panics; any other path answers `ok`.
+//! stopped, `/trap` panics, `/work` burns 20 ms of CPU (a CPU-bound service under load);
+//! any other path answers `ok`.
 use std::hint::black_box;
 
 use wstd::http::body::Body;
@@ -23,6 +24,16 @@ async fn main(req: Request<Body>) -> Result<Response<Body>, Error> {
             }
         }
         "/trap" => panic!("http-hostile panics on purpose"),
+        "/work" => {
+            let start = std::time::Instant::now();
+            let mut x: u64 = 0;
+            while start.elapsed() < std::time::Duration::from_millis(20) {
+                for _ in 0..10_000 {
+                    x = black_box(x.wrapping_add(1));
+                }
+            }
+            Ok(Response::new(format!("worked {x}\n").into()))
+        }
         _ => Ok(Response::new("ok\n".to_string().into())),
     }
 }

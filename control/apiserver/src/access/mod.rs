@@ -119,12 +119,18 @@ impl Access {
                     resource,
                     namespace,
                     name,
-                } => match used_by_pod_on(objects, node, &resource, &namespace, &name).await {
-                    true => Decision::Allow("node authorizer: used by its pod".into()),
-                    false => Decision::Deny(format!(
-                        "no relationship found between node {node:?} and this object"
-                    )),
-                },
+                } => {
+                    if used_by_pod_on(objects, node, &resource, &namespace, &name).await {
+                        Decision::Allow("node authorizer: used by its pod".into())
+                    } else if resource == "secrets" && ingress_tls(objects, &namespace, &name).await
+                    {
+                        Decision::Allow("node authorizer: the TLS of an Ingress it serves".into())
+                    } else {
+                        Decision::Deny(format!(
+                            "no relationship found between node {node:?} and this object"
+                        ))
+                    }
+                }
             };
             if decided != Decision::NoOpinion {
                 return decided;
@@ -218,6 +224,39 @@ async fn used_by_pod_on(
         return false;
     };
     page.items.iter().any(|pod| pod_uses(pod, resource, name))
+}
+
+/// Whether an Ingress of Baton's class in `ns` names Secret `name` for TLS: every node
+/// serves such an Ingress, so every node may read its certificate.
+async fn ingress_tls(objects: &Objects, ns: &str, name: &str) -> bool {
+    use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+    let classes = resources::builtin("IngressClass");
+    let Ok(classes) = objects
+        .list(classes, None, ReadAt::Latest, 0, None, |_| true)
+        .await
+    else {
+        return false;
+    };
+    let classes: Vec<IngressClass> = classes
+        .items
+        .into_iter()
+        .filter_map(|c| serde_json::from_value(c).ok())
+        .collect();
+    let ingresses = resources::builtin("Ingress");
+    let Ok(page) = objects
+        .list(ingresses, Some(ns), ReadAt::Latest, 0, None, |i| {
+            i.pointer("/spec/tls")
+                .and_then(Value::as_array)
+                .is_some_and(|tls| tls.iter().any(|t| t["secretName"] == name))
+        })
+        .await
+    else {
+        return false;
+    };
+    page.items
+        .into_iter()
+        .filter_map(|i| serde_json::from_value::<Ingress>(i).ok())
+        .any(|i| baton_kube::ingress::is_ours(&i, &classes))
 }
 
 /// Whether one pod's spec names the object.

@@ -48,7 +48,7 @@ pub use metrics::{NodeMetricses, PodMetricses};
 pub use networking::{IngressClasses, Ingresses, NetworkPolicies};
 pub use platform::{
     CertificateSigningRequests, ControllerRevisions, HorizontalPodAutoscalers,
-    PodDisruptionBudgets, PodTemplates, PriorityClasses,
+    HorizontalPodAutoscalersV1, PodDisruptionBudgets, PodTemplates, PriorityClasses,
 };
 pub use pod::Pods;
 pub use quota::{LimitRanges, ResourceQuotas};

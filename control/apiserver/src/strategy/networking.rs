@@ -65,6 +65,55 @@ impl Strategy for Ingresses {
     fn columns(&self) -> &[Column] {
         INGRESS_COLUMNS
     }
+
+    fn mutate<'a>(
+        &'a self,
+        objects: &'a crate::objects::Objects,
+        obj: &'a mut Value,
+    ) -> super::Hook<'a, crate::error::ApiResult<()>> {
+        Box::pin(default_class(objects, obj))
+    }
+}
+
+/// The DefaultIngressClass admission plugin: a new Ingress that names no class (neither
+/// `spec.ingressClassName` nor the older annotation) gets the default IngressClass, the
+/// newest if several are marked.
+async fn default_class(
+    objects: &crate::objects::Objects,
+    obj: &mut Value,
+) -> crate::error::ApiResult<()> {
+    let named = !s(obj, "/spec/ingressClassName").is_empty()
+        || obj
+            .pointer("/metadata/annotations/kubernetes.io~1ingress.class")
+            .is_some();
+    if named {
+        return Ok(());
+    }
+    let classes = crate::resources::builtin("IngressClass");
+    let page = objects
+        .list(
+            classes,
+            None,
+            crate::objects::ReadAt::Latest,
+            0,
+            None,
+            |c| {
+                c.pointer("/metadata/annotations")
+                    .and_then(|a| a.get(baton_kube::ingress::DEFAULT_CLASS_ANNOTATION))
+                    .and_then(Value::as_str)
+                    == Some("true")
+            },
+        )
+        .await?;
+    let newest = page
+        .items
+        .iter()
+        .max_by_key(|c| s(c, "/metadata/creationTimestamp").to_string());
+    if let (Some(class), Some(spec)) = (newest, obj.get_mut("spec").and_then(Value::as_object_mut))
+    {
+        spec.insert("ingressClassName".into(), json!(s(class, "/metadata/name")));
+    }
+    Ok(())
 }
 
 static INGRESSCLASS_COLUMNS: &[Column] = &[

@@ -9,6 +9,10 @@ use crate::table::{container_field, i, none_if_empty, s, selector_string};
 
 #[derive(Debug)]
 pub struct HorizontalPodAutoscalers;
+/// autoscaling/v1, served from the autoscaling/v2 objects stored (`kubectl autoscale`
+/// writes v1).
+#[derive(Debug)]
+pub struct HorizontalPodAutoscalersV1;
 #[derive(Debug)]
 pub struct PriorityClasses;
 #[derive(Debug)]
@@ -98,6 +102,125 @@ impl Strategy for HorizontalPodAutoscalers {
                 &max.to_string(),
                 "must be greater than or equal to `minReplicas`",
             ));
+        }
+    }
+
+    fn columns(&self) -> &[Column] {
+        HPA_COLUMNS
+    }
+}
+
+/// Where v1 keeps what only v2 can say, as kube-apiserver's conversion does, so that a
+/// v1 read-modify-write loses nothing.
+const V2_METRICS: &str = "autoscaling.alpha.kubernetes.io/metrics";
+const V2_BEHAVIOR: &str = "autoscaling.alpha.kubernetes.io/behavior";
+
+/// Whether a v2 metric is the one v1 has a field for: CPU utilization.
+fn is_cpu_utilization(m: &Value) -> bool {
+    s(m, "/type") == "Resource"
+        && s(m, "/resource/name") == "cpu"
+        && s(m, "/resource/target/type") == "Utilization"
+}
+
+impl Strategy for HorizontalPodAutoscalersV1 {
+    fn validate(&self, obj: &Value, errs: &mut Vec<FieldError>) {
+        HorizontalPodAutoscalers.validate(obj, errs);
+    }
+
+    /// v2 → v1: the CPU utilization target and reading in v1's fields; other metrics and
+    /// the behavior in annotations.
+    fn stored_to_served(&self, obj: &mut Value) {
+        let metrics: Vec<Value> = obj
+            .pointer("/spec/metrics")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let (cpu, others): (Vec<Value>, Vec<Value>) =
+            metrics.into_iter().partition(is_cpu_utilization);
+        let mut notes = serde_json::Map::new();
+        if !others.is_empty() {
+            notes.insert(V2_METRICS.into(), json!(Value::Array(others).to_string()));
+        }
+        if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+            spec.remove("metrics");
+            if let Some(b) = spec.remove("behavior") {
+                notes.insert(V2_BEHAVIOR.into(), json!(b.to_string()));
+            }
+            if let Some(u) = cpu
+                .first()
+                .and_then(|m| m.pointer("/resource/target/averageUtilization"))
+            {
+                spec.insert("targetCPUUtilizationPercentage".into(), u.clone());
+            }
+        }
+        if let Some(status) = obj.get_mut("status").and_then(Value::as_object_mut) {
+            let current = status
+                .remove("currentMetrics")
+                .and_then(|m| m.as_array().cloned())
+                .unwrap_or_default()
+                .into_iter()
+                .find(|m| s(m, "/type") == "Resource" && s(m, "/resource/name") == "cpu")
+                .and_then(|m| m.pointer("/resource/current/averageUtilization").cloned());
+            if let Some(u) = current {
+                status.insert("currentCPUUtilizationPercentage".into(), u);
+            }
+            status.remove("conditions");
+        }
+        if !notes.is_empty() {
+            let meta = obj["metadata"].as_object_mut();
+            if let Some(meta) = meta {
+                let a = meta.entry("annotations").or_insert_with(|| json!({}));
+                if let Some(a) = a.as_object_mut() {
+                    a.extend(notes);
+                }
+            }
+        }
+    }
+
+    /// v1 → v2: the CPU target as a metric, beside what the annotations kept.
+    fn served_to_stored(&self, obj: &mut Value) {
+        let mut kept = (None, None);
+        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+                kept = (a.remove(V2_METRICS), a.remove(V2_BEHAVIOR));
+                // What conversion added and took back leaves no trace: a v1 write of an
+                // unchanged object stays a no-op.
+                if a.is_empty() && (kept.0.is_some() || kept.1.is_some()) {
+                    meta.remove("annotations");
+                }
+            }
+        }
+        let parse = |v: Option<Value>| {
+            v.as_ref()
+                .and_then(Value::as_str)
+                .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        };
+        let mut metrics: Vec<Value> = parse(kept.0)
+            .and_then(|m| m.as_array().cloned())
+            .unwrap_or_default();
+        if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+            if let Some(u) = spec.remove("targetCPUUtilizationPercentage") {
+                metrics.insert(
+                    0,
+                    json!({"type": "Resource", "resource": {"name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": u}}}),
+                );
+            }
+            if !metrics.is_empty() {
+                spec.insert("metrics".into(), Value::Array(metrics));
+            }
+            if let Some(b) = parse(kept.1) {
+                spec.insert("behavior".into(), b);
+            }
+        }
+        if let Some(status) = obj.get_mut("status").and_then(Value::as_object_mut) {
+            if let Some(u) = status.remove("currentCPUUtilizationPercentage") {
+                status.insert(
+                    "currentMetrics".into(),
+                    json!([{"type": "Resource", "resource": {"name": "cpu",
+                        "current": {"averageUtilization": u}}}]),
+                );
+            }
         }
     }
 
@@ -344,5 +467,51 @@ impl Strategy for PodDisruptionBudgets {
 
     fn columns(&self) -> &[Column] {
         PDB_COLUMNS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_autoscaler_round_trips_through_v1_without_losing_its_v2_fields() {
+        let v2 = json!({
+            "metadata": {"name": "web"},
+            "spec": {"minReplicas": 1, "maxReplicas": 5,
+                "metrics": [
+                    {"type": "Resource", "resource": {"name": "memory",
+                        "target": {"type": "AverageValue", "averageValue": "64Mi"}}},
+                    {"type": "Resource", "resource": {"name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": 50}}},
+                ],
+                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 5}}},
+            "status": {"currentReplicas": 2, "desiredReplicas": 3,
+                "currentMetrics": [{"type": "Resource", "resource": {"name": "cpu",
+                    "current": {"averageUtilization": 70}}}]},
+        });
+        let mut v1 = v2.clone();
+        HorizontalPodAutoscalersV1.stored_to_served(&mut v1);
+        assert_eq!(v1["spec"]["targetCPUUtilizationPercentage"], 50);
+        assert_eq!(v1["status"]["currentCPUUtilizationPercentage"], 70);
+        assert!(v1["spec"].get("metrics").is_none() && v1["spec"].get("behavior").is_none());
+        let mut back = v1.clone();
+        HorizontalPodAutoscalersV1.served_to_stored(&mut back);
+        assert_eq!(back["spec"]["behavior"], v2["spec"]["behavior"]);
+        let metrics = back["spec"]["metrics"].as_array().unwrap();
+        assert_eq!(metrics.len(), 2);
+        assert!(metrics.iter().any(is_cpu_utilization));
+        assert!(back["metadata"].get("annotations").is_none(), "{back}");
+        assert_eq!(
+            back["status"]["currentMetrics"],
+            v2["status"]["currentMetrics"]
+        );
+        // What kubectl autoscale writes.
+        let mut plain = json!({"spec": {"maxReplicas": 3, "targetCPUUtilizationPercentage": 80}});
+        HorizontalPodAutoscalersV1.served_to_stored(&mut plain);
+        assert_eq!(
+            plain["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"],
+            80
+        );
     }
 }

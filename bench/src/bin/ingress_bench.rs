@@ -1,0 +1,143 @@
+//! Ingress benchmark: `http-hello` in a Deployment of `baton up`, reached through the
+//! node's Ingress, beside the same pod through its NodePort (the L4 path) and beside
+//! `wasmtime serve` of the same component, in one run under one load generator:
+//! keep-alive HTTP/1.1 connections sending requests back to back for a fixed time.
+//! Prints requests/s, p50, p99, server CPU per request and the ratio to `wasmtime serve`.
+//!
+//! Usage: `ingress-bench BATON_BINARY WASMTIME_BINARY GUEST_DIR` (see
+//! `scripts/bench.sh ingress`). `BENCH_SECS` sets the seconds per cell (default 5).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use baton_bench::http::{get_once, measure};
+use baton_bench::{env_or, ms, up, wait_until, Procs};
+use baton_testkit::process::announced_addr;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::networking::v1::Ingress;
+use kube::api::PostParams;
+use kube::Api;
+use serde_json::json;
+
+/// `http-hello` as a Deployment behind a NodePort Service and an Ingress of the default
+/// class; returns (Ingress address, NodePort address) once both answer.
+async fn deploy(client: &kube::Client, wasm: &Path) -> Result<(SocketAddr, SocketAddr)> {
+    let ns = "default";
+    let deploy: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "hello"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "hello"}},
+            "template": {"metadata": {"labels": {"app": "hello"}},
+                "spec": {"containers": [{"name": "hello", "image": wasm.display().to_string(),
+                    "ports": [{"containerPort": 8080}],
+                    "env": [{"name": "GREETING", "value": "hi"}]}]}}}
+    }))?;
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "hello"},
+        "spec": {"type": "NodePort", "selector": {"app": "hello"},
+                 "ports": [{"port": 80, "targetPort": 8080}]}
+    }))?;
+    let ing: Ingress = serde_json::from_value(json!({
+        "metadata": {"name": "hello"},
+        "spec": {"rules": [{"http": {"paths": [{"path": "/", "pathType": "Prefix",
+            "backend": {"service": {"name": "hello", "port": {"number": 80}}}}]}}]}
+    }))?;
+    let pp = PostParams::default();
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .create(&pp, &deploy)
+        .await?;
+    let svc = Api::<Service>::namespaced(client.clone(), ns)
+        .create(&pp, &svc)
+        .await?;
+    Api::<Ingress>::namespaced(client.clone(), ns)
+        .create(&pp, &ing)
+        .await?;
+    let node_port = svc
+        .spec
+        .and_then(|s| s.ports?.first()?.node_port)
+        .context("no node port assigned")?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let ingress_port =
+        baton_testkit::wait_until_async(Duration::from_secs(60), "the node's Ingress port", || {
+            let nodes = nodes.clone();
+            async move {
+                nodes
+                    .get("local")
+                    .await
+                    .ok()
+                    .and_then(|n| n.metadata.annotations)
+                    .and_then(|a| a.get("baton.dev/ingress-http-port").cloned())
+                    .and_then(|p| p.parse::<u16>().ok())
+            }
+        })
+        .await?;
+    let ingress: SocketAddr = ([127, 0, 0, 1], ingress_port).into();
+    let nodeport: SocketAddr = ([127, 0, 0, 1], u16::try_from(node_port)?).into();
+    for (what, addr) in [("the Ingress", ingress), ("the NodePort", nodeport)] {
+        wait_until(what, || async move { get_once(addr).await.is_ok() }).await?;
+    }
+    Ok((ingress, nodeport))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let usage = "usage: ingress-bench BATON WASMTIME GUEST_DIR";
+    let baton = PathBuf::from(args.next().context(usage)?);
+    let wasmtime = PathBuf::from(args.next().context(usage)?);
+    let wasm =
+        std::fs::canonicalize(PathBuf::from(args.next().context(usage)?))?.join("http-hello.wasm");
+    let secs: f64 = env_or("BENCH_SECS", 5.0);
+    let up = up(
+        &baton,
+        &["--ingress-http-port", "0", "--ingress-https-port", "0"],
+    )
+    .await?;
+    let (ingress, nodeport) = deploy(&up.client, &wasm).await?;
+    let mut child = Command::new(&wasmtime)
+        .args(["serve", "-S", "cli", "--addr", "127.0.0.1:0"])
+        .args(["--env", "GREETING=hi"])
+        .arg(&wasm)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting wasmtime serve")?;
+    let addr = announced_addr(
+        child.stderr.take().context("stderr")?,
+        " on http://",
+        Duration::from_secs(60),
+    );
+    let wasmtime_procs = Procs(vec![child]);
+    let wasmtime_addr = addr.context("wasmtime serve did not say where it listens")?;
+    wait_until("wasmtime serve", || async move {
+        get_once(wasmtime_addr).await.is_ok()
+    })
+    .await?;
+    println!("## Ingress: http-hello, keep-alive HTTP/1.1, {secs} s per cell, same machine");
+    println!("| clients | path | req/s | p50 ms | p99 ms | server CPU us/req | ratio to wasmtime serve |");
+    println!("|---|---|---|---|---|---|---|");
+    for clients in [1usize, 16, 64] {
+        let w = measure(&wasmtime_procs, wasmtime_addr, clients, secs).await?;
+        let i = measure(&up.procs, ingress, clients, secs).await?;
+        let n = measure(&up.procs, nodeport, clients, secs).await?;
+        for (name, r) in [
+            ("baton Ingress", &i),
+            ("baton NodePort", &n),
+            ("wasmtime serve", &w),
+        ] {
+            println!(
+                "| {clients} | {name} | {:.0} | {} | {} | {:.0} | {:.2}x |",
+                r.rate,
+                ms(r.p50),
+                ms(r.p99),
+                r.cpu_us,
+                r.rate / w.rate
+            );
+        }
+    }
+    println!("goal: the Ingress at >= 0.8x the requests/s of `wasmtime serve`");
+    Ok(())
+}

@@ -1,0 +1,522 @@
+//! The node's Ingress controller: every node serves the Ingresses of IngressClass
+//! `baton` (the cluster's default class) on its HTTP and HTTPS ports, as k3s's Traefik
+//! does, and proxies each request to a ready endpoint of the backend Service.
+//!
+//! - **Routing** is [`routes`]: hosts exact, wildcard or any; paths Exact, Prefix and
+//!   ImplementationSpecific; the default backend; 404 when nothing matches.
+//! - **Backends** are Services, looked up in the node's Service table
+//!   ([`crate::proxy::Services::endpoints`]): their ready endpoints on any node, pods
+//!   shutting down skipped, round-robin. No ready endpoint: 503 with `Retry-After`. An
+//!   endpoint that is a wasi:http component of this node is called in process
+//!   ([`baton_wasm_shim::Runtime::local_http`]), skipping a socket and an HTTP encoding
+//!   each way; the others get HTTP/1.1.
+//! - **TLS** is [`tls`]: the certificates of the Secrets `spec.tls` names, chosen by SNI
+//!   and reread every few seconds, so a renewed Secret is served without a restart.
+//! - **As a reverse proxy must:** hop-by-hop headers (RFC 9110 §7.6.1, and any the
+//!   `Connection` header names) are dropped both ways; `X-Forwarded-For` (the client's
+//!   address only: the Ingress is the edge), `-Proto` and `-Host` are set; the host the
+//!   request was routed by goes to the backend as `Host`; HTTP/2's split cookies are
+//!   joined. Clients get HTTP/1.1 with
+//!   keep-alive or HTTP/2 (ALPN over TLS, prior knowledge in clear); backends get
+//!   HTTP/1.1 over a pool of kept-alive connections, bounded per endpoint.
+//! - **Bounds:** a connection cap per listener, a deadline on a client's first bytes and
+//!   on request headers, on the TLS handshake, on connecting to a backend and on its
+//!   response head; HTTP/2 pings for dead peers; bodies stream through and are never
+//!   held whole. Not yet: an idle limit on an HTTP/2 connection whose peer answers pings,
+//!   or on one that finished its TLS handshake and sends nothing.
+
+mod routes;
+mod tls;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::{Api, Client};
+use tokio::task::JoinHandle;
+
+pub use routes::{Backend, ServicePort};
+
+use crate::proxy::Services;
+
+/// How long a client has to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to a backend may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a backend has to answer with its response head.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections one listener serves at once; more wait in the accept queue.
+const MAX_CONNECTIONS: usize = 10_000;
+/// Idle kept-alive connections per backend endpoint.
+const POOL_IDLE_PER_ENDPOINT: usize = 64;
+/// What a client is told to wait before retrying a backend without ready endpoints.
+const RETRY_AFTER_SECS: &str = "1";
+
+/// Why the Ingress controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error("cannot listen for Ingress {scheme} on {addr}")]
+    Listen {
+        scheme: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The running Ingress controller: where it listens. Its tasks stop when it is dropped.
+#[derive(Debug)]
+pub struct IngressServer {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for IngressServer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+struct Shared {
+    routes: RwLock<Arc<routes::Routes>>,
+    certs: tls::Certs,
+    services: Services,
+    upstream: hyper_util::client::legacy::Client<HttpConnector, Incoming>,
+    /// The node's Wasm runtime: a backend it serves is called in process.
+    local: Option<baton_wasm_shim::Runtime>,
+    next: AtomicUsize,
+}
+
+fn listen(scheme: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, IngressError> {
+    crate::proxy::listen(addr).map_err(|source| IngressError::Listen {
+        scheme,
+        addr,
+        source,
+    })
+}
+
+/// Binds an Ingress listener, or says why not: a port taken by another server leaves
+/// the node without that listener, not without its pods.
+fn bind(scheme: &'static str, addr: Option<SocketAddr>) -> Option<tokio::net::TcpListener> {
+    match listen(scheme, addr?) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %baton_kube::error::chain(&e), "Ingresses are not served there");
+            None
+        }
+    }
+}
+
+/// Starts serving Ingresses on `http` and `https` (either may be absent).
+pub fn start(
+    client: Client,
+    services: Services,
+    local: Option<baton_wasm_shim::Runtime>,
+    http: Option<SocketAddr>,
+    https: Option<SocketAddr>,
+) -> IngressServer {
+    let http_listener = bind("HTTP", http);
+    let https_listener = bind("HTTPS", https);
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    connector.set_nodelay(true);
+    let upstream = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(POOL_IDLE_PER_ENDPOINT)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(TokioTimer::new())
+        .build(connector);
+    let shared = Arc::new(Shared {
+        routes: RwLock::default(),
+        certs: tls::Certs::default(),
+        services,
+        upstream,
+        local,
+        next: AtomicUsize::new(0),
+    });
+    let mut server = IngressServer {
+        http: None,
+        https: None,
+        tasks: vec![tokio::spawn(watch(client.clone(), shared.clone()))],
+    };
+    server
+        .tasks
+        .push(tokio::spawn(tls::refresh(client, shared.clone())));
+    if let Some(l) = http_listener {
+        server.http = l.local_addr().ok();
+        server
+            .tasks
+            .push(tokio::spawn(serve(l, shared.clone(), None)));
+    }
+    if let Some(l) = https_listener {
+        server.https = l.local_addr().ok();
+        let acceptor = tls::acceptor(shared.clone());
+        server
+            .tasks
+            .push(tokio::spawn(serve(l, shared.clone(), Some(acceptor))));
+    }
+    server
+}
+
+/// Keeps the routing table in step with the Ingresses and IngressClasses.
+async fn watch(client: Client, shared: Arc<Shared>) {
+    let (ingresses, ing_writer) = reflector::store::<Ingress>();
+    let (classes, class_writer) = reflector::store::<IngressClass>();
+    let ing_events = reflector::reflector(
+        ing_writer,
+        watcher(
+            Api::<Ingress>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .map(|_| ());
+    let class_events = reflector::reflector(
+        class_writer,
+        watcher(Api::<IngressClass>::all(client), watcher::Config::default()),
+    )
+    .default_backoff()
+    .map(|_| ());
+    let mut events = std::pin::pin!(futures::stream::select(ing_events, class_events));
+    while events.next().await.is_some() {
+        let classes: Vec<IngressClass> = classes.state().iter().map(|c| (**c).clone()).collect();
+        let all = ingresses.state();
+        let ours: Vec<&Ingress> = all
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|i| baton_kube::ingress::is_ours(i, &classes))
+            .collect();
+        let table = Arc::new(routes::Routes::build(&ours));
+        let tls_changed = shared.routes().tls != table.tls;
+        *shared.routes.write().unwrap_or_else(|e| e.into_inner()) = table;
+        if tls_changed {
+            shared.certs.wake();
+        }
+    }
+}
+
+impl Shared {
+    fn routes(&self) -> Arc<routes::Routes> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Accepts connections and serves each (over TLS when there is an acceptor).
+async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    connection(TokioIo::new(stream), shared, peer, true).await;
+                }
+                None => {
+                    // Nothing is read before the protocol is known: a client that sends
+                    // nothing is let go after the header deadline.
+                    if !matches!(
+                        tokio::time::timeout(HEADER_TIMEOUT, stream.readable()).await,
+                        Ok(Ok(()))
+                    ) {
+                        return;
+                    }
+                    connection(TokioIo::new(stream), shared, peer, false).await
+                }
+            }
+        });
+    }
+}
+
+/// Serves one client connection, HTTP/1.1 or HTTP/2.
+async fn connection<I>(io: I, shared: Arc<Shared>, peer: SocketAddr, https: bool)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, req, peer.ip(), https).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true);
+    // Dead HTTP/2 peers are found by pings and let go.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let _ = builder.serve_connection(io, service).await;
+}
+
+fn text(code: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never: Infallible| -> BoxError { match never {} })
+            .boxed_unsync(),
+    );
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The host a request is for, without its port: HTTP/2's authority, or `Host`.
+fn host_of(req: &Request<Incoming>) -> String {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| match h.rsplit_once(':') {
+                    // Not the colons of an IPv6 literal.
+                    Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+                        host.to_string()
+                    }
+                    _ => h.to_string(),
+                })
+        })
+        .unwrap_or_default();
+    raw.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
+/// Removes the hop-by-hop headers: the fixed ones and any `Connection` names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(n);
+    }
+}
+
+/// Joins the `cookie` fields an HTTP/2 client may split into one, as an HTTP/1.1 backend
+/// expects (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let parts: Vec<String> = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    if parts.len() > 1 {
+        if let Ok(v) = HeaderValue::from_str(&parts.join("; ")) {
+            headers.insert(http::header::COOKIE, v);
+        }
+    }
+}
+
+/// Sets the `X-Forwarded-*` headers for the backend. What a client says it forwarded is
+/// not believed (the Ingress is the edge): its own claims are replaced, and the other
+/// forwarding headers dropped.
+fn forwarded(headers: &mut HeaderMap, client: IpAddr, host: &str, https: bool) {
+    for n in ["forwarded", "x-real-ip", "x-forwarded-port"] {
+        headers.remove(n);
+    }
+    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+    }
+}
+
+/// Routes and proxies one request.
+async fn handle(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+    client: IpAddr,
+    https: bool,
+) -> Response<Body> {
+    let host = host_of(&req);
+    let routes = shared.routes();
+    let Ok(backend) = routes.route(&host, req.uri().path()) else {
+        return text(StatusCode::NOT_FOUND, "404 page not found\n");
+    };
+    let endpoints = shared
+        .services
+        .endpoints(&backend.namespace, &backend.service, &backend.port);
+    let Some(&target) = endpoints
+        .as_deref()
+        .and_then(|e| e.get(shared.next.fetch_add(1, Ordering::Relaxed) % e.len().max(1)))
+    else {
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: no ready endpoint\n",
+        );
+        r.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+        return r;
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    // A component this node serves is called in process: the request as its server
+    // would have read it, origin form and `Host`.
+    let local = shared.local.as_ref().and_then(|rt| rt.local_http(target));
+    let uri = if local.is_some() {
+        path.parse::<http::Uri>()
+    } else {
+        format!("http://{target}{path}").parse::<http::Uri>()
+    };
+    let Ok(uri) = uri else {
+        return text(StatusCode::BAD_REQUEST, "400 bad request\n");
+    };
+    // The backend's Host is what the request was routed by: the request target's
+    // authority (HTTP/2's, or an absolute-form target's), else the Host header.
+    let host_header = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| req.headers().get(http::header::HOST).cloned());
+    *req.uri_mut() = uri;
+    *req.version_mut() = http::Version::HTTP_11;
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    if let Some(h) = host_header {
+        headers.insert(http::header::HOST, h);
+    }
+    join_cookies(headers);
+    forwarded(headers, client, &host, https);
+    if let Some(local) = local {
+        return match tokio::time::timeout(RESPONSE_TIMEOUT, local.call(req)).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(
+                    parts,
+                    body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
+                )
+            }
+            Err(_) => text(StatusCode::GATEWAY_TIMEOUT, "504 gateway timeout\n"),
+        };
+    }
+    match tokio::time::timeout(RESPONSE_TIMEOUT, shared.upstream.request(req)).await {
+        Ok(Ok(resp)) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(
+                parts,
+                body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
+            )
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%target, error = %baton_kube::error::chain(&e), "ingress backend failed");
+            text(StatusCode::BAD_GATEWAY, "502 bad gateway\n")
+        }
+        Err(_) => text(StatusCode::GATEWAY_TIMEOUT, "504 gateway timeout\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_the_ones_connection_names_too() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn forwarded_headers_are_the_ingress_own_and_cookies_are_joined() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("forwarded", HeaderValue::from_static("for=10.0.0.1"));
+        forwarded(&mut h, "127.0.0.9".parse().unwrap(), "shop.example", true);
+        // A client's own claim is not passed on.
+        assert_eq!(h["x-forwarded-for"], "127.0.0.9");
+        assert!(h.get("forwarded").is_none());
+        h.append("cookie", HeaderValue::from_static("a=1"));
+        h.append("cookie", HeaderValue::from_static("b=2"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().count(), 1);
+        assert_eq!(h["cookie"], "a=1; b=2");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+    }
+}
