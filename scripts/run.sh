@@ -4,7 +4,8 @@
 # put behind a NodePort Service and an Ingress, answered by its replicas, debugged (exec, debug with the
 # toolbox, port-forward, top), scaled; a pod of a component and an OCI container (runc)
 # sharing localhost;
-# then a clean stop and a restart that finds every object where it was, and serves again.
+# then a clean stop and a restart that finds every object where it was, and serves again;
+# then an autoscaler takes the idle function to zero, and a request wakes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -154,4 +155,28 @@ kubectl get deployments,services,configmaps
 kubectl rollout status deployment hello --timeout=60s
 ask
 ask_ingress
+# Scale to zero: an autoscaler on the request rate takes the idle function to zero, and
+# its next request through the Ingress wakes it.
+scale_to_zero() {
+  kubectl apply -f examples/hello/autoscaler.yaml
+  echo "--- the request rate, per pod, counted in the sandbox (no metrics adapter)"
+  for _ in $(seq 1 100); do
+    if kubectl get --raw '/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/*/http_requests_per_second?labelSelector=app%3Dhello' 2>/dev/null | grep describedObject; then break; fi
+    sleep 0.2
+  done
+  echo "--- idle: the autoscaler takes it to zero replicas"
+  kubectl wait --for=jsonpath='{.spec.replicas}'=0 deployment/hello --timeout=180s
+  for _ in $(seq 1 300); do
+    if [ -z "$(kubectl get pods -l app=hello -o name)" ]; then break; fi
+    sleep 0.2
+  done
+  kubectl get hpa hello
+  kubectl get deployment hello
+  echo "--- a request from zero through the Ingress: held while the node wakes it, then answered"
+  curl -sf --max-time 30 -w 'answered from zero in %{time_total} s\n' -H 'Host: hello.localhost' \
+    "http://127.0.0.1:$INGRESS_PORT/from-zero"
+  kubectl get deployment hello
+  kubectl delete -f examples/hello/autoscaler.yaml
+}
+scale_to_zero
 manifest | kubectl delete -f -

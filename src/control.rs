@@ -172,6 +172,10 @@ pub struct NodeArgs {
     /// Serve no Ingresses on this node (as k3s's `--disable traefik`).
     #[arg(long = "disable-ingress")]
     pub disable_ingress: bool,
+    /// Seconds a request for a workload scaled to zero (by an autoscaler with
+    /// `minReplicas: 0`) is held while the node wakes it; 0 refuses such requests at once.
+    #[arg(long = "scale-from-zero-timeout", default_value_t = 30)]
+    pub scale_from_zero_timeout: u64,
     #[command(flatten)]
     pub registry: crate::oci_cli::RegistryArgs,
 }
@@ -192,6 +196,8 @@ impl NodeArgs {
             cfg.ingress_http = Some(std::net::SocketAddr::new(ip, self.ingress_http_port));
             cfg.ingress_https = Some(std::net::SocketAddr::new(ip, self.ingress_https_port));
         }
+        cfg.scale_from_zero = (self.scale_from_zero_timeout > 0)
+            .then(|| Duration::from_secs(self.scale_from_zero_timeout));
         cfg.settings.allowed_host_paths = self.allow_host_path.clone();
         cfg.default_memory_limit = baton_kube::quantity::whole(&self.default_memory_limit)
             .map_err(|e| anyhow::anyhow!("--default-memory-limit: {e}"))?;

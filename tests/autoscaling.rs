@@ -1,6 +1,8 @@
 //! The HorizontalPodAutoscaler, end to end: `kubectl autoscale` of a CPU-bound
 //! Deployment under a load loop, scaled up by its CPU and back down once the load stops,
-//! each step told in its status and events; and an autoscaler whose target is missing.
+//! each step told in its status and events; an autoscaler whose target is missing; and a
+//! function scaled to zero by its request rate, woken by its next requests through an
+//! Ingress and through a Service.
 
 #[path = "support/baton.rs"]
 mod baton;
@@ -8,7 +10,9 @@ mod baton;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use baton::{http_get, jsonpath, wait_for, Baton};
+use std::time::Duration;
+
+use baton::{http_get, http_get_within, jsonpath, wait_for, Baton};
 
 fn busy() -> String {
     format!(
@@ -159,4 +163,205 @@ spec:
     let described = b.ok(&["describe", "hpa", "orphan"]);
     assert!(described.contains("FailedGetScale"), "{described}");
     assert!(described.contains("nowhere"), "{described}");
+}
+
+fn function() -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: fn
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {{app: fn}}
+  template:
+    metadata:
+      labels: {{app: fn}}
+    spec:
+      containers:
+      - name: handler
+        image: {image}
+        ports: [{{containerPort: 8080}}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: fn
+spec:
+  type: NodePort
+  selector: {{app: fn}}
+  ports:
+  - {{port: 80, targetPort: 8080}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: fn
+spec:
+  rules:
+  - http:
+      paths:
+      - {{path: /, pathType: Prefix, backend: {{service: {{name: fn, port: {{number: 80}}}}}}}}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: fn
+spec:
+  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: fn}}
+  minReplicas: 0
+  maxReplicas: 3
+  metrics:
+  - type: Pods
+    pods:
+      metric: {{name: http_requests_per_second}}
+      target: {{type: AverageValue, averageValue: "100"}}
+  behavior:
+    scaleDown:
+      stabilizationWindowSeconds: 3
+      policies: [{{type: Percent, value: 100, periodSeconds: 1}}]
+"#,
+        image = baton::guest("http-hostile")
+    )
+}
+
+#[test]
+fn an_idle_function_scales_to_zero_and_its_first_requests_wake_it_once() {
+    let b = Baton::start_with(&[
+        "--horizontal-pod-autoscaler-sync-period",
+        "1",
+        "--ingress-http-port",
+        "0",
+        "--ingress-https-port",
+        "0",
+    ]);
+    let ingress: u16 = wait_for(&b, 30, "the node's Ingress port", || {
+        jsonpath(
+            &b,
+            &["node", "local"],
+            "{.metadata.annotations.baton\\.dev/ingress-http-port}",
+        )
+        .parse()
+        .ok()
+    });
+    let ingress: std::net::SocketAddr = ([127, 0, 0, 1], ingress).into();
+
+    // Scale to zero needs a metric that still means something at zero.
+    let cpu_only = r#"apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: cpu-only
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: fn}
+  minReplicas: 0
+  maxReplicas: 3
+"#;
+    let refused = b.fails(&["apply", "-f", "-"], Some(cpu_only));
+    assert!(refused.contains("spec.minReplicas"), "{refused}");
+
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&function()));
+    wait_for(&b, 60, "the first replica ready", || {
+        (jsonpath(&b, &["deploy", "fn"], "{.status.readyReplicas}") == "1").then_some(())
+    });
+    let (code, body) = http_get(ingress, "/").unwrap();
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+
+    // The request rate, counted in the sandbox, served as a custom metric.
+    let discovery = b.ok(&["get", "--raw", "/apis/custom.metrics.k8s.io/v1beta2"]);
+    assert!(
+        discovery.contains("pods/http_requests_per_second")
+            && discovery.contains("pods/http_requests_in_flight"),
+        "{discovery}"
+    );
+    let list = wait_for(&b, 30, "the pod's request rate", || {
+        let raw = b.ok(&[
+            "get",
+            "--raw",
+            "/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/*/http_requests_per_second?labelSelector=app%3Dfn",
+        ]);
+        raw.contains("describedObject").then_some(raw)
+    });
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["kind"], "MetricValueList");
+    assert_eq!(list["items"][0]["describedObject"]["kind"], "Pod");
+    assert_eq!(
+        list["items"][0]["metric"]["name"],
+        "http_requests_per_second"
+    );
+    let missing = b.fails(
+        &[
+            "get",
+            "--raw",
+            "/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/nowhere/http_requests_per_second",
+        ],
+        None,
+    );
+    assert!(
+        missing.contains("NotFound") || missing.contains("not found"),
+        "{missing}"
+    );
+
+    // Idle: after the 3 s window with no request, to zero.
+    wait_for(&b, 90, "scaled to zero when idle", || {
+        (jsonpath(&b, &["deploy", "fn"], "{.spec.replicas}") == "0").then_some(())
+    });
+    wait_for(&b, 60, "its pod gone", || {
+        b.ok(&["get", "pods", "-l", "app=fn", "-o", "name"])
+            .trim()
+            .is_empty()
+            .then_some(())
+    });
+    let reason = wait_for(&b, 30, "the autoscaler at zero", || {
+        let r = jsonpath(
+            &b,
+            &["hpa", "fn"],
+            "{.status.conditions[?(@.type==\"ScalingActive\")].reason}",
+        );
+        (r == "ScaledToZero").then_some(r)
+    });
+    assert_eq!(reason, "ScaledToZero");
+    let generation = jsonpath(&b, &["deploy", "fn"], "{.metadata.generation}");
+
+    // Fifty first requests at once through the Ingress: each is held while the node
+    // wakes the function, and all are answered.
+    let answers: Vec<_> = (0..50)
+        .map(|_| std::thread::spawn(move || http_get_within(ingress, "/", Duration::from_secs(40))))
+        .collect();
+    for a in answers {
+        let (code, body) = a.join().unwrap().expect("an answer from zero");
+        assert_eq!((code, body.as_str()), (200, "ok\n"));
+    }
+    assert_eq!(jsonpath(&b, &["deploy", "fn"], "{.spec.replicas}"), "1");
+    let woken = jsonpath(&b, &["deploy", "fn"], "{.metadata.generation}");
+    assert_eq!(
+        woken.parse::<u64>().unwrap(),
+        generation.parse::<u64>().unwrap() + 1,
+        "the burst scaled the Deployment once"
+    );
+
+    // Idle again, then a raw connection to the Service's NodePort wakes it the same way.
+    wait_for(&b, 90, "back to zero", || {
+        (jsonpath(&b, &["deploy", "fn"], "{.spec.replicas}") == "0").then_some(())
+    });
+    let node_port: u16 = jsonpath(&b, &["svc", "fn"], "{.spec.ports[0].nodePort}")
+        .parse()
+        .unwrap();
+    let (code, _) = http_get_within(
+        ([127, 0, 0, 1], node_port).into(),
+        "/",
+        Duration::from_secs(40),
+    )
+    .expect("an answer from zero through the Service");
+    assert_eq!(code, 200);
+
+    // A workload scaled to zero by hand (no autoscaler may wake it) stays off: the
+    // Ingress answers 503 at once.
+    b.ok(&["delete", "hpa", "fn"]);
+    b.ok(&["scale", "deploy", "fn", "--replicas=0"]);
+    wait_for(&b, 60, "no endpoint left", || {
+        let (code, _) = http_get(ingress, "/").ok()?;
+        (code == 503).then_some(())
+    });
+    assert_eq!(jsonpath(&b, &["deploy", "fn"], "{.spec.replicas}"), "0");
 }

@@ -19,6 +19,11 @@ impl Procs {
     pub fn cpu(&self) -> Duration {
         self.0.iter().map(|c| proc_cpu(c.id())).sum()
     }
+
+    /// Resident memory of these processes now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.0.iter().map(|c| rss_kib(c.id())).sum()
+    }
 }
 
 impl Drop for Procs {

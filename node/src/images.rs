@@ -63,6 +63,17 @@ impl ImageError {
 /// How long reading and compiling one component may take.
 const LOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// How many images a node's status lists, as the kubelet's `nodeStatusMaxImages`.
+pub const MAX_NODE_IMAGES: usize = 50;
+
+/// One image in the node's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeImage {
+    /// The references it was pulled as, in their full form (`registry/repo:tag`).
+    pub names: Vec<String>,
+    pub size_bytes: u64,
+}
+
 /// Components by path, loaded once.
 pub struct Images {
     runtime: Runtime,
@@ -165,6 +176,31 @@ impl Images {
             .cloned()
             .collect();
         registry.cache().gc(max_bytes, &keep)
+    }
+
+    /// The images the node holds, as its status reports them (`status.images`): each
+    /// pulled component by the references it was pulled as, the biggest first, at most
+    /// [`MAX_NODE_IMAGES`] (the kubelet's `nodeStatusMaxImages`). The scheduler prefers
+    /// nodes that hold a pod's images.
+    pub fn node_images(&self) -> Vec<NodeImage> {
+        let Some(registry) = &self.registry else {
+            return Vec::new();
+        };
+        let mut by_layer: HashMap<String, NodeImage> = HashMap::new();
+        for e in registry.cache().list() {
+            let image = by_layer.entry(e.layer).or_insert_with(|| NodeImage {
+                names: Vec::new(),
+                size_bytes: e.size,
+            });
+            image.names.push(e.reference);
+        }
+        let mut out: Vec<NodeImage> = by_layer.into_values().collect();
+        for i in &mut out {
+            i.names.sort();
+        }
+        out.sort_by(|a, b| b.size_bytes.cmp(&a.size_bytes).then(a.names.cmp(&b.names)));
+        out.truncate(MAX_NODE_IMAGES);
+        out
     }
 
     pub fn registry(&self) -> Option<&Arc<baton_oci::Registry>> {

@@ -14,7 +14,9 @@
 //! - hands each pod a loopback address of its own ([`ipam`]);
 //! - probes containers ([`probe`]);
 //! - serves container logs to the API server over mutually authenticated TLS ([`server`]);
-//! - routes Service traffic and resolves Service names for its pods ([`proxy`]).
+//! - routes Service traffic and resolves Service names for its pods ([`proxy`]), serves
+//!   Ingresses ([`ingress`]), and holds requests for workloads scaled to zero while it
+//!   wakes them ([`activator`]).
 //!
 //! Images ([`images`]) are OCI references, pulled from their registries through
 //! `baton_oci` into the node's content-addressed cache, per `imagePullPolicy` and with the
@@ -22,6 +24,7 @@
 //! is served only from a directory the node was given with `--local-images`, and there is
 //! none by default.
 
+pub mod activator;
 pub mod budget;
 pub mod config;
 pub mod dns;
@@ -118,6 +121,9 @@ pub struct NodeConfig {
     /// none. Port 0 picks a free port, which the node publishes on its Node.
     pub ingress_http: Option<std::net::SocketAddr>,
     pub ingress_https: Option<std::net::SocketAddr>,
+    /// How long a request for a workload scaled to zero is held while the node wakes it
+    /// ([`activator`]); None refuses such requests at once.
+    pub scale_from_zero: Option<Duration>,
 }
 
 impl NodeConfig {
@@ -162,6 +168,7 @@ impl NodeConfig {
             local_link: None,
             ingress_http: None,
             ingress_https: None,
+            scale_from_zero: Some(activator::DEFAULT_TIMEOUT),
             runtime,
         }
     }
@@ -203,7 +210,7 @@ pub async fn run(
         &cfg.labels,
         &cfg.capacity,
         kubelet_port,
-        false,
+        &register::Reported::default(),
     )
     .await?;
     let events = EventQueue::spawn(
@@ -227,7 +234,15 @@ pub async fn run(
     // OCI containers run where runc is installed and the node can make their network;
     // elsewhere Linux images are refused with the reason.
     let linux = linux_runtime(&cfg, &pod_cidr).await;
-    let (services, proxy) = proxy::Services::start(client.clone(), node_ip, linux.is_some());
+    let (activator, _activator_task) = match cfg.scale_from_zero {
+        Some(timeout) => {
+            let (a, task) = activator::Activator::start(client.clone(), timeout);
+            (Some(a), Some(AbortOnDrop(task)))
+        }
+        None => (None, None),
+    };
+    let (services, proxy) =
+        proxy::Services::start(client.clone(), node_ip, linux.is_some(), activator);
     // Serves Ingresses until the agent ends.
     let _ingress = if cfg.ingress_http.is_some() || cfg.ingress_https.is_some() {
         let server = ingress::start(
@@ -325,8 +340,10 @@ pub async fn run(
         let (client, cfg) = (client.clone(), cfg.clone());
         let evictions = shared.evictions.clone();
         let events = events.clone();
+        let images = images.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(cfg.heartbeat);
+            let mut reported_images = Vec::new();
             let mut pressure_tick = tokio::time::interval(eviction::INTERVAL);
             let mut beats = 0u64;
             let mut reported_pressure = false;
@@ -348,7 +365,10 @@ pub async fn run(
                 }
                 // The Node's own status is refreshed now and then; the Lease is the pulse.
                 let pressure = evictions.under_pressure();
-                if beats % 6 == 0 || pressure != reported_pressure {
+                // A new image is told at once: the scheduler prefers nodes that hold a
+                // pod's images, which is what makes a start from zero fast.
+                let held = images.node_images();
+                if beats % 6 == 0 || pressure != reported_pressure || held != reported_images {
                     match register::register(
                         &client,
                         &cfg.name,
@@ -356,11 +376,15 @@ pub async fn run(
                         &cfg.labels,
                         &cfg.capacity,
                         kubelet_port,
-                        pressure,
+                        &register::Reported {
+                            memory_pressure: pressure,
+                            images: &held,
+                        },
                     )
                     .await
                     {
                         Ok(()) => {
+                            reported_images = held;
                             if pressure != reported_pressure {
                                 let status = if pressure {
                                     "NodeHasInsufficientMemory"

@@ -10,6 +10,10 @@
 //!   is served at the ClusterIP itself too, which the node's local route for the Service
 //!   range makes the node's own: a container pod reaches it through the bridge.
 //! - **NodePort**: served on the node's address at the node port, reachable from the host.
+//! - **Scaled to zero**: a connection to a Service without a ready endpoint is refused,
+//!   as kube-proxy does, unless the Service's workload is one an autoscaler scales to
+//!   zero: then the connection is held while the node wakes the workload
+//!   ([`crate::activator`]), and forwarded to its first ready endpoint ([`Services::hold`]).
 //!
 //! Listeners set `SO_REUSEPORT`, so several node agents on one host (a test cluster) can
 //! all serve the same Service addresses.
@@ -56,7 +60,13 @@ struct Entry {
     addresses: Vec<IpAddr>,
     /// Ready endpoints that have a hostname under the Service (a StatefulSet's pods).
     hostnames: HashMap<String, IpAddr>,
+    /// The Service's pod selector: which workload a held request wakes.
+    selector: BTreeMap<String, String>,
 }
+
+/// Requests and connections held at once for workloads coming up from zero, over all
+/// Services: beyond it, they are refused at once rather than piling up.
+const MAX_HELD: usize = 4096;
 
 #[derive(Debug, Default)]
 struct Table {
@@ -80,6 +90,12 @@ pub struct Services {
     draining: Arc<RwLock<HashSet<IpAddr>>>,
     /// Whether Services are served at their ClusterIPs too.
     cluster_ips: bool,
+    /// Bumped at every rebuild of the table: what held requests wait on.
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Wakes workloads scaled to zero; None refuses at once, as kube-proxy does.
+    activator: Option<Arc<crate::activator::Activator>>,
+    /// Permits for held requests ([`MAX_HELD`]).
+    held: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Services {
@@ -145,36 +161,37 @@ pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListene
 /// Accepts on `listener` and forwards each connection to an endpoint of the port.
 async fn serve(
     listener: tokio::net::TcpListener,
-    table: Arc<RwLock<Table>>,
-    draining: Arc<RwLock<HashSet<IpAddr>>>,
+    services: Services,
     key: (String, String),
     port: String,
 ) {
-    let next = AtomicUsize::new(0);
+    let next = Arc::new(AtomicUsize::new(0));
     loop {
         let Ok((mut inbound, _)) = listener.accept().await else {
             continue;
         };
-        let endpoints: Vec<SocketAddr> = table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .services
-            .get(&key)
-            .and_then(|e| e.endpoints.get(&port).cloned())
-            .unwrap_or_default();
-        let endpoints: Vec<SocketAddr> = {
-            let draining = draining.read().unwrap_or_else(|e| e.into_inner());
-            endpoints
-                .into_iter()
-                .filter(|e| !draining.contains(&e.ip()))
-                .collect()
+        let endpoints = services.port_endpoints(&key, &port);
+        // No ready endpoint: refuse, as kube-proxy's REJECT rule does, unless the
+        // Service's workload may be coming up from zero.
+        let held = match (endpoints.is_empty(), &services.activator) {
+            (false, _) => None,
+            (true, Some(_)) => match services.held.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => continue,
+            },
+            (true, None) => continue,
         };
-        if endpoints.is_empty() {
-            // No ready endpoint: refuse, as kube-proxy's REJECT rule does.
-            continue;
-        }
-        let start = next.fetch_add(1, Ordering::Relaxed);
+        let (services, key, port, next) =
+            (services.clone(), key.clone(), port.clone(), next.clone());
         tokio::spawn(async move {
+            let endpoints = match held {
+                Some(_permit) => services.hold(&key, |s| s.port_endpoints(&key, &port)).await,
+                None => endpoints,
+            };
+            if endpoints.is_empty() {
+                return;
+            }
+            let start = next.fetch_add(1, Ordering::Relaxed);
             let _ = inbound.set_nodelay(true);
             // Try each endpoint once, starting with this connection's turn.
             for i in 0..endpoints.len() {
@@ -194,16 +211,22 @@ impl Services {
     /// Starts routing. With `cluster_ips`, each Service is also served at its ClusterIP
     /// itself, for the pods behind the node's bridge: the node has a local route for the
     /// Service range then ([`crate::netns::Bridge::up`]).
+    /// With an `activator`, requests for a workload scaled to zero are held while it
+    /// wakes.
     pub fn start(
         client: Client,
         node_address: IpAddr,
         cluster_ips: bool,
+        activator: Option<Arc<crate::activator::Activator>>,
     ) -> (Self, JoinHandle<()>) {
         let services = Self {
             table: Arc::default(),
             node_address,
             draining: Arc::default(),
             cluster_ips,
+            changed: Arc::new(tokio::sync::watch::channel(0).0),
+            activator,
+            held: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)),
         };
         let task = tokio::spawn(services.clone().run(client));
         (services, task)
@@ -233,6 +256,85 @@ impl Services {
             .find(|p| p.name == "https")
             .or(e.ports.first())?;
         Some((e.cluster_ip?, port.port))
+    }
+
+    /// The ready endpoints of the Service port named `port`, less the pods of this node
+    /// shutting down.
+    fn port_endpoints(&self, key: &(String, String), port: &str) -> Vec<SocketAddr> {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = table.services.get(key).and_then(|e| e.endpoints.get(port)) else {
+            return Vec::new();
+        };
+        let draining = self.draining.read().unwrap_or_else(|e| e.into_inner());
+        list.iter()
+            .filter(|a| !draining.contains(&a.ip()))
+            .copied()
+            .collect()
+    }
+
+    /// Holds a request for Service `key`, which has no ready endpoint: if its workload
+    /// is scaled to zero by an autoscaler, wakes it and waits (for the activator's
+    /// timeout at most) until `endpoints` finds one. Empty if there is nothing to wake
+    /// or it did not come up in time.
+    pub async fn hold(
+        &self,
+        key: &(String, String),
+        endpoints: impl Fn(&Services) -> Vec<SocketAddr>,
+    ) -> Vec<SocketAddr> {
+        let Some(activator) = &self.activator else {
+            return Vec::new();
+        };
+        let selector = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            match table.services.get(key) {
+                Some(e) => e.selector.clone(),
+                None => return Vec::new(),
+            }
+        };
+        // Subscribed before waking, so that no rebuild in between is missed.
+        let mut changed = self.changed.subscribe();
+        match activator.wake(&key.0, &selector).await {
+            Ok(true) => {}
+            Ok(false) => return Vec::new(),
+            Err(e) => {
+                tracing::warn!(service = %format!("{}/{}", key.0, key.1), error = %baton_kube::error::chain(&e), "cannot wake the workload of a Service");
+                return Vec::new();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + activator.timeout;
+        loop {
+            let found = endpoints(self);
+            if !found.is_empty() {
+                activator.up(&key.0, &selector);
+                return found;
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Vec::new(),
+            }
+        }
+    }
+
+    /// [`Services::endpoints`], or if there are none, those of the workload woken from
+    /// zero ([`Services::hold`]). None if there is no such Service or port.
+    pub async fn endpoints_or_hold(
+        &self,
+        ns: &str,
+        name: &str,
+        port: &crate::ingress::ServicePort,
+    ) -> Option<Vec<SocketAddr>> {
+        let found = self.endpoints(ns, name, port)?;
+        if !found.is_empty() || self.activator.is_none() {
+            return Some(found);
+        }
+        let Ok(_permit) = self.held.clone().try_acquire_owned() else {
+            return Some(found);
+        };
+        let key = (ns.to_string(), name.to_string());
+        Some(
+            self.hold(&key, |s| s.endpoints(ns, name, port).unwrap_or_default())
+                .await,
+        )
     }
 
     /// The ready endpoints of a Service port (by number or name), less the pods of this
@@ -367,6 +469,7 @@ impl Services {
                     endpoints: HashMap::new(),
                     addresses: Vec::new(),
                     hostnames: HashMap::new(),
+                    selector: spec.selector.clone().unwrap_or_default(),
                 },
             );
         }
@@ -432,6 +535,7 @@ impl Services {
             }
         }
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
+        self.changed.send_modify(|g| *g += 1);
         listeners.retain(|addr, (id, task)| {
             let keep = wanted
                 .get(addr)
@@ -448,13 +552,7 @@ impl Services {
             match listen(addr) {
                 Ok(l) => {
                     let id = format!("{}/{}/{port}", key.0, key.1);
-                    let task = tokio::spawn(serve(
-                        l,
-                        self.table.clone(),
-                        self.draining.clone(),
-                        key,
-                        port,
-                    ));
+                    let task = tokio::spawn(serve(l, self.clone(), key, port));
                     listeners.insert(addr, (id, task));
                 }
                 Err(e) => tracing::warn!(%addr, error = %e, "cannot serve a Service port"),

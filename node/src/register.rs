@@ -44,6 +44,7 @@ fn status(
     cap: &Capacity,
     port: u16,
     memory_pressure: bool,
+    images: &[crate::images::NodeImage],
 ) -> serde_json::Value {
     let now = baton_kube::pod::now();
     let resources = json!({
@@ -70,6 +71,10 @@ fn status(
             cond("Ready", "True", "KubeletReady", "baton node agent is posting ready status"),
         ],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
+        "images": images
+            .iter()
+            .map(|i| json!({"names": i.names, "sizeBytes": i.size_bytes}))
+            .collect::<Vec<_>>(),
         "nodeInfo": {
             "architecture": go_arch(),
             "operatingSystem": "linux",
@@ -166,6 +171,14 @@ pub async fn publish_ingress_ports(
     Ok(())
 }
 
+/// What the node reports of its own state beyond its configuration.
+#[derive(Debug, Default)]
+pub struct Reported<'a> {
+    pub memory_pressure: bool,
+    /// The images it holds (`status.images`).
+    pub images: &'a [crate::images::NodeImage],
+}
+
 /// Creates or updates the Node, and marks it Ready.
 pub async fn register(
     client: &Client,
@@ -174,7 +187,7 @@ pub async fn register(
     labels: &BTreeMap<String, String>,
     cap: &Capacity,
     kubelet_port: u16,
-    memory_pressure: bool,
+    reported: &Reported<'_>,
 ) -> Result<(), RegisterError> {
     let api: Api<Node> = Api::all(client.clone());
     let err = |source| RegisterError::Node {
@@ -200,7 +213,7 @@ pub async fn register(
         }
         Err(e) => return Err(err(e)),
     }
-    let patch = json!({"status": status(address, name, cap, kubelet_port, memory_pressure)});
+    let patch = json!({"status": status(address, name, cap, kubelet_port, reported.memory_pressure, reported.images)});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .map_err(err)?;

@@ -974,6 +974,7 @@ mod tests {
                     http: HttpUsage {
                         by_class: [0, 2, 0, 0, 1],
                         latency: latency.clone(),
+                        in_flight: 0,
                     },
                     exits: vec![("OOMKilled", 1)],
                     ..Default::default()

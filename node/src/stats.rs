@@ -6,6 +6,12 @@
 //! sandbox), and a summary reports the rate over the last two readings, with the window
 //! they span. Memory is read when asked: the machine's working set (`MemTotal -
 //! MemAvailable`) and each container's linear memory.
+//!
+//! HTTP components' requests are read the same way: the rate of answered requests over
+//! the last two readings, and the requests in flight now (both counted in the sandbox),
+//! under each container's `http` (not in the kubelet's answer). They are what
+//! `custom.metrics.k8s.io` serves, so an autoscaler can follow a function's traffic and
+//! see when it has none.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,8 +28,8 @@ struct Reading {
     at: Instant,
     /// The machine's busy CPU time, in nanoseconds, if `/proc/stat` could be read.
     node_cpu: Option<u64>,
-    /// Pod key -> container -> CPU nanoseconds.
-    pods: HashMap<String, HashMap<String, u64>>,
+    /// Pod key -> container -> (CPU nanoseconds, HTTP requests answered).
+    pods: HashMap<String, HashMap<String, (u64, u64)>>,
 }
 
 /// The last two readings.
@@ -79,7 +85,7 @@ impl Stats {
                     let containers = p
                         .containers
                         .iter()
-                        .map(|c| (c.name.clone(), c.cpu_nanos))
+                        .map(|c| (c.name.clone(), (c.cpu_nanos, c.http.total())))
                         .collect();
                     (p.pod.clone(), containers)
                 })
@@ -115,12 +121,13 @@ impl Stats {
             (Some(p), Some(l)) => Some((p, l, l.at.duration_since(p.at))),
             _ => None,
         };
-        let rate = |before: u64, after: u64, d: Duration| -> u64 {
+        let per_second = |before: u64, after: u64, d: Duration| -> f64 {
             if d.is_zero() {
-                return 0;
+                return 0.0;
             }
-            (after.saturating_sub(before) as f64 / d.as_secs_f64()) as u64
+            after.saturating_sub(before) as f64 / d.as_secs_f64()
         };
+        let rate = |before: u64, after: u64, d: Duration| per_second(before, after, d) as u64;
         let mut node_cpu = json!({"time": time});
         if let Some((p, l, d)) = span {
             if let (Some(a), Some(b)) = (p.node_cpu, l.node_cpu) {
@@ -143,21 +150,33 @@ impl Stats {
                     .iter()
                     .map(|c| {
                         let mut cpu = json!({"time": time, "usageCoreNanoSeconds": c.cpu_nanos});
+                        let serves_http = c
+                            .component
+                            .as_ref()
+                            .is_some_and(|i| i.kind == baton_wasm_shim::ComponentKind::Http);
+                        let mut http = json!({"time": time, "requestsTotal": c.http.total(), "inFlight": c.http.in_flight});
                         if let Some((pr, l, d)) = span {
                             let before = pr.pods.get(&p.pod).and_then(|m| m.get(&c.name));
                             let after = l.pods.get(&p.pod).and_then(|m| m.get(&c.name));
-                            if let Some(after) = after {
+                            if let Some((cpu_after, requests_after)) = after {
                                 // A container first seen in the last reading started after
                                 // the one before: it used all it has since.
-                                cpu["usageNanoCores"] =
-                                    json!(rate(before.copied().unwrap_or(0), *after, d));
+                                let (cpu_before, requests_before) =
+                                    before.copied().unwrap_or((0, 0));
+                                cpu["usageNanoCores"] = json!(rate(cpu_before, *cpu_after, d));
+                                http["requestsPerSecond"] =
+                                    json!(per_second(requests_before, *requests_after, d));
                             }
                         }
-                        json!({
+                        let mut out = json!({
                             "name": c.name,
                             "cpu": cpu,
                             "memory": {"time": time, "workingSetBytes": c.memory_bytes, "usageBytes": c.memory_bytes},
-                        })
+                        });
+                        if serves_http {
+                            out["http"] = http;
+                        }
+                        out
                     })
                     .collect();
                 Some(json!({
@@ -189,7 +208,56 @@ pub(crate) fn pod_key(key: &str) -> Option<(&str, &str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use baton_wasm_shim::{ContainerUsage, PodUsage};
+    use baton_wasm_shim::stats::HttpUsage;
+    use baton_wasm_shim::{ComponentInfo, ComponentKind, ContainerUsage, PodUsage};
+
+    fn http_pod(answered: u64, in_flight: u64) -> PodUsage {
+        PodUsage {
+            pod: "ns/fn/uid-2".into(),
+            containers: vec![ContainerUsage {
+                name: "handler".into(),
+                component: Some(ComponentInfo {
+                    kind: ComponentKind::Http,
+                    exports: Arc::from(vec![]),
+                }),
+                http: HttpUsage {
+                    by_class: [0, answered, 0, 0, 0],
+                    in_flight,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn requests_are_a_rate_over_the_last_two_readings_and_in_flight_is_now() {
+        let stats = Stats::default();
+        stats.sample(&[http_pod(10, 0)]);
+        let first = stats.summary("n1", &[http_pod(10, 0)]);
+        let http = &first["pods"][0]["containers"][0]["http"];
+        assert_eq!(http["requestsTotal"], 10);
+        assert!(
+            http.get("requestsPerSecond").is_none(),
+            "one reading is no rate"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        stats.sample(&[http_pod(30, 2)]);
+        let s = stats.summary("n1", &[http_pod(30, 3)]);
+        let http = &s["pods"][0]["containers"][0]["http"];
+        // 20 requests in a little over 100 ms.
+        let rps = http["requestsPerSecond"].as_f64().unwrap();
+        assert!((100.0..=200.0).contains(&rps), "{rps} requests/s");
+        assert_eq!(http["inFlight"], 3, "in flight is read when asked");
+        // An idle function's rate is zero, not absent: what scale to zero waits for.
+        stats.sample(&[http_pod(30, 0)]);
+        let idle = stats.summary("n1", &[http_pod(30, 0)]);
+        assert_eq!(
+            idle["pods"][0]["containers"][0]["http"]["requestsPerSecond"],
+            0.0
+        );
+    }
 
     fn pod(cpu: u64, memory: usize) -> PodUsage {
         PodUsage {
@@ -227,6 +295,7 @@ mod tests {
             "rate {rate} nanocores"
         );
         assert!(s["window"].as_f64().unwrap() >= 0.05);
+        assert!(c.get("http").is_none(), "a CLI component has no requests");
         assert!(s["node"]["memory"]["workingSetBytes"].as_u64().unwrap() > 0);
     }
 }

@@ -296,10 +296,19 @@ pub fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
 
 /// One GET on a fresh connection, as a client in a load loop sends it.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    http_get_within(addr, path, Duration::from_secs(5))
+}
+
+/// [`http_get`], waiting up to `wait` for the answer (a request held while its workload
+/// comes up from zero).
+pub fn http_get_within(
+    addr: SocketAddr,
+    path: &str,
+    wait: Duration,
+) -> Result<(u16, String), String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"

@@ -260,7 +260,9 @@ impl Serving {
         req: hyper::Request<hyper::body::Incoming>,
     ) -> Result<hyper::Response<HyperOutgoingBody>, Infallible> {
         let started = self.runtime.clock();
+        let in_flight = self.tally.http.begin();
         let resp = self.respond(req, started).await;
+        drop(in_flight);
         self.tally
             .http
             .answered(resp.status().as_u16(), started.map(|t| t.elapsed()));

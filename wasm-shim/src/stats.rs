@@ -95,9 +95,26 @@ pub(crate) struct HttpStats {
     /// By status class: 1xx … 5xx.
     by_class: [AtomicU64; 5],
     latency: Histogram,
+    /// Requests taken and not yet answered (their response head not yet produced).
+    in_flight: AtomicU64,
+}
+
+/// A request being served: counted in flight until dropped, however its handling ends.
+pub(crate) struct InFlight<'a>(&'a HttpStats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl HttpStats {
+    /// A request taken: in flight until the guard drops.
+    pub fn begin(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
     /// A response sent (its head): its status and the time it took to produce.
     pub fn answered(&self, status: u16, took: Option<Duration>) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
@@ -111,6 +128,7 @@ impl HttpStats {
         HttpUsage {
             by_class: std::array::from_fn(|i| self.by_class[i].load(Ordering::Relaxed)),
             latency: self.latency.snapshot(),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
         }
     }
 }
@@ -122,6 +140,8 @@ pub struct HttpUsage {
     pub by_class: [u64; 5],
     /// Time to the response's head.
     pub latency: Latency,
+    /// Requests taken and not yet answered, now.
+    pub in_flight: u64,
 }
 
 impl HttpUsage {
@@ -223,7 +243,11 @@ mod tests {
             http.answered(status, Some(Duration::from_micros(300)));
         }
         http.answered(200, None);
+        let held = http.begin();
+        assert_eq!(http.snapshot().in_flight, 1);
+        drop(held);
         let s = http.snapshot();
+        assert_eq!(s.in_flight, 0);
         assert_eq!(s.by_class, [1, 3, 0, 1, 2]);
         assert_eq!(s.total(), 7);
         assert_eq!(

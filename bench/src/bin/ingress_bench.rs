@@ -4,6 +4,12 @@
 //! keep-alive HTTP/1.1 connections sending requests back to back for a fixed time.
 //! Prints requests/s, p50, p99, server CPU per request and the ratio to `wasmtime serve`.
 //!
+//! Then scale from zero: the Deployment, under an autoscaler with `minReplicas: 0`, is
+//! scaled to zero and a request sent through the Ingress, which holds it while the node
+//! wakes the Deployment; the time to its response, over `BENCH_COLD_RUNS` runs (default
+//! 20), beside a warm request on a fresh connection, and what the function holds on the
+//! node while at zero.
+//!
 //! Usage: `ingress-bench BATON_BINARY WASMTIME_BINARY GUEST_DIR` (see
 //! `scripts/bench.sh ingress`). `BENCH_SECS` sets the seconds per cell (default 5).
 
@@ -17,9 +23,11 @@ use baton_bench::http::{get_once, measure};
 use baton_bench::{env_or, ms, up, wait_until, Procs};
 use baton_testkit::process::announced_addr;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::PostParams;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::json;
 
@@ -139,5 +147,113 @@ async fn main() -> Result<()> {
         }
     }
     println!("goal: the Ingress at >= 0.8x the requests/s of `wasmtime serve`");
+    drop(wasmtime_procs);
+    from_zero(&up, ingress).await
+}
+
+/// The Deployment's pods, by the API.
+async fn pods_of_hello(client: &kube::Client) -> Result<usize> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    Ok(pods
+        .list(&ListParams::default().labels("app=hello"))
+        .await?
+        .items
+        .len())
+}
+
+/// Cold requests from zero replicas through the Ingress, beside warm ones.
+async fn from_zero(up: &baton_bench::Up, ingress: SocketAddr) -> Result<()> {
+    let runs: usize = env_or("BENCH_COLD_RUNS", 20);
+    let client = &up.client;
+    // An autoscaler that may scale to zero (so the nodes may wake the Deployment), with a
+    // window long enough that only this benchmark scales it down.
+    let hpa: HorizontalPodAutoscaler = serde_json::from_value(json!({
+        "metadata": {"name": "hello"},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "hello"},
+            "minReplicas": 0, "maxReplicas": 1,
+            "metrics": [{"type": "Pods", "pods": {"metric": {"name": "http_requests_per_second"},
+                "target": {"type": "AverageValue", "averageValue": "1000"}}}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 3600}}}
+    }))?;
+    Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &hpa)
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    let mut idle_rss = Vec::new();
+    for _ in 0..runs {
+        for _ in 0..5 {
+            let t0 = std::time::Instant::now();
+            get_once(ingress).await?;
+            warm.push(t0.elapsed());
+        }
+        let running_rss = up.procs.rss_kib();
+        deployments
+            .patch_scale(
+                "hello",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 0}})),
+            )
+            .await?;
+        // At zero: no pod, and no endpoint in the Service's slices.
+        baton_testkit::wait_until_async(Duration::from_secs(60), "the Deployment at zero", || {
+            let (client, slices) = (client.clone(), slices.clone());
+            async move {
+                let pods = pods_of_hello(&client).await.ok()?;
+                let list = slices
+                    .list(&ListParams::default().labels("kubernetes.io/service-name=hello"))
+                    .await
+                    .ok()?;
+                let endpoints: usize = list.items.iter().map(|s| s.endpoints.len()).sum();
+                (pods == 0 && endpoints == 0).then_some(())
+            }
+        })
+        .await?;
+        idle_rss.push((running_rss, up.procs.rss_kib()));
+        let t0 = std::time::Instant::now();
+        get_once(ingress)
+            .await
+            .context("a request from zero through the Ingress")?;
+        cold.push(t0.elapsed());
+    }
+    let (cp50, cp99) = (
+        baton_bench::pct(&mut cold, 0.5),
+        baton_bench::pct(&mut cold, 0.99),
+    );
+    let (wp50, wp99) = (
+        baton_bench::pct(&mut warm, 0.5),
+        baton_bench::pct(&mut warm, 0.99),
+    );
+    println!();
+    println!("## Scale from zero: http-hello through the Ingress, {runs} runs, component cached on the node");
+    println!("| request | p50 ms | p99 ms |");
+    println!("|---|---|---|");
+    println!(
+        "| cold: from zero replicas to the response | {} | {} |",
+        ms(cp50),
+        ms(cp99)
+    );
+    println!(
+        "| warm: fresh connection, pod running | {} | {} |",
+        ms(wp50),
+        ms(wp99)
+    );
+    println!(
+        "added at p99: {} ms (goal: at most 5 ms)",
+        ms(cp99.saturating_sub(wp99))
+    );
+    let (before, after): (Vec<u64>, Vec<u64>) = idle_rss.into_iter().unzip();
+    let median = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    println!(
+        "idle cost: at zero the function has no pod, so the nodes hold no instance, task or memory of it \
+         (the Summary API lists no pod of it); the baton process RSS, median: {} KiB running, {} KiB at zero",
+        median(before),
+        median(after)
+    );
     Ok(())
 }

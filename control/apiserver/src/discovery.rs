@@ -42,7 +42,10 @@ fn subresource_kind(r: &Resource, sub: &str) -> (String, String, String) {
     }
 }
 
-fn sub_verbs(sub: &str) -> Vec<&'static str> {
+fn sub_verbs(r: &Resource, sub: &str) -> Vec<&'static str> {
+    if r.strategy.metrics().contains(&sub) {
+        return vec!["get"];
+    }
     match sub {
         "log" => vec!["get"],
         "exec" | "attach" | "portforward" => vec!["create", "get"],
@@ -58,7 +61,7 @@ fn aggregated_resource(r: &Resource) -> Value {
         .iter()
         .map(|s| {
             let (g, v, k) = subresource_kind(r, s);
-            json!({"subresource": s, "responseKind": {"group": g, "version": v, "kind": k}, "verbs": sub_verbs(s)})
+            json!({"subresource": s, "responseKind": {"group": g, "version": v, "kind": k}, "verbs": sub_verbs(r, s)})
         })
         .collect();
     let mut out = json!({
@@ -155,7 +158,7 @@ pub fn resource_list(served: &Served, group: &str, version: &str) -> Option<Valu
         out.push(entry);
         for s in &r.subresources {
             let (g, v, k) = subresource_kind(r, s);
-            let mut e = json!({"name": format!("{}/{s}", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": k, "verbs": sub_verbs(s)});
+            let mut e = json!({"name": format!("{}/{s}", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": k, "verbs": sub_verbs(r, s)});
             if g != r.group || v != r.version {
                 e["group"] = json!(g);
                 e["version"] = json!(v);

@@ -1,5 +1,7 @@
-//! `metrics.k8s.io/v1beta1`, served by the API server itself: what `kubectl top` and the
-//! HorizontalPodAutoscaler read, without a metrics-server add-on.
+//! `metrics.k8s.io/v1beta1` and `custom.metrics.k8s.io/v1beta2`, served by the API server
+//! itself: what `kubectl top` and the HorizontalPodAutoscaler read, without a
+//! metrics-server or a metrics adapter add-on. The custom metrics are HTTP components'
+//! requests per second and in flight, per pod ([`POD_METRICS`]).
 //!
 //! Nothing here is stored. A get or list asks the nodes concerned for their Summary
 //! (`/stats/summary`, over the mutually authenticated node link) and answers with what
@@ -8,6 +10,7 @@
 //! cannot scrape; a pod with no figures yet is absent, and a get of it is a 404.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -153,13 +156,45 @@ pub async fn node_metrics(
     }
 }
 
-/// `pods`: each running pod's containers, from the Summary of the pod's node.
-pub async fn pod_metrics(
+/// A pod as its node measured it: the pod, its entry in the node's Summary, and the
+/// Summary (whose time and window the figures share).
+struct MeasuredPod {
+    pod: Value,
+    measured: Value,
+    summary: Arc<Value>,
+}
+
+impl MeasuredPod {
+    fn name(&self) -> &str {
+        self.pod
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    fn namespace(&self) -> &str {
+        self.pod
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    fn containers(&self) -> impl Iterator<Item = &Value> {
+        self.measured
+            .get("containers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// The pods named or selected that their nodes have figures for, asking each node once.
+async fn measured_pods(
     objects: &Objects,
     namespace: Option<&str>,
     name: Option<&str>,
     selector: &LabelSelector,
-) -> ApiResult<Vec<Value>> {
+) -> ApiResult<Vec<MeasuredPod>> {
     let res = resources::builtin("Pod");
     let pods = measured_objects(objects, res, namespace, name, selector).await?;
     let on_node = |p: &Value| -> Option<String> {
@@ -171,11 +206,15 @@ pub async fn pod_metrics(
     let mut nodes: Vec<String> = pods.iter().filter_map(on_node).collect();
     nodes.sort();
     nodes.dedup();
-    let got = summaries(objects, nodes).await;
-    let mut items = Vec::new();
-    for p in &pods {
+    let got: HashMap<String, Arc<Value>> = summaries(objects, nodes)
+        .await
+        .into_iter()
+        .map(|(n, s)| (n, Arc::new(s)))
+        .collect();
+    let mut out = Vec::new();
+    for p in pods {
         let (Some(node), Some(ns), Some(pod), uid) = (
-            on_node(p),
+            on_node(&p),
             p.pointer("/metadata/namespace").and_then(Value::as_str),
             p.pointer("/metadata/name").and_then(Value::as_str),
             p.pointer("/metadata/uid").and_then(Value::as_str),
@@ -193,19 +232,33 @@ pub async fn pod_metrics(
                     && m.pointer("/podRef/name").and_then(Value::as_str) == Some(pod)
                     && (uid.is_none() || m.pointer("/podRef/uid").and_then(Value::as_str) == uid)
             })
+            .cloned()
         else {
             continue;
         };
+        out.push(MeasuredPod {
+            pod: p,
+            measured,
+            summary: s.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// `pods`: each running pod's containers, from the Summary of the pod's node.
+pub async fn pod_metrics(
+    objects: &Objects,
+    namespace: Option<&str>,
+    name: Option<&str>,
+    selector: &LabelSelector,
+) -> ApiResult<Vec<Value>> {
+    let mut items = Vec::new();
+    for m in measured_pods(objects, namespace, name, selector).await? {
         // The containers with both figures: one first seen in the node's latest reading
         // (just started, or an ephemeral one) has no CPU rate yet and is left out rather
         // than hiding its whole pod.
         let mut containers = Vec::new();
-        for c in measured
-            .get("containers")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for c in m.containers() {
             let (Some(name), Some(cpu_n), Some(mem)) = (
                 c.get("name").and_then(Value::as_str),
                 c.pointer("/cpu/usageNanoCores").and_then(Value::as_u64),
@@ -219,13 +272,14 @@ pub async fn pod_metrics(
         if containers.is_empty() {
             continue;
         }
+        let s = &m.summary;
         items.push(json!({
             "kind": "PodMetrics",
             "apiVersion": API_VERSION,
             "metadata": {
-                "name": pod,
-                "namespace": ns,
-                "labels": labels(p),
+                "name": m.name(),
+                "namespace": m.namespace(),
+                "labels": labels(&m.pod),
                 "creationTimestamp": timestamp(s),
             },
             "timestamp": timestamp(s),
@@ -239,6 +293,81 @@ pub async fn pod_metrics(
     }
 }
 
+const CUSTOM_API_VERSION: &str = "custom.metrics.k8s.io/v1beta2";
+
+/// The per-pod metrics served at `custom.metrics.k8s.io`: HTTP components' requests, as
+/// the sandbox counts them. Each is the sum over the pod's HTTP containers.
+pub const POD_METRICS: &[&str] = &["http_requests_per_second", "http_requests_in_flight"];
+
+/// A custom metric's value as a quantity, in thousandths where it is not whole.
+fn metric_quantity(value: f64) -> String {
+    let milli = (value * 1000.0).round() as i64;
+    if milli % 1000 == 0 {
+        format!("{}", milli / 1000)
+    } else {
+        format!("{milli}m")
+    }
+}
+
+/// `custom.metrics.k8s.io/v1beta2`, `namespaces/{ns}/pods/{name}/{metric}`: a
+/// MetricValueList with the pod named, or with every pod the selector picks when the name
+/// is `*`. A pod without the metric (no HTTP component, or not measured twice yet) is
+/// absent; a named one is a 404 then.
+pub async fn pod_custom_metric(
+    objects: &Objects,
+    namespace: Option<&str>,
+    name: &str,
+    metric: &str,
+    selector: &LabelSelector,
+) -> ApiResult<Value> {
+    let field = match metric {
+        "http_requests_per_second" => "requestsPerSecond",
+        "http_requests_in_flight" => "inFlight",
+        _ => {
+            return Err(ApiError::NotFound {
+                group: "custom.metrics.k8s.io".into(),
+                resource: format!("pods/{metric}"),
+                name: name.into(),
+            })
+        }
+    };
+    let named = (name != "*").then_some(name);
+    let mut items = Vec::new();
+    for m in measured_pods(objects, namespace, named, selector).await? {
+        let values: Vec<f64> = m
+            .containers()
+            .filter_map(|c| c.get("http")?.get(field)?.as_f64())
+            .collect();
+        if values.is_empty() {
+            continue;
+        }
+        let s = &m.summary;
+        let window = s.get("window").and_then(Value::as_f64).unwrap_or(0.0);
+        items.push(json!({
+            "describedObject": {"kind": "Pod", "namespace": m.namespace(), "name": m.name(), "apiVersion": "/v1"},
+            "metric": {"name": metric},
+            "timestamp": timestamp(s),
+            "windowSeconds": window.round() as i64,
+            "value": metric_quantity(values.iter().sum()),
+        }));
+    }
+    if let Some(n) = named {
+        if items.is_empty() {
+            return Err(ApiError::NotFound {
+                group: "custom.metrics.k8s.io".into(),
+                resource: format!("pods/{metric}"),
+                name: n.into(),
+            });
+        }
+    }
+    Ok(json!({
+        "kind": "MetricValueList",
+        "apiVersion": CUSTOM_API_VERSION,
+        "metadata": {},
+        "items": items,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +378,8 @@ mod tests {
         assert_eq!(memory(1 << 20), "1024Ki");
         assert_eq!(memory(1), "1Ki");
         assert_eq!(window(&json!({"window": 5.0021})), "5002ms");
+        assert_eq!(metric_quantity(12.0), "12");
+        assert_eq!(metric_quantity(0.0), "0");
+        assert_eq!(metric_quantity(2.5004), "2500m");
     }
 }

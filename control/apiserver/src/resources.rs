@@ -878,31 +878,38 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         sub = ["status"],
         strategy = crate::crd::Definitions
     ),
-    measured("NodeMetrics", "nodes", "nodemetrics", false, strategy::NodeMetricses),
-    measured("PodMetrics", "pods", "podmetrics", true, strategy::PodMetricses),
+    measured("metrics.k8s.io/v1beta1", "NodeMetrics", "nodes", "nodemetrics", false, strategy::NodeMetricses),
+    measured("metrics.k8s.io/v1beta1", "PodMetrics", "pods", "podmetrics", true, strategy::PodMetricses),
+    measured("custom.metrics.k8s.io/v1beta2", "MetricValueList", "pods", "", true, strategy::PodCustomMetrics),
 ]
 });
 
-/// A metrics.k8s.io kind: measured by the nodes, never stored (see [`crate::metrics`]).
+/// A metrics.k8s.io or custom.metrics.k8s.io kind: measured by the nodes, never stored
+/// (see [`crate::metrics`]). A kind whose strategy serves metrics has them as its
+/// subresources.
 fn measured(
+    group_version: &str,
     kind: &str,
     plural: &str,
     singular: &str,
     namespaced: bool,
     strategy: impl Strategy + 'static,
 ) -> Arc<Resource> {
+    let (group, version) = group_version
+        .split_once('/')
+        .expect("a measured kind has a group");
     Arc::new(Resource {
-        group: "metrics.k8s.io".into(),
-        version: "v1beta1".into(),
+        group: group.into(),
+        version: version.into(),
         kind: kind.into(),
         plural: plural.into(),
         singular: singular.into(),
         namespaced,
         short_names: vec![],
         categories: vec![],
-        subresources: vec![],
-        storage_version: "v1beta1".into(),
-        storage_group: "metrics.k8s.io".into(),
+        subresources: strategy.metrics().iter().map(|m| m.to_string()).collect(),
+        storage_version: version.into(),
+        storage_group: group.into(),
         definition_id: String::new(),
         body: Body::Schema(Arc::new(serde_json::json!({
             "type": "object",

@@ -286,6 +286,9 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
                 get(objects, &req).await
             }
             (&Method::GET, true, Some("scale")) => get_scale(objects, &req).await,
+            (&Method::GET, true, Some(metric)) if t.res.strategy.metrics().contains(&metric) => {
+                get_metric(objects, &req, metric).await
+            }
             (&Method::POST, false, None) => create(objects, &req).await,
             (&Method::POST, true, Some("binding")) if t.res.has_sub("binding") => {
                 bind(objects, &req).await
@@ -359,6 +362,20 @@ async fn get(objects: &Objects, req: &Request) -> ApiResult<Response> {
         .await?
         .ok_or_else(|| not_found(&req.target.res, name))?;
     Ok(object_response(req, StatusCode::OK, &obj, &[]))
+}
+
+/// A custom metric of the object named, or of those the label selector picks (`*`).
+async fn get_metric(objects: &Objects, req: &Request, metric: &str) -> ApiResult<Response> {
+    let name = req.target.name.as_deref().unwrap_or_default();
+    let ls = LabelSelector::parse(req.q("labelSelector").unwrap_or(""))?;
+    let hook = req
+        .target
+        .res
+        .strategy
+        .metric(objects, ns_of(req), name, metric, &ls)
+        .ok_or(ApiError::NoRoute)?;
+    let list = hook.await?;
+    Ok(object_response(req, StatusCode::OK, &list, &[]))
 }
 
 fn selectors(req: &Request) -> ApiResult<(LabelSelector, FieldSelector)> {

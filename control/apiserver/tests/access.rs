@@ -505,6 +505,62 @@ async fn a_node_reads_only_what_its_pods_use_and_writes_only_itself() {
     assert_eq!(code, StatusCode::FORBIDDEN);
     let (code, _) = e.json_as(n1, "POST", uri, Some(token(None))).await;
     assert_eq!(code, StatusCode::FORBIDDEN);
+
+    // Scale from zero: a node may scale only what an autoscaler with minReplicas 0
+    // targets.
+    for name in ["fn", "web"] {
+        ok(
+            &e,
+            "POST",
+            "/apis/apps/v1/namespaces/default/deployments",
+            json!({
+                "metadata": {"name": name},
+                "spec": {"replicas": 0, "selector": {"matchLabels": {"app": name}},
+                    "template": {"metadata": {"labels": {"app": name}},
+                        "spec": {"containers": [{"name": "c", "image": "registry.example/app:1"}]}}}
+            }),
+        )
+        .await;
+    }
+    let hpa = |name: &str, min: i32| {
+        json!({
+            "metadata": {"name": name},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                "minReplicas": min, "maxReplicas": 3,
+                "metrics": [{"type": "Pods", "pods": {"metric": {"name": "http_requests_per_second"},
+                    "target": {"type": "AverageValue", "averageValue": "10"}}}]}
+        })
+    };
+    let hpas = "/apis/autoscaling/v2/namespaces/default/horizontalpodautoscalers";
+    ok(&e, "POST", hpas, hpa("fn", 0)).await;
+    ok(&e, "POST", hpas, hpa("web", 1)).await;
+    let (code, got) = e.json_as(n1, "GET", hpas, None).await;
+    assert_eq!(code, StatusCode::OK, "{got}");
+    let scale = |name: &str| format!("/apis/apps/v1/namespaces/default/deployments/{name}/scale");
+    let (code, mut fn_scale) = e.json_as(n1, "GET", &scale("fn"), None).await;
+    assert_eq!(code, StatusCode::OK, "{fn_scale}");
+    fn_scale["spec"]["replicas"] = json!(1);
+    let (code, got) = e.json_as(n1, "PUT", &scale("fn"), Some(fn_scale)).await;
+    assert_eq!(code, StatusCode::OK, "{got}");
+    let (code, got) = e.json_as(n1, "GET", &scale("web"), None).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{got}");
+    assert!(
+        got["message"].as_str().unwrap().contains("minReplicas 0"),
+        "{got}"
+    );
+    let (code, _) = e
+        .json_as(
+            n1,
+            "PATCH",
+            "/apis/apps/v1/namespaces/default/deployments/fn",
+            Some(json!({"spec": {"replicas": 3}})),
+        )
+        .await;
+    assert_eq!(
+        code,
+        StatusCode::FORBIDDEN,
+        "only the scale, not the Deployment"
+    );
     e.close().await;
 }
 

@@ -31,6 +31,15 @@ pub enum Check {
         namespace: String,
         name: String,
     },
+    /// Allowed if an autoscaler with `minReplicas: 0` targets the object (`resource` in
+    /// `group`): a node that holds a request for a workload scaled to zero wakes it
+    /// through its scale subresource.
+    ScaleToZeroTarget {
+        group: String,
+        resource: String,
+        namespace: String,
+        name: String,
+    },
 }
 
 fn allow(why: &str) -> Check {
@@ -116,6 +125,17 @@ pub fn check(a: &Attributes, node: &str) -> Check {
         ("networking.k8s.io", "ingresses" | "ingressclasses", "") if read => {
             allow("a node serves Ingresses")
         }
+        ("autoscaling", "horizontalpodautoscalers", "") if read => {
+            allow("a node wakes workloads scaled to zero")
+        }
+        (group, resource, "scale") if matches!(verb, "get" | "update" | "patch") => {
+            Check::ScaleToZeroTarget {
+                group: group.to_string(),
+                resource: resource.to_string(),
+                namespace: a.namespace.clone(),
+                name: a.name.clone(),
+            }
+        }
         _ => Check::Decided(Decision::NoOpinion),
     }
 }
@@ -200,6 +220,36 @@ mod tests {
         ));
         assert_eq!(
             c("POST", "/apis/apps/v1/namespaces/a/deployments"),
+            Check::Decided(Decision::NoOpinion)
+        );
+        // A node wakes workloads scaled to zero: it reads autoscalers, and may write the
+        // scale of a target, subject to an autoscaler with minReplicas 0 naming it.
+        assert!(matches!(
+            c(
+                "GET",
+                "/apis/autoscaling/v2/horizontalpodautoscalers?watch=true"
+            ),
+            Check::Decided(Decision::Allow(_))
+        ));
+        assert_eq!(
+            c("PUT", "/apis/apps/v1/namespaces/a/deployments/fn/scale"),
+            Check::ScaleToZeroTarget {
+                group: "apps".into(),
+                resource: "deployments".into(),
+                namespace: "a".into(),
+                name: "fn".into()
+            }
+        );
+        assert_eq!(
+            c("PATCH", "/apis/apps/v1/namespaces/a/deployments/fn"),
+            Check::Decided(Decision::NoOpinion),
+            "the Deployment itself stays out of reach"
+        );
+        assert_eq!(
+            c(
+                "DELETE",
+                "/apis/autoscaling/v2/namespaces/a/horizontalpodautoscalers/fn"
+            ),
             Check::Decided(Decision::NoOpinion)
         );
     }

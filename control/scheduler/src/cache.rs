@@ -29,6 +29,8 @@ pub struct NodeInfo {
     pub cpu_millis: u64,
     pub memory: u64,
     pub pods: u64,
+    /// The images the node reports holding (`status.images`), by every name.
+    pub images: std::collections::HashSet<String>,
 }
 
 impl NodeInfo {
@@ -44,6 +46,13 @@ impl NodeInfo {
             cpu_millis: get("cpu", quantity::millicores),
             memory: get("memory", quantity::whole),
             pods: get("pods", quantity::whole),
+            images: node
+                .status
+                .iter()
+                .flat_map(|s| s.images.iter().flatten())
+                .flat_map(|i| i.names.iter().flatten())
+                .cloned()
+                .collect(),
             node,
         }
     }

@@ -146,7 +146,43 @@ pub fn filter(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>) -> Result<
     Ok(())
 }
 
-/// Higher is better: least-allocated (0–100) plus spreading the owner's replicas (0–100).
+/// What image locality weighs at most: less than spreading weighs for a second replica
+/// (half of 100), so that holding the image never stacks one owner's first replicas on
+/// one node, but enough to pick, among nodes alike, the one where a pod starts at once.
+pub const IMAGE_LOCALITY_WEIGHT: u64 = 30;
+
+/// An image reference as nodes report it: `registry/repository:tag`, with Docker Hub's
+/// `docker.io/library/` and the `latest` tag filled in; as written if it does not parse.
+pub fn normalize_image(image: &str) -> String {
+    image
+        .parse::<oci_spec::distribution::Reference>()
+        .map(|r| r.whole())
+        .unwrap_or_else(|_| image.to_string())
+}
+
+/// ImageLocality: the share of the pod's container images the node holds, out of
+/// [`IMAGE_LOCALITY_WEIGHT`].
+fn image_locality(pod: &Pod, info: &NodeInfo) -> u64 {
+    if info.images.is_empty() {
+        return 0;
+    }
+    let Some(spec) = &pod.spec else { return 0 };
+    let images: Vec<String> = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .filter_map(|c| c.image.as_deref())
+        .map(normalize_image)
+        .collect();
+    if images.is_empty() {
+        return 0;
+    }
+    let held = images.iter().filter(|i| info.images.contains(*i)).count() as u64;
+    held * IMAGE_LOCALITY_WEIGHT / images.len() as u64
+}
+
+/// Higher is better: least-allocated (0–100) plus spreading the owner's replicas (0–100)
+/// plus image locality (0–[`IMAGE_LOCALITY_WEIGHT`]).
 pub fn score(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>, most_of_owner: u64) -> u64 {
     let zero = Usage::default();
     let used = usage.unwrap_or(&zero);
@@ -167,7 +203,7 @@ pub fn score(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>, most_of_own
         }
         _ => 100,
     };
-    least_allocated + spread
+    least_allocated + spread + image_locality(d.pod, info)
 }
 
 #[cfg(test)]
@@ -193,6 +229,41 @@ mod tests {
     fn pod(spec: serde_json::Value) -> Pod {
         serde_json::from_value(json!({"metadata": {"name": "p", "uid": "u1"}, "spec": spec}))
             .unwrap()
+    }
+
+    #[test]
+    fn a_node_that_holds_the_pods_image_is_preferred_but_never_over_spreading() {
+        let mut holds = node("a", json!({}));
+        holds.images.insert("127.0.0.1:5000/hello:v1".to_string());
+        holds
+            .images
+            .insert("docker.io/library/busybox:latest".to_string());
+        let lacks = node("b", json!({}));
+        let p = pod(json!({"containers": [{"name": "c", "image": "127.0.0.1:5000/hello:v1"}]}));
+        let d = Demand {
+            pod: &p,
+            cpu_millis: 0,
+            memory: 0,
+            owner: Some("rs".into()),
+            volume_terms: &[],
+        };
+        // The first replica: the node with the image.
+        assert!(score(&d, &holds, None, 1) > score(&d, &lacks, None, 1));
+        assert_eq!(
+            score(&d, &holds, None, 1) - score(&d, &lacks, None, 1),
+            IMAGE_LOCALITY_WEIGHT
+        );
+        // The second: spreading wins over the image.
+        let one_here = Usage {
+            pods: 1,
+            by_owner: [("rs".to_string(), 1)].into(),
+            ..Usage::default()
+        };
+        assert!(score(&d, &holds, Some(&one_here), 2) < score(&d, &lacks, None, 2));
+        // Docker Hub's short names are matched in their full form.
+        let short = pod(json!({"containers": [{"name": "c", "image": "busybox"}]}));
+        assert_eq!(image_locality(&short, &holds), IMAGE_LOCALITY_WEIGHT);
+        assert_eq!(normalize_image("not a reference!"), "not a reference!");
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //!   ImplementationSpecific; the default backend; 404 when nothing matches.
 //! - **Backends** are Services, looked up in the node's Service table
 //!   ([`crate::proxy::Services::endpoints`]): their ready endpoints on any node, pods
-//!   shutting down skipped, round-robin. No ready endpoint: 503 with `Retry-After`. An
+//!   shutting down skipped, round-robin. No ready endpoint: 503 with `Retry-After`,
+//!   unless the backend's workload is scaled to zero by its autoscaler: then the request
+//!   is held while the node wakes it ([`crate::activator`]), and 503 if it does not come
+//!   up in time. An
 //!   endpoint that is a wasi:http component of this node is called in process
 //!   ([`baton_wasm_shim::Runtime::local_http`]), skipping a socket and an HTTP encoding
 //!   each way; the others get HTTP/1.1.
@@ -403,9 +406,11 @@ async fn handle(
     let Ok(backend) = routes.route(&host, req.uri().path()) else {
         return text(StatusCode::NOT_FOUND, "404 page not found\n");
     };
+    // A backend scaled to zero is woken, and the request held until it is up.
     let endpoints = shared
         .services
-        .endpoints(&backend.namespace, &backend.service, &backend.port);
+        .endpoints_or_hold(&backend.namespace, &backend.service, &backend.port)
+        .await;
     let Some(&target) = endpoints
         .as_deref()
         .and_then(|e| e.get(shared.next.fetch_add(1, Ordering::Relaxed) % e.len().max(1)))

@@ -131,6 +131,23 @@ impl Access {
                         ))
                     }
                 }
+                node::Check::ScaleToZeroTarget {
+                    group,
+                    resource,
+                    namespace,
+                    name,
+                } => {
+                    if scales_to_zero(objects, &group, &resource, &namespace, &name).await {
+                        Decision::Allow(
+                            "node authorizer: wakes a workload its autoscaler scales to zero"
+                                .into(),
+                        )
+                    } else {
+                        Decision::Deny(format!(
+                            "node {node:?} may only scale workloads whose autoscaler has minReplicas 0"
+                        ))
+                    }
+                }
             };
             if decided != Decision::NoOpinion {
                 return decided;
@@ -224,6 +241,40 @@ async fn used_by_pod_on(
         return false;
     };
     page.items.iter().any(|pod| pod_uses(pod, resource, name))
+}
+
+/// Whether an autoscaler in `ns` with `minReplicas: 0` targets `name`, of `resource` in
+/// `group`: a workload that every node may wake.
+async fn scales_to_zero(
+    objects: &Objects,
+    group: &str,
+    resource: &str,
+    ns: &str,
+    name: &str,
+) -> bool {
+    let served = objects.registry.snapshot();
+    let hpas = resources::builtin("HorizontalPodAutoscaler");
+    let Ok(page) = objects
+        .list(hpas, Some(ns), ReadAt::Latest, 0, None, |h| {
+            h.pointer("/spec/minReplicas").and_then(Value::as_i64) == Some(0)
+                && h.pointer("/spec/scaleTargetRef/name")
+                    .and_then(Value::as_str)
+                    == Some(name)
+        })
+        .await
+    else {
+        return false;
+    };
+    page.items.iter().any(|h| {
+        let target = &h["spec"]["scaleTargetRef"];
+        let api_version = target["apiVersion"].as_str().unwrap_or("");
+        let target_group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+        let kind = target["kind"].as_str().unwrap_or("");
+        target_group == group
+            && served
+                .all()
+                .any(|r| r.group == group && r.kind == kind && r.plural == resource)
+    })
 }
 
 /// Whether an Ingress of Baton's class in `ns` names Secret `name` for TLS: every node

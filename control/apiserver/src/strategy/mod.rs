@@ -44,7 +44,7 @@ pub use admission::{
     ValidatingAdmissionPolicyBindings, WebhookConfigurations,
 };
 pub use events::EventsV1;
-pub use metrics::{NodeMetricses, PodMetricses};
+pub use metrics::{NodeMetricses, PodCustomMetrics, PodMetricses};
 pub use networking::{IngressClasses, Ingresses, NetworkPolicies};
 pub use platform::{
     CertificateSigningRequests, ControllerRevisions, HorizontalPodAutoscalers,
@@ -247,6 +247,25 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
         _name: Option<&'a str>,
         _labels: &'a LabelSelector,
     ) -> Option<Hook<'a, ApiResult<Vec<Value>>>> {
+        None
+    }
+
+    /// For a kind whose subresources are measured metrics (custom.metrics.k8s.io): their
+    /// names, each served by a `get` only.
+    fn metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The MetricValueList a get of subresource `metric` finds: for the object `name`, or
+    /// for those `labels` picks when the name is `*`.
+    fn metric<'a>(
+        &'a self,
+        _objects: &'a Objects,
+        _namespace: Option<&'a str>,
+        _name: &'a str,
+        _metric: &'a str,
+        _labels: &'a LabelSelector,
+    ) -> Option<Hook<'a, ApiResult<Value>>> {
         None
     }
 

@@ -24,33 +24,56 @@ pub struct CertificateSigningRequests;
 
 /// `cpu: 40%/80%`, as kubectl shows a resource metric's current and target utilization.
 fn hpa_targets(o: &Value) -> Value {
-    let current = |name: &str| {
+    // The current figure of the metric that `same` picks, at `pointer` within it.
+    let current = |same: &dyn Fn(&Value) -> bool, pointer: &str| -> Option<String> {
         o.pointer("/status/currentMetrics")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-            .find(|m| s(m, "/resource/name") == name)
-            .and_then(|m| m.pointer("/resource/current/averageUtilization"))
-            .and_then(Value::as_i64)
-            .map(|u| format!("{u}%"))
-            .unwrap_or_else(|| "<unknown>".into())
+            .find(|m| same(m))
+            .and_then(|m| m.pointer(pointer))
+            .map(|v| match v {
+                Value::Number(n) => format!("{n}%"),
+                other => other.as_str().unwrap_or_default().to_string(),
+            })
     };
+    let unknown = || "<unknown>".to_string();
     let targets: Vec<String> = o
         .pointer("/spec/metrics")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter(|m| s(m, "/type") == "Resource")
-        .map(|m| {
-            let name = s(m, "/resource/name");
-            let target = match m
-                .pointer("/resource/target/averageUtilization")
-                .and_then(Value::as_i64)
-            {
-                Some(u) => format!("{u}%"),
-                None => s(m, "/resource/target/averageValue").to_string(),
-            };
-            format!("{name}: {}/{target}", current(name))
+        .filter_map(|m| match s(m, "/type") {
+            "Resource" => {
+                let name = s(m, "/resource/name");
+                let same =
+                    |c: &Value| s(c, "/type") == "Resource" && s(c, "/resource/name") == name;
+                let (now, target) = match m
+                    .pointer("/resource/target/averageUtilization")
+                    .and_then(Value::as_i64)
+                {
+                    Some(u) => (
+                        current(&same, "/resource/current/averageUtilization"),
+                        format!("{u}%"),
+                    ),
+                    None => (
+                        current(&same, "/resource/current/averageValue"),
+                        s(m, "/resource/target/averageValue").to_string(),
+                    ),
+                };
+                Some(format!("{name}: {}/{target}", now.unwrap_or_else(unknown)))
+            }
+            "Pods" => {
+                let name = s(m, "/pods/metric/name");
+                let same = |c: &Value| s(c, "/type") == "Pods" && s(c, "/pods/metric/name") == name;
+                let now = current(&same, "/pods/current/averageValue");
+                Some(format!(
+                    "{}/{}",
+                    now.unwrap_or_else(unknown),
+                    s(m, "/pods/target/averageValue")
+                ))
+            }
+            _ => None,
         })
         .collect();
     json!(none_if_empty(targets.join(", ")))
@@ -94,6 +117,30 @@ impl Strategy for HorizontalPodAutoscalers {
                 "spec.maxReplicas",
                 &max.to_string(),
                 "must be greater than or equal to 1",
+            ));
+        }
+        if min < 0 {
+            errs.push(FieldError::invalid(
+                "spec.minReplicas",
+                &min.to_string(),
+                "must be greater than or equal to 0",
+            ));
+        }
+        // HPAScaleToZero: with no pods there is no CPU to read, so only a metric that
+        // still means something at zero (the pods' requests, an object's or an external
+        // one) may take a workload there.
+        let beyond_resources = obj
+            .pointer("/spec/metrics")
+            .and_then(Value::as_array)
+            .is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["type"] != "Resource" && m["type"] != "ContainerResource")
+            });
+        if min == 0 && !beyond_resources {
+            errs.push(FieldError::invalid(
+                "spec.minReplicas",
+                "0",
+                "must be greater than or equal to 1 unless a Pods, Object or External metric is set (scale to zero follows a metric of the workload's traffic, such as the Pods metric http_requests_per_second)",
             ));
         }
         if min > max {

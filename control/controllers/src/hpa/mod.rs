@@ -20,6 +20,15 @@
 //!
 //! A target scaled to zero by hand disables the autoscaler (`ScalingDisabled`) unless its
 //! `minReplicas` is 0 (HPAScaleToZero).
+//!
+//! ## Scale to zero
+//! With `minReplicas: 0`, a `Pods` metric of the requests a function answers
+//! (`http_requests_per_second`, from `custom.metrics.k8s.io`) proposes zero replicas
+//! once no request came in a whole sampling window. The scale-down stabilization window
+//! (`behavior.scaleDown.stabilizationWindowSeconds`, 300 s by default) is the idle window:
+//! only when every proposal within it was zero does the target go to zero. From zero the
+//! autoscaler waits; the nodes wake the target on its next request (the node's
+//! `activator`).
 
 pub mod behavior;
 pub mod replicas;
@@ -151,9 +160,7 @@ async fn resource_samples(
             .unwrap_or_else(Utc::now);
         let window = item.data["window"]
             .as_str()
-            .and_then(|w| w.strip_suffix('s'))
-            .and_then(|s| s.parse::<f64>().ok())
-            .map(Duration::from_secs_f64)
+            .and_then(parse_window)
             .unwrap_or(Duration::from_secs(15));
         out.insert(
             item.name_any(),
@@ -167,6 +174,153 @@ async fn resource_samples(
     Ok(out)
 }
 
+/// A metrics API window: `5s`, or `5000ms` as Baton's API server writes it.
+fn parse_window(w: &str) -> Option<Duration> {
+    if let Some(ms) = w.strip_suffix("ms") {
+        return ms
+            .parse::<f64>()
+            .ok()
+            .map(|m| Duration::from_secs_f64(m / 1000.0));
+    }
+    w.strip_suffix('s')?
+        .parse::<f64>()
+        .ok()
+        .map(Duration::from_secs_f64)
+}
+
+/// The pods' readings of custom metric `metric` from `custom.metrics.k8s.io`, by pod
+/// name, in thousandths.
+async fn pods_samples(
+    ctx: &Ctx,
+    ns: &str,
+    selector: &str,
+    metric: &str,
+) -> Result<BTreeMap<String, Sample>, kube::Error> {
+    let path = format!(
+        "/apis/custom.metrics.k8s.io/v1beta2/namespaces/{ns}/pods/*/{metric}?labelSelector={}",
+        query_escape(selector)
+    );
+    let req = http::Request::get(path)
+        .body(Vec::new())
+        .map_err(kube::Error::HttpError)?;
+    let list: Value = ctx.client.request(req).await?;
+    let mut out = BTreeMap::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        let (Some(name), Some(value)) = (
+            item.pointer("/describedObject/name")
+                .and_then(Value::as_str),
+            item["value"].as_str().and_then(custom_milli),
+        ) else {
+            continue;
+        };
+        let timestamp = item["timestamp"]
+            .as_str()
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+            .unwrap_or_else(Utc::now);
+        let window = item["windowSeconds"]
+            .as_u64()
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::from_secs(15));
+        out.insert(
+            name.to_string(),
+            Sample {
+                milli: value,
+                timestamp,
+                window,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// `s` as a URL query value: everything but the unreserved characters escaped.
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A custom metric's quantity in thousandths.
+fn custom_milli(q: &str) -> Option<i64> {
+    baton_kube::quantity::nanos(q)
+        .ok()
+        .map(|n| i64::try_from(n / 1_000_000).unwrap_or(i64::MAX))
+}
+
+fn custom_quantity(milli: i64) -> String {
+    if milli % 1000 == 0 {
+        format!("{}", milli / 1000)
+    } else {
+        format!("{milli}m")
+    }
+}
+
+/// A `Pods` metric's proposal: its average per pod against the target's average value.
+async fn measure_pods(
+    ctx: &Ctx,
+    ns: &str,
+    selector: &str,
+    pods: &[&Pod],
+    current: i32,
+    metric: &MetricSpec,
+    now: DateTime<Utc>,
+) -> Result<Measured, Failure> {
+    let invalid = |why: &str| Failure {
+        reason: "InvalidMetricSourceType",
+        message: format!("the HPA was unable to compute the replica count: {why}"),
+    };
+    let source = metric
+        .pods
+        .as_ref()
+        .ok_or_else(|| invalid("a Pods metric without its source"))?;
+    let name = source.metric.name.as_str();
+    if source.metric.selector.is_some() {
+        return Err(invalid(&format!(
+            "metric {name}: a metric selector is not supported by the pods' custom metrics"
+        )));
+    }
+    let target = match (&source.target.type_[..], &source.target.average_value) {
+        ("AverageValue", Some(v)) => {
+            Target::AverageValue(custom_milli(&v.0).ok_or_else(|| invalid("invalid averageValue"))?)
+        }
+        _ => {
+            return Err(invalid(&format!(
+                "metric {name}: a Pods metric's target is an AverageValue"
+            )))
+        }
+    };
+    let failed = |e: String| Failure {
+        reason: "FailedGetPodsMetric",
+        message: format!(
+            "the HPA was unable to compute the replica count: unable to get metric {name}: {e}"
+        ),
+    };
+    let samples = pods_samples(ctx, ns, selector, name)
+        .await
+        .map_err(|e| failed(baton_kube::error::chain(&e)))?;
+    let proposal = replicas::replicas(
+        current,
+        pods,
+        &samples,
+        &Requests::new(),
+        &target,
+        false,
+        now,
+    )
+    .map_err(|e| failed(e.to_string()))?;
+    let average = custom_quantity(proposal.average_milli);
+    Ok(Measured {
+        proposal,
+        current: json!({"type": "Pods", "pods": {"metric": {"name": name}, "current": {"averageValue": average}}}),
+        description: format!("pods metric {name}"),
+    })
+}
+
 /// One metric's proposal.
 async fn measure(
     ctx: &Ctx,
@@ -177,6 +331,9 @@ async fn measure(
     metric: &MetricSpec,
     now: DateTime<Utc>,
 ) -> Result<Measured, Failure> {
+    if metric.type_ == "Pods" {
+        return measure_pods(ctx, ns, selector, pods, current, metric, now).await;
+    }
     let Some(source) = metric
         .resource
         .as_ref()
@@ -361,6 +518,24 @@ pub async fn reconcile(hpa: Arc<HorizontalPodAutoscaler>, ctx: Arc<Ctx>) -> Resu
             "conditions": [
                 cond("AbleToScale", true, "SucceededGetScale", "the HPA controller was able to get the target's current scale"),
                 cond("ScalingActive", false, "ScalingDisabled", "scaling is disabled since the replica count of the target is zero"),
+            ],
+        }))
+        .await?;
+        return Ok(sync);
+    }
+    if current == 0 {
+        // Scaled to zero (HPAScaleToZero): no pod has a figure to scale up on. The first
+        // request to one of its Services or Ingresses wakes it (the nodes hold it and ask
+        // for one replica), and the autoscaler takes over from there.
+        write(json!({
+            "currentReplicas": 0,
+            "desiredReplicas": 0,
+            "currentMetrics": [],
+            "lastScaleTime": status.last_scale_time,
+            "conditions": [
+                cond("AbleToScale", true, "SucceededGetScale", "the HPA controller was able to get the target's current scale"),
+                cond("ScalingActive", false, "ScaledToZero", "the target is scaled to zero: its first request through a Service or an Ingress scales it up"),
+                cond("ScalingLimited", false, "DesiredWithinRange", "the desired count is within the acceptable range"),
             ],
         }))
         .await?;
@@ -552,4 +727,24 @@ fn forget_missing(ctx: &Ctx) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .retain(|k, _| live.contains(k));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_and_quantities_read_as_the_metrics_apis_write_them() {
+        assert_eq!(parse_window("5000ms"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_window("15s"), Some(Duration::from_secs(15)));
+        assert_eq!(parse_window("soon"), None);
+        assert_eq!(custom_milli("2500m"), Some(2500));
+        assert_eq!(custom_milli("3"), Some(3000));
+        assert_eq!(custom_quantity(3000), "3");
+        assert_eq!(custom_quantity(2500), "2500m");
+        assert_eq!(
+            query_escape("app=fn,tier in (a)"),
+            "app%3Dfn%2Ctier%20in%20%28a%29"
+        );
+    }
 }

@@ -362,6 +362,36 @@ mod tests {
     }
 
     #[test]
+    fn a_request_rate_of_zero_proposes_zero_replicas() {
+        let pods = [pod("a", true, 600), pod("b", true, 600)];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let samples = [("a", 0), ("b", 0)]
+            .iter()
+            .map(|(p, m)| (p.to_string(), sample(*m)))
+            .collect();
+        let rate = |samples: &BTreeMap<String, Sample>| {
+            replicas(
+                2,
+                &refs,
+                samples,
+                &Requests::new(),
+                &Target::AverageValue(10_000),
+                false,
+                now(),
+            )
+            .unwrap()
+            .replicas
+        };
+        assert_eq!(rate(&samples), 0, "idle: zero, which minReplicas 0 allows");
+        // Any request keeps one: 0.5 requests/s against 10 per pod.
+        let trickle = [("a", 500), ("b", 0)]
+            .iter()
+            .map(|(p, m)| (p.to_string(), sample(*m)))
+            .collect();
+        assert_eq!(rate(&trickle), 1);
+    }
+
+    #[test]
     fn missing_figures_are_assumed_against_the_move() {
         let pods = [
             pod("a", true, 600),
