@@ -203,28 +203,30 @@ spec:
   - http:
       paths:
       - {{path: /, pathType: Prefix, backend: {{service: {{name: fn, port: {{number: 80}}}}}}}}
----
-apiVersion: autoscaling/v2
+"#,
+        image = baton::guest("http-hostile")
+    )
+}
+
+/// The function's autoscaler: to zero after 3 s without a request.
+const FUNCTION_HPA: &str = r#"apiVersion: autoscaling/v2
 kind: HorizontalPodAutoscaler
 metadata:
   name: fn
 spec:
-  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: fn}}
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: fn}
   minReplicas: 0
   maxReplicas: 3
   metrics:
   - type: Pods
     pods:
-      metric: {{name: http_requests_per_second}}
-      target: {{type: AverageValue, averageValue: "100"}}
+      metric: {name: http_requests_per_second}
+      target: {type: AverageValue, averageValue: "100"}
   behavior:
     scaleDown:
       stabilizationWindowSeconds: 3
-      policies: [{{type: Percent, value: 100, periodSeconds: 1}}]
-"#,
-        image = baton::guest("http-hostile")
-    )
-}
+      policies: [{type: Percent, value: 100, periodSeconds: 1}]
+"#;
 
 #[test]
 fn an_idle_function_scales_to_zero_and_its_first_requests_wake_it_once() {
@@ -301,6 +303,10 @@ spec:
         missing.contains("NotFound") || missing.contains("not found"),
         "{missing}"
     );
+
+    // The autoscaler, once the function has served (one with minReplicas 0 takes even a
+    // function that never served to zero after its window).
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(FUNCTION_HPA));
 
     // Idle: after the 3 s window with no request, to zero.
     wait_for(&b, 90, "scaled to zero when idle", || {

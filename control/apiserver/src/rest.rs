@@ -367,6 +367,12 @@ async fn get(objects: &Objects, req: &Request) -> ApiResult<Response> {
 /// A custom metric of the object named, or of those the label selector picks (`*`).
 async fn get_metric(objects: &Objects, req: &Request, metric: &str) -> ApiResult<Response> {
     let name = req.target.name.as_deref().unwrap_or_default();
+    // kubectl and client-go escape the wildcard in the path.
+    let name = if name.eq_ignore_ascii_case("%2A") {
+        "*"
+    } else {
+        name
+    };
     let ls = LabelSelector::parse(req.q("labelSelector").unwrap_or(""))?;
     let hook = req
         .target
