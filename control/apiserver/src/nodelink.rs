@@ -114,7 +114,7 @@ async fn proxy_logs(objects: &Objects, req: Request) -> ApiResult<Response> {
         "limitBytes",
     ] {
         if let Some(v) = q(&req, k) {
-            query.push(format!("{k}={}", url_encode(v)));
+            query.push(format!("{k}={}", baton_kube::client::url_escape(v)));
         }
     }
     let path = format!("/containerLogs/{ns}/{name}/{container}?{}", query.join("&"));
@@ -293,17 +293,6 @@ async fn node_get(objects: &Objects, node: &str, path: &str) -> ApiResult<Respon
         http::HeaderValue::from_static("text/plain"),
     );
     Ok(out)
-}
-
-fn url_encode(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Headers of a stream upgrade that pass between the client and the node, both ways.

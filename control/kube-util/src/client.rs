@@ -92,3 +92,16 @@ pub async fn cluster_ca_pem(yaml: &str) -> Result<Vec<Vec<u8>>, ClientError> {
         })
         .collect())
 }
+
+/// `s` as a URL query value or path segment: everything but RFC 3986's unreserved
+/// characters percent-encoded.
+pub fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

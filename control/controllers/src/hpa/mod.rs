@@ -198,7 +198,7 @@ async fn pods_samples(
 ) -> Result<BTreeMap<String, Sample>, kube::Error> {
     let path = format!(
         "/apis/custom.metrics.k8s.io/v1beta2/namespaces/{ns}/pods/*/{metric}?labelSelector={}",
-        query_escape(selector)
+        baton_kube::client::url_escape(selector)
     );
     let req = http::Request::get(path)
         .body(Vec::new())
@@ -231,18 +231,6 @@ async fn pods_samples(
         );
     }
     Ok(out)
-}
-
-/// `s` as a URL query value: everything but the unreserved characters escaped.
-fn query_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// A custom metric's quantity in thousandths.
@@ -743,7 +731,7 @@ mod tests {
         assert_eq!(custom_quantity(3000), "3");
         assert_eq!(custom_quantity(2500), "2500m");
         assert_eq!(
-            query_escape("app=fn,tier in (a)"),
+            baton_kube::client::url_escape("app=fn,tier in (a)"),
             "app%3Dfn%2Ctier%20in%20%28a%29"
         );
     }
