@@ -231,9 +231,17 @@ async fn exec_runs_in_the_container_with_its_exit_code() {
         .unwrap();
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "box\n");
-    // On a terminal of the size asked for, which carries its output.
+    // On a terminal of the size asked for, which carries its output. runc sizes the
+    // terminal it makes for the process from ours just after starting it, so the command
+    // waits (a bounded while) until the size is there.
     let p = ExecProcess {
-        args: ["sh", "-c", "stty size; exit 5"].map(String::from).to_vec(),
+        args: [
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 50 ]; do s=$(stty size 2>/dev/null) && [ \"$s\" != '0 0' ] && break; i=$((i+1)); sleep 0.1; done; echo \"$s\"; exit 5",
+        ]
+        .map(String::from)
+        .to_vec(),
         env: vec!["PATH=/bin".into()],
         ..Default::default()
     };
