@@ -265,6 +265,11 @@ impl Services {
         let Some(list) = table.services.get(key).and_then(|e| e.endpoints.get(port)) else {
             return Vec::new();
         };
+        self.not_draining(list)
+    }
+
+    /// `list` less the pods of this node shutting down.
+    fn not_draining(&self, list: &[SocketAddr]) -> Vec<SocketAddr> {
         let draining = self.draining.read().unwrap_or_else(|e| e.into_inner());
         list.iter()
             .filter(|a| !draining.contains(&a.ip()))
@@ -352,16 +357,10 @@ impl Services {
             crate::ingress::ServicePort::Number(n) => p.port == *n,
             crate::ingress::ServicePort::Name(n) => p.name == *n,
         })?;
-        let draining = self.draining.read().unwrap_or_else(|e| e.into_inner());
         Some(
             e.endpoints
                 .get(&p.name)
-                .map(|list| {
-                    list.iter()
-                        .filter(|a| !draining.contains(&a.ip()))
-                        .copied()
-                        .collect()
-                })
+                .map(|list| self.not_draining(list))
                 .unwrap_or_default(),
         )
     }

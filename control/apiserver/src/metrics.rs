@@ -301,12 +301,7 @@ pub const POD_METRICS: &[&str] = &["http_requests_per_second", "http_requests_in
 
 /// A custom metric's value as a quantity, in thousandths where it is not whole.
 fn metric_quantity(value: f64) -> String {
-    let milli = (value * 1000.0).round() as i64;
-    if milli % 1000 == 0 {
-        format!("{}", milli / 1000)
-    } else {
-        format!("{milli}m")
-    }
+    baton_kube::quantity::from_milli((value * 1000.0).round() as i64)
 }
 
 /// `custom.metrics.k8s.io/v1beta2`, `namespaces/{ns}/pods/{name}/{metric}`: a

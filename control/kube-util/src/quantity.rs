@@ -104,6 +104,16 @@ fn in_units(q: &str, unit: u128) -> Result<u64, QuantityError> {
     u64::try_from(nanos(q)?.div_ceil(unit)).map_err(|_| QuantityError::TooLarge(q.to_string()))
 }
 
+/// A count in thousandths as a quantity: whole where it is (`3`), else in milli-units
+/// (`2500m`), as metrics APIs write values.
+pub fn from_milli(milli: i64) -> String {
+    if milli % 1000 == 0 {
+        format!("{}", milli / 1000)
+    } else {
+        format!("{milli}m")
+    }
+}
+
 /// CPU in millicores, rounded up as Kubernetes' `MilliValue` does.
 pub fn millicores(q: &str) -> Result<u64, QuantityError> {
     in_units(q, NANO / 1000)

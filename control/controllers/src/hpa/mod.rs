@@ -118,9 +118,7 @@ fn milli(resource: &str, q: &str) -> Option<i64> {
     if resource == "cpu" {
         baton_kube::quantity::millicores(q).ok().map(|m| m as i64)
     } else {
-        baton_kube::quantity::nanos(q)
-            .ok()
-            .map(|n| i64::try_from(n / 1_000_000).unwrap_or(i64::MAX))
+        custom_milli(q)
     }
 }
 
@@ -233,19 +231,11 @@ async fn pods_samples(
     Ok(out)
 }
 
-/// A custom metric's quantity in thousandths.
+/// A quantity in thousandths: a custom metric's, or memory's in milli-bytes.
 fn custom_milli(q: &str) -> Option<i64> {
     baton_kube::quantity::nanos(q)
         .ok()
         .map(|n| i64::try_from(n / 1_000_000).unwrap_or(i64::MAX))
-}
-
-fn custom_quantity(milli: i64) -> String {
-    if milli % 1000 == 0 {
-        format!("{}", milli / 1000)
-    } else {
-        format!("{milli}m")
-    }
 }
 
 /// A `Pods` metric's proposal: its average per pod against the target's average value.
@@ -301,7 +291,7 @@ async fn measure_pods(
         now,
     )
     .map_err(|e| failed(e.to_string()))?;
-    let average = custom_quantity(proposal.average_milli);
+    let average = baton_kube::quantity::from_milli(proposal.average_milli);
     Ok(Measured {
         proposal,
         current: json!({"type": "Pods", "pods": {"metric": {"name": name}, "current": {"averageValue": average}}}),
@@ -728,8 +718,8 @@ mod tests {
         assert_eq!(parse_window("soon"), None);
         assert_eq!(custom_milli("2500m"), Some(2500));
         assert_eq!(custom_milli("3"), Some(3000));
-        assert_eq!(custom_quantity(3000), "3");
-        assert_eq!(custom_quantity(2500), "2500m");
+        assert_eq!(baton_kube::quantity::from_milli(3000), "3");
+        assert_eq!(baton_kube::quantity::from_milli(2500), "2500m");
         assert_eq!(
             baton_kube::client::url_escape("app=fn,tier in (a)"),
             "app%3Dfn%2Ctier%20in%20%28a%29"
