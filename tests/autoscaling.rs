@@ -228,6 +228,26 @@ spec:
       policies: [{type: Percent, value: 100, periodSeconds: 1}]
 "#;
 
+/// The first directory called `name` under `root`, at most `depth` levels down.
+fn find_dir(root: &std::path::Path, name: &str, depth: usize) -> Option<std::path::PathBuf> {
+    let entries = std::fs::read_dir(root).ok()?;
+    let dirs: Vec<_> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    if let Some(found) = dirs
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n == name))
+    {
+        return Some(found.clone());
+    }
+    if depth == 0 {
+        return None;
+    }
+    dirs.iter().find_map(|d| find_dir(d, name, depth - 1))
+}
+
 #[test]
 fn an_idle_function_scales_to_zero_and_its_first_requests_wake_it_once() {
     let b = Baton::start_with(&[
@@ -345,6 +365,18 @@ spec:
         generation.parse::<u64>().unwrap() + 1,
         "the burst scaled the Deployment once"
     );
+    // The component was on the node, so the held requests were answered from a standby
+    // of the template while the pod came up: it kept the container's output apart.
+    let standby = find_dir(&b.dir.path().join("data"), "standby", 4)
+        .expect("the node ran a standby of the function");
+    assert!(
+        standby
+            .join("default_Deployment_fn")
+            .join("handler.log")
+            .exists(),
+        "{}",
+        standby.display()
+    );
 
     // Idle again, then a raw connection to the Service's NodePort wakes it the same way.
     wait_for(&b, 90, "back to zero", || {
@@ -360,6 +392,10 @@ spec:
     )
     .expect("an answer from zero through the Service");
     assert_eq!(code, 200);
+    // Woken again, though a standby may have answered before the pod was up.
+    wait_for(&b, 60, "woken again through the Service", || {
+        (jsonpath(&b, &["deploy", "fn"], "{.status.readyReplicas}") == "1").then_some(())
+    });
 
     // A workload scaled to zero by hand (no autoscaler may wake it) stays off: the
     // Ingress answers 503 at once.

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -64,15 +65,34 @@ struct Target {
     name: String,
 }
 
+/// A wake under way.
+#[derive(Debug)]
+struct Woken {
+    at: Instant,
+    /// The target's scale selector: which Services route to its pods.
+    scale_selector: String,
+    /// Its pod template, if it has one the node could read: what the node may answer
+    /// from until the pod is up ([`crate::standby`]).
+    template: Option<Arc<PodTemplateSpec>>,
+}
+
+/// A workload woken for a Service, with the pod template its pods are made from.
+#[derive(Debug, Clone)]
+pub struct WokenTemplate {
+    /// `namespace/Kind/name`: one standby per workload.
+    pub workload: String,
+    pub template: Arc<PodTemplateSpec>,
+}
+
 /// Wakes workloads scaled to zero.
 pub struct Activator {
     client: Client,
     hpas: Store<HorizontalPodAutoscaler>,
-    /// Targets woken and not yet seen up, with when and their scale selector: the rest of
-    /// a burst of requests waits for the first one's wake instead of asking again.
-    /// Cleared when a Service of the target has an endpoint ([`Activator::up`]), so that
-    /// the next time the target is at zero it is woken again.
-    woken: Mutex<HashMap<Target, (Instant, String)>>,
+    /// Targets woken and not yet seen up: the rest of a burst of requests waits for the
+    /// first one's wake instead of asking again. Cleared when a Service of the target has
+    /// an endpoint ([`Activator::up`]), so that the next time the target is at zero it is
+    /// woken again.
+    woken: Mutex<HashMap<Target, Woken>>,
     /// One wake at a time: the burst's later requests find the first one's result.
     waking: tokio::sync::Mutex<()>,
     /// Each target kind's resource, found by discovery once: a wake is on a request's
@@ -168,8 +188,32 @@ impl Activator {
     /// Whether `t` was woken lately, and if so whether its pods are the Service's.
     fn recently_woken(&self, t: &Target, selector: &BTreeMap<String, String>) -> Option<bool> {
         let woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
-        let (at, scale_selector) = woken.get(t)?;
-        (at.elapsed() < self.timeout).then(|| selects(selector, scale_selector))
+        let w = woken.get(t)?;
+        (w.at.elapsed() < self.timeout).then(|| selects(selector, &w.scale_selector))
+    }
+
+    /// The pod templates of the workloads in `ns` woken for a Service with `selector`
+    /// and not yet up.
+    pub fn woken_templates(
+        &self,
+        ns: &str,
+        selector: &BTreeMap<String, String>,
+    ) -> Vec<WokenTemplate> {
+        let woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
+        woken
+            .iter()
+            .filter(|(t, w)| {
+                t.namespace == ns
+                    && w.at.elapsed() < self.timeout
+                    && selects(selector, &w.scale_selector)
+            })
+            .filter_map(|(t, w)| {
+                Some(WokenTemplate {
+                    workload: format!("{}/{}/{}", t.namespace, t.kind, t.name),
+                    template: w.template.clone()?,
+                })
+            })
+            .collect()
     }
 
     /// Asks for one replica of each workload in `ns` scaled to zero whose pods a Service
@@ -197,12 +241,18 @@ impl Activator {
                 kind = %t.kind,
                 name = %t.name,
             );
-            if let Some(scale_selector) = self.wake_one(&t, selector).instrument(span).await? {
+            if let Some((scale_selector, template)) =
+                self.wake_one(&t, selector).instrument(span).await?
+            {
                 found = true;
-                self.woken
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(t, (Instant::now(), scale_selector));
+                self.woken.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                    t,
+                    Woken {
+                        at: Instant::now(),
+                        scale_selector,
+                        template: template.map(Arc::new),
+                    },
+                );
             }
         }
         Ok(found)
@@ -214,19 +264,18 @@ impl Activator {
         self.woken
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|t, (_, scale_selector)| {
-                t.namespace != ns || !selects(selector, scale_selector)
-            });
+            .retain(|t, w| t.namespace != ns || !selects(selector, &w.scale_selector));
     }
 
     /// Scales `t` from zero to one if a Service with `selector` routes to its pods.
-    /// Returns its scale selector if it does (whatever its scale was), None if the
+    /// Returns its scale selector if it does (whatever its scale was), with its pod
+    /// template if this wake scaled it from zero and the node may read it; None if the
     /// target is not there or not the Service's.
     async fn wake_one(
         &self,
         t: &Target,
         selector: &BTreeMap<String, String>,
-    ) -> Result<Option<String>, ActivatorError> {
+    ) -> Result<Option<(String, Option<PodTemplateSpec>)>, ActivatorError> {
         let (group, version) = match t.api_version.split_once('/') {
             Some((g, v)) => (g, v),
             None => ("", t.api_version.as_str()),
@@ -263,10 +312,22 @@ impl Activator {
             name: t.name.clone(),
             source,
         };
+        // The template is read beside the scale, so that it costs the wake no time. A
+        // target without one (a custom resource's scale), or one the node may not read,
+        // is woken all the same.
+        let (template, first_scale) = tokio::join!(api.get(&t.name), api.get_scale(&t.name));
+        let template: Option<PodTemplateSpec> = template
+            .ok()
+            .and_then(|o| serde_json::from_value(o.data.pointer("/spec/template")?.clone()).ok());
+        let mut first_scale = Some(first_scale);
         // A few times at most: a conflict means someone else wrote the scale, which is then
         // read again and is usually up already.
         for _ in 0..3 {
-            let mut scale = match api.get_scale(&t.name).await {
+            let got = match first_scale.take() {
+                Some(got) => got,
+                None => api.get_scale(&t.name).await,
+            };
+            let mut scale = match got {
                 Ok(s) => s,
                 Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
                 Err(e) => return Err(failed(e)),
@@ -281,7 +342,9 @@ impl Activator {
             }
             let replicas = scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
             if replicas > 0 {
-                return Ok(Some(scale_selector));
+                // Up already, or on its way: its pods, not a standby, answer. (A
+                // workload that cannot be scheduled is not served from standbys forever.)
+                return Ok(Some((scale_selector, None)));
             }
             scale.spec.get_or_insert_with(Default::default).replicas = Some(1);
             scale.status = None;
@@ -292,7 +355,7 @@ impl Activator {
             {
                 Ok(_) => {
                     tracing::info!("woke a workload scaled to zero for a request");
-                    return Ok(Some(scale_selector));
+                    return Ok(Some((scale_selector, template)));
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => continue,
                 Err(e) => return Err(failed(e)),

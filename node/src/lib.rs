@@ -16,7 +16,8 @@
 //! - serves container logs to the API server over mutually authenticated TLS ([`server`]);
 //! - routes Service traffic and resolves Service names for its pods ([`proxy`]), serves
 //!   Ingresses ([`ingress`]), and holds requests for workloads scaled to zero while it
-//!   wakes them ([`activator`]).
+//!   wakes them ([`activator`]), answering them meanwhile from the workload's template
+//!   when the component is on the node ([`standby`]).
 //!
 //! Images ([`images`]) are OCI references, pulled from their registries through
 //! `baton_oci` into the node's content-addressed cache, per `imagePullPolicy` and with the
@@ -42,6 +43,7 @@ pub mod register;
 pub mod sandbox;
 pub mod server;
 pub mod spdy;
+pub mod standby;
 pub mod stats;
 pub mod status;
 pub mod streams;
@@ -329,6 +331,11 @@ pub async fn run(
         )),
         evictions: Arc::default(),
     });
+    // Held requests for a workload woken from zero are answered from its template while
+    // its pod comes up. Weak: the standbys live in the Services the shared state holds.
+    if let Some(services) = &shared.services {
+        services.set_standbys(Arc::new(standby::Standbys::new(Arc::downgrade(&shared))));
+    }
     let eviction = tokio::spawn(eviction::run(
         shared.evictions.clone(),
         shared.memory.clone(),

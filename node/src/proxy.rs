@@ -34,6 +34,7 @@ use baton_wasm_shim::NameResolver;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
@@ -47,6 +48,9 @@ struct Port {
     name: String,
     port: u16,
     node_port: Option<u16>,
+    /// Its `targetPort`: what a standby of its workload must serve
+    /// ([`crate::standby`]).
+    target: Option<IntOrString>,
 }
 
 #[derive(Debug, Default)]
@@ -96,6 +100,8 @@ pub struct Services {
     activator: Option<Arc<crate::activator::Activator>>,
     /// Permits for held requests ([`MAX_HELD`]).
     held: Arc<tokio::sync::Semaphore>,
+    /// Answer held requests until the woken pod is up, once the node has them.
+    standbys: Arc<std::sync::OnceLock<Arc<crate::standby::Standbys>>>,
 }
 
 impl std::fmt::Debug for Services {
@@ -185,7 +191,11 @@ async fn serve(
             (services.clone(), key.clone(), port.clone(), next.clone());
         tokio::spawn(async move {
             let endpoints = match held {
-                Some(_permit) => services.hold(&key, |s| s.port_endpoints(&key, &port)).await,
+                Some(_permit) => {
+                    services
+                        .hold(&key, &port, |s| s.port_endpoints(&key, &port))
+                        .await
+                }
                 None => endpoints,
             };
             if endpoints.is_empty() {
@@ -227,6 +237,7 @@ impl Services {
             changed: Arc::new(tokio::sync::watch::channel(0).0),
             activator,
             held: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)),
+            standbys: Arc::default(),
         };
         let task = tokio::spawn(services.clone().run(client));
         (services, task)
@@ -277,13 +288,20 @@ impl Services {
             .collect()
     }
 
-    /// Holds a request for Service `key`, which has no ready endpoint: if its workload
-    /// is scaled to zero by an autoscaler, wakes it and waits (for the activator's
-    /// timeout at most) until `endpoints` finds one. Empty if there is nothing to wake
-    /// or it did not come up in time.
+    /// Lets held requests be answered from standbys ([`crate::standby`]).
+    pub fn set_standbys(&self, standbys: Arc<crate::standby::Standbys>) {
+        let _ = self.standbys.set(standbys);
+    }
+
+    /// Holds a request for port `port` (by name) of Service `key`, which has no ready
+    /// endpoint: if its workload is scaled to zero by an autoscaler, wakes it and waits
+    /// (for the activator's timeout at most) until `endpoints` finds one, or a standby
+    /// of the workload answers meanwhile. Empty if there is nothing to wake or it did
+    /// not come up in time.
     pub async fn hold(
         &self,
         key: &(String, String),
+        port: &str,
         endpoints: impl Fn(&Services) -> Vec<SocketAddr>,
     ) -> Vec<SocketAddr> {
         let Some(activator) = &self.activator else {
@@ -307,17 +325,84 @@ impl Services {
             }
         }
         let deadline = tokio::time::Instant::now() + activator.timeout;
+        let mut standby_tried = false;
         loop {
             let found = endpoints(self);
             if !found.is_empty() {
                 activator.up(&key.0, &selector);
                 return found;
             }
+            if !standby_tried {
+                standby_tried = true;
+                if let Some(addr) = self.standby(activator, key, port, &selector).await {
+                    return vec![addr];
+                }
+            }
             match tokio::time::timeout_at(deadline, changed.changed()).await {
                 Ok(Ok(())) => {}
                 _ => return Vec::new(),
             }
         }
+    }
+
+    /// Where a standby of the workload woken for Service `key` serves, started now if
+    /// need be; None if no standby may answer for it. A standby started now is retired
+    /// once the Service's port has a ready endpoint, or at the wake's timeout.
+    async fn standby(
+        &self,
+        activator: &crate::activator::Activator,
+        key: &(String, String),
+        port: &str,
+        selector: &BTreeMap<String, String>,
+    ) -> Option<SocketAddr> {
+        let standbys = self.standbys.get()?.clone();
+        let (target, number) = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            let p = table
+                .services
+                .get(key)?
+                .ports
+                .iter()
+                .find(|p| p.name == port)?;
+            (p.target.clone(), p.port)
+        };
+        for w in activator.woken_templates(&key.0, selector) {
+            let started = standbys
+                .address(&w.workload, &w.template, target.as_ref(), number)
+                .await;
+            let (addr, fresh) = match started {
+                Ok(got) => got,
+                Err(e) => {
+                    tracing::debug!(workload = %w.workload, reason = %baton_kube::error::chain(&e), "no standby");
+                    continue;
+                }
+            };
+            if fresh {
+                let (services, key, port) = (self.clone(), key.clone(), port.to_string());
+                let selector = selector.clone();
+                let mut changed = self.changed.subscribe();
+                let deadline = tokio::time::Instant::now() + activator.timeout;
+                tokio::spawn(async move {
+                    loop {
+                        if !services.port_endpoints(&key, &port).is_empty() {
+                            // The wake is over: held requests no longer come here to
+                            // see it end, so the next time at zero wakes it again.
+                            if let Some(a) = &services.activator {
+                                a.up(&key.0, &selector);
+                            }
+                            break;
+                        }
+                        match tokio::time::timeout_at(deadline, changed.changed()).await {
+                            Ok(Ok(())) => {}
+                            _ => break,
+                        }
+                    }
+                    standbys.retire(&w.workload).await;
+                });
+            }
+            return Some(addr);
+        }
+        None
     }
 
     /// [`Services::endpoints`], or if there are none, those of the workload woken from
@@ -336,10 +421,29 @@ impl Services {
             return Some(found);
         };
         let key = (ns.to_string(), name.to_string());
+        let port_name = self.port_name(&key, port)?;
         Some(
-            self.hold(&key, |s| s.endpoints(ns, name, port).unwrap_or_default())
-                .await,
+            self.hold(&key, &port_name, |s| {
+                s.endpoints(ns, name, port).unwrap_or_default()
+            })
+            .await,
         )
+    }
+
+    /// The name of a Service port given by number or name.
+    fn port_name(
+        &self,
+        key: &(String, String),
+        port: &crate::ingress::ServicePort,
+    ) -> Option<String> {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        table
+            .services
+            .get(key)?
+            .ports
+            .iter()
+            .find(|p| port.is(p.port, &p.name))
+            .map(|p| p.name.clone())
     }
 
     /// The ready endpoints of a Service port (by number or name), less the pods of this
@@ -353,10 +457,7 @@ impl Services {
     ) -> Option<Vec<SocketAddr>> {
         let table = self.table.read().unwrap_or_else(|e| e.into_inner());
         let e = table.services.get(&(ns.to_string(), name.to_string()))?;
-        let p = e.ports.iter().find(|p| match port {
-            crate::ingress::ServicePort::Number(n) => p.port == *n,
-            crate::ingress::ServicePort::Name(n) => p.name == *n,
-        })?;
+        let p = e.ports.iter().find(|p| port.is(p.port, &p.name))?;
         Some(
             e.endpoints
                 .get(&p.name)
@@ -453,6 +554,7 @@ impl Services {
                         name: p.name.clone().unwrap_or_default(),
                         port: u16::try_from(p.port).ok()?,
                         node_port: p.node_port.and_then(|n| u16::try_from(n).ok()),
+                        target: p.target_port.clone(),
                     })
                 })
                 .collect();

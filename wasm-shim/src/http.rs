@@ -96,6 +96,11 @@ struct Serving {
     /// Set when the server stops: every request instance still running (one whose
     /// response was already sent included) ends at its next tick.
     stopped: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when a graceful stop begins: no new in-process call is taken.
+    draining: std::sync::atomic::AtomicBool,
+    /// In-process calls under way, to the end of their response bodies: a graceful stop
+    /// waits for them as it waits for its connections.
+    local_calls: tokio::sync::watch::Sender<usize>,
     net: Arc<crate::net::PodNet>,
     runtime: Runtime,
     pre: ProxyPre<Host>,
@@ -252,7 +257,54 @@ impl hyper::body::Body for GuardedBody {
     }
 }
 
+/// A response body that holds something (an in-process call's count) until it ends.
+struct Holding<G> {
+    inner: HyperOutgoingBody,
+    _held: G,
+}
+
+impl<G: Send + Unpin + 'static> hyper::body::Body for Holding<G> {
+    type Data = Bytes;
+    type Error = <HyperOutgoingBody as hyper::body::Body>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One in-process call under way ([`Serving::local_calls`]).
+struct LocalCall(Arc<Serving>);
+
+impl LocalCall {
+    fn new(serving: Arc<Serving>) -> Self {
+        serving.local_calls.send_modify(|n| *n += 1);
+        LocalCall(serving)
+    }
+}
+
+impl Drop for LocalCall {
+    fn drop(&mut self) {
+        self.0.local_calls.send_modify(|n| *n -= 1);
+    }
+}
+
 impl Serving {
+    /// Returns once no in-process call is under way.
+    async fn local_calls_done(&self) {
+        let _ = self.local_calls.subscribe().wait_for(|n| *n == 0).await;
+    }
+
     /// Serves one request, counted (and timed, to its response's head) in the container's
     /// metrics.
     async fn handle(
@@ -441,12 +493,14 @@ impl LocalHttp {
     ) -> hyper::Response<HyperOutgoingBody> {
         let usage = self.serving.net.usage.clone();
         let serving = self.serving.clone();
+        let call = LocalCall::new(serving.clone());
         // A caller that gives up (its client went away, its deadline passed) stops the
         // instance, as a closed connection does.
         let mut task =
             AbortOnDrop::new(self.runtime.spawn_guest(&usage, None, serving.handle(req)));
         match task.join().await {
-            Ok(Ok(resp)) => resp,
+            Ok(Ok(resp)) => resp
+                .map(|inner| http_body_util::BodyExt::boxed_unsync(Holding { inner, _held: call })),
             Ok(Err(never)) => match never {},
             Err(_) => text(503, "the component stopped\n".into()),
         }
@@ -464,7 +518,7 @@ impl Runtime {
             .unwrap_or_else(|e| e.into_inner())
             .get(&addr)?
             .upgrade()?;
-        if serving.stopped.load(Ordering::Relaxed) {
+        if serving.stopped.load(Ordering::Relaxed) || serving.draining.load(Ordering::Relaxed) {
             return None;
         }
         Some(LocalHttp {
@@ -507,6 +561,8 @@ impl Runtime {
         };
         let serving = Arc::new(Serving {
             stopped: killed.clone(),
+            draining: Default::default(),
+            local_calls: tokio::sync::watch::channel(0).0,
             net,
             runtime: self.clone(),
             pre,
@@ -578,8 +634,14 @@ impl Runtime {
                 });
             };
             drop(listener);
-            // Idle keep-alive connections close now; busy ones after their response.
-            let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+            serving.draining.store(true, Ordering::Relaxed);
+            // Idle keep-alive connections close now; busy ones, and calls in process,
+            // after their response.
+            let _ = tokio::time::timeout(grace, async {
+                graceful.shutdown().await;
+                serving.local_calls_done().await;
+            })
+            .await;
         });
         Ok(HttpServer {
             addr,

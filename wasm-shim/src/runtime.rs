@@ -299,6 +299,16 @@ impl Runtime {
         self.describe(component).map(|info| info.kind)
     }
 
+    /// Every interface a component imports (`wasi:filesystem/preopens@0.2.0`, …): what
+    /// it may reach beyond its own memory.
+    pub fn imports(&self, component: &Component) -> Vec<String> {
+        component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect()
+    }
+
     /// What a component is and every interface it exports.
     pub fn describe(
         &self,

@@ -7,11 +7,12 @@
 //! Then scale from zero: the Deployment, under an autoscaler with `minReplicas: 0`, is
 //! scaled to zero and a request sent through the Ingress, which holds it while the node
 //! wakes the Deployment; the time to its response, over `BENCH_COLD_RUNS` runs (default
-//! 20), beside a warm request on a fresh connection, and what the function holds on the
-//! node while at zero.
+//! 20), beside a warm request on a fresh connection, with when each step of the wake
+//! was seen, and what the function holds on the node while at zero.
 //!
 //! Usage: `ingress-bench BATON_BINARY WASMTIME_BINARY GUEST_DIR` (see
-//! `scripts/bench.sh ingress`). `BENCH_SECS` sets the seconds per cell (default 5).
+//! `scripts/bench.sh ingress`). `BENCH_SECS` sets the seconds per cell (default 5);
+//! `BENCH_PARTS` picks `throughput`, `cold` or both (the default).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams, WatchParams};
 use kube::Api;
 use serde_json::json;
 
@@ -105,10 +106,30 @@ async fn main() -> Result<()> {
     )
     .await?;
     let (ingress, nodeport) = deploy(&up.client, &wasm).await?;
-    let mut child = Command::new(&wasmtime)
+    // BENCH_PARTS picks parts, e.g. "cold"; both by default.
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "throughput,cold".into());
+    if parts.contains("throughput") {
+        throughput(&up, &wasmtime, &wasm, ingress, nodeport, secs).await?;
+    }
+    if parts.contains("cold") {
+        from_zero(&up, ingress).await?;
+    }
+    Ok(())
+}
+
+/// Requests/s and latency through the Ingress and the NodePort, beside `wasmtime serve`.
+async fn throughput(
+    up: &baton_bench::Up,
+    wasmtime: &Path,
+    wasm: &Path,
+    ingress: SocketAddr,
+    nodeport: SocketAddr,
+    secs: f64,
+) -> Result<()> {
+    let mut child = Command::new(wasmtime)
         .args(["serve", "-S", "cli", "--addr", "127.0.0.1:0"])
         .args(["--env", "GREETING=hi"])
-        .arg(&wasm)
+        .arg(wasm)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -148,7 +169,7 @@ async fn main() -> Result<()> {
     }
     println!("goal: the Ingress at >= 0.8x the requests/s of `wasmtime serve`");
     drop(wasmtime_procs);
-    from_zero(&up, ingress).await
+    Ok(())
 }
 
 /// The Deployment's pods, by the API.
@@ -183,6 +204,7 @@ async fn from_zero(up: &baton_bench::Up, ingress: SocketAddr) -> Result<()> {
     let mut cold = Vec::new();
     let mut warm = Vec::new();
     let mut idle_rss = Vec::new();
+    let mut steps: Vec<Vec<Duration>> = vec![Vec::new(); Timeline::STAGES.len()];
     for _ in 0..runs {
         for _ in 0..5 {
             let t0 = std::time::Instant::now();
@@ -212,11 +234,15 @@ async fn from_zero(up: &baton_bench::Up, ingress: SocketAddr) -> Result<()> {
         })
         .await?;
         idle_rss.push((running_rss, up.procs.rss_kib()));
+        let stages = Timeline::watch(client).await?;
         let t0 = std::time::Instant::now();
         get_once(ingress)
             .await
             .context("a request from zero through the Ingress")?;
         cold.push(t0.elapsed());
+        for (i, at) in stages.settle().await.into_iter().enumerate() {
+            steps[i].push(at.map_or(Duration::MAX, |at| at.saturating_duration_since(t0)));
+        }
     }
     let (cp50, cp99) = (
         baton_bench::pct(&mut cold, 0.5),
@@ -244,6 +270,19 @@ async fn from_zero(up: &baton_bench::Up, ingress: SocketAddr) -> Result<()> {
         "added at p99: {} ms (goal: at most 5 ms)",
         ms(cp99.saturating_sub(wp99))
     );
+    println!();
+    println!(
+        "Where the cold request's time goes: when each step was seen by a watch, from the request"
+    );
+    println!("| step | p50 ms | p99 ms |");
+    println!("|---|---|---|");
+    for (name, mut at) in Timeline::STAGES.iter().zip(steps) {
+        println!(
+            "| {name} | {} | {} |",
+            ms(baton_bench::pct(&mut at, 0.5)),
+            ms(baton_bench::pct(&mut at, 0.99))
+        );
+    }
     let (before, after): (Vec<u64>, Vec<u64>) = idle_rss.into_iter().unzip();
     let median = |mut v: Vec<u64>| {
         v.sort_unstable();
@@ -256,4 +295,121 @@ async fn from_zero(up: &baton_bench::Up, ingress: SocketAddr) -> Result<()> {
         median(after)
     );
     Ok(())
+}
+
+/// When each step of a wake was seen, by watches opened before the request: the
+/// activator's scale, the ReplicaSet's, the pod's creation, binding and readiness, and the
+/// ready endpoint.
+struct Timeline(Vec<tokio::task::JoinHandle<Option<std::time::Instant>>>);
+
+impl Timeline {
+    const STAGES: [&'static str; 6] = [
+        "Deployment scaled to 1 (the node's wake)",
+        "ReplicaSet scaled to 1 (deployment controller)",
+        "pod created (replicaset controller)",
+        "pod bound (scheduler)",
+        "pod Ready (node)",
+        "endpoint ready in the EndpointSlice (endpointslice controller)",
+    ];
+
+    async fn watch(client: &kube::Client) -> Result<Self> {
+        use k8s_openapi::api::apps::v1::ReplicaSet;
+        let ns = "default";
+        let hello = || WatchParams::default().labels("app=hello");
+        let named = || WatchParams::default().fields("metadata.name=hello");
+        let ready = |p: &Pod| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        };
+        let mut tasks = vec![
+            first(
+                Api::<Deployment>::namespaced(client.clone(), ns),
+                named(),
+                |d| d.spec.as_ref().and_then(|s| s.replicas) == Some(1),
+            )
+            .await?,
+            first(
+                Api::<ReplicaSet>::namespaced(client.clone(), ns),
+                hello(),
+                |r| r.spec.as_ref().and_then(|s| s.replicas) == Some(1),
+            )
+            .await?,
+        ];
+        let pods = || Api::<Pod>::namespaced(client.clone(), ns);
+        tasks.push(first(pods(), hello(), |_| true).await?);
+        tasks.push(
+            first(pods(), hello(), |p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
+            })
+            .await?,
+        );
+        tasks.push(first(pods(), hello(), ready).await?);
+        tasks.push(
+            first(
+                Api::<EndpointSlice>::namespaced(client.clone(), ns),
+                WatchParams::default().labels("kubernetes.io/service-name=hello"),
+                |s| {
+                    s.endpoints
+                        .iter()
+                        .any(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                },
+            )
+            .await?,
+        );
+        Ok(Self(tasks))
+    }
+
+    /// Each step's time, None if it was not seen within a few seconds.
+    async fn settle(self) -> Vec<Option<std::time::Instant>> {
+        let mut out = Vec::new();
+        for t in self.0 {
+            out.push(t.await.ok().flatten());
+        }
+        out
+    }
+}
+
+/// Opens a watch from now and returns a task that yields when an object first matched.
+async fn first<K>(
+    api: Api<K>,
+    params: WatchParams,
+    matches: impl Fn(&K) -> bool + Send + 'static,
+) -> Result<tokio::task::JoinHandle<Option<std::time::Instant>>>
+where
+    K: kube::Resource
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    use futures::StreamExt;
+    use kube::api::WatchEvent;
+    let list = ListParams {
+        label_selector: params.label_selector.clone(),
+        field_selector: params.field_selector.clone(),
+        ..ListParams::default()
+    };
+    let rv = api
+        .list_metadata(&list)
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let mut events = api.watch(&params, &rv).await?.boxed();
+    Ok(tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let event = tokio::time::timeout_at(deadline, events.next())
+                .await
+                .ok()??;
+            if let Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) = event {
+                if matches(&o) {
+                    return Some(std::time::Instant::now());
+                }
+            }
+        }
+    }))
 }

@@ -561,6 +561,23 @@ async fn a_node_reads_only_what_its_pods_use_and_writes_only_itself() {
         StatusCode::FORBIDDEN,
         "only the scale, not the Deployment"
     );
+    // It reads the template of what it may wake (to answer from it until the pod is
+    // up), and of nothing else.
+    let deployment = |name: &str| format!("/apis/apps/v1/namespaces/default/deployments/{name}");
+    let (code, got) = e.json_as(n1, "GET", &deployment("fn"), None).await;
+    assert_eq!(code, StatusCode::OK, "{got}");
+    assert_eq!(got["spec"]["template"]["metadata"]["labels"]["app"], "fn");
+    let (code, got) = e.json_as(n1, "GET", &deployment("web"), None).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{got}");
+    let (code, got) = e
+        .json_as(
+            n1,
+            "GET",
+            "/apis/apps/v1/namespaces/default/deployments",
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{got}");
     e.close().await;
 }
 

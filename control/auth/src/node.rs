@@ -40,6 +40,15 @@ pub enum Check {
         namespace: String,
         name: String,
     },
+    /// A read of a workload (`resource` in `group`): allowed if an autoscaler with
+    /// `minReplicas: 0` targets it, for the node that wakes it answers from its pod
+    /// template until the pod is up; no opinion otherwise.
+    ScaleToZeroTemplate {
+        group: String,
+        resource: String,
+        namespace: String,
+        name: String,
+    },
 }
 
 fn allow(why: &str) -> Check {
@@ -127,6 +136,16 @@ pub fn check(a: &Attributes, node: &str) -> Check {
         }
         ("autoscaling", "horizontalpodautoscalers", "") if read => {
             allow("a node wakes workloads scaled to zero")
+        }
+        ("apps", resource @ ("deployments" | "replicasets" | "statefulsets"), "")
+            if verb == "get" && !a.name.is_empty() =>
+        {
+            Check::ScaleToZeroTemplate {
+                group: "apps".into(),
+                resource: resource.to_string(),
+                namespace: a.namespace.clone(),
+                name: a.name.clone(),
+            }
         }
         (group, resource, "scale") if matches!(verb, "get" | "update" | "patch") => {
             Check::ScaleToZeroTarget {
@@ -244,6 +263,21 @@ mod tests {
             c("PATCH", "/apis/apps/v1/namespaces/a/deployments/fn"),
             Check::Decided(Decision::NoOpinion),
             "the Deployment itself stays out of reach"
+        );
+        // It reads the template of such a target, to answer from it until the pod is up.
+        assert_eq!(
+            c("GET", "/apis/apps/v1/namespaces/a/deployments/fn"),
+            Check::ScaleToZeroTemplate {
+                group: "apps".into(),
+                resource: "deployments".into(),
+                namespace: "a".into(),
+                name: "fn".into()
+            }
+        );
+        assert_eq!(
+            c("GET", "/apis/apps/v1/namespaces/a/deployments"),
+            Check::Decided(Decision::NoOpinion),
+            "not a list"
         );
         assert_eq!(
             c(

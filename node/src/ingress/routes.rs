@@ -19,6 +19,16 @@ pub enum ServicePort {
     Name(String),
 }
 
+impl ServicePort {
+    /// Whether it names the Service port `number` called `name`.
+    pub fn is(&self, number: u16, name: &str) -> bool {
+        match self {
+            ServicePort::Number(n) => *n == number,
+            ServicePort::Name(n) => n == name,
+        }
+    }
+}
+
 /// Where a matched request goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {

@@ -148,6 +148,21 @@ impl Access {
                         ))
                     }
                 }
+                node::Check::ScaleToZeroTemplate {
+                    group,
+                    resource,
+                    namespace,
+                    name,
+                } => {
+                    if scales_to_zero(objects, &group, &resource, &namespace, &name).await {
+                        Decision::Allow(
+                            "node authorizer: reads the template of a workload it wakes from zero"
+                                .into(),
+                        )
+                    } else {
+                        Decision::NoOpinion
+                    }
+                }
             };
             if decided != Decision::NoOpinion {
                 return decided;
