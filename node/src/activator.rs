@@ -17,6 +17,9 @@
 //!   autoscaler has raised meanwhile is never lowered.
 //! - **Bounds.** A request is held for at most the wake timeout; then the Ingress answers
 //!   503 and a Service connection is closed.
+//! - **Not waiting for the pod.** The target's pod template is read beside its scale;
+//!   when this wake took the target from zero, the held requests may be answered from a
+//!   standby of it ([`crate::standby`]) until the pod is up.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
