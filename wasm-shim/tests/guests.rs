@@ -1075,3 +1075,95 @@ async fn a_served_component_answers_in_process_until_it_stops() {
     server.shutdown(Duration::from_secs(1)).await;
     assert!(rt.local_http(addr).is_none(), "gone with its server");
 }
+
+/// A graceful stop lets the calls made in process finish, as it lets its connections
+/// finish, and takes no new call meanwhile: a component retired while the Ingress has a
+/// request in it still answers that request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_finishes_the_calls_made_in_process() {
+    use http_body_util::{BodyExt, Empty};
+    let rt = runtime();
+    let c = rt.load_file(&guest("http-hostile")).unwrap();
+    // `/work` keeps its instance busy for 20 ms of CPU: long enough to be caught in
+    // flight most times; a call that ends first is simply tried again.
+    for attempt in 0..50 {
+        let key = format!("ns/retired/{attempt}");
+        let mut pod = rt.new_pod(&key, "127.78.0.1".parse().unwrap(), None);
+        pod.start_container(
+            &rt,
+            ContainerSpec {
+                name: "f".into(),
+                component: c.clone(),
+                port: Some(0),
+                cli: CliSpec::default(),
+                http: HttpSpec::default(),
+            },
+        )
+        .await
+        .unwrap();
+        let addr = pod.http_addr("f").unwrap();
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let rt2 = rt.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = front.accept().await.unwrap();
+            let svc = hyper::service::service_fn(move |req| {
+                let local = rt2.local_http(addr);
+                async move {
+                    Ok::<_, std::convert::Infallible>(match local {
+                        Some(l) => l.call(req).await.map(BodyExt::boxed_unsync),
+                        None => hyper::Response::builder()
+                            .status(503)
+                            .body(
+                                http_body_util::Full::new(bytes::Bytes::new())
+                                    .map_err(|e| match e {})
+                                    .boxed_unsync(),
+                            )
+                            .unwrap(),
+                    })
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+        });
+        let tcp = tokio::net::TcpStream::connect(front_addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let call = tokio::spawn(async move {
+            let resp = send
+                .send_request(
+                    hyper::Request::get("/work")
+                        .header("host", "test")
+                        .body(Empty::new())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        });
+        // Wait, on the pod's own count, until the request is in its instance.
+        let in_flight = || rt.usage().iter().any(|u| u.pod == key && u.instances > 0);
+        while !in_flight() && !call.is_finished() {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        if call.is_finished() {
+            pod.shutdown(Duration::ZERO).await;
+            continue;
+        }
+        let stop = tokio::spawn(pod.shutdown(Duration::from_secs(10)));
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("worked"), "{body}");
+        stop.await.unwrap();
+        assert!(rt.local_http(addr).is_none(), "gone with its pod");
+        return;
+    }
+    panic!("no call was ever caught in flight");
+}
