@@ -287,3 +287,116 @@ spec:
     });
     assert!(events.contains("no-such-secret"), "{events}");
 }
+
+/// Reads from `s` until the end of an HTTP head (or 64 KiB, or the end).
+fn read_head(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 64 << 10 {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A WebSocket through the Ingress: the upgrade reaches the backend with `Upgrade` and
+/// `Connection: upgrade` (hop-by-hop headers otherwise dropped), and once it switches
+/// protocols, bytes flow both ways until the client closes.
+#[test]
+fn an_ingress_passes_an_upgrade_to_websocket_through() {
+    use std::io::{Read, Write};
+    // The backend: answers an upgrade with 101, then echoes what it gets, upper-cased.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_port = backend.local_addr().unwrap().port();
+    let seen = std::thread::spawn(move || {
+        let (mut s, _) = backend.accept().unwrap();
+        let head = read_head(&mut s);
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        )
+        .unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => s.write_all(&buf[..n].to_ascii_uppercase()).unwrap(),
+            }
+        }
+        head
+    });
+    let b = Baton::start_with(&["--ingress-http-port", "0", "--ingress-https-port", "0"]);
+    let port: u16 = wait_for(&b, 30, "the node's Ingress port", || {
+        jsonpath(
+            &b,
+            &["node", "local"],
+            "{.metadata.annotations.baton\\.dev/ingress-http-port}",
+        )
+        .parse()
+        .ok()
+    });
+    // A Service without a selector, its endpoint the test's own server.
+    let objects = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: ws}}
+spec:
+  ports: [{{port: 80, targetPort: {backend_port}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: ws-1
+  labels: {{kubernetes.io/service-name: ws}}
+addressType: IPv4
+ports: [{{name: "", port: {backend_port}, protocol: TCP}}]
+endpoints: [{{addresses: [127.0.0.1], conditions: {{ready: true}}}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: ws}}
+spec:
+  rules:
+  - host: ws.test
+    http:
+      paths:
+      - {{path: /, pathType: Prefix, backend: {{service: {{name: ws, port: {{number: 80}}}}}}}}
+"#
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&objects));
+    let (mut s, head) = wait_for(&b, 30, "the upgrade switched", || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        s.write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .ok()?;
+        let head = read_head(&mut s);
+        head.starts_with("HTTP/1.1 101").then_some((s, head))
+    });
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        lower.contains("upgrade: websocket") && lower.contains("connection: upgrade"),
+        "{head}"
+    );
+    for word in ["hello", "again"] {
+        s.write_all(word.as_bytes()).unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, word.to_ascii_uppercase().as_bytes());
+    }
+    drop(s);
+    let seen = seen.join().unwrap().to_ascii_lowercase();
+    assert!(seen.starts_with("get /chat http/1.1"), "{seen}");
+    assert!(
+        seen.contains("upgrade: websocket")
+            && seen.contains("connection: upgrade")
+            && seen.contains("sec-websocket-version: 13")
+            && seen.contains("x-forwarded-host: ws.test"),
+        "{seen}"
+    );
+    assert!(!seen.contains("keep-alive"), "{seen}");
+}

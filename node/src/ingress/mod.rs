@@ -19,7 +19,11 @@
 //!   `Connection` header names) are dropped both ways; `X-Forwarded-For` (the client's
 //!   address only: the Ingress is the edge), `-Proto` and `-Host` are set; the host the
 //!   request was routed by goes to the backend as `Host`; HTTP/2's split cookies are
-//!   joined. Clients get HTTP/1.1 with
+//!   joined. An HTTP/1.1 `Upgrade` (WebSocket) is the exception: `Upgrade` and
+//!   `Connection: upgrade` are passed on, and once the backend switches protocols the
+//!   two connections are joined byte for byte, closed after [`TUNNEL_IDLE`] without a
+//!   byte either way (at most [`MAX_TUNNELS`] at once; a component called in process
+//!   cannot switch, so such a request goes to its socket). Clients get HTTP/1.1 with
 //!   keep-alive or HTTP/2 (ALPN over TLS, prior knowledge in clear); backends get
 //!   HTTP/1.1 over a pool of kept-alive connections, bounded per endpoint.
 //! - **Bounds:** a connection cap per listener, a deadline on a client's first bytes and
@@ -33,7 +37,7 @@ mod tls;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -69,6 +73,10 @@ const MAX_CONNECTIONS: usize = 10_000;
 const POOL_IDLE_PER_ENDPOINT: usize = 64;
 /// What a client is told to wait before retrying a backend without ready endpoints.
 const RETRY_AFTER_SECS: &str = "1";
+/// How long an upgraded connection (a WebSocket) may carry nothing either way.
+pub const TUNNEL_IDLE: Duration = Duration::from_secs(600);
+/// Upgraded connections open at once on a node.
+pub const MAX_TUNNELS: usize = 10_000;
 
 /// Why the Ingress controller could not start.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +117,8 @@ struct Shared {
     /// The node's Wasm runtime: a backend it serves is called in process.
     local: Option<baton_wasm_shim::Runtime>,
     next: AtomicUsize,
+    /// Permits for upgraded connections ([`MAX_TUNNELS`]).
+    tunnels: Arc<tokio::sync::Semaphore>,
 }
 
 fn listen(scheme: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, IngressError> {
@@ -156,6 +166,7 @@ pub fn start(
         upstream,
         local,
         next: AtomicUsize::new(0),
+        tunnels: Arc::new(tokio::sync::Semaphore::new(MAX_TUNNELS)),
     });
     let mut server = IngressServer {
         http: None,
@@ -292,7 +303,79 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
-    let _ = builder.serve_connection(io, service).await;
+    let _ = builder.serve_connection_with_upgrades(io, service).await;
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, named by
+/// `Connection`), if any.
+fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let asked = req
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asked
+        .then(|| req.headers().get(http::header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Copies one way until the reader ends or fails, noting when bytes last went through.
+async fn pump<R, W>(r: &mut R, w: &mut W, last: &AtomicU64, start: tokio::time::Instant)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 << 10];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 || w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    let _ = w.shutdown().await;
+}
+
+/// Joins a client's upgraded connection to its backend's, byte for byte, until either
+/// side ends or neither sends a byte for `idle`.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
+        return;
+    };
+    let start = tokio::time::Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut cr, mut cw) = tokio::io::split(TokioIo::new(client));
+    let (mut br, mut bw) = tokio::io::split(TokioIo::new(backend));
+    let both = async {
+        tokio::join!(
+            pump(&mut cr, &mut bw, &last, start),
+            pump(&mut br, &mut cw, &last, start)
+        )
+    };
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(idle / 4).await;
+            let quiet =
+                (start.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed));
+            if quiet >= idle.as_millis() as u64 {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = both => {}
+        _ = watchdog => {}
+    }
 }
 
 fn text(code: StatusCode, body: &'static str) -> Response<Body> {
@@ -402,6 +485,7 @@ async fn handle(
     https: bool,
 ) -> Response<Body> {
     let host = host_of(&req);
+    let upgrade = upgrade_of(&req);
     let routes = shared.routes();
     let Ok(backend) = routes.route(&host, req.uri().path()) else {
         return text(StatusCode::NOT_FOUND, "404 page not found\n");
@@ -432,7 +516,11 @@ async fn handle(
         .unwrap_or_else(|| "/".into());
     // A component this node serves is called in process: the request as its server
     // would have read it, origin form and `Host`.
-    let local = shared.local.as_ref().and_then(|rt| rt.local_http(target));
+    let local = shared
+        .local
+        .as_ref()
+        .filter(|_| upgrade.is_none())
+        .and_then(|rt| rt.local_http(target));
     let uri = if local.is_some() {
         path.parse::<http::Uri>()
     } else {
@@ -457,6 +545,23 @@ async fn handle(
     }
     join_cookies(headers);
     forwarded(headers, client, &host, https);
+    let upgrading = match &upgrade {
+        Some(protocol) => {
+            let Ok(permit) = shared.tunnels.clone().try_acquire_owned() else {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "503 service unavailable: too many upgraded connections\n",
+                );
+            };
+            headers.insert(http::header::UPGRADE, protocol.clone());
+            headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+            Some((hyper::upgrade::on(&mut req), permit))
+        }
+        None => None,
+    };
     if let Some(local) = local {
         return match tokio::time::timeout(RESPONSE_TIMEOUT, local.call(req)).await {
             Ok(resp) => {
@@ -471,9 +576,24 @@ async fn handle(
         };
     }
     match tokio::time::timeout(RESPONSE_TIMEOUT, shared.upstream.request(req)).await {
-        Ok(Ok(resp)) => {
+        Ok(Ok(mut resp)) => {
+            let switched = match upgrading {
+                Some((client, permit)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    let backend = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(tunnel(client, backend, TUNNEL_IDLE, permit));
+                    resp.headers().get(http::header::UPGRADE).cloned()
+                }
+                _ => None,
+            };
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            if let Some(protocol) = switched {
+                parts.headers.insert(http::header::UPGRADE, protocol);
+                parts.headers.insert(
+                    http::header::CONNECTION,
+                    HeaderValue::from_static("upgrade"),
+                );
+            }
             Response::from_parts(
                 parts,
                 body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
