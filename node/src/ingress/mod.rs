@@ -28,9 +28,10 @@
 //!   HTTP/1.1 over a pool of kept-alive connections, bounded per endpoint.
 //! - **Bounds:** a connection cap per listener, a deadline on a client's first bytes and
 //!   on request headers, on the TLS handshake, on connecting to a backend and on its
-//!   response head; HTTP/2 pings for dead peers; bodies stream through and are never
-//!   held whole. Not yet: an idle limit on an HTTP/2 connection whose peer answers pings,
-//!   or on one that finished its TLS handshake and sends nothing.
+//!   response head; HTTP/2 pings for dead peers; [`CONNECTION_IDLE`] for a connection
+//!   that carries nothing and has no request under way (an idle keep-alive, an HTTP/2
+//!   peer that only answers pings, a TLS client silent after its handshake); bodies
+//!   stream through and are never held whole.
 
 mod routes;
 mod tls;
@@ -61,6 +62,10 @@ use crate::proxy::Services;
 
 /// How long a client has to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client connection may stay without a byte either way and without a
+/// request under way (an idle keep-alive, an HTTP/2 peer that only answers pings, a TLS
+/// client that sends nothing after its handshake) before it is closed.
+pub const CONNECTION_IDLE: Duration = Duration::from_secs(120);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to a backend may take.
@@ -287,10 +292,23 @@ async fn connection<I>(io: I, shared: Arc<Shared>, peer: SocketAddr, https: bool
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, req, peer.ip(), https).await) }
-    });
+    let activity = Activity::new();
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req| {
+            let shared = shared.clone();
+            let busy = activity.busy();
+            async move {
+                let resp = handle(&shared, req, peer.ip(), https).await;
+                drop(busy);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let io = Watched {
+        inner: io,
+        activity: activity.clone(),
+    };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -303,7 +321,148 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
-    let _ = builder.serve_connection_with_upgrades(io, service).await;
+    // Boxed as a plain future: hyper's connection type trips the compiler's
+    // higher-ranked inference when passed on generically.
+    let conn: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> =
+        Box::pin(async move {
+            let _ = builder.serve_connection_with_upgrades(io, service).await;
+        });
+    until_idle(conn, &activity, CONNECTION_IDLE).await;
+}
+
+/// What a client connection is doing: when it last carried a byte, and how many of its
+/// requests are under way.
+#[derive(Clone)]
+struct Activity(Arc<ActivityInner>);
+
+struct ActivityInner {
+    start: tokio::time::Instant,
+    /// Milliseconds from `start` to the last byte either way.
+    last: AtomicU64,
+    busy: AtomicUsize,
+}
+
+/// A request under way on a connection.
+struct Busy(Activity);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0 .0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity(Arc::new(ActivityInner {
+            start: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+        }))
+    }
+
+    fn touch(&self) {
+        let now = self.0.start.elapsed().as_millis() as u64;
+        self.0.last.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn busy(&self) -> Busy {
+        self.0.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// How long it has been idle: carrying nothing with nothing under way.
+    fn idle_for(&self) -> Duration {
+        if self.0.busy.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let now = self.0.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.0.last.load(Ordering::Relaxed)))
+    }
+}
+
+/// Runs a connection until it ends, or until it has been idle for `limit`; then drops
+/// it, which closes it.
+async fn until_idle<F: std::future::Future>(conn: F, activity: &Activity, limit: Duration) {
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            _ = &mut conn => return,
+            _ = tokio::time::sleep(limit / 4) => {
+                if activity.idle_for() >= limit {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A client connection's I/O, noting each byte read or written in its [`Activity`].
+struct Watched<I> {
+    inner: I,
+    activity: Activity,
+}
+
+impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for Watched<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let out = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = out {
+            self.activity.touch();
+        }
+        out
+    }
+}
+
+impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Watched<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let out = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = out {
+            if n > 0 {
+                self.activity.touch();
+            }
+        }
+        out
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let out = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = out {
+            if n > 0 {
+                self.activity.touch();
+            }
+        }
+        out
+    }
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, named by
@@ -610,6 +769,50 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_let_go_once_idle_but_never_with_a_request_under_way() {
+        let limit = Duration::from_secs(120);
+        // Nothing under way and nothing carried: closed after the limit.
+        let activity = Activity::new();
+        let t0 = tokio::time::Instant::now();
+        until_idle(std::future::pending::<()>(), &activity, limit).await;
+        assert!(t0.elapsed() >= limit && t0.elapsed() < limit + limit / 2);
+        // Bytes keep it open: touched every minute, it outlives the limit.
+        let activity = Activity::new();
+        let toucher = {
+            let a = activity.clone();
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    a.touch();
+                }
+            })
+        };
+        let t0 = tokio::time::Instant::now();
+        until_idle(std::future::pending::<()>(), &activity, limit).await;
+        assert!(
+            t0.elapsed() >= Duration::from_secs(300) + limit,
+            "{:?}",
+            t0.elapsed()
+        );
+        toucher.await.unwrap();
+        // A request under way (a long poll, a slow backend) keeps it open however quiet.
+        let activity = Activity::new();
+        let busy = activity.busy();
+        let long = tokio::time::timeout(
+            limit * 10,
+            until_idle(std::future::pending::<()>(), &activity, limit),
+        )
+        .await;
+        assert!(long.is_err(), "closed under a request");
+        drop(busy);
+        let t0 = tokio::time::Instant::now();
+        until_idle(std::future::pending::<()>(), &activity, limit).await;
+        assert!(t0.elapsed() >= limit, "idle counted from the request's end");
+        // A connection that ends by itself ends at once.
+        until_idle(async {}, &Activity::new(), limit).await;
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_the_ones_connection_names_too() {
