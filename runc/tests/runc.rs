@@ -233,12 +233,13 @@ async fn exec_runs_in_the_container_with_its_exit_code() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "box\n");
     // On a terminal of the size asked for, which carries its output. runc sizes the
     // terminal it makes for the process from ours just after starting it, so the command
-    // waits (a bounded while) until the size is there.
+    // waits (a bounded while) until the size is there. It waits for the very size asked
+    // for: in one CI run `stty size` once answered with nothing before runc had sized it.
     let p = ExecProcess {
         args: [
             "sh",
             "-c",
-            "i=0; while [ $i -lt 50 ]; do s=$(stty size 2>/dev/null) && [ \"$s\" != '0 0' ] && break; i=$((i+1)); sleep 0.1; done; echo \"$s\"; exit 5",
+            "i=0; while [ $i -lt 50 ]; do s=$(stty size 2>/dev/null); [ \"$s\" = '30 100' ] && break; i=$((i+1)); sleep 0.1; done; echo \"$s\"; exit 5",
         ]
         .map(String::from)
         .to_vec(),
