@@ -256,6 +256,14 @@ fn default_data_dir() -> PathBuf {
 }
 
 fn main() {
+    // wasmtime makes and drops an error on its hot path (disposing a finished store's
+    // fibers, once per HTTP request). Under RUST_BACKTRACE, which containers often set,
+    // each would capture a backtrace: 5% of a request's CPU in a profile. Errors keep
+    // their cause chains, and panics still print backtraces under RUST_BACKTRACE. Set
+    // before any thread starts, so nothing reads the environment meanwhile.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
     let telemetry = match otel::init(cli.otlp_endpoint.as_deref(), cli.command.service_name()) {
         Ok(t) => t,

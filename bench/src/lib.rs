@@ -257,3 +257,30 @@ pub mod http {
         Ok((all.len() as f64 / start.elapsed().as_secs_f64(), all))
     }
 }
+
+/// The `wasmtime serve` peers a throughput benchmark runs: as its users run it, and with
+/// the slot reuse Baton configures (dirty pages found with PAGEMAP_SCAN and copied back
+/// rather than dropped with madvise), so a ratio can be read against either.
+pub const WASMTIME_PEERS: [(&str, &[&str]); 2] = [
+    ("wasmtime serve", &[]),
+    (
+        "wasmtime serve, tuned",
+        &[
+            "-O",
+            "pooling-allocator=y,pooling-pagemap-scan=auto,pooling-memory-keep-resident=524288,pooling-table-keep-resident=65536",
+        ],
+    ),
+];
+
+/// `wasmtime serve` on http-hello with `options` ([`WASMTIME_PEERS`]): port 0, announced
+/// on stderr, and, as Baton runs, no backtrace captured for the errors wasmtime makes on
+/// every request (disposing a finished store's fibers).
+pub fn wasmtime_serve(wasmtime: &Path, options: &[&str], wasm: &Path) -> Command {
+    let mut cmd = Command::new(wasmtime);
+    cmd.env("RUST_LIB_BACKTRACE", "0")
+        .args(["serve", "-S", "cli", "--addr", "127.0.0.1:0"])
+        .args(options)
+        .args(["--env", "GREETING=hi"])
+        .arg(wasm);
+    cmd
+}

@@ -474,7 +474,6 @@ impl Drop for Registration {
 #[derive(Clone)]
 pub struct LocalHttp {
     serving: Arc<Serving>,
-    runtime: Runtime,
 }
 
 impl std::fmt::Debug for LocalHttp {
@@ -491,18 +490,14 @@ impl LocalHttp {
         self,
         req: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<HyperOutgoingBody> {
-        let usage = self.serving.net.usage.clone();
-        let serving = self.serving.clone();
-        let call = LocalCall::new(serving.clone());
-        // A caller that gives up (its client went away, its deadline passed) stops the
-        // instance, as a closed connection does.
-        let mut task =
-            AbortOnDrop::new(self.runtime.spawn_guest(&usage, None, serving.handle(req)));
-        match task.join().await {
-            Ok(Ok(resp)) => resp
+        let call = LocalCall::new(self.serving.clone());
+        // The instance is a guest task of its own, as for a request over the socket; a
+        // caller that gives up (its client went away, its deadline passed) drops this
+        // future and with it the instance, as a closed connection does.
+        match self.serving.handle(req).await {
+            Ok(resp) => resp
                 .map(|inner| http_body_util::BodyExt::boxed_unsync(Holding { inner, _held: call })),
-            Ok(Err(never)) => match never {},
-            Err(_) => text(503, "the component stopped\n".into()),
+            Err(never) => match never {},
         }
     }
 }
@@ -521,10 +516,7 @@ impl Runtime {
         if serving.stopped.load(Ordering::Relaxed) || serving.draining.load(Ordering::Relaxed) {
             return None;
         }
-        Some(LocalHttp {
-            serving,
-            runtime: self.clone(),
-        })
+        Some(LocalHttp { serving })
     }
 
     /// Serves an HTTP component on `listener`, an instance per request.

@@ -100,6 +100,11 @@ impl GuestThreads {
         })
     }
 
+    /// The fresh tier's runtime.
+    pub fn handle(&self) -> Option<tokio::runtime::Handle> {
+        self.fresh.as_ref().map(|rt| rt.handle().clone())
+    }
+
     /// Enters the fresh tier's runtime, so that I/O objects made now register there.
     pub fn enter(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
         self.fresh.as_ref().map(|rt| rt.enter())

@@ -651,6 +651,22 @@ async fn a_bad_http_request_fails_alone() {
     }
 }
 
+/// Instance slots are reused, their dirty pages copied back from the image rather than
+/// dropped: a request still sees the component's memory as it was built, never what the
+/// last request on that slot left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_instance_slot_holds_nothing_of_the_last_request() {
+    let rt = runtime();
+    let c = rt.load_file(&guest("http-hostile")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = rt.serve_http(&c, HttpSpec::default(), listener).unwrap();
+    for i in 0..40 {
+        let (code, body) = http_get(server.local_addr(), "/count").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("seen 1 262144\n"), "request {i}: {body}");
+    }
+}
+
 fn cli_container(
     name: &str,
     component: &wasmtime::component::Component,

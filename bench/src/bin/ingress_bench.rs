@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -126,49 +126,54 @@ async fn throughput(
     nodeport: SocketAddr,
     secs: f64,
 ) -> Result<()> {
-    let mut child = Command::new(wasmtime)
-        .args(["serve", "-S", "cli", "--addr", "127.0.0.1:0"])
-        .args(["--env", "GREETING=hi"])
-        .arg(wasm)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting wasmtime serve")?;
-    let addr = announced_addr(
-        child.stderr.take().context("stderr")?,
-        " on http://",
-        Duration::from_secs(60),
-    );
-    let wasmtime_procs = Procs(vec![child]);
-    let wasmtime_addr = addr.context("wasmtime serve did not say where it listens")?;
-    wait_until("wasmtime serve", || async move {
-        get_once(wasmtime_addr).await.is_ok()
-    })
-    .await?;
+    let mut peers = Vec::new();
+    for (name, options) in baton_bench::WASMTIME_PEERS {
+        let mut child = baton_bench::wasmtime_serve(wasmtime, options, wasm)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting wasmtime serve")?;
+        let addr = announced_addr(
+            child.stderr.take().context("stderr")?,
+            " on http://",
+            Duration::from_secs(60),
+        );
+        let procs = Procs(vec![child]);
+        let addr = addr.context("wasmtime serve did not say where it listens")?;
+        wait_until(
+            "wasmtime serve",
+            || async move { get_once(addr).await.is_ok() },
+        )
+        .await?;
+        peers.push((name, procs, addr));
+    }
     println!("## Ingress: http-hello, keep-alive HTTP/1.1, {secs} s per cell, same machine");
-    println!("| clients | path | req/s | p50 ms | p99 ms | server CPU us/req | ratio to wasmtime serve |");
+    println!("| clients | path | req/s | p50 ms | p99 ms | server CPU us/req | req/s ratio to wasmtime serve / tuned |");
     println!("|---|---|---|---|---|---|---|");
     for clients in [1usize, 16, 64] {
-        let w = measure(&wasmtime_procs, wasmtime_addr, clients, secs).await?;
+        let mut rows = Vec::new();
+        for (name, procs, addr) in &peers {
+            rows.push((*name, measure(procs, *addr, clients, secs).await?));
+        }
         let i = measure(&up.procs, ingress, clients, secs).await?;
         let n = measure(&up.procs, nodeport, clients, secs).await?;
-        for (name, r) in [
-            ("baton Ingress", &i),
-            ("baton NodePort", &n),
-            ("wasmtime serve", &w),
-        ] {
+        rows.insert(0, ("baton NodePort", n));
+        rows.insert(0, ("baton Ingress", i));
+        let w = rows[2].1.rate;
+        let tuned = rows[3].1.rate;
+        for (name, r) in &rows {
             println!(
-                "| {clients} | {name} | {:.0} | {} | {} | {:.0} | {:.2}x |",
+                "| {clients} | {name} | {:.0} | {} | {} | {:.0} | {:.2}x / {:.2}x |",
                 r.rate,
                 ms(r.p50),
                 ms(r.p99),
                 r.cpu_us,
-                r.rate / w.rate
+                r.rate / w,
+                r.rate / tuned
             );
         }
     }
     println!("goal: the Ingress at >= 0.8x the requests/s of `wasmtime serve`");
-    drop(wasmtime_procs);
     Ok(())
 }
 

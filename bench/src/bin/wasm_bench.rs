@@ -61,7 +61,7 @@ async fn serve(cmd: &mut Command, announces: Announces) -> Result<(Procs, Socket
 async fn throughput(baton: &Path, wasmtime: &Path, wasm: &Path, secs: f64) -> Result<()> {
     let cache = tempfile::tempdir()?;
     println!("## Throughput: http-hello, keep-alive HTTP/1.1, {secs} s per cell, same machine");
-    println!("| clients | server | req/s | p50 ms | p99 ms | server CPU us/req | ratio (req/s) |");
+    println!("| clients | server | req/s | p50 ms | p99 ms | server CPU us/req | req/s ratio to wasmtime serve / tuned |");
     println!("|---|---|---|---|---|---|---|");
     let mut costs = Vec::new();
     for clients in [1usize, 16, 64] {
@@ -86,25 +86,32 @@ async fn throughput(baton: &Path, wasmtime: &Path, wasm: &Path, secs: f64) -> Re
         let off = runs.pop().expect("two runs");
         let b = runs.pop().expect("two runs");
         costs.push((clients, 1.0 - b.rate / off.rate));
-        let (procs, addr) = serve(
-            Command::new(wasmtime)
-                .args(["serve", "-S", "cli", "--addr", "127.0.0.1:0"])
-                .args(["--env", "GREETING=hi"])
-                .arg(wasm),
-            Announces::Stderr(" on http://"),
-        )
-        .await?;
-        let w = measure(&procs, addr, clients, secs).await?;
-        drop(procs);
-        for (name, r, ratio) in [
-            ("baton", &b, format!("{:.2}x", b.rate / w.rate)),
-            (
-                "baton --no-metrics",
-                &off,
-                format!("{:.2}x", off.rate / w.rate),
-            ),
-            ("wasmtime serve", &w, String::new()),
-        ] {
+        let mut peers = Vec::new();
+        for (name, options) in baton_bench::WASMTIME_PEERS {
+            let (procs, addr) = serve(
+                &mut baton_bench::wasmtime_serve(wasmtime, options, wasm),
+                Announces::Stderr(" on http://"),
+            )
+            .await?;
+            peers.push((name, measure(&procs, addr, clients, secs).await?));
+            drop(procs);
+        }
+        let w = &peers[0].1;
+        let ratios = |rate: f64| {
+            peers
+                .iter()
+                .map(|(_, p)| format!("{:.2}x", rate / p.rate))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let mut rows = vec![
+            ("baton", &b, ratios(b.rate)),
+            ("baton --no-metrics", &off, ratios(off.rate)),
+        ];
+        for (name, p) in &peers {
+            rows.push((name, p, format!("{:.2}x", p.rate / w.rate)));
+        }
+        for (name, r, ratio) in rows {
             println!(
                 "| {clients} | {name} | {:.0} | {} | {} | {:.0} | {ratio} |",
                 r.rate,

@@ -181,20 +181,53 @@ pub fn start(
     server
         .tasks
         .push(tokio::spawn(tls::refresh(client, shared.clone())));
+    // Client connections are served where the node's components answer requests in
+    // process, so that a request and its instance share a thread (measured: a quarter of
+    // the Ingress's time went to switching threads when they did not).
+    let plane = shared.local.as_ref().and_then(|rt| rt.data_plane());
     if let Some(l) = http_listener {
         server.http = l.local_addr().ok();
         server
             .tasks
-            .push(tokio::spawn(serve(l, shared.clone(), None)));
+            .extend(spawn_serve(plane.as_ref(), l, shared.clone(), None));
     }
     if let Some(l) = https_listener {
         server.https = l.local_addr().ok();
         let acceptor = tls::acceptor(shared.clone());
-        server
-            .tasks
-            .push(tokio::spawn(serve(l, shared.clone(), Some(acceptor))));
+        server.tasks.extend(spawn_serve(
+            plane.as_ref(),
+            l,
+            shared.clone(),
+            Some(acceptor),
+        ));
     }
     server
+}
+
+/// Starts [`serve`] on `plane` (the listener moved to its reactor), else on the caller's
+/// runtime.
+fn spawn_serve(
+    plane: Option<&tokio::runtime::Handle>,
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Option<JoinHandle<()>> {
+    let Some(plane) = plane else {
+        return Some(tokio::spawn(serve(listener, shared, tls)));
+    };
+    let moved = {
+        let _on = plane.enter();
+        listener
+            .into_std()
+            .and_then(tokio::net::TcpListener::from_std)
+    };
+    match moved {
+        Ok(listener) => Some(plane.spawn(serve(listener, shared, tls))),
+        Err(e) => {
+            tracing::warn!(error = %e, "the Ingress listener could not move to the guest threads");
+            None
+        }
+    }
 }
 
 /// Keeps the routing table in step with the Ingresses and IngressClasses.
