@@ -465,6 +465,67 @@ spec:
 }
 
 /// (pod, node) of the live pods with a label.
+/// WASI 0.3 components run as 0.2 ones do: a handler behind a Service (the same
+/// Deployment YAML, another image) answers through its NodePort, and a command runs as a
+/// Job to completion, its output in `kubectl logs`.
+#[test]
+fn wasi_03_components_serve_behind_a_service_and_complete_as_jobs() {
+    let _serial = serial();
+    let b = Baton::start_cluster();
+    let app = web("hi", 2).replace(&guest("http-hello"), &guest("p3-http-hello"));
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&app));
+    wait_for(&b, 60, "2 ready replicas", || {
+        (ready_replicas(&b, "web") == "2").then_some(())
+    });
+    let port: u16 = jsonpath(&b, &["svc", "web"], "{.spec.ports[0].nodePort}")
+        .parse()
+        .expect("a node port");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for(
+        &b,
+        30,
+        "an answer through the node port",
+        || match http_get(addr, "/p3?x=1") {
+            Ok((200, body)) => {
+                assert!(
+                    body.starts_with("hi from web-") && body.ends_with("path=/p3?x=1 wasi=0.3\n"),
+                    "{body}"
+                );
+                Some(())
+            }
+            _ => None,
+        },
+    );
+    let job = format!(
+        r#"apiVersion: batch/v1
+kind: Job
+metadata:
+  name: p3
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - name: job
+        image: {image}
+        args: ["x", "y"]
+"#,
+        image = guest("p3-hello")
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&job));
+    b.ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/p3",
+        "--timeout=60s",
+    ]);
+    let logs = b.ok(&["logs", "job/p3"]);
+    assert!(
+        logs.contains(r#"hello from wasi 0.3, args=["x", "y"]"#),
+        "{logs}"
+    );
+}
+
 fn placements(b: &Baton, selector: &str) -> Vec<(String, String)> {
     let out = jsonpath(
         b,

@@ -212,15 +212,36 @@ impl Runtime {
         let wasi = wasi.build();
         // A process is stopped by aborting its task; no kill flag is needed.
         let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, net, None, task);
+        let p3 = self.is_wasi_03(component);
+        let timeout = spec.timeout;
         let run = async {
-            let cmd = Command::instantiate_async(&mut store, component, &self.linker).await?;
-            if let Some(t) = started {
-                self.stats.instance_started(t.elapsed());
-            }
-            cmd.wasi_cli_run()
-                .call_run(&mut store)
-                .await?
-                .map_err(|()| wasmtime::Error::msg("the program returned an error"))
+            let status = if p3 {
+                let cmd = wasmtime_wasi::p3::bindings::Command::instantiate_async(
+                    &mut store,
+                    component,
+                    &self.linker,
+                )
+                .await?;
+                if let Some(t) = started {
+                    self.stats.instance_started(t.elapsed());
+                }
+                // A 0.3 guest may wait on a future that never resolves, running no code
+                // that an epoch tick could stop: its deadline is kept by the clock too.
+                let call = store.run_concurrent(async |acc| cmd.wasi_cli_run().call_run(acc).await);
+                match timeout {
+                    Some(t) => tokio::time::timeout(t, call)
+                        .await
+                        .map_err(|_| wasmtime::Error::new(DeadlineExceeded))???,
+                    None => call.await??,
+                }
+            } else {
+                let cmd = Command::instantiate_async(&mut store, component, &self.linker).await?;
+                if let Some(t) = started {
+                    self.stats.instance_started(t.elapsed());
+                }
+                cmd.wasi_cli_run().call_run(&mut store).await?
+            };
+            status.map_err(|()| wasmtime::Error::msg("the program returned an error"))
         };
         let result = run
             .instrument(tracing::debug_span!("wasm_cli", component = name))

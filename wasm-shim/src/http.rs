@@ -18,6 +18,8 @@ use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
+use wasmtime_wasi_http::p3::Request as P3Request;
 use wasmtime_wasi_http::WasiHttpView;
 
 use crate::cli::{exit_of, wasi_ctx};
@@ -103,13 +105,46 @@ struct Serving {
     local_calls: tokio::sync::watch::Sender<usize>,
     net: Arc<crate::net::PodNet>,
     runtime: Runtime,
-    pre: ProxyPre<Host>,
+    pre: HttpPre,
     spec: HttpSpec,
     /// The container it serves for: its requests are counted there, as tasks of their own.
     container: Option<String>,
     /// That container's account, where its requests and failures are counted (one of
     /// its own for a component served alone).
     tally: Arc<crate::usage::Tally>,
+}
+
+/// A component's answer to a request: its response, or the error code it gave instead.
+type Answer = Result<hyper::Response<HyperOutgoingBody>, String>;
+
+/// A component's handler, ready to instantiate: WASI 0.2's `incoming-handler` or 0.3's
+/// `handler`.
+#[derive(Clone)]
+enum HttpPre {
+    P2(ProxyPre<Host>),
+    P3(ServicePre<Host>),
+}
+
+/// A request as a WASI 0.3 handler reads it: 0.3 takes the scheme and authority from the
+/// request target only, where a server's request has a path and a `Host` header (0.2
+/// reads the header itself).
+fn absolute_form(
+    req: hyper::Request<hyper::body::Incoming>,
+    scheme: &str,
+) -> Result<hyper::Request<hyper::body::Incoming>, String> {
+    let (mut parts, body) = req.into_parts();
+    if parts.uri.authority().is_none() {
+        let host = parts
+            .headers
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .ok_or("no Host header")?;
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = format!("{scheme}://{host}{path}")
+            .parse()
+            .map_err(|e| format!("request target: {e}"))?;
+    }
+    Ok(hyper::Request::from_parts(parts, body))
 }
 
 fn text(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
@@ -357,30 +392,42 @@ impl Serving {
             task.clone(),
         );
         store.data_mut().hooks.trace = crate::net::TraceContext::of(req.headers());
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        let prepared = (|| -> wasmtime::Result<_> {
-            let req = store.data_mut().http().new_incoming_request(
-                if self.spec.tls.is_some() {
-                    Scheme::Https
-                } else {
-                    Scheme::Http
-                },
-                DrainOnDrop::wrap(req),
-            )?;
-            let out = store.data_mut().http().new_response_outparam(sender)?;
-            Ok((req, out))
-        })();
-        let (req, out) = match prepared {
-            Ok(x) => x,
-            Err(e) => return text(400, format!("bad request: {}\n", chain(&e))),
+        let scheme = if self.spec.tls.is_some() {
+            "https"
+        } else {
+            "http"
         };
-        let pre = self.pre.clone();
         let stats = self.runtime.stats.clone();
-        let task = self.runtime.spawn_guest(
-            &self.net.usage,
-            task,
-            async move {
-                let result = async {
+        let (sender, receiver) = tokio::sync::oneshot::channel::<Answer>();
+        let instance: std::pin::Pin<
+            Box<dyn std::future::Future<Output = wasmtime::Result<()>> + Send>,
+        > = match &self.pre {
+            HttpPre::P2(pre) => {
+                let (p2_sender, p2_receiver) = tokio::sync::oneshot::channel();
+                let prepared = (|| -> wasmtime::Result<_> {
+                    let scheme = if scheme == "https" {
+                        Scheme::Https
+                    } else {
+                        Scheme::Http
+                    };
+                    let req = store
+                        .data_mut()
+                        .http()
+                        .new_incoming_request(scheme, DrainOnDrop::wrap(req))?;
+                    let out = store.data_mut().http().new_response_outparam(p2_sender)?;
+                    Ok((req, out))
+                })();
+                let (req, out) = match prepared {
+                    Ok(x) => x,
+                    Err(e) => return text(400, format!("bad request: {}\n", chain(&e))),
+                };
+                let pre = pre.clone();
+                tokio::spawn(async move {
+                    if let Ok(answer) = p2_receiver.await {
+                        let _ = sender.send(answer.map_err(|e| format!("{e:?}")));
+                    }
+                });
+                Box::pin(async move {
                     let proxy = pre.instantiate_async(&mut store).await?;
                     if let Some(t) = started {
                         stats.instance_started(t.elapsed());
@@ -389,11 +436,43 @@ impl Serving {
                         .wasi_http_incoming_handler()
                         .call_handle(&mut store, req, out)
                         .await
-                }
-                .await;
-                exit_of(result, oom.load(Ordering::Relaxed))
+                })
             }
-            .instrument(tracing::debug_span!("wasm_http_request")),
+            HttpPre::P3(pre) => {
+                let req = match absolute_form(req, scheme) {
+                    Ok(r) => r,
+                    Err(e) => return text(400, format!("bad request: {e}\n")),
+                };
+                let (req, req_io) =
+                    P3Request::from_http(store.data_mut().http().hooks, DrainOnDrop::wrap(req));
+                let pre = pre.clone();
+                Box::pin(async move {
+                    let service = pre.instantiate_async(&mut store).await?;
+                    if let Some(t) = started {
+                        stats.instance_started(t.elapsed());
+                    }
+                    store
+                        .run_concurrent(async move |acc| -> wasmtime::Result<()> {
+                            let answer = match service.handle(acc, req).await? {
+                                Ok(resp) => Ok(acc.with(|mut s| resp.into_http(&mut s, req_io))?),
+                                Err(code) => Err(format!("{code:?}")),
+                            };
+                            let _ = sender.send(answer);
+                            // The body flows only while the store's event loop runs: it
+                            // runs until every task of the guest (its body writer) is done.
+                            std::future::poll_fn(|cx| acc.poll_no_interesting_tasks(cx)).await;
+                            Ok(())
+                        })
+                        .await?
+                })
+            }
+        };
+        let oom_flag = oom.clone();
+        let task = self.runtime.spawn_guest(
+            &self.net.usage,
+            task,
+            async move { exit_of(instance.await, oom_flag.load(Ordering::Relaxed)) }
+                .instrument(tracing::debug_span!("wasm_http_request")),
         );
         // If the client goes away, hyper drops this future, and with it the guard: the
         // instance stops at its next epoch tick instead of running on for no one.
@@ -407,7 +486,7 @@ impl Serving {
                     guard: Some(task),
                 })
             }),
-            Ok(Err(e)) => text(500, format!("the component failed the request: {e:?}\n")),
+            Ok(Err(e)) => text(500, format!("the component failed the request: {e}\n")),
             Err(_) => {
                 // The guest never answered: it trapped, ran out of memory or time.
                 let exit = task.join().await.unwrap_or(crate::Exit {
@@ -542,7 +621,12 @@ impl Runtime {
             .linker
             .instantiate_pre(component)
             .map_err(|e| ShimError::Setup(chain(&e)))?;
-        let pre = ProxyPre::new(instance_pre).map_err(|e| ShimError::Setup(chain(&e)))?;
+        let pre = if self.is_wasi_03(component) {
+            ServicePre::new(instance_pre).map(HttpPre::P3)
+        } else {
+            ProxyPre::new(instance_pre).map(HttpPre::P2)
+        }
+        .map_err(|e| ShimError::Setup(chain(&e)))?;
         let addr = listener
             .local_addr()
             .map_err(|e| ShimError::Setup(e.to_string()))?;

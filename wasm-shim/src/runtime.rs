@@ -95,6 +95,11 @@ impl ComponentKind {
 #[error("deadline exceeded: the guest ran past its time budget")]
 pub(crate) struct DeadlineExceeded;
 
+/// WASI 0.3's HTTP handler export (any 0.3.x, as the linker matches by semver).
+const P3_HTTP_EXPORT: &str = "wasi:http/handler@0.3";
+/// WASI 0.3's command export.
+const P3_CLI_EXPORT: &str = "wasi:cli/run@0.3";
+
 /// How long a guest task may run before it yields at every epoch tick: long enough for a
 /// request or a component's start, short against a neighbour's patience.
 const FRESH: Duration = Duration::from_millis(2);
@@ -171,6 +176,16 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| ShimError::Setup(chain(&e)))?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(|e| ShimError::Setup(chain(&e)))?;
+        // WASI 0.3 beside 0.2: its cli, clocks, filesystem and random, and wasi:http's
+        // types and client (outgoing requests go through the same hooks as 0.2's). Not
+        // its sockets: they would reach the host's network directly, past the pod's
+        // virtual localhost, so a 0.3 component that imports them fails to start.
+        wasmtime_wasi::p3::cli::add_to_linker(&mut linker)
+            .and_then(|()| wasmtime_wasi::p3::clocks::add_to_linker(&mut linker))
+            .and_then(|()| wasmtime_wasi::p3::filesystem::add_to_linker(&mut linker))
+            .and_then(|()| wasmtime_wasi::p3::random::add_to_linker(&mut linker))
+            .and_then(|()| wasmtime_wasi_http::p3::add_to_linker(&mut linker))
             .map_err(|e| ShimError::Setup(chain(&e)))?;
         crate::net::add_to_linker(&mut linker).map_err(|e| ShimError::Setup(chain(&e)))?;
         crate::procs::add_to_linker(&mut linker).map_err(|e| ShimError::Setup(chain(&e)))?;
@@ -325,6 +340,17 @@ impl Runtime {
             .collect()
     }
 
+    /// Whether a component targets WASI 0.3: it exports 0.3's `wasi:http/handler` or
+    /// `wasi:cli/run`. (Its imports may mix versions: Rust's std on wasm32-wasip2 imports
+    /// 0.2's cli interfaces whatever else the component uses.) One that exports both
+    /// versions runs as 0.3, as `wasmtime run` does.
+    pub fn is_wasi_03(&self, component: &Component) -> bool {
+        component
+            .component_type()
+            .exports(&self.engine)
+            .any(|(name, _)| name.starts_with(P3_HTTP_EXPORT) || name.starts_with(P3_CLI_EXPORT))
+    }
+
     /// What a component is and every interface it exports.
     pub fn describe(
         &self,
@@ -335,12 +361,14 @@ impl Runtime {
             .exports(&self.engine)
             .map(|(name, _)| name.to_string())
             .collect();
-        let kind = if exports
-            .iter()
-            .any(|e| e.starts_with("wasi:http/incoming-handler@0.2"))
-        {
+        let kind = if exports.iter().any(|e| {
+            e.starts_with("wasi:http/incoming-handler@0.2") || e.starts_with(P3_HTTP_EXPORT)
+        }) {
             ComponentKind::Http
-        } else if exports.iter().any(|e| e.starts_with("wasi:cli/run@0.2")) {
+        } else if exports
+            .iter()
+            .any(|e| e.starts_with("wasi:cli/run@0.2") || e.starts_with(P3_CLI_EXPORT))
+        {
             ComponentKind::Cli
         } else {
             return Err(ShimError::UnknownKind {

@@ -31,6 +31,8 @@ const GUESTS: &[(&str, &str)] = &[
         "pod_siblings_share_localhost_and_pods_share_a_port",
     ),
     ("http-hostile", "a_bad_http_request_fails_alone"),
+    ("p3-hello", "wasi_03_components_run_beside_0_2_ones"),
+    ("p3-http-hello", "wasi_03_components_run_beside_0_2_ones"),
     (
         "tcp-echo",
         "tcp_echo_across_components_and_two_pods_on_one_port",
@@ -665,6 +667,67 @@ async fn a_reused_instance_slot_holds_nothing_of_the_last_request() {
         assert_eq!(code, 200, "{body}");
         assert!(body.contains("seen 1 262144\n"), "request {i}: {body}");
     }
+}
+
+/// WASI 0.3 components (native async: `wasi:cli/run@0.3.0`, `wasi:http/handler@0.3.0`)
+/// are told apart by their exports and run beside 0.2 ones, on one runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_03_components_run_beside_0_2_ones() {
+    let rt = runtime();
+    let cli = rt.load_file(&guest("p3-hello")).unwrap();
+    let web = rt.load_file(&guest("p3-http-hello")).unwrap();
+    let old = rt.load_file(&guest("http-hello")).unwrap();
+    assert!(rt.is_wasi_03(&cli) && rt.is_wasi_03(&web) && !rt.is_wasi_03(&old));
+    assert_eq!(rt.kind(&cli).unwrap(), ComponentKind::Cli);
+    assert_eq!(rt.kind(&web).unwrap(), ComponentKind::Http);
+    // A command: its output through 0.3's stdout stream, its status as the exit code.
+    let spec = CliSpec {
+        args: vec!["a".into(), "b".into()],
+        ..Default::default()
+    };
+    let out = rt.run_cli(&cli, "p3-hello", &spec).await.unwrap();
+    assert_eq!(out.exit.code, 0, "{:?}", out.exit);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(r#"hello from wasi 0.3, args=["a", "b"]"#),
+        "{stdout}"
+    );
+    let spec = CliSpec {
+        args: vec!["fail".into()],
+        ..Default::default()
+    };
+    let out = rt.run_cli(&cli, "p3-hello", &spec).await.unwrap();
+    assert_eq!(out.exit.code, 1, "{:?}", out.exit);
+    // A handler, an instance per request, its body written after the head; beside a 0.2
+    // server on the same runtime.
+    let serve = |c: &wasmtime::component::Component| {
+        let (rt, c) = (rt.clone(), c.clone());
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let spec = HttpSpec {
+                env: vec![("GREETING".into(), "hi".into())],
+                ..Default::default()
+            };
+            rt.serve_http(&c, spec, listener).unwrap()
+        }
+    };
+    let (new, old) = (serve(&web).await, serve(&old).await);
+    for i in 0..5 {
+        let (code, body) = http_get(new.local_addr(), &format!("/n{i}?x=1")).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            body.contains(&format!("hi from p3-http-hello path=/n{i}?x=1 wasi=0.3")),
+            "{body}"
+        );
+        let (code, body) = http_get(old.local_addr(), "/").await;
+        assert_eq!(code, 200, "{body}");
+    }
+    // The wrong kind is refused, whatever the version.
+    let err = rt
+        .run_cli(&web, "web", &CliSpec::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ShimError::WrongKind { .. }), "{err}");
 }
 
 fn cli_container(
