@@ -71,6 +71,17 @@ spec:
     )
 }
 
+/// Applies a Job and waits until it has completed.
+fn complete_job(b: &Baton, yaml: &str, name: &str) {
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(yaml));
+    b.ok(&[
+        "wait",
+        "--for=condition=complete",
+        &format!("job/{name}"),
+        "--timeout=60s",
+    ]);
+}
+
 fn ready_replicas(b: &Baton, deploy: &str) -> String {
     jsonpath(b, &["deploy", deploy], "{.status.readyReplicas}")
 }
@@ -220,13 +231,7 @@ spec:
 "#,
         image = guest("job")
     );
-    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&job));
-    b.ok(&[
-        "wait",
-        "--for=condition=complete",
-        "job/primes",
-        "--timeout=60s",
-    ]);
+    complete_job(&b, &job, "primes");
     assert_eq!(jsonpath(&b, &["job", "primes"], "{.status.succeeded}"), "2");
     // Its output, through the API server from the node.
     let logs = b.ok(&["logs", "job/primes"]);
@@ -512,13 +517,7 @@ spec:
 "#,
         image = guest("p3-hello")
     );
-    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&job));
-    b.ok(&[
-        "wait",
-        "--for=condition=complete",
-        "job/p3",
-        "--timeout=60s",
-    ]);
+    complete_job(&b, &job, "p3");
     let logs = b.ok(&["logs", "job/p3"]);
     assert!(
         logs.contains(r#"hello from wasi 0.3, args=["x", "y"]"#),

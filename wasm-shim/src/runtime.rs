@@ -437,6 +437,9 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limits);
+        // WASI 0.3's streams, futures and tasks live in the component model's own handle
+        // tables, which the resource table's cap does not reach: the same cap there.
+        store.set_max_component_handles(self.cfg.net_limits.max_handles);
         let deadline = budget.map(|b| Instant::now() + b);
         let tick = self.cfg.epoch_tick;
         store.epoch_deadline_callback(move |_| {
