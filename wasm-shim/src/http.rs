@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::server::conn::http1;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot::error::RecvError;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 use wasmtime::component::Component;
@@ -113,6 +114,9 @@ struct Serving {
     /// its own for a component served alone).
     tally: Arc<crate::usage::Tally>,
 }
+
+/// A future to await where its kind depends on the component's WASI version.
+type Boxed<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 /// A component's answer to a request: its response, or the error code it gave instead.
 type Answer = Result<hyper::Response<HyperOutgoingBody>, String>;
@@ -398,10 +402,12 @@ impl Serving {
             "http"
         };
         let stats = self.runtime.stats.clone();
-        let (sender, receiver) = tokio::sync::oneshot::channel::<Answer>();
-        let instance: std::pin::Pin<
-            Box<dyn std::future::Future<Output = wasmtime::Result<()>> + Send>,
-        > = match &self.pre {
+        // The instance, and the answer it gives: each version's own channel, read as
+        // one type without a task in between.
+        let (instance, answer): (
+            Boxed<wasmtime::Result<()>>,
+            Boxed<Result<Answer, RecvError>>,
+        ) = match &self.pre {
             HttpPre::P2(pre) => {
                 let (p2_sender, p2_receiver) = tokio::sync::oneshot::channel();
                 let prepared = (|| -> wasmtime::Result<_> {
@@ -422,12 +428,11 @@ impl Serving {
                     Err(e) => return text(400, format!("bad request: {}\n", chain(&e))),
                 };
                 let pre = pre.clone();
-                tokio::spawn(async move {
-                    if let Ok(answer) = p2_receiver.await {
-                        let _ = sender.send(answer.map_err(|e| format!("{e:?}")));
-                    }
-                });
-                Box::pin(async move {
+                let answer = async move {
+                    let answer = p2_receiver.await?;
+                    Ok(answer.map_err(|e| format!("{e:?}")))
+                };
+                let instance = async move {
                     let proxy = pre.instantiate_async(&mut store).await?;
                     if let Some(t) = started {
                         stats.instance_started(t.elapsed());
@@ -436,7 +441,8 @@ impl Serving {
                         .wasi_http_incoming_handler()
                         .call_handle(&mut store, req, out)
                         .await
-                })
+                };
+                (Box::pin(instance), Box::pin(answer))
             }
             HttpPre::P3(pre) => {
                 let req = match absolute_form(req, scheme) {
@@ -446,7 +452,8 @@ impl Serving {
                 let (req, req_io) =
                     P3Request::from_http(store.data_mut().http().hooks, DrainOnDrop::wrap(req));
                 let pre = pre.clone();
-                Box::pin(async move {
+                let (sender, receiver) = tokio::sync::oneshot::channel::<Answer>();
+                let instance = async move {
                     let service = pre.instantiate_async(&mut store).await?;
                     if let Some(t) = started {
                         stats.instance_started(t.elapsed());
@@ -464,7 +471,8 @@ impl Serving {
                             Ok(())
                         })
                         .await?
-                })
+                };
+                (Box::pin(instance), Box::pin(receiver))
             }
         };
         let oom_flag = oom.clone();
@@ -477,7 +485,7 @@ impl Serving {
         // If the client goes away, hyper drops this future, and with it the guard: the
         // instance stops at its next epoch tick instead of running on for no one.
         let mut task = AbortOnDrop::new(task);
-        match receiver.await {
+        match answer.await {
             // The guest may still be writing the body: it runs while the body is read,
             // and is stopped if the body is dropped before its end.
             Ok(Ok(resp)) => resp.map(|body| {
