@@ -84,7 +84,7 @@ pub(crate) fn wasi_ctx(
     spec_env: &[(String, String)],
     args: &[String],
     mounts: &[Mount],
-    network: bool,
+    network: Option<&Arc<PodNet>>,
 ) -> Result<WasiCtxBuilder, ShimError> {
     let mut b = WasiCtx::builder();
     b.args(args).envs(spec_env);
@@ -104,8 +104,8 @@ pub(crate) fn wasi_ctx(
                 ))
             })?;
     }
-    if network {
-        b.inherit_network()
+    if let Some(pod) = network {
+        b.socket_addr_check(crate::net::addr_check(pod.clone()))
             .allow_tcp(true)
             .allow_ip_name_lookup(true);
     }
@@ -201,7 +201,7 @@ impl Runtime {
         let (stdout, stderr) = (MemoryOutputPipe::new(limit), MemoryOutputPipe::new(limit));
         let mut args = vec![name.to_string()];
         args.extend(spec.args.iter().cloned());
-        let mut wasi = wasi_ctx(&spec.env, &args, &spec.mounts, spec.network)?;
+        let mut wasi = wasi_ctx(&spec.env, &args, &spec.mounts, spec.network.then_some(&net))?;
         match &spec.log {
             Some(log) => wasi.stdout(log.stdout()).stderr(log.stderr()),
             None => wasi.stdout(stdout.clone()).stderr(stderr.clone()),

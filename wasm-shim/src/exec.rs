@@ -259,7 +259,7 @@ impl PodHandle {
                 }
             }
         }
-        let mut wasi = wasi_ctx(&env, &spec.argv, &spec.mounts, true)?;
+        let mut wasi = wasi_ctx(&env, &spec.argv, &spec.mounts, Some(&self.net))?;
         let (stdout, stderr) = (
             AsyncStdoutStream::new(STDOUT_BUDGET, io.stdout),
             AsyncStdoutStream::new(STDOUT_BUDGET, io.stderr),

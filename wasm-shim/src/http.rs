@@ -368,7 +368,7 @@ impl Serving {
         started: Option<std::time::Instant>,
     ) -> hyper::Response<HyperOutgoingBody> {
         let args = ["http".to_string()];
-        let mut wasi = match wasi_ctx(&self.spec.env, &args, &self.spec.mounts, true) {
+        let mut wasi = match wasi_ctx(&self.spec.env, &args, &self.spec.mounts, Some(&self.net)) {
             Ok(w) => w,
             Err(e) => return text(500, format!("sandbox setup failed: {e}\n")),
         };

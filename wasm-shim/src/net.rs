@@ -10,6 +10,13 @@
 //!   socket host: `bind` to `0.0.0.0:P` or `127.0.0.1:P` becomes `podIP:P`, `connect` to
 //!   `127.0.0.1:P` becomes `podIP:P`, and the name `localhost` resolves to `podIP`. The
 //!   rest of wasmtime-wasi's socket code (streams, polling, options) runs unchanged.
+//!   WASI 0.3's sockets are shadowed the same way (see `p3`), with two more cases: its
+//!   `listen` on an unbound socket binds the pod's address rather than the node's
+//!   wildcard, and the sockets it accepts are counted on their way to the guest.
+//!
+//! Behind the shadows, wasmtime-wasi's address check ([`PodNet::allows`]) refuses any
+//! address the rewriting would still have changed: a path the shadows missed, in either
+//! WASI version, fails with `access-denied` instead of reaching the node's loopback.
 //!
 //! So two pods on one node can both serve port P, and a component reaches its sibling at
 //! `localhost:P` and never another pod.
@@ -38,7 +45,8 @@
 //!
 //! # Caps
 //! Per pod: live sockets (TCP created, connected or accepted, and UDP) are capped at
-//! [`NetLimits::max_sockets`] and the guest gets `new-socket-limit` past it; concurrent
+//! [`NetLimits::max_sockets`] and the guest gets `new-socket-limit` past it (0.3, which
+//! has no such code, gets `other`, and a connection accepted past it is closed); concurrent
 //! outgoing HTTP requests are capped at [`NetLimits::max_outgoing_requests`]. Per instance,
 //! the resource table (every open handle: files, streams, sockets, requests) is capped by
 //! [`NetLimits::max_handles`]; a guest past it traps, alone.
@@ -46,6 +54,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -60,12 +69,14 @@ use wasmtime_wasi::p2::bindings::sockets::tcp_create_socket::Host as _;
 use wasmtime_wasi::p2::bindings::sockets::udp::UdpSocket;
 use wasmtime_wasi::p2::bindings::sockets::udp_create_socket::Host as _;
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, SocketError};
-use wasmtime_wasi::sockets::WasiSocketsView;
+use wasmtime_wasi::sockets::{SocketAddrUse, WasiSocketsView};
 use wasmtime_wasi_http::{
     default_send_request, Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks,
 };
 
 use crate::host::Host;
+
+mod p3;
 
 /// The wasi:sockets version wasmtime-wasi 48 registers; guests importing any 0.2.x match it.
 const SOCKETS: &str = "0.2.12";
@@ -162,12 +173,12 @@ impl PodNet {
         self.routed.get().map(|r| &r.ns)
     }
 
-    /// Makes a socket with `make`, inside the pod's namespace if it has one.
-    fn make_socket<T>(&self, make: impl FnOnce() -> T) -> Result<T, ErrorCode> {
+    /// Makes a socket with `make`, inside the pod's namespace if it has one. Fails only
+    /// if the namespace cannot be entered, which is logged here.
+    fn make_socket<T>(&self, make: impl FnOnce() -> T) -> Result<T, ()> {
         match self.netns() {
             Some(ns) => ns.enter(make).map_err(|e| {
                 tracing::warn!(error = %e, "entering a pod's network namespace");
-                ErrorCode::Unknown
             }),
             None => Ok(make()),
         }
@@ -235,6 +246,32 @@ impl PodNet {
         }
     }
 
+    /// wasmtime-wasi's address check, for both WASI versions: a fence behind the shadows
+    /// in [`add_to_linker`]. They rewrite an address before wasmtime-wasi checks it, and
+    /// the rewriting is idempotent, so an address it would still change took a path the
+    /// shadows missed: it is refused rather than reaching the node's loopback or wildcard.
+    pub(crate) fn allows(&self, addr: SocketAddr, used: SocketAddrUse) -> bool {
+        if self.routed.get().is_some() {
+            return true;
+        }
+        let ok = match used {
+            // The wildcard with port 0 is how wasmtime-wasi checks the implicit bind of a
+            // connect, which the kernel makes on the route's interface.
+            SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => {
+                (addr.ip().is_unspecified() && addr.port() == 0) || self.bind_addr(addr) == addr
+            }
+            SocketAddrUse::TcpListen => {
+                !(addr.is_ipv4() && addr.ip().is_unspecified()) && self.bind_addr(addr) == addr
+            }
+            SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend => self.connect_addr(addr) == addr,
+            SocketAddrUse::TcpAccept | SocketAddrUse::UdpReceive => true,
+        };
+        if !ok {
+            tracing::warn!(%addr, ?used, "refused a socket address not mapped into the pod");
+        }
+        ok
+    }
+
     fn admit_socket(&self) -> bool {
         let prev = self.sockets.fetch_add(1, Ordering::AcqRel);
         if prev >= self.limits.max_sockets {
@@ -247,6 +284,16 @@ impl PodNet {
     fn release_sockets(&self, n: usize) {
         self.sockets.fetch_sub(n, Ordering::AcqRel);
     }
+}
+
+/// The address check to give a pod's WASI context: [`PodNet::allows`].
+pub(crate) fn addr_check(
+    pod: Arc<PodNet>,
+) -> impl Fn(SocketAddr, SocketAddrUse) -> Pin<Box<dyn Future<Output = bool> + Send + Sync>>
+       + Send
+       + Sync
+       + 'static {
+    move |addr, used| Box::pin(std::future::ready(pod.allows(addr, used)))
 }
 
 /// One store's share of its pod's network: which sockets it counted against the pod cap,
@@ -512,9 +559,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
             let pod = host.net.pod.clone();
             let made = match pod.make_socket(|| host.sockets().create_tcp_socket(family)) {
                 Ok(made) => made,
-                Err(code) => {
+                Err(()) => {
                     pod.release_sockets(1);
-                    return Ok((Err(code),));
+                    return Ok((Err(ErrorCode::Unknown),));
                 }
             };
             match made {
@@ -598,6 +645,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
             }
         },
     )?;
+    p3::add_to_linker(linker)?;
     linker.allow_shadowing(false);
     Ok(())
 }
@@ -734,5 +782,45 @@ mod tests {
         net.release_sockets(1);
         assert!(net.admit_socket());
         assert_eq!(net.open_sockets(), 2);
+    }
+
+    #[test]
+    fn the_address_check_refuses_what_was_not_rewritten() {
+        use SocketAddrUse::*;
+        let names: NameResolver =
+            Arc::new(|n: &str| (n == "10.96.0.9").then(|| IpAddr::from([127, 96, 0, 1])));
+        let net = PodNet::new(
+            IpAddr::from([127, 1, 0, 7]),
+            Some(names),
+            NetLimits::default(),
+            crate::https::client_config(&[]).unwrap(),
+        );
+        let allows = |a: &str, used| net.allows(a.parse().unwrap(), used);
+        // The node's loopback is never reached; the pod's own address and other pods' are.
+        assert!(!allows("127.0.0.1:80", TcpConnect));
+        assert!(allows("127.1.0.7:80", TcpConnect));
+        assert!(allows("127.1.0.9:80", TcpConnect));
+        // A ClusterIP the resolver maps must have been mapped.
+        assert!(!allows("10.96.0.9:80", TcpConnect));
+        assert!(allows("127.96.0.1:80", TcpConnect));
+        assert!(allows("10.1.2.3:80", TcpConnect));
+        // The implicit bind of a connect, yes; the node's wildcard or loopback on a port, no.
+        assert!(allows("0.0.0.0:0", TcpBind));
+        assert!(!allows("0.0.0.0:7000", TcpBind));
+        assert!(!allows("127.0.0.1:7000", TcpBind));
+        assert!(allows("127.1.0.7:7000", TcpBind));
+        // 0.3's listen on an unbound socket would serve the node's wildcard.
+        assert!(!allows("0.0.0.0:0", TcpListen));
+        assert!(allows("127.1.0.7:7000", TcpListen));
+        assert!(!allows("127.0.0.1:7000", UdpSend));
+
+        let own = PodNet::new(
+            IpAddr::from([127, 0, 0, 1]),
+            None,
+            NetLimits::default(),
+            crate::https::client_config(&[]).unwrap(),
+        );
+        assert!(own.allows("127.0.0.1:80".parse().unwrap(), TcpConnect));
+        assert!(own.allows("127.0.0.1:80".parse().unwrap(), TcpListen));
     }
 }

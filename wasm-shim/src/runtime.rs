@@ -177,14 +177,10 @@ impl Runtime {
             .map_err(|e| ShimError::Setup(chain(&e)))?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| ShimError::Setup(chain(&e)))?;
-        // WASI 0.3 beside 0.2: its cli, clocks, filesystem and random, and wasi:http's
-        // types and client (outgoing requests go through the same hooks as 0.2's). Not
-        // its sockets: they would reach the host's network directly, past the pod's
-        // virtual localhost, so a 0.3 component that imports them fails to start.
-        wasmtime_wasi::p3::cli::add_to_linker(&mut linker)
-            .and_then(|()| wasmtime_wasi::p3::clocks::add_to_linker(&mut linker))
-            .and_then(|()| wasmtime_wasi::p3::filesystem::add_to_linker(&mut linker))
-            .and_then(|()| wasmtime_wasi::p3::random::add_to_linker(&mut linker))
+        // WASI 0.3 beside 0.2, and wasi:http's types and client (outgoing requests go
+        // through the same hooks as 0.2's). Both versions' sockets are then shadowed onto
+        // the pod's network by `net::add_to_linker`, which must come after them.
+        wasmtime_wasi::p3::add_to_linker(&mut linker)
             .and_then(|()| wasmtime_wasi_http::p3::add_to_linker(&mut linker))
             .map_err(|e| ShimError::Setup(chain(&e)))?;
         crate::net::add_to_linker(&mut linker).map_err(|e| ShimError::Setup(chain(&e)))?;

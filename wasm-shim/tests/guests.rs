@@ -2,11 +2,12 @@
 //! Build them first with `scripts/build-guests.sh` (the CI script does).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use baton_wasm_shim::{
-    CliSpec, ComponentKind, ContainerSpec, ExecIo, ExecSpec, HttpSpec, Mount, NetLimits, PodSpec,
-    Runtime, RuntimeConfig, ShimError,
+    CliSpec, ComponentKind, ContainerSpec, ExecIo, ExecSpec, HttpSpec, Mount, NameResolver,
+    NetLimits, PodSpec, Runtime, RuntimeConfig, ShimError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -33,6 +34,10 @@ const GUESTS: &[(&str, &str)] = &[
     ("http-hostile", "a_bad_http_request_fails_alone"),
     ("p3-hello", "wasi_03_components_run_beside_0_2_ones"),
     ("p3-http-hello", "wasi_03_components_run_beside_0_2_ones"),
+    (
+        "p3-tcp",
+        "wasi_03_sockets_share_the_pods_localhost_with_0_2_siblings",
+    ),
     (
         "tcp-echo",
         "tcp_echo_across_components_and_two_pods_on_one_port",
@@ -849,6 +854,229 @@ async fn a_socket_hog_is_capped_and_its_neighbour_keeps_serving() {
     assert_eq!(pod.open_sockets(), 0);
     let (code, body) = http_get(pod.http_addr("web").unwrap(), "/").await;
     assert_eq!(code, 200, "{body}");
+}
+
+/// A node listener on 127.0.0.1 that counts who reached it: a socket that escaped the
+/// pod's virtual localhost would land here.
+async fn canary() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.write_all(b"node\n").await;
+        }
+    });
+    (port, hits)
+}
+
+async fn cli_stdout(pod: &mut baton_wasm_shim::Pod, name: &str) -> (i32, String) {
+    let out = pod.wait(name).await.unwrap().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.exit.code, text)
+}
+
+/// 0.3 sockets get the same virtual localhost, names and caps as 0.2's, and a 0.3 and a
+/// 0.2 component in one pod reach each other over it, in both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_03_sockets_share_the_pods_localhost_with_0_2_siblings() {
+    let rt = runtime();
+    let (echo2, client2) = (
+        rt.load_file(&guest("tcp-echo")).unwrap(),
+        rt.load_file(&guest("tcp-client")).unwrap(),
+    );
+    let p3 = rt.load_file(&guest("p3-tcp")).unwrap();
+    let (port, hits) = canary().await;
+    let p = port.to_string();
+    let pod = |n: u8, containers: Vec<ContainerSpec>, names: Option<NameResolver>| PodSpec {
+        name: format!("p3tcp{n}"),
+        ip: std::net::IpAddr::from([127, 1, 4, n]),
+        containers,
+        names,
+    };
+    // 0.3 client of a 0.2 server, then 0.2 client of a 0.3 server, both pods on one port.
+    let mut a = rt
+        .start_pod(pod(
+            1,
+            vec![
+                cli_container("echo", &echo2, &[("PORT", &p)], &[]),
+                cli_container("client", &p3, &[], &["client", "localhost", &p, "10000"]),
+            ],
+            None,
+        ))
+        .await
+        .unwrap();
+    let mut b = rt
+        .start_pod(pod(
+            2,
+            vec![
+                cli_container("echo", &p3, &[], &["echo", &p]),
+                cli_container(
+                    "client",
+                    &client2,
+                    &[("PORT", &p), ("WAIT_MS", "10000")],
+                    &[],
+                ),
+            ],
+            None,
+        ))
+        .await
+        .unwrap();
+    let (code, out) = cli_stdout(&mut a, "client").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("echo ok from localhost:{p}")),
+        "{out}"
+    );
+    let (code, out) = cli_stdout(&mut b, "client").await;
+    assert_eq!(code, 0, "{out}");
+    // The node reaches the 0.3 server at its pod's address.
+    let mut s = connect_when_up(([127, 1, 4, 2], port).into()).await;
+    s.write_all(b"from the node\n").await.unwrap();
+    let mut got = [0u8; 14];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"from the node\n");
+    // Alone in its pod, a 0.3 client reaches nothing at localhost: not a neighbour, not
+    // the node.
+    let mut c = rt
+        .start_pod(pod(
+            3,
+            vec![cli_container(
+                "client",
+                &p3,
+                &[],
+                &["client", "localhost", &p, "300"],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    let (code, out) = cli_stdout(&mut c, "client").await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cannot connect"), "{out}");
+    // A listen on a socket never bound gets the pod's address, not the node's wildcard.
+    let mut d = rt
+        .start_pod(pod(
+            4,
+            vec![cli_container("any", &p3, &[], &["listen-any"])],
+            None,
+        ))
+        .await
+        .unwrap();
+    let (code, out) = cli_stdout(&mut d, "any").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("listening on 127.1.4.4:"), "{out}");
+    // A Service's name and its ClusterIP lead where the resolver says.
+    let names: NameResolver = Arc::new(|n: &str| {
+        (n == "echo.default.svc.cluster.local" || n == "10.96.0.9")
+            .then(|| std::net::IpAddr::from([127, 1, 4, 1]))
+    });
+    let mut e = rt
+        .start_pod(pod(
+            5,
+            vec![
+                cli_container(
+                    "by-name",
+                    &p3,
+                    &[],
+                    &["client", "echo.default.svc.cluster.local", &p, "10000"],
+                ),
+                cli_container("by-ip", &p3, &[], &["client", "10.96.0.9", &p, "10000"]),
+            ],
+            Some(names),
+        ))
+        .await
+        .unwrap();
+    for name in ["by-name", "by-ip"] {
+        let (code, out) = cli_stdout(&mut e, name).await;
+        assert_eq!(code, 0, "{name}: {out}");
+        assert!(out.contains("echo ok from"), "{out}");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// The pod's socket cap holds for 0.3: sockets it creates, and connections it accepts,
+/// which 0.3 hands out through a stream rather than a call per accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasi_03_socket_hog_is_capped() {
+    let limited = |max_sockets| {
+        Runtime::new(RuntimeConfig {
+            max_instances: 16,
+            net_limits: NetLimits {
+                max_sockets,
+                ..NetLimits::default()
+            },
+            ..RuntimeConfig::default()
+        })
+        .unwrap()
+    };
+    let rt = limited(50);
+    let p3 = rt.load_file(&guest("p3-tcp")).unwrap();
+    let mut pod = rt
+        .start_pod(PodSpec {
+            name: "p3hog".into(),
+            ip: std::net::IpAddr::from([127, 1, 4, 10]),
+            containers: vec![cli_container("hog", &p3, &[], &["hog"])],
+            names: None,
+        })
+        .await
+        .unwrap();
+    let (code, out) = cli_stdout(&mut pod, "hog").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("opened 50 sockets"), "{out}");
+    assert!(out.contains("socket 50 refused"), "{out}");
+    assert_eq!(pod.open_sockets(), 0);
+
+    // Three sockets: the listener and two connections.
+    let rt = limited(3);
+    let p3 = rt.load_file(&guest("p3-tcp")).unwrap();
+    let pod = rt
+        .start_pod(PodSpec {
+            name: "p3accept".into(),
+            ip: std::net::IpAddr::from([127, 1, 4, 11]),
+            containers: vec![cli_container("echo", &p3, &[], &["echo", "7301"])],
+            names: None,
+        })
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = ([127, 1, 4, 11], 7301).into();
+    let echoes = |mut s: tokio::net::TcpStream| async move {
+        if s.write_all(b"hi\n").await.is_err() {
+            return None;
+        }
+        let mut got = [0u8; 3];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await;
+        matches!(read, Ok(Ok(_))).then_some(s)
+    };
+    let first = echoes(connect_when_up(addr).await)
+        .await
+        .expect("first echoes");
+    let second = echoes(connect_when_up(addr).await)
+        .await
+        .expect("second echoes");
+    assert!(pod.open_sockets() <= 3);
+    assert!(
+        echoes(connect_when_up(addr).await).await.is_none(),
+        "a connection past the cap is closed"
+    );
+    assert!(pod.open_sockets() <= 3, "{}", pod.open_sockets());
+    // Closing one frees its place, once the guest has seen it close.
+    drop(first);
+    let start = std::time::Instant::now();
+    loop {
+        if echoes(connect_when_up(addr).await).await.is_some() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no room after a close"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(second);
 }
 
 /// A stopped container's ports are free when the stop returns, and a stopped pod's
