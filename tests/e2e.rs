@@ -469,10 +469,10 @@ spec:
     ]);
 }
 
-/// (pod, node) of the live pods with a label.
 /// WASI 0.3 components run as 0.2 ones do: a handler behind a Service (the same
-/// Deployment YAML, another image) answers through its NodePort, and a command runs as a
-/// Job to completion, its output in `kubectl logs`.
+/// Deployment YAML, another image) answers through its NodePort, a command runs as a
+/// Job to completion, its output in `kubectl logs`, a 0.3 and a 0.2 component share a
+/// pod's localhost, and `kubectl exec` runs a 0.3 command.
 #[test]
 fn wasi_03_components_serve_behind_a_service_and_complete_as_jobs() {
     let _serial = serial();
@@ -523,8 +523,51 @@ spec:
         logs.contains(r#"hello from wasi 0.3, args=["x", "y"]"#),
         "{logs}"
     );
+    // A 0.3 server and a 0.2 client in one pod, over its localhost; then `kubectl exec`
+    // runs the 0.3 component as a client of its own server.
+    let mixed = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: mixed
+spec:
+  restartPolicy: Never
+  containers:
+  - name: echo
+    image: {p3}
+    args: ["echo", "7000"]
+  - name: client
+    image: {p2}
+    env:
+    - {{name: PORT, value: "7000"}}
+    - {{name: WAIT_MS, value: "20000"}}
+"#,
+        p3 = guest("p3-tcp"),
+        p2 = guest("tcp-client")
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&mixed));
+    let exit_code = r#"{.status.containerStatuses[?(@.name=="client")].state.terminated.exitCode}"#;
+    wait_for(&b, 60, "the 0.2 client to finish", || {
+        let code = jsonpath(&b, &["pod", "mixed"], exit_code);
+        (!code.is_empty()).then_some(code)
+    });
+    assert_eq!(jsonpath(&b, &["pod", "mixed"], exit_code), "0");
+    let out = b.ok(&[
+        "exec",
+        "mixed",
+        "-c",
+        "echo",
+        "--",
+        "p3-tcp",
+        "client",
+        "localhost",
+        "7000",
+        "5000",
+    ]);
+    assert!(out.contains("echo ok from localhost:7000"), "{out}");
 }
 
+/// (pod, node) of the live pods with a label.
 fn placements(b: &Baton, selector: &str) -> Vec<(String, String)> {
     let out = jsonpath(
         b,

@@ -3,14 +3,16 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 use wasmtime::component::Component;
+use wasmtime::Store;
 use wasmtime_wasi::p2::bindings::Command;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder};
 
+use crate::host::Host;
 use crate::logs::ContainerLog;
 use crate::net::PodNet;
 
@@ -153,6 +155,45 @@ pub(crate) fn exit_of(result: wasmtime::Result<()>, oom: bool) -> Exit {
 }
 
 impl Runtime {
+    /// Instantiates a command in `store` and runs its `wasi:cli/run`, as WASI 0.2 or 0.3
+    /// by what the component exports. `started` is when the run was asked for, to
+    /// record the instance's start time.
+    pub(crate) async fn call_run(
+        &self,
+        store: &mut Store<Host>,
+        component: &Component,
+        timeout: Option<Duration>,
+        started: Option<Instant>,
+    ) -> wasmtime::Result<()> {
+        let status = if self.is_wasi_03(component) {
+            let cmd = wasmtime_wasi::p3::bindings::Command::instantiate_async(
+                &mut *store,
+                component,
+                &self.linker,
+            )
+            .await?;
+            if let Some(t) = started {
+                self.stats.instance_started(t.elapsed());
+            }
+            // A 0.3 guest may wait on a future that never resolves, running no code
+            // that an epoch tick could stop: its deadline is kept by the clock too.
+            let call = store.run_concurrent(async |acc| cmd.wasi_cli_run().call_run(acc).await);
+            match timeout {
+                Some(t) => tokio::time::timeout(t, call)
+                    .await
+                    .map_err(|_| wasmtime::Error::new(DeadlineExceeded))???,
+                None => call.await??,
+            }
+        } else {
+            let cmd = Command::instantiate_async(&mut *store, component, &self.linker).await?;
+            if let Some(t) = started {
+                self.stats.instance_started(t.elapsed());
+            }
+            cmd.wasi_cli_run().call_run(&mut *store).await?
+        };
+        status.map_err(|()| wasmtime::Error::msg("the program returned an error"))
+    }
+
     /// Runs a CLI component to completion.
     pub async fn run_cli(
         &self,
@@ -212,37 +253,7 @@ impl Runtime {
         let wasi = wasi.build();
         // A process is stopped by aborting its task; no kill flag is needed.
         let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, net, None, task);
-        let p3 = self.is_wasi_03(component);
-        let timeout = spec.timeout;
-        let run = async {
-            let status = if p3 {
-                let cmd = wasmtime_wasi::p3::bindings::Command::instantiate_async(
-                    &mut store,
-                    component,
-                    &self.linker,
-                )
-                .await?;
-                if let Some(t) = started {
-                    self.stats.instance_started(t.elapsed());
-                }
-                // A 0.3 guest may wait on a future that never resolves, running no code
-                // that an epoch tick could stop: its deadline is kept by the clock too.
-                let call = store.run_concurrent(async |acc| cmd.wasi_cli_run().call_run(acc).await);
-                match timeout {
-                    Some(t) => tokio::time::timeout(t, call)
-                        .await
-                        .map_err(|_| wasmtime::Error::new(DeadlineExceeded))???,
-                    None => call.await??,
-                }
-            } else {
-                let cmd = Command::instantiate_async(&mut store, component, &self.linker).await?;
-                if let Some(t) = started {
-                    self.stats.instance_started(t.elapsed());
-                }
-                cmd.wasi_cli_run().call_run(&mut store).await?
-            };
-            status.map_err(|()| wasmtime::Error::msg("the program returned an error"))
-        };
+        let run = self.call_run(&mut store, component, spec.timeout, started);
         let result = run
             .instrument(tracing::debug_span!("wasm_cli", component = name))
             .await;

@@ -24,7 +24,6 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tracing::Instrument;
 use wasmtime::component::Component;
 use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream, StdinStream, StdoutStream};
-use wasmtime_wasi::p2::bindings::Command;
 
 use crate::cli::{exit_of, wasi_ctx, Mount};
 use crate::error::ShimError;
@@ -299,14 +298,7 @@ impl PodHandle {
             let _live = live;
             let (mut store, oom) =
                 rt.store(wasi, spec.memory_bytes, None, net, None, Some(store_task));
-            let result = async {
-                let cmd = Command::instantiate_async(&mut store, &component, &rt.linker).await?;
-                cmd.wasi_cli_run()
-                    .call_run(&mut store)
-                    .await?
-                    .map_err(|()| wasmtime::Error::msg("the program returned an error"))
-            }
-            .await;
+            let result = rt.call_run(&mut store, &component, None, None).await;
             exit_of(result, oom.load(Ordering::Relaxed))
         }
         .instrument(tracing::debug_span!("wasm_exec", command = %name));

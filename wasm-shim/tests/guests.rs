@@ -1200,6 +1200,16 @@ async fn exec_runs_a_command_in_a_running_pod_with_its_stdio() {
     assert_eq!((out.as_str(), code), ("through stdin", 0));
     let (_, code) = exec(&handle, &toolbox, &["false"], None).await;
     assert_eq!(code, 1);
+    // A WASI 0.3 command runs the same way.
+    let p3 = rt.load_file(&guest("p3-hello")).unwrap();
+    let (out, code) = exec(&handle, &p3, &["p3-hello", "from-exec"], None).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(r#"hello from wasi 0.3, args=["from-exec"]"#),
+        "{out}"
+    );
+    let (_, code) = exec(&handle, &p3, &["p3-hello", "fail"], None).await;
+    assert_eq!(code, 1);
     // An HTTP component runs no command.
     let (_, w) = tokio::io::duplex(16);
     let (_, e) = tokio::io::duplex(16);
