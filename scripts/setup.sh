@@ -9,7 +9,8 @@ set -euo pipefail
 # apache2-utils (htpasswd): the real OCI registry the image tests push to and pull from.
 # runc and busybox-static: OCI containers, and the tiny Linux image their tests pack.
 # chromium and nodejs/npm: the dashboard's browser tests (Playwright drives Chromium).
-PACKAGES=(clang libclang-dev librocksdb-dev protobuf-compiler etcd-server docker-registry apache2-utils runc busybox-static chromium)
+# redis-server: the Redis that wasi:keyvalue's Redis buckets are tested against.
+PACKAGES=(clang libclang-dev librocksdb-dev protobuf-compiler etcd-server docker-registry apache2-utils runc busybox-static chromium redis-server)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -927,6 +927,65 @@ pub fn api_server_env(env: &mut Vec<(String, String)>, ip: std::net::Ipv4Addr, p
 pub struct ContainerConfig {
     pub env: Vec<(String, String)>,
     pub mounts: Vec<Mount>,
+    /// Its wasi:config values: the keys of the objects `baton.dev/config-from` names,
+    /// then its environment over them.
+    pub wasi_config: BTreeMap<String, String>,
+}
+
+/// The keys of the objects `baton.dev/config-from` names, in order (a later object's
+/// key wins). A missing object is an error, as a non-optional `envFrom` is.
+async fn config_from(
+    objects: &mut Objects,
+    pod: &Pod,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut values = BTreeMap::new();
+    for (kind, name) in crate::platform::config_sources(pod) {
+        let data = objects
+            .data(kind, &name)
+            .await?
+            .ok_or(ConfigError::Missing { kind, name })?;
+        for (k, v) in data {
+            values.insert(k, String::from_utf8_lossy(&v).into_owned());
+        }
+    }
+    Ok(values)
+}
+
+fn wasi_config(
+    from: &BTreeMap<String, String>,
+    env: &[(String, String)],
+) -> BTreeMap<String, String> {
+    let mut values = from.clone();
+    values.extend(env.iter().cloned());
+    values
+}
+
+/// Every container's wasi:config values as the objects are now (for a running pod,
+/// whose values follow its ConfigMaps and Secrets).
+pub async fn refresh_wasi_config(
+    client: &Client,
+    pod: &Pod,
+    facts: &PodFacts,
+) -> Result<HashMap<String, BTreeMap<String, String>>, ConfigError> {
+    let mut objects = Objects {
+        client: client.clone(),
+        namespace: pod.namespace().unwrap_or_else(|| "default".into()),
+        configmaps: HashMap::new(),
+        secrets: HashMap::new(),
+    };
+    let from = config_from(&mut objects, pod).await?;
+    let spec = pod.spec.clone().unwrap_or_default();
+    let mut out = HashMap::new();
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+    {
+        let env = container_env(&mut objects, pod, facts, c).await?;
+        out.insert(c.name.clone(), wasi_config(&from, &env));
+    }
+    Ok(out)
 }
 
 /// Resolves every container of the pod (init containers included), writing its volumes
@@ -945,6 +1004,7 @@ pub async fn resolve(
         secrets: HashMap::new(),
     };
     let volumes = write_volumes(&mut objects, pod, facts, pod_dir, dirs).await?;
+    let from = config_from(&mut objects, pod).await?;
     let mut out = HashMap::new();
     let spec = pod.spec.clone().unwrap_or_default();
     let containers: Vec<Container> = spec
@@ -995,7 +1055,15 @@ pub async fn resolve(
                 read_only: *ro || m.read_only == Some(true),
             });
         }
-        out.insert(c.name.clone(), ContainerConfig { env, mounts });
+        let wasi_config = wasi_config(&from, &env);
+        out.insert(
+            c.name.clone(),
+            ContainerConfig {
+                env,
+                mounts,
+                wasi_config,
+            },
+        );
     }
     Ok(out)
 }

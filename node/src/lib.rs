@@ -36,6 +36,7 @@ pub mod ingress;
 pub mod ipam;
 pub mod linux;
 pub mod netns;
+pub mod platform;
 pub mod portforward;
 pub mod probe;
 pub mod proxy;
@@ -330,6 +331,7 @@ pub async fn run(
             cfg.default_memory_limit,
         )),
         evictions: Arc::default(),
+        platform: Arc::new(platform::Stores::new(cfg.data_dir.join("keyvalue"))),
     });
     // Held requests for a workload woken from zero are answered from its template while
     // its pod comes up. Weak: the standbys live in the Services the shared state holds.

@@ -101,6 +101,8 @@ pub struct ContainerRun<I> {
     pub stdin: bool,
     /// Its standard input ends when the first attached client ends its own.
     pub stdin_once: bool,
+    /// The platform interfaces its component is granted, and their backing.
+    pub platform: baton_wasm_shim::Platform,
     /// The container as the pod declares it, for what a sandbox reads beyond the above
     /// (an OCI container's working directory and security context).
     pub spec: Container,
@@ -121,6 +123,7 @@ impl<I> ContainerRun<I> {
             tls: self.tls,
             stdin: self.stdin,
             stdin_once: self.stdin_once,
+            platform: self.platform,
             spec: self.spec,
         }
     }
@@ -299,6 +302,7 @@ struct ExecTarget {
     env: Vec<(String, String)>,
     mounts: Vec<Mount>,
     memory_bytes: usize,
+    platform: baton_wasm_shim::Platform,
     /// What the running container writes, for `kubectl attach`.
     log: ContainerLog,
     /// The writing end of its standard input, if it has one; None inside once closed.
@@ -337,6 +341,7 @@ impl PodStreams for WasmStreams {
             env: target.env,
             mounts: target.mounts,
             memory_bytes: target.memory_bytes,
+            platform: target.platform,
         };
         let mut run = self
             .pod
@@ -524,6 +529,7 @@ impl Sandbox for WasmSandbox {
             env: run.env.clone(),
             mounts: run.mounts.clone(),
             memory_bytes: run.memory_bytes,
+            platform: run.platform.clone(),
             log: run.log.clone(),
             stdin: stdin_writer,
             stdin_once: run.stdin_once,
@@ -543,6 +549,7 @@ impl Sandbox for WasmSandbox {
                 network: true,
                 output_limit: 0,
                 log: Some(run.log.clone()),
+                platform: run.platform.clone(),
             },
             http: HttpSpec {
                 env: run.env,
@@ -551,6 +558,7 @@ impl Sandbox for WasmSandbox {
                 memory_bytes: run.memory_bytes,
                 request_timeout: Some(self.request_timeout),
                 log: Some(run.log),
+                platform: run.platform,
             },
         };
         pod.start_container(&self.runtime, spec)

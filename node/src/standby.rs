@@ -97,6 +97,17 @@ pub fn eligible(template: &PodTemplateSpec) -> Result<&Container, StandbyError> 
     {
         return no("serves TLS from a volume");
     }
+    if template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .is_some_and(|a| {
+            a.keys()
+                .any(|k| k.starts_with(crate::platform::CAPABILITIES))
+        })
+    {
+        return no("uses platform interfaces, whose backing is its pod's");
+    }
     // A node path is read afresh at every start anyway; a registry's image would be
     // checked against the registry, with the pod's pull secrets.
     let image = c.image.as_deref().unwrap_or_default();
@@ -332,6 +343,7 @@ async fn start(
                     memory_bytes,
                     request_timeout: Some(wasm.request_timeout),
                     log: Some(log),
+                    platform: Default::default(),
                 },
             },
         )

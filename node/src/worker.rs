@@ -103,6 +103,8 @@ pub struct Shared<S> {
     pub memory: Arc<crate::budget::MemoryBudget>,
     /// Memory pressure, and the evictions it orders.
     pub evictions: Arc<crate::eviction::Evictions>,
+    /// The node's wasi:keyvalue storage.
+    pub platform: Arc<crate::platform::Stores>,
 }
 
 impl<S> std::fmt::Debug for Shared<S> {
@@ -206,6 +208,12 @@ struct Worker<S: Sandboxes> {
     /// Per slot: its image once pulled, and its resolved configuration.
     images: Vec<Option<ImageOf<S>>>,
     configs: Vec<ContainerConfig>,
+    /// Per slot: the platform interfaces its component is granted, and their backing.
+    platforms: Vec<baton_wasm_shim::Platform>,
+    /// Per container: its wasi:config values, which refreshes update in place.
+    config_vars: HashMap<String, baton_wasm_shim::ConfigVars>,
+    /// Why the last refresh of the wasi:config values failed, if it did: reported once.
+    config_error: Option<String>,
     exits: FuturesUnordered<ExitOf>,
     logs: HashMap<String, ContainerLog>,
     start_time: Option<Time>,
@@ -258,6 +266,9 @@ impl<S: Sandboxes> Worker<S> {
             sandbox: None,
             images: slots.iter().map(|_| None).collect(),
             configs: slots.iter().map(|_| ContainerConfig::default()).collect(),
+            platforms: slots.iter().map(|_| Default::default()).collect(),
+            config_vars: HashMap::new(),
+            config_error: None,
             slots,
             exits: FuturesUnordered::new(),
             logs: HashMap::new(),
@@ -436,6 +447,59 @@ impl<S: Sandboxes> Worker<S> {
         true
     }
 
+    /// Sets up each container's platform interfaces, or reports why not.
+    async fn resolve_platforms(&mut self) -> bool {
+        for i in 0..self.slots.len() {
+            let name = self.slots[i].spec.name.clone();
+            let vars = self.config_vars.entry(name.clone()).or_default().clone();
+            vars.set(self.configs[i].wasi_config.clone());
+            let platform = self
+                .shared
+                .platform
+                .platform(&self.shared.client, &self.pod, &name, vars)
+                .await;
+            match platform {
+                Ok(p) => self.platforms[i] = p,
+                Err(e) => {
+                    let msg = chain(&e);
+                    self.wait_all("CreateContainerConfigError", &msg);
+                    self.event(EventType::Warning, "Failed", format!("Error: {msg}"));
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Rereads the wasi:config values of a running pod's containers. If an object they
+    /// come from is gone, the last values are kept (as the kubelet keeps a configMap
+    /// volume's files), and a Warning says so once.
+    async fn refresh_wasi_config(&mut self) {
+        let refreshed =
+            config::refresh_wasi_config(&self.shared.client, &self.pod, &self.facts()).await;
+        match refreshed {
+            Ok(all) => {
+                for (name, values) in all {
+                    if let Some(vars) = self.config_vars.get(&name) {
+                        vars.set(values);
+                    }
+                }
+                self.config_error = None;
+            }
+            Err(e) => {
+                let msg = chain(&e);
+                if self.config_error.as_ref() != Some(&msg) {
+                    self.event(
+                        EventType::Warning,
+                        "ConfigUnavailable",
+                        format!("keeping the last wasi:config values: {msg}"),
+                    );
+                    self.config_error = Some(msg);
+                }
+            }
+        }
+    }
+
     /// Resolves what each container runs with (env, volumes), or reports why not.
     async fn resolve_configs(&mut self) -> bool {
         let dir = self.shared.pod_dir(&self.uid);
@@ -457,6 +521,9 @@ impl<S: Sandboxes> Worker<S> {
                         config::api_server_env(&mut config.env, ip, port);
                     }
                     self.configs[i] = config;
+                }
+                if crate::platform::used(&self.pod) {
+                    return self.resolve_platforms().await;
                 }
             }
             Err(e) => {
@@ -708,6 +775,7 @@ impl<S: Sandboxes> Worker<S> {
             tls: config::serving_tls(&self.pod, &self.shared.pod_dir(&self.uid))?,
             stdin: c.stdin.unwrap_or(false),
             stdin_once: c.stdin_once.unwrap_or(false),
+            platform: self.platforms[i].clone(),
             spec: c.clone(),
         })
     }
@@ -1068,7 +1136,7 @@ impl<S: Sandboxes> Worker<S> {
     /// that come from objects.
     fn refreshes_volumes(&self) -> bool {
         matches!(self.stage, Stage::Initializing { .. } | Stage::Running)
-            && self.has_projected_volumes()
+            && (self.has_projected_volumes() || crate::platform::used(&self.pod))
     }
 
     fn has_projected_volumes(&self) -> bool {
@@ -1090,6 +1158,12 @@ impl<S: Sandboxes> Worker<S> {
             return;
         }
         self.next_refresh = now + VOLUME_REFRESH;
+        if crate::platform::used(&self.pod) {
+            self.refresh_wasi_config().await;
+        }
+        if !self.has_projected_volumes() {
+            return;
+        }
         let dir = self.shared.pod_dir(&self.uid);
         let local = self.shared.local_volumes();
         let refreshed = config::refresh_volumes(
@@ -1345,6 +1419,7 @@ mod tests {
             logs: Arc::default(),
             memory: Arc::new(crate::budget::MemoryBudget::new(8 << 30, 64 << 20)),
             evictions: Arc::default(),
+            platform: Arc::new(crate::platform::Stores::new(dir.path().join("keyvalue"))),
         });
         Node {
             api,

@@ -12,6 +12,7 @@
 
 pub mod fake_api;
 pub mod process;
+pub mod redis;
 
 /// The directory of the crate whose test or bench is running. Cargo says it at run time;
 /// `compiled` (the caller's `env!("CARGO_MANIFEST_DIR")`) is only the fallback, since it

@@ -15,6 +15,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder};
 use crate::host::Host;
 use crate::logs::ContainerLog;
 use crate::net::PodNet;
+use crate::platform::StorePlatform;
 
 use crate::error::{chain, ShimError};
 use crate::runtime::{ComponentKind, DeadlineExceeded, Runtime};
@@ -71,6 +72,8 @@ pub struct CliSpec {
     pub output_limit: usize,
     /// Write stdout and stderr to this container log instead of capturing them.
     pub log: Option<ContainerLog>,
+    /// The platform interfaces it is granted, and their backing.
+    pub platform: crate::platform::Platform,
 }
 
 /// The end of a CLI run, with what it printed.
@@ -232,6 +235,7 @@ impl Runtime {
         task: Option<Arc<Task>>,
     ) -> Result<CliOutcome, ShimError> {
         self.expect_kind(component, ComponentKind::Cli)?;
+        spec.platform.admit(&self.imports(component))?;
         let started = self.clock();
         let tally = task.as_ref().map(|t| t.tally().clone());
         let limit = if spec.output_limit == 0 {
@@ -243,16 +247,33 @@ impl Runtime {
         let mut args = vec![name.to_string()];
         args.extend(spec.args.iter().cloned());
         let mut wasi = wasi_ctx(&spec.env, &args, &spec.mounts, spec.network.then_some(&net))?;
-        match &spec.log {
-            Some(log) => wasi.stdout(log.stdout()).stderr(log.stderr()),
-            None => wasi.stdout(stdout.clone()).stderr(stderr.clone()),
+        let log_sink: Box<dyn wasmtime_wasi::cli::StdoutStream> = match &spec.log {
+            Some(log) => {
+                wasi.stdout(log.stdout()).stderr(log.stderr());
+                Box::new(log.stderr())
+            }
+            None => {
+                wasi.stdout(stdout.clone()).stderr(stderr.clone());
+                Box::new(stderr.clone())
+            }
         };
         if let Some(stdin) = spec.stdin.as_ref().and_then(StdinPipe::take) {
             wasi.stdin(wasmtime_wasi::cli::AsyncStdinStream::new(stdin));
         }
         let wasi = wasi.build();
         // A process is stopped by aborting its task; no kill flag is needed.
-        let (mut store, oom) = self.store(wasi, spec.memory_bytes, spec.timeout, net, None, task);
+        let platform = StorePlatform {
+            platform: spec.platform.clone(),
+            log_sink: Some(log_sink),
+        };
+        let (mut store, oom) = self.store(
+            (wasi, platform),
+            spec.memory_bytes,
+            spec.timeout,
+            net,
+            None,
+            task,
+        );
         let run = self.call_run(&mut store, component, spec.timeout, started);
         let result = run
             .instrument(tracing::debug_span!("wasm_cli", component = name))

@@ -15,6 +15,13 @@ pub enum ShimError {
     },
     #[error("the component is a wasi:http proxy, not a command (wasi:cli/run), so it cannot run one; to look inside the pod, use `kubectl debug -it POD --image=TOOLBOX --target=CONTAINER` with a command component such as Baton's toolbox")]
     NotACommand,
+    #[error("the component imports {interface}, which its container is not granted: add {capability:?} to the pod's baton.dev/capabilities annotation")]
+    NotGranted {
+        interface: String,
+        capability: &'static str,
+    },
+    #[error("the component imports {interface}, which this node does not provide")]
+    NotProvided { interface: String },
     #[error("failed to set up the sandbox: {0}")]
     Setup(String),
     #[error("I/O error on {path}")]

@@ -43,6 +43,8 @@ pub struct ExecSpec {
     pub mounts: Vec<Mount>,
     /// Linear memory cap; 0 means the runtime's maximum.
     pub memory_bytes: usize,
+    /// The platform interfaces it is granted (its container's), and their backing.
+    pub platform: crate::platform::Platform,
 }
 
 /// The instance's stdio. Without stdin the guest reads end-of-file at once.
@@ -59,6 +61,32 @@ pub struct ExecIo {
 pub struct Terminal {
     pub columns: u16,
     pub rows: u16,
+}
+
+/// An output stream written from two places: the guest's stderr, and its wasi:logging
+/// records.
+struct Shared<S>(Arc<S>);
+
+impl<S> Clone for Shared<S> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<S: wasmtime_wasi::cli::IsTerminal> wasmtime_wasi::cli::IsTerminal for Shared<S> {
+    fn is_terminal(&self) -> bool {
+        self.0.is_terminal()
+    }
+}
+
+impl<S: StdoutStream + Sync> StdoutStream for Shared<S> {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        self.0.async_stream()
+    }
+
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        self.0.p2_stream()
+    }
 }
 
 /// One of the guest's stdio streams, reported to it as a terminal.
@@ -246,6 +274,7 @@ impl PodHandle {
         if self.rt.kind(component)? != ComponentKind::Cli {
             return Err(ShimError::NotACommand);
         }
+        spec.platform.admit(&self.rt.imports(component))?;
         let mut env = spec.env.clone();
         if let Some(t) = io.terminal {
             for (k, v) in [
@@ -261,8 +290,9 @@ impl PodHandle {
         let mut wasi = wasi_ctx(&env, &spec.argv, &spec.mounts, Some(&self.net))?;
         let (stdout, stderr) = (
             AsyncStdoutStream::new(STDOUT_BUDGET, io.stdout),
-            AsyncStdoutStream::new(STDOUT_BUDGET, io.stderr),
+            Shared(Arc::new(AsyncStdoutStream::new(STDOUT_BUDGET, io.stderr))),
         );
+        let log_sink: Box<dyn StdoutStream> = Box::new(stderr.clone());
         let stdin = io.stdin.map(AsyncStdinStream::new);
         if io.terminal.is_some() {
             wasi.stdout(OnTerminal(stdout)).stderr(OnTerminal(stderr));
@@ -296,8 +326,18 @@ impl PodHandle {
         let store_task = task.clone();
         let run = async move {
             let _live = live;
-            let (mut store, oom) =
-                rt.store(wasi, spec.memory_bytes, None, net, None, Some(store_task));
+            let platform = crate::platform::StorePlatform {
+                platform: spec.platform,
+                log_sink: Some(log_sink),
+            };
+            let (mut store, oom) = rt.store(
+                (wasi, platform),
+                spec.memory_bytes,
+                None,
+                net,
+                None,
+                Some(store_task),
+            );
             let result = rt.call_run(&mut store, &component, None, None).await;
             exit_of(result, oom.load(Ordering::Relaxed))
         }

@@ -102,6 +102,10 @@ pub(crate) struct Host {
     pub limits: Limits,
     /// Counts this instance in its pod's usage until the store is dropped.
     pub _instance: crate::usage::InstanceGuard,
+    /// The platform interfaces' backing (wasi:config, wasi:keyvalue).
+    pub platform: crate::platform::Platform,
+    /// Where wasi:logging records go: the instance's stderr.
+    pub log_sink: Option<Box<dyn wasmtime_wasi::cli::StdoutStream>>,
 }
 
 impl WasiView for Host {

@@ -49,6 +49,8 @@ pub struct HttpSpec {
     pub request_timeout: Option<Duration>,
     /// Where the request instances' stdout and stderr go; None discards them.
     pub log: Option<crate::logs::ContainerLog>,
+    /// The platform interfaces it is granted, and their backing.
+    pub platform: crate::platform::Platform,
 }
 
 /// A running HTTP component; stops serving when dropped (at once) or shut down (after
@@ -372,11 +374,15 @@ impl Serving {
             Ok(w) => w,
             Err(e) => return text(500, format!("sandbox setup failed: {e}\n")),
         };
-        match &self.spec.log {
-            Some(log) => wasi.stdout(log.stdout()).stderr(log.stderr()),
+        let log_sink: Box<dyn wasmtime_wasi::cli::StdoutStream> = match &self.spec.log {
+            Some(log) => {
+                wasi.stdout(log.stdout()).stderr(log.stderr());
+                Box::new(log.stderr())
+            }
             None => {
                 let sink = MemoryOutputPipe::new(64 << 10);
-                wasi.stdout(sink.clone()).stderr(sink)
+                wasi.stdout(sink.clone()).stderr(sink.clone());
+                Box::new(sink)
             }
         };
         let wasi = wasi.build();
@@ -387,8 +393,12 @@ impl Serving {
                 TaskCommand::Request(req.method().clone(), req.uri().clone()),
             )
         });
+        let platform = crate::platform::StorePlatform {
+            platform: self.spec.platform.clone(),
+            log_sink: Some(log_sink),
+        };
         let (mut store, oom) = self.runtime.store(
-            wasi,
+            (wasi, platform),
             self.spec.memory_bytes,
             self.spec.request_timeout,
             self.net.clone(),
@@ -625,6 +635,7 @@ impl Runtime {
         container: Option<&str>,
     ) -> Result<HttpServer, ShimError> {
         self.expect_kind(component, ComponentKind::Http)?;
+        spec.platform.admit(&self.imports(component))?;
         let instance_pre = self
             .linker
             .instantiate_pre(component)

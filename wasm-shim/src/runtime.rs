@@ -185,6 +185,7 @@ impl Runtime {
             .map_err(|e| ShimError::Setup(chain(&e)))?;
         crate::net::add_to_linker(&mut linker).map_err(|e| ShimError::Setup(chain(&e)))?;
         crate::procs::add_to_linker(&mut linker).map_err(|e| ShimError::Setup(chain(&e)))?;
+        crate::platform::add_to_linker(&mut linker).map_err(|e| ShimError::Setup(chain(&e)))?;
         let guests = crate::tiers::GuestThreads::new(cfg.guest_threads, cfg.guest_nice)
             .map_err(|e| ShimError::Setup(format!("starting the guest threads: {e}")))?;
         let pods: Arc<crate::usage::Registry> = Arc::default();
@@ -396,7 +397,7 @@ impl Runtime {
     /// A store for one instance, with its memory cap (0: the runtime maximum) and time budget.
     pub(crate) fn store(
         &self,
-        wasi: WasiCtx,
+        (wasi, platform): (WasiCtx, crate::platform::StorePlatform),
         memory_bytes: usize,
         budget: Option<Duration>,
         net: Arc<PodNet>,
@@ -416,6 +417,8 @@ impl Runtime {
             wasi,
             http: WasiHttpCtx::new(),
             table,
+            platform: platform.platform,
+            log_sink: platform.log_sink,
             limits: Limits {
                 memory_bytes: if memory_bytes == 0 {
                     self.cfg.max_memory_bytes
