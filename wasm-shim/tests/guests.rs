@@ -39,6 +39,14 @@ const GUESTS: &[(&str, &str)] = &[
         "wasi_03_sockets_share_the_pods_localhost_with_0_2_siblings",
     ),
     (
+        "config-watch",
+        "wasi_config_follows_its_values_and_logging_reaches_the_log",
+    ),
+    (
+        "kv-counter",
+        "a_keyvalue_bucket_counts_and_refuses_past_its_cap",
+    ),
+    (
         "tcp-echo",
         "tcp_echo_across_components_and_two_pods_on_one_port",
     ),
@@ -1077,6 +1085,111 @@ async fn a_wasi_03_socket_hog_is_capped() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(second);
+}
+
+/// Waits until the log's subscribers have seen a line containing `needle`.
+async fn log_shows(
+    rx: &mut tokio::sync::broadcast::Receiver<(u8, bytes::Bytes)>,
+    seen: &mut String,
+    needle: &str,
+) {
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while !seen.contains(needle) {
+            match rx.recv().await {
+                Ok((_, b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Err(e) => panic!("log closed: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "no {needle:?} in the log: {seen}");
+}
+
+/// A component reads its wasi:config values as the node has them now: a new value is
+/// read without a restart. Its wasi:logging records are lines of its container log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_config_follows_its_values_and_logging_reaches_the_log() {
+    use baton_wasm_shim::logs::{ContainerLog, LogConfig};
+    use baton_wasm_shim::{Capabilities, ConfigVars, Platform};
+    let rt = runtime();
+    let watch = rt.load_file(&guest("config-watch")).unwrap();
+    // Not granted: refused before it starts, naming the interface.
+    let refused = rt
+        .run_cli(&watch, "config-watch", &CliSpec::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ShimError::NotGranted { interface, capability: "config" }
+            if interface == "wasi:config/store@0.2.0-draft-2024-09-27"),
+        "{refused}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log = ContainerLog::open(LogConfig {
+        path: dir.path().join("log"),
+        max_bytes: 1 << 20,
+        max_files: 1,
+    })
+    .unwrap();
+    let mut rx = log.subscribe();
+    let vars = ConfigVars::new([("greeting".to_string(), "hello".to_string())].into());
+    let spec = CliSpec {
+        args: vec!["greeting".into(), "20".into()],
+        log: Some(log),
+        platform: Platform::new(Capabilities::parse("config,logging").unwrap())
+            .with_config(vars.clone()),
+        ..Default::default()
+    };
+    let rt2 = rt.clone();
+    let running = tokio::spawn(async move { rt2.run_cli(&watch, "config-watch", &spec).await });
+    let mut seen = String::new();
+    log_shows(&mut rx, &mut seen, "greeting=hello\n").await;
+    log_shows(&mut rx, &mut seen, "INFO config-watch: greeting changed\n").await;
+    vars.set([("greeting".to_string(), "bye".to_string())].into());
+    log_shows(&mut rx, &mut seen, "greeting=bye\n").await;
+    vars.set(Default::default());
+    log_shows(&mut rx, &mut seen, "greeting is not set\n").await;
+    running.abort();
+}
+
+/// A keyvalue bucket counts across runs, and a bucket at its cap refuses a write with a
+/// clear error that the guest can handle, and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyvalue_bucket_counts_and_refuses_past_its_cap() {
+    use baton_wasm_shim::{Bucket, Capabilities, MemoryBucket, Platform};
+    let rt = runtime();
+    let counter = rt.load_file(&guest("kv-counter")).unwrap();
+    let bucket: Arc<dyn Bucket> = Arc::new(MemoryBucket::new("counters", 4096));
+    let platform = Platform::new(Capabilities::parse("keyvalue").unwrap())
+        .with_bucket("counters", bucket.clone());
+    let run = |args: &[&str]| {
+        let spec = CliSpec {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            platform: platform.clone(),
+            ..Default::default()
+        };
+        let (rt, counter) = (rt.clone(), counter.clone());
+        async move {
+            let out = rt.run_cli(&counter, "kv-counter", &spec).await.unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            (out.exit.code, text)
+        }
+    };
+    assert_eq!(run(&["counters"]).await, (0, "hits=1\n".into()));
+    assert_eq!(run(&["counters"]).await, (0, "hits=2\n".into()));
+    let (code, out) = run(&["counters", "fill"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("refused after 3 values"), "{out}");
+    assert!(out.contains("is full"), "{out}");
+    assert!(out.ends_with("hits=3\n"), "{out}");
+    assert_eq!(
+        bucket.get("hits").await.unwrap().as_deref(),
+        Some(&b"3"[..])
+    );
+    // A bucket the pod did not declare is not there.
+    let (code, out) = run(&["elsewhere"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("NoSuchStore"), "{out}");
 }
 
 /// A stopped container's ports are free when the stop returns, and a stopped pod's
