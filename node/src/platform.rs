@@ -26,10 +26,7 @@ use baton_wasm_shim::{Bucket, Capabilities, ConfigVars, Platform};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{Api, Client, ResourceExt};
 
-pub const CAPABILITIES: &str = "baton.dev/capabilities";
-pub const CONFIG_FROM: &str = "baton.dev/config-from";
-pub const BUCKETS: &str = "baton.dev/keyvalue-buckets";
-pub const BUCKET_BYTES: &str = "baton.dev/keyvalue-bucket-bytes";
+pub use baton_kube::platform::{BUCKETS, BUCKET_BYTES, CAPABILITIES, CONFIG_FROM};
 
 const DEFAULT_BUCKET_BYTES: u64 = 64 << 20;
 
@@ -91,19 +88,11 @@ pub fn granted(pod: &Pod, container: &str) -> Result<Capabilities, PlatformError
 
 /// An object named by `baton.dev/config-from`: (kind, name), kind "configmap" or "secret".
 pub fn config_sources(pod: &Pod) -> Vec<(&'static str, String)> {
-    annotation(pod, CONFIG_FROM)
+    pod.metadata
+        .annotations
+        .as_ref()
+        .map(baton_kube::platform::config_sources)
         .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| match s.strip_prefix("secret:") {
-            Some(name) => ("secret", name.to_string()),
-            None => (
-                "configmap",
-                s.strip_prefix("configmap:").unwrap_or(s).to_string(),
-            ),
-        })
-        .collect()
 }
 
 /// A declared bucket's backend.
@@ -111,17 +100,6 @@ pub fn config_sources(pod: &Pod) -> Vec<(&'static str, String)> {
 enum Backend {
     Local,
     Redis { secret: String },
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 /// The pod's buckets and their cap.
@@ -137,38 +115,20 @@ fn buckets(pod: &Pod) -> Result<(Vec<(String, Backend)>, u64), PlatformError> {
             .map_err(|e| bad(BUCKET_BYTES, format!("{v:?} is not a number of bytes: {e}")))?,
         None => DEFAULT_BUCKET_BYTES,
     };
-    let mut out = Vec::new();
-    for decl in annotation(pod, BUCKETS)
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        let (name, backend) = match decl.split_once('=') {
-            None => (decl, Backend::Local),
-            Some((name, backend)) => match backend.trim().strip_prefix("redis:") {
-                Some(secret) if is_dns_subdomain(secret.trim()) => (
-                    name.trim(),
-                    Backend::Redis {
-                        secret: secret.trim().to_string(),
-                    },
-                ),
-                _ => {
-                    return Err(bad(
-                        BUCKETS,
-                        format!("{decl:?}: a backend is `redis:SECRET`"),
-                    ))
-                }
-            },
-        };
-        if !is_dns_label(name) {
-            return Err(bad(
-                BUCKETS,
-                format!("{name:?} is not a bucket name (lowercase letters, digits and '-')"),
-            ));
-        }
-        out.push((name.to_string(), backend));
-    }
+    let declared = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .map(baton_kube::platform::buckets)
+        .unwrap_or(Ok(Vec::new()))
+        .map_err(|m| bad(BUCKETS, m))?;
+    let out = declared
+        .into_iter()
+        .map(|(name, secret)| match secret {
+            Some(secret) => (name, Backend::Redis { secret }),
+            None => (name, Backend::Local),
+        })
+        .collect();
     Ok((out, cap))
 }
 

@@ -145,6 +145,8 @@ pub struct Slot {
     /// For an ephemeral container: the container it debugs, whose view (volumes,
     /// environment) it shares.
     pub target: Option<String>,
+    /// Its last try could not create it: the next try is no restart, since it never ran.
+    pub never_ran: bool,
 }
 
 impl Slot {
@@ -165,6 +167,7 @@ impl Slot {
             image_id: None,
             ephemeral: false,
             target: None,
+            never_ran: false,
         }
     }
 
@@ -282,13 +285,34 @@ impl Slot {
         };
     }
 
+    /// It could not be created (`CreateContainerError`: its image cannot run as this
+    /// container asks). As the kubelet does, it waits with the reason, never having run,
+    /// and is tried again after a back-off whatever the restart policy, since what
+    /// refused it (a grant, an object) may change.
+    pub fn create_failed(
+        &mut self,
+        reason: &str,
+        message: &str,
+        (base, max): (Duration, Duration),
+        now: Instant,
+    ) {
+        self.ready = false;
+        self.started = false;
+        self.probers.clear();
+        self.never_ran = true;
+        self.restart_at = Some(now + self.backoff.wait(Duration::ZERO, base, max));
+        self.state = State::waiting(reason, message);
+    }
+
     /// It is about to run again: what it ended with becomes its last state.
     pub fn restarting(&mut self) {
         self.restart_at = None;
         if let State::Terminated(t) = &self.state {
             self.last = Some(t.clone());
         }
-        self.restarts += 1;
+        if !std::mem::take(&mut self.never_ran) {
+            self.restarts += 1;
+        }
     }
 
     /// It was stopped with its pod and will not run again. A server's graceful stop
@@ -555,6 +579,23 @@ mod tests {
 
     const BASE: Duration = Duration::from_secs(10);
     const MAX: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn a_container_that_cannot_be_created_waits_and_is_no_restart() {
+        let mut slot = Slot::new(Container::default(), false);
+        let now = Instant::now();
+        slot.create_failed("CreateContainerError", "not granted", (BASE, MAX), now);
+        assert!(
+            matches!(&slot.state, State::Waiting { reason, .. } if reason == "CreateContainerError")
+        );
+        assert_eq!(slot.restart_at, Some(now));
+        slot.restarting();
+        slot.create_failed("CreateContainerError", "not granted", (BASE, MAX), now);
+        assert_eq!(slot.restart_at, Some(now + BASE), "backs off");
+        slot.restarting();
+        assert_eq!(slot.restarts, 0, "it never ran");
+        assert!(slot.last.is_none());
+    }
 
     #[test]
     fn restart_policies_decide_who_runs_again() {

@@ -45,7 +45,7 @@ use tracing::Instrument;
 use crate::config::{self, ContainerConfig, PodFacts};
 use crate::ipam::Ipam;
 use crate::probe;
-use crate::sandbox::{ContainerRun, Sandbox, SandboxConfig, Sandboxes};
+use crate::sandbox::{ContainerRun, Sandbox, SandboxConfig, Sandboxes, StartError};
 use crate::status::{self, End, Slot};
 
 pub use crate::sandbox::Resolvers;
@@ -801,7 +801,7 @@ impl<S: Sandboxes> Worker<S> {
             Ok(run) => run,
             Err(e) => {
                 let msg = chain(&e);
-                self.exited(i, 128, "CreateContainerError", &msg);
+                self.create_failed(i, "CreateContainerError", &msg);
                 self.event(EventType::Warning, "Failed", format!("Error: {msg}"));
                 return;
             }
@@ -838,10 +838,22 @@ impl<S: Sandboxes> Worker<S> {
             }
             Err(e) => {
                 let msg = chain(&e);
-                self.exited(i, 128, e.reason(), &msg);
+                match e {
+                    StartError::Create(_) => self.create_failed(i, e.reason(), &msg),
+                    StartError::Setup(_) => self.exited(i, 128, e.reason(), &msg),
+                }
                 self.event(EventType::Warning, "Failed", format!("Error: {msg}"));
             }
         }
+    }
+
+    /// Records that container `i` could not be created; it is tried again later.
+    fn create_failed(&mut self, i: usize, reason: &str, message: &str) {
+        let backoff = (
+            self.shared.settings.backoff_base,
+            self.shared.settings.backoff_max,
+        );
+        self.slots[i].create_failed(reason, message, backoff, Instant::now());
     }
 
     /// Adds the ephemeral containers the pod's spec gained (`kubectl debug`); the
@@ -866,6 +878,8 @@ impl<S: Sandboxes> Worker<S> {
                 .push(Slot::ephemeral(container, e.target_container_name.clone()));
             self.images.push(None);
             self.configs.push(ContainerConfig::default());
+            // A debugging container gets no platform interfaces.
+            self.platforms.push(Default::default());
         }
     }
 

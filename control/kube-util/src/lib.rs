@@ -31,6 +31,7 @@ pub mod events;
 pub mod ingress;
 pub mod leader;
 pub mod local_nodes;
+pub mod platform;
 pub mod pod;
 pub mod quantity;
 pub mod quota;

@@ -325,8 +325,36 @@ async fn ingress_tls(objects: &Objects, ns: &str, name: &str) -> bool {
         .any(|i| baton_kube::ingress::is_ours(&i, &classes))
 }
 
-/// Whether one pod's spec names the object.
+/// Whether one pod's spec, or its platform annotations, name the object.
 pub(crate) fn pod_uses(pod: &Value, resource: &str, name: &str) -> bool {
+    pod_spec_uses(pod, resource, name) || platform_uses(pod, resource, name)
+}
+
+/// Whether the pod's platform annotations name the object: wasi:config's ConfigMaps
+/// and Secrets, and the Secrets holding its Redis buckets' URLs.
+fn platform_uses(pod: &Value, resource: &str, name: &str) -> bool {
+    let Some(annotations) = pod.pointer("/metadata/annotations").and_then(|a| {
+        serde_json::from_value::<std::collections::BTreeMap<String, String>>(a.clone()).ok()
+    }) else {
+        return false;
+    };
+    let kind = match resource {
+        "configmaps" => "configmap",
+        "secrets" => "secret",
+        _ => return false,
+    };
+    baton_kube::platform::config_sources(&annotations)
+        .iter()
+        .any(|(k, n)| *k == kind && n == name)
+        || (kind == "secret"
+            && baton_kube::platform::buckets(&annotations)
+                .unwrap_or_default()
+                .iter()
+                .any(|(_, secret)| secret.as_deref() == Some(name)))
+}
+
+/// Whether one pod's spec names the object.
+fn pod_spec_uses(pod: &Value, resource: &str, name: &str) -> bool {
     let spec = &pod["spec"];
     let is = |v: &Value, ptr: &str| v.pointer(ptr).and_then(Value::as_str) == Some(name);
     let each = |v: &Value, ptr: &str| -> Vec<Value> {
@@ -404,6 +432,20 @@ mod tests {
             Some((Kind::ClusterRole, "".into(), "view".into()))
         );
         assert_eq!(k("/registry/rbac.authorization.k8s.io/other/x"), None);
+    }
+
+    #[test]
+    fn a_pod_uses_what_its_platform_annotations_name() {
+        let pod = json!({"metadata": {"annotations": {
+            "baton.dev/config-from": "settings, secret:api-keys",
+            "baton.dev/keyvalue-buckets": "local, shared=redis:kv-redis"
+        }}, "spec": {"containers": []}});
+        assert!(pod_uses(&pod, "configmaps", "settings"));
+        assert!(pod_uses(&pod, "secrets", "api-keys"));
+        assert!(pod_uses(&pod, "secrets", "kv-redis"));
+        assert!(!pod_uses(&pod, "secrets", "settings"));
+        assert!(!pod_uses(&pod, "configmaps", "api-keys"));
+        assert!(!pod_uses(&pod, "secrets", "local"));
     }
 
     #[test]
