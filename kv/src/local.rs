@@ -200,7 +200,7 @@ impl Bucket for LocalBucket {
         Box::pin(std::future::ready(r))
     }
 
-    fn increment<'a>(&'a self, key: &'a str, delta: u64) -> KvFuture<'a, u64> {
+    fn increment<'a>(&'a self, key: &'a str, delta: i64) -> KvFuture<'a, i64> {
         let r = (|| {
             let mut used = self.lock();
             let old = self.db.get(self.key(key)).map_err(backend)?;
@@ -211,6 +211,22 @@ impl Bucket for LocalBucket {
                 })?;
             self.put(&mut used, key, next.to_string().as_bytes())?;
             Ok(next)
+        })();
+        Box::pin(std::future::ready(r))
+    }
+
+    fn swap_if<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+    ) -> KvFuture<'a, bool> {
+        let r = (|| {
+            let mut used = self.lock();
+            if self.db.get(self.key(key)).map_err(backend)? != expected {
+                return Ok(false);
+            }
+            self.put(&mut used, key, &value).map(|()| true)
         })();
         Box::pin(std::future::ready(r))
     }
@@ -242,6 +258,11 @@ mod tests {
         let b = store.bucket("default", "counters", 64).unwrap();
         assert_eq!(b.used(), 5);
         assert_eq!(b.increment("hits", 1).await.unwrap(), 3);
+        assert!(!b
+            .swap_if("hits", Some(b"2".to_vec()), b"9".to_vec())
+            .await
+            .unwrap());
+        assert!(b.swap_if("k2", None, b"w".to_vec()).await.unwrap());
         b.set("k2", b"v".to_vec()).await.unwrap();
         let (keys, next) = b.list_keys(None).await.unwrap();
         assert_eq!(keys, ["hits", "k2"]);

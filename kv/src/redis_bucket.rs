@@ -57,6 +57,15 @@ impl RedisBucket {
         Ok(conn.clone())
     }
 
+    fn too_big(&self, len: usize) -> KvError {
+        KvError::Full {
+            bucket: self.name.clone(),
+            used: 0,
+            cap: self.max_value,
+            asked: len as u64,
+        }
+    }
+
     fn timed_out(&self) -> KvError {
         KvError::Backend(format!(
             "Redis of bucket {} did not answer in {OP_TIMEOUT:?}",
@@ -84,12 +93,7 @@ impl Bucket for RedisBucket {
     fn set<'a>(&'a self, key: &'a str, value: Vec<u8>) -> KvFuture<'a, ()> {
         Box::pin(async move {
             if value.len() as u64 > self.max_value {
-                return Err(KvError::Full {
-                    bucket: self.name.clone(),
-                    used: 0,
-                    cap: self.max_value,
-                    asked: value.len() as u64,
-                });
+                return Err(self.too_big(value.len()));
             }
             self.run(async |c| c.set(key, value).await).await
         })
@@ -119,20 +123,15 @@ impl Bucket for RedisBucket {
         })
     }
 
-    fn increment<'a>(&'a self, key: &'a str, delta: u64) -> KvFuture<'a, u64> {
+    fn increment<'a>(&'a self, key: &'a str, delta: i64) -> KvFuture<'a, i64> {
         Box::pin(async move {
-            let delta = i64::try_from(delta).map_err(|_| KvError::Overflow {
-                key: key.to_string(),
-            })?;
             let mut conn = self.conn().await?;
             let r: redis::RedisResult<i64> =
                 tokio::time::timeout(OP_TIMEOUT, conn.incr(key, delta))
                     .await
                     .map_err(|_| self.timed_out())?;
             match r {
-                Ok(n) => u64::try_from(n).map_err(|_| KvError::NotACounter {
-                    key: key.to_string(),
-                }),
+                Ok(n) => Ok(n),
                 // Redis refuses INCRBY on a value that is not an integer, or past i64.
                 Err(e) if e.kind() == redis::ErrorKind::ResponseError => {
                     Err(KvError::NotACounter {
@@ -141,6 +140,44 @@ impl Bucket for RedisBucket {
                 }
                 Err(e) => Err(KvError::Backend(format!("Redis: {e}"))),
             }
+        })
+    }
+
+    fn swap_if<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+    ) -> KvFuture<'a, bool> {
+        Box::pin(async move {
+            if value.len() as u64 > self.max_value {
+                return Err(self.too_big(value.len()));
+            }
+            // One script, so that the compare and the write are one step for Redis.
+            let script = redis::Script::new(
+                r"local v = redis.call('GET', KEYS[1])
+                  if (ARGV[1] == '0' and v == false) or (ARGV[1] == '1' and v == ARGV[2]) then
+                    redis.call('SET', KEYS[1], ARGV[3])
+                    return 1
+                  end
+                  return 0",
+            );
+            let (present, seen) = match expected {
+                Some(v) => ("1", v),
+                None => ("0", Vec::new()),
+            };
+            let swapped: i64 = self
+                .run(async move |c| {
+                    script
+                        .key(key)
+                        .arg(present)
+                        .arg(seen)
+                        .arg(value)
+                        .invoke_async(c)
+                        .await
+                })
+                .await?;
+            Ok(swapped == 1)
         })
     }
 }

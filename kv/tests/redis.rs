@@ -36,6 +36,19 @@ async fn two_handles_on_one_redis_bucket_share_its_counter() {
         Err(KvError::NotACounter { .. })
     ));
     assert!(b.exists("text").await.unwrap());
+    // Compare-and-swap: one of two racing swaps from the same value wins.
+    assert!(a
+        .swap_if("text", Some(b"hello".to_vec()), b"a".to_vec())
+        .await
+        .unwrap());
+    assert!(!b
+        .swap_if("text", Some(b"hello".to_vec()), b"b".to_vec())
+        .await
+        .unwrap());
+    assert!(b.swap_if("fresh", None, b"1".to_vec()).await.unwrap());
+    assert!(!a.swap_if("fresh", None, b"2".to_vec()).await.unwrap());
+    b.delete("fresh").await.unwrap();
+    assert_eq!(a.get("text").await.unwrap().as_deref(), Some(&b"a"[..]));
     let (mut keys, _) = b.list_keys(None).await.unwrap();
     keys.sort();
     assert_eq!(keys, ["hits", "text"]);

@@ -46,6 +46,7 @@ const GUESTS: &[(&str, &str)] = &[
         "kv-counter",
         "a_keyvalue_bucket_counts_and_refuses_past_its_cap",
     ),
+    ("kv-cas", "spins_keyvalue_draft_swaps_batches_and_pages"),
     (
         "tcp-echo",
         "tcp_echo_across_components_and_two_pods_on_one_port",
@@ -1190,6 +1191,33 @@ async fn a_keyvalue_bucket_counts_and_refuses_past_its_cap() {
     let (code, out) = run(&["elsewhere"]).await;
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("NoSuchStore"), "{out}");
+}
+
+/// Spin's wasi:keyvalue (0.2.0-draft2): signed counters, batches, text cursors, and a
+/// compare-and-swap that loses a race and wins its retry, on the same buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spins_keyvalue_draft_swaps_batches_and_pages() {
+    use baton_wasm_shim::{Capabilities, MemoryBucket, Platform};
+    let rt = runtime();
+    let cas = rt.load_file(&guest("kv-cas")).unwrap();
+    let spec = CliSpec {
+        args: vec!["cas".into()],
+        platform: Platform::new(Capabilities::parse("keyvalue").unwrap())
+            .with_bucket("cas", Arc::new(MemoryBucket::new("cas", 1 << 20))),
+        ..Default::default()
+    };
+    let out = rt.run_cli(&cas, "kv-cas", &spec).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.exit.code,
+        0,
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout,
+        "counter=-5\nbatch=a:1,zz:-\nkeys=a,b,n more=false\nlost to theirs\na=ours\n"
+    );
 }
 
 /// A stopped container's ports are free when the stop returns, and a stopped pod's

@@ -151,7 +151,10 @@ async fn client(host: &str, port: u16, wait_ns: u64) -> Result<(), String> {
             got.extend(buf);
         }
         if got != msg {
-            return Err(format!("echo mismatch: {:?}", String::from_utf8_lossy(&got)));
+            return Err(format!(
+                "echo mismatch: {:?}",
+                String::from_utf8_lossy(&got)
+            ));
         }
     }
     drop(tx);

@@ -19,8 +19,6 @@ use wasmtime::component::{ComponentType, Lift, Linker, Lower, Resource, Resource
 
 use crate::host::Host;
 
-const VERSIONS: &[&str] = &["0.2.0-draft"];
-
 /// The longest key a guest may use.
 pub const MAX_KEY_BYTES: usize = 4096;
 
@@ -42,7 +40,7 @@ pub enum KvError {
         cap: u64,
         asked: u64,
     },
-    #[error("the value of {key:?} is not a counter (decimal u64)")]
+    #[error("the value of {key:?} is not a counter (a decimal 64-bit integer)")]
     NotACounter { key: String },
     #[error("incrementing {key:?} overflows")]
     Overflow { key: String },
@@ -64,11 +62,19 @@ pub trait Bucket: Send + Sync + 'static {
     /// A page of keys from `cursor` (None: the start), and the cursor of the next page.
     fn list_keys(&self, cursor: Option<u64>) -> KvFuture<'_, (Vec<String>, Option<u64>)>;
     /// Adds `delta` to the counter at `key` (absent: 0), atomically, and returns it.
-    fn increment<'a>(&'a self, key: &'a str, delta: u64) -> KvFuture<'a, u64>;
+    fn increment<'a>(&'a self, key: &'a str, delta: i64) -> KvFuture<'a, i64>;
+    /// Writes `value` at `key` if the value there is still `expected` (None: absent),
+    /// atomically; false if it was not.
+    fn swap_if<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+    ) -> KvFuture<'a, bool>;
 }
 
 /// Reads a counter's decimal text.
-pub fn counter(key: &str, value: Option<&[u8]>) -> Result<u64, KvError> {
+pub fn counter(key: &str, value: Option<&[u8]>) -> Result<i64, KvError> {
     match value {
         None => Ok(0),
         Some(v) => std::str::from_utf8(v)
@@ -98,8 +104,17 @@ impl MemoryBucket {
         }
     }
 
-    fn put(&self, key: &str, value: Vec<u8>) -> Result<(), KvError> {
-        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes within the cap, on the map its caller holds locked.
+    fn put(
+        &self,
+        data: &mut BTreeMap<String, Vec<u8>>,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<(), KvError> {
         let used: u64 = data.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
         let freed = data.get(key).map_or(0, |v| (key.len() + v.len()) as u64);
         let asked = (key.len() + value.len()) as u64;
@@ -118,13 +133,13 @@ impl MemoryBucket {
 
 impl Bucket for MemoryBucket {
     fn get<'a>(&'a self, key: &'a str) -> KvFuture<'a, Option<Vec<u8>>> {
-        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let data = self.lock();
         let v = data.get(key).cloned();
         Box::pin(std::future::ready(Ok(v)))
     }
 
     fn set<'a>(&'a self, key: &'a str, value: Vec<u8>) -> KvFuture<'a, ()> {
-        Box::pin(std::future::ready(self.put(key, value)))
+        Box::pin(std::future::ready(self.put(&mut self.lock(), key, value)))
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, ()> {
@@ -149,19 +164,33 @@ impl Bucket for MemoryBucket {
         Box::pin(std::future::ready(Ok((keys, next))))
     }
 
-    fn increment<'a>(&'a self, key: &'a str, delta: u64) -> KvFuture<'a, u64> {
+    fn increment<'a>(&'a self, key: &'a str, delta: i64) -> KvFuture<'a, i64> {
         let result = (|| {
-            let current = {
-                let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
-                counter(key, data.get(key).map(Vec::as_slice))?
-            };
+            let mut data = self.lock();
+            let current = counter(key, data.get(key).map(Vec::as_slice))?;
             let next = current
                 .checked_add(delta)
                 .ok_or_else(|| KvError::Overflow {
                     key: key.to_string(),
                 })?;
-            self.put(key, next.to_string().into_bytes())?;
+            self.put(&mut data, key, next.to_string().into_bytes())?;
             Ok(next)
+        })();
+        Box::pin(std::future::ready(result))
+    }
+
+    fn swap_if<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+    ) -> KvFuture<'a, bool> {
+        let result = (|| {
+            let mut data = self.lock();
+            if data.get(key) != expected.as_ref() {
+                return Ok(false);
+            }
+            self.put(&mut data, key, value).map(|()| true)
         })();
         Box::pin(std::future::ready(result))
     }
@@ -169,6 +198,13 @@ impl Bucket for MemoryBucket {
 
 /// A guest's handle on an open bucket.
 pub(crate) struct OpenBucket(Arc<dyn Bucket>);
+
+/// A guest's compare-and-swap handle (draft2's `cas`): the value it saw at `key`.
+pub(crate) struct OpenCas {
+    bucket: Arc<dyn Bucket>,
+    key: String,
+    seen: Option<Vec<u8>>,
+}
 
 /// wasi:keyvalue's `error`.
 #[derive(ComponentType, Lift, Lower, Clone, Debug)]
@@ -191,11 +227,30 @@ impl From<KvError> for GuestError {
     }
 }
 
+/// draft's `key-response`: a cursor is a number.
 #[derive(ComponentType, Lift, Lower, Clone, Debug)]
 #[component(record)]
 struct KeyResponse {
     keys: Vec<String>,
     cursor: Option<u64>,
+}
+
+/// draft2's `key-response`: a cursor is text.
+#[derive(ComponentType, Lift, Lower, Clone, Debug)]
+#[component(record)]
+struct KeyResponse2 {
+    keys: Vec<String>,
+    cursor: Option<String>,
+}
+
+/// draft2's `cas-error`.
+#[derive(ComponentType, Lower)]
+#[component(variant)]
+enum CasError {
+    #[component(name = "store-error")]
+    StoreError(GuestError),
+    #[component(name = "cas-failed")]
+    CasFailed(Resource<OpenCas>),
 }
 
 type GuestResult<T> = Result<T, GuestError>;
@@ -221,169 +276,311 @@ fn check_batch(n: usize) -> Result<(), GuestError> {
     Ok(())
 }
 
-pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
-    for version in VERSIONS {
-        let mut store = linker.instance(&format!("wasi:keyvalue/store@{version}"))?;
-        store.resource(
-            "bucket",
-            ResourceType::host::<OpenBucket>(),
-            |mut store, rep| {
-                store
-                    .data_mut()
-                    .table
-                    .delete(Resource::<OpenBucket>::new_own(rep))?;
-                Ok(())
-            },
-        )?;
-        store.func_wrap("open", |mut store, (name,): (String,)| {
-            let host = store.data_mut();
-            let Some(b) = host.platform.bucket(&name) else {
-                return Ok((Err(GuestError::NoSuchStore),));
-            };
-            let handle = host.table.push(OpenBucket(b))?;
-            Ok((Ok::<_, GuestError>(handle),))
-        })?;
-        store.func_wrap_async(
-            "[method]bucket.get",
-            |store, (this, key): (Resource<OpenBucket>, String)| {
-                Box::new(async move {
-                    let b = bucket(store.data(), &this)?;
-                    let r: GuestResult<Option<Vec<u8>>> = match check_key(&key) {
-                        Ok(()) => b.get(&key).await.map_err(Into::into),
-                        Err(e) => Err(e),
-                    };
-                    Ok((r,))
-                })
-            },
-        )?;
-        store.func_wrap_async(
-            "[method]bucket.set",
-            |store, (this, key, value): (Resource<OpenBucket>, String, Vec<u8>)| {
-                Box::new(async move {
-                    let b = bucket(store.data(), &this)?;
-                    let r: GuestResult<()> = match check_key(&key) {
-                        Ok(()) => b.set(&key, value).await.map_err(Into::into),
-                        Err(e) => Err(e),
-                    };
-                    Ok((r,))
-                })
-            },
-        )?;
-        store.func_wrap_async(
-            "[method]bucket.delete",
-            |store, (this, key): (Resource<OpenBucket>, String)| {
-                Box::new(async move {
-                    let b = bucket(store.data(), &this)?;
-                    let r: GuestResult<()> = match check_key(&key) {
-                        Ok(()) => b.delete(&key).await.map_err(Into::into),
-                        Err(e) => Err(e),
-                    };
-                    Ok((r,))
-                })
-            },
-        )?;
-        store.func_wrap_async(
-            "[method]bucket.exists",
-            |store, (this, key): (Resource<OpenBucket>, String)| {
-                Box::new(async move {
-                    let b = bucket(store.data(), &this)?;
-                    let r: GuestResult<bool> = match check_key(&key) {
-                        Ok(()) => b.exists(&key).await.map_err(Into::into),
-                        Err(e) => Err(e),
-                    };
-                    Ok((r,))
-                })
-            },
-        )?;
-        store.func_wrap_async(
-            "[method]bucket.list-keys",
-            |store, (this, cursor): (Resource<OpenBucket>, Option<u64>)| {
-                Box::new(async move {
-                    let b = bucket(store.data(), &this)?;
-                    let r: GuestResult<KeyResponse> = b
-                        .list_keys(cursor)
-                        .await
-                        .map(|(keys, cursor)| KeyResponse { keys, cursor })
-                        .map_err(Into::into);
-                    Ok((r,))
-                })
-            },
-        )?;
+/// Runs `op` on the bucket after checking `key`.
+async fn on_key<T, F>(
+    b: Arc<dyn Bucket>,
+    key: &str,
+    op: impl FnOnce(Arc<dyn Bucket>) -> F,
+) -> GuestResult<T>
+where
+    F: Future<Output = Result<T, KvError>>,
+{
+    check_key(key)?;
+    op(b).await.map_err(Into::into)
+}
 
-        let mut atomics = linker.instance(&format!("wasi:keyvalue/atomics@{version}"))?;
-        atomics.func_wrap_async(
-            "increment",
-            |store, (this, key, delta): (Resource<OpenBucket>, String, u64)| {
-                Box::new(async move {
-                    let b = bucket(store.data(), &this)?;
-                    let r: GuestResult<u64> = match check_key(&key) {
-                        Ok(()) => b.increment(&key, delta).await.map_err(Into::into),
-                        Err(e) => Err(e),
-                    };
-                    Ok((r,))
+/// The functions both drafts share: `open`, the bucket's get/set/delete/exists, and
+/// batch's set-many and delete-many.
+fn add_common(linker: &mut Linker<Host>, version: &str) -> wasmtime::Result<()> {
+    let mut store = linker.instance(&format!("wasi:keyvalue/store@{version}"))?;
+    store.resource(
+        "bucket",
+        ResourceType::host::<OpenBucket>(),
+        |mut store, rep| {
+            store
+                .data_mut()
+                .table
+                .delete(Resource::<OpenBucket>::new_own(rep))?;
+            Ok(())
+        },
+    )?;
+    store.func_wrap("open", |mut store, (name,): (String,)| {
+        let host = store.data_mut();
+        let Some(b) = host.platform.bucket(&name) else {
+            return Ok((Err(GuestError::NoSuchStore),));
+        };
+        let handle = host.table.push(OpenBucket(b))?;
+        Ok((Ok::<_, GuestError>(handle),))
+    })?;
+    store.func_wrap_async(
+        "[method]bucket.get",
+        |store, (this, key): (Resource<OpenBucket>, String)| {
+            Box::new(async move {
+                let r = on_key(bucket(store.data(), &this)?, &key, async |b| {
+                    b.get(&key).await
                 })
-            },
-        )?;
-
-        let mut batch = linker.instance(&format!("wasi:keyvalue/batch@{version}"))?;
-        batch.func_wrap_async(
-            "get-many",
-            |store, (this, keys): (Resource<OpenBucket>, Vec<String>)| {
-                Box::new(async move {
-                    let b = bucket(store.data(), &this)?;
-                    let r: GuestResult<Vec<Option<(String, Vec<u8>)>>> = async {
-                        check_batch(keys.len())?;
-                        let mut out = Vec::with_capacity(keys.len());
-                        for key in keys {
-                            check_key(&key)?;
-                            let v = b.get(&key).await?;
-                            out.push(v.map(|v| (key, v)));
-                        }
-                        Ok(out)
+                .await;
+                Ok((r,))
+            })
+        },
+    )?;
+    store.func_wrap_async(
+        "[method]bucket.set",
+        |store, (this, key, value): (Resource<OpenBucket>, String, Vec<u8>)| {
+            Box::new(async move {
+                let r = on_key(bucket(store.data(), &this)?, &key, async |b| {
+                    b.set(&key, value).await
+                })
+                .await;
+                Ok((r,))
+            })
+        },
+    )?;
+    store.func_wrap_async(
+        "[method]bucket.delete",
+        |store, (this, key): (Resource<OpenBucket>, String)| {
+            Box::new(async move {
+                let r = on_key(bucket(store.data(), &this)?, &key, async |b| {
+                    b.delete(&key).await
+                })
+                .await;
+                Ok((r,))
+            })
+        },
+    )?;
+    store.func_wrap_async(
+        "[method]bucket.exists",
+        |store, (this, key): (Resource<OpenBucket>, String)| {
+            Box::new(async move {
+                let r = on_key(bucket(store.data(), &this)?, &key, async |b| {
+                    b.exists(&key).await
+                })
+                .await;
+                Ok((r,))
+            })
+        },
+    )?;
+    let mut batch = linker.instance(&format!("wasi:keyvalue/batch@{version}"))?;
+    batch.func_wrap_async(
+        "set-many",
+        |store, (this, pairs): (Resource<OpenBucket>, Vec<(String, Vec<u8>)>)| {
+            Box::new(async move {
+                let b = bucket(store.data(), &this)?;
+                let r: GuestResult<()> = async {
+                    check_batch(pairs.len())?;
+                    for (key, value) in pairs {
+                        check_key(&key)?;
+                        b.set(&key, value).await?;
                     }
-                    .await;
-                    Ok((r,))
-                })
-            },
-        )?;
-        batch.func_wrap_async(
-            "set-many",
-            |store, (this, pairs): (Resource<OpenBucket>, Vec<(String, Vec<u8>)>)| {
-                Box::new(async move {
-                    let b = bucket(store.data(), &this)?;
-                    let r: GuestResult<()> = async {
-                        check_batch(pairs.len())?;
-                        for (key, value) in pairs {
-                            check_key(&key)?;
-                            b.set(&key, value).await?;
-                        }
-                        Ok(())
+                    Ok(())
+                }
+                .await;
+                Ok((r,))
+            })
+        },
+    )?;
+    batch.func_wrap_async(
+        "delete-many",
+        |store, (this, keys): (Resource<OpenBucket>, Vec<String>)| {
+            Box::new(async move {
+                let b = bucket(store.data(), &this)?;
+                let r: GuestResult<()> = async {
+                    check_batch(keys.len())?;
+                    for key in keys {
+                        check_key(&key)?;
+                        b.delete(&key).await?;
                     }
-                    .await;
-                    Ok((r,))
-                })
-            },
-        )?;
-        batch.func_wrap_async(
-            "delete-many",
-            |store, (this, keys): (Resource<OpenBucket>, Vec<String>)| {
-                Box::new(async move {
-                    let b = bucket(store.data(), &this)?;
-                    let r: GuestResult<()> = async {
-                        check_batch(keys.len())?;
-                        for key in keys {
-                            check_key(&key)?;
-                            b.delete(&key).await?;
-                        }
-                        Ok(())
-                    }
-                    .await;
-                    Ok((r,))
-                })
-            },
-        )?;
-    }
+                    Ok(())
+                }
+                .await;
+                Ok((r,))
+            })
+        },
+    )?;
     Ok(())
+}
+
+/// Reads every key named, as (key, value if any), in order.
+async fn get_many(
+    b: &Arc<dyn Bucket>,
+    keys: Vec<String>,
+) -> GuestResult<Vec<(String, Option<Vec<u8>>)>> {
+    check_batch(keys.len())?;
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        check_key(&key)?;
+        let v = b.get(&key).await?;
+        out.push((key, v));
+    }
+    Ok(out)
+}
+
+/// `wasi:keyvalue@0.2.0-draft`, as wasmtime-wasi-keyvalue serves it.
+fn add_draft(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    const V: &str = "0.2.0-draft";
+    add_common(linker, V)?;
+    let mut store = linker.instance(&format!("wasi:keyvalue/store@{V}"))?;
+    store.func_wrap_async(
+        "[method]bucket.list-keys",
+        |store, (this, cursor): (Resource<OpenBucket>, Option<u64>)| {
+            Box::new(async move {
+                let b = bucket(store.data(), &this)?;
+                let r: GuestResult<KeyResponse> = b
+                    .list_keys(cursor)
+                    .await
+                    .map(|(keys, cursor)| KeyResponse { keys, cursor })
+                    .map_err(Into::into);
+                Ok((r,))
+            })
+        },
+    )?;
+    let mut atomics = linker.instance(&format!("wasi:keyvalue/atomics@{V}"))?;
+    atomics.func_wrap_async(
+        "increment",
+        |store, (this, key, delta): (Resource<OpenBucket>, String, u64)| {
+            Box::new(async move {
+                let r = on_key(bucket(store.data(), &this)?, &key, async |b| {
+                    let delta =
+                        i64::try_from(delta).map_err(|_| KvError::Overflow { key: key.clone() })?;
+                    let n = b.increment(&key, delta).await?;
+                    // This draft's counters are unsigned.
+                    u64::try_from(n).map_err(|_| KvError::NotACounter { key: key.clone() })
+                })
+                .await;
+                Ok((r,))
+            })
+        },
+    )?;
+    let mut batch = linker.instance(&format!("wasi:keyvalue/batch@{V}"))?;
+    batch.func_wrap_async(
+        "get-many",
+        |store, (this, keys): (Resource<OpenBucket>, Vec<String>)| {
+            Box::new(async move {
+                let b = bucket(store.data(), &this)?;
+                let r: GuestResult<Vec<Option<(String, Vec<u8>)>>> = get_many(&b, keys)
+                    .await
+                    .map(|all| all.into_iter().map(|(k, v)| v.map(|v| (k, v))).collect());
+                Ok((r,))
+            })
+        },
+    )?;
+    Ok(())
+}
+
+/// `wasi:keyvalue@0.2.0-draft2`, as Spin serves it: text cursors, signed counters,
+/// compare-and-swap, and every key named in `get-many`'s answer.
+fn add_draft2(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    const V: &str = "0.2.0-draft2";
+    add_common(linker, V)?;
+    let mut store = linker.instance(&format!("wasi:keyvalue/store@{V}"))?;
+    store.func_wrap_async(
+        "[method]bucket.list-keys",
+        |store, (this, cursor): (Resource<OpenBucket>, Option<String>)| {
+            Box::new(async move {
+                let b = bucket(store.data(), &this)?;
+                let r: GuestResult<KeyResponse2> = async {
+                    let cursor = match cursor {
+                        None => None,
+                        Some(c) => Some(c.parse::<u64>().map_err(|_| {
+                            GuestError::Other(format!("{c:?} is not a cursor this bucket gave"))
+                        })?),
+                    };
+                    let (keys, next) = b.list_keys(cursor).await?;
+                    Ok(KeyResponse2 {
+                        keys,
+                        cursor: next.map(|n| n.to_string()),
+                    })
+                }
+                .await;
+                Ok((r,))
+            })
+        },
+    )?;
+    let mut atomics = linker.instance(&format!("wasi:keyvalue/atomics@{V}"))?;
+    atomics.resource("cas", ResourceType::host::<OpenCas>(), |mut store, rep| {
+        store
+            .data_mut()
+            .table
+            .delete(Resource::<OpenCas>::new_own(rep))?;
+        Ok(())
+    })?;
+    atomics.func_wrap_async(
+        "increment",
+        |store, (this, key, delta): (Resource<OpenBucket>, String, i64)| {
+            Box::new(async move {
+                let r = on_key(bucket(store.data(), &this)?, &key, async |b| {
+                    b.increment(&key, delta).await
+                })
+                .await;
+                Ok((r,))
+            })
+        },
+    )?;
+    atomics.func_wrap_async(
+        "[static]cas.new",
+        |mut store, (this, key): (Resource<OpenBucket>, String)| {
+            Box::new(async move {
+                let seen = on_key(bucket(store.data(), &this)?, &key, async |b| {
+                    b.get(&key).await
+                })
+                .await;
+                let r = match seen {
+                    Ok(seen) => {
+                        let bucket = bucket(store.data(), &this)?;
+                        let cas = OpenCas { bucket, key, seen };
+                        Ok(store.data_mut().table.push(cas)?)
+                    }
+                    Err(e) => Err(e),
+                };
+                Ok((r,))
+            })
+        },
+    )?;
+    atomics.func_wrap(
+        "[method]cas.current",
+        |store, (this,): (Resource<OpenCas>,)| {
+            let cas = store.data().table.get(&this)?;
+            Ok((Ok::<_, GuestError>(cas.seen.clone()),))
+        },
+    )?;
+    atomics.func_wrap_async(
+        "swap",
+        |mut store, (this, value): (Resource<OpenCas>, Vec<u8>)| {
+            Box::new(async move {
+                let cas = store.data_mut().table.delete(this)?;
+                let swapped = cas.bucket.swap_if(&cas.key, cas.seen.clone(), value).await;
+                let r = match swapped {
+                    Ok(true) => Ok(()),
+                    Err(e) => Err(CasError::StoreError(e.into())),
+                    // Lost the race: a new handle, on the value there now.
+                    Ok(false) => match cas.bucket.get(&cas.key).await {
+                        Ok(seen) => {
+                            let again = OpenCas { seen, ..cas };
+                            Err(CasError::CasFailed(store.data_mut().table.push(again)?))
+                        }
+                        Err(e) => Err(CasError::StoreError(e.into())),
+                    },
+                };
+                Ok((r,))
+            })
+        },
+    )?;
+    let mut batch = linker.instance(&format!("wasi:keyvalue/batch@{V}"))?;
+    batch.func_wrap_async(
+        "get-many",
+        |store, (this, keys): (Resource<OpenBucket>, Vec<String>)| {
+            Box::new(async move {
+                let b = bucket(store.data(), &this)?;
+                Ok((get_many(&b, keys).await,))
+            })
+        },
+    )?;
+    Ok(())
+}
+
+pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    add_draft(linker)?;
+    add_draft2(linker)
 }
 
 #[cfg(test)]
@@ -396,6 +593,8 @@ mod tests {
         assert_eq!(b.increment("n", 2).await.unwrap(), 2);
         assert_eq!(b.increment("n", 3).await.unwrap(), 5);
         assert_eq!(b.get("n").await.unwrap().as_deref(), Some(&b"5"[..]));
+        assert_eq!(b.increment("n", -1).await.unwrap(), 4);
+        assert_eq!(b.increment("n", 1).await.unwrap(), 5);
         let full = b.set("big", vec![0; 100]).await.unwrap_err();
         assert!(matches!(full, KvError::Full { cap: 64, .. }), "{full}");
         // What was there is intact, and a rewrite within the cap still works.

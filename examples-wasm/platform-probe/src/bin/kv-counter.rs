@@ -5,7 +5,7 @@
 //!   then counts as `count` does: a full bucket still serves its reads and rewrites.
 wit_bindgen::generate!({ path: "wit", world: "baton:probe/kv-counter", generate_all });
 
-use wasi::keyvalue::{atomics, store};
+use wasi::keyvalue0_2_0_draft::{atomics, store};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
