@@ -189,6 +189,7 @@ impl NodeArgs {
         cfg.kubelet_port = self.kubelet_port;
         cfg.heartbeat = Duration::from_secs(self.node_lease_duration) / 4;
         cfg.local_images = self.local_images.clone();
+        cfg.runtime.guest_spans = crate::otel::guest_spans();
         if !self.disable_ingress {
             let ip: std::net::IpAddr = self.address.parse().map_err(|_| {
                 anyhow::anyhow!("--node-address {:?} is not an IP address", self.address)

@@ -6,7 +6,11 @@
 //! the process's spans (Raft's, the HTTP stacks', long-lived per-pod ones) stay out: a
 //! trace should read as the story of one change, not of the process.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use baton_wasm_shim::platform::otel::{GuestSpan, SpanSink};
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SpanData, SpanProcessor as _};
 
 use anyhow::{Context, Result};
 use opentelemetry::trace::TracerProvider as _;
@@ -36,6 +40,86 @@ impl Telemetry {
                 eprintln!("warning: flushing traces: {e}");
             }
         }
+        if let Some(g) = GUEST_SPANS.get() {
+            if let Err(e) = g.shutdown() {
+                eprintln!("warning: flushing components' traces: {e}");
+            }
+        }
+    }
+}
+
+/// The batch that components' own spans (wasi:otel) are exported through, to the same
+/// collector as the process's: set when traces are exported.
+static GUEST_SPANS: OnceLock<BatchSpanProcessor> = OnceLock::new();
+
+/// Where a node sends its components' spans: None when the process exports no traces
+/// (the node then drops and counts them).
+pub fn guest_spans() -> Option<SpanSink> {
+    GUEST_SPANS.get()?;
+    Some(SpanSink(Arc::new(|span| {
+        if let Some(g) = GUEST_SPANS.get() {
+            g.on_end(span_data(span));
+        }
+    })))
+}
+
+/// A component's span as the OpenTelemetry SDK exports it.
+fn span_data(s: GuestSpan) -> SpanData {
+    use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId};
+    let flags = if s.sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from_bytes(s.trace_id),
+            SpanId::from_bytes(s.span_id),
+            flags,
+            false,
+            Default::default(),
+        ),
+        parent_span_id: s.parent_span_id.map_or(SpanId::INVALID, SpanId::from_bytes),
+        parent_span_is_remote: false,
+        span_kind: match s.kind.as_str() {
+            "client" => SpanKind::Client,
+            "server" => SpanKind::Server,
+            "producer" => SpanKind::Producer,
+            "consumer" => SpanKind::Consumer,
+            _ => SpanKind::Internal,
+        },
+        name: s.name.into(),
+        start_time: s.start,
+        end_time: s.end,
+        attributes: s
+            .attributes
+            .into_iter()
+            .map(|(k, v)| opentelemetry::KeyValue::new(k, attribute_value(v)))
+            .collect(),
+        dropped_attributes_count: 0,
+        events: Default::default(),
+        links: Default::default(),
+        status: match s.status {
+            None => Status::Unset,
+            Some(None) => Status::Ok,
+            Some(Some(m)) => Status::error(m),
+        },
+        instrumentation_scope: opentelemetry::InstrumentationScope::builder(s.scope).build(),
+    }
+}
+
+/// wasi:otel sends attribute values JSON-encoded: a JSON string is its text, a number
+/// or a boolean is itself, anything else stays as its JSON.
+fn attribute_value(json: String) -> opentelemetry::Value {
+    match serde_json::from_str::<serde_json::Value>(&json) {
+        Ok(serde_json::Value::String(s)) => s.into(),
+        Ok(serde_json::Value::Bool(b)) => b.into(),
+        Ok(serde_json::Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => i.into(),
+            (None, Some(f)) => f.into(),
+            _ => json.into(),
+        },
+        _ => json.into(),
     }
 }
 
@@ -77,14 +161,29 @@ pub fn init(otlp_endpoint: Option<&str>, service: &str) -> Result<Telemetry> {
         .with_timeout(Duration::from_secs(10))
         .build()
         .with_context(|| format!("setting up the OTLP exporter to {url}"))?;
+    let resource = Resource::builder()
+        .with_service_name(service.to_string())
+        .build();
     let provider = SdkTracerProvider::builder()
-        .with_resource(
-            Resource::builder()
-                .with_service_name(service.to_string())
-                .build(),
-        )
+        .with_resource(resource)
         .with_batch_exporter(exporter)
         .build();
+    // Components' spans go to the same collector, through an exporter of their own:
+    // the provider's batch takes only spans its own tracer made.
+    let guest_exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(&url)
+        .with_timeout(Duration::from_secs(10))
+        .build()
+        .with_context(|| format!("setting up the OTLP exporter to {url}"))?;
+    let mut guests = BatchSpanProcessor::builder(guest_exporter).build();
+    guests.set_resource(
+        &Resource::builder()
+            .with_service_name(format!("{service}-components"))
+            .build(),
+    );
+    let _ = GUEST_SPANS.set(guests);
     let traced = Targets::new()
         .with_default(LevelFilter::WARN)
         .with_target(baton_kube::trace::TARGET, LevelFilter::INFO)

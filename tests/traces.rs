@@ -300,3 +300,44 @@ spec:
         "{annotation} is not in trace {hex}"
     );
 }
+
+/// A component's own span (wasi:otel) reaches the same collector, as a span of the
+/// node's components; its log record is in `kubectl logs`.
+#[test]
+fn a_components_spans_reach_the_collector() {
+    let collector = Collector::start();
+    let endpoint = format!("http://{}", collector.addr);
+    let b = Baton::start_with(&["--otlp-endpoint", &endpoint]);
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: probe
+  annotations:
+    baton.dev/capabilities: otel
+spec:
+  restartPolicy: Never
+  containers:
+  - name: probe
+    image: {}
+    args: ["from-a-pod"]
+"#,
+        baton::guest("otel-probe")
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&manifest));
+    let span = wait_for(&b, 60, "the component's span at the collector", || {
+        collector
+            .spans()
+            .into_iter()
+            .find(|s| s.name == "from-a-pod")
+    });
+    assert!(span.service.ends_with("-components"), "{span:?}");
+    assert_eq!(span.attr("probe.answer"), "42");
+    assert_eq!(hex(&span.trace), "4bf92f3577b34da6a3ce929d0e0e4736");
+    let logs = b.ok(&["logs", "probe"]);
+    assert!(logs.contains("WARN otel: span from-a-pod ended"), "{logs}");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

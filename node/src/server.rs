@@ -456,6 +456,22 @@ fn wasm_metrics_text(
         "# HELP baton_component_loads_total Components loaded, from the compiled cache or compiled.\n# TYPE baton_component_loads_total counter\nbaton_component_loads_total{{source=\"cache\"}} {}\nbaton_component_loads_total{{source=\"compiled\"}} {}",
         runtime.cache_hits, runtime.compiled
     );
+    let otel = &runtime.otel;
+    let _ = writeln!(
+        out,
+        "# HELP baton_wasi_otel_spans_total Spans components ended through wasi:otel, forwarded to the node's trace exporter or dropped (no exporter, or not a span).\n# TYPE baton_wasi_otel_spans_total counter\nbaton_wasi_otel_spans_total{{outcome=\"forwarded\"}} {}\nbaton_wasi_otel_spans_total{{outcome=\"dropped\"}} {}",
+        otel.forwarded_spans, otel.dropped_spans
+    );
+    let _ = writeln!(
+        out,
+        "# HELP baton_wasi_otel_metric_exports_dropped_total Metric exports components made through wasi:otel, dropped: the node exports no metrics.\n# TYPE baton_wasi_otel_metric_exports_dropped_total counter\nbaton_wasi_otel_metric_exports_dropped_total {}",
+        otel.dropped_metrics
+    );
+    let _ = writeln!(
+        out,
+        "# HELP baton_wasi_otel_log_records_total Log records components emitted through wasi:otel, written to their container logs.\n# TYPE baton_wasi_otel_log_records_total counter\nbaton_wasi_otel_log_records_total {}",
+        otel.log_records
+    );
     let _ = writeln!(
         out,
         "# HELP baton_cold_start_duration_seconds Time from a request's arrival (or a process's start) to its fresh instance being ready.\n# TYPE baton_cold_start_duration_seconds histogram"
@@ -994,6 +1010,10 @@ mod tests {
             cache_hits: 4,
             compiled: 1,
             cold_starts: latency,
+            otel: baton_wasm_shim::platform::otel::OtelUsage {
+                dropped_spans: 2,
+                ..Default::default()
+            },
         };
         let text = wasm_metrics_text(&pods, &runtime);
         let app = r#"namespace="shop",pod="web-1",uid="u1",container="app""#;
@@ -1007,6 +1027,7 @@ mod tests {
             format!(r#"baton_http_request_duration_seconds_count{{{app}}} 3"#),
             format!(r#"baton_guest_exits_total{{{app},reason="OOMKilled"}} 1"#),
             r#"baton_component_loads_total{source="cache"} 4"#.to_string(),
+            r#"baton_wasi_otel_spans_total{outcome="dropped"} 2"#.to_string(),
             r#"baton_cold_start_duration_seconds_bucket{le="0.00025"} 0"#.to_string(),
             "baton_cold_start_duration_seconds_count 3".to_string(),
             "baton_cold_start_duration_seconds_sum 0.000900000".to_string(),

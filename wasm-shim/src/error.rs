@@ -20,8 +20,6 @@ pub enum ShimError {
         interface: String,
         capability: &'static str,
     },
-    #[error("the component imports {interface}, which this node does not provide")]
-    NotProvided { interface: String },
     #[error("failed to set up the sandbox: {0}")]
     Setup(String),
     #[error("I/O error on {path}")]

@@ -104,6 +104,8 @@ pub(crate) struct Host {
     pub _instance: crate::usage::InstanceGuard,
     /// The platform interfaces' backing (wasi:config, wasi:keyvalue).
     pub platform: crate::platform::Platform,
+    /// wasi:otel's node-wide sink and counts.
+    pub otel: Arc<crate::platform::otel::Otel>,
     /// Where wasi:logging records go: the instance's stderr.
     pub log_sink: Option<Box<dyn wasmtime_wasi::cli::StdoutStream>>,
 }

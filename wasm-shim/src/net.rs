@@ -344,6 +344,11 @@ pub(crate) struct TraceContext {
 }
 
 impl TraceContext {
+    /// Its `traceparent`.
+    pub(crate) fn parent(&self) -> &http::HeaderValue {
+        &self.parent
+    }
+
     /// The trace context of a request, if it has a `traceparent`.
     pub(crate) fn of(headers: &http::HeaderMap) -> Option<TraceContext> {
         Some(TraceContext {

@@ -53,6 +53,9 @@ pub struct RuntimeConfig {
     /// Whether requests and instance starts are timed for the metrics (`stats.rs`). On by
     /// default; counts of requests, exits and loads are kept either way.
     pub metrics: bool,
+    /// Where the spans components send through wasi:otel go (the node's trace
+    /// exporter); None drops them, counted.
+    pub guest_spans: Option<crate::platform::otel::SpanSink>,
 }
 
 impl Default for RuntimeConfig {
@@ -68,6 +71,7 @@ impl Default for RuntimeConfig {
             guest_nice: 0,
             extra_ca_pem: Vec::new(),
             metrics: true,
+            guest_spans: None,
         }
     }
 }
@@ -121,6 +125,8 @@ pub struct Runtime {
     /// The TLS client of components' outgoing HTTPS ([`crate::https`]).
     pub(crate) tls: Arc<rustls::ClientConfig>,
     pub(crate) stats: Arc<crate::stats::RuntimeStats>,
+    /// wasi:otel's sink and counts.
+    pub(crate) otel: Arc<crate::platform::otel::Otel>,
     /// The plain-HTTP components served on this runtime, by address.
     pub(crate) local_http: Arc<crate::http::LocalServers>,
 }
@@ -209,6 +215,7 @@ impl Runtime {
                 }
             })
             .map_err(|e| ShimError::Setup(e.to_string()))?;
+        let otel = Arc::new(crate::platform::otel::Otel::new(cfg.guest_spans.clone()));
         Ok(Self {
             engine,
             linker: Arc::new(linker),
@@ -218,6 +225,7 @@ impl Runtime {
             pods,
             tls,
             stats: Arc::default(),
+            otel,
             local_http: Arc::default(),
         })
     }
@@ -281,7 +289,10 @@ impl Runtime {
 
     /// The runtime's node-wide counts: component loads, instance starts.
     pub fn stats(&self) -> crate::stats::RuntimeUsage {
-        self.stats.snapshot()
+        crate::stats::RuntimeUsage {
+            otel: self.otel.snapshot(),
+            ..self.stats.snapshot()
+        }
     }
 
     /// The time now, if requests are timed.
@@ -419,6 +430,7 @@ impl Runtime {
             table,
             platform: platform.platform,
             log_sink: platform.log_sink,
+            otel: self.otel.clone(),
             limits: Limits {
                 memory_bytes: if memory_bytes == 0 {
                     self.cfg.max_memory_bytes

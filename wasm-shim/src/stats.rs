@@ -201,6 +201,7 @@ impl RuntimeStats {
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             compiled: self.compiled.load(Ordering::Relaxed),
             cold_starts: self.cold_starts.snapshot(),
+            otel: Default::default(),
         }
     }
 }
@@ -214,6 +215,8 @@ pub struct RuntimeUsage {
     pub compiled: u64,
     /// Instance starts and how long each took.
     pub cold_starts: Latency,
+    /// What wasi:otel forwarded and dropped.
+    pub otel: crate::platform::otel::OtelUsage,
 }
 
 #[cfg(test)]

@@ -48,6 +48,10 @@ const GUESTS: &[(&str, &str)] = &[
     ),
     ("kv-cas", "spins_keyvalue_draft_swaps_batches_and_pages"),
     (
+        "otel-probe",
+        "wasi_otel_spans_reach_the_sink_and_logs_the_container_log",
+    ),
+    (
         "tcp-echo",
         "tcp_echo_across_components_and_two_pods_on_one_port",
     ),
@@ -1218,6 +1222,68 @@ async fn spins_keyvalue_draft_swaps_batches_and_pages() {
         stdout,
         "counter=-5\nbatch=a:1,zz:-\nkeys=a,b,n more=false\nlost to theirs\na=ours\n"
     );
+}
+
+/// A component's wasi:otel span reaches the runtime's span sink as it sent it; its log
+/// record is a line of its output; its metrics are dropped and counted. Without a sink,
+/// the span is dropped and counted too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_otel_spans_reach_the_sink_and_logs_the_container_log() {
+    use baton_wasm_shim::platform::otel::{GuestSpan, SpanSink};
+    use baton_wasm_shim::{Capabilities, Platform};
+    let got: Arc<std::sync::Mutex<Vec<GuestSpan>>> = Arc::default();
+    let sink = got.clone();
+    let rt = Runtime::new(RuntimeConfig {
+        max_instances: 16,
+        guest_spans: Some(SpanSink(Arc::new(move |s| sink.lock().unwrap().push(s)))),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let probe = rt.load_file(&guest("otel-probe")).unwrap();
+    let spec = CliSpec {
+        args: vec!["checkout".into()],
+        platform: Platform::new(Capabilities::parse("otel").unwrap()),
+        ..Default::default()
+    };
+    let out = rt.run_cli(&probe, "otel-probe", &spec).await.unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.exit.code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("metrics=Ok(())"), "{stdout}");
+    assert_eq!(stderr, "WARN otel: span checkout ended\n");
+    let spans = got.lock().unwrap().clone();
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    let span = &spans[0];
+    assert_eq!(span.name, "checkout");
+    assert_eq!(span.parent_span_id, None, "no outer context: a root span");
+    assert_eq!(span.attributes, [("probe.answer".into(), "42".into())]);
+    assert_eq!(span.status, Some(Some("on purpose".into())));
+    assert_eq!(span.scope, "otel-probe");
+    assert!(span.end >= span.start && span.sampled);
+    let otel = rt.stats().otel;
+    assert_eq!(
+        (
+            otel.forwarded_spans,
+            otel.dropped_spans,
+            otel.dropped_metrics,
+            otel.log_records
+        ),
+        (1, 0, 1, 1)
+    );
+
+    let rt = runtime();
+    let probe = rt.load_file(&guest("otel-probe")).unwrap();
+    assert_eq!(
+        rt.run_cli(&probe, "otel-probe", &spec)
+            .await
+            .unwrap()
+            .exit
+            .code,
+        0
+    );
+    assert_eq!(rt.stats().otel.dropped_spans, 1);
 }
 
 /// A stopped container's ports are free when the stop returns, and a stopped pod's

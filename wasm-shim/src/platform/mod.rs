@@ -6,7 +6,8 @@
 //! - **wasi:keyvalue** ([`keyvalue`]): buckets the pod declares, each a [`Bucket`] the
 //!   node opens (node-local, or Redis).
 //! - **wasi:logging** ([`logging`]): records go to the container's stderr, so to its log.
-//! - **wasi:otel**: not provided; a component that imports it fails to start.
+//! - **wasi:otel** ([`otel`]): spans to the node's trace exporter, log records to the
+//!   container log, metrics dropped and counted.
 //!
 //! Each interface is a [`Capability`] granted per container ([`Platform::granted`]).
 //! Every one is in the linker, so that a component can be checked against its grant
@@ -22,6 +23,7 @@
 pub mod config;
 pub mod keyvalue;
 mod logging;
+pub mod otel;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -176,11 +178,6 @@ impl Platform {
             let Some(c) = Capability::of_import(import) else {
                 continue;
             };
-            if c == Capability::Otel {
-                return Err(ShimError::NotProvided {
-                    interface: import.clone(),
-                });
-            }
             if !self.granted.has(c) {
                 return Err(ShimError::NotGranted {
                     interface: import.clone(),
@@ -205,6 +202,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     config::add_to_linker(linker)?;
     keyvalue::add_to_linker(linker)?;
     logging::add_to_linker(linker)?;
+    otel::add_to_linker(linker)?;
     Ok(())
 }
 
