@@ -24,6 +24,7 @@ use baton_store::{RangeRequest, ReadOptions, Store, StoreClient, StoreConfig, Wa
 use clap::{Args, Parser, Subcommand};
 
 mod control;
+mod inspect;
 mod oci_cli;
 mod otel;
 mod run;
@@ -73,6 +74,9 @@ enum Command {
     Store(StoreArgs),
     /// Run a component (or a pod from a local manifest) here, without a cluster.
     Run(run::RunArgs),
+    /// Tell what components are and whether Baton can run them (kind, WASI version,
+    /// the capabilities they need, imports no node provides).
+    Inspect(inspect::InspectArgs),
     /// Push a Wasm component to a registry as an OCI artifact; prints its digest.
     Push(oci_cli::PushArgs),
     /// Pull a component into the node's image cache.
@@ -323,6 +327,7 @@ async fn run_command(cli: Cli) -> Result<u8> {
         Command::Pause => pause().await.map(|()| 0),
         // A component's own exit code, as `wasmtime run` passes it on.
         Command::Run(args) => Ok(run::run(args).await?.clamp(0, 255) as u8),
+        Command::Inspect(args) => inspect::inspect(args),
     }
 }
 

@@ -227,3 +227,34 @@ spec:
     });
     assert_eq!(counts, ["hits=1", "hits=2"]);
 }
+
+/// `baton inspect` tells what a component is, the capabilities it needs, and whether it
+/// links here, without a cluster.
+#[test]
+fn inspect_tells_kind_version_and_capabilities() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .arg("inspect")
+        .args([
+            guest("p3-http-hello"),
+            guest("config-watch"),
+            guest("kv-cas"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "p3-http-hello.wasm: runs: wasi:http proxy, WASI 0.3, capabilities: none",
+        "config-watch.wasm: runs: wasi:cli command, WASI 0.2, capabilities: config,logging",
+        "kv-cas.wasm: runs: wasi:cli command, WASI 0.2, capabilities: keyvalue",
+    ] {
+        assert!(text.contains(want), "{want:?} not in {text}");
+    }
+    // Not a component: said so, and the exit code counts it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["inspect", file!()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not loadable"));
+}

@@ -20,6 +20,8 @@ pub enum ShimError {
         interface: String,
         capability: &'static str,
     },
+    #[error("the component cannot be linked on this node: {0}")]
+    Unlinkable(String),
     #[error("failed to set up the sandbox: {0}")]
     Setup(String),
     #[error("I/O error on {path}")]

@@ -639,7 +639,7 @@ impl Runtime {
         let instance_pre = self
             .linker
             .instantiate_pre(component)
-            .map_err(|e| ShimError::Setup(chain(&e)))?;
+            .map_err(|e| ShimError::Unlinkable(chain(&e)))?;
         let pre = if self.is_wasi_03(component) {
             ServicePre::new(instance_pre).map(HttpPre::P3)
         } else {

@@ -218,6 +218,7 @@ impl Pod {
                 // Refused here, before its process starts, so that the refusal is the
                 // start's error rather than the process's exit.
                 c.cli.platform.admit(&rt.imports(&c.component))?;
+                rt.check_links(&c.component)?;
                 let rt2 = rt.clone();
                 let name = c.name.clone();
                 let net = self.net.clone();

@@ -348,6 +348,15 @@ impl Runtime {
             .collect()
     }
 
+    /// Refuses a component whose imports this node's linker does not provide (an
+    /// interface of another platform, say), naming the first one missing.
+    pub fn check_links(&self, component: &Component) -> Result<(), ShimError> {
+        self.linker
+            .instantiate_pre(component)
+            .map(|_| ())
+            .map_err(|e| ShimError::Unlinkable(chain(&e)))
+    }
+
     /// Whether a component targets WASI 0.3: it exports 0.3's `wasi:http/handler` or
     /// `wasi:cli/run`. (Its imports may mix versions: Rust's std on wasm32-wasip2 imports
     /// 0.2's cli interfaces whatever else the component uses.) One that exports both

@@ -197,7 +197,7 @@ impl Bucket for MemoryBucket {
 }
 
 /// A guest's handle on an open bucket.
-pub(crate) struct OpenBucket(Arc<dyn Bucket>);
+pub(crate) struct OpenBucket(pub(super) Arc<dyn Bucket>);
 
 /// A guest's compare-and-swap handle (draft2's `cas`): the value it saw at `key`.
 pub(crate) struct OpenCas {

@@ -24,6 +24,7 @@ pub mod config;
 pub mod keyvalue;
 mod logging;
 pub mod otel;
+mod spin;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -63,13 +64,18 @@ impl Capability {
         }
     }
 
-    /// Its WIT package.
-    fn package(self) -> &'static str {
+    /// The interfaces it grants: WIT packages, or single interfaces of a package
+    /// (Spin's, which Baton backs with the same things).
+    fn prefixes(self) -> &'static [&'static str] {
         match self {
-            Capability::Config => "wasi:config",
-            Capability::KeyValue => "wasi:keyvalue",
-            Capability::Logging => "wasi:logging",
-            Capability::Otel => "wasi:otel",
+            Capability::Config => &["wasi:config/", "fermyon:spin/variables@", "spin:variables/"],
+            Capability::KeyValue => &[
+                "wasi:keyvalue/",
+                "fermyon:spin/key-value@",
+                "spin:key-value/",
+            ],
+            Capability::Logging => &["wasi:logging/"],
+            Capability::Otel => &["wasi:otel/"],
         }
     }
 
@@ -79,11 +85,9 @@ impl Capability {
 
     /// The capability an import (`wasi:config/store@0.2.0-rc.1`) needs, if any.
     pub fn of_import(import: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|c| {
-            import
-                .strip_prefix(c.package())
-                .is_some_and(|rest| rest.starts_with('/'))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|c| c.prefixes().iter().any(|p| import.starts_with(p)))
     }
 }
 
@@ -203,6 +207,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     keyvalue::add_to_linker(linker)?;
     logging::add_to_linker(linker)?;
     otel::add_to_linker(linker)?;
+    spin::add_to_linker(linker)?;
     Ok(())
 }
 
@@ -231,6 +236,16 @@ mod tests {
         );
         // A package whose name only starts like one is not it.
         assert_eq!(Capability::of_import("wasi:configx/store@1.0.0"), None);
+        // Spin's variables and key-value are granted as config and keyvalue.
+        assert_eq!(
+            Capability::of_import("fermyon:spin/variables@2.0.0"),
+            Some(Capability::Config)
+        );
+        assert_eq!(
+            Capability::of_import("spin:key-value/key-value@3.0.0"),
+            Some(Capability::KeyValue)
+        );
+        assert_eq!(Capability::of_import("fermyon:spin/llm@2.0.0"), None);
         assert!(Capabilities::parse("config,files").is_err());
     }
 }

@@ -71,5 +71,8 @@ fn main() {
         },
         scope_metrics: vec![],
     });
-    println!("trace={trace_id} parent={} metrics={exported:?}", outer.span_id);
+    println!(
+        "trace={trace_id} parent={} metrics={exported:?}",
+        outer.span_id
+    );
 }
