@@ -10,10 +10,14 @@
 //!   and of pod start to first response, over 200 pods.
 //! - **Density:** in-process; 1,000 `http-hello` pods started in one runtime, each on its
 //!   own loopback address. Prints resident memory per pod, idle and after one request each.
+//! - **WASI 0.3:** `http-hello` built for 0.3 (`p3-http-hello`) beside the 0.2 build, both
+//!   served by `baton run`, and beside `wasmtime serve` on the 0.3 build (which reuses an
+//!   instance for up to 128 requests, 16 at once, by default; Baton gives each request a
+//!   fresh instance, as for 0.2). Prints requests/s, p50, p99 and the ratio.
 //!
 //! Usage: `wasm-bench BATON_BINARY WASMTIME_BINARY GUEST_DIR` (see `scripts/bench.sh wasm`).
 //! `BENCH_SECS` sets the seconds per throughput cell (default 5); `BENCH_PARTS` picks parts
-//! (`throughput,cold,density`).
+//! (`throughput,cold,density,p3`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -133,6 +137,62 @@ async fn throughput(baton: &Path, wasmtime: &Path, wasm: &Path, secs: f64) -> Re
     Ok(())
 }
 
+/// The 0.3 build of http-hello beside its 0.2 build and beside `wasmtime serve`.
+async fn wasi_03(baton: &Path, wasmtime: &Path, guests: &Path, secs: f64) -> Result<()> {
+    let cache = tempfile::tempdir()?;
+    let (p2, p3) = (
+        guests.join("http-hello.wasm"),
+        guests.join("p3-http-hello.wasm"),
+    );
+    println!();
+    println!(
+        "## WASI 0.3: http-hello built for 0.3 and for 0.2, keep-alive HTTP/1.1, {secs} s per cell"
+    );
+    println!("| clients | server | req/s | p50 ms | p99 ms | server CPU us/req | req/s ratio to wasmtime serve (0.3) |");
+    println!("|---|---|---|---|---|---|---|");
+    for clients in [1usize, 16, 64] {
+        let mut rows = Vec::new();
+        for (name, wasm) in [("baton, 0.3 build", &p3), ("baton, 0.2 build", &p2)] {
+            let (procs, addr) = serve(
+                Command::new(baton)
+                    .arg("run")
+                    .arg(wasm)
+                    .args(["--listen", "127.0.0.1:0", "-e", "GREETING=hi"])
+                    .arg("--cache-dir")
+                    .arg(cache.path())
+                    .env("RUST_LOG", "error"),
+                Announces::Stdout(" on http://"),
+            )
+            .await?;
+            rows.push((name, measure(&procs, addr, clients, secs).await?));
+            drop(procs);
+        }
+        let (procs, addr) = serve(
+            &mut baton_bench::wasmtime_serve(wasmtime, &[], &p3),
+            Announces::Stderr(" on http://"),
+        )
+        .await?;
+        rows.push((
+            "wasmtime serve, 0.3 build",
+            measure(&procs, addr, clients, secs).await?,
+        ));
+        drop(procs);
+        let peer = rows[2].1.rate;
+        for (name, r) in &rows {
+            println!(
+                "| {clients} | {name} | {:.0} | {} | {} | {:.0} | {:.2}x |",
+                r.rate,
+                ms(r.p50),
+                ms(r.p99),
+                r.cpu_us,
+                r.rate / peer
+            );
+        }
+    }
+    println!("goal: baton on the 0.3 build >= 0.9x the requests/s of `wasmtime serve` on it");
+    Ok(())
+}
+
 fn web_pod(component: &wasmtime::component::Component, ip: IpAddr) -> PodSpec {
     PodSpec {
         name: format!("pod-{ip}"),
@@ -242,7 +302,8 @@ async fn main() -> Result<()> {
     let wasm = guests.join("http-hello.wasm");
     let secs: f64 = env_or("BENCH_SECS", 5.0);
     // BENCH_PARTS picks parts, e.g. "cold,density"; all by default.
-    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "throughput,cold,density".into());
+    let parts =
+        std::env::var("BENCH_PARTS").unwrap_or_else(|_| "throughput,cold,density,p3".into());
     if parts.contains("throughput") {
         throughput(&baton, &wasmtime, &wasm, secs).await?;
     }
@@ -251,6 +312,9 @@ async fn main() -> Result<()> {
     }
     if parts.contains("density") {
         density(&wasm, env_or("BENCH_PODS", 1000)).await?;
+    }
+    if parts.contains("p3") {
+        wasi_03(&baton, &wasmtime, &guests, secs).await?;
     }
     Ok(())
 }

@@ -255,6 +255,9 @@ enum CasError {
 
 type GuestResult<T> = Result<T, GuestError>;
 
+/// A key and its value.
+type Pair = (String, Vec<u8>);
+
 /// The bucket behind a guest's handle, or a trap for a handle that is not one.
 fn bucket(host: &Host, handle: &Resource<OpenBucket>) -> wasmtime::Result<Arc<dyn Bucket>> {
     Ok(host.table.get(handle)?.0.clone())
@@ -457,7 +460,7 @@ fn add_draft(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         |store, (this, keys): (Resource<OpenBucket>, Vec<String>)| {
             Box::new(async move {
                 let b = bucket(store.data(), &this)?;
-                let r: GuestResult<Vec<Option<(String, Vec<u8>)>>> = get_many(&b, keys)
+                let r: GuestResult<Vec<Option<Pair>>> = get_many(&b, keys)
                     .await
                     .map(|all| all.into_iter().map(|(k, v)| v.map(|v| (k, v))).collect());
                 Ok((r,))

@@ -58,7 +58,7 @@ fn line(level: Level, context: &str, message: &str) -> String {
     out.push(' ');
     for c in message.chars() {
         if out.len() >= MAX_RECORD {
-            out.push_str("…");
+            out.push('…');
             break;
         }
         if c.is_control() {
