@@ -63,6 +63,19 @@ pub struct Terminal {
     pub rows: u16,
 }
 
+/// Waits until what was written to `out` has left for its destination, for at most a
+/// few seconds (a client that stopped reading does not hold the command's end).
+async fn drain<S: StdoutStream>(out: &S) {
+    use wasmtime_wasi::p2::Pollable as _;
+    let mut stream = out.p2_stream();
+    if stream.flush().is_ok() {
+        let _ = tokio::time::timeout(DRAIN_WAIT, stream.ready()).await;
+    }
+}
+
+/// How long an ended command's output may take to reach its client.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// An output stream written from two places: the guest's stderr, and its wasi:logging
 /// records.
 struct Shared<S>(Arc<S>);
@@ -289,10 +302,11 @@ impl PodHandle {
         }
         let mut wasi = wasi_ctx(&env, &spec.argv, &spec.mounts, Some(&self.net))?;
         let (stdout, stderr) = (
-            AsyncStdoutStream::new(STDOUT_BUDGET, io.stdout),
+            Shared(Arc::new(AsyncStdoutStream::new(STDOUT_BUDGET, io.stdout))),
             Shared(Arc::new(AsyncStdoutStream::new(STDOUT_BUDGET, io.stderr))),
         );
         let log_sink: Box<dyn StdoutStream> = Box::new(stderr.clone());
+        let outputs = [stdout.clone(), stderr.clone()];
         let stdin = io.stdin.map(AsyncStdinStream::new);
         if io.terminal.is_some() {
             wasi.stdout(OnTerminal(stdout)).stderr(OnTerminal(stderr));
@@ -339,6 +353,11 @@ impl PodHandle {
                 Some(store_task),
             );
             let result = rt.call_run(&mut store, &component, None, None).await;
+            // A 0.3 guest's writes are done once the host has taken them, not once they
+            // have reached the client: what it printed last is sent before its exit is.
+            for out in &outputs {
+                drain(out).await;
+            }
             exit_of(result, oom.load(Ordering::Relaxed))
         }
         .instrument(tracing::debug_span!("wasm_exec", command = %name));
