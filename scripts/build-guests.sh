@@ -11,7 +11,7 @@ for name in hello http-hello http-frontend http-hostile tcp-echo tcp-client job 
   cp "$CARGO_TARGET_DIR/wasm32-wasip2/release/$name.wasm" "examples-wasm/dist/$name.wasm"
 done
 # WASI 0.3 components are libraries (cdylib), whose files are named with underscores.
-for name in p3-hello p3-http-hello p3-tcp; do
+for name in p3-hello p3-http-hello p3-tcp spin-probe spin2-probe; do
   cp "$CARGO_TARGET_DIR/wasm32-wasip2/release/${name//-/_}.wasm" "examples-wasm/dist/$name.wasm"
 done
 ls -la examples-wasm/dist

@@ -48,6 +48,14 @@ const GUESTS: &[(&str, &str)] = &[
     ),
     ("kv-cas", "spins_keyvalue_draft_swaps_batches_and_pages"),
     (
+        "spin-probe",
+        "components_built_with_spins_sdks_run_unchanged",
+    ),
+    (
+        "spin2-probe",
+        "components_built_with_spins_sdks_run_unchanged",
+    ),
+    (
         "otel-probe",
         "wasi_otel_spans_reach_the_sink_and_logs_the_container_log",
     ),
@@ -1284,6 +1292,102 @@ async fn wasi_otel_spans_reach_the_sink_and_logs_the_container_log() {
         0
     );
     assert_eq!(rt.stats().otel.dropped_spans, 1);
+}
+
+/// One request with a method and a body, over a fresh connection.
+async fn http_call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            // 1.0, so that the answer comes whole rather than chunked.
+            "{method} {path} HTTP/1.0\r\nhost: test\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}
+
+/// Components built with Spin's SDKs, 7 (WASI 0.3, spin:key-value@3.0.0 and
+/// spin:variables@3.0.0) and 5 (WASI 0.2, fermyon:spin/*@2.0.0), read their variables from
+/// the container's config values and keep their data in the pod's buckets, unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_built_with_spins_sdks_run_unchanged() {
+    use baton_wasm_shim::{Capabilities, ConfigVars, MemoryBucket, Platform};
+    let rt = runtime();
+    for name in ["spin-probe", "spin2-probe"] {
+        let component = rt.load_file(&guest(name)).unwrap();
+        let platform = Platform::new(Capabilities::parse("config,keyvalue").unwrap())
+            .with_config(ConfigVars::new(
+                [("message".to_string(), format!("hello from {name}"))].into(),
+            ))
+            .with_bucket("default", Arc::new(MemoryBucket::new("default", 64)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let spec = HttpSpec {
+            platform,
+            ..Default::default()
+        };
+        let server = rt.serve_http(&component, spec, listener).unwrap();
+        let addr = server.local_addr();
+        let (code, body) = http_call(addr, "GET", "/var/message", "").await;
+        assert_eq!(
+            (code, body.as_str()),
+            (200, format!("hello from {name}").as_str())
+        );
+        let (code, body) = http_call(addr, "GET", "/var/absent", "").await;
+        assert_eq!(code, 404, "{name}: {body}");
+        assert!(body.contains("Undefined"), "{name}: {body}");
+        assert_eq!(http_call(addr, "PUT", "/kv/a", "one").await.0, 201);
+        assert_eq!(http_call(addr, "PUT", "/kv/b", "two").await.0, 201);
+        assert_eq!(
+            http_call(addr, "GET", "/kv/a", "").await,
+            (200, "one".into())
+        );
+        assert_eq!(http_call(addr, "GET", "/kv/zz", "").await.0, 404);
+        assert_eq!(
+            http_call(addr, "GET", "/keys", "").await,
+            (200, "a\nb".into())
+        );
+        // Past the bucket's 64 bytes: the SDK's error, and the request still answers.
+        let (code, body) = http_call(addr, "PUT", "/kv/big", &"x".repeat(100)).await;
+        assert_eq!(code, 507, "{name}: {body}");
+        assert!(body.contains("is full"), "{name}: {body}");
+        // Not granted key-value: refused before it serves, naming the interface.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let spec = HttpSpec {
+            platform: Platform::new(Capabilities::parse("config").unwrap()),
+            ..Default::default()
+        };
+        let refused = rt.serve_http(&component, spec, listener).unwrap_err();
+        assert!(
+            matches!(
+                &refused,
+                ShimError::NotGranted {
+                    capability: "keyvalue",
+                    ..
+                }
+            ),
+            "{name}: {refused}"
+        );
+    }
 }
 
 /// A stopped container's ports are free when the stop returns, and a stopped pod's
