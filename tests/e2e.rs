@@ -470,13 +470,13 @@ spec:
 }
 
 /// WASI 0.3 components run as 0.2 ones do: a handler behind a Service (the same
-/// Deployment YAML, another image) answers through its NodePort, a command runs as a
+/// Deployment YAML, another image) answers through its NodePort and an Ingress, a command runs as a
 /// Job to completion, its output in `kubectl logs`, a 0.3 and a 0.2 component share a
 /// pod's localhost, and `kubectl exec` runs a 0.3 command.
 #[test]
 fn wasi_03_components_serve_behind_a_service_and_complete_as_jobs() {
     let _serial = serial();
-    let b = Baton::start_cluster();
+    let b = Baton::start_with(&["--ingress-http-port", "0", "--ingress-https-port", "0"]);
     let app = web("hi", 2).replace(&guest("http-hello"), &guest("p3-http-hello"));
     b.ok_with("kubectl", &["apply", "-f", "-"], Some(&app));
     wait_for(&b, 60, "2 ready replicas", || {
@@ -501,6 +501,37 @@ fn wasi_03_components_serve_behind_a_service_and_complete_as_jobs() {
             _ => None,
         },
     );
+    // And through an Ingress, which calls the 0.3 handler in process.
+    let ingress = r#"apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: web
+spec:
+  rules:
+  - host: test
+    http:
+      paths:
+      - path: /
+        pathType: Prefix
+        backend:
+          service: {name: web, port: {number: 80}}
+"#;
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(ingress));
+    let ingress_port: u16 = wait_for(&b, 30, "the node's Ingress port", || {
+        jsonpath(
+            &b,
+            &["node", "local"],
+            "{.metadata.annotations.baton\\.dev/ingress-http-port}",
+        )
+        .parse()
+        .ok()
+    });
+    wait_for(&b, 30, "an answer through the Ingress", || {
+        match http_get(SocketAddr::from(([127, 0, 0, 1], ingress_port)), "/in") {
+            Ok((200, body)) if body.ends_with("path=/in wasi=0.3\n") => Some(()),
+            _ => None,
+        }
+    });
     let job = format!(
         r#"apiVersion: batch/v1
 kind: Job
