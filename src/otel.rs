@@ -154,30 +154,25 @@ pub fn init(otlp_endpoint: Option<&str>, service: &str) -> Result<Telemetry> {
     // The exporter's HTTP client speaks TLS to an `https://` collector with rustls, whose
     // crypto is ring here as everywhere in Baton.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .with_endpoint(&url)
-        .with_timeout(Duration::from_secs(10))
-        .build()
-        .with_context(|| format!("setting up the OTLP exporter to {url}"))?;
+    let exporter = || {
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(&url)
+            .with_timeout(Duration::from_secs(10))
+            .build()
+            .with_context(|| format!("setting up the OTLP exporter to {url}"))
+    };
     let resource = Resource::builder()
         .with_service_name(service.to_string())
         .build();
     let provider = SdkTracerProvider::builder()
         .with_resource(resource)
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(exporter()?)
         .build();
     // Components' spans go to the same collector, through an exporter of their own:
     // the provider's batch takes only spans its own tracer made.
-    let guest_exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .with_endpoint(&url)
-        .with_timeout(Duration::from_secs(10))
-        .build()
-        .with_context(|| format!("setting up the OTLP exporter to {url}"))?;
-    let mut guests = BatchSpanProcessor::builder(guest_exporter).build();
+    let mut guests = BatchSpanProcessor::builder(exporter()?).build();
     guests.set_resource(
         &Resource::builder()
             .with_service_name(format!("{service}-components"))

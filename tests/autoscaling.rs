@@ -258,16 +258,7 @@ fn an_idle_function_scales_to_zero_and_its_first_requests_wake_it_once() {
         "--ingress-https-port",
         "0",
     ]);
-    let ingress: u16 = wait_for(&b, 30, "the node's Ingress port", || {
-        jsonpath(
-            &b,
-            &["node", "local"],
-            "{.metadata.annotations.baton\\.dev/ingress-http-port}",
-        )
-        .parse()
-        .ok()
-    });
-    let ingress: std::net::SocketAddr = ([127, 0, 0, 1], ingress).into();
+    let ingress = baton::ingress_http_addr(&b);
 
     // Scale to zero needs a metric that still means something at zero.
     let cpu_only = r#"apiVersion: autoscaling/v2

@@ -517,17 +517,9 @@ spec:
           service: {name: web, port: {number: 80}}
 "#;
     b.ok_with("kubectl", &["apply", "-f", "-"], Some(ingress));
-    let ingress_port: u16 = wait_for(&b, 30, "the node's Ingress port", || {
-        jsonpath(
-            &b,
-            &["node", "local"],
-            "{.metadata.annotations.baton\\.dev/ingress-http-port}",
-        )
-        .parse()
-        .ok()
-    });
+    let ingress = baton::ingress_http_addr(&b);
     wait_for(&b, 30, "an answer through the Ingress", || {
-        match http_get(SocketAddr::from(([127, 0, 0, 1], ingress_port)), "/in") {
+        match http_get(ingress, "/in") {
             Ok((200, body)) if body.ends_with("path=/in wasi=0.3\n") => Some(()),
             _ => None,
         }

@@ -328,15 +328,7 @@ fn an_ingress_passes_an_upgrade_to_websocket_through() {
         head
     });
     let b = Baton::start_with(&["--ingress-http-port", "0", "--ingress-https-port", "0"]);
-    let port: u16 = wait_for(&b, 30, "the node's Ingress port", || {
-        jsonpath(
-            &b,
-            &["node", "local"],
-            "{.metadata.annotations.baton\\.dev/ingress-http-port}",
-        )
-        .parse()
-        .ok()
-    });
+    let port = baton::ingress_http_addr(&b).port();
     // A Service without a selector, its endpoint the test's own server.
     let objects = format!(
         r#"apiVersion: v1

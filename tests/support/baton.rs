@@ -363,6 +363,22 @@ pub fn wait_for<T>(b: &Baton, secs: u64, what: &str, f: impl FnMut() -> Option<T
     })
 }
 
+/// Where the local node serves Ingresses over HTTP (started with `--ingress-http-port 0`,
+/// it publishes the port it got on its Node).
+#[allow(dead_code)]
+pub fn ingress_http_addr(b: &Baton) -> std::net::SocketAddr {
+    let port: u16 = wait_for(b, 30, "the node's Ingress port", || {
+        jsonpath(
+            b,
+            &["node", "local"],
+            "{.metadata.annotations.baton\\.dev/ingress-http-port}",
+        )
+        .parse()
+        .ok()
+    });
+    ([127, 0, 0, 1], port).into()
+}
+
 pub fn jsonpath(b: &Baton, what: &[&str], path: &str) -> String {
     let mut args = vec!["get"];
     args.extend_from_slice(what);

@@ -1,7 +1,6 @@
 //! wasi:logging: a component's log records go to its container's stderr, one line each
 //! (`LEVEL context: message`), so that `kubectl logs` shows them beside what it prints.
 
-use tokio::io::AsyncWriteExt as _;
 use wasmtime::component::{ComponentType, Lift, Linker, Lower};
 
 use crate::host::Host;
@@ -78,14 +77,9 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
             "log",
             |store, (level, context, message): (Level, String, String)| {
                 Box::new(async move {
-                    let line = line(level, &context, &message);
-                    let sink = store.data().log_sink.as_ref().map(|s| s.async_stream());
-                    if let Some(w) = sink {
-                        let mut w = Box::into_pin(w);
-                        // A log that cannot be written is not the guest's failure.
-                        let _ = w.write_all(line.as_bytes()).await;
-                        let _ = w.flush().await;
-                    }
+                    let write =
+                        super::write_log_line(store.data(), &line(level, &context, &message));
+                    write.await;
                     Ok(())
                 })
             },

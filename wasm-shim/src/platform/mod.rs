@@ -200,6 +200,21 @@ pub(crate) struct StorePlatform {
     pub log_sink: Option<Box<dyn wasmtime_wasi::cli::StdoutStream>>,
 }
 
+/// Writes one line to where the instance's log records go (its stderr), if anywhere. A
+/// line that cannot be written is not the guest's failure.
+pub(crate) fn write_log_line(host: &Host, line: &str) -> impl std::future::Future<Output = ()> {
+    use tokio::io::AsyncWriteExt as _;
+    // Taken now: the host's state is not to be held across the write.
+    let sink = host.log_sink.as_ref().map(|s| s.async_stream());
+    let line = line.to_string();
+    async move {
+        let Some(w) = sink else { return };
+        let mut w = Box::into_pin(w);
+        let _ = w.write_all(line.as_bytes()).await;
+        let _ = w.flush().await;
+    }
+}
+
 /// Registers every platform interface. A call checks nothing more than the linker does:
 /// [`Platform::admit`] kept an ungranted component from starting.
 pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::AsyncWriteExt as _;
 use wasmtime::component::{Linker, Val};
 
 use crate::host::Host;
@@ -316,12 +315,8 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
                     .log_records
                     .fetch_add(1, Ordering::Relaxed);
                 let line = params.first().map(log_line).unwrap_or_default();
-                let sink = store.data().log_sink.as_ref().map(|s| s.async_stream());
-                if let Some(w) = sink {
-                    let mut w = Box::into_pin(w);
-                    let _ = w.write_all(line.as_bytes()).await;
-                    let _ = w.flush().await;
-                }
+                let write = super::write_log_line(store.data(), &line);
+                write.await;
                 Ok(())
             })
         })?;
