@@ -42,6 +42,14 @@ pub struct RunArgs {
     /// benchmark compares against.
     #[arg(long)]
     no_metrics: bool,
+    /// For a WASI 0.3 handler: requests one instance serves before a fresh one is made
+    /// (as `wasmtime serve --max-instance-reuse-count`); 1, the default, is an instance per
+    /// request. What a request leaves in the instance, the next one can see.
+    #[arg(long, default_value_t = 1)]
+    instance_reuse: u32,
+    /// For a WASI 0.3 handler that reuses instances: requests one instance serves at once.
+    #[arg(long, default_value_t = 16)]
+    instance_concurrency: u32,
     /// Arguments for the component.
     #[arg(last = true)]
     args: Vec<String>,
@@ -124,6 +132,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             let spec = HttpSpec {
                 env: pairs(&args.env)?,
                 memory_bytes: args.memory.unwrap_or(0),
+                reuse: (args.instance_reuse > 1).then_some(baton_wasm_shim::InstanceReuse {
+                    requests: args.instance_reuse,
+                    concurrent: args.instance_concurrency,
+                }),
                 ..Default::default()
             };
             let server = runtime.serve_http(&component, spec, listener)?;

@@ -62,6 +62,21 @@ fn annotation(pod: &Pod, key: &str) -> Option<String> {
         .cloned()
 }
 
+/// For a WASI 0.3 handler: `baton.dev/instance-reuse: "128"` lets one instance serve
+/// that many requests, `baton.dev/instance-concurrency` (16 by default) of them at once,
+/// as `wasmtime serve` does. Off (a fresh instance per request) unless set above 1, since
+/// what a request leaves in the instance, the next one can see.
+pub fn instance_reuse(pod: &Pod) -> Option<baton_wasm_shim::InstanceReuse> {
+    let number = |key: &str| annotation(pod, key).and_then(|v| v.trim().parse::<u32>().ok());
+    let requests = number("baton.dev/instance-reuse").filter(|n| *n > 1)?;
+    Some(baton_wasm_shim::InstanceReuse {
+        requests,
+        concurrent: number("baton.dev/instance-concurrency")
+            .unwrap_or(16)
+            .max(1),
+    })
+}
+
 /// Whether the pod uses platform interfaces at all.
 pub fn used(pod: &Pod) -> bool {
     pod.metadata
@@ -257,6 +272,32 @@ mod tests {
                 .collect(),
         );
         p
+    }
+
+    #[test]
+    fn instances_are_reused_only_when_asked() {
+        assert_eq!(instance_reuse(&pod(&[])), None);
+        assert_eq!(
+            instance_reuse(&pod(&[("baton.dev/instance-reuse", "1")])),
+            None
+        );
+        assert_eq!(
+            instance_reuse(&pod(&[("baton.dev/instance-reuse", "128")])),
+            Some(baton_wasm_shim::InstanceReuse {
+                requests: 128,
+                concurrent: 16
+            })
+        );
+        assert_eq!(
+            instance_reuse(&pod(&[
+                ("baton.dev/instance-reuse", "8"),
+                ("baton.dev/instance-concurrency", "0")
+            ])),
+            Some(baton_wasm_shim::InstanceReuse {
+                requests: 8,
+                concurrent: 1
+            })
+        );
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub struct ContainerRun<I> {
     pub stdin_once: bool,
     /// The platform interfaces its component is granted, and their backing.
     pub platform: baton_wasm_shim::Platform,
+    /// For a WASI 0.3 handler: its instances serve several requests each
+    /// (`baton.dev/instance-reuse`).
+    pub reuse: Option<baton_wasm_shim::InstanceReuse>,
     /// The container as the pod declares it, for what a sandbox reads beyond the above
     /// (an OCI container's working directory and security context).
     pub spec: Container,
@@ -124,6 +127,7 @@ impl<I> ContainerRun<I> {
             stdin: self.stdin,
             stdin_once: self.stdin_once,
             platform: self.platform,
+            reuse: self.reuse,
             spec: self.spec,
         }
     }
@@ -559,6 +563,7 @@ impl Sandbox for WasmSandbox {
                 request_timeout: Some(self.request_timeout),
                 log: Some(run.log),
                 platform: run.platform,
+                reuse: run.reuse,
             },
         };
         pod.start_container(&self.runtime, spec)

@@ -1037,7 +1037,7 @@ mod tests {
         // A CLI container has no request series.
         assert!(!text.contains(r#"container="job",code"#), "{text}");
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(types, 6);
+        assert_eq!(types, 9);
     }
 
     #[test]

@@ -344,6 +344,7 @@ async fn start(
                     request_timeout: Some(wasm.request_timeout),
                     log: Some(log),
                     platform: Default::default(),
+                    reuse: None,
                 },
             },
         )

@@ -776,6 +776,7 @@ impl<S: Sandboxes> Worker<S> {
             stdin: c.stdin.unwrap_or(false),
             stdin_once: c.stdin_once.unwrap_or(false),
             platform: self.platforms[i].clone(),
+            reuse: crate::platform::instance_reuse(&self.pod),
             spec: c.clone(),
         })
     }

@@ -24,10 +24,13 @@ use wasmtime_wasi_http::p3::Request as P3Request;
 use wasmtime_wasi_http::WasiHttpView;
 
 use crate::cli::{exit_of, wasi_ctx};
+
+mod reuse;
 use crate::error::{chain, ShimError};
 use crate::host::Host;
 use crate::runtime::{ComponentKind, Runtime};
 use crate::usage::{AbortOnDrop, TaskCommand, TaskKind};
+pub use reuse::InstanceReuse;
 
 /// How long a client of an HTTPS component has to finish its TLS handshake.
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
@@ -51,6 +54,9 @@ pub struct HttpSpec {
     pub log: Option<crate::logs::ContainerLog>,
     /// The platform interfaces it is granted, and their backing.
     pub platform: crate::platform::Platform,
+    /// For a WASI 0.3 handler: serve several requests per instance, several at once.
+    /// None (the default): a fresh instance per request, whatever the version.
+    pub reuse: Option<InstanceReuse>,
 }
 
 /// A running HTTP component; stops serving when dropped (at once) or shut down (after
@@ -115,6 +121,8 @@ struct Serving {
     /// That container's account, where its requests and failures are counted (one of
     /// its own for a component served alone).
     tally: Arc<crate::usage::Tally>,
+    /// The instances serving several requests each, for a 0.3 handler that reuses them.
+    pool: Option<reuse::Pool>,
 }
 
 /// A future to await where its kind depends on the component's WASI version.
@@ -362,18 +370,16 @@ impl Serving {
         Ok(resp)
     }
 
-    /// `started`: when the request arrived, if requests are timed; its instance's start
-    /// is counted from then (the cold start the request paid).
-    async fn respond(
+    /// A store for an instance of the component, with its WASI context, its logs and its
+    /// platform interfaces, charged to `task`, and with `budget` of wall-clock time.
+    fn request_store(
         &self,
-        req: hyper::Request<hyper::body::Incoming>,
-        started: Option<std::time::Instant>,
-    ) -> hyper::Response<HyperOutgoingBody> {
+        task: Option<Arc<crate::usage::Task>>,
+        budget: Option<Duration>,
+    ) -> Result<(wasmtime::Store<Host>, Arc<std::sync::atomic::AtomicBool>), String> {
         let args = ["http".to_string()];
-        let mut wasi = match wasi_ctx(&self.spec.env, &args, &self.spec.mounts, Some(&self.net)) {
-            Ok(w) => w,
-            Err(e) => return text(500, format!("sandbox setup failed: {e}\n")),
-        };
+        let mut wasi = wasi_ctx(&self.spec.env, &args, &self.spec.mounts, Some(&self.net))
+            .map_err(|e| format!("sandbox setup failed: {e}\n"))?;
         let log_sink: Box<dyn wasmtime_wasi::cli::StdoutStream> = match &self.spec.log {
             Some(log) => {
                 wasi.stdout(log.stdout()).stderr(log.stderr());
@@ -385,7 +391,73 @@ impl Serving {
                 Box::new(sink)
             }
         };
-        let wasi = wasi.build();
+        let platform = crate::platform::StorePlatform {
+            platform: self.spec.platform.clone(),
+            log_sink: Some(log_sink),
+        };
+        Ok(self.runtime.store(
+            (wasi.build(), platform),
+            self.spec.memory_bytes,
+            budget,
+            self.net.clone(),
+            Some(self.stopped.clone()),
+            task,
+        ))
+    }
+
+    /// A request to a 0.3 handler whose instances are reused: given to a worker, and
+    /// answered within the request timeout.
+    async fn respond_reused(
+        &self,
+        pool: &reuse::Pool,
+        pre: &ServicePre<Host>,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<HyperOutgoingBody> {
+        let scheme = if self.spec.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let req = match absolute_form(req, scheme) {
+            Ok(r) => r,
+            Err(e) => return text(400, format!("bad request: {e}\n")),
+        };
+        let mut hooks = crate::net::PodHooks::of(self.net.clone());
+        let (req, io) = P3Request::from_http(&mut hooks, DrainOnDrop::wrap(req));
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        pool.dispatch(
+            self,
+            pre,
+            reuse::Job {
+                req,
+                io: Box::pin(io),
+                answer,
+            },
+        );
+        let answered = async {
+            match self.spec.request_timeout {
+                Some(t) => tokio::time::timeout(t, answered).await.ok(),
+                None => Some(answered.await),
+            }
+        };
+        match answered.await {
+            Some(Ok(Ok(resp))) => resp,
+            Some(Ok(Err(e))) => text(500, format!("the component failed the request: {e}\n")),
+            Some(Err(_)) => text(500, "the instance serving the request failed\n".into()),
+            None => text(504, "the component did not answer in time\n".into()),
+        }
+    }
+
+    /// `started`: when the request arrived, if requests are timed; its instance's start
+    /// is counted from then (the cold start the request paid).
+    async fn respond(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        started: Option<std::time::Instant>,
+    ) -> hyper::Response<HyperOutgoingBody> {
+        if let (HttpPre::P3(pre), Some(pool)) = (&self.pre, &self.pool) {
+            return self.respond_reused(pool, pre, req).await;
+        }
         let task = self.container.as_ref().map(|c| {
             self.net.usage.task(
                 c,
@@ -393,18 +465,10 @@ impl Serving {
                 TaskCommand::Request(req.method().clone(), req.uri().clone()),
             )
         });
-        let platform = crate::platform::StorePlatform {
-            platform: self.spec.platform.clone(),
-            log_sink: Some(log_sink),
+        let (mut store, oom) = match self.request_store(task.clone(), self.spec.request_timeout) {
+            Ok(s) => s,
+            Err(e) => return text(500, e),
         };
-        let (mut store, oom) = self.runtime.store(
-            (wasi, platform),
-            self.spec.memory_bytes,
-            self.spec.request_timeout,
-            self.net.clone(),
-            Some(self.stopped.clone()),
-            task.clone(),
-        );
         store.data_mut().hooks.trace = crate::net::TraceContext::of(req.headers());
         let scheme = if self.spec.tls.is_some() {
             "https"
@@ -654,6 +718,10 @@ impl Runtime {
             Some(c) => net.usage.tally(c),
             None => crate::usage::Tally::detached(""),
         };
+        let pool = match (&pre, spec.reuse) {
+            (HttpPre::P3(_), Some(reuse)) => Some(reuse::Pool::new(reuse)),
+            _ => None,
+        };
         let serving = Arc::new(Serving {
             stopped: killed.clone(),
             draining: Default::default(),
@@ -664,6 +732,7 @@ impl Runtime {
             spec,
             tally,
             container: container.map(str::to_string),
+            pool,
         });
         // A plain-HTTP server can also be called in process ([`Runtime::local_http`]).
         let local = serving

@@ -58,7 +58,7 @@ mod usage;
 pub use cli::{CliOutcome, CliSpec, Mount, StdinPipe};
 pub use error::ShimError;
 pub use exec::{ExecIo, ExecSpec, Execution, PodHandle, Terminal};
-pub use http::{HttpServer, HttpSpec, LocalHttp};
+pub use http::{HttpServer, HttpSpec, InstanceReuse, LocalHttp};
 pub use net::{NameResolver, NetLimits};
 pub use netns::NetworkNamespace;
 pub use platform::{Bucket, Capabilities, Capability, ConfigVars, KvError, MemoryBucket, Platform};

@@ -343,6 +343,14 @@ pub(crate) struct TraceContext {
     state: Option<http::HeaderValue>,
 }
 
+impl PodHooks {
+    /// The hooks of a request made outside an instance's store (one for a reused
+    /// instance, read before a worker takes it).
+    pub(crate) fn of(net: Arc<PodNet>) -> Self {
+        Self { net, trace: None }
+    }
+}
+
 impl TraceContext {
     /// Its `traceparent`.
     pub(crate) fn parent(&self) -> &http::HeaderValue {

@@ -1390,6 +1390,63 @@ async fn components_built_with_spins_sdks_run_unchanged() {
     }
 }
 
+/// A WASI 0.3 handler whose workload opts in serves several requests per instance, and
+/// several at once; by default each request has an instance of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasi_03_handler_reuses_instances_only_when_asked() {
+    use baton_wasm_shim::InstanceReuse;
+    let rt = runtime();
+    let web = rt.load_file(&guest("p3-http-hello")).unwrap();
+    let serve = |reuse| {
+        let (rt, web) = (rt.clone(), web.clone());
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let spec = HttpSpec {
+                env: vec![("GREETING".into(), "hi".into())],
+                reuse,
+                ..Default::default()
+            };
+            rt.serve_http(&web, spec, listener).unwrap()
+        }
+    };
+    let starts = || rt.stats().cold_starts.count();
+    // Reused: nine requests one after the other take two instances of at most eight.
+    let reused = serve(Some(InstanceReuse {
+        requests: 8,
+        concurrent: 4,
+    }))
+    .await;
+    let before = starts();
+    for i in 0..9 {
+        let (code, body) = http_get(reused.local_addr(), &format!("/s{i}")).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains(&format!("path=/s{i} wasi=0.3")), "{body}");
+    }
+    assert_eq!(starts() - before, 2);
+    // Many at once: every one answered, by few instances.
+    let before = starts();
+    let gets: Vec<_> = (0..32)
+        .map(|i| {
+            let addr = reused.local_addr();
+            tokio::spawn(async move { http_get(addr, &format!("/c{i}")).await })
+        })
+        .collect();
+    for (i, g) in gets.into_iter().enumerate() {
+        let (code, body) = g.await.unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains(&format!("path=/c{i} wasi=0.3")), "{body}");
+    }
+    let used = starts() - before;
+    assert!((4..=9).contains(&used), "{used} instances for 32 requests");
+    // Not asked: an instance per request.
+    let fresh = serve(None).await;
+    let before = starts();
+    for _ in 0..3 {
+        assert_eq!(http_get(fresh.local_addr(), "/").await.0, 200);
+    }
+    assert_eq!(starts() - before, 3);
+}
+
 /// A stopped container's ports are free when the stop returns, and a stopped pod's
 /// address is free when its shutdown returns: a restart binds the same port at once, and
 /// another pod given the same address binds its ports (a listener that outlived its stop

@@ -11,9 +11,10 @@
 //! - **Density:** in-process; 1,000 `http-hello` pods started in one runtime, each on its
 //!   own loopback address. Prints resident memory per pod, idle and after one request each.
 //! - **WASI 0.3:** `http-hello` built for 0.3 (`p3-http-hello`) beside the 0.2 build, both
-//!   served by `baton run`, and beside `wasmtime serve` on the 0.3 build (which reuses an
-//!   instance for up to 128 requests, 16 at once, by default; Baton gives each request a
-//!   fresh instance, as for 0.2). Prints requests/s, p50, p99 and the ratio.
+//!   served by `baton run`, and beside `wasmtime serve` on the 0.3 build, which reuses an
+//!   instance for up to 128 requests, 16 at once, by default. Baton gives each request a
+//!   fresh instance unless asked (`--instance-reuse`): both ways, and `wasmtime serve`
+//!   both ways. Prints requests/s, p50, p99 and the ratio.
 //!
 //! Usage: `wasm-bench BATON_BINARY WASMTIME_BINARY GUEST_DIR` (see `scripts/bench.sh wasm`).
 //! `BENCH_SECS` sets the seconds per throughput cell (default 5); `BENCH_PARTS` picks parts
@@ -152,12 +153,22 @@ async fn wasi_03(baton: &Path, wasmtime: &Path, guests: &Path, secs: f64) -> Res
     println!("|---|---|---|---|---|---|---|");
     for clients in [1usize, 16, 64] {
         let mut rows = Vec::new();
-        for (name, wasm) in [("baton, 0.3 build", &p3), ("baton, 0.2 build", &p2)] {
+        let reused: &[&str] = &["--instance-reuse", "128", "--instance-concurrency", "16"];
+        for (name, wasm, extra) in [
+            ("baton, 0.3 build", &p3, &[][..]),
+            (
+                "baton, 0.3 build, instances reused as wasmtime serve does",
+                &p3,
+                reused,
+            ),
+            ("baton, 0.2 build", &p2, &[][..]),
+        ] {
             let (procs, addr) = serve(
                 Command::new(baton)
                     .arg("run")
                     .arg(wasm)
                     .args(["--listen", "127.0.0.1:0", "-e", "GREETING=hi"])
+                    .args(extra)
                     .arg("--cache-dir")
                     .arg(cache.path())
                     .env("RUST_LOG", "error"),
