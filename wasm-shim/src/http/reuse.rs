@@ -201,11 +201,12 @@ impl Serving {
                 tracing::debug!(error = %crate::error::chain(e), "a reused instance ended");
             }
         };
-        let _ = self.runtime.spawn_guest(
+        // Detached: it ends by itself (its requests taken, idle, or its server stopped).
+        drop(self.runtime.spawn_guest(
             &self.net.usage,
             task,
             tracing::Instrument::instrument(done, tracing::debug_span!("wasm_http_instance")),
-        );
+        ));
     }
 }
 
