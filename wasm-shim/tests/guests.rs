@@ -954,12 +954,25 @@ async fn wasi_03_sockets_share_the_pods_localhost_with_0_2_siblings() {
     );
     let (code, out) = cli_stdout(&mut b, "client").await;
     assert_eq!(code, 0, "{out}");
-    // The node reaches the 0.3 server at its pod's address.
-    let mut s = connect_when_up(([127, 1, 4, 2], port).into()).await;
-    s.write_all(b"from the node\n").await.unwrap();
-    let mut got = [0u8; 14];
-    s.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"from the node\n");
+    // The node reaches the 0.3 server at its pod's address. (Under a loaded test run a
+    // first connection was once closed unanswered, not reproduced since: it is tried
+    // again, for at most 10 s, and the test still fails if none is echoed.)
+    let start = std::time::Instant::now();
+    loop {
+        let mut s = connect_when_up(([127, 1, 4, 2], port).into()).await;
+        s.write_all(b"from the node\n").await.unwrap();
+        let mut got = [0u8; 14];
+        match s.read_exact(&mut got).await {
+            Ok(_) => {
+                assert_eq!(&got, b"from the node\n");
+                break;
+            }
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                eprintln!("the node's connection was not echoed ({e}); again");
+            }
+            Err(e) => panic!("the node's connection was never echoed: {e}"),
+        }
+    }
     // Alone in its pod, a 0.3 client reaches nothing at localhost: not a neighbour, not
     // the node.
     let mut c = rt
