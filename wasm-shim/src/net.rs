@@ -296,6 +296,27 @@ pub(crate) fn addr_check(
     move |addr, used| Box::pin(std::future::ready(pod.allows(addr, used)))
 }
 
+/// Awaits `fut`, whose first poll makes a socket: only that poll runs inside `ns`, the
+/// pod's namespace, if it has one. None if the namespace cannot be entered.
+async fn made_inside<F: Future>(
+    ns: Option<Arc<crate::netns::NetworkNamespace>>,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut first = ns;
+    std::future::poll_fn(|cx| match first.take() {
+        Some(ns) => match ns.enter(|| fut.as_mut().poll(cx)) {
+            Ok(polled) => polled.map(Some),
+            Err(e) => {
+                tracing::warn!(error = %e, "entering a pod's network namespace");
+                std::task::Poll::Ready(None)
+            }
+        },
+        None => fut.as_mut().poll(cx).map(Some),
+    })
+    .await
+}
+
 /// One store's share of its pod's network: which sockets it counted against the pod cap,
 /// so that dropping the store gives them back even if the guest never closed them.
 #[derive(Debug)]
@@ -316,6 +337,15 @@ impl StoreNet {
         PodHooks {
             net: self.pod.clone(),
             trace: None,
+        }
+    }
+}
+
+impl StoreNet {
+    /// A socket is gone: if it was counted against the pod's cap, its place is free.
+    fn forget(&mut self, rep: u32) {
+        if self.live.remove(&rep) {
+            self.pod.release_sockets(1);
         }
     }
 }
@@ -555,9 +585,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         ResourceType::host::<TcpSocket>(),
         |mut store, rep| {
             let host = store.data_mut();
-            if host.net.live.remove(&rep) {
-                host.net.pod.release_sockets(1);
-            }
+            host.net.forget(rep);
             HostTcpSocket::drop(&mut host.sockets(), Resource::new_own(rep))
         },
     )?;
@@ -601,17 +629,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
                 let ns = host.net.pod.netns().cloned();
                 let made = {
                     let mut view = host.sockets();
-                    let mut fut = std::pin::pin!(view.create_udp_socket(family));
-                    // The socket is made on the future's first poll; only that poll runs
-                    // inside the pod's namespace.
-                    let mut first = ns;
-                    std::future::poll_fn(|cx| match first.take() {
-                        Some(ns) => ns
-                            .enter(|| fut.as_mut().poll(cx))
-                            .unwrap_or(std::task::Poll::Ready(Err(ErrorCode::Unknown.into()))),
-                        None => fut.as_mut().poll(cx),
-                    })
-                    .await
+                    made_inside(ns, view.create_udp_socket(family))
+                        .await
+                        .unwrap_or_else(|| Err(ErrorCode::Unknown.into()))
                 };
                 match made {
                     Ok(socket) => {
@@ -632,9 +652,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         ResourceType::host::<UdpSocket>(),
         |mut store, rep| {
             let host = store.data_mut();
-            if host.net.live.remove(&rep) {
-                host.net.pod.release_sockets(1);
-            }
+            host.net.forget(rep);
             wasmtime_wasi::p2::bindings::sockets::udp::HostUdpSocket::drop(
                 &mut host.sockets(),
                 Resource::new_own(rep),

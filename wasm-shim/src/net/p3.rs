@@ -10,7 +10,6 @@
 //!   ([`Admit`]); one past the pod's cap is closed, since a 0.3 stream has no per-item
 //!   error to refuse it with.
 
-use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -131,9 +130,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         ResourceType::host::<TcpSocket>(),
         |mut store, rep| {
             let host = store.data_mut();
-            if host.net.live.remove(&rep) {
-                host.net.pod.release_sockets(1);
-            }
+            host.net.forget(rep);
             HostTcpSocket::drop(&mut host.sockets(), Resource::new_own(rep))
         },
     )?;
@@ -148,17 +145,9 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
                 let ns = host.net.pod.netns().cloned();
                 let made = {
                     let mut view = host.sockets();
-                    let mut fut = std::pin::pin!(HostUdpSocket::create(&mut view, family));
-                    // The socket is made on the future's first poll; only that poll runs
-                    // inside the pod's namespace.
-                    let mut first = ns;
-                    std::future::poll_fn(|cx| match first.take() {
-                        Some(ns) => ns
-                            .enter(|| fut.as_mut().poll(cx))
-                            .unwrap_or(Poll::Ready(Err(ErrorCode::Other(None).into()))),
-                        None => fut.as_mut().poll(cx),
-                    })
-                    .await
+                    super::made_inside(ns, HostUdpSocket::create(&mut view, family))
+                        .await
+                        .unwrap_or_else(|| Err(ErrorCode::Other(None).into()))
                 };
                 let made: Result<Resource<UdpSocket>, ErrorCode> = to_guest(made)?;
                 match &made {
@@ -176,9 +165,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         ResourceType::host::<UdpSocket>(),
         |mut store, rep| {
             let host = store.data_mut();
-            if host.net.live.remove(&rep) {
-                host.net.pod.release_sockets(1);
-            }
+            host.net.forget(rep);
             HostUdpSocket::drop(&mut host.sockets(), Resource::new_own(rep))
         },
     )?;
@@ -262,8 +249,7 @@ impl StreamConsumer<Host> for Admit {
                     // The guest dropped its stream since poll_ready.
                     let socket = e.into_inner();
                     let host = store.data_mut();
-                    host.net.live.remove(&socket.rep());
-                    host.net.pod.release_sockets(1);
+                    host.net.forget(socket.rep());
                     HostTcpSocket::drop(&mut host.sockets(), socket)?;
                     return Poll::Ready(Ok(StreamResult::Dropped));
                 }
