@@ -217,6 +217,19 @@ struct StoreArgs {
     /// Members to talk to, comma-separated host:port.
     #[arg(long, default_value = "127.0.0.1:2380", value_delimiter = ',')]
     endpoints: Vec<String>,
+    /// A member's data dir: its store CA issues this command a client certificate (run
+    /// as the user who owns it). By default, Baton's own data dir.
+    #[arg(long, env = "BATON_DATA_DIR", conflicts_with_all = ["cacert", "cert", "key"])]
+    data_dir: Option<PathBuf>,
+    /// The store CA's certificate, to verify members by (with --cert and --key).
+    #[arg(long, requires_all = ["cert", "key"])]
+    cacert: Option<PathBuf>,
+    /// A client certificate the store CA signed.
+    #[arg(long, requires_all = ["cacert", "key"])]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key.
+    #[arg(long, requires_all = ["cacert", "cert"])]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     verb: StoreVerb,
 }
@@ -448,7 +461,11 @@ async fn up(args: UpArgs) -> Result<()> {
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
     let api_addr = api_listener.local_addr()?;
-    let cfg = StoreConfig::new(1, dir.join("store"), "127.0.0.1:0");
+    let mut cfg = StoreConfig::new(1, dir.join("store"), "127.0.0.1:0");
+    if let Some(addr) = args.store_listen {
+        // The store's port takes only clients with a certificate from its CA.
+        cfg.tls = Some(member_tls(&dir.join("pki"), 1, &addr.to_string(), true)?);
+    }
     let store = Store::open_single(cfg)
         .await
         .with_context(|| format!("failed to open the store in {}", dir.display()))?;
@@ -633,7 +650,23 @@ async fn server(args: ServerArgs) -> Result<()> {
     };
     let addr = listener.local_addr()?.to_string();
     private_dir(&args.data_dir)?;
-    let mut cfg = StoreConfig::new(args.id, &args.data_dir, &addr);
+    // The store lives in DATA/store, beside the member's pki, as `baton up`'s does;
+    // members made before kept it in DATA itself, and still do.
+    let store_dir = if args.data_dir.join("BATON_STORE").exists() {
+        args.data_dir.clone()
+    } else {
+        args.data_dir.join("store")
+    };
+    let mut cfg = StoreConfig::new(args.id, &store_dir, &addr);
+    // Only the member that starts the cluster makes its store CA; a joiner must be given
+    // the cluster's, or it could not talk to its peers.
+    let tls = member_tls(
+        &args.data_dir.join("pki"),
+        args.id,
+        &addr,
+        args.join.is_none(),
+    )?;
+    cfg.tls = Some(tls.clone());
     cfg.heartbeat = Duration::from_millis(args.tuning.heartbeat_ms);
     cfg.election_timeout = (
         Duration::from_millis(args.tuning.election_ms),
@@ -643,7 +676,7 @@ async fn server(args: ServerArgs) -> Result<()> {
     cfg.keep_logs = args.tuning.keep_logs;
     let store = Store::open(cfg)
         .await
-        .with_context(|| format!("failed to open the store in {}", args.data_dir.display()))?;
+        .with_context(|| format!("failed to open the store in {}", store_dir.display()))?;
     // From here on the store is open: an error closes it before the process exits, as a
     // signal would, so that no RocksDB thread is at work while the process tears down.
     let result: Result<()> = async {
@@ -655,7 +688,7 @@ async fn server(args: ServerArgs) -> Result<()> {
                 .context("failed to bootstrap the cluster")?;
         }
         if let Some(seed) = args.join {
-            join(&store, &seed, &addr).await?;
+            join(&store, &seed, &addr, &tls).await?;
         }
         if let Some(api_addr) = args.api_listen {
             let l = tokio::net::TcpListener::bind(api_addr)
@@ -726,12 +759,36 @@ fn inherited_listener(fd: i32) -> Result<tokio::net::TcpListener> {
     Ok(tokio::net::TcpListener::from_std(std)?)
 }
 
-/// Asks the cluster behind `seed` to add this member as a learner, then as a voter.
+/// Member `id`'s TLS identity toward its peers and the store's clients, at `addr`, from
+/// the store CA in `pki_dir`; `may_create`: whether this member may start a new CA.
+fn member_tls(
+    pki_dir: &std::path::Path,
+    id: u64,
+    addr: &str,
+    may_create: bool,
+) -> Result<baton_store::StoreTls> {
+    let have = pki_dir.join(baton_store::StoreCa::KEY_FILE).exists();
+    if !have && !may_create {
+        bail!(
+            "{} holds no store CA, so this member cannot prove itself to the cluster it joins: copy {} and {} from a member's pki directory",
+            pki_dir.display(),
+            baton_store::StoreCa::CERT_FILE,
+            baton_store::StoreCa::KEY_FILE
+        );
+    }
+    let ca = baton_store::StoreCa::load_or_create(pki_dir)
+        .with_context(|| format!("failed to load the store CA in {}", pki_dir.display()))?;
+    ca.member(id, &[addr])
+        .context("failed to issue this member's certificate")
+}
+
 /// Joins the cluster `seed` belongs to, as a voter. Members may start in any order or
 /// at the same moment: the seed may not be up yet, or another membership change may be
 /// under way, so this retries until this member is a voter, and says why it waits.
-async fn join(store: &Store, seed: &str, addr: &str) -> Result<()> {
-    let client = StoreClient::new([seed.to_string()]).with_timeout(Duration::from_secs(30));
+async fn join(store: &Store, seed: &str, addr: &str, tls: &baton_store::StoreTls) -> Result<()> {
+    let client = StoreClient::new([seed.to_string()])
+        .with_tls(tls)?
+        .with_timeout(Duration::from_secs(30));
     let mut delay = Duration::from_millis(200);
     let mut said = String::new();
     loop {
@@ -783,10 +840,33 @@ fn repair_store(data_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The store client `baton store` talks as: the files given, or a certificate issued
+/// now by the store CA of a data dir.
+fn store_client_identity(args: &StoreArgs) -> Result<baton_store::StoreTls> {
+    if let (Some(ca), Some(cert), Some(key)) = (&args.cacert, &args.cert, &args.key) {
+        return baton_store::StoreTls::from_files(ca, cert, key)
+            .context("failed to read the store client certificate");
+    }
+    let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let pki = dir.join("pki");
+    let ca = baton_store::StoreCa::load(&pki).with_context(|| {
+        format!(
+            "no store CA in {}: give a member's --data-dir, or --cacert, --cert and --key",
+            pki.display()
+        )
+    })?;
+    ca.client("baton-store-cli")
+        .context("failed to issue a store client certificate")
+}
+
 async fn store_verb(args: StoreArgs) -> Result<()> {
-    let client = StoreClient::new(args.endpoints);
+    if let StoreVerb::Repair { data_dir } = &args.verb {
+        return repair_store(data_dir);
+    }
+    let client =
+        StoreClient::new(args.endpoints.clone()).with_tls(&store_client_identity(&args)?)?;
     match args.verb {
-        StoreVerb::Repair { data_dir } => repair_store(&data_dir)?,
+        StoreVerb::Repair { .. } => unreachable!("handled above"),
         StoreVerb::Status => {
             let s = client.status().await?;
             println!(

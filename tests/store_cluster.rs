@@ -169,7 +169,7 @@ async fn members_are_added_promoted_and_removed() {
         },
     )
     .await;
-    let client = StoreClient::new(survivors.iter().map(|&i| c.members[i].addr.clone()));
+    let client = c.client_of(survivors.iter().map(|&i| c.members[i].addr.clone()));
     client.put("m/2", "y").await.unwrap();
     assert_eq!(count_keys(&client, "m/", false).await, Some(2));
 }

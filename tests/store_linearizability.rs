@@ -116,7 +116,7 @@ async fn history_under_kills_pauses_and_restarts_is_linearizable() {
         // Each client starts at a different member, so forwarding is exercised too.
         let mut eps = addrs.clone();
         eps.rotate_left(id % 3);
-        let client = StoreClient::new(eps).with_timeout(Duration::from_secs(2));
+        let client = c.client_of(eps).with_timeout(Duration::from_secs(2));
         clients.push(tokio::spawn(client_loop(
             id,
             client,

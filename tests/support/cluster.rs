@@ -1,13 +1,17 @@
 #![allow(dead_code)] // shared by several test crates, each using a part
 //! A cluster of real `baton server` processes on 127.0.0.1, each with its own data dir,
 //! for tests that kill, pause and restart members.
+//!
+//! Members speak mutual TLS: the test makes the store CA and puts a copy in each
+//! member's `pki` directory before it starts (as an operator who copies the CA would),
+//! and its clients present a store client certificate.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use baton_store::{Status, StoreClient};
+use baton_store::{Status, StoreCa, StoreClient, StoreTls};
 
 pub struct Member {
     pub id: u64,
@@ -37,6 +41,8 @@ impl Member {
 
 pub struct Cluster {
     pub members: Vec<Member>,
+    /// The test's identity toward the members: a store client's certificate.
+    pub tls: StoreTls,
     tuning: Vec<String>,
     _tmp: tempfile::TempDir,
 }
@@ -56,14 +62,17 @@ impl Cluster {
     /// `n` members, none started yet, each with its address and data dir.
     fn members(n: usize, tuning: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
+        let ca = StoreCa::generate().expect("a store CA");
         let members = (1..=n as u64)
             .map(|id| {
                 let listener =
                     std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+                let dir = tmp.path().join(format!("member-{id}"));
+                ca.write_to(&dir.join("pki")).expect("copy the store CA");
                 Member {
                     id,
                     addr: listener.local_addr().unwrap().to_string(),
-                    dir: tmp.path().join(format!("member-{id}")),
+                    dir,
                     child: None,
                     listener: Some(listener),
                 }
@@ -71,6 +80,7 @@ impl Cluster {
             .collect();
         Cluster {
             members,
+            tls: ca.client("test").expect("a store client certificate"),
             tuning: tuning.iter().map(|s| s.to_string()).collect(),
             _tmp: tmp,
         }
@@ -93,7 +103,9 @@ impl Cluster {
             let id = cluster.members[i].id;
             cluster.start_member(i);
             let addr = cluster.members[i].addr.clone();
-            let client = StoreClient::new([addr]).with_timeout(Duration::from_secs(2));
+            let client = cluster
+                .client_of([addr])
+                .with_timeout(Duration::from_secs(2));
             wait_for(Duration::from_secs(60), "member to become a voter", || {
                 let client = client.clone();
                 async move {
@@ -173,7 +185,15 @@ impl Cluster {
     }
 
     pub fn client(&self) -> StoreClient {
-        StoreClient::new(self.addrs()).with_timeout(Duration::from_secs(5))
+        self.client_of(self.addrs())
+            .with_timeout(Duration::from_secs(5))
+    }
+
+    /// A client of the members at `addrs`, with the test's certificate.
+    pub fn client_of(&self, addrs: impl IntoIterator<Item = String>) -> StoreClient {
+        StoreClient::new(addrs)
+            .with_tls(&self.tls)
+            .expect("a TLS client")
     }
 
     pub fn index_of(&self, id: u64) -> usize {
@@ -207,8 +227,9 @@ impl Cluster {
     }
 
     pub async fn status_of(&self, i: usize) -> Option<Status> {
-        let client =
-            StoreClient::new([self.members[i].addr.clone()]).with_timeout(Duration::from_secs(1));
+        let client = self
+            .client_of([self.members[i].addr.clone()])
+            .with_timeout(Duration::from_secs(1));
         client.status().await.ok()
     }
 

@@ -126,7 +126,14 @@ async fn start_baton(bin: &Path, dir: &Path, n: usize) -> Result<(Procs, Target)
         .iter()
         .map(|l| l.local_addr().map(|a| a.to_string()))
         .collect::<std::io::Result<Vec<_>>>()?;
+    // Members speak mutual TLS with one store CA, copied into each data dir before it
+    // starts; the benchmark's clients present a store client certificate.
+    let ca = baton_store::StoreCa::generate()?;
+    let tls = ca.client("bench")?;
+    let client = |addrs: Vec<String>| StoreClient::new(addrs).with_tls(&tls);
     for (i, addr) in addrs.iter().enumerate() {
+        let data = dir.join(format!("baton-{n}-{i}"));
+        ca.write_to(&data.join("pki"))?;
         let mut cmd = Command::new(bin);
         baton_testkit::process::pass_listener(&mut cmd, &listeners[i]);
         cmd.args(["server", "--id", &(i + 1).to_string()])
@@ -135,7 +142,7 @@ async fn start_baton(bin: &Path, dir: &Path, n: usize) -> Result<(Procs, Target)
                 &baton_testkit::process::LISTEN_FD.to_string(),
             ])
             .arg("--data-dir")
-            .arg(dir.join(format!("baton-{n}-{i}")))
+            .arg(&data)
             .env("RUST_LOG", "error")
             .stdout(Stdio::null());
         if i == 0 {
@@ -144,7 +151,7 @@ async fn start_baton(bin: &Path, dir: &Path, n: usize) -> Result<(Procs, Target)
             cmd.args(["--join", &addrs[0]]);
         }
         procs.0.push(cmd.spawn().context("starting baton server")?);
-        let c = StoreClient::new([addr.clone()]).with_timeout(Duration::from_secs(2));
+        let c = client(vec![addr.clone()])?.with_timeout(Duration::from_secs(2));
         let id = i as u64 + 1;
         wait_until("a baton member to join", || {
             let c = c.clone();
@@ -157,7 +164,7 @@ async fn start_baton(bin: &Path, dir: &Path, n: usize) -> Result<(Procs, Target)
         })
         .await?;
     }
-    let status = StoreClient::new(addrs.clone()).status().await?;
+    let status = client(addrs.clone())?.status().await?;
     let leader = status.leader.context("no leader")?;
     let addr = status
         .members
@@ -166,7 +173,7 @@ async fn start_baton(bin: &Path, dir: &Path, n: usize) -> Result<(Procs, Target)
         .context("leader not a member")?
         .addr
         .clone();
-    Ok((procs, Target::Baton(StoreClient::new([addr]))))
+    Ok((procs, Target::Baton(client(vec![addr])?)))
 }
 
 /// A loopback port that was free a moment ago.

@@ -24,7 +24,7 @@ use crate::watch::Watch;
 pub struct StoreClient {
     endpoints: Arc<Vec<String>>,
     current: Arc<AtomicUsize>,
-    http: reqwest::Client,
+    http: crate::tls::Http,
     timeout: Duration,
 }
 
@@ -36,10 +36,7 @@ impl StoreClient {
             !endpoints.is_empty(),
             "a store client needs at least one endpoint"
         );
-        let http = reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(256)
-            .build()
+        let http = crate::tls::Http::new(None, tune_client)
             .expect("building an HTTP client without TLS cannot fail");
         Self {
             endpoints: Arc::new(endpoints),
@@ -47,6 +44,13 @@ impl StoreClient {
             http,
             timeout: Duration::from_secs(10),
         }
+    }
+
+    /// Talks to the members over HTTPS as `tls` (a store client's or a member's
+    /// identity from the store CA), as members that serve TLS require.
+    pub fn with_tls(mut self, tls: &crate::tls::StoreTls) -> Result<Self, Error> {
+        self.http = crate::tls::Http::new(Some(tls), tune_client)?;
+        Ok(self)
     }
 
     /// Per-request timeout (default 10 s).
@@ -164,7 +168,8 @@ impl StoreClient {
             let addr = &self.endpoints[(self.current.load(Ordering::Relaxed) + attempt) % n];
             let res = self
                 .http
-                .get(format!("http://{addr}/store/v1/status"))
+                .client
+                .get(self.http.url(addr, "/store/v1/status"))
                 .timeout(self.timeout)
                 .send()
                 .await
@@ -174,10 +179,18 @@ impl StoreClient {
                 });
             match res {
                 Ok(resp) => {
+                    let status = resp.status();
                     let bytes = resp.bytes().await.map_err(|source| Error::Transport {
                         addr: addr.clone(),
                         source,
                     })?;
+                    if !status.is_success() {
+                        return Err(Error::Remote {
+                            addr: addr.clone(),
+                            status: status.as_u16(),
+                            body: String::from_utf8_lossy(&bytes).into_owned(),
+                        });
+                    }
                     return Ok(postcard::from_bytes(&bytes)?);
                 }
                 Err(e) => last = Some(e),
@@ -196,7 +209,8 @@ impl StoreClient {
             let body = postcard::to_stdvec(&(prefix.clone(), from))?;
             let resp = self
                 .http
-                .post(format!("http://{addr}/store/v1/watch"))
+                .client
+                .post(self.http.url(&addr, "/store/v1/watch"))
                 .body(body)
                 .send()
                 .await;
@@ -257,7 +271,7 @@ impl StoreClient {
 /// One request to one member: a postcard body in, a postcard `Result` out. `forwarded`
 /// marks a member relaying a request to its leader, which must not relay it again.
 pub(crate) async fn post<Req: Serialize, Resp: DeserializeOwned>(
-    http: &reqwest::Client,
+    http: &crate::tls::Http,
     addr: &str,
     path: &str,
     req: &Req,
@@ -266,7 +280,8 @@ pub(crate) async fn post<Req: Serialize, Resp: DeserializeOwned>(
 ) -> Result<Resp, Error> {
     let body = postcard::to_stdvec(req)?;
     let mut request = http
-        .post(format!("http://{addr}{path}"))
+        .client
+        .post(http.url(addr, path))
         .timeout(timeout)
         .body(body);
     if forwarded {
@@ -289,6 +304,10 @@ pub(crate) async fn post<Req: Serialize, Resp: DeserializeOwned>(
     }
     let res: Result<Resp, WireError> = postcard::from_bytes(&bytes)?;
     res.map_err(|e| e.into_error(addr))
+}
+
+fn tune_client(b: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+    b.pool_max_idle_per_host(256)
 }
 
 /// Whether another member may succeed where this one failed, without risking a write twice.

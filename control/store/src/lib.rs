@@ -22,6 +22,7 @@
 //! - [`Store`]: one member, and the API (`txn`, `get`, `range`, `watch`, `compact`,
 //!   membership). [`Store::router`] serves its Raft RPC and client API over HTTP.
 //! - [`StoreClient`]: the same API from another process.
+//! - [`tls`]: the store's own CA, and the mutual TLS that members and clients speak.
 //!
 //! ## Example: the embedded single-member store
 //! ```no_run
@@ -52,6 +53,7 @@ mod mvcc;
 mod raft;
 mod server;
 mod store;
+pub mod tls;
 pub mod types;
 mod watch;
 
@@ -62,5 +64,6 @@ pub use latency::Latencies;
 pub use mvcc::MvccError;
 pub use raft::NodeId;
 pub use store::{AutoCompaction, Store, StoreConfig};
+pub use tls::{StoreCa, StoreTls, TlsError};
 pub use types::*;
 pub use watch::Watch;

@@ -1,6 +1,10 @@
 //! The member's HTTP surface: Raft RPC between members, and the client API that other
 //! processes (and members forwarding to the leader) use.
 //!
+//! A member with a TLS identity serves HTTPS only, and requires a certificate from the
+//! store CA of every client at the handshake ([`crate::tls`]); Raft's routes also
+//! require that it be a member's.
+//!
 //! Bodies are postcard; every answer is a `Result<T, WireError>` with HTTP 200, so that an
 //! error keeps its exact kind across the wire. Watches stream length-prefixed frames.
 
@@ -16,6 +20,7 @@ use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::{BasicNode, Snapshot, SnapshotMeta, Vote};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::error::{Error, WireError};
 use crate::raft::{NodeId, TypeConfig};
@@ -38,10 +43,13 @@ impl Store {
         let bulk = DefaultBodyLimit::max(MAX_SNAPSHOT_BYTES);
         let txn_limit = DefaultBodyLimit::max(MAX_TXN_REQUEST_BYTES);
         let small = DefaultBodyLimit::max(MAX_SMALL_REQUEST_BYTES);
-        Router::new()
+        let raft = Router::new()
             .route("/raft/append", post(raft_append).layer(bulk))
             .route("/raft/vote", post(raft_vote).layer(small))
             .route("/raft/snapshot", post(raft_snapshot).layer(bulk))
+            .route_layer(axum::middleware::from_fn(members_only));
+        Router::new()
+            .merge(raft)
             .route("/store/v1/txn", post(txn).layer(txn_limit))
             .route("/store/v1/get", post(get_key).layer(small))
             .route("/store/v1/range", post(range).layer(small))
@@ -56,15 +64,102 @@ impl Store {
             .with_state(self.clone())
     }
 
-    /// Serves [`Store::router`] on a bound listener until the task is dropped.
+    /// Serves [`Store::router`] on a bound listener until the task is dropped: HTTPS
+    /// with client certificates if the member has a TLS identity, plain HTTP otherwise.
     pub fn serve(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
         let router = self.router();
+        let Some(tls) = self.acceptor().cloned() else {
+            return tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!(error = %e, "store HTTP server stopped");
+                }
+            });
+        };
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                tracing::error!(error = %e, "store HTTP server stopped");
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of descriptors, most likely: give the ones in use a moment.
+                        tracing::warn!(error = %e, "store: accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let (tls, router) = (tls.clone(), router.clone());
+                tokio::spawn(
+                    async move { serve_tls_connection(tcp, tls, router).await }
+                        .instrument(tracing::debug_span!("store_conn", %peer)),
+                );
             }
         })
     }
+}
+
+/// How long a client has to finish its TLS handshake: one that opens a connection and
+/// sends nothing must not hold a task and a descriptor for ever.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Who is on the other end of a TLS connection, as its verified certificate says.
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    member: bool,
+}
+
+async fn serve_tls_connection(
+    tcp: tokio::net::TcpStream,
+    tls: tokio_rustls::TlsAcceptor,
+    router: Router,
+) {
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "store: TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("store: TLS handshake timed out");
+            return;
+        }
+    };
+    // The handshake required a certificate from the store CA; whether it is a
+    // member's decides what the connection may ask.
+    let member = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .is_some_and(|c| crate::tls::is_member(c));
+    let router = tower::ServiceExt::map_request(
+        router,
+        move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(Peer { member });
+            req
+        },
+    );
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(error = %e, "store: connection ended with an error");
+    }
+}
+
+/// Raft messages are taken from members only. Over plain HTTP (in-process tests) there
+/// is no certificate to tell by, and nothing is checked.
+async fn members_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req.extensions().get::<Peer>().is_some_and(|p| !p.member) {
+        return (
+            StatusCode::FORBIDDEN,
+            "Raft messages are taken from members only: this certificate is a store client's",
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 // The error is the ready HTTP response; boxing it would only add an allocation.

@@ -57,6 +57,10 @@ pub struct StoreConfig {
     /// Writes are refused while the disk has less free space than this (or than a
     /// twentieth of the disk, if smaller); see [`Store::check_disk`].
     pub disk_reserve_bytes: u64,
+    /// This member's identity for mutual TLS ([`crate::tls`]). With one, the member
+    /// serves HTTPS, refuses clients without a store certificate, and calls its peers
+    /// over HTTPS; without one, it speaks plain HTTP (in-process tests only).
+    pub tls: Option<crate::tls::StoreTls>,
 }
 
 impl StoreConfig {
@@ -82,6 +86,7 @@ impl StoreConfig {
             }),
             max_batch: 1024,
             disk_reserve_bytes: 256 << 20,
+            tls: None,
         }
     }
 }
@@ -111,7 +116,9 @@ struct Inner {
     raft: Raft,
     mvcc: Arc<Mvcc>,
     hub: WatchHub,
-    http: reqwest::Client,
+    http: crate::tls::Http,
+    /// The TLS side of this member's server, if it has an identity.
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     proposals: mpsc::Sender<Proposal>,
     read_barriers: mpsc::Sender<oneshot::Sender<Result<(), Proposed>>>,
     db: Arc<rocksdb::DB>,
@@ -159,16 +166,17 @@ impl Store {
             .map_err(|e| Error::InvalidRequest {
                 reason: format!("raft settings: {e}"),
             })?;
-            let http = reqwest::Client::builder()
-                .pool_idle_timeout(Duration::from_secs(30))
-                .tcp_nodelay(true)
-                .build()
-                .map_err(|source| Error::Transport {
-                    addr: "(client)".into(),
-                    source,
-                })?;
-            let network = NetworkFactory {
-                client: http.clone(),
+            let http = crate::tls::Http::new(cfg.tls.as_ref(), |b| {
+                b.pool_idle_timeout(Duration::from_secs(30))
+            })?;
+            let network = NetworkFactory { http: http.clone() };
+            let acceptor = match &cfg.tls {
+                Some(tls) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                    tls.server_config().map_err(|e| Error::InvalidRequest {
+                        reason: format!("TLS server configuration: {e}"),
+                    })?,
+                ))),
+                None => None,
             };
             let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm)
                 .await
@@ -182,6 +190,7 @@ impl Store {
                 mvcc,
                 hub,
                 http,
+                acceptor,
                 proposals: ptx,
                 read_barriers: rtx,
                 tasks: std::sync::Mutex::new(Vec::new()),
@@ -269,6 +278,11 @@ impl Store {
     /// This member's id.
     pub fn id(&self) -> NodeId {
         self.inner.cfg.id
+    }
+
+    /// The TLS side of this member's server, if it serves TLS.
+    pub(crate) fn acceptor(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        self.inner.acceptor.as_ref()
     }
 
     /// The newest revision applied locally.

@@ -179,6 +179,7 @@ async fn request_bodies_are_bounded_per_route() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = s.serve(listener);
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
     let post = |path: &str, len: usize| {
         http.post(format!("http://{addr}{path}"))
@@ -502,4 +503,98 @@ async fn metrics_report_leadership_revisions_and_size() {
         after.replication_lag.iter().all(|(_, lag)| *lag == 0),
         "{after:?}"
     );
+}
+
+/// A member with a TLS identity refuses, at the handshake, a client with no certificate
+/// and one whose certificate another CA signed; a store client's certificate may use the
+/// store API but not speak Raft for a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_member_takes_only_certificates_from_its_store_ca() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = StoreCa::generate().unwrap();
+    let s = open(dir.path(), |c| {
+        c.tls = Some(ca.member(1, &["127.0.0.1:0"]).unwrap());
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = s.serve(listener);
+
+    // Plain HTTP gets no answer from a TLS server.
+    let plain = StoreClient::new([addr.clone()]).with_timeout(Duration::from_secs(5));
+    assert!(plain.status().await.is_err(), "plain HTTP was answered");
+
+    // TLS that trusts the member but presents no certificate: the handshake fails.
+    let roots = {
+        let mut r = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::pem::PemObject::pem_slice_iter(ca.cert_pem.as_bytes()) {
+            r.add(c.unwrap()).unwrap();
+        }
+        r
+    };
+    let anonymous = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(anonymous)
+        .build()
+        .unwrap();
+    let err = http
+        .get(format!("https://{addr}/store/v1/status"))
+        .send()
+        .await
+        .expect_err("a client without a certificate was served");
+    assert!(!err.is_status(), "{err}");
+
+    // A certificate from another CA, even one that trusts this member, is refused.
+    let stranger = StoreCa::generate().unwrap().client("stranger").unwrap();
+    let trusting_stranger = StoreTls::from_pem(
+        &ca.cert_pem,
+        stranger.cert_and_key_pem().0,
+        stranger.cert_and_key_pem().1,
+    )
+    .unwrap();
+    let c = StoreClient::new([addr.clone()])
+        .with_tls(&trusting_stranger)
+        .unwrap();
+    assert!(c.put("k", "v").await.is_err(), "a stranger's write went in");
+
+    // The store's own client certificate reads and writes ...
+    let admin = ca.client("admin").unwrap();
+    let c = StoreClient::new([addr.clone()]).with_tls(&admin).unwrap();
+    c.put("k", "v").await.expect("a store client writes");
+    let status = c.status().await.expect("a store client reads the status");
+    assert_eq!(status.id, 1);
+    // ... but Raft's routes are for members.
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(admin.client_config().unwrap())
+        .build()
+        .unwrap();
+    let resp = http
+        .post(format!("https://{addr}/raft/vote"))
+        .body(vec![0u8; 8])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let member = ca.member(2, &["127.0.0.1:0"]).unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(member.client_config().unwrap())
+        .build()
+        .unwrap();
+    let resp = http
+        .post(format!("https://{addr}/raft/vote"))
+        .body(vec![0u8; 8])
+        .send()
+        .await
+        .unwrap();
+    // A member gets past the check, to Raft itself.
+    assert_ne!(resp.status(), 403);
+    server.abort();
+    s.shutdown().await.unwrap();
 }

@@ -1,4 +1,4 @@
-//! Raft RPC between members: HTTP POSTs of postcard-encoded openraft messages to the
+//! Raft RPC between members: HTTP(S) POSTs of postcard-encoded openraft messages to the
 //! target member's own address (`/raft/append`, `/raft/vote`, `/raft/snapshot`).
 //!
 //! A connection failure is reported as `Unreachable`, so openraft backs off instead of
@@ -24,7 +24,7 @@ use super::{NodeId, TypeConfig};
 /// Makes one [`Network`] per peer; they share the HTTP client's connection pool.
 #[derive(Clone, Debug)]
 pub(crate) struct NetworkFactory {
-    pub(crate) client: reqwest::Client,
+    pub(crate) http: crate::tls::Http,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -34,7 +34,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         Network {
             target,
             addr: node.addr.clone(),
-            client: self.client.clone(),
+            http: self.http.clone(),
         }
     }
 }
@@ -43,7 +43,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub(crate) struct Network {
     target: NodeId,
     addr: String,
-    client: reqwest::Client,
+    http: crate::tls::Http,
 }
 
 /// Failure of one RPC before the peer's answer could be read.
@@ -74,10 +74,11 @@ impl Network {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, CallError> {
-        let url = format!("http://{}{}", self.addr, path);
+        let url = self.http.url(&self.addr, path);
         let body = postcard::to_stdvec(req)?;
         let addr = || self.addr.clone();
         let resp = self
+            .http
             .client
             .post(url)
             .timeout(timeout)
