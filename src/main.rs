@@ -25,6 +25,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod control;
 mod inspect;
+mod join;
 mod oci_cli;
 mod otel;
 mod run;
@@ -161,9 +162,10 @@ struct NodeCmdArgs {
 
 #[derive(Args, Debug)]
 struct ServerArgs {
-    /// This member's id, unique in the cluster (1, 2, 3, ...).
-    #[arg(long)]
-    id: u64,
+    /// This member's id, unique in the cluster (1, 2, 3, ...); by default one is picked
+    /// at random at first start and kept in the data dir.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    id: Option<u64>,
     /// Address to serve Raft and the store API on; peers must reach it.
     #[arg(
         long,
@@ -181,15 +183,24 @@ struct ServerArgs {
     /// Start a new cluster with this member as its only voter (first member only).
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
-    /// Join the cluster that the member at this address belongs to.
+    /// Join the cluster that the store member at this address belongs to; this member's
+    /// pki directory must hold a copy of the cluster's store CA.
     #[arg(long)]
     join: Option<String>,
+    /// Join the cluster whose API server is at this URL (`https://HOST:6443`), with
+    /// `--token`: the cluster's keys are fetched from it, and the store joined.
+    #[arg(long, conflicts_with_all = ["bootstrap", "join"], requires = "token")]
+    server: Option<String>,
+    /// The cluster token (`baton1::HASH::SECRET`, in the first member's `DATA/token`).
+    #[arg(long, env = "BATON_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Serve the Kubernetes API (HTTPS) on this address too.
     #[arg(long)]
     api_listen: Option<SocketAddr>,
     /// An EncryptionConfiguration file for what is encrypted at rest. Every member must
-    /// be given the same file (copy it), or members cannot read each other's writes;
-    /// without it, nothing is encrypted.
+    /// be given the same file (copy it), or members cannot read each other's writes. By
+    /// default `DATA/pki/encryption-config.yaml`: the first member makes it (Secrets
+    /// under AES-GCM with a random key) and members that join with a token fetch it.
     #[arg(long)]
     encryption_provider_config: Option<PathBuf>,
     #[command(flatten)]
@@ -491,8 +502,11 @@ async fn up(args: UpArgs) -> Result<()> {
             &dir,
             api_listener,
             api_addr,
-            encryption,
-            local_nodes.clone(),
+            ApiOptions {
+                encryption,
+                local_nodes: local_nodes.clone(),
+                join_token: None,
+            },
             &mut tasks,
         )
         .await?;
@@ -588,15 +602,29 @@ struct StartedApi {
 }
 
 /// Starts the API server over `store`.
+/// How `start_api` sets the API server up.
+struct ApiOptions {
+    /// The EncryptionConfiguration file, and whether to make it if it is missing.
+    encryption: Option<(PathBuf, bool)>,
+    /// The node agents in this process, answered without TLS.
+    local_nodes: LocalNodes,
+    /// The cluster token members may join with.
+    join_token: Option<baton_apiserver::join::Token>,
+}
+
 async fn start_api(
     store: &Store,
     dir: &std::path::Path,
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
-    encryption: Option<(PathBuf, bool)>,
-    local_nodes: LocalNodes,
+    opts: ApiOptions,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<StartedApi> {
+    let ApiOptions {
+        encryption,
+        local_nodes,
+        join_token,
+    } = opts;
     let pki = Pki::load_or_create(&dir.join("pki"), &[addr.ip().to_string()])
         .context("failed to set up the cluster's certificates and tokens")?;
     let mut objects = Objects::new(store.clone());
@@ -615,7 +643,10 @@ async fn start_api(
         })?;
         objects = objects.with_encryption(e);
     }
-    let api = ApiServer::new(objects, pki.clone());
+    let mut api = ApiServer::new(objects, pki.clone());
+    if let Some(t) = join_token {
+        api = api.with_join_token(t);
+    }
     api.bootstrap()
         .await
         .context("failed to create the system namespaces")?;
@@ -650,6 +681,32 @@ async fn server(args: ServerArgs) -> Result<()> {
     };
     let addr = listener.local_addr()?.to_string();
     private_dir(&args.data_dir)?;
+    let pki_dir = args.data_dir.join("pki");
+    let token = args
+        .token
+        .as_deref()
+        .map(baton_apiserver::join::Token::parse)
+        .transpose()
+        .context("--token")?;
+    // A member joining by token installs the cluster's keys before anything else. One
+    // that has them (a restart) starts without the server, which may be down.
+    let mut seeds: Vec<String> = args.join.iter().cloned().collect();
+    if let (Some(url), Some(token)) = (&args.server, &token) {
+        match std::fs::read(pki_dir.join("ca.crt")) {
+            Ok(pem) if !token.verifies_ca(&pem) => bail!(
+                "{} belongs to another cluster: its CA is not the one the token names; give this member an empty --data-dir",
+                args.data_dir.display()
+            ),
+            Ok(_) => {}
+            Err(_) => {
+                let (bundle, members) = join::fetch(url, token).await?;
+                join::install(&bundle, token, &pki_dir)?;
+                seeds = members;
+            }
+        }
+        token.save(&args.data_dir.join("token"))?;
+    }
+    let id = member_id(args.id, &args.data_dir)?;
     // The store lives in DATA/store, beside the member's pki, as `baton up`'s does;
     // members made before kept it in DATA itself, and still do.
     let store_dir = if args.data_dir.join("BATON_STORE").exists() {
@@ -657,14 +714,14 @@ async fn server(args: ServerArgs) -> Result<()> {
     } else {
         args.data_dir.join("store")
     };
-    let mut cfg = StoreConfig::new(args.id, &store_dir, &addr);
+    let mut cfg = StoreConfig::new(id, &store_dir, &addr);
     // Only the member that starts the cluster makes its store CA; a joiner must be given
     // the cluster's, or it could not talk to its peers.
     let tls = member_tls(
-        &args.data_dir.join("pki"),
-        args.id,
+        &pki_dir,
+        id,
         &addr,
-        args.join.is_none(),
+        args.join.is_none() && args.server.is_none(),
     )?;
     cfg.tls = Some(tls.clone());
     cfg.heartbeat = Duration::from_millis(args.tuning.heartbeat_ms);
@@ -687,30 +744,60 @@ async fn server(args: ServerArgs) -> Result<()> {
                 .await
                 .context("failed to bootstrap the cluster")?;
         }
-        if let Some(seed) = args.join {
-            join(&store, &seed, &addr, &tls).await?;
+        let voter = store.status().members.iter().any(|m| m.id == id && m.voter);
+        if !voter {
+            // Installed earlier, but the join did not finish: ask again where to join.
+            if let (true, Some(url), Some(token)) = (seeds.is_empty(), &args.server, &token) {
+                seeds = join::fetch(url, token).await?.1;
+            }
+            if !seeds.is_empty() {
+                join_store(&store, &seeds, &addr, &tls).await?;
+            }
         }
         if let Some(api_addr) = args.api_listen {
             let l = tokio::net::TcpListener::bind(api_addr)
                 .await
                 .with_context(|| format!("failed to listen on {api_addr}"))?;
             let api_addr = l.local_addr()?;
-            if args.encryption_provider_config.is_none() {
-                tracing::warn!("no --encryption-provider-config: Secrets are stored unencrypted");
-            }
+            let pki = Pki::load_or_create(&pki_dir, &[api_addr.ip().to_string()])
+                .context("failed to set up the cluster's certificates and tokens")?;
+            let token = match token {
+                Some(t) => t,
+                None => baton_apiserver::join::Token::load_or_create(
+                    &args.data_dir.join("token"),
+                    &pki.ca_pem,
+                )
+                .context("failed to load the cluster token")?,
+            };
+            let encryption = match &args.encryption_provider_config {
+                Some(p) => (p.clone(), false),
+                None => (pki_dir.join("encryption-config.yaml"), true),
+            };
             let api = start_api(
                 &store,
                 &args.data_dir,
                 l,
                 api_addr,
-                args.encryption_provider_config.clone().map(|p| (p, false)),
-                LocalNodes::default(),
+                ApiOptions {
+                    encryption: Some(encryption),
+                    local_nodes: LocalNodes::default(),
+                    join_token: Some(token.clone()),
+                },
                 &mut tasks,
             )
             .await?;
+            tasks.push(tokio::spawn(keep_bundle(
+                store.clone(),
+                pki_dir.clone(),
+                token,
+            )));
             println!(
                 "Kubernetes API at https://{api_addr}, kubeconfig: {}",
                 api.kubeconfig.display()
+            );
+            println!(
+                "cluster token: {} (join with --server https://{api_addr} --token ...)",
+                args.data_dir.join("token").display()
             );
             // Every member with an API server campaigns; the leader runs the control loops.
             let mut loops = control::Loops::new();
@@ -718,20 +805,91 @@ async fn server(args: ServerArgs) -> Result<()> {
                 .start_elected_control_plane(
                     &api.pki,
                     &api.server,
-                    format!("baton-server-{}", args.id),
+                    format!("baton-server-{id}"),
                     baton_controllers::Config::default(),
                 )
                 .await?;
-            println!("baton server {} listening on {addr}", args.id);
+            println!("baton server {id} listening on {addr}");
             shutdown_signal().await;
             loops.shutdown().await;
             return stop(&store, tasks).await;
         }
-        println!("baton server {} listening on {addr}", args.id);
+        println!("baton server {id} listening on {addr}");
         run_until_signal(&store, tasks).await
     }
     .await;
     close_on_error(&store, result).await
+}
+
+/// This member's id: the one given, else the one kept in the data dir, else a new one
+/// picked at random and kept. A given id that differs from the kept one is refused: the
+/// store in the data dir belongs to that id.
+fn member_id(given: Option<u64>, data_dir: &std::path::Path) -> Result<u64> {
+    let path = data_dir.join("member-id");
+    let kept = match std::fs::read_to_string(&path) {
+        Ok(s) => Some(
+            s.trim()
+                .parse::<u64>()
+                .with_context(|| format!("{} holds no member id", path.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("failed to read {}", path.display())),
+    };
+    let id = match (given, kept) {
+        (Some(g), Some(k)) if g != k => {
+            bail!("--id {g}, but {} belongs to member {k}", data_dir.display())
+        }
+        (Some(g), _) => g,
+        (None, Some(k)) => k,
+        // Below 2^53, so that every JSON reader keeps it exact.
+        (None, None) => rand::random::<u64>() % ((1 << 53) - 1) + 1,
+    };
+    if kept.is_none() {
+        std::fs::write(&path, format!("{id}\n"))
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    Ok(id)
+}
+
+/// Keeps the cluster's shared keys in the store, sealed under the token, for members
+/// that join with it: written once, by whichever member comes first.
+async fn keep_bundle(store: Store, pki_dir: PathBuf, token: baton_apiserver::join::Token) {
+    use baton_apiserver::join::{Bundle, BUNDLE_KEY};
+    let mut delay = Duration::from_millis(200);
+    let mut said = String::new();
+    loop {
+        let result = async {
+            if store
+                .get(BUNDLE_KEY.as_bytes(), ReadOptions::default())
+                .await?
+                .is_some()
+            {
+                return Ok::<_, anyhow::Error>(());
+            }
+            let sealed = Bundle::read(&pki_dir)?.seal(&token);
+            match store
+                .put_if(BUNDLE_KEY, sealed, baton_store::Precondition::Absent)
+                .await
+            {
+                Ok(_) | Err(baton_store::Error::Conflict { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                // Members cannot join until this succeeds: say why, once per reason.
+                let why = format!("{e:#}");
+                if why != said {
+                    tracing::warn!(error = %why, "storing the cluster's keys for joining members; retrying");
+                    said = why;
+                }
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// The listening socket a parent passed as file descriptor `fd`.
@@ -782,11 +940,17 @@ fn member_tls(
         .context("failed to issue this member's certificate")
 }
 
-/// Joins the cluster `seed` belongs to, as a voter. Members may start in any order or
-/// at the same moment: the seed may not be up yet, or another membership change may be
-/// under way, so this retries until this member is a voter, and says why it waits.
-async fn join(store: &Store, seed: &str, addr: &str, tls: &baton_store::StoreTls) -> Result<()> {
-    let client = StoreClient::new([seed.to_string()])
+/// Joins the store cluster of `seeds` (any of its members), as a voter. Members may
+/// start in any order or at the same moment: no seed may be up yet, or another
+/// membership change may be under way, so this retries until this member is a voter,
+/// and says why it waits.
+async fn join_store(
+    store: &Store,
+    seeds: &[String],
+    addr: &str,
+    tls: &baton_store::StoreTls,
+) -> Result<()> {
+    let client = StoreClient::new(seeds.to_vec())
         .with_tls(tls)?
         .with_timeout(Duration::from_secs(30));
     let mut delay = Duration::from_millis(200);
@@ -794,7 +958,7 @@ async fn join(store: &Store, seed: &str, addr: &str, tls: &baton_store::StoreTls
     loop {
         let why = match join_step(&client, store.id(), addr).await {
             Ok(true) => {
-                tracing::info!(seed, "joined the cluster as a voter");
+                tracing::info!(seeds = ?seeds, "joined the cluster as a voter");
                 return Ok(());
             }
             // A step was taken; look again soon (the seed may see it a moment later).
@@ -805,7 +969,7 @@ async fn join(store: &Store, seed: &str, addr: &str, tls: &baton_store::StoreTls
             Err(e) => format!("{:#}", anyhow::Error::from(e)),
         };
         if why != said {
-            tracing::info!(seed, reason = %why, "waiting to join the cluster; retrying");
+            tracing::info!(seeds = ?seeds, reason = %why, "waiting to join the cluster; retrying");
             said = why;
         }
         tokio::time::sleep(delay).await;

@@ -39,6 +39,7 @@ pub mod discovery;
 pub mod encryption;
 pub mod error;
 pub mod eviction;
+pub mod join;
 pub mod jsonpath;
 pub mod kubernetes_service;
 pub mod managed;

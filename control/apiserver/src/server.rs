@@ -11,6 +11,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, Request as HttpRequest, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use base64::Engine;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
@@ -52,6 +53,8 @@ pub struct ApiServer {
     inflight: Arc<tokio::sync::Semaphore>,
     /// What `/metrics` serves.
     metrics: Arc<crate::telemetry::ApiMetrics>,
+    /// The cluster token, if this server lets members join ([`crate::join`]).
+    join: Option<Arc<crate::join::Token>>,
 }
 
 /// Default cap on concurrent non-watch requests (kube-apiserver's default is 400).
@@ -125,6 +128,7 @@ impl ApiServer {
             objects,
             pki,
             inflight: Arc::new(tokio::sync::Semaphore::new(max)),
+            join: None,
             metrics: Arc::default(),
         }
     }
@@ -240,6 +244,12 @@ impl ApiServer {
         Ok(())
     }
 
+    /// Lets members that hold `token` join through `/baton/v1/join`.
+    pub fn with_join_token(mut self, token: crate::join::Token) -> Self {
+        self.join = Some(Arc::new(token));
+        self
+    }
+
     /// Keeps the `kubernetes` Service in `default` pointing at this server, reached at
     /// `endpoint` ([`crate::kubernetes_service`]), until the task is dropped.
     pub fn publish_endpoint(&self, endpoint: SocketAddr) -> tokio::task::JoinHandle<()> {
@@ -329,7 +339,51 @@ fn public(path: &str) -> bool {
             | "/livez"
             | "/.well-known/openid-configuration"
             | "/openid/v1/jwks"
+            // The CA is public; a joiner checks it against its token's hash.
+            | "/cacerts"
+            // Checks the cluster token itself, which is no user's credential.
+            | "/baton/v1/join"
     )
+}
+
+/// `/baton/v1/join`: the sealed bundle and the store members, for a joiner that
+/// presents the cluster token's secret as its bearer token.
+async fn join_answer(api: &ApiServer, headers: &http::HeaderMap) -> Response {
+    let Some(token) = &api.join else {
+        return ApiError::NoRoute.into_response();
+    };
+    if !authn::bearer(headers).is_some_and(|p| token.admits(p)) {
+        tracing::warn!("a join was refused: wrong or missing cluster token");
+        return ApiError::Unauthorized.into_response();
+    }
+    let unavailable = |message: String| ApiError::Unavailable { message }.into_response();
+    let key = crate::join::BUNDLE_KEY.as_bytes();
+    let sealed = match api.objects.store.get(key, Default::default()).await {
+        Ok(Some(kv)) => kv.value,
+        Ok(None) => {
+            return unavailable("the cluster's shared keys are not stored yet; try again".into())
+        }
+        Err(e) => return unavailable(format!("the store cannot be read: {e}")),
+    };
+    let members = api
+        .objects
+        .store
+        .status()
+        .members
+        .into_iter()
+        .map(|m| m.addr)
+        .collect();
+    let answer = crate::join::JoinAnswer {
+        bundle: base64::engine::general_purpose::STANDARD.encode(&sealed),
+        members,
+    };
+    match serde_json::to_value(&answer) {
+        Ok(v) => json_ok(&v),
+        Err(e) => ApiError::Internal {
+            message: e.to_string(),
+        }
+        .into_response(),
+    }
 }
 
 /// Why a request is a browser's request from another site, if it is one.
@@ -517,6 +571,17 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
             }
         }
         ["healthz"] | ["livez"] => return (StatusCode::OK, "ok").into_response(),
+        ["cacerts"] if parts.method == http::Method::GET => {
+            return (
+                StatusCode::OK,
+                [("content-type", "application/x-pem-file")],
+                api.pki.ca_pem.clone(),
+            )
+                .into_response()
+        }
+        ["baton", "v1", "join"] if parts.method == http::Method::GET => {
+            return join_answer(api, &parts.headers).await
+        }
         ["metrics"] if parts.method == http::Method::GET => {
             let objects = crate::telemetry::storage_objects(&api.objects, &served);
             return (

@@ -1,0 +1,226 @@
+//! Members that join with the cluster token: `baton server --server URL --token T`.
+//!
+//! Real `baton server` processes on 127.0.0.1, each serving the API: the joiners fetch
+//! the cluster's keys from the first, so that one kubeconfig works against every member,
+//! and a Secret written through one is read through another. A wrong token, a server of
+//! another cluster and a data dir of another cluster are refused with a message.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use baton_store::{StoreCa, StoreClient};
+
+struct Member {
+    child: Child,
+    dir: PathBuf,
+    store: String,
+    api: SocketAddr,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn baton() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+    cmd.env("RUST_LOG", "info,openraft=warn");
+    cmd
+}
+
+/// Starts a member with its own store socket and an API on port 0; returns once it says
+/// where its API is (a joiner says so only once it has joined).
+fn start(dir: &Path, extra: &[&str]) -> Member {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let store = listener.local_addr().unwrap().to_string();
+    let mut cmd = baton();
+    baton_testkit::process::pass_listener(&mut cmd, &listener);
+    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+    let mut child = cmd
+        .args(["server", "--listen-fd"])
+        .arg(baton_testkit::process::LISTEN_FD.to_string())
+        .args(["--api-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn baton server");
+    drop(listener);
+    let stdout = child.stdout.take().unwrap();
+    let api = baton_testkit::process::announced_addr(
+        stdout,
+        "Kubernetes API at https://",
+        Duration::from_secs(90),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; its log:\n{}",
+            std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
+        )
+    });
+    Member {
+        child,
+        dir: dir.to_path_buf(),
+        store,
+        api,
+    }
+}
+
+/// Runs a joiner that must be refused; returns what it said.
+fn refused(dir: &Path, extra: &[&str]) -> String {
+    let mut child = baton()
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = baton_testkit::wait_until(Duration::from_secs(60), "the joiner to stop", || {
+        child.try_wait().ok().flatten()
+    })
+    .unwrap_or_else(|e| {
+        let _ = child.kill();
+        panic!("{e}: a joiner that should be refused kept waiting")
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        !status.success(),
+        "a joiner that should be refused started: {err}"
+    );
+    err
+}
+
+fn kubectl(kubeconfig: &Path, server: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("kubectl")
+        .env("KUBECONFIG", kubeconfig)
+        .arg(format!("--server=https://{server}"))
+        .args(args)
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} against {server}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_with_the_cluster_token_and_share_one_identity() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let first = start(&tmp.path().join("m1"), &["--bootstrap"]);
+    let token = std::fs::read_to_string(first.dir.join("token"))
+        .expect("the first member wrote the cluster token")
+        .trim()
+        .to_string();
+    assert!(token.starts_with("baton1::"), "{token}");
+    let url = format!("https://{}", first.api);
+
+    // Two members join at the same moment through the first's API.
+    let dirs = [tmp.path().join("m2"), tmp.path().join("m3")];
+    let (a, b) = std::thread::scope(|s| {
+        let join = |d: &PathBuf| {
+            let (url, token) = (url.clone(), token.clone());
+            let d = d.clone();
+            s.spawn(move || start(&d, &["--server", &url, "--token", &token]))
+        };
+        let (a, b) = (join(&dirs[0]), join(&dirs[1]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let members = [first, a, b];
+
+    // The store has three voters, and takes a client certificate from its own CA only.
+    let tls = StoreCa::load(&members[0].dir.join("pki"))
+        .unwrap()
+        .client("test")
+        .unwrap();
+    let store = StoreClient::new(members.iter().map(|m| m.store.clone()))
+        .with_tls(&tls)
+        .unwrap()
+        .with_timeout(Duration::from_secs(2));
+    baton_testkit::wait_until_async(Duration::from_secs(60), "three voters", || {
+        let store = store.clone();
+        async move {
+            let s = store.status().await.ok()?;
+            (s.members.iter().filter(|m| m.voter).count() == 3).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let anonymous = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    for m in &members {
+        let res = anonymous
+            .get(format!("https://{}/store/v1/status", m.store))
+            .send()
+            .await;
+        assert!(
+            res.is_err(),
+            "the store port of {} answered a client without a certificate",
+            m.store
+        );
+    }
+
+    // One identity: every member has the first's CA, so its kubeconfig works everywhere,
+    // and one encryption key, so a Secret written through one is read through another.
+    let ca = std::fs::read(members[0].dir.join("pki/ca.crt")).unwrap();
+    for m in &members[1..] {
+        assert_eq!(std::fs::read(m.dir.join("pki/ca.crt")).unwrap(), ca);
+    }
+    let kubeconfig = members[0].dir.join("kubeconfig");
+    kubectl(
+        &kubeconfig,
+        members[2].api,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "shared",
+            "--from-literal=k=v",
+        ],
+    );
+    for m in &members {
+        let got = kubectl(
+            &kubeconfig,
+            m.api,
+            &["get", "secret", "shared", "-o", "jsonpath={.data.k}"],
+        );
+        assert_eq!(got, "dg==", "through {}", m.api);
+    }
+
+    // A wrong secret for the right CA: the server refuses it, and the joiner says so.
+    let (prefix, _) = token.rsplit_once("::").unwrap();
+    let err = refused(
+        &tmp.path().join("wrong"),
+        &[
+            "--server",
+            &url,
+            "--token",
+            &format!("{prefix}::not-the-secret-at-all"),
+        ],
+    );
+    assert!(err.contains("refused the token"), "{err}");
+    // A token for another CA: the server is not the token's cluster.
+    let other = format!("baton1::{}::not-the-secret-at-all", "0".repeat(64));
+    let err = refused(
+        &tmp.path().join("other"),
+        &["--server", &url, "--token", &other],
+    );
+    assert!(err.contains("another CA than the token names"), "{err}");
+    // A data dir of this cluster, given with another cluster's token, is refused at start.
+    let copy = members[1].dir.with_extension("copy");
+    std::fs::create_dir_all(copy.join("pki")).unwrap();
+    std::fs::copy(members[1].dir.join("pki/ca.crt"), copy.join("pki/ca.crt")).unwrap();
+    let err = refused(&copy, &["--server", &url, "--token", &other]);
+    assert!(err.contains("belongs to another cluster"), "{err}");
+}
