@@ -41,6 +41,12 @@ impl Loops {
         mut config: baton_controllers::Config,
     ) -> Result<()> {
         config.root_ca.get_or_insert_with(|| pki.ca_pem.clone());
+        config
+            .signer
+            .get_or_insert_with(|| baton_controllers::csr::Signer {
+                ca_pem: pki.ca_pem.clone(),
+                ca_key_pem: pki.ca_key_pem().to_string(),
+            });
         let client = client_for(pki, server, "system:kube-controller-manager").await?;
         let scheduler = client_for(pki, server, "system:kube-scheduler").await?;
         self.tasks.push(tokio::spawn(baton_scheduler::run(
@@ -65,6 +71,12 @@ impl Loops {
         mut config: baton_controllers::Config,
     ) -> Result<()> {
         config.root_ca.get_or_insert_with(|| pki.ca_pem.clone());
+        config
+            .signer
+            .get_or_insert_with(|| baton_controllers::csr::Signer {
+                ca_pem: pki.ca_pem.clone(),
+                ca_key_pem: pki.ca_key_pem().to_string(),
+            });
         let client = client_for(pki, server, "system:kube-controller-manager").await?;
         let scheduler = client_for(pki, server, "system:kube-scheduler").await?;
         let election =

@@ -23,16 +23,25 @@ enum Failure {
 /// server is not up or not ready (members may start in any order), and saying why it
 /// waits. Stops at once if the server's CA is not the token's or it refuses the token.
 pub async fn fetch(server: &str, token: &Token) -> Result<(Bundle, Vec<String>)> {
+    retrying("join the cluster", || fetch_once(server, token)).await
+}
+
+/// Retries `step` while it says to wait, saying why once per reason; stops on a refusal.
+async fn retrying<T, F, Fut>(what: &str, mut step: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
+{
     let mut delay = Duration::from_millis(200);
     let mut said = String::new();
     loop {
-        match fetch_once(server, token).await {
+        match step().await {
             Ok(x) => return Ok(x),
             Err(Failure::Refused(e)) => return Err(e),
             Err(Failure::Wait(e)) => {
                 let why = format!("{e:#}");
                 if why != said {
-                    tracing::info!(server, reason = %why, "waiting to join the cluster; retrying");
+                    tracing::info!(reason = %why, "waiting to {what}; retrying");
                     said = why;
                 }
             }
@@ -40,6 +49,119 @@ pub async fn fetch(server: &str, token: &Token) -> Result<(Bundle, Vec<String>)>
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
+}
+
+/// A node's kubeconfig, as Kubernetes' TLS bootstrap makes it: the token (the cluster's,
+/// or a bootstrap token from `baton token create`) asks for a client certificate for
+/// `system:node:NAME` through a CertificateSigningRequest, which the controller manager
+/// approves and signs; the kubeconfig names `server`, the CA and that certificate.
+pub async fn node_kubeconfig(server: &str, token: &Token, name: &str) -> Result<String> {
+    let server = server.trim_end_matches('/');
+    let ca = retrying("reach the cluster", || fetch_ca(server, token)).await?;
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(trust_only(&ca).map_err(|_| anyhow::anyhow!("unusable CA"))?)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("system:node:{name}"));
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:nodes");
+    let request = params.serialize_request(&key)?.pem()?;
+    let csrs = format!("{server}/apis/certificates.k8s.io/v1/certificatesigningrequests");
+    let body = serde_json::json!({
+        "apiVersion": "certificates.k8s.io/v1",
+        "kind": "CertificateSigningRequest",
+        "metadata": {"generateName": format!("node-csr-{name}-")},
+        "spec": {
+            "request": base64::engine::general_purpose::STANDARD.encode(&request),
+            "signerName": "kubernetes.io/kube-apiserver-client-kubelet",
+            "usages": ["digital signature", "key encipherment", "client auth"],
+        },
+    });
+    let created: serde_json::Value = retrying("ask for the node's certificate", || {
+        let (http, csrs, body) = (&http, &csrs, &body);
+        async move {
+            let resp = http
+                .post(csrs)
+                .bearer_auth(token.secret())
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            answer(resp, "the token was refused: it is not this cluster's, or it has expired or been deleted").await
+        }
+    })
+    .await?;
+    let csr_name = created
+        .pointer("/metadata/name")
+        .and_then(|n| n.as_str())
+        .context("the created request has no name")?
+        .to_string();
+    let url = format!("{csrs}/{csr_name}");
+    let cert = retrying("get the node's certificate signed", || {
+        let (http, url, csr_name) = (&http, &url, &csr_name);
+        async move {
+            let resp = http.get(url).bearer_auth(token.secret()).send().await;
+            let csr = answer(resp, "the token was refused while the request waited").await?;
+            let conditions = csr
+                .pointer("/status/conditions")
+                .and_then(|c| c.as_array())
+                .cloned()
+                .unwrap_or_default();
+            for c in conditions {
+                let kind = c.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+                if kind == "Denied" || kind == "Failed" {
+                    let msg = c
+                        .get("message")
+                        .and_then(|m| m.as_str())
+                        .unwrap_or_default();
+                    return Err(Failure::Refused(anyhow::anyhow!(
+                        "CertificateSigningRequest {csr_name} was {}: {msg}",
+                        kind.to_lowercase()
+                    )));
+                }
+            }
+            let b64 = csr
+                .pointer("/status/certificate")
+                .and_then(|c| c.as_str())
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    Failure::Wait(anyhow::anyhow!(
+                        "CertificateSigningRequest {csr_name} is not signed yet"
+                    ))
+                })?;
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| Failure::Refused(e.into()))
+        }
+    })
+    .await?;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    Ok(format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: baton\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: system:node:{name}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: baton\n  context:\n    cluster: baton\n    user: system:node:{name}\ncurrent-context: baton\n",
+        b64(&ca),
+        b64(&cert),
+        b64(key.serialize_pem().as_bytes()),
+    ))
+}
+
+/// The JSON of a successful answer; a 401 or 403 refuses with `refused`, anything else
+/// waits.
+async fn answer(
+    resp: reqwest::Result<reqwest::Response>,
+    refused: &str,
+) -> Result<serde_json::Value, Failure> {
+    if let Ok(r) = &resp {
+        if matches!(r.status().as_u16(), 401 | 403) {
+            return Err(Failure::Refused(anyhow::anyhow!("{refused}")));
+        }
+    }
+    let body = read_bounded(resp, 1 << 20).await.map_err(Failure::Wait)?;
+    serde_json::from_slice(&body).map_err(|e| Failure::Wait(e.into()))
 }
 
 /// Installs `bundle` in `pki_dir`, after checking that its CA is the token's.
@@ -59,10 +181,10 @@ pub fn install(bundle: &Bundle, token: &Token, pki_dir: &Path) -> Result<()> {
     })
 }
 
-async fn fetch_once(server: &str, token: &Token) -> Result<(Bundle, Vec<String>), Failure> {
-    let server = server.trim_end_matches('/');
-    // The CA is fetched from a server not trusted yet, then checked against the token's
-    // hash: a server that answers with another CA is not this cluster's.
+/// The CA of the cluster behind `server`, fetched without trusting the server and
+/// checked against the token's hash: a server that answers with another CA is not this
+/// cluster's.
+async fn fetch_ca(server: &str, token: &Token) -> Result<Vec<u8>, Failure> {
     let any = reqwest::Client::builder()
         .use_preconfigured_tls(trust_any()?)
         .timeout(Duration::from_secs(10))
@@ -76,6 +198,12 @@ async fn fetch_once(server: &str, token: &Token) -> Result<(Bundle, Vec<String>)
             "the server at {server} has another CA than the token names: a wrong server, or a wrong token"
         )));
     }
+    Ok(ca)
+}
+
+async fn fetch_once(server: &str, token: &Token) -> Result<(Bundle, Vec<String>), Failure> {
+    let server = server.trim_end_matches('/');
+    let ca = fetch_ca(server, token).await?;
     let trusted = reqwest::Client::builder()
         .use_preconfigured_tls(trust_only(&ca)?)
         .timeout(Duration::from_secs(10))

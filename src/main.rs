@@ -29,6 +29,7 @@ mod join;
 mod oci_cli;
 mod otel;
 mod run;
+mod token;
 
 // glibc's malloc showed up as ~12% of the store's write path under load; mimalloc's
 // thread-local free lists make the many small request buffers cheap.
@@ -73,6 +74,8 @@ enum Command {
     Node(NodeCmdArgs),
     /// Talk to a store: status, get, put, list, watch.
     Store(StoreArgs),
+    /// Bootstrap tokens nodes join with: list, create (with a TTL), delete.
+    Token(token::TokenArgs),
     /// Run a component (or a pod from a local manifest) here, without a cluster.
     Run(run::RunArgs),
     /// Tell what components are and whether Baton can run them (kind, WASI version,
@@ -151,8 +154,16 @@ struct UpArgs {
 #[derive(Args, Debug)]
 struct NodeCmdArgs {
     /// The kubeconfig of the cluster to join.
-    #[arg(long, env = "KUBECONFIG")]
-    kubeconfig: PathBuf,
+    #[arg(long, env = "KUBECONFIG", required_unless_present = "server")]
+    kubeconfig: Option<PathBuf>,
+    /// Join the cluster whose API server is at this URL with `--token`, as Kubernetes'
+    /// TLS bootstrap does: the node asks for its client certificate through a
+    /// CertificateSigningRequest, which the cluster approves and signs.
+    #[arg(long, requires = "token", conflicts_with = "kubeconfig")]
+    server: Option<String>,
+    /// The cluster token, or a bootstrap token from `baton token create`.
+    #[arg(long, env = "BATON_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Where the node keeps pod volumes, logs and compiled components.
     #[arg(long)]
     data_dir: PathBuf,
@@ -344,6 +355,7 @@ async fn run_command(cli: Cli) -> Result<u8> {
         Command::Server(args) => server(args).await.map(|()| 0),
         Command::Node(args) => node(args).await.map(|()| 0),
         Command::Store(args) => store_verb(args).await.map(|()| 0),
+        Command::Token(args) => token::token(args, default_data_dir()).await.map(|()| 0),
         Command::Push(args) => oci_cli::push(args).await.map(|()| 0),
         Command::Pull(args) => oci_cli::pull(args, default_data_dir()).await.map(|()| 0),
         Command::Images(args) => oci_cli::images(args, default_data_dir()).map(|()| 0),
@@ -550,8 +562,15 @@ async fn up(args: UpArgs) -> Result<()> {
 }
 
 async fn node(args: NodeCmdArgs) -> Result<()> {
-    let yaml = std::fs::read_to_string(&args.kubeconfig)
-        .with_context(|| format!("failed to read {}", args.kubeconfig.display()))?;
+    private_dir(&args.data_dir)?;
+    let yaml = match (&args.kubeconfig, &args.server, &args.token) {
+        (Some(path), _, _) => std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read {}", path.display()))?,
+        (None, Some(server), Some(token)) => {
+            node_bootstrap(server, token, &args.node.name, &args.data_dir).await?
+        }
+        _ => bail!("give --kubeconfig, or --server and --token"),
+    };
     let joined = baton_kube::client::from_yaml(&yaml)
         .await
         .context("failed to connect to the cluster")?;
@@ -566,7 +585,6 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
             )
         })?;
     let mut loops = control::Loops::new();
-    private_dir(&args.data_dir)?;
     let mut node = args.node.config(args.data_dir)?;
     // Components verify the API server (the `kubernetes` Service) as the node does.
     node.runtime.extra_ca_pem = baton_kube::client::cluster_ca_pem(&yaml)
@@ -577,6 +595,31 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
     shutdown_signal().await;
     loops.shutdown().await;
     Ok(())
+}
+
+/// The kubeconfig of a node that joins with a token: the one it got before, kept in
+/// `DATA/node-kubeconfig` while its certificate is good, else a new one from the
+/// cluster's TLS bootstrap.
+async fn node_bootstrap(
+    server: &str,
+    token: &str,
+    name: &str,
+    data_dir: &std::path::Path,
+) -> Result<String> {
+    let token = baton_apiserver::join::Token::parse(token).context("--token")?;
+    let path = data_dir.join("node-kubeconfig");
+    if let Ok(kept) = std::fs::read_to_string(&path) {
+        if baton_kube::client::from_yaml(&kept).await.is_ok() {
+            return Ok(kept);
+        }
+    }
+    let yaml = join::node_kubeconfig(server, &token, name).await?;
+    std::fs::write(&path, &yaml).with_context(|| format!("failed to write {}", path.display()))?;
+    tracing::info!(
+        node = name,
+        "joined with a client certificate from the cluster's CA"
+    );
+    Ok(yaml)
 }
 
 /// A client acting as node `name`, from a client certificate the cluster issues to the

@@ -224,3 +224,119 @@ async fn members_join_with_the_cluster_token_and_share_one_identity() {
     let err = refused(&copy, &["--server", &url, "--token", &other]);
     assert!(err.contains("belongs to another cluster"), "{err}");
 }
+
+/// Nodes join as Kubernetes' TLS bootstrap has them: the token asks for a client
+/// certificate through a CertificateSigningRequest, which the controller manager
+/// approves and signs; the node then runs as `system:node:NAME`. Both the cluster token
+/// and a bootstrap token from `baton token create` work; a revoked one is refused.
+#[test]
+fn nodes_join_with_a_token_through_a_certificate_signing_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = start(&tmp.path().join("m1"), &["--bootstrap"]);
+    let cluster_token = std::fs::read_to_string(first.dir.join("token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let url = format!("https://{}", first.api);
+    let data = first.dir.to_str().unwrap().to_string();
+    let bootstrap = baton()
+        .args(["token", "create", "--data-dir", &data, "--ttl", "1h"])
+        .output()
+        .unwrap();
+    assert!(bootstrap.status.success(), "{bootstrap:?}");
+    let bootstrap = String::from_utf8(bootstrap.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(bootstrap.starts_with("baton1::"), "{bootstrap}");
+    let listed = baton()
+        .args(["token", "list", "--data-dir", &data])
+        .output()
+        .unwrap();
+    let id = bootstrap
+        .rsplit("::")
+        .next()
+        .unwrap()
+        .split('.')
+        .next()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(id));
+
+    let node = |name: &str, token: &str| -> Child {
+        baton()
+            .args(["node", "--server", &url, "--token", token, "--data-dir"])
+            .arg(tmp.path().join(name))
+            .args(["--node-name", name])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(tmp.path().join(format!("{name}.log"))).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _a = Kill(node("node-a", &cluster_token));
+    let _b = Kill(node("node-b", &bootstrap));
+    let kubeconfig = first.dir.join("kubeconfig");
+    baton_testkit::wait_until(Duration::from_secs(60), "both nodes Ready", || {
+        let out = Command::new("kubectl")
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["get", "nodes", "-o"])
+            .arg("jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type==\"Ready\")].status} {end}")
+            .output()
+            .ok()?;
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        (s.contains("node-a=True") && s.contains("node-b=True")).then_some(())
+    })
+    .unwrap();
+    let csrs = kubectl(
+        &kubeconfig,
+        first.api,
+        &[
+            "get",
+            "csr",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.username} {.status.conditions[0].type};{end}",
+        ],
+    );
+    assert!(
+        csrs.contains("system:bootstrap:cluster-token Approved"),
+        "{csrs}"
+    );
+    assert!(
+        csrs.contains(&format!("system:bootstrap:{id} Approved")),
+        "{csrs}"
+    );
+    // The node's own kubeconfig names its certificate's user, not the token.
+    let node_kubeconfig =
+        std::fs::read_to_string(tmp.path().join("node-b/node-kubeconfig")).unwrap();
+    assert!(node_kubeconfig.contains("system:node:node-b"));
+    assert!(!node_kubeconfig.contains(id));
+
+    // Revoked: a new node with it is refused, and says why.
+    let deleted = baton()
+        .args(["token", "delete", "--data-dir", &data, &bootstrap])
+        .output()
+        .unwrap();
+    assert!(deleted.status.success(), "{deleted:?}");
+    let out = baton()
+        .args([
+            "node",
+            "--server",
+            &url,
+            "--token",
+            &bootstrap,
+            "--data-dir",
+        ])
+        .arg(tmp.path().join("node-c"))
+        .args(["--node-name", "node-c"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("token was refused"), "{err}");
+}

@@ -254,6 +254,12 @@ impl Pki {
         self.tokens.get(token)
     }
 
+    /// The CA's private key (PEM), for the controller that signs approved
+    /// CertificateSigningRequests.
+    pub fn ca_key_pem(&self) -> &str {
+        &self.ca_key_pem
+    }
+
     /// The key ServiceAccount tokens are signed with.
     pub fn service_account_signer(&self) -> Arc<crate::access::tokens::Signer> {
         self.signer.clone()

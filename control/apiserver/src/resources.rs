@@ -745,7 +745,7 @@ pub static BUILTIN: LazyLock<Vec<Arc<Resource>>> = LazyLock::new(|| {
         certificates::v1::CertificateSigningRequest,
         short = ["csr"],
         cat = [],
-        sub = ["status"],
+        sub = ["status", "approval"],
         strategy = strategy::CertificateSigningRequests
     ),
     resource!(

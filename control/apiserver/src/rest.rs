@@ -302,6 +302,9 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             (&Method::PUT, true, None | Some("status") | Some("finalize")) => {
                 update(objects, &req).await
             }
+            (&Method::PUT, true, Some("approval")) if t.res.has_sub("approval") => {
+                update(objects, &req).await
+            }
             (&Method::PUT, true, Some("ephemeralcontainers"))
                 if t.res.has_sub("ephemeralcontainers") =>
             {
@@ -646,6 +649,7 @@ pub(crate) async fn create_object(
     // Defaults first, then the rules, as kube-apiserver runs them: a default (a
     // ReplicationController's selector) may be what makes an object valid.
     res.strategy.prepare_create(&mut obj);
+    res.strategy.prepare_create_by(&req.user, &mut obj);
     let ns = obj
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
@@ -955,6 +959,16 @@ pub(crate) fn prepare_update(
             }
             let mut out = old.clone();
             out["spec"]["ephemeralContainers"] = added;
+            return Ok(out);
+        }
+        Some("approval") => {
+            // Only the conditions (Approved, Denied) change through /approval; the
+            // certificate is the signer's to write, through /status.
+            let mut out = old.clone();
+            out["status"]["conditions"] = new
+                .pointer("/status/conditions")
+                .cloned()
+                .unwrap_or(json!([]));
             return Ok(out);
         }
         Some("finalize") => {

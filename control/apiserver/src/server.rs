@@ -428,10 +428,21 @@ async fn admit(
     path: &str,
 ) -> Result<UserInfo, Response> {
     let cert = parts.extensions.get::<authn::ClientCertUser>();
-    let user = match authn::authenticate(&api.objects, &parts.headers, cert).await {
-        Ok(Some(u)) => u,
-        Ok(None) => return Err(ApiError::Unauthorized.into_response()),
-        Err(e) => return Err(e.into_response()),
+    // The cluster token's secret is a bootstrap token too, so that a node joins with the
+    // one token the servers join with, as k3s's agents do.
+    let cluster_token = api
+        .join
+        .as_ref()
+        .zip(authn::bearer(&parts.headers))
+        .is_some_and(|(t, b)| t.admits(b));
+    let user = if cluster_token {
+        UserInfo::new("system:bootstrap:cluster-token", &[authn::BOOTSTRAPPERS]).authenticated()
+    } else {
+        match authn::authenticate(&api.objects, &parts.headers, cert).await {
+            Ok(Some(u)) => u,
+            Ok(None) => return Err(ApiError::Unauthorized.into_response()),
+            Err(e) => return Err(e.into_response()),
+        }
     };
     let user = authn::impersonate(&api.objects.access, &api.objects, user, &parts.headers)
         .await

@@ -89,6 +89,7 @@ impl World {
             recorder: baton_kube::events::Recorder::new(client, "test", None),
             clock: crate::clock::Clock::system(),
             root_ca: Some(FAKE_CA.into()),
+            signer: None,
         });
         Self {
             api,

@@ -33,6 +33,7 @@
 pub mod aggregation;
 pub mod clock;
 pub mod cronjob;
+pub mod csr;
 pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
@@ -125,6 +126,8 @@ pub struct Ctx {
     pub clock: clock::Clock,
     /// The cluster CA (PEM) that [`rootca`] publishes in every namespace.
     pub root_ca: Option<String>,
+    /// The cluster CA's certificate and key, which [`csr`] signs approved requests with.
+    pub signer: Option<csr::Signer>,
 }
 
 impl Debug for Ctx {
@@ -313,6 +316,9 @@ pub struct Config {
     /// How often each HorizontalPodAutoscaler runs (kube-controller-manager's
     /// `--horizontal-pod-autoscaler-sync-period`, 15 s).
     pub hpa_sync: Duration,
+    /// The cluster CA that signs approved CertificateSigningRequests; None signs none
+    /// (they are still approved).
+    pub signer: Option<csr::Signer>,
 }
 
 impl Default for Config {
@@ -322,6 +328,7 @@ impl Default for Config {
             clock: clock::Clock::system(),
             root_ca: None,
             hpa_sync: Duration::from_secs(15),
+            signer: None,
         }
     }
 }
@@ -388,6 +395,7 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), "controller-manager", None),
         clock: config.clock.clone(),
         root_ca: config.root_ca.clone(),
+        signer: config.signer.clone(),
     });
     let cfg = controller::Config::default().concurrency(16);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -673,6 +681,18 @@ pub async fn run(
                 error_policy,
                 ctx.clone(),
             );
+    let csr_queue = WorkQueue::new("certificatesigningrequest");
+    let csr_controller = Controller::new(
+        Api::<k8s_openapi::api::certificates::v1::CertificateSigningRequest>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(cfg.clone())
+    .graceful_shutdown_on(stop())
+    .run(
+        csr_queue.reconciler(csr::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
     let watches = [
         hpas.start(Api::all(client.clone())),
         ingresses.start(Api::all(client.clone())),
@@ -721,6 +741,7 @@ pub async fn run(
         drain(&aggregation_queue, aggregation_controller),
         drain(&ingress_queue, ingress_controller),
         drain(&hpa_queue, hpa_controller),
+        drain(&csr_queue, csr_controller),
     );
     gc.abort();
     for w in watches {

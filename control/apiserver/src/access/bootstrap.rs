@@ -16,6 +16,9 @@ use crate::resources;
 
 const AUTOUPDATE: &str = "rbac.authorization.kubernetes.io/autoupdate";
 
+/// The role that lets bootstrap tokens and nodes ask for node client certificates.
+pub const NODE_BOOTSTRAPPER: &str = "system:node-bootstrapper";
+
 /// The user the scheduler acts as.
 pub const SCHEDULER: &str = "system:kube-scheduler";
 /// The user the controller manager acts as.
@@ -412,6 +415,18 @@ pub fn cluster_roles() -> Vec<Value> {
             defaults.clone(),
             None,
         ),
+        // What a joining node's bootstrap token may do: ask for its client certificate
+        // and read the answer (kube-apiserver's system:node-bootstrapper).
+        cluster_role(
+            NODE_BOOTSTRAPPER,
+            vec![rule(
+                &["certificates.k8s.io"],
+                &["certificatesigningrequests"],
+                &["create", "get", "list", "watch"],
+            )],
+            defaults.clone(),
+            None,
+        ),
         cluster_role(SCHEDULER, scheduler_rules(), defaults.clone(), None),
         cluster_role(
             CONTROLLER_MANAGER,
@@ -452,6 +467,15 @@ pub fn cluster_role_bindings() -> Vec<Value> {
             "system:service-account-issuer-discovery",
             "system:service-account-issuer-discovery",
             &[("Group", baton_auth::SERVICE_ACCOUNTS)],
+        ),
+        // Bootstrap tokens ask for a node's first certificate; nodes renew theirs.
+        binding(
+            NODE_BOOTSTRAPPER,
+            NODE_BOOTSTRAPPER,
+            &[
+                ("Group", crate::access::authn::BOOTSTRAPPERS),
+                ("Group", "system:nodes"),
+            ],
         ),
         binding(SCHEDULER, SCHEDULER, &[("User", SCHEDULER)]),
         binding(

@@ -328,6 +328,10 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     /// Defaults and initial status of a new object, before it is validated.
     fn prepare_create(&self, _obj: &mut Value) {}
 
+    /// Records who creates the object, where the kind keeps that (a
+    /// CertificateSigningRequest's requester), after [`Strategy::prepare_create`].
+    fn prepare_create_by(&self, _user: &UserInfo, _obj: &mut Value) {}
+
     /// What a new object takes from shared ranges (a Service's address and node ports):
     /// it picks values that look free, writes them into the object, and returns them as
     /// claims, which the create writes in the same store transaction as the object. So

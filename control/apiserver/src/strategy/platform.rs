@@ -1,6 +1,7 @@
 //! Kinds charts and controllers create that Baton stores and shows: autoscalers, priority
 //! classes, pod templates, controller revisions and certificate signing requests.
 
+use baton_auth::UserInfo;
 use serde_json::{json, Value};
 
 use super::{age, name, Column, Strategy};
@@ -418,14 +419,65 @@ impl Strategy for CertificateSigningRequests {
         if s(obj, "/spec/signerName").is_empty() {
             errs.push(FieldError::required("spec.signerName"));
         }
-        if s(obj, "/spec/request").is_empty() {
+        let request = s(obj, "/spec/request");
+        if request.is_empty() {
             errs.push(FieldError::required("spec.request"));
+        } else if !csr_request_is_pem(request) {
+            errs.push(FieldError::invalid(
+                "spec.request",
+                "",
+                "must be a base64-encoded PEM CERTIFICATE REQUEST",
+            ));
+        }
+        if let Some(secs) = obj
+            .pointer("/spec/expirationSeconds")
+            .and_then(Value::as_i64)
+        {
+            if secs < 600 {
+                errs.push(FieldError::invalid(
+                    "spec.expirationSeconds",
+                    &secs.to_string(),
+                    "may not specify a duration less than 600 seconds (10 minutes)",
+                ));
+            }
+        }
+    }
+
+    fn prepare_create(&self, obj: &mut Value) {
+        // A new request is neither approved nor signed, whatever the body says.
+        if let Some(o) = obj.as_object_mut() {
+            o.remove("status");
+        }
+    }
+
+    fn prepare_create_by(&self, user: &UserInfo, obj: &mut Value) {
+        // Who asked is what the approver decides on: the API server says it, never the
+        // body (kube-apiserver's CSR strategy does the same).
+        obj["spec"]["username"] = json!(user.name);
+        obj["spec"]["uid"] = json!(user.uid);
+        obj["spec"]["groups"] = json!(user.groups);
+        if user.extra.is_empty() {
+            if let Some(spec) = obj["spec"].as_object_mut() {
+                spec.remove("extra");
+            }
+        } else {
+            obj["spec"]["extra"] = json!(user.extra);
         }
     }
 
     fn columns(&self) -> &[Column] {
         CSR_COLUMNS
     }
+}
+
+/// Whether a CSR's `spec.request` (base64 in JSON) holds a PEM certificate request.
+fn csr_request_is_pem(b64: &str) -> bool {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .ok()
+        .and_then(|pem| String::from_utf8(pem).ok())
+        .is_some_and(|pem| pem.contains("-----BEGIN CERTIFICATE REQUEST-----"))
 }
 
 #[derive(Debug)]
