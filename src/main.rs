@@ -156,11 +156,17 @@ struct NodeCmdArgs {
     /// The kubeconfig of the cluster to join.
     #[arg(long, env = "KUBECONFIG", required_unless_present = "server")]
     kubeconfig: Option<PathBuf>,
-    /// Join the cluster whose API server is at this URL with `--token`, as Kubernetes'
-    /// TLS bootstrap does: the node asks for its client certificate through a
-    /// CertificateSigningRequest, which the cluster approves and signs.
-    #[arg(long, requires = "token", conflicts_with = "kubeconfig")]
-    server: Option<String>,
+    /// Join the cluster whose API servers are at these URLs (comma-separated or
+    /// repeated) with `--token`, as Kubernetes' TLS bootstrap does: the node asks for its
+    /// client certificate through a CertificateSigningRequest, which the cluster
+    /// approves and signs. The node fails over between them, and learns the others.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "token",
+        conflicts_with = "kubeconfig"
+    )]
+    server: Vec<String>,
     /// The cluster token, or a bootstrap token from `baton token create`.
     #[arg(long, env = "BATON_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -562,15 +568,37 @@ async fn up(args: UpArgs) -> Result<()> {
 }
 
 async fn node(args: NodeCmdArgs) -> Result<()> {
+    use baton_kube::balancer::{host_port, Balancer};
     private_dir(&args.data_dir)?;
-    let yaml = match (&args.kubeconfig, &args.server, &args.token) {
-        (Some(path), _, _) => std::fs::read_to_string(path)
-            .with_context(|| format!("failed to read {}", path.display()))?,
-        (None, Some(server), Some(token)) => {
-            node_bootstrap(server, token, &args.node.name, &args.data_dir).await?
-        }
-        _ => bail!("give --kubeconfig, or --server and --token"),
+    let kept = match &args.kubeconfig {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("failed to read {}", path.display()))?,
+        ),
+        None => None,
     };
+    // The API servers this node was given. It reaches them through a load balancer of
+    // its own on 127.0.0.1, as k3s's agent does, so that it goes on when one dies.
+    let urls = match &kept {
+        Some(yaml) => vec![kubeconfig_server(yaml)?],
+        None => args.server.clone(),
+    };
+    let given = urls
+        .iter()
+        .map(|u| host_port(u).with_context(|| format!("{u}: not an https:// URL")))
+        .collect::<Result<Vec<_>>>()?;
+    let balancer = Balancer::start(given.clone())
+        .await
+        .context("failed to start the API load balancer")?;
+    let local = format!("https://{}", balancer.local_addr());
+    let yaml = match (kept, &args.token) {
+        (Some(yaml), _) => yaml,
+        (None, Some(token)) => {
+            node_bootstrap(&local, token, &args.node.name, &args.data_dir).await?
+        }
+        (None, None) => bail!("give --kubeconfig, or --server and --token"),
+    };
+    let yaml = with_server(&yaml, &local);
     let joined = baton_kube::client::from_yaml(&yaml)
         .await
         .context("failed to connect to the cluster")?;
@@ -584,6 +612,8 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
                 args.node.name
             )
         })?;
+    let balancer = std::sync::Arc::new(balancer);
+    let learner = tokio::spawn(learn_api_servers(client.clone(), balancer.clone(), given));
     let mut loops = control::Loops::new();
     let mut node = args.node.config(args.data_dir)?;
     // Components verify the API server (the `kubernetes` Service) as the node does.
@@ -594,7 +624,70 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
     println!("baton node {} is running", args.node.name);
     shutdown_signal().await;
     loops.shutdown().await;
+    learner.abort();
     Ok(())
+}
+
+/// The `server:` of a kubeconfig's (first) cluster.
+fn kubeconfig_server(yaml: &str) -> Result<String> {
+    yaml.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("server: ")
+                .map(|s| s.trim().to_string())
+        })
+        .context("the kubeconfig names no server")
+}
+
+/// The kubeconfig with every cluster's `server:` replaced by `url`.
+fn with_server(yaml: &str, url: &str) -> String {
+    let mut out = String::with_capacity(yaml.len());
+    for line in yaml.lines() {
+        match line.trim_start().strip_prefix("server: ") {
+            Some(_) => {
+                let indent = &line[..line.len() - line.trim_start().len()];
+                out.push_str(&format!("{indent}server: {url}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Keeps the balancer's list at the servers given and those the `kubernetes`
+/// EndpointSlices name (every member publishes itself there).
+async fn learn_api_servers(
+    client: kube::Client,
+    balancer: std::sync::Arc<baton_kube::balancer::Balancer>,
+    given: Vec<String>,
+) {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client, "default");
+    let params = kube::api::ListParams::default().labels("kubernetes.io/service-name=kubernetes");
+    loop {
+        match slices.list(&params).await {
+            Ok(list) => {
+                let mut servers = given.clone();
+                for slice in list.items {
+                    for port in slice.ports.unwrap_or_default() {
+                        let Some(p) = port.port else { continue };
+                        for ep in &slice.endpoints {
+                            for a in &ep.addresses {
+                                servers.push(match a.parse::<std::net::Ipv6Addr>() {
+                                    Ok(_) => format!("[{a}]:{p}"),
+                                    Err(_) => format!("{a}:{p}"),
+                                });
+                            }
+                        }
+                    }
+                }
+                balancer.set_servers(servers);
+            }
+            Err(e) => tracing::debug!(error = %e, "listing the API servers"),
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
 }
 
 /// The kubeconfig of a node that joins with a token: the one it got before, kept in

@@ -223,6 +223,60 @@ async fn members_join_with_the_cluster_token_and_share_one_identity() {
     std::fs::copy(members[1].dir.join("pki/ca.crt"), copy.join("pki/ca.crt")).unwrap();
     let err = refused(&copy, &["--server", &url, "--token", &other]);
     assert!(err.contains("belongs to another cluster"), "{err}");
+
+    // A node given every server fails over when the one it uses dies: its Lease is
+    // renewed through another member after the first is killed.
+    let servers = members
+        .iter()
+        .map(|m| format!("https://{}", m.api))
+        .collect::<Vec<_>>()
+        .join(",");
+    let node_dir = tmp.path().join("node");
+    let mut node = baton()
+        .args([
+            "node",
+            "--server",
+            &servers,
+            "--token",
+            &token,
+            "--data-dir",
+        ])
+        .arg(&node_dir)
+        .args(["--node-name", "edge"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(node_dir.with_extension("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let renewed = |through: SocketAddr| {
+        let out = Command::new("kubectl")
+            .env("KUBECONFIG", &kubeconfig)
+            .arg(format!("--server=https://{through}"))
+            .args(["-n", "kube-node-lease", "get", "lease", "edge", "-o"])
+            .arg("jsonpath={.spec.renewTime}")
+            .output()
+            .ok()?;
+        let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !t.is_empty()).then_some(t)
+    };
+    let before = baton_testkit::wait_until(Duration::from_secs(60), "the node's Lease", || {
+        renewed(members[1].api)
+    })
+    .unwrap();
+    let [first, second, _third] = members;
+    drop(first);
+    let after = baton_testkit::wait_until(
+        Duration::from_secs(60),
+        "the node's Lease renewed after the first member died",
+        || renewed(second.api).filter(|t| *t > before),
+    );
+    let _ = node.kill();
+    let _ = node.wait();
+    let log = std::fs::read_to_string(node_dir.with_extension("log")).unwrap_or_default();
+    after.unwrap_or_else(|e| panic!("{e}; the node's log:\n{log}"));
+    assert!(
+        log.contains("API server failover"),
+        "the node did not fail over; its log:\n{log}"
+    );
 }
 
 /// Nodes join as Kubernetes' TLS bootstrap has them: the token asks for a client

@@ -14,6 +14,7 @@
 //! - [`events`]: a recorder of core/v1 Events, which `kubectl describe` reads;
 //! - [`ingress`]: which Ingresses are Baton's (IngressClass `baton`);
 //! - [`client`]: a kube `Client` from an in-memory kubeconfig;
+//! - [`balancer`]: a node's client-side load balancer over the API servers;
 //! - [`leader`]: leader election on a Lease, for several control-plane members;
 //! - [`local_nodes`]: calls from the API server to node agents in its own process;
 //! - [`telemetry`]: the control loops' metrics (work queues, the scheduler), in one
@@ -24,6 +25,7 @@
 //!
 //! Nothing here talks to wasmtime or the store.
 
+pub mod balancer;
 pub mod client;
 pub mod cron;
 pub mod error;
