@@ -186,7 +186,7 @@ pub fn install(bundle: &Bundle, token: &Token, pki_dir: &Path) -> Result<()> {
 /// cluster's.
 async fn fetch_ca(server: &str, token: &Token) -> Result<Vec<u8>, Failure> {
     let any = reqwest::Client::builder()
-        .use_preconfigured_tls(trust_any()?)
+        .use_preconfigured_tls(trust_any())
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| Failure::Refused(e.into()))?;
@@ -272,62 +272,9 @@ fn trust_only(ca_pem: &[u8]) -> Result<rustls::ClientConfig, Failure> {
         .with_no_client_auth())
 }
 
-fn trust_any() -> Result<rustls::ClientConfig, Failure> {
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Failure::Refused(e.into()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider())))
-        .with_no_client_auth())
-}
-
-/// Accepts any server certificate, for the one request whose answer is checked by
-/// other means (the CA, against the token's hash). Signatures are still checked, so the
-/// handshake itself is sound.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+/// A TLS client that accepts any server certificate, for the one request whose answer
+/// is checked by other means (the CA, against the token's hash). Signatures are still
+/// checked, so the handshake itself is sound.
+fn trust_any() -> rustls::ClientConfig {
+    (*baton_node::probe::insecure_tls()).clone()
 }

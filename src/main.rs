@@ -737,7 +737,6 @@ struct StartedApi {
     kubeconfig: PathBuf,
 }
 
-/// Starts the API server over `store`.
 /// How `start_api` sets the API server up.
 struct ApiOptions {
     /// The EncryptionConfiguration file, and whether to make it if it is missing.
@@ -748,6 +747,7 @@ struct ApiOptions {
     join_token: Option<baton_apiserver::join::Token>,
 }
 
+/// Starts the API server over `store`.
 async fn start_api(
     store: &Store,
     dir: &std::path::Path,

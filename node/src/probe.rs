@@ -309,8 +309,10 @@ where
 }
 
 /// The kubelet's HTTPS probes skip certificate verification (a pod's certificate names
-/// its Service, not its IP); the handshake's signatures are still checked.
-fn insecure_tls() -> Arc<rustls::ClientConfig> {
+/// its Service, not its IP); the handshake's signatures are still checked. A joining
+/// node or member uses it too, for the one request whose answer (the cluster CA) it
+/// checks against its token.
+pub fn insecure_tls() -> Arc<rustls::ClientConfig> {
     static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
     CONFIG
         .get_or_init(|| {

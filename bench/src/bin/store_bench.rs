@@ -3,7 +3,10 @@
 //!
 //! Workload: sync writes of 256-byte values and linearizable reads, at 1, 16 and 128
 //! concurrent clients, for a fixed time per cell, on one member and on three members on
-//! loopback. Both clients talk to the leader. Prints one table with the ratio per row.
+//! loopback. Both clients talk to the leader. Both speak TLS with client certificates, as
+//! in production: Baton's members and clients mutual TLS from the store CA, and etcd with
+//! peer and client TLS (`--client-cert-auth`, `--peer-client-cert-auth`). Prints one
+//! table with the ratio per row.
 //!
 //! Usage: `store-bench BATON_BINARY` (see `scripts/bench.sh store`). `BENCH_SECS` sets the
 //! seconds per cell (default 5).
@@ -184,9 +187,78 @@ fn unused_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// Starts an `n`-member etcd cluster; returns the processes and a client of its leader.
+/// Certificates for an etcd cluster with peer and client TLS, as a production etcd runs:
+/// one CA, a serving and peer certificate for 127.0.0.1, and a client certificate.
+struct EtcdTls {
+    dir: std::path::PathBuf,
+    ca: String,
+    client: (String, String),
+}
+
+impl EtcdTls {
+    fn make(dir: &Path) -> Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        std::fs::create_dir_all(dir)?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key)?;
+        let issue = |usages: Vec<ExtendedKeyUsagePurpose>| -> Result<(String, String)> {
+            let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
+            p.subject_alt_names
+                .push(rcgen::SanType::IpAddress("127.0.0.1".parse()?));
+            p.extended_key_usages = usages;
+            let key = KeyPair::generate()?;
+            Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+        };
+        let server = issue(vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ])?;
+        let client = issue(vec![ExtendedKeyUsagePurpose::ClientAuth])?;
+        std::fs::write(dir.join("ca.crt"), ca_cert.pem())?;
+        std::fs::write(dir.join("server.crt"), &server.0)?;
+        std::fs::write(dir.join("server.key"), &server.1)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            ca: ca_cert.pem(),
+            client,
+        })
+    }
+
+    /// etcd's flags for client and peer TLS, each side requiring a certificate.
+    fn flags(&self) -> Vec<String> {
+        let f = |n: &str| self.dir.join(n).display().to_string();
+        vec![
+            format!("--cert-file={}", f("server.crt")),
+            format!("--key-file={}", f("server.key")),
+            format!("--trusted-ca-file={}", f("ca.crt")),
+            "--client-cert-auth".into(),
+            format!("--peer-cert-file={}", f("server.crt")),
+            format!("--peer-key-file={}", f("server.key")),
+            format!("--peer-trusted-ca-file={}", f("ca.crt")),
+            "--peer-client-cert-auth".into(),
+        ]
+    }
+
+    fn connect_options(&self) -> etcd_client::ConnectOptions {
+        etcd_client::ConnectOptions::new().with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&self.ca))
+                .identity(etcd_client::Identity::from_pem(
+                    &self.client.0,
+                    &self.client.1,
+                )),
+        )
+    }
+}
+
+/// Starts an `n`-member etcd cluster with peer and client TLS, as Baton's members speak
+/// mutual TLS; returns the processes and a client of its leader.
 async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
     let mut procs = Procs(Vec::new());
+    let tls = EtcdTls::make(&dir.join(format!("etcd-{n}-tls")))?;
     // etcd's members name each other's peer URLs before any starts, and etcd cannot
     // inherit sockets: its ports are picked here, the one place a port is picked before
     // its server binds it.
@@ -194,7 +266,7 @@ async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
     let initial: Vec<String> = ports
         .iter()
         .enumerate()
-        .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+        .map(|(i, (_, p))| format!("m{i}=https://127.0.0.1:{p}"))
         .collect();
     for (i, (client, peer)) in ports.iter().enumerate() {
         let child = Command::new("etcd")
@@ -203,16 +275,16 @@ async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
             .arg(dir.join(format!("etcd-{n}-{i}")))
             .args([
                 "--listen-client-urls",
-                &format!("http://127.0.0.1:{client}"),
+                &format!("https://127.0.0.1:{client}"),
             ])
             .args([
                 "--advertise-client-urls",
-                &format!("http://127.0.0.1:{client}"),
+                &format!("https://127.0.0.1:{client}"),
             ])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--listen-peer-urls", &format!("https://127.0.0.1:{peer}")])
             .args([
                 "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
+                &format!("https://127.0.0.1:{peer}"),
             ])
             .args(["--initial-cluster", &initial.join(",")])
             .args([
@@ -221,6 +293,7 @@ async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
                 "--initial-cluster-token",
                 "bench",
             ])
+            .args(tls.flags())
             .args(["--log-level", "error"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -230,19 +303,20 @@ async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
     }
     let endpoints: Vec<String> = ports
         .iter()
-        .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+        .map(|(c, _)| format!("https://127.0.0.1:{c}"))
         .collect();
     wait_until("etcd to elect a leader", || {
         let endpoints = endpoints.clone();
+        let opts = tls.connect_options();
         async move {
-            let Ok(mut c) = etcd_client::Client::connect(endpoints, None).await else {
+            let Ok(mut c) = etcd_client::Client::connect(endpoints, Some(opts)).await else {
                 return false;
             };
             c.put("bench/ready", "1", None).await.is_ok()
         }
     })
     .await?;
-    let mut c = etcd_client::Client::connect(endpoints, None).await?;
+    let mut c = etcd_client::Client::connect(endpoints, Some(tls.connect_options())).await?;
     let leader = c.status().await?.leader();
     let members = c.member_list().await?;
     let url = members
@@ -251,12 +325,14 @@ async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
         .find(|m| m.id() == leader)
         .and_then(|m| m.client_urls().first().cloned())
         .context("etcd leader has no client URL")?;
-    let c = etcd_client::Client::connect([url], None).await?;
+    let c = etcd_client::Client::connect([url], Some(tls.connect_options())).await?;
     Ok((procs, Target::Etcd(Box::new(c))))
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // etcd's client (tonic) builds its TLS with the process's crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let bin = PathBuf::from(
         std::env::args()
             .nth(1)
