@@ -185,6 +185,12 @@ pub fn install(bundle: &Bundle, token: &Token, pki_dir: &Path) -> Result<()> {
 /// checked against the token's hash: a server that answers with another CA is not this
 /// cluster's.
 async fn fetch_ca(server: &str, token: &Token) -> Result<Vec<u8>, Failure> {
+    // The token's secret goes to the server next: never in the clear.
+    if !server.starts_with("https://") {
+        return Err(Failure::Refused(anyhow::anyhow!(
+            "{server}: the server must be an https:// URL"
+        )));
+    }
     let any = reqwest::Client::builder()
         .use_preconfigured_tls(trust_any())
         .timeout(Duration::from_secs(10))

@@ -664,7 +664,10 @@ async fn learn_api_servers(
 ) {
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client, "default");
-    let params = kube::api::ListParams::default().labels("kubernetes.io/service-name=kubernetes");
+    // The API servers' own slices only: another slice for the Service could name a decoy.
+    let params = kube::api::ListParams::default().labels(
+        "kubernetes.io/service-name=kubernetes,endpointslice.kubernetes.io/managed-by=baton-apiserver",
+    );
     loop {
         match slices.list(&params).await {
             Ok(list) => {
@@ -922,6 +925,11 @@ async fn server(args: ServerArgs) -> Result<()> {
                 &mut tasks,
             )
             .await?;
+            // Nodes join with the node token, which cannot join servers.
+            token
+                .node_token()
+                .save(&args.data_dir.join("node-token"))
+                .context("failed to write the node token")?;
             tasks.push(tokio::spawn(keep_bundle(
                 store.clone(),
                 pki_dir.clone(),
@@ -932,8 +940,9 @@ async fn server(args: ServerArgs) -> Result<()> {
                 api.kubeconfig.display()
             );
             println!(
-                "cluster token: {} (join with --server https://{api_addr} --token ...)",
-                args.data_dir.join("token").display()
+                "cluster token: {} (servers join with --server https://{api_addr} --token ...); node token: {}",
+                args.data_dir.join("token").display(),
+                args.data_dir.join("node-token").display()
             );
             // Every member with an API server campaigns; the leader runs the control loops.
             let mut loops = control::Loops::new();

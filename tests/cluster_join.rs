@@ -231,6 +231,16 @@ async fn members_join_with_the_cluster_token_and_share_one_identity() {
         .map(|m| format!("https://{}", m.api))
         .collect::<Vec<_>>()
         .join(",");
+    let node_token = std::fs::read_to_string(members[0].dir.join("node-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    // The node token joins nodes only: a server that presents it gets no keys.
+    let err = refused(
+        &tmp.path().join("with-node-token"),
+        &["--server", &url, "--token", &node_token],
+    );
+    assert!(err.contains("refused the token"), "{err}");
     let node_dir = tmp.path().join("node");
     let mut node = baton()
         .args([
@@ -238,7 +248,7 @@ async fn members_join_with_the_cluster_token_and_share_one_identity() {
             "--server",
             &servers,
             "--token",
-            &token,
+            &node_token,
             "--data-dir",
         ])
         .arg(&node_dir)
@@ -281,13 +291,13 @@ async fn members_join_with_the_cluster_token_and_share_one_identity() {
 
 /// Nodes join as Kubernetes' TLS bootstrap has them: the token asks for a client
 /// certificate through a CertificateSigningRequest, which the controller manager
-/// approves and signs; the node then runs as `system:node:NAME`. Both the cluster token
+/// approves and signs; the node then runs as `system:node:NAME`. Both the node token
 /// and a bootstrap token from `baton token create` work; a revoked one is refused.
 #[test]
 fn nodes_join_with_a_token_through_a_certificate_signing_request() {
     let tmp = tempfile::tempdir().unwrap();
     let first = start(&tmp.path().join("m1"), &["--bootstrap"]);
-    let cluster_token = std::fs::read_to_string(first.dir.join("token"))
+    let node_token = std::fs::read_to_string(first.dir.join("node-token"))
         .unwrap()
         .trim()
         .to_string();
@@ -333,7 +343,7 @@ fn nodes_join_with_a_token_through_a_certificate_signing_request() {
             let _ = self.0.wait();
         }
     }
-    let _a = Kill(node("node-a", &cluster_token));
+    let _a = Kill(node("node-a", &node_token));
     let _b = Kill(node("node-b", &bootstrap));
     let kubeconfig = first.dir.join("kubeconfig");
     baton_testkit::wait_until(Duration::from_secs(60), "both nodes Ready", || {
@@ -358,7 +368,7 @@ fn nodes_join_with_a_token_through_a_certificate_signing_request() {
         ],
     );
     assert!(
-        csrs.contains("system:bootstrap:cluster-token Approved"),
+        csrs.contains("system:bootstrap:node-token Approved"),
         "{csrs}"
     );
     assert!(

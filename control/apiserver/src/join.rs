@@ -10,6 +10,10 @@
 //! one **bundle**, sealed with AES-256-GCM under a key derived from SECRET: whoever reads
 //! the store without the token learns nothing from it.
 //!
+//! Nodes join with the **node token** ([`Token::node_token`]): the same hash, and a
+//! secret derived from SECRET one way, which the API server takes as a bootstrap token
+//! (a node's first certificate) and nothing more.
+//!
 //! A joiner fetches `/cacerts` without trusting the server, checks its hash against the
 //! token, then asks `/baton/v1/join` over TLS verified by that CA, with SECRET as its
 //! bearer token. The answer carries the sealed bundle and the store members' addresses;
@@ -181,6 +185,19 @@ impl Token {
     /// comparison's time says nothing about how much of the secret was right.
     pub fn admits(&self, presented: &str) -> bool {
         sha2::Sha256::digest(presented.as_bytes()) == sha2::Sha256::digest(self.secret.as_bytes())
+    }
+
+    /// The node token: the same CA hash, with a secret derived from this one. It joins
+    /// nodes (it is a bootstrap token's credential) but cannot join servers or open the
+    /// bundle, and this token's secret cannot be worked back from it: a node that leaks
+    /// its token gives away no server's keys.
+    pub fn node_token(&self) -> Token {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.secret.as_bytes());
+        let tag = ring::hmac::sign(&key, b"baton node token v1");
+        Token {
+            ca_hash: self.ca_hash,
+            secret: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref()),
+        }
     }
 
     fn key(&self) -> aead::LessSafeKey {

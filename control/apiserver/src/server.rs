@@ -55,6 +55,8 @@ pub struct ApiServer {
     metrics: Arc<crate::telemetry::ApiMetrics>,
     /// The cluster token, if this server lets members join ([`crate::join`]).
     join: Option<Arc<crate::join::Token>>,
+    /// The node token derived from it, which this server takes as a bootstrap token.
+    node_join: Option<Arc<crate::join::Token>>,
 }
 
 /// Default cap on concurrent non-watch requests (kube-apiserver's default is 400).
@@ -129,6 +131,7 @@ impl ApiServer {
             pki,
             inflight: Arc::new(tokio::sync::Semaphore::new(max)),
             join: None,
+            node_join: None,
             metrics: Arc::default(),
         }
     }
@@ -246,6 +249,7 @@ impl ApiServer {
 
     /// Lets members that hold `token` join through `/baton/v1/join`.
     pub fn with_join_token(mut self, token: crate::join::Token) -> Self {
+        self.node_join = Some(Arc::new(token.node_token()));
         self.join = Some(Arc::new(token));
         self
     }
@@ -428,15 +432,16 @@ async fn admit(
     path: &str,
 ) -> Result<UserInfo, Response> {
     let cert = parts.extensions.get::<authn::ClientCertUser>();
-    // The cluster token's secret is a bootstrap token too, so that a node joins with the
-    // one token the servers join with, as k3s's agents do.
-    let cluster_token = api
-        .join
+    // The node token (derived from the cluster token) is a bootstrap token too, so that a
+    // node joins with one token made with the cluster, as k3s's agents do. The cluster
+    // token itself is no user: it opens the cluster's keys, and only servers hold it.
+    let node_token = api
+        .node_join
         .as_ref()
         .zip(authn::bearer(&parts.headers))
         .is_some_and(|(t, b)| t.admits(b));
-    let user = if cluster_token {
-        UserInfo::new("system:bootstrap:cluster-token", &[authn::BOOTSTRAPPERS]).authenticated()
+    let user = if node_token {
+        UserInfo::new("system:bootstrap:node-token", &[authn::BOOTSTRAPPERS]).authenticated()
     } else {
         match authn::authenticate(&api.objects, &parts.headers, cert).await {
             Ok(Some(u)) => u,

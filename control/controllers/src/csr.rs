@@ -147,7 +147,10 @@ pub async fn reconcile(
         .as_ref()
         .and_then(|s| s.certificate.as_ref())
         .is_some_and(|c| !c.0.is_empty());
-    if denied || signed {
+    let ours =
+        [KUBELET_CLIENT, API_CLIENT, KUBELET_SERVING].contains(&csr.spec.signer_name.as_str());
+    if denied || signed || !ours {
+        // Settled, or another signer's to decide: this controller leaves it alone.
         return Ok(Action::await_change());
     }
     let asked = match parse(&csr) {
@@ -192,9 +195,9 @@ pub async fn reconcile(
     let Some(signer) = ctx.signer.as_ref() else {
         return Ok(Action::await_change());
     };
-    if ![KUBELET_CLIENT, API_CLIENT, KUBELET_SERVING].contains(&csr.spec.signer_name.as_str()) {
-        // Another signer's: not this controller's to sign.
-        return Ok(Action::await_change());
+    // An approval by hand does not widen what a signer issues.
+    if let Err(why) = signer_allows(&csr, &asked) {
+        return fail(&api, &csr, &name, why).await;
     }
     let lifetime = csr
         .spec
@@ -232,6 +235,59 @@ pub async fn reconcile(
     }
 }
 
+/// What each signer may issue, as Kubernetes' signers restrict it: a kubelet client
+/// certificate is a node's client identity, a kubelet serving certificate a node's
+/// server identity for DNS names and IPs; an API client certificate may name anyone.
+fn signer_allows(csr: &CertificateSigningRequest, asked: &Asked) -> Result<(), String> {
+    let usages = csr.spec.usages.clone().unwrap_or_default();
+    let node_identity = asked.common_name.as_deref().is_some_and(|cn| {
+        cn.strip_prefix("system:node:")
+            .is_some_and(|n| !n.is_empty())
+    }) && asked.organizations == ["system:nodes"];
+    let only = |allowed: &[&str]| usages.iter().all(|u| allowed.contains(&u.as_str()));
+    match csr.spec.signer_name.as_str() {
+        KUBELET_CLIENT => {
+            if !node_identity {
+                return Err(
+                    "kube-apiserver-client-kubelet signs only CN=system:node:NAME, O=system:nodes"
+                        .into(),
+                );
+            }
+            if !only(&["digital signature", "key encipherment", "client auth"]) {
+                return Err("kube-apiserver-client-kubelet signs client usages only".into());
+            }
+            if !asked.params.params.subject_alt_names.is_empty() {
+                return Err(
+                    "kube-apiserver-client-kubelet signs no subject alternative names".into(),
+                );
+            }
+        }
+        KUBELET_SERVING => {
+            if !node_identity {
+                return Err(
+                    "kubelet-serving signs only CN=system:node:NAME, O=system:nodes".into(),
+                );
+            }
+            if !only(&["digital signature", "key encipherment", "server auth"]) {
+                return Err("kubelet-serving signs server usages only".into());
+            }
+            let names_hosts =
+                asked.params.params.subject_alt_names.iter().all(|s| {
+                    matches!(s, rcgen::SanType::DnsName(_) | rcgen::SanType::IpAddress(_))
+                });
+            if !names_hosts {
+                return Err("kubelet-serving signs DNS names and IP addresses only".into());
+            }
+        }
+        _ => {
+            if !only(&["digital signature", "key encipherment", "client auth"]) {
+                return Err("kube-apiserver-client signs client usages only".into());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn sign(
     signer: &Signer,
     asked: Asked,
@@ -263,6 +319,11 @@ fn sign(
         // Client certificates name a user, not hosts.
         p.subject_alt_names.clear();
     }
+    // A serial of its own, though a renewal may reuse its key.
+    let mut serial = [0u8; 16];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut serial[..]);
+    serial[0] &= 0x7f;
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     let now = std::time::SystemTime::now();
     p.not_before = (now - Duration::from_secs(300)).into();
     p.not_after = (now + lifetime).into();
@@ -440,6 +501,27 @@ mod tests {
             .is_ok());
         let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert!(life <= 3600 + 300, "{life}");
+    }
+
+    #[test]
+    fn a_signer_issues_only_its_kind_of_certificate() {
+        let boot = ["system:bootstrappers"];
+        let node = csr_for("system:node:n1", &["system:nodes"], "admin", &boot);
+        assert!(signer_allows(&node, &parse(&node).unwrap()).is_ok());
+        // Approved by hand, an admin's identity is still not a kubelet client's.
+        let admin = csr_for("admin", &["system:masters"], "admin", &boot);
+        assert!(signer_allows(&admin, &parse(&admin).unwrap()).is_err());
+        let mut serving = node.clone();
+        serving.spec.signer_name = KUBELET_SERVING.into();
+        assert!(
+            signer_allows(&serving, &parse(&serving).unwrap()).is_err(),
+            "client usages"
+        );
+        serving.spec.usages = Some(vec!["server auth".into()]);
+        assert!(signer_allows(&serving, &parse(&serving).unwrap()).is_ok());
+        let mut api_client = admin.clone();
+        api_client.spec.signer_name = API_CLIENT.into();
+        assert!(signer_allows(&api_client, &parse(&api_client).unwrap()).is_ok());
     }
 
     fn rustls_pemfile_der(pem: &str) -> Vec<u8> {

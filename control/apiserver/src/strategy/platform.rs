@@ -450,6 +450,12 @@ impl Strategy for CertificateSigningRequests {
         }
     }
 
+    fn prepare_update(&self, old: &Value, new: &mut Value) {
+        // A request is what it was made as: who asked and what for cannot change after
+        // the fact (between an approval and the signing, say).
+        new["spec"] = old.get("spec").cloned().unwrap_or(Value::Null);
+    }
+
     fn prepare_create_by(&self, user: &UserInfo, obj: &mut Value) {
         // Who asked is what the approver decides on: the API server says it, never the
         // body (kube-apiserver's CSR strategy does the same).
