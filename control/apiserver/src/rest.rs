@@ -940,6 +940,7 @@ pub(crate) fn prepare_update(
                     }
                 }
             }
+            res.strategy.prepare_status_update(old, &mut out);
             return Ok(out);
         }
         Some("ephemeralcontainers") => {
@@ -969,6 +970,7 @@ pub(crate) fn prepare_update(
                 .pointer("/status/conditions")
                 .cloned()
                 .unwrap_or(json!([]));
+            res.strategy.prepare_approval_update(old, &mut out)?;
             return Ok(out);
         }
         Some("finalize") => {

@@ -75,6 +75,7 @@ impl Store {
                 }
             });
         };
+        let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -86,10 +87,16 @@ impl Store {
                         continue;
                     }
                 };
+                // Members keep their connections; a flood of new ones that never finish
+                // a handshake is closed at once rather than held.
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "store: too many handshakes at once; closed");
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let (tls, router) = (tls.clone(), router.clone());
                 tokio::spawn(
-                    async move { serve_tls_connection(tcp, tls, router).await }
+                    async move { serve_tls_connection(tcp, tls, router, permit).await }
                         .instrument(tracing::debug_span!("store_conn", %peer)),
                 );
             }
@@ -101,6 +108,9 @@ impl Store {
 /// sends nothing must not hold a task and a descriptor for ever.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Handshakes under way at once, past which new connections are closed.
+const MAX_HANDSHAKES: usize = 256;
+
 /// Who is on the other end of a TLS connection, as its verified certificate says.
 #[derive(Clone, Copy, Debug)]
 struct Peer {
@@ -111,8 +121,11 @@ async fn serve_tls_connection(
     tcp: tokio::net::TcpStream,
     tls: tokio_rustls::TlsAcceptor,
     router: Router,
+    handshake: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await;
+    drop(handshake);
+    let stream = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(error = %e, "store: TLS handshake refused");

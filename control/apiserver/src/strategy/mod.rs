@@ -352,6 +352,15 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     /// Keeps what an update may not change, and normalizes what every write normalizes.
     fn prepare_update(&self, _old: &Value, _new: &mut Value) {}
 
+    /// Defaults of a `/status` write, after the new status replaced the old (what the
+    /// status writer may not change, it gets back).
+    fn prepare_status_update(&self, _old: &Value, _new: &mut Value) {}
+
+    /// Checks of an `/approval` write, after the new conditions replaced the old.
+    fn prepare_approval_update(&self, _old: &Value, _new: &mut Value) -> ApiResult<()> {
+        Ok(())
+    }
+
     /// How the deletion of `obj` proceeds; `grace` is what the request asked for.
     fn deletion(&self, _obj: &Value, _grace: Option<i64>) -> Deletion {
         Deletion::Immediate

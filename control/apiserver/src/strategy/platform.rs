@@ -5,7 +5,7 @@ use baton_auth::UserInfo;
 use serde_json::{json, Value};
 
 use super::{age, name, Column, Strategy};
-use crate::error::FieldError;
+use crate::error::{ApiError, ApiResult, FieldError};
 use crate::table::{container_field, i, none_if_empty, s, selector_string};
 
 #[derive(Debug)]
@@ -456,6 +456,62 @@ impl Strategy for CertificateSigningRequests {
         new["spec"] = old.get("spec").cloned().unwrap_or(Value::Null);
     }
 
+    fn prepare_status_update(&self, old: &Value, new: &mut Value) {
+        // The decision is the approver's (/approval), and a certificate once issued stays
+        // the one issued: a signer writing /status changes neither.
+        let decision = |o: &Value| -> Vec<Value> {
+            o.pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .map(|c| c.iter().filter(|c| is_decision(c)).cloned().collect())
+                .unwrap_or_default()
+        };
+        let mut conditions: Vec<Value> = new
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .map(|c| c.iter().filter(|c| !is_decision(c)).cloned().collect())
+            .unwrap_or_default();
+        conditions.extend(decision(old));
+        new["status"]["conditions"] = json!(conditions);
+        if let Some(cert) = old
+            .pointer("/status/certificate")
+            .filter(|c| c.as_str().is_some_and(|c| !c.is_empty()))
+        {
+            new["status"]["certificate"] = cert.clone();
+        }
+    }
+
+    fn prepare_approval_update(&self, old: &Value, new: &mut Value) -> ApiResult<()> {
+        let kinds = |o: &Value| -> Vec<String> {
+            o.pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .map(|c| {
+                    c.iter()
+                        .filter(|c| is_decision(c))
+                        .filter_map(|c| c.get("type").and_then(Value::as_str).map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (before, after) = (kinds(old), kinds(new));
+        let invalid = |message: &str| ApiError::Invalid {
+            group: "certificates.k8s.io".into(),
+            kind: "CertificateSigningRequest".into(),
+            name: s(old, "/metadata/name").to_string(),
+            causes: vec![FieldError::invalid("status.conditions", "", message)],
+        };
+        if before.iter().any(|k| !after.contains(k)) {
+            return Err(invalid(
+                "an Approved or Denied condition may not be removed",
+            ));
+        }
+        if after.iter().any(|k| k == "Approved") && after.iter().any(|k| k == "Denied") {
+            return Err(invalid(
+                "Approved and Denied conditions are mutually exclusive",
+            ));
+        }
+        Ok(())
+    }
+
     fn prepare_create_by(&self, user: &UserInfo, obj: &mut Value) {
         // Who asked is what the approver decides on: the API server says it, never the
         // body (kube-apiserver's CSR strategy does the same).
@@ -474,6 +530,14 @@ impl Strategy for CertificateSigningRequests {
     fn columns(&self) -> &[Column] {
         CSR_COLUMNS
     }
+}
+
+/// Whether a CSR condition is a decision (Approved or Denied) rather than the signer's.
+fn is_decision(c: &Value) -> bool {
+    matches!(
+        c.get("type").and_then(Value::as_str),
+        Some("Approved" | "Denied")
+    )
 }
 
 /// Whether a CSR's `spec.request` (base64 in JSON) holds a PEM certificate request.
@@ -577,6 +641,33 @@ impl Strategy for PodDisruptionBudgets {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_csrs_decision_is_kept_by_status_writes_and_not_undone_by_approvals() {
+        let csr = CertificateSigningRequests;
+        let approved = json!({"metadata": {"name": "c"}, "status": {"conditions": [
+            {"type": "Approved", "status": "True"}]}});
+        // A status write that drops the approval and sets a certificate keeps the first.
+        let mut written = json!({"status": {"conditions": [], "certificate": "Q0VSVA=="}});
+        csr.prepare_status_update(&approved, &mut written);
+        assert_eq!(written["status"]["conditions"][0]["type"], "Approved");
+        assert_eq!(written["status"]["certificate"], "Q0VSVA==");
+        // An issued certificate is not replaced.
+        let mut again = json!({"status": {"certificate": "T1RIRVI="}});
+        csr.prepare_status_update(&written, &mut again);
+        assert_eq!(again["status"]["certificate"], "Q0VSVA==");
+        // /approval may not remove a decision, nor approve and deny at once.
+        let mut removed = json!({"status": {"conditions": []}});
+        assert!(csr
+            .prepare_approval_update(&approved, &mut removed)
+            .is_err());
+        let mut both = json!({"status": {"conditions": [
+            {"type": "Approved", "status": "True"}, {"type": "Denied", "status": "True"}]}});
+        assert!(csr.prepare_approval_update(&approved, &mut both).is_err());
+        let mut kept = approved.clone();
+        assert!(csr.prepare_approval_update(&approved, &mut kept).is_ok());
+    }
+
     use super::*;
 
     #[test]
