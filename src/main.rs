@@ -912,6 +912,9 @@ async fn server(args: ServerArgs) -> Result<()> {
                 Some(p) => (p.clone(), false),
                 None => (pki_dir.join("encryption-config.yaml"), true),
             };
+            // Members that join with the token get this member's configuration, wherever
+            // it was given from, as their default.
+            let encryption_file = encryption.0.clone();
             let api = start_api(
                 &store,
                 &args.data_dir,
@@ -933,6 +936,7 @@ async fn server(args: ServerArgs) -> Result<()> {
             tasks.push(tokio::spawn(keep_bundle(
                 store.clone(),
                 pki_dir.clone(),
+                encryption_file.clone(),
                 token,
             )));
             println!(
@@ -998,7 +1002,12 @@ fn member_id(given: Option<u64>, data_dir: &std::path::Path) -> Result<u64> {
 
 /// Keeps the cluster's shared keys in the store, sealed under the token, for members
 /// that join with it: written once, by whichever member comes first.
-async fn keep_bundle(store: Store, pki_dir: PathBuf, token: baton_apiserver::join::Token) {
+async fn keep_bundle(
+    store: Store,
+    pki_dir: PathBuf,
+    encryption: PathBuf,
+    token: baton_apiserver::join::Token,
+) {
     use baton_apiserver::join::{Bundle, BUNDLE_KEY};
     let mut delay = Duration::from_millis(200);
     let mut said = String::new();
@@ -1011,7 +1020,11 @@ async fn keep_bundle(store: Store, pki_dir: PathBuf, token: baton_apiserver::joi
             {
                 return Ok::<_, anyhow::Error>(());
             }
-            let sealed = Bundle::read(&pki_dir)?.seal(&token);
+            let mut bundle = Bundle::read(&pki_dir)?;
+            let config = std::fs::read(&encryption)
+                .with_context(|| format!("failed to read {}", encryption.display()))?;
+            bundle.0.insert("encryption-config.yaml".into(), config);
+            let sealed = bundle.seal(&token);
             match store
                 .put_if(BUNDLE_KEY, sealed, baton_store::Precondition::Absent)
                 .await

@@ -116,7 +116,22 @@ fn kubectl(kubeconfig: &Path, server: SocketAddr, args: &[&str]) -> String {
 async fn members_join_with_the_cluster_token_and_share_one_identity() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tmp = tempfile::tempdir().unwrap();
-    let first = start(&tmp.path().join("m1"), &["--bootstrap"]);
+    // The first member's encryption key is given from outside its data dir; the joiners
+    // get it with the cluster's keys, or they could not read its Secrets.
+    let encryption = tmp.path().join("encryption.yaml");
+    std::fs::write(
+        &encryption,
+        "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n- resources: [secrets]\n  providers:\n  - aesgcm:\n      keys:\n      - {name: given, secret: MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=}\n  - identity: {}\n",
+    )
+    .unwrap();
+    let first = start(
+        &tmp.path().join("m1"),
+        &[
+            "--bootstrap",
+            "--encryption-provider-config",
+            encryption.to_str().unwrap(),
+        ],
+    );
     let token = std::fs::read_to_string(first.dir.join("token"))
         .expect("the first member wrote the cluster token")
         .trim()
