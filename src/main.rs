@@ -415,10 +415,7 @@ fn kubeconfig(args: KubeconfigArgs) -> Result<()> {
                     dir.display()
                 )
             })?;
-            admin
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("server: ").map(String::from))
-                .context("the admin kubeconfig names no server; give --server")?
+            kubeconfig_server(&admin).context("give --server")?
         }
     };
     let (cert, key) = pki

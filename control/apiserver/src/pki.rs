@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use rand::RngCore;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{CertificateParams, DnType, KeyPair, SanType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -97,21 +97,9 @@ impl Pki {
         let ca_crt = dir.join("ca.crt");
         let ca_key = dir.join("ca.key");
         if !ca_crt.exists() || !ca_key.exists() {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(Vec::<String>::new())?;
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "baton-ca");
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            params.not_after = rcgen::date_time_ymd(2036, 1, 1);
-            let cert = params.self_signed(&key)?;
-            write_private(&ca_key, key.serialize_pem().as_bytes())?;
-            fs::write(&ca_crt, cert.pem()).map_err(io(&ca_crt))?;
+            let (cert, key) = baton_store::tls::new_ca("baton-ca")?;
+            write_private(&ca_key, key.as_bytes())?;
+            fs::write(&ca_crt, cert).map_err(io(&ca_crt))?;
         }
         let ca_pem = fs::read_to_string(&ca_crt).map_err(io(&ca_crt))?;
         let ca_key_pem = fs::read_to_string(&ca_key).map_err(io(&ca_key))?;

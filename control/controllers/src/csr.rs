@@ -15,7 +15,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestCondition,
 };
@@ -171,26 +170,16 @@ pub async fn reconcile(
             .get_or_insert_with(Vec::new)
             .push(new_condition("Approved", "AutoApproved", reason.into()));
         tracing::info!(csr = %name, user = ?csr.spec.username, "approved");
-        return match api
+        // The approval comes back as a change, and is signed then.
+        let written = api
             .replace_subresource(
                 "approval",
                 &name,
                 &PostParams::default(),
                 serde_json::to_vec(&approved).unwrap_or_default(),
             )
-            .await
-        {
-            // The approval comes back as a change, and is signed then.
-            Ok(_) => Ok(Action::await_change()),
-            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
-                Ok(Action::requeue(Duration::from_millis(100)))
-            }
-            Err(source) => Err(Error {
-                what: "approving",
-                name,
-                source,
-            }),
-        };
+            .await;
+        return outcome(written, "approving", &name);
     }
     let Some(signer) = ctx.signer.as_ref() else {
         return Ok(Action::await_change());
@@ -212,24 +201,36 @@ pub async fn reconcile(
     let mut done = (*csr).clone();
     done.status.get_or_insert_with(Default::default).certificate =
         Some(k8s_openapi::ByteString(cert.into_bytes()));
-    match api
+    let written = api
         .replace_status(
             &name,
             &PostParams::default(),
             serde_json::to_vec(&done).unwrap_or_default(),
         )
-        .await
-    {
-        Ok(_) => {
-            tracing::info!(csr = %name, signer = %csr.spec.signer_name, "signed");
-            Ok(Action::await_change())
-        }
+        .await;
+    if written.is_ok() {
+        tracing::info!(csr = %name, signer = %csr.spec.signer_name, "signed");
+    }
+    outcome(written, "signing", &name)
+}
+
+/// What a write of the request means for the reconciler: done, looked at again soon (it
+/// changed or went meanwhile), or an error to retry.
+// The reconciler's own error, returned as it returns it; boxing it here alone gains nothing.
+#[allow(clippy::result_large_err)]
+fn outcome<T>(
+    written: Result<T, kube::Error>,
+    what: &'static str,
+    name: &str,
+) -> Result<Action, Error> {
+    match written {
+        Ok(_) => Ok(Action::await_change()),
         Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
             Ok(Action::requeue(Duration::from_millis(100)))
         }
         Err(source) => Err(Error {
-            what: "signing",
-            name,
+            what,
+            name: name.to_string(),
             source,
         }),
     }
@@ -347,37 +348,14 @@ async fn fail(
         .conditions
         .get_or_insert_with(Vec::new)
         .push(new_condition("Failed", "SigningFailed", why));
-    match api
+    let written = api
         .replace_status(
             name,
             &PostParams::default(),
             serde_json::to_vec(&failed).unwrap_or_default(),
         )
-        .await
-    {
-        Ok(_) => Ok(Action::await_change()),
-        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
-            Ok(Action::requeue(Duration::from_millis(100)))
-        }
-        Err(source) => Err(Error {
-            what: "failing",
-            name: name.to_string(),
-            source,
-        }),
-    }
-}
-
-/// The certificate of a signed request, as PEM text.
-pub fn certificate_pem(csr: &CertificateSigningRequest) -> Option<String> {
-    let c = csr.status.as_ref()?.certificate.as_ref()?;
-    String::from_utf8(c.0.clone())
-        .ok()
-        .filter(|s| !s.is_empty())
-}
-
-/// `spec.request` for a PEM CSR, as the API carries it (base64 in JSON).
-pub fn request_field(pem: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(pem)
+        .await;
+    outcome(written, "failing", name)
 }
 
 #[cfg(test)]
@@ -525,6 +503,7 @@ mod tests {
     }
 
     fn rustls_pemfile_der(pem: &str) -> Vec<u8> {
+        use base64::Engine;
         let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
         base64::engine::general_purpose::STANDARD
             .decode(b64)

@@ -107,23 +107,8 @@ impl StoreCa {
 
     /// A new CA, in memory.
     pub fn generate() -> Result<Self, TlsError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "baton-store-ca");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_after = rcgen::date_time_ymd(2036, 1, 1);
-        let cert = params.self_signed(&key)?;
-        Ok(Self {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        let (cert_pem, key_pem) = new_ca("baton-store-ca")?;
+        Ok(Self { cert_pem, key_pem })
     }
 
     fn issuer(&self) -> Result<rcgen::Issuer<'static, KeyPair>, TlsError> {
@@ -175,6 +160,25 @@ impl StoreCa {
         let cert = params.signed_by(&key, &self.issuer()?)?;
         StoreTls::from_pem(&self.cert_pem, &cert.pem(), &key.serialize_pem())
     }
+}
+
+/// A self-signed CA named `common_name`, good until 2036: its certificate and key (PEM).
+/// The store CA and the cluster CA are both made so.
+pub fn new_ca(common_name: &str) -> Result<(String, String), rcgen::Error> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// `host` of `host:port`, `[v6]:port` or a bare host.
@@ -296,11 +300,12 @@ pub(crate) fn is_member(der: &[u8]) -> bool {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return false;
     };
-    let is = cert
+    // Bound before it is returned: the iterator borrows `cert`, which ends here.
+    let member = cert
         .subject()
         .iter_organization()
         .any(|o| o.as_str() == Ok(MEMBERS_GROUP));
-    is
+    member
 }
 
 /// An HTTP client of members: plain HTTP without an identity (in-process tests), HTTPS
