@@ -15,3 +15,5 @@ cargo fmt --all --check --manifest-path examples-wasm/Cargo.toml
 ./scripts/build-guests.sh
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The API tests again, over Debian's etcd as the store (`baton server --store etcd://`).
+BATON_TEST_STORE=etcd cargo test --locked -p baton-apiserver --tests

@@ -4,8 +4,9 @@
 set -euo pipefail
 
 # clang/libclang: bindgen for the RocksDB bindings. librocksdb-dev: the RocksDB we link
-# (see .cargo/config.toml). protobuf-compiler: etcd-client's gRPC code in the benchmarks.
-# etcd-server: the peer the store benchmark runs against. docker-registry and
+# (see .cargo/config.toml). protobuf-compiler: etcd-client's gRPC code (the external-etcd
+# store, and the benchmarks). etcd-server: the external etcd the store and API tests run
+# against, and the peer the store benchmark runs against. docker-registry and
 # apache2-utils (htpasswd): the real OCI registry the image tests push to and pull from.
 # runc and busybox-static: OCI containers, and the tiny Linux image their tests pack.
 # chromium and nodejs/npm: the dashboard's browser tests (Playwright drives Chromium).

@@ -186,15 +186,29 @@ struct ServerArgs {
     /// Address to serve Raft and the store API on; peers must reach it.
     #[arg(
         long,
-        required_unless_present = "listen_fd",
-        conflicts_with = "listen_fd"
+        required_unless_present_any = ["listen_fd", "store"],
+        conflicts_with_all = ["listen_fd", "store"]
     )]
     listen: Option<SocketAddr>,
     /// Serve on a listening TCP socket inherited as this file descriptor instead (socket
     /// activation: systemd passes 3), so that the address is bound before the process
     /// starts and kept across its restarts.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "store")]
     listen_fd: Option<i32>,
+    /// Keep the cluster's state in an existing etcd v3 cluster instead of Baton's own
+    /// store: `etcd://HOST:2379[,HOST:2379...]` (HTTPS with `--etcd-cacert`), or
+    /// `http(s)://` client URLs. Every member names the same etcd; there is no
+    /// `--listen`, `--bootstrap` or `--join`, as etcd replicates the state.
+    #[arg(long, conflicts_with_all = ["bootstrap", "join"], requires = "api_listen")]
+    store: Option<String>,
+    /// The CA that signed etcd's serving certificates (PEM).
+    #[arg(long, requires = "store")]
+    etcd_cacert: Option<PathBuf>,
+    /// A client certificate for etcd's `--client-cert-auth` (PEM), with `--etcd-key`.
+    #[arg(long, requires_all = ["etcd_cacert", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     #[arg(long)]
     data_dir: PathBuf,
     /// Start a new cluster with this member as its only voter (first member only).
@@ -808,14 +822,20 @@ async fn start_api(
 }
 
 async fn server(args: ServerArgs) -> Result<()> {
-    let listener = match (args.listen_fd, args.listen) {
-        (Some(fd), _) => inherited_listener(fd)?,
-        (None, Some(listen)) => tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("failed to listen on {listen}"))?,
-        (None, None) => bail!("--listen or --listen-fd is required"),
+    let listener = match (args.listen_fd, args.listen, &args.store) {
+        (Some(fd), _, _) => Some(inherited_listener(fd)?),
+        (None, Some(listen), _) => Some(
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("failed to listen on {listen}"))?,
+        ),
+        (None, None, Some(_)) => None,
+        (None, None, None) => bail!("--listen, --listen-fd or --store is required"),
     };
-    let addr = listener.local_addr()?.to_string();
+    let addr = match (&listener, &args.store) {
+        (Some(l), _) => l.local_addr()?.to_string(),
+        (None, store) => store.clone().unwrap_or_default(),
+    };
     private_dir(&args.data_dir)?;
     let pki_dir = args.data_dir.join("pki");
     let token = args
@@ -843,51 +863,35 @@ async fn server(args: ServerArgs) -> Result<()> {
         token.save(&args.data_dir.join("token"))?;
     }
     let id = member_id(args.id, &args.data_dir)?;
-    // The store lives in DATA/store, beside the member's pki, as `baton up`'s does;
-    // members made before kept it in DATA itself, and still do.
-    let store_dir = if args.data_dir.join("BATON_STORE").exists() {
-        args.data_dir.clone()
-    } else {
-        args.data_dir.join("store")
+    let (store, member) = match (&args.store, listener) {
+        (Some(url), _) => (open_external_etcd(&args, url).await?, None),
+        (None, Some(listener)) => {
+            let (store, tls) = open_member(&args, id, &addr, &pki_dir).await?;
+            (store, Some((listener, tls)))
+        }
+        (None, None) => bail!("--listen, --listen-fd or --store is required"),
     };
-    let mut cfg = StoreConfig::new(id, &store_dir, &addr);
-    // Only the member that starts the cluster makes its store CA; a joiner must be given
-    // the cluster's, or it could not talk to its peers.
-    let tls = member_tls(
-        &pki_dir,
-        id,
-        &addr,
-        args.join.is_none() && args.server.is_none(),
-    )?;
-    cfg.tls = Some(tls.clone());
-    cfg.heartbeat = Duration::from_millis(args.tuning.heartbeat_ms);
-    cfg.election_timeout = (
-        Duration::from_millis(args.tuning.election_ms),
-        Duration::from_millis(args.tuning.election_ms * 2),
-    );
-    cfg.snapshot_after_logs = args.tuning.snapshot_after_logs;
-    cfg.keep_logs = args.tuning.keep_logs;
-    let store = Store::open(cfg)
-        .await
-        .with_context(|| format!("failed to open the store in {}", store_dir.display()))?;
     // From here on the store is open: an error closes it before the process exits, as a
     // signal would, so that no RocksDB thread is at work while the process tears down.
     let result: Result<()> = async {
-        let mut tasks = vec![store.serve(listener)];
-        if args.bootstrap {
-            store
-                .initialize()
-                .await
-                .context("failed to bootstrap the cluster")?;
-        }
-        let voter = store.status().members.iter().any(|m| m.id == id && m.voter);
-        if !voter {
-            // Installed earlier, but the join did not finish: ask again where to join.
-            if let (true, Some(url), Some(token)) = (seeds.is_empty(), &args.server, &token) {
-                seeds = join::fetch(url, token).await?.1;
+        let mut tasks = Vec::new();
+        if let Some((listener, tls)) = member {
+            tasks.push(store.serve(listener));
+            if args.bootstrap {
+                store
+                    .initialize()
+                    .await
+                    .context("failed to bootstrap the cluster")?;
             }
-            if !seeds.is_empty() {
-                join_store(&store, &seeds, &addr, &tls).await?;
+            let voter = store.status().members.iter().any(|m| m.id == id && m.voter);
+            if !voter {
+                // Installed earlier, but the join did not finish: ask again where to join.
+                if let (true, Some(url), Some(token)) = (seeds.is_empty(), &args.server, &token) {
+                    seeds = join::fetch(url, token).await?.1;
+                }
+                if !seeds.is_empty() {
+                    join_store(&store, &seeds, &addr, &tls).await?;
+                }
             }
         }
         if let Some(api_addr) = args.api_listen {
@@ -965,6 +969,64 @@ async fn server(args: ServerArgs) -> Result<()> {
     }
     .await;
     close_on_error(&store, result).await
+}
+
+/// Opens this process's member of the embedded store, in `DATA/store`, with its
+/// member certificate; the caller serves it and joins it to the cluster.
+async fn open_member(
+    args: &ServerArgs,
+    id: u64,
+    addr: &str,
+    pki_dir: &std::path::Path,
+) -> Result<(Store, baton_store::StoreTls)> {
+    // The store lives in DATA/store, beside the member's pki, as `baton up`'s does;
+    // members made before kept it in DATA itself, and still do.
+    let store_dir = if args.data_dir.join("BATON_STORE").exists() {
+        args.data_dir.clone()
+    } else {
+        args.data_dir.join("store")
+    };
+    let mut cfg = StoreConfig::new(id, &store_dir, addr);
+    // Only the member that starts the cluster makes its store CA; a joiner must be given
+    // the cluster's, or it could not talk to its peers.
+    let tls = member_tls(
+        pki_dir,
+        id,
+        addr,
+        args.join.is_none() && args.server.is_none(),
+    )?;
+    cfg.tls = Some(tls.clone());
+    cfg.heartbeat = Duration::from_millis(args.tuning.heartbeat_ms);
+    cfg.election_timeout = (
+        Duration::from_millis(args.tuning.election_ms),
+        Duration::from_millis(args.tuning.election_ms * 2),
+    );
+    cfg.snapshot_after_logs = args.tuning.snapshot_after_logs;
+    cfg.keep_logs = args.tuning.keep_logs;
+    let store = Store::open(cfg)
+        .await
+        .with_context(|| format!("failed to open the store in {}", store_dir.display()))?;
+    Ok((store, tls))
+}
+
+/// Connects to the external etcd `url` names, with the client TLS the flags give.
+async fn open_external_etcd(args: &ServerArgs, url: &str) -> Result<Store> {
+    let read =
+        |p: &PathBuf| std::fs::read(p).with_context(|| format!("failed to read {}", p.display()));
+    let tls = match &args.etcd_cacert {
+        Some(ca) => Some(baton_store::EtcdTls {
+            ca_pem: read(ca)?,
+            identity: match (&args.etcd_cert, &args.etcd_key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                _ => None,
+            },
+        }),
+        None => None,
+    };
+    let cfg = baton_store::EtcdConfig::from_url(url, tls).context("--store")?;
+    Store::open_etcd(cfg)
+        .await
+        .with_context(|| format!("failed to reach etcd at {url}"))
 }
 
 /// This member's id: the one given, else the one kept in the data dir, else a new one

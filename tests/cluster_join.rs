@@ -39,10 +39,23 @@ fn start(dir: &Path, extra: &[&str]) -> Member {
     let store = listener.local_addr().unwrap().to_string();
     let mut cmd = baton();
     baton_testkit::process::pass_listener(&mut cmd, &listener);
+    cmd.args(["server", "--listen-fd"])
+        .arg(baton_testkit::process::LISTEN_FD.to_string());
+    let member = run_member(cmd, dir, extra, store);
+    drop(listener);
+    member
+}
+
+/// Starts a member whose store is the external etcd that `extra` names.
+fn start_over_etcd(dir: &Path, extra: &[&str]) -> Member {
+    let mut cmd = baton();
+    cmd.arg("server");
+    run_member(cmd, dir, extra, String::new())
+}
+
+fn run_member(mut cmd: Command, dir: &Path, extra: &[&str], store: String) -> Member {
     let log = std::fs::File::create(dir.with_extension("log")).unwrap();
     let mut child = cmd
-        .args(["server", "--listen-fd"])
-        .arg(baton_testkit::process::LISTEN_FD.to_string())
         .args(["--api-listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
         .args(extra)
@@ -50,7 +63,6 @@ fn start(dir: &Path, extra: &[&str]) -> Member {
         .stderr(log)
         .spawn()
         .expect("spawn baton server");
-    drop(listener);
     let stdout = child.stdout.take().unwrap();
     let api = baton_testkit::process::announced_addr(
         stdout,
@@ -418,4 +430,122 @@ fn nodes_join_with_a_token_through_a_certificate_signing_request() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("token was refused"), "{err}");
+}
+
+/// `baton server --store etcd://...`: the cluster's state lives in an existing etcd
+/// (Debian's, with client TLS and client certificates). A second member joins with the
+/// token and shares it; what one member writes, the other reads. An etcd that cannot be
+/// reached, or a malformed `--store`, stops a member at start with a message.
+#[test]
+fn servers_keep_the_cluster_in_an_external_etcd() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = StoreCa::generate().unwrap();
+    let served = ca.member(1, &["127.0.0.1"]).unwrap();
+    let client = ca.client("baton").unwrap();
+    let file = |name: &str, pem: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let etcd_cert = file("etcd.crt", served.cert_and_key_pem().0);
+    let etcd_key = file("etcd.key", served.cert_and_key_pem().1);
+    let ca_file = file("ca.crt", &ca.cert_pem);
+    let cert = file("client.crt", client.cert_and_key_pem().0);
+    let key = file("client.key", client.cert_and_key_pem().1);
+    let etcd = baton_testkit::etcd::Etcd::start_tls(baton_testkit::etcd::ServingTls {
+        cert: Path::new(&etcd_cert),
+        key: Path::new(&etcd_key),
+        client_ca: Path::new(&ca_file),
+    })
+    .unwrap();
+    let url = format!("etcd://{}", etcd.url().trim_start_matches("https://"));
+    let store_flags = [
+        "--store",
+        &url,
+        "--etcd-cacert",
+        &ca_file,
+        "--etcd-cert",
+        &cert,
+        "--etcd-key",
+        &key,
+    ];
+    let first = start_over_etcd(&tmp.path().join("m1"), &store_flags);
+    let token = std::fs::read_to_string(first.dir.join("token")).unwrap();
+    let server = format!("https://{}", first.api);
+    let mut joiner = store_flags.to_vec();
+    joiner.extend(["--server", &server, "--token", token.trim()]);
+    let second = start_over_etcd(&tmp.path().join("m2"), &joiner);
+    let kubeconfig = first.dir.join("kubeconfig");
+    kubectl(
+        &kubeconfig,
+        first.api,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "s",
+            "--from-literal=k=in-etcd",
+        ],
+    );
+    let got = kubectl(
+        &kubeconfig,
+        second.api,
+        &["get", "secret", "s", "-o", "jsonpath={.data.k}"],
+    );
+    use base64::Engine;
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(got.trim())
+            .unwrap(),
+        b"in-etcd"
+    );
+    // Both members' API servers publish themselves in the one store.
+    let eps = kubectl(
+        &kubeconfig,
+        second.api,
+        &[
+            "get",
+            "endpointslices",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.items[*].endpoints[*].addresses[*]}",
+        ],
+    );
+    assert!(eps.contains("127.0.0.1"), "{eps}");
+
+    // Bad input stops a member at start, and says why.
+    let bad = |dir: &str, flags: &[&str]| {
+        let out = baton()
+            .args(["server", "--api-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path().join(dir))
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = bad("m3", &["--store", "etcd://"]);
+    assert!(err.contains("names no etcd endpoint"), "{err}");
+    // A client certificate etcd does not know.
+    let other = StoreCa::generate().unwrap().client("x").unwrap();
+    let other_cert = file("other.crt", other.cert_and_key_pem().0);
+    let other_key = file("other.key", other.cert_and_key_pem().1);
+    let err = bad(
+        "m4",
+        &[
+            "--store",
+            &url,
+            "--etcd-cacert",
+            &ca_file,
+            "--etcd-cert",
+            &other_cert,
+            "--etcd-key",
+            &other_key,
+        ],
+    );
+    assert!(err.contains("failed to reach etcd"), "{err}");
+    drop(second);
+    drop(first);
 }

@@ -2,7 +2,8 @@
 //!
 //! [`fake_api::FakeApi`] is an in-memory API server behind a [`kube::Client`], for unit
 //! tests of controllers and of the node agent. [`process`] starts servers under test
-//! without guessing free ports.
+//! without guessing free ports; [`etcd`] and [`redis`] start Debian's servers of those
+//! names for a test.
 //!
 //! Tests and benchmarks never sleep for a fixed time to let something happen: they poll a
 //! condition until it holds, and fail with what they were waiting for once a deadline
@@ -10,6 +11,7 @@
 //! processes), [`wait_until_async`] inside a tokio runtime. Polling starts at 10 ms and
 //! backs off to 100 ms, so a quick condition is seen quickly and a slow one costs little.
 
+pub mod etcd;
 pub mod fake_api;
 pub mod process;
 pub mod redis;

@@ -81,7 +81,7 @@ async fn a_secret_value_is_not_in_the_store_files() {
         got["data"]["password"],
         base64::engine::general_purpose::STANDARD.encode(secret)
     );
-    let store = e.dir().join("store");
+    let store = e.store_files();
     e.store.shutdown().await.unwrap();
     assert!(
         found_in_files(&store, plain.as_bytes()),
@@ -100,7 +100,7 @@ async fn with_identity_first_the_value_is_stored_in_the_clear() {
     let e = env_encrypted(&config(&[("k1", 1)], true)).await;
     let secret = "correct-horse-battery-staple-71d3";
     write_both(&e, secret, "x").await;
-    let store = e.dir().join("store");
+    let store = e.store_files();
     e.store.shutdown().await.unwrap();
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(secret);

@@ -83,6 +83,19 @@ pub enum Error {
         status: u16,
         body: String,
     },
+    /// An external etcd refused a request or could not be reached.
+    #[error("etcd: {context}")]
+    Etcd {
+        context: &'static str,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    /// A Raft membership call made of a store that is an external etcd, whose members
+    /// etcd's own tools manage.
+    #[error(
+        "{what} is not possible: the store is an external etcd, whose membership etcd manages"
+    )]
+    External { what: &'static str },
     #[error("I/O error on {path}")]
     Io {
         path: std::path::PathBuf,

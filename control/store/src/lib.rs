@@ -23,6 +23,8 @@
 //!   membership). [`Store::router`] serves its Raft RPC and client API over HTTP.
 //! - [`StoreClient`]: the same API from another process.
 //! - [`tls`]: the store's own CA, and the mutual TLS that members and clients speak.
+//! - [`etcd`]: an external etcd v3 cluster behind the same API, for users who run one
+//!   ([`Store::open_etcd`]).
 //!
 //! ## Example: the embedded single-member store
 //! ```no_run
@@ -48,6 +50,7 @@
 mod client;
 mod db;
 mod error;
+pub mod etcd;
 mod latency;
 mod mvcc;
 mod raft;
@@ -60,6 +63,7 @@ mod watch;
 pub use client::StoreClient;
 pub use db::{repair, DbError, Repaired};
 pub use error::Error;
+pub use etcd::{EtcdConfig, EtcdTls};
 pub use latency::Latencies;
 pub use mvcc::MvccError;
 pub use raft::NodeId;

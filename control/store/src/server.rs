@@ -193,6 +193,15 @@ fn reply<T: Serialize>(res: Result<T, Error>) -> Response {
     encode(&res.map_err(|e| WireError::from(&e)))
 }
 
+/// What a Raft RPC gets from a process whose store is an external etcd.
+fn not_a_member() -> Response {
+    (
+        axum::http::StatusCode::NOT_FOUND,
+        "this process is not a member of an embedded store",
+    )
+        .into_response()
+}
+
 fn forwarded(headers: &HeaderMap) -> bool {
     headers.contains_key(FORWARDED_HEADER)
 }
@@ -202,7 +211,10 @@ async fn raft_append(State(store): State<Store>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    encode(&store.raft().append_entries(req).await)
+    let Some(raft) = store.raft() else {
+        return not_a_member();
+    };
+    encode(&raft.append_entries(req).await)
 }
 
 async fn raft_vote(State(store): State<Store>, body: Bytes) -> Response {
@@ -210,7 +222,10 @@ async fn raft_vote(State(store): State<Store>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    encode(&store.raft().vote(req).await)
+    let Some(raft) = store.raft() else {
+        return not_a_member();
+    };
+    encode(&raft.vote(req).await)
 }
 
 async fn raft_snapshot(State(store): State<Store>, body: Bytes) -> Response {
@@ -223,7 +238,10 @@ async fn raft_snapshot(State(store): State<Store>, body: Bytes) -> Response {
         meta,
         snapshot: Box::new(data),
     };
-    encode(&store.raft().install_full_snapshot(vote, snapshot).await)
+    let Some(raft) = store.raft() else {
+        return not_a_member();
+    };
+    encode(&raft.install_full_snapshot(vote, snapshot).await)
 }
 
 async fn txn(State(store): State<Store>, headers: HeaderMap, body: Bytes) -> Response {

@@ -108,7 +108,14 @@ enum Proposed {
 /// Cheap to clone; all clones share the member.
 #[derive(Clone, Debug)]
 pub struct Store {
-    inner: Arc<Inner>,
+    backend: Backend,
+}
+
+/// Where the data lives: this process's Raft member, or an external etcd.
+#[derive(Clone, Debug)]
+enum Backend {
+    Raft(Arc<Inner>),
+    Etcd(Arc<crate::etcd::Etcd>),
 }
 
 struct Inner {
@@ -214,10 +221,33 @@ impl Store {
                 tasks.push(tokio::spawn(auto_compact(Arc::downgrade(&inner), ac)));
             }
             *inner.tasks.lock().expect("tasks lock") = tasks;
-            Ok(Store { inner })
+            Ok(Store {
+                backend: Backend::Raft(inner),
+            })
         }
         .instrument(span)
         .await
+    }
+
+    /// A store kept in an external etcd v3 cluster (see [`crate::etcd`]): every call
+    /// maps to etcd's own, and the Raft membership calls fail with [`Error::External`].
+    pub async fn open_etcd(cfg: crate::etcd::EtcdConfig) -> Result<Self, Error> {
+        Ok(Store {
+            backend: Backend::Etcd(crate::etcd::Etcd::connect(cfg).await?),
+        })
+    }
+
+    /// This process's Raft member, for `what` (which an external etcd cannot do).
+    fn member(&self, what: &'static str) -> Result<&Arc<Inner>, Error> {
+        match &self.backend {
+            Backend::Raft(inner) => Ok(inner),
+            Backend::Etcd(_) => Err(Error::External { what }),
+        }
+    }
+
+    /// Whether the store is an external etcd.
+    pub fn is_external(&self) -> bool {
+        matches!(self.backend, Backend::Etcd(_))
     }
 
     /// Opens the embedded default: a single-member cluster in `data_dir`, bootstrapped on
@@ -240,7 +270,11 @@ impl Store {
     /// Bootstraps a new cluster with this member as its only voter. Does nothing if the
     /// member already belongs to a cluster.
     pub async fn initialize(&self) -> Result<(), Error> {
-        let raft = &self.inner.raft;
+        let Backend::Raft(inner) = &self.backend else {
+            // etcd was bootstrapped by whoever runs it.
+            return Ok(());
+        };
+        let raft = &inner.raft;
         if raft
             .is_initialized()
             .await
@@ -248,8 +282,8 @@ impl Store {
         {
             return Ok(());
         }
-        let node = BasicNode::new(&self.inner.cfg.advertise_addr);
-        let members = BTreeMap::from([(self.inner.cfg.id, node)]);
+        let node = BasicNode::new(&inner.cfg.advertise_addr);
+        let members = BTreeMap::from([(inner.cfg.id, node)]);
         raft.initialize(members)
             .await
             .map_err(|e| Error::raft("initializing the cluster")(e.into()))
@@ -257,7 +291,15 @@ impl Store {
 
     /// Waits until this member knows a leader (itself or another).
     pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, Error> {
-        let mut metrics = self.inner.raft.metrics();
+        let inner = match &self.backend {
+            Backend::Raft(inner) => inner,
+            Backend::Etcd(e) => {
+                return e.status().leader.ok_or_else(|| Error::NoLeader {
+                    reason: "etcd has no leader".into(),
+                })
+            }
+        };
+        let mut metrics = inner.raft.metrics();
         let wait = async {
             loop {
                 if let Some(l) = metrics.borrow().current_leader {
@@ -277,26 +319,37 @@ impl Store {
 
     /// This member's id.
     pub fn id(&self) -> NodeId {
-        self.inner.cfg.id
+        match &self.backend {
+            Backend::Raft(inner) => inner.cfg.id,
+            Backend::Etcd(e) => e.status().id,
+        }
     }
 
     /// The TLS side of this member's server, if it serves TLS.
     pub(crate) fn acceptor(&self) -> Option<&tokio_rustls::TlsAcceptor> {
-        self.inner.acceptor.as_ref()
+        self.member("serving TLS").ok()?.acceptor.as_ref()
     }
 
     /// The newest revision applied locally.
     pub fn local_revision(&self) -> Revision {
-        self.inner.mvcc.revision()
+        match &self.backend {
+            Backend::Raft(inner) => inner.mvcc.revision(),
+            Backend::Etcd(e) => e.local_revision(),
+        }
     }
 
     /// Runs a transaction. Committed through Raft on a quorum and synced before it returns.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, Error> {
+        if let Backend::Etcd(e) = &self.backend {
+            validate_txn(&txn)?;
+            return e.txn(txn).await;
+        }
         self.txn_inner(txn, false).await
     }
 
     pub(crate) async fn txn_inner(&self, txn: Txn, forwarded: bool) -> Result<TxnResponse, Error> {
+        let inner = self.member("a Raft proposal")?;
         validate_txn(&txn)?;
         // Only what adds data is refused on a full disk: reads and deletes go on, so an
         // operator can free space through the API, as etcd allows under its space alarm.
@@ -315,7 +368,7 @@ impl Store {
                 txn: txn.clone(),
                 reply,
             };
-            self.inner
+            inner
                 .proposals
                 .send(proposal)
                 .await
@@ -329,7 +382,7 @@ impl Store {
                 Err(Proposed::NotLeader(_)) if leader_wait && !forwarded => {
                     // An election is under way: wait for it once, then try again.
                     leader_wait = false;
-                    self.wait_for_leader(self.inner.cfg.election_timeout.1 * 4)
+                    self.wait_for_leader(inner.cfg.election_timeout.1 * 4)
                         .await?;
                 }
                 Err(Proposed::NotLeader(_)) => {
@@ -348,7 +401,8 @@ impl Store {
         req: &Req,
     ) -> Result<Resp, Error> {
         let timeout = Duration::from_secs(30);
-        crate::client::post(&self.inner.http, addr, path, req, timeout, true)
+        let inner = self.member("forwarding to the leader")?;
+        crate::client::post(&inner.http, addr, path, req, timeout, true)
             .await
             .map_err(|e| match e {
                 // Nothing reached the leader: a definite failure, unlike a lost answer.
@@ -362,8 +416,9 @@ impl Store {
     /// Waits until the local state machine reflects every write committed before this call
     /// (the read index), asking the leader if this member is not it.
     async fn read_barrier(&self, forwarded: bool) -> Result<(), Error> {
+        let inner = self.member("a read index")?;
         let (tx, rx) = oneshot::channel();
-        self.inner
+        inner
             .read_barriers
             .send(tx)
             .await
@@ -377,7 +432,7 @@ impl Store {
                 let index: u64 = self
                     .forward(&leader.addr, "/store/v1/read-index", &())
                     .await?;
-                let wait = self.inner.raft.wait(Some(Duration::from_secs(10)));
+                let wait = inner.raft.wait(Some(Duration::from_secs(10)));
                 wait.applied_index_at_least(Some(index), "read index")
                     .await
                     .map_err(|e| Error::Unavailable {
@@ -395,7 +450,7 @@ impl Store {
     pub(crate) async fn leader_read_index(&self) -> Result<u64, Error> {
         self.read_barrier(true).await?;
         Ok(self
-            .inner
+            .member("a read index")?
             .raft
             .metrics()
             .borrow()
@@ -416,19 +471,27 @@ impl Store {
         opts: ReadOptions,
     ) -> Result<(Option<KeyValue>, Revision), Error> {
         validate_key(key)?;
+        let inner = match &self.backend {
+            Backend::Raft(inner) => inner,
+            Backend::Etcd(e) => return e.get(key, opts).await,
+        };
         if !opts.serializable {
             self.read_barrier(false).await?;
         }
-        Ok(self.inner.mvcc.get(key, opts.revision)?)
+        Ok(inner.mvcc.get(key, opts.revision)?)
     }
 
     /// Reads the keys under a prefix. Linearizable unless `req.serializable`.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
+        let inner = match &self.backend {
+            Backend::Raft(inner) => inner,
+            Backend::Etcd(e) => return e.range(req).await,
+        };
         if !req.serializable {
             self.read_barrier(false).await?;
         }
-        Ok(self.inner.mvcc.range(&req)?)
+        Ok(inner.mvcc.range(&req)?)
     }
 
     /// Writes a key unconditionally; returns the new revision.
@@ -490,17 +553,24 @@ impl Store {
     ///
     /// Served by this member's state machine, like etcd's watches.
     pub fn watch(&self, prefix: impl Into<Vec<u8>>, from: Revision) -> Result<Watch, Error> {
+        let inner = match &self.backend {
+            Backend::Raft(inner) => inner,
+            Backend::Etcd(e) => return Ok(e.watch(prefix.into(), from)),
+        };
         let params = WatchParams {
             prefix: prefix.into(),
             from,
-            progress_interval: self.inner.cfg.progress_interval,
-            buffer: self.inner.cfg.watch_buffer,
+            progress_interval: inner.cfg.progress_interval,
+            buffer: inner.cfg.watch_buffer,
         };
-        watch::start(self.inner.mvcc.clone(), &self.inner.hub, params)
+        watch::start(inner.mvcc.clone(), &inner.hub, params)
     }
 
     /// Drops history below `revision` on every member.
     pub async fn compact(&self, revision: Revision) -> Result<Revision, Error> {
+        if let Backend::Etcd(e) = &self.backend {
+            return e.compact(revision).await;
+        }
         self.compact_inner(revision, false).await
     }
 
@@ -510,7 +580,7 @@ impl Store {
         forwarded: bool,
     ) -> Result<Revision, Error> {
         match self
-            .inner
+            .member("compacting through Raft")?
             .raft
             .client_write(Request::Compact(revision))
             .await
@@ -562,7 +632,7 @@ impl Store {
         forwarded: bool,
     ) -> Result<(), Error> {
         let res = self
-            .inner
+            .member("adding a member")?
             .raft
             .add_learner(id, BasicNode::new(&addr), true)
             .await;
@@ -582,7 +652,7 @@ impl Store {
         forwarded: bool,
     ) -> Result<(), Error> {
         let res = self
-            .inner
+            .member("changing the members")?
             .raft
             .change_membership(voters.clone(), false)
             .await;
@@ -598,7 +668,11 @@ impl Store {
 
     pub(crate) async fn add_voter_inner(&self, id: NodeId, forwarded: bool) -> Result<(), Error> {
         let add = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));
-        let res = self.inner.raft.change_membership(add, false).await;
+        let res = self
+            .member("adding a voter")?
+            .raft
+            .change_membership(add, false)
+            .await;
         self.on_leader(res, forwarded, "/store/v1/members/voter", &id)
             .await
     }
@@ -630,6 +704,7 @@ impl Store {
 
     /// Removes a member entirely (voter or learner).
     pub async fn remove_member(&self, id: NodeId) -> Result<(), Error> {
+        let inner = self.member("removing a member")?;
         let status = self.status();
         let voters: BTreeSet<NodeId> = status
             .members
@@ -639,11 +714,10 @@ impl Store {
             .collect();
         self.change_membership(voters).await?;
         // change_membership keeps left-over learners; a second change drops the member.
-        let mut metrics = self.inner.raft.metrics().borrow().clone();
+        let mut metrics = inner.raft.metrics().borrow().clone();
         let still_learner = metrics.membership_config.nodes().any(|(n, _)| *n == id);
         if still_learner {
-            let res = self
-                .inner
+            let res = inner
                 .raft
                 .change_membership(
                     openraft::ChangeMembers::RemoveNodes(BTreeSet::from([id])),
@@ -651,7 +725,7 @@ impl Store {
                 )
                 .await;
             if let Err(e) = res {
-                metrics = self.inner.raft.metrics().borrow().clone();
+                metrics = inner.raft.metrics().borrow().clone();
                 if metrics.membership_config.nodes().any(|(n, _)| *n == id) {
                     return Err(Error::Unavailable {
                         reason: baton_error_chain::chain(&e),
@@ -664,7 +738,11 @@ impl Store {
 
     /// This member's view of the cluster.
     pub fn status(&self) -> Status {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let inner = match &self.backend {
+            Backend::Raft(inner) => inner,
+            Backend::Etcd(e) => return e.status(),
+        };
+        let m = inner.raft.metrics().borrow().clone();
         let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
         let members = m
             .membership_config
@@ -676,12 +754,12 @@ impl Store {
             })
             .collect();
         Status {
-            id: self.inner.cfg.id,
+            id: inner.cfg.id,
             leader: m.current_leader,
             term: m.current_term,
             applied_index: m.last_applied.map_or(0, |l| l.index),
-            revision: self.inner.mvcc.revision(),
-            compact_revision: self.inner.mvcc.compact_revision(),
+            revision: inner.mvcc.revision(),
+            compact_revision: inner.mvcc.compact_revision(),
             members,
         }
     }
@@ -692,14 +770,18 @@ impl Store {
     /// does, means the disk never fills under the store, and writes resume by themselves
     /// once space returns.
     pub fn check_disk(&self) -> Result<(), Error> {
-        let dir = &self.inner.cfg.data_dir;
+        // etcd keeps its own space quota, and says so in its health.
+        let Backend::Raft(inner) = &self.backend else {
+            return Ok(());
+        };
+        let dir = &inner.cfg.data_dir;
         let Ok(st) = rustix::fs::statvfs(dir) else {
             return Ok(());
         };
         let block = st.f_frsize.max(1);
         let free = st.f_bavail.saturating_mul(block);
         let total = st.f_blocks.saturating_mul(block);
-        let reserve = (total / 20).min(self.inner.cfg.disk_reserve_bytes);
+        let reserve = (total / 20).min(inner.cfg.disk_reserve_bytes);
         if free < reserve {
             return Err(Error::NoSpace {
                 path: dir.clone(),
@@ -713,8 +795,12 @@ impl Store {
     /// Whether this member can serve: its disk has room and a leader is known. What
     /// `/readyz` reports.
     pub fn health(&self) -> Result<(), Error> {
+        let inner = match &self.backend {
+            Backend::Raft(inner) => inner,
+            Backend::Etcd(e) => return e.health(),
+        };
         self.check_disk()?;
-        let m = self.inner.raft.metrics().borrow().clone();
+        let m = inner.raft.metrics().borrow().clone();
         if let Err(e) = &m.running_state {
             return Err(Error::raft("raft stopped")(Box::new(e.clone())));
         }
@@ -729,16 +815,23 @@ impl Store {
     /// How many live keys this member holds under each of `prefixes` (a local read,
     /// for metrics: it may lag the leader).
     pub fn count_prefixes(&self, prefixes: &[Vec<u8>]) -> Vec<u64> {
-        self.inner.mvcc.count_prefixes(prefixes)
+        match &self.backend {
+            Backend::Raft(inner) => inner.mvcc.count_prefixes(prefixes),
+            Backend::Etcd(e) => e.count_prefixes(prefixes),
+        }
     }
 
     /// This member's figures for its metrics: leadership, term, revisions, applied
     /// entries, the database's size, and (on the leader) how far each member's
     /// replication is behind the log.
     pub fn metrics(&self) -> StoreMetrics {
+        let inner = match &self.backend {
+            Backend::Raft(inner) => inner,
+            Backend::Etcd(e) => return e.metrics(),
+        };
         let status = self.status();
         let (replication_lag, apply_lag) = {
-            let m = self.inner.raft.metrics();
+            let m = inner.raft.metrics();
             let m = m.borrow();
             let last = m.last_log_index.unwrap_or(0);
             let lag = m
@@ -753,7 +846,7 @@ impl Store {
             )
         };
         let property = |name: &str| {
-            self.inner
+            inner
                 .db
                 .property_int_value(name)
                 .ok()
@@ -762,26 +855,26 @@ impl Store {
         };
         StoreMetrics {
             status,
-            leader_changes: self
-                .inner
+            leader_changes: inner
                 .leader_changes
                 .load(std::sync::atomic::Ordering::Relaxed),
             db_bytes: property("rocksdb.total-sst-files-size")
                 + property("rocksdb.cur-size-all-mem-tables"),
             replication_lag,
             apply_lag,
-            latencies: self.inner.latencies.clone(),
+            latencies: inner.latencies.clone(),
         }
     }
 
     /// Whether this member currently believes it leads.
     pub fn is_leader(&self) -> bool {
-        self.inner.raft.metrics().borrow().state == ServerState::Leader
+        self.member("leading")
+            .is_ok_and(|inner| inner.raft.metrics().borrow().state == ServerState::Leader)
     }
 
     /// Asks Raft to build a snapshot now (tests, operators).
     pub async fn trigger_snapshot(&self) -> Result<(), Error> {
-        self.inner
+        self.member("a Raft snapshot")?
             .raft
             .trigger()
             .snapshot()
@@ -791,23 +884,30 @@ impl Store {
 
     /// Stops the member: Raft, the batcher and background tasks.
     pub async fn shutdown(&self) -> Result<(), Error> {
-        for t in self.inner.tasks.lock().expect("tasks lock").drain(..) {
+        let inner = match &self.backend {
+            Backend::Raft(inner) => inner,
+            Backend::Etcd(e) => {
+                e.shutdown();
+                return Ok(());
+            }
+        };
+        for t in inner.tasks.lock().expect("tasks lock").drain(..) {
             t.abort();
         }
-        let res = self
-            .inner
+        let res = inner
             .raft
             .shutdown()
             .await
             .map_err(|e| Error::raft("shutting down")(e.into()));
         // Stop RocksDB's flushes and compactions now: left running, they can still be
         // at work when the process exits and its static destructors tear RocksDB down.
-        self.inner.db.cancel_all_background_work(true);
+        inner.db.cancel_all_background_work(true);
         res
     }
 
-    pub(crate) fn raft(&self) -> &Raft {
-        &self.inner.raft
+    /// The Raft node, which only a member of the embedded store has.
+    pub(crate) fn raft(&self) -> Option<&Raft> {
+        self.member("Raft").ok().map(|inner| &inner.raft)
     }
 }
 

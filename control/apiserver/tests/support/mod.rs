@@ -1,4 +1,7 @@
 //! An API server over a single-member store, driven through its router in process.
+//!
+//! With `BATON_TEST_STORE=etcd` the store is an external etcd instead (Debian's
+//! etcd-server, one per test), so the same tests prove the API over both backends.
 
 use std::time::Duration;
 
@@ -11,6 +14,8 @@ use tower::ServiceExt;
 
 pub struct Env {
     _dir: tempfile::TempDir,
+    /// The etcd the store lives in, under `BATON_TEST_STORE=etcd`.
+    etcd: Option<baton_testkit::etcd::Etcd>,
     pub store: Store,
     pub api: ApiServer,
     pub token: String,
@@ -42,9 +47,7 @@ async fn env_with(lines: &str, encryption: Option<&str>) -> Env {
         )
         .unwrap();
     }
-    let mut cfg = StoreConfig::new(1, dir.path().join("store"), "127.0.0.1:0");
-    cfg.progress_interval = Duration::from_millis(200);
-    let store = Store::open_single(cfg).await.unwrap();
+    let (store, etcd) = open_store(dir.path()).await;
     let pki = Pki::load_or_create(&dir.path().join("pki"), &[]).unwrap();
     let token = pki.admin_token.clone();
     let mut objects = Objects::new(store.clone());
@@ -58,14 +61,41 @@ async fn env_with(lines: &str, encryption: Option<&str>) -> Env {
     api.bootstrap().await.unwrap();
     Env {
         _dir: dir,
+        etcd,
         store,
         api,
         token,
     }
 }
 
+/// The store the tests run on: the embedded one in `dir/store`, or a new etcd.
+async fn open_store(dir: &std::path::Path) -> (Store, Option<baton_testkit::etcd::Etcd>) {
+    match std::env::var("BATON_TEST_STORE").as_deref() {
+        Ok("etcd") => {
+            let etcd = baton_testkit::etcd::Etcd::start().unwrap();
+            let mut cfg = baton_store::EtcdConfig::from_url(etcd.url(), None).unwrap();
+            cfg.progress_interval = Duration::from_millis(200);
+            (Store::open_etcd(cfg).await.unwrap(), Some(etcd))
+        }
+        Ok("embedded") | Err(_) => {
+            let mut cfg = StoreConfig::new(1, dir.join("store"), "127.0.0.1:0");
+            cfg.progress_interval = Duration::from_millis(200);
+            (Store::open_single(cfg).await.unwrap(), None)
+        }
+        Ok(other) => panic!("BATON_TEST_STORE={other}: expected embedded or etcd"),
+    }
+}
+
 #[allow(dead_code)] // each test crate uses a part
 impl Env {
+    /// Where the store keeps its files: its RocksDB, or etcd's WAL and database.
+    pub fn store_files(&self) -> std::path::PathBuf {
+        match &self.etcd {
+            Some(etcd) => etcd.data_dir(),
+            None => self._dir.path().join("store"),
+        }
+    }
+
     /// The test's own directory (the store is in `store`).
     pub fn dir(&self) -> &std::path::Path {
         self._dir.path()
