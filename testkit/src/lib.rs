@@ -3,7 +3,7 @@
 //! [`fake_api::FakeApi`] is an in-memory API server behind a [`kube::Client`], for unit
 //! tests of controllers and of the node agent. [`process`] starts servers under test
 //! without guessing free ports; [`etcd`] and [`redis`] start Debian's servers of those
-//! names for a test.
+//! names for a test; [`netns`] makes hosts of network namespaces, whose links a test cuts.
 //!
 //! Tests and benchmarks never sleep for a fixed time to let something happen: they poll a
 //! condition until it holds, and fail with what they were waiting for once a deadline
@@ -13,6 +13,7 @@
 
 pub mod etcd;
 pub mod fake_api;
+pub mod netns;
 pub mod process;
 pub mod redis;
 

@@ -8,6 +8,12 @@
 //! or never, which is the same as "last".
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use baton_store::{Compare, Error, Op, ReadOptions, StoreClient, Txn};
+use rand::{Rng, SeedableRng};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
@@ -180,6 +186,122 @@ fn check_key(ops: &[Operation]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+pub const KEYS: [&str; 3] = ["lin/a", "lin/b", "lin/c"];
+
+/// One client of the workload until `stop` is set: puts, compare-and-sets and reads of
+/// [`KEYS`], each recorded with its call and return times (µs since `start`). Refusals
+/// that prove nothing happened are not recorded; any other failure is an unknown outcome.
+pub async fn client_loop(
+    id: usize,
+    client: StoreClient,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    history: Arc<Mutex<Vec<Operation>>>,
+) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(id as u64);
+    let mut n = 0;
+    let mut last_seen: Option<String> = None;
+    // Stopped by a flag between operations, never mid-operation: an operation dropped
+    // unrecorded could have taken effect, and the check would find a value no one wrote.
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let key = KEYS[rng.gen_range(0..KEYS.len())];
+        let value = format!("c{id}-{n}");
+        let choice = rng.gen_range(0..10);
+        let call = start.elapsed().as_micros();
+        let (input, result): (Input, Result<Output, Error>) = if choice < 4 {
+            let r = client.put(key, value.clone()).await.map(|_| Output::Put);
+            (Input::Put(value), r)
+        } else if choice < 6 {
+            let expected = last_seen.clone().unwrap_or_else(|| "none".into());
+            let txn = Txn::new()
+                .when([Compare::value(key, expected.clone())])
+                .and_then([Op::put(key, value.clone())]);
+            let r = client
+                .txn(&txn)
+                .await
+                .map(|resp| Output::Cas(resp.succeeded));
+            (
+                Input::Cas {
+                    expected,
+                    new: value,
+                },
+                r,
+            )
+        } else {
+            let r = client.get(key.as_bytes(), ReadOptions::default()).await;
+            let r = r.map(|kv| Output::Get(kv.map(|kv| String::from_utf8(kv.value).unwrap())));
+            if let Ok(Output::Get(Some(v))) = &r {
+                last_seen = Some(v.clone());
+            }
+            (Input::Get, r)
+        };
+        let ret = start.elapsed().as_micros();
+        let op = match result {
+            Ok(output) => Operation {
+                client: id,
+                key: key.into(),
+                input,
+                output: Some(output),
+                call,
+                ret: Some(ret),
+            },
+            // Refused before anything was proposed: the operation did not happen.
+            Err(Error::NoLeader { .. }) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(Error::Transport { source, .. }) if source.is_connect() => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            // Failed or timed out: the write may or may not have happened.
+            Err(_) => Operation {
+                client: id,
+                key: key.into(),
+                input,
+                output: None,
+                call,
+                ret: None,
+            },
+        };
+        let failed = op.output.is_none();
+        history.lock().unwrap().push(op);
+        if failed {
+            // A crashed member's connections fail at once; do not spin on them.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Reads every key once the cluster is whole, so that the check sees every acknowledged
+/// write survive.
+pub async fn final_reads(
+    client: &StoreClient,
+    start: Instant,
+    history: &Arc<Mutex<Vec<Operation>>>,
+) {
+    let call = start.elapsed().as_micros();
+    for key in KEYS {
+        let kv = client
+            .get(key.as_bytes(), ReadOptions::default())
+            .await
+            .unwrap();
+        let ret = start.elapsed().as_micros();
+        let output = Some(Output::Get(
+            kv.map(|kv| String::from_utf8(kv.value).unwrap()),
+        ));
+        history.lock().unwrap().push(Operation {
+            client: 99,
+            key: key.into(),
+            input: Input::Get,
+            output,
+            call,
+            ret: Some(ret),
+        });
+    }
 }
 
 /// Checks a whole history, key by key.

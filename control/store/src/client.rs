@@ -104,6 +104,13 @@ impl StoreClient {
             let addr = &self.endpoints[i];
             match self.call_once(addr, path, req).await {
                 Err(e) if retry_elsewhere(&e, read_only) => last = Some(e),
+                Err(e) if e.is_retryable() => {
+                    // The outcome is unknown, so the caller gets the error; but the
+                    // member that did not answer (partitioned, or cut off from the
+                    // leader) is not the one the next call tries first.
+                    self.current.store((i + 1) % n, Ordering::Relaxed);
+                    return Err(e);
+                }
                 other => {
                     self.current.store(i, Ordering::Relaxed);
                     return other;

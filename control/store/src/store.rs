@@ -377,7 +377,15 @@ impl Store {
                 Ok(resp) => return Ok(resp),
                 Err(Proposed::Failed(e)) => return Err(e),
                 Err(Proposed::NotLeader(Some(leader))) if !forwarded => {
-                    return self.forward(&leader.addr, "/store/v1/txn", &txn).await;
+                    match self.forward(&leader.addr, "/store/v1/txn", &txn).await {
+                        // Nothing reached the leader, so nothing was written: it died or
+                        // was cut off. Once, wait for its successor and try again.
+                        Err(Error::NoLeader { .. }) if leader_wait => {
+                            leader_wait = false;
+                            self.wait_for_another_leader(inner, &leader.addr).await?;
+                        }
+                        other => return other,
+                    }
                 }
                 Err(Proposed::NotLeader(_)) if leader_wait && !forwarded => {
                     // An election is under way: wait for it once, then try again.
@@ -417,33 +425,88 @@ impl Store {
     /// (the read index), asking the leader if this member is not it.
     async fn read_barrier(&self, forwarded: bool) -> Result<(), Error> {
         let inner = self.member("a read index")?;
-        let (tx, rx) = oneshot::channel();
-        inner
-            .read_barriers
-            .send(tx)
-            .await
-            .map_err(|_| Error::Closed)?;
-        match rx.await.map_err(|_| Error::Closed)? {
-            Ok(()) => Ok(()),
-            Err(Proposed::Failed(e)) => Err(e),
-            Err(Proposed::NotLeader(Some(leader))) if !forwarded => {
-                // The leader confirms its read index; waiting for it to be applied here
-                // makes the local read linearizable.
-                let index: u64 = self
-                    .forward(&leader.addr, "/store/v1/read-index", &())
-                    .await?;
-                let wait = inner.raft.wait(Some(Duration::from_secs(10)));
-                wait.applied_index_at_least(Some(index), "read index")
-                    .await
-                    .map_err(|e| Error::Unavailable {
-                        reason: e.to_string(),
-                    })?;
-                Ok(())
+        let mut leader_wait = !forwarded;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            inner
+                .read_barriers
+                .send(tx)
+                .await
+                .map_err(|_| Error::Closed)?;
+            match rx.await.map_err(|_| Error::Closed)? {
+                Ok(()) => return Ok(()),
+                Err(Proposed::Failed(e)) => return Err(e),
+                Err(Proposed::NotLeader(Some(leader))) if !forwarded => {
+                    // The leader confirms its read index; waiting for it to be applied
+                    // here makes the local read linearizable.
+                    let index: u64 = match self
+                        .forward(&leader.addr, "/store/v1/read-index", &())
+                        .await
+                    {
+                        Ok(index) => index,
+                        Err(Error::NoLeader { .. }) if leader_wait => {
+                            leader_wait = false;
+                            self.wait_for_another_leader(inner, &leader.addr).await?;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let wait = inner.raft.wait(Some(Duration::from_secs(10)));
+                    wait.applied_index_at_least(Some(index), "read index")
+                        .await
+                        .map_err(|e| Error::Unavailable {
+                            reason: e.to_string(),
+                        })?;
+                    return Ok(());
+                }
+                Err(Proposed::NotLeader(None)) if leader_wait => {
+                    // An election is under way: wait for it once, then try again.
+                    leader_wait = false;
+                    self.wait_for_leader(inner.cfg.election_timeout.1 * 4)
+                        .await?;
+                }
+                Err(Proposed::NotLeader(_)) => {
+                    return Err(Error::NoLeader {
+                        reason: "no leader to confirm a linearizable read".into(),
+                    })
+                }
             }
-            Err(Proposed::NotLeader(_)) => Err(Error::NoLeader {
-                reason: "no leader to confirm a linearizable read".into(),
-            }),
         }
+    }
+
+    /// Waits for a leader other than the one at `unreachable`, which could not be
+    /// reached: if it died or was cut off, the others elect a successor within an
+    /// election timeout or two, and a request that waits for it need not fail.
+    async fn wait_for_another_leader(&self, inner: &Inner, unreachable: &str) -> Result<(), Error> {
+        let timeout = inner.cfg.election_timeout.1 * 4;
+        let mut metrics = inner.raft.metrics();
+        let wait = async {
+            loop {
+                {
+                    let m = metrics.borrow_and_update();
+                    if let Some(leader) = m.current_leader {
+                        let addr = m
+                            .membership_config
+                            .nodes()
+                            .find(|(id, _)| **id == leader)
+                            .map(|(_, node)| node.addr.as_str());
+                        if addr != Some(unreachable) {
+                            return Ok(());
+                        }
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return Err(Error::Closed);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| Error::NoLeader {
+                reason: format!(
+                    "the leader at {unreachable} cannot be reached, and no other was elected within {timeout:?}"
+                ),
+            })?
     }
 
     /// The leader's read index (served to followers).
