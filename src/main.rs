@@ -234,6 +234,12 @@ struct ServerArgs {
     /// under AES-GCM with a random key) and members that join with a token fetch it.
     #[arg(long)]
     encryption_provider_config: Option<PathBuf>,
+    /// Seconds a node may miss heartbeats before it is marked unknown, tainted
+    /// `node.kubernetes.io/unreachable`, and its pods are evicted once their tolerations
+    /// of that run out (kube-controller-manager's `--node-monitor-grace-period`). Nodes
+    /// should renew their Lease well within it (`baton node --node-lease-duration`).
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
+    node_monitor_grace: u64,
     #[command(flatten)]
     tuning: Tuning,
 }
@@ -956,7 +962,10 @@ async fn server(args: ServerArgs) -> Result<()> {
                     &api.pki,
                     &api.server,
                     format!("baton-server-{id}"),
-                    baton_controllers::Config::default(),
+                    baton_controllers::Config {
+                        node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
+                        ..Default::default()
+                    },
                 )
                 .await?;
             println!("baton server {id} listening on {addr}");

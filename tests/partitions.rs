@@ -1,9 +1,15 @@
-//! The control plane across real network boundaries: each host a network namespace with
-//! its own address, joined by a bridge (`baton_testkit::netns`), each running its own
-//! `baton server`. The first member starts the cluster; the others join with its token,
-//! started in an order picked at random, at the same moment.
+//! A cluster across real network boundaries: each host a network namespace with its own
+//! address, joined by a bridge (`baton_testkit::netns`), each running its own `baton`.
+//! Three control-plane hosts run `baton server`, two node hosts `baton node`. The first
+//! member starts the cluster; the other members and the nodes join with its tokens, all
+//! started at the same moment, in an order picked at random.
 //!
-//! While clients run a recorded workload against the store and `kubectl` applies
+//! First, the node host that runs a Deployment's pod is cut off. The pod is replaced on
+//! the other node within 30 s (its tolerations of `unreachable` are short, for the test);
+//! at no moment do two copies stand ready behind its Service; once the partition heals,
+//! the old copy is stopped and its Pod is gone.
+//!
+//! Then, while clients run a recorded workload against the store and `kubectl` applies
 //! ConfigMaps, the test:
 //! 1. cuts the links of the host that holds the Raft leader. Writes resume within 3 s;
 //!    no `kubectl` command fails beyond one retry against another server. The partition
@@ -65,6 +71,9 @@ impl Server {
     }
 }
 
+/// Seconds a node may be silent before its pods are evicted (40 by default).
+const NODE_GRACE: &str = "6";
+
 /// Starts `baton server` on `host`, with its store and API on the host's address.
 fn spawn_server(net: &Net, host: usize, dir: &Path, extra: &[&str]) -> Server {
     let ip = net.host(host).ip;
@@ -75,6 +84,7 @@ fn spawn_server(net: &Net, host: usize, dir: &Path, extra: &[&str]) -> Server {
         .args(["server", "--listen", &format!("{ip}:{STORE_PORT}")])
         .args(["--api-listen", &format!("{ip}:{API_PORT}"), "--data-dir"])
         .arg(dir)
+        .args(["--node-monitor-grace", NODE_GRACE])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(log)
@@ -87,6 +97,163 @@ fn spawn_server(net: &Net, host: usize, dir: &Path, extra: &[&str]) -> Server {
     }
 }
 
+/// Starts `baton node` on `host`, joining with the node token through every server.
+fn spawn_node(net: &Net, host: usize, dir: &Path, servers: &str, token: &str) -> Server {
+    let ip = net.host(host).ip;
+    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+    let child = net
+        .command(host, env!("CARGO_BIN_EXE_baton"))
+        .env("RUST_LOG", "info")
+        .args(["node", "--server", servers, "--token", token])
+        .args(["--node-name", &format!("node-{host}")])
+        .args(["--node-address", &ip.to_string()])
+        // Renewed every second, well within the control plane's grace.
+        .args(["--node-lease-duration", "4", "--local-images"])
+        .arg(guests_dir())
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn baton node in a network namespace");
+    Server {
+        child,
+        host,
+        dir: dir.to_path_buf(),
+    }
+}
+
+fn guests_dir() -> PathBuf {
+    baton_testkit::crate_dir(env!("CARGO_MANIFEST_DIR")).join("examples-wasm/dist")
+}
+
+fn kubectl(kubeconfig: &Path, server: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("kubectl")
+        .env("KUBECONFIG", kubeconfig)
+        .args(["--server", server, "--request-timeout=5s"])
+        .args(args)
+        .output()
+        .expect("kubectl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn kubectl_apply(kubeconfig: &Path, server: &str, manifest: &str) {
+    let mut child = Command::new("kubectl")
+        .env("KUBECONFIG", kubeconfig)
+        .args(["--server", server, "apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(manifest.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The Deployment whose pod the node partition moves, and its Service. It tolerates an
+/// unreachable or not-ready node for 2 s (300 s by default), so the test is quick.
+fn web() -> String {
+    let image = guests_dir().join("http-hello.wasm");
+    assert!(
+        image.exists(),
+        "{} is missing: run scripts/build-guests.sh",
+        image.display()
+    );
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {{app: web}}
+  template:
+    metadata:
+      labels: {{app: web}}
+    spec:
+      tolerations:
+      - {{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}}
+      - {{key: node.kubernetes.io/not-ready, operator: Exists, effect: NoExecute, tolerationSeconds: 2}}
+      containers:
+      - name: hello
+        image: {image}
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector: {{app: web}}
+  ports:
+  - port: 80
+    targetPort: 8080
+"#,
+        image = image.display()
+    )
+}
+
+/// The web pods that are running, ready and not being deleted: (name, node).
+fn ready_pods(kubeconfig: &Path, server: &str) -> Vec<(String, String)> {
+    let out = kubectl(
+        kubeconfig,
+        server,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            r#"jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.phase} {.metadata.deletionTimestamp} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}"#,
+        ],
+    )
+    .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // A deletion timestamp would make five fields.
+            (f.len() == 4 && f[2] == "Running" && f[3] == "True")
+                .then(|| (f[0].to_string(), f[1].to_string()))
+        })
+        .collect()
+}
+
+/// The pods the web Service's EndpointSlices name as ready.
+fn ready_endpoints(kubeconfig: &Path, server: &str) -> Result<Vec<String>, String> {
+    let out = kubectl(
+        kubeconfig,
+        server,
+        &[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+            "-o",
+            r#"jsonpath={range .items[*].endpoints[*]}{.targetRef.name} {.conditions.ready}{"\n"}{end}"#,
+        ],
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.strip_suffix(" true").map(str::to_string))
+        .collect())
+}
+
 /// What `kubectl` did: each command, whether the first try failed, and whether the
 /// retry against the next server failed too.
 #[derive(Default)]
@@ -96,20 +263,33 @@ struct KubectlLog {
     failed: Vec<String>,
 }
 
-/// Applies a ConfigMap through one server, and once more through the next if that
-/// fails. Returns the error of the last try.
-fn apply(kubeconfig: &Path, servers: &[String], first: usize, name: &str) -> Vec<String> {
+/// Applies a ConfigMap through `servers[first]`, and if that fails, once more through
+/// the server that last answered (`last_good`), as a user would retry. Returns the
+/// errors: none, one (the retry worked) or two.
+fn apply(
+    kubeconfig: &Path,
+    servers: &[String],
+    first: usize,
+    last_good: &mut Option<String>,
+    name: &str,
+) -> Vec<String> {
     let manifest =
         format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  k: v\n");
+    let first = servers[first % servers.len()].clone();
+    let retry = match last_good.clone() {
+        Some(s) if s != first && servers.contains(&s) => s,
+        _ => {
+            servers[(servers.iter().position(|s| *s == first).unwrap() + 1) % servers.len()].clone()
+        }
+    };
     let mut errors = Vec::new();
-    for attempt in 0..2 {
-        let server = &servers[(first + attempt) % servers.len()];
+    for server in [first, retry] {
         let mut child = Command::new("kubectl")
             .env("KUBECONFIG", kubeconfig)
             .args([
                 "--server",
-                server,
-                "--request-timeout=2s",
+                &server,
+                "--request-timeout=5s",
                 "apply",
                 "-f",
                 "-",
@@ -127,6 +307,7 @@ fn apply(kubeconfig: &Path, servers: &[String], first: usize, name: &str) -> Vec
             .unwrap();
         let out = child.wait_with_output().unwrap();
         if out.status.success() {
+            *last_good = Some(server);
             return errors;
         }
         errors.push(format!(
@@ -155,13 +336,13 @@ fn first_write_ack(history: &[Operation], from: u128) -> Option<u128> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_control_plane_survives_a_partitioned_leader_and_a_replaced_member() {
+async fn the_cluster_survives_partitioned_hosts_and_a_replaced_member() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let seed: u64 = rand::random();
     eprintln!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let tmp = tempfile::tempdir().unwrap();
-    let mut net = Net::new(3).expect("network namespaces (run as root)");
+    let mut net = Net::new(5).expect("network namespaces (run as root)");
     let ips: Vec<String> = (0..3).map(|h| net.host(h).ip.to_string()).collect();
     let dir = |h: usize| tmp.path().join(format!("host-{h}"));
     let mut servers: Vec<Option<Server>> = Vec::new();
@@ -173,25 +354,106 @@ async fn the_control_plane_survives_a_partitioned_leader_and_a_replaced_member()
     let token = token.trim().to_string();
     let first_api = format!("https://{}:{API_PORT}", ips[0]);
     servers.push(Some(first));
-    let mut order = vec![1, 2];
+    let node_token = std::fs::read_to_string(dir(0).join("node-token")).unwrap();
+    let all_apis = (0..3)
+        .map(|h| format!("https://{}:{API_PORT}", net.host(h).ip))
+        .collect::<Vec<_>>()
+        .join(",");
+    // Members 1 and 2 and nodes 3 and 4, at once, in a random order.
+    let mut order = vec![1, 2, 3, 4];
     order.shuffle(&mut rng);
     eprintln!("joining in the order {order:?}");
-    let mut joiners: Vec<Server> = order
-        .iter()
-        .map(|&h| {
-            spawn_server(
-                &net,
-                h,
-                &dir(h),
-                &["--server", &first_api, "--token", &token],
-            )
-        })
-        .collect();
+    let mut joiners = Vec::new();
+    let mut nodes = Vec::new();
+    for &h in &order {
+        if h < 3 {
+            let join = ["--server", &first_api, "--token", &token];
+            joiners.push(spawn_server(&net, h, &dir(h), &join));
+        } else {
+            nodes.push(spawn_node(&net, h, &dir(h), &all_apis, node_token.trim()));
+        }
+    }
     for j in &mut joiners {
         j.wait_ready();
     }
     joiners.sort_by_key(|s| s.host);
     servers.extend(joiners.into_iter().map(Some));
+    let kubeconfig = dir(0).join("kubeconfig");
+    let node_logs = |nodes: &[Server]| {
+        nodes
+            .iter()
+            .map(|n| format!("node-{}:\n{}", n.host, n.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    baton_testkit::wait_until(Duration::from_secs(60), "both nodes Ready", || {
+        let ready = r#"jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{end}"#;
+        let out = kubectl(&kubeconfig, &first_api, &["get", "nodes", "-o", ready]).ok()?;
+        (out.split_whitespace().filter(|s| *s == "True").count() == 2).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}; the nodes' logs:\n{}", node_logs(&nodes)));
+
+    // The node host that runs the web pod is cut off; the pod moves to the other node.
+    kubectl_apply(&kubeconfig, &first_api, &web());
+    let (old_pod, old_node) =
+        baton_testkit::wait_until(Duration::from_secs(60), "the web pod to run", || {
+            ready_pods(&kubeconfig, &first_api).into_iter().next()
+        })
+        .unwrap_or_else(|e| panic!("{e}; the nodes' logs:\n{}", node_logs(&nodes)));
+    let cut_host: usize = old_node.trim_start_matches("node-").parse().unwrap();
+    let cut = Instant::now();
+    net.cut(cut_host).unwrap();
+    eprintln!("cut node host {cut_host}, which runs {old_pod}");
+    // The most pods the Service named ready at once, sampled throughout.
+    let mut most_ready = 0;
+    let (new_pod, _) = baton_testkit::wait_until(
+        Duration::from_secs(60),
+        "the web pod to run on the other node",
+        || {
+            if let Ok(eps) = ready_endpoints(&kubeconfig, &first_api) {
+                most_ready = most_ready.max(eps.len());
+            }
+            ready_pods(&kubeconfig, &first_api)
+                .into_iter()
+                .find(|(name, node)| *name != old_pod && *node != old_node)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; the nodes' logs:\n{}", node_logs(&nodes)));
+    let moved = cut.elapsed();
+    eprintln!("{new_pod} runs on the other node {moved:?} after the partition");
+    net.heal(cut_host).unwrap();
+    // Healed, the old node stops the old copy and confirms it; its Pod goes.
+    baton_testkit::wait_until(
+        Duration::from_secs(60),
+        "the old pod to be stopped and gone",
+        || {
+            let pods = ["get", "pods", "-l", "app=web", "-o", "name"];
+            let out = kubectl(&kubeconfig, &first_api, &pods).ok()?;
+            if let Ok(eps) = ready_endpoints(&kubeconfig, &first_api) {
+                most_ready = most_ready.max(eps.len());
+            }
+            (!out.contains(&old_pod)).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; the nodes' logs:\n{}", node_logs(&nodes)));
+    baton_testkit::wait_until(
+        Duration::from_secs(30),
+        "the Service to name only the new pod",
+        || {
+            let eps = ready_endpoints(&kubeconfig, &first_api).ok()?;
+            most_ready = most_ready.max(eps.len());
+            (eps == [new_pod.clone()]).then_some(())
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        most_ready, 1,
+        "two copies of the pod stood ready behind the Service at once"
+    );
+    assert!(
+        moved <= Duration::from_secs(30),
+        "the pod was replaced {moved:?} after its node's partition; the goal is 30 s"
+    );
 
     let ca = StoreCa::load(&dir(0).join("pki")).unwrap();
     let tls = ca.client("test").unwrap();
@@ -230,7 +492,6 @@ async fn the_control_plane_survives_a_partitioned_leader_and_a_replaced_member()
             history.clone(),
         )));
     }
-    let kubeconfig = dir(0).join("kubeconfig");
     let api_servers = Arc::new(Mutex::new(
         ips.iter()
             .map(|ip| format!("https://{ip}:{API_PORT}"))
@@ -246,11 +507,12 @@ async fn the_control_plane_survives_a_partitioned_leader_and_a_replaced_member()
         );
         std::thread::spawn(move || {
             let mut n = 0usize;
+            let mut last_good = None;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let name = format!("cm-{n}");
                 let list = servers.lock().unwrap().clone();
-                let errors = apply(&kubeconfig, &list, n, &name);
+                let errors = apply(&kubeconfig, &list, n, &mut last_good, &name);
                 let mut log = log.lock().unwrap();
                 match errors.len() {
                     0 => log.applied.push(name),
@@ -267,8 +529,26 @@ async fn the_control_plane_survives_a_partitioned_leader_and_a_replaced_member()
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    // 1. The leader's host is cut off.
-    let status = admin.status().await.unwrap();
+    // 1. The leader's host is cut off: the leader every member names.
+    let status = baton_testkit::wait_until_async(
+        Duration::from_secs(10),
+        "the members to agree on a leader",
+        || {
+            let (admin, addrs) = (admin.clone(), store_addrs.clone());
+            async move {
+                let mut seen = Vec::new();
+                for a in &addrs {
+                    seen.push(admin.pinned(a).status().await.ok()?);
+                }
+                let leader = seen[0].leader?;
+                seen.iter()
+                    .all(|s| s.leader == Some(leader) && s.term == seen[0].term)
+                    .then(|| seen.swap_remove(0))
+            }
+        },
+    )
+    .await
+    .unwrap();
     let leader_id = status.leader.unwrap();
     let leader_addr = status
         .members
@@ -278,8 +558,10 @@ async fn the_control_plane_survives_a_partitioned_leader_and_a_replaced_member()
         .addr
         .clone();
     let leader_host = host_of(&ips, &leader_addr);
-    let cut_at = start.elapsed().as_micros();
     net.cut(leader_host).unwrap();
+    // Measured from when the link is down: a write called while `ip` ran may still
+    // have gone through.
+    let cut_at = start.elapsed().as_micros();
     eprintln!("cut host {leader_host}, the leader's ({leader_addr})");
     let resumed = baton_testkit::wait_until_async(
         Duration::from_secs(15),
@@ -328,6 +610,9 @@ async fn the_control_plane_survives_a_partitioned_leader_and_a_replaced_member()
     let victim = host_of(&ips, &victim_addr);
     servers[victim].take();
     eprintln!("killed host {victim}'s member ({victim_addr}) with SIGKILL");
+    // The user takes the lost machine out of their list until its replacement is up.
+    let victim_api = format!("https://{}:{API_PORT}", ips[victim]);
+    api_servers.lock().unwrap().retain(|s| *s != victim_api);
     let new_host = net.add_host().unwrap();
     let survivor = (0..3).find(|h| *h != victim).unwrap();
     let survivor_api = format!("https://{}:{API_PORT}", ips[survivor]);
@@ -339,10 +624,10 @@ async fn the_control_plane_survives_a_partitioned_leader_and_a_replaced_member()
     );
     replacement.wait_ready();
     let new_ip = net.host(new_host).ip.to_string();
-    {
-        let mut list = api_servers.lock().unwrap();
-        list[victim] = format!("https://{new_ip}:{API_PORT}");
-    }
+    api_servers
+        .lock()
+        .unwrap()
+        .push(format!("https://{new_ip}:{API_PORT}"));
     let live: Vec<String> = store_addrs
         .iter()
         .filter(|a| **a != victim_addr)
@@ -350,7 +635,21 @@ async fn the_control_plane_survives_a_partitioned_leader_and_a_replaced_member()
         .chain([format!("{new_ip}:{STORE_PORT}")])
         .collect();
     let admin = client_over(&live);
-    admin.remove_member(victim_id).await.unwrap();
+    // A membership change may still be under way (the new member's promotion): the
+    // removal is asked again until it is made.
+    let why = Arc::new(Mutex::new(String::new()));
+    baton_testkit::wait_until_async(Duration::from_secs(30), "the dead member's removal", || {
+        let (admin, why) = (admin.clone(), why.clone());
+        async move {
+            let result = admin.remove_member(victim_id).await;
+            if let Err(e) = &result {
+                *why.lock().unwrap() = e.to_string();
+            }
+            result.ok()
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", why.lock().unwrap()));
     baton_testkit::wait_until_async(
         Duration::from_secs(30),
         "three voters, the new member among them",
@@ -413,6 +712,7 @@ async fn the_control_plane_survives_a_partitioned_leader_and_a_replaced_member()
             "{name} was acknowledged and is gone"
         );
     }
+    drop(nodes);
     drop(replacement);
     drop(servers);
 }

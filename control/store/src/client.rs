@@ -3,12 +3,14 @@
 //!
 //! Requests go to one member at a time; when that member cannot be reached or has no
 //! leader, the client moves on to the next one. Members forward writes to their leader, so
-//! any member will do.
+//! any member will do. A member that did not answer (down, or cut off) is passed over
+//! for a few seconds, as etcd's client balancer does, so that a partitioned member does
+//! not cost every request a timeout.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
@@ -24,6 +26,8 @@ use crate::watch::Watch;
 pub struct StoreClient {
     endpoints: Arc<Vec<String>>,
     current: Arc<AtomicUsize>,
+    /// Per endpoint, until when it is passed over: it did not answer.
+    suspect: Arc<Mutex<Vec<Option<Instant>>>>,
     http: crate::tls::Http,
     timeout: Duration,
 }
@@ -39,6 +43,7 @@ impl StoreClient {
         let http = crate::tls::Http::new(None, tune_client)
             .expect("building an HTTP client without TLS cannot fail");
         Self {
+            suspect: Arc::new(Mutex::new(vec![None; endpoints.len()])),
             endpoints: Arc::new(endpoints),
             current: Arc::new(AtomicUsize::new(0)),
             http,
@@ -64,6 +69,7 @@ impl StoreClient {
         Self {
             endpoints: Arc::new(vec![endpoint.to_string()]),
             current: Arc::new(AtomicUsize::new(0)),
+            suspect: Arc::new(Mutex::new(vec![None])),
             http: self.http.clone(),
             timeout: self.timeout,
         }
@@ -98,11 +104,23 @@ impl StoreClient {
         read_only: bool,
     ) -> Result<Resp, Error> {
         let n = self.endpoints.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
+        {
+            // Members that answer first, in turn; the suspects last.
+            let now = Instant::now();
+            let suspect = self.suspect.lock().expect("suspect lock");
+            order.sort_by_key(|i| suspect[*i].is_some_and(|until| until > now));
+        }
         let mut last = None;
-        for attempt in 0..n {
-            let i = (self.current.load(Ordering::Relaxed) + attempt) % n;
+        for i in order {
             let addr = &self.endpoints[i];
-            match self.call_once(addr, path, req).await {
+            let result = self.call_once(addr, path, req).await;
+            self.suspect.lock().expect("suspect lock")[i] = match &result {
+                Err(Error::Transport { .. }) => Some(Instant::now() + SUSPECT_FOR),
+                _ => None,
+            };
+            match result {
                 Err(e) if retry_elsewhere(&e, read_only) => last = Some(e),
                 Err(e) if e.is_retryable() => {
                     // The outcome is unknown, so the caller gets the error; but the
@@ -312,6 +330,9 @@ pub(crate) async fn post<Req: Serialize, Resp: DeserializeOwned>(
     let res: Result<Resp, WireError> = postcard::from_bytes(&bytes)?;
     res.map_err(|e| e.into_error(addr))
 }
+
+/// How long a member that did not answer is passed over.
+const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 fn tune_client(b: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
     b.pool_max_idle_per_host(256)

@@ -410,15 +410,31 @@ impl Store {
     ) -> Result<Resp, Error> {
         let timeout = Duration::from_secs(30);
         let inner = self.member("forwarding to the leader")?;
-        crate::client::post(&inner.http, addr, path, req, timeout, true)
-            .await
-            .map_err(|e| match e {
+        let call = crate::client::post(&inner.http, addr, path, req, timeout, true);
+        // Only a change of leader while the request is out counts.
+        let moved = async {
+            if leader_elsewhere(&inner.raft.metrics().borrow(), addr) {
+                std::future::pending::<()>().await;
+            }
+            another_leader(inner, addr).await
+        };
+        tokio::select! {
+            result = call => result.map_err(|e| match e {
                 // Nothing reached the leader: a definite failure, unlike a lost answer.
                 Error::Transport { source, .. } if source.is_connect() => Error::NoLeader {
                     reason: format!("cannot reach the leader at {addr}: {source}"),
                 },
                 other => other,
-            })
+            }),
+            // A leader cut off from the rest never answers; once another is elected,
+            // waiting on the old one only delays the caller's retry. What it did with
+            // the request is unknown.
+            Ok(()) = moved => Err(Error::Unavailable {
+                reason: format!(
+                    "the leader changed while the request was with {addr}; its outcome is unknown"
+                ),
+            }),
+        }
     }
 
     /// Waits until the local state machine reflects every write committed before this call
@@ -447,6 +463,11 @@ impl Store {
                         Err(Error::NoLeader { .. }) if leader_wait => {
                             leader_wait = false;
                             self.wait_for_another_leader(inner, &leader.addr).await?;
+                            continue;
+                        }
+                        // The leader changed under the request; a read is safe to repeat.
+                        Err(Error::Unavailable { .. }) if leader_wait => {
+                            leader_wait = false;
                             continue;
                         }
                         Err(e) => return Err(e),
@@ -479,28 +500,7 @@ impl Store {
     /// election timeout or two, and a request that waits for it need not fail.
     async fn wait_for_another_leader(&self, inner: &Inner, unreachable: &str) -> Result<(), Error> {
         let timeout = inner.cfg.election_timeout.1 * 4;
-        let mut metrics = inner.raft.metrics();
-        let wait = async {
-            loop {
-                {
-                    let m = metrics.borrow_and_update();
-                    if let Some(leader) = m.current_leader {
-                        let addr = m
-                            .membership_config
-                            .nodes()
-                            .find(|(id, _)| **id == leader)
-                            .map(|(_, node)| node.addr.as_str());
-                        if addr != Some(unreachable) {
-                            return Ok(());
-                        }
-                    }
-                }
-                if metrics.changed().await.is_err() {
-                    return Err(Error::Closed);
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait)
+        tokio::time::timeout(timeout, another_leader(inner, unreachable))
             .await
             .map_err(|_| Error::NoLeader {
                 reason: format!(
@@ -1140,6 +1140,32 @@ async fn read_barrier_loop(
             let _ = w.send(r);
         }
     }
+}
+
+/// Resolves once this member knows a leader other than the one at `addr` (itself,
+/// perhaps); fails only when the member shuts down.
+async fn another_leader(inner: &Inner, addr: &str) -> Result<(), Error> {
+    let mut metrics = inner.raft.metrics();
+    loop {
+        if leader_elsewhere(&metrics.borrow_and_update(), addr) {
+            return Ok(());
+        }
+        if metrics.changed().await.is_err() {
+            return Err(Error::Closed);
+        }
+    }
+}
+
+/// Whether these metrics name a leader, and not the one at `addr`.
+fn leader_elsewhere(m: &openraft::RaftMetrics<NodeId, BasicNode>, addr: &str) -> bool {
+    let Some(leader) = m.current_leader else {
+        return false;
+    };
+    m.membership_config
+        .nodes()
+        .find(|(id, _)| **id == leader)
+        .map(|(_, node)| node.addr.as_str())
+        != Some(addr)
 }
 
 async fn auto_compact(inner: std::sync::Weak<Inner>, ac: AutoCompaction) {
