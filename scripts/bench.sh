@@ -13,9 +13,12 @@
 #                            against a direct connection (BENCH_OPS runs, BENCH_MIB MiB)
 #   scripts/bench.sh ui      the dashboard's time to interactive with 1,000 running pods
 #                            in headless Chromium (BENCH_PODS, BENCH_RUNS)
+#   scripts/bench.sh failover  writes stopped by the Raft leader's partition, three
+#                            members on network namespaces, against etcd 3.4 (as root;
+#                            BENCH_TRIALS per system, default 20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-which="${1:?usage: scripts/bench.sh store|api|wasm|ingress|cluster|debug|container|ui}"
+which="${1:?usage: scripts/bench.sh store|api|wasm|ingress|cluster|debug|container|ui|failover}"
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 # Two builds, so that `baton` is the same binary `scripts/run.sh` builds (one build of

@@ -1,6 +1,6 @@
 //! Shared pieces of Baton's benchmarks: child processes that are killed when dropped,
-//! a `baton up` with a client for it, percentiles, ports, waiting on a condition, and
-//! process resource figures from /proc.
+//! a `baton up` with a client for it, percentiles, ports, waiting on a condition,
+//! process resource figures from /proc, and the certificates of an etcd with TLS.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -283,4 +283,82 @@ pub fn wasmtime_serve(wasmtime: &Path, options: &[&str], wasm: &Path) -> Command
         .args(["--env", "GREETING=hi"])
         .arg(wasm);
     cmd
+}
+
+/// Certificates for an etcd cluster with peer and client TLS, as a production etcd runs:
+/// one CA, a serving and peer certificate for the members' addresses, and a client
+/// certificate.
+pub struct EtcdTls {
+    dir: std::path::PathBuf,
+    ca: String,
+    client: (String, String),
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdTls {
+    /// Writes `ca.crt`, `server.crt` and `server.key` (good for `ips`) into `dir`.
+    pub fn make(dir: &Path, ips: &[std::net::IpAddr]) -> Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        std::fs::create_dir_all(dir)?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key)?;
+        let issue = |usages: Vec<ExtendedKeyUsagePurpose>| -> Result<(String, String)> {
+            let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
+            for ip in ips {
+                p.subject_alt_names.push(rcgen::SanType::IpAddress(*ip));
+            }
+            p.extended_key_usages = usages;
+            let key = KeyPair::generate()?;
+            Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+        };
+        let server = issue(vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ])?;
+        let client = issue(vec![ExtendedKeyUsagePurpose::ClientAuth])?;
+        std::fs::write(dir.join("ca.crt"), ca_cert.pem())?;
+        std::fs::write(dir.join("server.crt"), &server.0)?;
+        std::fs::write(dir.join("server.key"), &server.1)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            ca: ca_cert.pem(),
+            client,
+        })
+    }
+
+    /// etcd's flags for client and peer TLS, each side requiring a certificate.
+    pub fn flags(&self) -> Vec<String> {
+        let f = |n: &str| self.dir.join(n).display().to_string();
+        vec![
+            format!("--cert-file={}", f("server.crt")),
+            format!("--key-file={}", f("server.key")),
+            format!("--trusted-ca-file={}", f("ca.crt")),
+            "--client-cert-auth".into(),
+            format!("--peer-cert-file={}", f("server.crt")),
+            format!("--peer-key-file={}", f("server.key")),
+            format!("--peer-trusted-ca-file={}", f("ca.crt")),
+            "--peer-client-cert-auth".into(),
+        ]
+    }
+
+    pub fn connect_options(&self) -> etcd_client::ConnectOptions {
+        etcd_client::ConnectOptions::new().with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&self.ca))
+                .identity(etcd_client::Identity::from_pem(
+                    &self.client.0,
+                    &self.client.1,
+                )),
+        )
+    }
 }

@@ -63,10 +63,13 @@ pub struct Net {
 impl Net {
     /// A switch with `n` hosts, and a link from the test to it.
     pub fn new(n: usize) -> Result<Self, NetError> {
-        // Names and a subnet from the process id, so that concurrent runs do not meet.
+        // Names and a subnet from the process id and a count of the nets this process
+        // made, so that concurrent runs, and several nets of one run, do not meet.
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n_made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
-        let tag = format!("{:x}", pid % 0xfffff);
-        let octets = (200 + (pid / 250 % 50) as u8, (pid % 250) as u8);
+        let tag = format!("{:x}{}", pid % 0xfffff, n_made % 10);
+        let octets = (200 + ((pid / 250 + n_made) % 50) as u8, (pid % 250) as u8);
         let mut net = Net {
             switch: format!("bt{tag}sw"),
             tag,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use baton_bench::{env_or, ms, pct, proc_cpu, wait_until, Procs};
+use baton_bench::{env_or, ms, pct, proc_cpu, wait_until, EtcdTls, Procs};
 use baton_store::{ReadOptions, StoreClient};
 use rand::{Rng, SeedableRng};
 
@@ -187,78 +187,11 @@ fn unused_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// Certificates for an etcd cluster with peer and client TLS, as a production etcd runs:
-/// one CA, a serving and peer certificate for 127.0.0.1, and a client certificate.
-struct EtcdTls {
-    dir: std::path::PathBuf,
-    ca: String,
-    client: (String, String),
-}
-
-impl EtcdTls {
-    fn make(dir: &Path) -> Result<Self> {
-        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
-        std::fs::create_dir_all(dir)?;
-        let ca_key = KeyPair::generate()?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca.self_signed(&ca_key)?;
-        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key)?;
-        let issue = |usages: Vec<ExtendedKeyUsagePurpose>| -> Result<(String, String)> {
-            let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
-            p.subject_alt_names
-                .push(rcgen::SanType::IpAddress("127.0.0.1".parse()?));
-            p.extended_key_usages = usages;
-            let key = KeyPair::generate()?;
-            Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
-        };
-        let server = issue(vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ])?;
-        let client = issue(vec![ExtendedKeyUsagePurpose::ClientAuth])?;
-        std::fs::write(dir.join("ca.crt"), ca_cert.pem())?;
-        std::fs::write(dir.join("server.crt"), &server.0)?;
-        std::fs::write(dir.join("server.key"), &server.1)?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            ca: ca_cert.pem(),
-            client,
-        })
-    }
-
-    /// etcd's flags for client and peer TLS, each side requiring a certificate.
-    fn flags(&self) -> Vec<String> {
-        let f = |n: &str| self.dir.join(n).display().to_string();
-        vec![
-            format!("--cert-file={}", f("server.crt")),
-            format!("--key-file={}", f("server.key")),
-            format!("--trusted-ca-file={}", f("ca.crt")),
-            "--client-cert-auth".into(),
-            format!("--peer-cert-file={}", f("server.crt")),
-            format!("--peer-key-file={}", f("server.key")),
-            format!("--peer-trusted-ca-file={}", f("ca.crt")),
-            "--peer-client-cert-auth".into(),
-        ]
-    }
-
-    fn connect_options(&self) -> etcd_client::ConnectOptions {
-        etcd_client::ConnectOptions::new().with_tls(
-            etcd_client::TlsOptions::new()
-                .ca_certificate(etcd_client::Certificate::from_pem(&self.ca))
-                .identity(etcd_client::Identity::from_pem(
-                    &self.client.0,
-                    &self.client.1,
-                )),
-        )
-    }
-}
-
 /// Starts an `n`-member etcd cluster with peer and client TLS, as Baton's members speak
 /// mutual TLS; returns the processes and a client of its leader.
 async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
     let mut procs = Procs(Vec::new());
-    let tls = EtcdTls::make(&dir.join(format!("etcd-{n}-tls")))?;
+    let tls = EtcdTls::make(&dir.join(format!("etcd-{n}-tls")), &["127.0.0.1".parse()?])?;
     // etcd's members name each other's peer URLs before any starts, and etcd cannot
     // inherit sockets: its ports are picked here, the one place a port is picked before
     // its server binds it.
