@@ -28,6 +28,7 @@ mod inspect;
 mod join;
 mod oci_cli;
 mod otel;
+mod rotate;
 mod run;
 mod token;
 
@@ -608,6 +609,7 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
         .await
         .context("failed to start the API load balancer")?;
     let local = format!("https://{}", balancer.local_addr());
+    let joined_by_token = kept.is_none();
     let yaml = match (kept, &args.token) {
         (Some(yaml), _) => yaml,
         (None, Some(token)) => {
@@ -619,16 +621,37 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
     let joined = baton_kube::client::from_yaml(&yaml)
         .await
         .context("failed to connect to the cluster")?;
-    // Whatever the kubeconfig's user, the node goes on as system:node:NAME, under the
-    // Node authorizer: it asks for its own client certificate first.
-    let client = node_identity(&joined, &yaml, &args.node.name)
-        .await
-        .with_context(|| {
-            format!(
-                "failed to get the client certificate of node {}",
-                args.node.name
-            )
-        })?;
+    let client = if joined_by_token {
+        // The TLS bootstrap made the node's own identity: it renews that before it
+        // expires, in place.
+        let rotating = rotate::Rotating::new(joined);
+        let name = args.node.name.clone();
+        let local = local.clone();
+        tokio::spawn(rotate::keep_fresh(
+            rotating.clone(),
+            args.data_dir.join("node-kubeconfig"),
+            move |client, yaml| {
+                let (name, local) = (name.clone(), local.clone());
+                // Kept with the servers the node was given; used through the balancer.
+                async move {
+                    let renewed = rotate::renew(client, with_server(&yaml, &local), name).await?;
+                    Ok(renewed)
+                }
+            },
+        ));
+        rotating.client()
+    } else {
+        // Whatever the kubeconfig's user, the node goes on as system:node:NAME, under the
+        // Node authorizer: it asks for its own client certificate first.
+        node_identity(&joined, &yaml, &args.node.name)
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to get the client certificate of node {}",
+                    args.node.name
+                )
+            })?
+    };
     let balancer = std::sync::Arc::new(balancer);
     let learner = tokio::spawn(learn_api_servers(client.clone(), balancer.clone(), given));
     let mut loops = control::Loops::new();

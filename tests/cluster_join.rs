@@ -430,6 +430,100 @@ fn nodes_join_with_a_token_through_a_certificate_signing_request() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("token was refused"), "{err}");
+
+    // Rotation: node-a restarts with a certificate near the end of its life (95% spent,
+    // issued here by the cluster CA). It asks for a new one as itself, the controller
+    // approves the renewal, and the node goes on with it: kept in its kubeconfig.
+    drop(_a);
+    let path = tmp.path().join("node-a/node-kubeconfig");
+    let (cert, key) = expiring_node_certificate(&first.dir.join("pki"), "node-a");
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    let old: String = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let indent = &l[..l.len() - l.trim_start().len()];
+            if l.trim_start().starts_with("client-certificate-data:") {
+                format!("{indent}client-certificate-data: {}\n", b64(&cert))
+            } else if l.trim_start().starts_with("client-key-data:") {
+                format!("{indent}client-key-data: {}\n", b64(&key))
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&path, &old).unwrap();
+    let _a = Kill(node("node-a", &node_token));
+    baton_testkit::wait_until(
+        Duration::from_secs(60),
+        "node-a to renew its certificate",
+        || {
+            let now = std::fs::read_to_string(&path).ok()?;
+            (now != old && now.contains("client-certificate-data")).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; its log:\n{}",
+            std::fs::read_to_string(tmp.path().join("node-a.log")).unwrap_or_default()
+        )
+    });
+    let csrs = kubectl(
+        &kubeconfig,
+        first.api,
+        &[
+            "get",
+            "csr",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.username} {.status.conditions[0].type} {.status.conditions[0].message};{end}",
+        ],
+    );
+    assert!(
+        csrs.contains("system:node:node-a Approved Auto approving a node's renewal"),
+        "{csrs}"
+    );
+    // The node goes on with the new certificate: its Lease is renewed after the swap.
+    let renew_time = || {
+        let out = Command::new("kubectl")
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["get", "lease", "-n", "kube-node-lease", "node-a", "-o"])
+            .arg("jsonpath={.spec.renewTime}")
+            .output()
+            .ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let before = renew_time();
+    baton_testkit::wait_until(Duration::from_secs(30), "node-a to renew its Lease", || {
+        let now = renew_time()?;
+        (Some(&now) != before.as_ref() && !now.is_empty()).then_some(())
+    })
+    .unwrap();
+}
+
+/// A client certificate for node `name` from the cluster CA in `pki`, 95% through a
+/// life of 100 minutes.
+fn expiring_node_certificate(pki: &Path, name: &str) -> (String, String) {
+    let ca_pem = std::fs::read_to_string(pki.join("ca.crt")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.join("ca.key")).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("system:node:{name}"));
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:nodes");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - Duration::from_secs(95 * 60)).into();
+    params.not_after = (now + Duration::from_secs(5 * 60)).into();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
 }
 
 /// `baton server --store etcd://...`: the cluster's state lives in an existing etcd

@@ -12,6 +12,8 @@ pub enum ClientError {
     Kubeconfig(#[source] kube::config::KubeconfigError),
     #[error("cannot build a client")]
     Client(#[source] kube::Error),
+    #[error("cannot write the kubeconfig")]
+    Write(#[source] serde_yaml::Error),
 }
 
 /// A client from kubeconfig YAML.
@@ -31,6 +33,18 @@ pub async fn with_client_certificate(
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<Client, ClientError> {
+    from_yaml(&kubeconfig_with_client_certificate(
+        yaml, cert_pem, key_pem,
+    )?)
+    .await
+}
+
+/// Kubeconfig YAML whose current user is replaced by a client certificate and key (PEM).
+pub fn kubeconfig_with_client_certificate(
+    yaml: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<String, ClientError> {
     use base64::Engine;
     let mut kc = Kubeconfig::from_yaml(yaml).map_err(ClientError::Kubeconfig)?;
     let current = kc.current_context.clone().unwrap_or_default();
@@ -54,10 +68,7 @@ pub async fn with_client_certificate(
             auth_info: Some(auth),
         }),
     }
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .map_err(ClientError::Kubeconfig)?;
-    traced(config)
+    serde_yaml::to_string(&kc).map_err(ClientError::Write)
 }
 
 /// A client that sends the calling span's `traceparent` with each request.
