@@ -114,9 +114,11 @@ struct KubeconfigArgs {
     /// Days the certificate is valid.
     #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
     days: u32,
-    /// The API server's URL; by default the one in the data dir's admin kubeconfig.
-    #[arg(long)]
-    server: Option<String>,
+    /// The API servers' URLs (comma-separated or repeated). By default every member's
+    /// that the cluster knows (asked with the data dir's admin kubeconfig), the admin
+    /// kubeconfig's first.
+    #[arg(long, value_delimiter = ',')]
+    server: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -386,7 +388,7 @@ async fn run_command(cli: Cli) -> Result<u8> {
         Command::Push(args) => oci_cli::push(args).await.map(|()| 0),
         Command::Pull(args) => oci_cli::pull(args, default_data_dir()).await.map(|()| 0),
         Command::Images(args) => oci_cli::images(args, default_data_dir()).map(|()| 0),
-        Command::Kubeconfig(args) => kubeconfig(args).map(|()| 0),
+        Command::Kubeconfig(args) => kubeconfig(args).await.map(|()| 0),
         Command::Pause => pause().await.map(|()| 0),
         // A component's own exit code, as `wasmtime run` passes it on.
         Command::Run(args) => Ok(run::run(args).await?.clamp(0, 255) as u8),
@@ -417,7 +419,7 @@ async fn pause() -> Result<()> {
 }
 
 /// `baton kubeconfig`: prints a kubeconfig with a fresh client certificate.
-fn kubeconfig(args: KubeconfigArgs) -> Result<()> {
+async fn kubeconfig(args: KubeconfigArgs) -> Result<()> {
     let dir = args.data_dir.unwrap_or_else(default_data_dir);
     let pki_dir = dir.join("pki");
     if !pki_dir.join("ca.key").exists() {
@@ -427,24 +429,47 @@ fn kubeconfig(args: KubeconfigArgs) -> Result<()> {
         );
     }
     let pki = Pki::load_or_create(&pki_dir, &[]).context("failed to load the cluster's PKI")?;
-    let server = match args.server {
-        Some(s) => s,
-        None => {
-            let admin = std::fs::read_to_string(dir.join("kubeconfig")).with_context(|| {
-                format!(
-                    "no kubeconfig in {} to read the server from; give --server",
-                    dir.display()
-                )
-            })?;
-            kubeconfig_server(&admin).context("give --server")?
+    let servers = if args.server.is_empty() {
+        let admin = std::fs::read_to_string(dir.join("kubeconfig")).with_context(|| {
+            format!(
+                "no kubeconfig in {} to read the server from; give --server",
+                dir.display()
+            )
+        })?;
+        let first = kubeconfig_server(&admin).context("give --server")?;
+        let mut servers = vec![first];
+        // The other members, if the cluster answers; else the one server is enough.
+        let others = async {
+            let client = baton_kube::client::from_yaml(&admin).await?;
+            let found = tokio::time::timeout(Duration::from_secs(10), api_servers(&client))
+                .await
+                .context("no answer within 10 s")??;
+            Ok::<_, anyhow::Error>(found)
+        };
+        match others.await {
+            Ok(found) => {
+                for hp in found {
+                    let url = format!("https://{hp}");
+                    if !servers.contains(&url) {
+                        servers.push(url);
+                    }
+                }
+            }
+            Err(e) => eprintln!(
+                "the kubeconfig names {} only: cannot list the other API servers: {e:#}",
+                servers[0]
+            ),
         }
+        servers
+    } else {
+        args.server
     };
     let (cert, key) = pki
         .issue_client_certificate(&args.user, &args.groups, args.days)
         .context("failed to issue the client certificate")?;
     print!(
         "{}",
-        pki.kubeconfig_with_certificate(&server, &args.user, &cert, &key, &args.namespace)
+        pki.kubeconfig_with_certificate(&servers, &args.user, &cert, &key, &args.namespace)
     );
     Ok(())
 }
@@ -702,35 +727,43 @@ async fn learn_api_servers(
     balancer: std::sync::Arc<baton_kube::balancer::Balancer>,
     given: Vec<String>,
 ) {
-    use k8s_openapi::api::discovery::v1::EndpointSlice;
-    let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client, "default");
-    // The API servers' own slices only: another slice for the Service could name a decoy.
-    let params = kube::api::ListParams::default().labels(
-        "kubernetes.io/service-name=kubernetes,endpointslice.kubernetes.io/managed-by=baton-apiserver",
-    );
     loop {
-        match slices.list(&params).await {
-            Ok(list) => {
+        match api_servers(&client).await {
+            Ok(found) => {
                 let mut servers = given.clone();
-                for slice in list.items {
-                    for port in slice.ports.unwrap_or_default() {
-                        let Some(p) = port.port else { continue };
-                        for ep in &slice.endpoints {
-                            for a in &ep.addresses {
-                                servers.push(match a.parse::<std::net::Ipv6Addr>() {
-                                    Ok(_) => format!("[{a}]:{p}"),
-                                    Err(_) => format!("{a}:{p}"),
-                                });
-                            }
-                        }
-                    }
-                }
+                servers.extend(found);
                 balancer.set_servers(servers);
             }
             Err(e) => tracing::debug!(error = %e, "listing the API servers"),
         }
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
+}
+
+/// Every API server's `host:port`, as the members publish themselves in the
+/// `kubernetes` Service's EndpointSlices.
+async fn api_servers(client: &kube::Client) -> Result<Vec<String>, kube::Error> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client.clone(), "default");
+    // The API servers' own slices only: another slice for the Service could name a decoy.
+    let params = kube::api::ListParams::default().labels(
+        "kubernetes.io/service-name=kubernetes,endpointslice.kubernetes.io/managed-by=baton-apiserver",
+    );
+    let mut servers = Vec::new();
+    for slice in slices.list(&params).await?.items {
+        for port in slice.ports.unwrap_or_default() {
+            let Some(p) = port.port else { continue };
+            for ep in &slice.endpoints {
+                for a in &ep.addresses {
+                    servers.push(match a.parse::<std::net::Ipv6Addr>() {
+                        Ok(_) => format!("[{a}]:{p}"),
+                        Err(_) => format!("{a}:{p}"),
+                    });
+                }
+            }
+        }
+    }
+    Ok(servers)
 }
 
 /// The kubeconfig of a node that joins with a token: the one it got before, kept in

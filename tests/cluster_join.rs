@@ -224,6 +224,49 @@ async fn members_join_with_the_cluster_token_and_share_one_identity() {
         );
         assert_eq!(got, "dg==", "through {}", m.api);
     }
+    // `baton kubeconfig` names every member given, one context each; each context
+    // works. (Members on one address with ports of their own cannot all publish
+    // themselves in the one EndpointSlice; tests/partitions.rs checks the discovery.)
+    let servers: Vec<String> = members
+        .iter()
+        .map(|m| format!("https://{}", m.api))
+        .collect();
+    let out = baton()
+        .args(["kubeconfig", "--user", "alice", "--group", "system:masters"])
+        .args(["--server", &servers.join(","), "--data-dir"])
+        .arg(&members[0].dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let alice = tmp.path().join("alice.kubeconfig");
+    std::fs::write(&alice, &out.stdout).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for m in &members {
+        assert!(
+            text.contains(&format!("server: https://{}", m.api)),
+            "{text}"
+        );
+    }
+    for context in ["baton", "baton-2", "baton-3"] {
+        let out = Command::new("kubectl")
+            .env("KUBECONFIG", &alice)
+            .args([
+                "--context",
+                context,
+                "get",
+                "secret",
+                "shared",
+                "-o",
+                "name",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "context {context}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     // A wrong secret for the right CA: the server refuses it, and the joiner says so.
     let (prefix, _) = token.rsplit_once("::").unwrap();

@@ -393,6 +393,37 @@ async fn the_cluster_survives_partitioned_hosts_and_a_replaced_member() {
     })
     .unwrap_or_else(|e| panic!("{e}; the nodes' logs:\n{}", node_logs(&nodes)));
 
+    // `baton kubeconfig` finds every member: one context each, each of which works.
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["kubeconfig", "--user", "alice", "--group", "system:masters"])
+        .arg("--data-dir")
+        .arg(dir(0))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let alice = tmp.path().join("alice.kubeconfig");
+    std::fs::write(&alice, &out.stdout).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for h in 0..3 {
+        let url = format!("https://{}:{API_PORT}", net.host(h).ip);
+        assert!(
+            text.contains(&format!("server: {url}")),
+            "{url} missing:\n{text}"
+        );
+    }
+    for context in ["baton", "baton-2", "baton-3"] {
+        let out = Command::new("kubectl")
+            .env("KUBECONFIG", &alice)
+            .args(["--context", context, "get", "nodes", "-o", "name"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "context {context}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // The node host that runs the web pod is cut off; the pod moves to the other node.
     kubectl_apply(&kubeconfig, &first_api, &web());
     let (old_pod, old_node) =

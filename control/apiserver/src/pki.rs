@@ -279,19 +279,36 @@ impl Pki {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
-    /// A kubeconfig for `user` with a client certificate instead of a token.
+    /// A kubeconfig for `user` with a client certificate, naming every API server of
+    /// `servers`: the context `baton` the first, `baton-2`, `baton-3`, ... the others,
+    /// so that a user whose server is down goes on with `--context baton-2`.
     pub fn kubeconfig_with_certificate(
         &self,
-        server: &str,
+        servers: &[String],
         user: &str,
         cert_pem: &str,
         key_pem: &str,
         namespace: &str,
     ) -> String {
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+        let ca = b64(&self.ca_pem);
+        let name = |i: usize| match i {
+            0 => "baton".to_string(),
+            i => format!("baton-{}", i + 1),
+        };
+        let mut clusters = String::new();
+        let mut contexts = String::new();
+        for (i, server) in servers.iter().enumerate() {
+            let n = name(i);
+            clusters.push_str(&format!(
+                "- name: {n}\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\n"
+            ));
+            contexts.push_str(&format!(
+                "- name: {n}\n  context:\n    cluster: {n}\n    user: {user}\n    namespace: {namespace}\n"
+            ));
+        }
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: baton\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: {user}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: baton\n  context:\n    cluster: baton\n    user: {user}\n    namespace: {namespace}\ncurrent-context: baton\n",
-            b64(&self.ca_pem),
+            "apiVersion: v1\nkind: Config\nclusters:\n{clusters}users:\n- name: {user}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n{contexts}current-context: baton\n",
             b64(cert_pem),
             b64(key_pem)
         )
