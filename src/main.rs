@@ -252,8 +252,11 @@ struct ServerArgs {
 struct Tuning {
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
-    /// Lower bound of the randomized election timeout (the upper bound is twice this).
-    #[arg(long, default_value_t = 600)]
+    /// Lower bound of the randomized election timeout; the upper bound is 1.5 times
+    /// this. A follower also waits out a leader lease as long as the upper bound after
+    /// the last heartbeat, so a lost leader is replaced 2.5 to 3 times this after it
+    /// went silent.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
     election_ms: u64,
     /// Build a snapshot after this many log entries.
     #[arg(long, default_value_t = 20_000)]
@@ -1064,7 +1067,7 @@ async fn open_member(
     cfg.heartbeat = Duration::from_millis(args.tuning.heartbeat_ms);
     cfg.election_timeout = (
         Duration::from_millis(args.tuning.election_ms),
-        Duration::from_millis(args.tuning.election_ms * 2),
+        Duration::from_millis(args.tuning.election_ms * 3 / 2),
     );
     cfg.snapshot_after_logs = args.tuning.snapshot_after_logs;
     cfg.keep_logs = args.tuning.keep_logs;

@@ -75,7 +75,7 @@ impl StoreConfig {
             data_dir: data_dir.into(),
             advertise_addr: advertise_addr.into(),
             heartbeat: Duration::from_millis(100),
-            election_timeout: (Duration::from_millis(600), Duration::from_millis(1200)),
+            election_timeout: (Duration::from_millis(500), Duration::from_millis(750)),
             snapshot_after_logs: 20_000,
             keep_logs: 2_000,
             watch_buffer: 4096,
