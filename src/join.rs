@@ -62,15 +62,7 @@ pub async fn node_kubeconfig(server: &str, token: &Token, name: &str) -> Result<
         .use_preconfigured_tls(trust_only(&ca).map_err(|_| anyhow::anyhow!("unusable CA"))?)
         .timeout(Duration::from_secs(10))
         .build()?;
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("system:node:{name}"));
-    params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "system:nodes");
-    let request = params.serialize_request(&key)?.pem()?;
+    let (key, request) = node_client_request(name)?;
     let csrs = format!("{server}/apis/certificates.k8s.io/v1/certificatesigningrequests");
     let body = serde_json::json!({
         "apiVersion": "certificates.k8s.io/v1",
@@ -147,6 +139,21 @@ pub async fn node_kubeconfig(server: &str, token: &Token, name: &str) -> Result<
         b64(&cert),
         b64(key.serialize_pem().as_bytes()),
     ))
+}
+
+/// A new key, and a certificate request for node `name`'s client identity
+/// (`system:node:NAME` in `system:nodes`), PEM: what a joining or renewing node signs.
+pub fn node_client_request(name: &str) -> Result<(rcgen::KeyPair, String)> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("system:node:{name}"));
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:nodes");
+    let request = params.serialize_request(&key)?.pem()?;
+    Ok((key, request))
 }
 
 /// The JSON of a successful answer; a 401 or 403 refuses with `refused`, anything else

@@ -143,15 +143,7 @@ where
 /// A new kubeconfig for node `name`: `yaml` with a certificate from a
 /// CertificateSigningRequest the node makes as itself, with a new key.
 pub async fn renew(client: kube::Client, yaml: String, name: String) -> Result<String> {
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("system:node:{name}"));
-    params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "system:nodes");
-    let request = params.serialize_request(&key)?.pem()?;
+    let (key, request) = crate::join::node_client_request(&name)?;
     let csr = CertificateSigningRequest {
         metadata: kube::api::ObjectMeta {
             generate_name: Some(format!("node-csr-{name}-")),

@@ -141,10 +141,17 @@ fn kubectl(kubeconfig: &Path, server: &str, args: &[&str]) -> Result<String, Str
     }
 }
 
-fn kubectl_apply(kubeconfig: &Path, server: &str, manifest: &str) {
+/// `kubectl apply -f -` of `manifest` through `server`, bounded by `timeout`.
+fn kubectl_apply(
+    kubeconfig: &Path,
+    server: &str,
+    timeout: &str,
+    manifest: &str,
+) -> Result<(), String> {
     let mut child = Command::new("kubectl")
         .env("KUBECONFIG", kubeconfig)
-        .args(["--server", server, "apply", "-f", "-"])
+        .args(["--server", server, "--request-timeout", timeout])
+        .args(["apply", "-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -157,11 +164,11 @@ fn kubectl_apply(kubeconfig: &Path, server: &str, manifest: &str) {
         .write_all(manifest.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
 }
 
 /// The Deployment whose pod the node partition moves, and its Service. It tolerates an
@@ -284,36 +291,13 @@ fn apply(
     };
     let mut errors = Vec::new();
     for server in [first, retry] {
-        let mut child = Command::new("kubectl")
-            .env("KUBECONFIG", kubeconfig)
-            .args([
-                "--server",
-                &server,
-                "--request-timeout=5s",
-                "apply",
-                "-f",
-                "-",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kubectl");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(manifest.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        if out.status.success() {
-            *last_good = Some(server);
-            return errors;
+        match kubectl_apply(kubeconfig, &server, "5s", &manifest) {
+            Ok(()) => {
+                *last_good = Some(server);
+                return errors;
+            }
+            Err(e) => errors.push(format!("{server}: {e}")),
         }
-        errors.push(format!(
-            "{server}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
     }
     errors
 }
@@ -425,7 +409,7 @@ async fn the_cluster_survives_partitioned_hosts_and_a_replaced_member() {
     }
 
     // The node host that runs the web pod is cut off; the pod moves to the other node.
-    kubectl_apply(&kubeconfig, &first_api, &web());
+    kubectl_apply(&kubeconfig, &first_api, "30s", &web()).unwrap();
     let (old_pod, old_node) =
         baton_testkit::wait_until(Duration::from_secs(60), "the web pod to run", || {
             ready_pods(&kubeconfig, &first_api).into_iter().next()

@@ -172,26 +172,17 @@ impl Net {
 
     /// Cuts host `i` off from every other host and from the test.
     pub fn cut(&self, i: usize) -> Result<(), NetError> {
-        ip(&[
-            "-n",
-            &self.switch,
-            "link",
-            "set",
-            &self.hosts[i].switch_link,
-            "down",
-        ])
+        self.set_link(i, "down")
     }
 
     /// Joins host `i` to the switch again.
     pub fn heal(&self, i: usize) -> Result<(), NetError> {
-        ip(&[
-            "-n",
-            &self.switch,
-            "link",
-            "set",
-            &self.hosts[i].switch_link,
-            "up",
-        ])
+        self.set_link(i, "up")
+    }
+
+    fn set_link(&self, i: usize, state: &str) -> Result<(), NetError> {
+        let link = &self.hosts[i].switch_link;
+        ip(&["-n", &self.switch, "link", "set", link, state])
     }
 }
 

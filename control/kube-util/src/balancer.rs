@@ -4,8 +4,14 @@
 //!
 //! It works at the TCP level: TLS is end to end between the client and the member, whose
 //! serving certificate names 127.0.0.1 as every member's does. A connection goes to the
-//! member that last accepted one; when that member does not answer within
-//! [`CONNECT_TIMEOUT`], the next is tried, and so on round the list. The list is the one
+//! member that last accepted one; when that member does not accept within
+//! [`CONNECT_TIMEOUT`], the next is tried, and so on round the list.
+//!
+//! A member that accepts but does not serve (a stopped process still accepts TCP, and so
+//! does one whose TLS is broken) is passed over too: the balancer keeps the client's
+//! first TLS record (its ClientHello), and a member that does not answer it within
+//! [`CONNECT_TIMEOUT`], or answers with a TLS alert, is left for the next, to which the
+//! same record is sent again. The list is the one
 //! given at start, and [`Balancer::set_servers`] replaces it (a node learns the members
 //! from the `kubernetes` EndpointSlice).
 
@@ -115,12 +121,11 @@ async fn serve(listener: TcpListener, servers: Arc<Mutex<Servers>>) {
         let servers = servers.clone();
         tokio::spawn(
             async move {
-                let Some(mut upstream) = connect(&servers).await else {
-                    return;
-                };
                 let mut client = client;
                 let _ = client.set_nodelay(true);
-                let _ = upstream.set_nodelay(true);
+                let Some(mut upstream) = carry(&mut client, &servers).await else {
+                    return;
+                };
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             }
             .instrument(tracing::debug_span!("api_balancer", %peer)),
@@ -128,32 +133,121 @@ async fn serve(listener: TcpListener, servers: Arc<Mutex<Servers>>) {
     }
 }
 
-/// A connection to the first member that accepts one, starting from the last that did.
-async fn connect(servers: &Mutex<Servers>) -> Option<TcpStream> {
+/// The first TLS record type of a handshake, and of an alert.
+const TLS_HANDSHAKE: u8 = 0x16;
+const TLS_ALERT: u8 = 0x15;
+/// The largest TLS record (2^14 bytes of payload, plus expansion and the header).
+const MAX_RECORD: usize = (1 << 14) + 2048 + 5;
+
+/// A connection to a member that serves `client`: its first TLS record is sent, and
+/// answered by something other than an alert, before the member is kept. A client
+/// that does not begin with a TLS record (or waits for the server to speak first) is
+/// carried to the first member that accepts.
+async fn carry(client: &mut TcpStream, servers: &Mutex<Servers>) -> Option<TcpStream> {
     let (list, start) = {
         let s = servers.lock().expect("servers lock");
         (s.list.clone(), s.current)
     };
+    // The client's first record: not known yet, none (not TLS), or the record.
+    let mut hello: Option<Option<Vec<u8>>> = None;
     for i in 0..list.len() {
         let at = (start + i) % list.len();
         let server = &list[at];
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server.as_str())).await {
-            Ok(Ok(stream)) => {
-                if i > 0 {
-                    tracing::info!(server = %server, "API server failover");
-                    let mut s = servers.lock().expect("servers lock");
-                    if s.list == list {
-                        s.current = at;
-                    }
+        let Some(mut upstream) = connect_one(server).await else {
+            continue;
+        };
+        if hello.is_none() {
+            let first = tokio::time::timeout(Duration::from_secs(60), async {
+                tokio::select! {
+                    r = first_record(client) => r.map(Some),
+                    // The member speaks first: nothing to check, nothing to keep.
+                    r = upstream.readable() => r.map(|()| None),
                 }
-                return Some(stream);
+            })
+            .await;
+            match first {
+                Ok(Ok(Some(record))) => hello = Some(record),
+                Ok(Ok(None)) => return Some(upstream),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "balancer: the client sent nothing usable");
+                    return None;
+                }
+                Err(_) => return None,
             }
-            Ok(Err(e)) => tracing::debug!(server = %server, error = %e, "API server refused"),
-            Err(_) => tracing::debug!(server = %server, "API server did not answer"),
+        }
+        if let Some(Some(record)) = &hello {
+            if !answers(&mut upstream, record, client).await {
+                tracing::debug!(server = %server, "API server did not answer the TLS handshake");
+                continue;
+            }
+        }
+        if i > 0 {
+            tracing::info!(server = %server, "API server failover");
+            let mut s = servers.lock().expect("servers lock");
+            if s.list == list {
+                s.current = at;
+            }
+        }
+        return Some(upstream);
+    }
+    tracing::warn!(servers = ?list, "no API server serves connections");
+    None
+}
+
+/// The client's first TLS record, whole; None if it does not begin with one.
+async fn first_record(client: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    let peeked = client.peek(&mut head).await?;
+    if peeked == 0 || head[0] != TLS_HANDSHAKE {
+        return Ok(None);
+    }
+    client.read_exact(&mut head).await?;
+    let len = 5 + usize::from(u16::from_be_bytes([head[3], head[4]]));
+    if len > MAX_RECORD {
+        return Err(std::io::Error::other("oversized TLS record"));
+    }
+    let mut record = vec![0u8; len];
+    record[..5].copy_from_slice(&head);
+    client.read_exact(&mut record[5..]).await?;
+    Ok(Some(record))
+}
+
+/// Sends `hello` to `upstream` and waits for its first bytes; true (and those bytes
+/// passed on to `client`) unless it stays silent for [`CONNECT_TIMEOUT`], closes, or
+/// answers with an alert.
+async fn answers(upstream: &mut TcpStream, hello: &[u8], client: &mut TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        upstream.write_all(hello).await?;
+        let mut buf = vec![0u8; 16 * 1024];
+        let n = upstream.read(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf[..n].to_vec())
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, exchange).await {
+        Ok(Ok(first)) if !first.is_empty() && first[0] != TLS_ALERT => {
+            client.write_all(&first).await.is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// A connection to `server`, if it accepts one within [`CONNECT_TIMEOUT`].
+async fn connect_one(server: &str) -> Option<TcpStream> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Some(stream)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(server = %server, error = %e, "API server refused");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(server = %server, "API server did not answer");
+            None
         }
     }
-    tracing::warn!(servers = ?list, "no API server accepts connections");
-    None
 }
 
 /// `host:port` of an `https://host:port[/...]` URL (port 443 if none).
@@ -214,6 +308,78 @@ mod tests {
         bal.set_servers(vec![b.clone()]);
         assert_eq!(bal.servers(), vec![b]);
         assert_eq!(ask(&bal).await, "b");
+    }
+
+    /// A server that answers a TLS-like record with `name` and the record's length.
+    async fn tls_like(name: &'static str) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut head = [0u8; 5];
+                    if s.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = u16::from_be_bytes([head[3], head[4]]) as usize;
+                    let mut body = vec![0u8; len];
+                    let _ = s.read_exact(&mut body).await;
+                    let _ = s.write_all(format!("{name}:{len}").as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A server that accepts and never answers (a stopped process, as the kernel accepts
+    /// for it), or answers with a TLS alert (a broken TLS setup).
+    async fn silent(alert: bool) -> (String, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                if alert {
+                    let _ = s.write_all(&[TLS_ALERT, 3, 3, 0, 2, 2, 40]).await;
+                }
+                held.push(s);
+            }
+        });
+        (addr, task)
+    }
+
+    async fn hello(b: &Balancer) -> String {
+        let mut s = TcpStream::connect(b.local_addr()).await.unwrap();
+        s.write_all(&[TLS_HANDSHAKE, 3, 1, 0, 3, b'h', b'i', b'!'])
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn members_that_accept_but_do_not_serve_are_passed_over() {
+        let (hung, _h) = silent(false).await;
+        let (broken, _b) = silent(true).await;
+        let good = tls_like("good").await;
+        let bal = Balancer::start(vec![hung.clone(), broken.clone(), good.clone()])
+            .await
+            .unwrap();
+        // Sorted by set_servers only; start() keeps the order given: hung first.
+        let started = std::time::Instant::now();
+        assert_eq!(
+            hello(&bal).await,
+            "good:3",
+            "the whole record reached the member"
+        );
+        assert!(started.elapsed() < CONNECT_TIMEOUT * 3);
+        // The member that served stays first choice.
+        let again = std::time::Instant::now();
+        assert_eq!(hello(&bal).await, "good:3");
+        assert!(again.elapsed() < CONNECT_TIMEOUT);
     }
 
     #[test]
