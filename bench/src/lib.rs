@@ -336,6 +336,33 @@ impl EtcdTls {
         })
     }
 
+    /// etcd's flags for member `name` of a new cluster with peer and client TLS:
+    /// clients at `client` (`host:port`), peers at `peer`, the members' peer URLs in
+    /// `initial` (`NAME=https://host:port,...`), data in `data_dir`.
+    pub fn member_flags(
+        &self,
+        name: &str,
+        data_dir: &Path,
+        client: &str,
+        peer: &str,
+        initial: &str,
+    ) -> Vec<String> {
+        let mut flags = vec![
+            format!("--name={name}"),
+            format!("--data-dir={}", data_dir.display()),
+            format!("--listen-client-urls=https://{client}"),
+            format!("--advertise-client-urls=https://{client}"),
+            format!("--listen-peer-urls=https://{peer}"),
+            format!("--initial-advertise-peer-urls=https://{peer}"),
+            format!("--initial-cluster={initial}"),
+            "--initial-cluster-state=new".into(),
+            "--initial-cluster-token=bench".into(),
+            "--log-level=error".into(),
+        ];
+        flags.extend(self.flags());
+        flags
+    }
+
     /// etcd's flags for client and peer TLS, each side requiring a certificate.
     pub fn flags(&self) -> Vec<String> {
         let f = |n: &str| self.dir.join(n).display().to_string();

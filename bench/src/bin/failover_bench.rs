@@ -255,25 +255,13 @@ async fn start_etcd(dir: &Path, net: &Net) -> Result<(Procs, Etcd)> {
     for (i, ip) in ips.iter().enumerate() {
         let child = net
             .command(i, "etcd")
-            .args(["--name", &format!("m{i}")])
-            .arg("--data-dir")
-            .arg(dir.join(format!("etcd-{i}")))
-            .args(["--listen-client-urls", &format!("https://{ip}:2379")])
-            .args(["--advertise-client-urls", &format!("https://{ip}:2379")])
-            .args(["--listen-peer-urls", &format!("https://{ip}:2380")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("https://{ip}:2380"),
-            ])
-            .args(["--initial-cluster", &initial.join(",")])
-            .args([
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                "failover",
-            ])
-            .args(tls.flags())
-            .args(["--log-level", "error"])
+            .args(tls.member_flags(
+                &format!("m{i}"),
+                &dir.join(format!("etcd-{i}")),
+                &format!("{ip}:2379"),
+                &format!("{ip}:2380"),
+                &initial.join(","),
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

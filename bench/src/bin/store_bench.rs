@@ -203,31 +203,13 @@ async fn start_etcd(dir: &Path, n: usize) -> Result<(Procs, Target)> {
         .collect();
     for (i, (client, peer)) in ports.iter().enumerate() {
         let child = Command::new("etcd")
-            .args(["--name", &format!("m{i}")])
-            .arg("--data-dir")
-            .arg(dir.join(format!("etcd-{n}-{i}")))
-            .args([
-                "--listen-client-urls",
-                &format!("https://127.0.0.1:{client}"),
-            ])
-            .args([
-                "--advertise-client-urls",
-                &format!("https://127.0.0.1:{client}"),
-            ])
-            .args(["--listen-peer-urls", &format!("https://127.0.0.1:{peer}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("https://127.0.0.1:{peer}"),
-            ])
-            .args(["--initial-cluster", &initial.join(",")])
-            .args([
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                "bench",
-            ])
-            .args(tls.flags())
-            .args(["--log-level", "error"])
+            .args(tls.member_flags(
+                &format!("m{i}"),
+                &dir.join(format!("etcd-{n}-{i}")),
+                &format!("127.0.0.1:{client}"),
+                &format!("127.0.0.1:{peer}"),
+                &initial.join(","),
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
