@@ -61,6 +61,20 @@ pub fn issue_certificate(pki: &Pki, user: &User, node: &str, body: &[u8]) -> Res
         .and_then(|a| serde_json::from_value(a).ok())
         .unwrap_or_default();
     let ips: Vec<IpAddr> = addresses.iter().filter_map(|a| a.parse().ok()).collect();
+    // A node serves at its own address: a certificate for a ClusterIP (the `kubernetes`
+    // Service's among them), or for an address no host has, would let it pose as
+    // something else to whoever trusts the cluster CA.
+    if let Some(bad) = ips.iter().find(|ip| {
+        crate::strategy::service::in_service_range(ip)
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+    }) {
+        return ApiError::bad_request(format!(
+            "a node's serving certificate cannot name {bad}: not a node's address"
+        ))
+        .into_response();
+    }
     if ips.is_empty() {
         return ApiError::bad_request(
             "a node certificate needs at least one IP address in \"addresses\"",
@@ -434,4 +448,35 @@ async fn proxy_stream(
         span,
     ));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_serving_certificate_names_only_a_nodes_own_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path(), &[]).unwrap();
+        let node = User::new("system:node:n1", &[baton_auth::NODES]);
+        let ask = |addresses: &[&str]| {
+            let body = json!({"addresses": addresses}).to_string();
+            issue_certificate(&pki, &node, "n1", body.as_bytes()).status()
+        };
+        assert_eq!(ask(&["10.0.0.5"]), StatusCode::OK);
+        assert_eq!(ask(&["127.0.0.1"]), StatusCode::OK, "nodes on one machine");
+        for bad in [
+            "10.96.0.1",
+            "10.96.3.4",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert_eq!(ask(&["10.0.0.5", bad]), StatusCode::BAD_REQUEST, "{bad}");
+        }
+        // Another node's certificate is not this node's to ask for.
+        let body = json!({"addresses": ["10.0.0.5"]}).to_string();
+        let other = issue_certificate(&pki, &node, "n2", body.as_bytes()).status();
+        assert_eq!(other, StatusCode::FORBIDDEN);
+    }
 }

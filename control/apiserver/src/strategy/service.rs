@@ -250,6 +250,11 @@ fn held(svc: &Value) -> Vec<String> {
     keys
 }
 
+/// Whether `ip` is in the Service range, 10.96.0.0/16, where ClusterIPs are given.
+pub(crate) fn in_service_range(ip: &std::net::IpAddr) -> bool {
+    matches!(ip, std::net::IpAddr::V4(v4) if v4.octets()[..2] == [10, 96])
+}
+
 async fn pick_ip(objects: &Objects) -> ApiResult<String> {
     // 10.96.0.0/16, skipping .0 and 10.96.0.1 (the `kubernetes` service's by convention).
     for _ in 0..64 {
