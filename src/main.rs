@@ -661,10 +661,7 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
             move |client, yaml| {
                 let (name, local) = (name.clone(), local.clone());
                 // Kept with the servers the node was given; used through the balancer.
-                async move {
-                    let renewed = rotate::renew(client, with_server(&yaml, &local), name).await?;
-                    Ok(renewed)
-                }
+                async move { rotate::renew(client, with_server(&yaml, &local), name).await }
             },
         ));
         rotating.client()
@@ -887,15 +884,15 @@ async fn start_api(
 }
 
 async fn server(args: ServerArgs) -> Result<()> {
-    let listener = match (args.listen_fd, args.listen, &args.store) {
-        (Some(fd), _, _) => Some(inherited_listener(fd)?),
-        (None, Some(listen), _) => Some(
+    // None with --store, which clap allows only without --listen and --listen-fd.
+    let listener = match (args.listen_fd, args.listen) {
+        (Some(fd), _) => Some(inherited_listener(fd)?),
+        (None, Some(listen)) => Some(
             tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("failed to listen on {listen}"))?,
         ),
-        (None, None, Some(_)) => None,
-        (None, None, None) => bail!("--listen, --listen-fd or --store is required"),
+        (None, None) => None,
     };
     let addr = match (&listener, &args.store) {
         (Some(l), _) => l.local_addr()?.to_string(),

@@ -323,12 +323,30 @@ impl Etcd {
     ) -> Result<T, Error> {
         match tokio::time::timeout(self.cfg.request_timeout, fut).await {
             Ok(r) => r.map_err(etcd(context)),
-            Err(_) => Err(Error::Unavailable {
-                reason: format!(
-                    "etcd: {context}: no answer within {:?}",
-                    self.cfg.request_timeout
-                ),
+            Err(_) => Err(self.timed_out(context)),
+        }
+    }
+
+    /// Runs one call made at revision `requested` with the request timeout: a
+    /// compacted or future revision becomes the store's own error.
+    async fn at_revision<T>(
+        &self,
+        context: &'static str,
+        requested: Revision,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(self.cfg.request_timeout, fut).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) if is_compacted(&e) => Err(Error::Compacted {
+                requested,
+                compact_revision: self.compact_floor(requested).await,
             }),
+            Ok(Err(e)) if is_future(&e) => Err(Error::FutureRevision {
+                requested,
+                current: self.local_revision(),
+            }),
+            Ok(Err(e)) => Err(classify(context, e)),
+            Err(_) => Err(self.timed_out(context)),
         }
     }
 
@@ -358,23 +376,6 @@ impl Etcd {
             revision,
             results: resp.op_responses().into_iter().map(result_of).collect(),
         })
-    }
-
-    /// A read's error: a compacted or future revision becomes the store's own.
-    async fn read_error(&self, e: etcd_client::Error, requested: Revision) -> Error {
-        if is_compacted(&e) {
-            Error::Compacted {
-                requested,
-                compact_revision: self.compact_floor(requested).await,
-            }
-        } else if is_future(&e) {
-            Error::FutureRevision {
-                requested,
-                current: self.local_revision(),
-            }
-        } else {
-            classify("reading", e)
-        }
     }
 
     /// etcd's compaction floor, learned from a watch at `compacted`, which etcd
@@ -419,12 +420,9 @@ impl Etcd {
             o = o.with_serializable();
         }
         let mut client = self.client.clone();
-        let resp =
-            match tokio::time::timeout(self.cfg.request_timeout, client.get(key, Some(o))).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Err(self.read_error(e, opts.revision).await),
-                Err(_) => return Err(self.timed_out("reading")),
-            };
+        let resp = self
+            .at_revision("reading", opts.revision, client.get(key, Some(o)))
+            .await?;
         let current = self.saw(resp.header());
         let at = if opts.revision > 0 {
             opts.revision
@@ -463,13 +461,9 @@ impl Etcd {
             o = o.with_serializable();
         }
         let mut client = self.client.clone();
-        let resp = match tokio::time::timeout(self.cfg.request_timeout, client.get(start, Some(o)))
-            .await
-        {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(self.read_error(e, req.revision).await),
-            Err(_) => return Err(self.timed_out("listing")),
-        };
+        let resp = self
+            .at_revision("listing", req.revision, client.get(start, Some(o)))
+            .await?;
         let current = self.saw(resp.header());
         Ok(RangeResponse {
             kvs: resp.kvs().iter().map(kv_of).collect(),
@@ -484,31 +478,17 @@ impl Etcd {
 
     pub(crate) async fn compact(&self, revision: Revision) -> Result<Revision, Error> {
         let mut client = self.client.clone();
-        match tokio::time::timeout(
-            self.cfg.request_timeout,
-            client.compact(
+        let physical = etcd_client::CompactionOptions::new().with_physical();
+        let resp = self
+            .at_revision(
+                "compacting",
                 revision,
-                Some(etcd_client::CompactionOptions::new().with_physical()),
-            ),
-        )
-        .await
-        {
-            Ok(Ok(resp)) => {
-                self.saw(resp.header());
-                self.compact_revision.fetch_max(revision, Ordering::Relaxed);
-                Ok(revision)
-            }
-            Ok(Err(e)) if is_compacted(&e) => Err(Error::Compacted {
-                requested: revision,
-                compact_revision: self.compact_floor(revision).await,
-            }),
-            Ok(Err(e)) if is_future(&e) => Err(Error::FutureRevision {
-                requested: revision,
-                current: self.local_revision(),
-            }),
-            Ok(Err(e)) => Err(classify("compacting", e)),
-            Err(_) => Err(self.timed_out("compacting")),
-        }
+                client.compact(revision, Some(physical)),
+            )
+            .await?;
+        self.saw(resp.header());
+        self.compact_revision.fetch_max(revision, Ordering::Relaxed);
+        Ok(revision)
     }
 
     /// A watch of the keys under `prefix` from `from` (0: from now on), fed by an etcd

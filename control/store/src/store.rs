@@ -135,6 +135,13 @@ struct Inner {
     latencies: crate::Latencies,
 }
 
+impl Inner {
+    /// How long a request waits for an election before it gives up.
+    fn election_wait(&self) -> Duration {
+        self.cfg.election_timeout.1 * 4
+    }
+}
+
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
@@ -390,8 +397,7 @@ impl Store {
                 Err(Proposed::NotLeader(_)) if leader_wait && !forwarded => {
                     // An election is under way: wait for it once, then try again.
                     leader_wait = false;
-                    self.wait_for_leader(inner.cfg.election_timeout.1 * 4)
-                        .await?;
+                    self.wait_for_leader(inner.election_wait()).await?;
                 }
                 Err(Proposed::NotLeader(_)) => {
                     return Err(Error::NoLeader {
@@ -483,8 +489,7 @@ impl Store {
                 Err(Proposed::NotLeader(None)) if leader_wait => {
                     // An election is under way: wait for it once, then try again.
                     leader_wait = false;
-                    self.wait_for_leader(inner.cfg.election_timeout.1 * 4)
-                        .await?;
+                    self.wait_for_leader(inner.election_wait()).await?;
                 }
                 Err(Proposed::NotLeader(_)) => {
                     return Err(Error::NoLeader {
@@ -499,7 +504,7 @@ impl Store {
     /// reached: if it died or was cut off, the others elect a successor within an
     /// election timeout or two, and a request that waits for it need not fail.
     async fn wait_for_another_leader(&self, inner: &Inner, unreachable: &str) -> Result<(), Error> {
-        let timeout = inner.cfg.election_timeout.1 * 4;
+        let timeout = inner.election_wait();
         tokio::time::timeout(timeout, another_leader(inner, unreachable))
             .await
             .map_err(|_| Error::NoLeader {
