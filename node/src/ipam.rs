@@ -21,6 +21,16 @@ pub fn parse_range(cidr: &str) -> Option<(Ipv4Addr, u8)> {
     Some((ip.parse().ok()?, bits)).filter(|_| bits <= 32)
 }
 
+/// The address a node binds as itself in its pod range `cidr`: the range's first (`.1`),
+/// which is never a pod's.
+pub fn node_address(cidr: &str) -> Result<Ipv4Addr, IpamError> {
+    let (ip, bits) = parse_range(cidr)
+        .filter(|(_, bits)| (1..=30).contains(bits))
+        .ok_or_else(|| IpamError::Range(cidr.to_string()))?;
+    let mask = u32::MAX << (32 - u32::from(bits));
+    Ok(Ipv4Addr::from((u32::from(ip) & mask) + 1))
+}
+
 /// Hands out and takes back the addresses of one range.
 #[derive(Debug)]
 pub struct Ipam {

@@ -48,6 +48,7 @@ pub mod standby;
 pub mod stats;
 pub mod status;
 pub mod streams;
+pub mod tunnel;
 pub mod volumes;
 pub mod worker;
 
@@ -194,7 +195,11 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     // The logs endpoint first: the Node is registered once, with the port it serves on.
     let logs = Arc::new(server::LogIndex::default());
-    let (kubelet_port, kubelet) = server::start(
+    let server::Started {
+        port: kubelet_port,
+        task: kubelet,
+        link: link_tls,
+    } = server::start(
         &client,
         &cfg.name,
         &cfg.address,
@@ -202,6 +207,8 @@ pub async fn run(
         logs.clone(),
     )
     .await?;
+    let link = Arc::new(tunnel::Link::new(client.clone()));
+    link.set_tls(link_tls);
     let _local = cfg
         .local_link
         .as_ref()
@@ -244,8 +251,15 @@ pub async fn run(
         }
         None => (None, None),
     };
+    let here = proxy::Here {
+        name: cfg.name.clone(),
+        address: node_ip,
+        source: ipam::node_address(&pod_cidr)?.into(),
+        link,
+    };
     let (services, proxy) =
-        proxy::Services::start(client.clone(), node_ip, linux.is_some(), activator);
+        proxy::Services::start(client.clone(), here, linux.is_some(), activator);
+    let _ = logs.exits.set(services.clone());
     // Serves Ingresses until the agent ends.
     let _ingress = if cfg.ingress_http.is_some() || cfg.ingress_https.is_some() {
         let server = ingress::start(

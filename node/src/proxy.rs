@@ -1,9 +1,17 @@
 //! Service routing and service names for the node's pods: kube-proxy's and CoreDNS's jobs.
 //!
 //! ## Routing
-//! Every Service port gets TCP listeners on the node, which balance connections round-robin
-//! over the ready endpoints of the Service's EndpointSlices (on any node), and copy bytes
-//! both ways. One L4 path serves HTTP and raw TCP alike.
+//! Every Service port gets listeners on the node, which balance round-robin over the
+//! ready endpoints of the Service's EndpointSlices, on any node:
+//! - **TCP**: each connection goes to one endpoint, and bytes are copied both ways. One
+//!   L4 path serves HTTP and raw TCP alike.
+//! - **UDP**: each client (its address and port) is a flow, which keeps its endpoint for
+//!   as long as it talks ([`crate::tunnel::UDP_IDLE`]): the endpoint's replies go back to
+//!   the client from the address it sent to, as conntrack does for kube-proxy. A
+//!   listener keeps [`MAX_FLOWS`] flows at most; datagrams for a port without a ready
+//!   endpoint are dropped.
+//! - An endpoint on **another node** is reached through a tunnel to that node
+//!   ([`crate::tunnel`]): pod addresses are loopback addresses of their own node.
 //! - **ClusterIP**: a ClusterIP `10.96.A.B` is served at the loopback address
 //!   `127.96.A.B` on the Service's port. Pods reach it by name or by ClusterIP: the pod's
 //!   network (wasm-shim) maps both to that address. On a node that runs OCI containers it
@@ -31,6 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use baton_wasm_shim::NameResolver;
+use bytes::Bytes;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -40,12 +49,15 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::task::JoinHandle;
 
+use crate::tunnel::{Io, Link, Protocol};
+
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// One Service port as the node serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Port {
     name: String,
+    protocol: Protocol,
     port: u16,
     node_port: Option<u16>,
     /// Its `targetPort`: what a standby of its workload must serve
@@ -76,6 +88,24 @@ const MAX_HELD: usize = 4096;
 struct Table {
     services: HashMap<(String, String), Entry>,
     by_cluster_ip: HashMap<Ipv4Addr, Ipv4Addr>,
+    /// Ready endpoints' addresses on other nodes, and their node: reached through it.
+    remote: HashMap<IpAddr, Arc<str>>,
+    /// Ready endpoints on this node, by protocol: what another node may tunnel to.
+    exits: HashSet<(Protocol, SocketAddr)>,
+}
+
+/// This node's place in the Service network.
+#[derive(Debug, Clone)]
+pub struct Here {
+    /// Its name: endpoints on other nodes are reached through them.
+    pub name: String,
+    /// Where NodePorts are served.
+    pub address: IpAddr,
+    /// Where datagrams to a pod leave from: an address of the node (its pod range's
+    /// first), not 127.0.0.1, which a pod's reply would take for its own.
+    pub source: IpAddr,
+    /// Tunnels to other nodes.
+    pub link: Arc<Link>,
 }
 
 /// Where the node serves a ClusterIP: `10.96.A.B` at `127.96.A.B`.
@@ -88,7 +118,7 @@ pub fn local_address(cluster_ip: Ipv4Addr) -> Ipv4Addr {
 #[derive(Clone)]
 pub struct Services {
     table: Arc<RwLock<Table>>,
-    node_address: IpAddr,
+    here: Arc<Here>,
     /// Pods of this node shutting down: no new connections go to them, even before
     /// their EndpointSlices say so.
     draining: Arc<RwLock<HashSet<IpAddr>>>,
@@ -164,6 +194,23 @@ pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListene
     sock.listen(1024)
 }
 
+/// A Service listener: its protocol and address.
+type Listener = (Protocol, SocketAddr);
+
+/// A UDP socket that several node agents on one host can all hold, as [`listen`].
+fn listen_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    tokio::net::UdpSocket::from_std(sock.into())
+}
+
 /// Accepts on `listener` and forwards each connection to an endpoint of the port.
 async fn serve(
     listener: tokio::net::TcpListener,
@@ -206,14 +253,135 @@ async fn serve(
             // Try each endpoint once, starting with this connection's turn.
             for i in 0..endpoints.len() {
                 let target = endpoints[(start + i) % endpoints.len()];
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                    let _ = outbound.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    return;
+                match services.connect(target).await {
+                    Ok(mut outbound) => {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        return;
+                    }
+                    Err(e) => tracing::debug!(%target, error = %e, "an endpoint did not answer"),
                 }
             }
         });
     }
+}
+
+/// Datagram flows (clients) one UDP listener keeps at once; past it, a new client's
+/// datagrams are dropped until a flow ends.
+const MAX_FLOWS: usize = 4096;
+/// Datagrams queued toward one flow's endpoint; past it they are dropped, as a full
+/// socket buffer drops them.
+const FLOW_QUEUE: usize = 256;
+
+/// Receives on `socket` and relays each client's datagrams to one endpoint of the port,
+/// the same for as long as the client keeps talking, so that its replies come back to it
+/// from the address it sent to (kube-proxy leaves this to conntrack).
+async fn serve_udp(
+    socket: tokio::net::UdpSocket,
+    services: Services,
+    key: (String, String),
+    port: String,
+) {
+    use tokio::sync::mpsc::error::TrySendError;
+    let socket = Arc::new(socket);
+    let mut flows: HashMap<SocketAddr, tokio::sync::mpsc::Sender<Bytes>> = HashMap::new();
+    let mut next = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let Ok((n, client)) = socket.recv_from(&mut buf).await else {
+            continue;
+        };
+        let mut data = Bytes::copy_from_slice(&buf[..n]);
+        if let Some(flow) = flows.get(&client) {
+            match flow.try_send(data) {
+                Ok(()) | Err(TrySendError::Full(_)) => continue,
+                Err(TrySendError::Closed(d)) => {
+                    flows.remove(&client);
+                    data = d;
+                }
+            }
+        }
+        if flows.len() >= MAX_FLOWS {
+            flows.retain(|_, f| !f.is_closed());
+            if flows.len() >= MAX_FLOWS {
+                continue;
+            }
+        }
+        // No ready endpoint: dropped, as kube-proxy's rules drop it.
+        let endpoints = services.port_endpoints(&key, &port);
+        let Some(&target) = endpoints.get(next % endpoints.len().max(1)) else {
+            continue;
+        };
+        next = next.wrapping_add(1);
+        let (flow, queued) = tokio::sync::mpsc::channel(FLOW_QUEUE);
+        let _ = flow.try_send(data);
+        flows.insert(client, flow);
+        tokio::spawn(udp_flow(
+            services.clone(),
+            socket.clone(),
+            client,
+            target,
+            queued,
+        ));
+    }
+}
+
+/// One client's flow to `target`, until it is idle for [`UDP_IDLE`].
+async fn udp_flow(
+    services: Services,
+    listener: Arc<tokio::net::UdpSocket>,
+    client: SocketAddr,
+    target: SocketAddr,
+    queued: tokio::sync::mpsc::Receiver<Bytes>,
+) {
+    let from_client = tokio_stream_of(queued);
+    let to_client = futures::sink::unfold(listener, move |listener, d: Bytes| async move {
+        listener.send_to(&d, client).await?;
+        Ok::<_, std::io::Error>(listener)
+    });
+    let to_client = Box::pin(to_client);
+    match services.node_of(target.ip()) {
+        Some(node) => {
+            let tunnel = match services.here.link.open(&node, Protocol::Udp, target).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%target, %node, error = %baton_kube::error::chain(&e), "no tunnel for a UDP flow");
+                    return;
+                }
+            };
+            let (to_tunnel, from_tunnel) = crate::tunnel::datagrams(tunnel).split();
+            let from_tunnel = from_tunnel
+                .filter_map(|d| std::future::ready(d.ok()))
+                .map(bytes::BytesMut::freeze);
+            crate::tunnel::relay(from_client, to_client, from_tunnel, to_tunnel).await;
+        }
+        None => {
+            let udp = match local_udp(services.here.source, target).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(%target, error = %e, "no socket for a UDP flow");
+                    return;
+                }
+            };
+            let (to_endpoint, from_endpoint) = crate::tunnel::socket(udp);
+            crate::tunnel::relay(from_client, to_client, from_endpoint, to_endpoint).await;
+        }
+    }
+}
+
+/// A UDP socket from `source` connected to `target`.
+async fn local_udp(source: IpAddr, target: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let udp = tokio::net::UdpSocket::bind(SocketAddr::new(source, 0)).await?;
+    udp.connect(target).await?;
+    Ok(udp)
+}
+
+/// A channel's receiver as a stream.
+fn tokio_stream_of<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Unpin {
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|d| (d, rx))
+    }))
 }
 
 impl Services {
@@ -225,13 +393,13 @@ impl Services {
     /// wakes.
     pub fn start(
         client: Client,
-        node_address: IpAddr,
+        here: Here,
         cluster_ips: bool,
         activator: Option<Arc<crate::activator::Activator>>,
     ) -> (Self, JoinHandle<()>) {
         let services = Self {
             table: Arc::default(),
-            node_address,
+            here: Arc::new(here),
             draining: Arc::default(),
             cluster_ips,
             changed: Arc::new(tokio::sync::watch::channel(0).0),
@@ -241,6 +409,45 @@ impl Services {
         };
         let task = tokio::spawn(services.clone().run(client));
         (services, task)
+    }
+
+    /// Connects to `target`, an endpoint of this node or, through its node, of another.
+    pub async fn connect(&self, target: SocketAddr) -> std::io::Result<Box<dyn Io>> {
+        match self.node_of(target.ip()) {
+            Some(node) => {
+                let tunnel = self
+                    .here
+                    .link
+                    .open(&node, Protocol::Tcp, target)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                Ok(Box::new(tunnel))
+            }
+            None => {
+                let tcp = tokio::net::TcpStream::connect(target).await?;
+                let _ = tcp.set_nodelay(true);
+                Ok(Box::new(tcp))
+            }
+        }
+    }
+
+    /// The other node that runs the ready endpoint at `ip`; None if it is this node's
+    /// (or no endpoint's).
+    fn node_of(&self, ip: IpAddr) -> Option<Arc<str>> {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        table.remote.get(&ip).cloned()
+    }
+
+    /// Whether another node may tunnel to `target` over `protocol`: a ready endpoint of
+    /// a Service, on this node.
+    pub fn exit_allowed(&self, protocol: Protocol, target: SocketAddr) -> bool {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        table.exits.contains(&(protocol, target))
+    }
+
+    /// Where datagrams to this node's pods leave from.
+    pub fn source(&self) -> IpAddr {
+        self.here.source
     }
 
     /// Stops routing new connections to a pod of this node (it is shutting down), or
@@ -513,7 +720,7 @@ impl Services {
         )
         .map(|_| ());
         let mut changes = futures::stream::select(svcs, eps).boxed();
-        let mut listeners: HashMap<SocketAddr, (String, JoinHandle<()>)> = HashMap::new();
+        let mut listeners: HashMap<Listener, (String, JoinHandle<()>)> = HashMap::new();
         while changes.next().await.is_some() {
             // Coalesce a burst of events into one rebuild.
             while let Some(Some(())) = futures::FutureExt::now_or_never(changes.next()) {}
@@ -528,7 +735,7 @@ impl Services {
         &self,
         svc_store: &Store<Service>,
         eps_store: &Store<EndpointSlice>,
-        listeners: &mut HashMap<SocketAddr, (String, JoinHandle<()>)>,
+        listeners: &mut HashMap<Listener, (String, JoinHandle<()>)>,
     ) {
         let mut table = Table::default();
         for s in svc_store.state() {
@@ -548,10 +755,10 @@ impl Services {
                 .ports
                 .iter()
                 .flatten()
-                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
                 .filter_map(|p| {
                     Some(Port {
                         name: p.name.clone().unwrap_or_default(),
+                        protocol: Protocol::parse(p.protocol.as_deref())?,
                         port: u16::try_from(p.port).ok()?,
                         node_port: p.node_port.and_then(|n| u16::try_from(n).ok()),
                         target: p.target_port.clone(),
@@ -591,6 +798,25 @@ impl Services {
                 let Some(ip) = e.addresses.iter().find_map(|a| a.parse::<IpAddr>().ok()) else {
                     continue;
                 };
+                match e.node_name.as_deref() {
+                    Some(n) if n == self.here.name => {
+                        for p in slice.ports.iter().flatten() {
+                            let (Some(protocol), Some(port)) = (
+                                Protocol::parse(p.protocol.as_deref()),
+                                p.port.and_then(|p| u16::try_from(p).ok()),
+                            ) else {
+                                continue;
+                            };
+                            table.exits.insert((protocol, SocketAddr::new(ip, port)));
+                        }
+                    }
+                    Some(n) => {
+                        table.remote.insert(ip, Arc::from(n));
+                    }
+                    // An endpoint of no node (a Service without a selector, whose
+                    // EndpointSlices a user wrote): reached directly from here.
+                    None => {}
+                }
                 entry.addresses.push(ip);
                 if let Some(h) = &e.hostname {
                     entry.hostnames.insert(h.to_ascii_lowercase(), ip);
@@ -616,20 +842,20 @@ impl Services {
                 }
             }
         }
-        // The listeners the table wants: (address, service key, port name).
-        let mut wanted: BTreeMap<SocketAddr, ((String, String), String)> = BTreeMap::new();
+        // The listeners the table wants: (protocol, address) -> (service key, port name).
+        let mut wanted: BTreeMap<Listener, ((String, String), String)> = BTreeMap::new();
         for (key, e) in &table.services {
             for p in &e.ports {
                 let cluster_ip = e.cluster_ip.filter(|_| self.cluster_ips);
                 for ip in e.local_ip.into_iter().chain(cluster_ip) {
                     wanted.insert(
-                        SocketAddr::new(IpAddr::V4(ip), p.port),
+                        (p.protocol, SocketAddr::new(IpAddr::V4(ip), p.port)),
                         (key.clone(), p.name.clone()),
                     );
                 }
                 if let Some(np) = p.node_port {
                     wanted.insert(
-                        SocketAddr::new(self.node_address, np),
+                        (p.protocol, SocketAddr::new(self.here.address, np)),
                         (key.clone(), p.name.clone()),
                     );
                 }
@@ -646,17 +872,26 @@ impl Services {
             }
             keep
         });
-        for (addr, (key, port)) in wanted {
-            if listeners.contains_key(&addr) {
+        for ((protocol, addr), (key, port)) in wanted {
+            if listeners.contains_key(&(protocol, addr)) {
                 continue;
             }
-            match listen(addr) {
-                Ok(l) => {
-                    let id = format!("{}/{}/{port}", key.0, key.1);
-                    let task = tokio::spawn(serve(l, self.clone(), key, port));
-                    listeners.insert(addr, (id, task));
+            let id = format!("{}/{}/{port}", key.0, key.1);
+            let task = match protocol {
+                Protocol::Tcp => {
+                    listen(addr).map(|l| tokio::spawn(serve(l, self.clone(), key, port)))
                 }
-                Err(e) => tracing::warn!(%addr, error = %e, "cannot serve a Service port"),
+                Protocol::Udp => {
+                    listen_udp(addr).map(|s| tokio::spawn(serve_udp(s, self.clone(), key, port)))
+                }
+            };
+            match task {
+                Ok(task) => {
+                    listeners.insert((protocol, addr), (id, task));
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, protocol = protocol.as_str(), error = %e, "cannot serve a Service port")
+                }
             }
         }
     }

@@ -83,6 +83,9 @@ pub struct LogIndex {
     /// How long pods took from the node first seeing them to all their containers
     /// started, as the kubelet's `kubelet_pod_start_duration_seconds`.
     pub pod_starts: PodStarts,
+    /// The node's Services, once it routes them: which endpoints a tunnel from another
+    /// node may reach ([`crate::tunnel`]).
+    pub exits: std::sync::OnceLock<crate::proxy::Services>,
 }
 
 /// The kubelet's pod start histogram, with buckets below its first (0.5 s) for starts
@@ -200,43 +203,83 @@ async fn certificate(
     Ok((get("certificate")?, get("key")?, get("ca")?))
 }
 
-fn tls_config(cert: &str, key: &str, ca: &str) -> Result<rustls::ServerConfig, ServerError> {
-    use rustls::pki_types::pem::PemObject;
-    let pem = |what: &'static str| move |source| ServerError::Pem { what, source };
-    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(pem("certificate"))?;
-    let key =
-        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(pem("key"))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots.add(c.map_err(pem("CA"))?).map_err(ServerError::Tls)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .map_err(ServerError::ClientCa)?;
-    rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(ServerError::Tls)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(ServerError::Tls)
+/// The node's certificate and key, and the cluster CA, as rustls takes them.
+struct Identity {
+    certs: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    roots: Arc<rustls::RootCertStore>,
 }
 
-/// Starts the endpoint on `address:port` (0: any free port); returns the port.
+impl Identity {
+    fn from_pem(cert: &str, key: &str, ca: &str) -> Result<Self, ServerError> {
+        use rustls::pki_types::pem::PemObject;
+        let pem = |what: &'static str| move |source| ServerError::Pem { what, source };
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(pem("certificate"))?;
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(pem("key"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots.add(c.map_err(pem("CA"))?).map_err(ServerError::Tls)?;
+        }
+        Ok(Self {
+            certs,
+            key,
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// The endpoint's side: only callers with a certificate from the CA get through.
+    fn server_config(&self) -> Result<rustls::ServerConfig, ServerError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(ServerError::ClientCa)?;
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(ServerError::Tls)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.certs.clone(), self.key.clone_key())
+            .map_err(ServerError::Tls)
+    }
+
+    /// The node's side as a client of other nodes' endpoints ([`crate::tunnel`]).
+    fn client_config(&self) -> Result<rustls::ClientConfig, ServerError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(ServerError::Tls)?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
+            .map_err(ServerError::Tls)
+    }
+}
+
+/// The endpoint, once it listens.
+#[derive(Debug)]
+pub struct Started {
+    pub port: u16,
+    pub task: tokio::task::JoinHandle<()>,
+    /// The node's identity toward other nodes' endpoints.
+    pub link: Arc<rustls::ClientConfig>,
+}
+
+/// Starts the endpoint on `address:port` (0: any free port).
 pub async fn start(
     client: &Client,
     node: &str,
     address: &str,
     port: u16,
     index: Arc<LogIndex>,
-) -> Result<(u16, tokio::task::JoinHandle<()>), ServerError> {
+) -> Result<Started, ServerError> {
     let (cert, key, ca) = certificate(client, node, address).await?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&cert, &key, &ca)?));
+    let identity = Identity::from_pem(&cert, &key, &ca)?;
+    let link = Arc::new(identity.client_config()?);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(identity.server_config()?));
     let addr: SocketAddr =
         format!("{address}:{port}")
             .parse()
@@ -259,25 +302,70 @@ pub async fn start(
             };
             let (acceptor, index, node) = (acceptor.clone(), index.clone(), node.clone());
             tokio::spawn(async move {
-                // A caller without the API server's client certificate fails here.
+                // A caller without a client certificate from the cluster CA fails here.
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                serve_connection(tls, index, node).await;
+                let caller = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map_or(Caller::Other, |c| Caller::of(c));
+                serve_connection(tls, index, node, caller).await;
             });
         }
     });
-    Ok((port, task))
+    Ok(Started { port, task, link })
 }
 
-/// Serves the endpoint's requests on one connection from the API server.
-async fn serve_connection<S>(io: S, index: Arc<LogIndex>, node: Arc<str>)
+/// The group of node identities.
+const NODES_GROUP: &str = "system:nodes";
+
+/// Who called the endpoint, by its verified client certificate. Every client of the API
+/// has a certificate from the cluster CA (users through CSRs too), so the CA alone
+/// does not say it is the API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Caller {
+    /// `system:apiserver`: logs, exec, port-forward, metrics.
+    ApiServer,
+    /// `system:node:NAME` in `system:nodes`: tunnels only.
+    Node(String),
+    Other,
+}
+
+impl Caller {
+    fn of(der: &[u8]) -> Self {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return Self::Other;
+        };
+        let subject = cert.subject();
+        let cn = subject
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let in_nodes = subject
+            .iter_organization()
+            .any(|o| o.as_str() == Ok(NODES_GROUP));
+        match cn.strip_prefix("system:node:") {
+            Some(name) if in_nodes && !name.is_empty() => Self::Node(name.to_string()),
+            _ if cn == "system:apiserver" => Self::ApiServer,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Serves the endpoint's requests on one connection.
+async fn serve_connection<S>(io: S, index: Arc<LogIndex>, node: Arc<str>, caller: Caller)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let caller = Arc::new(caller);
     let svc = hyper::service::service_fn(move |req| {
-        let (index, node) = (index.clone(), node.clone());
-        async move { Ok::<_, Infallible>(handle(index, &node, req).await) }
+        let (index, node, caller) = (index.clone(), node.clone(), caller.clone());
+        async move { Ok::<_, Infallible>(handle(index, &node, &caller, req).await) }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(io), svc)
@@ -294,7 +382,7 @@ pub fn local_service(
     let node: Arc<str> = Arc::from(node);
     move |req| {
         let (index, node) = (index.clone(), node.clone());
-        Box::pin(async move { handle(index, &node, req).await })
+        Box::pin(async move { handle(index, &node, &Caller::ApiServer, req).await })
     }
 }
 
@@ -613,9 +701,18 @@ fn runs(dir: &Path) -> Vec<PathBuf> {
 async fn handle<B>(
     index: Arc<LogIndex>,
     node: &str,
+    caller: &Caller,
     req: http::Request<B>,
 ) -> hyper::Response<Body> {
     let path = req.uri().path().to_string();
+    match caller {
+        Caller::Node(_) if path == crate::tunnel::PATH => return tunnel_exit(&index, req).await,
+        Caller::ApiServer if path != crate::tunnel::PATH => {}
+        _ => {
+            tracing::warn!(?caller, %path, "refused a caller of the kubelet endpoint");
+            return text(403, format!("forbidden: {caller:?} may not call {path}"));
+        }
+    }
     if path == "/metrics" {
         return text(200, metrics(&index));
     }
@@ -906,6 +1003,52 @@ fn port_forward<B>(
             r.headers_mut().insert(k, v);
         }
     }
+    r
+}
+
+/// A tunnel from another node ([`crate::tunnel`]): to a ready endpoint of a Service on
+/// this node, and nothing else.
+async fn tunnel_exit<B>(index: &LogIndex, mut req: http::Request<B>) -> hyper::Response<Body> {
+    let Some((protocol, target)) = crate::tunnel::parse_request(req.uri().query()) else {
+        return text(
+            400,
+            "a tunnel names a protocol (TCP or UDP) and a target IP:PORT".into(),
+        );
+    };
+    let Some(services) = index.exits.get() else {
+        return text(503, "the node does not route Services yet".into());
+    };
+    if !services.exit_allowed(protocol, target) {
+        return text(
+            403,
+            format!(
+                "{target}/{} is no ready endpoint of a Service on this node",
+                protocol.as_str()
+            ),
+        );
+    }
+    let exit = match crate::tunnel::Exit::connect(protocol, target, services.source()).await {
+        Ok(e) => e,
+        Err(e) => return text(502, format!("cannot reach {target}: {e}")),
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return text(500, "the connection cannot be upgraded".into());
+    };
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            exit.run(TokioIo::new(upgraded)).await;
+        }
+    });
+    let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    r.headers_mut().insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("baton-tunnel"),
+    );
     r
 }
 

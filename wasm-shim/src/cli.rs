@@ -112,6 +112,7 @@ pub(crate) fn wasi_ctx(
     if let Some(pod) = network {
         b.socket_addr_check(crate::net::addr_check(pod.clone()))
             .allow_tcp(true)
+            .allow_udp(true)
             .allow_ip_name_lookup(true);
     }
     Ok(b)

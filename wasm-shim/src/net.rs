@@ -6,9 +6,10 @@
 //! address, on both paths out of a component:
 //! - **wasi:http outgoing.** [`PodHooks::send_request`] rewrites a request for
 //!   `localhost:P` (or `127.0.0.1:P`) to `podIP:P` before it leaves.
-//! - **wasi:sockets TCP.** [`add_to_linker`] shadows four functions of wasmtime-wasi's
-//!   socket host: `bind` to `0.0.0.0:P` or `127.0.0.1:P` becomes `podIP:P`, `connect` to
-//!   `127.0.0.1:P` becomes `podIP:P`, and the name `localhost` resolves to `podIP`. The
+//! - **wasi:sockets TCP and UDP.** [`add_to_linker`] shadows the functions of
+//!   wasmtime-wasi's socket host that take an address: `bind` to `0.0.0.0:P` or
+//!   `127.0.0.1:P` becomes `podIP:P`; `connect` to `127.0.0.1:P` (and a UDP datagram
+//!   sent there) becomes `podIP:P`; and the name `localhost` resolves to `podIP`. The
 //!   rest of wasmtime-wasi's socket code (streams, polling, options) runs unchanged.
 //!   WASI 0.3's sockets are shadowed the same way (see `p3`), with two more cases: its
 //!   `listen` on an unbound socket binds the pod's address rather than the node's
@@ -66,7 +67,9 @@ use wasmtime_wasi::p2::bindings::sockets::network::{
 };
 use wasmtime_wasi::p2::bindings::sockets::tcp::{HostTcpSocket, TcpSocket};
 use wasmtime_wasi::p2::bindings::sockets::tcp_create_socket::Host as _;
-use wasmtime_wasi::p2::bindings::sockets::udp::UdpSocket;
+use wasmtime_wasi::p2::bindings::sockets::udp::{
+    HostOutgoingDatagramStream, HostUdpSocket, OutgoingDatagram, OutgoingDatagramStream, UdpSocket,
+};
 use wasmtime_wasi::p2::bindings::sockets::udp_create_socket::Host as _;
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, SocketError};
 use wasmtime_wasi::sockets::{SocketAddrUse, WasiSocketsView};
@@ -537,7 +540,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
             Box::new(async move {
                 let host = store.data_mut();
                 let addr: IpSocketAddress = host.net.pod.bind_addr(addr.into()).into();
-                match host.sockets().start_bind(this, network, addr).await {
+                match HostTcpSocket::start_bind(&mut host.sockets(), this, network, addr).await {
                     Ok(()) => Ok((Ok(()),)),
                     Err(e) => Ok((Err(socket_error(host, e)?),)),
                 }
@@ -647,16 +650,60 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         },
     )?;
     let mut udp_res = linker.instance(&format!("wasi:sockets/udp@{SOCKETS}"))?;
+    udp_res.func_wrap_async(
+        "[method]udp-socket.start-bind",
+        |mut store,
+         (this, network, addr): (Resource<UdpSocket>, Resource<Network>, IpSocketAddress)| {
+            Box::new(async move {
+                let host = store.data_mut();
+                let addr: IpSocketAddress = host.net.pod.bind_addr(addr.into()).into();
+                match HostUdpSocket::start_bind(&mut host.sockets(), this, network, addr).await {
+                    Ok(()) => Ok((Ok(()),)),
+                    Err(e) => Ok((Err(socket_error(host, e)?),)),
+                }
+            })
+        },
+    )?;
+    udp_res.func_wrap_async(
+        "[method]udp-socket.stream",
+        |mut store, (this, remote): (Resource<UdpSocket>, Option<IpSocketAddress>)| {
+            Box::new(async move {
+                let host = store.data_mut();
+                let remote = remote.map(|a| host.net.pod.connect_addr(a.into()).into());
+                match HostUdpSocket::stream(&mut host.sockets(), this, remote).await {
+                    Ok(streams) => Ok((Ok(streams),)),
+                    Err(e) => Ok((Err(socket_error(host, e)?),)),
+                }
+            })
+        },
+    )?;
+    udp_res.func_wrap(
+        "[method]outgoing-datagram-stream.send",
+        |mut store,
+         (this, datagrams): (Resource<OutgoingDatagramStream>, Vec<OutgoingDatagram>)| {
+            let host = store.data_mut();
+            let datagrams = datagrams
+                .into_iter()
+                .map(|mut d| {
+                    d.remote_address = d
+                        .remote_address
+                        .map(|a| host.net.pod.connect_addr(a.into()).into());
+                    d
+                })
+                .collect();
+            match HostOutgoingDatagramStream::send(&mut host.sockets(), this, datagrams) {
+                Ok(n) => Ok((Ok(n),)),
+                Err(e) => Ok((Err(socket_error(host, e)?),)),
+            }
+        },
+    )?;
     udp_res.resource(
         "udp-socket",
         ResourceType::host::<UdpSocket>(),
         |mut store, rep| {
             let host = store.data_mut();
             host.net.forget(rep);
-            wasmtime_wasi::p2::bindings::sockets::udp::HostUdpSocket::drop(
-                &mut host.sockets(),
-                Resource::new_own(rep),
-            )
+            HostUdpSocket::drop(&mut host.sockets(), Resource::new_own(rep))
         },
     )?;
     let mut lookup = linker.instance(&format!("wasi:sockets/ip-name-lookup@{SOCKETS}"))?;

@@ -67,6 +67,10 @@ const GUESTS: &[(&str, &str)] = &[
         "tcp-client",
         "tcp_echo_across_components_and_two_pods_on_one_port",
     ),
+    (
+        "udp-echo",
+        "udp_echo_on_the_pods_localhost_and_two_pods_on_one_port",
+    ),
     // An in-cluster API client: it needs an API server, so the root crate tests it.
     (
         "kube-lister",
@@ -834,6 +838,62 @@ async fn tcp_echo_across_components_and_two_pods_on_one_port() {
     let out = c.wait("client").await.unwrap().unwrap();
     assert_eq!(out.exit.code, 1, "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}
+
+/// UDP over wasi:sockets gets the pod's virtual localhost as TCP does: a server bound to
+/// the wildcard is the pod's alone, a client reaches its sibling at `localhost`, and the
+/// node reaches each pod at its address, with the reply coming back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_echo_on_the_pods_localhost_and_two_pods_on_one_port() {
+    let rt = runtime();
+    let echo = rt.load_file(&guest("udp-echo")).unwrap();
+    let pod = |n: u8, with_server: bool, wait_ms: &str| {
+        let host = format!("udp{n}");
+        let server = [("PORT", "7100"), ("HOSTNAME", host.as_str())];
+        let client = [
+            ("MODE", "ping"),
+            ("PORT", "7100"),
+            ("TARGET", "localhost"),
+            ("WAIT_MS", wait_ms),
+        ];
+        PodSpec {
+            name: host.clone(),
+            ip: std::net::IpAddr::from([127, 1, 3, n]),
+            containers: [
+                with_server.then(|| cli_container("server", &echo, &server, &[])),
+                Some(cli_container("client", &echo, &client, &[])),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            names: None,
+        }
+    };
+    let mut a = rt.start_pod(pod(1, true, "10000")).await.unwrap();
+    let mut b = rt.start_pod(pod(2, true, "10000")).await.unwrap();
+    for (p, name) in [(&mut a, "udp1"), (&mut b, "udp2")] {
+        let (code, out) = cli_stdout(p, "client").await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains(&format!("reply {name}:ping-2")), "{out}");
+    }
+    // The node, from an address of its own, reaches each pod's server.
+    let node = tokio::net::UdpSocket::bind("127.1.3.200:0").await.unwrap();
+    for (n, name) in [(1u8, "udp1"), (2, "udp2")] {
+        let pod: std::net::SocketAddr = ([127, 1, 3, n], 7100).into();
+        node.send_to(b"hi", pod).await.unwrap();
+        let mut buf = [0u8; 64];
+        let (len, from) = tokio::time::timeout(Duration::from_secs(10), node.recv_from(&mut buf))
+            .await
+            .expect("a reply")
+            .unwrap();
+        assert_eq!(&buf[..len], format!("{name}:hi").as_bytes());
+        assert_eq!(from, pod);
+    }
+    // A pod without its own server gets no reply from another pod's localhost.
+    let mut c = rt.start_pod(pod(3, false, "500")).await.unwrap();
+    let (code, out) = cli_stdout(&mut c, "client").await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no reply"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

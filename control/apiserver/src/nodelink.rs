@@ -4,9 +4,10 @@
 //! The link is authenticated both ways with the cluster CA:
 //! - a node agent asks for its serving certificate at
 //!   `POST /baton/v1/nodes/NAME/certificate` with its own credentials (the user
-//!   `system:node:NAME`, or an administrator); the certificate names the node's addresses
-//!   and is good for server authentication only. With `"usage": "client"` it asks for
-//!   its client certificate instead (`system:node:NAME` in `system:nodes`), which it then
+//!   `system:node:NAME`, or an administrator); the certificate names the node's addresses,
+//!   and is its identity toward other nodes too (`system:node:NAME` in `system:nodes`),
+//!   which it tunnels Service traffic to. With `"usage": "client"` it asks for its
+//!   client certificate instead (`system:node:NAME` in `system:nodes`), which it then
 //!   calls the API with, so that every node acts as itself under the Node authorizer
 //!   whatever credentials it joined with;
 //! - the API server calls the node with a client certificate of its own

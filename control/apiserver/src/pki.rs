@@ -353,8 +353,9 @@ impl Pki {
         Ok(cfg)
     }
 
-    /// A serving certificate and key for node agent `node` at `ips`, signed by the CA,
-    /// good for server authentication only.
+    /// A serving certificate and key for node agent `node` at `ips`, signed by the CA:
+    /// the node's kubelet endpoint serves with it, and presents it to other nodes'
+    /// endpoints as `system:node:NODE` when it tunnels Service traffic to them.
     pub fn issue_node_certificate(
         &self,
         node: &str,
@@ -369,7 +370,15 @@ impl Pki {
         params
             .distinguished_name
             .push(DnType::CommonName, format!("system:node:{node}"));
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, baton_auth::NODES);
+        // Client too: the node presents it to other nodes for tunnels of Service
+        // traffic (baton-node's `tunnel`), as the node it is.
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.not_after = rcgen::date_time_ymd(2036, 1, 1);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;

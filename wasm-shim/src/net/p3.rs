@@ -23,8 +23,8 @@ use wasmtime::component::{
 use wasmtime::{AsContextMut as _, StoreContextMut};
 use wasmtime_wasi::p3::bindings::sockets::ip_name_lookup::HostWithStore as _;
 use wasmtime_wasi::p3::bindings::sockets::types::{
-    ErrorCode, HostTcpSocket, HostTcpSocketWithStore as _, HostUdpSocket, IpAddressFamily,
-    IpSocketAddress, TcpSocket, UdpSocket,
+    ErrorCode, HostTcpSocket, HostTcpSocketWithStore as _, HostUdpSocket, HostUdpSocketWithStore,
+    IpAddressFamily, IpSocketAddress, TcpSocket, UdpSocket,
 };
 use wasmtime_wasi::p3::sockets::SocketResult;
 use wasmtime_wasi::sockets::{WasiSockets, WasiSocketsCtxView, WasiSocketsView as _};
@@ -157,6 +157,45 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
                     Err(_) => host.net.pod.release_sockets(1),
                 }
                 Ok((made,))
+            })
+        },
+    )?;
+    types.func_wrap_async(
+        "[method]udp-socket.bind",
+        |mut store, (this, addr): (Resource<UdpSocket>, IpSocketAddress)| {
+            Box::new(async move {
+                let host = store.data_mut();
+                let addr: IpSocketAddress = host.net.pod.bind_addr(addr.into()).into();
+                let bound = HostUdpSocket::bind(&mut host.sockets(), this, addr).await;
+                Ok((to_guest(bound)?,))
+            })
+        },
+    )?;
+    types.func_wrap_async(
+        "[method]udp-socket.connect",
+        |mut store, (this, addr): (Resource<UdpSocket>, IpSocketAddress)| {
+            Box::new(async move {
+                let host = store.data_mut();
+                let addr: IpSocketAddress = host.net.pod.connect_addr(addr.into()).into();
+                let connected = HostUdpSocket::connect(&mut host.sockets(), this, addr).await;
+                Ok((to_guest(connected)?,))
+            })
+        },
+    )?;
+    types.func_wrap_concurrent(
+        "[method]udp-socket.send",
+        |acc: &Accessor<Host>,
+         (this, data, remote): (Resource<UdpSocket>, Vec<u8>, Option<IpSocketAddress>)| {
+            Box::pin(async move {
+                let remote = remote.map(|a| {
+                    acc.with(|mut h| h.data_mut().net.pod.connect_addr(a.into()))
+                        .into()
+                });
+                let view = acc.with_getter::<WasiSockets>(sockets);
+                let sent =
+                    <WasiSockets as HostUdpSocketWithStore<Host>>::send(&view, this, data, remote)
+                        .await;
+                Ok::<_, wasmtime::Error>((to_guest(sent)?,))
             })
         },
     )?;
