@@ -21,155 +21,25 @@
 //! The whole history must be linearizable, and every ConfigMap that `kubectl` was told
 //! was applied must be there at the end. Needs root (network namespaces).
 
+#[path = "support/hosts.rs"]
+mod hosts;
 #[path = "support/linearizability.rs"]
 mod linearizability;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_store::{StoreCa, StoreClient};
 use baton_testkit::netns::Net;
+use hosts::{
+    guests_dir, kubectl, kubectl_apply, spawn_node, spawn_server, Server, API_PORT, STORE_PORT,
+};
 use linearizability::{check, client_loop, final_reads, Input, Operation};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-
-const STORE_PORT: u16 = 2380;
-const API_PORT: u16 = 6443;
-
-struct Server {
-    child: Child,
-    host: usize,
-    dir: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
-    }
-
-    /// Waits until it serves the API (a joiner does once it has joined).
-    fn wait_ready(&mut self) {
-        let stdout = self.child.stdout.take().expect("stdout is piped");
-        if let Err(e) = baton_testkit::process::announced_addr(
-            stdout,
-            "Kubernetes API at https://",
-            Duration::from_secs(120),
-        ) {
-            panic!("host {}: {e}; its log:\n{}", self.host, self.log());
-        }
-    }
-}
-
-/// Seconds a node may be silent before its pods are evicted (40 by default).
-const NODE_GRACE: &str = "6";
-
-/// Starts `baton server` on `host`, with its store and API on the host's address.
-fn spawn_server(net: &Net, host: usize, dir: &Path, extra: &[&str]) -> Server {
-    let ip = net.host(host).ip;
-    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
-    let child = net
-        .command(host, env!("CARGO_BIN_EXE_baton"))
-        .env("RUST_LOG", "info,openraft=warn")
-        .args(["server", "--listen", &format!("{ip}:{STORE_PORT}")])
-        .args(["--api-listen", &format!("{ip}:{API_PORT}"), "--data-dir"])
-        .arg(dir)
-        .args(["--node-monitor-grace", NODE_GRACE])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn baton server in a network namespace");
-    Server {
-        child,
-        host,
-        dir: dir.to_path_buf(),
-    }
-}
-
-/// Starts `baton node` on `host`, joining with the node token through every server.
-fn spawn_node(net: &Net, host: usize, dir: &Path, servers: &str, token: &str) -> Server {
-    let ip = net.host(host).ip;
-    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
-    let child = net
-        .command(host, env!("CARGO_BIN_EXE_baton"))
-        .env("RUST_LOG", "info")
-        .args(["node", "--server", servers, "--token", token])
-        .args(["--node-name", &format!("node-{host}")])
-        .args(["--node-address", &ip.to_string()])
-        // Renewed every second, well within the control plane's grace.
-        .args(["--node-lease-duration", "4", "--local-images"])
-        .arg(guests_dir())
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn baton node in a network namespace");
-    Server {
-        child,
-        host,
-        dir: dir.to_path_buf(),
-    }
-}
-
-fn guests_dir() -> PathBuf {
-    baton_testkit::crate_dir(env!("CARGO_MANIFEST_DIR")).join("examples-wasm/dist")
-}
-
-fn kubectl(kubeconfig: &Path, server: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("kubectl")
-        .env("KUBECONFIG", kubeconfig)
-        .args(["--server", server, "--request-timeout=5s"])
-        .args(args)
-        .output()
-        .expect("kubectl");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-/// `kubectl apply -f -` of `manifest` through `server`, bounded by `timeout`.
-fn kubectl_apply(
-    kubeconfig: &Path,
-    server: &str,
-    timeout: &str,
-    manifest: &str,
-) -> Result<(), String> {
-    let mut child = Command::new("kubectl")
-        .env("KUBECONFIG", kubeconfig)
-        .args(["--server", server, "--request-timeout", timeout])
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(manifest.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
 
 /// The Deployment whose pod the node partition moves, and its Service. It tolerates an
 /// unreachable or not-ready node for 2 s (300 s by default), so the test is quick.

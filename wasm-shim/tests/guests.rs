@@ -849,7 +849,7 @@ async fn udp_echo_on_the_pods_localhost_and_two_pods_on_one_port() {
     let echo = rt.load_file(&guest("udp-echo")).unwrap();
     let pod = |n: u8, with_server: bool, wait_ms: &str| {
         let host = format!("udp{n}");
-        let server = [("PORT", "7100"), ("HOSTNAME", host.as_str())];
+        let server = [("PORT", "7100"), ("NAME", host.as_str())];
         let client = [
             ("MODE", "ping"),
             ("PORT", "7100"),

@@ -1,7 +1,7 @@
 //! `udp-echo`: UDP over wasi:sockets, both ends.
 //! - `MODE=serve` (the default): echoes each datagram on port `PORT` (default 5353) back
-//!   to its sender, prefixed with `HOSTNAME` and a colon, so that a client can tell which
-//!   replica answered.
+//!   to its sender, prefixed with `NAME` and a colon, so that a client can tell which
+//!   replica answered (give it the pod's name through the downward API).
 //! - `MODE=ping`: sends `COUNT` datagrams (default 3) to `TARGET:PORT` (a name or an
 //!   address) from one socket and checks each reply; retries each for up to `WAIT_MS`
 //!   (default 10000), since the server or its Service may still be starting. Prints the
@@ -18,7 +18,7 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 
 fn serve(port: u16) -> std::io::Result<()> {
     let socket = UdpSocket::bind(("0.0.0.0", port))?;
-    let me = std::env::var("HOSTNAME").unwrap_or_default();
+    let me = std::env::var("NAME").unwrap_or_default();
     println!("udp-echo serving on {}", socket.local_addr()?);
     let mut buf = [0u8; 65536];
     loop {
