@@ -348,7 +348,7 @@ async fn services_reach_pods_on_other_hosts_over_tcp_and_udp() {
     }
     assert_eq!(
         seen.into_iter().collect::<Vec<_>>(),
-        [first_replica.clone()],
+        [first_replica],
         "one client's datagrams went to more than one endpoint"
     );
     let mut replicas = std::collections::BTreeSet::new();

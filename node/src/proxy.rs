@@ -384,6 +384,116 @@ fn tokio_stream_of<T: Send + 'static>(
     }))
 }
 
+/// The routing table for node `me` from the Services and EndpointSlices it knows.
+fn table_of(me: &str, services: &[Arc<Service>], slices: &[Arc<EndpointSlice>]) -> Table {
+    let mut table = Table::default();
+    for s in services {
+        let (Some(ns), name) = (s.namespace(), s.name_any()) else {
+            continue;
+        };
+        let spec = s.spec.clone().unwrap_or_default();
+        let local_ip = spec
+            .cluster_ip
+            .as_deref()
+            .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+            .map(|ip| {
+                table.by_cluster_ip.insert(ip, local_address(ip));
+                local_address(ip)
+            });
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some(Port {
+                    name: p.name.clone().unwrap_or_default(),
+                    protocol: Protocol::parse(p.protocol.as_deref())?,
+                    port: u16::try_from(p.port).ok()?,
+                    node_port: p.node_port.and_then(|n| u16::try_from(n).ok()),
+                    target: p.target_port.clone(),
+                })
+            })
+            .collect();
+        table.services.insert(
+            (ns, name),
+            Entry {
+                cluster_ip: spec
+                    .cluster_ip
+                    .as_deref()
+                    .and_then(|ip| ip.parse::<Ipv4Addr>().ok()),
+                local_ip,
+                ports,
+                endpoints: HashMap::new(),
+                addresses: Vec::new(),
+                hostnames: HashMap::new(),
+                selector: spec.selector.clone().unwrap_or_default(),
+            },
+        );
+    }
+    for slice in slices {
+        let (Some(ns), Some(svc)) = (
+            slice.namespace(),
+            slice.labels().get(SERVICE_NAME_LABEL).cloned(),
+        ) else {
+            continue;
+        };
+        let Some(entry) = table.services.get_mut(&(ns, svc)) else {
+            continue;
+        };
+        for e in &slice.endpoints {
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            let Some(ip) = e.addresses.iter().find_map(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            match e.node_name.as_deref() {
+                Some(n) if n == me => {
+                    for p in slice.ports.iter().flatten() {
+                        let (Some(protocol), Some(port)) = (
+                            Protocol::parse(p.protocol.as_deref()),
+                            p.port.and_then(|p| u16::try_from(p).ok()),
+                        ) else {
+                            continue;
+                        };
+                        table.exits.insert((protocol, SocketAddr::new(ip, port)));
+                    }
+                }
+                Some(n) => {
+                    table.remote.insert(ip, Arc::from(n));
+                }
+                // An endpoint of no node (a Service without a selector, whose
+                // EndpointSlices a user wrote): reached directly from here.
+                None => {}
+            }
+            entry.addresses.push(ip);
+            if let Some(h) = &e.hostname {
+                entry.hostnames.insert(h.to_ascii_lowercase(), ip);
+            }
+        }
+        for p in slice.ports.iter().flatten() {
+            let (Some(port), name) = (
+                p.port.and_then(|p| u16::try_from(p).ok()),
+                p.name.clone().unwrap_or_default(),
+            ) else {
+                continue;
+            };
+            let list = entry.endpoints.entry(name).or_default();
+            for e in &slice.endpoints {
+                if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    continue;
+                }
+                for a in &e.addresses {
+                    if let Ok(ip) = a.parse::<IpAddr>() {
+                        list.push(SocketAddr::new(ip, port));
+                    }
+                }
+            }
+        }
+    }
+    table
+}
+
 impl Services {
     /// Starts watching Services and EndpointSlices, and serving them on this node.
     /// Starts routing. With `cluster_ips`, each Service is also served at its ClusterIP
@@ -737,111 +847,7 @@ impl Services {
         eps_store: &Store<EndpointSlice>,
         listeners: &mut HashMap<Listener, (String, JoinHandle<()>)>,
     ) {
-        let mut table = Table::default();
-        for s in svc_store.state() {
-            let (Some(ns), name) = (s.namespace(), s.name_any()) else {
-                continue;
-            };
-            let spec = s.spec.clone().unwrap_or_default();
-            let local_ip = spec
-                .cluster_ip
-                .as_deref()
-                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-                .map(|ip| {
-                    table.by_cluster_ip.insert(ip, local_address(ip));
-                    local_address(ip)
-                });
-            let ports = spec
-                .ports
-                .iter()
-                .flatten()
-                .filter_map(|p| {
-                    Some(Port {
-                        name: p.name.clone().unwrap_or_default(),
-                        protocol: Protocol::parse(p.protocol.as_deref())?,
-                        port: u16::try_from(p.port).ok()?,
-                        node_port: p.node_port.and_then(|n| u16::try_from(n).ok()),
-                        target: p.target_port.clone(),
-                    })
-                })
-                .collect();
-            table.services.insert(
-                (ns, name),
-                Entry {
-                    cluster_ip: spec
-                        .cluster_ip
-                        .as_deref()
-                        .and_then(|ip| ip.parse::<Ipv4Addr>().ok()),
-                    local_ip,
-                    ports,
-                    endpoints: HashMap::new(),
-                    addresses: Vec::new(),
-                    hostnames: HashMap::new(),
-                    selector: spec.selector.clone().unwrap_or_default(),
-                },
-            );
-        }
-        for slice in eps_store.state() {
-            let (Some(ns), Some(svc)) = (
-                slice.namespace(),
-                slice.labels().get(SERVICE_NAME_LABEL).cloned(),
-            ) else {
-                continue;
-            };
-            let Some(entry) = table.services.get_mut(&(ns, svc)) else {
-                continue;
-            };
-            for e in &slice.endpoints {
-                if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                    continue;
-                }
-                let Some(ip) = e.addresses.iter().find_map(|a| a.parse::<IpAddr>().ok()) else {
-                    continue;
-                };
-                match e.node_name.as_deref() {
-                    Some(n) if n == self.here.name => {
-                        for p in slice.ports.iter().flatten() {
-                            let (Some(protocol), Some(port)) = (
-                                Protocol::parse(p.protocol.as_deref()),
-                                p.port.and_then(|p| u16::try_from(p).ok()),
-                            ) else {
-                                continue;
-                            };
-                            table.exits.insert((protocol, SocketAddr::new(ip, port)));
-                        }
-                    }
-                    Some(n) => {
-                        table.remote.insert(ip, Arc::from(n));
-                    }
-                    // An endpoint of no node (a Service without a selector, whose
-                    // EndpointSlices a user wrote): reached directly from here.
-                    None => {}
-                }
-                entry.addresses.push(ip);
-                if let Some(h) = &e.hostname {
-                    entry.hostnames.insert(h.to_ascii_lowercase(), ip);
-                }
-            }
-            for p in slice.ports.iter().flatten() {
-                let (Some(port), name) = (
-                    p.port.and_then(|p| u16::try_from(p).ok()),
-                    p.name.clone().unwrap_or_default(),
-                ) else {
-                    continue;
-                };
-                let list = entry.endpoints.entry(name).or_default();
-                for e in &slice.endpoints {
-                    if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                        continue;
-                    }
-                    for a in &e.addresses {
-                        if let Ok(ip) = a.parse::<IpAddr>() {
-                            list.push(SocketAddr::new(ip, port));
-                        }
-                    }
-                }
-            }
-        }
+        let table = table_of(&self.here.name, &svc_store.state(), &eps_store.state());
         // The listeners the table wants: (protocol, address) -> (service key, port name).
         let mut wanted: BTreeMap<Listener, ((String, String), String)> = BTreeMap::new();
         for (key, e) in &table.services {
@@ -953,5 +959,61 @@ mod tests {
         );
         assert_eq!(resolve(&t, "shop", "db-2.db", false), None);
         assert_eq!(resolve(&t, "shop", "db-0.web", false), None);
+    }
+
+    #[test]
+    fn endpoints_on_other_nodes_are_reached_through_them_and_only_ready_local_ones_are_exits() {
+        let svc: Arc<Service> = Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "dns", "namespace": "default"},
+                "spec": {"clusterIP": "10.96.0.53", "ports": [
+                    {"name": "udp", "port": 53, "protocol": "UDP"},
+                    {"name": "tcp", "port": 53, "protocol": "TCP"},
+                    {"name": "sctp", "port": 99, "protocol": "SCTP"},
+                ]},
+            }))
+            .unwrap(),
+        );
+        let slice: Arc<EndpointSlice> = Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "dns-1", "namespace": "default",
+                             "labels": {SERVICE_NAME_LABEL: "dns"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "udp", "port": 5353, "protocol": "UDP"},
+                          {"name": "tcp", "port": 5353, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": ["127.128.0.2"], "nodeName": "a", "conditions": {"ready": true}},
+                    {"addresses": ["127.128.16.2"], "nodeName": "b", "conditions": {"ready": true}},
+                    {"addresses": ["127.128.0.3"], "nodeName": "a", "conditions": {"ready": false}},
+                ],
+            }))
+            .unwrap(),
+        );
+        let t = table_of("a", &[svc], &[slice]);
+        let e = &t.services[&("default".to_string(), "dns".to_string())];
+        // SCTP is not routed; UDP and TCP on one port number are two ports.
+        let protocols: Vec<_> = e.ports.iter().map(|p| p.protocol).collect();
+        assert_eq!(protocols, [Protocol::Udp, Protocol::Tcp]);
+        assert_eq!(e.endpoints["udp"].len(), 2);
+        // B's endpoint is reached through b; A's own are not in `remote`.
+        let b_ip: IpAddr = "127.128.16.2".parse().unwrap();
+        assert_eq!(t.remote.get(&b_ip).map(|n| &**n), Some("b"));
+        assert_eq!(t.remote.len(), 1);
+        // Another node may tunnel to A's ready endpoint, by its protocol and port only.
+        let a: SocketAddr = "127.128.0.2:5353".parse().unwrap();
+        assert!(t.exits.contains(&(Protocol::Udp, a)));
+        assert!(t.exits.contains(&(Protocol::Tcp, a)));
+        assert!(!t
+            .exits
+            .contains(&(Protocol::Tcp, "127.128.0.2:53".parse().unwrap())));
+        assert!(!t
+            .exits
+            .contains(&(Protocol::Udp, "127.128.0.3:5353".parse().unwrap())));
+        assert!(!t
+            .exits
+            .contains(&(Protocol::Udp, "127.128.16.2:5353".parse().unwrap())));
+        // Seen from b, the roles swap.
+        let t = table_of("b", &[], &[]);
+        assert!(t.exits.is_empty() && t.remote.is_empty());
     }
 }

@@ -1111,6 +1111,80 @@ fn exec_spdy<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn certificate(cn: &str, org: Option<&str>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        if let Some(o) = org {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationName, o);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn callers_are_the_api_server_nodes_or_no_one() {
+        assert_eq!(
+            Caller::of(&certificate("system:apiserver", None)),
+            Caller::ApiServer
+        );
+        assert_eq!(
+            Caller::of(&certificate("system:node:n1", Some("system:nodes"))),
+            Caller::Node("n1".into())
+        );
+        // A node's name outside the nodes' group, an administrator, and garbage.
+        assert_eq!(
+            Caller::of(&certificate("system:node:n1", Some("system:masters"))),
+            Caller::Other
+        );
+        assert_eq!(
+            Caller::of(&certificate("system:node:", Some("system:nodes"))),
+            Caller::Other
+        );
+        assert_eq!(
+            Caller::of(&certificate("alice", Some("system:masters"))),
+            Caller::Other
+        );
+        assert_eq!(Caller::of(b"not a certificate"), Caller::Other);
+    }
+
+    #[tokio::test]
+    async fn only_nodes_get_tunnels_and_only_the_api_server_the_rest() {
+        let index = Arc::new(LogIndex::default());
+        let get = |path: &str| http::Request::get(path).body(()).unwrap();
+        let node = Caller::Node("n2".into());
+        // The node's Services are not routed yet: no tunnel, but not forbidden.
+        let r = handle(
+            index.clone(),
+            "n1",
+            &node,
+            get("/tunnel?protocol=TCP&target=127.128.0.2:80"),
+        )
+        .await;
+        assert_eq!(r.status(), 503);
+        let r = handle(index.clone(), "n1", &node, get("/tunnel?protocol=TCP")).await;
+        assert_eq!(r.status(), 400);
+        for path in ["/metrics", "/containerLogs/ns/p/c", "/exec/ns/p/c"] {
+            let r = handle(index.clone(), "n1", &node, get(path)).await;
+            assert_eq!(r.status(), 403, "{path}");
+            let r = handle(index.clone(), "n1", &Caller::Other, get(path)).await;
+            assert_eq!(r.status(), 403, "{path}");
+        }
+        let r = handle(
+            index.clone(),
+            "n1",
+            &Caller::ApiServer,
+            get("/tunnel?protocol=TCP&target=127.128.0.2:80"),
+        )
+        .await;
+        assert_eq!(r.status(), 403);
+        let r = handle(index.clone(), "n1", &Caller::ApiServer, get("/metrics")).await;
+        assert_eq!(r.status(), 200);
+    }
     use baton_wasm_shim::{ContainerUsage, PodUsage};
 
     #[test]
