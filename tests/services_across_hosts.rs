@@ -6,7 +6,8 @@
 //! - a pod on the first node reaches both ports through the Service's name: its node's
 //!   proxy carries the traffic through a tunnel to the other node;
 //! - the test, from outside every node, reaches both through the NodePort of the first
-//!   node, which runs no endpoint;
+//!   node, which runs no endpoint, and an HTTP pod on the second node through the
+//!   first node's Ingress;
 //! - one UDP client keeps its endpoint (the reply path) while the Service has two;
 //! - the endpoints' node refuses a tunnel to anything but a ready endpoint, and to a
 //!   caller that is not a node.
@@ -75,6 +76,53 @@ spec:
 "#,
         udp = udp.display(),
         tcp = tcp.display(),
+    )
+}
+
+/// An HTTP Deployment pinned to `node`, its Service, and an Ingress for it.
+fn web(node: &str) -> String {
+    let image = guests_dir().join("http-hello.wasm");
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {{app: web}}
+  template:
+    metadata:
+      labels: {{app: web}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      containers:
+      - name: hello
+        image: {image}
+        ports:
+        - {{containerPort: 8080}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector: {{app: web}}
+  ports:
+  - {{port: 80, targetPort: 8080}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: web
+spec:
+  rules:
+  - host: web.example
+    http:
+      paths:
+      - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}
+"#,
+        image = image.display()
     )
 }
 
@@ -314,6 +362,31 @@ async fn services_reach_pods_on_other_hosts_over_tcp_and_udp() {
             .unwrap();
         assert_eq!(&got, b"across\n");
     }
+
+    // An Ingress on the node without the backend proxies to it on the other.
+    kubectl_apply(&kubeconfig, &api, "30s", &web("node-2")).unwrap();
+    let http = reqwest::Client::new();
+    let ingress = format!("http://{node1}:80/");
+    let answer = baton_testkit::wait_until_async(
+        Duration::from_secs(60),
+        "the Ingress on node-1 to answer for the pod on node-2",
+        || {
+            let (http, ingress) = (http.clone(), ingress.clone());
+            async move {
+                let r = http
+                    .get(&ingress)
+                    .header("host", "web.example")
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await
+                    .ok()?;
+                (r.status() == 200).then_some(r.text().await.ok()?)
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; the nodes' logs:\n{}", logs()));
+    assert!(!answer.is_empty());
 
     // Two endpoints now: a client that keeps talking keeps its endpoint, so its replies
     // come from where it sent; a new client is balanced to the other in turn.

@@ -49,7 +49,6 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
@@ -114,11 +113,95 @@ impl Drop for IngressServer {
     }
 }
 
+/// Connects the proxy to a backend endpoint, on this node or through its own
+/// ([`Services::connect`]): an endpoint's address is a loopback address of its node.
+#[derive(Clone)]
+struct Connector {
+    services: Services,
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = Upstream;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Upstream>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let services = self.services.clone();
+        Box::pin(async move {
+            let target: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("not an endpoint: {uri}"),
+                    )
+                })?;
+            let io = tokio::time::timeout(CONNECT_TIMEOUT, services.connect(target))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            Ok(Upstream(TokioIo::new(io)))
+        })
+    }
+}
+
+/// A connection to a backend endpoint, as the proxy's HTTP client takes it.
+struct Upstream(TokioIo<Box<dyn crate::tunnel::Io>>);
+
+impl hyper_util::client::legacy::connect::Connection for Upstream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Upstream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Upstream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
 struct Shared {
     routes: RwLock<Arc<routes::Routes>>,
     certs: tls::Certs,
     services: Services,
-    upstream: hyper_util::client::legacy::Client<HttpConnector, Incoming>,
+    upstream: hyper_util::client::legacy::Client<Connector, Incoming>,
     /// The node's Wasm runtime: a backend it serves is called in process.
     local: Option<baton_wasm_shim::Runtime>,
     next: AtomicUsize,
@@ -156,14 +239,13 @@ pub fn start(
 ) -> IngressServer {
     let http_listener = bind("HTTP", http);
     let https_listener = bind("HTTPS", https);
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    connector.set_nodelay(true);
     let upstream = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(POOL_IDLE_PER_ENDPOINT)
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_timer(TokioTimer::new())
-        .build(connector);
+        .build(Connector {
+            services: services.clone(),
+        });
     let shared = Arc::new(Shared {
         routes: RwLock::default(),
         certs: tls::Certs::default(),
