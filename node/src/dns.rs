@@ -235,21 +235,6 @@ async fn forward(upstream: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
     (n >= 2 && query.len() >= 2 && buf[..2] == query[..2]).then(|| buf[..n].to_vec())
 }
 
-/// A UDP socket on `addr` that other node agents on this host may share (test clusters
-/// of one pod range share its bridge), as the Service proxy's listeners do.
-fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    sock.set_reuse_address(true)?;
-    sock.set_reuse_port(true)?;
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    tokio::net::UdpSocket::from_std(sock.into())
-}
-
 /// Serves DNS on `addr` (UDP) until dropped, answering cluster names under `domain` from
 /// `names`, to the askers `clients` admits.
 pub async fn serve(
@@ -258,7 +243,9 @@ pub async fn serve(
     domain: String,
     clients: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
 ) -> Result<tokio::task::JoinHandle<()>, DnsError> {
-    let sock = bind(addr).map_err(|source| DnsError::Bind { addr, source })?;
+    // Shared with other node agents on this host (test clusters of one pod range share
+    // its bridge), as the Service proxy's listeners are.
+    let sock = crate::proxy::listen_udp(addr).map_err(|source| DnsError::Bind { addr, source })?;
     let upstream = host_nameserver(&host_resolv_conf()).filter(|u| u.ip() != addr.ip());
     tracing::info!(%addr, ?upstream, "DNS responder for container pods");
     let sock = Arc::new(sock);

@@ -198,7 +198,7 @@ pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListene
 type Listener = (Protocol, SocketAddr);
 
 /// A UDP socket that several node agents on one host can all hold, as [`listen`].
-fn listen_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+pub(crate) fn listen_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
