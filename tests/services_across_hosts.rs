@@ -4,7 +4,9 @@
 //! A pod on the second node serves UDP (the `udp-echo` guest) and TCP (`tcp-echo`)
 //! behind one NodePort Service. Then:
 //! - a pod on the first node reaches both ports through the Service's name: its node's
-//!   proxy carries the traffic through a tunnel to the other node;
+//!   proxy carries the traffic through a tunnel to the other node; and through a
+//!   headless Service's name, which gives the pod's own address, served by the first
+//!   node for the pod on the second;
 //! - the test, from outside every node, reaches both through the NodePort of the first
 //!   node, which runs no endpoint, and an HTTP pod on the second node through the
 //!   first node's Ingress;
@@ -73,6 +75,17 @@ spec:
   ports:
   - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
   - {{name: tcp, port: 7000, targetPort: 7000, protocol: TCP}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: echo-pods
+spec:
+  clusterIP: None
+  selector: {{app: echo}}
+  ports:
+  - {{name: dns, port: 5353, protocol: UDP}}
+  - {{name: tcp, port: 7000, protocol: TCP}}
 "#,
         udp = udp.display(),
         tcp = tcp.display(),
@@ -149,6 +162,19 @@ spec:
     image: {tcp}
     env:
     - {{name: TARGET, value: echo.default.svc.cluster.local}}
+    - {{name: PORT, value: "7000"}}
+    - {{name: WAIT_MS, value: "30000"}}
+  - name: udp-pod
+    image: {udp}
+    env:
+    - {{name: MODE, value: ping}}
+    - {{name: TARGET, value: echo-pods}}
+    - {{name: PORT, value: "5353"}}
+    - {{name: WAIT_MS, value: "30000"}}
+  - name: tcp-pod
+    image: {tcp}
+    env:
+    - {{name: TARGET, value: echo-pods}}
     - {{name: PORT, value: "7000"}}
     - {{name: WAIT_MS, value: "30000"}}
 "#,
@@ -305,13 +331,25 @@ async fn services_reach_pods_on_other_hosts_over_tcp_and_udp() {
         matches!(out.as_str(), "Succeeded" | "Failed").then_some(out)
     })
     .unwrap_or_else(|e| panic!("{e}; the nodes' logs:\n{}", logs()));
-    let udp_log = kubectl(&kubeconfig, &api, &["logs", "client", "-c", "udp"]).unwrap_or_default();
-    let tcp_log = kubectl(&kubeconfig, &api, &["logs", "client", "-c", "tcp"]).unwrap_or_default();
+    let log_of =
+        |c: &str| kubectl(&kubeconfig, &api, &["logs", "client", "-c", c]).unwrap_or_default();
+    let (udp_log, tcp_log) = (log_of("udp"), log_of("tcp"));
+    let (udp_pod_log, tcp_pod_log) = (log_of("udp-pod"), log_of("tcp-pod"));
     assert_eq!(
         phase,
         "Succeeded",
-        "udp: {udp_log}\ntcp: {tcp_log}\nthe nodes' logs:\n{}",
+        "udp: {udp_log}\ntcp: {tcp_log}\nudp-pod: {udp_pod_log}\ntcp-pod: {tcp_pod_log}\nthe nodes' logs:\n{}",
         logs()
+    );
+    // The headless Service's name gives the pod's own address, which node-1 serves for
+    // the pod on node-2.
+    assert!(
+        udp_pod_log.contains("udp echo ok from echo-pods:5353"),
+        "{udp_pod_log}"
+    );
+    assert!(
+        tcp_pod_log.contains("echo ok from echo-pods:7000"),
+        "{tcp_pod_log}"
     );
     assert!(udp_log.contains("udp echo ok from echo:53"), "{udp_log}");
     assert!(

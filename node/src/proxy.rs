@@ -33,7 +33,7 @@
 //! and `pod.svc…` (a pod whose hostname is `pod` and subdomain `svc`, as a StatefulSet's
 //! are) to that pod's. Other names go to the host's resolver.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -92,6 +92,8 @@ struct Table {
     remote: HashMap<IpAddr, Arc<str>>,
     /// Ready endpoints on this node, by protocol: what another node may tunnel to.
     exits: HashSet<(Protocol, SocketAddr)>,
+    /// Ready endpoints of headless Services on other nodes, by protocol.
+    remote_pods: BTreeSet<(Protocol, SocketAddr)>,
 }
 
 /// This node's place in the Service network.
@@ -211,39 +213,45 @@ pub(crate) fn listen_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSoc
     tokio::net::UdpSocket::from_std(sock.into())
 }
 
-/// Accepts on `listener` and forwards each connection to an endpoint of the port.
-async fn serve(
-    listener: tokio::net::TcpListener,
-    services: Services,
-    key: (String, String),
-    port: String,
-) {
+/// What a listener forwards to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    /// A Service's port (by name): its ready endpoints, round-robin.
+    Service { key: (String, String), port: String },
+    /// A ready endpoint of a headless Service on a node of another host, served at its
+    /// own address: the address the Service's name gives this node's pods.
+    Pod(SocketAddr),
+}
+
+/// Accepts on `listener` and forwards each connection to an endpoint of the route.
+async fn serve(listener: tokio::net::TcpListener, services: Services, route: Route) {
     let next = Arc::new(AtomicUsize::new(0));
     loop {
         let Ok((mut inbound, _)) = listener.accept().await else {
             continue;
         };
-        let endpoints = services.port_endpoints(&key, &port);
+        let endpoints = services.route_endpoints(&route);
         // No ready endpoint: refuse, as kube-proxy's REJECT rule does, unless the
         // Service's workload may be coming up from zero.
-        let held = match (endpoints.is_empty(), &services.activator) {
-            (false, _) => None,
-            (true, Some(_)) => match services.held.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => continue,
-            },
-            (true, None) => continue,
+        let held = match (endpoints.is_empty(), &services.activator, &route) {
+            (false, _, _) => None,
+            (true, Some(_), Route::Service { .. }) => {
+                match services.held.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => continue,
+                }
+            }
+            (true, _, _) => continue,
         };
-        let (services, key, port, next) =
-            (services.clone(), key.clone(), port.clone(), next.clone());
+        let (services, route, next) = (services.clone(), route.clone(), next.clone());
         tokio::spawn(async move {
-            let endpoints = match held {
-                Some(_permit) => {
+            let endpoints = match (held, &route) {
+                (Some(_permit), Route::Service { key, port }) => {
                     services
-                        .hold(&key, &port, |s| s.port_endpoints(&key, &port))
+                        .hold(key, port, |s| s.port_endpoints(key, port))
                         .await
                 }
-                None => endpoints,
+                _ => endpoints,
             };
             if endpoints.is_empty() {
                 return;
@@ -275,12 +283,7 @@ const FLOW_QUEUE: usize = 256;
 /// Receives on `socket` and relays each client's datagrams to one endpoint of the port,
 /// the same for as long as the client keeps talking, so that its replies come back to it
 /// from the address it sent to (kube-proxy leaves this to conntrack).
-async fn serve_udp(
-    socket: tokio::net::UdpSocket,
-    services: Services,
-    key: (String, String),
-    port: String,
-) {
+async fn serve_udp(socket: tokio::net::UdpSocket, services: Services, route: Route) {
     use tokio::sync::mpsc::error::TrySendError;
     let socket = Arc::new(socket);
     let mut flows: HashMap<SocketAddr, tokio::sync::mpsc::Sender<Bytes>> = HashMap::new();
@@ -307,7 +310,7 @@ async fn serve_udp(
             }
         }
         // No ready endpoint: dropped, as kube-proxy's rules drop it.
-        let endpoints = services.port_endpoints(&key, &port);
+        let endpoints = services.route_endpoints(&route);
         let Some(&target) = endpoints.get(next % endpoints.len().max(1)) else {
             continue;
         };
@@ -440,6 +443,17 @@ fn table_of(me: &str, services: &[Arc<Service>], slices: &[Arc<EndpointSlice>]) 
         let Some(entry) = table.services.get_mut(&(ns, svc)) else {
             continue;
         };
+        let slice_ports: Vec<(Protocol, u16)> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((
+                    Protocol::parse(p.protocol.as_deref())?,
+                    u16::try_from(p.port?).ok()?,
+                ))
+            })
+            .collect();
         for e in &slice.endpoints {
             if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                 continue;
@@ -447,20 +461,16 @@ fn table_of(me: &str, services: &[Arc<Service>], slices: &[Arc<EndpointSlice>]) 
             let Some(ip) = e.addresses.iter().find_map(|a| a.parse::<IpAddr>().ok()) else {
                 continue;
             };
+            let at_ip = slice_ports
+                .iter()
+                .map(|&(protocol, port)| (protocol, SocketAddr::new(ip, port)));
             match e.node_name.as_deref() {
-                Some(n) if n == me => {
-                    for p in slice.ports.iter().flatten() {
-                        let (Some(protocol), Some(port)) = (
-                            Protocol::parse(p.protocol.as_deref()),
-                            p.port.and_then(|p| u16::try_from(p).ok()),
-                        ) else {
-                            continue;
-                        };
-                        table.exits.insert((protocol, SocketAddr::new(ip, port)));
-                    }
-                }
+                Some(n) if n == me => table.exits.extend(at_ip),
                 Some(n) => {
                     table.remote.insert(ip, Arc::from(n));
+                    if entry.cluster_ip.is_none() {
+                        table.remote_pods.extend(at_ip);
+                    }
                 }
                 // An endpoint of no node (a Service without a selector, whose
                 // EndpointSlices a user wrote): reached directly from here.
@@ -584,6 +594,22 @@ impl Services {
             .find(|p| p.name == "https")
             .or(e.ports.first())?;
         Some((e.cluster_ip?, port.port))
+    }
+
+    /// Where a listener for `route` may forward now.
+    fn route_endpoints(&self, route: &Route) -> Vec<SocketAddr> {
+        match route {
+            Route::Service { key, port } => self.port_endpoints(key, port),
+            Route::Pod(addr) => {
+                let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+                let ready = table.remote_pods.iter().any(|(_, a)| a == addr);
+                if ready {
+                    vec![*addr]
+                } else {
+                    Vec::new()
+                }
+            }
+        }
     }
 
     /// The ready endpoints of the Service port named `port`, less the pods of this node
@@ -830,7 +856,7 @@ impl Services {
         )
         .map(|_| ());
         let mut changes = futures::stream::select(svcs, eps).boxed();
-        let mut listeners: HashMap<Listener, (String, JoinHandle<()>)> = HashMap::new();
+        let mut listeners: HashMap<Listener, (Route, JoinHandle<()>)> = HashMap::new();
         while changes.next().await.is_some() {
             // Coalesce a burst of events into one rebuild.
             while let Some(Some(())) = futures::FutureExt::now_or_never(changes.next()) {}
@@ -845,55 +871,64 @@ impl Services {
         &self,
         svc_store: &Store<Service>,
         eps_store: &Store<EndpointSlice>,
-        listeners: &mut HashMap<Listener, (String, JoinHandle<()>)>,
+        listeners: &mut HashMap<Listener, (Route, JoinHandle<()>)>,
     ) {
         let table = table_of(&self.here.name, &svc_store.state(), &eps_store.state());
-        // The listeners the table wants: (protocol, address) -> (service key, port name).
-        let mut wanted: BTreeMap<Listener, ((String, String), String)> = BTreeMap::new();
+        // The listeners the table wants.
+        let mut wanted: BTreeMap<Listener, Route> = BTreeMap::new();
         for (key, e) in &table.services {
             for p in &e.ports {
+                let route = Route::Service {
+                    key: key.clone(),
+                    port: p.name.clone(),
+                };
                 let cluster_ip = e.cluster_ip.filter(|_| self.cluster_ips);
                 for ip in e.local_ip.into_iter().chain(cluster_ip) {
                     wanted.insert(
                         (p.protocol, SocketAddr::new(IpAddr::V4(ip), p.port)),
-                        (key.clone(), p.name.clone()),
+                        route.clone(),
                     );
                 }
                 if let Some(np) = p.node_port {
                     wanted.insert(
                         (p.protocol, SocketAddr::new(self.here.address, np)),
-                        (key.clone(), p.name.clone()),
+                        route.clone(),
                     );
                 }
             }
         }
+        // A node on a host of its own owns every loopback address there: it stands in
+        // for headless Services' pods on other nodes at their addresses. Nodes on
+        // loopback addresses share one host (a test cluster), where those addresses are
+        // the pods' own.
+        if !self.here.address.is_loopback() {
+            for &(protocol, addr) in &table.remote_pods {
+                wanted.insert((protocol, addr), Route::Pod(addr));
+            }
+        }
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
         self.changed.send_modify(|g| *g += 1);
-        listeners.retain(|addr, (id, task)| {
-            let keep = wanted
-                .get(addr)
-                .is_some_and(|(k, p)| *id == format!("{}/{}/{p}", k.0, k.1));
+        listeners.retain(|addr, (route, task)| {
+            let keep = wanted.get(addr) == Some(route);
             if !keep {
                 task.abort();
             }
             keep
         });
-        for ((protocol, addr), (key, port)) in wanted {
+        for ((protocol, addr), route) in wanted {
             if listeners.contains_key(&(protocol, addr)) {
                 continue;
             }
-            let id = format!("{}/{}/{port}", key.0, key.1);
             let task = match protocol {
                 Protocol::Tcp => {
-                    listen(addr).map(|l| tokio::spawn(serve(l, self.clone(), key, port)))
+                    listen(addr).map(|l| tokio::spawn(serve(l, self.clone(), route.clone())))
                 }
-                Protocol::Udp => {
-                    listen_udp(addr).map(|s| tokio::spawn(serve_udp(s, self.clone(), key, port)))
-                }
+                Protocol::Udp => listen_udp(addr)
+                    .map(|s| tokio::spawn(serve_udp(s, self.clone(), route.clone()))),
             };
             match task {
                 Ok(task) => {
-                    listeners.insert((protocol, addr), (id, task));
+                    listeners.insert((protocol, addr), (route, task));
                 }
                 Err(e) => {
                     tracing::warn!(%addr, protocol = protocol.as_str(), error = %e, "cannot serve a Service port")
@@ -989,7 +1024,11 @@ mod tests {
             }))
             .unwrap(),
         );
-        let t = table_of("a", &[svc], &[slice]);
+        let t = table_of(
+            "a",
+            std::slice::from_ref(&svc),
+            std::slice::from_ref(&slice),
+        );
         let e = &t.services[&("default".to_string(), "dns".to_string())];
         // SCTP is not routed; UDP and TCP on one port number are two ports.
         let protocols: Vec<_> = e.ports.iter().map(|p| p.protocol).collect();
@@ -1012,6 +1051,14 @@ mod tests {
         assert!(!t
             .exits
             .contains(&(Protocol::Udp, "127.128.16.2:5353".parse().unwrap())));
+        // Not headless: b's pod is reached through the ClusterIP only.
+        assert!(t.remote_pods.is_empty());
+        let mut headless = (*svc).clone();
+        headless.spec.as_mut().unwrap().cluster_ip = Some("None".into());
+        let t = table_of("a", &[Arc::new(headless)], &[slice]);
+        let b: SocketAddr = "127.128.16.2:5353".parse().unwrap();
+        let want = BTreeSet::from([(Protocol::Tcp, b), (Protocol::Udp, b)]);
+        assert_eq!(t.remote_pods, want);
         // Seen from b, the roles swap.
         let t = table_of("b", &[], &[]);
         assert!(t.exits.is_empty() && t.remote.is_empty());
