@@ -18,7 +18,7 @@ import glob
 PACKAGES = [
     "api/core/v1", "api/apps/v1", "api/batch/v1", "api/discovery/v1",
     "api/coordination/v1", "api/autoscaling/v1", "api/policy/v1",
-    "api/rbac/v1", "api/authentication/v1", "api/authorization/v1",
+    "api/rbac/v1", "api/authentication/v1", "api/authorization/v1", "api/certificates/v1",
     "apimachinery/pkg/apis/meta/v1", "apimachinery/pkg/runtime",
     "apimachinery/pkg/util/intstr", "apimachinery/pkg/api/resource",
 ]

@@ -929,3 +929,116 @@ spec:
         "{err}"
     );
 }
+
+/// Approving a CertificateSigningRequest takes the `approve` verb on its signer, as in
+/// Kubernetes: a user who may only update approvals cannot approve their own request for
+/// an API client certificate naming `system:masters`, and so cannot make themselves an
+/// administrator. Granted `approve` on the signer's domain, they can.
+#[test]
+fn approving_a_csr_takes_approve_on_its_signer() {
+    let b = Baton::start();
+    let mallory = teammate(&b, "mallory", "default");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "mallory-admin");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:masters");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    use base64::Engine as _;
+    let request = base64::engine::general_purpose::STANDARD.encode(csr);
+    let manifest = format!(
+        "apiVersion: certificates.k8s.io/v1
+kind: CertificateSigningRequest
+metadata:
+  name: mallory-admin
+spec:
+  signerName: kubernetes.io/kube-apiserver-client
+  usages: [client auth]
+  request: {request}
+"
+    );
+    let role = "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: csr-approver
+rules:
+- apiGroups: [certificates.k8s.io]
+  resources: [certificatesigningrequests]
+  verbs: [create, get, list, watch]
+- apiGroups: [certificates.k8s.io]
+  resources: [certificatesigningrequests/approval]
+  verbs: [update]
+";
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(role));
+    b.ok(&[
+        "create",
+        "clusterrolebinding",
+        "mallory-approves",
+        "--clusterrole=csr-approver",
+        "--user=mallory",
+    ]);
+    baton::wait_until(
+        Duration::from_secs(10),
+        "the binding to take effect",
+        || {
+            b.run("kubectl", &[&mallory, "get", "csr"], None)
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    b.ok_with("kubectl", &[&mallory, "apply", "-f", "-"], Some(&manifest));
+    let err = b.fails(&[&mallory, "certificate", "approve", "mallory-admin"], None);
+    assert!(
+        err.contains(
+            "cannot approve signers.certificates.k8s.io \"kubernetes.io/kube-apiserver-client\""
+        ),
+        "{err}"
+    );
+    let conditions = jsonpath(&b, &["csr", "mallory-admin"], "{.status.conditions}");
+    assert!(conditions.is_empty(), "{conditions}");
+    // Denying is deciding too.
+    let err = b.fails(&[&mallory, "certificate", "deny", "mallory-admin"], None);
+    assert!(err.contains("cannot approve signers"), "{err}");
+
+    let grant = "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: csr-approver
+rules:
+- apiGroups: [certificates.k8s.io]
+  resources: [certificatesigningrequests]
+  verbs: [create, get, list, watch]
+- apiGroups: [certificates.k8s.io]
+  resources: [certificatesigningrequests/approval]
+  verbs: [update]
+- apiGroups: [certificates.k8s.io]
+  resources: [signers]
+  resourceNames: [kubernetes.io/*]
+  verbs: [approve]
+";
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(grant));
+    baton::wait_until(
+        Duration::from_secs(10),
+        "the approval to go through",
+        || {
+            b.run(
+                "kubectl",
+                &[&mallory, "certificate", "approve", "mallory-admin"],
+                None,
+            )
+            .status
+            .success()
+            .then_some(())
+        },
+    );
+    let approved = jsonpath(
+        &b,
+        &["csr", "mallory-admin"],
+        "{.status.conditions[0].type}",
+    );
+    assert_eq!(approved, "Approved");
+}

@@ -156,6 +156,11 @@ fn message(name: &str, buf: &[u8]) -> ApiResult<Value> {
                 f.get("strVal").cloned().unwrap_or(json!(""))
             });
         }
+        // A user's extra values: a list of strings in JSON, a message in protobuf.
+        (_, "ExtraValue") => {
+            let mut f = message_fields(name, buf)?;
+            return Ok(f.remove("items").unwrap_or(json!([])));
+        }
         ("apimachinery/pkg/api/resource", "Quantity") => {
             let f = message_fields(name, buf)?;
             return Ok(f.get("string").cloned().unwrap_or(json!("0")));
@@ -280,6 +285,7 @@ fn package_of(api_version: &str) -> Option<&'static str> {
         "rbac.authorization.k8s.io/v1" => "api/rbac/v1",
         "authentication.k8s.io/v1" => "api/authentication/v1",
         "authorization.k8s.io/v1" => "api/authorization/v1",
+        "certificates.k8s.io/v1" => "api/certificates/v1",
         "meta.k8s.io/v1" => "apimachinery/pkg/apis/meta/v1",
         _ => return None,
     })

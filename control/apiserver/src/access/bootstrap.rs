@@ -259,6 +259,8 @@ fn controller_manager_rules() -> Vec<Value> {
         ),
         rule(&["batch"], &["jobs"], &["create"]),
         rule(&["discovery.k8s.io"], &["endpointslices"], &["create"]),
+        // csrapproving and csrsigning: decide and sign for the cluster's signers.
+        rule(&["certificates.k8s.io"], &["signers"], &["approve", "sign"]),
         rule(&["coordination.k8s.io"], &["leases"], &["create"]),
         rule(&["events.k8s.io"], &["events"], &["create"]),
         rule(

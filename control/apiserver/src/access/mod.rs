@@ -18,6 +18,7 @@ pub mod authn;
 pub mod bootstrap;
 pub mod escalation;
 pub mod reviews;
+pub mod signers;
 pub mod tokens;
 
 use std::sync::Arc;

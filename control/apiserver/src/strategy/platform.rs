@@ -4,8 +4,9 @@
 use baton_auth::UserInfo;
 use serde_json::{json, Value};
 
-use super::{age, name, Column, Strategy};
+use super::{age, name, Column, Hook, Strategy};
 use crate::error::{ApiError, ApiResult, FieldError};
+use crate::objects::Objects;
 use crate::table::{container_field, i, none_if_empty, s, selector_string};
 
 #[derive(Debug)]
@@ -441,6 +442,21 @@ impl Strategy for CertificateSigningRequests {
                 ));
             }
         }
+    }
+
+    fn admit<'a>(
+        &'a self,
+        objects: &'a Objects,
+        user: &'a UserInfo,
+        obj: &'a Value,
+        old: Option<&'a Value>,
+    ) -> Hook<'a, ApiResult<()>> {
+        Box::pin(async move {
+            match old {
+                Some(old) => crate::access::signers::csr_update(objects, user, obj, old).await,
+                None => Ok(()),
+            }
+        })
     }
 
     fn prepare_create(&self, obj: &mut Value) {
