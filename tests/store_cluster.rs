@@ -199,3 +199,48 @@ async fn members_join_in_any_order_and_at_the_same_moment() {
     client.put("j/1", "x").await.unwrap();
     assert_eq!(count_keys(&client, "j/", false).await, Some(1));
 }
+
+/// A follower does not forward a write to a leader it has not heard from for a few
+/// heartbeats (stopped, here, as a cut-off host would be): it waits for the leader or its
+/// successor, and when the client's deadline comes first it answers "no leader", a
+/// definite failure that the client may retry elsewhere, instead of leaving the write's
+/// outcome unknown. Once the leader is back, the follower forwards again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_of_a_silent_leader_fails_writes_definitely_before_the_clients_deadline() {
+    // Elections take seconds here, far beyond the client's 800 ms.
+    let c = Cluster::start(3, &["--heartbeat-ms", "100", "--election-ms", "3000"]).await;
+    let leader = c.wait_for_leader().await;
+    let leader_idx = c.index_of(leader);
+    let follower_idx = (leader_idx + 1) % 3;
+    let follower = c
+        .client()
+        .pinned(&c.members[follower_idx].addr)
+        .with_timeout(Duration::from_millis(800));
+    follower.put("silent/before", "v").await.unwrap();
+    c.signal(leader_idx, "-STOP");
+    // The first writes may leave before the follower has missed enough heartbeats; one
+    // of the next fails definitely. None succeeds: nobody can commit.
+    let start = std::time::Instant::now();
+    let mut outcomes = Vec::new();
+    let definite = loop {
+        let r = follower.put("silent/during", "v").await;
+        match r {
+            Ok(rev) => panic!("a write committed without a leader: {rev}"),
+            Err(baton_store::Error::NoLeader { reason }) => break reason,
+            Err(e) => outcomes.push(e.to_string()),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "no definite failure: {outcomes:?}"
+        );
+    };
+    assert!(definite.contains("nothing was written"), "{definite}");
+    assert!(outcomes.len() <= 2, "{outcomes:?}");
+    c.signal(leader_idx, "-CONT");
+    wait_for(
+        Duration::from_secs(30),
+        "writes through the follower again",
+        || async { follower.put("silent/after", "v").await.ok() },
+    )
+    .await;
+}

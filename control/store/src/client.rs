@@ -312,6 +312,10 @@ pub(crate) async fn post<Req: Serialize, Resp: DeserializeOwned>(
     if forwarded {
         request = request.header(crate::store::FORWARDED_HEADER, "1");
     }
+    request = request.header(
+        crate::store::TIMEOUT_HEADER,
+        timeout.as_millis().to_string(),
+    );
     let transport = |source| Error::Transport {
         addr: addr.to_string(),
         source,

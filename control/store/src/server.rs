@@ -214,6 +214,7 @@ async fn raft_append(State(store): State<Store>, body: Bytes) -> Response {
     let Some(raft) = store.raft() else {
         return not_a_member();
     };
+    store.leader_contact();
     encode(&raft.append_entries(req).await)
 }
 
@@ -249,7 +250,22 @@ async fn txn(State(store): State<Store>, headers: HeaderMap, body: Bytes) -> Res
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    reply(store.txn_inner(req, forwarded(&headers)).await)
+    let served = store.txn_inner(req, forwarded(&headers));
+    match deadline(&headers) {
+        Some(d) => reply(crate::store::DEADLINE.scope(d, served).await),
+        None => reply(served.await),
+    }
+}
+
+/// When the client stops waiting, from its timeout header.
+fn deadline(headers: &HeaderMap) -> Option<tokio::time::Instant> {
+    let ms: u64 = headers
+        .get(crate::store::TIMEOUT_HEADER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(tokio::time::Instant::now() + std::time::Duration::from_millis(ms.min(3_600_000)))
 }
 
 async fn get_key(State(store): State<Store>, body: Bytes) -> Response {

@@ -24,6 +24,21 @@ use crate::watch::{self, Watch, WatchHub, WatchParams};
 
 /// HTTP header marking a request already forwarded once, so members never forward in loops.
 pub(crate) const FORWARDED_HEADER: &str = "x-baton-forwarded";
+/// How long the client waits for a request's answer, in milliseconds: a member that is
+/// still waiting for a leader when that runs out answers "no leader" (nothing was
+/// written) rather than leave the client with an unknown outcome.
+pub(crate) const TIMEOUT_HEADER: &str = "x-baton-timeout-ms";
+
+tokio::task_local! {
+    /// When the client of the request being served stops waiting for it.
+    pub(crate) static DEADLINE: tokio::time::Instant;
+}
+
+/// A leader not heard from for this many heartbeats may be gone: a request is not
+/// forwarded to it until it is heard from again, or another is elected.
+const SILENT_HEARTBEATS: u32 = 3;
+/// What a member keeps of the client's deadline to answer in time.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
 /// Automatic compaction, as kine and the Kubernetes API server do it.
 #[derive(Clone, Debug)]
@@ -133,12 +148,24 @@ struct Inner {
     /// Leader changes this member has seen, for its metrics.
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
     latencies: crate::Latencies,
+    /// When a leader last sent this member entries or a heartbeat.
+    leader_contact: tokio::sync::watch::Sender<tokio::time::Instant>,
 }
 
 impl Inner {
-    /// How long a request waits for an election before it gives up.
+    /// How long a request waits for an election before it gives up: an election's
+    /// worth, but never past its client's deadline.
     fn election_wait(&self) -> Duration {
-        self.cfg.election_timeout.1 * 4
+        let wait = self.cfg.election_timeout.1 * 4;
+        match DEADLINE.try_with(|d| d.saturating_duration_since(tokio::time::Instant::now())) {
+            Ok(left) => wait.min(left.saturating_sub(DEADLINE_MARGIN)),
+            Err(_) => wait,
+        }
+    }
+
+    /// Whether the leader has been silent for a few heartbeats.
+    fn leader_silent(&self) -> bool {
+        self.leader_contact.borrow().elapsed() > self.cfg.heartbeat * SILENT_HEARTBEATS
     }
 }
 
@@ -209,6 +236,7 @@ impl Store {
                 read_barriers: rtx,
                 tasks: std::sync::Mutex::new(Vec::new()),
                 leader_changes: Arc::default(),
+                leader_contact: tokio::sync::watch::Sender::new(tokio::time::Instant::now()),
                 latencies,
             });
             let mut tasks = vec![
@@ -384,6 +412,11 @@ impl Store {
                 Ok(resp) => return Ok(resp),
                 Err(Proposed::Failed(e)) => return Err(e),
                 Err(Proposed::NotLeader(Some(leader))) if !forwarded => {
+                    // A silent leader may be cut off, and a write sent to it would hang
+                    // with an unknown outcome: wait until it is heard from or replaced.
+                    if !self.leader_heard_or_replaced(inner, &leader.addr).await? {
+                        continue;
+                    }
                     match self.forward(&leader.addr, "/store/v1/txn", &txn).await {
                         // Nothing reached the leader, so nothing was written: it died or
                         // was cut off. Once, wait for its successor and try again.
@@ -395,9 +428,14 @@ impl Store {
                     }
                 }
                 Err(Proposed::NotLeader(_)) if leader_wait && !forwarded => {
-                    // An election is under way: wait for it once, then try again.
+                    // An election is under way: wait for it once, then try again. Nothing
+                    // was proposed, so running out of time is a definite failure.
                     leader_wait = false;
-                    self.wait_for_leader(inner.election_wait()).await?;
+                    self.wait_for_leader(inner.election_wait())
+                        .await
+                        .map_err(|e| Error::NoLeader {
+                            reason: e.to_string(),
+                        })?;
                 }
                 Err(Proposed::NotLeader(_)) => {
                     return Err(Error::NoLeader {
@@ -406,6 +444,40 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// Notes that a leader sent this member entries or a heartbeat.
+    pub(crate) fn leader_contact(&self) {
+        if let Backend::Raft(inner) = &self.backend {
+            inner
+                .leader_contact
+                .send_replace(tokio::time::Instant::now());
+        }
+    }
+
+    /// Before a request is forwarded to the leader at `addr`: true at once if it was
+    /// heard from within a few heartbeats, or as soon as it is heard from again; false
+    /// if another leader is known first (the caller proposes again). Neither within an
+    /// election's wait: a definite failure, since nothing was sent.
+    async fn leader_heard_or_replaced(&self, inner: &Inner, addr: &str) -> Result<bool, Error> {
+        if !inner.leader_silent() {
+            return Ok(true);
+        }
+        let mut contact = inner.leader_contact.subscribe();
+        let wait = inner.election_wait();
+        let heard_or_replaced = async {
+            tokio::select! {
+                r = contact.changed() => r.map(|()| true).map_err(|_| Error::Closed),
+                r = another_leader(inner, addr) => r.map(|()| false),
+            }
+        };
+        tokio::time::timeout(wait, heard_or_replaced)
+            .await
+            .map_err(|_| Error::NoLeader {
+                reason: format!(
+                    "the leader at {addr} has not been heard from, and no other was elected within {wait:?}; nothing was written"
+                ),
+            })?
     }
 
     async fn forward<Req: Serialize, Resp: DeserializeOwned>(
