@@ -113,7 +113,13 @@ impl StoreClient {
             order.sort_by_key(|i| suspect[*i].is_some_and(|until| until > now));
         }
         let mut last = None;
+        // Once a member has answered that it has no leader, a suspect one (likely the
+        // lost leader itself) would only spend the rest of the call: the caller retries.
+        let mut answered = false;
         for i in order {
+            if answered && self.is_suspect(i) {
+                continue;
+            }
             let addr = &self.endpoints[i];
             let result = self.call_once(addr, path, req).await;
             self.suspect.lock().expect("suspect lock")[i] = match &result {
@@ -121,7 +127,10 @@ impl StoreClient {
                 _ => None,
             };
             match result {
-                Err(e) if retry_elsewhere(&e, read_only) => last = Some(e),
+                Err(e) if retry_elsewhere(&e, read_only) => {
+                    answered |= matches!(e, Error::NoLeader { .. });
+                    last = Some(e);
+                }
                 Err(e) if e.is_retryable() => {
                     // The outcome is unknown, so the caller gets the error; but the
                     // member that did not answer (partitioned, or cut off from the
@@ -136,6 +145,12 @@ impl StoreClient {
             }
         }
         Err(last.expect("at least one endpoint was tried"))
+    }
+
+    /// Whether member `i` did not answer lately.
+    fn is_suspect(&self, i: usize) -> bool {
+        let suspect = self.suspect.lock().expect("suspect lock");
+        suspect[i].is_some_and(|until| until > Instant::now())
     }
 
     pub async fn txn(&self, txn: &Txn) -> Result<TxnResponse, Error> {
