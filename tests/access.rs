@@ -1004,23 +1004,14 @@ rules:
     let err = b.fails(&[&mallory, "certificate", "deny", "mallory-admin"], None);
     assert!(err.contains("cannot approve signers"), "{err}");
 
-    let grant = "apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata:
-  name: csr-approver
-rules:
-- apiGroups: [certificates.k8s.io]
-  resources: [certificatesigningrequests]
-  verbs: [create, get, list, watch]
-- apiGroups: [certificates.k8s.io]
-  resources: [certificatesigningrequests/approval]
-  verbs: [update]
-- apiGroups: [certificates.k8s.io]
+    let grant = format!(
+        "{role}- apiGroups: [certificates.k8s.io]
   resources: [signers]
   resourceNames: [kubernetes.io/*]
   verbs: [approve]
-";
-    b.ok_with("kubectl", &["apply", "-f", "-"], Some(grant));
+"
+    );
+    b.ok_with("kubectl", &["apply", "-f", "-"], Some(&grant));
     baton::wait_until(
         Duration::from_secs(10),
         "the approval to go through",
