@@ -207,8 +207,7 @@ pub async fn run(
         logs.clone(),
     )
     .await?;
-    let link = Arc::new(tunnel::Link::new(client.clone()));
-    link.set_tls(link_tls);
+    let link = Arc::new(tunnel::Link::new(client.clone(), link_tls));
     let _local = cfg
         .local_link
         .as_ref()

@@ -219,8 +219,8 @@ enum Route {
     /// A Service's port (by name): its ready endpoints, round-robin.
     Service { key: (String, String), port: String },
     /// A ready endpoint of a headless Service on a node of another host, served at its
-    /// own address: the address the Service's name gives this node's pods.
-    Pod(SocketAddr),
+    /// own address (and protocol): the address the Service's name gives this node's pods.
+    Pod(Listener),
 }
 
 /// Accepts on `listener` and forwards each connection to an endpoint of the route.
@@ -284,9 +284,9 @@ const FLOW_QUEUE: usize = 256;
 /// the same for as long as the client keeps talking, so that its replies come back to it
 /// from the address it sent to (kube-proxy leaves this to conntrack).
 async fn serve_udp(socket: tokio::net::UdpSocket, services: Services, route: Route) {
-    use tokio::sync::mpsc::error::TrySendError;
+    use futures::channel::mpsc;
     let socket = Arc::new(socket);
-    let mut flows: HashMap<SocketAddr, tokio::sync::mpsc::Sender<Bytes>> = HashMap::new();
+    let mut flows: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
     let mut next = 0usize;
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -294,12 +294,13 @@ async fn serve_udp(socket: tokio::net::UdpSocket, services: Services, route: Rou
             continue;
         };
         let mut data = Bytes::copy_from_slice(&buf[..n]);
-        if let Some(flow) = flows.get(&client) {
+        if let Some(flow) = flows.get_mut(&client) {
             match flow.try_send(data) {
-                Ok(()) | Err(TrySendError::Full(_)) => continue,
-                Err(TrySendError::Closed(d)) => {
+                Ok(()) => continue,
+                Err(e) if e.is_full() => continue,
+                Err(e) => {
                     flows.remove(&client);
-                    data = d;
+                    data = e.into_inner();
                 }
             }
         }
@@ -315,7 +316,8 @@ async fn serve_udp(socket: tokio::net::UdpSocket, services: Services, route: Rou
             continue;
         };
         next = next.wrapping_add(1);
-        let (flow, queued) = tokio::sync::mpsc::channel(FLOW_QUEUE);
+        // The channel holds its buffer and one more per sender.
+        let (mut flow, queued) = mpsc::channel(FLOW_QUEUE - 1);
         let _ = flow.try_send(data);
         flows.insert(client, flow);
         tokio::spawn(udp_flow(
@@ -334,9 +336,8 @@ async fn udp_flow(
     listener: Arc<tokio::net::UdpSocket>,
     client: SocketAddr,
     target: SocketAddr,
-    queued: tokio::sync::mpsc::Receiver<Bytes>,
+    from_client: futures::channel::mpsc::Receiver<Bytes>,
 ) {
-    let from_client = tokio_stream_of(queued);
     let to_client = futures::sink::unfold(listener, move |listener, d: Bytes| async move {
         listener.send_to(&d, client).await?;
         Ok::<_, std::io::Error>(listener)
@@ -351,40 +352,21 @@ async fn udp_flow(
                     return;
                 }
             };
-            let (to_tunnel, from_tunnel) = crate::tunnel::datagrams(tunnel).split();
-            let from_tunnel = from_tunnel
-                .filter_map(|d| std::future::ready(d.ok()))
-                .map(bytes::BytesMut::freeze);
+            let (to_tunnel, from_tunnel) = crate::tunnel::framed(tunnel);
             crate::tunnel::relay(from_client, to_client, from_tunnel, to_tunnel).await;
         }
         None => {
-            let udp = match local_udp(services.here.source, target).await {
+            let udp = match crate::tunnel::udp_to(services.here.source, target).await {
                 Ok(u) => u,
                 Err(e) => {
                     tracing::debug!(%target, error = %e, "no socket for a UDP flow");
                     return;
                 }
             };
-            let (to_endpoint, from_endpoint) = crate::tunnel::socket(udp);
+            let (to_endpoint, from_endpoint) = crate::tunnel::socket(udp, target);
             crate::tunnel::relay(from_client, to_client, from_endpoint, to_endpoint).await;
         }
     }
-}
-
-/// A UDP socket from `source` connected to `target`.
-async fn local_udp(source: IpAddr, target: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
-    let udp = tokio::net::UdpSocket::bind(SocketAddr::new(source, 0)).await?;
-    udp.connect(target).await?;
-    Ok(udp)
-}
-
-/// A channel's receiver as a stream.
-fn tokio_stream_of<T: Send + 'static>(
-    rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> + Unpin {
-    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|d| (d, rx))
-    }))
 }
 
 /// The routing table for node `me` from the Services and EndpointSlices it knows.
@@ -443,27 +425,39 @@ fn table_of(me: &str, services: &[Arc<Service>], slices: &[Arc<EndpointSlice>]) 
         let Some(entry) = table.services.get_mut(&(ns, svc)) else {
             continue;
         };
-        let slice_ports: Vec<(Protocol, u16)> = slice
+        // (name, protocol, number); a port of a protocol the node does not route is
+        // still a named port of the Service's endpoints.
+        let slice_ports: Vec<(String, Option<Protocol>, u16)> = slice
             .ports
             .iter()
             .flatten()
             .filter_map(|p| {
                 Some((
-                    Protocol::parse(p.protocol.as_deref())?,
+                    p.name.clone().unwrap_or_default(),
+                    Protocol::parse(p.protocol.as_deref()),
                     u16::try_from(p.port?).ok()?,
                 ))
             })
             .collect();
+        for (name, _, _) in &slice_ports {
+            entry.endpoints.entry(name.clone()).or_default();
+        }
         for e in &slice.endpoints {
             if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                 continue;
             }
-            let Some(ip) = e.addresses.iter().find_map(|a| a.parse::<IpAddr>().ok()) else {
+            let ips: Vec<IpAddr> = e.addresses.iter().filter_map(|a| a.parse().ok()).collect();
+            for (name, _, port) in &slice_ports {
+                if let Some(list) = entry.endpoints.get_mut(name) {
+                    list.extend(ips.iter().map(|&ip| SocketAddr::new(ip, *port)));
+                }
+            }
+            let Some(&ip) = ips.first() else {
                 continue;
             };
             let at_ip = slice_ports
                 .iter()
-                .map(|&(protocol, port)| (protocol, SocketAddr::new(ip, port)));
+                .filter_map(|&(_, protocol, port)| Some((protocol?, SocketAddr::new(ip, port))));
             match e.node_name.as_deref() {
                 Some(n) if n == me => table.exits.extend(at_ip),
                 Some(n) => {
@@ -479,25 +473,6 @@ fn table_of(me: &str, services: &[Arc<Service>], slices: &[Arc<EndpointSlice>]) 
             entry.addresses.push(ip);
             if let Some(h) = &e.hostname {
                 entry.hostnames.insert(h.to_ascii_lowercase(), ip);
-            }
-        }
-        for p in slice.ports.iter().flatten() {
-            let (Some(port), name) = (
-                p.port.and_then(|p| u16::try_from(p).ok()),
-                p.name.clone().unwrap_or_default(),
-            ) else {
-                continue;
-            };
-            let list = entry.endpoints.entry(name).or_default();
-            for e in &slice.endpoints {
-                if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                    continue;
-                }
-                for a in &e.addresses {
-                    if let Ok(ip) = a.parse::<IpAddr>() {
-                        list.push(SocketAddr::new(ip, port));
-                    }
-                }
             }
         }
     }
@@ -600,11 +575,10 @@ impl Services {
     fn route_endpoints(&self, route: &Route) -> Vec<SocketAddr> {
         match route {
             Route::Service { key, port } => self.port_endpoints(key, port),
-            Route::Pod(addr) => {
+            Route::Pod(pod) => {
                 let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-                let ready = table.remote_pods.iter().any(|(_, a)| a == addr);
-                if ready {
-                    vec![*addr]
+                if table.remote_pods.contains(pod) {
+                    vec![pod.1]
                 } else {
                     Vec::new()
                 }
@@ -902,8 +876,8 @@ impl Services {
         // loopback addresses share one host (a test cluster), where those addresses are
         // the pods' own.
         if !self.here.address.is_loopback() {
-            for &(protocol, addr) in &table.remote_pods {
-                wanted.insert((protocol, addr), Route::Pod(addr));
+            for &pod in &table.remote_pods {
+                wanted.insert(pod, Route::Pod(pod));
             }
         }
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;

@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -90,8 +90,6 @@ pub enum TunnelError {
     },
     #[error("node {0:?} publishes no InternalIP and kubelet port")]
     NoAddress(String),
-    #[error("the node's own certificate is not ready yet")]
-    NoIdentity,
     #[error("connecting to node {node:?} at {addr}")]
     Connect {
         node: String,
@@ -117,9 +115,8 @@ pub enum TunnelError {
 /// This node's side of the node-to-node network: opens tunnels to other nodes.
 pub struct Link {
     client: Client,
-    /// The node's certificate as a client, and the cluster CA; set once the kubelet
-    /// endpoint has its certificate.
-    tls: OnceLock<tokio_rustls::TlsConnector>,
+    /// The node's certificate as a client, and the cluster CA.
+    tls: tokio_rustls::TlsConnector,
     /// Node name -> its kubelet endpoint, and when that was looked up.
     peers: Mutex<HashMap<String, (SocketAddr, Instant)>>,
 }
@@ -131,17 +128,14 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    pub fn new(client: Client) -> Self {
+    /// A link that presents the node's identity `tls` (its kubelet endpoint's
+    /// certificate, [`crate::server::Started::link`]).
+    pub fn new(client: Client, tls: Arc<rustls::ClientConfig>) -> Self {
         Self {
             client,
-            tls: OnceLock::new(),
+            tls: tokio_rustls::TlsConnector::from(tls),
             peers: Mutex::default(),
         }
-    }
-
-    /// Gives the link the node's client identity.
-    pub fn set_tls(&self, cfg: Arc<rustls::ClientConfig>) {
-        let _ = self.tls.set(tokio_rustls::TlsConnector::from(cfg));
     }
 
     /// Where `node` takes tunnels: its InternalIP and kubelet port.
@@ -200,7 +194,6 @@ impl Link {
         protocol: Protocol,
         target: SocketAddr,
     ) -> Result<Tunnel, TunnelError> {
-        let tls = self.tls.get().ok_or(TunnelError::NoIdentity)?.clone();
         let addr = self.peer(node).await?;
         let connect = |source| TunnelError::Connect {
             node: node.to_string(),
@@ -212,7 +205,7 @@ impl Link {
             .map_err(connect)?;
         let _ = tcp.set_nodelay(true);
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let tls = tls.connect(name, tcp).await.map_err(connect)?;
+        let tls = self.tls.connect(name, tcp).await.map_err(connect)?;
         let http = |source| TunnelError::Http {
             node: node.to_string(),
             source,
@@ -247,11 +240,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Datagrams framed on a stream: two bytes of length, then the datagram.
-pub fn datagrams<S: AsyncRead + AsyncWrite>(io: S) -> Framed<S, LengthDelimitedCodec> {
+fn datagrams<S: AsyncRead + AsyncWrite>(io: S) -> Framed<S, LengthDelimitedCodec> {
     LengthDelimitedCodec::builder()
         .length_field_length(2)
         .max_frame_length(usize::from(u16::MAX))
         .new_framed(io)
+}
+
+/// A tunnel's stream as datagrams out and in ([`datagrams`]).
+pub fn framed<S: Io>(
+    io: S,
+) -> (
+    impl futures::Sink<Bytes, Error = std::io::Error> + Unpin,
+    impl futures::Stream<Item = Bytes> + Unpin,
+) {
+    let (sink, stream) = datagrams(io).split();
+    let stream = stream.filter_map(|d| std::future::ready(d.ok().map(bytes::BytesMut::freeze)));
+    (sink, stream)
 }
 
 /// What a tunnel request asks for: its protocol and target.
@@ -275,7 +280,8 @@ pub fn parse_request(query: Option<&str>) -> Option<(Protocol, SocketAddr)> {
 #[derive(Debug)]
 pub enum Exit {
     Tcp(tokio::net::TcpStream),
-    Udp(tokio::net::UdpSocket),
+    /// A socket connected to its endpoint, and the endpoint.
+    Udp(tokio::net::UdpSocket, SocketAddr),
 }
 
 impl Exit {
@@ -295,11 +301,7 @@ impl Exit {
                 let _ = tcp.set_nodelay(true);
                 Ok(Self::Tcp(tcp))
             }
-            Protocol::Udp => {
-                let udp = tokio::net::UdpSocket::bind(SocketAddr::new(source, 0)).await?;
-                udp.connect(target).await?;
-                Ok(Self::Udp(udp))
-            }
+            Protocol::Udp => Ok(Self::Udp(udp_to(source, target).await?, target)),
         }
     }
 
@@ -309,40 +311,35 @@ impl Exit {
             Self::Tcp(mut tcp) => {
                 let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut tcp).await;
             }
-            Self::Udp(udp) => {
-                let (to_tunnel, from_tunnel) = datagrams(tunnel).split();
-                let from_tunnel = from_tunnel.filter_map(|d| std::future::ready(d.ok()));
-                let (to_endpoint, from_endpoint) = socket(udp);
-                relay(
-                    from_tunnel.map(bytes::BytesMut::freeze),
-                    to_tunnel,
-                    from_endpoint,
-                    to_endpoint,
-                )
-                .await;
+            Self::Udp(udp, target) => {
+                let (to_tunnel, from_tunnel) = framed(tunnel);
+                let (to_endpoint, from_endpoint) = socket(udp, target);
+                relay(from_tunnel, to_tunnel, from_endpoint, to_endpoint).await;
             }
         }
     }
 }
 
-/// A connected UDP socket as datagrams in and out. A receive error (an ICMP unreachable
-/// after a send) is passed over: the endpoint may come back within the flow.
+/// A UDP socket from `source` (any port) connected to `target`.
+pub async fn udp_to(source: IpAddr, target: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let udp = tokio::net::UdpSocket::bind(SocketAddr::new(source, 0)).await?;
+    udp.connect(target).await?;
+    Ok(udp)
+}
+
+/// A UDP socket connected to `peer` ([`udp_to`]) as datagrams out and in. A receive
+/// error (an ICMP unreachable after a send) is passed over: the endpoint may come back
+/// within the flow.
 pub fn socket(
     udp: tokio::net::UdpSocket,
+    peer: SocketAddr,
 ) -> (
     impl futures::Sink<Bytes, Error = std::io::Error> + Unpin,
     impl futures::Stream<Item = Bytes> + Unpin,
 ) {
-    let peer = udp.peer_addr();
     let (sink, stream) =
         tokio_util::udp::UdpFramed::new(udp, tokio_util::codec::BytesCodec::new()).split();
-    let sink = sink.with(move |d: Bytes| {
-        std::future::ready(
-            peer.as_ref()
-                .map(|p| (d, *p))
-                .map_err(|e| std::io::Error::new(e.kind(), e.to_string())),
-        )
-    });
+    let sink = sink.with(move |d: Bytes| std::future::ready(Ok::<_, std::io::Error>((d, peer))));
     let stream = stream.filter_map(|got| std::future::ready(got.ok().map(|(d, _)| d.freeze())));
     (sink, stream)
 }

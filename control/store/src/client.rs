@@ -106,12 +106,8 @@ impl StoreClient {
         let n = self.endpoints.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
-        {
-            // Members that answer first, in turn; the suspects last.
-            let now = Instant::now();
-            let suspect = self.suspect.lock().expect("suspect lock");
-            order.sort_by_key(|i| suspect[*i].is_some_and(|until| until > now));
-        }
+        // Members that answer first, in turn; the suspects last.
+        order.sort_by_cached_key(|i| self.is_suspect(*i));
         let mut last = None;
         // Once a member has answered that it has no leader, a suspect one (likely the
         // lost leader itself) would only spend the rest of the call: the caller retries.
