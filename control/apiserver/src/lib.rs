@@ -20,9 +20,11 @@
 //!    An object's `resourceVersion` is the store revision that last wrote it; a list's is
 //!    the revision it was read at. Every update is a compare-and-swap on that revision, so
 //!    a stale write gets 409 instead of overwriting.
-//! 4. Watches are store watches on the resource's prefix, turned into `ADDED`/`MODIFIED`/
-//!    `DELETED` events (label and field selectors included), `BOOKMARK`s from the store's
-//!    progress notifications, and an `ERROR` 410 when the revision was compacted.
+//! 4. Watches are `ADDED`/`MODIFIED`/`DELETED` events (label and field selectors
+//!    included), periodic `BOOKMARK`s, and an `ERROR` 410 when the revision was compacted.
+//!    They and most lists are served from the [`watchcache`]: one store watch per resource
+//!    feeds every API watch of it, indexed by the field a watch pins (a node's
+//!    `spec.nodeName`). What the cache cannot answer is read from the store.
 //!
 //! Patches ([`patch`]): JSON patch, JSON merge patch, strategic merge (with the merge keys
 //! of the served types), and server-side apply with managed fields ([`managed`]).
@@ -62,6 +64,7 @@ pub mod table;
 pub mod telemetry;
 pub mod ui;
 pub mod validation;
+pub mod watchcache;
 pub mod webhook;
 
 pub use error::{ApiError, FieldError};

@@ -32,6 +32,8 @@ pub struct Objects {
     pub kubelet_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Node agents in this process, reached without TLS (`baton up`).
     pub local_nodes: baton_kube::local_nodes::LocalNodes,
+    /// What watches and lists are served from when they can be ([`crate::watchcache`]).
+    pub caches: crate::watchcache::WatchCaches,
 }
 
 impl Objects {
@@ -45,6 +47,7 @@ impl Objects {
             policies: crate::cache::Cache::new(crate::policy::PREFIX),
             kubelet_tls: None,
             local_nodes: Default::default(),
+            caches: Default::default(),
         }
     }
 

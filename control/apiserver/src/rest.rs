@@ -399,6 +399,10 @@ async fn list(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let at = ReadAt::parse(req.q("resourceVersion"), req.q("resourceVersionMatch"))?;
     let limit: usize = req.q("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
     let ns = ns_of(req);
+    let cont = req.q("continue").filter(|c| !c.is_empty());
+    if let Some(page) = list_cached(objects, req, at, limit, cont, (&ls, &fs)).await? {
+        return Ok(page);
+    }
     let page = match res.strategy.measure(objects, ns, None, &ls) {
         Some(measured) => crate::objects::Page {
             items: measured.await?,
@@ -407,14 +411,7 @@ async fn list(objects: &Objects, req: &Request) -> ApiResult<Response> {
         },
         None => {
             objects
-                .list(
-                    res,
-                    ns,
-                    at,
-                    limit,
-                    req.q("continue").filter(|c| !c.is_empty()),
-                    |o| ls.matches(o) && fs.matches(o),
-                )
+                .list(res, ns, at, limit, cont, |o| ls.matches(o) && fs.matches(o))
                 .await?
         }
     };
@@ -422,7 +419,19 @@ async fn list(objects: &Objects, req: &Request) -> ApiResult<Response> {
     if let Some(c) = &page.continue_token {
         meta["continue"] = json!(c);
     }
-    let list = match req.rendering().unwrap_or(Rendering::Object) {
+    let rendering = req.rendering().unwrap_or(Rendering::Object);
+    Ok(render_list(req, rendering, meta, page.items))
+}
+
+/// A list response in the rendering asked.
+fn render_list(req: &Request, rendering: Rendering, meta: Value, items: Vec<Value>) -> Response {
+    let res = &*req.target.res;
+    let page = crate::objects::Page {
+        items,
+        revision: 0,
+        continue_token: None,
+    };
+    let list = match rendering {
         Rendering::Metadata => json!({
             "kind": "PartialObjectMetadataList",
             "apiVersion": "meta.k8s.io/v1",
@@ -440,7 +449,67 @@ async fn list(objects: &Objects, req: &Request) -> ApiResult<Response> {
             "items": page.items,
         }),
     };
-    Ok(json_response(StatusCode::OK, &list, &[]))
+    json_response(StatusCode::OK, &list, &[])
+}
+
+/// A list served from the watch cache, when it can be: no continue token, a revision the
+/// cache may answer, and a resource it keeps. The first page's continue token reads the
+/// rest from the store at the page's revision.
+async fn list_cached(
+    objects: &Objects,
+    req: &Request,
+    at: ReadAt,
+    limit: usize,
+    cont: Option<&str>,
+    (ls, fs): (&LabelSelector, &FieldSelector),
+) -> ApiResult<Option<Response>> {
+    use crate::watchcache::ListAt;
+    let res = &*req.target.res;
+    let at = match at {
+        _ if cont.is_some() => return Ok(None),
+        ReadAt::Exact(_) => return Ok(None),
+        ReadAt::Latest => ListAt::Latest,
+        ReadAt::Any => ListAt::Any,
+        ReadAt::NotOlderThan(r) => ListAt::NotOlderThan(r),
+    };
+    // A measured kind (metrics) has nothing in the store to cache.
+    if res.strategy.measure(objects, None, None, ls).is_some() {
+        return Ok(None);
+    }
+    let Some(cacher) = objects.caches.of(objects, res) else {
+        return Ok(None);
+    };
+    let scope = res.key_prefix_in(ns_of(req));
+    let Some(page) = cacher
+        .list(at, &scope, limit, |o| ls.matches(o) && fs.matches(o))
+        .await?
+    else {
+        return Ok(None);
+    };
+    let mut meta = json!({"resourceVersion": page.revision.to_string()});
+    if let Some(after) = &page.more_after {
+        meta["continue"] = json!(objects::encode_continue(page.revision, after.as_bytes()));
+    }
+    let rendering = req.rendering().unwrap_or(Rendering::Object);
+    if rendering != Rendering::Object {
+        let items: Vec<Value> = page.items.iter().map(|o| o.value.clone()).collect();
+        return Ok(Some(render_list(req, rendering, meta, items)));
+    }
+    // Each item's JSON is the cached one: a list of 150,000 pods serialises none of them.
+    let head = json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(), "metadata": meta});
+    let mut body = serde_json::to_vec(&head).unwrap_or_default();
+    body.pop();
+    body.extend_from_slice(b",\"items\":[");
+    for (i, item) in page.items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item.json());
+    }
+    body.extend_from_slice(b"]}");
+    Ok(Some(
+        (StatusCode::OK, [("content-type", "application/json")], body).into_response(),
+    ))
 }
 
 /// Parses and checks a request body against the resource's type and the URL.
@@ -1653,18 +1722,6 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
         .unwrap_or(Duration::from_secs(1800));
     let bookmarks = req.flag("allowWatchBookmarks");
     let prefix = res.key_prefix_in(ns.as_deref());
-    // "Start at most recent" and "any" begin with the current state as ADDED events.
-    let (initial, from) = match at {
-        ReadAt::Latest | ReadAt::Any => {
-            let page = objects
-                .list(&res, ns.as_deref(), at, 0, None, |o| {
-                    ls.matches(o) && fs.matches(o)
-                })
-                .await?;
-            (page.items, page.revision + 1)
-        }
-        ReadAt::NotOlderThan(r) | ReadAt::Exact(r) => (Vec::new(), r + 1),
-    };
     let req_view = Request {
         method: req.method.clone(),
         target: Target {
@@ -1678,6 +1735,50 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
         body: Bytes::new(),
         user: req.user.clone(),
         warnings: req.warnings.clone(),
+    };
+    if let Some(cacher) = objects.caches.of(objects, &res) {
+        use crate::watchcache::Start;
+        let start = match at {
+            ReadAt::Latest => Start::Now { consistent: true },
+            ReadAt::Any => Start::Now { consistent: false },
+            ReadAt::NotOlderThan(r) | ReadAt::Exact(r) => Start::After(r),
+        };
+        // Indexed by the field the selector pins, or else by namespace, so that a change
+        // reaches only the watchers that may match it.
+        let pin = fs
+            .pinned()
+            .map(|(f, v)| (f.to_string(), v.to_string()))
+            .or_else(|| {
+                ns.clone()
+                    .filter(|_| res.namespaced)
+                    .map(|n| ("metadata.namespace".to_string(), n))
+            });
+        if let Some(sub) = cacher.subscribe(start, &prefix, pin).await? {
+            let watcher = CachedWatcher {
+                req: req_view,
+                rendering,
+                ls,
+                fs,
+                scope: prefix,
+                bookmarks,
+            };
+            let span = tracing::debug_span!("api_watch", resource = %res.plural, cached = true);
+            let (tx, rx) = tokio::sync::mpsc::channel(256);
+            tokio::spawn(watcher.run(sub, tx, timeout).instrument(span));
+            return Ok(watch_response(rx));
+        }
+    }
+    // "Start at most recent" and "any" begin with the current state as ADDED events.
+    let (initial, from) = match at {
+        ReadAt::Latest | ReadAt::Any => {
+            let page = objects
+                .list(&res, ns.as_deref(), at, 0, None, |o| {
+                    ls.matches(o) && fs.matches(o)
+                })
+                .await?;
+            (page.items, page.revision + 1)
+        }
+        ReadAt::NotOlderThan(r) | ReadAt::Exact(r) => (Vec::new(), r + 1),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
     let mut store_watch = match objects.store.watch(prefix.clone(), from) {
@@ -1774,6 +1875,11 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
         }
         .instrument(span),
     );
+    Ok(watch_response(rx))
+}
+
+/// The streamed answer of a watch, its lines read from `rx`.
+fn watch_response(rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>) -> Response {
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     let mut resp = Response::new(Body::from_stream(stream));
     resp.headers_mut()
@@ -1782,7 +1888,110 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
         "cache-control",
         HeaderValue::from_static("no-cache, private"),
     );
-    Ok(resp)
+    resp
+}
+
+/// One watch served from the watch cache: its filter and how it renders.
+struct CachedWatcher {
+    req: Request,
+    rendering: Rendering,
+    ls: LabelSelector,
+    fs: FieldSelector,
+    /// The keys it may see (a namespace's, or the whole resource's).
+    scope: String,
+    bookmarks: bool,
+}
+
+impl CachedWatcher {
+    fn matches(&self, obj: &crate::watchcache::Cached) -> bool {
+        self.ls.matches(&obj.value) && self.fs.matches(&obj.value)
+    }
+
+    /// The line for a version of an object. The whole object is the cached JSON, so each
+    /// version is serialised once whatever the number of watchers.
+    fn line(&self, kind: &str, obj: &crate::watchcache::Cached) -> Bytes {
+        if self.rendering != Rendering::Object {
+            return event_line(kind, &obj.value, &self.req, self.rendering);
+        }
+        let json = obj.json();
+        let mut line = Vec::with_capacity(json.len() + 40);
+        line.extend_from_slice(b"{\"type\":\"");
+        line.extend_from_slice(kind.as_bytes());
+        line.extend_from_slice(b"\",\"object\":");
+        line.extend_from_slice(json);
+        line.extend_from_slice(b"}\n");
+        Bytes::from(line)
+    }
+
+    /// The line a change makes for this watcher, if any: ADDED or DELETED as the object
+    /// enters or leaves its selection, MODIFIED while it stays in.
+    fn change(&self, c: &crate::watchcache::Change) -> Option<Bytes> {
+        if !c.key.starts_with(&self.scope) {
+            return None;
+        }
+        let was_in = c.prev.as_deref().is_some_and(|o| self.matches(o));
+        match (&c.cur, &c.gone) {
+            (Some(cur), _) => {
+                let kind = match (was_in, self.matches(cur)) {
+                    (false, true) => "ADDED",
+                    (true, true) => "MODIFIED",
+                    (true, false) => "DELETED",
+                    (false, false) => return None,
+                };
+                Some(self.line(kind, cur))
+            }
+            (None, Some(gone)) if was_in => Some(self.line("DELETED", gone)),
+            (None, _) => None,
+        }
+    }
+
+    async fn run(
+        self,
+        mut sub: crate::watchcache::Subscription,
+        tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+        timeout: Duration,
+    ) {
+        use crate::watchcache::Message;
+        let initial = sub.initial.iter().filter(|o| self.matches(o));
+        for obj in initial {
+            if tx.send(Ok(self.line("ADDED", obj))).await.is_err() {
+                return;
+            }
+        }
+        for c in &sub.replay {
+            if let Some(line) = self.change(c) {
+                if tx.send(Ok(line)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            let msg = tokio::select! {
+                _ = &mut deadline => return,
+                _ = tx.closed() => return,
+                msg = sub.rx.recv() => msg,
+            };
+            let line = match msg {
+                // Closed by the cache: slow, or the cache reloaded. The client resumes
+                // from the last revision it saw.
+                None => return,
+                Some(Message::Change(c)) => self.change(&c),
+                Some(Message::Progress(rev)) if self.bookmarks => {
+                    let res = &self.req.target.res;
+                    let mark = json!({"kind": res.kind, "apiVersion": res.api_version(), "metadata": {"resourceVersion": rev.to_string()}});
+                    Some(event_line("BOOKMARK", &mark, &self.req, self.rendering))
+                }
+                Some(Message::Progress(_)) => None,
+            };
+            if let Some(line) = line {
+                if tx.send(Ok(line)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -175,16 +175,36 @@ impl FieldSelector {
         self.0.is_empty()
     }
 
+    /// A field the selector pins to one value (the first such), by which a watch can be
+    /// indexed: `spec.nodeName=NODE` for a node's pods.
+    pub fn pinned(&self) -> Option<(&str, &str)> {
+        self.0
+            .iter()
+            .find(|(_, eq, _)| *eq)
+            .map(|(f, _, v)| (f.as_str(), v.as_str()))
+    }
+
     pub fn matches(&self, obj: &Value) -> bool {
-        self.0.iter().all(|(field, eq, want)| {
-            let pointer = format!("/{}", field.replace('.', "/"));
-            let have = match obj.pointer(&pointer) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => String::new(),
-                Some(v) => v.to_string(),
-            };
-            (have == *want) == *eq
-        })
+        self.0
+            .iter()
+            .all(|(field, eq, want)| (field_value(obj, field) == want.as_str()) == *eq)
+    }
+}
+
+/// A field's value as a field selector compares it: a string as itself, a missing field
+/// or null as "", anything else in its JSON form.
+pub fn field_value<'a>(obj: &'a Value, field: &str) -> std::borrow::Cow<'a, str> {
+    let mut at = obj;
+    for part in field.split('.') {
+        match at.get(part) {
+            Some(v) => at = v,
+            None => return "".into(),
+        }
+    }
+    match at {
+        Value::String(s) => s.as_str().into(),
+        Value::Null => "".into(),
+        v => v.to_string().into(),
     }
 }
 

@@ -118,6 +118,11 @@ impl ApiServer {
         Self::with_max_inflight(objects, pki, MAX_INFLIGHT)
     }
 
+    /// The watch caches this server serves from.
+    pub fn watch_caches(&self) -> &crate::watchcache::WatchCaches {
+        &self.objects.caches
+    }
+
     pub fn with_max_inflight(mut objects: Objects, pki: Pki, max: usize) -> Self {
         objects.access = objects.access.clone().with_pki(pki.clone());
         match pki.kubelet_client_config() {

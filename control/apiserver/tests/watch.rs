@@ -289,3 +289,120 @@ async fn metadata_only_reads_and_formats_that_cannot_be_served() {
     assert_eq!(list["kind"], "ConfigMapList");
     e.close().await;
 }
+
+fn pod(name: &str, node: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x.wasm"}]}})
+}
+
+const PODS: &str = "/api/v1/namespaces/default/pods";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_watch_is_served_from_the_watch_cache_and_sees_only_its_pods() {
+    let e = env().await;
+    let (code, a) = e.json("POST", PODS, Some(pod("on-a", "node-a"))).await;
+    assert_eq!(code, StatusCode::CREATED, "{a}");
+    e.json("POST", PODS, Some(pod("on-b", "node-b"))).await;
+    // From now, as a node agent starts: its pods, then their changes.
+    let (code, body) = e
+        .call_get(
+            "/api/v1/pods?watch=true&fieldSelector=spec.nodeName%3Dnode-a&allowWatchBookmarks=true",
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let mut lines = Lines {
+        stream: body.into_data_stream(),
+        buf: Vec::new(),
+    };
+    let first = lines.next().await;
+    assert_eq!(
+        (
+            first["type"].as_str(),
+            first["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("on-a"))
+    );
+    let sizes = e.api.watch_caches().sizes();
+    let pods = sizes
+        .iter()
+        .find(|(r, _, _)| r == "pods")
+        .expect("pods are cached");
+    assert_eq!((pods.1, pods.2), (2, 1), "two pods, one watcher: {sizes:?}");
+    // node-b's pod changes: nothing for node-a. Then node-a's pod changes and goes.
+    let (_, mut b) = e.json("GET", &format!("{PODS}/on-b"), None).await;
+    b["metadata"]["labels"] = json!({"x": "1"});
+    let (code, _) = e.json("PUT", &format!("{PODS}/on-b"), Some(b)).await;
+    assert_eq!(code, StatusCode::OK);
+    let mut a2 = e.json("GET", &format!("{PODS}/on-a"), None).await.1;
+    a2["metadata"]["labels"] = json!({"x": "2"});
+    let (code, a2) = e.json("PUT", &format!("{PODS}/on-a"), Some(a2)).await;
+    assert_eq!(code, StatusCode::OK);
+    let ev = lines.next().await;
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("MODIFIED"), Some("on-a"))
+    );
+    assert_eq!(ev["object"]["metadata"]["labels"]["x"], "2");
+    let (code, _) = e
+        .json(
+            "DELETE",
+            &format!("{PODS}/on-a"),
+            Some(json!({"gracePeriodSeconds": 0})),
+        )
+        .await;
+    assert!(code.is_success(), "{code}");
+    let mut gone = lines.next().await;
+    while gone["type"] == "MODIFIED" {
+        gone = lines.next().await;
+    }
+    assert_eq!(gone["type"], "DELETED");
+    assert_eq!(gone["object"]["metadata"]["name"], "on-a");
+    // A watch resumed from the update's revision replays the ring: the delete only.
+    let rv = a2["metadata"]["resourceVersion"].as_str().unwrap();
+    let (_, body) = e
+        .call_get(&format!(
+            "/api/v1/pods?watch=true&fieldSelector=spec.nodeName%3Dnode-a&resourceVersion={rv}"
+        ))
+        .await;
+    let evs = events(body, 1).await;
+    assert_eq!(evs.last().unwrap()["type"], "DELETED", "{evs:?}");
+    // A list at resourceVersion=0 is served from memory, in pages.
+    let (_, page) = e
+        .json("GET", "/api/v1/pods?resourceVersion=0&limit=1", None)
+        .await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+    assert!(
+        page["metadata"].get("continue").is_none(),
+        "one pod is left: {page}"
+    );
+    e.close().await;
+}
+
+/// A watch's events, bookmarks left out.
+struct Lines {
+    stream: axum::body::BodyDataStream,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    async fn next(&mut self) -> Value {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                let v: Value = serde_json::from_slice(&line).unwrap();
+                if v["type"] != "BOOKMARK" {
+                    return v;
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(10), self.stream.next())
+                .await
+                .expect("a watch event in time")
+                .expect("the watch goes on");
+            self.buf.extend_from_slice(&chunk.unwrap());
+        }
+    }
+}

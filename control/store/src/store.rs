@@ -693,17 +693,48 @@ impl Store {
     ///
     /// Served by this member's state machine, like etcd's watches.
     pub fn watch(&self, prefix: impl Into<Vec<u8>>, from: Revision) -> Result<Watch, Error> {
+        self.watch_with(prefix.into(), from, None)
+    }
+
+    /// A watch that also reports progress within `within` of any commit, even one that
+    /// touched nothing under `prefix`, for a cache that serves "the latest" once it has
+    /// seen it. Over etcd, progress comes at the usual idle interval.
+    pub fn watch_progressing(
+        &self,
+        prefix: impl Into<Vec<u8>>,
+        from: Revision,
+        within: Duration,
+    ) -> Result<Watch, Error> {
+        self.watch_with(prefix.into(), from, Some(within))
+    }
+
+    fn watch_with(
+        &self,
+        prefix: Vec<u8>,
+        from: Revision,
+        eager_progress: Option<Duration>,
+    ) -> Result<Watch, Error> {
         let inner = match &self.backend {
             Backend::Raft(inner) => inner,
-            Backend::Etcd(e) => return Ok(e.watch(prefix.into(), from)),
+            Backend::Etcd(e) => return Ok(e.watch(prefix, from)),
         };
         let params = WatchParams {
-            prefix: prefix.into(),
+            prefix,
             from,
             progress_interval: inner.cfg.progress_interval,
             buffer: inner.cfg.watch_buffer,
+            eager_progress,
         };
         watch::start(inner.mvcc.clone(), &inner.hub, params)
+    }
+
+    /// The compaction floor: history below it is gone (0 over etcd, where a watch that
+    /// asks for it learns so).
+    pub fn compact_revision(&self) -> Revision {
+        match &self.backend {
+            Backend::Raft(inner) => inner.mvcc.compact_revision(),
+            Backend::Etcd(_) => 0,
+        }
     }
 
     /// Drops history below `revision` on every member.

@@ -68,6 +68,10 @@ pub(crate) struct WatchParams {
     pub progress_interval: Duration,
     /// Revisions the consumer may leave unread before it counts as slow.
     pub buffer: usize,
+    /// Also report progress this soon after revisions that held nothing under the prefix,
+    /// however busy the store is: for a cache that must know how current it is (the API
+    /// server's watch cache answers "the latest" from memory once it has seen it).
+    pub eager_progress: Option<Duration>,
 }
 
 /// A running watch. Yields events and progress notifications until it ends with an error
@@ -122,6 +126,7 @@ pub(crate) fn start(mvcc: Arc<Mvcc>, hub: &WatchHub, params: WatchParams) -> Res
         sub,
         hub_capacity: hub.capacity,
         next: from,
+        sent: 0,
         params,
         out: tx,
     };
@@ -135,6 +140,8 @@ struct Watcher {
     hub_capacity: usize,
     /// The next revision owed to the consumer.
     next: Revision,
+    /// The newest revision whose events were sent.
+    sent: Revision,
     params: WatchParams,
     out: mpsc::Sender<Result<WatchEvent, Error>>,
 }
@@ -171,6 +178,7 @@ impl Watcher {
         if events.is_empty() {
             return Ok(());
         }
+        self.sent = re.revision;
         let ev = WatchEvent::Events(RevisionEvents {
             revision: re.revision,
             events,
@@ -199,8 +207,27 @@ impl Watcher {
         let mut idle = tokio::time::interval(self.params.progress_interval);
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         idle.tick().await;
+        // The newest revision the consumer knows it has seen, and when an eager report of
+        // a newer one is due.
+        let mut told = self.next - 1;
+        let mut report_at: Option<tokio::time::Instant> = None;
         loop {
+            let report = async {
+                match report_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                _ = report => {
+                    report_at = None;
+                    if self.next - 1 > told {
+                        told = self.next - 1;
+                        if self.out.send(Ok(WatchEvent::Progress(told))).await.is_err() {
+                            return Stop::Gone;
+                        }
+                    }
+                }
                 msg = self.sub.recv() => {
                     let step = match msg {
                         Ok(HubMsg::Events(batch)) => {
@@ -226,8 +253,17 @@ impl Watcher {
                         return stop;
                     }
                     idle.reset();
+                    if let Some(within) = self.params.eager_progress {
+                        if self.sent > told {
+                            told = self.sent;
+                        }
+                        if self.next - 1 > told && report_at.is_none() {
+                            report_at = Some(tokio::time::Instant::now() + within);
+                        }
+                    }
                 }
                 _ = idle.tick() => {
+                    told = self.next - 1;
                     let progress = WatchEvent::Progress(self.next - 1);
                     if self.out.send(Ok(progress)).await.is_err() {
                         return Stop::Gone;

@@ -1,0 +1,708 @@
+//! The watch cache: one store watch per resource keeps an in-memory copy of its objects and
+//! a ring of its recent changes, and the API server serves watches and lists from them, as
+//! kube-apiserver's cacher does.
+//!
+//! Without it every API watch was a store watch of its own, and every watcher decoded and
+//! matched every change of its resource: 5,000 node agents each watching their pods meant
+//! 5,000 decodes of each pod update. Here a change is decoded once, kept as one
+//! [`Cached`] version (serialised at most once, however many watchers send it), and handed
+//! only to the watchers that can match it:
+//! - a watcher whose field selector pins a field (`spec.nodeName=NODE`) is indexed by that
+//!   field's value, and gets a change only if the object's old or new version has it;
+//! - a watcher scoped to a namespace is indexed by `metadata.namespace`;
+//! - every other watcher gets every change, and filters it.
+//!
+//! What the cache answers, and what it leaves to the store:
+//! - a watch from "now" (`resourceVersion` unset or 0) starts with the cache's objects;
+//!   unset first waits until the cache holds the store's latest revision (a linearizable
+//!   read of the revision only), as kube-apiserver's consistent reads from cache do;
+//! - a watch from a revision still in the ring replays the ring after it;
+//! - lists with `resourceVersion` unset, 0 or NotOlderThan, without a continue token, are
+//!   served from memory, in pages whose continue token reads the rest from the store at
+//!   the page's revision;
+//! - anything else (an older revision, Exact, a resource served in another version than it
+//!   is stored, a cache that lags) goes to the store as before, so the cache never changes
+//!   an answer, only what it costs.
+//!
+//! A watcher that leaves [`WATCHER_QUEUE`] changes unsent is closed, as kube-apiserver
+//! closes a slow watcher; its client resumes from the last revision it saw. When the
+//! cache's own store watch fails it reads the prefix again and closes its watchers.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use baton_store::{EventKind, RangeRequest, Revision, WatchEvent};
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use crate::error::ApiResult;
+use crate::objects::Objects;
+use crate::resources::Resource;
+use crate::selectors::field_value;
+
+/// Changes kept per resource for watches that resume from a revision.
+pub const RING: usize = 8192;
+/// Changes a watcher may leave unsent before it is closed as slow.
+pub const WATCHER_QUEUE: usize = 4096;
+/// How often watchers that asked for them get a bookmark.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(5);
+/// How soon the store tells the cache of revisions that did not touch it: how far behind
+/// "the latest" an idle cache can be.
+const EAGER_PROGRESS: Duration = Duration::from_millis(5);
+/// How long a request waits for the cache to reach the revision it needs before it is
+/// served from the store instead.
+const CATCH_UP: Duration = Duration::from_millis(500);
+/// Objects read per store range while the cache loads.
+const LOAD_PAGE: usize = 1000;
+
+/// One version of an object.
+#[derive(Debug)]
+pub struct Cached {
+    pub value: Value,
+    json: OnceLock<Bytes>,
+}
+
+impl Cached {
+    fn new(value: Value) -> Arc<Self> {
+        Arc::new(Self {
+            value,
+            json: OnceLock::new(),
+        })
+    }
+
+    /// The object as JSON, serialised on first use and shared by every watcher and list
+    /// that sends this version.
+    pub fn json(&self) -> &Bytes {
+        self.json
+            .get_or_init(|| Bytes::from(serde_json::to_vec(&self.value).unwrap_or_default()))
+    }
+}
+
+/// What one revision did to one key.
+#[derive(Debug)]
+pub struct Change {
+    pub revision: Revision,
+    pub key: String,
+    pub prev: Option<Arc<Cached>>,
+    /// None: deleted.
+    pub cur: Option<Arc<Cached>>,
+    /// For a delete, the last version at the deleting revision (what `DELETED` carries).
+    pub gone: Option<Arc<Cached>>,
+}
+
+/// What a watcher receives.
+#[derive(Clone, Debug)]
+pub enum Message {
+    Change(Arc<Change>),
+    /// Everything up to this revision has been sent.
+    Progress(Revision),
+}
+
+/// Where a watch starts.
+#[derive(Clone, Copy, Debug)]
+pub enum Start {
+    /// With the current objects; `consistent` first catches up with the store's latest.
+    Now { consistent: bool },
+    /// With the changes after this revision.
+    After(Revision),
+}
+
+/// A watch served by the cache.
+#[derive(Debug)]
+pub struct Subscription {
+    /// For [`Start::Now`]: the objects in scope, in key order.
+    pub initial: Vec<Arc<Cached>>,
+    /// For [`Start::After`]: the ring's changes after the revision, in order.
+    pub replay: Vec<Arc<Change>>,
+    pub rx: mpsc::Receiver<Message>,
+}
+
+/// A list served by the cache.
+#[derive(Debug)]
+pub struct CachedPage {
+    pub items: Vec<Arc<Cached>>,
+    pub revision: Revision,
+    /// The last key of a full page with more keys after it.
+    pub more_after: Option<String>,
+}
+
+/// How a list picks its revision, as far as the cache is concerned.
+#[derive(Clone, Copy, Debug)]
+pub enum ListAt {
+    /// The latest (a linearizable read of the revision, then memory).
+    Latest,
+    /// Any revision.
+    Any,
+    NotOlderThan(Revision),
+}
+
+/// The caches of all resources, made on first use.
+#[derive(Clone, Debug, Default)]
+pub struct WatchCaches {
+    by_prefix: Arc<Mutex<HashMap<String, Cacher>>>,
+    /// Off: everything is served from the store (kube-apiserver's `--watch-cache=false`).
+    disabled: bool,
+}
+
+impl WatchCaches {
+    pub fn disabled() -> Self {
+        Self {
+            disabled: true,
+            ..Self::default()
+        }
+    }
+
+    /// The cache of `res`, started now if it is the first use; None for a resource served
+    /// in another form than it is stored (the cache keeps the stored form).
+    pub fn of(&self, objects: &Objects, res: &Resource) -> Option<Cacher> {
+        if self.disabled || res.converts() {
+            return None;
+        }
+        let prefix = res.key_prefix();
+        let mut map = self.by_prefix.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(&prefix) {
+            return Some(c.clone());
+        }
+        let cacher = Cacher::start(objects.clone(), prefix.clone(), res.plural.to_string());
+        map.insert(prefix, cacher.clone());
+        Some(cacher)
+    }
+
+    /// Objects and watchers per cached resource, for the metrics.
+    pub fn sizes(&self) -> Vec<(String, usize, usize)> {
+        let map = self.by_prefix.lock().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .map(|c| {
+                let s = c.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+                (
+                    c.inner.resource.clone(),
+                    s.objects.len(),
+                    s.watchers.senders.len(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The cache of one resource.
+#[derive(Clone, Debug)]
+pub struct Cacher {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    prefix: String,
+    resource: String,
+    state: Mutex<State>,
+    /// The revision the cache holds everything up to; None until it has loaded.
+    revision: watch::Sender<Option<Revision>>,
+    store: baton_store::Store,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    objects: BTreeMap<String, Arc<Cached>>,
+    ring: VecDeque<Arc<Change>>,
+    /// Every change after this revision is in the ring.
+    since: Revision,
+    revision: Revision,
+    watchers: Watchers,
+}
+
+#[derive(Debug, Default)]
+struct Watchers {
+    next_id: u64,
+    senders: HashMap<u64, mpsc::Sender<Message>>,
+    /// Watchers that get every change.
+    everything: HashSet<u64>,
+    /// field → value → watchers pinned to it.
+    pinned: HashMap<String, HashMap<String, HashSet<u64>>>,
+    pins: HashMap<u64, (String, String)>,
+}
+
+impl Watchers {
+    fn add(&mut self, pin: Option<(String, String)>) -> mpsc::Receiver<Message> {
+        let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.senders.insert(id, tx);
+        match pin {
+            Some((field, value)) => {
+                self.pinned
+                    .entry(field.clone())
+                    .or_default()
+                    .entry(value.clone())
+                    .or_default()
+                    .insert(id);
+                self.pins.insert(id, (field, value));
+            }
+            None => {
+                self.everything.insert(id);
+            }
+        }
+        rx
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.senders.remove(&id);
+        self.everything.remove(&id);
+        if let Some((field, value)) = self.pins.remove(&id) {
+            if let Some(values) = self.pinned.get_mut(&field) {
+                if let Some(ids) = values.get_mut(&value) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        values.remove(&value);
+                    }
+                }
+                if values.is_empty() {
+                    self.pinned.remove(&field);
+                }
+            }
+        }
+    }
+
+    /// Sends a change to the watchers that may match it.
+    fn dispatch(&mut self, change: &Arc<Change>) {
+        let mut targets: Vec<u64> = self.everything.iter().copied().collect();
+        for (field, values) in &self.pinned {
+            let mut seen: Option<std::borrow::Cow<'_, str>> = None;
+            for obj in [&change.prev, &change.cur].into_iter().flatten() {
+                let v = field_value(&obj.value, field);
+                if seen.as_deref() == Some(&*v) {
+                    continue;
+                }
+                if let Some(ids) = values.get(&*v) {
+                    targets.extend(ids.iter().copied());
+                }
+                seen = Some(v);
+            }
+        }
+        targets.sort_unstable();
+        targets.dedup();
+        for id in targets {
+            self.send(id, Message::Change(change.clone()));
+        }
+    }
+
+    fn broadcast(&mut self, msg: Message) {
+        let ids: Vec<u64> = self.senders.keys().copied().collect();
+        for id in ids {
+            self.send(id, msg.clone());
+        }
+    }
+
+    fn send(&mut self, id: u64, msg: Message) {
+        let Some(tx) = self.senders.get(&id) else {
+            return;
+        };
+        match tx.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::debug!(watcher = id, "closing a slow watcher");
+                self.remove(id);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.remove(id),
+        }
+    }
+}
+
+/// Why the cache's own watch stopped.
+enum Stop {
+    /// The store is shut down: the cache ends.
+    Closed,
+    Failed(baton_store::Error),
+    Decode(crate::error::ApiError),
+}
+
+impl Cacher {
+    fn start(objects: Objects, prefix: String, resource: String) -> Self {
+        let (revision, _) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            prefix,
+            resource,
+            state: Mutex::new(State::default()),
+            revision,
+            store: objects.store.clone(),
+        });
+        let span = tracing::info_span!("watch_cache", resource = %inner.resource);
+        tokio::spawn(inner.clone().feed(objects).instrument(span));
+        Self { inner }
+    }
+
+    /// Waits until the cache holds everything up to `rev` (any revision if None); false
+    /// if it did not within [`CATCH_UP`].
+    async fn reach(&self, rev: Option<Revision>) -> bool {
+        let mut rx = self.inner.revision.subscribe();
+        let reached = async {
+            rx.wait_for(|have| match (have, rev) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(have), Some(want)) => *have >= want,
+            })
+            .await
+            .is_ok()
+        };
+        tokio::time::timeout(CATCH_UP, reached)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// The store's latest revision, read linearizably.
+    async fn latest(&self) -> ApiResult<Revision> {
+        let page = self
+            .inner
+            .store
+            .range(RangeRequest {
+                prefix: self.inner.prefix.clone().into_bytes(),
+                start_after: None,
+                limit: 1,
+                revision: 0,
+                serializable: false,
+            })
+            .await?;
+        Ok(page.revision)
+    }
+
+    async fn ready_for(&self, at: ListAt) -> ApiResult<bool> {
+        let want = match at {
+            ListAt::Latest => Some(self.latest().await?),
+            ListAt::Any => None,
+            ListAt::NotOlderThan(r) => Some(r),
+        };
+        Ok(self.reach(want).await)
+    }
+
+    /// Starts a watch of the keys under `scope` (the resource's prefix, or a namespace's
+    /// part of it), indexed by `pin` when its selector pins a field. None: the cache cannot
+    /// serve it (the revision left the ring, or the cache lags); ask the store.
+    pub async fn subscribe(
+        &self,
+        start: Start,
+        scope: &str,
+        pin: Option<(String, String)>,
+    ) -> ApiResult<Option<Subscription>> {
+        let ready = match start {
+            Start::Now { consistent: true } => self.ready_for(ListAt::Latest).await?,
+            Start::Now { consistent: false } => self.reach(None).await,
+            Start::After(rev) => {
+                // Compacted revisions get their 410 from the store, as before.
+                if rev < self.inner.store.compact_revision() {
+                    return Ok(None);
+                }
+                self.reach(Some(rev)).await
+            }
+        };
+        if !ready {
+            return Ok(None);
+        }
+        let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (initial, replay) = match start {
+            Start::Now { .. } => (state.in_scope(scope), Vec::new()),
+            Start::After(rev) => {
+                if rev < state.since {
+                    return Ok(None);
+                }
+                let replay = state
+                    .ring
+                    .iter()
+                    .filter(|c| c.revision > rev && c.key.starts_with(scope))
+                    .cloned()
+                    .collect();
+                (Vec::new(), replay)
+            }
+        };
+        let rx = state.watchers.add(pin);
+        Ok(Some(Subscription {
+            initial,
+            replay,
+            rx,
+        }))
+    }
+
+    /// Lists the objects under `scope` that `keep` accepts, `limit` at most (0: all). None:
+    /// the cache cannot serve it in time; ask the store.
+    pub async fn list(
+        &self,
+        at: ListAt,
+        scope: &str,
+        limit: usize,
+        keep: impl Fn(&Value) -> bool,
+    ) -> ApiResult<Option<CachedPage>> {
+        if !self.ready_for(at).await? {
+            return Ok(None);
+        }
+        let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut items = Vec::new();
+        let mut more_after = None;
+        let mut last = None;
+        for (key, obj) in state.range(scope) {
+            if limit > 0 && items.len() == limit {
+                more_after = last;
+                break;
+            }
+            if keep(&obj.value) {
+                items.push(obj.clone());
+                last = Some(key.clone());
+            }
+        }
+        Ok(Some(CachedPage {
+            items,
+            revision: state.revision,
+            more_after,
+        }))
+    }
+}
+
+impl State {
+    fn range<'a>(&'a self, scope: &'a str) -> impl Iterator<Item = (&'a String, &'a Arc<Cached>)> {
+        self.objects
+            .range(scope.to_string()..)
+            .take_while(move |(k, _)| k.starts_with(scope))
+    }
+
+    fn in_scope(&self, scope: &str) -> Vec<Arc<Cached>> {
+        self.range(scope).map(|(_, o)| o.clone()).collect()
+    }
+
+    fn record(&mut self, change: Change) {
+        let change = Arc::new(change);
+        self.watchers.dispatch(&change);
+        self.ring.push_back(change);
+        while self.ring.len() > RING {
+            if let Some(old) = self.ring.pop_front() {
+                self.since = old.revision;
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Loads the prefix and follows it, reloading after a failed watch, until the store
+    /// shuts down.
+    async fn feed(self: Arc<Self>, objects: Objects) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let stop = self.load_and_follow(&objects).await;
+            let why = match stop {
+                Stop::Closed => return,
+                Stop::Failed(baton_store::Error::Closed) => return,
+                Stop::Failed(e) => baton_kube::error::chain(&e).to_string(),
+                Stop::Decode(e) => e.to_string(),
+            };
+            tracing::warn!(error = %why, "watch cache reloads");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn load(
+        &self,
+        objects: &Objects,
+    ) -> Result<(BTreeMap<String, Arc<Cached>>, Revision), Stop> {
+        let mut loaded = BTreeMap::new();
+        let mut revision = 0;
+        let mut start_after = None;
+        loop {
+            let page = self
+                .store
+                .range(RangeRequest {
+                    prefix: self.prefix.clone().into_bytes(),
+                    start_after: start_after.take(),
+                    limit: LOAD_PAGE,
+                    revision,
+                    serializable: true,
+                })
+                .await
+                .map_err(Stop::Failed)?;
+            revision = page.revision;
+            for kv in &page.kvs {
+                let obj = objects.decode(kv).map_err(Stop::Decode)?;
+                loaded.insert(
+                    String::from_utf8_lossy(&kv.key).into_owned(),
+                    Cached::new(obj),
+                );
+            }
+            if !page.more {
+                return Ok((loaded, revision));
+            }
+            start_after = page.kvs.last().map(|kv| kv.key.clone());
+        }
+    }
+
+    async fn load_and_follow(&self, objects: &Objects) -> Stop {
+        let (loaded, revision) = match self.load(objects).await {
+            Ok(l) => l,
+            Err(stop) => return stop,
+        };
+        let mut w =
+            match self
+                .store
+                .watch_progressing(self.prefix.clone(), revision + 1, EAGER_PROGRESS)
+            {
+                Ok(w) => w,
+                Err(e) => return Stop::Failed(e),
+            };
+        {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            tracing::debug!(objects = loaded.len(), revision, "watch cache loaded");
+            // Watchers of the old contents end; their clients resume from what they saw.
+            *state = State {
+                objects: loaded,
+                since: revision,
+                revision,
+                ..State::default()
+            };
+        }
+        self.revision.send_replace(Some(revision));
+        let mut bookmarks = tokio::time::interval(BOOKMARK_EVERY);
+        bookmarks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        bookmarks.tick().await;
+        loop {
+            let item = tokio::select! {
+                item = w.next() => item,
+                _ = bookmarks.tick() => {
+                    let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    let rev = state.revision;
+                    state.watchers.broadcast(Message::Progress(rev));
+                    continue;
+                }
+            };
+            let Some(item) = item else {
+                return Stop::Closed;
+            };
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let revision = match item {
+                Err(e) => return Stop::Failed(e),
+                Ok(WatchEvent::Progress(rev)) => rev,
+                Ok(WatchEvent::Events(re)) => {
+                    for ev in &re.events {
+                        let key = String::from_utf8_lossy(&ev.kv.key).into_owned();
+                        match ev.kind {
+                            EventKind::Put => {
+                                let obj = match objects.decode(&ev.kv) {
+                                    Ok(obj) => Cached::new(obj),
+                                    Err(e) => return Stop::Decode(e),
+                                };
+                                let prev = state.objects.insert(key.clone(), obj.clone());
+                                state.record(Change {
+                                    revision: re.revision,
+                                    key,
+                                    prev,
+                                    cur: Some(obj),
+                                    gone: None,
+                                });
+                            }
+                            EventKind::Delete => {
+                                let Some(prev) = state.objects.remove(&key) else {
+                                    continue;
+                                };
+                                let mut last = prev.value.clone();
+                                crate::objects::set_rv(&mut last, re.revision);
+                                state.record(Change {
+                                    revision: re.revision,
+                                    key,
+                                    prev: Some(prev),
+                                    cur: None,
+                                    gone: Some(Cached::new(last)),
+                                });
+                            }
+                        }
+                    }
+                    re.revision
+                }
+            };
+            state.revision = state.revision.max(revision);
+            let rev = state.revision;
+            drop(state);
+            self.revision.send_if_modified(|have| {
+                let newer = *have != Some(rev);
+                *have = Some(rev);
+                newer
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(node: &str) -> Arc<Cached> {
+        Cached::new(
+            json!({"metadata": {"name": "p", "namespace": "default"}, "spec": {"nodeName": node}}),
+        )
+    }
+
+    fn change(prev: Option<Arc<Cached>>, cur: Option<Arc<Cached>>) -> Arc<Change> {
+        Arc::new(Change {
+            revision: 7,
+            key: "/registry/pods/default/p".into(),
+            prev,
+            cur,
+            gone: None,
+        })
+    }
+
+    fn pin(node: &str) -> Option<(String, String)> {
+        Some(("spec.nodeName".into(), node.into()))
+    }
+
+    fn got(rx: &mut mpsc::Receiver<Message>) -> usize {
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn a_change_reaches_the_watchers_pinned_to_its_old_or_new_value_and_the_unpinned() {
+        let mut w = Watchers::default();
+        let mut a = w.add(pin("a"));
+        let mut b = w.add(pin("b"));
+        let mut c = w.add(pin("c"));
+        let mut all = w.add(None);
+        // Bound to a: a sees it arrive.
+        w.dispatch(&change(Some(pod("")), Some(pod("a"))));
+        assert_eq!(
+            (got(&mut a), got(&mut b), got(&mut c), got(&mut all)),
+            (1, 0, 0, 1)
+        );
+        // Moved from a to b (as a replaced binding would): both see it, once each.
+        w.dispatch(&change(Some(pod("a")), Some(pod("b"))));
+        assert_eq!(
+            (got(&mut a), got(&mut b), got(&mut c), got(&mut all)),
+            (1, 1, 0, 1)
+        );
+        // Deleted from b.
+        w.dispatch(&change(Some(pod("b")), None));
+        assert_eq!(
+            (got(&mut a), got(&mut b), got(&mut c), got(&mut all)),
+            (0, 1, 0, 1)
+        );
+    }
+
+    #[test]
+    fn a_slow_watcher_is_closed_and_a_gone_one_forgotten() {
+        let mut w = Watchers::default();
+        let mut slow = w.add(pin("a"));
+        let gone = w.add(pin("a"));
+        drop(gone);
+        for _ in 0..=WATCHER_QUEUE {
+            w.dispatch(&change(None, Some(pod("a"))));
+        }
+        assert!(w.senders.is_empty(), "both are dropped");
+        assert!(w.pinned.is_empty() && w.pins.is_empty());
+        assert_eq!(
+            got(&mut slow),
+            WATCHER_QUEUE,
+            "what was queued is still read"
+        );
+        assert!(slow.try_recv().is_err());
+    }
+}
