@@ -24,6 +24,7 @@ use baton_store::{RangeRequest, ReadOptions, Store, StoreClient, StoreConfig, Wa
 use clap::{Args, Parser, Subcommand};
 
 mod control;
+mod hollow;
 mod inspect;
 mod join;
 mod oci_cli;
@@ -88,6 +89,9 @@ enum Command {
     Pull(oci_cli::PullArgs),
     /// List the node's image cache.
     Images(oci_cli::ImagesArgs),
+    /// Run many node agents with scripted sandboxes in this process, to measure the
+    /// control plane at scale (kubemark's hollow nodes).
+    HollowNodes(hollow::HollowArgs),
     /// Print a kubeconfig for a user, with a client certificate the cluster CA signs
     /// (run where the cluster's data dir is; grant it access with a RoleBinding).
     Kubeconfig(KubeconfigArgs),
@@ -392,6 +396,7 @@ async fn run_command(cli: Cli) -> Result<u8> {
         Command::Pull(args) => oci_cli::pull(args, default_data_dir()).await.map(|()| 0),
         Command::Images(args) => oci_cli::images(args, default_data_dir()).map(|()| 0),
         Command::Kubeconfig(args) => kubeconfig(args).await.map(|()| 0),
+        Command::HollowNodes(args) => hollow::hollow_nodes(args).await.map(|()| 0),
         Command::Pause => pause().await.map(|()| 0),
         // A component's own exit code, as `wasmtime run` passes it on.
         Command::Run(args) => Ok(run::run(args).await?.clamp(0, 255) as u8),

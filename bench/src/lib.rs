@@ -165,6 +165,8 @@ pub async fn up(bin: &Path, extra: &[&str]) -> Result<Up> {
 }
 
 /// An HTTP/1.1 load generator: keep-alive connections sending requests back to back.
+pub mod scale;
+
 pub mod http {
     /// One cell of a throughput table.
     #[derive(Debug)]

@@ -42,18 +42,23 @@ type Run = (u64, Option<oneshot::Sender<Exit>>);
 #[derive(Default)]
 struct State {
     images: HashMap<String, Script>,
+    /// What an image not named in `images` does; None: it fails to pull.
+    any_image: Option<Script>,
     /// Containers (by name) whose probes fail.
     failing_probes: Vec<String>,
-    /// Running containers, by (sandbox key, name): which run it is, and the way to end
-    /// a process.
-    running: HashMap<(String, String), Run>,
+    /// Running containers, by sandbox key and name: which run it is, and the way to end
+    /// a process. (By key first, so that a sandbox's end does not scan a hollow node's
+    /// thousands of others.)
+    running: HashMap<String, HashMap<String, Run>>,
     runs: u64,
-    /// Every start, as (sandbox key, container name).
-    starts: Vec<(String, String)>,
+    /// Starts, by container name.
+    starts: HashMap<String, usize>,
     /// Sandboxes created and not yet shut down or dropped.
     live: usize,
-    /// Every pull, by image reference.
-    pulls: Vec<String>,
+    /// Pulls, by image reference.
+    pulls: HashMap<String, usize>,
+    /// How long a start takes: what a hollow node waits before it reports a pod Running.
+    start_delay: Duration,
     /// Exec'd commands still running.
     execs: usize,
 }
@@ -108,7 +113,7 @@ impl FakeSandboxes {
     pub fn exit(&self, container: &str, code: i32) -> usize {
         let mut s = self.lock();
         let mut ended = 0;
-        for ((_, name), (_, tx)) in s.running.iter_mut() {
+        for (name, (_, tx)) in s.running.values_mut().flat_map(|c| c.iter_mut()) {
             if name == container {
                 if let Some(tx) = tx.take() {
                     ended += usize::from(tx.send(exit(code)).is_ok());
@@ -120,16 +125,17 @@ impl FakeSandboxes {
 
     /// How many times containers named `container` were started.
     pub fn starts(&self, container: &str) -> usize {
-        self.lock()
-            .starts
-            .iter()
-            .filter(|(_, n)| n == container)
-            .count()
+        self.lock().starts.get(container).copied().unwrap_or(0)
     }
 
     /// The names of the containers running now, sorted.
     pub fn running(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.lock().running.keys().map(|(_, n)| n.clone()).collect();
+        let mut names: Vec<String> = self
+            .lock()
+            .running
+            .values()
+            .flat_map(|c| c.keys().cloned())
+            .collect();
         names.sort();
         names
     }
@@ -141,7 +147,20 @@ impl FakeSandboxes {
 
     /// How many times `reference` was pulled.
     pub fn pulls(&self, reference: &str) -> usize {
-        self.lock().pulls.iter().filter(|p| *p == reference).count()
+        self.lock().pulls.get(reference).copied().unwrap_or(0)
+    }
+
+    /// Makes every image not named otherwise behave as `script` (a hollow node runs
+    /// whatever is bound to it).
+    pub fn any_image(&self, script: Script) -> &Self {
+        self.lock().any_image = Some(script);
+        self
+    }
+
+    /// Makes every start take `delay`, as a hollow node's pods do.
+    pub fn start_delay(&self, delay: Duration) -> &Self {
+        self.lock().start_delay = delay;
+        self
     }
 }
 
@@ -177,15 +196,21 @@ impl Drop for FakeSandbox {
     fn drop(&mut self) {
         let mut s = self.fake.lock();
         s.live -= 1;
-        s.running.retain(|(k, _), _| *k != self.key);
+        s.running.remove(&self.key);
     }
 }
 
 impl FakeSandbox {
     fn stop_now(&mut self, name: &str) {
         let mut s = self.fake.lock();
-        if let Some((_, Some(tx))) = s.running.remove(&(self.key.clone(), name.to_string())) {
+        let Some(containers) = s.running.get_mut(&self.key) else {
+            return;
+        };
+        if let Some((_, Some(tx))) = containers.remove(name) {
             let _ = tx.send(exit(143));
+        }
+        if containers.is_empty() {
+            s.running.remove(&self.key);
         }
     }
 }
@@ -194,7 +219,7 @@ impl Sandbox for FakeSandbox {
     type Image = Script;
 
     fn image_present(&self, image: &str) -> bool {
-        self.fake.lock().pulls.iter().any(|p| p == image)
+        self.fake.lock().pulls.contains_key(image)
     }
 
     async fn pull(
@@ -204,12 +229,16 @@ impl Sandbox for FakeSandbox {
         _policy: baton_oci::PullPolicy,
     ) -> Result<Pulled<Script>, ImageError> {
         let mut s = self.fake.lock();
-        let present = s.pulls.iter().any(|p| p == image);
-        s.pulls.push(image.into());
-        let script = *s.images.get(image).ok_or_else(|| ImageError::Refused {
-            image: image.into(),
-            why: "the fake runtime has no such image".into(),
-        })?;
+        let present = s.pulls.contains_key(image);
+        *s.pulls.entry(image.into()).or_default() += 1;
+        let script = *s
+            .images
+            .get(image)
+            .or(s.any_image.as_ref())
+            .ok_or_else(|| ImageError::Refused {
+                image: image.into(),
+                why: "the fake runtime has no such image".into(),
+            })?;
         Ok(Pulled {
             image: script,
             lifetime: match script {
@@ -223,9 +252,13 @@ impl Sandbox for FakeSandbox {
 
     async fn start(&mut self, run: ContainerRun<Script>) -> Result<Started, StartError> {
         self.stop_now(&run.name);
-        let key = (self.key.clone(), run.name.clone());
+        let delay = self.fake.lock().start_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let (key, name) = (self.key.clone(), run.name.clone());
         let mut s = self.fake.lock();
-        s.starts.push(key.clone());
+        *s.starts.entry(name.clone()).or_default() += 1;
         s.runs += 1;
         let run_id = s.runs;
         let exit: Option<ExitFuture> = match run.image {
@@ -235,12 +268,18 @@ impl Sandbox for FakeSandbox {
                 ))
             }
             Script::Serve => {
-                s.running.insert(key, (run_id, None));
+                s.running
+                    .entry(key)
+                    .or_default()
+                    .insert(name, (run_id, None));
                 None
             }
             Script::Run | Script::Exit { .. } => {
                 let (tx, rx) = oneshot::channel();
-                s.running.insert(key.clone(), (run_id, Some(tx)));
+                s.running
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(name.clone(), (run_id, Some(tx)));
                 let after = match run.image {
                     Script::Exit { after, code } => Some((after, code)),
                     _ => None,
@@ -262,8 +301,13 @@ impl Sandbox for FakeSandbox {
                     };
                     // This run is over; a later run of the same name is not.
                     let mut s = fake.lock();
-                    if s.running.get(&key).is_some_and(|(id, _)| *id == run_id) {
-                        s.running.remove(&key);
+                    if let Some(containers) = s.running.get_mut(&key) {
+                        if containers.get(&name).is_some_and(|(id, _)| *id == run_id) {
+                            containers.remove(&name);
+                        }
+                        if containers.is_empty() {
+                            s.running.remove(&key);
+                        }
                     }
                     ended
                 }))
@@ -303,10 +347,9 @@ impl Sandbox for FakeSandbox {
             .fake
             .lock()
             .running
-            .keys()
-            .filter(|(k, _)| *k == self.key)
-            .map(|(_, n)| n.clone())
-            .collect();
+            .get(&self.key)
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default();
         for n in names {
             self.stop_now(&n);
         }
@@ -369,7 +412,7 @@ impl PodStreams for FakeStreams {
         if self
             .key
             .as_ref()
-            .is_some_and(|k| !s.running.contains_key(&(k.clone(), container.to_string())))
+            .is_some_and(|k| !s.running.get(k).is_some_and(|c| c.contains_key(container)))
         {
             return Err(ExecError::NotRunning(container.into()));
         }

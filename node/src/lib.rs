@@ -31,6 +31,7 @@ pub mod config;
 pub mod dns;
 pub mod eviction;
 pub mod fake;
+pub mod hollow;
 pub mod images;
 pub mod ingress;
 pub mod ipam;
@@ -451,8 +452,29 @@ pub async fn run(
             }
         })
     };
+    manage_pods(shared, logs, shutdown).await;
+    heartbeat.abort();
+    eviction.abort();
+    proxy.abort();
+    kubelet.abort();
+    drop(sampler);
+    image_gc.abort();
+    volume_gc.abort();
+    Ok(())
+}
+
+/// Gives each pod bound to the node a worker, and tells it of the pod's changes, until
+/// `shutdown` completes; the workers are aborted then. The same loop runs a real node and
+/// a hollow one ([`hollow`]): only the sandboxes differ.
+pub async fn manage_pods<S: sandbox::Sandboxes>(
+    shared: Arc<worker::Shared<S>>,
+    logs: Arc<server::LogIndex>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let client = shared.client.clone();
+    let node = shared.node_name.clone();
     let pods: Api<Pod> = Api::all(client);
-    let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.name));
+    let wc = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut events = watcher(pods, wc).default_backoff().boxed();
     let mut workers: HashMap<String, Handle> = HashMap::new();
     let mut relist: HashSet<String> = HashSet::new();
@@ -507,17 +529,9 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "pod watch failed; retrying"),
         }
     }
-    heartbeat.abort();
-    eviction.abort();
-    proxy.abort();
-    kubelet.abort();
-    drop(sampler);
-    image_gc.abort();
-    volume_gc.abort();
     for (_, h) in workers.drain() {
         h.task.abort();
     }
-    Ok(())
 }
 
 /// Aborts a background task when the agent stops.

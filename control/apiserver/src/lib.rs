@@ -41,6 +41,7 @@ pub mod discovery;
 pub mod encryption;
 pub mod error;
 pub mod eviction;
+pub mod fairness;
 pub mod join;
 pub mod jsonpath;
 pub mod kubernetes_service;

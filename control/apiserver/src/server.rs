@@ -47,10 +47,10 @@ pub enum ServeError {
 pub struct ApiServer {
     objects: Objects,
     pki: Pki,
-    /// Non-watch requests being served, capped like kube-apiserver's
-    /// `--max-requests-inflight`: past the cap a request gets 429 at once instead of
-    /// queueing until everything times out.
-    inflight: Arc<tokio::sync::Semaphore>,
+    /// Seats for non-watch requests, `--max-requests-inflight` of them, shared out by
+    /// priority level ([`crate::fairness`]): a request beyond its level's seats waits in
+    /// its client's queue, and gets 429 when the level's queues are full.
+    fairness: crate::fairness::Fairness,
     /// What `/metrics` serves.
     metrics: Arc<crate::telemetry::ApiMetrics>,
     /// The cluster token, if this server lets members join ([`crate::join`]).
@@ -134,7 +134,7 @@ impl ApiServer {
         Self {
             objects,
             pki,
-            inflight: Arc::new(tokio::sync::Semaphore::new(max)),
+            fairness: crate::fairness::Fairness::new(max),
             join: None,
             node_join: None,
             metrics: Arc::default(),
@@ -142,8 +142,8 @@ impl ApiServer {
     }
 
     /// The in-flight limiter (tests saturate it to see the 429).
-    pub fn inflight(&self) -> Arc<tokio::sync::Semaphore> {
-        self.inflight.clone()
+    pub fn fairness(&self) -> &crate::fairness::Fairness {
+        &self.fairness
     }
 
     pub fn pki(&self) -> &Pki {
@@ -322,7 +322,11 @@ impl ApiServer {
                             },
                         );
                         let service = hyper_util::service::TowerToHyperService::new(router);
-                        let builder = auto::Builder::new(TokioExecutor::new());
+                        let mut builder = auto::Builder::new(TokioExecutor::new());
+                        // kube-apiserver's `--http2-max-streams-per-connection`: a client
+                        // that multiplexes many watches on one connection (hollow nodes,
+                        // informers) is not held at hyper's 200.
+                        builder.http2().max_concurrent_streams(1000);
                         if let Err(e) = builder
                             .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .await
@@ -547,20 +551,30 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
     let streaming = ["/exec", "/attach", "/portforward"]
         .iter()
         .any(|s| path.ends_with(s));
-    let _permit = if is_watch || streaming || public(&path) {
+    let _seat = if is_watch || streaming || public(&path) {
         None
     } else {
-        match api.inflight.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => {
-                let mut resp = ApiError::TooManyRequests {
-                    message: "Too many requests, please try again later.".into(),
+        let asked = crate::fairness::Asked {
+            user: &user,
+            reading: parts.method == http::Method::GET,
+            resource: target.as_ref().map(|t| t.res.plural.as_ref()),
+            namespace: target.as_ref().and_then(|t| t.ns.as_deref()),
+        };
+        let level = api.fairness.classify(asked);
+        match level {
+            None => None,
+            Some(level) => match api.fairness.admit(level, &user.name).await {
+                Ok(seat) => Some(seat),
+                Err(e) => {
+                    let mut resp = ApiError::TooManyRequests {
+                        message: format!("Too many requests, please try again later ({e})."),
+                    }
+                    .into_response();
+                    resp.headers_mut()
+                        .insert("retry-after", HeaderValue::from_static("1"));
+                    return resp;
                 }
-                .into_response();
-                resp.headers_mut()
-                    .insert("retry-after", HeaderValue::from_static("1"));
-                return resp;
-            }
+            },
         }
     };
     let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {

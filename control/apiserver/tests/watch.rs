@@ -222,19 +222,49 @@ async fn lists_page_with_continue_and_honour_selectors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_gets_429_and_terminating_namespaces_403() {
-    let e = env().await;
-    // Saturate the in-flight limit: the next request is refused at once with 429.
-    let limiter = e.api.inflight();
-    let held = limiter
-        .clone()
-        .acquire_many_owned(baton_apiserver::server::MAX_INFLIGHT as u32)
-        .await
-        .unwrap();
-    let (code, status) = e.json("GET", CMS, None).await;
-    assert_eq!(code, StatusCode::TOO_MANY_REQUESTS);
+    let e = support::env_with_tokens("dev-token,dev").await;
+    // A user's level (global-default) is saturated: its seats held, its queues filled.
+    let fairness = e.api.fairness().clone();
+    let seats = fairness.level("global-default").unwrap().seats();
+    let mut held = Vec::new();
+    for _ in 0..seats {
+        held.push(fairness.admit("global-default", "noisy").await.unwrap());
+    }
+    let waiting: Vec<_> = (0..500)
+        .map(|_| {
+            let f = fairness.clone();
+            // Served, it gives its seat back at once, to the next in the queue.
+            tokio::spawn(async move { f.admit("global-default", "noisy").await.map(drop) })
+        })
+        .collect();
+    baton_testkit::wait_until_async(Duration::from_secs(10), "the queues full", || async {
+        (fairness.level("global-default").unwrap().load().1 == 500).then_some(())
+    })
+    .await
+    .unwrap();
+    // The next request of that level is refused at once with 429...
+    let (code, status) = e.json_as("dev-token", "GET", "/api", None).await;
+    assert_eq!(code, StatusCode::TOO_MANY_REQUESTS, "{status}");
     assert_eq!(status["reason"], "TooManyRequests");
-    drop(held);
+    // ...while other levels are served: a node's heartbeat, and the administrator.
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "n1"}, "spec": {"holderIdentity": "n1"}});
+    let (code, _) = e
+        .json(
+            "POST",
+            "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+            Some(lease),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED);
     let (code, _) = e.json("GET", CMS, None).await;
+    assert_eq!(code, StatusCode::OK);
+    // Seats free up: the queued requests are served, then the user is.
+    drop(held);
+    for w in waiting {
+        w.await.unwrap().expect("a queued request gets its seat");
+    }
+    let (code, _) = e.json_as("dev-token", "GET", "/api", None).await;
     assert_eq!(code, StatusCode::OK);
     // A terminating namespace takes no new objects.
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "leaving"}});

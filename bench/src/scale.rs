@@ -1,0 +1,595 @@
+//! The scale run, in the style of Kubernetes' density and load tests: hollow nodes
+//! (`baton hollow-nodes`, the real node agent with scripted sandboxes) join a `baton up`
+//! without a node of its own; Deployments of varied sizes are created at a steady rate
+//! until the pods are all Running; then some are scaled, rolled and deleted while the
+//! rest run. Measured, as the Kubernetes SLOs define them:
+//! - API call latency per verb and resource, from the API server's own
+//!   `apiserver_request_duration_seconds` (SLO: p99 ≤ 1 s for single objects, ≤ 30 s for
+//!   lists);
+//! - pod startup latency, from a pod's creation seen by a watch to it Running and Ready
+//!   (SLO: p99 ≤ 5 s);
+//! - scheduler throughput, pods bound per second;
+//! - the control plane's peak RSS and CPU, the store's size, and bytes per object.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use crate::{ms, pct, Procs};
+
+/// What a run does.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub nodes: usize,
+    pub pods: usize,
+    /// Pods created per second (through their Deployments).
+    pub rate: f64,
+    /// How long a hollow container takes to start.
+    pub start_delay: Duration,
+    /// Scale, roll and delete a tenth of the Deployments each, after the ramp.
+    pub churn: bool,
+    /// The longest the pods may take to all run before the run fails.
+    pub deadline: Duration,
+}
+
+/// One row of API call latency.
+#[derive(Clone, Debug)]
+pub struct ApiRow {
+    pub verb: String,
+    pub resource: String,
+    pub scope: String,
+    pub count: u64,
+    pub p50: f64,
+    pub p99: f64,
+}
+
+impl ApiRow {
+    /// The SLO this call is held to, in seconds: lists 30 s, single objects 1 s.
+    pub fn slo(&self) -> f64 {
+        if self.verb == "LIST" {
+            30.0
+        } else {
+            1.0
+        }
+    }
+}
+
+/// Everything a run measured.
+#[derive(Debug)]
+pub struct Report {
+    pub plan: Plan,
+    /// From the hollow nodes' start until all were Ready.
+    pub nodes_ready: Duration,
+    /// From the first Deployment until every pod ran.
+    pub pods_running: Duration,
+    pub startup: Vec<Duration>,
+    pub scheduled_per_s: f64,
+    pub churn: Option<Duration>,
+    pub api: Vec<ApiRow>,
+    pub rss_peak_kib: u64,
+    pub cpu: Duration,
+    pub wall: Duration,
+    pub store_bytes: u64,
+    pub objects: u64,
+}
+
+impl Report {
+    pub fn startup_pct(&self, p: f64) -> Duration {
+        pct(&mut self.startup.clone(), p)
+    }
+
+    /// Prints the run's figures as Markdown.
+    pub fn print(&self) {
+        let p = &self.plan;
+        println!();
+        println!("## {} hollow nodes, {} pods", p.nodes, p.pods);
+        println!(
+            "nodes Ready after {:.1} s; pods Running {:.1} s after the first Deployment ({:.0} pods/s asked)",
+            self.nodes_ready.as_secs_f64(),
+            self.pods_running.as_secs_f64(),
+            p.rate
+        );
+        if let Some(c) = self.churn {
+            println!(
+                "churn (a tenth scaled, rolled, deleted) settled in {:.1} s",
+                c.as_secs_f64()
+            );
+        }
+        println!();
+        println!("| pod startup p50 ms | p99 ms | scheduler pods/s | control plane peak RSS MiB | CPU s (of {:.0} s) | store MiB | objects | RSS bytes/object |", self.wall.as_secs_f64());
+        println!("|---|---|---|---|---|---|---|---|");
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {:.0} |",
+            ms(self.startup_pct(0.5)),
+            ms(self.startup_pct(0.99)),
+            self.scheduled_per_s,
+            self.rss_peak_kib as f64 / 1024.0,
+            self.cpu.as_secs_f64(),
+            self.store_bytes as f64 / (1 << 20) as f64,
+            self.objects,
+            self.rss_peak_kib as f64 * 1024.0 / self.objects.max(1) as f64,
+        );
+        println!();
+        println!("| API call | scope | count | p50 ms | p99 ms | SLO |");
+        println!("|---|---|---|---|---|---|");
+        for r in &self.api {
+            println!(
+                "| {} {} | {} | {} | {:.1} | {:.1} | {} |",
+                r.verb,
+                r.resource,
+                r.scope,
+                r.count,
+                r.p50 * 1000.0,
+                r.p99 * 1000.0,
+                if r.p99 <= r.slo() { "met" } else { "MISSED" }
+            );
+        }
+    }
+
+    /// The SLOs that were missed, in words; empty when all were met.
+    pub fn missed(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let p99 = self.startup_pct(0.99);
+        if p99 > Duration::from_secs(5) {
+            out.push(format!("pod startup p99 {} ms > 5 s", ms(p99)));
+        }
+        for r in &self.api {
+            if r.p99 > r.slo() {
+                out.push(format!(
+                    "{} {} ({}) p99 {:.0} ms > {} s",
+                    r.verb,
+                    r.resource,
+                    r.scope,
+                    r.p99 * 1000.0,
+                    r.slo()
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// When each pod was first seen, bound and running.
+#[derive(Default)]
+struct Seen {
+    created: HashMap<String, Instant>,
+    running: HashMap<String, Instant>,
+    bound: Vec<Instant>,
+    bound_names: std::collections::HashSet<String>,
+}
+
+const LABEL: &str = "baton-scale";
+
+/// The Deployments' sizes, as the load test mixes them: half the pods in small ones (5),
+/// a quarter in medium (30), a quarter in big (250); smaller runs scale the sizes down.
+fn sizes(pods: usize) -> Vec<usize> {
+    let scale = |n: usize| n.min(pods.div_ceil(8)).max(1);
+    let mut out = Vec::new();
+    let mut left = pods;
+    for (share, size) in [(4, scale(250)), (4, scale(30)), (2, scale(5))] {
+        let mut part = (pods / share).min(left);
+        if share == 2 {
+            part = left;
+        }
+        while part > 0 {
+            let n = size.min(part);
+            out.push(n);
+            part -= n;
+            left -= n;
+        }
+    }
+    out
+}
+
+/// Runs the plan against `bin` (a `baton` binary).
+pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
+    let started = Instant::now();
+    let up = crate::up(bin, &["--no-node"]).await?;
+    let client = up.client.clone();
+    let cp_pid = up.procs.0[0].id();
+    let rss_peak = Arc::new(Mutex::new(0u64));
+    let sampler = {
+        let rss_peak = rss_peak.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = crate::rss_kib(cp_pid);
+                {
+                    let mut peak = rss_peak.lock().unwrap();
+                    *peak = (*peak).max(now);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let cpu0 = up.procs.cpu();
+    // The hollow nodes run in a process of their own, so that the control plane's
+    // figures are its own.
+    let hollow = Procs(vec![std::process::Command::new(bin)
+        .args([
+            "hollow-nodes",
+            "--count",
+            &plan.nodes.to_string(),
+            "--kubeconfig",
+        ])
+        .arg(up.data_dir().join("kubeconfig"))
+        .args([
+            "--start-delay-ms",
+            &plan.start_delay.as_millis().to_string(),
+        ])
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting the hollow nodes")?]);
+    let nodes: Api<Node> = Api::all(client.clone());
+    let t0 = Instant::now();
+    let ready = |n: &Node| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    wait_for(plan.deadline, "every hollow node Ready", || async {
+        nodes
+            .list(&ListParams::default().labels("baton.dev/hollow=true"))
+            .await
+            .map(|l| l.items.iter().filter(|n| ready(n)).count() >= plan.nodes)
+            .unwrap_or(false)
+    })
+    .await?;
+    let nodes_ready = t0.elapsed();
+
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let watch = tokio::spawn(watch_pods(client.clone(), seen.clone()));
+    let sizes = sizes(plan.pods);
+    let namespaces = (plan.pods / 3000).max(1);
+    for i in 0..namespaces {
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": format!("scale-{i}")}}))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+    }
+    let t1 = Instant::now();
+    let mut made = Vec::new();
+    let mut created = 0usize;
+    for (i, size) in sizes.iter().enumerate() {
+        // A steady rate: each Deployment waits for its pods' share of the time.
+        let due = t1 + Duration::from_secs_f64(created as f64 / plan.rate);
+        tokio::time::sleep_until(due.into()).await;
+        let ns = format!("scale-{}", i % namespaces);
+        let name = format!("d{i}");
+        create_deployment(&client, &ns, &name, *size).await?;
+        made.push((ns, name, *size));
+        created += size;
+    }
+    wait_for(plan.deadline, "every pod Running", || async {
+        seen.lock().unwrap().running.len() >= plan.pods
+    })
+    .await?;
+    let pods_running = t1.elapsed();
+    let startup: Vec<Duration> = {
+        let s = seen.lock().unwrap();
+        s.running
+            .iter()
+            .filter_map(|(uid, r)| Some(r.saturating_duration_since(*s.created.get(uid)?)))
+            .collect()
+    };
+    let scheduled_per_s = {
+        let s = seen.lock().unwrap();
+        let (first, last) = (s.bound.iter().min(), s.bound.iter().max());
+        match (first, last) {
+            (Some(f), Some(l)) if l > f => s.bound.len() as f64 / (*l - *f).as_secs_f64(),
+            _ => 0.0,
+        }
+    };
+    let churn = if plan.churn {
+        Some(churn(&client, &made, plan.deadline).await?)
+    } else {
+        None
+    };
+    let api = api_latency(&client).await?;
+    let cpu = up.procs.cpu().saturating_sub(cpu0);
+    let store_bytes = dir_bytes(&up.data_dir().join("store"));
+    let objects = count_objects(&client).await?;
+    watch.abort();
+    sampler.abort();
+    drop(hollow);
+    let rss_peak_kib = *rss_peak.lock().unwrap();
+    Ok(Report {
+        plan,
+        nodes_ready,
+        pods_running,
+        startup,
+        scheduled_per_s,
+        churn,
+        api,
+        rss_peak_kib,
+        cpu,
+        wall: started.elapsed(),
+        store_bytes,
+        objects,
+    })
+}
+
+async fn wait_for<F, Fut>(deadline: Duration, what: &str, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let cond = || {
+        let fut = f();
+        async move { fut.await.then_some(()) }
+    };
+    baton_testkit::wait_until_async(deadline, what, cond).await?;
+    Ok(())
+}
+
+async fn create_deployment(client: &Client, ns: &str, name: &str, replicas: usize) -> Result<()> {
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {LABEL: "1"}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name, LABEL: "1"}},
+                "spec": {"containers": [{"name": "c", "image": "registry.invalid/hollow:1",
+                    "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]}
+            }
+        }
+    }))?;
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &d)
+        .await
+        .with_context(|| format!("creating Deployment {ns}/{name}"))?;
+    Ok(())
+}
+
+/// Records when each pod is first seen, bound, and Running and Ready.
+async fn watch_pods(client: Client, seen: Arc<Mutex<Seen>>) {
+    let pods: Api<Pod> = Api::all(client);
+    let mut events = watcher(
+        pods,
+        watcher::Config::default().labels(&format!("{LABEL}=1")),
+    )
+    .boxed();
+    while let Some(ev) = events.next().await {
+        let p = match ev {
+            Ok(Event::Apply(p)) | Ok(Event::InitApply(p)) => p,
+            _ => continue,
+        };
+        let now = Instant::now();
+        let uid = p.uid().unwrap_or_default();
+        let mut s = seen.lock().unwrap();
+        s.created.entry(uid.clone()).or_insert(now);
+        let spec = p.spec.as_ref();
+        if spec.and_then(|s| s.node_name.as_ref()).is_some() && s.bound_names.insert(uid.clone()) {
+            s.bound.push(now);
+        }
+        let running = p.status.as_ref().is_some_and(|st| {
+            st.phase.as_deref() == Some("Running")
+                && st
+                    .conditions
+                    .as_ref()
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        });
+        if running && p.metadata.deletion_timestamp.is_none() {
+            s.running.entry(uid).or_insert(now);
+        }
+    }
+}
+
+/// A tenth of the Deployments scaled (half up by half, half down by half), a tenth rolled
+/// to a new template, a tenth deleted; returns when the pods running match again.
+async fn churn(
+    client: &Client,
+    made: &[(String, String, usize)],
+    deadline: Duration,
+) -> Result<Duration> {
+    let t = Instant::now();
+    let tenth = (made.len() / 10).max(1);
+    let mut expected: usize = made.iter().map(|m| m.2).sum();
+    let patch = |ns: &str, name: &str, body: serde_json::Value| {
+        let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+        let name = name.to_string();
+        async move {
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(body))
+                .await
+                .with_context(|| format!("patching Deployment {name}"))
+        }
+    };
+    for (i, (ns, name, size)) in made.iter().take(tenth).enumerate() {
+        let to = if i % 2 == 0 {
+            size + size / 2
+        } else {
+            size / 2
+        };
+        patch(ns, name, json!({"spec": {"replicas": to}})).await?;
+        expected = expected + to - size;
+    }
+    for (ns, name, _) in made.iter().skip(tenth).take(tenth) {
+        patch(
+            ns,
+            name,
+            json!({"spec": {"template": {"metadata": {"annotations": {"baton.dev/rolled": "1"}}}}}),
+        )
+        .await?;
+    }
+    for (ns, name, size) in made.iter().skip(2 * tenth).take(tenth) {
+        Api::<Deployment>::namespaced(client.clone(), ns)
+            .delete(name, &DeleteParams::foreground())
+            .await?;
+        expected -= size;
+    }
+    let pods: Api<Pod> = Api::all(client.clone());
+    wait_for(deadline, "the churn to settle", || async {
+        let Ok(list) = pods
+            .list(&ListParams::default().labels(&format!("{LABEL}=1")))
+            .await
+        else {
+            return false;
+        };
+        let running = list
+            .items
+            .iter()
+            .filter(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+            .count();
+        running == expected && list.items.len() == expected
+    })
+    .await?;
+    Ok(t.elapsed())
+}
+
+/// An API call's verb, resource and scope.
+type Call = (String, String, String);
+/// A histogram's buckets: upper bound (as bits, for ordering) → (bound, cumulative count).
+type Buckets = BTreeMap<u64, (f64, u64)>;
+
+/// p50 and p99 of `apiserver_request_duration_seconds` per verb, resource and scope, from
+/// the server's histogram buckets (interpolated within a bucket, as `histogram_quantile`
+/// does). Watches and connections are long-running and left out, as the SLO does.
+async fn api_latency(client: &Client) -> Result<Vec<ApiRow>> {
+    let req = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(req).await.context("reading /metrics")?;
+    // (verb, resource, scope) → le → cumulative count
+    let mut buckets: BTreeMap<Call, Buckets> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_duration_seconds_bucket{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let labels: HashMap<&str, &str> = labels
+            .split("\",")
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once("=\"")?;
+                Some((k, v.trim_end_matches('"')))
+            })
+            .collect();
+        let verb = labels.get("verb").copied().unwrap_or("");
+        if matches!(verb, "WATCH" | "CONNECT" | "WATCHLIST") {
+            continue;
+        }
+        let le: f64 = match labels.get("le").copied() {
+            Some("+Inf") => f64::INFINITY,
+            Some(v) => v.parse().unwrap_or(f64::INFINITY),
+            None => continue,
+        };
+        let count: f64 = value.trim().parse().unwrap_or(0.0);
+        let mut resource = labels.get("resource").copied().unwrap_or("").to_string();
+        if let Some(sub) = labels.get("subresource").filter(|s| !s.is_empty()) {
+            resource = format!("{resource}/{sub}");
+        }
+        let key = (
+            verb.to_string(),
+            resource,
+            labels.get("scope").copied().unwrap_or("").to_string(),
+        );
+        let e = buckets
+            .entry(key)
+            .or_default()
+            .entry(le.to_bits())
+            .or_insert((le, 0));
+        e.1 += count as u64;
+    }
+    let mut rows = Vec::new();
+    for ((verb, resource, scope), b) in buckets {
+        let mut b: Vec<(f64, u64)> = b.into_values().collect();
+        b.sort_by(|x, y| x.0.total_cmp(&y.0));
+        let total = b.last().map(|x| x.1).unwrap_or(0);
+        if total == 0 {
+            continue;
+        }
+        let q = |p: f64| {
+            let want = p * total as f64;
+            let (mut lo, mut below) = (0.0, 0u64);
+            for (le, c) in &b {
+                if *c as f64 >= want {
+                    if le.is_infinite() {
+                        return lo;
+                    }
+                    let within = (*c - below).max(1) as f64;
+                    return lo + (le - lo) * ((want - below as f64) / within);
+                }
+                (lo, below) = (*le, *c);
+            }
+            lo
+        };
+        rows.push(ApiRow {
+            verb,
+            resource,
+            scope,
+            count: total,
+            p50: q(0.5),
+            p99: q(0.99),
+        });
+    }
+    Ok(rows)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Objects of the kinds the run makes many of.
+async fn count_objects(client: &Client) -> Result<u64> {
+    let mut n = 0;
+    let lp = ListParams::default();
+    n += Api::<Pod>::all(client.clone())
+        .list_metadata(&lp)
+        .await?
+        .items
+        .len();
+    n += Api::<Node>::all(client.clone())
+        .list_metadata(&lp)
+        .await?
+        .items
+        .len();
+    n += Api::<k8s_openapi::api::coordination::v1::Lease>::all(client.clone())
+        .list_metadata(&lp)
+        .await?
+        .items
+        .len();
+    n += Api::<k8s_openapi::api::apps::v1::ReplicaSet>::all(client.clone())
+        .list_metadata(&lp)
+        .await?
+        .items
+        .len();
+    n += Api::<Deployment>::all(client.clone())
+        .list_metadata(&lp)
+        .await?
+        .items
+        .len();
+    n += Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::all(client.clone())
+        .list_metadata(&lp)
+        .await?
+        .items
+        .len();
+    if n == 0 {
+        bail!("no objects");
+    }
+    Ok(n as u64)
+}

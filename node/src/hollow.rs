@@ -1,0 +1,160 @@
+//! Hollow nodes: the node agent's own code with scripted sandboxes, so that one process
+//! can play thousands of nodes against a real control plane, as kubemark's hollow kubelet
+//! does.
+//!
+//! A hollow node registers its Node, renews its Lease, refreshes its status now and then,
+//! watches the pods bound to it with the `spec.nodeName` field selector, and gives each a
+//! pod worker ([`crate::worker`]) that reports it Pending, Running and Ready, and
+//! terminates it when it is deleted, exactly as a real node does. Only the sandbox
+//! differs: [`crate::fake::FakeSandboxes`] starts any image as a server after a set delay,
+//! and runs nothing. There is no kubelet endpoint, no Service proxy and no Ingress.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_kube::events::{EventQueue, Recorder};
+use kube::Client;
+
+use crate::fake::{FakeSandboxes, Script};
+use crate::register::{self, Capacity};
+use crate::{budget, eviction, ipam, manage_pods, platform, server, worker, NodeError};
+
+/// Pod addresses of hollow nodes. Nothing connects to them, and a hollow node takes no
+/// range from the control plane's `/20`s, of which there are only 2,048.
+const HOLLOW_RANGE: &str = "127.64.0.0/10";
+
+/// How a hollow node is set up.
+#[derive(Debug, Clone)]
+pub struct HollowConfig {
+    pub name: String,
+    pub capacity: Capacity,
+    pub labels: BTreeMap<String, String>,
+    /// Lease renewals; the Node's status is refreshed every sixth.
+    pub heartbeat: Duration,
+    /// How long each container takes to start: from bound to Running.
+    pub start_delay: Duration,
+    /// Pod directories (each pod's logs) live here.
+    pub data_dir: PathBuf,
+}
+
+impl HollowConfig {
+    /// A node of kubemark's default size (4 CPUs, 16 GiB, 110 pods).
+    pub fn new(name: &str, data_dir: PathBuf) -> Self {
+        Self {
+            name: name.into(),
+            capacity: Capacity {
+                cpu_millis: 4000,
+                memory: 16 << 30,
+                pods: 110,
+            },
+            labels: BTreeMap::from([("baton.dev/hollow".to_string(), "true".to_string())]),
+            heartbeat: Duration::from_secs(10),
+            start_delay: Duration::ZERO,
+            data_dir,
+        }
+    }
+}
+
+/// Runs a hollow node until `shutdown` completes.
+pub async fn run(
+    client: Client,
+    cfg: HollowConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let address = "127.0.0.1";
+    // As the kubelet does, a node that cannot register yet (the API server sheds load
+    // with 429 while thousands join at once) tries again, and says why it waits.
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let joined = async {
+            register::register(
+                &client,
+                &cfg.name,
+                address,
+                &cfg.labels,
+                &cfg.capacity,
+                0,
+                &register::Reported::default(),
+            )
+            .await?;
+            register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await
+        };
+        match joined.await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::info!(node = %cfg.name, error = %baton_kube::error::chain(&e), "hollow node waits to register");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    let events = EventQueue::spawn(
+        Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
+        64,
+    );
+    let sandboxes = FakeSandboxes::default();
+    sandboxes
+        .any_image(Script::Serve)
+        .start_delay(cfg.start_delay);
+    let logs = Arc::new(server::LogIndex::default());
+    let shared = Arc::new(worker::Shared {
+        client: client.clone(),
+        sandboxes,
+        ipam: Mutex::new(ipam::Ipam::new(HOLLOW_RANGE)?),
+        node_name: cfg.name.clone(),
+        host_ip: address.into(),
+        data_dir: cfg.data_dir.clone(),
+        events,
+        settings: worker::Settings::default(),
+        services: None,
+        logs: logs.clone(),
+        memory: Arc::new(budget::MemoryBudget::new(cfg.capacity.memory, 64 << 20)),
+        evictions: Arc::new(eviction::Evictions::default()),
+        platform: Arc::new(platform::Stores::new(cfg.data_dir.join("keyvalue"))),
+    });
+    let heartbeat = tokio::spawn(heartbeat(client, cfg));
+    manage_pods(shared, logs, shutdown).await;
+    heartbeat.abort();
+    Ok(())
+}
+
+/// Renews the Lease every beat and refreshes the Node's status every sixth, as the node
+/// agent does; a failed renewal is retried at the next beat.
+async fn heartbeat(client: Client, cfg: HollowConfig) {
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    // Spread the nodes over the period, as real ones started at different times are.
+    tick.reset_after(cfg.heartbeat.mul_f64(rand_fraction(&cfg.name)));
+    let mut beats = 0u64;
+    loop {
+        tick.tick().await;
+        beats += 1;
+        if let Err(e) = register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await {
+            tracing::debug!(node = %cfg.name, error = %e, "hollow heartbeat failed");
+        }
+        if beats % 6 == 0 {
+            let status = register::register(
+                &client,
+                &cfg.name,
+                "127.0.0.1",
+                &cfg.labels,
+                &cfg.capacity,
+                0,
+                &register::Reported::default(),
+            )
+            .await;
+            if let Err(e) = status {
+                tracing::debug!(node = %cfg.name, error = %e, "hollow status update failed");
+            }
+        }
+    }
+}
+
+/// A number in [0, 1) fixed by the name.
+fn rand_fraction(name: &str) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    (h.finish() % 10_000) as f64 / 10_000.0
+}
