@@ -16,9 +16,12 @@
 #   scripts/bench.sh failover  writes stopped by the Raft leader's partition, three
 #                            members on network namespaces, against etcd 3.4 (as root;
 #                            BENCH_TRIALS per system, default 20)
+#   scripts/bench.sh scale   Kubernetes' SLOs on hollow nodes: Deployments at a steady
+#                            rate, then churn, at 100, 1,000 and 5,000 nodes (BENCH_SCALE,
+#                            BENCH_PODS_PER_NODE=30, BENCH_RATE pods/s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-which="${1:?usage: scripts/bench.sh store|api|wasm|ingress|cluster|debug|container|ui|failover}"
+which="${1:?usage: scripts/bench.sh store|api|wasm|ingress|cluster|debug|container|ui|failover|scale}"
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 # Two builds, so that `baton` is the same binary `scripts/run.sh` builds (one build of

@@ -339,6 +339,7 @@ fn main() {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
+    raise_open_files_limit();
     let cli = Cli::parse();
     let telemetry = match otel::init(cli.otlp_endpoint.as_deref(), cli.command.service_name()) {
         Ok(t) => t,
@@ -368,6 +369,41 @@ fn main() {
         }
     };
     exit_now(code)
+}
+
+/// Raises the open-files limit as far as the process may, as Go's runtime does for every
+/// program and containerd's unit does with `LimitNOFILE=infinity`. A node holds a log
+/// file per container and a connection per proxied client, an API server a connection per
+/// watching node, and hollow nodes all of that for thousands of nodes in one process: the
+/// usual soft limit (1,024, or the hard limit of a container) runs out long before memory.
+/// Privileged, the hard limit goes up to the kernel's `fs.nr_open`; otherwise the soft
+/// limit goes up to the hard one. A failure leaves the limit as it was.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    // None is unlimited; the kernel takes no more than fs.nr_open either way.
+    let cap = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    let hard = now.maximum.unwrap_or(u64::MAX);
+    let both = |n: u64| Rlimit {
+        current: Some(n),
+        maximum: Some(n),
+    };
+    if hard < cap && cap != u64::MAX && setrlimit(Resource::Nofile, both(cap)).is_ok() {
+        return;
+    }
+    let soft = hard.min(cap);
+    if now.current.unwrap_or(u64::MAX) < soft && soft != u64::MAX {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(soft),
+                maximum: now.maximum,
+            },
+        );
+    }
 }
 
 /// Leaves the process without running C++ static destructors. RocksDB's destroy its

@@ -170,6 +170,10 @@ struct Seen {
 
 const LABEL: &str = "baton-scale";
 
+/// Hollow nodes per process: 30 pods each, with a log file per container and a few
+/// pooled connections per node, stay under a 20,000 open-files limit.
+const NODES_PER_PROCESS: usize = 300;
+
 /// The Deployments' sizes, as the load test mixes them: half the pods in small ones (5),
 /// a quarter in medium (30), a quarter in big (250); smaller runs scale the sizes down.
 fn sizes(pods: usize) -> Vec<usize> {
@@ -212,24 +216,28 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
         })
     };
     let cpu0 = up.procs.cpu();
-    // The hollow nodes run in a process of their own, so that the control plane's
-    // figures are its own.
-    let hollow = Procs(vec![std::process::Command::new(bin)
-        .args([
-            "hollow-nodes",
-            "--count",
-            &plan.nodes.to_string(),
-            "--kubeconfig",
-        ])
-        .arg(up.data_dir().join("kubeconfig"))
-        .args([
-            "--start-delay-ms",
-            &plan.start_delay.as_millis().to_string(),
-        ])
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .context("starting the hollow nodes")?]);
+    // The hollow nodes run in processes of their own, so that the control plane's
+    // figures are its own; a few hundred per process, since each holds a log file per
+    // container and a connection per node, under the open-files limit a process gets.
+    let hollow = Procs(
+        (0..plan.nodes.div_ceil(NODES_PER_PROCESS))
+            .map(|k| {
+                let count = NODES_PER_PROCESS.min(plan.nodes - k * NODES_PER_PROCESS);
+                std::process::Command::new(bin)
+                    .args(["hollow-nodes", "--count", &count.to_string()])
+                    .args(["--prefix", &format!("hollow-{k}-"), "--kubeconfig"])
+                    .arg(up.data_dir().join("kubeconfig"))
+                    .args([
+                        "--start-delay-ms",
+                        &plan.start_delay.as_millis().to_string(),
+                    ])
+                    .env("RUST_LOG", "error")
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .context("starting the hollow nodes")
+            })
+            .collect::<Result<Vec<_>>>()?,
+    );
     let nodes: Api<Node> = Api::all(client.clone());
     let t0 = Instant::now();
     let ready = |n: &Node| {
@@ -247,6 +255,7 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
     })
     .await?;
     let nodes_ready = t0.elapsed();
+    eprintln!("scale: {} nodes Ready in {nodes_ready:.1?}", plan.nodes);
 
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let watch = tokio::spawn(watch_pods(client.clone(), seen.clone()));
@@ -277,6 +286,7 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
     })
     .await?;
     let pods_running = t1.elapsed();
+    eprintln!("scale: {} pods Running in {pods_running:.1?}", plan.pods);
     let startup: Vec<Duration> = {
         let s = seen.lock().unwrap();
         s.running

@@ -226,10 +226,9 @@ enum Route {
 /// Accepts on `listener` and forwards each connection to an endpoint of the route.
 async fn serve(listener: tokio::net::TcpListener, services: Services, route: Route) {
     let next = Arc::new(AtomicUsize::new(0));
+    let acceptor = baton_kube::accept::Acceptor::new(listener);
     loop {
-        let Ok((mut inbound, _)) = listener.accept().await else {
-            continue;
-        };
+        let (mut inbound, _, permit) = acceptor.accept().await;
         let endpoints = services.route_endpoints(&route);
         // No ready endpoint: refuse, as kube-proxy's REJECT rule does, unless the
         // Service's workload may be coming up from zero.
@@ -245,6 +244,7 @@ async fn serve(listener: tokio::net::TcpListener, services: Services, route: Rou
         };
         let (services, route, next) = (services.clone(), route.clone(), next.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let endpoints = match (held, &route) {
                 (Some(_permit), Route::Service { key, port }) => {
                     services

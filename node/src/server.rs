@@ -279,7 +279,7 @@ pub async fn start(
     let (cert, key, ca) = certificate(client, node, address).await?;
     let identity = Identity::from_pem(&cert, &key, &ca)?;
     let link = Arc::new(identity.client_config()?);
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(identity.server_config()?));
+    let tls_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(identity.server_config()?));
     let addr: SocketAddr =
         format!("{address}:{port}")
             .parse()
@@ -295,15 +295,18 @@ pub async fn start(
         .map_err(|source| ServerError::Listen { addr, source })?
         .port();
     let node: Arc<str> = Arc::from(node);
+    let acceptor = baton_kube::accept::Acceptor::new(listener);
     let task = tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let (acceptor, index, node) = (acceptor.clone(), index.clone(), node.clone());
+            let (tcp, _, permit) = acceptor.accept().await;
+            let (tls_acceptor, index, node) = (tls_acceptor.clone(), index.clone(), node.clone());
             tokio::spawn(async move {
-                // A caller without a client certificate from the cluster CA fails here.
-                let Ok(tls) = acceptor.accept(tcp).await else {
+                let _permit = permit;
+                // A caller without a client certificate from the cluster CA fails here,
+                // and one that never finishes its handshake gives up its place.
+                let Ok(Ok(tls)) =
+                    tokio::time::timeout(Duration::from_secs(10), tls_acceptor.accept(tcp)).await
+                else {
                     return;
                 };
                 let caller = tls

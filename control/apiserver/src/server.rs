@@ -282,24 +282,27 @@ impl ApiServer {
     ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
         let tls = tokio_rustls::TlsAcceptor::from(Arc::new(self.pki.server_config()?));
         let router = self.router();
+        let acceptor = baton_kube::accept::Acceptor::new(listener);
         Ok(tokio::spawn(async move {
             loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
-                    }
-                };
+                let (tcp, peer, permit) = acceptor.accept().await;
                 let _ = tcp.set_nodelay(true);
                 let tls = tls.clone();
                 let router = router.clone();
                 tokio::spawn(
                     async move {
-                        let stream = match tls.accept(tcp).await {
-                            Ok(s) => s,
-                            Err(e) => {
+                        // The connection's place is freed when it ends.
+                        let _permit = permit;
+                        // A client that connects and never finishes its handshake does
+                        // not keep its place.
+                        let stream = match tokio::time::timeout(HANDSHAKE, tls.accept(tcp)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
                                 tracing::debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("TLS handshake timed out");
                                 return;
                             }
                         };
@@ -327,6 +330,16 @@ impl ApiServer {
                         // that multiplexes many watches on one connection (hollow nodes,
                         // informers) is not held at hyper's 200.
                         builder.http2().max_concurrent_streams(1000);
+                        // An HTTP/1.1 connection that sends no request for this long is
+                        // closed (hyper's header read timeout runs while a kept-alive
+                        // connection waits for its next request), so that pools of idle
+                        // connections from thousands of clients give their places back.
+                        // Clients keep theirs 90 s, and retry a request on a connection
+                        // closed before it was sent.
+                        builder
+                            .http1()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(IDLE);
                         if let Err(e) = builder
                             .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .await
@@ -340,6 +353,12 @@ impl ApiServer {
         }))
     }
 }
+
+/// How long a TLS handshake may take.
+const HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long an HTTP/1.1 connection may wait for its next request.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Requests that need no credentials: what kube-apiserver's system:public-info-viewer
 /// allows, and the OIDC documents that let others verify ServiceAccount tokens.

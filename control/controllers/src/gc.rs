@@ -22,7 +22,7 @@
 //! discovery lists (custom resources too); once nothing is left, it is finalized and
 //! disappears.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -223,7 +223,7 @@ impl Collector {
     /// One pass over the graph.
     pub async fn sweep(&mut self, ctx: &Arc<Ctx>) {
         let unwatched: Vec<OwnerKey> = {
-            let mut out = Vec::new();
+            let mut out = HashSet::new();
             let mut note = |ns: Option<&String>, refs: Option<&Vec<OwnerReference>>| {
                 for o in refs.into_iter().flatten() {
                     if !WATCHED.contains(&o.kind.as_str()) {
@@ -233,9 +233,7 @@ impl Collector {
                             ns.cloned().unwrap_or_default(),
                             o.name.clone(),
                         );
-                        if !out.contains(&key) {
-                            out.push(key);
-                        }
+                        out.insert(key);
                     }
                 }
             };
@@ -269,7 +267,7 @@ impl Collector {
                     s.metadata.owner_references.as_ref(),
                 );
             }
-            out
+            out.into_iter().collect()
         };
         self.look_up_owners(ctx, unwatched).await;
         let pods = ctx.pods.state();
@@ -367,7 +365,7 @@ impl Collector {
                         n.kind,
                         ns.clone(),
                         name.clone(),
-                        Action::DropFinalizer("orphan"),
+                        Action::DropFinalizer(without(finalizers, "orphan")),
                     ));
                 }
             } else if finalizers.iter().any(|f| f == "foregroundDeletion") {
@@ -388,24 +386,11 @@ impl Collector {
                         n.kind,
                         ns.clone(),
                         name.clone(),
-                        Action::DropFinalizer("foregroundDeletion"),
+                        Action::DropFinalizer(without(finalizers, "foregroundDeletion")),
                     ));
                 }
             }
         }
-        let finalizers_of: HashMap<(String, String, String), Vec<String>> = nodes
-            .iter()
-            .filter_map(|n| {
-                Some((
-                    (
-                        n.kind.to_string(),
-                        n.meta.namespace.clone()?,
-                        n.meta.name.clone()?,
-                    ),
-                    n.meta.finalizers.clone().unwrap_or_default(),
-                ))
-            })
-            .collect();
         drop(nodes);
         for (kind, ns, name, action) in actions {
             let key = format!("{kind}/{ns}/{name}/{action:?}");
@@ -433,22 +418,14 @@ impl Collector {
                     )
                     .await
                     .map(|_| ()),
-                Action::DropFinalizer(f) => {
-                    let keep: Vec<String> = finalizers_of
-                        .get(&(kind.to_string(), ns.clone(), name.clone()))
-                        .cloned()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .filter(|x| x != f)
-                        .collect();
-                    api.patch(
+                Action::DropFinalizer(keep) => api
+                    .patch(
                         &name,
                         &PatchParams::default(),
                         &Patch::Merge(json!({"metadata": {"finalizers": keep}})),
                     )
                     .await
-                    .map(|_| ())
-                }
+                    .map(|_| ()),
             };
             match result {
                 Ok(())
@@ -463,11 +440,16 @@ impl Collector {
     }
 }
 
+fn without(finalizers: &[String], f: &str) -> Vec<String> {
+    finalizers.iter().filter(|x| *x != f).cloned().collect()
+}
+
 #[derive(Debug)]
 enum Action {
     Delete(&'static str),
     SetOwners(serde_json::Value),
-    DropFinalizer(&'static str),
+    /// The finalizers to keep.
+    DropFinalizer(Vec<String>),
 }
 
 /// The namespaced resources a namespace is emptied of: the kinds known here first
@@ -605,12 +587,16 @@ pub async fn run(ctx: Arc<Ctx>) {
             continue;
         }
         // A hung request must not stop collection: each pass is bounded.
+        let pass = Instant::now();
         if tokio::time::timeout(Duration::from_secs(30), collector.sweep(&ctx))
             .await
             .is_err()
         {
             tracing::warn!("a garbage collection pass took over 30 s; starting over");
         }
+        // A pass walks every object, so with hundreds of thousands it takes a while: the
+        // pause after it grows with it, keeping collection to a tenth of a core.
+        tokio::time::sleep(pass.elapsed() * 9).await;
         for ns in ctx.namespaces.state() {
             if ns.metadata.deletion_timestamp.is_some() {
                 let _ = tokio::time::timeout(Duration::from_secs(30), finish_namespace(&ctx, &ns))

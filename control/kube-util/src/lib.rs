@@ -25,6 +25,7 @@
 //!
 //! Nothing here talks to wasmtime or the store.
 
+pub mod accept;
 pub mod balancer;
 pub mod client;
 pub mod cron;

@@ -364,14 +364,9 @@ async fn serve(
     shared: Arc<Shared>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let acceptor = baton_kube::accept::Acceptor::with_limit(listener, MAX_CONNECTIONS);
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, peer, permit) = acceptor.accept().await;
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let tls = tls.clone();
