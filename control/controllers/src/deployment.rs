@@ -244,14 +244,10 @@ pub async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Erro
     let paused = spec.paused == Some(true);
     let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
     let mut owned: Vec<Arc<ReplicaSet>> = ctx
-        .replicasets
-        .state()
+        .replicasets_by_controller
+        .owned(&ctx.replicasets, &ns, &uid)
         .into_iter()
-        .filter(|rs| {
-            rs.metadata.namespace.as_deref() == Some(ns.as_str())
-                && pod::controller_of(&rs.metadata).is_some_and(|o| o.uid == uid)
-                && rs.metadata.deletion_timestamp.is_none()
-        })
+        .filter(|rs| rs.metadata.deletion_timestamp.is_none())
         .collect();
     owned.sort_by_key(|rs| (revision(rs), rs.metadata.creation_timestamp.clone()));
     let hash = template_hash(&spec.template);

@@ -58,7 +58,9 @@ impl World {
         let ctx = Arc::new(Ctx {
             client: client.clone(),
             pods: pods_s,
+            pods_by_controller: Default::default(),
             replicasets: rs_s,
+            replicasets_by_controller: Default::default(),
             replicationcontrollers: store::<ReplicationController>().0,
             deployments: deps_s,
             namespaces: store::<Namespace>().0,
@@ -107,7 +109,11 @@ impl World {
     }
 
     pub fn pod(&mut self, v: Value) -> Arc<Pod> {
-        apply(&mut self.pods, v)
+        let pod = apply(&mut self.pods, v);
+        self.ctx
+            .pods_by_controller
+            .apply(&watcher::Event::Apply((*pod).clone()));
+        pod
     }
     pub fn service(&mut self, v: Value) -> Arc<Service> {
         apply(&mut self.services, v)
@@ -128,7 +134,11 @@ impl World {
         apply(&mut self.jobs, v)
     }
     pub fn replicaset(&mut self, v: Value) -> Arc<ReplicaSet> {
-        apply(&mut self.replicasets, v)
+        let rs = apply(&mut self.replicasets, v);
+        self.ctx
+            .replicasets_by_controller
+            .apply(&watcher::Event::Apply((*rs).clone()));
+        rs
     }
     pub fn deployment(&mut self, v: Value) -> Arc<Deployment> {
         apply(&mut self.deployments, v)
@@ -142,8 +152,9 @@ impl World {
     /// Takes a ReplicaSet out of the store, as a watch event of its deletion would.
     pub fn replicaset_gone(&mut self, v: Value) {
         let obj: ReplicaSet = serde_json::from_value(v).expect("a valid object");
-        self.replicasets
-            .apply_watcher_event(&watcher::Event::Delete(obj));
+        let gone = watcher::Event::Delete(obj);
+        self.ctx.replicasets_by_controller.apply(&gone);
+        self.replicasets.apply_watcher_event(&gone);
     }
 }
 

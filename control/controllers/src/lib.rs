@@ -46,6 +46,7 @@ pub mod hpa;
 pub mod ingress;
 pub mod job;
 pub mod nodelifecycle;
+pub mod owners;
 pub mod replicaset;
 pub mod resourcequota;
 pub mod rootca;
@@ -88,6 +89,10 @@ use crate::expectations::Expectations;
 pub struct Ctx {
     pub client: Client,
     pub pods: Store<Pod>,
+    /// Pods by their controller's UID.
+    pub pods_by_controller: owners::ByController<Pod>,
+    /// ReplicaSets by their Deployment's UID.
+    pub replicasets_by_controller: owners::ByController<ReplicaSet>,
     pub replicasets: Store<ReplicaSet>,
     pub replicationcontrollers: Store<ReplicationController>,
     pub deployments: Store<Deployment>,
@@ -147,6 +152,7 @@ struct Informer<K: Resource<DynamicType = ()> + Clone + 'static> {
     store: Store<K>,
     writer: Writer<K>,
     tx: tokio::sync::broadcast::Sender<Arc<K>>,
+    index: Option<owners::ByController<K>>,
 }
 
 impl<K> Informer<K>
@@ -157,7 +163,18 @@ where
     fn new() -> Self {
         let (store, writer) = reflector::store();
         let (tx, _) = tokio::sync::broadcast::channel(1 << 16);
-        Self { store, writer, tx }
+        Self {
+            store,
+            writer,
+            tx,
+            index: None,
+        }
+    }
+
+    /// Also keeps an index of the objects by their controller.
+    fn indexed(mut self) -> Self {
+        self.index = Some(owners::ByController::default());
+        self
     }
 
     fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
@@ -184,6 +201,7 @@ where
             store,
             mut writer,
             tx,
+            index,
         } = self;
         let mut events = watcher(api, watcher::Config::default())
             .default_backoff()
@@ -197,6 +215,9 @@ where
                         continue;
                     }
                 };
+                if let Some(index) = &index {
+                    index.apply(&ev);
+                }
                 writer.apply_watcher_event(&ev);
                 match ev {
                     watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
@@ -216,14 +237,7 @@ where
 
 /// The pods of namespace `ns` whose controller is the object with `uid`.
 pub(crate) fn owned_pods(ctx: &Ctx, ns: &str, uid: &str) -> Vec<Arc<Pod>> {
-    ctx.pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            p.metadata.namespace.as_deref() == Some(ns)
-                && baton_kube::pod::controller_of(&p.metadata).is_some_and(|o| o.uid == uid)
-        })
-        .collect()
+    ctx.pods_by_controller.owned(&ctx.pods, ns, uid)
 }
 
 /// Deletes `name` through `api`; `Ok(false)` when it was already gone, which is what the
@@ -339,8 +353,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let pods = Informer::<Pod>::new();
-    let replicasets = Informer::<ReplicaSet>::new();
+    let pods = Informer::<Pod>::new().indexed();
+    let replicasets = Informer::<ReplicaSet>::new().indexed();
     let replicationcontrollers = Informer::<ReplicationController>::new();
     let deployments = Informer::<Deployment>::new();
     let namespaces = Informer::<Namespace>::new();
@@ -364,7 +378,9 @@ pub async fn run(
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.store.clone(),
+        pods_by_controller: pods.index.clone().unwrap_or_default(),
         replicasets: replicasets.store.clone(),
+        replicasets_by_controller: replicasets.index.clone().unwrap_or_default(),
         replicationcontrollers: replicationcontrollers.store.clone(),
         deployments: deployments.store.clone(),
         namespaces: namespaces.store.clone(),

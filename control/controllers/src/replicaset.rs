@@ -278,15 +278,7 @@ async fn reconcile_set(set: Set, ctx: Arc<Ctx>) -> Result<Action, Error> {
         ctx.expectations.forget(&uid);
         return Ok(Action::await_change());
     }
-    let owned: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            p.metadata.namespace.as_deref() == Some(ns.as_str())
-                && pod::controller_of(&p.metadata).is_some_and(|o| o.uid == uid)
-        })
-        .collect();
+    let owned: Vec<Arc<Pod>> = crate::owned_pods(&ctx, &ns, &uid);
     let active: Vec<&Arc<Pod>> = owned.iter().filter(|p| pod::is_active(p)).collect();
     let present = owned.iter().map(|p| {
         (
