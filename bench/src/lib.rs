@@ -80,7 +80,16 @@ pub fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Polls `f` until it is true, for at most 60 s.
-pub async fn wait_until<F, Fut>(what: &str, mut f: F) -> Result<()>
+pub async fn wait_until<F, Fut>(what: &str, f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    wait_within(Duration::from_secs(60), what, f).await
+}
+
+/// Polls `f` until it is true, for at most `deadline`.
+pub async fn wait_within<F, Fut>(deadline: Duration, what: &str, mut f: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -89,7 +98,7 @@ where
         let fut = f();
         async move { fut.await.then_some(()) }
     };
-    baton_testkit::wait_until_async(Duration::from_secs(60), what, cond).await?;
+    baton_testkit::wait_until_async(deadline, what, cond).await?;
     Ok(())
 }
 

@@ -259,7 +259,7 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
     };
-    wait_for(plan.deadline, "every hollow node Ready", || async {
+    crate::wait_within(plan.deadline, "every hollow node Ready", || async {
         nodes
             .list(&ListParams::default().labels("baton.dev/hollow=true"))
             .await
@@ -294,7 +294,7 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
         made.push((ns, name, *size));
         created += size;
     }
-    wait_for(plan.deadline, "every pod Running", || async {
+    crate::wait_within(plan.deadline, "every pod Running", || async {
         seen.lock().unwrap().running.len() >= plan.pods
     })
     .await?;
@@ -342,19 +342,6 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
         store_bytes,
         objects,
     })
-}
-
-async fn wait_for<F, Fut>(deadline: Duration, what: &str, mut f: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let cond = || {
-        let fut = f();
-        async move { fut.await.then_some(()) }
-    };
-    baton_testkit::wait_until_async(deadline, what, cond).await?;
-    Ok(())
 }
 
 async fn create_deployment(client: &Client, ns: &str, name: &str, replicas: usize) -> Result<()> {
@@ -454,7 +441,7 @@ async fn churn(
         expected -= size;
     }
     let pods: Api<Pod> = Api::all(client.clone());
-    wait_for(deadline, "the churn to settle", || async {
+    crate::wait_within(deadline, "the churn to settle", || async {
         let Ok(list) = pods
             .list(&ListParams::default().labels(&format!("{LABEL}=1")))
             .await
