@@ -14,12 +14,13 @@ use kube::runtime::watcher;
 use kube::Resource;
 
 type Refs<K> = HashMap<String, HashSet<ObjectRef<K>>>;
+type OwnerOf<K> = HashMap<ObjectRef<K>, String>;
 
 struct Index<K: Resource<DynamicType = ()>> {
     by_owner: Refs<K>,
-    owner_of: HashMap<ObjectRef<K>, String>,
+    owner_of: OwnerOf<K>,
     /// A relist in progress: it replaces the index when it is done.
-    building: Option<(Refs<K>, HashMap<ObjectRef<K>, String>)>,
+    building: Option<(Refs<K>, OwnerOf<K>)>,
 }
 
 /// Which objects each controller owns. Cheap to clone: clones share the index.
@@ -58,7 +59,7 @@ impl<K: Resource<DynamicType = ()>> Default for ByController<K> {
 
 fn insert<K: Resource<DynamicType = ()>>(
     by_owner: &mut Refs<K>,
-    owner_of: &mut HashMap<ObjectRef<K>, String>,
+    owner_of: &mut OwnerOf<K>,
     obj: &K,
 ) {
     let key = ObjectRef::from_obj(obj);
@@ -74,7 +75,7 @@ fn insert<K: Resource<DynamicType = ()>>(
 
 fn remove<K: Resource<DynamicType = ()>>(
     by_owner: &mut Refs<K>,
-    owner_of: &mut HashMap<ObjectRef<K>, String>,
+    owner_of: &mut OwnerOf<K>,
     key: &ObjectRef<K>,
 ) {
     if let Some(old) = owner_of.remove(key) {
