@@ -117,7 +117,7 @@ mod tests {
             "accepted beyond the limit"
         );
         drop(permit);
-        tokio::time::timeout(Duration::from_secs(5), second)
+        let (_s2, _, _permit) = tokio::time::timeout(Duration::from_secs(5), second)
             .await
             .expect("accepted once the first place was freed");
     }
