@@ -5,15 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use baton_bench::env_or;
 use baton_bench::scale::{run, Plan};
-
-/// A figure from the environment, or the default.
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The suite's size is what a debug build on two cores, beside the rest of the suite,
 /// creates well within its SLOs: 100 nodes and 1,000 pods. `BATON_SCALE_NODES`,
