@@ -14,11 +14,19 @@
 //! the pod, so that it dies with it) and asked again once 80% of its life has passed, as
 //! the kubelet does; until then the token in the volume is kept.
 //!
+//! The ConfigMaps and Secrets are read at a pod's start, and for the periodic refresh
+//! from the node's [`ObjectCache`], which reads each object at most once per
+//! [`REFRESH_TTL`] for all of the node's pods, as the kubelet's TTL-based manager does:
+//! a node with 30 pods of one namespace asks for its `kube-root-ca.crt` once, not 30
+//! times, every refresh.
+//!
 //! A reference to a missing object or key fails with the object's name, which the node
 //! agent reports as `CreateContainerConfigError`; `optional: true` references are skipped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use baton_kube::storage::LOCAL_VOLUME_PREFIX;
 use baton_wasm_shim::Mount;
@@ -79,12 +87,73 @@ pub struct HostDirs<'a> {
     pub local_volumes: &'a Path,
 }
 
+/// How old a ConfigMap or Secret read for another pod may be when a pod's volumes and
+/// wasi:config values are refreshed. With the 15 s refresh, an edit reaches a running
+/// pod within 25 s (the kubelet's defaults take up to two minutes).
+pub const REFRESH_TTL: Duration = Duration::from_secs(10);
+
+/// Objects kept longer than this unread are dropped (their pods are likely gone).
+const FORGET_AFTER: Duration = Duration::from_secs(300);
+
+/// The node's ConfigMaps and Secrets, as last read for any of its pods.
+#[derive(Debug, Default)]
+pub struct ObjectCache {
+    configmaps: Mutex<Kept<ConfigMap>>,
+    secrets: Mutex<Kept<Secret>>,
+}
+
+/// (namespace, name) → when it was read, and what was read (None: it did not exist).
+type Kept<K> = HashMap<(String, String), (Instant, Option<K>)>;
+
+impl ObjectCache {
+    /// The object, as read within `max_age` if that is allowed (Some), or read now.
+    async fn get<K>(
+        kept: &Mutex<Kept<K>>,
+        client: &Client,
+        namespace: &str,
+        name: &str,
+        max_age: Option<Duration>,
+        kind: &'static str,
+    ) -> Result<Option<K>, ConfigError>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + k8s_openapi::serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let key = (namespace.to_string(), name.to_string());
+        if let Some(max_age) = max_age {
+            let kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, obj)) = kept.get(&key) {
+                if at.elapsed() < max_age {
+                    return Ok(obj.clone());
+                }
+            }
+        }
+        let api: Api<K> = Api::namespaced(client.clone(), namespace);
+        let obj = api.get_opt(name).await.map_err(|source| ConfigError::Api {
+            kind,
+            name: name.into(),
+            source: Box::new(source),
+        })?;
+        let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        kept.retain(|_, (at, _)| now.duration_since(*at) < FORGET_AFTER);
+        kept.insert(key, (now, obj.clone()));
+        Ok(obj)
+    }
+}
+
 /// Reads ConfigMaps and Secrets of one namespace once per resolution.
 struct Objects {
     client: Client,
     namespace: String,
     configmaps: HashMap<String, Option<ConfigMap>>,
     secrets: HashMap<String, Option<Secret>>,
+    cache: Arc<ObjectCache>,
+    /// How old a cached object may be: None reads every object afresh (a pod's start
+    /// sees the objects as they are now).
+    max_age: Option<Duration>,
 }
 
 /// The part of a token's life after which the node asks for a new one (the kubelet's).
@@ -109,6 +178,22 @@ fn fresh(iat: i64, exp: i64, now: i64) -> bool {
 }
 
 impl Objects {
+    fn new(
+        client: &Client,
+        cache: &Arc<ObjectCache>,
+        pod: &Pod,
+        max_age: Option<Duration>,
+    ) -> Self {
+        Self {
+            client: client.clone(),
+            namespace: pod.namespace().unwrap_or_else(|| "default".into()),
+            configmaps: HashMap::new(),
+            secrets: HashMap::new(),
+            cache: cache.clone(),
+            max_age,
+        }
+    }
+
     /// The pod's ServiceAccount token for a projected volume: `current` if it is still
     /// fresh, else a new one bound to the pod.
     async fn token(
@@ -158,12 +243,15 @@ impl Objects {
 
     async fn configmap(&mut self, name: &str) -> Result<Option<&ConfigMap>, ConfigError> {
         if !self.configmaps.contains_key(name) {
-            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
-            let cm = api.get_opt(name).await.map_err(|source| ConfigError::Api {
-                kind: "configmap",
-                name: name.into(),
-                source: Box::new(source),
-            })?;
+            let cm = ObjectCache::get(
+                &self.cache.configmaps,
+                &self.client,
+                &self.namespace,
+                name,
+                self.max_age,
+                "configmap",
+            )
+            .await?;
             self.configmaps.insert(name.into(), cm);
         }
         Ok(self.configmaps[name].as_ref())
@@ -258,12 +346,15 @@ impl Objects {
 
     async fn secret(&mut self, name: &str) -> Result<Option<&Secret>, ConfigError> {
         if !self.secrets.contains_key(name) {
-            let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-            let s = api.get_opt(name).await.map_err(|source| ConfigError::Api {
-                kind: "secret",
-                name: name.into(),
-                source: Box::new(source),
-            })?;
+            let s = ObjectCache::get(
+                &self.cache.secrets,
+                &self.client,
+                &self.namespace,
+                name,
+                self.max_age,
+                "secret",
+            )
+            .await?;
             self.secrets.insert(name.into(), s);
         }
         Ok(self.secrets[name].as_ref())
@@ -964,15 +1055,11 @@ fn wasi_config(
 /// whose values follow its ConfigMaps and Secrets).
 pub async fn refresh_wasi_config(
     client: &Client,
+    cache: &Arc<ObjectCache>,
     pod: &Pod,
     facts: &PodFacts,
 ) -> Result<HashMap<String, BTreeMap<String, String>>, ConfigError> {
-    let mut objects = Objects {
-        client: client.clone(),
-        namespace: pod.namespace().unwrap_or_else(|| "default".into()),
-        configmaps: HashMap::new(),
-        secrets: HashMap::new(),
-    };
+    let mut objects = Objects::new(client, cache, pod, Some(REFRESH_TTL));
     let from = config_from(&mut objects, pod).await?;
     let spec = pod.spec.clone().unwrap_or_default();
     let mut out = HashMap::new();
@@ -992,17 +1079,13 @@ pub async fn refresh_wasi_config(
 /// under `pod_dir`.
 pub async fn resolve(
     client: &Client,
+    cache: &Arc<ObjectCache>,
     pod: &Pod,
     facts: &PodFacts,
     pod_dir: &Path,
     dirs: HostDirs<'_>,
 ) -> Result<HashMap<String, ContainerConfig>, ConfigError> {
-    let mut objects = Objects {
-        client: client.clone(),
-        namespace: pod.namespace().unwrap_or_else(|| "default".into()),
-        configmaps: HashMap::new(),
-        secrets: HashMap::new(),
-    };
+    let mut objects = Objects::new(client, cache, pod, None);
     let volumes = write_volumes(&mut objects, pod, facts, pod_dir, dirs).await?;
     let from = config_from(&mut objects, pod).await?;
     let mut out = HashMap::new();
@@ -1091,17 +1174,13 @@ pub fn recheck_mounts(mounts: &[Mount]) -> Result<(), ConfigError> {
 /// are now, as the kubelet's periodic sync does; the components see the new files.
 pub async fn refresh_volumes(
     client: &Client,
+    cache: &Arc<ObjectCache>,
     pod: &Pod,
     facts: &PodFacts,
     pod_dir: &Path,
     dirs: HostDirs<'_>,
 ) -> Result<(), ConfigError> {
-    let mut objects = Objects {
-        client: client.clone(),
-        namespace: pod.namespace().unwrap_or_else(|| "default".into()),
-        configmaps: HashMap::new(),
-        secrets: HashMap::new(),
-    };
+    let mut objects = Objects::new(client, cache, pod, Some(REFRESH_TTL));
     write_volumes(&mut objects, pod, facts, pod_dir, dirs)
         .await
         .map(|_| ())
@@ -1141,6 +1220,40 @@ pub async fn pull_auth(client: &Client, pod: &Pod, image: &str) -> baton_oci::Au
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_refresh_reads_an_object_once_per_ttl_for_the_whole_node_and_a_start_afresh() {
+        let api = baton_testkit::fake_api::FakeApi::default();
+        // Absent: what was read is "none", which is kept as any answer is.
+        api.fail("GET", "/configmaps/root-ca", 404);
+        let client = api.client();
+        let cache = Arc::new(ObjectCache::default());
+        let pod = |name: &str| Pod {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let gets = || {
+            api.calls()
+                .iter()
+                .filter(|c| c.method == "GET" && c.path.ends_with("/configmaps/root-ca"))
+                .count()
+        };
+        for p in ["a", "b", "c"] {
+            let mut objects = Objects::new(&client, &cache, &pod(p), Some(REFRESH_TTL));
+            objects.configmap("root-ca").await.unwrap();
+        }
+        assert_eq!(gets(), 1, "three pods' refreshes, one read");
+        let mut start = Objects::new(&client, &cache, &pod("d"), None);
+        start.configmap("root-ca").await.unwrap();
+        assert_eq!(gets(), 2, "a pod's start reads afresh");
+        let mut other = Objects::new(&client, &cache, &pod("e"), Some(Duration::ZERO));
+        other.configmap("root-ca").await.unwrap();
+        assert_eq!(gets(), 3, "an old read is read again");
+    }
 
     #[test]
     fn a_token_is_kept_until_four_fifths_of_its_life() {

@@ -113,6 +113,7 @@ pub async fn run(
         memory: Arc::new(budget::MemoryBudget::new(cfg.capacity.memory, 64 << 20)),
         evictions: Arc::new(eviction::Evictions::default()),
         platform: Arc::new(platform::Stores::new(cfg.data_dir.join("keyvalue"))),
+        objects: Default::default(),
     });
     let heartbeat = tokio::spawn(heartbeat(client, cfg));
     manage_pods(shared, logs, shutdown).await;

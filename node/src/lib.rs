@@ -346,6 +346,7 @@ pub async fn run(
         )),
         evictions: Arc::default(),
         platform: Arc::new(platform::Stores::new(cfg.data_dir.join("keyvalue"))),
+        objects: Default::default(),
     });
     // Held requests for a workload woken from zero are answered from its template while
     // its pod comes up. Weak: the standbys live in the Services the shared state holds.

@@ -306,12 +306,18 @@ async fn start(
         host_ip: shared.host_ip.clone(),
         node_name: shared.node_name.clone(),
     };
-    let mut config =
-        crate::config::resolve(&shared.client, &pod, &facts, &dir, shared.host_dirs(&local))
-            .await
-            .map_err(StandbyError::Config)?
-            .remove(&c.name)
-            .unwrap_or_default();
+    let mut config = crate::config::resolve(
+        &shared.client,
+        &shared.objects,
+        &pod,
+        &facts,
+        &dir,
+        shared.host_dirs(&local),
+    )
+    .await
+    .map_err(StandbyError::Config)?
+    .remove(&c.name)
+    .unwrap_or_default();
     if let Some((ip, port)) = shared.services.as_ref().and_then(|s| s.api_server()) {
         crate::config::api_server_env(&mut config.env, ip, port);
     }

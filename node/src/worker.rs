@@ -105,6 +105,8 @@ pub struct Shared<S> {
     pub evictions: Arc<crate::eviction::Evictions>,
     /// The node's wasi:keyvalue storage.
     pub platform: Arc<crate::platform::Stores>,
+    /// ConfigMaps and Secrets as last read for any pod, for the periodic refresh.
+    pub objects: Arc<config::ObjectCache>,
 }
 
 impl<S> std::fmt::Debug for Shared<S> {
@@ -475,8 +477,13 @@ impl<S: Sandboxes> Worker<S> {
     /// come from is gone, the last values are kept (as the kubelet keeps a configMap
     /// volume's files), and a Warning says so once.
     async fn refresh_wasi_config(&mut self) {
-        let refreshed =
-            config::refresh_wasi_config(&self.shared.client, &self.pod, &self.facts()).await;
+        let refreshed = config::refresh_wasi_config(
+            &self.shared.client,
+            &self.shared.objects,
+            &self.pod,
+            &self.facts(),
+        )
+        .await;
         match refreshed {
             Ok(all) => {
                 for (name, values) in all {
@@ -506,6 +513,7 @@ impl<S: Sandboxes> Worker<S> {
         let local = self.shared.local_volumes();
         let resolved = config::resolve(
             &self.shared.client,
+            &self.shared.objects,
             &self.pod,
             &self.facts(),
             &dir,
@@ -1183,6 +1191,7 @@ impl<S: Sandboxes> Worker<S> {
         let local = self.shared.local_volumes();
         let refreshed = config::refresh_volumes(
             &self.shared.client,
+            &self.shared.objects,
             &self.pod,
             &self.facts(),
             &dir,
@@ -1435,6 +1444,7 @@ mod tests {
             memory: Arc::new(crate::budget::MemoryBudget::new(8 << 30, 64 << 20)),
             evictions: Arc::default(),
             platform: Arc::new(crate::platform::Stores::new(dir.path().join("keyvalue"))),
+            objects: Default::default(),
         });
         Node {
             api,

@@ -492,7 +492,14 @@ async fn list_cached(
     }
     let rendering = req.rendering().unwrap_or(Rendering::Object);
     if rendering != Rendering::Object {
-        let items: Vec<Value> = page.items.iter().map(|o| o.value.clone()).collect();
+        let items: Vec<Value> = page
+            .items
+            .iter()
+            .map(|o| match rendering {
+                Rendering::Metadata => o.metadata_only(),
+                _ => o.value(),
+            })
+            .collect();
         return Ok(Some(render_list(req, rendering, meta, items)));
     }
     // Each item's JSON is the cached one: a list of 150,000 pods serialises none of them.
@@ -1904,14 +1911,18 @@ struct CachedWatcher {
 
 impl CachedWatcher {
     fn matches(&self, obj: &crate::watchcache::Cached) -> bool {
-        self.ls.matches(&obj.value) && self.fs.matches(&obj.value)
+        self.ls.matches(obj.fields()) && self.fs.matches(obj.fields())
     }
 
     /// The line for a version of an object. The whole object is the cached JSON, so each
     /// version is serialised once whatever the number of watchers.
     fn line(&self, kind: &str, obj: &crate::watchcache::Cached) -> Bytes {
         if self.rendering != Rendering::Object {
-            return event_line(kind, &obj.value, &self.req, self.rendering);
+            let obj = match self.rendering {
+                Rendering::Metadata => obj.metadata_only(),
+                _ => obj.value(),
+            };
+            return event_line(kind, &obj, &self.req, self.rendering);
         }
         let json = obj.json();
         let mut line = Vec::with_capacity(json.len() + 40);

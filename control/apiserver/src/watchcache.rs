@@ -58,27 +58,89 @@ const CATCH_UP: Duration = Duration::from_millis(500);
 /// Objects read per store range while the cache loads.
 const LOAD_PAGE: usize = 1000;
 
-/// One version of an object.
+/// One version of an object, as compact as it can be kept: its JSON (what lists and
+/// watchers send) and the few fields selectors read. A decoded `serde_json::Value` costs
+/// several times its JSON (a B-tree node per JSON object), and the cache holds every
+/// object of a resource plus a ring of old versions, so only the selectable part stays
+/// decoded; a rendering that needs the whole object (a Table, metadata only) parses it.
 #[derive(Debug)]
 pub struct Cached {
-    pub value: Value,
-    json: OnceLock<Bytes>,
+    json: Bytes,
+    /// `metadata.name`, `metadata.namespace`, `metadata.labels`, and whatever else the
+    /// kind's strategy lets a field selector name, in the object's own shape.
+    fields: Value,
 }
 
 impl Cached {
-    fn new(value: Value) -> Arc<Self> {
+    /// Keeps `value` as JSON, and the parts of it `selectable` names (by dotted path).
+    pub fn new(value: &Value, selectable: &dyn Fn(&str) -> bool) -> Arc<Self> {
         Arc::new(Self {
-            value,
-            json: OnceLock::new(),
+            json: Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
+            fields: selectable_part(value, selectable),
         })
     }
 
-    /// The object as JSON, serialised on first use and shared by every watcher and list
-    /// that sends this version.
+    /// The object as JSON, shared by every watcher and list that sends this version.
     pub fn json(&self) -> &Bytes {
-        self.json
-            .get_or_init(|| Bytes::from(serde_json::to_vec(&self.value).unwrap_or_default()))
+        &self.json
     }
+
+    /// The part of the object selectors read: label and field selectors match this as
+    /// they would the whole object.
+    pub fn fields(&self) -> &Value {
+        &self.fields
+    }
+
+    /// The whole object, parsed again.
+    pub fn value(&self) -> Value {
+        // It was serialised from a Value here, so it parses.
+        serde_json::from_slice(&self.json).unwrap_or_default()
+    }
+
+    /// The object with only its `metadata` parsed (the rest is skipped, not built): what
+    /// a PartialObjectMetadata rendering needs.
+    pub fn metadata_only(&self) -> Value {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[serde(default)]
+            metadata: Value,
+        }
+        let head: Option<Head> = serde_json::from_slice(&self.json).ok();
+        serde_json::json!({"metadata": head.map(|h| h.metadata).unwrap_or_default()})
+    }
+}
+
+/// Whether a field selector or the cache's index may read `path`: the metadata every
+/// kind selects on, or one of the kind's own selectable fields.
+fn selectable_path(path: &str, kind_selects: &dyn Fn(&str) -> bool) -> bool {
+    matches!(
+        path,
+        "metadata.name" | "metadata.namespace" | "metadata.labels"
+    ) || kind_selects(path)
+}
+
+/// The subtrees of `obj` at the paths `keep` accepts, in `obj`'s shape. Field selectors
+/// name JSON object members only (never array elements), so arrays are not entered.
+fn selectable_part(obj: &Value, keep: &dyn Fn(&str) -> bool) -> Value {
+    fn walk(v: &Value, path: &mut String, keep: &dyn Fn(&str) -> bool) -> Option<Value> {
+        let map = v.as_object()?;
+        let mut out = serde_json::Map::new();
+        for (k, child) in map {
+            let len = path.len();
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(k);
+            if selectable_path(path, keep) {
+                out.insert(k.clone(), child.clone());
+            } else if let Some(part) = walk(child, path, keep) {
+                out.insert(k.clone(), part);
+            }
+            path.truncate(len);
+        }
+        (!out.is_empty()).then_some(Value::Object(out))
+    }
+    walk(obj, &mut String::new(), keep).unwrap_or_else(|| Value::Object(Default::default()))
 }
 
 /// What one revision did to one key.
@@ -164,9 +226,16 @@ impl WatchCaches {
         let prefix = res.key_prefix();
         let mut map = self.by_prefix.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(&prefix) {
-            return Some(c.clone());
+            // A resource redefined (a CRD's new generation) may select on other fields
+            // than those the cache kept: it starts over.
+            if c.inner.definition_id == res.definition_id {
+                return Some(c.clone());
+            }
+            if let Some(feed) = c.inner.feed.get() {
+                feed.abort();
+            }
         }
-        let cacher = Cacher::start(objects.clone(), prefix.clone(), res.plural.to_string());
+        let cacher = Cacher::start(objects.clone(), prefix.clone(), res);
         map.insert(prefix, cacher.clone());
         Some(cacher)
     }
@@ -197,6 +266,12 @@ pub struct Cacher {
 struct Inner {
     prefix: String,
     resource: String,
+    /// The definition the cache was made for (see [`Resource::definition_id`]).
+    definition_id: String,
+    /// What the kind lets field selectors read, kept decoded in each [`Cached`].
+    strategy: Arc<dyn crate::strategy::Strategy>,
+    /// The task that feeds the cache, stopped when a newer cache replaces this one.
+    feed: OnceLock<tokio::task::AbortHandle>,
     state: Mutex<State>,
     /// The revision the cache holds everything up to; None until it has loaded.
     revision: watch::Sender<Option<Revision>>,
@@ -271,7 +346,7 @@ impl Watchers {
         for (field, values) in &self.pinned {
             let mut seen: Option<std::borrow::Cow<'_, str>> = None;
             for obj in [&change.prev, &change.cur].into_iter().flatten() {
-                let v = field_value(&obj.value, field);
+                let v = field_value(obj.fields(), field);
                 if seen.as_deref() == Some(&*v) {
                     continue;
                 }
@@ -319,17 +394,21 @@ enum Stop {
 }
 
 impl Cacher {
-    fn start(objects: Objects, prefix: String, resource: String) -> Self {
+    fn start(objects: Objects, prefix: String, res: &Resource) -> Self {
         let (revision, _) = watch::channel(None);
         let inner = Arc::new(Inner {
             prefix,
-            resource,
+            resource: res.plural.clone(),
+            definition_id: res.definition_id.clone(),
+            strategy: res.strategy.clone(),
+            feed: OnceLock::new(),
             state: Mutex::new(State::default()),
             revision,
             store: objects.store.clone(),
         });
         let span = tracing::info_span!("watch_cache", resource = %inner.resource);
-        tokio::spawn(inner.clone().feed(objects).instrument(span));
+        let feed = tokio::spawn(inner.clone().feed(objects).instrument(span));
+        let _ = inner.feed.set(feed.abort_handle());
         Self { inner }
     }
 
@@ -444,7 +523,7 @@ impl Cacher {
                 more_after = last;
                 break;
             }
-            if keep(&obj.value) {
+            if keep(obj.fields()) {
                 items.push(obj.clone());
                 last = Some(key.clone());
             }
@@ -481,6 +560,10 @@ impl State {
 }
 
 impl Inner {
+    fn keep(&self, obj: &Value) -> Arc<Cached> {
+        Cached::new(obj, &|path| self.strategy.field_selectable(path))
+    }
+
     /// Loads the prefix and follows it, reloading after a failed watch, until the store
     /// shuts down.
     async fn feed(self: Arc<Self>, objects: Objects) {
@@ -523,7 +606,7 @@ impl Inner {
                 let obj = objects.decode(kv).map_err(Stop::Decode)?;
                 loaded.insert(
                     String::from_utf8_lossy(&kv.key).into_owned(),
-                    Cached::new(obj),
+                    self.keep(&obj),
                 );
             }
             if !page.more {
@@ -574,19 +657,31 @@ impl Inner {
             let Some(item) = item else {
                 return Stop::Closed;
             };
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let revision = match item {
+            let rev = match item {
                 Err(e) => return Stop::Failed(e),
-                Ok(WatchEvent::Progress(rev)) => rev,
+                Ok(WatchEvent::Progress(rev)) => {
+                    let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    state.revision = state.revision.max(rev);
+                    state.revision
+                }
                 Ok(WatchEvent::Events(re)) => {
+                    // Decoded before the lock is taken: lists and new watchers do not
+                    // wait on the parsing.
+                    let mut puts = Vec::with_capacity(re.events.len());
                     for ev in &re.events {
+                        puts.push(match ev.kind {
+                            EventKind::Put => match objects.decode(&ev.kv) {
+                                Ok(obj) => Some(self.keep(&obj)),
+                                Err(e) => return Stop::Decode(e),
+                            },
+                            EventKind::Delete => None,
+                        });
+                    }
+                    let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    for (ev, put) in re.events.iter().zip(puts) {
                         let key = String::from_utf8_lossy(&ev.kv.key).into_owned();
-                        match ev.kind {
-                            EventKind::Put => {
-                                let obj = match objects.decode(&ev.kv) {
-                                    Ok(obj) => Cached::new(obj),
-                                    Err(e) => return Stop::Decode(e),
-                                };
+                        match put {
+                            Some(obj) => {
                                 let prev = state.objects.insert(key.clone(), obj.clone());
                                 state.record(Change {
                                     revision: re.revision,
@@ -596,28 +691,26 @@ impl Inner {
                                     gone: None,
                                 });
                             }
-                            EventKind::Delete => {
+                            None => {
                                 let Some(prev) = state.objects.remove(&key) else {
                                     continue;
                                 };
-                                let mut last = prev.value.clone();
+                                let mut last = prev.value();
                                 crate::objects::set_rv(&mut last, re.revision);
                                 state.record(Change {
                                     revision: re.revision,
                                     key,
                                     prev: Some(prev),
                                     cur: None,
-                                    gone: Some(Cached::new(last)),
+                                    gone: Some(self.keep(&last)),
                                 });
                             }
                         }
                     }
-                    re.revision
+                    state.revision = state.revision.max(re.revision);
+                    state.revision
                 }
             };
-            state.revision = state.revision.max(revision);
-            let rev = state.revision;
-            drop(state);
             self.revision.send_if_modified(|have| {
                 let newer = *have != Some(rev);
                 *have = Some(rev);
@@ -634,7 +727,8 @@ mod tests {
 
     fn pod(node: &str) -> Arc<Cached> {
         Cached::new(
-            json!({"metadata": {"name": "p", "namespace": "default"}, "spec": {"nodeName": node}}),
+            &json!({"metadata": {"name": "p", "namespace": "default"}, "spec": {"nodeName": node}}),
+            &|p| p == "spec.nodeName",
         )
     }
 
@@ -685,6 +779,41 @@ mod tests {
             (got(&mut a), got(&mut b), got(&mut c), got(&mut all)),
             (0, 1, 0, 1)
         );
+    }
+
+    #[test]
+    fn a_version_keeps_its_json_and_only_the_fields_selectors_read() {
+        let obj = json!({
+            "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "web"},
+                          "annotations": {"big": "x"}, "resourceVersion": "9"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "app", "image": "i"}]},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready"}]},
+        });
+        let pods = crate::resources::builtin("Pod");
+        let kept = Cached::new(&obj, &|p| pods.strategy.field_selectable(p));
+        assert_eq!(
+            kept.fields(),
+            &json!({
+                "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "web"}},
+                "spec": {"nodeName": "n1"},
+                "status": {"phase": "Running"},
+            })
+        );
+        assert_eq!(kept.value(), obj, "the whole object is still there");
+        for (labels, fields) in [
+            ("app=web", "spec.nodeName=n1,status.phase=Running"),
+            ("app!=web", ""),
+            ("", "spec.nodeName!=n1"),
+            ("", "metadata.name=p,metadata.namespace=ns"),
+        ] {
+            let ls = crate::selectors::LabelSelector::parse(labels).unwrap();
+            let fs = crate::selectors::FieldSelector::parse(fields, pods).unwrap();
+            assert_eq!(
+                ls.matches(kept.fields()) && fs.matches(kept.fields()),
+                ls.matches(&obj) && fs.matches(&obj),
+                "{labels} / {fields}"
+            );
+        }
     }
 
     #[test]
