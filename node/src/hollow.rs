@@ -135,7 +135,7 @@ async fn heartbeat(client: Client, cfg: HollowConfig) {
             tracing::debug!(node = %cfg.name, error = %e, "hollow heartbeat failed");
         }
         if beats % 6 == 0 {
-            let status = register::register(
+            let status = register::refresh(
                 &client,
                 &cfg.name,
                 "127.0.0.1",

@@ -393,7 +393,7 @@ pub async fn run(
                 // pod's images, which is what makes a start from zero fast.
                 let held = images.node_images();
                 if beats % 6 == 0 || pressure != reported_pressure || held != reported_images {
-                    match register::register(
+                    match register::refresh(
                         &client,
                         &cfg.name,
                         &cfg.address,

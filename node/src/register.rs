@@ -220,6 +220,34 @@ pub async fn register(
     Ok(())
 }
 
+/// Refreshes the Node's status, as the kubelet's status loop does: one status patch, with
+/// no create and no label write. A Node deleted meanwhile is registered again.
+pub async fn refresh(
+    client: &Client,
+    name: &str,
+    address: &str,
+    labels: &BTreeMap<String, String>,
+    cap: &Capacity,
+    kubelet_port: u16,
+    reported: &Reported<'_>,
+) -> Result<(), RegisterError> {
+    let api: Api<Node> = Api::all(client.clone());
+    let patch = json!({"status": status(address, name, cap, kubelet_port, reported.memory_pressure, reported.images)});
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            register(client, name, address, labels, cap, kubelet_port, reported).await
+        }
+        Err(source) => Err(RegisterError::Node {
+            node: name.into(),
+            source,
+        }),
+    }
+}
+
 /// Renews the node's Lease (creating it the first time).
 pub async fn renew_lease(
     client: &Client,
@@ -280,6 +308,51 @@ pub async fn assigned_pod_cidr(client: &Client, name: &str) -> Result<String, Re
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_status_refresh_is_one_patch_and_a_deleted_node_registers_again() {
+        let cap = Capacity {
+            cpu_millis: 1000,
+            memory: 1 << 30,
+            pods: 110,
+        };
+        let refresh = |api: &baton_testkit::fake_api::FakeApi| {
+            let client = api.client();
+            let cap = cap.clone();
+            async move {
+                let reported = Reported::default();
+                refresh(
+                    &client,
+                    "n1",
+                    "10.0.0.1",
+                    &BTreeMap::new(),
+                    &cap,
+                    0,
+                    &reported,
+                )
+                .await
+            }
+        };
+        let api = baton_testkit::fake_api::FakeApi::default();
+        refresh(&api).await.unwrap();
+        assert_eq!(api.writes(), ["PATCH /api/v1/nodes/n1/status"]);
+
+        let gone = baton_testkit::fake_api::FakeApi::default();
+        gone.fail("PATCH", "/nodes/n1/status", 404);
+        let err = refresh(&gone).await.unwrap_err();
+        assert!(matches!(err, RegisterError::Node { .. }), "{err}");
+        assert_eq!(
+            gone.writes(),
+            [
+                "PATCH /api/v1/nodes/n1/status",
+                "POST /api/v1/nodes",
+                "PATCH /api/v1/nodes/n1/status"
+            ],
+            "registered again (its status patch still fails here)"
+        );
+    }
+
     #[test]
     fn the_architecture_has_gos_name() {
         let arch = super::go_arch();
