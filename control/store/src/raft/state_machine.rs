@@ -48,12 +48,12 @@ fn snap_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageErro
 }
 
 /// Reads the Raft position recorded inside a dump.
-fn dump_position(dump: &Dump) -> Result<(Option<LogId>, Membership), StorageError> {
-    let applied = match Mvcc::dump_meta(dump, META_APPLIED) {
+fn dump_position(meta: &[(Vec<u8>, Vec<u8>)]) -> Result<(Option<LogId>, Membership), StorageError> {
+    let applied = match Mvcc::dump_meta(meta, META_APPLIED) {
         Some(v) => postcard::from_bytes(v).map_err(|e| snap_err(ErrorVerb::Read, e))?,
         None => None,
     };
-    let membership = match Mvcc::dump_meta(dump, META_MEMBERSHIP) {
+    let membership = match Mvcc::dump_meta(meta, META_MEMBERSHIP) {
         Some(v) => postcard::from_bytes(v).map_err(|e| snap_err(ErrorVerb::Read, e))?,
         None => Membership::default(),
     };
@@ -120,23 +120,37 @@ impl StateMachine {
     }
 
     fn read_snapshot_file(&self) -> Result<Option<SnapshotFile>, StorageError> {
-        match std::fs::read(self.snapshot_path()) {
-            Ok(bytes) => postcard::from_bytes(&bytes)
-                .map(Some)
-                .map_err(|e| snap_err(ErrorVerb::Read, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(snap_err(ErrorVerb::Read, e)),
+        let mut bytes = match std::fs::read(self.snapshot_path()) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(snap_err(ErrorVerb::Read, e)),
+        };
+        // The data is the file's tail: it is kept in place (the header moved out of the
+        // way) rather than copied, since it is as large as the store.
+        let read = |e| snap_err(ErrorVerb::Read, e);
+        let (meta, rest) = postcard::take_from_bytes::<Meta>(&bytes).map_err(read)?;
+        let (len, data) = postcard::take_from_bytes::<usize>(rest).map_err(read)?;
+        if data.len() != len {
+            return Err(read(postcard::Error::DeserializeUnexpectedEnd));
         }
+        let header = bytes.len() - len;
+        bytes.drain(..header);
+        Ok(Some(SnapshotFile { meta, data: bytes }))
     }
 
-    /// Saves a snapshot durably: temp file, sync, rename, sync the folder.
+    /// Saves a snapshot durably: temp file, sync, rename, sync the folder. The file is the
+    /// postcard encoding of [`SnapshotFile`], written in parts so that the data is not
+    /// copied into a second buffer.
     fn write_snapshot_file(&self, file: &SnapshotFile) -> Result<(), StorageError> {
-        let bytes = postcard::to_stdvec(file).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let mut header =
+            postcard::to_stdvec(&file.meta).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        crate::mvcc::postcard_varint(&mut header, file.data.len() as u64);
         let tmp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
         let write = || -> std::io::Result<()> {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
+            f.write_all(&header)?;
+            f.write_all(&file.data)?;
             f.sync_all()?;
             std::fs::rename(&tmp, self.snapshot_path())?;
             std::fs::File::open(&self.dir)?.sync_all()
@@ -158,7 +172,7 @@ impl StateMachine {
     /// Replaces the whole state with a snapshot body, durably, and tells the watchers.
     fn restore(&mut self, data: &[u8]) -> Result<(), StorageError> {
         let dump: Dump = postcard::from_bytes(data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        let (applied, membership) = dump_position(&dump)?;
+        let (applied, membership) = dump_position(&dump.meta)?;
         let mut batch = WriteBatch::default();
         self.mvcc.restore_into(&dump, &mut batch);
         let mut opts = WriteOptions::default();
@@ -184,9 +198,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
         // The builder may run beside apply, so the position comes from the same RocksDB
         // snapshot as the data, never from this (possibly stale) copy of the fields.
-        let dump = self.mvcc.dump().map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        let (applied, membership) = dump_position(&dump)?;
-        let data = postcard::to_stdvec(&dump).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let dump = self
+            .mvcc
+            .encode_dump()
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        let (applied, membership) = dump_position(&dump.meta)?;
+        let data = dump.bytes;
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, dump.revision),
             None => format!("empty-{}", dump.revision),
@@ -293,5 +310,54 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: f.meta,
             snapshot: Box::new(f.data),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Op, Txn};
+
+    fn machine(dir: &Path) -> StateMachine {
+        let db = crate::db::open(dir, 1).unwrap();
+        let mvcc = Arc::new(Mvcc::open(db.clone()).unwrap());
+        StateMachine::open(db, mvcc, WatchHub::new(16), dir).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_built_snapshot_is_saved_in_the_file_format_and_restores_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        for i in 0..50 {
+            let mut b = sm.mvcc.begin();
+            b.txn(&Txn::new().and_then([Op::put(format!("k{i}"), "v".repeat(i * 30))]))
+                .unwrap();
+            sm.mvcc.commit(b).unwrap();
+        }
+        let built = sm.build_snapshot().await.unwrap();
+        // The file is the postcard encoding of the whole SnapshotFile, as before it was
+        // written in parts.
+        let on_disk = std::fs::read(sm.snapshot_path()).unwrap();
+        let whole = SnapshotFile {
+            meta: built.meta.clone(),
+            data: (*built.snapshot).clone(),
+        };
+        assert_eq!(on_disk, postcard::to_stdvec(&whole).unwrap());
+        let read = sm.read_snapshot_file().unwrap().unwrap();
+        assert_eq!(read.data, *built.snapshot);
+        assert_eq!(read.meta.snapshot_id, built.meta.snapshot_id);
+        // A file cut short is an error, not a shorter store.
+        std::fs::write(sm.snapshot_path(), &on_disk[..on_disk.len() - 1]).unwrap();
+        assert!(sm.read_snapshot_file().is_err());
+
+        let other = tempfile::tempdir().unwrap();
+        let mut fresh = machine(other.path());
+        fresh
+            .install_snapshot(&built.meta, built.snapshot)
+            .await
+            .unwrap();
+        let (kv, rev) = fresh.mvcc.get(b"k49", 0).unwrap();
+        assert_eq!(kv.unwrap().value, "v".repeat(49 * 30).into_bytes());
+        assert_eq!(rev, 50);
     }
 }
