@@ -389,6 +389,20 @@ pub fn record_update(
     api_version: &str,
     sub: Option<&str>,
 ) {
+    // A write without managedFields (absent, null or an empty list) keeps the stored
+    // ones, as Kubernetes does, so that a client that never saw them (an informer that
+    // trims them, an old client) does not strip everyone's ownership; `[{}]` resets them.
+    let given = new
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    if given == 0 {
+        if let Some(kept) = old.and_then(|o| o.pointer("/metadata/managedFields")) {
+            if let Some(meta) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+                meta.insert("managedFields".into(), kept.clone());
+            }
+        }
+    }
     let Some(manager) = manager.filter(|m| !m.is_empty()) else {
         return;
     };
@@ -464,6 +478,33 @@ fn set_entry(obj: &mut Value, manager: &str, op: &str, api_version: &str, paths:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_update_without_managed_fields_keeps_the_stored_ones_and_a_single_empty_entry_resets_them()
+    {
+        let mut old = json!({"metadata": {"name": "a"}, "spec": {"x": 1, "y": 1}});
+        record_update(&mut old, None, Some("maker"), "v1", None);
+        let mut new = json!({"metadata": {"name": "a"}, "spec": {"x": 1, "y": 2}});
+        record_update(&mut new, Some(&old), Some("editor"), "v1", None);
+        let managers: Vec<&str> = new["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["manager"].as_str().unwrap())
+            .collect();
+        assert_eq!(managers, ["maker", "editor"], "maker still owns spec.x");
+        let mut reset =
+            json!({"metadata": {"name": "a", "managedFields": [{}]}, "spec": {"x": 1, "y": 2}});
+        record_update(&mut reset, Some(&new), None, "v1", None);
+        assert_eq!(
+            reset["metadata"]["managedFields"],
+            json!([{}]),
+            "no manager: as sent"
+        );
+        // A writer that changes nothing owns nothing new: reset means empty.
+        record_update(&mut reset, Some(&new), Some("editor"), "v1", None);
+        assert_eq!(reset["metadata"]["managedFields"], json!([]));
+    }
 
     #[test]
     fn paths_roundtrip_through_fields_v1() {

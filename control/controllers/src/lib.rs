@@ -203,8 +203,12 @@ where
             tx,
             index,
         } = self;
+        // managedFields are dropped as they arrive, as kube-controller-manager's informers
+        // trim them: no control loop reads them, and at 150,000 pods they were a large
+        // part of every cached pod.
         let mut events = watcher(api, watcher::Config::default())
             .default_backoff()
+            .modify(|o: &mut K| o.meta_mut().managed_fields = None)
             .boxed();
         tokio::spawn(async move {
             while let Some(ev) = events.next().await {
@@ -220,7 +224,12 @@ where
                 }
                 writer.apply_watcher_event(&ev);
                 match ev {
-                    watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                    // Subscribers get the store's own copy, not a second one.
+                    watcher::Event::Apply(o) => {
+                        let kept = store.get(&reflector::ObjectRef::from_obj(&o));
+                        let _ = tx.send(kept.unwrap_or_else(|| Arc::new(o)));
+                    }
+                    watcher::Event::Delete(o) => {
                         let _ = tx.send(Arc::new(o));
                     }
                     watcher::Event::InitDone => {
