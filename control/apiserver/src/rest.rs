@@ -1911,7 +1911,7 @@ struct CachedWatcher {
 
 impl CachedWatcher {
     fn matches(&self, obj: &crate::watchcache::Cached) -> bool {
-        self.ls.matches(obj.fields()) && self.fs.matches(obj.fields())
+        self.ls.matches(obj) && self.fs.matches(obj)
     }
 
     /// The line for a version of an object. The whole object is the cached JSON, so each

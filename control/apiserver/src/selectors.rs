@@ -8,6 +8,30 @@ use serde_json::Value;
 use crate::error::ApiError;
 use crate::resources::Resource;
 
+/// What label and field selectors read of an object: a whole object, or the watch
+/// cache's compact copy of the parts they may read.
+pub trait Selectable {
+    /// The object's labels with string values.
+    fn labels(&self) -> BTreeMap<String, String>;
+    /// A field's value as a field selector compares it (see [`field_value`]).
+    fn field(&self, path: &str) -> std::borrow::Cow<'_, str>;
+}
+
+impl Selectable for Value {
+    fn labels(&self) -> BTreeMap<String, String> {
+        self.pointer("/metadata/labels")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect()
+    }
+
+    fn field(&self, path: &str) -> std::borrow::Cow<'_, str> {
+        field_value(self, path)
+    }
+}
+
 /// A parsed label selector; the empty selector matches everything. Matching is
 /// kube-core's [`Selector`]; what kube does not have, and this adds, is reading the
 /// query-string form (`a=b,c in (x,y),!d`) with kube-apiserver's errors.
@@ -112,18 +136,11 @@ impl LabelSelector {
         self.0.selects_all()
     }
 
-    pub fn matches(&self, obj: &Value) -> bool {
+    pub fn matches<T: Selectable + ?Sized>(&self, obj: &T) -> bool {
         if self.0.selects_all() {
             return true;
         }
-        let labels: BTreeMap<String, String> = obj
-            .pointer("/metadata/labels")
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-            .collect();
-        self.0.matches(&labels)
+        self.0.matches(&obj.labels())
     }
 }
 
@@ -184,10 +201,10 @@ impl FieldSelector {
             .map(|(f, _, v)| (f.as_str(), v.as_str()))
     }
 
-    pub fn matches(&self, obj: &Value) -> bool {
+    pub fn matches<T: Selectable + ?Sized>(&self, obj: &T) -> bool {
         self.0
             .iter()
-            .all(|(field, eq, want)| (field_value(obj, field) == want.as_str()) == *eq)
+            .all(|(field, eq, want)| (obj.field(field) == want.as_str()) == *eq)
     }
 }
 
@@ -201,7 +218,13 @@ pub fn field_value<'a>(obj: &'a Value, field: &str) -> std::borrow::Cow<'a, str>
             None => return "".into(),
         }
     }
-    match at {
+    field_text(at)
+}
+
+/// A value as a field selector compares it: a string as itself, null as "", anything
+/// else in its JSON form.
+pub fn field_text(v: &Value) -> std::borrow::Cow<'_, str> {
+    match v {
         Value::String(s) => s.as_str().into(),
         Value::Null => "".into(),
         v => v.to_string().into(),

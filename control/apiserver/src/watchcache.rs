@@ -41,7 +41,7 @@ use tracing::Instrument;
 use crate::error::ApiResult;
 use crate::objects::Objects;
 use crate::resources::Resource;
-use crate::selectors::field_value;
+use crate::selectors::{field_text, Selectable};
 
 /// Changes kept per resource for watches that resume from a revision.
 pub const RING: usize = 8192;
@@ -59,36 +59,43 @@ const CATCH_UP: Duration = Duration::from_millis(500);
 const LOAD_PAGE: usize = 1000;
 
 /// One version of an object, as compact as it can be kept: its JSON (what lists and
-/// watchers send) and the few fields selectors read. A decoded `serde_json::Value` costs
+/// watchers send) and the few values selectors read. A decoded `serde_json::Value` costs
 /// several times its JSON (a B-tree node per JSON object), and the cache holds every
-/// object of a resource plus a ring of old versions, so only the selectable part stays
-/// decoded; a rendering that needs the whole object (a Table, metadata only) parses it.
+/// object of a resource plus a ring of old versions, so nothing stays decoded; a
+/// rendering that needs the whole object (a Table, metadata only) parses it.
 #[derive(Debug)]
 pub struct Cached {
     json: Bytes,
-    /// `metadata.name`, `metadata.namespace`, `metadata.labels`, and whatever else the
-    /// kind's strategy lets a field selector name, in the object's own shape.
-    fields: Value,
+    /// `metadata.labels`, string values only.
+    labels: Box<[(Box<str>, Box<str>)]>,
+    /// (dotted path, value as a field selector compares it) for `metadata.name`,
+    /// `metadata.namespace` and whatever else the kind lets a field selector name.
+    fields: Box<[(Box<str>, Box<str>)]>,
 }
 
 impl Cached {
-    /// Keeps `value` as JSON, and the parts of it `selectable` names (by dotted path).
+    /// Keeps `value` as JSON, and the values of the fields `selectable` names (by dotted
+    /// path).
     pub fn new(value: &Value, selectable: &dyn Fn(&str) -> bool) -> Arc<Self> {
+        let labels = value
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.as_str().into(), v.as_str()?.into())))
+            .collect();
+        let mut fields = Vec::new();
+        selectable_fields(value, &mut String::new(), selectable, &mut fields);
         Arc::new(Self {
             json: Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
-            fields: selectable_part(value, selectable),
+            labels,
+            fields: fields.into_boxed_slice(),
         })
     }
 
     /// The object as JSON, shared by every watcher and list that sends this version.
     pub fn json(&self) -> &Bytes {
         &self.json
-    }
-
-    /// The part of the object selectors read: label and field selectors match this as
-    /// they would the whole object.
-    pub fn fields(&self) -> &Value {
-        &self.fields
     }
 
     /// The whole object, parsed again.
@@ -110,37 +117,49 @@ impl Cached {
     }
 }
 
-/// Whether a field selector or the cache's index may read `path`: the metadata every
-/// kind selects on, or one of the kind's own selectable fields.
-fn selectable_path(path: &str, kind_selects: &dyn Fn(&str) -> bool) -> bool {
-    matches!(
-        path,
-        "metadata.name" | "metadata.namespace" | "metadata.labels"
-    ) || kind_selects(path)
+impl Selectable for Cached {
+    fn labels(&self) -> BTreeMap<String, String> {
+        self.labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// A field not kept is one no selector may name, or one the object does not have:
+    /// either way it compares as "".
+    fn field(&self, path: &str) -> std::borrow::Cow<'_, str> {
+        self.fields
+            .iter()
+            .find(|(p, _)| &**p == path)
+            .map_or("".into(), |(_, v)| (&**v).into())
+    }
 }
 
-/// The subtrees of `obj` at the paths `keep` accepts, in `obj`'s shape. Field selectors
-/// name JSON object members only (never array elements), so arrays are not entered.
-fn selectable_part(obj: &Value, keep: &dyn Fn(&str) -> bool) -> Value {
-    fn walk(v: &Value, path: &mut String, keep: &dyn Fn(&str) -> bool) -> Option<Value> {
-        let map = v.as_object()?;
-        let mut out = serde_json::Map::new();
-        for (k, child) in map {
-            let len = path.len();
-            if !path.is_empty() {
-                path.push('.');
-            }
-            path.push_str(k);
-            if selectable_path(path, keep) {
-                out.insert(k.clone(), child.clone());
-            } else if let Some(part) = walk(child, path, keep) {
-                out.insert(k.clone(), part);
-            }
-            path.truncate(len);
+/// Collects (path, value) for the members of `obj` at the paths `keep` accepts, or that
+/// every kind selects on. Field selectors name JSON object members only (never array
+/// elements), so arrays are not entered.
+fn selectable_fields(
+    obj: &Value,
+    path: &mut String,
+    keep: &dyn Fn(&str) -> bool,
+    out: &mut Vec<(Box<str>, Box<str>)>,
+) {
+    let Some(map) = obj.as_object() else {
+        return;
+    };
+    for (k, child) in map {
+        let len = path.len();
+        if !path.is_empty() {
+            path.push('.');
         }
-        (!out.is_empty()).then_some(Value::Object(out))
+        path.push_str(k);
+        if matches!(path.as_str(), "metadata.name" | "metadata.namespace") || keep(path) {
+            out.push((path.as_str().into(), field_text(child).into_owned().into()));
+        } else {
+            selectable_fields(child, path, keep, out);
+        }
+        path.truncate(len);
     }
-    walk(obj, &mut String::new(), keep).unwrap_or_else(|| Value::Object(Default::default()))
 }
 
 /// What one revision did to one key.
@@ -346,7 +365,7 @@ impl Watchers {
         for (field, values) in &self.pinned {
             let mut seen: Option<std::borrow::Cow<'_, str>> = None;
             for obj in [&change.prev, &change.cur].into_iter().flatten() {
-                let v = field_value(obj.fields(), field);
+                let v = obj.field(field);
                 if seen.as_deref() == Some(&*v) {
                     continue;
                 }
@@ -509,7 +528,7 @@ impl Cacher {
         at: ListAt,
         scope: &str,
         limit: usize,
-        keep: impl Fn(&Value) -> bool,
+        keep: impl Fn(&Cached) -> bool,
     ) -> ApiResult<Option<CachedPage>> {
         if !self.ready_for(at).await? {
             return Ok(None);
@@ -523,7 +542,7 @@ impl Cacher {
                 more_after = last;
                 break;
             }
-            if keep(obj.fields()) {
+            if keep(obj) {
                 items.push(obj.clone());
                 last = Some(key.clone());
             }
@@ -782,34 +801,39 @@ mod tests {
     }
 
     #[test]
-    fn a_version_keeps_its_json_and_only_the_fields_selectors_read() {
+    fn a_version_keeps_its_json_and_only_the_values_selectors_read() {
         let obj = json!({
-            "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "web"},
+            "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "web", "n": 1},
                           "annotations": {"big": "x"}, "resourceVersion": "9"},
             "spec": {"nodeName": "n1", "containers": [{"name": "app", "image": "i"}]},
             "status": {"phase": "Running", "conditions": [{"type": "Ready"}]},
         });
         let pods = crate::resources::builtin("Pod");
         let kept = Cached::new(&obj, &|p| pods.strategy.field_selectable(p));
+        let fields: Vec<(&str, &str)> = kept.fields.iter().map(|(p, v)| (&**p, &**v)).collect();
         assert_eq!(
-            kept.fields(),
-            &json!({
-                "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "web"}},
-                "spec": {"nodeName": "n1"},
-                "status": {"phase": "Running"},
-            })
+            fields,
+            [
+                ("metadata.name", "p"),
+                ("metadata.namespace", "ns"),
+                ("spec.nodeName", "n1"),
+                ("status.phase", "Running")
+            ]
         );
+        assert_eq!(kept.labels.len(), 1, "string values only");
         assert_eq!(kept.value(), obj, "the whole object is still there");
         for (labels, fields) in [
             ("app=web", "spec.nodeName=n1,status.phase=Running"),
             ("app!=web", ""),
+            ("n", ""),
             ("", "spec.nodeName!=n1"),
+            ("", "spec.restartPolicy="),
             ("", "metadata.name=p,metadata.namespace=ns"),
         ] {
             let ls = crate::selectors::LabelSelector::parse(labels).unwrap();
             let fs = crate::selectors::FieldSelector::parse(fields, pods).unwrap();
             assert_eq!(
-                ls.matches(kept.fields()) && fs.matches(kept.fields()),
+                ls.matches(&*kept) && fs.matches(&*kept),
                 ls.matches(&obj) && fs.matches(&obj),
                 "{labels} / {fields}"
             );
