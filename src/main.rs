@@ -38,6 +38,21 @@ mod token;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (the same in its v2 and v3 headers; the Rust
+/// bindings name no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Gives freed pages back to the system after 10 ms instead of mimalloc v3's 1 s. Under
+/// the scale run's churn, a second of freed but still resident memory was 250 MB of the
+/// control plane's peak RSS (1,529 MiB with the default, 1,274 MiB with no delay, same
+/// CPU); 10 ms is mimalloc v2's default. Runs before any thread starts, as
+/// `mi_option_set` requires.
+#[allow(unsafe_code)]
+fn purge_freed_memory_soon() {
+    // SAFETY: a plain option store, made while the process has one thread.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10) };
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "baton",
@@ -339,6 +354,7 @@ fn main() {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
+    purge_freed_memory_soon();
     raise_open_files_limit();
     let cli = Cli::parse();
     let telemetry = match otel::init(cli.otlp_endpoint.as_deref(), cli.command.service_name()) {
