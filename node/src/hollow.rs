@@ -39,7 +39,21 @@ pub struct HollowConfig {
     pub data_dir: PathBuf,
 }
 
+/// The address every hollow node reports: nothing connects to it.
+const ADDRESS: &str = "127.0.0.1";
+
 impl HollowConfig {
+    /// What the node reports of itself (no kubelet endpoint).
+    fn identity(&self) -> register::Identity<'_> {
+        register::Identity {
+            name: &self.name,
+            address: ADDRESS,
+            labels: &self.labels,
+            capacity: &self.capacity,
+            kubelet_port: 0,
+        }
+    }
+
     /// A node of kubemark's default size (4 CPUs, 16 GiB, 110 pods).
     pub fn new(name: &str, data_dir: PathBuf) -> Self {
         Self {
@@ -63,22 +77,12 @@ pub async fn run(
     cfg: HollowConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    let address = "127.0.0.1";
     // As the kubelet does, a node that cannot register yet (the API server sheds load
     // with 429 while thousands join at once) tries again, and says why it waits.
     let mut backoff = Duration::from_millis(200);
     loop {
         let joined = async {
-            register::register(
-                &client,
-                &cfg.name,
-                address,
-                &cfg.labels,
-                &cfg.capacity,
-                0,
-                &register::Reported::default(),
-            )
-            .await?;
+            register::register(&client, cfg.identity(), &register::Reported::default()).await?;
             register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await
         };
         match joined.await {
@@ -104,7 +108,7 @@ pub async fn run(
         sandboxes,
         ipam: Mutex::new(ipam::Ipam::new(HOLLOW_RANGE)?),
         node_name: cfg.name.clone(),
-        host_ip: address.into(),
+        host_ip: ADDRESS.into(),
         data_dir: cfg.data_dir.clone(),
         events,
         settings: worker::Settings::default(),
@@ -135,16 +139,8 @@ async fn heartbeat(client: Client, cfg: HollowConfig) {
             tracing::debug!(node = %cfg.name, error = %e, "hollow heartbeat failed");
         }
         if beats % 6 == 0 {
-            let status = register::refresh(
-                &client,
-                &cfg.name,
-                "127.0.0.1",
-                &cfg.labels,
-                &cfg.capacity,
-                0,
-                &register::Reported::default(),
-            )
-            .await;
+            let status =
+                register::refresh(&client, cfg.identity(), &register::Reported::default()).await;
             if let Err(e) = status {
                 tracing::debug!(node = %cfg.name, error = %e, "hollow status update failed");
             }

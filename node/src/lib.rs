@@ -213,16 +213,14 @@ pub async fn run(
         .local_link
         .as_ref()
         .map(|l| l.register(&cfg.name, server::local_service(logs.clone(), &cfg.name)));
-    register::register(
-        &client,
-        &cfg.name,
-        &cfg.address,
-        &cfg.labels,
-        &cfg.capacity,
+    let identity = register::Identity {
+        name: &cfg.name,
+        address: &cfg.address,
+        labels: &cfg.labels,
+        capacity: &cfg.capacity,
         kubelet_port,
-        &register::Reported::default(),
-    )
-    .await?;
+    };
+    register::register(&client, identity, &register::Reported::default()).await?;
     let events = EventQueue::spawn(
         Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
         1024,
@@ -393,13 +391,16 @@ pub async fn run(
                 // pod's images, which is what makes a start from zero fast.
                 let held = images.node_images();
                 if beats % 6 == 0 || pressure != reported_pressure || held != reported_images {
+                    let identity = register::Identity {
+                        name: &cfg.name,
+                        address: &cfg.address,
+                        labels: &cfg.labels,
+                        capacity: &cfg.capacity,
+                        kubelet_port,
+                    };
                     match register::refresh(
                         &client,
-                        &cfg.name,
-                        &cfg.address,
-                        &cfg.labels,
-                        &cfg.capacity,
-                        kubelet_port,
+                        identity,
                         &register::Reported {
                             memory_pressure: pressure,
                             images: &held,

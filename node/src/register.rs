@@ -179,31 +179,53 @@ pub struct Reported<'a> {
     pub images: &'a [crate::images::NodeImage],
 }
 
+/// What a node says of itself when it registers or refreshes its status.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity<'a> {
+    pub name: &'a str,
+    pub address: &'a str,
+    /// Its own labels, besides the well-known ones every node gets.
+    pub labels: &'a BTreeMap<String, String>,
+    pub capacity: &'a Capacity,
+    /// The kubelet endpoint's port (0: none).
+    pub kubelet_port: u16,
+}
+
+impl Identity<'_> {
+    fn status_patch(&self, reported: &Reported<'_>) -> serde_json::Value {
+        json!({"status": status(
+            self.address,
+            self.name,
+            self.capacity,
+            self.kubelet_port,
+            reported.memory_pressure,
+            reported.images,
+        )})
+    }
+}
+
 /// Creates or updates the Node, and marks it Ready.
 pub async fn register(
     client: &Client,
-    name: &str,
-    address: &str,
-    labels: &BTreeMap<String, String>,
-    cap: &Capacity,
-    kubelet_port: u16,
+    node: Identity<'_>,
     reported: &Reported<'_>,
 ) -> Result<(), RegisterError> {
+    let name = node.name;
     let api: Api<Node> = Api::all(client.clone());
     let err = |source| RegisterError::Node {
         node: name.into(),
         source,
     };
-    let mut all_labels = labels.clone();
+    let mut all_labels = node.labels.clone();
     all_labels.insert("kubernetes.io/hostname".into(), name.into());
     all_labels.insert("kubernetes.io/os".into(), "linux".into());
     all_labels.insert("kubernetes.io/arch".into(), go_arch().into());
     all_labels.insert("baton.dev/runtime".into(), "wasm".into());
-    let node: Node = serde_json::from_value(json!({
+    let object: Node = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": all_labels},
     }))
     .expect("a valid Node");
-    match api.create(&PostParams::default(), &node).await {
+    match api.create(&PostParams::default(), &object).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 409 => {
             let patch = json!({"metadata": {"labels": all_labels}});
@@ -213,7 +235,7 @@ pub async fn register(
         }
         Err(e) => return Err(err(e)),
     }
-    let patch = json!({"status": status(address, name, cap, kubelet_port, reported.memory_pressure, reported.images)});
+    let patch = node.status_patch(reported);
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .map_err(err)?;
@@ -224,25 +246,19 @@ pub async fn register(
 /// no create and no label write. A Node deleted meanwhile is registered again.
 pub async fn refresh(
     client: &Client,
-    name: &str,
-    address: &str,
-    labels: &BTreeMap<String, String>,
-    cap: &Capacity,
-    kubelet_port: u16,
+    node: Identity<'_>,
     reported: &Reported<'_>,
 ) -> Result<(), RegisterError> {
     let api: Api<Node> = Api::all(client.clone());
-    let patch = json!({"status": status(address, name, cap, kubelet_port, reported.memory_pressure, reported.images)});
+    let patch = node.status_patch(reported);
     match api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .patch_status(node.name, &PatchParams::default(), &Patch::Merge(patch))
         .await
     {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            register(client, name, address, labels, cap, kubelet_port, reported).await
-        }
+        Err(kube::Error::Api(s)) if s.code == 404 => register(client, node, reported).await,
         Err(source) => Err(RegisterError::Node {
-            node: name.into(),
+            node: node.name.into(),
             source,
         }),
     }
@@ -317,22 +333,17 @@ mod tests {
             memory: 1 << 30,
             pods: 110,
         };
+        let labels = BTreeMap::new();
+        let node = Identity {
+            name: "n1",
+            address: "10.0.0.1",
+            labels: &labels,
+            capacity: &cap,
+            kubelet_port: 0,
+        };
         let refresh = |api: &baton_testkit::fake_api::FakeApi| {
             let client = api.client();
-            let cap = cap.clone();
-            async move {
-                let reported = Reported::default();
-                refresh(
-                    &client,
-                    "n1",
-                    "10.0.0.1",
-                    &BTreeMap::new(),
-                    &cap,
-                    0,
-                    &reported,
-                )
-                .await
-            }
+            async move { refresh(&client, node, &Reported::default()).await }
         };
         let api = baton_testkit::fake_api::FakeApi::default();
         refresh(&api).await.unwrap();
