@@ -77,12 +77,9 @@ impl Cached {
     /// Keeps `value` as JSON, and the values of the fields `selectable` names (by dotted
     /// path).
     pub fn new(value: &Value, selectable: &dyn Fn(&str) -> bool) -> Arc<Self> {
-        let labels = value
-            .pointer("/metadata/labels")
-            .and_then(Value::as_object)
+        let labels = Selectable::labels(value)
             .into_iter()
-            .flatten()
-            .filter_map(|(k, v)| Some((k.as_str().into(), v.as_str()?.into())))
+            .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
             .collect();
         let mut fields = Vec::new();
         selectable_fields(value, &mut String::new(), selectable, &mut fields);
