@@ -49,6 +49,7 @@
 
 mod client;
 mod db;
+mod dump;
 mod error;
 pub mod etcd;
 mod latency;

@@ -17,13 +17,15 @@
 //! concurrent compaction cannot remove entries under them.
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
+use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{CF_KV, CF_META, CF_REV};
+use crate::dump::{DumpError, DumpReader, DumpWriter, Family, Head};
 use crate::types::*;
 
 const META_REVISION: &[u8] = b"revision";
@@ -45,6 +47,8 @@ pub enum MvccError {
     Rocks(#[from] rocksdb::Error),
     #[error("undecodable record in the store")]
     Decode(#[from] postcard::Error),
+    #[error("snapshot body")]
+    Dump(#[from] DumpError),
 }
 
 /// One version of one key, as stored.
@@ -100,38 +104,8 @@ pub(crate) struct Mvcc {
     commit_latency: prometheus_client::metrics::histogram::Histogram,
 }
 
-/// A [`Dump`] in its postcard encoding, with what the snapshot's builder reads of it.
-#[derive(Debug)]
-pub(crate) struct EncodedDump {
-    pub bytes: Vec<u8>,
-    pub revision: Revision,
-    pub meta: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-/// The longest LEB128 encoding of a u64.
-const MAX_VARINT: usize = 10;
-
-/// postcard's unsigned integer encoding (LEB128), as its wire format (v1) fixes it.
-pub(crate) fn postcard_varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-/// postcard's signed integers are zigzagged before their varint.
-fn zigzag(n: i64) -> u64 {
-    ((n << 1) ^ (n >> 63)) as u64
-}
-
-/// A byte string as postcard encodes a `Vec<u8>`: its length, then the bytes.
-fn postcard_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    postcard_varint(out, b.len() as u64);
-    out.extend_from_slice(b);
-}
-
-/// The consistent state that a snapshot carries.
+/// The consistent state that a snapshot carried, whole, before [`crate::dump`]'s
+/// streamed body: the body of snapshot files saved by earlier versions.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Dump {
     pub revision: Revision,
@@ -141,6 +115,24 @@ pub(crate) struct Dump {
     pub meta: Vec<(Vec<u8>, Vec<u8>)>,
     pub kv: Vec<(Vec<u8>, Vec<u8>)>,
     pub rev: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Dump {
+    /// This state as a streamed body, for a snapshot file saved by an earlier version.
+    pub(crate) fn write_body<W: Write>(&self, out: W) -> Result<(W, u64), DumpError> {
+        let head = Head {
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            meta: self.meta.clone(),
+        };
+        let mut w = DumpWriter::new(out, &head)?;
+        for (family, rows) in [(Family::Kv, &self.kv), (Family::Rev, &self.rev)] {
+            for (k, v) in rows {
+                w.row(family, k, v)?;
+            }
+        }
+        w.finish()
+    }
 }
 
 impl Mvcc {
@@ -448,7 +440,7 @@ impl Mvcc {
 
     /// A consistent copy of the whole state, for a Raft snapshot.
     #[cfg(test)]
-    fn dump(&self) -> Result<Dump, MvccError> {
+    pub(crate) fn dump(&self) -> Result<Dump, MvccError> {
         let snap = self.db.snapshot();
         let meta = self.db.cf_handle(CF_META).expect("meta column family");
         let read = |k| -> Result<Revision, MvccError> {
@@ -481,12 +473,11 @@ impl Mvcc {
         Ok(dump)
     }
 
-    /// The state as a snapshot carries it: exactly `postcard::to_stdvec(&self.dump())`, but
-    /// written straight from a RocksDB snapshot into one buffer. Building the [`Dump`] first
-    /// held every row twice over (the rows, then their encoding), which at scale was the
-    /// largest allocation of the whole control plane. Also returns the `meta` rows, from
-    /// which the caller reads the Raft position consistent with the data.
-    pub(crate) fn encode_dump(&self) -> Result<EncodedDump, MvccError> {
+    /// Writes the whole state, as a snapshot carries it (see [`crate::dump`]), from one
+    /// RocksDB snapshot into `out`, row by row: nothing but the `meta` rows is held in
+    /// memory. Returns the head, from which the caller reads the Raft position consistent
+    /// with the data, the writer, and the body's length.
+    pub(crate) fn write_dump<W: Write>(&self, out: W) -> Result<(Head, W, u64), MvccError> {
         let snap = self.db.snapshot();
         let meta_cf = self.db.cf_handle(CF_META).expect("meta column family");
         let mut meta = Vec::new();
@@ -496,80 +487,78 @@ impl Mvcc {
                 meta.push((k.to_vec(), v.to_vec()));
             }
         }
+        let mut head = Head {
+            meta,
+            ..Head::default()
+        };
         let revision_of = |k: &[u8]| {
-            meta.iter()
-                .find(|(m, _)| m.as_slice() == k)
-                .and_then(|(_, v)| <[u8; 8]>::try_from(v.as_slice()).ok())
+            head.meta(k)
+                .and_then(|v| <[u8; 8]>::try_from(v).ok())
                 .map(i64::from_be_bytes)
                 .unwrap_or(0)
         };
-        let revision = revision_of(META_REVISION);
-        let compact_revision = revision_of(META_COMPACT);
-        let mut out = Vec::new();
-        postcard_varint(&mut out, zigzag(revision));
-        postcard_varint(&mut out, zigzag(compact_revision));
-        postcard_varint(&mut out, meta.len() as u64);
-        for (k, v) in &meta {
-            postcard_bytes(&mut out, k);
-            postcard_bytes(&mut out, v);
-        }
-        for name in [CF_KV, CF_REV] {
+        (head.revision, head.compact_revision) =
+            (revision_of(META_REVISION), revision_of(META_COMPACT));
+        let mut w = DumpWriter::new(out, &head)?;
+        for (name, family) in [(CF_KV, Family::Kv), (CF_REV, Family::Rev)] {
             let cf = self.db.cf_handle(name).expect("column family");
-            // The row count leads the rows but is known only after them: room for the
-            // longest varint is kept, and the rows are moved back over what it did not use.
-            let at = out.len();
-            out.extend_from_slice(&[0; MAX_VARINT]);
-            let mut rows = 0u64;
             for item in snap.iterator_cf(cf, IteratorMode::Start) {
                 let (k, v) = item?;
-                postcard_bytes(&mut out, &k);
-                postcard_bytes(&mut out, &v);
-                rows += 1;
+                w.row(family, &k, &v)?;
             }
-            let mut count = Vec::with_capacity(MAX_VARINT);
-            postcard_varint(&mut count, rows);
-            let unused = MAX_VARINT - count.len();
-            out[at + unused..at + MAX_VARINT].copy_from_slice(&count);
-            out.drain(at..at + unused);
         }
-        Ok(EncodedDump {
-            bytes: out,
-            revision,
-            meta,
-        })
+        let (out, len) = w.finish()?;
+        Ok((head, out, len))
     }
 
-    /// Replaces the whole state with a snapshot's, in `batch` (written by the caller together
-    /// with the Raft metadata), and publishes it once written.
-    pub(crate) fn restore_into(&self, dump: &Dump, batch: &mut WriteBatch) {
+    /// Replaces the whole state with a snapshot body's, read from `body` row by row and
+    /// written in batches of about [`RESTORE_BATCH_BYTES`], so that the store is never
+    /// held in memory. The first batch clears the data and applies `first`, with which
+    /// the caller marks the state as incomplete (the Raft state machine drops its applied
+    /// position); the last one, written only once the body's checksum held, carries the
+    /// body's `meta` rows and is synced. A failure or crash in between leaves a state the
+    /// caller knows to restore again. Returns the body's head.
+    pub(crate) fn restore_from<R: Read>(
+        &self,
+        body: R,
+        first: impl FnOnce(&mut WriteBatch),
+    ) -> Result<Head, MvccError> {
+        let (mut reader, head) = DumpReader::new(body)?;
         let meta = self.db.cf_handle(CF_META).expect("meta column family");
-        for (name, rows) in [(CF_KV, &dump.kv), (CF_REV, &dump.rev)] {
-            let cf = self.db.cf_handle(name).expect("column family");
-            clear_cf(&self.db, cf, batch);
-            for (k, v) in rows {
-                batch.put_cf(cf, k, v);
+        let kv = self.db.cf_handle(CF_KV).expect("kv column family");
+        let rev = self.db.cf_handle(CF_REV).expect("rev column family");
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        let mut batch = WriteBatch::default();
+        clear_cf(&self.db, kv, &mut batch);
+        clear_cf(&self.db, rev, &mut batch);
+        first(&mut batch);
+        self.db.write_opt(std::mem::take(&mut batch), &sync)?;
+        while let Some((family, k, v)) = reader.next_row()? {
+            let cf = match family {
+                Family::Kv => kv,
+                Family::Rev => rev,
+            };
+            batch.put_cf(cf, k, v);
+            if batch.size_in_bytes() >= RESTORE_BATCH_BYTES {
+                self.db.write(std::mem::take(&mut batch))?;
             }
         }
-        for (k, v) in &dump.meta {
+        for (k, v) in &head.meta {
             batch.put_cf(meta, k, v);
         }
-        batch.put_cf(meta, META_REVISION, dump.revision.to_be_bytes());
-        batch.put_cf(meta, META_COMPACT, dump.compact_revision.to_be_bytes());
-    }
-
-    /// A row of `meta` as captured in a dump.
-    pub(crate) fn dump_meta<'d>(meta: &'d [(Vec<u8>, Vec<u8>)], key: &[u8]) -> Option<&'d [u8]> {
-        meta.iter()
-            .find(|(k, _)| k.as_slice() == key)
-            .map(|(_, v)| v.as_slice())
-    }
-
-    pub(crate) fn restored(&self, dump: &Dump) -> Result<(), MvccError> {
-        self.compact.store(dump.compact_revision, Ordering::Release);
-        self.revision.store(dump.revision, Ordering::Release);
-        self.rebuild_index()
+        batch.put_cf(meta, META_REVISION, head.revision.to_be_bytes());
+        batch.put_cf(meta, META_COMPACT, head.compact_revision.to_be_bytes());
+        self.db.write_opt(batch, &sync)?;
+        self.compact.store(head.compact_revision, Ordering::Release);
+        self.revision.store(head.revision, Ordering::Release);
+        self.rebuild_index()?;
+        Ok(head)
     }
 }
+
+/// How much a snapshot restore writes to RocksDB at a time.
+const RESTORE_BATCH_BYTES: usize = 8 << 20;
 
 /// Deletes every key of a column family within a batch.
 pub(crate) fn clear_cf(db: &DB, cf: &rocksdb::ColumnFamily, batch: &mut WriteBatch) {
@@ -823,17 +812,17 @@ mod tests {
     }
 
     #[test]
-    fn the_encoded_dump_is_postcards_encoding_of_the_dump() {
+    fn a_written_dump_restores_the_same_state_elsewhere() {
         let (_d, m) = mvcc();
-        assert_eq!(
-            m.encode_dump().unwrap().bytes,
-            postcard::to_stdvec(&m.dump().unwrap()).unwrap(),
-            "empty"
-        );
-        // Enough rows that the counts take several varint bytes, values of every length
-        // class, and a compacted history.
+        // Enough rows to span restore batches, values of every length class, a deleted
+        // key and a compacted history.
+        let big = "x".repeat(64 << 10);
         for i in 0..300u32 {
-            let value = "v".repeat((i as usize * 7) % 200);
+            let value = if i % 50 == 0 {
+                big.clone()
+            } else {
+                "v".repeat((i as usize * 7) % 200)
+            };
             apply(
                 &m,
                 Txn::new().and_then([Op::put(format!("k{i:04}"), value)]),
@@ -844,11 +833,41 @@ mod tests {
         let mut b = m.begin();
         b.compact(100).unwrap().unwrap();
         m.commit(b).unwrap();
-        let encoded = m.encode_dump().unwrap();
+        let (head, body, len) = m.write_dump(Vec::new()).unwrap();
+        assert_eq!(len, body.len() as u64);
         let dump = m.dump().unwrap();
-        assert_eq!(encoded.bytes, postcard::to_stdvec(&dump).unwrap());
-        assert_eq!((encoded.revision, encoded.meta), (dump.revision, dump.meta));
-        assert!(dump.kv.len() >= 300);
+        assert_eq!(
+            (head.revision, head.compact_revision, &head.meta),
+            (dump.revision, dump.compact_revision, &dump.meta)
+        );
+        // An earlier version's whole Dump converts to the same body.
+        assert_eq!(dump.write_body(Vec::new()).unwrap().0, body);
+
+        // Restored over a store holding other keys, which go.
+        let (_d2, other) = mvcc();
+        apply(&other, Txn::new().and_then([Op::put("stale", "gone")]));
+        let mut marked = false;
+        other.restore_from(&body[..], |_| marked = true).unwrap();
+        assert!(marked);
+        let again = other.dump().unwrap();
+        assert_eq!((again.kv, again.rev), (dump.kv, dump.rev));
+        assert_eq!(other.revision(), m.revision());
+        assert!(other.get(b"stale", 0).unwrap().0.is_none());
+        assert_eq!(other.get(b"k0001", 0).unwrap().0.unwrap().value, b"again");
+        assert!(matches!(
+            other.get(b"k0003", 50),
+            Err(MvccError::Compacted { .. })
+        ));
+
+        // A body cut short fails before its meta rows (the position) are written.
+        let (_d3, third) = mvcc();
+        let err = third
+            .restore_from(&body[..body.len() - 1], |_| {})
+            .unwrap_err();
+        assert!(
+            matches!(err, MvccError::Dump(DumpError::Malformed(_))),
+            "{err}"
+        );
     }
 
     #[test]

@@ -23,13 +23,18 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::error::{Error, WireError};
+use crate::raft::snapshot::SnapshotData;
 use crate::raft::{NodeId, TypeConfig};
 use crate::store::{Store, FORWARDED_HEADER};
 use crate::types::*;
 
-/// Largest snapshot a member accepts in one request, and the largest batch of log
-/// entries (each entry a batch of transactions).
-const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
+/// Largest batch of log entries (each entry a batch of transactions) a member accepts.
+const MAX_APPEND_BYTES: usize = 1 << 30;
+/// Largest snapshot a member accepts. It is streamed to disk, never held in memory; the
+/// bound is twice etcd's largest recommended quota (8 GiB), with room for history.
+const MAX_SNAPSHOT_BYTES: u64 = 16 << 30;
+/// Largest vote and meta in front of a snapshot.
+const MAX_SNAPSHOT_HEADER_BYTES: usize = 1 << 20;
 /// Largest transaction request: one whole transaction, with room for its encoding.
 const MAX_TXN_REQUEST_BYTES: usize = MAX_TXN_BYTES + 64 * 1024;
 /// Largest request of the other routes, which carry keys and numbers only.
@@ -40,13 +45,17 @@ impl Store {
     pub fn router(&self) -> Router {
         // Every body is bounded by what its route can carry: a client cannot make a
         // member buffer a gigabyte to ask for one key.
-        let bulk = DefaultBodyLimit::max(MAX_SNAPSHOT_BYTES);
+        let bulk = DefaultBodyLimit::max(MAX_APPEND_BYTES);
         let txn_limit = DefaultBodyLimit::max(MAX_TXN_REQUEST_BYTES);
         let small = DefaultBodyLimit::max(MAX_SMALL_REQUEST_BYTES);
         let raft = Router::new()
             .route("/raft/append", post(raft_append).layer(bulk))
             .route("/raft/vote", post(raft_vote).layer(small))
-            .route("/raft/snapshot", post(raft_snapshot).layer(bulk))
+            // Bounded by the handler as it streams to disk.
+            .route(
+                "/raft/snapshot",
+                post(raft_snapshot).layer(DefaultBodyLimit::disable()),
+            )
             .route_layer(axum::middleware::from_fn(members_only));
         Router::new()
             .merge(raft)
@@ -229,20 +238,123 @@ async fn raft_vote(State(store): State<Store>, body: Bytes) -> Response {
     encode(&raft.vote(req).await)
 }
 
-async fn raft_snapshot(State(store): State<Store>, body: Bytes) -> Response {
-    type Req = (Vote<NodeId>, SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
-    let (vote, meta, data): Req = match decode(&body) {
+/// Receives a snapshot: the vote and meta in front (see the sender,
+/// `raft::network`), then the body, streamed into a temporary file of the data dir and
+/// checked whole before openraft is given it. A body cut short or damaged is refused
+/// here, so an install never starts from one.
+async fn raft_snapshot(State(store): State<Store>, body: Body) -> Response {
+    let (Some(raft), Some(dir)) = (store.raft(), store.data_dir()) else {
+        return not_a_member();
+    };
+    let span = tracing::info_span!("receive_snapshot");
+    let received = receive_snapshot(dir.to_path_buf(), body)
+        .instrument(span)
+        .await;
+    let (vote, meta, data) = match received {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => {
+            tracing::warn!(error = %baton_error_chain::chain(&e), "refused a snapshot");
+            return (StatusCode::BAD_REQUEST, format!("snapshot refused: {e}")).into_response();
+        }
     };
     let snapshot = Snapshot::<TypeConfig> {
         meta,
         snapshot: Box::new(data),
     };
-    let Some(raft) = store.raft() else {
-        return not_a_member();
-    };
     encode(&raft.install_full_snapshot(vote, snapshot).await)
+}
+
+type SnapshotHeader = (Vote<NodeId>, SnapshotMeta<NodeId, BasicNode>);
+
+/// Why a snapshot sent to this member was refused.
+#[derive(Debug, thiserror::Error)]
+enum ReceiveError {
+    #[error("reading the request failed")]
+    Request(#[source] axum::Error),
+    #[error("{0}")]
+    Header(String),
+    #[error("its header is undecodable")]
+    Codec(#[source] postcard::Error),
+    #[error("it is larger than {MAX_SNAPSHOT_BYTES} bytes")]
+    TooLarge,
+    #[error("it could not be kept on disk")]
+    File(#[source] crate::raft::snapshot::SnapshotFileError),
+    #[error("writing it to disk failed")]
+    Write(#[source] std::io::Error),
+    #[error("its body is damaged")]
+    Damaged(#[source] crate::dump::DumpError),
+    #[error("a blocking task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+async fn receive_snapshot(
+    dir: std::path::PathBuf,
+    body: Body,
+) -> Result<(Vote<NodeId>, SnapshotMeta<NodeId, BasicNode>, SnapshotData), ReceiveError> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut pending = bytes::BytesMut::new();
+    let mut header: Option<SnapshotHeader> = None;
+    let mut data = SnapshotData::receiving(&dir).map_err(ReceiveError::File)?;
+    // Written a megabyte at a time, off the async threads.
+    const WRITE_AT: usize = 1 << 20;
+    loop {
+        let chunk = stream
+            .next()
+            .await
+            .transpose()
+            .map_err(ReceiveError::Request)?;
+        let done = chunk.is_none();
+        if let Some(c) = chunk {
+            pending.extend_from_slice(&c);
+        }
+        if header.is_none() {
+            if pending.len() < 4 {
+                if done {
+                    return Err(ReceiveError::Header(
+                        "the request ends before its header".into(),
+                    ));
+                }
+                continue;
+            }
+            let len = u32::from_le_bytes(pending[..4].try_into().expect("4 bytes")) as usize;
+            if len > MAX_SNAPSHOT_HEADER_BYTES {
+                return Err(ReceiveError::Header(format!(
+                    "its header claims {len} bytes"
+                )));
+            }
+            if pending.len() < 4 + len {
+                if done {
+                    return Err(ReceiveError::Header(
+                        "the request ends inside its header".into(),
+                    ));
+                }
+                continue;
+            }
+            let h = pending.split_to(4 + len);
+            header = Some(postcard::from_bytes(&h[4..]).map_err(ReceiveError::Codec)?);
+        }
+        if data.len() + pending.len() as u64 > MAX_SNAPSHOT_BYTES {
+            return Err(ReceiveError::TooLarge);
+        }
+        if pending.len() >= WRITE_AT || (done && !pending.is_empty()) {
+            let buf = pending.split().freeze();
+            data = tokio::task::spawn_blocking(move || data.append(&buf).map(|()| data))
+                .await
+                .map_err(ReceiveError::Task)?
+                .map_err(ReceiveError::Write)?;
+        }
+        if done {
+            break;
+        }
+    }
+    let (vote, meta) = header.expect("read before the body");
+    // Checked whole (framing and checksum) before anything is replaced by it.
+    let data = tokio::task::spawn_blocking(move || crate::dump::verify(data.body()).map(|_| data))
+        .await
+        .map_err(ReceiveError::Task)?
+        .map_err(ReceiveError::Damaged)?;
+    Ok((vote, meta, data))
 }
 
 async fn txn(State(store): State<Store>, headers: HeaderMap, body: Bytes) -> Response {
@@ -363,5 +475,95 @@ async fn watch(State(store): State<Store>, body: Bytes) -> Response {
             });
             Body::from_stream(stream).into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dump::{DumpWriter, Family, Head};
+    use std::io::Read;
+
+    /// A snapshot request as a member sends it, its body cut to `keep` bytes.
+    fn request(rows: usize, keep: Option<usize>) -> Vec<u8> {
+        let header = postcard::to_stdvec(&(
+            Vote::<NodeId>::new(2, 1),
+            SnapshotMeta::<NodeId, BasicNode>::default(),
+        ))
+        .unwrap();
+        let mut w = DumpWriter::new(Vec::new(), &Head::default()).unwrap();
+        for i in 0..rows {
+            w.row(Family::Kv, format!("k{i}").as_bytes(), &[7; 300])
+                .unwrap();
+        }
+        let (mut body, _) = w.finish().unwrap();
+        if let Some(n) = keep {
+            body.truncate(n);
+        }
+        let mut req = (header.len() as u32).to_le_bytes().to_vec();
+        req.extend_from_slice(&header);
+        req.extend_from_slice(&body);
+        req
+    }
+
+    /// The request's bytes in small chunks, as a network delivers them.
+    fn chunked(bytes: Vec<u8>) -> Body {
+        let chunks: Vec<Result<Bytes, std::io::Error>> = bytes
+            .chunks(4000)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        Body::from_stream(futures::stream::iter(chunks))
+    }
+
+    fn leftovers(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_received_into_a_file_and_a_damaged_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = request(5000, None);
+        let (vote, _, data) = receive_snapshot(dir.path().into(), chunked(whole.clone()))
+            .await
+            .unwrap();
+        assert_eq!(vote, Vote::new(2, 1));
+        let mut body = Vec::new();
+        data.body().read_to_end(&mut body).unwrap();
+        let header = u32::from_le_bytes(whole[..4].try_into().unwrap()) as usize;
+        assert_eq!(body, whole[4 + header..]);
+        drop(data);
+        assert_eq!(
+            leftovers(dir.path()),
+            0,
+            "an uninstalled snapshot's file goes"
+        );
+
+        let cut = request(5000, Some(1_000_000));
+        let err = receive_snapshot(dir.path().into(), chunked(cut))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReceiveError::Damaged(_)), "{err}");
+        let mut flipped = request(100, None);
+        let at = flipped.len() - 10;
+        flipped[at] ^= 1;
+        let err = receive_snapshot(dir.path().into(), chunked(flipped))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReceiveError::Damaged(_)), "{err}");
+        let mut huge_header = request(1, None);
+        huge_header[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let err = receive_snapshot(dir.path().into(), chunked(huge_header))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReceiveError::Header(_)), "{err}");
+        let err = receive_snapshot(dir.path().into(), chunked(vec![1, 0]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReceiveError::Header(_)), "{err}");
+        assert_eq!(
+            leftovers(dir.path()),
+            0,
+            "a refused snapshot leaves no file"
+        );
     }
 }

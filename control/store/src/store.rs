@@ -1080,6 +1080,13 @@ impl Store {
     pub(crate) fn raft(&self) -> Option<&Raft> {
         self.member("Raft").ok().map(|inner| &inner.raft)
     }
+
+    /// The member's data dir, where snapshots are received.
+    pub(crate) fn data_dir(&self) -> Option<&std::path::Path> {
+        self.member("Raft")
+            .ok()
+            .map(|inner| inner.cfg.data_dir.as_path())
+    }
 }
 
 fn precondition(key: &[u8], pre: Precondition) -> Compare {

@@ -6,6 +6,7 @@
 
 pub(crate) mod log_store;
 pub(crate) mod network;
+pub(crate) mod snapshot;
 pub(crate) mod state_machine;
 
 use serde::{Deserialize, Serialize};
@@ -39,14 +40,14 @@ pub enum Response {
 
 openraft::declare_raft_types!(
     /// Baton's Raft types: members are numbered, addressed by their HTTP address, and a
-    /// snapshot is one serialized buffer.
+    /// snapshot is a file (see [`snapshot`]).
     pub TypeConfig:
         D = Request,
         R = Response,
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Vec<u8>,
+        SnapshotData = snapshot::SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

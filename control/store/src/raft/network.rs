@@ -19,6 +19,7 @@ use openraft::{BasicNode, Snapshot, Vote};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::snapshot::SnapshotData;
 use super::{NodeId, TypeConfig};
 
 /// Makes one [`Network`] per peer; they share the HTTP client's connection pool.
@@ -74,8 +75,18 @@ impl Network {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, CallError> {
-        let url = self.http.url(&self.addr, path);
         let body = postcard::to_stdvec(req)?;
+        self.call_with(path, body.into(), timeout).await
+    }
+
+    /// One POST of `body`, its answer decoded.
+    async fn call_with<Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+        timeout: Duration,
+    ) -> Result<Resp, CallError> {
+        let url = self.http.url(&self.addr, path);
         let addr = || self.addr.clone();
         let resp = self
             .http
@@ -156,13 +167,18 @@ impl RaftNetwork<TypeConfig> for Network {
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
-        let req = (vote, snapshot.meta, *snapshot.snapshot);
-        // A snapshot can be large; give it far longer than a heartbeat-sized TTL, but let
-        // openraft cancel it when replication to this peer stops.
-        let call = self.call::<_, Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>(
+        let len = snapshot.snapshot.len();
+        let header = postcard::to_stdvec(&(vote, &snapshot.meta))
+            .map_err(|e| StreamingError::Network(NetworkError::new(&CallError::Codec(e))))?;
+        let body = snapshot_body(header, &snapshot.snapshot);
+        // A snapshot can be large: give it far longer than a heartbeat-sized TTL (two
+        // minutes, and a second per 4 MiB), but let openraft cancel it when replication
+        // to this peer stops.
+        let timeout = Duration::from_secs(120 + len / (4 << 20));
+        let call = self.call_with::<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>(
             "/raft/snapshot",
-            &req,
-            Duration::from_secs(120),
+            reqwest::Body::wrap_stream(body),
+            timeout,
         );
         let res = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
@@ -180,4 +196,34 @@ impl RaftNetwork<TypeConfig> for Network {
             Err(e) => Err(StreamingError::Network(NetworkError::new(&e))),
         }
     }
+}
+
+/// How much of a snapshot is read and sent at a time.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// A snapshot request's body: the length of the postcard-encoded vote and meta (4 bytes,
+/// little-endian), them, then the snapshot's body read from its file a chunk at a time.
+fn snapshot_body(
+    header: Vec<u8>,
+    data: &SnapshotData,
+) -> impl futures::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static {
+    let mut first = (header.len() as u32).to_le_bytes().to_vec();
+    first.extend_from_slice(&header);
+    let (file, end) = (data.shared_file(), data.len());
+    let rest = futures::stream::try_unfold(0u64, move |pos| {
+        let file = file.clone();
+        async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            let chunk = tokio::task::spawn_blocking(move || {
+                SnapshotData::read_chunk(&file, pos, end, SNAPSHOT_CHUNK)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            let next = pos + chunk.len() as u64;
+            Ok(Some((chunk, next)))
+        }
+    });
+    futures::StreamExt::chain(futures::stream::once(async { Ok(first) }), rest)
 }
