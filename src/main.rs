@@ -165,6 +165,11 @@ struct UpArgs {
     /// evicted (after their tolerations).
     #[arg(long, default_value_t = 40)]
     node_monitor_grace: u64,
+    /// The prefix length of the pod range each node is given, within 127.128.0.0/9
+    /// (kube-controller-manager's `--node-cidr-mask-size`): 20 gives 4,096 pod addresses
+    /// to each of 2,048 nodes, 22 gives 1,024 to each of 8,192.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(12..=28))]
+    node_cidr_mask_size: u8,
     /// Seconds between two runs of each HorizontalPodAutoscaler.
     #[arg(long = "horizontal-pod-autoscaler-sync-period", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     hpa_sync_period: u64,
@@ -266,6 +271,11 @@ struct ServerArgs {
     /// should renew their Lease well within it (`baton node --node-lease-duration`).
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
     node_monitor_grace: u64,
+    /// The prefix length of the pod range each node is given, within 127.128.0.0/9
+    /// (kube-controller-manager's `--node-cidr-mask-size`): 20 gives 4,096 pod addresses
+    /// to each of 2,048 nodes, 22 gives 1,024 to each of 8,192.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(12..=28))]
+    node_cidr_mask_size: u8,
     #[command(flatten)]
     tuning: Tuning,
 }
@@ -639,6 +649,7 @@ async fn up(args: UpArgs) -> Result<()> {
         let controllers = baton_controllers::Config {
             node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
             hpa_sync: Duration::from_secs(args.hpa_sync_period),
+            node_cidr_mask: args.node_cidr_mask_size,
             ..Default::default()
         };
         if !args.no_controllers {
@@ -1081,6 +1092,7 @@ async fn server(args: ServerArgs) -> Result<()> {
                     format!("baton-server-{id}"),
                     baton_controllers::Config {
                         node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
+                        node_cidr_mask: args.node_cidr_mask_size,
                         ..Default::default()
                     },
                 )

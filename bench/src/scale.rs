@@ -198,7 +198,13 @@ fn sizes(pods: usize) -> Vec<usize> {
 /// Runs the plan against `bin` (a `baton` binary).
 pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
     let started = Instant::now();
-    let up = crate::up(bin, &["--no-node"]).await?;
+    // Pod ranges for every node, as an operator of this many nodes would configure:
+    // the default /20 blocks run out at 2,048 nodes.
+    let mask = (20u32..=28)
+        .find(|m| 1usize << (m - 9) >= plan.nodes)
+        .unwrap_or(28)
+        .to_string();
+    let up = crate::up(bin, &["--no-node", "--node-cidr-mask-size", &mask]).await?;
     let client = up.client.clone();
     let cp_pid = up.procs.0[0].id();
     let rss_peak = Arc::new(Mutex::new(0u64));

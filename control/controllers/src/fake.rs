@@ -85,6 +85,7 @@ impl World {
             hpa_history: Default::default(),
             hpa_sync: Duration::from_secs(15),
             node_grace: Duration::from_secs(40),
+            node_cidr_mask: 20,
             cidr_lock: Default::default(),
             cidrs_given: Default::default(),
             expectations: Default::default(),

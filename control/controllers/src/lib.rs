@@ -122,6 +122,8 @@ pub struct Ctx {
     pub hpa_sync: Duration,
     /// How long a node may be silent before it is marked unknown and tainted.
     pub node_grace: Duration,
+    /// The size of the pod range each node gets (`--node-cidr-mask-size`).
+    pub node_cidr_mask: u8,
     pub cidr_lock: tokio::sync::Mutex<()>,
     /// Pod ranges handed out and maybe not yet seen in the node store.
     pub cidrs_given: std::sync::Mutex<std::collections::BTreeSet<u32>>,
@@ -342,6 +344,9 @@ pub struct Config {
     /// The cluster CA that signs approved CertificateSigningRequests; None signs none
     /// (they are still approved).
     pub signer: Option<csr::Signer>,
+    /// The prefix length of each node's pod range (kube-controller-manager's
+    /// `--node-cidr-mask-size`), within [`nodelifecycle::NODE_MASKS`].
+    pub node_cidr_mask: u8,
 }
 
 impl Default for Config {
@@ -352,6 +357,7 @@ impl Default for Config {
             root_ca: None,
             hpa_sync: Duration::from_secs(15),
             signer: None,
+            node_cidr_mask: 20,
         }
     }
 }
@@ -414,6 +420,10 @@ pub async fn run(
         hpa_history: Default::default(),
         hpa_sync: config.hpa_sync,
         node_grace: config.node_monitor_grace,
+        node_cidr_mask: config.node_cidr_mask.clamp(
+            *nodelifecycle::NODE_MASKS.start(),
+            *nodelifecycle::NODE_MASKS.end(),
+        ),
         cidr_lock: tokio::sync::Mutex::new(()),
         cidrs_given: Default::default(),
         expectations: Expectations::default(),

@@ -2,8 +2,11 @@
 //! evictions.
 //!
 //! ## Expected flow
-//! - **Ranges.** A node without `spec.podCIDR` gets the next free `/20` of `127.128.0.0/9`
-//!   (4,096 pod addresses, 2,048 nodes), as the node IPAM controller hands out ranges.
+//! - **Ranges.** A node without `spec.podCIDR` gets the next free block of `127.128.0.0/9`,
+//!   as the node IPAM controller hands out ranges. Blocks are `/20` by default (4,096 pod
+//!   addresses each, for 2,048 nodes); `--node-cidr-mask-size` trades addresses per node
+//!   for nodes (`/22`: 1,024 and 8,192; `/24`: 256 and 32,768). A node that finds no free
+//!   block gets a `CIDRNotAvailable` event and is looked at again.
 //! - **Health.** A node's heartbeat is its Lease in `kube-node-lease`. A node silent for
 //!   longer than the grace period turns `Ready=Unknown` (`NodeStatusUnknown`) and gets the
 //!   `node.kubernetes.io/unreachable` taints, `NoSchedule` and `NoExecute`. When it
@@ -41,19 +44,40 @@ pub struct Error {
     source: kube::Error,
 }
 
-/// The `/20` block number `i` of `127.128.0.0/9`.
-pub fn pod_cidr(i: u32) -> Option<String> {
-    if i >= 2048 {
-        return None;
-    }
-    let base = u32::from(Ipv4Addr::new(127, 128, 0, 0)) + (i << 12);
-    Some(format!("{}/20", Ipv4Addr::from(base)))
+/// Where every pod range lies.
+const POD_RANGES: Ipv4Addr = Ipv4Addr::new(127, 128, 0, 0);
+const POD_RANGES_PREFIX: u8 = 9;
+/// The per-node mask sizes allowed: a node needs some addresses, and the pool some nodes.
+pub const NODE_MASKS: std::ops::RangeInclusive<u8> = 12..=28;
+
+/// How many blocks of `/mask` the pod ranges hold.
+fn blocks(mask: u8) -> u32 {
+    1 << (mask - POD_RANGES_PREFIX)
 }
 
-fn block_of(cidr: &str) -> Option<u32> {
-    let ip: Ipv4Addr = cidr.split_once('/')?.0.parse().ok()?;
-    let off = u32::from(ip).checked_sub(u32::from(Ipv4Addr::new(127, 128, 0, 0)))?;
-    Some(off >> 12)
+/// The `/mask` block number `i` of `127.128.0.0/9`.
+pub fn pod_cidr(i: u32, mask: u8) -> Option<String> {
+    if i >= blocks(mask) {
+        return None;
+    }
+    let base = u32::from(POD_RANGES) + (i << (32 - mask));
+    Some(format!("{}/{mask}", Ipv4Addr::from(base)))
+}
+
+/// The `/mask` blocks a node's range covers, whatever size it was given (the mask size
+/// may have changed since), so that no new range overlaps it.
+fn blocks_of(cidr: &str, mask: u8) -> std::ops::Range<u32> {
+    let parse = || -> Option<std::ops::Range<u32>> {
+        let (ip, prefix) = cidr.split_once('/')?;
+        let ip: Ipv4Addr = ip.parse().ok()?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
+        let start = u32::from(ip).checked_sub(u32::from(POD_RANGES))?;
+        let size = 1u64 << (32 - prefix);
+        let end = (u64::from(start) + size - 1).min(u64::from(u32::MAX >> POD_RANGES_PREFIX));
+        let shift = 32 - mask;
+        Some((start >> shift)..((end as u32) >> shift) + 1)
+    };
+    parse().unwrap_or(0..0)
 }
 
 fn lease_age(ctx: &Ctx, node: &Node) -> Option<Duration> {
@@ -94,11 +118,13 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         // Serialised by the controller (one reconcile per node at a time) but not across
         // nodes: the lock makes two new nodes pick different blocks.
         let _guard = ctx.cidr_lock.lock().await;
+        let mask = ctx.node_cidr_mask;
         let used: BTreeSet<u32> = ctx
             .nodes
             .state()
             .iter()
-            .filter_map(|n| n.spec.as_ref()?.pod_cidr.as_deref().and_then(block_of))
+            .filter_map(|n| n.spec.as_ref()?.pod_cidr.clone())
+            .flat_map(|c| blocks_of(&c, mask))
             .chain(
                 ctx.cidrs_given
                     .lock()
@@ -107,10 +133,10 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                     .copied(),
             )
             .collect();
-        if let Some((i, cidr)) = (0..2048)
+        let free = (0..blocks(mask))
             .find(|i| !used.contains(i))
-            .and_then(|i| pod_cidr(i).map(|c| (i, c)))
-        {
+            .and_then(|i| pod_cidr(i, mask).map(|c| (i, c)));
+        if let Some((i, cidr)) = free {
             api.patch(
                 &name,
                 &PatchParams::default(),
@@ -128,6 +154,20 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                     baton_kube::events::EventType::Normal,
                     "RegisteredNode",
                     &format!("Node {name} event: Registered Node {name} in Controller"),
+                )
+                .await;
+        } else {
+            ctx.recorder
+                .publish(
+                    &kube::Resource::object_ref(node.as_ref(), &()),
+                    baton_kube::events::EventType::Normal,
+                    "CIDRNotAvailable",
+                    &format!(
+                        "Node {name} status is now: CIDRNotAvailable (all {} /{mask} ranges \
+                         of {POD_RANGES}/{POD_RANGES_PREFIX} are in use; see \
+                         --node-cidr-mask-size)",
+                        blocks(mask)
+                    ),
                 )
                 .await;
         }
@@ -284,10 +324,68 @@ mod tests {
 
     #[test]
     fn pod_ranges_are_disjoint_blocks() {
-        assert_eq!(pod_cidr(0).unwrap(), "127.128.0.0/20");
-        assert_eq!(pod_cidr(1).unwrap(), "127.128.16.0/20");
-        assert_eq!(pod_cidr(2047).unwrap(), "127.255.240.0/20");
-        assert!(pod_cidr(2048).is_none());
-        assert_eq!(block_of("127.128.16.0/20"), Some(1));
+        assert_eq!(pod_cidr(0, 20).unwrap(), "127.128.0.0/20");
+        assert_eq!(pod_cidr(1, 20).unwrap(), "127.128.16.0/20");
+        assert_eq!(pod_cidr(2047, 20).unwrap(), "127.255.240.0/20");
+        assert!(pod_cidr(2048, 20).is_none());
+        assert_eq!(blocks_of("127.128.16.0/20", 20), 1..2);
+        // 5,000 nodes fit at /22, with 1,024 addresses each.
+        assert_eq!(blocks(22), 8192);
+        assert_eq!(pod_cidr(4999, 22).unwrap(), "127.206.28.0/22");
+        assert_eq!(pod_cidr(8191, 22).unwrap(), "127.255.252.0/22");
+        assert!(pod_cidr(8192, 22).is_none());
+        // A range of another size covers every block it overlaps.
+        assert_eq!(blocks_of("127.128.16.0/20", 22), 4..8);
+        assert_eq!(blocks_of("127.128.20.0/22", 20), 1..2);
+        assert_eq!(blocks_of("127.128.0.0/9", 20), 0..2048);
+        // Ranges elsewhere, and nonsense, cover nothing.
+        assert!(blocks_of("10.0.0.0/24", 20).is_empty());
+        assert!(blocks_of("127.128.0.0/99", 20).is_empty());
+        assert!(blocks_of("garbage", 20).is_empty());
+    }
+
+    fn node(name: &str, cidr: Option<&str>) -> serde_json::Value {
+        let mut n = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "uid": format!("uid-{name}"),
+                         "creationTimestamp": pod::now().0.to_rfc3339()},
+            "spec": {},
+        });
+        if let Some(c) = cidr {
+            n["spec"]["podCIDR"] = json!(c);
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn a_new_node_gets_a_free_block_and_an_event_when_none_is_left() {
+        let mut w = crate::fake::World::new();
+        // /12 blocks: eight of them. Six are taken, and one more by a smaller range
+        // given under another mask size.
+        Arc::get_mut(&mut w.ctx).unwrap().node_cidr_mask = 12;
+        for i in 0..6 {
+            w.node(node(&format!("n{i}"), pod_cidr(i, 12).as_deref()));
+        }
+        w.node(node("small", Some("127.240.16.0/20")));
+        let new = w.node(node("new", None));
+        reconcile(new, w.ctx.clone()).await.unwrap();
+        let patch = w.api.write_calls().pop().expect("a range was assigned");
+        assert_eq!(patch.path, "/api/v1/nodes/new");
+        assert_eq!(patch.body["spec"]["podCIDR"], "127.224.0.0/12");
+        assert_eq!(w.api.events(), ["Normal RegisteredNode"]);
+
+        w.node(node("new", Some("127.224.0.0/12")));
+        let last = w.node(node("last", None));
+        let writes = w.api.write_calls().len();
+        reconcile(last, w.ctx.clone()).await.unwrap();
+        assert_eq!(
+            w.api.write_calls().len(),
+            writes,
+            "no range is left to give"
+        );
+        assert_eq!(
+            w.api.events(),
+            ["Normal RegisteredNode", "Normal CIDRNotAvailable"]
+        );
     }
 }
