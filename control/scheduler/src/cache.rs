@@ -76,16 +76,28 @@ pub struct Cache {
     pub nodes: HashMap<String, NodeInfo>,
     pub usage: HashMap<String, Usage>,
     placed: HashMap<String, Placed>,
+    /// Every node's name, in the order decisions walk them (see `decide`).
+    order: Vec<String>,
 }
 
 impl Cache {
     pub fn set_node(&mut self, node: Arc<Node>) {
         let info = NodeInfo::new(node);
-        self.nodes.insert(info.name().to_string(), info);
+        let name = info.name().to_string();
+        if self.nodes.insert(name.clone(), info).is_none() {
+            self.order.push(name);
+        }
     }
 
     pub fn remove_node(&mut self, name: &str) {
-        self.nodes.remove(name);
+        if self.nodes.remove(name).is_some() {
+            self.order.retain(|n| n != name);
+        }
+    }
+
+    /// Every node's name, in a fixed order: a decision starts where the last one stopped.
+    pub fn order(&self) -> &[String] {
+        &self.order
     }
 
     /// Takes in a pod from the watch: counted if bound and not finished, else forgotten.

@@ -58,6 +58,8 @@ pub struct Demand<'a> {
     pub owner: Option<String>,
     /// Where the pod's volumes are (each must match the node).
     pub volume_terms: &'a [k8s_openapi::api::core::v1::NodeSelector],
+    /// The pod's images, normalized ([`pod_images`]).
+    pub images: Vec<String>,
 }
 
 fn node_ready(info: &NodeInfo) -> bool {
@@ -160,21 +162,24 @@ pub fn normalize_image(image: &str) -> String {
         .unwrap_or_else(|_| image.to_string())
 }
 
-/// ImageLocality: the share of the pod's container images the node holds, out of
-/// [`IMAGE_LOCALITY_WEIGHT`].
-fn image_locality(pod: &Pod, info: &NodeInfo) -> u64 {
-    if info.images.is_empty() {
-        return 0;
-    }
-    let Some(spec) = &pod.spec else { return 0 };
-    let images: Vec<String> = spec
-        .containers
+/// The images of the pod's containers, normalized as nodes report theirs: read once per
+/// decision, not once per node.
+pub fn pod_images(pod: &Pod) -> Vec<String> {
+    let Some(spec) = &pod.spec else {
+        return Vec::new();
+    };
+    spec.containers
         .iter()
         .chain(spec.init_containers.iter().flatten())
         .filter_map(|c| c.image.as_deref())
         .map(normalize_image)
-        .collect();
-    if images.is_empty() {
+        .collect()
+}
+
+/// ImageLocality: the share of the pod's container images the node holds, out of
+/// [`IMAGE_LOCALITY_WEIGHT`].
+fn image_locality(images: &[String], info: &NodeInfo) -> u64 {
+    if info.images.is_empty() || images.is_empty() {
         return 0;
     }
     let held = images.iter().filter(|i| info.images.contains(*i)).count() as u64;
@@ -203,7 +208,7 @@ pub fn score(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>, most_of_own
         }
         _ => 100,
     };
-    least_allocated + spread + image_locality(d.pod, info)
+    least_allocated + spread + image_locality(&d.images, info)
 }
 
 #[cfg(test)]
@@ -246,6 +251,7 @@ mod tests {
             memory: 0,
             owner: Some("rs".into()),
             volume_terms: &[],
+            images: pod_images(&p),
         };
         // The first replica: the node with the image.
         assert!(score(&d, &holds, None, 1) > score(&d, &lacks, None, 1));
@@ -262,7 +268,10 @@ mod tests {
         assert!(score(&d, &holds, Some(&one_here), 2) < score(&d, &lacks, None, 2));
         // Docker Hub's short names are matched in their full form.
         let short = pod(json!({"containers": [{"name": "c", "image": "busybox"}]}));
-        assert_eq!(image_locality(&short, &holds), IMAGE_LOCALITY_WEIGHT);
+        assert_eq!(
+            image_locality(&pod_images(&short), &holds),
+            IMAGE_LOCALITY_WEIGHT
+        );
         assert_eq!(normalize_image("not a reference!"), "not a reference!");
     }
 
@@ -275,6 +284,7 @@ mod tests {
             memory: 0,
             owner: None,
             volume_terms: &[],
+            images: Vec::new(),
         };
         assert_eq!(
             filter(&d, &node("a", json!({})), None),
@@ -287,6 +297,7 @@ mod tests {
             memory: 0,
             owner: None,
             volume_terms: &[],
+            images: Vec::new(),
         };
         assert_eq!(filter(&d, &node("a", json!({})), None), Err(Unfit::Cpu));
         let tainted = node(
@@ -299,6 +310,7 @@ mod tests {
             memory: 0,
             owner: None,
             volume_terms: &[],
+            images: Vec::new(),
         };
         assert_eq!(filter(&d, &tainted, None), Err(Unfit::Taint("k: v".into())));
         let full = Usage {
@@ -325,6 +337,7 @@ mod tests {
             memory: 0,
             owner: Some("rs".into()),
             volume_terms: &[],
+            images: Vec::new(),
         };
         let mut busy = Usage::default();
         busy.by_owner.insert("rs".into(), 1);
