@@ -25,9 +25,10 @@ pub struct HollowArgs {
     /// Lease renewals, in seconds.
     #[arg(long, default_value_t = 10)]
     heartbeat_secs: u64,
-    /// Nodes per API connection pool (a kube-apiserver serves a limited number of
-    /// streams per HTTP/2 connection).
-    #[arg(long, default_value_t = 100)]
+    /// Nodes per API client. One by default: each node has its HTTP/2 connection to the
+    /// API server, as each kubelet has. More share one, which is lighter on the API
+    /// server than real nodes are (up to 1,000 streams per connection).
+    #[arg(long, default_value_t = 1)]
     nodes_per_client: usize,
     /// Where pod directories go (by default a directory under the temporary directory,
     /// removed at the end).
@@ -51,7 +52,7 @@ pub async fn hollow_nodes(args: HollowArgs) -> Result<()> {
     for i in 0..args.count {
         if i % args.nodes_per_client.max(1) == 0 {
             client = Some(
-                baton_kube::client::from_yaml(&yaml)
+                baton_kube::client::multiplexed_from_yaml(&yaml)
                     .await
                     .context("failed to connect to the cluster")?,
             );

@@ -718,7 +718,7 @@ async fn node(args: NodeCmdArgs) -> Result<()> {
         (None, None) => bail!("give --kubeconfig, or --server and --token"),
     };
     let yaml = with_server(&yaml, &local);
-    let joined = baton_kube::client::from_yaml(&yaml)
+    let joined = baton_kube::client::multiplexed_from_yaml(&yaml)
         .await
         .context("failed to connect to the cluster")?;
     let client = if joined_by_token {

@@ -123,7 +123,7 @@ where
         tokio::time::sleep(delay).await;
         let renewed = async {
             let new = renew(rotating.current(), yaml).await?;
-            let client = baton_kube::client::from_yaml(&new).await?;
+            let client = baton_kube::client::multiplexed_from_yaml(&new).await?;
             std::fs::write(&path, &new)
                 .with_context(|| format!("failed to write {}", path.display()))?;
             rotating.swap(client);
