@@ -33,6 +33,7 @@ pub struct World {
     nodes: Writer<Node>,
     pvs: Writer<k8s_openapi::api::core::v1::PersistentVolume>,
     classes: Writer<k8s_openapi::api::storage::v1::StorageClass>,
+    ingresses: Writer<k8s_openapi::api::networking::v1::Ingress>,
 }
 
 fn store<K>() -> (Store<K>, Writer<K>)
@@ -55,6 +56,7 @@ impl World {
         let (nodes_s, nodes) = store::<Node>();
         let (pvs_s, pvs) = store::<k8s_openapi::api::core::v1::PersistentVolume>();
         let (classes_s, classes) = store::<k8s_openapi::api::storage::v1::StorageClass>();
+        let (ingresses_s, ingresses) = store::<k8s_openapi::api::networking::v1::Ingress>();
         let ctx = Arc::new(Ctx {
             client: client.clone(),
             pods: pods_s,
@@ -78,7 +80,7 @@ impl World {
             pdbs: store::<k8s_openapi::api::policy::v1::PodDisruptionBudget>().0,
             quotas: store::<k8s_openapi::api::core::v1::ResourceQuota>().0,
             clusterroles: store::<k8s_openapi::api::rbac::v1::ClusterRole>().0,
-            ingresses: store::<k8s_openapi::api::networking::v1::Ingress>().0,
+            ingresses: ingresses_s,
             ingressclasses: store::<k8s_openapi::api::networking::v1::IngressClass>().0,
             ingress_addresses: Default::default(),
             hpas: store::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>().0,
@@ -106,7 +108,18 @@ impl World {
             nodes,
             pvs,
             classes,
+            ingresses,
         }
+    }
+
+    pub fn ingress(&mut self, v: Value) -> Arc<k8s_openapi::api::networking::v1::Ingress> {
+        apply(&mut self.ingresses, v)
+    }
+
+    /// Takes a node out of the store, as a watch event of its deletion would.
+    pub fn node_gone(&mut self, v: Value) {
+        let obj: Node = serde_json::from_value(v).expect("a valid object");
+        self.nodes.apply_watcher_event(&watcher::Event::Delete(obj));
     }
 
     pub fn pod(&mut self, v: Value) -> Arc<Pod> {

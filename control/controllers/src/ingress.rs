@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_kube::events::EventType;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -30,27 +32,31 @@ pub struct Error {
     source: kube::Error,
 }
 
+/// A node's InternalIP, if the node is Ready: what an Ingress lists for it.
+fn ready_address(n: &Node) -> Option<String> {
+    let status = n.status.as_ref()?;
+    let ready = status
+        .conditions
+        .as_ref()
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    if !ready {
+        return None;
+    }
+    status
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address.clone())
+}
+
 /// The InternalIPs of the Ready nodes, sorted, each once.
 fn node_addresses(ctx: &Ctx) -> Vec<String> {
     let mut ips: Vec<String> = ctx
         .nodes
         .state()
         .iter()
-        .filter(|n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|n| {
-            n.status
-                .as_ref()?
-                .addresses
-                .as_ref()?
-                .iter()
-                .find(|a| a.type_ == "InternalIP")
-                .map(|a| a.address.clone())
-        })
+        .filter_map(|n| ready_address(n))
         .collect();
     ips.sort();
     ips.dedup();
@@ -133,25 +139,92 @@ pub async fn reconcile(ing: Arc<Ingress>, ctx: Arc<Ctx>) -> Result<Action, Error
 }
 
 /// Every Ingress, when a node changes (its address or readiness moves every status).
-pub fn all_ingresses(ctx: &Ctx) -> Vec<kube::runtime::reflector::ObjectRef<Ingress>> {
+pub fn all_ingresses(ctx: &Ctx) -> Vec<ObjectRef<Ingress>> {
     ctx.ingresses
         .state()
         .iter()
-        .map(|i| kube::runtime::reflector::ObjectRef::from_obj(i.as_ref()))
+        .map(|i| ObjectRef::from_obj(i.as_ref()))
         .collect()
 }
 
-/// Every Ingress when the Ready nodes' addresses changed; nothing when a node change left
-/// them as they were (most are heartbeats).
-pub fn on_node_change(ctx: &Ctx) -> Vec<kube::runtime::reflector::ObjectRef<Ingress>> {
-    let now = node_addresses(ctx);
-    let mut last = ctx
-        .ingress_addresses
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if *last == now {
-        return Vec::new();
+/// Every Ingress when a node's part in their addresses changed: it became Ready or not,
+/// changed its InternalIP, or is gone. Nothing when a node change left that as it was,
+/// as most node changes (status heartbeats) do. Only the changed node is looked at: at
+/// 5,000 nodes, listing them all on each of their status updates was the control
+/// plane's largest cost.
+pub fn on_node_change(ctx: &Ctx, node: &Node) -> Vec<ObjectRef<Ingress>> {
+    let name = node.name_any();
+    let gone = ctx.nodes.get(&ObjectRef::new(&name)).is_none();
+    let now = if gone { None } else { ready_address(node) };
+    let changed = {
+        let mut known = ctx
+            .ingress_addresses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match now {
+            Some(ip) => known.insert(name, ip.clone()).as_ref() != Some(&ip),
+            None => known.remove(&name).is_some(),
+        }
+    };
+    if changed {
+        all_ingresses(ctx)
+    } else {
+        Vec::new()
     }
-    *last = now;
-    all_ingresses(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, ip: &str, ready: bool) -> serde_json::Value {
+        json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": ip}],
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn only_a_change_in_a_nodes_address_or_readiness_moves_the_ingresses() {
+        let mut w = crate::fake::World::new();
+        w.ingress(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": {"name": "web", "namespace": "default"}
+        }));
+        let mut change = |w: &mut crate::fake::World, v: serde_json::Value| {
+            let n = w.node(v);
+            on_node_change(&w.ctx, &n).len()
+        };
+        assert_eq!(
+            change(&mut w, node("a", "10.0.0.1", true)),
+            1,
+            "a new Ready node"
+        );
+        assert_eq!(
+            change(&mut w, node("a", "10.0.0.1", true)),
+            0,
+            "a heartbeat"
+        );
+        assert_eq!(change(&mut w, node("b", "10.0.0.2", false)), 0, "not Ready");
+        assert_eq!(change(&mut w, node("b", "10.0.0.2", true)), 1, "Ready now");
+        assert_eq!(
+            change(&mut w, node("a", "10.0.0.9", true)),
+            1,
+            "a new address"
+        );
+        assert_eq!(
+            change(&mut w, node("a", "10.0.0.9", false)),
+            1,
+            "no longer Ready"
+        );
+        assert_eq!(node_addresses(&w.ctx), ["10.0.0.2"]);
+        w.node_gone(node("b", "10.0.0.2", true));
+        let gone: Node = serde_json::from_value(node("b", "10.0.0.2", true)).unwrap();
+        assert_eq!(on_node_change(&w.ctx, &gone).len(), 1, "deleted");
+        assert!(w.ctx.ingress_addresses.lock().unwrap().is_empty());
+    }
 }

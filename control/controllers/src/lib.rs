@@ -113,8 +113,9 @@ pub struct Ctx {
     pub clusterroles: Store<ClusterRole>,
     pub ingresses: Store<Ingress>,
     pub ingressclasses: Store<IngressClass>,
-    /// The node addresses Ingress statuses were last written with.
-    pub ingress_addresses: std::sync::Mutex<Vec<String>>,
+    /// Each Ready node's InternalIP as last seen, by node name: what Ingress statuses
+    /// list, kept so that a node's change is compared with its own last state alone.
+    pub ingress_addresses: std::sync::Mutex<std::collections::HashMap<String, String>>,
     pub hpas: Store<HorizontalPodAutoscaler>,
     /// Each autoscaler's recommendations and scale events, for its behavior.
     pub hpa_history: std::sync::Mutex<std::collections::HashMap<String, hpa::behavior::History>>,
@@ -693,7 +694,7 @@ pub async fn run(
     )
     .watches_shared_stream(
         nodes.subscribe(),
-        ingress_queue.mapped(move |_n: Arc<Node>| ingress::on_node_change(&ctx7)),
+        ingress_queue.mapped(move |n: Arc<Node>| ingress::on_node_change(&ctx7, &n)),
     )
     .watches_shared_stream(
         ingressclasses.subscribe(),
