@@ -195,7 +195,7 @@ mod tests {
             "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
             "metadata": {"name": "web", "namespace": "default"}
         }));
-        let mut change = |w: &mut crate::fake::World, v: serde_json::Value| {
+        let change = |w: &mut crate::fake::World, v: serde_json::Value| {
             let n = w.node(v);
             on_node_change(&w.ctx, &n).len()
         };
