@@ -25,22 +25,22 @@ pub enum ClientError {
     ServerName(String),
 }
 
+/// The client configuration of kubeconfig YAML's current context.
+async fn config_of(yaml: &str) -> Result<kube::Config, ClientError> {
+    let kc = Kubeconfig::from_yaml(yaml).map_err(ClientError::Kubeconfig)?;
+    kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(ClientError::Kubeconfig)
+}
+
 /// A client from kubeconfig YAML.
 pub async fn from_yaml(yaml: &str) -> Result<Client, ClientError> {
-    let kc = Kubeconfig::from_yaml(yaml).map_err(ClientError::Kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .map_err(ClientError::Kubeconfig)?;
-    traced(config)
+    traced(config_of(yaml).await?)
 }
 
 /// A [`multiplexed`] client from kubeconfig YAML.
 pub async fn multiplexed_from_yaml(yaml: &str) -> Result<Client, ClientError> {
-    let kc = Kubeconfig::from_yaml(yaml).map_err(ClientError::Kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .map_err(ClientError::Kubeconfig)?;
-    multiplexed(config)
+    multiplexed(config_of(yaml).await?)
 }
 
 /// A [`multiplexed`] client from kubeconfig YAML whose current user is replaced by a
@@ -138,10 +138,7 @@ pub fn traced(config: kube::Config) -> Result<Client, ClientError> {
 /// what a node hands its pods so that their components can verify the API server too.
 pub async fn cluster_ca_pem(yaml: &str) -> Result<Vec<Vec<u8>>, ClientError> {
     use base64::Engine;
-    let kc = Kubeconfig::from_yaml(yaml).map_err(ClientError::Kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .map_err(ClientError::Kubeconfig)?;
+    let config = config_of(yaml).await?;
     Ok(config
         .root_cert
         .unwrap_or_default()
