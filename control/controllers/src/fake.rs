@@ -116,6 +116,14 @@ impl World {
         apply(&mut self.ingresses, v)
     }
 
+    /// Takes a pod out of the store, as a watch event of its deletion would.
+    pub fn pod_gone(&mut self, v: Value) {
+        let obj: Pod = serde_json::from_value(v).expect("a valid object");
+        let gone = watcher::Event::Delete(obj);
+        self.ctx.pods_by_controller.apply(&gone);
+        self.pods.apply_watcher_event(&gone);
+    }
+
     /// Takes a node out of the store, as a watch event of its deletion would.
     pub fn node_gone(&mut self, v: Value) {
         let obj: Node = serde_json::from_value(v).expect("a valid object");

@@ -10,7 +10,14 @@
 //! - **orphan**: for an owner being deleted with the `orphan` finalizer, removes the owner
 //!   reference from its dependents, then the finalizer;
 //! - **foreground**: for an owner being deleted with `foregroundDeletion`, deletes its
-//!   dependents (foreground as well) and removes the finalizer once none is left.
+//!   dependents (in the foreground those that have dependents of their own, in the
+//!   background the rest, as Kubernetes' collector does) and removes the finalizer once
+//!   none is left.
+//!
+//! A pass's changes are made 16 requests at a time, and the pause between passes is
+//! nine times the walk over the objects alone (not the requests), so that collection
+//! takes a tenth of a core however big the cluster, and a deleted Deployment of
+//! hundreds of pods is not paced by its own requests.
 //!
 //! An owner of a kind not watched here (a custom resource, say) is looked up directly,
 //! as kube's collector verifies an absent owner with a live read before deleting; an
@@ -169,17 +176,21 @@ impl std::fmt::Debug for Collector {
 }
 
 impl Collector {
+    /// Whether a step was not asked for in the last 10 s (and now it is).
     fn once(&mut self, key: String) -> bool {
-        let now = Instant::now();
-        self.asked
-            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(10));
         match self.asked.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(now);
+                v.insert(Instant::now());
                 true
             }
         }
+    }
+
+    fn forget_old_asks(&mut self) {
+        let now = Instant::now();
+        self.asked
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(10));
     }
 
     /// Reads owners of kinds not watched here; what is found is kept for [`OWNER_TTL`].
@@ -221,7 +232,10 @@ impl Collector {
     }
 
     /// One pass over the graph.
-    pub async fn sweep(&mut self, ctx: &Arc<Ctx>) {
+    /// One pass: reads what it must, walks every object, then makes the changes the walk
+    /// found, a few requests at a time. Returns how long the walk took, by which the
+    /// caller paces passes: the requests are waiting, not work.
+    pub async fn sweep(&mut self, ctx: &Arc<Ctx>) -> Duration {
         let unwatched: Vec<OwnerKey> = {
             let mut out = HashSet::new();
             let mut note = |ns: Option<&String>, refs: Option<&Vec<OwnerReference>>| {
@@ -270,6 +284,7 @@ impl Collector {
             out.into_iter().collect()
         };
         self.look_up_owners(ctx, unwatched).await;
+        let walk = Instant::now();
         let pods = ctx.pods.state();
         let rss = ctx.replicasets.state();
         let rcs = ctx.replicationcontrollers.state();
@@ -372,11 +387,20 @@ impl Collector {
                 for d in &mine {
                     if let (Some(dns), Some(dname)) = (&d.meta.namespace, &d.meta.name) {
                         if d.meta.deletion_timestamp.is_none() {
+                            // As Kubernetes' collector: in the foreground only what has
+                            // dependents of its own to wait for; a leaf (a pod) goes in
+                            // the background, with no finalizer to drop afterwards.
+                            let has_own = d
+                                .meta
+                                .uid
+                                .as_deref()
+                                .is_some_and(|u| dependents.contains_key(u));
+                            let policy = if has_own { "Foreground" } else { "Background" };
                             actions.push((
                                 d.kind,
                                 dns.clone(),
                                 dname.clone(),
-                                Action::Delete("Foreground"),
+                                Action::Delete(policy),
                             ));
                         }
                     }
@@ -392,50 +416,66 @@ impl Collector {
             }
         }
         drop(nodes);
-        for (kind, ns, name, action) in actions {
-            let key = format!("{kind}/{ns}/{name}/{action:?}");
-            if !self.once(key) {
-                continue;
-            }
-            tracing::debug!(%kind, %ns, %name, ?action, "garbage collection step");
-            let Some(api) = dyn_api(ctx, kind, &ns) else {
-                continue;
+        let walked = walk.elapsed();
+        self.forget_old_asks();
+        let actions: Vec<_> = actions
+            .into_iter()
+            .filter(|(kind, ns, name, action)| self.once(format!("{kind}/{ns}/{name}/{action:?}")))
+            .collect();
+        // A deleted Deployment of hundreds of pods is hundreds of requests: made one at
+        // a time they held a pass for minutes.
+        futures::StreamExt::for_each_concurrent(
+            futures::stream::iter(actions),
+            STEPS_AT_ONCE,
+            |step| step_once(ctx, step),
+        )
+        .await;
+        walked
+    }
+}
+
+/// How many of a pass's requests are in flight at once.
+const STEPS_AT_ONCE: usize = 16;
+
+/// Makes one change a pass found.
+async fn step_once(ctx: &Ctx, (kind, ns, name, action): (&'static str, String, String, Action)) {
+    tracing::debug!(%kind, %ns, %name, ?action, "garbage collection step");
+    let Some(api) = dyn_api(ctx, kind, &ns) else {
+        return;
+    };
+    let result = match &action {
+        Action::Delete(policy) => {
+            let dp = if *policy == "Foreground" {
+                DeleteParams::foreground()
+            } else {
+                DeleteParams::background()
             };
-            let result = match &action {
-                Action::Delete(policy) => {
-                    let dp = if *policy == "Foreground" {
-                        DeleteParams::foreground()
-                    } else {
-                        DeleteParams::background()
-                    };
-                    api.delete(&name, &dp).await.map(|_| ())
-                }
-                Action::SetOwners(owners) => api
-                    .patch(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"metadata": {"ownerReferences": owners}})),
-                    )
-                    .await
-                    .map(|_| ()),
-                Action::DropFinalizer(keep) => api
-                    .patch(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"metadata": {"finalizers": keep}})),
-                    )
-                    .await
-                    .map(|_| ()),
-            };
-            match result {
-                Ok(())
-                | Err(kube::Error::Api(kube::core::ErrorResponse {
-                    code: 404 | 409, ..
-                })) => {}
-                Err(e) => {
-                    tracing::warn!(%kind, %ns, %name, error = %e, "garbage collection step failed")
-                }
-            }
+            api.delete(&name, &dp).await.map(|_| ())
+        }
+        Action::SetOwners(owners) => api
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"ownerReferences": owners}})),
+            )
+            .await
+            .map(|_| ()),
+        Action::DropFinalizer(keep) => api
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": keep}})),
+            )
+            .await
+            .map(|_| ()),
+    };
+    match result {
+        Ok(())
+        | Err(kube::Error::Api(kube::core::ErrorResponse {
+            code: 404 | 409, ..
+        })) => {}
+        Err(e) => {
+            tracing::warn!(%kind, %ns, %name, error = %e, "garbage collection step failed")
         }
     }
 }
@@ -587,16 +627,17 @@ pub async fn run(ctx: Arc<Ctx>) {
             continue;
         }
         // A hung request must not stop collection: each pass is bounded.
-        let pass = Instant::now();
-        if tokio::time::timeout(Duration::from_secs(30), collector.sweep(&ctx))
-            .await
-            .is_err()
-        {
-            tracing::warn!("a garbage collection pass took over 30 s; starting over");
-        }
+        let walked =
+            match tokio::time::timeout(Duration::from_secs(30), collector.sweep(&ctx)).await {
+                Ok(walked) => walked,
+                Err(_) => {
+                    tracing::warn!("a garbage collection pass took over 30 s; starting over");
+                    Duration::from_secs(1)
+                }
+            };
         // A pass walks every object, so with hundreds of thousands it takes a while: the
-        // pause after it grows with it, keeping collection to a tenth of a core.
-        tokio::time::sleep(pass.elapsed() * 9).await;
+        // pause after it grows with the walk, keeping collection to a tenth of a core.
+        tokio::time::sleep(walked * 9).await;
         for ns in ctx.namespaces.state() {
             if ns.metadata.deletion_timestamp.is_some() {
                 let _ = tokio::time::timeout(Duration::from_secs(30), finish_namespace(&ctx, &ns))
@@ -722,13 +763,28 @@ mod tests {
         w.deployment(deleting_deployment(&["foregroundDeletion"]));
         let dependent = rs("web-1", "rs-1", vec![owner("Deployment", "web", "dep-uid")]);
         w.replicaset(dependent.clone());
+        w.pod(pod("web-1-a", vec![owner("ReplicaSet", "web-1", "rs-1")]));
         let mut gc = Collector::default();
         gc.sweep(&w.ctx).await;
+        // The ReplicaSet has a pod to wait for: it goes in the foreground.
         assert_eq!(w.api.writes(), [format!("DELETE {RSS}/web-1")]);
         assert_eq!(
             w.api.write_calls()[0].body["propagationPolicy"],
             "Foreground"
         );
+        let mut deleting = dependent.clone();
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        deleting["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+        w.replicaset(deleting);
+        w.api.clear();
+        gc.sweep(&w.ctx).await;
+        // Its pod has nothing to wait for: it goes in the background, no finalizer added.
+        assert_eq!(w.api.writes(), [format!("DELETE {PODS}/web-1-a")]);
+        assert_eq!(
+            w.api.write_calls()[0].body["propagationPolicy"],
+            "Background"
+        );
+        w.pod_gone(pod("web-1-a", vec![owner("ReplicaSet", "web-1", "rs-1")]));
         w.replicaset_gone(dependent);
         w.api.clear();
         gc.sweep(&w.ctx).await;
