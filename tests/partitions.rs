@@ -141,33 +141,44 @@ struct KubectlLog {
 }
 
 /// Applies a ConfigMap through `servers[first]`, and if that fails, once more through
-/// the server that last answered (`last_good`), as a user would retry. Returns the
-/// errors: none, one (the retry worked) or two.
+/// the server that last answered (`last_good`), as a user would retry. The retry is
+/// picked from the user's list as it is then: a server taken out of it while the first
+/// try was waiting (a killed member) is not retried. Returns the errors: none, one (the
+/// retry worked) or two.
 fn apply(
     kubeconfig: &Path,
-    servers: &[String],
+    servers: &Mutex<Vec<String>>,
     first: usize,
     last_good: &mut Option<String>,
     name: &str,
 ) -> Vec<String> {
     let manifest =
         format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  k: v\n");
-    let first = servers[first % servers.len()].clone();
-    let retry = match last_good.clone() {
-        Some(s) if s != first && servers.contains(&s) => s,
-        _ => {
-            servers[(servers.iter().position(|s| *s == first).unwrap() + 1) % servers.len()].clone()
-        }
+    let first = {
+        let list = servers.lock().unwrap();
+        list[first % list.len()].clone()
     };
     let mut errors = Vec::new();
-    for server in [first, retry] {
-        match kubectl_apply(kubeconfig, &server, "5s", &manifest) {
-            Ok(()) => {
-                *last_good = Some(server);
-                return errors;
-            }
-            Err(e) => errors.push(format!("{server}: {e}")),
+    match kubectl_apply(kubeconfig, &first, "5s", &manifest) {
+        Ok(()) => {
+            *last_good = Some(first);
+            return errors;
         }
+        Err(e) => errors.push(format!("{first}: {e}")),
+    }
+    let retry = {
+        let list = servers.lock().unwrap();
+        match last_good.clone() {
+            Some(s) if s != first && list.contains(&s) => s,
+            _ => {
+                let at = list.iter().position(|s| *s == first).map_or(0, |i| i + 1);
+                list[at % list.len()].clone()
+            }
+        }
+    };
+    match kubectl_apply(kubeconfig, &retry, "5s", &manifest) {
+        Ok(()) => *last_good = Some(retry),
+        Err(e) => errors.push(format!("{retry}: {e}")),
     }
     errors
 }
@@ -396,8 +407,7 @@ async fn the_cluster_survives_partitioned_hosts_and_a_replaced_member() {
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let name = format!("cm-{n}");
-                let list = servers.lock().unwrap().clone();
-                let errors = apply(&kubeconfig, &list, n, &mut last_good, &name);
+                let errors = apply(&kubeconfig, &servers, n, &mut last_good, &name);
                 let mut log = log.lock().unwrap();
                 match errors.len() {
                     0 => log.applied.push(name),
