@@ -132,6 +132,17 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// What this node reports of itself when it registers or refreshes its Node.
+    fn identity(&self, kubelet_port: u16) -> register::Identity<'_> {
+        register::Identity {
+            name: &self.name,
+            address: &self.address,
+            labels: &self.labels,
+            capacity: &self.capacity,
+            kubelet_port,
+        }
+    }
+
     /// A node named `name` with its data in `data_dir`, sized from this machine.
     pub fn new(name: &str, data_dir: PathBuf) -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
@@ -213,14 +224,12 @@ pub async fn run(
         .local_link
         .as_ref()
         .map(|l| l.register(&cfg.name, server::local_service(logs.clone(), &cfg.name)));
-    let identity = register::Identity {
-        name: &cfg.name,
-        address: &cfg.address,
-        labels: &cfg.labels,
-        capacity: &cfg.capacity,
-        kubelet_port,
-    };
-    register::register(&client, identity, &register::Reported::default()).await?;
+    register::register(
+        &client,
+        cfg.identity(kubelet_port),
+        &register::Reported::default(),
+    )
+    .await?;
     let events = EventQueue::spawn(
         Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
         1024,
@@ -391,13 +400,7 @@ pub async fn run(
                 // pod's images, which is what makes a start from zero fast.
                 let held = images.node_images();
                 if beats % 6 == 0 || pressure != reported_pressure || held != reported_images {
-                    let identity = register::Identity {
-                        name: &cfg.name,
-                        address: &cfg.address,
-                        labels: &cfg.labels,
-                        capacity: &cfg.capacity,
-                        kubelet_port,
-                    };
+                    let identity = cfg.identity(kubelet_port);
                     match register::refresh(
                         &client,
                         identity,
