@@ -19,9 +19,12 @@
 #   scripts/bench.sh scale   Kubernetes' SLOs on hollow nodes: Deployments at a steady
 #                            rate, then churn, at 100, 1,000 and 5,000 nodes (BENCH_SCALE,
 #                            BENCH_PODS_PER_NODE=30, BENCH_RATE pods/s)
+#   scripts/bench.sh tunnel  a Service endpoint on another host through a node-to-node
+#                            tunnel, against the same endpoint's own node (as root;
+#                            BENCH_SECS per cell)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-which="${1:?usage: scripts/bench.sh store|api|wasm|ingress|cluster|debug|container|ui|failover|scale}"
+which="${1:?usage: scripts/bench.sh store|api|wasm|ingress|cluster|debug|container|ui|failover|scale|tunnel}"
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
 # Two builds, so that `baton` is the same binary `scripts/run.sh` builds (one build of
@@ -38,7 +41,7 @@ case "$which" in
     "$CARGO_TARGET_DIR/release/$which-bench" "$CARGO_TARGET_DIR/release/baton" \
       "$tools/bin/wasmtime" examples-wasm/dist
     ;;
-  cluster|debug|container|ui)
+  cluster|debug|container|ui|tunnel)
     ./scripts/build-guests.sh >/dev/null
     if [ "$which" = cluster ]; then
       "$CARGO_TARGET_DIR/release/cluster-bench" "$CARGO_TARGET_DIR/release/baton" examples-wasm/dist

@@ -12,7 +12,7 @@
 //!   first node's Ingress;
 //! - one UDP client keeps its endpoint (the reply path) while the Service has two;
 //! - the endpoints' node refuses a tunnel to anything but a ready endpoint, and to a
-//!   caller that is not a node.
+//!   caller that is not a registered node.
 //!
 //! Needs root (network namespaces).
 
@@ -254,8 +254,11 @@ fn https_client(pki: &Path, identity: Option<(String, String)>) -> reqwest::Clie
         }
         None => builder.with_no_client_auth(),
     };
+    // HTTP/1.1: a tunnel asked for by upgrade, as a node without HTTP/2 asks; the
+    // nodes' own tunnels above went over HTTP/2.
     reqwest::Client::builder()
         .use_preconfigured_tls(cfg)
+        .http1_only()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap()
@@ -509,6 +512,20 @@ async fn services_reach_pods_on_other_hosts_over_tcp_and_udp() {
     )
     .unwrap();
     let node2 = std::net::SocketAddr::new(net.host(2).ip.into(), kubelet_port.parse().unwrap());
+    let as_node1 = https_client(
+        &pki,
+        Some(client_certificate(
+            &pki,
+            "system:node:node-1",
+            "system:nodes",
+        )),
+    );
+    assert_eq!(
+        tunnel_status(&as_node1, node2, "TCP", &format!("{pod_ip}:7000")).await,
+        Ok(101)
+    );
+    // A node certificate from the CA for a name that is no registered Node (a node
+    // deleted, or a certificate issued outside the node join) opens nothing.
     let intruder = https_client(
         &pki,
         Some(client_certificate(
@@ -519,7 +536,7 @@ async fn services_reach_pods_on_other_hosts_over_tcp_and_udp() {
     );
     assert_eq!(
         tunnel_status(&intruder, node2, "TCP", &format!("{pod_ip}:7000")).await,
-        Ok(101)
+        Ok(403)
     );
     for (protocol, target) in [
         // The kubelet endpoint itself, a port the pod does not publish, the node's
@@ -530,7 +547,7 @@ async fn services_reach_pods_on_other_hosts_over_tcp_and_udp() {
         ("TCP", format!("{pod_ip}:5353")),
     ] {
         assert_eq!(
-            tunnel_status(&intruder, node2, protocol, &target).await,
+            tunnel_status(&as_node1, node2, protocol, &target).await,
             Ok(403),
             "{protocol} {target}"
         );

@@ -540,6 +540,11 @@ impl Services {
         table.exits.contains(&(protocol, target))
     }
 
+    /// This node's tunnels to other nodes.
+    pub fn link(&self) -> &Link {
+        &self.here.link
+    }
+
     /// Where datagrams to this node's pods leave from.
     pub fn source(&self) -> IpAddr {
         self.here.source

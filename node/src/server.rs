@@ -239,12 +239,16 @@ impl Identity {
         )
         .build()
         .map_err(ServerError::ClientCa)?;
-        rustls::ServerConfig::builder_with_provider(provider)
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(ServerError::Tls)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.certs.clone(), self.key.clone_key())
-            .map_err(ServerError::Tls)
+            .map_err(ServerError::Tls)?;
+        // HTTP/2 for other nodes' tunnels ([`crate::tunnel`]); the API server offers no
+        // ALPN and gets HTTP/1.1, which its upgrades (exec, attach, port-forward) need.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
     }
 
     /// The node's side as a client of other nodes' endpoints ([`crate::tunnel`]).
@@ -309,13 +313,13 @@ pub async fn start(
                 else {
                     return;
                 };
-                let caller = tls
-                    .get_ref()
-                    .1
+                let session = tls.get_ref().1;
+                let caller = session
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .map_or(Caller::Other, |c| Caller::of(c));
-                serve_connection(tls, index, node, caller).await;
+                let h2 = session.alpn_protocol() == Some(b"h2");
+                serve_connection(tls, h2, index, node, caller).await;
             });
         }
     });
@@ -360,8 +364,9 @@ impl Caller {
     }
 }
 
-/// Serves the endpoint's requests on one connection.
-async fn serve_connection<S>(io: S, index: Arc<LogIndex>, node: Arc<str>, caller: Caller)
+/// Serves the endpoint's requests on one connection: HTTP/2 (`h2`) for other nodes'
+/// tunnels, each an extended CONNECT stream; HTTP/1.1 with upgrades otherwise.
+async fn serve_connection<S>(io: S, h2: bool, index: Arc<LogIndex>, node: Arc<str>, caller: Caller)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -370,10 +375,23 @@ where
         let (index, node, caller) = (index.clone(), node.clone(), caller.clone());
         async move { Ok::<_, Infallible>(handle(index, &node, &caller, req).await) }
     });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(io), svc)
-        .with_upgrades()
-        .await;
+    if h2 {
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .enable_connect_protocol()
+            .max_concurrent_streams(crate::tunnel::STREAMS_PER_CONNECTION)
+            .adaptive_window(true)
+            // A peer that stops answering pings is let go, with its tunnels.
+            .keep_alive_interval(Some(Duration::from_secs(10)))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .serve_connection(TokioIo::new(io), svc)
+            .await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades()
+            .await;
+    }
 }
 
 /// The endpoint for an API server in this process, as a function: no connection and no
@@ -709,7 +727,9 @@ async fn handle<B>(
 ) -> hyper::Response<Body> {
     let path = req.uri().path().to_string();
     match caller {
-        Caller::Node(_) if path == crate::tunnel::PATH => return tunnel_exit(&index, req).await,
+        Caller::Node(name) if path == crate::tunnel::PATH => {
+            return tunnel_exit(&index, name, req).await
+        }
         Caller::ApiServer if path != crate::tunnel::PATH => {}
         _ => {
             tracing::warn!(?caller, %path, "refused a caller of the kubelet endpoint");
@@ -1009,9 +1029,18 @@ fn port_forward<B>(
     r
 }
 
-/// A tunnel from another node ([`crate::tunnel`]): to a ready endpoint of a Service on
-/// this node, and nothing else.
-async fn tunnel_exit<B>(index: &LogIndex, mut req: http::Request<B>) -> hyper::Response<Body> {
+/// A tunnel from another node ([`crate::tunnel`]), `caller`: to a ready endpoint of a
+/// Service on this node, and nothing else. Over HTTP/2 it is an extended CONNECT
+/// answered 200; over HTTP/1.1, an upgrade answered 101.
+async fn tunnel_exit<B>(
+    index: &LogIndex,
+    caller: &str,
+    mut req: http::Request<B>,
+) -> hyper::Response<Body> {
+    let h2 = req.version() == http::Version::HTTP_2;
+    if h2 && req.method() != http::Method::CONNECT {
+        return text(405, "a tunnel over HTTP/2 is an extended CONNECT".into());
+    }
     let Some((protocol, target)) = crate::tunnel::parse_request(req.uri().query()) else {
         return text(
             400,
@@ -1021,6 +1050,17 @@ async fn tunnel_exit<B>(index: &LogIndex, mut req: http::Request<B>) -> hyper::R
     let Some(services) = index.exits.get() else {
         return text(503, "the node does not route Services yet".into());
     };
+    match services.link().is_member(caller).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(caller, "refused a tunnel to a node that is not registered");
+            return text(
+                403,
+                format!("forbidden: {caller:?} is not a registered Node"),
+            );
+        }
+        Err(e) => return text(503, format!("cannot look up node {caller:?}: {e}")),
+    }
     if !services.exit_allowed(protocol, target) {
         return text(
             403,
@@ -1043,6 +1083,9 @@ async fn tunnel_exit<B>(index: &LogIndex, mut req: http::Request<B>) -> hyper::R
         }
     });
     let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed());
+    if h2 {
+        return r;
+    }
     *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
     r.headers_mut().insert(
         http::header::CONNECTION,
@@ -1050,7 +1093,7 @@ async fn tunnel_exit<B>(index: &LogIndex, mut req: http::Request<B>) -> hyper::R
     );
     r.headers_mut().insert(
         http::header::UPGRADE,
-        http::HeaderValue::from_static("baton-tunnel"),
+        http::HeaderValue::from_static(crate::tunnel::UPGRADE),
     );
     r
 }
