@@ -303,6 +303,10 @@ pub async fn start(
     let task = tokio::spawn(async move {
         loop {
             let (tcp, _, permit) = acceptor.accept().await;
+            // Tunnels and streams carry small writes both ways (a CONNECT's answer, then
+            // the first bytes): with Nagle's algorithm, each waits out the peer's delayed
+            // ACK, some 40 ms.
+            let _ = tcp.set_nodelay(true);
             let (tls_acceptor, index, node) = (tls_acceptor.clone(), index.clone(), node.clone());
             tokio::spawn(async move {
                 let _permit = permit;
@@ -380,6 +384,8 @@ where
             .timer(hyper_util::rt::TokioTimer::new())
             .enable_connect_protocol()
             .max_concurrent_streams(crate::tunnel::STREAMS_PER_CONNECTION)
+            // Sized to the link by hyper's estimate, and bounded by it (16 MiB a
+            // connection): what a peer or a pod that stops reading can hold here.
             .adaptive_window(true)
             // A peer that stops answering pings is let go, with its tunnels.
             .keep_alive_interval(Some(Duration::from_secs(10)))
