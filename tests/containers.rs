@@ -533,8 +533,12 @@ fn containers_do_not_outlive_the_node() {
     assert!(bridge.exists(), "{}", bridge.display());
     // A node that is stopped (SIGTERM) stops its containers and removes the namespaces,
     // their veths and its bridge.
+    let data = b.dir.path().join("data").display().to_string();
     drop(b);
     assert_eq!(processes_naming(&root), 0, "a container outlived its node");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&data)).collect();
+    assert!(left.is_empty(), "mounts outlived their node: {left:#?}");
     assert!(!std::path::Path::new("/run/netns")
         .join(format!("baton-{uid}"))
         .exists());

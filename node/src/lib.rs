@@ -251,6 +251,7 @@ pub async fn run(
     // OCI containers run where runc is installed and the node can make their network;
     // elsewhere Linux images are refused with the reason.
     let linux = linux_runtime(&cfg, &pod_cidr).await;
+    let containers = linux.clone();
     let (activator, _activator_task) = match cfg.scale_from_zero {
         Some(timeout) => {
             let (a, task) = activator::Activator::start(client.clone(), timeout);
@@ -458,6 +459,12 @@ pub async fn run(
         })
     };
     manage_pods(shared, logs, shutdown).await;
+    // The pods' workers are gone, and with them the tasks that would remove each
+    // container's mounts once it exited: what is left goes now, so no container, and
+    // no overlay mount of one, outlives the node.
+    if let Some(rt) = containers {
+        rt.remove_leftovers().await;
+    }
     heartbeat.abort();
     eviction.abort();
     proxy.abort();
@@ -534,9 +541,16 @@ pub async fn manage_pods<S: sandbox::Sandboxes>(
             Err(e) => tracing::warn!(error = %e, "pod watch failed; retrying"),
         }
     }
-    for (_, h) in workers.drain() {
-        h.task.abort();
-    }
+    let stopping: Vec<_> = workers
+        .drain()
+        .map(|(_, h)| {
+            h.task.abort();
+            h.task
+        })
+        .collect();
+    // Dropped, not merely told to stop: each worker's sandbox is released (its
+    // namespaces removed) before this returns.
+    futures::future::join_all(stopping).await;
 }
 
 /// Aborts a background task when the agent stops.

@@ -56,9 +56,10 @@ pub struct LinuxRuntime {
 }
 
 impl LinuxRuntime {
-    /// Removes what an earlier run of the node left when it was killed: its runc
-    /// containers, their views, and its pods' namespaces. Pods' workers start them anew,
-    /// as they do a pod's components after a restart.
+    /// Removes the node's runc containers, their views (overlay mounts) and its pods'
+    /// namespaces: at start, what an earlier run left when it was killed (pods' workers
+    /// start them anew, as they do a pod's components after a restart); at a stop, what
+    /// this run's pods still hold.
     pub async fn remove_leftovers(&self) {
         for id in self.runc.list().await.unwrap_or_default() {
             tracing::info!(container = %id, "removing a container left by an earlier run");
