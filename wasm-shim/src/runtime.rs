@@ -28,11 +28,13 @@ pub struct RuntimeConfig {
     /// Largest linear memory any instance may have; pods ask for less with
     /// `resources.limits.memory`.
     pub max_memory_bytes: usize,
-    /// How often the engine's epoch advances: the granularity of CPU deadlines, of CPU
-    /// quotas and of yielding a busy guest to the others. 250 µs keeps a neighbour's wait
-    /// behind spinning guests to a fraction of a millisecond; the tick is one atomic
-    /// increment, a yield a few microseconds, and a guest yields only after running a
-    /// whole tick in one go.
+    /// How often the engine's epoch advances while guests are being preempted: the
+    /// granularity of CPU deadlines, of CPU quotas and of yielding a busy guest to the
+    /// others. 250 µs keeps a neighbour's wait behind spinning guests to a fraction of a
+    /// millisecond; the tick is one atomic increment, a yield a few microseconds, and a
+    /// guest yields only after running a whole tick in one go. While no guest has been
+    /// preempted for [`CALM_AFTER`], the epoch advances [`CALM_FACTOR`] times less often
+    /// (see [`Pace`]).
     pub epoch_tick: Duration,
     /// Per-pod caps on sockets, outgoing requests and handles.
     pub net_limits: NetLimits,
@@ -203,8 +205,9 @@ impl Runtime {
             .name("wasm-epoch".into())
             .spawn(move || {
                 let mut next_rebalance = Instant::now() + crate::usage::CPU_PERIOD;
+                let mut pace = Pace::new(tick);
                 while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::sleep(tick);
+                    std::thread::sleep(pace.next(crate::usage::preemptions()));
                     e2.increment_epoch();
                     if Instant::now() >= next_rebalance {
                         // From now, not from when it was due: after a stall, one rebalance
@@ -501,6 +504,52 @@ impl Runtime {
     }
 }
 
+/// With no guest preempted for this long, the epoch ticks [`CALM_FACTOR`] times slower.
+pub const CALM_AFTER: Duration = Duration::from_millis(50);
+/// How much slower the epoch ticks when guests are calm.
+pub const CALM_FACTOR: u32 = 4;
+
+/// The epoch ticker's pace. A fine tick only matters to a guest that runs through it,
+/// and every such guest is preempted (or parked for its quota), so the ticker slows down
+/// when none has been for a while and speeds up at the next preemption. A node of short
+/// requests, or an idle one, then wakes a thousand times a second instead of four
+/// thousand; each wake-up is a context switch taken from the guests on a small machine.
+/// A spinner that starts meanwhile runs its first [`FRESH`] unpreempted anyway, so it
+/// is preempted at most one slow tick later than at the fine pace.
+#[derive(Debug)]
+struct Pace {
+    tick: Duration,
+    /// Preemptions counted at the last tick.
+    seen: u64,
+    /// How long no preemption has been seen.
+    calm: Duration,
+}
+
+impl Pace {
+    fn new(tick: Duration) -> Self {
+        Self {
+            tick,
+            seen: 0,
+            calm: Duration::ZERO,
+        }
+    }
+
+    /// The next sleep, given the process's preemptions so far.
+    fn next(&mut self, preemptions: u64) -> Duration {
+        if preemptions != self.seen {
+            self.seen = preemptions;
+            self.calm = Duration::ZERO;
+        }
+        let sleep = if self.calm >= CALM_AFTER {
+            self.tick * CALM_FACTOR
+        } else {
+            self.tick
+        };
+        self.calm += sleep;
+        sleep
+    }
+}
+
 /// Reads a regular file of at most `max` bytes. The file is opened non-blocking, so a
 /// FIFO cannot hold the caller until a writer appears, and checked through the open
 /// handle, so it cannot be swapped between the check and the read.
@@ -539,4 +588,29 @@ pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ShimError> {
         });
     }
     Ok(wasm)
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::*;
+
+    #[test]
+    fn the_epoch_slows_down_when_calm_and_speeds_up_at_a_preemption() {
+        let tick = Duration::from_micros(250);
+        let mut pace = Pace::new(tick);
+        // Fine until CALM_AFTER has passed without a preemption.
+        let fine_ticks = (CALM_AFTER.as_micros() / tick.as_micros()) as usize;
+        for _ in 0..fine_ticks {
+            assert_eq!(pace.next(0), tick);
+        }
+        assert_eq!(pace.next(0), tick * CALM_FACTOR);
+        assert_eq!(pace.next(0), tick * CALM_FACTOR);
+        // A preemption: fine at once, and for CALM_AFTER after the last one.
+        assert_eq!(pace.next(1), tick);
+        assert_eq!(pace.next(2), tick);
+        for _ in 0..fine_ticks - 1 {
+            assert_eq!(pace.next(2), tick);
+        }
+        assert_eq!(pace.next(2), tick * CALM_FACTOR);
+    }
 }

@@ -526,9 +526,18 @@ thread_local! {
     static PREEMPTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Preemptions so far, in the whole process: what the epoch ticker paces itself by.
+static PREEMPTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Records that the guest poll running on this thread is being preempted.
 pub(crate) fn mark_preempted() {
     PREEMPTED.with(|p| p.set(true));
+    PREEMPTIONS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many guest polls have been preempted in this process so far.
+pub(crate) fn preemptions() -> u64 {
+    PREEMPTIONS.load(Ordering::Relaxed)
 }
 
 /// How long the guest poll running on this thread has lasted, and how long its task has
