@@ -366,14 +366,7 @@ async fn connect_stream(
     // Waits while the connection has as many tunnels as the peer allows at once.
     send.ready().await.map_err(http)?;
     let resp = send.send_request(req).await.map_err(http)?;
-    if resp.status() != http::StatusCode::OK {
-        return Err(TunnelError::Refused {
-            node: node.to_string(),
-            status: resp.status(),
-        });
-    }
-    let upgraded = hyper::upgrade::on(resp).await.map_err(http)?;
-    Ok(TokioIo::new(upgraded))
+    opened(node, resp, http::StatusCode::OK).await
 }
 
 /// A tunnel as an HTTP/1.1 upgrade of a connection of its own, for a peer without `h2`.
@@ -399,13 +392,28 @@ async fn upgrade_http1(
         .body(Empty::<Bytes>::new())
         .expect("a well-formed request");
     let resp = send.send_request(req).await.map_err(http)?;
-    if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+    opened(node, resp, http::StatusCode::SWITCHING_PROTOCOLS).await
+}
+
+/// The tunnel `resp` opened, if it has the status that opens one (`open`); otherwise the
+/// exit's refusal.
+async fn opened(
+    node: &str,
+    resp: http::Response<hyper::body::Incoming>,
+    open: http::StatusCode,
+) -> Result<Tunnel, TunnelError> {
+    if resp.status() != open {
         return Err(TunnelError::Refused {
             node: node.to_string(),
             status: resp.status(),
         });
     }
-    let upgraded = hyper::upgrade::on(resp).await.map_err(http)?;
+    let upgraded = hyper::upgrade::on(resp)
+        .await
+        .map_err(|source| TunnelError::Http {
+            node: node.to_string(),
+            source,
+        })?;
     Ok(TokioIo::new(upgraded))
 }
 
