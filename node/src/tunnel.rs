@@ -326,10 +326,7 @@ impl Link {
             .adaptive_window(true)
             .handshake(TokioIo::new(tls))
             .await
-            .map_err(|source| TunnelError::Http {
-                node: node.to_string(),
-                source,
-            })?;
+            .map_err(http_error(node))?;
         tokio::spawn(conn);
         Ok(Dialled::H2(Pooled {
             send,
@@ -353,10 +350,7 @@ async fn connect_stream(
     protocol: Protocol,
     target: SocketAddr,
 ) -> Result<Tunnel, TunnelError> {
-    let http = |source| TunnelError::Http {
-        node: node.to_string(),
-        source,
-    };
+    let http = http_error(node);
     let mut req =
         http::Request::connect(format!("https://{addr}{}", tunnel_path(protocol, target)))
             .body(Empty::<Bytes>::new())
@@ -377,10 +371,7 @@ async fn upgrade_http1(
     protocol: Protocol,
     target: SocketAddr,
 ) -> Result<Tunnel, TunnelError> {
-    let http = |source| TunnelError::Http {
-        node: node.to_string(),
-        source,
-    };
+    let http = http_error(node);
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(http)?;
@@ -408,13 +399,16 @@ async fn opened(
             status: resp.status(),
         });
     }
-    let upgraded = hyper::upgrade::on(resp)
-        .await
-        .map_err(|source| TunnelError::Http {
-            node: node.to_string(),
-            source,
-        })?;
+    let upgraded = hyper::upgrade::on(resp).await.map_err(http_error(node))?;
     Ok(TokioIo::new(upgraded))
+}
+
+/// A hyper error on the way to `node`, as a tunnel's error.
+fn http_error(node: &str) -> impl Fn(hyper::Error) -> TunnelError + Copy + '_ {
+    move |source| TunnelError::Http {
+        node: node.to_string(),
+        source,
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
