@@ -388,8 +388,8 @@ where
             // connection): what a peer or a pod that stops reading can hold here.
             .adaptive_window(true)
             // A peer that stops answering pings is let go, with its tunnels.
-            .keep_alive_interval(Some(Duration::from_secs(10)))
-            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_interval(Some(crate::tunnel::KEEPALIVE))
+            .keep_alive_timeout(crate::tunnel::KEEPALIVE_TIMEOUT)
             .serve_connection(TokioIo::new(io), svc)
             .await;
     } else {

@@ -57,10 +57,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const PEER_TTL: Duration = Duration::from_secs(30);
 /// A pooled connection that carried no new tunnel for this long is let go.
 const POOL_IDLE: Duration = Duration::from_secs(90);
-/// A pooled connection is pinged this often, and given up when a ping is not answered
-/// within [`KEEPALIVE_TIMEOUT`]: so a vanished peer is dialled afresh, not waited on.
-const KEEPALIVE: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A tunnels' connection is pinged this often, by both nodes, and given up when a ping
+/// is not answered within [`KEEPALIVE_TIMEOUT`]: so a vanished peer is dialled afresh,
+/// not waited on, and its tunnels end on the other side too.
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tunnels one connection carries at once; more wait for one to end.
 pub const STREAMS_PER_CONNECTION: u32 = 4096;
 /// A UDP flow without a datagram either way for this long ends (kube-proxy leaves it to
