@@ -107,6 +107,14 @@ pub(crate) fn set_rv(obj: &mut Value, rev: Revision) {
     }
 }
 
+/// The revision in an object's `metadata.resourceVersion`, if it is one.
+pub(crate) fn rv_of(obj: &Value) -> Option<Revision> {
+    obj.pointer("/metadata/resourceVersion")?
+        .as_str()?
+        .parse()
+        .ok()
+}
+
 /// How a read picks its revision (`resourceVersion` and `resourceVersionMatch`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadAt {

@@ -221,6 +221,8 @@ pub enum ListAt {
 #[derive(Clone, Debug, Default)]
 pub struct WatchCaches {
     by_prefix: Arc<Mutex<HashMap<String, Cacher>>>,
+    /// While true the caches take in no change ([`WatchCaches::hold`]).
+    held: Arc<watch::Sender<bool>>,
     /// Off: everything is served from the store (kube-apiserver's `--watch-cache=false`).
     disabled: bool,
 }
@@ -251,9 +253,17 @@ impl WatchCaches {
                 feed.abort();
             }
         }
-        let cacher = Cacher::start(objects.clone(), prefix.clone(), res);
+        let cacher = Cacher::start(objects.clone(), prefix.clone(), res, self.held.clone());
         map.insert(prefix, cacher.clone());
         Some(cacher)
+    }
+
+    /// Stops every cache taking in changes until the guard is dropped, so that a test can
+    /// make the caches fall behind the store, as a loaded server's may.
+    #[doc(hidden)]
+    pub fn hold(&self) -> Hold {
+        self.held.send_replace(true);
+        Hold(self.held.clone())
     }
 
     /// Objects and watchers per cached resource, for the metrics.
@@ -269,6 +279,17 @@ impl WatchCaches {
                 )
             })
             .collect()
+    }
+}
+
+/// While it lives, the caches take in no change ([`WatchCaches::hold`]).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Hold(Arc<watch::Sender<bool>>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
     }
 }
 
@@ -292,6 +313,7 @@ struct Inner {
     /// The revision the cache holds everything up to; None until it has loaded.
     revision: watch::Sender<Option<Revision>>,
     store: baton_store::Store,
+    held: Arc<watch::Sender<bool>>,
 }
 
 #[derive(Debug, Default)]
@@ -410,7 +432,12 @@ enum Stop {
 }
 
 impl Cacher {
-    fn start(objects: Objects, prefix: String, res: &Resource) -> Self {
+    fn start(
+        objects: Objects,
+        prefix: String,
+        res: &Resource,
+        held: Arc<watch::Sender<bool>>,
+    ) -> Self {
         let (revision, _) = watch::channel(None);
         let inner = Arc::new(Inner {
             prefix,
@@ -421,6 +448,7 @@ impl Cacher {
             state: Mutex::new(State::default()),
             revision,
             store: objects.store.clone(),
+            held,
         });
         let span = tracing::info_span!("watch_cache", resource = %inner.resource);
         let feed = tokio::spawn(inner.clone().feed(objects).instrument(span));
@@ -516,6 +544,21 @@ impl Cacher {
             replay,
             rx,
         }))
+    }
+
+    /// The object at `key` as the cache holds it now, with its revision: what a change may
+    /// start from instead of a read of the store, as kube-apiserver's GuaranteedUpdate
+    /// starts from its cached object. It may be behind the store; the write's compare
+    /// finds that. None before the cache has loaded, or for a key it does not hold.
+    pub fn current(&self, key: &str) -> Option<(Value, Revision)> {
+        self.inner.revision.borrow().as_ref()?;
+        let obj = {
+            let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.objects.get(key)?.clone()
+        };
+        let value = obj.value();
+        let rev = crate::objects::rv_of(&value)?;
+        Some((value, rev))
     }
 
     /// Lists the objects under `scope` that `keep` accepts, `limit` at most (0: all). None:
@@ -681,6 +724,10 @@ impl Inner {
                     state.revision
                 }
                 Ok(WatchEvent::Events(re)) => {
+                    if *self.held.borrow() {
+                        let mut held = self.held.subscribe();
+                        let _ = held.wait_for(|h| !*h).await;
+                    }
                     // Decoded before the lock is taken: lists and new watchers do not
                     // wait on the parsing.
                     let mut puts = Vec::with_capacity(re.events.len());

@@ -436,3 +436,91 @@ impl Lines {
         }
     }
 }
+
+/// A change starts from the watch cache's copy, which can be behind the store. Each
+/// change below is made while the caches are held back and the store has a newer
+/// version: a patch that changes nothing on the stale copy, one that would overwrite the
+/// newer version, and one whose test fails on the stale copy. Each must land on the
+/// newest version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_from_a_stale_cached_copy_lands_on_the_latest_object() {
+    let e = env().await;
+    let mut first = cm("a", "0");
+    first["data"]["n"] = json!("k");
+    let (code, made) = e.json("POST", CMS, Some(first)).await;
+    assert_eq!(code, StatusCode::CREATED);
+    // The cache holds the object once a list not older than its creation answers.
+    let rv = made["metadata"]["resourceVersion"].as_str().unwrap();
+    let (code, list) = e
+        .json(
+            "GET",
+            &format!("{CMS}?resourceVersion={rv}&resourceVersionMatch=NotOlderThan"),
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    let hold = e.api.watch_caches().hold();
+    let key = "/registry/core/configmaps/default/a";
+    let write_behind = |data: Value| {
+        let raw = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "a", "namespace": "default", "uid": made["metadata"]["uid"],
+                         "creationTimestamp": made["metadata"]["creationTimestamp"]},
+            "data": data});
+        let store = e.store.clone();
+        async move {
+            store
+                .put(key, serde_json::to_vec(&raw).unwrap())
+                .await
+                .unwrap();
+        }
+    };
+    let stored = || async {
+        let kv = e
+            .store
+            .get(key.as_bytes(), Default::default())
+            .await
+            .unwrap()
+            .unwrap();
+        serde_json::from_slice::<Value>(&kv.value).unwrap()["data"].clone()
+    };
+    let uri = format!("{CMS}/a");
+
+    write_behind(json!({"v": "behind", "w": "behind"})).await;
+    let (code, out) = e
+        .json_patch(&uri, json!({"data": {"v": "0", "n": "k"}}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{out}");
+    let want = json!({"v": "0", "n": "k", "w": "behind"});
+    assert_eq!(
+        stored().await,
+        want,
+        "no change on the stale copy is one on the store"
+    );
+    assert_eq!(out["data"], want);
+
+    write_behind(json!({"v": "again", "w": "again"})).await;
+    let (code, out) = e.json_patch(&uri, json!({"data": {"x": "1"}})).await;
+    assert_eq!(code, StatusCode::OK, "{out}");
+    let want = json!({"v": "again", "w": "again", "x": "1"});
+    assert_eq!(stored().await, want, "the newer version is kept");
+    assert_eq!(out["data"], want);
+
+    write_behind(json!({"v": "third"})).await;
+    let (code, out) = e
+        .patch_as(
+            &uri,
+            "application/json-patch+json",
+            json!([{"op": "test", "path": "/data/v", "value": "third"},
+                   {"op": "add", "path": "/data/y", "value": "2"}]),
+        )
+        .await;
+    assert_eq!(
+        code,
+        StatusCode::OK,
+        "a test that fails on the stale copy: {out}"
+    );
+    assert_eq!(stored().await, json!({"v": "third", "y": "2"}));
+    drop(hold);
+    e.close().await;
+}

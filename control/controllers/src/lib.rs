@@ -620,17 +620,13 @@ pub async fn run(
                 ctx.clone(),
             );
     let node_queue = WorkQueue::new("nodelifecycle");
+    let ctx_nodes = ctx.clone();
     let node_controller =
         Controller::for_shared_stream(node_queue.own(nodes.subscribe()), nodes.store.clone())
             .watches_shared_stream(
                 leases.subscribe(),
-                node_queue.mapped(|l: Arc<Lease>| {
-                    (l.metadata.namespace.as_deref() == Some("kube-node-lease")).then(|| {
-                        kube::runtime::reflector::ObjectRef::new(
-                            l.metadata.name.as_deref().unwrap_or(""),
-                        )
-                    })
-                }),
+                node_queue
+                    .mapped(move |l: Arc<Lease>| nodelifecycle::woken_by_lease(&ctx_nodes, &l)),
             )
             .with_config(cfg.clone())
             .graceful_shutdown_on(stop())

@@ -98,6 +98,30 @@ fn ready_status(node: &Node) -> Option<&str> {
         .map(|c| c.status.as_str())
 }
 
+fn unreachable_taint(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == UNREACHABLE))
+}
+
+/// The node a renewal of `lease` should wake: only one this controller has to put right
+/// (not Ready, or tainted unreachable), or one it has not seen yet. A healthy node's
+/// renewal changes nothing here (silence is found by the requeue within the grace
+/// period, as kube-controller-manager's monitor finds it on its period), and at 5,000
+/// nodes renewals are 500 events a second: waking a reconcile for each was most of the
+/// controller manager's idle cost.
+pub fn woken_by_lease(ctx: &Ctx, lease: &Lease) -> Option<ObjectRef<Node>> {
+    if lease.metadata.namespace.as_deref() != Some("kube-node-lease") {
+        return None;
+    }
+    let node = ObjectRef::new(lease.metadata.name.as_deref()?);
+    match ctx.nodes.get(&node) {
+        Some(n) if ready_status(&n) == Some("True") && !unreachable_taint(&n) => None,
+        _ => Some(node),
+    }
+}
+
 pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let name = node.name_any();
     let api: Api<Node> = Api::all(ctx.client.clone());
@@ -184,7 +208,7 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         .as_ref()
         .and_then(|s| s.taints.clone())
         .unwrap_or_default();
-    let tainted = taints.iter().any(|t| t.key == UNREACHABLE);
+    let tainted = unreachable_taint(&node);
     if silent {
         if ready_status(&node) != Some("Unknown") {
             let now = pod::now();
@@ -386,6 +410,41 @@ mod tests {
         assert_eq!(
             w.api.events(),
             ["Normal RegisteredNode", "Normal CIDRNotAvailable"]
+        );
+    }
+
+    #[tokio::test]
+    async fn only_a_node_to_put_right_is_woken_by_its_lease() {
+        let mut w = crate::fake::World::new();
+        let lease = |name: &str, ns: &str| -> Lease {
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}})).unwrap()
+        };
+        let ready = |name: &str, taint: bool| {
+            let mut n = node(name, Some("127.128.0.0/20"));
+            n["status"] = json!({"conditions": [{"type": "Ready", "status": "True"}]});
+            if taint {
+                n["spec"]["taints"] = json!([{"key": UNREACHABLE, "effect": "NoExecute"}]);
+            }
+            n
+        };
+        w.node(ready("healthy", false));
+        w.node(ready("tainted", true));
+        let mut unknown = ready("unknown", false);
+        unknown["status"]["conditions"][0]["status"] = json!("Unknown");
+        w.node(unknown);
+        let woken = |name: &str| woken_by_lease(&w.ctx, &lease(name, "kube-node-lease"));
+        assert_eq!(
+            woken("healthy"),
+            None,
+            "a healthy node's renewal is not an event"
+        );
+        assert_eq!(woken("tainted"), Some(ObjectRef::new("tainted")));
+        assert_eq!(woken("unknown"), Some(ObjectRef::new("unknown")));
+        assert_eq!(woken("unseen"), Some(ObjectRef::new("unseen")));
+        assert_eq!(
+            woken_by_lease(&w.ctx, &lease("unknown", "default")),
+            None,
+            "only node leases are heartbeats"
         );
     }
 }
