@@ -310,7 +310,7 @@ fn error_policy<K, E: std::fmt::Display>(_obj: Arc<K>, e: &E, _ctx: Arc<Ctx>) ->
     Action::requeue(Duration::from_secs(1))
 }
 
-async fn drain<S, T, E1, E2>(queue: &WorkQueue, s: S)
+async fn drain<S, T, E1, E2>(queue: WorkQueue, s: S)
 where
     S: Stream<Item = Result<T, controller::Error<E1, E2>>>,
     E1: std::error::Error + 'static,
@@ -754,27 +754,30 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let gc = tokio::spawn(gc::run(ctx.clone()));
-    tokio::join!(
-        drain(&rs_queue, rs_controller),
-        drain(&rc_queue, rc_controller),
-        drain(&deploy_queue, deploy_controller),
-        drain(&sa_queue, sa_controller),
-        drain(&rootca_queue, rootca_controller),
-        drain(&eps_queue, eps_controller),
-        drain(&job_queue, job_controller),
-        drain(&cronjob_queue, cronjob_controller),
-        drain(&daemonset_queue, daemonset_controller),
-        drain(&statefulset_queue, statefulset_controller),
-        drain(&claim_queue, claim_controller),
-        drain(&volume_queue, volume_controller),
-        drain(&node_queue, node_controller),
-        drain(&pdb_queue, pdb_controller),
-        drain(&quota_queue, quota_controller),
-        drain(&aggregation_queue, aggregation_controller),
-        drain(&ingress_queue, ingress_controller),
-        drain(&hpa_queue, hpa_controller),
-        drain(&csr_queue, csr_controller),
-    );
+    // A task per controller, not one task joining them all: a joined future is polled
+    // whole on every wake-up, so each watch event (500 Lease renewals a second at 5,000
+    // nodes) made all nineteen controllers poll their queues and streams.
+    let mut controllers = tokio::task::JoinSet::new();
+    controllers.spawn(drain(rs_queue, rs_controller));
+    controllers.spawn(drain(rc_queue, rc_controller));
+    controllers.spawn(drain(deploy_queue, deploy_controller));
+    controllers.spawn(drain(sa_queue, sa_controller));
+    controllers.spawn(drain(rootca_queue, rootca_controller));
+    controllers.spawn(drain(eps_queue, eps_controller));
+    controllers.spawn(drain(job_queue, job_controller));
+    controllers.spawn(drain(cronjob_queue, cronjob_controller));
+    controllers.spawn(drain(daemonset_queue, daemonset_controller));
+    controllers.spawn(drain(statefulset_queue, statefulset_controller));
+    controllers.spawn(drain(claim_queue, claim_controller));
+    controllers.spawn(drain(volume_queue, volume_controller));
+    controllers.spawn(drain(node_queue, node_controller));
+    controllers.spawn(drain(pdb_queue, pdb_controller));
+    controllers.spawn(drain(quota_queue, quota_controller));
+    controllers.spawn(drain(aggregation_queue, aggregation_controller));
+    controllers.spawn(drain(ingress_queue, ingress_controller));
+    controllers.spawn(drain(hpa_queue, hpa_controller));
+    controllers.spawn(drain(csr_queue, csr_controller));
+    while controllers.join_next().await.is_some() {}
     gc.abort();
     for w in watches {
         w.abort();
