@@ -16,9 +16,11 @@
 //!
 //! The ConfigMaps and Secrets are read at a pod's start, and for the periodic refresh
 //! from the node's [`ObjectCache`], which reads each object at most once per
-//! [`REFRESH_TTL`] for all of the node's pods, as the kubelet's TTL-based manager does:
-//! a node with 30 pods of one namespace asks for its `kube-root-ca.crt` once, not 30
-//! times, every refresh.
+//! [`ObjectCache::refresh_ttl`] for all of the node's pods, as the kubelet's TTL-based
+//! manager does: a node with 30 pods of one namespace asks for its `kube-root-ca.crt`
+//! once, not 30 times, every refresh. That TTL is [`REFRESH_TTL`], or longer in a big
+//! cluster: the control plane sets it on each Node from the cluster's size (5 minutes
+//! at 5,000 nodes), as Kubernetes' TTL controller does.
 //!
 //! A reference to a missing object or key fails with the object's name, which the node
 //! agent reports as `CreateContainerConfigError`; `optional: true` references are skipped.
@@ -100,12 +102,40 @@ const FORGET_AFTER: Duration = Duration::from_secs(300);
 pub struct ObjectCache {
     configmaps: Mutex<Kept<ConfigMap>>,
     secrets: Mutex<Kept<Secret>>,
+    /// The TTL the control plane set on this node, in seconds ([`ObjectCache::follow`]).
+    node_ttl: std::sync::atomic::AtomicU64,
 }
+
+/// The longest TTL a Node's annotation may set: a refresh still comes within the hour.
+const MAX_NODE_TTL: Duration = Duration::from_secs(3600);
 
 /// (namespace, name) → when it was read, and what was read (None: it did not exist).
 type Kept<K> = HashMap<(String, String), (Instant, Option<K>)>;
 
 impl ObjectCache {
+    /// Takes the refresh TTL from this node's Node, as the control plane set it from the
+    /// cluster's size (`node.alpha.kubernetes.io/ttl`, as the kubelet reads it). Absent or
+    /// unreadable, it is 0: [`REFRESH_TTL`] alone.
+    pub fn follow(&self, node: &k8s_openapi::api::core::v1::Node) {
+        let secs = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(baton_kube::NODE_TTL_ANNOTATION))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        self.node_ttl
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How old an object read for another pod may be at a refresh: the node's TTL, but
+    /// never less than [`REFRESH_TTL`] (which shares one read among the node's pods) nor
+    /// more than an hour.
+    pub fn refresh_ttl(&self) -> Duration {
+        let node = Duration::from_secs(self.node_ttl.load(std::sync::atomic::Ordering::Relaxed));
+        node.clamp(REFRESH_TTL, MAX_NODE_TTL)
+    }
+
     /// The object, as read within `max_age` if that is allowed (Some), or read now.
     async fn get<K>(
         kept: &Mutex<Kept<K>>,
@@ -1059,7 +1089,7 @@ pub async fn refresh_wasi_config(
     pod: &Pod,
     facts: &PodFacts,
 ) -> Result<HashMap<String, BTreeMap<String, String>>, ConfigError> {
-    let mut objects = Objects::new(client, cache, pod, Some(REFRESH_TTL));
+    let mut objects = Objects::new(client, cache, pod, Some(cache.refresh_ttl()));
     let from = config_from(&mut objects, pod).await?;
     let spec = pod.spec.clone().unwrap_or_default();
     let mut out = HashMap::new();
@@ -1180,7 +1210,7 @@ pub async fn refresh_volumes(
     pod_dir: &Path,
     dirs: HostDirs<'_>,
 ) -> Result<(), ConfigError> {
-    let mut objects = Objects::new(client, cache, pod, Some(REFRESH_TTL));
+    let mut objects = Objects::new(client, cache, pod, Some(cache.refresh_ttl()));
     write_volumes(&mut objects, pod, facts, pod_dir, dirs)
         .await
         .map(|_| ())
@@ -1220,6 +1250,29 @@ pub async fn pull_auth(client: &Client, pod: &Pod, image: &str) -> baton_oci::Au
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refresh_waits_as_long_as_the_nodes_ttl_says_within_bounds() {
+        let cache = ObjectCache::default();
+        assert_eq!(cache.refresh_ttl(), REFRESH_TTL, "no annotation");
+        let node = |ttl: &str| -> k8s_openapi::api::core::v1::Node {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n",
+                "annotations": {baton_kube::NODE_TTL_ANNOTATION: ttl}}}))
+            .unwrap()
+        };
+        cache.follow(&node("300"));
+        assert_eq!(cache.refresh_ttl(), Duration::from_secs(300));
+        cache.follow(&node("0"));
+        assert_eq!(
+            cache.refresh_ttl(),
+            REFRESH_TTL,
+            "never below the shared read"
+        );
+        cache.follow(&node("999999999"));
+        assert_eq!(cache.refresh_ttl(), MAX_NODE_TTL);
+        cache.follow(&node("soon"));
+        assert_eq!(cache.refresh_ttl(), REFRESH_TTL, "nonsense is no TTL");
+    }
 
     #[tokio::test]
     async fn the_refresh_reads_an_object_once_per_ttl_for_the_whole_node_and_a_start_afresh() {

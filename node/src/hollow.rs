@@ -80,20 +80,22 @@ pub async fn run(
     // As the kubelet does, a node that cannot register yet (the API server sheds load
     // with 429 while thousands join at once) tries again, and says why it waits.
     let mut backoff = Duration::from_millis(200);
-    loop {
+    let registered = loop {
         let joined = async {
-            register::register(&client, cfg.identity(), &register::Reported::default()).await?;
-            register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await
+            let node =
+                register::register(&client, cfg.identity(), &register::Reported::default()).await?;
+            register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await?;
+            Ok::<_, register::RegisterError>(node)
         };
         match joined.await {
-            Ok(()) => break,
+            Ok(node) => break node,
             Err(e) => {
                 tracing::info!(node = %cfg.name, error = %baton_kube::error::chain(&e), "hollow node waits to register");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
-    }
+    };
     let events = EventQueue::spawn(
         Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
         64,
@@ -119,7 +121,8 @@ pub async fn run(
         platform: Arc::new(platform::Stores::new(cfg.data_dir.join("keyvalue"))),
         objects: Default::default(),
     });
-    let heartbeat = tokio::spawn(heartbeat(client, cfg));
+    shared.objects.follow(&registered);
+    let heartbeat = tokio::spawn(heartbeat(client, cfg, shared.objects.clone()));
     manage_pods(shared, logs, shutdown).await;
     heartbeat.abort();
     Ok(())
@@ -127,7 +130,7 @@ pub async fn run(
 
 /// Renews the Lease every beat and refreshes the Node's status every sixth, as the node
 /// agent does; a failed renewal is retried at the next beat.
-async fn heartbeat(client: Client, cfg: HollowConfig) {
+async fn heartbeat(client: Client, cfg: HollowConfig, objects: Arc<crate::config::ObjectCache>) {
     let mut tick = tokio::time::interval(cfg.heartbeat);
     // Spread the nodes over the period, as real ones started at different times are.
     tick.reset_after(cfg.heartbeat.mul_f64(rand_fraction(&cfg.name)));
@@ -139,10 +142,11 @@ async fn heartbeat(client: Client, cfg: HollowConfig) {
             tracing::debug!(node = %cfg.name, error = %e, "hollow heartbeat failed");
         }
         if beats % 6 == 0 {
-            let status =
-                register::refresh(&client, cfg.identity(), &register::Reported::default()).await;
-            if let Err(e) = status {
-                tracing::debug!(node = %cfg.name, error = %e, "hollow status update failed");
+            match register::refresh(&client, cfg.identity(), &register::Reported::default()).await {
+                Ok(node) => objects.follow(&node),
+                Err(e) => {
+                    tracing::debug!(node = %cfg.name, error = %e, "hollow status update failed")
+                }
             }
         }
     }

@@ -224,7 +224,7 @@ pub async fn run(
         .local_link
         .as_ref()
         .map(|l| l.register(&cfg.name, server::local_service(logs.clone(), &cfg.name)));
-    register::register(
+    let registered = register::register(
         &client,
         cfg.identity(kubelet_port),
         &register::Reported::default(),
@@ -373,6 +373,8 @@ pub async fn run(
         let evictions = shared.evictions.clone();
         let events = events.clone();
         let images = images.clone();
+        let objects = shared.objects.clone();
+        objects.follow(&registered);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(cfg.heartbeat);
             let mut reported_images = Vec::new();
@@ -412,7 +414,8 @@ pub async fn run(
                     )
                     .await
                     {
-                        Ok(()) => {
+                        Ok(node) => {
+                            objects.follow(&node);
                             reported_images = held;
                             if pressure != reported_pressure {
                                 let status = if pressure {

@@ -204,12 +204,12 @@ impl Identity<'_> {
     }
 }
 
-/// Creates or updates the Node, and marks it Ready.
+/// Creates or updates the Node, and marks it Ready. Returns the Node as stored.
 pub async fn register(
     client: &Client,
     node: Identity<'_>,
     reported: &Reported<'_>,
-) -> Result<(), RegisterError> {
+) -> Result<Node, RegisterError> {
     let name = node.name;
     let api: Api<Node> = Api::all(client.clone());
     let err = |source| RegisterError::Node {
@@ -238,24 +238,24 @@ pub async fn register(
     let patch = node.status_patch(reported);
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
-        .map_err(err)?;
-    Ok(())
+        .map_err(err)
 }
 
 /// Refreshes the Node's status, as the kubelet's status loop does: one status patch, with
-/// no create and no label write. A Node deleted meanwhile is registered again.
+/// no create and no label write. A Node deleted meanwhile is registered again. Returns
+/// the Node as stored (what the control plane set on it, its TTL annotation among them).
 pub async fn refresh(
     client: &Client,
     node: Identity<'_>,
     reported: &Reported<'_>,
-) -> Result<(), RegisterError> {
+) -> Result<Node, RegisterError> {
     let api: Api<Node> = Api::all(client.clone());
     let patch = node.status_patch(reported);
     match api
         .patch_status(node.name, &PatchParams::default(), &Patch::Merge(patch))
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(stored) => Ok(stored),
         Err(kube::Error::Api(s)) if s.code == 404 => register(client, node, reported).await,
         Err(source) => Err(RegisterError::Node {
             node: node.name.into(),

@@ -90,6 +90,7 @@ impl World {
             node_cidr_mask: 20,
             cidr_lock: Default::default(),
             cidrs_given: Default::default(),
+            ttl_step: Default::default(),
             expectations: Default::default(),
             recorder: baton_kube::events::Recorder::new(client, "test", None),
             clock: crate::clock::Clock::system(),

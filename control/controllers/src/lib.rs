@@ -15,6 +15,7 @@
 //! | PersistentVolume binding, the local provisioner | [`volume`] |
 //! | CronJob (Jobs on a schedule, on a settable [`clock`]) | [`cronjob`] |
 //! | Node lifecycle (pod ranges, heartbeats, taints, evictions) | [`nodelifecycle`] |
+//! | Node TTL annotation (how long nodes keep ConfigMaps and Secrets) | [`ttl`] |
 //! | EndpointSlice (a Service's ready pods) | [`endpointslice`] |
 //! | Ingress status (the serving nodes' addresses) | [`ingress`] |
 //! | HorizontalPodAutoscaler (replicas from CPU and memory) | [`hpa`] |
@@ -52,6 +53,7 @@ pub mod resourcequota;
 pub mod rootca;
 pub mod serviceaccount;
 pub mod statefulset;
+pub mod ttl;
 pub mod volume;
 
 use std::fmt::Debug;
@@ -128,6 +130,8 @@ pub struct Ctx {
     pub cidr_lock: tokio::sync::Mutex<()>,
     /// Pod ranges handed out and maybe not yet seen in the node store.
     pub cidrs_given: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    /// The cluster's current step of [`ttl`], kept for its overlap between steps.
+    pub ttl_step: std::sync::Mutex<usize>,
     pub expectations: Expectations,
     pub recorder: Recorder,
     /// The time schedules are read against.
@@ -427,6 +431,7 @@ pub async fn run(
         ),
         cidr_lock: tokio::sync::Mutex::new(()),
         cidrs_given: Default::default(),
+        ttl_step: Default::default(),
         expectations: Expectations::default(),
         recorder: Recorder::new(client.clone(), "controller-manager", None),
         clock: config.clock.clone(),

@@ -196,6 +196,9 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                 .await;
         }
     }
+    crate::ttl::reconcile(&node, &ctx)
+        .await
+        .map_err(err("setting its TTL annotation"))?;
     let grace = ctx.node_grace;
     let silent = lease_age(&ctx, &node).is_none_or(|age| age > grace)
         && node
@@ -372,7 +375,8 @@ mod tests {
         let mut n = json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "uid": format!("uid-{name}"),
-                         "creationTimestamp": pod::now().0.to_rfc3339()},
+                         "creationTimestamp": pod::now().0.to_rfc3339(),
+                         "annotations": {crate::ttl::ANNOTATION: "0"}},
             "spec": {},
         });
         if let Some(c) = cidr {

@@ -42,3 +42,8 @@ pub mod selector;
 pub mod storage;
 pub mod telemetry;
 pub mod trace;
+
+/// How long, in whole seconds, a node may serve a ConfigMap or Secret it read before it
+/// reads it again; set on every Node from the cluster's size by the controller manager
+/// (Kubernetes' TTL controller), read by the node agent.
+pub const NODE_TTL_ANNOTATION: &str = "node.alpha.kubernetes.io/ttl";
