@@ -43,7 +43,7 @@ pub fn step_for(mut step: usize, nodes: usize) -> usize {
 
 /// The TTL the cluster's size asks for now, in seconds; the step is kept in `ctx`.
 fn cluster_ttl(ctx: &Ctx) -> u64 {
-    let nodes = ctx.nodes.state().len();
+    let nodes = ctx.nodes.len();
     let mut step = ctx.ttl_step.lock().unwrap_or_else(|e| e.into_inner());
     *step = step_for(*step, nodes);
     STEPS[*step].2
