@@ -1248,7 +1248,7 @@ pub(crate) async fn guaranteed_update(
         true => None,
         false => objects
             .caches
-            .of(objects, res)
+            .running(res)
             .and_then(|c| c.current(&res.key(ns, name))),
     };
     while tokio::time::Instant::now() < deadline {

@@ -266,6 +266,18 @@ impl WatchCaches {
         Hold(self.held.clone())
     }
 
+    /// The cache of `res` if one runs already: what a write may read from without
+    /// starting a cache as a side effect (a cache starts for lists and watches).
+    pub fn running(&self, res: &Resource) -> Option<Cacher> {
+        if self.disabled || res.converts() {
+            return None;
+        }
+        let map = self.by_prefix.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&res.key_prefix())
+            .filter(|c| c.inner.definition_id == res.definition_id)
+            .cloned()
+    }
+
     /// Objects and watchers per cached resource, for the metrics.
     pub fn sizes(&self) -> Vec<(String, usize, usize)> {
         let map = self.by_prefix.lock().unwrap_or_else(|p| p.into_inner());
