@@ -356,6 +356,7 @@ pub async fn run(
         platform: Arc::new(platform::Stores::new(cfg.data_dir.join("keyvalue"))),
         objects: Default::default(),
     });
+    shared.objects.follow(&registered);
     // Held requests for a workload woken from zero are answered from its template while
     // its pod comes up. Weak: the standbys live in the Services the shared state holds.
     if let Some(services) = &shared.services {
@@ -374,7 +375,6 @@ pub async fn run(
         let events = events.clone();
         let images = images.clone();
         let objects = shared.objects.clone();
-        objects.follow(&registered);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(cfg.heartbeat);
             let mut reported_images = Vec::new();

@@ -506,9 +506,7 @@ pub(crate) async fn charge_quota(
                 break;
             }
             next["status"]["hard"] = Value::Object(hard.clone());
-            let rev: i64 = s(&quota_obj, "/metadata/resourceVersion")
-                .parse()
-                .unwrap_or(0);
+            let rev = crate::objects::rv_of(&quota_obj).unwrap_or(0);
             match objects
                 .replace(quotas_res, Some(ns), &qname, &next, rev)
                 .await

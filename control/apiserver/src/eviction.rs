@@ -91,7 +91,7 @@ async fn take_disruption(objects: &Objects, ns: &str, pod: &Value) -> ApiResult<
             next["status"]["disruptedPods"] = json!({});
         }
         next["status"]["disruptedPods"][&name] = json!(rest::now());
-        let rev: i64 = s(&budget, "/metadata/resourceVersion").parse().unwrap_or(0);
+        let rev = crate::objects::rv_of(&budget).unwrap_or(0);
         match objects.replace(pdbs, Some(ns), &bname, &next, rev).await {
             Ok(_) => return Ok(()),
             // Another eviction took a disruption meanwhile: ask again.

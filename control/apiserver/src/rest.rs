@@ -1228,13 +1228,13 @@ const UPDATE_BUDGET: Duration = Duration::from_secs(30);
 /// the loop: a failed precondition or a bad patch does not get better by retrying.
 /// Returns what was stored (or removed, or kept).
 ///
-/// The first attempt starts from the watch cache's copy when it has one, as
-/// kube-apiserver's does: a node's Lease renewal then costs no read of the store, which
-/// at 5,000 nodes was half of each renewal's work. That copy may be behind, so only a
-/// fresh read may end the loop without a write: an error (from `decide`, admission or
-/// validation) or a change that turns out to be no change, on the cached copy, is
-/// decided again on a fresh read. A
-/// dry run always reads the store, since nothing checks its answer.
+/// The first attempt starts from the watch cache's copy when a cache of the resource
+/// runs already, as kube-apiserver's does: a node's Lease renewal then costs no read of
+/// the store, which at 5,000 nodes was half of each renewal's work. That copy may be
+/// behind, so only a fresh read may end the loop without a write: an error (from
+/// `decide`, admission or validation) or a change that turns out to be no change, on the
+/// cached copy, is decided again on a fresh read. A dry run always reads the store,
+/// since nothing checks its answer.
 pub(crate) async fn guaranteed_update(
     objects: &Objects,
     req: &Request,
@@ -1244,12 +1244,13 @@ pub(crate) async fn guaranteed_update(
     let res = &*req.target.res;
     let ns = ns_of(req);
     let deadline = tokio::time::Instant::now() + UPDATE_BUDGET;
-    let mut cached = match req.dry_run() {
-        true => None,
-        false => objects
+    let mut cached = if req.dry_run() {
+        None
+    } else {
+        objects
             .caches
             .running(res)
-            .and_then(|c| c.current(&res.key(ns, name))),
+            .and_then(|c| c.current(&res.key(ns, name)))
     };
     while tokio::time::Instant::now() < deadline {
         let from_cache = cached.is_some();

@@ -238,15 +238,13 @@ impl WatchCaches {
     /// The cache of `res`, started now if it is the first use; None for a resource served
     /// in another form than it is stored (the cache keeps the stored form).
     pub fn of(&self, objects: &Objects, res: &Resource) -> Option<Cacher> {
-        if self.disabled || res.converts() {
+        if !self.cacheable(res) {
             return None;
         }
         let prefix = res.key_prefix();
         let mut map = self.by_prefix.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(&prefix) {
-            // A resource redefined (a CRD's new generation) may select on other fields
-            // than those the cache kept: it starts over.
-            if c.inner.definition_id == res.definition_id {
+            if c.made_for(res) {
                 return Some(c.clone());
             }
             if let Some(feed) = c.inner.feed.get() {
@@ -269,13 +267,18 @@ impl WatchCaches {
     /// The cache of `res` if one runs already: what a write may read from without
     /// starting a cache as a side effect (a cache starts for lists and watches).
     pub fn running(&self, res: &Resource) -> Option<Cacher> {
-        if self.disabled || res.converts() {
+        if !self.cacheable(res) {
             return None;
         }
         let map = self.by_prefix.lock().unwrap_or_else(|p| p.into_inner());
         map.get(&res.key_prefix())
-            .filter(|c| c.inner.definition_id == res.definition_id)
+            .filter(|c| c.made_for(res))
             .cloned()
+    }
+
+    /// Whether `res` is served from a cache at all (the cache keeps the stored form).
+    fn cacheable(&self, res: &Resource) -> bool {
+        !self.disabled && !res.converts()
     }
 
     /// Objects and watchers per cached resource, for the metrics.
@@ -556,6 +559,12 @@ impl Cacher {
             replay,
             rx,
         }))
+    }
+
+    /// Whether this cache was made for `res` as it is defined now: a resource redefined
+    /// (a CRD's new generation) may select on other fields than those the cache kept.
+    fn made_for(&self, res: &Resource) -> bool {
+        self.inner.definition_id == res.definition_id
     }
 
     /// The object at `key` as the cache holds it now, with its revision: what a change may

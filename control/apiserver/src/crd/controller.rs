@@ -260,7 +260,7 @@ async fn write_status(
     if next == *crd {
         return Ok(());
     }
-    let rev: i64 = s(crd, "/metadata/resourceVersion").parse().unwrap_or(0);
+    let rev = crate::objects::rv_of(crd).unwrap_or(0);
     objects
         .replace(crds, None, s(crd, "/metadata/name"), &next, rev)
         .await
@@ -307,7 +307,7 @@ async fn cleanup(
         .into_iter()
         .filter(|f| f != CLEANUP_FINALIZER)
         .collect();
-    let rev: i64 = s(crd, "/metadata/resourceVersion").parse().unwrap_or(0);
+    let rev = crate::objects::rv_of(crd).unwrap_or(0);
     if rest.is_empty() {
         objects.remove(crds, None, name, rev, &[]).await?;
     } else {
