@@ -49,7 +49,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::Instrument;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Owner, Slot};
 use crate::plugins::{Demand, Unfit};
 
 /// The scheduler's name; pods naming another in `spec.schedulerName` are left alone.
@@ -243,7 +243,7 @@ fn feasible_to_find(nodes: usize) -> usize {
 
 fn decide(cache: &Mutex<Cache>, walk: &Walk, p: &Pod, volume_terms: &[NodeSelector]) -> Decision {
     let (cpu_millis, memory) = pod::requests(p);
-    let owner = pod::controller_of(&p.metadata).map(|o| o.uid.clone());
+    let owner = Owner::of(p);
     let d = Demand {
         pod: p,
         cpu_millis,
@@ -253,23 +253,19 @@ fn decide(cache: &Mutex<Cache>, walk: &Walk, p: &Pod, volume_terms: &[NodeSelect
         images: plugins::pod_images(p),
     };
     let mut cache = lock(cache);
-    let order = cache.order();
-    let total = order.len();
+    let slots = cache.slots();
+    let total = slots.len();
     let want = feasible_to_find(total);
     let start = walk.next_start.load(Ordering::Relaxed) % total.max(1);
     let mut unfit: Vec<Unfit> = Vec::new();
-    let mut feasible = Vec::with_capacity(want.min(total));
+    let mut feasible: Vec<&Slot> = Vec::with_capacity(want.min(total));
     let mut looked = 0;
-    for name in order[start..].iter().chain(&order[..start]) {
-        let Some(info) = cache.nodes.get(name) else {
-            continue;
-        };
+    for slot in slots[start..].iter().chain(&slots[..start]) {
         looked += 1;
-        let usage = cache.usage.get(name);
-        match plugins::filter(&d, info, usage) {
+        match plugins::filter(&d, &slot.info, &slot.usage) {
             Err(u) => unfit.push(u),
             Ok(()) => {
-                feasible.push((name.as_str(), info, usage));
+                feasible.push(slot);
                 if feasible.len() >= want {
                     break;
                 }
@@ -286,21 +282,22 @@ fn decide(cache: &Mutex<Cache>, walk: &Walk, p: &Pod, volume_terms: &[NodeSelect
     let most_of_owner = d
         .owner
         .as_ref()
-        .and_then(|o| {
+        .map(|o| {
             feasible
                 .iter()
-                .filter_map(|(_, _, u)| u.and_then(|u| u.by_owner.get(o)).copied())
+                .map(|s| s.usage.of_owner(o))
                 .max()
+                .unwrap_or(0)
         })
         .unwrap_or(0);
     let mut best: Vec<&str> = Vec::new();
     let mut top = 0;
-    for &(name, info, usage) in &feasible {
-        let s = plugins::score(&d, info, usage, most_of_owner + 1);
+    for slot in &feasible {
+        let s = plugins::score(&d, &slot.info, &slot.usage, most_of_owner + 1);
         if best.is_empty() || s > top {
-            (top, best) = (s, vec![name]);
+            (top, best) = (s, vec![slot.info.name()]);
         } else if s == top {
-            best.push(name);
+            best.push(slot.info.name());
         }
     }
     // Ties go round-robin, in the walk's order.
@@ -551,7 +548,12 @@ mod tests {
             };
         }
         let cache = lock(&cache);
-        let per_node: Vec<u64> = cache.usage.values().map(|u| u.pods).collect();
+        let per_node: Vec<u64> = cache
+            .slots()
+            .iter()
+            .map(|s| s.usage.pods)
+            .filter(|&n| n > 0)
+            .collect();
         let most = per_node.iter().copied().max().unwrap();
         assert!(most <= 2, "replicas spread: at most {most} on a node");
         assert!(per_node.len() >= 900, "{} nodes used", per_node.len());

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use baton_kube::selector;
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::cache::{NodeInfo, Usage};
+use crate::cache::{Images, NodeInfo, Owner, Usage};
 
 /// Why a node cannot take a pod, worded as kube-scheduler words it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -55,33 +55,25 @@ pub struct Demand<'a> {
     pub pod: &'a Pod,
     pub cpu_millis: u64,
     pub memory: u64,
-    pub owner: Option<String>,
+    pub owner: Option<Owner>,
     /// Where the pod's volumes are (each must match the node).
     pub volume_terms: &'a [k8s_openapi::api::core::v1::NodeSelector],
     /// The pod's images, normalized ([`pod_images`]).
-    pub images: Vec<String>,
-}
-
-fn node_ready(info: &NodeInfo) -> bool {
-    info.node
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True")
+    pub images: Vec<u64>,
 }
 
 fn matches_selector_and_affinity(d: &Demand<'_>, info: &NodeInfo) -> bool {
     let Some(spec) = &d.pod.spec else {
         return true;
     };
-    let empty = BTreeMap::new();
-    let labels = info.node.metadata.labels.as_ref().unwrap_or(&empty);
-    let selector_ok = spec
-        .node_selector
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
+    // The Node object is read only when the pod asks something of it: most pods do
+    // not, and a decision looks at hundreds of nodes.
+    let selector_ok = spec.node_selector.as_ref().is_none_or(|wanted| {
+        let labels = info.node.metadata.labels.as_ref();
+        wanted
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+    });
     let required = spec
         .affinity
         .as_ref()
@@ -100,16 +92,15 @@ fn matches_selector_and_affinity(d: &Demand<'_>, info: &NodeInfo) -> bool {
 }
 
 /// Whether the pod may be placed on the node, given what is there already.
-pub fn filter(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>) -> Result<(), Unfit> {
-    let spec = info.node.spec.as_ref();
+pub fn filter(d: &Demand<'_>, info: &NodeInfo, used: &Usage) -> Result<(), Unfit> {
     let tolerations = d
         .pod
         .spec
         .as_ref()
         .and_then(|s| s.tolerations.as_deref())
         .unwrap_or(&[]);
-    for taint in spec.and_then(|s| s.taints.as_deref()).unwrap_or(&[]) {
-        if taint.effect != "PreferNoSchedule" && !selector::tolerates(tolerations, taint) {
+    for taint in &info.taints {
+        if !selector::tolerates(tolerations, taint) {
             return Err(Unfit::Taint(format!(
                 "{}: {}",
                 taint.key,
@@ -117,10 +108,10 @@ pub fn filter(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>) -> Result<
             )));
         }
     }
-    if !node_ready(info) {
+    if !info.ready {
         return Err(Unfit::NotReady);
     }
-    if spec.and_then(|s| s.unschedulable) == Some(true) {
+    if info.unschedulable {
         return Err(Unfit::Unschedulable);
     }
     let volumes_here = d.volume_terms.iter().all(|sel| {
@@ -134,8 +125,6 @@ pub fn filter(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>) -> Result<
     if !matches_selector_and_affinity(d, info) {
         return Err(Unfit::Selector);
     }
-    let zero = Usage::default();
-    let used = usage.unwrap_or(&zero);
     if used.pods + 1 > info.pods {
         return Err(Unfit::Pods);
     }
@@ -162,9 +151,9 @@ pub fn normalize_image(image: &str) -> String {
         .unwrap_or_else(|_| image.to_string())
 }
 
-/// The images of the pod's containers, normalized as nodes report theirs: read once per
-/// decision, not once per node.
-pub fn pod_images(pod: &Pod) -> Vec<String> {
+/// The images of the pod's containers, normalized as nodes report theirs and hashed as
+/// [`Images`] keeps them: read once per decision, not once per node.
+pub fn pod_images(pod: &Pod) -> Vec<u64> {
     let Some(spec) = &pod.spec else {
         return Vec::new();
     };
@@ -172,25 +161,23 @@ pub fn pod_images(pod: &Pod) -> Vec<String> {
         .iter()
         .chain(spec.init_containers.iter().flatten())
         .filter_map(|c| c.image.as_deref())
-        .map(normalize_image)
+        .map(|i| Images::key(&normalize_image(i)))
         .collect()
 }
 
 /// ImageLocality: the share of the pod's container images the node holds, out of
 /// [`IMAGE_LOCALITY_WEIGHT`].
-fn image_locality(images: &[String], info: &NodeInfo) -> u64 {
+fn image_locality(images: &[u64], info: &NodeInfo) -> u64 {
     if info.images.is_empty() || images.is_empty() {
         return 0;
     }
-    let held = images.iter().filter(|i| info.images.contains(*i)).count() as u64;
+    let held = images.iter().filter(|&&i| info.images.contains(i)).count() as u64;
     held * IMAGE_LOCALITY_WEIGHT / images.len() as u64
 }
 
 /// Higher is better: least-allocated (0–100) plus spreading the owner's replicas (0–100)
 /// plus image locality (0–[`IMAGE_LOCALITY_WEIGHT`]).
-pub fn score(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>, most_of_owner: u64) -> u64 {
-    let zero = Usage::default();
-    let used = usage.unwrap_or(&zero);
+pub fn score(d: &Demand<'_>, info: &NodeInfo, used: &Usage, most_of_owner: u64) -> u64 {
     let free = |used: u64, want: u64, cap: u64| {
         if cap == 0 {
             return 0;
@@ -203,7 +190,7 @@ pub fn score(d: &Demand<'_>, info: &NodeInfo, usage: Option<&Usage>, most_of_own
         / 3;
     let spread = match &d.owner {
         Some(o) if most_of_owner > 0 => {
-            let here = used.by_owner.get(o).copied().unwrap_or(0);
+            let here = used.of_owner(o);
             (most_of_owner - here.min(most_of_owner)) * 100 / most_of_owner
         }
         _ => 100,
@@ -239,33 +226,36 @@ mod tests {
     #[test]
     fn a_node_that_holds_the_pods_image_is_preferred_but_never_over_spreading() {
         let mut holds = node("a", json!({}));
-        holds.images.insert("127.0.0.1:5000/hello:v1".to_string());
-        holds
-            .images
-            .insert("docker.io/library/busybox:latest".to_string());
+        holds.images = [
+            "127.0.0.1:5000/hello:v1".to_string(),
+            "docker.io/library/busybox:latest".to_string(),
+        ]
+        .iter()
+        .collect();
         let lacks = node("b", json!({}));
         let p = pod(json!({"containers": [{"name": "c", "image": "127.0.0.1:5000/hello:v1"}]}));
         let d = Demand {
             pod: &p,
             cpu_millis: 0,
             memory: 0,
-            owner: Some("rs".into()),
+            owner: Some(Owner::new("rs")),
             volume_terms: &[],
             images: pod_images(&p),
         };
+        let none = Usage::default();
         // The first replica: the node with the image.
-        assert!(score(&d, &holds, None, 1) > score(&d, &lacks, None, 1));
+        assert!(score(&d, &holds, &none, 1) > score(&d, &lacks, &none, 1));
         assert_eq!(
-            score(&d, &holds, None, 1) - score(&d, &lacks, None, 1),
+            score(&d, &holds, &none, 1) - score(&d, &lacks, &none, 1),
             IMAGE_LOCALITY_WEIGHT
         );
         // The second: spreading wins over the image.
         let one_here = Usage {
             pods: 1,
-            by_owner: [("rs".to_string(), 1)].into(),
+            by_owner: vec![(Owner::new("rs"), 1)],
             ..Usage::default()
         };
-        assert!(score(&d, &holds, Some(&one_here), 2) < score(&d, &lacks, None, 2));
+        assert!(score(&d, &holds, &one_here, 2) < score(&d, &lacks, &none, 2));
         // Docker Hub's short names are matched in their full form.
         let short = pod(json!({"containers": [{"name": "c", "image": "busybox"}]}));
         assert_eq!(
@@ -287,7 +277,7 @@ mod tests {
             images: Vec::new(),
         };
         assert_eq!(
-            filter(&d, &node("a", json!({})), None),
+            filter(&d, &node("a", json!({})), &Usage::default()),
             Err(Unfit::Selector)
         );
         let p = pod(json!({"containers": [{"name": "c"}]}));
@@ -299,7 +289,10 @@ mod tests {
             volume_terms: &[],
             images: Vec::new(),
         };
-        assert_eq!(filter(&d, &node("a", json!({})), None), Err(Unfit::Cpu));
+        assert_eq!(
+            filter(&d, &node("a", json!({})), &Usage::default()),
+            Err(Unfit::Cpu)
+        );
         let tainted = node(
             "b",
             json!({"spec": {"taints": [{"key": "k", "value": "v", "effect": "NoSchedule"}]}}),
@@ -312,16 +305,16 @@ mod tests {
             volume_terms: &[],
             images: Vec::new(),
         };
-        assert_eq!(filter(&d, &tainted, None), Err(Unfit::Taint("k: v".into())));
+        assert_eq!(
+            filter(&d, &tainted, &Usage::default()),
+            Err(Unfit::Taint("k: v".into()))
+        );
         let full = Usage {
             pods: 2,
             ..Default::default()
         };
-        assert_eq!(
-            filter(&d, &node("a", json!({})), Some(&full)),
-            Err(Unfit::Pods)
-        );
-        assert_eq!(filter(&d, &node("a", json!({})), None), Ok(()));
+        assert_eq!(filter(&d, &node("a", json!({})), &full), Err(Unfit::Pods));
+        assert_eq!(filter(&d, &node("a", json!({})), &Usage::default()), Ok(()));
         assert_eq!(
             unschedulable_message(3, &[Unfit::Cpu, Unfit::Selector, Unfit::Cpu]),
             "0/3 nodes are available: 2 Insufficient cpu, 1 node(s) didn't match Pod's node affinity/selector."
@@ -335,13 +328,15 @@ mod tests {
             pod: &p,
             cpu_millis: 0,
             memory: 0,
-            owner: Some("rs".into()),
+            owner: Some(Owner::new("rs")),
             volume_terms: &[],
             images: Vec::new(),
         };
-        let mut busy = Usage::default();
-        busy.by_owner.insert("rs".into(), 1);
+        let busy = Usage {
+            by_owner: vec![(Owner::new("rs"), 1)],
+            ..Usage::default()
+        };
         let n = node("a", json!({}));
-        assert!(score(&d, &n, None, 1) > score(&d, &n, Some(&busy), 1));
+        assert!(score(&d, &n, &Usage::default(), 1) > score(&d, &n, &busy, 1));
     }
 }
