@@ -20,7 +20,8 @@ fn schema_of<T: schemars::JsonSchema>(g: &mut schemars::SchemaGenerator) -> sche
 fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
     v: &Value,
 ) -> Result<Value, serde_json::Error> {
-    let typed: T = serde_json::from_value(v.clone())?;
+    // From the borrowed tree: no copy of the body before it is typed.
+    let typed = T::deserialize(v)?;
     serde_json::to_value(typed)
 }
 

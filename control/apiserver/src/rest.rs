@@ -644,8 +644,18 @@ fn validate(res: &Resource, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
 
 async fn check_namespace(objects: &Objects, ns: &str) -> ApiResult<()> {
     let nsr = resources::builtin("Namespace");
-    // A local read, as kube-apiserver checks namespaces against its informer cache.
-    match objects.get(nsr, None, ns, ReadAt::Any).await? {
+    // From the watch cache when one runs, as kube-apiserver checks namespaces against its
+    // informer cache: every create pays this check (Events most of all). A namespace the
+    // cache does not hold yet (made a moment ago) is looked up locally.
+    let cached = objects
+        .caches
+        .running(nsr)
+        .and_then(|c| c.current(&nsr.key(None, ns)));
+    let found = match cached {
+        Some(hit) => Some(hit),
+        None => objects.get(nsr, None, ns, ReadAt::Any).await?,
+    };
+    match found {
         None => Err(not_found(nsr, ns)),
         Some((n, _)) if n.pointer("/metadata/deletionTimestamp").is_some() => {
             Err(ApiError::Forbidden {

@@ -437,6 +437,41 @@ impl Lines {
     }
 }
 
+/// A create checks its namespace in the namespaces' watch cache, as kube-apiserver checks
+/// it in an informer's; one the cache does not hold yet is looked up in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_check_their_namespace_in_the_cache_and_the_store_when_it_is_not_there_yet() {
+    let e = env().await;
+    const NSS: &str = "/api/v1/namespaces";
+    let ns =
+        |name: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+    let (code, made) = e.json("POST", NSS, Some(ns("early"))).await;
+    assert_eq!(code, StatusCode::CREATED);
+    // The namespaces' cache runs and holds "early" once a list not older than it answers.
+    let rv = made["metadata"]["resourceVersion"].as_str().unwrap();
+    let (code, _) = e
+        .json(
+            "GET",
+            &format!("{NSS}?resourceVersion={rv}&resourceVersionMatch=NotOlderThan"),
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let in_ns = |ns: &str| format!("/api/v1/namespaces/{ns}/configmaps");
+    let (code, out) = e.json("POST", &in_ns("early"), Some(cm("a", "1"))).await;
+    assert_eq!(code, StatusCode::CREATED, "{out}");
+    // Held back, the cache does not know a namespace made now: the store is asked.
+    let hold = e.api.watch_caches().hold();
+    let (code, _) = e.json("POST", NSS, Some(ns("late"))).await;
+    assert_eq!(code, StatusCode::CREATED);
+    let (code, out) = e.json("POST", &in_ns("late"), Some(cm("a", "1"))).await;
+    assert_eq!(code, StatusCode::CREATED, "{out}");
+    let (code, out) = e.json("POST", &in_ns("never"), Some(cm("a", "1"))).await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{out}");
+    drop(hold);
+    e.close().await;
+}
+
 /// A change starts from the watch cache's copy, which can be behind the store. Each
 /// change below is made while the caches are held back and the store has a newer
 /// version: a patch that changes nothing on the stale copy, one that would overwrite the
