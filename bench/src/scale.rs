@@ -49,6 +49,8 @@ pub struct ApiRow {
     pub resource: String,
     pub scope: String,
     pub count: u64,
+    /// How many of them were refused with 429 (priority and fairness shed them).
+    pub refused: u64,
     pub p50: f64,
     pub p99: f64,
 }
@@ -120,15 +122,16 @@ impl Report {
             self.rss_peak_kib as f64 * 1024.0 / self.objects.max(1) as f64,
         );
         println!();
-        println!("| API call | scope | count | p50 ms | p99 ms | SLO |");
-        println!("|---|---|---|---|---|---|");
+        println!("| API call | scope | count | of them 429 | p50 ms | p99 ms | SLO |");
+        println!("|---|---|---|---|---|---|---|");
         for r in &self.api {
             println!(
-                "| {} {} | {} | {} | {:.1} | {:.1} | {} |",
+                "| {} {} | {} | {} | {} | {:.1} | {:.1} | {} |",
                 r.verb,
                 r.resource,
                 r.scope,
                 r.count,
+                r.refused,
                 r.p50 * 1000.0,
                 r.p99 * 1000.0,
                 if r.p99 <= r.slo() { "met" } else { "MISSED" }
@@ -481,9 +484,16 @@ async fn api_latency(client: &Client) -> Result<Vec<ApiRow>> {
     let text = client.request_text(req).await.context("reading /metrics")?;
     // (verb, resource, scope) → le → cumulative count
     let mut buckets: BTreeMap<Call, Buckets> = BTreeMap::new();
+    // (verb, resource, scope) → requests refused with 429
+    let mut refused: HashMap<Call, u64> = HashMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_duration_seconds_bucket{") else {
-            continue;
+        let (rest, counting) = match line.strip_prefix("apiserver_request_duration_seconds_bucket{")
+        {
+            Some(rest) => (rest, false),
+            None => match line.strip_prefix("apiserver_request_total{") {
+                Some(rest) if rest.contains("code=\"429\"") => (rest, true),
+                _ => continue,
+            },
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
             continue;
@@ -499,11 +509,6 @@ async fn api_latency(client: &Client) -> Result<Vec<ApiRow>> {
         if matches!(verb, "WATCH" | "CONNECT" | "WATCHLIST") {
             continue;
         }
-        let le: f64 = match labels.get("le").copied() {
-            Some("+Inf") => f64::INFINITY,
-            Some(v) => v.parse().unwrap_or(f64::INFINITY),
-            None => continue,
-        };
         let count: f64 = value.trim().parse().unwrap_or(0.0);
         let mut resource = labels.get("resource").copied().unwrap_or("").to_string();
         if let Some(sub) = labels.get("subresource").filter(|s| !s.is_empty()) {
@@ -514,6 +519,15 @@ async fn api_latency(client: &Client) -> Result<Vec<ApiRow>> {
             resource,
             labels.get("scope").copied().unwrap_or("").to_string(),
         );
+        if counting {
+            *refused.entry(key).or_default() += count as u64;
+            continue;
+        }
+        let le: f64 = match labels.get("le").copied() {
+            Some("+Inf") => f64::INFINITY,
+            Some(v) => v.parse().unwrap_or(f64::INFINITY),
+            None => continue,
+        };
         let e = buckets
             .entry(key)
             .or_default()
@@ -544,11 +558,16 @@ async fn api_latency(client: &Client) -> Result<Vec<ApiRow>> {
             }
             lo
         };
+        let refused = refused
+            .get(&(verb.clone(), resource.clone(), scope.clone()))
+            .copied()
+            .unwrap_or(0);
         rows.push(ApiRow {
             verb,
             resource,
             scope,
             count: total,
+            refused,
             p50: q(0.5),
             p99: q(0.99),
         });

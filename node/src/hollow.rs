@@ -78,24 +78,17 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
     // As the kubelet does, a node that cannot register yet (the API server sheds load
-    // with 429 while thousands join at once) tries again, and says why it waits.
-    let mut backoff = Duration::from_millis(200);
-    let registered = loop {
-        let joined = async {
-            let node =
-                register::register(&client, cfg.identity(), &register::Reported::default()).await?;
-            register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await?;
-            Ok::<_, register::RegisterError>(node)
-        };
-        match joined.await {
-            Ok(node) => break node,
-            Err(e) => {
-                tracing::info!(node = %cfg.name, error = %baton_kube::error::chain(&e), "hollow node waits to register");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
-    };
+    // with 429 while thousands join at once) tries again, and says why it waits. The
+    // Lease is tried on its own: a failed renewal does not register the Node again.
+    let reported = register::Reported::default();
+    let registered = until_done(&cfg.name, "register", || {
+        register::register(&client, cfg.identity(), &reported)
+    })
+    .await;
+    until_done(&cfg.name, "take its Lease", || {
+        register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4)
+    })
+    .await;
     let events = EventQueue::spawn(
         Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
         64,
@@ -147,6 +140,25 @@ async fn heartbeat(client: Client, cfg: HollowConfig, objects: Arc<crate::config
                 Err(e) => {
                     tracing::debug!(node = %cfg.name, error = %e, "hollow status update failed")
                 }
+            }
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, backing off from 200 ms to 10 s between tries.
+async fn until_done<T, F, Fut>(node: &str, what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, register::RegisterError>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Ok(done) => return done,
+            Err(e) => {
+                tracing::info!(node, error = %baton_kube::error::chain(&e), "hollow node waits to {what}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }
