@@ -608,11 +608,17 @@ fn a_deleted_tcp_server_stops_answering_and_a_restarted_one_gets_its_port_back()
         !reasons.contains("AddrInUse") && !reasons.contains("address in use"),
         "{reasons}"
     );
-    // The instance now running may not have written its first line yet.
-    wait_for(&b, 60, "the restarted instance to listen", || {
-        let out = b.run("kubectl", &["logs", "echo2"], None);
-        String::from_utf8_lossy(&out.stdout)
-            .contains("tcp-echo listening")
+    // A restarted instance bound the port. The one running now may not have written its
+    // first line yet, or may be waiting out its crash-loop back-off (it lives a second
+    // between waits of 20 s and more), so the last finished one counts too: with two
+    // restarts behind, it was a restarted instance as well.
+    wait_for(&b, 60, "a restarted instance to listen", || {
+        [&["logs", "echo2"][..], &["logs", "echo2", "--previous"][..]]
+            .iter()
+            .any(|args| {
+                let out = b.run("kubectl", args, None);
+                String::from_utf8_lossy(&out.stdout).contains("tcp-echo listening")
+            })
             .then_some(())
     });
     assert!(pod_metric(&b, "echo2", "baton_sandbox_instances").unwrap() <= 1.0);

@@ -437,6 +437,20 @@ impl Lines {
     }
 }
 
+/// Lists `uri` not older than `made`: the resource's watch cache then runs and holds it.
+async fn listed_since(e: &support::Env, uri: &str, made: &Value) -> Value {
+    let rv = made["metadata"]["resourceVersion"].as_str().unwrap();
+    let (code, list) = e
+        .json(
+            "GET",
+            &format!("{uri}?resourceVersion={rv}&resourceVersionMatch=NotOlderThan"),
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{list}");
+    list
+}
+
 /// A create checks its namespace in the namespaces' watch cache, as kube-apiserver checks
 /// it in an informer's; one the cache does not hold yet is looked up in the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,16 +461,7 @@ async fn creates_check_their_namespace_in_the_cache_and_the_store_when_it_is_not
         |name: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
     let (code, made) = e.json("POST", NSS, Some(ns("early"))).await;
     assert_eq!(code, StatusCode::CREATED);
-    // The namespaces' cache runs and holds "early" once a list not older than it answers.
-    let rv = made["metadata"]["resourceVersion"].as_str().unwrap();
-    let (code, _) = e
-        .json(
-            "GET",
-            &format!("{NSS}?resourceVersion={rv}&resourceVersionMatch=NotOlderThan"),
-            None,
-        )
-        .await;
-    assert_eq!(code, StatusCode::OK);
+    listed_since(&e, NSS, &made).await;
     let in_ns = |ns: &str| format!("/api/v1/namespaces/{ns}/configmaps");
     let (code, out) = e.json("POST", &in_ns("early"), Some(cm("a", "1"))).await;
     assert_eq!(code, StatusCode::CREATED, "{out}");
@@ -484,16 +489,7 @@ async fn a_change_from_a_stale_cached_copy_lands_on_the_latest_object() {
     first["data"]["n"] = json!("k");
     let (code, made) = e.json("POST", CMS, Some(first)).await;
     assert_eq!(code, StatusCode::CREATED);
-    // The cache holds the object once a list not older than its creation answers.
-    let rv = made["metadata"]["resourceVersion"].as_str().unwrap();
-    let (code, list) = e
-        .json(
-            "GET",
-            &format!("{CMS}?resourceVersion={rv}&resourceVersionMatch=NotOlderThan"),
-            None,
-        )
-        .await;
-    assert_eq!(code, StatusCode::OK);
+    let list = listed_since(&e, CMS, &made).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
     let hold = e.api.watch_caches().hold();
     let key = "/registry/core/configmaps/default/a";
