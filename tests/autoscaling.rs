@@ -277,8 +277,12 @@ spec:
     wait_for(&b, 60, "the first replica ready", || {
         (jsonpath(&b, &["deploy", "fn"], "{.status.readyReplicas}") == "1").then_some(())
     });
-    let (code, body) = http_get(ingress, "/").unwrap();
-    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    // The Deployment counts the replica ready before its EndpointSlice reaches the
+    // node's routes, as in Kubernetes: the Ingress answers once it has.
+    wait_for(&b, 30, "the Ingress to route to the replica", || {
+        let (code, body) = http_get(ingress, "/").ok()?;
+        ((code, body.as_str()) == (200, "ok\n")).then_some(())
+    });
 
     // The request rate, counted in the sandbox, served as a custom metric.
     let discovery = b.ok(&["get", "--raw", "/apis/custom.metrics.k8s.io/v1beta2"]);
