@@ -647,11 +647,7 @@ async fn check_namespace(objects: &Objects, ns: &str) -> ApiResult<()> {
     // From the watch cache when one runs, as kube-apiserver checks namespaces against its
     // informer cache: every create pays this check (Events most of all). A namespace the
     // cache does not hold yet (made a moment ago) is looked up locally.
-    let cached = objects
-        .caches
-        .running(nsr)
-        .and_then(|c| c.current(&nsr.key(None, ns)));
-    let found = match cached {
+    let found = match objects.caches.current(nsr, None, ns) {
         Some(hit) => Some(hit),
         None => objects.get(nsr, None, ns, ReadAt::Any).await?,
     };
@@ -1257,10 +1253,7 @@ pub(crate) async fn guaranteed_update(
     let mut cached = if req.dry_run() {
         None
     } else {
-        objects
-            .caches
-            .running(res)
-            .and_then(|c| c.current(&res.key(ns, name)))
+        objects.caches.current(res, ns, name)
     };
     while tokio::time::Instant::now() < deadline {
         let from_cache = cached.is_some();

@@ -276,6 +276,17 @@ impl WatchCaches {
             .cloned()
     }
 
+    /// The object `name` as a running cache of `res` holds it, with its revision (see
+    /// [`Cacher::current`]); None when no cache runs or it does not hold the object.
+    pub fn current(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Option<(Value, Revision)> {
+        self.running(res)?.current(&res.key(ns, name))
+    }
+
     /// Whether `res` is served from a cache at all (the cache keeps the stored form).
     fn cacheable(&self, res: &Resource) -> bool {
         !self.disabled && !res.converts()

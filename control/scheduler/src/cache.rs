@@ -16,6 +16,12 @@ use std::sync::Arc;
 use baton_kube::{pod, quantity};
 use k8s_openapi::api::core::v1::{Node, Pod};
 
+/// A fixed, fast hash of a string: the same in every decision and for every node.
+fn hash_of(s: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::default().hash_one(s)
+}
+
 /// A controlling owner's UID with its hash, made once per pod: comparing owners on a node
 /// compares the hashes first, not 36-byte strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,12 +32,9 @@ pub struct Owner {
 
 impl Owner {
     pub fn new(uid: impl Into<String>) -> Self {
-        use std::hash::{Hash, Hasher};
         let uid = uid.into();
-        let mut h = std::hash::DefaultHasher::new();
-        uid.hash(&mut h);
         Self {
-            hash: h.finish(),
+            hash: hash_of(&uid),
             uid,
         }
     }
@@ -100,8 +103,7 @@ pub struct Images(Vec<u64>);
 impl Images {
     /// An image name's hash, the same for the node's names and the pod's.
     pub fn key(name: &str) -> u64 {
-        use std::hash::BuildHasher;
-        foldhash::fast::FixedState::default().hash_one(name)
+        hash_of(name)
     }
 
     pub fn contains(&self, key: u64) -> bool {

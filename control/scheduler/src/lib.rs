@@ -282,13 +282,7 @@ fn decide(cache: &Mutex<Cache>, walk: &Walk, p: &Pod, volume_terms: &[NodeSelect
     let most_of_owner = d
         .owner
         .as_ref()
-        .map(|o| {
-            feasible
-                .iter()
-                .map(|s| s.usage.of_owner(o))
-                .max()
-                .unwrap_or(0)
-        })
+        .and_then(|o| feasible.iter().map(|s| s.usage.of_owner(o)).max())
         .unwrap_or(0);
     let mut best: Vec<&str> = Vec::new();
     let mut top = 0;
