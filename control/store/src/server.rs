@@ -224,7 +224,15 @@ async fn raft_append(State(store): State<Store>, body: Bytes) -> Response {
         return not_a_member();
     };
     store.leader_contact();
-    encode(&raft.append_entries(req).await)
+    let res = raft.append_entries(req).await;
+    // The log was acknowledged before its sync (see `raft::durable`): the leader counts
+    // this answer as a durable copy, so it waits for the sync.
+    if res.is_ok() {
+        if let Some(Err(e)) = store.log_synced().await {
+            return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+        }
+    }
+    encode(&res)
 }
 
 async fn raft_vote(State(store): State<Store>, body: Bytes) -> Response {

@@ -150,6 +150,8 @@ struct Inner {
     latencies: crate::Latencies,
     /// When a leader last sent this member entries or a heartbeat.
     leader_contact: tokio::sync::watch::Sender<tokio::time::Instant>,
+    /// What of the Raft log is on disk.
+    log_sync: crate::raft::durable::LogSync,
 }
 
 impl Inner {
@@ -190,9 +192,12 @@ impl Store {
                 Mvcc::open(db.clone())?.with_commit_latency(latencies.backend_commit.clone()),
             );
             let hub = WatchHub::new(cfg.watch_buffer);
+            let log = LogStore::new(db.clone(), latencies.wal_fsync.clone())
+                .map_err(|e| Error::raft("opening the raft log")(e.into()))?;
+            let log_sync = log.sync();
             let sm = StateMachine::open(db.clone(), mvcc.clone(), hub.clone(), &cfg.data_dir)
-                .map_err(|e| Error::raft("opening the state machine")(e.into()))?;
-            let log = LogStore::new(db.clone(), latencies.wal_fsync.clone());
+                .map_err(|e| Error::raft("opening the state machine")(e.into()))?
+                .waiting_for(log_sync.clone());
             let raft_cfg = openraft::Config {
                 cluster_name: "baton".into(),
                 heartbeat_interval: cfg.heartbeat.as_millis() as u64,
@@ -210,7 +215,10 @@ impl Store {
             let http = crate::tls::Http::new(cfg.tls.as_ref(), |b| {
                 b.pool_idle_timeout(Duration::from_secs(30))
             })?;
-            let network = NetworkFactory { http: http.clone() };
+            let network = NetworkFactory {
+                http: http.clone(),
+                log_sync: log_sync.clone(),
+            };
             let acceptor = match &cfg.tls {
                 Some(tls) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
                     tls.server_config().map_err(|e| Error::InvalidRequest {
@@ -238,6 +246,7 @@ impl Store {
                 leader_changes: Arc::default(),
                 leader_contact: tokio::sync::watch::Sender::new(tokio::time::Instant::now()),
                 latencies,
+                log_sync,
             });
             let mut tasks = vec![
                 tokio::spawn(batcher(
@@ -1077,6 +1086,18 @@ impl Store {
     }
 
     /// The Raft node, which only a member of the embedded store has.
+    /// Waits until every write this member made to its Raft log is on disk; none where
+    /// the store is not an embedded member.
+    pub(crate) async fn log_synced(&self) -> Option<Result<(), crate::raft::durable::SyncFailed>> {
+        let inner = self.member("Raft").ok()?;
+        Some(inner.log_sync.all_issued().await)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn log_sync(&self) -> crate::raft::durable::LogSync {
+        self.member("Raft").expect("a member").log_sync.clone()
+    }
+
     pub(crate) fn raft(&self) -> Option<&Raft> {
         self.member("Raft").ok().map(|inner| &inner.raft)
     }

@@ -2,11 +2,12 @@
 //!
 //! # Durability
 //! An append is written to RocksDB at once (so it is readable when `append` returns, as
-//! openraft requires) and acknowledged only after a flusher thread has synced the
-//! write-ahead log. The flusher takes every append that queued up while the previous sync
-//! ran and covers them with one sync: group commit, so throughput is not capped at one
-//! fsync per entry. Votes are written with a sync before `save_vote` returns, so a member
-//! can never vote twice in one term after a crash.
+//! openraft requires) and acknowledged then, before it is synced: see [`super::durable`]
+//! for why, and for the places that wait for the sync instead. A flusher thread takes
+//! every append that queued up while the previous sync ran and covers them with one sync:
+//! group commit, so throughput is not capped at one fsync per entry. Votes and
+//! truncations are written with a sync before they return, so a member can never vote
+//! twice in one term, nor bring back a truncated entry, after a crash.
 
 use std::ops::RangeBounds;
 use std::sync::mpsc as std_mpsc;
@@ -16,6 +17,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 
+use super::durable::LogSync;
 use super::{LogId, NodeId, StorageError, TypeConfig};
 use crate::db::{CF_LOG, CF_RAFT};
 
@@ -38,7 +40,9 @@ fn log_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError
 #[derive(Clone, Debug)]
 pub(crate) struct LogStore {
     db: Arc<DB>,
-    flusher: std_mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// Takes the number of each write to sync.
+    flusher: std_mpsc::Sender<u64>,
+    sync: LogSync,
 }
 
 impl LogStore {
@@ -46,27 +50,40 @@ impl LogStore {
     pub(crate) fn new(
         db: Arc<DB>,
         fsync: prometheus_client::metrics::histogram::Histogram,
-    ) -> Self {
-        let (tx, rx) = std_mpsc::channel::<LogFlushed<TypeConfig>>();
-        let flush_db = db.clone();
+    ) -> Result<Self, StorageError> {
+        let (tx, rx) = std_mpsc::channel::<u64>();
+        let mut store = Self {
+            db: db.clone(),
+            flusher: tx,
+            sync: LogSync::new(None),
+        };
+        // What the log holds at open came back from the disk (the open synced the WAL).
+        store.sync = LogSync::new(store.last_entry_log_id()?.map(|l| l.index));
+        let sync = store.sync.clone();
         std::thread::Builder::new()
             .name("raft-log-sync".into())
             .spawn(move || {
                 // Ends when openraft drops the last LogStore (member shutdown).
                 while let Ok(first) = rx.recv() {
-                    let mut pending = vec![first];
-                    pending.extend(rx.try_iter());
-                    let res = crate::latency::timed(&fsync, || flush_db.flush_wal(true));
-                    for cb in pending {
-                        let r = res.as_ref().map(|_| ()).map_err(|e| {
-                            std::io::Error::other(format!("syncing the raft log: {e}"))
-                        });
-                        cb.log_io_completed(r);
+                    #[cfg(test)]
+                    let _held = sync.hold.lock().expect("test hold");
+                    let upto = rx.try_iter().fold(first, u64::max);
+                    match crate::latency::timed(&fsync, || db.flush_wal(true)) {
+                        Ok(()) => sync.synced(upto),
+                        Err(e) => {
+                            tracing::error!(error = %e, "syncing the raft log failed");
+                            sync.failed(e.to_string());
+                        }
                     }
                 }
             })
             .expect("spawning the raft log sync thread");
-        Self { db, flusher: tx }
+        Ok(store)
+    }
+
+    /// What of the log is on disk, for the exits that wait for it.
+    pub(crate) fn sync(&self) -> LogSync {
+        self.sync.clone()
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -184,19 +201,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let cf = self.cf(CF_LOG);
         let mut batch = WriteBatch::default();
+        let mut last = None;
         for entry in entries {
             let bytes = postcard::to_stdvec(&entry).map_err(|e| log_err(ErrorVerb::Write, e))?;
             batch.put_cf(cf, idx(entry.log_id.index), bytes);
+            last = Some(entry.log_id.index);
         }
+        let Some(last) = last else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
         self.db
             .write(batch)
             .map_err(|e| log_err(ErrorVerb::Write, e))?;
-        self.flusher.send(callback).map_err(|_| {
+        let seq = self.sync.issue(Some(last));
+        self.flusher.send(seq).map_err(|_| {
             log_err(
                 ErrorVerb::Write,
                 std::io::Error::other("raft log sync thread has stopped"),
             )
-        })
+        })?;
+        callback.log_io_completed(Ok(()));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -208,7 +234,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         opts.set_sync(true);
         self.db
             .write_opt(batch, &opts)
-            .map_err(|e| log_err(ErrorVerb::Delete, e))
+            .map_err(|e| log_err(ErrorVerb::Delete, e))?;
+        // The synced write covers every unsynced append before it, too.
+        let seq = self.sync.issue(log_id.index.checked_sub(1));
+        self.sync.synced(seq);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -4,6 +4,7 @@
 // openraft's traits return its own (large) StorageError; helpers here return it as well.
 #![allow(clippy::result_large_err)]
 
+pub(crate) mod durable;
 pub(crate) mod log_store;
 pub(crate) mod network;
 pub(crate) mod snapshot;

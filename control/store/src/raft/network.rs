@@ -19,6 +19,7 @@ use openraft::{BasicNode, Snapshot, Vote};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::durable::LogSync;
 use super::snapshot::SnapshotData;
 use super::{NodeId, TypeConfig};
 
@@ -26,6 +27,8 @@ use super::{NodeId, TypeConfig};
 #[derive(Clone, Debug)]
 pub(crate) struct NetworkFactory {
     pub(crate) http: crate::tls::Http,
+    /// The local log's sync: a commit index leaves only once the log is synced that far.
+    pub(crate) log_sync: LogSync,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -36,6 +39,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             http: self.http.clone(),
+            log_sync: self.log_sync.clone(),
         }
     }
 }
@@ -45,6 +49,7 @@ pub(crate) struct Network {
     target: NodeId,
     addr: String,
     http: crate::tls::Http,
+    log_sync: LogSync,
 }
 
 /// Failure of one RPC before the peer's answer could be read.
@@ -141,6 +146,14 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        // The leader may have counted its own copy before syncing it (see
+        // `super::durable`); no other member learns of the commit before the sync.
+        if let Some(commit) = rpc.leader_commit {
+            self.log_sync
+                .index(commit.index)
+                .await
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        }
         let res: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = self
             .call("/raft/append", &rpc, option.hard_ttl())
             .await

@@ -19,6 +19,7 @@ use openraft::{
 };
 use rocksdb::{WriteBatch, DB};
 
+use super::durable::LogSync;
 use super::snapshot::{Meta, SnapshotData, SnapshotFiles};
 use super::{CompactRejected, LogId, NodeId, Request, Response, StorageError, TypeConfig};
 use crate::db::CF_META;
@@ -68,9 +69,18 @@ pub(crate) struct StateMachine {
     files: SnapshotFiles,
     applied: Option<LogId>,
     membership: Membership,
+    /// The local log's sync, which an entry waits for before it is applied (see
+    /// [`super::durable`]); none where the log is synced before it is acknowledged.
+    log_sync: Option<LogSync>,
 }
 
 impl StateMachine {
+    /// Applies an entry only once the local log has synced it.
+    pub(crate) fn waiting_for(mut self, log_sync: LogSync) -> Self {
+        self.log_sync = Some(log_sync);
+        self
+    }
+
     pub(crate) fn open(
         db: Arc<DB>,
         mvcc: Arc<Mvcc>,
@@ -98,6 +108,7 @@ impl StateMachine {
             files,
             applied,
             membership,
+            log_sync: None,
         };
         let current = sm
             .files
@@ -190,6 +201,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<_> = entries.into_iter().collect();
+        if let (Some(sync), Some(last)) = (&self.log_sync, entries.last()) {
+            sync.index(last.log_id.index)
+                .await
+                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        }
         let mvcc = self.mvcc.clone();
         let mut batch = mvcc.begin();
         let mut responses = Vec::new();
