@@ -48,6 +48,7 @@ pub mod ingress;
 pub mod job;
 pub mod nodelifecycle;
 pub mod owners;
+pub mod podranges;
 pub mod replicaset;
 pub mod resourcequota;
 pub mod rootca;
@@ -127,9 +128,8 @@ pub struct Ctx {
     pub node_grace: Duration,
     /// The size of the pod range each node gets (`--node-cidr-mask-size`).
     pub node_cidr_mask: u8,
-    pub cidr_lock: tokio::sync::Mutex<()>,
-    /// Pod ranges handed out and maybe not yet seen in the node store.
-    pub cidrs_given: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    /// The pod ranges handed out to nodes.
+    pub pod_ranges: podranges::PodRanges,
     /// The cluster's current step of [`ttl`], kept for its overlap between steps.
     pub ttl_step: std::sync::Mutex<usize>,
     pub expectations: Expectations,
@@ -350,7 +350,7 @@ pub struct Config {
     /// (they are still approved).
     pub signer: Option<csr::Signer>,
     /// The prefix length of each node's pod range (kube-controller-manager's
-    /// `--node-cidr-mask-size`), within [`nodelifecycle::NODE_MASKS`].
+    /// `--node-cidr-mask-size`), within [`podranges::NODE_MASKS`].
     pub node_cidr_mask: u8,
 }
 
@@ -425,12 +425,10 @@ pub async fn run(
         hpa_history: Default::default(),
         hpa_sync: config.hpa_sync,
         node_grace: config.node_monitor_grace,
-        node_cidr_mask: config.node_cidr_mask.clamp(
-            *nodelifecycle::NODE_MASKS.start(),
-            *nodelifecycle::NODE_MASKS.end(),
-        ),
-        cidr_lock: tokio::sync::Mutex::new(()),
-        cidrs_given: Default::default(),
+        node_cidr_mask: config
+            .node_cidr_mask
+            .clamp(*podranges::NODE_MASKS.start(), *podranges::NODE_MASKS.end()),
+        pod_ranges: Default::default(),
         ttl_step: Default::default(),
         expectations: Expectations::default(),
         recorder: Recorder::new(client.clone(), "controller-manager", None),

@@ -2,11 +2,13 @@
 //! evictions.
 //!
 //! ## Expected flow
-//! - **Ranges.** A node without `spec.podCIDR` gets the next free block of `127.128.0.0/9`,
-//!   as the node IPAM controller hands out ranges. Blocks are `/20` by default (4,096 pod
-//!   addresses each, for 2,048 nodes); `--node-cidr-mask-size` trades addresses per node
-//!   for nodes (`/22`: 1,024 and 8,192; `/24`: 256 and 32,768). A node that finds no free
-//!   block gets a `CIDRNotAvailable` event and is looked at again.
+//! - **Ranges.** A node without `spec.podCIDR` gets a free block of `127.128.0.0/9`,
+//!   chosen in memory by [`crate::podranges`], as the node IPAM controller hands out
+//!   ranges. Blocks are `/20` by default (4,096 pod addresses each, for 2,048 nodes);
+//!   `--node-cidr-mask-size` trades addresses per node for nodes (`/22`: 1,024 and
+//!   8,192; `/24`: 256 and 32,768). A node that finds no free block gets a
+//!   `CIDRNotAvailable` event and is looked at again. Its TTL annotation ([`crate::ttl`])
+//!   goes in the same write.
 //! - **Health.** A node's heartbeat is its Lease in `kube-node-lease`. A node silent for
 //!   longer than the grace period turns `Ready=Unknown` (`NodeStatusUnknown`) and gets the
 //!   `node.kubernetes.io/unreachable` taints, `NoSchedule` and `NoExecute`. When it
@@ -16,8 +18,6 @@
 //!   once if it does not tolerate it, never if it tolerates it without a limit. Its
 //!   ReplicaSet then replaces it on a healthy node.
 
-use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
+use crate::podranges::{blocks, POD_RANGES, POD_RANGES_PREFIX};
 use crate::Ctx;
 
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
@@ -42,42 +43,6 @@ pub struct Error {
     action: &'static str,
     #[source]
     source: kube::Error,
-}
-
-/// Where every pod range lies.
-const POD_RANGES: Ipv4Addr = Ipv4Addr::new(127, 128, 0, 0);
-const POD_RANGES_PREFIX: u8 = 9;
-/// The per-node mask sizes allowed: a node needs some addresses, and the pool some nodes.
-pub const NODE_MASKS: std::ops::RangeInclusive<u8> = 12..=28;
-
-/// How many blocks of `/mask` the pod ranges hold.
-fn blocks(mask: u8) -> u32 {
-    1 << (mask - POD_RANGES_PREFIX)
-}
-
-/// The `/mask` block number `i` of `127.128.0.0/9`.
-pub fn pod_cidr(i: u32, mask: u8) -> Option<String> {
-    if i >= blocks(mask) {
-        return None;
-    }
-    let base = u32::from(POD_RANGES) + (i << (32 - mask));
-    Some(format!("{}/{mask}", Ipv4Addr::from(base)))
-}
-
-/// The `/mask` blocks a node's range covers, whatever size it was given (the mask size
-/// may have changed since), so that no new range overlaps it.
-fn blocks_of(cidr: &str, mask: u8) -> std::ops::Range<u32> {
-    let parse = || -> Option<std::ops::Range<u32>> {
-        let (ip, prefix) = cidr.split_once('/')?;
-        let ip: Ipv4Addr = ip.parse().ok()?;
-        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
-        let start = u32::from(ip).checked_sub(u32::from(POD_RANGES))?;
-        let size = 1u64 << (32 - prefix);
-        let end = (u64::from(start) + size - 1).min(u64::from(u32::MAX >> POD_RANGES_PREFIX));
-        let shift = 32 - mask;
-        Some((start >> shift)..((end as u32) >> shift) + 1)
-    };
-    parse().unwrap_or(0..0)
 }
 
 fn lease_age(ctx: &Ctx, node: &Node) -> Option<Duration> {
@@ -133,72 +98,66 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
             source,
         }
     };
+    // The pod range and the TTL annotation, in one write. The range is chosen in memory
+    // (see `podranges`), so nodes that join together are not written one at a time.
+    let mask = ctx.node_cidr_mask;
+    let mut patch = serde_json::Map::new();
+    let mut registered = false;
     if node
         .spec
         .as_ref()
         .and_then(|s| s.pod_cidr.as_ref())
         .is_none()
     {
-        // Serialised by the controller (one reconcile per node at a time) but not across
-        // nodes: the lock makes two new nodes pick different blocks.
-        let _guard = ctx.cidr_lock.lock().await;
-        let mask = ctx.node_cidr_mask;
-        let used: BTreeSet<u32> = ctx
-            .nodes
-            .state()
-            .iter()
-            .filter_map(|n| n.spec.as_ref()?.pod_cidr.clone())
-            .flat_map(|c| blocks_of(&c, mask))
-            .chain(
-                ctx.cidrs_given
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .copied(),
-            )
-            .collect();
-        let free = (0..blocks(mask))
-            .find(|i| !used.contains(i))
-            .and_then(|i| pod_cidr(i, mask).map(|c| (i, c)));
-        if let Some((i, cidr)) = free {
-            api.patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}})),
-            )
-            .await
-            .map_err(err("assigning a pod range"))?;
-            ctx.cidrs_given
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(i);
-            ctx.recorder
-                .publish(
-                    &kube::Resource::object_ref(node.as_ref(), &()),
-                    baton_kube::events::EventType::Normal,
-                    "RegisteredNode",
-                    &format!("Node {name} event: Registered Node {name} in Controller"),
-                )
-                .await;
-        } else {
-            ctx.recorder
-                .publish(
-                    &kube::Resource::object_ref(node.as_ref(), &()),
-                    baton_kube::events::EventType::Normal,
-                    "CIDRNotAvailable",
-                    &format!(
-                        "Node {name} status is now: CIDRNotAvailable (all {} /{mask} ranges \
-                         of {POD_RANGES}/{POD_RANGES_PREFIX} are in use; see \
-                         --node-cidr-mask-size)",
-                        blocks(mask)
-                    ),
-                )
-                .await;
+        match ctx.pod_ranges.reserve(&name, mask, || ctx.nodes.state()) {
+            Some(cidr) => {
+                patch.insert("spec".into(), json!({"podCIDR": cidr, "podCIDRs": [cidr]}));
+                registered = true;
+            }
+            None => {
+                ctx.recorder
+                    .publish(
+                        &kube::Resource::object_ref(node.as_ref(), &()),
+                        baton_kube::events::EventType::Normal,
+                        "CIDRNotAvailable",
+                        &format!(
+                            "Node {name} status is now: CIDRNotAvailable (all {} /{mask} \
+                             ranges of {POD_RANGES}/{POD_RANGES_PREFIX} are in use; see \
+                             --node-cidr-mask-size)",
+                            blocks(mask)
+                        ),
+                    )
+                    .await;
+            }
         }
+    } else {
+        ctx.pod_ranges.note(&node, mask);
     }
-    crate::ttl::reconcile(&node, &ctx)
+    if let Some(ttl) = crate::ttl::wanted(&node, &ctx) {
+        patch.insert(
+            "metadata".into(),
+            json!({"annotations": {crate::ttl::ANNOTATION: ttl}}),
+        );
+    }
+    if !patch.is_empty() {
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::Value::Object(patch)),
+        )
         .await
-        .map_err(err("setting its TTL annotation"))?;
+        .map_err(err("assigning its pod range and TTL"))?;
+    }
+    if registered {
+        ctx.recorder
+            .publish(
+                &kube::Resource::object_ref(node.as_ref(), &()),
+                baton_kube::events::EventType::Normal,
+                "RegisteredNode",
+                &format!("Node {name} event: Registered Node {name} in Controller"),
+            )
+            .await;
+    }
     let grace = ctx.node_grace;
     let silent = lease_age(&ctx, &node).is_none_or(|age| age > grace)
         && node
@@ -349,28 +308,6 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
 mod tests {
     use super::*;
 
-    #[test]
-    fn pod_ranges_are_disjoint_blocks() {
-        assert_eq!(pod_cidr(0, 20).unwrap(), "127.128.0.0/20");
-        assert_eq!(pod_cidr(1, 20).unwrap(), "127.128.16.0/20");
-        assert_eq!(pod_cidr(2047, 20).unwrap(), "127.255.240.0/20");
-        assert!(pod_cidr(2048, 20).is_none());
-        assert_eq!(blocks_of("127.128.16.0/20", 20), 1..2);
-        // 5,000 nodes fit at /22, with 1,024 addresses each.
-        assert_eq!(blocks(22), 8192);
-        assert_eq!(pod_cidr(4999, 22).unwrap(), "127.206.28.0/22");
-        assert_eq!(pod_cidr(8191, 22).unwrap(), "127.255.252.0/22");
-        assert!(pod_cidr(8192, 22).is_none());
-        // A range of another size covers every block it overlaps.
-        assert_eq!(blocks_of("127.128.16.0/20", 22), 4..8);
-        assert_eq!(blocks_of("127.128.20.0/22", 20), 1..2);
-        assert_eq!(blocks_of("127.128.0.0/9", 20), 0..2048);
-        // Ranges elsewhere, and nonsense, cover nothing.
-        assert!(blocks_of("10.0.0.0/24", 20).is_empty());
-        assert!(blocks_of("127.128.0.0/99", 20).is_empty());
-        assert!(blocks_of("garbage", 20).is_empty());
-    }
-
     fn node(name: &str, cidr: Option<&str>) -> serde_json::Value {
         let mut n = json!({
             "apiVersion": "v1", "kind": "Node",
@@ -392,7 +329,10 @@ mod tests {
         // given under another mask size.
         Arc::get_mut(&mut w.ctx).unwrap().node_cidr_mask = 12;
         for i in 0..6 {
-            w.node(node(&format!("n{i}"), pod_cidr(i, 12).as_deref()));
+            w.node(node(
+                &format!("n{i}"),
+                crate::podranges::pod_cidr(i, 12).as_deref(),
+            ));
         }
         w.node(node("small", Some("127.240.16.0/20")));
         let new = w.node(node("new", None));
@@ -414,6 +354,26 @@ mod tests {
         assert_eq!(
             w.api.events(),
             ["Normal RegisteredNode", "Normal CIDRNotAvailable"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_joining_node_gets_its_range_and_its_ttl_in_one_write() {
+        let mut w = crate::fake::World::new();
+        let mut fresh = node("fresh", None);
+        fresh["metadata"]["annotations"] = json!({});
+        let fresh = w.node(fresh);
+        reconcile(fresh, w.ctx.clone()).await.unwrap();
+        let writes = w.api.write_calls();
+        let patches: Vec<_> = writes
+            .iter()
+            .filter(|c| c.path == "/api/v1/nodes/fresh")
+            .collect();
+        assert_eq!(patches.len(), 1, "{writes:?}");
+        assert_eq!(patches[0].body["spec"]["podCIDR"], "127.128.0.0/20");
+        assert_eq!(
+            patches[0].body["metadata"]["annotations"][crate::ttl::ANNOTATION],
+            "0"
         );
     }
 

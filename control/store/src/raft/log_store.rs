@@ -51,13 +51,16 @@ impl LogStore {
         db: Arc<DB>,
         fsync: prometheus_client::metrics::histogram::Histogram,
     ) -> Result<Self, StorageError> {
+        // What the log holds at open may have been recovered from a WAL that a crashed
+        // process wrote but never synced: sync it, so that the mark starts true.
+        db.flush_wal(true)
+            .map_err(|e| log_err(ErrorVerb::Write, e))?;
         let (tx, rx) = std_mpsc::channel::<u64>();
         let mut store = Self {
             db: db.clone(),
             flusher: tx,
             sync: LogSync::new(None),
         };
-        // What the log holds at open came back from the disk (the open synced the WAL).
         store.sync = LogSync::new(store.last_entry_log_id()?.map(|l| l.index));
         let sync = store.sync.clone();
         std::thread::Builder::new()
