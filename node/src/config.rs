@@ -104,6 +104,8 @@ pub struct ObjectCache {
     secrets: Mutex<Kept<Secret>>,
     /// The TTL the control plane set on this node, in seconds ([`ObjectCache::follow`]).
     node_ttl: std::sync::atomic::AtomicU64,
+    /// Whether the Node followed last carried the annotation.
+    knows_ttl: std::sync::atomic::AtomicBool,
 }
 
 /// The longest TTL a Node's annotation may set: a refresh still comes within the hour.
@@ -122,10 +124,16 @@ impl ObjectCache {
             .annotations
             .as_ref()
             .and_then(|a| a.get(baton_kube::NODE_TTL_ANNOTATION))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
+            .and_then(|v| v.parse::<u64>().ok());
+        self.knows_ttl
+            .store(secs.is_some(), std::sync::atomic::Ordering::Relaxed);
         self.node_ttl
-            .store(secs, std::sync::atomic::Ordering::Relaxed);
+            .store(secs.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the Node followed last carried a TTL the node could read.
+    pub fn knows_ttl(&self) -> bool {
+        self.knows_ttl.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How old an object read for another pod may be at a refresh: the node's TTL, but

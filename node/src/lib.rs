@@ -381,13 +381,17 @@ pub async fn run(
             let mut pressure_tick = tokio::time::interval(eviction::INTERVAL);
             let mut beats = 0u64;
             let mut reported_pressure = false;
+            let mut renewal_failed = false;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
+                        beats += 1;
                         if let Err(e) = register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await {
                             tracing::warn!(error = %e, "heartbeat failed");
+                            // The report waits for the way to the control plane.
+                            renewal_failed = true;
+                            continue;
                         }
-                        beats += 1;
                     }
                     // A change of memory pressure is reported at once, not at the next
                     // status refresh.
@@ -402,32 +406,46 @@ pub async fn run(
                 // A new image is told at once: the scheduler prefers nodes that hold a
                 // pod's images, which is what makes a start from zero fast.
                 let held = images.node_images();
-                if beats % 6 == 0 || pressure != reported_pressure || held != reported_images {
-                    let identity = cfg.identity(kubelet_port);
-                    match register::refresh(
-                        &client,
-                        identity,
-                        &register::Reported {
-                            memory_pressure: pressure,
-                            images: &held,
-                        },
-                    )
-                    .await
-                    {
-                        Ok(node) => {
-                            objects.follow(&node);
-                            reported_images = held;
-                            if pressure != reported_pressure {
-                                let status = if pressure {
-                                    "NodeHasInsufficientMemory"
-                                } else {
-                                    "NodeHasSufficientMemory"
-                                };
-                                register::tell_status(&events, &cfg.name, status);
+                let changed =
+                    renewal_failed || pressure != reported_pressure || held != reported_images;
+                match register::status_due(beats, changed, objects.knows_ttl()) {
+                    register::StatusDue::Nothing => {}
+                    register::StatusDue::Read => {
+                        match register::read_node(&client, &cfg.name).await {
+                            Ok(node) => objects.follow(&node),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "reading the node's own Node failed")
                             }
-                            reported_pressure = pressure;
                         }
-                        Err(e) => tracing::warn!(error = %e, "node status update failed"),
+                    }
+                    register::StatusDue::Report => {
+                        let identity = cfg.identity(kubelet_port);
+                        match register::refresh(
+                            &client,
+                            identity,
+                            &register::Reported {
+                                memory_pressure: pressure,
+                                images: &held,
+                            },
+                        )
+                        .await
+                        {
+                            Ok(node) => {
+                                objects.follow(&node);
+                                renewal_failed = false;
+                                reported_images = held;
+                                if pressure != reported_pressure {
+                                    let status = if pressure {
+                                        "NodeHasInsufficientMemory"
+                                    } else {
+                                        "NodeHasSufficientMemory"
+                                    };
+                                    register::tell_status(&events, &cfg.name, status);
+                                }
+                                reported_pressure = pressure;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "node status update failed"),
+                        }
                     }
                 }
             }
