@@ -734,6 +734,20 @@ fn host_path(volume: &str, path: &str, allowed: &[PathBuf]) -> Result<PathBuf, C
     Ok(real)
 }
 
+/// A version's name: a digest of its files' names and contents, so that the version in
+/// place is known by its name alone.
+fn version_name(files: &BTreeMap<String, Vec<u8>>) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for (name, data) in files {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(data);
+    }
+    format!("..{:x}", h.finalize())
+}
+
 fn write_files(
     dir: &Path,
     volume: &str,
@@ -757,27 +771,40 @@ fn write_files(
     // and every top-level name is a link through `..data`: a reader sees the old files
     // or the new ones, never half of each, and long-running components see updates.
     std::fs::create_dir_all(dir).map_err(io)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let version = format!("..{stamp}");
-    let tmp = dir.join(&version);
-    std::fs::create_dir(&tmp).map_err(io)?;
-    for (name, data) in files {
-        let p = tmp.join(name);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).map_err(io)?;
-        }
-        std::fs::write(&p, data).map_err(io)?;
-    }
-    let link = dir.join("..data_tmp");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&version, &link).map_err(io)?;
-    std::fs::rename(&link, dir.join("..data")).map_err(io)?;
+    let version = version_name(files);
     let top: std::collections::BTreeSet<String> = files
         .keys()
         .filter_map(|n| n.split('/').next().map(String::from))
         .collect();
+    // A refresh whose files are those in place writes nothing, as the kubelet's atomic
+    // writer compares its payload: on a node with thousands of pods, rewriting every
+    // volume at every refresh was most of the node's system time.
+    let in_place =
+        std::fs::read_link(dir.join("..data")).ok().as_deref() == Some(Path::new(&version));
+    if in_place {
+        if top
+            .iter()
+            .all(|n| std::fs::symlink_metadata(dir.join(n)).is_ok())
+        {
+            return Ok(());
+        }
+    } else {
+        let tmp = dir.join(&version);
+        // Left by a write cut short: its name says what it should hold, not that it does.
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(io)?;
+        for (name, data) in files {
+            let p = tmp.join(name);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            std::fs::write(&p, data).map_err(io)?;
+        }
+        let link = dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&version, &link).map_err(io)?;
+        std::fs::rename(&link, dir.join("..data")).map_err(io)?;
+    }
     for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name == "..data" || name == version {
@@ -1414,9 +1441,37 @@ mod tests {
         let names: std::collections::BTreeSet<String> = std::fs::read_dir(&v)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with("..1"))
+            .filter(|n| n == "..data" || !n.starts_with(".."))
             .collect();
         assert_eq!(names, ["..data", "a"].map(String::from).into());
+        let versions = |v: &Path| {
+            std::fs::read_dir(v)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("..") && n != "..data")
+                .count()
+        };
+        assert_eq!(versions(&v), 1);
+        // The same files again: nothing is written, the file in place is the same one.
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(v.join("a")).unwrap().ino();
+        write_files(
+            &v,
+            "cfg",
+            &BTreeMap::from([("a".to_string(), b"3".to_vec())]),
+        )
+        .unwrap();
+        assert_eq!(std::fs::metadata(v.join("a")).unwrap().ino(), ino);
+        // A link removed from under it is put back.
+        std::fs::remove_file(v.join("a")).unwrap();
+        write_files(
+            &v,
+            "cfg",
+            &BTreeMap::from([("a".to_string(), b"3".to_vec())]),
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(v.join("a")).unwrap(), b"3");
+        assert_eq!(versions(&v), 1);
         // A directory held open (a component's preopen) sees the new files.
         let held = std::fs::File::open(&v).unwrap();
         write_files(
