@@ -33,6 +33,8 @@ use crate::Ctx;
 
 /// Pods created per reconcile at most; the rest come on the next pass.
 const BURST: usize = 500;
+/// Events of one burst written at once.
+const EVENTS_AT_ONCE: usize = 4;
 
 /// Why a ReplicaSet could not be reconciled (it is retried).
 #[derive(Debug, thiserror::Error)]
@@ -301,36 +303,43 @@ async fn reconcile_set(set: Set, ctx: Arc<Ctx>) -> Result<Action, Error> {
                     set.template.clone().unwrap_or_default(),
                     &pod_name,
                 );
-                let (api, recorder, object) =
-                    (api.clone(), ctx.recorder.clone(), set.object.clone());
-                // Each creation tells its own event: told one after another, a burst of
-                // 500 held this reconcile (and one of the controller's 16 workers) for
-                // 500 round trips, and at 5,000 nodes the ReplicaSets queued behind it.
-                async move {
-                    let res = api.create(&PostParams::default(), &pod).await;
-                    let (type_, reason, message) = match &res {
-                        Ok(_) => (
-                            EventType::Normal,
-                            "SuccessfulCreate",
-                            format!("Created pod: {pod_name}"),
-                        ),
-                        Err(e) => (
+                let api = api.clone();
+                async move { (pod_name, api.create(&PostParams::default(), &pod).await) }
+            });
+            let created = futures::future::join_all(creates).await;
+            let mut first_err = None;
+            let mut told = Vec::with_capacity(created.len());
+            for (pod_name, res) in created {
+                match res {
+                    Ok(_) => told.push((
+                        EventType::Normal,
+                        "SuccessfulCreate",
+                        format!("Created pod: {pod_name}"),
+                    )),
+                    Err(e) => {
+                        ctx.expectations.creation_failed(&uid, &pod_name);
+                        told.push((
                             EventType::Warning,
                             "FailedCreate",
                             format!("Error creating: {e}"),
-                        ),
-                    };
-                    recorder.publish(&object, type_, reason, &message).await;
-                    (pod_name, res)
-                }
-            });
-            let mut first_err = None;
-            for (pod_name, res) in futures::future::join_all(creates).await {
-                if let Err(e) = res {
-                    ctx.expectations.creation_failed(&uid, &pod_name);
-                    first_err.get_or_insert(e);
+                        ));
+                        first_err.get_or_insert(e);
+                    }
                 }
             }
+            // A few events at a time: told one after another, a burst of 500 held this
+            // reconcile (one of the controller's 16 workers) for 500 round trips, and at
+            // 5,000 nodes the ReplicaSets queued behind it; told all at once, they filled
+            // the API server's queues and other writes were refused.
+            futures::StreamExt::for_each_concurrent(
+                futures::stream::iter(told),
+                EVENTS_AT_ONCE,
+                |(type_, reason, message)| {
+                    let (recorder, object) = (&ctx.recorder, &set.object);
+                    async move { recorder.publish(object, type_, reason, &message).await }
+                },
+            )
+            .await;
             if let Some(source) = first_err {
                 return Err(Error::CreatePod {
                     rs: format!("{ns}/{name}"),
