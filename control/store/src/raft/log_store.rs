@@ -56,12 +56,11 @@ impl LogStore {
         db.flush_wal(true)
             .map_err(|e| log_err(ErrorVerb::Write, e))?;
         let (tx, rx) = std_mpsc::channel::<u64>();
-        let mut store = Self {
+        let store = Self {
             db: db.clone(),
             flusher: tx,
-            sync: LogSync::new(None),
+            sync: LogSync::new(Self::last_entry_in(&db)?.map(|l| l.index)),
         };
-        store.sync = LogSync::new(store.last_entry_log_id()?.map(|l| l.index));
         let sync = store.sync.clone();
         std::thread::Builder::new()
             .name("raft-log-sync".into())
@@ -119,7 +118,12 @@ impl LogStore {
     }
 
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_LOG));
+        Self::last_entry_in(&self.db)
+    }
+
+    fn last_entry_in(db: &DB) -> Result<Option<LogId>, StorageError> {
+        let cf = db.cf_handle(CF_LOG).expect("column family created at open");
+        let mut it = db.raw_iterator_cf(cf);
         it.seek_to_last();
         match it.value() {
             Some(v) => {
