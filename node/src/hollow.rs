@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_kube::events::{EventQueue, Recorder};
+use baton_kube::events::Recorder;
 use kube::Client;
 
 use crate::fake::{FakeSandboxes, Script};
@@ -89,10 +89,7 @@ pub async fn run(
         register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4)
     })
     .await;
-    let events = EventQueue::spawn(
-        Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
-        64,
-    );
+    let events = Recorder::with_queue(client.clone(), "kubelet", Some(&cfg.name), 64, 1);
     let sandboxes = FakeSandboxes::default();
     sandboxes
         .any_image(Script::Serve)

@@ -58,7 +58,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_kube::events::{EventQueue, Recorder};
+use baton_kube::events::Recorder;
 use baton_wasm_shim::{Runtime, RuntimeConfig, ShimError};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -230,10 +230,7 @@ pub async fn run(
         &register::Reported::default(),
     )
     .await?;
-    let events = EventQueue::spawn(
-        Recorder::new(client.clone(), "kubelet", Some(&cfg.name)),
-        1024,
-    );
+    let events = Recorder::new(client.clone(), "kubelet", Some(&cfg.name));
     register::tell_started(&events, &cfg.name);
     let pod_cidr = match &cfg.pod_cidr {
         Some(c) => c.clone(),

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use baton_kube::events::{EventQueue, EventType};
+use baton_kube::events::{EventType, Recorder};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::{Patch, PatchParams, PostParams};
@@ -118,12 +118,12 @@ fn node_ref(name: &str) -> ObjectReference {
 
 /// What the kubelet tells of its node when it starts: started, each condition's state,
 /// Ready.
-pub fn tell_started(events: &EventQueue, name: &str) {
-    events.post(
-        node_ref(name),
+pub fn tell_started(events: &Recorder, name: &str) {
+    events.publish(
+        &node_ref(name),
         EventType::Normal,
         "Starting",
-        "Starting kubelet.".into(),
+        "Starting kubelet.",
     );
     for status in [
         "NodeHasSufficientMemory",
@@ -136,12 +136,12 @@ pub fn tell_started(events: &EventQueue, name: &str) {
 }
 
 /// A change of the node's status, as the kubelet words it (`NodeHasInsufficientMemory`).
-pub fn tell_status(events: &EventQueue, name: &str, status: &'static str) {
-    events.post(
-        node_ref(name),
+pub fn tell_status(events: &Recorder, name: &str, status: &'static str) {
+    events.publish(
+        &node_ref(name),
         EventType::Normal,
         status,
-        format!("Node {name} status is now: {status}"),
+        &format!("Node {name} status is now: {status}"),
     );
 }
 

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton_kube::error::chain;
-use baton_kube::events::{EventQueue, EventType};
+use baton_kube::events::{EventType, Recorder};
 use baton_kube::pod as podx;
 use baton_wasm_shim::logs::{ContainerLog, LogConfig};
 use baton_wasm_shim::Exit;
@@ -95,7 +95,7 @@ pub struct Shared<S> {
     pub node_name: String,
     pub host_ip: String,
     pub data_dir: PathBuf,
-    pub events: EventQueue,
+    pub events: Recorder,
     pub settings: Settings,
     pub services: Option<crate::proxy::Services>,
     pub logs: Arc<crate::server::LogIndex>,
@@ -311,7 +311,7 @@ impl<S: Sandboxes> Worker<S> {
     fn event(&self, type_: EventType, reason: &'static str, message: String) {
         self.shared
             .events
-            .post(self.pod.object_ref(&()), type_, reason, message);
+            .publish(&self.pod.object_ref(&()), type_, reason, &message);
     }
 
     /// Whether the API has been told the pod is Ready, or finished: its start is over.
@@ -1428,10 +1428,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let client = api.client();
         let shared = Arc::new(Shared {
-            events: EventQueue::spawn(
-                baton_kube::events::Recorder::new(client.clone(), "kubelet", Some("n1")),
-                256,
-            ),
+            events: Recorder::with_queue(client.clone(), "kubelet", Some("n1"), 256, 1),
             client,
             sandboxes: fake.clone(),
             ipam: Mutex::new(Ipam::new("127.1.0.0/28").unwrap()),
@@ -1548,6 +1545,7 @@ mod tests {
         assert_eq!(s["qosClass"], "BestEffort");
         assert_eq!(condition(&s, "Initialized"), "True");
         assert_eq!(n.fake.running(), ["web"]);
+        n.shared.events.flushed().await;
         assert!(n.api.events().contains(&"Normal Started".to_string()));
     }
 
@@ -1827,6 +1825,7 @@ mod tests {
                 .contains("failed liveness probe"),
             "{last}"
         );
+        n.shared.events.flushed().await;
         let events = n.api.events();
         assert!(
             events.contains(&"Warning Unhealthy".to_string()),
@@ -1862,6 +1861,7 @@ mod tests {
         let _p = n.run(pod(json!({"hostNetwork": true, "hostPID": true,
             "containers": [{"name": "c", "image": "serve"}]})));
         n.until("Running", |s| s["phase"] == "Running").await;
+        n.shared.events.flushed().await;
         let events = n.api.events();
         assert!(
             events.contains(&"Warning HostNamespacesNotShared".to_string()),
@@ -1873,6 +1873,7 @@ mod tests {
             json!({"containers": [{"name": "c", "image": "serve"}]}),
         ));
         n.until("Running", |s| s["phase"] == "Running").await;
+        n.shared.events.flushed().await;
         let events = n.api.events();
         assert!(
             !events.iter().any(|e| e.contains("HostNamespaces")),

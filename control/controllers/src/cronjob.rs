@@ -117,14 +117,12 @@ async fn delete_job(
     name: &str,
 ) -> Result<(), kube::Error> {
     if crate::delete_if_present(jobs, name, &DeleteParams::background()).await? {
-        ctx.recorder
-            .publish(
-                &cj.object_ref(&()),
-                EventType::Normal,
-                "SuccessfulDelete",
-                &format!("Deleted job {name}"),
-            )
-            .await;
+        ctx.recorder.publish(
+            &cj.object_ref(&()),
+            EventType::Normal,
+            "SuccessfulDelete",
+            &format!("Deleted job {name}"),
+        );
     }
     Ok(())
 }
@@ -206,14 +204,12 @@ pub async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Ctx>) -> Result<Action, Error>
     let mut requeue = None;
     match Schedule::parse(&spec.schedule, spec.time_zone.as_deref()) {
         Err(e) => {
-            ctx.recorder
-                .publish(
-                    &cj.object_ref(&()),
-                    EventType::Warning,
-                    "UnparseableSchedule",
-                    &format!("unparseable schedule {:?}: {e}", spec.schedule),
-                )
-                .await;
+            ctx.recorder.publish(
+                &cj.object_ref(&()),
+                EventType::Warning,
+                "UnparseableSchedule",
+                &format!("unparseable schedule {:?}: {e}", spec.schedule),
+            );
         }
         Ok(schedule) => {
             requeue = schedule.next_after(now);
@@ -231,8 +227,7 @@ pub async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Ctx>) -> Result<Action, Error>
                             EventType::Warning,
                             "TooManyMissedTimes",
                             "too many missed start times; set or decrease .spec.startingDeadlineSeconds or check clock skew",
-                        )
-                        .await;
+                        );
                 }
                 let policy = spec.concurrency_policy.as_deref().unwrap_or("Allow");
                 let start = if spec.suspend == Some(true) {
@@ -256,27 +251,23 @@ pub async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Ctx>) -> Result<Action, Error>
                     let job = job_for(&cj, scheduled, &zone_time);
                     match jobs_api.create(&PostParams::default(), &job).await {
                         Ok(made) => {
-                            ctx.recorder
-                                .publish(
-                                    &cj.object_ref(&()),
-                                    EventType::Normal,
-                                    "SuccessfulCreate",
-                                    &format!("Created job {}", made.name_any()),
-                                )
-                                .await;
+                            ctx.recorder.publish(
+                                &cj.object_ref(&()),
+                                EventType::Normal,
+                                "SuccessfulCreate",
+                                &format!("Created job {}", made.name_any()),
+                            );
                             active.push(job_ref(&made));
                         }
                         // Made before (by this or another manager): the time is taken.
                         Err(kube::Error::Api(e)) if e.code == 409 => {}
                         Err(kube::Error::Api(e)) if e.code == 403 || e.code == 422 => {
-                            ctx.recorder
-                                .publish(
-                                    &cj.object_ref(&()),
-                                    EventType::Warning,
-                                    "FailedCreate",
-                                    &format!("Error creating job: {}", e.message),
-                                )
-                                .await;
+                            ctx.recorder.publish(
+                                &cj.object_ref(&()),
+                                EventType::Warning,
+                                "FailedCreate",
+                                &format!("Error creating job: {}", e.message),
+                            );
                         }
                         Err(e) => return Err(err("creating a job")(e)),
                     }
@@ -312,14 +303,12 @@ pub async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Ctx>) -> Result<Action, Error>
         {
             Ok(_) => {
                 for (job, outcome) in saw {
-                    ctx.recorder
-                        .publish(
-                            &cj.object_ref(&()),
-                            EventType::Normal,
-                            "SawCompletedJob",
-                            &format!("Saw completed job: {job}, condition: {outcome}"),
-                        )
-                        .await;
+                    ctx.recorder.publish(
+                        &cj.object_ref(&()),
+                        EventType::Normal,
+                        "SawCompletedJob",
+                        &format!("Saw completed job: {job}, condition: {outcome}"),
+                    );
                 }
             }
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
@@ -540,7 +529,7 @@ mod tests {
             "lastScheduleTime": "2026-12-03T10:01:00Z",
             "active": [{"kind": "Job", "name": "tick-1", "namespace": "default"}]}}));
         reconcile(Arc::new(cj), w.ctx.clone()).await.unwrap();
-        assert_eq!(w.api.events(), ["Normal SawCompletedJob"]);
+        assert_eq!(w.events().await, ["Normal SawCompletedJob"]);
         let calls = w.api.calls();
         let event = calls.iter().find(|c| c.path.contains("/events")).unwrap();
         assert_eq!(
@@ -550,7 +539,7 @@ mod tests {
         // The status no longer lists it: nothing more to tell.
         let cj = cronjob(json!({"status": {"lastScheduleTime": "2026-12-03T10:01:00Z"}}));
         reconcile(Arc::new(cj), w.ctx.clone()).await.unwrap();
-        assert_eq!(w.api.events().len(), 1);
+        assert_eq!(w.events().await.len(), 1);
     }
 
     #[tokio::test]

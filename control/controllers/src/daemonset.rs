@@ -328,26 +328,20 @@ pub async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Erro
             let pod_name = p.name_any();
             ctx.expectations.expect_create(&uid, &pod_name);
             match pods_api.create(&PostParams::default(), &p).await {
-                Ok(_) => {
-                    ctx.recorder
-                        .publish(
-                            &ds.object_ref(&()),
-                            EventType::Normal,
-                            "SuccessfulCreate",
-                            &format!("Created pod: {pod_name}"),
-                        )
-                        .await
-                }
+                Ok(_) => ctx.recorder.publish(
+                    &ds.object_ref(&()),
+                    EventType::Normal,
+                    "SuccessfulCreate",
+                    &format!("Created pod: {pod_name}"),
+                ),
                 Err(e) => {
                     ctx.expectations.creation_failed(&uid, &pod_name);
-                    ctx.recorder
-                        .publish(
-                            &ds.object_ref(&()),
-                            EventType::Warning,
-                            "FailedCreate",
-                            &format!("Error creating: {e}"),
-                        )
-                        .await;
+                    ctx.recorder.publish(
+                        &ds.object_ref(&()),
+                        EventType::Warning,
+                        "FailedCreate",
+                        &format!("Error creating: {e}"),
+                    );
                     return Err(err("creating a pod")(e));
                 }
             }
@@ -360,14 +354,12 @@ pub async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Erro
                     .await
                     .map_err(err("deleting a pod"))?;
             if deleted {
-                ctx.recorder
-                    .publish(
-                        &ds.object_ref(&()),
-                        EventType::Normal,
-                        "SuccessfulDelete",
-                        &format!("Deleted pod: {} ({why})", p.name_any()),
-                    )
-                    .await
+                ctx.recorder.publish(
+                    &ds.object_ref(&()),
+                    EventType::Normal,
+                    "SuccessfulDelete",
+                    &format!("Deleted pod: {} ({why})", p.name_any()),
+                )
             }
         }
     }

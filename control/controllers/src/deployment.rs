@@ -309,14 +309,12 @@ pub async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Erro
         .map_err(|e| Error::Incomplete(format!("{name}: {e}")))?;
         match rs_api.create(&PostParams::default(), &rs).await {
             Ok(created) => {
-                ctx.recorder
-                    .publish(
-                        &d.object_ref(&()),
-                        EventType::Normal,
-                        "ScalingReplicaSet",
-                        &format!("Scaled up replica set {rs_name} from 0 to {initial}"),
-                    )
-                    .await;
+                ctx.recorder.publish(
+                    &d.object_ref(&()),
+                    EventType::Normal,
+                    "ScalingReplicaSet",
+                    &format!("Scaled up replica set {rs_name} from 0 to {initial}"),
+                );
                 new_rs = Some(Arc::new(created));
                 progressed = true;
             }
@@ -406,14 +404,12 @@ pub async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Erro
             .await
             .map_err(api_err("scaling a ReplicaSet"))?;
         let verb = if to > from { "up" } else { "down" };
-        ctx.recorder
-            .publish(
-                &d.object_ref(&()),
-                EventType::Normal,
-                "ScalingReplicaSet",
-                &format!("Scaled {verb} replica set {rs_name} from {from} to {to}"),
-            )
-            .await;
+        ctx.recorder.publish(
+            &d.object_ref(&()),
+            EventType::Normal,
+            "ScalingReplicaSet",
+            &format!("Scaled {verb} replica set {rs_name} from {from} to {to}"),
+        );
         progressed = true;
     }
 

@@ -112,6 +112,13 @@ impl World {
         }
     }
 
+    /// The events recorded so far (see [`FakeApi::events`]), once the recorder has written
+    /// all it was given.
+    pub async fn events(&self) -> Vec<String> {
+        self.ctx.recorder.flushed().await;
+        self.api.events()
+    }
+
     pub fn ingress(&mut self, v: Value) -> Arc<k8s_openapi::api::networking::v1::Ingress> {
         apply(&mut self.ingresses, v)
     }

@@ -127,8 +127,7 @@ pub async fn reconcile(ing: Arc<Ingress>, ctx: Arc<Ctx>) -> Result<Action, Error
                     &format!(
                         "Secret {ns}/{secret} named in spec.tls does not exist: {hosts} served over HTTP only"
                     ),
-                )
-                .await;
+                );
         }
     }
     Ok(if missing {

@@ -226,14 +226,12 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                         ctx.expectations.creation_failed(&uid, &pod_name);
                         return Err(err("creating a pod")(e));
                     }
-                    ctx.recorder
-                        .publish(
-                            &job.object_ref(&()),
-                            EventType::Normal,
-                            "SuccessfulCreate",
-                            &format!("Created pod: {pod_name}"),
-                        )
-                        .await;
+                    ctx.recorder.publish(
+                        &job.object_ref(&()),
+                        EventType::Normal,
+                        "SuccessfulCreate",
+                        &format!("Created pod: {pod_name}"),
+                    );
                 }
             }
         } else if active.len() > want {
@@ -288,8 +286,7 @@ pub async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 EventType::Warning
             };
             ctx.recorder
-                .publish(&job.object_ref(&()), t, reason, &message)
-                .await;
+                .publish(&job.object_ref(&()), t, reason, &message);
         }
     }
     if let Some(d) = spec.active_deadline_seconds {
@@ -435,7 +432,7 @@ mod tests {
             .find(|c| c["type"] == "Failed")
             .expect("a Failed condition");
         assert_eq!(failed["reason"], "BackoffLimitExceeded");
-        assert_eq!(w.api.events(), ["Warning BackoffLimitExceeded"]);
+        assert_eq!(w.events().await, ["Warning BackoffLimitExceeded"]);
     }
 
     #[tokio::test]
@@ -456,7 +453,7 @@ mod tests {
             .map(|c| c["type"].as_str().unwrap().to_string())
             .collect();
         assert_eq!(types, ["SuccessCriteriaMet", "Complete"]);
-        assert_eq!(w.api.events(), ["Normal Completed"]);
+        assert_eq!(w.events().await, ["Normal Completed"]);
     }
 
     #[tokio::test]

@@ -431,7 +431,8 @@ pub async fn run(
         pod_ranges: Default::default(),
         ttl_step: Default::default(),
         expectations: Expectations::default(),
-        recorder: Recorder::new(client.clone(), "controller-manager", None),
+        // Several writers: the controllers record for many objects at once.
+        recorder: Recorder::with_queue(client.clone(), "controller-manager", None, 1000, 4),
         clock: config.clock.clone(),
         root_ca: config.root_ca.clone(),
         signer: config.signer.clone(),

@@ -115,19 +115,17 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                 registered = true;
             }
             None => {
-                ctx.recorder
-                    .publish(
-                        &kube::Resource::object_ref(node.as_ref(), &()),
-                        baton_kube::events::EventType::Normal,
-                        "CIDRNotAvailable",
-                        &format!(
-                            "Node {name} status is now: CIDRNotAvailable (all {} /{mask} \
+                ctx.recorder.publish(
+                    &kube::Resource::object_ref(node.as_ref(), &()),
+                    baton_kube::events::EventType::Normal,
+                    "CIDRNotAvailable",
+                    &format!(
+                        "Node {name} status is now: CIDRNotAvailable (all {} /{mask} \
                              ranges of {POD_RANGES}/{POD_RANGES_PREFIX} are in use; see \
                              --node-cidr-mask-size)",
-                            blocks(mask)
-                        ),
-                    )
-                    .await;
+                        blocks(mask)
+                    ),
+                );
             }
         }
     } else {
@@ -149,14 +147,12 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         .map_err(err("assigning its pod range and TTL"))?;
     }
     if registered {
-        ctx.recorder
-            .publish(
-                &kube::Resource::object_ref(node.as_ref(), &()),
-                baton_kube::events::EventType::Normal,
-                "RegisteredNode",
-                &format!("Node {name} event: Registered Node {name} in Controller"),
-            )
-            .await;
+        ctx.recorder.publish(
+            &kube::Resource::object_ref(node.as_ref(), &()),
+            baton_kube::events::EventType::Normal,
+            "RegisteredNode",
+            &format!("Node {name} event: Registered Node {name} in Controller"),
+        );
     }
     let grace = ctx.node_grace;
     let silent = lease_age(&ctx, &node).is_none_or(|age| age > grace)
@@ -192,14 +188,12 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
             )
             .await
             .map_err(err("marking it unknown"))?;
-            ctx.recorder
-                .publish(
-                    &kube::Resource::object_ref(node.as_ref(), &()),
-                    baton_kube::events::EventType::Normal,
-                    "NodeNotReady",
-                    &format!("Node {name} status is now: NodeNotReady"),
-                )
-                .await;
+            ctx.recorder.publish(
+                &kube::Resource::object_ref(node.as_ref(), &()),
+                baton_kube::events::EventType::Normal,
+                "NodeNotReady",
+                &format!("Node {name} status is now: NodeNotReady"),
+            );
         }
         if !tainted {
             let mut new = taints.clone();
@@ -281,18 +275,16 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                         | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
                         Err(e) => return Err(err("evicting a pod")(e)),
                     }
-                    ctx.recorder
-                        .publish(
-                            &kube::Resource::object_ref(p.as_ref(), &()),
-                            baton_kube::events::EventType::Normal,
-                            "TaintManagerEviction",
-                            &format!(
-                                "Marking for deletion Pod {}/{}",
-                                p.namespace().unwrap_or_default(),
-                                p.name_any()
-                            ),
-                        )
-                        .await;
+                    ctx.recorder.publish(
+                        &kube::Resource::object_ref(p.as_ref(), &()),
+                        baton_kube::events::EventType::Normal,
+                        "TaintManagerEviction",
+                        &format!(
+                            "Marking for deletion Pod {}/{}",
+                            p.namespace().unwrap_or_default(),
+                            p.name_any()
+                        ),
+                    );
                 }
                 Some(d) => next = Some(next.map_or(d, |n| n.min(d))),
                 None => {}
@@ -340,7 +332,7 @@ mod tests {
         let patch = w.api.write_calls().pop().expect("a range was assigned");
         assert_eq!(patch.path, "/api/v1/nodes/new");
         assert_eq!(patch.body["spec"]["podCIDR"], "127.224.0.0/12");
-        assert_eq!(w.api.events(), ["Normal RegisteredNode"]);
+        assert_eq!(w.events().await, ["Normal RegisteredNode"]);
 
         w.node(node("new", Some("127.224.0.0/12")));
         let last = w.node(node("last", None));
@@ -352,7 +344,7 @@ mod tests {
             "no range is left to give"
         );
         assert_eq!(
-            w.api.events(),
+            w.events().await,
             ["Normal RegisteredNode", "Normal CIDRNotAvailable"]
         );
     }

@@ -33,8 +33,6 @@ use crate::Ctx;
 
 /// Pods created per reconcile at most; the rest come on the next pass.
 const BURST: usize = 500;
-/// Events of one burst written at once.
-const EVENTS_AT_ONCE: usize = 4;
 
 /// Why a ReplicaSet could not be reconciled (it is retried).
 #[derive(Debug, thiserror::Error)]
@@ -308,38 +306,29 @@ async fn reconcile_set(set: Set, ctx: Arc<Ctx>) -> Result<Action, Error> {
             });
             let created = futures::future::join_all(creates).await;
             let mut first_err = None;
-            let mut told = Vec::with_capacity(created.len());
+            // The recorder writes in the background and keeps only client-go's budget of
+            // a burst's events (the rest are counted, not written), so telling costs this
+            // reconcile nothing.
             for (pod_name, res) in created {
                 match res {
-                    Ok(_) => told.push((
+                    Ok(_) => ctx.recorder.publish(
+                        &set.object,
                         EventType::Normal,
                         "SuccessfulCreate",
-                        format!("Created pod: {pod_name}"),
-                    )),
+                        &format!("Created pod: {pod_name}"),
+                    ),
                     Err(e) => {
                         ctx.expectations.creation_failed(&uid, &pod_name);
-                        told.push((
+                        ctx.recorder.publish(
+                            &set.object,
                             EventType::Warning,
                             "FailedCreate",
-                            format!("Error creating: {e}"),
-                        ));
+                            &format!("Error creating: {e}"),
+                        );
                         first_err.get_or_insert(e);
                     }
                 }
             }
-            // A few events at a time: told one after another, a burst of 500 held this
-            // reconcile (one of the controller's 16 workers) for 500 round trips, and at
-            // 5,000 nodes the ReplicaSets queued behind it; told all at once, they filled
-            // the API server's queues and other writes were refused.
-            futures::StreamExt::for_each_concurrent(
-                futures::stream::iter(told),
-                EVENTS_AT_ONCE,
-                |(type_, reason, message)| {
-                    let (recorder, object) = (&ctx.recorder, &set.object);
-                    async move { recorder.publish(object, type_, reason, &message).await }
-                },
-            )
-            .await;
             if let Some(source) = first_err {
                 return Err(Error::CreatePod {
                     rs: format!("{ns}/{name}"),
@@ -354,16 +343,12 @@ async fn reconcile_set(set: Set, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 ctx.expectations
                     .expect_delete(&uid, p.metadata.uid.as_deref().unwrap_or(""));
                 match api.delete(&pod_name, &DeleteParams::default()).await {
-                    Ok(_) => {
-                        ctx.recorder
-                            .publish(
-                                &set.object,
-                                EventType::Normal,
-                                "SuccessfulDelete",
-                                &format!("Deleted pod: {pod_name}"),
-                            )
-                            .await
-                    }
+                    Ok(_) => ctx.recorder.publish(
+                        &set.object,
+                        EventType::Normal,
+                        "SuccessfulDelete",
+                        &format!("Deleted pod: {pod_name}"),
+                    ),
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
                     Err(source) => {
                         return Err(Error::DeletePod {
@@ -492,7 +477,7 @@ mod tests {
             .expect("a status update");
         assert_eq!(status.body["status"]["observedGeneration"], 1);
         assert_eq!(
-            w.api.events(),
+            w.events().await,
             ["Normal SuccessfulCreate", "Normal SuccessfulCreate"]
         );
     }

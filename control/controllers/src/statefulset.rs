@@ -180,7 +180,6 @@ pub async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action, E
         async move {
             ctx.recorder
                 .publish(&obj, EventType::Normal, reason, &message)
-                .await
         }
     };
     // Deletes a replica's pod, and says so when it went.

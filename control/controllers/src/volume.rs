@@ -194,14 +194,12 @@ pub async fn reconcile_claim(
         let node = match selected {
             Some(n) => n,
             None if waits => {
-                ctx.recorder
-                    .publish(
-                        &claim.object_ref(&()),
-                        EventType::Normal,
-                        "WaitForFirstConsumer",
-                        "waiting for first consumer to be created before binding",
-                    )
-                    .await;
+                ctx.recorder.publish(
+                    &claim.object_ref(&()),
+                    EventType::Normal,
+                    "WaitForFirstConsumer",
+                    "waiting for first consumer to be created before binding",
+                );
                 return Ok(Action::await_change());
             }
             None => {
@@ -252,14 +250,12 @@ pub async fn reconcile_claim(
             }
             Err(e) => return Err(err("provisioning a volume")(e)),
         };
-        ctx.recorder
-            .publish(
-                &claim.object_ref(&()),
-                EventType::Normal,
-                "ProvisioningSucceeded",
-                &format!("Successfully provisioned volume {pv_name} on node {node}"),
-            )
-            .await;
+        ctx.recorder.publish(
+            &claim.object_ref(&()),
+            EventType::Normal,
+            "ProvisioningSucceeded",
+            &format!("Successfully provisioned volume {pv_name} on node {node}"),
+        );
         volume = Some(made);
     }
     let Some(volume) = volume else {
@@ -440,7 +436,7 @@ mod tests {
             .await
             .unwrap();
         assert!(w.api.writes().is_empty(), "{:?}", w.api.writes());
-        assert_eq!(w.api.events(), ["Normal WaitForFirstConsumer"]);
+        assert_eq!(w.events().await, ["Normal WaitForFirstConsumer"]);
 
         let picked = claim(json!({"annotations": {SELECTED_NODE: "n1"}}));
         reconcile_claim(Arc::new(picked), w.ctx.clone())

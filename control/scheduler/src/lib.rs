@@ -389,14 +389,9 @@ async fn place(p: &Pod, ctx: &Context, uid: &str) -> Result<Placed, Error> {
             match res {
                 Ok(_) => {
                     lock(&ctx.bound).insert(uid.to_string());
-                    let recorder = ctx.recorder.clone();
-                    let obj = p.object_ref(&());
                     let msg = format!("Successfully assigned {ns}/{name} to {node}");
-                    tokio::spawn(async move {
-                        recorder
-                            .publish(&obj, EventType::Normal, "Scheduled", &msg)
-                            .await
-                    });
+                    ctx.recorder
+                        .publish(&p.object_ref(&()), EventType::Normal, "Scheduled", &msg);
                     Ok(Placed::Bound)
                 }
                 Err(e) => {
@@ -429,14 +424,12 @@ async fn place(p: &Pod, ctx: &Context, uid: &str) -> Result<Placed, Error> {
                         pod: format!("{ns}/{name}"),
                         source,
                     })?;
-                ctx.recorder
-                    .publish(
-                        &p.object_ref(&()),
-                        EventType::Warning,
-                        "FailedScheduling",
-                        &message,
-                    )
-                    .await;
+                ctx.recorder.publish(
+                    &p.object_ref(&()),
+                    EventType::Warning,
+                    "FailedScheduling",
+                    &message,
+                );
             }
             Ok(Placed::Nowhere)
         }
@@ -457,7 +450,9 @@ pub async fn run(
         client: client.clone(),
         cache: Arc::default(),
         bound: Mutex::default(),
-        recorder: Recorder::new(client.clone(), DEFAULT_SCHEDULER, None),
+        // A few writers: at a thousand bindings a second, one writer's round trips
+        // would fill the queue.
+        recorder: Recorder::with_queue(client.clone(), DEFAULT_SCHEDULER, None, 1000, 4),
         walk: Walk::default(),
     });
     let (tx, rx) = futures::channel::mpsc::unbounded();

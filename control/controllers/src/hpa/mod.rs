@@ -475,8 +475,7 @@ pub async fn reconcile(hpa: Arc<HorizontalPodAutoscaler>, ctx: Arc<Ctx>) -> Resu
                 baton_kube::error::chain(&e)
             );
             ctx.recorder
-                .publish(&obj_ref, EventType::Warning, "FailedGetScale", &msg)
-                .await;
+                .publish(&obj_ref, EventType::Warning, "FailedGetScale", &msg);
             write(json!({
                 "currentReplicas": status.current_replicas,
                 "desiredReplicas": status.desired_replicas,
@@ -585,8 +584,7 @@ pub async fn reconcile(hpa: Arc<HorizontalPodAutoscaler>, ctx: Arc<Ctx>) -> Resu
         // No metric could say anything: keep the count, tell why.
         let f = failures.first().expect("a metric failed");
         ctx.recorder
-            .publish(&obj_ref, EventType::Warning, f.reason, &f.message)
-            .await;
+            .publish(&obj_ref, EventType::Warning, f.reason, &f.message);
         write(json!({
             "currentReplicas": current,
             "desiredReplicas": current,
@@ -600,8 +598,7 @@ pub async fn reconcile(hpa: Arc<HorizontalPodAutoscaler>, ctx: Arc<Ctx>) -> Resu
     };
     for f in &failures {
         ctx.recorder
-            .publish(&obj_ref, EventType::Warning, f.reason, &f.message)
-            .await;
+            .publish(&obj_ref, EventType::Warning, f.reason, &f.message);
     }
     let decision = {
         let mut histories = ctx.hpa_history.lock().unwrap_or_else(|e| e.into_inner());
@@ -628,14 +625,12 @@ pub async fn reconcile(hpa: Arc<HorizontalPodAutoscaler>, ctx: Arc<Ctx>) -> Resu
                 } else {
                     "All metrics below target".to_string()
                 };
-                ctx.recorder
-                    .publish(
-                        &obj_ref,
-                        EventType::Normal,
-                        "SuccessfulRescale",
-                        &format!("New size: {desired}; reason: {reason}"),
-                    )
-                    .await;
+                ctx.recorder.publish(
+                    &obj_ref,
+                    EventType::Normal,
+                    "SuccessfulRescale",
+                    &format!("New size: {desired}; reason: {reason}"),
+                );
                 ctx.hpa_history
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -656,8 +651,7 @@ pub async fn reconcile(hpa: Arc<HorizontalPodAutoscaler>, ctx: Arc<Ctx>) -> Resu
                     baton_kube::error::chain(&e)
                 );
                 ctx.recorder
-                    .publish(&obj_ref, EventType::Warning, "FailedRescale", &msg)
-                    .await;
+                    .publish(&obj_ref, EventType::Warning, "FailedRescale", &msg);
                 able = cond("AbleToScale", false, "FailedUpdateScale", &msg);
             }
         }
