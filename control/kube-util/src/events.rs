@@ -581,9 +581,12 @@ mod tests {
         assert_eq!(*b.entry("kept", || 0), 7);
     }
 
+    /// The requests a [`counting_client`] was sent: method and body.
+    type Calls = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
+
     /// A client whose API answers every write with 201 and counts them, slowly.
-    fn counting_client(delay: Duration) -> (Client, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
-        let calls: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    fn counting_client(delay: Duration) -> (Client, Calls) {
+        let calls: Calls = Arc::default();
         let seen = calls.clone();
         let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
             let seen = seen.clone();
