@@ -113,6 +113,11 @@ impl FakeApi {
             .push((method.into(), suffix.into(), code));
     }
 
+    /// Makes every request succeed again (undoes [`FakeApi::fail`]).
+    pub fn heal(&self) {
+        self.state.lock().unwrap().failures.clear();
+    }
+
     /// What a list of `path` returns.
     pub fn list(&self, path: &str, items: Vec<Value>) {
         self.state.lock().unwrap().lists.push((path.into(), items));

@@ -91,6 +91,7 @@ impl World {
             pod_ranges: Default::default(),
             ttl_step: Default::default(),
             expectations: Default::default(),
+            pod_creates: tokio::sync::Semaphore::new(crate::POD_CREATES_AT_ONCE),
             recorder: baton_kube::events::Recorder::new(client, "test", None),
             clock: crate::clock::Clock::system(),
             root_ca: Some(FAKE_CA.into()),

@@ -88,6 +88,9 @@ use tracing::Instrument;
 
 use crate::expectations::Expectations;
 
+/// Pod creations under way at once, over all ReplicaSets (see [`Ctx::pod_creates`]).
+pub const POD_CREATES_AT_ONCE: usize = 32;
+
 /// What every reconcile may read: the client, the shared stores, and bookkeeping.
 pub struct Ctx {
     pub client: Client,
@@ -133,6 +136,12 @@ pub struct Ctx {
     /// The cluster's current step of [`ttl`], kept for its overlap between steps.
     pub ttl_step: std::sync::Mutex<usize>,
     pub expectations: Expectations,
+    /// Seats for pod creations, shared by every ReplicaSet's burst: sixteen workers
+    /// bursting at once would otherwise queue thousands of creations in the API server's
+    /// `system` priority level, behind which this process's every other write waits (and
+    /// past whose end creations are refused with 429). Waiting here instead, a burst
+    /// waits alone, as kube-controller-manager's bursts wait in client-go's rate limiter.
+    pub pod_creates: tokio::sync::Semaphore,
     pub recorder: Recorder,
     /// The time schedules are read against.
     pub clock: clock::Clock,
@@ -431,6 +440,7 @@ pub async fn run(
         pod_ranges: Default::default(),
         ttl_step: Default::default(),
         expectations: Expectations::default(),
+        pod_creates: tokio::sync::Semaphore::new(POD_CREATES_AT_ONCE),
         // Several writers: the controllers record for many objects at once.
         recorder: Recorder::with_queue(client.clone(), "controller-manager", None, 1000, 4),
         clock: config.clock.clone(),

@@ -33,6 +33,8 @@ use crate::Ctx;
 
 /// Pods created per reconcile at most; the rest come on the next pass.
 const BURST: usize = 500;
+/// The first batch of a burst; each next batch is twice the last.
+const SLOW_START: usize = 1;
 
 /// Why a ReplicaSet could not be reconciled (it is retried).
 #[derive(Debug, thiserror::Error)]
@@ -291,41 +293,54 @@ async fn reconcile_set(set: Set, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let satisfied = ctx.expectations.satisfied(&uid, present);
     if satisfied {
         if active.len() < want {
-            let n = (want - active.len()).min(BURST);
-            let creates = (0..n).map(|_| {
-                let pod_name = generate_name(&name);
-                ctx.expectations.expect_create(&uid, &pod_name);
-                let pod = pod_owned_by(
-                    set.owner.clone(),
-                    Some(ns.clone()),
-                    set.template.clone().unwrap_or_default(),
-                    &pod_name,
-                );
-                let api = api.clone();
-                async move { (pod_name, api.create(&PostParams::default(), &pod).await) }
-            });
-            let created = futures::future::join_all(creates).await;
+            let mut left = (want - active.len()).min(BURST);
+            let mut batch = SLOW_START;
             let mut first_err = None;
-            // The recorder writes in the background and keeps only client-go's budget of
-            // a burst's events (the rest are counted, not written), so telling costs this
-            // reconcile nothing.
-            for (pod_name, res) in created {
-                match res {
-                    Ok(_) => ctx.recorder.publish(
-                        &set.object,
-                        EventType::Normal,
-                        "SuccessfulCreate",
-                        &format!("Created pod: {pod_name}"),
-                    ),
-                    Err(e) => {
-                        ctx.expectations.creation_failed(&uid, &pod_name);
-                        ctx.recorder.publish(
+            // In batches that double, as kube-controller-manager's `slowStartBatch`: a
+            // burst that is going to fail (a quota, a template the API refuses) fails on
+            // one pod, not 500, and the pods not tried are not expected.
+            while left > 0 && first_err.is_none() {
+                let size = batch.min(left);
+                left -= size;
+                batch *= 2;
+                let creates = (0..size).map(|_| {
+                    let pod_name = generate_name(&name);
+                    ctx.expectations.expect_create(&uid, &pod_name);
+                    let pod = pod_owned_by(
+                        set.owner.clone(),
+                        Some(ns.clone()),
+                        set.template.clone().unwrap_or_default(),
+                        &pod_name,
+                    );
+                    let (api, ctx) = (api.clone(), &ctx);
+                    async move {
+                        // The semaphore is never closed.
+                        let _seat = ctx.pod_creates.acquire().await.ok();
+                        (pod_name, api.create(&PostParams::default(), &pod).await)
+                    }
+                });
+                let created = futures::future::join_all(creates).await;
+                // The recorder writes in the background and keeps only client-go's
+                // budget of a burst's events (the rest are counted, not written), so
+                // telling costs this reconcile nothing.
+                for (pod_name, res) in created {
+                    match res {
+                        Ok(_) => ctx.recorder.publish(
                             &set.object,
-                            EventType::Warning,
-                            "FailedCreate",
-                            &format!("Error creating: {e}"),
-                        );
-                        first_err.get_or_insert(e);
+                            EventType::Normal,
+                            "SuccessfulCreate",
+                            &format!("Created pod: {pod_name}"),
+                        ),
+                        Err(e) => {
+                            ctx.expectations.creation_failed(&uid, &pod_name);
+                            ctx.recorder.publish(
+                                &set.object,
+                                EventType::Warning,
+                                "FailedCreate",
+                                &format!("Error creating: {e}"),
+                            );
+                            first_err.get_or_insert(e);
+                        }
                     }
                 }
             }
@@ -437,6 +452,42 @@ mod tests {
     use super::*;
     use crate::fake::World;
     use serde_json::json;
+
+    fn replicaset(replicas: usize) -> Arc<ReplicaSet> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "metadata": {"name": "web", "namespace": "default", "uid": "rs-uid"},
+                "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}},
+                         "template": {"metadata": {"labels": {"app": "web"}},
+                                      "spec": {"containers": [{"name": "c", "image": "i"}]}}},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn pod_creations(w: &World) -> usize {
+        w.api
+            .calls()
+            .iter()
+            .filter(|c| c.method == "POST" && c.path == "/api/v1/namespaces/default/pods")
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_burst_that_fails_stops_at_its_first_batch() {
+        let w = World::new();
+        w.api.fail("POST", "/pods", 403);
+        let err = reconcile(replicaset(10), w.ctx.clone()).await.unwrap_err();
+        assert!(matches!(err, Error::CreatePod { .. }), "{err:?}");
+        assert_eq!(pod_creations(&w), 1);
+        assert_eq!(w.events().await, ["Warning FailedCreate"]);
+        // Nothing is expected of the pods never tried: the next pass tries again.
+        w.api.clear();
+        w.api.heal();
+        reconcile(replicaset(10), w.ctx.clone()).await.unwrap();
+        assert_eq!(pod_creations(&w), 10);
+    }
 
     #[tokio::test]
     async fn a_replication_controller_runs_its_pods_as_a_replica_set_would() {
