@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, watcher, Event};
@@ -105,7 +106,7 @@ impl Report {
         println!();
         println!("## {} hollow nodes, {} pods", p.nodes, p.pods);
         println!(
-            "nodes Ready after {:.1} s; pods Running {:.1} s after the first Deployment ({:.0} pods/s asked)",
+            "nodes Ready with their Leases after {:.1} s; pods Running {:.1} s after the first Deployment ({:.0} pods/s asked)",
             self.nodes_ready.as_secs_f64(),
             self.pods_running.as_secs_f64(),
             p.rate
@@ -138,7 +139,7 @@ impl Report {
             ms(pct(&mut self.on_node.clone(), 0.99)),
         );
         println!();
-        println!("API calls from the nodes' Ready on (the workload):");
+        println!("API calls from the nodes' join on (the workload):");
         print_api(&self.api, true);
         println!();
         println!(
@@ -299,16 +300,40 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
     };
-    crate::wait_within(plan.deadline, "every hollow node Ready", || async {
-        nodes
-            .list(&ListParams::default().labels("baton.dev/hollow=true"))
-            .await
-            .map(|l| l.items.iter().filter(|n| ready(n)).count() >= plan.nodes)
-            .unwrap_or(false)
-    })
+    // Joined: Ready, and holding its Lease (a node takes it after it registers), so that
+    // the join's burst of Lease creations is not judged as the workload's.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    crate::wait_within(
+        plan.deadline,
+        "every hollow node Ready with its Lease",
+        || async {
+            let ready = nodes
+                .list(&ListParams::default().labels("baton.dev/hollow=true"))
+                .await
+                .map(|l| l.items.iter().filter(|n| ready(n)).count() >= plan.nodes)
+                .unwrap_or(false);
+            ready
+                && leases
+                    .list_metadata(&ListParams::default())
+                    .await
+                    .map(|l| {
+                        let held = l.items.iter().filter(|m| {
+                            m.metadata
+                                .name
+                                .as_deref()
+                                .is_some_and(|n| n.starts_with("hollow-"))
+                        });
+                        held.count() >= plan.nodes
+                    })
+                    .unwrap_or(false)
+        },
+    )
     .await?;
     let nodes_ready = t0.elapsed();
-    eprintln!("scale: {} nodes Ready in {nodes_ready:.1?}", plan.nodes);
+    eprintln!(
+        "scale: {} nodes Ready, with their Leases, in {nodes_ready:.1?}",
+        plan.nodes
+    );
     let at_ready = api_histograms(&client).await?;
 
     let seen: Arc<Mutex<Seen>> = Arc::default();
