@@ -327,23 +327,11 @@ pub async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Erro
             let p = pod_for(&ds, node, &hash);
             let pod_name = p.name_any();
             ctx.expectations.expect_create(&uid, &pod_name);
-            match pods_api.create(&PostParams::default(), &p).await {
-                Ok(_) => ctx.recorder.publish(
-                    &ds.object_ref(&()),
-                    EventType::Normal,
-                    "SuccessfulCreate",
-                    &format!("Created pod: {pod_name}"),
-                ),
-                Err(e) => {
-                    ctx.expectations.creation_failed(&uid, &pod_name);
-                    ctx.recorder.publish(
-                        &ds.object_ref(&()),
-                        EventType::Warning,
-                        "FailedCreate",
-                        &format!("Error creating: {e}"),
-                    );
-                    return Err(err("creating a pod")(e));
-                }
+            let res = pods_api.create(&PostParams::default(), &p).await;
+            crate::tell_pod_created(&ctx, &ds.object_ref(&()), &pod_name, &res);
+            if let Err(e) = res {
+                ctx.expectations.creation_failed(&uid, &pod_name);
+                return Err(err("creating a pod")(e));
             }
         }
         for (p, why) in &deletes {

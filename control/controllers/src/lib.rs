@@ -260,6 +260,31 @@ where
     }
 }
 
+/// Tells of a pod an owner created, or failed to create, as kube-controller-manager's
+/// controllers word it (`SuccessfulCreate`, `FailedCreate`).
+pub(crate) fn tell_pod_created<T>(
+    ctx: &Ctx,
+    owner: &k8s_openapi::api::core::v1::ObjectReference,
+    pod_name: &str,
+    res: &Result<T, kube::Error>,
+) {
+    use baton_kube::events::EventType;
+    match res {
+        Ok(_) => ctx.recorder.publish(
+            owner,
+            EventType::Normal,
+            "SuccessfulCreate",
+            &format!("Created pod: {pod_name}"),
+        ),
+        Err(e) => ctx.recorder.publish(
+            owner,
+            EventType::Warning,
+            "FailedCreate",
+            &format!("Error creating: {e}"),
+        ),
+    }
+}
+
 /// The pods of namespace `ns` whose controller is the object with `uid`.
 pub(crate) fn owned_pods(ctx: &Ctx, ns: &str, uid: &str) -> Vec<Arc<Pod>> {
     ctx.pods_by_controller.owned(&ctx.pods, ns, uid)

@@ -324,23 +324,10 @@ async fn reconcile_set(set: Set, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 // budget of a burst's events (the rest are counted, not written), so
                 // telling costs this reconcile nothing.
                 for (pod_name, res) in created {
-                    match res {
-                        Ok(_) => ctx.recorder.publish(
-                            &set.object,
-                            EventType::Normal,
-                            "SuccessfulCreate",
-                            &format!("Created pod: {pod_name}"),
-                        ),
-                        Err(e) => {
-                            ctx.expectations.creation_failed(&uid, &pod_name);
-                            ctx.recorder.publish(
-                                &set.object,
-                                EventType::Warning,
-                                "FailedCreate",
-                                &format!("Error creating: {e}"),
-                            );
-                            first_err.get_or_insert(e);
-                        }
+                    crate::tell_pod_created(&ctx, &set.object, &pod_name, &res);
+                    if let Err(e) = res {
+                        ctx.expectations.creation_failed(&uid, &pod_name);
+                        first_err.get_or_insert(e);
                     }
                 }
             }
