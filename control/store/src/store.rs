@@ -58,7 +58,8 @@ pub struct StoreConfig {
     pub advertise_addr: String,
     pub heartbeat: Duration,
     pub election_timeout: (Duration, Duration),
-    /// Build a snapshot after this many log entries.
+    /// Build a snapshot after at least this many log entries (and once the log since the
+    /// last one is half its size: see `raft::pace`).
     pub snapshot_after_logs: u64,
     /// Log entries kept behind a snapshot, for followers that are only a little behind.
     pub keep_logs: u64,
@@ -192,18 +193,21 @@ impl Store {
                 Mvcc::open(db.clone())?.with_commit_latency(latencies.backend_commit.clone()),
             );
             let hub = WatchHub::new(cfg.watch_buffer);
-            let log = LogStore::new(db.clone(), latencies.wal_fsync.clone())
+            let pace = Arc::new(crate::raft::pace::SnapshotPace::default());
+            let log = LogStore::new(db.clone(), latencies.wal_fsync.clone(), pace.clone())
                 .map_err(|e| Error::raft("opening the raft log")(e.into()))?;
             let log_sync = log.sync();
             let sm = StateMachine::open(db.clone(), mvcc.clone(), hub.clone(), &cfg.data_dir)
                 .map_err(|e| Error::raft("opening the state machine")(e.into()))?
-                .waiting_for(log_sync.clone());
+                .waiting_for(log_sync.clone())
+                .pacing(pace.clone());
             let raft_cfg = openraft::Config {
                 cluster_name: "baton".into(),
                 heartbeat_interval: cfg.heartbeat.as_millis() as u64,
                 election_timeout_min: cfg.election_timeout.0.as_millis() as u64,
                 election_timeout_max: cfg.election_timeout.1.as_millis() as u64,
-                snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_after_logs),
+                // Paced here rather than by openraft's count alone (see `raft::pace`).
+                snapshot_policy: SnapshotPolicy::Never,
                 max_in_snapshot_log_to_keep: cfg.keep_logs,
                 install_snapshot_timeout: 120_000,
                 ..Default::default()
@@ -261,6 +265,11 @@ impl Store {
                     inner.leader_changes.clone(),
                 )),
             ];
+            tasks.push(tokio::spawn(crate::raft::pace::pace_snapshots(
+                inner.raft.clone(),
+                pace,
+                inner.cfg.snapshot_after_logs,
+            )));
             if let Some(ac) = inner.cfg.auto_compaction.clone() {
                 tasks.push(tokio::spawn(auto_compact(Arc::downgrade(&inner), ac)));
             }

@@ -43,6 +43,8 @@ pub(crate) struct LogStore {
     /// Takes the number of each write to sync.
     flusher: std_mpsc::Sender<u64>,
     sync: LogSync,
+    /// Told how much is appended, to pace snapshots by it.
+    pace: Arc<super::pace::SnapshotPace>,
 }
 
 impl LogStore {
@@ -50,6 +52,7 @@ impl LogStore {
     pub(crate) fn new(
         db: Arc<DB>,
         fsync: prometheus_client::metrics::histogram::Histogram,
+        pace: Arc<super::pace::SnapshotPace>,
     ) -> Result<Self, StorageError> {
         // What the log holds at open may have been recovered from a WAL that a crashed
         // process wrote but never synced: sync it, so that the mark starts true.
@@ -60,6 +63,7 @@ impl LogStore {
             db: db.clone(),
             flusher: tx,
             sync: LogSync::new(Self::last_entry_in(&db)?.map(|l| l.index)),
+            pace,
         };
         let sync = store.sync.clone();
         std::thread::Builder::new()
@@ -209,8 +213,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let cf = self.cf(CF_LOG);
         let mut batch = WriteBatch::default();
         let mut last = None;
+        let mut appended = 0;
         for entry in entries {
             let bytes = postcard::to_stdvec(&entry).map_err(|e| log_err(ErrorVerb::Write, e))?;
+            appended += bytes.len() as u64;
             batch.put_cf(cf, idx(entry.log_id.index), bytes);
             last = Some(entry.log_id.index);
         }
@@ -221,6 +227,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db
             .write(batch)
             .map_err(|e| log_err(ErrorVerb::Write, e))?;
+        self.pace.appended(appended);
         let seq = self.sync.issue(Some(last));
         self.flusher.send(seq).map_err(|_| {
             log_err(

@@ -7,6 +7,7 @@
 pub(crate) mod durable;
 pub(crate) mod log_store;
 pub(crate) mod network;
+pub(crate) mod pace;
 pub(crate) mod snapshot;
 pub(crate) mod state_machine;
 

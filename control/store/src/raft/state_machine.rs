@@ -20,6 +20,7 @@ use openraft::{
 use rocksdb::{WriteBatch, DB};
 
 use super::durable::LogSync;
+use super::pace::SnapshotPace;
 use super::snapshot::{Meta, SnapshotData, SnapshotFiles};
 use super::{CompactRejected, LogId, NodeId, Request, Response, StorageError, TypeConfig};
 use crate::db::CF_META;
@@ -72,12 +73,23 @@ pub(crate) struct StateMachine {
     /// The local log's sync, which an entry waits for before it is applied (see
     /// [`super::durable`]); none where the log is synced before it is acknowledged.
     log_sync: Option<LogSync>,
+    /// Told of each snapshot, to pace the next one ([`super::pace`]).
+    pace: Arc<SnapshotPace>,
 }
 
 impl StateMachine {
     /// Applies an entry only once the local log has synced it.
     pub(crate) fn waiting_for(mut self, log_sync: LogSync) -> Self {
         self.log_sync = Some(log_sync);
+        self
+    }
+
+    /// Tells `pace` of each snapshot, starting with the one kept from before.
+    pub(crate) fn pacing(mut self, pace: Arc<SnapshotPace>) -> Self {
+        if let Ok(Some((_, data))) = self.files.current() {
+            pace.snapshot(data.len());
+        }
+        self.pace = pace;
         self
     }
 
@@ -109,6 +121,7 @@ impl StateMachine {
             applied,
             membership,
             log_sync: None,
+            pace: Arc::default(),
         };
         let current = sm
             .files
@@ -151,8 +164,10 @@ impl StateMachine {
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+impl StateMachine {
+    /// Writes the whole store to a new snapshot file. It reads and writes the whole store,
+    /// so it runs on a blocking thread, beside apply.
+    fn dump(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
         // Make every applied write durable before the log behind it can be purged.
         self.db
             .flush_wal(true)
@@ -181,11 +196,21 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .files
             .finish(draft, &meta, len)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        self.pace.snapshot(len);
         tracing::info!(snapshot = %meta.snapshot_id, bytes = len, "built snapshot");
         Ok(Snapshot {
             meta,
             snapshot: Box::new(data),
         })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let builder = self.clone();
+        tokio::task::spawn_blocking(move || builder.dump())
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, std::io::Error::other(e)))?
     }
 }
 
@@ -272,6 +297,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.files
             .keep(meta, &mut data)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        self.pace.snapshot(data.len());
         self.restore(&data)
     }
 

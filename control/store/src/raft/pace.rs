@@ -1,0 +1,108 @@
+//! When a member builds a Raft snapshot.
+//!
+//! A snapshot here is a dump of the whole store (every key and every revision kept since
+//! the last compaction), so its cost grows with the store, while the log it lets Raft
+//! purge grows with the writes. A fixed count of entries (openraft's `LogsSinceLast`)
+//! makes a big store pay for a whole dump every few seconds under load: at 150,000 pods
+//! a dump of gigabytes every 20,000 writes took most of a core. So a snapshot is built
+//! once both
+//! - `after_logs` entries were applied since the last one (the operator's setting, as
+//!   etcd's `--snapshot-count`), and
+//! - the log written since the last one is at least half that snapshot's size,
+//!
+//! which keeps the dumps' cost within twice the cost of writing the log, whatever the
+//! store's size, and the log on disk within about half the store.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Raft;
+
+/// What the pacer knows of the log and the last snapshot; shared by the log store (which
+/// counts what it appends) and the state machine (which tells of each snapshot).
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotPace {
+    /// Bytes appended to the log since the member opened.
+    logged: AtomicU64,
+    /// `logged` when the last snapshot was built or installed.
+    logged_at_last: AtomicU64,
+    /// The last snapshot's size in bytes (0: none yet).
+    last_size: AtomicU64,
+}
+
+impl SnapshotPace {
+    pub(crate) fn appended(&self, bytes: u64) {
+        self.logged.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A snapshot of `size` bytes is now the member's (built, installed, or found at open).
+    pub(crate) fn snapshot(&self, size: u64) {
+        self.logged_at_last
+            .store(self.logged.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.last_size.store(size, Ordering::Relaxed);
+    }
+
+    /// Whether a snapshot is due, `entries` entries after the last one.
+    pub(crate) fn due(&self, entries: u64, after_logs: u64) -> bool {
+        let since = self
+            .logged
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.logged_at_last.load(Ordering::Relaxed));
+        entries >= after_logs && since >= self.last_size.load(Ordering::Relaxed) / 2
+    }
+}
+
+/// How often the pacer looks.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// Asks `raft` for a snapshot whenever one is due; ends when Raft stops. openraft ignores
+/// a request while a snapshot is being built, so asking again meanwhile is harmless.
+pub(crate) async fn pace_snapshots(raft: Raft, pace: Arc<SnapshotPace>, after_logs: u64) {
+    let metrics = raft.metrics();
+    let mut tick = tokio::time::interval(LOOK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let entries = {
+            let m = metrics.borrow();
+            if m.running_state.is_err() {
+                return;
+            }
+            let applied = m.last_applied.map_or(0, |l| l.index + 1);
+            let snapshot = m.snapshot.map_or(0, |l| l.index + 1);
+            applied.saturating_sub(snapshot)
+        };
+        if pace.due(entries, after_logs) && raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_snapshot_comes_after_the_entries_alone() {
+        let pace = SnapshotPace::default();
+        pace.appended(10);
+        assert!(!pace.due(99, 100));
+        assert!(pace.due(100, 100));
+    }
+
+    #[test]
+    fn a_big_store_waits_until_half_its_size_was_logged() {
+        let pace = SnapshotPace::default();
+        pace.appended(1_000);
+        pace.snapshot(1 << 20);
+        pace.appended(100_000);
+        assert!(
+            !pace.due(50_000, 100),
+            "100 KB logged against a 1 MiB snapshot"
+        );
+        pace.appended((1 << 19) - 100_000);
+        assert!(pace.due(50_000, 100), "half a snapshot logged");
+        assert!(!pace.due(99, 100), "the entries still count");
+    }
+}
