@@ -169,7 +169,19 @@ impl ObjectCache {
             }
         }
         let api: Api<K> = Api::namespaced(client.clone(), namespace);
-        let obj = api.get_opt(name).await.map_err(|source| ConfigError::Api {
+        // A refresh takes the API server's cached copy (`resourceVersion=0`), as the
+        // kubelet's TTL-based manager re-reads an object it already has: every node asks
+        // for each namespace's objects once per TTL, so these reads are many. A pod's
+        // start reads the latest.
+        let read = match max_age {
+            Some(_) => match api.get_with(name, &kube::api::GetParams::any()).await {
+                Ok(obj) => Ok(Some(obj)),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
+                Err(e) => Err(e),
+            },
+            None => api.get_opt(name).await,
+        };
+        let obj = read.map_err(|source| ConfigError::Api {
             kind,
             name: name.into(),
             source: Box::new(source),

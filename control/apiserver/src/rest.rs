@@ -360,10 +360,23 @@ async fn get(objects: &Objects, req: &Request) -> ApiResult<Response> {
         return Ok(object_response(req, StatusCode::OK, &obj, &[]));
     }
     let at = ReadAt::parse(req.q("resourceVersion"), None)?;
-    let (obj, _) = objects
-        .get(&req.target.res, ns_of(req), name, at)
-        .await?
-        .ok_or_else(|| not_found(&req.target.res, name))?;
+    // `resourceVersion=0` takes any revision, so a running watch cache answers it, as
+    // kube-apiserver's does: the kubelet's periodic re-reads of ConfigMaps and Secrets
+    // ask this way. What the cache does not hold is read from the store.
+    let cached = match at {
+        ReadAt::Any => objects.caches.current(&req.target.res, ns_of(req), name),
+        _ => None,
+    };
+    let obj = match cached {
+        Some((obj, _)) => obj,
+        None => {
+            objects
+                .get(&req.target.res, ns_of(req), name, at)
+                .await?
+                .ok_or_else(|| not_found(&req.target.res, name))?
+                .0
+        }
+    };
     Ok(object_response(req, StatusCode::OK, &obj, &[]))
 }
 

@@ -477,6 +477,48 @@ async fn creates_check_their_namespace_in_the_cache_and_the_store_when_it_is_not
     e.close().await;
 }
 
+/// A GET with `resourceVersion=0` may be served any revision, so the watch cache answers
+/// it, as kube-apiserver's does; a GET without one reads the store. With the cache held
+/// back, the two see different versions, and an object the cache has not seen yet is
+/// read from the store rather than reported missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_at_any_revision_is_served_from_the_watch_cache() {
+    let e = env().await;
+    let (code, made) = e.json("POST", CMS, Some(cm("a", "old"))).await;
+    assert_eq!(code, StatusCode::CREATED);
+    listed_since(&e, CMS, &made).await;
+    let hold = e.api.watch_caches().hold();
+    let (code, out) = e
+        .json_patch(&format!("{CMS}/a"), json!({"data": {"v": "new"}}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{out}");
+    let (code, out) = e.json("POST", CMS, Some(cm("b", "1"))).await;
+    assert_eq!(code, StatusCode::CREATED, "{out}");
+
+    let (code, any) = e
+        .json("GET", &format!("{CMS}/a?resourceVersion=0"), None)
+        .await;
+    assert_eq!(code, StatusCode::OK, "{any}");
+    assert_eq!(any["data"]["v"], "old", "served from the held-back cache");
+    let (code, latest) = e.json("GET", &format!("{CMS}/a"), None).await;
+    assert_eq!(code, StatusCode::OK, "{latest}");
+    assert_eq!(latest["data"]["v"], "new", "read from the store");
+    let (code, b) = e
+        .json("GET", &format!("{CMS}/b?resourceVersion=0"), None)
+        .await;
+    assert_eq!(
+        code,
+        StatusCode::OK,
+        "not in the cache yet, so read from the store: {b}"
+    );
+    let (code, _) = e
+        .json("GET", &format!("{CMS}/c?resourceVersion=0"), None)
+        .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    drop(hold);
+    e.close().await;
+}
+
 /// A change starts from the watch cache's copy, which can be behind the store. Each
 /// change below is made while the caches are held back and the store has a newer
 /// version: a patch that changes nothing on the stale copy, one that would overwrite the
