@@ -53,28 +53,38 @@ impl SnapshotPace {
     }
 }
 
-/// How often the pacer looks.
-const LOOK_EVERY: Duration = Duration::from_secs(1);
+/// How long after asking for a snapshot the pacer asks again if none came (a build can
+/// fail).
+const ASK_AGAIN: Duration = Duration::from_secs(10);
 
-/// Asks `raft` for a snapshot whenever one is due; ends when Raft stops. openraft ignores
-/// a request while a snapshot is being built, so asking again meanwhile is harmless.
+/// Asks `raft` for a snapshot whenever one is due, looking at each change of its metrics
+/// (every applied entry), as openraft's own policy looks at each apply; ends when Raft
+/// stops. After asking, it waits for the new snapshot before asking again.
 pub(crate) async fn pace_snapshots(raft: Raft, pace: Arc<SnapshotPace>, after_logs: u64) {
-    let metrics = raft.metrics();
-    let mut tick = tokio::time::interval(LOOK_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let entries = {
-            let m = metrics.borrow();
+    let mut metrics = raft.metrics();
+    // The snapshot in place when one was last asked for, and when.
+    let mut asked: Option<(Option<u64>, tokio::time::Instant)> = None;
+    while metrics.changed().await.is_ok() {
+        let (entries, snapshot) = {
+            let m = metrics.borrow_and_update();
             if m.running_state.is_err() {
                 return;
             }
             let applied = m.last_applied.map_or(0, |l| l.index + 1);
-            let snapshot = m.snapshot.map_or(0, |l| l.index + 1);
-            applied.saturating_sub(snapshot)
+            let snapshot = m.snapshot.map(|l| l.index);
+            (
+                applied.saturating_sub(snapshot.map_or(0, |i| i + 1)),
+                snapshot,
+            )
         };
-        if pace.due(entries, after_logs) && raft.trigger().snapshot().await.is_err() {
-            return;
+        if asked.is_some_and(|(at, when)| at == snapshot && when.elapsed() < ASK_AGAIN) {
+            continue;
+        }
+        if pace.due(entries, after_logs) {
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+            asked = Some((snapshot, tokio::time::Instant::now()));
         }
     }
 }
