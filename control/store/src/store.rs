@@ -197,10 +197,15 @@ impl Store {
             let log = LogStore::new(db.clone(), latencies.wal_fsync.clone(), pace.clone())
                 .map_err(|e| Error::raft("opening the raft log")(e.into()))?;
             let log_sync = log.sync();
-            let sm = StateMachine::open(db.clone(), mvcc.clone(), hub.clone(), &cfg.data_dir)
-                .map_err(|e| Error::raft("opening the state machine")(e.into()))?
-                .waiting_for(log_sync.clone())
-                .pacing(pace.clone());
+            let sm = StateMachine::open(
+                db.clone(),
+                mvcc.clone(),
+                hub.clone(),
+                &cfg.data_dir,
+                pace.clone(),
+            )
+            .map_err(|e| Error::raft("opening the state machine")(e.into()))?
+            .waiting_for(log_sync.clone());
             let raft_cfg = openraft::Config {
                 cluster_name: "baton".into(),
                 heartbeat_interval: cfg.heartbeat.as_millis() as u64,

@@ -84,20 +84,14 @@ impl StateMachine {
         self
     }
 
-    /// Tells `pace` of each snapshot, starting with the one kept from before.
-    pub(crate) fn pacing(mut self, pace: Arc<SnapshotPace>) -> Self {
-        if let Ok(Some((_, data))) = self.files.current() {
-            pace.snapshot(data.len());
-        }
-        self.pace = pace;
-        self
-    }
-
+    /// Opens the state machine of the member in `dir`; `pace` is told of each snapshot,
+    /// starting with the one kept from before.
     pub(crate) fn open(
         db: Arc<DB>,
         mvcc: Arc<Mvcc>,
         hub: WatchHub,
         dir: &Path,
+        pace: Arc<SnapshotPace>,
     ) -> Result<Self, StorageError> {
         let meta = db.cf_handle(CF_META).expect("meta column family");
         let read = |k| db.get_cf(meta, k).map_err(|e| sm_err(ErrorVerb::Read, e));
@@ -121,13 +115,14 @@ impl StateMachine {
             applied,
             membership,
             log_sync: None,
-            pace: Arc::default(),
+            pace,
         };
         let current = sm
             .files
             .current()
             .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         if let Some((meta, data)) = current {
+            sm.pace.snapshot(data.len());
             if meta.last_log_id > sm.applied {
                 tracing::warn!(
                     snapshot = ?meta.last_log_id,
@@ -323,7 +318,7 @@ mod tests {
     fn machine(dir: &Path) -> StateMachine {
         let db = crate::db::open(dir, 1).unwrap();
         let mvcc = Arc::new(Mvcc::open(db.clone()).unwrap());
-        StateMachine::open(db, mvcc, WatchHub::new(16), dir).unwrap()
+        StateMachine::open(db, mvcc, WatchHub::new(16), dir, Arc::default()).unwrap()
     }
 
     /// Fifty entries through the Raft path, so that the applied position is recorded.
