@@ -88,6 +88,9 @@ pub struct Report {
     /// The API calls until every node was Ready: the cluster's setup, before the
     /// workload, as Kubernetes' density tests set their cluster up before they measure.
     pub join: Vec<ApiRow>,
+    /// The workload's waits for a seat, per priority level and flow schema (as `verb`
+    /// and `resource`), served or refused (as `scope`).
+    pub waits: Vec<ApiRow>,
     pub rss_peak_kib: u64,
     pub cpu: Duration,
     pub wall: Duration,
@@ -148,6 +151,21 @@ impl Report {
             self.nodes_ready.as_secs_f64()
         );
         print_api(&self.join, false);
+        println!();
+        println!("Waits for a seat in the workload (priority and fairness):");
+        println!("| priority level | flow schema | then | count | p50 ms | p99 ms |");
+        println!("|---|---|---|---|---|---|");
+        for r in &self.waits {
+            println!(
+                "| {} | {} | {} | {} | {:.1} | {:.1} |",
+                r.verb,
+                r.resource,
+                r.scope,
+                r.count,
+                r.p50 * 1000.0,
+                r.p99 * 1000.0
+            );
+        }
     }
 
     /// The SLOs that were missed, in words; empty when all were met.
@@ -396,6 +414,7 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
     let at_end = api_histograms(&client).await?;
     let api = at_end.since(Some(&at_ready));
     let join = at_ready.since(None);
+    let waits = at_end.waits_since(Some(&at_ready));
     let cpu = up.procs.cpu().saturating_sub(cpu0);
     let store_bytes = dir_bytes(&up.data_dir().join("store"));
     let objects = count_objects(&client).await?;
@@ -414,6 +433,7 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
         churn,
         api,
         join,
+        waits,
         rss_peak_kib,
         cpu,
         wall: started.elapsed(),
@@ -552,6 +572,9 @@ type Buckets = BTreeMap<u64, (f64, u64)>;
 struct ApiHistograms {
     buckets: BTreeMap<Call, Buckets>,
     refused: HashMap<Call, u64>,
+    /// `apiserver_flowcontrol_request_wait_duration_seconds` per priority level, flow
+    /// schema, and whether the request was then served or refused.
+    waits: BTreeMap<Call, Buckets>,
 }
 
 async fn api_histograms(client: &Client) -> Result<ApiHistograms> {
@@ -559,14 +582,26 @@ async fn api_histograms(client: &Client) -> Result<ApiHistograms> {
     let text = client.request_text(req).await.context("reading /metrics")?;
     let mut h = ApiHistograms::default();
     for line in text.lines() {
-        let (rest, counting) = match line.strip_prefix("apiserver_request_duration_seconds_bucket{")
-        {
-            Some(rest) => (rest, false),
-            None => match line.strip_prefix("apiserver_request_total{") {
-                Some(rest) if rest.contains("code=\"429\"") => (rest, true),
-                _ => continue,
-            },
-        };
+        enum Series {
+            Duration,
+            Refused,
+            Wait,
+        }
+        let (rest, series) =
+            if let Some(rest) = line.strip_prefix("apiserver_request_duration_seconds_bucket{") {
+                (rest, Series::Duration)
+            } else if let Some(rest) = line.strip_prefix("apiserver_request_total{") {
+                if !rest.contains("code=\"429\"") {
+                    continue;
+                }
+                (rest, Series::Refused)
+            } else if let Some(rest) =
+                line.strip_prefix("apiserver_flowcontrol_request_wait_duration_seconds_bucket{")
+            {
+                (rest, Series::Wait)
+            } else {
+                continue;
+            };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
             continue;
         };
@@ -577,31 +612,46 @@ async fn api_histograms(client: &Client) -> Result<ApiHistograms> {
                 Some((k, v.trim_end_matches('"')))
             })
             .collect();
-        let verb = labels.get("verb").copied().unwrap_or("");
-        if matches!(verb, "WATCH" | "CONNECT" | "WATCHLIST") {
-            continue;
-        }
+        let label = |k: &str| labels.get(k).copied().unwrap_or("").to_string();
         let count: f64 = value.trim().parse().unwrap_or(0.0);
-        let mut resource = labels.get("resource").copied().unwrap_or("").to_string();
-        if let Some(sub) = labels.get("subresource").filter(|s| !s.is_empty()) {
-            resource = format!("{resource}/{sub}");
-        }
-        let key = (
-            verb.to_string(),
-            resource,
-            labels.get("scope").copied().unwrap_or("").to_string(),
-        );
-        if counting {
-            *h.refused.entry(key).or_default() += count as u64;
-            continue;
-        }
+        let (key, into) = match series {
+            Series::Wait => {
+                let served = if label("execute") == "true" {
+                    "served"
+                } else {
+                    "refused"
+                };
+                let key = (
+                    label("priority_level"),
+                    label("flow_schema"),
+                    served.to_string(),
+                );
+                (key, &mut h.waits)
+            }
+            Series::Duration | Series::Refused => {
+                let verb = label("verb");
+                if matches!(verb.as_str(), "WATCH" | "CONNECT" | "WATCHLIST") {
+                    continue;
+                }
+                let mut resource = label("resource");
+                let sub = label("subresource");
+                if !sub.is_empty() {
+                    resource = format!("{resource}/{sub}");
+                }
+                let key = (verb, resource, label("scope"));
+                if let Series::Refused = series {
+                    *h.refused.entry(key).or_default() += count as u64;
+                    continue;
+                }
+                (key, &mut h.buckets)
+            }
+        };
         let le: f64 = match labels.get("le").copied() {
             Some("+Inf") => f64::INFINITY,
             Some(v) => v.parse().unwrap_or(f64::INFINITY),
             None => continue,
         };
-        let e = h
-            .buckets
+        let e = into
             .entry(key)
             .or_default()
             .entry(le.to_bits())
@@ -616,10 +666,24 @@ impl ApiHistograms {
     /// from the buckets' differences (interpolated within a bucket, as
     /// `histogram_quantile` does).
     fn since(&self, earlier: Option<&ApiHistograms>) -> Vec<ApiRow> {
+        self.rows(earlier, |h| &h.buckets)
+    }
+
+    /// The waits for a seat since `earlier`, as rows of (level, flow schema, served or
+    /// refused).
+    fn waits_since(&self, earlier: Option<&ApiHistograms>) -> Vec<ApiRow> {
+        self.rows(earlier, |h| &h.waits)
+    }
+
+    fn rows(
+        &self,
+        earlier: Option<&ApiHistograms>,
+        series: impl Fn(&ApiHistograms) -> &BTreeMap<Call, Buckets>,
+    ) -> Vec<ApiRow> {
         let mut rows = Vec::new();
-        for ((verb, resource, scope), b) in &self.buckets {
+        for ((verb, resource, scope), b) in series(self) {
             let key = (verb.clone(), resource.clone(), scope.clone());
-            let before = earlier.and_then(|e| e.buckets.get(&key));
+            let before = earlier.and_then(|e| series(e).get(&key));
             let mut b: Vec<(f64, u64)> = b
                 .iter()
                 .map(|(bits, &(le, c))| {

@@ -94,14 +94,9 @@ pub(crate) async fn service_account(objects: &Objects, pod: &mut Value) -> ApiRe
         Some(m) => m,
         None => {
             let sa = objects
-                .get(
-                    resources::builtin("ServiceAccount"),
-                    Some(&ns),
-                    &sa_name,
-                    ReadAt::Latest,
-                )
+                .get_local(resources::builtin("ServiceAccount"), Some(&ns), &sa_name)
                 .await?;
-            sa.and_then(|(sa, _)| sa.get("automountServiceAccountToken")?.as_bool())
+            sa.and_then(|sa| sa.get("automountServiceAccountToken")?.as_bool())
                 .unwrap_or(true)
         }
     };
@@ -190,16 +185,8 @@ pub(crate) async fn limit_ranges(
         return Ok(());
     };
     let ranges = objects
-        .list(
-            resources::builtin("LimitRange"),
-            Some(ns),
-            ReadAt::Any,
-            0,
-            None,
-            |_| true,
-        )
-        .await?
-        .items;
+        .list_local(resources::builtin("LimitRange"), Some(ns))
+        .await?;
     if ranges.is_empty() {
         return Ok(());
     }
@@ -406,23 +393,16 @@ pub(crate) async fn default_storage_class(
         return Ok(());
     }
     let classes = objects
-        .list(
-            resources::builtin("StorageClass"),
-            None,
-            ReadAt::Any,
-            0,
-            None,
-            |c| {
-                c.pointer("/metadata/annotations")
-                    .and_then(|a| a.get(baton_kube::storage::DEFAULT_CLASS))
-                    .and_then(Value::as_str)
-                    == Some("true")
-            },
-        )
-        .await?
-        .items;
+        .list_local(resources::builtin("StorageClass"), None)
+        .await?;
     let newest = classes
         .iter()
+        .filter(|c| {
+            c.pointer("/metadata/annotations")
+                .and_then(|a| a.get(baton_kube::storage::DEFAULT_CLASS))
+                .and_then(Value::as_str)
+                == Some("true")
+        })
         .max_by_key(|c| s(c, "/metadata/creationTimestamp").to_string());
     if let (Some(c), Some(spec)) = (newest, obj.get_mut("spec").and_then(Value::as_object_mut)) {
         spec.insert("storageClassName".into(), json!(s(c, "/metadata/name")));
@@ -444,13 +424,13 @@ pub(crate) async fn charge_quota(
     }
     let quotas_res = resources::builtin("ResourceQuota");
     let name = s(obj, "/metadata/name");
-    // Which quotas there are, from the local store: most namespaces have none, and a
-    // create there costs no linearizable read. Each quota is then read at the latest
-    // revision and charged with a compare-and-swap; a conflict reads it again.
+    // Which quotas there are, as this member's store has them, from the watch cache:
+    // most namespaces have none, and a create there reads nothing from the store. Each
+    // quota is then read at the latest revision and charged with a compare-and-swap; a
+    // conflict reads it again.
     let names: Vec<String> = objects
-        .list(quotas_res, Some(ns), ReadAt::Any, 0, None, |_| true)
+        .list_local(quotas_res, Some(ns))
         .await?
-        .items
         .iter()
         .map(|q| s(q, "/metadata/name").to_string())
         .collect();

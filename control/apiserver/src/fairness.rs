@@ -3,40 +3,58 @@
 //! node heartbeats or the controllers; within a level, requests beyond its seats wait in
 //! per-client queues served in turn, and only a full queue answers 429.
 //!
-//! The levels and what goes to them, in order (the first that applies):
-//! - `node-high`: nodes (`system:nodes`), and any write of a Lease in `kube-node-lease`
-//!   (a node's heartbeat, whoever sends it);
-//! - `exempt`: `system:masters`, not limited, as in Kubernetes;
-//! - `leader-election`: Leases in `kube-system` (the control loops' leader election);
-//! - `system`: the control plane's own users (`system:kube-controller-manager`,
-//!   `system:kube-scheduler`, ServiceAccounts of `kube-system`);
-//! - `workload-low`: other ServiceAccounts (operators, controllers in pods);
-//! - `global-default`: every other authenticated user;
-//! - `catch-all`: the unauthenticated.
+//! What goes where follows kube-apiserver's default FlowSchemas, the first that applies:
+//!
+//! | flow schema | matches | level |
+//! |---|---|---|
+//! | `system-node-high` | `system:nodes` on nodes and leases; any write of a Lease in `kube-node-lease` | `node-high` |
+//! | `exempt` | `system:masters` | not limited |
+//! | `system-nodes` | every other request of `system:nodes` | `system` |
+//! | `system-leader-election` | Leases in `kube-system` | `leader-election` |
+//! | `kube-controller-manager`, `kube-scheduler`, `kube-system-service-accounts` | the control plane's own users | `workload-high` |
+//! | `service-accounts` | other ServiceAccounts | `workload-low` |
+//! | `global-default` | every other authenticated user | `global-default` |
+//! | `catch-all` | the unauthenticated | `catch-all` |
+//!
+//! A node's heartbeat (its Lease and its Node status) has a level to itself, apart from
+//! the same node's pod status writes, Events and ConfigMap reads: at 5,000 nodes those
+//! are three times the heartbeats, and a heartbeat queued behind them was late enough
+//! for its Lease to look lost.
 //!
 //! Seats are shared out of the server's total (`--max-requests-inflight`) by each level's
 //! share, as kube-apiserver's nominal concurrency shares do. Watches and connection
-//! upgrades are long-running and take no seat.
+//! upgrades are long-running and take no seat. How long requests waited for a seat, and
+//! which were refused, are kube-apiserver's `apiserver_flowcontrol_*` metrics.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton_auth::UserInfo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
 
 /// How long a request may wait in its queue before it is refused with 429.
 pub const QUEUE_WAIT: Duration = Duration::from_secs(10);
 
-/// The levels, their shares of the seats, and how many requests each may queue.
-const LEVELS: [(&str, usize, usize); 6] = [
+/// The levels, their shares of the seats (kube-apiserver's nominal concurrency shares),
+/// and how many requests each may queue.
+const LEVELS: [(&str, usize, usize); 7] = [
     ("node-high", 40, 2000),
+    ("system", 30, 2000),
     ("leader-election", 10, 200),
-    ("system", 30, 1000),
+    ("workload-high", 40, 1000),
     ("workload-low", 100, 1000),
     ("global-default", 20, 500),
     ("catch-all", 5, 50),
 ];
+
+/// kube-apiserver's buckets for `apiserver_flowcontrol_request_wait_duration_seconds`.
+const WAIT_BUCKETS: [f64; 11] = [0.0, 0.005, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
 
 /// What a request is, as far as its level is concerned.
 #[derive(Debug, Clone, Copy)]
@@ -48,10 +66,30 @@ pub struct Asked<'a> {
     pub namespace: Option<&'a str>,
 }
 
+/// Where a request went: the flow schema that matched it, and that schema's level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    pub schema: &'static str,
+    pub level: &'static str,
+}
+
+impl Class {
+    const fn new(schema: &'static str, level: &'static str) -> Self {
+        Self { schema, level }
+    }
+
+    /// The class of a level whose schema has the level's name (`global-default`,
+    /// `catch-all`), or of a level named for a test.
+    pub const fn named(level: &'static str) -> Self {
+        Self::new(level, level)
+    }
+}
+
 /// The levels of one API server.
 #[derive(Debug, Clone)]
 pub struct Fairness {
     levels: Arc<HashMap<&'static str, Arc<Level>>>,
+    metrics: FlowMetrics,
 }
 
 /// Why a request was not admitted.
@@ -60,11 +98,64 @@ pub struct Fairness {
 pub struct Rejected {
     pub level: &'static str,
     pub why: &'static str,
+    /// kube-apiserver's `reason` label: `queue-full` or `time-out`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WaitLabels {
+    priority_level: &'static str,
+    flow_schema: &'static str,
+    /// Whether the request went on to be served.
+    execute: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    priority_level: &'static str,
+    flow_schema: &'static str,
+    reason: &'static str,
+}
+
+/// How long requests waited for their seats, and which were refused, by level and flow
+/// schema, under kube-apiserver's names. Cloning shares the series.
+#[derive(Clone, Debug)]
+pub struct FlowMetrics {
+    waits: Family<WaitLabels, Histogram, fn() -> Histogram>,
+    rejected: Family<RejectLabels, Counter>,
+}
+
+fn wait_histogram() -> Histogram {
+    Histogram::new(WAIT_BUCKETS)
+}
+
+impl Default for FlowMetrics {
+    fn default() -> Self {
+        Self {
+            waits: Family::new_with_constructor(wait_histogram),
+            rejected: Family::default(),
+        }
+    }
+}
+
+impl FlowMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "apiserver_flowcontrol_request_wait_duration_seconds",
+            "Length of time a request spent waiting in its queue",
+            self.waits.clone(),
+        );
+        r.register(
+            "apiserver_flowcontrol_rejected_requests",
+            "Number of requests rejected by API Priority and Fairness subsystem",
+            self.rejected.clone(),
+        );
+    }
 }
 
 impl Fairness {
-    /// Levels sharing `total` seats.
-    pub fn new(total: usize) -> Self {
+    /// Levels sharing `total` seats, their figures kept in `metrics`.
+    pub fn new(total: usize, metrics: FlowMetrics) -> Self {
         let shares: usize = LEVELS.iter().map(|l| l.1).sum();
         let levels = LEVELS
             .iter()
@@ -75,37 +166,47 @@ impl Fairness {
             .collect();
         Self {
             levels: Arc::new(levels),
+            metrics,
         }
     }
 
-    /// The level a request goes to; None: exempt.
-    pub fn classify(&self, asked: Asked<'_>) -> Option<&'static str> {
+    /// The flow schema and level a request goes to; None: exempt.
+    pub fn classify(&self, asked: Asked<'_>) -> Option<Class> {
         let user = asked.user;
         let in_group = |g: &str| user.groups.iter().any(|x| x == g);
         let lease_in = |ns: &str| asked.resource == Some("leases") && asked.namespace == Some(ns);
-        if in_group("system:nodes") || (lease_in("kube-node-lease") && !asked.reading) {
-            return Some("node-high");
+        let node = in_group("system:nodes");
+        if (node && matches!(asked.resource, Some("nodes" | "leases")))
+            || (lease_in("kube-node-lease") && !asked.reading)
+        {
+            return Some(Class::new("system-node-high", "node-high"));
         }
         if in_group("system:masters") {
             return None;
         }
-        if lease_in("kube-system") {
-            return Some("leader-election");
+        if node {
+            return Some(Class::new("system-nodes", "system"));
         }
-        if matches!(
-            user.name.as_str(),
-            "system:kube-controller-manager" | "system:kube-scheduler"
-        ) || user.name.starts_with("system:serviceaccount:kube-system:")
-        {
-            return Some("system");
+        if lease_in("kube-system") {
+            return Some(Class::new("system-leader-election", "leader-election"));
+        }
+        match user.name.as_str() {
+            "system:kube-controller-manager" => {
+                return Some(Class::new("kube-controller-manager", "workload-high"))
+            }
+            "system:kube-scheduler" => return Some(Class::new("kube-scheduler", "workload-high")),
+            n if n.starts_with("system:serviceaccount:kube-system:") => {
+                return Some(Class::new("kube-system-service-accounts", "workload-high"))
+            }
+            _ => {}
         }
         if in_group("system:serviceaccounts") {
-            return Some("workload-low");
+            return Some(Class::new("service-accounts", "workload-low"));
         }
         if in_group("system:authenticated") {
-            return Some("global-default");
+            return Some(Class::named("global-default"));
         }
-        Some("catch-all")
+        Some(Class::named("catch-all"))
     }
 
     /// A level by name, for its figures.
@@ -113,16 +214,35 @@ impl Fairness {
         self.levels.get(name)
     }
 
-    /// Waits for a seat at `level` for the client `flow` (its user); 429 when the level's
-    /// queue is full or the wait is over.
-    pub async fn admit(&self, level: &str, flow: &str) -> Result<Seat, Rejected> {
-        match self.levels.get(level) {
-            Some(l) => l.clone().admit(flow, QUEUE_WAIT).await,
-            None => Ok(Seat { level: None }),
+    /// Waits for a seat at the class's level for the client `flow` (its user); 429 when
+    /// the level's queue is full or the wait is over.
+    pub async fn admit(&self, class: Class, flow: &str) -> Result<Seat, Rejected> {
+        let Some(level) = self.levels.get(class.level) else {
+            return Ok(Seat { level: None });
+        };
+        let start = Instant::now();
+        let admitted = level.clone().admit(flow, QUEUE_WAIT).await;
+        self.metrics
+            .waits
+            .get_or_create(&WaitLabels {
+                priority_level: class.level,
+                flow_schema: class.schema,
+                execute: if admitted.is_ok() { "true" } else { "false" },
+            })
+            .observe(start.elapsed().as_secs_f64());
+        if let Err(e) = &admitted {
+            self.metrics
+                .rejected
+                .get_or_create(&RejectLabels {
+                    priority_level: class.level,
+                    flow_schema: class.schema,
+                    reason: e.reason,
+                })
+                .inc();
         }
+        admitted
     }
 }
-
 /// One priority level: its seats and its queues, one per client.
 #[derive(Debug)]
 pub struct Level {
@@ -189,6 +309,7 @@ impl Level {
                 return Err(Rejected {
                     level: self.name,
                     why: "its queues are full",
+                    reason: "queue-full",
                 });
             } else {
                 let (tx, rx) = oneshot::channel();
@@ -221,6 +342,7 @@ impl Level {
                 Err(Rejected {
                     level: self.name,
                     why: "the request waited too long",
+                    reason: "time-out",
                 })
             }
         }
@@ -273,41 +395,99 @@ mod tests {
 
     #[test]
     fn requests_go_to_their_levels() {
-        let f = Fairness::new(400);
+        let f = Fairness::new(400, FlowMetrics::default());
         let node = user("system:node:n1", &["system:nodes", "system:authenticated"]);
         let admin = user("admin", &["system:masters", "system:authenticated"]);
         let dev = user("dev", &["system:authenticated"]);
+        let cm = user("system:kube-controller-manager", &["system:authenticated"]);
         let sa = user(
             "system:serviceaccount:apps:op",
             &["system:serviceaccounts", "system:authenticated"],
         );
         let anon = user("system:anonymous", &["system:unauthenticated"]);
+        let level = |a: Asked<'_>| f.classify(a).map(|c| c.level);
         assert_eq!(
-            f.classify(asked(&node, "get", "pods", "a")),
+            level(asked(&node, "update", "leases", "kube-node-lease")),
             Some("node-high")
         );
         assert_eq!(
-            f.classify(asked(&admin, "update", "leases", "kube-node-lease")),
+            f.classify(asked(&node, "patch", "nodes", "")),
+            Some(Class::new("system-node-high", "node-high")),
+            "a node's status is its heartbeat too"
+        );
+        assert_eq!(
+            f.classify(asked(&node, "patch", "pods", "a")),
+            Some(Class::new("system-nodes", "system")),
+            "a node's other requests do not queue its heartbeat"
+        );
+        assert_eq!(
+            level(asked(&node, "get", "configmaps", "a")),
+            Some("system")
+        );
+        assert_eq!(
+            level(asked(&admin, "update", "leases", "kube-node-lease")),
             Some("node-high"),
             "a heartbeat is a heartbeat whoever sends it"
         );
         assert_eq!(f.classify(asked(&admin, "list", "pods", "a")), None);
         assert_eq!(
-            f.classify(asked(&dev, "update", "leases", "kube-system")),
+            level(asked(&dev, "update", "leases", "kube-system")),
             Some("leader-election")
         );
         assert_eq!(
-            f.classify(asked(&sa, "list", "pods", "a")),
-            Some("workload-low")
+            f.classify(asked(&cm, "create", "pods", "a")),
+            Some(Class::new("kube-controller-manager", "workload-high"))
         );
+        assert_eq!(level(asked(&sa, "list", "pods", "a")), Some("workload-low"));
         assert_eq!(
-            f.classify(asked(&dev, "list", "pods", "a")),
+            level(asked(&dev, "list", "pods", "a")),
             Some("global-default")
         );
-        assert_eq!(
-            f.classify(asked(&anon, "get", "pods", "a")),
-            Some("catch-all")
+        assert_eq!(level(asked(&anon, "get", "pods", "a")), Some("catch-all"));
+    }
+
+    #[tokio::test]
+    async fn waits_and_refusals_are_counted_by_level_and_schema() {
+        let metrics = FlowMetrics::default();
+        let f = Fairness::new(7, metrics.clone());
+        let class = Class::named("catch-all");
+        let seats = f.level("catch-all").unwrap().seats();
+        let mut held = Vec::new();
+        for _ in 0..seats {
+            held.push(f.admit(class, "anon").await.unwrap());
+        }
+        let mut r = Registry::default();
+        metrics.register(&mut r);
+        let mut text = String::new();
+        // catch-all queues 50; a 51st waiting request is refused at once.
+        let waiting: Vec<_> = (0..50)
+            .map(|_| {
+                let f = f.clone();
+                tokio::spawn(async move { f.admit(class, "anon").await.map(drop) })
+            })
+            .collect();
+        queued(f.level("catch-all").unwrap(), 50).await;
+        let refused = f.admit(class, "anon").await.unwrap_err();
+        assert_eq!(refused.reason, "queue-full");
+        drop(held);
+        for w in waiting {
+            w.await.unwrap().unwrap();
+        }
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+                .to_string()
+        };
+        assert!(line(
+            "apiserver_flowcontrol_rejected_requests_total{priority_level=\"catch-all\",flow_schema=\"catch-all\",reason=\"queue-full\"}"
+        )
+        .ends_with(" 1"));
+        let served = line(
+            "apiserver_flowcontrol_request_wait_duration_seconds_count{priority_level=\"catch-all\",flow_schema=\"catch-all\",execute=\"true\"}",
         );
+        assert!(served.ends_with(&format!(" {}", seats + 50)), "{served}");
     }
 
     /// Lets spawned requests run until `n` are queued.
@@ -368,16 +548,22 @@ mod tests {
         drop(_only);
         assert_eq!(waited.load(), (0, 0));
         // The other levels of a server are untouched by this one's load.
-        let f = Fairness::new(400);
+        let f = Fairness::new(400, FlowMetrics::default());
         let held: Vec<Seat> = futures::future::join_all(
             (0..f.level("global-default").unwrap().seats())
-                .map(|_| f.admit("global-default", "dev")),
+                .map(|_| f.admit(Class::named("global-default"), "dev")),
         )
         .await
         .into_iter()
         .map(Result::unwrap)
         .collect();
-        assert!(f.admit("node-high", "system:node:n1").await.is_ok());
+        assert!(f
+            .admit(
+                Class::new("system-node-high", "node-high"),
+                "system:node:n1"
+            )
+            .await
+            .is_ok());
         drop(held);
     }
 }

@@ -239,6 +239,35 @@ impl Objects {
             .transpose()
     }
 
+    /// One object as this member's store holds it now (as [`ReadAt::Any`] reads it),
+    /// from the resource's watch cache once that has caught up with the store
+    /// ([`crate::watchcache::WatchCaches::caught_up`]): what admission reads on every
+    /// create, for no store read.
+    pub async fn get_local(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> ApiResult<Option<Value>> {
+        if let Some(cache) = self.caches.caught_up(self, res).await {
+            return Ok(cache.current(&res.key(ns, name)).map(|(v, _)| v));
+        }
+        Ok(self.get(res, ns, name, ReadAt::Any).await?.map(|(v, _)| v))
+    }
+
+    /// The objects of `res` in `ns` (all namespaces if None) as this member's store
+    /// holds them now, from the watch cache as [`Objects::get_local`] reads.
+    pub async fn list_local(&self, res: &Resource, ns: Option<&str>) -> ApiResult<Vec<Value>> {
+        if let Some(cache) = self.caches.caught_up(self, res).await {
+            let scope = res.key_prefix_in(ns);
+            return Ok(cache.objects_in(&scope).iter().map(|o| o.value()).collect());
+        }
+        Ok(self
+            .list(res, ns, ReadAt::Any, 0, None, |_| true)
+            .await?
+            .items)
+    }
+
     pub async fn get_or_404(
         &self,
         res: &Resource,

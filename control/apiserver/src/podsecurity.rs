@@ -19,7 +19,7 @@
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
-use crate::objects::{Objects, ReadAt};
+use crate::objects::Objects;
 use crate::policy::Attempt;
 use crate::resources;
 use crate::strategy::PodSpecAt;
@@ -42,12 +42,15 @@ pub(crate) async fn admit(objects: &Objects, a: &Attempt<'_>) -> ApiResult<()> {
     if a.old.is_some_and(|o| o.pointer(pointer) == Some(spec)) {
         return Ok(());
     }
+    // As this member's store has the namespace, from the watch cache: a namespace's
+    // labels are read on every pod create, as kube-apiserver reads them from its
+    // informer.
     let namespace = objects
-        .get(resources::builtin("Namespace"), None, ns, ReadAt::Latest)
+        .get_local(resources::builtin("Namespace"), None, ns)
         .await?;
     let labels = namespace
         .as_ref()
-        .and_then(|(n, _)| n.pointer("/metadata/labels"));
+        .and_then(|n| n.pointer("/metadata/labels"));
     let [enforce, warn, audit] = levels(labels);
     if is_pod {
         if let Some(level) = enforce {

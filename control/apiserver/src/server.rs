@@ -131,13 +131,14 @@ impl ApiServer {
                 tracing::warn!(error = %e, "no client credentials for node agents: logs, exec and metrics will fail")
             }
         }
+        let metrics = Arc::new(crate::telemetry::ApiMetrics::default());
         Self {
             objects,
             pki,
-            fairness: crate::fairness::Fairness::new(max),
+            fairness: crate::fairness::Fairness::new(max, metrics.flow.clone()),
             join: None,
             node_join: None,
-            metrics: Arc::default(),
+            metrics,
         }
     }
 
@@ -579,10 +580,9 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
             resource: target.as_ref().map(|t| t.res.plural.as_ref()),
             namespace: target.as_ref().and_then(|t| t.ns.as_deref()),
         };
-        let level = api.fairness.classify(asked);
-        match level {
+        match api.fairness.classify(asked) {
             None => None,
-            Some(level) => match api.fairness.admit(level, &user.name).await {
+            Some(class) => match api.fairness.admit(class, &user.name).await {
                 Ok(seat) => Some(seat),
                 Err(e) => {
                     let mut resp = ApiError::TooManyRequests {

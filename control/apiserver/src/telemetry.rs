@@ -235,6 +235,8 @@ pub struct ApiMetrics {
     long_running: Family<Endpoint, Gauge<i64, AtomicI64>>,
     objects: Family<ResourceLabels, Gauge>,
     store: StoreSeries,
+    /// Priority and fairness's waits and refusals ([`crate::fairness`]).
+    pub flow: crate::fairness::FlowMetrics,
     scrape: std::sync::Mutex<()>,
 }
 
@@ -280,6 +282,8 @@ impl Default for ApiMetrics {
         );
         let store = StoreSeries::default();
         store.register(&mut registry);
+        let flow = crate::fairness::FlowMetrics::default();
+        flow.register(&mut registry);
         Self {
             registry,
             requests,
@@ -288,6 +292,7 @@ impl Default for ApiMetrics {
             long_running,
             objects,
             store,
+            flow,
             scrape: std::sync::Mutex::new(()),
         }
     }

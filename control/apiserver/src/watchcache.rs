@@ -287,6 +287,22 @@ impl WatchCaches {
         self.running(res)?.current(&res.key(ns, name))
     }
 
+    /// The cache of `res` (started now if need be) once it holds everything this
+    /// member's store has applied, so that what it answers is what a read of the local
+    /// store would: what admission reads on every create instead of the store, as
+    /// kube-apiserver's admission plugins read their informers, but never older than
+    /// this member's store. None: no cache, or one that did not catch up within a moment
+    /// (over etcd always, where an idle cache hears of progress only every few seconds);
+    /// read the store.
+    pub async fn caught_up(&self, objects: &Objects, res: &Resource) -> Option<Cacher> {
+        if objects.store.is_external() {
+            return None;
+        }
+        let applied = objects.store.local_revision();
+        let cacher = self.of(objects, res)?;
+        cacher.reach(Some(applied)).await.then_some(cacher)
+    }
+
     /// Whether `res` is served from a cache at all (the cache keeps the stored form).
     fn cacheable(&self, res: &Resource) -> bool {
         !self.disabled && !res.converts()
@@ -591,6 +607,12 @@ impl Cacher {
         let value = obj.value();
         let rev = crate::objects::rv_of(&value)?;
         Some((value, rev))
+    }
+
+    /// The objects under `scope` as the cache holds them now.
+    pub fn objects_in(&self, scope: &str) -> Vec<Arc<Cached>> {
+        let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.in_scope(scope)
     }
 
     /// Lists the objects under `scope` that `keep` accepts, `limit` at most (0: all). None:

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::StatusCode;
+use baton_apiserver::fairness::Class;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use support::env;
@@ -228,13 +229,22 @@ async fn overload_gets_429_and_terminating_namespaces_403() {
     let seats = fairness.level("global-default").unwrap().seats();
     let mut held = Vec::new();
     for _ in 0..seats {
-        held.push(fairness.admit("global-default", "noisy").await.unwrap());
+        held.push(
+            fairness
+                .admit(Class::named("global-default"), "noisy")
+                .await
+                .unwrap(),
+        );
     }
     let waiting: Vec<_> = (0..500)
         .map(|_| {
             let f = fairness.clone();
             // Served, it gives its seat back at once, to the next in the queue.
-            tokio::spawn(async move { f.admit("global-default", "noisy").await.map(drop) })
+            tokio::spawn(async move {
+                f.admit(Class::named("global-default"), "noisy")
+                    .await
+                    .map(drop)
+            })
         })
         .collect();
     baton_testkit::wait_until_async(Duration::from_secs(10), "the queues full", || async {
