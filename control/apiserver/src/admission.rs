@@ -418,10 +418,6 @@ pub(crate) async fn charge_quota(
     obj: &Value,
     dry_run: bool,
 ) -> ApiResult<()> {
-    let usage = quota::usage(&res.group, &res.plural, obj);
-    if usage.is_empty() {
-        return Ok(());
-    }
     let quotas_res = resources::builtin("ResourceQuota");
     let name = s(obj, "/metadata/name");
     // Which quotas there are, as this member's store has them, from the watch cache:
@@ -434,6 +430,13 @@ pub(crate) async fn charge_quota(
         .iter()
         .map(|q| s(q, "/metadata/name").to_string())
         .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let usage = quota::usage(&res.group, &res.plural, obj);
+    if usage.is_empty() {
+        return Ok(());
+    }
     for qname in names {
         for _attempt in 0..32 {
             let Some((quota_obj, _)) = objects

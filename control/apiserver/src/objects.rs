@@ -255,6 +255,37 @@ impl Objects {
         Ok(self.get(res, ns, name, ReadAt::Any).await?.map(|(v, _)| v))
     }
 
+    /// One object from this member's store as [`Objects::get_local`] reads it, or, when
+    /// it is not there, at the latest revision: what kube-apiserver's authenticators and
+    /// token requests do with their informers, a live lookup on a miss, so that an
+    /// object created a moment ago through another member is not taken to be missing.
+    pub async fn get_local_or_latest(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> ApiResult<Option<Value>> {
+        match self.get_local(res, ns, name).await? {
+            Some(found) => Ok(Some(found)),
+            None => Ok(self
+                .get(res, ns, name, ReadAt::Latest)
+                .await?
+                .map(|(v, _)| v)),
+        }
+    }
+
+    /// [`Objects::get_local_or_latest`], with 404 when the object is not found.
+    pub async fn get_known(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> ApiResult<Value> {
+        self.get_local_or_latest(res, ns, name)
+            .await?
+            .ok_or_else(|| not_found(res, name))
+    }
+
     /// The objects of `res` in `ns` (all namespaces if None) as this member's store
     /// holds them now, from the watch cache as [`Objects::get_local`] reads.
     pub async fn list_local(&self, res: &Resource, ns: Option<&str>) -> ApiResult<Vec<Value>> {

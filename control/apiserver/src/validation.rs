@@ -125,29 +125,35 @@ impl<'de> Visitor<'de> for Checked<'_> {
 /// Fields of `input` that the typed round trip dropped: unknown to the schema.
 pub fn unknown_fields(input: &Value, typed: &Value) -> Vec<String> {
     let mut out = Vec::new();
-    walk_unknown(input, typed, "", &mut out);
+    walk_unknown(input, typed, &mut String::new(), &mut out);
     out
 }
 
-fn walk_unknown(input: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+/// Walks both trees with one path buffer, grown and cut back as it goes: every write
+/// walks its whole object, and a path formatted per field was most of the walk.
+fn walk_unknown(input: &Value, typed: &Value, path: &mut String, out: &mut Vec<String>) {
+    use std::fmt::Write;
+    let at = path.len();
     match (input, typed) {
         (Value::Object(i), Value::Object(t)) => {
             for (k, v) in i {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
+                if at > 0 {
+                    path.push('.');
+                }
+                path.push_str(k);
                 match t.get(k) {
-                    None if !v.is_null() => out.push(p),
-                    Some(tv) => walk_unknown(v, tv, &p, out),
+                    None if !v.is_null() => out.push(path.clone()),
+                    Some(tv) => walk_unknown(v, tv, path, out),
                     None => {}
                 }
+                path.truncate(at);
             }
         }
         (Value::Array(i), Value::Array(t)) => {
             for (n, (iv, tv)) in i.iter().zip(t).enumerate() {
-                walk_unknown(iv, tv, &format!("{path}[{n}]"), out);
+                let _ = write!(path, "[{n}]");
+                walk_unknown(iv, tv, path, out);
+                path.truncate(at);
             }
         }
         _ => {}

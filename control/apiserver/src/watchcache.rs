@@ -609,6 +609,12 @@ impl Cacher {
         Some((value, rev))
     }
 
+    /// The version of the object at `key` the cache holds now, if it holds one.
+    pub fn cached(&self, key: &str) -> Option<Arc<Cached>> {
+        let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.objects.get(key).cloned()
+    }
+
     /// The objects under `scope` as the cache holds them now.
     pub fn objects_in(&self, scope: &str) -> Vec<Arc<Cached>> {
         let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());

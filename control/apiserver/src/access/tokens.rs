@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use sha2::Digest;
 
 use crate::error::{ApiError, ApiResult, FieldError};
-use crate::objects::{Objects, ReadAt};
+use crate::objects::Objects;
 use crate::resources;
 use crate::table::{s, strings};
 
@@ -158,7 +158,7 @@ pub async fn request(
 ) -> ApiResult<Value> {
     let signer = objects.access.signer()?;
     let sas = resources::builtin("ServiceAccount");
-    let (sa, _) = objects.get_or_404(sas, Some(ns), name).await?;
+    let sa = objects.get_known(sas, Some(ns), name).await?;
     let mut spec = body.get("spec").cloned().unwrap_or(json!({}));
     let seconds = match spec.get("expirationSeconds").and_then(Value::as_i64) {
         None => DEFAULT_SECONDS,
@@ -201,7 +201,7 @@ pub async fn request(
             )));
         }
         let pods = resources::builtin("Pod");
-        let (pod, _) = objects.get_or_404(pods, Some(ns), bname).await?;
+        let pod = objects.get_known(pods, Some(ns), bname).await?;
         if let Some(node) = node {
             if s(&pod, "/spec/nodeName") != node {
                 return Err(ApiError::Forbidden {
@@ -287,10 +287,9 @@ pub async fn check(
     let name = s(k8s, "/serviceaccount/name");
     let sas = resources::builtin("ServiceAccount");
     let sa = objects
-        .get(sas, Some(ns), name, ReadAt::Latest)
+        .get_local_or_latest(sas, Some(ns), name)
         .await
         .map_err(|e| e.to_string())?
-        .map(|(v, _)| v)
         .ok_or_else(|| format!("service account {ns}/{name} has been deleted"))?;
     if s(&sa, "/metadata/uid") != s(k8s, "/serviceaccount/uid") {
         return Err(format!(
@@ -301,10 +300,9 @@ pub async fn check(
     if let Some(pod_name) = k8s.pointer("/pod/name").and_then(Value::as_str) {
         let pods = resources::builtin("Pod");
         let pod = objects
-            .get(pods, Some(ns), pod_name, ReadAt::Latest)
+            .get_local_or_latest(pods, Some(ns), pod_name)
             .await
             .map_err(|e| e.to_string())?
-            .map(|(v, _)| v)
             .ok_or_else(|| format!("pod {ns}/{pod_name} has been deleted"))?;
         if s(&pod, "/metadata/uid") != s(k8s, "/pod/uid") {
             return Err(format!(
