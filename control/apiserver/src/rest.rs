@@ -305,6 +305,9 @@ pub async fn handle(objects: &Objects, req: Request) -> Response {
             (&Method::PUT, true, Some("approval")) if t.res.has_sub("approval") => {
                 update(objects, &req).await
             }
+            (&Method::PATCH, true, Some("approval")) if t.res.has_sub("approval") => {
+                patch(objects, &req).await
+            }
             (&Method::PUT, true, Some("ephemeralcontainers"))
                 if t.res.has_sub("ephemeralcontainers") =>
             {

@@ -250,3 +250,40 @@ async fn concurrent_patches_all_land_and_preconditions_are_not_retried() {
     assert_eq!(code, StatusCode::CONFLICT, "{err}");
     e.close().await;
 }
+
+/// A CertificateSigningRequest's approval takes a patch as well as an update, as
+/// kube-apiserver's `/approval` does, and a patch there changes only the conditions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csr_is_approved_by_a_patch_of_its_approval() {
+    use base64::Engine as _;
+    let e = env().await;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "system:node:n1");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:nodes");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+    let csr = json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+        "metadata": {"name": "n1"},
+        "spec": {"request": base64::engine::general_purpose::STANDARD.encode(pem),
+            "signerName": "kubernetes.io/kube-apiserver-client-kubelet",
+            "usages": ["digital signature", "key encipherment", "client auth"]}});
+    const CSRS: &str = "/apis/certificates.k8s.io/v1/certificatesigningrequests";
+    let (code, created) = e.json("POST", CSRS, Some(csr)).await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    let approve = json!({"spec": {"signerName": "other"}, "status": {"conditions": [
+        {"type": "Approved", "status": "True", "reason": "Test", "message": "by a patch"}]}});
+    let (code, approved) = e.json_patch(&format!("{CSRS}/n1/approval"), approve).await;
+    assert_eq!(code, StatusCode::OK, "{approved}");
+    assert_eq!(approved["status"]["conditions"][0]["type"], "Approved");
+    assert_eq!(
+        approved["spec"]["signerName"], "kubernetes.io/kube-apiserver-client-kubelet",
+        "only the conditions change through /approval"
+    );
+    let (code, _) = e.json_patch(&format!("{CSRS}/n1/nope"), json!({})).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    e.close().await;
+}
