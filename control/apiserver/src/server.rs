@@ -59,8 +59,9 @@ pub struct ApiServer {
     node_join: Option<Arc<crate::join::Token>>,
 }
 
-/// Default cap on concurrent non-watch requests (kube-apiserver's default is 400).
-pub const MAX_INFLIGHT: usize = 400;
+/// Default cap on concurrent non-watch requests: kube-apiserver's defaults, 400 requests
+/// and 200 mutating ones, which its priority and fairness share out together.
+pub const MAX_INFLIGHT: usize = 600;
 
 fn json_ok(v: &Value) -> Response {
     (
