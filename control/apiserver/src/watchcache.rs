@@ -28,7 +28,7 @@
 //! closes a slow watcher; its client resumes from the last revision it saw. When the
 //! cache's own store watch fails it reads the prefix again and closes its watchers.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -361,6 +361,9 @@ struct Inner {
 #[derive(Debug, Default)]
 struct State {
     objects: BTreeMap<String, Arc<Cached>>,
+    /// The keys of the objects bound to each node (`spec.nodeName`, for pods): what the
+    /// Node authorizer asks on every ConfigMap and Secret read of a node.
+    by_node: HashMap<Box<str>, BTreeSet<String>>,
     ring: VecDeque<Arc<Change>>,
     /// Every change after this revision is in the ring.
     since: Revision,
@@ -609,6 +612,19 @@ impl Cacher {
         Some((value, rev))
     }
 
+    /// The objects under `scope` bound to `node` (by `spec.nodeName`), from the node
+    /// index: as many as the node runs there, however many the scope holds.
+    pub fn on_node(&self, node: &str, scope: &str) -> Vec<Arc<Cached>> {
+        let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(keys) = state.by_node.get(node) else {
+            return Vec::new();
+        };
+        keys.range(scope.to_string()..)
+            .take_while(|k| k.starts_with(scope))
+            .filter_map(|k| state.objects.get(k).cloned())
+            .collect()
+    }
+
     /// The version of the object at `key` the cache holds now, if it holds one.
     pub fn cached(&self, key: &str) -> Option<Arc<Cached>> {
         let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -655,7 +671,53 @@ impl Cacher {
     }
 }
 
+/// The field the cache indexes its objects by.
+const NODE_NAME: &str = "spec.nodeName";
+
+/// The node an object is bound to, if its kind keeps `spec.nodeName` and it has one.
+fn bound_to(obj: &Cached) -> Option<&str> {
+    obj.fields
+        .iter()
+        .find(|(p, _)| &**p == NODE_NAME)
+        .map(|(_, v)| &**v)
+        .filter(|v| !v.is_empty())
+}
+
 impl State {
+    /// Keeps `obj` at `key`, and its place in the node index.
+    fn put(&mut self, key: &str, obj: Arc<Cached>) -> Option<Arc<Cached>> {
+        let now = bound_to(&obj).map(Box::<str>::from);
+        let prev = self.objects.insert(key.to_string(), obj);
+        let was = prev.as_deref().and_then(bound_to);
+        if was != now.as_deref() {
+            self.unindex(key, was.map(Box::<str>::from));
+            if let Some(node) = now {
+                self.by_node
+                    .entry(node)
+                    .or_default()
+                    .insert(key.to_string());
+            }
+        }
+        prev
+    }
+
+    /// Drops the object at `key`, and its place in the node index.
+    fn take(&mut self, key: &str) -> Option<Arc<Cached>> {
+        let prev = self.objects.remove(key)?;
+        self.unindex(key, bound_to(&prev).map(Box::<str>::from));
+        Some(prev)
+    }
+
+    fn unindex(&mut self, key: &str, node: Option<Box<str>>) {
+        let Some(node) = node else { return };
+        if let Some(keys) = self.by_node.get_mut(&node) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_node.remove(&node);
+            }
+        }
+    }
+
     fn range<'a>(&'a self, scope: &'a str) -> impl Iterator<Item = (&'a String, &'a Arc<Cached>)> {
         self.objects
             .range(scope.to_string()..)
@@ -752,8 +814,15 @@ impl Inner {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             tracing::debug!(objects = loaded.len(), revision, "watch cache loaded");
             // Watchers of the old contents end; their clients resume from what they saw.
+            let mut by_node: HashMap<Box<str>, BTreeSet<String>> = HashMap::new();
+            for (key, obj) in &loaded {
+                if let Some(node) = bound_to(obj) {
+                    by_node.entry(node.into()).or_default().insert(key.clone());
+                }
+            }
             *state = State {
                 objects: loaded,
+                by_node,
                 since: revision,
                 revision,
                 ..State::default()
@@ -805,7 +874,7 @@ impl Inner {
                         let key = String::from_utf8_lossy(&ev.kv.key).into_owned();
                         match put {
                             Some(obj) => {
-                                let prev = state.objects.insert(key.clone(), obj.clone());
+                                let prev = state.put(&key, obj.clone());
                                 state.record(Change {
                                     revision: re.revision,
                                     key,
@@ -815,7 +884,7 @@ impl Inner {
                                 });
                             }
                             None => {
-                                let Some(prev) = state.objects.remove(&key) else {
+                                let Some(prev) = state.take(&key) else {
                                     continue;
                                 };
                                 let mut last = prev.value();
@@ -853,6 +922,39 @@ mod tests {
             &json!({"metadata": {"name": "p", "namespace": "default"}, "spec": {"nodeName": node}}),
             &|p| p == "spec.nodeName",
         )
+    }
+
+    #[test]
+    fn the_node_index_follows_binds_moves_and_deletes() {
+        let mut state = State::default();
+        let nodes = |s: &State, node: &str| -> Vec<String> {
+            s.by_node
+                .get(node)
+                .map(|k| k.iter().cloned().collect())
+                .unwrap_or_default()
+        };
+        state.put("/pods/a/p", pod(""));
+        assert!(state.by_node.is_empty(), "an unbound pod is on no node");
+        state.put("/pods/a/p", pod("n1"));
+        state.put("/pods/b/q", pod("n1"));
+        assert_eq!(nodes(&state, "n1"), ["/pods/a/p", "/pods/b/q"]);
+        state.put("/pods/a/p", pod("n2"));
+        assert_eq!(nodes(&state, "n1"), ["/pods/b/q"]);
+        assert_eq!(nodes(&state, "n2"), ["/pods/a/p"]);
+        assert!(state.take("/pods/b/q").is_some());
+        assert!(state.take("/pods/b/q").is_none());
+        assert!(
+            !state.by_node.contains_key("n1"),
+            "an emptied node is dropped"
+        );
+        let on = |node: &str, scope: &str| -> usize {
+            state
+                .by_node
+                .get(node)
+                .map_or(0, |k| k.iter().filter(|k| k.starts_with(scope)).count())
+        };
+        assert_eq!(on("n2", "/pods/a/"), 1);
+        assert_eq!(on("n2", "/pods/b/"), 0);
     }
 
     fn change(prev: Option<Arc<Cached>>, cur: Option<Arc<Cached>>) -> Arc<Change> {

@@ -33,7 +33,6 @@ use crate::objects::{Objects, ReadAt};
 use crate::pki::Pki;
 use crate::resources;
 use crate::selectors::Selectable;
-use crate::watchcache::ListAt;
 
 /// Store prefix of the four RBAC kinds.
 const RBAC_PREFIX: &str = "/registry/rbac.authorization.k8s.io/";
@@ -256,9 +255,11 @@ const NODE_NAME: &str = "spec.nodeName";
 /// a claim through a volume; a ServiceAccount as its account.
 ///
 /// Asked whenever a node reads a ConfigMap or Secret (at 5,000 nodes, hundreds of times
-/// a second), so it is answered from the pods' watch cache once that has caught up with
-/// this member's store: only the namespace's pods on `node` are parsed. Read from the
-/// store, every ask decoded every pod of the namespace.
+/// a second), so it is answered from the pods' watch cache, once that has caught up with
+/// this member's store, through its index by node: only the namespace's pods on `node`
+/// are looked at. Read from the store, every ask decoded every pod of the namespace;
+/// scanning the namespace's pods in the cache was still a quarter of the API server's
+/// CPU at 90,000 pods.
 async fn used_by_pod_on(
     objects: &Objects,
     node: &str,
@@ -268,16 +269,10 @@ async fn used_by_pod_on(
 ) -> bool {
     let pods = resources::builtin("Pod");
     if let Some(cache) = objects.caches.caught_up(objects, pods).await {
-        let scope = pods.key_prefix_in(Some(ns));
-        let on_node = cache
-            .list(ListAt::Any, &scope, 0, |p| p.field(NODE_NAME) == node)
-            .await;
-        if let Ok(Some(page)) = on_node {
-            return page
-                .items
-                .iter()
-                .any(|pod| pod_uses(&pod.value(), resource, name));
-        }
+        return cache
+            .on_node(node, &pods.key_prefix_in(Some(ns)))
+            .iter()
+            .any(|pod| pod_uses(&pod.value(), resource, name));
     }
     let Ok(page) = objects
         .list(pods, Some(ns), ReadAt::Latest, 0, None, |p| {
