@@ -55,15 +55,26 @@ pub use crate::sandbox::Resolvers;
 /// 150,000 pods refreshed 10,000 volumes a second, a fifth of the nodes' CPU.
 const VOLUME_REFRESH: Duration = Duration::from_secs(60);
 
-/// The wait before a pod's next volume refresh: [`VOLUME_REFRESH`] and a share of half of
-/// it picked by the pod's uid, as the kubelet's pod workers jitter their resyncs, so
-/// that pods started together do not refresh together.
-fn refresh_after(uid: &str) -> Duration {
+/// How often a pod whose components read wasi:config values is refreshed: those values
+/// are read live, and a component is expected to see a changed ConfigMap within seconds,
+/// as before the volumes slowed down.
+const CONFIG_REFRESH: Duration = Duration::from_secs(15);
+
+/// The wait before a pod's next refresh: [`VOLUME_REFRESH`] ([`CONFIG_REFRESH`] for a pod
+/// using wasi:config) and a share of half of it picked by the pod's uid, as the
+/// kubelet's pod workers jitter their resyncs, so that pods started together do not
+/// refresh together.
+fn refresh_after(pod: &Pod) -> Duration {
     use std::hash::{Hash, Hasher};
+    let every = if crate::platform::used(pod) {
+        CONFIG_REFRESH
+    } else {
+        VOLUME_REFRESH
+    };
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    uid.hash(&mut h);
+    pod.uid().unwrap_or_default().hash(&mut h);
     let share = (h.finish() % 1024) as f64 / 2048.0;
-    VOLUME_REFRESH + VOLUME_REFRESH.mul_f64(share)
+    every + every.mul_f64(share)
 }
 /// How long a terminating pod keeps taking connections after leaving the routing, for
 /// its EndpointSlice change to reach every node.
@@ -288,7 +299,7 @@ impl<S: Sandboxes> Worker<S> {
             exits: FuturesUnordered::new(),
             logs: HashMap::new(),
             reporter: Reporter::default(),
-            next_refresh: Instant::now() + refresh_after(&pod.uid().unwrap_or_default()),
+            next_refresh: Instant::now() + refresh_after(&pod),
             seen: Instant::now(),
             start_recorded: false,
             starting: Some(start_span(&pod)),
@@ -1193,7 +1204,7 @@ impl<S: Sandboxes> Worker<S> {
         if !self.refreshes_volumes() || now < self.next_refresh {
             return;
         }
-        self.next_refresh = now + refresh_after(&self.uid);
+        self.next_refresh = now + refresh_after(&self.pod);
         if crate::platform::used(&self.pod) {
             self.refresh_wasi_config().await;
         }
