@@ -671,8 +671,8 @@ impl Cacher {
     }
 }
 
-/// The field the cache indexes its objects by.
-const NODE_NAME: &str = "spec.nodeName";
+/// The field the cache indexes its objects by (a pod's node).
+pub(crate) const NODE_NAME: &str = "spec.nodeName";
 
 /// The node an object is bound to, if its kind keeps `spec.nodeName` and it has one.
 fn bound_to(obj: &Cached) -> Option<&str> {

@@ -33,6 +33,7 @@ use crate::objects::{Objects, ReadAt};
 use crate::pki::Pki;
 use crate::resources;
 use crate::selectors::Selectable;
+use crate::watchcache::NODE_NAME;
 
 /// Store prefix of the four RBAC kinds.
 const RBAC_PREFIX: &str = "/registry/rbac.authorization.k8s.io/";
@@ -246,9 +247,6 @@ async fn pod_node(objects: &Objects, ns: &str, name: &str) -> Option<Option<Stri
         Err(_) => Some(None),
     }
 }
-
-/// The field the pods' watch cache keeps a pod's node in.
-const NODE_NAME: &str = "spec.nodeName";
 
 /// Whether a pod bound to `node` in `ns` uses the object: a Secret or ConfigMap through
 /// a volume (projected ones included), an environment variable or an image pull secret;
