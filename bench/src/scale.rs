@@ -219,6 +219,12 @@ struct Seen {
     created: HashMap<String, Instant>,
     running: HashMap<String, Instant>,
     bound: HashMap<String, Instant>,
+    /// The pods that exist now, and whether each is Running, Ready and not terminating:
+    /// the churn is judged from this, so that the run does not list 150,000 pods ten
+    /// times a second and slow what it measures.
+    now: HashMap<String, bool>,
+    /// The pods of a relist in progress, which replace `now` when it is done.
+    relist: Option<HashMap<String, bool>>,
 }
 
 const LABEL: &str = "baton-scale";
@@ -422,7 +428,7 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
         }
     };
     let churn = if plan.churn {
-        Some(churn(&client, &made, plan.deadline).await?)
+        Some(churn(&client, &seen, &made, plan.deadline).await?)
     } else {
         None
     };
@@ -488,7 +494,25 @@ async fn watch_pods(client: Client, seen: Arc<Mutex<Seen>>) {
     while let Some(ev) = events.next().await {
         let p = match ev {
             Ok(Event::Apply(p)) | Ok(Event::InitApply(p)) => p,
-            _ => continue,
+            Ok(Event::Init) => {
+                seen.lock().unwrap().relist = Some(HashMap::new());
+                continue;
+            }
+            Ok(Event::InitDone) => {
+                let mut s = seen.lock().unwrap();
+                if let Some(all) = s.relist.take() {
+                    s.now = all;
+                }
+                continue;
+            }
+            Ok(Event::Delete(p)) => {
+                seen.lock()
+                    .unwrap()
+                    .now
+                    .remove(&p.uid().unwrap_or_default());
+                continue;
+            }
+            Err(_) => continue,
         };
         let now = Instant::now();
         let uid = p.uid().unwrap_or_default();
@@ -504,10 +528,14 @@ async fn watch_pods(client: Client, seen: Arc<Mutex<Seen>>) {
                     .conditions
                     .as_ref()
                     .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        });
-        if running && p.metadata.deletion_timestamp.is_none() {
-            s.running.entry(uid).or_insert(now);
+        }) && p.metadata.deletion_timestamp.is_none();
+        if running {
+            s.running.entry(uid.clone()).or_insert(now);
         }
+        match s.relist.as_mut() {
+            Some(relist) => relist.insert(uid, running),
+            None => s.now.insert(uid, running),
+        };
     }
 }
 
@@ -515,6 +543,7 @@ async fn watch_pods(client: Client, seen: Arc<Mutex<Seen>>) {
 /// to a new template, a tenth deleted; returns when the pods running match again.
 async fn churn(
     client: &Client,
+    seen: &Mutex<Seen>,
     made: &[(String, String, usize)],
     deadline: Duration,
 ) -> Result<Duration> {
@@ -553,23 +582,21 @@ async fn churn(
             .await?;
         expected -= size;
     }
-    let pods: Api<Pod> = Api::all(client.clone());
-    crate::wait_within(deadline, "the churn to settle", || async {
-        let Ok(list) = pods
-            .list(&ListParams::default().labels(&format!("{LABEL}=1")))
-            .await
-        else {
-            return false;
+    let mut last_said = Instant::now();
+    crate::wait_within(deadline, "the churn to settle", || {
+        let (total, running) = {
+            let s = seen.lock().unwrap();
+            (s.now.len(), s.now.values().filter(|r| **r).count())
         };
-        let running = list
-            .items
-            .iter()
-            .filter(|p| {
-                p.metadata.deletion_timestamp.is_none()
-                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-            })
-            .count();
-        running == expected && list.items.len() == expected
+        // A long churn says where it stands, so that one that does not settle shows why.
+        if last_said.elapsed() >= Duration::from_secs(30) {
+            last_said = Instant::now();
+            eprintln!(
+                "scale: churn at {:.0?}: {total} pods, {running} Running, {expected} wanted",
+                t.elapsed()
+            );
+        }
+        std::future::ready(running == expected && total == expected)
     })
     .await?;
     Ok(t.elapsed())

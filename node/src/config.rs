@@ -160,26 +160,29 @@ impl ObjectCache {
             + std::fmt::Debug,
     {
         let key = (namespace.to_string(), name.to_string());
-        if let Some(max_age) = max_age {
+        let held = {
             let kept = kept.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, obj)) = kept.get(&key) {
-                if at.elapsed() < max_age {
+            match (max_age, kept.get(&key)) {
+                (Some(max_age), Some((at, obj))) if at.elapsed() < max_age => {
                     return Ok(obj.clone());
                 }
+                (_, found) => found.is_some(),
             }
-        }
+        };
         let api: Api<K> = Api::namespaced(client.clone(), namespace);
-        // A refresh takes the API server's cached copy (`resourceVersion=0`), as the
-        // kubelet's TTL-based manager re-reads an object it already has: every node asks
-        // for each namespace's objects once per TTL, so these reads are many. A pod's
-        // start reads the latest.
-        let read = match max_age {
-            Some(_) => match api.get_with(name, &kube::api::GetParams::any()).await {
+        // A refresh, or a pod's start when the node holds a copy already, takes the API
+        // server's cached copy (`resourceVersion=0`), as the kubelet's TTL-based manager
+        // re-reads an object it has: every node asks for each namespace's objects once per
+        // TTL and again for each pod, so these reads are many. Only a first read asks for
+        // the latest.
+        let read = if max_age.is_some() || held {
+            match api.get_with(name, &kube::api::GetParams::any()).await {
                 Ok(obj) => Ok(Some(obj)),
                 Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
                 Err(e) => Err(e),
-            },
-            None => api.get_opt(name).await,
+            }
+        } else {
+            api.get_opt(name).await
         };
         let obj = read.map_err(|source| ConfigError::Api {
             kind,

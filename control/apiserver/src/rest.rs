@@ -1272,7 +1272,9 @@ const UPDATE_BUDGET: Duration = Duration::from_secs(30);
 ///
 /// The first attempt starts from the watch cache's copy when a cache of the resource
 /// runs already, as kube-apiserver's does: a node's Lease renewal then costs no read of
-/// the store, which at 5,000 nodes was half of each renewal's work. That copy may be
+/// the store, which at 5,000 nodes was half of each renewal's work. It waits a moment
+/// for the cache to hold what the member's store has applied
+/// ([`crate::watchcache::WatchCaches::current_applied`]), but the copy may still be
 /// behind, so only a fresh read may end the loop without a write: an error (from
 /// `decide`, admission or validation) or a change that turns out to be no change, on the
 /// cached copy, is decided again on a fresh read. A dry run always reads the store,
@@ -1289,7 +1291,7 @@ pub(crate) async fn guaranteed_update(
     let mut cached = if req.dry_run() {
         None
     } else {
-        objects.caches.current(res, ns, name)
+        objects.caches.current_applied(objects, res, ns, name).await
     };
     while tokio::time::Instant::now() < deadline {
         let from_cache = cached.is_some();

@@ -55,6 +55,9 @@ const EAGER_PROGRESS: Duration = Duration::from_millis(5);
 /// How long a request waits for the cache to reach the revision it needs before it is
 /// served from the store instead.
 const CATCH_UP: Duration = Duration::from_millis(500);
+/// How long an update waits for the cache to hold what the member's store has applied
+/// before it starts from the cached copy anyway (its compare then catches a stale one).
+const UPDATE_CATCH_UP: Duration = Duration::from_millis(100);
 /// Objects read per store range while the cache loads.
 const LOAD_PAGE: usize = 1000;
 
@@ -217,6 +220,18 @@ pub enum ListAt {
     NotOlderThan(Revision),
 }
 
+/// What [`WatchCaches::look_up`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup<T> {
+    Found(T),
+    /// Not there, in a cache that has caught up with the store's latest revision.
+    Missing,
+    /// Not there, and the cache did not catch up within a moment: unknown.
+    Behind,
+    /// No cache serves the resource (caching is off, or it is still loading).
+    NoCache,
+}
+
 /// The caches of all resources, made on first use.
 #[derive(Clone, Debug, Default)]
 pub struct WatchCaches {
@@ -285,6 +300,57 @@ impl WatchCaches {
         name: &str,
     ) -> Option<(Value, Revision)> {
         self.running(res)?.current(&res.key(ns, name))
+    }
+
+    /// A lookup that an eventually consistent view may answer, as kube-apiserver's Node
+    /// authorizer answers from the graph its informers build: `find` on the cache of
+    /// `res` (started if need be) as it is, and, only when that finds nothing, once more
+    /// after the cache has caught up with the store's latest revision, so that what was
+    /// written a moment ago is not taken to be missing. A found answer never waits: a
+    /// cache a second behind under load made every such check wait for it and then scan
+    /// the store, which fed the load that put it behind.
+    pub async fn look_up<T>(
+        &self,
+        objects: &Objects,
+        res: &Resource,
+        find: impl Fn(&Cacher) -> Option<T>,
+    ) -> Lookup<T> {
+        let Some(cacher) = self.of(objects, res) else {
+            return Lookup::NoCache;
+        };
+        if !cacher.reach(None).await {
+            // Still loading: the store answers until it has.
+            return Lookup::NoCache;
+        }
+        if let Some(found) = find(&cacher) {
+            return Lookup::Found(found);
+        }
+        match cacher.ready_for(ListAt::Latest).await {
+            Ok(true) => find(&cacher).map_or(Lookup::Missing, Lookup::Found),
+            _ => Lookup::Behind,
+        }
+    }
+
+    /// [`WatchCaches::current`] once the running cache holds everything this member's
+    /// store had applied when asked (for at most [`UPDATE_CATCH_UP`]): where an update
+    /// starts. A copy even a moment behind the store fails the write's compare, and such
+    /// a failure costs a Raft entry carrying the whole object, then a read of the store,
+    /// and a node's status write right after its previous one would often find the cache
+    /// a moment behind.
+    /// Over etcd, where progress is heard only every few seconds, the copy as it is.
+    pub async fn current_applied(
+        &self,
+        objects: &Objects,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Option<(Value, Revision)> {
+        let cacher = self.running(res)?;
+        if !objects.store.is_external() {
+            let applied = objects.store.local_revision();
+            cacher.reach_within(Some(applied), UPDATE_CATCH_UP).await;
+        }
+        cacher.current(&res.key(ns, name))
     }
 
     /// The cache of `res` (started now if need be) once it holds everything this
@@ -504,6 +570,11 @@ impl Cacher {
     /// Waits until the cache holds everything up to `rev` (any revision if None); false
     /// if it did not within [`CATCH_UP`].
     async fn reach(&self, rev: Option<Revision>) -> bool {
+        self.reach_within(rev, CATCH_UP).await
+    }
+
+    /// [`Cacher::reach`], waiting at most `within`.
+    async fn reach_within(&self, rev: Option<Revision>, within: Duration) -> bool {
         let mut rx = self.inner.revision.subscribe();
         let reached = async {
             rx.wait_for(|have| match (have, rev) {
@@ -514,9 +585,7 @@ impl Cacher {
             .await
             .is_ok()
         };
-        tokio::time::timeout(CATCH_UP, reached)
-            .await
-            .unwrap_or(false)
+        tokio::time::timeout(within, reached).await.unwrap_or(false)
     }
 
     /// The store's latest revision, read linearizably.

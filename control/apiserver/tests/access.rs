@@ -408,6 +408,86 @@ async fn nobody_grants_what_they_do_not_hold() {
     e.close().await;
 }
 
+/// The Node authorizer answers from the pods' watch cache as it is, as kube-apiserver's
+/// answers from its informers' graph: a pod the cache holds lets its node read its
+/// Secret at once, even while the cache is behind; a pod bound a moment ago, which the
+/// cache has not seen, does not (the node asks again), and the store is not scanned for
+/// it. A pod's status write, which names one pod, reads that pod from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_authorizer_answers_from_the_cache_even_when_it_is_behind() {
+    let e = env_with_tokens(TOKENS).await;
+    ok(
+        &e,
+        "POST",
+        "/api/v1/nodes",
+        json!({"metadata": {"name": "n1"}}),
+    )
+    .await;
+    let pod = |name: &str, secret: &str| {
+        json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "registry.example/app:1",
+                     "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": secret, "key": "k"}}}]}]}
+        })
+    };
+    const SECRETS: &str = "/api/v1/namespaces/default/secrets";
+    const PODS: &str = "/api/v1/namespaces/default/pods";
+    for name in ["early", "late"] {
+        ok(
+            &e,
+            "POST",
+            SECRETS,
+            json!({"metadata": {"name": name}, "stringData": {"k": "v"}}),
+        )
+        .await;
+    }
+    ok(&e, "POST", PODS, pod("early", "early")).await;
+    let n1 = "n1-token";
+    let read = |secret: &'static str| {
+        let e = &e;
+        async move {
+            e.json_as(n1, "GET", &format!("{SECRETS}/{secret}"), None)
+                .await
+                .0
+        }
+    };
+    assert_eq!(read("early").await, StatusCode::OK);
+
+    let hold = e.api.watch_caches().hold();
+    ok(&e, "POST", PODS, pod("late", "late")).await;
+    assert_eq!(
+        read("early").await,
+        StatusCode::OK,
+        "found in the held cache"
+    );
+    assert_eq!(
+        read("late").await,
+        StatusCode::FORBIDDEN,
+        "a pod the cache has not seen yet gives no access"
+    );
+    let (code, _) = e
+        .call_with(
+            n1,
+            &[("content-type", "application/merge-patch+json")],
+            "PATCH",
+            &format!("{PODS}/late/status"),
+            Some(json!({"status": {"phase": "Running"}})),
+            "application/json",
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "its own pod, read from the store");
+    drop(hold);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while read("late").await != StatusCode::OK {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cache caught up, and the node may read its new pod's Secret"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    e.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_reads_only_what_its_pods_use_and_writes_only_itself() {
     let e = env_with_tokens(TOKENS).await;

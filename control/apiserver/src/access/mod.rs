@@ -33,7 +33,7 @@ use crate::objects::{Objects, ReadAt};
 use crate::pki::Pki;
 use crate::resources;
 use crate::selectors::Selectable;
-use crate::watchcache::NODE_NAME;
+use crate::watchcache::{Cacher, Lookup, NODE_NAME};
 
 /// Store prefix of the four RBAC kinds.
 const RBAC_PREFIX: &str = "/registry/rbac.authorization.k8s.io/";
@@ -226,16 +226,18 @@ fn parse_key(key: &[u8]) -> Option<(Kind, String, String)> {
 
 /// The node a pod is bound to: None if the pod does not exist, Some(None) if it is
 /// unbound (or cannot be read). Asked on every pod status write of every node, so it is
-/// answered from the pods' watch cache once that has caught up with this member's store,
-/// as kube-apiserver's Node authorizer answers from its graph of informers; a pod the
-/// cache does not hold is looked up at the latest revision.
+/// answered from the pods' watch cache ([`crate::watchcache::WatchCaches::look_up`]), as
+/// kube-apiserver's Node authorizer answers from its graph of informers; a pod the cache
+/// does not hold, or holds unbound, even once caught up, is read from the store.
 async fn pod_node(objects: &Objects, ns: &str, name: &str) -> Option<Option<String>> {
     let pods = resources::builtin("Pod");
-    if let Some(cache) = objects.caches.caught_up(objects, pods).await {
-        if let Some(pod) = cache.cached(&pods.key(Some(ns), name)) {
-            let node = pod.field(NODE_NAME);
-            return Some((!node.is_empty()).then(|| node.into_owned()));
-        }
+    let key = pods.key(Some(ns), name);
+    let bound = |cache: &Cacher| {
+        let node = cache.cached(&key)?.field(NODE_NAME).into_owned();
+        (!node.is_empty()).then_some(node)
+    };
+    if let Lookup::Found(node) = objects.caches.look_up(objects, pods, bound).await {
+        return Some(Some(node));
     }
     match objects.get(pods, Some(ns), name, ReadAt::Latest).await {
         Ok(None) => None,
@@ -253,11 +255,13 @@ async fn pod_node(objects: &Objects, ns: &str, name: &str) -> Option<Option<Stri
 /// a claim through a volume; a ServiceAccount as its account.
 ///
 /// Asked whenever a node reads a ConfigMap or Secret (at 5,000 nodes, hundreds of times
-/// a second), so it is answered from the pods' watch cache, once that has caught up with
-/// this member's store, through its index by node: only the namespace's pods on `node`
-/// are looked at. Read from the store, every ask decoded every pod of the namespace;
-/// scanning the namespace's pods in the cache was still a quarter of the API server's
-/// CPU at 90,000 pods.
+/// a second), so it is answered from the pods' watch cache through its index by node:
+/// only the namespace's pods on `node` are looked at
+/// ([`crate::watchcache::WatchCaches::look_up`]). When that cache is behind and does not
+/// show such a pod, the answer is no, and the node asks again later, as it would of
+/// kube-apiserver's graph: reading the store instead decoded every pod of the namespace
+/// per ask, and under load, when the cache falls behind, that made the load worse. Only
+/// with no cache (caching off, or still loading) is the store read.
 async fn used_by_pod_on(
     objects: &Objects,
     node: &str,
@@ -266,11 +270,18 @@ async fn used_by_pod_on(
     name: &str,
 ) -> bool {
     let pods = resources::builtin("Pod");
-    if let Some(cache) = objects.caches.caught_up(objects, pods).await {
-        return cache
-            .on_node(node, &pods.key_prefix_in(Some(ns)))
+    let scope = pods.key_prefix_in(Some(ns));
+    let uses = |cache: &Cacher| {
+        cache
+            .on_node(node, &scope)
             .iter()
-            .any(|pod| pod_uses(&pod.value(), resource, name));
+            .any(|pod| pod_uses(&pod.value(), resource, name))
+            .then_some(())
+    };
+    match objects.caches.look_up(objects, pods, uses).await {
+        Lookup::Found(()) => return true,
+        Lookup::Missing | Lookup::Behind => return false,
+        Lookup::NoCache => {}
     }
     let Ok(page) = objects
         .list(pods, Some(ns), ReadAt::Latest, 0, None, |p| {

@@ -139,8 +139,13 @@ impl Env {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            req = req.header("content-type", "application/json");
+        }
         let req = req
-            .header("content-type", "application/json")
             .header("accept", accept)
             .body(
                 body.map(|b| Body::from(b.to_string()))
