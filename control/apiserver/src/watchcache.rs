@@ -228,7 +228,9 @@ pub enum Lookup<T> {
     Missing,
     /// Not there, and the cache did not catch up within a moment: unknown.
     Behind,
-    /// No cache serves the resource (caching is off, or it is still loading).
+    /// No cache can answer: caching is off, the cache is still loading, or it cannot
+    /// be brought up to date at once (over etcd) and did not hold the object. Ask the
+    /// store.
     NoCache,
 }
 
@@ -324,6 +326,11 @@ impl WatchCaches {
         }
         if let Some(found) = find(&cacher) {
             return Lookup::Found(found);
+        }
+        if objects.store.is_external() {
+            // Over etcd an idle cache hears of progress only every few seconds: waiting
+            // for it would hold every miss that long, so a miss asks the store.
+            return Lookup::NoCache;
         }
         match cacher.ready_for(ListAt::Latest).await {
             Ok(true) => find(&cacher).map_or(Lookup::Missing, Lookup::Found),

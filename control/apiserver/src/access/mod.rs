@@ -260,8 +260,9 @@ async fn pod_node(objects: &Objects, ns: &str, name: &str) -> Option<Option<Stri
 /// ([`crate::watchcache::WatchCaches::look_up`]). When that cache is behind and does not
 /// show such a pod, the answer is no, and the node asks again later, as it would of
 /// kube-apiserver's graph: reading the store instead decoded every pod of the namespace
-/// per ask, and under load, when the cache falls behind, that made the load worse. Only
-/// with no cache (caching off, or still loading) is the store read.
+/// per ask, and under load, when the cache falls behind, that made the load worse. The
+/// store is read only when no cache can answer (caching off, still loading, or over etcd
+/// when the cache shows no such pod).
 async fn used_by_pod_on(
     objects: &Objects,
     node: &str,
