@@ -22,7 +22,8 @@
 //!
 //! Usage: `cluster-bench BATON_BINARY GUEST_DIR` (see `scripts/bench.sh cluster`).
 //! `BENCH_PARTS` picks parts (`idle,start,sched,pull,isolation`); `BENCH_NODES` and
-//! `BENCH_PODS` size the scheduler run; `BENCH_SECS` the isolation cells.
+//! `BENCH_PODS` size the scheduler run, and `BENCH_CLIENTS` (32) is how many pods it
+//! creates at once; `BENCH_SECS` the isolation cells.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -246,6 +247,7 @@ async fn scheduler(bin: &Path) -> Result<()> {
     let up = up(bin, &["--no-node"]).await?;
     let node_count: usize = env_or("BENCH_NODES", 1000);
     let pod_count: usize = env_or("BENCH_PODS", 3000);
+    let clients: usize = env_or("BENCH_CLIENTS", 32);
     let hollow = hollow_nodes(up.client.clone(), node_count).await?;
     let pods: Api<Pod> = Api::namespaced(up.client.clone(), "default");
     let bound: Arc<Mutex<(usize, Option<Instant>)>> = Arc::default();
@@ -282,7 +284,7 @@ async fn scheduler(bin: &Path) -> Result<()> {
                 anyhow::Ok(())
             }
         })
-        .buffer_unordered(32)
+        .buffer_unordered(clients)
         .collect::<Vec<_>>()
         .await
         .into_iter()
