@@ -31,7 +31,7 @@ pub struct HollowConfig {
     pub name: String,
     pub capacity: Capacity,
     pub labels: BTreeMap<String, String>,
-    /// Lease renewals; the Node's status is reported every thirtieth ([`register::status_due`]).
+    /// Lease renewals; the Node's status is reported about every thirtieth ([`register::StatusClock`]).
     pub heartbeat: Duration,
     /// How long each container takes to start: from bound to Running.
     pub start_delay: Duration,
@@ -119,22 +119,21 @@ pub async fn run(
 }
 
 /// Renews the Lease every beat and reports the Node's status when it is due, as the node
-/// agent does ([`register::status_due`]); a failed renewal is retried at the next beat.
+/// agent does ([`register::StatusClock`]); a failed renewal is retried at the next beat.
 async fn heartbeat(client: Client, cfg: HollowConfig, objects: Arc<crate::config::ObjectCache>) {
     let mut tick = tokio::time::interval(cfg.heartbeat);
     // Spread the nodes over the period, as real ones started at different times are.
     tick.reset_after(cfg.heartbeat.mul_f64(rand_fraction(&cfg.name)));
-    let mut beats = 0u64;
+    let mut clock = register::StatusClock::new(register::jitter_draw());
     let mut renewal_failed = false;
     loop {
         tick.tick().await;
-        beats += 1;
         if let Err(e) = register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await {
             tracing::debug!(node = %cfg.name, error = %e, "hollow heartbeat failed");
             renewal_failed = true;
             continue;
         }
-        let node = match register::status_due(beats, renewal_failed, objects.knows_ttl()) {
+        let node = match clock.beat(renewal_failed, objects.knows_ttl(), register::jitter_draw()) {
             register::StatusDue::Report => {
                 register::refresh(&client, cfg.identity(), &register::Reported::default()).await
             }

@@ -376,13 +376,12 @@ pub async fn run(
             let mut tick = tokio::time::interval(cfg.heartbeat);
             let mut reported_images = Vec::new();
             let mut pressure_tick = tokio::time::interval(eviction::INTERVAL);
-            let mut beats = 0u64;
+            let mut clock = register::StatusClock::new(register::jitter_draw());
             let mut reported_pressure = false;
             let mut renewal_failed = false;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        beats += 1;
                         if let Err(e) = register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await {
                             tracing::warn!(error = %e, "heartbeat failed");
                             // The report waits for the way to the control plane.
@@ -405,7 +404,7 @@ pub async fn run(
                 let held = images.node_images();
                 let changed =
                     renewal_failed || pressure != reported_pressure || held != reported_images;
-                match register::status_due(beats, changed, objects.knows_ttl()) {
+                match clock.beat(changed, objects.knows_ttl(), register::jitter_draw()) {
                     register::StatusDue::Nothing => {}
                     register::StatusDue::Read => {
                         match register::read_node(&client, &cfg.name).await {

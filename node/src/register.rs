@@ -328,18 +328,66 @@ pub enum StatusDue {
     Nothing,
 }
 
-/// What is due at beat number `beats`: a report when something in the status changed
-/// (a failed renewal counts: while the node was cut off, the control plane may have
-/// marked it unknown, and only the node's report makes it Ready again) or the report is
-/// due, else a read while the TTL is not known.
-pub fn status_due(beats: u64, changed: bool, knows_ttl: bool) -> StatusDue {
-    if changed || beats % STATUS_REPORT_BEATS == 0 {
-        StatusDue::Report
-    } else if !knows_ttl && beats % TTL_READ_BEATS == 0 {
-        StatusDue::Read
-    } else {
-        StatusDue::Nothing
+/// When the Node's status is due, beat by beat, as the kubelet decides it: at once when
+/// something in it changed (a failed renewal counts: while the node was cut off, the
+/// control plane may have marked it unknown, and only the node's report makes it Ready
+/// again); else [`STATUS_REPORT_BEATS`] after the last report. After a start or a
+/// change, that one wait is moved by an offset drawn from ±half of it (the kubelet's
+/// `delayAfterNodeStatusChange`), so that nodes that joined together do not report
+/// together ever after: 5,000 hollow nodes that joined within 19 s sent their five-minute
+/// reports in bursts of 5,000, and those writes' p99 went past a second. While the node
+/// does not know its TTL, it reads its Node every [`TTL_READ_BEATS`].
+#[derive(Debug)]
+pub struct StatusClock {
+    since_report: u64,
+    wait: u64,
+}
+
+impl StatusClock {
+    /// The clock of a node that has just registered; `draw` in [0, 1) places its first
+    /// report ([`jitter_draw`] in a node, fixed in tests).
+    pub fn new(draw: f64) -> Self {
+        Self {
+            since_report: 0,
+            wait: offset_wait(draw),
+        }
     }
+
+    /// What is due at this beat; `draw` places the next report if this one is for a
+    /// change.
+    pub fn beat(&mut self, changed: bool, knows_ttl: bool, draw: f64) -> StatusDue {
+        self.since_report += 1;
+        if changed {
+            self.since_report = 0;
+            self.wait = offset_wait(draw);
+            StatusDue::Report
+        } else if self.since_report >= self.wait {
+            self.since_report = 0;
+            self.wait = STATUS_REPORT_BEATS;
+            StatusDue::Report
+        } else if !knows_ttl && self.since_report % TTL_READ_BEATS == 0 {
+            StatusDue::Read
+        } else {
+            StatusDue::Nothing
+        }
+    }
+}
+
+/// [`STATUS_REPORT_BEATS`] moved by `draw` (in [0, 1)) within ±half of it.
+fn offset_wait(draw: f64) -> u64 {
+    let period = STATUS_REPORT_BEATS as f64;
+    (period + (draw.clamp(0.0, 1.0) - 0.5) * period)
+        .round()
+        .max(1.0) as u64
+}
+
+/// A draw in [0, 1) for a jitter, from the random keys std gives each hasher.
+pub fn jitter_draw() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The node's own Node, as stored.
@@ -368,25 +416,61 @@ pub async fn assigned_pod_cidr(client: &Client, name: &str) -> Result<String, Re
 mod tests {
     use super::*;
 
+    /// The beats at which a clock reports in `beats` beats, with `changed` beats.
+    fn reports(clock: &mut StatusClock, beats: u64, changed: &[u64], draw: f64) -> Vec<u64> {
+        (1..=beats)
+            .filter(|b| clock.beat(changed.contains(b), true, draw) == StatusDue::Report)
+            .collect()
+    }
+
     #[test]
     fn the_status_is_reported_every_five_minutes_or_on_a_change_and_the_node_read_until_it_has_a_ttl(
     ) {
-        let due = |beats, changed, knows| status_due(beats, changed, knows);
-        assert_eq!(due(30, false, true), StatusDue::Report);
-        assert_eq!(due(60, false, false), StatusDue::Report);
+        // A draw of one half moves nothing: every thirtieth beat.
+        let mut clock = StatusClock::new(0.5);
+        assert_eq!(reports(&mut clock, 90, &[], 0.5), [30, 60, 90]);
         assert_eq!(
-            due(7, true, true),
-            StatusDue::Report,
+            reports(&mut clock, 10, &[7], 0.5),
+            [7],
             "a change is told at once"
         );
+        let mut clock = StatusClock::new(0.5);
+        let due: Vec<StatusDue> = (0..4).map(|_| clock.beat(false, false, 0.5)).collect();
         assert_eq!(
-            due(6, false, true),
-            StatusDue::Nothing,
-            "no minute-by-minute report"
+            due,
+            [
+                StatusDue::Nothing,
+                StatusDue::Nothing,
+                StatusDue::Read,
+                StatusDue::Nothing
+            ],
+            "the Node is read every third beat until the TTL is known"
         );
-        assert_eq!(due(3, false, false), StatusDue::Read);
-        assert_eq!(due(4, false, false), StatusDue::Nothing);
-        assert_eq!(due(3, false, true), StatusDue::Nothing);
+    }
+
+    #[test]
+    fn the_first_report_after_a_start_or_a_change_is_moved_by_up_to_half_the_period() {
+        // Drawn early and late: the first report comes at 15 and 45 beats, then every 30.
+        let mut early = StatusClock::new(0.0);
+        assert_eq!(reports(&mut early, 80, &[], 0.0), [15, 45, 75]);
+        let mut late = StatusClock::new(0.999);
+        assert_eq!(reports(&mut late, 110, &[], 0.0), [45, 75, 105]);
+        // A change moves the next wait by its own draw.
+        let mut clock = StatusClock::new(0.5);
+        assert_eq!(reports(&mut clock, 70, &[10], 0.9), [10, 52]);
+        // Nodes that start together spread their reports over the period.
+        let firsts: std::collections::BTreeSet<u64> = (0..200)
+            .map(|_| {
+                let mut c = StatusClock::new(jitter_draw());
+                (1..=60)
+                    .find(|_| c.beat(false, true, 0.5) == StatusDue::Report)
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            firsts.len() > 10 && firsts.iter().all(|b| (15..=45).contains(b)),
+            "{firsts:?}"
+        );
     }
 
     #[tokio::test]

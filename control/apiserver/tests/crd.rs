@@ -533,8 +533,16 @@ async fn deleting_a_crd_deletes_its_objects_first() {
         e.json("GET", &format!("{WIDGETS}/a"), None).await.0 == StatusCode::NOT_FOUND
     })
     .await;
-    let (_, b) = e.json("GET", &format!("{WIDGETS}/b"), None).await;
-    assert!(b["metadata"]["deletionTimestamp"].is_string(), "{b}");
+    // The objects are deleted one after the other: b is marked a moment after a goes.
+    wait_until(
+        Duration::from_secs(5),
+        "b to be marked for deletion",
+        || async {
+            let (_, b) = e.json("GET", &format!("{WIDGETS}/b"), None).await;
+            b["metadata"]["deletionTimestamp"].is_string()
+        },
+    )
+    .await;
     // No new objects while terminating.
     let (code, got) = e
         .json("POST", WIDGETS, Some(widget("c", json!({"size": "small"}))))
