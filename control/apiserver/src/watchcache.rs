@@ -750,6 +750,14 @@ impl Cacher {
 /// The field the cache indexes its objects by (a pod's node).
 pub(crate) const NODE_NAME: &str = "spec.nodeName";
 
+/// Adds `key` to `node`'s keys in a node index.
+fn index(by_node: &mut HashMap<Box<str>, BTreeSet<String>>, key: &str, node: &str) {
+    by_node
+        .entry(node.into())
+        .or_default()
+        .insert(key.to_string());
+}
+
 /// The node an object is bound to, if its kind keeps `spec.nodeName` and it has one.
 fn bound_to(obj: &Cached) -> Option<&str> {
     obj.fields
@@ -768,10 +776,7 @@ impl State {
         if was != now.as_deref() {
             self.unindex(key, was.map(Box::<str>::from));
             if let Some(node) = now {
-                self.by_node
-                    .entry(node)
-                    .or_default()
-                    .insert(key.to_string());
+                index(&mut self.by_node, key, &node);
             }
         }
         prev
@@ -782,6 +787,17 @@ impl State {
         let prev = self.objects.remove(key)?;
         self.unindex(key, bound_to(&prev).map(Box::<str>::from));
         Some(prev)
+    }
+
+    /// The node index of `objects`, as [`State::put`] keeps it.
+    fn node_index(objects: &BTreeMap<String, Arc<Cached>>) -> HashMap<Box<str>, BTreeSet<String>> {
+        let mut by_node = HashMap::new();
+        for (key, obj) in objects {
+            if let Some(node) = bound_to(obj) {
+                index(&mut by_node, key, node);
+            }
+        }
+        by_node
     }
 
     fn unindex(&mut self, key: &str, node: Option<Box<str>>) {
@@ -890,12 +906,7 @@ impl Inner {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             tracing::debug!(objects = loaded.len(), revision, "watch cache loaded");
             // Watchers of the old contents end; their clients resume from what they saw.
-            let mut by_node: HashMap<Box<str>, BTreeSet<String>> = HashMap::new();
-            for (key, obj) in &loaded {
-                if let Some(node) = bound_to(obj) {
-                    by_node.entry(node.into()).or_default().insert(key.clone());
-                }
-            }
+            let by_node = State::node_index(&loaded);
             *state = State {
                 objects: loaded,
                 by_node,
