@@ -827,7 +827,7 @@ impl Runtime {
             None => crate::usage::Tally::detached(""),
         };
         let pool = match (&pre, spec.reuse) {
-            (HttpPre::P3(_), Some(reuse)) => Some(reuse::Pool::new(reuse)),
+            (HttpPre::P3(_), Some(reuse)) => Some(reuse::Pool::new(reuse, self.guest_threads())),
             _ => None,
         };
         let serving = Arc::new(Serving {

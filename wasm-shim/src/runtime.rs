@@ -233,6 +233,11 @@ impl Runtime {
         })
     }
 
+    /// The threads that run guests, per tier: how many instances can run at once.
+    pub(crate) fn guest_threads(&self) -> usize {
+        self.guests.threads
+    }
+
     /// Runs a task of the pod whose account is `usage` on the guest threads: counted as
     /// one of its tasks while it lives, and its polls charged to it as CPU time.
     pub(crate) fn spawn_guest<F>(

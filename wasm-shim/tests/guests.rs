@@ -1509,8 +1509,14 @@ async fn a_wasi_03_handler_reuses_instances_only_when_asked() {
         assert_eq!(code, 200, "{body}");
         assert!(body.contains(&format!("path=/c{i} wasi=0.3")), "{body}");
     }
+    // At least 32 / 8; at most the eight that hold four each at once, plus one started
+    // beside the running ones per guest thread (one per CPU here).
     let used = starts() - before;
-    assert!((4..=9).contains(&used), "{used} instances for 32 requests");
+    let most = 9 + std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert!(
+        (4..=most).contains(&used),
+        "{used} instances for 32 requests"
+    );
     // Not asked: an instance per request.
     let fresh = serve(None).await;
     let before = starts();

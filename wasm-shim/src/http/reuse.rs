@@ -4,11 +4,16 @@
 //!
 //! Each instance is a *worker*: a guest task that owns the store and runs every request
 //! it is given inside one `run_concurrent`, so their bodies flow while others are served.
-//! The [`Pool`] hands a request to a worker with room (fewer than `concurrent` answers
-//! pending, fewer than `requests` taken), or starts a worker. A worker ends once it has
-//! taken its `requests` and answered them all, after [`IDLE`] without a request, or when
-//! its server stops; a trap ends it with every request it holds (each answered 500),
-//! as it would end a request's own instance.
+//! An instance runs on one thread at a time, so the [`Pool`] gives a request to a worker
+//! whose requests all wait on I/O (its `run_concurrent` returned pending) before one
+//! whose guest is running; while fewer workers run than there are guest threads, it
+//! starts another rather than queue behind a running one, as `wasmtime serve`'s handler
+//! does. Sixteen clients on one instance had the two cores' guest work on one thread.
+//! Within that, a worker takes no more than `concurrent` answers pending and `requests`
+//! in its life. A worker ends once it has taken its `requests` and answered them all,
+//! after [`IDLE`] without a request, or when its server stops; a trap ends it with
+//! every request it holds (each answered 500), as it would end a request's own
+//! instance.
 //!
 //! The trade-off is the reason it is opt-in: what a request leaves in the instance's
 //! memory, the next one can see.
@@ -53,8 +58,11 @@ struct WorkerState {
     taken: AtomicU32,
     /// Requests given to it and not yet answered.
     open: AtomicU32,
-    /// Cleared when it ends: it takes nothing more.
+    /// Set when it ends: it takes nothing more.
     ended: AtomicBool,
+    /// Set when it is given a request, cleared when its instance has nothing left to
+    /// run but waits (every request it holds waits on I/O, or it holds none).
+    running: AtomicBool,
 }
 
 struct Worker {
@@ -65,6 +73,8 @@ struct Worker {
 /// A server's workers.
 pub(super) struct Pool {
     reuse: InstanceReuse,
+    /// How many workers may run at once: the guest threads.
+    parallel: usize,
     workers: Mutex<Vec<Worker>>,
 }
 
@@ -75,35 +85,46 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub fn new(reuse: InstanceReuse) -> Self {
+    /// `parallel`: the guest threads that can run instances at once.
+    pub fn new(reuse: InstanceReuse, parallel: usize) -> Self {
         Self {
             reuse: InstanceReuse {
                 requests: reuse.requests.max(1),
                 concurrent: reuse.concurrent.max(1),
             },
+            parallel: parallel.max(1),
             workers: Mutex::default(),
         }
     }
 
-    /// Gives `job` to a worker with room, starting one if none has.
+    /// Gives `job` to the worker [`choose`] picks, starting one if it picks none.
     pub fn dispatch(&self, serving: &Serving, pre: &ServicePre<Host>, mut job: Job) {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         workers.retain(|w| {
             !w.state.ended.load(Ordering::Acquire)
                 && w.state.taken.load(Ordering::Acquire) < self.reuse.requests
         });
-        for w in workers.iter() {
-            if w.state.open.load(Ordering::Acquire) >= self.reuse.concurrent {
-                continue;
-            }
+        loop {
+            let seen: Vec<Seen> = workers
+                .iter()
+                .map(|w| Seen {
+                    running: w.state.running.load(Ordering::Acquire),
+                    open: w.state.open.load(Ordering::Acquire),
+                })
+                .collect();
+            let Some(i) = choose(&seen, self.reuse.concurrent, self.parallel) else {
+                break;
+            };
+            let w = &workers[i];
+            w.state.running.store(true, Ordering::Release);
             w.state.taken.fetch_add(1, Ordering::AcqRel);
             w.state.open.fetch_add(1, Ordering::AcqRel);
             match w.jobs.send(job) {
                 Ok(()) => return,
-                // It ended since the check: the next one, or a new one.
+                // It ended since the check: choose again without it.
                 Err(e) => {
-                    w.state.ended.store(true, Ordering::Release);
                     job = e.0;
+                    workers.swap_remove(i);
                 }
             }
         }
@@ -112,11 +133,41 @@ impl Pool {
             taken: AtomicU32::new(1),
             open: AtomicU32::new(1),
             ended: AtomicBool::new(false),
+            running: AtomicBool::new(true),
         });
         let _ = tx.send(job);
         serving.start_worker(pre.clone(), rx, state.clone(), self.reuse);
         workers.push(Worker { jobs: tx, state });
     }
+}
+
+/// A worker as [`choose`] sees it.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    running: bool,
+    open: u32,
+}
+
+/// Which worker takes the next request (`None`: a new one): the first with room whose
+/// instance waits; else, when fewer than `parallel` run, none, so that a new instance
+/// runs beside them on a free thread; else the running one with room holding the fewest.
+fn choose(workers: &[Seen], concurrent: u32, parallel: usize) -> Option<usize> {
+    let room = |w: &&Seen| w.open < concurrent;
+    if let Some(i) = workers
+        .iter()
+        .position(|w| !w.running && w.open < concurrent)
+    {
+        return Some(i);
+    }
+    if workers.iter().filter(|w| w.running).count() < parallel {
+        return None;
+    }
+    workers
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| room(w))
+        .min_by_key(|(_, w)| w.open)
+        .map(|(i, _)| i)
 }
 
 impl Serving {
@@ -153,46 +204,68 @@ impl Serving {
             let service = pre.instantiate_async(&mut store).await?;
             stats.instance_started(began.elapsed());
             let state = ended.clone();
-            store
-                .run_concurrent(async move |acc| -> wasmtime::Result<()> {
-                    let mut inflight = FuturesUnordered::new();
-                    let mut taken = 0u32;
-                    let mut closed = false;
-                    loop {
-                        tokio::select! {
-                            biased;
-                            job = jobs.recv(), if !closed => match job {
-                                Some(job) => {
-                                    taken += 1;
-                                    inflight.push(serve(acc, &service, job, &state));
-                                }
-                                None => closed = true,
-                            },
-                            done = inflight.next(), if !inflight.is_empty() => {
-                                if let Some(r) = done {
-                                    r?;
-                                }
+            let running = ended.clone();
+            let run = store.run_concurrent(async move |acc| -> wasmtime::Result<()> {
+                let mut inflight = FuturesUnordered::new();
+                let mut taken = 0u32;
+                let mut closed = false;
+                // One timer for the worker's life, moved on only when it fires, rather
+                // than one made per request.
+                let mut last_done = tokio::time::Instant::now();
+                let idle = tokio::time::sleep(IDLE);
+                tokio::pin!(idle);
+                loop {
+                    tokio::select! {
+                        biased;
+                        job = jobs.recv(), if !closed => match job {
+                            Some(job) => {
+                                taken += 1;
+                                inflight.push(serve(acc, &service, job, &state));
                             }
-                            () = tokio::time::sleep(IDLE), if inflight.is_empty() => break,
+                            None => closed = true,
+                        },
+                        done = inflight.next(), if !inflight.is_empty() => {
+                            if let Some(r) = done {
+                                r?;
+                            }
+                            last_done = tokio::time::Instant::now();
                         }
-                        if inflight.is_empty() && (closed || taken >= reuse.requests) {
-                            break;
+                        () = &mut idle, if inflight.is_empty() => {
+                            let due = last_done + IDLE;
+                            if tokio::time::Instant::now() >= due {
+                                break;
+                            }
+                            idle.as_mut().reset(due);
                         }
                     }
-                    // Taken by the pool while this one was deciding to end: still served.
-                    state.ended.store(true, Ordering::Release);
-                    jobs.close();
-                    while let Ok(job) = jobs.try_recv() {
-                        inflight.push(serve(acc, &service, job, &state));
+                    if inflight.is_empty() && (closed || taken >= reuse.requests) {
+                        break;
                     }
-                    while let Some(r) = inflight.next().await {
-                        r?;
-                    }
-                    // Bodies still being written flow until the guest's tasks are done.
-                    std::future::poll_fn(|cx| acc.poll_no_interesting_tasks(cx)).await;
-                    Ok(())
-                })
-                .await?
+                }
+                // Taken by the pool while this one was deciding to end: still served.
+                state.ended.store(true, Ordering::Release);
+                jobs.close();
+                while let Ok(job) = jobs.try_recv() {
+                    inflight.push(serve(acc, &service, job, &state));
+                }
+                while let Some(r) = inflight.next().await {
+                    r?;
+                }
+                // Bodies still being written flow until the guest's tasks are done.
+                std::future::poll_fn(|cx| acc.poll_no_interesting_tasks(cx)).await;
+                Ok(())
+            });
+            // Pending means every request the instance holds waits (or it holds none):
+            // it may take another without one queueing behind a running guest.
+            let mut run = std::pin::pin!(run);
+            std::future::poll_fn(|cx| {
+                let polled = std::future::Future::poll(run.as_mut(), cx);
+                if polled.is_pending() {
+                    running.running.store(false, Ordering::Release);
+                }
+                polled
+            })
+            .await?
         };
         let done = async move {
             let r = worker.await;
@@ -226,4 +299,32 @@ async fn serve(
     };
     let _ = answer.send(out);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(workers: &[(bool, u32)]) -> Vec<Seen> {
+        workers
+            .iter()
+            .map(|&(running, open)| Seen { running, open })
+            .collect()
+    }
+
+    #[test]
+    fn a_request_goes_to_a_waiting_instance_then_beside_running_ones_then_behind_them() {
+        // A waiting instance with room takes it, even behind a running one.
+        assert_eq!(choose(&seen(&[(true, 1), (false, 3)]), 16, 2), Some(1));
+        // A waiting instance that is full does not.
+        assert_eq!(choose(&seen(&[(true, 1), (false, 16)]), 16, 2), None);
+        // One instance runs and a second thread is free: a new one, beside it.
+        assert_eq!(choose(&seen(&[(true, 1)]), 16, 2), None);
+        // As many run as there are threads: the one holding the fewest.
+        assert_eq!(choose(&seen(&[(true, 5), (true, 2)]), 16, 2), Some(1));
+        // Every running one full: a new one.
+        assert_eq!(choose(&seen(&[(true, 16), (true, 16)]), 16, 2), None);
+        // None yet.
+        assert_eq!(choose(&[], 16, 2), None);
+    }
 }
