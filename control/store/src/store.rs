@@ -266,7 +266,7 @@ impl Store {
                 )),
                 tokio::spawn(read_barrier_loop(inner.raft.clone(), rrx)),
                 tokio::spawn(count_leader_changes(
-                    inner.raft.metrics(),
+                    inner.raft.server_metrics(),
                     inner.leader_changes.clone(),
                 )),
             ];
@@ -1341,7 +1341,11 @@ async fn auto_compact(inner: std::sync::Weak<Inner>, ac: AutoCompaction) {
 /// Counts the changes of leader this member sees (the first leader included), as etcd's
 /// `etcd_server_leader_changes_seen_total`.
 async fn count_leader_changes(
-    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+    // The server's metrics change with its role and leader only; the whole metrics
+    // change with every write, and woke this task for each.
+    mut metrics: tokio::sync::watch::Receiver<
+        openraft::metrics::RaftServerMetrics<NodeId, BasicNode>,
+    >,
     seen: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut leader = None;

@@ -321,7 +321,13 @@ impl Http {
         tls: Option<&StoreTls>,
         tune: impl FnOnce(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
     ) -> Result<Self, crate::Error> {
-        let mut builder = tune(reqwest::Client::builder().tcp_nodelay(true));
+        // No member or store route redirects; without a policy reqwest skips its
+        // redirect bookkeeping on every call.
+        let mut builder = tune(
+            reqwest::Client::builder()
+                .tcp_nodelay(true)
+                .redirect(reqwest::redirect::Policy::none()),
+        );
         let invalid = |e: TlsError| crate::Error::InvalidRequest {
             reason: format!("TLS client configuration: {e}"),
         };

@@ -57,14 +57,19 @@ impl SnapshotPace {
 /// fail).
 const ASK_AGAIN: Duration = Duration::from_secs(10);
 
-/// Asks `raft` for a snapshot whenever one is due, looking at each change of its metrics
-/// (every applied entry), as openraft's own policy looks at each apply; ends when Raft
-/// stops. After asking, it waits for the new snapshot before asking again.
+/// How long the pacer lets metrics changes gather before it looks again: each applied
+/// entry changes them, and a look per entry was a wake-up per write on every member.
+const LOOK_EVERY: Duration = Duration::from_millis(20);
+
+/// Asks `raft` for a snapshot whenever one is due, looking at the changes of its metrics
+/// (every applied entry) at most every [`LOOK_EVERY`]; ends when Raft stops. After
+/// asking, it waits for the new snapshot before asking again.
 pub(crate) async fn pace_snapshots(raft: Raft, pace: Arc<SnapshotPace>, after_logs: u64) {
     let mut metrics = raft.metrics();
     // The snapshot in place when one was last asked for, and when.
     let mut asked: Option<(Option<u64>, tokio::time::Instant)> = None;
     while metrics.changed().await.is_ok() {
+        tokio::time::sleep(LOOK_EVERY).await;
         let (entries, snapshot) = {
             let m = metrics.borrow_and_update();
             if m.running_state.is_err() {
