@@ -124,7 +124,7 @@ async fn heartbeat(client: Client, cfg: HollowConfig, objects: Arc<crate::config
     let mut tick = tokio::time::interval(cfg.heartbeat);
     // Spread the nodes over the period, as real ones started at different times are.
     tick.reset_after(cfg.heartbeat.mul_f64(rand_fraction(&cfg.name)));
-    let mut clock = register::StatusClock::new(register::jitter_draw());
+    let mut clock = register::StatusClock::new(rand::random());
     let mut renewal_failed = false;
     loop {
         tick.tick().await;
@@ -133,7 +133,7 @@ async fn heartbeat(client: Client, cfg: HollowConfig, objects: Arc<crate::config
             renewal_failed = true;
             continue;
         }
-        let node = match clock.beat(renewal_failed, objects.knows_ttl(), register::jitter_draw()) {
+        let node = match clock.beat(renewal_failed, objects.knows_ttl(), rand::random()) {
             register::StatusDue::Report => {
                 register::refresh(&client, cfg.identity(), &register::Reported::default()).await
             }

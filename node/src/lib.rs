@@ -376,7 +376,7 @@ pub async fn run(
             let mut tick = tokio::time::interval(cfg.heartbeat);
             let mut reported_images = Vec::new();
             let mut pressure_tick = tokio::time::interval(eviction::INTERVAL);
-            let mut clock = register::StatusClock::new(register::jitter_draw());
+            let mut clock = register::StatusClock::new(rand::random());
             let mut reported_pressure = false;
             let mut renewal_failed = false;
             loop {
@@ -404,7 +404,7 @@ pub async fn run(
                 let held = images.node_images();
                 let changed =
                     renewal_failed || pressure != reported_pressure || held != reported_images;
-                match clock.beat(changed, objects.knows_ttl(), register::jitter_draw()) {
+                match clock.beat(changed, objects.knows_ttl(), rand::random()) {
                     register::StatusDue::Nothing => {}
                     register::StatusDue::Read => {
                         match register::read_node(&client, &cfg.name).await {

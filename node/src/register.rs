@@ -345,7 +345,7 @@ pub struct StatusClock {
 
 impl StatusClock {
     /// The clock of a node that has just registered; `draw` in [0, 1) places its first
-    /// report ([`jitter_draw`] in a node, fixed in tests).
+    /// report (`rand::random()` in a node, fixed in tests).
     pub fn new(draw: f64) -> Self {
         Self {
             since_report: 0,
@@ -379,15 +379,6 @@ fn offset_wait(draw: f64) -> u64 {
     (period + (draw.clamp(0.0, 1.0) - 0.5) * period)
         .round()
         .max(1.0) as u64
-}
-
-/// A draw in [0, 1) for a jitter, from the random keys std gives each hasher.
-pub fn jitter_draw() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let bits = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The node's own Node, as stored.
@@ -461,7 +452,7 @@ mod tests {
         // Nodes that start together spread their reports over the period.
         let firsts: std::collections::BTreeSet<u64> = (0..200)
             .map(|_| {
-                let mut c = StatusClock::new(jitter_draw());
+                let mut c = StatusClock::new(rand::random());
                 (1..=60)
                     .find(|_| c.beat(false, true, 0.5) == StatusDue::Report)
                     .unwrap()

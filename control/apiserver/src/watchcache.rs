@@ -751,7 +751,7 @@ impl Cacher {
 pub(crate) const NODE_NAME: &str = "spec.nodeName";
 
 /// Adds `key` to `node`'s keys in a node index.
-fn index(by_node: &mut HashMap<Box<str>, BTreeSet<String>>, key: &str, node: &str) {
+fn index(by_node: &mut HashMap<Box<str>, BTreeSet<String>>, key: &str, node: impl Into<Box<str>>) {
     by_node
         .entry(node.into())
         .or_default()
@@ -776,7 +776,7 @@ impl State {
         if was != now.as_deref() {
             self.unindex(key, was.map(Box::<str>::from));
             if let Some(node) = now {
-                index(&mut self.by_node, key, &node);
+                index(&mut self.by_node, key, node);
             }
         }
         prev

@@ -105,14 +105,11 @@ impl Pool {
                 && w.state.taken.load(Ordering::Acquire) < self.reuse.requests
         });
         loop {
-            let seen: Vec<Seen> = workers
-                .iter()
-                .map(|w| Seen {
-                    running: w.state.running.load(Ordering::Acquire),
-                    open: w.state.open.load(Ordering::Acquire),
-                })
-                .collect();
-            let Some(i) = choose(&seen, self.reuse.concurrent, self.parallel) else {
+            let seen = workers.iter().map(|w| Seen {
+                running: w.state.running.load(Ordering::Acquire),
+                open: w.state.open.load(Ordering::Acquire),
+            });
+            let Some(i) = choose(seen, self.reuse.concurrent, self.parallel) else {
                 break;
             };
             let w = &workers[i];
@@ -151,19 +148,19 @@ struct Seen {
 /// Which worker takes the next request (`None`: a new one): the first with room whose
 /// instance waits; else, when fewer than `parallel` run, none, so that a new instance
 /// runs beside them on a free thread; else the running one with room holding the fewest.
-fn choose(workers: &[Seen], concurrent: u32, parallel: usize) -> Option<usize> {
-    let room = |w: &&Seen| w.open < concurrent;
-    if let Some(i) = workers
-        .iter()
-        .position(|w| !w.running && w.open < concurrent)
-    {
+fn choose(
+    workers: impl Iterator<Item = Seen> + Clone,
+    concurrent: u32,
+    parallel: usize,
+) -> Option<usize> {
+    let room = |w: &Seen| w.open < concurrent;
+    if let Some(i) = workers.clone().position(|w| !w.running && room(&w)) {
         return Some(i);
     }
-    if workers.iter().filter(|w| w.running).count() < parallel {
+    if workers.clone().filter(|w| w.running).count() < parallel {
         return None;
     }
     workers
-        .iter()
         .enumerate()
         .filter(|(_, w)| room(w))
         .min_by_key(|(_, w)| w.open)
@@ -305,26 +302,25 @@ async fn serve(
 mod tests {
     use super::*;
 
-    fn seen(workers: &[(bool, u32)]) -> Vec<Seen> {
+    fn seen(workers: &[(bool, u32)]) -> impl Iterator<Item = Seen> + Clone + '_ {
         workers
             .iter()
             .map(|&(running, open)| Seen { running, open })
-            .collect()
     }
 
     #[test]
     fn a_request_goes_to_a_waiting_instance_then_beside_running_ones_then_behind_them() {
         // A waiting instance with room takes it, even behind a running one.
-        assert_eq!(choose(&seen(&[(true, 1), (false, 3)]), 16, 2), Some(1));
+        assert_eq!(choose(seen(&[(true, 1), (false, 3)]), 16, 2), Some(1));
         // A waiting instance that is full does not.
-        assert_eq!(choose(&seen(&[(true, 1), (false, 16)]), 16, 2), None);
+        assert_eq!(choose(seen(&[(true, 1), (false, 16)]), 16, 2), None);
         // One instance runs and a second thread is free: a new one, beside it.
-        assert_eq!(choose(&seen(&[(true, 1)]), 16, 2), None);
+        assert_eq!(choose(seen(&[(true, 1)]), 16, 2), None);
         // As many run as there are threads: the one holding the fewest.
-        assert_eq!(choose(&seen(&[(true, 5), (true, 2)]), 16, 2), Some(1));
+        assert_eq!(choose(seen(&[(true, 5), (true, 2)]), 16, 2), Some(1));
         // Every running one full: a new one.
-        assert_eq!(choose(&seen(&[(true, 16), (true, 16)]), 16, 2), None);
+        assert_eq!(choose(seen(&[(true, 16), (true, 16)]), 16, 2), None);
         // None yet.
-        assert_eq!(choose(&[], 16, 2), None);
+        assert_eq!(choose(seen(&[]), 16, 2), None);
     }
 }
