@@ -216,12 +216,50 @@ const TOKEN_REFRESH_AT: f64 = 0.8;
 /// claims without checking its signature: the node only decides whether to renew it.
 fn token_times(token: &[u8]) -> Option<(i64, i64)> {
     use base64::Engine;
+    /// Only the two claims read; the others are skipped, not built.
+    #[derive(serde::Deserialize)]
+    struct Times {
+        iat: i64,
+        exp: i64,
+    }
     let payload = std::str::from_utf8(token).ok()?.trim().split('.').nth(1)?;
     let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&claims).ok()?;
-    Some((claims.get("iat")?.as_i64()?, claims.get("exp")?.as_i64()?))
+    let t: Times = serde_json::from_slice(&claims).ok()?;
+    Some((t.iat, t.exp))
+}
+
+/// A projected ServiceAccount token, with when it was issued and expires.
+#[derive(Debug, Clone)]
+struct Token {
+    bytes: Vec<u8>,
+    iat: i64,
+    exp: i64,
+}
+
+impl Token {
+    fn parse(bytes: Vec<u8>) -> Option<Self> {
+        let (iat, exp) = token_times(&bytes)?;
+        Some(Self { bytes, iat, exp })
+    }
+}
+
+/// What the node last wrote into one pod's volumes, kept in memory for its refreshes.
+///
+/// A pod's volumes are refreshed every minute or so; at 150,000 pods that is 2,000
+/// refreshes a second, and each one read its token back from the file, parsed the
+/// token's claims, and looked at the volume's links to learn that nothing had changed.
+/// With this, a refresh whose files are the ones written last touches no file and
+/// parses nothing. The files are the node's own (components see them read-only), so
+/// what it wrote is what is there. A worker that starts afresh (a node restart) has an
+/// empty memo and falls back on the files.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// The version (the digest of its files) each volume was last given.
+    versions: HashMap<String, String>,
+    /// The token at each (volume, path).
+    tokens: HashMap<(String, String), Token>,
 }
 
 /// Whether a token issued at `iat`, expiring at `exp`, is still good to keep at `now`.
@@ -253,13 +291,13 @@ impl Objects {
         &mut self,
         pod: &Pod,
         source: &ServiceAccountTokenProjection,
-        current: Option<&[u8]>,
-    ) -> Result<Vec<u8>, ConfigError> {
+        current: Option<Token>,
+    ) -> Result<Token, ConfigError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        if let Some(t) = current.filter(|t| token_times(t).is_some_and(|(i, e)| fresh(i, e, now))) {
-            return Ok(t.to_vec());
+        if let Some(t) = current.filter(|t| fresh(t.iat, t.exp, now)) {
+            return Ok(t);
         }
         let sa = pod
             .spec
@@ -288,10 +326,17 @@ impl Objects {
                 name: sa.clone(),
                 source: Box::new(source),
             })?;
-        Ok(issued
+        let bytes = issued
             .status
             .map(|s| s.token.into_bytes())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        // A token whose claims cannot be read is used as it is, and asked for again at
+        // the next refresh.
+        Ok(Token::parse(bytes.clone()).unwrap_or(Token {
+            bytes,
+            iat: 0,
+            exp: 0,
+        }))
     }
 
     async fn configmap(&mut self, name: &str) -> Result<Option<&ConfigMap>, ConfigError> {
@@ -767,6 +812,7 @@ fn write_files(
     dir: &Path,
     volume: &str,
     files: &BTreeMap<String, Vec<u8>>,
+    version: &str,
 ) -> Result<(), ConfigError> {
     let io = |source| ConfigError::Io {
         volume: volume.into(),
@@ -786,7 +832,6 @@ fn write_files(
     // and every top-level name is a link through `..data`: a reader sees the old files
     // or the new ones, never half of each, and long-running components see updates.
     std::fs::create_dir_all(dir).map_err(io)?;
-    let version = version_name(files);
     let top: std::collections::BTreeSet<String> = files
         .keys()
         .filter_map(|n| n.split('/').next().map(String::from))
@@ -795,7 +840,7 @@ fn write_files(
     // writer compares its payload: on a node with thousands of pods, rewriting every
     // volume at every refresh was most of the node's system time.
     let in_place =
-        std::fs::read_link(dir.join("..data")).ok().as_deref() == Some(Path::new(&version));
+        std::fs::read_link(dir.join("..data")).ok().as_deref() == Some(Path::new(version));
     if in_place {
         if top
             .iter()
@@ -850,6 +895,7 @@ fn write_files(
 /// Writes the pod's configMap, secret and downwardAPI volumes, and makes its emptyDirs.
 async fn write_volumes(
     objects: &mut Objects,
+    written: &mut Written,
     pod: &Pod,
     facts: &PodFacts,
     pod_dir: &Path,
@@ -887,8 +933,12 @@ async fn write_volumes(
             let path = objects.claimed_dir(&v.name, &c.claim_name, dirs).await?;
             out.insert(v.name.clone(), (path, c.read_only == Some(true)));
             continue;
-        } else if let Some(files) = projected(objects, pod, facts, v, &dir).await? {
-            write_files(&dir, &v.name, &files)?;
+        } else if let Some(files) = projected(objects, written, pod, facts, v, &dir).await? {
+            let version = version_name(&files);
+            if written.versions.get(&v.name) != Some(&version) {
+                write_files(&dir, &v.name, &files, &version)?;
+                written.versions.insert(v.name.clone(), version);
+            }
             true
         } else {
             continue;
@@ -903,6 +953,7 @@ async fn write_volumes(
 /// (a token there that is still fresh is kept). Other volume types are refused.
 async fn projected(
     objects: &mut Objects,
+    written: &mut Written,
     pod: &Pod,
     facts: &PodFacts,
     v: &Volume,
@@ -943,9 +994,15 @@ async fn projected(
         } else if let Some(d) = &source.downward_api {
             downward_files(pod, facts, d.items.as_deref())?
         } else if let Some(t) = &source.service_account_token {
-            let current = std::fs::read(dir.join(&t.path)).ok();
-            let token = objects.token(pod, t, current.as_deref()).await?;
-            BTreeMap::from([(t.path.clone(), token)])
+            let key = (v.name.clone(), t.path.clone());
+            let current = match written.tokens.get(&key) {
+                Some(known) => Some(known.clone()),
+                None => std::fs::read(dir.join(&t.path)).ok().and_then(Token::parse),
+            };
+            let token = objects.token(pod, t, current).await?;
+            let bytes = token.bytes.clone();
+            written.tokens.insert(key, token);
+            BTreeMap::from([(t.path.clone(), bytes)])
         } else {
             return Err(ConfigError::Volume {
                 volume: v.name.clone(),
@@ -1164,9 +1221,10 @@ pub async fn resolve(
     facts: &PodFacts,
     pod_dir: &Path,
     dirs: HostDirs<'_>,
+    written: &mut Written,
 ) -> Result<HashMap<String, ContainerConfig>, ConfigError> {
     let mut objects = Objects::new(client, cache, pod, None);
-    let volumes = write_volumes(&mut objects, pod, facts, pod_dir, dirs).await?;
+    let volumes = write_volumes(&mut objects, written, pod, facts, pod_dir, dirs).await?;
     let from = config_from(&mut objects, pod).await?;
     let mut out = HashMap::new();
     let spec = pod.spec.clone().unwrap_or_default();
@@ -1259,9 +1317,10 @@ pub async fn refresh_volumes(
     facts: &PodFacts,
     pod_dir: &Path,
     dirs: HostDirs<'_>,
+    written: &mut Written,
 ) -> Result<(), ConfigError> {
     let mut objects = Objects::new(client, cache, pod, Some(cache.refresh_ttl()));
-    write_volumes(&mut objects, pod, facts, pod_dir, dirs)
+    write_volumes(&mut objects, written, pod, facts, pod_dir, dirs)
         .await
         .map(|_| ())
 }
@@ -1358,6 +1417,130 @@ mod tests {
         assert_eq!(gets(), 3, "an old read is read again");
     }
 
+    #[tokio::test]
+    async fn a_refresh_that_changes_nothing_touches_no_file_and_asks_for_no_token() {
+        use base64::Engine;
+        let api = baton_testkit::fake_api::FakeApi::default();
+        let client = api.client();
+        let cache = Arc::new(ObjectCache::default());
+        let tmp = tempfile::tempdir().unwrap();
+        let local = tmp.path().join("local");
+        let dirs = || HostDirs {
+            allowed: &[],
+            local_volumes: &local,
+        };
+        let facts = PodFacts {
+            pod_ip: "10.0.0.2".into(),
+            host_ip: "10.0.0.1".into(),
+            node_name: "n".into(),
+        };
+        let pod = |app: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "ns", "uid": "u", "labels": {"app": app}},
+                "spec": {"containers": [], "volumes": [{"name": "v", "projected": {"sources": [
+                    {"downwardAPI": {"items": [{"path": "labels",
+                        "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+                    {"serviceAccountToken": {"path": "token"}}]}}]}
+            }))
+            .unwrap()
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let b64 = |v: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let jwt = format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"ES256"}"#.into()),
+            b64(format!(r#"{{"iat":{now},"exp":{}}}"#, now + 3600))
+        );
+        let token_requests = || {
+            api.calls()
+                .iter()
+                .filter(|c| c.method == "POST" && c.path.ends_with("/token"))
+                .count()
+        };
+        let vol = volumes_dir(tmp.path()).join("v");
+        let mut written = Written::default();
+        written.tokens.insert(
+            ("v".into(), "token".into()),
+            Token::parse(jwt.clone().into_bytes()).unwrap(),
+        );
+        refresh_volumes(
+            &client,
+            &cache,
+            &pod("a"),
+            &facts,
+            tmp.path(),
+            dirs(),
+            &mut written,
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(vol.join("token")).unwrap(), jwt.as_bytes());
+        assert_eq!(token_requests(), 0, "the token in memory is fresh");
+
+        // Nothing changed: the files are not looked at (a link taken from under the node
+        // is not noticed, which only the node itself could do).
+        std::fs::remove_file(vol.join("labels")).unwrap();
+        refresh_volumes(
+            &client,
+            &cache,
+            &pod("a"),
+            &facts,
+            tmp.path(),
+            dirs(),
+            &mut written,
+        )
+        .await
+        .unwrap();
+        assert!(!vol.join("labels").exists());
+
+        // A change is written, whole.
+        refresh_volumes(
+            &client,
+            &cache,
+            &pod("b"),
+            &facts,
+            tmp.path(),
+            dirs(),
+            &mut written,
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(vol.join("labels")).unwrap(), b"app=\"b\"");
+        assert_eq!(token_requests(), 0);
+
+        // A worker that starts afresh has no memory: it reads the token from its file.
+        let mut afresh = Written::default();
+        refresh_volumes(
+            &client,
+            &cache,
+            &pod("b"),
+            &facts,
+            tmp.path(),
+            dirs(),
+            &mut afresh,
+        )
+        .await
+        .unwrap();
+        assert_eq!(token_requests(), 0, "the token in the file is fresh");
+        // And a token it cannot read is asked for again.
+        let mut afresh = Written::default();
+        std::fs::write(vol.join("..data").join("token"), b"garbage").unwrap();
+        let _ = refresh_volumes(
+            &client,
+            &cache,
+            &pod("b"),
+            &facts,
+            tmp.path(),
+            dirs(),
+            &mut afresh,
+        )
+        .await;
+        assert_eq!(token_requests(), 1);
+    }
+
     #[test]
     fn a_token_is_kept_until_four_fifths_of_its_life() {
         use base64::Engine;
@@ -1434,6 +1617,15 @@ mod tests {
         .is_ok());
     }
 
+    /// Writes a volume's files as a refresh would, with the version their digest names.
+    fn write(
+        dir: &Path,
+        volume: &str,
+        files: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<(), ConfigError> {
+        write_files(dir, volume, files, &version_name(files))
+    }
+
     #[test]
     fn volume_files_are_swapped_in_whole_and_stay_inside() {
         let dir = tempfile::tempdir().unwrap();
@@ -1442,9 +1634,9 @@ mod tests {
             ("a".to_string(), b"1".to_vec()),
             ("sub/b".to_string(), b"2".to_vec()),
         ]);
-        write_files(&v, "cfg", &files).unwrap();
+        write(&v, "cfg", &files).unwrap();
         assert_eq!(std::fs::read(v.join("sub/b")).unwrap(), b"2");
-        write_files(
+        write(
             &v,
             "cfg",
             &BTreeMap::from([("a".to_string(), b"3".to_vec())]),
@@ -1470,7 +1662,7 @@ mod tests {
         // The same files again: nothing is written, the file in place is the same one.
         use std::os::unix::fs::MetadataExt;
         let ino = std::fs::metadata(v.join("a")).unwrap().ino();
-        write_files(
+        write(
             &v,
             "cfg",
             &BTreeMap::from([("a".to_string(), b"3".to_vec())]),
@@ -1479,7 +1671,7 @@ mod tests {
         assert_eq!(std::fs::metadata(v.join("a")).unwrap().ino(), ino);
         // A link removed from under it is put back.
         std::fs::remove_file(v.join("a")).unwrap();
-        write_files(
+        write(
             &v,
             "cfg",
             &BTreeMap::from([("a".to_string(), b"3".to_vec())]),
@@ -1489,7 +1681,7 @@ mod tests {
         assert_eq!(versions(&v), 1);
         // A directory held open (a component's preopen) sees the new files.
         let held = std::fs::File::open(&v).unwrap();
-        write_files(
+        write(
             &v,
             "cfg",
             &BTreeMap::from([("a".to_string(), b"4".to_vec())]),
@@ -1502,7 +1694,7 @@ mod tests {
         );
         for bad in ["../escape", "..data", "..x/y"] {
             let bad = BTreeMap::from([(bad.to_string(), b"x".to_vec())]);
-            assert!(write_files(&v, "cfg", &bad).is_err());
+            assert!(write(&v, "cfg", &bad).is_err());
         }
     }
 }

@@ -313,6 +313,7 @@ async fn start(
         &facts,
         &dir,
         shared.host_dirs(&local),
+        &mut crate::config::Written::default(),
     )
     .await
     .map_err(StandbyError::Config)?

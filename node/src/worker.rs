@@ -245,6 +245,9 @@ struct Worker<S: Sandboxes> {
     start_time: Option<Time>,
     reporter: Reporter,
     next_refresh: Instant,
+    /// What was last written into the pod's volumes, so that a refresh that changes
+    /// nothing touches no file.
+    written: config::Written,
     /// When this node first saw the pod (the worker began), and whether its start has
     /// been counted in `kubelet_pod_start_duration_seconds`.
     seen: Instant,
@@ -300,6 +303,7 @@ impl<S: Sandboxes> Worker<S> {
             logs: HashMap::new(),
             reporter: Reporter::default(),
             next_refresh: Instant::now() + refresh_after(&pod),
+            written: config::Written::default(),
             seen: Instant::now(),
             start_recorded: false,
             starting: Some(start_span(&pod)),
@@ -542,6 +546,7 @@ impl<S: Sandboxes> Worker<S> {
             &self.facts(),
             &dir,
             self.shared.host_dirs(&local),
+            &mut self.written,
         )
         .await;
         match resolved {
@@ -1220,6 +1225,7 @@ impl<S: Sandboxes> Worker<S> {
             &self.facts(),
             &dir,
             self.shared.host_dirs(&local),
+            &mut self.written,
         )
         .await;
         if let Err(e) = refreshed {
