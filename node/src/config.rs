@@ -849,7 +849,7 @@ fn write_files(
             return Ok(());
         }
     } else {
-        let tmp = dir.join(&version);
+        let tmp = dir.join(version);
         // Left by a write cut short: its name says what it should hold, not that it does.
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(io)?;
@@ -862,7 +862,7 @@ fn write_files(
         }
         let link = dir.join("..data_tmp");
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&version, &link).map_err(io)?;
+        std::os::unix::fs::symlink(version, &link).map_err(io)?;
         std::fs::rename(&link, dir.join("..data")).map_err(io)?;
     }
     for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {

@@ -28,6 +28,8 @@ struct State {
     failures: Vec<(String, String, u16)>,
     /// (path, items): what a list of that path returns.
     lists: Vec<(String, Vec<Value>)>,
+    /// (path, object): what a read of that path returns.
+    objects: Vec<(String, Value)>,
 }
 
 /// The fake API server; clones share what it recorded.
@@ -123,6 +125,15 @@ impl FakeApi {
         self.state.lock().unwrap().lists.push((path.into(), items));
     }
 
+    /// What a read of `path` (one object's) returns.
+    pub fn object(&self, path: &str, object: Value) {
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .push((path.into(), object));
+    }
+
     pub fn clear(&self) {
         self.state.lock().unwrap().calls.clear();
     }
@@ -158,6 +169,10 @@ fn answer(state: &mut State, call: Call) -> (u16, Value) {
     }
     let name = call.path.rsplit('/').next().unwrap_or_default().to_string();
     match call.method.as_str() {
+        "GET" if state.objects.iter().any(|(p, _)| *p == call.path) => {
+            let found = state.objects.iter().rev().find(|(p, _)| *p == call.path);
+            (200, found.map(|(_, o)| o.clone()).unwrap_or_default())
+        }
         "GET" => match state.lists.iter().find(|(p, _)| *p == call.path) {
             Some((_, items)) => (
                 200,

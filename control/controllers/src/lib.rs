@@ -764,6 +764,23 @@ pub async fn run(
         error_policy,
         ctx.clone(),
     );
+    // The collector follows the changes of the kinds it reads, subscribed before the
+    // watches start.
+    let gc_changes = futures::stream::select_all([
+        pods.subscribe().map(gc::Watched::Pod).boxed(),
+        replicasets.subscribe().map(gc::Watched::ReplicaSet).boxed(),
+        replicationcontrollers
+            .subscribe()
+            .map(gc::Watched::ReplicationController)
+            .boxed(),
+        deployments.subscribe().map(gc::Watched::Deployment).boxed(),
+        jobs.subscribe().map(gc::Watched::Job).boxed(),
+        endpointslices
+            .subscribe()
+            .map(gc::Watched::EndpointSlice)
+            .boxed(),
+        services.subscribe().map(gc::Watched::Service).boxed(),
+    ]);
     let watches = [
         hpas.start(Api::all(client.clone())),
         ingresses.start(Api::all(client.clone())),
@@ -792,7 +809,7 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let gc = tokio::spawn(gc::run(ctx.clone()));
+    let gc = tokio::spawn(gc::run(ctx.clone(), gc_changes));
     // A task per controller, not one task joining them all: a joined future is polled
     // whole on every wake-up, so each watch event (500 Lease renewals a second at 5,000
     // nodes) made all nineteen controllers poll their queues and streams.
