@@ -83,21 +83,56 @@ impl Objects {
 
     /// What is stored for `obj` at `key`: its storage form, encrypted if configured.
     pub(crate) fn encode(&self, obj: &Value, res: &Resource, key: &str) -> ApiResult<Vec<u8>> {
-        let mut obj = obj.clone();
-        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
-            meta.remove("resourceVersion");
-        }
-        if res.converts() {
+        let plain = if res.converts() {
+            let mut obj = obj.clone();
             res.strategy.served_to_stored(&mut obj);
             obj["apiVersion"] = Value::String(res.stored_api_version());
+            serde_json::to_vec(&WithoutRv(&obj))
+        } else {
+            // Most kinds are stored as served: written from the borrowed object, with no
+            // copy of it made to leave out one field.
+            serde_json::to_vec(&WithoutRv(obj))
         }
-        let plain = serde_json::to_vec(&obj).map_err(ApiError::internal)?;
+        .map_err(ApiError::internal)?;
         match &self.encryption {
             Some(e) => e
                 .seal(&res.qualified(), key.as_bytes(), plain)
                 .map_err(ApiError::internal),
             None => Ok(plain),
         }
+    }
+}
+
+/// An object as stored: without `metadata.resourceVersion`, which the store's revision
+/// of the key gives back when it is read.
+struct WithoutRv<'a>(&'a Value);
+
+impl serde::Serialize for WithoutRv<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        /// `metadata` without its `resourceVersion`.
+        struct Meta<'a>(&'a serde_json::Map<String, Value>);
+        impl serde::Serialize for Meta<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let kept = self.0.iter().filter(|(k, _)| *k != "resourceVersion");
+                let mut m = s.serialize_map(Some(kept.clone().count()))?;
+                for (k, v) in kept {
+                    m.serialize_entry(k, v)?;
+                }
+                m.end()
+            }
+        }
+        let Value::Object(map) = self.0 else {
+            return self.0.serialize(s);
+        };
+        let mut m = s.serialize_map(Some(map.len()))?;
+        for (k, v) in map {
+            match v {
+                Value::Object(meta) if k == "metadata" => m.serialize_entry(k, &Meta(meta))?,
+                _ => m.serialize_entry(k, v)?,
+            }
+        }
+        m.end()
     }
 }
 
@@ -538,5 +573,32 @@ pub(crate) fn conflict(res: &Resource, name: &str) -> ApiError {
         resource: res.plural.clone(),
         name: name.into(),
         message: format!("Operation cannot be fulfilled on {qualified} {name:?}: the object has been modified; please apply your changes to the latest version and try again"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn an_object_is_stored_without_its_resource_version_and_with_all_else() {
+        let obj = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "resourceVersion": "42", "labels": {"a": "b"}},
+            "spec": {"containers": [{"name": "c", "resourceVersion": "kept"}]}});
+        let stored: Value =
+            serde_json::from_slice(&serde_json::to_vec(&WithoutRv(&obj)).unwrap()).unwrap();
+        let mut want = obj.clone();
+        want["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("resourceVersion");
+        assert_eq!(stored, want);
+        // Not an object (never stored, but not refused here either).
+        assert_eq!(
+            serde_json::to_string(&WithoutRv(&json!([1]))).unwrap(),
+            "[1]"
+        );
     }
 }

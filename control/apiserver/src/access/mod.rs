@@ -371,7 +371,7 @@ pub(crate) fn pod_uses(pod: &Value, resource: &str, name: &str) -> bool {
 /// and Secrets, and the Secrets holding its Redis buckets' URLs.
 fn platform_uses(pod: &Value, resource: &str, name: &str) -> bool {
     let Some(annotations) = pod.pointer("/metadata/annotations").and_then(|a| {
-        serde_json::from_value::<std::collections::BTreeMap<String, String>>(a.clone()).ok()
+        <std::collections::BTreeMap<String, String> as serde::Deserialize>::deserialize(a).ok()
     }) else {
         return false;
     };
@@ -394,14 +394,14 @@ fn platform_uses(pod: &Value, resource: &str, name: &str) -> bool {
 fn pod_spec_uses(pod: &Value, resource: &str, name: &str) -> bool {
     let spec = &pod["spec"];
     let is = |v: &Value, ptr: &str| v.pointer(ptr).and_then(Value::as_str) == Some(name);
-    let each = |v: &Value, ptr: &str| -> Vec<Value> {
+    // Borrowed, not copied: a node's every ConfigMap and Secret read asks this of its pods.
+    fn each<'a>(v: &'a Value, ptr: &str) -> &'a [Value] {
         v.pointer(ptr)
             .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-    };
+            .map_or(&[], Vec::as_slice)
+    }
     let volumes = each(spec, "/volumes");
-    let containers: Vec<Value> = ["/containers", "/initContainers", "/ephemeralContainers"]
+    let containers: Vec<&Value> = ["/containers", "/initContainers", "/ephemeralContainers"]
         .iter()
         .flat_map(|p| each(spec, p))
         .collect();
