@@ -578,14 +578,16 @@ fn a_deleted_tcp_server_stops_answering_and_a_restarted_one_gets_its_port_back()
         pod_metrics(&b, "echo")
     );
     // A liveness failure restarts the container: the old instance is gone, so the new
-    // one binds the same port.
+    // one binds the same port. Each instance gets two seconds before its first probe:
+    // probed at once, a slow start was killed before it bound and said so, and neither
+    // log then showed a restarted instance listening (CI saw this twice).
     b.ok_with(
         "kubectl",
         &["apply", "-f", "-"],
         Some(&pod(
             "echo2",
             &format!(
-                "  containers:\n  - name: c\n    image: {echo}\n    livenessProbe: {{tcpSocket: {{port: 7999}}, periodSeconds: 1, failureThreshold: 1}}\n"
+                "  containers:\n  - name: c\n    image: {echo}\n    livenessProbe: {{tcpSocket: {{port: 7999}}, initialDelaySeconds: 2, periodSeconds: 1, failureThreshold: 1}}\n"
             ),
         )),
     );

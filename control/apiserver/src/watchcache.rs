@@ -378,7 +378,7 @@ impl WatchCaches {
 
     /// Whether `res` is served from a cache at all (the cache keeps the stored form).
     fn cacheable(&self, res: &Resource) -> bool {
-        !self.disabled && !res.converts()
+        !self.disabled && !res.converts() && res.strategy.watch_cached()
     }
 
     /// Objects and watchers per cached resource, for the metrics.

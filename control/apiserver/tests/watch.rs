@@ -607,3 +607,51 @@ async fn a_change_from_a_stale_cached_copy_lands_on_the_latest_object() {
     drop(hold);
     e.close().await;
 }
+
+/// Events are read from the store, never from a watch cache, as kube-apiserver keeps
+/// none for them: a list or a watch of them starts nothing that would hold them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_listed_and_watched_from_the_store_without_a_cache() {
+    let e = env().await;
+    const EVENTS: &str = "/api/v1/namespaces/default/events";
+    let event = |name: &str| {
+        json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": name},
+               "involvedObject": {"kind": "Pod", "name": "p", "namespace": "default"},
+               "reason": "Started", "message": "started", "type": "Normal"})
+    };
+    let (code, first) = e.json("POST", EVENTS, Some(event("one"))).await;
+    assert_eq!(code, StatusCode::CREATED, "{first}");
+    let rv = first["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for at in ["", "?resourceVersion=0", "?limit=1"] {
+        let (code, list) = e.json("GET", &format!("{EVENTS}{at}"), None).await;
+        assert_eq!(code, StatusCode::OK, "{list}");
+        assert_eq!(list["items"][0]["metadata"]["name"], "one", "{at}: {list}");
+    }
+    let (code, body) = e
+        .call_get(&format!("{EVENTS}?watch=true&resourceVersion={rv}"))
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    e.json("POST", EVENTS, Some(event("two"))).await;
+    let evs = events(body, 1).await;
+    assert_eq!(
+        (
+            evs[0]["type"].as_str(),
+            evs[0]["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("two"))
+    );
+    let sizes = e.api.watch_caches().sizes();
+    assert!(
+        sizes.iter().all(|(r, _, _)| r != "events"),
+        "no cache of events: {sizes:?}"
+    );
+    // Other kinds are cached as before.
+    e.json("GET", &format!("{CMS}?resourceVersion=0"), None)
+        .await;
+    let sizes = e.api.watch_caches().sizes();
+    assert!(sizes.iter().any(|(r, _, _)| r == "configmaps"), "{sizes:?}");
+    e.close().await;
+}

@@ -298,6 +298,10 @@ static EVENT_COLUMNS: &[Column] = &[
 ];
 
 impl Strategy for Events {
+    fn watch_cached(&self) -> bool {
+        false
+    }
+
     fn field_selectable(&self, field: &str) -> bool {
         field.starts_with("involvedObject.")
             || matches!(field, "reason" | "type" | "source" | "reportingComponent")

@@ -293,6 +293,14 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
         Box::pin(async { Ok(()) })
     }
 
+    /// Whether lists and watches of the kind are served from a watch cache. Events are
+    /// not, as kube-apiserver keeps none for them (`DefaultWatchCacheSizes`): hundreds
+    /// are written a second at scale and few are ever read, so a cache would hold every
+    /// one of them in memory for the sake of an occasional `kubectl get events`.
+    fn watch_cached(&self) -> bool {
+        true
+    }
+
     /// The rule `metadata.name` follows.
     fn name_rule(&self) -> NameRule {
         validation::dns1123_subdomain
