@@ -1425,14 +1425,43 @@ mod tests {
         let cache = Arc::new(ObjectCache::default());
         let tmp = tempfile::tempdir().unwrap();
         let local = tmp.path().join("local");
-        let dirs = || HostDirs {
-            allowed: &[],
-            local_volumes: &local,
-        };
         let facts = PodFacts {
             pod_ip: "10.0.0.2".into(),
             host_ip: "10.0.0.1".into(),
             node_name: "n".into(),
+        };
+        /// The node's side of a refresh, all but the pod and its memory fixed.
+        struct Node<'a> {
+            client: &'a Client,
+            cache: &'a Arc<ObjectCache>,
+            facts: &'a PodFacts,
+            dir: &'a Path,
+            local: &'a Path,
+        }
+        impl Node<'_> {
+            async fn refresh(&self, pod: Pod, written: &mut Written) -> Result<(), ConfigError> {
+                let dirs = HostDirs {
+                    allowed: &[],
+                    local_volumes: self.local,
+                };
+                refresh_volumes(
+                    self.client,
+                    self.cache,
+                    &pod,
+                    self.facts,
+                    self.dir,
+                    dirs,
+                    written,
+                )
+                .await
+            }
+        }
+        let node = Node {
+            client: &client,
+            cache: &cache,
+            facts: &facts,
+            dir: tmp.path(),
+            local: &local,
         };
         let pod = |app: &str| -> Pod {
             serde_json::from_value(serde_json::json!({
@@ -1466,78 +1495,29 @@ mod tests {
             ("v".into(), "token".into()),
             Token::parse(jwt.clone().into_bytes()).unwrap(),
         );
-        refresh_volumes(
-            &client,
-            &cache,
-            &pod("a"),
-            &facts,
-            tmp.path(),
-            dirs(),
-            &mut written,
-        )
-        .await
-        .unwrap();
+        node.refresh(pod("a"), &mut written).await.unwrap();
         assert_eq!(std::fs::read(vol.join("token")).unwrap(), jwt.as_bytes());
         assert_eq!(token_requests(), 0, "the token in memory is fresh");
 
         // Nothing changed: the files are not looked at (a link taken from under the node
         // is not noticed, which only the node itself could do).
         std::fs::remove_file(vol.join("labels")).unwrap();
-        refresh_volumes(
-            &client,
-            &cache,
-            &pod("a"),
-            &facts,
-            tmp.path(),
-            dirs(),
-            &mut written,
-        )
-        .await
-        .unwrap();
+        node.refresh(pod("a"), &mut written).await.unwrap();
         assert!(!vol.join("labels").exists());
 
         // A change is written, whole.
-        refresh_volumes(
-            &client,
-            &cache,
-            &pod("b"),
-            &facts,
-            tmp.path(),
-            dirs(),
-            &mut written,
-        )
-        .await
-        .unwrap();
+        node.refresh(pod("b"), &mut written).await.unwrap();
         assert_eq!(std::fs::read(vol.join("labels")).unwrap(), b"app=\"b\"");
         assert_eq!(token_requests(), 0);
 
         // A worker that starts afresh has no memory: it reads the token from its file.
         let mut afresh = Written::default();
-        refresh_volumes(
-            &client,
-            &cache,
-            &pod("b"),
-            &facts,
-            tmp.path(),
-            dirs(),
-            &mut afresh,
-        )
-        .await
-        .unwrap();
+        node.refresh(pod("b"), &mut afresh).await.unwrap();
         assert_eq!(token_requests(), 0, "the token in the file is fresh");
         // And a token it cannot read is asked for again.
         let mut afresh = Written::default();
         std::fs::write(vol.join("..data").join("token"), b"garbage").unwrap();
-        let _ = refresh_volumes(
-            &client,
-            &cache,
-            &pod("b"),
-            &facts,
-            tmp.path(),
-            dirs(),
-            &mut afresh,
-        )
-        .await;
+        let _ = node.refresh(pod("b"), &mut afresh).await;
         assert_eq!(token_requests(), 1);
     }
 
