@@ -994,11 +994,12 @@ async fn projected(
         } else if let Some(d) = &source.downward_api {
             downward_files(pod, facts, d.items.as_deref())?
         } else if let Some(t) = &source.service_account_token {
+            // Taken out and put back below: the token itself is not copied.
             let key = (v.name.clone(), t.path.clone());
-            let current = match written.tokens.get(&key) {
-                Some(known) => Some(known.clone()),
-                None => std::fs::read(dir.join(&t.path)).ok().and_then(Token::parse),
-            };
+            let current = written
+                .tokens
+                .remove(&key)
+                .or_else(|| std::fs::read(dir.join(&t.path)).ok().and_then(Token::parse));
             let token = objects.token(pod, t, current).await?;
             let bytes = token.bytes.clone();
             written.tokens.insert(key, token);

@@ -114,9 +114,9 @@ impl serde::Serialize for WithoutRv<'_> {
         struct Meta<'a>(&'a serde_json::Map<String, Value>);
         impl serde::Serialize for Meta<'_> {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                let kept = self.0.iter().filter(|(k, _)| *k != "resourceVersion");
-                let mut m = s.serialize_map(Some(kept.clone().count()))?;
-                for (k, v) in kept {
+                let len = self.0.len() - usize::from(self.0.contains_key("resourceVersion"));
+                let mut m = s.serialize_map(Some(len))?;
+                for (k, v) in self.0.iter().filter(|(k, _)| *k != "resourceVersion") {
                     m.serialize_entry(k, v)?;
                 }
                 m.end()

@@ -58,6 +58,7 @@ use crate::Ctx;
 type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// An object as the collector sees it: its kind and metadata.
+#[derive(Clone, Copy)]
 struct Node<'a> {
     kind: &'static str,
     meta: &'a ObjectMeta,
@@ -332,11 +333,11 @@ impl Collector {
         let finalizing = nodes
             .iter()
             .any(|n| n.meta.deletion_timestamp.is_some() && collector_finalizer(n.meta));
-        let mut dependents: Fast<&str, Vec<&Node<'_>>> = Fast::default();
+        let mut dependents: Fast<&str, Vec<Node<'_>>> = Fast::default();
         if finalizing {
             for n in &nodes {
                 for o in n.meta.owner_references.iter().flatten() {
-                    dependents.entry(o.uid.as_str()).or_default().push(n);
+                    dependents.entry(o.uid.as_str()).or_default().push(*n);
                 }
             }
         }
@@ -386,8 +387,7 @@ impl Collector {
         let key: Key = (kind, ns.clone(), name.clone());
         // The informer applies a change to its store before passing it on, so an object
         // its store no longer holds (or holds under another UID) is gone.
-        let present = current(ctx, kind, ns, name)
-            .is_some_and(|now| now.meta().uid.as_deref() == Some(uid.as_str()));
+        let present = holds(ctx, kind, ns, name, uid);
         if !present {
             self.graph.forget(&key, uid);
             // Its dependents may have lost their last owner, and an owner waiting for
@@ -430,8 +430,7 @@ impl Collector {
         let dirty = std::mem::take(&mut self.dirty);
         let exists = |ns: &str, o: &OwnerReference| -> bool {
             match watched_kind(&o.kind) {
-                Some(k) => current(ctx, k, ns, &o.name)
-                    .is_some_and(|now| now.meta().uid.as_deref() == Some(o.uid.as_str())),
+                Some(k) => holds(ctx, k, ns, &o.name, &o.uid),
                 // Left to the sweep, which reads such owners live.
                 None => true,
             }
@@ -470,13 +469,13 @@ impl Collector {
                     meta: d.meta(),
                 })
                 .collect();
-            let mine: Vec<&Node<'_>> = mine.iter().collect();
+            // The graph keeps no empty set of dependents.
             let graph = &self.graph;
             steps_for(
                 &Node { kind, meta },
                 exists,
                 &mine,
-                |u| graph.dependents.get(u).is_some_and(|d| !d.is_empty()),
+                |u| graph.dependents.contains_key(u),
                 &mut steps,
             );
         }
@@ -571,7 +570,7 @@ fn collector_finalizer(meta: &ObjectMeta) -> bool {
 fn steps_for(
     n: &Node<'_>,
     exists: impl Fn(&str, &OwnerReference) -> bool,
-    mine: &[&Node<'_>],
+    mine: &[Node<'_>],
     has_own: impl Fn(&str) -> bool,
     out: &mut Vec<Step>,
 ) {
@@ -709,6 +708,11 @@ fn current(ctx: &Ctx, kind: &str, ns: &str, name: &str) -> Option<Watched> {
         "Service" => Watched::Service(get(&ctx.services, ns, name)?),
         _ => return None,
     })
+}
+
+/// Whether the store of a watched kind holds the object with `uid` under that name now.
+fn holds(ctx: &Ctx, kind: &str, ns: &str, name: &str, uid: &str) -> bool {
+    current(ctx, kind, ns, name).is_some_and(|now| now.meta().uid.as_deref() == Some(uid))
 }
 
 /// How many of a pass's requests are in flight at once.
