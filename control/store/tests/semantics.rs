@@ -180,7 +180,13 @@ async fn request_bodies_are_bounded_per_route() {
     let addr = listener.local_addr().unwrap();
     let server = s.serve(listener);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::new();
+    // A refused body leaves its connection to be closed by the server; a pooled client
+    // could pick that connection for the next request just as it closes, so each request
+    // gets its own.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let post = |path: &str, len: usize| {
         http.post(format!("http://{addr}{path}"))
             .body(vec![0xffu8; len])
