@@ -93,8 +93,13 @@ fn progress(done: u64, total: u64) {
 pub async fn push(args: PushArgs) -> Result<()> {
     let wasm = std::fs::read(&args.file)
         .with_context(|| format!("failed to read {}", args.file.display()))?;
-    let scratch = tempfile_dir()?;
-    let registry = Registry::new(args.registry.oci_config(scratch)?)?;
+    // The push needs a cache directory for its own bookkeeping and keeps nothing: it is
+    // removed when this function returns, however it returns.
+    let scratch = tempfile::Builder::new()
+        .prefix("baton-push-")
+        .tempdir()
+        .context("failed to make a scratch directory for the push")?;
+    let registry = Registry::new(args.registry.oci_config(scratch.path().to_path_buf())?)?;
     eprintln!(
         "pushing {} ({} bytes) to {}",
         args.file.display(),
@@ -157,11 +162,4 @@ pub fn images(args: ImagesArgs, data_dir: PathBuf) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A scratch cache for a push, which keeps nothing.
-fn tempfile_dir() -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("baton-push-{}", std::process::id()));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
 }
