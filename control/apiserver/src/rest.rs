@@ -1170,11 +1170,20 @@ pub(crate) async fn store_update(
             req.target.sub.as_deref(),
         );
     }
+    // As kube-apiserver's `shouldDeleteDuringUpdate`: the update that takes the last
+    // finalizer away from an object whose grace period is over removes it. A pod still in
+    // its grace period stays (its node's status reports go on) until its node deletes it.
     let finalizers_done = new.pointer("/metadata/deletionTimestamp").is_some()
+        && new
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            == 0
         && new
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
-            .is_none_or(Vec::is_empty);
+            .is_none_or(Vec::is_empty)
+        && res.strategy.finalized(&new);
     if req.dry_run() {
         return Ok(new);
     }
@@ -1651,6 +1660,13 @@ pub(crate) fn delete_options_from(req: &Request, v: Option<&Value>) -> ApiResult
     Ok(o)
 }
 
+/// Whether a deletion removed the object or marked it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deleted {
+    Removed,
+    Marked,
+}
+
 /// Deletes one object: at once, or by marking it when finalizers (or a pod's grace period)
 /// must run first.
 pub(crate) async fn delete_one(
@@ -1658,9 +1674,11 @@ pub(crate) async fn delete_one(
     req: &Request,
     name: &str,
     opts: &DeleteOptions,
-) -> ApiResult<Value> {
+) -> ApiResult<(Value, Deleted)> {
     let res = &*req.target.res;
-    guaranteed_update(objects, req, name, |obj, rev| {
+    let mut outcome = Deleted::Marked;
+    let obj = guaranteed_update(objects, req, name, |obj, rev| {
+        outcome = Deleted::Marked;
         if let Some(uid) = &opts.uid {
             let have = obj
                 .pointer("/metadata/uid")
@@ -1702,16 +1720,30 @@ pub(crate) async fn delete_one(
         }
         let deletion = res.strategy.deletion(obj, opts.grace);
         if finalizers.is_empty() && deletion == Deletion::Immediate {
+            outcome = Deleted::Removed;
             return Ok(Change::Remove);
-        }
-        if obj.pointer("/metadata/deletionTimestamp").is_some() && add.is_none() {
-            return Ok(Change::Keep);
         }
         let grace = match deletion {
             Deletion::Graceful(grace) => grace,
             Deletion::Immediate | Deletion::Terminating => 0,
         };
+        let shortened = obj
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .is_some_and(|had| grace < had);
         let mut marked = obj.clone();
+        if obj.pointer("/metadata/deletionTimestamp").is_some() {
+            if shortened {
+                // A shorter grace period (a pod force-deleted while it still has
+                // finalizers) moves the deadline closer, as kube-apiserver's does.
+                let at = Utc::now() + k8s_openapi::chrono::Duration::seconds(grace);
+                marked["metadata"]["deletionTimestamp"] =
+                    json!(at.to_rfc3339_opts(SecondsFormat::Secs, true));
+                marked["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            } else if add.is_none() {
+                return Ok(Change::Keep);
+            }
+        }
         if finalizers.is_empty() {
             if let Some(m) = marked["metadata"].as_object_mut() {
                 m.remove("finalizers");
@@ -1730,17 +1762,19 @@ pub(crate) async fn delete_one(
         }
         Ok(Change::Store(marked))
     })
-    .await
+    .await?;
+    Ok((obj, outcome))
 }
 
 async fn delete(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let opts = delete_options(req)?;
     let name = req.target.name.as_deref().unwrap_or_default();
-    let obj = delete_one(objects, req, name, &opts).await?;
-    let code = if obj.pointer("/metadata/deletionTimestamp").is_some() {
-        StatusCode::ACCEPTED
-    } else {
-        StatusCode::OK
+    let (obj, outcome) = delete_one(objects, req, name, &opts).await?;
+    // 200 for an object gone now (a pod's node completing its deletion too), 202 for one
+    // that waits for its finalizers or its grace period.
+    let code = match outcome {
+        Deleted::Removed => StatusCode::OK,
+        Deleted::Marked => StatusCode::ACCEPTED,
     };
     Ok(object_response(req, code, &obj, &[]))
 }
@@ -1762,7 +1796,7 @@ async fn delete_collection(objects: &Objects, req: &Request) -> ApiResult<Respon
             .unwrap_or_default()
             .to_string();
         match delete_one(objects, req, &name, &opts).await {
-            Ok(o) => deleted.push(o),
+            Ok((o, _)) => deleted.push(o),
             Err(ApiError::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }

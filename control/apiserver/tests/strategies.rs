@@ -126,6 +126,61 @@ async fn deletions_proceed_as_their_kind_says() {
     let (code, marked) = e.json("DELETE", &format!("{pods}/bound"), None).await;
     assert_eq!(code, StatusCode::ACCEPTED, "{marked}");
     assert_eq!(marked["metadata"]["deletionGracePeriodSeconds"], 30);
+    // Through its grace period the pod stays: its node's status reports, and a second
+    // deletion asking for no shorter period, keep it as it is.
+    let bound = format!("{pods}/bound");
+    let (code, _) = e
+        .json_patch(
+            &format!("{bound}/status"),
+            json!({"status": {"phase": "Running"}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, again) = e.json("DELETE", &bound, None).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(again["metadata"]["deletionGracePeriodSeconds"], 30);
+    assert_eq!(e.json("GET", &bound, None).await.0, StatusCode::OK);
+    // A shorter period moves the deadline; 0 (the node, once its containers stopped)
+    // removes the pod, and says so with a 200.
+    let (code, shorter) = e
+        .json("DELETE", &format!("{bound}?gracePeriodSeconds=5"), None)
+        .await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{shorter}");
+    assert_eq!(shorter["metadata"]["deletionGracePeriodSeconds"], 5);
+    let (code, gone) = e
+        .json("DELETE", &format!("{bound}?gracePeriodSeconds=0"), None)
+        .await;
+    assert_eq!(code, StatusCode::OK, "{gone}");
+    assert_eq!(e.json("GET", &bound, None).await.0, StatusCode::NOT_FOUND);
+    // A pod that has ended goes at once, on a node or not.
+    let (code, _) = e.json("POST", pods, Some(pod("ended", Some("n1")))).await;
+    assert_eq!(code, StatusCode::CREATED);
+    let (code, _) = e
+        .json_patch(
+            &format!("{pods}/ended/status"),
+            json!({"status": {"phase": "Succeeded"}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, _) = e.json("DELETE", &format!("{pods}/ended"), None).await;
+    assert_eq!(code, StatusCode::OK);
+    // A finalizer holds a pod past its grace period; the update that drops the last one
+    // once the period is over removes it.
+    let mut held = pod("held", Some("n1"));
+    held["metadata"]["finalizers"] = json!(["example.com/hold"]);
+    let (code, _) = e.json("POST", pods, Some(held)).await;
+    assert_eq!(code, StatusCode::CREATED);
+    let held = format!("{pods}/held");
+    let (code, _) = e
+        .json("DELETE", &format!("{held}?gracePeriodSeconds=0"), None)
+        .await;
+    assert_eq!(code, StatusCode::ACCEPTED);
+    assert_eq!(e.json("GET", &held, None).await.0, StatusCode::OK);
+    let (code, _) = e
+        .json_patch(&held, json!({"metadata": {"finalizers": null}}))
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(e.json("GET", &held, None).await.0, StatusCode::NOT_FOUND);
     // A namespace shows Terminating while it is emptied.
     let (code, _) = e
         .json(

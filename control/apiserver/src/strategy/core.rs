@@ -63,6 +63,14 @@ impl Strategy for Namespaces {
         Deletion::Terminating
     }
 
+    /// Gone once the namespace controller has finalized it (`spec.finalizers` emptied
+    /// through `/finalize`): a status write while it is emptied keeps it.
+    fn finalized(&self, obj: &Value) -> bool {
+        obj.pointer("/spec/finalizers")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+    }
+
     fn columns(&self) -> &[Column] {
         NAMESPACE_COLUMNS
     }

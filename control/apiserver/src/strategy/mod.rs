@@ -369,9 +369,18 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// How the deletion of `obj` proceeds; `grace` is what the request asked for.
+    /// How the deletion of `obj` proceeds; `grace` is what the request asked for. For an
+    /// object already marked, a grace period shorter than the one it has shortens it; a
+    /// longer one changes nothing.
     fn deletion(&self, _obj: &Value, _grace: Option<i64>) -> Deletion {
         Deletion::Immediate
+    }
+
+    /// Whether a marked object whose metadata finalizers are all gone has nothing else
+    /// left to wait for (a namespace also waits for its `spec.finalizers`), so that the
+    /// update that took the last one away removes it.
+    fn finalized(&self, _obj: &Value) -> bool {
+        true
     }
 
     /// Where the scale subresource reads and writes replicas and the selector.

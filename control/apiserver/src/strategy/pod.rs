@@ -96,20 +96,35 @@ impl Strategy for Pods {
     }
 
     /// A pod on a node gets its grace period, and its node finishes the deletion once
-    /// the containers have stopped; a pod no node runs goes at once.
+    /// the containers have stopped (with a grace period of 0); a pod no node runs, or
+    /// one that has ended, goes at once, as kube-apiserver's `CheckGracefulDelete` has
+    /// it. Asked again, the deletion keeps the period it has unless a shorter one is asked.
     fn deletion(&self, obj: &Value, grace: Option<i64>) -> Deletion {
+        let on_a_node = obj
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
+        let ended = matches!(
+            obj.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        );
+        let marked = obj
+            .pointer("/metadata/deletionTimestamp")
+            .is_some()
+            .then(|| {
+                obj.pointer("/metadata/deletionGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0)
+            });
         let grace = grace
+            .or(marked)
             .or_else(|| {
                 obj.pointer("/spec/terminationGracePeriodSeconds")
                     .and_then(Value::as_i64)
             })
             .unwrap_or(30);
-        let on_a_node = obj
-            .pointer("/spec/nodeName")
-            .and_then(Value::as_str)
-            .is_some_and(|n| !n.is_empty());
-        let marked = obj.pointer("/metadata/deletionTimestamp").is_some();
-        if on_a_node && grace > 0 && !marked {
+        let grace = marked.map_or(grace, |m| grace.min(m));
+        if on_a_node && !ended && grace > 0 {
             Deletion::Graceful(grace)
         } else {
             Deletion::Immediate
