@@ -24,6 +24,7 @@
 //! | PodDisruptionBudget status (what evictions ask) | [`disruption`] |
 //! | ClusterRole aggregation (`aggregationRule`) | [`aggregation`] |
 //! | garbage collection, namespace deletion | [`gc`] |
+//! | pod garbage collection (orphaned, unscheduled and surplus ended pods) | [`podgc`] |
 //!
 //! ## Shared informers
 //! Every kind is watched once for the whole manager: one reflector store per kind
@@ -48,6 +49,7 @@ pub mod ingress;
 pub mod job;
 pub mod nodelifecycle;
 pub mod owners;
+pub mod podgc;
 pub mod podranges;
 pub mod replicaset;
 pub mod resourcequota;
@@ -810,6 +812,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let gc = tokio::spawn(gc::run(ctx.clone(), gc_changes));
+    let podgc = tokio::spawn(podgc::run(ctx.clone()));
     // A task per controller, not one task joining them all: a joined future is polled
     // whole on every wake-up, so each watch event (500 Lease renewals a second at 5,000
     // nodes) made all nineteen controllers poll their queues and streams.
@@ -835,6 +838,7 @@ pub async fn run(
     controllers.spawn(drain(csr_queue, csr_controller));
     while controllers.join_next().await.is_some() {}
     gc.abort();
+    podgc.abort();
     for w in watches {
         w.abort();
     }
