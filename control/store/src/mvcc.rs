@@ -30,6 +30,8 @@ use crate::types::*;
 
 const META_REVISION: &[u8] = b"revision";
 const META_COMPACT: &[u8] = b"compact_revision";
+/// How far ahead a dump reads the store (see [`Mvcc::write_dump`]).
+const DUMP_READAHEAD: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MvccError {
@@ -502,7 +504,13 @@ impl Mvcc {
         let mut w = DumpWriter::new(out, &head)?;
         for (name, family) in [(CF_KV, Family::Kv), (CF_REV, Family::Rev)] {
             let cf = self.db.cf_handle(name).expect("column family");
-            for item in snap.iterator_cf(cf, IteratorMode::Start) {
+            // A dump reads the whole store once, in order: its blocks would push the
+            // writes' working set out of the block cache, and read ahead in large steps
+            // they cost a fraction of the reads one block at a time.
+            let mut once = rocksdb::ReadOptions::default();
+            once.fill_cache(false);
+            once.set_readahead_size(DUMP_READAHEAD);
+            for item in snap.iterator_cf_opt(cf, once, IteratorMode::Start) {
                 let (k, v) = item?;
                 w.row(family, &k, &v)?;
             }
