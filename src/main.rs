@@ -304,7 +304,7 @@ struct Tuning {
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
     election_ms: u64,
     /// Build a snapshot after at least this many log entries, once the log written
-    /// since the last snapshot is also as large as that snapshot.
+    /// since the last snapshot is also half that snapshot's size.
     #[arg(long, default_value_t = 20_000)]
     snapshot_after_logs: u64,
     /// Log entries kept behind a snapshot.

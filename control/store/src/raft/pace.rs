@@ -8,12 +8,10 @@
 //! once both
 //! - `after_logs` entries were applied since the last one (the operator's setting, as
 //!   etcd's `--snapshot-count`), and
-//! - the log written since the last one is at least as large as that snapshot,
+//! - the log written since the last one is at least half that snapshot's size,
 //!
-//! which keeps the dumps' cost within the cost of writing the log, whatever the store's
-//! size, and the log on disk within about the store's size. (Built at half a snapshot's
-//! size, the dumps were a fifth of the control plane's CPU samples at 125,000 pods in
-//! the scale run.)
+//! which keeps the dumps' cost within twice the cost of writing the log, whatever the
+//! store's size, and the log on disk within about half the store.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,7 +49,7 @@ impl SnapshotPace {
             .logged
             .load(Ordering::Relaxed)
             .saturating_sub(self.logged_at_last.load(Ordering::Relaxed));
-        entries >= after_logs && since >= self.last_size.load(Ordering::Relaxed)
+        entries >= after_logs && since >= self.last_size.load(Ordering::Relaxed) / 2
     }
 }
 
@@ -109,7 +107,7 @@ mod tests {
     }
 
     #[test]
-    fn a_big_store_waits_until_its_size_was_logged() {
+    fn a_big_store_waits_until_half_its_size_was_logged() {
         let pace = SnapshotPace::default();
         pace.appended(1_000);
         pace.snapshot(1 << 20);
@@ -119,9 +117,7 @@ mod tests {
             "100 KB logged against a 1 MiB snapshot"
         );
         pace.appended((1 << 19) - 100_000);
-        assert!(!pace.due(50_000, 100), "half a snapshot logged");
-        pace.appended(1 << 19);
-        assert!(pace.due(50_000, 100), "a whole snapshot logged");
+        assert!(pace.due(50_000, 100), "half a snapshot logged");
         assert!(!pace.due(99, 100), "the entries still count");
     }
 }
