@@ -758,18 +758,16 @@ async fn run_watch(
                     let _ = tx.try_send(Err(err));
                     return;
                 }
-                if resp.created() && next == 0 {
-                    // A watch "from now on" owes every revision after its start.
-                    next = rev + 1;
-                }
                 let revisions = revisions_of(&resp);
                 if revisions.is_empty() {
+                    if next == 0 {
+                        // A watch "from now on": etcd-client keeps the answer that
+                        // created it to itself, so the first report with no event says
+                        // where it stands (every event up to it was sent before it).
+                        next = rev + 1;
+                    }
                     // A progress report never goes back before a delivered event.
-                    if !resp.created()
-                        && next > 0
-                        && rev + 1 >= next
-                        && !send(&tx, WatchEvent::Progress(rev))
-                    {
+                    if !resp.created() && rev + 1 >= next && !send(&tx, WatchEvent::Progress(rev)) {
                         return;
                     }
                     continue;
