@@ -85,10 +85,8 @@ pub async fn run(
         register::register(&client, cfg.identity(), &reported)
     })
     .await;
-    until_done(&cfg.name, "take its Lease", || {
-        register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4)
-    })
-    .await;
+    let lease = register::NodeLease::new(&cfg.name, cfg.heartbeat * 4);
+    until_done(&cfg.name, "take its Lease", || lease.renew(&client)).await;
     let events = Recorder::with_queue(client.clone(), "kubelet", Some(&cfg.name), 64, 1);
     let sandboxes = FakeSandboxes::default();
     sandboxes
@@ -112,7 +110,7 @@ pub async fn run(
         objects: Default::default(),
     });
     shared.objects.follow(&registered);
-    let heartbeat = tokio::spawn(heartbeat(client, cfg, shared.objects.clone()));
+    let heartbeat = tokio::spawn(heartbeat(client, cfg, lease, shared.objects.clone()));
     manage_pods(shared, logs, shutdown).await;
     heartbeat.abort();
     Ok(())
@@ -120,7 +118,12 @@ pub async fn run(
 
 /// Renews the Lease every beat and reports the Node's status when it is due, as the node
 /// agent does ([`register::StatusClock`]); a failed renewal is retried at the next beat.
-async fn heartbeat(client: Client, cfg: HollowConfig, objects: Arc<crate::config::ObjectCache>) {
+async fn heartbeat(
+    client: Client,
+    cfg: HollowConfig,
+    lease: register::NodeLease,
+    objects: Arc<crate::config::ObjectCache>,
+) {
     let mut tick = tokio::time::interval(cfg.heartbeat);
     // Spread the nodes over the period, as real ones started at different times are.
     tick.reset_after(cfg.heartbeat.mul_f64(rand_fraction(&cfg.name)));
@@ -128,7 +131,7 @@ async fn heartbeat(client: Client, cfg: HollowConfig, objects: Arc<crate::config
     let mut renewal_failed = false;
     loop {
         tick.tick().await;
-        if let Err(e) = register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await {
+        if let Err(e) = lease.renew(&client).await {
             tracing::debug!(node = %cfg.name, error = %e, "hollow heartbeat failed");
             renewal_failed = true;
             continue;

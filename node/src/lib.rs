@@ -365,7 +365,8 @@ pub async fn run(
         runtime.clone(),
         cfg.eviction_hard_memory,
     ));
-    register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await?;
+    let lease = register::NodeLease::new(&cfg.name, cfg.heartbeat * 4);
+    lease.renew(&client).await?;
     let heartbeat = {
         let (client, cfg) = (client.clone(), cfg.clone());
         let evictions = shared.evictions.clone();
@@ -382,7 +383,7 @@ pub async fn run(
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if let Err(e) = register::renew_lease(&client, &cfg.name, cfg.heartbeat * 4).await {
+                        if let Err(e) = lease.renew(&client).await {
                             tracing::warn!(error = %e, "heartbeat failed");
                             // The report waits for the way to the control plane.
                             renewal_failed = true;

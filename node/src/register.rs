@@ -264,46 +264,93 @@ pub async fn refresh(
     }
 }
 
-/// Renews the node's Lease (creating it the first time).
-pub async fn renew_lease(
-    client: &Client,
-    name: &str,
+/// The node's Lease, renewed as the kubelet's lease controller renews it: by an update of
+/// the copy it last wrote (its `resourceVersion` included), so that a renewal is one write
+/// and no read. A conflict (someone else wrote the Lease meanwhile) or a missing Lease
+/// reads it again, or creates it, as the kubelet's `ensureLease` does.
+#[derive(Debug)]
+pub struct NodeLease {
+    name: String,
     duration: Duration,
-) -> Result<(), RegisterError> {
-    let api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(baton_kube::pod::now().0);
-    let spec = json!({
-        "holderIdentity": name,
-        "leaseDurationSeconds": duration.as_secs(),
-        "renewTime": now,
-    });
-    let err = |source| RegisterError::Lease {
-        node: name.into(),
-        source,
-    };
-    match api
-        .patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": spec})),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            let lease: Lease = serde_json::from_value(json!({
-                "metadata": {"name": name, "namespace": "kube-node-lease",
-                    "ownerReferences": []},
-                "spec": spec,
-            }))
-            .expect("a valid Lease");
-            match api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-                Err(e) => Err(err(e)),
+    /// The Lease as the API server last answered it; taken out while a renewal runs.
+    latest: std::sync::Mutex<Option<Lease>>,
+}
+
+impl NodeLease {
+    /// The Lease of node `name`, held for `duration` after each renewal.
+    pub fn new(name: &str, duration: Duration) -> Self {
+        Self {
+            name: name.into(),
+            duration,
+            latest: Default::default(),
+        }
+    }
+
+    fn stamp(&self, lease: &mut Lease) {
+        let now =
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(baton_kube::pod::now().0);
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        spec.holder_identity = Some(self.name.clone());
+        spec.lease_duration_seconds = Some(self.duration.as_secs() as i32);
+        spec.renew_time = Some(now);
+    }
+
+    /// Renews the Lease, creating it the first time.
+    pub async fn renew(&self, client: &Client) -> Result<(), RegisterError> {
+        let api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+        let err = |source| RegisterError::Lease {
+            node: self.name.clone(),
+            source,
+        };
+        let held = self.latest.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut lease) = held {
+            self.stamp(&mut lease);
+            match api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await
+            {
+                Ok(written) => {
+                    self.keep(written);
+                    return Ok(());
+                }
+                // Someone else wrote it, or it was deleted: read it again below.
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
+                Err(e) => {
+                    // Unanswered: the copy is still the latest the node knows.
+                    self.keep(lease);
+                    return Err(err(e));
+                }
             }
         }
-        Err(e) => Err(err(e)),
+        let written = match api.get_opt(&self.name).await.map_err(err)? {
+            Some(mut lease) => {
+                self.stamp(&mut lease);
+                api.replace(&self.name, &PostParams::default(), &lease)
+                    .await
+                    .map_err(err)?
+            }
+            None => {
+                let mut lease: Lease = serde_json::from_value(json!({
+                    "metadata": {"name": self.name, "namespace": "kube-node-lease",
+                        "ownerReferences": []},
+                }))
+                .expect("a valid Lease");
+                self.stamp(&mut lease);
+                match api.create(&PostParams::default(), &lease).await {
+                    Ok(created) => created,
+                    // Created meanwhile (an earlier attempt that timed out): the next
+                    // renewal reads it.
+                    Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
+                    Err(e) => return Err(err(e)),
+                }
+            }
+        };
+        self.keep(written);
+        Ok(())
+    }
+
+    fn keep(&self, lease: Lease) {
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
     }
 }
 
@@ -406,6 +453,76 @@ pub async fn assigned_pod_cidr(client: &Client, name: &str) -> Result<String, Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use baton_testkit::fake_api::FakeApi;
+
+    #[tokio::test]
+    async fn a_lease_is_renewed_by_updating_the_copy_last_written_and_read_again_on_a_conflict() {
+        let api = FakeApi::default();
+        let client = api.client();
+        let path = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1";
+        let lease = NodeLease::new("n1", Duration::from_secs(40));
+        // The first renewal finds no Lease and creates it.
+        api.fail("GET", path, 404);
+        lease.renew(&client).await.unwrap();
+        api.heal();
+        // The next ones update what was written, with its resourceVersion, and read nothing.
+        lease.renew(&client).await.unwrap();
+        lease.renew(&client).await.unwrap();
+        let calls: Vec<String> = api
+            .calls()
+            .iter()
+            .map(|c| format!("{} {}", c.method, c.path))
+            .collect();
+        let collection = path.trim_end_matches("/n1");
+        assert_eq!(
+            calls,
+            [
+                format!("GET {path}"),
+                format!("POST {collection}"),
+                format!("PUT {path}"),
+                format!("PUT {path}")
+            ]
+        );
+        let put = api.write_calls().pop().unwrap();
+        assert_eq!(put.body["metadata"]["resourceVersion"], "1");
+        assert_eq!(put.body["spec"]["holderIdentity"], "n1");
+        assert_eq!(put.body["spec"]["leaseDurationSeconds"], 40);
+        assert!(put.body["spec"]["renewTime"].is_string());
+        // Someone else wrote the Lease: the update conflicts, the node reads it again and
+        // updates that.
+        api.clear();
+        api.fail("PUT", path, 409);
+        api.object(
+            path,
+            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "n1", "namespace": "kube-node-lease", "resourceVersion": "7"}}),
+        );
+        assert!(
+            lease.renew(&client).await.is_err(),
+            "the second update conflicts too"
+        );
+        api.heal();
+        lease.renew(&client).await.unwrap();
+        let calls: Vec<String> = api
+            .calls()
+            .iter()
+            .map(|c| format!("{} {}", c.method, c.path))
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                format!("PUT {path}"),
+                format!("GET {path}"),
+                format!("PUT {path}"),
+                format!("GET {path}"),
+                format!("PUT {path}")
+            ]
+        );
+        assert_eq!(
+            api.write_calls().pop().unwrap().body["metadata"]["resourceVersion"],
+            "7"
+        );
+    }
 
     /// The beats at which a clock reports in `beats` beats, with `changed` beats.
     fn reports(clock: &mut StatusClock, beats: u64, changed: &[u64], draw: f64) -> Vec<u64> {
