@@ -461,6 +461,12 @@ mod tests {
         let client = api.client();
         let path = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1";
         let lease = NodeLease::new("n1", Duration::from_secs(40));
+        let calls = || -> Vec<String> {
+            api.calls()
+                .iter()
+                .map(|c| format!("{} {}", c.method, c.path))
+                .collect()
+        };
         // The first renewal finds no Lease and creates it.
         api.fail("GET", path, 404);
         lease.renew(&client).await.unwrap();
@@ -468,14 +474,9 @@ mod tests {
         // The next ones update what was written, with its resourceVersion, and read nothing.
         lease.renew(&client).await.unwrap();
         lease.renew(&client).await.unwrap();
-        let calls: Vec<String> = api
-            .calls()
-            .iter()
-            .map(|c| format!("{} {}", c.method, c.path))
-            .collect();
         let collection = path.trim_end_matches("/n1");
         assert_eq!(
-            calls,
+            calls(),
             [
                 format!("GET {path}"),
                 format!("POST {collection}"),
@@ -503,13 +504,8 @@ mod tests {
         );
         api.heal();
         lease.renew(&client).await.unwrap();
-        let calls: Vec<String> = api
-            .calls()
-            .iter()
-            .map(|c| format!("{} {}", c.method, c.path))
-            .collect();
         assert_eq!(
-            calls,
+            calls(),
             [
                 format!("PUT {path}"),
                 format!("GET {path}"),
