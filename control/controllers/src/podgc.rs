@@ -85,11 +85,9 @@ impl PodGc {
                 .get(&kube::runtime::reflector::ObjectRef::<Node>::new(node))
                 .is_none();
             if gone {
-                let since = *self
-                    .missing_since
-                    .get(node)
-                    .unwrap_or(missing.get(node).unwrap_or(&now));
-                missing.insert(node.to_string(), since);
+                let since = *missing
+                    .entry(node.to_string())
+                    .or_insert_with(|| self.missing_since.get(node).copied().unwrap_or(now));
                 if now.duration_since(since) >= QUARANTINE {
                     out.push((pod.clone(), Why::Orphaned));
                 }
@@ -201,11 +199,9 @@ async fn collect_one(ctx: &Ctx, pod: &Pod, why: Why) -> Result<(), kube::Error> 
         }),
         ..Default::default()
     };
-    match api.delete(&name, &dp).await {
-        Ok(_)
-        | Err(kube::Error::Api(kube::core::ErrorResponse {
-            code: 404 | 409, ..
-        })) => Ok(()),
+    // A 409: the name now belongs to another pod (the UID precondition failed).
+    match crate::delete_if_present(&api, &name, &dp).await {
+        Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 409, .. })) => Ok(()),
         Err(e) => Err(e),
     }
 }
