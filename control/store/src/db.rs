@@ -150,6 +150,33 @@ pub(crate) fn open(dir: &Path, member_id: u64) -> Result<Arc<DB>, DbError> {
     Ok(Arc::new(db))
 }
 
+/// Makes a checkpoint of the store in `path` (which must not exist): the memtables are
+/// flushed and the table files hard-linked, so it costs a flush, not a copy of the store.
+pub(crate) fn checkpoint(db: &DB, path: &Path) -> Result<(), rocksdb::Error> {
+    rocksdb::checkpoint::Checkpoint::new(db)?.create_checkpoint(path)
+}
+
+/// Opens a checkpoint made by [`checkpoint`], read-only. With `hold_files`, every table
+/// file is opened now and held until the database is dropped, so that what is read from
+/// it no longer depends on the folder: it may be removed (a newer snapshot replacing it)
+/// while a dump still reads it. Without, files are opened as they are read.
+pub(crate) fn open_checkpoint(path: &Path, hold_files: bool) -> Result<DB, rocksdb::Error> {
+    let mut opts = Options::default();
+    opts.set_max_open_files(if hold_files { -1 } else { 16 });
+    DB::open_cf_for_read_only(&opts, path, ALL_CFS, false)
+}
+
+/// Bytes of the table files holding the state machine's data (not the Raft log's) in a
+/// store or a checkpoint of one.
+pub(crate) fn state_bytes(db: &DB) -> Result<u64, rocksdb::Error> {
+    Ok(db
+        .live_files()?
+        .iter()
+        .filter(|f| [CF_META, CF_KV, CF_REV].contains(&f.column_family_name.as_str()))
+        .map(|f| f.size as u64)
+        .sum())
+}
+
 /// Every column family of the store, as `open` and `repair` open them.
 fn column_families() -> impl Iterator<Item = ColumnFamilyDescriptor> {
     ALL_CFS

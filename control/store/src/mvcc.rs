@@ -30,7 +30,7 @@ use crate::types::*;
 
 const META_REVISION: &[u8] = b"revision";
 const META_COMPACT: &[u8] = b"compact_revision";
-/// How far ahead a dump reads the store (see [`Mvcc::write_dump`]).
+/// How far ahead a dump reads the store (see [`write_dump`]).
 const DUMP_READAHEAD: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -475,48 +475,10 @@ impl Mvcc {
         Ok(dump)
     }
 
-    /// Writes the whole state, as a snapshot carries it (see [`crate::dump`]), from one
-    /// RocksDB snapshot into `out`, row by row: nothing but the `meta` rows is held in
-    /// memory. Returns the head, from which the caller reads the Raft position consistent
-    /// with the data, the writer, and the body's length.
+    /// Writes the whole state, as a snapshot carries it: see [`write_dump`].
+    #[cfg(test)]
     pub(crate) fn write_dump<W: Write>(&self, out: W) -> Result<(Head, W, u64), MvccError> {
-        let snap = self.db.snapshot();
-        let meta_cf = self.db.cf_handle(CF_META).expect("meta column family");
-        let mut meta = Vec::new();
-        for item in snap.iterator_cf(meta_cf, IteratorMode::Start) {
-            let (k, v) = item?;
-            if k.as_ref() != crate::db::META_MEMBER_ID {
-                meta.push((k.to_vec(), v.to_vec()));
-            }
-        }
-        let mut head = Head {
-            meta,
-            ..Head::default()
-        };
-        let revision_of = |k: &[u8]| {
-            head.meta(k)
-                .and_then(|v| <[u8; 8]>::try_from(v).ok())
-                .map(i64::from_be_bytes)
-                .unwrap_or(0)
-        };
-        (head.revision, head.compact_revision) =
-            (revision_of(META_REVISION), revision_of(META_COMPACT));
-        let mut w = DumpWriter::new(out, &head)?;
-        for (name, family) in [(CF_KV, Family::Kv), (CF_REV, Family::Rev)] {
-            let cf = self.db.cf_handle(name).expect("column family");
-            // A dump reads the whole store once, in order: its blocks would push the
-            // writes' working set out of the block cache, and read ahead in large steps
-            // they cost a fraction of the reads one block at a time.
-            let mut once = rocksdb::ReadOptions::default();
-            once.fill_cache(false);
-            once.set_readahead_size(DUMP_READAHEAD);
-            for item in snap.iterator_cf_opt(cf, once, IteratorMode::Start) {
-                let (k, v) = item?;
-                w.row(family, &k, &v)?;
-            }
-        }
-        let (out, len) = w.finish()?;
-        Ok((head, out, len))
+        write_dump(&self.db, out)
     }
 
     /// Replaces the whole state with a snapshot body's, read from `body` row by row and
@@ -563,6 +525,63 @@ impl Mvcc {
         self.rebuild_index()?;
         Ok(head)
     }
+}
+
+/// The `meta` rows of a store as `snap` sees them (but the member id, which is the
+/// member's own), with the revisions they record: the head of a dump of it.
+fn head_of(db: &DB, snap: &rocksdb::Snapshot<'_>) -> Result<Head, MvccError> {
+    let meta_cf = db.cf_handle(CF_META).expect("meta column family");
+    let mut meta = Vec::new();
+    for item in snap.iterator_cf(meta_cf, IteratorMode::Start) {
+        let (k, v) = item?;
+        if k.as_ref() != crate::db::META_MEMBER_ID {
+            meta.push((k.to_vec(), v.to_vec()));
+        }
+    }
+    let mut head = Head {
+        meta,
+        ..Head::default()
+    };
+    let revision_of = |k: &[u8]| {
+        head.meta(k)
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map(i64::from_be_bytes)
+            .unwrap_or(0)
+    };
+    (head.revision, head.compact_revision) =
+        (revision_of(META_REVISION), revision_of(META_COMPACT));
+    Ok(head)
+}
+
+/// The head a dump of `db` would start with: its `meta` rows, which record the Raft
+/// position the data is at, and its revisions.
+pub(crate) fn read_head(db: &DB) -> Result<Head, MvccError> {
+    head_of(db, &db.snapshot())
+}
+
+/// Writes the whole state of `db` (the live store, or a checkpoint of it), as a snapshot
+/// carries it (see [`crate::dump`]), from one RocksDB snapshot into `out`, row by row:
+/// nothing but the `meta` rows is held in memory. Returns the head, from which the caller
+/// reads the Raft position consistent with the data, the writer, and the body's length.
+pub(crate) fn write_dump<W: Write>(db: &DB, out: W) -> Result<(Head, W, u64), MvccError> {
+    let snap = db.snapshot();
+    let head = head_of(db, &snap)?;
+    let mut w = DumpWriter::new(out, &head)?;
+    for (name, family) in [(CF_KV, Family::Kv), (CF_REV, Family::Rev)] {
+        let cf = db.cf_handle(name).expect("column family");
+        // A dump reads the whole store once, in order: its blocks would push the
+        // writes' working set out of the block cache, and read ahead in large steps
+        // they cost a fraction of the reads one block at a time.
+        let mut once = rocksdb::ReadOptions::default();
+        once.fill_cache(false);
+        once.set_readahead_size(DUMP_READAHEAD);
+        for item in snap.iterator_cf_opt(cf, once, IteratorMode::Start) {
+            let (k, v) = item?;
+            w.row(family, &k, &v)?;
+        }
+    }
+    let (out, len) = w.finish()?;
+    Ok((head, out, len))
 }
 
 /// How much a snapshot restore writes to RocksDB at a time.

@@ -23,7 +23,7 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::error::{Error, WireError};
-use crate::raft::snapshot::SnapshotData;
+use crate::raft::snapshot::{SnapshotBody, SnapshotData};
 use crate::raft::{NodeId, TypeConfig};
 use crate::store::{Store, FORWARDED_HEADER};
 use crate::types::*;
@@ -267,7 +267,7 @@ async fn raft_snapshot(State(store): State<Store>, body: Body) -> Response {
     };
     let snapshot = Snapshot::<TypeConfig> {
         meta,
-        snapshot: Box::new(data),
+        snapshot: Box::new(SnapshotData::from(data)),
     };
     encode(&raft.install_full_snapshot(vote, snapshot).await)
 }
@@ -298,12 +298,12 @@ enum ReceiveError {
 async fn receive_snapshot(
     dir: std::path::PathBuf,
     body: Body,
-) -> Result<(Vote<NodeId>, SnapshotMeta<NodeId, BasicNode>, SnapshotData), ReceiveError> {
+) -> Result<(Vote<NodeId>, SnapshotMeta<NodeId, BasicNode>, SnapshotBody), ReceiveError> {
     use futures::StreamExt;
     let mut stream = body.into_data_stream();
     let mut pending = bytes::BytesMut::new();
     let mut header: Option<SnapshotHeader> = None;
-    let mut data = SnapshotData::receiving(&dir).map_err(ReceiveError::File)?;
+    let mut data = SnapshotBody::receiving(&dir).map_err(ReceiveError::File)?;
     // Written a megabyte at a time, off the async threads.
     const WRITE_AT: usize = 1 << 20;
     loop {

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::durable::LogSync;
-use super::snapshot::SnapshotData;
+use super::snapshot::SnapshotBody;
 use super::{NodeId, TypeConfig};
 
 /// Makes one [`Network`] per peer; they share the HTTP client's connection pool.
@@ -205,10 +205,21 @@ impl RaftNetwork<TypeConfig> for Network {
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
-        let len = snapshot.snapshot.len();
-        let header = postcard::to_stdvec(&(vote, &snapshot.meta))
+        let Snapshot { meta, snapshot } = snapshot;
+        // A checkpoint is dumped here, only now that a follower needs it. If that fails
+        // (the checkpoint replaced by a newer one meanwhile, or a full disk), the follower
+        // is treated as unreachable: openraft backs off and sends the newest snapshot.
+        let data = tokio::task::spawn_blocking(move || snapshot.into_body())
+            .await
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?
+            .map_err(|e| {
+                tracing::warn!(error = %baton_error_chain::chain(&e), "could not read the snapshot to send");
+                StreamingError::Unreachable(Unreachable::new(&e))
+            })?;
+        let len = data.len();
+        let header = postcard::to_stdvec(&(vote, &meta))
             .map_err(|e| StreamingError::Network(NetworkError::new(&CallError::Codec(e))))?;
-        let body = snapshot_body(header, &snapshot.snapshot);
+        let body = snapshot_body(header, data);
         // A snapshot can be large: give it far longer than a heartbeat-sized TTL (two
         // minutes, and a second per 4 MiB), but let openraft cancel it when replication
         // to this peer stops.
@@ -243,19 +254,20 @@ const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// little-endian), them, then the snapshot's body read from its file a chunk at a time.
 fn snapshot_body(
     header: Vec<u8>,
-    data: &SnapshotData,
+    data: SnapshotBody,
 ) -> impl futures::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static {
     let mut first = (header.len() as u32).to_le_bytes().to_vec();
     first.extend_from_slice(&header);
-    let (file, end) = (data.shared_file(), data.len());
+    let end = data.len();
+    // The body (and a dumped checkpoint's temporary file) lives as long as the stream.
     let rest = futures::stream::try_unfold(0u64, move |pos| {
-        let file = file.clone();
+        let file = data.shared_file();
         async move {
             if pos >= end {
                 return Ok(None);
             }
             let chunk = tokio::task::spawn_blocking(move || {
-                SnapshotData::read_chunk(&file, pos, end, SNAPSHOT_CHUNK)
+                SnapshotBody::read_chunk(&file, pos, end, SNAPSHOT_CHUNK)
             })
             .await
             .map_err(std::io::Error::other)??;

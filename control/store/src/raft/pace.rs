@@ -1,17 +1,21 @@
 //! When a member builds a Raft snapshot.
 //!
-//! A snapshot here is a dump of the whole store (every key and every revision kept since
-//! the last compaction), so its cost grows with the store, while the log it lets Raft
-//! purge grows with the writes. A fixed count of entries (openraft's `LogsSinceLast`)
-//! makes a big store pay for a whole dump every few seconds under load: at 150,000 pods
-//! a dump of gigabytes every 20,000 writes took most of a core. So a snapshot is built
-//! once both
+//! A snapshot is a checkpoint of the store ([`super::snapshot`]), cheap to build, but the
+//! log it lets Raft purge is what a follower that fell behind catches up from; once that
+//! is gone, the follower needs the whole store, dumped and sent (every key and every
+//! revision kept since the last compaction: gigabytes at 150,000 pods). A fixed count of
+//! entries (openraft's `LogsSinceLast`) would purge a big store's log every few seconds
+//! under load, so that a follower a few seconds behind costs a whole dump. So a snapshot
+//! is built once both
 //! - `after_logs` entries were applied since the last one (the operator's setting, as
 //!   etcd's `--snapshot-count`), and
-//! - the log written since the last one is at least half that snapshot's size,
+//! - the log written since the last one is at least half the size of that snapshot's
+//!   state,
 //!
-//! which keeps the dumps' cost within twice the cost of writing the log, whatever the
-//! store's size, and the log on disk within about half the store.
+//! which keeps the log on disk within about half the store, and a dump for a lagging
+//! follower rarer than writing as much log as the store holds. (Before snapshots were
+//! checkpoints, this rule also kept the cost of dumping the store at each build within
+//! twice the cost of writing the log.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

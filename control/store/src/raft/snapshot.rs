@@ -1,34 +1,56 @@
-//! Snapshots as files: the one a member keeps, and the handle openraft passes around.
+//! Snapshots: the one a member keeps, and the handle openraft passes around.
 //!
-//! A member keeps its newest snapshot in [`FILE`] in its data dir: the body
-//! ([`crate::dump`]), then a trailer of the postcard-encoded [`Meta`], the meta's length
-//! (4 bytes, little-endian) and [`TRAILER_MAGIC`]. The body comes first because it is
-//! streamed into the file, and the meta is only known from the body's head once it is
-//! written. A file is written under a temporary name, synced, and renamed into place.
+//! A member keeps its newest snapshot in its data dir, in one of two forms:
+//! - **A checkpoint**, `snapshot.ckpt.*/`: what a member builds. It is a RocksDB
+//!   checkpoint of the store (`db/`: the memtables flushed and the table files
+//!   hard-linked) and the Raft meta read back from it (`meta`), made under a temporary
+//!   name and renamed into place once complete. Building one costs a flush, whatever the
+//!   store's size.
+//! - **A file**, [`FILE`]: what a member received from its leader (or an earlier version
+//!   built). It holds the body ([`crate::dump`]), then a trailer of the postcard-encoded
+//!   [`Meta`], the meta's length (4 bytes, little-endian) and [`TRAILER_MAGIC`]. The body
+//!   comes first because it is streamed into the file, and the meta is only known from
+//!   the body's head once it is written. It is written under a temporary name, synced,
+//!   and renamed into place.
 //!
-//! [`SnapshotData`] is an open file and the length of the body at its start. A snapshot
-//! being sent stays readable after a newer one has replaced it under the same name, and a
-//! received one is the temporary file it was streamed into, which installing it renames.
-//! So no snapshot is ever held in memory, at any size.
+//! The newest of them is the member's snapshot, and the others are removed once it is in
+//! place. A checkpoint becomes a body only when one is needed: to send it to a follower,
+//! or to restore it at open. It is then opened read-only and dumped into a temporary file.
+//! This is etcd's way, whose snapshot is its bolt file, copied only to be sent: a dump
+//! reads and writes the whole store (1.6 GB at 150,000 pods), and a member alone, or
+//! whose followers keep up, never needs one.
+//!
+//! [`SnapshotBody`] is an open file and the length of the body at its start. A body being
+//! sent stays readable after a newer snapshot has replaced it, and a received one is the
+//! temporary file it was streamed into, which installing it renames. So no snapshot is
+//! ever held in memory, at any size.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use openraft::SnapshotMeta;
-use tempfile::TempPath;
+use rocksdb::DB;
+use tempfile::{TempDir, TempPath};
 
 use super::NodeId;
-use crate::mvcc::Dump;
+use crate::dump::Head;
+use crate::mvcc::{Dump, MvccError};
 
 pub(crate) type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 
-/// The member's snapshot, in its data dir.
+/// The member's snapshot when it is a file, in its data dir.
 pub(crate) const FILE: &str = "snapshot.v2";
 /// Where earlier versions kept it: the postcard encoding of the meta and a whole [`Dump`].
 const LEGACY_FILE: &str = "snapshot.bin";
+/// The member's snapshot when it is a checkpoint: this prefix and a random suffix.
+const CHECKPOINT_PREFIX: &str = "snapshot.ckpt.";
+/// In a checkpoint's folder: the store's checkpoint, and the meta read from it with the
+/// bytes of the state's table files (postcard).
+const CHECKPOINT_DB: &str = "db";
+const CHECKPOINT_META: &str = "meta";
 /// Snapshots being built or received; what a crash leaves of them is removed at open.
 const TEMP_PREFIX: &str = "snapshot.tmp.";
 const TRAILER_MAGIC: &[u8; 4] = b"BSF2";
@@ -53,11 +75,106 @@ pub enum SnapshotFileError {
     },
     #[error("converting the snapshot file of an earlier version")]
     Legacy(#[source] crate::dump::DumpError),
+    #[error("the store's checkpoint in {path}")]
+    Checkpoint {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("reading the store's checkpoint in {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: MvccError,
+    },
+}
+
+/// A snapshot as openraft passes it around: a body, or a checkpoint that is dumped into
+/// one when it is needed as one ([`SnapshotData::into_body`]).
+#[derive(Debug)]
+pub struct SnapshotData(Form);
+
+#[derive(Debug)]
+enum Form {
+    Body(SnapshotBody),
+    Checkpoint {
+        /// The checkpoint's folder (`snapshot.ckpt.*`).
+        path: PathBuf,
+        /// Bytes of the state's table files in it.
+        size: u64,
+        files: SnapshotFiles,
+        /// Set when the checkpoint was built but found older than the snapshot in place:
+        /// its folder is then a temporary one, removed when this is dropped.
+        _temp: Option<TempDir>,
+    },
+}
+
+impl From<SnapshotBody> for SnapshotData {
+    fn from(body: SnapshotBody) -> Self {
+        Self(Form::Body(body))
+    }
+}
+
+impl SnapshotData {
+    /// Its size on disk: a body's length, or the bytes of a checkpoint's state.
+    pub(crate) fn size(&self) -> u64 {
+        match &self.0 {
+            Form::Body(b) => b.len(),
+            Form::Checkpoint { size, .. } => *size,
+        }
+    }
+
+    /// The snapshot as a body. A checkpoint is dumped into a temporary file, removed when
+    /// the body is dropped. Blocking: it reads the whole store.
+    pub(crate) fn into_body(self) -> Result<SnapshotBody, SnapshotFileError> {
+        // A superseded checkpoint's folder lives as long as this is read.
+        let (path, files, _temp) = match self.0 {
+            Form::Body(b) => return Ok(b),
+            Form::Checkpoint {
+                path, files, _temp, ..
+            } => (path, files, _temp),
+        };
+        let db_path = path.join(CHECKPOINT_DB);
+        let db = {
+            // Not while a newer snapshot removes this one; once open, it holds its files.
+            let _one = files.lock();
+            still_there(&path)?;
+            crate::db::open_checkpoint(&db_path, true).map_err(|source| {
+                SnapshotFileError::Checkpoint {
+                    path: db_path.clone(),
+                    source,
+                }
+            })?
+        };
+        let mut draft = files.draft()?;
+        let (_, _, len) = crate::mvcc::write_dump(&db, draft.writer()).map_err(|source| {
+            SnapshotFileError::Read {
+                path: db_path,
+                source,
+            }
+        })?;
+        draft.into_body(len, &files)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_checkpoint(&self) -> bool {
+        matches!(self.0, Form::Checkpoint { .. })
+    }
+}
+
+/// Whether a checkpoint's folder is still there (a newer snapshot may have replaced it).
+fn still_there(path: &Path) -> Result<(), SnapshotFileError> {
+    std::fs::metadata(path.join(CHECKPOINT_META))
+        .map(drop)
+        .map_err(|source| SnapshotFileError::Io {
+            dir: path.to_path_buf(),
+            source,
+        })
 }
 
 /// A snapshot's body: an open file and the body's length at its start.
 #[derive(Debug)]
-pub struct SnapshotData {
+pub struct SnapshotBody {
     file: Arc<File>,
     len: u64,
     /// Set while the file is a temporary one: it is removed when this is dropped, unless
@@ -65,7 +182,7 @@ pub struct SnapshotData {
     temp: Option<TempPath>,
 }
 
-impl SnapshotData {
+impl SnapshotBody {
     pub(crate) fn len(&self) -> u64 {
         self.len
     }
@@ -146,7 +263,7 @@ fn temp_file(dir: &Path) -> Result<(File, TempPath), SnapshotFileError> {
     Ok(f.into_parts())
 }
 
-/// A snapshot being built: its body is written through [`Draft::writer`].
+/// A body being written: through [`Draft::writer`].
 pub(crate) struct Draft {
     out: BufWriter<File>,
     temp: TempPath,
@@ -156,31 +273,92 @@ impl Draft {
     pub(crate) fn writer(&mut self) -> &mut BufWriter<File> {
         &mut self.out
     }
+
+    /// Ends the draft, whose body is `len` bytes, as a temporary body.
+    fn into_body(self, len: u64, files: &SnapshotFiles) -> Result<SnapshotBody, SnapshotFileError> {
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| files.io(e.into_error()))?;
+        Ok(SnapshotBody {
+            file: Arc::new(file),
+            len,
+            temp: Some(self.temp),
+        })
+    }
 }
 
-/// The member's snapshot file, in its data dir.
+/// A checkpoint being built: the store's checkpoint is made, its meta not yet written.
+pub(crate) struct CheckpointDraft {
+    dir: TempDir,
+    db: DB,
+}
+
+impl CheckpointDraft {
+    /// The head of the checkpoint's state, from which its Raft position is read.
+    pub(crate) fn head(&self) -> Result<Head, SnapshotFileError> {
+        crate::mvcc::read_head(&self.db).map_err(|source| SnapshotFileError::Read {
+            path: self.dir.path().join(CHECKPOINT_DB),
+            source,
+        })
+    }
+}
+
+/// One of the snapshots in a data dir, as [`SnapshotFiles`] finds them.
+enum Found {
+    File(Meta, SnapshotBody),
+    /// Its meta, folder, and the bytes of its state.
+    Checkpoint(Meta, PathBuf, u64),
+}
+
+impl Found {
+    fn meta(&self) -> &Meta {
+        match self {
+            Found::File(m, _) | Found::Checkpoint(m, ..) => m,
+        }
+    }
+
+    fn path(&self, files: &SnapshotFiles) -> PathBuf {
+        match self {
+            Found::File(..) => files.path(),
+            Found::Checkpoint(_, p, _) => p.clone(),
+        }
+    }
+}
+
+/// The member's snapshot, in its data dir.
 #[derive(Clone, Debug)]
 pub(crate) struct SnapshotFiles {
     dir: PathBuf,
-    /// Held while a snapshot replaces the file, so that a build finishing late cannot
-    /// put an older snapshot over one just installed.
+    /// Held while a snapshot replaces another, so that a build finishing late cannot put
+    /// an older snapshot over one just installed, and while a checkpoint is opened to be
+    /// read, so that it is not removed under the opening.
     replacing: Arc<Mutex<()>>,
 }
 
 impl SnapshotFiles {
-    /// The snapshot files of `dir`; removes what a crash left of temporary ones.
+    /// The snapshots of `dir`. Removes what a crash left: temporary files and folders,
+    /// and snapshots older than the newest.
     pub(crate) fn open(dir: &Path) -> Self {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-                    let _ = std::fs::remove_file(e.path());
+                    let _ = remove(&e.path());
                 }
             }
         }
-        Self {
+        let files = Self {
             dir: dir.to_path_buf(),
             replacing: Arc::default(),
+        };
+        // A snapshot that cannot be read is left in place: `current` says why.
+        if let Ok(found) = files.found() {
+            if let Some(newest) = found.iter().max_by_key(|f| f.meta().last_log_id) {
+                let keep = newest.path(&files);
+                files.remove_all_but(&found, &keep);
+            }
         }
+        files
     }
 
     fn path(&self) -> PathBuf {
@@ -191,6 +369,10 @@ impl SnapshotFiles {
         &self.dir
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.replacing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn io(&self, source: io::Error) -> SnapshotFileError {
         SnapshotFileError::Io {
             dir: self.dir.clone(),
@@ -198,24 +380,86 @@ impl SnapshotFiles {
         }
     }
 
-    /// The member's snapshot, if it has one.
-    pub(crate) fn current(&self) -> Result<Option<(Meta, SnapshotData)>, SnapshotFileError> {
+    /// Every snapshot in the data dir.
+    fn found(&self) -> Result<Vec<Found>, SnapshotFileError> {
+        let mut found = Vec::new();
         let path = self.path();
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        match File::open(&path) {
+            Ok(file) => {
+                let (meta, len) = read_trailer(&file, &path)?;
+                let body = SnapshotBody {
+                    file: Arc::new(file),
+                    len,
+                    temp: None,
+                };
+                found.push(Found::File(meta, body));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(self.io(e)),
-        };
-        let (meta, len) = read_trailer(&file, &path)?;
-        let data = SnapshotData {
-            file: Arc::new(file),
-            len,
-            temp: None,
-        };
-        Ok(Some((meta, data)))
+        }
+        for e in std::fs::read_dir(&self.dir).map_err(|e| self.io(e))? {
+            let e = e.map_err(|e| self.io(e))?;
+            if !e
+                .file_name()
+                .to_string_lossy()
+                .starts_with(CHECKPOINT_PREFIX)
+            {
+                continue;
+            }
+            let meta_path = e.path().join(CHECKPOINT_META);
+            let bytes = match std::fs::read(&meta_path) {
+                Ok(b) => b,
+                // Removed by a newer snapshot since the folder was listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io(e)),
+            };
+            let (meta, size) =
+                postcard::from_bytes(&bytes).map_err(|source| SnapshotFileError::Codec {
+                    path: meta_path,
+                    source,
+                })?;
+            found.push(Found::Checkpoint(meta, e.path(), size));
+        }
+        Ok(found)
     }
 
-    /// Starts a snapshot in a temporary file.
+    /// Removes every snapshot of `found` but the one at `keep`.
+    fn remove_all_but(&self, found: &[Found], keep: &Path) {
+        for f in found {
+            let path = f.path(self);
+            if path != keep {
+                if let Err(e) = remove(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove an older snapshot");
+                }
+            }
+        }
+    }
+
+    /// The member's snapshot, if it has one: the newest in its data dir.
+    pub(crate) fn current(&self) -> Result<Option<(Meta, SnapshotData)>, SnapshotFileError> {
+        let newest = self
+            .found()?
+            .into_iter()
+            .max_by_key(|f| f.meta().last_log_id);
+        Ok(newest.map(|f| self.handle(f)))
+    }
+
+    fn handle(&self, found: Found) -> (Meta, SnapshotData) {
+        match found {
+            Found::File(meta, body) => (meta, body.into()),
+            Found::Checkpoint(meta, path, size) => {
+                let data = SnapshotData(Form::Checkpoint {
+                    path,
+                    size,
+                    files: self.clone(),
+                    _temp: None,
+                });
+                (meta, data)
+            }
+        }
+    }
+
+    /// Starts a body in a temporary file.
     pub(crate) fn draft(&self) -> Result<Draft, SnapshotFileError> {
         let (file, temp) = temp_file(&self.dir)?;
         Ok(Draft {
@@ -230,28 +474,102 @@ impl SnapshotFiles {
         draft: Draft,
         meta: &Meta,
         len: u64,
-    ) -> Result<SnapshotData, SnapshotFileError> {
-        let file = draft
-            .out
-            .into_inner()
-            .map_err(|e| self.io(e.into_error()))?;
-        let mut data = SnapshotData {
-            file: Arc::new(file),
-            len,
-            temp: Some(draft.temp),
-        };
-        self.keep(meta, &mut data)?;
-        Ok(data)
+    ) -> Result<SnapshotBody, SnapshotFileError> {
+        let mut body = draft.into_body(len, self)?;
+        self.keep(meta, &mut body)?;
+        Ok(body)
     }
 
-    /// Makes a snapshot the member's, durably: its trailer is written after the body,
-    /// the file synced and renamed into place, and the folder synced. A snapshot that is
-    /// not in a temporary file of its own is copied into one first. Nothing is replaced
-    /// by a snapshot older than the one in place.
+    /// Starts a checkpoint of the store `db` in a temporary folder.
+    pub(crate) fn checkpoint(&self, db: &DB) -> Result<CheckpointDraft, SnapshotFileError> {
+        let dir = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .tempdir_in(&self.dir)
+            .map_err(|e| self.io(e))?;
+        let db_path = dir.path().join(CHECKPOINT_DB);
+        let failed = |source| SnapshotFileError::Checkpoint {
+            path: db_path.clone(),
+            source,
+        };
+        crate::db::checkpoint(db, &db_path).map_err(failed)?;
+        let db = crate::db::open_checkpoint(&db_path, false).map_err(failed)?;
+        Ok(CheckpointDraft { dir, db })
+    }
+
+    /// Ends a checkpoint whose state is at `meta`, and keeps it as the member's snapshot:
+    /// its meta is written and synced, and the folder renamed into place and the data
+    /// dir synced. A checkpoint older than the snapshot in place is dropped instead.
+    pub(crate) fn finish_checkpoint(
+        &self,
+        draft: CheckpointDraft,
+        meta: &Meta,
+    ) -> Result<SnapshotData, SnapshotFileError> {
+        let CheckpointDraft { dir, db } = draft;
+        let size = crate::db::state_bytes(&db).map_err(|source| SnapshotFileError::Checkpoint {
+            path: dir.path().join(CHECKPOINT_DB),
+            source,
+        })?;
+        drop(db);
+        let encoded =
+            postcard::to_stdvec(&(meta, size)).map_err(|source| SnapshotFileError::Codec {
+                path: dir.path().join(CHECKPOINT_META),
+                source,
+            })?;
+        let write = || -> io::Result<()> {
+            let mut f = File::create(dir.path().join(CHECKPOINT_META))?;
+            f.write_all(&encoded)?;
+            f.sync_all()?;
+            File::open(dir.path())?.sync_all()
+        };
+        write().map_err(|e| self.io(e))?;
+        let _one = self.lock();
+        let found = self.found()?;
+        if found
+            .iter()
+            .any(|f| f.meta().last_log_id > meta.last_log_id)
+        {
+            // Installed while this was built. openraft ignores a built snapshot older
+            // than its own; the folder goes when the handle does.
+            return Ok(SnapshotData(Form::Checkpoint {
+                path: dir.path().to_path_buf(),
+                size,
+                files: self.clone(),
+                _temp: Some(dir),
+            }));
+        }
+        let suffix = dir
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(TEMP_PREFIX))
+            .unwrap_or("0")
+            .to_string();
+        let path = self.dir.join(format!("{CHECKPOINT_PREFIX}{suffix}"));
+        let temp = dir.keep();
+        std::fs::rename(&temp, &path)
+            .and_then(|()| File::open(&self.dir)?.sync_all())
+            .map_err(|e| {
+                let _ = remove(&temp);
+                self.io(e)
+            })?;
+        self.remove_all_but(&found, &path);
+        Ok(SnapshotData(Form::Checkpoint {
+            path,
+            size,
+            files: self.clone(),
+            _temp: None,
+        }))
+    }
+
+    /// Makes a body the member's snapshot, durably: its trailer is written after the
+    /// body, the file synced and renamed into place, and the folder synced; the older
+    /// snapshots are then removed. A body that is not in a temporary file of its own is
+    /// copied into one first. Nothing is replaced by a snapshot older than the one in
+    /// place.
     pub(crate) fn keep(
         &self,
         meta: &Meta,
-        data: &mut SnapshotData,
+        data: &mut SnapshotBody,
     ) -> Result<(), SnapshotFileError> {
         if data.temp.is_none() {
             let mut draft = self.draft()?;
@@ -271,18 +589,22 @@ impl SnapshotFiles {
             data.file.sync_all()
         };
         write().map_err(|e| self.io(e))?;
-        let _one = self.replacing.lock().unwrap_or_else(|e| e.into_inner());
-        if let Ok(Some((current, _))) = self.current() {
-            if current.last_log_id > meta.last_log_id {
-                // The temporary file goes when `data` does; openraft may still send it.
-                return Ok(());
-            }
+        let _one = self.lock();
+        let found = self.found()?;
+        if found
+            .iter()
+            .any(|f| f.meta().last_log_id > meta.last_log_id)
+        {
+            // The temporary file goes when `data` does; openraft may still send it.
+            return Ok(());
         }
         let temp = data.temp.take().expect("a temporary file");
         temp.persist(self.path()).map_err(|e| self.io(e.error))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| self.io(e))
+            .map_err(|e| self.io(e))?;
+        self.remove_all_but(&found, &self.path());
+        Ok(())
     }
 
     /// Converts the snapshot file of an earlier version into this one's, if there is
@@ -317,6 +639,16 @@ impl SnapshotFiles {
         std::fs::remove_file(&path).map_err(|e| self.io(e))?;
         tracing::info!(snapshot = %meta.snapshot_id, "converted the snapshot file of an earlier version");
         Ok(())
+    }
+}
+
+/// Removes a snapshot file or folder.
+fn remove(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

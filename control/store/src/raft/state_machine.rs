@@ -5,9 +5,9 @@
 //! Applied entries are written without a sync: the synced Raft log can replay them. The one
 //! hazard is a snapshot that lets openraft purge log entries the state machine has not made
 //! durable. So a snapshot is only reported built after the write-ahead log is synced, and
-//! the newest snapshot is kept in a file (see [`super::snapshot`]): at open, a state
-//! machine found older than that snapshot (a crash during install, or a power loss) is
-//! restored from it. An install drops the applied position first and writes the new one
+//! the newest snapshot is kept in the data dir (a checkpoint of the store, or a received
+//! file: see [`super::snapshot`]): at open, a state machine found older than that
+//! snapshot (a crash during install) is restored from it. An install drops the applied position first and writes the new one
 //! last, so that an install cut short is found at open the same way.
 
 use std::path::Path;
@@ -21,7 +21,7 @@ use rocksdb::{WriteBatch, DB};
 
 use super::durable::LogSync;
 use super::pace::SnapshotPace;
-use super::snapshot::{Meta, SnapshotData, SnapshotFiles};
+use super::snapshot::{Meta, SnapshotBody, SnapshotData, SnapshotFiles};
 use super::{CompactRejected, LogId, NodeId, Request, Response, StorageError, TypeConfig};
 use crate::db::CF_META;
 use crate::dump::Head;
@@ -122,14 +122,15 @@ impl StateMachine {
             .current()
             .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         if let Some((meta, data)) = current {
-            sm.pace.snapshot(data.len());
+            sm.pace.snapshot(data.size());
             if meta.last_log_id > sm.applied {
                 tracing::warn!(
                     snapshot = ?meta.last_log_id,
                     applied = ?sm.applied,
                     "state machine is older than its saved snapshot; restoring the snapshot"
                 );
-                sm.restore(&data)?;
+                let body = data.into_body().map_err(|e| snap_err(ErrorVerb::Read, e))?;
+                sm.restore(&body)?;
             }
         }
         Ok(sm)
@@ -147,7 +148,7 @@ impl StateMachine {
     }
 
     /// Replaces the whole state with a snapshot body, durably, and tells the watchers.
-    fn restore(&mut self, data: &SnapshotData) -> Result<(), StorageError> {
+    fn restore(&mut self, data: &SnapshotBody) -> Result<(), StorageError> {
         let meta = self.db.cf_handle(CF_META).expect("meta column family");
         let head = self
             .mvcc
@@ -160,23 +161,17 @@ impl StateMachine {
 }
 
 impl StateMachine {
-    /// Writes the whole store to a new snapshot file. It reads and writes the whole store,
-    /// so it runs on a blocking thread, beside apply.
-    fn dump(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
+    /// Builds a snapshot: a checkpoint of the store, whose Raft position is read from the
+    /// checkpoint itself, since apply goes on beside the build. It flushes the memtables
+    /// and links the table files, so it runs on a blocking thread.
+    fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
         // Make every applied write durable before the log behind it can be purged.
         self.db
             .flush_wal(true)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        // The builder may run beside apply, so the position comes from the same RocksDB
-        // snapshot as the data, never from this (possibly stale) copy of the fields.
-        let mut draft = self
-            .files
-            .draft()
-            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        let (head, _, len) = self
-            .mvcc
-            .write_dump(draft.writer())
-            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let failed = |e| snap_err(ErrorVerb::Write, e);
+        let draft = self.files.checkpoint(&self.db).map_err(failed)?;
+        let head = draft.head().map_err(failed)?;
         let (applied, membership) = dump_position(&head)?;
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, head.revision),
@@ -187,12 +182,9 @@ impl StateMachine {
             last_membership: membership,
             snapshot_id,
         };
-        let data = self
-            .files
-            .finish(draft, &meta, len)
-            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        self.pace.snapshot(len);
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = len, "built snapshot");
+        let data = self.files.finish_checkpoint(draft, &meta).map_err(failed)?;
+        self.pace.snapshot(data.size());
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.size(), "built snapshot");
         Ok(Snapshot {
             meta,
             snapshot: Box::new(data),
@@ -203,7 +195,7 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let builder = self.clone();
-        tokio::task::spawn_blocking(move || builder.dump())
+        tokio::task::spawn_blocking(move || builder.build())
             .await
             .map_err(|e| snap_err(ErrorVerb::Write, std::io::Error::other(e)))?
     }
@@ -277,8 +269,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
         let data =
-            SnapshotData::receiving(self.files.dir()).map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        Ok(Box::new(data))
+            SnapshotBody::receiving(self.files.dir()).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        Ok(Box::new(data.into()))
     }
 
     async fn install_snapshot(
@@ -286,9 +278,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &Meta,
         snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = snapshot.len(), "installing snapshot");
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = snapshot.size(), "installing snapshot");
         // Kept first, so that a crash mid-install is repaired from the file at next open.
-        let mut data = *snapshot;
+        let mut data = snapshot
+            .into_body()
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         self.files
             .keep(meta, &mut data)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
@@ -336,48 +330,162 @@ mod tests {
         dir.join(super::super::snapshot::FILE)
     }
 
+    /// The names of the snapshots and temporary snapshot files in `dir`.
+    fn snapshots(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("snapshot"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn body_of(data: SnapshotData) -> Vec<u8> {
+        let mut body = Vec::new();
+        data.into_body()
+            .unwrap()
+            .body()
+            .read_to_end(&mut body)
+            .unwrap();
+        body
+    }
+
     #[tokio::test]
-    async fn a_built_snapshot_is_kept_in_its_file_and_restores_the_state_elsewhere() {
+    async fn a_built_snapshot_is_a_checkpoint_that_restores_the_state_elsewhere() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = machine(dir.path());
         fill(&mut sm).await;
         let built = sm.build_snapshot().await.unwrap();
         assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(50));
-        let mut body = Vec::new();
-        built.snapshot.body().read_to_end(&mut body).unwrap();
-        assert_eq!(body.len() as u64, built.snapshot.len());
+        assert!(built.snapshot.is_checkpoint(), "a build copies nothing");
+        assert!(built.snapshot.size() > 0);
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta, built.meta);
-        let mut again = Vec::new();
-        current.snapshot.body().read_to_end(&mut again).unwrap();
-        assert_eq!(again, body);
+        // Dumped when it is needed, the checkpoint holds the state as it was built.
+        fill_more(&mut sm).await;
+        let body = body_of(*current.snapshot);
+        let (_, expected, _) = {
+            let fresh = tempfile::tempdir().unwrap();
+            let mut other = machine(fresh.path());
+            fill(&mut other).await;
+            other.mvcc.write_dump(Vec::new()).unwrap()
+        };
+        assert_eq!(body, expected, "the state at the build, not after");
+        assert_eq!(body_of(*built.snapshot), body);
 
         // A follower receives the body into a file of its own and installs it.
         let other = tempfile::tempdir().unwrap();
         let mut fresh = machine(other.path());
-        let mut received = fresh.begin_receiving_snapshot().await.unwrap();
+        let mut received = SnapshotBody::receiving(other.path()).unwrap();
         for chunk in body.chunks(1000) {
             received.append(chunk).unwrap();
         }
-        fresh.install_snapshot(&built.meta, received).await.unwrap();
+        fresh
+            .install_snapshot(&built.meta, Box::new(received.into()))
+            .await
+            .unwrap();
         let (kv, rev) = fresh.mvcc.get(b"k49", 0).unwrap();
         assert_eq!(kv.unwrap().value, "v".repeat(49 * 30).into_bytes());
         assert_eq!(rev, 50);
         assert_eq!(fresh.applied, built.meta.last_log_id);
         let kept = fresh.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(kept.meta, built.meta);
+        assert!(!kept.snapshot.is_checkpoint());
         // Only the kept file is left of the receiving one.
-        let names: Vec<_> = std::fs::read_dir(other.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.starts_with("snapshot"))
-            .collect();
-        assert_eq!(names, [super::super::snapshot::FILE]);
+        assert_eq!(snapshots(other.path()), [super::super::snapshot::FILE]);
 
         // A file cut short is an error, not a shorter store.
-        let on_disk = std::fs::read(file(dir.path())).unwrap();
-        std::fs::write(file(dir.path()), &on_disk[..on_disk.len() - 1]).unwrap();
-        assert!(sm.get_current_snapshot().await.is_err());
+        let on_disk = std::fs::read(file(other.path())).unwrap();
+        std::fs::write(file(other.path()), &on_disk[..on_disk.len() - 1]).unwrap();
+        assert!(fresh.get_current_snapshot().await.is_err());
+        std::fs::write(file(other.path()), &on_disk).unwrap();
+
+        // The follower's own build replaces the received file.
+        fill_more(&mut fresh).await;
+        let own = fresh.build_snapshot().await.unwrap();
+        assert_eq!(own.meta.last_log_id.map(|l| l.index), Some(60));
+        let names = snapshots(other.path());
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(names[0].starts_with("snapshot.ckpt."), "{names:?}");
+    }
+
+    /// Ten more entries after [`fill`]'s fifty.
+    async fn fill_more(sm: &mut StateMachine) {
+        let entries = (50..60u64).map(|i| Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i + 1),
+            payload: EntryPayload::Normal(Request::Txns(vec![
+                Txn::new().and_then([Op::put(format!("k{i}"), "w")])
+            ])),
+        });
+        sm.apply(entries).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_newer_checkpoint_replaces_the_older_and_a_crash_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        fill(&mut sm).await;
+        let first = sm.build_snapshot().await.unwrap();
+        let old = snapshots(dir.path());
+        assert_eq!(old.len(), 1);
+        fill_more(&mut sm).await;
+        let second = sm.build_snapshot().await.unwrap();
+        let new = snapshots(dir.path());
+        assert_eq!(new.len(), 1);
+        assert_ne!(new, old);
+        // The older handle's checkpoint is gone: reading it is an error, which the
+        // sender answers by sending the newest.
+        assert!(first.snapshot.into_body().is_err());
+        assert_eq!(
+            sm.get_current_snapshot().await.unwrap().unwrap().meta,
+            second.meta
+        );
+
+        // What a crash leaves: a checkpoint half made, and an older one beside the newest.
+        let half = dir.path().join("snapshot.tmp.crashed");
+        std::fs::create_dir_all(half.join("db")).unwrap();
+        std::fs::write(half.join("db").join("000001.sst"), b"partial").unwrap();
+        let stale = dir.path().join("snapshot.ckpt.stale");
+        copy_dir(&dir.path().join(&new[0]), &stale);
+        let meta = (Meta::default(), 1u64);
+        std::fs::write(stale.join("meta"), postcard::to_stdvec(&meta).unwrap()).unwrap();
+        drop(sm);
+        let mut reopened = machine(dir.path());
+        assert_eq!(snapshots(dir.path()), new);
+        assert_eq!(
+            reopened.get_current_snapshot().await.unwrap().unwrap().meta,
+            second.meta
+        );
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_older_than_its_checkpoint_is_restored_from_it_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        fill(&mut sm).await;
+        let built = sm.build_snapshot().await.unwrap();
+        let name = snapshots(dir.path()).remove(0);
+        // A member whose store has nothing, beside that checkpoint.
+        let other = tempfile::tempdir().unwrap();
+        drop(machine(other.path()));
+        copy_dir(&dir.path().join(&name), &other.path().join(&name));
+        let reopened = machine(other.path());
+        assert_eq!(reopened.applied, built.meta.last_log_id);
+        let (kv, _) = reopened.mvcc.get(b"k49", 0).unwrap();
+        assert_eq!(kv.unwrap().value, "v".repeat(49 * 30).into_bytes());
     }
 
     #[tokio::test]
@@ -386,13 +494,12 @@ mod tests {
         let mut sm = machine(dir.path());
         fill(&mut sm).await;
         let built = sm.build_snapshot().await.unwrap();
-        let mut body = Vec::new();
-        built.snapshot.body().read_to_end(&mut body).unwrap();
+        let body = body_of(*built.snapshot);
 
         let other = tempfile::tempdir().unwrap();
         {
             let fresh = machine(other.path());
-            let mut received = SnapshotData::receiving(other.path()).unwrap();
+            let mut received = SnapshotBody::receiving(other.path()).unwrap();
             received.append(&body).unwrap();
             fresh.files.keep(&built.meta, &mut received).unwrap();
             // The install stops half way: the data is cleared and partly written, and
@@ -436,9 +543,6 @@ mod tests {
         assert_eq!(fresh.applied, built.meta.last_log_id);
         let current = fresh.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta, built.meta);
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        current.snapshot.body().read_to_end(&mut a).unwrap();
-        built.snapshot.body().read_to_end(&mut b).unwrap();
-        assert_eq!(a, b);
+        assert_eq!(body_of(*current.snapshot), body_of(*built.snapshot));
     }
 }
