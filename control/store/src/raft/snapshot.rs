@@ -423,6 +423,21 @@ impl SnapshotFiles {
         Ok(found)
     }
 
+    /// Takes the lock for replacing snapshots, and lists those in place, unless one of
+    /// them is newer than `meta` (built or received meanwhile): then nothing is to be
+    /// replaced, and the list is `None`.
+    fn replaceable(
+        &self,
+        meta: &Meta,
+    ) -> Result<(std::sync::MutexGuard<'_, ()>, Option<Vec<Found>>), SnapshotFileError> {
+        let one = self.lock();
+        let found = self.found()?;
+        let newer = found
+            .iter()
+            .any(|f| f.meta().last_log_id > meta.last_log_id);
+        Ok((one, (!newer).then_some(found)))
+    }
+
     /// Removes every snapshot of `found` but the one at `keep`.
     fn remove_all_but(&self, found: &[Found], keep: &Path) {
         for f in found {
@@ -522,12 +537,8 @@ impl SnapshotFiles {
             File::open(dir.path())?.sync_all()
         };
         write().map_err(|e| self.io(e))?;
-        let _one = self.lock();
-        let found = self.found()?;
-        if found
-            .iter()
-            .any(|f| f.meta().last_log_id > meta.last_log_id)
-        {
+        let (_one, found) = self.replaceable(meta)?;
+        let Some(found) = found else {
             // Installed while this was built. openraft ignores a built snapshot older
             // than its own; the folder goes when the handle does.
             return Ok(SnapshotData(Form::Checkpoint {
@@ -536,7 +547,7 @@ impl SnapshotFiles {
                 files: self.clone(),
                 _temp: Some(dir),
             }));
-        }
+        };
         let suffix = dir
             .path()
             .file_name()
@@ -589,15 +600,11 @@ impl SnapshotFiles {
             data.file.sync_all()
         };
         write().map_err(|e| self.io(e))?;
-        let _one = self.lock();
-        let found = self.found()?;
-        if found
-            .iter()
-            .any(|f| f.meta().last_log_id > meta.last_log_id)
-        {
+        let (_one, found) = self.replaceable(meta)?;
+        let Some(found) = found else {
             // The temporary file goes when `data` does; openraft may still send it.
             return Ok(());
-        }
+        };
         let temp = data.temp.take().expect("a temporary file");
         temp.persist(self.path()).map_err(|e| self.io(e.error))?;
         File::open(&self.dir)
