@@ -163,6 +163,9 @@ impl SnapshotData {
 }
 
 /// Whether a checkpoint's folder is still there (a newer snapshot may have replaced it).
+/// Asked before opening it: RocksDB's read-only open of a missing folder makes the
+/// folder again before it fails, leaving one that nothing removes (the replacement test
+/// saw it).
 fn still_there(path: &Path) -> Result<(), SnapshotFileError> {
     std::fs::metadata(path.join(CHECKPOINT_META))
         .map(drop)

@@ -315,15 +315,27 @@ mod tests {
         StateMachine::open(db, mvcc, WatchHub::new(16), dir, Arc::default()).unwrap()
     }
 
-    /// Fifty entries through the Raft path, so that the applied position is recorded.
-    async fn fill(sm: &mut StateMachine) {
-        let entries = (0..50u64).map(|i| Entry::<TypeConfig> {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), i + 1),
-            payload: EntryPayload::Normal(Request::Txns(vec![
-                Txn::new().and_then([Op::put(format!("k{i}"), "v".repeat(i as usize * 30))])
-            ])),
-        });
+    /// Entries `ids` (log index `i + 1` each) through the Raft path, so that the applied
+    /// position is recorded: each puts `k{i}` to `value(i)`.
+    async fn put_entries(
+        sm: &mut StateMachine,
+        ids: std::ops::Range<u64>,
+        value: impl Fn(u64) -> String,
+    ) {
+        let entries: Vec<_> = ids
+            .map(|i| Entry::<TypeConfig> {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), i + 1),
+                payload: EntryPayload::Normal(Request::Txns(vec![
+                    Txn::new().and_then([Op::put(format!("k{i}"), value(i))])
+                ])),
+            })
+            .collect();
         sm.apply(entries).await.unwrap();
+    }
+
+    /// Fifty entries.
+    async fn fill(sm: &mut StateMachine) {
+        put_entries(sm, 0..50, |i| "v".repeat(i as usize * 30)).await;
     }
 
     fn file(dir: &Path) -> std::path::PathBuf {
@@ -412,13 +424,7 @@ mod tests {
 
     /// Ten more entries after [`fill`]'s fifty.
     async fn fill_more(sm: &mut StateMachine) {
-        let entries = (50..60u64).map(|i| Entry::<TypeConfig> {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), i + 1),
-            payload: EntryPayload::Normal(Request::Txns(vec![
-                Txn::new().and_then([Op::put(format!("k{i}"), "w")])
-            ])),
-        });
-        sm.apply(entries).await.unwrap();
+        put_entries(sm, 50..60, |_| "w".to_string()).await;
     }
 
     #[tokio::test]
