@@ -1,8 +1,11 @@
 //! Opening the RocksDB database behind one member, and refusing data dirs that are not ours.
 //!
-//! A member keeps everything (Raft log, vote, state machine) in one RocksDB instance with a
-//! column family per kind of data. One instance means one write-ahead log, so a synced log
-//! append also makes every earlier state-machine write durable.
+//! A member keeps its state machine, its vote and how far its log was purged in one
+//! RocksDB instance, with a column family per kind of data. The Raft log's entries have
+//! files of their own (`raft::log_file`); `raft_log` only holds those of stores made
+//! before, until their first open moves them. Nothing here is synced per write but the
+//! vote and the purge point: the state machine is rebuilt from the log (or restored from
+//! a snapshot) after a crash, and a snapshot syncs it before the log behind it goes.
 //!
 //! A data dir that holds anything but a Baton store, or a store whose files are damaged, is
 //! refused with an error that says so. It is never reset: an operator pointing Baton at the
@@ -100,8 +103,7 @@ pub(crate) fn open(dir: &Path, member_id: u64) -> Result<Arc<DB>, DbError> {
     // The log appender and the state machine write concurrently; pipelining lets one's
     // memtable insert overlap the other's WAL write.
     opts.set_enable_pipelined_write(true);
-    // Raft log appends are synced explicitly (see log_store.rs); nothing else needs a
-    // sync per write.
+    // Nothing needs a sync per write but the few writes that ask for one.
     opts.set_use_fsync(false);
     let db = DB::open_cf_descriptors(&opts, &db_path, column_families()).map_err(|source| {
         DbError::Corrupt {

@@ -77,6 +77,9 @@ pub struct StoreConfig {
     /// serves HTTPS, refuses clients without a store certificate, and calls its peers
     /// over HTTPS; without one, it speaks plain HTTP (in-process tests only).
     pub tls: Option<crate::tls::StoreTls>,
+    /// The size of each file of the Raft log, allocated when it is made
+    /// (`raft::log_file`).
+    pub log_segment_bytes: u64,
 }
 
 impl StoreConfig {
@@ -103,6 +106,7 @@ impl StoreConfig {
             max_batch: 1024,
             disk_reserve_bytes: 256 << 20,
             tls: None,
+            log_segment_bytes: 64 << 20,
         }
     }
 }
@@ -194,8 +198,14 @@ impl Store {
             );
             let hub = WatchHub::new(cfg.watch_buffer);
             let pace = Arc::new(crate::raft::pace::SnapshotPace::default());
-            let log = LogStore::new(db.clone(), latencies.wal_fsync.clone(), pace.clone())
-                .map_err(|e| Error::raft("opening the raft log")(e.into()))?;
+            let log = LogStore::new(
+                db.clone(),
+                &cfg.data_dir,
+                cfg.log_segment_bytes,
+                latencies.wal_fsync.clone(),
+                pace.clone(),
+            )
+            .map_err(|e| Error::raft("opening the raft log")(e.into()))?;
             let log_sync = log.sync();
             let sm = StateMachine::open(
                 db.clone(),

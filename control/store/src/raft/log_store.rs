@@ -1,32 +1,36 @@
-//! The Raft log and vote, in RocksDB.
+//! The Raft log and vote, as openraft stores them.
+//!
+//! The entries live in [`super::log_file`], files of their own; the vote and how far
+//! the log was purged live in RocksDB, written with a sync. Stores made before the log
+//! had its own files kept the entries in RocksDB too: the first open moves them.
 //!
 //! # Durability
-//! An append is written to RocksDB at once (so it is readable when `append` returns, as
-//! openraft requires) and acknowledged then, before it is synced: see [`super::durable`]
-//! for why, and for the places that wait for the sync instead. A flusher thread takes
-//! every append that queued up while the previous sync ran and covers them with one sync:
-//! group commit, so throughput is not capped at one fsync per entry. Votes and
-//! truncations are written with a sync before they return, so a member can never vote
-//! twice in one term, nor bring back a truncated entry, after a crash.
+//! An append is written at once (so it is readable when `append` returns, as openraft
+//! requires) and acknowledged then, before it is synced: see [`super::durable`] for why,
+//! and for the places that wait for the sync instead. A flusher thread takes every append
+//! that queued up while the previous sync ran and covers them with one sync: group
+//! commit, so throughput is not capped at one sync per entry. Votes and truncations are
+//! synced before they return, so a member can never vote twice in one term, nor bring
+//! back a truncated entry, after a crash.
 
 use std::ops::RangeBounds;
+use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
-use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
+use rocksdb::{WriteBatch, WriteOptions, DB};
 
 use super::durable::LogSync;
+use super::log_file::LogFile;
 use super::{LogId, NodeId, StorageError, TypeConfig};
 use crate::db::{CF_LOG, CF_RAFT};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
-
-fn idx(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
-}
+/// The log's folder in the data dir.
+pub(crate) const LOG_DIR: &str = "raft-log";
 
 fn log_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
     StorageError::from(openraft::StorageIOError::new(
@@ -40,6 +44,7 @@ fn log_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError
 #[derive(Clone, Debug)]
 pub(crate) struct LogStore {
     db: Arc<DB>,
+    log: Arc<LogFile>,
     /// Takes the number of each write to sync.
     flusher: std_mpsc::Sender<u64>,
     sync: LogSync,
@@ -48,21 +53,29 @@ pub(crate) struct LogStore {
 }
 
 impl LogStore {
+    /// The log of the member whose data dir is `dir`, with segments of `segment_bytes`.
     /// `fsync`: where the time of each sync of the log is observed.
     pub(crate) fn new(
         db: Arc<DB>,
+        dir: &Path,
+        segment_bytes: u64,
         fsync: prometheus_client::metrics::histogram::Histogram,
         pace: Arc<super::pace::SnapshotPace>,
     ) -> Result<Self, StorageError> {
-        // What the log holds at open may have been recovered from a WAL that a crashed
-        // process wrote but never synced: sync it, so that the mark starts true.
-        db.flush_wal(true)
-            .map_err(|e| log_err(ErrorVerb::Write, e))?;
+        let purged: Option<LogId> = get_meta(&db, KEY_LAST_PURGED)?;
+        let log = Arc::new(open_moving_legacy(
+            &db,
+            &dir.join(LOG_DIR),
+            segment_bytes,
+            purged,
+        )?);
         let (tx, rx) = std_mpsc::channel::<u64>();
         let store = Self {
-            db: db.clone(),
+            db,
+            log: log.clone(),
             flusher: tx,
-            sync: LogSync::new(Self::last_entry_in(&db)?.map(|l| l.index)),
+            // Open synced everything the log holds.
+            sync: LogSync::new(log.bounds().map(|(_, last)| last)),
             pace,
         };
         let sync = store.sync.clone();
@@ -74,11 +87,11 @@ impl LogStore {
                     #[cfg(test)]
                     let _held = sync.hold.lock().expect("test hold");
                     let upto = rx.try_iter().fold(first, u64::max);
-                    match crate::latency::timed(&fsync, || db.flush_wal(true)) {
+                    match crate::latency::timed(&fsync, || log.sync()) {
                         Ok(()) => sync.synced(upto),
                         Err(e) => {
-                            tracing::error!(error = %e, "syncing the raft log failed");
-                            sync.failed(e.to_string());
+                            tracing::error!(error = %baton_error_chain::chain(&e), "syncing the raft log failed");
+                            sync.failed(baton_error_chain::chain(&e).to_string());
                         }
                     }
                 }
@@ -92,55 +105,106 @@ impl LogStore {
         self.sync.clone()
     }
 
-    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("column family created at open")
-    }
-
-    fn get_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-    ) -> Result<Option<T>, StorageError> {
-        let raw = self
-            .db
-            .get_cf(self.cf(CF_RAFT), key)
-            .map_err(|e| log_err(ErrorVerb::Read, e))?;
-        raw.map(|v| postcard::from_bytes(&v).map_err(|e| log_err(ErrorVerb::Read, e)))
-            .transpose()
-    }
-
     fn put_meta_synced<T: serde::Serialize>(&self, key: &[u8], v: &T) -> Result<(), StorageError> {
         let bytes = postcard::to_stdvec(v).map_err(|e| log_err(ErrorVerb::Write, e))?;
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_RAFT), key, bytes);
+        batch.put_cf(cf(&self.db, CF_RAFT), key, bytes);
         self.db
             .write_opt(batch, &opts)
             .map_err(|e| log_err(ErrorVerb::Write, e))
     }
 
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
-        Self::last_entry_in(&self.db)
+        let Some((_, last)) = self.log.bounds() else {
+            return Ok(None);
+        };
+        let entries = self.entries(last, last + 1)?;
+        Ok(entries.last().map(|e| e.log_id))
     }
 
-    fn last_entry_in(db: &DB) -> Result<Option<LogId>, StorageError> {
-        let cf = db.cf_handle(CF_LOG).expect("column family created at open");
-        let mut it = db.raw_iterator_cf(cf);
-        it.seek_to_last();
-        match it.value() {
-            Some(v) => {
-                let entry: Entry<TypeConfig> =
-                    postcard::from_bytes(v).map_err(|e| log_err(ErrorVerb::Read, e))?;
-                Ok(Some(entry.log_id))
-            }
-            None => {
-                it.status().map_err(|e| log_err(ErrorVerb::Read, e))?;
-                Ok(None)
-            }
+    fn entries(&self, from: u64, to: u64) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        let mut out = Vec::new();
+        let mut bad = None;
+        self.log
+            .read(from, to, |_, bytes| match postcard::from_bytes(bytes) {
+                Ok(entry) => out.push(entry),
+                Err(e) => {
+                    bad.get_or_insert(e);
+                }
+            })
+            .map_err(|e| log_err(ErrorVerb::Read, e))?;
+        match bad {
+            Some(e) => Err(log_err(ErrorVerb::Read, e)),
+            None => Ok(out),
         }
     }
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).expect("column family created at open")
+}
+
+fn get_meta<T: serde::de::DeserializeOwned>(
+    db: &DB,
+    key: &[u8],
+) -> Result<Option<T>, StorageError> {
+    let raw = db
+        .get_cf(cf(db, CF_RAFT), key)
+        .map_err(|e| log_err(ErrorVerb::Read, e))?;
+    raw.map(|v| postcard::from_bytes(&v).map_err(|e| log_err(ErrorVerb::Read, e)))
+        .transpose()
+}
+
+/// Opens the log in `dir`. Entries a store made before the log had files of its own are
+/// still in RocksDB: they are written to a new log, synced, and only then removed there.
+/// A move a crash cut short leaves them in RocksDB, and starts again.
+fn open_moving_legacy(
+    db: &DB,
+    dir: &Path,
+    segment_bytes: u64,
+    purged: Option<LogId>,
+) -> Result<LogFile, StorageError> {
+    let write_err = |e: super::log_file::LogFileError| log_err(ErrorVerb::Write, e);
+    let legacy = cf(db, CF_LOG);
+    let mut it = db.raw_iterator_cf(legacy);
+    it.seek_to_first();
+    if !it.valid() {
+        it.status().map_err(|e| log_err(ErrorVerb::Read, e))?;
+        return LogFile::open(dir, segment_bytes, purged.map(|p| p.index)).map_err(write_err);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| log_err(ErrorVerb::Write, e))?;
+    }
+    let log = LogFile::open(dir, segment_bytes, purged.map(|p| p.index)).map_err(write_err)?;
+    let mut moved = 0u64;
+    let mut batch = Vec::new();
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        let index = u64::from_be_bytes(k.try_into().unwrap_or([0xff; 8]));
+        if purged.is_none_or(|p| index > p.index) {
+            batch.push((index, v.to_vec()));
+        }
+        if batch.len() >= 1024 {
+            log.append(&batch).map_err(write_err)?;
+            moved += batch.len() as u64;
+            batch.clear();
+        }
+        it.next();
+    }
+    it.status().map_err(|e| log_err(ErrorVerb::Read, e))?;
+    moved += batch.len() as u64;
+    log.append(&batch).map_err(write_err)?;
+    log.sync().map_err(write_err)?;
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    let mut clear = WriteBatch::default();
+    clear.delete_range_cf(legacy, 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
+    clear.delete_cf(legacy, u64::MAX.to_be_bytes());
+    db.write_opt(clear, &opts)
+        .map_err(|e| log_err(ErrorVerb::Write, e))?;
+    tracing::info!(entries = moved, dir = %dir.display(), "moved the raft log out of RocksDB into files of its own");
+    Ok(log)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -154,20 +218,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&s) => s + 1,
             Bound::Unbounded => 0,
         };
-        let mut out = Vec::new();
-        let iter = self.db.iterator_cf(
-            self.cf(CF_LOG),
-            IteratorMode::From(&idx(start), Direction::Forward),
-        );
-        for item in iter {
-            let (k, v) = item.map_err(|e| log_err(ErrorVerb::Read, e))?;
-            let index = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0xff; 8]));
-            if !range.contains(&index) {
-                break;
-            }
-            out.push(postcard::from_bytes(&v).map_err(|e| log_err(ErrorVerb::Read, e))?);
-        }
-        Ok(out)
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e.saturating_add(1),
+            Bound::Excluded(&e) => e,
+            Bound::Unbounded => u64::MAX,
+        };
+        self.entries(start, end)
     }
 }
 
@@ -175,7 +231,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        let last_purged: Option<LogId> = get_meta(&self.db, KEY_LAST_PURGED)?;
         let last = self.last_entry_log_id()?.or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
@@ -198,7 +254,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.get_meta(KEY_VOTE)
+        get_meta(&self.db, KEY_VOTE)
     }
 
     async fn append<I>(
@@ -210,22 +266,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let cf = self.cf(CF_LOG);
-        let mut batch = WriteBatch::default();
-        let mut last = None;
+        let mut batch = Vec::new();
         let mut appended = 0;
         for entry in entries {
             let bytes = postcard::to_stdvec(&entry).map_err(|e| log_err(ErrorVerb::Write, e))?;
             appended += bytes.len() as u64;
-            batch.put_cf(cf, idx(entry.log_id.index), bytes);
-            last = Some(entry.log_id.index);
+            batch.push((entry.log_id.index, bytes));
         }
-        let Some(last) = last else {
+        let Some(&(last, _)) = batch.last() else {
             callback.log_io_completed(Ok(()));
             return Ok(());
         };
-        self.db
-            .write(batch)
+        self.log
+            .append(&batch)
             .map_err(|e| log_err(ErrorVerb::Write, e))?;
         self.pace.appended(appended);
         let seq = self.sync.issue(Some(last));
@@ -242,26 +295,70 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Durable before returning: a later append of a different entry at this index must
         // never be preceded, after a crash, by the stale one.
-        let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.cf(CF_LOG), idx(log_id.index), idx(u64::MAX));
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db
-            .write_opt(batch, &opts)
+        self.log
+            .truncate(log_id.index)
             .map_err(|e| log_err(ErrorVerb::Delete, e))?;
-        // The synced write covers every unsynced append before it, too.
+        // The truncation's sync covers every unsynced append before it, too.
         let seq = self.sync.issue(log_id.index.checked_sub(1));
         self.sync.synced(seq);
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        let bytes = postcard::to_stdvec(&log_id).map_err(|e| log_err(ErrorVerb::Write, e))?;
-        batch.put_cf(self.cf(CF_RAFT), KEY_LAST_PURGED, bytes);
-        batch.delete_range_cf(self.cf(CF_LOG), idx(0), idx(log_id.index + 1));
-        self.db
-            .write(batch)
+        // Kept before any segment goes: the log's next open skips what it names.
+        self.put_meta_synced(KEY_LAST_PURGED, &log_id)?;
+        self.log
+            .purge(log_id.index)
             .map_err(|e| log_err(ErrorVerb::Delete, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn open(db: &Arc<DB>, dir: &Path) -> LogStore {
+        let fsync = prometheus_client::metrics::histogram::Histogram::new([1.0]);
+        LogStore::new(db.clone(), dir, 4096, fsync, Arc::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn entries_an_older_store_kept_in_rocksdb_move_to_the_files_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(dir.path(), 1).unwrap();
+        for i in 1..=5u64 {
+            let bytes = postcard::to_stdvec(&entry(i)).unwrap();
+            db.put_cf(cf(&db, CF_LOG), i.to_be_bytes(), bytes).unwrap();
+        }
+        // A move cut short by a crash: its files are dropped and it starts again.
+        let cut_short = LogFile::open(&dir.path().join(LOG_DIR), 4096, None).unwrap();
+        cut_short
+            .append(&[(1, postcard::to_stdvec(&entry(1)).unwrap())])
+            .unwrap();
+        drop(cut_short);
+
+        let mut store = open(&db, dir.path());
+        let got = store.try_get_log_entries(0..).await.unwrap();
+        assert_eq!(got, (1..=5).map(entry).collect::<Vec<_>>());
+        let mut it = db.raw_iterator_cf(cf(&db, CF_LOG));
+        it.seek_to_first();
+        assert!(!it.valid(), "nothing is left in RocksDB");
+        drop((store, it));
+
+        let mut store = open(&db, dir.path());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(5));
+        assert_eq!(
+            store.try_get_log_entries(2..=3).await.unwrap(),
+            vec![entry(2), entry(3)]
+        );
     }
 }
