@@ -27,7 +27,8 @@ use baton_testkit::netns::Net;
 /// What a trial needs of a system: a write, and each member's view of the leader.
 trait System: Send + Sync {
     /// One put through a client of every member, bounded by `REQUEST_TIMEOUT`.
-    fn put(&self, key: String) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+    /// Whether the write was acknowledged; if not, why.
+    fn put(&self, key: String) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
     /// The leader as member `host` sees it (a host index), if it answers.
     fn leader_seen_by(
         &self,
@@ -36,6 +37,8 @@ trait System: Send + Sync {
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+/// A trial slower than this prints its writers' calls.
+const SLOW: Duration = Duration::from_millis(2500);
 const WRITERS: usize = 4;
 
 struct Baton {
@@ -46,8 +49,20 @@ struct Baton {
 }
 
 impl System for Baton {
-    fn put(&self, key: String) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
-        Box::pin(async move { self.client.put(key, "v").await.is_ok() })
+    fn put(&self, key: String) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            self.client
+                .put(key, "v")
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    let chain = std::iter::successors(
+                        Some(&e as &dyn std::error::Error),
+                        |e| e.source(),
+                    );
+                    chain.map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
+                })
+        })
     }
 
     fn leader_seen_by(
@@ -73,13 +88,14 @@ struct Etcd {
 }
 
 impl System for Etcd {
-    fn put(&self, key: String) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+    fn put(&self, key: String) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
             let mut c = self.client.clone();
-            matches!(
-                tokio::time::timeout(REQUEST_TIMEOUT, c.put(key, "v", None)).await,
-                Ok(Ok(_))
-            )
+            match tokio::time::timeout(REQUEST_TIMEOUT, c.put(key, "v", None)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {REQUEST_TIMEOUT:?}")),
+            }
         })
     }
 
@@ -127,17 +143,34 @@ async fn trial(sys: Arc<dyn System>, net: &Net, hosts: usize, n: usize) -> Resul
     let cut_at: Arc<Mutex<Option<Instant>>> = Arc::default();
     let first_ack: Arc<Mutex<Option<Instant>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Every call that ended after the cut, to explain a slow trial.
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut writers = Vec::new();
     for w in 0..WRITERS {
-        let (sys, cut_at, first_ack, stop) =
-            (sys.clone(), cut_at.clone(), first_ack.clone(), stop.clone());
+        let (sys, cut_at, first_ack, stop, calls) = (
+            sys.clone(),
+            cut_at.clone(),
+            first_ack.clone(),
+            stop.clone(),
+            calls.clone(),
+        );
         writers.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 i += 1;
                 let called = Instant::now();
-                let ok = sys.put(format!("failover/{n}/{w}/{i}")).await;
+                let result = sys.put(format!("failover/{n}/{w}/{i}")).await;
+                let ok = result.is_ok();
                 let cut = *cut_at.lock().unwrap();
+                if let Some(cut) = cut {
+                    let at = |t: Instant| t.saturating_duration_since(cut).as_millis();
+                    calls.lock().unwrap().push(format!(
+                        "  writer {w}: called at {} ms, answered at {} ms: {}",
+                        at(called),
+                        at(Instant::now()),
+                        result.err().as_deref().unwrap_or("ok")
+                    ));
+                }
                 if let (true, Some(cut)) = (ok, cut) {
                     if called >= cut {
                         let mut first = first_ack.lock().unwrap();
@@ -172,6 +205,12 @@ async fn trial(sys: Arc<dyn System>, net: &Net, hosts: usize, n: usize) -> Resul
         .unwrap()
         .context("no write after the cut")?
         - cut;
+    if failover > SLOW {
+        eprintln!("trial {n} took {} ms; the writers' calls:", ms(failover));
+        for line in calls.lock().unwrap().iter() {
+            eprintln!("{line}");
+        }
+    }
     // The old leader follows again before the next trial.
     wait_until("the old leader to follow again", || {
         let sys = sys.clone();
