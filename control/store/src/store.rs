@@ -234,9 +234,11 @@ impl Store {
             let http = crate::tls::Http::new(cfg.tls.as_ref(), |b| {
                 b.pool_idle_timeout(Duration::from_secs(30))
             })?;
+            let outlogged = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let network = NetworkFactory {
                 http: http.clone(),
                 log_sync: log_sync.clone(),
+                outlogged: outlogged.clone(),
             };
             let acceptor = match &cfg.tls {
                 Some(tls) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
@@ -282,6 +284,7 @@ impl Store {
                 tokio::spawn(break_split_votes(
                     inner.raft.clone(),
                     inner.cfg.election_timeout.0,
+                    outlogged,
                     inner.raft.server_metrics(),
                 )),
             ];
@@ -1378,17 +1381,24 @@ async fn count_leader_changes(
 
 /// Starts this candidate's next election after a timeout drawn afresh for each round.
 ///
-/// openraft 0.9 draws a member's election timeout once, when the member starts. Two
-/// members whose draws are close both stand when their leader is lost, split the vote,
-/// and stand together again round after round, each waiting its same timeout: the
-/// failover benchmark saw writes stop for 3 to 4.7 s that way, against 1.4 s otherwise.
-/// Raft draws a new timeout for each election. Here, a candidate whose election has not
-/// ended within a draw from the lower half of the minimum timeout (so always before
-/// openraft's own timer) starts the next one, so two candidates that collided once
-/// rarely collide again.
+/// openraft 0.9 draws a member's election timeout once, when the member starts, and
+/// looks at it on a tick every 1.5 heartbeats. A candidate whose election failed so
+/// stands again a whole number of ticks later, the same number every round. Two members
+/// whose ticks fall close together both stand when their leader is lost, split the vote,
+/// and split it again round after round: the failover benchmark saw writes stop for 3 to
+/// 4.7 s that way, against 1.4 s otherwise. Raft draws a new timeout for each election.
+/// Here a candidate whose election has not ended within a draw from the lower half of
+/// the minimum timeout (so before openraft's own timer) stands again at once, so two
+/// candidates that collided once rarely collide again.
+///
+/// Except when a member refused the vote for having a longer log (`outlogged` holds
+/// that round's term): then openraft's own timer, which waits longer after such a
+/// refusal, is left to decide, so that this member does not keep raising the term
+/// faster than the member able to win can stand.
 async fn break_split_votes(
     raft: Raft,
     min_timeout: Duration,
+    outlogged: Arc<std::sync::atomic::AtomicU64>,
     mut metrics: tokio::sync::watch::Receiver<
         openraft::metrics::RaftServerMetrics<NodeId, BasicNode>,
     >,
@@ -1417,11 +1427,13 @@ async fn break_split_votes(
         };
         tokio::select! {
             () = tokio::time::sleep_until(at) => {
-                tracing::debug!(term = t, "election not decided in time; standing again");
-                if raft.trigger().elect().await.is_err() {
-                    return;
+                if outlogged.load(std::sync::atomic::Ordering::Relaxed) < t {
+                    tracing::debug!(term = t, "election not decided in time; standing again");
+                    if raft.trigger().elect().await.is_err() {
+                        return;
+                    }
                 }
-                // Until the next term shows, nothing more is due for this one.
+                // Nothing more is due in this term.
                 armed = Some((t, at + Duration::from_secs(3600)));
             }
             changed = metrics.changed() => {

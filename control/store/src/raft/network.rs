@@ -5,6 +5,8 @@
 //! hammering a dead member; anything else is a `Network` error and is retried.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
@@ -29,6 +31,9 @@ pub(crate) struct NetworkFactory {
     pub(crate) http: crate::tls::Http,
     /// The local log's sync: a commit index leaves only once the log is synced that far.
     pub(crate) log_sync: LogSync,
+    /// The latest term in which a member refused this one's vote request for having a
+    /// longer log (see `store::break_split_votes`).
+    pub(crate) outlogged: Arc<AtomicU64>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -44,6 +49,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             snapshot: route("/raft/snapshot"),
             http: self.http.clone(),
             log_sync: self.log_sync.clone(),
+            outlogged: self.outlogged.clone(),
         }
     }
 }
@@ -57,6 +63,7 @@ pub(crate) struct Network {
     snapshot: Route,
     http: crate::tls::Http,
     log_sync: LogSync,
+    outlogged: Arc<AtomicU64>,
 }
 
 /// A peer's RPC address, parsed once: parsing the URL of every message (its host through
@@ -195,6 +202,12 @@ impl RaftNetwork<TypeConfig> for Network {
             .call(&self.vote, &rpc, option.hard_ttl())
             .await
             .map_err(|e| self.rpc_error(e))?;
+        if let Ok(resp) = &res {
+            if !resp.vote_granted && resp.last_log_id > rpc.last_log_id {
+                self.outlogged
+                    .fetch_max(rpc.vote.leader_id().term, Ordering::Relaxed);
+            }
+        }
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
