@@ -281,11 +281,13 @@ impl Store {
                     inner.raft.server_metrics(),
                     inner.leader_changes.clone(),
                 )),
-                tokio::spawn(break_split_votes(
+                tokio::spawn(crate::raft::elections::pace_elections(
                     inner.raft.clone(),
-                    inner.cfg.election_timeout.0,
+                    inner.cfg.id,
+                    inner.cfg.election_timeout,
                     outlogged,
                     inner.raft.server_metrics(),
+                    inner.leader_contact.subscribe(),
                 )),
             ];
             tasks.push(tokio::spawn(crate::raft::pace::pace_snapshots(
@@ -1375,72 +1377,6 @@ async fn count_leader_changes(
         leader = now;
         if metrics.changed().await.is_err() {
             return;
-        }
-    }
-}
-
-/// Starts this candidate's next election after a timeout drawn afresh for each round.
-///
-/// openraft 0.9 draws a member's election timeout once, when the member starts, and
-/// looks at it on a tick every 1.5 heartbeats. A candidate whose election failed so
-/// stands again a whole number of ticks later, the same number every round. Two members
-/// whose ticks fall close together both stand when their leader is lost, split the vote,
-/// and split it again round after round: the failover benchmark saw writes stop for 3 to
-/// 4.7 s that way, against 1.4 s otherwise. Raft draws a new timeout for each election.
-/// Here a candidate whose election has not ended within a draw from the lower half of
-/// the minimum timeout (so before openraft's own timer) stands again at once, so two
-/// candidates that collided once rarely collide again.
-///
-/// Except when a member refused the vote for having a longer log (`outlogged` holds
-/// that round's term): then openraft's own timer, which waits longer after such a
-/// refusal, is left to decide, so that this member does not keep raising the term
-/// faster than the member able to win can stand.
-async fn break_split_votes(
-    raft: Raft,
-    min_timeout: Duration,
-    outlogged: Arc<std::sync::atomic::AtomicU64>,
-    mut metrics: tokio::sync::watch::Receiver<
-        openraft::metrics::RaftServerMetrics<NodeId, BasicNode>,
-    >,
-) {
-    use rand::Rng;
-    let mut armed: Option<(u64, tokio::time::Instant)> = None;
-    loop {
-        let (candidate, term) = {
-            let m = metrics.borrow_and_update();
-            (m.state == ServerState::Candidate, m.vote.leader_id().term)
-        };
-        armed = match armed {
-            Some((t, at)) if candidate && t == term => Some((t, at)),
-            _ if candidate => {
-                let half = min_timeout / 2;
-                let wait = half + half.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
-                Some((term, tokio::time::Instant::now() + wait))
-            }
-            _ => None,
-        };
-        let Some((t, at)) = armed else {
-            if metrics.changed().await.is_err() {
-                return;
-            }
-            continue;
-        };
-        tokio::select! {
-            () = tokio::time::sleep_until(at) => {
-                if outlogged.load(std::sync::atomic::Ordering::Relaxed) < t {
-                    tracing::debug!(term = t, "election not decided in time; standing again");
-                    if raft.trigger().elect().await.is_err() {
-                        return;
-                    }
-                }
-                // Nothing more is due in this term.
-                armed = Some((t, at + Duration::from_secs(3600)));
-            }
-            changed = metrics.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
         }
     }
 }

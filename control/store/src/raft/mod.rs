@@ -5,6 +5,7 @@
 #![allow(clippy::result_large_err)]
 
 pub(crate) mod durable;
+pub(crate) mod elections;
 pub(crate) mod log_file;
 pub(crate) mod log_store;
 pub(crate) mod network;

@@ -32,7 +32,7 @@ pub(crate) struct NetworkFactory {
     /// The local log's sync: a commit index leaves only once the log is synced that far.
     pub(crate) log_sync: LogSync,
     /// The latest term in which a member refused this one's vote request for having a
-    /// longer log (see `store::break_split_votes`).
+    /// longer log (see [`super::elections`]).
     pub(crate) outlogged: Arc<AtomicU64>,
 }
 
