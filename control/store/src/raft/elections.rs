@@ -136,3 +136,54 @@ pub(crate) async fn pace_elections(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{Membership, StoredMembership, Vote};
+    use std::collections::BTreeSet;
+
+    fn metrics(
+        state: ServerState,
+        vote: Vote<NodeId>,
+        leader: Option<NodeId>,
+    ) -> RaftServerMetrics<NodeId, BasicNode> {
+        // Members 1 and 2 vote; 3 is a learner.
+        let nodes: std::collections::BTreeMap<NodeId, BasicNode> = (1..=3)
+            .map(|i| (i, BasicNode::new(format!("m{i}"))))
+            .collect();
+        let membership = Membership::new(vec![BTreeSet::from([1, 2])], nodes);
+        RaftServerMetrics {
+            id: 1,
+            vote,
+            state,
+            current_leader: leader,
+            membership_config: Arc::new(StoredMembership::new(None, membership)),
+        }
+    }
+
+    #[test]
+    fn what_a_member_waits_for() {
+        let committed = Vote::new_committed(4, 2);
+        let follower = metrics(ServerState::Follower, committed, Some(2));
+        assert_eq!(round(&follower, 1), Some(Round::Following { term: 4 }));
+        // A learner never stands, and a leader has nothing to wait for.
+        assert_eq!(round(&follower, 3), None);
+        let leader = metrics(ServerState::Leader, Vote::new_committed(4, 1), Some(1));
+        assert_eq!(round(&leader, 1), None);
+        // A candidate, and a follower that took another candidate's vote, know no leader.
+        let candidate = metrics(ServerState::Candidate, Vote::new(5, 1), None);
+        assert_eq!(round(&candidate, 1), Some(Round::Leaderless { term: 5 }));
+        let took = metrics(ServerState::Follower, Vote::new(5, 2), None);
+        assert_eq!(round(&took, 1), Some(Round::Leaderless { term: 5 }));
+    }
+
+    #[test]
+    fn draws_stay_in_their_bounds_and_differ() {
+        let (from, to) = (Duration::from_millis(250), Duration::from_millis(500));
+        let draws: Vec<Duration> = (0..100).map(|_| draw(from, to)).collect();
+        assert!(draws.iter().all(|d| (from..to).contains(d)));
+        let distinct: BTreeSet<_> = draws.iter().collect();
+        assert!(distinct.len() > 50, "each round draws afresh");
+    }
+}
