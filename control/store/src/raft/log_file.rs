@@ -45,6 +45,9 @@ const HEADER: usize = 16;
 const SUFFIX: &str = ".seg";
 /// Zeroes are written in pieces of this size.
 const ZERO_CHUNK: usize = 1 << 20;
+const ENOSPC: i32 = rustix::io::Errno::NOSPC.raw_os_error();
+/// The smallest segment made when the disk is short of room.
+const MIN_SEGMENT: u64 = 1 << 20;
 /// An offset in a segment is kept in 32 bits.
 const MAX_SEGMENT: u64 = u32::MAX as u64;
 
@@ -178,6 +181,23 @@ fn allocate(file: &File, size: u64) -> io::Result<()> {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::OPNOTSUPP) => file.set_len(size),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Allocates `want` bytes of `file`, or less on a disk short of room, halving down to a
+/// mebibyte but never below `need`; returns what it allocated. A small disk (an edge
+/// machine's, or a test's) then still holds the log, in smaller segments.
+fn allocate_what_fits(file: &File, want: u64, need: u64) -> io::Result<u64> {
+    let floor = need.max(MIN_SEGMENT);
+    let mut size = want;
+    loop {
+        match allocate(file, size) {
+            Ok(()) => return Ok(size),
+            Err(e) if e.raw_os_error() == Some(ENOSPC) && size / 2 >= floor => {
+                size /= 2;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -418,16 +438,22 @@ impl LogFile {
             None => 1,
         };
         let path = self.path(seq);
-        let size = self.segment_bytes.max(need);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)
             .map_err(self.io(path.clone()))?;
-        allocate(&file, size)
-            .and_then(|()| file.sync_all())
-            .map_err(self.io(path.clone()))?;
+        let size = match allocate_what_fits(&file, self.segment_bytes.max(need), need)
+            .and_then(|size| file.sync_all().map(|()| size))
+        {
+            Ok(size) => size,
+            Err(e) => {
+                // Not left behind: the next roll makes the same name.
+                let _ = fs::remove_file(&path);
+                return Err(self.io(path)(e));
+            }
+        };
         sync_dir(&self.dir).map_err(self.io(self.dir.clone()))?;
         st.segments.insert(
             seq,
@@ -642,6 +668,37 @@ mod tests {
         drop(log);
         let log = LogFile::open(&path, SEG, None).unwrap();
         assert_eq!(all(&log).last().unwrap(), &entry(21, 1000));
+    }
+
+    #[test]
+    fn a_disk_short_of_room_gets_smaller_segments() {
+        let mnt = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(mnt.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: mounting a tmpfs is not permitted here");
+            return;
+        }
+        let log = LogFile::open(&mnt.path().join("log"), 64 << 20, None);
+        let appended = log.and_then(|log| {
+            log.append(&entries(1..=3, 100))?;
+            log.sync()?;
+            Ok(log.bounds())
+        });
+        let sizes: Vec<u64> = fs::read_dir(mnt.path().join("log"))
+            .map(|d| d.map(|e| e.unwrap().metadata().unwrap().len()).collect())
+            .unwrap_or_default();
+        let _ = std::process::Command::new("umount")
+            .arg(mnt.path())
+            .status();
+        assert_eq!(appended.unwrap(), Some((1, 3)));
+        assert!(
+            sizes.len() == 1 && (MIN_SEGMENT..=8 << 20).contains(&sizes[0]),
+            "{sizes:?}"
+        );
     }
 
     #[test]
