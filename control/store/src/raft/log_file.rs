@@ -13,7 +13,8 @@
 //! # Layout
 //! `raft-log/` in the data dir holds segments named by a sequence number
 //! (`0000000001.seg`). Each is allocated to its full size when made (64 MiB by default,
-//! more for an entry that would not fit), so what lies past its records reads as zeros.
+//! more for an entry that would not fit, less on a disk short of room), so what lies past
+//! its records reads as zeros.
 //! A record is `length: u32 | crc32: u32 | index: u64 | entry`, little-endian, with the
 //! checksum over the index and the entry. A header of zeros ends a segment's records.
 //!
