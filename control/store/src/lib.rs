@@ -9,7 +9,8 @@
 //! `resourceVersion` is exactly the store revision, and optimistic concurrency (a stale
 //! update gets 409) is a compare-and-swap on a key's `mod_revision`.
 //!
-//! It is **replicated by Raft** ([openraft] 0.9.25) over **RocksDB**. A write is
+//! It is **replicated by Raft** ([openraft] 0.9.25): the Raft log in files of its own, the
+//! state in **RocksDB**. A write is
 //! acknowledged only after a quorum has committed it and synced it to disk. Reads are
 //! linearizable by default (a read index confirmed by a quorum); a serializable read of the
 //! local member is an explicit option.
@@ -17,7 +18,8 @@
 //! ## Pieces
 //! - [`types`]: keys, revisions, transactions, events: the data model, no I/O.
 //! - `mvcc`: the revision-indexed state machine in RocksDB.
-//! - `raft`: openraft's log storage, state machine and HTTP network.
+//! - `raft`: openraft's log storage (`raft::log_file`), state machine, HTTP network, and
+//!   the clock by which a member stands for election (`raft::elections`).
 //! - `watch`: the watch fan-out with its ordering guarantees.
 //! - [`Store`]: one member, and the API (`txn`, `get`, `range`, `watch`, `compact`,
 //!   membership). [`Store::router`] serves its Raft RPC and client API over HTTP.
