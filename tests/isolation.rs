@@ -827,26 +827,10 @@ fn a_damaged_write_ahead_log_is_refused_not_truncated() {
 #[test]
 fn a_full_disk_refuses_writes_and_the_store_resumes_when_space_returns() {
     let _serial = serial();
-    let mnt = tempfile::tempdir().unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"])
-        .arg(mnt.path())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
+    let Some(mnt) = baton_testkit::tmpfs::Tmpfs::mount("96m") else {
         eprintln!("skipped: mounting a tmpfs is not permitted here");
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .args(["-l"])
-                .arg(self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(mnt.path());
+    };
     let dir = tempfile::tempdir_in(mnt.path()).unwrap();
     let b = Baton::start_in(dir, &["--no-node", "--no-controllers"]);
     b.ok(&["create", "configmap", "before", "--from-literal=k=v"]);

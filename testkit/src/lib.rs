@@ -3,7 +3,8 @@
 //! [`fake_api::FakeApi`] is an in-memory API server behind a [`kube::Client`], for unit
 //! tests of controllers and of the node agent. [`process`] starts servers under test
 //! without guessing free ports; [`etcd`] and [`redis`] start Debian's servers of those
-//! names for a test; [`netns`] makes hosts of network namespaces, whose links a test cuts.
+//! names for a test; [`netns`] makes hosts of network namespaces, whose links a test cuts;
+//! [`tmpfs`] mounts a small disk for a test to fill.
 //!
 //! Tests and benchmarks never sleep for a fixed time to let something happen: they poll a
 //! condition until it holds, and fail with what they were waiting for once a deadline
@@ -16,6 +17,7 @@ pub mod fake_api;
 pub mod netns;
 pub mod process;
 pub mod redis;
+pub mod tmpfs;
 
 /// The directory of the crate whose test or bench is running. Cargo says it at run time;
 /// `compiled` (the caller's `env!("CARGO_MANIFEST_DIR")`) is only the fallback, since it

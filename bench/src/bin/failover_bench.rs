@@ -51,11 +51,11 @@ struct Baton {
 impl System for Baton {
     fn put(&self, key: String) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
-            self.client.put(key, "v").await.map(drop).map_err(|e| {
-                let chain =
-                    std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source());
-                chain.map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
-            })
+            self.client
+                .put(key, "v")
+                .await
+                .map(drop)
+                .map_err(|e| baton_error_chain::chain(&e))
         })
     }
 

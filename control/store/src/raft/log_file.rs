@@ -117,6 +117,14 @@ impl State {
         self.last_index().or(self.purged).map(|i| i + 1)
     }
 
+    /// Records where entry `index`, the one after the last, is.
+    fn push(&mut self, index: u64, loc: Loc) {
+        if self.locs.is_empty() {
+            self.first = index;
+        }
+        self.locs.push_back(loc);
+    }
+
     fn last_segment(&self) -> Option<(u32, &Segment)> {
         self.segments.last_key_value().map(|(&s, seg)| (s, seg))
     }
@@ -202,6 +210,12 @@ fn allocate_what_fits(file: &File, want: u64, need: u64) -> io::Result<u64> {
     }
 }
 
+/// An I/O error's mapping, naming the file or folder it happened on.
+fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> LogFileError {
+    let path = path.into();
+    move |source| LogFileError::Io { path, source }
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -231,19 +245,15 @@ impl LogFile {
         segment_bytes: u64,
         purged: Option<u64>,
     ) -> Result<Self, LogFileError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| LogFileError::Io { path, source }
-        };
         if !dir.exists() {
-            fs::create_dir_all(dir).map_err(io(dir))?;
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
             if let Some(parent) = dir.parent() {
-                sync_dir(parent).map_err(io(parent))?;
+                sync_dir(parent).map_err(io_err(parent))?;
             }
         }
         let mut seqs = Vec::new();
-        for e in fs::read_dir(dir).map_err(io(dir))? {
-            let name = e.map_err(io(dir))?.file_name();
+        for e in fs::read_dir(dir).map_err(io_err(dir))? {
+            let name = e.map_err(io_err(dir))?.file_name();
             let name = name.to_string_lossy();
             if let Some(seq) = name
                 .strip_suffix(SUFFIX)
@@ -267,10 +277,10 @@ impl LogFile {
                 .read(true)
                 .write(true)
                 .open(&path)
-                .map_err(io(&path))?;
-            let size = file.metadata().map_err(io(&path))?.len();
+                .map_err(io_err(&path))?;
+            let size = file.metadata().map_err(io_err(&path))?.len();
             let mut bytes = vec![0u8; size as usize];
-            file.read_exact_at(&mut bytes, 0).map_err(io(&path))?;
+            file.read_exact_at(&mut bytes, 0).map_err(io_err(&path))?;
             let damaged = |offset: usize, why: String| LogFileError::Damaged {
                 path: path.clone(),
                 offset: offset as u64,
@@ -302,25 +312,25 @@ impl LogFile {
                         }
                         _ => {}
                     }
-                    if state.locs.is_empty() {
-                        state.first = index;
-                    }
-                    state.locs.push_back(Loc {
-                        seg: seq,
-                        off: off as u32,
-                        len,
-                    });
+                    state.push(
+                        index,
+                        Loc {
+                            seg: seq,
+                            off: off as u32,
+                            len,
+                        },
+                    );
                 }
                 off += HEADER + len as usize;
             }
             if Some(seq) == last_seq {
                 // A shorter record written here later must not be followed by a stale
                 // one: whatever lies past the end goes.
-                zero(&file, off as u64, size, Some(&bytes)).map_err(io(&path))?;
+                zero(&file, off as u64, size, Some(&bytes)).map_err(io_err(&path))?;
                 state.end = off as u64;
             }
             // What an earlier process wrote may not have reached the disk.
-            file.sync_data().map_err(io(&path))?;
+            file.sync_data().map_err(io_err(&path))?;
             state.segments.insert(
                 seq,
                 Segment {
@@ -348,10 +358,6 @@ impl LogFile {
 
     fn path(&self, seq: u32) -> PathBuf {
         self.dir.join(segment_name(seq))
-    }
-
-    fn io(&self, path: PathBuf) -> impl FnOnce(io::Error) -> LogFileError {
-        move |source| LogFileError::Io { path, source }
     }
 
     /// The first and last index held, if any.
@@ -416,13 +422,10 @@ impl LogFile {
         let (seq, seg) = st.last_segment().expect("records are placed in a segment");
         seg.file
             .write_all_at(buf, st.end)
-            .map_err(self.io(self.path(seq)))?;
+            .map_err(io_err(self.path(seq)))?;
         st.end += buf.len() as u64;
         for (index, loc) in placed.drain(..) {
-            if st.locs.is_empty() {
-                st.first = index;
-            }
-            st.locs.push_back(loc);
+            st.push(index, loc);
         }
         buf.clear();
         Ok(())
@@ -433,7 +436,7 @@ impl LogFile {
     fn roll(&self, st: &mut State, need: u64) -> Result<(), LogFileError> {
         let seq = match st.last_segment() {
             Some((seq, seg)) => {
-                seg.file.sync_data().map_err(self.io(self.path(seq)))?;
+                seg.file.sync_data().map_err(io_err(self.path(seq)))?;
                 seq + 1
             }
             None => 1,
@@ -444,7 +447,7 @@ impl LogFile {
             .write(true)
             .create_new(true)
             .open(&path)
-            .map_err(self.io(path.clone()))?;
+            .map_err(io_err(&path))?;
         let size = match allocate_what_fits(&file, self.segment_bytes.max(need), need)
             .and_then(|size| file.sync_all().map(|()| size))
         {
@@ -452,10 +455,10 @@ impl LogFile {
             Err(e) => {
                 // Not left behind: the next roll makes the same name.
                 let _ = fs::remove_file(&path);
-                return Err(self.io(path)(e));
+                return Err(io_err(path)(e));
             }
         };
-        sync_dir(&self.dir).map_err(self.io(self.dir.clone()))?;
+        sync_dir(&self.dir).map_err(io_err(&self.dir))?;
         st.segments.insert(
             seq,
             Segment {
@@ -474,7 +477,7 @@ impl LogFile {
             .last_segment()
             .map(|(seq, s)| (seq, s.file.clone()));
         match last {
-            Some((seq, file)) => file.sync_data().map_err(self.io(self.path(seq))),
+            Some((seq, file)) => file.sync_data().map_err(io_err(self.path(seq))),
             None => Ok(()),
         }
     }
@@ -508,7 +511,7 @@ impl LogFile {
             st.segments[&start.seg]
                 .file
                 .read_exact_at(&mut buf, start.off.into())
-                .map_err(self.io(path()))?;
+                .map_err(io_err(path()))?;
             let mut at = 0;
             for index in i..j {
                 let damaged = |why: String| LogFileError::Damaged {
@@ -558,13 +561,13 @@ impl LogFile {
         let later: Vec<u32> = st.segments.range(cut.seg + 1..).map(|(&s, _)| s).collect();
         for seq in &later {
             st.segments.remove(seq);
-            fs::remove_file(self.path(*seq)).map_err(self.io(self.path(*seq)))?;
+            fs::remove_file(self.path(*seq)).map_err(io_err(self.path(*seq)))?;
         }
         if !later.is_empty() {
-            sync_dir(&self.dir).map_err(self.io(self.dir.clone()))?;
+            sync_dir(&self.dir).map_err(io_err(&self.dir))?;
         }
         let file = st.segments[&cut.seg].file.clone();
-        let io = self.io(self.path(cut.seg));
+        let io = io_err(self.path(cut.seg));
         // Once the cut's header is zeros the log ends there at open, however far the
         // zeroing of the rest got; open zeroes what it did not reach.
         file.write_all_at(&[0; HEADER], cut.off.into())
@@ -608,7 +611,7 @@ impl LogFile {
         for seq in gone {
             st.segments.remove(&seq);
             // A removal a crash undoes is skipped again at the next open.
-            fs::remove_file(self.path(seq)).map_err(self.io(self.path(seq)))?;
+            fs::remove_file(self.path(seq)).map_err(io_err(self.path(seq)))?;
         }
         Ok(())
     }
@@ -673,29 +676,19 @@ mod tests {
 
     #[test]
     fn a_disk_short_of_room_gets_smaller_segments() {
-        let mnt = tempfile::tempdir().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-            .arg(mnt.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
+        let Some(mnt) = baton_testkit::tmpfs::Tmpfs::mount("8m") else {
             eprintln!("skipped: mounting a tmpfs is not permitted here");
             return;
-        }
-        let log = LogFile::open(&mnt.path().join("log"), 64 << 20, None);
-        let appended = log.and_then(|log| {
-            log.append(&entries(1..=3, 100))?;
-            log.sync()?;
-            Ok(log.bounds())
-        });
-        let sizes: Vec<u64> = fs::read_dir(mnt.path().join("log"))
-            .map(|d| d.map(|e| e.unwrap().metadata().unwrap().len()).collect())
-            .unwrap_or_default();
-        let _ = std::process::Command::new("umount")
-            .arg(mnt.path())
-            .status();
-        assert_eq!(appended.unwrap(), Some((1, 3)));
+        };
+        let dir = mnt.path().join("log");
+        let log = LogFile::open(&dir, 64 << 20, None).unwrap();
+        log.append(&entries(1..=3, 100)).unwrap();
+        log.sync().unwrap();
+        assert_eq!(log.bounds(), Some((1, 3)));
+        let sizes: Vec<u64> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .collect();
         assert!(
             sizes.len() == 1 && (MIN_SEGMENT..=8 << 20).contains(&sizes[0]),
             "{sizes:?}"

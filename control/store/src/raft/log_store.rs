@@ -90,8 +90,9 @@ impl LogStore {
                     match crate::latency::timed(&fsync, || log.sync()) {
                         Ok(()) => sync.synced(upto),
                         Err(e) => {
-                            tracing::error!(error = %baton_error_chain::chain(&e), "syncing the raft log failed");
-                            sync.failed(baton_error_chain::chain(&e).to_string());
+                            let why = baton_error_chain::chain(&e);
+                            tracing::error!(error = %why, "syncing the raft log failed");
+                            sync.failed(why);
                         }
                     }
                 }
@@ -107,13 +108,9 @@ impl LogStore {
 
     fn put_meta_synced<T: serde::Serialize>(&self, key: &[u8], v: &T) -> Result<(), StorageError> {
         let bytes = postcard::to_stdvec(v).map_err(|e| log_err(ErrorVerb::Write, e))?;
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
         let mut batch = WriteBatch::default();
         batch.put_cf(cf(&self.db, CF_RAFT), key, bytes);
-        self.db
-            .write_opt(batch, &opts)
-            .map_err(|e| log_err(ErrorVerb::Write, e))
+        write_synced(&self.db, batch)
     }
 
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
@@ -146,6 +143,14 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     db.cf_handle(name).expect("column family created at open")
 }
 
+/// Writes `batch` and syncs RocksDB's log before returning.
+fn write_synced(db: &DB, batch: WriteBatch) -> Result<(), StorageError> {
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(batch, &opts)
+        .map_err(|e| log_err(ErrorVerb::Write, e))
+}
+
 fn get_meta<T: serde::de::DeserializeOwned>(
     db: &DB,
     key: &[u8],
@@ -170,14 +175,15 @@ fn open_moving_legacy(
     let legacy = cf(db, CF_LOG);
     let mut it = db.raw_iterator_cf(legacy);
     it.seek_to_first();
-    if !it.valid() {
-        it.status().map_err(|e| log_err(ErrorVerb::Read, e))?;
-        return LogFile::open(dir, segment_bytes, purged.map(|p| p.index)).map_err(write_err);
-    }
-    if dir.exists() {
+    it.status().map_err(|e| log_err(ErrorVerb::Read, e))?;
+    let moving = it.valid();
+    if moving && dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| log_err(ErrorVerb::Write, e))?;
     }
     let log = LogFile::open(dir, segment_bytes, purged.map(|p| p.index)).map_err(write_err)?;
+    if !moving {
+        return Ok(log);
+    }
     let mut moved = 0u64;
     let mut batch = Vec::new();
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -196,13 +202,10 @@ fn open_moving_legacy(
     moved += batch.len() as u64;
     log.append(&batch).map_err(write_err)?;
     log.sync().map_err(write_err)?;
-    let mut opts = WriteOptions::default();
-    opts.set_sync(true);
     let mut clear = WriteBatch::default();
     clear.delete_range_cf(legacy, 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
     clear.delete_cf(legacy, u64::MAX.to_be_bytes());
-    db.write_opt(clear, &opts)
-        .map_err(|e| log_err(ErrorVerb::Write, e))?;
+    write_synced(db, clear)?;
     tracing::info!(entries = moved, dir = %dir.display(), "moved the raft log out of RocksDB into files of its own");
     Ok(log)
 }
