@@ -33,11 +33,12 @@ impl Loops {
         }
     }
 
-    /// Runs the scheduler and the controllers, each with its own credentials.
+    /// Runs the scheduler and the controllers, each with its own credentials, as clients of
+    /// the API server `local` in this process ([`in_process_client`]).
     pub async fn start_control_plane(
         &mut self,
         pki: &Pki,
-        server: &str,
+        local: &LocalApi,
         mut config: baton_controllers::Config,
     ) -> Result<()> {
         config.root_ca.get_or_insert_with(|| pki.ca_pem.clone());
@@ -47,8 +48,8 @@ impl Loops {
                 ca_pem: pki.ca_pem.clone(),
                 ca_key_pem: pki.ca_key_pem().to_string(),
             });
-        let client = client_for(pki, server, "system:kube-controller-manager").await?;
-        let scheduler = client_for(pki, server, "system:kube-scheduler").await?;
+        let client = in_process_client(pki, local, "system:kube-controller-manager").await?;
+        let scheduler = in_process_client(pki, local, "system:kube-scheduler").await?;
         self.tasks.push(tokio::spawn(baton_scheduler::run(
             scheduler,
             self.stopped(),
@@ -62,11 +63,12 @@ impl Loops {
     }
 
     /// Runs the scheduler and the controllers on whichever member of a replicated control
-    /// plane holds the `kube-system/baton-control-plane` Lease.
+    /// plane holds the `kube-system/baton-control-plane` Lease, as clients of this
+    /// member's API server `local`.
     pub async fn start_elected_control_plane(
         &mut self,
         pki: &Pki,
-        server: &str,
+        local: &LocalApi,
         identity: String,
         mut config: baton_controllers::Config,
     ) -> Result<()> {
@@ -77,8 +79,8 @@ impl Loops {
                 ca_pem: pki.ca_pem.clone(),
                 ca_key_pem: pki.ca_key_pem().to_string(),
             });
-        let client = client_for(pki, server, "system:kube-controller-manager").await?;
-        let scheduler = client_for(pki, server, "system:kube-scheduler").await?;
+        let client = in_process_client(pki, local, "system:kube-controller-manager").await?;
+        let scheduler = in_process_client(pki, local, "system:kube-scheduler").await?;
         let election =
             baton_kube::leader::Election::new("kube-system", "baton-control-plane", &identity);
         let stopped = self.stopped();
@@ -128,6 +130,28 @@ pub async fn client_for(pki: &Pki, server: &str, user: &str) -> Result<kube::Cli
         .with_context(|| format!("the cluster has no token for {user}"))?;
     let kubeconfig = pki.kubeconfig(server, user, &token);
     baton_kube::client::from_yaml(&kubeconfig)
+        .await
+        .with_context(|| format!("failed to build a client for {user}"))
+}
+
+/// An API server in this process: its address, for the kubeconfig, and its routes.
+#[derive(Clone, Debug)]
+pub struct LocalApi {
+    pub server: String,
+    pub routes: axum::Router,
+}
+
+/// A kube client for one of the cluster's users that hands its requests to the API server
+/// in this process rather than connecting to it ([`baton_kube::client::in_process`]).
+/// The control loops run where an API server runs, and are its busiest clients; their
+/// requests still carry the user's token, and meet authentication, authorisation and
+/// priority and fairness as a remote client's do.
+pub async fn in_process_client(pki: &Pki, local: &LocalApi, user: &str) -> Result<kube::Client> {
+    let token = pki
+        .token_of(user)
+        .with_context(|| format!("the cluster has no token for {user}"))?;
+    let kubeconfig = pki.kubeconfig(&local.server, user, &token);
+    baton_kube::client::in_process(&kubeconfig, local.routes.clone())
         .await
         .with_context(|| format!("failed to build a client for {user}"))
 }

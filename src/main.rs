@@ -391,7 +391,16 @@ fn main() {
             exit_now(1);
         }
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    // Hollow nodes run a process per few hundred nodes, several on each core: one thread
+    // each, so that their tasks never wake a second thread of the same process and
+    // steal from it, as a multi-threaded runtime's do.
+    let rt = match cli.command {
+        Command::HollowNodes(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -668,7 +677,7 @@ async fn up(args: UpArgs) -> Result<()> {
         };
         if !args.no_controllers {
             loops
-                .start_control_plane(&api.pki, &api.server, controllers)
+                .start_control_plane(&api.pki, &api.local(), controllers)
                 .await?;
         }
         if !args.no_node {
@@ -895,8 +904,19 @@ async fn node_identity(joined: &kube::Client, yaml: &str, name: &str) -> Result<
 /// A started API server: where it is, its PKI, and the admin kubeconfig.
 struct StartedApi {
     server: String,
+    /// The API server's routes, for the control loops in this process.
+    routes: axum::Router,
     pki: Pki,
     kubeconfig: PathBuf,
+}
+
+impl StartedApi {
+    fn local(&self) -> control::LocalApi {
+        control::LocalApi {
+            server: self.server.clone(),
+            routes: self.routes.clone(),
+        }
+    }
 }
 
 /// How `start_api` sets the API server up.
@@ -967,6 +987,7 @@ async fn start_api(
         .context("failed to write the kubeconfig")?;
     Ok(StartedApi {
         server,
+        routes: api.router(),
         pki,
         kubeconfig,
     })
@@ -1106,7 +1127,7 @@ async fn server(args: ServerArgs) -> Result<()> {
             loops
                 .start_elected_control_plane(
                     &api.pki,
-                    &api.server,
+                    &api.local(),
                     format!("baton-server-{id}"),
                     baton_controllers::Config {
                         node_monitor_grace: Duration::from_secs(args.node_monitor_grace),
