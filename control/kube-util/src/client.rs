@@ -121,10 +121,21 @@ where
         .option_layer(config.auth_layer().map_err(ClientError::Client)?)
         .layer(config.extra_headers_layer().map_err(ClientError::Client)?)
         .layer(crate::trace::layer::<kube::client::Body>())
+        .map_future(|answer| async move {
+            match tokio::time::timeout(IN_PROCESS_ANSWER, answer).await {
+                Ok(answered) => answered,
+                Err(_) => Err("the API server did not answer in time".into()),
+            }
+        })
         .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
         .service(service);
     Ok(Client::new(service, config.default_namespace))
 }
+
+/// How long an in-process request waits for its answer to begin (a watch's streams on
+/// after that), as kube-rs's connections time a read out: a request stuck in a server
+/// that cannot reach its store fails, and the loop that sent it tries again.
+const IN_PROCESS_ANSWER: std::time::Duration = std::time::Duration::from_secs(295);
 
 /// Kubeconfig YAML whose current user is replaced by a client certificate and key (PEM).
 pub fn kubeconfig_with_client_certificate(
@@ -199,4 +210,57 @@ pub fn url_escape(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::Api;
+
+    const KUBECONFIG: &str = "apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: 'https://127.0.0.1:6443'}}]
+users: [{name: u, user: {token: t0k}}]
+contexts: [{name: x, context: {cluster: c, user: u, namespace: team}}]
+current-context: x
+";
+
+    type Answer = http::Response<http_body_util::Full<bytes::Bytes>>;
+
+    #[tokio::test]
+    async fn an_in_process_request_carries_its_credentials_and_path() {
+        let server = tower::service_fn(|req: http::Request<kube::client::Body>| async move {
+            let bearer = req.headers().get(http::header::AUTHORIZATION).cloned();
+            assert_eq!(bearer.unwrap(), "Bearer t0k");
+            assert_eq!(req.uri(), "/api/v1/namespaces/team/configmaps/settings");
+            let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "settings", "namespace": "team"}, "data": {"a": "1"}});
+            Ok::<_, std::convert::Infallible>(Answer::new(cm.to_string().into()))
+        });
+        let client = in_process(KUBECONFIG, server).await.unwrap();
+        let cm = Api::<ConfigMap>::default_namespaced(client)
+            .get("settings")
+            .await
+            .unwrap();
+        assert_eq!(cm.data.unwrap()["a"], "1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_in_process_request_without_an_answer_fails_in_time() {
+        let server = tower::service_fn(|_req: http::Request<kube::client::Body>| async {
+            std::future::pending::<Result<Answer, std::convert::Infallible>>().await
+        });
+        let client = in_process(KUBECONFIG, server).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let got = Api::<ConfigMap>::default_namespaced(client)
+            .get("settings")
+            .await;
+        assert!(got.is_err());
+        let waited = started.elapsed();
+        assert!(
+            waited >= IN_PROCESS_ANSWER && waited < IN_PROCESS_ANSWER * 2,
+            "{waited:?}"
+        );
+    }
 }
