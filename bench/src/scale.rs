@@ -93,6 +93,9 @@ pub struct Report {
     pub waits: Vec<ApiRow>,
     pub rss_peak_kib: u64,
     pub cpu: Duration,
+    /// What the hollow nodes' processes spent, from their start: on this machine they
+    /// share the cores with the control plane, so their cost is its loss.
+    pub hollow_cpu: Duration,
     pub wall: Duration,
     pub store_bytes: u64,
     pub objects: u64,
@@ -133,6 +136,10 @@ impl Report {
             self.store_bytes as f64 / (1 << 20) as f64,
             self.objects,
             self.rss_peak_kib as f64 * 1024.0 / self.objects.max(1) as f64,
+        );
+        println!(
+            "the hollow nodes' processes: {:.0} CPU-seconds",
+            self.hollow_cpu.as_secs_f64()
         );
         println!(
             "pod startup, created to bound: p50 {} ms, p99 {} ms; bound to Running: p50 {} ms, p99 {} ms",
@@ -437,6 +444,7 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
     let join = at_ready.since(None);
     let waits = at_end.waits_since(Some(&at_ready));
     let cpu = up.procs.cpu().saturating_sub(cpu0);
+    let hollow_cpu = hollow.cpu();
     let store_bytes = dir_bytes(&up.data_dir().join("store"));
     let objects = count_objects(&client).await?;
     watch.abort();
@@ -457,6 +465,7 @@ pub async fn run(bin: &Path, plan: Plan) -> Result<Report> {
         waits,
         rss_peak_kib,
         cpu,
+        hollow_cpu,
         wall: started.elapsed(),
         store_bytes,
         objects,

@@ -257,6 +257,40 @@ fn json_size(v: &Value) -> usize {
 }
 
 /// Applies a patch of the given type to `target`.
+/// The top-level fields of the object that a patch may change, or None when it may
+/// change any of them (a JSON patch of the root, a strategic merge patch's directives at
+/// the top, an apply). Every other field keeps its stored value.
+pub(crate) fn touched_fields(ty: PatchType, patch: &Value) -> Option<Vec<String>> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut touch = |k: String| {
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    };
+    match ty {
+        PatchType::Merge | PatchType::Strategic => {
+            for k in patch.as_object()?.keys() {
+                if k.starts_with('$') {
+                    return None;
+                }
+                touch(k.clone());
+            }
+        }
+        PatchType::Json => {
+            for op in patch.as_array()? {
+                // `from` too: a move takes its value away from there.
+                for at in ["path", "from"] {
+                    let Some(pointer) = op.get(at) else { continue };
+                    let first = pointer.as_str()?.strip_prefix('/')?.split('/').next()?;
+                    touch(first.replace("~1", "/").replace("~0", "~"));
+                }
+            }
+        }
+        PatchType::Apply => return None,
+    }
+    Some(keys)
+}
+
 pub fn apply_patch(ty: PatchType, target: &mut Value, patch: &Value) -> ApiResult<()> {
     apply_unchecked(ty, target, patch)?;
     // No object larger than a request may be: what a patch makes is bounded as a body is.
@@ -415,5 +449,53 @@ mod tests {
             &json!([{"op": "test", "path": "/a", "value": 6}])
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_patch_names_the_top_level_fields_it_may_change() {
+        let touched = |ty, p: Value| touched_fields(ty, &p);
+        assert_eq!(
+            touched(
+                PatchType::Merge,
+                json!({"status": {"phase": "Running"}, "metadata": null})
+            ),
+            Some(vec!["metadata".to_string(), "status".to_string()])
+        );
+        assert_eq!(
+            touched(
+                PatchType::Json,
+                json!([
+                    {"op": "replace", "path": "/status/phase", "value": "Running"},
+                    {"op": "move", "from": "/spec/a", "path": "/status/b"},
+                    {"op": "add", "path": "/a~1b~0c", "value": 1},
+                ])
+            ),
+            Some(vec![
+                "status".to_string(),
+                "spec".to_string(),
+                "a/b~c".to_string()
+            ])
+        );
+        // What may change anything: the root replaced, directives at the top, an apply,
+        // and what is not a patch at all (refused later, when it is applied).
+        for (ty, p) in [
+            (
+                PatchType::Json,
+                json!([{"op": "replace", "path": "", "value": {}}]),
+            ),
+            (PatchType::Json, json!({"op": "add"})),
+            (
+                PatchType::Strategic,
+                json!({"$patch": "replace", "spec": {}}),
+            ),
+            (
+                PatchType::Strategic,
+                json!({"$setElementOrder/x": [], "x": []}),
+            ),
+            (PatchType::Merge, json!([1])),
+            (PatchType::Apply, json!({"spec": {}})),
+        ] {
+            assert_eq!(touched(ty, p.clone()), None, "{p}");
+        }
     }
 }

@@ -639,6 +639,55 @@ pub(crate) fn typecheck(
     }
 }
 
+/// [`typecheck`] of an object a patch made from a stored one, decoding only the top-level
+/// fields the patch may have changed (`touched`; None: any). The others are as stored,
+/// and were typed when written: a node's status report decodes the pod's status, not its
+/// whole spec again. A built-in kind's fields decode independently of one another, so
+/// the part decodes exactly as it would within the whole; when it does not decode (it
+/// lacks a required field the patch did not touch, or is refused), the whole object is
+/// checked, and that answer is the one given. A custom kind's schema may default one
+/// field from the presence of another: it is always checked whole.
+fn typecheck_patched(
+    req: &Request,
+    res: &Resource,
+    mut target: Value,
+    touched: Option<&[String]>,
+) -> ApiResult<(Value, Vec<String>)> {
+    let part = match (touched, &res.body, target.as_object()) {
+        (Some(keys), crate::resources::Body::Typed { .. }, Some(obj)) => {
+            let mut part = serde_json::Map::new();
+            for k in ["apiVersion", "kind"]
+                .into_iter()
+                .chain(keys.iter().map(String::as_str))
+            {
+                if let Some(v) = obj.get(k) {
+                    part.insert(k.to_string(), v.clone());
+                }
+            }
+            Some((keys, Value::Object(part)))
+        }
+        _ => None,
+    };
+    if let Some((keys, part)) = part {
+        if let Ok((Value::Object(mut typed), warnings)) = typecheck(req, res, &part, &[]) {
+            if let Some(obj) = target.as_object_mut() {
+                for k in keys
+                    .iter()
+                    .map(String::as_str)
+                    .chain(["apiVersion", "kind"])
+                {
+                    match typed.remove(k) {
+                        Some(v) => obj.insert(k.to_string(), v),
+                        None => obj.remove(k),
+                    };
+                }
+                return Ok((target, warnings));
+            }
+        }
+    }
+    typecheck(req, res, &target, &[])
+}
+
 /// Checks an object against its kind's rules; `old` is what an update replaces.
 fn validate(res: &Resource, obj: &Value, old: Option<&Value>) -> ApiResult<()> {
     let mut errs = validation::metadata(obj, res.namespaced, res.strategy.name_rule());
@@ -1409,11 +1458,12 @@ async fn patch(objects: &Objects, req: &Request) -> ApiResult<Response> {
         )));
     }
     let mut warnings = Vec::new();
+    let touched = patch::touched_fields(ty, &patch_body);
     let stored = guaranteed_update(objects, req, &name, |old, rev| {
         let mut target = old.clone();
         patch::apply_patch(ty, &mut target, &patch_body)?;
         check_resource_version(&patch_body, rev, res, &name)?;
-        let (typed, w) = typecheck(req, res, &target, &[])?;
+        let (typed, w) = typecheck_patched(req, res, target, touched.as_deref())?;
         warnings = w;
         Ok(Change::Write(prepare_update(
             res,

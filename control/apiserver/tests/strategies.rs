@@ -338,7 +338,64 @@ async fn a_csr_is_approved_by_a_patch_of_its_approval() {
         approved["spec"]["signerName"], "kubernetes.io/kube-apiserver-client-kubelet",
         "only the conditions change through /approval"
     );
+    // A patch of its labels alone still meets the required spec the labels leave out.
+    let labelled = json!({"metadata": {"labels": {"l": "1"}}});
+    let (code, got) = e.json_patch(&format!("{CSRS}/n1"), labelled).await;
+    assert_eq!(code, StatusCode::OK, "{got}");
+    assert_eq!(got["metadata"]["labels"]["l"], "1");
+    assert_eq!(
+        got["spec"]["signerName"],
+        "kubernetes.io/kube-apiserver-client-kubelet"
+    );
     let (code, _) = e.json_patch(&format!("{CSRS}/n1/nope"), json!({})).await;
     assert_eq!(code, StatusCode::NOT_FOUND);
+    e.close().await;
+}
+
+/// A patch is typed where it changes the object: unknown fields there are dropped, or
+/// refused when validation is strict, values of the wrong type are refused, and what it
+/// leaves alone stays as stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_is_checked_where_it_changes_the_object() {
+    let e = env().await;
+    let pods = "/api/v1/namespaces/default/pods";
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "x"}]}});
+    let (code, created) = e.json("POST", pods, Some(pod)).await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    let status = format!("{pods}/p/status");
+    let (code, got) = e
+        .json_patch(
+            &format!("{status}?fieldValidation=Strict"),
+            json!({"status": {"phase": "Running", "bogus": 1}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{got}");
+    assert!(
+        got["message"].as_str().unwrap().contains("status.bogus"),
+        "{got}"
+    );
+    let (code, got) = e.json_patch(&status, json!({"status": {"phase": 5}})).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{got}");
+    let (code, got) = e
+        .json_patch(&status, json!({"status": {"phase": "Running", "bogus": 1}}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{got}");
+    assert_eq!(got["status"]["phase"], "Running");
+    assert!(got["status"].get("bogus").is_none(), "{got}");
+    assert_eq!(got["spec"], created["spec"]);
+    let (code, got) = e
+        .patch_as(
+            &format!("{pods}/p"),
+            "application/json-patch+json",
+            json!([{"op": "add", "path": "/metadata/labels", "value": {"a": "b"}}]),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{got}");
+    assert_eq!(got["metadata"]["labels"]["a"], "b");
+    assert_eq!(
+        (&got["spec"], &got["status"]["phase"]),
+        (&created["spec"], &json!("Running"))
+    );
     e.close().await;
 }
