@@ -171,6 +171,10 @@ struct UpArgs {
     /// a large cluster wants more: the scale runs give 3,000 at 5,000 nodes.
     #[arg(long, default_value_t = baton_apiserver::server::MAX_INFLIGHT as u64, value_parser = clap::value_parser!(u64).range(7..))]
     max_requests_inflight: u64,
+    /// Seconds an Event is kept after it was last written (kube-apiserver's
+    /// `--event-ttl`, one hour).
+    #[arg(long, default_value_t = baton_apiserver::event_ttl::DEFAULT_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    event_ttl: u64,
     /// The prefix length of the pod range each node is given, within 127.128.0.0/9
     /// (kube-controller-manager's `--node-cidr-mask-size`): 20 gives 4,096 pod addresses
     /// to each of 2,048 nodes, 22 gives 1,024 to each of 8,192.
@@ -283,6 +287,10 @@ struct ServerArgs {
     /// a large cluster wants more: the scale runs give 3,000 at 5,000 nodes.
     #[arg(long, default_value_t = baton_apiserver::server::MAX_INFLIGHT as u64, value_parser = clap::value_parser!(u64).range(7..))]
     max_requests_inflight: u64,
+    /// Seconds an Event is kept after it was last written (kube-apiserver's
+    /// `--event-ttl`, one hour).
+    #[arg(long, default_value_t = baton_apiserver::event_ttl::DEFAULT_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    event_ttl: u64,
     /// The prefix length of the pod range each node is given, within 127.128.0.0/9
     /// (kube-controller-manager's `--node-cidr-mask-size`): 20 gives 4,096 pod addresses
     /// to each of 2,048 nodes, 22 gives 1,024 to each of 8,192.
@@ -664,6 +672,7 @@ async fn up(args: UpArgs) -> Result<()> {
                 local_nodes: local_nodes.clone(),
                 join_token: None,
                 max_inflight: args.max_requests_inflight as usize,
+                event_ttl: Duration::from_secs(args.event_ttl),
             },
             &mut tasks,
         )
@@ -929,6 +938,8 @@ struct ApiOptions {
     join_token: Option<baton_apiserver::join::Token>,
     /// Requests served at once (`--max-requests-inflight`).
     max_inflight: usize,
+    /// How long Events are kept after their last write (`--event-ttl`).
+    event_ttl: Duration,
 }
 
 /// Starts the API server over `store`.
@@ -945,6 +956,7 @@ async fn start_api(
         local_nodes,
         join_token,
         max_inflight,
+        event_ttl,
     } = opts;
     let pki = Pki::load_or_create(&dir.join("pki"), &[addr.ip().to_string()])
         .context("failed to set up the cluster's certificates and tokens")?;
@@ -976,6 +988,7 @@ async fn start_api(
             .context("failed to start the API server")?,
     );
     tasks.push(api.publish_endpoint(addr));
+    tasks.push(api.expire_events(event_ttl));
     let kubeconfig = dir.join("kubeconfig");
     let host = if addr.ip().is_unspecified() {
         "127.0.0.1".to_string()
@@ -1098,6 +1111,7 @@ async fn server(args: ServerArgs) -> Result<()> {
                     local_nodes: LocalNodes::default(),
                     join_token: Some(token.clone()),
                     max_inflight: args.max_requests_inflight as usize,
+                    event_ttl: Duration::from_secs(args.event_ttl),
                 },
                 &mut tasks,
             )

@@ -40,6 +40,7 @@ pub mod defaults;
 pub mod discovery;
 pub mod encryption;
 pub mod error;
+pub mod event_ttl;
 pub mod eviction;
 pub mod fairness;
 pub mod join;

@@ -270,6 +270,11 @@ impl ApiServer {
         ))
     }
 
+    /// Deletes Events `ttl` after their last write ([`crate::event_ttl`]).
+    pub fn expire_events(&self, ttl: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(crate::event_ttl::run(self.objects.clone(), ttl))
+    }
+
     /// The routes, without TLS (tests and in-process clients use this directly).
     pub fn router(&self) -> Router {
         Router::new()

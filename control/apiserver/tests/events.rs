@@ -98,3 +98,69 @@ async fn one_event_is_read_in_both_forms() {
     }
     e.close().await;
 }
+
+/// Events go a TTL after their last write, as kube-apiserver's `--event-ttl` has them:
+/// one already older than that when the API server starts goes at once, the others when
+/// their time comes, and nothing else goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_go_a_ttl_after_their_last_write() {
+    use k8s_openapi::chrono::{Duration as Age, SecondsFormat, Utc};
+    use std::time::{Duration, Instant};
+    let e = env().await;
+    let ttl = Duration::from_secs(3);
+    let at = |t: k8s_openapi::chrono::DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, true);
+    let event = |name: &str| {
+        json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": name},
+            "involvedObject": {"kind": "Pod", "name": "p", "namespace": "default"},
+            "reason": "Started", "message": "m", "type": "Normal"})
+    };
+    // Written two hours ago: the API server stamps what it writes now, so this one goes
+    // into the store as an older server would have left it.
+    let mut old = event("old");
+    old["metadata"]["namespace"] = json!("default");
+    old["metadata"]["creationTimestamp"] = json!(at(Utc::now() - Age::hours(2)));
+    old["lastTimestamp"] = old["metadata"]["creationTimestamp"].clone();
+    let key = baton_apiserver::resources::builtin("Event").key(Some("default"), "old");
+    e.store.put(key, old.to_string()).await.unwrap();
+    let (code, got) = e.json("POST", CORE, Some(event("young"))).await;
+    assert_eq!(code, StatusCode::CREATED, "{got}");
+    let young_written = Instant::now();
+    let (code, _) = e
+        .json(
+            "POST",
+            "/api/v1/namespaces/default/configmaps",
+            Some(json!({"metadata": {"name": "kept"}})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED);
+    let _expiring = e.api.expire_events(ttl);
+    let exists = |name: &str| {
+        let uri = format!("{CORE}/{name}");
+        let e = &e;
+        async move { e.json("GET", &uri, None).await.0 == StatusCode::OK }
+    };
+    let gone = |name: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while exists(name).await {
+            assert!(Instant::now() < deadline, "{name} was never deleted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    gone("old").await;
+    assert!(exists("young").await, "young went with the old one");
+    let (code, _) = e.json("POST", CORE, Some(event("later"))).await;
+    assert_eq!(code, StatusCode::CREATED);
+    let later_written = Instant::now();
+    // Not early: the margin is the timestamps' second, by which the Events the store
+    // held at start are aged.
+    let margin = Duration::from_secs(1);
+    gone("young").await;
+    assert!(young_written.elapsed() >= ttl - margin);
+    gone("later").await;
+    assert!(later_written.elapsed() >= ttl - margin);
+    let (code, _) = e
+        .json("GET", "/api/v1/namespaces/default/configmaps/kept", None)
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    e.close().await;
+}
