@@ -125,13 +125,17 @@ impl Loops {
 
 /// A kube client for one of the cluster's users, from the cluster's own PKI.
 pub async fn client_for(pki: &Pki, server: &str, user: &str) -> Result<kube::Client> {
+    baton_kube::client::from_yaml(&kubeconfig_for(pki, server, user)?)
+        .await
+        .with_context(|| format!("failed to build a client for {user}"))
+}
+
+/// The kubeconfig of one of the cluster's users, with its token.
+fn kubeconfig_for(pki: &Pki, server: &str, user: &str) -> Result<String> {
     let token = pki
         .token_of(user)
         .with_context(|| format!("the cluster has no token for {user}"))?;
-    let kubeconfig = pki.kubeconfig(server, user, &token);
-    baton_kube::client::from_yaml(&kubeconfig)
-        .await
-        .with_context(|| format!("failed to build a client for {user}"))
+    Ok(pki.kubeconfig(server, user, &token))
 }
 
 /// An API server in this process: its address, for the kubeconfig, and its routes.
@@ -147,10 +151,7 @@ pub struct LocalApi {
 /// requests still carry the user's token, and meet authentication, authorisation and
 /// priority and fairness as a remote client's do.
 pub async fn in_process_client(pki: &Pki, local: &LocalApi, user: &str) -> Result<kube::Client> {
-    let token = pki
-        .token_of(user)
-        .with_context(|| format!("the cluster has no token for {user}"))?;
-    let kubeconfig = pki.kubeconfig(&local.server, user, &token);
+    let kubeconfig = kubeconfig_for(pki, &local.server, user)?;
     baton_kube::client::in_process(&kubeconfig, local.routes.clone())
         .await
         .with_context(|| format!("failed to build a client for {user}"))

@@ -161,8 +161,8 @@ async fn follow(store: &Store, ttl: Duration) -> Result<(), EventTtlError> {
     }
 }
 
-/// Queues every Event the store holds, due a TTL after its timestamps (or now, if it has
-/// none that parse); returns the revision read at.
+/// Queues every Event the store holds, due a TTL after its latest timestamp (a TTL from
+/// now if none parses); returns the revision read at.
 async fn read_all(
     store: &Store,
     prefix: &[u8],
