@@ -163,6 +163,7 @@ async fn follow(store: &Store, ttl: Duration) -> Result<(), EventTtlError> {
 
 /// Queues every Event the store holds, due a TTL after its latest timestamp (a TTL from
 /// now if none parses); returns the revision read at.
+#[tracing::instrument(skip_all)]
 async fn read_all(
     store: &Store,
     prefix: &[u8],
@@ -201,6 +202,7 @@ async fn read_all(
 
 /// Deletes the Events due by now, in batches; one written again since it was queued
 /// stays (a later entry holds its new revision).
+#[tracing::instrument(skip_all)]
 async fn expire(store: &Store, queue: &mut VecDeque<Due>) -> Result<(), EventTtlError> {
     let now = Instant::now();
     while queue.front().is_some_and(|d| d.due <= now) {
@@ -210,12 +212,15 @@ async fn expire(store: &Store, queue: &mut VecDeque<Due>) -> Result<(), EventTtl
             .take_while(|d| d.due <= now)
             .count();
         let batch: Vec<Due> = queue.drain(..n).collect();
-        if let Err(e) = delete_unchanged(store, &batch).await {
-            // Tried again at the next round.
-            for d in batch.into_iter().rev() {
-                queue.push_front(d);
+        match delete_unchanged(store, &batch).await {
+            Ok(gone) => tracing::debug!(due = batch.len(), gone, "expired Events deleted"),
+            Err(e) => {
+                // Tried again at the next round.
+                for d in batch.into_iter().rev() {
+                    queue.push_front(d);
+                }
+                return Err(e);
             }
-            return Err(e);
         }
     }
     Ok(())
