@@ -686,11 +686,12 @@ async fn up(args: UpArgs) -> Result<()> {
         };
         if !args.no_controllers {
             loops
-                .start_control_plane(&api.pki, &api.local(), controllers)
+                .start_control_plane(&api.pki, &api.local, controllers)
                 .await?;
         }
         if !args.no_node {
-            let client = control::client_for(&api.pki, &api.server, "system:node:local").await?;
+            let client =
+                control::client_for(&api.pki, &api.local.server, "system:node:local").await?;
             let mut node = args.node.config(dir.join("node"))?;
             node.local_link = Some(local_nodes);
             node.runtime
@@ -703,7 +704,7 @@ async fn up(args: UpArgs) -> Result<()> {
                 .min(Duration::from_secs(args.node_monitor_grace) / 4);
             loops.start_node(client, node);
         }
-        println!("baton is up: Kubernetes API at {}", api.server);
+        println!("baton is up: Kubernetes API at {}", api.local.server);
         println!("kubeconfig: {}", api.kubeconfig.display());
         println!(
             "try: KUBECONFIG={} kubectl get nodes",
@@ -912,20 +913,10 @@ async fn node_identity(joined: &kube::Client, yaml: &str, name: &str) -> Result<
 
 /// A started API server: where it is, its PKI, and the admin kubeconfig.
 struct StartedApi {
-    server: String,
-    /// The API server's routes, for the control loops in this process.
-    routes: axum::Router,
+    /// Its address, and its routes for the control loops in this process.
+    local: control::LocalApi,
     pki: Pki,
     kubeconfig: PathBuf,
-}
-
-impl StartedApi {
-    fn local(&self) -> control::LocalApi {
-        control::LocalApi {
-            server: self.server.clone(),
-            routes: self.routes.clone(),
-        }
-    }
 }
 
 /// How `start_api` sets the API server up.
@@ -999,8 +990,10 @@ async fn start_api(
     pki.write_kubeconfig(&kubeconfig, &server)
         .context("failed to write the kubeconfig")?;
     Ok(StartedApi {
-        server,
-        routes: api.router(),
+        local: control::LocalApi {
+            server,
+            routes: api.router(),
+        },
         pki,
         kubeconfig,
     })
@@ -1141,7 +1134,7 @@ async fn server(args: ServerArgs) -> Result<()> {
             loops
                 .start_elected_control_plane(
                     &api.pki,
-                    &api.local(),
+                    &api.local,
                     format!("baton-server-{id}"),
                     baton_controllers::Config {
                         node_monitor_grace: Duration::from_secs(args.node_monitor_grace),

@@ -170,7 +170,7 @@ async fn read_all(
     ttl: Duration,
     queue: &mut VecDeque<Due>,
 ) -> Result<i64, EventTtlError> {
-    let now = Utc::now();
+    let (now, at) = (Utc::now(), Instant::now());
     let mut req = RangeRequest::prefix(prefix.to_vec());
     req.limit = 1000;
     let mut found = Vec::new();
@@ -186,7 +186,7 @@ async fn read_all(
                 .and_then(|t| (now - t).to_std().ok())
                 .unwrap_or_default();
             found.push(Due {
-                due: Instant::now() + ttl.saturating_sub(age),
+                due: at + ttl.saturating_sub(age),
                 key: kv.key,
                 revision: kv.mod_revision,
             });

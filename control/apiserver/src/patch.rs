@@ -256,7 +256,6 @@ fn json_size(v: &Value) -> usize {
     c.0
 }
 
-/// Applies a patch of the given type to `target`.
 /// The top-level fields of the object that a patch may change, or None when it may
 /// change any of them (a JSON patch of the root, a strategic merge patch's directives at
 /// the top, an apply). Every other field keeps its stored value.
@@ -291,6 +290,7 @@ pub(crate) fn touched_fields(ty: PatchType, patch: &Value) -> Option<Vec<String>
     Some(keys)
 }
 
+/// Applies a patch of the given type to `target`.
 pub fn apply_patch(ty: PatchType, target: &mut Value, patch: &Value) -> ApiResult<()> {
     apply_unchecked(ty, target, patch)?;
     // No object larger than a request may be: what a patch makes is bounded as a body is.

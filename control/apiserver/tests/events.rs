@@ -139,14 +139,12 @@ async fn events_go_a_ttl_after_their_last_write() {
         let e = &e;
         async move { e.json("GET", &uri, None).await.0 == StatusCode::OK }
     };
-    let gone = |name: &'static str| async move {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while exists(name).await {
-            assert!(Instant::now() < deadline, "{name} was never deleted");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let gone = |name: &'static str| {
+        baton_testkit::wait_until_async(Duration::from_secs(30), name, move || async move {
+            (!exists(name).await).then_some(())
+        })
     };
-    gone("old").await;
+    gone("old").await.unwrap();
     assert!(exists("young").await, "young went with the old one");
     let (code, _) = e.json("POST", CORE, Some(event("later"))).await;
     assert_eq!(code, StatusCode::CREATED);
@@ -154,9 +152,9 @@ async fn events_go_a_ttl_after_their_last_write() {
     // Not early: the margin is the timestamps' second, by which the Events the store
     // held at start are aged.
     let margin = Duration::from_secs(1);
-    gone("young").await;
+    gone("young").await.unwrap();
     assert!(young_written.elapsed() >= ttl - margin);
-    gone("later").await;
+    gone("later").await.unwrap();
     assert!(later_written.elapsed() >= ttl - margin);
     let (code, _) = e
         .json("GET", "/api/v1/namespaces/default/configmaps/kept", None)
