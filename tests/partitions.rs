@@ -35,7 +35,8 @@ use std::time::{Duration, Instant};
 use baton_store::{StoreCa, StoreClient};
 use baton_testkit::netns::Net;
 use hosts::{
-    guests_dir, kubectl, kubectl_apply, spawn_node, spawn_server, Server, API_PORT, STORE_PORT,
+    guests_dir, kubectl, kubectl_apply, spawn_node, spawn_server, ElectionsOnFailure, Server,
+    API_PORT, STORE_PORT,
 };
 use linearizability::{check, client_loop, final_reads, Input, Operation};
 use rand::seq::SliceRandom;
@@ -207,6 +208,7 @@ async fn the_cluster_survives_partitioned_hosts_and_a_replaced_member() {
     eprintln!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let tmp = tempfile::tempdir().unwrap();
+    let _elections = ElectionsOnFailure(tmp.path().to_path_buf());
     let mut net = Net::new(5).expect("network namespaces (run as root)");
     let ips: Vec<String> = (0..3).map(|h| net.host(h).ip.to_string()).collect();
     let dir = |h: usize| tmp.path().join(format!("host-{h}"));

@@ -43,6 +43,44 @@ impl Server {
     }
 }
 
+/// On a failing test, prints what the hosts' logs under `dir` say of the store's
+/// elections: the logs live in the test's temporary directory, and go with it, so CI's
+/// output is all that is left of a rare failure.
+pub struct ElectionsOnFailure(pub PathBuf);
+
+impl Drop for ElectionsOnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        let mut logs: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    ["leader", "elect", "vote", "joined"]
+                        .iter()
+                        .any(|k| l.contains(k))
+                        && !l.contains("openraft::replication")
+                })
+                .collect();
+            eprintln!("--- {}: the store's elections", log.display());
+            for l in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{}", l.chars().take(400).collect::<String>());
+            }
+        }
+    }
+}
+
 /// Seconds a node may be silent before its pods are evicted (40 by default).
 pub const NODE_GRACE: &str = "6";
 
@@ -52,7 +90,10 @@ pub fn spawn_server(net: &Net, host: usize, dir: &Path, extra: &[&str]) -> Serve
     let log = std::fs::File::create(dir.with_extension("log")).unwrap();
     let child = net
         .command(host, env!("CARGO_BIN_EXE_baton"))
-        .env("RUST_LOG", "info,openraft=warn")
+        .env(
+            "RUST_LOG",
+            "info,openraft=warn,openraft::engine::engine_impl=info",
+        )
         .args(["server", "--listen", &format!("{ip}:{STORE_PORT}")])
         .args(["--api-listen", &format!("{ip}:{API_PORT}"), "--data-dir"])
         .arg(dir)

@@ -1370,9 +1370,14 @@ async fn count_leader_changes(
 ) {
     let mut leader = None;
     loop {
-        let now = metrics.borrow_and_update().current_leader;
+        let (now, term) = {
+            let m = metrics.borrow_and_update();
+            (m.current_leader, m.vote.leader_id().term)
+        };
         if now.is_some() && now != leader {
             seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Rare, and what an operator (or a failed failover test) reads first.
+            tracing::info!(leader = ?now, term, "the store has a new leader");
         }
         leader = now;
         if metrics.changed().await.is_err() {

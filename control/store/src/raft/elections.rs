@@ -126,7 +126,7 @@ pub(crate) async fn pace_elections(
                     _ => false,
                 };
                 if !refused {
-                    tracing::debug!(round = ?armed.map(|(r, ..)| r), "no leader in time; standing for election");
+                    tracing::info!(round = ?armed.map(|(r, ..)| r), "no leader in time; standing for election");
                     if raft.trigger().elect().await.is_err() {
                         return;
                     }
