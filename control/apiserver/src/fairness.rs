@@ -22,8 +22,10 @@
 //! for its Lease to look lost.
 //!
 //! Seats are shared out of the server's total (`--max-requests-inflight`) by each level's
-//! share, as kube-apiserver's nominal concurrency shares do. Watches and connection
-//! upgrades are long-running and take no seat. How long requests waited for a seat, and
+//! share, as kube-apiserver's nominal concurrency shares do, and a level whose seats are
+//! all taken borrows the idle lendable seats of others, with kube-apiserver's lendable
+//! percents (see [`Seats`]). Watches and connection upgrades are long-running and take
+//! no seat. How long requests waited for a seat, and
 //! which were refused, are kube-apiserver's `apiserver_flowcontrol_*` metrics.
 
 use std::collections::{HashMap, VecDeque};
@@ -41,16 +43,17 @@ use tokio::sync::oneshot;
 /// How long a request may wait in its queue before it is refused with 429.
 pub const QUEUE_WAIT: Duration = Duration::from_secs(10);
 
-/// The levels, their shares of the seats (kube-apiserver's nominal concurrency shares),
-/// and how many requests each may queue.
-const LEVELS: [(&str, usize, usize); 7] = [
-    ("node-high", 40, 2000),
-    ("system", 30, 2000),
-    ("leader-election", 10, 200),
-    ("workload-high", 40, 1000),
-    ("workload-low", 100, 1000),
-    ("global-default", 20, 500),
-    ("catch-all", 5, 50),
+/// The levels, their shares of the seats and the percentage of those they lend while
+/// idle (kube-apiserver's nominal concurrency shares and lendable percents), and how many
+/// requests each may queue.
+const LEVELS: [(&str, usize, usize, usize); 7] = [
+    ("node-high", 40, 25, 2000),
+    ("system", 30, 33, 2000),
+    ("leader-election", 10, 0, 200),
+    ("workload-high", 40, 50, 1000),
+    ("workload-low", 100, 90, 1000),
+    ("global-default", 20, 50, 500),
+    ("catch-all", 5, 0, 50),
 ];
 
 /// kube-apiserver's buckets for `apiserver_flowcontrol_request_wait_duration_seconds`.
@@ -88,7 +91,7 @@ impl Class {
 /// The levels of one API server.
 #[derive(Debug, Clone)]
 pub struct Fairness {
-    levels: Arc<HashMap<&'static str, Arc<Level>>>,
+    seats: Arc<Seats>,
     metrics: FlowMetrics,
 }
 
@@ -156,16 +159,38 @@ impl FlowMetrics {
 impl Fairness {
     /// Levels sharing `total` seats, their figures kept in `metrics`.
     pub fn new(total: usize, metrics: FlowMetrics) -> Self {
-        let shares: usize = LEVELS.iter().map(|l| l.1).sum();
-        let levels = LEVELS
+        Self::with_levels(&LEVELS, total, metrics)
+    }
+
+    /// Levels given as (name, share, lendable percent, queue limit).
+    fn with_levels(
+        levels: &[(&'static str, usize, usize, usize)],
+        total: usize,
+        metrics: FlowMetrics,
+    ) -> Self {
+        let shares: usize = levels.iter().map(|l| l.1).sum::<usize>().max(1);
+        let limits: Vec<Limits> = levels
             .iter()
-            .map(|&(name, share, queue)| {
-                let seats = (total * share).div_ceil(shares).max(1);
-                (name, Arc::new(Level::new(name, seats, queue)))
+            .map(|&(name, share, lendable, queue_limit)| {
+                let nominal = (total * share).div_ceil(shares).max(1);
+                Limits {
+                    name,
+                    nominal,
+                    // kube-apiserver's LendableCL: round(NominalCL * lendablePercent / 100).
+                    lendable: (nominal * lendable + 50) / 100,
+                    queue_limit,
+                }
             })
             .collect();
+        let state = State {
+            levels: limits.iter().map(|_| LevelState::default()).collect(),
+            next_borrower: 0,
+        };
         Self {
-            levels: Arc::new(levels),
+            seats: Arc::new(Seats {
+                limits,
+                state: Mutex::new(state),
+            }),
             metrics,
         }
     }
@@ -209,19 +234,43 @@ impl Fairness {
         Some(Class::named("catch-all"))
     }
 
-    /// A level by name, for its figures.
-    pub fn level(&self, name: &str) -> Option<&Arc<Level>> {
-        self.levels.get(name)
+    /// A level's figures, by name.
+    pub fn level(&self, name: &str) -> Option<LevelFigures> {
+        let at = self.seats.index(name)?;
+        Some(self.seats.figures(&self.seats.lock(), at))
+    }
+
+    /// The most requests of `name` that may run at once: its seats, and every other
+    /// level's lendable ones.
+    pub fn most_at_once(&self, name: &str) -> Option<usize> {
+        let at = self.seats.index(name)?;
+        Some(
+            self.seats
+                .limits
+                .iter()
+                .enumerate()
+                .map(|(j, l)| if j == at { l.nominal } else { l.lendable })
+                .sum(),
+        )
     }
 
     /// Waits for a seat at the class's level for the client `flow` (its user); 429 when
     /// the level's queue is full or the wait is over.
     pub async fn admit(&self, class: Class, flow: &str) -> Result<Seat, Rejected> {
-        let Some(level) = self.levels.get(class.level) else {
-            return Ok(Seat { level: None });
+        self.admit_within(class, flow, QUEUE_WAIT).await
+    }
+
+    async fn admit_within(
+        &self,
+        class: Class,
+        flow: &str,
+        wait: Duration,
+    ) -> Result<Seat, Rejected> {
+        let Some(level) = self.seats.index(class.level) else {
+            return Ok(Seat { held: None });
         };
         let start = Instant::now();
-        let admitted = level.clone().admit(flow, QUEUE_WAIT).await;
+        let admitted = self.seats.clone().admit(level, flow, wait).await;
         self.metrics
             .waits
             .get_or_create(&WaitLabels {
@@ -243,104 +292,221 @@ impl Fairness {
         admitted
     }
 }
-/// One priority level: its seats and its queues, one per client.
+
+/// What a level holds now, against its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LevelFigures {
+    /// Its share of the server's seats (kube-apiserver's NominalCL).
+    pub nominal: usize,
+    /// How many of those other levels may borrow when it does not use them (LendableCL).
+    pub lendable: usize,
+    /// Its requests being served, on its seats or on borrowed ones.
+    pub executing: usize,
+    /// Of those, on seats borrowed from other levels.
+    pub borrowed: usize,
+    /// Its seats serving other levels' requests.
+    pub lent: usize,
+    /// Its requests waiting for a seat.
+    pub queued: usize,
+}
+
+/// The fixed limits of one level.
 #[derive(Debug)]
-pub struct Level {
+struct Limits {
     name: &'static str,
-    seats: usize,
+    nominal: usize,
+    lendable: usize,
     queue_limit: usize,
-    state: Mutex<LevelState>,
+}
+
+/// Every level's seats, under one lock since a seat may go from one level to another.
+///
+/// kube-apiserver lets a level use seats that other levels leave idle (KEP-1040's
+/// borrowing): every level keeps its nominal seats less its lendable ones for itself,
+/// and lends the lendable ones while it does not use them. kube-apiserver moves the
+/// levels' limits every 10 s from their recent demand; here a seat is lent the moment a
+/// level's own are taken and another's lendable one is idle, and comes back when that
+/// request ends. Either way no level ever has fewer than its nominal seats less its
+/// lendable ones, and the server never runs more requests than its total. Without it,
+/// the nodes' requests waited up to a second for one of the `system` level's 74 seats at
+/// 1,000 nodes while 221 seats of `workload-low` stood idle.
+#[derive(Debug)]
+struct Seats {
+    limits: Vec<Limits>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    levels: Vec<LevelState>,
+    /// Where the next search for a level waiting to borrow starts, so that levels with
+    /// queued requests borrow in turn.
+    next_borrower: usize,
 }
 
 #[derive(Debug, Default)]
 struct LevelState {
-    in_use: usize,
+    /// This level's requests on its own seats.
+    own: usize,
+    /// This level's requests on seats borrowed from other levels.
+    borrowed: usize,
+    /// This level's seats lent to other levels' requests.
+    lent: usize,
     queued: usize,
-    queues: HashMap<String, VecDeque<oneshot::Sender<()>>>,
+    /// A waiter is sent the index of the level whose seat it got.
+    queues: HashMap<String, VecDeque<oneshot::Sender<usize>>>,
     /// Clients with queued requests, in the order they are served.
     turn: VecDeque<String>,
+}
+
+impl LevelState {
+    /// The next waiter in the clients' turn, if any (one that gave up is still
+    /// returned: its sender fails).
+    fn pop(&mut self) -> Option<oneshot::Sender<usize>> {
+        while let Some(flow) = self.turn.pop_front() {
+            let Some(queue) = self.queues.get_mut(&flow) else {
+                continue;
+            };
+            let next = queue.pop_front();
+            if queue.is_empty() {
+                self.queues.remove(&flow);
+            } else {
+                self.turn.push_back(flow);
+            }
+            if let Some(tx) = next {
+                self.queued -= 1;
+                return Some(tx);
+            }
+        }
+        None
+    }
 }
 
 /// A seat, given back when dropped (and handed to the next queued request).
 #[derive(Debug)]
 pub struct Seat {
-    level: Option<Arc<Level>>,
+    /// The seats, the requesting level, and the level whose seat it is.
+    held: Option<(Arc<Seats>, usize, usize)>,
 }
 
 impl Drop for Seat {
     fn drop(&mut self) {
-        if let Some(level) = self.level.take() {
-            level.release();
+        if let Some((seats, level, lender)) = self.held.take() {
+            seats.release(level, lender);
         }
     }
 }
 
-impl Level {
-    fn new(name: &'static str, seats: usize, queue_limit: usize) -> Self {
-        Self {
-            name,
-            seats,
-            queue_limit,
-            state: Mutex::default(),
+impl Seats {
+    fn index(&self, name: &str) -> Option<usize> {
+        self.limits.iter().position(|l| l.name == name)
+    }
+
+    fn figures(&self, s: &State, at: usize) -> LevelFigures {
+        let l = &s.levels[at];
+        LevelFigures {
+            nominal: self.limits[at].nominal,
+            lendable: self.limits[at].lendable,
+            executing: l.own + l.borrowed,
+            borrowed: l.borrowed,
+            lent: l.lent,
+            queued: l.queued,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LevelState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Seats in use and requests waiting now.
-    pub fn load(&self) -> (usize, usize) {
-        let s = self.lock();
-        (s.in_use, s.queued)
+    /// Whether `at` has a seat free for its own requests.
+    fn own_free(&self, s: &State, at: usize) -> bool {
+        let l = &s.levels[at];
+        l.own + l.lent < self.limits[at].nominal
     }
 
-    pub fn seats(&self) -> usize {
-        self.seats
+    /// Whether `at` may lend a seat now: one is free, it is lendable, and no request of
+    /// `at`'s own waits for it.
+    fn can_lend(&self, s: &State, at: usize) -> bool {
+        let l = &s.levels[at];
+        l.queued == 0 && l.lent < self.limits[at].lendable && self.own_free(s, at)
     }
 
-    async fn admit(self: Arc<Self>, flow: &str, wait: Duration) -> Result<Seat, Rejected> {
-        let waiting = {
+    /// The level `borrower` borrows from now: of those able to lend, the one with the
+    /// most seats free.
+    fn lender_for(&self, s: &State, borrower: usize) -> Option<usize> {
+        (0..self.limits.len())
+            .filter(|&j| j != borrower && self.can_lend(s, j))
+            .max_by_key(|&j| {
+                let l = &s.levels[j];
+                self.limits[j].nominal - l.own - l.lent
+            })
+    }
+
+    /// Counts a request of `level` on a seat of `lender`.
+    fn take(s: &mut State, level: usize, lender: usize) {
+        if level == lender {
+            s.levels[level].own += 1;
+        } else {
+            s.levels[lender].lent += 1;
+            s.levels[level].borrowed += 1;
+        }
+    }
+
+    async fn admit(
+        self: Arc<Self>,
+        level: usize,
+        flow: &str,
+        wait: Duration,
+    ) -> Result<Seat, Rejected> {
+        let name = self.limits[level].name;
+        let mut rx = {
             let mut s = self.lock();
-            if s.in_use < self.seats && s.queued == 0 {
-                s.in_use += 1;
+            // Requests already waiting at this level go first.
+            let free = if s.levels[level].queued > 0 {
                 None
-            } else if s.queued >= self.queue_limit {
+            } else if self.own_free(&s, level) {
+                Some(level)
+            } else {
+                self.lender_for(&s, level)
+            };
+            if let Some(lender) = free {
+                Self::take(&mut s, level, lender);
+                drop(s);
+                return Ok(Seat {
+                    held: Some((self, level, lender)),
+                });
+            }
+            let l = &mut s.levels[level];
+            if l.queued >= self.limits[level].queue_limit {
                 return Err(Rejected {
-                    level: self.name,
+                    level: name,
                     why: "its queues are full",
                     reason: "queue-full",
                 });
-            } else {
-                let (tx, rx) = oneshot::channel();
-                let queue = s.queues.entry(flow.to_string()).or_default();
-                queue.push_back(tx);
-                if queue.len() == 1 {
-                    s.turn.push_back(flow.to_string());
-                }
-                s.queued += 1;
-                Some(rx)
             }
-        };
-        let Some(mut rx) = waiting else {
-            return Ok(Seat { level: Some(self) });
-        };
-        let seat = Seat {
-            level: Some(self.clone()),
+            let (tx, rx) = oneshot::channel();
+            let queue = l.queues.entry(flow.to_string()).or_default();
+            queue.push_back(tx);
+            if queue.len() == 1 {
+                l.turn.push_back(flow.to_string());
+            }
+            l.queued += 1;
+            rx
         };
         match tokio::time::timeout(wait, &mut rx).await {
-            Ok(Ok(())) => Ok(seat),
+            Ok(Ok(lender)) => Ok(Seat {
+                held: Some((self, level, lender)),
+            }),
             _ => {
-                // A seat handed over at the last moment is ours, and goes back with it.
+                // A seat handed over at the last moment is ours, and goes back.
                 rx.close();
-                let handed = rx.try_recv().is_ok();
-                let mut seat = seat;
-                if !handed {
-                    seat.level = None;
+                if let Ok(lender) = rx.try_recv() {
+                    drop(Seat {
+                        held: Some((self, level, lender)),
+                    });
                 }
-                drop(seat);
                 Err(Rejected {
-                    level: self.name,
+                    level: name,
                     why: "the request waited too long",
                     reason: "time-out",
                 })
@@ -348,29 +514,46 @@ impl Level {
         }
     }
 
-    /// Gives a seat back: to the next client in turn with a request waiting, if any.
-    fn release(&self) {
+    /// Gives back a seat of `lender` that served a request of `level`, and hands the
+    /// lender's free seats on: to its own waiting requests first, then, as far as it
+    /// lends, to other levels' in turn.
+    fn release(&self, level: usize, lender: usize) {
         let mut s = self.lock();
-        s.in_use -= 1;
-        while s.in_use < self.seats {
-            let Some(flow) = s.turn.pop_front() else {
+        if level == lender {
+            s.levels[level].own -= 1;
+        } else {
+            s.levels[lender].lent -= 1;
+            s.levels[level].borrowed -= 1;
+        }
+        let n = self.limits.len();
+        loop {
+            if !self.own_free(&s, lender) {
+                return;
+            }
+            let (taker, tx) = if s.levels[lender].queued > 0 {
+                match s.levels[lender].pop() {
+                    Some(tx) => (lender, tx),
+                    None => continue,
+                }
+            } else if s.levels[lender].lent < self.limits[lender].lendable {
+                let start = s.next_borrower;
+                let Some(k) = (0..n)
+                    .map(|i| (start + i) % n)
+                    .find(|&k| k != lender && s.levels[k].queued > 0)
+                else {
+                    return;
+                };
+                s.next_borrower = (k + 1) % n;
+                match s.levels[k].pop() {
+                    Some(tx) => (k, tx),
+                    None => continue,
+                }
+            } else {
                 return;
             };
-            let Some(queue) = s.queues.get_mut(&flow) else {
-                continue;
-            };
-            let next = queue.pop_front();
-            let more = !queue.is_empty();
-            if more {
-                s.turn.push_back(flow);
-            } else {
-                s.queues.remove(&flow);
-            }
-            let Some(tx) = next else { continue };
-            s.queued -= 1;
             // A waiter that gave up is skipped.
-            if tx.send(()).is_ok() {
-                s.in_use += 1;
+            if tx.send(lender).is_ok() {
+                Self::take(&mut s, taker, lender);
             }
         }
     }
@@ -451,10 +634,14 @@ mod tests {
         let metrics = FlowMetrics::default();
         let f = Fairness::new(7, metrics.clone());
         let class = Class::named("catch-all");
-        let seats = f.level("catch-all").unwrap().seats();
+        // catch-all lends nothing and borrows nothing here: every other level's seats
+        // are taken first, so that its own are all it has.
         let mut held = Vec::new();
-        for _ in 0..seats {
-            held.push(f.admit(class, "anon").await.unwrap());
+        for (name, ..) in LEVELS {
+            let c = Class::named(name);
+            for _ in 0..f.level(name).unwrap().nominal {
+                held.push(f.admit(c, "filler").await.unwrap());
+            }
         }
         let mut r = Registry::default();
         metrics.register(&mut r);
@@ -466,7 +653,7 @@ mod tests {
                 tokio::spawn(async move { f.admit(class, "anon").await.map(drop) })
             })
             .collect();
-        queued(f.level("catch-all").unwrap(), 50).await;
+        queued(&f, "catch-all", 50).await;
         let refused = f.admit(class, "anon").await.unwrap_err();
         assert_eq!(refused.reason, "queue-full");
         drop(held);
@@ -487,40 +674,46 @@ mod tests {
         let served = line(
             "apiserver_flowcontrol_request_wait_duration_seconds_count{priority_level=\"catch-all\",flow_schema=\"catch-all\",execute=\"true\"}",
         );
+        let seats = f.level("catch-all").unwrap().nominal;
         assert!(served.ends_with(&format!(" {}", seats + 50)), "{served}");
     }
 
-    /// Lets spawned requests run until `n` are queued.
-    async fn queued(level: &Level, n: usize) {
+    /// Lets spawned requests run until `n` are queued at `level`.
+    async fn queued(f: &Fairness, level: &str, n: usize) {
         for _ in 0..1000 {
-            if level.load().1 == n {
+            if f.level(level).unwrap().queued == n {
                 return;
             }
             tokio::task::yield_now().await;
         }
-        panic!("{n} requests never queued: {:?}", level.load());
+        panic!("{n} requests never queued: {:?}", f.level(level));
+    }
+
+    /// A server of one level, `test`, with `seats` seats that lends none.
+    fn lone(seats: usize, queue: usize) -> Fairness {
+        Fairness::with_levels(&[("test", 1, 0, queue)], seats, FlowMetrics::default())
     }
 
     #[tokio::test]
     async fn a_noisy_client_waits_its_turn_and_other_levels_keep_their_seats() {
-        let level = Arc::new(Level::new("test", 2, 10));
-        let a1 = level.clone().admit("noisy", QUEUE_WAIT).await.unwrap();
-        let _a2 = level.clone().admit("noisy", QUEUE_WAIT).await.unwrap();
+        let level = lone(2, 10);
+        let test = Class::named("test");
+        let a1 = level.admit(test, "noisy").await.unwrap();
+        let _a2 = level.admit(test, "noisy").await.unwrap();
         // The noisy client queues five more; a quiet one queues one after them.
         let mut noisy = Vec::new();
         for _ in 0..5 {
             let l = level.clone();
-            noisy.push(tokio::spawn(
-                async move { l.admit("noisy", QUEUE_WAIT).await },
-            ));
+            noisy.push(tokio::spawn(async move { l.admit(test, "noisy").await }));
         }
-        queued(&level, 5).await;
+        queued(&level, "test", 5).await;
         let quiet = {
             let l = level.clone();
-            tokio::spawn(async move { l.admit("quiet", QUEUE_WAIT).await })
+            tokio::spawn(async move { l.admit(test, "quiet").await })
         };
-        queued(&level, 6).await;
-        assert_eq!(level.load(), (2, 6));
+        queued(&level, "test", 6).await;
+        let figures = level.level("test").unwrap();
+        assert_eq!((figures.executing, figures.queued), (2, 6));
         // One seat frees: the noisy client's first waiter gets it, then the quiet one is
         // next in turn, ahead of the noisy client's other four.
         drop(a1);
@@ -530,40 +723,95 @@ mod tests {
             .await
             .unwrap()
             .expect("the quiet client is served in its turn");
-        assert_eq!(level.load(), (2, 4));
+        let figures = level.level("test").unwrap();
+        assert_eq!((figures.executing, figures.queued), (2, 4));
         drop(q);
         // Past the queue limit: 429 at once.
-        let full = Arc::new(Level::new("full", 1, 0));
-        let _held = full.clone().admit("x", QUEUE_WAIT).await.unwrap();
-        assert!(full.clone().admit("y", QUEUE_WAIT).await.is_err());
+        let full = lone(1, 0);
+        let _held = full.admit(test, "x").await.unwrap();
+        assert!(full.admit(test, "y").await.is_err());
         // A request that waits too long gets 429, and its place is freed.
-        let waited = Arc::new(Level::new("slow", 1, 5));
-        let _only = waited.clone().admit("x", QUEUE_WAIT).await.unwrap();
+        let waited = lone(1, 5);
+        let only = waited.admit(test, "x").await.unwrap();
         let err = waited
-            .clone()
-            .admit("y", Duration::from_millis(50))
+            .admit_within(test, "y", Duration::from_millis(50))
             .await
             .unwrap_err();
         assert_eq!(err.why, "the request waited too long");
-        drop(_only);
-        assert_eq!(waited.load(), (0, 0));
+        drop(only);
+        let figures = waited.level("test").unwrap();
+        assert_eq!((figures.executing, figures.queued), (0, 0));
         // The other levels of a server are untouched by this one's load.
         let f = Fairness::new(400, FlowMetrics::default());
-        let held: Vec<Seat> = futures::future::join_all(
-            (0..f.level("global-default").unwrap().seats())
-                .map(|_| f.admit(Class::named("global-default"), "dev")),
-        )
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-        assert!(f
-            .admit(
-                Class::new("system-node-high", "node-high"),
-                "system:node:n1"
-            )
-            .await
-            .is_ok());
+        let dev = Class::named("global-default");
+        let mut held = Vec::new();
+        for _ in 0..f.most_at_once("global-default").unwrap() {
+            held.push(f.admit(dev, "dev").await.unwrap());
+        }
+        let next = {
+            let f = f.clone();
+            tokio::spawn(async move { f.admit(dev, "dev").await.map(drop) })
+        };
+        queued(&f, "global-default", 1).await;
+        let dev = f.level("global-default").unwrap();
+        assert!(dev.borrowed > 0, "idle levels lent it seats: {dev:?}");
+        let high = f.level("node-high").unwrap();
+        assert_eq!(high.lent, high.lendable, "node-high lent what it lends");
+        for _ in 0..high.nominal - high.lendable {
+            let heartbeat = Class::new("system-node-high", "node-high");
+            held.push(f.admit(heartbeat, "system:node:n1").await.unwrap());
+        }
         drop(held);
+        next.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn idle_seats_are_lent_and_come_back_to_their_level_first() {
+        // `busy` has 2 seats and lends none; `idle` has 8 and lends half.
+        let f = Fairness::with_levels(
+            &[("busy", 20, 0, 100), ("idle", 80, 50, 100)],
+            10,
+            FlowMetrics::default(),
+        );
+        let (busy, idle) = (Class::named("busy"), Class::named("idle"));
+        let figures = |name| f.level(name).unwrap();
+        assert_eq!((figures("busy").nominal, figures("idle").lendable), (2, 4));
+        // `busy` uses its own 2 seats, then borrows `idle`'s 4 lendable ones, no more.
+        let mut mine = Vec::new();
+        for _ in 0..6 {
+            mine.push(f.admit(busy, "a").await.unwrap());
+        }
+        assert_eq!(figures("busy").borrowed, 4);
+        assert_eq!(figures("idle").lent, 4);
+        let waiting = {
+            let f = f.clone();
+            tokio::spawn(async move { f.admit(busy, "a").await })
+        };
+        queued(&f, "busy", 1).await;
+        // `idle` keeps the seats it does not lend: 4 of its own requests go at once.
+        let mut theirs = Vec::new();
+        for _ in 0..4 {
+            theirs.push(f.admit(idle, "b").await.unwrap());
+        }
+        let late = {
+            let f = f.clone();
+            tokio::spawn(async move { f.admit(idle, "b").await })
+        };
+        queued(&f, "idle", 1).await;
+        // A lent seat that comes back serves its own level's waiting request before the
+        // borrower's.
+        drop(mine.pop());
+        let got = late.await.unwrap().unwrap();
+        assert_eq!(figures("idle").lent, 3);
+        assert_eq!(figures("busy").queued, 1);
+        // Once `idle` has nobody waiting, its freed seat is lent again.
+        drop(got);
+        let lent_again = waiting.await.unwrap().unwrap();
+        assert_eq!(figures("idle").lent, 4);
+        drop((mine, theirs, lent_again));
+        for name in ["busy", "idle"] {
+            let f = figures(name);
+            assert_eq!((f.executing, f.lent, f.queued), (0, 0, 0), "{name}");
+        }
     }
 }

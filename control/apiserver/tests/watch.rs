@@ -226,7 +226,8 @@ async fn overload_gets_429_and_terminating_namespaces_403() {
     let e = support::env_with_tokens("dev-token,dev").await;
     // A user's level (global-default) is saturated: its seats held, its queues filled.
     let fairness = e.api.fairness().clone();
-    let seats = fairness.level("global-default").unwrap().seats();
+    // Its own seats and those the idle levels lend it.
+    let seats = fairness.most_at_once("global-default").unwrap();
     let mut held = Vec::new();
     for _ in 0..seats {
         held.push(
@@ -248,7 +249,7 @@ async fn overload_gets_429_and_terminating_namespaces_403() {
         })
         .collect();
     baton_testkit::wait_until_async(Duration::from_secs(10), "the queues full", || async {
-        (fairness.level("global-default").unwrap().load().1 == 500).then_some(())
+        (fairness.level("global-default").unwrap().queued == 500).then_some(())
     })
     .await
     .unwrap();
