@@ -175,6 +175,11 @@ struct UpArgs {
     /// `--event-ttl`, one hour).
     #[arg(long, default_value_t = baton_apiserver::event_ttl::DEFAULT_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     event_ttl: u64,
+    /// Seconds a request may take before it is answered 504, watches, logs, exec,
+    /// attach, port-forward and proxies aside (kube-apiserver's `--request-timeout`); a
+    /// client's `timeout` parameter may only shorten it.
+    #[arg(long, default_value_t = baton_apiserver::server::REQUEST_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout: u64,
     /// The prefix length of the pod range each node is given, within 127.128.0.0/9
     /// (kube-controller-manager's `--node-cidr-mask-size`): 20 gives 4,096 pod addresses
     /// to each of 2,048 nodes, 22 gives 1,024 to each of 8,192.
@@ -291,6 +296,11 @@ struct ServerArgs {
     /// `--event-ttl`, one hour).
     #[arg(long, default_value_t = baton_apiserver::event_ttl::DEFAULT_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     event_ttl: u64,
+    /// Seconds a request may take before it is answered 504, watches, logs, exec,
+    /// attach, port-forward and proxies aside (kube-apiserver's `--request-timeout`); a
+    /// client's `timeout` parameter may only shorten it.
+    #[arg(long, default_value_t = baton_apiserver::server::REQUEST_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout: u64,
     /// The prefix length of the pod range each node is given, within 127.128.0.0/9
     /// (kube-controller-manager's `--node-cidr-mask-size`): 20 gives 4,096 pod addresses
     /// to each of 2,048 nodes, 22 gives 1,024 to each of 8,192.
@@ -673,6 +683,7 @@ async fn up(args: UpArgs) -> Result<()> {
                 join_token: None,
                 max_inflight: args.max_requests_inflight as usize,
                 event_ttl: Duration::from_secs(args.event_ttl),
+                request_timeout: Duration::from_secs(args.request_timeout),
             },
             &mut tasks,
         )
@@ -931,6 +942,8 @@ struct ApiOptions {
     max_inflight: usize,
     /// How long Events are kept after their last write (`--event-ttl`).
     event_ttl: Duration,
+    /// The longest a request may take (`--request-timeout`).
+    request_timeout: Duration,
 }
 
 /// Starts the API server over `store`.
@@ -948,6 +961,7 @@ async fn start_api(
         join_token,
         max_inflight,
         event_ttl,
+        request_timeout,
     } = opts;
     let pki = Pki::load_or_create(&dir.join("pki"), &[addr.ip().to_string()])
         .context("failed to set up the cluster's certificates and tokens")?;
@@ -967,7 +981,8 @@ async fn start_api(
         })?;
         objects = objects.with_encryption(e);
     }
-    let mut api = ApiServer::with_max_inflight(objects, pki.clone(), max_inflight);
+    let mut api = ApiServer::with_max_inflight(objects, pki.clone(), max_inflight)
+        .with_request_timeout(request_timeout);
     if let Some(t) = join_token {
         api = api.with_join_token(t);
     }
@@ -1105,6 +1120,7 @@ async fn server(args: ServerArgs) -> Result<()> {
                     join_token: Some(token.clone()),
                     max_inflight: args.max_requests_inflight as usize,
                     event_ttl: Duration::from_secs(args.event_ttl),
+                request_timeout: Duration::from_secs(args.request_timeout),
                 },
                 &mut tasks,
             )

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -57,7 +58,13 @@ pub struct ApiServer {
     join: Option<Arc<crate::join::Token>>,
     /// The node token derived from it, which this server takes as a bootstrap token.
     node_join: Option<Arc<crate::join::Token>>,
+    /// The longest a request that is not long-running may take (`--request-timeout`);
+    /// a client's `timeout` parameter may only shorten it.
+    request_timeout: Duration,
 }
+
+/// kube-apiserver's `--request-timeout` default.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default cap on concurrent non-watch requests: kube-apiserver's defaults, 400 requests
 /// and 200 mutating ones, which its priority and fairness share out together.
@@ -140,7 +147,14 @@ impl ApiServer {
             join: None,
             node_join: None,
             metrics,
+            request_timeout: REQUEST_TIMEOUT,
         }
+    }
+
+    /// Sets the longest a request that is not long-running may take.
+    pub fn with_request_timeout(mut self, limit: Duration) -> Self {
+        self.request_timeout = limit;
+        self
     }
 
     /// The in-flight limiter (tests saturate it to see the 429).
@@ -508,6 +522,74 @@ struct Asked {
     target: Option<rest::Target>,
 }
 
+/// How long a request may take: None for the long-running ones (watches, logs, exec,
+/// attach, port-forward, proxies and other upgrades), as kube-apiserver tells them
+/// apart; otherwise the server's limit, or the client's `timeout` if shorter. A
+/// `timeout` that does not parse is refused, as kube-apiserver refuses it.
+fn time_limit(
+    req: &HttpRequest<Body>,
+    query: &HashMap<String, String>,
+    server: Duration,
+) -> Result<Option<Duration>, ApiError> {
+    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let segs = req.uri().path().trim_matches('/').split('/');
+    let streams = segs
+        .clone()
+        .next_back()
+        .is_some_and(|last| matches!(last, "exec" | "attach" | "portforward" | "log"));
+    let proxied = segs.clone().any(|s| s == "proxy");
+    let upgrade = req.headers().contains_key(http::header::UPGRADE);
+    if watch || streams || proxied || upgrade {
+        return Ok(None);
+    }
+    let asked = match query.get("timeout").filter(|t| !t.is_empty()) {
+        None => None,
+        Some(t) => Some(go_duration(t).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "invalid timeout specified in the request URL: {t:?}"
+            ))
+        })?),
+    };
+    Ok(Some(match asked {
+        Some(d) if !d.is_zero() => d.min(server),
+        _ => server,
+    }))
+}
+
+/// A Go duration (`30s`, `1m0s`, `1.5h`, `250ms`), as clients send `timeout`.
+fn go_duration(s: &str) -> Option<Duration> {
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return None;
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|&n| n > 0)?;
+        let value: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += value * seconds;
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
 /// Serves one request, counted and timed in the API server's metrics.
 async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> Response {
     let started = std::time::Instant::now();
@@ -528,7 +610,19 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
     );
     let _in_flight = api.metrics.in_flight(req.method());
     let long_running = api.metrics.long_running(&labels);
-    let resp = serve(&api, req, asked).await;
+    let resp = match time_limit(&req, &asked.query, api.request_timeout) {
+        Ok(None) => serve(&api, req, asked).await,
+        // As kube-apiserver's timeout filter: the client is answered 504 when the time
+        // is up. What the request had done by then stands; the rest of it is dropped.
+        Ok(Some(limit)) => match tokio::time::timeout(limit, serve(&api, req, asked)).await {
+            Ok(resp) => resp,
+            Err(_) => ApiError::Timeout {
+                message: "Timeout: request did not complete within the requested timeout - context deadline exceeded".into(),
+            }
+            .into_response(),
+        },
+        Err(e) => e.into_response(),
+    };
     api.metrics
         .observe(labels, resp.status().as_u16(), started.elapsed());
     match long_running {
@@ -755,6 +849,53 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn go_durations_are_read_as_clients_send_them() {
+        let d = |s| go_duration(s);
+        assert_eq!(d("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(d("1m0s"), Some(Duration::from_secs(60)));
+        assert_eq!(d("1h2m3.5s"), Some(Duration::from_secs_f64(3723.5)));
+        assert_eq!(d("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(d("0"), Some(Duration::ZERO));
+        for bad in ["", "5", "s", "5x", "-1s", "1..5s", "5 s"] {
+            assert_eq!(d(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn long_running_requests_have_no_time_limit() {
+        let limit = |uri: &str, upgrade: bool| {
+            let mut req = http::Request::get(uri);
+            if upgrade {
+                req = req.header("upgrade", "SPDY/3.1");
+            }
+            let req = req.body(Body::empty()).unwrap();
+            time_limit(&req, &parse_query(req.uri().query()), REQUEST_TIMEOUT)
+        };
+        let minute = Some(REQUEST_TIMEOUT);
+        assert_eq!(limit("/api/v1/pods", false).unwrap(), minute);
+        assert_eq!(
+            limit("/api/v1/pods?timeout=5s", false).unwrap(),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            limit("/api/v1/pods?timeout=10m", false).unwrap(),
+            minute,
+            "a client may shorten the limit, not lengthen it"
+        );
+        for long in [
+            "/api/v1/pods?watch=true",
+            "/api/v1/namespaces/a/pods/p/log?follow=true",
+            "/api/v1/namespaces/a/pods/p/exec?command=sh",
+            "/api/v1/nodes/n1/proxy/stats/summary",
+        ] {
+            assert_eq!(limit(long, false).unwrap(), None, "{long}");
+        }
+        assert_eq!(limit("/api/v1/namespaces/a/pods/p", true).unwrap(), None);
+        let bad = limit("/api/v1/pods?timeout=soon", false).unwrap_err();
+        assert!(bad.to_string().contains("invalid timeout"), "{bad}");
+    }
 
     #[test]
     fn a_browsers_request_from_another_site_is_told_apart() {

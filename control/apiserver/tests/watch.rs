@@ -222,6 +222,39 @@ async fn lists_page_with_continue_and_honour_selectors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_timeout_is_answered_504() {
+    let e = env().await;
+    // A revision the store will not reach soon: the read would wait 3 s for it.
+    let started = std::time::Instant::now();
+    let (code, status) = e
+        .json(
+            "GET",
+            &format!("{CMS}/none?resourceVersion=999999999&timeout=300ms"),
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::GATEWAY_TIMEOUT, "{status}");
+    assert_eq!(status["reason"], "Timeout");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("within the requested timeout"),
+        "{status}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered at the timeout"
+    );
+    // Within its time, the same server answers as before.
+    let (code, _) = e.json("GET", &format!("{CMS}?timeout=30s"), None).await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, status) = e.json("GET", &format!("{CMS}?timeout=soon"), None).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{status}");
+    e.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_gets_429_and_terminating_namespaces_403() {
     let e = support::env_with_tokens("dev-token,dev").await;
     // A user's level (global-default) is saturated: its seats held, its queues filled.
