@@ -614,7 +614,17 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
         Ok(None) => serve(&api, req, asked).await,
         // As kube-apiserver's timeout filter: the client is answered 504 when the time
         // is up. What the request had done by then stands; the rest of it is dropped.
-        Ok(Some(limit)) => match tokio::time::timeout(limit, serve(&api, req, asked)).await {
+        // The store learns the deadline too, so that a wait for a leader ends before it
+        // with "nothing was written" (503), which a client may safely retry.
+        Ok(Some(limit)) => match tokio::time::timeout(
+            limit,
+            baton_store::with_deadline(
+                tokio::time::Instant::now() + limit,
+                serve(&api, req, asked),
+            ),
+        )
+        .await
+        {
             Ok(resp) => resp,
             Err(_) => ApiError::Timeout {
                 message: "Timeout: request did not complete within the requested timeout - context deadline exceeded".into(),

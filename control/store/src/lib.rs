@@ -70,7 +70,7 @@ pub use etcd::{EtcdConfig, EtcdTls};
 pub use latency::Latencies;
 pub use mvcc::MvccError;
 pub use raft::NodeId;
-pub use store::{AutoCompaction, Store, StoreConfig};
+pub use store::{with_deadline, AutoCompaction, Store, StoreConfig};
 pub use tls::{StoreCa, StoreTls, TlsError};
 pub use types::*;
 pub use watch::Watch;

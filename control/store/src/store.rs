@@ -34,6 +34,19 @@ tokio::task_local! {
     pub(crate) static DEADLINE: tokio::time::Instant;
 }
 
+/// Runs `f`, a caller's use of the store, as a request its client waits for until
+/// `deadline`: the store's waits for a leader then end in time to answer "no leader,
+/// nothing was written", a failure the client may retry, rather than run past the
+/// deadline and leave a write's outcome unknown. A remote client's deadline comes in
+/// its request's header; an API server in the member's process passes its request's
+/// here.
+pub async fn with_deadline<F: std::future::Future>(
+    deadline: tokio::time::Instant,
+    f: F,
+) -> F::Output {
+    DEADLINE.scope(deadline, f).await
+}
+
 /// A leader not heard from for this many heartbeats may be gone: a request is not
 /// forwarded to it until it is heard from again, or another is elected.
 const SILENT_HEARTBEATS: u32 = 3;
@@ -163,16 +176,20 @@ impl Inner {
     /// How long a request waits for an election before it gives up: an election's
     /// worth, but never past its client's deadline.
     fn election_wait(&self) -> Duration {
-        let wait = self.cfg.election_timeout.1 * 4;
-        match DEADLINE.try_with(|d| d.saturating_duration_since(tokio::time::Instant::now())) {
-            Ok(left) => wait.min(left.saturating_sub(DEADLINE_MARGIN)),
-            Err(_) => wait,
-        }
+        within_deadline(self.cfg.election_timeout.1 * 4)
     }
 
     /// Whether the leader has been silent for a few heartbeats.
     fn leader_silent(&self) -> bool {
         self.leader_contact.borrow().elapsed() > self.cfg.heartbeat * SILENT_HEARTBEATS
+    }
+}
+
+/// `wait`, or less if the client of the request being served stops waiting before.
+fn within_deadline(wait: Duration) -> Duration {
+    match DEADLINE.try_with(|d| d.saturating_duration_since(tokio::time::Instant::now())) {
+        Ok(left) => wait.min(left.saturating_sub(DEADLINE_MARGIN)),
+        Err(_) => wait,
     }
 }
 
@@ -593,7 +610,9 @@ impl Store {
                         }
                         Err(e) => return Err(e),
                     };
-                    let wait = inner.raft.wait(Some(Duration::from_secs(10)));
+                    let wait = inner
+                        .raft
+                        .wait(Some(within_deadline(Duration::from_secs(10))));
                     wait.applied_index_at_least(Some(index), "read index")
                         .await
                         .map_err(|e| Error::Unavailable {

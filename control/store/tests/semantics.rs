@@ -598,3 +598,33 @@ async fn a_tls_member_takes_only_certificates_from_its_store_ca() {
     server.abort();
     s.shutdown().await.unwrap();
 }
+
+/// A caller's deadline (an API server's request's, through `with_deadline`) bounds the
+/// store's wait for a leader: a write to a member that has none fails "no leader" before
+/// the deadline, rather than after an election's wait (12 s with these timeouts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_without_a_leader_fails_within_the_callers_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = StoreConfig::new(1, dir.path(), "127.0.0.1:0");
+    cfg.election_timeout = (Duration::from_secs(2), Duration::from_secs(3));
+    // Never initialized: no member of it will ever lead.
+    let s = Store::open(cfg).await.expect("open a member");
+    let started = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    let err = with_deadline(deadline, s.put("k", "v")).await.unwrap_err();
+    assert!(matches!(err, Error::NoLeader { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered at the deadline, not after {:?}",
+        started.elapsed()
+    );
+    let err = with_deadline(deadline + Duration::from_millis(300), s.get(b"k", LATEST))
+        .await
+        .unwrap_err();
+    // A read is safe to repeat either way.
+    assert!(
+        matches!(err, Error::NoLeader { .. } | Error::Unavailable { .. }),
+        "a linearizable read too: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
