@@ -532,12 +532,15 @@ fn time_limit(
     server: Duration,
 ) -> Result<Option<Duration>, ApiError> {
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
-    let segs = req.uri().path().trim_matches('/').split('/');
-    let streams = segs
-        .clone()
-        .next_back()
-        .is_some_and(|last| matches!(last, "exec" | "attach" | "portforward" | "log"));
-    let proxied = segs.clone().any(|s| s == "proxy");
+    let segs: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+    // A pod's subresources, not an object that happens to have such a name.
+    let streams = matches!(
+        segs.as_slice(),
+        [.., "pods", _, "exec" | "attach" | "portforward" | "log"]
+    );
+    let proxied = segs
+        .windows(3)
+        .any(|w| matches!(w, ["pods" | "services" | "nodes", _, "proxy"]));
     let upgrade = req.headers().contains_key(http::header::UPGRADE);
     if watch || streams || proxied || upgrade {
         return Ok(None);
@@ -903,6 +906,12 @@ mod tests {
             assert_eq!(limit(long, false).unwrap(), None, "{long}");
         }
         assert_eq!(limit("/api/v1/namespaces/a/pods/p", true).unwrap(), None);
+        for named in [
+            "/api/v1/namespaces/a/configmaps/log",
+            "/api/v1/namespaces/a/configmaps/proxy",
+        ] {
+            assert_eq!(limit(named, false).unwrap(), minute, "{named}");
+        }
         let bad = limit("/api/v1/pods?timeout=soon", false).unwrap_err();
         assert!(bad.to_string().contains("invalid timeout"), "{bad}");
     }
