@@ -165,21 +165,8 @@ struct UpArgs {
     /// evicted (after their tolerations).
     #[arg(long, default_value_t = 40)]
     node_monitor_grace: u64,
-    /// Requests served at once, watches aside (kube-apiserver's `--max-requests-inflight`
-    /// and `--max-mutating-requests-inflight` together), shared out among the priority
-    /// levels. A seat held by a request waiting for its write to commit costs no CPU, so
-    /// a large cluster wants more: the scale runs give 3,000 at 5,000 nodes.
-    #[arg(long, default_value_t = baton_apiserver::server::MAX_INFLIGHT as u64, value_parser = clap::value_parser!(u64).range(7..))]
-    max_requests_inflight: u64,
-    /// Seconds an Event is kept after it was last written (kube-apiserver's
-    /// `--event-ttl`, one hour).
-    #[arg(long, default_value_t = baton_apiserver::event_ttl::DEFAULT_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
-    event_ttl: u64,
-    /// Seconds a request may take before it is answered 504, watches, logs, exec,
-    /// attach, port-forward and proxies aside (kube-apiserver's `--request-timeout`); a
-    /// client's `timeout` parameter may only shorten it.
-    #[arg(long, default_value_t = baton_apiserver::server::REQUEST_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
-    request_timeout: u64,
+    #[command(flatten)]
+    api_limits: ApiLimits,
     /// The prefix length of the pod range each node is given, within 127.128.0.0/9
     /// (kube-controller-manager's `--node-cidr-mask-size`): 20 gives 4,096 pod addresses
     /// to each of 2,048 nodes, 22 gives 1,024 to each of 8,192.
@@ -286,6 +273,20 @@ struct ServerArgs {
     /// should renew their Lease well within it (`baton node --node-lease-duration`).
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
     node_monitor_grace: u64,
+    #[command(flatten)]
+    api_limits: ApiLimits,
+    /// The prefix length of the pod range each node is given, within 127.128.0.0/9
+    /// (kube-controller-manager's `--node-cidr-mask-size`): 20 gives 4,096 pod addresses
+    /// to each of 2,048 nodes, 22 gives 1,024 to each of 8,192.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(12..=28))]
+    node_cidr_mask_size: u8,
+    #[command(flatten)]
+    tuning: Tuning,
+}
+
+/// The API server's limits, the same on `baton up` and `baton server`.
+#[derive(Args, Debug, Clone)]
+struct ApiLimits {
     /// Requests served at once, watches aside (kube-apiserver's `--max-requests-inflight`
     /// and `--max-mutating-requests-inflight` together), shared out among the priority
     /// levels. A seat held by a request waiting for its write to commit costs no CPU, so
@@ -301,13 +302,6 @@ struct ServerArgs {
     /// client's `timeout` parameter may only shorten it.
     #[arg(long, default_value_t = baton_apiserver::server::REQUEST_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     request_timeout: u64,
-    /// The prefix length of the pod range each node is given, within 127.128.0.0/9
-    /// (kube-controller-manager's `--node-cidr-mask-size`): 20 gives 4,096 pod addresses
-    /// to each of 2,048 nodes, 22 gives 1,024 to each of 8,192.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(12..=28))]
-    node_cidr_mask_size: u8,
-    #[command(flatten)]
-    tuning: Tuning,
 }
 
 /// Raft tuning; the defaults suit a LAN.
@@ -681,9 +675,7 @@ async fn up(args: UpArgs) -> Result<()> {
                 encryption,
                 local_nodes: local_nodes.clone(),
                 join_token: None,
-                max_inflight: args.max_requests_inflight as usize,
-                event_ttl: Duration::from_secs(args.event_ttl),
-                request_timeout: Duration::from_secs(args.request_timeout),
+                limits: args.api_limits.clone(),
             },
             &mut tasks,
         )
@@ -938,12 +930,8 @@ struct ApiOptions {
     local_nodes: LocalNodes,
     /// The cluster token members may join with.
     join_token: Option<baton_apiserver::join::Token>,
-    /// Requests served at once (`--max-requests-inflight`).
-    max_inflight: usize,
-    /// How long Events are kept after their last write (`--event-ttl`).
-    event_ttl: Duration,
-    /// The longest a request may take (`--request-timeout`).
-    request_timeout: Duration,
+    /// Seats, Events' time to live and the requests' time limit.
+    limits: ApiLimits,
 }
 
 /// Starts the API server over `store`.
@@ -959,9 +947,7 @@ async fn start_api(
         encryption,
         local_nodes,
         join_token,
-        max_inflight,
-        event_ttl,
-        request_timeout,
+        limits,
     } = opts;
     let pki = Pki::load_or_create(&dir.join("pki"), &[addr.ip().to_string()])
         .context("failed to set up the cluster's certificates and tokens")?;
@@ -981,8 +967,9 @@ async fn start_api(
         })?;
         objects = objects.with_encryption(e);
     }
-    let mut api = ApiServer::with_max_inflight(objects, pki.clone(), max_inflight)
-        .with_request_timeout(request_timeout);
+    let mut api =
+        ApiServer::with_max_inflight(objects, pki.clone(), limits.max_requests_inflight as usize)
+            .with_request_timeout(Duration::from_secs(limits.request_timeout));
     if let Some(t) = join_token {
         api = api.with_join_token(t);
     }
@@ -994,7 +981,7 @@ async fn start_api(
             .context("failed to start the API server")?,
     );
     tasks.push(api.publish_endpoint(addr));
-    tasks.push(api.expire_events(event_ttl));
+    tasks.push(api.expire_events(Duration::from_secs(limits.event_ttl)));
     let kubeconfig = dir.join("kubeconfig");
     let host = if addr.ip().is_unspecified() {
         "127.0.0.1".to_string()
@@ -1118,9 +1105,7 @@ async fn server(args: ServerArgs) -> Result<()> {
                     encryption: Some(encryption),
                     local_nodes: LocalNodes::default(),
                     join_token: Some(token.clone()),
-                    max_inflight: args.max_requests_inflight as usize,
-                    event_ttl: Duration::from_secs(args.event_ttl),
-                request_timeout: Duration::from_secs(args.request_timeout),
+                    limits: args.api_limits.clone(),
                 },
                 &mut tasks,
             )

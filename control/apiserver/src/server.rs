@@ -531,7 +531,7 @@ fn time_limit(
     query: &HashMap<String, String>,
     server: Duration,
 ) -> Result<Option<Duration>, ApiError> {
-    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let watch = watching(query);
     let segs: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
     // A pod's subresources, not an object that happens to have such a name.
     let streams = matches!(
@@ -557,6 +557,11 @@ fn time_limit(
         Some(d) if !d.is_zero() => d.min(server),
         _ => server,
     }))
+}
+
+/// Whether the request asks for a watch (`?watch=true`).
+fn watching(query: &HashMap<String, String>) -> bool {
+    matches!(query.get("watch").map(String::as_str), Some("true" | "1"))
 }
 
 /// A Go duration (`30s`, `1m0s`, `1.5h`, `250ms`), as clients send `timeout`.
@@ -679,7 +684,7 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
         }
     }
     let parts_query = parts.uri.query().map(String::from);
-    let is_watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let is_watch = watching(&query);
     // Long-running requests do not hold a slot, as kube-apiserver's long-running check.
     let streaming = ["/exec", "/attach", "/portforward"]
         .iter()
