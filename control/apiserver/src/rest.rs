@@ -1861,6 +1861,58 @@ async fn delete_collection(objects: &Objects, req: &Request) -> ApiResult<Respon
 }
 
 /// One watch event line; `rendering` is the request's, read once for the whole watch.
+/// How often a watch that asked for bookmarks gets one, as kube-apiserver's cacher
+/// paces them (its `bookmarkFrequency`): a client needs one now and then to resume from a
+/// recent revision. One every five seconds per watch was, at 5,000 nodes, a thousand a
+/// second, twice the nodes' Lease renewals, each framed, encrypted and parsed.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(60);
+/// A watch's last bookmark comes this long before its time runs out, so that its client
+/// resumes from a recent revision (kube-apiserver's).
+const BOOKMARK_BEFORE_END: Duration = Duration::from_secs(2);
+
+/// When a watch that asked for bookmarks sends its next one.
+#[derive(Debug)]
+struct BookmarkPace {
+    next: Option<tokio::time::Instant>,
+    end: tokio::time::Instant,
+}
+
+impl BookmarkPace {
+    fn new(asked: bool, now: tokio::time::Instant, timeout: Duration) -> Self {
+        let mut pace = Self {
+            next: None,
+            end: now + timeout,
+        };
+        if asked {
+            pace.schedule(now);
+        }
+        pace
+    }
+
+    /// The next bookmark after one sent (or the watch started) at `now`: a minute on, or
+    /// just before the end if that is sooner, or none once that has passed.
+    fn schedule(&mut self, now: tokio::time::Instant) {
+        let before_end = self.end.checked_sub(BOOKMARK_BEFORE_END).unwrap_or(now);
+        let next = (now + BOOKMARK_EVERY).min(before_end);
+        self.next = (next > now).then_some(next);
+    }
+
+    /// Waits until the next bookmark is due (forever if none is).
+    async fn due(&self) {
+        match self.next {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// A BOOKMARK line: everything up to `rev` has been sent.
+fn bookmark_line(req: &Request, rev: i64) -> Bytes {
+    let res = &req.target.res;
+    let mark = json!({"kind": res.kind, "apiVersion": res.api_version(), "metadata": {"resourceVersion": rev.to_string()}});
+    event_line("BOOKMARK", &mark, req, Rendering::Object)
+}
+
 fn event_line(kind: &str, obj: &Value, req: &Request, rendering: Rendering) -> Bytes {
     // Bookmarks and errors are never rendered: they are not objects of the resource.
     let rendering = match kind {
@@ -1961,52 +2013,84 @@ async fn watch(objects: &Objects, req: &Request) -> ApiResult<Response> {
         }
         Err(e) => return Err(e.into()),
     };
-    let api_version = res.api_version();
     let span = tracing::debug_span!("api_watch", resource = %res.plural);
     let objects = objects.clone();
     tokio::spawn(
         async move {
             for obj in &initial {
-                if tx.send(Ok(event_line("ADDED", obj, &req_view, rendering))).await.is_err() {
+                if tx
+                    .send(Ok(event_line("ADDED", obj, &req_view, rendering)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
-            let Some(w) = store_watch.as_mut() else { return };
+            let Some(w) = store_watch.as_mut() else {
+                return;
+            };
             let deadline = tokio::time::sleep(timeout);
             tokio::pin!(deadline);
+            let mut pace = BookmarkPace::new(bookmarks, tokio::time::Instant::now(), timeout);
+            // Everything up to here has been sent.
+            let mut known = from - 1;
             loop {
                 let item = tokio::select! {
                     _ = &mut deadline => return,
                     _ = tx.closed() => return,
+                    () = pace.due() => {
+                        pace.schedule(tokio::time::Instant::now());
+                        if tx.send(Ok(bookmark_line(&req_view, known))).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     item = w.next() => item,
                 };
                 let lines: Vec<Bytes> = match item {
                     None => return,
-                    Some(Err(baton_store::Error::Compacted { requested, compact_revision })) => {
-                        let status = ApiError::Expired { requested, oldest: compact_revision }.status();
-                        let _ = tx.send(Ok(event_line("ERROR", &status, &req_view, rendering))).await;
+                    Some(Err(baton_store::Error::Compacted {
+                        requested,
+                        compact_revision,
+                    })) => {
+                        let status = ApiError::Expired {
+                            requested,
+                            oldest: compact_revision,
+                        }
+                        .status();
+                        let _ = tx
+                            .send(Ok(event_line("ERROR", &status, &req_view, rendering)))
+                            .await;
                         return;
                     }
                     Some(Err(e)) => {
-                        let status = ApiError::Internal { message: e.to_string() }.status();
-                        let _ = tx.send(Ok(event_line("ERROR", &status, &req_view, rendering))).await;
+                        let status = ApiError::Internal {
+                            message: e.to_string(),
+                        }
+                        .status();
+                        let _ = tx
+                            .send(Ok(event_line("ERROR", &status, &req_view, rendering)))
+                            .await;
                         return;
                     }
                     Some(Ok(WatchEvent::Progress(rev))) => {
-                        if !bookmarks {
-                            continue;
-                        }
-                        let mark = json!({"kind": res.kind, "apiVersion": api_version, "metadata": {"resourceVersion": rev.to_string()}});
-                        vec![event_line("BOOKMARK", &mark, &req_view, rendering)]
+                        known = known.max(rev);
+                        continue;
                     }
                     Some(Ok(WatchEvent::Events(re))) => {
+                        known = known.max(re.revision);
                         let mut out = Vec::new();
                         for ev in &re.events {
                             let matches = |o: &Value| ls.matches(o) && fs.matches(o);
-                            let prev = ev.prev_kv.as_ref().and_then(|kv| objects.decode_as(kv, &res).ok());
+                            let prev = ev
+                                .prev_kv
+                                .as_ref()
+                                .and_then(|kv| objects.decode_as(kv, &res).ok());
                             match ev.kind {
                                 EventKind::Put => {
-                                    let Ok(cur) = objects.decode_as(&ev.kv, &res) else { continue };
+                                    let Ok(cur) = objects.decode_as(&ev.kv, &res) else {
+                                        continue;
+                                    };
                                     let now_in = matches(&cur);
                                     let was_in = prev.as_ref().is_some_and(matches);
                                     let ty = match (was_in, now_in) {
@@ -2135,23 +2219,34 @@ impl CachedWatcher {
         }
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        let mut pace = BookmarkPace::new(self.bookmarks, tokio::time::Instant::now(), timeout);
+        // Everything up to here has been sent: what a bookmark may say.
+        let mut known = sub.revision;
         loop {
             let msg = tokio::select! {
                 _ = &mut deadline => return,
                 _ = tx.closed() => return,
+                () = pace.due() => {
+                    pace.schedule(tokio::time::Instant::now());
+                    if tx.send(Ok(bookmark_line(&self.req, known))).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 msg = sub.rx.recv() => msg,
             };
             let line = match msg {
                 // Closed by the cache: slow, or the cache reloaded. The client resumes
                 // from the last revision it saw.
                 None => return,
-                Some(Message::Change(c)) => self.change(&c),
-                Some(Message::Progress(rev)) if self.bookmarks => {
-                    let res = &self.req.target.res;
-                    let mark = json!({"kind": res.kind, "apiVersion": res.api_version(), "metadata": {"resourceVersion": rev.to_string()}});
-                    Some(event_line("BOOKMARK", &mark, &self.req, self.rendering))
+                Some(Message::Change(c)) => {
+                    known = known.max(c.revision);
+                    self.change(&c)
                 }
-                Some(Message::Progress(_)) => None,
+                Some(Message::Progress(rev)) => {
+                    known = known.max(rev);
+                    None
+                }
             };
             if let Some(line) = line {
                 if tx.send(Ok(line)).await.is_err() {
@@ -2171,6 +2266,28 @@ mod tests {
             "containers": [{"name": "app", "image": "a"}],
             "ephemeralContainers": ephemeral,
         }})
+    }
+
+    #[test]
+    fn bookmarks_come_once_a_minute_and_just_before_the_end() {
+        let t0 = tokio::time::Instant::now();
+        let secs = Duration::from_secs;
+        // Not asked for: none.
+        assert_eq!(BookmarkPace::new(false, t0, secs(1800)).next, None);
+        // A long watch: every minute, and the last one two seconds before its end.
+        let mut pace = BookmarkPace::new(true, t0, secs(150));
+        let mut sent = Vec::new();
+        while let Some(at) = pace.next {
+            sent.push(at - t0);
+            pace.schedule(at);
+        }
+        assert_eq!(sent, [secs(60), secs(120), secs(148)]);
+        // A short one gets only the last; one too short for it, none.
+        assert_eq!(
+            BookmarkPace::new(true, t0, secs(3)).next,
+            Some(t0 + secs(1))
+        );
+        assert_eq!(BookmarkPace::new(true, t0, secs(1)).next, None);
     }
 
     #[test]

@@ -47,8 +47,9 @@ use crate::selectors::{field_text, Selectable};
 pub const RING: usize = 8192;
 /// Changes a watcher may leave unsent before it is closed as slow.
 pub const WATCHER_QUEUE: usize = 4096;
-/// How often watchers that asked for them get a bookmark.
-const BOOKMARK_EVERY: Duration = Duration::from_secs(5);
+/// How often every watcher hears the cache's revision, which it sends in its next
+/// bookmark (their pace is the watcher's: see `rest::BookmarkPace`).
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How soon the store tells the cache of revisions that did not touch it: how far behind
 /// "the latest" an idle cache can be.
 const EAGER_PROGRESS: Duration = Duration::from_millis(5);
@@ -198,6 +199,8 @@ pub struct Subscription {
     pub initial: Vec<Arc<Cached>>,
     /// For [`Start::After`]: the ring's changes after the revision, in order.
     pub replay: Vec<Arc<Change>>,
+    /// The revision `initial` or `replay` brings the watcher to: `rx` has what follows.
+    pub revision: Revision,
     pub rx: mpsc::Receiver<Message>,
 }
 
@@ -663,6 +666,7 @@ impl Cacher {
         Ok(Some(Subscription {
             initial,
             replay,
+            revision: state.revision,
             rx,
         }))
     }
@@ -916,7 +920,7 @@ impl Inner {
             };
         }
         self.revision.send_replace(Some(revision));
-        let mut bookmarks = tokio::time::interval(BOOKMARK_EVERY);
+        let mut bookmarks = tokio::time::interval(PROGRESS_EVERY);
         bookmarks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         bookmarks.tick().await;
         loop {

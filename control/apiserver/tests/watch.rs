@@ -147,12 +147,14 @@ async fn bookmarks_and_timeouts() {
         .as_str()
         .unwrap()
         .to_string();
+    // Bookmarks come once a minute, and two seconds before the watch's time runs out.
     let (_, body) = e
         .call_get(&format!(
-            "{CMS}?watch=true&allowWatchBookmarks=true&resourceVersion={rv}"
+            "{CMS}?watch=true&allowWatchBookmarks=true&timeoutSeconds=3&resourceVersion={rv}"
         ))
         .await;
-    let evs = events(body, 1).await;
+    let evs = events(body, 2).await;
+    assert_eq!(evs.len(), 1, "one bookmark, then the end: {evs:?}");
     assert_eq!(evs[0]["type"], "BOOKMARK");
     assert_eq!(evs[0]["object"]["kind"], "ConfigMap");
     assert!(
@@ -676,6 +678,20 @@ async fn events_are_listed_and_watched_from_the_store_without_a_cache() {
             evs[0]["object"]["metadata"]["name"].as_str()
         ),
         (Some("ADDED"), Some("two"))
+    );
+    // A watch of the store paces its bookmarks as a cached one does: the last comes two
+    // seconds before the end, at the revision of the newest event sent.
+    let (_, body) = e
+        .call_get(&format!(
+            "{EVENTS}?watch=true&allowWatchBookmarks=true&timeoutSeconds=3&resourceVersion={rv}"
+        ))
+        .await;
+    let evs = events(body, 3).await;
+    let types: Vec<_> = evs.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["ADDED", "BOOKMARK"], "{evs:?}");
+    assert_eq!(
+        evs[1]["object"]["metadata"]["resourceVersion"],
+        evs[0]["object"]["metadata"]["resourceVersion"]
     );
     let sizes = e.api.watch_caches().sizes();
     assert!(
