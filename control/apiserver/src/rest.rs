@@ -1335,8 +1335,8 @@ const UPDATE_BUDGET: Duration = Duration::from_secs(30);
 /// ([`crate::watchcache::WatchCaches::current_applied`]), but the copy may still be
 /// behind, so only a fresh read may end the loop without a write: an error (from
 /// `decide`, admission or validation) or a change that turns out to be no change, on the
-/// cached copy, is decided again on a fresh read. A dry run always reads the store,
-/// since nothing checks its answer.
+/// cached copy, stands if a fresh read finds the same revision, and is decided again on
+/// a newer one. A dry run always reads the store, since nothing checks its answer.
 pub(crate) async fn guaranteed_update(
     objects: &Objects,
     req: &Request,
@@ -1351,14 +1351,31 @@ pub(crate) async fn guaranteed_update(
     } else {
         objects.caches.current_applied(objects, res, ns, name).await
     };
+    // What the cached copy came to when only a fresh read could confirm it, and at which
+    // revision: a fresh read of that same revision shows the copy was current, and its
+    // outcome stands without being decided again (as kube-apiserver's GuaranteedUpdate
+    // returns its cached answer when the revision it reads back is the cached one).
+    let mut unconfirmed: Option<(i64, ApiResult<Value>)> = None;
     while tokio::time::Instant::now() < deadline {
         let from_cache = cached.is_some();
         let (old, rev) = match cached.take() {
             Some(hit) => hit,
             None => objects.get_or_404(res, ns, name).await?,
         };
+        if let Some((at, outcome)) = unconfirmed.take() {
+            if at == rev {
+                return outcome;
+            }
+        }
         let change = match decide(&old, rev) {
-            Err(_) | Ok(Change::Keep) if from_cache => continue,
+            Err(e) if from_cache => {
+                unconfirmed = Some((rev, Err(e)));
+                continue;
+            }
+            Ok(Change::Keep) if from_cache => {
+                unconfirmed = Some((rev, Ok(old)));
+                continue;
+            }
             other => other?,
         };
         let written = match change {
@@ -1366,7 +1383,10 @@ pub(crate) async fn guaranteed_update(
             Change::Write(new) => match store_update(objects, req, &old, rev, new).await {
                 // A write that found nothing to change answers with the object as read,
                 // which from the cache may be out of date.
-                Ok(out) if from_cache && objects::rv_of(&out) == Some(rev) => continue,
+                Ok(out) if from_cache && objects::rv_of(&out) == Some(rev) => {
+                    unconfirmed = Some((rev, Ok(out)));
+                    continue;
+                }
                 other => other,
             },
             Change::Store(new) if req.dry_run() => return Ok(new),
@@ -1386,7 +1406,7 @@ pub(crate) async fn guaranteed_update(
             Err(ApiError::Conflict { .. }) => continue,
             // Admission and validation judged the change against a copy that may be
             // out of date.
-            Err(_) if from_cache => continue,
+            Err(e) if from_cache => unconfirmed = Some((rev, Err(e))),
             other => return other,
         }
     }
@@ -2228,6 +2248,10 @@ impl CachedWatcher {
                 _ = tx.closed() => return,
                 () = pace.due() => {
                     pace.schedule(tokio::time::Instant::now());
+                    // The cache's latest when the watcher is drained: a client that
+                    // resumes from a bookmark a few seconds old may find the ring has
+                    // moved past it, and must relist.
+                    known = known.max(sub.drained_revision().unwrap_or(known));
                     if tx.send(Ok(bookmark_line(&self.req, known))).await.is_err() {
                         return;
                     }

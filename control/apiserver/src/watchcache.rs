@@ -202,6 +202,18 @@ pub struct Subscription {
     /// The revision `initial` or `replay` brings the watcher to: `rx` has what follows.
     pub revision: Revision,
     pub rx: mpsc::Receiver<Message>,
+    inner: Arc<Inner>,
+}
+
+impl Subscription {
+    /// The cache's revision, if nothing waits in `rx`: then every change up to it was
+    /// either received or did not concern this watcher, since changes are sent, and the
+    /// revision moved, under the lock taken here. What a bookmark may say without waiting
+    /// for the cache's next progress report; None while changes wait.
+    pub fn drained_revision(&self) -> Option<Revision> {
+        let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.rx.is_empty().then_some(state.revision)
+    }
 }
 
 /// A list served by the cache.
@@ -668,6 +680,7 @@ impl Cacher {
             replay,
             revision: state.revision,
             rx,
+            inner: self.inner.clone(),
         }))
     }
 

@@ -153,9 +153,26 @@ async fn bookmarks_and_timeouts() {
             "{CMS}?watch=true&allowWatchBookmarks=true&timeoutSeconds=3&resourceVersion={rv}"
         ))
         .await;
+    // A write the watch does not see moves the store on; the bookmark says so.
+    let (code, other) = e
+        .json(
+            "POST",
+            "/api/v1/namespaces/default/secrets",
+            Some(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "moved-on"}})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{other}");
     let evs = events(body, 2).await;
     assert_eq!(evs.len(), 1, "one bookmark, then the end: {evs:?}");
     assert_eq!(evs[0]["type"], "BOOKMARK");
+    let rv_of = |v: &Value| {
+        v["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    };
+    assert!(rv_of(&evs[0]["object"]) >= rv_of(&other), "{evs:?}");
     assert_eq!(evs[0]["object"]["kind"], "ConfigMap");
     assert!(
         evs[0]["object"]["metadata"]["resourceVersion"]
@@ -641,6 +658,24 @@ async fn a_change_from_a_stale_cached_copy_lands_on_the_latest_object() {
     );
     assert_eq!(stored().await, json!({"v": "third", "y": "2"}));
     drop(hold);
+    // On a current copy, a patch that changes nothing and one whose test fails keep
+    // their answers once a fresh read finds the same revision.
+    let (_, now) = e.json("GET", &uri, None).await;
+    let (code, same) = e.json_patch(&uri, json!({"data": {"y": "2"}})).await;
+    assert_eq!(code, StatusCode::OK, "{same}");
+    assert_eq!(
+        same["metadata"]["resourceVersion"],
+        now["metadata"]["resourceVersion"]
+    );
+    let (code, out) = e
+        .patch_as(
+            &uri,
+            "application/json-patch+json",
+            json!([{"op": "test", "path": "/data/v", "value": "not it"}]),
+        )
+        .await;
+    assert!(code.is_client_error(), "{code}: {out}");
+    assert_eq!(stored().await, json!({"v": "third", "y": "2"}));
     e.close().await;
 }
 

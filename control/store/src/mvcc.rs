@@ -784,7 +784,28 @@ impl ApplyBatch<'_> {
             .and_then(|(rev, rec)| rec.to_kv(key, rev)))
     }
 
+    /// The revision of the key's live version, from the batch or the index: no read.
+    fn current_revision(&self, key: &[u8]) -> Option<Revision> {
+        match self.overlay.get(key) {
+            Some((rev, rec)) => rec.value.is_some().then_some(*rev),
+            None => self.index.get(key).copied(),
+        }
+    }
+
     fn holds(&self, c: &Compare) -> Result<bool, MvccError> {
+        let ord = |have: i64, want: i64| have.cmp(&want);
+        // The compares of an update (its mod revision) and of a create (that the key is
+        // absent) are answered by the index; the put that follows reads the version once.
+        let live = self.current_revision(&c.key);
+        let ordering = match (&c.target, live) {
+            (CompareTarget::ModRevision(r), _) => ord(live.unwrap_or(0), *r),
+            (CompareTarget::CreateRevision(r) | CompareTarget::Version(r), None) => ord(0, *r),
+            _ => return self.holds_on_value(c),
+        };
+        Ok(c.op.holds(ordering))
+    }
+
+    fn holds_on_value(&self, c: &Compare) -> Result<bool, MvccError> {
         let kv = self.current_kv(&c.key)?;
         let ord = |have: i64, want: i64| have.cmp(&want);
         let ordering = match &c.target {
@@ -799,12 +820,7 @@ impl ApplyBatch<'_> {
                 Some(kv) => kv.value.as_slice().cmp(v.as_slice()),
             },
         };
-        Ok(match c.op {
-            CompareOp::Equal => ordering.is_eq(),
-            CompareOp::NotEqual => ordering.is_ne(),
-            CompareOp::Less => ordering.is_lt(),
-            CompareOp::Greater => ordering.is_gt(),
-        })
+        Ok(c.op.holds(ordering))
     }
 
     /// Applies one (validated) transaction at the next revision.
@@ -1174,6 +1190,44 @@ mod tests {
             );
         }
         assert!(m.get(b"a", 0).unwrap().0.is_some());
+    }
+
+    #[test]
+    fn compares_answered_from_the_index_agree_with_the_stored_versions() {
+        let (_d, m) = mvcc();
+        apply(&m, Txn::new().and_then([Op::put("live", "1")]));
+        apply(&m, Txn::new().and_then([Op::put("live", "2")]));
+        apply(&m, Txn::new().and_then([Op::put("gone", "x")]));
+        apply(&m, Txn::new().and_then([Op::delete("gone")]));
+        let mut b = m.begin();
+        // Keys changed earlier in the same batch, not yet in RocksDB.
+        b.txn(&Txn::new().and_then([Op::put("new", "y"), Op::delete("live")]))
+            .unwrap();
+        b.txn(&Txn::new().and_then([Op::put("live", "3")])).unwrap();
+        let ops = [
+            CompareOp::Equal,
+            CompareOp::NotEqual,
+            CompareOp::Less,
+            CompareOp::Greater,
+        ];
+        for key in ["live", "gone", "new", "never"] {
+            for rev in 0..8 {
+                for target in [
+                    CompareTarget::ModRevision(rev),
+                    CompareTarget::CreateRevision(rev),
+                    CompareTarget::Version(rev),
+                ] {
+                    for op in ops {
+                        let c = Compare {
+                            key: key.into(),
+                            op,
+                            target: target.clone(),
+                        };
+                        assert_eq!(b.holds(&c).unwrap(), b.holds_on_value(&c).unwrap(), "{c:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

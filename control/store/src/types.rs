@@ -81,6 +81,18 @@ pub enum CompareOp {
     Greater,
 }
 
+impl CompareOp {
+    /// Whether the key's field, ordered against the target as `ordering`, passes.
+    pub(crate) fn holds(self, ordering: std::cmp::Ordering) -> bool {
+        match self {
+            CompareOp::Equal => ordering.is_eq(),
+            CompareOp::NotEqual => ordering.is_ne(),
+            CompareOp::Less => ordering.is_lt(),
+            CompareOp::Greater => ordering.is_gt(),
+        }
+    }
+}
+
 /// A guard of a transaction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compare {
