@@ -1880,7 +1880,6 @@ async fn delete_collection(objects: &Objects, req: &Request) -> ApiResult<Respon
     Ok(json_response(StatusCode::OK, &list, &[]))
 }
 
-/// One watch event line; `rendering` is the request's, read once for the whole watch.
 /// How often a watch that asked for bookmarks gets one, as kube-apiserver's cacher
 /// paces them (its `bookmarkFrequency`): a client needs one now and then to resume from a
 /// recent revision. One every five seconds per watch was, at 5,000 nodes, a thousand a
@@ -1933,6 +1932,7 @@ fn bookmark_line(req: &Request, rev: i64) -> Bytes {
     event_line("BOOKMARK", &mark, req, Rendering::Object)
 }
 
+/// One watch event line; `rendering` is the request's, read once for the whole watch.
 fn event_line(kind: &str, obj: &Value, req: &Request, rendering: Rendering) -> Bytes {
     // Bookmarks and errors are never rendered: they are not objects of the resource.
     let rendering = match kind {

@@ -933,13 +933,13 @@ impl Inner {
             };
         }
         self.revision.send_replace(Some(revision));
-        let mut bookmarks = tokio::time::interval(PROGRESS_EVERY);
-        bookmarks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        bookmarks.tick().await;
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        progress.tick().await;
         loop {
             let item = tokio::select! {
                 item = w.next() => item,
-                _ = bookmarks.tick() => {
+                _ = progress.tick() => {
                     let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                     let rev = state.revision;
                     state.watchers.broadcast(Message::Progress(rev));

@@ -74,10 +74,9 @@ struct Record {
 /// column family that only need to know whether a version is a tombstone.
 #[derive(Deserialize)]
 struct RecordHead<'a> {
-    #[allow(dead_code)]
-    create_revision: Revision,
-    #[allow(dead_code)]
-    version: i64,
+    // Read in their places (postcard's fields are positional), and then not used.
+    _create_revision: Revision,
+    _version: i64,
     #[serde(borrow)]
     value: Option<&'a [u8]>,
 }
