@@ -532,12 +532,8 @@ fn time_limit(
     server: Duration,
 ) -> Result<Option<Duration>, ApiError> {
     let watch = watching(query);
+    let streams = pod_stream(req.uri().path()).is_some();
     let segs: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
-    // A pod's subresources, not an object that happens to have such a name.
-    let streams = matches!(
-        segs.as_slice(),
-        [.., "pods", _, "exec" | "attach" | "portforward" | "log"]
-    );
     let proxied = segs
         .windows(3)
         .any(|w| matches!(w, ["pods" | "services" | "nodes", _, "proxy"]));
@@ -557,6 +553,16 @@ fn time_limit(
         Some(d) if !d.is_zero() => d.min(server),
         _ => server,
     }))
+}
+
+/// Which of a pod's streams the path names (`exec`, `attach`, `portforward`, `log`): a
+/// pod's subresource, not an object that happens to have such a name.
+fn pod_stream(path: &str) -> Option<&str> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segs.as_slice() {
+        [.., "pods", _, sub @ ("exec" | "attach" | "portforward" | "log")] => Some(sub),
+        _ => None,
+    }
 }
 
 /// Whether the request asks for a watch (`?watch=true`).
@@ -686,9 +692,7 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
     let parts_query = parts.uri.query().map(String::from);
     let is_watch = watching(&query);
     // Long-running requests do not hold a slot, as kube-apiserver's long-running check.
-    let streaming = ["/exec", "/attach", "/portforward"]
-        .iter()
-        .any(|s| path.ends_with(s));
+    let streaming = matches!(pod_stream(&path), Some("exec" | "attach" | "portforward"));
     let _seat = if is_watch || streaming || public(&path) {
         None
     } else {
@@ -869,6 +873,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_a_pods_own_streams_are_pod_streams() {
+        assert_eq!(pod_stream("/api/v1/namespaces/a/pods/p/exec"), Some("exec"));
+        assert_eq!(pod_stream("/api/v1/namespaces/a/pods/p/log"), Some("log"));
+        for not in [
+            "/api/v1/namespaces/a/configmaps/exec",
+            "/api/v1/namespaces/a/configmaps/attach",
+            "/api/v1/namespaces/a/pods/exec",
+            "/api/v1/namespaces/a/pods/p",
+        ] {
+            assert_eq!(pod_stream(not), None, "{not}");
+        }
+    }
+
+    #[test]
     fn go_durations_are_read_as_clients_send_them() {
         let d = |s| go_duration(s);
         assert_eq!(d("30s"), Some(Duration::from_secs(30)));
@@ -913,6 +931,7 @@ mod tests {
         assert_eq!(limit("/api/v1/namespaces/a/pods/p", true).unwrap(), None);
         for named in [
             "/api/v1/namespaces/a/configmaps/log",
+            "/api/v1/namespaces/a/configmaps/exec",
             "/api/v1/namespaces/a/configmaps/proxy",
         ] {
             assert_eq!(limit(named, false).unwrap(), minute, "{named}");
