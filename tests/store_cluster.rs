@@ -244,3 +244,42 @@ async fn a_follower_of_a_silent_leader_fails_writes_definitely_before_the_client
     )
     .await;
 }
+
+/// A member that missed the leader's heartbeats (stopped here, as a long pause or a cut
+/// link would) finds its election timer long past when it runs again, and stands before
+/// the next heartbeat reaches it. Its pre-vote finds the others still hearing the
+/// leader, so it raises no term, and the leader keeps leading: the members' terms stay
+/// as they were while it catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_back_from_a_pause_does_not_unseat_the_leader() {
+    let c = Cluster::start(3, &["--heartbeat-ms", "50", "--election-ms", "300"]).await;
+    let leader = c.wait_for_leader().await;
+    let leader_idx = c.index_of(leader);
+    let term = c.status_of(leader_idx).await.unwrap().term;
+    let paused = (leader_idx + 1) % 3;
+    c.signal(paused, "-STOP");
+    // The fault itself: long enough for any draw of its election timeout to pass.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let leader_client = c.client().pinned(&c.members[leader_idx].addr);
+    let rev = leader_client.put("pause/during", "v").await.unwrap();
+    c.signal(paused, "-CONT");
+    let after = leader_client.put("pause/after", "v").await.unwrap();
+    assert!(after > rev);
+    let back = wait_for(
+        Duration::from_secs(30),
+        "the paused member to apply the write made after it resumed",
+        || async {
+            let s = c.status_of(paused).await?;
+            (s.revision >= after).then_some(s)
+        },
+    )
+    .await;
+    for i in 0..3 {
+        let s = c.status_of(i).await.unwrap();
+        assert_eq!(
+            (s.leader, s.term),
+            (Some(leader), term),
+            "member {i} after the pause (the paused one: {back:?})"
+        );
+    }
+}

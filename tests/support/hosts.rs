@@ -50,9 +50,6 @@ pub struct ElectionsOnFailure(pub PathBuf);
 
 impl Drop for ElectionsOnFailure {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
         let Ok(entries) = std::fs::read_dir(&self.0) else {
             return;
         };
@@ -62,6 +59,19 @@ impl Drop for ElectionsOnFailure {
             .filter(|p| p.extension().is_some_and(|x| x == "log"))
             .collect();
         logs.sort();
+        // Where a run leaves its hosts' whole logs, for a closer look.
+        if let Some(keep) = std::env::var_os("BATON_TEST_KEEP_LOGS") {
+            let keep = PathBuf::from(keep);
+            let _ = std::fs::create_dir_all(&keep);
+            for log in &logs {
+                if let Some(name) = log.file_name() {
+                    let _ = std::fs::copy(log, keep.join(name));
+                }
+            }
+        }
+        if !std::thread::panicking() {
+            return;
+        }
         for log in logs {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let lines: Vec<&str> = text

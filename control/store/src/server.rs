@@ -51,6 +51,7 @@ impl Store {
         let raft = Router::new()
             .route("/raft/append", post(raft_append).layer(bulk))
             .route("/raft/vote", post(raft_vote).layer(small))
+            .route("/raft/pre-vote", post(raft_pre_vote).layer(small))
             // Bounded by the handler as it streams to disk.
             .route(
                 "/raft/snapshot",
@@ -244,6 +245,20 @@ async fn raft_vote(State(store): State<Store>, body: Bytes) -> Response {
         return not_a_member();
     };
     encode(&raft.vote(req).await)
+}
+
+async fn raft_pre_vote(State(store): State<Store>, body: Bytes) -> Response {
+    let req: crate::raft::elections::PreVote = match decode(&body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if store.raft().is_none() {
+        return not_a_member();
+    }
+    match store.answer_pre_vote(&req) {
+        Ok(granted) => encode(&granted),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 /// Receives a snapshot: the vote and meta in front (see the sender,

@@ -170,6 +170,8 @@ struct Inner {
     leader_contact: tokio::sync::watch::Sender<tokio::time::Instant>,
     /// What of the Raft log is on disk.
     log_sync: crate::raft::durable::LogSync,
+    /// Where the Raft log ends, for pre-votes.
+    log_tail: crate::raft::log_store::LogTail,
 }
 
 impl Inner {
@@ -177,6 +179,11 @@ impl Inner {
     /// worth, but never past its client's deadline.
     fn election_wait(&self) -> Duration {
         within_deadline(self.cfg.election_timeout.1 * 4)
+    }
+
+    /// The term this member is in.
+    fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
     }
 
     /// Whether the leader has been silent for a few heartbeats.
@@ -224,6 +231,7 @@ impl Store {
             )
             .map_err(|e| Error::raft("opening the raft log")(e.into()))?;
             let log_sync = log.sync();
+            let log_tail = log.tail();
             let sm = StateMachine::open(
                 db.clone(),
                 mvcc.clone(),
@@ -240,6 +248,8 @@ impl Store {
                 election_timeout_max: cfg.election_timeout.1.as_millis() as u64,
                 // Paced here rather than by openraft's count alone (see `raft::pace`).
                 snapshot_policy: SnapshotPolicy::Never,
+                // Members stand by `raft::elections`, which asks the others first.
+                enable_elect: false,
                 max_in_snapshot_log_to_keep: cfg.keep_logs,
                 install_snapshot_timeout: 120_000,
                 ..Default::default()
@@ -285,6 +295,7 @@ impl Store {
                 leader_contact: tokio::sync::watch::Sender::new(tokio::time::Instant::now()),
                 latencies,
                 log_sync,
+                log_tail,
             });
             let mut tasks = vec![
                 tokio::spawn(batcher(
@@ -300,11 +311,17 @@ impl Store {
                 )),
                 tokio::spawn(crate::raft::elections::pace_elections(
                     inner.raft.clone(),
-                    inner.cfg.id,
-                    inner.cfg.election_timeout,
-                    outlogged,
-                    inner.raft.server_metrics(),
-                    inner.leader_contact.subscribe(),
+                    crate::raft::elections::Pacing {
+                        id: inner.cfg.id,
+                        timeout: inner.cfg.election_timeout,
+                        outlogged,
+                        metrics: inner.raft.server_metrics(),
+                        contact: inner.leader_contact.subscribe(),
+                        canvass: crate::raft::elections::Canvass {
+                            http: inner.http.clone(),
+                            log: inner.log_tail.clone(),
+                        },
+                    },
                 )),
             ];
             tasks.push(tokio::spawn(crate::raft::pace::pace_snapshots(
@@ -472,17 +489,23 @@ impl Store {
                 Ok(resp) => return Ok(resp),
                 Err(Proposed::Failed(e)) => return Err(e),
                 Err(Proposed::NotLeader(Some(leader))) if !forwarded => {
+                    let term = inner.term();
                     // A silent leader may be cut off, and a write sent to it would hang
                     // with an unknown outcome: wait until it is heard from or replaced.
-                    if !self.leader_heard_or_replaced(inner, &leader.addr).await? {
+                    if !self
+                        .leader_heard_or_replaced(inner, &leader.addr, term)
+                        .await?
+                    {
                         continue;
                     }
                     match self.forward(&leader.addr, "/store/v1/txn", &txn).await {
-                        // Nothing reached the leader, so nothing was written: it died or
-                        // was cut off. Once, wait for its successor and try again.
+                        // Nothing reached the leader, so nothing was written: it died, was
+                        // cut off or stepped down. Once, wait for its successor (itself,
+                        // perhaps, in a later term) and try again.
                         Err(Error::NoLeader { .. }) if leader_wait => {
                             leader_wait = false;
-                            self.wait_for_another_leader(inner, &leader.addr).await?;
+                            self.wait_for_another_leader(inner, &leader.addr, term)
+                                .await?;
                         }
                         other => return other,
                     }
@@ -519,7 +542,12 @@ impl Store {
     /// heard from within a few heartbeats, or as soon as it is heard from again; false
     /// if another leader is known first (the caller proposes again). Neither within an
     /// election's wait: a definite failure, since nothing was sent.
-    async fn leader_heard_or_replaced(&self, inner: &Inner, addr: &str) -> Result<bool, Error> {
+    async fn leader_heard_or_replaced(
+        &self,
+        inner: &Inner,
+        addr: &str,
+        term: u64,
+    ) -> Result<bool, Error> {
         if !inner.leader_silent() {
             return Ok(true);
         }
@@ -528,7 +556,7 @@ impl Store {
         let heard_or_replaced = async {
             tokio::select! {
                 r = contact.changed() => r.map(|()| true).map_err(|_| Error::Closed),
-                r = another_leader(inner, addr) => r.map(|()| false),
+                r = another_leader(inner, addr, term) => r.map(|()| false),
             }
         };
         tokio::time::timeout(wait, heard_or_replaced)
@@ -551,10 +579,10 @@ impl Store {
         let call = crate::client::post(&inner.http, addr, path, req, timeout, true);
         // Only a change of leader while the request is out counts.
         let moved = async {
-            if leader_elsewhere(&inner.raft.metrics().borrow(), addr) {
+            if leader_elsewhere(&inner.raft.metrics().borrow(), addr, u64::MAX) {
                 std::future::pending::<()>().await;
             }
-            another_leader(inner, addr).await
+            another_leader(inner, addr, u64::MAX).await
         };
         tokio::select! {
             result = call => result.map_err(|e| match e {
@@ -591,6 +619,7 @@ impl Store {
                 Ok(()) => return Ok(()),
                 Err(Proposed::Failed(e)) => return Err(e),
                 Err(Proposed::NotLeader(Some(leader))) if !forwarded => {
+                    let term = inner.term();
                     // The leader confirms its read index; waiting for it to be applied
                     // here makes the local read linearizable.
                     let index: u64 = match self
@@ -600,7 +629,8 @@ impl Store {
                         Ok(index) => index,
                         Err(Error::NoLeader { .. }) if leader_wait => {
                             leader_wait = false;
-                            self.wait_for_another_leader(inner, &leader.addr).await?;
+                            self.wait_for_another_leader(inner, &leader.addr, term)
+                                .await?;
                             continue;
                         }
                         // The leader changed under the request; a read is safe to repeat.
@@ -634,18 +664,53 @@ impl Store {
         }
     }
 
-    /// Waits for a leader other than the one at `unreachable`, which could not be
-    /// reached: if it died or was cut off, the others elect a successor within an
-    /// election timeout or two, and a request that waits for it need not fail.
-    async fn wait_for_another_leader(&self, inner: &Inner, unreachable: &str) -> Result<(), Error> {
+    /// Waits for a leader other than the one at `unreachable` in `term`, which could not
+    /// be reached or no longer leads: if it died, was cut off or stepped down, the
+    /// members elect a successor within an election timeout or two (the same member,
+    /// perhaps, in a later term), and a request that waits for it need not fail.
+    async fn wait_for_another_leader(
+        &self,
+        inner: &Inner,
+        unreachable: &str,
+        term: u64,
+    ) -> Result<(), Error> {
         let timeout = inner.election_wait();
-        tokio::time::timeout(timeout, another_leader(inner, unreachable))
+        tokio::time::timeout(timeout, another_leader(inner, unreachable, term))
             .await
             .map_err(|_| Error::NoLeader {
                 reason: format!(
-                    "the leader at {unreachable} cannot be reached, and no other was elected within {timeout:?}"
+                    "the leader at {unreachable} cannot be reached or no longer leads, and no leader was elected within {timeout:?}"
                 ),
             })?
+    }
+
+    /// This member's answer to another's pre-vote (see [`crate::raft::elections`]).
+    pub(crate) fn answer_pre_vote(
+        &self,
+        req: &crate::raft::elections::PreVote,
+    ) -> Result<bool, Error> {
+        let inner = self.member("a pre-vote")?;
+        let state = inner.raft.metrics().borrow().state;
+        let heard_ago = inner.leader_contact.borrow().elapsed();
+        let mine = inner
+            .log_tail
+            .last_log_id()
+            .map_err(|e| Error::raft("reading the log's end")(e.into()))?;
+        let granted = crate::raft::elections::grants_pre_vote(
+            state,
+            heard_ago,
+            inner.cfg.election_timeout.1,
+            mine,
+            req,
+        );
+        tracing::info!(
+            candidate = req.candidate,
+            term = req.term,
+            granted,
+            ?heard_ago,
+            "pre-vote"
+        );
+        Ok(granted)
     }
 
     /// The leader's read index (served to followers).
@@ -1331,12 +1396,13 @@ async fn read_barrier_loop(
     }
 }
 
-/// Resolves once this member knows a leader other than the one at `addr` (itself,
-/// perhaps); fails only when the member shuts down.
-async fn another_leader(inner: &Inner, addr: &str) -> Result<(), Error> {
+/// Resolves once this member knows a leader other than the one at `addr` in `term`:
+/// another member (itself, perhaps), or that one elected again in a later term. Fails
+/// only when the member shuts down.
+async fn another_leader(inner: &Inner, addr: &str, term: u64) -> Result<(), Error> {
     let mut metrics = inner.raft.metrics();
     loop {
-        if leader_elsewhere(&metrics.borrow_and_update(), addr) {
+        if leader_elsewhere(&metrics.borrow_and_update(), addr, term) {
             return Ok(());
         }
         if metrics.changed().await.is_err() {
@@ -1345,11 +1411,15 @@ async fn another_leader(inner: &Inner, addr: &str) -> Result<(), Error> {
     }
 }
 
-/// Whether these metrics name a leader, and not the one at `addr`.
-fn leader_elsewhere(m: &openraft::RaftMetrics<NodeId, BasicNode>, addr: &str) -> bool {
+/// Whether these metrics name a leader, and not the one at `addr` in `term` or before
+/// (`u64::MAX`: in any term).
+fn leader_elsewhere(m: &openraft::RaftMetrics<NodeId, BasicNode>, addr: &str, term: u64) -> bool {
     let Some(leader) = m.current_leader else {
         return false;
     };
+    if m.current_term > term {
+        return true;
+    }
     m.membership_config
         .nodes()
         .find(|(id, _)| **id == leader)
@@ -1402,5 +1472,40 @@ async fn count_leader_changes(
         if metrics.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{Membership, StoredMembership};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// Metrics of member 1 of members 1 and 2, in `term`, naming `leader`.
+    fn metrics(term: u64, leader: Option<NodeId>) -> openraft::RaftMetrics<NodeId, BasicNode> {
+        let nodes: BTreeMap<NodeId, BasicNode> = (1..=2)
+            .map(|i| (i, BasicNode::new(format!("m{i}:2380"))))
+            .collect();
+        let membership = Membership::new(vec![BTreeSet::from([1, 2])], nodes);
+        let mut m = openraft::RaftMetrics::new_initial(1);
+        m.current_term = term;
+        m.current_leader = leader;
+        m.membership_config = Arc::new(StoredMembership::new(None, membership));
+        m
+    }
+
+    #[test]
+    fn a_leader_elected_again_in_a_later_term_counts_as_a_successor() {
+        // The leader asked in term 3 is still named in term 3: no successor yet.
+        assert!(!leader_elsewhere(&metrics(3, Some(2)), "m2:2380", 3));
+        // None is known while an election is under way.
+        assert!(!leader_elsewhere(&metrics(4, None), "m2:2380", 3));
+        // It stepped down and won again: a request may go to it once more.
+        assert!(leader_elsewhere(&metrics(5, Some(2)), "m2:2380", 3));
+        // Another member leads, in the same term as far as this member knows.
+        assert!(leader_elsewhere(&metrics(3, Some(1)), "m2:2380", 3));
+        // Asked for another member only, the term does not matter.
+        assert!(!leader_elsewhere(&metrics(5, Some(2)), "m2:2380", u64::MAX));
+        assert!(leader_elsewhere(&metrics(5, Some(1)), "m2:2380", u64::MAX));
     }
 }

@@ -113,29 +113,57 @@ impl LogStore {
         write_synced(&self.db, batch)
     }
 
+    /// A reader of the log's last entry, for pre-votes (see [`super::elections`]). It
+    /// does not keep the sync thread alive as a `LogStore` clone would.
+    pub(crate) fn tail(&self) -> LogTail {
+        LogTail {
+            db: self.db.clone(),
+            log: self.log.clone(),
+        }
+    }
+
+    fn entries(&self, from: u64, to: u64) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        entries(&self.log, from, to)
+    }
+}
+
+/// Reads where the log ends.
+#[derive(Clone, Debug)]
+pub(crate) struct LogTail {
+    db: Arc<DB>,
+    log: Arc<LogFile>,
+}
+
+impl LogTail {
+    /// The id of the last entry the log holds, or of the last one purged if none is left.
+    pub(crate) fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let last_purged: Option<LogId> = get_meta(&self.db, KEY_LAST_PURGED)?;
+        Ok(self.last_entry_log_id()?.or(last_purged))
+    }
+
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
         let Some((_, last)) = self.log.bounds() else {
             return Ok(None);
         };
-        let entries = self.entries(last, last + 1)?;
+        let entries = entries(&self.log, last, last + 1)?;
         Ok(entries.last().map(|e| e.log_id))
     }
+}
 
-    fn entries(&self, from: u64, to: u64) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
-        let mut out = Vec::new();
-        let mut bad = None;
-        self.log
-            .read(from, to, |_, bytes| match postcard::from_bytes(bytes) {
-                Ok(entry) => out.push(entry),
-                Err(e) => {
-                    bad.get_or_insert(e);
-                }
-            })
-            .map_err(|e| log_err(ErrorVerb::Read, e))?;
-        match bad {
-            Some(e) => Err(log_err(ErrorVerb::Read, e)),
-            None => Ok(out),
+/// The entries from `from` up to `to` (exclusive), decoded.
+fn entries(log: &LogFile, from: u64, to: u64) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+    let mut out = Vec::new();
+    let mut bad = None;
+    log.read(from, to, |_, bytes| match postcard::from_bytes(bytes) {
+        Ok(entry) => out.push(entry),
+        Err(e) => {
+            bad.get_or_insert(e);
         }
+    })
+    .map_err(|e| log_err(ErrorVerb::Read, e))?;
+    match bad {
+        Some(e) => Err(log_err(ErrorVerb::Read, e)),
+        None => Ok(out),
     }
 }
 
@@ -235,7 +263,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = get_meta(&self.db, KEY_LAST_PURGED)?;
-        let last = self.last_entry_log_id()?.or(last_purged);
+        let last = self.tail().last_entry_log_id()?.or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
