@@ -17,6 +17,7 @@
 pub mod authn;
 pub mod bootstrap;
 pub mod escalation;
+mod pod_refs;
 pub mod reviews;
 pub mod signers;
 pub mod tokens;
@@ -34,6 +35,7 @@ use crate::pki::Pki;
 use crate::resources;
 use crate::selectors::Selectable;
 use crate::watchcache::{Cacher, Lookup, NODE_NAME};
+use pod_refs::PodRefs;
 
 /// Store prefix of the four RBAC kinds.
 const RBAC_PREFIX: &str = "/registry/rbac.authorization.k8s.io/";
@@ -276,7 +278,7 @@ async fn used_by_pod_on(
         cache
             .on_node(node, &scope)
             .iter()
-            .any(|pod| pod_uses(&pod.value(), resource, name))
+            .any(|pod| PodRefs::of_json(pod.json()).is_some_and(|r| r.uses(resource, name)))
             .then_some(())
     };
     match objects.caches.look_up(objects, pods, uses).await {
@@ -362,93 +364,9 @@ async fn ingress_tls(objects: &Objects, ns: &str, name: &str) -> bool {
         .any(|i| baton_kube::ingress::is_ours(&i, &classes))
 }
 
-/// Whether one pod's spec, or its platform annotations, name the object.
+/// Whether `pod` names `name` of `resource` (see [`pod_refs::PodRefs::uses`]).
 pub(crate) fn pod_uses(pod: &Value, resource: &str, name: &str) -> bool {
-    pod_spec_uses(pod, resource, name) || platform_uses(pod, resource, name)
-}
-
-/// Whether the pod's platform annotations name the object: wasi:config's ConfigMaps
-/// and Secrets, and the Secrets holding its Redis buckets' URLs.
-fn platform_uses(pod: &Value, resource: &str, name: &str) -> bool {
-    let Some(annotations) = pod.pointer("/metadata/annotations").and_then(|a| {
-        <std::collections::BTreeMap<String, String> as serde::Deserialize>::deserialize(a).ok()
-    }) else {
-        return false;
-    };
-    let kind = match resource {
-        "configmaps" => "configmap",
-        "secrets" => "secret",
-        _ => return false,
-    };
-    baton_kube::platform::config_sources(&annotations)
-        .iter()
-        .any(|(k, n)| *k == kind && n == name)
-        || (kind == "secret"
-            && baton_kube::platform::buckets(&annotations)
-                .unwrap_or_default()
-                .iter()
-                .any(|(_, secret)| secret.as_deref() == Some(name)))
-}
-
-/// Whether one pod's spec names the object.
-fn pod_spec_uses(pod: &Value, resource: &str, name: &str) -> bool {
-    let spec = &pod["spec"];
-    let is = |v: &Value, ptr: &str| v.pointer(ptr).and_then(Value::as_str) == Some(name);
-    // Borrowed, not copied: a node's every ConfigMap and Secret read asks this of its pods.
-    fn each<'a>(v: &'a Value, ptr: &str) -> &'a [Value] {
-        v.pointer(ptr)
-            .and_then(Value::as_array)
-            .map_or(&[], Vec::as_slice)
-    }
-    let volumes = each(spec, "/volumes");
-    let containers: Vec<&Value> = ["/containers", "/initContainers", "/ephemeralContainers"]
-        .iter()
-        .flat_map(|p| each(spec, p))
-        .collect();
-    match resource {
-        "secrets" => {
-            each(spec, "/imagePullSecrets")
-                .iter()
-                .any(|s| is(s, "/name"))
-                || volumes.iter().any(|v| {
-                    is(v, "/secret/secretName")
-                        || each(v, "/projected/sources")
-                            .iter()
-                            .any(|s| is(s, "/secret/name"))
-                })
-                || containers.iter().any(|c| {
-                    each(c, "/env")
-                        .iter()
-                        .any(|e| is(e, "/valueFrom/secretKeyRef/name"))
-                        || each(c, "/envFrom").iter().any(|e| is(e, "/secretRef/name"))
-                })
-        }
-        "configmaps" => {
-            volumes.iter().any(|v| {
-                is(v, "/configMap/name")
-                    || each(v, "/projected/sources")
-                        .iter()
-                        .any(|s| is(s, "/configMap/name"))
-            }) || containers.iter().any(|c| {
-                each(c, "/env")
-                    .iter()
-                    .any(|e| is(e, "/valueFrom/configMapKeyRef/name"))
-                    || each(c, "/envFrom")
-                        .iter()
-                        .any(|e| is(e, "/configMapRef/name"))
-            })
-        }
-        "persistentvolumeclaims" => volumes
-            .iter()
-            .any(|v| is(v, "/persistentVolumeClaim/claimName")),
-        "serviceaccounts" => {
-            spec.get("serviceAccountName")
-                .and_then(Value::as_str)
-                .unwrap_or("default")
-                == name
-        }
-        _ => false,
-    }
+    PodRefs::of_value(pod).is_some_and(|refs| refs.uses(resource, name))
 }
 
 #[cfg(test)]
@@ -483,6 +401,50 @@ mod tests {
         assert!(!pod_uses(&pod, "secrets", "settings"));
         assert!(!pod_uses(&pod, "configmaps", "api-keys"));
         assert!(!pod_uses(&pod, "secrets", "local"));
+    }
+
+    #[test]
+    fn a_pods_stored_json_reads_as_its_value_does() {
+        let pod = json!({
+            "metadata": {"name": "p", "labels": {"app": "web"}, "annotations": {
+                "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{\"x\":\"y\\\"z\"}}",
+                "baton.dev/config-from": "settings"
+            }},
+            "spec": {
+                "nodeName": "n1",
+                "serviceAccountName": "builder",
+                "volumes": [
+                    {"name": "token", "projected": {"sources": [
+                        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+                    ]}},
+                    {"name": "scratch", "emptyDir": {}}
+                ],
+                "containers": [{"name": "c", "image": "i", "env": [{"name": "A", "value": "1"}], "envFrom": null,
+                                "resources": {"limits": {"memory": "64Mi"}}}]
+            },
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+        });
+        let json = serde_json::to_vec(&pod).unwrap();
+        let refs = PodRefs::of_json(&json).expect("a pod reads");
+        for (r, n, named) in [
+            ("configmaps", "kube-root-ca.crt", true),
+            ("configmaps", "settings", true),
+            ("serviceaccounts", "builder", true),
+            ("serviceaccounts", "default", false),
+            ("secrets", "kube-root-ca.crt", false),
+            ("configmaps", "scratch", false),
+        ] {
+            assert_eq!(refs.uses(r, n), named, "{r}/{n} from the JSON");
+            assert_eq!(pod_uses(&pod, r, n), named, "{r}/{n} from the value");
+        }
+        // What is not a pod names nothing.
+        assert!(PodRefs::of_json(b"[1]").is_none());
+        assert!(!pod_uses(
+            &json!({"spec": {"volumes": 3}}),
+            "configmaps",
+            "x"
+        ));
     }
 
     #[test]
