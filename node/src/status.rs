@@ -444,6 +444,44 @@ pub struct View<'a> {
 }
 
 /// The pod's status, as the kubelet reports it.
+/// Cuts every timestamp of `status` to whole seconds, as it reads back from the API: a
+/// `Time` is sent with seconds only. Compared whole, a status the node had just written
+/// differed from the same status read back through its watch (the conditions' times
+/// came back cut, the containers' start times stayed whole here), so the node wrote it
+/// again and the API server found nothing to change: at 1,000 nodes, one of every
+/// pod's two status writes. The kubelet's status manager normalizes its statuses the
+/// same way before it compares them.
+pub fn as_sent(mut status: PodStatus) -> PodStatus {
+    use k8s_openapi::chrono::SubsecRound;
+    fn cut(t: &mut Option<Time>) {
+        if let Some(t) = t {
+            t.0 = t.0.trunc_subsecs(0);
+        }
+    }
+    cut(&mut status.start_time);
+    for c in status.conditions.iter_mut().flatten() {
+        cut(&mut c.last_probe_time);
+        cut(&mut c.last_transition_time);
+    }
+    let containers = [
+        &mut status.container_statuses,
+        &mut status.init_container_statuses,
+        &mut status.ephemeral_container_statuses,
+    ];
+    for c in containers.into_iter().flatten().flatten() {
+        for state in [&mut c.state, &mut c.last_state].into_iter().flatten() {
+            if let Some(r) = &mut state.running {
+                cut(&mut r.started_at);
+            }
+            if let Some(t) = &mut state.terminated {
+                cut(&mut t.started_at);
+                cut(&mut t.finished_at);
+            }
+        }
+    }
+    status
+}
+
 pub fn pod_status(v: &View<'_>) -> PodStatus {
     let (phase, _) = phase(v.slots, v.initialized, v.end);
     let apps: Vec<&Slot> = v.slots.iter().filter(|s| s.is_app()).collect();
@@ -728,5 +766,45 @@ mod tests {
             .unwrap();
         assert_eq!(ready.status, "True");
         assert!(v.get("initContainerStatuses").is_none());
+    }
+
+    #[test]
+    fn a_status_as_sent_is_what_reads_back_from_the_api() {
+        use k8s_openapi::chrono::{TimeZone, Utc};
+        let t = Time(Utc.timestamp_opt(1_700_000_000, 123_456_789).unwrap());
+        let state = ContainerState {
+            running: Some(ContainerStateRunning {
+                started_at: Some(t.clone()),
+            }),
+            ..Default::default()
+        };
+        let status = PodStatus {
+            start_time: Some(t.clone()),
+            conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                last_transition_time: Some(t.clone()),
+                ..Default::default()
+            }]),
+            container_statuses: Some(vec![ContainerStatus {
+                name: "c".into(),
+                state: Some(state.clone()),
+                last_state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        started_at: Some(t.clone()),
+                        finished_at: Some(t.clone()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let read_back: PodStatus =
+            serde_json::from_value(serde_json::to_value(&status).unwrap()).unwrap();
+        assert_ne!(read_back, status, "the API keeps seconds only");
+        assert_eq!(as_sent(status), read_back);
+        assert_eq!(as_sent(read_back.clone()), read_back);
     }
 }
