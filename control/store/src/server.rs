@@ -255,7 +255,7 @@ async fn raft_pre_vote(State(store): State<Store>, body: Bytes) -> Response {
     if store.raft().is_none() {
         return not_a_member();
     }
-    match store.answer_pre_vote(&req) {
+    match store.answer_pre_vote(&req).await {
         Ok(granted) => encode(&granted),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }

@@ -685,17 +685,18 @@ impl Store {
     }
 
     /// This member's answer to another's pre-vote (see [`crate::raft::elections`]).
-    pub(crate) fn answer_pre_vote(
+    pub(crate) async fn answer_pre_vote(
         &self,
         req: &crate::raft::elections::PreVote,
     ) -> Result<bool, Error> {
         let inner = self.member("a pre-vote")?;
-        let state = inner.raft.metrics().borrow().state;
-        let heard_ago = inner.leader_contact.borrow().elapsed();
         let mine = inner
             .log_tail
-            .last_log_id()
+            .read_last_log_id()
+            .await
             .map_err(|e| Error::raft("reading the log's end")(e.into()))?;
+        let state = inner.raft.metrics().borrow().state;
+        let heard_ago = inner.leader_contact.borrow().elapsed();
         let granted = crate::raft::elections::grants_pre_vote(
             state,
             heard_ago,

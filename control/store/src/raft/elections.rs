@@ -51,6 +51,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::log_store::LogTail;
+use super::network::{self, CallError, Route};
 use super::{LogId, NodeId, Raft};
 
 /// A member's question before it stands: would the others vote for it?
@@ -100,7 +101,7 @@ impl Canvass {
         id: NodeId,
         wait: Duration,
     ) -> bool {
-        let last_log_id = match self.log.last_log_id() {
+        let last_log_id = match self.log.read_last_log_id().await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %baton_error_chain::chain(&e), "cannot read the log's end; not standing");
@@ -159,26 +160,10 @@ impl Canvass {
     /// One member's answer. A member that does not know pre-votes (an older version,
     /// during an upgrade) answers 404 and counts as granting: its vote decides.
     async fn ask_one(&self, addr: &str, body: Vec<u8>, wait: Duration) -> Result<bool, String> {
-        let resp = self
-            .http
-            .client
-            .post(self.http.url(addr, "/raft/pre-vote"))
-            .timeout(wait)
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| baton_error_chain::chain(&e))?;
-        match resp.status() {
-            reqwest::StatusCode::NOT_FOUND => Ok(true),
-            s if s.is_success() => {
-                let bytes = resp
-                    .bytes()
-                    .await
-                    .map_err(|e| baton_error_chain::chain(&e))?;
-                postcard::from_bytes(&bytes).map_err(|e| e.to_string())
-            }
-            s => Err(format!("HTTP {s}")),
+        let route = Route::of(self.http.url(addr, "/raft/pre-vote"));
+        match network::post(&self.http.client, addr, &route, body.into(), wait).await {
+            Err(CallError::Status { status: 404, .. }) => Ok(true),
+            answer => answer.map_err(|e| baton_error_chain::chain(&e)),
         }
     }
 }
@@ -250,6 +235,18 @@ pub(crate) async fn pace_elections(raft: Raft, pacing: Pacing) {
         canvass,
     } = pacing;
     let outlogged_wait = max * OUTLOGGED_WAIT;
+    // When a leaderless round drawn `wait` at `since` is due. A refusal for a longer log
+    // can come after the sleep is set, so the sleep's end looks again.
+    let leaderless_due = |term: u64, wait: Duration, since: Instant| {
+        let outlogged = outlogged.load(Ordering::Relaxed) >= term;
+        since
+            + wait
+            + if outlogged {
+                outlogged_wait
+            } else {
+                Duration::ZERO
+            }
+    };
     // The round waited for, and its draw: drawn once per round, not per wake-up.
     let mut armed: Option<(Round, Duration, Instant)> = None;
     // Until the round changes, once this member has stood in it.
@@ -278,16 +275,7 @@ pub(crate) async fn pace_elections(raft: Raft, pacing: Pacing) {
             Some(_) if again.is_some() => again,
             Some((Round::Following { .. }, wait, _)) => Some(heard + max + wait),
             Some((Round::Leaderless { term }, wait, since)) => {
-                let outlogged = outlogged.load(Ordering::Relaxed) >= term;
-                Some(
-                    since
-                        + wait
-                        + if outlogged {
-                            outlogged_wait
-                        } else {
-                            Duration::ZERO
-                        },
-                )
+                Some(leaderless_due(term, wait, since))
             }
             None => None,
         };
@@ -308,9 +296,7 @@ pub(crate) async fn pace_elections(raft: Raft, pacing: Pacing) {
                     }
                     // Refused for a longer log since the wait was set.
                     Some((Round::Leaderless { term }, wait, since))
-                        if again.is_none()
-                            && outlogged.load(Ordering::Relaxed) >= term
-                            && since + wait + outlogged_wait > Instant::now() =>
+                        if again.is_none() && leaderless_due(term, wait, since) > Instant::now() =>
                     {
                         continue;
                     }

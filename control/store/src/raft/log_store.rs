@@ -141,6 +141,15 @@ impl LogTail {
         Ok(self.last_entry_log_id()?.or(last_purged))
     }
 
+    /// [`Self::last_log_id`] on a blocking thread, since it reads the file: for callers
+    /// on the async runtime.
+    pub(crate) async fn read_last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let tail = self.clone();
+        tokio::task::spawn_blocking(move || tail.last_log_id())
+            .await
+            .map_err(|e| log_err(ErrorVerb::Read, e))?
+    }
+
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
         let Some((_, last)) = self.log.bounds() else {
             return Ok(None);

@@ -69,14 +69,14 @@ pub(crate) struct Network {
 /// A peer's RPC address, parsed once: parsing the URL of every message (its host through
 /// IDNA) was a sixth of a lone writer's replication CPU.
 #[derive(Debug, Clone)]
-enum Route {
+pub(crate) enum Route {
     Parsed(reqwest::Url),
     /// Not a URL (a malformed member address): each call fails with reqwest's reason.
     Unparsed(String),
 }
 
 impl Route {
-    fn of(url: String) -> Self {
+    pub(crate) fn of(url: String) -> Self {
         match reqwest::Url::parse(&url) {
             Ok(u) => Self::Parsed(u),
             Err(_) => Self::Unparsed(url),
@@ -86,7 +86,7 @@ impl Route {
 
 /// Failure of one RPC before the peer's answer could be read.
 #[derive(Debug, thiserror::Error)]
-enum CallError {
+pub(crate) enum CallError {
     #[error("cannot reach member at {addr}")]
     Connect {
         addr: String,
@@ -105,6 +105,47 @@ enum CallError {
     Codec(#[from] postcard::Error),
 }
 
+/// One POST of a postcard `body` to the member at `addr`, its answer decoded: every
+/// member-to-member message goes this way.
+pub(crate) async fn post<Resp: DeserializeOwned>(
+    client: &reqwest::Client,
+    addr: &str,
+    route: &Route,
+    body: reqwest::Body,
+    timeout: Duration,
+) -> Result<Resp, CallError> {
+    let post = match route {
+        Route::Parsed(url) => client.post(url.clone()),
+        Route::Unparsed(url) => client.post(url.as_str()),
+    };
+    let resp = post
+        .timeout(timeout)
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await
+        .map_err(|source| {
+            let addr = addr.to_owned();
+            if source.is_connect() {
+                CallError::Connect { addr, source }
+            } else {
+                CallError::Http { addr, source }
+            }
+        })?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(CallError::Status {
+            addr: addr.to_owned(),
+            status: status.as_u16(),
+        });
+    }
+    let bytes = resp.bytes().await.map_err(|source| CallError::Http {
+        addr: addr.to_owned(),
+        source,
+    })?;
+    Ok(postcard::from_bytes(&bytes)?)
+}
+
 impl Network {
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -116,49 +157,13 @@ impl Network {
         self.call_with(route, body.into(), timeout).await
     }
 
-    /// One POST of `body`, its answer decoded.
     async fn call_with<Resp: DeserializeOwned>(
         &self,
         route: &Route,
         body: reqwest::Body,
         timeout: Duration,
     ) -> Result<Resp, CallError> {
-        let addr = || self.addr.clone();
-        let post = match route {
-            Route::Parsed(url) => self.http.client.post(url.clone()),
-            Route::Unparsed(url) => self.http.client.post(url.as_str()),
-        };
-        let resp = post
-            .timeout(timeout)
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .send()
-            .await
-            .map_err(|source| {
-                if source.is_connect() {
-                    CallError::Connect {
-                        addr: addr(),
-                        source,
-                    }
-                } else {
-                    CallError::Http {
-                        addr: addr(),
-                        source,
-                    }
-                }
-            })?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(CallError::Status {
-                addr: addr(),
-                status: status.as_u16(),
-            });
-        }
-        let bytes = resp.bytes().await.map_err(|source| CallError::Http {
-            addr: addr(),
-            source,
-        })?;
-        Ok(postcard::from_bytes(&bytes)?)
+        post(&self.http.client, &self.addr, route, body, timeout).await
     }
 
     fn rpc_error<E: std::error::Error>(
