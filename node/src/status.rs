@@ -443,7 +443,6 @@ pub struct View<'a> {
     pub start_time: Option<Time>,
 }
 
-/// The pod's status, as the kubelet reports it.
 /// Cuts every timestamp of `status` to whole seconds, as it reads back from the API: a
 /// `Time` is sent with seconds only. Compared whole, a status the node had just written
 /// differed from the same status read back through its watch (the conditions' times
@@ -482,6 +481,7 @@ pub fn as_sent(mut status: PodStatus) -> PodStatus {
     status
 }
 
+/// The pod's status, as the kubelet reports it.
 pub fn pod_status(v: &View<'_>) -> PodStatus {
     let (phase, _) = phase(v.slots, v.initialized, v.end);
     let apps: Vec<&Slot> = v.slots.iter().filter(|s| s.is_app()).collect();
