@@ -287,8 +287,7 @@ impl NodeLease {
     }
 
     fn stamp(&self, lease: &mut Lease) {
-        let now =
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(baton_kube::pod::now().0);
+        let now = baton_kube::pod::now_micro();
         let spec = lease.spec.get_or_insert_with(Default::default);
         spec.holder_identity = Some(self.name.clone());
         spec.lease_duration_seconds = Some(self.duration.as_secs() as i32);

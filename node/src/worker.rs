@@ -1097,7 +1097,7 @@ impl<S: Sandboxes> Worker<S> {
             Stage::Finished { end, .. } => end.as_ref(),
             _ => None,
         };
-        status::as_sent(status::pod_status(&status::View {
+        status::pod_status(&status::View {
             pod: &self.pod,
             uid: &self.uid,
             slots: &self.slots,
@@ -1106,7 +1106,7 @@ impl<S: Sandboxes> Worker<S> {
             host_ip: &self.shared.host_ip,
             pod_ip: self.pod_ip(),
             start_time: self.start_time.clone(),
-        }))
+        })
     }
 
     /// Sends the status if it differs from the last one sent, at most once per

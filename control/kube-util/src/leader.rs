@@ -26,8 +26,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::pod::now_micro;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -85,10 +85,6 @@ impl LeaseApi for Api<Lease> {
     }
 }
 
-fn now() -> MicroTime {
-    MicroTime(crate::pod::now().0)
-}
-
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
@@ -118,8 +114,8 @@ async fn try_acquire_or_renew(
     let spec = |transitions: i32| LeaseSpec {
         holder_identity: Some(e.identity.clone()),
         lease_duration_seconds: Some(e.lease_duration.as_secs().max(1) as i32),
-        acquire_time: Some(now()),
-        renew_time: Some(now()),
+        acquire_time: Some(now_micro()),
+        renew_time: Some(now_micro()),
         lease_transitions: Some(transitions),
         ..Default::default()
     };

@@ -1,13 +1,23 @@
 //! Questions about pods that every controller asks, answered one way.
 
 use k8s_openapi::api::core::v1::{Pod, PodCondition};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
+use k8s_openapi::chrono::SubsecRound;
 
 use crate::quantity;
 
-/// The current time as an API timestamp.
+/// The current time as an API timestamp, in whole seconds. A `Time` is written and
+/// stored with seconds only, so one kept with a fraction would differ from itself read
+/// back, and whoever compares what it computed with what it reads (a node's pod status,
+/// a controller's conditions) would write again a status that changed nothing.
 pub fn now() -> Time {
-    Time(chrono::Utc::now())
+    Time(chrono::Utc::now().trunc_subsecs(0))
+}
+
+/// The current time as a `MicroTime` (a Lease's renewal), which the API keeps to the
+/// microsecond, cut there for the same reason as [`now`].
+pub fn now_micro() -> MicroTime {
+    MicroTime(chrono::Utc::now().trunc_subsecs(6))
 }
 
 /// Whether the pod's Ready condition is True.
@@ -124,6 +134,16 @@ pub fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_read_back_from_the_api_unchanged() {
+        let t = now();
+        let back: Time = serde_json::from_value(serde_json::to_value(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
+        let m = now_micro();
+        let back: MicroTime = serde_json::from_value(serde_json::to_value(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+    }
     use serde_json::json;
 
     #[test]
