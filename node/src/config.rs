@@ -907,9 +907,11 @@ fn write_files(
     }
     for name in top {
         // A name already in place is kept as it is, as a link through `..data` or not.
-        match std::os::unix::fs::symlink(Path::new("..data").join(&name), dir.join(&name)) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(io(e)),
-            _ => {}
+        if let Err(e) = std::os::unix::fs::symlink(Path::new("..data").join(&name), dir.join(&name))
+        {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(io(e));
+            }
         }
     }
     Ok(())
