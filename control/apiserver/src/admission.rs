@@ -491,7 +491,7 @@ pub(crate) async fn charge_quota(
             next["status"]["hard"] = Value::Object(hard.clone());
             let rev = crate::objects::rv_of(&quota_obj).unwrap_or(0);
             match objects
-                .replace(quotas_res, Some(ns), &qname, &next, rev)
+                .replace(quotas_res, Some(ns), &qname, next, rev)
                 .await
             {
                 Ok(_) => break,

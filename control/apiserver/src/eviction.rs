@@ -92,7 +92,7 @@ async fn take_disruption(objects: &Objects, ns: &str, pod: &Value) -> ApiResult<
         }
         next["status"]["disruptedPods"][&name] = json!(rest::now());
         let rev = crate::objects::rv_of(&budget).unwrap_or(0);
-        match objects.replace(pdbs, Some(ns), &bname, &next, rev).await {
+        match objects.replace(pdbs, Some(ns), &bname, next, rev).await {
             Ok(_) => return Ok(()),
             // Another eviction took a disruption meanwhile: ask again.
             Err(ApiError::Conflict { .. }) => continue,

@@ -84,7 +84,7 @@ async fn ensure_service(objects: &Objects, target_port: u16) -> ApiResult<()> {
         taken: "provided IP is already allocated",
     };
     match objects
-        .create(res, Some(NAMESPACE), NAME, &svc, &[claim])
+        .create(res, Some(NAMESPACE), NAME, svc, &[claim])
         .await
     {
         Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
@@ -118,7 +118,7 @@ async fn ensure_endpoint(objects: &Objects, endpoint: SocketAddr) -> ApiResult<(
                     "ports": port,
                 });
                 objects
-                    .create(res, Some(NAMESPACE), NAME, &slice, &[])
+                    .create(res, Some(NAMESPACE), NAME, slice, &[])
                     .await
                     .map(|_| ())
             }
@@ -142,7 +142,7 @@ async fn ensure_endpoint(objects: &Objects, endpoint: SocketAddr) -> ApiResult<(
                 slice["endpoints"] = json!(endpoints);
                 slice["ports"] = port.clone();
                 objects
-                    .replace(res, Some(NAMESPACE), NAME, &slice, rev)
+                    .replace(res, Some(NAMESPACE), NAME, slice, rev)
                     .await
                     .map(|_| ())
             }

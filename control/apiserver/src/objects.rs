@@ -427,12 +427,14 @@ impl Objects {
     /// Creates an object, with the range values it claims, in one transaction: 409
     /// AlreadyExists if the object's key is taken; if a claimed value was taken meanwhile,
     /// 422 for a value the object asked for, or a Conflict for a picked one (pick again).
+    /// The object is taken and given back as written, with its resourceVersion, so that
+    /// a write makes no copy of it.
     pub async fn create(
         &self,
         res: &Resource,
         ns: Option<&str>,
         name: &str,
-        obj: &Value,
+        mut obj: Value,
         claims: &[Claim],
     ) -> ApiResult<Value> {
         let key = res.key(ns, name);
@@ -442,7 +444,7 @@ impl Objects {
                     .chain(claims.iter().map(|c| Compare::absent(c.key.clone()))),
             )
             .and_then(
-                std::iter::once(Op::put(key.clone(), self.encode(obj, res, &key)?))
+                std::iter::once(Op::put(key.clone(), self.encode(&obj, res, &key)?))
                     .chain(claims.iter().map(|c| Op::put(c.key.clone(), key.clone()))),
             )
             .or_else(
@@ -455,9 +457,8 @@ impl Objects {
             .instrument(commit_span("create", &key))
             .await?;
         if resp.succeeded {
-            let mut out = obj.clone();
-            set_rv(&mut out, resp.revision);
-            return Ok(out);
+            set_rv(&mut obj, resp.revision);
+            return Ok(obj);
         }
         let present = |r: Option<&OpResult>| matches!(r, Some(OpResult::Get { kv: Some(_) }));
         if present(resp.results.first()) {
@@ -483,17 +484,18 @@ impl Objects {
         }
     }
 
-    /// Replaces an object if it is still at `expected` (its mod revision).
+    /// Replaces an object if it is still at `expected` (its mod revision); the object is
+    /// given back as written, as by [`Objects::create`].
     pub async fn replace(
         &self,
         res: &Resource,
         ns: Option<&str>,
         name: &str,
-        obj: &Value,
+        mut obj: Value,
         expected: Revision,
     ) -> ApiResult<Value> {
         let key = res.key(ns, name);
-        let value = self.encode(obj, res, &key)?;
+        let value = self.encode(&obj, res, &key)?;
         let span = commit_span("update", &key);
         match self
             .store
@@ -502,9 +504,8 @@ impl Objects {
             .await
         {
             Ok(rev) => {
-                let mut out = obj.clone();
-                set_rv(&mut out, rev);
-                Ok(out)
+                set_rv(&mut obj, rev);
+                Ok(obj)
             }
             Err(baton_store::Error::Conflict {
                 current_revision: 0,

@@ -851,9 +851,15 @@ pub(crate) async fn create_object(
     }
     stamp_trace(req, &mut obj);
     // Values picked from a shared range may be taken by a concurrent create before this
-    // one writes: the create's transaction refuses, and another pick is made.
+    // one writes: the create's transaction refuses, and another pick is made from the
+    // object as it came. A kind that picks nothing is written as it is, with no copy.
+    let picks = res.strategy.picks_claims();
     for _ in 0..8 {
-        let mut candidate = obj.clone();
+        let mut candidate = if picks {
+            obj.clone()
+        } else {
+            std::mem::take(&mut obj)
+        };
         let claims = res.strategy.claims(objects, &mut candidate).await?;
         if req.dry_run() {
             if objects
@@ -870,10 +876,10 @@ pub(crate) async fn create_object(
             return Ok(candidate);
         }
         match objects
-            .create(res, ns.as_deref(), &name, &candidate, &claims)
+            .create(res, ns.as_deref(), &name, candidate, &claims)
             .await
         {
-            Err(ApiError::Conflict { .. }) => continue,
+            Err(ApiError::Conflict { .. }) if picks => continue,
             other => return other,
         }
     }
@@ -895,18 +901,18 @@ async fn create(objects: &Objects, req: &Request) -> ApiResult<Response> {
     let (body, dups) = decode_body(req)?;
     let (obj, warnings) = typecheck(req, res, &body, &dups)?;
     // A question (an access or token review) is answered, not stored.
-    if let Some(answer) = res
-        .strategy
-        .answer(objects, &req.user, ns_of(req), obj.clone())
-    {
-        let answered = answer.await?;
-        return Ok(object_response(
-            req,
-            StatusCode::CREATED,
-            &answered,
-            &warnings,
-        ));
-    }
+    let obj = match res.strategy.answer(objects, &req.user, ns_of(req), obj) {
+        Ok(answer) => {
+            let answered = answer.await?;
+            return Ok(object_response(
+                req,
+                StatusCode::CREATED,
+                &answered,
+                &warnings,
+            ));
+        }
+        Err(obj) => obj,
+    };
     let created = create_object(objects, req, obj, "Update").await?;
     Ok(object_response(
         req,
@@ -1243,7 +1249,7 @@ pub(crate) async fn store_update(
         objects::set_rv(&mut new, drev);
         return Ok(new);
     }
-    objects.replace(res, ns, name, &new, rev).await
+    objects.replace(res, ns, name, new, rev).await
 }
 
 /// Whether two versions of an object differ in nothing but their `resourceVersion` and
@@ -1390,7 +1396,7 @@ pub(crate) async fn guaranteed_update(
                 other => other,
             },
             Change::Store(new) if req.dry_run() => return Ok(new),
-            Change::Store(new) => objects.replace(res, ns, name, &new, rev).await,
+            Change::Store(new) => objects.replace(res, ns, name, new, rev).await,
             Change::Remove if req.dry_run() => return Ok(old),
             Change::Remove => objects
                 .remove(res, ns, name, rev, &res.strategy.held(&old))

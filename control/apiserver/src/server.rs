@@ -189,7 +189,7 @@ impl ApiServer {
                 "spec": {"finalizers": ["kubernetes"]},
                 "status": {"phase": "Active"},
             });
-            match self.objects.create(nsr, None, ns, &obj, &[]).await {
+            match self.objects.create(nsr, None, ns, obj, &[]).await {
                 Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
                 Err(e) => return Err(ServeError::Bootstrap(e)),
             }
@@ -233,7 +233,7 @@ impl ApiServer {
             "reclaimPolicy": "Delete",
             "volumeBindingMode": "WaitForFirstConsumer",
         });
-        match self.objects.create(scr, None, "local", &obj, &[]).await {
+        match self.objects.create(scr, None, "local", obj, &[]).await {
             Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
             Err(e) => Err(ServeError::Bootstrap(e)),
         }
@@ -252,7 +252,7 @@ impl ApiServer {
                          "annotations": {baton_kube::ingress::DEFAULT_CLASS_ANNOTATION: "true"}},
             "spec": {"controller": baton_kube::ingress::CONTROLLER},
         });
-        match self.objects.create(icr, None, name, &obj, &[]).await {
+        match self.objects.create(icr, None, name, obj, &[]).await {
             Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
             Err(e) => Err(ServeError::Bootstrap(e)),
         }

@@ -506,7 +506,7 @@ pub async fn reconcile(objects: &Objects) -> ApiResult<()> {
                 let mut obj = want;
                 obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
                 obj["metadata"]["creationTimestamp"] = json!(crate::rest::now());
-                match objects.create(res, None, &name, &obj, &[]).await {
+                match objects.create(res, None, &name, obj, &[]).await {
                     Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
                     Err(e) => return Err(e),
                 }
@@ -541,7 +541,7 @@ pub async fn reconcile(objects: &Objects) -> ApiResult<()> {
                         continue;
                     }
                 }
-                match objects.replace(res, None, &name, &obj, rev).await {
+                match objects.replace(res, None, &name, obj, rev).await {
                     Ok(_) | Err(ApiError::Conflict { .. }) => {}
                     Err(e) => return Err(e),
                 }

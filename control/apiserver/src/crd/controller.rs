@@ -262,7 +262,7 @@ async fn write_status(
     }
     let rev = crate::objects::rv_of(crd).unwrap_or(0);
     objects
-        .replace(crds, None, s(crd, "/metadata/name"), &next, rev)
+        .replace(crds, None, s(crd, "/metadata/name"), next, rev)
         .await
         .map(|_| ())
 }
@@ -313,7 +313,7 @@ async fn cleanup(
     } else {
         let mut next = crd.clone();
         next["metadata"]["finalizers"] = json!(rest);
-        objects.replace(crds, None, name, &next, rev).await?;
+        objects.replace(crds, None, name, next, rev).await?;
     }
     tracing::info!(
         crd = name,
@@ -338,7 +338,7 @@ async fn delete_object(objects: &Objects, res: &Resource, obj: &Value, rev: i64)
         marked["metadata"]["deletionTimestamp"] = json!(crate::rest::now());
         marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
         objects
-            .replace(res, ns, name, &marked, rev)
+            .replace(res, ns, name, marked, rev)
             .await
             .map(|_| ())
     } else {

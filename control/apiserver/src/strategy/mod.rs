@@ -226,15 +226,16 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     }
 
     /// For a kind that is a question rather than an object (the access and token
-    /// reviews): the answer to a create by `user`, which is never stored.
+    /// reviews): the answer to a create by `user`, which is never stored. Any other kind
+    /// gives the body back, to be stored.
     fn answer<'a>(
         &'a self,
         _objects: &'a Objects,
         _user: &'a UserInfo,
         _namespace: Option<&'a str>,
-        _body: Value,
-    ) -> Option<Hook<'a, ApiResult<Value>>> {
-        None
+        body: Value,
+    ) -> Result<Hook<'a, ApiResult<Value>>, Value> {
+        Err(body)
     }
 
     /// For a kind that is measured rather than stored (metrics.k8s.io): what a get
@@ -339,6 +340,13 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     /// Records who creates the object, where the kind keeps that (a
     /// CertificateSigningRequest's requester), after [`Strategy::prepare_create`].
     fn prepare_create_by(&self, _user: &UserInfo, _obj: &mut Value) {}
+
+    /// Whether [`Strategy::claims`] picks values (rather than only checking those asked
+    /// for): a create whose pick was taken meanwhile then picks again, from a copy of
+    /// the object as it came.
+    fn picks_claims(&self) -> bool {
+        false
+    }
 
     /// What a new object takes from shared ranges (a Service's address and node ports):
     /// it picks values that look free, writes them into the object, and returns them as

@@ -41,8 +41,8 @@ macro_rules! answers {
                 $user: &'a UserInfo,
                 $ns: Option<&'a str>,
                 $body: Value,
-            ) -> Option<Hook<'a, ApiResult<Value>>> {
-                Some(Box::pin(async move { $answer }))
+            ) -> Result<Hook<'a, ApiResult<Value>>, Value> {
+                Ok(Box::pin(async move { $answer }))
             }
         }
     };

@@ -93,6 +93,10 @@ impl Strategy for Services {
         }
     }
 
+    fn picks_claims(&self) -> bool {
+        true
+    }
+
     fn claims<'a>(
         &'a self,
         objects: &'a Objects,
