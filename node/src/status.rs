@@ -692,6 +692,20 @@ mod tests {
         assert!(matches!(&process.state, State::Terminated(t) if t.exit_code == 143));
     }
 
+    /// An initialized pod `u` on a node at 10.0.0.1, with the address 10.244.0.5.
+    fn view<'a>(pod: &'a Pod, slots: &'a [Slot], start_time: Option<Time>) -> View<'a> {
+        View {
+            pod,
+            uid: "u",
+            slots,
+            initialized: true,
+            end: None,
+            host_ip: "10.0.0.1",
+            pod_ip: Some(Ipv4Addr::new(10, 244, 0, 5)),
+            start_time,
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_status_uses_the_api_types_kubectl_reads() {
         let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -702,16 +716,7 @@ mod tests {
         .unwrap();
         let mut slots = Slot::for_pod(&pod);
         slots[0].mark_started(Instant::now());
-        let status = pod_status(&View {
-            pod: &pod,
-            uid: "u",
-            slots: &slots,
-            initialized: true,
-            end: None,
-            host_ip: "10.0.0.1",
-            pod_ip: Some(Ipv4Addr::new(10, 244, 0, 5)),
-            start_time: None,
-        });
+        let status = pod_status(&view(&pod, &slots, None));
         let v = serde_json::to_value(&status).unwrap();
         assert_eq!(v["phase"], "Running");
         assert_eq!(v["podIP"], "10.244.0.5");
@@ -745,16 +750,7 @@ mod tests {
         slots[1].lifetime = Some(Lifetime::Process);
         slots[1].mark_started(Instant::now());
         slots[1].stopped_with_pod();
-        let status = pod_status(&View {
-            pod: &pod,
-            uid: "u",
-            slots: &slots,
-            initialized: true,
-            end: None,
-            host_ip: "10.0.0.1",
-            pod_ip: Some(Ipv4Addr::new(10, 244, 0, 5)),
-            start_time: Some(podx::now()),
-        });
+        let status = pod_status(&view(&pod, &slots, Some(podx::now())));
         let v = serde_json::to_value(&status).unwrap();
         assert!(v["containerStatuses"][1]["state"]["terminated"]["finishedAt"].is_string());
         assert!(v["conditions"][0]["lastTransitionTime"].is_string());

@@ -404,10 +404,14 @@ impl Correlator {
         self.serial += 1;
         let serial = self.serial;
         let seen = self.seen.entry(&key, || Seen {
+            // Named by the clock's nanoseconds, as client-go names events, not by the
+            // event's time: that has whole seconds ([`now`]), and two recorders of one
+            // object (the scheduler and a node, or a node restarted) would otherwise
+            // pick the same name within a second, and the second event would be lost.
             name: format!(
                 "{}.{:x}",
                 object.name.as_deref().unwrap_or("object"),
-                t.0.timestamp_nanos_opt().unwrap_or_default() as u64 + serial
+                chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64 + serial
             ),
             count: 0,
             first: t.clone(),
@@ -496,6 +500,22 @@ mod tests {
     ) -> Option<Decided> {
         c.decide(object, EventType::Normal, reason, message, at, &now())
             .map(|(d, _)| d)
+    }
+
+    #[test]
+    fn two_recorders_name_their_events_of_one_object_apart_within_a_second() {
+        let at = Instant::now();
+        let (mut a, mut b) = (Correlator::default(), Correlator::default());
+        let t = now();
+        let first = a
+            .decide(&pod("p"), EventType::Normal, "Scheduled", "m", at, &t)
+            .unwrap()
+            .0;
+        let second = b
+            .decide(&pod("p"), EventType::Normal, "Pulled", "m", at, &t)
+            .unwrap()
+            .0;
+        assert_ne!(first.name, second.name);
     }
 
     #[test]
