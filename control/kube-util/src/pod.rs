@@ -134,6 +134,7 @@ pub fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn times_read_back_from_the_api_unchanged() {
@@ -144,7 +145,6 @@ mod tests {
         let back: MicroTime = serde_json::from_value(serde_json::to_value(&m).unwrap()).unwrap();
         assert_eq!(back, m);
     }
-    use serde_json::json;
 
     #[test]
     fn requests_and_state() {
