@@ -107,19 +107,22 @@ fn exec_runs_a_command_in_the_pod_and_passes_its_output_input_and_exit_code() {
 
     // With a terminal (kubectl needs one of its own: `script` gives it a pty), the command
     // sees one, of the size kubectl reports.
-    let tty = Command::new("script")
-        .args([
-            "-qec",
-            "stty cols 132 rows 43; kubectl exec -it tb -c main -- tty",
-            "/dev/null",
-        ])
-        .env("KUBECONFIG", &b.kubeconfig)
-        .env("HOME", b.home())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&tty.stdout);
-    assert!(shown.contains("terminal 132x43"), "{tty:?}");
+    let on_terminal = |kubectl: &str| {
+        let tty = Command::new("script")
+            .args([
+                "-qec",
+                &format!("stty cols 132 rows 43; {kubectl} exec -it tb -c main -- tty"),
+                "/dev/null",
+            ])
+            .env("KUBECONFIG", &b.kubeconfig)
+            .env("HOME", b.home())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&tty.stdout);
+        assert!(shown.contains("terminal 132x43"), "{kubectl}: {tty:?}");
+    };
+    on_terminal("kubectl");
 
     // stdin, ended by kubectl's close of the stream.
     let echoed = b.ok_with(
@@ -164,6 +167,7 @@ fn exec_runs_a_command_in_the_pod_and_passes_its_output_input_and_exit_code() {
             Some("through SPDY\n"),
         );
         assert_eq!(echoed, "through SPDY\n");
+        on_terminal(&kubectl_dir().join("kubectl.1.27").display().to_string());
         let out = b.run(
             "kubectl.1.27",
             &["exec", "tb", "-c", "web", "--", "ls"],

@@ -385,6 +385,21 @@ impl Drop for ExecGuard {
 }
 
 impl PodStreams for FakeStreams {
+    fn check(&self, container: &str, command: Option<&[String]>) -> Result<(), ExecError> {
+        let s = self.fake.lock();
+        if self
+            .key
+            .as_ref()
+            .is_some_and(|k| !s.running.get(k).is_some_and(|c| c.contains_key(container)))
+        {
+            return Err(ExecError::NotRunning(container.into()));
+        }
+        match command {
+            Some([]) => Err(ExecError::NoCommand),
+            _ => Ok(()),
+        }
+    }
+
     /// Attaching runs `cat`: what the client sends comes back.
     fn attach(
         &self,
@@ -408,18 +423,8 @@ impl PodStreams for FakeStreams {
         io: baton_wasm_shim::ExecIo,
     ) -> Result<ExitFuture, ExecError> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = self.fake.lock();
-        if self
-            .key
-            .as_ref()
-            .is_some_and(|k| !s.running.get(k).is_some_and(|c| c.contains_key(container)))
-        {
-            return Err(ExecError::NotRunning(container.into()));
-        }
-        if argv.is_empty() {
-            return Err(ExecError::NoCommand);
-        }
-        s.execs += 1;
+        self.check(container, Some(&argv))?;
+        self.fake.lock().execs += 1;
         let guard = ExecGuard(self.fake.clone());
         Ok(Box::pin(async move {
             let _guard = guard;

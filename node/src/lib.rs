@@ -612,7 +612,8 @@ async fn linux_runtime(cfg: &NodeConfig, pod_cidr: &str) -> Option<Arc<linux::Li
     Some(Arc::new(rt))
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// A task that ends with its owner.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

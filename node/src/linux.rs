@@ -781,7 +781,33 @@ impl LinuxStreams {
     }
 }
 
+fn attach_unsupported(container: &str) -> ExecError {
+    ExecError::Unsupported(format!(
+        "attaching to OCI container {container:?} is not supported yet; use kubectl exec or kubectl logs -f"
+    ))
+}
+
+impl LinuxStreams {
+    fn running(&self, container: &str) -> Result<Running, ExecError> {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(container)
+            .cloned()
+            .ok_or_else(|| ExecError::NotRunning(container.into()))
+    }
+}
+
 impl PodStreams for LinuxStreams {
+    fn check(&self, container: &str, command: Option<&[String]>) -> Result<(), ExecError> {
+        self.running(container)?;
+        match command {
+            Some([]) => Err(ExecError::NoCommand),
+            Some(_) => Ok(()),
+            None => Err(attach_unsupported(container)),
+        }
+    }
+
     fn exec(
         &self,
         container: &str,
@@ -791,13 +817,7 @@ impl PodStreams for LinuxStreams {
         if argv.is_empty() {
             return Err(ExecError::NoCommand);
         }
-        let r = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(container)
-            .cloned()
-            .ok_or_else(|| ExecError::NotRunning(container.into()))?;
+        let r = self.running(container)?;
         let process = ExecProcess {
             args: argv,
             ..r.exec
@@ -861,9 +881,7 @@ impl PodStreams for LinuxStreams {
     }
 
     fn attach(&self, container: &str, _io: ExecIo) -> Result<ExitFuture, ExecError> {
-        Err(ExecError::Unsupported(format!(
-            "attaching to OCI container {container:?} is not supported yet; use kubectl exec or kubectl logs -f"
-        )))
+        Err(attach_unsupported(container))
     }
 
     fn connect(&self, port: u16) -> BoxFuture<'static, std::io::Result<tokio::net::TcpStream>> {

@@ -324,7 +324,32 @@ impl WasmStreams {
     }
 }
 
+impl WasmStreams {
+    fn target(&self, container: &str) -> Result<ExecTarget, ExecError> {
+        self.containers()
+            .get(container)
+            .cloned()
+            .ok_or_else(|| ExecError::NotRunning(container.to_string()))
+    }
+}
+
 impl PodStreams for WasmStreams {
+    fn check(&self, container: &str, command: Option<&[String]>) -> Result<(), ExecError> {
+        let target = self.target(container)?;
+        match command {
+            Some([]) => Err(ExecError::NoCommand),
+            Some(_) => self
+                .pod
+                .can_exec(&target.component, &target.platform)
+                .map_err(|source| ExecError::Start {
+                    container: container.to_string(),
+                    source,
+                }),
+            None if *target.ended.borrow() => Err(ExecError::NotRunning(container.to_string())),
+            None => Ok(()),
+        }
+    }
+
     fn exec(
         &self,
         container: &str,
@@ -334,11 +359,7 @@ impl PodStreams for WasmStreams {
         if argv.is_empty() {
             return Err(ExecError::NoCommand);
         }
-        let target = self
-            .containers()
-            .get(container)
-            .cloned()
-            .ok_or_else(|| ExecError::NotRunning(container.to_string()))?;
+        let target = self.target(container)?;
         let spec = ExecSpec {
             container: container.to_string(),
             argv,
@@ -358,11 +379,7 @@ impl PodStreams for WasmStreams {
     }
 
     fn attach(&self, container: &str, io: ExecIo) -> Result<ExitFuture, ExecError> {
-        let target = self
-            .containers()
-            .get(container)
-            .cloned()
-            .ok_or_else(|| ExecError::NotRunning(container.to_string()))?;
+        let target = self.target(container)?;
         let mut ended = target.ended.clone();
         if *ended.borrow() {
             return Err(ExecError::NotRunning(container.to_string()));
@@ -904,6 +921,13 @@ impl std::fmt::Debug for PodStreamsOfBoth {
 }
 
 impl PodStreams for PodStreamsOfBoth {
+    fn check(&self, container: &str, command: Option<&[String]>) -> Result<(), ExecError> {
+        match self.linux_for(container) {
+            Some(l) => l.check(container, command),
+            None => self.wasm.check(container, command),
+        }
+    }
+
     fn exec(
         &self,
         container: &str,

@@ -875,6 +875,20 @@ async fn handle<B>(
     r
 }
 
+/// The answer, given before switching protocols, to what the pod's sandbox would refuse
+/// to start: the client reads it as the HTTP error of its upgrade.
+fn refusal(
+    streams: &dyn PodStreams,
+    container: &str,
+    opts: &crate::streams::ExecOptions,
+) -> Option<hyper::Response<Body>> {
+    let command = (!opts.attach).then_some(opts.argv.as_slice());
+    let e = streams.check(container, command).err()?;
+    let message = baton_kube::error::chain(&e);
+    tracing::info!(error = %message, "exec refused");
+    Some(text(e.status().0, message))
+}
+
 /// `/exec/NS/POD/CONTAINER?command=…`: upgrades to a channel WebSocket and runs the
 /// command in the container (see `streams.rs`).
 fn exec<B>(
@@ -920,6 +934,9 @@ fn exec<B>(
     let key = header(http::header::SEC_WEBSOCKET_KEY);
     let mut opts = crate::streams::ExecOptions::from_query(req.uri().query().unwrap_or(""));
     opts.attach = attach;
+    if let Some(refused) = refusal(&*streams, container, &opts) {
+        return refused;
+    }
     let Some(upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return text(500, "the connection cannot be upgraded".into());
     };
@@ -1138,6 +1155,9 @@ fn exec_spdy<B>(
     };
     let mut opts = crate::streams::ExecOptions::from_query(req.uri().query().unwrap_or(""));
     opts.attach = attach;
+    if let Some(refused) = refusal(&*streams, container, &opts) {
+        return refused;
+    }
     let Some(upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return text(500, "the connection cannot be upgraded".into());
     };
@@ -1237,6 +1257,59 @@ mod tests {
         let r = handle(index.clone(), "n1", &Caller::ApiServer, get("/metrics")).await;
         assert_eq!(r.status(), 200);
     }
+
+    #[tokio::test]
+    async fn a_refused_exec_is_answered_before_switching_protocols() {
+        let index = Arc::new(LogIndex::default());
+        let fake = crate::fake::FakeSandboxes::default();
+        index.add_streams("ns", "p", "u1", fake.any_streams());
+        let ask = |query: &str, spdy: bool| {
+            let r = http::Request::get(format!("/exec/ns/p/c?{query}"))
+                .header(http::header::CONNECTION, "Upgrade");
+            let r = match spdy {
+                true => r
+                    .header(http::header::UPGRADE, "SPDY/3.1")
+                    .header("x-stream-protocol-version", "v4.channel.k8s.io"),
+                false => r
+                    .header(http::header::UPGRADE, "websocket")
+                    .header(http::header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==")
+                    .header(http::header::SEC_WEBSOCKET_PROTOCOL, "v5.channel.k8s.io"),
+            };
+            r.body(()).unwrap()
+        };
+        for spdy in [false, true] {
+            // No command: refused with the reason, and nothing started.
+            let r = handle(
+                index.clone(),
+                "n1",
+                &Caller::ApiServer,
+                ask("stdout=true", spdy),
+            )
+            .await;
+            assert_eq!(r.status(), 400, "spdy {spdy}");
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            assert!(
+                String::from_utf8_lossy(&body).contains("no command given"),
+                "{body:?}"
+            );
+            assert_eq!(fake.execs(), 0);
+            // A command the sandbox takes goes on to the upgrade, which a request made
+            // here, outside hyper's connection, cannot have.
+            let r = handle(
+                index.clone(),
+                "n1",
+                &Caller::ApiServer,
+                ask("command=echo&stdout=true", spdy),
+            )
+            .await;
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            assert!(
+                String::from_utf8_lossy(&body).contains("cannot be upgraded"),
+                "{body:?}"
+            );
+        }
+    }
+
     use baton_wasm_shim::{ContainerUsage, PodUsage};
 
     #[test]

@@ -36,6 +36,13 @@ use futures::future::BoxFuture;
 
 /// A pod's streams, as its sandbox provides them.
 pub trait PodStreams: Send + Sync + 'static {
+    /// What [`exec`](Self::exec) (`command` given) or [`attach`](Self::attach) (None)
+    /// would refuse before starting anything. The node asks before it switches
+    /// protocols, so a refusal reaches the client as the HTTP answer: once switched, a
+    /// client may still be setting up its channels when a quick error arrives on one,
+    /// and drop it.
+    fn check(&self, container: &str, command: Option<&[String]>) -> Result<(), ExecError>;
+
     /// Starts `argv` in `container` with the given stdio. The returned future ends with
     /// the command; dropping it stops the command.
     fn exec(&self, container: &str, argv: Vec<String>, io: ExecIo)
@@ -77,7 +84,7 @@ pub enum ExecError {
 impl ExecError {
     /// The reason a client sees; a component that cannot run commands is the caller's
     /// mistake, not the node's.
-    fn status(&self) -> (u16, &'static str) {
+    pub(crate) fn status(&self) -> (u16, &'static str) {
         match self {
             ExecError::Start {
                 source: baton_wasm_shim::ShimError::NotACommand,
@@ -223,6 +230,19 @@ const DEFAULT_TERMINAL: Terminal = Terminal {
 /// How long a session with a terminal waits for the client's first resize message.
 const SIZE_WAIT: Duration = Duration::from_secs(1);
 
+/// A terminal size as clients send it: `{"Width":W,"Height":H}`.
+fn terminal_size(json: &[u8]) -> Terminal {
+    let size: Value = serde_json::from_slice(json).unwrap_or_default();
+    let dim = |k: &str| size[k].as_u64().filter(|&n| n > 0 && n <= 10_000);
+    match (dim("Width"), dim("Height")) {
+        (Some(w), Some(h)) => Terminal {
+            columns: w as u16,
+            rows: h as u16,
+        },
+        _ => DEFAULT_TERMINAL,
+    }
+}
+
 /// Reads the client's first terminal size (`{"Width":W,"Height":H}` on the resize
 /// channel), keeping in `early` whatever came before it. A client that sends none within
 /// [`SIZE_WAIT`] gets [`DEFAULT_TERMINAL`].
@@ -235,15 +255,7 @@ where
     while early.len() < 64 {
         match tokio::time::timeout_at(deadline, incoming.next()).await {
             Ok(Some(Ok(Message::Binary(b)))) if b.first() == Some(&RESIZE) => {
-                let size: Value = serde_json::from_slice(&b[1..]).unwrap_or_default();
-                let dim = |k: &str| size[k].as_u64().filter(|&n| n > 0 && n <= 10_000);
-                return match (dim("Width"), dim("Height")) {
-                    (Some(w), Some(h)) => Terminal {
-                        columns: w as u16,
-                        rows: h as u16,
-                    },
-                    _ => DEFAULT_TERMINAL,
-                };
+                return terminal_size(&b[1..]);
             }
             Ok(Some(Ok(m))) => early.push(m),
             Ok(Some(Err(_))) | Ok(None) | Err(_) => break,
@@ -550,6 +562,18 @@ pub async fn serve_exec_spdy<S>(
     use crate::spdy::{Frame, Reader, Writer};
     let (r, w) = tokio::io::split(io);
     let mut reader = Reader::new(r);
+    // Frames are read by a task of their own, so that waiting for one with a deadline
+    // cannot cut a frame in half.
+    let (frames_tx, mut frames) = mpsc::channel(16);
+    let _reading = crate::AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let f = reader.next().await;
+            let end = !matches!(f, Ok(Some(_)));
+            if frames_tx.send(f).await.is_err() || end {
+                return;
+            }
+        }
+    }));
     let (out, writer) = crate::spdy::spawn_writer(w);
     let mut replies = Writer::default();
     let expected = 1
@@ -560,8 +584,8 @@ pub async fn serve_exec_spdy<S>(
     let mut ids: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
     let opened = tokio::time::timeout(Duration::from_secs(30), async {
         while ids.len() < expected {
-            match reader.next().await {
-                Ok(Some(Frame::SynStream { id, headers, .. })) => {
+            match frames.recv().await {
+                Some(Ok(Some(Frame::SynStream { id, headers, .. }))) => {
                     let kind = headers
                         .iter()
                         .find(|(k, _)| k == "streamtype")
@@ -572,11 +596,11 @@ pub async fn serve_exec_spdy<S>(
                     }
                     ids.insert(kind, id);
                 }
-                Ok(Some(Frame::Ping(id))) if crate::spdy::is_client_ping(id) => {
+                Some(Ok(Some(Frame::Ping(id)))) if crate::spdy::is_client_ping(id) => {
                     let _ = out.send(Writer::ping(id)).await;
                 }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => return false,
+                Some(Ok(Some(_))) => {}
+                Some(Ok(None) | Err(_)) | None => return false,
             }
         }
         true
@@ -595,13 +619,34 @@ pub async fn serve_exec_spdy<S>(
     };
     let (stdout_r, stdout_w) = tokio::io::duplex(CHUNK);
     let (stderr_r, stderr_w) = tokio::io::duplex(CHUNK);
-    // The size would come on the resize stream, which is read only once the command
-    // runs: a terminal's usual size stands in.
+    // With a terminal, kubectl sends its size on the resize stream first thing; the
+    // command starts with it. What arrives before it is kept for the command.
+    let mut early = std::collections::VecDeque::new();
+    let terminal = match (opts.tty && !opts.attach, stream_of("resize")) {
+        (true, Some(resize)) => {
+            let deadline = tokio::time::Instant::now() + SIZE_WAIT;
+            let mut size = DEFAULT_TERMINAL;
+            // Bounded: a client that streams stdin first cannot make the node hold it all.
+            while early.len() < 64 {
+                match tokio::time::timeout_at(deadline, frames.recv()).await {
+                    Ok(Some(Ok(Some(Frame::Data { id, data, .. })))) if id == resize => {
+                        size = terminal_size(&data);
+                        break;
+                    }
+                    Ok(Some(f)) => early.push_back(f),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            Some(size)
+        }
+        (true, None) => Some(DEFAULT_TERMINAL),
+        (false, _) => None,
+    };
     let stdio = ExecIo {
         stdin: stdin_r.map(|r| Box::new(r) as _),
         stdout: Box::new(stdout_w),
         stderr: Box::new(stderr_w),
-        terminal: opts.tty.then_some(DEFAULT_TERMINAL),
+        terminal,
     };
     let argv = opts.argv.clone();
     let finish = |status: Value, outputs: Vec<u32>| {
@@ -651,7 +696,12 @@ pub async fn serve_exec_spdy<S>(
     let ended = loop {
         tokio::select! {
             e = &mut exit => break Some(e),
-            f = tokio::time::timeout(IDLE, reader.next()) => match f {
+            f = tokio::time::timeout(IDLE, async {
+                match early.pop_front() {
+                    Some(f) => Some(f),
+                    None => frames.recv().await,
+                }
+            }) => match f.map(|f| f.unwrap_or(Ok(None))) {
                 Ok(Ok(Some(Frame::Data { id, data, fin }))) if Some(id) == stdin_id => {
                     if let Some(w) = stdin_w.as_mut() {
                         if !data.is_empty() && w.write_all(&data).await.is_err() {
@@ -863,6 +913,80 @@ mod tests {
         tokio::time::sleep(IDLE + Duration::from_secs(1)).await;
         wait_for(|| fake.execs() == 0).await;
         drop(client);
+    }
+
+    /// A SPDY session as kubectl before 1.30 opens one: its streams (ids 1, 3, 5… in
+    /// order), then `then`'s frames; what the server writes on each stream until it goes
+    /// away.
+    async fn spdy_session(
+        fake: &FakeSandboxes,
+        query: &str,
+        streams: &[&str],
+        then: &[Vec<u8>],
+    ) -> std::collections::HashMap<u32, Vec<u8>> {
+        use crate::spdy::{client_syn, Frame, Reader};
+        let (client, server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(serve_exec_spdy(
+            server,
+            fake.any_streams(),
+            "c".into(),
+            ExecOptions::from_query(query),
+        ));
+        let mut z = flate2::Compress::new(flate2::Compression::best(), true);
+        z.set_dictionary(crate::spdy::dictionary()).unwrap();
+        let (r, mut w) = tokio::io::split(client);
+        for (i, kind) in streams.iter().enumerate() {
+            let syn = client_syn(&mut z, 1 + 2 * i as u32, &[("streamtype", kind)]);
+            w.write_all(&syn).await.unwrap();
+        }
+        for f in then {
+            w.write_all(f).await.unwrap();
+        }
+        let mut reader = Reader::new(r);
+        let mut got = std::collections::HashMap::<u32, Vec<u8>>::new();
+        while let Ok(Some(f)) = reader.next().await {
+            match f {
+                Frame::Data { id, data, .. } => got.entry(id).or_default().extend(&data[..]),
+                Frame::GoAway => break,
+                _ => {}
+            }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_spdy_terminal_starts_with_the_clients_size_and_keeps_early_input() {
+        use crate::spdy::Writer;
+        let fake = FakeSandboxes::default();
+        let size = |w: u16, h: u16| {
+            Writer::data(
+                5,
+                format!(r#"{{"Width":{w},"Height":{h}}}"#).as_bytes(),
+                false,
+            )
+        };
+        let got = spdy_session(
+            &fake,
+            "command=tty&stdout=true&tty=true",
+            &["error", "stdout", "resize"],
+            &[size(132, 43)],
+        )
+        .await;
+        assert_eq!(got[&3], b"132x43\n");
+
+        // stdin (3) sent before the size is kept for the command.
+        let got = spdy_session(
+            &fake,
+            "command=cat&stdin=true&stdout=true&tty=true",
+            &["error", "stdin", "stdout", "resize"],
+            &[
+                Writer::data(3, b"early ", false),
+                Writer::data(7, br#"{"Width":100,"Height":30}"#, false),
+                Writer::data(3, b"late", true),
+            ],
+        )
+        .await;
+        assert_eq!(got[&5], b"early late");
     }
 
     #[test]

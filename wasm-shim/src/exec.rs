@@ -274,6 +274,21 @@ impl PodHandle {
         self.execs.live.load(Ordering::Acquire)
     }
 
+    /// Whether [`exec`](Self::exec) would start `component` on `platform`, checked
+    /// without starting it.
+    pub fn can_exec(
+        &self,
+        component: &Component,
+        platform: &crate::Platform,
+    ) -> Result<(), ShimError> {
+        // An HTTP component is not a command even if it exports `wasi:cli/run` too
+        // (toolchains add one that only panics).
+        if self.rt.kind(component)? != ComponentKind::Cli {
+            return Err(ShimError::NotACommand);
+        }
+        platform.admit(&self.rt.imports(component))
+    }
+
     /// Starts `component` as a command in the pod. A component without a `wasi:cli/run`
     /// export (a wasi:http proxy) cannot be run so: [`ShimError::NotACommand`].
     pub fn exec(
@@ -282,12 +297,7 @@ impl PodHandle {
         spec: ExecSpec,
         io: ExecIo,
     ) -> Result<Execution, ShimError> {
-        // An HTTP component is not a command even if it exports `wasi:cli/run` too
-        // (toolchains add one that only panics).
-        if self.rt.kind(component)? != ComponentKind::Cli {
-            return Err(ShimError::NotACommand);
-        }
-        spec.platform.admit(&self.rt.imports(component))?;
+        self.can_exec(component, &spec.platform)?;
         let mut env = spec.env.clone();
         if let Some(t) = io.terminal {
             for (k, v) in [
