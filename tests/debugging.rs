@@ -189,11 +189,18 @@ fn a_client_that_goes_away_leaves_no_instance_behind() {
     wait_for(&b, 30, "the exec'd instance running", || {
         (instances(&b, "tb")? == before + 1).then_some(())
     });
+    // The API server counts the session as long-running while it lasts.
+    wait_for(&b, 30, "the exec counted as long-running", || {
+        (b.streams_running("exec") == 1).then_some(())
+    });
     // kubectl killed outright: no close frame, just a dropped connection.
     client.kill().unwrap();
     let _ = client.wait();
     wait_for(&b, 30, "the exec'd instance gone", || {
         (instances(&b, "tb")? == before).then_some(())
+    });
+    wait_for(&b, 30, "the exec no longer counted", || {
+        (b.streams_running("exec") == 0).then_some(())
     });
 }
 

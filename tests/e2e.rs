@@ -1042,15 +1042,24 @@ spec:
     });
     // The agent's command ticks on: the exec is read until its first line, then stopped.
     let mut exec = b.spawn(&["exec", &pod, "--", "hello", "from-exec"]);
-    let first = std::io::BufRead::lines(std::io::BufReader::new(exec.stdout.take().unwrap()))
-        .next()
-        .and_then(Result::ok);
+    // The reader stays open until the end: kubectl would die of a closed pipe at its
+    // next line.
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(exec.stdout.take().unwrap()));
+    let first = lines.next().and_then(Result::ok);
+    // The API server's splice to n2 holds the session's count while it lasts.
+    wait_for(&b, 30, "the exec to n2 counted as long-running", || {
+        (b.streams_running("exec") == 1).then_some(())
+    });
     let _ = exec.kill();
     let _ = exec.wait();
+    drop(lines);
     assert_eq!(
         first.as_deref(),
         Some(r#"hello from a baton pod: args=["from-exec"]"#)
     );
+    wait_for(&b, 30, "the exec to n2 no longer counted", || {
+        (b.streams_running("exec") == 0).then_some(())
+    });
 }
 
 #[test]

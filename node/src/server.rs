@@ -937,7 +937,7 @@ fn exec<B>(
     if let Some(refused) = refusal(&*streams, container, &opts) {
         return refused;
     }
-    let Some(upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+    let Some(upgrade) = crate::streams::Upgrade::take(&mut req) else {
         return text(500, "the connection cannot be upgraded".into());
     };
     crate::streams::spawn_exec_session(upgrade, protocol, streams, container.to_string(), opts);
@@ -1034,7 +1034,7 @@ fn port_forward<B>(
             "port-forward needs a connection upgrade to WebSocket or SPDY/3.1".into(),
         );
     };
-    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+    let Some(on_upgrade) = crate::streams::Upgrade::take(&mut req) else {
         return text(500, "the connection cannot be upgraded".into());
     };
     let target = Target {
@@ -1158,7 +1158,7 @@ fn exec_spdy<B>(
     if let Some(refused) = refusal(&*streams, container, &opts) {
         return refused;
     }
-    let Some(upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+    let Some(upgrade) = crate::streams::Upgrade::take(&mut req) else {
         return text(500, "the connection cannot be upgraded".into());
     };
     crate::streams::spawn_exec_spdy_session(upgrade, streams, container.to_string(), opts);

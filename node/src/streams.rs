@@ -126,6 +126,23 @@ fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(1 << 20))
 }
 
+/// A connection a client asked to upgrade, and what must live as long as the stream on
+/// it: the API server's count of the session ([`baton_kube::StreamHold`]).
+#[derive(Debug)]
+pub struct Upgrade {
+    on: hyper::upgrade::OnUpgrade,
+    hold: Option<baton_kube::StreamHold>,
+}
+
+impl Upgrade {
+    /// Takes the upgrade, and its hold if the request has one, out of a request.
+    pub fn take<B>(req: &mut http::Request<B>) -> Option<Self> {
+        let on = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()?;
+        let hold = req.extensions_mut().remove::<baton_kube::StreamHold>();
+        Some(Self { on, hold })
+    }
+}
+
 /// Picks the subprotocol from the client's `Sec-WebSocket-Protocol` list.
 pub fn negotiate(offered: &str) -> Option<&'static str> {
     let offered: Vec<&str> = offered.split(',').map(str::trim).collect();
@@ -416,14 +433,15 @@ pub fn accept_headers(key: &[u8], protocol: &str) -> Vec<(http::HeaderName, Stri
 
 /// Runs a session once hyper hands over the upgraded connection.
 pub fn spawn_exec_session(
-    upgrade: hyper::upgrade::OnUpgrade,
+    upgrade: Upgrade,
     protocol: &'static str,
     streams: Arc<dyn PodStreams>,
     container: String,
     opts: ExecOptions,
 ) {
     tokio::spawn(async move {
-        match upgrade.await {
+        let Upgrade { on, hold: _hold } = upgrade;
+        match on.await {
             Ok(upgraded) => {
                 serve_exec(TokioIo::new(upgraded), protocol, streams, container, opts).await
             }
@@ -517,13 +535,14 @@ pub enum ForwardSession {
 
 /// Runs a port-forward session once hyper hands over the upgraded connection.
 pub fn spawn_port_forward(
-    upgrade: hyper::upgrade::OnUpgrade,
+    upgrade: Upgrade,
     session: ForwardSession,
     streams: Arc<dyn PodStreams>,
     target: crate::portforward::Target,
 ) {
     tokio::spawn(async move {
-        let upgraded = match upgrade.await {
+        let Upgrade { on, hold: _hold } = upgrade;
+        let upgraded = match on.await {
             Ok(u) => TokioIo::new(u),
             Err(e) => {
                 tracing::info!(error = %e, "port-forward upgrade failed");
@@ -745,13 +764,14 @@ pub async fn serve_exec_spdy<S>(
 
 /// Runs a SPDY exec session once hyper hands over the upgraded connection.
 pub fn spawn_exec_spdy_session(
-    upgrade: hyper::upgrade::OnUpgrade,
+    upgrade: Upgrade,
     streams: Arc<dyn PodStreams>,
     container: String,
     opts: ExecOptions,
 ) {
     tokio::spawn(async move {
-        match upgrade.await {
+        let Upgrade { on, hold: _hold } = upgrade;
+        match on.await {
             Ok(upgraded) => serve_exec_spdy(TokioIo::new(upgraded), streams, container, opts).await,
             Err(e) => tracing::info!(error = %e, "exec upgrade failed"),
         }

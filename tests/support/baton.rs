@@ -171,6 +171,18 @@ impl Baton {
         out
     }
 
+    /// The API server's count of a pod subresource's streams going on (`exec`, `attach`,
+    /// `portforward`), from `apiserver_longrunning_requests`.
+    pub fn streams_running(&self, subresource: &str) -> u64 {
+        let text = self.ok(&["get", "--raw", "/metrics"]);
+        let sub = format!(r#"subresource="{subresource}""#);
+        text.lines()
+            .filter(|l| l.starts_with("apiserver_longrunning_requests{"))
+            .filter(|l| l.contains(r#"verb="CONNECT""#) && l.contains(&sub))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Runs kubectl and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         self.ok_with("kubectl", args, None)

@@ -260,11 +260,15 @@ async fn node_call(
     node: &str,
     mut ask: http::request::Builder,
     upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
+    hold: &mut Option<baton_kube::StreamHold>,
 ) -> ApiResult<Response> {
     if let Some(serve) = objects.local_nodes.service(node) {
         let mut req = ask.body(()).map_err(ApiError::internal)?;
         if let Some(u) = upgrade.take() {
             req.extensions_mut().insert(u);
+        }
+        if let Some(h) = hold.take() {
+            req.extensions_mut().insert(h);
         }
         let (parts, body) = serve(req).await.into_parts();
         return Ok(Response::from_parts(parts, Body::new(body)));
@@ -286,7 +290,14 @@ async fn node_call(
 
 /// A GET to a node's endpoint, its body streamed back.
 async fn node_get(objects: &Objects, node: &str, path: &str) -> ApiResult<Response> {
-    let resp = node_call(objects, node, http::Request::get(path), &mut None).await?;
+    let resp = node_call(
+        objects,
+        node,
+        http::Request::get(path),
+        &mut None,
+        &mut None,
+    )
+    .await?;
     let status = resp.status();
     if !status.is_success() {
         use http_body_util::BodyExt;
@@ -332,8 +343,9 @@ pub async fn pod_stream(
     req: Request,
     raw_query: Option<String>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
+    hold: Option<baton_kube::StreamHold>,
 ) -> Response {
-    match proxy_stream(objects, req, raw_query, upgrade).await {
+    match proxy_stream(objects, req, raw_query, upgrade, hold).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -344,6 +356,7 @@ async fn proxy_stream(
     req: Request,
     raw_query: Option<String>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
+    mut hold: Option<baton_kube::StreamHold>,
 ) -> ApiResult<Response> {
     let res = &*req.target.res;
     let sub = req.target.sub.clone().unwrap_or_default();
@@ -393,7 +406,7 @@ async fn proxy_stream(
     // In this process, the node takes the client's connection itself; otherwise the
     // upgrade stays here, for the splice.
     let mut upgrade = Some(upgrade);
-    let mut resp = node_call(objects, &node, ask, &mut upgrade).await?;
+    let mut resp = node_call(objects, &node, ask, &mut upgrade, &mut hold).await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         use http_body_util::BodyExt;
         let status = resp.status();
@@ -423,6 +436,7 @@ async fn proxy_stream(
         tracing::info_span!("pod_stream", sub = %sub, pod = %format!("{ns}/{name}"), node = %node);
     tokio::spawn(tracing::Instrument::instrument(
         async move {
+            let _hold = hold;
             let (client, node) = match tokio::join!(upgrade, node_side) {
                 (Ok(c), Ok(n)) => (c, n),
                 (c, n) => {

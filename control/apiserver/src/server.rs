@@ -623,7 +623,16 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
             .unwrap_or(""),
     );
     let _in_flight = api.metrics.in_flight(req.method());
-    let long_running = api.metrics.long_running(&labels);
+    let mut req = req;
+    let long_running = match api.metrics.long_running(&labels) {
+        // A stream goes on after its 101, where it is served: the hold goes with it.
+        Some(guard) if labels.endpoint.verb == "CONNECT" => {
+            req.extensions_mut()
+                .insert(baton_kube::StreamHold::new(guard));
+            None
+        }
+        watch => watch,
+    };
     let resp = match time_limit(&req, &asked.query, api.request_timeout) {
         Ok(None) => serve(&api, req, asked).await,
         // As kube-apiserver's timeout filter: the client is answered 504 when the time
@@ -671,6 +680,7 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
     let path = parts.uri.path().to_string();
     // exec, attach and port-forward hand the connection over to the node.
     let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let hold = parts.extensions.remove::<baton_kube::StreamHold>();
     if crate::ui::is_ui(&path) && parts.method == http::Method::GET {
         return crate::ui::serve(&path);
     }
@@ -863,7 +873,7 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
         )
     {
         let raw_query = parts_query.clone();
-        return crate::nodelink::pod_stream(&api.objects, req, raw_query, upgrade).await;
+        return crate::nodelink::pod_stream(&api.objects, req, raw_query, upgrade, hold).await;
     }
     rest::handle(&api.objects, req).await
 }

@@ -328,11 +328,11 @@ impl ApiMetrics {
         InFlight { gauge }
     }
 
-    /// Counts a watch while it lasts: until the guard, held by the response's body, is
-    /// dropped. Streams to nodes (exec, attach, port-forward) are not counted: their
-    /// response ends with its 101 while the stream goes on elsewhere.
+    /// Counts a long-running request while it lasts, as kube-apiserver does: a watch
+    /// (WATCH), until the guard, held by the response's body, is dropped; a pod's exec,
+    /// attach or port-forward (CONNECT), until whoever serves the stream drops it.
     pub fn long_running(&self, l: &RequestLabels) -> Option<InFlight> {
-        if l.endpoint.verb != "WATCH" {
+        if !matches!(l.endpoint.verb.as_str(), "WATCH" | "CONNECT") {
             return None;
         }
         let gauge = self.long_running.get_or_create(&l.endpoint).clone();

@@ -43,6 +43,30 @@ pub mod storage;
 pub mod telemetry;
 pub mod trace;
 
+/// What must live as long as a stream a request hands over (a pod's exec, attach or
+/// port-forward): the API server counts the session among its long-running requests
+/// until this is dropped, and whoever serves the stream (the node agent, or the API
+/// server's splice to a node) keeps it in the stream's task.
+#[derive(Clone)]
+pub struct StreamHold {
+    /// Never read: it is here to be dropped with the last clone.
+    _held: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl StreamHold {
+    pub fn new(held: impl std::any::Any + Send + Sync) -> Self {
+        Self {
+            _held: std::sync::Arc::new(held),
+        }
+    }
+}
+
+impl std::fmt::Debug for StreamHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamHold").finish_non_exhaustive()
+    }
+}
+
 /// How long, in whole seconds, a node may serve a ConfigMap or Secret it read before it
 /// reads it again; set on every Node from the cluster's size by the controller manager
 /// (Kubernetes' TTL controller), read by the node agent.

@@ -154,16 +154,7 @@ impl Network {
         timeout: Duration,
     ) -> Result<Resp, CallError> {
         let body = postcard::to_stdvec(req)?;
-        self.call_with(route, body.into(), timeout).await
-    }
-
-    async fn call_with<Resp: DeserializeOwned>(
-        &self,
-        route: &Route,
-        body: reqwest::Body,
-        timeout: Duration,
-    ) -> Result<Resp, CallError> {
-        post(&self.http.client, &self.addr, route, body, timeout).await
+        post(&self.http.client, &self.addr, route, body.into(), timeout).await
     }
 
     fn rpc_error<E: std::error::Error>(
@@ -242,7 +233,9 @@ impl RaftNetwork<TypeConfig> for Network {
         // minutes, and a second per 4 MiB), but let openraft cancel it when replication
         // to this peer stops.
         let timeout = Duration::from_secs(120 + len / (4 << 20));
-        let call = self.call_with::<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>(
+        let call = post::<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>(
+            &self.http.client,
+            &self.addr,
             &self.snapshot,
             reqwest::Body::wrap_stream(body),
             timeout,
