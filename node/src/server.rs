@@ -1277,36 +1277,25 @@ mod tests {
             };
             r.body(()).unwrap()
         };
+        let answer = |query: &str, spdy: bool| {
+            let (index, req) = (index.clone(), ask(query, spdy));
+            async move {
+                let r = handle(index, "n1", &Caller::ApiServer, req).await;
+                let status = r.status();
+                let body = r.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
         for spdy in [false, true] {
             // No command: refused with the reason, and nothing started.
-            let r = handle(
-                index.clone(),
-                "n1",
-                &Caller::ApiServer,
-                ask("stdout=true", spdy),
-            )
-            .await;
-            assert_eq!(r.status(), 400, "spdy {spdy}");
-            let body = r.into_body().collect().await.unwrap().to_bytes();
-            assert!(
-                String::from_utf8_lossy(&body).contains("no command given"),
-                "{body:?}"
-            );
+            let (status, body) = answer("stdout=true", spdy).await;
+            assert_eq!(status, 400, "spdy {spdy}");
+            assert!(body.contains("no command given"), "{body}");
             assert_eq!(fake.execs(), 0);
             // A command the sandbox takes goes on to the upgrade, which a request made
             // here, outside hyper's connection, cannot have.
-            let r = handle(
-                index.clone(),
-                "n1",
-                &Caller::ApiServer,
-                ask("command=echo&stdout=true", spdy),
-            )
-            .await;
-            let body = r.into_body().collect().await.unwrap().to_bytes();
-            assert!(
-                String::from_utf8_lossy(&body).contains("cannot be upgraded"),
-                "{body:?}"
-            );
+            let (_, body) = answer("command=echo&stdout=true", spdy).await;
+            assert!(body.contains("cannot be upgraded"), "{body}");
         }
     }
 
