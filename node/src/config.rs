@@ -1315,13 +1315,30 @@ pub async fn resolve(
     Ok(out)
 }
 
+/// Whether `path`, kept resolved (absolute, without `.`, `..` or symlinks), still exists
+/// with none of its components turned into a symlink: then it still resolves to itself.
+/// One `openat2` with `RESOLVE_NO_SYMLINKS` asks that, where resolving the path again
+/// would take a `readlink` per component. Where openat2 is missing (Linux before 5.6) or
+/// filtered out (some seccomp profiles), the path is resolved again.
+fn still_resolved(path: &Path) -> bool {
+    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags, CWD};
+    let flags = OFlags::PATH | OFlags::CLOEXEC;
+    let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    match openat2(CWD, path, flags, Mode::empty(), resolve) {
+        Ok(_) => true,
+        Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
+            path.canonicalize().ok().as_deref() == Some(path)
+        }
+        Err(_) => false,
+    }
+}
+
 /// Checks, just before a container (re)starts, that each of its mounts still resolves to
 /// the directory that was checked: a sibling container that shares a volume could
 /// otherwise replace a checked subPath by a symlink between a check and a restart.
 pub fn recheck_mounts(mounts: &[Mount]) -> Result<(), ConfigError> {
     for m in mounts {
-        let now = m.host_path.canonicalize().ok();
-        if now.as_deref() != Some(m.host_path.as_path()) {
+        if !still_resolved(&m.host_path) {
             return Err(ConfigError::Volume {
                 volume: m.guest_path.clone(),
                 message: format!(
@@ -1656,6 +1673,33 @@ mod tests {
             Path::new(&version_name(&files))
         );
         assert!(!v.join("..data_tmp").exists());
+    }
+
+    #[test]
+    fn a_mount_whose_path_became_a_symlink_is_refused_at_the_next_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("vol/sub")).unwrap();
+        std::fs::create_dir_all(root.join("elsewhere")).unwrap();
+        let mounts = [Mount {
+            host_path: root.join("vol/sub"),
+            guest_path: "/data".into(),
+            read_only: false,
+        }];
+        recheck_mounts(&mounts).unwrap();
+        // A sibling swaps a component for a symlink to somewhere else.
+        std::fs::rename(root.join("vol/sub"), root.join("vol/old")).unwrap();
+        std::os::unix::fs::symlink(root.join("elsewhere"), root.join("vol/sub")).unwrap();
+        assert!(recheck_mounts(&mounts).is_err());
+        // And an inner one.
+        std::fs::remove_file(root.join("vol/sub")).unwrap();
+        std::fs::rename(root.join("vol"), root.join("vol2")).unwrap();
+        std::os::unix::fs::symlink(root.join("vol2"), root.join("vol")).unwrap();
+        std::fs::rename(root.join("vol2/old"), root.join("vol2/sub")).unwrap();
+        assert!(recheck_mounts(&mounts).is_err());
+        // Gone altogether.
+        std::fs::remove_file(root.join("vol")).unwrap();
+        assert!(recheck_mounts(&mounts).is_err());
     }
 
     #[test]
