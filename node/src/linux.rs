@@ -779,15 +779,7 @@ impl LinuxStreams {
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(container)
     }
-}
 
-fn attach_unsupported(container: &str) -> ExecError {
-    ExecError::Unsupported(format!(
-        "attaching to OCI container {container:?} is not supported yet; use kubectl exec or kubectl logs -f"
-    ))
-}
-
-impl LinuxStreams {
     fn running(&self, container: &str) -> Result<Running, ExecError> {
         self.running
             .lock()
@@ -796,6 +788,12 @@ impl LinuxStreams {
             .cloned()
             .ok_or_else(|| ExecError::NotRunning(container.into()))
     }
+}
+
+fn attach_unsupported(container: &str) -> ExecError {
+    ExecError::Unsupported(format!(
+        "attaching to OCI container {container:?} is not supported yet; use kubectl exec or kubectl logs -f"
+    ))
 }
 
 impl PodStreams for LinuxStreams {

@@ -322,9 +322,7 @@ impl WasmStreams {
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, ExecTarget>> {
         self.containers.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-impl WasmStreams {
     fn target(&self, container: &str) -> Result<ExecTarget, ExecError> {
         self.containers()
             .get(container)
