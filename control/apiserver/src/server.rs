@@ -565,6 +565,12 @@ fn pod_stream(path: &str) -> Option<&str> {
     }
 }
 
+/// Whether the request hands its connection over to a pod's node (exec, attach,
+/// port-forward), to go on after the response.
+fn hands_over(path: &str) -> bool {
+    matches!(pod_stream(path), Some("exec" | "attach" | "portforward"))
+}
+
 /// Whether the request asks for a watch (`?watch=true`).
 fn watching(query: &HashMap<String, String>) -> bool {
     matches!(query.get("watch").map(String::as_str), Some("true" | "1"))
@@ -625,13 +631,14 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
     let _in_flight = api.metrics.in_flight(req.method());
     let mut req = req;
     let long_running = match api.metrics.long_running(&labels) {
-        // A stream goes on after its 101, where it is served: the hold goes with it.
-        Some(guard) if labels.endpoint.verb == "CONNECT" => {
+        // A pod's stream goes on after its 101, where it is served: the hold goes with
+        // it. A watch, or a proxied answer, lasts as long as its body.
+        Some(guard) if hands_over(req.uri().path()) => {
             req.extensions_mut()
                 .insert(baton_kube::StreamHold::new(guard));
             None
         }
-        watch => watch,
+        other => other,
     };
     let resp = match time_limit(&req, &asked.query, api.request_timeout) {
         Ok(None) => serve(&api, req, asked).await,
@@ -659,7 +666,8 @@ async fn dispatch(State(api): State<Arc<ApiServer>>, req: HttpRequest<Body>) -> 
     api.metrics
         .observe(labels, resp.status().as_u16(), started.elapsed());
     match long_running {
-        // A watch goes on after this returns, for as long as its body is read.
+        // A watch (or a proxied answer) goes on after this returns, for as long as its
+        // body is read.
         Some(guard) => resp.map(|body| {
             Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
                 let _held = &guard;
@@ -702,7 +710,7 @@ async fn serve(api: &Arc<ApiServer>, req: HttpRequest<Body>, asked: Asked) -> Re
     let parts_query = parts.uri.query().map(String::from);
     let is_watch = watching(&query);
     // Long-running requests do not hold a slot, as kube-apiserver's long-running check.
-    let streaming = matches!(pod_stream(&path), Some("exec" | "attach" | "portforward"));
+    let streaming = hands_over(&path);
     let _seat = if is_watch || streaming || public(&path) {
         None
     } else {
